@@ -1,0 +1,51 @@
+"""Shared fixtures: small real stores on disk, and a fingerprint to prove they stay untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nearstore import Dataset, write_dataset
+
+NUM_SAMPLES = 2500
+SHARD_SAMPLES = 256
+NUM_CLASSES = 5
+
+
+def id_encoded(num_samples: int = NUM_SAMPLES) -> dict[str, np.ndarray]:
+    """x[i] encodes i (so a batch names its samples), y[i] = i % NUM_CLASSES."""
+    ids = np.arange(num_samples)
+    x = ids[:, None] + np.linspace(0, 0.5, 8, dtype=np.float32)[None, :]
+    return {"x": x.astype(np.float32), "y": (ids % NUM_CLASSES).astype(np.int64)}
+
+
+@pytest.fixture(scope="session")
+def id_store(tmp_path_factory) -> Dataset:
+    """2,500 id-encoded samples in shards of 256 (the last shard partial)."""
+    data = id_encoded()
+    url = str(tmp_path_factory.mktemp("stores") / "ids.zarr")
+    batches = ({k: v[i : i + 700] for k, v in data.items()} for i in range(0, NUM_SAMPLES, 700))
+    return write_dataset(url, batches, shard_samples=SHARD_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def id_data() -> dict[str, np.ndarray]:
+    """The arrays stored in `id_store`."""
+    return id_encoded()
+
+
+@pytest.fixture(scope="session")
+def fingerprint():
+    """sha256 of every file under a root: equal before and after means nothing was written."""
+
+    def digest(root: str | Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*"))
+            if p.is_file()
+        }
+
+    return digest
