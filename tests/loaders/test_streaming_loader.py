@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loaders import StreamingLoader
+from nearstore import Selection, open_dataset, random_select, write_dataset
+
+BACKENDS = ["dali", "torch"]
+
+
+def sample_ids(x: torch.Tensor) -> list[int]:
+    """The id-encoded store's x[i, 0] is i."""
+    return x[:, 0].round().long().tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("batch_size", "drop_last"), [(64, False), (64, True), (1, False), (1000, False)])
+def test_an_epoch_yields_every_selected_sample_once(id_store, id_data, backend, batch_size, drop_last):
+    selection = random_select(id_store, 0.3, seed=1)  # 750 samples
+    loader = StreamingLoader(id_store, selection, batch_size=batch_size, drop_last=drop_last, backend=backend, device="cpu")
+    seen, sizes = [], []
+    for x, y in loader:
+        assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[1:] == (8,)
+        ids = sample_ids(x)
+        np.testing.assert_array_equal(y.numpy(), id_data["y"][ids])
+        np.testing.assert_array_equal(x.numpy(), id_data["x"][ids])
+        seen += ids
+        sizes.append(len(ids))
+    assert len(sizes) == len(loader)
+    if drop_last:
+        assert set(sizes) == {batch_size} and len(seen) == 750 // batch_size * batch_size
+        assert len(set(seen)) == len(seen) and set(seen) <= set(selection.ids.tolist())
+    else:
+        assert sorted(seen) == selection.ids.tolist()
+        assert sizes[:-1] == [batch_size] * (len(sizes) - 1) and sizes[-1] == 750 - batch_size * (len(sizes) - 1)
+
+
+def test_dali_and_torch_backends_give_the_same_batches(id_store):
+    selection = random_select(id_store, 0.2, seed=2)
+    dali = StreamingLoader(id_store, selection, batch_size=96, weights=True, backend="dali", seed=5, device="cpu")
+    plain = StreamingLoader(id_store, selection, batch_size=96, weights=True, backend="torch", seed=5, device="cpu")
+    assert dali.backend == "dali" and plain.backend == "torch"
+    for epoch in (0, 3):
+        dali.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        pairs = list(zip(dali, plain, strict=True))
+        assert len(pairs) == len(dali)
+        for a, b in pairs:
+            for ta, tb in zip(a, b, strict=True):
+                assert torch.equal(ta, tb)
+
+
+def test_epochs_are_seeded_shuffles(id_store):
+    loader = StreamingLoader(id_store, batch_size=2500, backend="torch", seed=7, device="cpu")
+    (x0, _), = list(loader)
+    (x1, _), = list(loader)  # a full pass advances the epoch
+    loader.set_epoch(0)
+    (again, _), = list(loader)
+    assert sample_ids(x0) != sample_ids(x1)
+    assert sample_ids(x0) == sample_ids(again)
+    assert sorted(sample_ids(x0)) == list(range(2500))
+    ordered = StreamingLoader(id_store, batch_size=2500, shuffle=False, backend="torch", device="cpu")
+    (x, _), = list(ordered)
+    assert sample_ids(x) == list(range(2500))
+
+
+def test_an_abandoned_epoch_does_not_disturb_the_next(id_store):
+    loader = StreamingLoader(id_store, [1, 2, 3, 4, 5, 6, 7], batch_size=2, backend="dali", shuffle=False, device="cpu")
+    first = next(iter(loader))
+    assert sample_ids(first[0]) == [1, 2]
+    loader.set_epoch(0)
+    assert [sample_ids(x) for x, _ in loader] == [[1, 2], [3, 4], [5, 6], [7]]
+
+
+def test_weights_come_from_the_selection(id_store):
+    selection = Selection(dataset=id_store.identity(), ids=np.array([10, 20, 30]), weights=np.array([0.5, 2.0, 3.0]),
+                          scores=np.zeros(3), method="test")
+    loader = StreamingLoader(id_store, selection, batch_size=3, weights=True, backend="dali", device="cpu")
+    ((x, y, w),) = list(loader)
+    by_id = dict(zip(sample_ids(x), w.tolist()))
+    assert by_id == {10: 0.5, 20: 2.0, 30: 3.0}
+
+
+def test_dali_and_torch_transforms_apply_to_inputs(id_store, id_data):
+    ids = [0, 5, 9]
+    dali = StreamingLoader(id_store, ids, batch_size=3, shuffle=False, backend="dali", device="cpu",
+                           dali_transform=lambda x: x * 2 + 1)
+    ((x, y),) = list(dali)
+    np.testing.assert_allclose(x.numpy(), id_data["x"][ids] * 2 + 1)
+    np.testing.assert_array_equal(y.numpy(), id_data["y"][ids])
+    plain = StreamingLoader(id_store, ids, batch_size=3, shuffle=False, backend="torch", device="cpu",
+                            transform=lambda x: x.flip(1))
+    ((x, _),) = list(plain)
+    np.testing.assert_array_equal(x.numpy(), id_data["x"][ids][:, ::-1])
+
+
+def test_io_stats_count_only_selected_samples(id_store):
+    loader = StreamingLoader(id_store, random_select(id_store, 0.1, seed=0), batch_size=50, backend="torch", device="cpu")
+    for _ in loader:
+        pass
+    stats = loader.io_stats()
+    assert stats["samples_read"] == stats["selected_samples"] == 250
+    assert stats["epochs_completed"] == 1
+    assert stats["full_epoch_bytes"] == id_store.stored_nbytes(["x", "y"])
+    assert 0 < stats["bytes_read"] < stats["full_epoch_bytes"]
+    assert stats["io_saving"] == pytest.approx(1 - stats["bytes_read"] / stats["full_epoch_bytes"])
+    assert stats["requests"] > 0
+
+
+def test_a_url_works_and_the_store_is_never_written(id_store, fingerprint):
+    before = fingerprint(id_store.url)
+    loader = StreamingLoader(id_store.url, batch_size=500, backend="dali", device="cpu")
+    assert sum(len(y) for _, y in loader) == 2500
+    assert fingerprint(id_store.url) == before
+
+
+def test_unlabelled_datasets_yield_inputs_only(tmp_path):
+    ds = write_dataset(str(tmp_path / "u.zarr"), [{"x": np.arange(10, dtype=np.float32)[:, None]}], label_array=None)
+    for backend in BACKENDS:
+        batches = list(StreamingLoader(ds, batch_size=4, shuffle=False, backend=backend, device="cpu"))
+        assert [len(b) for b in batches] == [1, 1, 1]
+        assert torch.cat([b[0] for b in batches]).flatten().tolist() == list(range(10))
+
+
+def test_bad_arguments_are_named(id_store, tmp_path):
+    with pytest.raises(IndexError, match="selected sample id 2500 out of range"):
+        StreamingLoader(id_store, [0, 2500])
+    with pytest.raises(ValueError, match="must be unique"):
+        StreamingLoader(id_store, [3, 3])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        StreamingLoader(id_store, batch_size=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        StreamingLoader(id_store, backend="jax")
+    with pytest.raises(ValueError, match="dali_transform needs the DALI backend"):
+        StreamingLoader(id_store, backend="torch", dali_transform=lambda x: x)
+    with pytest.raises(ValueError, match="input_array 'z' is not a sample array"):
+        StreamingLoader(id_store, input_array="z")
+    with pytest.raises(FileNotFoundError, match="no zarr group"):
+        StreamingLoader(str(tmp_path / "nowhere.zarr"))
+    other = write_dataset(str(tmp_path / "o.zarr"), [{"x": np.zeros((5, 2), np.float32), "y": np.zeros(5, int)}])
+    with pytest.raises(ValueError, match="selection was made for"):
+        StreamingLoader(id_store, random_select(other, 0.5))
+
+
+def test_a_training_loop_runs_from_the_loader(id_store):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = StreamingLoader(open_dataset(id_store.url), batch_size=128, backend="dali", device="cpu")
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x / 2500), y)
+            loss.backward()
+            optimizer.step()
+    assert torch.isfinite(loss)
+    assert loader.io_stats()["epochs_completed"] == 2
