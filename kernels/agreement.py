@@ -1,0 +1,64 @@
+"""SAGE agreement scores: how well each gradient agrees with the consensus inside the sketch subspace."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sketch_basis(sketch: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Top right singular vectors of the sketch as orthonormal rows V, shape (r, dim), r <= k.
+
+    sketch = U diag(σ) V. Directions with σ <= σ_max · max(sketch.shape) · eps(dtype) are
+    noise or zero padding and are dropped, so r can be below k (0 for an all-zero sketch);
+    k=None keeps every non-zero direction.
+    """
+    if sketch.ndim != 2 or sketch.shape[0] < 1 or sketch.shape[1] < 1:
+        raise ValueError(f"sketch must have shape (ell, dim) with ell, dim >= 1, got {tuple(sketch.shape)}")
+    if not sketch.dtype.is_floating_point:
+        raise TypeError(f"sketch must be a floating point tensor, got {sketch.dtype}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1 or None, got {k}")
+    if not torch.isfinite(sketch).all():
+        raise ValueError("sketch contains NaN or inf")
+    # The sketch is small (ℓ × dim): float64 keeps the directions near the rank cut-off clean.
+    _, sigma, vh = torch.linalg.svd(sketch.double(), full_matrices=False)
+    tol = sigma[0] * max(sketch.shape) * torch.finfo(sketch.dtype).eps
+    rank = int((sigma > tol).sum())
+    if k is not None:
+        rank = min(rank, k)
+    return vh[:rank].to(sketch.dtype)
+
+
+def agreement_scores(embeddings: torch.Tensor, basis: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
+    """SAGE agreement of each embedding with the consensus direction, in [-1, 1], shape (n,).
+
+        score_i = ⟨V g_i, V ḡ⟩ / (‖V g_i‖ ‖V ḡ‖)
+
+    embeddings g (n, D); basis V (r, D) with orthonormal rows (see sketch_basis); consensus ḡ (D,),
+    e.g. the mean gradient. A row with no component in the subspace (V g_i = 0) scores 0.
+    """
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must have shape (n, D), got {tuple(embeddings.shape)}")
+    if not embeddings.dtype.is_floating_point:
+        raise TypeError(f"embeddings must be a floating point tensor, got {embeddings.dtype}")
+    width = embeddings.shape[1]
+    if basis.ndim != 2 or basis.shape[1] != width:
+        raise ValueError(f"basis must have shape (r, {width}), got {tuple(basis.shape)}")
+    if consensus.shape != (width,):
+        raise ValueError(f"consensus must have shape ({width},), got {tuple(consensus.shape)}")
+    for name, tensor in (("embeddings", embeddings), ("basis", basis), ("consensus", consensus)):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} contains NaN or inf")
+
+    basis = basis.to(embeddings)
+    consensus = consensus.to(embeddings)
+    centre = basis @ consensus
+    centre_norm = centre.norm()
+    # Below the roundoff of a width-D dot product the direction of V ḡ is noise.
+    if centre_norm <= torch.finfo(centre.dtype).eps * width**0.5 * consensus.norm():
+        raise ValueError("consensus has no component in the sketch subspace")
+    projected = embeddings @ basis.T
+    tiny = torch.finfo(projected.dtype).tiny
+    # A zero row stays zero after the clamped division, hence scores 0 rather than NaN.
+    unit = projected / projected.norm(dim=1, keepdim=True).clamp_min(tiny)
+    return (unit @ (centre / centre_norm)).clamp(-1, 1)

@@ -1,0 +1,56 @@
+"""Last-layer gradient embeddings: per-example gradients of cross-entropy in closed form."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.subnormals import flush_subnormal
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def last_layer_gradients(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    features: torch.Tensor,
+    *,
+    bias: bool = True,
+) -> torch.Tensor:
+    """Per-example gradient of softmax cross-entropy w.r.t. a last linear layer z = W h + b.
+
+        g_i = (softmax(z_i) − onehot(y_i)) ⊗ [h_i, 1]
+
+    logits (n, C), labels (n,) in [0, C), features h (n, H). Returns (n, C·(H+1)), laid out as
+    torch.cat([W.grad, b.grad[:, None]], 1).flatten() for example i alone; with bias=False,
+    (n, C·H) laid out as W.grad.flatten().
+    """
+    for name, matrix in (("logits", logits), ("features", features)):
+        if matrix.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(matrix.shape)}")
+        if not matrix.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating point tensor, got {matrix.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    n, classes = logits.shape
+    if labels.shape[0] != n or features.shape[0] != n:
+        raise ValueError(
+            f"logits, labels and features must have the same number of rows, "
+            f"got {n}, {labels.shape[0]} and {features.shape[0]}"
+        )
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.numel():
+        raise ValueError(f"labels must be in [0, {classes}), got {bad[0].item()}")
+    for name, matrix in (("logits", logits), ("features", features)):
+        if not torch.isfinite(matrix).all():
+            raise ValueError(f"{name} contain NaN or inf")
+
+    dtype = torch.promote_types(logits.dtype, features.dtype)
+    onehot = torch.nn.functional.one_hot(labels.to(logits.device, torch.int64), classes).to(dtype)
+    residual = torch.softmax(logits.to(dtype), dim=1) - onehot
+    features = features.to(dtype)
+    if bias:
+        features = torch.cat([features, features.new_ones(n, 1)], dim=1)
+    # softmax underflows to subnormals for confident classes: flushed, they cost nothing downstream.
+    return flush_subnormal((residual[:, :, None] * features[:, None, :]).flatten(1))
