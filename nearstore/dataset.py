@@ -74,14 +74,18 @@ class Dataset:
             "url": self.url,
             "format_version": self.format_version,
             "num_samples": self.num_samples,
-            "arrays": {
-                name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.arrays.items()
-            },
+            "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.arrays.items()},
         }
 
     def stored_nbytes(self, names: Iterable[str] | None = None) -> int:
-        """Bytes the named arrays (default: all) occupy in storage: the cost of reading it all."""
-        return sum(self.arrays[n].nbytes_stored() for n in (names or self.arrays))
+        """Bytes of the named arrays' shards (default: all arrays) in storage, metadata excluded:
+        what reading every sample costs."""
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        total = 0
+        for name in names or self.arrays:
+            files = fs.find(f"{root.rstrip('/')}/{self.arrays[name].path}", detail=True)
+            total += sum(info["size"] for path, info in files.items() if not path.endswith("zarr.json"))
+        return total
 
 
 def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Dataset:
@@ -112,9 +116,7 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         if not isinstance(array, zarr.Array):
             raise ValueError(f"{url!r}: {name!r} is a group, expected an array")
         if array.shape[0] != num_samples:
-            raise ValueError(
-                f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}"
-            )
+            raise ValueError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
         arrays[name] = array
     if label_array is not None and label_array not in arrays:
         raise ValueError(f"{url!r}: label array {label_array!r} is not among the sample arrays {names}")

@@ -1,0 +1,104 @@
+"""The storage-side proxy: a model-free stand-in for the trainer's model, cheap enough to run
+beside the data on every sample it reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kernels import last_layer_gradients
+
+
+class RandomFeatureProxy:
+    """Random ReLU features with a softmax head fitted beside the data.
+
+    h(x) = relu(W · standardize(x) / sqrt(d)), W ~ N(0, 1) fixed by `seed`; logits = A [h, 1].
+    `fit` estimates the standardization and fits the head (L2-regularised multinomial logistic
+    regression) on a warm-up sample; `embed` gives the last-layer gradient embeddings
+    (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        width: int = 256,
+        seed: int = 0,
+        weight_decay: float = 1e-3,
+        fit_steps: int = 100,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.num_classes, self.width, self.seed = num_classes, width, seed
+        self.weight_decay, self.fit_steps = weight_decay, fit_steps
+        self.device = torch.device(device)
+        self._mean: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
+        self._projection: torch.Tensor | None = None
+        self._head: torch.Tensor | None = None
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.num_classes * (self.width + 1)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> RandomFeatureProxy:
+        """Fit standardization and head on a warm-up sample (n, ...) with labels (n,)."""
+        inputs = self._flatten(x)
+        labels = self._labels(y, len(inputs))
+        self._mean = inputs.mean(0)
+        self._scale = inputs.std(0).clamp_min(1e-6)
+        generator = torch.Generator().manual_seed(self.seed)
+        d = inputs.shape[1]
+        self._projection = (torch.randn(d, self.width, generator=generator) / d**0.5).to(self.device)
+        h = self._with_bias(self.features(x))
+        head = torch.zeros(h.shape[1], self.num_classes, device=self.device, requires_grad=True)
+        optimizer = torch.optim.LBFGS([head], max_iter=self.fit_steps, line_search_fn="strong_wolfe")
+
+        def loss() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = torch.nn.functional.cross_entropy(h @ head, labels) + self.weight_decay * head.square().sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        self._head = head.detach()
+        return self
+
+    def features(self, x: np.ndarray) -> torch.Tensor:
+        """Random features h(x), shape (n, width)."""
+        if self._projection is None:
+            raise RuntimeError("RandomFeatureProxy is not fitted; call fit(x, y) on a warm-up sample first")
+        inputs = (self._flatten(x) - self._mean) / self._scale
+        return torch.relu(inputs @ self._projection)
+
+    def logits(self, x: np.ndarray) -> torch.Tensor:
+        return self._with_bias(self.features(x)) @ self._head
+
+    def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        """Last-layer gradient embeddings, shape (n, num_classes · (width + 1))."""
+        h = self.features(x)
+        labels = self._labels(y, len(h))
+        return last_layer_gradients(self._with_bias(h) @ self._head, labels, h)
+
+    def _flatten(self, x: np.ndarray) -> torch.Tensor:
+        inputs = torch.as_tensor(np.asarray(x), device=self.device).reshape(len(x), -1).float()
+        if not torch.isfinite(inputs).all():
+            raise ValueError("proxy input contains NaN or inf")
+        if self._mean is not None and inputs.shape[1] != self._mean.shape[0]:
+            raise ValueError(f"proxy was fitted on {self._mean.shape[0]} input features, got {inputs.shape[1]}")
+        return inputs
+
+    def _labels(self, y: np.ndarray, n: int) -> torch.Tensor:
+        labels = torch.as_tensor(np.asarray(y), device=self.device).long().reshape(-1)
+        if len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} samples")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]")
+        return labels
+
+    @staticmethod
+    def _with_bias(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)

@@ -1,0 +1,205 @@
+"""The storage-side scan: stream shards → proxy → gradient embeddings → FD sketch (pass 1) →
+agreement scores → top-k (pass 2). Memory O(ℓ·D) per sketch whatever the number of samples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kernels import FrequentDirections, StreamingTopK, agreement_scores, sketch_basis
+from nearstore.dataset import Dataset
+from nearstore.proxy import RandomFeatureProxy
+from nearstore.reader import SelectiveReader
+from nearstore.selection import Selection
+
+Batch = tuple[np.ndarray, dict[str, np.ndarray]]
+
+
+def sage_select(
+    dataset: Dataset,
+    keep: float,
+    *,
+    ell: int = 64,
+    class_balanced: bool = True,
+    proxy: RandomFeatureProxy | None = None,
+    input_array: str | None = None,
+    warmup_samples: int = 4096,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Selection:
+    """Select round(keep · N) samples by SAGE agreement, in two streaming passes over the shards.
+
+    Pass 1 feeds each sample's gradient embedding g_i to a Frequent Directions sketch B (one per
+    class when class_balanced) and sums the consensus ḡ; pass 2 scores cos(V g_i, V ḡ), V the
+    sketch's row space, and keeps the top scores (per class: max(1, round(keep · n_c))).
+    proxy: a fitted proxy; by default a RandomFeatureProxy fitted on `warmup_samples` samples
+        from randomly chosen shards, which pass 1 then reuses instead of reading them again.
+    """
+    _check_keep(keep)
+    labels = _label_array(dataset, "SAGE scores per-example gradients, which")
+    input_array = input_array or _input_array(dataset)
+    reader = SelectiveReader(dataset, [input_array, labels])
+    started = time.perf_counter()
+    warm: dict[int, dict[str, np.ndarray]] = {}
+    if proxy is None:
+        proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
+    num_classes = proxy.num_classes if class_balanced else 1
+
+    sketches = [FrequentDirections(ell, proxy.embedding_dim, device=device) for _ in range(num_classes)]
+    sums = torch.zeros(num_classes, proxy.embedding_dim, dtype=torch.float64, device=device)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for _, groups, embeddings in _embed(
+        _shards(reader, warm, progress, "SAGE pass 1/2"), proxy, input_array, labels, class_balanced
+    ):
+        for group, rows in groups.items():
+            sketches[group].update(embeddings[rows])
+            sums[group] += embeddings[rows].sum(0, dtype=torch.float64)
+            counts[group] += len(rows)
+    pass1 = reader.stats.snapshot()
+
+    bases = [sketch_basis(s.sketch()) for s in sketches]
+    consensus = [(sums[c] / max(1, counts[c])).float() for c in range(num_classes)]
+    total_k = [max(1, round(keep * n)) if n else 0 for n in counts]
+    tops = [StreamingTopK(k) for k in total_k]
+    for ids, groups, embeddings in _embed(
+        _shards(reader, {}, progress, "SAGE pass 2/2"), proxy, input_array, labels, class_balanced
+    ):
+        for group, rows in groups.items():
+            scores = agreement_scores(embeddings[rows], bases[group], consensus[group])
+            tops[group].push(scores.cpu(), torch.from_numpy(ids[rows]))
+
+    results = [top.result() for top in tops]
+    scores = torch.cat([s for s, _ in results]).numpy()
+    chosen = torch.cat([i for _, i in results]).numpy()
+    order = np.argsort(chosen)
+    return Selection(
+        dataset=dataset.identity(),
+        ids=chosen[order],
+        weights=np.ones(len(chosen), dtype=np.float32),
+        scores=scores[order],
+        method="sage",
+        params={
+            "keep": keep,
+            "ell": ell,
+            "class_balanced": class_balanced,
+            "seed": seed,
+            "proxy": type(proxy).__name__,
+            "input_array": input_array,
+        },
+        io=_scan_io(reader, started, passes=2, first_pass=pass1),
+    )
+
+
+def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balanced: bool = False) -> Selection:
+    """A uniformly random round(keep · N) samples (per class when class_balanced): the baseline."""
+    _check_keep(keep)
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    if not class_balanced:
+        ids = np.sort(rng.choice(dataset.num_samples, max(1, round(keep * dataset.num_samples)), replace=False))
+        io = {"bytes": 0, "requests": 0, "seconds": time.perf_counter() - started, "passes": 0}
+    else:
+        reader = SelectiveReader(dataset, [_label_array(dataset, "class-balanced selection")])
+        y = np.concatenate([batch[reader.dataset.label_array] for _, batch in _shards(reader, {}, False, "")])
+        picks = [
+            rng.choice(members, max(1, round(keep * len(members))), replace=False)
+            for members in (np.flatnonzero(y == c) for c in np.unique(y))
+        ]
+        ids = np.sort(np.concatenate(picks))
+        io = _scan_io(reader, started, passes=1, first_pass=reader.stats.snapshot())
+    return Selection(
+        dataset=dataset.identity(),
+        ids=ids,
+        weights=np.ones(len(ids), dtype=np.float32),
+        scores=np.full(len(ids), np.nan, dtype=np.float32),
+        method="random",
+        params={"keep": keep, "seed": seed, "class_balanced": class_balanced},
+        io=io,
+    )
+
+
+def _shards(
+    reader: SelectiveReader, warm: dict[int, dict[str, np.ndarray]], progress: bool, desc: str
+) -> Iterator[Batch]:
+    """Stage 1: every shard once, in order; shards already in `warm` are not read again."""
+    for shard in tqdm(range(reader.num_shards), desc=desc, unit="shard", disable=not progress):
+        r = reader.shard_range(shard)
+        yield np.arange(r.start, r.stop), warm.pop(shard, None) or reader.read_shard(shard)
+
+
+def _embed(
+    batches: Iterable[Batch], proxy: RandomFeatureProxy, input_array: str, labels: str, class_balanced: bool
+) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor]]:
+    """Stage 2: gradient embeddings of a batch, with the rows of each group (class, or all)."""
+    for ids, batch in batches:
+        x, y = batch[input_array], batch[labels]
+        _check_finite(x, ids, input_array)
+        embeddings = proxy.embed(x, y)
+        if class_balanced:
+            groups = {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
+        else:
+            groups = {0: np.arange(len(ids))}
+        yield ids, groups, embeddings
+
+
+def _fit_default_proxy(
+    reader: SelectiveReader, input_array: str, labels: str, warmup_samples: int, seed: int, device: torch.device | str
+) -> tuple[RandomFeatureProxy, dict[int, dict[str, np.ndarray]]]:
+    """Fit a RandomFeatureProxy on random whole shards; return them so pass 1 need not re-read."""
+    dataset = reader.dataset
+    order = np.random.default_rng(seed).permutation(reader.num_shards)
+    warm: dict[int, dict[str, np.ndarray]] = {}
+    taken = 0
+    for shard in order:
+        if taken >= warmup_samples:
+            break
+        r = reader.shard_range(int(shard))
+        warm[int(shard)] = batch = reader.read_shard(int(shard))
+        _check_finite(batch[input_array], np.arange(r.start, r.stop), input_array)
+        taken += len(r)
+    x = np.concatenate([b[input_array] for b in warm.values()])
+    y = np.concatenate([b[labels] for b in warm.values()])
+    num_classes = max(dataset.num_classes, int(y.max()) + 1)
+    return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
+
+
+def _check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"sample {int(ids[bad][0])} of array {name!r} contains NaN or inf; the proxy cannot score it")
+
+
+def _check_keep(keep: float) -> None:
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+
+
+def _label_array(dataset: Dataset, who: str) -> str:
+    if dataset.label_array is None:
+        raise ValueError(f"{who} needs labels, and {dataset.url!r} has no label array")
+    return dataset.label_array
+
+
+def _input_array(dataset: Dataset) -> str:
+    inputs = [n for n in dataset.sample_arrays if n != dataset.label_array]
+    if not inputs:
+        raise ValueError(f"{dataset.url!r} has no input array besides the labels")
+    return inputs[0]
+
+
+def _scan_io(reader: SelectiveReader, started: float, *, passes: int, first_pass) -> dict[str, float | int]:
+    stats = reader.stats.snapshot()
+    return {
+        "bytes": stats.bytes,
+        "requests": stats.requests,
+        "first_pass_bytes": first_pass.bytes,
+        "seconds": time.perf_counter() - started,
+        "passes": passes,
+    }

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nearstore import RandomFeatureProxy, random_select, sage_select, write_dataset
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """150 samples of 3 Gaussian classes in shards of 32."""
+    rng = np.random.default_rng(0)
+    y = np.arange(150) % 3
+    x = (rng.normal(size=(150, 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
+    url = str(tmp_path_factory.mktemp("scan") / "blobs.zarr")
+    return write_dataset(url, [{"x": x, "y": y}], shard_samples=32), x, y
+
+
+def test_sage_equals_brute_force_agreement_when_the_sketch_is_exact(blobs):
+    dataset, x, y = blobs
+    proxy = RandomFeatureProxy(3, width=8, seed=1).fit(x, y)
+    # 50 samples per class < ell: Frequent Directions never shrinks, the sketch spans the data
+    selection = sage_select(dataset, 0.2, proxy=proxy, ell=64)
+    expected = []
+    for c in range(3):
+        members = np.flatnonzero(y == c)
+        g = proxy.embed(x[members], y[members]).double().numpy()
+        mean = g.mean(0)
+        scores = g @ mean / (np.linalg.norm(g, axis=1) * np.linalg.norm(mean))
+        expected.extend(members[np.argsort(-scores, kind="stable")[:10]])
+    np.testing.assert_array_equal(selection.ids, np.sort(expected))
+    assert selection.method == "sage" and selection.params["ell"] == 64
+    assert np.all((selection.scores > 0) & (selection.scores <= 1 + 1e-6))
+    assert np.all(selection.weights == 1)
+
+
+def test_two_passes_read_every_shard_once_each(blobs, fingerprint):
+    dataset, _, _ = blobs
+    before = fingerprint(dataset.url)
+    selection = sage_select(dataset, 0.5, ell=4, warmup_samples=40)
+    # Pass 1 (warm-up shards included, not read twice) reads every shard object whole; pass 2
+    # reads every shard's samples in one range, without the shard indexes it already holds.
+    stored = dataset.stored_nbytes(["x", "y"])
+    indexes = dataset.num_shards * 2 * (32 * 16 + 4)
+    assert selection.io["first_pass_bytes"] == stored
+    assert selection.io["bytes"] == 2 * stored - indexes
+    assert selection.io["requests"] == 2 * dataset.num_shards * 2
+    assert fingerprint(dataset.url) == before
+
+
+def test_class_balanced_and_global_budgets(blobs):
+    dataset, _, y = blobs
+    balanced = sage_select(dataset, 0.1, ell=4, warmup_samples=64)
+    assert np.bincount(y[balanced.ids], minlength=3).tolist() == [5, 5, 5]
+    tiny = sage_select(dataset, 0.001, ell=4, warmup_samples=64)
+    assert np.bincount(y[tiny.ids], minlength=3).tolist() == [1, 1, 1]  # at least one per class
+    unbalanced = sage_select(dataset, 0.1, ell=4, class_balanced=False, warmup_samples=64)
+    assert len(unbalanced) == 15 and len(np.unique(unbalanced.ids)) == 15
+    everything = sage_select(dataset, 1.0, ell=4, warmup_samples=64)
+    np.testing.assert_array_equal(everything.ids, np.arange(150))
+
+
+@pytest.mark.parametrize("keep", [0, -0.5, 1.01, float("nan")])
+def test_keep_outside_unit_interval_is_refused(blobs, keep):
+    dataset, _, _ = blobs
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+        sage_select(dataset, keep)
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+        random_select(dataset, keep)
+
+
+def test_missing_labels_are_named(tmp_path):
+    dataset = write_dataset(str(tmp_path / "u.zarr"), [{"x": np.ones((10, 3), np.float32)}], label_array=None)
+    with pytest.raises(ValueError, match="needs labels.*has no label array"):
+        sage_select(dataset, 0.5)
+    with pytest.raises(ValueError, match="class-balanced selection needs labels"):
+        random_select(dataset, 0.5, class_balanced=True)
+    assert len(random_select(dataset, 0.5)) == 5
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_samples_are_named(tmp_path, bad):
+    x = np.ones((100, 3), np.float32)
+    x[37, 1] = bad
+    dataset = write_dataset(str(tmp_path / "nan.zarr"), [{"x": x, "y": np.arange(100) % 2}], shard_samples=16)
+    with pytest.raises(ValueError, match="sample 37 of array 'x' contains NaN or inf"):
+        sage_select(dataset, 0.5, warmup_samples=1)  # warm-up reads one random shard, pass 1 the rest
+
+
+def test_random_selection_is_seeded_and_can_balance_classes(blobs):
+    dataset, _, y = blobs
+    a, b, c = (random_select(dataset, 0.2, seed=s) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert not np.array_equal(a.ids, c.ids)
+    assert len(a) == 30 and a.io["bytes"] == 0
+    balanced = random_select(dataset, 0.2, seed=0, class_balanced=True)
+    assert np.bincount(y[balanced.ids]).tolist() == [10, 10, 10]
+    assert balanced.io["bytes"] == dataset.stored_nbytes(["y"])
+
+
+def test_proxy_learns_and_rejects_bad_input(blobs):
+    _, x, y = blobs
+    proxy = RandomFeatureProxy(3, width=64).fit(x, y)
+    assert (proxy.logits(x).argmax(1).numpy() == y).mean() > 0.9
+    assert proxy.embed(x[:5], y[:5]).shape == (5, proxy.embedding_dim) == (5, 3 * 65)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        RandomFeatureProxy(3).embed(x, y)
+    with pytest.raises(ValueError, match="fitted on 6 input features, got 5"):
+        proxy.embed(x[:, :5], y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        proxy.embed(x[:2], np.array([0, 3]))
