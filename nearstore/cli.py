@@ -1,0 +1,161 @@
+"""The `nearstore` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nearstore import sources
+from nearstore.dataset import open_dataset, write_dataset
+from nearstore.scan import random_select, sage_select
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nearstore", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="generate MNIST-1D, select near storage, train against random and full data"
+    )
+    demo.add_argument("--workdir", default="nearstore-demo", help="where the stores and demo.json go")
+    demo.add_argument("--num-samples", type=int, default=50_000)
+    demo.add_argument("--test-samples", type=int, default=10_000)
+    demo.add_argument("--keep", type=float, default=0.25)
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--batch-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+
+    convert = commands.add_parser("convert", help="write a nearstore dataset from .npy/.npz files or a generator")
+    convert.add_argument("source", help="'mnist1d', 'digits', a .npz archive, or an .npy file of inputs")
+    convert.add_argument("out", help="URL of the new dataset (local path or fsspec URL)")
+    convert.add_argument("--labels", help="with an .npy source: the .npy file of integer labels")
+    convert.add_argument("--x-key", default="x", help="with a .npz source: the inputs' key")
+    convert.add_argument("--y-key", default="y", help="with a .npz source: the labels' key")
+    convert.add_argument("--num-samples", type=int, default=70_000, help="with mnist1d: how many to generate")
+    convert.add_argument("--seed", type=int, default=0, help="with mnist1d: generator seed")
+    convert.add_argument("--shard-samples", type=int, default=1024)
+    convert.add_argument("--overwrite", action="store_true")
+
+    select = commands.add_parser("select", help="run the storage-side scan and save a Selection")
+    select.add_argument("url", help="dataset URL")
+    select.add_argument("out", help="where to save the selection (.npz)")
+    select.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
+    select.add_argument("--method", choices=["sage", "random"], default="sage")
+    select.add_argument("--ell", type=int, default=64, help="SAGE: sketch rows")
+    select.add_argument(
+        "--global", dest="class_balanced", action="store_false", help="rank all samples together instead of per class"
+    )
+    select.add_argument("--seed", type=int, default=0)
+
+    info = commands.add_parser("info", help="describe a dataset or a saved selection")
+    info.add_argument("url")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"demo": _demo, "convert": _convert, "select": _select, "info": _info}[args.command](args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, IndexError) as e:
+        print(f"nearstore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nearstore.demo import format_table, run_demo
+
+    results = run_demo(
+        workdir=args.workdir,
+        num_samples=args.num_samples,
+        test_samples=args.test_samples,
+        keep=args.keep,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(format_table(results))
+    print(f"wrote {Path(args.workdir) / 'demo.json'}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    source = args.source
+    num_samples = None
+    if source == "mnist1d":
+        batches, num_samples = sources.mnist1d_batches(args.num_samples, seed=args.seed), args.num_samples
+    elif source == "digits":
+        batches = sources.digits_batches()
+    elif source.endswith(".npz"):
+        batches = sources.npz_batches(source, x_key=args.x_key, y_key=args.y_key)
+    elif source.endswith(".npy"):
+        batches = sources.npy_batches(source, args.labels)
+    else:
+        raise ValueError(f"unknown source {source!r}: expected 'mnist1d', 'digits', a .npz or an .npy path")
+    unlabelled = source.endswith(".npy") and args.labels is None
+    dataset = write_dataset(
+        args.out,
+        batches,
+        label_array=None if unlabelled else "y",
+        num_samples=num_samples,
+        shard_samples=args.shard_samples,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(f"wrote {dataset.num_samples} samples to {args.out}")
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    dataset = open_dataset(args.url)
+    if args.method == "sage":
+        selection = sage_select(
+            dataset, args.keep, ell=args.ell, class_balanced=args.class_balanced, seed=args.seed, progress=True
+        )
+    else:
+        selection = random_select(dataset, args.keep, seed=args.seed, class_balanced=args.class_balanced)
+    selection.save(args.out)
+    print(
+        f"selected {len(selection)} of {dataset.num_samples} samples ({selection.keep:.1%}); "
+        f"scan read {selection.io['bytes'] / 1e6:.2f} MB in {selection.io['seconds']:.1f} s; saved {args.out}"
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    if args.url.endswith(".npz"):
+        from nearstore.selection import Selection
+
+        s = Selection.load(args.url)
+        print(
+            json.dumps(
+                {
+                    "method": s.method,
+                    "selected": len(s),
+                    "keep": s.keep,
+                    "params": s.params,
+                    "round": s.round,
+                    "io": s.io,
+                    "dataset": s.dataset,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    ds = open_dataset(args.url)
+    print(
+        json.dumps(
+            {
+                **ds.identity(),
+                "label_array": ds.label_array,
+                "class_names": list(ds.class_names),
+                "shard_samples": ds.shard_samples,
+                "stored_bytes": ds.stored_nbytes(),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
