@@ -174,7 +174,9 @@ class StreamingLoader:
         return tuple(batch)
 
 
-def _selected(dataset: Dataset, selection: Selection | Sequence[int] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _selected(
+    dataset: Dataset, selection: Selection | Sequence[int] | np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     if selection is None:
         ids = np.arange(dataset.num_samples, dtype=np.int64)
         return ids, np.ones(len(ids), dtype=np.float32)

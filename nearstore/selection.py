@@ -70,8 +70,7 @@ class Selection:
         theirs = {k: v for k, v in dataset.identity().items() if k != "url"}
         if ours != theirs:
             raise ValueError(
-                f"selection was made for {self.dataset.get('url')!r} ({ours}), "
-                f"not for {dataset.url!r} ({theirs})"
+                f"selection was made for {self.dataset.get('url')!r} ({ours}), not for {dataset.url!r} ({theirs})"
             )
 
     def to_bytes(self) -> bytes:

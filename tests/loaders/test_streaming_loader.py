@@ -19,7 +19,9 @@ def sample_ids(x: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize(("batch_size", "drop_last"), [(64, False), (64, True), (1, False), (1000, False)])
 def test_an_epoch_yields_every_selected_sample_once(id_store, id_data, backend, batch_size, drop_last):
     selection = random_select(id_store, 0.3, seed=1)  # 750 samples
-    loader = StreamingLoader(id_store, selection, batch_size=batch_size, drop_last=drop_last, backend=backend, device="cpu")
+    loader = StreamingLoader(
+        id_store, selection, batch_size=batch_size, drop_last=drop_last, backend=backend, device="cpu"
+    )
     seen, sizes = [], []
     for x, y in loader:
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[1:] == (8,)
@@ -54,15 +56,15 @@ def test_dali_and_torch_backends_give_the_same_batches(id_store):
 
 def test_epochs_are_seeded_shuffles(id_store):
     loader = StreamingLoader(id_store, batch_size=2500, backend="torch", seed=7, device="cpu")
-    (x0, _), = list(loader)
-    (x1, _), = list(loader)  # a full pass advances the epoch
+    ((x0, _),) = list(loader)
+    ((x1, _),) = list(loader)  # a full pass advances the epoch
     loader.set_epoch(0)
-    (again, _), = list(loader)
+    ((again, _),) = list(loader)
     assert sample_ids(x0) != sample_ids(x1)
     assert sample_ids(x0) == sample_ids(again)
     assert sorted(sample_ids(x0)) == list(range(2500))
     ordered = StreamingLoader(id_store, batch_size=2500, shuffle=False, backend="torch", device="cpu")
-    (x, _), = list(ordered)
+    ((x, _),) = list(ordered)
     assert sample_ids(x) == list(range(2500))
 
 
@@ -75,8 +77,13 @@ def test_an_abandoned_epoch_does_not_disturb_the_next(id_store):
 
 
 def test_weights_come_from_the_selection(id_store):
-    selection = Selection(dataset=id_store.identity(), ids=np.array([10, 20, 30]), weights=np.array([0.5, 2.0, 3.0]),
-                          scores=np.zeros(3), method="test")
+    selection = Selection(
+        dataset=id_store.identity(),
+        ids=np.array([10, 20, 30]),
+        weights=np.array([0.5, 2.0, 3.0]),
+        scores=np.zeros(3),
+        method="test",
+    )
     loader = StreamingLoader(id_store, selection, batch_size=3, weights=True, backend="dali", device="cpu")
     ((x, y, w),) = list(loader)
     by_id = dict(zip(sample_ids(x), w.tolist()))
@@ -85,19 +92,23 @@ def test_weights_come_from_the_selection(id_store):
 
 def test_dali_and_torch_transforms_apply_to_inputs(id_store, id_data):
     ids = [0, 5, 9]
-    dali = StreamingLoader(id_store, ids, batch_size=3, shuffle=False, backend="dali", device="cpu",
-                           dali_transform=lambda x: x * 2 + 1)
+    dali = StreamingLoader(
+        id_store, ids, batch_size=3, shuffle=False, backend="dali", device="cpu", dali_transform=lambda x: x * 2 + 1
+    )
     ((x, y),) = list(dali)
     np.testing.assert_allclose(x.numpy(), id_data["x"][ids] * 2 + 1)
     np.testing.assert_array_equal(y.numpy(), id_data["y"][ids])
-    plain = StreamingLoader(id_store, ids, batch_size=3, shuffle=False, backend="torch", device="cpu",
-                            transform=lambda x: x.flip(1))
+    plain = StreamingLoader(
+        id_store, ids, batch_size=3, shuffle=False, backend="torch", device="cpu", transform=lambda x: x.flip(1)
+    )
     ((x, _),) = list(plain)
     np.testing.assert_array_equal(x.numpy(), id_data["x"][ids][:, ::-1])
 
 
 def test_io_stats_count_only_selected_samples(id_store):
-    loader = StreamingLoader(id_store, random_select(id_store, 0.1, seed=0), batch_size=50, backend="torch", device="cpu")
+    loader = StreamingLoader(
+        id_store, random_select(id_store, 0.1, seed=0), batch_size=50, backend="torch", device="cpu"
+    )
     for _ in loader:
         pass
     stats = loader.io_stats()

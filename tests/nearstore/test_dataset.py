@@ -51,10 +51,22 @@ def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
         ([{"x": np.zeros((3, 2))}], ValueError, "label array 'y' is not among"),
         ([{"x": np.zeros((3, 2)), "y": np.zeros(3)}], TypeError, "1-D integers"),
         ([{"x": np.zeros((3, 2)), "y": -np.ones(3, dtype=int)}], ValueError, "negative label"),
-        ([{"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)}, {"x": np.zeros((3, 4)), "y": np.zeros(3, dtype=int)}],
-         ValueError, "array 'x': batch has samples of shape"),
-        ([{"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)}, {"z": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)}],
-         ValueError, "differ from the first batch"),
+        (
+            [
+                {"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)},
+                {"x": np.zeros((3, 4)), "y": np.zeros(3, dtype=int)},
+            ],
+            ValueError,
+            "array 'x': batch has samples of shape",
+        ),
+        (
+            [
+                {"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)},
+                {"z": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)},
+            ],
+            ValueError,
+            "differ from the first batch",
+        ),
         ([], ValueError, "no samples"),
     ],
 )
@@ -105,7 +117,10 @@ def test_npy_and_npz_sources_stream_in_batches(tmp_path):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    for batches in (npy_batches(tmp_path / "x.npy", tmp_path / "y.npy", batch=300), npz_batches(tmp_path / "d.npz", batch=300)):
+    for batches in (
+        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy", batch=300),
+        npz_batches(tmp_path / "d.npz", batch=300),
+    ):
         chunks = list(batches)
         assert [len(c["x"]) for c in chunks] == [300, 300, 300, 100]
         np.testing.assert_array_equal(np.concatenate([c["x"] for c in chunks]), x)

@@ -75,7 +75,11 @@ def test_gap_bytes_caps_a_single_hole():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"gap_bytes": -1}, "gap_bytes"), ({"max_overhead": -0.1}, "max_overhead"), ({"max_overhead": float("nan")}, "max_overhead")],
+    [
+        ({"gap_bytes": -1}, "gap_bytes"),
+        ({"max_overhead": -0.1}, "max_overhead"),
+        ({"max_overhead": float("nan")}, "max_overhead"),
+    ],
 )
 def test_bad_knobs_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -8,19 +8,36 @@ from nearstore import Selection, open_dataset, write_dataset
 
 def make(dataset, ids, **kwargs) -> Selection:
     n = len(ids)
-    return Selection(dataset=dataset.identity(), ids=ids, weights=kwargs.pop("weights", np.ones(n)),
-                     scores=kwargs.pop("scores", np.linspace(0, 1, n)), method="test", **kwargs)
+    return Selection(
+        dataset=dataset.identity(),
+        ids=ids,
+        weights=kwargs.pop("weights", np.ones(n)),
+        scores=kwargs.pop("scores", np.linspace(0, 1, n)),
+        method="test",
+        **kwargs,
+    )
 
 
 def test_round_trip_through_bytes_and_files(id_store, tmp_path):
-    selection = make(id_store, np.array([1, 5, 2000]), weights=np.array([1.0, 2.5, 0.5]),
-                     params={"keep": 0.1, "ell": 8}, round=3, io={"bytes": 123, "seconds": 0.5})
+    selection = make(
+        id_store,
+        np.array([1, 5, 2000]),
+        weights=np.array([1.0, 2.5, 0.5]),
+        params={"keep": 0.1, "ell": 8},
+        round=3,
+        io={"bytes": 123, "seconds": 0.5},
+    )
     again = Selection.from_bytes(selection.to_bytes())
     for loaded in (again, (selection.save(tmp_path / "s.npz"), Selection.load(tmp_path / "s.npz"))[1]):
         np.testing.assert_array_equal(loaded.ids, selection.ids)
         np.testing.assert_array_equal(loaded.weights, selection.weights)
         np.testing.assert_array_equal(loaded.scores, selection.scores)
-        assert (loaded.method, loaded.params, loaded.round, loaded.io) == ("test", {"keep": 0.1, "ell": 8}, 3, {"bytes": 123, "seconds": 0.5})
+        assert (loaded.method, loaded.params, loaded.round, loaded.io) == (
+            "test",
+            {"keep": 0.1, "ell": 8},
+            3,
+            {"bytes": 123, "seconds": 0.5},
+        )
         assert loaded.dataset == id_store.identity()
     assert len(selection.to_bytes()) < 2000  # small: ids, weights, scores and a JSON header
     assert selection.keep == pytest.approx(3 / 2500)
@@ -45,7 +62,9 @@ def test_invalid_selections_are_refused(id_store, ids, kwargs, message):
 def test_selection_refuses_another_dataset_but_not_another_url(id_store, tmp_path):
     selection = make(id_store, np.array([1, 2]))
     selection.check_dataset(open_dataset(f"file://{id_store.url}"))
-    other = write_dataset(str(tmp_path / "other.zarr"), [{"x": np.zeros((2500, 3), np.float32), "y": np.zeros(2500, int)}])
+    other = write_dataset(
+        str(tmp_path / "other.zarr"), [{"x": np.zeros((2500, 3), np.float32), "y": np.zeros(2500, int)}]
+    )
     with pytest.raises(ValueError, match="selection was made for"):
         selection.check_dataset(other)
 
