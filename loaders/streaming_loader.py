@@ -98,6 +98,7 @@ class StreamingLoader:
         self.epoch = 0
         self.epochs_completed = 0
         self._full_epoch_bytes: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -156,13 +157,20 @@ class StreamingLoader:
 
     def _prefetched(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
         """Read batches in a background thread, `prefetch` ahead, yielding them in order."""
+        if self._pool is None:
+            # One reader thread for the loader's life: an epoch abandoned half-way may be
+            # finalized in any thread, where starting or joining threads can deadlock.
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearstore-read")
         positions = iter(positions)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearstore-read") as pool:
-            pending = deque(pool.submit(self._read_batch, p) for p in _take(positions, self.prefetch))
+        pending = deque(self._pool.submit(self._read_batch, p) for p in _take(positions, self.prefetch))
+        try:
             while pending:
                 batch = pending.popleft().result()
-                pending.extend(pool.submit(self._read_batch, p) for p in _take(positions, 1))
+                pending.extend(self._pool.submit(self._read_batch, p) for p in _take(positions, 1))
                 yield batch
+        finally:
+            for future in pending:
+                future.cancel()
 
     def _read_batch(self, positions: np.ndarray) -> tuple[np.ndarray, ...]:
         arrays = self.reader.read(self.ids[positions])
