@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numcodecs
 import numpy as np
 import zarr
 import zarr.errors
@@ -30,8 +31,8 @@ from zarr.codecs import ZstdCodec
 FORMAT_VERSION = 1
 ATTRS_KEY = "nearstore"
 DEFAULT_SHARD_SAMPLES = 1024
-# A zstd frame costs ~10 bytes of header: below this many bytes a sample is stored raw.
-_MIN_COMPRESSED_SAMPLE_BYTES = 64
+# zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
+_MIN_COMPRESSION_SAVING = 0.1
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,13 @@ def write_dataset(
     return open_dataset(url, storage_options=storage_options)
 
 
+def _zstd_saves(samples: np.ndarray, level: int) -> bool:
+    """Whether zstd, applied to each sample alone as the inner chunks store them, saves enough."""
+    codec = numcodecs.Zstd(level=level)
+    packed = sum(len(codec.encode(np.ascontiguousarray(sample))) for sample in samples)
+    return packed < (1 - _MIN_COMPRESSION_SAVING) * samples.nbytes
+
+
 class _ShardWriter:
     """Buffers samples until a whole shard is ready, so zarr writes every shard exactly once."""
 
@@ -225,8 +233,7 @@ class _ShardWriter:
             if values.dtype == object:
                 raise TypeError(f"array {name!r} has dtype object; only fixed-size dtypes are supported")
             sample_shape = values.shape[1:]
-            sample_nbytes = values.dtype.itemsize * math.prod(sample_shape)
-            compress = sample_nbytes >= _MIN_COMPRESSED_SAMPLE_BYTES
+            compress = _zstd_saves(values[:64], self.zstd_level)
             self.arrays[name] = self.group.create_array(
                 name,
                 shape=(0, *sample_shape),

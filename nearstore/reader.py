@@ -9,13 +9,13 @@ call, and decodes with the array's own codecs. The answer always equals `zarr_ar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import ShardingCodec
+from zarr.codecs import BytesCodec, ShardingCodec
 from zarr.codecs.sharding import MAX_UINT_64, ShardingCodecIndexLocation
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import default_buffer_prototype
@@ -55,7 +55,12 @@ class SelectiveReader:
         self.fs, root = fsspec.core.url_to_fs(dataset.url, **dataset.storage_options)
         self.layouts = {name: _ArrayLayout.of(dataset.arrays[name], root, dataset.url) for name in names}
         self.stats = IOStats()
-        self._indexes: dict[tuple[str, int], np.ndarray] = {}
+        # Shard indexes as they arrive: (shards, chunks per shard, 2) of (offset, nbytes).
+        self._index = {
+            name: np.full((lay.num_shards, lay.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64)
+            for name, lay in self.layouts.items()
+        }
+        self._indexed = {name: np.zeros(lay.num_shards, dtype=bool) for name, lay in self.layouts.items()}
 
     def shard_range(self, shard: int) -> range:
         """Sample ids of shard `shard` of the first array: the unit of a streaming pass."""
@@ -85,115 +90,158 @@ class SelectiveReader:
                 f"sample id {int(bad[0])} out of range [0, {self.num_samples}) in {self.dataset.url!r}"
                 + (f" ({bad.size} ids out of range)" if bad.size > 1 else "")
             )
-        plans = {name: _ReadPlan(layout, ids) for name, layout in self.layouts.items()}
+        plans = [_ReadPlan(layout, ids) for layout in self.layouts.values()]
         self._load_indexes(plans)
         self._fetch_chunks(plans)
+        for plan in plans:
+            plan.decode()
         self.stats.add(samples=len(ids))
-        return {name: plan.assemble() for name, plan in plans.items()}
+        return {plan.layout.name: plan.assemble() for plan in plans}
 
-    def _load_indexes(self, plans: dict[str, _ReadPlan]) -> None:
-        """Fetch missing shard indexes; a shard read whole comes in one request with its index."""
-        fetches: list[tuple[_ReadPlan, int, bool]] = []
-        for plan in plans.values():
-            for shard in plan.shards:
-                if (plan.layout.name, shard) in self._indexes:
-                    continue
-                whole = plan.wants_whole_shard(shard)
-                fetches.append((plan, shard, whole))
-        if not fetches:
+    def _load_indexes(self, plans: list[_ReadPlan]) -> None:
+        """Fetch the shard indexes not cached yet; a shard wanted whole comes in one request with
+        its index, and its bytes go to the plan."""
+        wanted = []
+        for plan in plans:
+            missing = plan.shards[~self._indexed[plan.layout.name][plan.shards]]
+            wanted += zip([plan] * len(missing), missing.tolist(), plan.complete(missing).tolist())
+        if not wanted:
             return
-        layouts = [p.layout for p, _, _ in fetches]
-        paths = [lay.shard_path(s) for lay, (_, s, _) in zip(layouts, fetches)]
-        starts, ends = zip(*(lay.index_range(whole) for lay, (_, _, whole) in zip(layouts, fetches)))
-        for (plan, shard, whole), blob in zip(fetches, self._cat(paths, list(starts), list(ends))):
-            layout = plan.layout
-            index = layout.parse_index(blob, whole)
-            self._indexes[(layout.name, shard)] = index
+        ranges = [plan.layout.index_range(whole) for plan, _, whole in wanted]
+        blobs = self._cat(
+            [plan.layout.shard_path(shard) for plan, shard, _ in wanted], [r[0] for r in ranges], [r[1] for r in ranges]
+        )
+        for (plan, shard, whole), blob in zip(wanted, blobs):
+            name = plan.layout.name
+            self._index[name][shard] = plan.layout.parse_index(blob, whole)
+            self._indexed[name][shard] = True
             if whole:
-                plan.shard_bytes[shard] = blob
+                rows = np.flatnonzero(plan.shard_of_chunk == shard)
+                plan.add_pieces([0], [blob], rows, np.zeros(len(rows), dtype=np.int64))
 
-    def _fetch_chunks(self, plans: dict[str, _ReadPlan]) -> None:
-        """One concurrent fetch of the coalesced byte runs of every chunk not in hand yet."""
+    def _fetch_chunks(self, plans: list[_ReadPlan]) -> None:
+        """Fetch the coalesced byte runs of every stored chunk not in hand yet, in one call."""
+        planned: list[tuple[_ReadPlan, np.ndarray, np.ndarray, np.ndarray]] = []
         paths: list[str] = []
         starts: list[int] = []
         ends: list[int] = []
-        pieces: list[tuple[_ReadPlan, np.ndarray, np.ndarray, np.ndarray, int]] = []
-        for plan in plans.values():
-            layout = plan.layout
-            for shard, chunks in plan.chunks_by_shard():
-                index = self._indexes[(layout.name, shard)]
-                offsets, lengths = index[chunks % layout.chunks_per_shard].T
-                if shard in plan.shard_bytes:
-                    plan.take(chunks, offsets, lengths, plan.shard_bytes[shard], 0)
-                    continue
-                stored = offsets != MAX_UINT_64
-                plan.take(chunks[~stored], offsets[~stored], lengths[~stored], b"", 0)
-                chunks, offsets, lengths = chunks[stored], offsets[stored].astype(np.int64), lengths[stored]
-                lengths = lengths.astype(np.int64)
-                run_starts, run_ends, run_of = coalesce_ranges(
-                    offsets, offsets + lengths, gap_bytes=self.gap_bytes, max_overhead=self.max_overhead
-                )
-                for run, (s, e) in enumerate(zip(run_starts, run_ends)):
-                    member = run_of == run
-                    paths.append(layout.shard_path(shard))
-                    starts.append(int(s))
-                    ends.append(int(e))
-                    pieces.append((plan, chunks[member], offsets[member], lengths[member], int(s)))
-        if not paths:
-            return
-        for (plan, chunks, offsets, lengths, base), blob in zip(pieces, self._cat(paths, starts, ends)):
-            plan.take(chunks, offsets, lengths, blob, base)
+        for plan in plans:
+            plan.locate(self._index[plan.layout.name])
+            todo = np.flatnonzero(plan.stored & (plan.piece_of_chunk < 0))
+            if not len(todo):
+                continue
+            offsets, shards = plan.offsets[todo], plan.shard_of_chunk[todo]
+            run_starts, run_ends, run_of = coalesce_ranges(
+                offsets,
+                offsets + plan.lengths[todo],
+                groups=shards,
+                gap_bytes=self.gap_bytes,
+                max_overhead=self.max_overhead,
+            )
+            run_shards = np.empty(len(run_starts), dtype=np.int64)
+            run_shards[run_of] = shards
+            planned.append((plan, run_starts, todo, run_of))
+            paths += [plan.layout.shard_path(shard) for shard in run_shards.tolist()]
+            starts += run_starts.tolist()
+            ends += run_ends.tolist()
+        blobs = self._cat(paths, starts, ends) if paths else []
+        for plan, run_starts, todo, run_of in planned:
+            plan.add_pieces(run_starts.tolist(), blobs[: len(run_starts)], todo, run_of)
+            blobs = blobs[len(run_starts) :]
 
     def _cat(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes]:
-        """Fetch byte ranges concurrently (fsspec's async backends gather them); count them."""
-        blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+        """Fetch byte ranges, concurrently where the filesystem is async; count them.
+
+        A range is [start, end) with None for an open end and a negative start counted from the
+        end of the object. A missing object reads as empty: zarr deletes a shard whose chunks
+        all equal the fill value.
+        """
+        if self.fs.async_impl:
+            blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+        else:
+            blobs = self._cat_sync(paths, starts, ends)
         for path, blob in zip(paths, blobs):
-            if isinstance(blob, FileNotFoundError):
-                # zarr deletes a shard whose chunks all equal the fill value: nothing is stored.
-                continue
-            if isinstance(blob, BaseException):
+            if isinstance(blob, BaseException) and not isinstance(blob, FileNotFoundError):
                 raise OSError(f"reading {path!r} of {self.dataset.url!r} failed: {blob}") from blob
         data = [b"" if isinstance(b, FileNotFoundError) else b for b in blobs]
         self.stats.add(bytes=sum(len(b) for b in data), requests=len(paths))
         return data
 
+    def _cat_sync(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
+        """Ranges of a blocking filesystem: each object opened once (fsspec opens it per range)."""
+        by_path: dict[str, list[int]] = {}
+        for i, path in enumerate(paths):
+            by_path.setdefault(path, []).append(i)
+        blobs: list[bytes | Exception] = [b""] * len(paths)
+        for path, members in by_path.items():
+            try:
+                with self.fs.open(path, "rb") as f:
+                    for i in members:
+                        start, end = starts[i] or 0, ends[i]
+                        f.seek(start, 0 if start >= 0 else 2)
+                        blobs[i] = f.read() if end is None else f.read(end - f.tell())
+            except FileNotFoundError as e:
+                for i in members:
+                    blobs[i] = e
+        return blobs
+
 
 class _ReadPlan:
-    """The chunks one `read` needs from one array, and the decoded rows as they arrive."""
+    """What one `read` needs from one array: its inner chunks, where they are stored, the bytes
+    fetched for them, and the decoded chunks."""
 
     def __init__(self, layout: _ArrayLayout, ids: np.ndarray):
         self.layout = layout
         self.ids = ids
-        chunk_of_id = ids // layout.chunk_samples
-        self.chunks, self.inverse = np.unique(chunk_of_id, return_inverse=True)
-        self.shards = np.unique(self.chunks // layout.chunks_per_shard).tolist()
+        self.chunks, self.inverse = np.unique(ids // layout.chunk_samples, return_inverse=True)
+        self.shard_of_chunk = self.chunks // layout.chunks_per_shard
+        self.shards = np.unique(self.shard_of_chunk)
         self.decoded = np.empty((len(self.chunks), *layout.chunk_shape), dtype=layout.dtype)
-        self.shard_bytes: dict[int, bytes] = {}
+        # Fetched pieces of shard objects: blobs[k] holds bytes from piece_starts[k] of its object.
+        self.blobs: list[bytes] = []
+        self.piece_starts: list[int] = []
+        self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
 
-    def wants_whole_shard(self, shard: int) -> bool:
-        first = shard * self.layout.chunks_per_shard
-        last = min(first + self.layout.chunks_per_shard, self.layout.num_chunks)
-        lo, hi = np.searchsorted(self.chunks, [first, last])
-        return hi - lo == last - first
+    def complete(self, shards: np.ndarray) -> np.ndarray:
+        """For each shard, whether this read wants every chunk of it."""
+        first = shards * self.layout.chunks_per_shard
+        last = np.minimum(first + self.layout.chunks_per_shard, self.layout.num_chunks)
+        wanted = np.searchsorted(self.chunks, last) - np.searchsorted(self.chunks, first)
+        return wanted == last - first
 
-    def chunks_by_shard(self) -> Iterator[tuple[int, np.ndarray]]:
-        if not len(self.chunks):
+    def locate(self, index: np.ndarray) -> None:
+        """Look every chunk up in the shard index table (shards, chunks per shard, 2)."""
+        located = index[self.shard_of_chunk, self.chunks % self.layout.chunks_per_shard]
+        self.stored = located[:, 0] != MAX_UINT_64
+        self.offsets = np.where(self.stored, located[:, 0], 0).astype(np.int64)
+        self.lengths = np.where(self.stored, located[:, 1], 0).astype(np.int64)
+
+    def add_pieces(self, starts: list[int], blobs: list[bytes], rows: np.ndarray, piece_of_row: np.ndarray) -> None:
+        """blobs[k] starts at byte starts[k] of its shard object and holds chunk rows[piece_of_row == k]."""
+        self.piece_of_chunk[rows] = len(self.blobs) + piece_of_row
+        self.piece_starts += starts
+        self.blobs += blobs
+
+    def decode(self) -> None:
+        """Decode every stored chunk from the fetched pieces; the others hold the fill value."""
+        self.decoded[~self.stored] = self.layout.fill_value
+        rows = np.flatnonzero(self.stored)
+        if not len(rows):
             return
-        shard_of_chunk = self.chunks // self.layout.chunks_per_shard
-        bounds = np.flatnonzero(np.diff(shard_of_chunk)) + 1
-        for chunks in np.split(self.chunks, bounds):
-            yield int(chunks[0] // self.layout.chunks_per_shard), chunks
-
-    def take(self, chunks: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, blob: bytes, base: int) -> None:
-        """Decode `chunks` whose stored bytes sit at offsets - base in blob (empty: fill value)."""
-        rows = np.searchsorted(self.chunks, chunks)
+        blob = b"".join(self.blobs)
+        blob_at = np.cumsum([0] + [len(b) for b in self.blobs[:-1]])
+        piece = self.piece_of_chunk[rows]
+        positions = self.offsets[rows] - np.asarray(self.piece_starts)[piece] + blob_at[piece]
+        lengths = self.lengths[rows]
+        raw = self.layout.raw_dtype
+        if raw is not None and np.all(lengths == self.layout.chunk_nbytes):
+            # Stored raw: gather every chunk's bytes in one numpy step instead of a call each.
+            gathered = np.frombuffer(blob, dtype=np.uint8)[positions[:, None] + np.arange(self.layout.chunk_nbytes)]
+            self.decoded[rows] = gathered.view(raw).reshape(len(rows), *self.layout.chunk_shape)
+            return
         view = memoryview(blob)
-        for row, offset, length in zip(rows.tolist(), offsets.tolist(), lengths.tolist()):
-            if offset == MAX_UINT_64:
-                self.decoded[row] = self.layout.fill_value
-            else:
-                start = offset - base
-                self.decoded[row] = self.layout.decode(view[start : start + length])
+        for row, at, length in zip(rows.tolist(), positions.tolist(), lengths.tolist()):
+            self.decoded[row] = self.layout.decode(view[at : at + length])
 
     def assemble(self) -> np.ndarray:
         return self.decoded[self.inverse, self.ids % self.layout.chunk_samples]
@@ -210,6 +258,7 @@ class _ArrayLayout:
     shard_samples: int
     chunks_per_shard: int
     num_chunks: int
+    num_shards: int
     chunk_shape: tuple[int, ...]
     dtype: np.dtype
     fill_value: object
@@ -217,6 +266,9 @@ class _ArrayLayout:
     index_at_start: bool
     decode: _Decode
     decode_index: _Decode
+    raw_dtype: np.dtype | None
+    chunk_nbytes: int
+    paths: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, array: zarr.Array, root: str, url: str) -> _ArrayLayout:
@@ -248,6 +300,7 @@ class _ArrayLayout:
             shard_samples=shard_shape[0],
             chunks_per_shard=chunks_per_shard,
             num_chunks=math.ceil(array.shape[0] / chunk_shape[0]),
+            num_shards=math.ceil(array.shape[0] / shard_shape[0]),
             chunk_shape=chunk_shape,
             dtype=array.dtype,
             fill_value=array.fill_value,
@@ -255,11 +308,16 @@ class _ArrayLayout:
             index_at_start=sharding.index_location == ShardingCodecIndexLocation.start,
             decode=_sync_decoder(sharding.codecs, chunk_spec, array.path),
             decode_index=_sync_decoder(sharding.index_codecs, index_spec, array.path),
+            raw_dtype=_raw_dtype(sharding.codecs, array.dtype),
+            chunk_nbytes=array.dtype.itemsize * math.prod(chunk_shape),
         )
 
     def shard_path(self, shard: int) -> str:
-        key = self.array.metadata.encode_chunk_key((shard, *[0] * (self.array.ndim - 1)))
-        return f"{self.root.rstrip('/')}/{self.array.path}/{key}"
+        path = self.paths.get(shard)
+        if path is None:
+            key = self.array.metadata.encode_chunk_key((shard, *[0] * (self.array.ndim - 1)))
+            path = self.paths[shard] = f"{self.root.rstrip('/')}/{self.array.path}/{key}"
+        return path
 
     def index_range(self, whole: bool) -> tuple[int | None, int | None]:
         if whole:
@@ -283,6 +341,16 @@ def _spec(shape: tuple[int, ...], dtype, fill_value) -> ArraySpec:
         config=ArrayConfig(order="C", write_empty_chunks=False),
         prototype=default_buffer_prototype(),
     )
+
+
+def _raw_dtype(codecs, dtype: np.dtype) -> np.dtype | None:
+    """The dtype, byte order included, of chunks stored raw (bytes codec alone); else None."""
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return None
+    endian = codecs[0].endian
+    if dtype.itemsize == 1 or endian is None:
+        return dtype
+    return dtype.newbyteorder("<" if endian.value == "little" else ">")
 
 
 def _sync_decoder(codecs, spec: ArraySpec, array_name: str) -> _Decode:

@@ -20,6 +20,21 @@ def test_store_is_sharded_zarr_with_one_sample_per_inner_chunk(id_store, id_data
     assert attrs["class_names"] == ["0", "1", "2", "3", "4"]
 
 
+def test_zstd_is_used_only_where_it_saves_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    batch = {
+        "noise": rng.normal(size=(100, 40)).astype(np.float32),  # incompressible
+        "image": np.repeat(rng.integers(0, 3, size=(100, 8, 1), dtype=np.uint8), 32, axis=2),
+        "y": np.arange(100) % 2,  # 8 bytes: a zstd frame alone is larger
+    }
+    ds = write_dataset(str(tmp_path / "c.zarr"), [batch])
+    compressors = {name: ds.arrays[name].compressors for name in batch}
+    assert compressors["noise"] == () and compressors["y"] == ()
+    assert [c.to_dict()["name"] for c in compressors["image"]] == ["zstd"]
+    for name, values in batch.items():
+        np.testing.assert_array_equal(ds.arrays[name][:], values)
+
+
 def test_writer_streams_one_shard_at_a_time(tmp_path):
     url = str(tmp_path / "stream.zarr")
     shard = 128

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -109,3 +112,36 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
         proxy.embed(x[:, :5], y)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         proxy.embed(x[:2], np.array([0, 3]))
+
+
+SCAN_MEMORY_PROBE = """
+import sys
+import numpy as np
+from nearstore import RandomFeatureProxy, open_dataset, sage_select
+
+def peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+dataset = open_dataset(sys.argv[1])
+x, y = dataset.arrays["x"][:512], dataset.labels[:512]
+proxy = RandomFeatureProxy(10, width=2047).fit(x, y)
+proxy.embed(x[:256], y[:256])  # one shard's worth: the working set the scan needs
+before = peak_rss_bytes()
+sage_select(dataset, 0.1, ell=8, proxy=proxy)
+print(peak_rss_bytes() - before)
+"""
+
+
+def test_scan_memory_does_not_grow_with_the_number_of_samples(tmp_path):
+    # 16,000 samples with 20,480-dim gradient embeddings: holding them all would take 1.3 GB;
+    # the scan needs a few copies of one shard's (21 MB) and the sketches (13 MB).
+    n, dim = 16_000, 10 * 2048
+    rng = np.random.default_rng(0)
+    batches = ({"x": rng.normal(size=(1000, 16)).astype(np.float32), "y": rng.integers(0, 10, 1000)} for _ in range(16))
+    dataset = write_dataset(str(tmp_path / "wide.zarr"), batches, shard_samples=256)
+    probe = subprocess.run(
+        [sys.executable, "-c", SCAN_MEMORY_PROBE, dataset.url], capture_output=True, text=True, check=True
+    )
+    growth = int(probe.stdout.split()[-1])
+    assert growth < n * dim * 4 / 4, f"the scan's peak memory grew by {growth / 1e6:.0f} MB"
