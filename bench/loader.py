@@ -1,6 +1,6 @@
 """Samples/s of StreamingLoader against torch's DataLoader over zarr, same store, same transform.
 
-    python bench/loader.py [--samples 20000] [--keep 0.25] [--out bench/results]
+    python bench/loader.py [--samples 8192] [--keep 0.25] [--out bench/results]
 
 Competitors, one epoch each after a warm-up epoch, on full data and on a `keep` selection:
 - StreamingLoader, DALI backend (CPU pipeline here) and plain-torch backend;
@@ -148,16 +148,17 @@ def plot(results: list[dict], path: Path) -> None:
             values = [result["results"][s]["samples_per_second"][name] for s in subsets]
             ax.bar(np.arange(len(subsets)) + k * width, values, width, label=name)
         ax.set_xticks(np.arange(len(subsets)) + 0.4 - width / 2, subsets)
-        ax.set_ylabel("samples / s")
+        ax.set_yscale("log")  # the competitors differ by orders of magnitude
+        ax.set_ylabel("samples / s (log)")
         ax.set_title(f"{result['dtype']} samples of shape {tuple(result['sample_shape'])}")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=20480)
+    parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
