@@ -78,15 +78,34 @@ class Dataset:
             "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.arrays.items()},
         }
 
+    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem of the URL, and the store's root path in it."""
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs, root.rstrip("/")
+
+    def shard_path(self, name: str, shard: int, root: str | None = None) -> str:
+        """Path of shard `shard` of array `name` in the filesystem (root: from `filesystem()`)."""
+        array = self.arrays[name]
+        key = array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))
+        return f"{self.filesystem()[1] if root is None else root}/{array.path}/{key}"
+
     def stored_nbytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of the named arrays' shards (default: all arrays) in storage, metadata excluded:
-        what reading every sample costs."""
-        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        total = 0
-        for name in names or self.arrays:
-            files = fs.find(f"{root.rstrip('/')}/{self.arrays[name].path}", detail=True)
-            total += sum(info["size"] for path, info in files.items() if not path.endswith("zarr.json"))
-        return total
+        what reading every sample costs. Asks the size of each shard object (no listing needed)."""
+        fs, root = self.filesystem()
+        paths = [
+            self.shard_path(name, shard, root)
+            for name in (names or self.arrays)
+            for shard in range(math.ceil(self.num_samples / self.arrays[name].shards[0]))
+        ]
+        return sum(_size_or_zero(fs, path) for path in paths)
+
+
+def _size_or_zero(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    try:
+        return fs.size(path)
+    except FileNotFoundError:  # zarr writes no object for a shard of fill values only
+        return 0
 
 
 def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Dataset:
@@ -96,6 +115,8 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
         raise FileNotFoundError(f"no zarr group at {url!r}: {e}") from e
+    except Exception as e:  # the storage backend's own errors (unreachable endpoint, bad credentials)
+        raise OSError(f"cannot open {url!r}: {type(e).__name__}: {e}") from e
     attrs = group.attrs.get(ATTRS_KEY)
     if not isinstance(attrs, Mapping):
         raise ValueError(

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, ShardingCodec
@@ -52,8 +51,8 @@ class SelectiveReader:
         self.dataset = dataset
         self.num_samples = dataset.num_samples
         self.gap_bytes, self.max_overhead = gap_bytes, max_overhead
-        self.fs, root = fsspec.core.url_to_fs(dataset.url, **dataset.storage_options)
-        self.layouts = {name: _ArrayLayout.of(dataset.arrays[name], root, dataset.url) for name in names}
+        self.fs, root = dataset.filesystem()
+        self.layouts = {name: _ArrayLayout.of(dataset, name, root) for name in names}
         self.stats = IOStats()
         # Shard indexes as they arrive: (shards, chunks per shard, 2) of (offset, nbytes).
         self._index = {
@@ -253,6 +252,7 @@ class _ArrayLayout:
 
     name: str
     root: str
+    dataset: Dataset
     array: zarr.Array
     chunk_samples: int
     shard_samples: int
@@ -271,7 +271,8 @@ class _ArrayLayout:
     paths: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, array: zarr.Array, root: str, url: str) -> _ArrayLayout:
+    def of(cls, dataset: Dataset, name: str, root: str) -> _ArrayLayout:
+        array, url = dataset.arrays[name], dataset.url
         codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
             raise ValueError(
@@ -293,8 +294,9 @@ class _ArrayLayout:
         for codec in sharding.index_codecs:
             index_nbytes = codec.compute_encoded_size(index_nbytes, index_spec)
         return cls(
-            name=array.path,
+            name=name,
             root=root,
+            dataset=dataset,
             array=array,
             chunk_samples=chunk_shape[0],
             shard_samples=shard_shape[0],
@@ -315,8 +317,7 @@ class _ArrayLayout:
     def shard_path(self, shard: int) -> str:
         path = self.paths.get(shard)
         if path is None:
-            key = self.array.metadata.encode_chunk_key((shard, *[0] * (self.array.ndim - 1)))
-            path = self.paths[shard] = f"{self.root.rstrip('/')}/{self.array.path}/{key}"
+            path = self.paths[shard] = self.dataset.shard_path(self.name, shard, self.root)
         return path
 
     def index_range(self, whole: bool) -> tuple[int | None, int | None]:
