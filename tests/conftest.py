@@ -49,3 +49,23 @@ def fingerprint():
         }
 
     return digest
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 on 127.0.0.1, counting what it serves; stopped after the session."""
+    from servers import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory):
+    """nginx serving a fresh directory (`nginx.root`) over HTTP on 127.0.0.1."""
+    from servers import Nginx
+
+    server = Nginx(tmp_path_factory.mktemp("www"), tmp_path_factory.mktemp("nginx")).wait_ready()
+    yield server
+    server.stop()

@@ -1,0 +1,173 @@
+"""Real servers for the tests, on 127.0.0.1 only: moto's S3 app and nginx, each counting what it
+serves, so tests can check I/O figures against the server's own books."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from werkzeug.serving import make_server
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Served:
+    """One request as the server answered it."""
+
+    method: str
+    path: str
+    status: int
+    bytes: int
+    range: str | None
+
+
+@dataclass
+class ServerBooks:
+    """Requests a server answered, filtered by path prefix."""
+
+    served: list[Served] = field(default_factory=list)
+
+    def gets(self, prefix: str = "") -> list[Served]:
+        return [s for s in self.served if s.method == "GET" and s.path.startswith(prefix)]
+
+    def bytes(self, prefix: str = "") -> int:
+        return sum(s.bytes for s in self.gets(prefix))
+
+    def clear(self) -> None:
+        self.served.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class _QuietHandler(MotoRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:  # the books keep the record
+        pass
+
+
+class S3Server:
+    """moto's S3 application on a real socket, behind a WSGI layer that counts every response's
+    body bytes and can answer 503 SlowDown to chosen requests (S3's throttling reply)."""
+
+    def __init__(self) -> None:
+        self.books = ServerBooks()
+        self.fail_next = 0  # how many of the coming GETs to refuse with 503
+        self._lock = threading.Lock()
+        self._server = make_server(HOST, free_port(), self._app, threaded=True, request_handler=_QuietHandler)
+        self._moto = DomainDispatcherApplication(create_backend_app)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self._server.server_port}"
+
+    @property
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+
+    def start(self) -> S3Server:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+    def _app(self, environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        with self._lock:
+            refuse = method == "GET" and self.fail_next > 0
+            self.fail_next -= refuse
+        if refuse:
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            self.books.served.append(Served(method, path, 503, len(body), environ.get("HTTP_RANGE")))
+            return [body]
+        status = []
+
+        def record_status(line, headers, exc_info=None):
+            status.append(int(line.split()[0]))
+            return start_response(line, headers, exc_info)
+
+        body = b"".join(self._moto(environ, record_status))
+        self.books.served.append(Served(method, path, status[0], len(body), environ.get("HTTP_RANGE")))
+        return [body]
+
+
+class Nginx:
+    """nginx serving a directory read-only over HTTP with Range support, logging every response."""
+
+    LOG = re.compile(r'^(\S+) (\S+) (\d+) (\d+) "([^"]*)"$')
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise RuntimeError("nginx is not installed: apt-get install nginx (.ci/run does)")
+        self.root, self.port = root, free_port()
+        self.log = workdir / "access.log"
+        conf = workdir / "nginx.conf"
+        # master_process off: one process as the current user, so it reads what the tests wrote.
+        conf.write_text(f"""
+daemon off;
+master_process off;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"};
+events {{ worker_connections 256; }}
+http {{
+    log_format books '$request_method $uri $status $body_bytes_sent "$http_range"';
+    access_log {self.log} books;
+    client_body_temp_path {workdir};
+    proxy_temp_path {workdir};
+    fastcgi_temp_path {workdir};
+    uwsgi_temp_path {workdir};
+    scgi_temp_path {workdir};
+    server {{
+        listen {HOST}:{self.port};
+        root {root};
+        location / {{ limit_except GET {{ deny all; }} }}
+    }}
+}}
+""")
+        self._process = subprocess.Popen([binary, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.PIPE)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def wait_ready(self, timeout: float = 10) -> Nginx:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"nginx exited: {self._process.stderr.read().decode()}")
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"nginx did not listen on {HOST}:{self.port} within {timeout} s")
+
+    def books(self) -> ServerBooks:
+        """Every response so far, read from the access log."""
+        served = []
+        for line in self.log.read_text().splitlines() if self.log.exists() else []:
+            method, path, status, nbytes, byte_range = self.LOG.match(line).groups()
+            served.append(Served(method, path, int(status), int(nbytes), None if byte_range == "-" else byte_range))
+        return ServerBooks(served)
+
+    def clear(self) -> None:
+        self.log.write_text("")
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
