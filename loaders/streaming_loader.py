@@ -3,7 +3,9 @@ only the selected samples, by byte range, and hands them out of a DALI pipeline.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from nearstore import Dataset, Selection, SelectiveReader, open_dataset
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
 
 Backend = Literal["auto", "dali", "torch"]
+log = logging.getLogger("nearstore")
 
 
 class StreamingLoader:
@@ -98,6 +101,8 @@ class StreamingLoader:
         self.epoch = 0
         self.epochs_completed = 0
         self._full_epoch_bytes: int | None = None
+        self._epochs: list[dict[str, Any]] = []
+        self.scan_io = selection.io if isinstance(selection, Selection) else {}
         self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
@@ -117,6 +122,7 @@ class StreamingLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        started, before = time.perf_counter(), self.reader.stats.snapshot()
         order = self.epoch_order(self.epoch)
         num_batches = len(self)
         batches = self._prefetched(order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(num_batches))
@@ -136,24 +142,45 @@ class StreamingLoader:
             if self.transform is not None:
                 batch = (self.transform(batch[0]), *batch[1:])
             yield batch
+        read = self.reader.stats.snapshot() - before
+        self._epochs.append({"epoch": self.epoch, **read.as_dict(), "seconds": time.perf_counter() - started})
+        log.info(
+            "epoch %d: %d samples, %.2f MB in %d requests read for the trainer (full data: %.2f MB), %.1f s",
+            self.epoch,
+            read.samples,
+            read.bytes / 1e6,
+            read.requests,
+            self._full_bytes() / 1e6,
+            self._epochs[-1]["seconds"],
+        )
         self.epochs_completed += 1
         self.epoch += 1
 
-    def io_stats(self) -> dict[str, int | float]:
-        """Bytes and requests read for the trainer so far, against reading all data every epoch."""
-        if self._full_epoch_bytes is None:
-            self._full_epoch_bytes = self.dataset.stored_nbytes(self.reader.layouts)
+    def io_stats(self) -> dict[str, Any]:
+        """What crossed the storage boundary: for the trainer (in total and per completed epoch),
+        for the scan that made the selection, and what reading all data every epoch would cost.
+
+        io_saving = 1 − (scan + trainer bytes) / (full-data bytes × epochs completed).
+        """
         stats = self.reader.stats.snapshot()
-        full = self._full_epoch_bytes * max(1, self.epochs_completed)
+        full = self._full_bytes() * max(1, self.epochs_completed)
         return {
             "bytes_read": stats.bytes,
             "requests": stats.requests,
             "samples_read": stats.samples,
             "epochs_completed": self.epochs_completed,
+            "per_epoch": list(self._epochs),
             "selected_samples": len(self.ids),
-            "full_epoch_bytes": self._full_epoch_bytes,
-            "io_saving": 1 - stats.bytes / full if full else 0.0,
+            "scan_bytes": self.scan_io.get("bytes", 0),
+            "scan_requests": self.scan_io.get("requests", 0),
+            "full_epoch_bytes": self._full_bytes(),
+            "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
         }
+
+    def _full_bytes(self) -> int:
+        if self._full_epoch_bytes is None:
+            self._full_epoch_bytes = self.dataset.stored_nbytes(self.reader.layouts)
+        return self._full_epoch_bytes
 
     def _prefetched(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
         """Read batches in a background thread, `prefetch` ahead, yielding them in order."""

@@ -114,22 +114,18 @@ def run_demo(
         loader = StreamingLoader(train_set, selection, batch_size=batch_size, seed=seed)
         accuracy, seconds = train(loader, test, epochs=epochs, seed=seed, desc=name)
         io = loader.io_stats()
-        scan = selection.io if selection is not None else {"bytes": 0, "seconds": 0.0}
         results.append(
             RunResult(
                 run=name,
                 samples=len(loader.ids),
                 test_accuracy=accuracy,
                 train_seconds=seconds,
-                selection_seconds=scan["seconds"],
-                scan_bytes=scan["bytes"],
+                selection_seconds=selection.io["seconds"] if selection is not None else 0.0,
+                scan_bytes=io["scan_bytes"],
                 shipped_bytes=io["bytes_read"],
-                io_saving=0.0,
+                io_saving=io["io_saving"],
             )
         )
-    full_bytes = results[-1].shipped_bytes
-    for r in results:
-        r.io_saving = 1 - (r.scan_bytes + r.shipped_bytes) / full_bytes
     (workdir / "demo.json").write_text(
         json.dumps(
             {

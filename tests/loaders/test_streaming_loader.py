@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -105,19 +107,27 @@ def test_dali_and_torch_transforms_apply_to_inputs(id_store, id_data):
     np.testing.assert_array_equal(x.numpy(), id_data["x"][ids][:, ::-1])
 
 
-def test_io_stats_count_only_selected_samples(id_store):
-    loader = StreamingLoader(
-        id_store, random_select(id_store, 0.1, seed=0), batch_size=50, backend="torch", device="cpu"
-    )
-    for _ in loader:
-        pass
+def test_io_stats_count_only_selected_samples_per_epoch(id_store, caplog):
+    selection = random_select(id_store, 0.1, seed=0)
+    selection = dataclasses.replace(selection, io={"bytes": 1000, "requests": 7})
+    loader = StreamingLoader(id_store, selection, batch_size=50, backend="torch", device="cpu")
+    with caplog.at_level("INFO", logger="nearstore"):
+        for _ in range(2):
+            for _ in loader:
+                pass
     stats = loader.io_stats()
-    assert stats["samples_read"] == stats["selected_samples"] == 250
-    assert stats["epochs_completed"] == 1
+    assert stats["samples_read"] == 2 * stats["selected_samples"] == 500
+    assert stats["epochs_completed"] == 2 and [e["epoch"] for e in stats["per_epoch"]] == [0, 1]
+    assert sum(e["bytes"] for e in stats["per_epoch"]) == stats["bytes_read"]
+    assert sum(e["requests"] for e in stats["per_epoch"]) == stats["requests"]
+    assert stats["per_epoch"][1]["bytes"] < stats["per_epoch"][0]["bytes"]  # shard indexes read once
     assert stats["full_epoch_bytes"] == id_store.stored_nbytes(["x", "y"])
-    assert 0 < stats["bytes_read"] < stats["full_epoch_bytes"]
-    assert stats["io_saving"] == pytest.approx(1 - stats["bytes_read"] / stats["full_epoch_bytes"])
-    assert stats["requests"] > 0
+    assert 0 < stats["per_epoch"][1]["bytes"] < 0.2 * stats["full_epoch_bytes"]
+    assert (stats["scan_bytes"], stats["scan_requests"]) == (1000, 7)
+    expected = 1 - (stats["bytes_read"] + 1000) / (2 * stats["full_epoch_bytes"])
+    assert stats["io_saving"] == pytest.approx(expected)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nearstore"]
+    assert len(lines) == 2 and lines[1].startswith("epoch 1: 250 samples")
 
 
 def test_a_url_works_and_the_store_is_never_written(id_store, fingerprint):

@@ -97,6 +97,8 @@ def test_demo_prints_its_table_and_writes_json(tmp_path):
     assert runs["sage 25%"]["samples"] == runs["random 25%"]["samples"] == 500
     assert runs["full data"]["samples"] == 2000
     assert runs["sage 25%"]["scan_bytes"] > 0 and runs["random 25%"]["scan_bytes"] == 0
-    assert runs["full data"]["io_saving"] == 0
+    # every sample each epoch; what it saves is shard indexes read once instead of every epoch
+    assert 0 <= runs["full data"]["io_saving"] < 0.15
+    assert runs["random 25%"]["io_saving"] > 0.7 > runs["sage 25%"]["io_saving"] > 0  # the scan costs reads
     assert 0 < runs["random 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
     assert runs["full data"]["test_accuracy"] > 0.2  # twice chance: it trained and evaluated
