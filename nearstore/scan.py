@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from kernels import FrequentDirections, StreamingTopK, agreement_scores, sketch_basis
 from nearstore.dataset import Dataset
+from nearstore.iostats import IOStats
 from nearstore.proxy import RandomFeatureProxy
 from nearstore.reader import SelectiveReader
 from nearstore.selection import Selection
@@ -57,8 +58,9 @@ def sage_select(
         _shards(reader, warm, progress, "SAGE pass 1/2"), proxy, input_array, labels, class_balanced
     ):
         for group, rows in groups.items():
-            sketches[group].update(embeddings[rows])
-            sums[group] += embeddings[rows].sum(0, dtype=torch.float64)
+            members = embeddings[rows]
+            sketches[group].update(members)
+            sums[group] += members.sum(0, dtype=torch.float64)
             counts[group] += len(rows)
     pass1 = reader.stats.snapshot()
 
@@ -194,7 +196,7 @@ def _input_array(dataset: Dataset) -> str:
     return inputs[0]
 
 
-def _scan_io(reader: SelectiveReader, started: float, *, passes: int, first_pass) -> dict[str, float | int]:
+def _scan_io(reader: SelectiveReader, started: float, *, passes: int, first_pass: IOStats) -> dict[str, float | int]:
     stats = reader.stats.snapshot()
     return {
         "bytes": stats.bytes,
