@@ -68,7 +68,7 @@ class SelectiveReader:
 
     @property
     def num_shards(self) -> int:
-        return math.ceil(self.num_samples / next(iter(self.layouts.values())).shard_samples)
+        return next(iter(self.layouts.values())).num_shards
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         """All samples of one shard: one request per array when its index is not cached yet."""

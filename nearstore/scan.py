@@ -106,8 +106,9 @@ def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balance
         ids = np.sort(rng.choice(dataset.num_samples, max(1, round(keep * dataset.num_samples)), replace=False))
         io = {"bytes": 0, "requests": 0, "seconds": time.perf_counter() - started, "passes": 0}
     else:
-        reader = SelectiveReader(dataset, [_label_array(dataset, "class-balanced selection")])
-        y = np.concatenate([batch[reader.dataset.label_array] for _, batch in _shards(reader, {}, False, "")])
+        labels = _label_array(dataset, "class-balanced selection")
+        reader = SelectiveReader(dataset, [labels])
+        y = np.concatenate([batch[labels] for _, batch in _shards(reader, {}, False, "")])
         picks = [
             rng.choice(members, max(1, round(keep * len(members))), replace=False)
             for members in (np.flatnonzero(y == c) for c in np.unique(y))
