@@ -3,6 +3,8 @@ only the selected samples, by byte range, and hands them out of a DALI pipeline.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import time
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
-from nearstore import Dataset, Selection, SelectiveReader, open_dataset
+from loaders.flight_client import FlightSource, OnDisconnect
+from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset, random_select, sage_select
+from nearstore.proxy import ModelProxy
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
 
 Backend = Literal["auto", "dali", "torch"]
@@ -33,14 +37,18 @@ class StreamingLoader:
             for x, y in loader:
                 ...
 
-    source: a dataset URL (local path, s3://, http://, any fsspec URL) or an opened `Dataset`.
+    source: a dataset URL (local path, s3://, http://, any fsspec URL), an opened `Dataset`, or
+        a near-storage server, grpc://host:port/name (`nearstore serve`).
     selection: a `Selection` (checked against the dataset), a sequence of sample ids, or None
-        for every sample.
+        for every sample (through a server: None for the server's current selection).
     batch_size, drop_last: as DataLoader's. Without drop_last the last batch may be smaller;
         every selected sample appears exactly once per epoch.
     shuffle, seed: each epoch visits the selection in the order permutation(seed, epoch), so
         an epoch's batches are reproducible whatever ran before. `set_epoch` picks the epoch;
         otherwise each full pass over the loader advances it by one.
+    rank, world_size: this trainer's share of each epoch (as DistributedSampler's): positions
+        rank, rank + world_size, ... of the epoch order, padded by wrapping around to equal
+        length (uneven="pad") or cut to it (uneven="drop").
     weights: also yield each sample's selection weight, batches are then (x, y, w).
     input_array: the array yielded as x (default: the first sample array other than labels).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
@@ -49,6 +57,7 @@ class StreamingLoader:
     device: where batches land; default CUDA when available, else CPU.
     prefetch: batches read ahead of the trainer in a background thread.
     gap_bytes, max_overhead: byte-range coalescing knobs of the reader (`coalesce_ranges`).
+    token, on_disconnect: for a server, see `FlightSource`.
     """
 
     def __init__(
@@ -60,6 +69,9 @@ class StreamingLoader:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        uneven: Literal["pad", "drop"] = "pad",
         weights: bool = False,
         input_array: str | None = None,
         dali_transform: DaliTransform | None = None,
@@ -70,11 +82,17 @@ class StreamingLoader:
         storage_options: Mapping[str, Any] | None = None,
         gap_bytes: int = DEFAULT_GAP_BYTES,
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
+        token: str | None = None,
+        on_disconnect: OnDisconnect = "reconnect",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
+        if uneven not in ("pad", "drop"):
+            raise ValueError(f"uneven must be 'pad' or 'drop', got {uneven!r}")
         if backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
@@ -83,17 +101,31 @@ class StreamingLoader:
         if dali_transform is not None and self.backend != "dali":
             raise ValueError("dali_transform needs the DALI backend; pass a torch `transform` instead")
 
-        self.dataset = source if isinstance(source, Dataset) else open_dataset(source, storage_options=storage_options)
-        self.ids, self.sample_weights = _selected(self.dataset, selection)
-        self.input_array = input_array or next(
-            (n for n in self.dataset.sample_arrays if n != self.dataset.label_array), None
-        )
-        if self.input_array not in self.dataset.arrays:
-            raise ValueError(f"input_array {self.input_array!r} is not a sample array of {self.dataset.url!r}")
-        arrays = [self.input_array] + ([self.dataset.label_array] if self.dataset.label_array else [])
-        self.reader = SelectiveReader(self.dataset, arrays, gap_bytes=gap_bytes, max_overhead=max_overhead)
+        self.server: FlightSource | None = None
+        self.dataset: Dataset | None = None
+        if isinstance(source, str) and source.startswith("grpc://"):
+            self.server = FlightSource(source, token=token, on_disconnect=on_disconnect)
+            self.url, self.num_samples = self.server.url, self.server.num_samples
+            self.sample_arrays, self.label_array = self.server.sample_arrays, self.server.label_array
+            selection = self.server.selection() if selection is None else selection
+            if not isinstance(selection, Selection):
+                raise TypeError("through a server the selection is the server's: pass None or a Selection it made")
+        else:
+            opened = source if isinstance(source, Dataset) else open_dataset(source, storage_options=storage_options)
+            self.dataset = opened
+            self.url, self.num_samples = self.dataset.url, self.dataset.num_samples
+            self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
+        self.input_array = input_array or next((n for n in self.sample_arrays if n != self.label_array), None)
+        if self.input_array not in self.sample_arrays:
+            raise ValueError(f"input_array {self.input_array!r} is not a sample array of {self.url!r}")
+        self.reader: SelectiveReader | None = None
+        if self.dataset is not None:
+            arrays = [self.input_array] + ([self.label_array] if self.label_array else [])
+            self.reader = SelectiveReader(self.dataset, arrays, gap_bytes=gap_bytes, max_overhead=max_overhead)
+        self._use(selection)
 
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size, self.uneven = rank, world_size, uneven
         self.with_weights = weights
         self.dali_transform, self.transform = dali_transform, transform
         self.device = torch.device(device) if device is not None else _default_device()
@@ -102,12 +134,17 @@ class StreamingLoader:
         self.epochs_completed = 0
         self._full_epoch_bytes: int | None = None
         self._epochs: list[dict[str, Any]] = []
-        self.scan_io = selection.io if isinstance(selection, Selection) else {}
+        self._proxy: ModelProxy | None = None
         self._pool: ThreadPoolExecutor | None = None
 
+    @property
+    def stats(self) -> IOStats:
+        """What this loader received: from storage, or shipped by the server."""
+        return self.server.stats if self.server is not None else self.reader.stats
+
     def __len__(self) -> int:
-        """Batches per epoch."""
-        n = len(self.ids)
+        """Batches per epoch (of this rank's share)."""
+        n = self._share_size()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -115,19 +152,59 @@ class StreamingLoader:
         self.epoch = epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Positions into the selection, in the order epoch `epoch` visits them."""
+        """Positions into the selection, in the order epoch `epoch` visits them on this rank."""
         n = len(self.ids)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.world_size == 1:
+            return order
+        return np.resize(order, self._share_size() * self.world_size)[self.rank :: self.world_size]
+
+    def update_proxy(self, model: torch.nn.Module) -> None:
+        """Score the next selection round with the trainer's model (NeSSA's feedback): its
+        weights are pushed to the server, or copied for an in-process scan."""
+        if self.server is not None:
+            self.server.update_proxy(model)
+        else:
+            self._proxy = ModelProxy(copy.deepcopy(model).cpu())
+
+    def reselect(self, keep: float | None = None, *, method: str = "sage", seed: int | None = None) -> Selection:
+        """Run a new selection round (on the server, or here beside a local or object store) with
+        the latest proxy; the next epoch iterates it. Its scan I/O joins `io_stats()`."""
+        keep = keep if keep is not None else len(self.ids) / self.num_samples
+        seed = seed if seed is not None else self.round + 1
+        if self.server is not None:
+            selection = self.server.select(keep=keep, method=method, seed=seed)
+        elif method in ("sage", "random"):
+            if method == "sage":
+                selection = sage_select(self.dataset, keep, seed=seed, proxy=self._proxy)
+            else:
+                selection = random_select(self.dataset, keep, seed=seed)
+            selection = dataclasses.replace(selection, round=self.round + 1)
+        else:
+            raise ValueError(f"method must be 'sage' or 'random', got {method!r}")
+        self._use(selection)
+        return selection
+
+    def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
+        if isinstance(selection, Selection):
+            selection.check_dataset(self.dataset if self.dataset is not None else self.server.identity)
+        self.ids, self.sample_weights = _selected(self.num_samples, self.url, selection)
+        self.round = selection.round if isinstance(selection, Selection) else 0
+        io = selection.io if isinstance(selection, Selection) else {}
+        previous = getattr(self, "scan_io", {})
+        self.scan_io = {k: previous.get(k, 0) + io.get(k, 0) for k in ("bytes", "requests")}
+
+    def _share_size(self) -> int:
+        n, ranks = len(self.ids), self.world_size
+        return n // ranks if self.uneven == "drop" else math.ceil(n / ranks)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        started, before = time.perf_counter(), self.reader.stats.snapshot()
+        started, before = time.perf_counter(), self.stats.snapshot()
         order = self.epoch_order(self.epoch)
         num_batches = len(self)
         batches = self._prefetched(order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(num_batches))
         if self.backend == "dali":
-            num_outputs = 1 + bool(self.dataset.label_array) + self.with_weights
+            num_outputs = 1 + bool(self.label_array) + self.with_weights
             tensors = dali_epoch(
                 batches,
                 num_batches=num_batches,
@@ -142,14 +219,15 @@ class StreamingLoader:
             if self.transform is not None:
                 batch = (self.transform(batch[0]), *batch[1:])
             yield batch
-        read = self.reader.stats.snapshot() - before
+        read = self.stats.snapshot() - before
         self._epochs.append({"epoch": self.epoch, **read.as_dict(), "seconds": time.perf_counter() - started})
         log.info(
-            "epoch %d: %d samples, %.2f MB in %d requests read for the trainer (full data: %.2f MB), %.1f s",
+            "epoch %d: %d samples, %.2f MB in %d requests %s (full data: %.2f MB), %.1f s",
             self.epoch,
             read.samples,
             read.bytes / 1e6,
             read.requests,
+            "shipped by the server" if self.server is not None else "read from storage",
             self._full_bytes() / 1e6,
             self._epochs[-1]["seconds"],
         )
@@ -157,12 +235,13 @@ class StreamingLoader:
         self.epoch += 1
 
     def io_stats(self) -> dict[str, Any]:
-        """What crossed the storage boundary: for the trainer (in total and per completed epoch),
-        for the scan that made the selection, and what reading all data every epoch would cost.
+        """What crossed the boundary: for the trainer (read from storage, or shipped by the
+        server; in total and per completed epoch), for the scans that made the selections, and
+        what reading all data every epoch would cost.
 
         io_saving = 1 − (scan + trainer bytes) / (full-data bytes × epochs completed).
         """
-        stats = self.reader.stats.snapshot()
+        stats = self.stats.snapshot()
         full = self._full_bytes() * max(1, self.epochs_completed)
         return {
             "bytes_read": stats.bytes,
@@ -171,6 +250,7 @@ class StreamingLoader:
             "epochs_completed": self.epochs_completed,
             "per_epoch": list(self._epochs),
             "selected_samples": len(self.ids),
+            "round": self.round,
             "scan_bytes": self.scan_io.get("bytes", 0),
             "scan_requests": self.scan_io.get("requests", 0),
             "full_epoch_bytes": self._full_bytes(),
@@ -179,7 +259,10 @@ class StreamingLoader:
 
     def _full_bytes(self) -> int:
         if self._full_epoch_bytes is None:
-            self._full_epoch_bytes = self.dataset.stored_nbytes(self.reader.layouts)
+            if self.server is not None:
+                self._full_epoch_bytes = self.server.full_epoch_bytes
+            else:
+                self._full_epoch_bytes = self.dataset.stored_nbytes(self.reader.layouts)
         return self._full_epoch_bytes
 
     def _prefetched(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
@@ -200,30 +283,30 @@ class StreamingLoader:
                 future.cancel()
 
     def _read_batch(self, positions: np.ndarray) -> tuple[np.ndarray, ...]:
-        arrays = self.reader.read(self.ids[positions])
+        ids = self.ids[positions]
+        arrays = self.server.read(ids, round=self.round) if self.server is not None else self.reader.read(ids)
         batch = [arrays[self.input_array]]
-        if self.dataset.label_array:
-            batch.append(arrays[self.dataset.label_array])
+        if self.label_array:
+            batch.append(arrays[self.label_array])
         if self.with_weights:
             batch.append(self.sample_weights[positions])
         return tuple(batch)
 
 
 def _selected(
-    dataset: Dataset, selection: Selection | Sequence[int] | np.ndarray | None
+    num_samples: int, url: str, selection: Selection | Sequence[int] | np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     if selection is None:
-        ids = np.arange(dataset.num_samples, dtype=np.int64)
+        ids = np.arange(num_samples, dtype=np.int64)
         return ids, np.ones(len(ids), dtype=np.float32)
     if isinstance(selection, Selection):
-        selection.check_dataset(dataset)
         return selection.ids, selection.weights
     ids = np.asarray(selection)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise TypeError(f"selection must be a Selection or 1-D integer ids, got {ids.dtype} {ids.shape}")
-    bad = ids[(ids < 0) | (ids >= dataset.num_samples)]
+    bad = ids[(ids < 0) | (ids >= num_samples)]
     if bad.size:
-        raise IndexError(f"selected sample id {int(bad[0])} out of range [0, {dataset.num_samples}) in {dataset.url!r}")
+        raise IndexError(f"selected sample id {int(bad[0])} out of range [0, {num_samples}) in {url!r}")
     if len(np.unique(ids)) != len(ids):
         raise ValueError("selected sample ids must be unique")
     return ids.astype(np.int64), np.ones(len(ids), dtype=np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,12 +51,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     select.add_argument("--seed", type=int, default=0)
 
+    serve = commands.add_parser(
+        "serve", help="run beside the data: select, then stream the selected samples to trainers (Arrow Flight)"
+    )
+    serve.add_argument("url", help="dataset URL")
+    serve.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 the NEARSTORE_TOKEN variable is required")
+    serve.add_argument("--port", type=int, default=8815)
+    serve.add_argument("--name", help="dataset name in grpc://host:port/NAME (default: the store's name)")
+    serve.add_argument("--selection", help="serve this saved selection as round 0 instead of scanning")
+    serve.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
+    serve.add_argument("--method", choices=["sage", "random"], default="sage")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--model", help="module:factory of the trainer's model, to accept its weights as the proxy")
+
     info = commands.add_parser("info", help="describe a dataset or a saved selection")
     info.add_argument("url")
 
     args = parser.parse_args(argv)
     try:
-        return {"demo": _demo, "convert": _convert, "select": _select, "info": _info}[args.command](args)
+        commands = {"demo": _demo, "convert": _convert, "select": _select, "serve": _serve, "info": _info}
+        return commands[args.command](args)
     except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, IndexError) as e:
         print(f"nearstore {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -118,6 +133,29 @@ def _select(args: argparse.Namespace) -> int:
         f"selected {len(selection)} of {dataset.num_samples} samples ({selection.keep:.1%}); "
         f"scan read {selection.io['bytes'] / 1e6:.2f} MB in {selection.io['seconds']:.1f} s; saved {args.out}"
     )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nearstore.selection import Selection
+    from nearstore.server import NearStoreServer
+
+    server = NearStoreServer(
+        open_dataset(args.url),
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        token=os.environ.get("NEARSTORE_TOKEN"),
+        selection=Selection.load(args.selection) if args.selection else None,
+        keep=args.keep,
+        method=args.method,
+        seed=args.seed,
+        model=args.model,
+        progress=True,
+    )
+    current = server.current
+    print(f"serving {server.url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
+    server.serve()
     return 0
 
 

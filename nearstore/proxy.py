@@ -1,12 +1,25 @@
-"""The storage-side proxy: a model-free stand-in for the trainer's model, cheap enough to run
-beside the data on every sample it reads."""
+"""Storage-side proxies: what scores a sample beside the data. A model-free stand-in for the
+trainer's model (`RandomFeatureProxy`), or the trainer's own model pushed back (`ModelProxy`)."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from kernels import last_layer_gradients
+
+
+class Proxy(Protocol):
+    """What the scan needs of a proxy: gradient embeddings of labelled samples."""
+
+    num_classes: int
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+    def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor: ...
 
 
 class RandomFeatureProxy:
@@ -102,3 +115,51 @@ class RandomFeatureProxy:
     @staticmethod
     def _with_bias(h: torch.Tensor) -> torch.Tensor:
         return torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)
+
+
+class ModelProxy:
+    """The trainer's model as the proxy (NeSSA's feedback): h is the input of its last
+    `nn.Linear`, and g = (softmax(z) − onehot(y)) ⊗ [h, 1] that layer's per-example gradient.
+
+    The model runs in eval mode, without gradients, in chunks of `batch_size` samples.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_size: int = 4096, device: torch.device | str = "cpu") -> None:
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not heads:
+            raise ValueError(f"ModelProxy needs a model whose last layer is nn.Linear; {type(model).__name__} has none")
+        self.head = heads[-1]
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.num_classes = self.head.out_features
+        self.batch_size = batch_size
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.num_classes * (self.head.in_features + 1)
+
+    def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        """Last-layer gradient embeddings, shape (n, num_classes · (in_features + 1))."""
+        inputs = torch.as_tensor(np.asarray(x), device=self.device)
+        labels = torch.as_tensor(np.asarray(y), device=self.device).long().reshape(-1)
+        if len(labels) != len(inputs):
+            raise ValueError(f"got {len(labels)} labels for {len(inputs)} samples")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}) (the model's outputs), "
+                f"got [{labels.min()}, {labels.max()}]"
+            )
+        captured: list[torch.Tensor] = []
+        hook = self.head.register_forward_hook(lambda _, args, __: captured.append(args[0]))
+        try:
+            with torch.no_grad():
+                logits = torch.cat([self.model(chunk) for chunk in inputs.split(self.batch_size)])
+        finally:
+            hook.remove()
+        features = torch.cat(captured)
+        if logits.shape != (len(inputs), self.num_classes) or features.shape != (len(inputs), self.head.in_features):
+            raise ValueError(
+                f"the model must end in its last nn.Linear: got logits {tuple(logits.shape)} and features "
+                f"{tuple(features.shape)} for {len(inputs)} samples"
+            )
+        return last_layer_gradients(logits, labels, features)

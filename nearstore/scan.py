@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from kernels import FrequentDirections, StreamingTopK, agreement_scores, sketch_basis
 from nearstore.dataset import Dataset
 from nearstore.iostats import IOStats
-from nearstore.proxy import RandomFeatureProxy
+from nearstore.proxy import Proxy, RandomFeatureProxy
 from nearstore.reader import SelectiveReader
 from nearstore.selection import Selection
 
@@ -26,7 +26,7 @@ def sage_select(
     *,
     ell: int = 64,
     class_balanced: bool = True,
-    proxy: RandomFeatureProxy | None = None,
+    proxy: Proxy | None = None,
     input_array: str | None = None,
     warmup_samples: int = 4096,
     seed: int = 0,
@@ -136,7 +136,7 @@ def _shards(
 
 
 def _embed(
-    batches: Iterable[Batch], proxy: RandomFeatureProxy, input_array: str, labels: str, class_balanced: bool
+    batches: Iterable[Batch], proxy: Proxy, input_array: str, labels: str, class_balanced: bool
 ) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor]]:
     """Stage 2: gradient embeddings of a batch, with the rows of each group (class, or all)."""
     for ids, batch in batches:

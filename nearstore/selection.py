@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,17 @@ class Selection:
         """Fraction of the dataset's samples selected."""
         return len(self) / max(1, int(self.dataset["num_samples"]))
 
-    def check_dataset(self, dataset: Dataset) -> None:
-        """Raise if this selection was made for a dataset with other samples (the URL may differ)."""
+    def check_dataset(self, dataset: Dataset | Mapping[str, Any]) -> None:
+        """Raise if this selection was made for a dataset with other samples (the URL may differ).
+
+        dataset: the dataset, or its `identity()` (as a server reports it)."""
+        identity = dataset.identity() if isinstance(dataset, Dataset) else dict(dataset)
         ours = {k: v for k, v in self.dataset.items() if k != "url"}
-        theirs = {k: v for k, v in dataset.identity().items() if k != "url"}
+        theirs = {k: v for k, v in identity.items() if k != "url"}
         if ours != theirs:
             raise ValueError(
-                f"selection was made for {self.dataset.get('url')!r} ({ours}), not for {dataset.url!r} ({theirs})"
+                f"selection was made for {self.dataset.get('url')!r} ({ours}), "
+                f"not for {identity.get('url')!r} ({theirs})"
             )
 
     def to_bytes(self) -> bytes:

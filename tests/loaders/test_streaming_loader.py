@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loaders import StreamingLoader
-from nearstore import Selection, open_dataset, random_select, write_dataset
+from nearstore import Selection, open_dataset, random_select, sage_select, write_dataset
+from nearstore.proxy import ModelProxy
 
 BACKENDS = ["dali", "torch"]
 
@@ -179,3 +180,46 @@ def test_a_training_loop_runs_from_the_loader(id_store):
             optimizer.step()
     assert torch.isfinite(loss)
     assert loader.io_stats()["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize(("uneven", "share"), [("pad", 188), ("drop", 187)])
+def test_ranks_share_each_epoch(id_store, uneven, share):
+    selection = random_select(id_store, 0.3, seed=1)  # 750 samples over 4 ranks
+    loaders = [
+        StreamingLoader(
+            id_store, selection, batch_size=50, rank=r, world_size=4, uneven=uneven, backend="torch", device="cpu"
+        )
+        for r in range(4)
+    ]
+    for epoch in (0, 1):
+        shares = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            shares.append([i for x, _ in loader for i in sample_ids(x)])
+        assert [len(s) for s in shares] == [share] * 4
+        union = [i for s in shares for i in s]
+        assert set(union) <= set(selection.ids.tolist())
+        if uneven == "drop":
+            assert len(set(union)) == len(union) == 748
+        else:  # every sample at least once, two of them twice
+            assert set(union) == set(selection.ids.tolist()) and len(union) == 752
+    assert shares != [list(loader.ids[loader.epoch_order(0)]) for loader in loaders]
+    with pytest.raises(ValueError, match="rank must be in"):
+        StreamingLoader(id_store, rank=2, world_size=2)
+
+
+def test_reselect_in_process_with_the_trainers_model(id_store):
+    loader = StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=100, backend="torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    weights = [p.detach().clone() for p in model.parameters()]
+    loader.update_proxy(model)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+    selection = loader.reselect(0.1, seed=3)
+    assert selection.round == loader.round == 1 and selection.params["proxy"] == "ModelProxy"
+    np.testing.assert_array_equal(selection.ids, sage_select(id_store, 0.1, seed=3, proxy=ModelProxy(model)).ids)
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == selection.ids.tolist()
+    assert loader.io_stats()["scan_bytes"] == selection.io["bytes"] > 0  # the uniform round read nothing
+    with pytest.raises(ValueError, match="method must be 'sage' or 'random'"):
+        loader.reselect(method="oracle")

@@ -5,8 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from nearstore import RandomFeatureProxy, random_select, sage_select, write_dataset
+from nearstore.proxy import ModelProxy
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,32 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
         proxy.embed(x[:, :5], y)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         proxy.embed(x[:2], np.array([0, 3]))
+
+
+def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
+    _, x, y = blobs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
+    model.train()
+    proxy = ModelProxy(model, batch_size=7)  # chunks of 7: the hook must collect every chunk
+    assert proxy.num_classes == 3 and proxy.embedding_dim == 3 * 13
+    inputs = x[:20].astype(np.float64)
+    embeddings = proxy.embed(inputs, y[:20])
+    head = model[2]
+    for i in range(20):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(inputs[i : i + 1])), torch.tensor(y[i : i + 1]))
+        loss.backward()
+        expected = torch.cat([head.weight.grad, head.bias.grad[:, None]], 1).flatten()
+        torch.testing.assert_close(embeddings[i], expected)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(the model's outputs\)"):
+        proxy.embed(inputs[:2], np.array([0, 5]))
+    with pytest.raises(ValueError, match="has none"):
+        ModelProxy(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="must end in its last nn.Linear"):
+        ModelProxy(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Softmax(1), torch.nn.Flatten(0))).embed(
+            x[:4], y[:4]
+        )
 
 
 SCAN_MEMORY_PROBE = """

@@ -1,0 +1,310 @@
+"""The near-storage server: runs the scan beside the data, holds the current `Selection`, and
+streams the selected samples to trainers over Arrow Flight.
+
+Wire protocol (all JSON unless noted; `loaders.FlightSource` is the client):
+
+- `do_get(ticket)`: ticket `{"dataset": name, "round": r, "ids": [...]}` names ids of selection
+  round r. The stream holds the samples in ticket order: an int64 `id` column and one
+  fixed-size binary column per sample array (a sample's raw bytes, C order); the schema's
+  metadata gives each array's dtype and sample shape.
+- actions: `info` (dataset, current round, I/O counts), `selection` (body `{"round": r}` →
+  `Selection.to_bytes()`), `update_proxy` (body: a `torch.save`d state_dict for the server's
+  proxy model → new proxy version), `select` (body: `{"keep", "method", "seed", ...}` → runs a
+  new round, answers like `info`).
+
+A shared-secret token (`authorization: Bearer <token>`) is required when the server listens
+beyond the loopback interface; requests are validated (dataset, round, ids, sizes) before any
+byte is read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import io
+import ipaddress
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import torch
+
+from nearstore.dataset import Dataset
+from nearstore.iostats import IOStats
+from nearstore.proxy import ModelProxy
+from nearstore.reader import SelectiveReader
+from nearstore.scan import random_select, sage_select
+from nearstore.selection import Selection
+
+log = logging.getLogger("nearstore")
+
+METHODS = ("sage", "random")
+MAX_TICKET_BYTES = 8 << 20
+MAX_REQUEST_SAMPLES = 65_536
+MAX_PROXY_BYTES = 1 << 30
+ROUNDS_KEPT = 2  # a trainer mid-epoch finishes on the round it started while another asks for a new one
+
+
+class NearStoreServer(flight.FlightServerBase):
+    """Serve one dataset's selected samples over Arrow Flight (grpc://host:port/name).
+
+    selection: the round-0 selection; without one the server runs `method` with `keep` itself
+        before it starts listening.
+    model: `module:factory` (or a callable) building the trainer's model architecture: pushed
+        proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only.
+    token: required when host is not a loopback address.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        name: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        selection: Selection | None = None,
+        keep: float = 0.25,
+        method: str = "sage",
+        seed: int = 0,
+        model: str | Callable[[], torch.nn.Module] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not _is_loopback(host) and not token:
+            raise ValueError(f"a token is required to listen on {host!r}, beyond 127.0.0.1 (set NEARSTORE_TOKEN)")
+        self.dataset = dataset
+        self.name = name or _default_name(dataset.url)
+        self.reader = SelectiveReader(dataset)
+        self.shipped = IOStats()
+        self.progress = progress
+        self._model_factory = _import_factory(model) if isinstance(model, str) else model
+        self._proxy: ModelProxy | None = None
+        self.proxy_version = 0
+        self._lock = threading.Lock()  # the reader's caches and the rounds change under it
+        self._rounds: dict[int, Selection] = {}
+        first = selection if selection is not None else self._run_round(keep=keep, method=method, seed=seed)
+        if selection is not None:
+            selection.check_dataset(dataset)
+        self._keep_round(first)
+        middleware = {"token": _TokenCheck(token)} if token else {}
+        super().__init__(f"grpc://{host}:{port}", middleware=middleware)
+        self.host = host
+
+    @property
+    def url(self) -> str:
+        """What a trainer passes to StreamingLoader."""
+        return f"grpc://{self.host}:{self.port}/{self.name}"
+
+    @property
+    def current(self) -> Selection:
+        return self._rounds[max(self._rounds)]
+
+    # Flight handlers -------------------------------------------------------------------------
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        request = _parse(ticket.ticket, MAX_TICKET_BYTES, "ticket")
+        self._check_dataset(request)
+        selection = self._round(request.get("round"))
+        ids = _ids(request.get("ids"), self.dataset.num_samples)
+        outside = ids[~np.isin(ids, selection.ids)]
+        if outside.size:
+            raise ValueError(f"sample {int(outside[0])} is not in selection round {selection.round} of {self.name!r}")
+        with self._lock:
+            arrays = self.reader.read(ids)
+        batch = _to_record_batch(ids, arrays)
+        self.shipped.add(bytes=batch.nbytes, requests=1, samples=len(ids))
+        return flight.RecordBatchStream(pa.Table.from_batches([batch]))
+
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
+        handlers = {
+            "info": self._info,
+            "selection": self._selection,
+            "update_proxy": self._update_proxy,
+            "select": self._select,
+        }
+        if action.type not in handlers:
+            raise ValueError(f"unknown action {action.type!r}; this server answers {sorted(handlers)}")
+        yield flight.Result(pa.py_buffer(handlers[action.type](action.body.to_pybytes())))
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return [
+            ("info", "the dataset, the current selection round and the server's I/O counts"),
+            ("selection", "a selection round as Selection.to_bytes()"),
+            ("update_proxy", "push a torch state_dict of the proxy model"),
+            ("select", "run a new selection round"),
+        ]
+
+    # Actions ---------------------------------------------------------------------------------
+
+    def _info(self, body: bytes = b"") -> bytes:
+        current = self.current
+        ds = self.dataset
+        return json.dumps(
+            {
+                "dataset": self.name,
+                "identity": ds.identity(),
+                "sample_arrays": list(ds.sample_arrays),
+                "label_array": ds.label_array,
+                "class_names": list(ds.class_names),
+                "round": current.round,
+                "selected": len(current),
+                "method": current.method,
+                "proxy_version": self.proxy_version,
+                "full_epoch_bytes": ds.stored_nbytes(ds.sample_arrays),
+                "storage_reads": self.reader.stats.snapshot().as_dict(),
+                "shipped": self.shipped.snapshot().as_dict(),
+            }
+        ).encode()
+
+    def _selection(self, body: bytes) -> bytes:
+        request = _parse(body, MAX_TICKET_BYTES, "selection request") if body else {}
+        return self._round(request.get("round")).to_bytes()
+
+    def _update_proxy(self, body: bytes) -> bytes:
+        if self._model_factory is None:
+            raise ValueError(
+                f"server of {self.name!r} has no proxy model: start it with --model module:factory to accept weights"
+            )
+        if len(body) > MAX_PROXY_BYTES:
+            raise ValueError(f"proxy state_dict of {len(body)} bytes exceeds the limit of {MAX_PROXY_BYTES}")
+        try:
+            state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"proxy weights are not a torch state_dict: {e}") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"proxy weights must be a state_dict, got {type(state).__name__}")
+        model = self._model_factory()
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"proxy weights do not fit the server's model: {e}") from e
+        proxy = ModelProxy(model)
+        if self.dataset.num_classes and proxy.num_classes < self.dataset.num_classes:
+            raise ValueError(
+                f"proxy model outputs {proxy.num_classes} classes, {self.name!r} has {self.dataset.num_classes}"
+            )
+        with self._lock:
+            self._proxy = proxy
+            self.proxy_version += 1
+        log.info("proxy version %d received (%d bytes)", self.proxy_version, len(body))
+        return json.dumps({"proxy_version": self.proxy_version}).encode()
+
+    def _select(self, body: bytes) -> bytes:
+        request = _parse(body, MAX_TICKET_BYTES, "select request") if body else {}
+        unknown = set(request) - {"keep", "method", "seed"}
+        if unknown:
+            raise ValueError(f"select takes keep, method and seed; got unknown {sorted(unknown)}")
+        selection = self._run_round(
+            keep=float(request.get("keep", self.current.keep)),
+            method=str(request.get("method", self.current.method)),
+            seed=int(request.get("seed", self.current.round + 1)),
+        )
+        self._keep_round(selection)
+        return self._info()
+
+    # Rounds ----------------------------------------------------------------------------------
+
+    def _run_round(self, *, keep: float, method: str, seed: int) -> Selection:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        next_round = max(self._rounds, default=-1) + 1
+        log.info("selection round %d: %s, keep %.3f, proxy version %d", next_round, method, keep, self.proxy_version)
+        if method == "random":
+            selection = random_select(self.dataset, keep, seed=seed)
+        else:
+            selection = sage_select(self.dataset, keep, seed=seed, proxy=self._proxy, progress=self.progress)
+        return replace(selection, round=next_round, params={**selection.params, "proxy_version": self.proxy_version})
+
+    def _keep_round(self, selection: Selection) -> None:
+        with self._lock:
+            self._rounds[selection.round] = selection
+            for old in sorted(self._rounds)[:-ROUNDS_KEPT]:
+                del self._rounds[old]
+
+    def _round(self, number: Any) -> Selection:
+        if number is None:
+            return self.current
+        if not isinstance(number, int) or number not in self._rounds:
+            raise ValueError(f"selection round {number!r} of {self.name!r} is not held; rounds {sorted(self._rounds)}")
+        return self._rounds[number]
+
+    def _check_dataset(self, request: dict[str, Any]) -> None:
+        if request.get("dataset") != self.name:
+            raise ValueError(f"this server serves dataset {self.name!r}, not {request.get('dataset')!r}")
+
+
+class _TokenCheck(flight.ServerMiddlewareFactory):
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> None:
+        given = (headers.get("authorization") or [""])[0].encode()
+        if not hmac.compare_digest(given, self._expected):
+            raise flight.FlightUnauthenticatedError("missing or wrong token (authorization: Bearer <token>)")
+
+
+def _to_record_batch(ids: np.ndarray, arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """ids and each array's samples as fixed-size binary rows; dtype and shape in the metadata."""
+    fields, columns, metadata = [pa.field("id", pa.int64())], [pa.array(ids, type=pa.int64())], {}
+    for name, values in arrays.items():
+        values = np.ascontiguousarray(values)
+        kind = pa.binary(values.itemsize * math.prod(values.shape[1:]))
+        columns.append(pa.FixedSizeBinaryArray.from_buffers(kind, len(values), [None, pa.py_buffer(values)]))
+        fields.append(pa.field(name, kind))
+        metadata[name] = json.dumps({"dtype": values.dtype.str, "shape": list(values.shape[1:])})
+    return pa.record_batch(columns, schema=pa.schema(fields, metadata=metadata))
+
+
+def _parse(raw: bytes, limit: int, what: str) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise ValueError(f"{what} of {len(raw)} bytes exceeds the limit of {limit}")
+    try:
+        request = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} is not JSON: {e}") from e
+    if not isinstance(request, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(request).__name__}")
+    return request
+
+
+def _ids(raw: Any, num_samples: int) -> np.ndarray:
+    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+        raise ValueError("ticket 'ids' must be a list of integers")
+    if len(raw) > MAX_REQUEST_SAMPLES:
+        raise ValueError(f"ticket names {len(raw)} samples; at most {MAX_REQUEST_SAMPLES} per request")
+    ids = np.asarray(raw, dtype=np.int64)
+    bad = ids[(ids < 0) | (ids >= num_samples)]
+    if bad.size:
+        raise ValueError(f"sample id {int(bad[0])} out of range [0, {num_samples})")
+    return ids
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_name(url: str) -> str:
+    leaf = url.rstrip("/").rsplit("/", 1)[-1]
+    return leaf.removesuffix(".zarr") or "dataset"
+
+
+def _import_factory(spec: str) -> Callable[[], torch.nn.Module]:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"model must be 'module:factory', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model factory {spec!r}: {e}") from e

@@ -1,0 +1,255 @@
+"""The near-storage server against real clients: Flight on 127.0.0.1, in-process and as a
+`nearstore serve` process that is killed mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+import torch
+
+from loaders import FlightSource, StreamingLoader
+from nearstore import random_select, sage_select
+from nearstore.proxy import ModelProxy
+from nearstore.server import MAX_REQUEST_SAMPLES, NearStoreServer
+
+
+def sample_ids(x: torch.Tensor) -> list[int]:
+    return x[:, 0].round().long().tolist()
+
+
+def tiny_model() -> torch.nn.Module:
+    """A proxy architecture for the id store: 8 inputs, 5 classes."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+
+@pytest.fixture(scope="module")
+def served(id_store):
+    """A server on 127.0.0.1 holding a random 30% of the id store, with a proxy model."""
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), model=tiny_model)
+    yield server
+    server.shutdown()
+
+
+def test_loader_through_the_server_yields_the_same_batches_as_reading_storage(served, id_store, id_data):
+    remote = StreamingLoader(served.url, batch_size=64, seed=3, backend="torch", device="cpu")
+    local = StreamingLoader(id_store, served.current, batch_size=64, seed=3, backend="torch", device="cpu")
+    np.testing.assert_array_equal(remote.ids, served.current.ids)
+    seen = []
+    for (xr, yr), (xl, yl) in zip(remote, local, strict=True):
+        assert torch.equal(xr, xl) and torch.equal(yr, yl)
+        np.testing.assert_array_equal(yr.numpy(), id_data["y"][sample_ids(xr)])
+        seen += sample_ids(xr)
+    assert sorted(seen) == served.current.ids.tolist()
+
+    shipped = remote.io_stats()
+    assert shipped["samples_read"] == len(seen) and shipped["requests"] == len(remote)
+    payload = len(seen) * (8 * 4 + 8 + 8)  # x, y and the id column
+    assert payload <= shipped["bytes_read"] <= 1.05 * payload
+    assert shipped["full_epoch_bytes"] == id_store.stored_nbytes(id_store.sample_arrays)
+    server_side = FlightSource(served.url).info()
+    assert server_side["shipped"]["bytes"] >= shipped["bytes_read"]
+    assert server_side["storage_reads"]["samples"] >= len(seen)
+
+
+def test_ranks_get_disjoint_equal_shares_whose_union_is_the_selection(served):
+    n = len(served.current)
+    results: dict[int, list[int]] = {}
+
+    def trainer(rank: int) -> None:
+        loader = StreamingLoader(
+            served.url, batch_size=50, rank=rank, world_size=2, uneven="drop", backend="torch", device="cpu"
+        )
+        results[rank] = [i for x, _ in loader for i in sample_ids(x)]
+
+    threads = [threading.Thread(target=trainer, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results[0]) == len(results[1]) == n // 2
+    assert not set(results[0]) & set(results[1])
+    assert set(results[0]) | set(results[1]) <= set(served.current.ids.tolist())
+    assert len(set(results[0]) | set(results[1])) == n - n % 2
+
+
+def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
+    torch.manual_seed(0)
+    model = tiny_model()
+    loader = StreamingLoader(served.url, batch_size=128, backend="torch", device="cpu")
+    first = loader.round
+    loader.update_proxy(model)
+    selection = loader.reselect(0.2, seed=4)
+
+    assert selection.round == first + 1 == loader.round
+    assert selection.params["proxy"] == "ModelProxy" and selection.params["proxy_version"] >= 1
+    expected = sage_select(id_store, 0.2, seed=4, proxy=ModelProxy(tiny_model_with(model.state_dict())))
+    np.testing.assert_array_equal(selection.ids, expected.ids)
+    np.testing.assert_array_equal(loader.ids, selection.ids)
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == selection.ids.tolist()
+    assert loader.io_stats()["scan_bytes"] > 0  # the new round's scan is counted
+
+    # The round before stays readable (a trainer mid-epoch finishes it); older ones are gone.
+    source = FlightSource(served.url)
+    previous = source.selection(first)
+    assert len(source.read(previous.ids[:3], round=first)["x"]) == 3
+    source.select(keep=0.1, method="random", seed=0)
+    with pytest.raises(ValueError, match=f"selection round {first} .* is not held"):
+        source.read(previous.ids[:3], round=first)
+
+
+def tiny_model_with(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = tiny_model()
+    model.load_state_dict(state)
+    return model
+
+
+def test_bad_requests_are_refused_with_the_reason(served):
+    client = flight.FlightClient(f"grpc://127.0.0.1:{served.port}")
+    current = served.current
+    outside = int(np.setdiff1d(np.arange(2500), current.ids)[0])
+
+    def get(ticket: object) -> None:
+        raw = ticket if isinstance(ticket, bytes) else json.dumps(ticket).encode()
+        client.do_get(flight.Ticket(raw)).read_all()
+
+    base = {"dataset": served.name, "round": current.round}
+    with pytest.raises(ValueError, match="sample id 2500 out of range"):
+        get({**base, "ids": [1, 2500]})
+    with pytest.raises(ValueError, match="sample id -1 out of range"):
+        get({**base, "ids": [-1]})
+    with pytest.raises(ValueError, match=f"sample {outside} is not in selection round"):
+        get({**base, "ids": [outside]})
+    with pytest.raises(ValueError, match="serves dataset 'ids', not 'other'"):
+        get({**base, "dataset": "other", "ids": [int(current.ids[0])]})
+    with pytest.raises(ValueError, match="round 99 .* is not held"):
+        get({**base, "round": 99, "ids": [int(current.ids[0])]})
+    with pytest.raises(ValueError, match="not JSON"):
+        get(b"\xff not json")
+    with pytest.raises(ValueError, match="must be a list of integers"):
+        get({**base, "ids": ["7"]})
+    with pytest.raises(ValueError, match=f"at most {MAX_REQUEST_SAMPLES} per request"):
+        get({**base, "ids": [int(current.ids[0])] * (MAX_REQUEST_SAMPLES + 1)})
+    with pytest.raises(ValueError, match="unknown action 'drop_table'"):
+        list(client.do_action(flight.Action("drop_table", b"")))
+
+    source = FlightSource(served.url)
+    with pytest.raises(ValueError, match="keep must be in"):
+        source.select(keep=3.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        source.select(method="oracle")
+    with pytest.raises(ValueError, match="unknown \\['ell'\\]"):
+        source.select(ell=9)
+    with pytest.raises(ValueError, match="do not fit the server's model"):
+        source.update_proxy(torch.nn.Linear(8, 5))
+    with pytest.raises(ValueError, match="not a torch state_dict"):
+        source._action("update_proxy", b"garbage")
+    with pytest.raises(ValueError, match="not 'elsewhere'"):
+        FlightSource(served.url.replace("/ids", "/elsewhere")).read([0], round=current.round)
+
+
+def test_a_server_without_a_model_refuses_weights(id_store):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.1))
+    try:
+        with pytest.raises(ValueError, match="has no proxy model"):
+            FlightSource(server.url).update_proxy(tiny_model())
+    finally:
+        server.shutdown()
+
+
+def test_token_is_required_beyond_loopback_and_checked(id_store, monkeypatch):
+    with pytest.raises(ValueError, match="a token is required to listen on '0.0.0.0'"):
+        NearStoreServer(id_store, host="0.0.0.0", selection=random_select(id_store, 0.1))
+    server = NearStoreServer(id_store, token="s3cret", selection=random_select(id_store, 0.1))
+    try:
+        monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
+        with pytest.raises(PermissionError, match="refused the token"):
+            FlightSource(server.url)
+        with pytest.raises(PermissionError, match="refused the token"):
+            FlightSource(server.url, token="guess")
+        assert FlightSource(server.url, token="s3cret").info()["selected"] == 250
+        monkeypatch.setenv("NEARSTORE_TOKEN", "s3cret")
+        assert len(StreamingLoader(server.url, backend="torch", device="cpu").ids) == 250
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_server_is_named(monkeypatch):
+    port = _free_port()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} is unreachable"):
+        FlightSource(f"grpc://127.0.0.1:{port}/ids", on_disconnect="raise")
+    with pytest.raises(ValueError, match="grpc://host:port/dataset"):
+        FlightSource("grpc://127.0.0.1/ids")
+
+
+@pytest.mark.parametrize("on_disconnect", ["reconnect", "raise"])
+def test_server_killed_mid_epoch(id_store, tmp_path, fingerprint, caplog, on_disconnect):
+    """The `nearstore serve` process dies after a few batches: the loader either resumes on the
+    restarted server with no sample lost or repeated, or fails with ConnectionError."""
+    saved = str(tmp_path / "sel.npz")
+    random_select(id_store, 0.5, seed=2).save(saved)
+    port = _free_port()
+    before = fingerprint(id_store.url)
+    processes = [_serve(id_store.url, saved, port)]
+    try:
+        loader = StreamingLoader(
+            f"grpc://127.0.0.1:{port}/ids",
+            batch_size=25,
+            prefetch=1,
+            backend="torch",
+            device="cpu",
+            on_disconnect=on_disconnect,
+        )
+        batches = iter(loader)
+        seen = [i for _ in range(5) for i in sample_ids(next(batches)[0])]
+        processes[0].kill()
+        processes[0].wait()
+        if on_disconnect == "raise":
+            with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} is unreachable"):
+                for x, _ in batches:
+                    seen += sample_ids(x)
+            return
+        # The restart takes seconds (imports, opening the store): reads meanwhile must wait it out.
+        restart = threading.Thread(target=lambda: processes.append(_serve(id_store.url, saved, port)))
+        restart.start()
+        with caplog.at_level("WARNING", logger="nearstore"):
+            for x, _ in batches:
+                seen += sample_ids(x)
+        restart.join()
+        assert any("unreachable, retrying" in r.message for r in caplog.records)
+        assert len(seen) == len(set(seen)) and sorted(seen) == loader.ids.tolist()
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert fingerprint(id_store.url) == before
+
+
+def _serve(url: str, selection: str, port: int) -> subprocess.Popen:
+    """`nearstore serve` as a process; returns once it says it is serving."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nearstore.cli", "serve", url, "--port", str(port), "--selection", selection],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    for line in process.stdout:
+        if line.startswith("serving grpc://"):
+            return process
+    raise RuntimeError(f"nearstore serve exited with {process.wait()} before serving")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
