@@ -5,11 +5,13 @@
 Servers on 127.0.0.1, started here and stopped after: moto's S3 (slow, ~300 requests/s: count
 bytes and requests with it, not speed) and nginx (HTTP with Range). For keep rates 10/25/50/100%
 of a random selection, one epoch of shuffled batches through:
-- StreamingLoader (the selective reader: cached shard indexes, coalesced ranges);
+- nearstore: StreamingLoader reading storage itself (cached shard indexes, coalesced ranges);
+- server: StreamingLoader("grpc://...") through a NearStoreServer beside the storage (started per
+  keep, so its index reads count); requests and bytes are the server's storage reads, and
+  `shipped` what crossed Flight to the trainer;
 - plain zarr, `array.get_orthogonal_selection(ids)` for the same batches;
 - the full data: every shard object read whole, once (what an epoch over everything costs).
 Prints ratios (ours / full, ours / zarr); writes io_savings.json and io_savings.png.
-The near-storage server (a third path) is not built yet.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the counting servers live wit
 from servers import Nginx, S3Server  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Dataset, open_dataset, random_select, write_dataset  # noqa: E402
+from nearstore import Dataset, Selection, open_dataset, random_select, write_dataset  # noqa: E402
+from nearstore.server import NearStoreServer  # noqa: E402
 
 KEEPS = (0.1, 0.25, 0.5, 1.0)
 BATCH = 256
@@ -44,11 +47,22 @@ def shard_gets(books, prefix: str) -> tuple[int, int]:
     return len(served), sum(s.bytes for s in served)
 
 
-def epoch_nearstore(dataset: Dataset, selection) -> None:
+def epoch_nearstore(dataset: Dataset, selection: Selection) -> None:
     for _ in StreamingLoader(
         dataset.url, selection, batch_size=BATCH, storage_options=dataset.storage_options, device="cpu"
     ):
         pass
+
+
+def epoch_server(dataset: Dataset, selection: Selection) -> dict[str, int]:
+    server = NearStoreServer(dataset, selection=selection)
+    try:
+        loader = StreamingLoader(server.url, batch_size=BATCH, device="cpu")
+        for _ in loader:
+            pass
+        return {"shipped": loader.stats.bytes, "shipped_requests": loader.stats.requests}
+    finally:
+        server.shutdown()
 
 
 def epoch_zarr(dataset: Dataset, batches: list[np.ndarray]) -> None:
@@ -72,35 +86,38 @@ def measure(dataset: Dataset, books, prefix: str) -> dict:
         row = {}
         for name, run in (
             ("nearstore", partial(epoch_nearstore, dataset, selection)),
+            ("server", partial(epoch_server, dataset, selection)),
             ("zarr", partial(epoch_zarr, dataset, batches)),
             ("full data", partial(epoch_full, dataset)),
         ):
             before = shard_gets(books(), prefix)
             started = time.perf_counter()
-            run()
+            extra = run() or {}
             seconds = time.perf_counter() - started
             after = shard_gets(books(), prefix)
-            row[name] = {"requests": after[0] - before[0], "bytes": after[1] - before[1], "seconds": seconds}
+            row[name] = {"requests": after[0] - before[0], "bytes": after[1] - before[1], "seconds": seconds, **extra}
         rows[f"{keep:.0%}"] = row
     return rows
 
 
 def report(results: dict) -> None:
     print(
-        f"{'server':<6} {'keep':>5} {'path':<10} {'requests':>9} {'MB':>8} {'s':>7}   "
-        f"{'bytes/full':>10} {'req/full':>8} {'bytes/zarr':>10} {'req/zarr':>8} {'s/zarr':>7}"
+        f"{'store':<6} {'keep':>5} {'path':<10} {'requests':>9} {'MB':>8} {'s':>7}   "
+        f"{'bytes/full':>10} {'req/full':>8} {'bytes/zarr':>10} {'req/zarr':>8} {'s/zarr':>7} {'shipped MB':>10}"
     )
     for server, rows in results.items():
         for keep, row in rows.items():
-            ours, full, plain = row["nearstore"], row["full data"], row["zarr"]
+            full, plain = row["full data"], row["zarr"]
             for name, r in row.items():
-                ratios = ""
-                if name == "nearstore":
+                ratios, ours = "", r
+                if name in ("nearstore", "server"):
                     ratios = (
                         f"{ours['bytes'] / full['bytes']:>10.3f} {ours['requests'] / full['requests']:>8.1f} "
                         f"{ours['bytes'] / plain['bytes']:>10.3f} {ours['requests'] / plain['requests']:>8.3f} "
                         f"{ours['seconds'] / plain['seconds']:>7.3f}"
                     )
+                if "shipped" in r:
+                    ratios += f" {r['shipped'] / 1e6:>10.2f}"
                 print(
                     f"{server:<6} {keep:>5} {name:<10} {r['requests']:>9} {r['bytes'] / 1e6:>8.2f} "
                     f"{r['seconds']:>7.2f}   {ratios}"
@@ -116,7 +133,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for server, rows in results.items():
         keeps = [float(k.rstrip("%")) for k in rows]
-        for name, style in (("nearstore", "-o"), ("zarr", "--s")):
+        for name, style in (("nearstore", "-o"), ("server", "-^"), ("zarr", "--s")):
             axes[0].plot(
                 keeps,
                 [r[name]["bytes"] / r["full data"]["bytes"] for r in rows.values()],

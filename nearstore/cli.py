@@ -28,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--batch-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--server", action="store_true", help="select and ship the SAGE subset through a server on 127.0.0.1"
+    )
 
     convert = commands.add_parser("convert", help="write a nearstore dataset from .npy/.npz files or a generator")
     convert.add_argument("source", help="'mnist1d', 'digits', a .npz archive, or an .npy file of inputs")
@@ -87,6 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
+        server=args.server,
     )
     print(format_table(results))
     print(f"wrote {Path(args.workdir) / 'demo.json'}")

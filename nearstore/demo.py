@@ -20,6 +20,7 @@ from loaders import StreamingLoader
 from nearstore.dataset import Dataset, open_dataset, write_dataset
 from nearstore.scan import random_select, sage_select
 from nearstore.selection import Selection
+from nearstore.server import NearStoreServer
 from nearstore.sources import mnist1d_batches
 
 
@@ -96,36 +97,49 @@ def run_demo(
     epochs: int = 15,
     batch_size: int = 128,
     seed: int = 0,
+    server: bool = False,
 ) -> list[RunResult]:
-    """Run the demo and return its table; also writes `workdir/demo.json`."""
+    """Run the demo and return its table; also writes `workdir/demo.json`.
+
+    server: select and ship the SAGE subset through a near-storage server on 127.0.0.1
+        (`nearstore serve`'s NearStoreServer, in this process) instead of reading the store directly.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     train_set = ensure_mnist1d(str(workdir / f"mnist1d-train-{num_samples}.zarr"), num_samples, seed)
     test_set = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}.zarr"), test_samples, seed + 1)
     test = StreamingLoader(test_set, batch_size=1024, shuffle=False)
 
+    near_storage = NearStoreServer(train_set, keep=keep, seed=seed, progress=True) if server else None
+    sage = near_storage.current if near_storage else sage_select(train_set, keep, seed=seed, progress=True)
     selections: dict[str, Selection | None] = {
-        f"sage {keep:.0%}": sage_select(train_set, keep, seed=seed, progress=True),
+        f"sage {keep:.0%}": sage,
         f"random {keep:.0%}": random_select(train_set, keep, seed=seed),
         "full data": None,
     }
     results = []
-    for name, selection in selections.items():
-        loader = StreamingLoader(train_set, selection, batch_size=batch_size, seed=seed)
-        accuracy, seconds = train(loader, test, epochs=epochs, seed=seed, desc=name)
-        io = loader.io_stats()
-        results.append(
-            RunResult(
-                run=name,
-                samples=len(loader.ids),
-                test_accuracy=accuracy,
-                train_seconds=seconds,
-                selection_seconds=selection.io["seconds"] if selection is not None else 0.0,
-                scan_bytes=io["scan_bytes"],
-                shipped_bytes=io["bytes_read"],
-                io_saving=io["io_saving"],
+    try:
+        for name, selection in selections.items():
+            source = near_storage.url if near_storage and selection is sage else train_set
+            loader = StreamingLoader(source, selection, batch_size=batch_size, seed=seed)
+            accuracy, seconds = train(loader, test, epochs=epochs, seed=seed, desc=name)
+            io = loader.io_stats()
+            results.append(
+                RunResult(
+                    run=name,
+                    samples=len(loader.ids),
+                    test_accuracy=accuracy,
+                    train_seconds=seconds,
+                    selection_seconds=selection.io["seconds"] if selection is not None else 0.0,
+                    scan_bytes=io["scan_bytes"],
+                    shipped_bytes=io["bytes_read"],
+                    io_saving=io["io_saving"],
+                )
             )
-        )
+    finally:
+        if near_storage is not None:
+            near_storage.shutdown()
+
     (workdir / "demo.json").write_text(
         json.dumps(
             {
@@ -135,6 +149,7 @@ def run_demo(
                 "epochs": epochs,
                 "batch_size": batch_size,
                 "seed": seed,
+                "server": server,
                 "results": [asdict(r) for r in results],
             },
             indent=2,

@@ -67,8 +67,9 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_demo_prints_its_table_and_writes_json(tmp_path):
-    # The real demo at toy size, through the console entry point.
+@pytest.mark.parametrize("through_server", [False, True])
+def test_demo_prints_its_table_and_writes_json(tmp_path, through_server):
+    # The real demo at toy size, through the console entry point (and through a server on 127.0.0.1).
     result = subprocess.run(
         [
             sys.executable,
@@ -83,6 +84,7 @@ def test_demo_prints_its_table_and_writes_json(tmp_path):
             "500",
             "--epochs",
             "3",
+            *(["--server"] if through_server else []),
         ],
         capture_output=True,
         text=True,
@@ -93,6 +95,7 @@ def test_demo_prints_its_table_and_writes_json(tmp_path):
     assert lines[0].split()[:3] == ["run", "samples", "accuracy"]
     assert [line.split()[0] for line in lines[1:4]] == ["sage", "random", "full"]
     report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["server"] is through_server
     runs = {r["run"]: r for r in report["results"]}
     assert runs["sage 25%"]["samples"] == runs["random 25%"]["samples"] == 500
     assert runs["full data"]["samples"] == 2000
@@ -101,4 +104,11 @@ def test_demo_prints_its_table_and_writes_json(tmp_path):
     assert 0 <= runs["full data"]["io_saving"] < 0.15
     assert runs["random 25%"]["io_saving"] > 0.7 > runs["sage 25%"]["io_saving"] > 0  # the scan costs reads
     assert 0 < runs["random 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
+    assert 0 < runs["sage 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
     assert runs["full data"]["test_accuracy"] > 0.2  # twice chance: it trained and evaluated
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_token(id_store, capsys, monkeypatch):
+    monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
+    assert main(["serve", id_store.url, "--host", "0.0.0.0", "--method", "random"]) == 2
+    assert "a token is required to listen on '0.0.0.0'" in capsys.readouterr().err
