@@ -81,7 +81,7 @@ class FlightSource:
         return json.loads(self._action("update_proxy", buffer.getvalue()))["proxy_version"]
 
     def select(self, **params: Any) -> Selection:
-        """Run a new selection round on the server (keep, method, seed) and return it."""
+        """Run a new selection round on the server (keep, method, options, seed) and return it."""
         info = json.loads(self._action("select", json.dumps(params).encode()))
         return self.selection(info["round"])
 

@@ -18,9 +18,10 @@ import torch
 
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
 from loaders.flight_client import FlightSource, OnDisconnect
-from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset, random_select, sage_select
+from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset
 from nearstore.proxy import ModelProxy
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
+from nearstore.selectors import DEFAULT_RESELECT_METHOD, make_selector
 
 Backend = Literal["auto", "dali", "torch"]
 log = logging.getLogger("nearstore")
@@ -167,21 +168,28 @@ class StreamingLoader:
         else:
             self._proxy = ModelProxy(copy.deepcopy(model).cpu())
 
-    def reselect(self, keep: float | None = None, *, method: str = "sage", seed: int | None = None) -> Selection:
-        """Run a new selection round (on the server, or here beside a local or object store) with
-        the latest proxy; the next epoch iterates it. Its scan I/O joins `io_stats()`."""
+    def reselect(
+        self,
+        keep: float | None = None,
+        *,
+        method: str = DEFAULT_RESELECT_METHOD,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Selection:
+        """Run a new selection round with the latest proxy (`update_proxy`), on the server or here
+        beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
+
+        method, options: a selector of `nearstore.selectors` and its parameters.
+        keep: default the current selection's share; seed: default the round number.
+        """
         keep = keep if keep is not None else len(self.ids) / self.num_samples
         seed = seed if seed is not None else self.round + 1
         if self.server is not None:
-            selection = self.server.select(keep=keep, method=method, seed=seed)
-        elif method in ("sage", "random"):
-            if method == "sage":
-                selection = sage_select(self.dataset, keep, seed=seed, proxy=self._proxy)
-            else:
-                selection = random_select(self.dataset, keep, seed=seed)
-            selection = dataclasses.replace(selection, round=self.round + 1)
+            selection = self.server.select(keep=keep, method=method, seed=seed, options=options)
         else:
-            raise ValueError(f"method must be 'sage' or 'random', got {method!r}")
+            selector = make_selector(method, **options)
+            selection = selector.select(self.dataset, keep, proxy=self._proxy, seed=seed)
+            selection = dataclasses.replace(selection, round=self.round + 1)
         self._use(selection)
         return selection
 

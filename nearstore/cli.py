@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nearstore import sources
 from nearstore.dataset import open_dataset, write_dataset
-from nearstore.scan import random_select, sage_select
+from nearstore.selectors import DEFAULT_METHOD, SELECTORS, make_selector
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,13 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     select = commands.add_parser("select", help="run the storage-side scan and save a Selection")
     select.add_argument("url", help="dataset URL")
     select.add_argument("out", help="where to save the selection (.npz)")
-    select.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
-    select.add_argument("--method", choices=["sage", "random"], default="sage")
-    select.add_argument("--ell", type=int, default=64, help="SAGE: sketch rows")
-    select.add_argument(
-        "--global", dest="class_balanced", action="store_false", help="rank all samples together instead of per class"
-    )
-    select.add_argument("--seed", type=int, default=0)
+    _selector_arguments(select)
 
     serve = commands.add_parser(
         "serve", help="run beside the data: select, then stream the selected samples to trainers (Arrow Flight)"
@@ -62,9 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8815)
     serve.add_argument("--name", help="dataset name in grpc://host:port/NAME (default: the store's name)")
     serve.add_argument("--selection", help="serve this saved selection as round 0 instead of scanning")
-    serve.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
-    serve.add_argument("--method", choices=["sage", "random"], default="sage")
-    serve.add_argument("--seed", type=int, default=0)
+    _selector_arguments(serve)
     serve.add_argument("--model", help="module:factory of the trainer's model, to accept its weights as the proxy")
 
     info = commands.add_parser("info", help="describe a dataset or a saved selection")
@@ -124,14 +116,36 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selector_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
+    parser.add_argument("--method", choices=sorted(SELECTORS), default=DEFAULT_METHOD)
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a selector parameter, e.g. ell=16 or class_balanced=false (VALUE read as JSON)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _options(pairs: list[str]) -> dict[str, object]:
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--option takes NAME=VALUE, got {pair!r}")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
 def _select(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.url)
-    if args.method == "sage":
-        selection = sage_select(
-            dataset, args.keep, ell=args.ell, class_balanced=args.class_balanced, seed=args.seed, progress=True
-        )
-    else:
-        selection = random_select(dataset, args.keep, seed=args.seed, class_balanced=args.class_balanced)
+    selector = make_selector(args.method, **_options(args.option))
+    selection = selector.select(dataset, args.keep, seed=args.seed, progress=True)
     selection.save(args.out)
     print(
         f"selected {len(selection)} of {dataset.num_samples} samples ({selection.keep:.1%}); "
@@ -153,6 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
         selection=Selection.load(args.selection) if args.selection else None,
         keep=args.keep,
         method=args.method,
+        options=_options(args.option),
         seed=args.seed,
         model=args.model,
         progress=True,

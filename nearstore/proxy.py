@@ -121,7 +121,9 @@ class ModelProxy:
     """The trainer's model as the proxy (NeSSA's feedback): h is the input of its last
     `nn.Linear`, and g = (softmax(z) − onehot(y)) ⊗ [h, 1] that layer's per-example gradient.
 
-    The model runs in eval mode, without gradients, in chunks of `batch_size` samples.
+    The model runs in eval mode, without gradients, in chunks of `batch_size` samples, on the
+    stored samples as they are (integer samples cast to float32): preprocessing the trainer does
+    in a loader transform belongs in the model's first layer for its proxy to see the same input.
     """
 
     def __init__(self, model: torch.nn.Module, *, batch_size: int = 4096, device: torch.device | str = "cpu") -> None:
@@ -141,6 +143,8 @@ class ModelProxy:
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """Last-layer gradient embeddings, shape (n, num_classes · (in_features + 1))."""
         inputs = torch.as_tensor(np.asarray(x), device=self.device)
+        if not inputs.is_floating_point():
+            inputs = inputs.float()
         labels = torch.as_tensor(np.asarray(y), device=self.device).long().reshape(-1)
         if len(labels) != len(inputs):
             raise ValueError(f"got {len(labels)} labels for {len(inputs)} samples")

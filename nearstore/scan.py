@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from nearstore.reader import SelectiveReader
 from nearstore.selection import Selection
 
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]
+Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor]
 
 
 def sage_select(
@@ -42,21 +44,15 @@ def sage_select(
         from randomly chosen shards, which pass 1 then reuses instead of reading them again.
     """
     _check_keep(keep)
-    labels = _label_array(dataset, "SAGE scores per-example gradients, which")
-    input_array = input_array or _input_array(dataset)
-    reader = SelectiveReader(dataset, [input_array, labels])
     started = time.perf_counter()
-    warm: dict[int, dict[str, np.ndarray]] = {}
-    if proxy is None:
-        proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
+    scan = Scan.open(dataset, "SAGE", proxy, input_array, warmup_samples, seed, device)
+    proxy, reader = scan.proxy, scan.reader
     num_classes = proxy.num_classes if class_balanced else 1
 
     sketches = [FrequentDirections(ell, proxy.embedding_dim, device=device) for _ in range(num_classes)]
     sums = torch.zeros(num_classes, proxy.embedding_dim, dtype=torch.float64, device=device)
     counts = np.zeros(num_classes, dtype=np.int64)
-    for _, groups, embeddings in _embed(
-        _shards(reader, warm, progress, "SAGE pass 1/2"), proxy, input_array, labels, class_balanced
-    ):
+    for _, groups, embeddings in scan.embeddings(progress, "SAGE pass 1/2", class_balanced):
         for group, rows in groups.items():
             members = embeddings[rows]
             sketches[group].update(members)
@@ -68,9 +64,7 @@ def sage_select(
     consensus = [(sums[c] / max(1, counts[c])).float() for c in range(num_classes)]
     total_k = [max(1, round(keep * n)) if n else 0 for n in counts]
     tops = [StreamingTopK(k) for k in total_k]
-    for ids, groups, embeddings in _embed(
-        _shards(reader, {}, progress, "SAGE pass 2/2"), proxy, input_array, labels, class_balanced
-    ):
+    for ids, groups, embeddings in scan.embeddings(progress, "SAGE pass 2/2", class_balanced):
         for group, rows in groups.items():
             scores = agreement_scores(embeddings[rows], bases[group], consensus[group])
             tops[group].push(scores.cpu(), torch.from_numpy(ids[rows]))
@@ -91,7 +85,7 @@ def sage_select(
             "class_balanced": class_balanced,
             "seed": seed,
             "proxy": type(proxy).__name__,
-            "input_array": input_array,
+            "input_array": scan.input_array,
         },
         io=_scan_io(reader, started, passes=2, first_pass=pass1),
     )
@@ -126,6 +120,44 @@ def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balance
     )
 
 
+@dataclass
+class Scan:
+    """What every streaming selection starts from: a reader of the input and label arrays and a
+    fitted proxy (with the warm-up shards it was fitted on, not to be read again)."""
+
+    reader: SelectiveReader
+    proxy: Proxy
+    input_array: str
+    labels: str
+    warm: dict[int, dict[str, np.ndarray]]
+
+    @classmethod
+    def open(
+        cls,
+        dataset: Dataset,
+        who: str,
+        proxy: Proxy | None,
+        input_array: str | None,
+        warmup_samples: int,
+        seed: int,
+        device: torch.device | str,
+    ) -> Scan:
+        labels = _label_array(dataset, f"{who} scores per-example gradients, which")
+        input_array = input_array or _input_array(dataset)
+        reader = SelectiveReader(dataset, [input_array, labels])
+        warm: dict[int, dict[str, np.ndarray]] = {}
+        if proxy is None:
+            proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
+        else:
+            _check_proxy(dataset, proxy)
+        return cls(reader, proxy, input_array, labels, warm)
+
+    def embeddings(self, progress: bool, desc: str, class_balanced: bool = True) -> Iterator[Embedded]:
+        """Every shard once: (ids, {group: rows}, gradient embeddings)."""
+        shards = _shards(self.reader, self.warm, progress, desc)
+        return _embed(shards, self.proxy, self.input_array, self.labels, class_balanced)
+
+
 def _shards(
     reader: SelectiveReader, warm: dict[int, dict[str, np.ndarray]], progress: bool, desc: str
 ) -> Iterator[Batch]:
@@ -137,7 +169,7 @@ def _shards(
 
 def _embed(
     batches: Iterable[Batch], proxy: Proxy, input_array: str, labels: str, class_balanced: bool
-) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor]]:
+) -> Iterator[Embedded]:
     """Stage 2: gradient embeddings of a batch, with the rows of each group (class, or all)."""
     for ids, batch in batches:
         x, y = batch[input_array], batch[labels]
@@ -177,6 +209,11 @@ def _check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if bad.any():
         raise ValueError(f"sample {int(ids[bad][0])} of array {name!r} contains NaN or inf; the proxy cannot score it")
+
+
+def _check_proxy(dataset: Dataset, proxy: Proxy) -> None:
+    if dataset.num_classes and proxy.num_classes < dataset.num_classes:
+        raise ValueError(f"the proxy scores {proxy.num_classes} classes, {dataset.url!r} has {dataset.num_classes}")
 
 
 def _check_keep(keep: float) -> None:

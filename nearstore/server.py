@@ -9,7 +9,7 @@ Wire protocol (all JSON unless noted; `loaders.FlightSource` is the client):
   metadata gives each array's dtype and sample shape.
 - actions: `info` (dataset, current round, I/O counts), `selection` (body `{"round": r}` →
   `Selection.to_bytes()`), `update_proxy` (body: a `torch.save`d state_dict for the server's
-  proxy model → new proxy version), `select` (body: `{"keep", "method", "seed", ...}` → runs a
+  proxy model → new proxy version), `select` (body: `{"keep", "method", "options", "seed"}` → runs a
   new round, answers like `info`).
 
 A shared-secret token (`authorization: Bearer <token>`) is required when the server listens
@@ -40,12 +40,11 @@ from nearstore.dataset import Dataset
 from nearstore.iostats import IOStats
 from nearstore.proxy import ModelProxy
 from nearstore.reader import SelectiveReader
-from nearstore.scan import random_select, sage_select
 from nearstore.selection import Selection
+from nearstore.selectors import DEFAULT_METHOD, make_selector
 
 log = logging.getLogger("nearstore")
 
-METHODS = ("sage", "random")
 MAX_TICKET_BYTES = 8 << 20
 MAX_REQUEST_SAMPLES = 65_536
 MAX_PROXY_BYTES = 1 << 30
@@ -55,7 +54,8 @@ ROUNDS_KEPT = 2  # a trainer mid-epoch finishes on the round it started while an
 class NearStoreServer(flight.FlightServerBase):
     """Serve one dataset's selected samples over Arrow Flight (grpc://host:port/name).
 
-    selection: the round-0 selection; without one the server runs `method` with `keep` itself
+    selection: the round-0 selection; without one the server runs the selector `method` (with
+        `options`, see `nearstore.selectors`) with `keep` itself
         before it starts listening.
     model: `module:factory` (or a callable) building the trainer's model architecture: pushed
         proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only.
@@ -72,7 +72,8 @@ class NearStoreServer(flight.FlightServerBase):
         token: str | None = None,
         selection: Selection | None = None,
         keep: float = 0.25,
-        method: str = "sage",
+        method: str = DEFAULT_METHOD,
+        options: dict[str, Any] | None = None,
         seed: int = 0,
         model: str | Callable[[], torch.nn.Module] | None = None,
         progress: bool = False,
@@ -89,10 +90,10 @@ class NearStoreServer(flight.FlightServerBase):
         self.proxy_version = 0
         self._lock = threading.Lock()  # the reader's caches and the rounds change under it
         self._rounds: dict[int, Selection] = {}
-        first = selection if selection is not None else self._run_round(keep=keep, method=method, seed=seed)
-        if selection is not None:
-            selection.check_dataset(dataset)
-        self._keep_round(first)
+        if selection is None:
+            selection = self._run_round(keep=keep, method=method, options=dict(options or {}), seed=seed)
+        selection.check_dataset(dataset)
+        self._keep_round(selection)
         middleware = {"token": _TokenCheck(token)} if token else {}
         super().__init__(f"grpc://{host}:{port}", middleware=middleware)
         self.host = host
@@ -198,12 +199,16 @@ class NearStoreServer(flight.FlightServerBase):
 
     def _select(self, body: bytes) -> bytes:
         request = _parse(body, MAX_TICKET_BYTES, "select request") if body else {}
-        unknown = set(request) - {"keep", "method", "seed"}
+        unknown = set(request) - {"keep", "method", "options", "seed"}
         if unknown:
-            raise ValueError(f"select takes keep, method and seed; got unknown {sorted(unknown)}")
+            raise ValueError(f"select takes keep, method, options and seed; got unknown {sorted(unknown)}")
+        options = request.get("options") or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"select options must be a JSON object, got {type(options).__name__}")
         selection = self._run_round(
             keep=float(request.get("keep", self.current.keep)),
             method=str(request.get("method", self.current.method)),
+            options=options,
             seed=int(request.get("seed", self.current.round + 1)),
         )
         self._keep_round(selection)
@@ -211,15 +216,11 @@ class NearStoreServer(flight.FlightServerBase):
 
     # Rounds ----------------------------------------------------------------------------------
 
-    def _run_round(self, *, keep: float, method: str, seed: int) -> Selection:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    def _run_round(self, *, keep: float, method: str, options: dict[str, Any], seed: int) -> Selection:
+        selector = make_selector(method, **options)
         next_round = max(self._rounds, default=-1) + 1
-        log.info("selection round %d: %s, keep %.3f, proxy version %d", next_round, method, keep, self.proxy_version)
-        if method == "random":
-            selection = random_select(self.dataset, keep, seed=seed)
-        else:
-            selection = sage_select(self.dataset, keep, seed=seed, proxy=self._proxy, progress=self.progress)
+        log.info("selection round %d: %s, keep %.3f, proxy version %d", next_round, selector, keep, self.proxy_version)
+        selection = selector.select(self.dataset, keep, proxy=self._proxy, seed=seed, progress=self.progress)
         return replace(selection, round=next_round, params={**selection.params, "proxy_version": self.proxy_version})
 
     def _keep_round(self, selection: Selection) -> None:

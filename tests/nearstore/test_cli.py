@@ -21,7 +21,7 @@ def test_convert_select_and_info_on_digits(tmp_path, capsys, fingerprint):
 
     before = fingerprint(store)
     out = str(tmp_path / "sel.npz")
-    assert main(["select", store, out, "--keep", "0.1", "--ell", "16"]) == 0
+    assert main(["select", store, out, "--keep", "0.1", "--option", "ell=16"]) == 0
     per_class = np.bincount(dataset.labels[:])
     expected = int(sum(round(0.1 * n) for n in per_class))  # class-balanced: keep × n_c per class
     assert f"selected {expected} of 1797 samples" in capsys.readouterr().out

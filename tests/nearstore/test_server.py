@@ -87,7 +87,7 @@ def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
     loader = StreamingLoader(served.url, batch_size=128, backend="torch", device="cpu")
     first = loader.round
     loader.update_proxy(model)
-    selection = loader.reselect(0.2, seed=4)
+    selection = loader.reselect(0.2, method="sage", seed=4)
 
     assert selection.round == first + 1 == loader.round
     assert selection.params["proxy"] == "ModelProxy" and selection.params["proxy_version"] >= 1

@@ -1,0 +1,327 @@
+"""Selectors: the rule that turns streamed gradient embeddings into a `Selection`.
+
+Every selector runs beside the data on what the scan streams (shards → proxy → gradient
+embeddings) and returns a `Selection` with weights. SAGE scores in two passes against a sketch;
+the windowed selectors (GRAFT, CRAIG) decide per window of one class's samples, so their memory is
+one window per class whatever N is; CREST scores every sample once and then draws its coreset from
+a random pool of the samples the proxy has not learned yet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kernels import facility_location, gradient_residuals, maxvol
+from nearstore.dataset import Dataset
+from nearstore.proxy import Proxy
+from nearstore.reader import SelectiveReader
+from nearstore.scan import (
+    Scan,
+    _check_finite,
+    _check_keep,
+    _check_proxy,
+    _input_array,
+    _label_array,
+    _scan_io,
+    random_select,
+    sage_select,
+)
+from nearstore.selection import Selection
+
+# A window's choice: rows of the window, their weights and scores.
+Pick = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class Selector(ABC):
+    """A selection method with its parameters; `select` runs it over a dataset."""
+
+    method: ClassVar[str]
+
+    @abstractmethod
+    def select(
+        self,
+        dataset: Dataset,
+        keep: float,
+        *,
+        proxy: Proxy | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> Selection:
+        """Select about round(keep · N) samples of `dataset`.
+
+        proxy: what embeds samples (the trainer's model as a `ModelProxy`, for re-selection);
+            default a RandomFeatureProxy fitted on warm-up shards.
+        """
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Random(Selector):
+    """Uniformly random samples (per class when class_balanced): the baseline to beat."""
+
+    method: ClassVar[str] = "random"
+    class_balanced: bool = False
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+        return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)
+
+
+@dataclass(frozen=True)
+class Sage(Selector):
+    """SAGE: FD sketch of gradients (pass 1), agreement with the consensus (pass 2)."""
+
+    method: ClassVar[str] = "sage"
+    ell: int = 64
+    class_balanced: bool = True
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+        return sage_select(
+            dataset,
+            keep,
+            ell=self.ell,
+            class_balanced=self.class_balanced,
+            proxy=proxy,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+
+
+@dataclass(frozen=True)
+class Graft(Selector):
+    """GRAFT: per window of one class's samples, Fast MaxVol on the window's low-rank gradients.
+
+    The window's embeddings G (w × D) are reduced to their top-k left singular directions
+    U_k Σ_k (w × k), and MaxVol picks the k rows spanning them with the largest volume: a diverse
+    subset covering the window's dominant gradient subspace. With `tolerance`, k is the smallest
+    rank (up to the budget) whose picks approximate the window's mean gradient ḡ:
+    ‖ḡ − P_S ḡ‖ ≤ tolerance · ‖ḡ‖, P_S the projection on the picked gradients' span.
+    """
+
+    method: ClassVar[str] = "graft"
+    window: int = 512
+    tolerance: float | None = None
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+        return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window)
+
+    def _pick(self, embeddings: torch.Tensor, k: int) -> Pick:
+        g = embeddings.double()
+        if k > min(g.shape):
+            raise ValueError(
+                f"GRAFT: a window's budget of {k} samples exceeds the rank its {tuple(g.shape)} gradients can have; "
+                "use a smaller window or a proxy with a wider embedding"
+            )
+        # G = U Σ Vᵀ from the w × w Gram matrix G Gᵀ = U Σ² Uᵀ: far cheaper than an SVD of a wide G.
+        eigenvalues, eigenvectors = torch.linalg.eigh(g @ g.T)
+        s = eigenvalues.flip(0).clamp_min(0).sqrt()
+        u = eigenvectors.flip(1)
+        rank = k if self.tolerance is None else _smallest_rank(g, u, s, k, self.tolerance)
+        rows = maxvol((u[:, :rank] * s[:rank]).float(), rank).cpu().numpy()
+        return rows, np.ones(len(rows), dtype=np.float32), np.full(len(rows), np.nan, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Craig(Selector):
+    """CRAIG: per window of one class's samples, the k medoids of their gradient embeddings by
+    facility location (lazy greedy), each weighted by the size of its cluster.
+
+    Weights are cluster sizes × k / w, so they average 1: a weighted loss keeps its scale, and the
+    weighted subset's gradient approximates the window's full gradient.
+    """
+
+    method: ClassVar[str] = "craig"
+    window: int = 1024
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+        return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window)
+
+    def _pick(self, embeddings: torch.Tensor, k: int) -> Pick:
+        rows, sizes = facility_location(embeddings, k)
+        weights = sizes.double() * k / len(embeddings)
+        return rows.cpu().numpy(), weights.float().cpu().numpy(), np.full(k, np.nan, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Crest(Selector):
+    """CREST as the storage side can run it: per class, a random pool of `pool` × k_c samples is
+    read and embedded by the proxy; those it already classifies with p(y | x) > `confidence` are
+    learned and left out, and k_c samples are drawn uniformly from the rest (topped up with the
+    least confident learned ones when too few remain). Without a proxy (a first round, before the
+    trainer has pushed its model) nothing is learned yet: the draw is class-balanced random and
+    reads only the labels. Only the pools are read, so a round costs pool × keep of a full scan.
+    """
+
+    method: ClassVar[str] = "crest"
+    pool: float = 2.0
+    confidence: float = 0.9
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+        _check_keep(keep)
+        if self.pool < 1:
+            raise ValueError(f"pool must be >= 1 (a multiple of the budget), got {self.pool}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        started = time.perf_counter()
+        label_name = _label_array(dataset, "CREST")
+        labels_reader = SelectiveReader(dataset, [label_name])
+        labels = np.concatenate([labels_reader.read_shard(s)[label_name] for s in range(labels_reader.num_shards)])
+        rng = np.random.default_rng(seed)
+        budgets, pools = {}, {}
+        for c in np.unique(labels).tolist():
+            members = np.flatnonzero(labels == c)
+            budgets[c] = max(1, round(keep * len(members)))  # a class keeps at least one sample
+            size = len(members) if proxy is None else min(len(members), math.ceil(self.pool * budgets[c]))
+            pools[c] = np.sort(rng.choice(members, size, replace=False))
+        confidences, reads = {}, [labels_reader.stats.snapshot()]
+        if proxy is not None:
+            _check_proxy(dataset, proxy)
+            input_array = _input_array(dataset)
+            reader = SelectiveReader(dataset, [input_array])  # the labels are in hand already
+            wanted = np.sort(np.concatenate(list(pools.values())))
+            probability = np.empty(dataset.num_samples, dtype=np.float32)
+            for start in tqdm(range(0, len(wanted), 4096), desc="CREST pool", unit="chunk", disable=not progress):
+                ids = wanted[start : start + 4096]
+                x = reader.read(ids)[input_array]
+                _check_finite(x, ids, input_array)
+                residuals = gradient_residuals(proxy.embed(x, labels[ids]), proxy.num_classes)
+                probability[ids] = (1 + residuals[torch.arange(len(ids)), torch.as_tensor(labels[ids])]).cpu().numpy()
+            confidences = {c: probability[pool] for c, pool in pools.items()}
+            reads.append(reader.stats.snapshot())
+        picks, scores = [], []
+        for c, pool in pools.items():
+            if c not in confidences:
+                chosen = rng.choice(len(pool), budgets[c], replace=False)
+            else:
+                unlearned = np.flatnonzero(confidences[c] <= self.confidence)
+                if len(unlearned) >= budgets[c]:
+                    chosen = rng.choice(unlearned, budgets[c], replace=False)
+                else:  # too few left to learn: the least confident of the learned fill the budget
+                    learned = np.argsort(confidences[c], kind="stable")[len(unlearned) :]
+                    chosen = np.concatenate([unlearned, learned[: budgets[c] - len(unlearned)]])
+            picks.append(pool[chosen])
+            scores.append(confidences[c][chosen] if c in confidences else np.full(len(chosen), np.nan))
+        ids = np.concatenate(picks)
+        order = np.argsort(ids)
+        return Selection(
+            dataset=dataset.identity(),
+            ids=ids[order],
+            weights=np.ones(len(ids), dtype=np.float32),
+            scores=np.concatenate(scores)[order],
+            method=self.method,
+            params={"keep": keep, "seed": seed, "proxy": type(proxy).__name__ if proxy else None, **self.params()},
+            io={
+                "bytes": sum(r.bytes for r in reads),
+                "requests": sum(r.requests for r in reads),
+                "first_pass_bytes": reads[0].bytes,
+                "seconds": time.perf_counter() - started,
+                "passes": 1,
+            },
+        )
+
+
+def _windowed(
+    selector: Selector,
+    dataset: Dataset,
+    keep: float,
+    pick: Callable[[torch.Tensor, int], Pick],
+    proxy: Proxy | None,
+    seed: int,
+    device: torch.device | str,
+    progress: bool,
+    window: int,
+) -> Selection:
+    """Stream gradient embeddings once; per class, cut them into windows of `window` samples and
+    keep `pick(window, k)`. A class keeps round(keep · n_c) samples in all (at least one): window
+    budgets are the differences of the rounded running totals, so they add up exactly."""
+    _check_keep(keep)
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    started = time.perf_counter()
+    scan = Scan.open(dataset, selector.method, proxy, None, 4096, seed, device)
+    pending: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
+    seen: dict[int, int] = {}
+    chosen: list[Pick] = []
+
+    kept: dict[int, int] = {}
+
+    def flush(group: int, size: int, last: bool) -> None:
+        ids = np.concatenate([i for i, _ in pending[group]])
+        embeddings = torch.cat([e for _, e in pending[group]])
+        before, after = seen.get(group, 0), seen.get(group, 0) + size
+        k = round(keep * after) - round(keep * before)
+        if last and not kept.get(group) and not k:
+            k = 1  # a class too small for its budget keeps one sample rather than vanish
+        if k:
+            rows, weights, scores = pick(embeddings[:size], min(k, size))
+            chosen.append((ids[rows], weights, scores))
+        seen[group], kept[group] = after, kept.get(group, 0) + k
+        pending[group] = [(ids[size:], embeddings[size:])] if size < len(ids) else []
+
+    for ids, groups, embeddings in scan.embeddings(progress, f"{selector.method} pass 1/1"):
+        for group, rows in groups.items():
+            pending.setdefault(group, []).append((ids[rows], embeddings[rows]))
+            # A full window waits for the next sample of its class: the last window is never empty.
+            while sum(len(i) for i, _ in pending[group]) > window:
+                flush(group, window, last=False)
+    for group, parts in pending.items():
+        flush(group, sum(len(i) for i, _ in parts), last=True)
+
+    ids = np.concatenate([c[0] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64)
+    order = np.argsort(ids)
+    return Selection(
+        dataset=dataset.identity(),
+        ids=ids[order],
+        weights=np.concatenate([c[1] for c in chosen])[order],
+        scores=np.concatenate([c[2] for c in chosen])[order],
+        method=selector.method,
+        params={"keep": keep, "seed": seed, "proxy": type(scan.proxy).__name__, **selector.params()},
+        io=_scan_io(scan.reader, started, passes=1, first_pass=scan.reader.stats.snapshot()),
+    )
+
+
+def _smallest_rank(g: torch.Tensor, u: torch.Tensor, s: torch.Tensor, budget: int, tolerance: float) -> int:
+    """GRAFT's subset size: the smallest rank r ≤ budget whose MaxVol rows approximate the mean
+    gradient within `tolerance` (relative), by bisection (the error falls as r grows, as a rule);
+    the budget when even it does not."""
+    mean = g.mean(0)
+    norm = mean.norm().clamp_min(1e-30)
+
+    def good(rank: int) -> bool:
+        basis = torch.linalg.qr(g[maxvol((u[:, :rank] * s[:rank]).float(), rank)].T).Q
+        return bool((mean - basis @ (basis.T @ mean)).norm() <= tolerance * norm)
+
+    low, high = 1, budget
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if good(middle) else (middle + 1, high)
+    return low
+
+
+SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
+# The first round of a server started without a selection, and what `nearstore select` runs.
+DEFAULT_METHOD = "sage"
+# What re-selection with the trainer's model runs (`StreamingLoader.reselect`): measured in bench/selection_quality.py.
+DEFAULT_RESELECT_METHOD = "crest"
+
+
+def make_selector(method: str, **options: Any) -> Selector:
+    """The selector named `method` with its options, e.g. make_selector("craig", window=512)."""
+    if method not in SELECTORS:
+        raise ValueError(f"method must be one of {sorted(SELECTORS)}, got {method!r}")
+    try:
+        return SELECTORS[method](**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for {method!r}: {e}") from e
