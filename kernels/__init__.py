@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels.agreement import agreement_scores, sketch_basis
+from kernels.agreement import agreement_scores, residual_scores, sketch_basis
 from kernels.facility_location import facility_location
 from kernels.frequent_directions import FrequentDirections
 from kernels.gradients import gradient_residuals, last_layer_gradients
@@ -17,5 +17,6 @@ __all__ = [
     "gradient_residuals",
     "last_layer_gradients",
     "maxvol",
+    "residual_scores",
     "sketch_basis",
 ]

@@ -62,3 +62,23 @@ def agreement_scores(embeddings: torch.Tensor, basis: torch.Tensor, consensus: t
     # A zero row stays zero after the clamped division, hence scores 0 rather than NaN.
     unit = projected / projected.norm(dim=1, keepdim=True).clamp_min(tiny)
     return (unit @ (centre / centre_norm)).clamp(-1, 1)
+
+
+def residual_scores(embeddings: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Share of each embedding outside the sketch subspace, in [0, 1], shape (n,).
+
+        score_i = ‖g_i − Vᵀ V g_i‖ / ‖g_i‖
+
+    High for gradients the sketch represents badly (rare directions): the diversity-aware
+    counterpart of agreement. A zero row scores 0.
+    """
+    if embeddings.ndim != 2 or basis.ndim != 2 or basis.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"embeddings (n, D) and basis (r, D) must share D, got {tuple(embeddings.shape)} and {tuple(basis.shape)}"
+        )
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("embeddings contains NaN or inf")
+    basis = basis.to(embeddings)
+    outside = embeddings - (embeddings @ basis.T) @ basis
+    norms = embeddings.norm(dim=1)
+    return (outside.norm(dim=1) / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(0, 1)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernels import FrequentDirections, StreamingTopK, agreement_scores, sketch_basis
+from kernels import FrequentDirections, StreamingTopK, agreement_scores, residual_scores, sketch_basis
 from nearstore.dataset import Dataset
 from nearstore.iostats import IOStats
 from nearstore.proxy import Proxy, RandomFeatureProxy
@@ -28,6 +29,7 @@ def sage_select(
     *,
     ell: int = 64,
     class_balanced: bool = True,
+    score: Literal["agreement", "residual"] = "agreement",
     proxy: Proxy | None = None,
     input_array: str | None = None,
     warmup_samples: int = 4096,
@@ -40,10 +42,15 @@ def sage_select(
     Pass 1 feeds each sample's gradient embedding g_i to a Frequent Directions sketch B (one per
     class when class_balanced) and sums the consensus ḡ; pass 2 scores cos(V g_i, V ḡ), V the
     sketch's row space, and keeps the top scores (per class: max(1, round(keep · n_c))).
+    score: "agreement" (the paper's: typical, consensus-aligned samples) or "residual", the
+        diversity-aware variant: the share of g_i outside the sketch, ‖g_i − VᵀV g_i‖ / ‖g_i‖
+        (samples in directions the sketch keeps least of).
     proxy: a fitted proxy; by default a RandomFeatureProxy fitted on `warmup_samples` samples
         from randomly chosen shards, which pass 1 then reuses instead of reading them again.
     """
     _check_keep(keep)
+    if score not in ("agreement", "residual"):
+        raise ValueError(f"score must be 'agreement' or 'residual', got {score!r}")
     started = time.perf_counter()
     scan = Scan.open(dataset, "SAGE", proxy, input_array, warmup_samples, seed, device)
     proxy, reader = scan.proxy, scan.reader
@@ -66,7 +73,10 @@ def sage_select(
     tops = [StreamingTopK(k) for k in total_k]
     for ids, groups, embeddings in scan.embeddings(progress, "SAGE pass 2/2", class_balanced):
         for group, rows in groups.items():
-            scores = agreement_scores(embeddings[rows], bases[group], consensus[group])
+            if score == "agreement":
+                scores = agreement_scores(embeddings[rows], bases[group], consensus[group])
+            else:
+                scores = residual_scores(embeddings[rows], bases[group])
             tops[group].push(scores.cpu(), torch.from_numpy(ids[rows]))
 
     results = [top.result() for top in tops]
@@ -83,6 +93,7 @@ def sage_select(
             "keep": keep,
             "ell": ell,
             "class_balanced": class_balanced,
+            "score": score,
             "seed": seed,
             "proxy": type(proxy).__name__,
             "input_array": scan.input_array,

@@ -80,11 +80,13 @@ class Random(Selector):
 
 @dataclass(frozen=True)
 class Sage(Selector):
-    """SAGE: FD sketch of gradients (pass 1), agreement with the consensus (pass 2)."""
+    """SAGE: FD sketch of gradients (pass 1), then the top scores (pass 2): agreement with the
+    consensus, or the share outside the sketch (score="residual", diversity-aware); see sage_select."""
 
     method: ClassVar[str] = "sage"
     ell: int = 64
     class_balanced: bool = True
+    score: str = "agreement"
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
         return sage_select(
@@ -92,6 +94,7 @@ class Sage(Selector):
             keep,
             ell=self.ell,
             class_balanced=self.class_balanced,
+            score=self.score,
             proxy=proxy,
             seed=seed,
             device=device,

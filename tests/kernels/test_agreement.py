@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import FrequentDirections, agreement_scores, last_layer_gradients, sketch_basis
+from kernels import FrequentDirections, agreement_scores, last_layer_gradients, residual_scores, sketch_basis
 
 
 def brute_force_scores(g: np.ndarray, v: np.ndarray, consensus: np.ndarray) -> np.ndarray:
@@ -144,3 +144,22 @@ def test_score_input_errors(
 def test_basis_errors(sketch: torch.Tensor, k: int | None, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sketch_basis(sketch, k)
+
+
+def test_residual_scores_match_the_projection_off_the_subspace(device):
+    generator = torch.Generator().manual_seed(5)
+    g = torch.randn(30, 12, generator=generator, dtype=torch.float64)
+    g[3] = 0
+    basis = torch.linalg.qr(torch.randn(12, 4, generator=generator, dtype=torch.float64)).Q.T  # (4, 12) orthonormal
+    g[7] = 2.5 * basis[1]  # inside the subspace
+    scores = residual_scores(g.to(device), basis.to(device)).cpu()
+    expected = torch.tensor(
+        [
+            np.linalg.norm(row - basis.T.numpy() @ (basis.numpy() @ row)) / (np.linalg.norm(row) or 1)
+            for row in g.numpy()
+        ]
+    )
+    torch.testing.assert_close(scores, expected)
+    assert scores[3] == 0 and scores[7] < 1e-12
+    with pytest.raises(ValueError, match="must share D"):
+        residual_scores(g, basis[:, :5])

@@ -187,3 +187,18 @@ def test_every_method_is_registered_and_random_is_the_baseline(blobs):
     assert make_selector("craig", window=64) == Craig(window=64)
     balanced = Random(class_balanced=True).select(dataset, 0.1)
     assert np.bincount(y[balanced.ids]).tolist() == [30, 12, 1]
+
+
+def test_sage_residual_prefers_gradients_the_sketch_keeps_least_of(blobs):
+    dataset, x, y, proxy = blobs
+    selection = Sage(ell=4, score="residual").select(dataset, 0.2, proxy=proxy)
+    assert selection.params["score"] == "residual"
+    for c in range(2):  # class 2 is too small to tell
+        members = np.flatnonzero(y == c)
+        g = proxy.embed(x[members], y[members]).double()
+        top = torch.linalg.svd(g, full_matrices=False).Vh[:4]  # the exact rank-4 subspace FD approximates
+        share = ((g - g @ top.T @ top).norm(dim=1) / g.norm(dim=1)).numpy()
+        chosen = np.isin(members, selection.ids)
+        assert share[chosen].mean() > share[~chosen].mean() + 0.05
+    with pytest.raises(ValueError, match="score must be 'agreement' or 'residual'"):
+        Sage(score="loss").select(dataset, 0.2, proxy=proxy)
