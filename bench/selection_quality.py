@@ -1,0 +1,309 @@
+"""Does selection teach more per sample than a random subset of the same size? Measured.
+
+    python bench/selection_quality.py [--datasets mnist1d digits] [--budgets 0.05 0.1 0.25 0.5]
+                                      [--seeds 0 1 2] [--methods ...] [--epochs 15] [--out bench/results]
+
+Every run trains the same model from the StreamingLoader (torch backend) for the same number of
+epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
+- full: all samples, the ceiling; random, random-balanced: uniform subsets (per class);
+- sage, graft, craig: one selection before training, by the model-free proxy beside the data;
+- crest-dynamic, random-dynamic: a new round every `--every` epochs; crest-dynamic pushes the
+  trainer's model as the proxy (`update_proxy`) and the round runs CREST; its first round, with
+  no model yet, is class-balanced random. Re-selection time and scan bytes are counted.
+`--equal-steps` also trains random and crest-dynamic for as many optimizer steps as the full run
+(epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
+seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
+against one full-data epoch. Writes selection_quality.json and selection_quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loaders import StreamingLoader  # noqa: E402
+from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
+from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
+from nearstore.selection import Selection  # noqa: E402
+from nearstore.selectors import make_selector  # noqa: E402
+from nearstore.sources import digits_batches  # noqa: E402
+
+STATIC = {
+    "random": ("random", {}),
+    "random-balanced": ("random", {"class_balanced": True}),
+    "sage": ("sage", {}),
+    "sage-residual": ("sage", {"score": "residual"}),
+    "graft": ("graft", {}),
+    "craig": ("craig", {}),
+}
+DYNAMIC = {"crest-dynamic": "crest", "random-dynamic": "random"}
+METHODS = ["full", *STATIC, *DYNAMIC]
+BATCH = 128
+
+
+@dataclass
+class Run:
+    dataset: str
+    method: str
+    keep: float
+    seed: int
+    epochs: int
+    accuracy: float
+    curve: list[float]
+    seconds: float
+    epoch_seconds: list[float]
+    clock: list[float]
+    selection_seconds: list[float]
+    scan_bytes: int
+    shipped_bytes: int
+    distinct_samples: int
+    steps: int
+
+
+class Pixels(nn.Module):
+    """The digits' preprocessing inside the model, so its proxy sees what training sees."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().flatten(1) / 16
+
+
+def digits_mlp() -> nn.Module:
+    return nn.Sequential(Pixels(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def datasets(names: list[str], root: Path) -> dict[str, tuple[Dataset, tuple[torch.Tensor, torch.Tensor], object]]:
+    """{name: (train store, in-memory test set, model factory)}."""
+    out = {}
+    if "mnist1d" in names:
+        train = ensure_mnist1d(str(root / "mnist1d-train-50000.zarr"), 50_000, 0)
+        test = ensure_mnist1d(str(root / "mnist1d-test-10000.zarr"), 10_000, 1)
+        out["mnist1d"] = (train, _in_memory(test), mnist1d_cnn)
+    if "digits" in names:
+        url = root / "digits.zarr"
+        if not url.exists():
+            batch = next(digits_batches())
+            order = np.random.default_rng(0).permutation(len(batch["y"]))
+            train, test = order[:1400], order[1400:]
+            write_dataset(str(url), [{k: v[train] for k, v in batch.items()}], shard_samples=256)
+            write_dataset(str(root / "digits-test.zarr"), [{k: v[test] for k, v in batch.items()}])
+        out["digits"] = (open_dataset(str(url)), _in_memory(open_dataset(str(root / "digits-test.zarr"))), digits_mlp)
+    return out
+
+
+def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = next(iter(StreamingLoader(dataset, batch_size=dataset.num_samples, shuffle=False, backend="torch")))
+    return x, y
+
+
+def accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = (model(test[0]).argmax(1) == test[1]).float().mean().item()
+    model.train()
+    return correct
+
+
+def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
+    torch.manual_seed(seed)
+    model = factory()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    started = time.perf_counter()
+    selection_seconds = []
+    if method == "full":
+        selection: Selection | None = None
+    else:
+        # crest-dynamic's first round has no model yet: CREST draws it class-balanced at random.
+        kind, options = STATIC[method] if method in STATIC else (DYNAMIC[method], {})
+        t = time.perf_counter()
+        selection = make_selector(kind, **options).select(store, keep, seed=seed)
+        selection_seconds.append(time.perf_counter() - t)
+    weighted = method == "craig"  # CRAIG's cluster sizes weight each sample's loss
+    loader = StreamingLoader(
+        store, selection, batch_size=BATCH, seed=seed, weights=weighted, backend="torch", device="cpu"
+    )
+    seen = set(loader.ids.tolist())
+    curve, epoch_seconds, clock, steps = [], [], [], 0
+    for epoch in range(epochs):
+        if method in DYNAMIC and epoch and epoch % every == 0:
+            t = time.perf_counter()
+            if method == "crest-dynamic":
+                loader.update_proxy(model)
+            loader.reselect(keep, method=DYNAMIC[method], seed=seed * 1000 + epoch)
+            selection_seconds.append(time.perf_counter() - t)
+            seen |= set(loader.ids.tolist())
+        t = time.perf_counter()
+        loader.set_epoch(epoch)
+        for x, y, *w in loader:
+            optimizer.zero_grad()
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            (losses * w[0] if weighted else losses).mean().backward()
+            optimizer.step()
+            steps += 1
+        epoch_seconds.append(time.perf_counter() - t)
+        clock.append(sum(selection_seconds) + sum(epoch_seconds))  # evaluation excluded
+        curve.append(accuracy(model, test))
+    io = loader.io_stats()
+    return Run(
+        dataset=name,
+        method=method,
+        keep=keep if method != "full" else 1.0,
+        seed=seed,
+        epochs=epochs,
+        accuracy=curve[-1],
+        curve=curve,
+        seconds=time.perf_counter() - started,
+        epoch_seconds=epoch_seconds,
+        clock=clock,
+        selection_seconds=selection_seconds,
+        scan_bytes=io["scan_bytes"],
+        shipped_bytes=io["bytes_read"],
+        distinct_samples=len(seen),
+        steps=steps,
+    )
+
+
+def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
+    """Mean ± std over seeds of each (dataset, method, keep, epochs)."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.dataset, r.method, r.keep, r.epochs), []).append(r)
+    full_epoch = {r.dataset: float(np.mean(r.epoch_seconds[1:] or r.epoch_seconds)) for r in runs if r.method == "full"}
+    rows = []
+    for (dataset, method, keep, epochs), members in groups.items():
+        acc = np.array([r.accuracy for r in members])
+        to_target = [_seconds_to(r, target[dataset]) for r in members]
+        rounds = [s for r in members for s in r.selection_seconds]
+        rows.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "keep": keep,
+                "epochs": epochs,
+                "seeds": len(members),
+                "accuracy_mean": float(acc.mean()),
+                "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "seconds": float(np.mean([r.seconds for r in members])),
+                "seconds_to_target": None if None in to_target else float(np.mean(to_target)),
+                "bytes": float(np.mean([r.scan_bytes + r.shipped_bytes for r in members])),
+                "distinct_samples": float(np.mean([r.distinct_samples for r in members])),
+                "selection_seconds_per_round": float(np.mean(rounds)) if rounds else 0.0,
+                "round_vs_full_epoch": float(np.mean(rounds)) / full_epoch[dataset]
+                if rounds and dataset in full_epoch
+                else None,
+            }
+        )
+    return rows
+
+
+def _seconds_to(run: Run, target: float) -> float | None:
+    """Seconds of selection and training until the test accuracy first reaches target."""
+    return next((t for t, acc in zip(run.clock, run.curve) if acc >= target), None)
+
+
+def report(rows: list[dict]) -> None:
+    print(
+        f"{'dataset':<8} {'method':<16} {'keep':>5} {'ep':>3} {'accuracy':>15} {'vs random':>10} "
+        f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
+    )
+    baseline = {(r["dataset"], r["keep"], r["epochs"]): r for r in rows if r["method"] == "random"}
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["keep"], r["epochs"], r["method"])):
+        base = baseline.get((r["dataset"], r["keep"], r["epochs"]))
+        gap = ""
+        if base and r["method"] != "random":
+            spread = math.hypot(r["accuracy_std"], base["accuracy_std"]) or float("nan")
+            gap = f"{(r['accuracy_mean'] - base['accuracy_mean']) / spread:+.1f}σ"
+        target = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "-"
+        ratio = f"{r['round_vs_full_epoch']:.2f}" if r["round_vs_full_epoch"] is not None else "-"
+        print(
+            f"{r['dataset']:<8} {r['method']:<16} {r['keep']:>5.0%} {r['epochs']:>3} "
+            f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap:>10} {r['seconds']:>6.1f} {target:>8} "
+            f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
+            f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"
+        )
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["dataset"] == name and r["method"] != "full"]
+        epochs = min(r["epochs"] for r in mine)
+        for method in sorted({r["method"] for r in mine}):
+            points = sorted((r["keep"], r["accuracy_mean"], r["accuracy_std"]) for r in mine if r["method"] == method)
+            points = [p for p in points if any(r["epochs"] == epochs for r in mine if r["method"] == method)]
+            keeps, means, stds = zip(*points)
+            ax.errorbar([100 * k for k in keeps], means, yerr=stds, marker="o", capsize=3, label=method)
+        for r in rows:
+            if r["dataset"] == name and r["method"] == "full":
+                ax.axhline(r["accuracy_mean"], color="grey", linestyle=":", label="full data")
+        ax.set(xscale="log", xlabel="keep (%)", ylabel="test accuracy", title=f"{name}, {epochs} epochs")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--every", type=int, default=3, help="dynamic methods: epochs between rounds")
+    parser.add_argument("--equal-steps", action="store_true", help="also train subsets for the full run's steps")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing: summarise every run logged in --out so far"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "selection_quality.runs.jsonl"
+    stores = {} if args.report_only else datasets(args.datasets, args.out / "data")
+    runs: list[Run] = []
+    for name, (store, test, factory) in stores.items():
+        plan = [("full", 1.0, args.epochs)] if "full" in args.methods else []
+        plan += [(m, k, args.epochs) for k in args.budgets for m in args.methods if m != "full"]
+        if args.equal_steps:
+            plan += [(m, k, round(args.epochs / k)) for k in args.budgets for m in ("random", "crest-dynamic")]
+        for method, keep, epochs in plan:
+            for seed in args.seeds:
+                run = train(name, store, test, factory, method, keep, seed, epochs, args.every)
+                runs.append(run)
+                with log.open("a") as f:
+                    f.write(json.dumps(asdict(run)) + "\n")
+                print(f"{name} {method} keep {keep:.0%} epochs {epochs} seed {seed}: {run.accuracy:.2%}", flush=True)
+    if args.report_only:
+        runs = [Run(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+    # Target: 95% of the full-data accuracy (mean over seeds), per dataset.
+    target = {
+        name: 0.95 * float(np.mean([r.accuracy for r in runs if r.dataset == name and r.method == "full"] or [1.0]))
+        for name in {r.dataset for r in runs}
+    }
+    rows = summarize(runs, target)
+    report(rows)
+    meta = {"epochs": args.epochs, "every": args.every, "batch_size": BATCH, "threads": args.threads, "target": target}
+    (args.out / "selection_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    plot(rows, args.out / "selection_quality.png")
+    print(f"wrote {args.out / 'selection_quality.json'} and {args.out / 'selection_quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
