@@ -5,7 +5,7 @@ from __future__ import annotations
 from kernels.agreement import agreement_scores, residual_scores, sketch_basis
 from kernels.facility_location import facility_location
 from kernels.frequent_directions import FrequentDirections
-from kernels.gradients import gradient_residuals, last_layer_gradients
+from kernels.gradients import last_layer_gradients
 from kernels.maxvol import maxvol
 from kernels.topk import StreamingTopK
 
@@ -14,7 +14,6 @@ __all__ = [
     "StreamingTopK",
     "agreement_scores",
     "facility_location",
-    "gradient_residuals",
     "last_layer_gradients",
     "maxvol",
     "residual_scores",

@@ -54,12 +54,3 @@ def last_layer_gradients(
         features = torch.cat([features, features.new_ones(n, 1)], dim=1)
     # softmax underflows to subnormals for confident classes: flushed, they cost nothing downstream.
     return flush_subnormal((residual[:, :, None] * features[:, None, :]).flatten(1))
-
-
-def gradient_residuals(embeddings: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """softmax(z) − onehot(y), shape (n, C), read back from `last_layer_gradients` embeddings
-    (with bias): the bias entry of class c's block is r_c · 1. So p(y | x) = 1 + r_y and the
-    EL2N score is ‖r‖, with no second forward pass."""
-    if embeddings.ndim != 2 or num_classes < 1 or embeddings.shape[1] % num_classes:
-        raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} are not {num_classes} class blocks")
-    return embeddings.reshape(len(embeddings), num_classes, -1)[:, :, -1]

@@ -24,6 +24,8 @@ from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
 from nearstore.selectors import DEFAULT_RESELECT_METHOD, make_selector
 
 Backend = Literal["auto", "dali", "torch"]
+STATE_VERSION = 1
+_ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven")  # fix each epoch's batches
 log = logging.getLogger("nearstore")
 
 
@@ -133,6 +135,8 @@ class StreamingLoader:
         self.prefetch = prefetch
         self.epoch = 0
         self.epochs_completed = 0
+        self.batches_done = 0  # of the epoch being iterated
+        self._resume_at = 0
         self._full_epoch_bytes: int | None = None
         self._epochs: list[dict[str, Any]] = []
         self._proxy: ModelProxy | None = None
@@ -149,7 +153,10 @@ class StreamingLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration follows (as DistributedSampler's)."""
+        """Choose the epoch whose order the next iteration follows (as DistributedSampler's).
+        Setting the epoch a resumed state is in keeps its place; another epoch starts afresh."""
+        if epoch != self.epoch:
+            self._resume_at = 0
         self.epoch = epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -191,6 +198,7 @@ class StreamingLoader:
             selection = selector.select(self.dataset, keep, proxy=self._proxy, seed=seed)
             selection = dataclasses.replace(selection, round=self.round + 1)
         self._use(selection)
+        self._resume_at = 0
         return selection
 
     def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
@@ -208,9 +216,14 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         started, before = time.perf_counter(), self.stats.snapshot()
+        storage_before = self._server_storage_reads()
         order = self.epoch_order(self.epoch)
-        num_batches = len(self)
-        batches = self._prefetched(order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(num_batches))
+        first, self._resume_at = self._resume_at, 0  # > 0 right after load_state_dict mid-epoch
+        self.batches_done = first
+        num_batches = len(self) - first
+        batches = self._prefetched(
+            order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(first, first + num_batches)
+        )
         if self.backend == "dali":
             num_outputs = 1 + bool(self.label_array) + self.with_weights
             tensors = dali_epoch(
@@ -226,9 +239,13 @@ class StreamingLoader:
         for batch in tensors:
             if self.transform is not None:
                 batch = (self.transform(batch[0]), *batch[1:])
+            self.batches_done += 1  # counted as delivered once the trainer holds it
             yield batch
         read = self.stats.snapshot() - before
         self._epochs.append({"epoch": self.epoch, **read.as_dict(), "seconds": time.perf_counter() - started})
+        if self.server is not None:  # what the server read from storage meanwhile, for every trainer it serves
+            storage = self._server_storage_reads()
+            self._epochs[-1]["server_storage"] = {k: storage[k] - storage_before[k] for k in ("bytes", "requests")}
         log.info(
             "epoch %d: %d samples, %.2f MB in %d requests %s (full data: %.2f MB), %.1f s",
             self.epoch,
@@ -241,11 +258,53 @@ class StreamingLoader:
         )
         self.epochs_completed += 1
         self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is, as a StatefulDataLoader's: the epoch, the batches of it already
+        delivered, and the selection being iterated. A loader over the same data, built with the
+        same batch_size, shuffle, seed and rank share, resumes from it with `load_state_dict`."""
+        return {
+            "version": STATE_VERSION,
+            "dataset": self.server.identity if self.server is not None else self.dataset.identity(),
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "epochs_completed": self.epochs_completed,
+            "round": self.round,
+            "ids": self.ids.copy(),
+            "weights": self.sample_weights.copy(),
+            "scan_io": dict(self.scan_io),
+            "order": {name: getattr(self, name) for name in _ORDER},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume where `state_dict()` was taken: the next iteration delivers exactly the batches
+        of that epoch not delivered yet, in the same order, then carries on epoch by epoch."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state_dict version {state.get('version')!r} is not {STATE_VERSION}")
+        identity = self.server.identity if self.server is not None else self.dataset.identity()
+        ours = {k: v for k, v in identity.items() if k != "url"}
+        theirs = {k: v for k, v in state["dataset"].items() if k != "url"}
+        if ours != theirs:
+            raise ValueError(f"state_dict is from dataset {state['dataset'].get('url')!r}, not {self.url!r}")
+        for name, value in state["order"].items():
+            if getattr(self, name) != value:
+                raise ValueError(f"state_dict was taken with {name}={value!r}; this loader has {getattr(self, name)!r}")
+        if self.server is not None and state["round"] != self.round:
+            self.server.selection(state["round"])  # raises if the server no longer holds that round
+        self.ids = np.asarray(state["ids"], dtype=np.int64)
+        self.sample_weights = np.asarray(state["weights"], dtype=np.float32)
+        self.round, self.scan_io = state["round"], dict(state["scan_io"])
+        self.epoch, self.epochs_completed = state["epoch"], state["epochs_completed"]
+        if not 0 <= state["batches_done"] <= len(self):
+            raise ValueError(f"state_dict says {state['batches_done']} batches of {len(self)} were delivered")
+        self.batches_done = self._resume_at = state["batches_done"]
 
     def io_stats(self) -> dict[str, Any]:
         """What crossed the boundary: for the trainer (read from storage, or shipped by the
         server; in total and per completed epoch), for the scans that made the selections, and
-        what reading all data every epoch would cost.
+        what reading all data every epoch would cost. Through a server, also what the server
+        read from storage for samples (`server_storage_reads`, and per epoch `server_storage`).
 
         io_saving = 1 − (scan + trainer bytes) / (full-data bytes × epochs completed).
         """
@@ -263,7 +322,12 @@ class StreamingLoader:
             "scan_requests": self.scan_io.get("requests", 0),
             "full_epoch_bytes": self._full_bytes(),
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
+            **({"server_storage_reads": self._server_storage_reads()} if self.server is not None else {}),
         }
+
+    def _server_storage_reads(self) -> dict[str, int]:
+        """The server's storage reads for samples so far (all trainers); empty without a server."""
+        return self.server.info()["storage_reads"] if self.server is not None else {}
 
     def _full_bytes(self) -> int:
         if self._full_epoch_bytes is None:

@@ -21,6 +21,8 @@ class Proxy(Protocol):
 
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor: ...
 
+    def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor: ...
+
 
 class RandomFeatureProxy:
     """Random ReLU features with a softmax head fitted beside the data.
@@ -96,6 +98,12 @@ class RandomFeatureProxy:
         labels = self._labels(y, len(h))
         return last_layer_gradients(self._with_bias(h) @ self._head, labels, h)
 
+    def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        """p(y | x) under the fitted head, shape (n,)."""
+        logits = self.logits(x)
+        labels = self._labels(y, len(logits))
+        return torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]
+
     def _flatten(self, x: np.ndarray) -> torch.Tensor:
         inputs = torch.as_tensor(np.asarray(x), device=self.device).reshape(len(x), -1).float()
         if not torch.isfinite(inputs).all():
@@ -142,6 +150,16 @@ class ModelProxy:
 
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """Last-layer gradient embeddings, shape (n, num_classes · (in_features + 1))."""
+        logits, features, labels = self._forward(x, y)
+        return last_layer_gradients(logits, labels, features)
+
+    def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        """p(y | x) under the model, shape (n,): one forward pass, no embedding."""
+        logits, _, labels = self._forward(x, y)
+        return torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]
+
+    def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, the last Linear's inputs, labels) of a batch, checked."""
         inputs = torch.as_tensor(np.asarray(x), device=self.device)
         if not inputs.is_floating_point():
             inputs = inputs.float()
@@ -166,4 +184,4 @@ class ModelProxy:
                 f"the model must end in its last nn.Linear: got logits {tuple(logits.shape)} and features "
                 f"{tuple(features.shape)} for {len(inputs)} samples"
             )
-        return last_layer_gradients(logits, labels, features)
+        return logits, features, labels

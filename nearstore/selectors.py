@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernels import facility_location, gradient_residuals, maxvol
+from kernels import facility_location, maxvol
 from nearstore.dataset import Dataset
 from nearstore.proxy import Proxy
 from nearstore.reader import SelectiveReader
@@ -199,8 +199,7 @@ class Crest(Selector):
                 ids = wanted[start : start + 4096]
                 x = reader.read(ids)[input_array]
                 _check_finite(x, ids, input_array)
-                residuals = gradient_residuals(proxy.embed(x, labels[ids]), proxy.num_classes)
-                probability[ids] = (1 + residuals[torch.arange(len(ids)), torch.as_tensor(labels[ids])]).cpu().numpy()
+                probability[ids] = proxy.confidence(x, labels[ids]).cpu().numpy()
             confidences = {c: probability[pool] for c, pool in pools.items()}
             reads.append(reader.stats.snapshot())
         picks, scores = [], []

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import gradient_residuals, last_layer_gradients
+from kernels import last_layer_gradients
 
 
 def autograd_gradients(layer: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,15 +100,3 @@ def test_type_errors() -> None:
         last_layer_gradients(torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 4))
     with pytest.raises(TypeError, match="logits must be a floating point tensor"):
         last_layer_gradients(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), torch.zeros(2, 4))
-
-
-def test_residuals_read_back_from_the_embeddings(device):
-    generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(9, 4, generator=generator, dtype=torch.float64).to(device)
-    labels = torch.randint(0, 4, (9,), generator=generator).to(device)
-    features = torch.randn(9, 6, generator=generator, dtype=torch.float64).to(device)
-    residuals = gradient_residuals(last_layer_gradients(logits, labels, features), 4)
-    expected = torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels, 4)
-    torch.testing.assert_close(residuals, expected)
-    with pytest.raises(ValueError, match="are not 5 class blocks"):
-        gradient_residuals(torch.zeros(9, 28), 5)

@@ -223,3 +223,55 @@ def test_reselect_in_process_with_the_trainers_model(id_store):
     assert loader.io_stats()["scan_bytes"] == selection.io["bytes"] > 0  # the uniform round read nothing
     with pytest.raises(ValueError, match="method must be one of"):
         loader.reselect(method="oracle")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resuming_mid_epoch_delivers_exactly_the_batches_not_delivered(id_store, backend):
+    selection = random_select(id_store, 0.3, seed=1)
+
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, selection, batch_size=64, seed=3, backend=backend, device="cpu")
+
+    reference = make()
+    reference.set_epoch(2)
+    expected = [sample_ids(x) for x, _ in reference] + [sample_ids(x) for x, _ in reference]  # epochs 2 and 3
+
+    interrupted = make()
+    interrupted.set_epoch(2)
+    batches = iter(interrupted)
+    got = [sample_ids(next(batches)[0]) for _ in range(5)]
+    state = interrupted.state_dict()
+    assert state["epoch"] == 2 and state["batches_done"] == 5
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    got += [sample_ids(x) for x, _ in resumed]
+    assert resumed.epoch == 3
+    got += [sample_ids(x) for x, _ in resumed]
+    assert got == expected
+
+
+def test_resuming_keeps_the_reselected_round(id_store):
+    loader = StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=50, backend="torch")
+    loader.reselect(0.1, method="random", seed=5)
+    batches = iter(loader)
+    first = [i for _ in range(2) for i in sample_ids(next(batches)[0])]
+    state = loader.state_dict()
+    restarted = StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=50, backend="torch")
+    restarted.load_state_dict(state)
+    rest = [i for x, _ in restarted for i in sample_ids(x)]
+    assert restarted.round == 1 and len(first + rest) == len(set(first + rest))
+    assert sorted(first + rest) == loader.ids.tolist()
+
+
+def test_a_state_dict_of_other_data_or_another_order_is_refused(id_store, tmp_path):
+    state = StreamingLoader(id_store, batch_size=64, backend="torch").state_dict()
+    with pytest.raises(ValueError, match="state_dict was taken with batch_size=64; this loader has 32"):
+        StreamingLoader(id_store, batch_size=32, backend="torch").load_state_dict(state)
+    with pytest.raises(ValueError, match="state_dict was taken with seed=0"):
+        StreamingLoader(id_store, batch_size=64, seed=1, backend="torch").load_state_dict(state)
+    other = write_dataset(str(tmp_path / "other.zarr"), [{"x": np.zeros((10, 8), np.float32), "y": np.arange(10)}])
+    with pytest.raises(ValueError, match="state_dict is from dataset .*ids.zarr"):
+        StreamingLoader(other, batch_size=64, backend="torch").load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        StreamingLoader(id_store, batch_size=64, backend="torch").load_state_dict({**state, "version": 99})

@@ -108,6 +108,9 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
     proxy = RandomFeatureProxy(3, width=64).fit(x, y)
     assert (proxy.logits(x).argmax(1).numpy() == y).mean() > 0.9
     assert proxy.embed(x[:5], y[:5]).shape == (5, proxy.embedding_dim) == (5, 3 * 65)
+    expected = torch.softmax(proxy.logits(x), 1)[torch.arange(len(y)), torch.from_numpy(y)]
+    torch.testing.assert_close(proxy.confidence(x, y), expected)
+    assert expected.mean() > 0.7  # the fitted head is confident on what it separates
     with pytest.raises(RuntimeError, match="not fitted"):
         RandomFeatureProxy(3).embed(x, y)
     with pytest.raises(ValueError, match="fitted on 6 input features, got 5"):
@@ -132,6 +135,9 @@ def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs)
         loss.backward()
         expected = torch.cat([head.weight.grad, head.bias.grad[:, None]], 1).flatten()
         torch.testing.assert_close(embeddings[i], expected)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.from_numpy(inputs)), 1)[torch.arange(20), torch.from_numpy(y[:20])]
+    torch.testing.assert_close(proxy.confidence(inputs, y[:20]), p)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(the model's outputs\)"):
         proxy.embed(inputs[:2], np.array([0, 5]))
     with pytest.raises(ValueError, match="has none"):

@@ -58,6 +58,10 @@ def test_loader_through_the_server_yields_the_same_batches_as_reading_storage(se
     server_side = FlightSource(served.url).info()
     assert server_side["shipped"]["bytes"] >= shipped["bytes_read"]
     assert server_side["storage_reads"]["samples"] >= len(seen)
+    # the server's storage reads for this epoch: the selected payload, indexes and range overheads
+    epoch = shipped["per_epoch"][0]["server_storage"]
+    assert len(seen) * (8 * 4 + 8) <= epoch["bytes"] <= 1.1 * id_store.stored_nbytes(id_store.sample_arrays)
+    assert epoch["requests"] >= id_store.num_shards and shipped["server_storage_reads"]["bytes"] >= epoch["bytes"]
 
 
 def test_ranks_get_disjoint_equal_shares_whose_union_is_the_selection(served):
