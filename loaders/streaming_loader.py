@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
 from loaders.flight_client import FlightSource, OnDisconnect
@@ -51,7 +53,9 @@ class StreamingLoader:
         otherwise each full pass over the loader advances it by one.
     rank, world_size: this trainer's share of each epoch (as DistributedSampler's): positions
         rank, rank + world_size, ... of the epoch order, padded by wrapping around to equal
-        length (uneven="pad") or cut to it (uneven="drop").
+        length (uneven="pad") or cut to it (uneven="drop"). Default: torch.distributed's when it
+        is initialized (each epoch then checks that every rank iterates the same selection),
+        else one rank.
     weights: also yield each sample's selection weight, batches are then (x, y, w).
     input_array: the array yielded as x (default: the first sample array other than labels).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
@@ -72,8 +76,8 @@ class StreamingLoader:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         uneven: Literal["pad", "drop"] = "pad",
         weights: bool = False,
         input_array: str | None = None,
@@ -92,6 +96,7 @@ class StreamingLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        rank, world_size = _rank_and_world_size(rank, world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
         if uneven not in ("pad", "drop"):
@@ -210,11 +215,27 @@ class StreamingLoader:
         previous = getattr(self, "scan_io", {})
         self.scan_io = {k: previous.get(k, 0) + io.get(k, 0) for k in ("bytes", "requests")}
 
+    def _check_ranks_agree(self) -> None:
+        """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
+        their shares would overlap and miss samples."""
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = (self.round, hashlib.sha256(self.ids.tobytes()).hexdigest()[:16], len(self.ids))
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for rank, theirs in enumerate(everyone):
+            if theirs != mine:
+                raise ValueError(
+                    f"rank {self.rank} iterates selection round {mine[0]} ({mine[2]} samples, digest {mine[1]}) "
+                    f"but rank {rank} has round {theirs[0]} ({theirs[2]} samples, digest {theirs[1]})"
+                )
+
     def _share_size(self) -> int:
         n, ranks = len(self.ids), self.world_size
         return n // ranks if self.uneven == "drop" else math.ceil(n / ranks)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self._check_ranks_agree()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self._server_storage_reads()
         order = self.epoch_order(self.epoch)
@@ -382,6 +403,15 @@ def _selected(
     if len(np.unique(ids)) != len(ids):
         raise ValueError("selected sample ids must be unique")
     return ids.astype(np.int64), np.ones(len(ids), dtype=np.float32)
+
+
+def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialized = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    return rank, world_size
 
 
 def _take(iterator: Iterator[np.ndarray], n: int) -> list[np.ndarray]:

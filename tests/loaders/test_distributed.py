@@ -1,0 +1,81 @@
+"""Rank shares under a real torch.distributed group: 2 gloo processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nearstore import random_select
+
+RANK = """
+import json, sys
+import torch.distributed as dist
+from loaders import StreamingLoader
+from nearstore import Selection
+
+store, selection, out = sys.argv[1:4]
+dist.init_process_group("gloo")
+loader = StreamingLoader(store, Selection.load(selection), batch_size=32, uneven="drop", backend="torch", device="cpu")
+result = {"rank": loader.rank, "world_size": loader.world_size, "epochs": []}
+try:
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        result["epochs"].append([int(i) for x, _ in loader for i in x[:, 0].round().long().tolist()])
+except ValueError as e:
+    result["error"] = str(e)
+json.dump(result, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+def run_ranks(store: str, selections: list[str], tmp_path: Path) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(__file__).parents[2])
+    processes = []
+    for rank, selection in enumerate(selections):
+        env = {
+            **os.environ,
+            "PYTHONPATH": root,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(len(selections)),
+        }
+        out = tmp_path / f"rank{rank}.json"
+        processes.append((subprocess.Popen([sys.executable, "-c", RANK, store, selection, str(out)], env=env), out))
+    for process, _ in processes:
+        assert process.wait(timeout=300) == 0
+    return [json.loads(out.read_text()) for _, out in processes]
+
+
+def test_two_ranks_share_every_epoch_disjointly(id_store, tmp_path):
+    selection = random_select(id_store, 0.3, seed=1)  # 750 samples: 375 a rank
+    path = str(tmp_path / "sel.npz")
+    selection.save(path)
+    ranks = run_ranks(id_store.url, [path, path], tmp_path)
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]  # taken from torch.distributed
+    for epoch in range(2):
+        shares = [r["epochs"][epoch] for r in ranks]
+        assert len(shares[0]) == len(shares[1]) == 375
+        assert not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == selection.ids.tolist()
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # a new shuffle each epoch
+
+
+def test_ranks_holding_different_selections_refuse_to_start(id_store, tmp_path):
+    paths = []
+    for seed in (1, 2):
+        paths.append(str(tmp_path / f"sel{seed}.npz"))
+        random_select(id_store, 0.3, seed=seed).save(paths[-1])
+    ranks = run_ranks(id_store.url, paths, tmp_path)
+    for r in ranks:
+        assert r["epochs"] == [] and "has round 0 (750 samples, digest" in r["error"]
+    assert np.all([f"rank {r['rank']} iterates selection round 0" in r["error"] for r in ranks])
