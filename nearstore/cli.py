@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--selection", help="serve this saved selection as round 0 instead of scanning")
     _selector_arguments(serve)
     serve.add_argument("--model", help="module:factory of the trainer's model, to accept its weights as the proxy")
+    serve.add_argument("--state-dir", help="keep rounds and pushed proxy here; a restart on it resumes from them")
 
     info = commands.add_parser("info", help="describe a dataset or a saved selection")
     info.add_argument("url")
@@ -170,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         options=_options(args.option),
         seed=args.seed,
         model=args.model,
+        state_dir=args.state_dir,
         progress=True,
     )
     current = server.current

@@ -26,9 +26,11 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,8 @@ class NearStoreServer(flight.FlightServerBase):
     model: `module:factory` (or a callable) building the trainer's model architecture: pushed
         proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only.
     token: required when host is not a loopback address.
+    state_dir: where the server keeps its rounds and pushed proxy (never inside the dataset); a
+        server started on a state_dir that holds them resumes from them instead of selecting.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class NearStoreServer(flight.FlightServerBase):
         options: dict[str, Any] | None = None,
         seed: int = 0,
         model: str | Callable[[], torch.nn.Module] | None = None,
+        state_dir: str | Path | None = None,
         progress: bool = False,
     ) -> None:
         if not _is_loopback(host) and not token:
@@ -90,10 +95,12 @@ class NearStoreServer(flight.FlightServerBase):
         self.proxy_version = 0
         self._lock = threading.Lock()  # the reader's caches and the rounds change under it
         self._rounds: dict[int, Selection] = {}
-        if selection is None:
-            selection = self._run_round(keep=keep, method=method, options=dict(options or {}), seed=seed)
-        selection.check_dataset(dataset)
-        self._keep_round(selection)
+        self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
+        if not self._restore():
+            if selection is None:
+                selection = self._run_round(keep=keep, method=method, options=dict(options or {}), seed=seed)
+            selection.check_dataset(dataset)
+            self._keep_round(selection)
         middleware = {"token": _TokenCheck(token)} if token else {}
         super().__init__(f"grpc://{host}:{port}", middleware=middleware)
         self.host = host
@@ -175,6 +182,18 @@ class NearStoreServer(flight.FlightServerBase):
             )
         if len(body) > MAX_PROXY_BYTES:
             raise ValueError(f"proxy state_dict of {len(body)} bytes exceeds the limit of {MAX_PROXY_BYTES}")
+        proxy = self._proxy_from(body)
+        with self._lock:
+            self._proxy = proxy
+            self.proxy_version += 1
+            if self.state_dir is not None:
+                _write_atomically(self.state_dir / "proxy.pt", body)
+                self._persist()
+        log.info("proxy version %d received (%d bytes)", self.proxy_version, len(body))
+        return json.dumps({"proxy_version": self.proxy_version}).encode()
+
+    def _proxy_from(self, body: bytes) -> ModelProxy:
+        """The server's model with pushed weights (a torch-saved state_dict), checked."""
         try:
             state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
         except Exception as e:
@@ -191,11 +210,7 @@ class NearStoreServer(flight.FlightServerBase):
             raise ValueError(
                 f"proxy model outputs {proxy.num_classes} classes, {self.name!r} has {self.dataset.num_classes}"
             )
-        with self._lock:
-            self._proxy = proxy
-            self.proxy_version += 1
-        log.info("proxy version %d received (%d bytes)", self.proxy_version, len(body))
-        return json.dumps({"proxy_version": self.proxy_version}).encode()
+        return proxy
 
     def _select(self, body: bytes) -> bytes:
         request = _parse(body, MAX_TICKET_BYTES, "select request") if body else {}
@@ -228,6 +243,38 @@ class NearStoreServer(flight.FlightServerBase):
             self._rounds[selection.round] = selection
             for old in sorted(self._rounds)[:-ROUNDS_KEPT]:
                 del self._rounds[old]
+            if self.state_dir is not None:
+                self._persist()
+
+    def _persist(self) -> None:
+        """Write the held rounds and the proxy version; server.json last, so a crash mid-way
+        leaves the previous state whole."""
+        for number, selection in self._rounds.items():
+            path = self.state_dir / f"round-{number}.npz"
+            if not path.exists():
+                _write_atomically(path, selection.to_bytes())
+        state = {"rounds": sorted(self._rounds), "proxy_version": self.proxy_version}
+        _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
+        for path in self.state_dir.glob("round-*.npz"):
+            if int(path.stem.removeprefix("round-")) not in self._rounds:
+                path.unlink()
+
+    def _restore(self) -> bool:
+        """Load the rounds and proxy a previous server left in state_dir; False if none."""
+        if self.state_dir is None or not (self.state_dir / "server.json").exists():
+            return False
+        state = json.loads((self.state_dir / "server.json").read_text())
+        rounds = {r: Selection.load(str(self.state_dir / f"round-{r}.npz")) for r in state["rounds"]}
+        for selection in rounds.values():
+            selection.check_dataset(self.dataset)  # a state_dir of another dataset is refused
+        if (self.state_dir / "proxy.pt").exists() and state["proxy_version"]:
+            if self._model_factory is None:
+                raise ValueError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
+            self._proxy = self._proxy_from((self.state_dir / "proxy.pt").read_bytes())
+        self.proxy_version = state["proxy_version"]
+        self._rounds = rounds
+        log.info("resumed from %s: rounds %s, proxy version %d", self.state_dir, state["rounds"], self.proxy_version)
+        return True
 
     def _round(self, number: Any) -> Selection:
         if number is None:
@@ -285,6 +332,22 @@ def _ids(raw: Any, num_samples: int) -> np.ndarray:
     if bad.size:
         raise ValueError(f"sample id {int(bad[0])} out of range [0, {num_samples})")
     return ids
+
+
+def _state_dir(path: str | Path, dataset: Dataset) -> Path:
+    """The server's own directory, created if missing; refused inside a local dataset."""
+    path = Path(path).resolve()
+    store = Path(dataset.url).resolve() if "://" not in dataset.url or dataset.url.startswith("file://") else None
+    if store is not None and (path == store or store in path.parents):
+        raise ValueError(f"state_dir {str(path)!r} lies inside the dataset {dataset.url!r}, which is read-only to us")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from loaders import FlightSource, StreamingLoader
-from nearstore import random_select, sage_select
+from nearstore import random_select, sage_select, write_dataset
 from nearstore.proxy import ModelProxy
 from nearstore.server import MAX_REQUEST_SAMPLES, NearStoreServer
 
@@ -257,3 +257,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store, tmp_path, fingerprint):
+    before = fingerprint(id_store.url)
+    state_dir = tmp_path / "state"
+    first = NearStoreServer(id_store, selection=random_select(id_store, 0.2), model=tiny_model, state_dir=state_dir)
+    try:
+        loader = StreamingLoader(first.url, batch_size=100, backend="torch", device="cpu")
+        loader.update_proxy(tiny_model())
+        selection = loader.reselect(0.1, method="crest", seed=3)  # scored by the pushed proxy
+        batches = iter(loader)
+        delivered = [i for _ in range(2) for i in sample_ids(next(batches)[0])]
+        state = loader.state_dict()
+    finally:
+        first.shutdown()
+    assert sorted(p.name for p in state_dir.iterdir()) == ["proxy.pt", "round-0.npz", "round-1.npz", "server.json"]
+
+    # No selection given and nothing to scan: the restart serves round 1 as it was.
+    second = NearStoreServer(id_store, model=tiny_model, state_dir=state_dir)
+    try:
+        assert second.current.round == 1 and second.proxy_version == 1
+        np.testing.assert_array_equal(second.current.ids, selection.ids)
+        resumed = StreamingLoader(second.url, batch_size=100, backend="torch", device="cpu")
+        resumed.load_state_dict(state)
+        rest = [i for x, _ in resumed for i in sample_ids(x)]
+        assert sorted(delivered + rest) == selection.ids.tolist()
+    finally:
+        second.shutdown()
+    with pytest.raises(ValueError, match="holds a pushed proxy: start the server with its --model"):
+        NearStoreServer(id_store, state_dir=state_dir)
+    other = write_dataset(str(tmp_path / "other.zarr"), [{"x": np.zeros((10, 8), np.float32), "y": np.arange(10) % 5}])
+    with pytest.raises(ValueError, match="selection was made for"):
+        NearStoreServer(other, model=tiny_model, state_dir=state_dir)
+    with pytest.raises(ValueError, match="lies inside the dataset"):
+        NearStoreServer(id_store, selection=random_select(id_store, 0.1), state_dir=Path(id_store.url) / "state")
+    assert fingerprint(id_store.url) == before
