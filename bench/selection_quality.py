@@ -7,9 +7,10 @@ Every run trains the same model from the StreamingLoader (torch backend) for the
 epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class);
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
-- crest-dynamic, random-dynamic: a new round every `--every` epochs; crest-dynamic pushes the
-  trainer's model as the proxy (`update_proxy`) and the round runs CREST; its first round, with
-  no model yet, is class-balanced random. Re-selection time and scan bytes are counted.
+- graft-dynamic, crest-dynamic, random-dynamic: a new round every `--every` epochs; the first two
+  push the trainer's model as the proxy (`update_proxy`) and the round runs GRAFT on a random
+  pool of twice the budget, or CREST; their first round, with no model yet, is class-balanced
+  random. Re-selection time and scan bytes are counted.
 `--equal-steps` also trains random and crest-dynamic for as many optimizer steps as the full run
 (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
@@ -47,7 +48,13 @@ STATIC = {
     "graft": ("graft", {}),
     "craig": ("craig", {}),
 }
-DYNAMIC = {"crest-dynamic": "crest", "random-dynamic": "random"}
+# Re-selected every `--every` epochs with the trainer's model; the first round, with no model yet,
+# is class-balanced random (CREST without a proxy) or, for random-dynamic, uniform.
+DYNAMIC = {
+    "graft-dynamic": ("graft", {"pool": 2.0, "window": 256}),
+    "crest-dynamic": ("crest", {}),
+    "random-dynamic": ("random", {}),
+}
 METHODS = ["full", *STATIC, *DYNAMIC]
 BATCH = 128
 
@@ -123,8 +130,10 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
     if method == "full":
         selection: Selection | None = None
     else:
-        # crest-dynamic's first round has no model yet: CREST draws it class-balanced at random.
-        kind, options = STATIC[method] if method in STATIC else (DYNAMIC[method], {})
+        if method in STATIC:
+            kind, options = STATIC[method]
+        else:
+            kind, options = ("random", {}) if method == "random-dynamic" else ("crest", {})
         t = time.perf_counter()
         selection = make_selector(kind, **options).select(store, keep, seed=seed)
         selection_seconds.append(time.perf_counter() - t)
@@ -137,9 +146,10 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
     for epoch in range(epochs):
         if method in DYNAMIC and epoch and epoch % every == 0:
             t = time.perf_counter()
-            if method == "crest-dynamic":
+            kind, options = DYNAMIC[method]
+            if kind != "random":
                 loader.update_proxy(model)
-            loader.reselect(keep, method=DYNAMIC[method], seed=seed * 1000 + epoch)
+            loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)
             selection_seconds.append(time.perf_counter() - t)
             seen |= set(loader.ids.tolist())
         t = time.perf_counter()

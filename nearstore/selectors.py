@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -25,13 +25,13 @@ from nearstore.dataset import Dataset
 from nearstore.proxy import Proxy
 from nearstore.reader import SelectiveReader
 from nearstore.scan import (
+    Embedded,
     Scan,
     _check_finite,
     _check_keep,
     _check_proxy,
     _input_array,
     _label_array,
-    _scan_io,
     random_select,
     sage_select,
 )
@@ -111,27 +111,32 @@ class Graft(Selector):
     subset covering the window's dominant gradient subspace. With `tolerance`, k is the smallest
     rank (up to the budget) whose picks approximate the window's mean gradient ḡ:
     ‖ḡ − P_S ḡ‖ ≤ tolerance · ‖ḡ‖, P_S the projection on the picked gradients' span.
+    With `pool`, only a random pool of pool × the budget per class is read and windowed: the
+    dynamic form, re-run with the trainer's model as proxy, which keeps a round cheap and mixes
+    chance into what MaxVol would otherwise fix on (the hardest, largest gradients).
     """
 
     method: ClassVar[str] = "graft"
     window: int = 512
     tolerance: float | None = None
+    pool: float | None = None
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
-        return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window)
+        return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window, self.pool)
 
     def _pick(self, embeddings: torch.Tensor, k: int) -> Pick:
-        g = embeddings.double()
+        g = embeddings.float()
         if k > min(g.shape):
             raise ValueError(
                 f"GRAFT: a window's budget of {k} samples exceeds the rank its {tuple(g.shape)} gradients can have; "
                 "use a smaller window or a proxy with a wider embedding"
             )
-        # G = U Σ Vᵀ from the w × w Gram matrix G Gᵀ = U Σ² Uᵀ: far cheaper than an SVD of a wide G.
-        eigenvalues, eigenvectors = torch.linalg.eigh(g @ g.T)
+        # G = U Σ Vᵀ from the w × w Gram matrix G Gᵀ = U Σ² Uᵀ: far cheaper than an SVD of a wide G
+        # (the product in float32, the small eigenproblem in float64).
+        eigenvalues, eigenvectors = torch.linalg.eigh((g @ g.T).double())
         s = eigenvalues.flip(0).clamp_min(0).sqrt()
         u = eigenvectors.flip(1)
-        rank = k if self.tolerance is None else _smallest_rank(g, u, s, k, self.tolerance)
+        rank = k if self.tolerance is None else _smallest_rank(g.double(), u, s, k, self.tolerance)
         rows = maxvol((u[:, :rank] * s[:rank]).float(), rank).cpu().numpy()
         return rows, np.ones(len(rows), dtype=np.float32), np.full(len(rows), np.nan, dtype=np.float32)
 
@@ -178,17 +183,9 @@ class Crest(Selector):
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         started = time.perf_counter()
-        label_name = _label_array(dataset, "CREST")
-        labels_reader = SelectiveReader(dataset, [label_name])
-        labels = np.concatenate([labels_reader.read_shard(s)[label_name] for s in range(labels_reader.num_shards)])
-        rng = np.random.default_rng(seed)
-        budgets, pools = {}, {}
-        for c in np.unique(labels).tolist():
-            members = np.flatnonzero(labels == c)
-            budgets[c] = max(1, round(keep * len(members)))  # a class keeps at least one sample
-            size = len(members) if proxy is None else min(len(members), math.ceil(self.pool * budgets[c]))
-            pools[c] = np.sort(rng.choice(members, size, replace=False))
-        confidences, reads = {}, [labels_reader.stats.snapshot()]
+        labels, budgets, pools, labels_reader = _class_pools(dataset, keep, self.pool if proxy else None, seed)
+        rng = np.random.default_rng([seed, 1])
+        confidences, readers = {}, [labels_reader]
         if proxy is not None:
             _check_proxy(dataset, proxy)
             input_array = _input_array(dataset)
@@ -201,7 +198,7 @@ class Crest(Selector):
                 _check_finite(x, ids, input_array)
                 probability[ids] = proxy.confidence(x, labels[ids]).cpu().numpy()
             confidences = {c: probability[pool] for c, pool in pools.items()}
-            reads.append(reader.stats.snapshot())
+            readers.append(reader)
         picks, scores = [], []
         for c, pool in pools.items():
             if c not in confidences:
@@ -224,13 +221,7 @@ class Crest(Selector):
             scores=np.concatenate(scores)[order],
             method=self.method,
             params={"keep": keep, "seed": seed, "proxy": type(proxy).__name__ if proxy else None, **self.params()},
-            io={
-                "bytes": sum(r.bytes for r in reads),
-                "requests": sum(r.requests for r in reads),
-                "first_pass_bytes": reads[0].bytes,
-                "seconds": time.perf_counter() - started,
-                "passes": 1,
-            },
+            io=_reads(started, readers),
         )
 
 
@@ -244,26 +235,36 @@ def _windowed(
     device: torch.device | str,
     progress: bool,
     window: int,
+    pool: float | None = None,
 ) -> Selection:
     """Stream gradient embeddings once; per class, cut them into windows of `window` samples and
     keep `pick(window, k)`. A class keeps round(keep · n_c) samples in all (at least one): window
-    budgets are the differences of the rounded running totals, so they add up exactly."""
+    budgets are the differences of the rounded running totals, so they add up exactly.
+    With `pool`, only a random pool of pool × its budget per class is read and windowed."""
     _check_keep(keep)
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
     started = time.perf_counter()
     scan = Scan.open(dataset, selector.method, proxy, None, 4096, seed, device)
+    readers = [scan.reader]
+    if pool is None:
+        stream = scan.embeddings(progress, f"{selector.method} pass 1/1")
+        share: Callable[[int], float] = lambda group: keep  # noqa: E731
+    else:
+        labels, budgets, pools, labels_reader = _class_pools(dataset, keep, pool, seed)
+        readers.append(labels_reader)
+        stream = _pool_embeddings(scan, labels, np.sort(np.concatenate(list(pools.values()))), progress)
+        share = lambda group: budgets[group] / len(pools[group])  # noqa: E731
     pending: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
     seen: dict[int, int] = {}
-    chosen: list[Pick] = []
-
     kept: dict[int, int] = {}
+    chosen: list[Pick] = []
 
     def flush(group: int, size: int, last: bool) -> None:
         ids = np.concatenate([i for i, _ in pending[group]])
         embeddings = torch.cat([e for _, e in pending[group]])
         before, after = seen.get(group, 0), seen.get(group, 0) + size
-        k = round(keep * after) - round(keep * before)
+        k = round(share(group) * after) - round(share(group) * before)
         if last and not kept.get(group) and not k:
             k = 1  # a class too small for its budget keeps one sample rather than vanish
         if k:
@@ -272,7 +273,7 @@ def _windowed(
         seen[group], kept[group] = after, kept.get(group, 0) + k
         pending[group] = [(ids[size:], embeddings[size:])] if size < len(ids) else []
 
-    for ids, groups, embeddings in scan.embeddings(progress, f"{selector.method} pass 1/1"):
+    for ids, groups, embeddings in stream:
         for group, rows in groups.items():
             pending.setdefault(group, []).append((ids[rows], embeddings[rows]))
             # A full window waits for the next sample of its class: the last window is never empty.
@@ -290,8 +291,48 @@ def _windowed(
         scores=np.concatenate([c[2] for c in chosen])[order],
         method=selector.method,
         params={"keep": keep, "seed": seed, "proxy": type(scan.proxy).__name__, **selector.params()},
-        io=_scan_io(scan.reader, started, passes=1, first_pass=scan.reader.stats.snapshot()),
+        io=_reads(started, readers),
     )
+
+
+def _class_pools(
+    dataset: Dataset, keep: float, pool: float | None, seed: int
+) -> tuple[np.ndarray, dict[int, int], dict[int, np.ndarray], SelectiveReader]:
+    """Every label (read whole), each class's budget max(1, round(keep · n_c)), and a random pool
+    of min(n_c, ⌈pool × budget⌉) of its samples, sorted (pool=None: the whole class)."""
+    if pool is not None and pool < 1:
+        raise ValueError(f"pool must be >= 1 (a multiple of the budget), got {pool}")
+    label_name = _label_array(dataset, "a class-balanced pool")
+    reader = SelectiveReader(dataset, [label_name])
+    labels = np.concatenate([reader.read_shard(s)[label_name] for s in range(reader.num_shards)])
+    rng = np.random.default_rng(seed)
+    budgets, pools = {}, {}
+    for c in np.unique(labels).tolist():
+        members = np.flatnonzero(labels == c)
+        budgets[c] = max(1, round(keep * len(members)))  # a class keeps at least one sample
+        size = len(members) if pool is None else min(len(members), math.ceil(pool * budgets[c]))
+        pools[c] = np.sort(rng.choice(members, size, replace=False))
+    return labels, budgets, pools, reader
+
+
+def _pool_embeddings(scan: Scan, labels: np.ndarray, ids: np.ndarray, progress: bool) -> Iterator[Embedded]:
+    """Gradient embeddings of the pooled samples only (sorted ids), in chunks, grouped by class."""
+    for start in tqdm(range(0, len(ids), 4096), desc="pool", unit="chunk", disable=not progress):
+        chunk = ids[start : start + 4096]
+        x = scan.reader.read(chunk)[scan.input_array]
+        _check_finite(x, chunk, scan.input_array)
+        y = labels[chunk]
+        yield chunk, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, scan.proxy.embed(x, y)
+
+
+def _reads(started: float, readers: list[SelectiveReader]) -> dict[str, float | int]:
+    stats = [r.stats.snapshot() for r in readers]
+    return {
+        "bytes": sum(s.bytes for s in stats),
+        "requests": sum(s.requests for s in stats),
+        "seconds": time.perf_counter() - started,
+        "passes": 1,
+    }
 
 
 def _smallest_rank(g: torch.Tensor, u: torch.Tensor, s: torch.Tensor, budget: int, tolerance: float) -> int:

@@ -202,3 +202,14 @@ def test_sage_residual_prefers_gradients_the_sketch_keeps_least_of(blobs):
         assert share[chosen].mean() > share[~chosen].mean() + 0.05
     with pytest.raises(ValueError, match="score must be 'agreement' or 'residual'"):
         Sage(score="loss").select(dataset, 0.2, proxy=proxy)
+
+
+def test_graft_on_a_pool_reads_only_the_pool(blobs):
+    dataset, x, y, proxy = blobs
+    a, b = (Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3) for _ in range(2))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert np.bincount(y[a.ids], minlength=3).tolist() == [30, 12, 1]
+    full = Graft(window=64).select(dataset, 0.1, proxy=proxy, seed=3)
+    assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
+    with pytest.raises(ValueError, match="pool must be >= 1"):
+        Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)
