@@ -23,7 +23,7 @@ from loaders.flight_client import FlightSource, OnDisconnect
 from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset
 from nearstore.proxy import ModelProxy
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
-from nearstore.selectors import DEFAULT_RESELECT_METHOD, make_selector
+from nearstore.selectors import DEFAULT_RESELECT, make_selector
 
 Backend = Literal["auto", "dali", "torch"]
 STATE_VERSION = 1
@@ -184,16 +184,19 @@ class StreamingLoader:
         self,
         keep: float | None = None,
         *,
-        method: str = DEFAULT_RESELECT_METHOD,
+        method: str | None = None,
         seed: int | None = None,
         **options: Any,
     ) -> Selection:
         """Run a new selection round with the latest proxy (`update_proxy`), on the server or here
         beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
 
-        method, options: a selector of `nearstore.selectors` and its parameters.
+        method, options: a selector of `nearstore.selectors` and its parameters; by default
+            `DEFAULT_RESELECT`, GRAFT on a random pool of twice the budget.
         keep: default the current selection's share; seed: default the round number.
         """
+        if method is None:
+            method, options = DEFAULT_RESELECT[0], {**DEFAULT_RESELECT[1], **options}
         keep = keep if keep is not None else len(self.ids) / self.num_samples
         seed = seed if seed is not None else self.round + 1
         if self.server is not None:

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--server", action="store_true", help="select and ship the SAGE subset through a server on 127.0.0.1"
+        "--server", action="store_true", help="select and ship the selected subset through a server on 127.0.0.1"
     )
 
     convert = commands.add_parser("convert", help="write a nearstore dataset from .npy/.npz files or a generator")

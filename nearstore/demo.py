@@ -1,8 +1,8 @@
 """`nearstore demo`: the whole path on MNIST-1D, against random and full-data training.
 
-Generates MNIST-1D into a local store, selects `keep` of it beside the data with SAGE, trains a
-small 1D CNN from the StreamingLoader, and trains the same model on a random subset of the same
-size and on all data. Prints one table (accuracy, time, bytes) and writes it as JSON.
+Generates MNIST-1D into a local store, selects `keep` of it beside the data with the default
+selector (GRAFT), trains a small 1D CNN from the StreamingLoader, and trains the same model on a
+random subset of the same size and on all data. Prints one table (accuracy, time, bytes) and writes it as JSON.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from loaders import StreamingLoader
 from nearstore.dataset import Dataset, open_dataset, write_dataset
-from nearstore.scan import random_select, sage_select
+from nearstore.scan import random_select
 from nearstore.selection import Selection
+from nearstore.selectors import DEFAULT_METHOD, make_selector
 from nearstore.server import NearStoreServer
 from nearstore.sources import mnist1d_batches
 
@@ -101,7 +102,7 @@ def run_demo(
 ) -> list[RunResult]:
     """Run the demo and return its table; also writes `workdir/demo.json`.
 
-    server: select and ship the SAGE subset through a near-storage server on 127.0.0.1
+    server: select and ship the selected subset through a near-storage server on 127.0.0.1
         (`nearstore serve`'s NearStoreServer, in this process) instead of reading the store directly.
     """
     workdir = Path(workdir)
@@ -111,16 +112,19 @@ def run_demo(
     test = StreamingLoader(test_set, batch_size=1024, shuffle=False)
 
     near_storage = NearStoreServer(train_set, keep=keep, seed=seed, progress=True) if server else None
-    sage = near_storage.current if near_storage else sage_select(train_set, keep, seed=seed, progress=True)
+    if near_storage is not None:
+        chosen = near_storage.current
+    else:
+        chosen = make_selector(DEFAULT_METHOD).select(train_set, keep, seed=seed, progress=True)
     selections: dict[str, Selection | None] = {
-        f"sage {keep:.0%}": sage,
+        f"{DEFAULT_METHOD} {keep:.0%}": chosen,
         f"random {keep:.0%}": random_select(train_set, keep, seed=seed),
         "full data": None,
     }
     results = []
     try:
         for name, selection in selections.items():
-            source = near_storage.url if near_storage and selection is sage else train_set
+            source = near_storage.url if near_storage and selection is chosen else train_set
             loader = StreamingLoader(source, selection, batch_size=batch_size, seed=seed)
             accuracy, seconds = train(loader, test, epochs=epochs, seed=seed, desc=name)
             io = loader.io_stats()

@@ -21,7 +21,7 @@ def test_convert_select_and_info_on_digits(tmp_path, capsys, fingerprint):
 
     before = fingerprint(store)
     out = str(tmp_path / "sel.npz")
-    assert main(["select", store, out, "--keep", "0.1", "--option", "ell=16"]) == 0
+    assert main(["select", store, out, "--keep", "0.1", "--method", "sage", "--option", "ell=16"]) == 0
     per_class = np.bincount(dataset.labels[:])
     expected = int(sum(round(0.1 * n) for n in per_class))  # class-balanced: keep × n_c per class
     assert f"selected {expected} of 1797 samples" in capsys.readouterr().out
@@ -93,18 +93,18 @@ def test_demo_prints_its_table_and_writes_json(tmp_path, through_server):
     )
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["run", "samples", "accuracy"]
-    assert [line.split()[0] for line in lines[1:4]] == ["sage", "random", "full"]
+    assert [line.split()[0] for line in lines[1:4]] == ["graft", "random", "full"]
     report = json.loads((tmp_path / "demo.json").read_text())
     assert report["server"] is through_server
     runs = {r["run"]: r for r in report["results"]}
-    assert runs["sage 25%"]["samples"] == runs["random 25%"]["samples"] == 500
+    assert runs["graft 25%"]["samples"] == runs["random 25%"]["samples"] == 500
     assert runs["full data"]["samples"] == 2000
-    assert runs["sage 25%"]["scan_bytes"] > 0 and runs["random 25%"]["scan_bytes"] == 0
+    assert runs["graft 25%"]["scan_bytes"] > 0 and runs["random 25%"]["scan_bytes"] == 0
     # every sample each epoch; what it saves is shard indexes read once instead of every epoch
     assert 0 <= runs["full data"]["io_saving"] < 0.15
-    assert runs["random 25%"]["io_saving"] > 0.7 > runs["sage 25%"]["io_saving"] > 0  # the scan costs reads
+    assert runs["random 25%"]["io_saving"] > 0.7 > runs["graft 25%"]["io_saving"] > 0  # the scan costs reads
     assert 0 < runs["random 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
-    assert 0 < runs["sage 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
+    assert 0 < runs["graft 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
     assert runs["full data"]["test_accuracy"] > 0.2  # twice chance: it trained and evaluated
 
 
