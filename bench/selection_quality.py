@@ -223,7 +223,7 @@ def _seconds_to(run: Run, target: float) -> float | None:
 
 def report(rows: list[dict]) -> None:
     print(
-        f"{'dataset':<8} {'method':<16} {'keep':>5} {'ep':>3} {'accuracy':>15} {'vs random':>10} "
+        f"{'dataset':<8} {'method':<16} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
         f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
     )
     baseline = {(r["dataset"], r["keep"], r["epochs"]): r for r in rows if r["method"] == "random"}
@@ -236,7 +236,7 @@ def report(rows: list[dict]) -> None:
         target = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "-"
         ratio = f"{r['round_vs_full_epoch']:.2f}" if r["round_vs_full_epoch"] is not None else "-"
         print(
-            f"{r['dataset']:<8} {r['method']:<16} {r['keep']:>5.0%} {r['epochs']:>3} "
+            f"{r['dataset']:<8} {r['method']:<16} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
             f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap:>10} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
             f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"
