@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nearstore import sources
 from nearstore.dataset import open_dataset, write_dataset
+from nearstore.scan import sage_select
 from nearstore.selectors import DEFAULT_METHOD, SELECTORS, make_selector
 
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     select.add_argument("url", help="dataset URL")
     select.add_argument("out", help="where to save the selection (.npz)")
     _selector_arguments(select)
+    select.add_argument("--scheduler", help="a dask.distributed scheduler (tcp://host:port) to run the SAGE scan on")
 
     serve = commands.add_parser(
         "serve", help="run beside the data: select, then stream the selected samples to trainers (Arrow Flight)"
@@ -145,8 +147,16 @@ def _options(pairs: list[str]) -> dict[str, object]:
 
 def _select(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.url)
-    selector = make_selector(args.method, **_options(args.option))
-    selection = selector.select(dataset, args.keep, seed=args.seed, progress=True)
+    options = _options(args.option)
+    if args.scheduler:
+        if args.method != "sage":
+            raise ValueError(f"--scheduler runs the SAGE scan only, not {args.method!r}")
+        from distributed import Client
+
+        with Client(args.scheduler) as client:
+            selection = sage_select(dataset, args.keep, seed=args.seed, client=client, **options)
+    else:
+        selection = make_selector(args.method, **options).select(dataset, args.keep, seed=args.seed, progress=True)
     selection.save(args.out)
     print(
         f"selected {len(selection)} of {dataset.num_samples} samples ({selection.keep:.1%}); "

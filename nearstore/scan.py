@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ def sage_select(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    client: Any | None = None,
 ) -> Selection:
     """Select round(keep · N) samples by SAGE agreement, in two streaming passes over the shards.
 
@@ -47,39 +48,35 @@ def sage_select(
         (samples in directions the sketch keeps least of).
     proxy: a fitted proxy; by default a RandomFeatureProxy fitted on `warmup_samples` samples
         from randomly chosen shards, which pass 1 then reuses instead of reading them again.
+    client: a dask.distributed Client: both passes run as maps over shard partitions on its
+        workers, pass 1's sketches merged in a tree (see `nearstore.dask_scan`).
     """
     _check_keep(keep)
     if score not in ("agreement", "residual"):
         raise ValueError(f"score must be 'agreement' or 'residual', got {score!r}")
     started = time.perf_counter()
     scan = Scan.open(dataset, "SAGE", proxy, input_array, warmup_samples, seed, device)
-    proxy, reader = scan.proxy, scan.reader
-    num_classes = proxy.num_classes if class_balanced else 1
+    warmup = scan.reader.stats.snapshot()  # the default proxy's warm-up shards, which pass 1 reuses
+    shards = range(scan.reader.num_shards)
+    if client is None:
+        first = _sage_pass1(scan, shards, ell, class_balanced, device, progress)
+    else:
+        from nearstore.dask_scan import distributed_pass1
 
-    sketches = [FrequentDirections(ell, proxy.embedding_dim, device=device) for _ in range(num_classes)]
-    sums = torch.zeros(num_classes, proxy.embedding_dim, dtype=torch.float64, device=device)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for _, groups, embeddings in scan.embeddings(progress, "SAGE pass 1/2", class_balanced):
-        for group, rows in groups.items():
-            members = embeddings[rows]
-            sketches[group].update(members)
-            sums[group] += members.sum(0, dtype=torch.float64)
-            counts[group] += len(rows)
-    pass1 = reader.stats.snapshot()
+        first = distributed_pass1(client, dataset, scan, ell, class_balanced, device)
+    num_classes = len(first.sketches)
+    bases = [sketch_basis(s.sketch()) for s in first.sketches]
+    consensus = [(first.sums[c] / max(1, first.counts[c])).float() for c in range(num_classes)]
+    total_k = [max(1, round(keep * n)) if n else 0 for n in first.counts]
+    rule = _SageRule(bases, consensus, total_k, score, class_balanced)
+    if client is None:
+        results = _sage_pass2(scan, shards, rule, progress)
+        reads = scan.reader.stats.snapshot().as_dict()
+    else:
+        from nearstore.dask_scan import distributed_pass2
 
-    bases = [sketch_basis(s.sketch()) for s in sketches]
-    consensus = [(sums[c] / max(1, counts[c])).float() for c in range(num_classes)]
-    total_k = [max(1, round(keep * n)) if n else 0 for n in counts]
-    tops = [StreamingTopK(k) for k in total_k]
-    for ids, groups, embeddings in scan.embeddings(progress, "SAGE pass 2/2", class_balanced):
-        for group, rows in groups.items():
-            if score == "agreement":
-                scores = agreement_scores(embeddings[rows], bases[group], consensus[group])
-            else:
-                scores = residual_scores(embeddings[rows], bases[group])
-            tops[group].push(scores.cpu(), torch.from_numpy(ids[rows]))
-
-    results = [top.result() for top in tops]
+        results, second = distributed_pass2(client, dataset, scan, rule)
+        reads = {k: first.io[k] + second[k] + warmup.as_dict()[k] for k in first.io}
     scores = torch.cat([s for s, _ in results]).numpy()
     chosen = torch.cat([i for _, i in results]).numpy()
     order = np.argsort(chosen)
@@ -95,11 +92,82 @@ def sage_select(
             "class_balanced": class_balanced,
             "score": score,
             "seed": seed,
-            "proxy": type(proxy).__name__,
+            "proxy": type(scan.proxy).__name__,
             "input_array": scan.input_array,
+            "distributed": client is not None,
         },
-        io=_scan_io(reader, started, passes=2, first_pass=pass1),
+        io={
+            "bytes": reads["bytes"],
+            "requests": reads["requests"],
+            "first_pass_bytes": warmup.bytes + first.io["bytes"],
+            "seconds": time.perf_counter() - started,
+            "passes": 2,
+        },
     )
+
+
+@dataclass
+class SagePass1:
+    """Pass 1 over some shards: a sketch, a gradient sum and a count per group, and the reads.
+    Passes over disjoint shards merge (sketches by FD's merge) into the pass over all of them."""
+
+    sketches: list[FrequentDirections]
+    sums: torch.Tensor
+    counts: np.ndarray
+    io: dict[str, int]
+
+    def merge(self, other: SagePass1) -> SagePass1:
+        for mine, theirs in zip(self.sketches, other.sketches, strict=True):
+            mine.merge(theirs)
+        self.sums += other.sums
+        self.counts += other.counts
+        self.io = {k: self.io[k] + other.io[k] for k in self.io}
+        return self
+
+
+@dataclass
+class _SageRule:
+    """What pass 2 needs from pass 1: each group's sketch basis, consensus and budget."""
+
+    bases: list[torch.Tensor]
+    consensus: list[torch.Tensor]
+    total_k: list[int]
+    score: str
+    class_balanced: bool
+
+
+def _sage_pass1(
+    scan: Scan, shards: Iterable[int], ell: int, class_balanced: bool, device: torch.device | str, progress: bool
+) -> SagePass1:
+    before = scan.reader.stats.snapshot()
+    num_classes = scan.proxy.num_classes if class_balanced else 1
+    dim = scan.proxy.embedding_dim
+    sketches = [FrequentDirections(ell, dim, device=device) for _ in range(num_classes)]
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for _, groups, embeddings in scan.embeddings(progress, "SAGE pass 1/2", class_balanced, shards):
+        for group, rows in groups.items():
+            members = embeddings[rows]
+            sketches[group].update(members)
+            sums[group] += members.sum(0, dtype=torch.float64)
+            counts[group] += len(rows)
+    reads = (scan.reader.stats.snapshot() - before).as_dict()
+    return SagePass1(sketches, sums, counts, {"bytes": reads["bytes"], "requests": reads["requests"]})
+
+
+def _sage_pass2(
+    scan: Scan, shards: Iterable[int], rule: _SageRule, progress: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each group's top (scores, ids) over the shards."""
+    tops = [StreamingTopK(k) for k in rule.total_k]
+    for ids, groups, embeddings in scan.embeddings(progress, "SAGE pass 2/2", rule.class_balanced, shards):
+        for group, rows in groups.items():
+            if rule.score == "agreement":
+                scores = agreement_scores(embeddings[rows], rule.bases[group], rule.consensus[group])
+            else:
+                scores = residual_scores(embeddings[rows], rule.bases[group])
+            tops[group].push(scores.cpu(), torch.from_numpy(ids[rows]))
+    return [top.result() for top in tops]
 
 
 def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balanced: bool = False) -> Selection:
@@ -163,17 +231,24 @@ class Scan:
             _check_proxy(dataset, proxy)
         return cls(reader, proxy, input_array, labels, warm)
 
-    def embeddings(self, progress: bool, desc: str, class_balanced: bool = True) -> Iterator[Embedded]:
-        """Every shard once: (ids, {group: rows}, gradient embeddings)."""
-        shards = _shards(self.reader, self.warm, progress, desc)
-        return _embed(shards, self.proxy, self.input_array, self.labels, class_balanced)
+    def embeddings(
+        self, progress: bool, desc: str, class_balanced: bool = True, shards: Iterable[int] | None = None
+    ) -> Iterator[Embedded]:
+        """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings)."""
+        batches = _shards(self.reader, self.warm, progress, desc, shards)
+        return _embed(batches, self.proxy, self.input_array, self.labels, class_balanced)
 
 
 def _shards(
-    reader: SelectiveReader, warm: dict[int, dict[str, np.ndarray]], progress: bool, desc: str
+    reader: SelectiveReader,
+    warm: dict[int, dict[str, np.ndarray]],
+    progress: bool,
+    desc: str,
+    shards: Iterable[int] | None = None,
 ) -> Iterator[Batch]:
-    """Stage 1: every shard once, in order; shards already in `warm` are not read again."""
-    for shard in tqdm(range(reader.num_shards), desc=desc, unit="shard", disable=not progress):
+    """Stage 1: every shard (or those given) once, in order; shards in `warm` are not read again."""
+    shards = list(range(reader.num_shards) if shards is None else shards)
+    for shard in tqdm(shards, desc=desc, unit="shard", disable=not progress):
         r = reader.shard_range(shard)
         yield np.arange(r.start, r.stop), warm.pop(shard, None) or reader.read_shard(shard)
 
