@@ -301,7 +301,9 @@ def main() -> None:
                     f.write(json.dumps(asdict(run)) + "\n")
                 print(f"{name} {method} keep {keep:.0%} epochs {epochs} seed {seed}: {run.accuracy:.2%}", flush=True)
     if args.report_only:
-        runs = [Run(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+        logged = [Run(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+        # a run repeated (same dataset, method, keep, epochs, seed) counts once: the latest
+        runs = list({(r.dataset, r.method, r.keep, r.epochs, r.seed): r for r in logged}.values())
     # Target: 95% of the full-data accuracy (mean over seeds), per dataset.
     target = {
         name: 0.95 * float(np.mean([r.accuracy for r in runs if r.dataset == name and r.method == "full"] or [1.0]))
