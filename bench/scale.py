@@ -1,0 +1,110 @@
+"""Scale-out, measured: the SAGE scan in process and on 1 and 2 Dask workers; the loader per rank.
+
+    python bench/scale.py [--samples 32768] [--out bench/results]
+
+Scan: one SAGE selection (ℓ = 32, the default proxy) of a local store of float32 (40,) samples
+with 10 classes, in shards of 1,024: in process, then on a LocalCluster (127.0.0.1) of 1 and of 2
+single-threaded worker processes. The cluster's time includes shipping the proxy and merging
+the sketches; its projection for w workers is the 1-worker time / w plus the measured merge
+overhead. Loader: samples/s of one rank's share for world sizes 1 and 2 (torch backend, batch
+256), each rank iterated in turn in this process. Prints ratios; writes scale.json and scale.png.
+On a 2-core machine the 2-worker figure cannot show more than 2x, and it shares the cores with
+the scheduler and this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loaders import StreamingLoader  # noqa: E402
+from nearstore import sage_select, write_dataset  # noqa: E402
+
+
+def scan_seconds(dataset, client=None) -> float:
+    started = time.perf_counter()
+    sage_select(dataset, 0.1, ell=32, client=client)
+    return time.perf_counter() - started
+
+
+def loader_rate(dataset, rank: int, world_size: int) -> float:
+    loader = StreamingLoader(dataset, batch_size=256, rank=rank, world_size=world_size, backend="torch", device="cpu")
+    started = time.perf_counter()
+    samples = sum(len(x) for x, _ in loader)
+    return samples / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=32_768)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # one core a worker, and the same for the in-process run
+    from distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        y = rng.integers(0, 10, args.samples)
+        x = (rng.normal(size=(args.samples, 40)) + y[:, None] * 0.1).astype(np.float32)
+        dataset = write_dataset(f"{tmp}/scale.zarr", [{"x": x, "y": y}])
+        scan = {"in process": scan_seconds(dataset)}
+        for workers in (1, 2):
+            with (
+                LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                scan_seconds(dataset, client)  # warm the workers (imports)
+                scan[f"{workers} worker{'s' * (workers > 1)}"] = scan_seconds(dataset, client)
+        loader_rate(dataset, 0, 1)  # warm-up
+        ranks = {f"world {world}": [loader_rate(dataset, rank, world) for rank in range(world)] for world in (1, 2)}
+    rates = {name: args.samples / seconds for name, seconds in scan.items()}
+    projected = {w: rates["1 worker"] * w for w in (2, 4, 8)}
+    print(f"{'scan':<12} {'s':>7} {'samples/s':>10} {'/ in process':>12}")
+    for name, seconds in scan.items():
+        print(f"{name:<12} {seconds:>7.2f} {rates[name]:>10.0f} {rates[name] / rates['in process']:>12.2f}")
+    print(f"2 workers / 1 worker: {rates['2 workers'] / rates['1 worker']:.2f}x")
+    print("projected from 1 worker (no merge cost): " + ", ".join(f"{w}: {r:.0f}/s" for w, r in projected.items()))
+    for name, per_rank in ranks.items():
+        print(f"loader {name}: " + ", ".join(f"rank {r}: {rate:,.0f} samples/s" for r, rate in enumerate(per_rank)))
+    result = {
+        "samples": args.samples,
+        "scan_seconds": scan,
+        "scan_rates": rates,
+        "projected": projected,
+        "loader": ranks,
+    }
+    (args.out / "scale.json").write_text(json.dumps(result, indent=2))
+    plot(rates, ranks, args.out / "scale.png")
+    print(f"wrote {args.out / 'scale.json'} and {args.out / 'scale.png'}")
+
+
+def plot(rates: dict[str, float], ranks: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(list(rates), list(rates.values()))
+    left.set(ylabel="samples/s", title="SAGE scan")
+    labels = [f"{name}, rank {r}" for name, per in ranks.items() for r in range(len(per))]
+    right.bar(labels, [rate for per in ranks.values() for rate in per])
+    right.set(ylabel="samples/s", title="loader, per rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
