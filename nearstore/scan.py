@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from kernels import FrequentDirections, StreamingTopK, agreement_scores, residual_scores, sketch_basis
 from nearstore.dataset import Dataset
-from nearstore.iostats import IOStats
 from nearstore.proxy import Proxy, RandomFeatureProxy
 from nearstore.reader import SelectiveReader
 from nearstore.selection import Selection
@@ -187,7 +186,7 @@ def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balance
             for members in (np.flatnonzero(y == c) for c in np.unique(y))
         ]
         ids = np.sort(np.concatenate(picks))
-        io = _scan_io(reader, started, passes=1, first_pass=reader.stats.snapshot())
+        io = _scan_io(started, [reader])
     return Selection(
         dataset=dataset.identity(),
         ids=ids,
@@ -320,12 +319,12 @@ def _input_array(dataset: Dataset) -> str:
     return inputs[0]
 
 
-def _scan_io(reader: SelectiveReader, started: float, *, passes: int, first_pass: IOStats) -> dict[str, float | int]:
-    stats = reader.stats.snapshot()
+def _scan_io(started: float, readers: list[SelectiveReader], passes: int = 1) -> dict[str, float | int]:
+    """What a selection read, over all its readers, and how long it took."""
+    stats = [r.stats.snapshot() for r in readers]
     return {
-        "bytes": stats.bytes,
-        "requests": stats.requests,
-        "first_pass_bytes": first_pass.bytes,
+        "bytes": sum(s.bytes for s in stats),
+        "requests": sum(s.requests for s in stats),
         "seconds": time.perf_counter() - started,
         "passes": passes,
     }

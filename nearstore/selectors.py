@@ -32,6 +32,7 @@ from nearstore.scan import (
     _check_proxy,
     _input_array,
     _label_array,
+    _scan_io,
     random_select,
     sage_select,
 )
@@ -221,7 +222,7 @@ class Crest(Selector):
             scores=np.concatenate(scores)[order],
             method=self.method,
             params={"keep": keep, "seed": seed, "proxy": type(proxy).__name__ if proxy else None, **self.params()},
-            io=_reads(started, readers),
+            io=_scan_io(started, readers),
         )
 
 
@@ -291,7 +292,7 @@ def _windowed(
         scores=np.concatenate([c[2] for c in chosen])[order],
         method=selector.method,
         params={"keep": keep, "seed": seed, "proxy": type(scan.proxy).__name__, **selector.params()},
-        io=_reads(started, readers),
+        io=_scan_io(started, readers),
     )
 
 
@@ -323,16 +324,6 @@ def _pool_embeddings(scan: Scan, labels: np.ndarray, ids: np.ndarray, progress: 
         _check_finite(x, chunk, scan.input_array)
         y = labels[chunk]
         yield chunk, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, scan.proxy.embed(x, y)
-
-
-def _reads(started: float, readers: list[SelectiveReader]) -> dict[str, float | int]:
-    stats = [r.stats.snapshot() for r in readers]
-    return {
-        "bytes": sum(s.bytes for s in stats),
-        "requests": sum(s.requests for s in stats),
-        "seconds": time.perf_counter() - started,
-        "passes": 1,
-    }
 
 
 def _smallest_rank(g: torch.Tensor, u: torch.Tensor, s: torch.Tensor, budget: int, tolerance: float) -> int:
