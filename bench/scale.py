@@ -61,7 +61,11 @@ def main() -> None:
         for workers in (1, 2):
             with (
                 LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",
                 ) as cluster,
                 Client(cluster) as client,
             ):

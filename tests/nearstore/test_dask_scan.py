@@ -18,7 +18,7 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
     )
     with distributed.Client(cluster) as client:
         yield client
@@ -76,3 +76,21 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
     assert "--scheduler runs the SAGE scan only" in capsys.readouterr().err
+
+
+def test_a_worker_lost_mid_scan_changes_nothing(blobs, tmp_path):
+    from faults import KillWorkerOnce
+
+    dataset, _, _, proxy = blobs
+    marker = tmp_path / "killed"
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
+    try:
+        with distributed.Client(cluster) as client:
+            client.register_plugin(KillWorkerOnce("_pass1_task", str(marker)))
+            there = sage_select(dataset, 0.2, ell=32, proxy=proxy, client=client)
+    finally:
+        cluster.close()
+    assert marker.exists()  # a worker really died during pass 1; Dask ran its task elsewhere
+    np.testing.assert_array_equal(there.ids, sage_select(dataset, 0.2, ell=32, proxy=proxy).ids)
