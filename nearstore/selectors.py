@@ -3,8 +3,8 @@
 Every selector runs beside the data on what the scan streams (shards → proxy → gradient
 embeddings) and returns a `Selection` with weights. SAGE scores in two passes against a sketch;
 the windowed selectors (GRAFT, CRAIG) decide per window of one class's samples, so their memory is
-one window per class whatever N is; CREST scores every sample once and then draws its coreset from
-a random pool of the samples the proxy has not learned yet.
+one window per class whatever N is; CREST reads a random pool per class and draws from the samples
+of it the proxy has not learned yet; GRAFT with `pool` windows such a pool instead of every sample.
 """
 
 from __future__ import annotations
