@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from servers import free_port
 
 from nearstore import random_select
 
@@ -35,9 +35,7 @@ dist.destroy_process_group()
 
 
 def run_ranks(store: str, selections: list[str], tmp_path: Path) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = str(Path(__file__).parents[2])
     processes = []
     for rank, selection in enumerate(selections):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow.flight as flight
 import pytest
 import torch
+from servers import free_port
 
 from loaders import FlightSource, StreamingLoader
 from nearstore import random_select, sage_select, write_dataset
@@ -187,7 +187,7 @@ def test_token_is_required_beyond_loopback_and_checked(id_store, monkeypatch):
 
 
 def test_unreachable_server_is_named(monkeypatch):
-    port = _free_port()
+    port = free_port()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} is unreachable"):
         FlightSource(f"grpc://127.0.0.1:{port}/ids", on_disconnect="raise")
     with pytest.raises(ValueError, match="grpc://host:port/dataset"):
@@ -200,7 +200,7 @@ def test_server_killed_mid_epoch(id_store, tmp_path, fingerprint, caplog, on_dis
     restarted server with no sample lost or repeated, or fails with ConnectionError."""
     saved = str(tmp_path / "sel.npz")
     random_select(id_store, 0.5, seed=2).save(saved)
-    port = _free_port()
+    port = free_port()
     before = fingerprint(id_store.url)
     processes = [_serve(id_store.url, saved, port)]
     try:
@@ -251,12 +251,6 @@ def _serve(url: str, selection: str, port: int) -> subprocess.Popen:
         if line.startswith("serving grpc://"):
             return process
     raise RuntimeError(f"nearstore serve exited with {process.wait()} before serving")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store, tmp_path, fingerprint):
