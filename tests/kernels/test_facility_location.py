@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,14 +12,7 @@ from hypothesis import strategies as st
 from kernels import facility_location
 from kernels.facility_location import _distances, _gains, _lazy_greedy
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Thousands of tiny (16, n) reductions: on the shared 2-core machine a second thread only waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def distances(x: np.ndarray, metric: str = "euclidean") -> np.ndarray:

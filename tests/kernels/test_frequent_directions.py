@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,15 +14,7 @@ SPECTRA = ["flat", "power_law", "low_rank_noise", "exact_low_rank"]
 RANK = 5  # of the low-rank spectra; below every ell tested except 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Shrinks are hundreds of tiny LAPACK calls. On a shared 2-core machine, two threads wait on
-    # each other whenever another process runs (measured: eigh of 128 × 128 from 2 ms to 900 ms),
-    # and these tests would take minutes instead of seconds; one thread computes the same thing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_stream(spectrum: str, n: int, dim: int, seed: int = 0) -> np.ndarray:

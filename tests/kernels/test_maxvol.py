@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,14 +13,7 @@ from hypothesis import strategies as st
 from kernels import maxvol
 from kernels.maxvol import _swap
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Hundreds of tiny solves and matvecs: on the shared 2-core machine a second thread only waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def volume(a: np.ndarray, rows: list[int]) -> float:
