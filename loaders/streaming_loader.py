@@ -21,6 +21,7 @@ import torch.distributed as dist
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
 from loaders.flight_client import FlightSource, OnDisconnect
 from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset
+from nearstore.dataset import sample_identity
 from nearstore.proxy import ModelProxy
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
 from nearstore.selectors import DEFAULT_RESELECT, make_selector
@@ -211,7 +212,7 @@ class StreamingLoader:
 
     def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
         if isinstance(selection, Selection):
-            selection.check_dataset(self.dataset if self.dataset is not None else self.server.identity)
+            selection.check_dataset(self._identity())
         self.ids, self.sample_weights = _selected(self.num_samples, self.url, selection)
         self.round = selection.round if isinstance(selection, Selection) else 0
         io = selection.io if isinstance(selection, Selection) else {}
@@ -232,6 +233,10 @@ class StreamingLoader:
                     f"rank {self.rank} iterates selection round {mine[0]} ({mine[2]} samples, digest {mine[1]}) "
                     f"but rank {rank} has round {theirs[0]} ({theirs[2]} samples, digest {theirs[1]})"
                 )
+
+    def _identity(self) -> dict[str, Any]:
+        """The dataset's identity, read here or reported by the server."""
+        return self.server.identity if self.server is not None else self.dataset.identity()
 
     def _share_size(self) -> int:
         n, ranks = len(self.ids), self.world_size
@@ -290,7 +295,7 @@ class StreamingLoader:
         same batch_size, shuffle, seed and rank share, resumes from it with `load_state_dict`."""
         return {
             "version": STATE_VERSION,
-            "dataset": self.server.identity if self.server is not None else self.dataset.identity(),
+            "dataset": self._identity(),
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "epochs_completed": self.epochs_completed,
@@ -306,10 +311,7 @@ class StreamingLoader:
         of that epoch not delivered yet, in the same order, then carries on epoch by epoch."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state_dict version {state.get('version')!r} is not {STATE_VERSION}")
-        identity = self.server.identity if self.server is not None else self.dataset.identity()
-        ours = {k: v for k, v in identity.items() if k != "url"}
-        theirs = {k: v for k, v in state["dataset"].items() if k != "url"}
-        if ours != theirs:
+        if sample_identity(self._identity()) != sample_identity(state["dataset"]):
             raise ValueError(f"state_dict is from dataset {state['dataset'].get('url')!r}, not {self.url!r}")
         for name, value in state["order"].items():
             if getattr(self, name) != value:

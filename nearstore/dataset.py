@@ -101,6 +101,11 @@ class Dataset:
         return sum(_size_or_zero(fs, path) for path in paths)
 
 
+def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A `Dataset.identity()` without its URL: what must match for ids to name the same samples."""
+    return {k: v for k, v in identity.items() if k != "url"}
+
+
 def _size_or_zero(fs: fsspec.AbstractFileSystem, path: str) -> int:
     try:
         return fs.size(path)

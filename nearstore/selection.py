@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from nearstore.dataset import Dataset
+from nearstore.dataset import Dataset, sample_identity
 
 SELECTION_VERSION = 1
 
@@ -70,8 +70,7 @@ class Selection:
 
         dataset: the dataset, or its `identity()` (as a server reports it)."""
         identity = dataset.identity() if isinstance(dataset, Dataset) else dict(dataset)
-        ours = {k: v for k, v in self.dataset.items() if k != "url"}
-        theirs = {k: v for k, v in identity.items() if k != "url"}
+        ours, theirs = sample_identity(self.dataset), sample_identity(identity)
         if ours != theirs:
             raise ValueError(
                 f"selection was made for {self.dataset.get('url')!r} ({ours}), "
