@@ -24,15 +24,8 @@ def distributed_pass1(
     client: Any, dataset: Dataset, scan: Scan, ell: int, class_balanced: bool, device: torch.device | str
 ) -> SagePass1:
     """Pass 1 as a map over shard partitions, merged pairwise in a tree."""
-    futures = client.map(
-        _pass1_task,
-        _partitions(client, scan.reader.num_shards),
-        url=dataset.url,
-        storage_options=dataset.storage_options,
-        scan=_shipped(scan),
-        ell=ell,
-        class_balanced=class_balanced,
-        device=str(device),
+    futures = _map_partitions(
+        client, _pass1_task, dataset, scan, ell=ell, class_balanced=class_balanced, device=str(device)
     )
     while len(futures) > 1:
         pairs = [client.submit(_merge, a, b) for a, b in zip(futures[::2], futures[1::2])]
@@ -45,16 +38,7 @@ def distributed_pass2(
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
     """Pass 2 as a map over shard partitions; each group's top-k of the partitions' top-k, and
     the partitions' reads."""
-    parts = client.gather(
-        client.map(
-            _pass2_task,
-            _partitions(client, scan.reader.num_shards),
-            url=dataset.url,
-            storage_options=dataset.storage_options,
-            scan=_shipped(scan),
-            rule=rule,
-        )
-    )
+    parts = client.gather(_map_partitions(client, _pass2_task, dataset, scan, rule=rule))
     tops = [StreamingTopK(k) for k in rule.total_k]
     for part, _ in parts:
         for top, (scores, ids) in zip(tops, part, strict=True):
@@ -62,14 +46,16 @@ def distributed_pass2(
     return [top.result() for top in tops], {k: sum(io[k] for _, io in parts) for k in ("bytes", "requests")}
 
 
-def _partitions(client: Any, num_shards: int) -> list[list[int]]:
-    """Two partitions of consecutive shards per worker thread (at most one per shard)."""
+def _map_partitions(client: Any, task: Any, dataset: Dataset, scan: Scan, **arguments: Any) -> list[Any]:
+    """Futures of task(shards, ...) over two partitions of consecutive shards per worker thread
+    (at most one per shard); each task opens the dataset from its URL and rebuilds the scan."""
     slots = max(1, 2 * sum(client.nthreads().values()))
-    return [part.tolist() for part in np.array_split(np.arange(num_shards), min(slots, num_shards))]
-
-
-def _shipped(scan: Scan) -> dict[str, Any]:
-    return {"proxy": scan.proxy, "input_array": scan.input_array, "labels": scan.labels}
+    num_shards = scan.reader.num_shards
+    partitions = [part.tolist() for part in np.array_split(np.arange(num_shards), min(slots, num_shards))]
+    shipped = {"proxy": scan.proxy, "input_array": scan.input_array, "labels": scan.labels}
+    return client.map(
+        task, partitions, url=dataset.url, storage_options=dataset.storage_options, scan=shipped, **arguments
+    )
 
 
 def _worker_scan(url: str, storage_options: dict[str, Any], scan: dict[str, Any]) -> Scan:
