@@ -179,12 +179,10 @@ class Crest(Selector):
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
         _check_keep(keep)
-        if self.pool < 1:
-            raise ValueError(f"pool must be >= 1 (a multiple of the budget), got {self.pool}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         started = time.perf_counter()
-        labels, budgets, pools, labels_reader = _class_pools(dataset, keep, self.pool if proxy else None, seed)
+        labels, budgets, pools, labels_reader = _class_pools(dataset, keep, self.pool, seed, whole=proxy is None)
         rng = np.random.default_rng([seed, 1])
         confidences, readers = {}, [labels_reader]
         if proxy is not None:
@@ -297,11 +295,11 @@ def _windowed(
 
 
 def _class_pools(
-    dataset: Dataset, keep: float, pool: float | None, seed: int
+    dataset: Dataset, keep: float, pool: float, seed: int, *, whole: bool = False
 ) -> tuple[np.ndarray, dict[int, int], dict[int, np.ndarray], SelectiveReader]:
     """Every label (read whole), each class's budget max(1, round(keep · n_c)), and a random pool
-    of min(n_c, ⌈pool × budget⌉) of its samples, sorted (pool=None: the whole class)."""
-    if pool is not None and pool < 1:
+    of min(n_c, ⌈pool × budget⌉) of its samples, sorted (whole: every sample of the class)."""
+    if pool < 1:
         raise ValueError(f"pool must be >= 1 (a multiple of the budget), got {pool}")
     label_name = _label_array(dataset, "a class-balanced pool")
     reader = SelectiveReader(dataset, [label_name])
@@ -311,7 +309,7 @@ def _class_pools(
     for c in np.unique(labels).tolist():
         members = np.flatnonzero(labels == c)
         budgets[c] = max(1, round(keep * len(members)))  # a class keeps at least one sample
-        size = len(members) if pool is None else min(len(members), math.ceil(pool * budgets[c]))
+        size = len(members) if whole else min(len(members), math.ceil(pool * budgets[c]))
         pools[c] = np.sort(rng.choice(members, size, replace=False))
     return labels, budgets, pools, reader
 
