@@ -88,6 +88,9 @@ class NearStoreServer(flight.FlightServerBase):
         self.dataset = dataset
         self.name = name or _default_name(dataset.url)
         self.reader = SelectiveReader(dataset)
+        # Asked once (a size request per shard object): the store is read-only, and `info` is
+        # called by every trainer at every epoch's start and end.
+        self.full_epoch_bytes = dataset.stored_nbytes(dataset.sample_arrays)
         self.shipped = IOStats()
         self.progress = progress
         self._model_factory = _import_factory(model) if isinstance(model, str) else model
@@ -165,7 +168,7 @@ class NearStoreServer(flight.FlightServerBase):
                 "selected": len(current),
                 "method": current.method,
                 "proxy_version": self.proxy_version,
-                "full_epoch_bytes": ds.stored_nbytes(ds.sample_arrays),
+                "full_epoch_bytes": self.full_epoch_bytes,
                 "storage_reads": self.reader.stats.snapshot().as_dict(),
                 "shipped": self.shipped.snapshot().as_dict(),
             }
