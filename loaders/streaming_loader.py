@@ -120,8 +120,9 @@ class StreamingLoader:
             if not isinstance(selection, Selection):
                 raise TypeError("through a server the selection is the server's: pass None or a Selection it made")
         else:
-            opened = source if isinstance(source, Dataset) else open_dataset(source, storage_options=storage_options)
-            self.dataset = opened
+            if not isinstance(source, Dataset):
+                source = open_dataset(source, storage_options=storage_options)
+            self.dataset = source
             self.url, self.num_samples = self.dataset.url, self.dataset.num_samples
             self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
         self.input_array = input_array or next((n for n in self.sample_arrays if n != self.label_array), None)
