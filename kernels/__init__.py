@@ -5,8 +5,8 @@ from __future__ import annotations
 from kernels.agreement import agreement_scores, residual_scores, sketch_basis
 from kernels.facility_location import facility_location
 from kernels.frequent_directions import FrequentDirections
-from kernels.gradients import last_layer_gradients
-from kernels.maxvol import maxvol
+from kernels.gradients import last_layer_factors, last_layer_gradients
+from kernels.maxvol import maxvol, pivoted_cholesky
 from kernels.topk import StreamingTopK
 
 __all__ = [
@@ -14,8 +14,10 @@ __all__ = [
     "StreamingTopK",
     "agreement_scores",
     "facility_location",
+    "last_layer_factors",
     "last_layer_gradients",
     "maxvol",
+    "pivoted_cholesky",
     "residual_scores",
     "sketch_basis",
 ]

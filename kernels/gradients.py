@@ -24,6 +24,24 @@ def last_layer_gradients(
     torch.cat([W.grad, b.grad[:, None]], 1).flatten() for example i alone; with bias=False,
     (n, C·H) laid out as W.grad.flatten().
     """
+    residual, inputs = last_layer_factors(logits, labels, features, bias=bias)
+    # softmax underflows to subnormals for confident classes: flushed, they cost nothing downstream.
+    return flush_subnormal((residual[:, :, None] * inputs[:, None, :]).flatten(1))
+
+
+def last_layer_factors(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    features: torch.Tensor,
+    *,
+    bias: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of last_layer_gradients, g_i = r_i ⊗ x_i: the output residuals
+    r = softmax(z) − onehot(y) (n, C) and the layer's inputs x = [h, 1] (n, H+1) (h with bias=False).
+
+    Inner products of gradients need only the factors: g_i · g_j = (r_i · r_j)(x_i · x_j), so a
+    Gram matrix costs n²(C + H) instead of n²·C·H, and the n × C·H gradients are never formed.
+    """
     for name, matrix in (("logits", logits), ("features", features)):
         if matrix.ndim != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(matrix.shape)}")
@@ -52,5 +70,4 @@ def last_layer_gradients(
     features = features.to(dtype)
     if bias:
         features = torch.cat([features, features.new_ones(n, 1)], dim=1)
-    # softmax underflows to subnormals for confident classes: flushed, they cost nothing downstream.
-    return flush_subnormal((residual[:, :, None] * features[:, None, :]).flatten(1))
+    return residual, features

@@ -1,113 +1,168 @@
-"""GRAFT's Fast MaxVol: the rows of a tall matrix that span the largest volume."""
+"""GRAFT's Fast MaxVol: the rows of a matrix that span the largest volume, from its Gram matrix.
+
+Both functions take the Gram matrix K = A Aᵀ of the rows, alone (n, n) or as a batch (b, n, n),
+never A itself: a window of gradient embeddings is tall in D (thousands) but has a Gram matrix of
+only w × w, which the last-layer gradients give cheaply in factored form. A batch runs every
+window's step at once, so the Python loop is k steps, not k steps per window.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
-from kernels.subnormals import flush_subnormal
+
+class Pivots(NamedTuple):
+    rows: torch.Tensor  # (..., k) pivot order
+    factor: torch.Tensor  # (..., n, k) float64, K ≈ L Lᵀ, zero columns past the rank
+    rank: torch.Tensor  # (...,) how many pivots are independent
 
 
-def _greedy_rows(a: torch.Tensor, k: int, rank_tol: float) -> tuple[list[int], int]:
-    """First k pivots of Businger–Golub pivoted QR on the rows of a, and how many are independent.
+def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
+    """The first k pivots of greedy (Businger–Golub) pivoting on the rows of A, from K = A Aᵀ.
 
-    Step t takes the row with the largest residual ‖a_i − Q_tᵀ Q_t a_i‖ off the span Q_t of the rows
-    taken so far. Left-looking: only the pivot's residual is formed (Gram–Schmidt twice keeps Q
-    orthonormal); the other residual norms are downdated by (a_i · q_t)², one matvec a step.
-    Once no residual exceeds rank_tol the rest are the lowest unselected indices.
+    Step t takes the row with the largest residual off the span of the rows taken so far, the
+    residuals' squares being the diagonal of K − L Lᵀ (downdated by the new column of L each
+    step). The same rows, in the same order, as LAPACK's pivoted QR of Aᵀ; L (n, k) holds every
+    row's coordinates in the orthonormal basis of the pivots' span, so K ≈ L Lᵀ is the rank-k
+    (Nyström) approximation the pivots give, and L's pivot rows are lower triangular.
+
+    Rank: values are taken as exact, within what a Gram matrix can resolve: once no residual
+    exceeds n · eps(float64) of the largest diagonal entry (row parts below ~1e-7 of the largest
+    row are lost in K's rounding), the rest of the pivots are the lowest indices not yet taken,
+    with zero columns in L. Computed in float64 on gram's device, O(n k²) a matrix.
     """
-    n, r = a.shape
-    basis = a.new_zeros(k, r)
-    norms = (a * a).sum(1)
-    taken = torch.zeros(n, dtype=torch.bool, device=a.device)
-    picked: list[int] = []
-    exact = False  # whether norms were recomputed since the last pivot
-    while len(picked) < k:
-        t = len(picked)
-        best = int(norms.masked_fill(taken, -1).argmax())  # first of equals: the lowest index
-        q = basis[:t]
-        v = a[best] - q.T @ (q @ a[best])
-        v = v - q.T @ (q @ v)
-        size = float(v.norm())
-        if size <= rank_tol:
-            if not exact:
-                # Downdating cancels once norms shrink by ~1e8; recompute before calling the rest dependent.
-                norms = ((a - (a @ q.T) @ q) ** 2).sum(1)
-                exact = True
-                continue
-            fill = (~taken).nonzero().flatten()[: k - t].tolist()
-            return picked + fill, t
-        basis[t] = v / size
-        norms.sub_((a @ basis[t]) ** 2).clamp_(min=0)
-        taken[best] = True
-        picked.append(best)
-        exact = False
-    return picked, k
+    g = _checked(gram, k)
+    batched = g.ndim == 3
+    g = g if batched else g[None]
+    b, n, _ = g.shape
+    # The pivots are scale-free; a power of 4 scales K exactly (and L by its root, exactly) to a
+    # largest entry in (1/4, 1], where neither the squares of L nor small entries leave float64's range.
+    peak = g.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(g.dtype).tiny)
+    root = torch.ldexp(torch.ones_like(peak), (torch.frexp(peak).exponent + 1) // 2)
+    g = g / (root * root)[:, None, None]
+    residual = g.diagonal(dim1=1, dim2=2).clone()
+    rank_tol = residual.amax(1) * n * torch.finfo(g.dtype).eps
+    columns = g.new_zeros(b, k, n)  # Lᵀ: its first t rows are contiguous
+    rows = torch.empty(b, k, dtype=torch.int64, device=g.device)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=g.device)
+    rank = torch.zeros(b, dtype=torch.int64, device=g.device)
+    every = torch.arange(b, device=g.device)
+    for t in range(k):
+        free = residual.masked_fill(taken, -1)
+        best = free.argmax(1)  # first of equals: the lowest index
+        spent = free[every, best] <= rank_tol
+        best = torch.where(spent, (~taken).int().argmax(1), best)  # dependent: the lowest free index
+        done = columns[:, :t]
+        column = g[every, best] - torch.bmm(done[every, :, best][:, None], done)[:, 0]
+        pivot = column[every, best].clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        column = torch.where(spent[:, None], 0.0, column / pivot[:, None])
+        columns[:, t] = column
+        residual = (residual - column * column).clamp_min(0)
+        taken[every, best] = True
+        rows[:, t] = best
+        rank += ~spent
+    factor = columns.mT * root[:, None, None]
+    if not batched:
+        return Pivots(rows[0], factor[0], rank[0])
+    return Pivots(rows, factor, rank)
 
 
-def maxvol(features: torch.Tensor, k: int | None = None, *, tol: float = 1.05, max_swaps: int = 100) -> torch.Tensor:
-    """Indices of k rows S of features A (n, r) whose submatrix A_S has near-maximal volume, shape (k,).
+def maxvol(
+    gram: torch.Tensor, k: int | Sequence[int], *, tol: float = 1.05, max_swaps: int = 100
+) -> torch.Tensor | list[torch.Tensor]:
+    """Indices of k rows S of A whose submatrix has near-maximal volume, from K = A Aᵀ: shape (k,)
+    for gram (n, n), (b, k) for a batch (b, n, n), or for a batch with one k per matrix, a list of
+    b index tensors. Rows of zeros (padding a smaller matrix to the batch's n) are never taken
+    while k is at most the number of other rows.
 
-        vol(A_S) = sqrt(det(A_S A_Sᵀ))                            (= |det A_S| when k = r)
+        vol(A_S) = sqrt(det(A_S A_Sᵀ)) = sqrt(det K_SS)
 
-    Rows are first taken greedily (pivoted QR on the rows: each step the row farthest from the span
-    of those taken), which is within a factor k! of the largest volume (Çivril & Magdon-Ismail 2009).
-    For k = r (the default, k=None) the classic MaxVol swaps follow (Goreinov et al. 2010):
+    Rows are first taken greedily (pivoted_cholesky), within a factor k! of the largest volume
+    (Çivril & Magdon-Ismail 2009). The classic MaxVol swaps follow (Goreinov et al. 2010) on the
+    rank-k features L the greedy rows give (K ≈ L Lᵀ):
 
-        B = A A_S⁻¹;  while max |B_ij| > tol:  S_j ← i  (|det A_S| grows by the factor |B_ij|)
+        B = L L_S⁻¹;  while max |B_ij| > tol:  S_j ← i  (|det L_S| grows by the factor |B_ij|)
 
-    with B kept by a rank-one update. At convergence A_S is tol-dominant, so by Hadamard's
-    inequality |det A_S| ≥ max_T |det A_T| / (tol^r r^{r/2}). After max_swaps swaps the current S
-    is returned, never worse than the greedy one. k < r stops after the greedy rows.
-
-    Rank deficiency: the values of features are taken as exact. Once every remaining row lies in
-    the span of those taken (residual norm ≤ max row norm · max(n, r) · eps(float64), roundoff)
-    the volume is 0 whatever is added, so the rest of S are the lowest indices not yet taken, and
-    no swaps are made. S always has k distinct indices, the greedy ones in pivot order. Computed
-    in float64 on features' device: O(n r k) for the greedy rows, O(n r) a swap.
+    with B kept by a rank-one update. For k = rank A, L is A in an orthonormal basis and this is
+    MaxVol on A: at convergence L_S is tol-dominant, so by Hadamard's inequality
+    vol(A_S) ≥ max_T vol(A_T) / (tol^k k^{k/2}). For k < rank A it is MaxVol on the low-rank
+    features, as GRAFT runs it; as L is a projection of A, vol(A_S) ≥ |det L_S| and each swap
+    still multiplies a lower bound of the true volume by more than tol. After max_swaps swaps the
+    current S is returned, never worse than the greedy one. No swaps where the rank is below k.
+    S always has k distinct indices. The greedy phase runs once, to the largest k (its first k
+    rows are those a smaller k takes); the swaps once per distinct k.
     """
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
-        raise ValueError(f"features must have shape (n, r) with n, r >= 1, got {tuple(features.shape)}")
-    if not features.dtype.is_floating_point:
-        raise TypeError(f"features must be a floating point tensor, got {features.dtype}")
-    n, r = features.shape
-    if k is None:
-        if n < r:
-            raise ValueError(f"features must have n >= r rows when k is None, got shape {tuple(features.shape)}")
-        k = r
-    if k < 1 or k > min(n, r):
-        raise ValueError(f"k must be in [1, min(n, r)] = [1, {min(n, r)}] for features of shape {(n, r)}, got {k}")
     if not tol >= 1:  # also rejects NaN
         raise ValueError(f"tol must be >= 1, got {tol}")
     if max_swaps < 0:
         raise ValueError(f"max_swaps must be >= 0, got {max_swaps}")
-    if not torch.isfinite(features).all():
-        raise ValueError("features contain NaN or inf")
+    if isinstance(k, int):
+        rows, factor, rank = pivoted_cholesky(gram, k)
+        if gram.ndim == 2:
+            return _swap(factor[None], rows[None], rank[None] == k, tol, max_swaps)[0]
+        return _swap(factor, rows, rank == k, tol, max_swaps)
+    ks = torch.as_tensor(k)
+    if gram.ndim != 3 or ks.shape != gram.shape[:1] or (ks < 1).any():
+        raise ValueError(
+            f"k must be one int, or one >= 1 for each of a batch's matrices; got {list(k)} for gram "
+            f"of shape {tuple(gram.shape)}"
+        )
+    rows, factor, rank = pivoted_cholesky(gram, int(ks.max()))
+    chosen: list[torch.Tensor] = [rows[0]] * len(ks)
+    for size in ks.unique().tolist():
+        members = (ks == size).nonzero().flatten()
+        swapped = _swap(factor[members, :, :size], rows[members, :size], rank[members] >= size, tol, max_swaps)
+        for i, picked in zip(members.tolist(), swapped):
+            chosen[i] = picked
+    return chosen
 
-    a = features.double()
-    # The selection is scale-free; a power of 2 scales exactly, and keeps the squared norms from underflowing.
-    a = flush_subnormal(torch.ldexp(a, -torch.frexp(a.abs().max()).exponent))
-    rank_tol = float(a.norm(dim=1).max()) * max(n, r) * torch.finfo(a.dtype).eps
-    rows, rank = _greedy_rows(a, k, rank_tol)
-    if k == r and rank == r:
-        rows = _swap(a, rows, tol, max_swaps)
-    return torch.tensor(rows, dtype=torch.int64, device=features.device)
 
-
-def _swap(a: torch.Tensor, rows: list[int], tol: float, max_swaps: int) -> list[int]:
-    """MaxVol swaps from the square, non-singular A_S; see maxvol."""
-    n, r = a.shape
-    coeffs = torch.linalg.solve(a[rows], a, left=False)  # B = A A_S⁻¹: row i of A in the basis of rows S
+def _swap(factor: torch.Tensor, rows: torch.Tensor, full: torch.Tensor, tol: float, max_swaps: int) -> torch.Tensor:
+    """MaxVol swaps of each batch member with a non-singular L_S (`full`); see maxvol."""
+    b, n, k = factor.shape
+    rows = rows.clone()
+    if not full.any() or not max_swaps:
+        return rows
+    every = torch.arange(b, device=factor.device)
+    square = torch.where(full[:, None, None], factor[every[:, None], rows], torch.eye(k, dtype=factor.dtype))
+    coeffs = torch.linalg.solve(square, factor, left=False)  # B = L L_S⁻¹: row i of L in the basis of the rows S
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=factor.device)
+    chosen[every[:, None], rows] = True
     for _ in range(max_swaps):
-        flat = int(coeffs.abs().argmax())
-        i, j = divmod(flat, r)
-        pivot = float(coeffs[i, j])
-        if abs(pivot) <= tol or i in rows:  # a row of S has |B| = 1: above tol only by roundoff
+        flat = coeffs.abs().flatten(1).argmax(1)
+        i, j = flat // k, flat % k
+        pivot = coeffs[every, i, j]
+        # A row of S has |B| = 1: above tol only by roundoff.
+        active = full & (pivot.abs() > tol) & ~chosen[every, i]
+        if not active.any():
             break
-        # A_S' = (I + e_j (b_i − e_j)ᵀ) A_S, so by Sherman–Morrison B' = B − B[:, j] (b_i − e_j)ᵀ / B_ij.
-        row = coeffs[i].clone()
-        row[j] -= 1
-        coeffs.sub_(torch.outer(coeffs[:, j] / pivot, row))
-        rows[j] = i
+        # L_S' = (I + e_j (b_i − e_j)ᵀ) L_S, so by Sherman–Morrison B' = B − B[:, j] (b_i − e_j)ᵀ / B_ij.
+        row = coeffs[every, i].clone()
+        row[every, j] -= 1
+        step = (coeffs[every, :, j] / pivot[:, None])[:, :, None] * row[:, None, :]
+        coeffs -= torch.where(active[:, None, None], step, 0.0)
+        chosen[every[active], rows[every, j][active]] = False
+        chosen[every[active], i[active]] = True
+        rows[every[active], j[active]] = i[active]
     return rows
+
+
+def _checked(gram: torch.Tensor, k: int) -> torch.Tensor:
+    if not isinstance(gram, torch.Tensor):
+        raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.ndim not in (2, 3) or gram.shape[-1] != gram.shape[-2] or gram.shape[-1] < 1 or gram.numel() == 0:
+        raise ValueError(f"gram must have shape (n, n) or (b, n, n) with n, b >= 1, got {tuple(gram.shape)}")
+    if not gram.dtype.is_floating_point:
+        raise TypeError(f"gram must be a floating point tensor, got {gram.dtype}")
+    n = gram.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n] = [1, {n}] for a gram matrix of {n} rows, got {k}")
+    if not torch.isfinite(gram).all():
+        raise ValueError("gram contains NaN or inf")
+    g = gram.double()
+    if (g.diagonal(dim1=-2, dim2=-1) < 0).any():
+        raise ValueError("gram must have a non-negative diagonal (a Gram matrix A Aᵀ)")
+    return g

@@ -8,11 +8,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kernels import last_layer_gradients
+from kernels import last_layer_factors, last_layer_gradients
 
 
 class Proxy(Protocol):
-    """What the scan needs of a proxy: gradient embeddings of labelled samples."""
+    """What the scan needs of a proxy: gradient embeddings g_i = r_i ⊗ x_i of labelled samples
+    (`embed`), or their two factors (`gradient_factors`, for selectors that need only inner
+    products), and p(y | x) (`confidence`)."""
 
     num_classes: int
 
@@ -20,6 +22,8 @@ class Proxy(Protocol):
     def embedding_dim(self) -> int: ...
 
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor: ...
+
+    def gradient_factors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor: ...
 
@@ -98,6 +102,11 @@ class RandomFeatureProxy:
         labels = self._labels(y, len(h))
         return last_layer_gradients(self._with_bias(h) @ self._head, labels, h)
 
+    def gradient_factors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """embed's two factors: output residuals (n, num_classes) and [h, 1] (n, width + 1)."""
+        h = self.features(x)
+        return last_layer_factors(self._with_bias(h) @ self._head, self._labels(y, len(h)), h)
+
     def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """p(y | x) under the fitted head, shape (n,)."""
         logits = self.logits(x)
@@ -152,6 +161,11 @@ class ModelProxy:
         """Last-layer gradient embeddings, shape (n, num_classes · (in_features + 1))."""
         logits, features, labels = self._forward(x, y)
         return last_layer_gradients(logits, labels, features)
+
+    def gradient_factors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """embed's two factors: output residuals (n, num_classes) and [h, 1] (n, in_features + 1)."""
+        logits, features, labels = self._forward(x, y)
+        return last_layer_factors(logits, labels, features)
 
     def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """p(y | x) under the model, shape (n,): one forward pass, no embedding."""

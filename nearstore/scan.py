@@ -19,7 +19,8 @@ from nearstore.reader import SelectiveReader
 from nearstore.selection import Selection
 
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]
-Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor]
+# (ids, {group: rows}, gradient embeddings, or their two factors where asked for)
+Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 def sage_select(
@@ -231,11 +232,17 @@ class Scan:
         return cls(reader, proxy, input_array, labels, warm)
 
     def embeddings(
-        self, progress: bool, desc: str, class_balanced: bool = True, shards: Iterable[int] | None = None
+        self,
+        progress: bool,
+        desc: str,
+        class_balanced: bool = True,
+        shards: Iterable[int] | None = None,
+        factored: bool = False,
     ) -> Iterator[Embedded]:
-        """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings)."""
+        """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings), or the
+        embeddings' two factors (Proxy.gradient_factors) with `factored`."""
         batches = _shards(self.reader, self.warm, progress, desc, shards)
-        return _embed(batches, self.proxy, self.input_array, self.labels, class_balanced)
+        return _embed(batches, self.proxy, self.input_array, self.labels, class_balanced, factored)
 
 
 def _shards(
@@ -253,13 +260,13 @@ def _shards(
 
 
 def _embed(
-    batches: Iterable[Batch], proxy: Proxy, input_array: str, labels: str, class_balanced: bool
+    batches: Iterable[Batch], proxy: Proxy, input_array: str, labels: str, class_balanced: bool, factored: bool = False
 ) -> Iterator[Embedded]:
     """Stage 2: gradient embeddings of a batch, with the rows of each group (class, or all)."""
     for ids, batch in batches:
         x, y = batch[input_array], batch[labels]
         _check_finite(x, ids, input_array)
-        embeddings = proxy.embed(x, y)
+        embeddings = proxy.gradient_factors(x, y) if factored else proxy.embed(x, y)
         if class_balanced:
             groups = {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
         else:

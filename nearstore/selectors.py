@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kernels import facility_location, maxvol
+from kernels import facility_location, maxvol, pivoted_cholesky
 from nearstore.dataset import Dataset
 from nearstore.proxy import Proxy
 from nearstore.reader import SelectiveReader
@@ -38,6 +39,8 @@ from nearstore.scan import (
 )
 from nearstore.selection import Selection
 
+# A window to decide: its samples' embeddings (or their two factors), and how many to keep.
+Window = tuple[tuple[torch.Tensor, ...], int]
 # A window's choice: rows of the window, their weights and scores.
 Pick = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -107,39 +110,94 @@ class Sage(Selector):
 class Graft(Selector):
     """GRAFT: per window of one class's samples, Fast MaxVol on the window's low-rank gradients.
 
-    The window's embeddings G (w × D) are reduced to their top-k left singular directions
-    U_k Σ_k (w × k), and MaxVol picks the k rows spanning them with the largest volume: a diverse
-    subset covering the window's dominant gradient subspace. With `tolerance`, k is the smallest
-    rank (up to the budget) whose picks approximate the window's mean gradient ḡ:
-    ‖ḡ − P_S ḡ‖ ≤ tolerance · ‖ḡ‖, P_S the projection on the picked gradients' span.
-    With `pool`, only a random pool of pool × the budget per class is read and windowed: the
-    dynamic form, re-run with the trainer's model as proxy, which keeps a round cheap and mixes
-    chance into what MaxVol would otherwise fix on (the hardest, largest gradients).
+    From the window's Gram matrix K = G Gᵀ (w × w, taken from the gradients' two factors, so the
+    w × D gradients are never formed), greedy pivoting picks the k gradients farthest from each
+    other's span, and MaxVol swaps on the rank-k features they give (K ≈ L Lᵀ) refine them to a
+    tol-dominant set (kernels.maxvol): a diverse subset covering the window's dominant gradient
+    subspace. With `tolerance`, k is the smallest size (up to the budget) whose greedy picks
+    approximate the window's mean gradient ḡ: ‖ḡ − P_S ḡ‖ ≤ tolerance · ‖ḡ‖, P_S the projection
+    on the picked gradients' span. With `pool`, only a random pool of pool × the budget per class
+    is read and windowed: the dynamic form, re-run with the trainer's model as proxy, which keeps
+    a round cheap and mixes chance into what MaxVol would otherwise fix on (the hardest, largest
+    gradients). Windows are decided `WINDOWS_AT_ONCE` at a time, as one batch.
     """
 
     method: ClassVar[str] = "graft"
+    WINDOWS_AT_ONCE: ClassVar[int] = 64
     window: int = 512
     tolerance: float | None = None
     pool: float | None = None
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
-        return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window, self.pool)
+        return _windowed(
+            self,
+            dataset,
+            keep,
+            self._pick,
+            proxy,
+            seed,
+            device,
+            progress,
+            self.window,
+            self.pool,
+            factored=True,
+            at_once=self.WINDOWS_AT_ONCE,
+        )
 
-    def _pick(self, embeddings: torch.Tensor, k: int) -> Pick:
-        g = embeddings.float()
-        if k > min(g.shape):
+    def _pick(self, windows: list[Window]) -> list[Pick]:
+        residual, inputs = _stack(windows)
+        budgets = [k for _, k in windows]
+        if max(budgets) > residual.shape[2] * inputs.shape[2]:
             raise ValueError(
-                f"GRAFT: a window's budget of {k} samples exceeds the rank its {tuple(g.shape)} gradients can have; "
-                "use a smaller window or a proxy with a wider embedding"
+                f"GRAFT: a window's budget of {max(budgets)} samples exceeds the rank its gradients "
+                f"of {residual.shape[2] * inputs.shape[2]} dimensions can have; use a smaller window or a proxy with "
+                "a wider embedding"
             )
-        # G = U Σ Vᵀ from the w × w Gram matrix G Gᵀ = U Σ² Uᵀ: far cheaper than an SVD of a wide G
-        # (the product in float32, the small eigenproblem in float64).
-        eigenvalues, eigenvectors = torch.linalg.eigh((g @ g.T).double())
-        s = eigenvalues.flip(0).clamp_min(0).sqrt()
-        u = eigenvectors.flip(1)
-        rank = k if self.tolerance is None else _smallest_rank(g.double(), u, s, k, self.tolerance)
-        rows = maxvol((u[:, :rank] * s[:rank]).float(), rank).cpu().numpy()
-        return rows, np.ones(len(rows), dtype=np.float32), np.full(len(rows), np.nan, dtype=np.float32)
+        gram = _gram(residual, inputs)
+        if self.tolerance is not None:
+            budgets = self._sizes(gram, residual, inputs, [len(f[0]) for f, _ in windows], budgets)
+        return [
+            (rows.cpu().numpy(), np.ones(len(rows), dtype=np.float32), np.full(len(rows), np.nan, dtype=np.float32))
+            for rows in maxvol(gram, budgets)
+        ]
+
+    def _sizes(
+        self, gram: torch.Tensor, residual: torch.Tensor, inputs: torch.Tensor, sizes: list[int], budgets: list[int]
+    ) -> list[int]:
+        """GRAFT's subset size per window: the fewest greedy picks, up to its budget, whose span
+        holds the window's mean gradient within `tolerance` (relative); the budget when none do."""
+        rows, factor, rank = pivoted_cholesky(gram, max(budgets))
+        residual, inputs = residual.double(), inputs.double()
+        # ḡ = Σ r_i ⊗ x_i / w as a C × H matrix M: g_i · ḡ = r_iᵀ M x_i, ‖ḡ‖² = ‖M‖²_F.
+        mean = residual.mT @ inputs / torch.tensor(sizes, dtype=residual.dtype)[:, None, None]
+        products = ((residual @ mean) * inputs).sum(2)
+        every = torch.arange(len(sizes))[:, None]
+        square = factor[every, rows]  # lower triangular: the pivots' own coordinates
+        independent = torch.arange(rows.shape[1])[None] < rank[:, None]
+        square = square + torch.diag_embed((~independent).double())  # past the rank: a unit diagonal
+        # the mean's coordinates in the pivots' orthonormal basis, the dependent ones 0
+        coords = torch.linalg.solve_triangular(square, products[every, rows][..., None], upper=False)[..., 0]
+        coords = coords.masked_fill(~independent, 0)
+        norm = mean.square().sum((1, 2))[:, None]
+        good = (norm - coords.square().cumsum(1)).clamp_min(0) <= self.tolerance**2 * norm
+        return [int(ok[:k].int().argmax()) + 1 if ok[:k].any() else k for ok, k in zip(good, budgets)]
+
+
+def _stack(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors r_i, x_i of windows of gradients r_i ⊗ x_i, stacked and padded with zero rows
+    to the largest window: (b, w, C), (b, w, H)."""
+    w = max(len(factors[0]) for factors, _ in windows)
+
+    def padded(part: int) -> torch.Tensor:
+        return torch.stack([F.pad(f[part], (0, 0, 0, w - len(f[part]))) for f, _ in windows])
+
+    return padded(0), padded(1)
+
+
+def _gram(residual: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Their Gram matrices, g_i · g_j = (r_i · r_j)(x_i · x_j): (R Rᵀ) ∘ (X Xᵀ), (b, w, w), in
+    float64 (the kernels' precision), from products in the factors' own precision (2x faster in float32)."""
+    return ((residual @ residual.mT) * (inputs @ inputs.mT)).double()
 
 
 @dataclass(frozen=True)
@@ -157,10 +215,13 @@ class Craig(Selector):
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
         return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window)
 
-    def _pick(self, embeddings: torch.Tensor, k: int) -> Pick:
-        rows, sizes = facility_location(embeddings, k)
-        weights = sizes.double() * k / len(embeddings)
-        return rows.cpu().numpy(), weights.float().cpu().numpy(), np.full(k, np.nan, dtype=np.float32)
+    def _pick(self, windows: list[Window]) -> list[Pick]:
+        picks = []
+        for (embeddings,), k in windows:
+            rows, sizes = facility_location(embeddings, k)
+            weights = sizes.double() * k / len(embeddings)
+            picks.append((rows.cpu().numpy(), weights.float().cpu().numpy(), np.full(k, np.nan, dtype=np.float32)))
+        return picks
 
 
 @dataclass(frozen=True)
@@ -228,16 +289,20 @@ def _windowed(
     selector: Selector,
     dataset: Dataset,
     keep: float,
-    pick: Callable[[torch.Tensor, int], Pick],
+    pick: Callable[[list[Window]], list[Pick]],
     proxy: Proxy | None,
     seed: int,
     device: torch.device | str,
     progress: bool,
     window: int,
     pool: float | None = None,
+    *,
+    factored: bool = False,
+    at_once: int = 1,
 ) -> Selection:
-    """Stream gradient embeddings once; per class, cut them into windows of `window` samples and
-    keep `pick(window, k)`. A class keeps round(keep · n_c) samples in all (at least one): window
+    """Stream gradient embeddings once (their two factors with `factored`); per class, cut them
+    into windows of `window` samples and keep what `pick` chooses of each, deciding `at_once`
+    windows together. A class keeps round(keep · n_c) samples in all (at least one): window
     budgets are the differences of the rounded running totals, so they add up exactly.
     With `pool`, only a random pool of pool × its budget per class is read and windowed."""
     _check_keep(keep)
@@ -247,39 +312,50 @@ def _windowed(
     scan = Scan.open(dataset, selector.method, proxy, None, 4096, seed, device)
     readers = [scan.reader]
     if pool is None:
-        stream = scan.embeddings(progress, f"{selector.method} pass 1/1")
+        stream = scan.embeddings(progress, f"{selector.method} pass 1/1", factored=factored)
         share: Callable[[int], float] = lambda group: keep  # noqa: E731
     else:
         labels, budgets, pools, labels_reader = _class_pools(dataset, keep, pool, seed)
         readers.append(labels_reader)
-        stream = _pool_embeddings(scan, labels, np.sort(np.concatenate(list(pools.values()))), progress)
+        stream = _pool_embeddings(scan, labels, np.sort(np.concatenate(list(pools.values()))), progress, factored)
         share = lambda group: budgets[group] / len(pools[group])  # noqa: E731
-    pending: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
+    pending: dict[int, list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]] = {}
     seen: dict[int, int] = {}
     kept: dict[int, int] = {}
+    ready: list[tuple[np.ndarray, Window]] = []
     chosen: list[Pick] = []
 
-    def flush(group: int, size: int, last: bool) -> None:
+    def cut(group: int, size: int, last: bool) -> None:
+        """The group's next window of `size` samples, with its budget, onto `ready`."""
         ids = np.concatenate([i for i, _ in pending[group]])
-        embeddings = torch.cat([e for _, e in pending[group]])
+        parts = tuple(torch.cat(part) for part in zip(*(p for _, p in pending[group])))
         before, after = seen.get(group, 0), seen.get(group, 0) + size
         k = round(share(group) * after) - round(share(group) * before)
         if last and not kept.get(group) and not k:
             k = 1  # a class too small for its budget keeps one sample rather than vanish
         if k:
-            rows, weights, scores = pick(embeddings[:size], min(k, size))
-            chosen.append((ids[rows], weights, scores))
+            ready.append((ids[:size], (tuple(p[:size] for p in parts), min(k, size))))
         seen[group], kept[group] = after, kept.get(group, 0) + k
-        pending[group] = [(ids[size:], embeddings[size:])] if size < len(ids) else []
+        pending[group] = [(ids[size:], tuple(p[size:] for p in parts))] if size < len(ids) else []
+
+    def decide() -> None:
+        for (ids, _), (rows, weights, scores) in zip(ready, pick([w for _, w in ready])):
+            chosen.append((ids[rows], weights, scores))
+        ready.clear()
 
     for ids, groups, embeddings in stream:
+        parts = embeddings if factored else (embeddings,)
         for group, rows in groups.items():
-            pending.setdefault(group, []).append((ids[rows], embeddings[rows]))
+            pending.setdefault(group, []).append((ids[rows], tuple(p[rows] for p in parts)))
             # A full window waits for the next sample of its class: the last window is never empty.
             while sum(len(i) for i, _ in pending[group]) > window:
-                flush(group, window, last=False)
-    for group, parts in pending.items():
-        flush(group, sum(len(i) for i, _ in parts), last=True)
+                cut(group, window, last=False)
+                if len(ready) >= at_once:
+                    decide()
+    for group, waiting in pending.items():
+        cut(group, sum(len(i) for i, _ in waiting), last=True)
+    if ready:
+        decide()
 
     ids = np.concatenate([c[0] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64)
     order = np.argsort(ids)
@@ -314,32 +390,17 @@ def _class_pools(
     return labels, budgets, pools, reader
 
 
-def _pool_embeddings(scan: Scan, labels: np.ndarray, ids: np.ndarray, progress: bool) -> Iterator[Embedded]:
-    """Gradient embeddings of the pooled samples only (sorted ids), in chunks, grouped by class."""
+def _pool_embeddings(
+    scan: Scan, labels: np.ndarray, ids: np.ndarray, progress: bool, factored: bool
+) -> Iterator[Embedded]:
+    """Gradient embeddings (or their factors) of the pooled samples only (sorted ids), in chunks, grouped by class."""
     for start in tqdm(range(0, len(ids), 4096), desc="pool", unit="chunk", disable=not progress):
         chunk = ids[start : start + 4096]
         x = scan.reader.read(chunk)[scan.input_array]
         _check_finite(x, chunk, scan.input_array)
         y = labels[chunk]
-        yield chunk, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, scan.proxy.embed(x, y)
-
-
-def _smallest_rank(g: torch.Tensor, u: torch.Tensor, s: torch.Tensor, budget: int, tolerance: float) -> int:
-    """GRAFT's subset size: the smallest rank r ≤ budget whose MaxVol rows approximate the mean
-    gradient within `tolerance` (relative), by bisection (the error falls as r grows, as a rule);
-    the budget when even it does not."""
-    mean = g.mean(0)
-    norm = mean.norm().clamp_min(1e-30)
-
-    def good(rank: int) -> bool:
-        basis = torch.linalg.qr(g[maxvol((u[:, :rank] * s[:rank]).float(), rank)].T).Q
-        return bool((mean - basis @ (basis.T @ mean)).norm() <= tolerance * norm)
-
-    low, high = 1, budget
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if good(middle) else (middle + 1, high)
-    return low
+        embeddings = scan.proxy.gradient_factors(x, y) if factored else scan.proxy.embed(x, y)
+        yield chunk, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, embeddings
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import last_layer_gradients
+from kernels import last_layer_factors, last_layer_gradients
 
 
 def autograd_gradients(layer: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,18 @@ def test_matches_autograd_on_a_linear_layer(bias: bool, device: str) -> None:
 
     assert grads.shape == (n, classes * (hidden + bias))
     torch.testing.assert_close(grads, autograd_gradients(layer, features, labels), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_factors_give_the_gradients_and_their_gram_matrix(bias: bool) -> None:
+    torch.manual_seed(3)
+    logits, features = torch.randn(15, 4, dtype=torch.float64), torch.randn(15, 6, dtype=torch.float64)
+    labels = torch.randint(0, 4, (15,))
+    residual, inputs = last_layer_factors(logits, labels, features, bias=bias)
+    assert residual.shape == (15, 4) and inputs.shape == (15, 6 + bias)
+    grads = last_layer_gradients(logits, labels, features, bias=bias)
+    torch.testing.assert_close(torch.einsum("nc,nh->nch", residual, inputs).flatten(1), grads)
+    torch.testing.assert_close((residual @ residual.T) * (inputs @ inputs.T), grads @ grads.T)
 
 
 def test_float32_inputs_match_autograd() -> None:

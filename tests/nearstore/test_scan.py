@@ -108,6 +108,8 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
     proxy = RandomFeatureProxy(3, width=64).fit(x, y)
     assert (proxy.logits(x).argmax(1).numpy() == y).mean() > 0.9
     assert proxy.embed(x[:5], y[:5]).shape == (5, proxy.embedding_dim) == (5, 3 * 65)
+    residual, inputs = proxy.gradient_factors(x[:5], y[:5])
+    torch.testing.assert_close(torch.einsum("nc,nh->nch", residual, inputs).flatten(1), proxy.embed(x[:5], y[:5]))
     expected = torch.softmax(proxy.logits(x), 1)[torch.arange(len(y)), torch.from_numpy(y)]
     torch.testing.assert_close(proxy.confidence(x, y), expected)
     assert expected.mean() > 0.7  # the fitted head is confident on what it separates
@@ -135,6 +137,8 @@ def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs)
         loss.backward()
         expected = torch.cat([head.weight.grad, head.bias.grad[:, None]], 1).flatten()
         torch.testing.assert_close(embeddings[i], expected)
+    residual, features = proxy.gradient_factors(inputs, y[:20])
+    torch.testing.assert_close(torch.einsum("nc,nh->nch", residual, features).flatten(1), embeddings)
     with torch.no_grad():
         p = torch.softmax(model(torch.from_numpy(inputs)), 1)[torch.arange(20), torch.from_numpy(y[:20])]
     torch.testing.assert_close(proxy.confidence(inputs, y[:20]), p)
