@@ -85,8 +85,9 @@ class FlightSource:
         info = json.loads(self._action("select", json.dumps(params).encode()))
         return self.selection(info["round"])
 
-    def read(self, ids: Sequence[int] | np.ndarray, *, round: int) -> dict[str, np.ndarray]:
-        """{array: samples} for ids of selection round `round`, rows in the order of `ids`."""
+    def read(self, ids: Sequence[int] | np.ndarray, *, round: int | str) -> dict[str, np.ndarray]:
+        """{array: samples} for ids of selection round `round` (or of the whole dataset, round
+        ALL_SAMPLES), rows in the order of `ids`."""
         ticket = json.dumps({"dataset": self.name, "round": round, "ids": np.asarray(ids).tolist()}).encode()
         table = self._call(lambda: self._client.do_get(flight.Ticket(ticket), options=self._options).read_all())
         self.stats.add(bytes=table.nbytes, requests=1, samples=table.num_rows)

@@ -25,10 +25,13 @@ from nearstore.dataset import sample_identity
 from nearstore.proxy import ModelProxy
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
 from nearstore.selectors import DEFAULT_RESELECT, make_selector
+from nearstore.server import ALL_SAMPLES
 
 Backend = Literal["auto", "dali", "torch"]
+Batch = tuple[np.ndarray, np.ndarray, int | str]  # a batch to read: ids, their weights, the server round
 STATE_VERSION = 1
-_ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven")  # fix each epoch's batches
+# What fixes each epoch's batches: a state_dict resumes only on a loader that agrees on all of them.
+_ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven", "warm_start_epochs")
 log = logging.getLogger("nearstore")
 
 
@@ -57,6 +60,10 @@ class StreamingLoader:
         length (uneven="pad") or cut to it (uneven="drop"). Default: torch.distributed's when it
         is initialized (each epoch then checks that every rank iterates the same selection),
         else one rank.
+    warm_start_epochs: the first epochs visit every sample of the dataset (weight 1), the
+        selection only after: a full-data warm start (GRAFT's "warm" runs), after which the
+        trainer's model is worth pushing as the proxy for a first round (`update_proxy`,
+        `reselect`). Through a server the warm epochs are shipped whole.
     weights: also yield each sample's selection weight, batches are then (x, y, w).
     input_array: the array yielded as x (default: the first sample array other than labels).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
@@ -80,6 +87,7 @@ class StreamingLoader:
         rank: int | None = None,
         world_size: int | None = None,
         uneven: Literal["pad", "drop"] = "pad",
+        warm_start_epochs: int = 0,
         weights: bool = False,
         input_array: str | None = None,
         dali_transform: DaliTransform | None = None,
@@ -100,6 +108,8 @@ class StreamingLoader:
         rank, world_size = _rank_and_world_size(rank, world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
+        if warm_start_epochs < 0:
+            raise ValueError(f"warm_start_epochs must be >= 0, got {warm_start_epochs}")
         if uneven not in ("pad", "drop"):
             raise ValueError(f"uneven must be 'pad' or 'drop', got {uneven!r}")
         if backend not in ("auto", "dali", "torch"):
@@ -136,6 +146,7 @@ class StreamingLoader:
 
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size, self.uneven = rank, world_size, uneven
+        self.warm_start_epochs = warm_start_epochs
         self.with_weights = weights
         self.dali_transform, self.transform = dali_transform, transform
         self.device = torch.device(device) if device is not None else _default_device()
@@ -155,8 +166,8 @@ class StreamingLoader:
         return self.server.stats if self.server is not None else self.reader.stats
 
     def __len__(self) -> int:
-        """Batches per epoch (of this rank's share)."""
-        n = self._share_size()
+        """Batches in the current epoch (of this rank's share)."""
+        n = self._share_size(self.epoch)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -167,12 +178,13 @@ class StreamingLoader:
         self.epoch = epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Positions into the selection, in the order epoch `epoch` visits them on this rank."""
-        n = len(self.ids)
+        """Positions into the epoch's samples (the selection, or all of them while warming up), in
+        the order epoch `epoch` visits them on this rank."""
+        n = len(self._epoch_ids(epoch)[0])
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         if self.world_size == 1:
             return order
-        return np.resize(order, self._share_size() * self.world_size)[self.rank :: self.world_size]
+        return np.resize(order, self._share_size(epoch) * self.world_size)[self.rank :: self.world_size]
 
     def update_proxy(self, model: torch.nn.Module) -> None:
         """Score the next selection round with the trainer's model (NeSSA's feedback): its
@@ -239,21 +251,27 @@ class StreamingLoader:
         """The dataset's identity, read here or reported by the server."""
         return self.server.identity if self.server is not None else self.dataset.identity()
 
-    def _share_size(self) -> int:
-        n, ranks = len(self.ids), self.world_size
+    def _share_size(self, epoch: int) -> int:
+        n, ranks = len(self._epoch_ids(epoch)[0]), self.world_size
         return n // ranks if self.uneven == "drop" else math.ceil(n / ranks)
+
+    def _epoch_ids(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int | str]:
+        """The samples epoch `epoch` visits, their weights, and the server round they are in."""
+        if epoch < self.warm_start_epochs:
+            return np.arange(self.num_samples), np.ones(self.num_samples, dtype=np.float32), ALL_SAMPLES
+        return self.ids, self.sample_weights, self.round
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._check_ranks_agree()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self._server_storage_reads()
         order = self.epoch_order(self.epoch)
+        ids, weights, round = self._epoch_ids(self.epoch)
         first, self._resume_at = self._resume_at, 0  # > 0 right after load_state_dict mid-epoch
         self.batches_done = first
         num_batches = len(self) - first
-        batches = self._prefetched(
-            order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(first, first + num_batches)
-        )
+        positions = (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(first, first + num_batches))
+        batches = self._prefetched((ids[p], weights[p], round) for p in positions)
         if self.backend == "dali":
             num_outputs = 1 + bool(self.label_array) + self.with_weights
             tensors = dali_epoch(
@@ -364,31 +382,30 @@ class StreamingLoader:
                 self._full_epoch_bytes = self.dataset.stored_nbytes(self.reader.layouts)
         return self._full_epoch_bytes
 
-    def _prefetched(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
+    def _prefetched(self, batches: Iterable[Batch]) -> Iterator[tuple[np.ndarray, ...]]:
         """Read batches in a background thread, `prefetch` ahead, yielding them in order."""
         if self._pool is None:
             # One reader thread for the loader's life: an epoch abandoned half-way may be
             # finalized in any thread, where starting or joining threads can deadlock.
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearstore-read")
-        positions = iter(positions)
-        pending = deque(self._pool.submit(self._read_batch, p) for p in _take(positions, self.prefetch))
+        batches = iter(batches)
+        pending = deque(self._pool.submit(self._read_batch, *b) for b in _take(batches, self.prefetch))
         try:
             while pending:
                 batch = pending.popleft().result()
-                pending.extend(self._pool.submit(self._read_batch, p) for p in _take(positions, 1))
+                pending.extend(self._pool.submit(self._read_batch, *b) for b in _take(batches, 1))
                 yield batch
         finally:
             for future in pending:
                 future.cancel()
 
-    def _read_batch(self, positions: np.ndarray) -> tuple[np.ndarray, ...]:
-        ids = self.ids[positions]
-        arrays = self.server.read(ids, round=self.round) if self.server is not None else self.reader.read(ids)
+    def _read_batch(self, ids: np.ndarray, weights: np.ndarray, round: int | str) -> tuple[np.ndarray, ...]:
+        arrays = self.server.read(ids, round=round) if self.server is not None else self.reader.read(ids)
         batch = [arrays[self.input_array]]
         if self.label_array:
             batch.append(arrays[self.label_array])
         if self.with_weights:
-            batch.append(self.sample_weights[positions])
+            batch.append(weights)
         return tuple(batch)
 
 
@@ -420,8 +437,8 @@ def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int,
     return rank, world_size
 
 
-def _take(iterator: Iterator[np.ndarray], n: int) -> list[np.ndarray]:
-    return [p for _, p in zip(range(n), iterator)]
+def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
+    return [b for _, b in zip(range(n), iterator)]
 
 
 def _default_device() -> torch.device:

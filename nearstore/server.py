@@ -4,9 +4,10 @@ streams the selected samples to trainers over Arrow Flight.
 Wire protocol (all JSON unless noted; `loaders.FlightSource` is the client):
 
 - `do_get(ticket)`: ticket `{"dataset": name, "round": r, "ids": [...]}` names ids of selection
-  round r. The stream holds the samples in ticket order: an int64 `id` column and one
-  fixed-size binary column per sample array (a sample's raw bytes, C order); the schema's
-  metadata gives each array's dtype and sample shape.
+  round r (or, with r = "all", any ids: a trainer's full-data warm-start epochs). The stream
+  holds the samples in ticket order: an int64 `id` column and one fixed-size binary column per
+  sample array (a sample's raw bytes, C order); the schema's metadata gives each array's dtype
+  and sample shape.
 - actions: `info` (dataset, current round, I/O counts), `selection` (body `{"round": r}` →
   `Selection.to_bytes()`), `update_proxy` (body: a `torch.save`d state_dict for the server's
   proxy model → new proxy version), `select` (body: `{"keep", "method", "options", "seed"}` → runs a
@@ -49,6 +50,8 @@ log = logging.getLogger("nearstore")
 
 MAX_TICKET_BYTES = 8 << 20
 MAX_REQUEST_SAMPLES = 65_536
+# The ticket round of a full-data epoch (a loader's warm start): any sample of the dataset.
+ALL_SAMPLES = "all"
 MAX_PROXY_BYTES = 1 << 30
 ROUNDS_KEPT = 2  # a trainer mid-epoch finishes on the round it started while another asks for a new one
 
@@ -122,11 +125,14 @@ class NearStoreServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         request = _parse(ticket.ticket, MAX_TICKET_BYTES, "ticket")
         self._check_dataset(request)
-        selection = self._round(request.get("round"))
         ids = _ids(request.get("ids"), self.dataset.num_samples)
-        outside = ids[~np.isin(ids, selection.ids)]
-        if outside.size:
-            raise ValueError(f"sample {int(outside[0])} is not in selection round {selection.round} of {self.name!r}")
+        if request.get("round") != ALL_SAMPLES:
+            selection = self._round(request.get("round"))
+            outside = ids[~np.isin(ids, selection.ids)]
+            if outside.size:
+                raise ValueError(
+                    f"sample {int(outside[0])} is not in selection round {selection.round} of {self.name!r}"
+                )
         with self._lock:
             arrays = self.reader.read(ids)
         batch = _to_record_batch(ids, arrays)

@@ -278,3 +278,34 @@ def test_a_state_dict_of_other_data_or_another_order_is_refused(id_store, tmp_pa
         StreamingLoader(other, batch_size=64, backend="torch").load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         StreamingLoader(id_store, batch_size=64, backend="torch").load_state_dict({**state, "version": 99})
+
+
+def test_warm_start_epochs_visit_every_sample_then_the_selection(id_store):
+    selection = random_select(id_store, 0.1, seed=1)  # 250 of 2,500
+    loader = StreamingLoader(
+        id_store, selection, batch_size=100, warm_start_epochs=2, weights=True, backend="torch", device="cpu"
+    )
+    epochs = []
+    for epoch in range(3):
+        assert len(loader) == (25 if epoch < 2 else 3)
+        batches = list(loader)
+        epochs.append([i for x, _, _ in batches for i in sample_ids(x)])
+        assert all(torch.all(w == 1) for _, _, w in batches)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(2500)) and epochs[0] != epochs[1]
+    assert sorted(epochs[2]) == selection.ids.tolist()
+    per_epoch = loader.io_stats()["per_epoch"]
+    assert per_epoch[0]["samples"] == 2500 and per_epoch[2]["samples"] == 250
+
+    # resumed inside a warm epoch: the rest of that full epoch, then the selection
+    interrupted = StreamingLoader(id_store, selection, batch_size=100, warm_start_epochs=2, backend="torch")
+    interrupted.set_epoch(1)
+    batches = iter(interrupted)
+    got = [i for _ in range(4) for i in sample_ids(next(batches)[0])]
+    resumed = StreamingLoader(id_store, selection, batch_size=100, warm_start_epochs=2, backend="torch")
+    resumed.load_state_dict(interrupted.state_dict())
+    got += [i for x, _ in resumed for i in sample_ids(x)]
+    assert got == epochs[1] and resumed.epoch == 2 and len(resumed) == 3
+    with pytest.raises(ValueError, match="taken with warm_start_epochs=2; this loader has 0"):
+        StreamingLoader(id_store, selection, batch_size=100, backend="torch").load_state_dict(interrupted.state_dict())
+    with pytest.raises(ValueError, match="warm_start_epochs must be >= 0, got -1"):
+        StreamingLoader(id_store, selection, warm_start_epochs=-1)

@@ -64,6 +64,14 @@ def test_loader_through_the_server_yields_the_same_batches_as_reading_storage(se
     assert epoch["requests"] >= id_store.num_shards and shipped["server_storage_reads"]["bytes"] >= epoch["bytes"]
 
 
+def test_warm_start_epochs_are_shipped_whole_then_the_round(served, id_store):
+    loader = StreamingLoader(served.url, batch_size=500, warm_start_epochs=1, backend="torch", device="cpu")
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == list(range(id_store.num_samples))
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == served.current.ids.tolist()
+    shipped = [epoch["samples"] for epoch in loader.io_stats()["per_epoch"]]
+    assert shipped == [id_store.num_samples, len(served.current)]
+
+
 def test_ranks_get_disjoint_equal_shares_whose_union_is_the_selection(served):
     n = len(served.current)
     results: dict[int, list[int]] = {}
