@@ -5,8 +5,10 @@
 Scan: one SAGE selection (ℓ = 32, the default proxy) of a local store of float32 (40,) samples
 with 10 classes, in shards of 1,024: in process, then on a LocalCluster (127.0.0.1) of 1 and of 2
 single-threaded worker processes. The cluster's time includes shipping the proxy and merging
-the sketches; its projection for w workers is the 1-worker time / w plus the measured merge
-overhead. Loader: samples/s of one rank's share for world sizes 1 and 2 (torch backend, batch
+the sketches. Projection from per-task cost (Amdahl): the 1-worker run's tasks' compute time
+T_tasks (Dask's task stream) spreads over w workers, the rest of its wall time T_rest (proxy
+fit, scheduling, shipping, merges) does not: T(w) = T_rest + T_tasks / w; the 2-worker run
+checks it. Loader: samples/s of one rank's share for world sizes 1 and 2 (torch backend, batch
 256), each rank iterated in turn in this process. Prints ratios; writes scale.json and scale.png.
 On a 2-core machine the 2-worker figure cannot show more than 2x, and it shares the cores with
 the scheduler and this process.
@@ -30,10 +32,18 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import sage_select, write_dataset  # noqa: E402
 
 
-def scan_seconds(dataset, client=None) -> float:
+def scan_seconds(dataset, client=None) -> tuple[float, float]:
+    """Wall seconds of one SAGE scan, and the compute seconds of its Dask tasks (0 in process)."""
     started = time.perf_counter()
-    sage_select(dataset, 0.1, ell=32, client=client)
-    return time.perf_counter() - started
+    if client is None:
+        sage_select(dataset, 0.1, ell=32)
+        return time.perf_counter() - started, 0.0
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        sage_select(dataset, 0.1, ell=32, client=client)
+    wall = time.perf_counter() - started
+    return wall, sum(s["stop"] - s["start"] for t in stream.data for s in t["startstops"] if s["action"] == "compute")
 
 
 def loader_rate(dataset, rank: int, world_size: int) -> float:
@@ -57,7 +67,7 @@ def main() -> None:
         y = rng.integers(0, 10, args.samples)
         x = (rng.normal(size=(args.samples, 40)) + y[:, None] * 0.1).astype(np.float32)
         dataset = write_dataset(f"{tmp}/scale.zarr", [{"x": x, "y": y}])
-        scan = {"in process": scan_seconds(dataset)}
+        scan, task_seconds = {"in process": scan_seconds(dataset)[0]}, {}
         for workers in (1, 2):
             with (
                 LocalCluster(
@@ -70,22 +80,28 @@ def main() -> None:
                 Client(cluster) as client,
             ):
                 scan_seconds(dataset, client)  # warm the workers (imports)
-                scan[f"{workers} worker{'s' * (workers > 1)}"] = scan_seconds(dataset, client)
+                name = f"{workers} worker{'s' * (workers > 1)}"
+                scan[name], task_seconds[name] = scan_seconds(dataset, client)
         loader_rate(dataset, 0, 1)  # warm-up
         ranks = {f"world {world}": [loader_rate(dataset, rank, world) for rank in range(world)] for world in (1, 2)}
     rates = {name: args.samples / seconds for name, seconds in scan.items()}
-    projected = {w: rates["1 worker"] * w for w in (2, 4, 8)}
+    tasks = task_seconds["1 worker"]
+    rest = scan["1 worker"] - tasks
+    projected = {w: args.samples / (rest + tasks / w) for w in (1, 2, 4, 8, 16)}
     print(f"{'scan':<12} {'s':>7} {'samples/s':>10} {'/ in process':>12}")
     for name, seconds in scan.items():
         print(f"{name:<12} {seconds:>7.2f} {rates[name]:>10.0f} {rates[name] / rates['in process']:>12.2f}")
     print(f"2 workers / 1 worker: {rates['2 workers'] / rates['1 worker']:.2f}x")
-    print("projected from 1 worker (no merge cost): " + ", ".join(f"{w}: {r:.0f}/s" for w, r in projected.items()))
+    print(f"1 worker: tasks {tasks:.2f} s of compute, the rest {rest:.2f} s (T(w) = rest + tasks / w)")
+    print("projected samples/s: " + ", ".join(f"{w} workers {r:.0f}" for w, r in projected.items()))
+    print(f"2 workers measured / projected: {rates['2 workers'] / projected[2]:.2f}")
     for name, per_rank in ranks.items():
         print(f"loader {name}: " + ", ".join(f"rank {r}: {rate:,.0f} samples/s" for r, rate in enumerate(per_rank)))
     result = {
         "samples": args.samples,
         "scan_seconds": scan,
         "scan_rates": rates,
+        "task_seconds": task_seconds,
         "projected": projected,
         "loader": ranks,
     }
