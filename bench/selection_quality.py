@@ -9,10 +9,11 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
 - graft-dynamic, crest-dynamic, random-dynamic: a new round every `--every` epochs; the first two
   push the trainer's model as the proxy (`update_proxy`) and the round runs GRAFT on a random
-  pool of twice the budget, or CREST; their first round, with no model yet, is class-balanced
-  random. graft-dynamic-warm trains on all data for 2 epochs (the loader's warm_start_epochs),
-  then selects with the warmed-up model and every `--every` epochs after. Re-selection time and
-  scan bytes are counted, and so are the warm epochs' samples.
+  pool of twice the budget, or CREST (crest-coreset-dynamic: with its coreset step, weighted);
+  their first round, with no model yet, is class-balanced random. graft-dynamic-warm trains on
+  all data for 2 epochs (the loader's warm_start_epochs), then selects with the warmed-up model
+  and every `--every` epochs after. Re-selection time and scan bytes are counted, and so are the
+  warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
@@ -56,6 +57,7 @@ DYNAMIC = {
     "graft-dynamic": ("graft", {"pool": 2.0, "window": 256}),
     "graft-dynamic-warm": ("graft", {"pool": 2.0, "window": 256}),
     "crest-dynamic": ("crest", {}),
+    "crest-coreset-dynamic": ("crest", {"coreset": True}),
     "random-dynamic": ("random", {}),
 }
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
@@ -142,7 +144,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
         t = time.perf_counter()
         selection = make_selector(kind, **options).select(store, keep, seed=seed)
         selection_seconds.append(time.perf_counter() - t)
-    weighted = method == "craig"  # CRAIG's cluster sizes weight each sample's loss
+    weighted = method in ("craig", "crest-coreset-dynamic")  # cluster sizes weight each sample's loss
     warm = WARM_START_EPOCHS.get(method, 0)
     loader = StreamingLoader(
         store,

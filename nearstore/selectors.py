@@ -216,27 +216,27 @@ class Craig(Selector):
         return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window)
 
     def _pick(self, windows: list[Window]) -> list[Pick]:
-        picks = []
-        for (embeddings,), k in windows:
-            rows, sizes = facility_location(embeddings, k)
-            weights = sizes.double() * k / len(embeddings)
-            picks.append((rows.cpu().numpy(), weights.float().cpu().numpy(), np.full(k, np.nan, dtype=np.float32)))
-        return picks
+        return [(*_medoids(embeddings, k), np.full(k, np.nan, dtype=np.float32)) for (embeddings,), k in windows]
 
 
 @dataclass(frozen=True)
 class Crest(Selector):
     """CREST as the storage side can run it: per class, a random pool of `pool` × k_c samples is
     read and embedded by the proxy; those it already classifies with p(y | x) > `confidence` are
-    learned and left out, and k_c samples are drawn uniformly from the rest (topped up with the
-    least confident learned ones when too few remain). Without a proxy (a first round, before the
-    trainer has pushed its model) nothing is learned yet: the draw is class-balanced random and
-    reads only the labels. Only the pools are read, so a round costs pool × keep of a full scan.
+    learned and left out, and k_c samples are drawn from the rest (topped up with the least
+    confident learned ones when too few remain): uniformly, or with `coreset` as CREST's
+    coresets, the facility-location medoids of the unlearned samples' loss gradients at the
+    logits (softmax − onehot, as CRAIG and CREST use for deep models), per window of
+    `CORESET_WINDOW`, weighted by cluster size (mean 1). Without a proxy (a first round, before
+    the trainer has pushed its model) nothing is learned yet: the draw is class-balanced random
+    and reads only the labels. Only the pools are read, so a round costs pool × keep of a full scan.
     """
 
     method: ClassVar[str] = "crest"
+    CORESET_WINDOW: ClassVar[int] = 512
     pool: float = 2.0
     confidence: float = 0.9
+    coreset: bool = False
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
         _check_keep(keep)
@@ -245,44 +245,76 @@ class Crest(Selector):
         started = time.perf_counter()
         labels, budgets, pools, labels_reader = _class_pools(dataset, keep, self.pool, seed, whole=proxy is None)
         rng = np.random.default_rng([seed, 1])
-        confidences, readers = {}, [labels_reader]
+        confidences, gradients, readers = {}, {}, [labels_reader]
         if proxy is not None:
             _check_proxy(dataset, proxy)
             input_array = _input_array(dataset)
             reader = SelectiveReader(dataset, [input_array])  # the labels are in hand already
             wanted = np.sort(np.concatenate(list(pools.values())))
             probability = np.empty(dataset.num_samples, dtype=np.float32)
+            at_logits = np.empty((dataset.num_samples if self.coreset else 0, proxy.num_classes), dtype=np.float32)
             for start in tqdm(range(0, len(wanted), 4096), desc="CREST pool", unit="chunk", disable=not progress):
                 ids = wanted[start : start + 4096]
                 x = reader.read(ids)[input_array]
                 _check_finite(x, ids, input_array)
-                probability[ids] = proxy.confidence(x, labels[ids]).cpu().numpy()
+                if self.coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
+                    at_logits[ids] = proxy.gradient_factors(x, labels[ids])[0].cpu().numpy()
+                    probability[ids] = 1 + at_logits[ids, labels[ids]]
+                else:
+                    probability[ids] = proxy.confidence(x, labels[ids]).cpu().numpy()
             confidences = {c: probability[pool] for c, pool in pools.items()}
+            gradients = {c: at_logits[pool] for c, pool in pools.items()} if self.coreset else {}
             readers.append(reader)
-        picks, scores = [], []
+        picks, weights, scores = [], [], []
         for c, pool in pools.items():
+            weight = np.ones(budgets[c], dtype=np.float32)
             if c not in confidences:
                 chosen = rng.choice(len(pool), budgets[c], replace=False)
             else:
                 unlearned = np.flatnonzero(confidences[c] <= self.confidence)
-                if len(unlearned) >= budgets[c]:
+                if len(unlearned) > budgets[c] and self.coreset:
+                    rows, weight = _coresets(torch.from_numpy(gradients[c][unlearned]), budgets[c], self.CORESET_WINDOW)
+                    chosen = unlearned[rows]
+                elif len(unlearned) >= budgets[c]:
                     chosen = rng.choice(unlearned, budgets[c], replace=False)
                 else:  # too few left to learn: the least confident of the learned fill the budget
                     learned = np.argsort(confidences[c], kind="stable")[len(unlearned) :]
                     chosen = np.concatenate([unlearned, learned[: budgets[c] - len(unlearned)]])
             picks.append(pool[chosen])
+            weights.append(weight)
             scores.append(confidences[c][chosen] if c in confidences else np.full(len(chosen), np.nan))
         ids = np.concatenate(picks)
         order = np.argsort(ids)
         return Selection(
             dataset=dataset.identity(),
             ids=ids[order],
-            weights=np.ones(len(ids), dtype=np.float32),
+            weights=np.concatenate(weights)[order],
             scores=np.concatenate(scores)[order],
             method=self.method,
             params={"keep": keep, "seed": seed, "proxy": type(proxy).__name__ if proxy else None, **self.params()},
             io=_scan_io(started, readers),
         )
+
+
+def _coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """k facility-location medoids of points (n, d), per window of at most `window` of them with
+    budgets that add up to k (differences of rounded running totals), and their weights, cluster
+    sizes × k_w / n_w (mean 1 per window)."""
+    rows, weights = [], []
+    for start in range(0, len(points), window):
+        end = min(start + window, len(points))
+        budget = round(k * end / len(points)) - round(k * start / len(points))
+        if budget:
+            medoids, weight = _medoids(points[start:end], budget)
+            rows.append(start + medoids)
+            weights.append(weight)
+    return np.concatenate(rows), np.concatenate(weights)
+
+
+def _medoids(points: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """CRAIG's k facility-location medoids of points and their weights, cluster sizes × k / n (mean 1)."""
+    rows, sizes = facility_location(points, k)
+    return rows.cpu().numpy(), (sizes.double() * k / len(points)).float().cpu().numpy()
 
 
 def _windowed(

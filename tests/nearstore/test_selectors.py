@@ -216,3 +216,36 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
     with pytest.raises(ValueError, match="pool must be >= 1"):
         Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)
+
+
+@pytest.mark.parametrize("window", [512, 64])  # one window a class, or several
+def test_crest_coresets_are_the_medoids_of_the_unlearned_gradients_at_the_logits(blobs, monkeypatch, window):
+    dataset, x, y, _ = blobs
+    monkeypatch.setattr(Crest, "CORESET_WINDOW", window)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))  # untrained: most samples are unlearned
+    proxy = ModelProxy(model)
+    selection = Crest(pool=1000, coreset=True).select(dataset, 0.2, proxy=proxy, seed=0)
+    residual, _ = proxy.gradient_factors(x, y)
+    confidence = 1 + residual[torch.arange(len(y)), torch.from_numpy(y)].numpy()
+    expected_ids, expected_weights = [], []
+    for c in range(3):
+        members = np.flatnonzero(y == c)  # the pool is the whole class, in id order
+        unlearned = members[confidence[members] <= 0.9]
+        budget = max(1, round(0.2 * len(members)))
+        assert len(unlearned) > budget
+        for start in range(0, len(unlearned), Crest.CORESET_WINDOW):
+            end = min(start + Crest.CORESET_WINDOW, len(unlearned))
+            k = round(budget * end / len(unlearned)) - round(budget * start / len(unlearned))
+            rows, sizes = facility_location(residual[unlearned[start:end]], k)
+            expected_ids += unlearned[start:end][rows.numpy()].tolist()
+            expected_weights += (sizes.double() * k / (end - start)).tolist()
+    order = np.argsort(expected_ids)
+    np.testing.assert_array_equal(selection.ids, np.asarray(expected_ids)[order])
+    np.testing.assert_allclose(selection.weights, np.asarray(expected_weights)[order], rtol=1e-6)
+    assert selection.weights.sum() == pytest.approx(len(selection), rel=1e-6)
+    np.testing.assert_allclose(selection.scores, confidence[selection.ids], rtol=1e-5)
+    # without the coreset step, the same pools give a uniform draw of the unlearned, weight 1
+    uniform = Crest(pool=1000).select(dataset, 0.2, proxy=proxy, seed=0)
+    assert len(uniform) == len(selection) and np.all(uniform.weights == 1)
+    assert not np.array_equal(uniform.ids, selection.ids)
