@@ -29,10 +29,11 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
     row's coordinates in the orthonormal basis of the pivots' span, so K ≈ L Lᵀ is the rank-k
     (Nyström) approximation the pivots give, and L's pivot rows are lower triangular.
 
-    Rank: values are taken as exact, within what a Gram matrix can resolve: once no residual
-    exceeds n · eps(float64) of the largest diagonal entry (row parts below ~1e-7 of the largest
-    row are lost in K's rounding), the rest of the pivots are the lowest indices not yet taken,
-    with zero columns in L. Computed in float64 on gram's device, O(n k²) a matrix.
+    Rank: values are taken as exact, within what a Gram matrix in gram's dtype resolves: once no
+    residual exceeds n · eps(gram's dtype) of the largest diagonal entry (in float64, row parts
+    below ~1e-7 of the largest row are lost in K's rounding; in float32, below ~3e-4), the rest
+    of the pivots are the lowest indices not yet taken, with zero columns in L. Computed in
+    float64 on gram's device, O(n k²) a matrix.
     """
     g = _checked(gram, k)
     batched = g.ndim == 3
@@ -44,7 +45,7 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
     root = torch.ldexp(torch.ones_like(peak), (torch.frexp(peak).exponent + 1) // 2)
     g = g / (root * root)[:, None, None]
     residual = g.diagonal(dim1=1, dim2=2).clone()
-    rank_tol = residual.amax(1) * n * torch.finfo(g.dtype).eps
+    rank_tol = residual.amax(1) * n * torch.finfo(gram.dtype).eps
     columns = g.new_zeros(b, k, n)  # Lᵀ: its first t rows are contiguous
     rows = torch.empty(b, k, dtype=torch.int64, device=g.device)
     taken = torch.zeros(b, n, dtype=torch.bool, device=g.device)
@@ -57,7 +58,9 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
         best = torch.where(spent, (~taken).int().argmax(1), best)  # dependent: the lowest free index
         done = columns[:, :t]
         column = g[every, best] - torch.bmm(done[every, :, best][:, None], done)[:, 0]
-        pivot = column[every, best].clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        # the downdated residual, as LAPACK's pstrf: in a Gram matrix rounded off PSD, recomputing it
+        # can cancel to 0 where the residual does not, and dividing by that blows L up
+        pivot = free[every, best].clamp_min(torch.finfo(g.dtype).tiny).sqrt()
         column = torch.where(spent[:, None], 0.0, column / pivot[:, None])
         columns[:, t] = column
         residual = (residual - column * column).clamp_min(0)
@@ -121,14 +124,17 @@ def maxvol(
 
 
 def _swap(factor: torch.Tensor, rows: torch.Tensor, full: torch.Tensor, tol: float, max_swaps: int) -> torch.Tensor:
-    """MaxVol swaps of each batch member with a non-singular L_S (`full`); see maxvol."""
+    """MaxVol swaps of each batch member with a non-singular L_S (`full`) that is lower triangular,
+    as the greedy pivots' rows are; see maxvol."""
     b, n, k = factor.shape
     rows = rows.clone()
     if not full.any() or not max_swaps:
         return rows
     every = torch.arange(b, device=factor.device)
     square = torch.where(full[:, None, None], factor[every[:, None], rows], torch.eye(k, dtype=factor.dtype))
-    coeffs = torch.linalg.solve(square, factor, left=False)  # B = L L_S⁻¹: row i of L in the basis of the rows S
+    # B = L L_S⁻¹: row i of L in the basis of the rows S. A triangular solve, not an LU: torch
+    # 2.13's batched LU on CPU fails ("pivots ... must be >= 1") from k = 256 on 2 threads.
+    coeffs = torch.linalg.solve_triangular(square, factor, upper=False, left=False)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=factor.device)
     chosen[every[:, None], rows] = True
     for _ in range(max_swaps):

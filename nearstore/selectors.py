@@ -195,9 +195,9 @@ def _stack(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gram(residual: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """Their Gram matrices, g_i · g_j = (r_i · r_j)(x_i · x_j): (R Rᵀ) ∘ (X Xᵀ), (b, w, w), in
-    float64 (the kernels' precision), from products in the factors' own precision (2x faster in float32)."""
-    return ((residual @ residual.mT) * (inputs @ inputs.mT)).double()
+    """Their Gram matrices, g_i · g_j = (r_i · r_j)(x_i · x_j): (R Rᵀ) ∘ (X Xᵀ), (b, w, w), in the
+    factors' precision (float32: 2x faster than float64, and the kernel resolves ranks to it)."""
+    return (residual @ residual.mT) * (inputs @ inputs.mT)
 
 
 @dataclass(frozen=True)

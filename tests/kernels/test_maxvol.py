@@ -153,6 +153,8 @@ def test_swaps_from_a_poor_start(seed: int) -> None:
     # Greedy leaves little to swap (0 to 2 swaps on random inputs), so the rank-one updates of B
     # are driven here from the first r rows instead: about 10 swaps, each checked from scratch.
     a = gaussian(300, 8, seed)
+    # Rotated so that the start's rows are lower triangular, as greedy pivots' rows are: volumes keep.
+    a = a @ np.linalg.qr(a[:8].T)[0]
     start, full = torch.arange(8)[None], torch.tensor([True])
     volumes = []
     for max_swaps in range(100):
@@ -191,6 +193,18 @@ def test_one_k_per_matrix_and_zero_padding_to_a_common_size() -> None:
         maxvol(padded, [5, 6])
     with pytest.raises(ValueError, match="one >= 1 for each"):
         maxvol(padded, [5, 0, 1, 1])
+
+
+def test_a_batch_of_large_windows_on_two_threads() -> None:
+    # Regression: a batched LU solve fails on torch 2.13's CPU build from k = 256 with 2 threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        features = torch.randn(16, 512, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        rows = maxvol(features @ features.mT, 256)
+    finally:
+        torch.set_num_threads(threads)
+    assert rows.shape == (16, 256) and all(len(set(r.tolist())) == 256 for r in rows)
 
 
 def test_a_small_independent_part_under_large_rows_is_found() -> None:

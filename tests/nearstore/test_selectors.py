@@ -47,7 +47,7 @@ def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs):
     expected = []
     for c in range(3):
         for ids in windows(np.flatnonzero(y == c), 128):
-            g = proxy.embed(x[ids], y[ids]).double()  # the gradients themselves, not their factors
+            g = proxy.embed(x[ids], y[ids])  # the gradients themselves (float32), not their factors
             k = _window_budget(0.25, np.flatnonzero(y == c), ids)
             expected += ids[maxvol(g @ g.T, k).numpy()].tolist()
     np.testing.assert_array_equal(selection.ids, np.sort(expected))
