@@ -5,15 +5,15 @@
 
 Every run trains the same model from the StreamingLoader (torch backend) for the same number of
 epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
-- full: all samples, the ceiling; random, random-balanced: uniform subsets (per class);
+- full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
+  2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
 - graft-dynamic, crest-dynamic, random-dynamic: a new round every `--every` epochs; the first two
   push the trainer's model as the proxy (`update_proxy`) and the round runs GRAFT on a random
   pool of twice the budget, or CREST (crest-coreset-dynamic: with its coreset step, weighted);
   their first round, with no model yet, is class-balanced random. graft-dynamic-warm trains on
-  all data for 2 epochs (the loader's warm_start_epochs), then selects with the warmed-up model
-  and every `--every` epochs after. Re-selection time and scan bytes are counted, and so are the
-  warm epochs' samples.
+  all data for 2 epochs, then selects with the warmed-up model and every `--every` epochs after.
+  Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
@@ -46,6 +46,7 @@ from nearstore.sources import digits_batches  # noqa: E402
 STATIC = {
     "random": ("random", {}),
     "random-balanced": ("random", {"class_balanced": True}),
+    "random-warm": ("random", {}),
     "sage": ("sage", {}),
     "sage-residual": ("sage", {"score": "residual"}),
     "graft": ("graft", {}),
@@ -61,7 +62,7 @@ DYNAMIC = {
     "random-dynamic": ("random", {}),
 }
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
-WARM_START_EPOCHS = {"graft-dynamic-warm": 2}
+WARM_START_EPOCHS = {"graft-dynamic-warm": 2, "random-warm": 2}
 METHODS = ["full", *STATIC, *DYNAMIC]
 BATCH = 128
 
