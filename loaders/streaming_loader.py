@@ -180,7 +180,7 @@ class StreamingLoader:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Positions into the epoch's samples (the selection, or all of them while warming up), in
         the order epoch `epoch` visits them on this rank."""
-        n = len(self._epoch_ids(epoch)[0])
+        n = self._epoch_size(epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         if self.world_size == 1:
             return order
@@ -252,8 +252,12 @@ class StreamingLoader:
         return self.server.identity if self.server is not None else self.dataset.identity()
 
     def _share_size(self, epoch: int) -> int:
-        n, ranks = len(self._epoch_ids(epoch)[0]), self.world_size
+        n, ranks = self._epoch_size(epoch), self.world_size
         return n // ranks if self.uneven == "drop" else math.ceil(n / ranks)
+
+    def _epoch_size(self, epoch: int) -> int:
+        """How many samples epoch `epoch` visits: all while warming up, else the selection."""
+        return self.num_samples if epoch < self.warm_start_epochs else len(self.ids)
 
     def _epoch_ids(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int | str]:
         """The samples epoch `epoch` visits, their weights, and the server round they are in."""
