@@ -26,11 +26,12 @@ from nearstore.dataset import Dataset
 from nearstore.proxy import Proxy
 from nearstore.reader import SelectiveReader
 from nearstore.scan import (
-    Embedded,
+    Batch,
     Scan,
     _check_finite,
     _check_keep,
     _check_proxy,
+    _embed,
     _input_array,
     _label_array,
     _scan_io,
@@ -253,9 +254,10 @@ class Crest(Selector):
             wanted = np.sort(np.concatenate(list(pools.values())))
             probability = np.empty(dataset.num_samples, dtype=np.float32)
             at_logits = np.empty((dataset.num_samples if self.coreset else 0, proxy.num_classes), dtype=np.float32)
-            for start in tqdm(range(0, len(wanted), 4096), desc="CREST pool", unit="chunk", disable=not progress):
-                ids = wanted[start : start + 4096]
-                x = reader.read(ids)[input_array]
+            for ids, batch in _pool_batches(
+                reader, input_array, dataset.label_array, labels, wanted, progress, "CREST pool"
+            ):
+                x = batch[input_array]
                 _check_finite(x, ids, input_array)
                 if self.coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
                     at_logits[ids] = proxy.gradient_factors(x, labels[ids])[0].cpu().numpy()
@@ -348,8 +350,11 @@ def _windowed(
         share: Callable[[int], float] = lambda group: keep  # noqa: E731
     else:
         labels, budgets, pools, labels_reader = _class_pools(dataset, keep, pool, seed)
-        readers.append(labels_reader)
-        stream = _pool_embeddings(scan, labels, np.sort(np.concatenate(list(pools.values()))), progress, factored)
+        inputs = SelectiveReader(dataset, [scan.input_array])  # the labels are in hand already
+        readers += [labels_reader, inputs]
+        wanted = np.sort(np.concatenate(list(pools.values())))
+        batches = _pool_batches(inputs, scan.input_array, scan.labels, labels, wanted, progress, "pool")
+        stream = _embed(batches, scan.proxy, scan.input_array, scan.labels, True, factored)
         share = lambda group: budgets[group] / len(pools[group])  # noqa: E731
     pending: dict[int, list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]] = {}
     seen: dict[int, int] = {}
@@ -422,17 +427,20 @@ def _class_pools(
     return labels, budgets, pools, reader
 
 
-def _pool_embeddings(
-    scan: Scan, labels: np.ndarray, ids: np.ndarray, progress: bool, factored: bool
-) -> Iterator[Embedded]:
-    """Gradient embeddings (or their factors) of the pooled samples only (sorted ids), in chunks, grouped by class."""
-    for start in tqdm(range(0, len(ids), 4096), desc="pool", unit="chunk", disable=not progress):
+def _pool_batches(
+    reader: SelectiveReader,
+    input_array: str,
+    label_array: str,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    progress: bool,
+    desc: str,
+) -> Iterator[Batch]:
+    """The pooled samples (sorted ids) in chunks of 4,096: their inputs read by `reader`, their
+    labels taken from those already in hand rather than read again."""
+    for start in tqdm(range(0, len(ids), 4096), desc=desc, unit="chunk", disable=not progress):
         chunk = ids[start : start + 4096]
-        x = scan.reader.read(chunk)[scan.input_array]
-        _check_finite(x, chunk, scan.input_array)
-        y = labels[chunk]
-        embeddings = scan.proxy.gradient_factors(x, y) if factored else scan.proxy.embed(x, y)
-        yield chunk, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, embeddings
+        yield chunk, {input_array: reader.read(chunk)[input_array], label_array: labels[chunk]}
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
