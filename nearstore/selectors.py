@@ -449,7 +449,7 @@ SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage
 DEFAULT_METHOD = "graft"
 # What re-selection with the trainer's model runs (`StreamingLoader.reselect`): GRAFT on a random
 # pool of twice the budget beat random by 2.3 and 3.4 sigma at 10% and 25% (same bench); a round
-# costs 0.07 of a full-data epoch at 10%, 0.16 at 25% (bench/round_cost.py).
+# costs 0.06 of a full-data epoch at 10%, 0.14 at 25% (bench/round_cost.py).
 DEFAULT_RESELECT: tuple[str, dict[str, Any]] = ("graft", {"pool": 2.0, "window": 256})
 
 
