@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.floats import all_finite
+
 
 def sketch_basis(sketch: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """Top right singular vectors of the sketch as orthonormal rows V, shape (r, dim), r <= k.
@@ -18,7 +20,7 @@ def sketch_basis(sketch: torch.Tensor, k: int | None = None) -> torch.Tensor:
         raise TypeError(f"sketch must be a floating point tensor, got {sketch.dtype}")
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1 or None, got {k}")
-    if not torch.isfinite(sketch).all():
+    if not all_finite(sketch):
         raise ValueError("sketch contains NaN or inf")
     # The sketch is small (ℓ × dim): float64 keeps the directions near the rank cut-off clean.
     _, sigma, vh = torch.linalg.svd(sketch.double(), full_matrices=False)
@@ -47,7 +49,7 @@ def agreement_scores(embeddings: torch.Tensor, basis: torch.Tensor, consensus: t
     if consensus.shape != (width,):
         raise ValueError(f"consensus must have shape ({width},), got {tuple(consensus.shape)}")
     for name, tensor in (("embeddings", embeddings), ("basis", basis), ("consensus", consensus)):
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(f"{name} contains NaN or inf")
 
     basis = basis.to(embeddings)
@@ -76,7 +78,7 @@ def residual_scores(embeddings: torch.Tensor, basis: torch.Tensor) -> torch.Tens
         raise ValueError(
             f"embeddings (n, D) and basis (r, D) must share D, got {tuple(embeddings.shape)} and {tuple(basis.shape)}"
         )
-    if not torch.isfinite(embeddings).all():
+    if not all_finite(embeddings):
         raise ValueError("embeddings contains NaN or inf")
     basis = basis.to(embeddings)
     outside = embeddings - (embeddings @ basis.T) @ basis

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from kernels.subnormals import flush_subnormal
+from kernels.floats import all_finite, flush_subnormal
 
 _METRICS = ("euclidean", "cosine")
 # Stale bounds re-evaluated together, in one (16, n) op: at n = 2000, k = 200 the greedy takes
@@ -116,7 +116,7 @@ def facility_location(
         raise ValueError(f"k must be in [1, n] = [1, {n}], got {k}")
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    if not torch.isfinite(features).all():
+    if not all_finite(features):
         raise ValueError("features contain NaN or inf")
 
     # Greedy over the distinct points, each weighted by its multiplicity: exact duplicates are 0 apart

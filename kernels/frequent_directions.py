@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.subnormals import flush_subnormal
+from kernels.floats import all_finite, flush_subnormal
 
 
 def _shrink(rows: torch.Tensor, ell: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ class FrequentDirections:
             raise ValueError(f"rows must have shape (n, {self._dim}), got {tuple(rows.shape)}")
         rows = rows.to(device=self._buffer.device, dtype=self._buffer.dtype)
         # Checked after the cast: values that overflow the sketch's dtype are as bad as inf.
-        if not torch.isfinite(rows).all():
+        if not all_finite(rows):
             raise ValueError("rows contain NaN or inf")
         self._append(flush_subnormal(rows))
         self._rows_seen += rows.shape[0]

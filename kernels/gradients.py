@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.subnormals import flush_subnormal
+from kernels.floats import all_finite, flush_subnormal
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -61,7 +61,7 @@ def last_layer_factors(
     if bad.numel():
         raise ValueError(f"labels must be in [0, {classes}), got {bad[0].item()}")
     for name, matrix in (("logits", logits), ("features", features)):
-        if not torch.isfinite(matrix).all():
+        if not all_finite(matrix):
             raise ValueError(f"{name} contain NaN or inf")
 
     dtype = torch.promote_types(logits.dtype, features.dtype)

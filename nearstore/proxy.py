@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kernels import last_layer_factors, last_layer_gradients
+from kernels.floats import all_finite
 
 
 class Proxy(Protocol):
@@ -115,7 +116,7 @@ class RandomFeatureProxy:
 
     def _flatten(self, x: np.ndarray) -> torch.Tensor:
         inputs = torch.as_tensor(np.asarray(x), device=self.device).reshape(len(x), -1).float()
-        if not torch.isfinite(inputs).all():
+        if not all_finite(inputs):
             raise ValueError("proxy input contains NaN or inf")
         if self._mean is not None and inputs.shape[1] != self._mean.shape[0]:
             raise ValueError(f"proxy was fitted on {self._mean.shape[0]} input features, got {inputs.shape[1]}")

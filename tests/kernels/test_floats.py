@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels import FrequentDirections, last_layer_gradients
-from kernels.subnormals import flush_subnormal
+from kernels.floats import all_finite, flush_subnormal
 
 
 def is_subnormal(x: torch.Tensor) -> torch.Tensor:
@@ -31,3 +33,27 @@ def test_sketches_never_hold_subnormals():
     fd.update(rows)
     assert not is_subnormal(fd.sketch()).any()
     assert not is_subnormal(fd._buffer).any()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]),
+    bad=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
+    where=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_is_isfinite_all(shape, dtype, bad, where, seed):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1e4).to(dtype)
+    if bad is not None and x.numel():
+        x.view(-1)[where % x.numel()] = bad
+    assert all_finite(x) == bool(torch.isfinite(x).all())
+    assert all_finite(x) == (bad is None or not x.numel())
+
+
+def test_all_finite_of_integers_and_of_a_large_batch():
+    assert all_finite(torch.arange(5)) and all_finite(torch.tensor([True, False]))
+    grams = torch.zeros(64, 256, 256)
+    assert all_finite(grams)
+    grams[63, 255, 255] = float("nan")
+    assert not all_finite(grams)
