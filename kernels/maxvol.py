@@ -13,10 +13,12 @@ from typing import NamedTuple
 
 import torch
 
+from kernels.floats import all_finite
+
 
 class Pivots(NamedTuple):
     rows: torch.Tensor  # (..., k) pivot order
-    factor: torch.Tensor  # (..., n, k) float64, K ≈ L Lᵀ, zero columns past the rank
+    factor: torch.Tensor  # (..., n, k) in the precision computed, K ≈ L Lᵀ, zero columns past the rank
     rank: torch.Tensor  # (...,) how many pivots are independent
 
 
@@ -33,40 +35,67 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
     residual exceeds n · eps(gram's dtype) of the largest diagonal entry (in float64, row parts
     below ~1e-7 of the largest row are lost in K's rounding; in float32, below ~3e-4), the rest
     of the pivots are the lowest indices not yet taken, with zero columns in L. Computed in
-    float64 on gram's device, O(n k²) a matrix.
+    gram's precision (float32 for float32 and narrower, else float64; the downdates' rounding,
+    ~k · eps, stays under that rank threshold) on gram's device, O(n k²) a matrix: each step reads
+    the columns of L so far, so float32 halves the cost where K holds no more precision anyway.
     """
     g = _checked(gram, k)
     batched = g.ndim == 3
     g = g if batched else g[None]
     b, n, _ = g.shape
     # The pivots are scale-free; a power of 4 scales K exactly (and L by its root, exactly) to a
-    # largest entry in (1/4, 1], where neither the squares of L nor small entries leave float64's range.
+    # largest entry in (1/4, 1], where neither the squares of L nor small entries leave the dtype's
+    # range. Only the rows taken are scaled, as they are taken: K itself is not copied.
     peak = g.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(g.dtype).tiny)
     root = torch.ldexp(torch.ones_like(peak), (torch.frexp(peak).exponent + 1) // 2)
-    g = g / (root * root)[:, None, None]
-    residual = g.diagonal(dim1=1, dim2=2).clone()
+    scale = (1 / (root * root))[:, None]
+    residual = g.diagonal(dim1=1, dim2=2) * scale
     rank_tol = residual.amax(1) * n * torch.finfo(gram.dtype).eps
     columns = g.new_zeros(b, k, n)  # Lᵀ: its first t rows are contiguous
     rows = torch.empty(b, k, dtype=torch.int64, device=g.device)
-    taken = torch.zeros(b, n, dtype=torch.bool, device=g.device)
     rank = torch.zeros(b, dtype=torch.int64, device=g.device)
-    every = torch.arange(b, device=g.device)
+    # The members still pivoting (`live`) and their state. A member whose rank is spent takes its
+    # lowest free indices from then on, which needs no arithmetic: once a quarter of the live
+    # members are spent, they leave (the state is copied without them), so the steps after read
+    # only the columns that still grow. Windows of gradients run out of rank at very different steps.
+    live = torch.arange(b, device=g.device)
+    work, taken = columns, torch.zeros(b, n, dtype=torch.bool, device=g.device)
+    independent = torch.zeros(b, dtype=torch.int64, device=g.device)
     for t in range(k):
         free = residual.masked_fill(taken, -1)
         best = free.argmax(1)  # first of equals: the lowest index
-        spent = free[every, best] <= rank_tol
-        best = torch.where(spent, (~taken).int().argmax(1), best)  # dependent: the lowest free index
-        done = columns[:, :t]
-        column = g[every, best] - torch.bmm(done[every, :, best][:, None], done)[:, 0]
+        at = torch.arange(len(live), device=g.device)
+        spent = free[at, best] <= rank_tol
+        dependent = int(spent.sum())
+        if 4 * dependent >= len(live):
+            out = live[spent]
+            columns[out], rank[out] = work[spent], independent[spent]
+            # the lowest free indices, in order: a stable sort puts the untaken first
+            rows[out, t:] = torch.sort(taken[spent].to(torch.uint8), dim=1, stable=True).indices[:, : k - t]
+            stay = ~spent
+            live, work, taken, independent = live[stay], work[stay], taken[stay], independent[stay]
+            residual, rank_tol, scale, free, best = residual[stay], rank_tol[stay], scale[stay], free[stay], best[stay]
+            if not len(live):
+                break
+            at, spent, dependent = at[: len(live)], spent[stay], 0
+        if dependent:  # the lowest free index
+            best = torch.where(spent, (~taken).int().argmax(1), best)
+        done = work[:, :t]
+        column = g[live, best] * scale - torch.bmm(done[at, :, best][:, None], done)[:, 0]
         # the downdated residual, as LAPACK's pstrf: in a Gram matrix rounded off PSD, recomputing it
         # can cancel to 0 where the residual does not, and dividing by that blows L up
-        pivot = free[every, best].clamp_min(torch.finfo(g.dtype).tiny).sqrt()
-        column = torch.where(spent[:, None], 0.0, column / pivot[:, None])
-        columns[:, t] = column
+        pivot = free[at, best].clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        column = column / pivot[:, None]
+        if dependent:
+            column = torch.where(spent[:, None], 0.0, column)
+        work[:, t] = column
         residual = (residual - column * column).clamp_min(0)
-        taken[every, best] = True
-        rows[:, t] = best
-        rank += ~spent
+        taken[at, best] = True
+        rows[live, t] = best
+        independent += ~spent
+    rank[live] = independent
+    if work is not columns:
+        columns[live] = work
     factor = columns.mT * root[:, None, None]
     if not batched:
         return Pivots(rows[0], factor[0], rank[0])
@@ -125,24 +154,26 @@ def maxvol(
 
 def _swap(factor: torch.Tensor, rows: torch.Tensor, full: torch.Tensor, tol: float, max_swaps: int) -> torch.Tensor:
     """MaxVol swaps of each batch member with a non-singular L_S (`full`) that is lower triangular,
-    as the greedy pivots' rows are; see maxvol."""
-    b, n, k = factor.shape
+    as the greedy pivots' rows are; see maxvol. Only those members are computed, in float64: a
+    member of lower rank keeps its greedy rows, and B's entries are compared with tol to ~1e-9."""
     rows = rows.clone()
     if not full.any() or not max_swaps:
         return rows
+    members = full.nonzero().flatten()
+    factor, picked = factor[members].double(), rows[members]
+    b, n, k = factor.shape
     every = torch.arange(b, device=factor.device)
-    square = torch.where(full[:, None, None], factor[every[:, None], rows], torch.eye(k, dtype=factor.dtype))
     # B = L L_S⁻¹: row i of L in the basis of the rows S. A triangular solve, not an LU: torch
     # 2.13's batched LU on CPU fails ("pivots ... must be >= 1") from k = 256 on 2 threads.
-    coeffs = torch.linalg.solve_triangular(square, factor, upper=False, left=False)
+    coeffs = torch.linalg.solve_triangular(factor[every[:, None], picked], factor, upper=False, left=False)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=factor.device)
-    chosen[every[:, None], rows] = True
+    chosen[every[:, None], picked] = True
     for _ in range(max_swaps):
         flat = coeffs.abs().flatten(1).argmax(1)
         i, j = flat // k, flat % k
         pivot = coeffs[every, i, j]
         # A row of S has |B| = 1: above tol only by roundoff.
-        active = full & (pivot.abs() > tol) & ~chosen[every, i]
+        active = (pivot.abs() > tol) & ~chosen[every, i]
         if not active.any():
             break
         # L_S' = (I + e_j (b_i − e_j)ᵀ) L_S, so by Sherman–Morrison B' = B − B[:, j] (b_i − e_j)ᵀ / B_ij.
@@ -150,9 +181,10 @@ def _swap(factor: torch.Tensor, rows: torch.Tensor, full: torch.Tensor, tol: flo
         row[every, j] -= 1
         step = (coeffs[every, :, j] / pivot[:, None])[:, :, None] * row[:, None, :]
         coeffs -= torch.where(active[:, None, None], step, 0.0)
-        chosen[every[active], rows[every, j][active]] = False
+        chosen[every[active], picked[every, j][active]] = False
         chosen[every[active], i[active]] = True
-        rows[every[active], j[active]] = i[active]
+        picked[every[active], j[active]] = i[active]
+    rows[members] = picked
     return rows
 
 
@@ -166,9 +198,9 @@ def _checked(gram: torch.Tensor, k: int) -> torch.Tensor:
     n = gram.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n] = [1, {n}] for a gram matrix of {n} rows, got {k}")
-    if not torch.isfinite(gram).all():
+    if not all_finite(gram):
         raise ValueError("gram contains NaN or inf")
-    g = gram.double()
+    g = gram.double() if gram.dtype == torch.float64 else gram.float()
     if (g.diagonal(dim1=-2, dim2=-1) < 0).any():
         raise ValueError("gram must have a non-negative diagonal (a Gram matrix A Aᵀ)")
     return g

@@ -173,7 +173,7 @@ class Graft(Selector):
         mean = residual.mT @ inputs / torch.tensor(sizes, dtype=residual.dtype)[:, None, None]
         products = ((residual @ mean) * inputs).sum(2)
         every = torch.arange(len(sizes))[:, None]
-        square = factor[every, rows]  # lower triangular: the pivots' own coordinates
+        square = factor[every, rows].double()  # lower triangular: the pivots' own coordinates
         independent = torch.arange(rows.shape[1])[None] < rank[:, None]
         square = square + torch.diag_embed((~independent).double())  # past the rank: a unit diagonal
         # the mean's coordinates in the pivots' orthonormal basis, the dependent ones 0

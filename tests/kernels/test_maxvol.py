@@ -91,11 +91,14 @@ def test_usually_the_largest_volume() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_greedy_rows_are_lapack_pivoted_qr(seed: int) -> None:
-    # Businger–Golub pivoting of Aᵀ (LAPACK geqp3) takes the rows the greedy phase takes, in order.
+    # Businger–Golub pivoting of Aᵀ (LAPACK geqp3) takes the rows the greedy phase takes, in order;
+    # from a float32 Gram matrix too, computed in float32, on these well-separated rows.
     a = gaussian(60, 8, seed)
     _, pivots = scipy.linalg.qr(a.T, mode="r", pivoting=True)
     for k in range(1, 9):
         assert pivoted_cholesky(gram(a), k).rows.tolist() == pivots[:k].tolist()
+    single = pivoted_cholesky(gram(a).float(), 8)
+    assert single.rows.tolist() == pivots[:8].tolist() and single.factor.dtype == torch.float32
     assert mv(a, max_swaps=0) == pivots[:8].tolist()
 
 
@@ -193,6 +196,24 @@ def test_one_k_per_matrix_and_zero_padding_to_a_common_size() -> None:
         maxvol(padded, [5, 6])
     with pytest.raises(ValueError, match="one >= 1 for each"):
         maxvol(padded, [5, 0, 1, 1])
+
+
+def test_members_leave_the_batch_as_their_rank_runs_out() -> None:
+    # Ranks 1 to 8 in one batch with k = 8: members are spent at every step and leave the batch in
+    # several rounds; each must still get exactly what it gets alone.
+    rng = np.random.default_rng(5)
+    features = [rng.standard_normal((20, r)) @ rng.standard_normal((r, 8)) for r in (3, 8, 1, 5, 8, 2, 7, 4, 6)]
+    grams = torch.stack([gram(a) for a in features])
+    batch = pivoted_cholesky(grams, 8)
+    assert batch.rank.tolist() == [3, 8, 1, 5, 8, 2, 7, 4, 6]
+    for a, rows, factor, rank in zip(features, *batch):
+        rows, rank = rows.tolist(), int(rank)
+        _, pivots = scipy.linalg.qr(a.T, mode="r", pivoting=True)
+        assert rows[:rank] == pivots[:rank].tolist()  # pivoted QR up to the rank, then the lowest free rows
+        assert rows[rank:] == [i for i in range(20) if i not in rows[:rank]][: 8 - rank]
+        np.testing.assert_allclose((factor @ factor.T).numpy(), a @ a.T, atol=1e-8)  # K = L Lᵀ: k >= rank
+        assert not factor[:, rank:].any()
+    assert [r.tolist() for r in maxvol(grams, 8)] == [maxvol(g, 8).tolist() for g in grams]
 
 
 def test_a_batch_of_large_windows_on_two_threads() -> None:
