@@ -1,5 +1,6 @@
 """nearstore: select a representative subset beside the data; ship only that to the trainer."""
 
+from nearstore.allocator import keep_freed_memory
 from nearstore.dataset import Dataset, open_dataset, write_dataset
 from nearstore.iostats import IOStats
 from nearstore.proxy import RandomFeatureProxy
@@ -13,6 +14,7 @@ __all__ = [
     "RandomFeatureProxy",
     "SelectiveReader",
     "Selection",
+    "keep_freed_memory",
     "open_dataset",
     "random_select",
     "sage_select",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nearstore import sources
+from nearstore.allocator import keep_freed_memory
 from nearstore.dataset import open_dataset, write_dataset
 from nearstore.scan import sage_select
 from nearstore.selectors import DEFAULT_METHOD, SELECTORS, make_selector
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("url")
 
     args = parser.parse_args(argv)
+    keep_freed_memory()  # selection rounds' forward passes would otherwise fault their memory back in
     try:
         commands = {"demo": _demo, "convert": _convert, "select": _select, "serve": _serve, "info": _info}
         return commands[args.command](args)
