@@ -178,7 +178,8 @@ class SelectiveReader:
                     for i in members:
                         start, end = starts[i] or 0, ends[i]
                         f.seek(start, 0 if start >= 0 else 2)
-                        blobs[i] = f.read() if end is None else f.read(end - f.tell())
+                        # a tell() per range is 1/4 of the Python calls of a read of many small ranges
+                        blobs[i] = f.read() if end is None else f.read(end - (start if start >= 0 else f.tell()))
             except FileNotFoundError as e:
                 for i in members:
                     blobs[i] = e
