@@ -3,18 +3,21 @@
     python bench/round_cost.py [--budgets 0.05 0.1 0.25 0.5] [--repeats 3] [--out bench/results]
 
 MNIST-1D (50,000 samples, the store bench/selection_quality.py writes), the demo's CNN: two
-full-data epochs through the StreamingLoader (torch backend, batch 128, Adam), the second timed as
-the full epoch; then, with that model as the proxy (what `loader.update_proxy` hands over), each
+full-data epochs through the StreamingLoader (torch backend, batch 128, Adam) give the proxy (what
+`loader.update_proxy` hands over). Then, twice, under glibc's default malloc policy and after
+`keep_freed_memory()`: one more timed full-data epoch (on a copy of the model), and each
 re-selection method's round at each budget, `--repeats` times (the median is reported): GRAFT on
-a pool of twice the budget (the default of `reselect`), CREST, CREST with its coreset step.
-Prints seconds and the ratio round / full epoch (the target is < 0.1); writes round_cost.json and
-round_cost.png.
+a pool of twice the budget with windows of 128 (the default of `reselect`) and of 256, CREST,
+CREST with its coreset step. Prints seconds, the ratio round / full epoch (the target is < 0.1)
+and the page faults of a round; writes round_cost.json and round_cost.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -26,15 +29,33 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
+from nearstore import keep_freed_memory  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.proxy import ModelProxy  # noqa: E402
 from nearstore.selectors import DEFAULT_RESELECT, make_selector  # noqa: E402
 
 METHODS = {
     "graft-pool": DEFAULT_RESELECT,
+    "graft-pool-w256": ("graft", {**DEFAULT_RESELECT[1], "window": 256}),
     "crest": ("crest", {}),
     "crest-coreset": ("crest", {"coreset": True}),
 }
+
+
+def epoch(model: nn.Module, loader: StreamingLoader, number: int) -> float:
+    """Seconds of one full-data training epoch of `model` (Adam, as the demo trains)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    started = time.perf_counter()
+    loader.set_epoch(number)
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -47,49 +68,71 @@ def main() -> None:
     store = ensure_mnist1d(str(args.out / "data" / "mnist1d-train-50000.zarr"), 50_000, 0)
     torch.manual_seed(0)
     model = mnist1d_cnn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = StreamingLoader(store, batch_size=128, backend="torch", device="cpu")
-    for epoch in range(2):
-        started = time.perf_counter()
-        loader.set_epoch(epoch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for number in range(2):
+        loader.set_epoch(number)
         for x, y in loader:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-        epoch_seconds = time.perf_counter() - started
-    print(f"full-data epoch: {epoch_seconds:.2f} s")
     proxy = ModelProxy(model)
-    rows = []
-    print(f"{'method':<14} {'keep':>5} {'round s':>8} {'/ epoch':>8}")
-    for name, (method, options) in METHODS.items():
-        for keep in args.budgets:
-            seconds = []
-            for repeat in range(args.repeats):
-                started = time.perf_counter()
-                make_selector(method, **options).select(store, keep, proxy=proxy, seed=repeat)
-                seconds.append(time.perf_counter() - started)
-            median = float(np.median(seconds))
-            rows.append({"method": name, "keep": keep, "seconds": seconds, "median": median})
-            print(f"{name:<14} {keep:>5.0%} {median:>8.2f} {median / epoch_seconds:>8.3f}")
-    result = {"full_epoch_seconds": epoch_seconds, "threads": torch.get_num_threads(), "rows": rows}
+    rows, epochs = [], {}
+    for allocator in ("default", "kept"):
+        if allocator == "kept":
+            keep_freed_memory()
+        epochs[allocator] = epoch_seconds = epoch(copy.deepcopy(model), loader, 2)
+        print(f"malloc {allocator}: full-data epoch {epoch_seconds:.2f} s")
+        print(f"{'method':<16} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8}")
+        for name, (method, options) in METHODS.items():
+            for keep in args.budgets:
+                seconds, faulted = [], []
+                for repeat in range(args.repeats):
+                    started, before = time.perf_counter(), faults()
+                    make_selector(method, **options).select(store, keep, proxy=proxy, seed=repeat)
+                    seconds.append(time.perf_counter() - started)
+                    faulted.append(faults() - before)
+                median = float(np.median(seconds))
+                rows.append(
+                    {
+                        "allocator": allocator,
+                        "method": name,
+                        "keep": keep,
+                        "seconds": seconds,
+                        "median": median,
+                        "per_epoch": median / epoch_seconds,
+                        "page_faults": faulted,
+                    }
+                )
+                print(
+                    f"{name:<16} {keep:>5.0%} {median:>8.2f} {median / epoch_seconds:>8.3f} "
+                    f"{int(np.median(faulted)):>8}"
+                )
+    result = {"full_epoch_seconds": epochs, "threads": torch.get_num_threads(), "rows": rows}
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
-    plot(rows, epoch_seconds, args.out / "round_cost.png")
+    plot(rows, args.out / "round_cost.png")
     print(f"wrote {args.out / 'round_cost.json'} and {args.out / 'round_cost.png'}")
 
 
-def plot(rows: list[dict], epoch_seconds: float, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == name]
-        ax.plot([100 * r["keep"] for r in mine], [r["median"] / epoch_seconds for r in mine], marker="o", label=name)
-    ax.axhline(0.1, color="grey", linestyle=":", label="target: 10% of an epoch")
+    for allocator, name in dict.fromkeys((r["allocator"], r["method"]) for r in rows):
+        mine = [r for r in rows if r["method"] == name and r["allocator"] == allocator]
+        ax.plot(
+            [100 * r["keep"] for r in mine],
+            [r["per_epoch"] for r in mine],
+            "-" if allocator == "default" else ":",
+            marker="o",
+            label=f"{name}, malloc {allocator}",
+        )
+    ax.axhline(0.1, color="grey", linestyle="--", label="target: 10% of an epoch")
     ax.set(xscale="log", xlabel="keep (%)", ylabel="round / full-data epoch", title="re-selection round cost")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -9,8 +9,9 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
 - graft-dynamic, crest-dynamic, random-dynamic: a new round every `--every` epochs; the first two
-  push the trainer's model as the proxy (`update_proxy`) and the round runs GRAFT on a random
-  pool of twice the budget, or CREST (crest-coreset-dynamic: with its coreset step, weighted);
+  push the trainer's model as the proxy (`update_proxy`) and the round runs `reselect`'s default
+  (GRAFT on a random pool of twice the budget, windows of 128), or CREST (crest-coreset-dynamic:
+  with its coreset step, weighted);
   their first round, with no model yet, is class-balanced random. graft-dynamic-warm trains on
   all data for 2 epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
@@ -40,7 +41,7 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.selection import Selection  # noqa: E402
-from nearstore.selectors import make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_RESELECT, make_selector  # noqa: E402
 from nearstore.sources import digits_batches  # noqa: E402
 
 STATIC = {
@@ -55,8 +56,8 @@ STATIC = {
 # Re-selected every `--every` epochs with the trainer's model; the first round, with no model yet,
 # is class-balanced random (CREST without a proxy) or, for random-dynamic, uniform.
 DYNAMIC = {
-    "graft-dynamic": ("graft", {"pool": 2.0, "window": 256}),
-    "graft-dynamic-warm": ("graft", {"pool": 2.0, "window": 256}),
+    "graft-dynamic": DEFAULT_RESELECT,
+    "graft-dynamic-warm": DEFAULT_RESELECT,
     "crest-dynamic": ("crest", {}),
     "crest-coreset-dynamic": ("crest", {"coreset": True}),
     "random-dynamic": ("random", {}),

@@ -206,7 +206,7 @@ class StreamingLoader:
         beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
 
         method, options: a selector of `nearstore.selectors` and its parameters; by default
-            `DEFAULT_RESELECT`, GRAFT on a random pool of twice the budget.
+            `DEFAULT_RESELECT`, GRAFT on a random pool of twice the budget, windows of 128.
         keep: default the current selection's share; seed: default the round number.
         """
         if method is None:
