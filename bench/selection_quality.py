@@ -11,9 +11,11 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
 - graft-dynamic, crest-dynamic, random-dynamic: a new round every `--every` epochs; the first two
   push the trainer's model as the proxy (`update_proxy`) and the round runs `reselect`'s default
   (GRAFT on a random pool of twice the budget, windows of 128), or CREST (crest-coreset-dynamic:
-  with its coreset step, weighted);
-  their first round, with no model yet, is class-balanced random. graft-dynamic-warm trains on
-  all data for 2 epochs, then selects with the warmed-up model and every `--every` epochs after.
+  with its coreset step, weighted). Round 0, with no model yet: graft-dynamic, the default path,
+  starts from what `nearstore select` and a server run (static GRAFT over all data, the model-free
+  proxy); graft-dynamic-random-start and the CREST runs from class-balanced random,
+  random-dynamic from uniform. graft-dynamic-warm trains on all data for 2 epochs, then selects
+  with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
@@ -41,7 +43,7 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.selection import Selection  # noqa: E402
-from nearstore.selectors import DEFAULT_RESELECT, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
 from nearstore.sources import digits_batches  # noqa: E402
 
 STATIC = {
@@ -53,14 +55,16 @@ STATIC = {
     "graft": ("graft", {}),
     "craig": ("craig", {}),
 }
-# Re-selected every `--every` epochs with the trainer's model; the first round, with no model yet,
-# is class-balanced random (CREST without a proxy) or, for random-dynamic, uniform.
+# Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds). Round 0 has
+# no model yet; CREST without a proxy draws class-balanced random.
+BALANCED_START = ("crest", {})
 DYNAMIC = {
-    "graft-dynamic": DEFAULT_RESELECT,
-    "graft-dynamic-warm": DEFAULT_RESELECT,
-    "crest-dynamic": ("crest", {}),
-    "crest-coreset-dynamic": ("crest", {"coreset": True}),
-    "random-dynamic": ("random", {}),
+    "graft-dynamic": ((DEFAULT_METHOD, {}), DEFAULT_RESELECT),
+    "graft-dynamic-random-start": (BALANCED_START, DEFAULT_RESELECT),
+    "graft-dynamic-warm": (BALANCED_START, DEFAULT_RESELECT),  # round 0 is never trained on
+    "crest-dynamic": (BALANCED_START, ("crest", {})),
+    "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
+    "random-dynamic": (("random", {}), ("random", {})),
 }
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
 WARM_START_EPOCHS = {"graft-dynamic-warm": 2, "random-warm": 2}
@@ -139,10 +143,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
     if method == "full":
         selection: Selection | None = None
     else:
-        if method in STATIC:
-            kind, options = STATIC[method]
-        else:
-            kind, options = ("random", {}) if method == "random-dynamic" else ("crest", {})
+        kind, options = STATIC[method] if method in STATIC else DYNAMIC[method][0]
         t = time.perf_counter()
         selection = make_selector(kind, **options).select(store, keep, seed=seed)
         selection_seconds.append(time.perf_counter() - t)
@@ -163,7 +164,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
     for epoch in range(epochs):
         if method in DYNAMIC and epoch >= max(warm, 1) and (epoch - warm) % every == 0:
             t = time.perf_counter()
-            kind, options = DYNAMIC[method]
+            kind, options = DYNAMIC[method][1]
             if kind != "random":
                 loader.update_proxy(model)
             loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)
@@ -240,7 +241,7 @@ def _seconds_to(run: Run, target: float) -> float | None:
 
 def report(rows: list[dict]) -> None:
     print(
-        f"{'dataset':<8} {'method':<18} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
+        f"{'dataset':<8} {'method':<26} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
         f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
     )
     baseline = {(r["dataset"], r["keep"], r["epochs"]): r for r in rows if r["method"] == "random"}
@@ -253,7 +254,7 @@ def report(rows: list[dict]) -> None:
         target = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "-"
         ratio = f"{r['round_vs_full_epoch']:.2f}" if r["round_vs_full_epoch"] is not None else "-"
         print(
-            f"{r['dataset']:<8} {r['method']:<18} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
+            f"{r['dataset']:<8} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
             f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap:>10} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
             f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"
