@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
+        "--reselect-every", type=int, default=3, help="epochs between the selected run's rounds (0: select once)"
+    )
+    demo.add_argument(
         "--server", action="store_true", help="select and ship the selected subset through a server on 127.0.0.1"
     )
 
@@ -87,6 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
+        reselect_every=args.reselect_every,
         server=args.server,
     )
     print(format_table(results))

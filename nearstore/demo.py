@@ -1,8 +1,10 @@
 """`nearstore demo`: the whole path on MNIST-1D, against random and full-data training.
 
 Generates MNIST-1D into a local store, selects `keep` of it beside the data with the default
-selector (GRAFT), trains a small 1D CNN from the StreamingLoader, and trains the same model on a
-random subset of the same size and on all data. Prints one table (accuracy, time, bytes) and writes it as JSON.
+selector (GRAFT), trains a small 1D CNN from the StreamingLoader, re-selecting every few epochs
+with the model in training as the proxy (`update_proxy`, `reselect`), and trains the same model
+on a random subset of the same size and on all data. Prints one table (accuracy, time, bytes) and
+writes it as JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class RunResult:
     samples: int
     test_accuracy: float
     train_seconds: float
+    rounds: int
     selection_seconds: float
     scan_bytes: int
     shipped_bytes: int
@@ -53,27 +56,37 @@ def mnist1d_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
-def train(loader: StreamingLoader, test: StreamingLoader, *, epochs: int, seed: int, desc: str) -> tuple[float, float]:
-    """Train mnist1d_cnn with Adam for `epochs` over `loader`; return (test accuracy, seconds)."""
+def train(
+    loader: StreamingLoader, test: StreamingLoader, *, epochs: int, seed: int, desc: str, reselect_every: int = 0
+) -> tuple[float, float, list[float]]:
+    """Train mnist1d_cnn with Adam for `epochs` over `loader`, re-selecting with the model as the
+    proxy before every `reselect_every`-th epoch (0: never); return (test accuracy, training
+    seconds, each re-selection round's seconds)."""
     torch.manual_seed(seed)
     model = mnist1d_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    started = time.perf_counter()
+    seconds, round_seconds = 0.0, []
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
+        if reselect_every and epoch and epoch % reselect_every == 0:
+            started = time.perf_counter()
+            loader.update_proxy(model)
+            loader.reselect()
+            round_seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
         loader.set_epoch(epoch)
         model.train()
         for x, y in loader:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-    seconds = time.perf_counter() - started
+        seconds += time.perf_counter() - started
     model.eval()
     correct = total = 0
     with torch.no_grad():
         for x, y in test:
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
-    return correct / total, seconds
+    return correct / total, seconds, round_seconds
 
 
 def ensure_mnist1d(url: str, num_samples: int, seed: int) -> Dataset:
@@ -98,20 +111,26 @@ def run_demo(
     epochs: int = 15,
     batch_size: int = 128,
     seed: int = 0,
+    reselect_every: int = 3,
     server: bool = False,
 ) -> list[RunResult]:
     """Run the demo and return its table; also writes `workdir/demo.json`.
 
+    reselect_every: epochs between the selected run's rounds (0: its one selection before training).
     server: select and ship the selected subset through a near-storage server on 127.0.0.1
         (`nearstore serve`'s NearStoreServer, in this process) instead of reading the store directly.
     """
+    if reselect_every < 0:
+        raise ValueError(f"reselect_every must be >= 0, got {reselect_every}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     train_set = ensure_mnist1d(str(workdir / f"mnist1d-train-{num_samples}.zarr"), num_samples, seed)
     test_set = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}.zarr"), test_samples, seed + 1)
     test = StreamingLoader(test_set, batch_size=1024, shuffle=False)
 
-    near_storage = NearStoreServer(train_set, keep=keep, seed=seed, progress=True) if server else None
+    near_storage = None
+    if server:  # it takes the model's pushed weights as the proxy of later rounds
+        near_storage = NearStoreServer(train_set, keep=keep, seed=seed, model=mnist1d_cnn, progress=True)
     if near_storage is not None:
         chosen = near_storage.current
     else:
@@ -124,9 +143,12 @@ def run_demo(
     results = []
     try:
         for name, selection in selections.items():
-            source = near_storage.url if near_storage and selection is chosen else train_set
+            selected = selection is chosen
+            source = near_storage.url if near_storage and selected else train_set
             loader = StreamingLoader(source, selection, batch_size=batch_size, seed=seed)
-            accuracy, seconds = train(loader, test, epochs=epochs, seed=seed, desc=name)
+            accuracy, seconds, round_seconds = train(
+                loader, test, epochs=epochs, seed=seed, desc=name, reselect_every=reselect_every if selected else 0
+            )
             io = loader.io_stats()
             results.append(
                 RunResult(
@@ -134,7 +156,8 @@ def run_demo(
                     samples=len(loader.ids),
                     test_accuracy=accuracy,
                     train_seconds=seconds,
-                    selection_seconds=selection.io["seconds"] if selection is not None else 0.0,
+                    rounds=0 if selection is None else 1 + len(round_seconds),
+                    selection_seconds=selection.io["seconds"] + sum(round_seconds) if selection is not None else 0.0,
                     scan_bytes=io["scan_bytes"],
                     shipped_bytes=io["bytes_read"],
                     io_saving=io["io_saving"],
@@ -153,6 +176,7 @@ def run_demo(
                 "epochs": epochs,
                 "batch_size": batch_size,
                 "seed": seed,
+                "reselect_every": reselect_every,
                 "server": server,
                 "results": [asdict(r) for r in results],
             },
@@ -164,11 +188,12 @@ def run_demo(
 
 def format_table(results: list[RunResult]) -> str:
     header = (
-        f"{'run':<12} {'samples':>8} {'accuracy':>9} {'train s':>8} {'select s':>9} "
+        f"{'run':<12} {'samples':>8} {'accuracy':>9} {'train s':>8} {'rounds':>6} {'select s':>9} "
         f"{'scan MB':>8} {'shipped MB':>11} {'I/O saving':>11}"
     )
     rows = [
-        f"{r.run:<12} {r.samples:>8} {r.test_accuracy:>9.1%} {r.train_seconds:>8.1f} {r.selection_seconds:>9.1f} "
+        f"{r.run:<12} {r.samples:>8} {r.test_accuracy:>9.1%} {r.train_seconds:>8.1f} {r.rounds:>6} "
+        f"{r.selection_seconds:>9.1f} "
         f"{r.scan_bytes / 1e6:>8.2f} {r.shipped_bytes / 1e6:>11.2f} {r.io_saving:>11.1%}"
         for r in results
     ]
