@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kernels import facility_location, maxvol, pivoted_cholesky
@@ -190,7 +189,11 @@ def _stack(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
     w = max(len(factors[0]) for factors, _ in windows)
 
     def padded(part: int) -> torch.Tensor:
-        return torch.stack([F.pad(f[part], (0, 0, 0, w - len(f[part]))) for f, _ in windows])
+        first = windows[0][0][part]
+        out = first.new_zeros(len(windows), w, first.shape[1])
+        for row, (factors, _) in enumerate(windows):
+            out[row, : len(factors[part])] = factors[part]
+        return out
 
     return padded(0), padded(1)
 
@@ -356,24 +359,21 @@ def _windowed(
         batches = _pool_batches(inputs, scan.input_array, scan.labels, labels, wanted, progress, "pool")
         stream = _embed(batches, scan.proxy, scan.input_array, scan.labels, True, factored)
         share = lambda group: budgets[group] / len(pools[group])  # noqa: E731
-    pending: dict[int, list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]] = {}
+    pending: dict[int, tuple[np.ndarray, tuple[torch.Tensor, ...]]] = {}  # a class's samples not windowed yet
     seen: dict[int, int] = {}
     kept: dict[int, int] = {}
     ready: list[tuple[np.ndarray, Window]] = []
     chosen: list[Pick] = []
 
-    def cut(group: int, size: int, last: bool) -> None:
-        """The group's next window of `size` samples, with its budget, onto `ready`."""
-        ids = np.concatenate([i for i, _ in pending[group]])
-        parts = tuple(torch.cat(part) for part in zip(*(p for _, p in pending[group])))
-        before, after = seen.get(group, 0), seen.get(group, 0) + size
+    def cut(group: int, ids: np.ndarray, parts: tuple[torch.Tensor, ...], last: bool) -> None:
+        """The group's next window, these samples, with its budget, onto `ready`."""
+        before, after = seen.get(group, 0), seen.get(group, 0) + len(ids)
         k = round(share(group) * after) - round(share(group) * before)
         if last and not kept.get(group) and not k:
             k = 1  # a class too small for its budget keeps one sample rather than vanish
         if k:
-            ready.append((ids[:size], (tuple(p[:size] for p in parts), min(k, size))))
+            ready.append((ids, (parts, min(k, len(ids)))))
         seen[group], kept[group] = after, kept.get(group, 0) + k
-        pending[group] = [(ids[size:], tuple(p[size:] for p in parts))] if size < len(ids) else []
 
     def decide() -> None:
         for (ids, _), (rows, weights, scores) in zip(ready, pick([w for _, w in ready])):
@@ -383,14 +383,25 @@ def _windowed(
     for ids, groups, embeddings in stream:
         parts = embeddings if factored else (embeddings,)
         for group, rows in groups.items():
-            pending.setdefault(group, []).append((ids[rows], tuple(p[rows] for p in parts)))
+            group_ids, group_parts = ids[rows], tuple(p[rows] for p in parts)
+            if group in pending:  # one copy per class and batch; the windows below are views
+                before_ids, before_parts = pending[group]
+                group_ids = np.concatenate([before_ids, group_ids])
+                group_parts = tuple(torch.cat(pair) for pair in zip(before_parts, group_parts))
             # A full window waits for the next sample of its class: the last window is never empty.
-            while sum(len(i) for i, _ in pending[group]) > window:
-                cut(group, window, last=False)
+            end = (len(group_ids) - 1) // window * window
+            for start in range(0, end, window):
+                cut(
+                    group,
+                    group_ids[start : start + window],
+                    tuple(p[start : start + window] for p in group_parts),
+                    False,
+                )
                 if len(ready) >= at_once:
                     decide()
-    for group, waiting in pending.items():
-        cut(group, sum(len(i) for i, _ in waiting), last=True)
+            pending[group] = group_ids[end:], tuple(p[end:] for p in group_parts)
+    for group, (group_ids, group_parts) in pending.items():
+        cut(group, group_ids, group_parts, last=True)
     if ready:
         decide()
 
