@@ -135,6 +135,9 @@ def accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float
 
 
 def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
+    # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
+    # rounds then share them (an opened dataset keeps them).
+    store = open_dataset(store.url)
     torch.manual_seed(seed)
     model = factory()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -48,6 +48,10 @@ class Dataset:
     class_names: tuple[str, ...]
     format_version: int
     arrays: dict[str, zarr.Array] = field(repr=False)
+    # What readers learn of the store, which is read-only, kept for every later reader of this
+    # opened dataset: shard indexes (nearstore.reader) and all labels (nearstore.scan.read_labels).
+    # Re-selection rounds then re-read neither.
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def labels(self) -> zarr.Array:

@@ -54,12 +54,17 @@ class SelectiveReader:
         self.fs, root = dataset.filesystem()
         self.layouts = {name: _ArrayLayout.of(dataset, name, root) for name in names}
         self.stats = IOStats()
-        # Shard indexes as they arrive: (shards, chunks per shard, 2) of (offset, nbytes).
-        self._index = {
-            name: np.full((lay.num_shards, lay.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64)
-            for name, lay in self.layouts.items()
-        }
-        self._indexed = {name: np.zeros(lay.num_shards, dtype=bool) for name, lay in self.layouts.items()}
+        # Shard indexes as they arrive, (shards, chunks per shard, 2) of (offset, nbytes), and which
+        # have: shared by every reader of this opened dataset, so each is read once.
+        self._index: dict[str, np.ndarray] = {}
+        self._indexed: dict[str, np.ndarray] = {}
+        for name, lay in self.layouts.items():
+            if ("shard index", name) not in dataset._cache:
+                dataset._cache["shard index", name] = (
+                    np.full((lay.num_shards, lay.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64),
+                    np.zeros(lay.num_shards, dtype=bool),
+                )
+            self._index[name], self._indexed[name] = dataset._cache["shard index", name]
 
     def shard_range(self, shard: int) -> range:
         """Sample ids of shard `shard` of the first array: the unit of a streaming pass."""

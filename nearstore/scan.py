@@ -179,9 +179,7 @@ def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balance
         ids = np.sort(rng.choice(dataset.num_samples, max(1, round(keep * dataset.num_samples)), replace=False))
         io = {"bytes": 0, "requests": 0, "seconds": time.perf_counter() - started, "passes": 0}
     else:
-        labels = _label_array(dataset, "class-balanced selection")
-        reader = SelectiveReader(dataset, [labels])
-        y = np.concatenate([batch[labels] for _, batch in _shards(reader, {}, False, "")])
+        y, reader = read_labels(dataset, "class-balanced selection")
         picks = [
             rng.choice(members, max(1, round(keep * len(members))), replace=False)
             for members in (np.flatnonzero(y == c) for c in np.unique(y))
@@ -197,6 +195,17 @@ def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balance
         params={"keep": keep, "seed": seed, "class_balanced": class_balanced},
         io=io,
     )
+
+
+def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader]:
+    """Every label of the dataset, (N,), with the reader that read them: read whole on first use,
+    then kept with the opened dataset (the store is read-only), so later rounds read nothing."""
+    name = _label_array(dataset, who)
+    reader = SelectiveReader(dataset, [name])
+    if ("labels", name) not in dataset._cache:
+        shards = _shards(reader, {}, False, "")
+        dataset._cache["labels", name] = np.concatenate([batch[name] for _, batch in shards])
+    return dataset._cache["labels", name], reader
 
 
 @dataclass

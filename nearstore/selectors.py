@@ -32,9 +32,9 @@ from nearstore.scan import (
     _check_proxy,
     _embed,
     _input_array,
-    _label_array,
     _scan_io,
     random_select,
+    read_labels,
     sage_select,
 )
 from nearstore.selection import Selection
@@ -421,13 +421,11 @@ def _windowed(
 def _class_pools(
     dataset: Dataset, keep: float, pool: float, seed: int, *, whole: bool = False
 ) -> tuple[np.ndarray, dict[int, int], dict[int, np.ndarray], SelectiveReader]:
-    """Every label (read whole), each class's budget max(1, round(keep · n_c)), and a random pool
+    """Every label (`read_labels`), each class's budget max(1, round(keep · n_c)), and a random pool
     of min(n_c, ⌈pool × budget⌉) of its samples, sorted (whole: every sample of the class)."""
     if pool < 1:
         raise ValueError(f"pool must be >= 1 (a multiple of the budget), got {pool}")
-    label_name = _label_array(dataset, "a class-balanced pool")
-    reader = SelectiveReader(dataset, [label_name])
-    labels = np.concatenate([reader.read_shard(s)[label_name] for s in range(reader.num_shards)])
+    labels, reader = read_labels(dataset, "a class-balanced pool")
     rng = np.random.default_rng(seed)
     budgets, pools = {}, {}
     for c in np.unique(labels).tolist():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nearstore import Dataset, write_dataset
+from nearstore import Dataset, open_dataset, write_dataset
 
 NUM_SAMPLES = 2500
 SHARD_SAMPLES = 256
@@ -23,12 +23,20 @@ def id_encoded(num_samples: int = NUM_SAMPLES) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def id_store(tmp_path_factory) -> Dataset:
-    """2,500 id-encoded samples in shards of 256 (the last shard partial)."""
+def id_store_url(tmp_path_factory) -> str:
+    """Where `id_store` is written, once a session."""
     data = id_encoded()
     url = str(tmp_path_factory.mktemp("stores") / "ids.zarr")
     batches = ({k: v[i : i + 700] for k, v in data.items()} for i in range(0, NUM_SAMPLES, 700))
-    return write_dataset(url, batches, shard_samples=SHARD_SAMPLES)
+    write_dataset(url, batches, shard_samples=SHARD_SAMPLES)
+    return url
+
+
+@pytest.fixture
+def id_store(id_store_url) -> Dataset:
+    """2,500 id-encoded samples in shards of 256 (the last shard partial), opened afresh for each
+    test: an opened dataset keeps the shard indexes and labels its readers read."""
+    return open_dataset(id_store_url)
 
 
 @pytest.fixture(scope="session")

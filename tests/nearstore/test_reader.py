@@ -40,6 +40,17 @@ def test_each_shard_index_is_read_once(id_store):
     assert second.requests == 4 and second.bytes == len(ids) * SAMPLE_BYTES["x"]
 
 
+def test_readers_of_one_opened_dataset_share_its_shard_indexes(id_store):
+    ids = np.array([3, 300])  # shards 0 and 1
+    SelectiveReader(id_store, ["x"], max_overhead=0).read(ids)
+    again = SelectiveReader(id_store, ["x"], max_overhead=0)
+    again.read(ids)
+    assert again.stats.requests == 2 and again.stats.bytes == len(ids) * SAMPLE_BYTES["x"]  # no index
+    reopened = SelectiveReader(open_dataset(id_store.url), ["x"], max_overhead=0)
+    reopened.read(ids)
+    assert reopened.stats.requests == 2 + 2 and reopened.stats.bytes == 2 * INDEX_BYTES + 2 * SAMPLE_BYTES["x"]
+
+
 def test_a_whole_shard_is_one_request_per_array(id_store, id_data):
     reader = SelectiveReader(id_store)
     out = reader.read_shard(2)
@@ -59,7 +70,7 @@ def test_neighbours_coalesce_within_the_overhead_budget(id_store):
     strict = SelectiveReader(id_store, ["x"], max_overhead=0)
     strict.read(ids)
     assert strict.stats.requests == 1 + len(ids)
-    loose = SelectiveReader(id_store, ["x"], max_overhead=1.0)
+    loose = SelectiveReader(open_dataset(id_store.url), ["x"], max_overhead=1.0)  # its own shard index
     loose.read(ids)
     assert loose.stats.requests == 1 + 1
     assert loose.stats.bytes == INDEX_BYTES + (len(ids) * 2 - 1) * SAMPLE_BYTES["x"]

@@ -7,18 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore import RandomFeatureProxy, random_select, sage_select, write_dataset
+from nearstore import RandomFeatureProxy, open_dataset, random_select, sage_select, write_dataset
 from nearstore.proxy import ModelProxy
 
 
 @pytest.fixture(scope="module")
-def blobs(tmp_path_factory):
-    """150 samples of 3 Gaussian classes in shards of 32."""
+def written(tmp_path_factory):
+    """150 samples of 3 Gaussian classes in shards of 32, written once: (url, x, y)."""
     rng = np.random.default_rng(0)
     y = np.arange(150) % 3
     x = (rng.normal(size=(150, 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
     url = str(tmp_path_factory.mktemp("scan") / "blobs.zarr")
-    return write_dataset(url, [{"x": x, "y": y}], shard_samples=32), x, y
+    write_dataset(url, [{"x": x, "y": y}], shard_samples=32)
+    return url, x, y
+
+
+@pytest.fixture
+def blobs(written):
+    """`written` opened afresh, so what a test reads is not in an earlier test's caches."""
+    url, x, y = written
+    return open_dataset(url), x, y
 
 
 def test_sage_equals_brute_force_agreement_when_the_sketch_is_exact(blobs):
@@ -101,6 +109,12 @@ def test_random_selection_is_seeded_and_can_balance_classes(blobs):
     balanced = random_select(dataset, 0.2, seed=0, class_balanced=True)
     assert np.bincount(y[balanced.ids]).tolist() == [10, 10, 10]
     assert balanced.io["bytes"] == dataset.stored_nbytes(["y"])
+    # the labels stay with the opened dataset: a second round reads nothing, and draws the same
+    again = random_select(dataset, 0.2, seed=0, class_balanced=True)
+    assert again.io["bytes"] == again.io["requests"] == 0
+    np.testing.assert_array_equal(again.ids, balanced.ids)
+    reopened = random_select(open_dataset(dataset.url), 0.2, seed=0, class_balanced=True)
+    assert reopened.io["bytes"] == dataset.stored_nbytes(["y"])
 
 
 def test_proxy_learns_and_rejects_bad_input(blobs):

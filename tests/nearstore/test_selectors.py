@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import facility_location, maxvol
-from nearstore import RandomFeatureProxy, write_dataset
+from nearstore import RandomFeatureProxy, open_dataset, write_dataset
 from nearstore.proxy import ModelProxy
 from nearstore.selectors import SELECTORS, Craig, Crest, Graft, Random, Sage, make_selector
 
@@ -16,14 +16,22 @@ SIZES = (300, 120, 9)  # an imbalanced dataset: class 2 is smaller than any wind
 
 
 @pytest.fixture(scope="module")
-def blobs(tmp_path_factory):
-    """429 samples of 3 Gaussian classes, shards of 64, and a proxy fitted on them."""
+def written(tmp_path_factory):
+    """429 samples of 3 Gaussian classes, shards of 64, written once, and a proxy fitted on them."""
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), SIZES)
     rng.shuffle(y)
     x = (rng.normal(size=(len(y), 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
-    dataset = write_dataset(str(tmp_path_factory.mktemp("sel") / "blobs.zarr"), [{"x": x, "y": y}], shard_samples=64)
-    return dataset, x, y, RandomFeatureProxy(3, width=16, seed=1).fit(x, y)
+    url = str(tmp_path_factory.mktemp("sel") / "blobs.zarr")
+    write_dataset(url, [{"x": x, "y": y}], shard_samples=64)
+    return url, x, y, RandomFeatureProxy(3, width=16, seed=1).fit(x, y)
+
+
+@pytest.fixture
+def blobs(written):
+    """`written` opened afresh, so what a test reads is not in an earlier test's caches."""
+    url, x, y, proxy = written
+    return open_dataset(url), x, y, proxy
 
 
 def windows(members: np.ndarray, window: int) -> list[np.ndarray]:
@@ -133,10 +141,14 @@ def test_crest_leaves_out_what_the_model_has_learned(blobs):
     assert (confidence[selection.ids] > 0.9).mean() < (confidence > 0.9).mean()
 
     # A pool of twice the budget: only it is read, at most 2 × 43 samples of x, plus every label.
-    pooled = Crest(pool=2).select(dataset, 0.1, proxy=ModelProxy(model), seed=0)
+    fresh = open_dataset(dataset.url)  # the rounds above hold its labels and shard indexes
+    pooled = Crest(pool=2).select(fresh, 0.1, proxy=ModelProxy(model), seed=0)
     x_bytes = pooled.io["bytes"] - dataset.stored_nbytes(["y"])
     shard_indexes = 7 * (64 * 16 + 4)  # (offset, length) per sample and a checksum, per shard
     assert 0 < x_bytes <= 1.1 * 2 * 43 * (6 * 4) + shard_indexes < dataset.stored_nbytes(["x"])
+    # A later round on the same opened dataset reads its pool's samples alone.
+    later = Crest(pool=2).select(fresh, 0.1, proxy=ModelProxy(model), seed=1)
+    assert 0 < later.io["bytes"] <= 1.1 * 2 * 43 * (6 * 4)
 
 
 def test_small_budgets_and_small_classes_keep_one_sample_a_class(blobs):
@@ -212,7 +224,8 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     a, b = (Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3) for _ in range(2))
     np.testing.assert_array_equal(a.ids, b.ids)
     assert np.bincount(y[a.ids], minlength=3).tolist() == [30, 12, 1]
-    full = Graft(window=64).select(dataset, 0.1, proxy=proxy, seed=3)
+    assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
+    full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
     assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
     with pytest.raises(ValueError, match="pool must be >= 1"):
         Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)

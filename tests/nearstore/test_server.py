@@ -17,7 +17,7 @@ import torch
 from servers import free_port
 
 from loaders import FlightSource, StreamingLoader
-from nearstore import random_select, sage_select, write_dataset
+from nearstore import open_dataset, random_select, sage_select, write_dataset
 from nearstore.proxy import ModelProxy
 from nearstore.server import MAX_REQUEST_SAMPLES, NearStoreServer
 
@@ -32,8 +32,9 @@ def tiny_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def served(id_store):
+def served(id_store_url):
     """A server on 127.0.0.1 holding a random 30% of the id store, with a proxy model."""
+    id_store = open_dataset(id_store_url)
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), model=tiny_model)
     yield server
     server.shutdown()
