@@ -8,8 +8,10 @@ full-data epochs through the StreamingLoader (torch backend, batch 128, Adam) gi
 `keep_freed_memory()`: one more timed full-data epoch (on a copy of the model), and each
 re-selection method's round at each budget, `--repeats` times (the median is reported): GRAFT on
 a pool of twice the budget with windows of 128 (the default of `reselect`) and of 256, CREST,
-CREST with its coreset step. Prints seconds, the ratio round / full epoch (the target is < 0.1)
-and the page faults of a round; writes round_cost.json and round_cost.png.
+CREST with its coreset step; and round 0, static GRAFT over all the data with the model-free proxy
+(`nearstore select`'s default, the first round of the default path). Prints seconds, the ratio
+round / full epoch (the target is < 0.1) and the page faults of a round; writes round_cost.json
+and round_cost.png.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import keep_freed_memory  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.proxy import ModelProxy  # noqa: E402
-from nearstore.selectors import DEFAULT_RESELECT, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
 
+# Round 0, before there is a model: what `nearstore select` and a server run, static GRAFT over all
+# the data with the model-free proxy fitted beside it. Later rounds get the trained model.
+FIRST_ROUND = "graft-static"
 METHODS = {
+    FIRST_ROUND: (DEFAULT_METHOD, {}),
     "graft-pool": DEFAULT_RESELECT,
     "graft-pool-w256": ("graft", {**DEFAULT_RESELECT[1], "window": 256}),
     "crest": ("crest", {}),
@@ -85,7 +91,8 @@ def main() -> None:
                 seconds, faulted = [], []
                 for repeat in range(args.repeats):
                     started, before = time.perf_counter(), faults()
-                    make_selector(method, **options).select(store, keep, proxy=proxy, seed=repeat)
+                    scorer = None if name == FIRST_ROUND else proxy
+                    make_selector(method, **options).select(store, keep, proxy=scorer, seed=repeat)
                     seconds.append(time.perf_counter() - started)
                     faulted.append(faults() - before)
                 median = float(np.median(seconds))
