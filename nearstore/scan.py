@@ -203,8 +203,9 @@ def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader
     name = _label_array(dataset, who)
     reader = SelectiveReader(dataset, [name])
     if ("labels", name) not in dataset._cache:
-        shards = _shards(reader, {}, False, "")
-        dataset._cache["labels", name] = np.concatenate([batch[name] for _, batch in shards])
+        labels = np.concatenate([batch[name] for _, batch in _shards(reader, {}, False, "")])
+        labels.flags.writeable = False  # shared by every later round: none may change it
+        dataset._cache["labels", name] = labels
     return dataset._cache["labels", name], reader
 
 

@@ -9,6 +9,7 @@ import torch
 
 from nearstore import RandomFeatureProxy, open_dataset, random_select, sage_select, write_dataset
 from nearstore.proxy import ModelProxy
+from nearstore.scan import read_labels
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,8 @@ def test_random_selection_is_seeded_and_can_balance_classes(blobs):
     # the labels stay with the opened dataset: a second round reads nothing, and draws the same
     again = random_select(dataset, 0.2, seed=0, class_balanced=True)
     assert again.io["bytes"] == again.io["requests"] == 0
+    with pytest.raises(ValueError, match="read-only"):
+        read_labels(dataset, "this test")[0][0] = 1  # kept for every round: nobody may change it
     np.testing.assert_array_equal(again.ids, balanced.ids)
     reopened = random_select(open_dataset(dataset.url), 0.2, seed=0, class_balanced=True)
     assert reopened.io["bytes"] == dataset.stored_nbytes(["y"])
