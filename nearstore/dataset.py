@@ -16,7 +16,7 @@ by `open_dataset`, so a partial store is never mistaken for a whole one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,12 @@ class Dataset:
     # opened dataset: shard indexes (nearstore.reader) and all labels (nearstore.scan.read_labels).
     # Re-selection rounds then re-read neither.
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _kept(self, key: Any, make: Callable[[], Any]) -> Any:
+        """What readers learn of this read-only store under `key`: made by `make` once, then kept."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     @property
     def labels(self) -> zarr.Array:

@@ -59,12 +59,13 @@ class SelectiveReader:
         self._index: dict[str, np.ndarray] = {}
         self._indexed: dict[str, np.ndarray] = {}
         for name, lay in self.layouts.items():
-            if ("shard index", name) not in dataset._cache:
-                dataset._cache["shard index", name] = (
+            self._index[name], self._indexed[name] = dataset._kept(
+                ("shard index", name),
+                lambda lay=lay: (
                     np.full((lay.num_shards, lay.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64),
                     np.zeros(lay.num_shards, dtype=bool),
-                )
-            self._index[name], self._indexed[name] = dataset._cache["shard index", name]
+                ),
+            )
 
     def shard_range(self, shard: int) -> range:
         """Sample ids of shard `shard` of the first array: the unit of a streaming pass."""

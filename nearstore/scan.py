@@ -202,11 +202,13 @@ def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader
     then kept with the opened dataset (the store is read-only), so later rounds read nothing."""
     name = _label_array(dataset, who)
     reader = SelectiveReader(dataset, [name])
-    if ("labels", name) not in dataset._cache:
+
+    def read() -> np.ndarray:
         labels = np.concatenate([batch[name] for _, batch in _shards(reader, {}, False, "")])
         labels.flags.writeable = False  # shared by every later round: none may change it
-        dataset._cache["labels", name] = labels
-    return dataset._cache["labels", name], reader
+        return labels
+
+    return dataset._kept(("labels", name), read), reader
 
 
 @dataclass
