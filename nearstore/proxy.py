@@ -34,7 +34,8 @@ class RandomFeatureProxy:
 
     h(x) = relu(W · standardize(x) / sqrt(d)), W ~ N(0, 1) fixed by `seed`; logits = A [h, 1].
     `fit` estimates the standardization and fits the head (L2-regularised multinomial logistic
-    regression) on a warm-up sample; `embed` gives the last-layer gradient embeddings
+    regression, `fit_steps` of L-BFGS: 25 cost a quarter of 100 and selected as well, measured
+    by bench/selection_quality.py) on a warm-up sample; `embed` gives the last-layer gradient embeddings
     (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
     """
 
@@ -45,7 +46,7 @@ class RandomFeatureProxy:
         width: int = 256,
         seed: int = 0,
         weight_decay: float = 1e-3,
-        fit_steps: int = 100,
+        fit_steps: int = 25,
         device: torch.device | str = "cpu",
     ) -> None:
         if num_classes < 2:
