@@ -60,11 +60,14 @@ class Selector(ABC):
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        previous: np.ndarray | None = None,
     ) -> Selection:
         """Select about round(keep · N) samples of `dataset`.
 
         proxy: what embeds samples (the trainer's model as a `ModelProxy`, for re-selection);
             default a RandomFeatureProxy fitted on warm-up shards.
+        previous: the ids of the round this one replaces, if any. GRAFT on a pool puts them in
+            its pool (`pool_previous`); the other selectors do not use them.
         """
 
     def params(self) -> dict[str, Any]:
@@ -78,7 +81,7 @@ class Random(Selector):
     method: ClassVar[str] = "random"
     class_balanced: bool = False
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)
 
 
@@ -92,7 +95,7 @@ class Sage(Selector):
     class_balanced: bool = True
     score: str = "agreement"
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         return sage_select(
             dataset,
             keep,
@@ -116,19 +119,32 @@ class Graft(Selector):
     tol-dominant set (kernels.maxvol): a diverse subset covering the window's dominant gradient
     subspace. With `tolerance`, k is the smallest size (up to the budget) whose greedy picks
     approximate the window's mean gradient ḡ: ‖ḡ − P_S ḡ‖ ≤ tolerance · ‖ḡ‖, P_S the projection
-    on the picked gradients' span. With `pool`, only a random pool of pool × the budget per class
-    is read and windowed: the dynamic form, re-run with the trainer's model as proxy, which keeps
-    a round cheap and mixes chance into what MaxVol would otherwise fix on (the hardest, largest
-    gradients). Windows are decided `WINDOWS_AT_ONCE` at a time, as one batch.
+    on the picked gradients' span. Windows are decided `WINDOWS_AT_ONCE` at a time, as one batch.
+
+    The defaults are what beat random by the widest margin on MNIST-1D (bench/selection_quality.py),
+    and a round reads a fraction of the data: GRAFT as its paper runs it, over every sample with
+    the raw gradients, is Graft(window=512, pool=None, norm_power=1).
+    pool: only a random pool of pool × the budget per class is read and windowed (None: every
+        sample), which keeps a round cheap and mixes chance into what MaxVol would otherwise fix
+        on (the hardest, largest gradients).
+    pool_previous: a re-selection round's pool holds the last round's picks (`previous`), the
+        rest drawn fresh, so MaxVol keeps those still informative under the new proxy.
+    norm_power: each gradient enters MaxVol as g · ‖g‖^(norm_power − 1): 1 is GRAFT's raw
+        gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
+        tempers that; 0 weighs directions alone.
     """
 
     method: ClassVar[str] = "graft"
     WINDOWS_AT_ONCE: ClassVar[int] = 64
-    window: int = 512
+    window: int = 128
     tolerance: float | None = None
-    pool: float | None = None
+    pool: float | None = 2.0
+    pool_previous: bool = True
+    norm_power: float = 0.5
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+        if not self.norm_power >= 0:
+            raise ValueError(f"norm_power must be >= 0, got {self.norm_power}")
         return _windowed(
             self,
             dataset,
@@ -140,6 +156,7 @@ class Graft(Selector):
             progress,
             self.window,
             self.pool,
+            previous=previous if self.pool_previous else None,
             factored=True,
             at_once=self.WINDOWS_AT_ONCE,
         )
@@ -153,6 +170,9 @@ class Graft(Selector):
                 f"of {residual.shape[2] * inputs.shape[2]} dimensions can have; use a smaller window or a proxy with "
                 "a wider embedding"
             )
+        if self.norm_power != 1:  # ‖r ⊗ x‖ = ‖r‖ ‖x‖; zero gradients (and padding rows) stay zero
+            norms = residual.norm(dim=2) * inputs.norm(dim=2)
+            residual = residual * torch.where(norms > 0, norms.pow(self.norm_power - 1), 0)[..., None]
         gram = _gram(residual, inputs)
         if self.tolerance is not None:
             budgets = self._sizes(gram, residual, inputs, [len(f[0]) for f, _ in windows], budgets)
@@ -216,7 +236,7 @@ class Craig(Selector):
     method: ClassVar[str] = "craig"
     window: int = 1024
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         return _windowed(self, dataset, keep, self._pick, proxy, seed, device, progress, self.window)
 
     def _pick(self, windows: list[Window]) -> list[Pick]:
@@ -242,7 +262,7 @@ class Crest(Selector):
     confidence: float = 0.9
     coreset: bool = False
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False) -> Selection:
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         _check_keep(keep)
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
@@ -334,6 +354,7 @@ def _windowed(
     window: int,
     pool: float | None = None,
     *,
+    previous: np.ndarray | None = None,
     factored: bool = False,
     at_once: int = 1,
 ) -> Selection:
@@ -341,7 +362,8 @@ def _windowed(
     into windows of `window` samples and keep what `pick` chooses of each, deciding `at_once`
     windows together. A class keeps round(keep · n_c) samples in all (at least one): window
     budgets are the differences of the rounded running totals, so they add up exactly.
-    With `pool`, only a random pool of pool × its budget per class is read and windowed."""
+    With `pool`, only a pool of pool × its budget per class is read and windowed: the `previous`
+    ids of the class, the rest drawn at random."""
     _check_keep(keep)
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
@@ -352,7 +374,7 @@ def _windowed(
         stream = scan.embeddings(progress, f"{selector.method} pass 1/1", factored=factored)
         share: Callable[[int], float] = lambda group: keep  # noqa: E731
     else:
-        labels, budgets, pools, labels_reader = _class_pools(dataset, keep, pool, seed)
+        labels, budgets, pools, labels_reader = _class_pools(dataset, keep, pool, seed, previous=previous)
         inputs = SelectiveReader(dataset, [scan.input_array])  # the labels are in hand already
         readers += [labels_reader, inputs]
         wanted = np.sort(np.concatenate(list(pools.values())))
@@ -371,8 +393,10 @@ def _windowed(
         k = round(share(group) * after) - round(share(group) * before)
         if last and not kept.get(group) and not k:
             k = 1  # a class too small for its budget keeps one sample rather than vanish
-        if k:
-            ready.append((ids, (parts, min(k, len(ids)))))
+        if k >= len(ids):  # the window keeps every sample: nothing to decide
+            chosen.append((ids, np.ones(len(ids), dtype=np.float32), np.full(len(ids), np.nan, dtype=np.float32)))
+        elif k:
+            ready.append((ids, (parts, k)))
         seen[group], kept[group] = after, kept.get(group, 0) + k
 
     def decide() -> None:
@@ -413,26 +437,51 @@ def _windowed(
         weights=np.concatenate([c[1] for c in chosen])[order],
         scores=np.concatenate([c[2] for c in chosen])[order],
         method=selector.method,
-        params={"keep": keep, "seed": seed, "proxy": type(scan.proxy).__name__, **selector.params()},
+        params={
+            "keep": keep,
+            "seed": seed,
+            "proxy": type(scan.proxy).__name__,
+            "previous": None if previous is None else len(previous),
+            **selector.params(),
+        },
         io=_scan_io(started, readers),
     )
 
 
 def _class_pools(
-    dataset: Dataset, keep: float, pool: float, seed: int, *, whole: bool = False
+    dataset: Dataset,
+    keep: float,
+    pool: float,
+    seed: int,
+    *,
+    whole: bool = False,
+    previous: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[int, int], dict[int, np.ndarray], SelectiveReader]:
-    """Every label (`read_labels`), each class's budget max(1, round(keep · n_c)), and a random pool
-    of min(n_c, ⌈pool × budget⌉) of its samples, sorted (whole: every sample of the class)."""
+    """Every label (`read_labels`), each class's budget max(1, round(keep · n_c)), and a pool of
+    min(n_c, ⌈pool × budget⌉) of its samples, sorted (whole: every sample of the class): the
+    class's `previous` ids (a random share of them if they alone overfill it), then random others."""
     if pool < 1:
         raise ValueError(f"pool must be >= 1 (a multiple of the budget), got {pool}")
     labels, reader = read_labels(dataset, "a class-balanced pool")
+    carried = np.zeros(len(labels), dtype=bool)
+    if previous is not None:
+        previous = np.asarray(previous)
+        if previous.size and (previous.min() < 0 or previous.max() >= len(labels)):
+            raise ValueError(
+                f"previous ids must lie in [0, {len(labels)}) (the samples of {dataset.url!r}), "
+                f"got [{previous.min()}, {previous.max()}]"
+            )
+        carried[previous] = True
     rng = np.random.default_rng(seed)
     budgets, pools = {}, {}
     for c in np.unique(labels).tolist():
         members = np.flatnonzero(labels == c)
         budgets[c] = max(1, round(keep * len(members)))  # a class keeps at least one sample
         size = len(members) if whole else min(len(members), math.ceil(pool * budgets[c]))
-        pools[c] = np.sort(rng.choice(members, size, replace=False))
+        kept, others = members[carried[members]], members[~carried[members]]
+        if len(kept) > size:
+            kept = rng.choice(kept, size, replace=False)
+        pools[c] = np.sort(np.concatenate([kept, rng.choice(others, size - len(kept), replace=False)]))
     return labels, budgets, pools, reader
 
 
@@ -453,15 +502,10 @@ def _pool_batches(
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
-# What `nearstore select`, the demo and a server's first round run: static GRAFT beat random at
-# 10% on MNIST-1D by 2 sigma where SAGE's agreement lost by 20 points (bench/selection_quality.py).
+# What `nearstore select`, a server and `StreamingLoader.reselect` run unless told otherwise: GRAFT
+# with its defaults, round 0 with the model-free proxy, later rounds with the trainer's model. It
+# beat random at 5-50% on MNIST-1D where SAGE's agreement lost by 20 points (bench/selection_quality.py).
 DEFAULT_METHOD = "graft"
-# What re-selection with the trainer's model runs (`StreamingLoader.reselect`): GRAFT on a random
-# pool of twice the budget. Over 10 seeds (bench/selection_quality.py, MNIST-1D, every 3 epochs)
-# windows of 128 did as well as 256 or better (10%: 90.5 vs 90.0 on 5 seeds; 25%: 97.6 vs 97.4;
-# random 88.0 and 95.8), at a cheaper round: 0.05 and 0.10 of a full-data epoch at 10% and 25%
-# with freed memory kept, 256 costing 0.06 and 0.12 (bench/round_cost.py).
-DEFAULT_RESELECT: tuple[str, dict[str, Any]] = ("graft", {"pool": 2.0, "window": 128})
 
 
 def make_selector(method: str, **options: Any) -> Selector:

@@ -244,7 +244,10 @@ class NearStoreServer(flight.FlightServerBase):
         selector = make_selector(method, **options)
         next_round = max(self._rounds, default=-1) + 1
         log.info("selection round %d: %s, keep %.3f, proxy version %d", next_round, selector, keep, self.proxy_version)
-        selection = selector.select(self.dataset, keep, proxy=self._proxy, seed=seed, progress=self.progress)
+        previous = self.current.ids if self._rounds else None
+        selection = selector.select(
+            self.dataset, keep, proxy=self._proxy, seed=seed, progress=self.progress, previous=previous
+        )
         return replace(selection, round=next_round, params={**selection.params, "proxy_version": self.proxy_version})
 
     def _keep_round(self, selection: Selection) -> None:

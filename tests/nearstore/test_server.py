@@ -119,6 +119,14 @@ def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
         source.read(previous.ids[:3], round=first)
 
 
+def test_a_server_round_pools_the_round_it_replaces(served):
+    source = FlightSource(served.url)
+    current = source.select(keep=0.2, method="random", options={"class_balanced": True}, seed=7)
+    carried = source.select(keep=0.2, method="graft", options={"pool": 1})  # the pool: the current round alone
+    assert carried.params["previous"] == len(current.ids) and carried.round == current.round + 1
+    np.testing.assert_array_equal(carried.ids, current.ids)
+
+
 def tiny_model_with(state: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = tiny_model()
     model.load_state_dict(state)
