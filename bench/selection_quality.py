@@ -8,19 +8,24 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
-- graft-dynamic, crest-dynamic, random-dynamic: a new round every `--every` epochs; the first two
-  push the trainer's model as the proxy (`update_proxy`) and the round runs `reselect`'s default
-  (GRAFT on a random pool of twice the budget, windows of 128), or CREST (crest-coreset-dynamic:
-  with its coreset step, weighted). Round 0, with no model yet: graft-dynamic, the default path,
-  starts from what `nearstore select` and a server run (static GRAFT over all data, the model-free
-  proxy); graft-dynamic-random-start and the CREST runs from class-balanced random,
-  random-dynamic from uniform. graft-dynamic-warm trains on all data for 2 epochs, then selects
-  with the warmed-up model and every `--every` epochs after.
+  graft is the default (`Graft()`: a pool of twice the budget, tempered gradients), graft-all-data
+  GRAFT as its paper runs it (every sample, windows of 512, raw gradients);
+- graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
+  epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
+  `reselect` (its default `Graft()`, whose pool holds the round it replaces) or CREST
+  (crest-coreset-dynamic: with its coreset step, weighted). Round 0, with no model yet:
+  graft-dynamic starts from what `nearstore select` and a server run (`Graft()` with the model-free
+  proxy); the CREST runs from class-balanced random, random-dynamic from uniform.
+  graft-dynamic-untempered, -fresh-pools and -old-default take parts of the default away (raw
+  gradients; pools drawn afresh; both, after a round 0 over all data). graft-dynamic-warm trains
+  on all data for 2 epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
-against one full-data epoch. Writes selection_quality.json and selection_quality.png.
+against one full-data epoch, and the gain over random seed by seed (same initialisation and
+shuffles): mean ± std in points, and on how many seeds it is ahead. Writes selection_quality.json
+and selection_quality.png.
 """
 
 from __future__ import annotations
@@ -43,25 +48,33 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.selection import Selection  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, make_selector  # noqa: E402
 from nearstore.sources import digits_batches  # noqa: E402
 
+# GRAFT as its paper runs it: over every sample, windows of 512, MaxVol on the raw gradients.
+ALL_DATA_GRAFT = {"window": 512, "pool": None, "norm_power": 1.0}
 STATIC = {
     "random": ("random", {}),
     "random-balanced": ("random", {"class_balanced": True}),
     "random-warm": ("random", {}),
     "sage": ("sage", {}),
     "sage-residual": ("sage", {"score": "residual"}),
-    "graft": ("graft", {}),
+    "graft": (DEFAULT_METHOD, {}),
+    "graft-all-data": ("graft", ALL_DATA_GRAFT),
     "craig": ("craig", {}),
 }
 # Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds). Round 0 has
 # no model yet; CREST without a proxy draws class-balanced random.
 BALANCED_START = ("crest", {})
+DEFAULT = (DEFAULT_METHOD, {})
 DYNAMIC = {
-    "graft-dynamic": ((DEFAULT_METHOD, {}), DEFAULT_RESELECT),
-    "graft-dynamic-random-start": (BALANCED_START, DEFAULT_RESELECT),
-    "graft-dynamic-warm": (BALANCED_START, DEFAULT_RESELECT),  # round 0 is never trained on
+    "graft-dynamic": (DEFAULT, DEFAULT),
+    # what each part of the default is worth: MaxVol on the raw gradients; pools drawn afresh each
+    # round; both, after a round 0 over all data (the default path until 2026-12)
+    "graft-dynamic-untempered": (("graft", {"norm_power": 1.0}), ("graft", {"norm_power": 1.0})),
+    "graft-dynamic-fresh-pools": (DEFAULT, ("graft", {"pool_previous": False})),
+    "graft-dynamic-old-default": (("graft", ALL_DATA_GRAFT), ("graft", {"norm_power": 1.0, "pool_previous": False})),
+    "graft-dynamic-warm": (BALANCED_START, DEFAULT),  # round 0 is never trained on
     "crest-dynamic": (BALANCED_START, ("crest", {})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),
@@ -213,6 +226,9 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
     rows = []
     for (dataset, method, keep, epochs), members in groups.items():
         acc = np.array([r.accuracy for r in members])
+        # per seed against random's run of the same seed (same initialisation and shuffles)
+        random_by_seed = {r.seed: r.accuracy for r in groups.get((dataset, "random", keep, epochs), [])}
+        gains = np.array([r.accuracy - random_by_seed[r.seed] for r in members if r.seed in random_by_seed])
         to_target = [_seconds_to(r, target[dataset]) for r in members]
         rounds = [s for r in members for s in r.selection_seconds]
         rows.append(
@@ -224,6 +240,9 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "seeds": len(members),
                 "accuracy_mean": float(acc.mean()),
                 "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "paired_gain_mean": float(gains.mean()) if len(gains) else None,
+                "paired_gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else None,
+                "seeds_ahead": f"{int((gains > 0).sum())}/{len(gains)}" if len(gains) else None,
                 "seconds": float(np.mean([r.seconds for r in members])),
                 "seconds_to_target": None if None in to_target else float(np.mean(to_target)),
                 "bytes": float(np.mean([r.scan_bytes + r.shipped_bytes for r in members])),
@@ -245,6 +264,7 @@ def _seconds_to(run: Run, target: float) -> float | None:
 def report(rows: list[dict]) -> None:
     print(
         f"{'dataset':<8} {'method':<26} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
+        f"{'paired gain':>14} {'ahead':>6} "
         f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
     )
     baseline = {(r["dataset"], r["keep"], r["epochs"]): r for r in rows if r["method"] == "random"}
@@ -255,10 +275,14 @@ def report(rows: list[dict]) -> None:
             spread = math.hypot(r["accuracy_std"], base["accuracy_std"]) or float("nan")
             gap = f"{(r['accuracy_mean'] - base['accuracy_mean']) / spread:+.1f}σ"
         target = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "-"
+        paired = ""
+        if r["paired_gain_std"] is not None and r["method"] != "random":
+            paired = f"{100 * r['paired_gain_mean']:+.2f} ± {100 * r['paired_gain_std']:.2f}"
         ratio = f"{r['round_vs_full_epoch']:.2f}" if r["round_vs_full_epoch"] is not None else "-"
         print(
             f"{r['dataset']:<8} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
-            f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap:>10} {r['seconds']:>6.1f} {target:>8} "
+            f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap:>10} {paired:>14} "
+            f"{(r['seeds_ahead'] if paired else ''):>6} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
             f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"
         )
