@@ -6,13 +6,13 @@ MNIST-1D (50,000 samples, the store bench/selection_quality.py writes), the demo
 full-data epochs through the StreamingLoader (torch backend, batch 128, Adam) give the proxy (what
 `loader.update_proxy` hands over). Then, twice, under glibc's default malloc policy and after
 `keep_freed_memory()`: one more timed full-data epoch (on a copy of the model), and each
-re-selection method's round at each budget, `--repeats` times (the median is reported): the default
-`Graft()` (a pool of twice the budget, the round it replaces in it: a class-balanced random one of
-the same size), the same with windows of 256, CREST, CREST with its coreset step; and round 0, the
-same `Graft()` with the model-free proxy on a store opened afresh (`nearstore select`'s default, the
-first round of the default path), beside GRAFT over all the data. Prints seconds, the ratio
-round / full epoch (the target is < 0.1) and the page faults of a round; writes round_cost.json
-and round_cost.png.
+re-selection method's round at each budget, `--repeats` times (the median is reported): the
+default (`DEFAULT_RESELECT`, GRAFT on a pool of twice the budget that holds the round it replaces:
+here a class-balanced random one of the same size), the same with windows of 256, CREST, CREST
+with its coreset step; and round 0, `Graft()` over every sample with the model-free proxy on a
+store opened afresh (`nearstore select`'s default), beside GRAFT as its paper runs it. Prints
+seconds, the ratio round / full epoch (the target is < 0.1) and the page faults of a round;
+writes round_cost.json and round_cost.png.
 """
 
 from __future__ import annotations
@@ -35,21 +35,18 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import keep_freed_memory, open_dataset, random_select  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.proxy import ModelProxy  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
-# the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread).
-# Later rounds get the trained model and the round they replace. graft-all-data: GRAFT as its paper
-# runs it, over every sample (the first round of the default path until 2026-12).
+# the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread),
+# beside GRAFT as its paper runs it (windows of 512, raw gradients). Later rounds get the trained
+# model and the round they replace.
 FIRST_ROUND = "graft-round-0"
-MODEL_FREE = {
-    FIRST_ROUND: (DEFAULT_METHOD, {}),
-    "graft-all-data": ("graft", {"window": 512, "pool": None, "norm_power": 1.0}),
-}
+MODEL_FREE = {FIRST_ROUND: (DEFAULT_METHOD, {}), "graft-paper": ("graft", {"window": 512, "norm_power": 1.0})}
 METHODS = {
     **MODEL_FREE,
-    "graft": (DEFAULT_METHOD, {}),
-    "graft-w256": (DEFAULT_METHOD, {"window": 256}),
+    "graft-pool": DEFAULT_RESELECT,
+    "graft-pool-w256": ("graft", {**DEFAULT_RESELECT[1], "window": 256}),
     "crest": ("crest", {}),
     "crest-coreset": ("crest", {"coreset": True}),
 }

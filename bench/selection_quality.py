@@ -8,17 +8,17 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
-  graft is the default (`Graft()`: a pool of twice the budget, tempered gradients), graft-all-data
-  GRAFT as its paper runs it (every sample, windows of 512, raw gradients);
+  graft is the default (`Graft()`: every sample, windows of 128, tempered gradients), graft-paper
+  GRAFT as its paper runs it (windows of 512, raw gradients);
 - graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
   epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
-  `reselect` (its default `Graft()`, whose pool holds the round it replaces) or CREST
-  (crest-coreset-dynamic: with its coreset step, weighted). Round 0, with no model yet:
-  graft-dynamic starts from what `nearstore select` and a server run (`Graft()` with the model-free
-  proxy); the CREST runs from class-balanced random, random-dynamic from uniform.
-  graft-dynamic-untempered, -fresh-pools and -old-default take parts of the default away (raw
-  gradients; pools drawn afresh; both, after a round 0 over all data). graft-dynamic-warm trains
-  on all data for 2 epochs, then selects with the warmed-up model and every `--every` epochs after.
+  `reselect` (its default, GRAFT on a pool of twice the budget that holds the round it replaces)
+  or CREST (crest-coreset-dynamic: with its coreset step, weighted). Round 0, with no model yet:
+  graft-dynamic starts from what `nearstore select` and a server run (`Graft()` with the
+  model-free proxy); the CREST runs from class-balanced random, random-dynamic from uniform.
+  graft-dynamic-untempered, -fresh-pools, -pooled-start and -old-default take parts of the
+  default path away (see DYNAMIC). graft-dynamic-warm trains on all data for 2 epochs, then
+  selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
@@ -48,11 +48,11 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.selection import Selection  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
 from nearstore.sources import digits_batches  # noqa: E402
 
-# GRAFT as its paper runs it: over every sample, windows of 512, MaxVol on the raw gradients.
-ALL_DATA_GRAFT = {"window": 512, "pool": None, "norm_power": 1.0}
+# GRAFT as its paper runs it: windows of 512, MaxVol on the raw gradients (over every sample).
+PAPER_GRAFT = {"window": 512, "norm_power": 1.0}
 STATIC = {
     "random": ("random", {}),
     "random-balanced": ("random", {"class_balanced": True}),
@@ -60,21 +60,27 @@ STATIC = {
     "sage": ("sage", {}),
     "sage-residual": ("sage", {"score": "residual"}),
     "graft": (DEFAULT_METHOD, {}),
-    "graft-all-data": ("graft", ALL_DATA_GRAFT),
+    "graft-paper": ("graft", PAPER_GRAFT),
     "craig": ("craig", {}),
 }
 # Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds). Round 0 has
 # no model yet; CREST without a proxy draws class-balanced random.
 BALANCED_START = ("crest", {})
 DEFAULT = (DEFAULT_METHOD, {})
+POOL = DEFAULT_RESELECT[1]
 DYNAMIC = {
-    "graft-dynamic": (DEFAULT, DEFAULT),
-    # what each part of the default is worth: MaxVol on the raw gradients; pools drawn afresh each
-    # round; both, after a round 0 over all data (the default path until 2026-12)
-    "graft-dynamic-untempered": (("graft", {"norm_power": 1.0}), ("graft", {"norm_power": 1.0})),
-    "graft-dynamic-fresh-pools": (DEFAULT, ("graft", {"pool_previous": False})),
-    "graft-dynamic-old-default": (("graft", ALL_DATA_GRAFT), ("graft", {"norm_power": 1.0, "pool_previous": False})),
-    "graft-dynamic-warm": (BALANCED_START, DEFAULT),  # round 0 is never trained on
+    "graft-dynamic": (DEFAULT, DEFAULT_RESELECT),
+    # What each part of the default path is worth: MaxVol on raw gradients; pools drawn afresh;
+    # a round 0 on a pool too; all but the last, with windows of 512 in round 0 (the default
+    # path until 2026-12).
+    "graft-dynamic-untempered": (("graft", {"norm_power": 1.0}), ("graft", {**POOL, "norm_power": 1.0})),
+    "graft-dynamic-fresh-pools": (DEFAULT, ("graft", {**POOL, "pool_previous": False})),
+    "graft-dynamic-pooled-start": (("graft", POOL), DEFAULT_RESELECT),
+    "graft-dynamic-old-default": (
+        ("graft", PAPER_GRAFT),
+        ("graft", {**POOL, "norm_power": 1.0, "pool_previous": False}),
+    ),
+    "graft-dynamic-warm": (BALANCED_START, DEFAULT_RESELECT),  # round 0 is never trained on
     "crest-dynamic": (BALANCED_START, ("crest", {})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),

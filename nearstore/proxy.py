@@ -34,8 +34,8 @@ class RandomFeatureProxy:
 
     h(x) = relu(W · standardize(x) / sqrt(d)), W ~ N(0, 1) fixed by `seed`; logits = A [h, 1].
     `fit` estimates the standardization and fits the head (L2-regularised multinomial logistic
-    regression, `fit_steps` of L-BFGS: 25 cost a quarter of 100 and selected as well, measured
-    by bench/selection_quality.py) on a warm-up sample; `embed` gives the last-layer gradient embeddings
+    regression by `fit_steps` of L-BFGS: 25 cost a quarter of 100 and GRAFT selected as well with
+    them on MNIST-1D) on a warm-up sample; `embed` gives the last-layer gradient embeddings
     (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
     """
 

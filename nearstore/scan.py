@@ -250,10 +250,14 @@ class Scan:
         class_balanced: bool = True,
         shards: Iterable[int] | None = None,
         factored: bool = False,
+        batch_samples: int = 0,
     ) -> Iterator[Embedded]:
         """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings), or the
-        embeddings' two factors (Proxy.gradient_factors) with `factored`."""
+        embeddings' two factors (Proxy.gradient_factors) with `factored`; consecutive shards
+        embedded together up to `batch_samples` (0: one shard at a time)."""
         batches = _shards(self.reader, self.warm, progress, desc, shards)
+        if batch_samples:
+            batches = _rebatch(batches, batch_samples)
         return _embed(batches, self.proxy, self.input_array, self.labels, class_balanced, factored)
 
 
@@ -269,6 +273,26 @@ def _shards(
     for shard in tqdm(shards, desc=desc, unit="shard", disable=not progress):
         r = reader.shard_range(shard)
         yield np.arange(r.start, r.stop), warm.pop(shard, None) or reader.read_shard(shard)
+
+
+def _rebatch(batches: Iterable[Batch], samples: int) -> Iterator[Batch]:
+    """Consecutive batches joined until each holds at least `samples` (the last may hold fewer):
+    fewer, larger calls for the stages after."""
+    held: list[Batch] = []
+    for batch in batches:
+        held.append(batch)
+        if sum(len(ids) for ids, _ in held) >= samples:
+            yield _join(held)
+            held = []
+    if held:
+        yield _join(held)
+
+
+def _join(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    ids = np.concatenate([ids for ids, _ in batches])
+    return ids, {name: np.concatenate([b[name] for _, b in batches]) for name in batches[0][1]}
 
 
 def _embed(

@@ -9,7 +9,7 @@ import torch
 
 from nearstore import RandomFeatureProxy, open_dataset, random_select, sage_select, write_dataset
 from nearstore.proxy import ModelProxy
-from nearstore.scan import read_labels
+from nearstore.scan import _rebatch, read_labels
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,14 @@ def test_scan_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     )
     growth = int(probe.stdout.split()[-1])
     assert growth < n * dim * 4 / 4, f"the scan's peak memory grew by {growth / 1e6:.0f} MB"
+
+
+def test_rebatch_joins_consecutive_batches_in_order():
+    sizes = [3, 5, 2, 7, 1]
+    starts = np.cumsum([0, *sizes])
+    batches = [(np.arange(a, b), {"x": np.arange(a, b) * 10.0}) for a, b in zip(starts, starts[1:])]
+    joined = list(_rebatch(iter(batches), 6))
+    assert [len(ids) for ids, _ in joined] == [8, 9, 1]  # each at least 6 but the last
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in joined]), np.arange(18))
+    for ids, batch in joined:
+        np.testing.assert_array_equal(batch["x"], ids * 10.0)

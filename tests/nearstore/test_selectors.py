@@ -38,9 +38,7 @@ def windows(members: np.ndarray, window: int) -> list[np.ndarray]:
     return [members[i : i + window] for i in range(0, len(members), window)]
 
 
-@pytest.mark.parametrize(
-    "selector", [Sage(), Graft(), Graft(window=128, pool=None), Craig(window=128), Crest()], ids=str
-)
+@pytest.mark.parametrize("selector", [Sage(), Graft(), Graft(pool=2), Craig(window=128), Crest()], ids=str)
 def test_each_class_keeps_its_share(blobs, selector):
     dataset, _, y, proxy = blobs
     selection = selector.select(dataset, 0.1, proxy=proxy)
@@ -54,7 +52,7 @@ def test_each_class_keeps_its_share(blobs, selector):
 @pytest.mark.parametrize("norm_power", [1.0, 0.5])  # windows of 9 pad with zero rows
 def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
     dataset, x, y, proxy = blobs
-    selection = Graft(window=128, pool=None, norm_power=norm_power).select(dataset, 0.25, proxy=proxy)
+    selection = Graft(window=128, norm_power=norm_power).select(dataset, 0.25, proxy=proxy)
     expected = []
     for c in range(3):
         for ids in windows(np.flatnonzero(y == c), 128):
@@ -68,9 +66,9 @@ def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
 
 def test_graft_decides_windows_in_batches_as_it_would_one_by_one(blobs, monkeypatch):
     dataset, _, _, proxy = blobs
-    batched = Graft(window=32, pool=None).select(dataset, 0.3, proxy=proxy)  # 15 windows, of 4 sizes
+    batched = Graft(window=32).select(dataset, 0.3, proxy=proxy)  # 15 windows, of 4 sizes
     monkeypatch.setattr(Graft, "WINDOWS_AT_ONCE", 1)
-    np.testing.assert_array_equal(Graft(window=32, pool=None).select(dataset, 0.3, proxy=proxy).ids, batched.ids)
+    np.testing.assert_array_equal(Graft(window=32).select(dataset, 0.3, proxy=proxy).ids, batched.ids)
 
 
 def _window_budget(keep: float, members: np.ndarray, window_ids: np.ndarray) -> int:
@@ -81,8 +79,8 @@ def _window_budget(keep: float, members: np.ndarray, window_ids: np.ndarray) -> 
 
 def test_graft_tolerance_picks_fewer_samples_that_approximate_the_mean_gradient(blobs):
     dataset, x, y, proxy = blobs
-    full = Graft(window=128, pool=None, norm_power=1).select(dataset, 0.25, proxy=proxy)
-    loose = Graft(window=128, pool=None, norm_power=1, tolerance=0.5).select(dataset, 0.25, proxy=proxy)
+    full = Graft(window=128, norm_power=1).select(dataset, 0.25, proxy=proxy)
+    loose = Graft(window=128, norm_power=1, tolerance=0.5).select(dataset, 0.25, proxy=proxy)
     assert 3 <= len(loose) < len(full)
     assert set(loose.ids.tolist()) <= set(range(len(y)))
     for c in range(3):
@@ -185,7 +183,7 @@ def test_bad_input_is_named(blobs, tmp_path):
     with pytest.raises(ValueError, match="keep must be in"):
         Craig().select(dataset, 0.0, proxy=proxy)
     with pytest.raises(ValueError, match="exceeds the rank"):
-        Graft(window=128, pool=None).select(dataset, 0.5, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
+        Graft(window=128).select(dataset, 0.5, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
     everything = Graft(window=128).select(dataset, 1.0, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
     np.testing.assert_array_equal(everything.ids, np.arange(len(y)))  # whole windows need no MaxVol
     two_classes = ModelProxy(torch.nn.Linear(6, 2))
@@ -231,7 +229,7 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     np.testing.assert_array_equal(a.ids, b.ids)
     assert np.bincount(y[a.ids], minlength=3).tolist() == [30, 12, 1]
     assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
-    full = Graft(window=64, pool=None).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
+    full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
     assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
     with pytest.raises(ValueError, match="pool must be >= 1"):
         Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)
@@ -255,7 +253,7 @@ def test_graft_pools_the_previous_rounds_picks_with_fresh_samples(blobs):
     shrunk = Graft(window=64, pool=1).select(dataset, 0.1, proxy=proxy, seed=3, previous=everything)
     assert np.bincount(y[shrunk.ids], minlength=3).tolist() == [30, 12, 1]
     with pytest.raises(ValueError, match=r"previous ids must lie in \[0, 429\)"):
-        Graft().select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
+        Graft(pool=2).select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
     with pytest.raises(ValueError, match="norm_power must be >= 0, got -1"):
         Graft(norm_power=-1).select(dataset, 0.1, proxy=proxy)
 
