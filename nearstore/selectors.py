@@ -155,7 +155,7 @@ class Graft(Selector):
             progress,
             self.window,
             self.pool,
-            previous=previous if self.pool_previous else None,
+            previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
             factored=True,
             at_once=self.WINDOWS_AT_ONCE,
         )

@@ -223,7 +223,7 @@ def test_reselect_in_process_with_the_trainers_model(id_store):
     assert loader.io_stats()["scan_bytes"] == selection.io["bytes"] > 0  # the uniform round read nothing
     with pytest.raises(ValueError, match="method must be one of"):
         loader.reselect(method="oracle")
-    default = loader.reselect(0.2, window=64)  # Graft(): on a pool, its options overridable
+    default = loader.reselect(0.2, window=64)  # DEFAULT_RESELECT: GRAFT on a pool, options overridable
     assert default.method == "graft" and default.params["pool"] == 2.0 and default.params["window"] == 64
     assert default.round == loader.round == 2 and default.params["proxy"] == "ModelProxy"
     assert default.params["previous"] == len(selection.ids)  # the round it replaced joined its pool

@@ -242,6 +242,8 @@ def test_graft_pools_the_previous_rounds_picks_with_fresh_samples(blobs):
     carried = Graft(window=64, pool=1).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
     np.testing.assert_array_equal(carried.ids, previous)
     assert carried.params["previous"] == len(previous) and carried.params["pool_previous"]
+    every_sample = Graft(window=64).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    assert every_sample.params["previous"] is None  # no pool: nothing to put the previous round in
     fresh = Graft(window=64, pool=1, pool_previous=False).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
     assert len(fresh) == len(previous) and not np.array_equal(fresh.ids, previous)
     # Twice the budget: the previous picks and as many fresh samples, MaxVol choosing among both.
