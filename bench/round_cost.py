@@ -10,7 +10,7 @@ re-selection method's round at each budget, `--repeats` times (the median is rep
 default (`DEFAULT_RESELECT`, GRAFT on a pool of twice the budget that holds the round it replaces:
 here a class-balanced random one of the same size), the same with windows of 256, CREST, CREST
 with its coreset step; and round 0, `Graft()` over every sample with the model-free proxy on a
-store opened afresh (`nearstore select`'s default), beside GRAFT as its paper runs it. Prints
+store opened afresh (`nearstore select`'s default), beside the previous round 0. Prints
 seconds, the ratio round / full epoch (the target is < 0.1) and the page faults of a round;
 writes round_cost.json and round_cost.png.
 """
@@ -39,10 +39,10 @@ from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector 
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
 # the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread),
-# beside GRAFT as its paper runs it (windows of 512, raw gradients). Later rounds get the trained
+# beside the previous round 0 (raw gradients, windows of 512). Later rounds get the trained
 # model and the round they replace.
 FIRST_ROUND = "graft-round-0"
-MODEL_FREE = {FIRST_ROUND: (DEFAULT_METHOD, {}), "graft-paper": ("graft", {"window": 512, "norm_power": 1.0})}
+MODEL_FREE = {FIRST_ROUND: (DEFAULT_METHOD, {}), "graft-raw-w512": ("graft", {"window": 512, "norm_power": 1.0})}
 METHODS = {
     **MODEL_FREE,
     "graft-pool": DEFAULT_RESELECT,

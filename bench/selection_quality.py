@@ -8,8 +8,8 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
-  graft is the default (`Graft()`: every sample, windows of 128, tempered gradients), graft-paper
-  GRAFT as its paper runs it (windows of 512, raw gradients);
+  graft is the default (`Graft()`: every sample, windows of 128, tempered gradients), graft-raw-w512
+  the previous round 0 (raw gradients, windows of 512);
 - graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
   epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
   `reselect` (its default, GRAFT on a pool of twice the budget that holds the round it replaces)
@@ -51,8 +51,8 @@ from nearstore.selection import Selection  # noqa: E402
 from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
 from nearstore.sources import digits_batches  # noqa: E402
 
-# GRAFT as its paper runs it: windows of 512, MaxVol on the raw gradients (over every sample).
-PAPER_GRAFT = {"window": 512, "norm_power": 1.0}
+# The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
+RAW_W512 = {"window": 512, "norm_power": 1.0}
 STATIC = {
     "random": ("random", {}),
     "random-balanced": ("random", {"class_balanced": True}),
@@ -60,7 +60,7 @@ STATIC = {
     "sage": ("sage", {}),
     "sage-residual": ("sage", {"score": "residual"}),
     "graft": (DEFAULT_METHOD, {}),
-    "graft-paper": ("graft", PAPER_GRAFT),
+    "graft-raw-w512": ("graft", RAW_W512),
     "craig": ("craig", {}),
 }
 # Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds). Round 0 has
@@ -77,7 +77,7 @@ DYNAMIC = {
     "graft-dynamic-fresh-pools": (DEFAULT, ("graft", {**POOL, "pool_previous": False})),
     "graft-dynamic-pooled-start": (("graft", POOL), DEFAULT_RESELECT),
     "graft-dynamic-old-default": (
-        ("graft", PAPER_GRAFT),
+        ("graft", RAW_W512),
         ("graft", {**POOL, "norm_power": 1.0, "pool_previous": False}),
     ),
     "graft-dynamic-warm": (BALANCED_START, DEFAULT_RESELECT),  # round 0 is never trained on

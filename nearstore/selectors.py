@@ -130,7 +130,7 @@ class Graft(Selector):
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
         tempers that; 0 weighs directions alone.
     The defaults (and DEFAULT_RESELECT) are what beat random by the widest margin on MNIST-1D
-    (bench/selection_quality.py); GRAFT as its paper runs it is Graft(window=512, norm_power=1).
+    (bench/selection_quality.py); MaxVol on raw gradients, as the paper has it, is norm_power=1.
     """
 
     method: ClassVar[str] = "graft"
