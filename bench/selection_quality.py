@@ -301,20 +301,29 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(7.5 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
-        mine = [r for r in rows if r["dataset"] == name and r["method"] != "full"]
-        epochs = min(r["epochs"] for r in mine)
-        for method in sorted({r["method"] for r in mine}):
+        subsets = [r for r in rows if r["dataset"] == name and r["method"] != "full"]
+        epochs = min(r["epochs"] for r in subsets)  # equal epochs; the --equal-steps runs train longer
+        mine = [r for r in subsets if r["epochs"] == epochs]
+        for number, method in enumerate(sorted({r["method"] for r in mine})):
             points = sorted((r["keep"], r["accuracy_mean"], r["accuracy_std"]) for r in mine if r["method"] == method)
-            points = [p for p in points if any(r["epochs"] == epochs for r in mine if r["method"] == method)]
             keeps, means, stds = zip(*points)
-            ax.errorbar([100 * k for k in keeps], means, yerr=stds, marker="o", capsize=3, label=method)
+            ax.errorbar(
+                [100 * k for k in keeps],
+                means,
+                yerr=stds,
+                marker="o",
+                capsize=3,
+                label=method,
+                linestyle=("-", "--", ":")[number // 10],  # the colour cycle has 10 colours
+                linewidth=3 if method == "graft-dynamic" else 1.2,
+            )
         for r in rows:
             if r["dataset"] == name and r["method"] == "full":
                 ax.axhline(r["accuracy_mean"], color="grey", linestyle=":", label="full data")
         ax.set(xscale="log", xlabel="keep (%)", ylabel="test accuracy", title=f"{name}, {epochs} epochs")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
