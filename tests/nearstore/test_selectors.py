@@ -52,13 +52,15 @@ def test_each_class_keeps_its_share(blobs, selector):
 @pytest.mark.parametrize("norm_power", [1.0, 0.5])  # windows of 9 pad with zero rows
 def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
     dataset, x, y, proxy = blobs
-    selection = Graft(window=128, norm_power=norm_power).select(dataset, 0.25, proxy=proxy)
+    # 13 picks a window of 128, half its gradients' rank (26): past the rank, pivots are ties in
+    # rounding, which the factored and the direct Gram matrix break differently
+    selection = Graft(window=128, norm_power=norm_power).select(dataset, 0.1, proxy=proxy)
     expected = []
     for c in range(3):
         for ids in windows(np.flatnonzero(y == c), 128):
             g = proxy.embed(x[ids], y[ids])  # the gradients themselves (float32), not their factors
             g = g * g.norm(dim=1, keepdim=True) ** (norm_power - 1)  # tempered: g · ‖g‖^(p − 1)
-            k = _window_budget(0.25, np.flatnonzero(y == c), ids)
+            k = _window_budget(0.1, np.flatnonzero(y == c), ids)
             expected += ids[maxvol(g @ g.T, k).numpy()].tolist()
     np.testing.assert_array_equal(selection.ids, np.sort(expected))
     assert np.all(selection.weights == 1)
@@ -67,7 +69,7 @@ def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
 def test_graft_decides_windows_in_batches_as_it_would_one_by_one(blobs, monkeypatch):
     dataset, _, _, proxy = blobs
     batched = Graft(window=32).select(dataset, 0.3, proxy=proxy)  # 15 windows, of 4 sizes
-    monkeypatch.setattr(Graft, "WINDOWS_AT_ONCE", 1)
+    monkeypatch.setattr(Graft, "GRAM_ENTRIES_AT_ONCE", 1)
     np.testing.assert_array_equal(Graft(window=32).select(dataset, 0.3, proxy=proxy).ids, batched.ids)
 
 
