@@ -119,7 +119,8 @@ class Graft(Selector):
     tol-dominant set (kernels.maxvol): a diverse subset covering the window's dominant gradient
     subspace. With `tolerance`, k is the smallest size (up to the budget) whose greedy picks
     approximate the window's mean gradient ḡ: ‖ḡ − P_S ḡ‖ ≤ tolerance · ‖ḡ‖, P_S the projection
-    on the picked gradients' span. Windows are decided `WINDOWS_AT_ONCE` at a time, as one batch.
+    on the picked gradients' span. Windows are decided as one batch, as many at a time as hold
+    `GRAM_ENTRIES_AT_ONCE` Gram entries (16 MB in float32: 256 windows of 128).
 
     pool: only a random pool of pool × the budget per class is read and windowed (None: every
         sample): what re-selection rounds run (`DEFAULT_RESELECT`), which keeps a round cheap and
@@ -134,7 +135,9 @@ class Graft(Selector):
     """
 
     method: ClassVar[str] = "graft"
-    WINDOWS_AT_ONCE: ClassVar[int] = 64
+    # Fewer, larger batches: MaxVol's steps are ~20 small tensor ops each, whose overhead a batch
+    # shares (256 windows of 128 at once: a round 10% faster than 64).
+    GRAM_ENTRIES_AT_ONCE: ClassVar[int] = 1 << 22
     window: int = 128
     tolerance: float | None = None
     pool: float | None = None
@@ -157,7 +160,7 @@ class Graft(Selector):
             self.pool,
             previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
             factored=True,
-            at_once=self.WINDOWS_AT_ONCE,
+            at_once=max(1, self.GRAM_ENTRIES_AT_ONCE // self.window**2),
         )
 
     def _pick(self, windows: list[Window]) -> list[Pick]:
