@@ -5,14 +5,14 @@
 MNIST-1D (50,000 samples, the store bench/selection_quality.py writes), the demo's CNN: two
 full-data epochs through the StreamingLoader (torch backend, batch 128, Adam) give the proxy (what
 `loader.update_proxy` hands over). Then, twice, under glibc's default malloc policy and after
-`keep_freed_memory()`: one more timed full-data epoch (on a copy of the model), and each
-re-selection method's round at each budget, `--repeats` times (the median is reported): the
-default (`DEFAULT_RESELECT`, GRAFT on a pool of twice the budget that holds the round it replaces:
-here a class-balanced random one of the same size), the same with windows of 256, CREST, CREST
-with its coreset step; and round 0, `Graft()` over every sample with the model-free proxy on a
-store opened afresh (`nearstore select`'s default), beside the previous round 0. Prints
-seconds, the ratio round / full epoch (the target is < 0.1) and the page faults of a round;
-writes round_cost.json and round_cost.png.
+`keep_freed_memory()`: a timed full-data epoch (on a copy of the model), each method's round at
+each budget `--repeats` times (the median is reported), and another timed epoch. The methods: the
+default re-selection (`DEFAULT_RESELECT`, GRAFT on a pool of twice the budget that holds the round
+it replaces: here a class-balanced random one of the same size), the same with windows of 256,
+CREST, CREST with its coreset step; and round 0, `Graft()` over every sample with the model-free
+proxy on a store opened afresh (`nearstore select`'s default), beside the previous round 0.
+Prints seconds, the ratio round / full epoch (the mean of the two timed epochs; the target is
+< 0.1) and the page faults of a round; writes round_cost.json and round_cost.png.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ def epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: StreamingL
     return time.perf_counter() - started
 
 
+def timed_epoch(model: nn.Module, loader: StreamingLoader) -> float:
+    """Seconds of one more full-data epoch, trained on a copy of `model` (the proxy stays as it is)."""
+    trained = copy.deepcopy(model)
+    return epoch(trained, torch.optim.Adam(trained.parameters(), lr=3e-3), loader, 2)
+
+
 def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -86,10 +92,8 @@ def main() -> None:
     for allocator in ("default", "kept"):
         if allocator == "kept":
             keep_freed_memory()
-        trained = copy.deepcopy(model)
-        epochs[allocator] = epoch_seconds = epoch(trained, torch.optim.Adam(trained.parameters(), lr=3e-3), loader, 2)
-        print(f"malloc {allocator}: full-data epoch {epoch_seconds:.2f} s")
-        print(f"{'method':<16} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8}")
+        first = timed_epoch(model, loader)
+        block = []
         for name, (method, options) in METHODS.items():
             for keep in args.budgets:
                 seconds, faulted = [], []
@@ -104,21 +108,22 @@ def main() -> None:
                     seconds.append(time.perf_counter() - started)
                     faulted.append(faults() - before)
                 median = float(np.median(seconds))
-                rows.append(
-                    {
-                        "allocator": allocator,
-                        "method": name,
-                        "keep": keep,
-                        "seconds": seconds,
-                        "median": median,
-                        "per_epoch": median / epoch_seconds,
-                        "page_faults": faulted,
-                    }
-                )
-                print(
-                    f"{name:<16} {keep:>5.0%} {median:>8.2f} {median / epoch_seconds:>8.3f} "
-                    f"{int(np.median(faulted)):>8}"
-                )
+                row = {"allocator": allocator, "method": name, "keep": keep, "seconds": seconds, "median": median}
+                block.append({**row, "page_faults": faulted})
+        # The machine's speed drifts (it is shared): the rounds are set against the mean of an epoch
+        # timed before them and one after.
+        last = timed_epoch(model, loader)
+        epochs[allocator] = {"before": first, "after": last}
+        epoch_seconds = (first + last) / 2
+        print(f"malloc {allocator}: full-data epoch {first:.2f} s before the rounds, {last:.2f} s after")
+        print(f"{'method':<16} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8}")
+        for row in block:
+            row["per_epoch"] = row["median"] / epoch_seconds
+            print(
+                f"{row['method']:<16} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
+                f"{int(np.median(row['page_faults'])):>8}"
+            )
+        rows += block
     result = {"full_epoch_seconds": epochs, "threads": torch.get_num_threads(), "rows": rows}
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "round_cost.png")
