@@ -11,8 +11,11 @@ default re-selection (`DEFAULT_RESELECT`, GRAFT on a pool of twice the budget th
 it replaces: here a class-balanced random one of the same size), the same with windows of 256,
 CREST, CREST with its coreset step; and round 0, `Graft()` over every sample with the model-free
 proxy on a store opened afresh (`nearstore select`'s default), beside the previous round 0.
-Prints seconds, the ratio round / full epoch (the mean of the two timed epochs; the target is
-< 0.1) and the page faults of a round; writes round_cost.json and round_cost.png.
+With freed memory kept, the default re-selection also runs on the same store served by nginx on
+127.0.0.1 (HTTP with Range, a server per run), its pool read as it is (`POOL_READ_OVERHEAD`) and
+as training reads coalesce (5% more bytes at most). Prints seconds, the ratio round / full epoch
+(the mean of the two timed epochs; the target is < 0.1), the page faults of a round and what it
+read (requests, MB); writes round_cost.json and round_cost.png.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import copy
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,12 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # nginx's fixture lives with the tests
+
+from servers import Nginx  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import keep_freed_memory, open_dataset, random_select  # noqa: E402
+from nearstore import Dataset, keep_freed_memory, open_dataset, random_select, selectors  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.proxy import ModelProxy  # noqa: E402
+from nearstore.ranges import DEFAULT_MAX_OVERHEAD  # noqa: E402
 from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
@@ -50,6 +58,10 @@ METHODS = {
     "crest": ("crest", {}),
     "crest-coreset": ("crest", {"coreset": True}),
 }
+
+
+# The default re-selection over HTTP with its pool read as training reads are (5% more bytes at most).
+HTTP_5 = "graft-pool http, 5%"
 
 
 def epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: StreamingLoader, number: int) -> float:
@@ -73,6 +85,37 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def timed_round(name: str, dataset: Dataset, keep: float, proxy: ModelProxy, repeats: int) -> dict:
+    """Method `name`'s round (METHODS, or the default re-selection) on `dataset` at `keep`, `repeats`
+    times: seconds, page faults and the selection's reads (bytes, requests) of each, and the median."""
+    method, options = METHODS.get(name, DEFAULT_RESELECT)
+    runs = []
+    for repeat in range(repeats):
+        if name in MODEL_FREE:
+            on, scorer, previous = open_dataset(dataset.url, storage_options=dataset.storage_options), None, None
+        else:
+            on, scorer = dataset, proxy
+            previous = random_select(dataset, keep, seed=repeat, class_balanced=True).ids
+        started, before = time.perf_counter(), faults()
+        io = make_selector(method, **options).select(on, keep, proxy=scorer, seed=repeat, previous=previous).io
+        runs.append((time.perf_counter() - started, faults() - before, io["bytes"], io["requests"]))
+    seconds, faulted, read, requests = (list(column) for column in zip(*runs))
+    row = {"method": name, "keep": keep, "seconds": seconds, "median": float(np.median(seconds))}
+    return {**row, "page_faults": faulted, "bytes": read, "requests": requests}
+
+
+def report(title: str, rows: list[dict], epoch_seconds: float) -> None:
+    print(title)
+    print(f"{'method':<22} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8} {'requests':>9} {'MB':>6}")
+    for row in rows:
+        row["per_epoch"] = row["median"] / epoch_seconds
+        print(
+            f"{row['method']:<22} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
+            f"{int(np.median(row['page_faults'])):>8} {int(np.median(row['requests'])):>9} "
+            f"{np.median(row['bytes']) / 1e6:>6.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
@@ -93,41 +136,45 @@ def main() -> None:
         if allocator == "kept":
             keep_freed_memory()
         first = timed_epoch(model, loader)
-        block = []
-        for name, (method, options) in METHODS.items():
-            for keep in args.budgets:
-                seconds, faulted = [], []
-                for repeat in range(args.repeats):
-                    if name in MODEL_FREE:
-                        on, scorer, previous = open_dataset(store.url), None, None
-                    else:
-                        on, scorer = store, proxy
-                        previous = random_select(store, keep, seed=repeat, class_balanced=True).ids
-                    started, before = time.perf_counter(), faults()
-                    make_selector(method, **options).select(on, keep, proxy=scorer, seed=repeat, previous=previous)
-                    seconds.append(time.perf_counter() - started)
-                    faulted.append(faults() - before)
-                median = float(np.median(seconds))
-                row = {"allocator": allocator, "method": name, "keep": keep, "seconds": seconds, "median": median}
-                block.append({**row, "page_faults": faulted})
+        block = [
+            {"allocator": allocator, **timed_round(name, store, keep, proxy, args.repeats)}
+            for name in METHODS
+            for keep in args.budgets
+        ]
+        if allocator == "kept":
+            block += over_http(store, proxy, args.budgets, args.repeats)
         # The machine's speed drifts (it is shared): the rounds are set against the mean of an epoch
         # timed before them and one after.
         last = timed_epoch(model, loader)
         epochs[allocator] = {"before": first, "after": last}
-        epoch_seconds = (first + last) / 2
-        print(f"malloc {allocator}: full-data epoch {first:.2f} s before the rounds, {last:.2f} s after")
-        print(f"{'method':<16} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8}")
-        for row in block:
-            row["per_epoch"] = row["median"] / epoch_seconds
-            print(
-                f"{row['method']:<16} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
-                f"{int(np.median(row['page_faults'])):>8}"
-            )
+        title = f"malloc {allocator}: full-data epoch {first:.2f} s before the rounds, {last:.2f} s after"
+        report(title, block, (first + last) / 2)
         rows += block
     result = {"full_epoch_seconds": epochs, "threads": torch.get_num_threads(), "rows": rows}
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "round_cost.png")
     print(f"wrote {args.out / 'round_cost.json'} and {args.out / 'round_cost.png'}")
+
+
+def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: int) -> list[dict]:
+    """The default re-selection round on the same store served by nginx on 127.0.0.1, its pool read
+    as it is (POOL_READ_OVERHEAD) and read as training reads coalesce (5% more bytes at most)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        nginx = Nginx(Path(store.url).resolve().parent, Path(workdir)).wait_ready()
+        try:
+            remote = open_dataset(f"{nginx.url}/{Path(store.url).name}")
+            block = []
+            for overhead, name in ((selectors.POOL_READ_OVERHEAD, "graft-pool http"), (DEFAULT_MAX_OVERHEAD, HTTP_5)):
+                kept, selectors.POOL_READ_OVERHEAD = selectors.POOL_READ_OVERHEAD, overhead
+                try:
+                    block += [
+                        {"allocator": "kept", **timed_round(name, remote, keep, proxy, repeats)} for keep in budgets
+                    ]
+                finally:
+                    selectors.POOL_READ_OVERHEAD = kept
+            return block
+        finally:
+            nginx.stop()
 
 
 def plot(rows: list[dict], path: Path) -> None:

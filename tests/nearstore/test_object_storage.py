@@ -9,7 +9,8 @@ import pytest
 import zarr
 
 from loaders import StreamingLoader
-from nearstore import SelectiveReader, open_dataset, random_select, write_dataset
+from nearstore import RandomFeatureProxy, SelectiveReader, open_dataset, random_select, write_dataset
+from nearstore.selectors import Crest, Graft
 
 N, SHARD, DIM = 3000, 256, 40
 INDEX_BYTES = SHARD * 16 + 4
@@ -100,6 +101,22 @@ def test_read_time_selection_fetches_only_the_selected_bytes(remote, keep, shuff
         # in order, neighbours share a range: at most one per run of adjacent ids within a shard
         runs = len(np.flatnonzero(np.diff(selection.ids) != 1)) + 1 + shards_touched
         assert len(served) <= 2 * (shards_touched + runs)
+
+
+@pytest.mark.parametrize("selector", [Graft(pool=2), Crest()], ids=str)
+def test_selection_pools_are_read_in_few_requests_for_at_most_twice_their_bytes(remote, data, tmp_path, selector):
+    dataset, books, prefix = remote
+    proxy = RandomFeatureProxy(10, width=16).fit(data["x"], data["y"])
+    selection = selector.select(dataset, 0.25, proxy=proxy, seed=4)
+    local = write_dataset(str(tmp_path / "local.zarr"), batches(data), shard_samples=SHARD)
+    np.testing.assert_array_equal(selection.ids, selector.select(local, 0.25, proxy=proxy, seed=4).ids)
+
+    served = [s for s in books().gets(prefix) if "/x/c/" in s.path]  # the pool's inputs; labels are read whole
+    pooled = sum(min(n, 2 * round(0.25 * n)) for n in np.bincount(data["y"]) if n)  # half of each class
+    assert sum(s.bytes for s in served) <= 2 * pooled * SAMPLE_BYTES["x"] + dataset.num_shards * INDEX_BYTES
+    # each shard's index, then its pooled samples in a few runs: the reader's default (5% more bytes)
+    # would bridge few of the holes and make about one request a sample
+    assert len(served) <= 3 * dataset.num_shards < pooled / 20
 
 
 def test_zarr_alone_rereads_shard_indexes_for_every_batch(remote):
