@@ -12,8 +12,9 @@ it replaces: here a class-balanced random one of the same size), the same with w
 CREST, CREST with its coreset step; and round 0, `Graft()` over every sample with the model-free
 proxy on a store opened afresh (`nearstore select`'s default), beside the previous round 0.
 With freed memory kept, the default re-selection also runs on the same store served by nginx on
-127.0.0.1 (HTTP with Range, a server per run), its pool read as it is (`POOL_READ_OVERHEAD`) and
-as training reads coalesce (5% more bytes at most). Prints seconds, the ratio round / full epoch
+127.0.0.1 (HTTP with Range), its pool read as it is (`POOL_READS`: every hole under 64 KiB
+bridged, here whole shards), with holes bridged up to the pool's own bytes, and as training reads
+coalesce (5% more bytes at most). Prints seconds, the ratio round / full epoch
 (the mean of the two timed epochs; the target is < 0.1), the page faults of a round and what it
 read (requests, MB); writes round_cost.json and round_cost.png.
 """
@@ -60,8 +61,13 @@ METHODS = {
 }
 
 
-# The default re-selection over HTTP with its pool read as training reads are (5% more bytes at most).
-HTTP_5 = "graft-pool http, 5%"
+# The default re-selection over HTTP with its pool read as it is (POOL_READS: whole shards here),
+# with holes bridged up to the pool's own bytes, and as training reads are (5% more bytes at most).
+HTTP_READS = {
+    "graft-pool http": selectors.POOL_READS,
+    "graft-pool http, 2x bytes": {"max_overhead": 1.0},
+    "graft-pool http, 5%": {"max_overhead": DEFAULT_MAX_OVERHEAD},
+}
 
 
 def epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: StreamingLoader, number: int) -> float:
@@ -158,20 +164,20 @@ def main() -> None:
 
 def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: int) -> list[dict]:
     """The default re-selection round on the same store served by nginx on 127.0.0.1, its pool read
-    as it is (POOL_READ_OVERHEAD) and read as training reads coalesce (5% more bytes at most)."""
+    in each of the ways of HTTP_READS."""
     with tempfile.TemporaryDirectory() as workdir:
         nginx = Nginx(Path(store.url).resolve().parent, Path(workdir)).wait_ready()
         try:
             remote = open_dataset(f"{nginx.url}/{Path(store.url).name}")
             block = []
-            for overhead, name in ((selectors.POOL_READ_OVERHEAD, "graft-pool http"), (DEFAULT_MAX_OVERHEAD, HTTP_5)):
-                kept, selectors.POOL_READ_OVERHEAD = selectors.POOL_READ_OVERHEAD, overhead
+            for name, reads in HTTP_READS.items():
+                kept, selectors.POOL_READS = selectors.POOL_READS, reads
                 try:
                     block += [
                         {"allocator": "kept", **timed_round(name, remote, keep, proxy, repeats)} for keep in budgets
                     ]
                 finally:
-                    selectors.POOL_READ_OVERHEAD = kept
+                    selectors.POOL_READS = kept
             return block
         finally:
             nginx.stop()
