@@ -112,11 +112,11 @@ def timed_round(name: str, dataset: Dataset, keep: float, proxy: ModelProxy, rep
 
 def report(title: str, rows: list[dict], epoch_seconds: float) -> None:
     print(title)
-    print(f"{'method':<22} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8} {'requests':>9} {'MB':>6}")
+    print(f"{'method':<26} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8} {'requests':>9} {'MB':>6}")
     for row in rows:
         row["per_epoch"] = row["median"] / epoch_seconds
         print(
-            f"{row['method']:<22} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
+            f"{row['method']:<26} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
             f"{int(np.median(row['page_faults'])):>8} {int(np.median(row['requests'])):>9} "
             f"{np.median(row['bytes']) / 1e6:>6.2f}"
         )
