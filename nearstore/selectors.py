@@ -42,7 +42,7 @@ from nearstore.selection import Selection
 # How pools are read (SelectiveReader's coalescing): only to be scored, beside the data, so every
 # hole under 64 KiB (about what a request costs in transfer) is bridged, whatever the bytes add up
 # to; training reads bridge 5% at most. Small samples' pools are then read in whole shards: a 10%
-# round over HTTP on 127.0.0.1 made 51 requests in 0.20 s, not 7,519 in 3.0 s, for 5x the bytes.
+# round over HTTP on 127.0.0.1 made 51 requests in 0.21 s, not 7,519 in 3.2 s, for 5x the bytes.
 POOL_READS: dict[str, Any] = {"gap_bytes": 1 << 16, "max_overhead": math.inf}
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
 Window = tuple[tuple[torch.Tensor, ...], int]
