@@ -17,8 +17,9 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
   graft-dynamic starts from what `nearstore select` and a server run (`Graft()` with the
   model-free proxy); the CREST runs from class-balanced random, random-dynamic from uniform.
   graft-dynamic-untempered, -fresh-pools, -pooled-start and -old-default take parts of the
-  default path away (see DYNAMIC). graft-dynamic-warm trains on all data for 2 epochs, then
-  selects with the warmed-up model and every `--every` epochs after.
+  default path away, and -balanced-start starts from class-balanced random (see DYNAMIC).
+  graft-dynamic-warm trains on all data for 2 epochs, then selects with the warmed-up model and
+  every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
@@ -80,6 +81,8 @@ DYNAMIC = {
         ("graft", RAW_W512),
         ("graft", {**POOL, "norm_power": 1.0, "pool_previous": False}),
     ),
+    # Round 0 class-balanced random instead of GRAFT's model-free picks (where digits lose, below).
+    "graft-dynamic-balanced-start": (BALANCED_START, DEFAULT_RESELECT),
     "graft-dynamic-warm": (BALANCED_START, DEFAULT_RESELECT),  # round 0 is never trained on
     "crest-dynamic": (BALANCED_START, ("crest", {})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
