@@ -91,10 +91,12 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def timed_round(name: str, dataset: Dataset, keep: float, proxy: ModelProxy, repeats: int) -> dict:
-    """Method `name`'s round (METHODS, or the default re-selection) on `dataset` at `keep`, `repeats`
+def timed_round(
+    name: str, spec: tuple[str, dict], dataset: Dataset, keep: float, proxy: ModelProxy, repeats: int
+) -> dict:
+    """The round of `spec` (method, options), reported as `name`, on `dataset` at `keep`, `repeats`
     times: seconds, page faults and the selection's reads (bytes, requests) of each, and the median."""
-    method, options = METHODS.get(name, DEFAULT_RESELECT)
+    method, options = spec
     runs = []
     for repeat in range(repeats):
         if name in MODEL_FREE:
@@ -143,8 +145,8 @@ def main() -> None:
             keep_freed_memory()
         first = timed_epoch(model, loader)
         block = [
-            {"allocator": allocator, **timed_round(name, store, keep, proxy, args.repeats)}
-            for name in METHODS
+            {"allocator": allocator, **timed_round(name, spec, store, keep, proxy, args.repeats)}
+            for name, spec in METHODS.items()
             for keep in args.budgets
         ]
         if allocator == "kept":
@@ -174,7 +176,8 @@ def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: 
                 kept, selectors.POOL_READS = selectors.POOL_READS, reads
                 try:
                     block += [
-                        {"allocator": "kept", **timed_round(name, remote, keep, proxy, repeats)} for keep in budgets
+                        {"allocator": "kept", **timed_round(name, DEFAULT_RESELECT, remote, keep, proxy, repeats)}
+                        for keep in budgets
                     ]
                 finally:
                     selectors.POOL_READS = kept
