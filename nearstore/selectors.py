@@ -280,13 +280,12 @@ class Crest(Selector):
         if proxy is not None:
             _check_proxy(dataset, proxy)
             input_array = _input_array(dataset)
-            reader = SelectiveReader(dataset, [input_array], **POOL_READS)  # the labels are in hand
-            wanted = np.sort(np.concatenate(list(pools.values())))
+            reader, batches = _pool_batches(
+                dataset, input_array, dataset.label_array, labels, pools, progress, "CREST pool"
+            )
             probability = np.empty(dataset.num_samples, dtype=np.float32)
             at_logits = np.empty((dataset.num_samples if self.coreset else 0, proxy.num_classes), dtype=np.float32)
-            for ids, batch in _pool_batches(
-                reader, input_array, dataset.label_array, labels, wanted, progress, "CREST pool"
-            ):
+            for ids, batch in batches:
                 x = batch[input_array]
                 _check_finite(x, ids, input_array)
                 if self.coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
@@ -382,10 +381,8 @@ def _windowed(
         share: Callable[[int], float] = lambda group: keep  # noqa: E731
     else:
         labels, budgets, pools, labels_reader = _class_pools(dataset, keep, pool, seed, previous=previous)
-        inputs = SelectiveReader(dataset, [scan.input_array], **POOL_READS)  # the labels are in hand
+        inputs, batches = _pool_batches(dataset, scan.input_array, scan.labels, labels, pools, progress, "pool")
         readers += [labels_reader, inputs]
-        wanted = np.sort(np.concatenate(list(pools.values())))
-        batches = _pool_batches(inputs, scan.input_array, scan.labels, labels, wanted, progress, "pool")
         stream = _embed(batches, scan.proxy, scan.input_array, scan.labels, True, factored)
         share = lambda group: budgets[group] / len(pools[group])  # noqa: E731
     pending: dict[int, tuple[np.ndarray, tuple[torch.Tensor, ...]]] = {}  # a class's samples not windowed yet
@@ -493,19 +490,25 @@ def _class_pools(
 
 
 def _pool_batches(
-    reader: SelectiveReader,
+    dataset: Dataset,
     input_array: str,
     label_array: str,
     labels: np.ndarray,
-    ids: np.ndarray,
+    pools: dict[int, np.ndarray],
     progress: bool,
     desc: str,
-) -> Iterator[Batch]:
-    """The pooled samples (sorted ids) in chunks of 4,096: their inputs read by `reader`, their
-    labels taken from those already in hand rather than read again."""
-    for start in tqdm(range(0, len(ids), 4096), desc=desc, unit="chunk", disable=not progress):
-        chunk = ids[start : start + 4096]
-        yield chunk, {input_array: reader.read(chunk)[input_array], label_array: labels[chunk]}
+) -> tuple[SelectiveReader, Iterator[Batch]]:
+    """The reader of the pools' inputs (coalescing as POOL_READS), and every pooled sample, in id
+    order, in chunks of 4,096: its input read by it, its label taken from those already in hand."""
+    reader = SelectiveReader(dataset, [input_array], **POOL_READS)
+    ids = np.sort(np.concatenate(list(pools.values())))
+
+    def batches() -> Iterator[Batch]:
+        for start in tqdm(range(0, len(ids), 4096), desc=desc, unit="chunk", disable=not progress):
+            chunk = ids[start : start + 4096]
+            yield chunk, {input_array: reader.read(chunk)[input_array], label_array: labels[chunk]}
+
+    return reader, batches()
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
