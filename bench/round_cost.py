@@ -7,10 +7,12 @@ full-data epochs through the StreamingLoader (torch backend, batch 128, Adam) gi
 `loader.update_proxy` hands over). Then, twice, under glibc's default malloc policy and after
 `keep_freed_memory()`: a timed full-data epoch (on a copy of the model), each method's round at
 each budget `--repeats` times (the median is reported), and another timed epoch. The methods: the
-default re-selection (`DEFAULT_RESELECT`, GRAFT on a pool of twice the budget that holds the round
-it replaces: here a class-balanced random one of the same size), the same with windows of 256,
-CREST, CREST with its coreset step; and round 0, `Graft()` over every sample with the model-free
-proxy on a store opened afresh (`nearstore select`'s default), beside the previous round 0.
+default re-selection (`default_reselect(keep)`, GRAFT on a pool of twice the budget that holds the
+round it replaces, here a class-balanced random one of the same size; above a third of the data a
+pool of 1.5x in windows of 64), GRAFT on a pool of twice the budget in windows of 128 at every
+budget, CREST, CREST with its coreset step; and round 0, `Graft()` over every sample with the
+model-free proxy on a store opened afresh (`nearstore select`'s default: windows of 64 above a
+third of the data), the same in windows of 128 at every budget, and the previous round 0.
 With freed memory kept, the default re-selection also runs on the same store served by nginx on
 127.0.0.1 (HTTP with Range), its pool read as it is (`POOL_READS`: every hole under 64 KiB
 bridged, here whole shards), with holes bridged up to the pool's own bytes, and as training reads
@@ -44,18 +46,22 @@ from nearstore import Dataset, keep_freed_memory, open_dataset, random_select, s
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.proxy import ModelProxy  # noqa: E402
 from nearstore.ranges import DEFAULT_MAX_OVERHEAD  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
 # the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread),
 # beside the previous round 0 (raw gradients, windows of 512). Later rounds get the trained
-# model and the round they replace.
+# model and the round they replace: (method, options), or None for `default_reselect(keep)`.
 FIRST_ROUND = "graft-round-0"
-MODEL_FREE = {FIRST_ROUND: (DEFAULT_METHOD, {}), "graft-raw-w512": ("graft", {"window": 512, "norm_power": 1.0})}
+MODEL_FREE = {
+    FIRST_ROUND: (DEFAULT_METHOD, {}),
+    "graft-round-0-w128": ("graft", {"window": 128}),  # the default up to a third of the data
+    "graft-raw-w512": ("graft", {"window": 512, "norm_power": 1.0}),
+}
 METHODS = {
     **MODEL_FREE,
-    "graft-pool": DEFAULT_RESELECT,
-    "graft-pool-w256": ("graft", {**DEFAULT_RESELECT[1], "window": 256}),
+    "reselect": None,
+    "graft-pool-2x-w128": ("graft", {"pool": 2.0, "window": 128}),  # the default up to a third
     "crest": ("crest", {}),
     "crest-coreset": ("crest", {"coreset": True}),
 }
@@ -64,9 +70,9 @@ METHODS = {
 # The default re-selection over HTTP with its pool read as it is (POOL_READS: whole shards here),
 # with holes bridged up to the pool's own bytes, and as training reads are (5% more bytes at most).
 HTTP_READS = {
-    "graft-pool http": selectors.POOL_READS,
-    "graft-pool http, 2x bytes": {"max_overhead": 1.0},
-    "graft-pool http, 5%": {"max_overhead": DEFAULT_MAX_OVERHEAD},
+    "reselect http": selectors.POOL_READS,
+    "reselect http, 2x bytes": {"max_overhead": 1.0},
+    "reselect http, 5%": {"max_overhead": DEFAULT_MAX_OVERHEAD},
 }
 
 
@@ -92,11 +98,12 @@ def faults() -> int:
 
 
 def timed_round(
-    name: str, spec: tuple[str, dict], dataset: Dataset, keep: float, proxy: ModelProxy, repeats: int
+    name: str, spec: tuple[str, dict] | None, dataset: Dataset, keep: float, proxy: ModelProxy, repeats: int
 ) -> dict:
-    """The round of `spec` (method, options), reported as `name`, on `dataset` at `keep`, `repeats`
-    times: seconds, page faults and the selection's reads (bytes, requests) of each, and the median."""
-    method, options = spec
+    """The round of `spec` (method, options; None: `default_reselect(keep)`), reported as `name`, on
+    `dataset` at `keep`, `repeats` times: seconds, page faults and the selection's reads (bytes,
+    requests) of each, and the median."""
+    method, options = spec or default_reselect(keep)
     runs = []
     for repeat in range(repeats):
         if name in MODEL_FREE:
@@ -176,7 +183,7 @@ def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: 
                 kept, selectors.POOL_READS = selectors.POOL_READS, reads
                 try:
                     block += [
-                        {"allocator": "kept", **timed_round(name, DEFAULT_RESELECT, remote, keep, proxy, repeats)}
+                        {"allocator": "kept", **timed_round(name, None, remote, keep, proxy, repeats)}
                         for keep in budgets
                     ]
                 finally:

@@ -8,18 +8,19 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
-  graft is the default (`Graft()`: every sample, windows of 128, tempered gradients), graft-raw-w512
-  the previous round 0 (raw gradients, windows of 512);
+  graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
+  tempered gradients), graft-raw-w512 the previous round 0 (raw gradients, windows of 512);
 - graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
   epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
-  `reselect` (its default, GRAFT on a pool of twice the budget that holds the round it replaces)
-  or CREST (crest-coreset-dynamic: with its coreset step, weighted). Round 0, with no model yet:
-  graft-dynamic starts from what `nearstore select` and a server run (`Graft()` with the
-  model-free proxy); the CREST runs from class-balanced random, random-dynamic from uniform.
-  graft-dynamic-untempered, -fresh-pools, -pooled-start and -old-default take parts of the
-  default path away, and -balanced-start starts from class-balanced random (see DYNAMIC).
-  graft-dynamic-warm trains on all data for 2 epochs, then selects with the warmed-up model and
-  every `--every` epochs after.
+  `reselect` (its default, `default_reselect`: GRAFT on a pool of twice the budget that holds the
+  round it replaces; 1.5x in windows of 64 above a third of the data; graft-dynamic-pool-2x keeps
+  twice the budget, in windows of 128, at every budget) or CREST (crest-coreset-dynamic: with its
+  coreset step, weighted). Round 0, with no model yet: graft-dynamic starts from what `nearstore
+  select` and a server run (`Graft()` with the model-free proxy); the CREST runs from
+  class-balanced random, random-dynamic from uniform. graft-dynamic-untempered, -fresh-pools,
+  -pooled-start and -old-default take parts of the default path away, and -balanced-start starts
+  from class-balanced random (see DYNAMIC). graft-dynamic-warm trains on all data for 2 epochs,
+  then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
@@ -49,7 +50,7 @@ from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
 from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
 from nearstore.selection import Selection  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, DEFAULT_RESELECT, make_selector  # noqa: E402
+from nearstore.selectors import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 from nearstore.sources import digits_batches  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
@@ -64,26 +65,29 @@ STATIC = {
     "graft-raw-w512": ("graft", RAW_W512),
     "craig": ("craig", {}),
 }
-# Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds). Round 0 has
-# no model yet; CREST without a proxy draws class-balanced random.
+# Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds), None for the
+# loader's default (`default_reselect(keep)`). Round 0 has no model yet; CREST without a proxy draws
+# class-balanced random.
 BALANCED_START = ("crest", {})
 DEFAULT = (DEFAULT_METHOD, {})
-POOL = DEFAULT_RESELECT[1]
+POOL = {"pool": 2.0}  # the default's pool up to a third of the data, where its parts were measured
 DYNAMIC = {
-    "graft-dynamic": (DEFAULT, DEFAULT_RESELECT),
+    "graft-dynamic": (DEFAULT, None),
+    # The default up to a third of the data, at every budget: at 50% its pool is every sample.
+    "graft-dynamic-pool-2x": (("graft", {"window": 128}), ("graft", {**POOL, "window": 128})),
     # What each part of the default path is worth: MaxVol on raw gradients; pools drawn afresh;
     # a round 0 on a pool too; all but the last, with windows of 512 in round 0 (the default
     # path until 2026-12).
     "graft-dynamic-untempered": (("graft", {"norm_power": 1.0}), ("graft", {**POOL, "norm_power": 1.0})),
     "graft-dynamic-fresh-pools": (DEFAULT, ("graft", {**POOL, "pool_previous": False})),
-    "graft-dynamic-pooled-start": (("graft", POOL), DEFAULT_RESELECT),
+    "graft-dynamic-pooled-start": (("graft", POOL), None),
     "graft-dynamic-old-default": (
         ("graft", RAW_W512),
         ("graft", {**POOL, "norm_power": 1.0, "pool_previous": False}),
     ),
     # Round 0 class-balanced random instead of GRAFT's model-free picks (where digits lose, below).
-    "graft-dynamic-balanced-start": (BALANCED_START, DEFAULT_RESELECT),
-    "graft-dynamic-warm": (BALANCED_START, DEFAULT_RESELECT),  # round 0 is never trained on
+    "graft-dynamic-balanced-start": (BALANCED_START, None),
+    "graft-dynamic-warm": (BALANCED_START, None),  # round 0 is never trained on
     "crest-dynamic": (BALANCED_START, ("crest", {})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),
@@ -189,7 +193,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
     for epoch in range(epochs):
         if method in DYNAMIC and epoch >= max(warm, 1) and (epoch - warm) % every == 0:
             t = time.perf_counter()
-            kind, options = DYNAMIC[method][1]
+            kind, options = DYNAMIC[method][1] or default_reselect(keep)
             if kind != "random":
                 loader.update_proxy(model)
             loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)

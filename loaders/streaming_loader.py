@@ -24,7 +24,7 @@ from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset
 from nearstore.dataset import sample_identity
 from nearstore.proxy import ModelProxy
 from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
-from nearstore.selectors import DEFAULT_RESELECT, make_selector
+from nearstore.selectors import default_reselect, make_selector
 from nearstore.server import ALL_SAMPLES
 
 Backend = Literal["auto", "dali", "torch"]
@@ -206,14 +206,15 @@ class StreamingLoader:
         beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
 
         method, options: a selector of `nearstore.selectors` and its parameters; by default
-            `DEFAULT_RESELECT`, GRAFT on a pool of twice the budget per class: the current
-            selection's samples and fresh ones. Every selector is given the current selection
-            as `previous`.
+            `default_reselect(keep)`, GRAFT on a pool of twice the budget per class (1.5x above a
+            third of the data): the current selection's samples and fresh ones. Every selector is
+            given the current selection as `previous`.
         keep: default the current selection's share; seed: default the round number.
         """
-        if method is None:
-            method, options = DEFAULT_RESELECT[0], {**DEFAULT_RESELECT[1], **options}
         keep = keep if keep is not None else len(self.ids) / self.num_samples
+        if method is None:
+            method, defaults = default_reselect(keep)
+            options = {**defaults, **options}
         seed = seed if seed is not None else self.round + 1
         if self.server is not None:
             selection = self.server.select(keep=keep, method=method, seed=seed, options=options)

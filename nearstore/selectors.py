@@ -44,6 +44,10 @@ from nearstore.selection import Selection
 # to; training reads bridge 5% at most. Small samples' pools are then read in whole shards: a 10%
 # round over HTTP on 127.0.0.1 made 51 requests in 0.21 s, not 7,519 in 3.2 s, for 5x the bytes.
 POOL_READS: dict[str, Any] = {"gap_bytes": 1 << 16, "max_overhead": math.inf}
+# Above this share of the data, GRAFT's default windows hold 64 samples, not 128, and re-selection
+# pools 1.5x the budget, not 2x: a pool of twice the budget would be over two thirds of the data,
+# and MaxVol would keep 64 of every 128 (bench/round_cost.py: such rounds cost 0.11-0.14 of an epoch).
+LARGE_BUDGET = 1 / 3
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
 Window = tuple[tuple[torch.Tensor, ...], int]
 # A window's choice: rows of the window, their weights and scores.
@@ -127,23 +131,27 @@ class Graft(Selector):
     on the picked gradients' span. Windows are decided as one batch, as many at a time as hold
     `GRAM_ENTRIES_AT_ONCE` Gram entries (16 MB in float32: 256 windows of 128).
 
+    window: samples a window holds; None: 128, or 64 where the budget is over LARGE_BUDGET of the
+        data. There MaxVol would keep 64 of every 128, and a round cost 0.11-0.14 of a full-data
+        epoch on MNIST-1D (bench/round_cost.py); in windows of 64, 0.085-0.093.
     pool: only a random pool of pool × the budget per class is read and windowed (None: every
-        sample): what re-selection rounds run (`DEFAULT_RESELECT`), which keeps a round cheap and
+        sample): what re-selection rounds run (`default_reselect`), which keeps a round cheap and
         mixes chance into what MaxVol would otherwise fix on (the hardest, largest gradients).
     pool_previous: a re-selection round's pool holds the last round's picks (`previous`), the
         rest drawn fresh, so MaxVol keeps those still informative under the new proxy.
     norm_power: each gradient enters MaxVol as g · ‖g‖^(norm_power − 1): 1 is GRAFT's raw
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
         tempers that; 0 weighs directions alone.
-    The defaults (and DEFAULT_RESELECT) are what beat random by the widest margin on MNIST-1D
-    (bench/selection_quality.py); MaxVol on raw gradients, as the paper has it, is norm_power=1.
+    The defaults (and default_reselect's up to a third of the data) are what beat random by the
+    widest margin on MNIST-1D (bench/selection_quality.py); MaxVol on raw gradients, as the paper
+    has it, is norm_power=1.
     """
 
     method: ClassVar[str] = "graft"
     # Fewer, larger batches: MaxVol's steps are ~20 small tensor ops each, whose overhead a batch
     # shares (256 windows of 128 at once: a round 10% faster than 64).
     GRAM_ENTRIES_AT_ONCE: ClassVar[int] = 1 << 22
-    window: int = 128
+    window: int | None = None
     tolerance: float | None = None
     pool: float | None = None
     pool_previous: bool = True
@@ -152,6 +160,7 @@ class Graft(Selector):
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         if not self.norm_power >= 0:
             raise ValueError(f"norm_power must be >= 0, got {self.norm_power}")
+        window = self.window if self.window is not None else 64 if keep > LARGE_BUDGET else 128
         return _windowed(
             self,
             dataset,
@@ -161,11 +170,11 @@ class Graft(Selector):
             seed,
             device,
             progress,
-            self.window,
+            window,
             self.pool,
             previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
             factored=True,
-            at_once=max(1, self.GRAM_ENTRIES_AT_ONCE // self.window**2),
+            at_once=max(1, self.GRAM_ENTRIES_AT_ONCE // window**2),
         )
 
     def _pick(self, windows: list[Window]) -> list[Pick]:
@@ -447,6 +456,7 @@ def _windowed(
             "proxy": type(scan.proxy).__name__,
             "previous": None if previous is None else len(previous),
             **selector.params(),
+            "window": window,
         },
         io=_scan_io(started, readers),
     )
@@ -513,13 +523,22 @@ def _pool_batches(
 
 SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
 # What `nearstore select` and a server's first round run: GRAFT over every sample, with the
-# model-free proxy. Then `StreamingLoader.reselect` and a server's later rounds, with the trainer's
-# model: GRAFT on a pool of twice the budget that holds the round it replaces. Both with tempered
-# gradients, windows of 128. At 10% of MNIST-1D, every 3 epochs, this beat random by +2.6 sigma
-# over 30 seeds and the untempered path with fresh pools by 1.0 point a seed over 25; a round 0
-# on a pool lost 1.2 (bench/selection_quality.py).
+# model-free proxy, tempered gradients, windows of 128 (64 above LARGE_BUDGET). Later rounds:
+# `default_reselect`.
 DEFAULT_METHOD = "graft"
-DEFAULT_RESELECT: tuple[str, dict[str, Any]] = ("graft", {"pool": 2.0})
+
+
+def default_reselect(keep: float) -> tuple[str, dict[str, Any]]:
+    """What `StreamingLoader.reselect` and a server's later rounds run at `keep`, with the trainer's
+    model: GRAFT on a pool of twice the budget per class that holds the round it replaces. At 10%
+    of MNIST-1D, every 3 epochs, this beat random by +2.6 sigma over 30 seeds and the untempered
+    path with fresh pools by 1.0 point a seed over 25; a round 0 on a pool lost 1.2.
+    Above LARGE_BUDGET, a pool of 1.5x the budget (in windows of 64, as `Graft` has them there):
+    at 50% a pool of twice the budget is every sample and its round, in windows of 128, cost 0.13
+    of a full-data epoch, this one 0.09; the whole path, round 0 in windows of 64 too, gave up 0.14
+    points a seed for it (98.30% against 98.44% over 5 seeds; random 97.62%). Measured by
+    bench/selection_quality.py and bench/round_cost.py."""
+    return "graft", {"pool": 1.5 if keep > LARGE_BUDGET else 2.0}
 
 
 def make_selector(method: str, **options: Any) -> Selector:

@@ -9,6 +9,7 @@ import torch
 from loaders import StreamingLoader
 from nearstore import Selection, open_dataset, random_select, sage_select, write_dataset
 from nearstore.proxy import ModelProxy
+from nearstore.selectors import default_reselect
 
 BACKENDS = ["dali", "torch"]
 
@@ -223,12 +224,17 @@ def test_reselect_in_process_with_the_trainers_model(id_store):
     assert loader.io_stats()["scan_bytes"] == selection.io["bytes"] > 0  # the uniform round read nothing
     with pytest.raises(ValueError, match="method must be one of"):
         loader.reselect(method="oracle")
-    default = loader.reselect(0.2, window=64)  # DEFAULT_RESELECT: GRAFT on a pool, options overridable
+    default = loader.reselect(0.2, window=64)  # default_reselect: GRAFT on a pool, options overridable
     assert default.method == "graft" and default.params["pool"] == 2.0 and default.params["window"] == 64
     assert default.round == loader.round == 2 and default.params["proxy"] == "ModelProxy"
     assert default.params["previous"] == len(selection.ids)  # the round it replaced joined its pool
     carried = loader.reselect(0.2, pool=1)  # a pool of one budget is the current selection itself
     np.testing.assert_array_equal(carried.ids, default.ids)
+    # Above LARGE_BUDGET the default pool and windows change with the budget asked for.
+    large = loader.reselect(0.5)
+    method, options = default_reselect(0.5)
+    assert options != default_reselect(0.2)[1] and large.method == method
+    assert {name: large.params[name] for name in options} == options and large.params["window"] == 64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -73,6 +73,14 @@ def test_graft_decides_windows_in_batches_as_it_would_one_by_one(blobs, monkeypa
     np.testing.assert_array_equal(Graft(window=32).select(dataset, 0.3, proxy=proxy).ids, batched.ids)
 
 
+@pytest.mark.parametrize(("keep", "window"), [(0.3, 128), (0.5, 64)])  # LARGE_BUDGET is 1/3
+def test_graft_windows_hold_64_samples_above_a_third_of_the_data(blobs, keep, window):
+    dataset, _, _, proxy = blobs
+    default = Graft().select(dataset, keep, proxy=proxy)
+    assert default.params["window"] == window
+    np.testing.assert_array_equal(default.ids, Graft(window=window).select(dataset, keep, proxy=proxy).ids)
+
+
 def _window_budget(keep: float, members: np.ndarray, window_ids: np.ndarray) -> int:
     """The selector's rule: budgets are differences of the rounded running totals."""
     before = int(np.searchsorted(members, window_ids[0]))
