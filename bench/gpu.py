@@ -1,12 +1,12 @@
 """The GPU path against the CPU, side by side in one run (bench/gpu_check.sh runs it on a GPU).
 
-    python bench/gpu.py [--samples 65536] [--device cuda] [--out bench/results]
+    python bench/gpu.py [--samples 65536] [--device cuda] [--out bench/results] [--tiny]
 
 - Loader: samples/s of one shuffled epoch (after a warm-up epoch), batches of 256, each batch
   normalised ((x − 127.5) / 64): DALI with the transform in its graph on the device, against the
   torch backend moving each batch to the device and normalising there, and against DALI's CPU
   pipeline; float32 (40,) and uint8 (3, 32, 32) samples.
-- Kernels: Frequent Directions (ℓ = 64, 512 columns, 65,536 rows in batches of 1,024) and GRAFT's
+- Kernels: Frequent Directions (ℓ = 64, 512 columns, --samples rows in batches of 1,024) and GRAFT's
   batched MaxVol (256 windows of 128, 13 picks each) on the device against the CPU.
 - A selection round: `Graft()` round 0 over every sample of a synthetic 10-class store (float32
   (40,)) with the model-free proxy, on the device against the CPU, and how many picks agree.
@@ -30,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import FrequentDirections, maxvol  # noqa: E402
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import open_dataset, write_dataset  # noqa: E402
-from nearstore.selectors import Graft  # noqa: E402
+from nearstore import (  # noqa: E402
+    Graft,  # noqa: E402
+    open_dataset,
+    write_dataset,
+)
 
 BATCH = 256
 
@@ -91,9 +94,9 @@ def loader_rates(dataset, device: str) -> dict[str, float]:
     return rates
 
 
-def kernel_seconds(device: str) -> dict[str, dict[str, float]]:
+def kernel_seconds(device: str, rows: int) -> dict[str, dict[str, float]]:
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(65_536, 512, generator=gen) * torch.arange(1, 513) ** -1.0
+    rows = torch.randn(rows, 512, generator=gen) * torch.arange(1, 513) ** -1.0
     grams = torch.randn(256, 128, 64, generator=gen)
     grams = grams @ grams.mT
     out = {}
@@ -157,7 +160,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=65_536)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 samples")
     args = parser.parse_args()
+    args.samples = 4096 if args.tiny else args.samples
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"device": name, "torch": torch.__version__, "samples": args.samples, "loader": {}}
@@ -170,7 +175,7 @@ def main() -> None:
                 print("selection round:", flush=True)
                 result["round"] = selection_round(dataset, args.device)
     print("kernels:", flush=True)
-    result["kernels"] = kernel_seconds(args.device)
+    result["kernels"] = kernel_seconds(args.device, args.samples)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out / "gpu.png")
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.png'}")

@@ -1,6 +1,6 @@
 """Bytes, requests and seconds of read-time selection from object storage, as the servers count them.
 
-    python bench/io_savings.py [--samples 4096] [--out bench/results]
+    python bench/io_savings.py [--samples 4096] [--out bench/results] [--tiny]
 
 Servers on 127.0.0.1, started here and stopped after: moto's S3 (slow, ~300 requests/s: count
 bytes and requests with it, not speed) and nginx (HTTP with Range). For keep rates 10/25/50/100%
@@ -35,7 +35,7 @@ from servers import Nginx, S3Server  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, Selection, open_dataset, random_select, write_dataset  # noqa: E402
-from nearstore.server import NearStoreServer  # noqa: E402
+from nearstore.serving import NearStoreServer  # noqa: E402
 
 KEEPS = (0.1, 0.25, 0.5, 1.0)
 BATCH = 256
@@ -77,9 +77,9 @@ def epoch_full(dataset: Dataset) -> None:
     fs.cat([dataset.shard_path(name, shard, root) for name in ("x", "y") for shard in range(dataset.num_shards)])
 
 
-def measure(dataset: Dataset, books, prefix: str) -> dict:
+def measure(dataset: Dataset, books, prefix: str, keeps: tuple[float, ...]) -> dict:
     rows = {}
-    for keep in KEEPS:
+    for keep in keeps:
         selection = random_select(dataset, keep, seed=0)
         order = np.random.default_rng(1).permutation(selection.ids)
         batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
@@ -155,7 +155,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 1,024 samples, keep 25%%")
     args = parser.parse_args()
+    keeps = (0.25,) if args.tiny else KEEPS
+    args.samples = 1024 if args.tiny else args.samples
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     data = {
@@ -169,7 +172,7 @@ def main() -> None:
         try:
             fsspec.filesystem("s3", **s3.storage_options).mkdir("bench")
             dataset = write_dataset("s3://bench/ds.zarr", [data], shard_samples=512, storage_options=s3.storage_options)
-            results["s3"] = measure(dataset, lambda: s3.books, "/bench/ds.zarr")
+            results["s3"] = measure(dataset, lambda: s3.books, "/bench/ds.zarr", keeps)
         finally:
             s3.stop()
         (tmp / "www").mkdir()
@@ -177,7 +180,7 @@ def main() -> None:
         write_dataset(str(tmp / "www" / "ds.zarr"), [data], shard_samples=512)
         nginx = Nginx(tmp / "www", tmp / "nginx").wait_ready()
         try:
-            results["http"] = measure(open_dataset(f"{nginx.url}/ds.zarr"), nginx.books, "/ds.zarr")
+            results["http"] = measure(open_dataset(f"{nginx.url}/ds.zarr"), nginx.books, "/ds.zarr", keeps)
         finally:
             nginx.stop()
     report(results)

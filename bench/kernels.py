@@ -1,6 +1,6 @@
 """Frequent Directions against IncrementalPCA and an exact truncated SVD, on one synthetic stream.
 
-    python bench/kernels.py [--rows N --dim D --ell L --batch B --out bench/results]
+    python bench/kernels.py [--rows N --dim D --ell L --batch B --out bench/results] [--tiny]
 
 The stream has a power-law spectrum (σ_j ∝ j^-1), rotated off the axes, fed in batches. Every
 method sees the same batches; each yields B with BᵀB ≈ AᵀA, and is scored by the covariance
@@ -96,7 +96,10 @@ def main() -> None:
     # Small shrinks are latency-bound: on a busy 2-core machine one thread beat two by 30x here.
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 rows of 64, ell 16")
     args = parser.parse_args()
+    if args.tiny:
+        args.rows, args.dim, args.ell = 4096, 64, 16
     if args.ell < 2 or args.ell > args.dim:
         parser.error(f"--ell must be in [2, --dim], got {args.ell}")
     if args.repeats < 1:

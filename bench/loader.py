@@ -1,6 +1,6 @@
 """Samples/s of StreamingLoader against torch's DataLoader over zarr, same store, same transform.
 
-    python bench/loader.py [--samples 8192] [--keep 0.25] [--out bench/results]
+    python bench/loader.py [--samples 8192] [--keep 0.25] [--out bench/results] [--tiny]
 
 Competitors, one epoch each after a warm-up epoch, on full data and on a `keep` selection:
 - StreamingLoader, DALI backend (CPU pipeline here) and plain-torch backend;
@@ -99,9 +99,9 @@ def epoch_rate(loader: Iterable, epochs: int = 1) -> float:
 def run(samples: int, keep: float, batch_size: int, sample_shape: tuple[int, ...], dtype: str, workdir: Path) -> dict:
     rng = np.random.default_rng(0)
     url = str(workdir / f"bench-{samples}-{'x'.join(map(str, sample_shape))}-{dtype}.zarr")
+    sizes = [min(4096, samples - start) for start in range(0, samples, 4096)]
     batches = (
-        {"x": (rng.normal(size=(4096, *sample_shape)) * 40).astype(dtype), "y": rng.integers(0, 10, 4096)}
-        for _ in range(samples // 4096)
+        {"x": (rng.normal(size=(n, *sample_shape)) * 40).astype(dtype), "y": rng.integers(0, 10, n)} for n in sizes
     )
     dataset = write_dataset(url, batches, overwrite=True)
     selection = random_select(dataset, keep, seed=0)
@@ -162,7 +162,10 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 256 samples in batches of 64")
     args = parser.parse_args()
+    if args.tiny:
+        args.samples, args.batch_size = 256, 64
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as workdir:

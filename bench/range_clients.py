@@ -1,6 +1,6 @@
 """Byte-range clients side by side: is obstore faster than fsspec for the reader's ranges?
 
-    python bench/range_clients.py [--samples 4096] [--keep 0.5] [--out bench/results]
+    python bench/range_clients.py [--samples 4096] [--keep 0.5] [--out bench/results] [--tiny]
 
 nginx on 127.0.0.1 serves a store of uint8 (3, 32, 32) samples in shards of 512. For `keep` of
 the samples, in id order, the same byte ranges are fetched by:
@@ -31,8 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the counting nginx lives with
 
 from servers import Nginx  # noqa: E402
 
-from nearstore import open_dataset, write_dataset  # noqa: E402
-from nearstore.reader import SelectiveReader  # noqa: E402
+from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +40,10 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 1,024 samples, one repeat")
     args = parser.parse_args()
+    if args.tiny:
+        args.samples, args.repeats = 1024, 1
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +117,7 @@ def measure(nginx: Nginx, args: argparse.Namespace, rng: np.random.Generator) ->
 
 def _reader_run(dataset, ids: np.ndarray, max_overhead: float):
     """A reader whose shard indexes are cached already (as in any epoch after the first)."""
-    reader = SelectiveReader(dataset, ["x"], max_overhead=max_overhead)
+    reader = SelectiveReader(dataset, ["x"], reads=Coalescing(max_overhead=max_overhead))
     reader.read(np.arange(0, dataset.num_samples, reader.layouts["x"].shard_samples))  # one sample a shard
     return lambda: reader.read(ids)
 

@@ -1,6 +1,6 @@
 """What a re-selection round costs against one full-data training epoch, side by side.
 
-    python bench/round_cost.py [--budgets 0.05 0.1 0.25 0.5] [--repeats 3] [--out bench/results]
+    python bench/round_cost.py [--budgets 0.05 0.1 0.25 0.5] [--repeats 3] [--out bench/results] [--tiny]
 
 MNIST-1D (50,000 samples, the store bench/selection_quality.py writes), the demo's CNN: two
 full-data epochs through the StreamingLoader (torch backend, batch 128, Adam) give the proxy (what
@@ -42,11 +42,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # nginx's fixture lives with th
 from servers import Nginx  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Dataset, keep_freed_memory, open_dataset, random_select, selectors  # noqa: E402
-from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
-from nearstore.proxy import ModelProxy  # noqa: E402
-from nearstore.ranges import DEFAULT_MAX_OVERHEAD  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
+from nearstore import Coalescing, Dataset, ModelProxy, keep_freed_memory, open_dataset, random_select  # noqa: E402
+from nearstore.app.converters import ensure_mnist1d  # noqa: E402
+from nearstore.app.training import LEARNING_RATE, mnist1d_cnn, train_epoch  # noqa: E402
+from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
+from nearstore.storage import POOL_READS, TRAINING_READS  # noqa: E402
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
 # the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread),
@@ -70,27 +70,18 @@ METHODS = {
 # The default re-selection over HTTP with its pool read as it is (POOL_READS: whole shards here),
 # with holes bridged up to the pool's own bytes, and as training reads are (5% more bytes at most).
 HTTP_READS = {
-    "reselect http": selectors.POOL_READS,
-    "reselect http, 2x bytes": {"max_overhead": 1.0},
-    "reselect http, 5%": {"max_overhead": DEFAULT_MAX_OVERHEAD},
+    "reselect http": POOL_READS,
+    "reselect http, 2x bytes": Coalescing(max_overhead=1.0),
+    "reselect http, 5%": TRAINING_READS,
 }
-
-
-def epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: StreamingLoader, number: int) -> float:
-    """Seconds of one full-data training epoch of `model`."""
-    started = time.perf_counter()
-    loader.set_epoch(number)
-    for x, y in loader:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return time.perf_counter() - started
 
 
 def timed_epoch(model: nn.Module, loader: StreamingLoader) -> float:
     """Seconds of one more full-data epoch, trained on a copy of `model` (the proxy stays as it is)."""
     trained = copy.deepcopy(model)
-    return epoch(trained, torch.optim.Adam(trained.parameters(), lr=3e-3), loader, 2)
+    started = time.perf_counter()
+    train_epoch(trained, torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE), loader, 2)
+    return time.perf_counter() - started
 
 
 def faults() -> int:
@@ -98,12 +89,19 @@ def faults() -> int:
 
 
 def timed_round(
-    name: str, spec: tuple[str, dict] | None, dataset: Dataset, keep: float, proxy: ModelProxy, repeats: int
+    name: str,
+    spec: tuple[str, dict] | None,
+    dataset: Dataset,
+    keep: float,
+    proxy: ModelProxy,
+    repeats: int,
+    **extra: object,
 ) -> dict:
-    """The round of `spec` (method, options; None: `default_reselect(keep)`), reported as `name`, on
-    `dataset` at `keep`, `repeats` times: seconds, page faults and the selection's reads (bytes,
-    requests) of each, and the median."""
+    """The round of `spec` (method, options; None: `default_reselect(keep)`; `extra` options on
+    top), reported as `name`, on `dataset` at `keep`, `repeats` times: seconds, page faults and the
+    selection's reads (bytes, requests) of each, and the median."""
     method, options = spec or default_reselect(keep)
+    options = {**options, **extra}
     runs = []
     for repeat in range(repeats):
         if name in MODEL_FREE:
@@ -136,15 +134,19 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 samples, 10%%, one repeat")
     args = parser.parse_args()
+    if args.tiny:
+        args.budgets, args.repeats = [0.1], 1
     args.out.mkdir(parents=True, exist_ok=True)
-    store = ensure_mnist1d(str(args.out / "data" / "mnist1d-train-50000.zarr"), 50_000, 0)
+    samples = 4096 if args.tiny else 50_000
+    store = ensure_mnist1d(str(args.out / "data" / f"mnist1d-train-{samples}.zarr"), samples, 0)
     torch.manual_seed(0)
     model = mnist1d_cnn()
     loader = StreamingLoader(store, batch_size=128, backend="torch", device="cpu")
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)  # as the demo trains
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)  # as the demo trains
     for number in range(2):
-        epoch(model, optimizer, loader, number)
+        train_epoch(model, optimizer, loader, number)
     proxy = ModelProxy(model)
     rows, epochs = [], {}
     for allocator in ("default", "kept"):
@@ -178,17 +180,11 @@ def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: 
         nginx = Nginx(Path(store.url).resolve().parent, Path(workdir)).wait_ready()
         try:
             remote = open_dataset(f"{nginx.url}/{Path(store.url).name}")
-            block = []
-            for name, reads in HTTP_READS.items():
-                kept, selectors.POOL_READS = selectors.POOL_READS, reads
-                try:
-                    block += [
-                        {"allocator": "kept", **timed_round(name, None, remote, keep, proxy, repeats)}
-                        for keep in budgets
-                    ]
-                finally:
-                    selectors.POOL_READS = kept
-            return block
+            return [
+                {"allocator": "kept", **timed_round(name, None, remote, keep, proxy, repeats, pool_reads=reads)}
+                for name, reads in HTTP_READS.items()
+                for keep in budgets
+            ]
         finally:
             nginx.stop()
 

@@ -1,6 +1,6 @@
 """Scale-out, measured: the SAGE scan in process and on 1 and 2 Dask workers; the loader per rank.
 
-    python bench/scale.py [--samples 32768] [--out bench/results]
+    python bench/scale.py [--samples 32768] [--out bench/results] [--tiny]
 
 Scan: one SAGE selection (ℓ = 32, the default proxy) of a local store of float32 (40,) samples
 with 10 classes, in shards of 1,024: in process, then on a LocalCluster (127.0.0.1) of 1 and of 2
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import sage_select, write_dataset  # noqa: E402
+from nearstore.selection import DaskExecutor  # noqa: E402
 
 
 def scan_seconds(dataset, client=None) -> tuple[float, float]:
@@ -41,7 +42,7 @@ def scan_seconds(dataset, client=None) -> tuple[float, float]:
     from distributed import get_task_stream
 
     with get_task_stream(client) as stream:
-        sage_select(dataset, 0.1, ell=32, client=client)
+        sage_select(dataset, 0.1, ell=32, executor=DaskExecutor(client))
     wall = time.perf_counter() - started
     return wall, sum(s["stop"] - s["start"] for t in stream.data for s in t["startstops"] if s["action"] == "compute")
 
@@ -57,7 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32_768)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 samples")
     args = parser.parse_args()
+    args.samples = 4096 if args.tiny else args.samples
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # one core a worker, and the same for the in-process run
     from distributed import Client, LocalCluster

@@ -1,7 +1,7 @@
 """Does selection teach more per sample than a random subset of the same size? Measured.
 
     python bench/selection_quality.py [--datasets mnist1d digits] [--budgets 0.05 0.1 0.25 0.5]
-                                      [--seeds 0 1 2] [--methods ...] [--epochs 15] [--out bench/results]
+                                      [--seeds 0 1 2] [--methods ...] [--epochs 15] [--out bench/results] [--tiny]
 
 Every run trains the same model from the StreamingLoader (torch backend) for the same number of
 epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
@@ -47,11 +47,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Dataset, open_dataset, write_dataset  # noqa: E402
-from nearstore.demo import ensure_mnist1d, mnist1d_cnn  # noqa: E402
-from nearstore.selection import Selection  # noqa: E402
-from nearstore.selectors import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
-from nearstore.sources import digits_batches  # noqa: E402
+from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E402
+from nearstore.app.converters import digits_batches, ensure_mnist1d  # noqa: E402
+from nearstore.app.training import accuracy, fit, mnist1d_cnn  # noqa: E402
+from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
 RAW_W512 = {"window": 512, "norm_power": 1.0}
@@ -128,12 +127,14 @@ def digits_mlp() -> nn.Module:
     return nn.Sequential(Pixels(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def datasets(names: list[str], root: Path) -> dict[str, tuple[Dataset, tuple[torch.Tensor, torch.Tensor], object]]:
-    """{name: (train store, in-memory test set, model factory)}."""
+def datasets(
+    names: list[str], root: Path, train_size: int = 50_000, test_size: int = 10_000
+) -> dict[str, tuple[Dataset, tuple[torch.Tensor, torch.Tensor], object]]:
+    """{name: (train store, in-memory test set, model factory)}; MNIST-1D of the sizes given."""
     out = {}
     if "mnist1d" in names:
-        train = ensure_mnist1d(str(root / "mnist1d-train-50000.zarr"), 50_000, 0)
-        test = ensure_mnist1d(str(root / "mnist1d-test-10000.zarr"), 10_000, 1)
+        train = ensure_mnist1d(str(root / f"mnist1d-train-{train_size}.zarr"), train_size, 0)
+        test = ensure_mnist1d(str(root / f"mnist1d-test-{test_size}.zarr"), test_size, 1)
         out["mnist1d"] = (train, _in_memory(test), mnist1d_cnn)
     if "digits" in names:
         url = root / "digits.zarr"
@@ -152,30 +153,21 @@ def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = (model(test[0]).argmax(1) == test[1]).float().mean().item()
-    model.train()
-    return correct
-
-
 def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
     store = open_dataset(store.url)
     torch.manual_seed(seed)
     model = factory()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     started = time.perf_counter()
-    selection_seconds = []
+    first_round = []
     if method == "full":
         selection: Selection | None = None
     else:
         kind, options = STATIC[method] if method in STATIC else DYNAMIC[method][0]
         t = time.perf_counter()
         selection = make_selector(kind, **options).select(store, keep, seed=seed)
-        selection_seconds.append(time.perf_counter() - t)
+        first_round.append(time.perf_counter() - t)
     weighted = method in ("craig", "crest-coreset-dynamic")  # cluster sizes weight each sample's loss
     warm = WARM_START_EPOCHS.get(method, 0)
     loader = StreamingLoader(
@@ -189,27 +181,20 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
         device="cpu",
     )
     seen = set(range(store.num_samples) if warm else loader.ids.tolist())
-    curve, epoch_seconds, clock, steps = [], [], [], 0
-    for epoch in range(epochs):
-        if method in DYNAMIC and epoch >= max(warm, 1) and (epoch - warm) % every == 0:
-            t = time.perf_counter()
-            kind, options = DYNAMIC[method][1] or default_reselect(keep)
-            if kind != "random":
-                loader.update_proxy(model)
-            loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)
-            selection_seconds.append(time.perf_counter() - t)
-            seen |= set(loader.ids.tolist())
-        t = time.perf_counter()
-        loader.set_epoch(epoch)
-        for x, y, *w in loader:
-            optimizer.zero_grad()
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-            (losses * w[0] if weighted else losses).mean().backward()
-            optimizer.step()
-            steps += 1
-        epoch_seconds.append(time.perf_counter() - t)
-        clock.append(sum(selection_seconds) + sum(epoch_seconds))  # evaluation excluded
-        curve.append(accuracy(model, test))
+
+    def rounds(epoch: int) -> bool:
+        if method not in DYNAMIC or epoch < max(warm, 1) or (epoch - warm) % every:
+            return False
+        kind, options = DYNAMIC[method][1] or default_reselect(keep)
+        if kind != "random":
+            loader.update_proxy(model)
+        loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)
+        seen.update(loader.ids.tolist())
+        return True
+
+    trained = fit(model, loader, epochs, rounds=rounds, evaluate=lambda m: accuracy(m, [test]), weighted=weighted)
+    # seconds of selection and training when each epoch ends (evaluation excluded)
+    spent = np.cumsum([trained.round_seconds.get(e, 0.0) + s for e, s in enumerate(trained.epoch_seconds)])
     io = loader.io_stats()
     return Run(
         dataset=name,
@@ -217,16 +202,16 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
         keep=keep if method != "full" else 1.0,
         seed=seed,
         epochs=epochs,
-        accuracy=curve[-1],
-        curve=curve,
+        accuracy=trained.curve[-1],
+        curve=trained.curve,
         seconds=time.perf_counter() - started,
-        epoch_seconds=epoch_seconds,
-        clock=clock,
-        selection_seconds=selection_seconds,
+        epoch_seconds=trained.epoch_seconds,
+        clock=(sum(first_round) + spent).tolist(),
+        selection_seconds=first_round + list(trained.round_seconds.values()),
         scan_bytes=io["scan_bytes"],
         shipped_bytes=io["bytes_read"],
         distinct_samples=len(seen),
-        steps=steps,
+        steps=trained.steps,
     )
 
 
@@ -351,11 +336,18 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing: summarise every run logged in --out so far"
     )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run: 4,096 MNIST-1D samples, 10%%, seed 0, 2 epochs, 4 methods"
+    )
     args = parser.parse_args()
+    sizes = (50_000, 10_000)
+    if args.tiny:
+        sizes, args.budgets, args.seeds, args.epochs = (4096, 1024), [0.1], [0], 2
+        args.methods = ["full", "random", "graft-dynamic", "crest-coreset-dynamic"]
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "selection_quality.runs.jsonl"
-    stores = {} if args.report_only else datasets(args.datasets, args.out / "data")
+    stores = {} if args.report_only else datasets(args.datasets, args.out / "data", *sizes)
     runs: list[Run] = []
     for name, (store, test, factory) in stores.items():
         plan = [("full", 1.0, args.epochs)] if "full" in args.methods else []

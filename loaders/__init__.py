@@ -1,6 +1,6 @@
-"""Trainer-side loading: the StreamingLoader and its DALI pipeline."""
+"""Beside the trainer (layer 4): the StreamingLoader, the sources it reads from, and its DALI pipeline."""
 
-from loaders.flight_client import FlightSource
+from loaders.sources import FlightSource, Source, StoreSource, open_source
 from loaders.streaming_loader import StreamingLoader
 
-__all__ = ["FlightSource", "StreamingLoader"]
+__all__ = ["FlightSource", "Source", "StoreSource", "StreamingLoader", "open_source"]

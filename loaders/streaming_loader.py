@@ -1,13 +1,10 @@
 """`StreamingLoader`: the one class a trainer meets. A drop-in for torch's DataLoader that reads
-only the selected samples, by byte range, and hands them out of a DALI pipeline."""
+only the selected samples from a `Source` and hands them out of a DALI pipeline."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -19,19 +16,16 @@ import torch
 import torch.distributed as dist
 
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
-from loaders.flight_client import FlightSource, OnDisconnect
-from nearstore import Dataset, IOStats, Selection, SelectiveReader, open_dataset
-from nearstore.dataset import sample_identity
-from nearstore.proxy import ModelProxy
-from nearstore.ranges import DEFAULT_GAP_BYTES, DEFAULT_MAX_OVERHEAD
-from nearstore.selectors import default_reselect, make_selector
-from nearstore.server import ALL_SAMPLES
+from loaders.order import EpochOrder, Uneven
+from loaders.sources import Source, open_source
+from nearstore import Dataset, DatasetError, IOStats, ParameterError, SampleIdError, Selection
+from nearstore.selection import default_reselect
+from nearstore.serving.protocol import ALL_SAMPLES
+from nearstore.storage.dataset import check_ids, sample_identity
 
 Backend = Literal["auto", "dali", "torch"]
-Batch = tuple[np.ndarray, np.ndarray, int | str]  # a batch to read: ids, their weights, the server round
-STATE_VERSION = 1
-# What fixes each epoch's batches: a state_dict resumes only on a loader that agrees on all of them.
-_ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven", "warm_start_epochs")
+Batch = tuple[np.ndarray, np.ndarray, int | str]  # a batch to read: ids, their weights, the round they are in
+STATE_VERSION = 2
 log = logging.getLogger("nearstore")
 
 
@@ -46,8 +40,8 @@ class StreamingLoader:
             for x, y in loader:
                 ...
 
-    source: a dataset URL (local path, s3://, http://, any fsspec URL), an opened `Dataset`, or
-        a near-storage server, grpc://host:port/name (`nearstore serve`).
+    source: a dataset URL (local path, s3://, http://, any fsspec URL), an opened `Dataset`, a
+        near-storage server, grpc://host:port/name (`nearstore serve`), or any `Source`.
     selection: a `Selection` (checked against the dataset), a sequence of sample ids, or None
         for every sample (through a server: None for the server's current selection).
     batch_size, drop_last: as DataLoader's. Without drop_last the last batch may be smaller;
@@ -71,13 +65,13 @@ class StreamingLoader:
     backend: "dali", "torch" (the same batches without DALI), or "auto" (DALI where installed).
     device: where batches land; default CUDA when available, else CPU.
     prefetch: batches read ahead of the trainer in a background thread.
-    gap_bytes, max_overhead: byte-range coalescing knobs of the reader (`coalesce_ranges`).
-    token, on_disconnect: for a server, see `FlightSource`.
+    storage_options: for a URL, the options of its source: fsspec's for a store, FlightSource's
+        (token, on_disconnect) for a server.
     """
 
     def __init__(
         self,
-        source: str | Dataset,
+        source: str | Dataset | Source,
         selection: Selection | Sequence[int] | np.ndarray | None = None,
         *,
         batch_size: int = 64,
@@ -86,7 +80,7 @@ class StreamingLoader:
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
-        uneven: Literal["pad", "drop"] = "pad",
+        uneven: Uneven = "pad",
         warm_start_epochs: int = 0,
         weights: bool = False,
         input_array: str | None = None,
@@ -96,103 +90,74 @@ class StreamingLoader:
         device: torch.device | str | None = None,
         prefetch: int = 2,
         storage_options: Mapping[str, Any] | None = None,
-        gap_bytes: int = DEFAULT_GAP_BYTES,
-        max_overhead: float = DEFAULT_MAX_OVERHEAD,
-        token: str | None = None,
-        on_disconnect: OnDisconnect = "reconnect",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-        rank, world_size = _rank_and_world_size(rank, world_size)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
-        if warm_start_epochs < 0:
-            raise ValueError(f"warm_start_epochs must be >= 0, got {warm_start_epochs}")
-        if uneven not in ("pad", "drop"):
-            raise ValueError(f"uneven must be 'pad' or 'drop', got {uneven!r}")
+            raise ParameterError(f"prefetch must be >= 1, got {prefetch}")
         if backend not in ("auto", "dali", "torch"):
-            raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
+            raise ParameterError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
             raise RuntimeError("backend='dali' but DALI is not installed (pip install nvidia-dali-cuda130)")
         self.backend = "dali" if backend == "dali" or (backend == "auto" and dali_available()) else "torch"
         if dali_transform is not None and self.backend != "dali":
-            raise ValueError("dali_transform needs the DALI backend; pass a torch `transform` instead")
+            raise ParameterError("dali_transform needs the DALI backend; pass a torch `transform` instead")
+        rank, world_size = _rank_and_world_size(rank, world_size)
+        self.order = EpochOrder(batch_size, shuffle, seed, drop_last, rank, world_size, uneven, warm_start_epochs)
 
-        self.server: FlightSource | None = None
-        self.dataset: Dataset | None = None
-        if isinstance(source, str) and source.startswith("grpc://"):
-            self.server = FlightSource(source, token=token, on_disconnect=on_disconnect)
-            self.url, self.num_samples = self.server.url, self.server.num_samples
-            self.sample_arrays, self.label_array = self.server.sample_arrays, self.server.label_array
-            selection = self.server.selection() if selection is None else selection
-            if not isinstance(selection, Selection):
-                raise TypeError("through a server the selection is the server's: pass None or a Selection it made")
-        else:
-            if not isinstance(source, Dataset):
-                source = open_dataset(source, storage_options=storage_options)
-            self.dataset = source
-            self.url, self.num_samples = self.dataset.url, self.dataset.num_samples
-            self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
-        self.input_array = input_array or next((n for n in self.sample_arrays if n != self.label_array), None)
-        if self.input_array not in self.sample_arrays:
-            raise ValueError(f"input_array {self.input_array!r} is not a sample array of {self.url!r}")
-        self.reader: SelectiveReader | None = None
-        if self.dataset is not None:
-            arrays = [self.input_array] + ([self.label_array] if self.label_array else [])
-            self.reader = SelectiveReader(self.dataset, arrays, gap_bytes=gap_bytes, max_overhead=max_overhead)
-        self._use(selection)
+        self.source = open_source(source, storage_options=storage_options)
+        self.url, self.num_samples = self.source.url, self.source.num_samples
+        self.input_array = input_array or next(
+            (n for n in self.source.sample_arrays if n != self.source.label_array), None
+        )
+        if self.input_array not in self.source.sample_arrays:
+            raise DatasetError(f"input_array {self.input_array!r} is not a sample array of {self.url!r}")
+        self.arrays = [self.input_array] + ([self.source.label_array] if self.source.label_array else [])
+        self.scan_io = {"bytes": 0, "requests": 0}
+        self._use(self.source.selection() if selection is None else selection)
 
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.rank, self.world_size, self.uneven = rank, world_size, uneven
-        self.warm_start_epochs = warm_start_epochs
         self.with_weights = weights
         self.dali_transform, self.transform = dali_transform, transform
         self.device = torch.device(device) if device is not None else _default_device()
         self.prefetch = prefetch
-        self.epoch = 0
-        self.epochs_completed = 0
-        self.batches_done = 0  # of the epoch being iterated
-        self._resume_at = 0
-        self._full_epoch_bytes: int | None = None
         self._epochs: list[dict[str, Any]] = []
-        self._proxy: ModelProxy | None = None
         self._pool: ThreadPoolExecutor | None = None
+
+    # Where the loader is: its order's place.
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    @property
+    def epochs_completed(self) -> int:
+        return self.order.epochs_completed
+
+    @property
+    def batches_done(self) -> int:
+        """Batches of the epoch being iterated that the trainer holds."""
+        return self.order.batches_done
 
     @property
     def stats(self) -> IOStats:
-        """What this loader received: from storage, or shipped by the server."""
-        return self.server.stats if self.server is not None else self.reader.stats
+        """What this loader received from its source (bytes, requests, samples)."""
+        return self.source.stats
 
     def __len__(self) -> int:
         """Batches in the current epoch (of this rank's share)."""
-        n = self._share_size(self.epoch)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return self.order.num_batches(self._epoch_size(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (as DistributedSampler's).
         Setting the epoch a resumed state is in keeps its place; another epoch starts afresh."""
-        if epoch != self.epoch:
-            self._resume_at = 0
-        self.epoch = epoch
+        self.order.set_epoch(epoch)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Positions into the epoch's samples (the selection, or all of them while warming up), in
         the order epoch `epoch` visits them on this rank."""
-        n = self._epoch_size(epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        if self.world_size == 1:
-            return order
-        return np.resize(order, self._share_size(epoch) * self.world_size)[self.rank :: self.world_size]
+        return self.order.positions(epoch, self._epoch_size(epoch))
 
     def update_proxy(self, model: torch.nn.Module) -> None:
         """Score the next selection round with the trainer's model (NeSSA's feedback): its
-        weights are pushed to the server, or copied for an in-process scan."""
-        if self.server is not None:
-            self.server.update_proxy(model)
-        else:
-            self._proxy = ModelProxy(copy.deepcopy(model).cpu())
+        weights are pushed to the server, or copied for a round in this process."""
+        self.source.update_proxy(model)
 
     def reselect(
         self,
@@ -205,10 +170,10 @@ class StreamingLoader:
         """Run a new selection round with the latest proxy (`update_proxy`), on the server or here
         beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
 
-        method, options: a selector of `nearstore.selectors` and its parameters; by default
-            `default_reselect(keep)`, GRAFT on a pool of twice the budget per class (1.5x above a
-            third of the data): the current selection's samples and fresh ones. Every selector is
-            given the current selection as `previous`.
+        method, options: a selector of `nearstore.selection.selectors` and its parameters; by
+            default `default_reselect(keep)`, GRAFT on a pool of twice the budget per class (1.5x
+            above a third of the data): the current selection's samples and fresh ones. Every
+            selector is given the current selection as `previous`.
         keep: default the current selection's share; seed: default the round number.
         """
         keep = keep if keep is not None else len(self.ids) / self.num_samples
@@ -216,76 +181,26 @@ class StreamingLoader:
             method, defaults = default_reselect(keep)
             options = {**defaults, **options}
         seed = seed if seed is not None else self.round + 1
-        if self.server is not None:
-            selection = self.server.select(keep=keep, method=method, seed=seed, options=options)
-        else:
-            selector = make_selector(method, **options)
-            selection = selector.select(self.dataset, keep, proxy=self._proxy, seed=seed, previous=self.ids)
-            selection = dataclasses.replace(selection, round=self.round + 1)
+        selection = self.source.select(self.ids, self.round, keep=keep, method=method, options=options, seed=seed)
         self._use(selection)
-        self._resume_at = 0
+        self.order.forget_place()  # a new round never resumes a place in the old one
         return selection
-
-    def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
-        if isinstance(selection, Selection):
-            selection.check_dataset(self._identity())
-        self.ids, self.sample_weights = _selected(self.num_samples, self.url, selection)
-        self.round = selection.round if isinstance(selection, Selection) else 0
-        io = selection.io if isinstance(selection, Selection) else {}
-        previous = getattr(self, "scan_io", {})
-        self.scan_io = {k: previous.get(k, 0) + io.get(k, 0) for k in ("bytes", "requests")}
-
-    def _check_ranks_agree(self) -> None:
-        """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
-        their shares would overlap and miss samples."""
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        mine = (self.round, hashlib.sha256(self.ids.tobytes()).hexdigest()[:16], len(self.ids))
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        for rank, theirs in enumerate(everyone):
-            if theirs != mine:
-                raise ValueError(
-                    f"rank {self.rank} iterates selection round {mine[0]} ({mine[2]} samples, digest {mine[1]}) "
-                    f"but rank {rank} has round {theirs[0]} ({theirs[2]} samples, digest {theirs[1]})"
-                )
-
-    def _identity(self) -> dict[str, Any]:
-        """The dataset's identity, read here or reported by the server."""
-        return self.server.identity if self.server is not None else self.dataset.identity()
-
-    def _share_size(self, epoch: int) -> int:
-        n, ranks = self._epoch_size(epoch), self.world_size
-        return n // ranks if self.uneven == "drop" else math.ceil(n / ranks)
-
-    def _epoch_size(self, epoch: int) -> int:
-        """How many samples epoch `epoch` visits: all while warming up, else the selection."""
-        return self.num_samples if epoch < self.warm_start_epochs else len(self.ids)
-
-    def _epoch_ids(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int | str]:
-        """The samples epoch `epoch` visits, their weights, and the server round they are in."""
-        if epoch < self.warm_start_epochs:
-            return np.arange(self.num_samples), np.ones(self.num_samples, dtype=np.float32), ALL_SAMPLES
-        return self.ids, self.sample_weights, self.round
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._check_ranks_agree()
         started, before = time.perf_counter(), self.stats.snapshot()
-        storage_before = self._server_storage_reads()
-        order = self.epoch_order(self.epoch)
-        ids, weights, round = self._epoch_ids(self.epoch)
-        first, self._resume_at = self._resume_at, 0  # > 0 right after load_state_dict mid-epoch
-        self.batches_done = first
-        num_batches = len(self) - first
-        positions = (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(first, first + num_batches))
+        storage_before = self.source.storage_reads()
+        epoch = self.epoch
+        ids, weights, round = self._epoch_ids(epoch)
+        first = self.order.start()  # > 0 right after load_state_dict mid-epoch
+        positions = self.order.batches(epoch, len(ids), first)
         batches = self._prefetched((ids[p], weights[p], round) for p in positions)
         if self.backend == "dali":
-            num_outputs = 1 + bool(self.label_array) + self.with_weights
             tensors = dali_epoch(
                 batches,
-                num_batches=num_batches,
-                num_outputs=num_outputs,
-                batch_size=self.batch_size,
+                num_batches=len(positions),
+                num_outputs=len(self.arrays) + self.with_weights,
+                batch_size=self.order.batch_size,
                 device=self.device,
                 dali_transform=self.dali_transform,
             )
@@ -294,69 +209,70 @@ class StreamingLoader:
         for batch in tensors:
             if self.transform is not None:
                 batch = (self.transform(batch[0]), *batch[1:])
-            self.batches_done += 1  # counted as delivered once the trainer holds it
+            self.order.batches_done += 1  # counted as delivered once the trainer holds it
             yield batch
         read = self.stats.snapshot() - before
-        self._epochs.append({"epoch": self.epoch, **read.as_dict(), "seconds": time.perf_counter() - started})
-        if self.server is not None:  # what the server read from storage meanwhile, for every trainer it serves
-            storage = self._server_storage_reads()
-            self._epochs[-1]["server_storage"] = {k: storage[k] - storage_before[k] for k in ("bytes", "requests")}
+        storage = self.source.storage_reads()
+        self._epochs.append(
+            {
+                "epoch": epoch,
+                **read.as_dict(),
+                "seconds": time.perf_counter() - started,
+                "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
+            }
+        )
         log.info(
-            "epoch %d: %d samples, %.2f MB in %d requests %s (full data: %.2f MB), %.1f s",
-            self.epoch,
+            "epoch %d: %d samples, %.2f MB in %d requests from %s (full data: %.2f MB), %.1f s",
+            epoch,
             read.samples,
             read.bytes / 1e6,
             read.requests,
-            "shipped by the server" if self.server is not None else "read from storage",
+            self.url,
             self._full_bytes() / 1e6,
             self._epochs[-1]["seconds"],
         )
-        self.epochs_completed += 1
-        self.epoch += 1
-        self.batches_done = 0
+        self.order.finish()
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this loader is, as a StatefulDataLoader's: the epoch, the batches of it already
-        delivered, and the selection being iterated. A loader over the same data, built with the
-        same batch_size, shuffle, seed and rank share, resumes from it with `load_state_dict`."""
+        """Where this loader is, as a StatefulDataLoader's: its order's place (the epoch, the
+        batches of it already delivered) and the selection round being iterated. A loader over
+        the same data, built with the same batch_size, shuffle, seed and rank share, resumes
+        from it with `load_state_dict`."""
         return {
             "version": STATE_VERSION,
-            "dataset": self._identity(),
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "epochs_completed": self.epochs_completed,
-            "round": self.round,
-            "ids": self.ids.copy(),
-            "weights": self.sample_weights.copy(),
-            "scan_io": dict(self.scan_io),
-            "order": {name: getattr(self, name) for name in _ORDER},
+            "dataset": self.source.identity,
+            "order": self.order.state_dict(),
+            "selection": {
+                "round": self.round,
+                "ids": self.ids.copy(),
+                "weights": self.sample_weights.copy(),
+                "scan_io": dict(self.scan_io),
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume where `state_dict()` was taken: the next iteration delivers exactly the batches
-        of that epoch not delivered yet, in the same order, then carries on epoch by epoch."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state_dict version {state.get('version')!r} is not {STATE_VERSION}")
-        if sample_identity(self._identity()) != sample_identity(state["dataset"]):
-            raise ValueError(f"state_dict is from dataset {state['dataset'].get('url')!r}, not {self.url!r}")
-        for name, value in state["order"].items():
-            if getattr(self, name) != value:
-                raise ValueError(f"state_dict was taken with {name}={value!r}; this loader has {getattr(self, name)!r}")
-        if self.server is not None and state["round"] != self.round:
-            self.server.selection(state["round"])  # raises if the server no longer holds that round
-        self.ids = np.asarray(state["ids"], dtype=np.int64)
-        self.sample_weights = np.asarray(state["weights"], dtype=np.float32)
-        self.round, self.scan_io = state["round"], dict(state["scan_io"])
-        self.epoch, self.epochs_completed = state["epoch"], state["epochs_completed"]
-        if not 0 <= state["batches_done"] <= len(self):
-            raise ValueError(f"state_dict says {state['batches_done']} batches of {len(self)} were delivered")
-        self.batches_done = self._resume_at = state["batches_done"]
+        of that epoch not delivered yet, in the same order, then carries on epoch by epoch. A state
+        that does not fit this loader is refused by name, and changes nothing."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise DatasetError(f"state_dict version {version!r} is not {STATE_VERSION}")
+        if sample_identity(self.source.identity) != sample_identity(state["dataset"]):
+            raise DatasetError(f"state_dict is from dataset {state['dataset'].get('url')!r}, not {self.url!r}")
+        chosen = state["selection"]
+        ids, weights = _selected(self.num_samples, self.url, chosen["ids"], chosen["weights"])
+        epoch = state["order"]["epoch"]
+        self.order.check(state["order"], self.num_samples if self.order.warming(epoch) else len(ids))
+        self.source.selection(chosen["round"])  # raises where the source no longer holds that round
+        self.ids, self.sample_weights, self.round = ids, weights, chosen["round"]
+        self.scan_io = dict(chosen["scan_io"])
+        self.order.load_state_dict(state["order"])
 
     def io_stats(self) -> dict[str, Any]:
-        """What crossed the boundary: for the trainer (read from storage, or shipped by the
-        server; in total and per completed epoch), for the scans that made the selections, and
-        what reading all data every epoch would cost. Through a server, also what the server
-        read from storage for samples (`server_storage_reads`, and per epoch `server_storage`).
+        """What crossed the boundary: for the trainer (in total and per completed epoch), for
+        the scans that made the selections, what the storage side read for samples (this
+        trainer's reads, or a server's for all its trainers; per epoch `storage`), and what
+        reading all data every epoch would cost.
 
         io_saving = 1 − (scan + trainer bytes) / (full-data bytes × epochs completed).
         """
@@ -374,20 +290,49 @@ class StreamingLoader:
             "scan_requests": self.scan_io.get("requests", 0),
             "full_epoch_bytes": self._full_bytes(),
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
-            **({"server_storage_reads": self._server_storage_reads()} if self.server is not None else {}),
+            "storage_reads": self.source.storage_reads(),
         }
 
-    def _server_storage_reads(self) -> dict[str, int]:
-        """The server's storage reads for samples so far (all trainers); empty without a server."""
-        return self.server.info()["storage_reads"] if self.server is not None else {}
+    def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
+        """Iterate `selection` from the next epoch on; its scan's I/O joins scan_io."""
+        if isinstance(selection, Selection):
+            selection.check_dataset(self.source.identity)
+            self.ids, self.sample_weights, self.round = selection.ids, selection.weights, selection.round
+            self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
+        elif selection is None:
+            self.ids, self.sample_weights = _selected(self.num_samples, self.url, np.arange(self.num_samples))
+            self.round = 0
+        else:
+            self.ids, self.sample_weights = _selected(self.num_samples, self.url, selection)
+            self.round = 0
+
+    def _check_ranks_agree(self) -> None:
+        """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
+        their shares would overlap and miss samples."""
+        if self.order.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = (self.round, hashlib.sha256(self.ids.tobytes()).hexdigest()[:16], len(self.ids))
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for rank, theirs in enumerate(everyone):
+            if theirs != mine:
+                raise DatasetError(
+                    f"rank {self.order.rank} iterates selection round {mine[0]} ({mine[2]} samples, digest "
+                    f"{mine[1]}) but rank {rank} has round {theirs[0]} ({theirs[2]} samples, digest {theirs[1]})"
+                )
+
+    def _epoch_size(self, epoch: int) -> int:
+        """How many samples epoch `epoch` visits: all while warming up, else the selection."""
+        return self.num_samples if self.order.warming(epoch) else len(self.ids)
+
+    def _epoch_ids(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int | str]:
+        """The samples epoch `epoch` visits, their weights, and the round they are in."""
+        if self.order.warming(epoch):
+            return np.arange(self.num_samples), np.ones(self.num_samples, dtype=np.float32), ALL_SAMPLES
+        return self.ids, self.sample_weights, self.round
 
     def _full_bytes(self) -> int:
-        if self._full_epoch_bytes is None:
-            if self.server is not None:
-                self._full_epoch_bytes = self.server.full_epoch_bytes
-            else:
-                self._full_epoch_bytes = self.dataset.stored_nbytes(self.reader.layouts)
-        return self._full_epoch_bytes
+        return self.source.stored_bytes(self.arrays)
 
     def _prefetched(self, batches: Iterable[Batch]) -> Iterator[tuple[np.ndarray, ...]]:
         """Read batches in a background thread, `prefetch` ahead, yielding them in order."""
@@ -407,32 +352,27 @@ class StreamingLoader:
                 future.cancel()
 
     def _read_batch(self, ids: np.ndarray, weights: np.ndarray, round: int | str) -> tuple[np.ndarray, ...]:
-        arrays = self.server.read(ids, round=round) if self.server is not None else self.reader.read(ids)
-        batch = [arrays[self.input_array]]
-        if self.label_array:
-            batch.append(arrays[self.label_array])
+        arrays = self.source.read(ids, arrays=self.arrays, round=round)
+        batch = [arrays[name] for name in self.arrays]
         if self.with_weights:
             batch.append(weights)
         return tuple(batch)
 
 
 def _selected(
-    num_samples: int, url: str, selection: Selection | Sequence[int] | np.ndarray | None
+    num_samples: int, url: str, ids: Sequence[int] | np.ndarray, weights: Sequence[float] | np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    if selection is None:
-        ids = np.arange(num_samples, dtype=np.int64)
-        return ids, np.ones(len(ids), dtype=np.float32)
-    if isinstance(selection, Selection):
-        return selection.ids, selection.weights
-    ids = np.asarray(selection)
+    """Sample ids to iterate, each in range and named once, and their weights (default 1)."""
+    ids = np.asarray(ids)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise TypeError(f"selection must be a Selection or 1-D integer ids, got {ids.dtype} {ids.shape}")
-    bad = ids[(ids < 0) | (ids >= num_samples)]
-    if bad.size:
-        raise IndexError(f"selected sample id {int(bad[0])} out of range [0, {num_samples}) in {url!r}")
+    check_ids(ids, num_samples, repr(url), what="selected sample id")
     if len(np.unique(ids)) != len(ids):
-        raise ValueError("selected sample ids must be unique")
-    return ids.astype(np.int64), np.ones(len(ids), dtype=np.float32)
+        raise SampleIdError("selected sample ids must be unique")
+    weights = np.ones(len(ids)) if weights is None else np.asarray(weights)
+    if weights.shape != ids.shape or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise DatasetError(f"selection weights must be {len(ids)} finite values >= 0")
+    return ids.astype(np.int64), weights.astype(np.float32)
 
 
 def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:

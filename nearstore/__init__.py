@@ -1,20 +1,49 @@
-"""nearstore: select a representative subset beside the data; ship only that to the trainer."""
+"""nearstore: select a representative subset beside the data; ship only that to the trainer.
 
-from nearstore.allocator import keep_freed_memory
-from nearstore.dataset import Dataset, open_dataset, write_dataset
-from nearstore.iostats import IOStats
-from nearstore.proxy import RandomFeatureProxy
-from nearstore.reader import SelectiveReader
-from nearstore.scan import random_select, sage_select
-from nearstore.selection import Selection
+The layers, each a package, imports going one way: `nearstore.storage` (the format, reading by id)
+← `nearstore.selection` (proxies, selectors, the `Selection` record) ← `nearstore.serving` (the
+near-storage server) ← `loaders` (beside the trainer) ← `nearstore.app` (the command line, the demo).
+"""
+
+from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError, SampleIdError
+from nearstore.selection import (
+    SELECTORS,
+    Craig,
+    Crest,
+    Graft,
+    ModelProxy,
+    Random,
+    RandomFeatureProxy,
+    Sage,
+    Selection,
+    keep_freed_memory,
+    make_selector,
+    random_select,
+    sage_select,
+)
+from nearstore.storage import Coalescing, Dataset, IOStats, SelectiveReader, open_dataset, write_dataset
 
 __all__ = [
+    "SELECTORS",
+    "Coalescing",
+    "Craig",
+    "Crest",
     "Dataset",
+    "DatasetError",
+    "Graft",
     "IOStats",
+    "ModelProxy",
+    "NearstoreError",
+    "ParameterError",
+    "Random",
     "RandomFeatureProxy",
-    "SelectiveReader",
+    "RequestError",
+    "Sage",
+    "SampleIdError",
     "Selection",
+    "SelectiveReader",
     "keep_freed_memory",
+    "make_selector",
     "open_dataset",
     "random_select",
     "sage_select",

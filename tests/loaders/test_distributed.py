@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from servers import free_port
 
 from nearstore import random_select
@@ -22,7 +23,7 @@ from nearstore import Selection
 store, selection, out = sys.argv[1:4]
 dist.init_process_group("gloo")
 loader = StreamingLoader(store, Selection.load(selection), batch_size=32, uneven="drop", backend="torch", device="cpu")
-result = {"rank": loader.rank, "world_size": loader.world_size, "epochs": []}
+result = {"rank": loader.order.rank, "world_size": loader.order.world_size, "epochs": []}
 try:
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -54,6 +55,7 @@ def run_ranks(store: str, selections: list[str], tmp_path: Path) -> list[dict]:
     return [json.loads(out.read_text()) for _, out in processes]
 
 
+@pytest.mark.slow
 def test_two_ranks_share_every_epoch_disjointly(id_store, tmp_path):
     selection = random_select(id_store, 0.3, seed=1)  # 750 samples: 375 a rank
     path = str(tmp_path / "sel.npz")
@@ -68,6 +70,7 @@ def test_two_ranks_share_every_epoch_disjointly(id_store, tmp_path):
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # a new shuffle each epoch
 
 
+@pytest.mark.slow
 def test_ranks_holding_different_selections_refuse_to_start(id_store, tmp_path):
     paths = []
     for seed in (1, 2):

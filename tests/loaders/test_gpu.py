@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from loaders import StreamingLoader
-from nearstore import RandomFeatureProxy, random_select
-from nearstore.selectors import Graft
+from nearstore import Graft, RandomFeatureProxy, random_select
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

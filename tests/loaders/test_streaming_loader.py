@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from loaders import StreamingLoader
-from nearstore import Selection, open_dataset, random_select, sage_select, write_dataset
-from nearstore.proxy import ModelProxy
-from nearstore.selectors import default_reselect
+from nearstore import ModelProxy, SampleIdError, Selection, open_dataset, random_select, sage_select, write_dataset
+from nearstore.selection import default_reselect
 
 BACKENDS = ["dali", "torch"]
 
@@ -150,7 +149,7 @@ def test_unlabelled_datasets_yield_inputs_only(tmp_path):
 def test_bad_arguments_are_named(id_store, tmp_path):
     with pytest.raises(IndexError, match="selected sample id 2500 out of range"):
         StreamingLoader(id_store, [0, 2500])
-    with pytest.raises(ValueError, match="must be unique"):
+    with pytest.raises(SampleIdError, match="must be unique"):
         StreamingLoader(id_store, [3, 3])
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         StreamingLoader(id_store, batch_size=0)
@@ -253,7 +252,7 @@ def test_resuming_mid_epoch_delivers_exactly_the_batches_not_delivered(id_store,
     batches = iter(interrupted)
     got = [sample_ids(next(batches)[0]) for _ in range(5)]
     state = interrupted.state_dict()
-    assert state["epoch"] == 2 and state["batches_done"] == 5
+    assert state["order"]["epoch"] == 2 and state["order"]["batches_done"] == 5
 
     resumed = make()
     resumed.load_state_dict(state)

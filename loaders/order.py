@@ -1,0 +1,132 @@
+"""The order of an epoch: pure seeded functions of (size, seed, epoch, rank), as mosaicml/streaming's
+shuffles are, and `EpochOrder`, the loader's place in them, which is what resumes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from nearstore.errors import DatasetError, ParameterError
+
+Uneven = Literal["pad", "drop"]
+# What fixes each epoch's batches (a state resumes only where they agree), and where a loader is.
+ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven", "warm_start_epochs")
+PLACE = ("epoch", "batches_done", "epochs_completed")
+
+
+def epoch_order(size: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Positions 0..size-1 in the order epoch `epoch` visits them: permutation(seed, epoch), or in
+    order without shuffle. The same for every rank, whatever ran before."""
+    return np.random.default_rng([seed, epoch]).permutation(size) if shuffle else np.arange(size)
+
+
+def share_size(size: int, world_size: int, uneven: Uneven) -> int:
+    """Samples a rank visits of an epoch of `size`: equal on every rank, by padding or dropping."""
+    return size // world_size if uneven == "drop" else math.ceil(size / world_size)
+
+
+def rank_share(order: np.ndarray, *, rank: int, world_size: int, uneven: Uneven) -> np.ndarray:
+    """Rank `rank`'s positions of an epoch order (as DistributedSampler's): rank, rank +
+    world_size, ... of the order, wrapped around to equal length ("pad") or cut to it ("drop")."""
+    if world_size == 1:
+        return order
+    return np.resize(order, share_size(len(order), world_size, uneven) * world_size)[rank::world_size]
+
+
+@dataclass
+class EpochOrder:
+    """Which positions each epoch's batches hold on this rank, and how far the loader has got.
+
+    The first fields (ORDER) fix every epoch's batches: a state resumes only where they agree.
+    The last three (PLACE) are where the loader is: the epoch, its batches delivered, the epochs
+    completed. A loaded place is resumed by the next epoch that starts (`start`), once.
+    """
+
+    batch_size: int
+    shuffle: bool
+    seed: int
+    drop_last: bool
+    rank: int
+    world_size: int
+    uneven: Uneven
+    warm_start_epochs: int
+    epoch: int = 0
+    batches_done: int = 0
+    epochs_completed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ParameterError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ParameterError(
+                f"rank must be in [0, world_size), got rank {self.rank} of world_size {self.world_size}"
+            )
+        if self.warm_start_epochs < 0:
+            raise ParameterError(f"warm_start_epochs must be >= 0, got {self.warm_start_epochs}")
+        if self.uneven not in ("pad", "drop"):
+            raise ParameterError(f"uneven must be 'pad' or 'drop', got {self.uneven!r}")
+        self._resume_at = 0
+
+    def warming(self, epoch: int) -> bool:
+        """Whether epoch `epoch` visits every sample (a full-data warm start) rather than the selection."""
+        return epoch < self.warm_start_epochs
+
+    def positions(self, epoch: int, size: int) -> np.ndarray:
+        """This rank's positions of an epoch of `size` samples, in the order it visits them."""
+        order = epoch_order(size, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        return rank_share(order, rank=self.rank, world_size=self.world_size, uneven=self.uneven)
+
+    def num_batches(self, size: int) -> int:
+        """Batches of this rank's share of an epoch of `size` samples."""
+        n = share_size(size, self.world_size, self.uneven)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batches(self, epoch: int, size: int, first: int = 0) -> list[np.ndarray]:
+        """The positions of each batch of epoch `epoch` from batch `first` on."""
+        positions = self.positions(epoch, size)
+        b = self.batch_size
+        return [positions[i * b : (i + 1) * b] for i in range(first, self.num_batches(size))]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to epoch `epoch`: the place a state was loaded at is kept in its own epoch only."""
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = epoch
+
+    def forget_place(self) -> None:
+        """The next epoch starts at its first batch, whatever state was loaded."""
+        self._resume_at = 0
+
+    def start(self) -> int:
+        """An epoch starts: the batch it starts at (a loaded place, once; else 0)."""
+        self.batches_done, self._resume_at = self._resume_at, 0
+        return self.batches_done
+
+    def finish(self) -> None:
+        """The epoch being iterated delivered its last batch."""
+        self.epochs_completed += 1
+        self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*ORDER, *PLACE)}
+
+    def check(self, state: dict[str, Any], size: int) -> None:
+        """Refuse a state taken with other batches, or naming more batches of its epoch than there
+        are (`size`: the samples that epoch visits)."""
+        for name in ORDER:
+            if state.get(name) != getattr(self, name):
+                raise DatasetError(
+                    f"state_dict was taken with {name}={state.get(name)!r}; this loader has {getattr(self, name)!r}"
+                )
+        done, batches = state.get("batches_done"), self.num_batches(size)
+        if not isinstance(done, int) or not 0 <= done <= batches:
+            raise DatasetError(f"state_dict says {done!r} batches of {batches} were delivered")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a checked state's place: the next epoch that starts resumes there."""
+        self.epoch, self.batches_done, self.epochs_completed = (state[name] for name in PLACE)
+        self._resume_at = self.batches_done

@@ -1,0 +1,67 @@
+"""`Source`: what a `StreamingLoader` reads from, one contract for every kind (as fsspec's
+filesystems and zarr's stores are): samples by id, the dataset's identity and bytes, what the
+storage side read, selection rounds, and the proxy that scores the next one."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from nearstore import IOStats, Selection
+
+
+class Source(ABC):
+    """Samples of one dataset, read by id, and its selection rounds.
+
+    url: where it is. identity: `Dataset.identity()` of the dataset. sample_arrays, label_array:
+    its arrays. stats: what this source delivered to this trainer (bytes, requests, samples).
+    """
+
+    url: str
+    identity: dict[str, Any]
+    sample_arrays: tuple[str, ...]
+    label_array: str | None
+    stats: IOStats
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.identity["num_samples"])
+
+    @abstractmethod
+    def read(
+        self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str
+    ) -> dict[str, np.ndarray]:
+        """{array: samples} of `arrays` for `ids` (rows in the order of ids), which round `round`
+        holds (or, round ALL_SAMPLES, any: a full-data warm epoch)."""
+
+    @abstractmethod
+    def stored_bytes(self, arrays: Sequence[str]) -> int:
+        """Bytes of these arrays in storage: what reading every sample of them costs."""
+
+    @abstractmethod
+    def storage_reads(self) -> dict[str, int]:
+        """What the storage side has read for samples so far (bytes, requests, samples): this
+        trainer's reads, or a server's for every trainer it serves."""
+
+    @abstractmethod
+    def selection(self, round: int | None = None) -> Selection | None:
+        """Selection round `round` (None: the current one) where the source holds rounds (a
+        server), raising if it no longer does; None where it holds none (a store)."""
+
+    @abstractmethod
+    def select(
+        self, previous: np.ndarray, round: int, *, keep: float, method: str, options: dict[str, Any], seed: int
+    ) -> Selection:
+        """The round after round `round`, whose ids were `previous`: `method` with `options`, scored
+        by the latest pushed proxy."""
+
+    @abstractmethod
+    def update_proxy(self, model: torch.nn.Module) -> None:
+        """Score the next round with the trainer's model (NeSSA's feedback)."""
+
+    def close(self) -> None:  # noqa: B027 (a store holds nothing to let go of)
+        """Let go of connections."""

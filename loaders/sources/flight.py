@@ -1,0 +1,147 @@
+"""`FlightSource`: the trainer's side of the near-storage server (`nearstore serve`).
+
+Reads samples by id from grpc://host:port/name, reconnecting when the server goes away (or
+failing with a clear error, by option), pushes proxy weights and asks for new selection rounds;
+the wire is `nearstore.serving.protocol`'s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow.flight as flight
+import torch
+
+from loaders.sources.base import Source
+from nearstore import IOStats, ParameterError, Selection
+from nearstore.serving import protocol
+
+OnDisconnect = Literal["reconnect", "raise"]
+T = TypeVar("T")
+log = logging.getLogger("nearstore")
+
+
+class FlightSource(Source):
+    """Samples of one dataset served by a `NearStoreServer`.
+
+    url: grpc://host:port/name.
+    token: the server's shared secret; default the NEARSTORE_TOKEN environment variable.
+    on_disconnect: "reconnect" retries a read whose server went away (with backoff, for up to
+        `reconnect_seconds`), so a restarted server finishes the epoch with no sample lost or
+        repeated; "raise" fails at once with ConnectionError.
+    `stats` counts what was shipped to this trainer: bytes of record batches, requests, samples.
+    A refusal by the server raises the error it raised there (`nearstore.errors`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        on_disconnect: OnDisconnect = "reconnect",
+        reconnect_seconds: float = 30.0,
+    ) -> None:
+        parsed = urlparse(url)
+        name = parsed.path.strip("/")
+        if parsed.scheme != "grpc" or not parsed.hostname or not parsed.port or not name:
+            raise ParameterError(f"a server URL looks like grpc://host:port/dataset, got {url!r}")
+        if on_disconnect not in ("reconnect", "raise"):
+            raise ParameterError(f"on_disconnect must be 'reconnect' or 'raise', got {on_disconnect!r}")
+        self.url, self.name = url, name
+        self.location = f"grpc://{parsed.hostname}:{parsed.port}"
+        self.on_disconnect, self.reconnect_seconds = on_disconnect, reconnect_seconds
+        token = token if token is not None else os.environ.get("NEARSTORE_TOKEN")
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._options = flight.FlightCallOptions(headers=headers)
+        self._client = flight.FlightClient(self.location)
+        self.stats = IOStats()
+        info = self.info()
+        self.identity: dict[str, Any] = info["identity"]
+        self.sample_arrays: tuple[str, ...] = tuple(info["sample_arrays"])
+        self.label_array: str | None = info["label_array"]
+        self._stored_bytes: dict[str, int] = info["stored_bytes"]
+
+    def info(self) -> dict[str, Any]:
+        """The server's dataset, current selection round, proxy version and I/O counts."""
+        return json.loads(self.action("info", b""))
+
+    def read(
+        self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str
+    ) -> dict[str, np.ndarray]:
+        ticket = protocol.ticket(self.name, round, ids, arrays)
+        table = self._call(lambda: self._client.do_get(ticket, options=self._options).read_all())
+        self.stats.add(bytes=table.nbytes, requests=1, samples=table.num_rows)
+        return protocol.from_table(table)
+
+    def stored_bytes(self, arrays: Sequence[str]) -> int:
+        return sum(self._stored_bytes[name] for name in arrays)
+
+    def storage_reads(self) -> dict[str, int]:
+        return self.info()["storage_reads"]
+
+    def selection(self, round: int | None = None) -> Selection:
+        return Selection.from_bytes(self.action("selection", json.dumps({"round": round}).encode()))
+
+    def select(
+        self,
+        previous: np.ndarray | None = None,
+        round: int | None = None,
+        *,
+        keep: float,
+        method: str,
+        options: dict[str, Any] | None = None,
+        seed: int,
+    ) -> Selection:
+        """A new round on the server, after its current one (which holds `previous`)."""
+        request = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
+        info = json.loads(self.action("select", json.dumps(request).encode()))
+        return self.selection(info["round"])
+
+    def update_proxy(self, model: torch.nn.Module) -> None:
+        """Push the model's weights as the server's proxy."""
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+        json.loads(self.action("update_proxy", buffer.getvalue()))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def action(self, kind: str, body: bytes) -> bytes:
+        """The server's answer to action `kind` with `body` (`protocol.ACTIONS`)."""
+        results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=self._options)))
+        return results[0].body.to_pybytes()
+
+    def _call(self, call: Callable[[], T]) -> T:
+        """Run a Flight call; raise the server's refusals as its errors, retry while it is away."""
+        deadline = time.monotonic() + self.reconnect_seconds
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except flight.FlightUnavailableError as e:
+                if self.on_disconnect == "raise" or time.monotonic() > deadline:
+                    raise ConnectionError(f"nearstore server {self.location} is unreachable: {_message(e)}") from e
+                log.warning("nearstore server %s unreachable, retrying in %.2f s", self.location, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+            except flight.FlightUnauthenticatedError as e:
+                raise PermissionError(f"nearstore server {self.location} refused the token: {_message(e)}") from e
+            except flight.FlightServerError as e:
+                refusal = protocol.refused(e)
+                if refusal is None:
+                    raise
+                raise refusal from None
+
+
+def _message(error: Exception) -> str:
+    """A transport error's message without Flight's detail (no refusal of ours: those carry their own)."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    return text.split(". Detail:")[0].split(". gRPC client debug context")[0]

@@ -1,0 +1,78 @@
+"""`StoreSource`: a dataset read straight from its store (a path, s3://, http://, any fsspec URL),
+only the selected samples' byte ranges; its selection rounds run here, in the trainer's process."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from loaders.sources.base import Source
+from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, SelectiveReader, open_dataset
+from nearstore.selection.selectors import next_round
+from nearstore.storage import TRAINING_READS
+
+
+class StoreSource(Source):
+    """Samples of the dataset at `url` (or an opened `Dataset`), read by byte range.
+
+    reads: how the reader merges byte ranges (`Coalescing`; training reads by default).
+    Rounds run in process on the opened dataset, which keeps the labels and shard indexes they read.
+    """
+
+    def __init__(
+        self,
+        url: str | Dataset,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        reads: Coalescing = TRAINING_READS,
+    ) -> None:
+        self.dataset = url if isinstance(url, Dataset) else open_dataset(url, storage_options=storage_options)
+        self.url = self.dataset.url
+        self.identity = self.dataset.identity()
+        self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
+        self.reads = reads
+        self.stats = IOStats()
+        self._readers: dict[tuple[str, ...], SelectiveReader] = {}
+        self._stored: dict[tuple[str, ...], int] = {}
+        self._proxy: ModelProxy | None = None
+
+    def read(
+        self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str
+    ) -> dict[str, np.ndarray]:
+        names = tuple(arrays)
+        if names not in self._readers:  # readers share the dataset's shard indexes and one count
+            self._readers[names] = SelectiveReader(self.dataset, names, reads=self.reads, stats=self.stats)
+        return self._readers[names].read(ids)
+
+    def stored_bytes(self, arrays: Sequence[str]) -> int:
+        names = tuple(arrays)
+        if names not in self._stored:  # a size request per shard object: asked once, the store is read-only
+            self._stored[names] = self.dataset.stored_nbytes(names)
+        return self._stored[names]
+
+    def storage_reads(self) -> dict[str, int]:
+        return self.stats.snapshot().as_dict()
+
+    def selection(self, round: int | None = None) -> Selection | None:
+        return None
+
+    def select(
+        self, previous: np.ndarray, round: int, *, keep: float, method: str, options: dict[str, Any], seed: int
+    ) -> Selection:
+        return next_round(
+            self.dataset,
+            round + 1,
+            keep=keep,
+            method=method,
+            options=options,
+            seed=seed,
+            previous=previous,
+            proxy=self._proxy,
+        )
+
+    def update_proxy(self, model: torch.nn.Module) -> None:
+        self._proxy = ModelProxy(copy.deepcopy(model).cpu())

@@ -1,0 +1,233 @@
+"""The `nearstore` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nearstore import NearstoreError, ParameterError, Selection, open_dataset, write_dataset
+from nearstore.app import converters
+from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector, sage_select
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nearstore", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="generate MNIST-1D, select near storage, train against random and full data"
+    )
+    demo.add_argument("--workdir", default="nearstore-demo", help="where the stores and demo.json go")
+    demo.add_argument("--num-samples", type=int, default=50_000)
+    demo.add_argument("--test-samples", type=int, default=10_000)
+    demo.add_argument("--keep", type=float, default=0.25)
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--batch-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--reselect-every", type=int, default=3, help="epochs between the selected run's rounds (0: select once)"
+    )
+    demo.add_argument(
+        "--server", action="store_true", help="select and ship the selected subset through a server on 127.0.0.1"
+    )
+
+    convert = commands.add_parser("convert", help="write a nearstore dataset from .npy/.npz files or a generator")
+    convert.add_argument("source", help="'mnist1d', 'digits', a .npz archive, or an .npy file of inputs")
+    convert.add_argument("out", help="URL of the new dataset (local path or fsspec URL)")
+    convert.add_argument("--labels", help="with an .npy source: the .npy file of integer labels")
+    convert.add_argument("--x-key", default="x", help="with a .npz source: the inputs' key")
+    convert.add_argument("--y-key", default="y", help="with a .npz source: the labels' key")
+    convert.add_argument("--num-samples", type=int, default=70_000, help="with mnist1d: how many to generate")
+    convert.add_argument("--seed", type=int, default=0, help="with mnist1d: generator seed")
+    convert.add_argument("--shard-samples", type=int, default=1024)
+    convert.add_argument("--overwrite", action="store_true")
+
+    select = commands.add_parser("select", help="run the storage-side scan and save a Selection")
+    select.add_argument("url", help="dataset URL")
+    select.add_argument("out", help="where to save the selection (.npz)")
+    _selector_arguments(select)
+    select.add_argument("--scheduler", help="a dask.distributed scheduler (tcp://host:port) to run the SAGE scan on")
+
+    serve = commands.add_parser(
+        "serve", help="run beside the data: select, then stream the selected samples to trainers (Arrow Flight)"
+    )
+    serve.add_argument("url", help="dataset URL")
+    serve.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 the NEARSTORE_TOKEN variable is required")
+    serve.add_argument("--port", type=int, default=8815)
+    serve.add_argument("--name", help="dataset name in grpc://host:port/NAME (default: the store's name)")
+    serve.add_argument("--selection", help="serve this saved selection as round 0 instead of scanning")
+    _selector_arguments(serve)
+    serve.add_argument("--model", help="module:factory of the trainer's model, to accept its weights as the proxy")
+    serve.add_argument("--state-dir", help="keep rounds and pushed proxy here; a restart on it resumes from them")
+
+    info = commands.add_parser("info", help="describe a dataset or a saved selection")
+    info.add_argument("url")
+
+    args = parser.parse_args(argv)
+    keep_freed_memory()  # selection rounds' forward passes would otherwise fault their memory back in
+    try:
+        commands = {"demo": _demo, "convert": _convert, "select": _select, "serve": _serve, "info": _info}
+        return commands[args.command](args)
+    except (NearstoreError, OSError) as e:  # a refusal, or a file or store that is not there
+        print(f"nearstore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nearstore.app.demo import format_table, run_demo
+
+    results = run_demo(
+        workdir=args.workdir,
+        num_samples=args.num_samples,
+        test_samples=args.test_samples,
+        keep=args.keep,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        reselect_every=args.reselect_every,
+        server=args.server,
+    )
+    print(format_table(results))
+    print(f"wrote {Path(args.workdir) / 'demo.json'}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    source = args.source
+    num_samples = None
+    if source == "mnist1d":
+        batches, num_samples = converters.mnist1d_batches(args.num_samples, seed=args.seed), args.num_samples
+    elif source == "digits":
+        batches = converters.digits_batches()
+    elif source.endswith(".npz"):
+        batches = converters.npz_batches(source, x_key=args.x_key, y_key=args.y_key)
+    elif source.endswith(".npy"):
+        batches = converters.npy_batches(source, args.labels)
+    else:
+        raise ParameterError(f"unknown source {source!r}: expected 'mnist1d', 'digits', a .npz or an .npy path")
+    unlabelled = source.endswith(".npy") and args.labels is None
+    dataset = write_dataset(
+        args.out,
+        batches,
+        label_array=None if unlabelled else "y",
+        num_samples=num_samples,
+        shard_samples=args.shard_samples,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(f"wrote {dataset.num_samples} samples to {args.out}")
+    return 0
+
+
+def _selector_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
+    parser.add_argument("--method", choices=sorted(SELECTORS), default=DEFAULT_METHOD)
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a selector parameter, e.g. ell=16 or class_balanced=false (VALUE read as JSON)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _options(pairs: list[str]) -> dict[str, object]:
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ParameterError(f"--option takes NAME=VALUE, got {pair!r}")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
+def _select(args: argparse.Namespace) -> int:
+    dataset = open_dataset(args.url)
+    options = _options(args.option)
+    if args.scheduler and args.method != "sage":
+        raise ParameterError(f"--scheduler runs the SAGE scan only, not {args.method!r}")
+    selector = make_selector(args.method, **options)  # options checked before any scan
+    if args.scheduler:
+        from distributed import Client
+
+        with Client(args.scheduler) as client:
+            executor = make_executor("dask", client=client)
+            selection = sage_select(dataset, args.keep, seed=args.seed, executor=executor, **options)
+    else:
+        selection = selector.select(dataset, args.keep, seed=args.seed, progress=True)
+    selection.save(args.out)
+    print(
+        f"selected {len(selection)} of {dataset.num_samples} samples ({selection.keep:.1%}); "
+        f"scan read {selection.io['bytes'] / 1e6:.2f} MB in {selection.io['seconds']:.1f} s; saved {args.out}"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nearstore.serving import NearStoreServer
+
+    server = NearStoreServer(
+        open_dataset(args.url),
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        token=os.environ.get("NEARSTORE_TOKEN"),
+        selection=Selection.load(args.selection) if args.selection else None,
+        keep=args.keep,
+        method=args.method,
+        options=_options(args.option),
+        seed=args.seed,
+        model=args.model,
+        state_dir=args.state_dir,
+        progress=True,
+    )
+    current = server.current
+    print(f"serving {server.url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
+    server.serve()
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    if args.url.endswith(".npz"):
+        s = Selection.load(args.url)
+        print(
+            json.dumps(
+                {
+                    "method": s.method,
+                    "selected": len(s),
+                    "keep": s.keep,
+                    "params": s.params,
+                    "round": s.round,
+                    "io": s.io,
+                    "dataset": s.dataset,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    ds = open_dataset(args.url)
+    print(
+        json.dumps(
+            {
+                **ds.identity(),
+                "label_array": ds.label_array,
+                "class_names": list(ds.class_names),
+                "shard_samples": ds.shard_samples,
+                "stored_bytes": ds.stored_nbytes(),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""What `nearstore convert` writes from: batches for `write_dataset` from files and from built-in
+generators, each streamed so that converting a million samples never holds them all in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from nearstore import Dataset, DatasetError, ParameterError, open_dataset, write_dataset
+
+Batches = Iterator[dict[str, np.ndarray]]
+DEFAULT_BATCH = 4096
+
+
+def npy_batches(x_path: str | Path, y_path: str | Path | None = None, *, batch: int = DEFAULT_BATCH) -> Batches:
+    """Batches {"x", "y"} from .npy files, memory-mapped: only one batch is ever in memory."""
+    x = _load(x_path, mmap=True)
+    y = _load(y_path, mmap=True) if y_path is not None else None
+    yield from _sliced(x, y, str(x_path), str(y_path), batch)
+
+
+def npz_batches(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", batch: int = DEFAULT_BATCH) -> Batches:
+    """Batches {"x", "y"} from a .npz archive (each array is decompressed once, whole)."""
+    with _open_npz(path) as archive:
+        for key in (x_key, y_key):
+            if key is not None and key not in archive:
+                raise DatasetError(f"{path}: no array {key!r}; it has {sorted(archive.files)}")
+        y = archive[y_key] if y_key is not None else None
+        yield from _sliced(archive[x_key], y, f"{path}:{x_key}", f"{path}:{y_key}", batch)
+
+
+def mnist1d_batches(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_BATCH) -> Batches:
+    """MNIST-1D (Greydanus 2020) generated locally by the `mnist1d` package, any number of samples.
+
+    Samples are float32 (40,), labels int64, classes balanced within each batch. Batch j is
+    generated from seed (seed, j), so any prefix of a larger dataset is the smaller one.
+    The values are mnist1d's raw signal, not standardised over the whole set (that would need
+    all samples at once); the proxy and the demo model standardise for themselves.
+    """
+    if num_samples < 1:
+        raise ParameterError(f"num_samples must be >= 1, got {num_samples}")
+    from mnist1d.data import get_dataset_args, get_templates, transform
+
+    args, templates = get_dataset_args(), get_templates()
+    for j, start in enumerate(range(0, num_samples, batch)):
+        n = min(batch, num_samples - start)
+        rng = np.random.default_rng([seed, j])
+        labels = rng.permutation(np.arange(start, start + n) % 10).astype(np.int64)
+        # mnist1d draws from numpy's global generator: seed it per batch, then put it back.
+        saved = np.random.get_state()
+        np.random.seed(rng.integers(2**32 - 1))
+        try:
+            x = np.stack([transform(templates["x"][c], templates["t"], args)[0] for c in labels])
+        finally:
+            np.random.set_state(saved)
+        yield {"x": x.astype(np.float32), "y": labels}
+
+
+def digits_batches() -> Batches:
+    """sklearn's 8×8 handwritten digits (1,797 samples, uint8 pixels 0..16), shipped with sklearn."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    yield {"x": digits.images.astype(np.uint8), "y": digits.target.astype(np.int64)}
+
+
+def ensure_mnist1d(url: str, num_samples: int, seed: int) -> Dataset:
+    """Open the MNIST-1D store at `url`, generating it first if it is missing or another size."""
+    try:
+        dataset = open_dataset(url)
+        if dataset.num_samples == num_samples:
+            return dataset
+    except (FileNotFoundError, DatasetError):
+        pass
+    return write_dataset(
+        url, mnist1d_batches(num_samples, seed=seed), num_samples=num_samples, overwrite=True, progress=True
+    )
+
+
+def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch: int) -> Batches:
+    if y is not None and len(y) != len(x):
+        raise DatasetError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}")
+    for start in range(0, len(x), batch):
+        out = {"x": np.asarray(x[start : start + batch])}
+        if y is not None:
+            out["y"] = np.asarray(y[start : start + batch])
+        yield out
+
+
+def _load(path: str | Path, *, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+
+
+def _open_npz(path: str | Path):
+    archive = _load(path, mmap=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path} is not a .npz archive")
+    return archive

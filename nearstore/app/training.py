@@ -1,0 +1,115 @@
+"""The one training loop of the demo and the benches, and the model they train on MNIST-1D."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loaders import StreamingLoader
+
+LEARNING_RATE = 3e-3  # Adam's, for every run of the demo and the benches
+
+# Called before each epoch with its number: runs a selection round if one is due, and says so.
+Rounds = Callable[[int], bool]
+
+
+def mnist1d_cnn(num_classes: int = 10) -> nn.Module:
+    """A small 1D CNN for MNIST-1D (40-step signals); ~20k parameters."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 40)),
+        nn.BatchNorm1d(1),
+        nn.Conv1d(1, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 10, num_classes),
+    )
+
+
+@dataclass
+class Fit:
+    """What `fit` did: seconds of each epoch's training, of each round by the epoch before which
+    it ran, optimizer steps, and the evaluation after each epoch (where asked for)."""
+
+    epoch_seconds: list[float] = field(default_factory=list)
+    round_seconds: dict[int, float] = field(default_factory=dict)
+    steps: int = 0
+    curve: list[float] = field(default_factory=list)
+
+
+def train_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: StreamingLoader, epoch: int, *, weighted: bool = False
+) -> int:
+    """One epoch of `loader` (its epoch `epoch`), cross-entropy averaged over each batch, each
+    sample's loss weighted by its selection weight where `weighted` (the loader yields (x, y, w));
+    returns the optimizer steps taken."""
+    loader.set_epoch(epoch)
+    model.train()
+    steps = 0
+    for x, y, *w in loader:
+        optimizer.zero_grad()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        (losses * w[0] if weighted else losses).mean().backward()
+        optimizer.step()
+        steps += 1
+    return steps
+
+
+def fit(
+    model: nn.Module,
+    loader: StreamingLoader,
+    epochs: int,
+    *,
+    rounds: Rounds | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    weighted: bool = False,
+    desc: str | None = None,
+) -> Fit:
+    """Train `model` with Adam for `epochs` epochs of `loader`; before each, `rounds(epoch)` may run
+    a selection round (timed), after each, `evaluate(model)` may score it (not timed). `desc`: a
+    progress bar's title (None: no bar)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    result = Fit()
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=desc is None):
+        started = time.perf_counter()
+        if rounds is not None and rounds(epoch):
+            result.round_seconds[epoch] = time.perf_counter() - started
+        started = time.perf_counter()
+        result.steps += train_epoch(model, optimizer, loader, epoch, weighted=weighted)
+        result.epoch_seconds.append(time.perf_counter() - started)
+        if evaluate is not None:
+            result.curve.append(evaluate(model))
+    return result
+
+
+def rounds_every(loader: StreamingLoader, model: nn.Module, every: int) -> Rounds:
+    """Rounds for `fit`: every `every` epochs (not before the first), the model in training pushed
+    as the proxy and the loader's default re-selection run (0: never)."""
+
+    def due(epoch: int) -> bool:
+        if not every or not epoch or epoch % every:
+            return False
+        loader.update_proxy(model)
+        loader.reselect()
+        return True
+
+    return due
+
+
+def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Share of (x, y) samples whose label the model ranks first, in eval mode, without gradients."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total

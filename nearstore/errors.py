@@ -1,0 +1,34 @@
+"""nearstore's errors: one small family, each also the builtin it refines, so `except ValueError`
+(or `IndexError`) still catches them, and `except NearstoreError` catches every refusal of ours.
+
+A server sends the class's name with the message (`nearstore.serving.protocol`); its client raises
+the same class again, so an error reads the same in process and across the wire.
+"""
+
+from __future__ import annotations
+
+
+class NearstoreError(Exception):
+    """Something nearstore refuses, with a message that names what is wrong and where."""
+
+
+class ParameterError(NearstoreError, ValueError):
+    """An argument or option out of its domain: `keep must be in (0, 1], got 1.5`."""
+
+
+class DatasetError(NearstoreError, ValueError):
+    """A store, an input file, a selection or a state that is not what it must be: not a nearstore
+    dataset, an array missing, made for another dataset."""
+
+
+class SampleIdError(NearstoreError, IndexError):
+    """Sample ids that name no sample of the dataset, or name one twice where each must be once."""
+
+
+class RequestError(NearstoreError, ValueError):
+    """A request a server refuses: malformed, too large, or for a round it does not hold."""
+
+
+ERRORS: dict[str, type[NearstoreError]] = {
+    cls.__name__: cls for cls in (NearstoreError, ParameterError, DatasetError, SampleIdError, RequestError)
+}

@@ -1,0 +1,43 @@
+"""Selection beside the data (layer 2): proxies, the scan's stages, planning, the selectors, and
+the `Selection` record they return."""
+
+from nearstore.selection.allocator import keep_freed_memory
+from nearstore.selection.executors import DaskExecutor, LocalExecutor, make_executor
+from nearstore.selection.policy import DEFAULT_METHOD, default_reselect
+from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
+from nearstore.selection.record import Selection
+from nearstore.selection.selectors import (
+    SELECTORS,
+    Craig,
+    Crest,
+    Graft,
+    Random,
+    Sage,
+    Selector,
+    make_selector,
+    random_select,
+    sage_select,
+)
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "SELECTORS",
+    "Craig",
+    "Crest",
+    "DaskExecutor",
+    "Graft",
+    "LocalExecutor",
+    "ModelProxy",
+    "Proxy",
+    "Random",
+    "RandomFeatureProxy",
+    "Sage",
+    "Selection",
+    "Selector",
+    "default_reselect",
+    "keep_freed_memory",
+    "make_executor",
+    "make_selector",
+    "random_select",
+    "sage_select",
+]

@@ -1,0 +1,70 @@
+"""Selectors, one module each, registered by name: a new method is a module and a line below."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from nearstore.errors import ParameterError
+from nearstore.selection.proxies import Proxy
+from nearstore.selection.record import Selection
+from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.craig import Craig
+from nearstore.selection.selectors.crest import Crest
+from nearstore.selection.selectors.graft import Graft
+from nearstore.selection.selectors.random import Random, random_select
+from nearstore.selection.selectors.sage import Sage, sage_select
+from nearstore.storage import Dataset
+
+SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
+
+
+def make_selector(method: str, **options: Any) -> Selector:
+    """The selector named `method` with its options, checked now (before any scan), e.g.
+    make_selector("craig", window=512)."""
+    if method not in SELECTORS:
+        raise ParameterError(f"method must be one of {sorted(SELECTORS)}, got {method!r}")
+    try:
+        return SELECTORS[method](**options)
+    except TypeError as e:  # an option the method does not have
+        raise ParameterError(f"bad options for {method!r}: {e}") from e
+
+
+def next_round(
+    dataset: Dataset,
+    number: int,
+    *,
+    keep: float,
+    method: str,
+    options: dict[str, Any],
+    seed: int,
+    previous: np.ndarray | None = None,
+    proxy: Proxy | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Selection:
+    """Selection round `number`, run by `method` with `options` and `proxy`; the selector is handed
+    the ids of the round it replaces, `previous`."""
+    selector = make_selector(method, **options)
+    selection = selector.select(
+        dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, previous=previous
+    )
+    return replace(selection, round=number)
+
+
+__all__ = [
+    "SELECTORS",
+    "Craig",
+    "Crest",
+    "Graft",
+    "Random",
+    "Sage",
+    "Selector",
+    "make_selector",
+    "next_round",
+    "random_select",
+    "sage_select",
+]

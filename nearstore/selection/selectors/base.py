@@ -1,0 +1,58 @@
+"""`Selector`: a selection method with its parameters, checked when it is made, and one call that
+runs it beside the data and returns a `Selection`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from nearstore.errors import ParameterError
+from nearstore.selection.proxies import Proxy
+from nearstore.selection.record import Selection
+from nearstore.storage import Dataset
+
+
+class Selector(ABC):
+    """A selection method with its parameters (a frozen dataclass, options checked on
+    construction); `select` runs it over a dataset."""
+
+    method: ClassVar[str]
+
+    @abstractmethod
+    def select(
+        self,
+        dataset: Dataset,
+        keep: float,
+        *,
+        proxy: Proxy | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+        previous: np.ndarray | None = None,
+    ) -> Selection:
+        """Select about round(keep · N) samples of `dataset`.
+
+        proxy: what embeds samples (the trainer's model as a `ModelProxy`, for re-selection);
+            default a RandomFeatureProxy fitted on warm-up shards.
+        previous: the ids of the round this one replaces, if any. GRAFT on a pool puts them in
+            its pool (`pool_previous`); the other selectors do not use them.
+        """
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_window(window: int | None, name: str = "window") -> None:
+    """A window holds at least two samples (None: the method's default)."""
+    if window is not None and window < 2:
+        raise ParameterError(f"{name} must be >= 2, got {window}")
+
+
+def check_pool(pool: float | None) -> None:
+    """A pool is at least the budget (None: no pool)."""
+    if pool is not None and not pool >= 1:
+        raise ParameterError(f"pool must be >= 1 (a multiple of the budget), got {pool}")

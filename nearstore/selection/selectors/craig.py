@@ -1,0 +1,46 @@
+"""CRAIG: per window of one class's samples, the facility-location medoids of their gradients,
+weighted by cluster size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from nearstore.selection.record import Selection
+from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.windows import Pick, Window, medoids, windowed_select
+
+
+@dataclass(frozen=True)
+class Craig(Selector):
+    """CRAIG: per window of one class's samples, the k medoids of their gradient embeddings by
+    facility location (lazy greedy), each weighted by the size of its cluster.
+
+    Weights are cluster sizes × k / w, so they average 1: a weighted loss keeps its scale, and the
+    weighted subset's gradient approximates the window's full gradient.
+    """
+
+    method: ClassVar[str] = "craig"
+    window: int = 1024
+
+    def __post_init__(self) -> None:
+        check_window(self.window)
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+        return windowed_select(
+            self.method,
+            self.params(),
+            dataset,
+            keep,
+            self._pick,
+            window=self.window,
+            proxy=proxy,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+
+    def _pick(self, windows: list[Window]) -> list[Pick]:
+        return [(*medoids(embeddings, k), np.full(k, np.nan, dtype=np.float32)) for (embeddings,), k in windows]

@@ -1,0 +1,39 @@
+"""Random subsets, uniform or per class: the baseline every method must beat."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+from nearstore.selection.plan import check_keep, class_balanced_draw, uniform_draw
+from nearstore.selection.record import Selection
+from nearstore.selection.selectors.base import Selector
+from nearstore.selection.stages import scan_io
+from nearstore.storage import Dataset, read_labels
+
+
+def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balanced: bool = False) -> Selection:
+    """A uniformly random round(keep · N) samples (per class when class_balanced): the baseline."""
+    check_keep(keep)
+    started = time.perf_counter()
+    if not class_balanced:
+        ids = uniform_draw(dataset.num_samples, keep, seed)
+        io = {"bytes": 0, "requests": 0, "seconds": time.perf_counter() - started, "passes": 0}
+    else:
+        labels, reader = read_labels(dataset, "class-balanced selection")
+        ids = class_balanced_draw(labels, keep, seed)
+        io = scan_io(started, [reader])
+    params = {"keep": keep, "seed": seed, "class_balanced": class_balanced}
+    return Selection.of(dataset, ids, method="random", params=params, io=io)
+
+
+@dataclass(frozen=True)
+class Random(Selector):
+    """Uniformly random samples (per class when class_balanced): the baseline to beat."""
+
+    method: ClassVar[str] = "random"
+    class_balanced: bool = False
+
+    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+        return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)

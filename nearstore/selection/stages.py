@@ -1,0 +1,213 @@
+"""The scan's stages, each a generator over batches, that compose: read shards (or pooled ids) →
+join them into larger batches → the proxy's gradient embeddings per class. `Scan` holds what
+every streaming selection starts from: a reader of the input and label arrays and a fitted proxy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nearstore.errors import DatasetError
+from nearstore.selection.proxies import Proxy, RandomFeatureProxy
+from nearstore.storage import POOL_READS, Coalescing, Dataset, SelectiveReader
+
+Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
+# (ids, {group: rows}, gradient embeddings, or their two factors where asked for)
+Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+# The default proxy is fitted on random whole shards holding at least this many samples.
+WARMUP_SAMPLES = 4096
+# Pooled samples are read and embedded this many at a time.
+POOL_CHUNK_SAMPLES = 4096
+
+
+@dataclass
+class Scan:
+    """A reader of the input and label arrays and a fitted proxy, with the warm-up shards it was
+    fitted on (not to be read again)."""
+
+    reader: SelectiveReader
+    proxy: Proxy
+    input_array: str
+    labels: str
+    warm: dict[int, dict[str, np.ndarray]]
+
+    @classmethod
+    def open(
+        cls,
+        dataset: Dataset,
+        who: str,
+        proxy: Proxy | None,
+        seed: int,
+        device: torch.device | str,
+        input_array: str | None = None,
+        warmup_samples: int = WARMUP_SAMPLES,
+    ) -> Scan:
+        """The scan `who` (a method's name, for errors) runs: with `proxy`, or by default a
+        RandomFeatureProxy fitted on `warmup_samples` samples of random whole shards."""
+        labels = dataset.required_labels(f"{who} scores per-example gradients, which")
+        input_array = input_array or dataset.input_array
+        reader = SelectiveReader(dataset, [input_array, labels])
+        warm: dict[int, dict[str, np.ndarray]] = {}
+        if proxy is None:
+            proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
+        else:
+            check_proxy(dataset, proxy)
+        return cls(reader, proxy, input_array, labels, warm)
+
+    def embeddings(
+        self,
+        progress: bool,
+        desc: str,
+        class_balanced: bool = True,
+        shards: Iterable[int] | None = None,
+        factored: bool = False,
+        batch_samples: int = 0,
+    ) -> Iterator[Embedded]:
+        """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings), or the
+        embeddings' two factors (Proxy.gradient_factors) with `factored`; consecutive shards
+        embedded together up to `batch_samples` (0: one shard at a time)."""
+        batches = shard_batches(self.reader, self.warm, progress, desc, shards)
+        if batch_samples:
+            batches = rebatch(batches, batch_samples)
+        return embed(batches, self.proxy, self.input_array, self.labels, class_balanced, factored)
+
+    def pooled(
+        self,
+        labels: np.ndarray,
+        pools: dict[int, np.ndarray],
+        progress: bool,
+        desc: str,
+        reads: Coalescing = POOL_READS,
+        factored: bool = False,
+    ) -> tuple[SelectiveReader, Iterator[Embedded]]:
+        """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
+        dataset = self.reader.dataset
+        reader, batches = pool_batches(dataset, self.input_array, self.labels, labels, pools, progress, desc, reads)
+        return reader, embed(batches, self.proxy, self.input_array, self.labels, True, factored)
+
+
+def shard_batches(
+    reader: SelectiveReader,
+    warm: dict[int, dict[str, np.ndarray]],
+    progress: bool,
+    desc: str,
+    shards: Iterable[int] | None = None,
+) -> Iterator[Batch]:
+    """Stage 1: every shard (or those given) once, in order; shards in `warm` are not read again."""
+    shards = list(range(reader.num_shards) if shards is None else shards)
+    for shard in tqdm(shards, desc=desc, unit="shard", disable=not progress):
+        r = reader.shard_range(shard)
+        yield np.arange(r.start, r.stop), warm.pop(shard, None) or reader.read_shard(shard)
+
+
+def pool_batches(
+    dataset: Dataset,
+    input_array: str,
+    label_array: str,
+    labels: np.ndarray,
+    pools: dict[int, np.ndarray],
+    progress: bool,
+    desc: str,
+    reads: Coalescing = POOL_READS,
+) -> tuple[SelectiveReader, Iterator[Batch]]:
+    """Stage 1 for pools: the reader of the pooled inputs (coalescing as `reads`), and every pooled
+    sample, in id order, in chunks of POOL_CHUNK_SAMPLES: inputs read, labels taken from `labels`."""
+    reader = SelectiveReader(dataset, [input_array], reads=reads)
+    ids = np.sort(np.concatenate(list(pools.values())))
+
+    def batches() -> Iterator[Batch]:
+        chunks = range(0, len(ids), POOL_CHUNK_SAMPLES)
+        for start in tqdm(chunks, desc=desc, unit="chunk", disable=not progress):
+            chunk = ids[start : start + POOL_CHUNK_SAMPLES]
+            yield chunk, {input_array: reader.read(chunk)[input_array], label_array: labels[chunk]}
+
+    return reader, batches()
+
+
+def rebatch(batches: Iterable[Batch], samples: int) -> Iterator[Batch]:
+    """Consecutive batches joined until each holds at least `samples` (the last may hold fewer):
+    fewer, larger calls for the stages after."""
+    held: list[Batch] = []
+    for batch in batches:
+        held.append(batch)
+        if sum(len(ids) for ids, _ in held) >= samples:
+            yield _join(held)
+            held = []
+    if held:
+        yield _join(held)
+
+
+def _join(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    ids = np.concatenate([ids for ids, _ in batches])
+    return ids, {name: np.concatenate([b[name] for _, b in batches]) for name in batches[0][1]}
+
+
+def embed(
+    batches: Iterable[Batch], proxy: Proxy, input_array: str, labels: str, class_balanced: bool, factored: bool = False
+) -> Iterator[Embedded]:
+    """Stage 2: gradient embeddings of a batch, with the rows of each group (class, or all)."""
+    for ids, batch in batches:
+        x, y = batch[input_array], batch[labels]
+        check_finite(x, ids, input_array)
+        embeddings = proxy.gradient_factors(x, y) if factored else proxy.embed(x, y)
+        if class_balanced:
+            groups = {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
+        else:
+            groups = {0: np.arange(len(ids))}
+        yield ids, groups, embeddings
+
+
+def _fit_default_proxy(
+    reader: SelectiveReader, input_array: str, labels: str, warmup_samples: int, seed: int, device: torch.device | str
+) -> tuple[RandomFeatureProxy, dict[int, dict[str, np.ndarray]]]:
+    """Fit a RandomFeatureProxy on random whole shards; return them so pass 1 need not re-read."""
+    dataset = reader.dataset
+    order = np.random.default_rng(seed).permutation(reader.num_shards)
+    warm: dict[int, dict[str, np.ndarray]] = {}
+    taken = 0
+    for shard in order:
+        if taken >= warmup_samples:
+            break
+        r = reader.shard_range(int(shard))
+        warm[int(shard)] = batch = reader.read_shard(int(shard))
+        check_finite(batch[input_array], np.arange(r.start, r.stop), input_array)
+        taken += len(r)
+    x = np.concatenate([b[input_array] for b in warm.values()])
+    y = np.concatenate([b[labels] for b in warm.values()])
+    num_classes = max(dataset.num_classes, int(y.max()) + 1)
+    return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
+
+
+def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
+    """Refuse, naming the first, samples whose floats hold NaN or inf: no proxy can score them."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise DatasetError(
+            f"sample {int(ids[bad][0])} of array {name!r} contains NaN or inf; the proxy cannot score it"
+        )
+
+
+def check_proxy(dataset: Dataset, proxy: Proxy) -> None:
+    """Refuse a proxy that scores fewer classes than the dataset has."""
+    if dataset.num_classes and proxy.num_classes < dataset.num_classes:
+        raise DatasetError(f"the proxy scores {proxy.num_classes} classes, {dataset.url!r} has {dataset.num_classes}")
+
+
+def scan_io(started: float, readers: list[SelectiveReader], passes: int = 1) -> dict[str, float | int]:
+    """What a selection read, over all its readers, and how long it took."""
+    stats = [r.stats.snapshot() for r in readers]
+    return {
+        "bytes": sum(s.bytes for s in stats),
+        "requests": sum(s.requests for s in stats),
+        "seconds": time.perf_counter() - started,
+        "passes": passes,
+    }

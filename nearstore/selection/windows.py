@@ -1,0 +1,170 @@
+"""Windowed selection (GRAFT, CRAIG; CREST's coresets): each class's samples, in id order, cut
+into windows (`plan.window_bounds`), each window keeping its share of the class's budget
+(`plan.share`) by a method's rule. Memory is one window per class and a batch of windows to
+decide, whatever the number of samples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from kernels import facility_location
+from nearstore.selection.plan import check_keep, class_pools, share, window_bounds
+from nearstore.selection.proxies import Proxy
+from nearstore.selection.record import Selection
+from nearstore.selection.stages import Scan, scan_io
+from nearstore.storage import POOL_READS, Coalescing, Dataset, read_labels
+
+# A window to decide: its samples' embeddings (or their two factors), and how many to keep.
+Window = tuple[tuple[torch.Tensor, ...], int]
+# A window's choice: rows of the window, their weights and scores.
+Pick = tuple[np.ndarray, np.ndarray, np.ndarray]
+Picker = Callable[[list[Window]], list[Pick]]
+# Shards are embedded together up to this many samples: fewer, larger proxy calls.
+EMBED_BATCH_SAMPLES = 8192
+
+
+class ClassWindows:
+    """Cuts each class's stream of samples into windows of `window` (`window_bounds`: the last one
+    1 to `window` long, so a full window waits for the class's next sample), and gives each its
+    budget: the class keeps rate(class) = (total, of), `total` of every `of` of its samples, in
+    `share`s of the running totals; a class whose budget rounds to zero keeps one sample."""
+
+    def __init__(self, window: int, rate: Callable[[int], tuple[float, int]]) -> None:
+        self.window, self.rate = window, rate
+        self._pending: dict[int, tuple[np.ndarray, tuple[torch.Tensor, ...]]] = {}
+        self._seen: dict[int, int] = {}
+        self._kept: dict[int, int] = {}
+
+    def add(self, group: int, ids: np.ndarray, parts: tuple[torch.Tensor, ...]) -> Iterator[tuple[np.ndarray, Window]]:
+        """The class's windows that these samples complete: (ids, (parts, budget)) each."""
+        if group in self._pending:  # one copy per class and batch; the windows below are views
+            before_ids, before_parts = self._pending[group]
+            ids = np.concatenate([before_ids, ids])
+            parts = tuple(torch.cat(pair) for pair in zip(before_parts, parts))
+        end = (len(ids) - 1) // self.window * self.window
+        for start in range(0, end, self.window):
+            stop = start + self.window
+            yield self._cut(group, ids[start:stop], tuple(p[start:stop] for p in parts), last=False)
+        self._pending[group] = ids[end:], tuple(p[end:] for p in parts)
+
+    def finish(self) -> Iterator[tuple[np.ndarray, Window]]:
+        """Each class's last window."""
+        for group, (ids, parts) in self._pending.items():
+            yield self._cut(group, ids, parts, last=True)
+        self._pending.clear()
+
+    def _cut(
+        self, group: int, ids: np.ndarray, parts: tuple[torch.Tensor, ...], last: bool
+    ) -> tuple[np.ndarray, Window]:
+        before = self._seen.get(group, 0)
+        k = share(*self.rate(group), before, before + len(ids))
+        if last and not self._kept.get(group) and not k:
+            k = 1  # a class too small for its budget keeps one sample rather than vanish
+        self._seen[group] = before + len(ids)
+        self._kept[group] = self._kept.get(group, 0) + k
+        return ids, (parts, k)
+
+
+def windowed_select(
+    method: str,
+    params: dict[str, Any],
+    dataset: Dataset,
+    keep: float,
+    pick: Picker,
+    *,
+    window: int,
+    proxy: Proxy | None,
+    seed: int,
+    device: torch.device | str,
+    progress: bool,
+    pool: float | None = None,
+    previous: np.ndarray | None = None,
+    pool_reads: Coalescing = POOL_READS,
+    factored: bool = False,
+    at_once: int = 1,
+) -> Selection:
+    """Stream gradient embeddings once (their two factors with `factored`); per class, cut them
+    into windows (`ClassWindows`) and keep what `pick` chooses of each, deciding `at_once` windows
+    together. A class keeps round(keep · n_c) samples in all (at least one). With `pool`, only a
+    pool of pool × its budget per class is read (coalescing as `pool_reads`) and windowed: the
+    `previous` ids of the class, the rest drawn at random (`plan.class_pools`)."""
+    check_keep(keep)
+    started = time.perf_counter()
+    scan = Scan.open(dataset, method, proxy, seed, device)
+    readers = [scan.reader]
+    if pool is None:
+        stream = scan.embeddings(progress, f"{method} pass 1/1", factored=factored, batch_samples=EMBED_BATCH_SAMPLES)
+        windows = ClassWindows(window, lambda group: (keep, 1))
+    else:
+        labels, labels_reader = read_labels(dataset, "a class-balanced pool")
+        budgets, pools = class_pools(labels, keep, pool, seed, previous=previous, where=repr(dataset.url))
+        inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, factored)
+        readers += [labels_reader, inputs]
+        windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))
+    ready: list[tuple[np.ndarray, Window]] = []
+    chosen: list[Pick] = []
+
+    def route(ids: np.ndarray, window: Window) -> None:
+        if window[1] >= len(ids):  # the window keeps every sample: nothing to decide
+            chosen.append((ids, np.ones(len(ids), dtype=np.float32), np.full(len(ids), np.nan, dtype=np.float32)))
+        elif window[1]:
+            ready.append((ids, window))
+
+    def decide() -> None:
+        for (ids, _), (rows, weights, scores) in zip(ready, pick([w for _, w in ready])):
+            chosen.append((ids[rows], weights, scores))
+        ready.clear()
+
+    for ids, groups, embeddings in stream:
+        parts = embeddings if factored else (embeddings,)
+        for group, rows in groups.items():
+            for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
+                route(*cut)
+                if len(ready) >= at_once:
+                    decide()
+    for cut in windows.finish():
+        route(*cut)
+    if ready:
+        decide()
+
+    return Selection.of(
+        dataset,
+        np.concatenate([c[0] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64),
+        weights=np.concatenate([c[1] for c in chosen]) if chosen else None,
+        scores=np.concatenate([c[2] for c in chosen]) if chosen else None,
+        method=method,
+        params={
+            "keep": keep,
+            "seed": seed,
+            "proxy": type(scan.proxy).__name__,
+            "previous": None if previous is None else len(previous),
+            **params,
+            "window": window,
+        },
+        io=scan_io(started, readers),
+    )
+
+
+def coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """k facility-location medoids of points (n, d) held in memory, per window of at most `window`
+    of them (`window_bounds`) with budgets that add up to k (`share`), and their weights, cluster
+    sizes × k_w / n_w (mean 1 per window)."""
+    rows, weights = [], []
+    for start, end in window_bounds(len(points), window):
+        budget = share(k, len(points), start, end)
+        if budget:
+            found, weight = medoids(points[start:end], budget)
+            rows.append(start + found)
+            weights.append(weight)
+    return np.concatenate(rows), np.concatenate(weights)
+
+
+def medoids(points: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """CRAIG's k facility-location medoids of points and their weights, cluster sizes × k / n (mean 1)."""
+    rows, sizes = facility_location(points, k)
+    return rows.cpu().numpy(), (sizes.double() * k / len(points)).float().cpu().numpy()

@@ -1,0 +1,19 @@
+"""Storage: the dataset format, its writer, and reading samples by id (layer 1)."""
+
+from nearstore.storage.dataset import Dataset, open_dataset
+from nearstore.storage.iostats import IOStats
+from nearstore.storage.ranges import POOL_READS, TRAINING_READS, Coalescing
+from nearstore.storage.reader import SelectiveReader, read_labels
+from nearstore.storage.writer import write_dataset
+
+__all__ = [
+    "POOL_READS",
+    "TRAINING_READS",
+    "Coalescing",
+    "Dataset",
+    "IOStats",
+    "SelectiveReader",
+    "open_dataset",
+    "read_labels",
+    "write_dataset",
+]

@@ -1,0 +1,188 @@
+"""The nearstore dataset format, opened read-only: a sharded Zarr v3 group, one inner chunk per sample.
+
+Layout (any zarr/xarray/dask user can open it)::
+
+    ds.zarr/
+      zarr.json            group attributes: {"nearstore": {format_version, num_samples,
+                           sample_arrays, label_array, class_names}}
+      x/                   (N, ...) any fixed-size dtype; shards of `shard_samples` samples,
+                           inner chunks of one sample, so one sample is one byte range
+      y/                   (N,) integer labels
+
+The attributes are written last (`nearstore.storage.writer`): a store whose writer died half-way
+has none and is refused by `open_dataset`, so a partial store is never mistaken for a whole one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+import zarr.errors
+
+from nearstore.errors import DatasetError, SampleIdError
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "nearstore"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A nearstore dataset opened read-only from a URL (local path, s3://, http://, ...)."""
+
+    url: str
+    storage_options: dict[str, Any]
+    group: zarr.Group
+    num_samples: int
+    sample_arrays: tuple[str, ...]
+    label_array: str | None
+    class_names: tuple[str, ...]
+    format_version: int
+    arrays: dict[str, zarr.Array] = field(repr=False)
+    # What readers learn of the store, which is read-only, kept for every later reader of this
+    # opened dataset: shard indexes and all labels (nearstore.storage.reader).
+    # Re-selection rounds then re-read neither.
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _kept(self, key: Any, make: Callable[[], Any]) -> Any:
+        """What readers learn of this read-only store under `key`: made by `make` once, then kept."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def labels(self) -> zarr.Array:
+        """The label array; a DatasetError if the dataset has none."""
+        if self.label_array is None:
+            raise DatasetError(f"dataset {self.url} has no label array")
+        return self.arrays[self.label_array]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shard_samples(self) -> int:
+        """Samples per shard of the first sample array: the unit the scan streams."""
+        return self.arrays[self.sample_arrays[0]].shards[0]
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_samples)
+
+    def required_labels(self, who: str) -> str:
+        """The label array's name; a DatasetError saying that `who` needs labels if there are none."""
+        if self.label_array is None:
+            raise DatasetError(f"{who} needs labels, and {self.url!r} has no label array")
+        return self.label_array
+
+    @property
+    def input_array(self) -> str:
+        """The first sample array other than the labels: what a model takes by default."""
+        inputs = [n for n in self.sample_arrays if n != self.label_array]
+        if not inputs:
+            raise DatasetError(f"{self.url!r} has no input array besides the labels")
+        return inputs[0]
+
+    def identity(self) -> dict[str, Any]:
+        """What a `Selection` records to refuse being applied to another dataset."""
+        return {
+            "url": self.url,
+            "format_version": self.format_version,
+            "num_samples": self.num_samples,
+            "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.arrays.items()},
+        }
+
+    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem of the URL, and the store's root path in it."""
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs, root.rstrip("/")
+
+    def shard_path(self, name: str, shard: int, root: str | None = None) -> str:
+        """Path of shard `shard` of array `name` in the filesystem (root: from `filesystem()`)."""
+        array = self.arrays[name]
+        key = array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))
+        return f"{self.filesystem()[1] if root is None else root}/{array.path}/{key}"
+
+    def stored_nbytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes of the named arrays' shards (default: all arrays) in storage, metadata excluded:
+        what reading every sample costs. Asks the size of each shard object (no listing needed)."""
+        fs, root = self.filesystem()
+        paths = [
+            self.shard_path(name, shard, root)
+            for name in (names or self.arrays)
+            for shard in range(math.ceil(self.num_samples / self.arrays[name].shards[0]))
+        ]
+        return sum(_size_or_zero(fs, path) for path in paths)
+
+
+def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A `Dataset.identity()` without its URL: what must match for ids to name the same samples."""
+    return {k: v for k, v in identity.items() if k != "url"}
+
+
+def check_ids(ids: np.ndarray, num_samples: int, where: str, *, what: str = "sample id") -> None:
+    """Raise SampleIdError naming the first of `ids` outside [0, num_samples), and `where` it came from."""
+    bad = ids[(ids < 0) | (ids >= num_samples)]
+    if bad.size:
+        more = f" ({bad.size} ids out of range)" if bad.size > 1 else ""
+        raise SampleIdError(f"{what} {int(bad[0])} out of range [0, {num_samples}) in {where}{more}")
+
+
+def _size_or_zero(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    try:
+        return fs.size(path)
+    except FileNotFoundError:  # zarr writes no object for a shard of fill values only
+        return 0
+
+
+def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Dataset:
+    """Open a nearstore dataset read-only; errors name the URL and what is missing."""
+    storage_options = dict(storage_options or {})
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
+        raise FileNotFoundError(f"no zarr group at {url!r}: {e}") from e
+    except Exception as e:  # the storage backend's own errors (unreachable endpoint, bad credentials)
+        raise OSError(f"cannot open {url!r}: {type(e).__name__}: {e}") from e
+    attrs = group.attrs.get(ATTRS_KEY)
+    if not isinstance(attrs, Mapping):
+        raise DatasetError(
+            f"{url!r} is a zarr group but not a nearstore dataset (no {ATTRS_KEY!r} attributes; "
+            "an interrupted write leaves none); write it with nearstore.write_dataset or `nearstore convert`"
+        )
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{url!r} has format_version {version!r}; this nearstore reads {FORMAT_VERSION}")
+    names = tuple(attrs["sample_arrays"])
+    label_array = attrs.get("label_array")
+    num_samples = int(attrs["num_samples"])
+    arrays: dict[str, zarr.Array] = {}
+    for name in names:
+        try:
+            array = group[name]
+        except KeyError:
+            raise DatasetError(f"{url!r}: sample array {name!r} is listed in the attributes but missing") from None
+        if not isinstance(array, zarr.Array):
+            raise DatasetError(f"{url!r}: {name!r} is a group, expected an array")
+        if array.shape[0] != num_samples:
+            raise DatasetError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
+        arrays[name] = array
+    if label_array is not None and label_array not in arrays:
+        raise DatasetError(f"{url!r}: label array {label_array!r} is not among the sample arrays {names}")
+    return Dataset(
+        url=url,
+        storage_options=storage_options,
+        group=group,
+        num_samples=num_samples,
+        sample_arrays=names,
+        label_array=label_array,
+        class_names=tuple(attrs.get("class_names") or ()),
+        format_version=version,
+        arrays=arrays,
+    )

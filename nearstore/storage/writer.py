@@ -1,0 +1,171 @@
+"""Writing a nearstore dataset: batches streamed into shards, one shard in memory at a time.
+
+Every array is written with the sharding codec, `shard_samples` samples a shard and one sample an
+inner chunk, so one sample is one byte range; the group attributes go last (`open_dataset`
+refuses a store without them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+import numcodecs
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+from zarr.codecs import ZstdCodec
+
+from nearstore.errors import DatasetError, ParameterError
+from nearstore.storage.dataset import ATTRS_KEY, FORMAT_VERSION, Dataset, open_dataset
+
+DEFAULT_SHARD_SAMPLES = 1024
+# zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
+_MIN_COMPRESSION_SAVING = 0.1
+
+
+def write_dataset(
+    url: str,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    label_array: str | None = "y",
+    class_names: Iterable[str] | None = None,
+    num_samples: int | None = None,
+    shard_samples: int = DEFAULT_SHARD_SAMPLES,
+    zstd_level: int = 3,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Dataset:
+    """Stream batches of samples into a new dataset at `url`; memory is one shard, not the data.
+
+    batches: an iterable of {array name: array of shape (n, ...)}, every batch with the same
+        names, per-sample shapes and dtypes; n may differ from batch to batch.
+    label_array: name of the integer label array among the batches (None: unlabelled).
+    class_names: default "0".."C-1" from the largest label seen.
+    num_samples: expected total, only for the progress bar and a final check.
+    """
+    if shard_samples < 1:
+        raise ParameterError(f"shard_samples must be >= 1, got {shard_samples}")
+    storage_options = dict(storage_options or {})
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    if fs.exists(root) and not overwrite:
+        raise FileExistsError(f"{url!r} already exists; pass overwrite=True to replace it")
+    group = zarr.open_group(url, mode="w", storage_options=storage_options or None)
+
+    writer = _ShardWriter(group, shard_samples, zstd_level, label_array)
+    with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar:
+        for batch in batches:
+            writer.append(batch)
+            bar.update(len(next(iter(batch.values()))))
+    writer.close()
+
+    if writer.num_samples == 0:
+        raise DatasetError(f"no samples were given to write to {url!r}")
+    if num_samples is not None and writer.num_samples != num_samples:
+        raise DatasetError(f"expected {num_samples} samples for {url!r}, got {writer.num_samples}")
+    if label_array is not None and class_names is None:
+        class_names = [str(c) for c in range(writer.max_label + 1)]
+    group.attrs[ATTRS_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "num_samples": writer.num_samples,
+        "sample_arrays": list(writer.names),
+        "label_array": label_array,
+        "class_names": list(class_names or ()),
+    }
+    return open_dataset(url, storage_options=storage_options)
+
+
+def _zstd_saves(samples: np.ndarray, level: int) -> bool:
+    """Whether zstd, applied to each sample alone as the inner chunks store them, saves enough."""
+    codec = numcodecs.Zstd(level=level)
+    packed = sum(len(codec.encode(np.ascontiguousarray(sample))) for sample in samples)
+    return packed < (1 - _MIN_COMPRESSION_SAVING) * samples.nbytes
+
+
+class _ShardWriter:
+    """Buffers samples until a whole shard is ready, so zarr writes every shard exactly once."""
+
+    def __init__(self, group: zarr.Group, shard_samples: int, zstd_level: int, label_array: str | None):
+        self.group, self.shard_samples, self.zstd_level = group, shard_samples, zstd_level
+        self.label_array = label_array
+        self.names: tuple[str, ...] = ()
+        self.arrays: dict[str, zarr.Array] = {}
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.num_pending = 0
+        self.num_samples = 0
+        self.max_label = -1
+
+    def append(self, batch: Mapping[str, np.ndarray]) -> None:
+        batch = {name: np.asarray(v) for name, v in batch.items()}
+        if not self.names:
+            self._create(batch)
+        self._check(batch)
+        for name, values in batch.items():
+            self.pending[name].append(values)
+        self.num_pending += len(batch[self.names[0]])
+        while self.num_pending >= self.shard_samples:
+            self._flush(self.shard_samples)
+
+    def close(self) -> None:
+        if self.num_pending:
+            self._flush(self.num_pending)
+
+    def _create(self, batch: Mapping[str, np.ndarray]) -> None:
+        if not batch:
+            raise DatasetError("a batch must hold at least one array")
+        if self.label_array is not None and self.label_array not in batch:
+            raise DatasetError(f"label array {self.label_array!r} is not among the arrays {sorted(batch)}")
+        self.names = tuple(batch)
+        for name, values in batch.items():
+            if values.ndim == 0:
+                raise DatasetError(f"array {name!r} needs a sample axis, got a scalar")
+            if values.dtype == object:
+                raise DatasetError(f"array {name!r} has dtype object; only fixed-size dtypes are supported")
+            sample_shape = values.shape[1:]
+            compress = _zstd_saves(values[:64], self.zstd_level)
+            self.arrays[name] = self.group.create_array(
+                name,
+                shape=(0, *sample_shape),
+                dtype=values.dtype,
+                chunks=(1, *sample_shape),
+                shards=(self.shard_samples, *sample_shape),
+                compressors=ZstdCodec(level=self.zstd_level) if compress else None,
+                fill_value=0,
+            )
+            self.pending[name] = []
+
+    def _check(self, batch: Mapping[str, np.ndarray]) -> None:
+        if tuple(batch) != self.names:
+            raise DatasetError(f"batch arrays {tuple(batch)} differ from the first batch's {self.names}")
+        lengths = {name: len(v) for name, v in batch.items()}
+        if len(set(lengths.values())) != 1:
+            raise DatasetError(f"arrays in one batch must have the same number of samples, got {lengths}")
+        for name, values in batch.items():
+            array = self.arrays[name]
+            if values.shape[1:] != array.shape[1:] or values.dtype != array.dtype:
+                raise DatasetError(
+                    f"array {name!r}: batch has samples of shape {values.shape[1:]} {values.dtype}, "
+                    f"the dataset has {array.shape[1:]} {array.dtype}"
+                )
+        if self.label_array is not None:
+            labels = batch[self.label_array]
+            if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+                raise DatasetError(
+                    f"label array {self.label_array!r} must be 1-D integers, got {labels.dtype} {labels.shape}"
+                )
+            if len(labels) and labels.min() < 0:
+                raise DatasetError(f"label array {self.label_array!r} has a negative label {labels.min()}")
+            if len(labels):
+                self.max_label = max(self.max_label, int(labels.max()))
+
+    def _flush(self, n: int) -> None:
+        start, stop = self.num_samples, self.num_samples + n
+        for name, array in self.arrays.items():
+            values = np.concatenate(self.pending[name])
+            array.resize((stop, *array.shape[1:]))
+            array[start:stop] = values[:n]
+            self.pending[name] = [values[n:]]
+        self.num_pending -= n
+        self.num_samples = stop

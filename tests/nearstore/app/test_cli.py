@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nearstore import Selection, open_dataset
+from nearstore.app.cli import main
+
+
+def test_convert_select_and_info_on_digits(tmp_path, capsys, fingerprint):
+    store = str(tmp_path / "digits.zarr")
+    assert main(["convert", "digits", store, "--shard-samples", "256"]) == 0
+    dataset = open_dataset(store)
+    assert dataset.num_samples == 1797 and dataset.arrays["x"].shape == (1797, 8, 8)
+    assert dataset.class_names == tuple(str(c) for c in range(10))
+
+    before = fingerprint(store)
+    out = str(tmp_path / "sel.npz")
+    assert main(["select", store, out, "--keep", "0.1", "--method", "sage", "--option", "ell=16"]) == 0
+    per_class = np.bincount(dataset.labels[:])
+    expected = int(sum(round(0.1 * n) for n in per_class))  # class-balanced: keep × n_c per class
+    assert f"selected {expected} of 1797 samples" in capsys.readouterr().out
+    selection = Selection.load(out)
+    assert selection.method == "sage" and selection.params["ell"] == 16
+    selection.check_dataset(dataset)
+    assert fingerprint(store) == before
+
+    assert main(["info", out]) == 0
+    assert json.loads(capsys.readouterr().out)["selected"] == expected
+    assert main(["info", store]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 1797
+
+
+def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
+    x = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(300) % 4)
+    assert (
+        main(["convert", str(tmp_path / "x.npy"), str(tmp_path / "a.zarr"), "--labels", str(tmp_path / "y.npy")]) == 0
+    )
+    assert open_dataset(str(tmp_path / "a.zarr")).num_classes == 4
+    assert main(["convert", str(tmp_path / "x.npy"), str(tmp_path / "b.zarr")]) == 0
+    unlabelled = open_dataset(str(tmp_path / "b.zarr"))
+    assert unlabelled.label_array is None
+    np.testing.assert_array_equal(unlabelled.arrays["x"][:], x)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "imagenet", "{tmp}/o.zarr"], "unknown source 'imagenet'"),
+        (["convert", "{tmp}/missing.npz", "{tmp}/o.zarr"], "missing.npz"),
+        (["select", "{tmp}/nothing.zarr", "{tmp}/s.npz"], "no zarr group"),
+        (["select", "{digits}", "{tmp}/s.npz", "--keep", "2"], r"keep must be in \(0, 1\], got 2.0"),
+        (["demo", "--workdir", "{tmp}/d", "--reselect-every", "-1"], "reselect_every must be >= 0, got -1"),
+    ],
+)
+def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
+    digits = str(tmp_path / "digits.zarr")
+    main(["convert", "digits", digits])
+    capsys.readouterr()
+    assert main([a.format(tmp=tmp_path, digits=digits) for a in argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("through_server", "reselect_every"), [(False, 1), (True, 2)])
+def test_demo_prints_its_table_and_writes_json(tmp_path, through_server, reselect_every):
+    # The real demo at toy size, through the console entry point (and through a server on 127.0.0.1),
+    # the selected run re-selecting with its model before epochs 1 and 2 (or 2 alone).
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nearstore.app.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path),
+            "--num-samples",
+            "2000",
+            "--test-samples",
+            "500",
+            "--epochs",
+            "3",
+            "--reselect-every",
+            str(reselect_every),
+            *(["--server"] if through_server else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "samples", "accuracy"]
+    assert [line.split()[0] for line in lines[1:4]] == ["graft", "random", "full"]
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["server"] is through_server
+    runs = {r["run"]: r for r in report["results"]}
+    assert runs["graft 25%"]["samples"] == runs["random 25%"]["samples"] == 500
+    assert runs["full data"]["samples"] == 2000
+    assert runs["graft 25%"]["scan_bytes"] > 0 and runs["random 25%"]["scan_bytes"] == 0
+    assert [runs[name]["rounds"] for name in runs] == [1 + 2 // reselect_every, 1, 0]
+    assert report["reselect_every"] == reselect_every
+    # every sample each epoch; what it saves is shard indexes read once instead of every epoch
+    assert 0 <= runs["full data"]["io_saving"] < 0.15
+    # the scans cost reads: a round reads a pool of twice the budget, which at this toy size, every
+    # epoch or two, can cost as much as the subset saves
+    assert runs["random 25%"]["io_saving"] > 0.7 > runs["graft 25%"]["io_saving"]
+    assert 0 < runs["random 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
+    assert 0 < runs["graft 25%"]["shipped_bytes"] < runs["full data"]["shipped_bytes"]
+    assert runs["full data"]["test_accuracy"] > 0.2  # twice chance: it trained and evaluated
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_token(id_store, capsys, monkeypatch):
+    monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
+    assert main(["serve", id_store.url, "--host", "0.0.0.0", "--method", "random"]) == 2
+    assert "a token is required to listen on '0.0.0.0'" in capsys.readouterr().err

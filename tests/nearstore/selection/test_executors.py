@@ -1,0 +1,119 @@
+"""Executors: the SAGE scan on a real dask.distributed cluster (2 worker processes on 127.0.0.1)
+against the same scan in process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nearstore import ParameterError, RandomFeatureProxy, Selection, sage_select, write_dataset
+from nearstore.app.cli import main
+from nearstore.selection.executors import DaskExecutor, LocalExecutor, make_executor
+from nearstore.selection.selectors.sage import SagePass1, sage_pass1
+from nearstore.selection.stages import Scan
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # a cluster of worker processes
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
+    with distributed.Client(cluster) as client:
+        yield client
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """600 samples of 3 classes in 10 shards of 64, and a fitted proxy."""
+    rng = np.random.default_rng(0)
+    y = np.arange(600) % 3
+    x = (rng.normal(size=(600, 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
+    dataset = write_dataset(str(tmp_path_factory.mktemp("dask") / "b.zarr"), [{"x": x, "y": y}], shard_samples=64)
+    return dataset, x, y, RandomFeatureProxy(3, width=8, seed=1).fit(x, y)
+
+
+def test_distributed_scan_equals_the_in_process_scan_when_the_sketch_is_exact(client, blobs):
+    dataset, _, _, proxy = blobs
+    # 27 = 3 × (8 + 1) embedding dimensions < ell: no shrink anywhere, so merging is exact
+    here = sage_select(dataset, 0.2, ell=32, proxy=proxy)
+    there = sage_select(dataset, 0.2, ell=32, proxy=proxy, executor=DaskExecutor(client))
+    np.testing.assert_array_equal(there.ids, here.ids)
+    np.testing.assert_allclose(there.scores, here.scores, atol=1e-5)
+    # each pass reads every shard once, whole; the workers' pass 2 reads the indexes again
+    stored = dataset.stored_nbytes(["x", "y"])
+    assert (here.params["executor"], there.params["executor"]) == ("local", "dask")
+    assert here.io["bytes"] <= there.io["bytes"] <= 2 * stored
+
+
+def test_merged_sketches_meet_the_frequent_directions_bound(client, blobs):
+    dataset, x, y, proxy = blobs
+    ell, k = 8, 4
+    scan = Scan.open(dataset, "SAGE", proxy, 0, "cpu")
+    first, reads = DaskExecutor(client).map_reduce(
+        scan, sage_pass1, SagePass1.merge, ell=ell, class_balanced=True, device="cpu"
+    )
+    assert first.counts.tolist() == [200, 200, 200]
+    assert reads["bytes"] >= dataset.stored_nbytes(["x", "y"]) - 2 * dataset.num_shards * (64 * 16 + 4)
+    for c in range(3):
+        a = proxy.embed(x[y == c], y[y == c]).double()
+        b = first.sketches[c].sketch().double()
+        error = torch.linalg.matrix_norm(a.T @ a - b.T @ b, ord=2)
+        tail = (torch.linalg.svdvals(a)[k:] ** 2).sum()
+        assert error <= tail / (ell - k) * (1 + 1e-6)
+        torch.testing.assert_close(first.sums[c], a.sum(0))
+
+
+def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
+    dataset = blobs[0]
+    out = str(tmp_path / "sel.npz")
+    args = ["select", dataset.url, out, "--method", "sage", "--keep", "0.1", "--option", "ell=32"]
+    assert main([*args, "--scheduler", client.scheduler.address]) == 0
+    from_cli = Selection.load(out)
+    assert from_cli.params["executor"] == "dask"
+    np.testing.assert_array_equal(from_cli.ids, sage_select(dataset, 0.1, ell=32, executor=DaskExecutor(client)).ids)
+    # The default proxy's 771-dim gradients overflow ell=32: the merged sketch differs from the
+    # streamed one (within the same FD bound), so the picks may differ a little.
+    here = sage_select(dataset, 0.1, ell=32)
+    assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
+    assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
+    assert "--scheduler runs the SAGE scan only" in capsys.readouterr().err
+
+
+def test_a_worker_lost_mid_scan_changes_nothing(blobs, tmp_path):
+    from faults import KillWorkerOnce
+
+    dataset, _, _, proxy = blobs
+    marker = tmp_path / "killed"
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
+    try:
+        with distributed.Client(cluster) as client:
+            client.register_plugin(KillWorkerOnce("sage_pass1", str(marker)))
+            there = sage_select(dataset, 0.2, ell=32, proxy=proxy, executor=DaskExecutor(client))
+    finally:
+        cluster.close()
+    assert marker.exists()  # a worker really died during pass 1; Dask ran its task elsewhere
+    np.testing.assert_array_equal(there.ids, sage_select(dataset, 0.2, ell=32, proxy=proxy).ids)
+
+
+def test_executors_are_chosen_by_name(client, blobs):
+    dataset, _, _, proxy = blobs
+    assert isinstance(make_executor(), LocalExecutor)
+    assert make_executor("dask", client=client).client is client
+    with pytest.raises(ParameterError, match="executor must be one of \\['dask', 'local'\\], got 'ray'"):
+        make_executor("ray")
+    # the local executor runs one task over every shard, on the scan's own reader
+    scan = Scan.open(dataset, "SAGE", proxy, 0, "cpu")
+    first, reads = LocalExecutor().map_reduce(
+        scan, sage_pass1, SagePass1.merge, ell=8, class_balanced=False, device="cpu"
+    )
+    assert first.counts.tolist() == [600] and reads == {
+        "bytes": scan.reader.stats.bytes,
+        "requests": scan.reader.stats.requests,
+    }

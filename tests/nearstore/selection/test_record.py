@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nearstore import NearstoreError, Selection, open_dataset, write_dataset
+
+
+def make(dataset, ids, **kwargs) -> Selection:
+    n = len(ids)
+    return Selection(
+        dataset=dataset.identity(),
+        ids=ids,
+        weights=kwargs.pop("weights", np.ones(n)),
+        scores=kwargs.pop("scores", np.linspace(0, 1, n)),
+        method="test",
+        **kwargs,
+    )
+
+
+def test_round_trip_through_bytes_and_files(id_store, tmp_path):
+    selection = make(
+        id_store,
+        np.array([1, 5, 2000]),
+        weights=np.array([1.0, 2.5, 0.5]),
+        params={"keep": 0.1, "ell": 8},
+        round=3,
+        io={"bytes": 123, "seconds": 0.5},
+    )
+    again = Selection.from_bytes(selection.to_bytes())
+    for loaded in (again, (selection.save(tmp_path / "s.npz"), Selection.load(tmp_path / "s.npz"))[1]):
+        np.testing.assert_array_equal(loaded.ids, selection.ids)
+        np.testing.assert_array_equal(loaded.weights, selection.weights)
+        np.testing.assert_array_equal(loaded.scores, selection.scores)
+        assert (loaded.method, loaded.params, loaded.round, loaded.io) == (
+            "test",
+            {"keep": 0.1, "ell": 8},
+            3,
+            {"bytes": 123, "seconds": 0.5},
+        )
+        assert loaded.dataset == id_store.identity()
+    assert len(selection.to_bytes()) < 2000  # small: ids, weights, scores and a JSON header
+    assert selection.keep == pytest.approx(3 / 2500)
+
+
+@pytest.mark.parametrize(
+    ("ids", "kwargs", "message"),
+    [
+        (np.array([5, 1]), {}, "sorted and unique"),
+        (np.array([1, 1]), {}, "sorted and unique"),
+        (np.array([2500]), {}, r"sample id 2500 out of range \[0, 2500\)"),
+        (np.array([1, 2]), {"weights": np.array([1.0, -1.0])}, "finite and >= 0"),
+        (np.array([1, 2]), {"weights": np.array([1.0, np.nan])}, "finite and >= 0"),
+        (np.array([1, 2]), {"scores": np.zeros(3)}, "one length"),
+    ],
+)
+def test_invalid_selections_are_refused(id_store, ids, kwargs, message):
+    with pytest.raises(NearstoreError, match=message):
+        make(id_store, ids, **kwargs)
+
+
+def test_selection_refuses_another_dataset_but_not_another_url(id_store, tmp_path):
+    selection = make(id_store, np.array([1, 2]))
+    selection.check_dataset(open_dataset(f"file://{id_store.url}"))
+    other = write_dataset(
+        str(tmp_path / "other.zarr"), [{"x": np.zeros((2500, 3), np.float32), "y": np.zeros(2500, int)}]
+    )
+    with pytest.raises(ValueError, match="selection was made for"):
+        selection.check_dataset(other)
+
+
+def test_unknown_version_is_refused(id_store):
+    data = make(id_store, np.array([1]), version=7).to_bytes()
+    with pytest.raises(ValueError, match="version"):
+        Selection.from_bytes(data)

@@ -1,0 +1,312 @@
+"""Selectors over a real store: what each keeps, checked against its kernel run on the same
+embeddings, and what each does with awkward input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import facility_location, maxvol
+from nearstore import (
+    SELECTORS,
+    Craig,
+    Crest,
+    Graft,
+    ModelProxy,
+    Random,
+    RandomFeatureProxy,
+    Sage,
+    SampleIdError,
+    make_selector,
+    open_dataset,
+    write_dataset,
+)
+
+SIZES = (300, 120, 9)  # an imbalanced dataset: class 2 is smaller than any window
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """429 samples of 3 Gaussian classes, shards of 64, written once, and a proxy fitted on them."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), SIZES)
+    rng.shuffle(y)
+    x = (rng.normal(size=(len(y), 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
+    url = str(tmp_path_factory.mktemp("sel") / "blobs.zarr")
+    write_dataset(url, [{"x": x, "y": y}], shard_samples=64)
+    return url, x, y, RandomFeatureProxy(3, width=16, seed=1).fit(x, y)
+
+
+@pytest.fixture
+def blobs(written):
+    """`written` opened afresh, so what a test reads is not in an earlier test's caches."""
+    url, x, y, proxy = written
+    return open_dataset(url), x, y, proxy
+
+
+def windows(members: np.ndarray, window: int) -> list[np.ndarray]:
+    return [members[i : i + window] for i in range(0, len(members), window)]
+
+
+@pytest.mark.parametrize("selector", [Sage(), Graft(), Graft(pool=2), Craig(window=128), Crest()], ids=str)
+def test_each_class_keeps_its_share(blobs, selector):
+    dataset, _, y, proxy = blobs
+    selection = selector.select(dataset, 0.1, proxy=proxy)
+    assert selection.method == selector.method and selection.params["proxy"] == "RandomFeatureProxy"
+    assert np.all(np.diff(selection.ids) > 0)
+    # round(0.1 · n_c) per class; class 2's 0.9 rounds to 1
+    assert np.bincount(y[selection.ids], minlength=3).tolist() == [30, 12, 1]
+    assert 0 < selection.io["bytes"] and selection.io["seconds"] > 0
+
+
+@pytest.mark.parametrize("norm_power", [1.0, 0.5])  # windows of 9 pad with zero rows
+def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
+    dataset, x, y, proxy = blobs
+    # 13 picks a window of 128, half its gradients' rank (26): past the rank, pivots are ties in
+    # rounding, which the factored and the direct Gram matrix break differently
+    selection = Graft(window=128, norm_power=norm_power).select(dataset, 0.1, proxy=proxy)
+    expected = []
+    for c in range(3):
+        for ids in windows(np.flatnonzero(y == c), 128):
+            g = proxy.embed(x[ids], y[ids])  # the gradients themselves (float32), not their factors
+            g = g * g.norm(dim=1, keepdim=True) ** (norm_power - 1)  # tempered: g · ‖g‖^(p − 1)
+            k = _window_budget(0.1, np.flatnonzero(y == c), ids)
+            expected += ids[maxvol(g @ g.T, k).numpy()].tolist()
+    np.testing.assert_array_equal(selection.ids, np.sort(expected))
+    assert np.all(selection.weights == 1)
+
+
+def test_graft_decides_windows_in_batches_as_it_would_one_by_one(blobs):
+    dataset, _, _, proxy = blobs
+    batched = Graft(window=32).select(dataset, 0.3, proxy=proxy)  # 15 windows, of 4 sizes
+    np.testing.assert_array_equal(Graft(window=32, gram_entries=1).select(dataset, 0.3, proxy=proxy).ids, batched.ids)
+
+
+@pytest.mark.parametrize(("keep", "window"), [(0.3, 128), (0.5, 64)])  # LARGE_BUDGET is 1/3
+def test_graft_windows_hold_64_samples_above_a_third_of_the_data(blobs, keep, window):
+    dataset, _, _, proxy = blobs
+    default = Graft().select(dataset, keep, proxy=proxy)
+    assert default.params["window"] == window
+    np.testing.assert_array_equal(default.ids, Graft(window=window).select(dataset, keep, proxy=proxy).ids)
+
+
+def _window_budget(keep: float, members: np.ndarray, window_ids: np.ndarray) -> int:
+    """The selector's rule: budgets are differences of the rounded running totals."""
+    before = int(np.searchsorted(members, window_ids[0]))
+    return round(keep * (before + len(window_ids))) - round(keep * before)
+
+
+def test_graft_tolerance_picks_fewer_samples_that_approximate_the_mean_gradient(blobs):
+    dataset, x, y, proxy = blobs
+    full = Graft(window=128, norm_power=1).select(dataset, 0.25, proxy=proxy)
+    loose = Graft(window=128, norm_power=1, tolerance=0.5).select(dataset, 0.25, proxy=proxy)
+    assert 3 <= len(loose) < len(full)
+    assert set(loose.ids.tolist()) <= set(range(len(y)))
+    for c in range(3):
+        for ids in windows(np.flatnonzero(y == c), 128):
+            g = proxy.embed(x[ids], y[ids]).double()
+            picked = g[np.isin(ids, loose.ids)]
+            basis = torch.linalg.qr(picked.T).Q
+            mean = g.mean(0)
+            assert (mean - basis @ (basis.T @ mean)).norm() <= 0.5 * mean.norm() + 1e-9
+
+
+def test_craig_keeps_each_windows_medoids_weighted_by_cluster_size(blobs):
+    dataset, x, y, proxy = blobs
+    selection = Craig(window=128).select(dataset, 0.1, proxy=proxy)
+    expected_ids, expected_weights = [], []
+    for c in range(3):
+        members = np.flatnonzero(y == c)
+        for ids in windows(members, 128):
+            k = _window_budget(0.1, members, ids)
+            rows, sizes = facility_location(proxy.embed(x[ids], y[ids]), k)
+            expected_ids += ids[rows.numpy()].tolist()
+            expected_weights += (sizes.double() * k / len(ids)).tolist()
+    order = np.argsort(expected_ids)
+    np.testing.assert_array_equal(selection.ids, np.asarray(expected_ids)[order])
+    np.testing.assert_allclose(selection.weights, np.asarray(expected_weights)[order], rtol=1e-6)
+    assert selection.weights.sum() == pytest.approx(len(selection))  # weights average 1
+
+
+def test_crest_without_a_model_is_class_balanced_random_and_reads_only_labels(blobs):
+    dataset, _, y, _ = blobs
+    a, b, c = (Crest().select(dataset, 0.2, seed=s) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert not np.array_equal(a.ids, c.ids)
+    assert np.bincount(y[a.ids]).tolist() == [60, 24, 2]
+    assert a.io["bytes"] == dataset.stored_nbytes(["y"]) and a.params["proxy"] is None
+
+
+def test_crest_leaves_out_what_the_model_has_learned(blobs):
+    dataset, x, y, _ = blobs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        confidence = torch.softmax(model(torch.from_numpy(x)), 1)[torch.arange(len(y)), torch.from_numpy(y)].numpy()
+    # A pool as large as every class: the rule is then exact.
+    selection = Crest(pool=1000, confidence=0.9).select(dataset, 0.1, proxy=ModelProxy(model), seed=0)
+    np.testing.assert_allclose(selection.scores, confidence[selection.ids], rtol=1e-5)
+    for c in range(3):
+        chosen = selection.ids[y[selection.ids] == c]
+        unlearned = np.flatnonzero((y == c) & (confidence <= 0.9))
+        if len(unlearned) >= len(chosen):
+            assert np.all(confidence[chosen] <= 0.9)
+        else:  # every unlearned sample, then the least confident learned ones
+            assert set(unlearned) <= set(chosen)
+            assert confidence[chosen].max() <= np.sort(confidence[y == c])[len(chosen) - 1] + 1e-6
+    assert (confidence[selection.ids] > 0.9).mean() < (confidence > 0.9).mean()
+
+    # A pool of twice the budget: its samples of x are read (small samples: in whole shards, as
+    # POOL_READS bridges every short hole), and every label.
+    fresh = open_dataset(dataset.url)  # the rounds above hold its labels and shard indexes
+    pooled = Crest(pool=2).select(fresh, 0.1, proxy=ModelProxy(model), seed=0)
+    assert dataset.stored_nbytes(["y"]) < pooled.io["bytes"] <= dataset.stored_nbytes(["x", "y"])
+    # A later round on the same opened dataset reads neither the labels nor the shard indexes again.
+    later = Crest(pool=2).select(fresh, 0.1, proxy=ModelProxy(model), seed=1)
+    shard_indexes = 7 * (64 * 16 + 4)  # (offset, length) per sample and a checksum, per shard
+    assert 0 < later.io["bytes"] <= dataset.stored_nbytes(["x"]) - shard_indexes
+
+
+def test_small_budgets_and_small_classes_keep_one_sample_a_class(blobs):
+    dataset, _, y, proxy = blobs
+    for selector in (Graft(window=64), Craig(window=64), Crest(), Sage()):
+        selection = selector.select(dataset, 0.01, proxy=proxy)
+        assert np.bincount(y[selection.ids], minlength=3).tolist() == [3, 1, 1], selector
+
+
+def test_constant_inputs_still_give_distinct_samples(tmp_path):
+    x = np.ones((100, 4), dtype=np.float32)
+    y = np.arange(100) % 2
+    dataset = write_dataset(str(tmp_path / "flat.zarr"), [{"x": x, "y": y}], shard_samples=32)
+    proxy = RandomFeatureProxy(2, width=8).fit(x, y)
+    for selector in (Graft(window=50), Craig(window=50), Crest()):
+        selection = selector.select(dataset, 0.2, proxy=proxy)
+        assert len(selection) == 20 and len(np.unique(selection.ids)) == 20, selector
+
+
+def test_bad_input_is_named(blobs, tmp_path):
+    dataset, x, y, proxy = blobs
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_selector("oracle")
+    with pytest.raises(ValueError, match="bad options for 'graft'"):
+        make_selector("graft", ell=3)
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        Graft(window=1).select(dataset, 0.1, proxy=proxy)
+    with pytest.raises(ValueError, match="pool must be >= 1"):
+        Crest(pool=0.5).select(dataset, 0.1)
+    with pytest.raises(ValueError, match="keep must be in"):
+        Craig().select(dataset, 0.0, proxy=proxy)
+    with pytest.raises(ValueError, match="exceeds the rank"):
+        Graft(window=128).select(dataset, 0.5, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
+    everything = Graft(window=128).select(dataset, 1.0, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
+    np.testing.assert_array_equal(everything.ids, np.arange(len(y)))  # whole windows need no MaxVol
+    two_classes = ModelProxy(torch.nn.Linear(6, 2))
+    for selector in (Graft(), Craig(), Crest(), Sage()):
+        with pytest.raises(ValueError, match="the proxy scores 2 classes, .* has 3"):
+            selector.select(dataset, 0.1, proxy=two_classes)
+    bad = x.copy()
+    bad[77, 2] = np.nan
+    broken = write_dataset(str(tmp_path / "nan.zarr"), [{"x": bad, "y": y}], shard_samples=64)
+    for selector in (Graft(), Craig(), Crest(), Sage()):
+        with pytest.raises(ValueError, match="sample 77 of array 'x' contains NaN"):
+            selector.select(
+                broken, 0.5, proxy=proxy if selector.method != "crest" else ModelProxy(torch.nn.Linear(6, 3))
+            )
+
+
+def test_every_method_is_registered_and_random_is_the_baseline(blobs):
+    dataset, _, y, _ = blobs
+    assert set(SELECTORS) == {"random", "sage", "graft", "craig", "crest"}
+    assert make_selector("craig", window=64) == Craig(window=64)
+    balanced = Random(class_balanced=True).select(dataset, 0.1)
+    assert np.bincount(y[balanced.ids]).tolist() == [30, 12, 1]
+
+
+def test_sage_residual_prefers_gradients_the_sketch_keeps_least_of(blobs):
+    dataset, x, y, proxy = blobs
+    selection = Sage(ell=4, score="residual").select(dataset, 0.2, proxy=proxy)
+    assert selection.params["score"] == "residual"
+    for c in range(2):  # class 2 is too small to tell
+        members = np.flatnonzero(y == c)
+        g = proxy.embed(x[members], y[members]).double()
+        top = torch.linalg.svd(g, full_matrices=False).Vh[:4]  # the exact rank-4 subspace FD approximates
+        share = ((g - g @ top.T @ top).norm(dim=1) / g.norm(dim=1)).numpy()
+        chosen = np.isin(members, selection.ids)
+        assert share[chosen].mean() > share[~chosen].mean() + 0.05
+    with pytest.raises(ValueError, match="score must be 'agreement' or 'residual'"):
+        Sage(score="loss").select(dataset, 0.2, proxy=proxy)
+
+
+def test_graft_on_a_pool_reads_only_the_pool(blobs):
+    dataset, x, y, proxy = blobs
+    a, b = (Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3) for _ in range(2))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert np.bincount(y[a.ids], minlength=3).tolist() == [30, 12, 1]
+    assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
+    full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
+    assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
+    with pytest.raises(ValueError, match="pool must be >= 1"):
+        Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)
+
+
+def test_graft_pools_the_previous_rounds_picks_with_fresh_samples(blobs):
+    dataset, _, y, proxy = blobs
+    previous = Random(class_balanced=True).select(dataset, 0.1, seed=5).ids
+    # A pool of one budget holds exactly the previous round's picks: MaxVol must keep them all.
+    carried = Graft(window=64, pool=1).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    np.testing.assert_array_equal(carried.ids, previous)
+    assert carried.params["previous"] == len(previous) and carried.params["pool_previous"]
+    every_sample = Graft(window=64).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    assert every_sample.params["previous"] is None  # no pool: nothing to put the previous round in
+    fresh = Graft(window=64, pool=1, pool_previous=False).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    assert len(fresh) == len(previous) and not np.array_equal(fresh.ids, previous)
+    # Twice the budget: the previous picks and as many fresh samples, MaxVol choosing among both.
+    mixed = Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    assert np.bincount(y[mixed.ids], minlength=3).tolist() == [30, 12, 1]
+    assert 0 < np.isin(mixed.ids, previous).sum() < len(previous)
+    # More previous picks than a pool holds (a round at a smaller keep): a random share of them.
+    everything = np.arange(dataset.num_samples)
+    shrunk = Graft(window=64, pool=1).select(dataset, 0.1, proxy=proxy, seed=3, previous=everything)
+    assert np.bincount(y[shrunk.ids], minlength=3).tolist() == [30, 12, 1]
+    with pytest.raises(SampleIdError, match=r"previous id 429 out of range \[0, 429\)"):
+        Graft(pool=2).select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
+    with pytest.raises(ValueError, match="norm_power must be >= 0, got -1"):
+        Graft(norm_power=-1).select(dataset, 0.1, proxy=proxy)
+
+
+@pytest.mark.parametrize("window", [512, 64])  # one window a class, or several
+def test_crest_coresets_are_the_medoids_of_the_unlearned_gradients_at_the_logits(blobs, window):
+    dataset, x, y, _ = blobs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))  # untrained: most samples are unlearned
+    proxy = ModelProxy(model)
+    selection = Crest(pool=1000, coreset=True, coreset_window=window).select(dataset, 0.2, proxy=proxy, seed=0)
+    residual, _ = proxy.gradient_factors(x, y)
+    confidence = 1 + residual[torch.arange(len(y)), torch.from_numpy(y)].numpy()
+    expected_ids, expected_weights = [], []
+    for c in range(3):
+        members = np.flatnonzero(y == c)  # the pool is the whole class, in id order
+        unlearned = members[confidence[members] <= 0.9]
+        budget = max(1, round(0.2 * len(members)))
+        assert len(unlearned) > budget
+        for start in range(0, len(unlearned), window):
+            end = min(start + window, len(unlearned))
+            k = round(budget * end / len(unlearned)) - round(budget * start / len(unlearned))
+            rows, sizes = facility_location(residual[unlearned[start:end]], k)
+            expected_ids += unlearned[start:end][rows.numpy()].tolist()
+            expected_weights += (sizes.double() * k / (end - start)).tolist()
+    order = np.argsort(expected_ids)
+    np.testing.assert_array_equal(selection.ids, np.asarray(expected_ids)[order])
+    np.testing.assert_allclose(selection.weights, np.asarray(expected_weights)[order], rtol=1e-6)
+    assert selection.weights.sum() == pytest.approx(len(selection), rel=1e-6)
+    np.testing.assert_allclose(selection.scores, confidence[selection.ids], rtol=1e-5)
+    # without the coreset step, the same pools give a uniform draw of the unlearned, weight 1
+    uniform = Crest(pool=1000).select(dataset, 0.2, proxy=proxy, seed=0)
+    assert len(uniform) == len(selection) and np.all(uniform.weights == 1)
+    assert not np.array_equal(uniform.ids, selection.ids)

@@ -1,0 +1,335 @@
+"""The near-storage server against real clients: Flight on 127.0.0.1, in-process and as a
+`nearstore serve` process that is killed mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+import torch
+from servers import free_port
+
+from loaders import FlightSource, StreamingLoader
+from nearstore import (
+    ModelProxy,
+    NearstoreError,
+    ParameterError,
+    RequestError,
+    SampleIdError,
+    open_dataset,
+    random_select,
+    sage_select,
+    write_dataset,
+)
+from nearstore.serving import NearStoreServer
+from nearstore.serving.protocol import MAX_REQUEST_SAMPLES
+
+
+def sample_ids(x: torch.Tensor) -> list[int]:
+    return x[:, 0].round().long().tolist()
+
+
+def tiny_model() -> torch.nn.Module:
+    """A proxy architecture for the id store: 8 inputs, 5 classes."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+
+@pytest.fixture(scope="module")
+def served(id_store_url):
+    """A server on 127.0.0.1 holding a random 30% of the id store, with a proxy model."""
+    id_store = open_dataset(id_store_url)
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), model=tiny_model)
+    yield server
+    server.shutdown()
+
+
+def test_loader_through_the_server_yields_the_same_batches_as_reading_storage(served, id_store, id_data):
+    remote = StreamingLoader(served.url, batch_size=64, seed=3, backend="torch", device="cpu")
+    local = StreamingLoader(id_store, served.current, batch_size=64, seed=3, backend="torch", device="cpu")
+    np.testing.assert_array_equal(remote.ids, served.current.ids)
+    seen = []
+    for (xr, yr), (xl, yl) in zip(remote, local, strict=True):
+        assert torch.equal(xr, xl) and torch.equal(yr, yl)
+        np.testing.assert_array_equal(yr.numpy(), id_data["y"][sample_ids(xr)])
+        seen += sample_ids(xr)
+    assert sorted(seen) == served.current.ids.tolist()
+
+    shipped = remote.io_stats()
+    assert shipped["samples_read"] == len(seen) and shipped["requests"] == len(remote)
+    payload = len(seen) * (8 * 4 + 8 + 8)  # x, y and the id column
+    assert payload <= shipped["bytes_read"] <= 1.05 * payload
+    assert shipped["full_epoch_bytes"] == id_store.stored_nbytes(id_store.sample_arrays)
+    server_side = FlightSource(served.url).info()
+    assert server_side["shipped"]["bytes"] >= shipped["bytes_read"]
+    assert server_side["storage_reads"]["samples"] >= len(seen)
+    # the server's storage reads for this epoch: the selected payload, indexes and range overheads
+    epoch = shipped["per_epoch"][0]["storage"]
+    assert len(seen) * (8 * 4 + 8) <= epoch["bytes"] <= 1.1 * id_store.stored_nbytes(id_store.sample_arrays)
+    assert epoch["requests"] >= id_store.num_shards and shipped["storage_reads"]["bytes"] >= epoch["bytes"]
+
+
+def test_warm_start_epochs_are_shipped_whole_then_the_round(served, id_store):
+    loader = StreamingLoader(served.url, batch_size=500, warm_start_epochs=1, backend="torch", device="cpu")
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == list(range(id_store.num_samples))
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == served.current.ids.tolist()
+    shipped = [epoch["samples"] for epoch in loader.io_stats()["per_epoch"]]
+    assert shipped == [id_store.num_samples, len(served.current)]
+
+
+def test_ranks_get_disjoint_equal_shares_whose_union_is_the_selection(served):
+    n = len(served.current)
+    results: dict[int, list[int]] = {}
+
+    def trainer(rank: int) -> None:
+        loader = StreamingLoader(
+            served.url, batch_size=50, rank=rank, world_size=2, uneven="drop", backend="torch", device="cpu"
+        )
+        results[rank] = [i for x, _ in loader for i in sample_ids(x)]
+
+    threads = [threading.Thread(target=trainer, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results[0]) == len(results[1]) == n // 2
+    assert not set(results[0]) & set(results[1])
+    assert set(results[0]) | set(results[1]) <= set(served.current.ids.tolist())
+    assert len(set(results[0]) | set(results[1])) == n - n % 2
+
+
+def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
+    torch.manual_seed(0)
+    model = tiny_model()
+    loader = StreamingLoader(served.url, batch_size=128, backend="torch", device="cpu")
+    first = loader.round
+    loader.update_proxy(model)
+    selection = loader.reselect(0.2, method="sage", seed=4)
+
+    assert selection.round == first + 1 == loader.round
+    assert selection.params["proxy"] == "ModelProxy" and selection.params["proxy_version"] >= 1
+    expected = sage_select(id_store, 0.2, seed=4, proxy=ModelProxy(tiny_model_with(model.state_dict())))
+    np.testing.assert_array_equal(selection.ids, expected.ids)
+    np.testing.assert_array_equal(loader.ids, selection.ids)
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == selection.ids.tolist()
+    assert loader.io_stats()["scan_bytes"] > 0  # the new round's scan is counted
+
+    # The round before stays readable (a trainer mid-epoch finishes it); older ones are gone.
+    source = FlightSource(served.url)
+    previous = source.selection(first)
+    assert len(source.read(previous.ids[:3], arrays=["x"], round=first)["x"]) == 3
+    source.select(keep=0.1, method="random", seed=0)
+    with pytest.raises(RequestError, match=f"selection round {first} .* is not held"):
+        source.read(previous.ids[:3], arrays=["x"], round=first)
+
+
+def test_a_server_round_pools_the_round_it_replaces(served):
+    source = FlightSource(served.url)
+    current = source.select(keep=0.2, method="random", options={"class_balanced": True}, seed=7)
+    carried = source.select(keep=0.2, method="graft", options={"pool": 1}, seed=0)  # the pool: the current round alone
+    assert carried.params["previous"] == len(current.ids) and carried.round == current.round + 1
+    np.testing.assert_array_equal(carried.ids, current.ids)
+
+
+def tiny_model_with(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = tiny_model()
+    model.load_state_dict(state)
+    return model
+
+
+def test_bad_requests_are_refused_with_the_reason(served):
+    client = flight.FlightClient(f"grpc://127.0.0.1:{served.port}")
+    current = served.current
+    outside = int(np.setdiff1d(np.arange(2500), current.ids)[0])
+
+    def get(ticket: object) -> None:
+        raw = ticket if isinstance(ticket, bytes) else json.dumps(ticket).encode()
+        client.do_get(flight.Ticket(raw)).read_all()
+
+    def refused(error: type[NearstoreError], message: str):
+        """A refusal as any Flight client sees it: the class of our error and its message, by code."""
+        return pytest.raises(flight.FlightServerError, check=lambda e: _refusal(e) == (error.__name__, message))
+
+    base = {"dataset": served.name, "round": current.round}
+    with pytest.raises(flight.FlightServerError, match="sample id 2500 out of range") as raised:
+        get({**base, "ids": [1, 2500]})
+    assert json.loads(raised.value.extra_info)["error"] == "SampleIdError"
+    with refused(SampleIdError, "sample id -1 out of range [0, 2500) in the served dataset"):
+        get({**base, "ids": [-1]})
+    with refused(RequestError, f"sample {outside} is not in selection round {current.round} of 'ids'"):
+        get({**base, "ids": [outside]})
+    with refused(RequestError, "this server serves dataset 'ids', not 'other'"):
+        get({**base, "dataset": "other", "ids": [int(current.ids[0])]})
+    with refused(RequestError, f"selection round 99 of 'ids' is not held; rounds {sorted(served._rounds)}"):
+        get({**base, "round": 99, "ids": [int(current.ids[0])]})
+    with pytest.raises(flight.FlightServerError, match="ticket is not JSON"):
+        get(b"\xff not json")
+    with refused(RequestError, "ticket 'ids' must be a list of integers"):
+        get({**base, "ids": ["7"]})
+    with refused(
+        RequestError, f"ticket names {MAX_REQUEST_SAMPLES + 1} samples; at most {MAX_REQUEST_SAMPLES} per request"
+    ):
+        get({**base, "ids": [int(current.ids[0])] * (MAX_REQUEST_SAMPLES + 1)})
+    with refused(RequestError, "no sample arrays ['z'] here; this server has ['x', 'y']"):
+        get({**base, "ids": [int(current.ids[0])], "arrays": ["z"]})
+    with pytest.raises(flight.FlightServerError, match="unknown action 'drop_table'"):
+        list(client.do_action(flight.Action("drop_table", b"")))
+
+    # Through the client, each refusal is raised as the error the server raised.
+    source = FlightSource(served.url)
+    with pytest.raises(ParameterError, match="keep must be in"):
+        source.select(keep=3.0, method="random", seed=0)
+    with pytest.raises(ParameterError, match="method must be one of"):
+        source.select(keep=0.1, method="oracle", seed=0)
+    with pytest.raises(ParameterError, match="norm_power must be >= 0"):  # checked before any scan
+        source.select(keep=0.1, method="graft", options={"norm_power": -1}, seed=0)
+    with pytest.raises(RequestError, match="unknown \\['ell'\\]"):
+        source.action("select", json.dumps({"ell": 9}).encode())
+    with pytest.raises(RequestError, match="do not fit the server's model"):
+        source.update_proxy(torch.nn.Linear(8, 5))
+    with pytest.raises(RequestError, match="not a torch state_dict"):
+        source.action("update_proxy", b"garbage")
+    with pytest.raises(RequestError, match="not 'elsewhere'"):
+        FlightSource(served.url.replace("/ids", "/elsewhere")).read([0], arrays=["x"], round=current.round)
+    assert served.current is current  # nothing refused made a round
+
+
+def test_a_server_without_a_model_refuses_weights(id_store):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.1))
+    try:
+        with pytest.raises(RequestError, match="has no proxy model"):
+            FlightSource(server.url).update_proxy(tiny_model())
+    finally:
+        server.shutdown()
+
+
+def test_token_is_required_beyond_loopback_and_checked(id_store, monkeypatch):
+    with pytest.raises(ValueError, match="a token is required to listen on '0.0.0.0'"):
+        NearStoreServer(id_store, host="0.0.0.0", selection=random_select(id_store, 0.1))
+    server = NearStoreServer(id_store, token="s3cret", selection=random_select(id_store, 0.1))
+    try:
+        monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
+        with pytest.raises(PermissionError, match="refused the token"):
+            FlightSource(server.url)
+        with pytest.raises(PermissionError, match="refused the token"):
+            FlightSource(server.url, token="guess")
+        assert FlightSource(server.url, token="s3cret").info()["selected"] == 250
+        monkeypatch.setenv("NEARSTORE_TOKEN", "s3cret")
+        assert len(StreamingLoader(server.url, backend="torch", device="cpu").ids) == 250
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_server_is_named(monkeypatch):
+    port = free_port()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} is unreachable"):
+        FlightSource(f"grpc://127.0.0.1:{port}/ids", on_disconnect="raise")
+    with pytest.raises(ValueError, match="grpc://host:port/dataset"):
+        FlightSource("grpc://127.0.0.1/ids")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_disconnect", ["reconnect", "raise"])
+def test_server_killed_mid_epoch(id_store, tmp_path, fingerprint, caplog, on_disconnect):
+    """The `nearstore serve` process dies after a few batches: the loader either resumes on the
+    restarted server with no sample lost or repeated, or fails with ConnectionError."""
+    saved = str(tmp_path / "sel.npz")
+    random_select(id_store, 0.5, seed=2).save(saved)
+    port = free_port()
+    before = fingerprint(id_store.url)
+    processes = [_serve(id_store.url, saved, port)]
+    try:
+        loader = StreamingLoader(
+            f"grpc://127.0.0.1:{port}/ids",
+            batch_size=25,
+            prefetch=1,
+            backend="torch",
+            device="cpu",
+            storage_options={"on_disconnect": on_disconnect},
+        )
+        batches = iter(loader)
+        seen = [i for _ in range(5) for i in sample_ids(next(batches)[0])]
+        processes[0].kill()
+        processes[0].wait()
+        if on_disconnect == "raise":
+            with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} is unreachable"):
+                for x, _ in batches:
+                    seen += sample_ids(x)
+            return
+        # The restart takes seconds (imports, opening the store): reads meanwhile must wait it out.
+        restart = threading.Thread(target=lambda: processes.append(_serve(id_store.url, saved, port)))
+        restart.start()
+        with caplog.at_level("WARNING", logger="nearstore"):
+            for x, _ in batches:
+                seen += sample_ids(x)
+        restart.join()
+        assert any("unreachable, retrying" in r.message for r in caplog.records)
+        assert len(seen) == len(set(seen)) and sorted(seen) == loader.ids.tolist()
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert fingerprint(id_store.url) == before
+
+
+def _serve(url: str, selection: str, port: int) -> subprocess.Popen:
+    """`nearstore serve` as a process; returns once it says it is serving."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nearstore.app.cli", "serve", url, "--port", str(port), "--selection", selection],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    for line in process.stdout:
+        if line.startswith("serving grpc://"):
+            return process
+    raise RuntimeError(f"nearstore serve exited with {process.wait()} before serving")
+
+
+def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store, tmp_path, fingerprint):
+    before = fingerprint(id_store.url)
+    state_dir = tmp_path / "state"
+    first = NearStoreServer(id_store, selection=random_select(id_store, 0.2), model=tiny_model, state_dir=state_dir)
+    try:
+        loader = StreamingLoader(first.url, batch_size=100, backend="torch", device="cpu")
+        loader.update_proxy(tiny_model())
+        selection = loader.reselect(0.1, method="crest", seed=3)  # scored by the pushed proxy
+        batches = iter(loader)
+        delivered = [i for _ in range(2) for i in sample_ids(next(batches)[0])]
+        state = loader.state_dict()
+    finally:
+        first.shutdown()
+    assert sorted(p.name for p in state_dir.iterdir()) == ["proxy.pt", "round-0.npz", "round-1.npz", "server.json"]
+
+    # No selection given and nothing to scan: the restart serves round 1 as it was.
+    second = NearStoreServer(id_store, model=tiny_model, state_dir=state_dir)
+    try:
+        assert second.current.round == 1 and second.proxy_version == 1
+        np.testing.assert_array_equal(second.current.ids, selection.ids)
+        resumed = StreamingLoader(second.url, batch_size=100, backend="torch", device="cpu")
+        resumed.load_state_dict(state)
+        rest = [i for x, _ in resumed for i in sample_ids(x)]
+        assert sorted(delivered + rest) == selection.ids.tolist()
+    finally:
+        second.shutdown()
+    with pytest.raises(ValueError, match="holds a pushed proxy: start the server with its --model"):
+        NearStoreServer(id_store, state_dir=state_dir)
+    other = write_dataset(str(tmp_path / "other.zarr"), [{"x": np.zeros((10, 8), np.float32), "y": np.arange(10) % 5}])
+    with pytest.raises(ValueError, match="selection was made for"):
+        NearStoreServer(other, model=tiny_model, state_dir=state_dir)
+    with pytest.raises(ValueError, match="lies inside the dataset"):
+        NearStoreServer(id_store, selection=random_select(id_store, 0.1), state_dir=Path(id_store.url) / "state")
+    assert fingerprint(id_store.url) == before
+
+
+def _refusal(error: flight.FlightServerError) -> tuple[str, str]:
+    info = json.loads(error.extra_info)
+    return info["error"], info["message"]

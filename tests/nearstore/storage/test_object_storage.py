@@ -1,0 +1,184 @@
+"""The reader and the loader over real object storage: moto's S3 and nginx on 127.0.0.1, with the
+servers' own books as the measure of what crossed the network."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+
+from loaders import StreamingLoader
+from nearstore import Crest, Graft, RandomFeatureProxy, SelectiveReader, open_dataset, random_select, write_dataset
+
+N, SHARD, DIM = 3000, 256, 40
+INDEX_BYTES = SHARD * 16 + 4
+SAMPLE_BYTES = {"x": DIM * 4, "y": 8}  # both raw: random floats do not compress, labels are tiny
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return {"x": rng.normal(size=(N, DIM)).astype(np.float32), "y": rng.integers(1, 10, N)}  # no label 0:
+    # a sample equal to the fill value is not stored, which would blur the byte counts below
+
+
+def batches(data):
+    return ({k: v[i : i + 1000] for k, v in data.items()} for i in range(0, N, 1000))
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3, data):
+    fsspec.filesystem("s3", **s3.storage_options).mkdir("nearstore-test")
+    return write_dataset(
+        "s3://nearstore-test/ds.zarr", batches(data), shard_samples=SHARD, storage_options=s3.storage_options
+    )
+
+
+@pytest.fixture(scope="module")
+def http_store(nginx, data):
+    write_dataset(str(nginx.root / "ds.zarr"), batches(data), shard_samples=SHARD)
+    return open_dataset(f"{nginx.url}/ds.zarr")
+
+
+@pytest.fixture(params=["s3", "http"])
+def remote(request, s3, nginx, s3_store, http_store):
+    """(dataset, the server's books as a function, a way to clear them), for S3 and for HTTP."""
+    if request.param == "s3":
+        s3.books.clear()
+        return s3_store, lambda: s3.books, "/nearstore-test/ds.zarr"
+    nginx.clear()
+    return http_store, nginx.books, "/ds.zarr"
+
+
+def test_stores_written_and_read_remotely_equal_local(remote, data):
+    dataset, _, _ = remote
+    assert dataset.num_samples == N and dataset.class_names == tuple(str(c) for c in range(10))
+    ids = np.random.default_rng(1).integers(0, N, 300)
+    out = SelectiveReader(dataset).read(ids)
+    np.testing.assert_array_equal(out["x"], data["x"][ids])
+    np.testing.assert_array_equal(out["y"], data["y"][ids])
+    assert dataset.stored_nbytes() == N * sum(SAMPLE_BYTES.values()) + 2 * dataset.num_shards * INDEX_BYTES
+
+
+def test_the_readers_books_match_the_servers(remote):
+    dataset, books, prefix = remote
+    reader = SelectiveReader(dataset)
+    reader.read(np.random.default_rng(2).choice(N, 500, replace=False))
+    served = books().gets(prefix)
+    assert all(s.status == 206 for s in served)  # ranged reads only
+    assert (reader.stats.requests, reader.stats.bytes) == (len(served), books().bytes(prefix))
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_read_time_selection_fetches_only_the_selected_bytes(remote, keep, shuffle):
+    dataset, books, prefix = remote
+    selection = random_select(dataset, keep, seed=3)
+    loader = StreamingLoader(
+        dataset.url,
+        selection,
+        batch_size=64,
+        shuffle=shuffle,
+        backend="dali",
+        device="cpu",
+        storage_options=dataset.storage_options,
+    )
+    assert sum(len(y) for _, y in loader) == len(selection)
+
+    served = [s for s in books().gets(prefix) if "/c/" in s.path]  # shard objects; not the metadata
+    shard_bytes = sum(s.bytes for s in served)
+    shards_touched = len(np.unique(selection.ids // SHARD))
+    payload = len(selection) * sum(SAMPLE_BYTES.values())
+    indexes = 2 * shards_touched * INDEX_BYTES
+    assert shard_bytes <= 1.10 * (payload + indexes)
+    assert loader.io_stats()["bytes_read"] == shard_bytes
+    if shuffle:
+        # a shuffled batch rarely holds neighbours: at most one range a sample and array
+        assert len(served) <= 2 * (shards_touched + len(selection))
+    else:
+        # in order, neighbours share a range: at most one per run of adjacent ids within a shard
+        runs = len(np.flatnonzero(np.diff(selection.ids) != 1)) + 1 + shards_touched
+        assert len(served) <= 2 * (shards_touched + runs)
+
+
+@pytest.mark.parametrize("selector", [Graft(pool=2), Crest()], ids=str)
+def test_selection_pools_are_read_in_a_request_or_two_a_shard(remote, data, tmp_path, selector):
+    dataset, books, prefix = remote
+    proxy = RandomFeatureProxy(10, width=16).fit(data["x"], data["y"])
+    selection = selector.select(dataset, 0.25, proxy=proxy, seed=4)
+    local = write_dataset(str(tmp_path / "local.zarr"), batches(data), shard_samples=SHARD)
+    np.testing.assert_array_equal(selection.ids, selector.select(local, 0.25, proxy=proxy, seed=4).ids)
+
+    served = [s for s in books().gets(prefix) if "/x/c/" in s.path]  # the pool's inputs; labels are read whole
+    pooled = sum(min(n, 2 * round(0.25 * n)) for n in np.bincount(data["y"]) if n)  # half of each class
+    # Every hole under 64 KiB bridged (POOL_READS): each shard's index, then its pooled samples in one
+    # run, where training reads' coalescing (5% more bytes at most) would make about one a sample.
+    assert len(served) <= 2 * dataset.num_shards < pooled / 20
+    assert sum(s.bytes for s in served) <= dataset.stored_nbytes(["x"])
+
+
+def test_zarr_alone_rereads_shard_indexes_for_every_batch(remote):
+    dataset, books, prefix = remote
+    ids = np.random.default_rng(4).permutation(random_select(dataset, 0.1, seed=4).ids)
+    batches = np.array_split(ids, 10)  # an epoch of shuffled batches, as a loader reads them
+
+    def served() -> tuple[int, int]:
+        return len(books().gets(prefix)), books().bytes(prefix)
+
+    start = served()
+    reader = SelectiveReader(dataset, ["x"])
+    ours = [reader.read(batch)["x"] for batch in batches]
+    middle = served()
+    x = zarr.open_group(dataset.url, mode="r", storage_options=dataset.storage_options or None)["x"]
+    theirs = [x.get_orthogonal_selection((np.sort(batch),)) for batch in batches]
+    end = served()
+    for batch, a, b in zip(batches, ours, theirs):
+        np.testing.assert_array_equal(a[np.argsort(batch)], b)
+    our_requests, our_bytes = middle[0] - start[0], middle[1] - start[1]
+    their_requests, their_bytes = end[0] - middle[0], end[1] - middle[1]
+    assert their_requests > our_requests
+    assert their_bytes > 3 * our_bytes
+
+
+def test_s3_throttling_is_retried_with_backoff(s3, s3_store, data):
+    s3.books.clear()
+    s3.fail_next = 3
+    out = SelectiveReader(s3_store).read([5, 6, 2900])
+    np.testing.assert_array_equal(out["x"], data["x"][[5, 6, 2900]])
+    assert [s.status for s in s3.books.served].count(503) == 3
+
+
+def test_s3_failures_that_persist_end_in_an_error_naming_the_object(s3, s3_store):
+    # Retries are the S3 client's: botocore's backoff (here: no second attempt) inside s3fs's
+    # five attempts with backoff.
+    options = {**s3.storage_options, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    dataset = open_dataset(s3_store.url, storage_options=options)
+    s3.books.clear()
+    s3.fail_next = 10**6
+    try:
+        with pytest.raises(OSError, match=r"reading 'nearstore-test/ds.zarr/x/c/0/0' of 's3://nearstore-test/ds.zarr'"):
+            SelectiveReader(dataset, ["x"]).read([1])
+    finally:
+        s3.fail_next = 0
+    assert len(s3.books.served) <= 5
+
+
+def test_missing_buckets_and_unreachable_endpoints_are_named(s3):
+    with pytest.raises(FileNotFoundError, match="no zarr group at 's3://no-such-bucket/ds.zarr'"):
+        open_dataset("s3://no-such-bucket/ds.zarr", storage_options=s3.storage_options)
+    closed = {
+        **s3.storage_options,
+        "endpoint_url": "http://127.0.0.1:9",
+        "config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": 1},
+    }
+    with pytest.raises(OSError, match="cannot open 's3://nearstore-test/ds.zarr'.*127.0.0.1:9"):
+        open_dataset("s3://nearstore-test/ds.zarr", storage_options=closed)
+
+
+def test_http_stores_are_read_only(nginx, http_store):
+    with pytest.raises(Exception):  # noqa: B017 - fsspec's HTTP backend refuses writes in its own words
+        write_dataset(f"{nginx.url}/new.zarr", [{"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}])
+    nginx.clear()
+    SelectiveReader(http_store).read([0, 1])
+    assert {s.method for s in nginx.books().served} <= {"GET", "HEAD"}

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
+
+INDEX_BYTES = 256 * 16 + 4  # one (offset, nbytes) uint64 pair per inner chunk, and a crc32c
+SAMPLE_BYTES = {"x": 8 * 4, "y": 8}  # both stored raw: too small to compress
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_read_equals_zarr_fancy_indexing(id_store, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 2500, size=rng.integers(1, 400))  # unsorted, with repeats
+    out = SelectiveReader(id_store).read(ids)
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(out[name], id_store.arrays[name].get_orthogonal_selection((ids,)))
+
+
+def test_every_sample_and_no_sample(id_store, id_data):
+    reader = SelectiveReader(id_store)
+    out = reader.read(np.arange(2500)[::-1])
+    np.testing.assert_array_equal(out["x"], id_data["x"][::-1])
+    empty = reader.read([])
+    assert empty["x"].shape == (0, 8) and empty["y"].shape == (0,)
+
+
+def test_each_shard_index_is_read_once(id_store):
+    reader = SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0))
+    ids = np.array([3, 9, 300, 301, 2499])  # shards 0, 1, 9
+    reader.read(ids)
+    first = reader.stats.snapshot()
+    # 3 index requests, and runs: {3}, {9}, {300, 301}, {2499}
+    assert first.requests == 3 + 4
+    assert first.bytes == 3 * INDEX_BYTES + len(ids) * SAMPLE_BYTES["x"]
+    reader.read(ids)
+    second = reader.stats.snapshot() - first
+    assert second.requests == 4 and second.bytes == len(ids) * SAMPLE_BYTES["x"]
+
+
+def test_readers_of_one_opened_dataset_share_its_shard_indexes(id_store):
+    ids = np.array([3, 300])  # shards 0 and 1
+    SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0)).read(ids)
+    again = SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0))
+    again.read(ids)
+    assert again.stats.requests == 2 and again.stats.bytes == len(ids) * SAMPLE_BYTES["x"]  # no index
+    reopened = SelectiveReader(open_dataset(id_store.url), ["x"], reads=Coalescing(max_overhead=0))
+    reopened.read(ids)
+    assert reopened.stats.requests == 2 + 2 and reopened.stats.bytes == 2 * INDEX_BYTES + 2 * SAMPLE_BYTES["x"]
+
+
+def test_a_whole_shard_is_one_request_per_array(id_store, id_data):
+    reader = SelectiveReader(id_store)
+    out = reader.read_shard(2)
+    np.testing.assert_array_equal(out["x"], id_data["x"][512:768])
+    assert reader.stats.requests == 2
+    # zarr stores no chunk for a sample equal to the fill value: the labels 0 cost nothing
+    stored_labels = np.count_nonzero(id_data["y"][512:768])
+    assert reader.stats.bytes == 2 * INDEX_BYTES + 256 * SAMPLE_BYTES["x"] + stored_labels * SAMPLE_BYTES["y"]
+    last = reader.read_shard(9)  # the partial shard
+    assert len(last["y"]) == 2500 - 9 * 256
+    with pytest.raises(IndexError, match="shard 10 out of range"):
+        reader.read_shard(10)
+
+
+def test_neighbours_coalesce_within_the_overhead_budget(id_store):
+    ids = np.arange(0, 256, 2)  # every other sample of shard 0: holes of one sample each
+    strict = SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0))
+    strict.read(ids)
+    assert strict.stats.requests == 1 + len(ids)
+    loose = SelectiveReader(
+        open_dataset(id_store.url), ["x"], reads=Coalescing(max_overhead=1.0)
+    )  # its own shard index
+    loose.read(ids)
+    assert loose.stats.requests == 1 + 1
+    assert loose.stats.bytes == INDEX_BYTES + (len(ids) * 2 - 1) * SAMPLE_BYTES["x"]
+
+
+def test_bad_ids_are_named(id_store):
+    reader = SelectiveReader(id_store)
+    with pytest.raises(IndexError, match="sample id 2500 out of range"):
+        reader.read([0, 2500])
+    with pytest.raises(IndexError, match="sample id -1 out of range"):
+        reader.read([-1])
+    with pytest.raises(TypeError, match="1-D sequence of integers"):
+        reader.read([0.5])
+    with pytest.raises(ValueError, match="no sample arrays \\['z'\\]"):
+        SelectiveReader(id_store, ["z"])
+
+
+def test_reading_never_writes_the_store(id_store, fingerprint):
+    before = fingerprint(id_store.url)
+    reader = SelectiveReader(id_store)
+    reader.read(np.arange(0, 2500, 7))
+    for shard in range(reader.num_shards):
+        reader.read_shard(shard)
+    assert fingerprint(id_store.url) == before
+
+
+def test_compressed_samples_zero_samples_and_missing_shards(tmp_path):
+    # Samples of few distinct values are zstd-compressed; zarr stores no chunk for an all-zero
+    # sample and no object at all for an all-zero shard: both must read back as zeros.
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 4, size=(300, 64)).astype(np.float32)
+    x[5] = 0
+    x[100:200] = 0
+    ds = write_dataset(str(tmp_path / "z.zarr"), [{"x": x, "y": np.arange(300) % 3}], shard_samples=100)
+    assert ds.arrays["x"].metadata.codecs[0].codecs[-1].to_dict()["name"] == "zstd"
+    assert not (tmp_path / "z.zarr" / "x" / "c" / "1" / "0").exists()
+    reader = SelectiveReader(ds)
+    ids = np.array([5, 4, 150, 299, 100, 0])
+    np.testing.assert_array_equal(reader.read(ids)["x"], x[ids])
+    np.testing.assert_array_equal(reader.read_shard(1)["x"], x[100:200])
+
+
+def test_fsspec_urls_read_the_same(id_store, id_data):
+    ds = open_dataset(f"file://{id_store.url}")
+    ids = np.array([7, 1000, 2400])
+    np.testing.assert_array_equal(SelectiveReader(ds).read(ids)["x"], id_data["x"][ids])
+
+
+def test_unsharded_arrays_are_refused_with_their_name(tmp_path):
+    url = str(tmp_path / "plain.zarr")
+    group = zarr.open_group(url, mode="w")
+    group.create_array("x", shape=(4, 2), chunks=(1, 2), dtype="f4")
+    group.attrs["nearstore"] = {"format_version": 1, "num_samples": 4, "sample_arrays": ["x"], "label_array": None}
+    with pytest.raises(ValueError, match="array 'x' .* is not a sharded zarr v3 array"):
+        SelectiveReader(open_dataset(url))

@@ -1,0 +1,48 @@
+"""Every bench script runs end to end in its --tiny mode and writes its JSON result (the figures
+themselves are measured by running the scripts, never asserted: these machines are shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
+# What each writes, and a key its JSON must hold.
+WRITES = {
+    "gpu": ("gpu.json", "kernels"),
+    "io_savings": ("io_savings.json", "results"),
+    "kernels": ("kernels.json", "methods"),
+    "loader": ("loader.json", "results"),
+    "range_clients": ("range_clients.json", "results"),
+    "round_cost": ("round_cost.json", "rows"),
+    "scale": ("scale.json", "scan_rates"),
+    "selection_quality": ("selection_quality.json", "rows"),
+}
+EXTRA = {"gpu": ["--device", "cpu"]}  # the GPU bench on the CPU: its code paths, not its figures
+
+
+def test_every_bench_has_a_smoke_run():
+    assert set(BENCHES) == set(WRITES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench", BENCHES)
+def test_bench_runs_tiny(bench, tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / f"{bench}.py"),
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        *EXTRA.get(bench, []),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    name, key = WRITES[bench]
+    result = json.loads((tmp_path / name).read_text())
+    assert result[key], f"{bench} wrote no {key}"
