@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import Scan, scan_io
 from nearstore.storage import POOL_READS, Coalescing, Dataset, read_labels
+
+if TYPE_CHECKING:
+    from nearstore.selection.selectors.base import WindowedSelector
 
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
 Window = tuple[tuple[torch.Tensor, ...], int]
@@ -70,14 +73,34 @@ class ClassWindows:
         return ids, (parts, k)
 
 
+class Decisions:
+    """Windows waiting for a method's pick, and what the decided ones keep."""
+
+    def __init__(self, pick: Picker) -> None:
+        self.pick = pick
+        self.waiting: list[tuple[np.ndarray, Window]] = []
+        self.kept: list[Pick] = []  # (ids, weights, scores) of each decided window
+
+    def add(self, ids: np.ndarray, window: Window) -> None:
+        """A window with its budget: kept whole where the budget holds it, else left to `pick`."""
+        if window[1] >= len(ids):  # nothing to decide
+            self.kept.append((ids, np.ones(len(ids), dtype=np.float32), np.full(len(ids), np.nan, dtype=np.float32)))
+        elif window[1]:
+            self.waiting.append((ids, window))
+
+    def decide(self) -> None:
+        """Pick from every waiting window in one call."""
+        if self.waiting:
+            for (ids, _), (rows, weights, scores) in zip(self.waiting, self.pick([w for _, w in self.waiting])):
+                self.kept.append((ids[rows], weights, scores))
+            self.waiting.clear()
+
+
 def windowed_select(
-    method: str,
-    params: dict[str, Any],
+    selector: WindowedSelector,
     dataset: Dataset,
     keep: float,
-    pick: Picker,
     *,
-    window: int,
     proxy: Proxy | None,
     seed: int,
     device: torch.device | str,
@@ -85,20 +108,21 @@ def windowed_select(
     pool: float | None = None,
     previous: np.ndarray | None = None,
     pool_reads: Coalescing = POOL_READS,
-    factored: bool = False,
-    at_once: int = 1,
 ) -> Selection:
-    """Stream gradient embeddings once (their two factors with `factored`); per class, cut them
-    into windows (`ClassWindows`) and keep what `pick` chooses of each, deciding `at_once` windows
-    together. A class keeps round(keep · n_c) samples in all (at least one). With `pool`, only a
-    pool of pool × its budget per class is read (coalescing as `pool_reads`) and windowed: the
-    `previous` ids of the class, the rest drawn at random (`plan.class_pools`)."""
+    """Stream gradient embeddings once; per class, cut them into windows (`ClassWindows`) and keep
+    what the selector picks of each, deciding `at_once` windows together. A class keeps
+    round(keep · n_c) samples in all (at least one). With `pool`, only a pool of pool × its budget
+    per class is read (coalescing as `pool_reads`) and windowed: the `previous` ids of the class,
+    the rest drawn at random (`plan.class_pools`)."""
     check_keep(keep)
     started = time.perf_counter()
-    scan = Scan.open(dataset, method, proxy, seed, device)
+    window, factored = selector.window_for(keep), selector.factored
+    scan = Scan.open(dataset, selector.method, proxy, seed, device)
     readers = [scan.reader]
     if pool is None:
-        stream = scan.embeddings(progress, f"{method} pass 1/1", factored=factored, batch_samples=EMBED_BATCH_SAMPLES)
+        stream = scan.embeddings(
+            progress, f"{selector.method} pass 1/1", factored=factored, batch_samples=EMBED_BATCH_SAMPLES
+        )
         windows = ClassWindows(window, lambda group: (keep, 1))
     else:
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
@@ -106,44 +130,31 @@ def windowed_select(
         inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, factored)
         readers += [labels_reader, inputs]
         windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))
-    ready: list[tuple[np.ndarray, Window]] = []
-    chosen: list[Pick] = []
-
-    def route(ids: np.ndarray, window: Window) -> None:
-        if window[1] >= len(ids):  # the window keeps every sample: nothing to decide
-            chosen.append((ids, np.ones(len(ids), dtype=np.float32), np.full(len(ids), np.nan, dtype=np.float32)))
-        elif window[1]:
-            ready.append((ids, window))
-
-    def decide() -> None:
-        for (ids, _), (rows, weights, scores) in zip(ready, pick([w for _, w in ready])):
-            chosen.append((ids[rows], weights, scores))
-        ready.clear()
-
+    decisions, at_once = Decisions(selector.pick), selector.at_once(window)
     for ids, groups, embeddings in stream:
         parts = embeddings if factored else (embeddings,)
         for group, rows in groups.items():
             for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
-                route(*cut)
-                if len(ready) >= at_once:
-                    decide()
+                decisions.add(*cut)
+                if len(decisions.waiting) >= at_once:
+                    decisions.decide()
     for cut in windows.finish():
-        route(*cut)
-    if ready:
-        decide()
+        decisions.add(*cut)
+    decisions.decide()
 
+    kept = decisions.kept
     return Selection.of(
         dataset,
-        np.concatenate([c[0] for c in chosen]) if chosen else np.zeros(0, dtype=np.int64),
-        weights=np.concatenate([c[1] for c in chosen]) if chosen else None,
-        scores=np.concatenate([c[2] for c in chosen]) if chosen else None,
-        method=method,
+        np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),
+        weights=np.concatenate([k[1] for k in kept]) if kept else None,
+        scores=np.concatenate([k[2] for k in kept]) if kept else None,
+        method=selector.method,
         params={
             "keep": keep,
             "seed": seed,
             "proxy": type(scan.proxy).__name__,
             "previous": None if previous is None else len(previous),
-            **params,
+            **selector.params(),
             "window": window,
         },
         io=scan_io(started, readers),

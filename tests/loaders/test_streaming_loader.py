@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from resume import assert_resumes_at_every_batch
 
 from loaders import StreamingLoader
 from nearstore import ModelProxy, SampleIdError, Selection, open_dataset, random_select, sage_select, write_dataset
@@ -260,6 +261,30 @@ def test_resuming_mid_epoch_delivers_exactly_the_batches_not_delivered(id_store,
     assert resumed.epoch == 3
     got += [sample_ids(x) for x, _ in resumed]
     assert got == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"drop_last": True}, {"rank": 1, "world_size": 3}, {"warm_start_epochs": 1, "weights": True}],
+    ids=["plain", "drop_last", "rank-share", "warm-start"],
+)
+def test_every_batch_boundary_resumes(id_store, backend, options):
+    selection = random_select(id_store, 0.1, seed=1)  # 250 samples, batches of 64
+
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, selection, batch_size=64, seed=3, backend=backend, device="cpu", **options)
+
+    assert assert_resumes_at_every_batch(make) >= 4
+
+
+def test_a_reselected_round_resumes_at_every_batch(id_store):
+    def make() -> StreamingLoader:
+        loader = StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=50, backend="torch")
+        loader.reselect(0.05, method="random", seed=5)  # the round a state carries
+        return loader
+
+    assert assert_resumes_at_every_batch(make) == 2 * 3 + 1
 
 
 def test_resuming_keeps_the_reselected_round(id_store):

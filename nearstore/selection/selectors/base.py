@@ -13,6 +13,7 @@ import torch
 from nearstore.errors import ParameterError
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
+from nearstore.selection.windows import Pick, Window
 from nearstore.storage import Dataset
 
 
@@ -44,6 +45,26 @@ class Selector(ABC):
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class WindowedSelector(Selector):
+    """A method that keeps, per window of one class's samples, what `pick` chooses of it (GRAFT,
+    CRAIG); `select` is `windowed_select`."""
+
+    # Whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x.
+    factored: ClassVar[bool] = False
+
+    @abstractmethod
+    def pick(self, windows: list[Window]) -> list[Pick]:
+        """What each window keeps: (rows of the window, their weights, their scores)."""
+
+    @abstractmethod
+    def window_for(self, keep: float) -> int:
+        """Samples a window holds at `keep`."""
+
+    def at_once(self, window: int) -> int:
+        """Windows decided together (one `pick` call)."""
+        return 1
 
 
 def check_window(window: int | None, name: str = "window") -> None:

@@ -9,12 +9,12 @@ from typing import ClassVar
 import numpy as np
 
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.selectors.base import WindowedSelector, check_window
 from nearstore.selection.windows import Pick, Window, medoids, windowed_select
 
 
 @dataclass(frozen=True)
-class Craig(Selector):
+class Craig(WindowedSelector):
     """CRAIG: per window of one class's samples, the k medoids of their gradient embeddings by
     facility location (lazy greedy), each weighted by the size of its cluster.
 
@@ -29,18 +29,10 @@ class Craig(Selector):
         check_window(self.window)
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
-        return windowed_select(
-            self.method,
-            self.params(),
-            dataset,
-            keep,
-            self._pick,
-            window=self.window,
-            proxy=proxy,
-            seed=seed,
-            device=device,
-            progress=progress,
-        )
+        return windowed_select(self, dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress)
 
-    def _pick(self, windows: list[Window]) -> list[Pick]:
+    def window_for(self, keep: float) -> int:
+        return self.window
+
+    def pick(self, windows: list[Window]) -> list[Pick]:
         return [(*medoids(embeddings, k), np.full(k, np.nan, dtype=np.float32)) for (embeddings,), k in windows]

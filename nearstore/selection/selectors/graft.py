@@ -13,13 +13,13 @@ from kernels import maxvol, pivoted_cholesky
 from nearstore.errors import ParameterError
 from nearstore.selection.policy import default_window
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_pool, check_window
+from nearstore.selection.selectors.base import WindowedSelector, check_pool, check_window
 from nearstore.selection.windows import Pick, Window, windowed_select
 from nearstore.storage import POOL_READS, Coalescing
 
 
 @dataclass(frozen=True)
-class Graft(Selector):
+class Graft(WindowedSelector):
     """GRAFT: per window of one class's samples, Fast MaxVol on the window's low-rank gradients.
 
     From the window's Gram matrix K = G Gᵀ (w × w, taken from the gradients' two factors, so the
@@ -69,15 +69,13 @@ class Graft(Selector):
             raise ParameterError(f"gram_entries must be >= 1, got {self.gram_entries}")
         object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads))
 
+    factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
+
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
-        window = self.window if self.window is not None else default_window(keep)
         return windowed_select(
-            self.method,
-            self.params(),
+            self,
             dataset,
             keep,
-            self._pick,
-            window=window,
             proxy=proxy,
             seed=seed,
             device=device,
@@ -85,11 +83,15 @@ class Graft(Selector):
             pool=self.pool,
             previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
             pool_reads=self.pool_reads,
-            factored=True,
-            at_once=max(1, self.gram_entries // window**2),
         )
 
-    def _pick(self, windows: list[Window]) -> list[Pick]:
+    def window_for(self, keep: float) -> int:
+        return self.window if self.window is not None else default_window(keep)
+
+    def at_once(self, window: int) -> int:
+        return max(1, self.gram_entries // window**2)
+
+    def pick(self, windows: list[Window]) -> list[Pick]:
         residual, inputs = _stack(windows)
         budgets = [k for _, k in windows]
         if max(budgets) > residual.shape[2] * inputs.shape[2]:

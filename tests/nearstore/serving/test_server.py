@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.flight as flight
 import pytest
 import torch
+from resume import assert_resumes_at_every_batch
 from servers import free_port
 
 from loaders import FlightSource, StreamingLoader
@@ -73,6 +74,13 @@ def test_loader_through_the_server_yields_the_same_batches_as_reading_storage(se
     epoch = shipped["per_epoch"][0]["storage"]
     assert len(seen) * (8 * 4 + 8) <= epoch["bytes"] <= 1.1 * id_store.stored_nbytes(id_store.sample_arrays)
     assert epoch["requests"] >= id_store.num_shards and shipped["storage_reads"]["bytes"] >= epoch["bytes"]
+
+
+def test_a_loader_through_the_server_resumes_at_every_batch(served):
+    def make() -> StreamingLoader:
+        return StreamingLoader(served.url, batch_size=256, seed=2, backend="torch", device="cpu")
+
+    assert assert_resumes_at_every_batch(make) == 2 * 3 + 1  # 750 samples, batches of 256
 
 
 def test_warm_start_epochs_are_shipped_whole_then_the_round(served, id_store):

@@ -1,0 +1,136 @@
+"""One conformance suite for every `Source` a loader reads from (as zarr-python's StoreTests is for
+its stores): a store on local files, on S3 (moto) and over HTTP (nginx), and a near-storage server
+over Flight, all holding the same id-encoded samples."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from conftest import NUM_CLASSES, SHARD_SAMPLES, id_encoded
+
+from loaders import FlightSource, Source, StoreSource, StreamingLoader, open_source
+from nearstore import SampleIdError, Selection, open_dataset, write_dataset
+from nearstore.serving import NearStoreServer
+from nearstore.serving.protocol import ALL_SAMPLES
+from nearstore.storage.dataset import sample_identity
+
+KINDS = ["local", "s3", "http", "flight"]
+
+
+def tiny_model() -> torch.nn.Module:
+    """The trainer's model for the id-encoded samples: 8 inputs, 5 classes."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, NUM_CLASSES))
+
+
+def batches(data):
+    return ({k: v[i : i + 700] for k, v in data.items()} for i in range(0, len(data["y"]), 700))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return id_encoded()
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory, s3, nginx, data):
+    """The same samples written to local files, S3 and nginx's root: {kind: (url, storage_options)}."""
+    local = str(tmp_path_factory.mktemp("sources") / "ids.zarr")
+    write_dataset(local, batches(data), shard_samples=SHARD_SAMPLES)
+    fsspec.filesystem("s3", **s3.storage_options).mkdir("sources")
+    write_dataset(
+        "s3://sources/ids.zarr", batches(data), shard_samples=SHARD_SAMPLES, storage_options=s3.storage_options
+    )
+    write_dataset(str(nginx.root / "sources-ids.zarr"), batches(data), shard_samples=SHARD_SAMPLES)
+    return {
+        "local": (local, None),
+        "s3": ("s3://sources/ids.zarr", s3.storage_options),
+        "http": (f"{nginx.url}/sources-ids.zarr", None),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(urls):
+    """A near-storage server beside the local store, round 0 every sample, taking tiny_model weights."""
+    dataset = open_dataset(urls["local"][0])
+    every = Selection.of(dataset, np.arange(dataset.num_samples), method="all", params={}, io={})
+    near = NearStoreServer(dataset, selection=every, model=tiny_model)
+    yield near
+    near.shutdown()
+
+
+@pytest.fixture(params=KINDS)
+def source(request, urls, server) -> Source:
+    """Each kind of source, opened afresh (a source keeps what it has learnt of its store)."""
+    if request.param == "flight":
+        opened = open_source(server.url)
+    else:
+        url, options = urls[request.param]
+        opened = open_source(url, storage_options=options)
+    yield opened
+    opened.close()
+
+
+class TestSources:
+    def test_kind_follows_the_url(self, source, request):
+        kind = request.node.callspec.params["source"]
+        assert isinstance(source, FlightSource if kind == "flight" else StoreSource)
+
+    def test_identity_names_the_samples(self, source, urls, data):
+        local = open_dataset(urls["local"][0])
+        assert sample_identity(source.identity) == sample_identity(local.identity())
+        assert source.num_samples == len(data["y"]) and source.sample_arrays == ("x", "y")
+        assert source.label_array == "y"
+
+    def test_reads_return_the_samples_asked_for_in_order(self, source, data):
+        ids = np.array([2499, 3, 3, 1000, 256, 255, 0])  # unsorted, repeated, across shards
+        out = source.read(ids, arrays=["x", "y"], round=ALL_SAMPLES)
+        np.testing.assert_array_equal(out["x"], data["x"][ids])
+        np.testing.assert_array_equal(out["y"], data["y"][ids])
+        only_x = source.read(ids[:2], arrays=["x"], round=ALL_SAMPLES)
+        assert list(only_x) == ["x"]
+        stats = source.stats.snapshot()
+        assert stats.samples == len(ids) + 2 and stats.requests >= 2 and stats.bytes >= len(ids) * (8 * 4 + 8)
+
+    def test_ids_out_of_range_are_refused_by_name(self, source):
+        with pytest.raises(SampleIdError, match="sample id 2500 out of range"):
+            source.read([0, 2500], arrays=["x"], round=ALL_SAMPLES)
+        with pytest.raises(SampleIdError, match="sample id -1 out of range"):
+            source.read([-1], arrays=["y"], round=ALL_SAMPLES)
+
+    def test_stored_bytes_are_the_stores(self, source, urls):
+        local = open_dataset(urls["local"][0])
+        assert source.stored_bytes(["x"]) == local.stored_nbytes(["x"])
+        assert source.stored_bytes(["x", "y"]) == local.stored_nbytes(["x", "y"])
+
+    def test_storage_reads_count_what_the_storage_side_read(self, source):
+        before = source.storage_reads()
+        source.read(np.arange(40, 80), arrays=["x", "y"], round=ALL_SAMPLES)
+        after = source.storage_reads()
+        # every x is stored; a label equal to the fill value (0) is not (zarr writes no such chunk)
+        assert after["samples"] - before["samples"] >= 40 and after["bytes"] - before["bytes"] >= 40 * 8 * 4
+
+    def test_the_held_selection_is_of_this_dataset(self, source):
+        held = source.selection()
+        assert held is None or sample_identity(held.dataset) == sample_identity(source.identity)
+
+    def test_a_new_round_is_scored_by_the_pushed_model(self, source, data):
+        torch.manual_seed(0)
+        source.update_proxy(tiny_model())
+        held = source.selection()  # a store holds no rounds: the loader says which it iterates
+        ids, round = (held.ids, held.round) if held is not None else (np.arange(source.num_samples), 4)
+        chosen = source.select(ids, round, keep=0.1, method="crest", options={}, seed=3)
+        assert chosen.round == round + 1 and chosen.params["proxy"] == "ModelProxy"
+        assert sample_identity(chosen.dataset) == sample_identity(source.identity)
+        assert np.bincount(data["y"][chosen.ids]).tolist() == [50] * NUM_CLASSES
+        out = source.read(chosen.ids[:5], arrays=["x"], round=chosen.round)
+        np.testing.assert_array_equal(out["x"], data["x"][chosen.ids[:5]])
+
+    def test_a_loader_reads_every_selected_sample_once(self, source, data):
+        loader = StreamingLoader(source, np.arange(0, 2500, 7), batch_size=64, backend="torch", device="cpu")
+        if isinstance(source, FlightSource):  # a server reads only what its round holds
+            loader = StreamingLoader(source, batch_size=64, backend="torch", device="cpu")
+        seen = [int(i) for x, _ in loader for i in x[:, 0].round().long()]
+        assert sorted(seen) == loader.ids.tolist()
+        assert loader.io_stats()["full_epoch_bytes"] == source.stored_bytes(["x", "y"])

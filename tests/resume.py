@@ -1,0 +1,37 @@
+"""The resume contract, one check for every loader (as torchdata.nodes' shared state test): stop
+after any number of batches, save the state, and a fresh loader given it delivers exactly what
+the uninterrupted one would have, in the same order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from loaders import StreamingLoader
+
+
+def sample_ids(batch) -> list[int]:
+    """The id-encoded store's x[i, 0] is i."""
+    return batch[0][:, 0].round().long().tolist()
+
+
+def batches(loader: StreamingLoader, epochs: int) -> Iterator[list[int]]:
+    """The ids of each batch the loader delivers until it has completed `epochs` epochs."""
+    while loader.epoch < epochs:
+        for batch in loader:
+            yield sample_ids(batch)
+
+
+def assert_resumes_at_every_batch(make: Callable[[], StreamingLoader], epochs: int = 2) -> int:
+    """For every batch boundary of `epochs` epochs: the state of a loader stopped there resumes on
+    a fresh loader to the same remaining batches. Returns the number of boundaries checked."""
+    reference = list(batches(make(), epochs))
+    for stop in range(len(reference) + 1):
+        interrupted = make()
+        delivered = batches(interrupted, epochs)
+        head = [next(delivered) for _ in range(stop)]
+        state = interrupted.state_dict()
+        resumed = make()
+        resumed.load_state_dict(state)
+        rest = list(batches(resumed, epochs))
+        assert head + rest == reference, f"resumed after {stop} batches: {len(rest)} batches followed"
+    return len(reference) + 1
