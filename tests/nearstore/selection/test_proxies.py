@@ -6,29 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore import ModelProxy, RandomFeatureProxy, open_dataset, write_dataset
+from nearstore import ModelProxy, RandomFeatureProxy
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    """150 samples of 3 Gaussian classes in shards of 32, written once: (url, x, y)."""
+def blobs():
+    """150 samples of 3 Gaussian classes: (x, y)."""
     rng = np.random.default_rng(0)
     y = np.arange(150) % 3
-    x = (rng.normal(size=(150, 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
-    url = str(tmp_path_factory.mktemp("scan") / "blobs.zarr")
-    write_dataset(url, [{"x": x, "y": y}], shard_samples=32)
-    return url, x, y
-
-
-@pytest.fixture
-def blobs(written):
-    """`written` opened afresh, so what a test reads is not in an earlier test's caches."""
-    url, x, y = written
-    return open_dataset(url), x, y
+    return (rng.normal(size=(150, 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32), y
 
 
 def test_proxy_learns_and_rejects_bad_input(blobs):
-    _, x, y = blobs
+    x, y = blobs
     proxy = RandomFeatureProxy(3, width=64).fit(x, y)
     assert (proxy.logits(x).argmax(1).numpy() == y).mean() > 0.9
     assert proxy.embed(x[:5], y[:5]).shape == (5, proxy.embedding_dim) == (5, 3 * 65)
@@ -46,7 +36,7 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
 
 
 def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
-    _, x, y = blobs
+    x, y = blobs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
     model.train()
