@@ -36,18 +36,9 @@ def layer(module: str) -> int:
 
 
 def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The project modules `path` imports at run time (not those under `if TYPE_CHECKING:`)."""
-    tree = ast.parse(path.read_text())
-    typing_only = {
-        id(node)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
-        for node in ast.walk(block)
-    }
+    """The project modules `path` imports, anywhere in it (for types only, too)."""
     found = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,9 +18,6 @@ from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import Scan, scan_io
 from nearstore.storage import POOL_READS, Coalescing, Dataset, read_labels
-
-if TYPE_CHECKING:
-    from nearstore.selection.selectors.base import WindowedSelector
 
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
 Window = tuple[tuple[torch.Tensor, ...], int]
@@ -73,6 +70,21 @@ class ClassWindows:
         return ids, (parts, k)
 
 
+class Windowed(Protocol):
+    """What `windowed_select` needs of a method (`selectors.base.WindowedSelector` has it)."""
+
+    method: str
+    factored: bool  # whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x
+
+    def params(self) -> dict[str, Any]: ...
+
+    def pick(self, windows: list[Window]) -> list[Pick]: ...
+
+    def window_for(self, keep: float) -> int: ...
+
+    def at_once(self, window: int) -> int: ...
+
+
 class Decisions:
     """Windows waiting for a method's pick, and what the decided ones keep."""
 
@@ -97,7 +109,7 @@ class Decisions:
 
 
 def windowed_select(
-    selector: WindowedSelector,
+    selector: Windowed,
     dataset: Dataset,
     keep: float,
     *,
