@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E402
-from nearstore.app.converters import digits_batches, ensure_mnist1d  # noqa: E402
+from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, noisy_labels  # noqa: E402
 from nearstore.app.training import accuracy, fit, mnist1d_cnn  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 
@@ -70,6 +70,7 @@ STATIC = {
 BALANCED_START = ("crest", {})
 DEFAULT = (DEFAULT_METHOD, {})
 POOL = {"pool": 2.0}  # the default's pool up to a third of the data, where its parts were measured
+MUTED = {"mute_suspects": True}
 DYNAMIC = {
     "graft-dynamic": (DEFAULT, None),
     # The default up to a third of the data, at every budget: at 50% its pool is every sample.
@@ -87,14 +88,34 @@ DYNAMIC = {
     # Round 0 class-balanced random instead of GRAFT's model-free picks (where digits lose, below).
     "graft-dynamic-balanced-start": (BALANCED_START, None),
     "graft-dynamic-warm": (BALANCED_START, None),  # round 0 is never trained on
+    # Under label noise: samples whose label the proxy contradicts (confident learning) muted, so
+    # MaxVol does not take them; with pools drawn afresh; round 0 class-balanced random.
+    "graft-dynamic-muted": (("graft", MUTED), ("default", MUTED)),
+    "graft-dynamic-muted-fresh": (("graft", MUTED), ("default", {**MUTED, "pool_previous": False})),
+    "graft-dynamic-muted-balanced-start": (BALANCED_START, ("default", MUTED)),
+    "graft-dynamic-muted-balanced-fresh": (BALANCED_START, ("default", {**MUTED, "pool_previous": False})),
     "crest-dynamic": (BALANCED_START, ("crest", {})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),
+    # The bar under label noise: a class-balanced random subset drawn afresh every round.
+    "random-balanced-dynamic": (("random", {"class_balanced": True}), ("random", {"class_balanced": True})),
 }
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
 WARM_START_EPOCHS = {"graft-dynamic-warm": 2, "random-warm": 2}
 METHODS = ["full", *STATIC, *DYNAMIC]
 BATCH = 128
+# What the training split suffers (the test split stays clean and balanced): (label noise, its
+# rate, the long tail's imbalance ratio n_max / n_min). Symmetric noise replaces a label by a
+# uniformly random class (which may be the same one); pair noise turns class c into c + 1.
+CASES = {
+    "clean": (None, 0.0, 1),
+    "sym20": ("symmetric", 0.2, 1),
+    "sym40": ("symmetric", 0.4, 1),
+    "pair20": ("pair", 0.2, 1),
+    "lt10": (None, 0.0, 10),
+    "lt100": (None, 0.0, 100),
+    "lt10-sym20": ("symmetric", 0.2, 10),
+}
 
 
 @dataclass
@@ -114,6 +135,9 @@ class Run:
     shipped_bytes: int
     distinct_samples: int
     steps: int
+    balanced_accuracy: float = math.nan  # the mean of the classes' test accuracies
+    per_class: list[float] | None = None
+    noisy_share: float = math.nan  # of the samples each round selected, the share with a wrong label
 
 
 class Pixels(nn.Module):
@@ -148,12 +172,38 @@ def datasets(
     return out
 
 
+def corrupted(dataset: Dataset, case: str, root: Path, seed: int = 0) -> tuple[Dataset, np.ndarray]:
+    """`dataset` as `case` has it (CASES): its long tail (`long_tail`), then its labels corrupted
+    (`noisy_labels`); written once under `root` with the true labels beside it. Returns the store
+    and which of its labels are wrong."""
+    noise, rate, ratio = CASES[case]
+    url, truth = root / f"{Path(dataset.url).stem}-{case}.zarr", root / f"{Path(dataset.url).stem}-{case}.npy"
+    if not truth.exists():
+        x, y = dataset.arrays["x"][:], dataset.labels[:]
+        kept = long_tail(y, ratio)
+        x, y = x[kept], y[kept]
+        noisy = noisy_labels(y, noise, rate, seed=seed) if noise else y
+        write_dataset(str(url), [{"x": x, "y": noisy}], shard_samples=dataset.shard_samples, overwrite=True)
+        np.save(truth, y)
+    store = open_dataset(str(url))
+    return store, store.labels[:] != np.load(truth)
+
+
 def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = next(iter(StreamingLoader(dataset, batch_size=dataset.num_samples, shuffle=False, backend="torch")))
     return x, y
 
 
-def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
+def class_accuracies(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
+    """Each class's test accuracy."""
+    model.eval()
+    with torch.no_grad():
+        right = (model(test[0]).argmax(1) == test[1]).numpy()
+    labels = test[1].numpy()
+    return [float(right[labels == c].mean()) for c in np.unique(labels)]
+
+
+def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None) -> Run:
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
     store = open_dataset(store.url)
@@ -181,21 +231,27 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
         device="cpu",
     )
     seen = set(range(store.num_samples) if warm else loader.ids.tolist())
+    noisy = [] if flipped is None else [float(flipped[loader.ids].mean())]
 
     def rounds(epoch: int) -> bool:
         if method not in DYNAMIC or epoch < max(warm, 1) or (epoch - warm) % every:
             return False
-        kind, options = DYNAMIC[method][1] or default_reselect(keep)
+        spec = DYNAMIC[method][1]  # None, or ("default", options on top of it): default_reselect(keep)
+        kind, options = spec if spec is not None and spec[0] != "default" else default_reselect(keep)
+        options = {**options, **(spec[1] if spec is not None and spec[0] == "default" else {})}
         if kind != "random":
             loader.update_proxy(model)
         loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)
         seen.update(loader.ids.tolist())
+        if flipped is not None:
+            noisy.append(float(flipped[loader.ids].mean()))
         return True
 
     trained = fit(model, loader, epochs, rounds=rounds, evaluate=lambda m: accuracy(m, [test]), weighted=weighted)
     # seconds of selection and training when each epoch ends (evaluation excluded)
     spent = np.cumsum([trained.round_seconds.get(e, 0.0) + s for e, s in enumerate(trained.epoch_seconds)])
     io = loader.io_stats()
+    per_class = class_accuracies(model, test)
     return Run(
         dataset=name,
         method=method,
@@ -212,6 +268,9 @@ def train(name, store, test, factory, method, keep, seed, epochs, every) -> Run:
         shipped_bytes=io["bytes_read"],
         distinct_samples=len(seen),
         steps=trained.steps,
+        balanced_accuracy=float(np.mean(per_class)),
+        per_class=per_class,
+        noisy_share=float(np.mean(noisy)) if noisy else math.nan,
     )
 
 
@@ -238,6 +297,8 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "seeds": len(members),
                 "accuracy_mean": float(acc.mean()),
                 "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "balanced_accuracy_mean": float(np.mean([r.balanced_accuracy for r in members])),
+                "noisy_share": float(np.mean([r.noisy_share for r in members])),
                 "paired_gain_mean": float(gains.mean()) if len(gains) else None,
                 "paired_gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else None,
                 "seeds_ahead": f"{int((gains > 0).sum())}/{len(gains)}" if len(gains) else None,
@@ -259,28 +320,35 @@ def _seconds_to(run: Run, target: float) -> float | None:
     return next((t for t, acc in zip(run.clock, run.curve) if acc >= target), None)
 
 
+def gap(row: dict, base: dict | None) -> str:
+    """row's accuracy against base's, in σ = (mean − mean_base) / √(std² + std_base²)."""
+    if base is None or base is row:
+        return ""
+    spread = math.hypot(row["accuracy_std"], base["accuracy_std"]) or float("nan")
+    return f"{(row['accuracy_mean'] - base['accuracy_mean']) / spread:+.1f}σ"
+
+
 def report(rows: list[dict]) -> None:
     print(
-        f"{'dataset':<8} {'method':<26} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
-        f"{'paired gain':>14} {'ahead':>6} "
+        f"{'dataset':<17} {'method':<26} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
+        f"{'vs fresh':>8} {'paired gain':>14} {'ahead':>6} {'balanced':>8} {'noisy':>6} "
         f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
     )
-    baseline = {(r["dataset"], r["keep"], r["epochs"]): r for r in rows if r["method"] == "random"}
+    key = {(r["dataset"], r["keep"], r["epochs"], r["method"]): r for r in rows}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["keep"], r["epochs"], r["method"])):
-        base = baseline.get((r["dataset"], r["keep"], r["epochs"]))
-        gap = ""
-        if base and r["method"] != "random":
-            spread = math.hypot(r["accuracy_std"], base["accuracy_std"]) or float("nan")
-            gap = f"{(r['accuracy_mean'] - base['accuracy_mean']) / spread:+.1f}σ"
+        random = key.get((r["dataset"], r["keep"], r["epochs"], "random"))
+        fresh = key.get((r["dataset"], r["keep"], r["epochs"], "random-balanced-dynamic"))
         target = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "-"
         paired = ""
         if r["paired_gain_std"] is not None and r["method"] != "random":
             paired = f"{100 * r['paired_gain_mean']:+.2f} ± {100 * r['paired_gain_std']:.2f}"
         ratio = f"{r['round_vs_full_epoch']:.2f}" if r["round_vs_full_epoch"] is not None else "-"
+        noisy = "" if math.isnan(r["noisy_share"]) else f"{r['noisy_share']:.1%}"
         print(
-            f"{r['dataset']:<8} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
-            f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap:>10} {paired:>14} "
-            f"{(r['seeds_ahead'] if paired else ''):>6} {r['seconds']:>6.1f} {target:>8} "
+            f"{r['dataset']:<17} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
+            f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap(r, random):>10} {gap(r, fresh):>8} "
+            f"{paired:>14} {(r['seeds_ahead'] if paired else ''):>6} {r['balanced_accuracy_mean']:>8.2%} "
+            f"{noisy:>6} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
             f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"
         )
@@ -329,6 +397,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--every", type=int, default=3, help="dynamic methods: epochs between rounds")
     parser.add_argument(
+        "--cases", nargs="+", default=["clean"], choices=list(CASES), help="label noise and long tails (CASES)"
+    )
+    parser.add_argument(
         "--equal-steps", action="store_true", help="also train the subset methods for the full run's steps"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -349,14 +420,20 @@ def main() -> None:
     log = args.out / "selection_quality.runs.jsonl"
     stores = {} if args.report_only else datasets(args.datasets, args.out / "data", *sizes)
     runs: list[Run] = []
-    for name, (store, test, factory) in stores.items():
+    variants = [
+        (base if case == "clean" else f"{base}/{case}", clean, test, factory, case)
+        for base, (clean, test, factory) in stores.items()
+        for case in args.cases
+    ]
+    for name, clean, test, factory, case in variants:
+        store, flipped = (clean, None) if case == "clean" else corrupted(clean, case, args.out / "data")
         plan = [("full", 1.0, args.epochs)] if "full" in args.methods else []
         plan += [(m, k, args.epochs) for k in args.budgets for m in args.methods if m != "full"]
         if args.equal_steps:
             plan += [(m, k, round(args.epochs / k)) for k in args.budgets for m in args.methods if m != "full"]
         for method, keep, epochs in plan:
             for seed in args.seeds:
-                run = train(name, store, test, factory, method, keep, seed, epochs, args.every)
+                run = train(name, store, test, factory, method, keep, seed, epochs, args.every, flipped)
                 runs.append(run)
                 with log.open("a") as f:
                     f.write(json.dumps(asdict(run)) + "\n")

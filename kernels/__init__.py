@@ -6,14 +6,17 @@ from kernels.agreement import agreement_scores, residual_scores, sketch_basis
 from kernels.facility_location import facility_location
 from kernels.frequent_directions import FrequentDirections
 from kernels.gradients import last_layer_factors, last_layer_gradients
+from kernels.label_issues import ConfidentJoint, label_issues
 from kernels.maxvol import maxvol, pivoted_cholesky
 from kernels.topk import StreamingTopK
 
 __all__ = [
+    "ConfidentJoint",
     "FrequentDirections",
     "StreamingTopK",
     "agreement_scores",
     "facility_location",
+    "label_issues",
     "last_layer_factors",
     "last_layer_gradients",
     "maxvol",

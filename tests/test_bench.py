@@ -17,6 +17,7 @@ WRITES = {
     "gpu": ("gpu.json", "kernels"),
     "io_savings": ("io_savings.json", "results"),
     "kernels": ("kernels.json", "methods"),
+    "label_errors": ("label_errors.json", "mnist1d/sym20"),
     "loader": ("loader.json", "results"),
     "range_clients": ("range_clients.json", "results"),
     "round_cost": ("round_cost.json", "rows"),

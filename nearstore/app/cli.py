@@ -9,9 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import fsspec
+import numpy as np
+
 from nearstore import NearstoreError, ParameterError, Selection, open_dataset, write_dataset
 from nearstore.app import converters
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector, sage_select
+from nearstore.storage import read_labels
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     select.add_argument("out", help="where to save the selection (.npz)")
     _selector_arguments(select)
     select.add_argument("--scheduler", help="a dask.distributed scheduler (tcp://host:port) to run the SAGE scan on")
+    select.add_argument(
+        "--report", help="write the samples whose label looks wrong here (CSV: id, label, suggested, quality)"
+    )
 
     serve = commands.add_parser(
         "serve", help="run beside the data: select, then stream the selected samples to trainers (Arrow Flight)"
@@ -155,6 +162,14 @@ def _select(args: argparse.Namespace) -> int:
     if args.scheduler and args.method != "sage":
         raise ParameterError(f"--scheduler runs the SAGE scan only, not {args.method!r}")
     selector = make_selector(args.method, **options)  # options checked before any scan
+    if args.report and not selector.mute_suspects:
+        raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
+    # Where the results go is checked now, not after the scan: an unwritable path loses no work.
+    dataset.check_outside(args.out, "the selection")
+    _write(args.out, "the selection", b"")
+    if args.report:
+        dataset.check_outside(args.report, "the report")
+        _write(args.report, "the report", b"")
     if args.scheduler:
         from distributed import Client
 
@@ -168,7 +183,24 @@ def _select(args: argparse.Namespace) -> int:
         f"selected {len(selection)} of {dataset.num_samples} samples ({selection.keep:.1%}); "
         f"scan read {selection.io['bytes'] / 1e6:.2f} MB in {selection.io['seconds']:.1f} s; saved {args.out}"
     )
+    if args.report:
+        suspects = selection.suspects
+        labels, _ = read_labels(dataset, "a label report")  # kept by the scan: read again from memory
+        order = np.argsort(suspects.quality, kind="stable")  # the most suspect first
+        rows = zip(suspects.ids[order], labels[suspects.ids[order]], suspects.labels[order], suspects.quality[order])
+        lines = ["id,label,suggested,quality", *(f"{i},{y},{s},{q:.4f}" for i, y, s, q in rows)]
+        _write(args.report, "the report", ("\n".join(lines) + "\n").encode())
+        share = len(suspects) / dataset.num_samples
+        print(f"{len(suspects)} samples' labels look wrong ({share:.1%}); wrote {args.report}")
     return 0
+
+
+def _write(url: str, what: str, data: bytes) -> None:
+    try:
+        with fsspec.open(url, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise type(e)(f"cannot write {what} to {url!r}: {e}") from e
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -79,6 +79,38 @@ def ensure_mnist1d(url: str, num_samples: int, seed: int) -> Dataset:
     )
 
 
+NOISE = ("symmetric", "pair")
+
+
+def noisy_labels(labels: np.ndarray, kind: str, rate: float, *, seed: int = 0) -> np.ndarray:
+    """`labels` with a share `rate` of them corrupted, for studying robustness: "symmetric" replaces
+    a label by a uniformly random class (which may be the same one), "pair" turns class c into
+    c + 1 (mod the number of classes). Seeded: the same call corrupts the same samples."""
+    if kind not in NOISE:
+        raise ParameterError(f"label noise must be one of {NOISE}, got {kind!r}")
+    if not 0 <= rate <= 1:
+        raise ParameterError(f"label noise rate must be in [0, 1], got {rate}")
+    labels = np.asarray(labels)
+    classes = int(labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    hit = rng.random(len(labels)) < rate
+    noisy = labels.copy()
+    noisy[hit] = rng.integers(0, classes, int(hit.sum())) if kind == "symmetric" else (labels[hit] + 1) % classes
+    return noisy
+
+
+def long_tail(labels: np.ndarray, ratio: float) -> np.ndarray:
+    """The sample ids (sorted) a long tail keeps: class c of C keeps its first
+    n_c · ratio^(−c / (C − 1)) samples (at least one), so n_max / n_min is about `ratio`."""
+    if not ratio >= 1:
+        raise ParameterError(f"imbalance ratio must be >= 1, got {ratio}")
+    labels = np.asarray(labels)
+    classes = int(labels.max()) + 1
+    members = [np.flatnonzero(labels == c) for c in range(classes)]
+    shares = [ratio ** (-c / max(1, classes - 1)) for c in range(classes)]
+    return np.sort(np.concatenate([m[: max(1, round(len(m) * f))] for m, f in zip(members, shares) if len(m)]))
+
+
 def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch: int) -> Batches:
     if y is not None and len(y) != len(x):
         raise DatasetError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}")

@@ -15,7 +15,36 @@ import numpy as np
 from nearstore.errors import DatasetError, SampleIdError
 from nearstore.storage.dataset import Dataset, check_ids, sample_identity
 
-SELECTION_VERSION = 1
+SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
+READABLE_VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Suspects:
+    """Samples whose given label the proxy contradicts with confidence (confident learning,
+    `kernels.label_issues`): their ids (sorted), the class the proxy is confident of instead, and
+    the label's quality p(given label | x) under the proxy, lower the more suspect."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    quality: np.ndarray
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        labels = np.asarray(self.labels, dtype=np.int64)
+        quality = np.asarray(self.quality, dtype=np.float32)
+        if ids.ndim != 1 or labels.shape != ids.shape or quality.shape != ids.shape:
+            raise DatasetError(
+                f"suspects' ids, labels and quality must be 1-D of one length, got {ids.shape}, "
+                f"{labels.shape}, {quality.shape}"
+            )
+        object.__setattr__(self, "ids", ids[order])
+        object.__setattr__(self, "labels", labels[order])
+        object.__setattr__(self, "quality", quality[order])
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -26,6 +55,7 @@ class Selection:
     weights: per-sample loss weights (1.0 unless the method weights, as CRAIG does).
     scores: the selector's score of each selected sample (NaN where it has none).
     io: figures of the scan that chose it (bytes and requests read, seconds).
+    suspects: the samples it scored whose labels look wrong (None: the method does not judge).
     """
 
     dataset: dict[str, Any]
@@ -36,6 +66,7 @@ class Selection:
     params: dict[str, Any] = field(default_factory=dict)
     round: int = 0
     io: dict[str, Any] = field(default_factory=dict)
+    suspects: Suspects | None = None
     version: int = SELECTION_VERSION
 
     def __post_init__(self) -> None:
@@ -52,6 +83,8 @@ class Selection:
         check_ids(ids, int(self.dataset.get("num_samples", 0)), f"a selection of {self.dataset.get('url')!r}")
         if not np.all(np.isfinite(weights)) or np.any(weights < 0):
             raise DatasetError("selection weights must be finite and >= 0")
+        if self.suspects is not None:
+            check_ids(self.suspects.ids, int(self.dataset.get("num_samples", 0)), "a selection's suspects")
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "scores", scores)
@@ -67,6 +100,7 @@ class Selection:
         io: dict[str, Any],
         weights: np.ndarray | None = None,
         scores: np.ndarray | None = None,
+        suspects: Suspects | None = None,
     ) -> Selection:
         """A selector's picks of `dataset`, in any order, as a record sorted by id; weights 1 and
         scores NaN where the method gives none."""
@@ -82,6 +116,7 @@ class Selection:
             method=method,
             params=params,
             io=io,
+            suspects=suspects,
         )
 
     def __len__(self) -> int:
@@ -113,19 +148,26 @@ class Selection:
             "round": self.round,
             "io": self.io,
         }
+        arrays = {"ids": self.ids, "weights": self.weights, "scores": self.scores}
+        if self.suspects is not None:
+            arrays |= {f"suspect_{k}": getattr(self.suspects, k) for k in ("ids", "labels", "quality")}
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, ids=self.ids, weights=self.weights, scores=self.scores, meta=json.dumps(meta))
+        np.savez_compressed(buffer, **arrays, meta=json.dumps(meta))
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Selection:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
-            if meta.get("version") != SELECTION_VERSION:
+            if meta.get("version") not in READABLE_VERSIONS:
                 raise DatasetError(
-                    f"selection format version {meta.get('version')!r}; this nearstore reads {SELECTION_VERSION}"
+                    f"selection format version {meta.get('version')!r}; this nearstore reads {READABLE_VERSIONS}"
                 )
-            return cls(ids=f["ids"], weights=f["weights"], scores=f["scores"], **meta)
+            suspects = None
+            if "suspect_ids" in f:
+                suspects = Suspects(f["suspect_ids"], f["suspect_labels"], f["suspect_quality"])
+            meta["version"] = SELECTION_VERSION
+            return cls(ids=f["ids"], weights=f["weights"], scores=f["scores"], suspects=suspects, **meta)
 
     def save(self, url: str | Path) -> None:
         """Write to a local path or any fsspec URL (never inside the source dataset)."""

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kernels import ConfidentJoint, label_issues
 from nearstore.errors import DatasetError
 from nearstore.selection.proxies import Proxy, RandomFeatureProxy
+from nearstore.selection.record import Suspects
 from nearstore.storage import POOL_READS, Coalescing, Dataset, SelectiveReader
 
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
@@ -162,6 +164,43 @@ def embed(
         else:
             groups = {0: np.arange(len(ids))}
         yield ids, groups, embeddings
+
+
+class SuspectsFound:
+    """What `mute_suspects` found, batch by batch."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, ids: np.ndarray, labels: np.ndarray, quality: np.ndarray) -> None:
+        self.parts.append((ids, labels, quality))
+
+    def suspects(self) -> Suspects:
+        if not self.parts:
+            return Suspects(np.zeros(0), np.zeros(0), np.zeros(0))
+        return Suspects(*(np.concatenate(column) for column in zip(*self.parts)))
+
+
+def mute_suspects(stream: Iterable[Embedded], num_classes: int, found: SuspectsFound) -> Iterator[Embedded]:
+    """Stage 3, for factored embeddings grouped by class: the samples whose label the proxy
+    contradicts with confidence (`kernels.label_issues`, each class's threshold over every sample
+    streamed so far) get a zero gradient, so a diversity pick (MaxVol) takes them only when their
+    window has nothing else left to span; what was found goes to `found`. The proxy's p = r + onehot(y)."""
+    joint = ConfidentJoint(num_classes)
+    for ids, groups, (residual, inputs) in stream:
+        labels = torch.empty(len(ids), dtype=torch.int64, device=residual.device)
+        for group, rows in groups.items():
+            labels[torch.from_numpy(rows).to(residual.device)] = group
+        probs = residual + torch.nn.functional.one_hot(labels, residual.shape[1]).to(residual)
+        joint.update(probs, labels)
+        confident = label_issues(probs, labels, joint.thresholds())
+        suspect = confident >= 0
+        if suspect.any():
+            quality = probs.gather(1, labels[:, None])[:, 0]
+            rows = suspect.cpu().numpy()
+            found.add(ids[rows], confident[suspect].cpu().numpy(), quality[suspect].cpu().numpy())
+            residual = residual.masked_fill(suspect[:, None], 0)
+        yield ids, groups, (residual, inputs)
 
 
 def _fit_default_proxy(

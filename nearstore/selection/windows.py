@@ -16,7 +16,7 @@ from kernels import facility_location
 from nearstore.selection.plan import check_keep, class_pools, share, window_bounds
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.stages import Scan, scan_io
+from nearstore.selection.stages import Scan, SuspectsFound, mute_suspects, scan_io
 from nearstore.storage import POOL_READS, Coalescing, Dataset, read_labels
 
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
@@ -75,6 +75,7 @@ class Windowed(Protocol):
 
     method: str
     factored: bool  # whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x
+    mute_suspects: bool  # whether samples with suspected label errors get zero gradients (factored)
 
     def params(self) -> dict[str, Any]: ...
 
@@ -142,6 +143,9 @@ def windowed_select(
         inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, factored)
         readers += [labels_reader, inputs]
         windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))
+    found = SuspectsFound() if selector.mute_suspects else None
+    if found is not None:
+        stream = mute_suspects(stream, scan.proxy.num_classes, found)
     decisions, at_once = Decisions(selector.pick), selector.at_once(window)
     for ids, groups, embeddings in stream:
         parts = embeddings if factored else (embeddings,)
@@ -170,6 +174,7 @@ def windowed_select(
             "window": window,
         },
         io=scan_io(started, readers),
+        suspects=found.suspects() if found is not None else None,
     )
 
 

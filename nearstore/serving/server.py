@@ -316,13 +316,9 @@ class _TokenCheck(flight.ServerMiddlewareFactory):
 
 
 def _state_dir(path: str | Path, dataset: Dataset) -> Path:
-    """The server's own directory, created if missing; refused inside a local dataset."""
+    """The server's own directory, created if missing; refused inside the dataset."""
     path = Path(path).resolve()
-    store = Path(dataset.url).resolve() if "://" not in dataset.url or dataset.url.startswith("file://") else None
-    if store is not None and (path == store or store in path.parents):
-        raise ParameterError(
-            f"state_dir {str(path)!r} lies inside the dataset {dataset.url!r}, which is read-only to us"
-        )
+    dataset.check_outside(str(path), "state_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

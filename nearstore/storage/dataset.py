@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from nearstore.errors import DatasetError, SampleIdError
+from nearstore.errors import DatasetError, ParameterError, SampleIdError
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "nearstore"
@@ -102,6 +102,13 @@ class Dataset:
         """The fsspec filesystem of the URL, and the store's root path in it."""
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         return fs, root.rstrip("/")
+
+    def check_outside(self, url: str, what: str) -> None:
+        """Refuse to write `what` at `url` if it lies inside this store, which is read-only to us."""
+        fs, root = self.filesystem()
+        theirs, path = fsspec.core.url_to_fs(url)
+        if type(theirs) is type(fs) and (path.rstrip("/") == root or path.startswith(root + "/")):
+            raise ParameterError(f"{what} {url!r} lies inside the dataset {self.url!r}, which is read-only to us")
 
     def shard_path(self, name: str, shard: int, root: str | None = None) -> str:
         """Path of shard `shard` of array `name` in the filesystem (root: from `filesystem()`)."""

@@ -22,6 +22,9 @@ class Selector(ABC):
     construction); `select` runs it over a dataset."""
 
     method: ClassVar[str]
+    # Whether the method judges labels: the samples whose label its proxy contradicts with
+    # confidence (confident learning) are kept out of its picks and reported (Selection.suspects).
+    mute_suspects: ClassVar[bool] = False
 
     @abstractmethod
     def select(

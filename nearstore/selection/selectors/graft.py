@@ -42,6 +42,11 @@ class Graft(WindowedSelector):
     norm_power: each gradient enters MaxVol as g · ‖g‖^(norm_power − 1): 1 is GRAFT's raw
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
         tempers that; 0 weighs directions alone.
+    mute_suspects: samples whose label the proxy contradicts with confidence (confident learning,
+        `stages.mute_suspects`) enter MaxVol with zero gradients and are reported
+        (`Selection.suspects`). Under 20% label noise on MNIST-1D it cut the share of wrong labels
+        in the picks from about half to under a tenth, but it cost 4-5 points on clean data at
+        10%, where it mutes hard, clean samples too: off by default (docs/benchmarks.md).
     The defaults (and default_reselect's up to a third of the data) are what beat random by the
     widest margin on MNIST-1D (bench/selection_quality.py); MaxVol on raw gradients, as the paper
     has it, is norm_power=1.
@@ -57,6 +62,7 @@ class Graft(WindowedSelector):
     # shares (256 windows of 128 at once: a round 10% faster than 64). The picks do not change.
     gram_entries: int = 1 << 22
     pool_reads: Coalescing = POOL_READS
+    mute_suspects: bool = False
 
     def __post_init__(self) -> None:
         check_window(self.window)

@@ -36,6 +36,24 @@ def test_convert_select_and_info_on_digits(tmp_path, capsys, fingerprint):
     assert json.loads(capsys.readouterr().out)["num_samples"] == 1797
 
 
+def test_select_reports_the_labels_that_look_wrong(tmp_path, capsys):
+    # More samples than the model-free proxy's warm-up (4,096): those beyond are judged out of its sample.
+    store, out, report = str(tmp_path / "m.zarr"), str(tmp_path / "sel.npz"), tmp_path / "suspects.csv"
+    main(["convert", "mnist1d", store, "--num-samples", "6000"])
+    argv = ["select", store, out, "--keep", "0.2", "--option", "mute_suspects=true", "--report", str(report)]
+    assert main(argv) == 0
+    assert "samples' labels look wrong" in capsys.readouterr().out
+    lines = report.read_text().splitlines()
+    assert lines[0] == "id,label,suggested,quality"
+    rows = [line.split(",") for line in lines[1:]]
+    suspects = Selection.load(out).suspects
+    assert sorted(int(r[0]) for r in rows) == suspects.ids.tolist() and len(rows) > 0
+    labels = open_dataset(store).labels[:]
+    assert all(int(r[1]) == labels[int(r[0])] != int(r[2]) for r in rows)  # the given label, and another
+    quality = [float(r[3]) for r in rows]
+    assert quality == sorted(quality)  # the most suspect first
+
+
 def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
     x = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -58,6 +76,16 @@ def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
         (["select", "{tmp}/nothing.zarr", "{tmp}/s.npz"], "no zarr group"),
         (["select", "{digits}", "{tmp}/s.npz", "--keep", "2"], r"keep must be in \(0, 1\], got 2.0"),
         (["demo", "--workdir", "{tmp}/d", "--reselect-every", "-1"], "reselect_every must be >= 0, got -1"),
+        (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/r.csv"], "--report needs a method that judges"),
+        (
+            ["select", "{digits}", "{tmp}/s.npz", "--option", "mute_suspects=true", "--report", "{tmp}/s.npz/r.csv"],
+            "cannot write the report to '.*s.npz/r.csv'",  # below a file: no directory can be made there
+        ),
+        (["select", "{digits}", "{digits}/s.npz"], "the selection '.*digits.zarr/s.npz' lies inside the dataset"),
+        (
+            ["select", "{digits}", "{tmp}/s.npz", "--option", "mute_suspects=true", "--report", "{digits}/r.csv"],
+            "the report '.*digits.zarr/r.csv' lies inside the dataset",
+        ),
     ],
 )
 def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+
 import numpy as np
 import pytest
 
-from nearstore import NearstoreError, Selection, open_dataset, write_dataset
+from nearstore import NearstoreError, SampleIdError, Selection, open_dataset, write_dataset
+from nearstore.selection.record import Suspects
 
 
 def make(dataset, ids, **kwargs) -> Selection:
@@ -73,3 +78,19 @@ def test_unknown_version_is_refused(id_store):
     data = make(id_store, np.array([1]), version=7).to_bytes()
     with pytest.raises(ValueError, match="version"):
         Selection.from_bytes(data)
+
+
+def test_suspects_travel_with_the_selection_and_version_1_files_still_read(id_store, tmp_path):
+    suspects = Suspects(ids=[40, 7], labels=[2, 0], quality=[0.1, 0.05])
+    selection = dataclasses.replace(make(id_store, np.array([1, 2])), suspects=suspects)
+    loaded = Selection.from_bytes(selection.to_bytes())
+    assert loaded.suspects.ids.tolist() == [7, 40] and loaded.suspects.labels.tolist() == [0, 2]  # sorted by id
+    np.testing.assert_allclose(loaded.suspects.quality, [0.05, 0.1])
+    assert Selection.from_bytes(make(id_store, np.array([3])).to_bytes()).suspects is None
+    old = np.load(io.BytesIO(make(id_store, np.array([3])).to_bytes()))
+    meta = {**json.loads(str(old["meta"])), "version": 1}
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=old["ids"], weights=old["weights"], scores=old["scores"], meta=json.dumps(meta))
+    assert Selection.from_bytes(buffer.getvalue()).ids.tolist() == [3]
+    with pytest.raises(SampleIdError, match="out of range"):
+        dataclasses.replace(selection, suspects=Suspects(ids=[2500], labels=[0], quality=[0.1]))

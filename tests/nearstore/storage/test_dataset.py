@@ -5,7 +5,6 @@ import pytest
 import zarr
 
 from nearstore import DatasetError, open_dataset, write_dataset
-from nearstore.app.converters import digits_batches, mnist1d_batches, npy_batches, npz_batches
 
 
 def test_store_is_sharded_zarr_with_one_sample_per_inner_chunk(id_store, id_data):
@@ -124,52 +123,3 @@ def test_identity_describes_shapes_and_dtypes(id_store):
     identity = id_store.identity()
     assert identity["num_samples"] == 2500
     assert identity["arrays"]["x"] == {"shape": [2500, 8], "dtype": "float32"}
-
-
-def test_npy_and_npz_sources_stream_in_batches(tmp_path):
-    x = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
-    y = np.arange(1000) % 7
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    np.savez(tmp_path / "d.npz", x=x, y=y)
-    for batches in (
-        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy", batch=300),
-        npz_batches(tmp_path / "d.npz", batch=300),
-    ):
-        chunks = list(batches)
-        assert [len(c["x"]) for c in chunks] == [300, 300, 300, 100]
-        np.testing.assert_array_equal(np.concatenate([c["x"] for c in chunks]), x)
-        np.testing.assert_array_equal(np.concatenate([c["y"] for c in chunks]), y)
-
-
-def test_source_errors_name_the_file(tmp_path):
-    np.save(tmp_path / "x.npy", np.zeros((5, 2)))
-    np.save(tmp_path / "y.npy", np.zeros(4, dtype=int))
-    with pytest.raises(ValueError, match="x.npy has 5 samples but .*y.npy has 4"):
-        list(npy_batches(tmp_path / "x.npy", tmp_path / "y.npy"))
-    with pytest.raises(FileNotFoundError, match="nope.npy"):
-        list(npy_batches(tmp_path / "nope.npy"))
-    np.savez(tmp_path / "d.npz", a=np.zeros(3))
-    with pytest.raises(DatasetError, match="no array 'x'"):
-        list(npz_batches(tmp_path / "d.npz"))
-
-
-def test_mnist1d_is_deterministic_balanced_and_leaves_numpy_global_state(tmp_path):
-    np.random.seed(123)
-    expected_next = np.random.rand()
-    np.random.seed(123)
-    first = list(mnist1d_batches(250, seed=3, batch=100))
-    assert np.random.rand() == expected_next
-    again = list(mnist1d_batches(250, seed=3, batch=100))
-    other = list(mnist1d_batches(250, seed=4, batch=100))
-    x = np.concatenate([b["x"] for b in first])
-    assert x.shape == (250, 40) and x.dtype == np.float32 and np.isfinite(x).all()
-    np.testing.assert_array_equal(x, np.concatenate([b["x"] for b in again]))
-    assert not np.array_equal(x, np.concatenate([b["x"] for b in other]))
-    assert np.bincount(first[0]["y"], minlength=10).tolist() == [10] * 10
-
-
-def test_digits_source_has_the_sklearn_digits():
-    (batch,) = list(digits_batches())
-    assert batch["x"].shape == (1797, 8, 8) and batch["x"].dtype == np.uint8
-    assert set(np.unique(batch["y"])) == set(range(10))

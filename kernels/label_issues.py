@@ -1,0 +1,52 @@
+"""Confident learning (Northcutt, Jiang & Chuang 2021): which given labels a model's predicted
+probabilities contradict with confidence, with per-class thresholds so that a class the model is
+unsure of is judged by its own standard.
+
+    t_j = mean of p_i[j] over the samples i labelled j          (a class's self-confidence)
+    c_i = argmax { p_i[j] : p_i[j] ≥ t_j }  (none where no class reaches its threshold)
+    sample i is a label issue when c_i exists and c_i ≠ y_i     (the confident joint's off-diagonal)
+
+`ConfidentJoint` keeps the thresholds' sums over a stream, so samples can be judged as they pass
+against every sample seen so far; `label_issues` judges a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def label_issues(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The confident class c_i of each sample where it differs from its label, else -1; shape (n,).
+
+    probs: (n, C) predicted probabilities; labels: (n,) int64 in [0, C); thresholds: (C,), t_j
+    (inf for a class without an estimate: it is never a confident class).
+    """
+    if probs.ndim != 2 or labels.shape != probs.shape[:1] or thresholds.shape != probs.shape[1:]:
+        raise ValueError(
+            f"probs (n, C), labels (n,) and thresholds (C,) must agree, got {tuple(probs.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(thresholds.shape)}"
+        )
+    reached = probs >= thresholds.to(probs)
+    confident = torch.where(reached, probs, torch.full_like(probs, -1.0)).argmax(1)
+    some = reached.any(1)
+    return torch.where(some & (confident != labels), confident, torch.full_like(confident, -1))
+
+
+class ConfidentJoint:
+    """Per-class self-confidence thresholds t_j over a stream of (probs, labels) batches."""
+
+    def __init__(self, num_classes: int) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.sums = torch.zeros(num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the batch's p_i[y_i] to its classes' sums."""
+        own = probs.gather(1, labels[:, None])[:, 0].double().cpu()
+        self.sums.index_add_(0, labels.cpu(), own)
+        self.counts.index_add_(0, labels.cpu(), torch.ones_like(own))
+
+    def thresholds(self) -> torch.Tensor:
+        """t_j for every class seen so far; inf for the others."""
+        return torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.inf)

@@ -1,0 +1,103 @@
+"""Converters from what users have, and the label noise and long tails studied in the benches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nearstore import DatasetError, ParameterError
+from nearstore.app.converters import (
+    digits_batches,
+    long_tail,
+    mnist1d_batches,
+    noisy_labels,
+    npy_batches,
+    npz_batches,
+)
+
+
+def test_npy_and_npz_sources_stream_in_batches(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
+    y = np.arange(1000) % 7
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    for batches in (
+        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy", batch=300),
+        npz_batches(tmp_path / "d.npz", batch=300),
+    ):
+        chunks = list(batches)
+        assert [len(c["x"]) for c in chunks] == [300, 300, 300, 100]
+        np.testing.assert_array_equal(np.concatenate([c["x"] for c in chunks]), x)
+        np.testing.assert_array_equal(np.concatenate([c["y"] for c in chunks]), y)
+
+
+def test_source_errors_name_the_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((5, 2)))
+    np.save(tmp_path / "y.npy", np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match="x.npy has 5 samples but .*y.npy has 4"):
+        list(npy_batches(tmp_path / "x.npy", tmp_path / "y.npy"))
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        list(npy_batches(tmp_path / "nope.npy"))
+    np.savez(tmp_path / "d.npz", a=np.zeros(3))
+    with pytest.raises(DatasetError, match="no array 'x'"):
+        list(npz_batches(tmp_path / "d.npz"))
+
+
+def test_mnist1d_is_deterministic_balanced_and_leaves_numpy_global_state(tmp_path):
+    np.random.seed(123)
+    expected_next = np.random.rand()
+    np.random.seed(123)
+    first = list(mnist1d_batches(250, seed=3, batch=100))
+    assert np.random.rand() == expected_next
+    again = list(mnist1d_batches(250, seed=3, batch=100))
+    other = list(mnist1d_batches(250, seed=4, batch=100))
+    x = np.concatenate([b["x"] for b in first])
+    assert x.shape == (250, 40) and x.dtype == np.float32 and np.isfinite(x).all()
+    np.testing.assert_array_equal(x, np.concatenate([b["x"] for b in again]))
+    assert not np.array_equal(x, np.concatenate([b["x"] for b in other]))
+    assert np.bincount(first[0]["y"], minlength=10).tolist() == [10] * 10
+
+
+def test_digits_source_has_the_sklearn_digits():
+    (batch,) = list(digits_batches())
+    assert batch["x"].shape == (1797, 8, 8) and batch["x"].dtype == np.uint8
+    assert set(np.unique(batch["y"])) == set(range(10))
+
+
+@given(
+    n=st.integers(10, 2000),
+    rate=st.floats(0, 1),
+    seed=st.integers(0, 2**31),
+    kind=st.sampled_from(["symmetric", "pair"]),
+)
+def test_noisy_labels_corrupt_about_their_rate_reproducibly(n, rate, seed, kind):
+    labels = np.arange(n) % 10
+    noisy = noisy_labels(labels, kind, rate, seed=seed)
+    np.testing.assert_array_equal(noisy, noisy_labels(labels, kind, rate, seed=seed))
+    assert noisy.min() >= 0 and noisy.max() < 10
+    changed = noisy != labels
+    if kind == "pair":
+        np.testing.assert_array_equal(noisy[changed], (labels[changed] + 1) % 10)
+    # symmetric noise may draw the same class again: about rate · 9 / 10 of the labels change
+    expected = rate * (0.9 if kind == "symmetric" else 1.0)
+    assert abs(changed.mean() - expected) < 4 * np.sqrt(max(expected * (1 - expected), 1e-9) / n) + 1e-9
+
+
+def test_a_long_tail_keeps_a_falling_share_of_each_class():
+    labels = np.repeat(np.arange(10), 1000)
+    kept = long_tail(labels, 100)
+    counts = np.bincount(labels[kept], minlength=10)
+    assert counts[0] == 1000 and counts[-1] == 10 and np.all(np.diff(counts) < 0)
+    assert np.all(np.diff(kept) > 0) and len(long_tail(labels, 1)) == len(labels)
+
+
+def test_bad_noise_is_named():
+    with pytest.raises(ParameterError, match="label noise rate must be in \\[0, 1\\], got 1.5"):
+        noisy_labels(np.arange(10), "symmetric", 1.5)
+    with pytest.raises(ParameterError, match="label noise must be one of"):
+        noisy_labels(np.arange(10), "asymmetric", 0.1)
+    with pytest.raises(ParameterError, match="imbalance ratio must be >= 1, got 0.5"):
+        long_tail(np.arange(10), 0.5)
