@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.frequent_directions as fd_module  # noqa: E402
 from kernels import FrequentDirections, maxvol  # noqa: E402
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import (  # noqa: E402
@@ -114,25 +111,10 @@ def kernel_seconds(device: str, rows: int) -> dict[str, dict[str, float]]:
             return sketch.sketch()
 
         out[where] = {"frequent_directions": timed(fd, where), "maxvol": timed(lambda g=gram: maxvol(g, 13), where)}
-        if where != "cpu":  # the shrink as it was before 2026-12-04: eigh on the device too
-            with mock.patch.object(fd_module, "_shrink", eigh_on_device):
-                out[where]["frequent_directions, eigh on the device"] = timed(fd, where)
-    on_device = out[device].get("frequent_directions, eigh on the device", math.nan)
-    print(f"  FD, eigh on the host / on the device: {out[device]['frequent_directions'] / on_device:.3f}x")
     for name in ("frequent_directions", "maxvol"):
         ratio = out[device][name] / out["cpu"][name]
         print(f"  {name:<20} cpu {out['cpu'][name]:.3f} s, {device} {out[device][name]:.3f} s ({ratio:.3f}x)")
     return out
-
-
-def eigh_on_device(rows: torch.Tensor, ell: int) -> torch.Tensor:
-    """kernels.frequent_directions._shrink with its eigh where the rows are (the GPU), for comparison."""
-    eigvals, eigvecs = torch.linalg.eigh((rows @ rows.T).double())
-    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
-    delta = eigvals[ell - 1].clamp_min(0)
-    lam, vecs = eigvals[: ell - 1], eigvecs[:, : ell - 1]
-    scale = ((lam - delta).clamp_min(0) / lam.clamp_min(torch.finfo(lam.dtype).tiny)).sqrt()
-    return (scale[:, None] * vecs.T).to(rows.dtype) @ rows
 
 
 def selection_round(dataset, device: str) -> dict[str, float]:

@@ -15,11 +15,8 @@ def _shrink(rows: torch.Tensor, ell: int) -> torch.Tensor:
     which is what the Frequent Directions bound is made of.
     """
     # eigh of the (m × m) Gram matrix beats an SVD of the wide B (2-3x on CPU, see bench/kernels.py).
-    # It is tiny, so float64 costs nothing, and an orthonormal U is what keeps AᵀA − BᵀB ⪰ 0. So tiny
-    # that on a GPU it is latency-bound: an FD stream ran 1.5x the CPU's time on an H200 with eigh
-    # there (bench/gpu.py), so it is solved on the host, the products staying on the device.
-    eigvals, eigvecs = torch.linalg.eigh((rows @ rows.T).double().cpu())
-    eigvals, eigvecs = eigvals.to(rows.device), eigvecs.to(rows.device)
+    # It is tiny, so float64 costs nothing, and an orthonormal U is what keeps AᵀA − BᵀB ⪰ 0.
+    eigvals, eigvecs = torch.linalg.eigh((rows @ rows.T).double())
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # eigh sorts ascending
     delta = eigvals[ell - 1].clamp_min(0)  # a negative δ would be roundoff, and would grow rows
     lam, vecs = eigvals[: ell - 1], eigvecs[:, : ell - 1]
