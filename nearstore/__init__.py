@@ -6,21 +6,10 @@ near-storage server) ← `loaders` (beside the trainer) ← `nearstore.app` (the
 """
 
 from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError, SampleIdError
-from nearstore.selection import (
-    SELECTORS,
-    Craig,
-    Crest,
-    Graft,
-    ModelProxy,
-    Random,
-    RandomFeatureProxy,
-    Sage,
-    Selection,
-    keep_freed_memory,
-    make_selector,
-    random_select,
-    sage_select,
-)
+from nearstore.selection import ModelProxy, RandomFeatureProxy, Selection, keep_freed_memory
+from nearstore.selection.selectors import SELECTORS, Craig, Crest, Graft, Random, Sage, make_selector
+from nearstore.selection.selectors.random import random_select
+from nearstore.selection.selectors.sage import sage_select
 from nearstore.storage import Coalescing, Dataset, IOStats, SelectiveReader, open_dataset, write_dataset
 
 __all__ = [
