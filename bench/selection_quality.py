@@ -9,19 +9,21 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
-  tempered gradients), graft-raw-w512 the previous round 0 (raw gradients, windows of 512);
+  tempered gradients, suspected label errors muted), graft-unmuted without muting, graft-raw-w512
+  the round 0 of 2026-11 (raw gradients, windows of 512);
 - graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
   epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
-  `reselect` (its default, `default_reselect`: GRAFT on a pool of twice the budget that holds the
-  round it replaces; 1.5x in windows of 64 above a third of the data; graft-dynamic-pool-2x keeps
-  twice the budget, in windows of 128, at every budget) or CREST (crest-coreset-dynamic: with its
-  coreset step, weighted). Round 0, with no model yet: graft-dynamic starts from what `nearstore
-  select` and a server run (`Graft()` with the model-free proxy); the CREST runs from
-  class-balanced random, random-dynamic from uniform. graft-dynamic-untempered, -fresh-pools,
-  -pooled-start and -old-default take parts of the default path away, and -balanced-start starts
-  from class-balanced random (see DYNAMIC). graft-dynamic-warm trains on all data for 2 epochs,
-  then selects with the warmed-up model and every `--every` epochs after.
+  `reselect` (its default, `default_reselect`: GRAFT on a fresh pool of twice the budget, 1.5x in
+  windows of 64 above a third of the data) or CREST (crest-coreset-dynamic: with its coreset step,
+  weighted). Round 0, with no model yet: graft-dynamic starts from what `nearstore select` and a
+  server run (`Graft()` with the model-free proxy); the CREST runs from class-balanced random,
+  random-dynamic from uniform, random-balanced-dynamic (the bar under label noise) from a
+  class-balanced draw, drawn afresh every round. graft-dynamic-unmuted, -carried and -2026-12-03
+  take the parts the default path gained on 2026-12-04 away (see DYNAMIC); the other graft-dynamic
+  variants are the ablations of the 2026-12-03 path. graft-dynamic-warm trains on all data for 2
+  epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
+- --cases: the training split with label noise or a long tail (CASES); the test split stays clean.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
@@ -54,6 +56,11 @@ from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector 
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
 RAW_W512 = {"window": 512, "norm_power": 1.0}
+# What GRAFT did before it judged labels (until 2026-12-04): no suspects muted, and re-selection
+# pools that hold the round they replace. The ablations measured then keep it, so their names mean
+# what the tables of that time say.
+UNMUTED = {"mute_suspects": False}
+CARRIED = {**UNMUTED, "pool_previous": True}
 STATIC = {
     "random": ("random", {}),
     "random-balanced": ("random", {"class_balanced": True}),
@@ -61,39 +68,41 @@ STATIC = {
     "sage": ("sage", {}),
     "sage-residual": ("sage", {"score": "residual"}),
     "graft": (DEFAULT_METHOD, {}),
-    "graft-raw-w512": ("graft", RAW_W512),
+    "graft-unmuted": ("graft", UNMUTED),
+    "graft-raw-w512": ("graft", {**RAW_W512, **UNMUTED}),
     "craig": ("craig", {}),
 }
-# Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds), None for the
-# loader's default (`default_reselect(keep)`). Round 0 has no model yet; CREST without a proxy draws
-# class-balanced random.
+# Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds); later rounds
+# None for the loader's default (`default_reselect(keep)`), or ("default", options on top of it).
+# Round 0 has no model yet; CREST without a proxy draws class-balanced random.
 BALANCED_START = ("crest", {})
 DEFAULT = (DEFAULT_METHOD, {})
 POOL = {"pool": 2.0}  # the default's pool up to a third of the data, where its parts were measured
-MUTED = {"mute_suspects": True}
 DYNAMIC = {
     "graft-dynamic": (DEFAULT, None),
-    # The default up to a third of the data, at every budget: at 50% its pool is every sample.
-    "graft-dynamic-pool-2x": (("graft", {"window": 128}), ("graft", {**POOL, "window": 128})),
-    # What each part of the default path is worth: MaxVol on raw gradients; pools drawn afresh;
-    # a round 0 on a pool too; all but the last, with windows of 512 in round 0 (the default
-    # path until 2026-12).
-    "graft-dynamic-untempered": (("graft", {"norm_power": 1.0}), ("graft", {**POOL, "norm_power": 1.0})),
-    "graft-dynamic-fresh-pools": (DEFAULT, ("graft", {**POOL, "pool_previous": False})),
-    "graft-dynamic-pooled-start": (("graft", POOL), None),
-    "graft-dynamic-old-default": (
-        ("graft", RAW_W512),
-        ("graft", {**POOL, "norm_power": 1.0, "pool_previous": False}),
-    ),
-    # Round 0 class-balanced random instead of GRAFT's model-free picks (where digits lose, below).
+    # What each part of the default path is worth under label noise: no suspects muted; pools that
+    # hold the round they replace; both (the default path of 2026-12-03); round 0 class-balanced.
+    "graft-dynamic-unmuted": (("graft", UNMUTED), ("default", UNMUTED)),
+    "graft-dynamic-carried": (DEFAULT, ("default", {"pool_previous": True})),
+    "graft-dynamic-2026-12-03": (("graft", UNMUTED), ("default", CARRIED)),
     "graft-dynamic-balanced-start": (BALANCED_START, None),
+    # The default of 2026-12-03 at every budget: pools of twice the budget in windows of 128.
+    "graft-dynamic-pool-2x": (("graft", {"window": 128, **UNMUTED}), ("graft", {**POOL, "window": 128, **CARRIED})),
+    # What each part of the 2026-12-03 path was worth: MaxVol on raw gradients; pools drawn afresh;
+    # a round 0 on a pool too; all but the last, with windows of 512 in round 0 (the default path
+    # until 2026-12); round 0 class-balanced random (where digits lose).
+    "graft-dynamic-untempered": (
+        ("graft", {"norm_power": 1.0, **UNMUTED}),
+        ("graft", {**POOL, "norm_power": 1.0, **CARRIED}),
+    ),
+    "graft-dynamic-fresh-pools": (("graft", UNMUTED), ("graft", {**POOL, **UNMUTED})),
+    "graft-dynamic-pooled-start": (("graft", {**POOL, **UNMUTED}), ("default", CARRIED)),
+    "graft-dynamic-old-default": (
+        ("graft", {**RAW_W512, **UNMUTED}),
+        ("graft", {**POOL, "norm_power": 1.0, **UNMUTED}),
+    ),
+    "graft-dynamic-2026-12-03-balanced-start": (BALANCED_START, ("default", CARRIED)),
     "graft-dynamic-warm": (BALANCED_START, None),  # round 0 is never trained on
-    # Under label noise: samples whose label the proxy contradicts (confident learning) muted, so
-    # MaxVol does not take them; with pools drawn afresh; round 0 class-balanced random.
-    "graft-dynamic-muted": (("graft", MUTED), ("default", MUTED)),
-    "graft-dynamic-muted-fresh": (("graft", MUTED), ("default", {**MUTED, "pool_previous": False})),
-    "graft-dynamic-muted-balanced-start": (BALANCED_START, ("default", MUTED)),
-    "graft-dynamic-muted-balanced-fresh": (BALANCED_START, ("default", {**MUTED, "pool_previous": False})),
     "crest-dynamic": (BALANCED_START, ("crest", {})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),

@@ -227,8 +227,10 @@ def test_reselect_in_process_with_the_trainers_model(id_store):
     default = loader.reselect(0.2, window=64)  # default_reselect: GRAFT on a pool, options overridable
     assert default.method == "graft" and default.params["pool"] == 2.0 and default.params["window"] == 64
     assert default.round == loader.round == 2 and default.params["proxy"] == "ModelProxy"
-    assert default.params["previous"] == len(selection.ids)  # the round it replaced joined its pool
-    carried = loader.reselect(0.2, pool=1)  # a pool of one budget is the current selection itself
+    # the round it replaced does not join its pool (wrong labels it picked would ride along), unless asked
+    assert default.params["previous"] is None and not default.params["pool_previous"]
+    assert default.suspects is not None  # the default judges labels
+    carried = loader.reselect(0.2, pool=1, pool_previous=True)  # a pool of one budget: the current round
     np.testing.assert_array_equal(carried.ids, default.ids)
     # Above LARGE_BUDGET the default pool and windows change with the budget asked for.
     large = loader.reselect(0.5)

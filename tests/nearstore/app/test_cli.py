@@ -40,7 +40,7 @@ def test_select_reports_the_labels_that_look_wrong(tmp_path, capsys):
     # More samples than the model-free proxy's warm-up (4,096): those beyond are judged out of its sample.
     store, out, report = str(tmp_path / "m.zarr"), str(tmp_path / "sel.npz"), tmp_path / "suspects.csv"
     main(["convert", "mnist1d", store, "--num-samples", "6000"])
-    argv = ["select", store, out, "--keep", "0.2", "--option", "mute_suspects=true", "--report", str(report)]
+    argv = ["select", store, out, "--keep", "0.2", "--report", str(report)]
     assert main(argv) == 0
     assert "samples' labels look wrong" in capsys.readouterr().out
     lines = report.read_text().splitlines()
@@ -76,14 +76,17 @@ def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
         (["select", "{tmp}/nothing.zarr", "{tmp}/s.npz"], "no zarr group"),
         (["select", "{digits}", "{tmp}/s.npz", "--keep", "2"], r"keep must be in \(0, 1\], got 2.0"),
         (["demo", "--workdir", "{tmp}/d", "--reselect-every", "-1"], "reselect_every must be >= 0, got -1"),
-        (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/r.csv"], "--report needs a method that judges"),
         (
-            ["select", "{digits}", "{tmp}/s.npz", "--option", "mute_suspects=true", "--report", "{tmp}/s.npz/r.csv"],
+            ["select", "{digits}", "{tmp}/s.npz", "--method", "crest", "--report", "{tmp}/r.csv"],
+            "--report needs a method that judges",
+        ),
+        (
+            ["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz/r.csv"],
             "cannot write the report to '.*s.npz/r.csv'",  # below a file: no directory can be made there
         ),
         (["select", "{digits}", "{digits}/s.npz"], "the selection '.*digits.zarr/s.npz' lies inside the dataset"),
         (
-            ["select", "{digits}", "{tmp}/s.npz", "--option", "mute_suspects=true", "--report", "{digits}/r.csv"],
+            ["select", "{digits}", "{tmp}/s.npz", "--report", "{digits}/r.csv"],
             "the report '.*digits.zarr/r.csv' lies inside the dataset",
         ),
     ],

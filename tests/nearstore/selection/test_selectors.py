@@ -65,7 +65,7 @@ def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
     dataset, x, y, proxy = blobs
     # 13 picks a window of 128, half its gradients' rank (26): past the rank, pivots are ties in
     # rounding, which the factored and the direct Gram matrix break differently
-    selection = Graft(window=128, norm_power=norm_power).select(dataset, 0.1, proxy=proxy)
+    selection = Graft(window=128, norm_power=norm_power, mute_suspects=False).select(dataset, 0.1, proxy=proxy)
     expected = []
     for c in range(3):
         for ids in windows(np.flatnonzero(y == c), 128):
@@ -99,8 +99,8 @@ def _window_budget(keep: float, members: np.ndarray, window_ids: np.ndarray) -> 
 
 def test_graft_tolerance_picks_fewer_samples_that_approximate_the_mean_gradient(blobs):
     dataset, x, y, proxy = blobs
-    full = Graft(window=128, norm_power=1).select(dataset, 0.25, proxy=proxy)
-    loose = Graft(window=128, norm_power=1, tolerance=0.5).select(dataset, 0.25, proxy=proxy)
+    full = Graft(window=128, norm_power=1, mute_suspects=False).select(dataset, 0.25, proxy=proxy)
+    loose = Graft(window=128, norm_power=1, tolerance=0.5, mute_suspects=False).select(dataset, 0.25, proxy=proxy)
     assert 3 <= len(loose) < len(full)
     assert set(loose.ids.tolist()) <= set(range(len(y)))
     for c in range(3):
@@ -259,23 +259,23 @@ def test_graft_pools_the_previous_rounds_picks_with_fresh_samples(blobs):
     dataset, _, y, proxy = blobs
     previous = Random(class_balanced=True).select(dataset, 0.1, seed=5).ids
     # A pool of one budget holds exactly the previous round's picks: MaxVol must keep them all.
-    carried = Graft(window=64, pool=1).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    carried = Graft(window=64, pool=1, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
     np.testing.assert_array_equal(carried.ids, previous)
     assert carried.params["previous"] == len(previous) and carried.params["pool_previous"]
-    every_sample = Graft(window=64).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    every_sample = Graft(window=64, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
     assert every_sample.params["previous"] is None  # no pool: nothing to put the previous round in
     fresh = Graft(window=64, pool=1, pool_previous=False).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
     assert len(fresh) == len(previous) and not np.array_equal(fresh.ids, previous)
     # Twice the budget: the previous picks and as many fresh samples, MaxVol choosing among both.
-    mixed = Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    mixed = Graft(window=64, pool=2, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
     assert np.bincount(y[mixed.ids], minlength=3).tolist() == [30, 12, 1]
     assert 0 < np.isin(mixed.ids, previous).sum() < len(previous)
     # More previous picks than a pool holds (a round at a smaller keep): a random share of them.
     everything = np.arange(dataset.num_samples)
-    shrunk = Graft(window=64, pool=1).select(dataset, 0.1, proxy=proxy, seed=3, previous=everything)
+    shrunk = Graft(window=64, pool=1, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=everything)
     assert np.bincount(y[shrunk.ids], minlength=3).tolist() == [30, 12, 1]
     with pytest.raises(SampleIdError, match=r"previous id 429 out of range \[0, 429\)"):
-        Graft(pool=2).select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
+        Graft(pool=2, pool_previous=True).select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
     with pytest.raises(ValueError, match="norm_power must be >= 0, got -1"):
         Graft(norm_power=-1).select(dataset, 0.1, proxy=proxy)
 
@@ -330,7 +330,7 @@ def noisy(tmp_path_factory):
 def test_muting_suspects_keeps_flipped_labels_out_and_reports_them(noisy):
     url, flipped, proxy = noisy
     muted = Graft(window=64, mute_suspects=True).select(open_dataset(url), 0.2, proxy=proxy, seed=1)
-    plain = Graft(window=64).select(open_dataset(url), 0.2, proxy=proxy, seed=1)
+    plain = Graft(window=64, mute_suspects=False).select(open_dataset(url), 0.2, proxy=proxy, seed=1)
     drawn = Random(class_balanced=True).select(open_dataset(url), 0.2, seed=1)
     assert len(muted) == len(plain) == len(drawn)  # muting changes which samples, not how many
     share = {name: flipped[s.ids].mean() for name, s in (("muted", muted), ("plain", plain), ("random", drawn))}

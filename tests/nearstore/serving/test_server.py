@@ -140,7 +140,7 @@ def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
 def test_a_server_round_pools_the_round_it_replaces(served):
     source = FlightSource(served.url)
     current = source.select(keep=0.2, method="random", options={"class_balanced": True}, seed=7)
-    carried = source.select(keep=0.2, method="graft", options={"pool": 1}, seed=0)  # the pool: the current round alone
+    carried = source.select(keep=0.2, method="graft", options={"pool": 1, "pool_previous": True}, seed=0)
     assert carried.params["previous"] == len(current.ids) and carried.round == current.round + 1
     np.testing.assert_array_equal(carried.ids, current.ids)
 
