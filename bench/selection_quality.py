@@ -147,6 +147,7 @@ class Run:
     balanced_accuracy: float = math.nan  # the mean of the classes' test accuracies
     per_class: list[float] | None = None
     noisy_share: float = math.nan  # of the samples each round selected, the share with a wrong label
+    noisy_shares: list[float] | None = None  # round by round
 
 
 class Pixels(nn.Module):
@@ -280,6 +281,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         balanced_accuracy=float(np.mean(per_class)),
         per_class=per_class,
         noisy_share=float(np.mean(noisy)) if noisy else math.nan,
+        noisy_shares=noisy or None,
     )
 
 

@@ -31,13 +31,16 @@ class Proxy(Protocol):
 
 
 class RandomFeatureProxy:
-    """Random ReLU features with a softmax head fitted beside the data.
+    """Random ReLU features with softmax heads fitted beside the data, cross-fitted.
 
-    h(x) = relu(W · standardize(x) / sqrt(d)), W ~ N(0, 1) fixed by `seed`; logits = A [h, 1].
-    `fit` estimates the standardization and fits the head (L2-regularised multinomial logistic
-    regression by `fit_steps` of L-BFGS: 25 cost a quarter of 100 and GRAFT selected as well with
-    them on MNIST-1D) on a warm-up sample; `embed` gives the last-layer gradient embeddings
-    (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
+    h(x) = relu(W · standardize(x) / sqrt(d)), W ~ N(0, 1) fixed by `seed`; logits = A_f [h, 1].
+    `fit` estimates the standardization and fits `folds` heads (L2-regularised multinomial
+    logistic regression by `fit_steps` of L-BFGS: 25 cost a quarter of 100 and GRAFT selected as
+    well with them on MNIST-1D) on a warm-up sample, head f on the samples outside fold f; a
+    sample's fold f is a hash of its bytes (`sample_folds`), so every sample, the warm-up's too, is
+    scored by a head that never saw it: a head judging the labels it was fitted on calls them right,
+    and a dataset no larger than the warm-up would have no label judged at all. `embed` gives the
+    last-layer gradient embeddings (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
     """
 
     def __init__(
@@ -48,19 +51,22 @@ class RandomFeatureProxy:
         seed: int = 0,
         weight_decay: float = 1e-3,
         fit_steps: int = 25,
+        folds: int = 2,
         device: torch.device | str = "cpu",
     ) -> None:
         if num_classes < 2:
             raise ParameterError(f"num_classes must be >= 2, got {num_classes}")
         if width < 1:
             raise ParameterError(f"width must be >= 1, got {width}")
-        self.num_classes, self.width, self.seed = num_classes, width, seed
+        if folds < 1:
+            raise ParameterError(f"folds must be >= 1, got {folds}")
+        self.num_classes, self.width, self.seed, self.folds = num_classes, width, seed, folds
         self.weight_decay, self.fit_steps = weight_decay, fit_steps
         self.device = torch.device(device)
         self._mean: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         self._projection: torch.Tensor | None = None
-        self._head: torch.Tensor | None = None
+        self._heads: torch.Tensor | None = None  # (folds, width + 1, num_classes)
 
     @property
     def embedding_dim(self) -> int:
@@ -76,6 +82,17 @@ class RandomFeatureProxy:
         d = inputs.shape[1]
         self._projection = (torch.randn(d, self.width, generator=generator) / d**0.5).to(self.device)
         h = self._with_bias(self.features(x))
+        folds = torch.as_tensor(sample_folds(x, self.folds), device=self.device)
+        heads = []
+        for fold in range(self.folds):
+            outside = folds != fold
+            if not outside.any():  # one fold holds the whole warm-up (one fold, or a tiny one)
+                outside = torch.ones_like(outside)
+            heads.append(self._fit_head(h[outside], labels[outside]))
+        self._heads = torch.stack(heads)
+        return self
+
+    def _fit_head(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         head = torch.zeros(h.shape[1], self.num_classes, device=self.device, requires_grad=True)
         optimizer = torch.optim.LBFGS([head], max_iter=self.fit_steps, line_search_fn="strong_wolfe")
 
@@ -86,8 +103,7 @@ class RandomFeatureProxy:
             return value
 
         optimizer.step(loss)
-        self._head = head.detach()
-        return self
+        return head.detach()
 
     def features(self, x: np.ndarray) -> torch.Tensor:
         """Random features h(x), shape (n, width)."""
@@ -97,18 +113,24 @@ class RandomFeatureProxy:
         return torch.relu(inputs @ self._projection)
 
     def logits(self, x: np.ndarray) -> torch.Tensor:
-        return self._with_bias(self.features(x)) @ self._head
+        """Each sample's logits under the head of its fold, shape (n, num_classes)."""
+        return self._logits(x, self.features(x))
+
+    def _logits(self, x: np.ndarray, h: torch.Tensor) -> torch.Tensor:
+        every = self._with_bias(h) @ self._heads  # (folds, n, C): a few heads cost less than a gather
+        folds = torch.as_tensor(sample_folds(x, self.folds), device=self.device)
+        return every[folds, torch.arange(len(h), device=self.device)]
 
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """Last-layer gradient embeddings, shape (n, num_classes · (width + 1))."""
         h = self.features(x)
         labels = self._labels(y, len(h))
-        return last_layer_gradients(self._with_bias(h) @ self._head, labels, h)
+        return last_layer_gradients(self._logits(x, h), labels, h)
 
     def gradient_factors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """embed's two factors: output residuals (n, num_classes) and [h, 1] (n, width + 1)."""
         h = self.features(x)
-        return last_layer_factors(self._with_bias(h) @ self._head, self._labels(y, len(h)), h)
+        return last_layer_factors(self._logits(x, h), self._labels(y, len(h)), h)
 
     def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """p(y | x) under the fitted head, shape (n,)."""
@@ -192,6 +214,25 @@ class ModelProxy:
                 f"{tuple(features.shape)} for {len(inputs)} samples"
             )
         return logits, features, labels
+
+
+# Odd 64-bit multipliers of a sample's 8-byte words: a multiply-add hash, the same on every machine.
+_HASH = np.random.default_rng(20261204).integers(1, 2**63, size=1 << 12, dtype=np.uint64) | np.uint64(1)
+
+
+def sample_folds(x: np.ndarray, folds: int) -> np.ndarray:
+    """Each sample's fold in [0, folds): a hash of its bytes, so a sample (and any exact copy of
+    it) lands in the same fold wherever and whenever it is read; shape (n,)."""
+    rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
+    rows = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8))).view(np.uint64)
+    if rows.shape[1] > len(_HASH):  # long samples: their words folded onto the multipliers by xor
+        rows = np.pad(rows, ((0, 0), (0, -rows.shape[1] % len(_HASH))))
+        rows = np.bitwise_xor.reduce(rows.reshape(len(rows), -1, len(_HASH)), axis=1)
+    with np.errstate(over="ignore"):
+        mixed = (rows * _HASH[: rows.shape[1]]).sum(1, dtype=np.uint64)
+        mixed ^= mixed >> np.uint64(31)
+        mixed *= np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(folds)).astype(np.int64)
 
 
 def _labels(y: np.ndarray, n: int, num_classes: int, device: torch.device, outputs: str = "") -> torch.Tensor:

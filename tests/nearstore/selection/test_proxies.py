@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nearstore import ModelProxy, RandomFeatureProxy
+from nearstore.selection.proxies import sample_folds
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,9 @@ def blobs():
 
 def test_proxy_learns_and_rejects_bad_input(blobs):
     x, y = blobs
-    proxy = RandomFeatureProxy(3, width=64).fit(x, y)
+    proxy = RandomFeatureProxy(3, width=64, folds=1).fit(x, y)  # one head, judging what it saw
     assert (proxy.logits(x).argmax(1).numpy() == y).mean() > 0.9
+    assert (RandomFeatureProxy(3, width=64).fit(x, y).logits(x).argmax(1).numpy() == y).mean() > 0.75  # held out
     assert proxy.embed(x[:5], y[:5]).shape == (5, proxy.embedding_dim) == (5, 3 * 65)
     residual, inputs = proxy.gradient_factors(x[:5], y[:5])
     torch.testing.assert_close(torch.einsum("nc,nh->nch", residual, inputs).flatten(1), proxy.embed(x[:5], y[:5]))
@@ -33,6 +35,36 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
         proxy.embed(x[:, :5], y)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         proxy.embed(x[:2], np.array([0, 3]))
+    with pytest.raises(ValueError, match="folds must be >= 1, got 0"):
+        RandomFeatureProxy(3, folds=0)
+
+
+def test_cross_fitted_heads_judge_the_warm_up_out_of_sample(blobs):
+    """A head fitted on a wrong label believes it; the head of the other fold does not."""
+    x, y = blobs
+    wrong = y.copy()
+    flipped = np.random.default_rng(1).choice(len(y), 30, replace=False)
+    wrong[flipped] = (wrong[flipped] + 1) % 3
+    in_sample = RandomFeatureProxy(3, width=64, folds=1).fit(x, wrong).confidence(x, wrong).numpy()
+    held_out = RandomFeatureProxy(3, width=64).fit(x, wrong).confidence(x, wrong).numpy()
+    clean = np.setdiff1d(np.arange(len(y)), flipped)
+    assert held_out[flipped].mean() < 0.5 * in_sample[flipped].mean()
+    assert held_out[flipped].mean() < 0.5 * held_out[clean].mean()
+
+
+def test_sample_folds_are_a_function_of_the_bytes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 40)).astype(np.float32)
+    folds = sample_folds(x, 2)
+    assert abs(folds.mean() - 0.5) < 0.03  # balanced
+    np.testing.assert_array_equal(sample_folds(x[::-1], 2), folds[::-1])  # not where, what
+    np.testing.assert_array_equal(sample_folds(np.concatenate([x[:5], x[:5]]), 2), np.tile(folds[:5], 2))  # copies
+    images = rng.integers(0, 256, size=(200, 3, 128, 128), dtype=np.uint8)  # more words than multipliers
+    other = images.copy()
+    other[:, 2, 127, 127] ^= 1  # the last byte alone decides
+    assert 0.4 < sample_folds(images, 2).mean() < 0.6
+    assert (sample_folds(images, 2) != sample_folds(other, 2)).mean() > 0.3
+    assert set(sample_folds(x, 3).tolist()) == {0, 1, 2}
 
 
 def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
