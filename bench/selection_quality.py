@@ -19,11 +19,15 @@ epochs; the seed sets the model's initialisation, the shuffles and the selector'
   server run (`Graft()` with the model-free proxy); the CREST runs from class-balanced random,
   random-dynamic from uniform, random-balanced-dynamic (the bar under label noise) from a
   class-balanced draw, drawn afresh every round. graft-dynamic-unmuted, -carried and -2026-12-03
-  take the parts the default path gained on 2026-12-04 away (see DYNAMIC); the other graft-dynamic
+  take the parts the default path gained on 2026-12-04 away (see DYNAMIC), and
+  graft-dynamic-proportional its square-root class budgets (`budget_power=1`); the other graft-dynamic
   variants are the ablations of the 2026-12-03 path. graft-dynamic-warm trains on all data for 2
   epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
-- --cases: the training split with label noise or a long tail (CASES); the test split stays clean.
+- --cases: the training split with label noise or a long tail (CASES); the test split stays clean
+  and balanced. Beside accuracy: balanced accuracy (the mean of the classes' accuracies, the same
+  here) and natural accuracy (the classes' accuracies weighed by the training split's class shares:
+  what a test set as long-tailed as the training split would measure).
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
@@ -56,10 +60,11 @@ from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector 
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
 RAW_W512 = {"window": 512, "norm_power": 1.0}
-# What GRAFT did before it judged labels (until 2026-12-04): no suspects muted, and re-selection
-# pools that hold the round they replace. The ablations measured then keep it, so their names mean
-# what the tables of that time say.
-UNMUTED = {"mute_suspects": False}
+# What GRAFT did before it judged labels (until 2026-12-04): no suspects muted, classes kept in
+# proportion, and re-selection pools that hold the round they replace. The ablations measured then
+# keep it, so their names mean what the tables of that time say (but for the model-free proxy, now
+# cross-fitted, which no option reaches).
+UNMUTED = {"mute_suspects": False, "budget_power": 1.0}
 CARRIED = {**UNMUTED, "pool_previous": True}
 STATIC = {
     "random": ("random", {}),
@@ -84,6 +89,7 @@ DYNAMIC = {
     # hold the round they replace; both (the default path of 2026-12-03); round 0 class-balanced.
     "graft-dynamic-unmuted": (("graft", UNMUTED), ("default", UNMUTED)),
     "graft-dynamic-carried": (DEFAULT, ("default", {"pool_previous": True})),
+    "graft-dynamic-proportional": ((DEFAULT_METHOD, {"budget_power": 1.0}), ("default", {"budget_power": 1.0})),
     "graft-dynamic-2026-12-03": (("graft", UNMUTED), ("default", CARRIED)),
     "graft-dynamic-balanced-start": (BALANCED_START, None),
     # The default of 2026-12-03 at every budget: pools of twice the budget in windows of 128.
@@ -145,6 +151,7 @@ class Run:
     distinct_samples: int
     steps: int
     balanced_accuracy: float = math.nan  # the mean of the classes' test accuracies
+    natural_accuracy: float = math.nan  # the classes' test accuracies weighed as the training split has them
     per_class: list[float] | None = None
     noisy_share: float = math.nan  # of the samples each round selected, the share with a wrong label
     noisy_shares: list[float] | None = None  # round by round
@@ -262,6 +269,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     spent = np.cumsum([trained.round_seconds.get(e, 0.0) + s for e, s in enumerate(trained.epoch_seconds)])
     io = loader.io_stats()
     per_class = class_accuracies(model, test)
+    shares = np.bincount(store.labels[:], minlength=len(per_class))[: len(per_class)] / store.num_samples
     return Run(
         dataset=name,
         method=method,
@@ -279,6 +287,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         distinct_samples=len(seen),
         steps=trained.steps,
         balanced_accuracy=float(np.mean(per_class)),
+        natural_accuracy=float(np.dot(shares, per_class)),
         per_class=per_class,
         noisy_share=float(np.mean(noisy)) if noisy else math.nan,
         noisy_shares=noisy or None,
@@ -309,6 +318,7 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "accuracy_mean": float(acc.mean()),
                 "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                 "balanced_accuracy_mean": float(np.mean([r.balanced_accuracy for r in members])),
+                "natural_accuracy_mean": float(np.mean([r.natural_accuracy for r in members])),
                 "noisy_share": float(np.mean([r.noisy_share for r in members])),
                 "paired_gain_mean": float(gains.mean()) if len(gains) else None,
                 "paired_gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else None,
@@ -342,7 +352,7 @@ def gap(row: dict, base: dict | None) -> str:
 def report(rows: list[dict]) -> None:
     print(
         f"{'dataset':<17} {'method':<26} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
-        f"{'vs fresh':>8} {'paired gain':>14} {'ahead':>6} {'balanced':>8} {'noisy':>6} "
+        f"{'vs fresh':>8} {'paired gain':>14} {'ahead':>6} {'balanced':>8} {'natural':>8} {'noisy':>6} "
         f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
     )
     key = {(r["dataset"], r["keep"], r["epochs"], r["method"]): r for r in rows}
@@ -359,6 +369,7 @@ def report(rows: list[dict]) -> None:
             f"{r['dataset']:<17} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
             f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap(r, random):>10} {gap(r, fresh):>8} "
             f"{paired:>14} {(r['seeds_ahead'] if paired else ''):>6} {r['balanced_accuracy_mean']:>8.2%} "
+            f"{r['natural_accuracy_mean']:>8.2%} "
             f"{noisy:>6} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
             f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"

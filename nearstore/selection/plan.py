@@ -22,6 +22,31 @@ def class_budget(size: int, keep: float) -> int:
     return max(1, round(keep * size))
 
 
+def class_budgets(sizes: dict[int, int], keep: float, power: float = 1.0) -> dict[int, int]:
+    """Each class's budget when all keep round(keep · N) together. power 1: proportional, each
+    class `class_budget`. Below 1, a class's budget grows as n_c^power, capped at n_c (what a
+    capped class cannot take goes to the others), rounded by largest remainder, at least one each:
+    the long tail gets more than its share (0.5: square-root sampling; 0: equal budgets)."""
+    if not 0 <= power <= 1:
+        raise ParameterError(f"power must be in [0, 1], got {power}")
+    if power == 1:
+        return {c: class_budget(n, keep) for c, n in sizes.items()}
+    total = class_budget(sum(sizes.values()), keep)
+    raw, free = {}, dict(sizes)
+    while free:  # water-filling: classes whose share reaches their size take all of it
+        scale = (total - sum(raw.values())) / sum(n**power for n in free.values())
+        full = {c: n for c, n in free.items() if scale * n**power >= n}
+        if not full:
+            raw.update({c: scale * n**power for c, n in free.items()})
+            break
+        raw.update(full)
+        free = {c: n for c, n in free.items() if c not in full}
+    budgets = {c: math.floor(r) for c, r in raw.items()}
+    for c in sorted(raw, key=lambda c: budgets[c] - raw[c])[: total - sum(budgets.values())]:
+        budgets[c] += 1
+    return {c: max(1, b) for c, b in budgets.items()}
+
+
 def share(total: float, of: int, start: int, end: int) -> int:
     """The budget of items [start, end) of `of` items when all of them keep `total`: the difference
     of the rounded running totals, round(total · end / of) − round(total · start / of), so that
@@ -46,8 +71,9 @@ def class_pools(
     whole: bool = False,
     previous: np.ndarray | None = None,
     where: str = "the dataset",
+    power: float = 1.0,
 ) -> tuple[dict[int, int], dict[int, np.ndarray]]:
-    """Each class's budget (`class_budget`) and pool: min(n_c, ⌈pool × budget⌉) of its samples,
+    """Each class's budget (`class_budgets` with `power`) and pool: min(n_c, ⌈pool × budget⌉) of its samples,
     sorted (whole: every sample of the class), the class's `previous` ids first (a random share of
     them where they alone overfill the pool), then random others. `where` names the dataset."""
     if pool < 1:
@@ -58,10 +84,11 @@ def class_pools(
         check_ids(previous, len(labels), where, what="previous id")
         carried[previous] = True
     rng = np.random.default_rng(seed)
-    budgets, pools = {}, {}
-    for c in np.unique(labels).tolist():
+    classes, sizes = np.unique(labels, return_counts=True)
+    budgets = class_budgets(dict(zip(classes.tolist(), sizes.tolist())), keep, power)
+    pools = {}
+    for c in classes.tolist():
         members = np.flatnonzero(labels == c)
-        budgets[c] = class_budget(len(members), keep)
         size = len(members) if whole else min(len(members), math.ceil(pool * budgets[c]))
         kept, others = members[carried[members]], members[~carried[members]]
         if len(kept) > size:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kernels import facility_location
-from nearstore.selection.plan import check_keep, class_pools, share, window_bounds
+from nearstore.selection.plan import check_keep, class_budgets, class_pools, share, window_bounds
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import Scan, SuspectsFound, mute_suspects, scan_io
@@ -121,12 +121,14 @@ def windowed_select(
     pool: float | None = None,
     previous: np.ndarray | None = None,
     pool_reads: Coalescing = POOL_READS,
+    budget_power: float = 1.0,
 ) -> Selection:
     """Stream gradient embeddings once; per class, cut them into windows (`ClassWindows`) and keep
     what the selector picks of each, deciding `at_once` windows together. A class keeps
-    round(keep · n_c) samples in all (at least one). With `pool`, only a pool of pool × its budget
-    per class is read (coalescing as `pool_reads`) and windowed: the `previous` ids of the class,
-    the rest drawn at random (`plan.class_pools`)."""
+    round(keep · n_c) samples in all (at least one), or with `budget_power` below 1 a budget that
+    grows as n_c^budget_power (`plan.class_budgets`: the labels are read first). With `pool`, only a
+    pool of pool × its budget per class is read (coalescing as `pool_reads`) and windowed: the
+    `previous` ids of the class, the rest drawn at random (`plan.class_pools`)."""
     check_keep(keep)
     started = time.perf_counter()
     window, factored = selector.window_for(keep), selector.factored
@@ -137,9 +139,18 @@ def windowed_select(
             progress, f"{selector.method} pass 1/1", factored=factored, batch_samples=EMBED_BATCH_SAMPLES
         )
         windows = ClassWindows(window, lambda group: (keep, 1))
+        if budget_power != 1:
+            labels, labels_reader = read_labels(dataset, "budgets by class size")
+            readers.append(labels_reader)
+            classes, sizes = np.unique(labels, return_counts=True)
+            sizes = dict(zip(classes.tolist(), sizes.tolist()))
+            budgets = class_budgets(sizes, keep, budget_power)
+            windows = ClassWindows(window, lambda group: (budgets[group], sizes[group]))
     else:
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
-        budgets, pools = class_pools(labels, keep, pool, seed, previous=previous, where=repr(dataset.url))
+        budgets, pools = class_pools(
+            labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
+        )
         inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, factored)
         readers += [labels_reader, inputs]
         windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))

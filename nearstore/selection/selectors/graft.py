@@ -46,13 +46,17 @@ class Graft(WindowedSelector):
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
         tempers that; 0 weighs directions alone.
     mute_suspects: samples whose label the proxy contradicts with confidence (confident learning
-        with a majority floor, `stages.mute_suspects`) enter MaxVol with zero gradients, so it does
-        not take the wrong labels its volume favours, and are reported (`Selection.suspects`).
-    The defaults are the default path (with default_reselect's pools): robust to wrong labels at
-    a small price on clean data. On MNIST-1D with 20% of the labels randomised they reach 92.4%
-    at 10% (random 83.5%; the previous defaults, without muting and with pool_previous, 66.9%),
-    on clean data 91.6% (random 87.1%; previous 92.5%); docs/benchmarks.md. MaxVol on raw
-    gradients, as the paper has it, is norm_power=1.
+        with a floor that follows the proxy's confidence, `stages.mute_suspects`) enter MaxVol with
+        zero gradients, so it does not take the wrong labels its volume favours, and are reported
+        (`Selection.suspects`).
+    budget_power: a class's budget grows as n_c^budget_power (`plan.class_budgets`, the labels
+        read first): 1 keeps each class in proportion, as a uniform draw would; 0.5, square-root
+        sampling, gives a long tail's classes more than their share at the head's expense (the
+        same budgets where classes are equal in size); 0, equal budgets.
+    The defaults are the default path (with default_reselect's pools), robust to wrong labels and
+    long tails at a small price on clean data (docs/benchmarks.md#label-noise-and-long-tails).
+    MaxVol on raw gradients over classes in proportion, as the paper has it, is norm_power=1,
+    budget_power=1, mute_suspects=False.
     """
 
     method: ClassVar[str] = "graft"
@@ -66,12 +70,15 @@ class Graft(WindowedSelector):
     gram_entries: int = 1 << 22
     pool_reads: Coalescing = POOL_READS
     mute_suspects: bool = True
+    budget_power: float = 0.5
 
     def __post_init__(self) -> None:
         check_window(self.window)
         check_pool(self.pool)
         if not self.norm_power >= 0:
             raise ParameterError(f"norm_power must be >= 0, got {self.norm_power}")
+        if not 0 <= self.budget_power <= 1:
+            raise ParameterError(f"budget_power must be in [0, 1], got {self.budget_power}")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ParameterError(f"tolerance must be > 0, got {self.tolerance}")
         if self.gram_entries < 1:
@@ -92,6 +99,7 @@ class Graft(WindowedSelector):
             pool=self.pool,
             previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
             pool_reads=self.pool_reads,
+            budget_power=self.budget_power,
         )
 
     def window_for(self, keep: float) -> int:

@@ -16,6 +16,7 @@ from nearstore.selection.plan import (
     check_keep,
     class_balanced_draw,
     class_budget,
+    class_budgets,
     class_pools,
     share,
     uniform_draw,
@@ -34,6 +35,39 @@ def test_shares_of_consecutive_parts_add_up_to_the_total(total, cuts):
     parts = [share(total, of, int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
     assert sum(parts) == total
     assert all(0 <= k <= b - a for k, a, b in zip(parts, bounds, bounds[1:]))
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=12),
+    keep=keeps,
+    power=st.floats(min_value=0.0, max_value=1.0),
+)
+def test_class_budgets_favour_the_tail_and_add_up(sizes, keep, power):
+    sizes = dict(enumerate(sizes))
+    budgets = class_budgets(sizes, keep, power)
+    assert all(1 <= budgets[c] <= n for c, n in sizes.items())
+    if power == 1:
+        assert budgets == {c: class_budget(n, keep) for c, n in sizes.items()}
+        return
+    total = class_budget(sum(sizes.values()), keep)
+    # exactly the total, but for classes lifted to one sample from a share that rounded to none
+    assert total <= sum(budgets.values()) <= total + len(sizes)
+    for a in sizes:
+        for b in sizes:
+            if sizes[a] < sizes[b]:  # a smaller class keeps no more samples, but no smaller a share
+                assert budgets[a] <= budgets[b] + 1
+                assert budgets[a] / sizes[a] >= budgets[b] / sizes[b] - 1 / sizes[a] - 1e-9
+
+
+def test_class_budgets_examples():
+    long_tail = {0: 5000, 1: 500, 2: 50}
+    assert class_budgets(long_tail, 0.1, 1.0) == {0: 500, 1: 50, 2: 5}
+    assert class_budgets(long_tail, 0.1, 0.5) == {0: 392, 1: 124, 2: 39}  # ∝ √n_c: 70.7, 22.4, 7.1
+    assert class_budgets(long_tail, 0.1, 0.0) == {0: 253, 1: 252, 2: 50}  # equal, class 2 capped
+    assert class_budgets(long_tail, 0.5, 0.5) == {0: 2225, 1: 500, 2: 50}  # the tail taken whole
+    assert class_budgets({0: 100, 1: 100}, 0.1, 0.5) == {0: 10, 1: 10}  # equal classes: as in proportion
+    with pytest.raises(ParameterError, match=r"power must be in \[0, 1\], got -0.5"):
+        class_budgets(long_tail, 0.1, -0.5)
 
 
 @given(size=st.integers(0, 1000), window=st.integers(1, 200))

@@ -55,8 +55,10 @@ def test_each_class_keeps_its_share(blobs, selector):
     selection = selector.select(dataset, 0.1, proxy=proxy)
     assert selection.method == selector.method and selection.params["proxy"] == "RandomFeatureProxy"
     assert np.all(np.diff(selection.ids) > 0)
-    # round(0.1 · n_c) per class; class 2's 0.9 rounds to 1
-    assert np.bincount(y[selection.ids], minlength=3).tolist() == [30, 12, 1]
+    # in proportion, round(0.1 · n_c) per class, class 2's 0.9 rounding to 1; GRAFT's square-root
+    # budgets: 43 in all, ∝ √n_c = 17.3, 11.0, 3.0 → 23.8, 15.1, 4.1 → 24, 15, 4
+    expected = {1.0: [30, 12, 1], 0.5: [24, 15, 4]}[getattr(selector, "budget_power", 1.0)]
+    assert np.bincount(y[selection.ids], minlength=3).tolist() == expected
     assert 0 < selection.io["bytes"] and selection.io["seconds"] > 0
 
 
@@ -65,7 +67,9 @@ def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
     dataset, x, y, proxy = blobs
     # 13 picks a window of 128, half its gradients' rank (26): past the rank, pivots are ties in
     # rounding, which the factored and the direct Gram matrix break differently
-    selection = Graft(window=128, norm_power=norm_power, mute_suspects=False).select(dataset, 0.1, proxy=proxy)
+    selection = Graft(window=128, norm_power=norm_power, mute_suspects=False, budget_power=1.0).select(
+        dataset, 0.1, proxy=proxy
+    )
     expected = []
     for c in range(3):
         for ids in windows(np.flatnonzero(y == c), 128):
@@ -175,9 +179,11 @@ def test_crest_leaves_out_what_the_model_has_learned(blobs):
 
 def test_small_budgets_and_small_classes_keep_one_sample_a_class(blobs):
     dataset, _, y, proxy = blobs
-    for selector in (Graft(window=64), Craig(window=64), Crest(), Sage()):
+    for selector in (Graft(window=64, budget_power=1.0), Craig(window=64), Crest(), Sage()):
         selection = selector.select(dataset, 0.01, proxy=proxy)
         assert np.bincount(y[selection.ids], minlength=3).tolist() == [3, 1, 1], selector
+    # square-root budgets: 4 in all, 2.2, 1.4, 0.4 → 2, 2, 0, and class 2 still keeps one
+    assert np.bincount(y[Graft(window=64).select(dataset, 0.01, proxy=proxy).ids], minlength=3).tolist() == [2, 2, 1]
 
 
 def test_constant_inputs_still_give_distinct_samples(tmp_path):
@@ -247,7 +253,7 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     dataset, x, y, proxy = blobs
     a, b = (Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3) for _ in range(2))
     np.testing.assert_array_equal(a.ids, b.ids)
-    assert np.bincount(y[a.ids], minlength=3).tolist() == [30, 12, 1]
+    assert np.bincount(y[a.ids], minlength=3).tolist() == [24, 15, 4]  # square-root budgets
     assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
     full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
     assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
@@ -258,26 +264,39 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
 def test_graft_pools_the_previous_rounds_picks_with_fresh_samples(blobs):
     dataset, _, y, proxy = blobs
     previous = Random(class_balanced=True).select(dataset, 0.1, seed=5).ids
+    # Budgets in proportion, as the previous round's class-balanced draw has them.
     # A pool of one budget holds exactly the previous round's picks: MaxVol must keep them all.
-    carried = Graft(window=64, pool=1, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    carried = Graft(window=64, pool=1, pool_previous=True, budget_power=1.0).select(
+        dataset, 0.1, proxy=proxy, seed=3, previous=previous
+    )
     np.testing.assert_array_equal(carried.ids, previous)
     assert carried.params["previous"] == len(previous) and carried.params["pool_previous"]
-    every_sample = Graft(window=64, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    every_sample = Graft(window=64, pool_previous=True, budget_power=1.0).select(
+        dataset, 0.1, proxy=proxy, seed=3, previous=previous
+    )
     assert every_sample.params["previous"] is None  # no pool: nothing to put the previous round in
-    fresh = Graft(window=64, pool=1, pool_previous=False).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    fresh = Graft(window=64, pool=1, pool_previous=False, budget_power=1.0).select(
+        dataset, 0.1, proxy=proxy, seed=3, previous=previous
+    )
     assert len(fresh) == len(previous) and not np.array_equal(fresh.ids, previous)
     # Twice the budget: the previous picks and as many fresh samples, MaxVol choosing among both.
-    mixed = Graft(window=64, pool=2, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=previous)
+    mixed = Graft(window=64, pool=2, pool_previous=True, budget_power=1.0).select(
+        dataset, 0.1, proxy=proxy, seed=3, previous=previous
+    )
     assert np.bincount(y[mixed.ids], minlength=3).tolist() == [30, 12, 1]
     assert 0 < np.isin(mixed.ids, previous).sum() < len(previous)
     # More previous picks than a pool holds (a round at a smaller keep): a random share of them.
     everything = np.arange(dataset.num_samples)
-    shrunk = Graft(window=64, pool=1, pool_previous=True).select(dataset, 0.1, proxy=proxy, seed=3, previous=everything)
+    shrunk = Graft(window=64, pool=1, pool_previous=True, budget_power=1.0).select(
+        dataset, 0.1, proxy=proxy, seed=3, previous=everything
+    )
     assert np.bincount(y[shrunk.ids], minlength=3).tolist() == [30, 12, 1]
     with pytest.raises(SampleIdError, match=r"previous id 429 out of range \[0, 429\)"):
         Graft(pool=2, pool_previous=True).select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
     with pytest.raises(ValueError, match="norm_power must be >= 0, got -1"):
         Graft(norm_power=-1).select(dataset, 0.1, proxy=proxy)
+    with pytest.raises(ValueError, match=r"budget_power must be in \[0, 1\], got 2"):
+        Graft(budget_power=2)
 
 
 @pytest.mark.parametrize("window", [512, 64])  # one window a class, or several
