@@ -133,7 +133,7 @@ class RandomFeatureProxy:
         return last_layer_factors(self._logits(x, h), self._labels(y, len(h)), h)
 
     def confidence(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
-        """p(y | x) under the fitted head, shape (n,)."""
+        """p(y | x) under the head of its fold, shape (n,)."""
         logits = self.logits(x)
         labels = self._labels(y, len(logits))
         return torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]

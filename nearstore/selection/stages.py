@@ -25,14 +25,23 @@ Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.T
 WARMUP_SAMPLES = 4096
 # Pooled samples are read and embedded this many at a time.
 POOL_CHUNK_SAMPLES = 4096
-# A suspect's other class must also reach a floor, not only its class's mean self-confidence: with
-# a weak proxy those means are low, and confident learning alone muted hard, clean samples by the
-# thousand (clean MNIST-1D at 10%: 87.0% with it alone, 91.0% with a floor of 1/2). The floor is
-# the majority, 1/2, or CONFIDENCE_SHARE of the proxy's mean top-class probability where that is
-# lower: a proxy trained on wrong labels is unsure of every sample (40% noise: 0.22-0.50 on
-# MNIST-1D, against 0.48-0.89 clean), and a fixed floor of 1/2 found almost none of them.
+# What makes a suspect beyond confident learning's per-class thresholds (bench/selection_quality.py,
+# MNIST-1D and digits at 5-10%, 5 seeds; docs/benchmarks.md#label-noise-and-long-tails):
+# - a floor: with a weak proxy the thresholds are low, and confident learning alone muted hard,
+#   clean samples by the thousand (clean MNIST-1D at 10%: 87.0% with it alone, 91.0% with 1/2);
+# - that follows the proxy: one trained on wrong labels is unsure of every sample (mean top-class
+#   probability 0.22-0.50 under 40% noise, 0.48-0.89 clean), and a floor of 1/2 found almost no
+#   wrong label there (40% noise: 79.7% at 10%; min(1/2, 0.6 x the mean): 84.2%);
+# - odds: the other class at least ODDS times as likely as the given label, or a weak proxy that
+#   splits a hard sample between two classes mutes it (clean 5%: 77.1% without, 82.4% with);
+# - except from a proxy that knows nothing (mean top-class probability under INFORMATIVE / C, as
+#   digits' MLP after 3 epochs on 140 samples): there the odds are noise, and muting what its
+#   floors catch leaves MaxVol close to a random draw of the fresh pool, which is what such a
+#   proxy deserves (digits, 40% noise, 10%: 50.4% with the odds, 69.7% without).
 MAJORITY = 0.5
 CONFIDENCE_SHARE = 0.6
+ODDS = 4.0
+INFORMATIVE = 2.0
 
 
 @dataclass
@@ -191,11 +200,10 @@ class SuspectsFound:
 
 def mute_suspects(stream: Iterable[Embedded], num_classes: int, found: SuspectsFound) -> Iterator[Embedded]:
     """Stage 3, for factored embeddings grouped by class: the samples whose label the proxy
-    contradicts with confidence (`kernels.label_issues`: another class c with p(c | x) at or above
-    its class's mean self-confidence over every sample streamed so far, and above the floor,
-    min(MAJORITY, CONFIDENCE_SHARE × the mean top-class probability so far)) get a zero gradient,
-    so a diversity pick (MaxVol) takes them only when their window has nothing else left to span;
-    what was found goes to `found`. The proxy's p = r + onehot(y)."""
+    contradicts with confidence (`suspects`) get a zero gradient, so a diversity pick (MaxVol)
+    takes them only when their window has nothing else left to span; what was found goes to
+    `found`. Thresholds and the proxy's mean confidence are kept over every sample streamed so
+    far. The proxy's p = r + onehot(y)."""
     joint = ConfidentJoint(num_classes)
     top, streamed = 0.0, 0
     for ids, groups, (residual, inputs) in stream:
@@ -205,8 +213,7 @@ def mute_suspects(stream: Iterable[Embedded], num_classes: int, found: SuspectsF
         probs = residual + torch.nn.functional.one_hot(labels, residual.shape[1]).to(residual)
         joint.update(probs, labels)
         top, streamed = top + probs.max(1).values.sum().item(), streamed + len(ids)
-        floor = min(MAJORITY, CONFIDENCE_SHARE * top / streamed)
-        confident = label_issues(probs, labels, joint.thresholds().clamp_min(floor))
+        confident = suspects(probs, labels, joint.thresholds(), top / streamed)
         suspect = confident >= 0
         if suspect.any():
             quality = probs.gather(1, labels[:, None])[:, 0]
@@ -214,6 +221,20 @@ def mute_suspects(stream: Iterable[Embedded], num_classes: int, found: SuspectsF
             found.add(ids[rows], confident[suspect].cpu().numpy(), quality[suspect].cpu().numpy())
             residual = residual.masked_fill(suspect[:, None], 0)
         yield ids, groups, (residual, inputs)
+
+
+def suspects(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, mean_top: float) -> torch.Tensor:
+    """The class each sample's label is suspected to be instead, else -1 (`kernels.label_issues`):
+    another class c with p(c | x) at or above its threshold t_c and the floor min(MAJORITY,
+    CONFIDENCE_SHARE × mean_top), and, from a proxy that knows something (mean_top ≥ INFORMATIVE /
+    C), at least ODDS times p(given label | x). mean_top: the proxy's mean top-class probability."""
+    floor = min(MAJORITY, CONFIDENCE_SHARE * mean_top)
+    confident = label_issues(probs, labels, thresholds.clamp_min(floor))
+    if mean_top >= INFORMATIVE / probs.shape[1]:
+        own = probs.gather(1, labels[:, None])[:, 0]
+        other = probs.gather(1, confident.clamp_min(0)[:, None])[:, 0]
+        confident = torch.where(other >= ODDS * own, confident, torch.full_like(confident, -1))
+    return confident
 
 
 def _fit_default_proxy(

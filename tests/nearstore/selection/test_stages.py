@@ -37,31 +37,43 @@ def _judged(probs: np.ndarray, labels: np.ndarray, batch: int = 50) -> tuple[np.
 
 
 def test_an_unsure_proxy_still_finds_wrong_labels():
-    """A proxy right about every sample but sure of none (0.4 on the true class, 0.2 on the others),
-    as one trained on wrong labels is: the floor follows its confidence down, and the wrong labels,
-    and only they, are muted; a fixed floor of 1/2 would find none."""
+    """A proxy right about every sample but sure of none (0.45 on the true class), as one trained
+    on wrong labels is: the floor follows its confidence down (min(1/2, 0.6 × 0.45)), and the wrong
+    labels, and only they, are muted; a fixed floor of 1/2 would find none."""
     rng = np.random.default_rng(0)
-    truth = np.arange(400) % 4
-    labels = np.where(rng.random(400) < 0.2, (truth + rng.integers(1, 4, 400)) % 4, truth)
-    probs = np.full((400, 4), 0.2)
-    probs[np.arange(400), truth] = 0.4
-    suspects, zeroed = _judged(probs, labels)
-    np.testing.assert_array_equal(suspects, np.flatnonzero(labels != truth))
-    np.testing.assert_array_equal(zeroed, suspects)
+    truth = np.arange(1000) % 10
+    labels = np.where(rng.random(1000) < 0.2, (truth + rng.integers(1, 10, 1000)) % 10, truth)
+    probs = np.full((1000, 10), 0.55 / 9)
+    probs[np.arange(1000), truth] = 0.45
+    found, zeroed = _judged(probs, labels)
+    np.testing.assert_array_equal(found, np.flatnonzero(labels != truth))
+    np.testing.assert_array_equal(zeroed, found)
 
 
-def test_a_sure_proxy_keeps_the_majority_floor():
-    """Where the proxy is sure of most samples, another class must hold half the probability: a
-    class it is unsure of (its own samples at 0.4) does not claim samples at 0.45 (the floor is
-    min(1/2, 0.6 × 0.81) there)."""
+def test_a_sure_proxy_keeps_the_majority_floor_and_the_odds():
+    """Where the proxy is sure of most samples, another class must hold half the probability, and
+    four times the given label's: a class it is unsure of (its own samples at 0.4) does not claim
+    samples at 0.45 (the floor is min(1/2, 0.6 × 0.81) there), nor a sample split 0.55 to 0.3."""
     labels = np.arange(400) % 4
     probs = np.full((400, 4), 0.01)
     probs[np.arange(400), labels] = 0.97
-    unsure = labels == 3
-    probs[unsure] = [0.2, 0.2, 0.2, 0.4]
+    probs[labels == 3] = [0.2, 0.2, 0.2, 0.4]
     hard = np.flatnonzero(labels == 0)[-10:]  # labelled 0, class 3 at 0.45 ≥ t_3 ≈ 0.4, below the floor
     probs[hard] = [0.4, 0.1, 0.05, 0.45]
-    suspects, _ = _judged(probs, labels)
-    assert len(suspects) == 0
-    probs[hard] = [0.3, 0.1, 0.05, 0.55]  # past the majority: suspects
+    assert len(_judged(probs, labels)[0]) == 0
+    probs[hard] = [0.3, 0.1, 0.05, 0.55]  # past the floor, but not four times as likely
+    assert len(_judged(probs, labels)[0]) == 0
+    probs[hard] = [0.1, 0.3, 0.05, 0.55]  # both: suspects
     np.testing.assert_array_equal(_judged(probs, labels)[0], hard)
+
+
+def test_a_proxy_that_knows_nothing_is_not_asked_for_odds():
+    """Below 2/C mean top-class probability the odds are noise: what reaches the thresholds and
+    the floor is muted, and MaxVol is left close to a random draw of its pool."""
+    labels = np.arange(400) % 10
+    probs = np.full((400, 10), 0.88 / 9)
+    probs[np.arange(400), labels] = 0.12  # a hint of the labels, little more
+    odd = np.arange(0, 400, 20)  # half of class 0: class 5 at 0.15, 1.9 times the label, ≥ t_5 = 0.12
+    probs[odd] = 0.77 / 8
+    probs[odd, 5], probs[odd, 0] = 0.15, 0.08
+    np.testing.assert_array_equal(_judged(probs, labels)[0], odd)
