@@ -6,12 +6,14 @@ For each noisy case (bench/selection_quality.py's CASES: labels of the training 
 on purpose, the true ones kept aside), one proxy scores every sample, and two finders judge the
 labels from the same predicted probabilities:
 - nearstore: `Graft(mute_suspects=True)`'s suspects, confident learning streamed beside the data
-  (each class's threshold over the samples seen so far), what `nearstore select --report` writes;
+  (each class's threshold over the samples seen so far, and a floor that follows the proxy's
+  confidence), what `nearstore select --report` writes;
 - cleanlab: `cleanlab.filter.find_label_issues(labels, probs)` (prune by noise rate) on all of
   them at once.
-Two proxies: the model-free one round 0 uses (random features and a softmax head fitted on 4,096
-warm-up samples; the rest are out of its sample), and the demo's CNN trained for 3 epochs on a
-random 10% (the model a first re-selection round would push; the other 90% are out of its sample).
+Two proxies: the model-free one round 0 uses (random features and two cross-fitted softmax heads,
+fitted on 4,096 warm-up samples, each judging the half it did not see: every sample is out of
+sample), and the demo's CNN trained for 3 epochs on a random 10% (the model a first re-selection
+round would push; the other 90% are out of its sample).
 Prints precision, recall and F1 against the flips, the ratios nearstore / cleanlab, and chance
 (precision = the share of flipped labels); writes label_errors.json and label_errors.png.
 """
