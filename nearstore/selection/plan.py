@@ -22,6 +22,12 @@ def class_budget(size: int, keep: float) -> int:
     return max(1, round(keep * size))
 
 
+def class_sizes(labels: np.ndarray) -> dict[int, int]:
+    """Each class's number of samples, {class: n_c}, for the classes that have any."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    return dict(zip(classes.tolist(), sizes.tolist()))
+
+
 def class_budgets(sizes: dict[int, int], keep: float, power: float = 1.0) -> dict[int, int]:
     """Each class's budget when all keep round(keep · N) together. power 1: proportional, each
     class `class_budget`. Below 1, a class's budget grows as n_c^power, capped at n_c (what a
@@ -44,7 +50,7 @@ def class_budgets(sizes: dict[int, int], keep: float, power: float = 1.0) -> dic
     budgets = {c: math.floor(r) for c, r in raw.items()}
     for c in sorted(raw, key=lambda c: budgets[c] - raw[c])[: total - sum(budgets.values())]:
         budgets[c] += 1
-    return {c: max(1, b) for c, b in budgets.items()}
+    return {c: max(1, budgets[c]) for c in sizes}  # in the order of `sizes`
 
 
 def share(total: float, of: int, start: int, end: int) -> int:
@@ -84,10 +90,9 @@ def class_pools(
         check_ids(previous, len(labels), where, what="previous id")
         carried[previous] = True
     rng = np.random.default_rng(seed)
-    classes, sizes = np.unique(labels, return_counts=True)
-    budgets = class_budgets(dict(zip(classes.tolist(), sizes.tolist())), keep, power)
+    budgets = class_budgets(class_sizes(labels), keep, power)
     pools = {}
-    for c in classes.tolist():
+    for c in budgets:
         members = np.flatnonzero(labels == c)
         size = len(members) if whole else min(len(members), math.ceil(pool * budgets[c]))
         kept, others = members[carried[members]], members[~carried[members]]

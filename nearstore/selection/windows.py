@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kernels import facility_location
-from nearstore.selection.plan import check_keep, class_budgets, class_pools, share, window_bounds
+from nearstore.selection.plan import check_keep, class_budgets, class_pools, class_sizes, share, window_bounds
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import Scan, SuspectsFound, mute_suspects, scan_io
@@ -142,8 +142,7 @@ def windowed_select(
         if budget_power != 1:
             labels, labels_reader = read_labels(dataset, "budgets by class size")
             readers.append(labels_reader)
-            classes, sizes = np.unique(labels, return_counts=True)
-            sizes = dict(zip(classes.tolist(), sizes.tolist()))
+            sizes = class_sizes(labels)
             budgets = class_budgets(sizes, keep, budget_power)
             windows = ClassWindows(window, lambda group: (budgets[group], sizes[group]))
     else:
