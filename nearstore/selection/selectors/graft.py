@@ -46,9 +46,9 @@ class Graft(WindowedSelector):
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
         tempers that; 0 weighs directions alone.
     mute_suspects: samples whose label the proxy contradicts with confidence (confident learning
-        with a floor that follows the proxy's confidence, `stages.mute_suspects`) enter MaxVol with
-        zero gradients, so it does not take the wrong labels its volume favours, and are reported
-        (`Selection.suspects`).
+        with a floor that follows the proxy's confidence and odds against the given label,
+        `stages.suspects`) enter MaxVol with zero gradients, so it does not take the wrong labels
+        its volume favours, and are reported (`Selection.suspects`).
     budget_power: a class's budget grows as n_c^budget_power (`plan.class_budgets`, the labels
         read first): 1 keeps each class in proportion, as a uniform draw would; 0.5, square-root
         sampling, gives a long tail's classes more than their share at the head's expense (the
