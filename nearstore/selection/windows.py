@@ -138,8 +138,9 @@ def windowed_select(
         stream = scan.embeddings(
             progress, f"{selector.method} pass 1/1", factored=factored, batch_samples=EMBED_BATCH_SAMPLES
         )
-        windows = ClassWindows(window, lambda group: (keep, 1))
-        if budget_power != 1:
+        if budget_power == 1:  # in proportion: no class sizes needed before the scan
+            windows = ClassWindows(window, lambda group: (keep, 1))
+        else:
             labels, labels_reader = read_labels(dataset, "budgets by class size")
             readers.append(labels_reader)
             sizes = class_sizes(labels)
