@@ -4,8 +4,9 @@ Arrow Flight; everything both sides must agree on lives here.
 - `do_get(ticket)`: a JSON ticket `{"dataset": name, "round": r, "ids": [...], "arrays": [...]}`
   names ids of selection round r (or, with r = ALL_SAMPLES, any ids: a trainer's full-data warm
   epochs) and the sample arrays wanted (default: all). The stream holds the samples in ticket
-  order: an int64 `id` column and one fixed-size binary column per array (a sample's raw bytes,
-  C order); the schema's metadata gives each array's dtype and sample shape.
+  order: an int64 `id` column and one column per array: fixed-size binary for fixed-size samples
+  (a sample's raw bytes, C order), variable-length binary for encoded ones (their bytes as
+  stored); the schema's metadata gives each array's dtype ("bytes" for encoded) and sample shape.
 - actions (`ACTIONS`), JSON bodies and answers: `info`, `selection` (`{"round": r}` →
   `Selection.to_bytes()`), `update_proxy` (a `torch.save`d state_dict → the new proxy version),
   `select` (`{"keep", "method", "options", "seed"}` → runs a round, answers like `info`).
@@ -83,10 +84,18 @@ def parse_arrays(raw: Any, served: Sequence[str]) -> list[str]:
     return raw
 
 
+ENCODED = "bytes"  # the metadata dtype of an array of encoded samples
+
+
 def to_record_batch(ids: np.ndarray, arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
-    """ids and each array's samples as fixed-size binary rows; dtype and shape in the metadata."""
+    """ids and each array's samples as binary rows; dtype and shape in the metadata."""
     fields, columns, metadata = [pa.field("id", pa.int64())], [pa.array(ids, type=pa.int64())], {}
     for name, values in arrays.items():
+        if values.dtype == object:  # large_binary: a batch of images may pass 2 GiB
+            columns.append(pa.array(values, type=pa.large_binary()))
+            fields.append(pa.field(name, pa.large_binary()))
+            metadata[name] = json.dumps({"dtype": ENCODED, "shape": []})
+            continue
         values = np.ascontiguousarray(values)
         kind = pa.binary(values.itemsize * math.prod(values.shape[1:]))
         columns.append(pa.FixedSizeBinaryArray.from_buffers(kind, len(values), [None, pa.py_buffer(values)]))
@@ -101,6 +110,9 @@ def from_table(table: pa.Table) -> dict[str, np.ndarray]:
     for name in table.column_names[1:]:
         layout = json.loads(table.schema.metadata[name.encode()])
         column = table.column(name).combine_chunks()
+        if layout["dtype"] == ENCODED:
+            arrays[name] = column.to_numpy(zero_copy_only=False)
+            continue
         raw = np.frombuffer(column.buffers()[1], dtype=np.uint8)
         width = column.type.byte_width
         rows = raw[column.offset * width : (column.offset + len(column)) * width]

@@ -8,6 +8,8 @@ Layout (any zarr/xarray/dask user can open it)::
       x/                   (N, ...) any fixed-size dtype; shards of `shard_samples` samples,
                            inner chunks of one sample, so one sample is one byte range
       y/                   (N,) integer labels
+      image/               or (N,) encoded samples (JPEG, PNG, ... bytes as they were encoded) of
+                           any length: zarr's variable-length bytes dtype, one sample an inner chunk
 
 The attributes are written last (`nearstore.storage.writer`): a store whose writer died half-way
 has none and is refused by `open_dataset`, so a partial store is never mistaken for a whole one.
@@ -15,8 +17,10 @@ has none and is refused by `open_dataset`, so a partial store is never mistaken 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +79,10 @@ class Dataset:
     def num_shards(self) -> int:
         return math.ceil(self.num_samples / self.shard_samples)
 
+    def encoded(self, name: str) -> bool:
+        """Whether array `name` holds encoded samples (bytes of any length) rather than fixed-size ones."""
+        return self.arrays[name].dtype == object
+
     def required_labels(self, who: str) -> str:
         """The label array's name; a DatasetError saying that `who` needs labels if there are none."""
         if self.label_array is None:
@@ -128,6 +136,15 @@ class Dataset:
         return sum(_size_or_zero(fs, path) for path in paths)
 
 
+@contextlib.contextmanager
+def encoded_bytes() -> Iterator[None]:
+    """Silence zarr's warning that its variable-length bytes dtype has no Zarr v3 specification
+    yet: nearstore chose it knowingly (docs/format.md says what it means for other readers)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
+        yield
+
+
 def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     """A `Dataset.identity()` without its URL: what must match for ids to name the same samples."""
     return {k: v for k, v in identity.items() if k != "url"}
@@ -152,7 +169,8 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     """Open a nearstore dataset read-only; errors name the URL and what is missing."""
     storage_options = dict(storage_options or {})
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+        with encoded_bytes():
+            group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
         raise FileNotFoundError(f"no zarr group at {url!r}: {e}") from e
     except Exception as e:  # the storage backend's own errors (unreachable endpoint, bad credentials)
@@ -172,7 +190,8 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     arrays: dict[str, zarr.Array] = {}
     for name in names:
         try:
-            array = group[name]
+            with encoded_bytes():
+                array = group[name]
         except KeyError:
             raise DatasetError(f"{url!r}: sample array {name!r} is listed in the attributes but missing") from None
         if not isinstance(array, zarr.Array):

@@ -16,9 +16,10 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import ZstdCodec
+from zarr.core.dtype import VariableLengthBytes
 
 from nearstore.errors import DatasetError, ParameterError
-from nearstore.storage.dataset import ATTRS_KEY, FORMAT_VERSION, Dataset, open_dataset
+from nearstore.storage.dataset import ATTRS_KEY, FORMAT_VERSION, Dataset, encoded_bytes, open_dataset
 
 DEFAULT_SHARD_SAMPLES = 1024
 # zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
@@ -41,7 +42,9 @@ def write_dataset(
     """Stream batches of samples into a new dataset at `url`; memory is one shard, not the data.
 
     batches: an iterable of {array name: array of shape (n, ...)}, every batch with the same
-        names, per-sample shapes and dtypes; n may differ from batch to batch.
+        names, per-sample shapes and dtypes; n may differ from batch to batch. An array of
+        encoded samples (JPEG, PNG, token bytes, ...) is a 1-D object array of `bytes`, each
+        stored as it is, of any length (zarr's variable-length bytes under the sharding codec).
     label_array: name of the integer label array among the batches (None: unlabelled).
     class_names: default "0".."C-1" from the largest label seen.
     num_samples: expected total, only for the progress bar and a final check.
@@ -55,11 +58,11 @@ def write_dataset(
     group = zarr.open_group(url, mode="w", storage_options=storage_options or None)
 
     writer = _ShardWriter(group, shard_samples, zstd_level, label_array)
-    with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar:
+    with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
             bar.update(len(next(iter(batch.values()))))
-    writer.close()
+        writer.close()
 
     if writer.num_samples == 0:
         raise DatasetError(f"no samples were given to write to {url!r}")
@@ -78,10 +81,15 @@ def write_dataset(
 
 
 def _zstd_saves(samples: np.ndarray, level: int) -> bool:
-    """Whether zstd, applied to each sample alone as the inner chunks store them, saves enough."""
+    """Whether zstd, applied to each sample alone as the inner chunks store them, saves enough
+    (on JPEG or PNG bytes it never does: they are compressed already)."""
     codec = numcodecs.Zstd(level=level)
-    packed = sum(len(codec.encode(np.ascontiguousarray(sample))) for sample in samples)
-    return packed < (1 - _MIN_COMPRESSION_SAVING) * samples.nbytes
+    if samples.dtype == object:
+        rows = [np.frombuffer(sample, dtype=np.uint8) for sample in samples]
+    else:
+        rows = [np.ascontiguousarray(sample) for sample in samples]
+    packed = sum(len(codec.encode(row)) for row in rows)
+    return packed < (1 - _MIN_COMPRESSION_SAVING) * sum(row.nbytes for row in rows)
 
 
 class _ShardWriter:
@@ -121,18 +129,19 @@ class _ShardWriter:
         for name, values in batch.items():
             if values.ndim == 0:
                 raise DatasetError(f"array {name!r} needs a sample axis, got a scalar")
-            if values.dtype == object:
-                raise DatasetError(f"array {name!r} has dtype object; only fixed-size dtypes are supported")
+            encoded = values.dtype == object
+            if encoded:
+                self._check_encoded(name, values, 0)
             sample_shape = values.shape[1:]
             compress = _zstd_saves(values[:64], self.zstd_level)
             self.arrays[name] = self.group.create_array(
                 name,
                 shape=(0, *sample_shape),
-                dtype=values.dtype,
+                dtype=VariableLengthBytes() if encoded else values.dtype,
                 chunks=(1, *sample_shape),
                 shards=(self.shard_samples, *sample_shape),
                 compressors=ZstdCodec(level=self.zstd_level) if compress else None,
-                fill_value=0,
+                fill_value=b"" if encoded else 0,
             )
             self.pending[name] = []
 
@@ -144,7 +153,9 @@ class _ShardWriter:
             raise DatasetError(f"arrays in one batch must have the same number of samples, got {lengths}")
         for name, values in batch.items():
             array = self.arrays[name]
-            if values.shape[1:] != array.shape[1:] or values.dtype != array.dtype:
+            if array.dtype == object and values.dtype == object:
+                self._check_encoded(name, values, self.num_samples + self.num_pending)
+            elif values.shape[1:] != array.shape[1:] or values.dtype != array.dtype:
                 raise DatasetError(
                     f"array {name!r}: batch has samples of shape {values.shape[1:]} {values.dtype}, "
                     f"the dataset has {array.shape[1:]} {array.dtype}"
@@ -159,6 +170,21 @@ class _ShardWriter:
                 raise DatasetError(f"label array {self.label_array!r} has a negative label {labels.min()}")
             if len(labels):
                 self.max_label = max(self.max_label, int(labels.max()))
+
+    @staticmethod
+    def _check_encoded(name: str, values: np.ndarray, first: int) -> None:
+        """An array of encoded samples is 1-D and holds bytes; refuse naming the first sample that
+        is not (a str or an array would be stored as something else than what was given)."""
+        if values.ndim != 1:
+            raise DatasetError(
+                f"array {name!r} of encoded samples must be 1-D (one bytes object a sample), got {values.shape}"
+            )
+        for i, sample in enumerate(values):
+            if not isinstance(sample, bytes):
+                raise DatasetError(
+                    f"array {name!r}: sample {first + i} is a {type(sample).__name__}, expected bytes "
+                    "(an object array holds encoded samples, each one bytes object)"
+                )
 
     def _flush(self, n: int) -> None:
         start, stop = self.num_samples, self.num_samples + n

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from nearstore import DatasetError, open_dataset, write_dataset
+from nearstore import DatasetError, SelectiveReader, open_dataset, write_dataset
 
 
 def test_store_is_sharded_zarr_with_one_sample_per_inner_chunk(id_store, id_data):
@@ -123,3 +123,76 @@ def test_identity_describes_shapes_and_dtypes(id_store):
     identity = id_store.identity()
     assert identity["num_samples"] == 2500
     assert identity["arrays"]["x"] == {"shape": [2500, 8], "dtype": "float32"}
+
+
+def encoded(samples: list[bytes]) -> np.ndarray:
+    """An object array of bytes, as a converter builds it (np.asarray would make fixed-width 'S'
+    strings and drop trailing NULs)."""
+    array = np.empty(len(samples), dtype=object)
+    array[:] = samples
+    return array
+
+
+def random_bytes(n: int, seed: int = 0) -> list[bytes]:
+    """n samples of 0..3,000 random bytes, some empty, some ending in NUL."""
+    rng = np.random.default_rng(seed)
+    samples = [rng.integers(0, 256, rng.integers(0, 3000), dtype=np.uint8).tobytes() for _ in range(n)]
+    samples[3], samples[4] = b"", b"ends in NUL\x00\x00"
+    return samples
+
+
+def test_encoded_samples_are_stored_as_given_and_zarr_reads_them(tmp_path):
+    samples = random_bytes(700)
+    url = str(tmp_path / "encoded.zarr")
+    batches = [
+        {"image": encoded(samples[i : i + 300]), "y": np.arange(i, min(i + 300, 700)) % 3} for i in (0, 300, 600)
+    ]
+    dataset = write_dataset(url, batches, shard_samples=128)
+    assert dataset.encoded("image") and not dataset.encoded("y")
+    assert dataset.identity()["arrays"]["image"] == {"shape": [700], "dtype": "object"}
+    array = zarr.open_group(url, mode="r")["image"]  # what any zarr user sees
+    assert array.shards == (128,) and array.chunks == (1,)
+    assert list(array[:]) == samples
+    ids = np.random.default_rng(1).permutation(700)[:200]
+    assert list(SelectiveReader(dataset).read(ids)["image"]) == [samples[i] for i in ids]
+
+
+def test_encoded_samples_that_compress_are_compressed(tmp_path):
+    text = [f"sample {i} ".encode() * 50 for i in range(300)]  # token-like, compressible
+    noise = random_bytes(300)  # JPEG-like: incompressible
+    dataset = write_dataset(
+        str(tmp_path / "e.zarr"), [{"text": encoded(text), "noise": encoded(noise)}], label_array=None
+    )
+    assert dataset.stored_nbytes(["text"]) < 0.2 * sum(map(len, text))
+    # stored raw: each sample's bytes and its 8-byte vlen header (but for the empty one, which is
+    # the fill value and not written), the shard's index (16 bytes a sample of the shard, written
+    # or not) and its 4-byte checksum
+    assert dataset.stored_nbytes(["noise"]) == sum(map(len, noise)) + 8 * 299 + 16 * 1024 + 4
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([b"ok", "a str"], "sample 1 is a str, expected bytes"),
+        ([b"ok", np.zeros(3)], "sample 1 is a ndarray, expected bytes"),
+    ],
+)
+def test_encoded_samples_that_are_not_bytes_are_named(tmp_path, values, message):
+    with pytest.raises(DatasetError, match=f"array 'image': {message}"):
+        write_dataset(str(tmp_path / "e.zarr"), [{"image": encoded(values)}], label_array=None)
+
+
+def test_a_later_batch_with_a_bad_encoded_sample_names_its_place(tmp_path):
+    batches = [{"image": encoded([b"a"] * 5)}, {"image": encoded([b"b", None])}]
+    with pytest.raises(DatasetError, match="sample 6 is a NoneType"):
+        write_dataset(str(tmp_path / "e.zarr"), batches, label_array=None)
+
+
+def test_encoded_samples_need_one_bytes_object_each(tmp_path):
+    two_d = np.empty((2, 2), dtype=object)
+    two_d[:] = b"x"
+    with pytest.raises(DatasetError, match="must be 1-D"):
+        write_dataset(str(tmp_path / "e.zarr"), [{"image": two_d}], label_array=None)
+    fixed_then_encoded = [{"x": np.zeros((2, 3), np.uint8)}, {"x": encoded([b"a", b"b"])}]
+    with pytest.raises(DatasetError, match="array 'x'"):
+        write_dataset(str(tmp_path / "f.zarr"), fixed_then_encoded, label_array=None)
