@@ -1,5 +1,6 @@
-"""Batches through a DALI pipeline: `fn.external_source` fed by a batch callable, the user's
-DALI transform in the graph, torch tensors out (CPU with device_id=None, or GPU)."""
+"""Batches through a DALI pipeline: `fn.external_source` fed by a batch callable, encoded images
+decoded and augmented in the graph (`ImageTransform`), the user's DALI transform, torch tensors
+out (CPU with device_id=None, or GPU, where images are decoded by nvJPEG: `device="mixed"`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from nearstore.storage.images import ImageTransform
+
 try:
     import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 except ImportError:  # DALI has no wheel for this platform: the plain-torch path serves
@@ -30,13 +34,17 @@ def dali_epoch(
     batch_size: int,
     device: torch.device,
     dali_transform: DaliTransform | None = None,
+    images: ImageTransform | None = None,
     num_threads: int = 2,
+    seed: int = 0,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Run one epoch of `batches` (tuples of numpy arrays, first axis the batch) through DALI.
 
     A fresh pipeline per epoch (building one takes ~15 ms) means an epoch abandoned half-way
-    leaves nothing behind. `dali_transform` maps the first output's DataNode (the inputs) to a
-    new DataNode inside the graph; on a CUDA device it receives GPU data.
+    leaves nothing behind. images: the first output holds encoded images (an object array of
+    bytes), decoded and transformed so. `dali_transform` maps the first output's DataNode (the
+    inputs, decoded) to a new DataNode inside the graph; on a CUDA device it receives GPU data.
+    seed: the pipeline's random augmentations.
     """
     if not dali_available():
         raise RuntimeError("DALI is not installed; use backend='torch' or install nvidia-dali-cuda130")
@@ -45,7 +53,10 @@ def dali_epoch(
         # DALI prefetches past the end of the epoch: every such call must raise again.
         if info.iteration >= num_batches:
             raise StopIteration
-        return next(batches)
+        batch = next(batches)
+        if images is not None:  # DALI takes encoded samples as a list of 1-D uint8 arrays
+            batch = ([np.frombuffer(blob, dtype=np.uint8) for blob in batch[0]], *batch[1:])
+        return batch
 
     on_gpu = device.type == "cuda"
 
@@ -53,11 +64,14 @@ def dali_epoch(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
+        seed=seed,
     )
     def pipeline():
         outputs = list(fn.external_source(source=source, num_outputs=num_outputs, batch=True, batch_info=True))
+        if images is not None:  # decoded where they land: the mixed decoder takes them on the host
+            outputs[0] = decode_images(outputs[0], images, on_gpu)
         if on_gpu:
-            outputs = [o.gpu() for o in outputs]
+            outputs = [o if i == 0 and images is not None else o.gpu() for i, o in enumerate(outputs)]
         if dali_transform is not None:
             outputs[0] = dali_transform(outputs[0])
         return tuple(outputs)
@@ -67,6 +81,36 @@ def dali_epoch(
     stream = torch.cuda.current_stream(device) if on_gpu else None
     for _ in range(num_batches):
         yield tuple(_to_torch(tensor_list, device, stream) for tensor_list in pipe.run())
+
+
+def decode_images(encoded, images: ImageTransform, on_gpu: bool):
+    """The DALI graph of `images` over a DataNode of encoded images: what `ImageTransform.decode`
+    does with PIL (same sizes, crops, rounding and normalization; the resize filters differ by
+    about one level in 255, docs/loader.md)."""
+    device = "mixed" if on_gpu else "cpu"
+    if images.train:
+        decoded = fn.decoders.image_random_crop(
+            encoded,
+            device=device,
+            output_type=types.RGB,
+            random_area=images.crop_area,
+            random_aspect_ratio=(3 / 4, 4 / 3),
+        )
+        decoded = fn.resize(decoded, resize_x=images.size, resize_y=images.size)
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        decoded = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+        decoded = fn.resize(decoded, resize_shorter=images.shorter_side)
+        mirror = 0
+    return fn.crop_mirror_normalize(
+        decoded,
+        crop=(images.size, images.size),
+        mirror=mirror,
+        mean=list(images.mean),
+        std=list(images.std),
+        output_layout="CHW",
+        dtype=types.FLOAT,
+    )
 
 
 def _to_torch(tensor_list, device: torch.device, stream) -> torch.Tensor:

@@ -18,13 +18,15 @@ import torch.distributed as dist
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
 from loaders.order import EpochOrder, Uneven
 from loaders.sources import Source, open_source
-from nearstore import Dataset, DatasetError, IOStats, ParameterError, SampleIdError, Selection
+from nearstore import Dataset, DatasetError, IOStats, ParameterError, SampleError, SampleIdError, Selection
 from nearstore.selection import default_reselect
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import check_ids, sample_identity
+from nearstore.storage.images import ImageTransform, OnError, check_on_error, damaged
 
 Backend = Literal["auto", "dali", "torch"]
-Batch = tuple[np.ndarray, np.ndarray, int | str]  # a batch to read: ids, their weights, the round they are in
+# A batch to read: ids, their weights, the round they are in, the seed of its augmentations.
+Batch = tuple[np.ndarray, np.ndarray, int | str, tuple[int, ...]]
 STATE_VERSION = 2
 log = logging.getLogger("nearstore")
 
@@ -60,8 +62,16 @@ class StreamingLoader:
         `reselect`). Through a server the warm epochs are shipped whole.
     weights: also yield each sample's selection weight, batches are then (x, y, w).
     input_array: the array yielded as x (default: the first sample array other than labels).
+    images: how encoded images (an input array of JPEG, PNG, ... bytes) become x, float32
+        (batch, 3, size, size): `ImageTransform()` by default for such an array (224 × 224, random
+        crop and flip, ImageNet's normalization); `ImageTransform(train=False)` to evaluate.
+        DALI decodes in its graph (nvJPEG on a CUDA device); the torch backend with PIL.
+    on_error: what a damaged encoded sample (cut short, not an image, refused by the decoder)
+        does: "raise" a SampleError naming its id, array and shard, or "skip" it, leaving the
+        batch one sample shorter, logged and listed in io_stats()["skipped_samples"].
+    num_threads: threads that decode images (DALI's, or PIL's in the torch backend).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
-        the device is CUDA). transform: applied to the x tensor of every batch afterwards.
+        the device is CUDA), after `images`. transform: applied to the x tensor of every batch.
     backend: "dali", "torch" (the same batches without DALI), or "auto" (DALI where installed).
     device: where batches land; default CUDA when available, else CPU.
     prefetch: batches read ahead of the trainer in a background thread.
@@ -84,6 +94,9 @@ class StreamingLoader:
         warm_start_epochs: int = 0,
         weights: bool = False,
         input_array: str | None = None,
+        images: ImageTransform | None = None,
+        on_error: OnError = "raise",
+        num_threads: int = 2,
         dali_transform: DaliTransform | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         backend: Backend = "auto",
@@ -93,6 +106,9 @@ class StreamingLoader:
     ) -> None:
         if prefetch < 1:
             raise ParameterError(f"prefetch must be >= 1, got {prefetch}")
+        if num_threads < 1:
+            raise ParameterError(f"num_threads must be >= 1, got {num_threads}")
+        self.on_error, self.num_threads = check_on_error(on_error), num_threads
         if backend not in ("auto", "dali", "torch"):
             raise ParameterError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
@@ -111,6 +127,13 @@ class StreamingLoader:
         if self.input_array not in self.source.sample_arrays:
             raise DatasetError(f"input_array {self.input_array!r} is not a sample array of {self.url!r}")
         self.arrays = [self.input_array] + ([self.source.label_array] if self.source.label_array else [])
+        encoded = self.source.identity["arrays"][self.input_array]["dtype"] == "object"
+        if images is not None and not encoded:
+            raise ParameterError(
+                f"images= decodes encoded samples, and array {self.input_array!r} of {self.url!r} holds fixed-size ones"
+            )
+        self.images = images if images is not None or not encoded else ImageTransform()
+        self.skipped: list[int] = []
         self.scan_io = {"bytes": 0, "requests": 0}
         self._use(self.source.selection() if selection is None else selection)
 
@@ -120,6 +143,7 @@ class StreamingLoader:
         self.prefetch = prefetch
         self._epochs: list[dict[str, Any]] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._decoders: ThreadPoolExecutor | None = None
 
     # Where the loader is: its order's place.
     @property
@@ -194,7 +218,8 @@ class StreamingLoader:
         ids, weights, round = self._epoch_ids(epoch)
         first = self.order.start()  # > 0 right after load_state_dict mid-epoch
         positions = self.order.batches(epoch, len(ids), first)
-        batches = self._prefetched((ids[p], weights[p], round) for p in positions)
+        seed = (self.order.seed, epoch)
+        batches = self._prefetched((ids[p], weights[p], round, (*seed, first + k)) for k, p in enumerate(positions))
         if self.backend == "dali":
             tensors = dali_epoch(
                 batches,
@@ -203,6 +228,9 @@ class StreamingLoader:
                 batch_size=self.order.batch_size,
                 device=self.device,
                 dali_transform=self.dali_transform,
+                images=self.images,
+                num_threads=self.num_threads,
+                seed=int(np.random.default_rng(seed).integers(2**31)),
             )
         else:
             tensors = (tuple(torch.from_numpy(a).to(self.device) for a in batch) for batch in batches)
@@ -289,6 +317,7 @@ class StreamingLoader:
             "scan_bytes": self.scan_io.get("bytes", 0),
             "scan_requests": self.scan_io.get("requests", 0),
             "full_epoch_bytes": self._full_bytes(),
+            "skipped_samples": list(self.skipped),
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
             "storage_reads": self.source.storage_reads(),
         }
@@ -351,12 +380,50 @@ class StreamingLoader:
             for future in pending:
                 future.cancel()
 
-    def _read_batch(self, ids: np.ndarray, weights: np.ndarray, round: int | str) -> tuple[np.ndarray, ...]:
+    def _read_batch(
+        self, ids: np.ndarray, weights: np.ndarray, round: int | str, seed: tuple[int, ...]
+    ) -> tuple[np.ndarray, ...]:
         arrays = self.source.read(ids, arrays=self.arrays, round=round)
+        if self.images is not None:
+            ids, arrays, weights = self._decoded(ids, arrays, weights, seed)
         batch = [arrays[name] for name in self.arrays]
         if self.with_weights:
             batch.append(weights)
         return tuple(batch)
+
+    def _decoded(
+        self, ids: np.ndarray, arrays: dict[str, np.ndarray], weights: np.ndarray, seed: tuple[int, ...]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """A batch of encoded inputs checked and, for the torch backend, decoded (DALI decodes in
+        its graph); damaged samples raised or dropped by `on_error`."""
+        blobs = arrays[self.input_array]
+        if self.backend == "torch":
+            if self._decoders is None:
+                self._decoders = ThreadPoolExecutor(self.num_threads, thread_name_prefix="nearstore-decode")
+            inputs, failed = self.images.decode_batch(blobs, seed=seed, executor=self._decoders)
+        else:
+            failed = {i: why for i, blob in enumerate(blobs) if (why := damaged(blob)) is not None}
+        if failed:
+            where = [
+                f"sample {int(ids[i])} of array {self.input_array!r} ({self._shard_of(ids[i])}): {why}"
+                for i, why in failed.items()
+            ]
+            if self.on_error == "raise":
+                raise SampleError(
+                    f"{where[0]}" + (f"; and {len(where) - 1} more in the batch" if len(where) > 1 else "")
+                )
+            for line in where:
+                log.warning("skipped %s", line)
+            self.skipped += [int(ids[i]) for i in failed]
+            kept = np.setdiff1d(np.arange(len(ids)), list(failed))
+            ids, weights = ids[kept], weights[kept]
+            arrays = {name: values[kept] for name, values in arrays.items()}
+        if self.backend == "torch":
+            arrays[self.input_array] = inputs
+        return ids, arrays, weights
+
+    def _shard_of(self, sample: int) -> str:
+        return f"shard {int(sample) // self.source.shard_samples} of {self.url!r}"
 
 
 def _selected(

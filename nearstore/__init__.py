@@ -5,7 +5,7 @@ The layers, each a package, imports going one way: `nearstore.storage` (the form
 near-storage server) ← `loaders` (beside the trainer) ← `nearstore.app` (the command line, the demo).
 """
 
-from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError, SampleIdError
+from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError, SampleError, SampleIdError
 from nearstore.selection import ModelProxy, RandomFeatureProxy, Selection, keep_freed_memory
 from nearstore.selection.selectors import SELECTORS, Craig, Crest, Graft, Random, Sage, make_selector
 from nearstore.selection.selectors.random import random_select
@@ -28,6 +28,7 @@ __all__ = [
     "RandomFeatureProxy",
     "RequestError",
     "Sage",
+    "SampleError",
     "SampleIdError",
     "Selection",
     "SelectiveReader",

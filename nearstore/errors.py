@@ -25,10 +25,16 @@ class SampleIdError(NearstoreError, IndexError):
     """Sample ids that name no sample of the dataset, or name one twice where each must be once."""
 
 
+class SampleError(NearstoreError, ValueError):
+    """A stored sample that cannot be used: an encoded image damaged (cut short, not an image) or
+    that its decoder refuses. The message names the sample id, its array and its shard."""
+
+
 class RequestError(NearstoreError, ValueError):
     """A request a server refuses: malformed, too large, or for a round it does not hold."""
 
 
 ERRORS: dict[str, type[NearstoreError]] = {
-    cls.__name__: cls for cls in (NearstoreError, ParameterError, DatasetError, SampleIdError, RequestError)
+    cls.__name__: cls
+    for cls in (NearstoreError, ParameterError, DatasetError, SampleIdError, SampleError, RequestError)
 }

@@ -18,13 +18,15 @@ class Source(ABC):
     """Samples of one dataset, read by id, and its selection rounds.
 
     url: where it is. identity: `Dataset.identity()` of the dataset. sample_arrays, label_array:
-    its arrays. stats: what this source delivered to this trainer (bytes, requests, samples).
+    its arrays. shard_samples: samples a shard (sample i lies in shard i // shard_samples).
+    stats: what this source delivered to this trainer (bytes, requests, samples).
     """
 
     url: str
     identity: dict[str, Any]
     sample_arrays: tuple[str, ...]
     label_array: str | None
+    shard_samples: int
     stats: IOStats
 
     @property

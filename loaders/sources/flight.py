@@ -67,6 +67,7 @@ class FlightSource(Source):
         self.identity: dict[str, Any] = info["identity"]
         self.sample_arrays: tuple[str, ...] = tuple(info["sample_arrays"])
         self.label_array: str | None = info["label_array"]
+        self.shard_samples: int = info["shard_samples"]
         self._stored_bytes: dict[str, int] = info["stored_bytes"]
 
     def info(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class StoreSource(Source):
         self.url = self.dataset.url
         self.identity = self.dataset.identity()
         self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
+        self.shard_samples = self.dataset.shard_samples
         self.reads = reads
         self.stats = IOStats()
         self._readers: dict[tuple[str, ...], SelectiveReader] = {}

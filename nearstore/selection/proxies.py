@@ -11,14 +11,16 @@ import torch
 from kernels import last_layer_factors, last_layer_gradients
 from kernels.floats import all_finite
 from nearstore.errors import DatasetError, ParameterError
+from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
 
 class Proxy(Protocol):
     """What the scan needs of a proxy: gradient embeddings g_i = r_i ⊗ x_i of labelled samples
     (`embed`), or their two factors (`gradient_factors`, for selectors that need only inner
-    products), and p(y | x) (`confidence`)."""
+    products), and p(y | x) (`confidence`). images: how the scan decodes encoded images for it."""
 
     num_classes: int
+    images: ImageTransform
 
     @property
     def embedding_dim(self) -> int: ...
@@ -41,7 +43,10 @@ class RandomFeatureProxy:
     scored by a head that never saw it: a head judging the labels it was fitted on calls them right,
     and a dataset no larger than the warm-up would have no label judged at all. `embed` gives the
     last-layer gradient embeddings (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
+    Encoded images reach it decoded to 32 × 32 (`images`): random features of a thumbnail.
     """
+
+    images = PROXY_IMAGES
 
     def __init__(
         self,
@@ -161,9 +166,18 @@ class ModelProxy:
     The model runs in eval mode, without gradients, in chunks of `batch_size` samples, on the
     stored samples as they are (integer samples cast to float32): preprocessing the trainer does
     in a loader transform belongs in the model's first layer for its proxy to see the same input.
+    Encoded images are decoded by `images` (default 32 × 32, centre crop, ImageNet's normalization):
+    give the trainer's evaluation transform for the model to see what it trains on.
     """
 
-    def __init__(self, model: torch.nn.Module, *, batch_size: int = 4096, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        batch_size: int = 4096,
+        device: torch.device | str = "cpu",
+        images: ImageTransform = PROXY_IMAGES,
+    ) -> None:
         heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         if not heads:
             raise ParameterError(
@@ -174,6 +188,7 @@ class ModelProxy:
         self.device = torch.device(device)
         self.num_classes = self.head.out_features
         self.batch_size = batch_size
+        self.images = images
 
     @property
     def embedding_dim(self) -> int:

@@ -1,11 +1,13 @@
 """The scan's stages, each a generator over batches, that compose: read shards (or pooled ids) →
-join them into larger batches → the proxy's gradient embeddings per class. `Scan` holds what
+decode encoded images → join them into larger batches → the proxy's gradient embeddings per class. `Scan` holds what
 every streaming selection starts from: a reader of the input and label arrays and a fitted proxy."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +19,14 @@ from nearstore.errors import DatasetError
 from nearstore.selection.proxies import Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
 from nearstore.storage import POOL_READS, Coalescing, Dataset, SelectiveReader
+from nearstore.storage.images import ImageTransform
 
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
 # (ids, {group: rows}, gradient embeddings, or their two factors where asked for)
 Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+log = logging.getLogger("nearstore")
+# Threads that decode images beside the data (PIL lets go of the GIL while it decodes).
+DECODE_THREADS = 2
 # The default proxy is fitted on random whole shards holding at least this many samples.
 WARMUP_SAMPLES = 4096
 # Pooled samples are read and embedded this many at a time.
@@ -47,13 +53,13 @@ INFORMATIVE = 2.0
 @dataclass
 class Scan:
     """A reader of the input and label arrays and a fitted proxy, with the warm-up shards it was
-    fitted on (not to be read again)."""
+    fitted on (not to be read again, nor decoded)."""
 
     reader: SelectiveReader
     proxy: Proxy
     input_array: str
     labels: str
-    warm: dict[int, dict[str, np.ndarray]]
+    warm: dict[int, Batch]
 
     @classmethod
     def open(
@@ -71,7 +77,7 @@ class Scan:
         labels = dataset.required_labels(f"{who} scores per-example gradients, which")
         input_array = input_array or dataset.input_array
         reader = SelectiveReader(dataset, [input_array, labels])
-        warm: dict[int, dict[str, np.ndarray]] = {}
+        warm: dict[int, Batch] = {}
         if proxy is None:
             proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
         else:
@@ -90,7 +96,7 @@ class Scan:
         """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings), or the
         embeddings' two factors (Proxy.gradient_factors) with `factored`; consecutive shards
         embedded together up to `batch_samples` (0: one shard at a time)."""
-        batches = shard_batches(self.reader, self.warm, progress, desc, shards)
+        batches = decoded(shard_batches(self.reader, self.warm, progress, desc, shards), self.input_array, self.proxy)
         if batch_samples:
             batches = rebatch(batches, batch_samples)
         return embed(batches, self.proxy, self.input_array, self.labels, class_balanced, factored)
@@ -107,12 +113,13 @@ class Scan:
         """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
         dataset = self.reader.dataset
         reader, batches = pool_batches(dataset, self.input_array, self.labels, labels, pools, progress, desc, reads)
+        batches = decoded(batches, self.input_array, self.proxy)
         return reader, embed(batches, self.proxy, self.input_array, self.labels, True, factored)
 
 
 def shard_batches(
     reader: SelectiveReader,
-    warm: dict[int, dict[str, np.ndarray]],
+    warm: dict[int, Batch],
     progress: bool,
     desc: str,
     shards: Iterable[int] | None = None,
@@ -120,8 +127,11 @@ def shard_batches(
     """Stage 1: every shard (or those given) once, in order; shards in `warm` are not read again."""
     shards = list(range(reader.num_shards) if shards is None else shards)
     for shard in tqdm(shards, desc=desc, unit="shard", disable=not progress):
-        r = reader.shard_range(shard)
-        yield np.arange(r.start, r.stop), warm.pop(shard, None) or reader.read_shard(shard)
+        if shard in warm:
+            yield warm.pop(shard)
+        else:
+            r = reader.shard_range(shard)
+            yield np.arange(r.start, r.stop), reader.read_shard(shard)
 
 
 def pool_batches(
@@ -146,6 +156,26 @@ def pool_batches(
             yield chunk, {input_array: reader.read(chunk)[input_array], label_array: labels[chunk]}
 
     return reader, batches()
+
+
+def decoded(batches: Iterable[Batch], input_array: str, proxy: Proxy | type[Proxy]) -> Iterator[Batch]:
+    """Stage 1b: encoded images decoded as the proxy wants them (its `images`), damaged ones left
+    out (logged: the scan cannot score them, so they are never selected); other inputs, and
+    inputs decoded already, pass as they are."""
+    images: ImageTransform = proxy.images
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="nearstore-decode") as pool:
+        for ids, batch in batches:
+            x = batch[input_array]
+            if x.dtype != object:
+                yield ids, batch
+                continue
+            inputs, failed = images.decode_batch(x, executor=pool)
+            if failed:
+                for i, why in failed.items():
+                    log.warning("left out of selection: sample %d of array %r: %s", ids[i], input_array, why)
+                kept = np.setdiff1d(np.arange(len(ids)), list(failed))
+                ids, batch = ids[kept], {name: values[kept] for name, values in batch.items()}
+            yield ids, {**batch, input_array: inputs}
 
 
 def rebatch(batches: Iterable[Batch], samples: int) -> Iterator[Batch]:
@@ -243,17 +273,18 @@ def _fit_default_proxy(
     """Fit a RandomFeatureProxy on random whole shards; return them so pass 1 need not re-read."""
     dataset = reader.dataset
     order = np.random.default_rng(seed).permutation(reader.num_shards)
-    warm: dict[int, dict[str, np.ndarray]] = {}
+    warm: dict[int, Batch] = {}
     taken = 0
     for shard in order:
         if taken >= warmup_samples:
             break
         r = reader.shard_range(int(shard))
-        warm[int(shard)] = batch = reader.read_shard(int(shard))
-        check_finite(batch[input_array], np.arange(r.start, r.stop), input_array)
+        read = [(np.arange(r.start, r.stop), reader.read_shard(int(shard)))]
+        warm[int(shard)] = ids, batch = next(decoded(read, input_array, RandomFeatureProxy))
+        check_finite(batch[input_array], ids, input_array)
         taken += len(r)
-    x = np.concatenate([b[input_array] for b in warm.values()])
-    y = np.concatenate([b[labels] for b in warm.values()])
+    x = np.concatenate([b[input_array] for _, b in warm.values()])
+    y = np.concatenate([b[labels] for _, b in warm.values()])
     num_classes = max(dataset.num_classes, int(y.max()) + 1)
     return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
 

@@ -161,6 +161,7 @@ class NearStoreServer(flight.FlightServerBase):
                 "identity": ds.identity(),
                 "sample_arrays": list(ds.sample_arrays),
                 "label_array": ds.label_array,
+                "shard_samples": ds.shard_samples,
                 "class_names": list(ds.class_names),
                 "round": current.round,
                 "selected": len(current),

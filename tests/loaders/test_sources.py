@@ -1,20 +1,24 @@
 """One conformance suite for every `Source` a loader reads from (as zarr-python's StoreTests is for
 its stores): a store on local files, on S3 (moto) and over HTTP (nginx), and a near-storage server
-over Flight, all holding the same id-encoded samples."""
+over Flight, all holding the same id-encoded samples: fixed-size ones, and encoded images."""
 
 from __future__ import annotations
+
+import io
 
 import fsspec
 import numpy as np
 import pytest
 import torch
 from conftest import NUM_CLASSES, SHARD_SAMPLES, id_encoded
+from PIL import Image
 
 from loaders import FlightSource, Source, StoreSource, StreamingLoader, open_source
 from nearstore import SampleIdError, Selection, open_dataset, write_dataset
 from nearstore.serving import NearStoreServer
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
+from nearstore.storage.images import ImageTransform
 
 KINDS = ["local", "s3", "http", "flight"]
 
@@ -28,9 +32,20 @@ def batches(data):
     return ({k: v[i : i + 700] for k, v in data.items()} for i in range(0, len(data["y"]), 700))
 
 
+def id_image(i: int) -> bytes:
+    """A PNG of one colour that encodes i, (R, G) = divmod(i, 256), of a size that varies with i."""
+    image = Image.new("RGB", (4 + i % 5, 4 + i % 3), (i // 256, i % 256, 7))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def data():
-    return id_encoded()
+    """id_encoded's x and y, and "image": sample i's id in an encoded image."""
+    images = np.empty(len(id_encoded()["y"]), dtype=object)
+    images[:] = [id_image(i) for i in range(len(images))]
+    return {**id_encoded(), "image": images}
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +95,15 @@ class TestSources:
     def test_identity_names_the_samples(self, source, urls, data):
         local = open_dataset(urls["local"][0])
         assert sample_identity(source.identity) == sample_identity(local.identity())
-        assert source.num_samples == len(data["y"]) and source.sample_arrays == ("x", "y")
+        assert source.num_samples == len(data["y"]) and source.sample_arrays == ("x", "y", "image")
         assert source.label_array == "y"
 
     def test_reads_return_the_samples_asked_for_in_order(self, source, data):
         ids = np.array([2499, 3, 3, 1000, 256, 255, 0])  # unsorted, repeated, across shards
-        out = source.read(ids, arrays=["x", "y"], round=ALL_SAMPLES)
+        out = source.read(ids, arrays=["x", "y", "image"], round=ALL_SAMPLES)
         np.testing.assert_array_equal(out["x"], data["x"][ids])
         np.testing.assert_array_equal(out["y"], data["y"][ids])
+        assert out["image"].dtype == object and list(out["image"]) == list(data["image"][ids])
         only_x = source.read(ids[:2], arrays=["x"], round=ALL_SAMPLES)
         assert list(only_x) == ["x"]
         stats = source.stats.snapshot()
@@ -134,3 +150,17 @@ class TestSources:
         seen = [int(i) for x, _ in loader for i in x[:, 0].round().long()]
         assert sorted(seen) == loader.ids.tolist()
         assert loader.io_stats()["full_epoch_bytes"] == source.stored_bytes(["x", "y"])
+
+    @pytest.mark.parametrize("backend", ["torch", "dali"])
+    def test_a_loader_decodes_every_selected_image_once(self, source, data, backend):
+        ids = np.arange(0, 2500, 5) if not isinstance(source, FlightSource) else None
+        images = ImageTransform(size=4, train=False, mean=(0, 0, 0), std=(1, 1, 1))
+        loader = StreamingLoader(source, ids, batch_size=64, input_array="image", images=images, backend=backend)
+        seen = []
+        for x, y in loader:
+            assert x.shape[1:] == (3, 4, 4) and x.dtype == torch.float32
+            decoded = (x[:, 0, 0, 0] * 256 + x[:, 1, 0, 0]).long()  # the id each image encodes
+            assert torch.all(x[:, 2] == 7) and torch.equal(decoded % NUM_CLASSES, y)
+            seen += decoded.tolist()
+        assert sorted(seen) == loader.ids.tolist()
+        assert loader.io_stats()["skipped_samples"] == []

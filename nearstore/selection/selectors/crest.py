@@ -14,7 +14,7 @@ from nearstore.errors import ParameterError
 from nearstore.selection.plan import check_keep, class_pools
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import Selector, check_pool, check_window
-from nearstore.selection.stages import check_finite, check_proxy, pool_batches, scan_io
+from nearstore.selection.stages import check_finite, check_proxy, decoded, pool_batches, scan_io
 from nearstore.selection.windows import coresets
 from nearstore.storage import POOL_READS, Coalescing, read_labels
 
@@ -60,7 +60,9 @@ class Crest(Selector):
             reader, batches = pool_batches(
                 dataset, input_array, dataset.label_array, labels, pools, progress, "CREST pool", self.pool_reads
             )
-            probability = np.empty(dataset.num_samples, dtype=np.float32)
+            batches = decoded(batches, input_array, proxy)
+            # a damaged image left out by `decoded` stays "learned" (p = 1), so it is never chosen
+            probability = np.ones(dataset.num_samples, dtype=np.float32)
             at_logits = np.empty((dataset.num_samples if self.coreset else 0, proxy.num_classes), dtype=np.float32)
             for ids, batch in batches:
                 x = batch[input_array]

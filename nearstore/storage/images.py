@@ -1,0 +1,165 @@
+"""Encoded images as model inputs: `ImageTransform` says how (decode, crop, resize, flip,
+normalize), the same whether DALI runs it in the trainer's pipeline (`loaders.dali_pipeline`) or
+PIL runs it here, beside the data for a proxy or in the loader's torch backend.
+
+A sample is checked whole before it is decoded (`damaged`): a truncated or foreign file is named
+by the `on_error` policy of whoever reads it, never decoded silently into something else.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from nearstore.errors import ParameterError
+
+OnError = Literal["raise", "skip"]
+ON_ERROR = ("raise", "skip")
+# ImageNet's channel statistics, in 0..255: the usual default for image classification.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Encoded image → float32 (3, size, size), normalized: the ready default for classification.
+
+    train=False: the shorter side resized to `resize` (default size · 8/7, 256 for 224), then the
+    centre `size` × `size` crop. train=True: a random crop of `crop_area` of the image's area (and
+    aspect ratio 3/4..4/3), resized to `size` × `size`, flipped left-right at random; with DALI the
+    crop is decoded alone (`decoders.image_random_crop`).
+    mean, std: per RGB channel, in 0..255.
+    """
+
+    size: int = 224
+    train: bool = True
+    resize: int | None = None
+    crop_area: tuple[float, float] = (0.35, 1.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ParameterError(f"ImageTransform size must be >= 1, got {self.size}")
+        if self.resize is not None and self.resize < self.size:
+            raise ParameterError(f"ImageTransform resize must be >= size {self.size}, got {self.resize}")
+        low, high = self.crop_area
+        if not 0 < low <= high <= 1:
+            raise ParameterError(f"ImageTransform crop_area must satisfy 0 < low <= high <= 1, got {self.crop_area}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ParameterError(
+                f"ImageTransform mean and std need 3 values each, std > 0; got {self.mean}, {self.std}"
+            )
+
+    @property
+    def shorter_side(self) -> int:
+        """What the shorter side is resized to before the centre crop (train=False)."""
+        return self.resize if self.resize is not None else round(self.size * 8 / 7)
+
+    def decode(self, blob: bytes, rng: np.random.Generator | None = None) -> np.ndarray:
+        """One encoded image as float32 (3, size, size); `rng` draws the crop and flip (train=True).
+        Raises OSError or ValueError (PIL's) for bytes that do not decode."""
+        with Image.open(io.BytesIO(blob)) as image:
+            image = image.convert("RGB")
+        if self.train:
+            rng = rng if rng is not None else np.random.default_rng()
+            left, top, width, height = self._random_crop(image.width, image.height, rng)
+            image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + width, top + height))
+            if rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            image = image.resize(_shorter_to(image.width, image.height, self.shorter_side), Image.BILINEAR)
+            # DALI's centre crop rounds half a pixel up
+            left = (image.width - self.size + 1) // 2
+            top = (image.height - self.size + 1) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = np.asarray(image, dtype=np.float32)
+        return ((pixels - np.float32(self.mean)) / np.float32(self.std)).transpose(2, 0, 1)
+
+    def decode_batch(
+        self, blobs: Sequence[bytes], *, seed: int | Sequence[int] = 0, executor: Executor | None = None
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """The images that decode, as float32 (n_decoded, 3, size, size) in order, and why each
+        other one did not, {index in blobs: reason}: what to do about them is the caller's
+        `on_error` policy. Image i's crop and flip are drawn from (seed, i), so a batch decodes the
+        same however `executor`'s threads share it (PIL lets go of the GIL to decode and resize)."""
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        rngs = [np.random.default_rng([*seeds, i]) if self.train else None for i in range(len(blobs))]
+        results = list((executor.map if executor is not None else map)(self._decode_or_why, blobs, rngs))
+        failed = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+        out = np.empty((len(blobs) - len(failed), 3, self.size, self.size), dtype=np.float32)
+        for row, image in enumerate(r for r in results if not isinstance(r, str)):
+            out[row] = image
+        return out, failed
+
+    def _decode_or_why(self, blob: bytes, rng: np.random.Generator | None) -> np.ndarray | str:
+        why = damaged(blob)
+        if why is not None:
+            return why
+        try:
+            return self.decode(blob, rng)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises
+            return f"the decoder refused it: {type(e).__name__}: {e}"
+
+    def _random_crop(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of a crop of crop_area of the area, aspect 3/4..4/3 (ten tries,
+        then the whole image), as torchvision's RandomResizedCrop draws it."""
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(*self.crop_area)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+        return 0, 0, width, height
+
+
+# The scan decodes small: a proxy's features need the shape of a thing, not its detail, and a
+# 32 × 32 decode costs a tenth of a 224 one.
+PROXY_IMAGES = ImageTransform(size=32, train=False)
+
+
+def _shorter_to(width: int, height: int, side: int) -> tuple[int, int]:
+    """The size with the shorter side `side` and the aspect ratio kept, rounded as DALI rounds."""
+    if width <= height:
+        return side, max(1, round(height * side / width))
+    return max(1, round(width * side / height)), side
+
+
+# Magic numbers of the formats both decoders read, with how a whole file ends where that is known.
+_JPEG, _PNG, _PNG_END = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def damaged(blob: bytes) -> str | None:
+    """Why an encoded image cannot be whole, or None: an empty sample, an unknown format, or a
+    JPEG, PNG, WebP or BMP cut short (its end marker missing, its stated size not its size).
+    Costs a few byte comparisons, so every sample is checked before it is decoded."""
+    if not blob:
+        return "empty sample"
+    if blob.startswith(_JPEG):
+        # An end-of-image marker; some writers pad after it, so it is looked for near the end.
+        return None if b"\xff\xd9" in blob[-1024:] else "JPEG without its end-of-image marker (truncated?)"
+    if blob.startswith(_PNG):
+        return None if blob.rstrip(b"\x00").endswith(_PNG_END) else "PNG without its IEND chunk (truncated?)"
+    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
+        stated = int.from_bytes(blob[4:8], "little") + 8
+        return None if len(blob) >= stated else f"WebP of {len(blob)} bytes, its header says {stated}"
+    if blob[:2] == b"BM":
+        stated = int.from_bytes(blob[2:6], "little")
+        return None if len(blob) >= stated else f"BMP of {len(blob)} bytes, its header says {stated}"
+    if blob[:4] in (b"II*\x00", b"MM\x00*") or blob[:2] in (b"P5", b"P6"):
+        return None  # TIFF, PNM: no end to check
+    return f"not an image nearstore decodes (starts {blob[:8]!r}; JPEG, PNG, WebP, BMP, TIFF, PNM)"
+
+
+def check_on_error(on_error: str) -> OnError:
+    if on_error not in ON_ERROR:
+        raise ParameterError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    return on_error  # type: ignore[return-value]

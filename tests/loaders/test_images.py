@@ -1,0 +1,127 @@
+"""Encoded images through the loader: DALI's decoder (CPU here) and the torch backend's PIL give
+the same tensors up to the resize filters; damaged images are raised or skipped, never silent;
+the scan selects on decoded images and leaves damaged ones out."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loaders import StreamingLoader
+from nearstore import Graft, ParameterError, SampleError, write_dataset
+from nearstore.storage.images import ImageTransform
+
+NUM_IMAGES = 240
+SHARD_SAMPLES = 64
+
+
+def photo(i: int) -> bytes:
+    """Image i: smooth colour fields of a size that varies, JPEG for odd i, PNG for even."""
+    rng = np.random.default_rng(i)
+    height, width = rng.integers(40, 160, 2)
+    y, x = np.mgrid[:height, :width]
+    phase = rng.uniform(0, 6)
+    pixels = np.stack([x * 255 / width, y * 255 / height, 128 + 100 * np.sin(x / 7 + phase) * np.cos(y / 9)], -1)
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG" if i % 2 else "PNG", quality=90)
+    return out.getvalue()
+
+
+def image_store(url: str, damaged: dict[int, bytes] | None = None):
+    blobs = [photo(i) for i in range(NUM_IMAGES)]
+    for i, blob in (damaged or {}).items():
+        blobs[i] = blob
+    images = np.empty(NUM_IMAGES, dtype=object)
+    images[:] = blobs
+    labels = np.arange(NUM_IMAGES) % 4
+    return write_dataset(url, [{"image": images, "y": labels}], shard_samples=SHARD_SAMPLES), blobs
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return image_store(str(tmp_path_factory.mktemp("images") / "images.zarr"))[0]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """The same images but 70 cut short (a JPEG, shard 1) and 130 not an image (shard 2)."""
+    whole = photo(71)
+    url = str(tmp_path_factory.mktemp("images") / "broken.zarr")
+    return image_store(url, {71: whole[: len(whole) // 2], 130: b"<html>not found</html>"})[0]
+
+
+def epoch(loader: StreamingLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_both_backends_decode_the_same_tensors(store):
+    images = ImageTransform(size=32, train=False)
+    dali_x, dali_y = epoch(StreamingLoader(store, batch_size=50, shuffle=False, images=images, backend="dali"))
+    torch_x, torch_y = epoch(StreamingLoader(store, batch_size=50, shuffle=False, images=images, backend="torch"))
+    assert dali_x.shape == torch_x.shape == (NUM_IMAGES, 3, 32, 32) and dali_x.dtype == torch.float32
+    assert torch.equal(dali_y, torch_y)
+    # the decoders agree exactly (both libjpeg-turbo, both zlib); the resize filters do not quite:
+    # on average a fifth of one level in 255, at most a few levels at sharp edges (docs/loader.md)
+    levels = (dali_x - torch_x).abs() * torch.tensor(images.std)[:, None, None]
+    assert levels.mean() < 0.5 and levels.max() < 16
+
+
+def test_training_batches_are_augmented_and_the_torch_ones_resume_exactly(store):
+    def make():
+        return StreamingLoader(store, batch_size=32, images=ImageTransform(size=24), backend="torch", seed=5)
+
+    reference = [x for x, _ in make()]
+    assert reference[0].shape == (32, 3, 24, 24) and torch.isfinite(reference[0]).all()
+    interrupted = make()
+    iterator = iter(interrupted)
+    next(iterator), next(iterator)
+    state = interrupted.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [x for x, _ in resumed]
+    assert len(rest) == len(reference) - 2 and all(torch.equal(a, b) for a, b in zip(rest, reference[2:]))
+    again = make()
+    again.set_epoch(1)  # another epoch, other crops and flips
+    assert not torch.equal(next(iter(again))[0], reference[0])
+    dali = StreamingLoader(store, batch_size=32, images=ImageTransform(size=24), backend="dali", seed=5)
+    assert next(iter(dali))[0].shape == (32, 3, 24, 24)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_damaged_image_is_raised_by_id_and_shard(broken, backend):
+    loader = StreamingLoader(broken, [3, 71, 4], batch_size=8, images=ImageTransform(size=16), backend=backend)
+    with pytest.raises(SampleError, match=r"sample 71 of array 'image' \(shard 1 of .*broken.zarr'\): JPEG without"):
+        list(loader)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_skipped_images_leave_their_batch_and_are_listed(broken, backend):
+    loader = StreamingLoader(
+        broken, batch_size=32, images=ImageTransform(size=16), backend=backend, on_error="skip", shuffle=False
+    )
+    x, y = epoch(loader)
+    assert len(x) == len(y) == NUM_IMAGES - 2
+    expected = np.delete(np.arange(NUM_IMAGES) % 4, [71, 130])
+    assert y.tolist() == expected.tolist()  # the labels of the samples that remained, in order
+    assert sorted(loader.io_stats()["skipped_samples"]) == [71, 130]
+
+
+def test_images_are_only_for_encoded_samples(id_store):
+    with pytest.raises(ParameterError, match="array 'x' of .* holds fixed-size ones"):
+        StreamingLoader(id_store, images=ImageTransform())
+    with pytest.raises(ParameterError, match="on_error must be one of"):
+        StreamingLoader(id_store, on_error="ignore")
+
+
+def test_the_scan_selects_on_decoded_images_and_leaves_damaged_ones_out(broken, caplog):
+    selection = Graft().select(broken, 0.5, seed=0)
+    assert len(selection.ids) == NUM_IMAGES // 2
+    assert 71 not in selection.ids and 130 not in selection.ids
+    assert "left out of selection: sample 130 of array 'image'" in caplog.text
+    loader = StreamingLoader(broken, selection, batch_size=40, backend="torch", images=ImageTransform(size=16))
+    assert sum(len(y) for _, y in loader) == len(selection.ids)

@@ -1,0 +1,94 @@
+"""ImageTransform with PIL (the torch backend's and the scan's decoder) and the damage check."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nearstore import ParameterError
+from nearstore.storage.images import ImageTransform, damaged
+
+
+def encode(pixels: np.ndarray, format: str, **options) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=format, **options)
+    return out.getvalue()
+
+
+def gradient(height: int, width: int) -> np.ndarray:
+    """An image whose every pixel says where it is: R follows x, G follows y."""
+    y, x = np.mgrid[:height, :width]
+    return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 90)], -1).astype(
+        np.uint8
+    )
+
+
+FORMATS = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}, "BMP": {}, "TIFF": {}, "PPM": {}}
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_whole_images_pass_and_cut_ones_are_named(format):
+    blob = encode(gradient(40, 60), format, **FORMATS[format])
+    assert damaged(blob) is None
+    if format in ("PNG", "JPEG", "WEBP", "BMP"):  # formats whose end can be checked
+        assert damaged(blob[: len(blob) // 2]) is not None
+
+
+@pytest.mark.parametrize(
+    ("blob", "why"),
+    [(b"", "empty sample"), (b"GIF89a....", "not an image nearstore decodes"), (b"\x89PNG\r\n\x1a\nIHDR", "IEND")],
+)
+def test_damage_is_said(blob, why):
+    assert why in damaged(blob)
+
+
+def test_evaluation_is_resize_then_centre_crop_then_normalize():
+    pixels = gradient(50, 80)
+    blob = encode(pixels, "PNG")
+    transform = ImageTransform(size=20, train=False, resize=25, mean=(10, 20, 30), std=(2, 4, 8))
+    out = transform.decode(blob)
+    assert out.shape == (3, 20, 20) and out.dtype == np.float32
+    # by hand: shorter side 50 -> 25 keeps the aspect (80 -> 40), then the centre 20 x 20
+    resized = np.asarray(Image.fromarray(pixels).resize((40, 25), Image.BILINEAR), dtype=np.float32)
+    expected = (resized[3:23, 10:30] - [10, 20, 30]) / [2, 4, 8]
+    np.testing.assert_allclose(out, expected.transpose(2, 0, 1), rtol=0, atol=1e-5)
+
+
+def test_training_crops_are_drawn_from_the_seed_and_stay_inside_the_image():
+    blob = encode(gradient(64, 96), "PNG")
+    transform = ImageTransform(size=16, mean=(0, 0, 0), std=(1, 1, 1))
+    first, failed = transform.decode_batch([blob] * 8, seed=(3, 1))
+    again, _ = transform.decode_batch([blob] * 8, seed=(3, 1))
+    other, _ = transform.decode_batch([blob] * 8, seed=(4, 1))
+    assert not failed and first.shape == (8, 3, 16, 16)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert len({image.tobytes() for image in first}) > 1  # each image of a batch its own crop
+    assert first.min() >= 0 and first.max() <= 255 and np.all(first[:, 2] == 90)
+
+
+def test_a_batch_decodes_what_it_can_and_says_why_not_the_rest():
+    good = encode(gradient(30, 30), "JPEG")
+    garbled = good[:200] + bytes(len(good) - 400) + good[-200:]  # whole on the outside
+    blobs = [good, good[:100], b"not an image", garbled, good]
+    images, failed = ImageTransform(size=8, train=False).decode_batch(blobs)
+    assert images.shape == (len(blobs) - len(failed), 3, 8, 8)
+    assert set(failed) >= {1, 2} and "end-of-image" in failed[1] and "not an image" in failed[2]
+    assert 0 not in failed and 4 not in failed
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"size": 0}, "size must be >= 1"),
+        ({"size": 32, "resize": 16}, "resize must be >= size"),
+        ({"crop_area": (0.0, 1.0)}, "crop_area"),
+        ({"std": (1, 0, 1)}, "std > 0"),
+    ],
+)
+def test_bad_transforms_are_refused_by_name(options, message):
+    with pytest.raises(ParameterError, match=message):
+        ImageTransform(**options)
