@@ -1,0 +1,137 @@
+"""How to store encoded samples (JPEG bytes of any length) in Zarr v3: measured, then chosen.
+
+    python bench/encoded_layout.py [--samples 2048] [--keep 0.25] [--out bench/results] [--tiny]
+
+Two layouts of the same JPEGs, both sharded, both opened by zarr-python as they are:
+- vlen (ours): zarr's variable-length bytes dtype, one sample an inner chunk, so the shard index
+  gives every sample's byte range: a selection reads exactly its samples (+ 8 bytes each) and the
+  shard indexes.
+- heap: every sample's bytes one after the other in a uint8 array (inner chunks of C bytes), and
+  an int64 offsets array; only standard dtypes, but a sample is a run of chunks, and a selection
+  reads every chunk its samples touch (the offsets too).
+For a random `keep` selection it prints the bytes each layout reads (what a reader that fetches
+whole touched chunks, merged as our reader merges ranges, must read) and the store's size, with
+the ratio heap / vlen, and times our reader on the vlen store. Writes encoded_layout.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nearstore import SelectiveReader, random_select, write_dataset  # noqa: E402
+from nearstore.storage.dataset import encoded_bytes  # noqa: E402
+
+HEAP_CHUNKS = (4 << 10, 16 << 10, 64 << 10)
+
+
+def jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """Photo-sized JPEGs (240-480 px a side): smooth colour fields with noise, quality 90."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        h, w = rng.integers(240, 480, 2)
+        y, x = np.mgrid[:h, :w]
+        phase = rng.uniform(0, 6, 3)
+        pixels = np.stack([128 + 100 * np.sin(x / (9 + 5 * k) + phase[k]) * np.cos(y / 13) for k in range(3)], -1)
+        pixels += rng.normal(0, 12, pixels.shape)
+        blob = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(blob, format="JPEG", quality=90)
+        out.append(blob.getvalue())
+    return out
+
+
+def heap_bytes_read(lengths: np.ndarray, ids: np.ndarray, chunk: int) -> tuple[int, int]:
+    """Bytes and chunks a heap of inner chunks of `chunk` bytes gives up for samples `ids`: every
+    chunk a selected sample touches, whole, and the offsets of the selected samples (8 bytes each,
+    read as whole chunks of 1,024 offsets)."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    first, last = offsets[ids] // chunk, (offsets[ids + 1] - 1) // chunk
+    touched = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)]))
+    offset_chunks = np.unique(np.concatenate([ids, ids + 1]) // 1024)
+    return int(len(touched) * chunk + len(offset_chunks) * 8 * 1024), int(len(touched))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--keep", type=float, default=0.25)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--tiny", action="store_true", help="a few samples, to check the bench runs")
+    args = parser.parse_args()
+    samples = 64 if args.tiny else args.samples
+    blobs = jpegs(samples)
+    lengths = np.array([len(b) for b in blobs])
+    images = np.empty(samples, dtype=object)
+    images[:] = blobs
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = write_dataset(f"{tmp}/vlen.zarr", [{"image": images, "y": np.arange(samples) % 4}])
+        heap = zarr.open_group(f"{tmp}/heap.zarr", mode="w")
+        data = heap.create_array(
+            "heap", shape=(int(lengths.sum()),), dtype="uint8", chunks=(4 << 10,), shards=(64 << 20,)
+        )
+        data[:] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        with encoded_bytes():
+            assert list(zarr.open_group(f"{tmp}/vlen.zarr", mode="r")["image"][:8]) == blobs[:8]  # zarr reads ours
+        ids = np.sort(random_select(dataset, args.keep, seed=0).ids)
+        reader = SelectiveReader(dataset, ["image"])
+        started = time.perf_counter()
+        got = reader.read(ids)["image"]
+        seconds = time.perf_counter() - started
+        assert all(got[k] == blobs[i] for k, i in enumerate(ids))
+        store = dataset.stored_nbytes(["image"])
+        wanted = int(lengths[ids].sum())
+        rows = {"vlen": {"bytes_read": reader.stats.bytes, "requests": reader.stats.requests, "read_seconds": seconds}}
+        for chunk in HEAP_CHUNKS:
+            read, chunks = heap_bytes_read(lengths, ids, chunk)
+            rows[f"heap {chunk >> 10} KiB"] = {"bytes_read": read, "chunks": chunks}
+    print(
+        f"{samples} JPEGs, mean {lengths.mean() / 1e3:.1f} kB; store {store / 1e6:.2f} MB; "
+        f"{len(ids)} selected ({args.keep:.0%}), {wanted / 1e6:.2f} MB of samples"
+    )
+    vlen = rows["vlen"]["bytes_read"]
+    for name, row in rows.items():
+        row["of_store"] = row["bytes_read"] / store
+        row["over_wanted"] = row["bytes_read"] / wanted
+        print(
+            f"{name:<14} read {row['bytes_read'] / 1e6:8.2f} MB = {row['of_store']:.3f} of the store, "
+            f"{row['over_wanted']:.3f}x the samples' bytes, heap / vlen {row['bytes_read'] / vlen:.2f}"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"samples": samples, "keep": args.keep, "store_bytes": store, "wanted_bytes": wanted, "rows": rows}
+    (out / "encoded_layout.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "encoded_layout.png")
+    print(f"wrote {out / 'encoded_layout.json'}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["rows"])
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(names, [result["rows"][n]["of_store"] for n in names])
+    ax.axhline(result["keep"], color="k", lw=0.8, ls="--", label="the selection's share")
+    ax.set_ylabel("bytes read / store")
+    ax.set_title(f"{result['keep']:.0%} of {result['samples']} JPEGs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
