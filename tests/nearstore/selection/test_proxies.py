@@ -31,7 +31,7 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
     assert expected.mean() > 0.7  # the fitted head is confident on what it separates
     with pytest.raises(RuntimeError, match="not fitted"):
         RandomFeatureProxy(3).embed(x, y)
-    with pytest.raises(ValueError, match="fitted on 6 input features, got 5"):
+    with pytest.raises(ValueError, match=r"fitted on samples of shape \(6,\), got \(5,\)"):
         proxy.embed(x[:, :5], y)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         proxy.embed(x[:2], np.array([0, 3]))
@@ -96,3 +96,34 @@ def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs)
         ModelProxy(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Softmax(1), torch.nn.Flatten(0))).embed(
             x[:4], y[:4]
         )
+
+
+def rendered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 3 x 24 x 24 images of a bar, upright (class 0) or lying (class 1), at a random place, in a
+    random colour on a random background: what flat pixels tell apart badly."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, 3, 24, 24), dtype=np.float32)
+    labels = rng.integers(0, 2, n)
+    for image, label in zip(images, labels):
+        image[:] = rng.uniform(-1, 1, (3, 1, 1))
+        top, left = rng.integers(2, 12, 2)
+        rows, cols = (
+            (slice(top, top + 10), slice(left, left + 3))
+            if label == 0
+            else (slice(top, top + 3), slice(left, left + 10))
+        )
+        image[:, rows, cols] = rng.uniform(-1, 1, (3, 1, 1))
+    return images + rng.normal(0, 0.05, images.shape).astype(np.float32), labels
+
+
+def test_images_get_convolutional_features_that_find_shapes_anywhere():
+    x, y = rendered(600, seed=0)
+    proxy = RandomFeatureProxy(2, width=64).fit(x, y)
+    assert proxy.features(x[:5]).shape == (5, 64) and proxy.embedding_dim == 2 * 65
+    test_x, test_y = rendered(300, seed=1)
+    convolutional = (proxy.logits(test_x).argmax(1).numpy() == test_y).mean()
+    flat = RandomFeatureProxy(2, width=64).fit(x.reshape(600, -1), y)
+    flattened = (flat.logits(test_x.reshape(300, -1)).argmax(1).numpy() == test_y).mean()
+    assert convolutional > 0.8 and flattened < 0.65  # flat random features: not much above chance
+    with pytest.raises(ValueError, match=r"fitted on samples of shape \(3, 24, 24\), got \(3, 20, 20\)"):
+        proxy.features(x[:2, :, :20, :20])
