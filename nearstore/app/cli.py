@@ -14,8 +14,14 @@ import numpy as np
 
 from nearstore import NearstoreError, ParameterError, Selection, open_dataset, write_dataset
 from nearstore.app import converters
+from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, mds_images, webdataset_images
+from nearstore.app.synthetic import shapes_images
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector, sage_select
 from nearstore.storage import read_labels
+
+# The demo's (training, test) samples by its data: images cost more to make and to train on.
+DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
+CONVERT_FORMATS = ("npy", "npz", "mnist1d", "digits", "imagefolder", "webdataset", "mds", "shapes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,11 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo", help="generate MNIST-1D, select near storage, train against random and full data"
+        "demo", help="generate data (MNIST-1D or images), select near storage, train against random and full data"
+    )
+    demo.add_argument(
+        "--data",
+        choices=("mnist1d", "images"),
+        default="mnist1d",
+        help="MNIST-1D's signals, or generated images (rendered shapes, JPEGs decoded in the loader)",
     )
     demo.add_argument("--workdir", default="nearstore-demo", help="where the stores and demo.json go")
-    demo.add_argument("--num-samples", type=int, default=50_000)
-    demo.add_argument("--test-samples", type=int, default=10_000)
+    demo.add_argument("--num-samples", type=int, help="training samples (default 50,000 of MNIST-1D, 10,000 images)")
+    demo.add_argument("--test-samples", type=int, help="test samples (default 10,000 of MNIST-1D, 2,000 images)")
     demo.add_argument("--keep", type=float, default=0.25)
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--batch-size", type=int, default=128)
@@ -39,14 +51,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--server", action="store_true", help="select and ship the selected subset through a server on 127.0.0.1"
     )
 
-    convert = commands.add_parser("convert", help="write a nearstore dataset from .npy/.npz files or a generator")
-    convert.add_argument("source", help="'mnist1d', 'digits', a .npz archive, or an .npy file of inputs")
+    convert = commands.add_parser(
+        "convert",
+        help="write a nearstore dataset from arrays, encoded images or a generator",
+        description="Write a nearstore dataset. Sources: 'mnist1d', 'digits' or 'shapes' (generated), an .npy "
+        "file of inputs, a .npz archive, an image folder (root/<class>/<image>), WebDataset .tar shards (a "
+        "path, or a pattern like 'train-{000..099}.tar' or '*.tar'), or a MosaicML Streaming MDS folder (with "
+        "index.json). Images are stored as the bytes they were encoded as.",
+    )
+    convert.add_argument("source", help="what to convert; its kind is told by what it is, or by --format")
     convert.add_argument("out", help="URL of the new dataset (local path or fsspec URL)")
+    convert.add_argument("--format", choices=CONVERT_FORMATS, help="the source's kind, when its path does not tell")
     convert.add_argument("--labels", help="with an .npy source: the .npy file of integer labels")
     convert.add_argument("--x-key", default="x", help="with a .npz source: the inputs' key")
     convert.add_argument("--y-key", default="y", help="with a .npz source: the labels' key")
-    convert.add_argument("--num-samples", type=int, default=70_000, help="with mnist1d: how many to generate")
-    convert.add_argument("--seed", type=int, default=0, help="with mnist1d: generator seed")
+    convert.add_argument(
+        "--image-key",
+        help="with webdataset: the image extensions in order of preference (default jpg,jpeg,png,webp); "
+        "with mds: the image column (default the first jpeg, png or bytes column)",
+    )
+    convert.add_argument(
+        "--label-key",
+        help="with webdataset: the label's extension (default cls); with mds: the integer label column",
+    )
+    convert.add_argument(
+        "--class-names", help="with webdataset or mds: comma-separated class names (default '0'..'C-1')"
+    )
+    convert.add_argument(
+        "--num-samples", type=int, help="with mnist1d or shapes: how many to generate (default 70,000 / 10,000)"
+    )
+    convert.add_argument("--seed", type=int, default=0, help="with mnist1d or shapes: generator seed")
     convert.add_argument("--shard-samples", type=int, default=1024)
     convert.add_argument("--overwrite", action="store_true")
 
@@ -88,9 +122,10 @@ def _demo(args: argparse.Namespace) -> int:
     from nearstore.app.demo import format_table, run_demo
 
     results = run_demo(
+        data=args.data,
         workdir=args.workdir,
-        num_samples=args.num_samples,
-        test_samples=args.test_samples,
+        num_samples=args.num_samples or DEMO_SIZES[args.data][0],
+        test_samples=args.test_samples or DEMO_SIZES[args.data][1],
         keep=args.keep,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -104,23 +139,25 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    source = args.source
-    num_samples = None
-    if source == "mnist1d":
-        batches, num_samples = converters.mnist1d_batches(args.num_samples, seed=args.seed), args.num_samples
-    elif source == "digits":
+    kind = args.format or _source_kind(args.source)
+    source, num_samples, class_names = args.source, None, None
+    if kind == "mnist1d":
+        num_samples = 70_000 if args.num_samples is None else args.num_samples
+        batches = converters.mnist1d_batches(num_samples, seed=args.seed)
+    elif kind == "digits":
         batches = converters.digits_batches()
-    elif source.endswith(".npz"):
+    elif kind == "npz":
         batches = converters.npz_batches(source, x_key=args.x_key, y_key=args.y_key)
-    elif source.endswith(".npy"):
+    elif kind == "npy":
         batches = converters.npy_batches(source, args.labels)
     else:
-        raise ParameterError(f"unknown source {source!r}: expected 'mnist1d', 'digits', a .npz or an .npy path")
-    unlabelled = source.endswith(".npy") and args.labels is None
+        images = _images(kind, args)
+        batches, num_samples, class_names = images.batches(), images.num_samples, images.class_names
     dataset = write_dataset(
         args.out,
         batches,
-        label_array=None if unlabelled else "y",
+        label_array=None if kind == "npy" and args.labels is None else "y",
+        class_names=class_names,
         num_samples=num_samples,
         shard_samples=args.shard_samples,
         overwrite=args.overwrite,
@@ -128,6 +165,39 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {dataset.num_samples} samples to {args.out}")
     return 0
+
+
+def _source_kind(source: str) -> str:
+    """The kind of a `convert` source, told by its name or by what lies at its path."""
+    if source in ("mnist1d", "digits", "shapes"):
+        return source
+    if source.endswith((".npz", ".npy")):
+        return source[-3:]
+    if source.rstrip("}").endswith((".tar", ".tar.gz", ".tgz")):  # a path, or a pattern ending in a {a,b} list
+        return "webdataset"
+    path = Path(source)
+    if (path / "index.json").is_file():
+        return "mds"
+    if path.is_dir():
+        return "imagefolder"
+    raise ParameterError(
+        f"unknown source {source!r}: expected 'mnist1d', 'digits', 'shapes', a .npz or an .npy path, .tar shards, "
+        "an MDS folder (with index.json) or an image folder (root/<class>/<image>); or name it with --format"
+    )
+
+
+def _images(kind: str, args: argparse.Namespace) -> EncodedImages:
+    class_names = args.class_names.split(",") if args.class_names else None
+    if kind == "imagefolder":
+        return imagefolder_images(args.source)
+    if kind == "webdataset":
+        keys = {"image_keys": args.image_key.split(",")} if args.image_key else {}
+        return webdataset_images(args.source, label_key=args.label_key or "cls", class_names=class_names, **keys)
+    if kind == "mds":
+        return mds_images(
+            args.source, image_column=args.image_key, label_column=args.label_key, class_names=class_names
+        )
+    return shapes_images(10_000 if args.num_samples is None else args.num_samples, seed=args.seed)
 
 
 def _selector_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,26 +1,37 @@
-"""`nearstore demo`: the whole path on MNIST-1D, against random and full-data training.
+"""`nearstore demo`: the whole path, against random and full-data training, on MNIST-1D or on
+generated images.
 
-Generates MNIST-1D into a local store, selects `keep` of it beside the data with the default
-selector (GRAFT), trains a small 1D CNN from the StreamingLoader, re-selecting every few epochs
-with the model in training as the proxy (`update_proxy`, `reselect`), and trains the same model
-on a random subset of the same size and on all data. Prints one table (accuracy, time, bytes) and
-writes it as JSON.
+Generates the data into a local store (MNIST-1D's signals, or `--data images`: rendered shapes as
+JPEGs of varying size, decoded in the loader's pipeline), selects `keep` of it beside the data
+with the default selector (GRAFT), trains a small CNN from the StreamingLoader, re-selecting every
+few epochs with the model in training as the proxy (`update_proxy`, `reselect`), and trains the
+same model on a random subset of the same size and on all data. Prints one table (accuracy, time,
+bytes) and writes it as JSON.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loaders import StreamingLoader
-from nearstore import ParameterError, Selection, make_selector, random_select
+from nearstore import Dataset, DatasetError, ParameterError, Selection, make_selector, open_dataset, random_select
 from nearstore.app.converters import ensure_mnist1d
-from nearstore.app.training import accuracy, fit, mnist1d_cnn, rounds_every
+from nearstore.app.synthetic import shapes_images
+from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
 from nearstore.selection import DEFAULT_METHOD
 from nearstore.serving import NearStoreServer
+from nearstore.storage.images import ImageTransform
+
+DATA = ("mnist1d", "images")
+# The shapes are 48-160 px: trained on at 32 x 32, crops of half the image or more keep the shape.
+TRAIN_IMAGES = ImageTransform(size=32, crop_area=(0.5, 1.0))
+TEST_IMAGES = ImageTransform(size=32, train=False)
 
 
 @dataclass
@@ -36,8 +47,44 @@ class RunResult:
     io_saving: float
 
 
+@dataclass
+class DemoData:
+    """What the demo trains on: stores, the model, and the loaders' options for each side."""
+
+    train: Dataset
+    test: Dataset
+    model: Callable[[], torch.nn.Module]
+    train_options: dict[str, Any] = field(default_factory=dict)
+    test_options: dict[str, Any] = field(default_factory=dict)
+
+
+def demo_data(data: str, workdir: Path, num_samples: int, test_samples: int, seed: int) -> DemoData:
+    """The stores of `data` ("mnist1d" or "images") in `workdir`, generated where missing."""
+    if data == "mnist1d":
+        train = ensure_mnist1d(str(workdir / f"mnist1d-train-{num_samples}.zarr"), num_samples, seed)
+        test = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}.zarr"), test_samples, seed + 1)
+        return DemoData(train, test, mnist1d_cnn)
+    if data == "images":
+        train = _ensure_shapes(str(workdir / f"shapes-train-{num_samples}.zarr"), num_samples, seed)
+        test = _ensure_shapes(str(workdir / f"shapes-test-{test_samples}.zarr"), test_samples, seed + 1)
+        return DemoData(train, test, image_cnn, {"images": TRAIN_IMAGES}, {"images": TEST_IMAGES})
+    raise ParameterError(f"data must be one of {DATA}, got {data!r}")
+
+
+def _ensure_shapes(url: str, num_samples: int, seed: int) -> Dataset:
+    """Open the shapes store at `url`, generating it first if it is missing or another size."""
+    try:
+        dataset = open_dataset(url)
+        if dataset.num_samples == num_samples:
+            return dataset
+    except (FileNotFoundError, DatasetError):
+        pass
+    return shapes_images(num_samples, seed=seed).write(url, overwrite=True, progress=True)
+
+
 def run_demo(
     *,
+    data: str = "mnist1d",
     workdir: str | Path = "nearstore-demo",
     num_samples: int = 50_000,
     test_samples: int = 10_000,
@@ -50,6 +97,8 @@ def run_demo(
 ) -> list[RunResult]:
     """Run the demo and return its table; also writes `workdir/demo.json`.
 
+    data: "mnist1d" (signals of 40 floats) or "images" (rendered shapes, JPEGs of 48-160 px,
+        decoded and augmented at 32 x 32 in the loader, a small 2D CNN).
     reselect_every: epochs between the selected run's rounds (0: its one selection before training).
     server: select and ship the selected subset through a near-storage server on 127.0.0.1
         (`nearstore serve`'s NearStoreServer, in this process) instead of reading the store directly.
@@ -58,13 +107,13 @@ def run_demo(
         raise ParameterError(f"reselect_every must be >= 0, got {reselect_every}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train_set = ensure_mnist1d(str(workdir / f"mnist1d-train-{num_samples}.zarr"), num_samples, seed)
-    test_set = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}.zarr"), test_samples, seed + 1)
-    test = StreamingLoader(test_set, batch_size=1024, shuffle=False)
+    chosen_data = demo_data(data, workdir, num_samples, test_samples, seed)
+    train_set = chosen_data.train
+    test = StreamingLoader(chosen_data.test, batch_size=1024, shuffle=False, **chosen_data.test_options)
 
     near_storage = None
     if server:  # it takes the model's pushed weights as the proxy of later rounds
-        near_storage = NearStoreServer(train_set, keep=keep, seed=seed, model=mnist1d_cnn, progress=True)
+        near_storage = NearStoreServer(train_set, keep=keep, seed=seed, model=chosen_data.model, progress=True)
     if near_storage is not None:
         chosen = near_storage.current
     else:
@@ -79,9 +128,9 @@ def run_demo(
         for name, selection in selections.items():
             selected = selection is chosen
             source = near_storage.url if near_storage and selected else train_set
-            loader = StreamingLoader(source, selection, batch_size=batch_size, seed=seed)
+            loader = StreamingLoader(source, selection, batch_size=batch_size, seed=seed, **chosen_data.train_options)
             torch.manual_seed(seed)
-            model = mnist1d_cnn()
+            model = chosen_data.model()
             rounds = rounds_every(loader, model, reselect_every if selected else 0)
             trained = fit(model, loader, epochs, rounds=rounds, desc=name)
             io = loader.io_stats()
@@ -107,6 +156,7 @@ def run_demo(
     (workdir / "demo.json").write_text(
         json.dumps(
             {
+                "data": data,
                 "num_samples": num_samples,
                 "test_samples": test_samples,
                 "keep": keep,

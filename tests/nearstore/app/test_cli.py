@@ -7,9 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from image_sources import write_mds, write_tar
 
 from nearstore import Selection, open_dataset
 from nearstore.app.cli import main
+from nearstore.app.synthetic import SHAPES, write_shapes
+from nearstore.storage.reader import SelectiveReader
 
 
 def test_convert_select_and_info_on_digits(tmp_path, capsys, fingerprint):
@@ -68,10 +71,59 @@ def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
     np.testing.assert_array_equal(unlabelled.arrays["x"][:], x)
 
 
+def _images_of(url: str) -> tuple[list[bytes], list[int], tuple[str, ...]]:
+    dataset = open_dataset(url)
+    read = SelectiveReader(dataset).read(np.arange(dataset.num_samples))
+    return list(read["image"]), read["y"].tolist(), dataset.class_names
+
+
+def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
+    folder = write_shapes(tmp_path / "folder", 30, seed=2)
+    files = [(p, label) for label, shape in enumerate(SHAPES) for p in sorted((folder / shape).iterdir())]
+    in_folder = [p.read_bytes() for p, _ in files]
+    assert main(["convert", str(folder), str(tmp_path / "f.zarr"), "--shard-samples", "8"]) == 0
+    images, labels, names = _images_of(str(tmp_path / "f.zarr"))
+    assert images == in_folder and labels == [label for _, label in files] and names == SHAPES
+
+    assert main(["convert", "shapes", str(tmp_path / "s.zarr"), "--num-samples", "30", "--seed", "2"]) == 0
+    images, _, names = _images_of(str(tmp_path / "s.zarr"))
+    assert sorted(images) == sorted(in_folder) and names == SHAPES  # the same images, in generation order
+
+    for i in range(2):  # two shards whose name the pattern gives, and a label file named "label"
+        write_tar(
+            tmp_path / f"wds-{i}.tar",
+            [
+                (f"k{i}{j}.{ext}", data)
+                for j in range(3)
+                for ext, data in (("png", in_folder[3 * i + j]), ("label", str(j).encode()))
+            ],
+        )
+    argv = ["convert", str(tmp_path / "wds-{0..1}.tar"), str(tmp_path / "w.zarr"), "--image-key", "png"]
+    assert main([*argv, "--label-key", "label", "--class-names", "a,b,c"]) == 0
+    images, labels, names = _images_of(str(tmp_path / "w.zarr"))
+    assert images == in_folder[:6] and labels == [0, 1, 2] * 2 and names == ("a", "b", "c")
+
+    samples = [{"img": data, "label": i % 4} for i, data in enumerate(in_folder[:9])]
+    write_mds(tmp_path / "mds", {"img": "jpeg", "label": "int"}, samples, compression="zstd")
+    assert main(["convert", str(tmp_path / "mds"), str(tmp_path / "m.zarr")]) == 0
+    images, labels, names = _images_of(str(tmp_path / "m.zarr"))
+    assert images == in_folder[:9] and labels == [i % 4 for i in range(9)] and names == ("0", "1", "2", "3")
+    assert "wrote 9 samples" in capsys.readouterr().out
+
+    (tmp_path / "wds-0.tar").rename(tmp_path / "shard.data")  # a name that does not tell: --format does
+    argv = ["convert", str(tmp_path / "shard.data"), str(tmp_path / "x.zarr"), "--format", "webdataset"]
+    assert main([*argv, "--image-key", "png", "--label-key", "label"]) == 0
+    assert _images_of(str(tmp_path / "x.zarr"))[0] == in_folder[:3]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["convert", "imagenet", "{tmp}/o.zarr"], "unknown source 'imagenet'"),
+        (["convert", "{tmp}", "{tmp}/o.zarr", "--format", "mds"], "no MDS index at '.*index.json'"),
+        (["convert", "{tmp}/nowhere", "{tmp}/o.zarr", "--format", "imagefolder"], "no image folder at '.*nowhere'"),
+        (["convert", "{tmp}/none-{{0..1}}.tar", "{tmp}/o.zarr"], "no WebDataset shard at '.*none-0.tar'"),
+        (["convert", "shapes", "{tmp}/o.zarr", "--num-samples", "0"], "num_samples must be >= 1, got 0"),
         (["convert", "{tmp}/missing.npz", "{tmp}/o.zarr"], "missing.npz"),
         (["select", "{tmp}/nothing.zarr", "{tmp}/s.npz"], "no zarr group"),
         (["select", "{digits}", "{tmp}/s.npz", "--keep", "2"], r"keep must be in \(0, 1\], got 2.0"),
@@ -152,3 +204,27 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_token(id_store, capsy
     monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
     assert main(["serve", id_store.url, "--host", "0.0.0.0", "--method", "random"]) == 2
     assert "a token is required to listen on '0.0.0.0'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_image_demo_decodes_generated_jpegs_in_the_loader(tmp_path):
+    argv = ["demo", "--data", "images", "--workdir", str(tmp_path), "--num-samples", "600", "--test-samples", "200"]
+    result = subprocess.run(
+        [sys.executable, "-m", "nearstore.app.cli", *argv, "--epochs", "2", "--reselect-every", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:4]] == ["graft", "random", "full"]
+    report = json.loads((tmp_path / "demo.json").read_text())
+    runs = {r["run"]: r for r in report["results"]}
+    assert report["data"] == "images" and runs["full data"]["samples"] == 600
+    assert runs["graft 25%"]["samples"] == runs["random 25%"]["samples"] == 150
+    assert runs["graft 25%"]["rounds"] == 2 and runs["graft 25%"]["scan_bytes"] > 0
+    train = open_dataset(str(tmp_path / "shapes-train-600.zarr"))
+    assert train.encoded("image")
+    # every epoch of the full run read every JPEG (learning itself takes more than 2 epochs of 600
+    # images: the demo's own run, in the README, shows it)
+    assert runs["full data"]["shipped_bytes"] >= 2 * train.stored_nbytes(["image"])
+    assert 0 <= runs["full data"]["test_accuracy"] <= 1
