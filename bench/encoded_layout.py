@@ -2,7 +2,8 @@
 
     python bench/encoded_layout.py [--samples 2048] [--keep 0.25] [--out bench/results] [--tiny]
 
-Two layouts of the same JPEGs, both sharded, both opened by zarr-python as they are:
+Two layouts of the same photo-like JPEGs (`nearstore.app.synthetic.write_photos`, 300-500 px a
+side), both sharded, both opened by zarr-python as they are:
 - vlen (ours): zarr's variable-length bytes dtype, one sample an inner chunk, so the shard index
   gives every sample's byte range: a selection reads exactly its samples (+ 8 bytes each) and the
   shard indexes.
@@ -17,7 +18,6 @@ the ratio heap / vlen, and times our reader on the vlen store. Writes encoded_la
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -26,30 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nearstore import SelectiveReader, random_select, write_dataset  # noqa: E402
+from nearstore.app.synthetic import write_photos  # noqa: E402
 from nearstore.storage.dataset import encoded_bytes  # noqa: E402
 
 HEAP_CHUNKS = (4 << 10, 16 << 10, 64 << 10)
-
-
-def jpegs(n: int, seed: int = 0) -> list[bytes]:
-    """Photo-sized JPEGs (240-480 px a side): smooth colour fields with noise, quality 90."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        h, w = rng.integers(240, 480, 2)
-        y, x = np.mgrid[:h, :w]
-        phase = rng.uniform(0, 6, 3)
-        pixels = np.stack([128 + 100 * np.sin(x / (9 + 5 * k) + phase[k]) * np.cos(y / 13) for k in range(3)], -1)
-        pixels += rng.normal(0, 12, pixels.shape)
-        blob = io.BytesIO()
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(blob, format="JPEG", quality=90)
-        out.append(blob.getvalue())
-    return out
 
 
 def heap_bytes_read(lengths: np.ndarray, ids: np.ndarray, chunk: int) -> tuple[int, int]:
@@ -71,11 +55,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a few samples, to check the bench runs")
     args = parser.parse_args()
     samples = 64 if args.tiny else args.samples
-    blobs = jpegs(samples)
-    lengths = np.array([len(b) for b in blobs])
-    images = np.empty(samples, dtype=object)
-    images[:] = blobs
     with tempfile.TemporaryDirectory() as tmp:
+        blobs = [path.read_bytes() for path in sorted(write_photos(f"{tmp}/photos", samples).rglob("*.jpg"))]
+        lengths = np.array([len(b) for b in blobs])
+        images = np.empty(samples, dtype=object)
+        images[:] = blobs
         dataset = write_dataset(f"{tmp}/vlen.zarr", [{"image": images, "y": np.arange(samples) % 4}])
         heap = zarr.open_group(f"{tmp}/heap.zarr", mode="w")
         data = heap.create_array(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with CUDA (CI has none; the tests skip these there):
 # the CUDA tests (the kernels on the device, DALI's GPU pipeline and the user's DALI transform in it,
-# a selection round on CUDA), then bench/gpu.py's figures (loader, kernels, a round; device / CPU).
+# images decoded by nvJPEG, a selection round on CUDA), then bench/gpu.py's figures (loader, JPEG
+# decoding, kernels, a round; device / CPU).
 #
 #     bash bench/gpu_check.sh [OUT]    # logs, gpu.json and gpu.png go to OUT (default bench/results)
 #

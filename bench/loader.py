@@ -1,27 +1,63 @@
-"""Samples/s of StreamingLoader against torch's DataLoader over zarr, same store, same transform.
+"""Samples/s of StreamingLoader against torch's DataLoader and the streaming formats, same data.
 
-    python bench/loader.py [--samples 8192] [--keep 0.25] [--out bench/results] [--tiny]
+    python bench/loader.py [--samples 8192] [--images 2048] [--keep 0.25] [--out bench/results] [--tiny]
 
-Competitors, one epoch each after a warm-up epoch, on full data and on a `keep` selection:
+Every competitor runs one epoch after a warm-up epoch, on full data and on a `keep` selection.
+
+Fixed-size samples (float32 (40,), uint8 (3, 32, 32)) from one zarr store, same transform:
 - StreamingLoader, DALI backend (CPU pipeline here) and plain-torch backend;
 - DataLoader over a map-style dataset reading `zarr_array[i]` per sample, num_workers 0 and 2
   (with the same ids through SubsetRandomSampler for the selection);
 - DataLoader whose dataset reads a whole batch with one zarr orthogonal selection
   (`__getitems__`), what an informed zarr user would write.
+
+Encoded images: the same JPEGs (generated photo-sized: smooth colour fields plus noise, quality 90)
+as an ImageFolder, a nearstore store, WebDataset tar shards and MosaicML MDS shards; every
+competitor yields float32 (batch, 3, 224, 224) with the same augmentation (`ImageTransform`:
+random resized crop, flip, normalize):
+- StreamingLoader, DALI backend (`decoders.image_random_crop` in its CPU pipeline) and torch
+  backend (PIL in a pool of `num_threads` threads), 2 threads for the 2 workers of the peers;
+- an ImageFolder + DataLoader, 0 and 2 workers. torchvision's wheel does not import beside the CPU
+  torch here, so `PhotoFolder` is torchvision's ImageFolder rewritten (the same file walk, a file
+  read and decoded by PIL per sample) with `ImageTransform.decode` as the per-sample transform: the
+  decode and augmentation are the same code as the torch backend's, so the rows compare the
+  loading machinery. Selection: SubsetRandomSampler over the same ids;
+- WebDataset (tar shards of .jpg + .cls, shard and sample shuffling, batched in the workers), 0
+  and 2 workers. It can only stream: for the selection it reads every shard and drops the
+  samples not selected;
+- MosaicML Streaming: MDS shards (image: bytes, label: int) read by a StreamingDataset from a
+  local folder, 0 and 2 workers; full data through its own shuffled iteration, the selection
+  through its random access (`dataset[i]`) under a SubsetRandomSampler. Its package imports
+  torchvision and transformers from `streaming/__init__.py` and `streaming/base/__init__.py` (for
+  its vision and text datasets and its DataLoader's batch types), neither of which imports here, and
+  its requirements would replace the CPU torch with a CUDA build (about 3 GB): it is installed with
+  `pip install --no-deps mosaicml-streaming brotli python-snappy cramjam zstd "xxhash<4" catalogue`
+  and `import_streaming` loads `streaming.base.dataset` and the MDS writer past those two
+  `__init__` files.
+A peer that is not installed is printed as such and skipped. Bytes read per epoch are recorded
+for each: ours from `io_stats()`, the ImageFolder's as the files it opened, WebDataset's as every
+tar byte, MDS's as the sample records it reads (with the bytes of the shards it touches: what it
+would download from a remote).
+
 Prints samples/s and ratios (ours / theirs); writes loader.json and loader.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+import types
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import open_dataset, random_select, write_dataset  # noqa: E402
+from nearstore.app.encoded_converters import IMG_EXTENSIONS, imagefolder_images  # noqa: E402
+from nearstore.app.synthetic import PHOTO_CLASSES, PHOTO_SIDES, write_photos  # noqa: E402
+from nearstore.storage.images import ImageTransform  # noqa: E402
+
+OURS = ("StreamingLoader (DALI)", "StreamingLoader (torch)")
 
 
 def transform(x: torch.Tensor) -> torch.Tensor:
@@ -86,13 +127,13 @@ def competitors(dataset, url: str, ids: np.ndarray | None, batch_size: int) -> d
     }
 
 
-def epoch_rate(loader: Iterable, epochs: int = 1) -> float:
+def epoch_rate(loader: Iterable, epochs: int = 1, consume: Callable[[torch.Tensor], torch.Tensor] = transform) -> float:
     """Samples/s over `epochs` timed epochs, after one untimed warm-up epoch."""
     sum(1 for _ in loader)
     started, samples = time.perf_counter(), 0
     for _ in range(epochs):
-        for x, _ in loader:
-            samples += len(transform(x))
+        for x, *_ in loader:
+            samples += len(consume(x))
     return samples / (time.perf_counter() - started)
 
 
@@ -121,6 +162,258 @@ def run(samples: int, keep: float, batch_size: int, sample_shape: tuple[int, ...
     }
 
 
+# Encoded images ------------------------------------------------------------------------------------
+
+
+def augment(images: ImageTransform, blob: bytes) -> torch.Tensor:
+    """The peers' per-sample transform: `ImageTransform.decode`, as the torch backend runs it."""
+    return torch.from_numpy(images.decode(blob, np.random.default_rng()))
+
+
+class PhotoFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder without torchvision: classes the sorted subfolders, samples their
+    image files in sorted walk order, each file read and decoded by PIL per `__getitem__`."""
+
+    def __init__(self, root: Path, images: ImageTransform):
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        self.samples = [
+            (os.path.join(folder, name), label)
+            for label, c in enumerate(classes)
+            for folder, _, names in sorted(os.walk(root / c, followlinks=True))
+            for name in sorted(names)
+            if name.lower().endswith(IMG_EXTENSIONS)
+        ]
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            return augment(self.images, f.read()), label
+
+
+def import_webdataset() -> types.ModuleType | None:
+    try:
+        import webdataset
+    except ImportError:
+        return None
+    return webdataset
+
+
+def write_tar_shards(folder: PhotoFolder, out: Path, per_shard: int) -> list[str]:
+    """WebDataset shards of `folder`'s files as they are, sample i keyed by its id."""
+    wds = import_webdataset()
+    out.mkdir()
+    with wds.ShardWriter(str(out / "shard-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, (path, label) in enumerate(folder.samples):
+            sink.write({"__key__": f"{i:06d}", "jpg": Path(path).read_bytes(), "cls": str(label)})
+    return sorted(str(path) for path in out.glob("shard-*.tar"))
+
+
+def webdataset_loader(shards: list[str], images: ImageTransform, ids: np.ndarray | None, batch_size: int, workers: int):
+    """The WebDataset recipe: shuffled shards, a shuffle buffer, decode, batches made in the workers;
+    for a selection, every sample streamed and the unselected ones dropped."""
+    wds = import_webdataset()
+    pipeline = wds.WebDataset(shards, shardshuffle=len(shards), empty_check=False)
+    if ids is not None:
+        keep = set(ids.tolist())
+        pipeline = pipeline.select(lambda sample: int(sample["__key__"]) in keep)
+    pipeline = pipeline.shuffle(1000).map(lambda sample: (augment(images, sample["jpg"]), int(sample["cls"])))
+    return DataLoader(pipeline.batched(batch_size), batch_size=None, num_workers=workers)
+
+
+def import_streaming() -> tuple[Any, Any] | None:
+    """mosaicml-streaming's (StreamingDataset, MDSWriter), or None where it is not installed.
+
+    `streaming/__init__.py` imports torchvision and `streaming/base/__init__.py` transformers,
+    which do not import beside this torch: both packages are entered as bare namespaces (their
+    folders, without running their `__init__`), then the two modules needed are imported."""
+    if "streaming.base.dataset" not in sys.modules:
+        spec = importlib.util.find_spec("streaming")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = spec.submodule_search_locations[0]
+        for name, path in (("streaming", root), ("streaming.base", os.path.join(root, "base"))):
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules.setdefault(name, package)
+    try:
+        from streaming.base.dataset import StreamingDataset
+        from streaming.base.format.mds.writer import MDSWriter
+    except ImportError as e:
+        print(f"  mosaicml-streaming is installed but does not import: {e}", flush=True)
+        return None
+    return StreamingDataset, MDSWriter
+
+
+def write_mds(folder: PhotoFolder, out: Path, size_limit: int) -> None:
+    _, MDSWriter = import_streaming()
+    with MDSWriter(out=str(out), columns={"image": "bytes", "label": "int"}, size_limit=size_limit) as writer:
+        for path, label in folder.samples:
+            writer.write({"image": Path(path).read_bytes(), "label": label})
+
+
+def mds_read_bytes(root: Path, ids: np.ndarray | None) -> tuple[int, int]:
+    """(bytes of the sample records StreamingDataset reads for `ids`, with the 8 bytes of offsets
+    it reads before each; bytes of the shards holding any of them, what it would download)."""
+    shards = json.loads((root / "index.json").read_text())["shards"]
+    records, touched, first = 0, 0, 0
+    for shard in shards:
+        path = root / shard["raw_data"]["basename"]
+        count = int(shard["samples"])
+        offsets = np.fromfile(path, np.uint32, count + 1, offset=4).astype(np.int64)
+        local = np.arange(count) if ids is None else ids[(ids >= first) & (ids < first + count)] - first
+        records += int((offsets[local + 1] - offsets[local]).sum()) + 8 * len(local)
+        touched += path.stat().st_size if len(local) else 0
+        first += count
+    return records, touched
+
+
+def mds_stream(root: Path, batch_size: int):
+    """A new StreamingDataset over the MDS folder: one per DataLoader, as its shared barrier counts
+    the workers of the first epoch and waits for as many ever after (a dataset iterated with 0
+    workers then 2 hangs)."""
+    gc.collect()  # the previous one holds the folder's shared memory until it is freed
+    StreamingDataset, _ = import_streaming()
+    return StreamingDataset(local=str(root), batch_size=batch_size, shuffle=True)
+
+
+class MDSSamples(torch.utils.data.Dataset):
+    """A StreamingDataset read by id (its random access), for a sampler over a selection."""
+
+    def __init__(self, stream, images: ImageTransform):
+        self.stream, self.images = stream, images
+
+    def __len__(self) -> int:
+        return self.stream.num_samples
+
+    def __getitem__(self, i: int):
+        sample = self.stream[i]
+        return augment(self.images, sample["image"]), sample["label"]
+
+
+class MDSStream(torch.utils.data.IterableDataset):
+    """A StreamingDataset iterated as it means to be: its shuffle, its split over the workers."""
+
+    def __init__(self, stream, images: ImageTransform):
+        self.stream, self.images = stream, images
+
+    def __iter__(self) -> Iterator:
+        for sample in self.stream:
+            yield augment(self.images, sample["image"]), sample["label"]
+
+
+def image_competitors(
+    dataset, folder: PhotoFolder, peers: dict[str, Any], images: ImageTransform, ids: np.ndarray | None, batch_size: int
+) -> dict[str, Callable[[], Iterable]]:
+    """Each competitor as a maker of an iterable over one epoch's (x, y) batches of decoded images."""
+    sampler = SubsetRandomSampler(ids.tolist()) if ids is not None else None
+    by_id = {"batch_size": batch_size, "shuffle": sampler is None, "sampler": sampler}
+
+    made = {
+        f"StreamingLoader ({label})": lambda backend=backend: StreamingLoader(
+            dataset, ids, batch_size=batch_size, images=images, backend=backend, num_threads=2, device="cpu"
+        )
+        for label, backend in (("DALI", "dali"), ("torch", "torch"))
+    }
+    for workers in (0, 2):
+        made[f"ImageFolder, {workers} workers"] = lambda w=workers: DataLoader(folder, num_workers=w, **by_id)
+    if "webdataset" in peers:
+        for workers in (0, 2):
+            made[f"WebDataset, {workers} workers"] = lambda w=workers: webdataset_loader(
+                peers["webdataset"], images, ids, batch_size, w
+            )
+    if "mds" in peers:
+        for workers in (0, 2):
+            made[f"MDS StreamingDataset, {workers} workers"] = (
+                (
+                    lambda w=workers: DataLoader(
+                        MDSStream(mds_stream(peers["mds"], batch_size), images), batch_size=batch_size, num_workers=w
+                    )
+                )
+                if ids is None
+                else (
+                    lambda w=workers: DataLoader(
+                        MDSSamples(mds_stream(peers["mds"], batch_size), images), num_workers=w, **by_id
+                    )
+                )
+            )
+    return made
+
+
+def against_peers(rates: dict[str, float]) -> dict[str, Any]:
+    """Ours (the faster StreamingLoader backend), the best peer, and the ratios to it."""
+    ours = max(OURS, key=rates.__getitem__)
+    peers = {name: rate for name, rate in rates.items() if name not in OURS}
+    best = max(peers, key=peers.__getitem__)
+    return {
+        "ours": ours,
+        "best_peer": best,
+        "over_best_peer": {name: rates[name] / peers[best] for name in OURS},
+        "ours_over": {name: rates[ours] / rate for name, rate in peers.items()},
+    }
+
+
+def run_images(num_images: int, keep: float, batch_size: int, sides: tuple[int, int], workdir: Path) -> dict:
+    """One epoch of decoded, augmented 224 × 224 batches from the same JPEGs by every competitor."""
+    root, url = workdir / "photos", str(workdir / "photos.zarr")
+    write_photos(root, num_images, sides=sides)
+    images = ImageTransform(size=224, train=True)
+    folder = PhotoFolder(root, images)
+    sizes = np.array([os.path.getsize(path) for path, _ in folder.samples])
+    dataset = imagefolder_images(root).write(url, overwrite=True)
+    if dataset.num_samples != len(folder):  # sample i must be the same file for every competitor
+        raise RuntimeError(f"{url} holds {dataset.num_samples} samples, the image folder {len(folder)}")
+    selection = random_select(dataset, keep, seed=0)
+    peers: dict[str, Any] = {}
+    missing = []
+    if import_webdataset() is not None:
+        peers["webdataset"] = write_tar_shards(folder, workdir / "wds", per_shard=-(-num_images // 8))
+    else:
+        missing.append("webdataset")
+    if import_streaming() is not None:
+        write_mds(folder, workdir / "mds", size_limit=max(1 << 16, int(sizes.sum()) // 8))
+        warnings.filterwarnings("ignore", module=r"streaming\.")  # its advice on predownload etc.
+        peers["mds"] = workdir / "mds"
+    else:
+        missing.append("mosaicml-streaming")
+    for name in missing:
+        print(f"  {name} not installed: its rows are skipped", flush=True)
+    tar_bytes = sum(os.path.getsize(path) for path in peers.get("webdataset", []))
+
+    rows = {}
+    for subset, ids in (("full", None), (f"keep {keep:.0%}", selection.ids)):
+        rates, read = {}, {}
+        for name, make in image_competitors(dataset, folder, peers, images, ids, batch_size).items():
+            loader = make()
+            rates[name] = epoch_rate(loader, consume=lambda x: x)
+            if isinstance(loader, StreamingLoader):
+                stats = loader.io_stats()
+                read[name], full_epoch_bytes = stats["per_epoch"][-1]["bytes"], stats["full_epoch_bytes"]
+            del loader  # before the next is made: an MDS StreamingDataset's folder is free once it is freed
+            print(f"  {subset:<9} {name:<34} {rates[name]:>10,.0f} samples/s", flush=True)
+        picked = ids if ids is not None else np.arange(num_images)
+        read["ImageFolder"] = int(sizes[picked].sum())
+        if "webdataset" in peers:
+            read["WebDataset"] = tar_bytes
+        if "mds" in peers:
+            read["MDS StreamingDataset"], read["MDS shards touched"] = mds_read_bytes(workdir / "mds", ids)
+        rows[subset] = {"samples": len(picked), "samples_per_second": rates, **against_peers(rates), "bytes_read": read}
+    return {
+        "images": num_images,
+        "sides": list(sides),
+        "classes": PHOTO_CLASSES,
+        "jpeg_bytes": int(sizes.sum()),
+        "store_bytes": full_epoch_bytes,
+        "shard_samples": dataset.shard_samples,
+        "transform": {"size": images.size, "crop_area": list(images.crop_area), "flip": True, "normalize": True},
+        "not_installed": missing,
+        "results": rows,
+    }
+
+
 def report(results: list[dict]) -> None:
     print()
     for result in results:
@@ -133,26 +426,48 @@ def report(results: list[dict]) -> None:
                     print(f"  {subset:<9} StreamingLoader (DALI) / {name:<34} {ours / rate:>6.2f}x")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def report_images(result: dict) -> None:
+    sides = "–".join(map(str, result["sides"]))
+    print(f"\n{result['images']} JPEGs of {sides} px ({result['jpeg_bytes'] / 1e6:.1f} MB) as float32 (3, 224, 224):")
+    for subset, row in result["results"].items():
+        ours, best = row["ours"], row["best_peer"]
+        for name in OURS:
+            ratio = row["over_best_peer"][name]
+            print(f"  {subset:<9} {name:<23} / best peer ({best}) {ratio:>6.2f}x")
+        for name, ratio in row["ours_over"].items():
+            print(f"  {subset:<9} ours ({ours}) / {name:<34} {ratio:>6.2f}x")
+    print(f"bytes read an epoch, against the store's {result['store_bytes'] / 1e6:.2f} MB:")
+    for subset, row in result["results"].items():
+        for name, read in row["bytes_read"].items():
+            print(f"  {subset:<9} {name:<34} {read / 1e6:>8.2f} MB {read / result['store_bytes']:>6.3f}")
+
+
+def plot(results: list[dict], image_result: dict | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        subsets = list(result["results"])
-        names = list(result["results"][subsets[0]]["samples_per_second"])
+    panels = [
+        (f"{r['dtype']} samples of shape {tuple(r['sample_shape'])}", r["results"], "log") for r in results
+    ]  # the competitors differ by orders of magnitude
+    if image_result is not None:
+        title = f"JPEGs of {'–'.join(map(str, image_result['sides']))} px → (3, 224, 224), augmented"
+        panels.append((title, image_result["results"], "linear"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6), squeeze=False)
+    for ax, (title, rows, scale) in zip(axes[0], panels):
+        subsets = list(rows)
+        names = list(rows[subsets[0]]["samples_per_second"])
         width = 0.8 / len(names)
         for k, name in enumerate(names):
-            values = [result["results"][s]["samples_per_second"][name] for s in subsets]
+            values = [rows[s]["samples_per_second"][name] for s in subsets]
             ax.bar(np.arange(len(subsets)) + k * width, values, width, label=name)
         ax.set_xticks(np.arange(len(subsets)) + 0.4 - width / 2, subsets)
-        ax.set_yscale("log")  # the competitors differ by orders of magnitude
-        ax.set_ylabel("samples / s (log)")
-        ax.set_title(f"{result['dtype']} samples of shape {tuple(result['sample_shape'])}")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+        ax.set_yscale(scale)
+        ax.set_ylabel(f"samples / s{' (log)' if scale == 'log' else ''}")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
@@ -161,27 +476,51 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=2048, help="JPEGs for the image rows (0: none)")
+    parser.add_argument("--image-batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--tiny", action="store_true", help="a smoke run: 256 samples in batches of 64")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run: 256 samples in batches of 64, 32 small JPEGs in batches of 8"
+    )
     args = parser.parse_args()
+    sides = PHOTO_SIDES
     if args.tiny:
         args.samples, args.batch_size = 256, 64
+        args.images, args.image_batch_size, sides = min(args.images, 32), 8, (48, 96)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for shape, dtype in (((40,), "float32"), ((3, 32, 32), "uint8")):
             print(f"{dtype} samples of shape {shape}, {args.samples} samples:", flush=True)
             results.append(run(args.samples, args.keep, args.batch_size, shape, dtype, Path(workdir)))
+        image_result = None
+        if args.images:
+            print(f"{args.images} JPEGs of {sides[0]}–{sides[1]} px, batches of {args.image_batch_size}:", flush=True)
+            image_result = run_images(args.images, args.keep, args.image_batch_size, sides, Path(workdir))
     report(results)
+    if image_result is not None:
+        report_images(image_result)
     meta = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "batch_size": args.batch_size,
+        "image_batch_size": args.image_batch_size,
         "torch": torch.__version__,
+        "peers": {name: _version(name) for name in ("webdataset", "mosaicml-streaming", "nvidia-dali-cuda130")},
     }
-    (args.out / "loader.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, args.out / "loader.png")
+    out = {"meta": meta, "results": results, "images": image_result}
+    (args.out / "loader.json").write_text(json.dumps(out, indent=2))
+    plot(results, image_result, args.out / "loader.png")
     print(f"wrote {args.out / 'loader.json'} and {args.out / 'loader.png'}")
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -49,6 +49,30 @@ def shapes_images(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_IMAGE
     return EncodedImages(num_samples, SHAPES, lambda: encoded_batches(_shapes(num_samples, seed), batch))
 
 
+# Photo-sized: ImageNet's images are about 400 × 350 on average.
+PHOTO_SIDES = (300, 500)
+PHOTO_CLASSES = 8
+
+
+def write_photos(root: str | Path, num_samples: int, *, sides: tuple[int, int] = PHOTO_SIDES, seed: int = 0) -> Path:
+    """Write `num_samples` photo-like JPEGs (quality 90) as an ImageFolder `root/class<c>/<i>.jpg`,
+    `sides` pixels a side, PHOTO_CLASSES classes in turn; returns root. A smooth colour field (a
+    random 4 × 4 grid, bicubic) plus noise: they compress and decode like photographs rather than
+    flat drawings, for measuring decoding and reading (their classes teach nothing)."""
+    _check_count(num_samples)
+    root = _empty_root(root)
+    rng = np.random.default_rng(seed)
+    for label in range(PHOTO_CLASSES):
+        (root / f"class{label}").mkdir()
+    for i in range(num_samples):
+        width, height = (int(side) for side in rng.integers(sides[0], sides[1] + 1, 2))
+        field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(field, np.float32) + rng.standard_normal((height, width, 3), dtype=np.float32) * 8
+        photo = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        (root / f"class{i % PHOTO_CLASSES}" / f"{i:05d}.jpg").write_bytes(_encode(photo, "jpeg", quality=90))
+    return root
+
+
 def write_digits_images(root: str | Path, *, format: str = "png", size: int = 32) -> Path:
     """Write sklearn's 1,797 8×8 digits as an ImageFolder `root/<digit>/<sample>.<png|jpg>` of
     grey `size`×`size` images (bilinear upscaling of the 0..16 pixels to 0..255); returns root."""
