@@ -1,10 +1,13 @@
 """Does selection teach more per sample than a random subset of the same size? Measured.
 
-    python bench/selection_quality.py [--datasets mnist1d digits] [--budgets 0.05 0.1 0.25 0.5]
+    python bench/selection_quality.py [--datasets mnist1d digits shapes] [--budgets 0.05 0.1 0.25 0.5]
                                       [--seeds 0 1 2] [--methods ...] [--epochs 15] [--out bench/results] [--tiny]
 
 Every run trains the same model from the StreamingLoader (torch backend) for the same number of
 epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
+Datasets: MNIST-1D (50,000 signals, a 1D CNN), sklearn's digits (1,400 of 8 x 8, an MLP) and
+shapes (10,000 generated JPEGs of 48-160 px, decoded and augmented at 32 x 32 in the loader, the
+demo's 2D CNN; its proxy sees 32 x 32 thumbnails).
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
@@ -55,7 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E402
 from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, noisy_labels  # noqa: E402
-from nearstore.app.training import accuracy, fit, mnist1d_cnn  # noqa: E402
+from nearstore.app.demo import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
+from nearstore.app.synthetic import ensure_shapes  # noqa: E402
+from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
@@ -74,6 +79,7 @@ STATIC = {
     "sage-residual": ("sage", {"score": "residual"}),
     "graft": (DEFAULT_METHOD, {}),
     "graft-unmuted": ("graft", UNMUTED),
+    "graft-directions": ("graft", {"norm_power": 0.0}),  # MaxVol on gradient directions alone
     "graft-raw-w512": ("graft", {**RAW_W512, **UNMUTED}),
     "craig": ("craig", {}),
 }
@@ -171,7 +177,8 @@ def digits_mlp() -> nn.Module:
 def datasets(
     names: list[str], root: Path, train_size: int = 50_000, test_size: int = 10_000
 ) -> dict[str, tuple[Dataset, tuple[torch.Tensor, torch.Tensor], object]]:
-    """{name: (train store, in-memory test set, model factory)}; MNIST-1D of the sizes given."""
+    """{name: (train store, in-memory test set, model factory)}; MNIST-1D of the sizes given, shapes
+    of a fifth of them."""
     out = {}
     if "mnist1d" in names:
         train = ensure_mnist1d(str(root / f"mnist1d-train-{train_size}.zarr"), train_size, 0)
@@ -186,6 +193,10 @@ def datasets(
             write_dataset(str(url), [{k: v[train] for k, v in batch.items()}], shard_samples=256)
             write_dataset(str(root / "digits-test.zarr"), [{k: v[test] for k, v in batch.items()}])
         out["digits"] = (open_dataset(str(url)), _in_memory(open_dataset(str(root / "digits-test.zarr"))), digits_mlp)
+    if "shapes" in names:
+        train = ensure_shapes(str(root / f"shapes-train-{train_size // 5}.zarr"), train_size // 5, 0)
+        test = ensure_shapes(str(root / f"shapes-test-{test_size // 5}.zarr"), test_size // 5, 1)
+        out["shapes"] = (train, _in_memory(test), image_cnn)
     return out
 
 
@@ -196,19 +207,27 @@ def corrupted(dataset: Dataset, case: str, root: Path, seed: int = 0) -> tuple[D
     noise, rate, ratio = CASES[case]
     url, truth = root / f"{Path(dataset.url).stem}-{case}.zarr", root / f"{Path(dataset.url).stem}-{case}.npy"
     if not truth.exists():
-        x, y = dataset.arrays["x"][:], dataset.labels[:]
+        name = dataset.input_array
+        x, y = dataset.arrays[name][:], dataset.labels[:]
         kept = long_tail(y, ratio)
         x, y = x[kept], y[kept]
         noisy = noisy_labels(y, noise, rate, seed=seed) if noise else y
-        write_dataset(str(url), [{"x": x, "y": noisy}], shard_samples=dataset.shard_samples, overwrite=True)
+        write_dataset(str(url), [{name: x, "y": noisy}], shard_samples=dataset.shard_samples, overwrite=True)
         np.save(truth, y)
     store = open_dataset(str(url))
     return store, store.labels[:] != np.load(truth)
 
 
 def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = next(iter(StreamingLoader(dataset, batch_size=dataset.num_samples, shuffle=False, backend="torch")))
+    x, y = next(iter(StreamingLoader(dataset, batch_size=dataset.num_samples, shuffle=False, **_decoding(dataset))))
     return x, y
+
+
+def _decoding(dataset: Dataset, train: bool = False) -> dict:
+    """The loader's options for `dataset`: the torch backend, and encoded images decoded as the demo
+    decodes them (augmented for training)."""
+    images = {"images": TRAIN_IMAGES if train else TEST_IMAGES} if dataset.encoded(dataset.input_array) else {}
+    return {"backend": "torch", "device": "cpu", **images}
 
 
 def class_accuracies(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
@@ -244,8 +263,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         seed=seed,
         warm_start_epochs=warm,
         weights=weighted,
-        backend="torch",
-        device="cpu",
+        **_decoding(store, train=True),
     )
     seen = set(range(store.num_samples) if warm else loader.ids.tolist())
     noisy = [] if flipped is None else [float(flipped[loader.ids].mean())]
@@ -412,7 +430,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits"])
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits", "shapes"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)

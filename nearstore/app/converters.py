@@ -3,7 +3,7 @@ generators, each streamed so that converting a million samples never holds them 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +66,25 @@ def digits_batches() -> Batches:
     yield {"x": digits.images.astype(np.uint8), "y": digits.target.astype(np.int64)}
 
 
-def ensure_mnist1d(url: str, num_samples: int, seed: int) -> Dataset:
-    """Open the MNIST-1D store at `url`, generating it first if it is missing or another size."""
+def ensure_dataset(url: str, num_samples: int, write: Callable[[], Dataset]) -> Dataset:
+    """Open the store at `url`, or `write()` it first where it is missing or holds another number
+    of samples (a generated dataset, made once and kept)."""
     try:
         dataset = open_dataset(url)
         if dataset.num_samples == num_samples:
             return dataset
     except (FileNotFoundError, DatasetError):
         pass
-    return write_dataset(
-        url, mnist1d_batches(num_samples, seed=seed), num_samples=num_samples, overwrite=True, progress=True
+    return write()
+
+
+def ensure_mnist1d(url: str, num_samples: int, seed: int) -> Dataset:
+    """Open the MNIST-1D store at `url`, generating it first if it is missing or another size."""
+    batches = mnist1d_batches(num_samples, seed=seed)
+    return ensure_dataset(
+        url,
+        num_samples,
+        lambda: write_dataset(url, batches, num_samples=num_samples, overwrite=True, progress=True),
     )
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from loaders import StreamingLoader
-from nearstore import Dataset, DatasetError, ParameterError, Selection, make_selector, open_dataset, random_select
+from nearstore import Dataset, ParameterError, Selection, make_selector, random_select
 from nearstore.app.converters import ensure_mnist1d
-from nearstore.app.synthetic import shapes_images
+from nearstore.app.synthetic import ensure_shapes
 from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
 from nearstore.selection import DEFAULT_METHOD
 from nearstore.serving import NearStoreServer
@@ -65,21 +65,10 @@ def demo_data(data: str, workdir: Path, num_samples: int, test_samples: int, see
         test = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}.zarr"), test_samples, seed + 1)
         return DemoData(train, test, mnist1d_cnn)
     if data == "images":
-        train = _ensure_shapes(str(workdir / f"shapes-train-{num_samples}.zarr"), num_samples, seed)
-        test = _ensure_shapes(str(workdir / f"shapes-test-{test_samples}.zarr"), test_samples, seed + 1)
+        train = ensure_shapes(str(workdir / f"shapes-train-{num_samples}.zarr"), num_samples, seed)
+        test = ensure_shapes(str(workdir / f"shapes-test-{test_samples}.zarr"), test_samples, seed + 1)
         return DemoData(train, test, image_cnn, {"images": TRAIN_IMAGES}, {"images": TEST_IMAGES})
     raise ParameterError(f"data must be one of {DATA}, got {data!r}")
-
-
-def _ensure_shapes(url: str, num_samples: int, seed: int) -> Dataset:
-    """Open the shapes store at `url`, generating it first if it is missing or another size."""
-    try:
-        dataset = open_dataset(url)
-        if dataset.num_samples == num_samples:
-            return dataset
-    except (FileNotFoundError, DatasetError):
-        pass
-    return shapes_images(num_samples, seed=seed).write(url, overwrite=True, progress=True)
 
 
 def run_demo(

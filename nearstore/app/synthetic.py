@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nearstore import ParameterError
+from nearstore import Dataset, ParameterError
+from nearstore.app.converters import ensure_dataset
 from nearstore.app.encoded_converters import DEFAULT_IMAGE_BATCH, EncodedImages, encoded_batches
 
 # Sorted, so that the label of a shape is its index both here and in an ImageFolder of it (whose
@@ -71,6 +72,13 @@ def write_photos(root: str | Path, num_samples: int, *, sides: tuple[int, int] =
         photo = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
         (root / f"class{i % PHOTO_CLASSES}" / f"{i:05d}.jpg").write_bytes(_encode(photo, "jpeg", quality=90))
     return root
+
+
+def ensure_shapes(url: str, num_samples: int, seed: int = 0) -> Dataset:
+    """Open the shapes store at `url`, generating it first if it is missing or another size."""
+    return ensure_dataset(
+        url, num_samples, lambda: shapes_images(num_samples, seed=seed).write(url, overwrite=True, progress=True)
+    )
 
 
 def write_digits_images(root: str | Path, *, format: str = "png", size: int = 32) -> Path:
