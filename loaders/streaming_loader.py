@@ -68,7 +68,7 @@ class StreamingLoader:
         DALI decodes in its graph (nvJPEG on a CUDA device); the torch backend with PIL.
     on_error: what a damaged encoded sample (cut short, not an image, refused by the decoder)
         does: "raise" a SampleError naming its id, array and shard, or "skip" it, leaving the
-        batch one sample shorter, logged and listed in io_stats()["skipped_samples"].
+        batch one sample shorter, logged and listed (once) in io_stats()["skipped_samples"].
     num_threads: threads that decode images (DALI's, or PIL's in the torch backend).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
         the device is CUDA), after `images`. transform: applied to the x tensor of every batch.
@@ -133,7 +133,7 @@ class StreamingLoader:
                 f"images= decodes encoded samples, and array {self.input_array!r} of {self.url!r} holds fixed-size ones"
             )
         self.images = images if images is not None or not encoded else ImageTransform()
-        self.skipped: list[int] = []
+        self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
         self.scan_io = {"bytes": 0, "requests": 0}
         self._use(self.source.selection() if selection is None else selection)
 
@@ -317,7 +317,7 @@ class StreamingLoader:
             "scan_bytes": self.scan_io.get("bytes", 0),
             "scan_requests": self.scan_io.get("requests", 0),
             "full_epoch_bytes": self._full_bytes(),
-            "skipped_samples": list(self.skipped),
+            "skipped_samples": sorted(self.skipped),
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
             "storage_reads": self.source.storage_reads(),
         }
@@ -414,7 +414,7 @@ class StreamingLoader:
                 )
             for line in where:
                 log.warning("skipped %s", line)
-            self.skipped += [int(ids[i]) for i in failed]
+            self.skipped.update(int(ids[i]) for i in failed)
             kept = np.setdiff1d(np.arange(len(ids)), list(failed))
             ids, weights = ids[kept], weights[kept]
             arrays = {name: values[kept] for name, values in arrays.items()}
