@@ -37,6 +37,7 @@ def dali_epoch(
     images: ImageTransform | None = None,
     num_threads: int = 2,
     seed: int = 0,
+    explain: Callable[[RuntimeError], Exception] | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Run one epoch of `batches` (tuples of numpy arrays, first axis the batch) through DALI.
 
@@ -44,7 +45,8 @@ def dali_epoch(
     leaves nothing behind. images: the first output holds encoded images (an object array of
     bytes), decoded and transformed so. `dali_transform` maps the first output's DataNode (the
     inputs, decoded) to a new DataNode inside the graph; on a CUDA device it receives GPU data.
-    seed: the pipeline's random augmentations.
+    seed: the pipeline's random augmentations. explain: what to raise instead of a pipeline's
+    failure (DALI's errors name no sample), given it.
     """
     if not dali_available():
         raise RuntimeError("DALI is not installed; use backend='torch' or install nvidia-dali-cuda130")
@@ -80,7 +82,13 @@ def dali_epoch(
     pipe.build()
     stream = torch.cuda.current_stream(device) if on_gpu else None
     for _ in range(num_batches):
-        yield tuple(_to_torch(tensor_list, device, stream) for tensor_list in pipe.run())
+        try:
+            outputs = pipe.run()
+        except RuntimeError as error:
+            if explain is None:
+                raise
+            raise explain(error) from error
+        yield tuple(_to_torch(tensor_list, device, stream) for tensor_list in outputs)
 
 
 def decode_images(encoded, images: ImageTransform, on_gpu: bool):

@@ -25,6 +25,8 @@ from nearstore.storage.dataset import check_ids, sample_identity
 from nearstore.storage.images import ImageTransform, OnError, check_on_error, damaged
 
 Backend = Literal["auto", "dali", "torch"]
+# What finds the sample DALI's decoder refused: PIL decoding it as small as it can.
+PROBE = ImageTransform(size=8, train=False)
 # A batch to read: ids, their weights, the round they are in, the seed of its augmentations.
 Batch = tuple[np.ndarray, np.ndarray, int | str, tuple[int, ...]]
 STATE_VERSION = 2
@@ -144,6 +146,9 @@ class StreamingLoader:
         self._epochs: list[dict[str, Any]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
+        # The encoded batches last handed to DALI, (ids, bytes): where to look for the sample its
+        # decoder refused (its error names none). DALI holds a few batches ahead of its outputs.
+        self._handed: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=prefetch + 4)
 
     # Where the loader is: its order's place.
     @property
@@ -231,6 +236,7 @@ class StreamingLoader:
                 images=self.images,
                 num_threads=self.num_threads,
                 seed=int(np.random.default_rng(seed).integers(2**31)),
+                explain=self._refused_by_dali if self.images is not None else None,
             )
         else:
             tensors = (tuple(torch.from_numpy(a).to(self.device) for a in batch) for batch in batches)
@@ -403,6 +409,7 @@ class StreamingLoader:
             inputs, failed = self.images.decode_batch(blobs, seed=seed, executor=self._decoders)
         else:
             failed = {i: why for i, blob in enumerate(blobs) if (why := damaged(blob)) is not None}
+            self._handed.append((ids, blobs))
         if failed:
             where = [
                 f"sample {int(ids[i])} of array {self.input_array!r} ({self._shard_of(ids[i])}): {why}"
@@ -421,6 +428,22 @@ class StreamingLoader:
         if self.backend == "torch":
             arrays[self.input_array] = inputs
         return ids, arrays, weights
+
+    def _refused_by_dali(self, error: RuntimeError) -> Exception:
+        """A SampleError naming the sample DALI's decoder refused, found by decoding the batches
+        handed to it with PIL; DALI's own error where PIL decodes them all. A pipeline that failed
+        cannot go on, so on_error="skip" raises too."""
+        for ids, blobs in list(self._handed):  # a copy: the reader thread may still append
+            for sample, blob in zip(ids.tolist(), blobs):
+                try:
+                    PROBE.decode(blob)
+                except (OSError, ValueError, SyntaxError) as e:
+                    return SampleError(
+                        f"sample {sample} of array {self.input_array!r} ({self._shard_of(sample)}): DALI's decoder "
+                        f"refused it, and so does PIL ({type(e).__name__}: {e}); a DALI pipeline cannot skip it "
+                        "once it failed: the torch backend can (on_error='skip')"
+                    )
+        return error
 
     def _shard_of(self, sample: int) -> str:
         return f"shard {int(sample) // self.source.shard_samples} of {self.url!r}"

@@ -99,3 +99,13 @@ def test_the_scan_selects_on_decoded_images_and_leaves_damaged_ones_out(broken, 
     assert "left out of selection: sample 130 of array 'image'" in caplog.text
     loader = StreamingLoader(broken, selection, batch_size=40, backend="torch", images=ImageTransform(size=16))
     assert sum(len(y) for _, y in loader) == len(selection.ids)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_an_image_whole_outside_but_garbled_inside_is_named_too(tmp_path, backend):
+    whole = photo(71)
+    garbled = whole[:200] + bytes(len(whole) - 400) + whole[-200:]  # passes the damage check
+    store, _ = image_store(str(tmp_path / "garbled.zarr"), {71: garbled})
+    loader = StreamingLoader(store, np.arange(64, 80), batch_size=4, images=ImageTransform(size=16), backend=backend)
+    with pytest.raises(SampleError, match=r"sample 71 of array 'image' \(shard 1 of .*\): .*refused"):
+        list(loader)
