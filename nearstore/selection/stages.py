@@ -96,7 +96,9 @@ class Scan:
         """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings), or the
         embeddings' two factors (Proxy.gradient_factors) with `factored`; consecutive shards
         embedded together up to `batch_samples` (0: one shard at a time)."""
-        batches = decoded(shard_batches(self.reader, self.warm, progress, desc, shards), self.input_array, self.proxy)
+        batches = decoded(
+            shard_batches(self.reader, self.warm, progress, desc, shards), self.input_array, self.proxy.images
+        )
         if batch_samples:
             batches = rebatch(batches, batch_samples)
         return embed(batches, self.proxy, self.input_array, self.labels, class_balanced, factored)
@@ -113,7 +115,7 @@ class Scan:
         """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
         dataset = self.reader.dataset
         reader, batches = pool_batches(dataset, self.input_array, self.labels, labels, pools, progress, desc, reads)
-        batches = decoded(batches, self.input_array, self.proxy)
+        batches = decoded(batches, self.input_array, self.proxy.images)
         return reader, embed(batches, self.proxy, self.input_array, self.labels, True, factored)
 
 
@@ -158,11 +160,10 @@ def pool_batches(
     return reader, batches()
 
 
-def decoded(batches: Iterable[Batch], input_array: str, proxy: Proxy | type[Proxy]) -> Iterator[Batch]:
-    """Stage 1b: encoded images decoded as the proxy wants them (its `images`), damaged ones left
-    out (logged: the scan cannot score them, so they are never selected); other inputs, and
-    inputs decoded already, pass as they are."""
-    images: ImageTransform = proxy.images
+def decoded(batches: Iterable[Batch], input_array: str, images: ImageTransform) -> Iterator[Batch]:
+    """Stage 1b: encoded images decoded by `images` (the proxy's), damaged ones left out (logged:
+    the scan cannot score them, so they are never selected); other inputs, and inputs decoded
+    already, pass as they are."""
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="nearstore-decode") as pool:
         for ids, batch in batches:
             x = batch[input_array]
@@ -280,7 +281,7 @@ def _fit_default_proxy(
             break
         r = reader.shard_range(int(shard))
         read = [(np.arange(r.start, r.stop), reader.read_shard(int(shard)))]
-        warm[int(shard)] = ids, batch = next(decoded(read, input_array, RandomFeatureProxy))
+        warm[int(shard)] = ids, batch = next(decoded(read, input_array, RandomFeatureProxy.images))
         check_finite(batch[input_array], ids, input_array)
         taken += len(r)
     x = np.concatenate([b[input_array] for _, b in warm.values()])
