@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import keep_freed_memory, open_dataset, random_select, write_dataset  # noqa: E402
-from nearstore.app.encoded_converters import IMG_EXTENSIONS, imagefolder_images  # noqa: E402
+from nearstore.app.encoded_converters import imagefolder_files, imagefolder_images  # noqa: E402
 from nearstore.app.synthetic import PHOTO_CLASSES, PHOTO_SIDES, write_photos  # noqa: E402
 from nearstore.storage.images import ImageTransform  # noqa: E402
 
@@ -176,14 +176,7 @@ class PhotoFolder(torch.utils.data.Dataset):
     image files in sorted walk order, each file read and decoded by PIL per `__getitem__`."""
 
     def __init__(self, root: Path, images: ImageTransform):
-        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        self.samples = [
-            (os.path.join(folder, name), label)
-            for label, c in enumerate(classes)
-            for folder, _, names in sorted(os.walk(root / c, followlinks=True))
-            for name in sorted(names)
-            if name.lower().endswith(IMG_EXTENSIONS)
-        ]
+        self.samples, _ = imagefolder_files(root)  # torchvision's walk, as the converter's
         self.images = images
 
     def __len__(self) -> int:

@@ -61,6 +61,17 @@ def imagefolder_images(root: str | Path, *, batch: int = DEFAULT_IMAGE_BATCH) ->
     no image is refused, as torchvision refuses it. Only the file list is read now.
     """
     _check_batch(batch)
+    files, classes = imagefolder_files(root)
+
+    def read() -> Batches:
+        return encoded_batches(((Path(path).read_bytes(), label) for path, label in files), batch)
+
+    return EncodedImages(len(files), classes, read)
+
+
+def imagefolder_files(root: str | Path) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+    """The (path, label) of every image of an ImageFolder in torchvision's order, and its classes
+    (the sorted subfolder names); FileNotFoundError naming what is missing."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no image folder at {str(root)!r}")
@@ -80,11 +91,7 @@ def imagefolder_images(root: str | Path, *, batch: int = DEFAULT_IMAGE_BATCH) ->
                 f"class folder {str(root / name)!r} has no image (extensions: {', '.join(IMG_EXTENSIONS)})"
             )
         files.extend((path, label) for path in found)
-
-    def read() -> Batches:
-        return encoded_batches(((Path(path).read_bytes(), label) for path, label in files), batch)
-
-    return EncodedImages(len(files), tuple(classes), read)
+    return files, tuple(classes)
 
 
 def webdataset_images(
