@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +14,31 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from nearstore.errors import DatasetError, SampleIdError
+from nearstore.errors import DatasetError, NearstoreError, SampleIdError
 from nearstore.storage.dataset import Dataset, check_ids, sample_identity
 
 SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
 READABLE_VERSIONS = (1, 2)
+# What a file's header must hold, and of which type (anything else is a damaged or foreign file).
+META_FIELDS = {"dataset": dict, "method": str, "params": dict, "round": int, "io": dict}
+
+
+def sample_ids(ids: Any, where: str, *, num_samples: int | None = None, what: str = "sample id") -> np.ndarray:
+    """`ids` as 1-D int64 sample ids (in [0, num_samples) where that is given), refused by name
+    otherwise: a DatasetError for another shape, a SampleIdError for ids that name no sample.
+
+    Ids of a float dtype are refused even when their values are integral: an id that went through
+    floats went through something that did not keep ids (and float64 is exact only to 2**53).
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise DatasetError(f"{what}s in {where} must be 1-D, got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise SampleIdError(f"{what}s in {where} must be integers, got {ids.dtype} (first {ids[0]!r})")
+    ids = ids.astype(np.int64)
+    if num_samples is not None:
+        check_ids(ids, num_samples, where, what=what)
+    return ids
 
 
 @dataclass(frozen=True)
@@ -30,7 +52,7 @@ class Suspects:
     quality: np.ndarray
 
     def __post_init__(self) -> None:
-        ids = np.asarray(self.ids, dtype=np.int64)
+        ids = sample_ids(self.ids, "a selection's suspects")
         order = np.argsort(ids, kind="stable")
         labels = np.asarray(self.labels, dtype=np.int64)
         quality = np.asarray(self.quality, dtype=np.float32)
@@ -70,7 +92,8 @@ class Selection:
     version: int = SELECTION_VERSION
 
     def __post_init__(self) -> None:
-        ids = np.asarray(self.ids, dtype=np.int64)
+        where = f"a selection of {self.dataset.get('url')!r}"
+        ids = sample_ids(self.ids, where, num_samples=int(self.dataset.get("num_samples", 0)))
         n = len(ids)
         weights = np.asarray(self.weights, dtype=np.float32)
         scores = np.asarray(self.scores, dtype=np.float32)
@@ -80,7 +103,6 @@ class Selection:
             )
         if n and (np.any(np.diff(ids) <= 0)):
             raise SampleIdError("selection ids must be sorted and unique")
-        check_ids(ids, int(self.dataset.get("num_samples", 0)), f"a selection of {self.dataset.get('url')!r}")
         if not np.all(np.isfinite(weights)) or np.any(weights < 0):
             raise DatasetError("selection weights must be finite and >= 0")
         if self.suspects is not None:
@@ -104,7 +126,7 @@ class Selection:
     ) -> Selection:
         """A selector's picks of `dataset`, in any order, as a record sorted by id; weights 1 and
         scores NaN where the method gives none."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.asarray(ids)  # any dtype: the record refuses ids that are not integers
         order = np.argsort(ids)
         weights = np.ones(len(ids), dtype=np.float32) if weights is None else np.asarray(weights)
         scores = np.full(len(ids), np.nan, dtype=np.float32) if scores is None else np.asarray(scores)
@@ -156,18 +178,23 @@ class Selection:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Selection:
-        with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            if meta.get("version") not in READABLE_VERSIONS:
-                raise DatasetError(
-                    f"selection format version {meta.get('version')!r}; this nearstore reads {READABLE_VERSIONS}"
-                )
-            suspects = None
-            if "suspect_ids" in f:
-                suspects = Suspects(f["suspect_ids"], f["suspect_labels"], f["suspect_quality"])
-            meta["version"] = SELECTION_VERSION
-            return cls(ids=f["ids"], weights=f["weights"], scores=f["scores"], suspects=suspects, **meta)
+    def from_bytes(cls, data: bytes, *, where: str = "selection bytes") -> Selection:
+        """A selection from `to_bytes()`'s archive. Anything else (not an .npz archive, cut short,
+        damaged, an array or a header field missing or odd) is refused by a DatasetError naming
+        `where` and what is wrong; a record that breaks its own rules, by the error it raises."""
+        arrays = _archive(data, where)
+        fields = _header(arrays, where)
+        suspect_arrays = [f"suspect_{k}" for k in ("ids", "labels", "quality")] if "suspect_ids" in arrays else []
+        for name in ("ids", "weights", "scores", *suspect_arrays):
+            if name not in arrays or arrays[name].dtype.kind not in "biuf":
+                found = arrays[name].dtype if name in arrays else "none"
+                raise DatasetError(f"{where} is not a selection: array {name!r} of numbers missing (found {found})")
+        try:
+            suspects = Suspects(*(arrays[name] for name in suspect_arrays)) if suspect_arrays else None
+            columns = {name: arrays[name] for name in ("ids", "weights", "scores")}
+            return cls(**columns, **fields, suspects=suspects)
+        except NearstoreError as e:  # the record's own refusal, told where the record came from
+            raise type(e)(f"{where}: {e}") from e
 
     def save(self, url: str | Path) -> None:
         """Write to a local path or any fsspec URL (never inside the source dataset)."""
@@ -176,5 +203,43 @@ class Selection:
 
     @classmethod
     def load(cls, url: str | Path) -> Selection:
+        """Read a saved selection; a file that is not one is refused naming it (`from_bytes`)."""
         with fsspec.open(str(url), "rb") as f:
-            return cls.from_bytes(f.read())
+            data = f.read()
+        return cls.from_bytes(data, where=f"selection file {str(url)!r}")
+
+
+def _archive(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive, every member checked against its CRC; a DatasetError naming
+    `where` for bytes that are not one, are cut short or damaged."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise DatasetError(f"{where} is not a selection: not an .npz archive, or cut short ({len(data)} bytes)")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()  # numpy reads a member without checking its CRC
+        if damaged is None:
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                return {name: f[name] for name in f.files}
+    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        raise DatasetError(f"{where} is damaged: {type(e).__name__}: {e}") from e
+    raise DatasetError(f"{where} is damaged: member {damaged!r} fails its CRC check")
+
+
+def _header(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
+    """The record's fields from the archive's JSON header, each there and of its type (META_FIELDS)."""
+    try:
+        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where} is damaged: its header is not JSON ({e})") from e
+    if not isinstance(meta, dict):
+        found = "missing" if meta is None else f"a JSON {type(meta).__name__}"
+        raise DatasetError(f"{where} is not a selection: its header ('meta', a JSON object) is {found}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise DatasetError(
+            f"{where}: selection format version {meta.get('version')!r}; this nearstore reads {READABLE_VERSIONS}"
+        )
+    for name, kind in META_FIELDS.items():
+        value = meta.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DatasetError(f"{where} is not a selection: header field {name!r} is {value!r}, not {kind.__name__}")
+    return {name: meta[name] for name in META_FIELDS}

@@ -94,3 +94,59 @@ def test_suspects_travel_with_the_selection_and_version_1_files_still_read(id_st
     assert Selection.from_bytes(buffer.getvalue()).ids.tolist() == [3]
     with pytest.raises(SampleIdError, match="out of range"):
         dataclasses.replace(selection, suspects=Suspects(ids=[2500], labels=[0], quality=[0.1]))
+
+
+def test_ids_that_are_not_integers_are_refused_not_truncated(id_store):
+    # Integral floats too: ids that went through floats went through something that did not keep them.
+    for ids in (np.array([1.0, 2.0]), np.array([1.5, 2.5]), np.array([True, False])):
+        with pytest.raises(SampleIdError, match=f"sample ids in a selection of .* must be integers, got {ids.dtype}"):
+            make(id_store, ids)
+    with pytest.raises(SampleIdError, match="must be integers, got float64"):
+        Selection.of(id_store, np.array([3.7, 1.2]), method="test", params={}, io={})
+    with pytest.raises(SampleIdError, match="suspects must be integers"):
+        Suspects(ids=[0.5], labels=[0], quality=[0.1])
+    assert make(id_store, np.array([], dtype=np.float64)).ids.dtype == np.int64  # empty: no id to doubt
+
+
+def _archive_with(selection: Selection, *, header: bool = True, **changes) -> bytes:
+    """`selection`'s file with arrays or header fields replaced (None: left out), or no header."""
+    with np.load(io.BytesIO(selection.to_bytes())) as f:
+        arrays = {name: f[name] for name in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    for name, value in changes.items():
+        target = arrays if name in arrays or isinstance(value, np.ndarray) else meta
+        if value is None:
+            target.pop(name)
+        else:
+            target[name] = value
+    if header:
+        arrays["meta"] = json.dumps(meta)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_a_damaged_or_foreign_file_is_refused_naming_it(id_store, tmp_path):
+    selection = make(id_store, np.arange(0, 2500, 3))
+    whole = selection.to_bytes()
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF  # inside a compressed member
+    cases = {
+        "junk": (np.random.default_rng(0).bytes(300), "not an .npz archive, or cut short"),
+        "text": (b"hello\n", "not an .npz archive, or cut short"),
+        "truncated": (whole[: len(whole) // 2], "not an .npz archive, or cut short"),
+        "flipped": (bytes(flipped), "is damaged"),
+        "no-header": (_archive_with(selection, header=False), r"header \('meta', a JSON object\) is missing"),
+        "no-ids": (_archive_with(selection, ids=None), "array 'ids' of numbers missing"),
+        "text-ids": (_archive_with(selection, ids=np.array(["a"])), "array 'ids' of numbers missing"),
+        "no-method": (_archive_with(selection, method=None), "header field 'method' is None, not str"),
+        "odd-dataset": (_archive_with(selection, dataset=[1]), r"header field 'dataset' is \[1\], not dict"),
+        "bool-round": (_archive_with(selection, round=True), "header field 'round' is True, not int"),
+        "float-ids": (_archive_with(selection, ids=np.array([1.0, 2.0])), "must be integers, got float64"),
+        "unsorted": (_archive_with(selection, ids=np.array([2, 1]), weights=np.ones(2), scores=np.ones(2)), "sorted"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(data)
+        with pytest.raises(NearstoreError, match=f"selection file '.*{name}.npz'.*{message}"):
+            Selection.load(path)
