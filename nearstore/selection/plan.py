@@ -5,16 +5,18 @@ into and each window's share of the budget, the pools a round scores, the random
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 from nearstore.errors import ParameterError
-from nearstore.storage.dataset import check_ids
+from nearstore.selection.record import sample_ids
 
 
 def check_keep(keep: float) -> None:
-    if not 0 < keep <= 1:
-        raise ParameterError(f"keep must be in (0, 1], got {keep}")
+    """keep is a fraction of the samples, in (0, 1]: a number, not a bool or a string."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
+        raise ParameterError(f"keep must be in (0, 1], got {keep!r}")
 
 
 def class_budget(size: int, keep: float) -> int:
@@ -86,9 +88,7 @@ def class_pools(
         raise ParameterError(f"pool must be >= 1 (a multiple of the budget), got {pool}")
     carried = np.zeros(len(labels), dtype=bool)
     if previous is not None:
-        previous = np.asarray(previous)
-        check_ids(previous, len(labels), where, what="previous id")
-        carried[previous] = True
+        carried[sample_ids(previous, where, num_samples=len(labels), what="previous id")] = True
     rng = np.random.default_rng(seed)
     budgets = class_budgets(class_sizes(labels), keep, power)
     pools = {}

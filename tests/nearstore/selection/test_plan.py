@@ -155,9 +155,11 @@ def test_class_balanced_draws_keep_each_class_budget(labels, keep, seed):
 
 
 def test_bad_plans_are_named():
-    for keep in (0, -0.1, 1.5, float("nan")):
-        with pytest.raises(ParameterError, match="keep must be in"):
+    for keep in (0, -0.1, 1.5, float("nan"), "a", True, None, [0.5]):
+        with pytest.raises(ParameterError, match=r"keep must be in \(0, 1\], got "):
             check_keep(keep)
+    with pytest.raises(SampleIdError, match="previous ids in 'd.zarr' must be integers, got float64"):
+        class_pools(np.zeros(5, int), 0.5, 2, 0, previous=np.array([1.0, 2.0]), where="'d.zarr'")
     with pytest.raises(ParameterError, match="pool must be >= 1"):
         class_pools(np.zeros(5, int), 0.5, 0.5, 0)
     with pytest.raises(SampleIdError, match=r"previous id 5 out of range \[0, 5\) in 'd.zarr'"):
