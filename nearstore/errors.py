@@ -30,11 +30,21 @@ class SampleError(NearstoreError, ValueError):
     that its decoder refuses. The message names the sample id, its array and its shard."""
 
 
+class IntegrityError(DatasetError):
+    """Stored bytes that are not what was written: a shard object missing, empty, cut short or
+    changed, a checksum that does not match. The message names the dataset, the array, the shard
+    object and the sample ids it holds; `ids` has those ids where they are known."""
+
+    def __init__(self, message: str, ids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ids = ids
+
+
 class RequestError(NearstoreError, ValueError):
     """A request a server refuses: malformed, too large, or for a round it does not hold."""
 
 
 ERRORS: dict[str, type[NearstoreError]] = {
     cls.__name__: cls
-    for cls in (NearstoreError, ParameterError, DatasetError, SampleIdError, SampleError, RequestError)
+    for cls in (NearstoreError, ParameterError, DatasetError, SampleIdError, SampleError, IntegrityError, RequestError)
 }

@@ -4,15 +4,19 @@ Layout (any zarr/xarray/dask user can open it)::
 
     ds.zarr/
       zarr.json            group attributes: {"nearstore": {format_version, num_samples,
-                           sample_arrays, label_array, class_names}}
+                           sample_arrays, label_array, class_names, fingerprint, shards}}
       x/                   (N, ...) any fixed-size dtype; shards of `shard_samples` samples,
                            inner chunks of one sample, so one sample is one byte range
       y/                   (N,) integer labels
       image/               or (N,) encoded samples (JPEG, PNG, ... bytes as they were encoded) of
                            any length: zarr's variable-length bytes dtype, one sample an inner chunk
 
+Every inner chunk ends in its crc32c (zarr's crc32c codec inside the sharding codec), and the
+attributes record every shard object's size and the digest of the samples it holds (`Manifest`),
+so a missing, empty, short or changed shard is an `IntegrityError`, never samples of fill values.
 The attributes are written last (`nearstore.storage.writer`): a store whose writer died half-way
 has none and is refused by `open_dataset`, so a partial store is never mistaken for a whole one.
+Stores of format 1 (no checksums, no manifest) still open, with a warning saying how to rewrite them.
 """
 
 from __future__ import annotations
@@ -31,8 +35,53 @@ import zarr.errors
 
 from nearstore.errors import DatasetError, ParameterError, SampleIdError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1: no checksums and no manifest; read as before, with a warning.
+UNCHECKED_FORMAT = 1
 ATTRS_KEY = "nearstore"
+
+
+class UncheckedStoreWarning(UserWarning):
+    """A store written before checksums (format 1): damage in it cannot be told from data."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the writer recorded of every shard object, array by array: its size in bytes and a
+    digest of the samples it holds (`nearstore.storage.integrity.content_digest`); and the
+    dataset's fingerprint, a digest of all of them: two stores of the same shapes but other
+    samples have other fingerprints."""
+
+    fingerprint: str
+    nbytes: dict[str, tuple[int, ...]]
+    digests: dict[str, tuple[str, ...]]
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "shards": {
+                name: {"nbytes": list(self.nbytes[name]), "digests": list(self.digests[name])} for name in self.nbytes
+            },
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], shards: Mapping[str, int], url: str) -> Manifest:
+        """The manifest in a store's attributes; `shards` is how many shard objects each array has."""
+        try:
+            recorded = attrs["shards"]
+            nbytes = {name: tuple(int(n) for n in recorded[name]["nbytes"]) for name in shards}
+            digests = {name: tuple(str(d) for d in recorded[name]["digests"]) for name in shards}
+            fingerprint = str(attrs["fingerprint"])
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+            raise DatasetError(f"{url!r}: the shard manifest in its attributes is damaged ({problem})") from None
+        for name, count in shards.items():
+            if len(nbytes[name]) != count or len(digests[name]) != count:
+                raise DatasetError(
+                    f"{url!r}: the manifest records {len(nbytes[name])} shard objects of array {name!r}, "
+                    f"which has {count}"
+                )
+        return cls(fingerprint, nbytes, digests)
 
 
 @dataclass(frozen=True)
@@ -48,6 +97,7 @@ class Dataset:
     class_names: tuple[str, ...]
     format_version: int
     arrays: dict[str, zarr.Array] = field(repr=False)
+    manifest: Manifest | None = field(default=None, repr=False)  # None: format 1, unchecked
     # What readers learn of the store, which is read-only, kept for every later reader of this
     # opened dataset: shard indexes and all labels (nearstore.storage.reader).
     # Re-selection rounds then re-read neither.
@@ -79,6 +129,10 @@ class Dataset:
     def num_shards(self) -> int:
         return math.ceil(self.num_samples / self.shard_samples)
 
+    def array_shards(self, name: str) -> int:
+        """How many shard objects array `name` has."""
+        return math.ceil(self.num_samples / self.arrays[name].shards[0])
+
     def encoded(self, name: str) -> bool:
         """Whether array `name` holds encoded samples (bytes of any length) rather than fixed-size ones."""
         return self.arrays[name].dtype == object
@@ -104,6 +158,7 @@ class Dataset:
             "format_version": self.format_version,
             "num_samples": self.num_samples,
             "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.arrays.items()},
+            "fingerprint": self.manifest.fingerprint if self.manifest else None,
         }
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -120,19 +175,17 @@ class Dataset:
 
     def shard_path(self, name: str, shard: int, root: str | None = None) -> str:
         """Path of shard `shard` of array `name` in the filesystem (root: from `filesystem()`)."""
-        array = self.arrays[name]
-        key = array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))
-        return f"{self.filesystem()[1] if root is None else root}/{array.path}/{key}"
+        return f"{self.filesystem()[1] if root is None else root}/{shard_key(self.arrays[name], shard)}"
 
     def stored_nbytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of the named arrays' shards (default: all arrays) in storage, metadata excluded:
-        what reading every sample costs. Asks the size of each shard object (no listing needed)."""
+        what reading every sample costs. From the manifest; a format-1 store is asked the size
+        of each shard object."""
+        names = list(names or self.arrays)
+        if self.manifest is not None:
+            return sum(sum(self.manifest.nbytes[name]) for name in names)
         fs, root = self.filesystem()
-        paths = [
-            self.shard_path(name, shard, root)
-            for name in (names or self.arrays)
-            for shard in range(math.ceil(self.num_samples / self.arrays[name].shards[0]))
-        ]
+        paths = [self.shard_path(name, shard, root) for name in names for shard in range(self.array_shards(name))]
         return sum(_size_or_zero(fs, path) for path in paths)
 
 
@@ -146,8 +199,14 @@ def encoded_bytes() -> Iterator[None]:
 
 
 def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
-    """A `Dataset.identity()` without its URL: what must match for ids to name the same samples."""
-    return {k: v for k, v in identity.items() if k != "url"}
+    """A `Dataset.identity()` without its URL: what must match for ids to name the same samples
+    (an identity recorded before fingerprints has none, as a format-1 store)."""
+    return {"fingerprint": None, **{k: v for k, v in identity.items() if k != "url"}}
+
+
+def shard_key(array: zarr.Array, shard: int) -> str:
+    """Path of shard `shard` of `array` relative to the store's root."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))}"
 
 
 def check_ids(ids: np.ndarray, num_samples: int, where: str, *, what: str = "sample id") -> None:
@@ -182,8 +241,10 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
             "an interrupted write leaves none); write it with nearstore.write_dataset or `nearstore convert`"
         )
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DatasetError(f"{url!r} has format_version {version!r}; this nearstore reads {FORMAT_VERSION}")
+    if version not in (UNCHECKED_FORMAT, FORMAT_VERSION):
+        raise DatasetError(
+            f"{url!r} has format_version {version!r}; this nearstore reads {UNCHECKED_FORMAT} and {FORMAT_VERSION}"
+        )
     names = tuple(attrs["sample_arrays"])
     label_array = attrs.get("label_array")
     num_samples = int(attrs["num_samples"])
@@ -201,6 +262,17 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         arrays[name] = array
     if label_array is not None and label_array not in arrays:
         raise DatasetError(f"{url!r}: label array {label_array!r} is not among the sample arrays {names}")
+    manifest = None
+    if version == FORMAT_VERSION:
+        shards = {name: math.ceil(num_samples / (a.shards or a.chunks)[0]) for name, a in arrays.items()}
+        manifest = Manifest.from_attrs(attrs, shards, url)
+    else:
+        warnings.warn(
+            f"{url!r} was written without checksums (nearstore format {version}): a missing or damaged shard "
+            f"cannot be told from data. Rewrite it: nearstore convert {url} NEW_URL",
+            UncheckedStoreWarning,
+            stacklevel=2,
+        )
     return Dataset(
         url=url,
         storage_options=storage_options,
@@ -211,4 +283,5 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         class_names=tuple(attrs.get("class_names") or ()),
         format_version=version,
         arrays=arrays,
+        manifest=manifest,
     )

@@ -3,7 +3,9 @@
 zarr reads one inner chunk per request, re-reads the shard index for every read, and spends
 ~85 µs of Python per chunk. Here a read maps sample ids to byte ranges through cached shard
 indexes, merges nearby ranges (`coalesce_ranges`), fetches all of them in one concurrent fsspec
-call, and decodes with the array's own codecs. The answer always equals `zarr_array[ids]`.
+call, and decodes with the array's own codecs. The answer always equals `zarr_array[ids]`, or is
+an `IntegrityError`: every fetched range must have the length asked for within the object size the
+manifest records, every index and inner chunk its checksum, and no shard object may be missing.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, ShardingCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import MAX_UINT_64, ShardingCodecIndexLocation
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.codec_pipeline import codecs_from_list
 from zarr.core.dtype import UInt64
 
-from nearstore.errors import DatasetError
+from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.dataset import Dataset, check_ids
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import TRAINING_READS, Coalescing, coalesce_ranges
@@ -109,13 +112,14 @@ class SelectiveReader:
             wanted += zip([plan] * len(missing), missing.tolist(), plan.complete(missing).tolist())
         if not wanted:
             return
-        ranges = [plan.layout.index_range(whole) for plan, _, whole in wanted]
-        blobs = self._cat(
-            [plan.layout.shard_path(shard) for plan, shard, _ in wanted], [r[0] for r in ranges], [r[1] for r in ranges]
-        )
+        ranges = [plan.layout.index_range(shard, whole) for plan, shard, whole in wanted]
+        blobs = self._cat([(plan, shard) for plan, shard, _ in wanted], [r[0] for r in ranges], [r[1] for r in ranges])
         for (plan, shard, whole), blob in zip(wanted, blobs):
             name = plan.layout.name
-            self._index[name][shard] = plan.layout.parse_index(blob, whole)
+            try:
+                self._index[name][shard] = plan.layout.parse_index(blob, whole, shard)
+            except _Damaged as e:
+                raise plan.damage(shard, str(e)) from None
             self._indexed[name][shard] = True
             if whole:
                 rows = np.flatnonzero(plan.shard_of_chunk == shard)
@@ -124,7 +128,7 @@ class SelectiveReader:
     def _fetch_chunks(self, plans: list[_ReadPlan]) -> None:
         """Fetch the coalesced byte runs of every stored chunk not in hand yet, in one call."""
         planned: list[tuple[_ReadPlan, np.ndarray, np.ndarray, np.ndarray]] = []
-        paths: list[str] = []
+        owners: list[tuple[_ReadPlan, int]] = []
         starts: list[int] = []
         ends: list[int] = []
         for plan in plans:
@@ -143,31 +147,47 @@ class SelectiveReader:
             run_shards = np.empty(len(run_starts), dtype=np.int64)
             run_shards[run_of] = shards
             planned.append((plan, run_starts, todo, run_of))
-            paths += [plan.layout.shard_path(shard) for shard in run_shards.tolist()]
+            owners += [(plan, shard) for shard in run_shards.tolist()]
             starts += run_starts.tolist()
             ends += run_ends.tolist()
-        blobs = self._cat(paths, starts, ends) if paths else []
+        blobs = self._cat(owners, starts, ends) if owners else []
         for plan, run_starts, todo, run_of in planned:
             plan.add_pieces(run_starts.tolist(), blobs[: len(run_starts)], todo, run_of)
             blobs = blobs[len(run_starts) :]
 
-    def _cat(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes]:
-        """Fetch byte ranges, concurrently where the filesystem is async; count them.
+    def _cat(
+        self, owners: list[tuple[_ReadPlan, int]], starts: list[int | None], ends: list[int | None]
+    ) -> list[bytes]:
+        """Fetch byte ranges of the shard objects of (plan, shard) `owners`, concurrently where the
+        filesystem is async; count them; check each has the length asked for.
 
         A range is [start, end) with None for an open end and a negative start counted from the
-        end of the object. A missing object reads as empty: zarr deletes a shard whose chunks
-        all equal the fill value.
+        end of the object (format 1 only: the manifest gives every object's size). In a format-1
+        store a missing object reads as empty: its zarr deleted shards of fill values only.
         """
+        paths = [plan.layout.shard_path(shard) for plan, shard in owners]
         if self.fs.async_impl:
             blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
         else:
             blobs = self._cat_sync(paths, starts, ends)
-        for path, blob in zip(paths, blobs):
-            if isinstance(blob, BaseException) and not isinstance(blob, FileNotFoundError):
-                raise OSError(f"reading {path!r} of {self.dataset.url!r} failed: {blob}") from blob
-        data = [b"" if isinstance(b, FileNotFoundError) else b for b in blobs]
-        self.stats.add(bytes=sum(len(b) for b in data), requests=len(paths))
-        return data
+        self.stats.add(
+            bytes=sum(len(b) for b in blobs if isinstance(b, bytes)),
+            requests=len(paths),
+        )
+        checked = self.dataset.manifest is not None
+        for k, ((plan, shard), blob) in enumerate(zip(owners, blobs)):
+            if isinstance(blob, FileNotFoundError):
+                if checked:
+                    raise plan.damage(shard, "is missing")
+                blobs[k] = b""
+            elif isinstance(blob, BaseException):
+                raise OSError(f"reading {paths[k]!r} of {self.dataset.url!r} failed: {blob}") from blob
+            else:
+                expected = _range_nbytes(starts[k], ends[k])
+                if expected is not None and len(blob) != expected:
+                    problem = f"is cut short: {len(blob)} of the {expected} bytes asked for at {starts[k]}"
+                    raise plan.damage(shard, problem)
+        return blobs
 
     def _cat_sync(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
         """Ranges of a blocking filesystem: each object opened once (fsspec opens it per range)."""
@@ -183,7 +203,7 @@ class SelectiveReader:
                         f.seek(start, 0 if start >= 0 else 2)
                         # a tell() per range is 1/4 of the Python calls of a read of many small ranges
                         blobs[i] = f.read() if end is None else f.read(end - (start if start >= 0 else f.tell()))
-            except FileNotFoundError as e:
+            except OSError as e:  # missing, or a seek before the start of an object cut short
                 for i in members:
                     blobs[i] = e
         return blobs
@@ -220,6 +240,21 @@ class _ReadPlan:
         self.piece_starts: list[int] = []
         self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
 
+    def damage(self, shard: int, problem: str, chunk_rows: np.ndarray | None = None) -> IntegrityError:
+        """An IntegrityError naming shard object `shard` and `problem`, with the ids this read
+        wanted from it (or from its chunks `chunk_rows`)."""
+        wanted = self.shard_of_chunk[self.inverse] == shard if chunk_rows is None else np.isin(self.inverse, chunk_rows)
+        ids = tuple(sorted(set(self.ids[wanted].tolist())))
+        lay = self.layout
+        first = shard * lay.shard_samples
+        last = min(first + lay.shard_samples, lay.array.shape[0]) - 1
+        shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} ids)" if len(ids) > 8 else "")
+        return IntegrityError(
+            f"{lay.dataset.url!r}, array {lay.name!r}: shard object {lay.shard_path(shard)!r} (samples "
+            f"{first}..{last}) {problem}; this read wanted samples {shown} from it",
+            ids,
+        )
+
     def complete(self, shards: np.ndarray) -> np.ndarray:
         """For each shard, whether this read wants every chunk of it."""
         first = shards * self.layout.chunks_per_shard
@@ -251,15 +286,34 @@ class _ReadPlan:
         piece = self.piece_of_chunk[rows]
         positions = self.offsets[rows] - np.asarray(self.piece_starts)[piece] + blob_at[piece]
         lengths = self.lengths[rows]
-        raw = self.layout.raw_dtype
-        if raw is not None and np.all(lengths == self.layout.chunk_nbytes):
+        lay = self.layout
+        if lay.raw_dtype is not None and np.all(lengths == lay.stored_chunk_nbytes):
             # Stored raw: gather every chunk's bytes in one numpy step instead of a call each.
-            gathered = np.frombuffer(blob, dtype=np.uint8)[positions[:, None] + np.arange(self.layout.chunk_nbytes)]
-            self.decoded[rows] = gathered.view(raw).reshape(len(rows), *self.layout.chunk_shape)
+            gathered = np.frombuffer(blob, dtype=np.uint8)[positions[:, None] + np.arange(lay.stored_chunk_nbytes)]
+            if lay.checksummed:
+                self._check_sums(rows, gathered)
+                gathered = np.ascontiguousarray(gathered[:, : lay.chunk_nbytes])
+            self.decoded[rows] = gathered.view(lay.raw_dtype).reshape(len(rows), *lay.chunk_shape)
             return
         view = memoryview(blob)
         for row, at, length in zip(rows.tolist(), positions.tolist(), lengths.tolist()):
-            self.decoded[row] = self.layout.decode(view[at : at + length])
+            try:
+                self.decoded[row] = lay.decode(view[at : at + length])
+            except Exception as e:  # a checksum that fails, or bytes no codec can decode (format 1)
+                shard = int(self.shard_of_chunk[row])
+                raise self.damage(shard, f"holds a damaged sample ({e})", np.array([row])) from e
+
+    def _check_sums(self, rows: np.ndarray, gathered: np.ndarray) -> None:
+        """Each gathered chunk's crc32c (its last 4 bytes, little-endian) against its payload's."""
+        stored = np.ascontiguousarray(gathered[:, -4:]).view("<u4").ravel()
+        computed = np.fromiter(
+            (google_crc32c.value(chunk) for chunk in gathered[:, :-4]), dtype=np.uint32, count=len(gathered)
+        )
+        bad = rows[stored != computed]
+        if len(bad):
+            shard = int(self.shard_of_chunk[bad[0]])
+            bad = bad[self.shard_of_chunk[bad] == shard]
+            raise self.damage(shard, f"holds {len(bad)} damaged samples (crc32c does not match)", bad)
 
     def assemble(self) -> np.ndarray:
         return self.decoded[self.inverse, self.ids % self.layout.chunk_samples]
@@ -287,6 +341,8 @@ class _ArrayLayout:
     decode_index: _Decode
     raw_dtype: np.dtype | None
     chunk_nbytes: int
+    checksummed: bool  # inner chunks end in their crc32c
+    nbytes: tuple[int, ...] | None  # each shard object's size, from the manifest (None: format 1)
     paths: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -331,6 +387,8 @@ class _ArrayLayout:
             decode_index=_sync_decoder(sharding.index_codecs, index_spec, array.path),
             raw_dtype=_raw_dtype(sharding.codecs, array.dtype),
             chunk_nbytes=array.dtype.itemsize * math.prod(chunk_shape),
+            checksummed=isinstance(sharding.codecs[-1], Crc32cCodec),
+            nbytes=dataset.manifest.nbytes[name] if dataset.manifest else None,
         )
 
     def shard_path(self, shard: int) -> str:
@@ -339,18 +397,54 @@ class _ArrayLayout:
             path = self.paths[shard] = self.dataset.shard_path(self.name, shard, self.root)
         return path
 
-    def index_range(self, whole: bool) -> tuple[int | None, int | None]:
-        if whole:
-            return None, None
-        return (0, self.index_nbytes) if self.index_at_start else (-self.index_nbytes, None)
+    @property
+    def stored_chunk_nbytes(self) -> int:
+        """Bytes of a raw inner chunk as stored, its checksum included."""
+        return self.chunk_nbytes + 4 * self.checksummed
 
-    def parse_index(self, blob: bytes, whole: bool) -> np.ndarray:
-        """(chunks_per_shard, 2) uint64 (offset, nbytes) rows; all MAX_UINT_64 for a missing shard."""
+    def index_range(self, shard: int, whole: bool) -> tuple[int | None, int | None]:
+        """The byte range of shard `shard` that holds its index (the whole object if `whole`)."""
+        size = None if self.nbytes is None else self.nbytes[shard]
+        if whole:
+            return (None, None) if size is None else (0, size)
+        if self.index_at_start:
+            return 0, self.index_nbytes
+        return (-self.index_nbytes, None) if size is None else (size - self.index_nbytes, size)
+
+    def parse_index(self, blob: bytes, whole: bool, shard: int) -> np.ndarray:
+        """(chunks_per_shard, 2) uint64 (offset, nbytes) rows, checked: every chunk within the
+        object, and (format 2) every sample of the shard stored. All MAX_UINT_64 for a missing
+        shard of a format-1 store. Raises _Damaged saying what is wrong."""
         if not blob:
             return np.full((self.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64)
+        size = len(blob) if whole else (None if self.nbytes is None else self.nbytes[shard])
         if whole:
             blob = blob[: self.index_nbytes] if self.index_at_start else blob[-self.index_nbytes :]
-        return self.decode_index(blob).reshape(self.chunks_per_shard, 2)
+        try:
+            index = self.decode_index(blob).reshape(self.chunks_per_shard, 2)
+        except Exception as e:
+            raise _Damaged(f"has a damaged index ({e})") from None
+        stored = index[:, 0] != MAX_UINT_64
+        if size is not None and np.any(index[stored, 0] + index[stored, 1] > size):
+            raise _Damaged(f"has an index pointing past its {size} bytes")
+        present = min(self.chunks_per_shard, self.num_chunks - shard * self.chunks_per_shard)
+        if self.nbytes is not None and not stored[:present].all():
+            missing = int(np.flatnonzero(~stored[:present])[0])
+            raise _Damaged(f"has an index without inner chunk {missing}, which the writer stored")
+        return index
+
+
+class _Damaged(Exception):
+    """What is wrong with a shard object, before the read that found it names the samples."""
+
+
+def _range_nbytes(start: int | None, end: int | None) -> int | None:
+    """How many bytes the range [start, end) holds, where that is known without the object's size."""
+    if start is not None and end is not None:
+        return end - start
+    if start is not None and start < 0 and end is None:
+        return -start
+    return None
 
 
 def _spec(shape: tuple[int, ...], dtype, fill_value) -> ArraySpec:
@@ -364,7 +458,10 @@ def _spec(shape: tuple[int, ...], dtype, fill_value) -> ArraySpec:
 
 
 def _raw_dtype(codecs, dtype: np.dtype) -> np.dtype | None:
-    """The dtype, byte order included, of chunks stored raw (bytes codec alone); else None."""
+    """The dtype, byte order included, of chunks stored raw (the bytes codec, then perhaps a
+    crc32c); else None."""
+    if codecs and isinstance(codecs[-1], Crc32cCodec):
+        codecs = codecs[:-1]
     if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
         return None
     endian = codecs[0].endian

@@ -1,12 +1,15 @@
 """Writing a nearstore dataset: batches streamed into shards, one shard in memory at a time.
 
 Every array is written with the sharding codec, `shard_samples` samples a shard and one sample an
-inner chunk, so one sample is one byte range; the group attributes go last (`open_dataset`
-refuses a store without them).
+inner chunk, so one sample is one byte range, each inner chunk ending in its crc32c; every shard
+object is written, fill values or not, and its size and samples' digest recorded. The group
+attributes, with that manifest, go last (`open_dataset` refuses a store without them). Replacing
+a store writes the new one beside it and swaps it in only when whole.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,11 +18,20 @@ import numcodecs
 import numpy as np
 import zarr
 from tqdm.auto import tqdm
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.dtype import VariableLengthBytes
 
 from nearstore.errors import DatasetError, ParameterError
-from nearstore.storage.dataset import ATTRS_KEY, FORMAT_VERSION, Dataset, encoded_bytes, open_dataset
+from nearstore.storage.dataset import (
+    ATTRS_KEY,
+    FORMAT_VERSION,
+    Dataset,
+    Manifest,
+    encoded_bytes,
+    open_dataset,
+    shard_key,
+)
+from nearstore.storage.integrity import content_digest, fingerprint
 
 DEFAULT_SHARD_SAMPLES = 1024
 # zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
@@ -53,11 +65,53 @@ def write_dataset(
         raise ParameterError(f"shard_samples must be >= 1, got {shard_samples}")
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
-    if fs.exists(root) and not overwrite:
+    replacing = fs.exists(root)
+    if replacing and not overwrite:
         raise FileExistsError(f"{url!r} already exists; pass overwrite=True to replace it")
-    group = zarr.open_group(url, mode="w", storage_options=storage_options or None)
+    # The old store stays whole until the new one is: written beside it, then swapped in.
+    suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""
+    target = root + suffix
+    try:
+        _write(
+            zarr.open_group(url.rstrip("/") + suffix, mode="w", storage_options=storage_options or None),
+            fs,
+            target,
+            batches,
+            label_array,
+            class_names,
+            num_samples,
+            shard_samples,
+            zstd_level,
+            progress,
+            url,
+        )
+    except BaseException:
+        if replacing:
+            fs.rm(target, recursive=True)
+        raise
+    if replacing:
+        old = f"{root}.replaced-{uuid.uuid4().hex[:8]}"
+        fs.mv(root, old, recursive=True)
+        fs.mv(target, root, recursive=True)
+        fs.rm(old, recursive=True)
+    return open_dataset(url, storage_options=storage_options)
 
-    writer = _ShardWriter(group, shard_samples, zstd_level, label_array)
+
+def _write(
+    group: zarr.Group,
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    label_array: str | None,
+    class_names: Iterable[str] | None,
+    num_samples: int | None,
+    shard_samples: int,
+    zstd_level: int,
+    progress: bool,
+    url: str,
+) -> None:
+    """Write the store into `group`, which is at `root` of `fs`; `url` names it in messages."""
+    writer = _ShardWriter(group, fs, root, shard_samples, zstd_level, label_array)
     with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
@@ -68,16 +122,25 @@ def write_dataset(
         raise DatasetError(f"no samples were given to write to {url!r}")
     if num_samples is not None and writer.num_samples != num_samples:
         raise DatasetError(f"expected {num_samples} samples for {url!r}, got {writer.num_samples}")
-    if label_array is not None and class_names is None:
-        class_names = [str(c) for c in range(writer.max_label + 1)]
+    if label_array is not None:
+        if class_names is None:
+            class_names = [str(c) for c in range(writer.max_label + 1)]
+        class_names = list(class_names)
+        if len(class_names) <= writer.max_label:
+            raise DatasetError(f"{len(class_names)} class names for {url!r}, whose labels go up to {writer.max_label}")
+    manifest = Manifest(
+        fingerprint(writer.digests.items()),
+        {name: tuple(n) for name, n in writer.nbytes.items()},
+        {name: tuple(d) for name, d in writer.digests.items()},
+    )
     group.attrs[ATTRS_KEY] = {
         "format_version": FORMAT_VERSION,
         "num_samples": writer.num_samples,
         "sample_arrays": list(writer.names),
         "label_array": label_array,
         "class_names": list(class_names or ()),
+        **manifest.to_attrs(),
     }
-    return open_dataset(url, storage_options=storage_options)
 
 
 def _zstd_saves(samples: np.ndarray, level: int) -> bool:
@@ -95,8 +158,17 @@ def _zstd_saves(samples: np.ndarray, level: int) -> bool:
 class _ShardWriter:
     """Buffers samples until a whole shard is ready, so zarr writes every shard exactly once."""
 
-    def __init__(self, group: zarr.Group, shard_samples: int, zstd_level: int, label_array: str | None):
-        self.group, self.shard_samples, self.zstd_level = group, shard_samples, zstd_level
+    def __init__(
+        self,
+        group: zarr.Group,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        shard_samples: int,
+        zstd_level: int,
+        label_array: str | None,
+    ):
+        self.group, self.fs, self.root = group, fs, root
+        self.shard_samples, self.zstd_level = shard_samples, zstd_level
         self.label_array = label_array
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
@@ -104,6 +176,9 @@ class _ShardWriter:
         self.num_pending = 0
         self.num_samples = 0
         self.max_label = -1
+        # The manifest, shard by shard: each object's size and its samples' digest.
+        self.nbytes: dict[str, list[int]] = {}
+        self.digests: dict[str, list[str]] = {}
 
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
         batch = {name: np.asarray(v) for name, v in batch.items()}
@@ -140,10 +215,14 @@ class _ShardWriter:
                 dtype=VariableLengthBytes() if encoded else values.dtype,
                 chunks=(1, *sample_shape),
                 shards=(self.shard_samples, *sample_shape),
-                compressors=ZstdCodec(level=self.zstd_level) if compress else None,
+                # the checksum last: it covers the bytes as stored, and is checked before zstd decodes
+                compressors=[ZstdCodec(level=self.zstd_level), Crc32cCodec()] if compress else [Crc32cCodec()],
                 fill_value=b"" if encoded else 0,
+                # every shard object exists, so a missing one is damage, not a shard of fill values
+                config={"write_empty_chunks": True},
             )
             self.pending[name] = []
+            self.nbytes[name], self.digests[name] = [], []
 
     def _check(self, batch: Mapping[str, np.ndarray]) -> None:
         if tuple(batch) != self.names:
@@ -193,5 +272,8 @@ class _ShardWriter:
             array.resize((stop, *array.shape[1:]))
             array[start:stop] = values[:n]
             self.pending[name] = [values[n:]]
+            shard = start // self.shard_samples
+            self.nbytes[name].append(self.fs.size(f"{self.root}/{shard_key(array, shard)}"))
+            self.digests[name].append(content_digest(values[:n]))
         self.num_pending -= n
         self.num_samples = stop

@@ -14,7 +14,7 @@ def test_store_is_sharded_zarr_with_one_sample_per_inner_chunk(id_store, id_data
     np.testing.assert_array_equal(x[:], id_data["x"])
     np.testing.assert_array_equal(group["y"][:], id_data["y"])
     attrs = group.attrs["nearstore"]
-    assert attrs["format_version"] == 1 and attrs["num_samples"] == 2500
+    assert attrs["format_version"] == 2 and attrs["num_samples"] == 2500
     assert attrs["sample_arrays"] == ["x", "y"] and attrs["label_array"] == "y"
     assert attrs["class_names"] == ["0", "1", "2", "3", "4"]
 
@@ -27,9 +27,9 @@ def test_zstd_is_used_only_where_it_saves_bytes(tmp_path):
         "y": np.arange(100) % 2,  # 8 bytes: a zstd frame alone is larger
     }
     ds = write_dataset(str(tmp_path / "c.zarr"), [batch])
-    compressors = {name: ds.arrays[name].compressors for name in batch}
-    assert compressors["noise"] == () and compressors["y"] == ()
-    assert [c.to_dict()["name"] for c in compressors["image"]] == ["zstd"]
+    compressors = {name: [c.to_dict()["name"] for c in ds.arrays[name].compressors] for name in batch}
+    # every inner chunk ends in its checksum, compressed or not
+    assert compressors == {"noise": ["crc32c"], "y": ["crc32c"], "image": ["zstd", "crc32c"]}
     for name, values in batch.items():
         np.testing.assert_array_equal(ds.arrays[name][:], values)
 
@@ -164,10 +164,10 @@ def test_encoded_samples_that_compress_are_compressed(tmp_path):
         str(tmp_path / "e.zarr"), [{"text": encoded(text), "noise": encoded(noise)}], label_array=None
     )
     assert dataset.stored_nbytes(["text"]) < 0.2 * sum(map(len, text))
-    # stored raw: each sample's bytes and its 8-byte vlen header (but for the empty one, which is
-    # the fill value and not written), the shard's index (16 bytes a sample of the shard, written
+    # stored raw: each sample's bytes, its 8-byte vlen header and 4-byte checksum (the empty one
+    # too, though it is the fill value), the shard's index (16 bytes a sample of the shard, written
     # or not) and its 4-byte checksum
-    assert dataset.stored_nbytes(["noise"]) == sum(map(len, noise)) + 8 * 299 + 16 * 1024 + 4
+    assert dataset.stored_nbytes(["noise"]) == sum(map(len, noise)) + (8 + 4) * 300 + 16 * 1024 + 4
 
 
 @pytest.mark.parametrize(

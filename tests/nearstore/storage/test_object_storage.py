@@ -13,14 +13,13 @@ from nearstore import Crest, Graft, RandomFeatureProxy, SelectiveReader, open_da
 
 N, SHARD, DIM = 3000, 256, 40
 INDEX_BYTES = SHARD * 16 + 4
-SAMPLE_BYTES = {"x": DIM * 4, "y": 8}  # both raw: random floats do not compress, labels are tiny
+SAMPLE_BYTES = {"x": DIM * 4 + 4, "y": 8 + 4}  # raw (random floats do not compress, labels are tiny), a crc32c
 
 
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
-    return {"x": rng.normal(size=(N, DIM)).astype(np.float32), "y": rng.integers(1, 10, N)}  # no label 0:
-    # a sample equal to the fill value is not stored, which would blur the byte counts below
+    return {"x": rng.normal(size=(N, DIM)).astype(np.float32), "y": rng.integers(1, 10, N)}
 
 
 def batches(data):

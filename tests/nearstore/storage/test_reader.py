@@ -7,7 +7,7 @@ import zarr
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 
 INDEX_BYTES = 256 * 16 + 4  # one (offset, nbytes) uint64 pair per inner chunk, and a crc32c
-SAMPLE_BYTES = {"x": 8 * 4, "y": 8}  # both stored raw: too small to compress
+SAMPLE_BYTES = {"x": 8 * 4 + 4, "y": 8 + 4}  # both stored raw (too small to compress), and a crc32c
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -56,9 +56,7 @@ def test_a_whole_shard_is_one_request_per_array(id_store, id_data):
     out = reader.read_shard(2)
     np.testing.assert_array_equal(out["x"], id_data["x"][512:768])
     assert reader.stats.requests == 2
-    # zarr stores no chunk for a sample equal to the fill value: the labels 0 cost nothing
-    stored_labels = np.count_nonzero(id_data["y"][512:768])
-    assert reader.stats.bytes == 2 * INDEX_BYTES + 256 * SAMPLE_BYTES["x"] + stored_labels * SAMPLE_BYTES["y"]
+    assert reader.stats.bytes == 2 * INDEX_BYTES + 256 * (SAMPLE_BYTES["x"] + SAMPLE_BYTES["y"])
     last = reader.read_shard(9)  # the partial shard
     assert len(last["y"]) == 2500 - 9 * 256
     with pytest.raises(IndexError, match="shard 10 out of range"):
@@ -99,16 +97,16 @@ def test_reading_never_writes_the_store(id_store, fingerprint):
     assert fingerprint(id_store.url) == before
 
 
-def test_compressed_samples_zero_samples_and_missing_shards(tmp_path):
-    # Samples of few distinct values are zstd-compressed; zarr stores no chunk for an all-zero
-    # sample and no object at all for an all-zero shard: both must read back as zeros.
+def test_compressed_samples_and_samples_of_fill_values(tmp_path):
+    # Samples of few distinct values are zstd-compressed; samples and shards of zeros (the fill
+    # value) are stored all the same, so that a missing one is damage, never zeros.
     rng = np.random.default_rng(0)
     x = rng.integers(1, 4, size=(300, 64)).astype(np.float32)
     x[5] = 0
     x[100:200] = 0
     ds = write_dataset(str(tmp_path / "z.zarr"), [{"x": x, "y": np.arange(300) % 3}], shard_samples=100)
-    assert ds.arrays["x"].metadata.codecs[0].codecs[-1].to_dict()["name"] == "zstd"
-    assert not (tmp_path / "z.zarr" / "x" / "c" / "1" / "0").exists()
+    assert [c.to_dict()["name"] for c in ds.arrays["x"].compressors] == ["zstd", "crc32c"]
+    assert (tmp_path / "z.zarr" / "x" / "c" / "1" / "0").exists()
     reader = SelectiveReader(ds)
     ids = np.array([5, 4, 150, 299, 100, 0])
     np.testing.assert_array_equal(reader.read(ids)["x"], x[ids])

@@ -1,0 +1,182 @@
+"""Damage is refused by name, never read as data: every way a shard object can be lost, cut or
+changed, on a store whose samples name their own ids (so a wrong sample would show)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+from conftest import SHARD_SAMPLES, id_encoded
+
+from nearstore import Selection, SelectiveReader, open_dataset, write_dataset
+from nearstore.errors import DatasetError, IntegrityError
+from nearstore.storage.dataset import UncheckedStoreWarning
+from nearstore.storage.integrity import verify_dataset
+
+
+@pytest.fixture
+def store(tmp_path, id_store_url):
+    """A private copy of the id store, free to damage."""
+    url = str(tmp_path / "ids.zarr")
+    shutil.copytree(id_store_url, url)
+    return url
+
+
+def shard_file(url: str, array: str, shard: int) -> Path:
+    return Path(open_dataset(url).shard_path(array, shard))
+
+
+def read(url: str, ids, arrays=("x",)):
+    return SelectiveReader(open_dataset(url), list(arrays)).read(np.asarray(ids))
+
+
+SHARD_1 = np.arange(SHARD_SAMPLES, 2 * SHARD_SAMPLES)
+
+
+def test_a_whole_store_reads_back_and_verifies(store):
+    ds = open_dataset(store)
+    assert verify_dataset(ds, progress=False) == []
+    np.testing.assert_array_equal(SelectiveReader(ds).read(np.arange(2500))["x"], id_encoded()["x"])
+
+
+def cut(f: Path, keep: slice) -> None:
+    f.write_bytes(f.read_bytes()[keep])
+
+
+def flip(f: Path, at: int) -> None:
+    blob = bytearray(f.read_bytes())
+    blob[at] ^= 0x10
+    f.write_bytes(bytes(blob))
+
+
+LOST_OR_CUT = {
+    "deleted": (Path.unlink, "is missing"),
+    "empty": (lambda f: cut(f, slice(0)), "cut short"),
+    "cut to 1000 bytes": (lambda f: cut(f, slice(1000)), "cut short"),  # samples 300, 301 lie past it
+}
+INDEX_DAMAGE = {  # the index is at the end; a reader that has it cached reads the samples right
+    "64 bytes cut": (lambda f: cut(f, slice(-64)), "cut short"),
+    "index flipped": (lambda f: flip(f, -10), "damaged index"),
+}
+
+
+@pytest.mark.parametrize(
+    "damage, cached",
+    [(d, c) for d in LOST_OR_CUT for c in (False, True)] + [(d, False) for d in INDEX_DAMAGE],
+)
+def test_a_lost_or_cut_shard_is_an_integrity_error_naming_it(store, damage, cached):
+    damage, problem = {**LOST_OR_CUT, **INDEX_DAMAGE}[damage]
+    ds = open_dataset(store)
+    reader = SelectiveReader(ds, ["x", "y"])
+    ids = np.array([3, 300, 301, 700])  # shards 0, 1, 2
+    if cached:
+        reader.read(ids)
+    damage(shard_file(store, "x", 1))
+    with pytest.raises(IntegrityError, match=problem) as raised:
+        reader.read(ids)
+    message = str(raised.value)
+    assert store in message and "array 'x'" in message and "x/c/1/0" in message
+    assert raised.value.ids == (300, 301)
+    # the other shards still read, and right
+    np.testing.assert_array_equal(reader.read([3, 700])["x"], id_encoded()["x"][[3, 700]])
+
+
+def test_a_flipped_byte_names_the_one_sample_it_damaged(store):
+    flip(shard_file(store, "x", 1), 7 * 36 + 5)  # inside sample 256 + 7's payload (36 stored bytes a sample)
+    with pytest.raises(IntegrityError, match="1 damaged samples .crc32c") as raised:
+        read(store, SHARD_1)
+    assert raised.value.ids == (SHARD_SAMPLES + 7,)
+    np.testing.assert_array_equal(read(store, [SHARD_SAMPLES + 6])["x"], id_encoded()["x"][[SHARD_SAMPLES + 6]])
+
+
+def test_damage_in_compressed_and_encoded_samples_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    images = np.empty(300, dtype=object)
+    images[:] = [rng.bytes(int(n)) for n in rng.integers(50, 500, 300)]
+    x = np.repeat(rng.integers(0, 3, size=(300, 4, 1), dtype=np.uint8), 32, axis=2)  # compresses: zstd
+    url = str(tmp_path / "mixed.zarr")
+    ds = write_dataset(url, [{"x": x, "image": images}], label_array=None, shard_samples=100)
+    assert [c.to_dict()["name"] for c in ds.arrays["x"].compressors] == ["zstd", "crc32c"]
+    for name in ("x", "image"):
+        flip(shard_file(url, name, 2), 20)
+        with pytest.raises(IntegrityError, match=f"array '{name}'.*damaged sample"):
+            SelectiveReader(open_dataset(url), [name]).read(np.arange(200, 300))
+
+
+def test_a_shard_swapped_for_another_whole_one_is_found_by_verify(store):
+    # Shards 0 and 1 have the same size and valid checksums: only their samples' digest differs.
+    shutil.copyfile(shard_file(store, "x", 0), shard_file(store, "x", 1))
+    shard_file(store, "y", 5).unlink()
+    cut(shard_file(store, "y", 7), slice(-64))
+    damages = verify_dataset(open_dataset(store), progress=False)
+    assert [(d.array, d.shard) for d in damages] == [("x", 1), ("y", 5), ("y", 7)]
+    assert "other samples than were written" in damages[0].problem and "is missing" in damages[1].problem
+    assert damages[1].path.endswith("y/c/5") and "cut short" in damages[2].problem
+
+
+def test_the_manifest_records_every_shard_objects_real_size(id_store):
+    fs, root = id_store.filesystem()
+    for name in id_store.sample_arrays:
+        sizes = [fs.size(id_store.shard_path(name, s, root)) for s in range(id_store.num_shards)]
+        assert id_store.manifest.nbytes[name] == tuple(sizes)
+
+
+def test_a_twin_store_has_another_fingerprint_and_its_selection_is_refused(tmp_path, id_store):
+    twin_data = id_encoded()
+    twin_data["x"] = twin_data["x"][::-1].copy()  # same N, shapes, dtypes; other samples
+    twin = write_dataset(str(tmp_path / "twin.zarr"), [twin_data], shard_samples=SHARD_SAMPLES)
+    assert twin.identity()["fingerprint"] != id_store.identity()["fingerprint"]
+    same = write_dataset(str(tmp_path / "same.zarr"), [id_encoded()], shard_samples=SHARD_SAMPLES)
+    assert same.identity()["fingerprint"] == id_store.identity()["fingerprint"]  # content, not place
+    selection = Selection.of(id_store, np.arange(10), method="test", params={}, io={})
+    selection.check_dataset(same)
+    with pytest.raises(DatasetError, match="twin.zarr"):
+        selection.check_dataset(twin)
+
+
+def test_a_store_without_checksums_opens_with_a_warning_saying_how_to_rewrite_it(store):
+    group = zarr.open_group(store, mode="r+")
+    attrs = dict(group.attrs["nearstore"])
+    for key in ("fingerprint", "shards"):
+        attrs.pop(key)
+    group.attrs["nearstore"] = {**attrs, "format_version": 1}
+    with pytest.warns(UncheckedStoreWarning, match="without checksums.*nearstore convert"):
+        ds = open_dataset(store)
+    assert ds.manifest is None and ds.identity()["fingerprint"] is None
+    np.testing.assert_array_equal(SelectiveReader(ds).read([5, 2400])["x"], id_encoded()["x"][[5, 2400]])
+    with pytest.raises(IntegrityError, match="nothing to verify"):
+        verify_dataset(ds, progress=False)
+
+
+def test_overwrite_keeps_the_old_store_until_the_new_one_is_whole(store, fingerprint):
+    before = fingerprint(store)
+
+    def failing():
+        yield id_encoded(1000)
+        raise RuntimeError("the source ran dry")
+
+    with pytest.raises(RuntimeError, match="ran dry"):
+        write_dataset(store, failing(), overwrite=True, shard_samples=SHARD_SAMPLES)
+    assert fingerprint(store) == before
+    fs = fsspec.filesystem("file")
+    assert fs.ls(str(Path(store).parent)) == [store]  # nothing left beside it
+    replaced = write_dataset(store, [id_encoded(600)], overwrite=True, shard_samples=SHARD_SAMPLES)
+    assert replaced.num_samples == 600 and verify_dataset(replaced, progress=False) == []
+
+
+def test_fewer_class_names_than_labels_are_refused(tmp_path):
+    with pytest.raises(DatasetError, match="2 class names .* labels go up to 4"):
+        write_dataset(str(tmp_path / "c.zarr"), [id_encoded(50)], class_names=["a", "b"])
+
+
+def test_reading_damage_changes_nothing_in_the_store(store, fingerprint):
+    shard_file(store, "x", 3).write_bytes(b"")
+    before = fingerprint(store)
+    with warnings.catch_warnings(), pytest.raises(IntegrityError):
+        read(store, np.arange(2500))
+    assert fingerprint(store) == before
