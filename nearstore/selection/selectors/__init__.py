@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 from nearstore.errors import ParameterError
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.base import Selector, check_seed
 from nearstore.selection.selectors.craig import Craig
 from nearstore.selection.selectors.crest import Crest
 from nearstore.selection.selectors.graft import Graft
@@ -27,10 +27,11 @@ def make_selector(method: str, **options: Any) -> Selector:
     make_selector("craig", window=512)."""
     if method not in SELECTORS:
         raise ParameterError(f"method must be one of {sorted(SELECTORS)}, got {method!r}")
-    try:
-        return SELECTORS[method](**options)
-    except TypeError as e:  # an option the method does not have
-        raise ParameterError(f"bad options for {method!r}: {e}") from e
+    known = {field.name for field in fields(SELECTORS[method])}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ParameterError(f"{method!r} has no options {unknown}; its options are {sorted(known)}")
+    return SELECTORS[method](**options)
 
 
 def next_round(
@@ -48,6 +49,7 @@ def next_round(
 ) -> Selection:
     """Selection round `number`, run by `method` with `options` and `proxy`; the selector is handed
     the ids of the round it replaces, `previous`."""
+    check_seed(seed)
     selector = make_selector(method, **options)
     selection = selector.select(
         dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, previous=previous

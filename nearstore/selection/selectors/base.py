@@ -3,7 +3,10 @@ runs it beside the data and returns a `Selection`."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -14,7 +17,14 @@ from nearstore.errors import ParameterError
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.windows import Pick, Window
-from nearstore.storage import Dataset
+from nearstore.storage import Coalescing, Dataset
+
+# A window's Gram matrix (GRAFT) or similarity matrix (CRAIG, CREST's coresets) is w² floats, and
+# GRAFT decides windows in batches of `gram_entries` of them: at most 2^26 entries (256 MiB in
+# float32; 16x GRAFT's default batch, 64x a CRAIG window of 1,024), so a window holds at most 8,192.
+MAX_GRAM_ENTRIES = 1 << 26
+MAX_WINDOW = 1 << 13
+SEEDS = 1 << 64  # torch's Generator takes seeds below 2^64, numpy's any integer >= 0
 
 
 class Selector(ABC):
@@ -70,13 +80,57 @@ class WindowedSelector(Selector):
         return 1
 
 
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    integer: bool = False,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """Option `name` is a number (an integer where `integer`; never a bool, never NaN) in the
+    interval from low to high, each end closed unless said open; ParameterError naming it otherwise."""
+    kind = numbers.Integral if integer else numbers.Real
+    inside = (
+        isinstance(value, kind)
+        and not isinstance(value, bool)
+        and (low < value if open_low else low <= value)
+        and (value < high if open_high else value <= high)
+    )
+    if not inside:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ParameterError(f"{name} must be {'an integer' if integer else 'a number'} in {interval}, got {value!r}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ParameterError(f"{name} must be true or false, got {value!r}")
+
+
+def check_seed(seed: Any) -> None:
+    check_range("seed", seed, 0, SEEDS, integer=True, open_high=True)
+
+
 def check_window(window: int | None, name: str = "window") -> None:
-    """A window holds at least two samples (None: the method's default)."""
-    if window is not None and window < 2:
-        raise ParameterError(f"{name} must be >= 2, got {window}")
+    """A window holds at least two samples, and at most MAX_WINDOW (None: the method's default)."""
+    if window is not None:
+        check_range(name, window, 2, MAX_WINDOW, integer=True)
 
 
 def check_pool(pool: float | None) -> None:
-    """A pool is at least the budget (None: no pool)."""
-    if pool is not None and not pool >= 1:
-        raise ParameterError(f"pool must be >= 1 (a multiple of the budget), got {pool}")
+    """A pool is a finite multiple of the budget, at least 1 (None: no pool)."""
+    if pool is not None:
+        check_range("pool", pool, 1, math.inf, open_high=True)
+
+
+def check_reads(reads: Coalescing | Mapping[str, Any], name: str = "pool_reads") -> Coalescing:
+    """How a pool is read: a Coalescing, or its fields as an object (JSON options give them so)."""
+    if isinstance(reads, Coalescing):
+        return reads
+    if not isinstance(reads, Mapping) or not set(reads) <= {"gap_bytes", "max_overhead"}:
+        raise ParameterError(f"{name} must be an object of gap_bytes and max_overhead, got {reads!r}")
+    check_range(f"{name}.gap_bytes", reads.get("gap_bytes", 0), 0, math.inf, integer=True, open_high=True)
+    check_range(f"{name}.max_overhead", reads.get("max_overhead", 0), 0, math.inf)  # inf: bridge every hole
+    return Coalescing(**reads)

@@ -10,10 +10,16 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from nearstore.errors import ParameterError
 from nearstore.selection.plan import check_keep, class_pools
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_pool, check_window
+from nearstore.selection.selectors.base import (
+    Selector,
+    check_flag,
+    check_pool,
+    check_range,
+    check_reads,
+    check_window,
+)
 from nearstore.selection.stages import check_finite, check_proxy, decoded, pool_batches, scan_io
 from nearstore.selection.windows import coresets
 from nearstore.storage import POOL_READS, Coalescing, read_labels
@@ -42,10 +48,10 @@ class Crest(Selector):
 
     def __post_init__(self) -> None:
         check_pool(self.pool)
-        if not 0 < self.confidence < 1:
-            raise ParameterError(f"confidence must be in (0, 1), got {self.confidence}")
+        check_range("confidence", self.confidence, 0, 1, open_low=True, open_high=True)
+        check_flag("coreset", self.coreset)
         check_window(self.coreset_window, "coreset_window")
-        object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads))
+        object.__setattr__(self, "pool_reads", check_reads(self.pool_reads))
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         check_keep(keep)

@@ -13,7 +13,15 @@ from kernels import maxvol, pivoted_cholesky
 from nearstore.errors import ParameterError
 from nearstore.selection.policy import default_window
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import WindowedSelector, check_pool, check_window
+from nearstore.selection.selectors.base import (
+    MAX_GRAM_ENTRIES,
+    WindowedSelector,
+    check_flag,
+    check_pool,
+    check_range,
+    check_reads,
+    check_window,
+)
 from nearstore.selection.windows import Pick, Window, windowed_select
 from nearstore.storage import POOL_READS, Coalescing
 
@@ -74,16 +82,16 @@ class Graft(WindowedSelector):
 
     def __post_init__(self) -> None:
         check_window(self.window)
+        if self.tolerance is not None:  # at 1 one pick always does: ‖ḡ − P_S ḡ‖ ≤ ‖ḡ‖
+            check_range("tolerance", self.tolerance, 0, 1, open_low=True)
         check_pool(self.pool)
-        if not self.norm_power >= 0:
-            raise ParameterError(f"norm_power must be >= 0, got {self.norm_power}")
-        if not 0 <= self.budget_power <= 1:
-            raise ParameterError(f"budget_power must be in [0, 1], got {self.budget_power}")
-        if self.tolerance is not None and not self.tolerance > 0:
-            raise ParameterError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.gram_entries < 1:
-            raise ParameterError(f"gram_entries must be >= 1, got {self.gram_entries}")
-        object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads))
+        check_flag("pool_previous", self.pool_previous)
+        # past 1, the largest gradients weigh more than GRAFT's own; ‖g‖^(p − 1) soon overflows
+        check_range("norm_power", self.norm_power, 0, 1)
+        check_range("gram_entries", self.gram_entries, 1, MAX_GRAM_ENTRIES, integer=True)
+        object.__setattr__(self, "pool_reads", check_reads(self.pool_reads))
+        check_flag("mute_suspects", self.mute_suspects)
+        check_range("budget_power", self.budget_power, 0, 1)
 
     factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from nearstore.selection.plan import check_keep, class_balanced_draw, uniform_draw
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.base import Selector, check_flag
 from nearstore.selection.stages import scan_io
 from nearstore.storage import Dataset, read_labels
 
@@ -34,6 +34,9 @@ class Random(Selector):
 
     method: ClassVar[str] = "random"
     class_balanced: bool = False
+
+    def __post_init__(self) -> None:
+        check_flag("class_balanced", self.class_balanced)
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)

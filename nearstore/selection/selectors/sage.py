@@ -4,6 +4,7 @@ whatever the number of samples; both passes run on an executor (in process, or o
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.base import Selector, check_flag, check_range
 from nearstore.selection.stages import WARMUP_SAMPLES, Scan
 from nearstore.storage import Dataset
 
@@ -133,7 +134,10 @@ def sage_pass1(
     """Pass 1 over `shards`: each group's sketch, gradient sum and count."""
     num_classes = scan.proxy.num_classes if class_balanced else 1
     dim = scan.proxy.embedding_dim
-    sketches = [FrequentDirections(ell, dim, device=device) for _ in range(num_classes)]
+    # Past dim + 1 rows a sketch is exact already (FD shrinks by the ℓ-th eigenvalue of a buffer of
+    # rank <= dim, 0 once ℓ > dim): a larger ell would cost 2ℓ·dim floats a group for nothing.
+    rows = min(ell, dim + 1)
+    sketches = [FrequentDirections(rows, dim, device=device) for _ in range(num_classes)]
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
     counts = np.zeros(num_classes, dtype=np.int64)
     for _, groups, embeddings in scan.embeddings(progress, "SAGE pass 1/2", class_balanced, shards):
@@ -186,8 +190,9 @@ class Sage(Selector):
     score: str = "agreement"
 
     def __post_init__(self) -> None:
-        if self.ell < 1:
-            raise ParameterError(f"ell must be >= 1, got {self.ell}")
+        # no bound here: sage_pass1 sizes the sketch at most by the embedding, which it then knows
+        check_range("ell", self.ell, 1, math.inf, integer=True, open_high=True)
+        check_flag("class_balanced", self.class_balanced)
         _check_score(self.score)
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:

@@ -35,17 +35,32 @@ def test_sage_equals_brute_force_agreement_when_the_sketch_is_exact(blobs):
     proxy = RandomFeatureProxy(3, width=8, seed=1).fit(x, y)
     # 50 samples per class < ell: Frequent Directions never shrinks, the sketch spans the data
     selection = sage_select(dataset, 0.2, proxy=proxy, ell=64)
+    np.testing.assert_array_equal(selection.ids, brute_force_agreement(proxy, x, y, 10))
+    assert selection.method == "sage" and selection.params["ell"] == 64
+    assert np.all((selection.scores > 0) & (selection.scores <= 1 + 1e-6))
+    assert np.all(selection.weights == 1)
+
+
+def brute_force_agreement(proxy: RandomFeatureProxy, x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Each class's k samples of highest cos(g_i, ḡ), from the gradients themselves, sorted."""
     expected = []
-    for c in range(3):
+    for c in np.unique(y):
         members = np.flatnonzero(y == c)
         g = proxy.embed(x[members], y[members]).double().numpy()
         mean = g.mean(0)
         scores = g @ mean / (np.linalg.norm(g, axis=1) * np.linalg.norm(mean))
-        expected.extend(members[np.argsort(-scores, kind="stable")[:10]])
-    np.testing.assert_array_equal(selection.ids, np.sort(expected))
-    assert selection.method == "sage" and selection.params["ell"] == 64
-    assert np.all((selection.scores > 0) & (selection.scores <= 1 + 1e-6))
-    assert np.all(selection.weights == 1)
+        expected.extend(members[np.argsort(-scores, kind="stable")[:k]])
+    return np.sort(expected)
+
+
+def test_an_ell_past_the_embedding_sizes_the_sketch_by_it_and_stays_exact(blobs):
+    dataset, x, y = blobs
+    # 9-dim gradients: 50 samples a class fill a sketch of dim + 1 = 10 rows (a buffer of 20) and
+    # shrink it, by its 10th eigenvalue, which is 0: the sketch stays exact
+    proxy = RandomFeatureProxy(3, width=2, seed=1).fit(x, y)
+    selection = sage_select(dataset, 0.2, proxy=proxy, ell=10**9)  # 2·10^9·9 floats a class, were it allocated
+    np.testing.assert_array_equal(selection.ids, brute_force_agreement(proxy, x, y, 10))
+    assert selection.params["ell"] == 10**9
 
 
 def test_two_passes_read_every_shard_once_each(blobs, fingerprint):

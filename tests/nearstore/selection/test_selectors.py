@@ -14,6 +14,7 @@ from nearstore import (
     Crest,
     Graft,
     ModelProxy,
+    ParameterError,
     Random,
     RandomFeatureProxy,
     Sage,
@@ -22,6 +23,7 @@ from nearstore import (
     open_dataset,
     write_dataset,
 )
+from nearstore.selection.selectors import next_round
 
 SIZES = (300, 120, 9)  # an imbalanced dataset: class 2 is smaller than any window
 
@@ -200,11 +202,11 @@ def test_bad_input_is_named(blobs, tmp_path):
     dataset, x, y, proxy = blobs
     with pytest.raises(ValueError, match="method must be one of"):
         make_selector("oracle")
-    with pytest.raises(ValueError, match="bad options for 'graft'"):
+    with pytest.raises(ValueError, match=r"'graft' has no options \['ell'\]"):
         make_selector("graft", ell=3)
-    with pytest.raises(ValueError, match="window must be >= 2"):
+    with pytest.raises(ValueError, match=r"window must be an integer in \[2, 8192\], got 1"):
         Graft(window=1).select(dataset, 0.1, proxy=proxy)
-    with pytest.raises(ValueError, match="pool must be >= 1"):
+    with pytest.raises(ValueError, match=r"pool must be a number in \[1, inf\), got 0.5"):
         Crest(pool=0.5).select(dataset, 0.1)
     with pytest.raises(ValueError, match="keep must be in"):
         Craig().select(dataset, 0.0, proxy=proxy)
@@ -224,6 +226,42 @@ def test_bad_input_is_named(blobs, tmp_path):
             selector.select(
                 broken, 0.5, proxy=proxy if selector.method != "crest" else ModelProxy(torch.nn.Linear(6, 3))
             )
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        (
+            "graft",
+            {"ell": 3, "windows": 2},
+            r"'graft' has no options \['ell', 'windows'\]; its options are \[.*'window'",
+        ),
+        ("random", {"class_balanced": "yes"}, "class_balanced must be true or false, got 'yes'"),
+        ("sage", {"ell": 2.5}, r"ell must be an integer in \[1, inf\), got 2.5"),
+        ("sage", {"ell": True}, r"ell must be an integer in \[1, inf\), got True"),
+        ("graft", {"window": 10**6}, r"window must be an integer in \[2, 8192\], got 1000000"),
+        ("graft", {"gram_entries": 2**26 + 1}, r"gram_entries must be an integer in \[1, 67108864\], got 67108865"),
+        ("graft", {"tolerance": 1.5}, r"tolerance must be a number in \(0, 1\], got 1.5"),
+        ("graft", {"norm_power": float("inf")}, r"norm_power must be a number in \[0, 1\], got inf"),
+        ("graft", {"pool": float("inf")}, r"pool must be a number in \[1, inf\), got inf"),
+        ("graft", {"pool_reads": {"gap_bytes": -1}}, r"pool_reads.gap_bytes must be an integer in \[0, inf\), got -1"),
+        ("graft", {"pool_reads": {"gap": 1}}, "pool_reads must be an object of gap_bytes and max_overhead"),
+        ("craig", {"window": "big"}, r"window must be an integer in \[2, 8192\], got 'big'"),
+        ("crest", {"confidence": float("nan")}, r"confidence must be a number in \(0, 1\), got nan"),
+        ("crest", {"coreset_window": 1}, r"coreset_window must be an integer in \[2, 8192\], got 1"),
+        ("crest", {"coreset": 1}, "coreset must be true or false, got 1"),
+    ],
+)
+def test_options_are_checked_by_name_when_a_selector_is_made(method, options, message):
+    with pytest.raises(ParameterError, match=message):
+        make_selector(method, **options)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 0.5, True])
+def test_a_round_refuses_a_seed_the_generators_do_not_take(blobs, seed):
+    dataset, _, _, _ = blobs
+    with pytest.raises(ParameterError, match=rf"seed must be an integer in \[0, 18446744073709551616\), got {seed}"):
+        next_round(dataset, 1, keep=0.1, method="random", options={}, seed=seed)
 
 
 def test_every_method_is_registered_and_random_is_the_baseline(blobs):
@@ -257,7 +295,7 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
     full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
     assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
-    with pytest.raises(ValueError, match="pool must be >= 1"):
+    with pytest.raises(ValueError, match=r"pool must be a number in \[1, inf\), got 0.5"):
         Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)
 
 
@@ -293,9 +331,9 @@ def test_graft_pools_the_previous_rounds_picks_with_fresh_samples(blobs):
     assert np.bincount(y[shrunk.ids], minlength=3).tolist() == [30, 12, 1]
     with pytest.raises(SampleIdError, match=r"previous id 429 out of range \[0, 429\)"):
         Graft(pool=2, pool_previous=True).select(dataset, 0.1, proxy=proxy, previous=np.array([3, 429]))
-    with pytest.raises(ValueError, match="norm_power must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"norm_power must be a number in \[0, 1\], got -1"):
         Graft(norm_power=-1).select(dataset, 0.1, proxy=proxy)
-    with pytest.raises(ValueError, match=r"budget_power must be in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"budget_power must be a number in \[0, 1\], got 2"):
         Graft(budget_power=2)
 
 
