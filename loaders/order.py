@@ -4,6 +4,8 @@ shuffles are, and `EpochOrder`, the loader's place in them, which is what resume
 from __future__ import annotations
 
 import math
+import reprlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +17,43 @@ Uneven = Literal["pad", "drop"]
 # What fixes each epoch's batches (a state resumes only where they agree), and where a loader is.
 ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven", "warm_start_epochs")
 PLACE = ("epoch", "batches_done", "epochs_completed")
+
+
+def _integer(value: Any) -> bool:
+    """An int, numpy's too; not a bool (True is 1 to Python, never a batch size or an epoch)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """Argument `name` as an int >= minimum; a ParameterError naming it and its value otherwise."""
+    if not _integer(value) or value < minimum:
+        raise ParameterError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """Argument `name` as a bool: a string such as "no" would be true, so only a bool is one."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def state_entry(state: Mapping[str, Any], key: str, where: str, kind: type | None = None) -> Any:
+    """A saved state's `key`; a DatasetError naming `where` and the key where it is missing (or
+    None), or not a `kind`."""
+    if state.get(key) is None:
+        raise DatasetError(f"{where} has no {key!r}")
+    if kind is not None and not isinstance(state[key], kind):
+        raise DatasetError(f"{where}[{key!r}] must be a {kind.__name__}, got {reprlib.repr(state[key])}")
+    return state[key]
+
+
+def state_count(state: Mapping[str, Any], key: str, where: str) -> int:
+    """A saved state's `key`, an integer >= 0; a DatasetError naming `where` and the key otherwise."""
+    value = state_entry(state, key, where)
+    if not _integer(value) or value < 0:
+        raise DatasetError(f"{where}[{key!r}] must be an integer >= 0, got {reprlib.repr(value)}")
+    return int(value)
 
 
 def epoch_order(size: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -58,14 +97,16 @@ class EpochOrder:
     epochs_completed: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ParameterError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+        self.batch_size = check_integer("batch_size", self.batch_size, 1)
+        self.shuffle, self.drop_last = check_flag("shuffle", self.shuffle), check_flag("drop_last", self.drop_last)
+        self.seed = check_integer("seed", self.seed, 0)  # numpy seeds from non-negative integers only
+        self.world_size = check_integer("world_size", self.world_size, 1)
+        self.rank = check_integer("rank", self.rank, 0)
+        if self.rank >= self.world_size:
             raise ParameterError(
                 f"rank must be in [0, world_size), got rank {self.rank} of world_size {self.world_size}"
             )
-        if self.warm_start_epochs < 0:
-            raise ParameterError(f"warm_start_epochs must be >= 0, got {self.warm_start_epochs}")
+        self.warm_start_epochs = check_integer("warm_start_epochs", self.warm_start_epochs, 0)
         if self.uneven not in ("pad", "drop"):
             raise ParameterError(f"uneven must be 'pad' or 'drop', got {self.uneven!r}")
         self._resume_at = 0
@@ -92,6 +133,7 @@ class EpochOrder:
 
     def set_epoch(self, epoch: int) -> None:
         """Go to epoch `epoch`: the place a state was loaded at is kept in its own epoch only."""
+        epoch = check_integer("epoch", epoch, 0)
         if epoch != self.epoch:
             self._resume_at = 0
         self.epoch = epoch
@@ -114,19 +156,25 @@ class EpochOrder:
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*ORDER, *PLACE)}
 
-    def check(self, state: dict[str, Any], size: int) -> None:
-        """Refuse a state taken with other batches, or naming more batches of its epoch than there
-        are (`size`: the samples that epoch visits)."""
+    def check(self, state: Any, epoch_size: Callable[[int], int]) -> None:
+        """Refuse, by a DatasetError naming the key, a state that is not an order's place (a key
+        missing, not an integer >= 0), was taken with other batches, or names more batches of its
+        epoch than there are (`epoch_size(epoch)`: the samples that epoch visits). What passes,
+        `load_state_dict` takes without fail."""
+        where = "state_dict's order"
+        if not isinstance(state, Mapping):
+            raise DatasetError(f"{where} must be a mapping, got {reprlib.repr(state)}")
         for name in ORDER:
-            if state.get(name) != getattr(self, name):
-                raise DatasetError(
-                    f"state_dict was taken with {name}={state.get(name)!r}; this loader has {getattr(self, name)!r}"
-                )
-        done, batches = state.get("batches_done"), self.num_batches(size)
-        if not isinstance(done, int) or not 0 <= done <= batches:
+            ours, theirs = getattr(self, name), state_entry(state, name, where)
+            # True == 1 to Python, but not as a batch_size; an array compares element by element
+            if not np.isscalar(theirs) or isinstance(theirs, bool) != isinstance(ours, bool) or theirs != ours:
+                raise DatasetError(f"state_dict was taken with {name}={theirs!r}; this loader has {ours!r}")
+        epoch, done, _ = (state_count(state, name, where) for name in PLACE)
+        batches = self.num_batches(epoch_size(epoch))
+        if done > batches:
             raise DatasetError(f"state_dict says {done!r} batches of {batches} were delivered")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take a checked state's place: the next epoch that starts resumes there."""
-        self.epoch, self.batches_done, self.epochs_completed = (state[name] for name in PLACE)
+        self.epoch, self.batches_done, self.epochs_completed = (int(state[name]) for name in PLACE)
         self._resume_at = self.batches_done

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import reprlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -16,12 +18,14 @@ import torch
 import torch.distributed as dist
 
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
-from loaders.order import EpochOrder, Uneven
+from loaders.order import EpochOrder, Uneven, check_flag, check_integer, state_count, state_entry
 from loaders.sources import Source, open_source
 from nearstore import Dataset, DatasetError, IOStats, ParameterError, SampleError, SampleIdError, Selection
 from nearstore.selection import default_reselect
+from nearstore.selection.plan import check_keep
+from nearstore.selection.record import sample_ids
 from nearstore.serving.protocol import ALL_SAMPLES
-from nearstore.storage.dataset import check_ids, sample_identity
+from nearstore.storage.dataset import sample_identity
 from nearstore.storage.images import ImageTransform, OnError, check_on_error, damaged
 
 Backend = Literal["auto", "dali", "torch"]
@@ -46,8 +50,9 @@ class StreamingLoader:
 
     source: a dataset URL (local path, s3://, http://, any fsspec URL), an opened `Dataset`, a
         near-storage server, grpc://host:port/name (`nearstore serve`), or any `Source`.
-    selection: a `Selection` (checked against the dataset), a sequence of sample ids, or None
-        for every sample (through a server: None for the server's current selection).
+    selection: a `Selection` (checked against the dataset), a sequence of sample ids (integers,
+        each once, in any order: an epoch visits them in its own order), or None for every sample
+        (through a server: None for the server's current selection).
     batch_size, drop_last: as DataLoader's. Without drop_last the last batch may be smaller;
         every selected sample appears exactly once per epoch.
     shuffle, seed: each epoch visits the selection in the order permutation(seed, epoch), so
@@ -106,11 +111,20 @@ class StreamingLoader:
         prefetch: int = 2,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if prefetch < 1:
-            raise ParameterError(f"prefetch must be >= 1, got {prefetch}")
-        if num_threads < 1:
-            raise ParameterError(f"num_threads must be >= 1, got {num_threads}")
-        self.on_error, self.num_threads = check_on_error(on_error), num_threads
+        # Every argument checked before anything is opened or read: a wrong one fails here, by name.
+        if not isinstance(source, (str, os.PathLike, Dataset, Source)):
+            raise ParameterError(f"source must be a URL, a Dataset or a Source, got {reprlib.repr(source)}")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise ParameterError(f"storage_options must be a mapping, got {reprlib.repr(storage_options)}")
+        if images is not None and not isinstance(images, ImageTransform):
+            raise ParameterError(f"images must be an ImageTransform, got {reprlib.repr(images)}")
+        for name, function in (("dali_transform", dali_transform), ("transform", transform)):
+            if function is not None and not callable(function):
+                raise ParameterError(f"{name} must be a function, got {reprlib.repr(function)}")
+        self.prefetch = check_integer("prefetch", prefetch, 1)
+        self.num_threads = check_integer("num_threads", num_threads, 1)
+        self.on_error, self.with_weights = check_on_error(on_error), check_flag("weights", weights)
+        self.device = _device(device)
         if backend not in ("auto", "dali", "torch"):
             raise ParameterError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
@@ -139,10 +153,7 @@ class StreamingLoader:
         self.scan_io = {"bytes": 0, "requests": 0}
         self._use(self.source.selection() if selection is None else selection)
 
-        self.with_weights = weights
         self.dali_transform, self.transform = dali_transform, transform
-        self.device = torch.device(device) if device is not None else _default_device()
-        self.prefetch = prefetch
         self._epochs: list[dict[str, Any]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
@@ -181,11 +192,14 @@ class StreamingLoader:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Positions into the epoch's samples (the selection, or all of them while warming up), in
         the order epoch `epoch` visits them on this rank."""
+        epoch = check_integer("epoch", epoch, 0)
         return self.order.positions(epoch, self._epoch_size(epoch))
 
     def update_proxy(self, model: torch.nn.Module) -> None:
         """Score the next selection round with the trainer's model (NeSSA's feedback): its
         weights are pushed to the server, or copied for a round in this process."""
+        if not isinstance(model, torch.nn.Module):
+            raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
         self.source.update_proxy(model)
 
     def reselect(
@@ -206,10 +220,11 @@ class StreamingLoader:
         keep: default the current selection's share; seed: default the round number.
         """
         keep = keep if keep is not None else len(self.ids) / self.num_samples
+        check_keep(keep)
+        seed = check_integer("seed", seed if seed is not None else self.round + 1, 0)
         if method is None:
             method, defaults = default_reselect(keep)
             options = {**defaults, **options}
-        seed = seed if seed is not None else self.round + 1
         selection = self.source.select(self.ids, self.round, keep=keep, method=method, options=options, seed=seed)
         self._use(selection)
         self.order.forget_place()  # a new round never resumes a place in the old one
@@ -286,21 +301,31 @@ class StreamingLoader:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume where `state_dict()` was taken: the next iteration delivers exactly the batches
-        of that epoch not delivered yet, in the same order, then carries on epoch by epoch. A state
-        that does not fit this loader is refused by name, and changes nothing."""
+        of that epoch not delivered yet, in the same order, then carries on epoch by epoch.
+
+        A state that does not fit this loader, or is no loader's state (a key missing, a value of
+        another type, ids repeated, unsorted or out of range), is refused by name (a DatasetError;
+        a SampleIdError for its ids) before anything is taken from it: a refused state changes nothing.
+        """
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise DatasetError(f"state_dict version {version!r} is not {STATE_VERSION}")
-        if sample_identity(self.source.identity) != sample_identity(state["dataset"]):
-            raise DatasetError(f"state_dict is from dataset {state['dataset'].get('url')!r}, not {self.url!r}")
-        chosen = state["selection"]
-        ids, weights = _selected(self.num_samples, self.url, chosen["ids"], chosen["weights"])
-        epoch = state["order"]["epoch"]
-        self.order.check(state["order"], self.num_samples if self.order.warming(epoch) else len(ids))
-        self.source.selection(chosen["round"])  # raises where the source no longer holds that round
-        self.ids, self.sample_weights, self.round = ids, weights, chosen["round"]
-        self.scan_io = dict(chosen["scan_io"])
-        self.order.load_state_dict(state["order"])
+        dataset, order, chosen = (
+            state_entry(state, key, "state_dict", Mapping) for key in ("dataset", "order", "selection")
+        )
+        if sample_identity(self.source.identity) != sample_identity(dataset):
+            raise DatasetError(f"state_dict is from dataset {dataset.get('url')!r}, not {self.url!r}")
+        where = "state_dict's selection"
+        round = state_count(chosen, "round", where)
+        ids, weights = _selected(
+            self.num_samples, where, state_entry(chosen, "ids", where), state_entry(chosen, "weights", where)
+        )
+        scan_io = state_entry(chosen, "scan_io", where, Mapping)
+        scan_io = {key: state_count(scan_io, key, f"{where}'s scan_io") for key in ("bytes", "requests")}
+        self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
+        self.source.selection(round)  # raises where the source no longer holds that round
+        self.ids, self.sample_weights, self.round, self.scan_io = ids, weights, round, scan_io
+        self.order.load_state_dict(order)
 
     def io_stats(self) -> dict[str, Any]:
         """What crossed the boundary: for the trainer (in total and per completed epoch), for
@@ -334,11 +359,9 @@ class StreamingLoader:
             selection.check_dataset(self.source.identity)
             self.ids, self.sample_weights, self.round = selection.ids, selection.weights, selection.round
             self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
-        elif selection is None:
-            self.ids, self.sample_weights = _selected(self.num_samples, self.url, np.arange(self.num_samples))
-            self.round = 0
         else:
-            self.ids, self.sample_weights = _selected(self.num_samples, self.url, selection)
+            ids = np.arange(self.num_samples) if selection is None else selection
+            self.ids, self.sample_weights = _selected(self.num_samples, repr(self.url), ids)
             self.round = 0
 
     def _check_ranks_agree(self) -> None:
@@ -356,9 +379,10 @@ class StreamingLoader:
                     f"{mine[1]}) but rank {rank} has round {theirs[0]} ({theirs[2]} samples, digest {theirs[1]})"
                 )
 
-    def _epoch_size(self, epoch: int) -> int:
-        """How many samples epoch `epoch` visits: all while warming up, else the selection."""
-        return self.num_samples if self.order.warming(epoch) else len(self.ids)
+    def _epoch_size(self, epoch: int, ids: np.ndarray | None = None) -> int:
+        """How many samples epoch `epoch` visits: all while warming up, else the selection (`ids`:
+        another one than the loader's, as a state's)."""
+        return self.num_samples if self.order.warming(epoch) else len(self.ids if ids is None else ids)
 
     def _epoch_ids(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int | str]:
         """The samples epoch `epoch` visits, their weights, and the round they are in."""
@@ -449,20 +473,27 @@ class StreamingLoader:
         return f"shard {int(sample) // self.source.shard_samples} of {self.url!r}"
 
 
-def _selected(
-    num_samples: int, url: str, ids: Sequence[int] | np.ndarray, weights: Sequence[float] | np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ids to iterate, each in range and named once, and their weights (default 1)."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise TypeError(f"selection must be a Selection or 1-D integer ids, got {ids.dtype} {ids.shape}")
-    check_ids(ids, num_samples, repr(url), what="selected sample id")
-    if len(np.unique(ids)) != len(ids):
-        raise SampleIdError("selected sample ids must be unique")
-    weights = np.ones(len(ids)) if weights is None else np.asarray(weights)
-    if weights.shape != ids.shape or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise DatasetError(f"selection weights must be {len(ids)} finite values >= 0")
-    return ids.astype(np.int64), weights.astype(np.float32)
+def _selected(num_samples: int, where: str, ids: Any, weights: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ids to iterate, integers in range, sorted and each named once, and their weights.
+    Plain ids (no weights) come in any order and are sorted; ids with weights (a state's) must
+    come sorted. Weights: one number per id, finite, >= 0 (default 1)."""
+    ids = sample_ids(ids, where, num_samples=num_samples, what="selected sample id")
+    if weights is None:
+        ids, weights = np.sort(ids), np.ones(len(ids))
+    step = np.diff(ids)
+    if np.any(step <= 0):
+        i = int(np.argmax(step <= 0))
+        if step[i] == 0:
+            raise SampleIdError(f"selected sample id {ids[i]} is named twice in {where}: each must be once")
+        raise SampleIdError(f"selected sample ids in {where} must be sorted, got {ids[i]} before {ids[i + 1]}")
+    weights = np.asarray(weights)
+    if weights.shape != ids.shape or weights.dtype.kind not in "iuf" or not np.all(np.isfinite(weights)):
+        raise DatasetError(
+            f"selection weights in {where} must be {len(ids)} finite numbers, got {reprlib.repr(weights)}"
+        )
+    if np.any(weights < 0):
+        raise DatasetError(f"selection weights in {where} must be >= 0, got {weights.min()}")
+    return ids, weights.astype(np.float32)
 
 
 def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -478,5 +509,11 @@ def _take(iterator: Iterator[Batch], n: int) -> list[Batch]:
     return [b for _, b in zip(range(n), iterator)]
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(device: torch.device | str | None) -> torch.device:
+    """Where batches land: `device`, or by default CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's refusal lists its signatures, not the value
+        raise ParameterError(f"device must be a torch.device or its name ('cpu', 'cuda:0'), got {device!r}") from e

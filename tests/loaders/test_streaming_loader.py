@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,17 @@ import torch
 from resume import assert_resumes_at_every_batch
 
 from loaders import StreamingLoader
-from nearstore import ModelProxy, SampleIdError, Selection, open_dataset, random_select, sage_select, write_dataset
+from nearstore import (
+    DatasetError,
+    ModelProxy,
+    ParameterError,
+    SampleIdError,
+    Selection,
+    open_dataset,
+    random_select,
+    sage_select,
+    write_dataset,
+)
 from nearstore.selection import default_reselect
 
 BACKENDS = ["dali", "torch"]
@@ -150,9 +161,11 @@ def test_unlabelled_datasets_yield_inputs_only(tmp_path):
 def test_bad_arguments_are_named(id_store, tmp_path):
     with pytest.raises(IndexError, match="selected sample id 2500 out of range"):
         StreamingLoader(id_store, [0, 2500])
-    with pytest.raises(SampleIdError, match="must be unique"):
-        StreamingLoader(id_store, [3, 3])
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(SampleIdError, match="selected sample id 3 is named twice in '.*ids.zarr'"):
+        StreamingLoader(id_store, [7, 3, 3])
+    with pytest.raises(SampleIdError, match="selected sample ids in '.*ids.zarr' must be integers, got float64"):
+        StreamingLoader(id_store, [3.0, 7.0])
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         StreamingLoader(id_store, batch_size=0)
     with pytest.raises(ValueError, match="backend must be"):
         StreamingLoader(id_store, backend="jax")
@@ -165,6 +178,129 @@ def test_bad_arguments_are_named(id_store, tmp_path):
     other = write_dataset(str(tmp_path / "o.zarr"), [{"x": np.zeros((5, 2), np.float32), "y": np.zeros(5, int)}])
     with pytest.raises(ValueError, match="selection was made for"):
         StreamingLoader(id_store, random_select(other, 0.5))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),  # a bool is no integer
+        ({"shuffle": "no"}, "shuffle must be True or False, got 'no'"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"rank": 1.0, "world_size": 2}, "rank must be an integer >= 0, got 1.0"),
+        ({"warm_start_epochs": "1"}, "warm_start_epochs must be an integer >= 0, got '1'"),
+        ({"weights": "yes"}, "weights must be True or False, got 'yes'"),
+        ({"prefetch": "2"}, "prefetch must be an integer >= 1, got '2'"),
+        ({"num_threads": 2.0}, "num_threads must be an integer >= 1, got 2.0"),
+        ({"images": "jpeg"}, "images must be an ImageTransform, got 'jpeg'"),
+        ({"transform": 3}, "transform must be a function, got 3"),
+        ({"dali_transform": "f"}, "dali_transform must be a function, got 'f'"),
+        ({"device": 2.5}, "device must be a torch.device or its name ('cpu', 'cuda:0'), got 2.5"),
+        ({"storage_options": [1]}, "storage_options must be a mapping, got [1]"),
+        ({"source": 5}, "source must be a URL, a Dataset or a Source, got 5"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name_before_anything_is_opened(tmp_path, arguments, message):
+    # The store does not exist: an argument checked only after opening it would raise FileNotFoundError.
+    arguments = {"source": str(tmp_path / "nowhere.zarr"), **arguments}
+    with pytest.raises(ParameterError, match=re.escape(message)):
+        StreamingLoader(**arguments)
+
+
+def test_bad_arguments_to_a_loaders_methods_are_refused_by_name(id_store):
+    loader = StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=100, backend="torch")
+    for call, message in [
+        (lambda: loader.set_epoch("2"), "epoch must be an integer >= 0, got '2'"),
+        (lambda: loader.set_epoch(-1), "epoch must be an integer >= 0, got -1"),
+        (lambda: loader.epoch_order(1.5), "epoch must be an integer >= 0, got 1.5"),
+        (lambda: loader.reselect("a"), "keep must be in (0, 1], got 'a'"),
+        (lambda: loader.reselect(0.1, method="random", seed=0.5), "seed must be an integer >= 0, got 0.5"),
+        (lambda: loader.update_proxy("model"), "update_proxy takes the trainer's torch.nn.Module, got 'model'"),
+    ]:
+        with pytest.raises(ParameterError, match=re.escape(message)):
+            call()
+    assert loader.round == 0 and loader.epoch == 0
+
+
+def test_plain_ids_come_in_any_order_and_are_visited_in_the_epochs(id_store):
+    loader = StreamingLoader(id_store, [30, 2, 17], batch_size=2, shuffle=False, backend="torch", device="cpu")
+    assert loader.ids.tolist() == [2, 17, 30]
+    assert [i for x, _ in loader for i in sample_ids(x)] == [2, 17, 30]
+
+
+def _plain(state: dict) -> dict:
+    """A state with its arrays as lists, to compare with ==."""
+    return {
+        k: _plain(v) if isinstance(v, dict) else v.tolist() if isinstance(v, np.ndarray) else v
+        for k, v in state.items()
+    }
+
+
+def test_a_refused_state_changes_nothing(id_store):
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=100, backend="torch")
+
+    reference = iter(make())
+    expected = [sample_ids(x) for x, _ in reference]
+    loader = make()
+    batches = iter(loader)
+    assert [sample_ids(next(batches)[0]) for _ in range(2)] == expected[:2]
+    before = _plain(loader.state_dict())
+
+    # A good state of another round, further on: what a half-taken one would leave behind shows.
+    other = make()
+    other.reselect(0.1, method="random", seed=5)
+    other.set_epoch(3)
+    good = other.state_dict()
+    chosen, order = good["selection"], good["order"]
+    ids = chosen["ids"]
+    without = {k: v for k, v in chosen.items() if k != "scan_io"}
+    bad_states = [
+        ([good], DatasetError, "state_dict version 'list' is not 2"),
+        ({**good, "dataset": [1]}, DatasetError, "state_dict['dataset'] must be a Mapping, got [1]"),
+        ({k: v for k, v in good.items() if k != "order"}, DatasetError, "state_dict has no 'order'"),
+        ({**good, "order": "x"}, DatasetError, "state_dict['order'] must be a Mapping, got 'x'"),
+        ({**good, "selection": without}, DatasetError, "state_dict's selection has no 'scan_io'"),
+        ({**good, "selection": {**chosen, "weights": None}}, DatasetError, "state_dict's selection has no 'weights'"),
+        ({**good, "selection": {**chosen, "round": "1"}}, DatasetError, "['round'] must be an integer >= 0, got '1'"),
+        ({**good, "selection": {**chosen, "scan_io": {"bytes": 1}}}, DatasetError, "scan_io has no 'requests'"),
+        (
+            {**good, "order": {k: v for k, v in order.items() if k != "epochs_completed"}},
+            DatasetError,
+            "state_dict's order has no 'epochs_completed'",
+        ),
+        ({**good, "order": {**order, "epoch": "3"}}, DatasetError, "order['epoch'] must be an integer >= 0, got '3'"),
+        (
+            {**good, "selection": {**chosen, "ids": np.r_[ids[:1], ids[:1], ids[:1], ids[3:]]}},
+            SampleIdError,
+            f"selected sample id {ids[0]} is named twice in state_dict's selection",
+        ),
+        (
+            {**good, "selection": {**chosen, "ids": ids[::-1].copy()}},
+            SampleIdError,
+            f"selected sample ids in state_dict's selection must be sorted, got {ids[-1]} before {ids[-2]}",
+        ),
+        (
+            {**good, "selection": {**chosen, "ids": np.r_[ids[:-1], 2500]}},
+            SampleIdError,
+            "selected sample id 2500 out of range [0, 2500) in state_dict's selection",
+        ),
+        (
+            {**good, "selection": {**chosen, "ids": ids.astype(np.float64)}},
+            SampleIdError,
+            "selected sample ids in state_dict's selection must be integers, got float64",
+        ),
+        (
+            {**good, "selection": {**chosen, "weights": chosen["weights"][1:]}},
+            DatasetError,
+            "selection weights in state_dict's selection must be 250 finite numbers",
+        ),
+    ]
+    for state, error, message in bad_states:
+        with pytest.raises(error, match=re.escape(message)):
+            loader.load_state_dict(state)
+        assert _plain(loader.state_dict()) == before, message
+    assert [sample_ids(x) for x, _ in batches] == expected[2:]  # the epoch goes on where it was
 
 
 def test_a_training_loop_runs_from_the_loader(id_store):
@@ -342,5 +478,5 @@ def test_warm_start_epochs_visit_every_sample_then_the_selection(id_store):
     assert got == epochs[1] and resumed.epoch == 2 and len(resumed) == 3
     with pytest.raises(ValueError, match="taken with warm_start_epochs=2; this loader has 0"):
         StreamingLoader(id_store, selection, batch_size=100, backend="torch").load_state_dict(interrupted.state_dict())
-    with pytest.raises(ValueError, match="warm_start_epochs must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="warm_start_epochs must be an integer >= 0, got -1"):
         StreamingLoader(id_store, selection, warm_start_epochs=-1)
