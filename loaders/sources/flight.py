@@ -101,16 +101,17 @@ class FlightSource(Source):
         options: dict[str, Any] | None = None,
         seed: int,
     ) -> Selection:
-        """A new round on the server, after its current one (which holds `previous`)."""
+        """A new round on the server, after its current one (which holds `previous`), or after
+        another trainer's if it asked first: the server answers with the round it ran."""
         request = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
-        info = json.loads(self.action("select", json.dumps(request).encode()))
-        return self.selection(info["round"])
+        return Selection.from_bytes(self.action("select", json.dumps(request).encode()))
 
     def update_proxy(self, model: torch.nn.Module) -> None:
-        """Push the model's weights as the server's proxy."""
+        """Push the model's weights as the server's proxy (a do_put of `protocol.weight_batches`)."""
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-        json.loads(self.action("update_proxy", buffer.getvalue()))
+        body = buffer.getbuffer()
+        json.loads(self._call(lambda: self._put(protocol.weights_descriptor(self.name, len(body)), body)))
 
     def close(self) -> None:
         self._client.close()
@@ -119,6 +120,15 @@ class FlightSource(Source):
         """The server's answer to action `kind` with `body` (`protocol.ACTIONS`)."""
         results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=self._options)))
         return results[0].body.to_pybytes()
+
+    def _put(self, descriptor: flight.FlightDescriptor, body: memoryview) -> bytes:
+        """Stream `body` to the server in chunks; its answer (the put's metadata)."""
+        writer, answers = self._client.do_put(descriptor, protocol.WEIGHTS, options=self._options)
+        with writer:  # closing raises the server's refusal, if it refused
+            for batch in protocol.weight_batches(body):
+                writer.write_batch(batch)
+            writer.done_writing()
+            return answers.read().to_pybytes()
 
     def _call(self, call: Callable[[], T]) -> T:
         """Run a Flight call; raise the server's refusals as its errors, retry while it is away."""

@@ -7,18 +7,23 @@ Arrow Flight; everything both sides must agree on lives here.
   order: an int64 `id` column and one column per array: fixed-size binary for fixed-size samples
   (a sample's raw bytes, C order), variable-length binary for encoded ones (their bytes as
   stored); the schema's metadata gives each array's dtype ("bytes" for encoded) and sample shape.
-- actions (`ACTIONS`), JSON bodies and answers: `info`, `selection` (`{"round": r}` →
-  `Selection.to_bytes()`), `update_proxy` (a `torch.save`d state_dict → the new proxy version),
-  `select` (`{"keep", "method", "options", "seed"}` → runs a round, answers like `info`).
+- actions (`ACTIONS`), JSON bodies of at most MAX_TICKET_BYTES and answers: `info`, `selection`
+  (`{"round": r}` → `Selection.to_bytes()`), `select` (`{"keep", "method", "options", "seed"}` →
+  runs a round, answers with its `Selection.to_bytes()`).
+- `do_put(weights_descriptor(name, n))`: pushes proxy weights (a `torch.save`d state_dict of n
+  bytes) as WEIGHTS batches of at most WEIGHTS_CHUNK_BYTES each; the server reads them batch by
+  batch, refusing n over its limit before a byte is read and a stream that passes n at once, and
+  answers with the new proxy version as the put's metadata.
 - refusals: a FlightServerError whose extra_info is `{"error": class name, "message": ...}`, the
-  class one of `nearstore.errors`; the client raises that class again with the message.
+  class one of `nearstore.errors`; the client raises that class again with the message. Nothing
+  else of the server's exception crosses: an unexpected one is `internal_error(incident)`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,14 +35,16 @@ from nearstore.storage.dataset import check_ids
 
 MAX_TICKET_BYTES = 8 << 20
 MAX_REQUEST_SAMPLES = 65_536
-MAX_PROXY_BYTES = 1 << 30
+MAX_PROXY_BYTES = 1 << 30  # the server's default limit on pushed weights (max_proxy_bytes)
+WEIGHTS_CHUNK_BYTES = 1 << 20
+WEIGHTS = pa.schema([pa.field("chunk", pa.binary())])
+INT64 = np.iinfo(np.int64)
 # The ticket round of a full-data epoch (a loader's warm start): any sample of the dataset.
 ALL_SAMPLES = "all"
 ACTIONS = {
     "info": "the dataset, the current selection round and the server's I/O counts",
     "selection": "a selection round as Selection.to_bytes()",
-    "update_proxy": "push a torch state_dict of the proxy model",
-    "select": "run a new selection round",
+    "select": "run a new selection round; answers with it as Selection.to_bytes()",
 }
 SELECT_FIELDS = ("keep", "method", "options", "seed")
 
@@ -48,13 +55,15 @@ def ticket(dataset: str, round: int | str, ids: Sequence[int] | np.ndarray, arra
     return flight.Ticket(json.dumps(body).encode())
 
 
-def parse(raw: bytes, what: str, limit: int = MAX_TICKET_BYTES) -> dict[str, Any]:
+def parse(raw: bytes | pa.Buffer, what: str, limit: int = MAX_TICKET_BYTES) -> dict[str, Any]:
     """A JSON object of at most `limit` bytes; RequestError naming `what` otherwise."""
-    if len(raw) > limit:
+    if len(raw) > limit:  # before an action's body is copied out of Arrow's buffer
         raise RequestError(f"{what} of {len(raw)} bytes exceeds the limit of {limit}")
     try:
-        request = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        request = json.loads(bytes(raw))
+    except RecursionError as e:
+        raise RequestError(f"{what} is nested too deeply") from e
+    except ValueError as e:  # not UTF-8, not JSON, or an integer of more digits than Python converts
         raise RequestError(f"{what} is not JSON: {e}") from e
     if not isinstance(request, dict):
         raise RequestError(f"{what} must be a JSON object, got {type(request).__name__}")
@@ -63,10 +72,14 @@ def parse(raw: bytes, what: str, limit: int = MAX_TICKET_BYTES) -> dict[str, Any
 
 def parse_ids(raw: Any, num_samples: int) -> np.ndarray:
     """A ticket's ids: a list of at most MAX_REQUEST_SAMPLES integers, each naming a sample."""
-    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
-        raise RequestError("ticket 'ids' must be a list of integers")
+    if not isinstance(raw, list):
+        raise RequestError(f"ticket 'ids' must be a list of integers, got {type(raw).__name__}")
     if len(raw) > MAX_REQUEST_SAMPLES:
         raise RequestError(f"ticket names {len(raw)} samples; at most {MAX_REQUEST_SAMPLES} per request")
+    # int64 first: what numpy holds; the dataset's range is check_ids'
+    bad = next((k for k, i in enumerate(raw) if type(i) is not int or not INT64.min <= i <= INT64.max), None)
+    if bad is not None:
+        raise RequestError(f"ticket 'ids' must be 64-bit integers; item {bad} is {raw[bad]!r}")
     ids = np.asarray(raw, dtype=np.int64)
     check_ids(ids, num_samples, "the served dataset")
     return ids
@@ -120,10 +133,49 @@ def from_table(table: pa.Table) -> dict[str, np.ndarray]:
     return arrays
 
 
+def weights_descriptor(dataset: str, nbytes: int) -> flight.FlightDescriptor:
+    """The client's do_put of proxy weights of `nbytes` bytes for `dataset`."""
+    return flight.FlightDescriptor.for_command(json.dumps({"dataset": dataset, "bytes": nbytes}).encode())
+
+
+def weight_batches(body: bytes | memoryview) -> Iterator[pa.RecordBatch]:
+    """`body` as WEIGHTS batches of one chunk of at most WEIGHTS_CHUNK_BYTES each."""
+    view = memoryview(body)
+    for start in range(0, len(view), WEIGHTS_CHUNK_BYTES):
+        chunk = bytes(view[start : start + WEIGHTS_CHUNK_BYTES])
+        yield pa.record_batch([pa.array([chunk], type=pa.binary())], schema=WEIGHTS)
+
+
+def read_weights(reader: flight.MetadataRecordBatchReader, nbytes: int) -> bytearray:
+    """The `nbytes` bytes a do_put stream of WEIGHTS batches holds, read batch by batch: a stream
+    that passes `nbytes` is refused at the batch that does, so a client that announced fewer bytes
+    than it sends costs the server nbytes and one message, not what it sends."""
+    if reader.schema != WEIGHTS:
+        raise RequestError(f"pushed weights must be batches of {WEIGHTS}, got {reader.schema}")
+    body = bytearray(nbytes)
+    filled = 0
+    for chunk in reader:
+        for value in chunk.data.column(0):
+            data = value.as_buffer() or b""  # a null chunk holds no bytes
+            if filled + len(data) > nbytes:
+                raise RequestError(f"pushed weights pass the {nbytes} bytes their descriptor announced")
+            body[filled : filled + len(data)] = data
+            filled += len(data)
+    if filled != nbytes:
+        raise RequestError(f"pushed weights hold {filled} bytes, not the {nbytes} their descriptor announced")
+    return body
+
+
 def refusal(error: NearstoreError) -> flight.FlightServerError:
     """What the server raises for one of our errors: its class and message in extra_info."""
     info = {"error": type(error).__name__, "message": str(error)}
     return flight.FlightServerError(str(error), extra_info=json.dumps(info).encode())
+
+
+def internal_error(incident: str) -> flight.FlightServerError:
+    """What the server raises for an error not of ours: the incident id its log holds the
+    traceback under, and nothing of the error (its message may hold paths of the server's)."""
+    return flight.FlightServerError(f"internal error {incident} (the server's log holds its traceback)")
 
 
 def refused(error: flight.FlightServerError) -> NearstoreError | None:

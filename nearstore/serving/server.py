@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import torch
 
 from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
+from nearstore.selection.plan import check_keep
 from nearstore.selection.selectors import next_round
 from nearstore.serving import protocol
 from nearstore.storage import Dataset, IOStats, SelectiveReader
@@ -49,6 +52,8 @@ class NearStoreServer(flight.FlightServerBase):
     token: required when host is not a loopback address.
     state_dir: where the server keeps its rounds and pushed proxy (never inside the dataset); a
         server started on a state_dir that holds them resumes from them instead of selecting.
+    max_proxy_bytes: the largest pushed state_dict accepted, in bytes; a push announcing more is
+        refused before its first byte is read.
     """
 
     def __init__(
@@ -66,10 +71,14 @@ class NearStoreServer(flight.FlightServerBase):
         seed: int = 0,
         model: str | Callable[[], torch.nn.Module] | None = None,
         state_dir: str | Path | None = None,
+        max_proxy_bytes: int = protocol.MAX_PROXY_BYTES,
         progress: bool = False,
     ) -> None:
         if not _is_loopback(host) and not token:
             raise ParameterError(f"a token is required to listen on {host!r}, beyond 127.0.0.1 (set NEARSTORE_TOKEN)")
+        if not isinstance(max_proxy_bytes, int) or max_proxy_bytes < 1:
+            raise ParameterError(f"max_proxy_bytes must be an integer >= 1, got {max_proxy_bytes!r}")
+        self.max_proxy_bytes = max_proxy_bytes
         self.dataset = dataset
         self.name = name or _default_name(dataset.url)
         self.storage_reads = IOStats()  # every reader's, for samples shipped
@@ -82,14 +91,18 @@ class NearStoreServer(flight.FlightServerBase):
         self._model_factory = _import_factory(model) if isinstance(model, str) else model
         self._proxy: ModelProxy | None = None
         self.proxy_version = 0
-        self._lock = threading.Lock()  # the readers' caches and the rounds change under it
+        self._lock = threading.Lock()  # the readers' caches, the rounds and the proxy change under it
+        # One round runs at a time: each is numbered after, and handed, the round before it; reads
+        # (under _lock) go on meanwhile.
+        self._round_lock = threading.Lock()
         self._rounds: dict[int, Selection] = {}
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
         if not self._restore():
             if selection is None:
                 selection = self._run_round(keep=keep, method=method, options=dict(options or {}), seed=seed)
-            selection.check_dataset(dataset)
-            self._keep_round(selection)
+            else:
+                selection.check_dataset(dataset)
+                self._keep_round(selection)
         middleware = {"token": _TokenCheck(token)} if token else {}
         super().__init__(f"grpc://{host}:{port}", middleware=middleware)
         self.host = host
@@ -101,12 +114,13 @@ class NearStoreServer(flight.FlightServerBase):
 
     @property
     def current(self) -> Selection:
-        return self._rounds[max(self._rounds)]
+        with self._lock:
+            return self._rounds[max(self._rounds)]
 
     # Flight handlers -------------------------------------------------------------------------
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
-        try:
+        with _answering("do_get"):
             request = protocol.parse(ticket.ticket, "ticket")
             self._check_dataset(request)
             ids = protocol.parse_ids(request.get("ids"), self.dataset.num_samples)
@@ -120,26 +134,42 @@ class NearStoreServer(flight.FlightServerBase):
                     )
             with self._lock:
                 arrays = self._reader(names).read(ids)
-        except NearstoreError as e:
-            raise protocol.refusal(e) from e
-        batch = protocol.to_record_batch(ids, arrays)
+            batch = protocol.to_record_batch(ids, arrays)
         self.shipped.add(bytes=batch.nbytes, requests=1, samples=len(ids))
         return flight.RecordBatchStream(pa.Table.from_batches([batch]))
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
-        handlers = {
-            "info": self._info,
-            "selection": self._selection,
-            "update_proxy": self._update_proxy,
-            "select": self._select,
-        }
-        try:
+        handlers = {"info": self._info, "selection": self._selection, "select": self._select}
+        with _answering(f"action {action.type!r}"):
             if action.type not in handlers:
                 raise RequestError(f"unknown action {action.type!r}; this server answers {sorted(handlers)}")
-            answer = handlers[action.type](action.body.to_pybytes())
-        except NearstoreError as e:
-            raise protocol.refusal(e) from e
+            answer = handlers[action.type](action.body)  # each parses it, its size checked first
         yield flight.Result(pa.py_buffer(answer))
+
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        """A push of proxy weights (`protocol.weights_descriptor`); answers the new proxy version."""
+        with _answering("a weights push"):
+            request = protocol.parse(descriptor.command or b"", "weights descriptor")
+            self._check_dataset(request)
+            if self._model_factory is None:
+                raise RequestError(
+                    f"server of {self.name!r} has no proxy model: start it with --model to accept weights"
+                )
+            nbytes = request.get("bytes")
+            if type(nbytes) is not int or nbytes < 0:
+                raise RequestError(f"weights descriptor's 'bytes' must be a byte count, got {nbytes!r}")
+            if nbytes > self.max_proxy_bytes:
+                raise RequestError(
+                    f"proxy state_dict of {nbytes} bytes exceeds the limit of {self.max_proxy_bytes} (max_proxy_bytes)"
+                )
+            answer = self._update_proxy(protocol.read_weights(reader, nbytes))
+        writer.write(pa.py_buffer(answer))
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return list(protocol.ACTIONS.items())
@@ -152,7 +182,7 @@ class NearStoreServer(flight.FlightServerBase):
 
     # Actions ---------------------------------------------------------------------------------
 
-    def _info(self, body: bytes = b"") -> bytes:
+    def _info(self, body: pa.Buffer | None = None) -> bytes:
         current = self.current
         ds = self.dataset
         return json.dumps(
@@ -173,28 +203,24 @@ class NearStoreServer(flight.FlightServerBase):
             }
         ).encode()
 
-    def _selection(self, body: bytes) -> bytes:
+    def _selection(self, body: pa.Buffer) -> bytes:
         request = protocol.parse(body, "selection request") if body else {}
         return self._round(request.get("round")).to_bytes()
 
-    def _update_proxy(self, body: bytes) -> bytes:
-        if self._model_factory is None:
-            raise RequestError(
-                f"server of {self.name!r} has no proxy model: start it with --model module:factory to accept weights"
-            )
-        if len(body) > protocol.MAX_PROXY_BYTES:
-            raise RequestError(f"proxy state_dict of {len(body)} bytes exceeds the limit of {protocol.MAX_PROXY_BYTES}")
+    def _update_proxy(self, body: bytearray) -> bytes:
+        """Pushed weights, checked, as the proxy of the next rounds; answers its version."""
         proxy = self._proxy_from(body)
         with self._lock:
             self._proxy = proxy
             self.proxy_version += 1
+            version = self.proxy_version
             if self.state_dir is not None:
                 _write_atomically(self.state_dir / "proxy.pt", body)
                 self._persist()
-        log.info("proxy version %d received (%d bytes)", self.proxy_version, len(body))
-        return json.dumps({"proxy_version": self.proxy_version}).encode()
+        log.info("proxy version %d received (%d bytes)", version, len(body))
+        return json.dumps({"proxy_version": version}).encode()
 
-    def _proxy_from(self, body: bytes) -> ModelProxy:
+    def _proxy_from(self, body: bytes | bytearray) -> ModelProxy:
         """The server's model with pushed weights (a torch-saved state_dict), checked."""
         try:
             state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
@@ -202,6 +228,9 @@ class NearStoreServer(flight.FlightServerBase):
             raise RequestError(f"proxy weights are not a torch state_dict: {e}") from e
         if not isinstance(state, dict):
             raise RequestError(f"proxy weights must be a state_dict, got {type(state).__name__}")
+        for key, tensor in state.items():  # a diverged model's scores are NaN: no round could use them
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise RequestError(f"proxy weights {key!r} hold NaN or inf")
         model = self._model_factory()
         try:
             model.load_state_dict(state)
@@ -214,45 +243,51 @@ class NearStoreServer(flight.FlightServerBase):
             )
         return proxy
 
-    def _select(self, body: bytes) -> bytes:
+    def _select(self, body: pa.Buffer) -> bytes:
+        """A new round, run after any running one; answers with it, whichever round is current by then."""
         request = protocol.parse(body, "select request") if body else {}
         unknown = set(request) - set(protocol.SELECT_FIELDS)
         if unknown:
             raise RequestError(f"select takes keep, method, options and seed; got unknown {sorted(unknown)}")
-        options = request.get("options") or {}
+        current = self.current
+        keep, method = request.get("keep", current.keep), request.get("method", current.method)
+        options, seed = request.get("options", {}), request.get("seed", current.round + 1)
+        if not isinstance(keep, int | float) or isinstance(keep, bool):
+            raise RequestError(f"select's keep must be a number, got {keep!r}")
+        check_keep(keep)  # before float(): a JSON integer may be past float's range
+        if not isinstance(method, str):
+            raise RequestError(f"select's method must be a string, got {method!r}")
         if not isinstance(options, dict):
-            raise RequestError(f"select options must be a JSON object, got {type(options).__name__}")
-        if not isinstance(request.get("keep", 0.0), int | float) or not isinstance(request.get("seed", 0), int):
-            raise RequestError(f"select's keep must be a number and its seed an integer, got {request}")
-        selection = self._run_round(
-            keep=float(request.get("keep", self.current.keep)),
-            method=str(request.get("method", self.current.method)),
-            options=options,
-            seed=int(request.get("seed", self.current.round + 1)),
-        )
-        self._keep_round(selection)
-        return self._info()
+            raise RequestError(f"select's options must be a JSON object, got {type(options).__name__}")
+        return self._run_round(keep=float(keep), method=method, options=options, seed=seed).to_bytes()
 
     # Rounds ----------------------------------------------------------------------------------
 
     def _run_round(self, *, keep: float, method: str, options: dict[str, Any], seed: int) -> Selection:
-        previous = self.current if self._rounds else None
-        number = 0 if previous is None else previous.round + 1
-        log.info(
-            "selection round %d: %s %s, keep %.3f, proxy version %d", number, method, options, keep, self.proxy_version
-        )
-        selection = next_round(
-            self.dataset,
-            number,
-            previous=None if previous is None else previous.ids,
-            keep=keep,
-            method=method,
-            options=options,
-            seed=seed,
-            proxy=self._proxy,
-            progress=self.progress,
-        )
-        return replace(selection, params={**selection.params, "proxy_version": self.proxy_version})
+        """Run the next round and keep it: numbered and handed the round before it under
+        _round_lock, so concurrent requests get distinct rounds, each the one it ran."""
+        with self._round_lock:
+            with self._lock:
+                previous = self._rounds[max(self._rounds)] if self._rounds else None
+                proxy, proxy_version = self._proxy, self.proxy_version
+            number = 0 if previous is None else previous.round + 1
+            log.info(
+                "selection round %d: %s %s, keep %.3f, proxy version %d", number, method, options, keep, proxy_version
+            )
+            selection = next_round(
+                self.dataset,
+                number,
+                previous=None if previous is None else previous.ids,
+                keep=keep,
+                method=method,
+                options=options,
+                seed=seed,
+                proxy=proxy,
+                progress=self.progress,
+            )
+            selection = replace(selection, params={**selection.params, "proxy_version": proxy_version})
+            self._keep_round(selection)
+        return selection
 
     def _keep_round(self, selection: Selection) -> None:
         with self._lock:
@@ -295,15 +330,32 @@ class NearStoreServer(flight.FlightServerBase):
     def _round(self, number: Any) -> Selection:
         if number is None:
             return self.current
-        if not isinstance(number, int) or number not in self._rounds:
-            raise RequestError(
-                f"selection round {number!r} of {self.name!r} is not held; rounds {sorted(self._rounds)}"
-            )
-        return self._rounds[number]
+        with self._lock:
+            if type(number) is not int or number not in self._rounds:
+                raise RequestError(
+                    f"selection round {number!r} of {self.name!r} is not held; rounds {sorted(self._rounds)}"
+                )
+            return self._rounds[number]
 
     def _check_dataset(self, request: dict[str, Any]) -> None:
         if request.get("dataset") != self.name:
             raise RequestError(f"this server serves dataset {self.name!r}, not {request.get('dataset')!r}")
+
+
+@contextmanager
+def _answering(what: str) -> Iterator[None]:
+    """Errors raised answering `what` as they cross the wire: ours as their class and message
+    (`protocol.refusal`); any other as an internal error, logged here with its traceback under an
+    incident id the client is told. pyarrow would send the client a Python exception's traceback,
+    the server's file paths in it: the exception does not leave this block."""
+    try:
+        yield
+    except NearstoreError as e:
+        raise protocol.refusal(e) from None
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("internal error %s answering %s", incident, what)
+        raise protocol.internal_error(incident) from None
 
 
 class _TokenCheck(flight.ServerMiddlewareFactory):

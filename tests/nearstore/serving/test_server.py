@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import torch
 from resume import assert_resumes_at_every_batch
 from servers import free_port
 
+import nearstore
 from loaders import FlightSource, StreamingLoader
 from nearstore import (
     ModelProxy,
@@ -24,12 +26,13 @@ from nearstore import (
     ParameterError,
     RequestError,
     SampleIdError,
+    Selection,
     open_dataset,
     random_select,
     sage_select,
     write_dataset,
 )
-from nearstore.serving import NearStoreServer
+from nearstore.serving import NearStoreServer, protocol
 from nearstore.serving.protocol import MAX_REQUEST_SAMPLES
 
 
@@ -178,7 +181,7 @@ def test_bad_requests_are_refused_with_the_reason(served):
         get({**base, "round": 99, "ids": [int(current.ids[0])]})
     with pytest.raises(flight.FlightServerError, match="ticket is not JSON"):
         get(b"\xff not json")
-    with refused(RequestError, "ticket 'ids' must be a list of integers"):
+    with refused(RequestError, "ticket 'ids' must be 64-bit integers; item 0 is '7'"):
         get({**base, "ids": ["7"]})
     with refused(
         RequestError, f"ticket names {MAX_REQUEST_SAMPLES + 1} samples; at most {MAX_REQUEST_SAMPLES} per request"
@@ -195,17 +198,150 @@ def test_bad_requests_are_refused_with_the_reason(served):
         source.select(keep=3.0, method="random", seed=0)
     with pytest.raises(ParameterError, match="method must be one of"):
         source.select(keep=0.1, method="oracle", seed=0)
-    with pytest.raises(ParameterError, match="norm_power must be >= 0"):  # checked before any scan
+    with pytest.raises(ParameterError, match=r"norm_power must be a number in \[0, 1\]"):  # before any scan
         source.select(keep=0.1, method="graft", options={"norm_power": -1}, seed=0)
     with pytest.raises(RequestError, match="unknown \\['ell'\\]"):
         source.action("select", json.dumps({"ell": 9}).encode())
     with pytest.raises(RequestError, match="do not fit the server's model"):
         source.update_proxy(torch.nn.Linear(8, 5))
-    with pytest.raises(RequestError, match="not a torch state_dict"):
-        source.action("update_proxy", b"garbage")
+    writer, _ = client.do_put(protocol.weights_descriptor(served.name, 7), protocol.WEIGHTS)
+    with pytest.raises(flight.FlightServerError, match="not a torch state_dict"), writer:
+        writer.write_batch(next(protocol.weight_batches(b"garbage")))
     with pytest.raises(RequestError, match="not 'elsewhere'"):
         FlightSource(served.url.replace("/ids", "/elsewhere")).read([0], arrays=["x"], round=current.round)
     assert served.current is current  # nothing refused made a round
+
+
+def test_concurrent_selects_get_distinct_rounds_each_served_and_kept_as_answered(id_store, tmp_path):
+    state_dir = tmp_path / "state"
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), state_dir=state_dir)
+    try:
+        start = threading.Barrier(2)
+        answered: dict[float, Selection] = {}
+
+        def select(keep: float) -> None:
+            source = FlightSource(server.url)
+            start.wait()  # both ask while the other's scan (SAGE's two passes) runs
+            answered[keep] = source.select(keep=keep, method="sage", seed=0)
+
+        threads = [threading.Thread(target=select, args=(keep,)) for keep in (0.1, 0.2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(s.round for s in answered.values()) == [1, 2]
+        assert len(answered[0.1]) == 250 and len(answered[0.2]) == 500  # so a mix-up would show
+        source = FlightSource(server.url)
+        for selection in answered.values():
+            served = source.selection(selection.round)
+            np.testing.assert_array_equal(served.ids, selection.ids)
+            np.testing.assert_array_equal(
+                Selection.load(str(state_dir / f"round-{selection.round}.npz")).ids, selection.ids
+            )
+            some = selection.ids[:5]
+            np.testing.assert_array_equal(source.read(some, arrays=["y"], round=selection.round)["y"], some % 5)
+        # the round run second was handed the first as its previous round
+        later = max(answered.values(), key=lambda s: s.round)
+        assert later.params["proxy_version"] == 0 and source.info()["round"] == later.round
+    finally:
+        server.shutdown()
+
+
+def test_a_weights_push_over_the_limit_is_refused_before_it_is_read(id_store):
+    limit = 4 << 20
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=tiny_model, max_proxy_bytes=limit)
+    try:
+        source = FlightSource(server.url)
+        with pytest.raises(
+            RequestError, match=rf"proxy state_dict of \d+ bytes exceeds the limit of {limit} \(max_proxy_bytes\)"
+        ):
+            source.update_proxy(torch.nn.Linear(1 << 20, 2))  # 8 MiB of weights
+        # A client that announces fewer bytes than it sends is cut off where it passes them.
+        client = flight.FlightClient(f"grpc://127.0.0.1:{server.port}")
+        writer, _ = client.do_put(protocol.weights_descriptor(server.name, 1000), protocol.WEIGHTS)
+        with pytest.raises(flight.FlightServerError) as raised:
+            with writer:
+                for batch in protocol.weight_batches(bytes(8 << 20)):
+                    writer.write_batch(batch)
+        assert _refusal(raised.value) == (
+            "RequestError",
+            "pushed weights pass the 1000 bytes their descriptor announced",
+        )
+        assert server.proxy_version == 0
+        source.update_proxy(tiny_model())  # within the limit
+        assert server.proxy_version == 1
+    finally:
+        server.shutdown()
+    with pytest.raises(ParameterError, match="max_proxy_bytes must be an integer >= 1, got 0"):
+        NearStoreServer(id_store, selection=random_select(id_store, 0.1), max_proxy_bytes=0)
+
+
+def test_refusals_and_internal_errors_carry_no_traceback_or_server_path(served, id_store_url, monkeypatch, caplog):
+    client = flight.FlightClient(f"grpc://127.0.0.1:{served.port}")
+    ticket = {"dataset": served.name, "round": served.current.round, "ids": [int(served.current.ids[0])]}
+    with pytest.raises(flight.FlightServerError) as refusal:
+        client.do_get(flight.Ticket(json.dumps({**ticket, "ids": [10**30]}).encode())).read_all()
+
+    def failing_reader(names):
+        raise OSError(f"cannot read {id_store_url}/x/c/0")
+
+    monkeypatch.setattr(served, "_reader", failing_reader)
+    with caplog.at_level("ERROR", logger="nearstore"), pytest.raises(flight.FlightServerError) as internal:
+        FlightSource(served.url).read(ticket["ids"], arrays=["x"], round=ticket["round"])
+    incident = re.search(r"internal error (\w+) \(the server's log holds its traceback\)", str(internal.value))[1]
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert len(logged) == 1 and "cannot read" in str(logged[0].exc_info[1])
+    for error in (refusal.value, internal.value):
+        seen = str(error) + (error.extra_info or b"").decode()
+        assert "Traceback" not in seen and id_store_url not in seen
+        assert str(Path(nearstore.__file__).parent) not in seen and ".py" not in seen
+
+
+def test_unchecked_inputs_are_refused_by_name(served):
+    client = flight.FlightClient(f"grpc://127.0.0.1:{served.port}")
+    source = FlightSource(served.url)
+    current, version = served.current, served.proxy_version
+
+    def action(kind: str, body: bytes) -> tuple[str, str]:
+        with pytest.raises(flight.FlightServerError) as raised:
+            list(client.do_action(flight.Action(kind, body)))
+        return _refusal(raised.value)
+
+    ticket = {"dataset": served.name, "round": current.round}
+    with pytest.raises(flight.FlightServerError) as raised:
+        client.do_get(flight.Ticket(json.dumps({**ticket, "ids": [1, 10**30]}).encode())).read_all()
+    assert _refusal(raised.value) == ("RequestError", f"ticket 'ids' must be 64-bit integers; item 1 is {10**30}")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert action("select", deep) == ("RequestError", "select request is nested too deeply")
+    assert action("selection", deep) == ("RequestError", "selection request is nested too deeply")
+    error, message = action("select", b'{"keep": 1' + b"0" * 5000 + b"}")
+    assert error == "RequestError" and message.startswith("select request is not JSON: Exceeds the limit (4300 digits)")
+    assert action("select", json.dumps({"keep": 10**400}).encode()) == (
+        "ParameterError",
+        f"keep must be in (0, 1], got {10**400}",
+    )
+    assert action("select", json.dumps({"keep": "all"}).encode()) == (
+        "RequestError",
+        "select's keep must be a number, got 'all'",
+    )
+    for seed in (-1, 2**64, "7"):
+        with pytest.raises(
+            ParameterError, match=rf"seed must be an integer in \[0, 18446744073709551616\), got {seed!r}"
+        ):
+            source.select(keep=0.1, method="random", seed=seed)
+    with pytest.raises(ParameterError, match=r"window must be an integer in \[2, 8192\], got 1000000"):
+        source.select(keep=0.1, method="graft", options={"window": 10**6}, seed=0)
+    with pytest.raises(ParameterError, match=r"'crest' has no options \['ell'\]"):
+        source.select(keep=0.1, method="crest", options={"ell": 10**9}, seed=0)
+    with pytest.raises(ParameterError, match=r"confidence must be a number in \(0, 1\), got 'high'"):
+        source.select(keep=0.1, method="crest", options={"confidence": "high"}, seed=0)
+    for where, bad in (("2.weight", float("nan")), ("0.bias", float("inf"))):
+        model = tiny_model()
+        with torch.no_grad():
+            model.get_parameter(where).view(-1)[0] = bad
+        with pytest.raises(RequestError, match=f"proxy weights '{where}' hold NaN or inf"):
+            source.update_proxy(model)
+    assert served.current is current and served.proxy_version == version  # nothing refused changed the server
 
 
 def test_a_server_without_a_model_refuses_weights(id_store):
