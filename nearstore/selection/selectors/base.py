@@ -105,11 +105,13 @@ def check_range(
 
 
 def check_flag(name: str, value: Any) -> None:
+    """Option `name` is a bool (JSON's true or false), not a truthy stand-in."""
     if not isinstance(value, bool):
         raise ParameterError(f"{name} must be true or false, got {value!r}")
 
 
 def check_seed(seed: Any) -> None:
+    """A round's seed: an integer that numpy's and torch's generators both take."""
     check_range("seed", seed, 0, SEEDS, integer=True, open_high=True)
 
 
