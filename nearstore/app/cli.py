@@ -22,6 +22,7 @@ from nearstore.storage import read_labels
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
 CONVERT_FORMATS = ("npy", "npz", "mnist1d", "digits", "imagefolder", "webdataset", "mds", "shapes")
+GENERATED = ("mnist1d", "digits", "shapes")  # convert sources made here, not read from a path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,6 +141,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     kind = args.format or _source_kind(args.source)
+    if kind not in GENERATED:
+        _check_apart(args.out, [args.source, *([args.labels] if args.labels else [])])
     source, num_samples, class_names = args.source, None, None
     if kind == "mnist1d":
         num_samples = 70_000 if args.num_samples is None else args.num_samples
@@ -169,7 +172,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _source_kind(source: str) -> str:
     """The kind of a `convert` source, told by its name or by what lies at its path."""
-    if source in ("mnist1d", "digits", "shapes"):
+    if source in GENERATED:
         return source
     if source.endswith((".npz", ".npy")):
         return source[-3:]
@@ -184,6 +187,21 @@ def _source_kind(source: str) -> str:
         f"unknown source {source!r}: expected 'mnist1d', 'digits', 'shapes', a .npz or an .npy path, .tar shards, "
         "an MDS folder (with index.json) or an image folder (root/<class>/<image>); or name it with --format"
     )
+
+
+def _check_apart(out: str, sources: list[str]) -> None:
+    """Refuse to write a dataset at `out` where it is a source, lies inside one (it would be written
+    into the input: an image folder would gain a class), or holds one (--overwrite deletes it)."""
+    fs, path = fsspec.core.url_to_fs(out)
+    for source in sources:
+        theirs, there = fsspec.core.url_to_fs(source)
+        if type(theirs) is type(fs) and (_within(path, there) or _within(there, path)):
+            raise ParameterError(f"the dataset {out!r} and its source {source!r} overlap: write it elsewhere")
+
+
+def _within(path: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return path.rstrip("/") == root or path.startswith(root + "/")
 
 
 def _images(kind: str, args: argparse.Namespace) -> EncodedImages:
@@ -275,6 +293,9 @@ def _write(url: str, what: str, data: bytes) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving import NearStoreServer
+
+    if not 0 <= args.port <= 65535:  # Arrow would refuse it with a traceback, after the first scan
+        raise ParameterError(f"--port must be in [0, 65535], got {args.port}")
 
     server = NearStoreServer(
         open_dataset(args.url),

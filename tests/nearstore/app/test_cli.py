@@ -120,7 +120,7 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
     ("argv", "message"),
     [
         (["convert", "imagenet", "{tmp}/o.zarr"], "unknown source 'imagenet'"),
-        (["convert", "{tmp}", "{tmp}/o.zarr", "--format", "mds"], "no MDS index at '.*index.json'"),
+        (["convert", "{digits}", "{tmp}/o.zarr", "--format", "mds"], "no MDS index at '.*index.json'"),
         (["convert", "{tmp}/nowhere", "{tmp}/o.zarr", "--format", "imagefolder"], "no image folder at '.*nowhere'"),
         (["convert", "{tmp}/none-{{0..1}}.tar", "{tmp}/o.zarr"], "no WebDataset shard at '.*none-0.tar'"),
         (["convert", "shapes", "{tmp}/o.zarr", "--num-samples", "0"], "num_samples must be >= 1, got 0"),
@@ -141,6 +141,18 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
             ["select", "{digits}", "{tmp}/s.npz", "--report", "{digits}/r.csv"],
             "the report '.*digits.zarr/r.csv' lies inside the dataset",
         ),
+        # convert never writes into its source (an image folder would gain a class), nor over it
+        (
+            ["convert", "{tmp}", "{tmp}/o.zarr", "--format", "imagefolder"],
+            "the dataset '.*o.zarr' and its source '.*' overlap",
+        ),
+        (["convert", "{tmp}/x.npy", "{tmp}/x.npy", "--overwrite"], "the dataset '.*x.npy' and its source '.*x.npy'"),
+        (["convert", "{tmp}/a/x.npz", "{tmp}/a", "--overwrite"], "the dataset '.*a' and its source '.*a/x.npz'"),
+        (
+            ["convert", "{tmp}/x.npy", "{tmp}/o.zarr", "--labels", "{tmp}/o.zarr/y.npy", "--overwrite"],
+            "the dataset '.*o.zarr' and its source '.*o.zarr/y.npy' overlap",
+        ),
+        (["serve", "{digits}", "--port", "99999", "--method", "random"], r"--port must be in \[0, 65535\], got 99999"),
     ],
 )
 def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
@@ -149,6 +161,29 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     capsys.readouterr()
     assert main([a.format(tmp=tmp_path, digits=digits) for a in argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_damaged_selection_file_is_one_line_and_exit_2(tmp_path, capsys):
+    digits = str(tmp_path / "digits.zarr")
+    main(["convert", "digits", digits])
+    out = tmp_path / "s.npz"
+    assert main(["select", digits, str(out), "--method", "random"]) == 0
+    whole = out.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "junk.npz").write_bytes(b"not a selection\n")
+    capsys.readouterr()
+    for name, argv in [
+        ("cut.npz", ["info", str(tmp_path / "cut.npz")]),
+        ("junk.npz", ["info", str(tmp_path / "junk.npz")]),
+        ("cut.npz", ["serve", digits, "--port", "0", "--selection", str(tmp_path / "cut.npz")]),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(
+            rf"nearstore {argv[0]}: error: selection file '.*{name}' is not a selection: not an \.npz archive, "
+            r"or cut short \(\d+ bytes\)\n",
+            err,
+        ), err
 
 
 @pytest.mark.slow
