@@ -22,6 +22,16 @@ def id_encoded(num_samples: int = NUM_SAMPLES) -> dict[str, np.ndarray]:
     return {"x": x.astype(np.float32), "y": (ids % NUM_CLASSES).astype(np.int64)}
 
 
+def as_format_1(url: str) -> None:
+    """Make the store at `url` look written before checksums: format 1, no manifest (its chunks
+    keep their crc32c, which a format-1 reader decodes through zarr's codec like any other)."""
+    import zarr
+
+    group = zarr.open_group(url, mode="r+")
+    attrs = {k: v for k, v in group.attrs["nearstore"].items() if k not in ("fingerprint", "shards")}
+    group.attrs["nearstore"] = {**attrs, "format_version": 1}
+
+
 @pytest.fixture(scope="session")
 def id_store_url(tmp_path_factory) -> str:
     """Where `id_store` is written, once a session."""

@@ -3,12 +3,14 @@ generators, each streamed so that converting a million samples never holds them 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from nearstore import Dataset, DatasetError, ParameterError, open_dataset, write_dataset
+from nearstore import Dataset, DatasetError, ParameterError, SelectiveReader, open_dataset, write_dataset
+from nearstore.storage.dataset import UncheckedStoreWarning
 
 Batches = Iterator[dict[str, np.ndarray]]
 DEFAULT_BATCH = 4096
@@ -66,12 +68,25 @@ def digits_batches() -> Batches:
     yield {"x": digits.images.astype(np.uint8), "y": digits.target.astype(np.int64)}
 
 
-def ensure_dataset(url: str, num_samples: int, write: Callable[[], Dataset]) -> Dataset:
-    """Open the store at `url`, or `write()` it first where it is missing or holds another number
-    of samples (a generated dataset, made once and kept)."""
-    try:
+def nearstore_batches(url: str) -> tuple[Batches, Dataset]:
+    """Batches of every array of the nearstore dataset at `url`, shard by shard, and the dataset:
+    to rewrite a store (one written before checksums into the current format, or with other shard
+    sizes). A format-1 store has no checksums: what it holds is rewritten as it reads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedStoreWarning)  # rewriting it is what the warning asks
         dataset = open_dataset(url)
-        if dataset.num_samples == num_samples:
+    reader = SelectiveReader(dataset)
+    return (reader.read_shard(shard) for shard in range(reader.num_shards)), dataset
+
+
+def ensure_dataset(url: str, num_samples: int, write: Callable[[], Dataset]) -> Dataset:
+    """Open the store at `url`, or `write()` it first where it is missing, holds another number
+    of samples, or was written before checksums (a generated dataset, made once and kept)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncheckedStoreWarning)  # such a store is written again
+            dataset = open_dataset(url)
+        if dataset.num_samples == num_samples and dataset.manifest is not None:
             return dataset
     except (FileNotFoundError, DatasetError):
         pass

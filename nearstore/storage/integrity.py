@@ -22,27 +22,38 @@ from nearstore.storage.dataset import Dataset
 _DIGEST_BYTES = 16
 
 
-def content_digest(values: np.ndarray) -> str:
-    """Digest of a run of samples as the reader hands them back: fixed-size samples by their
-    little-endian bytes, encoded ones (an object array of bytes) by each one's length and bytes."""
-    digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+def new_digest() -> hashlib.blake2b:
+    """A digest of samples, fed by `digest_samples`."""
+    return hashlib.blake2b(digest_size=_DIGEST_BYTES)
+
+
+def digest_samples(values: np.ndarray, *digests: hashlib.blake2b) -> None:
+    """Feed a run of samples, as the reader hands them back, to each digest: fixed-size samples by
+    their little-endian bytes, encoded ones (an object array of bytes) by each one's length and
+    bytes. Runs fed one after another digest as their concatenation, whatever their boundaries."""
     if values.dtype == object:
-        for sample in values:
-            digest.update(len(sample).to_bytes(8, "little"))
-            digest.update(sample)
+        chunks = [part for sample in values for part in (len(sample).to_bytes(8, "little"), sample)]
     else:
         little = values.dtype.newbyteorder("<") if values.dtype.byteorder != "|" else values.dtype
-        digest.update(np.ascontiguousarray(values, dtype=little).tobytes())
+        chunks = [np.ascontiguousarray(values, dtype=little).tobytes()]
+    for digest in digests:
+        for chunk in chunks:
+            digest.update(chunk)
+
+
+def content_digest(values: np.ndarray) -> str:
+    """The digest of a run of samples (a shard's, as the manifest records them)."""
+    digest = new_digest()
+    digest_samples(values, digest)
     return digest.hexdigest()
 
 
-def fingerprint(digests: Iterable[tuple[str, Iterable[str]]]) -> str:
-    """The dataset's fingerprint from (array name, its shard digests in order) pairs."""
-    digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
-    for name, shard_digests in digests:
-        digest.update(name.encode() + b"\0")
-        for shard in shard_digests:
-            digest.update(bytes.fromhex(shard))
+def fingerprint(arrays: Iterable[tuple[str, hashlib.blake2b]]) -> str:
+    """The dataset's fingerprint from (array name, digest of all its samples) pairs: the samples'
+    content only, whatever the store's URL or shard size."""
+    digest = new_digest()
+    for name, samples in arrays:
+        digest.update(name.encode() + b"\0" + samples.digest())
     return digest.hexdigest()
 
 

@@ -9,6 +9,7 @@ a store writes the new one beside it and swaps it in only when whole.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,7 +32,7 @@ from nearstore.storage.dataset import (
     open_dataset,
     shard_key,
 )
-from nearstore.storage.integrity import content_digest, fingerprint
+from nearstore.storage.integrity import digest_samples, fingerprint, new_digest
 
 DEFAULT_SHARD_SAMPLES = 1024
 # zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
@@ -129,7 +130,7 @@ def _write(
         if len(class_names) <= writer.max_label:
             raise DatasetError(f"{len(class_names)} class names for {url!r}, whose labels go up to {writer.max_label}")
     manifest = Manifest(
-        fingerprint(writer.digests.items()),
+        fingerprint((name, writer.content[name]) for name in writer.names),
         {name: tuple(n) for name, n in writer.nbytes.items()},
         {name: tuple(d) for name, d in writer.digests.items()},
     )
@@ -176,9 +177,11 @@ class _ShardWriter:
         self.num_pending = 0
         self.num_samples = 0
         self.max_label = -1
-        # The manifest, shard by shard: each object's size and its samples' digest.
+        # The manifest, shard by shard: each object's size and its samples' digest; and each
+        # array's digest of all its samples, for the fingerprint.
         self.nbytes: dict[str, list[int]] = {}
         self.digests: dict[str, list[str]] = {}
+        self.content: dict[str, hashlib.blake2b] = {}
 
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
         batch = {name: np.asarray(v) for name, v in batch.items()}
@@ -222,7 +225,7 @@ class _ShardWriter:
                 config={"write_empty_chunks": True},
             )
             self.pending[name] = []
-            self.nbytes[name], self.digests[name] = [], []
+            self.nbytes[name], self.digests[name], self.content[name] = [], [], new_digest()
 
     def _check(self, batch: Mapping[str, np.ndarray]) -> None:
         if tuple(batch) != self.names:
@@ -274,6 +277,8 @@ class _ShardWriter:
             self.pending[name] = [values[n:]]
             shard = start // self.shard_samples
             self.nbytes[name].append(self.fs.size(f"{self.root}/{shard_key(array, shard)}"))
-            self.digests[name].append(content_digest(values[:n]))
+            shard_digest = new_digest()
+            digest_samples(values[:n], shard_digest, self.content[name])
+            self.digests[name].append(shard_digest.hexdigest())
         self.num_pending -= n
         self.num_samples = stop

@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import as_format_1, id_encoded
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nearstore import DatasetError, ParameterError
+from nearstore import DatasetError, ParameterError, SelectiveReader, open_dataset, write_dataset
 from nearstore.app.converters import (
     digits_batches,
     long_tail,
     mnist1d_batches,
+    nearstore_batches,
     noisy_labels,
     npy_batches,
     npz_batches,
 )
+from nearstore.storage.integrity import verify_dataset
+
+
+def test_a_store_written_before_checksums_is_rewritten_whole_into_the_current_format(tmp_path, id_store_url):
+    old = str(tmp_path / "old.zarr")
+    write_dataset(old, [id_encoded()], shard_samples=300, class_names="abcde")
+    as_format_1(old)
+    batches, source = nearstore_batches(old)
+    new = write_dataset(
+        str(tmp_path / "new.zarr"), batches, label_array=source.label_array, class_names=source.class_names
+    )
+    assert new.manifest is not None and verify_dataset(new, progress=False) == []
+    assert new.class_names == tuple("abcde") and new.num_samples == source.num_samples
+    assert new.identity()["fingerprint"] == open_dataset(id_store_url).identity()["fingerprint"]  # same samples
+    for name, values in id_encoded().items():
+        np.testing.assert_array_equal(SelectiveReader(new).read(np.arange(2500))[name], values)
 
 
 def test_npy_and_npz_sources_stream_in_batches(tmp_path):

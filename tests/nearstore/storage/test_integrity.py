@@ -10,8 +10,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-import zarr
-from conftest import SHARD_SAMPLES, id_encoded
+from conftest import SHARD_SAMPLES, as_format_1, id_encoded
 
 from nearstore import Selection, SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import DatasetError, IntegrityError
@@ -140,11 +139,7 @@ def test_a_twin_store_has_another_fingerprint_and_its_selection_is_refused(tmp_p
 
 
 def test_a_store_without_checksums_opens_with_a_warning_saying_how_to_rewrite_it(store):
-    group = zarr.open_group(store, mode="r+")
-    attrs = dict(group.attrs["nearstore"])
-    for key in ("fingerprint", "shards"):
-        attrs.pop(key)
-    group.attrs["nearstore"] = {**attrs, "format_version": 1}
+    as_format_1(store)
     with pytest.warns(UncheckedStoreWarning, match="without checksums.*nearstore convert"):
         ds = open_dataset(store)
     assert ds.manifest is None and ds.identity()["fingerprint"] is None
