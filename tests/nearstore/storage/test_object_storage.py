@@ -10,6 +10,7 @@ import zarr
 
 from loaders import StreamingLoader
 from nearstore import Crest, Graft, RandomFeatureProxy, SelectiveReader, open_dataset, random_select, write_dataset
+from nearstore.errors import IntegrityError
 
 N, SHARD, DIM = 3000, 256, 40
 INDEX_BYTES = SHARD * 16 + 4
@@ -181,3 +182,29 @@ def test_http_stores_are_read_only(nginx, http_store):
     nginx.clear()
     SelectiveReader(http_store).read([0, 1])
     assert {s.method for s in nginx.books().served} <= {"GET", "HEAD"}
+
+
+@pytest.mark.parametrize("where", ["s3", "http"])
+def test_a_shard_object_deleted_mid_epoch_is_an_integrity_error_naming_it(where, s3, nginx, data):
+    name = f"deleted-{where}.zarr"
+    if where == "s3":
+        fs = fsspec.filesystem("s3", **s3.storage_options)
+        fs.mkdir("nearstore-damage", exist_ok=True)
+        url, options = f"s3://nearstore-damage/{name}", s3.storage_options
+        write_dataset(url, batches(data), shard_samples=SHARD, storage_options=options)
+        delete = fs.rm
+    else:
+        write_dataset(str(nginx.root / name), batches(data), shard_samples=SHARD)
+        url, options = f"{nginx.url}/{name}", {}
+        delete = fsspec.filesystem("file").rm  # nginx serves the folder: delete the file under it
+    dataset = open_dataset(url, storage_options=options)
+    loader = StreamingLoader(
+        url, batch_size=256, shuffle=True, prefetch=1, backend="torch", device="cpu", storage_options=options
+    )
+    epoch = iter(loader)
+    next(epoch)  # every shard's index is cached now: a shuffled batch of 256 touches all 12
+    shard = dataset.shard_path("x", 4)
+    delete(shard if where == "s3" else str(nginx.root / name / "x" / "c" / "4" / "0"))
+    with pytest.raises(IntegrityError, match=f"array 'x': shard object .*{name}/x/c/4/0.* is missing"):
+        for _ in epoch:
+            pass
