@@ -1,8 +1,8 @@
 """`FlightSource`: the trainer's side of the near-storage server (`nearstore serve`).
 
-Reads samples by id from grpc://host:port/name, reconnecting when the server goes away (or
-failing with a clear error, by option), pushes proxy weights and asks for new selection rounds;
-the wire is `nearstore.serving.protocol`'s.
+Reads samples by id from grpc://host:port/name (or grpc+tls://), reconnecting when the server
+goes away (or failing with a clear error, by option), pushes proxy weights and asks for new
+selection rounds; the wire is `nearstore.serving.protocol`'s.
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ log = logging.getLogger("nearstore")
 class FlightSource(Source):
     """Samples of one dataset served by a `NearStoreServer`.
 
-    url: grpc://host:port/name.
-    token: the server's shared secret; default the NEARSTORE_TOKEN environment variable.
+    url: grpc://host:port/name, or grpc+tls://host:port/name for a server listening with TLS.
+    token: the server's admin or read token; default the NEARSTORE_TOKEN environment variable, else
+        NEARSTORE_READ_TOKEN (a read token reads; pushing weights and `select` raise PermissionError).
+    tls_root_certs: a PEM file of the CA(s) the server's certificate must chain to (grpc+tls://);
+        default the system's.
+    tls_cert, tls_key: PEM files of this client's certificate and key, for a server that asks for
+        one (mutual TLS, `NearStoreServer(tls_client_ca=...)`).
     on_disconnect: "reconnect" retries a read whose server went away (with backoff, for up to
         `reconnect_seconds`), so a restarted server finishes the epoch with no sample lost or
         repeated; "raise" fails at once with ConnectionError.
@@ -46,22 +51,28 @@ class FlightSource(Source):
         url: str,
         *,
         token: str | None = None,
+        tls_root_certs: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
         on_disconnect: OnDisconnect = "reconnect",
         reconnect_seconds: float = 30.0,
     ) -> None:
         parsed = urlparse(url)
         name = parsed.path.strip("/")
-        if parsed.scheme != "grpc" or not parsed.hostname or not parsed.port or not name:
-            raise ParameterError(f"a server URL looks like grpc://host:port/dataset, got {url!r}")
+        schemes = (protocol.SCHEME, protocol.TLS_SCHEME)
+        if parsed.scheme not in schemes or not parsed.hostname or not parsed.port or not name:
+            raise ParameterError(f"a server URL looks like grpc://host:port/dataset (or grpc+tls://), got {url!r}")
+        tls = _tls_options(parsed.scheme, tls_root_certs, tls_cert, tls_key)
         if on_disconnect not in ("reconnect", "raise"):
             raise ParameterError(f"on_disconnect must be 'reconnect' or 'raise', got {on_disconnect!r}")
         self.url, self.name = url, name
-        self.location = f"grpc://{parsed.hostname}:{parsed.port}"
+        self.location = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}"
         self.on_disconnect, self.reconnect_seconds = on_disconnect, reconnect_seconds
-        token = token if token is not None else os.environ.get("NEARSTORE_TOKEN")
+        if token is None:
+            token = os.environ.get(protocol.TOKEN_ENV) or os.environ.get(protocol.READ_TOKEN_ENV)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = flight.FlightCallOptions(headers=headers)
-        self._client = flight.FlightClient(self.location)
+        self._client = flight.FlightClient(self.location, **tls)
         self.stats = IOStats()
         info = self.info()
         self.identity: dict[str, Any] = info["identity"]
@@ -138,6 +149,11 @@ class FlightSource(Source):
             try:
                 return call()
             except flight.FlightUnavailableError as e:
+                if _TLS_REFUSED in str(e):  # this client refused the server: no retry makes it agree
+                    raise ConnectionError(
+                        f"TLS handshake with nearstore server {self.location} failed: {_message(e)}"
+                        " (tls_root_certs: the CA of the server's certificate; a grpc+tls:// URL for a TLS server only)"
+                    ) from e
                 if self.on_disconnect == "raise" or time.monotonic() > deadline:
                     raise ConnectionError(f"nearstore server {self.location} is unreachable: {_message(e)}") from e
                 log.warning("nearstore server %s unreachable, retrying in %.2f s", self.location, delay)
@@ -145,11 +161,38 @@ class FlightSource(Source):
                 delay = min(2 * delay, 1.0)
             except flight.FlightUnauthenticatedError as e:
                 raise PermissionError(f"nearstore server {self.location} refused the token: {_message(e)}") from e
+            except flight.FlightUnauthorizedError as e:  # a read token's admin call
+                raise PermissionError(f"nearstore server {self.location} refused: {_message(e)}") from e
             except flight.FlightServerError as e:
                 refusal = protocol.refused(e)
                 if refusal is None:
                     raise
                 raise refusal from None
+
+
+# gRPC's words for a handshake this client broke off (a certificate it could not verify, a server
+# not speaking TLS); a server that refuses this client's certificate just closes the socket.
+_TLS_REFUSED = "Ssl handshake failed"
+
+
+def _tls_options(
+    scheme: str,
+    root_certs: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+) -> dict[str, bytes]:
+    """FlightClient's TLS arguments from PEM files; refused on a plaintext grpc:// URL."""
+    if scheme != protocol.TLS_SCHEME:
+        given = {"tls_root_certs": root_certs, "tls_cert": cert, "tls_key": key}
+        named = [option for option, path in given.items() if path is not None]
+        if named:
+            raise ParameterError(f"{', '.join(named)} given for a {scheme}:// URL: TLS needs a grpc+tls:// one")
+        return {}
+    options = {} if root_certs is None else {"tls_root_certs": protocol.read_pem(root_certs, "tls_root_certs")}
+    pair = protocol.read_key_pair(cert, key)
+    if pair is not None:
+        options["cert_chain"], options["private_key"] = pair
+    return options
 
 
 def _message(error: Exception) -> str:

@@ -14,6 +14,11 @@ Arrow Flight; everything both sides must agree on lives here.
   bytes) as WEIGHTS batches of at most WEIGHTS_CHUNK_BYTES each; the server reads them batch by
   batch, refusing n over its limit before a byte is read and a stream that passes n at once, and
   answers with the new proxy version as the put's metadata.
+- roles: a read token (`READ_TOKEN_ENV`) may call do_get and the read actions; the admin token
+  (`TOKEN_ENV`) may also push weights (do_put) and start rounds (`ADMIN_ACTIONS`). A read token's
+  admin call is a FlightUnauthorizedError naming the call; a missing or wrong token, a
+  FlightUnauthenticatedError. Both travel as `authorization: Bearer <token>`, over grpc+tls://
+  (`TLS_SCHEME`) whenever the server listens beyond the loopback interface.
 - refusals: a FlightServerError whose extra_info is `{"error": class name, "message": ...}`, the
   class one of `nearstore.errors`; the client raises that class again with the message. Nothing
   else of the server's exception crosses: an unexpected one is `internal_error(incident)`.
@@ -23,14 +28,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from nearstore.errors import ERRORS, NearstoreError, RequestError
+from nearstore.errors import ERRORS, NearstoreError, ParameterError, RequestError
 from nearstore.storage.dataset import check_ids
 
 MAX_TICKET_BYTES = 8 << 20
@@ -47,6 +54,31 @@ ACTIONS = {
     "select": "run a new selection round; answers with it as Selection.to_bytes()",
 }
 SELECT_FIELDS = ("keep", "method", "options", "seed")
+# Actions that change what the server serves: the admin token's, as is do_put (a weights push).
+ADMIN_ACTIONS = ("select",)
+TOKEN_ENV = "NEARSTORE_TOKEN"  # the admin token: reads, pushes weights, starts rounds
+READ_TOKEN_ENV = "NEARSTORE_READ_TOKEN"  # the read token: samples, info and selections only
+SCHEME, TLS_SCHEME = "grpc", "grpc+tls"
+
+
+def read_pem(path: str | os.PathLike[str], option: str) -> bytes:
+    """The PEM file (a certificate, a key or a CA bundle) given as `option`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise type(e)(f"cannot read {option} {str(path)!r}: {e.strerror or e}") from e
+    if b"-----BEGIN " not in data:  # gRPC would only say that the server or the channel failed
+        raise ParameterError(f"{option} {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def read_key_pair(
+    cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None
+) -> tuple[bytes, bytes] | None:
+    """The PEM certificate (chain) and private key given as tls_cert and tls_key; None without them."""
+    if (cert is None) != (key is None):
+        raise ParameterError(f"tls_cert and tls_key go together, got tls_cert={cert!r} and tls_key={key!r}")
+    return None if cert is None else (read_pem(cert, "tls_cert"), read_pem(key, "tls_key"))
 
 
 def ticket(dataset: str, round: int | str, ids: Sequence[int] | np.ndarray, arrays: Sequence[str]) -> flight.Ticket:

@@ -2,9 +2,10 @@
 streams the selected samples to trainers over Arrow Flight (`nearstore.serving.protocol`; the
 client is `loaders.FlightSource`).
 
-A shared-secret token (`authorization: Bearer <token>`) is required when the server listens
-beyond the loopback interface; requests are validated (dataset, round, ids, sizes) before any
-byte is read.
+Beyond the loopback interface the server takes TLS (grpc+tls://, mutual TLS optional) and a
+shared-secret token (`authorization: Bearer <token>`): an admin token that may do everything, and
+optionally a read token that may only read (`protocol.ADMIN_ACTIONS`, do_put); requests are
+validated (dataset, round, ids, sizes) before any byte is read.
 """
 
 from __future__ import annotations
@@ -42,14 +43,23 @@ ROUNDS_KEPT = 2  # a trainer mid-epoch finishes on the round it started while an
 
 
 class NearStoreServer(flight.FlightServerBase):
-    """Serve one dataset's selected samples over Arrow Flight (grpc://host:port/name).
+    """Serve one dataset's selected samples over Arrow Flight (grpc://host:port/name, or
+    grpc+tls:// with `tls_cert`).
 
     selection: the round-0 selection; without one the server runs the selector `method` (with
         `options`, see `nearstore.selectors`) with `keep` itself
         before it starts listening.
     model: `module:factory` (or a callable) building the trainer's model architecture: pushed
         proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only.
-    token: required when host is not a loopback address.
+    token: the admin token (NEARSTORE_TOKEN): may read, push proxy weights and start rounds.
+    read_token: a token that may only read (NEARSTORE_READ_TOKEN): samples, `info`, selections.
+        Without either, any caller may do anything; beyond the loopback interface one is required.
+    tls_cert, tls_key: PEM files of the server's certificate (chain) and its private key: the
+        server then listens on grpc+tls://. Required beyond the loopback interface.
+    tls_client_ca: a PEM file of the CA(s) a client's certificate must chain to (mutual TLS): a
+        client without such a certificate is refused in the handshake.
+    insecure: listen beyond the loopback interface without TLS (a warning at start names what
+        then crosses in clear); a token is required all the same.
     state_dir: where the server keeps its rounds and pushed proxy (never inside the dataset); a
         server started on a state_dir that holds them resumes from them instead of selecting.
     max_proxy_bytes: the largest pushed state_dict accepted, in bytes; a push announcing more is
@@ -64,6 +74,11 @@ class NearStoreServer(flight.FlightServerBase):
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        read_token: str | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_client_ca: str | Path | None = None,
+        insecure: bool = False,
         selection: Selection | None = None,
         keep: float = 0.25,
         method: str = DEFAULT_METHOD,
@@ -74,8 +89,12 @@ class NearStoreServer(flight.FlightServerBase):
         max_proxy_bytes: int = protocol.MAX_PROXY_BYTES,
         progress: bool = False,
     ) -> None:
-        if not _is_loopback(host) and not token:
-            raise ParameterError(f"a token is required to listen on {host!r}, beyond 127.0.0.1 (set NEARSTORE_TOKEN)")
+        tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
+        _check_exposure(host, token or read_token, tls, insecure)
+        if token is not None and token == read_token:
+            raise ParameterError(
+                "read_token must differ from token (the admin token): the server could not tell them apart"
+            )
         if not isinstance(max_proxy_bytes, int) or max_proxy_bytes < 1:
             raise ParameterError(f"max_proxy_bytes must be an integer >= 1, got {max_proxy_bytes!r}")
         self.max_proxy_bytes = max_proxy_bytes
@@ -103,14 +122,25 @@ class NearStoreServer(flight.FlightServerBase):
             else:
                 selection.check_dataset(dataset)
                 self._keep_round(selection)
-        middleware = {"token": _TokenCheck(token)} if token else {}
-        super().__init__(f"grpc://{host}:{port}", middleware=middleware)
+        middleware = {"roles": _Roles(token, read_token)} if token or read_token else {}
+        self.scheme = protocol.TLS_SCHEME if tls else protocol.SCHEME
+        location = f"{self.scheme}://{host}:{port}"
+        try:
+            super().__init__(location, middleware=middleware, **tls)
+        except pa.ArrowException as e:
+            if not tls:
+                raise
+            # gRPC says only "did not start": a certificate and key that do not parse or belong together
+            raise ParameterError(
+                f"cannot listen on {location} with tls_cert {str(tls_cert)!r} and tls_key {str(tls_key)!r}"
+                f" (a PEM certificate and its own private key?): {e}"
+            ) from e
         self.host = host
 
     @property
     def url(self) -> str:
         """What a trainer passes to StreamingLoader."""
-        return f"grpc://{self.host}:{self.port}/{self.name}"
+        return f"{self.scheme}://{self.host}:{self.port}/{self.name}"
 
     @property
     def current(self) -> Selection:
@@ -140,6 +170,8 @@ class NearStoreServer(flight.FlightServerBase):
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
         handlers = {"info": self._info, "selection": self._selection, "select": self._select}
+        if action.type in protocol.ADMIN_ACTIONS:
+            self._check_admin(context, f"action {action.type!r}")
         with _answering(f"action {action.type!r}"):
             if action.type not in handlers:
                 raise RequestError(f"unknown action {action.type!r}; this server answers {sorted(handlers)}")
@@ -154,6 +186,7 @@ class NearStoreServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         """A push of proxy weights (`protocol.weights_descriptor`); answers the new proxy version."""
+        self._check_admin(context, "do_put (a proxy weights push)")
         with _answering("a weights push"):
             request = protocol.parse(descriptor.command or b"", "weights descriptor")
             self._check_dataset(request)
@@ -173,6 +206,17 @@ class NearStoreServer(flight.FlightServerBase):
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return list(protocol.ACTIONS.items())
+
+    def _check_admin(self, context: flight.ServerCallContext, call: str) -> None:
+        """Refuse `call` to a caller holding the read token (one with no token passed only where
+        the server takes none: then anyone may do anything)."""
+        role = context.get_middleware("roles")
+        if role is None or role.admin:
+            return
+        log.warning("refused %s to %s: it holds the read token", call, context.peer())
+        raise flight.FlightUnauthorizedError(
+            f"the read token may not call {call} on {self.name!r}: that takes the admin token ({protocol.TOKEN_ENV})"
+        )
 
     def _reader(self, names: tuple[str, ...]) -> SelectiveReader:
         """A reader of these arrays (all share the dataset's shard indexes, and one count)."""
@@ -358,14 +402,60 @@ def _answering(what: str) -> Iterator[None]:
         raise protocol.internal_error(incident) from None
 
 
-class _TokenCheck(flight.ServerMiddlewareFactory):
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+class _Role(flight.ServerMiddleware):
+    """The role a call's token gave it, for the handlers (`context.get_middleware("roles")`)."""
 
-    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> None:
+    def __init__(self, admin: bool) -> None:
+        self.admin = admin
+
+
+class _Roles(flight.ServerMiddlewareFactory):
+    """Admit a call holding the admin or the read token, as that role; refuse any other."""
+
+    def __init__(self, token: str | None, read_token: str | None) -> None:
+        self._expected = {admin: f"Bearer {t}".encode() for admin, t in ((True, token), (False, read_token)) if t}
+
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> _Role:
         given = (headers.get("authorization") or [""])[0].encode()
-        if not hmac.compare_digest(given, self._expected):
+        # Both compared, in constant time: how long it takes tells nothing of either token.
+        matched = [admin for admin, expected in self._expected.items() if hmac.compare_digest(given, expected)]
+        if not matched:
             raise flight.FlightUnauthenticatedError("missing or wrong token (authorization: Bearer <token>)")
+        return _Role(matched[0])
+
+
+def _tls_options(cert: str | Path | None, key: str | Path | None, client_ca: str | Path | None) -> dict[str, Any]:
+    """FlightServerBase's TLS arguments from PEM files; empty without a certificate."""
+    pair = protocol.read_key_pair(cert, key)
+    if pair is None:
+        if client_ca is not None:
+            raise ParameterError(f"tls_client_ca {str(client_ca)!r} needs tls_cert and tls_key (mutual TLS is TLS)")
+        return {}
+    options: dict[str, Any] = {"tls_certificates": [pair]}
+    if client_ca is not None:
+        options.update(verify_client=True, root_certificates=protocol.read_pem(client_ca, "tls_client_ca"))
+    return options
+
+
+def _check_exposure(host: str, token: str | None, tls: dict[str, Any], insecure: bool) -> None:
+    """Beyond the loopback interface: a token, and TLS unless `insecure` (said in a warning)."""
+    if insecure and tls:
+        raise ParameterError("insecure=True and tls_cert contradict each other: give one")
+    if _is_loopback(host):
+        return
+    if not token:
+        raise ParameterError(f"a token is required to listen on {host!r}, beyond 127.0.0.1 (set {protocol.TOKEN_ENV})")
+    if not tls and not insecure:
+        raise ParameterError(
+            f"TLS is required to listen on {host!r}, beyond 127.0.0.1: the token and the samples would cross"
+            " the network in clear (give tls_cert and tls_key, or insecure=True to accept that)"
+        )
+    if not tls:
+        log.warning(
+            "listening on %r without TLS (insecure=True): the token, the samples shipped, the selections and"
+            " pushed proxy weights cross the network in clear",
+            host,
+        )
 
 
 def _state_dir(path: str | Path, dataset: Dataset) -> Path:
