@@ -1,8 +1,11 @@
 """Real servers for the tests, on 127.0.0.1 only: moto's S3 app and nginx, each counting what it
-serves, so tests can check I/O figures against the server's own books."""
+serves, so tests can check I/O figures against the server's own books; and the certificates a
+TLS server on 127.0.0.1 and its clients use."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import re
 import shutil
 import socket
@@ -12,6 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
@@ -171,3 +178,61 @@ http {{
     def stop(self) -> None:
         self._process.terminate()
         self._process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: a CA; a server certificate it signed for 127.0.0.1 and localhost; a client
+    certificate it signed; and a stranger's self-signed certificate (its own CA), no CA's above."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def write_tls_files(directory: Path) -> TlsFiles:
+    """Fresh keys and certificates (EC P-256, valid for a day) written under `directory`."""
+    ca_key, server_key, client_key, stranger_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    hosts = [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+    pems = {
+        "ca": _certificate("nearstore test CA", ca_key, "nearstore test CA", ca_key, authority=True),
+        "server_cert": _certificate(HOST, server_key, "nearstore test CA", ca_key, hosts=hosts),
+        "client_cert": _certificate("trainer", client_key, "nearstore test CA", ca_key),
+        "stranger_cert": _certificate("stranger", stranger_key, "stranger", stranger_key, authority=True),
+    }
+    for name, key in (("server_key", server_key), ("client_key", client_key), ("stranger_key", stranger_key)):
+        pems[name] = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    for name, pem in pems.items():
+        (directory / f"{name}.pem").write_bytes(pem)
+    return TlsFiles(**{name: directory / f"{name}.pem" for name in pems})
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    authority: bool = False,
+    hosts: list[x509.GeneralName] | None = None,
+) -> bytes:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # a clock a little behind still takes it
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=authority, path_length=None), critical=True)
+    )
+    if hosts:  # gRPC checks the name dialled against these, not the common name
+        builder = builder.add_extension(x509.SubjectAlternativeName(hosts), critical=False)
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
