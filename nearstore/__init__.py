@@ -5,12 +5,28 @@ The layers, each a package, imports going one way: `nearstore.storage` (the form
 near-storage server) ← `loaders` (beside the trainer) ← `nearstore.app` (the command line, the demo).
 """
 
-from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError, SampleError, SampleIdError
+from nearstore.errors import (
+    DatasetError,
+    IntegrityError,
+    NearstoreError,
+    ParameterError,
+    RequestError,
+    SampleError,
+    SampleIdError,
+)
 from nearstore.selection import ModelProxy, RandomFeatureProxy, Selection, keep_freed_memory
 from nearstore.selection.selectors import SELECTORS, Craig, Crest, Graft, Random, Sage, make_selector
 from nearstore.selection.selectors.random import random_select
 from nearstore.selection.selectors.sage import sage_select
-from nearstore.storage import Coalescing, Dataset, IOStats, SelectiveReader, open_dataset, write_dataset
+from nearstore.storage import (
+    Coalescing,
+    Dataset,
+    IOStats,
+    SelectiveReader,
+    open_dataset,
+    verify_dataset,
+    write_dataset,
+)
 
 __all__ = [
     "SELECTORS",
@@ -21,6 +37,7 @@ __all__ = [
     "DatasetError",
     "Graft",
     "IOStats",
+    "IntegrityError",
     "ModelProxy",
     "NearstoreError",
     "ParameterError",
@@ -37,5 +54,6 @@ __all__ = [
     "open_dataset",
     "random_select",
     "sage_select",
+    "verify_dataset",
     "write_dataset",
 ]

@@ -1,6 +1,7 @@
 """Storage: the dataset format, its writer, and reading samples by id (layer 1)."""
 
 from nearstore.storage.dataset import Dataset, open_dataset
+from nearstore.storage.integrity import Damage, verify_dataset
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import POOL_READS, TRAINING_READS, Coalescing
 from nearstore.storage.reader import SelectiveReader, read_labels
@@ -10,10 +11,12 @@ __all__ = [
     "POOL_READS",
     "TRAINING_READS",
     "Coalescing",
+    "Damage",
     "Dataset",
     "IOStats",
     "SelectiveReader",
     "open_dataset",
     "read_labels",
+    "verify_dataset",
     "write_dataset",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from nearstore.errors import IntegrityError
+from nearstore.errors import IntegrityError, ParameterError
 from nearstore.storage.dataset import Dataset
 
 _DIGEST_BYTES = 16
@@ -74,6 +74,8 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
     refused with a DatasetError."""
     from nearstore.storage.reader import SelectiveReader  # the reader imports this module
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ParameterError(f"threads must be an integer >= 1, got {threads!r}")
     if dataset.manifest is None:
         raise IntegrityError(
             f"{dataset.url!r} has no checksums or manifest (format {dataset.format_version}): nothing to verify "

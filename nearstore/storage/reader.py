@@ -289,10 +289,11 @@ class _ReadPlan:
         lay = self.layout
         if lay.raw_dtype is not None and np.all(lengths == lay.stored_chunk_nbytes):
             # Stored raw: gather every chunk's bytes in one numpy step instead of a call each.
-            gathered = np.frombuffer(blob, dtype=np.uint8)[positions[:, None] + np.arange(lay.stored_chunk_nbytes)]
+            data = np.frombuffer(blob, dtype=np.uint8)
+            gathered = data[positions[:, None] + np.arange(lay.chunk_nbytes)]
             if lay.checksummed:
-                self._check_sums(rows, gathered)
-                gathered = np.ascontiguousarray(gathered[:, : lay.chunk_nbytes])
+                stored = data[positions[:, None] + np.arange(lay.chunk_nbytes, lay.stored_chunk_nbytes)]
+                self._check_sums(rows, gathered, stored.view("<u4").ravel())
             self.decoded[rows] = gathered.view(lay.raw_dtype).reshape(len(rows), *lay.chunk_shape)
             return
         view = memoryview(blob)
@@ -303,12 +304,9 @@ class _ReadPlan:
                 shard = int(self.shard_of_chunk[row])
                 raise self.damage(shard, f"holds a damaged sample ({e})", np.array([row])) from e
 
-    def _check_sums(self, rows: np.ndarray, gathered: np.ndarray) -> None:
-        """Each gathered chunk's crc32c (its last 4 bytes, little-endian) against its payload's."""
-        stored = np.ascontiguousarray(gathered[:, -4:]).view("<u4").ravel()
-        computed = np.fromiter(
-            (google_crc32c.value(chunk) for chunk in gathered[:, :-4]), dtype=np.uint32, count=len(gathered)
-        )
+    def _check_sums(self, rows: np.ndarray, payloads: np.ndarray, stored: np.ndarray) -> None:
+        """Each chunk's payload's crc32c against the one stored after it (little-endian uint32)."""
+        computed = np.fromiter(map(google_crc32c.value, payloads), dtype=np.uint32, count=len(payloads))
         bad = rows[stored != computed]
         if len(bad):
             shard = int(self.shard_of_chunk[bad[0]])
