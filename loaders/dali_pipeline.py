@@ -4,6 +4,7 @@ out (CPU with device_id=None, or GPU, where images are decoded by nvJPEG: `devic
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -29,7 +30,6 @@ def dali_available() -> bool:
 def dali_epoch(
     batches: Iterator[Sequence[np.ndarray]],
     *,
-    num_batches: int,
     num_outputs: int,
     batch_size: int,
     device: torch.device,
@@ -39,7 +39,8 @@ def dali_epoch(
     seed: int = 0,
     explain: Callable[[RuntimeError], Exception] | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Run one epoch of `batches` (tuples of numpy arrays, first axis the batch) through DALI.
+    """Run one epoch of `batches` (tuples of numpy arrays, first axis the batch) through DALI;
+    an empty batch (DALI takes none) comes out as an empty tuple in its place.
 
     A fresh pipeline per epoch (building one takes ~15 ms) means an epoch abandoned half-way
     leaves nothing behind. images: the first output holds encoded images (an object array of
@@ -51,11 +52,23 @@ def dali_epoch(
     if not dali_available():
         raise RuntimeError("DALI is not installed; use backend='torch' or install nvidia-dali-cuda130")
 
+    # Empty batches skipped before each batch fed to DALI, in order, and after the last one.
+    skipped: deque[int] = deque()
+    trailing = 0
+
     def source(info) -> Sequence[np.ndarray]:
-        # DALI prefetches past the end of the epoch: every such call must raise again.
-        if info.iteration >= num_batches:
+        # DALI prefetches past the end of the epoch: every such call raises again (the
+        # iterator is exhausted).
+        nonlocal trailing
+        empty = 0
+        for batch in batches:
+            if len(batch[0]):
+                break
+            empty += 1
+        else:
+            trailing += empty
             raise StopIteration
-        batch = next(batches)
+        skipped.append(empty)
         if images is not None:  # DALI takes encoded samples as a list of 1-D uint8 arrays
             batch = ([np.frombuffer(blob, dtype=np.uint8) for blob in batch[0]], *batch[1:])
         return batch
@@ -81,14 +94,18 @@ def dali_epoch(
     pipe = pipeline()
     pipe.build()
     stream = torch.cuda.current_stream(device) if on_gpu else None
-    for _ in range(num_batches):
+    while True:
         try:
             outputs = pipe.run()
+        except StopIteration:
+            break
         except RuntimeError as error:
             if explain is None:
                 raise
             raise explain(error) from error
+        yield from [()] * skipped.popleft()
         yield tuple(_to_torch(tensor_list, device, stream) for tensor_list in outputs)
+    yield from [()] * trailing
 
 
 def decode_images(encoded, images: ImageTransform, on_gpu: bool):

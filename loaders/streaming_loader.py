@@ -20,7 +20,16 @@ import torch.distributed as dist
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
 from loaders.order import EpochOrder, Uneven, check_flag, check_integer, state_count, state_entry
 from loaders.sources import Source, open_source
-from nearstore import Dataset, DatasetError, IOStats, ParameterError, SampleError, SampleIdError, Selection
+from nearstore import (
+    Dataset,
+    DatasetError,
+    IntegrityError,
+    IOStats,
+    ParameterError,
+    SampleError,
+    SampleIdError,
+    Selection,
+)
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
 from nearstore.selection.record import sample_ids
@@ -73,9 +82,11 @@ class StreamingLoader:
         (batch, 3, size, size): `ImageTransform()` by default for such an array (224 × 224, random
         crop and flip, ImageNet's normalization); `ImageTransform(train=False)` to evaluate.
         DALI decodes in its graph (nvJPEG on a CUDA device); the torch backend with PIL.
-    on_error: what a damaged encoded sample (cut short, not an image, refused by the decoder)
-        does: "raise" a SampleError naming its id, array and shard, or "skip" it, leaving the
-        batch one sample shorter, logged and listed (once) in io_stats()["skipped_samples"].
+    on_error: what a damaged sample does: a stored one that fails its integrity checks (shard
+        object missing, cut short, checksum wrong: IntegrityError) or an encoded one its decoder
+        refuses (cut short, not an image: SampleError). "raise" the error, which names the sample
+        ids, array and shard; or "skip" them, leaving the batch shorter, logged and listed (once)
+        in io_stats()["skipped_samples"].
     num_threads: threads that decode images (DALI's, or PIL's in the torch backend).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
         the device is CUDA), after `images`. transform: applied to the x tensor of every batch.
@@ -243,7 +254,6 @@ class StreamingLoader:
         if self.backend == "dali":
             tensors = dali_epoch(
                 batches,
-                num_batches=len(positions),
                 num_outputs=len(self.arrays) + self.with_weights,
                 batch_size=self.order.batch_size,
                 device=self.device,
@@ -256,9 +266,11 @@ class StreamingLoader:
         else:
             tensors = (tuple(torch.from_numpy(a).to(self.device) for a in batch) for batch in batches)
         for batch in tensors:
+            self.order.batches_done += 1  # counted as delivered once the trainer holds it
+            if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
+                continue
             if self.transform is not None:
                 batch = (self.transform(batch[0]), *batch[1:])
-            self.order.batches_done += 1  # counted as delivered once the trainer holds it
             yield batch
         read = self.stats.snapshot() - before
         storage = self.source.storage_reads()
@@ -413,13 +425,29 @@ class StreamingLoader:
     def _read_batch(
         self, ids: np.ndarray, weights: np.ndarray, round: int | str, seed: tuple[int, ...]
     ) -> tuple[np.ndarray, ...]:
-        arrays = self.source.read(ids, arrays=self.arrays, round=round)
+        ids, weights, arrays = self._read(ids, weights, round)
         if self.images is not None:
             ids, arrays, weights = self._decoded(ids, arrays, weights, seed)
         batch = [arrays[name] for name in self.arrays]
         if self.with_weights:
             batch.append(weights)
         return tuple(batch)
+
+    def _read(
+        self, ids: np.ndarray, weights: np.ndarray, round: int | str
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The batch's arrays; with on_error="skip", without the samples an IntegrityError names
+        (read again without them, until the rest reads whole)."""
+        while True:
+            try:
+                return ids, weights, self.source.read(ids, arrays=self.arrays, round=round)
+            except IntegrityError as e:
+                damaged_here = np.isin(ids, e.ids)
+                if self.on_error == "raise" or not damaged_here.any():
+                    raise
+                log.warning("skipped %d samples: %s", int(damaged_here.sum()), e)
+                self.skipped.update(e.ids)
+                ids, weights = ids[~damaged_here], weights[~damaged_here]
 
     def _decoded(
         self, ids: np.ndarray, arrays: dict[str, np.ndarray], weights: np.ndarray, seed: tuple[int, ...]

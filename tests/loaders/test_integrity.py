@@ -1,0 +1,84 @@
+"""The loader over a damaged store: an IntegrityError names the damage, or with on_error="skip"
+exactly the damaged samples are left out, every other sample delivered once; a loader state of a
+twin store (same shapes, other samples) is refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARD_SAMPLES, id_encoded
+
+from loaders import StreamingLoader
+from nearstore import DatasetError, IntegrityError, open_dataset, write_dataset
+
+
+@pytest.fixture
+def damaged(tmp_path, id_store_url) -> str:
+    """A copy of the id store whose x shard 3 is deleted and y shard 6 cut short."""
+    url = str(tmp_path / "ids.zarr")
+    shutil.copytree(id_store_url, url)
+    ds = open_dataset(url)
+    Path(ds.shard_path("x", 3)).unlink()
+    y6 = Path(ds.shard_path("y", 6))
+    y6.write_bytes(y6.read_bytes()[:500])
+    return url
+
+
+def sample_ids(x: np.ndarray) -> list[int]:
+    return np.floor(x[:, 0]).astype(int).tolist()  # x[i, 0] == i
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_damage_raises_by_default_naming_the_shard_object(damaged, backend):
+    loader = StreamingLoader(damaged, batch_size=100, shuffle=True, backend=backend, device="cpu")
+    with pytest.raises(IntegrityError, match=r"array '[xy]': shard object .*/[xy]/c/[36]"):
+        for _ in loader:
+            pass
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_skip_leaves_out_exactly_the_damaged_samples(damaged, backend):
+    loader = StreamingLoader(
+        damaged, batch_size=100, shuffle=True, on_error="skip", backend=backend, device="cpu", seed=1
+    )
+    seen = []
+    for _ in range(2):
+        for x, y in loader:
+            ids = sample_ids(x.numpy())
+            assert y.tolist() == [i % 5 for i in ids]  # every label its own sample's
+            seen += ids
+    lost = set(range(3 * SHARD_SAMPLES, 4 * SHARD_SAMPLES)) | set(range(6 * SHARD_SAMPLES, 7 * SHARD_SAMPLES))
+    assert sorted(seen) == sorted(2 * [i for i in range(2500) if i not in lost])
+    assert loader.io_stats()["skipped_samples"] == sorted(lost)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_batch_wholly_damaged_is_not_delivered_and_resume_stays_exact(damaged, backend):
+    # In order, batches of a shard each: batch 3 is all of the deleted x shard 3.
+    def loader():
+        return StreamingLoader(
+            damaged, batch_size=SHARD_SAMPLES, on_error="skip", backend=backend, device="cpu", shuffle=False
+        )
+
+    first = loader()
+    epoch = iter(first)
+    before = [sample_ids(next(epoch)[0].numpy()) for _ in range(3)]
+    state = first.state_dict()
+    rest = [sample_ids(x.numpy()) for x, _ in epoch]
+    assert [b[0] for b in before + rest] == [0, 256, 512, 1024, 1280, 1792, 2048, 2304]  # no 768, and 1536 lost to y
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [sample_ids(x.numpy()) for x, _ in resumed] == rest
+
+
+def test_a_state_of_a_twin_store_is_refused(tmp_path, id_store_url):
+    twin_data = id_encoded()
+    twin_data["x"] = twin_data["x"][::-1].copy()  # same N, shapes and dtypes: other samples
+    twin = write_dataset(str(tmp_path / "twin.zarr"), [twin_data], shard_samples=SHARD_SAMPLES)
+    state = StreamingLoader(twin.url, batch_size=100, backend="torch", device="cpu").state_dict()
+    loader = StreamingLoader(id_store_url, batch_size=100, backend="torch", device="cpu")
+    with pytest.raises(DatasetError, match="twin.zarr"):
+        loader.load_state_dict(state)
