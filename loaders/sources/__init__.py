@@ -12,13 +12,14 @@ from loaders.sources.store import StoreSource
 from nearstore import Dataset
 
 # URL schemes with a source of their own; every other URL is a store (fsspec's).
-SOURCES: dict[str, type[Source]] = {"grpc": FlightSource}
+SOURCES: dict[str, type[Source]] = {"grpc": FlightSource, "grpc+tls": FlightSource}
 
 
 def open_source(source: str | Dataset | Source, *, storage_options: Mapping[str, Any] | None = None) -> Source:
-    """The source at a URL: a near-storage server for grpc://host:port/name (storage_options: the
-    FlightSource's options, e.g. token, on_disconnect), else a store by fsspec URL (local, s3://,
-    http://, ...; storage_options: fsspec's). An opened Dataset is a store; a Source passes through."""
+    """The source at a URL: a near-storage server for grpc://host:port/name or grpc+tls://...
+    (storage_options: the FlightSource's options, e.g. token, tls_root_certs, on_disconnect), else
+    a store by fsspec URL (local, s3://, http://, ...; storage_options: fsspec's). An opened
+    Dataset is a store; a Source passes through."""
     if isinstance(source, Source):
         return source
     scheme = source.partition("://")[0] if isinstance(source, str) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 
-from nearstore import NearstoreError, ParameterError, Selection, open_dataset, write_dataset
+from nearstore import NearstoreError, ParameterError, Selection, open_dataset, verify_dataset, write_dataset
 from nearstore.app import converters
 from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, mds_images, webdataset_images
 from nearstore.app.synthetic import shapes_images
@@ -21,7 +22,7 @@ from nearstore.storage import read_labels
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
-CONVERT_FORMATS = ("npy", "npz", "mnist1d", "digits", "imagefolder", "webdataset", "mds", "shapes")
+CONVERT_FORMATS = ("npy", "npz", "mnist1d", "digits", "imagefolder", "webdataset", "mds", "shapes", "nearstore")
 GENERATED = ("mnist1d", "digits", "shapes")  # convert sources made here, not read from a path
 
 
@@ -98,21 +99,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve", help="run beside the data: select, then stream the selected samples to trainers (Arrow Flight)"
     )
     serve.add_argument("url", help="dataset URL")
-    serve.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 the NEARSTORE_TOKEN variable is required")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="beyond 127.0.0.1: NEARSTORE_TOKEN and --tls-cert/--tls-key (or --insecure) are required",
+    )
     serve.add_argument("--port", type=int, default=8815)
     serve.add_argument("--name", help="dataset name in grpc://host:port/NAME (default: the store's name)")
     serve.add_argument("--selection", help="serve this saved selection as round 0 instead of scanning")
     _selector_arguments(serve)
     serve.add_argument("--model", help="module:factory of the trainer's model, to accept its weights as the proxy")
     serve.add_argument("--state-dir", help="keep rounds and pushed proxy here; a restart on it resumes from them")
+    serve.add_argument("--tls-cert", help="PEM certificate: listen on grpc+tls:// (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients must present a certificate it signed")
+    serve.add_argument(
+        "--insecure", action="store_true", help="beyond 127.0.0.1 without TLS: the token and samples cross in clear"
+    )
+    serve.add_argument(
+        "--max-proxy-bytes", type=int, default=1 << 30, help="largest proxy weights push accepted, in bytes"
+    )
 
     info = commands.add_parser("info", help="describe a dataset or a saved selection")
     info.add_argument("url")
 
+    verify = commands.add_parser(
+        "verify",
+        help="read every shard object once and check it (size, index, checksums, samples' digest); "
+        "exit 1 if any is damaged or missing",
+    )
+    verify.add_argument("url", help="dataset URL")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument("--threads", type=int, default=8, help="shard objects read at once")
+
     args = parser.parse_args(argv)
     keep_freed_memory()  # selection rounds' forward passes would otherwise fault their memory back in
     try:
-        commands = {"demo": _demo, "convert": _convert, "select": _select, "serve": _serve, "info": _info}
+        commands = {
+            "demo": _demo,
+            "convert": _convert,
+            "select": _select,
+            "serve": _serve,
+            "info": _info,
+            "verify": _verify,
+        }
         return commands[args.command](args)
     except (NearstoreError, OSError) as e:  # a refusal, or a file or store that is not there
         print(f"nearstore {args.command}: error: {e}", file=sys.stderr)
@@ -143,8 +173,11 @@ def _convert(args: argparse.Namespace) -> int:
     kind = args.format or _source_kind(args.source)
     if kind not in GENERATED:
         _check_apart(args.out, [args.source, *([args.labels] if args.labels else [])])
-    source, num_samples, class_names = args.source, None, None
-    if kind == "mnist1d":
+    source, num_samples, class_names, label_array = args.source, None, None, "y"
+    if kind == "nearstore":
+        batches, old = converters.nearstore_batches(source)
+        num_samples, class_names, label_array = old.num_samples, old.class_names, old.label_array
+    elif kind == "mnist1d":
         num_samples = 70_000 if args.num_samples is None else args.num_samples
         batches = converters.mnist1d_batches(num_samples, seed=args.seed)
     elif kind == "digits":
@@ -159,7 +192,7 @@ def _convert(args: argparse.Namespace) -> int:
     dataset = write_dataset(
         args.out,
         batches,
-        label_array=None if kind == "npy" and args.labels is None else "y",
+        label_array=None if kind == "npy" and args.labels is None else label_array,
         class_names=class_names,
         num_samples=num_samples,
         shard_samples=args.shard_samples,
@@ -168,6 +201,25 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {dataset.num_samples} samples to {args.out}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    dataset = open_dataset(args.url)
+    damages = verify_dataset(dataset, threads=args.threads, progress=not args.json)
+    shards = sum(dataset.array_shards(name) for name in dataset.sample_arrays)
+    if args.json:
+        report = {
+            "url": dataset.url,
+            "fingerprint": dataset.manifest.fingerprint,
+            "shard_objects": shards,
+            "damaged": [dataclasses.asdict(d) for d in damages],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for d in damages:
+            print(f"damaged: array {d.array!r}, shard {d.shard}, {d.path}: {d.problem}")
+        print(f"{dataset.url}: {shards - len(damages)} of {shards} shard objects whole, {len(damages)} damaged")
+    return 1 if damages else 0
 
 
 def _source_kind(source: str) -> str:
@@ -181,11 +233,14 @@ def _source_kind(source: str) -> str:
     path = Path(source)
     if (path / "index.json").is_file():
         return "mds"
+    if (path / "zarr.json").is_file():
+        return "nearstore"
     if path.is_dir():
         return "imagefolder"
     raise ParameterError(
         f"unknown source {source!r}: expected 'mnist1d', 'digits', 'shapes', a .npz or an .npy path, .tar shards, "
-        "an MDS folder (with index.json) or an image folder (root/<class>/<image>); or name it with --format"
+        "an MDS folder (with index.json), a nearstore dataset (with zarr.json) or an image folder "
+        "(root/<class>/<image>); or name it with --format"
     )
 
 
@@ -254,10 +309,10 @@ def _select(args: argparse.Namespace) -> int:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
     # Where the results go is checked now, not after the scan: an unwritable path loses no work.
     dataset.check_outside(args.out, "the selection")
-    _write(args.out, "the selection", b"")
+    _check_writable(args.out, "the selection")
     if args.report:
         dataset.check_outside(args.report, "the report")
-        _write(args.report, "the report", b"")
+        _check_writable(args.report, "the report")
     if args.scheduler:
         from distributed import Client
 
@@ -283,6 +338,18 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(url: str, what: str) -> None:
+    """Refuse now a place `what` cannot be written to, by writing an empty file beside it (not it:
+    a file already there is kept until the new one replaces it, and a failed scan leaves none)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    probe = f"{path}.nearstore-probe"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except OSError as e:
+        raise type(e)(f"cannot write {what} to {url!r}: {e}") from e
+
+
 def _write(url: str, what: str, data: bytes) -> None:
     try:
         with fsspec.open(url, "wb") as f:
@@ -293,6 +360,7 @@ def _write(url: str, what: str, data: bytes) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving import NearStoreServer
+    from nearstore.serving.protocol import READ_TOKEN_ENV, TOKEN_ENV
 
     if not 0 <= args.port <= 65535:  # Arrow would refuse it with a traceback, after the first scan
         raise ParameterError(f"--port must be in [0, 65535], got {args.port}")
@@ -302,7 +370,13 @@ def _serve(args: argparse.Namespace) -> int:
         name=args.name,
         host=args.host,
         port=args.port,
-        token=os.environ.get("NEARSTORE_TOKEN"),
+        token=os.environ.get(TOKEN_ENV),  # the admin token: may also push weights and start rounds
+        read_token=os.environ.get(READ_TOKEN_ENV),  # may only read samples and selections
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        insecure=args.insecure,
+        max_proxy_bytes=args.max_proxy_bytes,
         selection=Selection.load(args.selection) if args.selection else None,
         keep=args.keep,
         method=args.method,

@@ -4,14 +4,17 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import as_format_1
 from image_sources import write_mds, write_tar
 
 from nearstore import Selection, open_dataset
 from nearstore.app.cli import main
 from nearstore.app.synthetic import SHAPES, write_shapes
+from nearstore.storage.dataset import UncheckedStoreWarning
 from nearstore.storage.reader import SelectiveReader
 
 
@@ -263,3 +266,37 @@ def test_the_image_demo_decodes_generated_jpegs_in_the_loader(tmp_path):
     # images: the demo's own run, in the README, shows it)
     assert runs["full data"]["shipped_bytes"] >= 2 * train.stored_nbytes(["image"])
     assert 0 <= runs["full data"]["test_accuracy"] <= 1
+
+
+def test_verify_reports_each_damaged_object_and_exits_1(tmp_path, capsys):
+    digits = str(tmp_path / "digits.zarr")
+    main(["convert", "digits", digits, "--shard-samples", "256"])
+    assert main(["verify", digits]) == 0
+    assert "16 of 16 shard objects whole, 0 damaged" in capsys.readouterr().out  # x and y, 8 shards each
+    dataset = open_dataset(digits)
+    Path(dataset.shard_path("x", 2)).unlink()
+    y1 = Path(dataset.shard_path("y", 1))
+    y1.write_bytes(y1.read_bytes()[:-8])
+    assert main(["verify", digits, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["fingerprint"] == dataset.manifest.fingerprint and report["shard_objects"] == 16
+    assert [(d["array"], d["shard"]) for d in report["damaged"]] == [("x", 2), ("y", 1)]
+    assert "is missing" in report["damaged"][0]["problem"] and report["damaged"][0]["path"].endswith("x/c/2/0/0")
+    # a scan over the damaged store refuses too, by name
+    assert main(["select", digits, str(tmp_path / "g.npz"), "--method", "graft"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"shard object '.*(y/c/1' \(samples 256\.\.511\) is cut short|x/c/2/0/0' .* is missing)", err), err
+    assert not (tmp_path / "g.npz").exists()
+
+
+def test_convert_rewrites_a_store_written_before_checksums(tmp_path, capsys):
+    old, new = str(tmp_path / "old.zarr"), str(tmp_path / "new.zarr")
+    main(["convert", "digits", old])
+    as_format_1(old)
+    with pytest.warns(UncheckedStoreWarning):
+        assert main(["verify", old]) == 2  # nothing to verify against
+    assert "no checksums or manifest" in capsys.readouterr().err
+    assert main(["convert", old, new]) == 0
+    assert main(["verify", new]) == 0
+    rewritten = open_dataset(new)
+    assert rewritten.class_names == tuple(str(c) for c in range(10)) and rewritten.num_samples == 1797

@@ -52,7 +52,9 @@ def test_samples_read_through_grpc_tls_equal_local_reads(tls_server, tls, id_dat
     np.testing.assert_array_equal(read["x"], id_data["x"][ids])
     np.testing.assert_array_equal(read["y"], id_data["y"][ids])
 
-    loader = StreamingLoader(source, batch_size=100, backend="torch", device="cpu")
+    # the loader takes the URL as a user gives it, the TLS options as its storage_options
+    options = {"token": READ, "tls_root_certs": str(tls.ca)}
+    loader = StreamingLoader(tls_server.url, storage_options=options, batch_size=100, backend="torch", device="cpu")
     seen = []
     for x, y in loader:
         ids = x[:, 0].round().long().numpy()
