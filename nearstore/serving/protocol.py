@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from nearstore.errors import ERRORS, NearstoreError, ParameterError, RequestError
+from nearstore.errors import ERRORS, IntegrityError, NearstoreError, ParameterError, RequestError
 from nearstore.storage.dataset import check_ids
 
 MAX_TICKET_BYTES = 8 << 20
@@ -199,8 +199,11 @@ def read_weights(reader: flight.MetadataRecordBatchReader, nbytes: int) -> bytea
 
 
 def refusal(error: NearstoreError) -> flight.FlightServerError:
-    """What the server raises for one of our errors: its class and message in extra_info."""
+    """What the server raises for one of our errors: its class and message in extra_info (and an
+    IntegrityError's sample ids, so a loader can skip them)."""
     info = {"error": type(error).__name__, "message": str(error)}
+    if isinstance(error, IntegrityError):
+        info["ids"] = list(error.ids)
     return flight.FlightServerError(str(error), extra_info=json.dumps(info).encode())
 
 
@@ -214,6 +217,8 @@ def refused(error: flight.FlightServerError) -> NearstoreError | None:
     """The error a server's refusal stands for, as the class it raised; None if not a refusal."""
     try:
         info = json.loads(error.extra_info or b"")
+        if info["error"] == IntegrityError.__name__:
+            return IntegrityError(info["message"], tuple(int(i) for i in info.get("ids", ())))
         return ERRORS[info["error"]](info["message"])
     except (ValueError, KeyError, TypeError):
         return None

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import torch
 
-from nearstore.errors import DatasetError, NearstoreError, ParameterError, RequestError
+from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
 from nearstore.selection.plan import check_keep
 from nearstore.selection.selectors import next_round
@@ -163,7 +163,7 @@ class NearStoreServer(flight.FlightServerBase):
                         f"sample {int(outside[0])} is not in selection round {selection.round} of {self.name!r}"
                     )
             with self._lock:
-                arrays = self._reader(names).read(ids)
+                arrays = self._read(names, ids)
             batch = protocol.to_record_batch(ids, arrays)
         self.shipped.add(bytes=batch.nbytes, requests=1, samples=len(ids))
         return flight.RecordBatchStream(pa.Table.from_batches([batch]))
@@ -223,6 +223,15 @@ class NearStoreServer(flight.FlightServerBase):
         if names not in self._readers:
             self._readers[names] = SelectiveReader(self.dataset, names, stats=self.storage_reads)
         return self._readers[names]
+
+    def _read(self, names: tuple[str, ...], ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Samples for a client. Damage is logged here in full; the client is told it with the
+        store's URL replaced by the served name (it is not the client's to know)."""
+        try:
+            return self._reader(names).read(ids)
+        except IntegrityError as e:
+            log.error("damaged store: %s", e)
+            raise IntegrityError(str(e).replace(self.dataset.url, self.name), e.ids) from None
 
     # Actions ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from conftest import SHARD_SAMPLES, id_encoded
 
 from loaders import StreamingLoader
 from nearstore import DatasetError, IntegrityError, open_dataset, write_dataset
+from nearstore.serving import NearStoreServer
 
 
 @pytest.fixture
@@ -82,3 +83,20 @@ def test_a_state_of_a_twin_store_is_refused(tmp_path, id_store_url):
     loader = StreamingLoader(id_store_url, batch_size=100, backend="torch", device="cpu")
     with pytest.raises(DatasetError, match="twin.zarr"):
         loader.load_state_dict(state)
+
+
+def test_through_a_server_damage_is_named_without_its_paths_and_skipped_by_id(damaged):
+    server = NearStoreServer(open_dataset(damaged), keep=1.0, method="random", name="ids")
+    try:
+        with pytest.raises(IntegrityError, match=r"'ids', array '[xy]': shard object 'ids/[xy]/c/[36]") as raised:
+            for _ in StreamingLoader(server.url, batch_size=100, shuffle=True, backend="torch", device="cpu"):
+                pass
+        assert damaged not in str(raised.value) and raised.value.ids  # the ids crossed the wire
+        loader = StreamingLoader(
+            server.url, batch_size=100, shuffle=True, on_error="skip", backend="torch", device="cpu"
+        )
+        seen = [i for x, _ in loader for i in sample_ids(x.numpy())]
+        lost = set(range(3 * SHARD_SAMPLES, 4 * SHARD_SAMPLES)) | set(range(6 * SHARD_SAMPLES, 7 * SHARD_SAMPLES))
+        assert sorted(seen) == [i for i in range(2500) if i not in lost]
+    finally:
+        server.shutdown()
