@@ -9,7 +9,10 @@ Fixed-size samples (float32 (40,), uint8 (3, 32, 32)) from one zarr store, same 
 - DataLoader over a map-style dataset reading `zarr_array[i]` per sample, num_workers 0 and 2
   (with the same ids through SubsetRandomSampler for the selection);
 - DataLoader whose dataset reads a whole batch with one zarr orthogonal selection
-  (`__getitems__`), what an informed zarr user would write.
+  (`__getitems__`), what an informed zarr user would write;
+- and what integrity costs: each StreamingLoader backend over the store and over a copy without
+  checksums or manifest (format 1, `unchecked_copy`), epochs interleaved, the ratio of the medians
+  ("checked / unchecked") the price of verifying every sample's crc32c and every range's length.
 
 Encoded images: the same JPEGs (generated photo-sized: smooth colour fields plus noise, quality 90)
 as an ImageFolder, a nearstore store, WebDataset tar shards and MosaicML MDS shards; every
@@ -62,14 +65,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import keep_freed_memory, open_dataset, random_select, write_dataset  # noqa: E402
+from nearstore import Dataset, keep_freed_memory, open_dataset, random_select, write_dataset  # noqa: E402
 from nearstore.app.encoded_converters import imagefolder_files, imagefolder_images  # noqa: E402
 from nearstore.app.synthetic import PHOTO_CLASSES, PHOTO_SIDES, write_photos  # noqa: E402
+from nearstore.storage.dataset import ATTRS_KEY, UncheckedStoreWarning  # noqa: E402
 from nearstore.storage.images import ImageTransform  # noqa: E402
 
 OURS = ("StreamingLoader (DALI)", "StreamingLoader (torch)")
@@ -109,17 +114,42 @@ def collate_batch(items):
     return items[0]
 
 
+def unchecked_copy(dataset: Dataset, url: str) -> Dataset:
+    """The same samples, shards and codecs but for the crc32c, in a format-1 store (no checksums,
+    no manifest): what the reader read before integrity checks."""
+    group = zarr.open_group(url, mode="w")
+    for name, array in dataset.arrays.items():
+        copy = group.create_array(
+            name,
+            shape=array.shape,
+            dtype=array.dtype,
+            chunks=array.chunks,
+            shards=array.shards,
+            compressors=[c for c in array.compressors if c.to_dict()["name"] != "crc32c"],
+            fill_value=array.fill_value,
+        )
+        copy[:] = array[:]
+    attrs = {k: v for k, v in dataset.group.attrs[ATTRS_KEY].items() if k not in ("fingerprint", "shards")}
+    group.attrs[ATTRS_KEY] = {**attrs, "format_version": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedStoreWarning)
+        return open_dataset(url)
+
+
+def ours(store: Dataset, ids: np.ndarray | None, batch_size: int) -> dict[str, Callable[[], Iterable]]:
+    """Our loader over `store`, each backend, as makers of an iterable over an epoch."""
+    return {
+        name: lambda backend=backend: StreamingLoader(store, ids, batch_size=batch_size, backend=backend, device="cpu")
+        for name, backend in zip(OURS, ("dali", "torch"))
+    }
+
+
 def competitors(dataset, url: str, ids: np.ndarray | None, batch_size: int) -> dict[str, Callable[[], Iterable]]:
     """Each competitor as a maker of an iterable over one epoch's (x, y) batches."""
     sampler = SubsetRandomSampler(ids.tolist()) if ids is not None else None
     torch_loader = {"batch_size": batch_size, "shuffle": sampler is None, "sampler": sampler}
     return {
-        "StreamingLoader (DALI)": lambda: StreamingLoader(
-            dataset, ids, batch_size=batch_size, backend="dali", device="cpu"
-        ),
-        "StreamingLoader (torch)": lambda: StreamingLoader(
-            dataset, ids, batch_size=batch_size, backend="torch", device="cpu"
-        ),
+        **ours(dataset, ids, batch_size),
         "DataLoader zarr[i], 0 workers": lambda: DataLoader(ZarrSamples(url), num_workers=0, **torch_loader),
         "DataLoader zarr[i], 2 workers": lambda: DataLoader(ZarrSamples(url), num_workers=2, **torch_loader),
         "DataLoader zarr batch, 0 workers": lambda: DataLoader(
@@ -128,14 +158,35 @@ def competitors(dataset, url: str, ids: np.ndarray | None, batch_size: int) -> d
     }
 
 
-def epoch_rate(loader: Iterable, epochs: int = 1, consume: Callable[[torch.Tensor], torch.Tensor] = transform) -> float:
-    """Samples/s over `epochs` timed epochs, after one untimed warm-up epoch."""
-    sum(1 for _ in loader)
+def epoch_rate(
+    loader: Iterable,
+    epochs: int = 1,
+    consume: Callable[[torch.Tensor], torch.Tensor] = transform,
+    warm_up: bool = True,
+) -> float:
+    """Samples/s over `epochs` timed epochs, after one untimed warm-up epoch (if `warm_up`)."""
+    if warm_up:
+        sum(1 for _ in loader)
     started, samples = time.perf_counter(), 0
     for _ in range(epochs):
         for x, *_ in loader:
             samples += len(consume(x))
     return samples / (time.perf_counter() - started)
+
+
+def integrity_cost(
+    dataset: Dataset, unchecked: Dataset, ids: np.ndarray | None, batch_size: int, repeats: int = 5
+) -> dict[str, float]:
+    """checked / unchecked samples/s of each of our backends: medians of `repeats` interleaved epochs."""
+    costs = {}
+    for name in OURS:
+        loaders = [ours(store, ids, batch_size)[name]() for store in (dataset, unchecked)]
+        for loader in loaders:
+            sum(1 for _ in loader)
+        rates = [[epoch_rate(loader, warm_up=False) for loader in loaders] for _ in range(repeats)]
+        checked, plain = np.median(rates, axis=0)
+        costs[name] = checked / plain
+    return costs
 
 
 def run(samples: int, keep: float, batch_size: int, sample_shape: tuple[int, ...], dtype: str, workdir: Path) -> dict:
@@ -146,6 +197,7 @@ def run(samples: int, keep: float, batch_size: int, sample_shape: tuple[int, ...
         {"x": (rng.normal(size=(n, *sample_shape)) * 40).astype(dtype), "y": rng.integers(0, 10, n)} for n in sizes
     )
     dataset = write_dataset(url, batches, overwrite=True)
+    unchecked = unchecked_copy(dataset, url.replace(".zarr", "-unchecked.zarr"))
     selection = random_select(dataset, keep, seed=0)
     rows = {}
     for subset, ids in (("full", None), (f"keep {keep:.0%}", selection.ids)):
@@ -153,7 +205,14 @@ def run(samples: int, keep: float, batch_size: int, sample_shape: tuple[int, ...
         for name, make in competitors(dataset, url, ids, batch_size).items():
             rates[name] = epoch_rate(make())
             print(f"  {subset:<9} {name:<34} {rates[name]:>10,.0f} samples/s", flush=True)
-        rows[subset] = {"samples": dataset.num_samples if ids is None else len(ids), "samples_per_second": rates}
+        cost = integrity_cost(dataset, unchecked, ids, batch_size)
+        for name, ratio in cost.items():
+            print(f"  {subset:<9} {name}, checked / unchecked {ratio:>6.2f}x", flush=True)
+        rows[subset] = {
+            "samples": dataset.num_samples if ids is None else len(ids),
+            "samples_per_second": rates,
+            "checked_over_unchecked": cost,
+        }
     return {
         "store": url,
         "sample_shape": list(sample_shape),
@@ -418,6 +477,8 @@ def report(results: list[dict]) -> None:
             for name, rate in rates.items():
                 if not name.startswith("StreamingLoader"):
                     print(f"  {subset:<9} StreamingLoader (DALI) / {name:<34} {ours / rate:>6.2f}x")
+            for name, cost in row["checked_over_unchecked"].items():
+                print(f"  {subset:<9} {name}, checked / unchecked {'':<13} {cost:>6.2f}x")
 
 
 def report_images(result: dict) -> None:
