@@ -11,31 +11,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nearstore.checks import check_flag, check_integer, is_integer
 from nearstore.errors import DatasetError, ParameterError
 
 Uneven = Literal["pad", "drop"]
 # What fixes each epoch's batches (a state resumes only where they agree), and where a loader is.
 ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven", "warm_start_epochs")
 PLACE = ("epoch", "batches_done", "epochs_completed")
-
-
-def _integer(value: Any) -> bool:
-    """An int, numpy's too; not a bool (True is 1 to Python, never a batch size or an epoch)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def check_integer(name: str, value: Any, minimum: int) -> int:
-    """Argument `name` as an int >= minimum; a ParameterError naming it and its value otherwise."""
-    if not _integer(value) or value < minimum:
-        raise ParameterError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """Argument `name` as a bool: a string such as "no" would be true, so only a bool is one."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def state_entry(state: Mapping[str, Any], key: str, where: str, kind: type | None = None) -> Any:
@@ -51,7 +33,7 @@ def state_entry(state: Mapping[str, Any], key: str, where: str, kind: type | Non
 def state_count(state: Mapping[str, Any], key: str, where: str) -> int:
     """A saved state's `key`, an integer >= 0; a DatasetError naming `where` and the key otherwise."""
     value = state_entry(state, key, where)
-    if not _integer(value) or value < 0:
+    if not is_integer(value) or value < 0:
         raise DatasetError(f"{where}[{key!r}] must be an integer >= 0, got {reprlib.repr(value)}")
     return int(value)
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
-from loaders.order import EpochOrder, Uneven, check_flag, check_integer, state_count, state_entry
+from loaders.order import EpochOrder, Uneven, state_count, state_entry
 from loaders.sources import Source, open_source
 from nearstore import (
     Dataset,
@@ -30,6 +30,7 @@ from nearstore import (
     SampleIdError,
     Selection,
 )
+from nearstore.checks import check_flag, check_integer
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
 from nearstore.selection.record import sample_ids

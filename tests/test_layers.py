@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "kernels": 0,
     "nearstore.errors": 1,
+    "nearstore.checks": 1,
     "nearstore.storage": 2,
     "nearstore.selection": 3,
     "nearstore": 3,  # the package's public API: storage and selection

@@ -4,7 +4,6 @@ runs it beside the data and returns a `Selection`."""
 from __future__ import annotations
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from nearstore.checks import check_range
 from nearstore.errors import ParameterError
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
@@ -78,36 +78,6 @@ class WindowedSelector(Selector):
     def at_once(self, window: int) -> int:
         """Windows decided together (one `pick` call)."""
         return 1
-
-
-def check_range(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    integer: bool = False,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> None:
-    """Option `name` is a number (an integer where `integer`; never a bool, never NaN) in the
-    interval from low to high, each end closed unless said open; ParameterError naming it otherwise."""
-    kind = numbers.Integral if integer else numbers.Real
-    inside = (
-        isinstance(value, kind)
-        and not isinstance(value, bool)
-        and (low < value if open_low else low <= value)
-        and (value < high if open_high else value <= high)
-    )
-    if not inside:
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        raise ParameterError(f"{name} must be {'an integer' if integer else 'a number'} in {interval}, got {value!r}")
-
-
-def check_flag(name: str, value: Any) -> None:
-    """Option `name` is a bool (JSON's true or false), not a truthy stand-in."""
-    if not isinstance(value, bool):
-        raise ParameterError(f"{name} must be true or false, got {value!r}")
 
 
 def check_seed(seed: Any) -> None:

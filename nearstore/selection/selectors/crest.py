@@ -10,13 +10,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from nearstore.checks import check_flag, check_range
 from nearstore.selection.plan import check_keep, class_pools
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
     Selector,
-    check_flag,
     check_pool,
-    check_range,
     check_reads,
     check_window,
 )

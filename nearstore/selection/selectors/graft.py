@@ -10,15 +10,14 @@ import numpy as np
 import torch
 
 from kernels import maxvol, pivoted_cholesky
+from nearstore.checks import check_flag, check_range
 from nearstore.errors import ParameterError
 from nearstore.selection.policy import default_window
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
     MAX_GRAM_ENTRIES,
     WindowedSelector,
-    check_flag,
     check_pool,
-    check_range,
     check_reads,
     check_window,
 )

@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+from nearstore.checks import check_flag
 from nearstore.selection.plan import check_keep, class_balanced_draw, uniform_draw
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_flag
+from nearstore.selection.selectors.base import Selector
 from nearstore.selection.stages import scan_io
 from nearstore.storage import Dataset, read_labels
 

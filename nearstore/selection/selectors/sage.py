@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from kernels import FrequentDirections, StreamingTopK, agreement_scores, residual_scores, sketch_basis
+from nearstore.checks import check_flag, check_range
 from nearstore.errors import ParameterError
 from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_flag, check_range
+from nearstore.selection.selectors.base import Selector
 from nearstore.selection.stages import WARMUP_SAMPLES, Scan
 from nearstore.storage import Dataset
 
