@@ -26,11 +26,7 @@ def check_range(
     """`name` is a number (an integer where `integer`; never a bool, never NaN) from low to high,
     each end closed unless said open."""
     number = is_integer(value) if integer else isinstance(value, numbers.Real) and not isinstance(value, bool)
-    inside = (
-        number
-        and (low < value if open_low else low <= value)
-        and (value < high if open_high else value <= high)
-    )
+    inside = number and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
     if not inside:
         kind = "an integer" if integer else "a finite number" if high == math.inf and open_high else "a number"
         if high == math.inf:

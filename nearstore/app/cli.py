@@ -307,6 +307,8 @@ def _select(args: argparse.Namespace) -> int:
     selector = make_selector(args.method, **options)  # options checked before any scan
     if args.report and not selector.mute_suspects:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
+    if args.report and args.report == args.out:
+        raise ParameterError(f"--report {args.report!r} is where the selection goes: give it another path")
     # Where the results go is checked now, not after the scan: an unwritable path loses no work.
     dataset.check_outside(args.out, "the selection")
     _check_writable(args.out, "the selection")

@@ -145,11 +145,23 @@ def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch
         yield out
 
 
+_MAGIC = {b"\x93NUMPY": ".npy", b"PK\x03\x04": ".npz"}  # what numpy's two formats start with
+
+
 def _load(path: str | Path, *, mmap: bool) -> np.ndarray:
+    """An .npy array or .npz archive; anything else refused naming the file (numpy would call
+    any other file pickled data)."""
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(6)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
+    if not any(head.startswith(magic) for magic in _MAGIC):
+        raise DatasetError(f"{path} is neither an .npy file nor an .npz archive (it starts with {head!r})")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as e:  # an object array (pickled), or a header numpy cannot read
+        raise DatasetError(f"{path} cannot be read as numeric arrays: {e}") from None
 
 
 def _open_npz(path: str | Path):

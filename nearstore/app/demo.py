@@ -24,6 +24,7 @@ from nearstore import Dataset, ParameterError, Selection, make_selector, random_
 from nearstore.app.converters import ensure_mnist1d
 from nearstore.app.synthetic import ensure_shapes
 from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
+from nearstore.checks import check_integer
 from nearstore.selection import DEFAULT_METHOD
 from nearstore.serving import NearStoreServer
 from nearstore.storage.images import ImageTransform
@@ -92,8 +93,13 @@ def run_demo(
     server: select and ship the selected subset through a near-storage server on 127.0.0.1
         (`nearstore serve`'s NearStoreServer, in this process) instead of reading the store directly.
     """
-    if reselect_every < 0:
-        raise ParameterError(f"reselect_every must be >= 0, got {reselect_every}")
+    check_integer("reselect_every", reselect_every, 0)
+    check_integer("epochs", epochs, 1)
+    check_integer("batch_size", batch_size, 1)
+    check_integer("seed", seed, 0)
+    # a test set and a training set with a class's budget to select: ten classes of ten at least
+    check_integer("num_samples", num_samples, 100)
+    check_integer("test_samples", test_samples, 10)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     chosen_data = demo_data(data, workdir, num_samples, test_samples, seed)

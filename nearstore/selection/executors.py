@@ -83,9 +83,12 @@ EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "dask":
 
 def make_executor(name: str = "local", **options: Any) -> Executor:
     """The executor named `name`, e.g. make_executor("dask", client=Client("tcp://...:8786"))."""
-    if name not in EXECUTORS:
+    if not isinstance(name, str) or name not in EXECUTORS:
         raise ParameterError(f"executor must be one of {sorted(EXECUTORS)}, got {name!r}")
-    return EXECUTORS[name](**options)
+    try:
+        return EXECUTORS[name](**options)
+    except TypeError as e:  # an option the executor does not take
+        raise ParameterError(f"executor {name!r} does not take the options {sorted(options)}: {e}") from None
 
 
 def _on_worker(

@@ -9,8 +9,16 @@ import numbers
 
 import numpy as np
 
+from nearstore.checks import check_range
 from nearstore.errors import ParameterError
 from nearstore.selection.record import sample_ids
+
+SEEDS = 1 << 64  # torch's Generator takes seeds below 2^64, numpy's any integer >= 0
+
+
+def check_seed(seed: int) -> None:
+    """A round's seed: an integer that numpy's and torch's generators both take."""
+    check_range("seed", seed, 0, SEEDS, integer=True, open_high=True)
 
 
 def check_keep(keep: float) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nearstore.selection.plan import check_keep
+
 DEFAULT_METHOD = "graft"
 # Above this share of the data, GRAFT's default windows hold 64 samples, not 128, and re-selection
 # pools 1.5x the budget, not 2x: a pool of twice the budget would be over two thirds of the data,
@@ -32,4 +34,5 @@ def default_reselect(keep: float) -> tuple[str, dict[str, Any]]:
     Above LARGE_BUDGET, a pool of 1.5x the budget (in windows of 64, `default_window`): at 50% a
     pool of twice the budget is every sample and its round, in windows of 128, cost 0.13 of a
     full-data epoch, this one 0.09, for 0.14 points a seed (measured on the 2026-12-03 path)."""
+    check_keep(keep)
     return DEFAULT_METHOD, {"pool": 1.5 if keep > LARGE_BUDGET else 2.0}

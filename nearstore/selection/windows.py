@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from kernels import facility_location
-from nearstore.selection.plan import check_keep, class_budgets, class_pools, class_sizes, share, window_bounds
+from nearstore.selection.plan import (
+    check_keep,
+    check_seed,
+    class_budgets,
+    class_pools,
+    class_sizes,
+    share,
+    window_bounds,
+)
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import Scan, SuspectsFound, mute_suspects, scan_io
@@ -130,6 +138,7 @@ def windowed_select(
     pool of pool × its budget per class is read (coalescing as `pool_reads`) and windowed: the
     `previous` ids of the class, the rest drawn at random (`plan.class_pools`)."""
     check_keep(keep)
+    check_seed(seed)
     started = time.perf_counter()
     window, factored = selector.window_for(keep), selector.factored
     scan = Scan.open(dataset, selector.method, proxy, seed, device)

@@ -3,8 +3,9 @@
 Every array is written with the sharding codec, `shard_samples` samples a shard and one sample an
 inner chunk, so one sample is one byte range, each inner chunk ending in its crc32c; every shard
 object is written, fill values or not, and its size and samples' digest recorded. The group
-attributes, with that manifest, go last (`open_dataset` refuses a store without them). Replacing
-a store writes the new one beside it and swaps it in only when whole.
+attributes, with that manifest, go last (`open_dataset` refuses a store without them, what a
+killed writer leaves). A write that fails removes what it wrote; replacing a store writes the new
+one beside it and swaps it in only when whole.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def write_dataset(
             progress,
             url,
         )
-    except BaseException:
-        if replacing:
+    except BaseException:  # what was written is ours alone, and not a dataset: nothing is left
+        if fs.exists(target):
             fs.rm(target, recursive=True)
         raise
     if replacing:

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from nearstore.errors import ParameterError
+from nearstore.selection.plan import check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_seed
+from nearstore.selection.selectors.base import Selector
 from nearstore.selection.selectors.craig import Craig
 from nearstore.selection.selectors.crest import Crest
 from nearstore.selection.selectors.graft import Graft

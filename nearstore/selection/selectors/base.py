@@ -24,7 +24,6 @@ from nearstore.storage import Coalescing, Dataset
 # float32; 16x GRAFT's default batch, 64x a CRAIG window of 1,024), so a window holds at most 8,192.
 MAX_GRAM_ENTRIES = 1 << 26
 MAX_WINDOW = 1 << 13
-SEEDS = 1 << 64  # torch's Generator takes seeds below 2^64, numpy's any integer >= 0
 
 
 class Selector(ABC):
@@ -78,11 +77,6 @@ class WindowedSelector(Selector):
     def at_once(self, window: int) -> int:
         """Windows decided together (one `pick` call)."""
         return 1
-
-
-def check_seed(seed: Any) -> None:
-    """A round's seed: an integer that numpy's and torch's generators both take."""
-    check_range("seed", seed, 0, SEEDS, integer=True, open_high=True)
 
 
 def check_window(window: int | None, name: str = "window") -> None:

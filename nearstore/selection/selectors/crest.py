@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_flag, check_range
-from nearstore.selection.plan import check_keep, class_pools
+from nearstore.selection.plan import check_keep, check_seed, class_pools
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
     Selector,
@@ -54,6 +54,7 @@ class Crest(Selector):
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         check_keep(keep)
+        check_seed(seed)
         started = time.perf_counter()
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
         budgets, pools = class_pools(labels, keep, self.pool, seed, whole=proxy is None)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from nearstore.checks import check_flag
-from nearstore.selection.plan import check_keep, class_balanced_draw, uniform_draw
+from nearstore.selection.plan import check_keep, check_seed, class_balanced_draw, uniform_draw
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import Selector
 from nearstore.selection.stages import scan_io
@@ -17,6 +17,7 @@ from nearstore.storage import Dataset, read_labels
 def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balanced: bool = False) -> Selection:
     """A uniformly random round(keep · N) samples (per class when class_balanced): the baseline."""
     check_keep(keep)
+    check_seed(seed)
     started = time.perf_counter()
     if not class_balanced:
         ids = uniform_draw(dataset.num_samples, keep, seed)

@@ -17,7 +17,7 @@ from kernels import FrequentDirections, StreamingTopK, agreement_scores, residua
 from nearstore.checks import check_flag, check_range
 from nearstore.errors import ParameterError
 from nearstore.selection.executors import Executor, LocalExecutor
-from nearstore.selection.plan import check_keep
+from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import Selector
@@ -56,6 +56,7 @@ def sage_select(
         or `DaskExecutor(client)`: maps over shard partitions, pass 1's sketches merged in a tree.
     """
     check_keep(keep)
+    check_seed(seed)
     _check_score(score)
     executor = executor or LocalExecutor()
     started = time.perf_counter()

@@ -130,7 +130,7 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["convert", "{tmp}/missing.npz", "{tmp}/o.zarr"], "missing.npz"),
         (["select", "{tmp}/nothing.zarr", "{tmp}/s.npz"], "no zarr group"),
         (["select", "{digits}", "{tmp}/s.npz", "--keep", "2"], r"keep must be in \(0, 1\], got 2.0"),
-        (["demo", "--workdir", "{tmp}/d", "--reselect-every", "-1"], "reselect_every must be >= 0, got -1"),
+        (["demo", "--workdir", "{tmp}/d", "--reselect-every", "-1"], "reselect_every must be an integer >= 0, got -1"),
         (
             ["select", "{digits}", "{tmp}/s.npz", "--method", "crest", "--report", "{tmp}/r.csv"],
             "--report needs a method that judges",
@@ -156,11 +156,16 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
             "the dataset '.*o.zarr' and its source '.*o.zarr/y.npy' overlap",
         ),
         (["serve", "{digits}", "--port", "99999", "--method", "random"], r"--port must be in \[0, 65535\], got 99999"),
+        (["select", "{digits}", "{tmp}/s.npz", "--seed", "-1"], r"seed must be an integer in \[0, \d+\), got -1"),
+        (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
+        (["demo", "--epochs", "-1", "--workdir", "{tmp}/w"], "epochs must be an integer >= 1, got -1"),
+        (["convert", "{tmp}/junk.npy", "{tmp}/j.zarr"], "junk.npy is neither an .npy file nor an .npz archive"),
     ],
 )
 def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     digits = str(tmp_path / "digits.zarr")
     main(["convert", "digits", digits])
+    (tmp_path / "junk.npy").write_bytes(b"not numpy\n")
     capsys.readouterr()
     assert main([a.format(tmp=tmp_path, digits=digits) for a in argv]) == 2
     assert re.search(message, capsys.readouterr().err)

@@ -121,3 +121,15 @@ def test_bad_noise_is_named():
         noisy_labels(np.arange(10), "asymmetric", 0.1)
     with pytest.raises(ParameterError, match="imbalance ratio must be >= 1, got 0.5"):
         long_tail(np.arange(10), 0.5)
+
+
+def test_a_file_that_is_no_numpy_array_is_refused_naming_it(tmp_path):
+    (tmp_path / "junk.npy").write_bytes(b"not numpy\n")
+    (tmp_path / "junk.npz").write_bytes(b"not numpy\n")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DatasetError, match=r"junk.npy is neither an .npy file nor an .npz archive"):
+        next(npy_batches(tmp_path / "junk.npy"))
+    with pytest.raises(DatasetError, match=r"junk.npz is neither"):
+        next(npz_batches(tmp_path / "junk.npz"))
+    with pytest.raises(DatasetError, match=r"objects.npy cannot be read as numeric arrays"):
+        next(npy_batches(tmp_path / "objects.npy"))

@@ -108,6 +108,10 @@ def test_executors_are_chosen_by_name(client, blobs):
     assert make_executor("dask", client=client).client is client
     with pytest.raises(ParameterError, match="executor must be one of \\['dask', 'local'\\], got 'ray'"):
         make_executor("ray")
+    with pytest.raises(ParameterError, match="executor must be one of .*, got \\['x'\\]"):
+        make_executor(["x"])
+    with pytest.raises(ParameterError, match="executor 'local' does not take the options \\['foo'\\]"):
+        make_executor("local", foo=1)
     # the local executor runs one task over every shard, on the scan's own reader
     scan = Scan.open(dataset, "SAGE", proxy, 0, "cpu")
     first, reads = LocalExecutor().map_reduce(

@@ -164,6 +164,18 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_whole(store, fingerp
     assert replaced.num_samples == 600 and verify_dataset(replaced, progress=False) == []
 
 
+def test_a_failed_write_of_a_new_store_leaves_nothing_behind(tmp_path):
+    def failing():
+        yield id_encoded(300)
+        raise RuntimeError("the source ran dry")
+
+    url = str(tmp_path / "new.zarr")
+    with pytest.raises(RuntimeError, match="ran dry"):
+        write_dataset(url, failing(), shard_samples=100)
+    assert not Path(url).exists()
+    assert write_dataset(url, [id_encoded(300)], shard_samples=100).num_samples == 300  # no overwrite needed
+
+
 def test_fewer_class_names_than_labels_are_refused(tmp_path):
     with pytest.raises(DatasetError, match="2 class names .* labels go up to 4"):
         write_dataset(str(tmp_path / "c.zarr"), [id_encoded(50)], class_names=["a", "b"])
