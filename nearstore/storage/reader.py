@@ -11,6 +11,7 @@ manifest records, every index and inner chunk its checksum, and no shard object 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import TRAINING_READS, Coalescing, coalesce_ranges
 
 _Decode = Callable[[bytes], np.ndarray]
+# Seconds before each new request for the ranges still short: 0.35 s in all before a short range
+# is damage (on S3, a fault of the way heals at once; a cut object stays cut).
+SHORT_READ_BACKOFF = (0.05, 0.1, 0.2)
 
 
 class SelectiveReader:
@@ -164,16 +168,22 @@ class SelectiveReader:
         A range is [start, end) with None for an open end and a negative start counted from the
         end of the object (format 1 only: the manifest gives every object's size). In a format-1
         store a missing object reads as empty: its zarr deleted shards of fill values only.
+        A range that comes back short is asked again (SHORT_READ_RETRIES, with backoff) before it
+        is damage: a body cut on the way reads to the client as a whole, shorter answer. Errors
+        of transport (throttling, resets, timeouts) are the filesystem's to retry (s3fs, botocore).
         """
         paths = [plan.layout.shard_path(shard) for plan, shard in owners]
-        if self.fs.async_impl:
-            blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
-        else:
-            blobs = self._cat_sync(paths, starts, ends)
-        self.stats.add(
-            bytes=sum(len(b) for b in blobs if isinstance(b, bytes)),
-            requests=len(paths),
-        )
+        blobs = self._fetch(paths, starts, ends)
+        expected = [_range_nbytes(start, end) for start, end in zip(starts, ends)]
+        for delay in SHORT_READ_BACKOFF:
+            short = [k for k, b in enumerate(blobs) if isinstance(b, bytes) and expected[k] not in (None, len(b))]
+            if not short:
+                break
+            time.sleep(delay)
+            again = self._fetch([paths[k] for k in short], [starts[k] for k in short], [ends[k] for k in short])
+            self.stats.add(retries=len(short))
+            for k, blob in zip(short, again):
+                blobs[k] = blob
         checked = self.dataset.manifest is not None
         for k, ((plan, shard), blob) in enumerate(zip(owners, blobs)):
             if isinstance(blob, FileNotFoundError):
@@ -182,11 +192,18 @@ class SelectiveReader:
                 blobs[k] = b""
             elif isinstance(blob, BaseException):
                 raise OSError(f"reading {paths[k]!r} of {self.dataset.url!r} failed: {blob}") from blob
-            else:
-                expected = _range_nbytes(starts[k], ends[k])
-                if expected is not None and len(blob) != expected:
-                    problem = f"is cut short: {len(blob)} of the {expected} bytes asked for at {starts[k]}"
-                    raise plan.damage(shard, problem)
+            elif expected[k] is not None and len(blob) != expected[k]:
+                problem = f"is cut short: {len(blob)} of the {expected[k]} bytes asked for at {starts[k]}"
+                raise plan.damage(shard, problem)
+        return blobs
+
+    def _fetch(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
+        """Each range's bytes, or the error reading it; counted in `stats`."""
+        if self.fs.async_impl:
+            blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+        else:
+            blobs = self._cat_sync(paths, starts, ends)
+        self.stats.add(bytes=sum(len(b) for b in blobs if isinstance(b, bytes)), requests=len(paths))
         return blobs
 
     def _cat_sync(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
