@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -236,3 +238,16 @@ def _certificate(
     if hosts:  # gRPC checks the name dialled against these, not the common name
         builder = builder.add_extension(x509.SubjectAlternativeName(hosts), critical=False)
     return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def nearstore_serve(url: str, port: int, *options: str) -> subprocess.Popen:
+    """`nearstore serve URL --port PORT OPTIONS...` as a process on 127.0.0.1; returns once it
+    says it is serving."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [sys.executable, "-m", "nearstore.app.cli", "serve", url, "--host", HOST, "--port", str(port), *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith("serving grpc://"):
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would stall it
+            return process
+    raise RuntimeError(f"nearstore serve exited with {process.wait()} before serving")
