@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from nearstore import NearstoreError, SampleIdError, Selection, open_dataset, write_dataset
+from nearstore import DatasetError, NearstoreError, SampleIdError, Selection, open_dataset, write_dataset
 from nearstore.selection.record import Suspects
 
 
@@ -150,3 +153,70 @@ def test_a_damaged_or_foreign_file_is_refused_naming_it(id_store, tmp_path):
         path.write_bytes(data)
         with pytest.raises(NearstoreError, match=f"selection file '.*{name}.npz'.*{message}"):
             Selection.load(path)
+
+
+# Fuzzing: whatever bytes a file holds, Selection.load is a refusal naming the file (DatasetError,
+# SampleIdError) or a valid selection, which then writes back and reads again to itself.
+FUZZ = settings(max_examples=150, deadline=None)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+columns = hnp.arrays(
+    hnp.scalar_dtypes() | hnp.unicode_string_dtypes(),
+    hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4),
+)
+
+
+@pytest.fixture(scope="module")
+def valid(id_store_url) -> Selection:
+    return make(open_dataset(id_store_url), np.array([3, 70, 900]), params={"keep": 0.1}, round=2)
+
+
+@pytest.fixture(scope="module")
+def file(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz") / "round.npz"
+
+
+def _loads_or_refuses(data: bytes, file) -> None:
+    file.write_bytes(data)
+    try:
+        selection = Selection.load(file)
+    except (DatasetError, SampleIdError) as e:
+        assert f"selection file {str(file)!r}" in str(e)
+        return
+    again = Selection.from_bytes(selection.to_bytes())
+    assert np.all(np.diff(selection.ids) > 0) and np.all(selection.weights >= 0)
+    for name in ("ids", "weights", "scores"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(selection, name))
+    assert (again.method, again.params, again.round, again.dataset) == (
+        selection.method,
+        selection.params,
+        selection.round,
+        selection.dataset,
+    )
+
+
+@FUZZ
+@given(st.binary(max_size=2000))
+def test_fuzz_random_bytes_load_or_are_refused(file, data):
+    _loads_or_refuses(data, file)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_a_damaged_file_loads_or_is_refused(valid, file, data):
+    whole = bytearray(valid.to_bytes())
+    for at, value in data.draw(st.lists(st.tuples(st.integers(0, len(whole) - 1), st.integers(0, 255)), max_size=4)):
+        whole[at] = value
+    _loads_or_refuses(bytes(whole[: data.draw(st.integers(0, len(whole)))]), file)
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(["version", "dataset", "method", "params", "round", "io"]), json_values)
+    | st.dictionaries(st.sampled_from(["ids", "weights", "scores", "suspect_ids"]), columns, max_size=2)
+)
+def test_fuzz_a_file_with_odd_fields_loads_or_is_refused(valid, file, changes):
+    _loads_or_refuses(_archive_with(valid, **changes), file)
