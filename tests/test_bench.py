@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
 # What each writes, and a key its JSON must hold.
 WRITES = {
+    "chaos": ("chaos.json", "kinds"),
     "encoded_layout": ("encoded_layout.json", "rows"),
     "gpu": ("gpu.json", "kernels"),
     "io_savings": ("io_savings.json", "results"),
