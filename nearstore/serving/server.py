@@ -264,12 +264,9 @@ class NearStoreServer(flight.FlightServerBase):
         """Pushed weights, checked, as the proxy of the next rounds; answers its version."""
         proxy = self._proxy_from(body)
         with self._lock:
-            self._proxy = proxy
-            self.proxy_version += 1
-            version = self.proxy_version
-            if self.state_dir is not None:
-                _write_atomically(self.state_dir / "proxy.pt", body)
-                self._persist()
+            version = self.proxy_version + 1
+            self._persist(self._rounds, version, f"proxy version {version}", proxy=body)
+            self._proxy, self.proxy_version = proxy, version
         log.info("proxy version %d received (%d bytes)", version, len(body))
         return json.dumps({"proxy_version": version}).encode()
 
@@ -344,23 +341,37 @@ class NearStoreServer(flight.FlightServerBase):
 
     def _keep_round(self, selection: Selection) -> None:
         with self._lock:
-            self._rounds[selection.round] = selection
-            for old in sorted(self._rounds)[:-ROUNDS_KEPT]:
-                del self._rounds[old]
-            if self.state_dir is not None:
-                self._persist()
+            rounds = {**self._rounds, selection.round: selection}
+            rounds = {number: rounds[number] for number in sorted(rounds)[-ROUNDS_KEPT:]}
+            self._persist(rounds, self.proxy_version, f"selection round {selection.round}")
+            self._rounds = rounds
 
-    def _persist(self) -> None:
-        """Write the held rounds and the proxy version; server.json last, so a crash mid-way
-        leaves the previous state whole."""
-        for number, selection in self._rounds.items():
-            path = self.state_dir / f"round-{number}.npz"
-            if not path.exists():
-                _write_atomically(path, selection.to_bytes())
-        state = {"rounds": sorted(self._rounds), "proxy_version": self.proxy_version}
-        _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
+    def _persist(self, rounds: dict[int, Selection], proxy_version: int, what: str, proxy: bytes | None = None) -> None:
+        """Write the state that is to be, before it is taken in memory: the rounds, the proxy
+        version and pushed weights; server.json last, so a crash or a full disk mid-way leaves the
+        previous state whole. Where it cannot be written, `what` is refused by name and nothing
+        changes: a round no restart could restore is never served."""
+        if self.state_dir is None:
+            return
+        try:
+            if proxy is not None:
+                _write_atomically(self.state_dir / f"proxy-{proxy_version}.pt", proxy)
+            for number, selection in rounds.items():
+                path = self.state_dir / f"round-{number}.npz"
+                if not path.exists():
+                    _write_atomically(path, selection.to_bytes())
+            state = {"rounds": sorted(rounds), "proxy_version": proxy_version}
+            _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
+        except OSError as e:
+            log.error("cannot keep %s in %s: %s", what, self.state_dir, e)
+            raise RequestError(
+                f"{what} was not taken: the server cannot write its state ({e.strerror or e}); it holds what it held"
+            ) from None
         for path in self.state_dir.glob("round-*.npz"):
-            if int(path.stem.removeprefix("round-")) not in self._rounds:
+            if int(path.stem.removeprefix("round-")) not in rounds:
+                path.unlink()
+        for path in self.state_dir.glob("proxy*.pt"):
+            if path.name != f"proxy-{proxy_version}.pt":
                 path.unlink()
 
     def _restore(self) -> bool:
@@ -371,11 +382,17 @@ class NearStoreServer(flight.FlightServerBase):
         rounds = {r: Selection.load(str(self.state_dir / f"round-{r}.npz")) for r in state["rounds"]}
         for selection in rounds.values():
             selection.check_dataset(self.dataset)  # a state_dir of another dataset is refused
-        if (self.state_dir / "proxy.pt").exists() and state["proxy_version"]:
+        version = state["proxy_version"]
+        if version:
+            # proxy.pt: what servers before format 2 wrote, one file for every version
+            found = [p for p in (self.state_dir / f"proxy-{version}.pt", self.state_dir / "proxy.pt") if p.exists()]
+            if not found:
+                raise DatasetError(f"{self.state_dir} records proxy version {version} but holds no pushed weights")
+            pushed = found[0]
             if self._model_factory is None:
                 raise DatasetError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
-            self._proxy = self._proxy_from((self.state_dir / "proxy.pt").read_bytes())
-        self.proxy_version = state["proxy_version"]
+            self._proxy = self._proxy_from(pushed.read_bytes())
+        self.proxy_version = version
         self._rounds = rounds
         log.info("resumed from %s: rounds %s, proxy version %d", self.state_dir, state["rounds"], self.proxy_version)
         return True

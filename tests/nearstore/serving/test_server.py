@@ -451,7 +451,7 @@ def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store
         state = loader.state_dict()
     finally:
         first.shutdown()
-    assert sorted(p.name for p in state_dir.iterdir()) == ["proxy.pt", "round-0.npz", "round-1.npz", "server.json"]
+    assert sorted(p.name for p in state_dir.iterdir()) == ["proxy-1.pt", "round-0.npz", "round-1.npz", "server.json"]
 
     # No selection given and nothing to scan: the restart serves round 1 as it was.
     second = NearStoreServer(id_store, model=tiny_model, state_dir=state_dir)
