@@ -2,8 +2,8 @@
 
     python bench/chaos.py [--episodes 200] [--seed 0] [--out bench/results] [--tiny]
 
-Each episode draws its kind, then its faults and loader at random (tests/chaos.py), over stores of
-1,000 id-encoded samples in shards of 100 (x[i] encodes i, so a wrong sample shows):
+Each episode draws its kind, then its faults and loader at random (tests/chaos_episodes.py), over
+stores of 1,000 id-encoded samples in shards of 100 (x[i] encodes i, so a wrong sample shows):
 
 - s3 (60% of episodes): an epoch of a random 10-50% of the store on moto's S3, read through
   tests/faults.py's FaultyProxy, which answers 1-8% of the shard objects' GETs with a 503, a 500, a
@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the episodes, the proxy and moto's server live with the tests
 
-from chaos import (  # noqa: E402
+from chaos_episodes import (  # noqa: E402
     Tally,
     concurrent_selects_episode,
     dask_episode,
@@ -173,7 +173,7 @@ def plot(tallies: dict[str, Tally], total: Tally, path: Path) -> None:
     for k, (name, color) in enumerate((("lost", "C3"), ("repeated", "C1"), ("wrong", "C4"))):
         right.bar(at + (k - 1) * 0.25, [getattr(tallies[kind], name) for kind in kinds], 0.25, color=color, label=name)
     right.set_xticks(at, kinds, rotation=20, fontsize=8)
-    right.set(ylabel="samples", title="lost, repeated, wrong by episode kind (target: 0)")
+    right.set(ylabel="samples", title="samples lost, repeated, wrong (target: 0)")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

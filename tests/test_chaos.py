@@ -1,15 +1,15 @@
 """Faults at random points, and what the loader delivers through them: S3 answering 503 or 500,
 resetting, cutting bodies and stalling (tests/faults.py's proxy before moto); the server killed and
 restarted on its state dir; its disk full; concurrent selects; a Dask worker killed mid-scan. In
-every episode each selected sample arrives once, as stored (tests/chaos.py; bench/chaos.py runs
-hundreds of them)."""
+every episode each selected sample arrives once, as stored (the episodes: tests/chaos_episodes.py;
+bench/chaos.py runs hundreds of them)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from chaos import (
+from chaos_episodes import (
     Tally,
     concurrent_selects_episode,
     dask_episode,
@@ -99,12 +99,6 @@ def test_a_server_killed_at_a_random_batch_and_restarted_on_its_state_dir_loses_
 
 
 @pytest.mark.slow  # starts `nearstore serve` processes
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: _keep_round takes the round and evicts the oldest held one before _persist, so a "
-    "write that fails (disk full) answers an internal error, yet serves the round it could not keep and "
-    "has dropped the round a trainer iterates",
-)
 def test_a_full_disk_under_the_state_dir_refuses_the_round_by_name_and_keeps_the_held_ones(id_store_url, tmp_path):
     result = disk_full_episode(id_store_url, 2500, tmp_path / "state", np.random.default_rng(2))
     assert result.exact and result.unexplained == 0, result
