@@ -175,7 +175,7 @@ def epoch_rate(
 
 
 def integrity_cost(
-    dataset: Dataset, unchecked: Dataset, ids: np.ndarray | None, batch_size: int, repeats: int = 5
+    dataset: Dataset, unchecked: Dataset, ids: np.ndarray | None, batch_size: int, repeats: int = 11
 ) -> dict[str, float]:
     """checked / unchecked samples/s of each of our backends: medians of `repeats` interleaved epochs."""
     costs = {}
