@@ -117,7 +117,12 @@ class SelectiveReader:
         if not wanted:
             return
         ranges = [plan.layout.index_range(shard, whole) for plan, shard, whole in wanted]
-        blobs = self._cat([(plan, shard) for plan, shard, _ in wanted], [r[0] for r in ranges], [r[1] for r in ranges])
+        blobs = self._cat(
+            [(plan, shard) for plan, shard, _ in wanted],
+            [r[0] for r in ranges],
+            [r[1] for r in ranges],
+            np.array([_range_nbytes(*r) for r in ranges], dtype=np.int64),
+        )
         for (plan, shard, whole), blob in zip(wanted, blobs):
             name = plan.layout.name
             try:
@@ -135,6 +140,7 @@ class SelectiveReader:
         owners: list[tuple[_ReadPlan, int]] = []
         starts: list[int] = []
         ends: list[int] = []
+        lengths: list[np.ndarray] = []
         for plan in plans:
             plan.locate(self._index[plan.layout.name])
             todo = np.flatnonzero(plan.stored & (plan.piece_of_chunk < 0))
@@ -154,16 +160,21 @@ class SelectiveReader:
             owners += [(plan, shard) for shard in run_shards.tolist()]
             starts += run_starts.tolist()
             ends += run_ends.tolist()
-        blobs = self._cat(owners, starts, ends) if owners else []
+            lengths.append(run_ends - run_starts)
+        blobs = self._cat(owners, starts, ends, np.concatenate(lengths)) if owners else []
         for plan, run_starts, todo, run_of in planned:
             plan.add_pieces(run_starts.tolist(), blobs[: len(run_starts)], todo, run_of)
             blobs = blobs[len(run_starts) :]
 
     def _cat(
-        self, owners: list[tuple[_ReadPlan, int]], starts: list[int | None], ends: list[int | None]
+        self,
+        owners: list[tuple[_ReadPlan, int]],
+        starts: list[int | None],
+        ends: list[int | None],
+        expected: np.ndarray,
     ) -> list[bytes]:
         """Fetch byte ranges of the shard objects of (plan, shard) `owners`, concurrently where the
-        filesystem is async; count them; check each has the length asked for.
+        filesystem is async; count them; check each has its `expected` length (-1: unknown).
 
         A range is [start, end) with None for an open end and a negative start counted from the
         end of the object (format 1 only: the manifest gives every object's size). In a format-1
@@ -173,38 +184,47 @@ class SelectiveReader:
         of transport (throttling, resets, timeouts) are the filesystem's to retry (s3fs, botocore).
         """
         paths = [plan.layout.shard_path(shard) for plan, shard in owners]
-        blobs = self._fetch(paths, starts, ends)
-        expected = [_range_nbytes(start, end) for start, end in zip(starts, ends)]
+        blobs, sizes = self._fetch(paths, starts, ends)
         for delay in SHORT_READ_BACKOFF:
-            short = [k for k, b in enumerate(blobs) if isinstance(b, bytes) and expected[k] not in (None, len(b))]
+            short = np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected)).tolist()
             if not short:
                 break
             time.sleep(delay)
-            again = self._fetch([paths[k] for k in short], [starts[k] for k in short], [ends[k] for k in short])
+            again, sizes[short] = self._fetch(
+                [paths[k] for k in short], [starts[k] for k in short], [ends[k] for k in short]
+            )
             self.stats.add(retries=len(short))
             for k, blob in zip(short, again):
                 blobs[k] = blob
-        checked = self.dataset.manifest is not None
-        for k, ((plan, shard), blob) in enumerate(zip(owners, blobs)):
-            if isinstance(blob, FileNotFoundError):
-                if checked:
-                    raise plan.damage(shard, "is missing")
-                blobs[k] = b""
-            elif isinstance(blob, BaseException):
-                raise OSError(f"reading {paths[k]!r} of {self.dataset.url!r} failed: {blob}") from blob
-            elif expected[k] is not None and len(blob) != expected[k]:
-                problem = f"is cut short: {len(blob)} of the {expected[k]} bytes asked for at {starts[k]}"
-                raise plan.damage(shard, problem)
+        for k in np.flatnonzero(sizes < 0).tolist():  # errors, in place of bytes
+            plan, shard = owners[k]
+            if not isinstance(blobs[k], FileNotFoundError):
+                raise OSError(f"reading {paths[k]!r} of {self.dataset.url!r} failed: {blobs[k]}") from blobs[k]
+            if self.dataset.manifest is not None:
+                raise plan.damage(shard, "is missing")
+            blobs[k] = b""  # its size stays -1: no length to check
+        short = np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected))
+        if len(short):
+            k = int(short[0])
+            problem = f"is cut short: {sizes[k]} of the {expected[k]} bytes asked for at {starts[k]}"
+            raise owners[k][0].damage(owners[k][1], problem)
         return blobs
 
-    def _fetch(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
-        """Each range's bytes, or the error reading it; counted in `stats`."""
+    def _fetch(
+        self, paths: list[str], starts: list[int | None], ends: list[int | None]
+    ) -> tuple[list[bytes | Exception], np.ndarray]:
+        """Each range's bytes, or the error reading it, and their lengths (-1: an error); counted
+        in `stats`."""
         if self.fs.async_impl:
             blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
         else:
             blobs = self._cat_sync(paths, starts, ends)
-        self.stats.add(bytes=sum(len(b) for b in blobs if isinstance(b, bytes)), requests=len(paths))
-        return blobs
+        try:  # a numpy pass over the lengths: per-range Python is what small ranges cost
+            sizes = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+        except TypeError:  # an error among them: it has no length
+            sizes = np.array([len(b) if isinstance(b, bytes) else -1 for b in blobs], dtype=np.int64)
+        self.stats.add(bytes=int(sizes[sizes > 0].sum()), requests=len(paths))
+        return blobs, sizes
 
     def _cat_sync(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
         """Ranges of a blocking filesystem: each object opened once (fsspec opens it per range)."""
@@ -453,13 +473,14 @@ class _Damaged(Exception):
     """What is wrong with a shard object, before the read that found it names the samples."""
 
 
-def _range_nbytes(start: int | None, end: int | None) -> int | None:
-    """How many bytes the range [start, end) holds, where that is known without the object's size."""
+def _range_nbytes(start: int | None, end: int | None) -> int:
+    """How many bytes the range [start, end) holds, where that is known without the object's size
+    (-1 where not: a whole object of a format-1 store)."""
     if start is not None and end is not None:
         return end - start
     if start is not None and start < 0 and end is None:
         return -start
-    return None
+    return -1
 
 
 def _spec(shape: tuple[int, ...], dtype, fill_value) -> ArraySpec:
