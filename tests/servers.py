@@ -247,7 +247,7 @@ def nearstore_serve(url: str, port: int, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "nearstore.app.cli", "serve", url, "--host", HOST, "--port", str(port), *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in process.stdout:
-        if line.startswith("serving grpc://"):
+        if line.startswith(("serving grpc://", "serving grpc+tls://")):
             threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would stall it
             return process
     raise RuntimeError(f"nearstore serve exited with {process.wait()} before serving")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from servers import TlsFiles, write_tls_files
+from servers import TlsFiles, free_port, nearstore_serve, write_tls_files
 
 from loaders import FlightSource, StreamingLoader
 from nearstore import ParameterError, open_dataset, random_select
@@ -186,3 +186,26 @@ def test_tls_files_and_tokens_are_checked_by_name(id_store, tls, tmp_path):
         FlightSource("grpc+tls://127.0.0.1:1/ids", tls_cert=tls.client_cert)
     with pytest.raises(ParameterError, match="looks like grpc://host:port/dataset"):
         FlightSource("grpcs://127.0.0.1:1/ids")
+
+
+@pytest.mark.slow  # starts a `nearstore serve` process
+def test_nearstore_serve_takes_tls_and_both_tokens_from_its_flags_and_environment(
+    id_store_url, tls, monkeypatch, id_data
+):
+    monkeypatch.setenv("NEARSTORE_TOKEN", ADMIN)
+    monkeypatch.setenv("NEARSTORE_READ_TOKEN", READ)
+    port = free_port()
+    tls_flags = ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+    process = nearstore_serve(id_store_url, port, "--method", "random", "--name", "ids", *tls_flags)
+    try:
+        url = f"grpc+tls://127.0.0.1:{port}/ids"
+        reader = FlightSource(url, token=READ, tls_root_certs=tls.ca, on_disconnect="raise")
+        read = reader.read(np.array([3, 2400]), arrays=["x"], round="all")
+        np.testing.assert_array_equal(read["x"], id_data["x"][[3, 2400]])
+        with pytest.raises(PermissionError, match="read token may not call action 'select'"):
+            reader.select(reader.selection().ids, 0, keep=0.1, method="random", options={}, seed=1)
+        admin = FlightSource(url, token=ADMIN, tls_root_certs=tls.ca, on_disconnect="raise")
+        assert admin.select(admin.selection().ids, 0, keep=0.1, method="random", options={}, seed=1).round == 1
+    finally:
+        process.kill()
+        process.wait()
