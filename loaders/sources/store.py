@@ -13,7 +13,7 @@ import torch
 from loaders.sources.base import Source
 from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, SelectiveReader, open_dataset
 from nearstore.selection.selectors import next_round
-from nearstore.storage import TRAINING_READS
+from nearstore.storage import TRAINING_READS, small_arrays
 
 
 class StoreSource(Source):
@@ -46,7 +46,9 @@ class StoreSource(Source):
     ) -> dict[str, np.ndarray]:
         names = tuple(arrays)
         if names not in self._readers:  # readers share the dataset's shard indexes and one count
-            self._readers[names] = SelectiveReader(self.dataset, names, reads=self.reads, stats=self.stats)
+            self._readers[names] = SelectiveReader(
+                self.dataset, names, reads=self.reads, stats=self.stats, keep=small_arrays(self.dataset, names)
+            )
         return self._readers[names].read(ids)
 
     def stored_bytes(self, arrays: Sequence[str]) -> int:

@@ -35,7 +35,7 @@ from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
 from nearstore.selection.plan import check_keep
 from nearstore.selection.selectors import next_round
 from nearstore.serving import protocol
-from nearstore.storage import Dataset, IOStats, SelectiveReader
+from nearstore.storage import Dataset, IOStats, SelectiveReader, small_arrays
 
 log = logging.getLogger("nearstore")
 
@@ -221,7 +221,8 @@ class NearStoreServer(flight.FlightServerBase):
     def _reader(self, names: tuple[str, ...]) -> SelectiveReader:
         """A reader of these arrays (all share the dataset's shard indexes, and one count)."""
         if names not in self._readers:
-            self._readers[names] = SelectiveReader(self.dataset, names, stats=self.storage_reads)
+            keep = small_arrays(self.dataset, names)  # labels: read once, not a range each a sample
+            self._readers[names] = SelectiveReader(self.dataset, names, stats=self.storage_reads, keep=keep)
         return self._readers[names]
 
     def _read(self, names: tuple[str, ...], ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ from nearstore.storage.dataset import Dataset, open_dataset
 from nearstore.storage.integrity import Damage, verify_dataset
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import POOL_READS, TRAINING_READS, Coalescing
-from nearstore.storage.reader import SelectiveReader, read_labels
+from nearstore.storage.reader import SelectiveReader, read_labels, small_arrays
 from nearstore.storage.writer import write_dataset
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "SelectiveReader",
     "open_dataset",
     "read_labels",
+    "small_arrays",
     "verify_dataset",
     "write_dataset",
 ]

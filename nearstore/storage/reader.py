@@ -42,6 +42,9 @@ class SelectiveReader:
     arrays: which sample arrays to read (default: all of the dataset's).
     reads: how byte ranges are merged (`Coalescing`): training reads by default.
     stats: where to count (default: a counter of its own).
+    keep: arrays among `arrays` read whole on first use and kept with the opened dataset, then
+        served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
+        range request of its own every epoch).
     The reader never writes; `stats` counts every request it makes and every byte it receives.
     """
 
@@ -52,11 +55,15 @@ class SelectiveReader:
         *,
         reads: Coalescing = TRAINING_READS,
         stats: IOStats | None = None,
+        keep: Sequence[str] = (),
     ) -> None:
         names = tuple(arrays) if arrays is not None else dataset.sample_arrays
         unknown = [n for n in names if n not in dataset.arrays]
         if unknown:
             raise DatasetError(f"{dataset.url!r} has no sample arrays {unknown}; it has {list(dataset.arrays)}")
+        if not set(keep) <= set(names):
+            raise DatasetError(f"arrays to keep {sorted(set(keep) - set(names))} are not among those read {names}")
+        self.keep = tuple(keep)
         self.dataset = dataset
         self.num_samples = dataset.num_samples
         self.reads = reads
@@ -99,13 +106,35 @@ class SelectiveReader:
             raise TypeError(f"ids must be a 1-D sequence of integers, got {ids.dtype} {ids.shape}")
         ids = ids.astype(np.int64, copy=False)
         check_ids(ids, self.num_samples, repr(self.dataset.url))
-        plans = [_ReadPlan(layout, ids) for layout in self.layouts.values()]
+        kept = {}
+        for name in self.keep:
+            try:
+                kept[name] = self.whole(name)[ids]
+            except IntegrityError:  # read by ranges from now on, so that damage names this read's ids
+                self.keep = tuple(n for n in self.keep if n != name)
+        plans = [_ReadPlan(layout, ids) for name, layout in self.layouts.items() if name not in kept]
+        for plan in plans:
+            plan.check_known_damage()
         self._load_indexes(plans)
         self._fetch_chunks(plans)
         for plan in plans:
             plan.decode()
         self.stats.add(samples=len(ids))
-        return {plan.layout.name: plan.assemble() for plan in plans}
+        read = {plan.layout.name: plan.assemble() for plan in plans} | kept
+        return {name: read[name] for name in self.layouts}
+
+    def whole(self, name: str) -> np.ndarray:
+        """Every sample of array `name`, read whole, shard by shard, on first use (counted here),
+        then kept with the opened dataset (the store is read-only): later readers read nothing."""
+
+        def read() -> np.ndarray:
+            reader = SelectiveReader(self.dataset, [name], reads=self.reads)
+            values = np.concatenate([reader.read_shard(shard)[name] for shard in range(reader.num_shards)])
+            values.flags.writeable = False  # shared by every later reader: none may change it
+            self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests)
+            return values
+
+        return self.dataset._kept(("whole", name), read)
 
     def _load_indexes(self, plans: list[_ReadPlan]) -> None:
         """Fetch the shard indexes not cached yet; a shard wanted whole comes in one request with
@@ -128,7 +157,7 @@ class SelectiveReader:
             try:
                 self._index[name][shard] = plan.layout.parse_index(blob, whole, shard)
             except _Damaged as e:
-                raise plan.damage(shard, str(e)) from None
+                raise plan.damage(shard, str(e), lasting=True) from None
             self._indexed[name][shard] = True
             if whole:
                 rows = np.flatnonzero(plan.shard_of_chunk == shard)
@@ -179,14 +208,17 @@ class SelectiveReader:
         A range is [start, end) with None for an open end and a negative start counted from the
         end of the object (format 1 only: the manifest gives every object's size). In a format-1
         store a missing object reads as empty: its zarr deleted shards of fill values only.
-        A range that comes back short is asked again (SHORT_READ_RETRIES, with backoff) before it
-        is damage: a body cut on the way reads to the client as a whole, shorter answer. Errors
-        of transport (throttling, resets, timeouts) are the filesystem's to retry (s3fs, botocore).
+        A range that comes back short, or whose transfer failed a check of the client's (botocore's
+        checksum of a whole object: any error that is no OSError), is asked again (after each of
+        SHORT_READ_BACKOFF) before it is damage or an error: a body cut on the way reads to the
+        client as a whole, shorter answer. An OSError (missing, refused, unreachable, throttled,
+        timed out) is the filesystem's verdict after its own retries (s3fs, botocore).
         """
         paths = [plan.layout.shard_path(shard) for plan, shard in owners]
         blobs, sizes = self._fetch(paths, starts, ends)
         for delay in SHORT_READ_BACKOFF:
             short = np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected)).tolist()
+            short += [k for k in np.flatnonzero(sizes < 0).tolist() if not isinstance(blobs[k], OSError)]
             if not short:
                 break
             time.sleep(delay)
@@ -201,13 +233,13 @@ class SelectiveReader:
             if not isinstance(blobs[k], FileNotFoundError):
                 raise OSError(f"reading {paths[k]!r} of {self.dataset.url!r} failed: {blobs[k]}") from blobs[k]
             if self.dataset.manifest is not None:
-                raise plan.damage(shard, "is missing")
+                raise plan.damage(shard, "is missing", lasting=True)
             blobs[k] = b""  # its size stays -1: no length to check
         short = np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected))
         if len(short):
             k = int(short[0])
             problem = f"is cut short: {sizes[k]} of the {expected[k]} bytes asked for at {starts[k]}"
-            raise owners[k][0].damage(owners[k][1], problem)
+            raise owners[k][0].damage(owners[k][1], problem, lasting=True)
         return blobs
 
     def _fetch(
@@ -251,14 +283,29 @@ def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader
     shard, on first use, then kept with the opened dataset (the store is read-only), so later
     rounds read nothing. `who` names what needs them, for the error if there are none."""
     name = dataset.required_labels(who)
-    reader = SelectiveReader(dataset, [name])
+    reader = SelectiveReader(dataset, [name], keep=[name])
+    return reader.whole(name), reader
 
-    def read() -> np.ndarray:
-        labels = np.concatenate([reader.read_shard(shard)[name] for shard in range(reader.num_shards)])
-        labels.flags.writeable = False  # shared by every later round: none may change it
-        return labels
 
-    return dataset._kept(("labels", name), read), reader
+# Arrays kept whole in memory by the loader and the server: samples of at most this many bytes
+# (labels, weights, ids), and the whole array within SMALL_ARRAY_BYTES.
+SMALL_SAMPLE_BYTES = 16
+SMALL_ARRAY_BYTES = 256 << 20
+
+
+def small_arrays(dataset: Dataset, names: Sequence[str]) -> tuple[str, ...]:
+    """Those of `names` worth reading whole once and keeping: fixed-size samples of at most
+    SMALL_SAMPLE_BYTES (a request a sample every epoch would cost more than the bytes), the whole
+    array within SMALL_ARRAY_BYTES."""
+    small = []
+    for name in names:
+        array = dataset.arrays[name]
+        if array.dtype == object:
+            continue
+        sample = array.dtype.itemsize * math.prod(array.shape[1:])
+        if sample <= SMALL_SAMPLE_BYTES and sample * dataset.num_samples <= SMALL_ARRAY_BYTES:
+            small.append(name)
+    return tuple(small)
 
 
 class _ReadPlan:
@@ -277,9 +324,15 @@ class _ReadPlan:
         self.piece_starts: list[int] = []
         self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
 
-    def damage(self, shard: int, problem: str, chunk_rows: np.ndarray | None = None) -> IntegrityError:
+    def damage(
+        self, shard: int, problem: str, chunk_rows: np.ndarray | None = None, lasting: bool = False
+    ) -> IntegrityError:
         """An IntegrityError naming shard object `shard` and `problem`, with the ids this read
-        wanted from it (or from its chunks `chunk_rows`)."""
+        wanted from it (or from its chunks `chunk_rows`). `lasting`: the whole object is damaged
+        (missing, cut, its index): remembered with the opened dataset, so that later reads of it
+        fail at once instead of asking again (the store is read-only: damage does not heal)."""
+        if lasting:
+            self.layout.damaged[shard] = problem
         wanted = self.shard_of_chunk[self.inverse] == shard if chunk_rows is None else np.isin(self.inverse, chunk_rows)
         ids = tuple(sorted(set(self.ids[wanted].tolist())))
         lay = self.layout
@@ -291,6 +344,12 @@ class _ReadPlan:
             f"{first}..{last}) {problem}; this read wanted samples {shown} from it",
             ids,
         )
+
+    def check_known_damage(self) -> None:
+        """Raise at once for a shard object found damaged by an earlier read."""
+        for shard in self.shards.tolist():
+            if shard in self.layout.damaged:
+                raise self.damage(shard, self.layout.damaged[shard])
 
     def complete(self, shards: np.ndarray) -> np.ndarray:
         """For each shard, whether this read wants every chunk of it."""
@@ -378,6 +437,7 @@ class _ArrayLayout:
     chunk_nbytes: int
     checksummed: bool  # inner chunks end in their crc32c
     nbytes: tuple[int, ...] | None  # each shard object's size, from the manifest (None: format 1)
+    damaged: dict[int, str]  # shard objects found damaged, and how: shared by the opened dataset's readers
     paths: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -424,6 +484,7 @@ class _ArrayLayout:
             chunk_nbytes=array.dtype.itemsize * math.prod(chunk_shape),
             checksummed=isinstance(sharding.codecs[-1], Crc32cCodec),
             nbytes=dataset.manifest.nbytes[name] if dataset.manifest else None,
+            damaged=dataset._kept(("damaged", name), dict),
         )
 
     def shard_path(self, shard: int) -> str:

@@ -233,8 +233,9 @@ def test_demo_prints_its_table_and_writes_json(tmp_path, through_server, reselec
     assert runs["graft 25%"]["scan_bytes"] > 0 and runs["random 25%"]["scan_bytes"] == 0
     assert [runs[name]["rounds"] for name in runs] == [1 + 2 // reselect_every, 1, 0]
     assert report["reselect_every"] == reselect_every
-    # every sample each epoch; what it saves is shard indexes read once instead of every epoch
-    assert 0 <= runs["full data"]["io_saving"] < 0.15
+    # every sample each epoch; what it saves is the shard indexes and the labels read once instead
+    # of every epoch (at this toy size, 2 shards of 1,024 samples, the indexes are a fifth of the bytes)
+    assert 0 < runs["full data"]["io_saving"] < 0.25
     # the scans cost reads: a round reads a pool of twice the budget, which at this toy size, every
     # epoch or two, can cost as much as the subset saves
     assert runs["random 25%"]["io_saving"] > 0.7 > runs["graft 25%"]["io_saving"]

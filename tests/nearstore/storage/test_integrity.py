@@ -85,6 +85,19 @@ def test_a_lost_or_cut_shard_is_an_integrity_error_naming_it(store, damage, cach
     np.testing.assert_array_equal(reader.read([3, 700])["x"], id_encoded()["x"][[3, 700]])
 
 
+def test_a_damaged_object_is_remembered_and_refused_at_once_after(store):
+    ds = open_dataset(store)
+    cut(shard_file(store, "x", 1), slice(1000))
+    first = SelectiveReader(ds, ["x"])
+    with pytest.raises(IntegrityError, match="cut short"):
+        first.read([300])
+    assert first.stats.retries == 3  # asked again before it was called damage
+    later = SelectiveReader(ds, ["x"])  # another reader of the opened dataset: no request at all
+    with pytest.raises(IntegrityError, match="cut short") as raised:
+        later.read([257, 3])
+    assert later.stats.requests == 0 and raised.value.ids == (257,)
+
+
 def test_a_flipped_byte_names_the_one_sample_it_damaged(store):
     flip(shard_file(store, "x", 1), 7 * 36 + 5)  # inside sample 256 + 7's payload (36 stored bytes a sample)
     with pytest.raises(IntegrityError, match="1 damaged samples .crc32c") as raised:

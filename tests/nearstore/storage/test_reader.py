@@ -6,6 +6,7 @@ import zarr
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 from nearstore.storage.dataset import UncheckedStoreWarning
+from nearstore.storage.reader import small_arrays
 
 INDEX_BYTES = 256 * 16 + 4  # one (offset, nbytes) uint64 pair per inner chunk, and a crc32c
 SAMPLE_BYTES = {"x": 8 * 4 + 4, "y": 8 + 4}  # both stored raw (too small to compress), and a crc32c
@@ -127,3 +128,17 @@ def test_unsharded_arrays_are_refused_with_their_name(tmp_path):
     group.attrs["nearstore"] = {"format_version": 1, "num_samples": 4, "sample_arrays": ["x"], "label_array": None}
     with pytest.warns(UncheckedStoreWarning), pytest.raises(ValueError, match="array 'x' .* is not a sharded zarr"):
         SelectiveReader(open_dataset(url))
+
+
+def test_kept_arrays_are_read_whole_once_then_served_from_memory(id_store, id_data):
+    assert small_arrays(id_store, ["x", "y"]) == ("y",)  # 8-byte labels; x's 32-byte samples are read by range
+    reader = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(max_overhead=0), keep=["y"])
+    ids = np.array([3, 300, 2400])
+    first = reader.read(ids)
+    np.testing.assert_array_equal(first["y"], id_data["y"][ids])
+    y_shards, x_requests = id_store.num_shards, 3 + 3  # every y shard whole; x: 3 indexes, 3 samples
+    assert reader.stats.requests == y_shards + x_requests
+    before = reader.stats.snapshot()
+    again = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(max_overhead=0), keep=["y"])
+    np.testing.assert_array_equal(again.read(ids[::-1])["y"], id_data["y"][ids[::-1]])
+    assert again.stats.requests == 3 and reader.stats.snapshot() == before  # x only; y from memory
