@@ -34,6 +34,7 @@ _Decode = Callable[[bytes], np.ndarray]
 # Seconds before each new request for the ranges still short: 0.35 s in all before a short range
 # is damage (on S3, a fault of the way heals at once; a cut object stays cut).
 SHORT_READ_BACKOFF = (0.05, 0.1, 0.2)
+WHOLE_READ_SHARDS = 64  # shard objects a read of a whole array asks at once
 
 
 class SelectiveReader:
@@ -129,9 +130,17 @@ class SelectiveReader:
 
         def read() -> np.ndarray:
             reader = SelectiveReader(self.dataset, [name], reads=self.reads)
-            values = np.concatenate([reader.read_shard(shard)[name] for shard in range(reader.num_shards)])
+            # WHOLE_READ_SHARDS shard objects a call: fetched concurrently where the store is remote
+            step = WHOLE_READ_SHARDS * reader.layouts[name].shard_samples
+            try:
+                parts = [
+                    reader.read(np.arange(first, min(first + step, self.num_samples)))[name]
+                    for first in range(0, self.num_samples, step)
+                ]
+            finally:
+                self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests)
+            values = np.concatenate(parts)
             values.flags.writeable = False  # shared by every later reader: none may change it
-            self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests)
             return values
 
         return self.dataset._kept(("whole", name), read)
