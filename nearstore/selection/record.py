@@ -15,7 +15,7 @@ import fsspec
 import numpy as np
 
 from nearstore.errors import DatasetError, NearstoreError, SampleIdError
-from nearstore.storage.dataset import Dataset, check_ids, sample_identity
+from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity
 
 SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
 READABLE_VERSIONS = (1, 2)
@@ -197,7 +197,9 @@ class Selection:
             raise type(e)(f"{where}: {e}") from e
 
     def save(self, url: str | Path) -> None:
-        """Write to a local path or any fsspec URL (never inside the source dataset)."""
+        """Write to a local path or any fsspec URL; never inside the source dataset (refused)."""
+        if "url" in self.dataset:
+            check_outside(self.dataset["url"], str(url), "the selection")
         with fsspec.open(str(url), "wb") as f:
             f.write(self.to_bytes())
 

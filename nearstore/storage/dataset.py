@@ -168,10 +168,7 @@ class Dataset:
 
     def check_outside(self, url: str, what: str) -> None:
         """Refuse to write `what` at `url` if it lies inside this store, which is read-only to us."""
-        fs, root = self.filesystem()
-        theirs, path = fsspec.core.url_to_fs(url)
-        if type(theirs) is type(fs) and (path.rstrip("/") == root or path.startswith(root + "/")):
-            raise ParameterError(f"{what} {url!r} lies inside the dataset {self.url!r}, which is read-only to us")
+        check_outside(self.url, url, what, self.storage_options)
 
     def shard_path(self, name: str, shard: int, root: str | None = None) -> str:
         """Path of shard `shard` of array `name` in the filesystem (root: from `filesystem()`)."""
@@ -196,6 +193,15 @@ def encoded_bytes() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
         yield
+
+
+def check_outside(store_url: str, url: str, what: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse to write `what` at `url` if it lies inside the store at `store_url` (no request made)."""
+    fs, root = fsspec.core.url_to_fs(store_url, **(storage_options or {}))
+    theirs, path = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if type(theirs) is type(fs) and (path.rstrip("/") == root or path.startswith(root + "/")):
+        raise ParameterError(f"{what} {url!r} lies inside the dataset {store_url!r}, which is read-only to us")
 
 
 def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:

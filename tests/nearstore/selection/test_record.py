@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from nearstore import DatasetError, NearstoreError, SampleIdError, Selection, open_dataset, write_dataset
+from nearstore import (
+    DatasetError,
+    NearstoreError,
+    ParameterError,
+    SampleIdError,
+    Selection,
+    open_dataset,
+    random_select,
+    write_dataset,
+)
 from nearstore.selection.record import Suspects
 
 
@@ -220,3 +229,14 @@ def test_fuzz_a_damaged_file_loads_or_is_refused(valid, file, data):
 )
 def test_fuzz_a_file_with_odd_fields_loads_or_is_refused(valid, file, changes):
     _loads_or_refuses(_archive_with(valid, **changes), file)
+
+
+def test_a_selection_is_never_saved_inside_its_dataset(id_store, tmp_path, fingerprint):
+    selection = random_select(id_store, 0.1)
+    before = fingerprint(id_store.url)
+    for inside in (f"{id_store.url}/sel.npz", f"file://{id_store.url}/x/sel.npz"):
+        with pytest.raises(ParameterError, match="the selection .* lies inside the dataset"):
+            selection.save(inside)
+    assert fingerprint(id_store.url) == before
+    selection.save(tmp_path / "sel.npz")  # beside it is fine
+    assert Selection.load(str(tmp_path / "sel.npz")).ids.tolist() == selection.ids.tolist()
