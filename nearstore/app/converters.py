@@ -145,7 +145,7 @@ def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch
         yield out
 
 
-_MAGIC = {b"\x93NUMPY": ".npy", b"PK\x03\x04": ".npz"}  # what numpy's two formats start with
+_MAGIC = (b"\x93NUMPY", b"PK\x03\x04")  # what an .npy file and an .npz archive (a zip) start with
 
 
 def _load(path: str | Path, *, mmap: bool) -> np.ndarray:
@@ -156,7 +156,7 @@ def _load(path: str | Path, *, mmap: bool) -> np.ndarray:
             head = f.read(6)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
-    if not any(head.startswith(magic) for magic in _MAGIC):
+    if not head.startswith(_MAGIC):
         raise DatasetError(f"{path} is neither an .npy file nor an .npz archive (it starts with {head!r})")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)

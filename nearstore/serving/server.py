@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import torch
 
+from nearstore.checks import check_integer
 from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
 from nearstore.selection.plan import check_keep
@@ -95,9 +96,7 @@ class NearStoreServer(flight.FlightServerBase):
             raise ParameterError(
                 "read_token must differ from token (the admin token): the server could not tell them apart"
             )
-        if not isinstance(max_proxy_bytes, int) or max_proxy_bytes < 1:
-            raise ParameterError(f"max_proxy_bytes must be an integer >= 1, got {max_proxy_bytes!r}")
-        self.max_proxy_bytes = max_proxy_bytes
+        self.max_proxy_bytes = check_integer("max_proxy_bytes", max_proxy_bytes, 1)
         self.dataset = dataset
         self.name = name or _default_name(dataset.url)
         self.storage_reads = IOStats()  # every reader's, for samples shipped

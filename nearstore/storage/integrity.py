@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from nearstore.errors import IntegrityError, ParameterError
+from nearstore.checks import check_integer
+from nearstore.errors import IntegrityError
 from nearstore.storage.dataset import Dataset
 
 _DIGEST_BYTES = 16
@@ -74,8 +75,7 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
     refused with a DatasetError."""
     from nearstore.storage.reader import SelectiveReader  # the reader imports this module
 
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ParameterError(f"threads must be an integer >= 1, got {threads!r}")
+    check_integer("threads", threads, 1)
     if dataset.manifest is None:
         raise IntegrityError(
             f"{dataset.url!r} has no checksums or manifest (format {dataset.format_version}): nothing to verify "

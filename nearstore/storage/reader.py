@@ -225,8 +225,12 @@ class SelectiveReader:
         """
         paths = [plan.layout.shard_path(shard) for plan, shard in owners]
         blobs, sizes = self._fetch(paths, starts, ends)
+
+        def cut() -> np.ndarray:  # the ranges that came back, shorter than asked
+            return np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected))
+
         for delay in SHORT_READ_BACKOFF:
-            short = np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected)).tolist()
+            short = cut().tolist()
             short += [k for k in np.flatnonzero(sizes < 0).tolist() if not isinstance(blobs[k], OSError)]
             if not short:
                 break
@@ -244,7 +248,7 @@ class SelectiveReader:
             if self.dataset.manifest is not None:
                 raise plan.damage(shard, "is missing", lasting=True)
             blobs[k] = b""  # its size stays -1: no length to check
-        short = np.flatnonzero((sizes >= 0) & (expected >= 0) & (sizes != expected))
+        short = cut()
         if len(short):
             k = int(short[0])
             problem = f"is cut short: {sizes[k]} of the {expected[k]} bytes asked for at {starts[k]}"
