@@ -97,8 +97,8 @@ def measure(nginx: Nginx, args: argparse.Namespace, rng: np.random.Generator) ->
         runs["obstore get_ranges"] = with_obstore
     except ImportError:
         print("obstore is not installed: its row is left out")
-    for overhead in (0.05, 1.5):
-        runs[f"SelectiveReader max_overhead={overhead}"] = _reader_run(dataset, ids, overhead)
+    for request_bytes in (0, 1 << 12, 1 << 16):
+        runs[f"SelectiveReader request_bytes={request_bytes}"] = _reader_run(dataset, ids, request_bytes)
 
     results = {}
     for name, run in runs.items():
@@ -115,9 +115,9 @@ def measure(nginx: Nginx, args: argparse.Namespace, rng: np.random.Generator) ->
     return results
 
 
-def _reader_run(dataset, ids: np.ndarray, max_overhead: float):
+def _reader_run(dataset, ids: np.ndarray, request_bytes: int):
     """A reader whose shard indexes are cached already (as in any epoch after the first)."""
-    reader = SelectiveReader(dataset, ["x"], reads=Coalescing(max_overhead=max_overhead))
+    reader = SelectiveReader(dataset, ["x"], reads=Coalescing(request_bytes))
     reader.read(np.arange(0, dataset.num_samples, reader.layouts["x"].shard_samples))  # one sample a shard
     return lambda: reader.read(ids)
 

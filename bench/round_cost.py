@@ -14,9 +14,9 @@ budget, CREST, CREST with its coreset step; and round 0, `Graft()` over every sa
 model-free proxy on a store opened afresh (`nearstore select`'s default: windows of 64 above a
 third of the data), the same in windows of 128 at every budget, and the previous round 0.
 With freed memory kept, the default re-selection also runs on the same store served by nginx on
-127.0.0.1 (HTTP with Range), its pool read as it is (`POOL_READS`: every hole under 64 KiB
-bridged, here whole shards), with holes bridged up to the pool's own bytes, and as training reads
-coalesce (5% more bytes at most). Prints seconds, the ratio round / full epoch
+127.0.0.1 (HTTP with Range), its pool read as it is (`Coalescing()`: every hole under 64 KiB
+read through, here whole shards), with every hole under 4 KiB read through, and with none (a
+range a sample). Prints seconds, the ratio round / full epoch
 (the mean of the two timed epochs; the target is < 0.1), the page faults of a round and what it
 read (requests, MB); writes round_cost.json and round_cost.png.
 """
@@ -46,7 +46,6 @@ from nearstore import Coalescing, Dataset, ModelProxy, keep_freed_memory, open_d
 from nearstore.app.converters import ensure_mnist1d  # noqa: E402
 from nearstore.app.training import LEARNING_RATE, mnist1d_cnn, train_epoch  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
-from nearstore.storage import POOL_READS, TRAINING_READS  # noqa: E402
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
 # the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread),
@@ -67,12 +66,12 @@ METHODS = {
 }
 
 
-# The default re-selection over HTTP with its pool read as it is (POOL_READS: whole shards here),
-# with holes bridged up to the pool's own bytes, and as training reads are (5% more bytes at most).
+# The default re-selection over HTTP with its pool read as it is (a request worth 64 KiB: whole
+# shards here), with a request worth 4 KiB, and worth nothing (a range a sample).
 HTTP_READS = {
-    "reselect http": POOL_READS,
-    "reselect http, 2x bytes": Coalescing(max_overhead=1.0),
-    "reselect http, 5%": TRAINING_READS,
+    "reselect http": Coalescing(),
+    "reselect http, 4 KiB": Coalescing(1 << 12),
+    "reselect http, ranges": Coalescing(0),
 }
 
 

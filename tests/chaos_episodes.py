@@ -23,7 +23,7 @@ from loaders import StoreSource, StreamingLoader
 from nearstore import Dataset, RandomFeatureProxy, RequestError, Selection, random_select, sage_select
 from nearstore.selection.executors import DaskExecutor
 from nearstore.serving import NearStoreServer
-from nearstore.storage.ranges import POOL_READS, TRAINING_READS
+from nearstore.storage.ranges import Coalescing
 
 NAME = "chaos"  # the served dataset's name
 
@@ -89,7 +89,7 @@ def s3_episode(proxy: FaultyProxy, storage: dict, url: str, num_samples: int, rn
         "device": "cpu",
         "prefetch": 1,
     }
-    reads = (TRAINING_READS, POOL_READS)[rng.integers(2)]
+    reads = Coalescing(int(rng.choice([0, 1 << 10, 1 << 16, 1 << 22])))
 
     def make() -> StreamingLoader:
         return StreamingLoader(StoreSource(url, storage_options=storage, reads=reads), ids, **options)

@@ -13,13 +13,13 @@ import torch
 from loaders.sources.base import Source
 from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, SelectiveReader, open_dataset
 from nearstore.selection.selectors import next_round
-from nearstore.storage import TRAINING_READS, small_arrays
+from nearstore.storage import DEFAULT_READS, small_arrays
 
 
 class StoreSource(Source):
     """Samples of the dataset at `url` (or an opened `Dataset`), read by byte range.
 
-    reads: how the reader merges byte ranges (`Coalescing`; training reads by default).
+    reads: how the reader plans byte ranges (`Coalescing`: what a request is worth in bytes).
     Rounds run in process on the opened dataset, which keeps the labels and shard indexes they read.
     """
 
@@ -28,7 +28,7 @@ class StoreSource(Source):
         url: str | Dataset,
         *,
         storage_options: Mapping[str, Any] | None = None,
-        reads: Coalescing = TRAINING_READS,
+        reads: Coalescing = DEFAULT_READS,
     ) -> None:
         self.dataset = url if isinstance(url, Dataset) else open_dataset(url, storage_options=storage_options)
         self.url = self.dataset.url

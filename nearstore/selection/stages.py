@@ -18,7 +18,7 @@ from kernels import ConfidentJoint, label_issues
 from nearstore.errors import DatasetError
 from nearstore.selection.proxies import Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
-from nearstore.storage import POOL_READS, Coalescing, Dataset, SelectiveReader
+from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, SelectiveReader
 from nearstore.storage.images import ImageTransform
 
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
@@ -109,7 +109,7 @@ class Scan:
         pools: dict[int, np.ndarray],
         progress: bool,
         desc: str,
-        reads: Coalescing = POOL_READS,
+        reads: Coalescing = DEFAULT_READS,
         factored: bool = False,
     ) -> tuple[SelectiveReader, Iterator[Embedded]]:
         """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
@@ -144,7 +144,7 @@ def pool_batches(
     pools: dict[int, np.ndarray],
     progress: bool,
     desc: str,
-    reads: Coalescing = POOL_READS,
+    reads: Coalescing = DEFAULT_READS,
 ) -> tuple[SelectiveReader, Iterator[Batch]]:
     """Stage 1 for pools: the reader of the pooled inputs (coalescing as `reads`), and every pooled
     sample, in id order, in chunks of POOL_CHUNK_SAMPLES: inputs read, labels taken from `labels`."""

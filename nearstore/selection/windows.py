@@ -25,7 +25,7 @@ from nearstore.selection.plan import (
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import Scan, SuspectsFound, mute_suspects, scan_io
-from nearstore.storage import POOL_READS, Coalescing, Dataset, read_labels
+from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
 
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
 Window = tuple[tuple[torch.Tensor, ...], int]
@@ -128,7 +128,7 @@ def windowed_select(
     progress: bool,
     pool: float | None = None,
     previous: np.ndarray | None = None,
-    pool_reads: Coalescing = POOL_READS,
+    pool_reads: Coalescing = DEFAULT_READS,
     budget_power: float = 1.0,
 ) -> Selection:
     """Stream gradient embeddings once; per class, cut them into windows (`ClassWindows`) and keep

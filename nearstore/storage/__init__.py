@@ -3,13 +3,12 @@
 from nearstore.storage.dataset import Dataset, open_dataset
 from nearstore.storage.integrity import Damage, verify_dataset
 from nearstore.storage.iostats import IOStats
-from nearstore.storage.ranges import POOL_READS, TRAINING_READS, Coalescing
+from nearstore.storage.ranges import DEFAULT_READS, Coalescing
 from nearstore.storage.reader import SelectiveReader, read_labels, small_arrays
 from nearstore.storage.writer import write_dataset
 
 __all__ = [
-    "POOL_READS",
-    "TRAINING_READS",
+    "DEFAULT_READS",
     "Coalescing",
     "Damage",
     "Dataset",

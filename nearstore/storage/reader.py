@@ -28,7 +28,7 @@ from zarr.core.dtype import UInt64
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.dataset import Dataset, check_ids
 from nearstore.storage.iostats import IOStats
-from nearstore.storage.ranges import TRAINING_READS, Coalescing, coalesce_ranges
+from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 
 _Decode = Callable[[bytes], np.ndarray]
 # Seconds before each new request for the ranges still short: 0.35 s in all before a short range
@@ -41,7 +41,7 @@ class SelectiveReader:
     """Read samples by id from a dataset's sharded arrays, counting bytes and requests.
 
     arrays: which sample arrays to read (default: all of the dataset's).
-    reads: how byte ranges are merged (`Coalescing`): training reads by default.
+    reads: how byte ranges are planned (`Coalescing`: what a request is worth in bytes).
     stats: where to count (default: a counter of its own).
     keep: arrays among `arrays` read whole on first use and kept with the opened dataset, then
         served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
@@ -54,7 +54,7 @@ class SelectiveReader:
         dataset: Dataset,
         arrays: Sequence[str] | None = None,
         *,
-        reads: Coalescing = TRAINING_READS,
+        reads: Coalescing = DEFAULT_READS,
         stats: IOStats | None = None,
         keep: Sequence[str] = (),
     ) -> None:
@@ -189,8 +189,7 @@ class SelectiveReader:
                 offsets,
                 offsets + plan.lengths[todo],
                 groups=shards,
-                gap_bytes=self.reads.gap_bytes,
-                max_overhead=self.reads.max_overhead,
+                request_bytes=self.reads.request_bytes,
             )
             run_shards = np.empty(len(run_starts), dtype=np.int64)
             run_shards[run_of] = shards

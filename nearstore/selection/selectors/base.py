@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -13,11 +12,10 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_range
-from nearstore.errors import ParameterError
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.windows import Pick, Window
-from nearstore.storage import Coalescing, Dataset
+from nearstore.storage import Dataset
 
 # A window's Gram matrix (GRAFT) or similarity matrix (CRAIG, CREST's coresets) is w² floats, and
 # GRAFT decides windows in batches of `gram_entries` of them: at most 2^26 entries (256 MiB in
@@ -89,14 +87,3 @@ def check_pool(pool: float | None) -> None:
     """A pool is a finite multiple of the budget, at least 1 (None: no pool)."""
     if pool is not None:
         check_range("pool", pool, 1, math.inf, open_high=True)
-
-
-def check_reads(reads: Coalescing | Mapping[str, Any], name: str = "pool_reads") -> Coalescing:
-    """How a pool is read: a Coalescing, or its fields as an object (JSON options give them so)."""
-    if isinstance(reads, Coalescing):
-        return reads
-    if not isinstance(reads, Mapping) or not set(reads) <= {"gap_bytes", "max_overhead"}:
-        raise ParameterError(f"{name} must be an object of gap_bytes and max_overhead, got {reads!r}")
-    check_range(f"{name}.gap_bytes", reads.get("gap_bytes", 0), 0, math.inf, integer=True, open_high=True)
-    check_range(f"{name}.max_overhead", reads.get("max_overhead", 0), 0, math.inf)  # inf: bridge every hole
-    return Coalescing(**reads)

@@ -16,12 +16,11 @@ from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
     Selector,
     check_pool,
-    check_reads,
     check_window,
 )
 from nearstore.selection.stages import check_finite, check_proxy, decoded, pool_batches, scan_io
 from nearstore.selection.windows import coresets
-from nearstore.storage import POOL_READS, Coalescing, read_labels
+from nearstore.storage import DEFAULT_READS, Coalescing, read_labels
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,14 @@ class Crest(Selector):
     confidence: float = 0.9
     coreset: bool = False
     coreset_window: int = 512
-    pool_reads: Coalescing = POOL_READS
+    pool_reads: Coalescing = DEFAULT_READS
 
     def __post_init__(self) -> None:
         check_pool(self.pool)
         check_range("confidence", self.confidence, 0, 1, open_low=True, open_high=True)
         check_flag("coreset", self.coreset)
         check_window(self.coreset_window, "coreset_window")
-        object.__setattr__(self, "pool_reads", check_reads(self.pool_reads))
+        object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads, "pool_reads"))
 
     def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
         check_keep(keep)

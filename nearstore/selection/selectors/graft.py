@@ -18,11 +18,10 @@ from nearstore.selection.selectors.base import (
     MAX_GRAM_ENTRIES,
     WindowedSelector,
     check_pool,
-    check_reads,
     check_window,
 )
 from nearstore.selection.windows import Pick, Window, windowed_select
-from nearstore.storage import POOL_READS, Coalescing
+from nearstore.storage import DEFAULT_READS, Coalescing
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Graft(WindowedSelector):
     pool: only a random pool of pool × the budget per class is read and windowed (None: every
         sample): what re-selection rounds run (`default_reselect`), which keeps a round cheap and
         mixes chance into what MaxVol would otherwise fix on (the hardest, largest gradients).
-        Pools are read coalesced as `pool_reads` (whole shards for small samples, POOL_READS).
+        Pools are read coalesced as `pool_reads` (whole shards for small samples).
     pool_previous: a re-selection round's pool holds the last round's picks (`previous`), the
         rest drawn fresh, so MaxVol keeps those still informative under the new proxy. Off by
         default: with wrong labels in the data it carries the picks' wrong labels from round to
@@ -75,7 +74,7 @@ class Graft(WindowedSelector):
     # Fewer, larger batches: MaxVol's steps are ~20 small tensor ops each, whose overhead a batch
     # shares (256 windows of 128 at once: a round 10% faster than 64). The picks do not change.
     gram_entries: int = 1 << 22
-    pool_reads: Coalescing = POOL_READS
+    pool_reads: Coalescing = DEFAULT_READS
     mute_suspects: bool = True
     budget_power: float = 0.5
 
@@ -88,7 +87,7 @@ class Graft(WindowedSelector):
         # past 1, the largest gradients weigh more than GRAFT's own; ‖g‖^(p − 1) soon overflows
         check_range("norm_power", self.norm_power, 0, 1)
         check_range("gram_entries", self.gram_entries, 1, MAX_GRAM_ENTRIES, integer=True)
-        object.__setattr__(self, "pool_reads", check_reads(self.pool_reads))
+        object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads, "pool_reads"))
         check_flag("mute_suspects", self.mute_suspects)
         check_range("budget_power", self.budget_power, 0, 1)
 

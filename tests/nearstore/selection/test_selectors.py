@@ -169,7 +169,7 @@ def test_crest_leaves_out_what_the_model_has_learned(blobs):
     assert (confidence[selection.ids] > 0.9).mean() < (confidence > 0.9).mean()
 
     # A pool of twice the budget: its samples of x are read (small samples: in whole shards, as
-    # POOL_READS bridges every short hole), and every label.
+    # every hole under a request's worth is read through), and every label.
     fresh = open_dataset(dataset.url)  # the rounds above hold its labels and shard indexes
     pooled = Crest(pool=2).select(fresh, 0.1, proxy=ModelProxy(model), seed=0)
     assert dataset.stored_nbytes(["y"]) < pooled.io["bytes"] <= dataset.stored_nbytes(["x", "y"])
@@ -244,8 +244,8 @@ def test_bad_input_is_named(blobs, tmp_path):
         ("graft", {"tolerance": 1.5}, r"tolerance must be a number in \(0, 1\], got 1.5"),
         ("graft", {"norm_power": float("inf")}, r"norm_power must be a number in \[0, 1\], got inf"),
         ("graft", {"pool": float("inf")}, r"pool must be a finite number >= 1, got inf"),
-        ("graft", {"pool_reads": {"gap_bytes": -1}}, r"pool_reads.gap_bytes must be an integer >= 0, got -1"),
-        ("graft", {"pool_reads": {"gap": 1}}, "pool_reads must be an object of gap_bytes and max_overhead"),
+        ("graft", {"pool_reads": {"request_bytes": -1}}, r"pool_reads.request_bytes must be an integer >= 0, got -1"),
+        ("graft", {"pool_reads": {"gap": 1}}, "pool_reads must be an object of request_bytes"),
         ("craig", {"window": "big"}, r"window must be an integer in \[2, 8192\], got 'big'"),
         ("crest", {"confidence": float("nan")}, r"confidence must be a number in \(0, 1\), got nan"),
         ("crest", {"coreset_window": 1}, r"coreset_window must be an integer in \[2, 8192\], got 1"),

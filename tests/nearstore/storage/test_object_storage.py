@@ -115,8 +115,8 @@ def test_selection_pools_are_read_in_a_request_or_two_a_shard(remote, data, tmp_
 
     served = [s for s in books().gets(prefix) if "/x/c/" in s.path]  # the pool's inputs; labels are read whole
     pooled = sum(min(n, 2 * round(0.25 * n)) for n in np.bincount(data["y"]) if n)  # half of each class
-    # Every hole under 64 KiB bridged (POOL_READS): each shard's index, then its pooled samples in one
-    # run, where training reads' coalescing (5% more bytes at most) would make about one a sample.
+    # Every hole under 64 KiB read through (a request is worth that by default): each shard's index,
+    # then its pooled samples in one run, where reading only the samples would make about one a sample.
     assert len(served) <= 2 * dataset.num_shards < pooled / 20
     assert sum(s.bytes for s in served) <= dataset.stored_nbytes(["x"])
 

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearstore.storage.ranges import coalesce_ranges
+from nearstore.errors import ParameterError
+from nearstore.storage.ranges import Coalescing, coalesce_ranges
 
 
 @st.composite
@@ -18,12 +21,10 @@ def range_sets(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(range_sets(), st.integers(0, 2_000), st.floats(0, 2))
-def test_runs_cover_ranges_within_the_byte_budget(ranges, gap_bytes, max_overhead):
+@given(range_sets(), st.integers(0, 2_000))
+def test_runs_cover_ranges_and_bridge_exactly_the_holes_cheaper_than_a_request(ranges, request_bytes):
     starts, ends, groups = ranges
-    run_starts, run_ends, run_of = coalesce_ranges(
-        starts, ends, groups=groups, gap_bytes=gap_bytes, max_overhead=max_overhead
-    )
+    run_starts, run_ends, run_of = coalesce_ranges(starts, ends, groups=groups, request_bytes=request_bytes)
     assert len(run_of) == len(starts)
     assert set(run_of.tolist()) == set(range(len(run_starts)))  # every run holds a range
     # every range lies inside its run, and a run never spans two objects
@@ -31,22 +32,38 @@ def test_runs_cover_ranges_within_the_byte_budget(ranges, gap_bytes, max_overhea
     run_group = np.full(len(run_starts), -1)
     run_group[run_of] = groups
     assert np.all(run_group[run_of] == groups)
-    extra = 0
     for group in np.unique(groups):
         mine = groups == group
         runs = np.unique(run_of[mine])
-        # runs of one object are disjoint and sorted
+        # runs of one object are disjoint, sorted, and a request apart at least
+        assert np.all(run_ends[runs][:-1] + request_bytes <= run_starts[runs][1:])
         assert np.all(run_ends[runs][:-1] < run_starts[runs][1:])
         covered = np.zeros(10_600, dtype=bool)
         for s, e in zip(starts[mine], ends[mine]):
             covered[s:e] = True
-        fetched = np.zeros_like(covered)
         for s, e in zip(run_starts[runs], run_ends[runs]):
-            fetched[s:e] = True
-            assert max(_uncovered_stretches(covered[s:e]), default=0) <= gap_bytes
-        extra += int(fetched.sum() - covered.sum())
-    # bytes fetched beyond the union of the ranges stay within the budget
-    assert extra <= max_overhead * int(np.sum(ends - starts)) + 1e-9
+            # inside a run every hole is cheaper than the request it saves
+            assert max(_uncovered_stretches(covered[s:e]), default=0) < max(request_bytes, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(range_sets(), st.integers(0, 600))
+def test_the_plan_costs_least_of_every_plan(ranges, request_bytes):
+    """Against brute force: every way to split one object's sorted ranges into runs."""
+    starts, ends, _ = ranges
+    starts, ends = starts[:9], ends[:9]
+    if not len(starts):
+        return
+    run_starts, run_ends, _ = coalesce_ranges(starts, ends, request_bytes=request_bytes)
+    cost = int(np.sum(run_ends - run_starts)) + request_bytes * len(run_starts)
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], ends[order]
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(s) - 1):
+        bounds = [0, *[i + 1 for i, cut in enumerate(cuts) if cut], len(s)]
+        plan = sum(int(e[a:b].max() - s[a]) + request_bytes for a, b in zip(bounds[:-1], bounds[1:]))
+        best = plan if best is None else min(best, plan)
+    assert cost == best
 
 
 def _uncovered_stretches(covered: np.ndarray) -> list[int]:
@@ -60,41 +77,48 @@ def _uncovered_stretches(covered: np.ndarray) -> list[int]:
     return stretches + [length]
 
 
-def test_no_budget_merges_only_touching_and_overlapping_ranges():
+def test_free_requests_merge_only_touching_and_overlapping_ranges():
     starts = np.array([0, 10, 30, 35, 100])
     ends = np.array([10, 20, 40, 38, 101])
-    run_starts, run_ends, run_of = coalesce_ranges(starts, ends, gap_bytes=10**6, max_overhead=0)
+    run_starts, run_ends, run_of = coalesce_ranges(starts, ends, request_bytes=0)
     assert run_starts.tolist() == [0, 30, 100]
     assert run_ends.tolist() == [20, 40, 101]
     assert run_of.tolist() == [0, 0, 1, 1, 2]
 
 
-def test_smallest_holes_are_bridged_first():
-    # holes of 50, 5 and 20 bytes; 100 bytes requested; 30% budget buys the 5 and the 20
+def test_a_hole_is_read_through_only_when_cheaper_than_a_request():
+    # holes of 50, 5 and 20 bytes; a request worth 21 bytes bridges the 5 and the 20
     starts = np.array([0, 70, 95, 135])
     ends = np.array([20, 90, 115, 175])
-    run_starts, run_ends, _ = coalesce_ranges(starts, ends, gap_bytes=1000, max_overhead=0.3)
+    run_starts, run_ends, _ = coalesce_ranges(starts, ends, request_bytes=21)
     assert list(zip(run_starts, run_ends)) == [(0, 20), (70, 175)]
 
 
 def test_ranges_of_different_objects_never_merge():
     starts, ends, groups = np.array([0, 10, 0]), np.array([10, 20, 10]), np.array([1, 1, 2])
-    run_starts, run_ends, run_of = coalesce_ranges(starts, ends, groups=groups, max_overhead=10)
+    run_starts, run_ends, run_of = coalesce_ranges(starts, ends, groups=groups, request_bytes=10**6)
     assert run_of.tolist() == [0, 0, 1]
     assert run_starts.tolist() == [0, 0] and run_ends.tolist() == [20, 10]
 
 
-def test_gap_bytes_caps_a_single_hole():
-    run_starts, _, _ = coalesce_ranges(np.array([0, 200]), np.array([100, 300]), gap_bytes=99, max_overhead=10)
-    assert len(run_starts) == 2
+def test_a_link_prices_a_request_by_latency_bandwidth_and_concurrency():
+    assert Coalescing.for_link(0.02, 100e6, concurrency=32).request_bytes == 62_500
+    assert Coalescing.for_link(0.0, 1e9).request_bytes == 0
+    assert Coalescing.of({"request_bytes": 5}) == Coalescing(5)
+    with pytest.raises(ParameterError, match="pool_reads must be an object of request_bytes"):
+        Coalescing.of({"gap_bytes": 5}, "pool_reads")
+    with pytest.raises(ParameterError, match=r"pool_reads.request_bytes must be an integer >= 0, got -1"):
+        Coalescing.of({"request_bytes": -1}, "pool_reads")
+    with pytest.raises(ParameterError, match="latency"):
+        Coalescing.for_link(float("nan"), 1e6)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"gap_bytes": -1}, "gap_bytes"),
-        ({"max_overhead": -0.1}, "max_overhead"),
-        ({"max_overhead": float("nan")}, "max_overhead"),
+        ({"request_bytes": -1}, "request_bytes"),
+        ({"request_bytes": 1.5}, "request_bytes"),
+        ({"request_bytes": True}, "request_bytes"),
     ],
 )
 def test_bad_knobs_are_named(kwargs, message):

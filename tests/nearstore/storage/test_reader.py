@@ -30,7 +30,7 @@ def test_every_sample_and_no_sample(id_store, id_data):
 
 
 def test_each_shard_index_is_read_once(id_store):
-    reader = SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0))
+    reader = SelectiveReader(id_store, ["x"], reads=Coalescing(0))
     ids = np.array([3, 9, 300, 301, 2499])  # shards 0, 1, 9
     reader.read(ids)
     first = reader.stats.snapshot()
@@ -44,11 +44,11 @@ def test_each_shard_index_is_read_once(id_store):
 
 def test_readers_of_one_opened_dataset_share_its_shard_indexes(id_store):
     ids = np.array([3, 300])  # shards 0 and 1
-    SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0)).read(ids)
-    again = SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0))
+    SelectiveReader(id_store, ["x"], reads=Coalescing(0)).read(ids)
+    again = SelectiveReader(id_store, ["x"], reads=Coalescing(0))
     again.read(ids)
     assert again.stats.requests == 2 and again.stats.bytes == len(ids) * SAMPLE_BYTES["x"]  # no index
-    reopened = SelectiveReader(open_dataset(id_store.url), ["x"], reads=Coalescing(max_overhead=0))
+    reopened = SelectiveReader(open_dataset(id_store.url), ["x"], reads=Coalescing(0))
     reopened.read(ids)
     assert reopened.stats.requests == 2 + 2 and reopened.stats.bytes == 2 * INDEX_BYTES + 2 * SAMPLE_BYTES["x"]
 
@@ -65,17 +65,19 @@ def test_a_whole_shard_is_one_request_per_array(id_store, id_data):
         reader.read_shard(10)
 
 
-def test_neighbours_coalesce_within_the_overhead_budget(id_store):
+def test_holes_cheaper_than_a_request_are_read_through(id_store):
     ids = np.arange(0, 256, 2)  # every other sample of shard 0: holes of one sample each
-    strict = SelectiveReader(id_store, ["x"], reads=Coalescing(max_overhead=0))
+    strict = SelectiveReader(id_store, ["x"], reads=Coalescing(0))
     strict.read(ids)
     assert strict.stats.requests == 1 + len(ids)
-    loose = SelectiveReader(
-        open_dataset(id_store.url), ["x"], reads=Coalescing(max_overhead=1.0)
-    )  # its own shard index
+    hole = SAMPLE_BYTES["x"]
+    loose = SelectiveReader(open_dataset(id_store.url), ["x"], reads=Coalescing(hole + 1))  # its own shard index
     loose.read(ids)
     assert loose.stats.requests == 1 + 1
     assert loose.stats.bytes == INDEX_BYTES + (len(ids) * 2 - 1) * SAMPLE_BYTES["x"]
+    tight = SelectiveReader(open_dataset(id_store.url), ["x"], reads=Coalescing(hole))  # a hole costs as much
+    tight.read(ids)
+    assert tight.stats.requests == 1 + len(ids)
 
 
 def test_bad_ids_are_named(id_store):
@@ -132,13 +134,13 @@ def test_unsharded_arrays_are_refused_with_their_name(tmp_path):
 
 def test_kept_arrays_are_read_whole_once_then_served_from_memory(id_store, id_data):
     assert small_arrays(id_store, ["x", "y"]) == ("y",)  # 8-byte labels; x's 32-byte samples are read by range
-    reader = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(max_overhead=0), keep=["y"])
+    reader = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(0), keep=["y"])
     ids = np.array([3, 300, 2400])
     first = reader.read(ids)
     np.testing.assert_array_equal(first["y"], id_data["y"][ids])
     y_shards, x_requests = id_store.num_shards, 3 + 3  # every y shard whole; x: 3 indexes, 3 samples
     assert reader.stats.requests == y_shards + x_requests
     before = reader.stats.snapshot()
-    again = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(max_overhead=0), keep=["y"])
+    again = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(0), keep=["y"])
     np.testing.assert_array_equal(again.read(ids[::-1])["y"], id_data["y"][ids[::-1]])
     assert again.stats.requests == 3 and reader.stats.snapshot() == before  # x only; y from memory
