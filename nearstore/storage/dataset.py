@@ -22,6 +22,7 @@ Stores of format 1 (no checksums, no manifest) still open, with a warning saying
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,13 +33,18 @@ import fsspec
 import numpy as np
 import zarr
 import zarr.errors
+from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import Store
+from zarr.storage import StorePath
 
 from nearstore.errors import DatasetError, ParameterError, SampleIdError
+from nearstore.storage.iostats import IOStats
 
 FORMAT_VERSION = 2
 # Format 1: no checksums and no manifest; read as before, with a warning.
 UNCHECKED_FORMAT = 1
 ATTRS_KEY = "nearstore"
+ZARR_JSON = "zarr.json"  # a Zarr v3 node's metadata document
 
 
 class UncheckedStoreWarning(UserWarning):
@@ -97,7 +103,11 @@ class Dataset:
     class_names: tuple[str, ...]
     format_version: int
     arrays: dict[str, zarr.Array] = field(repr=False)
+    # Each sample array's zarr.json document as stored: what the reader decodes by (its codecs, shards).
+    array_json: dict[str, dict[str, Any]] = field(repr=False)
     manifest: Manifest | None = field(default=None, repr=False)  # None: format 1, unchecked
+    # The requests and bytes that opening it took (its zarr.json documents).
+    open_stats: IOStats = field(default_factory=IOStats, repr=False, compare=False)
     # What readers learn of the store, which is read-only, kept for every later reader of this
     # opened dataset: shard indexes and all labels (nearstore.storage.reader).
     # Re-selection rounds then re-read neither.
@@ -172,7 +182,7 @@ class Dataset:
 
     def shard_path(self, name: str, shard: int, root: str | None = None) -> str:
         """Path of shard `shard` of array `name` in the filesystem (root: from `filesystem()`)."""
-        return f"{self.filesystem()[1] if root is None else root}/{shard_key(self.arrays[name], shard)}"
+        return f"{self.filesystem()[1] if root is None else root}/{shard_key(name, self.array_json[name], shard)}"
 
     def stored_nbytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of the named arrays' shards (default: all arrays) in storage, metadata excluded:
@@ -210,9 +220,14 @@ def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     return {"fingerprint": None, **{k: v for k, v in identity.items() if k != "url"}}
 
 
-def shard_key(array: zarr.Array, shard: int) -> str:
-    """Path of shard `shard` of `array` relative to the store's root."""
-    return f"{array.path}/{array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))}"
+def shard_key(name: str, document: Mapping[str, Any], shard: int) -> str:
+    """Path, relative to the store's root, of shard `shard` of array `name`, whose zarr.json is
+    `document`: by its chunk key encoding, Zarr v3's `default` (x/c/0/0) or `v2` (x/0.0)."""
+    encoding = document["chunk_key_encoding"]
+    default = encoding["name"] == "default"
+    separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
+    key = separator.join([str(shard)] + ["0"] * (len(document["shape"]) - 1))
+    return f"{name}/c{separator}{key}" if default else f"{name}/{key}"
 
 
 def check_ids(ids: np.ndarray, num_samples: int, where: str, *, what: str = "sample id") -> None:
@@ -231,16 +246,29 @@ def _size_or_zero(fs: fsspec.AbstractFileSystem, path: str) -> int:
 
 
 def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Dataset:
-    """Open a nearstore dataset read-only; errors name the URL and what is missing."""
+    """Open a nearstore dataset read-only; errors name the URL and what is missing.
+
+    Reads the group's zarr.json, then its sample arrays' in one concurrent call, and hands zarr
+    those documents: zarr itself asks the store nothing (left alone it probes for Zarr v2 and
+    consolidated metadata, requests nothing counts). `Dataset.open_stats` counts the reads."""
     storage_options = dict(storage_options or {})
+    stats = IOStats()
     try:
-        with encoded_bytes():
-            group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
-        raise FileNotFoundError(f"no zarr group at {url!r}: {e}") from e
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        root = root.rstrip("/")
+        (group_json,) = _read_json(fs, [f"{root}/{ZARR_JSON}"], stats)
+    except DatasetError:
+        raise
     except Exception as e:  # the storage backend's own errors (unreachable endpoint, bad credentials)
         raise OSError(f"cannot open {url!r}: {type(e).__name__}: {e}") from e
-    attrs = group.attrs.get(ATTRS_KEY)
+    if group_json is None:
+        raise FileNotFoundError(f"no zarr group at {url!r}: it has no {ZARR_JSON}")
+    if group_json.get("zarr_format") != 3 or group_json.get("node_type") != "group":
+        raise FileNotFoundError(
+            f"no zarr group at {url!r}: its {ZARR_JSON} is a {group_json.get('node_type')!r} node of zarr format "
+            f"{group_json.get('zarr_format')!r}, not a zarr v3 group"
+        )
+    attrs = (group_json.get("attributes") or {}).get(ATTRS_KEY)
     if not isinstance(attrs, Mapping):
         raise DatasetError(
             f"{url!r} is a zarr group but not a nearstore dataset (no {ATTRS_KEY!r} attributes; "
@@ -254,15 +282,19 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     names = tuple(attrs["sample_arrays"])
     label_array = attrs.get("label_array")
     num_samples = int(attrs["num_samples"])
+    documents = _read_json(fs, [f"{root}/{name}/{ZARR_JSON}" for name in names], stats)
+    missing = [name for name, document in zip(names, documents) if document is None]
+    if missing:
+        raise DatasetError(f"{url!r}: sample array {missing[0]!r} is listed in the attributes but missing")
+    store = _zarr_store(fs, root, url, storage_options)
+    with encoded_bytes():
+        group = zarr.Group(zarr.AsyncGroup.from_dict(StorePath(store), dict(group_json)))
     arrays: dict[str, zarr.Array] = {}
-    for name in names:
-        try:
-            with encoded_bytes():
-                array = group[name]
-        except KeyError:
-            raise DatasetError(f"{url!r}: sample array {name!r} is listed in the attributes but missing") from None
-        if not isinstance(array, zarr.Array):
-            raise DatasetError(f"{url!r}: {name!r} is a group, expected an array")
+    for name, document in zip(names, documents):
+        if document.get("node_type") != "array":
+            raise DatasetError(f"{url!r}: {name!r} is a {document.get('node_type')}, expected an array")
+        with encoded_bytes():
+            array = zarr.Array.from_dict(StorePath(store, name), dict(document))
         if array.shape[0] != num_samples:
             raise DatasetError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
         arrays[name] = array
@@ -289,5 +321,38 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         class_names=tuple(attrs.get("class_names") or ()),
         format_version=version,
         arrays=arrays,
+        array_json=dict(zip(names, documents)),
         manifest=manifest,
+        open_stats=stats,
     )
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, paths: list[str], stats: IOStats) -> list[dict[str, Any] | None]:
+    """The JSON objects at `paths` (None: no such file), read in one call, concurrent on an async
+    filesystem, and counted in `stats`."""
+    # From byte 0 rather than whole: s3fs asks an object's size (a HEAD) before reading it whole.
+    blobs = fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
+    stats.add(requests=len(paths), bytes=sum(len(b) for b in blobs if isinstance(b, bytes)))
+    documents: list[dict[str, Any] | None] = []
+    for path, blob in zip(paths, blobs):
+        if isinstance(blob, FileNotFoundError):
+            documents.append(None)
+            continue
+        if isinstance(blob, Exception):
+            raise blob
+        try:
+            document = json.loads(blob)
+        except ValueError as e:
+            raise DatasetError(f"{path!r} is not JSON ({e})") from None
+        if not isinstance(document, dict):
+            raise DatasetError(f"{path!r} holds a JSON {type(document).__name__}, not an object")
+        documents.append(document)
+    return documents
+
+
+def _zarr_store(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any]) -> Store:
+    """The read-only zarr store zarr.open_group would make of `url`: local files as zarr's own
+    LocalStore, everything else through fsspec."""
+    if isinstance(fs, LocalFileSystem):
+        return zarr.storage.LocalStore(root, read_only=True)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or None, read_only=True)

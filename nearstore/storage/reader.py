@@ -1,36 +1,31 @@
 """The selective reader: samples by id from sharded Zarr, each shard index read once.
 
-zarr reads one inner chunk per request, re-reads the shard index for every read, and spends
-~85 µs of Python per chunk. Here a read maps sample ids to byte ranges through cached shard
-indexes, merges nearby ranges (`coalesce_ranges`), fetches all of them in one concurrent fsspec
-call, and decodes with the array's own codecs. The answer always equals `zarr_array[ids]`, or is
-an `IntegrityError`: every fetched range must have the length asked for within the object size the
-manifest records, every index and inner chunk its checksum, and no shard object may be missing.
+zarr re-reads the shard index for every read (and up to 3.2 asks one inner chunk per request).
+Here a read maps sample ids to byte ranges through cached shard indexes, merges nearby ranges
+(`coalesce_ranges`), fetches all of them in one concurrent fsspec call, and decodes them as the
+array's zarr.json says (`nearstore.storage.codecs`: by the Zarr v3 specification, not zarr's
+internals, so any zarr release that writes the format will do). The answer always equals
+`zarr_array[ids]`, or is an `IntegrityError`: every fetched range must have the length asked for
+within the object size the manifest records, every index and inner chunk its checksum, and no
+shard object may be missing.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import google_crc32c
 import numpy as np
-import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import MAX_UINT_64, ShardingCodecIndexLocation
-from zarr.core.array_spec import ArrayConfig, ArraySpec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.codec_pipeline import codecs_from_list
-from zarr.core.dtype import UInt64
 
 from nearstore.errors import DatasetError, IntegrityError
+from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding
 from nearstore.storage.dataset import Dataset, check_ids
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 
-_Decode = Callable[[bytes], np.ndarray]
 # Seconds before each new request for the ranges still short: 0.35 s in all before a short range
 # is damage (on S3, a fault of the way heals at once; a cut object stays cut).
 SHORT_READ_BACKOFF = (0.05, 0.1, 0.2)
@@ -79,7 +74,7 @@ class SelectiveReader:
             self._index[name], self._indexed[name] = dataset._kept(
                 ("shard index", name),
                 lambda lay=lay: (
-                    np.full((lay.num_shards, lay.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64),
+                    np.full((lay.num_shards, lay.chunks_per_shard, 2), NOT_STORED, dtype=np.uint64),
                     np.zeros(lay.num_shards, dtype=bool),
                 ),
             )
@@ -349,7 +344,7 @@ class _ReadPlan:
         ids = tuple(sorted(set(self.ids[wanted].tolist())))
         lay = self.layout
         first = shard * lay.shard_samples
-        last = min(first + lay.shard_samples, lay.array.shape[0]) - 1
+        last = min(first + lay.shard_samples, lay.dataset.num_samples) - 1
         shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} ids)" if len(ids) > 8 else "")
         return IntegrityError(
             f"{lay.dataset.url!r}, array {lay.name!r}: shard object {lay.shard_path(shard)!r} (samples "
@@ -373,7 +368,7 @@ class _ReadPlan:
     def locate(self, index: np.ndarray) -> None:
         """Look every chunk up in the shard index table (shards, chunks per shard, 2)."""
         located = index[self.shard_of_chunk, self.chunks % self.layout.chunks_per_shard]
-        self.stored = located[:, 0] != MAX_UINT_64
+        self.stored = located[:, 0] != NOT_STORED
         self.offsets = np.where(self.stored, located[:, 0], 0).astype(np.int64)
         self.lengths = np.where(self.stored, located[:, 1], 0).astype(np.int64)
 
@@ -394,20 +389,20 @@ class _ReadPlan:
         piece = self.piece_of_chunk[rows]
         positions = self.offsets[rows] - np.asarray(self.piece_starts)[piece] + blob_at[piece]
         lengths = self.lengths[rows]
-        lay = self.layout
-        if lay.raw_dtype is not None and np.all(lengths == lay.stored_chunk_nbytes):
+        lay, codecs = self.layout, self.layout.codecs
+        data = np.frombuffer(blob, dtype=np.uint8)
+        if codecs.raw and np.all(lengths == codecs.raw_nbytes):
             # Stored raw: gather every chunk's bytes in one numpy step instead of a call each.
-            data = np.frombuffer(blob, dtype=np.uint8)
-            gathered = data[positions[:, None] + np.arange(lay.chunk_nbytes)]
-            if lay.checksummed:
-                stored = data[positions[:, None] + np.arange(lay.chunk_nbytes, lay.stored_chunk_nbytes)]
+            payload = codecs.raw_nbytes - 4 * codecs.checksummed
+            gathered = data[positions[:, None] + np.arange(payload)]
+            if codecs.checksummed:
+                stored = data[positions[:, None] + np.arange(payload, codecs.raw_nbytes)]
                 self._check_sums(rows, gathered, stored.view("<u4").ravel())
-            self.decoded[rows] = gathered.view(lay.raw_dtype).reshape(len(rows), *lay.chunk_shape)
+            self.decoded[rows] = gathered.view(codecs.stored_dtype).reshape(len(rows), *lay.chunk_shape)
             return
-        view = memoryview(blob)
         for row, at, length in zip(rows.tolist(), positions.tolist(), lengths.tolist()):
             try:
-                self.decoded[row] = lay.decode(view[at : at + length])
+                self.decoded[row] = codecs.decode(data[at : at + length])
             except Exception as e:  # a checksum that fails, or bytes no codec can decode (format 1)
                 shard = int(self.shard_of_chunk[row])
                 raise self.damage(shard, f"holds a damaged sample ({e})", np.array([row])) from e
@@ -432,7 +427,6 @@ class _ArrayLayout:
     name: str
     root: str
     dataset: Dataset
-    array: zarr.Array
     chunk_samples: int
     shard_samples: int
     chunks_per_shard: int
@@ -441,60 +435,39 @@ class _ArrayLayout:
     chunk_shape: tuple[int, ...]
     dtype: np.dtype
     fill_value: object
-    index_nbytes: int
+    codecs: ChunkCodecs  # of an inner chunk
+    index: ChunkCodecs  # of a shard index
     index_at_start: bool
-    decode: _Decode
-    decode_index: _Decode
-    raw_dtype: np.dtype | None
-    chunk_nbytes: int
-    checksummed: bool  # inner chunks end in their crc32c
     nbytes: tuple[int, ...] | None  # each shard object's size, from the manifest (None: format 1)
     damaged: dict[int, str]  # shard objects found damaged, and how: shared by the opened dataset's readers
     paths: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, dataset: Dataset, name: str, root: str) -> _ArrayLayout:
-        array, url = dataset.arrays[name], dataset.url
-        codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            raise DatasetError(
-                f"array {array.path!r} of {url!r} is not a sharded zarr v3 array (codecs {codecs}); "
-                "write it with nearstore.write_dataset or `nearstore convert`"
-            )
-        sharding = codecs[0]
-        shard_shape, chunk_shape = tuple(array.shards), tuple(sharding.chunk_shape)
+        array = dataset.arrays[name]
+        where = f"array {name!r} of {dataset.url!r}"
+        sharding = Sharding.parse(dataset.array_json[name], array.dtype, where)
+        shard_shape, chunk_shape = sharding.shard_shape, sharding.chunk_shape
         if shard_shape[1:] != array.shape[1:] or chunk_shape[1:] != array.shape[1:]:
             raise DatasetError(
-                f"array {array.path!r} of {url!r}: shards {shard_shape} and inner chunks {chunk_shape} must "
-                f"span whole samples {array.shape[1:]}, so that a sample is one byte range"
+                f"{where}: shards {shard_shape} and inner chunks {chunk_shape} must span whole samples "
+                f"{array.shape[1:]}, so that a sample is one byte range"
             )
-        chunks_per_shard = shard_shape[0] // chunk_shape[0]
-        index_shape = (*(s // c for s, c in zip(shard_shape, chunk_shape)), 2)
-        index_spec = _spec(index_shape, UInt64(endianness="little"), MAX_UINT_64)
-        chunk_spec = _spec(chunk_shape, array.metadata.data_type, array.metadata.fill_value)
-        index_nbytes = 16 * chunks_per_shard
-        for codec in sharding.index_codecs:
-            index_nbytes = codec.compute_encoded_size(index_nbytes, index_spec)
         return cls(
             name=name,
             root=root,
             dataset=dataset,
-            array=array,
             chunk_samples=chunk_shape[0],
             shard_samples=shard_shape[0],
-            chunks_per_shard=chunks_per_shard,
+            chunks_per_shard=shard_shape[0] // chunk_shape[0],
             num_chunks=math.ceil(array.shape[0] / chunk_shape[0]),
             num_shards=math.ceil(array.shape[0] / shard_shape[0]),
             chunk_shape=chunk_shape,
             dtype=array.dtype,
             fill_value=array.fill_value,
-            index_nbytes=index_nbytes,
-            index_at_start=sharding.index_location == ShardingCodecIndexLocation.start,
-            decode=_sync_decoder(sharding.codecs, chunk_spec, array.path),
-            decode_index=_sync_decoder(sharding.index_codecs, index_spec, array.path),
-            raw_dtype=_raw_dtype(sharding.codecs, array.dtype),
-            chunk_nbytes=array.dtype.itemsize * math.prod(chunk_shape),
-            checksummed=isinstance(sharding.codecs[-1], Crc32cCodec),
+            codecs=sharding.chunks,
+            index=sharding.index,
+            index_at_start=sharding.index_at_start,
             nbytes=dataset.manifest.nbytes[name] if dataset.manifest else None,
             damaged=dataset._kept(("damaged", name), dict),
         )
@@ -505,34 +478,29 @@ class _ArrayLayout:
             path = self.paths[shard] = self.dataset.shard_path(self.name, shard, self.root)
         return path
 
-    @property
-    def stored_chunk_nbytes(self) -> int:
-        """Bytes of a raw inner chunk as stored, its checksum included."""
-        return self.chunk_nbytes + 4 * self.checksummed
-
     def index_range(self, shard: int, whole: bool) -> tuple[int | None, int | None]:
         """The byte range of shard `shard` that holds its index (the whole object if `whole`)."""
         size = None if self.nbytes is None else self.nbytes[shard]
         if whole:
             return (None, None) if size is None else (0, size)
         if self.index_at_start:
-            return 0, self.index_nbytes
-        return (-self.index_nbytes, None) if size is None else (size - self.index_nbytes, size)
+            return 0, self.index.raw_nbytes
+        return (-self.index.raw_nbytes, None) if size is None else (size - self.index.raw_nbytes, size)
 
     def parse_index(self, blob: bytes, whole: bool, shard: int) -> np.ndarray:
         """(chunks_per_shard, 2) uint64 (offset, nbytes) rows, checked: every chunk within the
-        object, and (format 2) every sample of the shard stored. All MAX_UINT_64 for a missing
+        object, and (format 2) every sample of the shard stored. All NOT_STORED for a missing
         shard of a format-1 store. Raises _Damaged saying what is wrong."""
         if not blob:
-            return np.full((self.chunks_per_shard, 2), MAX_UINT_64, dtype=np.uint64)
+            return np.full((self.chunks_per_shard, 2), NOT_STORED, dtype=np.uint64)
         size = len(blob) if whole else (None if self.nbytes is None else self.nbytes[shard])
         if whole:
-            blob = blob[: self.index_nbytes] if self.index_at_start else blob[-self.index_nbytes :]
+            blob = blob[: self.index.raw_nbytes] if self.index_at_start else blob[-self.index.raw_nbytes :]
         try:
-            index = self.decode_index(blob).reshape(self.chunks_per_shard, 2)
+            index = self.index.decode(np.frombuffer(blob, dtype=np.uint8)).reshape(self.chunks_per_shard, 2)
         except Exception as e:
             raise _Damaged(f"has a damaged index ({e})") from None
-        stored = index[:, 0] != MAX_UINT_64
+        stored = index[:, 0] != NOT_STORED
         if size is not None and np.any(index[stored, 0] + index[stored, 1] > size):
             raise _Damaged(f"has an index pointing past its {size} bytes")
         present = min(self.chunks_per_shard, self.num_chunks - shard * self.chunks_per_shard)
@@ -554,49 +522,3 @@ def _range_nbytes(start: int | None, end: int | None) -> int:
     if start is not None and start < 0 and end is None:
         return -start
     return -1
-
-
-def _spec(shape: tuple[int, ...], dtype, fill_value) -> ArraySpec:
-    return ArraySpec(
-        shape=shape,
-        dtype=dtype,
-        fill_value=fill_value,
-        config=ArrayConfig(order="C", write_empty_chunks=False),
-        prototype=default_buffer_prototype(),
-    )
-
-
-def _raw_dtype(codecs, dtype: np.dtype) -> np.dtype | None:
-    """The dtype, byte order included, of chunks stored raw (the bytes codec, then perhaps a
-    crc32c); else None."""
-    if codecs and isinstance(codecs[-1], Crc32cCodec):
-        codecs = codecs[:-1]
-    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
-        return None
-    endian = codecs[0].endian
-    if dtype.itemsize == 1 or endian is None:
-        return dtype
-    return dtype.newbyteorder("<" if endian.value == "little" else ">")
-
-
-def _sync_decoder(codecs, spec: ArraySpec, array_name: str) -> _Decode:
-    """Decode one chunk through a zarr codec chain without zarr's event loop (µs, not 85 µs)."""
-    array_array, array_bytes, bytes_bytes = codecs_from_list(codecs)
-    for codec in (*array_array, array_bytes, *bytes_bytes):
-        if not hasattr(codec, "_decode_sync"):
-            raise NotImplementedError(f"array {array_name!r}: codec {codec} has no synchronous decoder")
-    specs = [spec]
-    for codec in array_array:
-        specs.append(codec.resolve_metadata(specs[-1]))
-    buffer_type = spec.prototype.buffer
-
-    def decode(data: bytes) -> np.ndarray:
-        chunk = buffer_type.from_bytes(data)
-        for codec in reversed(bytes_bytes):
-            chunk = codec._decode_sync(chunk, specs[-1])
-        chunk = array_bytes._decode_sync(chunk, specs[-1])
-        for codec, codec_spec in zip(reversed(array_array), reversed(specs[:-1])):
-            chunk = codec._decode_sync(chunk, codec_spec)
-        return chunk.as_numpy_array()
-
-    return decode

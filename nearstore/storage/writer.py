@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.dtype import VariableLengthBytes
+from zarr.dtype import VariableLengthBytes
 
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.dataset import (
@@ -174,6 +174,7 @@ class _ShardWriter:
         self.label_array = label_array
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
+        self.documents: dict[str, dict[str, Any]] = {}  # each array's zarr.json, which names its shards' keys
         self.pending: dict[str, list[np.ndarray]] = {}
         self.num_pending = 0
         self.num_samples = 0
@@ -225,6 +226,7 @@ class _ShardWriter:
                 # every shard object exists, so a missing one is damage, not a shard of fill values
                 config={"write_empty_chunks": True},
             )
+            self.documents[name] = self.arrays[name].metadata.to_dict()
             self.pending[name] = []
             self.nbytes[name], self.digests[name], self.content[name] = [], [], new_digest()
 
@@ -277,7 +279,7 @@ class _ShardWriter:
             array[start:stop] = values[:n]
             self.pending[name] = [values[n:]]
             shard = start // self.shard_samples
-            self.nbytes[name].append(self.fs.size(f"{self.root}/{shard_key(array, shard)}"))
+            self.nbytes[name].append(self.fs.size(f"{self.root}/{shard_key(name, self.documents[name], shard)}"))
             shard_digest = new_digest()
             digest_samples(values[:n], shard_digest, self.content[name])
             self.digests[name].append(shard_digest.hexdigest())

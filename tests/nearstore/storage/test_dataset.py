@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -114,6 +117,18 @@ def test_open_errors_name_the_url_and_the_problem(tmp_path, id_store):
     group.attrs["nearstore"] = {"format_version": 99, "num_samples": 4, "sample_arrays": ["x"]}
     with pytest.raises(ValueError, match="format_version 99"):
         open_dataset(broken)
+
+
+def test_opening_reads_the_zarr_json_documents_once_each_and_counts_them(id_store_url):
+    dataset = open_dataset(id_store_url)
+    documents = [Path(id_store_url, name, "zarr.json") for name in ("", "x", "y")]
+    assert dataset.open_stats.as_dict() == {
+        "bytes": sum(d.stat().st_size for d in documents),
+        "requests": 3,
+        "samples": 0,
+        "retries": 0,
+    }
+    assert dataset.array_json["x"] == json.loads(documents[1].read_text())
 
 
 def test_identity_describes_shapes_and_dtypes(id_store):

@@ -3,9 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
+from zarr.dtype import VariableLengthBytes
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
-from nearstore.storage.dataset import UncheckedStoreWarning
+from nearstore.errors import DatasetError
+from nearstore.storage.dataset import UncheckedStoreWarning, encoded_bytes
 from nearstore.storage.reader import small_arrays
 
 INDEX_BYTES = 256 * 16 + 4  # one (offset, nbytes) uint64 pair per inner chunk, and a crc32c
@@ -144,3 +147,60 @@ def test_kept_arrays_are_read_whole_once_then_served_from_memory(id_store, id_da
     again = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(0), keep=["y"])
     np.testing.assert_array_equal(again.read(ids[::-1])["y"], id_data["y"][ids[::-1]])
     assert again.stats.requests == 3 and reader.stats.snapshot() == before  # x only; y from memory
+
+
+def zarr_written(url: str, values: np.ndarray, **options) -> zarr.Array:
+    """Array `x` of `values`, written by zarr itself in shards of 64 samples with `options`, in a
+    group whose attributes make it a nearstore store of format 1 (no manifest)."""
+    group = zarr.open_group(url, mode="w")
+    encoded = values.dtype == object
+    with encoded_bytes():
+        array = group.create_array(
+            "x",
+            shape=values.shape,
+            dtype=VariableLengthBytes() if encoded else values.dtype,
+            chunks=(1, *values.shape[1:]),
+            shards=options.pop("shards", (64, *values.shape[1:])),
+            fill_value=b"" if encoded else 0,
+            **options,
+        )
+        array[:] = values
+    group.attrs["nearstore"] = {"format_version": 1, "num_samples": len(values), "sample_arrays": ["x"]}
+    return array
+
+
+SAMPLES = np.random.default_rng(0).integers(0, 4, size=(200, 3, 5)).astype(">i4")  # compressible, big-endian
+ENCODED = np.empty(200, dtype=object)
+ENCODED[:] = [bytes([k % 7]) * (k % 50) for k in range(200)]  # of any length, empty ones too
+
+
+@pytest.mark.parametrize(
+    ("values", "options"),
+    [
+        (SAMPLES, {"compressors": [GzipCodec()]}),
+        (SAMPLES, {"compressors": [BloscCodec(cname="lz4", shuffle="bitshuffle")]}),
+        (SAMPLES, {"compressors": [ZstdCodec(checksum=True)]}),
+        (SAMPLES, {"serializer": BytesCodec(endian="big"), "compressors": None}),
+        (SAMPLES, {"shards": {"shape": (64, 3, 5), "index_location": "start"}, "compressors": None}),
+        (SAMPLES, {"chunk_key_encoding": {"name": "v2", "separator": "."}}),
+        (ENCODED, {"compressors": [GzipCodec()]}),
+    ],
+    ids=["gzip", "blosc", "zstd with its checksum", "big-endian", "index at the start", "v2 keys", "encoded, gzip"],
+)
+def test_stores_zarr_wrote_with_other_codecs_read_the_same(tmp_path, values, options):
+    array = zarr_written(str(tmp_path / "z.zarr"), values, **options)
+    with pytest.warns(UncheckedStoreWarning):
+        dataset = open_dataset(str(tmp_path / "z.zarr"))
+    ids = np.random.default_rng(1).integers(0, len(values), 150)
+    out = SelectiveReader(dataset).read(ids)["x"]
+    np.testing.assert_array_equal(out, values[ids])
+    with encoded_bytes():
+        np.testing.assert_array_equal(out, array.get_orthogonal_selection((ids,)))
+
+
+def test_codecs_the_reader_does_not_decode_are_named(tmp_path):
+    zarr_written(str(tmp_path / "t.zarr"), SAMPLES, filters=[TransposeCodec(order=(0, 2, 1))])
+    with pytest.warns(UncheckedStoreWarning):
+        dataset = open_dataset(str(tmp_path / "t.zarr"))
+    with pytest.raises(DatasetError, match=r"array 'x' of .*t.zarr.*codecs \['transpose', 'bytes'"):
+        SelectiveReader(dataset)

@@ -1,0 +1,142 @@
+"""Inner chunks and shard indexes decoded from what an array's `zarr.json` says of them.
+
+The Zarr v3 specification fixes the names and configurations of codecs and the sharding codec's
+index layout (per inner chunk a little-endian uint64 pair, offset and nbytes, 2^64 - 1 for a chunk
+not stored, then perhaps the index's crc32c). Decoding from those, with numcodecs and google-crc32c,
+keeps the reader off zarr's internals, which change between releases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numcodecs
+import numpy as np
+
+from nearstore.errors import DatasetError
+
+NOT_STORED = 2**64 - 1  # offset and nbytes of an inner chunk the shard does not hold
+# bytes -> bytes codecs by their Zarr v3 name; each one's stream names its own parameters.
+COMPRESSORS = {"zstd": numcodecs.Zstd, "gzip": numcodecs.GZip, "blosc": numcodecs.Blosc}
+_VLEN_BYTES = numcodecs.VLenBytes()
+
+
+@dataclass(frozen=True)
+class ChunkCodecs:
+    """How chunks of one shape are stored: an array -> bytes codec (`bytes`, in `stored_dtype`, or
+    `vlen-bytes`), then compressors, then perhaps a crc32c of the bytes as stored."""
+
+    shape: tuple[int, ...]
+    stored_dtype: np.dtype | None  # byte order included; None: variable-length bytes (vlen-bytes)
+    compressors: tuple[numcodecs.abc.Codec, ...]  # in the order they were applied
+    checksummed: bool
+
+    @classmethod
+    def parse(
+        cls, codecs: Sequence[Mapping[str, Any]], dtype: np.dtype, shape: tuple[int, ...], where: str
+    ) -> ChunkCodecs:
+        """The chain `codecs` (JSON) for chunks of `shape` and `dtype`; a DatasetError naming `where`
+        and the codec nearstore does not decode."""
+        names = [codec.get("name") for codec in codecs]
+        first, config = (names[0], codecs[0].get("configuration") or {}) if codecs else (None, {})
+        if first == "vlen-bytes" and dtype.kind == "O":
+            stored_dtype = None
+        elif first == "bytes" and dtype.kind != "O":
+            endian = config.get("endian")
+            if dtype.itemsize > 1 and endian not in ("little", "big"):
+                raise DatasetError(f"{where}: the bytes codec's endian is {endian!r}, not 'little' or 'big'")
+            stored_dtype = dtype if dtype.itemsize == 1 else dtype.newbyteorder("<" if endian == "little" else ">")
+        else:
+            raise DatasetError(
+                f"{where}: codecs {names} do not start with the bytes codec (fixed-size samples) or vlen-bytes "
+                f"(encoded samples), which nearstore decodes; samples of {dtype} stored so cannot be read"
+            )
+        checksummed = names[-1] == "crc32c"
+        middle = codecs[1 : len(codecs) - checksummed]
+        unknown = [codec.get("name") for codec in middle if codec.get("name") not in COMPRESSORS]
+        if unknown:
+            raise DatasetError(
+                f"{where}: codec {unknown[0]!r} is not one nearstore decodes between {first!r} and the crc32c "
+                f"(it decodes {sorted(COMPRESSORS)})"
+            )
+        return cls(shape, stored_dtype, tuple(COMPRESSORS[codec["name"]]() for codec in middle), checksummed)
+
+    @property
+    def raw(self) -> bool:
+        """Whether chunks are stored as their bytes (and perhaps a crc32c): gathered by numpy, not decoded."""
+        return self.stored_dtype is not None and not self.compressors
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes of a raw chunk as stored, its checksum included."""
+        return self.stored_dtype.itemsize * math.prod(self.shape) + 4 * self.checksummed
+
+    def decode(self, data: np.ndarray) -> np.ndarray:
+        """One chunk from its stored bytes (a uint8 array); a ValueError saying what is wrong."""
+        if self.checksummed:
+            data = checked(data)
+        for codec in reversed(self.compressors):
+            data = codec.decode(data)
+        values = _VLEN_BYTES.decode(data) if self.stored_dtype is None else np.frombuffer(data, self.stored_dtype)
+        if values.size != math.prod(self.shape):
+            raise ValueError(f"it decodes to {values.size} values, a chunk holds {math.prod(self.shape)}")
+        return values.reshape(self.shape)
+
+
+def checked(data: np.ndarray) -> np.ndarray:
+    """The payload of `data` (uint8), whose last 4 bytes are its crc32c (little-endian); a
+    ValueError if they do not match."""
+    if len(data) < 4:
+        raise ValueError(f"{len(data)} bytes cannot end in a crc32c")
+    payload = data[:-4]
+    stored = int.from_bytes(data[-4:].tobytes(), "little")
+    if google_crc32c.value(payload) != stored:
+        raise ValueError("crc32c does not match")
+    return payload
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """An array's sharding codec as its `zarr.json` describes it."""
+
+    shard_shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]  # of an inner chunk
+    chunks: ChunkCodecs
+    index: ChunkCodecs  # of the shard index, an array (*chunks a shard, 2) of uint64
+    index_at_start: bool
+
+    @classmethod
+    def parse(cls, document: Mapping[str, Any], dtype: np.dtype, where: str) -> Sharding:
+        """The sharding of the array whose zarr.json is `document`, of samples of `dtype`; a
+        DatasetError naming `where` if it is not a regularly chunked, sharded Zarr v3 array."""
+        codecs = document.get("codecs") or []
+        grid = document.get("chunk_grid") or {}
+        if document.get("zarr_format") != 3 or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            raise DatasetError(
+                f"{where} is not a sharded zarr v3 array (codecs {[c.get('name') for c in codecs]}); "
+                "write it with nearstore.write_dataset or `nearstore convert`"
+            )
+        if grid.get("name") != "regular":
+            raise DatasetError(f"{where}: chunk grid {grid.get('name')!r} is not regular; shards must be of one shape")
+        config = codecs[0]["configuration"]
+        shard_shape = tuple(grid["configuration"]["chunk_shape"])
+        chunk_shape = tuple(config["chunk_shape"])
+        index = ChunkCodecs.parse(
+            config.get("index_codecs") or [],
+            np.dtype(np.uint64),
+            (*(s // c for s, c in zip(shard_shape, chunk_shape)), 2),
+            f"{where}, shard index",
+        )
+        if not index.raw:  # the specification asks a fixed-size index
+            raise DatasetError(
+                f"{where}: the shard index is compressed ({config['index_codecs']}); it must be of fixed size"
+            )
+        location = config.get("index_location", "end")
+        if location not in ("start", "end"):
+            raise DatasetError(f"{where}: index_location {location!r} is neither 'start' nor 'end'")
+        chunks = ChunkCodecs.parse(config.get("codecs") or [], dtype, chunk_shape, where)
+        return cls(shard_shape, chunk_shape, chunks, index, location == "start")
