@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import SHARD_SAMPLES, as_format_1, id_encoded
 
-from nearstore import Selection, SelectiveReader, open_dataset, write_dataset
+from nearstore import SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.dataset import UncheckedStoreWarning
 from nearstore.storage.integrity import verify_dataset
@@ -145,6 +145,9 @@ def test_a_twin_store_has_another_fingerprint_and_its_selection_is_refused(tmp_p
     assert twin.identity()["fingerprint"] != id_store.identity()["fingerprint"]
     same = write_dataset(str(tmp_path / "same.zarr"), [id_encoded()], shard_samples=SHARD_SAMPLES)
     assert same.identity()["fingerprint"] == id_store.identity()["fingerprint"]  # content, not place
+    pytest.importorskip("torch")  # a Selection belongs to the selection layer, which needs torch
+    from nearstore import Selection
+
     selection = Selection.of(id_store, np.arange(10), method="test", params={}, io={})
     selection.check_dataset(same)
     with pytest.raises(DatasetError, match="twin.zarr"):

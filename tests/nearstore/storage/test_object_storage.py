@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import zarr
 
-from loaders import StreamingLoader
-from nearstore import Crest, Graft, RandomFeatureProxy, SelectiveReader, open_dataset, random_select, write_dataset
+from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import IntegrityError
+
+# Tests of the loader and the selectors over object storage import them where they run: both need
+# torch, and the storage layer is also tested where torch is not installed (.ci/run's second stage).
 
 N, SHARD, DIM = 3000, 256, 40
 INDEX_BYTES = SHARD * 16 + 4
@@ -61,6 +63,17 @@ def test_stores_written_and_read_remotely_equal_local(remote, data):
     assert dataset.stored_nbytes() == N * sum(SAMPLE_BYTES.values()) + 2 * dataset.num_shards * INDEX_BYTES
 
 
+def test_opening_asks_only_for_the_metadata_it_counts(remote):
+    # zarr left to open a store probes for Zarr v2 and consolidated metadata: on S3 three failed
+    # HEADs, three LISTs and a HEAD before each document, which nothing counted.
+    dataset, books, prefix = remote
+    opened = open_dataset(dataset.url, storage_options=dataset.storage_options)
+    served = books().served
+    assert {(s.method, s.status) for s in served} <= {("GET", 200), ("GET", 206)}  # no probe, nothing failed
+    assert sorted(s.path for s in served) == sorted(f"{prefix}/{name}zarr.json" for name in ("", "x/", "y/"))
+    assert (opened.open_stats.requests, opened.open_stats.bytes) == (len(served), sum(s.bytes for s in served))
+
+
 def test_the_readers_books_match_the_servers(remote):
     dataset, books, prefix = remote
     reader = SelectiveReader(dataset)
@@ -73,17 +86,16 @@ def test_the_readers_books_match_the_servers(remote):
 @pytest.mark.parametrize("keep", [0.1, 0.5])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_read_time_selection_fetches_only_the_selected_bytes(remote, keep, shuffle):
+    pytest.importorskip("torch")
+    from loaders import StoreSource, StreamingLoader
+    from nearstore import random_select
+
     dataset, books, prefix = remote
     selection = random_select(dataset, keep, seed=3)
-    loader = StreamingLoader(
-        dataset.url,
-        selection,
-        batch_size=64,
-        shuffle=shuffle,
-        backend="dali",
-        device="cpu",
-        storage_options=dataset.storage_options,
-    )
+    # Exact ranges: by default a hole shorter than a request's worth (64 KiB) is read through, which
+    # for samples this small reads whole shards.
+    source = StoreSource(dataset.url, storage_options=dataset.storage_options, reads=Coalescing(0))
+    loader = StreamingLoader(source, selection, batch_size=64, shuffle=shuffle, backend="dali", device="cpu")
     assert sum(len(y) for _, y in loader) == len(selection)
 
     served = [s for s in books().gets(prefix) if "/c/" in s.path]  # shard objects; not the metadata
@@ -100,15 +112,19 @@ def test_read_time_selection_fetches_only_the_selected_bytes(remote, keep, shuff
         # a shuffled batch rarely holds neighbours: at most one range a sample
         assert inputs <= shards_touched + len(selection)
     else:
-        # in order, neighbours share a range: at most one per run of adjacent ids within a shard
-        runs = len(np.flatnonzero(np.diff(selection.ids) != 1)) + 1 + shards_touched
+        # in order, neighbours share a range: at most one per run of adjacent ids within a shard and a batch
+        runs = len(np.flatnonzero(np.diff(selection.ids) != 1)) + 1 + shards_touched + len(loader)
         assert inputs <= shards_touched + runs
 
 
-@pytest.mark.parametrize("selector", [Graft(pool=2), Crest()], ids=str)
-def test_selection_pools_are_read_in_a_request_or_two_a_shard(remote, data, tmp_path, selector):
+@pytest.mark.parametrize(("kind", "options"), [("Graft", {"pool": 2}), ("Crest", {})], ids=["Graft(pool=2)", "Crest()"])
+def test_selection_pools_are_read_in_a_request_or_two_a_shard(remote, data, tmp_path, kind, options):
+    pytest.importorskip("torch")
+    import nearstore
+
+    selector = getattr(nearstore, kind)(**options)
     dataset, books, prefix = remote
-    proxy = RandomFeatureProxy(10, width=16).fit(data["x"], data["y"])
+    proxy = nearstore.RandomFeatureProxy(10, width=16).fit(data["x"], data["y"])
     selection = selector.select(dataset, 0.25, proxy=proxy, seed=4)
     local = write_dataset(str(tmp_path / "local.zarr"), batches(data), shard_samples=SHARD)
     np.testing.assert_array_equal(selection.ids, selector.select(local, 0.25, proxy=proxy, seed=4).ids)
@@ -123,25 +139,29 @@ def test_selection_pools_are_read_in_a_request_or_two_a_shard(remote, data, tmp_
 
 def test_zarr_alone_rereads_shard_indexes_for_every_batch(remote):
     dataset, books, prefix = remote
-    ids = np.random.default_rng(4).permutation(random_select(dataset, 0.1, seed=4).ids)
+    dataset = open_dataset(dataset.url, storage_options=dataset.storage_options)  # no shard index known yet
+    ids = np.random.default_rng(4).choice(N, N // 10, replace=False)
     batches = np.array_split(ids, 10)  # an epoch of shuffled batches, as a loader reads them
+    sizes = dataset.manifest.nbytes["x"]
 
-    def served() -> tuple[int, int]:
-        return len(books().gets(prefix)), books().bytes(prefix)
+    def index_reads() -> int:
+        """Requests so far for a shard index of x: its object's last INDEX_BYTES, as a suffix or not."""
+        served = books().gets(f"{prefix}/x/c/")
+        shards = [int(s.path.split("/x/c/")[1].split("/")[0]) for s in served]
+        index = [(f"bytes=-{INDEX_BYTES}", f"bytes={sizes[k] - INDEX_BYTES}-{sizes[k] - 1}") for k in shards]
+        return sum(s.range in ranges for s, ranges in zip(served, index))
 
-    start = served()
+    start = index_reads()
     reader = SelectiveReader(dataset, ["x"])
     ours = [reader.read(batch)["x"] for batch in batches]
-    middle = served()
+    middle = index_reads()
     x = zarr.open_group(dataset.url, mode="r", storage_options=dataset.storage_options or None)["x"]
     theirs = [x.get_orthogonal_selection((np.sort(batch),)) for batch in batches]
-    end = served()
+    end = index_reads()
     for batch, a, b in zip(batches, ours, theirs):
         np.testing.assert_array_equal(a[np.argsort(batch)], b)
-    our_requests, our_bytes = middle[0] - start[0], middle[1] - start[1]
-    their_requests, their_bytes = end[0] - middle[0], end[1] - middle[1]
-    assert their_requests > our_requests
-    assert their_bytes > 3 * our_bytes
+    assert middle - start == len(np.unique(ids // SHARD))  # each touched shard's index, once
+    assert end - middle == sum(len(np.unique(batch // SHARD)) for batch in batches)  # again every batch
 
 
 def test_s3_throttling_is_retried_with_backoff(s3, s3_store, data):
@@ -189,6 +209,9 @@ def test_http_stores_are_read_only(nginx, http_store):
 
 @pytest.mark.parametrize("where", ["s3", "http"])
 def test_a_shard_object_deleted_mid_epoch_is_an_integrity_error_naming_it(where, s3, nginx, data):
+    pytest.importorskip("torch")
+    from loaders import StreamingLoader
+
     name = f"deleted-{where}.zarr"
     if where == "s3":
         fs = fsspec.filesystem("s3", **s3.storage_options)
