@@ -10,6 +10,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,6 +117,66 @@ class FaultyProxy:
             self.injected[fault] += 1
             return fault
 
+    # What the link does to an answer that goes through (SlowLink slows and counts it).
+    def first_byte(self) -> None:
+        """Called before an answer's first byte is sent."""
+
+    def send(self, out, body: bytes) -> None:
+        """Send an answer's body to the client."""
+        out.write(body)
+
+    def passed(self, method: str, path: str, status: int, nbytes: int) -> None:
+        """An answer went through: `nbytes` of body sent."""
+
+
+class SlowLink(FaultyProxy):
+    """A FaultyProxy that faults nothing and is a slow link instead: each answer's first byte
+    `latency` seconds after its upstream answered (on top of the upstream's own time), and every body
+    through one token bucket of `bandwidth` bytes/s shared by all connections, sent in pieces of
+    `piece` bytes. Counts what went through: `take`.
+
+    Per request on S3 that is the time to first byte (tens of ms) and the throughput that one
+    client's connections share; 20 ms and 100 MB/s by default.
+    """
+
+    def __init__(self, upstream: str, *, latency: float = 0.02, bandwidth: float = 100e6, piece: int = 1 << 16) -> None:
+        if not 0 <= latency < 60:
+            raise ValueError(f"latency must be in [0, 60) s, got {latency}")
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0 bytes/s, got {bandwidth}")
+        super().__init__(upstream, rate=0.0)
+        self.latency, self.bandwidth, self.piece = latency, bandwidth, piece
+        self.requests: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self._link_free = 0.0  # when the bucket's bytes queued so far have all gone (monotonic s)
+
+    def first_byte(self) -> None:
+        time.sleep(self.latency)
+
+    def send(self, out, body: bytes) -> None:
+        view = memoryview(body)
+        for start in range(0, len(view), self.piece):
+            piece = view[start : start + self.piece]
+            with self._lock:  # the piece leaves once the pieces queued before it, on every connection, have
+                done = self._link_free = max(time.monotonic(), self._link_free) + len(piece) / self.bandwidth
+            time.sleep(max(0.0, done - time.monotonic()))
+            out.write(piece)
+
+    def passed(self, method: str, path: str, status: int, nbytes: int) -> None:
+        kind = "LIST" if method == "GET" and "/" not in path.strip("/") else method  # a GET of a bucket lists it
+        with self._lock:
+            self.requests[kind] += 1
+            self.bytes[kind] += nbytes
+
+    def take(self) -> dict[str, dict[str, int]]:
+        """{"requests": {kind: n}, "bytes": {kind: body bytes}} since the last take, by method, a
+        GET of a bucket (not of an object) counted as "LIST"."""
+        with self._lock:
+            counts = {"requests": dict(self.requests), "bytes": dict(self.bytes)}
+            self.requests.clear()
+            self.bytes.clear()
+            return counts
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stalled answer must not hold stop() up
@@ -151,6 +212,7 @@ def _handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                 proxy._stopped.wait(proxy.stall_seconds)
                 return self._reset()
             status, reason, headers, payload = self._forward(body)
+            response_length = next((v for n, v in headers if n.lower() == "content-length"), "0")
             sent = payload
             if fault in ("short", "cut"):
                 sent = payload[: len(payload) // 2]
@@ -160,9 +222,14 @@ def _handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
             for name, value in headers:
                 if name.lower() not in ("content-length", "transfer-encoding", "connection"):
                     self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
+            # a HEAD's Content-Length is the object's size, not its (empty) body's
+            size = response_length if self.command == "HEAD" else len(payload)
+            self.send_header("Content-Length", str(size))
+            proxy.first_byte()
             self.end_headers()
-            self.wfile.write(sent)
+            if self.command != "HEAD":
+                proxy.send(self.wfile, sent)
+            proxy.passed(self.command, urlparse(self.path).path, status, 0 if self.command == "HEAD" else len(sent))
             if fault == "short":
                 self._reset()
 
