@@ -1,197 +1,550 @@
-"""Bytes, requests and seconds of read-time selection from object storage, as the servers count them.
+"""Seconds, bytes, requests and dollars of 3 epochs over object storage 20 ms and 100 MB/s away:
+StreamingLoader against MosaicML Streaming and LitData on the same data and the same selection.
 
-    python bench/io_savings.py [--samples 4096] [--out bench/results] [--tiny]
+    python bench/io_savings.py [--latency 0.02] [--bandwidth 100e6] [--epochs 3]
+        [--mnist1d 10000] [--images 1024] [--out bench/results] [--tiny] [--report io_savings.json]
 
-Servers on 127.0.0.1, started here and stopped after: moto's S3 (slow, ~300 requests/s: count
-bytes and requests with it, not speed) and nginx (HTTP with Range). For keep rates 10/25/50/100%
-of a random selection, one epoch of shuffled batches through:
-- nearstore: StreamingLoader reading storage itself (cached shard indexes, coalesced ranges);
-- server: StreamingLoader("grpc://...") through a NearStoreServer beside the storage (started per
-  keep, so its index reads count); requests and bytes are the server's storage reads, and
-  `shipped` what crossed Flight to the trainer;
-- plain zarr, `array.get_orthogonal_selection(ids)` for the same batches;
-- the full data: every shard object read whole, once (what an epoch over everything costs).
-Prints ratios (ours / full, ours / zarr); writes io_savings.json and io_savings.png.
+moto's S3 runs on 127.0.0.1 in a process of its own behind `tests/faults.py`'s SlowLink: each
+answer's first byte `--latency` s after moto's, every body through one token bucket of
+`--bandwidth` bytes/s shared by all connections (tests/slow_link.py). Every loader reads through
+the link, and the link counts what crossed it: requests by kind and bytes, per epoch. Two sets,
+each stored three ways with the same number of samples a shard: MNIST-1D (float32 (40,) + label,
+small samples) and photo-like JPEGs (`synthetic.write_photos`, ~46 kB each, decoded by every
+loader with the same `ImageTransform`). For a random selection of 10%, 25% and 100% (the same ids
+for all), 3 epochs of one round, each loader made once before its first epoch (that is counted in
+epoch 1):
+
+- StreamingLoader, its defaults (s3fs; with its selected-sample cache when the loader has one),
+  and with `cache=False` where the loader takes that keyword;
+- StreamingLoader reading through obstore's fsspec store registered for s3:// in place of s3fs
+  (object store's client, which merges ranges less than 1 MiB apart and fetches them
+  concurrently); obstore 0.12's store refuses an open-ended range and raises the first error of a
+  `cat_ranges`, both of which the reader needs, so `obstore_filesystem` adds them;
+- MosaicML Streaming: `StreamingDataset(remote="s3://...", local=<its own cache dir>)` over MDS
+  shards (`MDSWriter`), the endpoint from S3_ENDPOINT_URL; the selection is read by id
+  (`dataset[i]` in the epoch's shuffled order, batches of the same size: what a DataLoader with a
+  `SubsetRandomSampler` and no workers does); each shard holding a selected sample is downloaded
+  whole into its cache on first use and read there after;
+- LitData: `StreamingDataset("s3://...", cache_dir=<its own>, storage_options=endpoint + keys,
+  shuffle=True)` over chunks written by `litdata.optimize`, iterated in its own order, the samples
+  outside the selection dropped (each sample carries its id). It downloads every chunk whole (its
+  by-id access, `dataset[i]`, reads two ranges a sample instead, measured at 402 requests for 200
+  MNIST-1D samples, 27 s an epoch: not its streaming path, not run here). LitData's obstore client
+  does not allow plain HTTP: the bench adds `allow_http` to its client options
+  (`litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`), the one setting a plain-HTTP
+  S3-compatible endpoint needs.
+
+Peers decode images in a pool of 2 threads with PIL (`ImageTransform.decode`); StreamingLoader
+decodes in DALI's CPU pipeline with 2 threads. Neither peer imports torchvision on these paths:
+MosaicML Streaming is entered past its two `__init__` files (bench/loader.py's `import_streaming`),
+LitData imports it lazily and only for image serializers this bench does not use.
+
+Dollars from S3's public prices (us-east-1, Standard): GET and HEAD $0.0004 per 1,000 requests,
+LIST and PUT $0.005 per 1,000, data transfer out to the internet $0.09 per GB (in-region: $0).
+Prints per-epoch rows and ratios ours / best peer; writes io_savings.json and io_savings.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import inspect
 import json
+import os
 import sys
 import tempfile
 import time
-from functools import partial
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
-import zarr
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the counting servers live with the tests
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # the slow link lives with the tests
 
-from servers import Nginx, S3Server  # noqa: E402
+from loader import import_streaming  # noqa: E402
+from slow_link import KEYS, LinkedS3  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Dataset, Selection, open_dataset, random_select, write_dataset  # noqa: E402
-from nearstore.serving import NearStoreServer  # noqa: E402
+from nearstore import Selection, open_dataset, random_select, write_dataset  # noqa: E402
+from nearstore.app.converters import mnist1d_batches  # noqa: E402
+from nearstore.app.encoded_converters import imagefolder_files, imagefolder_images  # noqa: E402
+from nearstore.app.synthetic import write_photos  # noqa: E402
+from nearstore.storage.images import ImageTransform  # noqa: E402
 
-KEEPS = (0.1, 0.25, 0.5, 1.0)
-BATCH = 256
-
-
-def shard_gets(books, prefix: str) -> tuple[int, int]:
-    """(requests, bytes) the server answered for shard objects under prefix (not metadata)."""
-    served = [s for s in books.gets(prefix) if "/c/" in s.path]
-    return len(served), sum(s.bytes for s in served)
-
-
-def epoch_nearstore(dataset: Dataset, selection: Selection) -> None:
-    for _ in StreamingLoader(
-        dataset.url, selection, batch_size=BATCH, storage_options=dataset.storage_options, device="cpu"
-    ):
-        pass
+KEEPS = (0.1, 0.25, 1.0)
+# S3 Standard, us-east-1: $ per request by kind, $ per GB (2^30 bytes) out to the internet.
+PRICE_PER_REQUEST = {"GET": 0.0004e-3, "HEAD": 0.0004e-3, "LIST": 0.005e-3, "PUT": 0.005e-3, "POST": 0.005e-3}
+PRICE_PER_GB_OUT = 0.09
+CACHE = "cache" in inspect.signature(StreamingLoader).parameters  # the selected-sample cache (issue 21)
 
 
-def epoch_server(dataset: Dataset, selection: Selection) -> dict[str, int]:
-    server = NearStoreServer(dataset, selection=selection)
-    try:
-        loader = StreamingLoader(server.url, batch_size=BATCH, device="cpu")
-        for _ in loader:
-            pass
-        return {"shipped": loader.stats.bytes, "shipped_requests": loader.stats.requests}
-    finally:
-        server.shutdown()
+@dataclass
+class StoredSet:
+    """One data set stored three ways in the bucket."""
+
+    name: str
+    num_samples: int
+    batch_size: int
+    shard_samples: int
+    encoded: bool
+    zarr: str  # s3:// URLs; None: that peer is not installed
+    mds: str | None
+    litdata: str | None
+    stored_bytes: dict[str, int]
 
 
-def epoch_zarr(dataset: Dataset, batches: list[np.ndarray]) -> None:
-    group = zarr.open_group(dataset.url, mode="r", storage_options=dataset.storage_options or None)
-    for batch in batches:
-        for name in ("x", "y"):
-            group[name].get_orthogonal_selection((np.sort(batch),))
-
-
-def epoch_full(dataset: Dataset) -> None:
-    fs, root = dataset.filesystem()
-    fs.cat([dataset.shard_path(name, shard, root) for name in ("x", "y") for shard in range(dataset.num_shards)])
-
-
-def measure(dataset: Dataset, books, prefix: str, keeps: tuple[float, ...]) -> dict:
-    rows = {}
-    for keep in keeps:
-        selection = random_select(dataset, keep, seed=0)
-        order = np.random.default_rng(1).permutation(selection.ids)
-        batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
-        row = {}
-        for name, run in (
-            ("nearstore", partial(epoch_nearstore, dataset, selection)),
-            ("server", partial(epoch_server, dataset, selection)),
-            ("zarr", partial(epoch_zarr, dataset, batches)),
-            ("full data", partial(epoch_full, dataset)),
-        ):
-            before = shard_gets(books(), prefix)
-            started = time.perf_counter()
-            extra = run() or {}
-            seconds = time.perf_counter() - started
-            after = shard_gets(books(), prefix)
-            row[name] = {"requests": after[0] - before[0], "bytes": after[1] - before[1], "seconds": seconds, **extra}
-        rows[f"{keep:.0%}"] = row
+def epochs_through(link: LinkedS3, epochs: int, make: Callable[[], Any], epoch: Callable[[Any, int], int]) -> list:
+    """Per epoch: seconds, samples delivered, and what crossed the link (epoch 1 with `make`)."""
+    gc.collect()
+    link.take()
+    rows, started = [], time.perf_counter()
+    state = make()
+    for e in range(epochs):
+        samples = epoch(state, e)
+        seconds = time.perf_counter() - started
+        crossed = link.take()
+        rows.append({"seconds": seconds, "samples": samples, **crossed})
+        started = time.perf_counter()
+    del state
     return rows
 
 
-def report(results: dict) -> None:
-    print(
-        f"{'store':<6} {'keep':>5} {'path':<10} {'requests':>9} {'MB':>8} {'s':>7}   "
-        f"{'bytes/full':>10} {'req/full':>8} {'bytes/zarr':>10} {'req/zarr':>8} {'s/zarr':>7} {'shipped MB':>10}"
-    )
-    for server, rows in results.items():
-        for keep, row in rows.items():
-            full, plain = row["full data"], row["zarr"]
-            for name, r in row.items():
-                ratios, ours = "", r
-                if name in ("nearstore", "server"):
-                    ratios = (
-                        f"{ours['bytes'] / full['bytes']:>10.3f} {ours['requests'] / full['requests']:>8.1f} "
-                        f"{ours['bytes'] / plain['bytes']:>10.3f} {ours['requests'] / plain['requests']:>8.3f} "
-                        f"{ours['seconds'] / plain['seconds']:>7.3f}"
-                    )
-                if "shipped" in r:
-                    ratios += f" {r['shipped'] / 1e6:>10.2f}"
-                print(
-                    f"{server:<6} {keep:>5} {name:<10} {r['requests']:>9} {r['bytes'] / 1e6:>8.2f} "
-                    f"{r['seconds']:>7.2f}   {ratios}"
+def drain(batches: Iterator) -> int:
+    return sum(len(batch[1]) for batch in batches)
+
+
+# Our loader, over s3fs or obstore.
+def ours(data: StoredSet, ids: np.ndarray, options: dict, **kwargs: Any) -> tuple[Callable, Callable]:
+    def make() -> StreamingLoader:
+        return StreamingLoader(
+            data.zarr, ids, batch_size=data.batch_size, storage_options=options, device="cpu", **kwargs
+        )
+
+    def epoch(loader: StreamingLoader, e: int) -> int:
+        loader.set_epoch(e)
+        return drain(iter(loader))
+
+    return make, epoch
+
+
+def obstore_options(endpoint: str) -> dict:
+    """obstore's FsspecStore options for moto through the link."""
+    config = {"endpoint": endpoint, "access_key_id": KEYS["key"], "secret_access_key": KEYS["secret"]}
+    return {"config": {**config, "region": "us-east-1"}, "client_options": {"allow_http": True}}
+
+
+class ObstoreAsS3:
+    """obstore's fsspec store registered for s3:// while inside (`obstore_filesystem`), s3fs again after."""
+
+    def __enter__(self) -> None:
+        fsspec.register_implementation("s3", obstore_filesystem(), clobber=True)
+
+    def __exit__(self, *exc) -> None:
+        import s3fs
+
+        fsspec.register_implementation("s3", s3fs.S3FileSystem, clobber=True)
+
+
+def obstore_filesystem() -> type:
+    """obstore's fsspec store for s3:// with the two things the reader asks of fsspec's
+    `cat_ranges` that obstore 0.12's lacks: a range to the end of an object (end None: obstore
+    raises TypeError) and errors in place of bytes (on_error="return": obstore raises the first),
+    a missing object as FileNotFoundError (obstore's NotFoundError is none)."""
+    import asyncio
+
+    from obstore.exceptions import NotFoundError
+    from obstore.fsspec import FsspecStore
+
+    class ObstoreS3(FsspecStore):
+        protocol = "s3"
+
+        async def _cat_ranges(self, paths, starts, ends, max_gap=None, batch_size=None, on_error="return", **kwargs):
+            n = len(paths)
+            starts = [starts] * n if isinstance(starts, int) else list(starts)
+            ends = [ends] * n if isinstance(ends, int) or ends is None else list(ends)
+            by_path: dict[str, list[int]] = {}
+            for k, path in enumerate(paths):
+                by_path.setdefault(path, []).append(k)
+
+            async def of_object(path: str, members: list[int]) -> list:
+                ranged = [k for k in members if ends[k] is not None and (starts[k] or 0) >= 0]
+                whole = [k for k in members if k not in set(ranged)]
+                blobs = await FsspecStore._cat_ranges(
+                    self, [path] * len(ranged), [starts[k] or 0 for k in ranged], [ends[k] for k in ranged]
                 )
+                if whole:
+                    data = await self._cat_file(path)
+                    blobs += [data[slice(starts[k], ends[k])] for k in whole]
+                return list(zip(ranged + whole, blobs))
+
+            out: list = [b""] * n
+            answers = await asyncio.gather(*(of_object(p, m) for p, m in by_path.items()), return_exceptions=True)
+            for (path, members), answer in zip(by_path.items(), answers):
+                if isinstance(answer, BaseException):
+                    error = FileNotFoundError(path) if isinstance(answer, NotFoundError) else OSError(str(answer))
+                    if on_error != "return":
+                        raise error from answer
+                    for k in members:
+                        out[k] = error
+                else:
+                    for k, blob in answer:
+                        out[k] = blob
+            return out
+
+    return ObstoreS3
 
 
-def plot(results: dict, path: Path) -> None:
+# The peers: batches of decoded samples, as a DataLoader with no workers would hand them over.
+class Collate:
+    """Samples (dicts of x, y) into a batch (x, y) of tensors; images decoded in 2 threads."""
+
+    def __init__(self, encoded: bool) -> None:
+        self.images = ImageTransform() if encoded else None
+        self.pool = ThreadPoolExecutor(2) if encoded else None
+
+    def __call__(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is not None:
+            x = np.stack(list(self.pool.map(self.images.decode, [s["x"] for s in samples])))
+        else:
+            x = np.stack([s["x"] for s in samples])
+        return torch.from_numpy(x), torch.tensor([int(s["y"]) for s in samples])
+
+
+def mosaicml(data: StoredSet, ids: np.ndarray, cache_dir: Path, collate: Collate) -> tuple[Callable, Callable]:
+    StreamingDataset, _ = import_streaming()
+
+    def make():
+        return StreamingDataset(remote=data.mds, local=str(cache_dir), batch_size=data.batch_size)
+
+    def epoch(dataset, e: int) -> int:
+        order = np.random.default_rng(e).permutation(ids)
+        batches = (
+            collate([dataset[int(i)] for i in order[k : k + data.batch_size]])
+            for k in range(0, len(order), data.batch_size)
+        )
+        return drain(batches)
+
+    return make, epoch
+
+
+def litdata_peer(
+    data: StoredSet, ids: np.ndarray, cache_dir: Path, collate: Collate, endpoint: str
+) -> tuple[Callable, Callable]:
+    import litdata
+
+    selected = np.zeros(data.num_samples, dtype=bool)
+    selected[ids] = True
+    options = {"endpoint_url": endpoint, "aws_access_key_id": KEYS["key"], "aws_secret_access_key": KEYS["secret"]}
+
+    def make():
+        return litdata.StreamingDataset(data.litdata, cache_dir=str(cache_dir), storage_options=options, shuffle=True)
+
+    def epoch(dataset, e: int) -> int:
+        dataset.set_epoch(e + 1)
+
+        def batches() -> Iterator:
+            batch = []
+            for sample in dataset:
+                if selected[sample["id"]]:
+                    batch.append(sample)
+                    if len(batch) == data.batch_size:
+                        yield collate(batch)
+                        batch = []
+            if batch:
+                yield collate(batch)
+
+        return drain(batches())
+
+    return make, epoch
+
+
+def allow_http_for_litdata() -> bool:
+    """LitData's obstore client refuses plain http://: allow it (see the module docstring). False
+    where LitData is not installed."""
+    try:
+        from litdata.streaming import downloader
+    except ImportError:
+        return False
+    downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
+    return True
+
+
+# The data, stored three ways.
+def samples_of(name: str, num_samples: int, workdir: Path) -> tuple[list, np.ndarray, Callable[[], Iterator]]:
+    """(x per sample, labels, batches for write_dataset) of a set."""
+    if name == "mnist1d":
+        parts = list(mnist1d_batches(num_samples))
+        x = np.concatenate([p["x"] for p in parts])
+        y = np.concatenate([p["y"] for p in parts])
+        return list(x), y, lambda: iter(parts)
+    root = write_photos(workdir / "photos", num_samples)
+    files, _ = imagefolder_files(root)
+    x = [Path(path).read_bytes() for path, _ in files]
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return x, y, lambda: imagefolder_images(root).batches()
+
+
+def litdata_item(sample: tuple[int, Any, int]) -> dict:
+    """A sample as LitData stores it (a module function: litdata.optimize's worker calls it)."""
+    i, x, y = sample
+    return {"id": i, "x": x, "y": y}
+
+
+def store(
+    name: str, num_samples: int, shard_samples: int, batch_size: int, s3: LinkedS3, workdir: Path, litdata: bool
+) -> StoredSet:
+    x, y, batches = samples_of(name, num_samples, workdir)
+    encoded = name != "mnist1d"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.storage_options)
+    write_dataset(f"s3://bench/{name}.zarr", batches(), shard_samples=shard_samples, storage_options=s3.storage_options)
+    formats = {"zarr": True, "mds": import_streaming() is not None, "litdata": litdata}
+    if formats["mds"]:
+        write_mds(x, y, encoded, shard_samples, workdir / f"{name}.mds")
+        fs.put(str(workdir / f"{name}.mds"), f"bench/{name}.mds", recursive=True)
+    if formats["litdata"]:
+        write_litdata(x, y, shard_samples, workdir / f"{name}.litdata")
+        fs.put(str(workdir / f"{name}.litdata"), f"bench/{name}.litdata", recursive=True)
+    stored = {f: sum(fs.du(f"bench/{name}.{f}", total=False).values()) for f, made in formats.items() if made}
+    url = {f: f"s3://bench/{name}.{f}" if made else None for f, made in formats.items()}
+    return StoredSet(
+        name, num_samples, batch_size, shard_samples, encoded, url["zarr"], url["mds"], url["litdata"], stored
+    )
+
+
+def write_mds(x: list, y: np.ndarray, encoded: bool, shard_samples: int, mds_dir: Path) -> None:
+    _, MDSWriter = import_streaming()
+    num_samples = len(x)
+    nbytes = sum(len(b) for b in x) if encoded else sum(a.nbytes for a in x)
+    columns = {"x": "bytes" if encoded else f"ndarray:float32:{x[0].shape[0]}", "y": "int"}
+    # MDS shards close at size_limit bytes: set so that they hold shard_samples samples, as ours
+    with MDSWriter(out=str(mds_dir), columns=columns, size_limit=int(nbytes / num_samples * shard_samples * 1.02)) as w:
+        for xi, yi in zip(x, y):
+            w.write({"x": xi, "y": int(yi)})
+
+
+def write_litdata(x: list, y: np.ndarray, shard_samples: int, lit_dir: Path) -> None:
+    import litdata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        litdata.optimize(
+            fn=litdata_item,
+            inputs=[(i, xi, int(yi)) for i, (xi, yi) in enumerate(zip(x, y))],
+            output_dir=str(lit_dir),
+            chunk_size=shard_samples,
+            num_workers=1,
+            verbose=False,
+        )
+
+
+def run_set(data: StoredSet, s3: LinkedS3, keeps: tuple[float, ...], epochs: int, workdir: Path) -> dict:
+    dataset = open_dataset(data.zarr, storage_options=s3.storage_options)
+    os.environ.update(  # MosaicML Streaming's S3 client reads these
+        S3_ENDPOINT_URL=s3.link_endpoint,
+        AWS_ACCESS_KEY_ID=KEYS["key"],
+        AWS_SECRET_ACCESS_KEY=KEYS["secret"],
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    collate = Collate(data.encoded)
+    rows = {}
+    for keep in keeps:
+        selection: Selection = random_select(dataset, keep, seed=0)
+        ids = np.sort(selection.ids)
+        caches = workdir / f"caches-{data.name}-{keep}"
+        runs: dict[str, tuple[Callable, Callable]] = {"StreamingLoader": ours(data, ids, s3.link_options)}
+        if CACHE:
+            runs["StreamingLoader, cache=False"] = ours(data, ids, s3.link_options, cache=False)
+        runs["StreamingLoader on obstore"] = ours(data, ids, obstore_options(s3.link_endpoint))
+        if data.mds:
+            runs["MosaicML Streaming"] = mosaicml(data, ids, caches / "mds", collate)
+        if data.litdata:
+            runs["LitData"] = litdata_peer(data, ids, caches / "litdata", collate, s3.link_endpoint)
+        row: dict[str, Any] = {}
+        if not data.mds:
+            row["MosaicML Streaming"] = "not run: mosaicml-streaming is not installed (bench/loader.py says how)"
+        if not data.litdata:
+            row["LitData"] = (
+                "not run: litdata is not installed (pip install --no-deps litdata lightning-utilities tifffile)"
+            )
+        for name, (make, epoch) in runs.items():
+            print(f"  {data.name} {keep:.0%} {name}", flush=True)
+            try:
+                if "obstore" in name:
+                    with ObstoreAsS3():
+                        row[name] = epochs_through(s3, epochs, make, epoch)
+                else:
+                    row[name] = epochs_through(s3, epochs, make, epoch)
+            except Exception as e:  # a peer that fails keeps its row, with why
+                row[name] = f"not run: {type(e).__name__}: {e}"
+                print(f"    {row[name]}", flush=True)
+                continue
+            delivered = {r["samples"] for r in row[name]}
+            if delivered != {len(ids)}:
+                raise RuntimeError(f"{name} delivered {delivered} samples an epoch, not {len(ids)}")
+        rows[f"{keep:.0%}"] = {"samples": len(ids), "loaders": row}
+    return rows
+
+
+# Figures.
+def dollars(epochs: list[dict]) -> tuple[float, float]:
+    """($ of requests, $ of transfer out to the internet) over the epochs."""
+    requests = sum(PRICE_PER_REQUEST.get(kind, 0.0004e-3) * n for e in epochs for kind, n in e["requests"].items())
+    transfer = sum(sum(e["bytes"].values()) for e in epochs) / 2**30 * PRICE_PER_GB_OUT
+    return requests, transfer
+
+
+def totals(epochs: list[dict]) -> dict[str, Any]:
+    requests, transfer = dollars(epochs)
+    return {
+        "seconds": [e["seconds"] for e in epochs],
+        "requests": [sum(e["requests"].values()) for e in epochs],
+        "bytes": sum(sum(e["bytes"].values()) for e in epochs),
+        "dollars_in_region": requests,
+        "dollars_to_internet": requests + transfer,
+    }
+
+
+def report(results: dict, stored: dict) -> dict:
+    """Print the table and ratios; return the summary rows."""
+    summary = {}
+    print(
+        f"\n{'set':<8} {'keep':>5} {'loader':<30} {'epoch s':>20} {'requests':>18} {'MB, 3 ep':>9} "
+        f"{'µ$ in-region':>12} {'µ$ internet':>11}"
+    )
+    for set_name, rows in results.items():
+        print(f"{set_name}: stored {', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in stored[set_name].items())}")
+        for keep, row in rows.items():
+            made = {name: totals(e) for name, e in row["loaders"].items() if isinstance(e, list)}
+            for name, value in row["loaders"].items():
+                if name not in made:
+                    print(f"{set_name:<8} {keep:>5} {name:<30} {value}")
+                    continue
+                t = made[name]
+                seconds = " ".join(f"{s:.2f}" for s in t["seconds"])
+                requests = " ".join(str(n) for n in t["requests"])
+                print(
+                    f"{set_name:<8} {keep:>5} {name:<30} {seconds:>20} {requests:>18} {t['bytes'] / 1e6:>9.2f} "
+                    f"{t['dollars_in_region'] * 1e6:>12.2f} {t['dollars_to_internet'] * 1e6:>11.2f}"
+                )
+            peers = {n: t for n, t in made.items() if not n.startswith("StreamingLoader")}
+            if "StreamingLoader" in made and peers:
+                summary[f"{set_name} {keep}"] = against_peers(made["StreamingLoader"], peers)
+                s = summary[f"{set_name} {keep}"]
+                later = "" if s["later_ratio"] is None else f", later epochs {s['later_ratio']:.2f} ({s['later_peer']})"
+                print(
+                    f"{'':<8} {'':>5} ours / best peer: bytes {s['bytes_ratio']:.3f} ({s['fewest_bytes_peer']}); "
+                    f"seconds {s['seconds_ratio']:.2f} ({s['fastest_peer']}), epoch 1 {s['epoch1_ratio']:.2f} "
+                    f"({s['epoch1_peer']}){later}; $ to the internet {s['dollars_ratio']:.3f}; "
+                    f"requests after epoch 1: {s['requests_after_first']}"
+                )
+    return summary
+
+
+def against_peers(ours_: dict, peers: dict[str, dict]) -> dict:
+    """Ours against the best peer at each figure: the fewest bytes, the shortest epochs (3 epochs in
+    all; epoch 1, which pays the reads; the later ones), the fewest dollars."""
+    fewest = min(peers, key=lambda n: peers[n]["bytes"])
+    fastest = min(peers, key=lambda n: sum(peers[n]["seconds"]))
+    first = min(peers, key=lambda n: peers[n]["seconds"][0])
+    later = min(peers, key=lambda n: sum(peers[n]["seconds"][1:]) or 1.0)
+    cheapest = min(peers, key=lambda n: peers[n]["dollars_to_internet"])
+    return {
+        "bytes_ratio": ours_["bytes"] / peers[fewest]["bytes"],
+        "fewest_bytes_peer": fewest,
+        "seconds_ratio": sum(ours_["seconds"]) / sum(peers[fastest]["seconds"]),
+        "fastest_peer": fastest,
+        "epoch1_ratio": ours_["seconds"][0] / peers[first]["seconds"][0],
+        "epoch1_peer": first,
+        "later_ratio": (sum(ours_["seconds"][1:]) / sum(peers[later]["seconds"][1:]))
+        if len(ours_["seconds"]) > 1
+        else None,
+        "later_peer": later,
+        "dollars_ratio": ours_["dollars_to_internet"] / peers[cheapest]["dollars_to_internet"],
+        "requests_after_first": ours_["requests"][1:],
+    }
+
+
+def plot(results: dict, stored: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for server, rows in results.items():
-        keeps = [float(k.rstrip("%")) for k in rows]
-        for name, style in (("nearstore", "-o"), ("server", "-^"), ("zarr", "--s")):
-            axes[0].plot(
-                keeps,
-                [r[name]["bytes"] / r["full data"]["bytes"] for r in rows.values()],
-                style,
-                label=f"{name}, {server}",
-            )
-            axes[1].plot(keeps, [r[name]["requests"] for r in rows.values()], style, label=f"{name}, {server}")
-        axes[1].plot(keeps, [r["full data"]["requests"] for r in rows.values()], ":", label=f"full data, {server}")
-    axes[0].set(xlabel="keep (%)", ylabel="bytes / full data", title="bytes fetched for one epoch")
-    axes[1].set(xlabel="keep (%)", ylabel="requests", yscale="log", title="requests for one epoch")
-    axes[0].axline((0, 0), slope=0.01, color="grey", linewidth=0.8, label="selected share")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    sets = list(results)
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 8), squeeze=False)
+    for col, set_name in enumerate(sets):
+        rows = results[set_name]
+        keeps = list(rows)
+        names = list(next(iter(rows.values()))["loaders"])
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            made = [rows[keep]["loaders"][name] for keep in keeps]
+            at = np.arange(len(keeps)) + k * width
+            mb = [sum(sum(e["bytes"].values()) for e in m) / 1e6 if isinstance(m, list) else 0 for m in made]
+            seconds = [float(np.mean([e["seconds"] for e in m])) if isinstance(m, list) else 0 for m in made]
+            axes[0, col].bar(at, mb, width, label=name)
+            axes[1, col].bar(at, seconds, width, label=name)
+        for ax, label in ((axes[0, col], f"MB over the epochs (store: {stored[set_name]['zarr'] / 1e6:.1f} MB)"),):
+            ax.set(ylabel=label, title=f"{set_name}: bytes through the link")
+        axes[1, col].set(ylabel="mean epoch s", title=f"{set_name}: epoch seconds")
+        for ax in axes[:, col]:
+            ax.set_xticks(np.arange(len(keeps)) + 0.4 - width / 2, keeps)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--latency", type=float, default=0.02, help="s to each answer's first byte (default 0.02)")
+    parser.add_argument("--bandwidth", type=float, default=100e6, help="bytes/s of the link (default 100e6)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--mnist1d", type=int, default=10_000, help="MNIST-1D samples (0: leave the set out)")
+    parser.add_argument("--images", type=int, default=1024, help="JPEG samples (0: leave the set out)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--tiny", action="store_true", help="a smoke run: 1,024 samples, keep 25%%")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: 1,024 + 64 samples, keep 25%%")
+    parser.add_argument("--report", type=Path, help="print the table of an io_savings.json written before, run nothing")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        report(saved["results"], saved["meta"]["stored_bytes"])
+        return
     keeps = (0.25,) if args.tiny else KEEPS
-    args.samples = 1024 if args.tiny else args.samples
+    if args.tiny:
+        args.mnist1d, args.images = 1024, 64
+    sets = {"mnist1d": (args.mnist1d, 1024, 128), "images": (args.images, 128, 64)}  # samples, a shard, a batch
+    sets = {name: (n, min(shard, n // 2), batch) for name, (n, shard, batch) in sets.items() if n}
     args.out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    data = {
-        "x": rng.integers(0, 256, size=(args.samples, 3, 32, 32), dtype=np.uint8),
-        "y": rng.integers(1, 10, args.samples),
-    }
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        s3 = S3Server().start()
-        try:
-            fsspec.filesystem("s3", **s3.storage_options).mkdir("bench")
-            dataset = write_dataset("s3://bench/ds.zarr", [data], shard_samples=512, storage_options=s3.storage_options)
-            results["s3"] = measure(dataset, lambda: s3.books, "/bench/ds.zarr", keeps)
-        finally:
-            s3.stop()
-        (tmp / "www").mkdir()
-        (tmp / "nginx").mkdir()
-        write_dataset(str(tmp / "www" / "ds.zarr"), [data], shard_samples=512)
-        nginx = Nginx(tmp / "www", tmp / "nginx").wait_ready()
-        try:
-            results["http"] = measure(open_dataset(f"{nginx.url}/ds.zarr"), nginx.books, "/ds.zarr", keeps)
-        finally:
-            nginx.stop()
-    report(results)
+    warnings.filterwarnings("ignore", module=r"streaming\.")  # MosaicML's advice on predownload etc.
+    litdata = allow_http_for_litdata()
+    results, stored = {}, {}
+    with tempfile.TemporaryDirectory() as workdir, LinkedS3(latency=args.latency, bandwidth=args.bandwidth) as s3:
+        fsspec.filesystem("s3", skip_instance_cache=True, **s3.storage_options).mkdir("bench")
+        for name, (num_samples, shard_samples, batch_size) in sets.items():
+            print(f"{name}: writing {num_samples} samples three ways", flush=True)
+            data = store(name, num_samples, shard_samples, batch_size, s3, Path(workdir), litdata)
+            stored[name] = data.stored_bytes
+            results[name] = run_set(data, s3, keeps, args.epochs, Path(workdir))
+    summary = report(results, stored)
     meta = {
-        "samples": args.samples,
-        "sample": "uint8 (3, 32, 32) + int64 label",
-        "shard_samples": 512,
-        "batch_size": BATCH,
+        "latency_s": args.latency,
+        "bandwidth_bytes_per_s": args.bandwidth,
+        "epochs": args.epochs,
+        "sets": {name: {"samples": n, "shard_samples": s, "batch_size": b} for name, (n, s, b) in sets.items()},
+        "stored_bytes": stored,
+        "cache_keyword": CACHE,
+        "prices": {"per_request": PRICE_PER_REQUEST, "per_GB_out": PRICE_PER_GB_OUT},
     }
-    (args.out / "io_savings.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, args.out / "io_savings.png")
+    out = {"meta": meta, "results": results, "summary": summary}
+    (args.out / "io_savings.json").write_text(json.dumps(out, indent=2))
+    plot(results, stored, args.out / "io_savings.png")
     print(f"wrote {args.out / 'io_savings.json'} and {args.out / 'io_savings.png'}")
 
 
