@@ -15,8 +15,23 @@ from nearstore.checks import check_flag, check_integer, is_integer
 from nearstore.errors import DatasetError, ParameterError
 
 Uneven = Literal["pad", "drop"]
+# How an epoch is shuffled, by name (True is "global", False none): see `epoch_order`.
+SHUFFLES = ("global", "shards")
+Shuffle = bool | Literal["global", "shards"]
+# Samples a block of shuffle="shards" holds at most (mosaicml/streaming's default block size).
+SHUFFLE_BLOCK = 1 << 18
 # What fixes each epoch's batches (a state resumes only where they agree), and where a loader is.
-ORDER = ("batch_size", "shuffle", "seed", "drop_last", "rank", "world_size", "uneven", "warm_start_epochs")
+ORDER = (
+    "batch_size",
+    "shuffle",
+    "shuffle_block",
+    "seed",
+    "drop_last",
+    "rank",
+    "world_size",
+    "uneven",
+    "warm_start_epochs",
+)
 PLACE = ("epoch", "batches_done", "epochs_completed")
 
 
@@ -38,10 +53,30 @@ def state_count(state: Mapping[str, Any], key: str, where: str) -> int:
     return int(value)
 
 
-def epoch_order(size: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """Positions 0..size-1 in the order epoch `epoch` visits them: permutation(seed, epoch), or in
-    order without shuffle. The same for every rank, whatever ran before."""
-    return np.random.default_rng([seed, epoch]).permutation(size) if shuffle else np.arange(size)
+def epoch_order(
+    shards: np.ndarray, *, seed: int, epoch: int, shuffle: Shuffle, block: int = SHUFFLE_BLOCK
+) -> np.ndarray:
+    """Positions 0..len(shards)-1 of the epoch's samples (`shards`: the shard of each, in sample
+    order) in the order epoch `epoch` visits them. The same for every rank, whatever ran before.
+
+    False: in order. True or "global": permutation(seed, epoch). "shards" (as mosaicml/streaming's
+    py1s): the shards in a random order, cut into blocks of whole shards of about `block` samples,
+    each block's samples shuffled: a batch draws from a few shards, so its reads coalesce and a
+    shard's samples are read together, where a global shuffle touches every shard every batch.
+    """
+    size = len(shards)
+    if shuffle is False:
+        return np.arange(size)
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle is True or shuffle == "global":
+        return rng.permutation(size)
+    starts = np.flatnonzero(np.diff(shards, prepend=-1)) if size else np.empty(0, dtype=np.int64)
+    counts = np.diff(np.append(starts, size))
+    visit = rng.permutation(len(starts))
+    before = np.cumsum(counts[visit]) - counts[visit]  # samples ahead of each shard in its new place
+    blocks = np.repeat(before // block, counts[visit])
+    positions = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in visit]) if size else starts
+    return positions[np.lexsort((rng.random(size), blocks))]
 
 
 def share_size(size: int, world_size: int, uneven: Uneven) -> int:
@@ -67,7 +102,8 @@ class EpochOrder:
     """
 
     batch_size: int
-    shuffle: bool
+    shuffle: Shuffle
+    shuffle_block: int
     seed: int
     drop_last: bool
     rank: int
@@ -80,7 +116,12 @@ class EpochOrder:
 
     def __post_init__(self) -> None:
         self.batch_size = check_integer("batch_size", self.batch_size, 1)
-        self.shuffle, self.drop_last = check_flag("shuffle", self.shuffle), check_flag("drop_last", self.drop_last)
+        if isinstance(self.shuffle, np.bool_):
+            self.shuffle = bool(self.shuffle)
+        if not isinstance(self.shuffle, bool) and self.shuffle not in SHUFFLES:
+            raise ParameterError(f"shuffle must be True, False or one of {SHUFFLES}, got {self.shuffle!r}")
+        self.shuffle_block = check_integer("shuffle_block", self.shuffle_block, 1)
+        self.drop_last = check_flag("drop_last", self.drop_last)
         self.seed = check_integer("seed", self.seed, 0)  # numpy seeds from non-negative integers only
         self.world_size = check_integer("world_size", self.world_size, 1)
         self.rank = check_integer("rank", self.rank, 0)
@@ -97,9 +138,10 @@ class EpochOrder:
         """Whether epoch `epoch` visits every sample (a full-data warm start) rather than the selection."""
         return epoch < self.warm_start_epochs
 
-    def positions(self, epoch: int, size: int) -> np.ndarray:
-        """This rank's positions of an epoch of `size` samples, in the order it visits them."""
-        order = epoch_order(size, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+    def positions(self, epoch: int, shards: np.ndarray) -> np.ndarray:
+        """This rank's positions of an epoch of samples in `shards` (each one's), in the order it
+        visits them."""
+        order = epoch_order(shards, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block=self.shuffle_block)
         return rank_share(order, rank=self.rank, world_size=self.world_size, uneven=self.uneven)
 
     def num_batches(self, size: int) -> int:
@@ -107,11 +149,11 @@ class EpochOrder:
         n = share_size(size, self.world_size, self.uneven)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def batches(self, epoch: int, size: int, first: int = 0) -> list[np.ndarray]:
-        """The positions of each batch of epoch `epoch` from batch `first` on."""
-        positions = self.positions(epoch, size)
+    def batches(self, epoch: int, shards: np.ndarray, first: int = 0) -> list[np.ndarray]:
+        """The positions of each batch of epoch `epoch` (its samples in `shards`) from batch `first` on."""
+        positions = self.positions(epoch, shards)
         b = self.batch_size
-        return [positions[i * b : (i + 1) * b] for i in range(first, self.num_batches(size))]
+        return [positions[i * b : (i + 1) * b] for i in range(first, self.num_batches(len(shards)))]
 
     def set_epoch(self, epoch: int) -> None:
         """Go to epoch `epoch`: the place a state was loaded at is kept in its own epoch only."""
@@ -147,6 +189,8 @@ class EpochOrder:
         if not isinstance(state, Mapping):
             raise DatasetError(f"{where} must be a mapping, got {reprlib.repr(state)}")
         for name in ORDER:
+            if name == "shuffle_block" and name not in state:  # taken before blocks: its shuffle has none
+                continue
             ours, theirs = getattr(self, name), state_entry(state, name, where)
             # True == 1 to Python, but not as a batch_size; an array compares element by element
             if not np.isscalar(theirs) or isinstance(theirs, bool) != isinstance(ours, bool) or theirs != ours:

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from loaders.cache import SampleCache
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
-from loaders.order import EpochOrder, Uneven, state_count, state_entry
+from loaders.order import SHUFFLE_BLOCK, EpochOrder, Shuffle, Uneven, state_count, state_entry
 from loaders.sources import Source, open_source
 from nearstore import (
     Dataset,
@@ -65,9 +66,11 @@ class StreamingLoader:
         (through a server: None for the server's current selection).
     batch_size, drop_last: as DataLoader's. Without drop_last the last batch may be smaller;
         every selected sample appears exactly once per epoch.
-    shuffle, seed: each epoch visits the selection in the order permutation(seed, epoch), so
-        an epoch's batches are reproducible whatever ran before. `set_epoch` picks the epoch;
-        otherwise each full pass over the loader advances it by one.
+    shuffle, seed: the order each epoch visits the selection in, a function of (seed, epoch), so
+        an epoch's batches are reproducible whatever ran before: True or "global", a permutation;
+        "shards", the shards in a random order in blocks of about `shuffle_block` samples, each
+        block shuffled (a batch reads from a few shards); False, in order. `set_epoch` picks the
+        epoch; otherwise each full pass over the loader advances it by one.
     rank, world_size: this trainer's share of each epoch (as DistributedSampler's): positions
         rank, rank + world_size, ... of the epoch order, padded by wrapping around to equal
         length (uneven="pad") or cut to it (uneven="drop"). Default: torch.distributed's when it
@@ -94,6 +97,11 @@ class StreamingLoader:
     backend: "dali", "torch" (the same batches without DALI), or "auto" (DALI where installed).
     device: where batches land; default CUDA when available, else CPU.
     prefetch: batches read ahead of the trainer in a background thread.
+    cache: keep the samples read beside the trainer (`SampleCache`: 1 GiB of memory by default;
+        a directory to spill to is the SampleCache's), so that within a selection round each is
+        read once: a sample the cache lacks brings with it every sample of its shard this epoch
+        visits (one planned read a shard, not one a batch), and later epochs read nothing.
+        False: read each batch's samples every epoch.
     storage_options: for a URL, the options of its source: fsspec's for a store, FlightSource's
         (token, on_disconnect) for a server.
     """
@@ -104,7 +112,8 @@ class StreamingLoader:
         selection: Selection | Sequence[int] | np.ndarray | None = None,
         *,
         batch_size: int = 64,
-        shuffle: bool = True,
+        shuffle: Shuffle = True,
+        shuffle_block: int = SHUFFLE_BLOCK,
         seed: int = 0,
         drop_last: bool = False,
         rank: int | None = None,
@@ -121,6 +130,7 @@ class StreamingLoader:
         backend: Backend = "auto",
         device: torch.device | str | None = None,
         prefetch: int = 2,
+        cache: bool | SampleCache = True,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         # Every argument checked before anything is opened or read: a wrong one fails here, by name.
@@ -137,6 +147,9 @@ class StreamingLoader:
         self.num_threads = check_integer("num_threads", num_threads, 1)
         self.on_error, self.with_weights = check_on_error(on_error), check_flag("weights", weights)
         self.device = _device(device)
+        if not isinstance(cache, (bool, SampleCache)):
+            raise ParameterError(f"cache must be True, False or a SampleCache, got {reprlib.repr(cache)}")
+        self.cache = SampleCache() if cache is True else cache or None
         if backend not in ("auto", "dali", "torch"):
             raise ParameterError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
@@ -145,7 +158,9 @@ class StreamingLoader:
         if dali_transform is not None and self.backend != "dali":
             raise ParameterError("dali_transform needs the DALI backend; pass a torch `transform` instead")
         rank, world_size = _rank_and_world_size(rank, world_size)
-        self.order = EpochOrder(batch_size, shuffle, seed, drop_last, rank, world_size, uneven, warm_start_epochs)
+        self.order = EpochOrder(
+            batch_size, shuffle, shuffle_block, seed, drop_last, rank, world_size, uneven, warm_start_epochs
+        )
 
         self.source = open_source(source, storage_options=storage_options)
         self.url, self.num_samples = self.source.url, self.source.num_samples
@@ -162,6 +177,9 @@ class StreamingLoader:
             )
         self.images = images if images is not None or not encoded else ImageTransform()
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
+        if self.cache is not None:
+            self.cache.bind(self.source.identity, self.arrays)
+        self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
         self._use(self.source.selection() if selection is None else selection)
 
@@ -205,7 +223,7 @@ class StreamingLoader:
         """Positions into the epoch's samples (the selection, or all of them while warming up), in
         the order epoch `epoch` visits them on this rank."""
         epoch = check_integer("epoch", epoch, 0)
-        return self.order.positions(epoch, self._epoch_size(epoch))
+        return self.order.positions(epoch, self._epoch_ids(epoch)[0] // self.source.shard_samples)
 
     def update_proxy(self, model: torch.nn.Module) -> None:
         """Score the next selection round with the trainer's model (NeSSA's feedback): its
@@ -246,10 +264,15 @@ class StreamingLoader:
         self._check_ranks_agree()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self.source.storage_reads()
+        hits_before = self.cache.stats.hits if self.cache is not None else 0
         epoch = self.epoch
         ids, weights, round = self._epoch_ids(epoch)
         first = self.order.start()  # > 0 right after load_state_dict mid-epoch
-        positions = self.order.batches(epoch, len(ids), first)
+        shards = ids // self.source.shard_samples
+        positions = self.order.batches(epoch, shards, first)
+        if self.cache is not None:
+            self._visiting = np.unique(ids[self.order.positions(epoch, shards)])
+            self.cache.retain(self._visiting)
         seed = (self.order.seed, epoch)
         batches = self._prefetched((ids[p], weights[p], round, (*seed, first + k)) for k, p in enumerate(positions))
         if self.backend == "dali":
@@ -281,6 +304,7 @@ class StreamingLoader:
                 **read.as_dict(),
                 "seconds": time.perf_counter() - started,
                 "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
+                "cache_hits": self.cache.stats.hits - hits_before if self.cache is not None else 0,
             }
         )
         log.info(
@@ -350,6 +374,7 @@ class StreamingLoader:
         """
         stats = self.stats.snapshot()
         full = self._full_bytes() * max(1, self.epochs_completed)
+        cache = self.cache.as_dict() if self.cache is not None else None
         return {
             "bytes_read": stats.bytes,
             "requests": stats.requests,
@@ -364,6 +389,7 @@ class StreamingLoader:
             "skipped_samples": sorted(self.skipped),
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
             "storage_reads": self.source.storage_reads(),
+            "cache": cache,
         }
 
     def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
@@ -437,18 +463,65 @@ class StreamingLoader:
     def _read(
         self, ids: np.ndarray, weights: np.ndarray, round: int | str
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """The batch's arrays; with on_error="skip", without the samples an IntegrityError names
-        (read again without them, until the rest reads whole)."""
+        """The batch's arrays, from the cache where it holds them; with on_error="skip", without
+        the samples an IntegrityError names."""
+        if self.cache is None:
+            read, arrays = self._fetch(ids, round)
+            return ids[read], weights[read], arrays
+        kept = self.cache.holds(ids)
+        self.cache.stats.misses += int(np.count_nonzero(~kept))
+        if kept.all():
+            return ids, weights, self.cache.get(ids)
+        missing = np.unique(ids[~kept])
+        before = self.stats.snapshot().bytes
+        try:  # the shard mates too: a read a shard (bytes and requests planned together), once a round
+            fetched = self._with_shard_mates(missing)
+            _, arrays = self._fetch(fetched, round, skip=False)
+        except IntegrityError:  # damage near: read only the batch's, so the error or skip is exactly theirs
+            read, arrays = self._fetch(missing, round)
+            fetched = missing[read]
+        self.cache.put(fetched, arrays, (self.stats.snapshot().bytes - before) / max(1, len(fetched)), missing)
+        present = kept | np.isin(ids, fetched)
+        ids, weights, kept = ids[present], weights[present], kept[present]
+        from_cache = self.cache.get(ids[kept]) if kept.any() else {}
+        rows = np.searchsorted(fetched, ids[~kept])
+        out = {}
+        for name, values in arrays.items():
+            out[name] = np.empty((len(ids), *values.shape[1:]), dtype=values.dtype)
+            out[name][~kept] = values[rows]
+            if kept.any():
+                out[name][kept] = from_cache[name]
+        return ids, weights, out
+
+    def _with_shard_mates(self, missing: np.ndarray) -> np.ndarray:
+        """`missing` and the samples of their shards this rank visits this epoch that the cache
+        lacks, sorted; only `missing` once the cache is full."""
+        if self.cache is None or self.cache.full:
+            return missing
+        size = self.source.shard_samples
+        shards = np.unique(missing // size)
+        starts = np.searchsorted(self._visiting, shards * size)
+        ends = np.searchsorted(self._visiting, (shards + 1) * size)
+        mates = np.concatenate([self._visiting[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+        return np.union1d(missing, mates[~self.cache.holds(mates)])
+
+    def _fetch(
+        self, ids: np.ndarray, round: int | str, *, skip: bool = True
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Which of `ids` were read (a mask), and their arrays from the source: with on_error="skip"
+        (and `skip`) all but the samples an IntegrityError names (read again without them, until
+        the rest reads whole)."""
+        read = np.ones(len(ids), dtype=bool)
         while True:
             try:
-                return ids, weights, self.source.read(ids, arrays=self.arrays, round=round)
+                return read, self.source.read(ids[read], arrays=self.arrays, round=round)
             except IntegrityError as e:
-                damaged_here = np.isin(ids, e.ids)
-                if self.on_error == "raise" or not damaged_here.any():
+                damaged_here = read & np.isin(ids, e.ids)
+                if self.on_error == "raise" or not skip or not damaged_here.any():
                     raise
                 log.warning("skipped %d samples: %s", int(damaged_here.sum()), e)
                 self.skipped.update(e.ids)
-                ids, weights = ids[~damaged_here], weights[~damaged_here]
+                read &= ~damaged_here
 
     def _decoded(
         self, ids: np.ndarray, arrays: dict[str, np.ndarray], weights: np.ndarray, seed: tuple[int, ...]

@@ -45,6 +45,7 @@ class RunResult:
     selection_seconds: float
     scan_bytes: int
     shipped_bytes: int
+    cache_hits: float  # of the samples the epochs visited, the share the loader's cache served
     io_saving: float
 
 
@@ -141,6 +142,7 @@ def run_demo(
                     else 0.0,
                     scan_bytes=io["scan_bytes"],
                     shipped_bytes=io["bytes_read"],
+                    cache_hits=io["cache"]["hits"] / max(1, io["cache"]["hits"] + io["cache"]["misses"]),
                     io_saving=io["io_saving"],
                 )
             )
@@ -171,12 +173,12 @@ def run_demo(
 def format_table(results: list[RunResult]) -> str:
     header = (
         f"{'run':<12} {'samples':>8} {'accuracy':>9} {'train s':>8} {'rounds':>6} {'select s':>9} "
-        f"{'scan MB':>8} {'shipped MB':>11} {'I/O saving':>11}"
+        f"{'scan MB':>8} {'shipped MB':>11} {'cached':>7} {'I/O saving':>11}"
     )
     rows = [
         f"{r.run:<12} {r.samples:>8} {r.test_accuracy:>9.1%} {r.train_seconds:>8.1f} {r.rounds:>6} "
         f"{r.selection_seconds:>9.1f} "
-        f"{r.scan_bytes / 1e6:>8.2f} {r.shipped_bytes / 1e6:>11.2f} {r.io_saving:>11.1%}"
+        f"{r.scan_bytes / 1e6:>8.2f} {r.shipped_bytes / 1e6:>11.2f} {r.cache_hits:>7.0%} {r.io_saving:>11.1%}"
         for r in results
     ]
     return "\n".join([header, *rows])

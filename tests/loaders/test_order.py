@@ -13,18 +13,49 @@ from loaders.order import EpochOrder, epoch_order, rank_share, share_size
 from nearstore import DatasetError, ParameterError
 
 
-@given(size=st.integers(0, 3000), seed=st.integers(0, 2**31), epoch=st.integers(0, 1000), shuffle=st.booleans())
-def test_an_epoch_is_a_reproducible_permutation(size, seed, epoch, shuffle):
-    order = epoch_order(size, seed=seed, epoch=epoch, shuffle=shuffle)
+def shards_of(size: int, shard: int = 7) -> np.ndarray:
+    """The shard of each of `size` samples, sorted ids with gaps (a selection's), `shard` a shard."""
+    return np.sort(np.random.default_rng(size).choice(3 * size + 1, size, replace=False)) // shard
+
+
+@given(
+    size=st.integers(0, 3000),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 1000),
+    shuffle=st.sampled_from([False, True, "global", "shards"]),
+    block=st.integers(1, 500),
+)
+def test_an_epoch_is_a_reproducible_permutation(size, seed, epoch, shuffle, block):
+    shards = shards_of(size)
+    order = epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle, block=block)
     np.testing.assert_array_equal(np.sort(order), np.arange(size))
-    np.testing.assert_array_equal(order, epoch_order(size, seed=seed, epoch=epoch, shuffle=shuffle))
+    np.testing.assert_array_equal(order, epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle, block=block))
     if not shuffle:
         np.testing.assert_array_equal(order, np.arange(size))
+    if shuffle == "shards" and size:
+        # a shard lies within one block: whole shards of `block` samples, but for the last one's tail
+        visited = shards[order]
+        largest = np.bincount(shards).max()
+        for shard in np.unique(shards):
+            where = np.flatnonzero(visited == shard)
+            assert where[-1] - where[0] < block + largest - 1
+
+
+def test_a_shards_shuffle_draws_each_batch_from_a_block_of_whole_shards():
+    shards = np.repeat(np.arange(40), 25)  # 40 shards of 25 samples
+    order = epoch_order(shards, seed=1, epoch=0, shuffle="shards", block=100)
+    blocks = [set(shards[order[i : i + 100]].tolist()) for i in range(0, 1000, 100)]
+    assert all(len(b) == 4 for b in blocks) and set().union(*blocks) == set(range(40))
+    assert sorted(order[:100].tolist()) != order[:100].tolist()  # shuffled within its block
+    other = epoch_order(shards, seed=1, epoch=1, shuffle="shards", block=100)
+    assert [set(shards[other[i : i + 100]].tolist()) for i in range(0, 1000, 100)] != blocks  # a new epoch, new blocks
+    spread = epoch_order(shards, seed=1, epoch=0, shuffle="global")
+    assert np.mean([len(set(shards[spread[i : i + 100]].tolist())) for i in range(0, 1000, 100)]) > 30
 
 
 @given(size=st.integers(0, 2000), world_size=st.integers(1, 9), seed=st.integers(0, 100))
 def test_rank_shares_are_equal_and_cover_the_epoch(size, world_size, seed):
-    order = epoch_order(size, seed=seed, epoch=0, shuffle=True)
+    order = epoch_order(shards_of(size), seed=seed, epoch=0, shuffle=True)
     padded = [rank_share(order, rank=r, world_size=world_size, uneven="pad") for r in range(world_size)]
     dropped = [rank_share(order, rank=r, world_size=world_size, uneven="drop") for r in range(world_size)]
     assert {len(s) for s in padded} == {share_size(size, world_size, "pad")}
@@ -36,12 +67,13 @@ def test_rank_shares_are_equal_and_cover_the_epoch(size, world_size, seed):
 
 
 def test_batches_and_places():
-    order = EpochOrder(10, True, 3, False, 0, 1, "pad", 0)
-    batches = order.batches(epoch=2, size=95)
+    order = EpochOrder(10, True, 64, 3, False, 0, 1, "pad", 0)
+    shards = shards_of(95)
+    batches = order.batches(epoch=2, shards=shards)
     assert [len(b) for b in batches] == [10] * 9 + [5] and order.num_batches(95) == 10
-    np.testing.assert_array_equal(np.concatenate(batches), epoch_order(95, seed=3, epoch=2, shuffle=True))
-    assert [b.tolist() for b in order.batches(2, 95, first=7)] == [b.tolist() for b in batches[7:]]
-    dropping = EpochOrder(10, True, 3, True, 0, 1, "pad", 0)
+    np.testing.assert_array_equal(np.concatenate(batches), epoch_order(shards, seed=3, epoch=2, shuffle=True))
+    assert [b.tolist() for b in order.batches(2, shards, first=7)] == [b.tolist() for b in batches[7:]]
+    dropping = EpochOrder(10, True, 64, 3, True, 0, 1, "pad", 0)
     assert dropping.num_batches(95) == 9
     state = {**order.state_dict(), "epoch": 2, "batches_done": 4}
     order.check(state, lambda epoch: 95)
@@ -56,6 +88,7 @@ def test_batches_and_places():
 ARGUMENTS = {
     "batch_size": 10,
     "shuffle": True,
+    "shuffle_block": 64,
     "seed": 3,
     "drop_last": False,
     "rank": 0,
@@ -71,7 +104,8 @@ ARGUMENTS = {
         ("batch_size", 0, "batch_size must be an integer >= 1, got 0"),
         ("batch_size", 2.5, "batch_size must be an integer >= 1, got 2.5"),
         ("batch_size", True, "batch_size must be an integer >= 1, got True"),  # a bool is no integer
-        ("shuffle", "no", "shuffle must be True or False, got 'no'"),  # "no" would shuffle
+        ("shuffle", "no", "shuffle must be True, False or one of ('global', 'shards'), got 'no'"),
+        ("shuffle_block", 0, "shuffle_block must be an integer >= 1, got 0"),
         ("drop_last", 1, "drop_last must be True or False, got 1"),
         ("seed", -1, "seed must be an integer >= 0, got -1"),
         ("seed", "3", "seed must be an integer >= 0, got '3'"),
@@ -94,6 +128,7 @@ def test_a_state_that_is_no_order_is_refused_by_key_and_changes_nothing():
     before = order.state_dict()
     state = {**before, "epoch": 2, "batches_done": 3}
     without = {name: value for name, value in state.items() if name not in ("seed", "epochs_completed")}
+    order.check({k: v for k, v in state.items() if k != "shuffle_block"}, lambda epoch: 95)  # taken before blocks
     for bad, message in [
         ([state], "state_dict's order must be a mapping, got [{"),
         (without, "state_dict's order has no 'seed'"),

@@ -8,8 +8,9 @@ import pytest
 import torch
 from resume import assert_resumes_at_every_batch
 
-from loaders import StreamingLoader
+from loaders import StoreSource, StreamingLoader
 from nearstore import (
+    Coalescing,
     DatasetError,
     ModelProxy,
     ParameterError,
@@ -123,7 +124,9 @@ def test_dali_and_torch_transforms_apply_to_inputs(id_store, id_data):
 def test_io_stats_count_only_selected_samples_per_epoch(id_store, caplog):
     selection = random_select(id_store, 0.1, seed=0)
     selection = dataclasses.replace(selection, io={"bytes": 1000, "requests": 7})
-    loader = StreamingLoader(id_store, selection, batch_size=50, backend="torch", device="cpu")
+    # Without the cache, reading only the selected samples' ranges: each epoch reads them again.
+    source = StoreSource(id_store, reads=Coalescing(0))
+    loader = StreamingLoader(source, selection, batch_size=50, backend="torch", device="cpu", cache=False)
     with caplog.at_level("INFO", logger="nearstore"):
         for _ in range(2):
             for _ in loader:
@@ -465,7 +468,9 @@ def test_warm_start_epochs_visit_every_sample_then_the_selection(id_store):
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(2500)) and epochs[0] != epochs[1]
     assert sorted(epochs[2]) == selection.ids.tolist()
     per_epoch = loader.io_stats()["per_epoch"]
-    assert per_epoch[0]["samples"] == 2500 and per_epoch[2]["samples"] == 250
+    # the warm epochs read every sample once (then kept): the selection's epoch reads nothing
+    assert [e["samples"] for e in per_epoch] == [2500, 0, 0]
+    assert [e["cache_hits"] for e in per_epoch] == [0, 2500, 250]
 
     # resumed inside a warm epoch: the rest of that full epoch, then the selection
     interrupted = StreamingLoader(id_store, selection, batch_size=100, warm_start_epochs=2, backend="torch")

@@ -92,10 +92,13 @@ def test_read_time_selection_fetches_only_the_selected_bytes(remote, keep, shuff
 
     dataset, books, prefix = remote
     selection = random_select(dataset, keep, seed=3)
-    # Exact ranges: by default a hole shorter than a request's worth (64 KiB) is read through, which
-    # for samples this small reads whole shards.
+    # Exact ranges and no cache: by default a hole shorter than a request's worth (64 KiB) is read
+    # through, which for samples this small reads whole shards, and the cache reads a shard's
+    # selected samples together.
     source = StoreSource(dataset.url, storage_options=dataset.storage_options, reads=Coalescing(0))
-    loader = StreamingLoader(source, selection, batch_size=64, shuffle=shuffle, backend="dali", device="cpu")
+    loader = StreamingLoader(
+        source, selection, batch_size=64, shuffle=shuffle, backend="dali", device="cpu", cache=False
+    )
     assert sum(len(y) for _, y in loader) == len(selection)
 
     served = [s for s in books().gets(prefix) if "/c/" in s.path]  # shard objects; not the metadata
@@ -115,6 +118,31 @@ def test_read_time_selection_fetches_only_the_selected_bytes(remote, keep, shuff
         # in order, neighbours share a range: at most one per run of adjacent ids within a shard and a batch
         runs = len(np.flatnonzero(np.diff(selection.ids) != 1)) + 1 + shards_touched + len(loader)
         assert inputs <= shards_touched + runs
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5])
+def test_a_round_reads_a_shard_once_and_later_epochs_nothing(remote, keep):
+    pytest.importorskip("torch")
+    from loaders import StreamingLoader
+    from nearstore import random_select
+
+    dataset, books, prefix = remote
+    selection = random_select(dataset, keep, seed=3)
+    loader = StreamingLoader(
+        dataset.url, selection, batch_size=64, backend="torch", device="cpu", storage_options=dataset.storage_options
+    )
+    expected = sorted(SelectiveReader(dataset, ["x"]).read(selection.ids)["x"][:, 0].tolist())
+    served = []
+    for _ in range(3):
+        before = len(books().gets(prefix))
+        assert sorted(i for x, _ in loader for i in x[:, 0].tolist()) == expected
+        served.append([s for s in books().gets(prefix)[before:] if "/x/c/" in s.path])
+    shards_touched = len(np.unique(selection.ids // SHARD))
+    # a shard's index, then its selected samples in one planned read (holes under 64 KiB read through)
+    assert len(served[0]) == 2 * shards_touched
+    assert sum(s.bytes for s in served[0]) <= dataset.stored_nbytes(["x"])
+    assert served[1:] == [[], []]  # the cache serves the round's later epochs: not a request
+    assert loader.io_stats()["per_epoch"][1]["requests"] == 0
 
 
 @pytest.mark.parametrize(("kind", "options"), [("Graft", {"pool": 2}), ("Crest", {})], ids=["Graft(pool=2)", "Crest()"])
@@ -224,8 +252,8 @@ def test_a_shard_object_deleted_mid_epoch_is_an_integrity_error_naming_it(where,
         url, options = f"{nginx.url}/{name}", {}
         delete = fsspec.filesystem("file").rm  # nginx serves the folder: delete the file under it
     dataset = open_dataset(url, storage_options=options)
-    loader = StreamingLoader(
-        url, batch_size=256, shuffle=True, prefetch=1, backend="torch", device="cpu", storage_options=options
+    loader = StreamingLoader(  # no cache: a batch's samples read for it (a cache would hold them all by now)
+        url, batch_size=256, prefetch=1, backend="torch", device="cpu", storage_options=options, cache=False
     )
     epoch = iter(loader)
     next(epoch)  # every shard's index is cached now: a shuffled batch of 256 touches all 12

@@ -1,0 +1,250 @@
+"""`SampleCache`: the samples a trainer was sent, kept beside it, so that within a selection round
+each crosses the network once and later epochs read nothing.
+
+Samples are kept in memory up to a byte budget, then in a local directory up to another. An epoch
+visits every sample of its round once, in a new order, so past the budget nothing is evicted to
+make room (least-recently-used would evict each sample just before its next visit and hit never):
+the samples that fit stay, the rest are read each epoch. What a new round no longer visits is
+let go when its first epoch starts (`retain`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nearstore.checks import check_integer
+from nearstore.errors import ParameterError
+
+MEMORY_BYTES = 1 << 30  # the default in-memory budget: 1 GiB
+
+
+@dataclass
+class CacheStats:
+    """hits: visits the cache served a sample read for an earlier one; misses: visits whose sample
+    was read for them (or with a shard mate's, just before); bytes_saved: what the hits cost when
+    their samples were read (each sample's share of the bytes of the read that brought it)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_saved: int = 0
+
+
+class SampleCache:
+    """Samples by id, in memory up to `memory_bytes`, then in files under `directory` up to
+    `disk_bytes` (a directory of its own inside it, removed when the cache goes).
+
+    Bound to one dataset on first use (`bind`); the dataset is read-only, so a kept sample never
+    goes stale. Not thread-safe: one loader's reader thread uses it.
+    """
+
+    def __init__(
+        self, memory_bytes: int = MEMORY_BYTES, *, directory: str | os.PathLike | None = None, disk_bytes: int = 0
+    ) -> None:
+        memory_bytes = check_integer("memory_bytes", memory_bytes, 0)
+        disk_bytes = check_integer("disk_bytes", disk_bytes, 0)
+        if disk_bytes and directory is None:
+            raise ParameterError("disk_bytes needs a directory to spill to")
+        if directory is not None and not os.path.isdir(directory):
+            raise ParameterError(f"cache directory {os.fspath(directory)!r} is not a directory")
+        self._budgets = (memory_bytes, disk_bytes)
+        self._directory = directory
+        self._dataset: str | None = None
+        self.stats = CacheStats()
+        self.full = False  # a sample did not fit since the last `retain` that let any go
+
+    def bind(self, identity: Mapping[str, Any], arrays: list[str]) -> None:
+        """Keep samples of `arrays` of the dataset `identity` names (its fingerprint, else URL and
+        size); a cache bound to another dataset, or other arrays, refuses."""
+        key = repr((identity.get("fingerprint") or (identity.get("url"), identity["num_samples"]), arrays))
+        if self._dataset is not None:
+            if key != self._dataset:
+                raise ParameterError(
+                    "this SampleCache holds samples of another dataset or arrays: give each loader its own"
+                )
+            return
+        self._dataset, self._arrays = key, list(arrays)
+        num_samples = int(identity["num_samples"])
+        self._tier = np.full(num_samples, -1, dtype=np.int8)  # 0 memory, 1 disk, -1 not kept
+        self._slot = np.zeros(num_samples, dtype=np.int64)
+        self._cost = np.zeros(num_samples, dtype=np.float32)
+        self._fresh = np.zeros(num_samples, dtype=bool)  # kept, and not visited since it was read
+        self._tiers = [_Tier(self._budgets[0], None), None]
+        if self._budgets[1]:
+            root = tempfile.mkdtemp(prefix="nearstore-cache-", dir=self._directory)
+            self._tiers[1] = _Tier(self._budgets[1], root)
+            weakref.finalize(self, shutil.rmtree, root, True)
+
+    @property
+    def samples(self) -> int:
+        return int(np.count_nonzero(self._tier >= 0)) if self._dataset else 0
+
+    def nbytes(self) -> tuple[int, int]:
+        """Bytes kept (in memory, on disk)."""
+        return tuple(t.used if t else 0 for t in self._tiers) if self._dataset else (0, 0)  # type: ignore[return-value]
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` are kept."""
+        return self._tier[ids] >= 0
+
+    def get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """{array: rows} of kept samples `ids` (at least one; rows in the order of ids) for a visit
+        of each: hits, but for the first visit of a sample that came along with another."""
+        tiers, slots = self._tier[ids], self._slot[ids]
+        out: dict[str, np.ndarray] = {}
+        for name in self._arrays:
+            parts = {t: self._tiers[t].get(name, slots[tiers == t]) for t in (0, 1) if np.any(tiers == t)}
+            like = next(iter(parts.values()))
+            rows = np.empty((len(ids), *like.shape[1:]), dtype=like.dtype)
+            for t, part in parts.items():
+                rows[tiers == t] = part
+            out[name] = rows
+        fresh = self._fresh[ids]
+        self._fresh[ids] = False
+        self.stats.misses += int(np.count_nonzero(fresh))
+        self.stats.hits += int(np.count_nonzero(~fresh))
+        self.stats.bytes_saved += int(self._cost[ids[~fresh]].sum())
+        return out
+
+    def put(self, ids: np.ndarray, arrays: Mapping[str, np.ndarray], cost: float, visited: np.ndarray) -> None:
+        """Keep samples `ids` (unique, none kept yet) whose rows are `arrays`, each read for `cost`
+        bytes, as many as fit: memory first, then disk (`full` says when some did not). `visited`:
+        those of them read for a visit now (the rest came along: their next visit is no hit)."""
+        sizes = sum(_row_nbytes(arrays[name]) for name in self._arrays)
+        left = np.ones(len(ids), dtype=bool)
+        for t, tier in enumerate(self._tiers):
+            if tier is None or not left.any():
+                continue
+            fits = left & (np.cumsum(np.where(left, sizes, 0)) <= tier.room())
+            if not fits.any():
+                continue
+            rows = np.flatnonzero(fits)
+            slots = tier.put({name: arrays[name][rows] for name in self._arrays}, sizes[rows])
+            self._tier[ids[rows]], self._slot[ids[rows]] = t, slots
+            self._fresh[ids[rows]] = True
+            left &= ~fits
+        self._fresh[visited] = False
+        self._cost[ids[~left]] = cost
+        self.full |= bool(left.any())
+
+    def retain(self, ids: np.ndarray) -> None:
+        """Let go of every kept sample not among `ids` (a new round's, or epoch's)."""
+        if not self._dataset:
+            return
+        gone = self._tier >= 0
+        gone[ids] = False
+        self.full &= not gone.any()
+        for t, tier in enumerate(self._tiers):
+            mine = gone & (self._tier == t)
+            if tier is not None and mine.any():
+                tier.free(self._slot[mine])
+        self._tier[gone] = -1
+
+    def as_dict(self) -> dict[str, int]:
+        memory, disk = self.nbytes()
+        return {
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "bytes_saved": self.stats.bytes_saved,
+            "samples": self.samples,
+            "memory_bytes": memory,
+            "disk_bytes": disk,
+        }
+
+
+class _Tier:
+    """Rows of every array in numbered slots, within a byte budget: in memory (`root` None), or in
+    files under `root` (a memory-mapped file an array of fixed-size rows, a file a sample else)."""
+
+    def __init__(self, budget: int, root: str | None) -> None:
+        self.budget, self.root, self.used = budget, root, 0
+        self.rows: dict[str, Any] = {}
+        self.sizes = np.zeros(0, dtype=np.int64)  # bytes of each slot's sample, 0 where free
+        self.slots = 0  # slots handed out so far; those freed again are in free_slots
+        self.free_slots: list[int] = []
+
+    def room(self) -> int:
+        return self.budget - self.used
+
+    def put(self, arrays: Mapping[str, np.ndarray], sizes: np.ndarray) -> np.ndarray:
+        n = len(sizes)
+        reuse = [self.free_slots.pop() for _ in range(min(n, len(self.free_slots)))]
+        slots = np.array(reuse + list(range(self.slots, self.slots + n - len(reuse))), dtype=np.int64)
+        self.slots += n - len(reuse)
+        self._grow(self.slots, arrays)
+        for name, values in arrays.items():
+            store = self.rows[name]
+            if isinstance(store, list):
+                for slot, value in zip(slots.tolist(), values):
+                    store[slot] = self._write(name, slot, value) if self.root else value
+            else:
+                store[slots] = values
+        self.sizes[slots] = sizes
+        self.used += int(sizes.sum())
+        return slots
+
+    def get(self, name: str, slots: np.ndarray) -> np.ndarray:
+        store = self.rows[name]
+        if not isinstance(store, list):
+            return store[slots]
+        rows = np.empty(len(slots), dtype=object)
+        for i, slot in enumerate(slots.tolist()):
+            rows[i] = _read(store[slot]) if self.root else store[slot]
+        return rows
+
+    def free(self, slots: np.ndarray) -> None:
+        for store in self.rows.values():
+            if isinstance(store, list):
+                for slot in slots.tolist():
+                    if self.root:
+                        os.unlink(store[slot])
+                    store[slot] = None
+        self.used -= int(self.sizes[slots].sum())
+        self.sizes[slots] = 0
+        self.free_slots += slots.tolist()
+
+    def _grow(self, n: int, like: Mapping[str, np.ndarray]) -> None:
+        """Room for slots 0..n-1: doubling in memory; a file of the whole budget's rows on disk
+        (sparse: only written rows take space)."""
+        if n <= len(self.sizes):
+            return
+        capacity = max(n, 2 * len(self.sizes))
+        for name, values in like.items():
+            old = self.rows.get(name)
+            if values.dtype == object:
+                self.rows[name] = (old or []) + [None] * (capacity - len(old or []))
+            elif self.root is None:
+                store = np.empty((capacity, *values.shape[1:]), dtype=values.dtype)
+                if old is not None:
+                    store[: len(old)] = old
+                self.rows[name] = store
+            elif old is None:
+                rows = max(capacity, self.budget // max(1, _row_nbytes(values)[0]) + 1)
+                path = os.path.join(self.root, f"{len(self.rows)}.rows")
+                self.rows[name] = np.lib.format.open_memmap(path, "w+", values.dtype, (rows, *values.shape[1:]))
+        self.sizes = np.concatenate([self.sizes, np.zeros(capacity - len(self.sizes), dtype=np.int64)])
+
+    def _write(self, name: str, slot: int, value: bytes) -> str:
+        path = os.path.join(self.root, f"{list(self.rows).index(name)}-{slot}.bin")
+        with open(path, "wb") as f:
+            f.write(value)
+        return path
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _row_nbytes(values: np.ndarray) -> np.ndarray:
+    """Bytes of each row: fixed for a numeric array, each one's length for encoded samples."""
+    if values.dtype == object:
+        return np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    return np.full(len(values), values[0].nbytes if len(values) else 0, dtype=np.int64)

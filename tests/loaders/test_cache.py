@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from images import image_store
+from resume import assert_resumes_at_every_batch
+
+from loaders import StreamingLoader
+from loaders.cache import SampleCache
+from nearstore import ParameterError, random_select
+
+
+def sample_ids(x: torch.Tensor) -> list[int]:
+    """The id-encoded store's x[i, 0] is i."""
+    return x[:, 0].round().long().tolist()
+
+
+def epoch(loader: StreamingLoader) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in loader]
+
+
+def test_a_round_reads_each_selected_sample_once(id_store, id_data):
+    selection = random_select(id_store, 0.2, seed=3)  # 500 of 2,500, in 10 shards
+    cached = StreamingLoader(id_store, selection, batch_size=64, backend="torch", device="cpu", seed=4)
+    plain = StreamingLoader(id_store, selection, batch_size=64, backend="torch", device="cpu", seed=4, cache=False)
+    for _ in range(3):  # the same batches as reading storage, epoch after epoch
+        ours, theirs = epoch(cached), epoch(plain)
+        assert len(ours) == len(theirs)
+        for (x, y), (x2, y2) in zip(ours, theirs):
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+            np.testing.assert_array_equal(x, id_data["x"][sample_ids(torch.from_numpy(x))])
+    first, *later = cached.io_stats()["per_epoch"]
+    assert first["requests"] > 0 and first["samples"] >= 500
+    assert all(e["bytes"] == e["requests"] == 0 and e["cache_hits"] == 500 for e in later)
+    stats = cached.io_stats()["cache"]
+    # every visit of the first epoch a miss (its sample read for it, alone or with a shard mate's)
+    assert (stats["hits"], stats["misses"]) == (1000, 500)
+    assert stats["samples"] == 500 and stats["memory_bytes"] == 500 * (8 * 4 + 8)
+    # each hit is worth what its sample cost when it was read
+    assert stats["bytes_saved"] == pytest.approx(2 * first["bytes"], rel=0.01)
+    # a shard is read once a round (x's index and samples; the labels whole, kept), where a batch at
+    # a time reads it again
+    assert first["requests"] == 3 * id_store.num_shards < plain.io_stats()["per_epoch"][0]["requests"]
+
+
+def test_a_new_round_reads_only_what_it_adds(id_store):
+    old = random_select(id_store, 0.2, seed=3)
+    loader = StreamingLoader(id_store, old, batch_size=100, backend="torch", device="cpu")
+    epoch(loader)
+    new = random_select(id_store, 0.2, seed=9)
+    loader.reselect(method="random", seed=9)
+    np.testing.assert_array_equal(loader.ids, new.ids)
+    epoch(loader)
+    stats = loader.io_stats()
+    added = len(np.setdiff1d(new.ids, old.ids))
+    assert 0 < added < len(new.ids)
+    assert stats["per_epoch"][1]["samples"] == added  # what the rounds share is not read again
+    assert stats["cache"]["samples"] == len(new.ids)  # what the old round alone held is let go
+
+
+def test_past_its_budget_the_cache_keeps_what_fits_and_reads_the_rest(id_store, id_data):
+    selection = random_select(id_store, 0.2, seed=3)
+    row = 8 * 4 + 8
+    loader = StreamingLoader(
+        id_store, selection, batch_size=64, backend="torch", device="cpu", cache=SampleCache(memory_bytes=200 * row)
+    )
+    for _ in range(3):
+        seen = [i for x, _ in loader for i in sample_ids(x)]
+        assert sorted(seen) == selection.ids.tolist()
+    stats = loader.io_stats()
+    assert stats["cache"]["samples"] == 200 and stats["cache"]["memory_bytes"] == 200 * row
+    assert [e["cache_hits"] for e in stats["per_epoch"][1:]] == [200, 200]
+    assert all(e["samples"] == 300 for e in stats["per_epoch"][1:])  # the rest, read every epoch
+
+
+def test_it_spills_to_a_directory_of_its_own_and_removes_it(id_store, tmp_path):
+    selection = random_select(id_store, 0.2, seed=3)
+    row = 8 * 4 + 8
+    cache = SampleCache(memory_bytes=100 * row, directory=tmp_path, disk_bytes=300 * row)
+    loader = StreamingLoader(id_store, selection, batch_size=64, backend="torch", device="cpu", cache=cache)
+    epochs = [sorted(i for x, _ in loader for i in sample_ids(x)) for _ in range(2)]
+    assert epochs == [selection.ids.tolist()] * 2
+    stats = loader.io_stats()["cache"]
+    assert (stats["memory_bytes"], stats["disk_bytes"]) == (100 * row, 300 * row)
+    assert loader.io_stats()["per_epoch"][1]["samples"] == 100  # 500 selected, 400 kept
+    assert len(os.listdir(tmp_path)) == 1
+    del loader, cache
+    assert os.listdir(tmp_path) == []
+
+
+def test_encoded_samples_are_kept_in_memory_and_on_disk(tmp_path):
+    dataset, blobs = image_store(str(tmp_path / "images.zarr"))
+    sizes = sorted(len(b) for b in blobs)
+    cache = SampleCache(memory_bytes=sum(sizes[:50]), directory=tmp_path, disk_bytes=sum(sizes) * 2)
+    loader = StreamingLoader(dataset, batch_size=32, backend="torch", device="cpu", cache=cache, seed=1)
+    plain = StreamingLoader(dataset, batch_size=32, backend="torch", device="cpu", cache=False, seed=1)
+    for _ in range(2):
+        for (x, y), (x2, y2) in zip(list(loader), list(plain)):  # lists: zip would leave `plain` unfinished
+            torch.testing.assert_close(x, x2)
+            torch.testing.assert_close(y, y2)
+    stats = loader.io_stats()
+    assert stats["per_epoch"][1]["bytes"] == 0 and stats["cache"]["hits"] == len(blobs)
+    assert 0 < stats["cache"]["memory_bytes"] <= sum(sizes[:50]) and stats["cache"]["disk_bytes"] > 0
+
+
+def test_warm_epochs_fill_it_and_the_selection_keeps_its_part(id_store):
+    selection = random_select(id_store, 0.1, seed=2)
+    loader = StreamingLoader(id_store, selection, batch_size=128, backend="torch", device="cpu", warm_start_epochs=1)
+    epoch(loader)
+    assert loader.io_stats()["cache"]["samples"] == id_store.num_samples
+    epoch(loader)
+    stats = loader.io_stats()
+    assert stats["per_epoch"][1]["bytes"] == 0 and stats["cache"]["samples"] == len(selection.ids)
+
+
+@pytest.mark.parametrize("shuffle", [True, "shards", False])
+def test_resume_is_exact_with_the_cache_and_every_shuffle(id_store, shuffle):
+    selection = random_select(id_store, 0.3, seed=1)
+
+    def make() -> StreamingLoader:
+        return StreamingLoader(
+            id_store,
+            selection,
+            batch_size=64,
+            shuffle=shuffle,
+            shuffle_block=200,
+            backend="torch",
+            device="cpu",
+            seed=3,
+        )
+
+    assert_resumes_at_every_batch(make, epochs=2)
+
+
+def test_a_shards_shuffle_reads_a_block_of_shards_at_a_time(id_store):
+    selection = random_select(id_store, 0.5, seed=1)  # 1,250 samples in 10 shards of 256
+    loader = StreamingLoader(
+        id_store,
+        selection,
+        batch_size=50,
+        shuffle="shards",
+        shuffle_block=250,
+        prefetch=1,
+        backend="torch",
+        device="cpu",
+    )
+    batches = iter(loader)
+    next(batches)
+    # the first batch's block: a shard or two of the ten read, where a global shuffle reads them all
+    assert loader.io_stats()["cache"]["samples"] <= 2 * 128 + 50
+    rest = [i for x, _ in batches for i in sample_ids(x)]
+    assert len(rest) == len(selection.ids) - 50
+
+
+def test_damaged_shard_mates_do_not_fail_a_sound_batch(tmp_path, id_data):
+    from nearstore import write_dataset
+
+    dataset = write_dataset(str(tmp_path / "d.zarr"), [id_data], shard_samples=256)
+    # sample 5's chunk damaged: a batch of shard 0 without it reads whole; the one with it fails by name
+    path = os.path.join(dataset.url, "x", "c", "0", "0")
+    raw = bytearray(open(path, "rb").read())
+    raw[5 * 36 + 3] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    loader = StreamingLoader(dataset, [1, 2, 5], batch_size=2, shuffle=False, backend="torch", device="cpu")
+    batches = iter(loader)
+    assert sample_ids(next(batches)[0]) == [1, 2]
+    with pytest.raises(Exception, match="5"):
+        next(batches)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"memory_bytes": -1}, "memory_bytes must be an integer >= 0"),
+        ({"disk_bytes": 10}, "disk_bytes needs a directory"),
+        ({"directory": "/nonexistent/dir"}, "is not a directory"),
+    ],
+)
+def test_bad_budgets_are_named(kwargs, message):
+    with pytest.raises(ParameterError, match=message):
+        SampleCache(**kwargs)
+
+
+def test_a_cache_serves_one_dataset(id_store, tmp_path):
+    from nearstore import write_dataset
+
+    cache = SampleCache()
+    StreamingLoader(id_store, batch_size=8, backend="torch", device="cpu", cache=cache)
+    other = write_dataset(str(tmp_path / "o.zarr"), [{"x": np.zeros((10, 2), np.float32)}], label_array=None)
+    with pytest.raises(ParameterError, match="another dataset"):
+        StreamingLoader(other, batch_size=8, backend="torch", device="cpu", cache=cache)
+    with pytest.raises(ParameterError, match="cache must be True, False or a SampleCache"):
+        StreamingLoader(id_store, batch_size=8, cache="yes")
+
+
+def test_samples_put_one_at_a_time_and_let_go_reuse_their_slots():
+    cache = SampleCache(memory_bytes=64 * 8)
+    cache.bind({"num_samples": 100, "url": "here"}, ["x"])
+    rows = np.arange(100 * 2, dtype=np.float32).reshape(100, 2)
+    for i in range(64):  # a slot a put: the rows grow by doubling, never by more
+        cache.put(np.array([i]), {"x": rows[i : i + 1]}, 8.0, np.array([i]))
+    assert not cache.full and cache.nbytes() == (64 * 8, 0)
+    cache.retain(np.arange(0, 64, 2))  # half let go: their slots serve the next samples
+    cache.put(np.arange(64, 96), {"x": rows[64:96]}, 8.0, np.arange(64, 96))
+    assert not cache.full and cache.samples == 64
+    kept = np.concatenate([np.arange(0, 64, 2), np.arange(64, 96)])
+    np.testing.assert_array_equal(cache.get(kept)["x"], rows[kept])
+    cache.put(np.array([99]), {"x": rows[99:]}, 8.0, np.array([99]))
+    assert cache.full and not cache.holds(np.array([99]))[0]
