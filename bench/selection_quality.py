@@ -239,7 +239,8 @@ def class_accuracies(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) 
     return [float(right[labels == c].mean()) for c in np.unique(labels)]
 
 
-def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None) -> Run:
+def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None, order=None) -> Run:
+    """One run; `order`: the loader's shuffle options (default: its own)."""
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
     store = open_dataset(store.url)
@@ -261,6 +262,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         selection,
         batch_size=BATCH,
         seed=seed,
+        **(order or {}),
         warm_start_epochs=warm,
         weights=weighted,
         **_decoding(store, train=True),
@@ -442,6 +444,13 @@ def main() -> None:
     parser.add_argument(
         "--equal-steps", action="store_true", help="also train the subset methods for the full run's steps"
     )
+    parser.add_argument(
+        "--shuffle-blocks",
+        nargs="+",
+        type=int,
+        default=[],
+        help="also train with shuffle='shards' in blocks of these many samples (runs named dataset+shardsN)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
@@ -460,12 +469,15 @@ def main() -> None:
     log = args.out / "selection_quality.runs.jsonl"
     stores = {} if args.report_only else datasets(args.datasets, args.out / "data", *sizes)
     runs: list[Run] = []
+    shuffles = [("", {"shuffle": "global"})]
+    shuffles += [(f"+shards{block}", {"shuffle": "shards", "shuffle_block": block}) for block in args.shuffle_blocks]
     variants = [
-        (base if case == "clean" else f"{base}/{case}", clean, test, factory, case)
+        ((base if case == "clean" else f"{base}/{case}") + suffix, clean, test, factory, case, shuffle)
         for base, (clean, test, factory) in stores.items()
         for case in args.cases
+        for suffix, shuffle in shuffles
     ]
-    for name, clean, test, factory, case in variants:
+    for name, clean, test, factory, case, order in variants:
         store, flipped = (clean, None) if case == "clean" else corrupted(clean, case, args.out / "data")
         plan = [("full", 1.0, args.epochs)] if "full" in args.methods else []
         plan += [(m, k, args.epochs) for k in args.budgets for m in args.methods if m != "full"]
@@ -473,7 +485,7 @@ def main() -> None:
             plan += [(m, k, round(args.epochs / k)) for k in args.budgets for m in args.methods if m != "full"]
         for method, keep, epochs in plan:
             for seed in args.seeds:
-                run = train(name, store, test, factory, method, keep, seed, epochs, args.every, flipped)
+                run = train(name, store, test, factory, method, keep, seed, epochs, args.every, flipped, order)
                 runs.append(run)
                 with log.open("a") as f:
                     f.write(json.dumps(asdict(run)) + "\n")

@@ -30,13 +30,16 @@ class StoreSource(Source):
         storage_options: Mapping[str, Any] | None = None,
         reads: Coalescing = DEFAULT_READS,
     ) -> None:
-        self.dataset = url if isinstance(url, Dataset) else open_dataset(url, storage_options=storage_options)
+        opened = not isinstance(url, Dataset)
+        self.dataset = open_dataset(url, storage_options=storage_options) if opened else url
         self.url = self.dataset.url
         self.identity = self.dataset.identity()
         self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
         self.shard_samples = self.dataset.shard_samples
         self.reads = reads
         self.stats = IOStats()
+        if opened:  # its metadata documents, read here: a request each
+            self.stats.add(bytes=self.dataset.open_stats.bytes, requests=self.dataset.open_stats.requests)
         self._readers: dict[tuple[str, ...], SelectiveReader] = {}
         self._stored: dict[tuple[str, ...], int] = {}
         self._proxy: ModelProxy | None = None

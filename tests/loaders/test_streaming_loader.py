@@ -188,7 +188,7 @@ def test_bad_arguments_are_named(id_store, tmp_path):
     [
         ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
         ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),  # a bool is no integer
-        ({"shuffle": "no"}, "shuffle must be True or False, got 'no'"),
+        ({"shuffle": "no"}, "shuffle must be True, False or one of ('global', 'shards'), got 'no'"),
         ({"seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"rank": 1.0, "world_size": 2}, "rank must be an integer >= 0, got 1.0"),
         ({"warm_start_epochs": "1"}, "warm_start_epochs must be an integer >= 0, got '1'"),
