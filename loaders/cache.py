@@ -94,12 +94,20 @@ class SampleCache:
         """Which of `ids` are kept."""
         return self._tier[ids] >= 0
 
+    def in_memory(self, ids: np.ndarray) -> bool:
+        """Whether every one of `ids` is kept in memory."""
+        return bool(self._dataset) and bool(np.all(self._tier[ids] == 0))
+
     def get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """{array: rows} of kept samples `ids` (at least one; rows in the order of ids) for a visit
         of each: hits, but for the first visit of a sample that came along with another."""
         tiers, slots = self._tier[ids], self._slot[ids]
         out: dict[str, np.ndarray] = {}
+        in_memory = not np.any(tiers == 1)
         for name in self._arrays:
+            if in_memory:  # one gather, not one a tier and a copy into the rows
+                out[name] = self._tiers[0].get(name, slots)
+                continue
             parts = {t: self._tiers[t].get(name, slots[tiers == t]) for t in (0, 1) if np.any(tiers == t)}
             like = next(iter(parts.values()))
             rows = np.empty((len(ids), *like.shape[1:]), dtype=like.dtype)

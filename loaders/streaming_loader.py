@@ -94,7 +94,8 @@ class StreamingLoader:
     num_threads: threads that decode images (DALI's, or PIL's in the torch backend).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
         the device is CUDA), after `images`. transform: applied to the x tensor of every batch.
-    backend: "dali", "torch" (the same batches without DALI), or "auto" (DALI where installed).
+    backend: "dali", "torch" (the same batches without DALI), or "auto": DALI (where installed) for
+        encoded images or a `dali_transform`, else torch, the faster for fixed-size samples.
     device: where batches land; default CUDA when available, else CPU.
     prefetch: batches read ahead of the trainer in a background thread.
     cache: keep the samples read beside the trainer (`SampleCache`: 1 GiB of memory by default;
@@ -154,8 +155,7 @@ class StreamingLoader:
             raise ParameterError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
             raise RuntimeError("backend='dali' but DALI is not installed (pip install nvidia-dali-cuda130)")
-        self.backend = "dali" if backend == "dali" or (backend == "auto" and dali_available()) else "torch"
-        if dali_transform is not None and self.backend != "dali":
+        if dali_transform is not None and (backend == "torch" or not dali_available()):
             raise ParameterError("dali_transform needs the DALI backend; pass a torch `transform` instead")
         rank, world_size = _rank_and_world_size(rank, world_size)
         self.order = EpochOrder(
@@ -176,6 +176,10 @@ class StreamingLoader:
                 f"images= decodes encoded samples, and array {self.input_array!r} of {self.url!r} holds fixed-size ones"
             )
         self.images = images if images is not None or not encoded else ImageTransform()
+        # "auto": DALI where it does work, decoding images or running a dali_transform in its graph;
+        # fixed-size samples go straight to torch, faster on the CPU and on a GPU (docs/benchmarks.md)
+        use_dali = dali_available() and (self.images is not None or dali_transform is not None)
+        self.backend = backend if backend != "auto" else "dali" if use_dali else "torch"
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
         if self.cache is not None:
             self.cache.bind(self.source.identity, self.arrays)
@@ -433,7 +437,14 @@ class StreamingLoader:
         return self.source.stored_bytes(self.arrays)
 
     def _prefetched(self, batches: Iterable[Batch]) -> Iterator[tuple[np.ndarray, ...]]:
-        """Read batches in a background thread, `prefetch` ahead, yielding them in order."""
+        """Read batches in a background thread, `prefetch` ahead, yielding them in order; in this
+        thread when the cache holds the epoch's fixed-size samples in memory (a batch is then one
+        gather, which costs less than handing it over between threads)."""
+        if self.images is None and self.cache is not None and self.cache.in_memory(self._visiting):
+            if self._pool is not None:  # the cache is not thread-safe: the reader finishes an abandoned epoch's batch
+                self._pool.submit(lambda: None).result()
+            yield from (self._read_batch(*b) for b in batches)
+            return
         if self._pool is None:
             # One reader thread for the loader's life: an epoch abandoned half-way may be
             # finalized in any thread, where starting or joining threads can deadlock.
