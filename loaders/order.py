@@ -20,19 +20,13 @@ SHUFFLES = ("global", "shards")
 Shuffle = bool | Literal["global", "shards"]
 # Samples a block of shuffle="shards" holds at most (mosaicml/streaming's default block size).
 SHUFFLE_BLOCK = 1 << 18
-# What fixes each epoch's batches (a state resumes only where they agree), and where a loader is.
-ORDER = (
-    "batch_size",
-    "shuffle",
-    "shuffle_block",
-    "seed",
-    "drop_last",
-    "rank",
-    "world_size",
-    "uneven",
-    "warm_start_epochs",
-)
-PLACE = ("epoch", "batches_done", "epochs_completed")
+# What fixes each epoch's order (a state resumes only where they agree), the rank share it was
+# taken on (a state resumes on any), and where a loader is.
+ORDER = ("batch_size", "shuffle", "shuffle_block", "seed", "drop_last", "uneven", "warm_start_epochs")
+SHARE = ("rank", "world_size")
+PLACE = ("epoch", "batches_done", "epochs_completed", "skipped")
+# Keys a state of an older release may lack, and what they meant then.
+ADDED = {"shuffle_block": None, "skipped": 0}
 
 
 def state_entry(state: Mapping[str, Any], key: str, where: str, kind: type | None = None) -> Any:
@@ -96,9 +90,12 @@ def rank_share(order: np.ndarray, *, rank: int, world_size: int, uneven: Uneven)
 class EpochOrder:
     """Which positions each epoch's batches hold on this rank, and how far the loader has got.
 
-    The first fields (ORDER) fix every epoch's batches: a state resumes only where they agree.
-    The last three (PLACE) are where the loader is: the epoch, its batches delivered, the epochs
-    completed. A loaded place is resumed by the next epoch that starts (`start`), once.
+    The ORDER fields fix every epoch's order: a state resumes only where they agree. rank and
+    world_size (SHARE) cut it into this rank's share. The last four (PLACE) are where the loader
+    is: the epoch, its batches delivered, the epochs completed, and `skipped`: the samples of the
+    epoch's order done before its first batch here (a state resumed on another world size: the
+    rest of the order is shared anew). A loaded place is resumed by the next epoch that starts
+    (`start`), once.
     """
 
     batch_size: int
@@ -113,6 +110,7 @@ class EpochOrder:
     epoch: int = 0
     batches_done: int = 0
     epochs_completed: int = 0
+    skipped: int = 0
 
     def __post_init__(self) -> None:
         self.batch_size = check_integer("batch_size", self.batch_size, 1)
@@ -140,31 +138,30 @@ class EpochOrder:
 
     def positions(self, epoch: int, shards: np.ndarray) -> np.ndarray:
         """This rank's positions of an epoch of samples in `shards` (each one's), in the order it
-        visits them."""
+        visits them: of the epoch's order past the samples `skipped` (in the loader's epoch only)."""
         order = epoch_order(shards, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block=self.shuffle_block)
-        return rank_share(order, rank=self.rank, world_size=self.world_size, uneven=self.uneven)
+        return rank_share(order[self._skip(epoch) :], rank=self.rank, world_size=self.world_size, uneven=self.uneven)
 
-    def num_batches(self, size: int) -> int:
-        """Batches of this rank's share of an epoch of `size` samples."""
-        n = share_size(size, self.world_size, self.uneven)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+    def num_batches(self, epoch: int, size: int) -> int:
+        """Batches of this rank's share of epoch `epoch`, of `size` samples."""
+        return self._batches(max(0, size - self._skip(epoch)), self.world_size)
 
     def batches(self, epoch: int, shards: np.ndarray, first: int = 0) -> list[np.ndarray]:
         """The positions of each batch of epoch `epoch` (its samples in `shards`) from batch `first` on."""
         positions = self.positions(epoch, shards)
         b = self.batch_size
-        return [positions[i * b : (i + 1) * b] for i in range(first, self.num_batches(len(shards)))]
+        return [positions[i * b : (i + 1) * b] for i in range(first, self.num_batches(epoch, len(shards)))]
 
     def set_epoch(self, epoch: int) -> None:
         """Go to epoch `epoch`: the place a state was loaded at is kept in its own epoch only."""
         epoch = check_integer("epoch", epoch, 0)
         if epoch != self.epoch:
-            self._resume_at = 0
+            self.forget_place()
         self.epoch = epoch
 
     def forget_place(self) -> None:
         """The next epoch starts at its first batch, whatever state was loaded."""
-        self._resume_at = 0
+        self._resume_at = self.skipped = 0
 
     def start(self) -> int:
         """An epoch starts: the batch it starts at (a loaded place, once; else 0)."""
@@ -175,10 +172,10 @@ class EpochOrder:
         """The epoch being iterated delivered its last batch."""
         self.epochs_completed += 1
         self.epoch += 1
-        self.batches_done = 0
+        self.batches_done = self.skipped = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in (*ORDER, *PLACE)}
+        return {name: getattr(self, name) for name in (*ORDER, *SHARE, *PLACE)}
 
     def check(self, state: Any, epoch_size: Callable[[int], int]) -> None:
         """Refuse, by a DatasetError naming the key, a state that is not an order's place (a key
@@ -189,18 +186,35 @@ class EpochOrder:
         if not isinstance(state, Mapping):
             raise DatasetError(f"{where} must be a mapping, got {reprlib.repr(state)}")
         for name in ORDER:
-            if name == "shuffle_block" and name not in state:  # taken before blocks: its shuffle has none
+            if name in ADDED and name not in state:  # taken before it existed
                 continue
             ours, theirs = getattr(self, name), state_entry(state, name, where)
             # True == 1 to Python, but not as a batch_size; an array compares element by element
             if not np.isscalar(theirs) or isinstance(theirs, bool) != isinstance(ours, bool) or theirs != ours:
                 raise DatasetError(f"state_dict was taken with {name}={theirs!r}; this loader has {ours!r}")
-        epoch, done, _ = (state_count(state, name, where) for name in PLACE)
-        batches = self.num_batches(epoch_size(epoch))
+        rank, world_size = (state_count(state, name, where) for name in SHARE)
+        if not rank < world_size:
+            raise DatasetError(f"{where} names rank {rank} of world_size {world_size}")
+        epoch, done, _, skipped = (state_count({**ADDED, **state}, name, where) for name in PLACE)
+        batches = self._batches(max(0, epoch_size(epoch) - skipped), world_size)
         if done > batches:
             raise DatasetError(f"state_dict says {done!r} batches of {batches} were delivered")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Take a checked state's place: the next epoch that starts resumes there."""
-        self.epoch, self.batches_done, self.epochs_completed = (int(state[name]) for name in PLACE)
+        """Take a checked state's place: the next epoch that starts resumes there, at the batch
+        after the last delivered. A state of another world size (every rank of it as far as this
+        one, as under DistributedDataParallel) resumes at the first sample of the epoch's order
+        none of its ranks had: the rest is shared among this world's ranks, each sample once."""
+        self.epoch, done, self.epochs_completed, skipped = (int({**ADDED, **state}[name]) for name in PLACE)
+        if state["world_size"] == self.world_size:
+            self.batches_done, self.skipped = done, skipped
+        else:  # the ranks' first `done` batches are the order's first done * batch * world_size positions
+            self.batches_done, self.skipped = 0, skipped + done * self.batch_size * int(state["world_size"])
         self._resume_at = self.batches_done
+
+    def _skip(self, epoch: int) -> int:
+        return self.skipped if epoch == self.epoch else 0
+
+    def _batches(self, size: int, world_size: int) -> int:
+        n = share_size(size, world_size, self.uneven)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)

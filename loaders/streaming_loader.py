@@ -216,7 +216,7 @@ class StreamingLoader:
 
     def __len__(self) -> int:
         """Batches in the current epoch (of this rank's share)."""
-        return self.order.num_batches(self._epoch_size(self.epoch))
+        return self.order.num_batches(self.epoch, self._epoch_size(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (as DistributedSampler's).
@@ -326,8 +326,8 @@ class StreamingLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is, as a StatefulDataLoader's: its order's place (the epoch, the
         batches of it already delivered) and the selection round being iterated. A loader over
-        the same data, built with the same batch_size, shuffle, seed and rank share, resumes
-        from it with `load_state_dict`."""
+        the same data, built with the same batch_size, shuffle and seed, resumes from it with
+        `load_state_dict`, on any number of ranks (docs/loader.md, Resume)."""
         return {
             "version": STATE_VERSION,
             "dataset": self.source.identity,

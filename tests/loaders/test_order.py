@@ -70,11 +70,11 @@ def test_batches_and_places():
     order = EpochOrder(10, True, 64, 3, False, 0, 1, "pad", 0)
     shards = shards_of(95)
     batches = order.batches(epoch=2, shards=shards)
-    assert [len(b) for b in batches] == [10] * 9 + [5] and order.num_batches(95) == 10
+    assert [len(b) for b in batches] == [10] * 9 + [5] and order.num_batches(2, 95) == 10
     np.testing.assert_array_equal(np.concatenate(batches), epoch_order(shards, seed=3, epoch=2, shuffle=True))
     assert [b.tolist() for b in order.batches(2, shards, first=7)] == [b.tolist() for b in batches[7:]]
     dropping = EpochOrder(10, True, 64, 3, True, 0, 1, "pad", 0)
-    assert dropping.num_batches(95) == 9
+    assert dropping.num_batches(0, 95) == 9
     state = {**order.state_dict(), "epoch": 2, "batches_done": 4}
     order.check(state, lambda epoch: 95)
     order.load_state_dict(state)
@@ -148,3 +148,54 @@ def test_a_state_that_is_no_order_is_refused_by_key_and_changes_nothing():
     with pytest.raises(ParameterError, match="epoch must be an integer >= 0, got '3'"):
         order.set_epoch("3")
     assert order.epoch == 1
+
+
+@pytest.mark.parametrize("uneven", ["pad", "drop"])
+@pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 2), (4, 1), (1, 4), (2, 2)])
+def test_a_state_resumes_on_another_world_size_each_sample_once(before, after, uneven):
+    """Every rank of `before` ranks stops after k batches (as DDP keeps them); each of `after` ranks
+    resumes from one of their states: the epoch's samples are each delivered once in all (pad: a
+    few twice, as padding; drop: a few left out), in an order fixed by (seed, epoch)."""
+    shards, batch = shards_of(203), 8
+    for k in range(4):
+        old = [EpochOrder(batch, "shards", 50, 7, False, r, before, uneven, 0) for r in range(before)]
+        head = [p for o in old for b in o.batches(0, shards)[:k] for p in b.tolist()]
+        state = {**old[0].state_dict(), "batches_done": k}
+        new = [EpochOrder(batch, "shards", 50, 7, False, r, after, uneven, 0) for r in range(after)]
+        rest = []
+        for o in new:
+            o.check(state, lambda epoch: len(shards))
+            o.load_state_dict(state)
+            first = o.start()
+            rest += [p for b in o.batches(0, shards, first) for p in b.tolist()]
+            assert len(o.batches(0, shards, first)) == o.num_batches(0, len(shards)) - first
+        delivered = head + rest
+        if uneven == "drop":
+            assert len(set(delivered)) == len(delivered) >= len(shards) - (before - 1) - (after - 1)
+        else:
+            assert set(delivered) == set(range(len(shards))) and len(delivered) < len(shards) + before + after
+        again = EpochOrder(batch, "shards", 50, 7, False, 0, after, uneven, 0)
+        again.load_state_dict(state)
+        resumed_at = again.start()
+        assert resumed_at == (k if before == after else 0)
+        assert [b.tolist() for b in again.batches(0, shards, resumed_at)] == [
+            b.tolist() for b in new[0].batches(0, shards, resumed_at)
+        ]  # deterministic
+
+
+def test_a_resumed_layout_resumes_again_and_ends_with_its_epoch():
+    shards = shards_of(100)
+    two = EpochOrder(10, True, 64, 3, False, 0, 2, "pad", 0)
+    three = EpochOrder(10, True, 64, 3, False, 1, 3, "pad", 0)
+    three.load_state_dict({**two.state_dict(), "batches_done": 2})  # 40 of 100 done
+    assert three.skipped == 40 and three.start() == 0 and three.num_batches(0, 100) == 2
+    state = {**three.state_dict(), "batches_done": 1}  # and a batch of the 20 each of 3 ranks has
+    again = EpochOrder(10, True, 64, 3, False, 1, 3, "pad", 0)
+    again.load_state_dict(state)
+    assert (again.skipped, again.start()) == (40, 1)  # same world size: the same layout, a batch on
+    assert [b.tolist() for b in again.batches(0, shards, 1)] == [b.tolist() for b in three.batches(0, shards, 1)]
+    other = EpochOrder(10, True, 64, 3, False, 0, 1, "pad", 0)
+    other.load_state_dict(state)
+    assert other.skipped == 40 + 30 and other.num_batches(0, 100) == 3
+    other.finish()
+    assert other.skipped == 0 and other.num_batches(1, 100) == 10  # the next epoch whole again
