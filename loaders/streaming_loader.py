@@ -67,9 +67,10 @@ class StreamingLoader:
     batch_size, drop_last: as DataLoader's. Without drop_last the last batch may be smaller;
         every selected sample appears exactly once per epoch.
     shuffle, seed: the order each epoch visits the selection in, a function of (seed, epoch), so
-        an epoch's batches are reproducible whatever ran before: True or "global", a permutation;
-        "shards", the shards in a random order in blocks of about `shuffle_block` samples, each
-        block shuffled (a batch reads from a few shards); False, in order. `set_epoch` picks the
+        an epoch's batches are reproducible whatever ran before: "shards" (the default), the shards
+        in a random order in blocks of about `shuffle_block` samples, each block shuffled (a batch
+        reads from a few shards; a selection smaller than a block is one permutation); True or
+        "global", one permutation of the whole selection; False, in order. `set_epoch` picks the
         epoch; otherwise each full pass over the loader advances it by one.
     rank, world_size: this trainer's share of each epoch (as DistributedSampler's): positions
         rank, rank + world_size, ... of the epoch order, padded by wrapping around to equal
@@ -113,7 +114,7 @@ class StreamingLoader:
         selection: Selection | Sequence[int] | np.ndarray | None = None,
         *,
         batch_size: int = 64,
-        shuffle: Shuffle = True,
+        shuffle: Shuffle = "shards",
         shuffle_block: int = SHUFFLE_BLOCK,
         seed: int = 0,
         drop_last: bool = False,
