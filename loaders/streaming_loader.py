@@ -182,6 +182,7 @@ class StreamingLoader:
         use_dali = dali_available() and (self.images is not None or dali_transform is not None)
         self.backend = backend if backend != "auto" else "dali" if use_dali else "torch"
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
+        self._refused: set[int] = set()  # of them, those DALI's decoder refused (no check finds them)
         if self.cache is not None:
             self.cache.bind(self.source.identity, self.arrays)
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
@@ -274,26 +275,20 @@ class StreamingLoader:
         ids, weights, round = self._epoch_ids(epoch)
         first = self.order.start()  # > 0 right after load_state_dict mid-epoch
         shards = ids // self.source.shard_samples
-        positions = self.order.batches(epoch, shards, first)
         if self.cache is not None:
             self._visiting = np.unique(ids[self.order.positions(epoch, shards)])
             self.cache.retain(self._visiting)
         seed = (self.order.seed, epoch)
-        batches = self._prefetched((ids[p], weights[p], round, (*seed, first + k)) for k, p in enumerate(positions))
+
+        def batches_from(first: int) -> Iterator[tuple[np.ndarray, ...]]:
+            """The epoch's batches from batch `first` on, read ahead."""
+            positions = self.order.batches(epoch, shards, first)
+            return self._prefetched((ids[p], weights[p], round, (*seed, first + k)) for k, p in enumerate(positions))
+
         if self.backend == "dali":
-            tensors = dali_epoch(
-                batches,
-                num_outputs=len(self.arrays) + self.with_weights,
-                batch_size=self.order.batch_size,
-                device=self.device,
-                dali_transform=self.dali_transform,
-                images=self.images,
-                num_threads=self.num_threads,
-                seed=int(np.random.default_rng(seed).integers(2**31)),
-                explain=self._refused_by_dali if self.images is not None else None,
-            )
+            tensors = self._through_dali(batches_from, first, seed)
         else:
-            tensors = (tuple(torch.from_numpy(a).to(self.device) for a in batch) for batch in batches)
+            tensors = (tuple(torch.from_numpy(a).to(self.device) for a in batch) for batch in batches_from(first))
         for batch in tensors:
             self.order.batches_done += 1  # counted as delivered once the trainer holds it
             if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
@@ -546,6 +541,10 @@ class StreamingLoader:
                 self._decoders = ThreadPoolExecutor(self.num_threads, thread_name_prefix="nearstore-decode")
             inputs, failed = self.images.decode_batch(blobs, seed=seed, executor=self._decoders)
         else:
+            if self._refused:  # refused by DALI's decoder before: skipped and listed already
+                fine = ~np.isin(ids, list(self._refused))
+                ids, weights, blobs = ids[fine], weights[fine], blobs[fine]
+                arrays = {name: values[fine] for name, values in arrays.items()}
             failed = {i: why for i, blob in enumerate(blobs) if (why := damaged(blob)) is not None}
             self._handed.append((ids, blobs))
         if failed:
@@ -567,19 +566,49 @@ class StreamingLoader:
             arrays[self.input_array] = inputs
         return ids, arrays, weights
 
+    def _through_dali(
+        self, batches_from: Callable[[int], Iterator[tuple[np.ndarray, ...]]], first: int, seed: tuple[int, int]
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The epoch's batches from batch `first` on through DALI. A pipeline whose decoder refused
+        a sample cannot go on: with on_error="skip" the sample is skipped and a fresh pipeline
+        takes the epoch up at the first batch not delivered (its augmentations drawn anew)."""
+        while True:
+            self._handed.clear()
+            try:
+                yield from dali_epoch(
+                    batches_from(first),
+                    num_outputs=len(self.arrays) + self.with_weights,
+                    batch_size=self.order.batch_size,
+                    device=self.device,
+                    dali_transform=self.dali_transform,
+                    images=self.images,
+                    num_threads=self.num_threads,
+                    seed=int(np.random.default_rng([*seed, first]).integers(2**31)),
+                    explain=self._refused_by_dali if self.images is not None else None,
+                )
+                return
+            except SampleError as e:
+                if self.on_error == "raise" or not e.ids:
+                    raise
+                log.warning("skipped %s", e)
+                self.skipped.update(e.ids)
+                self._refused.update(e.ids)
+                first = self.order.batches_done
+
     def _refused_by_dali(self, error: RuntimeError) -> Exception:
         """A SampleError naming the sample DALI's decoder refused, found by decoding the batches
-        handed to it with PIL; DALI's own error where PIL decodes them all. A pipeline that failed
-        cannot go on, so on_error="skip" raises too."""
+        handed to it with PIL; DALI's own error where PIL decodes them all."""
         for ids, blobs in list(self._handed):  # a copy: the reader thread may still append
             for sample, blob in zip(ids.tolist(), blobs):
+                if sample in self._refused:  # a batch the last pipeline was handed, read again
+                    continue
                 try:
                     PROBE.decode(blob)
                 except (OSError, ValueError, SyntaxError) as e:
                     return SampleError(
                         f"sample {sample} of array {self.input_array!r} ({self._shard_of(sample)}): DALI's decoder "
-                        f"refused it, and so does PIL ({type(e).__name__}: {e}); a DALI pipeline cannot skip it "
-                        "once it failed: the torch backend can (on_error='skip')"
+                        f"refused it, and so does PIL ({type(e).__name__}: {e})",
+                        ids=(sample,),
                     )
         return error
 

@@ -27,7 +27,12 @@ class SampleIdError(NearstoreError, IndexError):
 
 class SampleError(NearstoreError, ValueError):
     """A stored sample that cannot be used: an encoded image damaged (cut short, not an image) or
-    that its decoder refuses. The message names the sample id, its array and its shard."""
+    that its decoder refuses. The message names the sample id, its array and its shard; `ids`
+    has the ids where they are known."""
+
+    def __init__(self, message: str, ids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ids = ids
 
 
 class IntegrityError(DatasetError):

@@ -109,3 +109,18 @@ def test_an_image_whole_outside_but_garbled_inside_is_named_too(tmp_path, backen
     loader = StreamingLoader(store, np.arange(64, 80), batch_size=4, images=ImageTransform(size=16), backend=backend)
     with pytest.raises(SampleError, match=r"sample 71 of array 'image' \(shard 1 of .*\): .*refused"):
         list(loader)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_an_image_its_decoder_refuses_is_skipped_and_the_epoch_goes_on(tmp_path, backend):
+    whole = photo(71)
+    garbled = whole[:200] + bytes(len(whole) - 400) + whole[-200:]  # passes the damage check
+    store, _ = image_store(str(tmp_path / "garbled.zarr"), {71: garbled})
+    ids = np.arange(40, 104)  # labels i % 4: 16 of each, less sample 71's (3)
+    loader = StreamingLoader(
+        store, ids, batch_size=4, images=ImageTransform(size=16), backend=backend, on_error="skip", seed=2
+    )
+    for _ in range(2):  # the first epoch finds it (DALI: a fresh pipeline goes on), the second leaves it out
+        labels = torch.cat([y for _, y in loader])
+        assert torch.bincount(labels).tolist() == [16, 16, 16, 15]
+        assert loader.io_stats()["skipped_samples"] == [71]
