@@ -453,7 +453,7 @@ def report(results: dict, stored: dict) -> dict:
                 s = summary[key] = against_peers(made[ours_name], peers)
                 later = "" if s["later_ratio"] is None else f", later epochs {s['later_ratio']:.2f} ({s['later_peer']})"
                 print(
-                    f"{'':<8} {'':>5} {ours_name} / best peer: bytes {s['bytes_ratio']:.3f} ({s['fewest_bytes_peer']}); "
+                    f"{'':<14} {ours_name} / best peer: bytes {s['bytes_ratio']:.3f} ({s['fewest_bytes_peer']}); "
                     f"seconds {s['seconds_ratio']:.2f} ({s['fastest_peer']}), epoch 1 {s['epoch1_ratio']:.2f} "
                     f"({s['epoch1_peer']}){later}; $ to the internet {s['dollars_ratio']:.3f}; "
                     f"requests after epoch 1: {s['requests_after_first']}"

@@ -1,0 +1,167 @@
+"""`Mixture`: batches of several StreamingLoaders (several datasets, each with its own selection
+rounds) in one seeded order, each loader's share of an epoch set by its proportion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from loaders.order import state_count, state_entry
+from loaders.streaming_loader import StreamingLoader
+from nearstore.checks import check_integer
+from nearstore.errors import DatasetError, ParameterError
+
+STATE_VERSION = 1
+
+
+def shares(proportions: np.ndarray, total: int) -> np.ndarray:
+    """`total` batches split in `proportions` (summing to 1) by largest remainders: exact totals."""
+    exact = proportions * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(counts - exact, kind="stable")[:short]] += 1  # the largest remainders first
+    return counts
+
+
+class Mixture:
+    """Batches of `loaders` interleaved, as mosaicml/streaming's `Stream(proportion=...)` mixes
+    streams, but by whole batches (so datasets of different sample shapes mix).
+
+        mixture = Mixture([StreamingLoader(web, web_selection), StreamingLoader(books, None)], [0.7, 0.3])
+        for epoch in range(10):
+            for x, y in mixture:
+                ...
+
+    proportions: each loader's share of an epoch's batches (any positive numbers, normalized);
+        default: their sizes, so an epoch is one epoch of each. A loader asked for more batches
+        than its epoch holds goes on into its next epoch (upsampled), one asked for fewer
+        continues its epoch in the mixture's next (downsampled): every loader still visits
+        each of its samples once an epoch of its own.
+    batches_per_epoch: the mixture's epoch (default: the loaders' batches together).
+    seed: the order of each epoch's batches, a function of (seed, epoch).
+
+    Each loader keeps its own selection rounds (`reselect`), cache and I/O figures; a mixture's
+    `state_dict` holds every loader's, so a resumed mixture delivers exactly the batches not yet
+    delivered, in the same order.
+    """
+
+    def __init__(
+        self,
+        loaders: Sequence[StreamingLoader],
+        proportions: Sequence[float] | None = None,
+        *,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.loaders = list(loaders)
+        if not self.loaders or not all(isinstance(loader, StreamingLoader) for loader in self.loaders):
+            raise ParameterError("loaders must be one or more StreamingLoaders")
+        if proportions is not None:
+            weights = np.asarray(proportions, dtype=np.float64)
+            if weights.shape != (len(self.loaders),) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+                raise ParameterError(
+                    f"proportions must be {len(self.loaders)} positive numbers, one a loader, got {proportions!r}"
+                )
+            proportions = tuple(float(w) for w in weights / weights.sum())
+        self.proportions = proportions
+        self.batches_per_epoch = (
+            None if batches_per_epoch is None else check_integer("batches_per_epoch", batches_per_epoch, 1)
+        )
+        self.seed = check_integer("seed", seed, 0)
+        self.epoch = self.batches_done = 0
+        self._resume_at = 0
+        self._running: list[Iterator | None] = [None] * len(self.loaders)
+
+    def __len__(self) -> int:
+        """Batches of an epoch."""
+        return self.batches_per_epoch or sum(len(loader) for loader in self.loaders)
+
+    def schedule(self, epoch: int) -> np.ndarray:
+        """Which loader gives each batch of epoch `epoch`, in order."""
+        sizes = np.array([len(loader) for loader in self.loaders], dtype=np.float64)
+        if not sizes.all():
+            empty = int(np.argmin(sizes))
+            raise ParameterError(f"loader {empty} ({self.loaders[empty].url!r}) has no batch to give")
+        weights = np.asarray(self.proportions) if self.proportions is not None else sizes / sizes.sum()
+        counts = shares(weights, len(self))
+        return np.random.default_rng([self.seed, epoch]).permutation(np.repeat(np.arange(len(self.loaders)), counts))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration follows; the loaders go on where they are."""
+        epoch = check_integer("epoch", epoch, 0)
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = self.schedule(self.epoch)
+        self.batches_done, self._resume_at = self._resume_at, 0
+        for k in order[self.batches_done :].tolist():
+            batch = self._next(k)
+            self.batches_done += 1
+            yield batch
+        self.epoch += 1
+        self.batches_done = 0
+
+    def _next(self, k: int) -> tuple[torch.Tensor, ...]:
+        """Loader k's next batch, into its next epoch where this one is done."""
+        for _ in range(2):  # a fresh pass yields at least one batch (its size was checked)
+            if self._running[k] is None:
+                self._running[k] = iter(self.loaders[k])
+            try:
+                return next(self._running[k])
+            except StopIteration:
+                self._running[k] = None
+        raise ParameterError(f"loader {k} ({self.loaders[k].url!r}) gave no batch in a fresh epoch")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mixture's place (epoch, batches delivered) and every loader's `state_dict`."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "proportions": self.proportions,
+            "batches_per_epoch": self.batches_per_epoch,
+            "loaders": [loader.state_dict() for loader in self.loaders],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume where `state_dict()` was taken. A state of another mixture (seed, proportions,
+        epoch length or number of loaders) or one a loader refuses is refused by name, and then
+        changes nothing."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise DatasetError(f"Mixture state_dict version {version!r} is not {STATE_VERSION}")
+        epoch, batches_done = (state_count(state, key, "Mixture state_dict") for key in ("epoch", "batches_done"))
+        proportions = state.get("proportions")
+        proportions = None if proportions is None else tuple(proportions)
+        for name, value, ours in (
+            ("seed", state.get("seed"), self.seed),
+            ("proportions", proportions, self.proportions),
+            ("batches_per_epoch", state.get("batches_per_epoch"), self.batches_per_epoch),
+        ):
+            if value != ours:
+                raise DatasetError(f"Mixture state_dict was taken with {name}={value!r}; this mixture has {ours!r}")
+        states = state_entry(state, "loaders", "Mixture state_dict", Sequence)
+        if len(states) != len(self.loaders):
+            raise DatasetError(
+                f"Mixture state_dict holds {len(states)} loaders' states; this mixture has {len(self.loaders)}"
+            )
+        before = [loader.state_dict() for loader in self.loaders]
+        try:
+            for loader, loader_state in zip(self.loaders, states):
+                loader.load_state_dict(loader_state)
+        except Exception:
+            for loader, loader_state in zip(self.loaders, before):  # a refused state changes nothing
+                loader.load_state_dict(loader_state)
+            raise
+        self.epoch, self._resume_at, self.batches_done = epoch, batches_done, 0
+        self._running = [None] * len(self.loaders)
+
+    def io_stats(self) -> list[dict[str, Any]]:
+        """Each loader's `io_stats()`, in order."""
+        return [loader.io_stats() for loader in self.loaders]

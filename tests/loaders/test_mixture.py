@@ -1,0 +1,116 @@
+"""Mixture: several loaders' batches in one seeded order, shares by proportion, exact resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from loaders import Mixture, StreamingLoader
+from loaders.mixture import shares
+from nearstore.errors import DatasetError, ParameterError
+
+A, B = np.arange(0, 1000), np.arange(1000, 1500)  # two selections: 20 and 10 batches of 50
+
+
+def two(store, seed: int = 0, **options) -> Mixture:
+    loaders = [StreamingLoader(store, ids, batch_size=50, backend="torch", device="cpu", seed=1) for ids in (A, B)]
+    return Mixture(loaders, seed=seed, **options)
+
+
+def ids_of(batches) -> list[list[int]]:
+    """The id-encoded store's x[i, 0] is i: each batch's ids."""
+    return [x[:, 0].round().long().tolist() for x, _ in batches]
+
+
+def test_largest_remainders_split_exactly():
+    assert shares(np.array([0.5, 0.25, 0.25]), 10).tolist() == [5, 3, 2]
+    assert shares(np.array([1 / 3] * 3), 100).sum() == 100
+
+
+def test_by_default_an_epoch_is_one_epoch_of_each_loader(id_store):
+    mixture = two(id_store)
+    assert len(mixture) == 30
+    batches = ids_of(mixture)
+    seen = Counter(i for batch in batches for i in batch)
+    assert sorted(seen) == [*A, *B] and set(seen.values()) == {1}
+    firsts = [batch[0] < 1000 for batch in batches]
+    assert 0 < sum(firsts[:10]) < 10  # interleaved, not one loader then the other
+
+
+def test_proportions_set_each_loaders_share_and_loaders_go_on_across_epochs(id_store):
+    mixture = two(id_store, proportions=[1, 1], batches_per_epoch=20)
+    epochs = [ids_of(mixture) for _ in range(2)]
+    for batches in epochs:
+        assert sum(batch[0] < 1000 for batch in batches) == 10  # half from each
+    a = Counter(i for batches in epochs for batch in batches for i in batch if i < 1000)
+    b = Counter(i for batches in epochs for batch in batches for i in batch if i >= 1000)
+    assert sorted(a) == list(A) and set(a.values()) == {1}  # A downsampled: its one epoch over two
+    assert sorted(b) == list(B) and set(b.values()) == {2}  # B upsampled: two of its epochs
+
+
+def test_the_order_is_a_function_of_the_seed(id_store):
+    assert ids_of(two(id_store, seed=3)) == ids_of(two(id_store, seed=3))
+    assert ids_of(two(id_store, seed=3)) != ids_of(two(id_store, seed=4))
+
+
+def test_resume_delivers_exactly_the_batches_not_yet_delivered(id_store):
+    whole = two(id_store, proportions=[2, 1], batches_per_epoch=25)
+    ids_of(whole)  # an epoch in: the loaders mid-way through theirs
+    expected = ids_of(whole)
+    broken = two(id_store, proportions=[2, 1], batches_per_epoch=25)
+    ids_of(broken)
+    batches = iter(broken)
+    first = ids_of(next(batches) for _ in range(9))
+    state = broken.state_dict()
+    resumed = two(id_store, proportions=[2, 1], batches_per_epoch=25)
+    resumed.load_state_dict(state)
+    assert first + ids_of(resumed) == expected
+    assert resumed.epoch == 2
+
+
+def test_a_state_of_another_mixture_is_refused_and_changes_nothing(id_store, tmp_path):
+    state = two(id_store, seed=1).state_dict()
+    with pytest.raises(DatasetError, match="seed=1; this mixture has 2"):
+        two(id_store, seed=2).load_state_dict(state)
+    mixture = two(id_store, seed=1)
+    batches = iter(mixture)
+    [next(batches) for _ in range(5)]  # its loaders' places are not the state's
+    before = [loader.state_dict()["order"] for loader in mixture.loaders]
+    state["loaders"][1]["dataset"] = {**state["loaders"][1]["dataset"], "url": "elsewhere", "num_samples": 7}
+    with pytest.raises(DatasetError, match="from dataset 'elsewhere'"):
+        mixture.load_state_dict(state)
+    assert [loader.state_dict()["order"] for loader in mixture.loaders] == before
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"proportions": [1]}, "proportions must be 2 positive numbers"),
+        ({"proportions": [1, -1]}, "proportions must be 2 positive numbers"),
+        ({"batches_per_epoch": 0}, "batches_per_epoch must be"),
+        ({"seed": 1.5}, "seed must be"),
+    ],
+)
+def test_bad_options_are_named(id_store, options, message):
+    with pytest.raises(ParameterError, match=message):
+        two(id_store, **options)
+    with pytest.raises(ParameterError, match="one or more StreamingLoaders"):
+        Mixture([])
+
+
+def test_batches_of_different_shapes_mix(id_store, tmp_path):
+    from nearstore import write_dataset
+
+    other = write_dataset(
+        str(tmp_path / "other.zarr"), [{"x": np.ones((100, 3, 4), np.float32), "y": np.zeros(100, np.int64)}]
+    )
+    mixture = Mixture(
+        [
+            StreamingLoader(id_store, A[:100], batch_size=50, backend="torch", device="cpu"),
+            StreamingLoader(other, batch_size=50, backend="torch", device="cpu"),
+        ]
+    )
+    shapes = Counter(tuple(x.shape) for x, _ in mixture)
+    assert shapes == {(50, 8): 2, (50, 3, 4): 2}
