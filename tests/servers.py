@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,23 +116,30 @@ class S3Server:
 
 
 class Nginx:
-    """nginx serving a directory read-only over HTTP with Range support, logging every response."""
+    """nginx serving a directory read-only over HTTP with Range support, logging every response;
+    or, given `server`, the server block it makes for a port (a gRPC front: `nearstore.serving.front`)."""
 
     LOG = re.compile(r'^(\S+) (\S+) (\d+) (\d+) "([^"]*)"$')
 
-    def __init__(self, root: Path, workdir: Path) -> None:
+    def __init__(self, root: Path | None, workdir: Path, server: Callable[[int], str] | None = None) -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
             raise RuntimeError("nginx is not installed: apt-get install nginx (.ci/run does)")
         self.root, self.port = root, free_port()
-        self.log = workdir / "access.log"
+        self.log, self.error_log = workdir / "access.log", workdir / "error.log"
+        files = f"""server {{
+        listen {HOST}:{self.port};
+        root {root};
+        location / {{ limit_except GET {{ deny all; }} }}
+    }}"""
+        block = server(self.port) if server is not None else files
         conf = workdir / "nginx.conf"
         # master_process off: one process as the current user, so it reads what the tests wrote.
         conf.write_text(f"""
 daemon off;
 master_process off;
 pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"};
+error_log {self.error_log};
 events {{ worker_connections 256; }}
 http {{
     log_format books '$request_method $uri $status $body_bytes_sent "$http_range"';
@@ -141,11 +149,7 @@ http {{
     fastcgi_temp_path {workdir};
     uwsgi_temp_path {workdir};
     scgi_temp_path {workdir};
-    server {{
-        listen {HOST}:{self.port};
-        root {root};
-        location / {{ limit_except GET {{ deny all; }} }}
-    }}
+    {block}
 }}
 """)
         self._process = subprocess.Popen([binary, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.PIPE)

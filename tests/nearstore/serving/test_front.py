@@ -1,0 +1,96 @@
+"""nginx in front of `nearstore serve` (nearstore.serving.front): calls pass through, and a request
+past its method's limit is cut off before the server buffers it whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+from servers import HOST, Nginx, free_port, nearstore_serve, write_tls_files
+
+from loaders import FlightSource, StreamingLoader
+from nearstore import ParameterError
+from nearstore.app.training import mnist1d_cnn
+from nearstore.serving import protocol
+from nearstore.serving.front import nginx_front
+
+pytestmark = pytest.mark.slow  # starts a `nearstore serve` process and nginx
+
+LIMIT = 8 << 20  # the server's max_proxy_bytes; other calls 1 MiB at the front
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+@pytest.fixture
+def front(id_store_url, tmp_path):
+    port = free_port()
+    model = "nearstore.app.training:mnist1d_cnn"
+    server = nearstore_serve(
+        id_store_url, port, "--method", "random", "--name", "ids", "--model", model, "--max-proxy-bytes", str(LIMIT)
+    )
+    nginx = Nginx(None, tmp_path, lambda at: nginx_front(f"{HOST}:{at}", f"{HOST}:{port}", LIMIT, 1 << 20))
+    try:
+        yield server, nginx.wait_ready()
+    finally:
+        nginx.stop()
+        server.kill()
+        server.wait()
+
+
+def test_a_loader_reads_and_pushes_through_the_front(front, id_data):
+    _, nginx = front
+    loader = StreamingLoader(f"grpc://{HOST}:{nginx.port}/ids", batch_size=500, backend="torch", device="cpu")
+    seen = np.concatenate([x[:, 0].round().long().numpy() for x, _ in loader])
+    assert np.array_equal(np.sort(seen), loader.ids)
+    loader.update_proxy(mnist1d_cnn())  # a push under the limit passes
+
+
+def test_a_call_past_its_limit_is_cut_off_before_the_server_holds_it(front):
+    server, nginx = front
+    client = flight.connect(f"grpc://{HOST}:{nginx.port}")
+    before = rss_bytes(server.pid)
+    with pytest.raises(flight.FlightError):  # 64 MiB of action body against the front's 1 MiB
+        list(client.do_action(flight.Action("select", bytes(64 << 20))))
+    descriptor = protocol.weights_descriptor("ids", 100)  # announces 100 bytes, sends one 64 MiB batch
+    batch = pa.record_batch([pa.array([bytes(64 << 20)], type=pa.binary())], schema=protocol.WEIGHTS)
+    with pytest.raises(flight.FlightError):
+        writer, _ = client.do_put(descriptor, protocol.WEIGHTS)
+        writer.write_batch(batch)
+        writer.close()
+    # 1.4-1.5x here (a few MiB of the process's own on 8 MiB; 1.02x at 1 GiB); without the front, 16x
+    assert rss_bytes(server.pid) - before < 2 * LIMIT
+    assert "client intended to send too large" in nginx.error_log.read_text()
+    assert len(client.list_actions()) > 0  # and it still serves
+
+
+def test_the_front_terminates_tls(id_store_url, id_data, tmp_path):
+    tls = write_tls_files(tmp_path)
+    port = free_port()
+    server = nearstore_serve(id_store_url, port, "--method", "random", "--name", "ids")
+    nginx = Nginx(
+        None,
+        tmp_path,
+        lambda at: nginx_front(
+            f"{HOST}:{at}", f"{HOST}:{port}", LIMIT, tls_cert=str(tls.server_cert), tls_key=str(tls.server_key)
+        ),
+    )
+    try:
+        nginx.wait_ready()
+        source = FlightSource(f"grpc+tls://{HOST}:{nginx.port}/ids", tls_root_certs=tls.ca)
+        read = source.read(np.array([3, 2400]), arrays=["x"], round="all")
+        np.testing.assert_array_equal(read["x"], id_data["x"][[3, 2400]])
+    finally:
+        nginx.stop()
+        server.kill()
+        server.wait()
+
+
+def test_bad_limits_are_named():
+    with pytest.raises(ParameterError, match="max_proxy_bytes"):
+        nginx_front("127.0.0.1:1", "127.0.0.1:2", 0)
+    with pytest.raises(ParameterError, match="tls_cert and tls_key go together"):
+        nginx_front("127.0.0.1:1", "127.0.0.1:2", 1, tls_cert="cert.pem")
