@@ -467,7 +467,7 @@ def _check_exposure(host: str, token: str | None, tls: dict[str, Any], insecure:
     """Beyond the loopback interface: a token, and TLS unless `insecure` (said in a warning)."""
     if insecure and tls:
         raise ParameterError("insecure=True and tls_cert contradict each other: give one")
-    if _is_loopback(host):
+    if is_loopback(host):
         return
     if not token:
         raise ParameterError(f"a token is required to listen on {host!r}, beyond 127.0.0.1 (set {protocol.TOKEN_ENV})")
@@ -498,7 +498,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` names the loopback interface (localhost, 127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -89,8 +89,13 @@ def test_the_front_terminates_tls(id_store_url, id_data, tmp_path):
         server.wait()
 
 
-def test_bad_limits_are_named():
+def test_bad_limits_and_exposures_are_named():
     with pytest.raises(ParameterError, match="max_proxy_bytes"):
         nginx_front("127.0.0.1:1", "127.0.0.1:2", 0)
     with pytest.raises(ParameterError, match="tls_cert and tls_key go together"):
         nginx_front("127.0.0.1:1", "127.0.0.1:2", 1, tls_cert="cert.pem")
+    with pytest.raises(ParameterError, match="TLS is required to listen on '10.0.0.5:8815'"):
+        nginx_front("10.0.0.5:8815", "127.0.0.1:2", 1)
+    with pytest.raises(ParameterError, match="upstream '10.0.0.6:8816' must be on 127.0.0.1"):
+        nginx_front("127.0.0.1:1", "10.0.0.6:8816", 1)
+    assert "listen 10.0.0.5:8815 http2;" in nginx_front("10.0.0.5:8815", "[::1]:8816", 1, insecure=True)
