@@ -102,17 +102,17 @@ class SampleCache:
         """{array: rows} of kept samples `ids` (at least one; rows in the order of ids) for a visit
         of each: hits, but for the first visit of a sample that came along with another."""
         tiers, slots = self._tier[ids], self._slot[ids]
+        held = {t: mask for t in (0, 1) if (mask := tiers == t).any()}
         out: dict[str, np.ndarray] = {}
-        in_memory = not np.any(tiers == 1)
         for name in self._arrays:
-            if in_memory:  # one gather, not one a tier and a copy into the rows
-                out[name] = self._tiers[0].get(name, slots)
+            parts = {t: self._tiers[t].get(name, slots[mask]) for t, mask in held.items()}
+            if len(parts) == 1:  # all in one tier: its gather is the rows, in the order of ids
+                out[name] = next(iter(parts.values()))
                 continue
-            parts = {t: self._tiers[t].get(name, slots[tiers == t]) for t in (0, 1) if np.any(tiers == t)}
-            like = next(iter(parts.values()))
+            like = parts[0]
             rows = np.empty((len(ids), *like.shape[1:]), dtype=like.dtype)
             for t, part in parts.items():
-                rows[tiers == t] = part
+                rows[held[t]] = part
             out[name] = rows
         fresh = self._fresh[ids]
         self._fresh[ids] = False
