@@ -357,12 +357,12 @@ def integrity_cost(
     the first read nothing): medians of `repeats` interleaved epochs."""
     costs = {}
     for name in OURS:
-        loaders = [ours(store, ids, batch_size, cache=False)[name]() for store in (dataset, unchecked)]
-        for loader in loaders:
-            sum(1 for _ in loader)
-        rates = [[epoch_rate(loader, warm_up=False) for loader in loaders] for _ in range(repeats)]
-        checked, plain = np.median(rates, axis=0)
-        costs[name] = checked / plain
+        makers = {
+            kind: ours(store, ids, batch_size, cache=False)[name]
+            for kind, store in (("checked", dataset), ("plain", unchecked))
+        }
+        rates = interleaved(makers, repeats)
+        costs[name] = rates["checked"] / rates["plain"]
     return costs
 
 
