@@ -215,10 +215,21 @@ def embed(
 
 
 class SuspectsFound:
-    """What `mute_suspects` found, batch by batch."""
+    """What `mute_suspects` found, batch by batch, and the proxy's mean top-class probability over
+    every sample it saw so far."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.top, self.streamed = 0.0, 0
+
+    @property
+    def mean_top(self) -> float:
+        return self.top / self.streamed if self.streamed else 0.0
+
+    def informed(self, num_classes: int) -> bool:
+        """Whether the proxy knows something of the labels: its mean top-class probability is at
+        least INFORMATIVE / C (a proxy that knows nothing gives about 1 / C)."""
+        return self.mean_top >= INFORMATIVE / num_classes
 
     def add(self, ids: np.ndarray, labels: np.ndarray, quality: np.ndarray) -> None:
         self.parts.append((ids, labels, quality))
@@ -229,22 +240,26 @@ class SuspectsFound:
         return Suspects(*(np.concatenate(column) for column in zip(*self.parts)))
 
 
-def mute_suspects(stream: Iterable[Embedded], num_classes: int, found: SuspectsFound) -> Iterator[Embedded]:
+def mute_suspects(
+    stream: Iterable[Embedded], num_classes: int, found: SuspectsFound, mute: bool = True
+) -> Iterator[Embedded]:
     """Stage 3, for factored embeddings grouped by class: the samples whose label the proxy
     contradicts with confidence (`suspects`) get a zero gradient, so a diversity pick (MaxVol)
     takes them only when their window has nothing else left to span; what was found goes to
     `found`. Thresholds and the proxy's mean confidence are kept over every sample streamed so
-    far. The proxy's p = r + onehot(y)."""
+    far (`found.mean_top`; without `mute`, only that is kept). The proxy's p = r + onehot(y)."""
     joint = ConfidentJoint(num_classes)
-    top, streamed = 0.0, 0
     for ids, groups, (residual, inputs) in stream:
         labels = torch.empty(len(ids), dtype=torch.int64, device=residual.device)
         for group, rows in groups.items():
             labels[torch.from_numpy(rows).to(residual.device)] = group
         probs = residual + torch.nn.functional.one_hot(labels, residual.shape[1]).to(residual)
+        found.top, found.streamed = found.top + probs.max(1).values.sum().item(), found.streamed + len(ids)
+        if not mute:
+            yield ids, groups, (residual, inputs)
+            continue
         joint.update(probs, labels)
-        top, streamed = top + probs.max(1).values.sum().item(), streamed + len(ids)
-        confident = suspects(probs, labels, joint.thresholds(), top / streamed)
+        confident = suspects(probs, labels, joint.thresholds(), found.mean_top)
         suspect = confident >= 0
         if suspect.any():
             quality = probs.gather(1, labels[:, None])[:, 0]

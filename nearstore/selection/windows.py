@@ -24,7 +24,7 @@ from nearstore.selection.plan import (
 )
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.stages import Scan, SuspectsFound, mute_suspects, scan_io
+from nearstore.selection.stages import INFORMATIVE, Scan, SuspectsFound, log, mute_suspects, scan_io
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
 
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
@@ -84,6 +84,7 @@ class Windowed(Protocol):
     method: str
     factored: bool  # whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x
     mute_suspects: bool  # whether samples with suspected label errors get zero gradients (factored)
+    draw_uninformed: bool  # whether a proxy that knows nothing of the labels gets a draw, not a pick (factored)
 
     def params(self) -> dict[str, Any]: ...
 
@@ -95,18 +96,29 @@ class Windowed(Protocol):
 
 
 class Decisions:
-    """Windows waiting for a method's pick, and what the decided ones keep."""
+    """Windows waiting for a method's pick, and what the decided ones keep. While `draw()` says so
+    (the proxy knows nothing of the labels), a window keeps a seeded random draw instead: its
+    samples with a gradient first, muted ones (zero gradients) only where those run out."""
 
-    def __init__(self, pick: Picker) -> None:
-        self.pick = pick
+    def __init__(self, pick: Picker, draw: Callable[[], bool] = lambda: False, seed: int = 0) -> None:
+        self.pick, self.draw, self.seed = pick, draw, seed
         self.waiting: list[tuple[np.ndarray, Window]] = []
         self.kept: list[Pick] = []  # (ids, weights, scores) of each decided window
+        self.drawn = 0  # windows decided by a draw
 
     def add(self, ids: np.ndarray, window: Window) -> None:
-        """A window with its budget: kept whole where the budget holds it, else left to `pick`."""
-        if window[1] >= len(ids):  # nothing to decide
-            self.kept.append((ids, np.ones(len(ids), dtype=np.float32), np.full(len(ids), np.nan, dtype=np.float32)))
-        elif window[1]:
+        """A window with its budget: kept whole where the budget holds it, drawn from while `draw()`
+        says so, else left to `pick`."""
+        (parts, k), ones = window, np.ones(min(window[1], len(ids)), dtype=np.float32)
+        if k >= len(ids):  # nothing to decide
+            self.kept.append((ids, ones, np.full(len(ids), np.nan, dtype=np.float32)))
+        elif k and self.draw():
+            rng = np.random.default_rng([self.seed, int(ids[0])])  # a window is known by its first id
+            live = (parts[0] != 0).any(1).cpu().numpy()
+            order = np.concatenate([rng.permutation(np.flatnonzero(live)), rng.permutation(np.flatnonzero(~live))])
+            self.kept.append((ids[np.sort(order[:k])], ones, np.full(k, np.nan, dtype=np.float32)))
+            self.drawn += 1
+        elif k:
             self.waiting.append((ids, window))
 
     def decide(self) -> None:
@@ -163,10 +175,13 @@ def windowed_select(
         inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, factored)
         readers += [labels_reader, inputs]
         windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))
-    found = SuspectsFound() if selector.mute_suspects else None
+    found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed else None
+    draw = lambda: False  # noqa: E731
     if found is not None:
-        stream = mute_suspects(stream, scan.proxy.num_classes, found)
-    decisions, at_once = Decisions(selector.pick), selector.at_once(window)
+        stream = mute_suspects(stream, scan.proxy.num_classes, found, mute=selector.mute_suspects)
+        if selector.draw_uninformed:
+            draw = lambda: not found.informed(scan.proxy.num_classes)  # noqa: E731
+    decisions, at_once = Decisions(selector.pick, draw, seed), selector.at_once(window)
     for ids, groups, embeddings in stream:
         parts = embeddings if factored else (embeddings,)
         for group, rows in groups.items():
@@ -178,6 +193,16 @@ def windowed_select(
         decisions.add(*cut)
     decisions.decide()
 
+    if decisions.drawn:
+        log.info(
+            "%s: the proxy knows nothing of the labels (mean top-class probability %.3f, under %g / %d): "
+            "%d windows drawn at random",
+            selector.method,
+            found.mean_top,
+            INFORMATIVE,
+            scan.proxy.num_classes,
+            decisions.drawn,
+        )
     kept = decisions.kept
     return Selection.of(
         dataset,
@@ -190,11 +215,12 @@ def windowed_select(
             "seed": seed,
             "proxy": type(scan.proxy).__name__,
             "previous": None if previous is None else len(previous),
+            "windows_drawn": decisions.drawn,
             **selector.params(),
             "window": window,
         },
         io=scan_io(started, readers),
-        suspects=found.suspects() if found is not None else None,
+        suspects=found.suspects() if selector.mute_suspects else None,
     )
 
 

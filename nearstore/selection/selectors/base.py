@@ -63,6 +63,8 @@ class WindowedSelector(Selector):
 
     # Whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x.
     factored: ClassVar[bool] = False
+    # Whether a window scored by a proxy that knows nothing of the labels keeps a random draw.
+    draw_uninformed: ClassVar[bool] = False
 
     @abstractmethod
     def pick(self, windows: list[Window]) -> list[Pick]:

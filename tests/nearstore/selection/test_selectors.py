@@ -23,7 +23,9 @@ from nearstore import (
     open_dataset,
     write_dataset,
 )
+from nearstore.selection.plan import class_budgets, class_sizes, share, window_bounds
 from nearstore.selection.selectors import next_round
+from nearstore.selection.windows import Decisions
 
 SIZES = (300, 120, 9)  # an imbalanced dataset: class 2 is smaller than any window
 
@@ -250,6 +252,7 @@ def test_bad_input_is_named(blobs, tmp_path):
         ("crest", {"confidence": float("nan")}, r"confidence must be a number in \(0, 1\), got nan"),
         ("crest", {"coreset_window": 1}, r"coreset_window must be an integer in \[2, 8192\], got 1"),
         ("crest", {"coreset": 1}, "coreset must be True or False, got 1"),
+        ("graft", {"draw_uninformed": "yes"}, "draw_uninformed must be True or False, got 'yes'"),
     ],
 )
 def test_options_are_checked_by_name_when_a_selector_is_made(method, options, message):
@@ -402,3 +405,47 @@ def test_muting_suspects_keeps_flipped_labels_out_and_reports_them(noisy):
         assert precision > 3 * flipped.mean() and recall > 0.7, (end, precision, recall)
     assert np.all((muted.suspects.quality >= 0) & (muted.suspects.quality <= 1))
     assert np.all(muted.suspects.labels != open_dataset(url).labels[:][muted.suspects.ids])
+
+
+def test_a_proxy_that_knows_nothing_gets_a_seeded_draw_not_maxvols_picks(blobs):
+    dataset, _, y, informed = blobs
+    blank = torch.nn.Linear(6, 3)
+    torch.nn.init.zeros_(blank.weight), torch.nn.init.zeros_(blank.bias)  # p(c | x) = 1/3 everywhere
+    uninformed = ModelProxy(blank)
+    drawn = Graft(window=64).select(dataset, 0.2, proxy=uninformed, seed=5)
+    picked = Graft(window=64, draw_uninformed=False).select(dataset, 0.2, proxy=uninformed, seed=5)
+    assert drawn.params["windows_drawn"] > 0 and picked.params["windows_drawn"] == 0
+    expected = []  # per window of a class, its share of the budget drawn by a generator keyed by round and window
+    budgets = class_budgets(class_sizes(y), 0.2, 0.5)
+    for c in range(3):
+        members = np.flatnonzero(y == c)
+        for start, end in window_bounds(len(members), 64):
+            k = share(budgets[c], len(members), start, end)
+            order = np.random.default_rng([5, int(members[start])]).permutation(end - start)
+            expected += members[start:end][np.sort(order[:k])].tolist()
+    np.testing.assert_array_equal(drawn.ids, np.sort(expected))
+    assert not np.array_equal(drawn.ids, picked.ids)
+    assert not np.array_equal(drawn.ids, Graft(window=64).select(dataset, 0.2, proxy=uninformed, seed=6).ids)
+    # a proxy that knows the labels is judged informed: MaxVol decides, as without the rule
+    judged = Graft(window=64).select(dataset, 0.2, proxy=informed, seed=5)
+    assert judged.params["windows_drawn"] == 0
+    np.testing.assert_array_equal(
+        judged.ids, Graft(window=64, draw_uninformed=False).select(dataset, 0.2, proxy=informed, seed=5).ids
+    )
+
+
+def test_a_draw_takes_muted_samples_only_when_the_others_run_out():
+    def pick(_):
+        raise AssertionError("a drawn window is not picked")
+
+    residual = torch.ones(10, 3)
+    residual[[1, 4, 7]] = 0  # muted: zero gradients
+    parts = (residual, torch.ones(10, 2))
+    ids = np.arange(100, 110)
+    decisions = Decisions(pick, lambda: True, seed=0)
+    decisions.add(ids, (parts, 7))  # the 7 with a gradient, all of them
+    decisions.add(ids + 10, (parts, 9))  # and 2 of the 3 muted
+    (first, weights, _), (second, _, _) = decisions.kept
+    np.testing.assert_array_equal(first, [100, 102, 103, 105, 106, 108, 109])
+    assert np.all(weights == 1) and len(second) == 9 and set(first + 10) < set(second)
+    assert decisions.drawn == 2 and not decisions.waiting
