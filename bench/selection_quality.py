@@ -69,7 +69,8 @@ RAW_W512 = {"window": 512, "norm_power": 1.0}
 # proportion, and re-selection pools that hold the round they replace. The ablations measured then
 # keep it, so their names mean what the tables of that time say (but for the model-free proxy, now
 # cross-fitted, which no option reaches).
-UNMUTED = {"mute_suspects": False, "budget_power": 1.0}
+NO_DRAW = {"draw_uninformed": False}
+UNMUTED = {"mute_suspects": False, "budget_power": 1.0, **NO_DRAW}
 CARRIED = {**UNMUTED, "pool_previous": True}
 STATIC = {
     "random": ("random", {}),
@@ -98,6 +99,8 @@ DYNAMIC = {
     "graft-dynamic-proportional": ((DEFAULT_METHOD, {"budget_power": 1.0}), ("default", {"budget_power": 1.0})),
     "graft-dynamic-2026-12-03": (("graft", UNMUTED), ("default", CARRIED)),
     "graft-dynamic-balanced-start": (BALANCED_START, None),
+    # MaxVol's picks whatever the proxy knows (the default until 2026-12-05: no draw when it knows nothing).
+    "graft-dynamic-no-draw": ((DEFAULT_METHOD, NO_DRAW), ("default", NO_DRAW)),
     # The default of 2026-12-03 at every budget: pools of twice the budget in windows of 128.
     "graft-dynamic-pool-2x": (("graft", {"window": 128, **UNMUTED}), ("graft", {**POOL, "window": 128, **CARRIED})),
     # What each part of the 2026-12-03 path was worth: MaxVol on raw gradients; pools drawn afresh;
