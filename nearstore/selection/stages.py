@@ -227,9 +227,8 @@ class SuspectsFound:
         return self.top / self.streamed if self.streamed else 0.0
 
     def informed(self, num_classes: int) -> bool:
-        """Whether the proxy knows something of the labels: its mean top-class probability is at
-        least INFORMATIVE / C (a proxy that knows nothing gives about 1 / C)."""
-        return self.mean_top >= INFORMATIVE / num_classes
+        """Whether the proxy knows something of the labels so far (`informed`)."""
+        return informed(self.mean_top, num_classes)
 
     def add(self, ids: np.ndarray, labels: np.ndarray, quality: np.ndarray) -> None:
         self.parts.append((ids, labels, quality))
@@ -269,6 +268,12 @@ def mute_suspects(
         yield ids, groups, (residual, inputs)
 
 
+def informed(mean_top: float, num_classes: int) -> bool:
+    """Whether a proxy knows something of the labels: its mean top-class probability is at least
+    INFORMATIVE / C (one that knows nothing gives about 1 / C)."""
+    return mean_top >= INFORMATIVE / num_classes
+
+
 def suspects(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, mean_top: float) -> torch.Tensor:
     """The class each sample's label is suspected to be instead, else -1 (`kernels.label_issues`):
     another class c with p(c | x) at or above its threshold t_c and the floor min(MAJORITY,
@@ -276,7 +281,7 @@ def suspects(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor
     C), at least ODDS times p(given label | x). mean_top: the proxy's mean top-class probability."""
     floor = min(MAJORITY, CONFIDENCE_SHARE * mean_top)
     confident = label_issues(probs, labels, thresholds.clamp_min(floor))
-    if mean_top >= INFORMATIVE / probs.shape[1]:
+    if informed(mean_top, probs.shape[1]):
         own = probs.gather(1, labels[:, None])[:, 0]
         other = probs.gather(1, confident.clamp_min(0)[:, None])[:, 0]
         confident = torch.where(other >= ODDS * own, confident, torch.full_like(confident, -1))
