@@ -101,6 +101,8 @@ DYNAMIC = {
     "graft-dynamic-balanced-start": (BALANCED_START, None),
     # MaxVol's picks whatever the proxy knows (the default until 2026-12-05: no draw when it knows nothing).
     "graft-dynamic-no-draw": ((DEFAULT_METHOD, NO_DRAW), ("default", NO_DRAW)),
+    # Round 0 on gradient directions alone (norm_power=0), later rounds the default.
+    "graft-dynamic-directions-start": ((DEFAULT_METHOD, {"norm_power": 0.0}), None),
     # The default of 2026-12-03 at every budget: pools of twice the budget in windows of 128.
     "graft-dynamic-pool-2x": (("graft", {"window": 128, **UNMUTED}), ("graft", {**POOL, "window": 128, **CARRIED})),
     # What each part of the 2026-12-03 path was worth: MaxVol on raw gradients; pools drawn afresh;
