@@ -95,6 +95,11 @@ class Windowed(Protocol):
     def at_once(self, window: int) -> int: ...
 
 
+def unscored(ids: np.ndarray) -> Pick:
+    """Kept samples that no pick scored: weight 1, score NaN."""
+    return ids, np.ones(len(ids), dtype=np.float32), np.full(len(ids), np.nan, dtype=np.float32)
+
+
 class Decisions:
     """Windows waiting for a method's pick, and what the decided ones keep. While `draw()` says so
     (the proxy knows nothing of the labels), a window keeps a seeded random draw instead: its
@@ -109,14 +114,14 @@ class Decisions:
     def add(self, ids: np.ndarray, window: Window) -> None:
         """A window with its budget: kept whole where the budget holds it, drawn from while `draw()`
         says so, else left to `pick`."""
-        (parts, k), ones = window, np.ones(min(window[1], len(ids)), dtype=np.float32)
+        parts, k = window
         if k >= len(ids):  # nothing to decide
-            self.kept.append((ids, ones, np.full(len(ids), np.nan, dtype=np.float32)))
+            self.kept.append(unscored(ids))
         elif k and self.draw():
             rng = np.random.default_rng([self.seed, int(ids[0])])  # a window is known by its first id
             live = (parts[0] != 0).any(1).cpu().numpy()
             order = np.concatenate([rng.permutation(np.flatnonzero(live)), rng.permutation(np.flatnonzero(~live))])
-            self.kept.append((ids[np.sort(order[:k])], ones, np.full(k, np.nan, dtype=np.float32)))
+            self.kept.append(unscored(ids[np.sort(order[:k])]))
             self.drawn += 1
         elif k:
             self.waiting.append((ids, window))
