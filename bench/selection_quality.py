@@ -5,9 +5,10 @@
 
 Every run trains the same model from the StreamingLoader (torch backend) for the same number of
 epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
-Datasets: MNIST-1D (50,000 signals, a 1D CNN), sklearn's digits (1,400 of 8 x 8, an MLP) and
+Datasets: MNIST-1D (50,000 signals, a 1D CNN), sklearn's digits (1,400 of 8 x 8, an MLP),
 shapes (10,000 generated JPEGs of 48-160 px, decoded and augmented at 32 x 32 in the loader, the
-demo's 2D CNN; its proxy sees 32 x 32 thumbnails).
+demo's 2D CNN; its proxy sees 32 x 32 thumbnails) and classes100 (30,000 generated samples of 100
+classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig: one selection before training, by the model-free proxy beside the data;
@@ -202,7 +203,28 @@ def datasets(
         train = ensure_shapes(str(root / f"shapes-train-{train_size // 5}.zarr"), train_size // 5, 0)
         test = ensure_shapes(str(root / f"shapes-test-{test_size // 5}.zarr"), test_size // 5, 1)
         out["shapes"] = (train, _in_memory(test), image_cnn)
+    if "classes100" in names:
+        url, test_url = root / "classes100.zarr", root / "classes100-test.zarr"
+        if not url.exists():
+            write_dataset(str(url), [gaussian_classes(30_000, 1)], shard_samples=1024)
+            write_dataset(str(test_url), [gaussian_classes(10_000, 2)])
+        out["classes100"] = (open_dataset(str(url)), _in_memory(open_dataset(str(test_url))), classes100_mlp)
     return out
+
+
+def gaussian_classes(n: int, seed: int, classes: int = 100, modes: int = 3, dim: int = 64) -> dict[str, np.ndarray]:
+    """Many classes: n samples of `classes` classes in turn, shuffled, each a mixture of `modes`
+    Gaussians in `dim` dimensions (the centres fixed by seed 0, the samples by `seed`)."""
+    centres = np.random.default_rng(0).normal(size=(classes, modes, dim))
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    rng.shuffle(y)
+    x = centres[y, rng.integers(0, modes, n)] + rng.normal(size=(n, dim)) * 0.9
+    return {"x": x.astype(np.float32), "y": y}
+
+
+def classes100_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 100))
 
 
 def corrupted(dataset: Dataset, case: str, root: Path, seed: int = 0) -> tuple[Dataset, np.ndarray]:
@@ -437,7 +459,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits", "shapes"])
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits", "shapes", "classes100"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
