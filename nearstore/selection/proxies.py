@@ -78,7 +78,7 @@ class RandomFeatureProxy:
         self._projection: torch.Tensor | None = None
         self._filters: torch.Tensor | None = None  # images: (ceil(width / 4), channels, 7, 7)
         self._input_shape: tuple[int, ...] = ()
-        self._heads: torch.Tensor | None = None  # (folds, width + 1, num_classes)
+        self._heads: torch.Tensor | None = None  # (folds, num_classes, width + 1), as nn.Linear weights
 
     @property
     def embedding_dim(self) -> int:
@@ -114,12 +114,15 @@ class RandomFeatureProxy:
         return self
 
     def _fit_head(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        head = torch.zeros(h.shape[1], self.num_classes, device=self.device, requires_grad=True)
+        # A (C, H + 1) weight through F.linear: MKL multiplies (n, H) by (H, 10) 2-3x slower than by its
+        # transpose laid out this way (0.57 against 0.25 ms for 2,048 samples here).
+        head = torch.zeros(self.num_classes, h.shape[1], device=self.device, requires_grad=True)
         optimizer = torch.optim.LBFGS([head], max_iter=self.fit_steps, line_search_fn="strong_wolfe")
 
         def loss() -> torch.Tensor:
             optimizer.zero_grad()
-            value = torch.nn.functional.cross_entropy(h @ head, labels) + self.weight_decay * head.square().sum()
+            logits = torch.nn.functional.linear(h, head)
+            value = torch.nn.functional.cross_entropy(logits, labels) + self.weight_decay * head.square().sum()
             value.backward()
             return value
 
@@ -146,9 +149,10 @@ class RandomFeatureProxy:
         return self._logits(x, self.features(x))
 
     def _logits(self, x: np.ndarray, h: torch.Tensor) -> torch.Tensor:
-        every = self._with_bias(h) @ self._heads  # (folds, n, C): a few heads cost less than a gather
+        # every head at once, (n, folds, C): a few heads cost less than a gather
+        every = torch.nn.functional.linear(self._with_bias(h), self._heads.flatten(0, 1)).unflatten(1, (self.folds, -1))
         folds = torch.as_tensor(sample_folds(x, self.folds), device=self.device)
-        return every[folds, torch.arange(len(h), device=self.device)]
+        return every[torch.arange(len(h), device=self.device), folds]
 
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """Last-layer gradient embeddings, shape (n, num_classes · (width + 1))."""
