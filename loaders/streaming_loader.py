@@ -34,10 +34,12 @@ from nearstore import (
 from nearstore.checks import check_flag, check_integer
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
+from nearstore.selection.proxies import nested
 from nearstore.selection.record import sample_ids
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
 from nearstore.storage.images import ImageTransform, OnError, check_on_error, damaged
+from nearstore.storage.ragged import RaggedBatch, RaggedLayout
 
 Backend = Literal["auto", "dali", "torch"]
 # What finds the sample DALI's decoder refused: PIL decoding it as small as it can.
@@ -171,16 +173,23 @@ class StreamingLoader:
         if self.input_array not in self.source.sample_arrays:
             raise DatasetError(f"input_array {self.input_array!r} is not a sample array of {self.url!r}")
         self.arrays = [self.input_array] + ([self.source.label_array] if self.source.label_array else [])
-        encoded = self.source.identity["arrays"][self.input_array]["dtype"] == "object"
+        described = self.source.identity["arrays"][self.input_array]
+        where = f"array {self.input_array!r} of {self.url!r}"
+        self.ragged = RaggedLayout.from_attrs(described["ragged"], where) if "ragged" in described else None
+        encoded = described["dtype"] == "object" and self.ragged is None
         if images is not None and not encoded:
-            raise ParameterError(
-                f"images= decodes encoded samples, and array {self.input_array!r} of {self.url!r} holds fixed-size ones"
-            )
+            kind = "ragged numeric" if self.ragged else "fixed-size"
+            raise ParameterError(f"images= decodes encoded images, and {where} holds {kind} ones")
         self.images = images if images is not None or not encoded else ImageTransform()
         # "auto": DALI where it does work, decoding images or running a dali_transform in its graph;
         # fixed-size samples go straight to torch, faster on the CPU and on a GPU (docs/benchmarks.md)
         use_dali = dali_available() and (self.images is not None or dali_transform is not None)
         self.backend = backend if backend != "auto" else "dali" if use_dali else "torch"
+        if self.ragged is not None and self.backend == "dali":
+            raise ParameterError(
+                f"{where} holds ragged samples, which the torch backend yields (as nested tensors); "
+                "a DALI pipeline of them is not built: pass backend='torch' and a torch `transform`"
+            )
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
         self._refused: set[int] = set()  # of them, those DALI's decoder refused (no check finds them)
         if self.cache is not None:
@@ -288,7 +297,7 @@ class StreamingLoader:
         if self.backend == "dali":
             tensors = self._through_dali(batches_from, first, seed)
         else:
-            tensors = (tuple(torch.from_numpy(a).to(self.device) for a in batch) for batch in batches_from(first))
+            tensors = (tuple(_tensor(a, self.device) for a in batch) for batch in batches_from(first))
         for batch in tensors:
             self.order.batches_done += 1  # counted as delivered once the trainer holds it
             if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
@@ -458,11 +467,13 @@ class StreamingLoader:
 
     def _read_batch(
         self, ids: np.ndarray, weights: np.ndarray, round: int | str, seed: tuple[int, ...]
-    ) -> tuple[np.ndarray, ...]:
+    ) -> tuple[np.ndarray | RaggedBatch, ...]:
         ids, weights, arrays = self._read(ids, weights, round)
         if self.images is not None:
             ids, arrays, weights = self._decoded(ids, arrays, weights, seed)
-        batch = [arrays[name] for name in self.arrays]
+        batch: list[np.ndarray | RaggedBatch] = [arrays[name] for name in self.arrays]
+        if self.ragged is not None:
+            batch[0] = self.ragged.pack(batch[0], ids)
         if self.with_weights:
             batch.append(weights)
         return tuple(batch)
@@ -637,6 +648,15 @@ def _selected(num_samples: int, where: str, ids: Any, weights: Any = None) -> tu
     if np.any(weights < 0):
         raise DatasetError(f"selection weights in {where} must be >= 0, got {weights.min()}")
     return ids, weights.astype(np.float32)
+
+
+def _tensor(array: np.ndarray | RaggedBatch, device: torch.device) -> torch.Tensor:
+    """A batch's array on `device`; ragged samples as a jagged nested tensor (`nested`)."""
+    if not isinstance(array, RaggedBatch):
+        return torch.from_numpy(array).to(device)
+    if not len(array):  # every sample of the batch skipped as damaged: nothing to nest
+        return torch.from_numpy(array.values).to(device)
+    return nested(array, device)
 
 
 def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -3,6 +3,7 @@ trainer's model (`RandomFeatureProxy`), or the trainer's own model pushed back (
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import numpy as np
@@ -12,6 +13,12 @@ from kernels import last_layer_factors, last_layer_gradients
 from kernels.floats import all_finite
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.images import PROXY_IMAGES, ImageTransform
+from nearstore.storage.ragged import RaggedBatch
+
+# Ragged samples as the model-free proxy sees them: floats resampled to this many rows, integers
+# (token ids) counted into this many hashed bins; and either with the log of the sample's length.
+RAGGED_POINTS = 32
+RAGGED_BINS = 256
 
 
 class Proxy(Protocol):
@@ -43,6 +50,10 @@ class RandomFeatureProxy:
     scored by a head that never saw it: a head judging the labels it was fitted on calls them right,
     and a dataset no larger than the warm-up would have no label judged at all. `embed` gives the
     last-layer gradient embeddings (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
+
+    Ragged samples (a 1-D object array of arrays (L, ...), `nearstore.storage.ragged`) it sees as
+    fixed-size summaries (`ragged_features`): floats resampled to 32 rows, integers (token ids) as
+    a hashed bag of 256 bins; either with log(1 + L).
 
     Images, inputs (n, channels ≤ 4, H, W) as encoded images reach it decoded to 32 × 32
     (`images`), get random convolutional features instead: h = standardize(maxpool₂ₓ₂ |W ∗ x|),
@@ -172,6 +183,8 @@ class RandomFeatureProxy:
         return torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]
 
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
+        if x.dtype == object:
+            x = ragged_features(x)
         inputs = torch.as_tensor(np.asarray(x), device=self.device).float()
         if inputs.ndim == 1:
             inputs = inputs[:, None]
@@ -198,7 +211,8 @@ class ModelProxy:
     The model runs in eval mode, without gradients, in chunks of `batch_size` samples, on the
     stored samples as they are (integer samples cast to float32): preprocessing the trainer does
     in a loader transform belongs in the model's first layer for its proxy to see the same input.
-    Encoded images are decoded by `images` (default 32 × 32, centre crop, ImageNet's normalization):
+    Ragged samples reach it as the loader yields them, a jagged nested tensor (`nested`) of
+    their stored dtype. Encoded images are decoded by `images` (default 32 × 32, centre crop, ImageNet's normalization):
     give the trainer's evaluation transform for the model to see what it trains on.
     """
 
@@ -243,24 +257,71 @@ class ModelProxy:
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, the last Linear's inputs, labels) of a batch, checked."""
-        inputs = torch.as_tensor(np.asarray(x), device=self.device)
-        if not inputs.is_floating_point():
-            inputs = inputs.float()
-        labels = _labels(y, len(inputs), self.num_classes, self.device, " (the model's outputs)")
+        n = len(x)
+        if x.dtype == object:  # ragged: batches as the loader yields them
+            starts = range(0, n, self.batch_size)
+            chunks = [nested(RaggedBatch.of(x[i : i + self.batch_size]), self.device) for i in starts]
+        else:
+            inputs = torch.as_tensor(np.asarray(x), device=self.device)
+            chunks = list((inputs if inputs.is_floating_point() else inputs.float()).split(self.batch_size))
+        labels = _labels(y, n, self.num_classes, self.device, " (the model's outputs)")
         captured: list[torch.Tensor] = []
         hook = self.head.register_forward_hook(lambda _, args, __: captured.append(args[0]))
         try:
             with torch.no_grad():
-                logits = torch.cat([self.model(chunk) for chunk in inputs.split(self.batch_size)])
+                logits = torch.cat([self.model(chunk) for chunk in chunks])
         finally:
             hook.remove()
         features = torch.cat(captured)
-        if logits.shape != (len(inputs), self.num_classes) or features.shape != (len(inputs), self.head.in_features):
+        if logits.shape != (n, self.num_classes) or features.shape != (n, self.head.in_features):
             raise ParameterError(
                 f"the model must end in its last nn.Linear: got logits {tuple(logits.shape)} and features "
-                f"{tuple(features.shape)} for {len(inputs)} samples"
+                f"{tuple(features.shape)} for {n} samples"
             )
         return logits, features, labels
+
+
+def nested(batch: RaggedBatch, device: torch.device | str) -> torch.Tensor:
+    """A batch of ragged samples as a jagged nested tensor (B, j, *row_shape) on `device`: its
+    `.values()` are every row, its `.offsets()` where each sample starts, and
+    `.to_padded_tensor(pad)` pads them to the longest."""
+    lengths = np.diff(batch.offsets)
+    return torch.nested.nested_tensor_from_jagged(
+        torch.from_numpy(batch.values).to(device),
+        torch.from_numpy(batch.offsets).to(device),
+        min_seqlen=int(lengths.min()),
+        max_seqlen=int(lengths.max()),
+    )
+
+
+def ragged_features(samples: np.ndarray) -> np.ndarray:
+    """Fixed-size float32 summaries of ragged samples (a 1-D object array of arrays (L, ...)):
+    floats (signals, audio, points) resampled by linear interpolation to RAGGED_POINTS rows,
+    integers (token ids) counted into RAGGED_BINS hashed bins over L; each with log(1 + L).
+    An empty sample summarises to zeros and log 1."""
+    batch = RaggedBatch.of(list(samples))
+    rows = batch.values.reshape(len(batch.values), -1)
+    lengths = np.diff(batch.offsets)
+    n, width = len(batch), rows.shape[1]
+    if np.issubdtype(rows.dtype, np.floating):
+        # RAGGED_POINTS evenly spaced positions along each sample, each between two of its rows
+        at = np.linspace(0, 1, RAGGED_POINTS)[None] * np.maximum(lengths - 1, 0)[:, None]
+        low = np.floor(at).astype(np.int64)
+        high = np.minimum(low + 1, np.maximum(lengths - 1, 0)[:, None])
+        share = (at - low)[..., None].astype(np.float32)
+        first = batch.offsets[:-1, None]
+        empty = lengths == 0
+        padded = np.concatenate([rows.astype(np.float32), np.zeros((1, width), np.float32)])
+        low, high = (np.where(empty[:, None], len(rows), first + k) for k in (low, high))
+        summary = ((1 - share) * padded[low] + share * padded[high]).reshape(n, -1)
+    else:
+        tokens = rows.astype(np.int64).ravel()
+        owner = np.repeat(np.arange(n), lengths * width)
+        with np.errstate(over="ignore"):
+            bins = (tokens.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(56)
+        counts = np.bincount(owner * RAGGED_BINS + bins.astype(np.int64), minlength=n * RAGGED_BINS)
+        summary = counts.reshape(n, RAGGED_BINS) / np.maximum(lengths * width, 1)[:, None]
+    return np.concatenate([summary, np.log1p(lengths)[:, None]], axis=1).astype(np.float32)
 
 
 def _is_images(inputs: torch.Tensor) -> bool:
@@ -275,6 +336,9 @@ _HASH = np.random.default_rng(20261204).integers(1, 2**63, size=1 << 12, dtype=n
 def sample_folds(x: np.ndarray, folds: int) -> np.ndarray:
     """Each sample's fold in [0, folds): a hash of its bytes, so a sample (and any exact copy of
     it) lands in the same fold wherever and whenever it is read; shape (n,)."""
+    if x.dtype == object:  # ragged samples: each one's bytes digested to 8
+        digests = [hashlib.blake2b(np.ascontiguousarray(s).tobytes(), digest_size=8).digest() for s in x]
+        x = np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(len(x), 1)
     rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
     rows = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8))).view(np.uint64)
     if rows.shape[1] > len(_HASH):  # long samples: their words folded onto the multipliers by xor

@@ -20,6 +20,7 @@ from nearstore.selection.proxies import Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, SelectiveReader
 from nearstore.storage.images import ImageTransform
+from nearstore.storage.ragged import RaggedLayout
 
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
 # (ids, {group: rows}, gradient embeddings, or their two factors where asked for)
@@ -97,7 +98,10 @@ class Scan:
         embeddings' two factors (Proxy.gradient_factors) with `factored`; consecutive shards
         embedded together up to `batch_samples` (0: one shard at a time)."""
         batches = decoded(
-            shard_batches(self.reader, self.warm, progress, desc, shards), self.input_array, self.proxy.images
+            shard_batches(self.reader, self.warm, progress, desc, shards),
+            self.input_array,
+            self.proxy.images,
+            self.reader.dataset.ragged(self.input_array),
         )
         if batch_samples:
             batches = rebatch(batches, batch_samples)
@@ -115,7 +119,7 @@ class Scan:
         """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
         dataset = self.reader.dataset
         reader, batches = pool_batches(dataset, self.input_array, self.labels, labels, pools, progress, desc, reads)
-        batches = decoded(batches, self.input_array, self.proxy.images)
+        batches = decoded(batches, self.input_array, self.proxy.images, dataset.ragged(self.input_array))
         return reader, embed(batches, self.proxy, self.input_array, self.labels, True, factored)
 
 
@@ -160,15 +164,20 @@ def pool_batches(
     return reader, batches()
 
 
-def decoded(batches: Iterable[Batch], input_array: str, images: ImageTransform) -> Iterator[Batch]:
-    """Stage 1b: encoded images decoded by `images` (the proxy's), damaged ones left out (logged:
-    the scan cannot score them, so they are never selected); other inputs, and inputs decoded
-    already, pass as they are."""
+def decoded(
+    batches: Iterable[Batch], input_array: str, images: ImageTransform, ragged: RaggedLayout | None = None
+) -> Iterator[Batch]:
+    """Stage 1b: ragged samples (laid out as `ragged`) as arrays; encoded images decoded by
+    `images` (the proxy's), damaged ones left out (logged: the scan cannot score them, so they
+    are never selected); other inputs, and inputs decoded already, pass as they are."""
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="nearstore-decode") as pool:
         for ids, batch in batches:
             x = batch[input_array]
-            if x.dtype != object:
+            if x.dtype != object or (len(x) and not isinstance(x[0], bytes)):
                 yield ids, batch
+                continue
+            if ragged is not None:
+                yield ids, {**batch, input_array: ragged.decode_all(x, ids)}
                 continue
             inputs, failed = images.decode_batch(x, executor=pool)
             if failed:
@@ -301,7 +310,9 @@ def _fit_default_proxy(
             break
         r = reader.shard_range(int(shard))
         read = [(np.arange(r.start, r.stop), reader.read_shard(int(shard)))]
-        warm[int(shard)] = ids, batch = next(decoded(read, input_array, RandomFeatureProxy.images))
+        warm[int(shard)] = ids, batch = next(
+            decoded(read, input_array, RandomFeatureProxy.images, dataset.ragged(input_array))
+        )
         check_finite(batch[input_array], ids, input_array)
         taken += len(r)
     x = np.concatenate([b[input_array] for _, b in warm.values()])
@@ -312,9 +323,12 @@ def _fit_default_proxy(
 
 def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
     """Refuse, naming the first, samples whose floats hold NaN or inf: no proxy can score them."""
-    if not np.issubdtype(x.dtype, np.floating):
+    if x.dtype == object:  # ragged samples
+        bad = np.array([np.issubdtype(s.dtype, np.floating) and not np.isfinite(s).all() for s in x], dtype=bool)
+    elif np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    else:
         return
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if bad.any():
         raise DatasetError(
             f"sample {int(ids[bad][0])} of array {name!r} contains NaN or inf; the proxy cannot score it"

@@ -10,6 +10,8 @@ Layout (any zarr/xarray/dask user can open it)::
       y/                   (N,) integer labels
       image/               or (N,) encoded samples (JPEG, PNG, ... bytes as they were encoded) of
                            any length: zarr's variable-length bytes dtype, one sample an inner chunk
+      tokens/              or (N,) ragged numeric samples, stored the same way: each sample's rows
+                           as bytes, the dtype and row shape in the array's attributes
 
 Every inner chunk ends in its crc32c (zarr's crc32c codec inside the sharding codec), and the
 attributes record every shard object's size and the digest of the samples it holds (`Manifest`),
@@ -39,6 +41,7 @@ from zarr.storage import StorePath
 
 from nearstore.errors import DatasetError, ParameterError, SampleIdError
 from nearstore.storage.iostats import IOStats
+from nearstore.storage.ragged import RaggedLayout
 
 FORMAT_VERSION = 2
 # Format 1: no checksums and no manifest; read as before, with a warning.
@@ -147,6 +150,10 @@ class Dataset:
         """Whether array `name` holds encoded samples (bytes of any length) rather than fixed-size ones."""
         return self.arrays[name].dtype == object
 
+    def ragged(self, name: str) -> RaggedLayout | None:
+        """How array `name`'s ragged numeric samples are laid out; None for an array of another kind."""
+        return ragged_layout(self.array_json[name], f"{self.url!r}, array {name!r}")
+
     def required_labels(self, who: str) -> str:
         """The label array's name; a DatasetError saying that `who` needs labels if there are none."""
         if self.label_array is None:
@@ -167,9 +174,14 @@ class Dataset:
             "url": self.url,
             "format_version": self.format_version,
             "num_samples": self.num_samples,
-            "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.arrays.items()},
+            "arrays": {name: self._array_identity(name) for name in self.arrays},
             "fingerprint": self.manifest.fingerprint if self.manifest else None,
         }
+
+    def _array_identity(self, name: str) -> dict[str, Any]:
+        array, ragged = self.arrays[name], self.ragged(name)
+        described = {"shape": list(array.shape), "dtype": str(array.dtype)}
+        return described if ragged is None else {**described, "ragged": ragged.to_attrs()}
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem of the URL, and the store's root path in it."""
@@ -203,6 +215,12 @@ def encoded_bytes() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
         yield
+
+
+def ragged_layout(document: Mapping[str, Any], where: str) -> RaggedLayout | None:
+    """The ragged layout an array's zarr.json `document` records in its attributes, or None."""
+    recorded = ((document.get("attributes") or {}).get(ATTRS_KEY) or {}).get("ragged")
+    return None if recorded is None else RaggedLayout.from_attrs(recorded, where)
 
 
 def check_outside(store_url: str, url: str, what: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -295,6 +313,8 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
             raise DatasetError(f"{url!r}: {name!r} is a {document.get('node_type')}, expected an array")
         with encoded_bytes():
             array = zarr.Array.from_dict(StorePath(store, name), dict(document))
+        if ragged_layout(document, f"{url!r}, array {name!r}") is not None and array.dtype != object:
+            raise DatasetError(f"{url!r}: array {name!r} records a ragged layout but holds {array.dtype} samples")
         if array.shape[0] != num_samples:
             raise DatasetError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
         arrays[name] = array

@@ -34,6 +34,7 @@ from nearstore.storage.dataset import (
     shard_key,
 )
 from nearstore.storage.integrity import digest_samples, fingerprint, new_digest
+from nearstore.storage.ragged import RaggedLayout
 
 DEFAULT_SHARD_SAMPLES = 1024
 # zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
@@ -59,6 +60,9 @@ def write_dataset(
         names, per-sample shapes and dtypes; n may differ from batch to batch. An array of
         encoded samples (JPEG, PNG, token bytes, ...) is a 1-D object array of `bytes`, each
         stored as it is, of any length (zarr's variable-length bytes under the sharding codec).
+        An array of ragged numeric samples (token ids, audio, point sets) is a 1-D object array
+        of numpy arrays of one dtype and one shape but for their first axis, any length
+        (`nearstore.storage.ragged`).
     label_array: name of the integer label array among the batches (None: unlabelled).
     class_names: default "0".."C-1" from the largest label seen.
     num_samples: expected total, only for the progress bar and a final check.
@@ -157,6 +161,13 @@ def _zstd_saves(samples: np.ndarray, level: int) -> bool:
     return packed < (1 - _MIN_COMPRESSION_SAVING) * sum(row.nbytes for row in rows)
 
 
+def _bytes_array(blobs: list[bytes]) -> np.ndarray:
+    """A 1-D object array of `blobs` (np.asarray would pad them to fixed-width strings)."""
+    out = np.empty(len(blobs), dtype=object)
+    out[:] = blobs
+    return out
+
+
 class _ShardWriter:
     """Buffers samples until a whole shard is ready, so zarr writes every shard exactly once."""
 
@@ -174,6 +185,7 @@ class _ShardWriter:
         self.label_array = label_array
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
+        self.ragged: dict[str, RaggedLayout] = {}  # the arrays of ragged numeric samples
         self.documents: dict[str, dict[str, Any]] = {}  # each array's zarr.json, which names its shards' keys
         self.pending: dict[str, list[np.ndarray]] = {}
         self.num_pending = 0
@@ -191,6 +203,8 @@ class _ShardWriter:
             self._create(batch)
         self._check(batch)
         for name, values in batch.items():
+            if name in self.ragged:
+                values = _bytes_array([self.ragged[name].encode(sample) for sample in values])
             self.pending[name].append(values)
         self.num_pending += len(batch[self.names[0]])
         while self.num_pending >= self.shard_samples:
@@ -210,10 +224,16 @@ class _ShardWriter:
             if values.ndim == 0:
                 raise DatasetError(f"array {name!r} needs a sample axis, got a scalar")
             encoded = values.dtype == object
-            if encoded:
+            first = values[:64]
+            if encoded and len(values) and isinstance(values[0], np.ndarray):
+                self.ragged[name] = layout = RaggedLayout.of(values[0])
+                self._check_encoded(name, values, 0)
+                first = _bytes_array([layout.encode(sample) for sample in first])
+            elif encoded:
                 self._check_encoded(name, values, 0)
             sample_shape = values.shape[1:]
-            compress = _zstd_saves(values[:64], self.zstd_level)
+            compress = _zstd_saves(first, self.zstd_level)
+            ragged = {ATTRS_KEY: {"ragged": self.ragged[name].to_attrs()}} if name in self.ragged else None
             self.arrays[name] = self.group.create_array(
                 name,
                 shape=(0, *sample_shape),
@@ -225,6 +245,7 @@ class _ShardWriter:
                 fill_value=b"" if encoded else 0,
                 # every shard object exists, so a missing one is damage, not a shard of fill values
                 config={"write_empty_chunks": True},
+                attributes=ragged,
             )
             self.documents[name] = self.arrays[name].metadata.to_dict()
             self.pending[name] = []
@@ -256,14 +277,29 @@ class _ShardWriter:
             if len(labels):
                 self.max_label = max(self.max_label, int(labels.max()))
 
-    @staticmethod
-    def _check_encoded(name: str, values: np.ndarray, first: int) -> None:
-        """An array of encoded samples is 1-D and holds bytes; refuse naming the first sample that
-        is not (a str or an array would be stored as something else than what was given)."""
+    def _check_encoded(self, name: str, values: np.ndarray, first: int) -> None:
+        """An array of encoded samples is 1-D and holds bytes, or ragged arrays of the layout of
+        its first sample; refuse naming the first sample that does not (a str, say, would be
+        stored as something else than what was given)."""
         if values.ndim != 1:
             raise DatasetError(
                 f"array {name!r} of encoded samples must be 1-D (one bytes object a sample), got {values.shape}"
             )
+        layout = self.ragged.get(name)
+        if layout is not None:
+            for i, sample in enumerate(values):
+                if not layout.fits(sample):
+                    what = (
+                        f"a {sample.dtype} array of shape {sample.shape}"
+                        if isinstance(sample, np.ndarray)
+                        else f"a {type(sample).__name__}"
+                    )
+                    shape = "".join(f", {n}" for n in layout.row_shape)
+                    raise DatasetError(
+                        f"array {name!r}: sample {first + i} is {what}; the array holds ragged {layout.dtype} "
+                        f"samples of shape (length{shape})"
+                    )
+            return
         for i, sample in enumerate(values):
             if not isinstance(sample, bytes):
                 raise DatasetError(

@@ -1,6 +1,7 @@
 """One conformance suite for every `Source` a loader reads from (as zarr-python's StoreTests is for
 its stores): a store on local files, on S3 (moto) and over HTTP (nginx), and a near-storage server
-over Flight, all holding the same id-encoded samples: fixed-size ones, and encoded images."""
+over Flight, all holding the same id-encoded samples: fixed-size ones, encoded images and ragged
+token sequences."""
 
 from __future__ import annotations
 
@@ -40,12 +41,19 @@ def id_image(i: int) -> bytes:
     return out.getvalue()
 
 
+def id_tokens(i: int) -> np.ndarray:
+    """Ragged int32 tokens that encode i: i, (i % 6) times (so some are empty)."""
+    return np.full(i % 6, i, dtype=np.int32)
+
+
 @pytest.fixture(scope="module")
 def data():
-    """id_encoded's x and y, and "image": sample i's id in an encoded image."""
+    """id_encoded's x and y, "image": sample i's id in an encoded image, "tokens": in ragged tokens."""
     images = np.empty(len(id_encoded()["y"]), dtype=object)
     images[:] = [id_image(i) for i in range(len(images))]
-    return {**id_encoded(), "image": images}
+    tokens = np.empty(len(images), dtype=object)
+    tokens[:] = [id_tokens(i) for i in range(len(images))]
+    return {**id_encoded(), "image": images, "tokens": tokens}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +103,7 @@ class TestSources:
     def test_identity_names_the_samples(self, source, urls, data):
         local = open_dataset(urls["local"][0])
         assert sample_identity(source.identity) == sample_identity(local.identity())
-        assert source.num_samples == len(data["y"]) and source.sample_arrays == ("x", "y", "image")
+        assert source.num_samples == len(data["y"]) and source.sample_arrays == ("x", "y", "image", "tokens")
         assert source.label_array == "y"
 
     def test_reads_return_the_samples_asked_for_in_order(self, source, data):
@@ -150,6 +158,25 @@ class TestSources:
         seen = [int(i) for x, _ in loader for i in x[:, 0].round().long()]
         assert sorted(seen) == loader.ids.tolist()
         assert loader.io_stats()["full_epoch_bytes"] == source.stored_bytes(["x", "y"])
+
+    def test_a_loader_yields_every_selected_ragged_sample_once_as_nested_tensors(self, source):
+        ids = np.arange(0, 2500, 3) if not isinstance(source, FlightSource) else None
+        loader = StreamingLoader(source, ids, batch_size=64, input_array="tokens", device="cpu")
+        seen, empty = [], 0
+        for x, y in loader:
+            assert x.is_nested and x.dtype == torch.int32 and len(x) == len(y)
+            # sample i is i, i % 6 times: its length says i % 6 (an empty one only that it is empty)
+            lengths = x.offsets().diff()
+            padded = x.to_padded_tensor(-1)
+            for length, row, label in zip(lengths.tolist(), padded, y.tolist()):
+                assert torch.all(row[length:] == -1)
+                if length:
+                    assert torch.all(row[:length] == row[0])
+                    assert int(row[0]) % 6 == length and int(row[0]) % NUM_CLASSES == label
+            seen += [int(row[0]) for length, row in zip(lengths.tolist(), padded) if length]
+            empty += int((lengths == 0).sum())
+        assert sorted(seen) == [i for i in loader.ids.tolist() if i % 6]
+        assert empty == sum(1 for i in loader.ids.tolist() if i % 6 == 0)
 
     @pytest.mark.parametrize("backend", ["torch", "dali"])
     def test_a_loader_decodes_every_selected_image_once(self, source, data, backend):

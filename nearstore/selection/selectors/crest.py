@@ -65,7 +65,7 @@ class Crest(Selector):
             reader, batches = pool_batches(
                 dataset, input_array, dataset.label_array, labels, pools, progress, "CREST pool", self.pool_reads
             )
-            batches = decoded(batches, input_array, proxy.images)
+            batches = decoded(batches, input_array, proxy.images, dataset.ragged(input_array))
             # a damaged image left out by `decoded` stays "learned" (p = 1), so it is never chosen
             probability = np.ones(dataset.num_samples, dtype=np.float32)
             at_logits = np.empty((dataset.num_samples if self.coreset else 0, proxy.num_classes), dtype=np.float32)
