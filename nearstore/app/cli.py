@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +22,8 @@ from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, 
 from nearstore.app.synthetic import shapes_images
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector, sage_select
 from nearstore.storage import read_labels
+
+log = logging.getLogger("nearstore")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
@@ -118,6 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--max-proxy-bytes", type=int, default=1 << 30, help="largest proxy weights push accepted, in bytes"
+    )
+    serve.add_argument(
+        "--front",
+        choices=["nginx"],
+        help="run nginx at --host:--port (TLS ends there) in front of the server, which listens on 127.0.0.1: "
+        "a call past its limit (a push past --max-proxy-bytes) is cut off before the server holds it; "
+        "without a front the server buffers one gRPC message whole before refusing it",
     )
 
     info = commands.add_parser("info", help="describe a dataset or a saved selection")
@@ -362,22 +374,41 @@ def _write(url: str, what: str, data: bytes) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving import NearStoreServer
+    from nearstore.serving.front import NginxFront
     from nearstore.serving.protocol import READ_TOKEN_ENV, TOKEN_ENV
+    from nearstore.serving.server import check_exposure, is_loopback
 
     if not 0 <= args.port <= 65535:  # Arrow would refuse it with a traceback, after the first scan
         raise ParameterError(f"--port must be in [0, 65535], got {args.port}")
+    token = os.environ.get(TOKEN_ENV)  # the admin token: may also push weights and start rounds
+    read_token = os.environ.get(READ_TOKEN_ENV)  # may only read samples and selections
+    tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
+    host, port, front = args.host, args.port, contextlib.nullcontext()
+    if args.front == "nginx":
+        if not args.port:
+            raise ParameterError("--front nginx listens on --port: give one, not 0")
+        # the server's rules for what listens beyond 127.0.0.1 hold for the front, which does
+        check_exposure(args.host, token or read_token, {k: v for k, v in tls.items() if v}, args.insecure)
+        host, port = "127.0.0.1", _free_loopback_port()
+        front = NginxFront(
+            _address(args.host, args.port), f"{host}:{port}", args.max_proxy_bytes, insecure=args.insecure, **tls
+        )
+        tls = {key: None for key in tls}  # nginx speaks to the server in the clear, on the loopback
+    elif not is_loopback(args.host):
+        log.warning(
+            "without a front, one gRPC message past its limit (a push past --max-proxy-bytes) is held whole "
+            "before it is refused; --front nginx cuts it off first"
+        )
 
     server = NearStoreServer(
         open_dataset(args.url),
         name=args.name,
-        host=args.host,
-        port=args.port,
-        token=os.environ.get(TOKEN_ENV),  # the admin token: may also push weights and start rounds
-        read_token=os.environ.get(READ_TOKEN_ENV),  # may only read samples and selections
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        insecure=args.insecure,
+        host=host,
+        port=port,
+        token=token,
+        read_token=read_token,
+        **tls,
+        insecure=args.insecure and args.front is None,
         max_proxy_bytes=args.max_proxy_bytes,
         selection=Selection.load(args.selection) if args.selection else None,
         keep=args.keep,
@@ -388,10 +419,26 @@ def _serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         progress=True,
     )
+    url = server.url
+    if args.front:
+        scheme = "grpc+tls" if args.tls_cert else "grpc"
+        url = f"{scheme}://{_address(args.host, args.port)}/{server.name} (nginx in front of {server.url})"
     current = server.current
-    print(f"serving {server.url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
-    server.serve()
+    with front:
+        print(f"serving {url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
+        server.serve()  # until SIGINT or SIGTERM (Flight's own handlers), then the front stops too
     return 0
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _address(host: str, port: int) -> str:
+    """host:port, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -91,7 +92,7 @@ class NearStoreServer(flight.FlightServerBase):
         progress: bool = False,
     ) -> None:
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
-        _check_exposure(host, token or read_token, tls, insecure)
+        check_exposure(host, token or read_token, tls, insecure)
         if token is not None and token == read_token:
             raise ParameterError(
                 "read_token must differ from token (the admin token): the server could not tell them apart"
@@ -140,6 +141,27 @@ class NearStoreServer(flight.FlightServerBase):
     def url(self) -> str:
         """What a trainer passes to StreamingLoader."""
         return f"{self.scheme}://{self.host}:{self.port}/{self.name}"
+
+    def serve(self) -> None:
+        """Serve until `shutdown()`, or, called from the main thread, until this process gets SIGINT
+        or SIGTERM: then shut down (calls in flight finish) and return. (Flight's own serve takes
+        no signal: Ctrl-C would not stop it, and SIGTERM would kill it before anything is cleaned up.)"""
+        if threading.current_thread() is not threading.main_thread():
+            return super().serve()  # signal handlers belong to the main thread
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        waiting = threading.Thread(target=self.wait, name="nearstore-serve", daemon=True)
+        try:
+            waiting.start()
+            while waiting.is_alive() and not stop.wait(0.2):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stop.is_set():
+            log.info("shutting down: calls in flight finish first")
+            self.shutdown()
+        waiting.join()
 
     @property
     def current(self) -> Selection:
@@ -463,7 +485,7 @@ def _tls_options(cert: str | Path | None, key: str | Path | None, client_ca: str
     return options
 
 
-def _check_exposure(host: str, token: str | None, tls: dict[str, Any], insecure: bool) -> None:
+def check_exposure(host: str, token: str | None, tls: dict[str, Any], insecure: bool) -> None:
     """Beyond the loopback interface: a token, and TLS unless `insecure` (said in a warning)."""
     if insecure and tls:
         raise ParameterError("insecure=True and tls_cert contradict each other: give one")

@@ -1,7 +1,12 @@
-"""nginx in front of `nearstore serve` (nearstore.serving.front): calls pass through, and a request
-past its method's limit is cut off before the server buffers it whole."""
+"""nginx in front of `nearstore serve` (nearstore.serving.front), our own or the one `--front nginx`
+runs: calls pass through, and a request past its method's limit is cut off before the server
+buffers it whole."""
 
 from __future__ import annotations
+
+import signal
+import socket
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +16,10 @@ from servers import HOST, Nginx, free_port, nearstore_serve, write_tls_files
 
 from loaders import FlightSource, StreamingLoader
 from nearstore import ParameterError
+from nearstore.app.cli import main
 from nearstore.app.training import mnist1d_cnn
 from nearstore.serving import protocol
-from nearstore.serving.front import nginx_front
+from nearstore.serving.front import REQUEST_BYTES, NginxFront, nginx_front
 
 pytestmark = pytest.mark.slow  # starts a `nearstore serve` process and nginx
 
@@ -49,11 +55,13 @@ def test_a_loader_reads_and_pushes_through_the_front(front, id_data):
     loader.update_proxy(mnist1d_cnn())  # a push under the limit passes
 
 
-def test_a_call_past_its_limit_is_cut_off_before_the_server_holds_it(front):
-    server, nginx = front
-    client = flight.connect(f"grpc://{HOST}:{nginx.port}")
-    before = rss_bytes(server.pid)
-    with pytest.raises(flight.FlightError):  # 64 MiB of action body against the front's 1 MiB
+def push_past_the_limits(port: int, pid: int, limit: int) -> None:
+    """Send an action body and a weights push far past their limits to the front at `port`; both
+    are cut off, the server at `pid` grows by less than twice the front's larger `limit`, and
+    still serves."""
+    client = flight.connect(f"grpc://{HOST}:{port}")
+    before = rss_bytes(pid)
+    with pytest.raises(flight.FlightError):  # 64 MiB of action body against the front's 1 or 16 MiB
         list(client.do_action(flight.Action("select", bytes(64 << 20))))
     descriptor = protocol.weights_descriptor("ids", 100)  # announces 100 bytes, sends one 64 MiB batch
     batch = pa.record_batch([pa.array([bytes(64 << 20)], type=pa.binary())], schema=protocol.WEIGHTS)
@@ -61,10 +69,64 @@ def test_a_call_past_its_limit_is_cut_off_before_the_server_holds_it(front):
         writer, _ = client.do_put(descriptor, protocol.WEIGHTS)
         writer.write_batch(batch)
         writer.close()
-    # 1.4-1.5x here (a few MiB of the process's own on 8 MiB; 1.02x at 1 GiB); without the front, 16x
-    assert rss_bytes(server.pid) - before < 2 * LIMIT
-    assert "client intended to send too large" in nginx.error_log.read_text()
+    # 1.2-1.5x here (a few MiB of the process's own on 8 MiB; 1.02x at 1 GiB); without the front, 16x
+    assert rss_bytes(pid) - before < 2 * limit
     assert len(client.list_actions()) > 0  # and it still serves
+
+
+def test_a_call_past_its_limit_is_cut_off_before_the_server_holds_it(front):
+    server, nginx = front
+    push_past_the_limits(nginx.port, server.pid, LIMIT)  # other calls: 1 MiB
+    assert "client intended to send too large" in nginx.error_log.read_text()
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in found.split()]
+
+
+def test_serve_runs_its_own_front_and_stops_it_with_itself(id_store_url):
+    port = free_port()
+    model = "nearstore.app.training:mnist1d_cnn"
+    options = ["--method", "random", "--name", "ids", "--model", model, "--max-proxy-bytes", str(LIMIT)]
+    server = nearstore_serve(id_store_url, port, *options, "--front", "nginx")
+    try:
+        (nginx,) = children(server.pid)
+        assert "nginx" in open(f"/proc/{nginx}/cmdline").read()
+        loader = StreamingLoader(f"grpc://{HOST}:{port}/ids", batch_size=500, backend="torch", device="cpu")
+        seen = np.concatenate([x[:, 0].round().long().numpy() for x, _ in loader])
+        assert np.array_equal(np.sort(seen), loader.ids)
+        loader.update_proxy(mnist1d_cnn())  # a push under the limit passes the front
+        push_past_the_limits(port, server.pid, max(LIMIT, REQUEST_BYTES))  # other calls: the default 16 MiB
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    assert not children(server.pid)
+    with pytest.raises(OSError):  # nobody listens there any more
+        socket.create_connection((HOST, port), timeout=1).close()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "0"], "--front nginx listens on --port: give one, not 0"),
+        (["--host", "0.0.0.0", "--port", "8815"], "a token is required to listen on '0.0.0.0'"),
+    ],
+)
+def test_serve_with_a_front_keeps_the_rules_of_exposure(id_store_url, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
+    monkeypatch.delenv("NEARSTORE_READ_TOKEN", raising=False)
+    assert main(["serve", id_store_url, "--method", "random", "--front", "nginx", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_front_that_cannot_listen_says_why(tmp_path):
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        address = f"{HOST}:{taken.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=f"nginx exited before listening on {address}: .*in use"):
+            NginxFront(address, f"{HOST}:1", LIMIT).start()
 
 
 def test_the_front_terminates_tls(id_store_url, id_data, tmp_path):
@@ -98,4 +160,8 @@ def test_bad_limits_and_exposures_are_named():
         nginx_front("10.0.0.5:8815", "127.0.0.1:2", 1)
     with pytest.raises(ParameterError, match="upstream '10.0.0.6:8816' must be on 127.0.0.1"):
         nginx_front("127.0.0.1:1", "10.0.0.6:8816", 1)
+    with pytest.raises(ParameterError, match="tls_client_ca \\(mutual TLS\\) needs tls_cert and tls_key"):
+        nginx_front("127.0.0.1:1", "127.0.0.1:2", 1, tls_client_ca="ca.pem")
+    mutual = nginx_front("127.0.0.1:1", "127.0.0.1:2", 1, tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem")
+    assert "ssl_client_certificate ca.pem;" in mutual and "ssl_verify_client on;" in mutual
     assert "listen 10.0.0.5:8815 http2;" in nginx_front("10.0.0.5:8815", "[::1]:8816", 1, insecure=True)

@@ -12,7 +12,7 @@ from servers import TlsFiles, free_port, nearstore_serve, write_tls_files
 from loaders import FlightSource, StreamingLoader
 from nearstore import ParameterError, open_dataset, random_select
 from nearstore.serving import NearStoreServer
-from nearstore.serving.server import _check_exposure
+from nearstore.serving.server import check_exposure
 
 ADMIN, READ = "admin-s3cret", "read-s3cret"
 
@@ -156,15 +156,15 @@ def test_beyond_loopback_a_token_and_tls_are_required_unless_insecure(id_store, 
 
     server_tls = {"tls_certificates": [(b"cert", b"key")]}
     with caplog.at_level("WARNING", logger="nearstore"):
-        _check_exposure("10.0.0.5", ADMIN, server_tls, insecure=False)
-        _check_exposure("127.0.0.1", None, {}, insecure=False)
+        check_exposure("10.0.0.5", ADMIN, server_tls, insecure=False)
+        check_exposure("127.0.0.1", None, {}, insecure=False)
         assert not caplog.records
-        _check_exposure("10.0.0.5", ADMIN, {}, insecure=True)
+        check_exposure("10.0.0.5", ADMIN, {}, insecure=True)
     (warning,) = caplog.records
     assert "'10.0.0.5' without TLS (insecure=True)" in warning.getMessage()
     assert "the token, the samples shipped" in warning.getMessage()
     with pytest.raises(ParameterError, match="a token is required"):
-        _check_exposure("10.0.0.5", None, {}, insecure=True)
+        check_exposure("10.0.0.5", None, {}, insecure=True)
 
 
 def test_tls_files_and_tokens_are_checked_by_name(id_store, tls, tmp_path):
