@@ -32,11 +32,12 @@ URL = "s3://nearstore-chaos/ids.zarr"
 
 @pytest.fixture(scope="module")
 def s3_ids(s3) -> str:
-    """1,000 id-encoded samples in shards of 100 on moto's S3."""
+    """1,000 id-encoded samples in shards of 100 on moto's S3, a sample an inner chunk (so that reads
+    are ranges, a sample's or a run's, and there are enough of them to fault)."""
     import fsspec
 
     fsspec.filesystem("s3", **s3.storage_options).mkdir("nearstore-chaos")
-    write_dataset(URL, [id_encoded(N)], shard_samples=SHARD, storage_options=s3.storage_options)
+    write_dataset(URL, [id_encoded(N)], shard_samples=SHARD, chunk_samples=1, storage_options=s3.storage_options)
     return URL
 
 

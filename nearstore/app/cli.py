@@ -89,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     convert.add_argument("--seed", type=int, default=0, help="with mnist1d or shapes: generator seed")
     convert.add_argument("--shard-samples", type=int, default=1024)
+    convert.add_argument(
+        "--chunk-samples",
+        type=int,
+        help="samples an inner chunk of a fixed-size array (1: each its own byte range; default: as many as "
+        "fit in 4 KiB)",
+    )
     convert.add_argument("--overwrite", action="store_true")
 
     select = commands.add_parser("select", help="run the storage-side scan and save a Selection")
@@ -208,6 +214,7 @@ def _convert(args: argparse.Namespace) -> int:
         class_names=class_names,
         num_samples=num_samples,
         shard_samples=args.shard_samples,
+        chunk_samples=args.chunk_samples,
         overwrite=args.overwrite,
         progress=True,
     )

@@ -1,4 +1,4 @@
-"""The nearstore dataset format, opened read-only: a sharded Zarr v3 group, one inner chunk per sample.
+"""The nearstore dataset format, opened read-only: a sharded Zarr v3 group, small inner chunks.
 
 Layout (any zarr/xarray/dask user can open it)::
 
@@ -6,7 +6,7 @@ Layout (any zarr/xarray/dask user can open it)::
       zarr.json            group attributes: {"nearstore": {format_version, num_samples,
                            sample_arrays, label_array, class_names, fingerprint, shards}}
       x/                   (N, ...) any fixed-size dtype; shards of `shard_samples` samples,
-                           inner chunks of one sample, so one sample is one byte range
+                           inner chunks of one sample (one byte range), or of a few small ones
       y/                   (N,) integer labels
       image/               or (N,) encoded samples (JPEG, PNG, ... bytes as they were encoded) of
                            any length: zarr's variable-length bytes dtype, one sample an inner chunk

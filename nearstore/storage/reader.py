@@ -415,7 +415,9 @@ class _ReadPlan:
         if len(bad):
             shard = int(self.shard_of_chunk[bad[0]])
             bad = bad[self.shard_of_chunk[bad] == shard]
-            raise self.damage(shard, f"holds {len(bad)} damaged samples (crc32c does not match)", bad)
+            per = self.layout.chunk_samples
+            what = "samples" if per == 1 else f"inner chunks of {per} samples"
+            raise self.damage(shard, f"holds {len(bad)} damaged {what} (crc32c does not match)", bad)
 
     def assemble(self) -> np.ndarray:
         return self.decoded[self.inverse, self.ids % self.layout.chunk_samples]

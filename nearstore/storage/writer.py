@@ -1,7 +1,8 @@
 """Writing a nearstore dataset: batches streamed into shards, one shard in memory at a time.
 
-Every array is written with the sharding codec, `shard_samples` samples a shard and one sample an
-inner chunk, so one sample is one byte range, each inner chunk ending in its crc32c; every shard
+Every array is written with the sharding codec, `shard_samples` samples a shard, a sample an inner
+chunk (one byte range) unless samples are small enough to share one (`chunk_samples`), each inner
+chunk ending in its crc32c; every shard
 object is written, fill values or not, and its size and samples' digest recorded. The group
 attributes, with that manifest, go last (`open_dataset` refuses a store without them, what a
 killed writer leaves). A write that fails removes what it wrote; replacing a store writes the new
@@ -37,6 +38,10 @@ from nearstore.storage.integrity import digest_samples, fingerprint, new_digest
 from nearstore.storage.ragged import RaggedLayout
 
 DEFAULT_SHARD_SAMPLES = 1024
+# Small fixed-size samples are stored this many bytes an inner chunk at most (`chunk_samples`): a
+# sample alone is never worth a request (`Coalescing` prices one at 64 KiB), so a chunk of several
+# saves each the 16 bytes of its index entry and the 4 of its checksum.
+CHUNK_BYTES = 4096
 # zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
 _MIN_COMPRESSION_SAVING = 0.1
 
@@ -49,6 +54,7 @@ def write_dataset(
     class_names: Iterable[str] | None = None,
     num_samples: int | None = None,
     shard_samples: int = DEFAULT_SHARD_SAMPLES,
+    chunk_samples: int | None = None,
     zstd_level: int = 3,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
@@ -66,9 +72,18 @@ def write_dataset(
     label_array: name of the integer label array among the batches (None: unlabelled).
     class_names: default "0".."C-1" from the largest label seen.
     num_samples: expected total, only for the progress bar and a final check.
+    chunk_samples: samples an inner chunk of each fixed-size array holds, a divisor of
+        shard_samples. 1: a sample is one byte range, read alone at its own cost. More, for small
+        samples, which are read in bulk anyway (a request is worth 64 KiB, `Coalescing`): a
+        sample costs 20 bytes of index and checksum less (a 160-byte one at 16: 161 bytes stored,
+        not 180), and one read alone costs its chunk. None (the default): per array, as many as
+        fit in CHUNK_BYTES (1 for samples of 2 KiB or more). Encoded and ragged samples are one an
+        inner chunk whatever this says.
     """
     if shard_samples < 1:
         raise ParameterError(f"shard_samples must be >= 1, got {shard_samples}")
+    if chunk_samples is not None and (chunk_samples < 1 or shard_samples % chunk_samples):
+        raise ParameterError(f"chunk_samples must be a divisor of shard_samples ({shard_samples}), got {chunk_samples}")
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
     replacing = fs.exists(root)
@@ -87,6 +102,7 @@ def write_dataset(
             class_names,
             num_samples,
             shard_samples,
+            chunk_samples,
             zstd_level,
             progress,
             url,
@@ -112,12 +128,13 @@ def _write(
     class_names: Iterable[str] | None,
     num_samples: int | None,
     shard_samples: int,
+    chunk_samples: int | None,
     zstd_level: int,
     progress: bool,
     url: str,
 ) -> None:
     """Write the store into `group`, which is at `root` of `fs`; `url` names it in messages."""
-    writer = _ShardWriter(group, fs, root, shard_samples, zstd_level, label_array)
+    writer = _ShardWriter(group, fs, root, shard_samples, chunk_samples, zstd_level, label_array)
     with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
@@ -177,11 +194,12 @@ class _ShardWriter:
         fs: fsspec.AbstractFileSystem,
         root: str,
         shard_samples: int,
+        chunk_samples: int | None,
         zstd_level: int,
         label_array: str | None,
     ):
         self.group, self.fs, self.root = group, fs, root
-        self.shard_samples, self.zstd_level = shard_samples, zstd_level
+        self.shard_samples, self.chunk_samples, self.zstd_level = shard_samples, chunk_samples, zstd_level
         self.label_array = label_array
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
@@ -238,7 +256,7 @@ class _ShardWriter:
                 name,
                 shape=(0, *sample_shape),
                 dtype=VariableLengthBytes() if encoded else values.dtype,
-                chunks=(1, *sample_shape),
+                chunks=(1 if encoded else self._chunk_samples(values), *sample_shape),
                 shards=(self.shard_samples, *sample_shape),
                 # the checksum last: it covers the bytes as stored, and is checked before zstd decodes
                 compressors=[ZstdCodec(level=self.zstd_level), Crc32cCodec()] if compress else [Crc32cCodec()],
@@ -250,6 +268,14 @@ class _ShardWriter:
             self.documents[name] = self.arrays[name].metadata.to_dict()
             self.pending[name] = []
             self.nbytes[name], self.digests[name], self.content[name] = [], [], new_digest()
+
+    def _chunk_samples(self, values: np.ndarray) -> int:
+        """Samples an inner chunk of these fixed-size samples holds: as asked, or the most that
+        fit in CHUNK_BYTES, a divisor of the shard."""
+        if self.chunk_samples is not None:
+            return self.chunk_samples
+        fit = max(1, CHUNK_BYTES // max(1, values[:1].nbytes))
+        return max(d for d in range(1, min(fit, self.shard_samples) + 1) if self.shard_samples % d == 0)
 
     def _check(self, batch: Mapping[str, np.ndarray]) -> None:
         if tuple(batch) != self.names:

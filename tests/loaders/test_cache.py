@@ -159,7 +159,7 @@ def test_a_shards_shuffle_reads_a_block_of_shards_at_a_time(id_store):
 def test_damaged_shard_mates_do_not_fail_a_sound_batch(tmp_path, id_data):
     from nearstore import write_dataset
 
-    dataset = write_dataset(str(tmp_path / "d.zarr"), [id_data], shard_samples=256)
+    dataset = write_dataset(str(tmp_path / "d.zarr"), [id_data], shard_samples=256, chunk_samples=1)
     # sample 5's chunk damaged: a batch of shard 0 without it reads whole; the one with it fails by name
     path = os.path.join(dataset.url, "x", "c", "0", "0")
     raw = bytearray(open(path, "rb").read())

@@ -160,6 +160,10 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
         (["demo", "--epochs", "-1", "--workdir", "{tmp}/w"], "epochs must be an integer >= 1, got -1"),
         (["convert", "{tmp}/junk.npy", "{tmp}/j.zarr"], "junk.npy is neither an .npy file nor an .npz archive"),
+        (
+            ["convert", "digits", "{tmp}/d.zarr", "--chunk-samples", "3"],
+            r"chunk_samples must be a divisor of shard_samples \(1024\), got 3",
+        ),
     ],
 )
 def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):

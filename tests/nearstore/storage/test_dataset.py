@@ -54,6 +54,37 @@ def test_writer_streams_one_shard_at_a_time(tmp_path):
     np.testing.assert_array_equal(ds.arrays["x"][:, 0], np.repeat(np.arange(10), 100))
 
 
+def test_small_samples_share_inner_chunks_and_read_back_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(3000, 40)).astype(np.float32),  # 160 bytes: 16 to a 4 KiB chunk
+        "image": rng.integers(0, 256, size=(3000, 3, 32, 32), dtype=np.uint8),  # 3 KiB: alone
+        "y": rng.integers(0, 10, 3000),  # 8 bytes: 512 to a chunk
+    }
+    chunked = write_dataset(str(tmp_path / "chunked.zarr"), [batch])
+    assert [chunked.arrays[name].chunks[0] for name in batch] == [16, 1, 512]
+    single = write_dataset(str(tmp_path / "single.zarr"), [batch], chunk_samples=1)
+    # a sample's 16-byte index entry and 4-byte checksum, spread over its chunk
+    assert chunked.stored_nbytes(["x"]) < single.stored_nbytes(["x"]) - 3000 * 18
+    ids = rng.permutation(3000)[:400]
+    for dataset in (chunked, single):
+        read = SelectiveReader(dataset).read(np.concatenate([ids, ids[:7], [2999, 0]]))
+        for name, values in batch.items():
+            np.testing.assert_array_equal(read[name], values[np.concatenate([ids, ids[:7], [2999, 0]])])
+    assert chunked.identity()["fingerprint"] == single.identity()["fingerprint"]  # the same samples
+
+
+@pytest.mark.parametrize("chunk_samples", [0, 3, 2048])
+def test_chunk_samples_must_divide_the_shard(tmp_path, chunk_samples):
+    with pytest.raises(
+        ValueError, match=f"chunk_samples must be a divisor of shard_samples \\(1024\\), got {chunk_samples}"
+    ):
+        write_dataset(
+            str(tmp_path / "c.zarr"), [{"x": np.zeros((4, 2))}], label_array=None, chunk_samples=chunk_samples
+        )
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
     before = fingerprint(id_store.url)
     with pytest.raises(FileExistsError, match="already exists"):

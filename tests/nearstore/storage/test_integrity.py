@@ -106,6 +106,19 @@ def test_a_flipped_byte_names_the_one_sample_it_damaged(store):
     np.testing.assert_array_equal(read(store, [SHARD_SAMPLES + 6])["x"], id_encoded()["x"][[SHARD_SAMPLES + 6]])
 
 
+def test_a_flipped_byte_in_a_chunk_of_samples_names_the_ids_read_from_it(tmp_path):
+    url = str(tmp_path / "chunked.zarr")
+    data = id_encoded(600)
+    dataset = write_dataset(url, [data], shard_samples=200, chunk_samples=8)
+    flip(shard_file(url, "x", 1), 3 * (8 * 32 + 4) + 5)  # inside the 4th chunk: samples 224-231
+    with pytest.raises(IntegrityError, match="1 damaged inner chunks of 8 samples .crc32c") as raised:
+        SelectiveReader(dataset, ["x"]).read(np.array([225, 229, 100, 232]))
+    assert raised.value.ids == (225, 229)
+    np.testing.assert_array_equal(
+        SelectiveReader(open_dataset(url), ["x"]).read(np.array([232, 223]))["x"], data["x"][[232, 223]]
+    )
+
+
 def test_damage_in_compressed_and_encoded_samples_is_refused(tmp_path):
     rng = np.random.default_rng(0)
     images = np.empty(300, dtype=object)

@@ -16,7 +16,9 @@ from nearstore.errors import IntegrityError
 
 N, SHARD, DIM = 3000, 256, 40
 INDEX_BYTES = SHARD * 16 + 4
-SAMPLE_BYTES = {"x": DIM * 4 + 4, "y": 8 + 4}  # raw (random floats do not compress, labels are tiny), a crc32c
+# raw (random floats do not compress, labels are tiny), a crc32c; the stores here are written a
+# sample an inner chunk (`chunk_samples=1`), so that a sample is a range of its own
+SAMPLE_BYTES = {"x": DIM * 4 + 4, "y": 8 + 4}
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +35,17 @@ def batches(data):
 def s3_store(s3, data):
     fsspec.filesystem("s3", **s3.storage_options).mkdir("nearstore-test")
     return write_dataset(
-        "s3://nearstore-test/ds.zarr", batches(data), shard_samples=SHARD, storage_options=s3.storage_options
+        "s3://nearstore-test/ds.zarr",
+        batches(data),
+        shard_samples=SHARD,
+        chunk_samples=1,
+        storage_options=s3.storage_options,
     )
 
 
 @pytest.fixture(scope="module")
 def http_store(nginx, data):
-    write_dataset(str(nginx.root / "ds.zarr"), batches(data), shard_samples=SHARD)
+    write_dataset(str(nginx.root / "ds.zarr"), batches(data), shard_samples=SHARD, chunk_samples=1)
     return open_dataset(f"{nginx.url}/ds.zarr")
 
 
@@ -157,7 +163,7 @@ def test_selection_pools_are_read_in_a_request_or_two_a_shard(remote, data, tmp_
     dataset, books, prefix = remote
     proxy = nearstore.RandomFeatureProxy(10, width=16).fit(data["x"], data["y"])
     selection = selector.select(dataset, 0.25, proxy=proxy, seed=4)
-    local = write_dataset(str(tmp_path / "local.zarr"), batches(data), shard_samples=SHARD)
+    local = write_dataset(str(tmp_path / "local.zarr"), batches(data), shard_samples=SHARD, chunk_samples=1)
     np.testing.assert_array_equal(selection.ids, selector.select(local, 0.25, proxy=proxy, seed=4).ids)
 
     served = [s for s in books().gets(prefix) if "/x/c/" in s.path]  # the pool's inputs; labels are read whole
