@@ -20,7 +20,7 @@ from nearstore import NearstoreError, ParameterError, Selection, open_dataset, v
 from nearstore.app import converters
 from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, mds_images, webdataset_images
 from nearstore.app.synthetic import shapes_images
-from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector, sage_select
+from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
 from nearstore.storage import read_labels
 
 log = logging.getLogger("nearstore")
@@ -101,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     select.add_argument("url", help="dataset URL")
     select.add_argument("out", help="where to save the selection (.npz)")
     _selector_arguments(select)
-    select.add_argument("--scheduler", help="a dask.distributed scheduler (tcp://host:port) to run the SAGE scan on")
+    select.add_argument(
+        "--scheduler", help="a dask.distributed scheduler (tcp://host:port) to run the scan on (SAGE, GRAFT, CRAIG)"
+    )
     select.add_argument(
         "--report", help="write the samples whose label looks wrong here (CSV: id, label, suggested, quality)"
     )
@@ -129,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--max-proxy-bytes", type=int, default=1 << 30, help="largest proxy weights push accepted, in bytes"
+    )
+    serve.add_argument(
+        "--scheduler",
+        help="a dask.distributed scheduler (tcp://host:port): rounds that scan every shard run there "
+        "(SAGE, GRAFT, CRAIG)",
     )
     serve.add_argument(
         "--front",
@@ -321,8 +328,8 @@ def _options(pairs: list[str]) -> dict[str, object]:
 def _select(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.url)
     options = _options(args.option)
-    if args.scheduler and args.method != "sage":
-        raise ParameterError(f"--scheduler runs the SAGE scan only, not {args.method!r}")
+    if args.scheduler and args.method not in ("sage", "graft", "craig"):
+        raise ParameterError(f"--scheduler runs the scans of sage, graft and craig, not {args.method!r}")
     selector = make_selector(args.method, **options)  # options checked before any scan
     if args.report and not selector.mute_suspects:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
@@ -339,7 +346,7 @@ def _select(args: argparse.Namespace) -> int:
 
         with Client(args.scheduler) as client:
             executor = make_executor("dask", client=client)
-            selection = sage_select(dataset, args.keep, seed=args.seed, executor=executor, **options)
+            selection = selector.select(dataset, args.keep, seed=args.seed, executor=executor)
     else:
         selection = selector.select(dataset, args.keep, seed=args.seed, progress=True)
     selection.save(args.out)
@@ -407,34 +414,41 @@ def _serve(args: argparse.Namespace) -> int:
             "before it is refused; --front nginx cuts it off first"
         )
 
-    server = NearStoreServer(
-        open_dataset(args.url),
-        name=args.name,
-        host=host,
-        port=port,
-        token=token,
-        read_token=read_token,
-        **tls,
-        insecure=args.insecure and args.front is None,
-        max_proxy_bytes=args.max_proxy_bytes,
-        selection=Selection.load(args.selection) if args.selection else None,
-        keep=args.keep,
-        method=args.method,
-        options=_options(args.option),
-        seed=args.seed,
-        model=args.model,
-        state_dir=args.state_dir,
-        progress=True,
-    )
-    url = server.url
-    if args.front:
-        scheme = "grpc+tls" if args.tls_cert else "grpc"
-        url = f"{scheme}://{_address(args.host, args.port)}/{server.name} (nginx in front of {server.url})"
-    current = server.current
-    with front:
-        print(f"serving {url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
-        server.serve()  # until SIGINT or SIGTERM (Flight's own handlers), then the front stops too
-    return 0
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if args.scheduler:
+            from distributed import Client
+
+            executor = make_executor("dask", client=stack.enter_context(Client(args.scheduler)))
+        server = NearStoreServer(
+            open_dataset(args.url),
+            name=args.name,
+            host=host,
+            port=port,
+            token=token,
+            read_token=read_token,
+            **tls,
+            insecure=args.insecure and args.front is None,
+            max_proxy_bytes=args.max_proxy_bytes,
+            selection=Selection.load(args.selection) if args.selection else None,
+            keep=args.keep,
+            method=args.method,
+            options=_options(args.option),
+            seed=args.seed,
+            model=args.model,
+            state_dir=args.state_dir,
+            progress=True,
+            executor=executor,
+        )
+        url = server.url
+        if args.front:
+            scheme = "grpc+tls" if args.tls_cert else "grpc"
+            url = f"{scheme}://{_address(args.host, args.port)}/{server.name} (nginx in front of {server.url})"
+        current = server.current
+        with front:
+            print(f"serving {url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
+            server.serve()  # until SIGINT or SIGTERM, then the front stops too
+        return 0
 
 
 def _free_loopback_port() -> int:

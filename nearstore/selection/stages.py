@@ -243,9 +243,14 @@ class SuspectsFound:
         self.parts.append((ids, labels, quality))
 
     def suspects(self) -> Suspects:
-        if not self.parts:
-            return Suspects(np.zeros(0), np.zeros(0), np.zeros(0))
-        return Suspects(*(np.concatenate(column) for column in zip(*self.parts)))
+        return suspects_of(self.parts)
+
+
+def suspects_of(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Suspects:
+    """The suspects of `parts`, (ids, suggested labels, quality) each, in one record."""
+    if not parts:
+        return Suspects(np.zeros(0), np.zeros(0), np.zeros(0))
+    return Suspects(*(np.concatenate(column) for column in zip(*parts)))
 
 
 def mute_suspects(

@@ -6,13 +6,15 @@ decide, whatever the number of samples."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from kernels import facility_location
+from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import (
     check_keep,
     check_seed,
@@ -24,7 +26,16 @@ from nearstore.selection.plan import (
 )
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.stages import INFORMATIVE, Scan, SuspectsFound, log, mute_suspects, scan_io
+from nearstore.selection.stages import (
+    INFORMATIVE,
+    Embedded,
+    Scan,
+    SuspectsFound,
+    log,
+    mute_suspects,
+    scan_io,
+    suspects_of,
+)
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
 
 # A window to decide: its samples' embeddings (or their two factors), and how many to keep.
@@ -42,10 +53,13 @@ class ClassWindows:
     budget: the class keeps rate(class) = (total, of), `total` of every `of` of its samples, in
     `share`s of the running totals; a class whose budget rounds to zero keeps one sample."""
 
-    def __init__(self, window: int, rate: Callable[[int], tuple[float, int]]) -> None:
+    def __init__(
+        self, window: int, rate: Callable[[int], tuple[float, int]], seen: dict[int, int] | None = None
+    ) -> None:
+        """seen: each class's samples before these (a later partition of the shards starts there)."""
         self.window, self.rate = window, rate
         self._pending: dict[int, tuple[np.ndarray, tuple[torch.Tensor, ...]]] = {}
-        self._seen: dict[int, int] = {}
+        self._seen: dict[int, int] = dict(seen or {})
         self._kept: dict[int, int] = {}
 
     def add(self, group: int, ids: np.ndarray, parts: tuple[torch.Tensor, ...]) -> Iterator[tuple[np.ndarray, Window]]:
@@ -134,6 +148,84 @@ class Decisions:
             self.waiting.clear()
 
 
+@dataclass
+class WindowedPart:
+    """What windowed selection kept over some of the shards: each decided window's (ids, weights,
+    scores), the suspects found, the windows drawn, and the proxy's summed top-class probability
+    over the samples streamed. Parts over disjoint shards merge by concatenation."""
+
+    kept: list[Pick]
+    suspects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    drawn: int
+    top: float
+    streamed: int
+
+    @staticmethod
+    def merge(a: WindowedPart, b: WindowedPart) -> WindowedPart:
+        return WindowedPart(
+            a.kept + b.kept, a.suspects + b.suspects, a.drawn + b.drawn, a.top + b.top, a.streamed + b.streamed
+        )
+
+    @property
+    def mean_top(self) -> float:
+        return self.top / self.streamed if self.streamed else 0.0
+
+
+def decide(
+    stream: Iterable[Embedded], windows: ClassWindows, selector: Windowed, num_classes: int, seed: int
+) -> WindowedPart:
+    """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
+    proxy knows nothing of the labels, or picked by the selector, `at_once` windows together."""
+    found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed else None
+    draw = lambda: False  # noqa: E731
+    if found is not None:
+        stream = mute_suspects(stream, num_classes, found, mute=selector.mute_suspects)
+        if selector.draw_uninformed:
+            draw = lambda: not found.informed(num_classes)  # noqa: E731
+    decisions, at_once = Decisions(selector.pick, draw, seed), selector.at_once(windows.window)
+    for ids, groups, embeddings in stream:
+        parts = embeddings if selector.factored else (embeddings,)
+        for group, rows in groups.items():
+            for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
+                decisions.add(*cut)
+                if len(decisions.waiting) >= at_once:
+                    decisions.decide()
+    for cut in windows.finish():
+        decisions.add(*cut)
+    decisions.decide()
+    if found is None:
+        return WindowedPart(decisions.kept, [], decisions.drawn, 0.0, 0)
+    return WindowedPart(decisions.kept, found.parts, decisions.drawn, found.top, found.streamed)
+
+
+def windowed_pass(
+    scan: Scan,
+    shards: list[int],
+    *,
+    selector: Windowed,
+    window: int,
+    budgets: dict[int, tuple[float, int]] | None,
+    keep: float,
+    before: np.ndarray | None,
+    seed: int,
+    progress: bool,
+) -> WindowedPart:
+    """The pass over `shards` (consecutive) of a scan: every sample embedded, windowed per class and
+    decided. A class keeps `budgets[c]` = (total, of) of its samples, or `keep` of them (None);
+    before: each class's samples in the shards before shard s, (num_shards + 1, C) (None: from the
+    first shard), so that rounded running totals keep the budgets exact across partitions."""
+    stream = scan.embeddings(
+        progress,
+        f"{selector.method} pass 1/1",
+        factored=selector.factored,
+        batch_samples=EMBED_BATCH_SAMPLES,
+        shards=shards,
+    )
+    seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
+    windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed)
+
+
 def windowed_select(
     selector: Windowed,
     dataset: Dataset,
@@ -147,68 +239,71 @@ def windowed_select(
     previous: np.ndarray | None = None,
     pool_reads: Coalescing = DEFAULT_READS,
     budget_power: float = 1.0,
+    executor: Executor | None = None,
 ) -> Selection:
     """Stream gradient embeddings once; per class, cut them into windows (`ClassWindows`) and keep
     what the selector picks of each, deciding `at_once` windows together. A class keeps
     round(keep · n_c) samples in all (at least one), or with `budget_power` below 1 a budget that
     grows as n_c^budget_power (`plan.class_budgets`: the labels are read first). With `pool`, only a
     pool of pool × its budget per class is read (coalescing as `pool_reads`) and windowed: the
-    `previous` ids of the class, the rest drawn at random (`plan.class_pools`)."""
+    `previous` ids of the class, the rest drawn at random (`plan.class_pools`).
+
+    executor: where the pass over every shard runs (`nearstore.selection.executors`): in this
+    process by default, or on a Dask cluster, a task a partition of consecutive shards, each
+    windowing its own shards (a window does not straddle two partitions) with the class budgets
+    kept exact by the labels' running counts, each judging labels and the proxy on what it streams.
+    A round on a pool runs in this process: it reads the pool only."""
     check_keep(keep)
     check_seed(seed)
     started = time.perf_counter()
-    window, factored = selector.window_for(keep), selector.factored
+    executor = executor or LocalExecutor()
+    window = selector.window_for(keep)
     scan = Scan.open(dataset, selector.method, proxy, seed, device)
-    readers = [scan.reader]
+    readers, worker_reads = [scan.reader], {"bytes": 0, "requests": 0}
     if pool is None:
-        stream = scan.embeddings(
-            progress, f"{selector.method} pass 1/1", factored=factored, batch_samples=EMBED_BATCH_SAMPLES
-        )
-        if budget_power == 1:  # in proportion: no class sizes needed before the scan
-            windows = ClassWindows(window, lambda group: (keep, 1))
-        else:
+        budgets, before = None, None
+        if budget_power != 1 or executor.name != "local":
             labels, labels_reader = read_labels(dataset, "budgets by class size")
             readers.append(labels_reader)
             sizes = class_sizes(labels)
-            budgets = class_budgets(sizes, keep, budget_power)
-            windows = ClassWindows(window, lambda group: (budgets[group], sizes[group]))
+            if budget_power != 1:
+                counts = class_budgets(sizes, keep, budget_power)
+                budgets = {c: (counts[c], sizes[c]) for c in sizes}
+            if executor.name != "local":  # each partition starts its classes' running counts where it starts
+                before = _class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
+        arguments = dict(selector=selector, window=window, budgets=budgets, keep=keep, before=before, seed=seed)
+        part, worker_reads = executor.map_reduce(
+            scan, windowed_pass, WindowedPart.merge, progress=progress, **arguments
+        )
+        if executor.name == "local":  # the scan's own reader did the reading: counted below
+            worker_reads = {"bytes": 0, "requests": 0}
     else:
+        if executor.name != "local":
+            log.info(
+                "a round on a pool runs in this process, not on the %s executor: it reads the pool only", executor.name
+            )
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
         budgets, pools = class_pools(
             labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
         )
-        inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, factored)
+        inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, selector.factored)
         readers += [labels_reader, inputs]
         windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))
-    found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed else None
-    draw = lambda: False  # noqa: E731
-    if found is not None:
-        stream = mute_suspects(stream, scan.proxy.num_classes, found, mute=selector.mute_suspects)
-        if selector.draw_uninformed:
-            draw = lambda: not found.informed(scan.proxy.num_classes)  # noqa: E731
-    decisions, at_once = Decisions(selector.pick, draw, seed), selector.at_once(window)
-    for ids, groups, embeddings in stream:
-        parts = embeddings if factored else (embeddings,)
-        for group, rows in groups.items():
-            for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
-                decisions.add(*cut)
-                if len(decisions.waiting) >= at_once:
-                    decisions.decide()
-    for cut in windows.finish():
-        decisions.add(*cut)
-    decisions.decide()
+        part = decide(stream, windows, selector, scan.proxy.num_classes, seed)
 
-    if decisions.drawn:
+    if part.drawn:
         log.info(
             "%s: the proxy knows nothing of the labels (mean top-class probability %.3f, under %g / %d): "
             "%d windows drawn at random",
             selector.method,
-            found.mean_top,
+            part.mean_top,
             INFORMATIVE,
             scan.proxy.num_classes,
-            decisions.drawn,
+            part.drawn,
         )
-    kept = decisions.kept
+    kept = part.kept
+    io = scan_io(started, readers)
+    io.update(bytes=io["bytes"] + worker_reads["bytes"], requests=io["requests"] + worker_reads["requests"])
     return Selection.of(
         dataset,
         np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),
@@ -220,13 +315,24 @@ def windowed_select(
             "seed": seed,
             "proxy": type(scan.proxy).__name__,
             "previous": None if previous is None else len(previous),
-            "windows_drawn": decisions.drawn,
+            "windows_drawn": part.drawn,
             **selector.params(),
             "window": window,
+            **({} if executor.name == "local" else {"executor": executor.name}),
         },
-        io=scan_io(started, readers),
-        suspects=found.suspects() if selector.mute_suspects else None,
+        io=io,
+        suspects=suspects_of(part.suspects) if selector.mute_suspects else None,
     )
+
+
+def _class_counts_before_shards(labels: np.ndarray, shard_samples: int, num_classes: int) -> np.ndarray:
+    """(num_shards + 1, C): row s counts each class's samples in the shards before shard s."""
+    shard = np.arange(len(labels)) // shard_samples
+    counts = np.zeros(
+        (shard[-1] + 2 if len(labels) else 1, max(num_classes, int(labels.max(initial=-1)) + 1)), np.int64
+    )
+    np.add.at(counts, (shard + 1, labels), 1)
+    return np.cumsum(counts, axis=0)
 
 
 def coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import torch
 from nearstore.checks import check_integer
 from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
+from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.selectors import next_round
 from nearstore.serving import protocol
@@ -66,6 +67,9 @@ class NearStoreServer(flight.FlightServerBase):
         server started on a state_dir that holds them resumes from them instead of selecting.
     max_proxy_bytes: the largest pushed state_dict accepted, in bytes; a push announcing more is
         refused before its first byte is read.
+    executor: where rounds scanning every shard run (`nearstore.selection.executors`): in this
+        process by default, or on a Dask cluster beside the storage (SAGE, GRAFT, CRAIG); rounds
+        on a pool and CREST's run here.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class NearStoreServer(flight.FlightServerBase):
         state_dir: str | Path | None = None,
         max_proxy_bytes: int = protocol.MAX_PROXY_BYTES,
         progress: bool = False,
+        executor: Executor | None = None,
     ) -> None:
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
         check_exposure(host, token or read_token, tls, insecure)
@@ -106,7 +111,7 @@ class NearStoreServer(flight.FlightServerBase):
         # called by every trainer at every epoch's start and end.
         self.stored_bytes = {name: dataset.stored_nbytes([name]) for name in dataset.sample_arrays}
         self.shipped = IOStats()
-        self.progress = progress
+        self.progress, self.executor = progress, executor
         self._model_factory = _import_factory(model) if isinstance(model, str) else model
         self._proxy: ModelProxy | None = None
         self.proxy_version = 0
@@ -356,6 +361,7 @@ class NearStoreServer(flight.FlightServerBase):
                 seed=seed,
                 proxy=proxy,
                 progress=self.progress,
+                executor=self.executor,
             )
             selection = replace(selection, params={**selection.params, "proxy_version": proxy_version})
             self._keep_round(selection)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nearstore.errors import ParameterError
+from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
@@ -47,13 +48,14 @@ def next_round(
     proxy: Proxy | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> Selection:
-    """Selection round `number`, run by `method` with `options` and `proxy`; the selector is handed
-    the ids of the round it replaces, `previous`."""
+    """Selection round `number`, run by `method` with `options` and `proxy` (on `executor`); the
+    selector is handed the ids of the round it replaces, `previous`."""
     check_seed(seed)
     selector = make_selector(method, **options)
     selection = selector.select(
-        dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, previous=previous
+        dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, previous=previous, executor=executor
     )
     return replace(selection, round=number)
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_range
+from nearstore.selection.executors import Executor
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.windows import Pick, Window
@@ -44,6 +45,7 @@ class Selector(ABC):
         device: torch.device | str = "cpu",
         progress: bool = False,
         previous: np.ndarray | None = None,
+        executor: Executor | None = None,
     ) -> Selection:
         """Select about round(keep · N) samples of `dataset`.
 
@@ -51,6 +53,9 @@ class Selector(ABC):
             default a RandomFeatureProxy fitted on warm-up shards.
         previous: the ids of the round this one replaces, if any. GRAFT on a pool puts them in
             its pool (`pool_previous`); the other selectors do not use them.
+        executor: where a scan over every shard runs (`nearstore.selection.executors`): in this
+            process by default, or on a Dask cluster (SAGE, GRAFT, CRAIG); CREST and rounds on a
+            pool read the pool only and run in this process whatever it says.
         """
 
     def params(self) -> dict[str, Any]:

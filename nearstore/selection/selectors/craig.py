@@ -28,8 +28,12 @@ class Craig(WindowedSelector):
     def __post_init__(self) -> None:
         check_window(self.window)
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
-        return windowed_select(self, dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress)
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
+        return windowed_select(
+            self, dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, executor=executor
+        )
 
     def window_for(self, keep: float) -> int:
         return self.window

@@ -18,7 +18,7 @@ from nearstore.selection.selectors.base import (
     check_pool,
     check_window,
 )
-from nearstore.selection.stages import check_finite, check_proxy, decoded, pool_batches, scan_io
+from nearstore.selection.stages import check_finite, check_proxy, decoded, log, pool_batches, scan_io
 from nearstore.selection.windows import coresets
 from nearstore.storage import DEFAULT_READS, Coalescing, read_labels
 
@@ -51,9 +51,13 @@ class Crest(Selector):
         check_window(self.coreset_window, "coreset_window")
         object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads, "pool_reads"))
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
         check_keep(keep)
         check_seed(seed)
+        if executor is not None and executor.name != "local":
+            log.info("CREST runs in this process, not on the %s executor: it reads a pool only", executor.name)
         started = time.perf_counter()
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
         budgets, pools = class_pools(labels, keep, self.pool, seed, whole=proxy is None)

@@ -100,7 +100,9 @@ class Graft(WindowedSelector):
 
     factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
         return windowed_select(
             self,
             dataset,
@@ -113,6 +115,7 @@ class Graft(WindowedSelector):
             previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
             pool_reads=self.pool_reads,
             budget_power=self.budget_power,
+            executor=executor,
         )
 
     def window_for(self, keep: float) -> int:

@@ -40,5 +40,7 @@ class Random(Selector):
     def __post_init__(self) -> None:
         check_flag("class_balanced", self.class_balanced)
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
         return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)

@@ -197,7 +197,9 @@ class Sage(Selector):
         check_flag("class_balanced", self.class_balanced)
         _check_score(self.score)
 
-    def select(self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None) -> Selection:
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
         return sage_select(
             dataset,
             keep,
@@ -208,4 +210,5 @@ class Sage(Selector):
             seed=seed,
             device=device,
             progress=progress,
+            executor=executor,
         )

@@ -1,5 +1,5 @@
-"""Executors: the SAGE scan on a real dask.distributed cluster (2 worker processes on 127.0.0.1)
-against the same scan in process."""
+"""Executors: the SAGE scan and windowed selection (GRAFT, CRAIG) on a real dask.distributed
+cluster (2 worker processes on 127.0.0.1) against the same scans in process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore import ParameterError, RandomFeatureProxy, Selection, sage_select, write_dataset
+from nearstore import Craig, Crest, Graft, ParameterError, RandomFeatureProxy, Selection, sage_select, write_dataset
 from nearstore.app.cli import main
 from nearstore.selection.executors import DaskExecutor, LocalExecutor, make_executor
 from nearstore.selection.selectors.sage import SagePass1, sage_pass1
@@ -81,7 +81,47 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     here = sage_select(dataset, 0.1, ell=32)
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
-    assert "--scheduler runs the SAGE scan only" in capsys.readouterr().err
+    assert "--scheduler runs the scans of sage, graft and craig, not 'random'" in capsys.readouterr().err
+    graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
+    assert main(graft) == 0 and Selection.load(out).params["executor"] == "dask"
+    np.testing.assert_array_equal(
+        Selection.load(out).ids, Graft().select(dataset, 0.25, executor=DaskExecutor(client)).ids
+    )
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """1,200 samples of 3 separable classes, y = i % 3, in 25 shards of 48: 16 of each class a
+    shard, so windows of 16 never straddle two shards, nor two partitions."""
+    rng = np.random.default_rng(2)
+    y = np.arange(1200) % 3
+    x = (rng.normal(size=(1200, 6)) + 3 * np.eye(3, 6)[y]).astype(np.float32)
+    url = str(tmp_path_factory.mktemp("aligned") / "a.zarr")
+    return write_dataset(url, [{"x": x, "y": y}], shard_samples=48), y
+
+
+@pytest.mark.parametrize("selector", [Graft(window=16, mute_suspects=False), Craig(window=16)])
+def test_windowed_selection_on_the_cluster_equals_it_in_process_where_windows_agree(client, aligned, selector):
+    dataset, _ = aligned
+    there = selector.select(dataset, 0.25, seed=5, executor=DaskExecutor(client))
+    here = selector.select(dataset, 0.25, seed=5)
+    np.testing.assert_array_equal(np.sort(there.ids), np.sort(here.ids))
+    order = np.argsort(there.ids), np.argsort(here.ids)
+    np.testing.assert_allclose(there.weights[order[0]], here.weights[order[1]])
+    assert there.params["executor"] == "dask" and "executor" not in here.params
+    assert there.io["bytes"] >= dataset.stored_nbytes()  # the workers' reads counted: every shard, whole
+
+
+def test_the_default_on_the_cluster_keeps_every_class_budget_exactly(client, blobs):
+    dataset, _, y, proxy = blobs  # 64-sample shards, classes not aligned with them: windows differ
+    there = Graft().select(dataset, 0.2, seed=1, executor=DaskExecutor(client))
+    here = Graft().select(dataset, 0.2, seed=1)
+    np.testing.assert_array_equal(np.bincount(y[there.ids], minlength=3), np.bincount(y[here.ids], minlength=3))
+    assert len(np.unique(there.ids)) == len(there.ids)
+    assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
+    # CREST reads a pool only: it runs in this process, whatever the executor
+    crest = Crest().select(dataset, 0.2, proxy=proxy, seed=1, executor=DaskExecutor(client))
+    np.testing.assert_array_equal(crest.ids, Crest().select(dataset, 0.2, proxy=proxy, seed=1).ids)
 
 
 def test_a_worker_lost_mid_scan_changes_nothing(blobs, tmp_path):
@@ -121,3 +161,17 @@ def test_executors_are_chosen_by_name(client, blobs):
         "bytes": scan.reader.stats.bytes,
         "requests": scan.reader.stats.requests,
     }
+
+
+def test_a_server_runs_its_scans_on_the_cluster(client, aligned):
+    from nearstore.serving import NearStoreServer
+
+    dataset, _ = aligned
+    options = {"window": 16, "mute_suspects": False}  # windows that agree (`aligned`)
+    server = NearStoreServer(dataset, keep=0.25, method="graft", options=options, executor=DaskExecutor(client), port=0)
+    try:
+        assert server.current.params["executor"] == "dask"
+        here = Graft(**options).select(dataset, 0.25)
+        np.testing.assert_array_equal(np.sort(server.current.ids), np.sort(here.ids))
+    finally:
+        server.shutdown()
