@@ -10,7 +10,8 @@ what a task needs travel; results merge pairwise in a tree on the cluster.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -49,33 +50,83 @@ class LocalExecutor:
 
 class DaskExecutor:
     """Tasks over two partitions of consecutive shards per worker thread (at most one per shard)
-    on the cluster of `client`, a dask.distributed Client; results merged in a tree there."""
+    on the cluster of `client`, a dask.distributed Client; results merged in a tree there.
+
+    shards_of: {worker address: the shard ids beside it} (the storage node it runs on): each
+    partition then runs on the worker that holds its shards and on no other (a task reads only
+    shards of its own node; a worker lost means its tasks wait for it). Every shard must be
+    named once. Without it, Dask places the tasks. `placed` records, after a pass, each task's
+    key and its shards, and `result_bytes` the size of the partial results the merge moved at most."""
 
     name = "dask"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, shards_of: Mapping[str, Sequence[int]] | None = None) -> None:
         self.client = client
+        self.shards_of = None if shards_of is None else {str(w): [int(s) for s in v] for w, v in shards_of.items()}
+        self.placed: dict[str, list[int]] = {}
+        self.result_bytes = 0
 
     def map_reduce(self, scan: Scan, task: Task, merge: Callable[[T, T], T], **arguments: Any) -> tuple[T, Reads]:
-        slots = max(1, 2 * sum(self.client.nthreads().values()))
-        num_shards = scan.reader.num_shards
-        parts = [part.tolist() for part in np.array_split(np.arange(num_shards), min(slots, num_shards))]
+        name = getattr(task, "__name__", "task")  # the task's name in the cluster's books
+        parts = self._parts(scan.reader.num_shards)
         dataset = scan.reader.dataset
         shipped = {"proxy": scan.proxy, "input_array": scan.input_array, "labels": scan.labels}
-        futures = self.client.map(
-            _on_worker,
-            parts,
-            key=getattr(task, "__name__", "task"),  # the task's name in the cluster's books
-            task=task,
-            url=dataset.url,
-            storage_options=dataset.storage_options,
-            scan=shipped,
-            arguments=arguments,
-        )
+        token = uuid.uuid4().hex[:8]
+        futures = []
+        for k, (worker, shards) in enumerate(parts):
+            key = f"{name}-{token}-{k}"
+            self.placed[key] = shards
+            futures.append(
+                self.client.submit(
+                    _on_worker,
+                    shards,
+                    key=key,
+                    task=task,
+                    url=dataset.url,
+                    storage_options=dataset.storage_options,
+                    scan=shipped,
+                    arguments=arguments,
+                    pure=False,
+                    **({} if worker is None else {"workers": [worker], "allow_other_workers": False}),
+                )
+            )
+        if len(futures) > 1:  # what the merges may move between workers: every partial result
+            from distributed import wait
+
+            wait(futures)
+            self.result_bytes += sum(self.client.nbytes(keys=[f.key for f in futures], summary=False).values())
         while len(futures) > 1:
             pairs = [self.client.submit(_merged, merge, a, b) for a, b in zip(futures[::2], futures[1::2])]
             futures = pairs + ([futures[-1]] if len(futures) % 2 else [])
         return futures[0].result()
+
+    def _parts(self, num_shards: int) -> list[tuple[str | None, list[int]]]:
+        """(worker or None, consecutive shards) of each task."""
+        threads = self.client.nthreads()
+        if self.shards_of is None:
+            slots = max(1, 2 * sum(threads.values()))
+            return [(None, p.tolist()) for p in np.array_split(np.arange(num_shards), min(slots, num_shards))]
+        owner = np.full(num_shards, -1)
+        workers = list(self.shards_of)
+        for w, worker in enumerate(workers):
+            if worker not in threads:
+                raise ParameterError(
+                    f"shards_of names worker {worker!r}, which is not in the cluster {sorted(threads)}"
+                )
+            for shard in self.shards_of[worker]:
+                if not 0 <= shard < num_shards:
+                    raise ParameterError(f"shards_of gives worker {worker!r} shard {shard}, outside [0, {num_shards})")
+                if owner[shard] >= 0:
+                    raise ParameterError(f"shards_of gives shard {shard} to {workers[owner[shard]]!r} and {worker!r}")
+                owner[shard] = w
+        if (owner < 0).any():
+            raise ParameterError(f"shards_of gives shard {int(np.flatnonzero(owner < 0)[0])} to no worker")
+        parts = []
+        for run in np.split(np.arange(num_shards), np.flatnonzero(np.diff(owner)) + 1):  # runs of one owner
+            worker = workers[owner[run[0]]]
+            pieces = min(len(run), 2 * threads[worker])
+            parts += [(worker, piece.tolist()) for piece in np.array_split(run, pieces)]
+        return parts
 
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "dask": DaskExecutor}

@@ -175,3 +175,43 @@ def test_a_server_runs_its_scans_on_the_cluster(client, aligned):
         np.testing.assert_array_equal(np.sort(server.current.ids), np.sort(here.ids))
     finally:
         server.shutdown()
+
+
+def test_partitions_run_on_the_worker_beside_their_shards(client, aligned):
+    dataset, _ = aligned
+    first, second = sorted(client.nthreads())
+    # interleaved ownership: a partition is a run of one worker's consecutive shards
+    shards_of = {
+        first: [s for s in range(dataset.num_shards) if s % 5 < 3],
+        second: [s for s in range(dataset.num_shards) if s % 5 >= 3],
+    }
+    executor = DaskExecutor(client, shards_of=shards_of)
+    selector = Graft(window=16, mute_suspects=False)
+    with distributed.get_task_stream(client) as stream:
+        there = selector.select(dataset, 0.25, seed=5, executor=executor)
+    ran = {task["key"]: task["worker"] for task in stream.data}
+    assert len(executor.placed) >= 10 and set(executor.placed) <= set(ran)
+    for key, shards in executor.placed.items():
+        assert set(shards) <= set(shards_of[ran[key]]), (key, shards, ran[key])  # read only what it holds
+    np.testing.assert_array_equal(np.sort(there.ids), np.sort(selector.select(dataset, 0.25, seed=5).ids))
+    assert executor.result_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "shards_of, message",
+    [
+        ({"tcp://10.0.0.9:1": range(25)}, "shards_of names worker 'tcp://10.0.0.9:1', which is not in the cluster"),
+        ("twice", "shards_of gives shard 3 to .* and .*"),
+        ("missing", "shards_of gives shard 24 to no worker"),
+    ],
+)
+def test_a_shard_map_that_does_not_cover_the_shards_once_is_refused(client, aligned, shards_of, message):
+    dataset, _ = aligned
+    first, second = sorted(client.nthreads())
+    if isinstance(shards_of, str):
+        shards_of = {
+            "twice": {first: range(0, 13), second: range(3, 25)},
+            "missing": {first: range(0, 12), second: range(12, 24)},
+        }[shards_of]
+    with pytest.raises(ParameterError, match=message):
+        Graft().select(dataset, 0.25, executor=DaskExecutor(client, shards_of=shards_of))
