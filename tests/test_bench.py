@@ -23,7 +23,7 @@ WRITES = {
     "loader": ("loader.json", "results"),
     "range_clients": ("range_clients.json", "results"),
     "round_cost": ("round_cost.json", "rows"),
-    "scale": ("scale.json", "scan_rates"),
+    "scale": ("scale.json", "methods"),
     "selection_quality": ("selection_quality.json", "rows"),
 }
 EXTRA = {"gpu": ["--device", "cpu"]}  # the GPU bench on the CPU: its code paths, not its figures
