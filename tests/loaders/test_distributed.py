@@ -1,4 +1,5 @@
-"""Rank shares under a real torch.distributed group: 2 gloo processes on 127.0.0.1."""
+"""Rank shares under a real torch.distributed group: 2 gloo processes on 127.0.0.1, reading a
+store, or one near-storage server together."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ import torch.distributed as dist
 from loaders import StreamingLoader
 from nearstore import Selection
 
-store, selection, out = sys.argv[1:4]
+source, selection, out = sys.argv[1:4]
 dist.init_process_group("gloo")
-loader = StreamingLoader(store, Selection.load(selection), batch_size=32, uneven="drop", backend="torch", device="cpu")
+selection = None if selection == "-" else Selection.load(selection)  # "-": the server's round
+loader = StreamingLoader(source, selection, batch_size=32, uneven="drop", backend="torch", device="cpu")
 result = {"rank": loader.order.rank, "world_size": loader.order.world_size, "epochs": []}
 try:
     for epoch in range(2):
@@ -35,7 +38,7 @@ dist.destroy_process_group()
 """
 
 
-def run_ranks(store: str, selections: list[str], tmp_path: Path) -> list[dict]:
+def run_ranks(source: str, selections: list[str], tmp_path: Path) -> list[dict]:
     port = free_port()
     root = str(Path(__file__).parents[2])
     processes = []
@@ -49,7 +52,7 @@ def run_ranks(store: str, selections: list[str], tmp_path: Path) -> list[dict]:
             "WORLD_SIZE": str(len(selections)),
         }
         out = tmp_path / f"rank{rank}.json"
-        processes.append((subprocess.Popen([sys.executable, "-c", RANK, store, selection, str(out)], env=env), out))
+        processes.append((subprocess.Popen([sys.executable, "-c", RANK, source, selection, str(out)], env=env), out))
     for process, _ in processes:
         assert process.wait(timeout=300) == 0
     return [json.loads(out.read_text()) for _, out in processes]
@@ -68,6 +71,22 @@ def test_two_ranks_share_every_epoch_disjointly(id_store, tmp_path):
         assert not set(shares[0]) & set(shares[1])
         assert sorted(shares[0] + shares[1]) == selection.ids.tolist()
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # a new shuffle each epoch
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_servers_round_disjointly(id_store, tmp_path):
+    from nearstore.serving import NearStoreServer
+
+    server = NearStoreServer(id_store, name="ids", keep=0.3, method="random", port=0)
+    threading.Thread(target=server.serve, daemon=True).start()
+    try:
+        ranks = run_ranks(server.url, ["-", "-"], tmp_path)
+    finally:
+        server.shutdown()
+    for epoch in range(2):
+        shares = [r["epochs"][epoch] for r in ranks]
+        assert len(shares[0]) == len(shares[1]) == 375 and not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == server.current.ids.tolist()
 
 
 @pytest.mark.slow
