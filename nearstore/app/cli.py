@@ -134,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--scheduler",
-        help="a dask.distributed scheduler (tcp://host:port): rounds that scan every shard run there "
-        "(SAGE, GRAFT, CRAIG)",
+        help="a dask.distributed scheduler (tcp://host:port): rounds run there (SAGE, GRAFT, CRAIG; CREST's here)",
     )
     serve.add_argument(
         "--front",

@@ -109,7 +109,6 @@ class Scan:
 
     def pooled(
         self,
-        labels: np.ndarray,
         pools: dict[int, np.ndarray],
         progress: bool,
         desc: str,
@@ -118,7 +117,7 @@ class Scan:
     ) -> tuple[SelectiveReader, Iterator[Embedded]]:
         """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
         dataset = self.reader.dataset
-        reader, batches = pool_batches(dataset, self.input_array, self.labels, labels, pools, progress, desc, reads)
+        reader, batches = pool_batches(dataset, self.input_array, self.labels, pools, progress, desc, reads)
         batches = decoded(batches, self.input_array, self.proxy.images, dataset.ragged(self.input_array))
         return reader, embed(batches, self.proxy, self.input_array, self.labels, True, factored)
 
@@ -144,22 +143,25 @@ def pool_batches(
     dataset: Dataset,
     input_array: str,
     label_array: str,
-    labels: np.ndarray,
     pools: dict[int, np.ndarray],
     progress: bool,
     desc: str,
     reads: Coalescing = DEFAULT_READS,
 ) -> tuple[SelectiveReader, Iterator[Batch]]:
     """Stage 1 for pools: the reader of the pooled inputs (coalescing as `reads`), and every pooled
-    sample, in id order, in chunks of POOL_CHUNK_SAMPLES: inputs read, labels taken from `labels`."""
+    sample, in id order, in chunks of POOL_CHUNK_SAMPLES: inputs read, each labelled by its pool's
+    class (`pools`: {class: its pooled ids})."""
     reader = SelectiveReader(dataset, [input_array], reads=reads)
-    ids = np.sort(np.concatenate(list(pools.values())))
+    ids = np.concatenate([np.asarray(members, dtype=np.int64) for members in pools.values()] or [np.zeros(0, np.int64)])
+    classes = np.concatenate([np.full(len(m), c, dtype=np.int64) for c, m in pools.items()] or [np.zeros(0, np.int64)])
+    order = np.argsort(ids, kind="stable")
+    ids, classes = ids[order], classes[order]
 
     def batches() -> Iterator[Batch]:
         chunks = range(0, len(ids), POOL_CHUNK_SAMPLES)
         for start in tqdm(chunks, desc=desc, unit="chunk", disable=not progress):
-            chunk = ids[start : start + POOL_CHUNK_SAMPLES]
-            yield chunk, {input_array: reader.read(chunk)[input_array], label_array: labels[chunk]}
+            chunk = slice(start, start + POOL_CHUNK_SAMPLES)
+            yield ids[chunk], {input_array: reader.read(ids[chunk])[input_array], label_array: classes[chunk]}
 
     return reader, batches()
 

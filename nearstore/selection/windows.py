@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -151,19 +151,26 @@ class Decisions:
 @dataclass
 class WindowedPart:
     """What windowed selection kept over some of the shards: each decided window's (ids, weights,
-    scores), the suspects found, the windows drawn, and the proxy's summed top-class probability
-    over the samples streamed. Parts over disjoint shards merge by concatenation."""
+    scores), the suspects found, the windows drawn, the proxy's summed top-class probability over
+    the samples streamed, and what readers of the pass's own read (a pool's: the scan's reader is
+    counted by the executor). Parts over disjoint shards merge by concatenation."""
 
     kept: list[Pick]
     suspects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     drawn: int
     top: float
     streamed: int
+    reads: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "requests": 0})
 
     @staticmethod
     def merge(a: WindowedPart, b: WindowedPart) -> WindowedPart:
         return WindowedPart(
-            a.kept + b.kept, a.suspects + b.suspects, a.drawn + b.drawn, a.top + b.top, a.streamed + b.streamed
+            a.kept + b.kept,
+            a.suspects + b.suspects,
+            a.drawn + b.drawn,
+            a.top + b.top,
+            a.streamed + b.streamed,
+            {k: a.reads[k] + b.reads[k] for k in a.reads},
         )
 
     @property
@@ -226,6 +233,34 @@ def windowed_pass(
     return decide(stream, windows, selector, scan.proxy.num_classes, seed)
 
 
+def pooled_pass(
+    scan: Scan,
+    shards: list[int],
+    *,
+    selector: Windowed,
+    window: int,
+    budgets: dict[int, int],
+    pools: dict[int, np.ndarray],
+    reads: Coalescing,
+    seed: int,
+    progress: bool,
+) -> WindowedPart:
+    """The pass over the pooled samples (`pools`: {class: sorted ids}) that lie in `shards`
+    (consecutive): read (coalescing as `reads`), embedded, windowed per class and decided; class c
+    keeps budgets[c] of its len(pools[c]) pooled samples, its running count starting at its
+    pooled samples before these shards."""
+    first, end = shards[0] * scan.reader.dataset.shard_samples, (shards[-1] + 1) * scan.reader.dataset.shard_samples
+    bounds = {c: np.searchsorted(members, [first, end]) for c, members in pools.items()}
+    mine = {c: members[a:b] for (c, members), (a, b) in zip(pools.items(), bounds.values()) if b > a}
+    seen = {c: int(a) for c, (a, _) in bounds.items() if a}
+    reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
+    windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
+    part = decide(stream, windows, selector, scan.proxy.num_classes, seed)
+    read = reader.stats.snapshot()
+    part.reads = {"bytes": read.bytes, "requests": read.requests}
+    return part
+
+
 def windowed_select(
     selector: Windowed,
     dataset: Dataset,
@@ -248,11 +283,11 @@ def windowed_select(
     pool of pool × its budget per class is read (coalescing as `pool_reads`) and windowed: the
     `previous` ids of the class, the rest drawn at random (`plan.class_pools`).
 
-    executor: where the pass over every shard runs (`nearstore.selection.executors`): in this
-    process by default, or on a Dask cluster, a task a partition of consecutive shards, each
-    windowing its own shards (a window does not straddle two partitions) with the class budgets
-    kept exact by the labels' running counts, each judging labels and the proxy on what it streams.
-    A round on a pool runs in this process: it reads the pool only."""
+    executor: where the pass runs (`nearstore.selection.executors`): in this process by default,
+    or on a Dask cluster, a task a partition of consecutive shards, each windowing its own shards'
+    samples (or pooled samples: a window does not straddle two partitions) with the class budgets
+    kept exact by running counts that start where the partition does, each judging labels and the
+    proxy on what it streams."""
     check_keep(keep)
     check_seed(seed)
     started = time.perf_counter()
@@ -275,22 +310,17 @@ def windowed_select(
         part, worker_reads = executor.map_reduce(
             scan, windowed_pass, WindowedPart.merge, progress=progress, **arguments
         )
-        if executor.name == "local":  # the scan's own reader did the reading: counted below
-            worker_reads = {"bytes": 0, "requests": 0}
     else:
-        if executor.name != "local":
-            log.info(
-                "a round on a pool runs in this process, not on the %s executor: it reads the pool only", executor.name
-            )
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
+        readers.append(labels_reader)
         budgets, pools = class_pools(
             labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
         )
-        inputs, stream = scan.pooled(labels, pools, progress, "pool", pool_reads, selector.factored)
-        readers += [labels_reader, inputs]
-        windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])))
-        part = decide(stream, windows, selector, scan.proxy.num_classes, seed)
+        arguments = dict(selector=selector, window=window, budgets=budgets, pools=pools, reads=pool_reads, seed=seed)
+        part, worker_reads = executor.map_reduce(scan, pooled_pass, WindowedPart.merge, progress=progress, **arguments)
 
+    if executor.name == "local":  # the scan's own reader did that reading: scan_io counts it
+        worker_reads = {"bytes": 0, "requests": 0}
     if part.drawn:
         log.info(
             "%s: the proxy knows nothing of the labels (mean top-class probability %.3f, under %g / %d): "
@@ -303,7 +333,7 @@ def windowed_select(
         )
     kept = part.kept
     io = scan_io(started, readers)
-    io.update(bytes=io["bytes"] + worker_reads["bytes"], requests=io["requests"] + worker_reads["requests"])
+    io.update({k: io[k] + worker_reads[k] + part.reads[k] for k in ("bytes", "requests")})
     return Selection.of(
         dataset,
         np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),

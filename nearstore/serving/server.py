@@ -67,9 +67,8 @@ class NearStoreServer(flight.FlightServerBase):
         server started on a state_dir that holds them resumes from them instead of selecting.
     max_proxy_bytes: the largest pushed state_dict accepted, in bytes; a push announcing more is
         refused before its first byte is read.
-    executor: where rounds scanning every shard run (`nearstore.selection.executors`): in this
-        process by default, or on a Dask cluster beside the storage (SAGE, GRAFT, CRAIG); rounds
-        on a pool and CREST's run here.
+    executor: where rounds run (`nearstore.selection.executors`): in this process by default, or
+        on a Dask cluster beside the storage (SAGE, GRAFT, CRAIG; CREST's run here).
     """
 
     def __init__(

@@ -67,7 +67,7 @@ class Crest(Selector):
             check_proxy(dataset, proxy)
             input_array = dataset.input_array
             reader, batches = pool_batches(
-                dataset, input_array, dataset.label_array, labels, pools, progress, "CREST pool", self.pool_reads
+                dataset, input_array, dataset.label_array, pools, progress, "CREST pool", self.pool_reads
             )
             batches = decoded(batches, input_array, proxy.images, dataset.ragged(input_array))
             # a damaged image left out by `decoded` stays "learned" (p = 1), so it is never chosen

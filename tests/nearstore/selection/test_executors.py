@@ -221,3 +221,19 @@ def test_a_shard_map_that_does_not_cover_the_shards_once_is_refused(client, alig
         }[shards_of]
     with pytest.raises(ParameterError, match=message):
         Graft().select(dataset, 0.25, executor=DaskExecutor(client, shards_of=shards_of))
+
+
+def test_a_round_on_a_pool_runs_on_the_cluster_with_its_budgets_exact(client, blobs):
+    from nearstore.selection.plan import class_pools
+
+    dataset, _, y, proxy = blobs
+    previous = np.arange(0, 600, 7)
+    selector = Graft(pool=2.0, window=16)
+    there = selector.select(dataset, 0.2, proxy=proxy, seed=2, previous=previous, executor=DaskExecutor(client))
+    here = selector.select(dataset, 0.2, proxy=proxy, seed=2, previous=previous)
+    assert there.params["executor"] == "dask"
+    np.testing.assert_array_equal(np.bincount(y[there.ids], minlength=3), np.bincount(y[here.ids], minlength=3))
+    _, pools = class_pools(y, 0.2, 2.0, 2, power=selector.budget_power)  # previous: not pooled by default
+    assert set(there.ids) <= set(np.concatenate(list(pools.values())))  # only pooled samples, as in process
+    assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
+    assert there.io["bytes"] >= here.io["bytes"] > 0  # the workers' reads counted (each reads its indexes)
