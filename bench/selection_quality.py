@@ -11,7 +11,9 @@ demo's 2D CNN; its proxy sees 32 x 32 thumbnails) and classes100 (30,000 generat
 classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
-- sage, graft, craig: one selection before training, by the model-free proxy beside the data;
+- sage, graft, craig, adacore: one selection before training, by the model-free proxy beside the
+  data (craig and adacore weighted by their clusters' sizes, adacore-dynamic too: AdaCore every
+  round, later rounds on a pool of twice the budget with the trainer's model);
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
   tempered gradients, suspected label errors muted), graft-unmuted without muting, graft-raw-w512
   the round 0 of 2026-11 (raw gradients, windows of 512);
@@ -84,6 +86,7 @@ STATIC = {
     "graft-directions": ("graft", {"norm_power": 0.0}),  # MaxVol on gradient directions alone
     "graft-raw-w512": ("graft", {**RAW_W512, **UNMUTED}),
     "craig": ("craig", {}),
+    "adacore": ("adacore", {}),
 }
 # Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds); later rounds
 # None for the loader's default (`default_reselect(keep)`), or ("default", options on top of it).
@@ -122,6 +125,8 @@ DYNAMIC = {
     "graft-dynamic-2026-12-03-balanced-start": (BALANCED_START, ("default", CARRIED)),
     "graft-dynamic-warm": (BALANCED_START, None),  # round 0 is never trained on
     "crest-dynamic": (BALANCED_START, ("crest", {})),
+    # AdaCore every round, round 0 with the model-free proxy, later rounds on a pool of twice the budget.
+    "adacore-dynamic": (("adacore", {}), ("adacore", POOL)),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),
     # The bar under label noise: a class-balanced random subset drawn afresh every round.
@@ -282,7 +287,8 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         t = time.perf_counter()
         selection = make_selector(kind, **options).select(store, keep, seed=seed)
         first_round.append(time.perf_counter() - t)
-    weighted = method in ("craig", "crest-coreset-dynamic")  # cluster sizes weight each sample's loss
+    # cluster sizes weight each sample's loss
+    weighted = method in ("craig", "adacore", "adacore-dynamic", "crest-coreset-dynamic")
     warm = WARM_START_EPOCHS.get(method, 0)
     loader = StreamingLoader(
         store,

@@ -24,7 +24,16 @@ _MODULES = {
         "SampleIdError",
     ),
     "nearstore.selection": ("ModelProxy", "RandomFeatureProxy", "Selection", "keep_freed_memory"),
-    "nearstore.selection.selectors": ("SELECTORS", "Craig", "Crest", "Graft", "Random", "Sage", "make_selector"),
+    "nearstore.selection.selectors": (
+        "SELECTORS",
+        "AdaCore",
+        "Craig",
+        "Crest",
+        "Graft",
+        "Random",
+        "Sage",
+        "make_selector",
+    ),
     "nearstore.selection.selectors.random": ("random_select",),
     "nearstore.selection.selectors.sage": ("sage_select",),
     "nearstore.storage": (

@@ -8,6 +8,7 @@ from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors import (
     SELECTORS,
+    AdaCore,
     Craig,
     Crest,
     Graft,
@@ -22,6 +23,7 @@ from nearstore.selection.selectors import (
 __all__ = [
     "DEFAULT_METHOD",
     "SELECTORS",
+    "AdaCore",
     "Craig",
     "Crest",
     "DaskExecutor",

@@ -13,6 +13,7 @@ from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
+from nearstore.selection.selectors.adacore import AdaCore
 from nearstore.selection.selectors.base import Selector
 from nearstore.selection.selectors.craig import Craig
 from nearstore.selection.selectors.crest import Crest
@@ -21,7 +22,7 @@ from nearstore.selection.selectors.random import Random, random_select
 from nearstore.selection.selectors.sage import Sage, sage_select
 from nearstore.storage import Dataset
 
-SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest)}
+SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest, AdaCore)}
 
 
 def make_selector(method: str, **options: Any) -> Selector:
@@ -62,6 +63,7 @@ def next_round(
 
 __all__ = [
     "SELECTORS",
+    "AdaCore",
     "Craig",
     "Crest",
     "Graft",

@@ -1,0 +1,91 @@
+"""AdaCore: the last layer's curvature against autograd's Hessian, the preconditioned medoids
+against brute force, the selection's budgets and weights, bad options named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import last_layer_factors
+from nearstore import AdaCore, Craig, ParameterError, RandomFeatureProxy, write_dataset
+from nearstore.selection.selectors.adacore import curvature, preconditioned
+from nearstore.selection.windows import medoids
+
+
+def factors(n: int = 9, classes: int = 4, hidden: int = 3, seed: int = 0):
+    """(residuals, inputs [h, 1], labels, W) of a random last layer, in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=generator, dtype=torch.float64)
+    weights = torch.randn(classes, hidden + 1, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    logits = h @ weights[:, :-1].T + weights[:, -1]
+    residual, inputs = last_layer_factors(logits, labels, h)
+    return residual, inputs, labels, weights
+
+
+def test_the_curvature_is_the_diagonal_of_the_last_layers_hessian():
+    residual, inputs, labels, weights = factors()
+    classes, width = weights.shape
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:  # mean cross-entropy of z = W [h, 1]
+        return torch.nn.functional.cross_entropy(inputs @ flat.reshape(classes, width).T, labels)
+
+    hessian = torch.autograd.functional.hessian(loss, weights.flatten())
+    torch.testing.assert_close(curvature(residual, inputs).flatten(), hessian.diagonal())
+
+
+def test_gradients_are_divided_by_the_damped_curvature():
+    residual, inputs, _, _ = factors()
+    diagonal = curvature(residual, inputs)
+    expected = torch.stack([torch.outer(r, x) / (diagonal + 0.5 * diagonal.mean()) for r, x in zip(residual, inputs)])
+    torch.testing.assert_close(preconditioned(residual, inputs, 0.5), expected.flatten(1))
+
+
+def test_a_window_keeps_the_medoids_of_its_preconditioned_gradients():
+    residual, inputs, _, _ = factors(n=40, seed=3)
+    ((rows, weights, scores),) = AdaCore(damping=0.5).pick([((residual, inputs), 6)])
+    expected_rows, expected_weights = medoids(preconditioned(residual, inputs, 0.5), 6)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(weights, expected_weights)
+    assert weights.mean() == pytest.approx(1.0) and np.isnan(scores).all()
+    craig_rows, _ = medoids((residual[:, :, None] * inputs[:, None, :]).flatten(1), 6)
+    assert set(rows.tolist()) != set(craig_rows.tolist())  # the curvature changes what is close
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 900)
+    x = (rng.normal(size=(900, 6)) + 2 * np.eye(3, 6)[y]).astype(np.float32)
+    url = str(tmp_path_factory.mktemp("adacore") / "b.zarr")
+    return write_dataset(url, [{"x": x, "y": y}], shard_samples=128), x, y
+
+
+@pytest.mark.parametrize("pool", [None, 2.0])
+def test_selection_keeps_each_class_budget_with_weights_of_mean_one(blobs, pool):
+    dataset, x, y = blobs
+    proxy = RandomFeatureProxy(3, width=8, seed=1).fit(x, y)
+    selection = AdaCore(window=128, pool=pool).select(dataset, 0.2, proxy=proxy, seed=4)
+    counts = np.bincount(y[selection.ids], minlength=3)
+    np.testing.assert_array_equal(counts, np.round(0.2 * np.bincount(y, minlength=3)))
+    assert len(np.unique(selection.ids)) == len(selection.ids)
+    assert selection.weights.mean() == pytest.approx(1.0, abs=0.05) and selection.weights.min() > 0
+    assert selection.method == "adacore" and selection.params["damping"] == 0.1
+    craig = Craig(window=128).select(dataset, 0.2, proxy=proxy, seed=4)
+    if pool is None:
+        assert set(selection.ids.tolist()) != set(craig.ids.tolist())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"window": 1}, "window must be"),
+        ({"damping": 0}, "damping must be"),
+        ({"damping": float("nan")}, "damping must be"),
+        ({"pool": 0.5}, "pool must be"),
+    ],
+)
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ParameterError, match=message):
+        AdaCore(**options)
