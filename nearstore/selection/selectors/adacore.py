@@ -4,15 +4,14 @@ preconditioned by the last layer's curvature (Pooladzandi et al., 2022)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from nearstore.checks import check_range
-from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import WindowedSelector, check_pool, check_window
-from nearstore.selection.windows import Pick, Window, medoids, windowed_select
+from nearstore.selection.windows import Pick, Window, medoids
 
 
 @dataclass(frozen=True)
@@ -44,20 +43,8 @@ class AdaCore(WindowedSelector):
         check_range("damping", self.damping, 0, float("inf"), open_low=True, open_high=True)
         check_pool(self.pool)
 
-    def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
-    ) -> Selection:
-        return windowed_select(
-            self,
-            dataset,
-            keep,
-            proxy=proxy,
-            seed=seed,
-            device=device,
-            progress=progress,
-            pool=self.pool,
-            executor=executor,
-        )
+    def scan_options(self, previous: np.ndarray | None) -> dict[str, Any]:
+        return {"pool": self.pool}
 
     def window_for(self, keep: float) -> int:
         return self.window

@@ -15,7 +15,7 @@ from nearstore.checks import check_range
 from nearstore.selection.executors import Executor
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.windows import Pick, Window
+from nearstore.selection.windows import Pick, Window, windowed_select
 from nearstore.storage import Dataset
 
 # A window's Gram matrix (GRAFT) or similarity matrix (CRAIG, CREST's coresets) is w² floats, and
@@ -70,6 +70,26 @@ class WindowedSelector(Selector):
     factored: ClassVar[bool] = False
     # Whether a window scored by a proxy that knows nothing of the labels keeps a random draw.
     draw_uninformed: ClassVar[bool] = False
+
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
+        return windowed_select(
+            self,
+            dataset,
+            keep,
+            proxy=proxy,
+            seed=seed,
+            device=device,
+            progress=progress,
+            executor=executor,
+            **self.scan_options(previous),
+        )
+
+    def scan_options(self, previous: np.ndarray | None) -> dict[str, Any]:
+        """windowed_select's options beyond every selector's (pool, budgets, ...), given the
+        round this one replaces."""
+        return {}
 
     @abstractmethod
     def pick(self, windows: list[Window]) -> list[Pick]:

@@ -8,9 +8,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import WindowedSelector, check_window
-from nearstore.selection.windows import Pick, Window, medoids, windowed_select
+from nearstore.selection.windows import Pick, Window, medoids
 
 
 @dataclass(frozen=True)
@@ -27,13 +26,6 @@ class Craig(WindowedSelector):
 
     def __post_init__(self) -> None:
         check_window(self.window)
-
-    def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
-    ) -> Selection:
-        return windowed_select(
-            self, dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, executor=executor
-        )
 
     def window_for(self, keep: float) -> int:
         return self.window

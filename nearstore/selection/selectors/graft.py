@@ -4,22 +4,22 @@ their Gram matrix; with `tolerance`, the fewest picks that approximate the windo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from kernels import maxvol, pivoted_cholesky
 from nearstore.checks import check_flag, check_range
 from nearstore.errors import ParameterError
 from nearstore.selection.policy import default_window
-from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
     MAX_GRAM_ENTRIES,
     WindowedSelector,
     check_pool,
     check_window,
 )
-from nearstore.selection.windows import Pick, Window, unscored, windowed_select
+from nearstore.selection.windows import Pick, Window, unscored
 from nearstore.storage import DEFAULT_READS, Coalescing
 
 
@@ -100,23 +100,13 @@ class Graft(WindowedSelector):
 
     factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
 
-    def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
-    ) -> Selection:
-        return windowed_select(
-            self,
-            dataset,
-            keep,
-            proxy=proxy,
-            seed=seed,
-            device=device,
-            progress=progress,
-            pool=self.pool,
-            previous=previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
-            pool_reads=self.pool_reads,
-            budget_power=self.budget_power,
-            executor=executor,
-        )
+    def scan_options(self, previous: np.ndarray | None) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "previous": previous if self.pool is not None and self.pool_previous else None,  # what the pool holds
+            "pool_reads": self.pool_reads,
+            "budget_power": self.budget_power,
+        }
 
     def window_for(self, keep: float) -> int:
         return self.window if self.window is not None else default_window(keep)
