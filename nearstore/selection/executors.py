@@ -55,8 +55,8 @@ class DaskExecutor:
     shards_of: {worker address: the shard ids beside it} (the storage node it runs on): each
     partition then runs on the worker that holds its shards and on no other (a task reads only
     shards of its own node; a worker lost means its tasks wait for it). Every shard must be
-    named once. Without it, Dask places the tasks. `placed` records, after a pass, each task's
-    key and its shards, and `result_bytes` the size of the partial results the merge moved at most."""
+    named once. Without it, Dask places the tasks. `placed` records the last pass's tasks' keys and
+    their shards, and `result_bytes` the size of the partial results merges moved at most, all passes."""
 
     name = "dask"
 
@@ -72,7 +72,7 @@ class DaskExecutor:
         dataset = scan.reader.dataset
         shipped = {"proxy": scan.proxy, "input_array": scan.input_array, "labels": scan.labels}
         token = uuid.uuid4().hex[:8]
-        futures = []
+        futures, self.placed = [], {}  # the last pass's only: a server's executor runs pass after pass
         for k, (worker, shards) in enumerate(parts):
             key = f"{name}-{token}-{k}"
             self.placed[key] = shards

@@ -83,10 +83,10 @@ def _host(address: str) -> str:
     return address.rsplit(":", 1)[0].strip("[]")
 
 
-def nginx_conf(workdir: Path, servers: str, http: str = "") -> str:
+def nginx_conf(workdir: Path, servers: str) -> str:
     """A whole nginx.conf around `servers` (server blocks) for an nginx in the foreground whose
-    pid file, logs and temporary files live in `workdir`; `http`: more directives for its http block.
-    As root its workers run as root's own user, not nobody (who could not read `workdir`)."""
+    pid file, logs and temporary files live in `workdir`. As root its workers run as root's own
+    user, not nobody (who could not read `workdir`)."""
     user = ""
     if os.geteuid() == 0:
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
@@ -99,7 +99,6 @@ pid {workdir / "nginx.pid"};
 error_log {workdir / "error.log"};
 events {{ worker_connections 1024; }}
 http {{{temp}
-    {http}
     {servers}
 }}
 """
