@@ -24,6 +24,8 @@ from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, ma
 from nearstore.storage import read_labels
 
 log = logging.getLogger("nearstore")
+# The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
+ON_DASK = ("sage", "graft", "craig", "adacore")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
@@ -102,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     select.add_argument("out", help="where to save the selection (.npz)")
     _selector_arguments(select)
     select.add_argument(
-        "--scheduler", help="a dask.distributed scheduler (tcp://host:port) to run the scan on (SAGE, GRAFT, CRAIG)"
+        "--scheduler", help=f"a dask.distributed scheduler (tcp://host:port) to run the scan on ({', '.join(ON_DASK)})"
     )
     select.add_argument(
         "--report", help="write the samples whose label looks wrong here (CSV: id, label, suggested, quality)"
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--scheduler",
-        help="a dask.distributed scheduler (tcp://host:port): rounds run there (SAGE, GRAFT, CRAIG; CREST's here)",
+        help=f"a dask.distributed scheduler (tcp://host:port): rounds run there ({', '.join(ON_DASK)}; crest's here)",
     )
     serve.add_argument(
         "--front",
@@ -327,8 +329,8 @@ def _options(pairs: list[str]) -> dict[str, object]:
 def _select(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.url)
     options = _options(args.option)
-    if args.scheduler and args.method not in ("sage", "graft", "craig"):
-        raise ParameterError(f"--scheduler runs the scans of sage, graft and craig, not {args.method!r}")
+    if args.scheduler and args.method not in ON_DASK:
+        raise ParameterError(f"--scheduler runs the scans of {', '.join(ON_DASK)}, not {args.method!r}")
     selector = make_selector(args.method, **options)  # options checked before any scan
     if args.report and not selector.mute_suspects:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")

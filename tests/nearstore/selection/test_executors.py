@@ -81,8 +81,10 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     here = sage_select(dataset, 0.1, ell=32)
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
-    assert "--scheduler runs the scans of sage, graft and craig, not 'random'" in capsys.readouterr().err
+    assert "--scheduler runs the scans of sage, graft, craig, adacore, not 'random'" in capsys.readouterr().err
     graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
+    assert main([*graft, "--method", "adacore"]) == 0 and Selection.load(out).method == "adacore"
+    assert Selection.load(out).params["executor"] == "dask"
     assert main(graft) == 0 and Selection.load(out).params["executor"] == "dask"
     np.testing.assert_array_equal(
         Selection.load(out).ids, Graft().select(dataset, 0.25, executor=DaskExecutor(client)).ids
