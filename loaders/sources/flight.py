@@ -2,31 +2,24 @@
 
 Reads samples by id from grpc://host:port/name (or grpc+tls://), reconnecting when the server
 goes away (or failing with a clear error, by option), pushes proxy weights and asks for new
-selection rounds; the wire is `nearstore.serving.protocol`'s.
+selection rounds; the wire is `nearstore.serving.protocol`'s, the calls `nearstore.serving.client`'s.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlparse
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import pyarrow.flight as flight
 import torch
 
 from loaders.sources.base import Source
-from nearstore import IOStats, ParameterError, Selection
+from nearstore import IOStats, Selection
 from nearstore.serving import protocol
-
-OnDisconnect = Literal["reconnect", "raise"]
-T = TypeVar("T")
-log = logging.getLogger("nearstore")
+from nearstore.serving.client import Connection, OnDisconnect
 
 
 class FlightSource(Source):
@@ -57,22 +50,16 @@ class FlightSource(Source):
         on_disconnect: OnDisconnect = "reconnect",
         reconnect_seconds: float = 30.0,
     ) -> None:
-        parsed = urlparse(url)
-        name = parsed.path.strip("/")
-        schemes = (protocol.SCHEME, protocol.TLS_SCHEME)
-        if parsed.scheme not in schemes or not parsed.hostname or not parsed.port or not name:
-            raise ParameterError(f"a server URL looks like grpc://host:port/dataset (or grpc+tls://), got {url!r}")
-        tls = _tls_options(parsed.scheme, tls_root_certs, tls_cert, tls_key)
-        if on_disconnect not in ("reconnect", "raise"):
-            raise ParameterError(f"on_disconnect must be 'reconnect' or 'raise', got {on_disconnect!r}")
-        self.url, self.name = url, name
-        self.location = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}"
-        self.on_disconnect, self.reconnect_seconds = on_disconnect, reconnect_seconds
-        if token is None:
-            token = os.environ.get(protocol.TOKEN_ENV) or os.environ.get(protocol.READ_TOKEN_ENV)
-        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
-        self._options = flight.FlightCallOptions(headers=headers)
-        self._client = flight.FlightClient(self.location, **tls)
+        self._server = Connection(
+            url,
+            token=token,
+            tls_root_certs=tls_root_certs,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            on_disconnect=on_disconnect,
+            reconnect_seconds=reconnect_seconds,
+        )
+        self.url, self.name, self.location = url, self._server.name, self._server.location
         self.stats = IOStats()
         info = self.info()
         self.identity: dict[str, Any] = info["identity"]
@@ -88,8 +75,7 @@ class FlightSource(Source):
     def read(
         self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str
     ) -> dict[str, np.ndarray]:
-        ticket = protocol.ticket(self.name, round, ids, arrays)
-        table = self._call(lambda: self._client.do_get(ticket, options=self._options).read_all())
+        table = self._server.get(protocol.ticket(self.name, round, ids, arrays))
         self.stats.add(bytes=table.nbytes, requests=1, samples=table.num_rows)
         return protocol.from_table(table)
 
@@ -122,80 +108,11 @@ class FlightSource(Source):
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
         body = buffer.getbuffer()
-        json.loads(self._call(lambda: self._put(protocol.weights_descriptor(self.name, len(body)), body)))
+        json.loads(self._server.put(protocol.weights_descriptor(self.name, len(body)), body))
 
     def close(self) -> None:
-        self._client.close()
+        self._server.close()
 
     def action(self, kind: str, body: bytes) -> bytes:
         """The server's answer to action `kind` with `body` (`protocol.ACTIONS`)."""
-        results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=self._options)))
-        return results[0].body.to_pybytes()
-
-    def _put(self, descriptor: flight.FlightDescriptor, body: memoryview) -> bytes:
-        """Stream `body` to the server in chunks; its answer (the put's metadata)."""
-        writer, answers = self._client.do_put(descriptor, protocol.WEIGHTS, options=self._options)
-        with writer:  # closing raises the server's refusal, if it refused
-            for batch in protocol.weight_batches(body):
-                writer.write_batch(batch)
-            writer.done_writing()
-            return answers.read().to_pybytes()
-
-    def _call(self, call: Callable[[], T]) -> T:
-        """Run a Flight call; raise the server's refusals as its errors, retry while it is away."""
-        deadline = time.monotonic() + self.reconnect_seconds
-        delay = 0.05
-        while True:
-            try:
-                return call()
-            except flight.FlightUnavailableError as e:
-                if _TLS_REFUSED in str(e):  # this client refused the server: no retry makes it agree
-                    raise ConnectionError(
-                        f"TLS handshake with nearstore server {self.location} failed: {_message(e)}"
-                        " (tls_root_certs: the CA of the server's certificate; a grpc+tls:// URL for a TLS server only)"
-                    ) from e
-                if self.on_disconnect == "raise" or time.monotonic() > deadline:
-                    raise ConnectionError(f"nearstore server {self.location} is unreachable: {_message(e)}") from e
-                log.warning("nearstore server %s unreachable, retrying in %.2f s", self.location, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, 1.0)
-            except flight.FlightUnauthenticatedError as e:
-                raise PermissionError(f"nearstore server {self.location} refused the token: {_message(e)}") from e
-            except flight.FlightUnauthorizedError as e:  # a read token's admin call
-                raise PermissionError(f"nearstore server {self.location} refused: {_message(e)}") from e
-            except flight.FlightServerError as e:
-                refusal = protocol.refused(e)
-                if refusal is None:
-                    raise
-                raise refusal from None
-
-
-# gRPC's words for a handshake this client broke off (a certificate it could not verify, a server
-# not speaking TLS); a server that refuses this client's certificate just closes the socket.
-_TLS_REFUSED = "Ssl handshake failed"
-
-
-def _tls_options(
-    scheme: str,
-    root_certs: str | os.PathLike[str] | None,
-    cert: str | os.PathLike[str] | None,
-    key: str | os.PathLike[str] | None,
-) -> dict[str, bytes]:
-    """FlightClient's TLS arguments from PEM files; refused on a plaintext grpc:// URL."""
-    if scheme != protocol.TLS_SCHEME:
-        given = {"tls_root_certs": root_certs, "tls_cert": cert, "tls_key": key}
-        named = [option for option, path in given.items() if path is not None]
-        if named:
-            raise ParameterError(f"{', '.join(named)} given for a {scheme}:// URL: TLS needs a grpc+tls:// one")
-        return {}
-    options = {} if root_certs is None else {"tls_root_certs": protocol.read_pem(root_certs, "tls_root_certs")}
-    pair = protocol.read_key_pair(cert, key)
-    if pair is not None:
-        options["cert_chain"], options["private_key"] = pair
-    return options
-
-
-def _message(error: Exception) -> str:
-    """A transport error's message without Flight's detail (no refusal of ours: those carry their own)."""
-    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-    return text.split(". Detail:")[0].split(". gRPC client debug context")[0]
+        return self._server.action(kind, body)
