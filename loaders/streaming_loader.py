@@ -62,7 +62,8 @@ class StreamingLoader:
                 ...
 
     source: a dataset URL (local path, s3://, http://, any fsspec URL), an opened `Dataset`, a
-        near-storage server, grpc://host:port/name (`nearstore serve`), or any `Source`.
+        near-storage server, grpc://host:port/name (`nearstore serve`), a list of such URLs of
+        servers that each serve some of one dataset's shards (`ServerGroup`), or any `Source`.
     selection: a `Selection` (checked against the dataset), a sequence of sample ids (integers,
         each once, in any order: an epoch visits them in its own order), or None for every sample
         (through a server: None for the server's current selection).
@@ -112,7 +113,7 @@ class StreamingLoader:
 
     def __init__(
         self,
-        source: str | Dataset | Source,
+        source: str | Sequence[str] | Dataset | Source,
         selection: Selection | Sequence[int] | np.ndarray | None = None,
         *,
         batch_size: int = 64,
@@ -138,8 +139,11 @@ class StreamingLoader:
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         # Every argument checked before anything is opened or read: a wrong one fails here, by name.
-        if not isinstance(source, (str, os.PathLike, Dataset, Source)):
-            raise ParameterError(f"source must be a URL, a Dataset or a Source, got {reprlib.repr(source)}")
+        servers = isinstance(source, list | tuple) and all(isinstance(url, str) for url in source)
+        if not (servers or isinstance(source, (str, os.PathLike, Dataset, Source))):
+            raise ParameterError(
+                f"source must be a URL, a list of server URLs, a Dataset or a Source, got {reprlib.repr(source)}"
+            )
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise ParameterError(f"storage_options must be a mapping, got {reprlib.repr(storage_options)}")
         if images is not None and not isinstance(images, ImageTransform):

@@ -139,6 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"a dask.distributed scheduler (tcp://host:port): rounds run there ({', '.join(ON_DASK)}; crest's here)",
     )
     serve.add_argument(
+        "--shards",
+        type=_shard_list,
+        help="serve only these shards (START:STOP half-open runs and ids, comma-separated, e.g. 0:8,12): "
+        "one server per storage node, a trainer reads them as one source with a list of their URLs",
+    )
+    serve.add_argument(
+        "--primary",
+        help="grpc://host:port/name of the server that runs this dataset's rounds: this one runs none and "
+        "takes each round from it (NEARSTORE_TOKEN or NEARSTORE_READ_TOKEN is sent to it)",
+    )
+    serve.add_argument(
         "--front",
         choices=["nginx"],
         help="run nginx at --host:--port (TLS ends there) in front of the server, which listens on 127.0.0.1: "
@@ -440,6 +451,8 @@ def _serve(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             progress=True,
             executor=executor,
+            shards=args.shards,
+            primary=args.primary,
         )
         url = server.url
         if args.front:
@@ -450,6 +463,18 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"serving {url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
             server.serve()  # until SIGINT or SIGTERM, then the front stops too
         return 0
+
+
+def _shard_list(spec: str) -> list[int]:
+    """"0:8,12" -> [0, ..., 7, 12]: half-open runs and single shard ids."""
+    shards = []
+    for part in spec.split(","):
+        start, colon, stop = part.partition(":")
+        try:
+            shards += list(range(int(start), int(stop))) if colon else [int(start)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is neither a shard id nor a START:STOP run") from None
+    return shards
 
 
 def _free_loopback_port() -> int:

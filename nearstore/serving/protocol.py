@@ -132,6 +132,12 @@ def parse_arrays(raw: Any, served: Sequence[str]) -> list[str]:
 ENCODED = "bytes"  # the metadata dtype of an array of encoded samples
 
 
+def shard_ranges(shards: Sequence[int] | np.ndarray) -> str:
+    """Sorted shard ids as runs, as errors name them: "0-3, 8, 10-11"."""
+    runs = np.split(np.asarray(shards), np.flatnonzero(np.diff(shards) != 1) + 1)
+    return ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def to_record_batch(ids: np.ndarray, arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
     """ids and each array's samples as binary rows; dtype and shape in the metadata."""
     fields, columns, metadata = [pa.field("id", pa.int64())], [pa.array(ids, type=pa.int64())], {}

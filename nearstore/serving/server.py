@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +38,7 @@ from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.selectors import next_round
 from nearstore.serving import protocol
+from nearstore.serving.client import Connection
 from nearstore.storage import Dataset, IOStats, SelectiveReader, small_arrays
 
 log = logging.getLogger("nearstore")
@@ -69,6 +70,13 @@ class NearStoreServer(flight.FlightServerBase):
         refused before its first byte is read.
     executor: where rounds run (`nearstore.selection.executors`): in this process by default, or
         on a Dask cluster beside the storage (SAGE, GRAFT, CRAIG; CREST's run here).
+    shards: the shards this server serves, where a dataset's shards are served by several
+        servers, one per storage node (`loaders.ServerGroup` reads them as one source); a read of
+        any other shard's sample is refused by name. Default: every shard.
+    primary: the URL of the server that runs this dataset's rounds, for a server of some of its
+        shards: this one then runs none (no scan at start; `select` and weight pushes refused) and
+        takes each round from the primary when a trainer first names it. primary_options: the
+        connection's options (`nearstore.serving.client.Connection`: token, tls_root_certs, ...).
     """
 
     def __init__(
@@ -94,6 +102,9 @@ class NearStoreServer(flight.FlightServerBase):
         max_proxy_bytes: int = protocol.MAX_PROXY_BYTES,
         progress: bool = False,
         executor: Executor | None = None,
+        shards: Sequence[int] | None = None,
+        primary: str | None = None,
+        primary_options: dict[str, Any] | None = None,
     ) -> None:
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
         check_exposure(host, token or read_token, tls, insecure)
@@ -120,7 +131,16 @@ class NearStoreServer(flight.FlightServerBase):
         self._round_lock = threading.Lock()
         self._rounds: dict[int, Selection] = {}
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
-        if not self._restore():
+        self.shards = None if shards is None else _check_shards(shards, dataset.num_shards)
+        self._primary: Connection | None = None
+        if primary is not None:
+            given = {"selection": selection, "model": model, "state_dir": state_dir, "executor": executor}
+            named = [option for option, value in given.items() if value is not None]
+            if named:
+                raise ParameterError(f"{', '.join(named)} given with primary: its rounds are the primary's to run")
+            self._primary = Connection(primary, **dict(primary_options or {}))
+            self._follow(None)
+        elif not self._restore():
             if selection is None:
                 selection = self._run_round(keep=keep, method=method, options=dict(options or {}), seed=seed)
             else:
@@ -180,6 +200,7 @@ class NearStoreServer(flight.FlightServerBase):
             self._check_dataset(request)
             ids = protocol.parse_ids(request.get("ids"), self.dataset.num_samples)
             names = tuple(protocol.parse_arrays(request.get("arrays"), self.dataset.sample_arrays))
+            self._check_served(ids)
             if request.get("round") != protocol.ALL_SAMPLES:
                 selection = self._round(request.get("round"))
                 outside = ids[~np.isin(ids, selection.ids)]
@@ -215,6 +236,7 @@ class NearStoreServer(flight.FlightServerBase):
         with _answering("a weights push"):
             request = protocol.parse(descriptor.command or b"", "weights descriptor")
             self._check_dataset(request)
+            self._check_runs_rounds("proxy weights")
             if self._model_factory is None:
                 raise RequestError(
                     f"server of {self.name!r} has no proxy model: start it with --model to accept weights"
@@ -276,6 +298,8 @@ class NearStoreServer(flight.FlightServerBase):
                 "selected": len(current),
                 "method": current.method,
                 "proxy_version": self.proxy_version,
+                "shards": self.shards,
+                "primary": None if self._primary is None else self._primary.url,
                 "stored_bytes": self.stored_bytes,
                 "storage_reads": self.storage_reads.snapshot().as_dict(),
                 "shipped": self.shipped.snapshot().as_dict(),
@@ -322,6 +346,7 @@ class NearStoreServer(flight.FlightServerBase):
     def _select(self, body: pa.Buffer) -> bytes:
         """A new round, run after any running one; answers with it, whichever round is current by then."""
         request = protocol.parse(body, "select request") if body else {}
+        self._check_runs_rounds("select")
         unknown = set(request) - set(protocol.SELECT_FIELDS)
         if unknown:
             raise RequestError(f"select takes keep, method, options and seed; got unknown {sorted(unknown)}")
@@ -428,11 +453,49 @@ class NearStoreServer(flight.FlightServerBase):
         if number is None:
             return self.current
         with self._lock:
-            if type(number) is not int or number not in self._rounds:
+            held = self._rounds.get(number) if type(number) is int else None
+        if held is None and self._primary is not None and type(number) is int and number > max(self._rounds):
+            return self._follow(number)
+        if held is None:
+            held_rounds = sorted(self._rounds)
+            raise RequestError(f"selection round {number!r} of {self.name!r} is not held; rounds {held_rounds}")
+        return held
+
+    def _follow(self, number: int | None) -> Selection:
+        """Round `number` (None: the current one) as the primary holds it, checked and kept."""
+        with self._round_lock:  # trainers naming a new round at once: one asks, the others find it
+            with self._lock:
+                if number in self._rounds:
+                    return self._rounds[number]
+            assert self._primary is not None
+            try:
+                answer = self._primary.action("selection", json.dumps({"round": number}).encode())
+            except (ConnectionError, NearstoreError, PermissionError) as e:
                 raise RequestError(
-                    f"selection round {number!r} of {self.name!r} is not held; rounds {sorted(self._rounds)}"
-                )
-            return self._rounds[number]
+                    f"selection round {number} of {self.name!r} is not held here, and its primary"
+                    f" {self._primary.url} could not be asked: {e}"
+                ) from None
+            selection = Selection.from_bytes(answer)
+            selection.check_dataset(self.dataset)  # a primary of another dataset is refused
+            self._keep_round(selection)
+            log.info("round %d taken from the primary %s", selection.round, self._primary.url)
+            return selection
+
+    def _check_served(self, ids: np.ndarray) -> None:
+        if self.shards is None:
+            return
+        shards = ids // self.dataset.shard_samples
+        outside = ~np.isin(shards, self.shards)
+        if outside.any():
+            first = int(np.argmax(outside))
+            raise RequestError(
+                f"sample {int(ids[first])} lies in shard {int(shards[first])} of {self.name!r}, which this server"
+                f" does not serve (it serves shards {protocol.shard_ranges(self.shards)})"
+            )
+
+    def _check_runs_rounds(self, call: str) -> None:
+        if self._primary is not None:
+            raise RequestError(f"{call} goes to {self.name!r}'s primary {self._primary.url}: it runs the rounds")
 
     def _check_dataset(self, request: dict[str, Any]) -> None:
         if request.get("dataset") != self.name:
@@ -509,6 +572,18 @@ def check_exposure(host: str, token: str | None, tls: dict[str, Any], insecure: 
             " pushed proxy weights cross the network in clear",
             host,
         )
+
+
+def _check_shards(shards: Sequence[int], num_shards: int) -> list[int]:
+    """Sorted shard ids, each in [0, num_shards) and named once."""
+    if isinstance(shards, str) or not isinstance(shards, Sequence | np.ndarray) or not len(shards):
+        raise ParameterError(f"shards must be a non-empty sequence of shard ids, got {shards!r}")
+    for shard in shards:
+        if isinstance(shard, bool) or not isinstance(shard, int | np.integer) or not 0 <= shard < num_shards:
+            raise ParameterError(f"shards holds {shard!r}, not a shard id in [0, {num_shards})")
+    if len(set(shards)) != len(shards):
+        raise ParameterError(f"shards names a shard twice: {sorted(shards)}")
+    return sorted(int(s) for s in shards)
 
 
 def _state_dir(path: str | Path, dataset: Dataset) -> Path:

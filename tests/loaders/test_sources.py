@@ -1,7 +1,7 @@
 """One conformance suite for every `Source` a loader reads from (as zarr-python's StoreTests is for
 its stores): a store on local files, on S3 (moto) and over HTTP (nginx), and a near-storage server
-over Flight, all holding the same id-encoded samples: fixed-size ones, encoded images and ragged
-token sequences."""
+over Flight, and two servers each serving some of the shards (a group), all holding the same
+id-encoded samples: fixed-size ones, encoded images and ragged token sequences."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import torch
 from conftest import NUM_CLASSES, SHARD_SAMPLES, id_encoded
 from PIL import Image
 
-from loaders import FlightSource, Source, StoreSource, StreamingLoader, open_source
+from loaders import FlightSource, ServerGroup, Source, StoreSource, StreamingLoader, open_source
 from nearstore import SampleIdError, Selection, open_dataset, write_dataset
 from nearstore.serving import NearStoreServer
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
 from nearstore.storage.images import ImageTransform
 
-KINDS = ["local", "s3", "http", "flight"]
+KINDS = ["local", "s3", "http", "flight", "group"]
+SERVED = (FlightSource, ServerGroup)  # sources that hold rounds: a server reads only what its round holds
 
 
 def tiny_model() -> torch.nn.Module:
@@ -83,11 +84,26 @@ def server(urls):
     near.shutdown()
 
 
+@pytest.fixture(scope="module")
+def group(urls):
+    """The local store's shards served by two servers: the primary (which runs the rounds, round 0
+    every sample, taking tiny_model weights) serves shards 0-3 and 7-9, its follower 4-6."""
+    dataset = open_dataset(urls["local"][0])
+    every = Selection.of(dataset, np.arange(dataset.num_samples), method="all", params={}, io={})
+    primary = NearStoreServer(dataset, selection=every, model=tiny_model, shards=[0, 1, 2, 3, 7, 8, 9])
+    follower = NearStoreServer(open_dataset(urls["local"][0]), shards=[4, 5, 6], primary=primary.url)
+    yield [primary.url, follower.url]
+    follower.shutdown()
+    primary.shutdown()
+
+
 @pytest.fixture(params=KINDS)
-def source(request, urls, server) -> Source:
+def source(request, urls, server, group) -> Source:
     """Each kind of source, opened afresh (a source keeps what it has learnt of its store)."""
     if request.param == "flight":
         opened = open_source(server.url)
+    elif request.param == "group":
+        opened = open_source(group)
     else:
         url, options = urls[request.param]
         opened = open_source(url, storage_options=options)
@@ -98,7 +114,7 @@ def source(request, urls, server) -> Source:
 class TestSources:
     def test_kind_follows_the_url(self, source, request):
         kind = request.node.callspec.params["source"]
-        assert isinstance(source, FlightSource if kind == "flight" else StoreSource)
+        assert isinstance(source, {"flight": FlightSource, "group": ServerGroup}.get(kind, StoreSource))
 
     def test_identity_names_the_samples(self, source, urls, data):
         local = open_dataset(urls["local"][0])
@@ -148,19 +164,19 @@ class TestSources:
         assert chosen.round == round + 1 and chosen.params["proxy"] == "ModelProxy"
         assert sample_identity(chosen.dataset) == sample_identity(source.identity)
         assert np.bincount(data["y"][chosen.ids]).tolist() == [50] * NUM_CLASSES
-        out = source.read(chosen.ids[:5], arrays=["x"], round=chosen.round)
-        np.testing.assert_array_equal(out["x"], data["x"][chosen.ids[:5]])
+        out = source.read(chosen.ids, arrays=["x"], round=chosen.round)  # a group: from both servers
+        np.testing.assert_array_equal(out["x"], data["x"][chosen.ids])
 
     def test_a_loader_reads_every_selected_sample_once(self, source, data):
         loader = StreamingLoader(source, np.arange(0, 2500, 7), batch_size=64, backend="torch", device="cpu")
-        if isinstance(source, FlightSource):  # a server reads only what its round holds
+        if isinstance(source, SERVED):
             loader = StreamingLoader(source, batch_size=64, backend="torch", device="cpu")
         seen = [int(i) for x, _ in loader for i in x[:, 0].round().long()]
         assert sorted(seen) == loader.ids.tolist()
         assert loader.io_stats()["full_epoch_bytes"] == source.stored_bytes(["x", "y"])
 
     def test_a_loader_yields_every_selected_ragged_sample_once_as_nested_tensors(self, source):
-        ids = np.arange(0, 2500, 3) if not isinstance(source, FlightSource) else None
+        ids = np.arange(0, 2500, 3) if not isinstance(source, SERVED) else None
         loader = StreamingLoader(source, ids, batch_size=64, input_array="tokens", device="cpu")
         seen, empty = [], 0
         for x, y in loader:
@@ -180,7 +196,7 @@ class TestSources:
 
     @pytest.mark.parametrize("backend", ["torch", "dali"])
     def test_a_loader_decodes_every_selected_image_once(self, source, data, backend):
-        ids = np.arange(0, 2500, 5) if not isinstance(source, FlightSource) else None
+        ids = np.arange(0, 2500, 5) if not isinstance(source, SERVED) else None
         images = ImageTransform(size=4, train=False, mean=(0, 0, 0), std=(1, 1, 1))
         loader = StreamingLoader(source, ids, batch_size=64, input_array="image", images=images, backend=backend)
         seen = []

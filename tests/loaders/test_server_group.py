@@ -1,0 +1,228 @@
+"""Several servers, one dataset: each serves its storage node's shards, one (the primary) runs the
+rounds and the others follow it, and a trainer reads them all as one source (`ServerGroup`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed
+import numpy as np
+import pytest
+import torch
+from conftest import SHARD_SAMPLES, id_encoded
+from servers import free_port
+
+from loaders import ServerGroup, StreamingLoader, open_source
+from nearstore import DatasetError, ParameterError, RequestError, open_dataset, random_select, write_dataset
+from nearstore.selection import Graft
+from nearstore.selection.executors import DaskExecutor
+from nearstore.serving import NearStoreServer
+
+FIRST, SECOND = list(range(0, 5)), list(range(5, 10))  # the id store's 10 shards, on two nodes
+
+
+def sample_ids(x: torch.Tensor) -> list[int]:
+    return x[:, 0].round().long().tolist()  # an id store's sample i holds i in its first feature
+
+
+@pytest.fixture
+def servers():
+    """Start servers with `start(dataset, **options)`; all are shut down after the test."""
+    started = []
+
+    def start(dataset, **options) -> NearStoreServer:
+        started.append(NearStoreServer(dataset, **options))
+        return started[-1]
+
+    yield start
+    for server in reversed(started):
+        server.shutdown()
+
+
+@pytest.fixture
+def pair(servers, id_store_url):
+    """A primary of shards 0-4 holding a random 30% (round 0) and its follower of shards 5-9."""
+    dataset = open_dataset(id_store_url)
+    primary = servers(dataset, selection=random_select(dataset, 0.3, seed=1), shards=FIRST)
+    follower = servers(open_dataset(id_store_url), shards=SECOND, primary=primary.url)
+    return primary, follower
+
+
+def test_a_group_yields_the_batches_one_server_of_every_shard_yields(pair, servers, id_store):
+    primary, follower = pair
+    whole = servers(id_store, selection=primary.current)
+    options = dict(batch_size=64, seed=3, backend="torch", device="cpu", cache=False)
+    grouped, single = StreamingLoader([primary.url, follower.url], **options), StreamingLoader(whole.url, **options)
+    assert isinstance(grouped.source, ServerGroup)
+    for epoch in range(2):
+        grouped.set_epoch(epoch)
+        single.set_epoch(epoch)
+        for (x, y), (x1, y1) in zip(grouped, single, strict=True):
+            assert torch.equal(x, x1) and torch.equal(y, y1)
+    # each sample came from the server of its shard, once an epoch
+    ids = primary.current.ids
+    assert primary.shipped.samples == 2 * np.count_nonzero(ids < SECOND[0] * SHARD_SAMPLES)
+    assert follower.shipped.samples == 2 * np.count_nonzero(ids >= SECOND[0] * SHARD_SAMPLES)
+    assert grouped.io_stats()["samples_read"] == 2 * len(ids)
+
+
+def test_a_new_round_runs_on_the_primary_and_every_server_serves_it(pair):
+    primary, follower = pair
+    loader = StreamingLoader([primary.url, follower.url], batch_size=50, backend="torch", device="cpu")
+    chosen = loader.reselect(0.1, method="graft", seed=4)
+    assert chosen.round == primary.current.round == 1
+    seen = [i for x, _ in loader for i in sample_ids(x)]
+    assert sorted(seen) == chosen.ids.tolist()
+    assert np.any(chosen.ids >= SECOND[0] * SHARD_SAMPLES)  # the follower served its part of it
+    np.testing.assert_array_equal(follower.current.ids, chosen.ids)  # taken from the primary, not run
+
+
+def test_a_round_on_a_cluster_reads_each_nodes_shards_beside_them(servers, id_store_url):
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
+    with cluster, distributed.Client(cluster) as client:
+        first, second = sorted(client.nthreads())  # a worker per storage node, each beside its shards
+        executor = DaskExecutor(client, shards_of={first: FIRST, second: SECOND})
+        dataset = open_dataset(id_store_url)
+        primary = servers(dataset, selection=random_select(dataset, 0.3, seed=1), shards=FIRST, executor=executor)
+        follower = servers(open_dataset(id_store_url), shards=SECOND, primary=primary.url)
+        loader = StreamingLoader([primary.url, follower.url], batch_size=50, backend="torch", device="cpu")
+        with distributed.get_task_stream(client) as stream:
+            chosen = loader.reselect(0.25, method="graft", seed=5)
+        ran = {task["key"]: task["worker"] for task in stream.data}
+        assert chosen.params["executor"] == "dask" and len(executor.placed) >= 2
+        for key, shards in executor.placed.items():  # no task read a shard of the other node
+            assert set(shards) <= set(FIRST if ran[key] == first else SECOND), (key, shards, ran[key])
+        seen = [i for x, _ in loader for i in sample_ids(x)]
+    assert sorted(seen) == chosen.ids.tolist()
+    in_process = Graft().select(dataset, 0.25, seed=5)  # the same class budgets, summed over the nodes
+    labels = dataset.labels[:]
+    assert np.bincount(labels[chosen.ids]).tolist() == np.bincount(labels[in_process.ids]).tolist()
+
+
+def test_a_follower_serves_its_shards_only_and_leaves_rounds_to_the_primary(pair):
+    primary, follower = pair
+    source = open_source(follower.url)
+    with pytest.raises(RequestError, match=r"sample 3 lies in shard 0 of .*does not serve \(it serves shards 5-9\)"):
+        source.read([1300, 3], arrays=["x"], round=0)
+    with pytest.raises(RequestError, match=f"select goes to .*'s primary {primary.url}: it runs the rounds"):
+        source.select(keep=0.1, method="random", seed=0)
+    with pytest.raises(RequestError, match=f"proxy weights goes to .*'s primary {primary.url}"):
+        source.update_proxy(torch.nn.Linear(8, 5))
+    assert source.info()["primary"] == primary.url and source.info()["shards"] == SECOND
+    source.close()
+
+
+@pytest.fixture
+def twin_url(tmp_path):
+    """A store of the id store's shapes and dtypes holding other samples."""
+    data = id_encoded()
+    url = str(tmp_path / "twin.zarr")
+    write_dataset(url, [{"x": data["x"] + 1, "y": data["y"]}], shard_samples=SHARD_SAMPLES, chunk_samples=1)
+    return url
+
+
+def test_groups_that_are_not_one_dataset_once_are_refused_by_name(servers, id_store_url, twin_url):
+    dataset = open_dataset(id_store_url)
+    every = random_select(dataset, 1.0)
+    primary = servers(dataset, selection=every, shards=list(range(6)))
+    overlapping = servers(open_dataset(id_store_url), shards=list(range(5, 10)), primary=primary.url)
+    short = servers(open_dataset(id_store_url), shards=list(range(7, 10)), primary=primary.url)
+    other_primary = servers(open_dataset(id_store_url), selection=every, shards=list(range(6, 10)))
+    twin = open_dataset(twin_url)
+    twin_server = servers(twin, selection=random_select(twin, 1.0), shards=list(range(6, 10)))
+    cases = [
+        ([primary.url, overlapping.url], ParameterError, f"shard 5 is served by both {primary.url} and"),
+        ([primary.url, short.url], ParameterError, "no server of the group serves shards 6 of"),
+        ([primary.url, other_primary.url], ParameterError, "one primary.*these run their own"),
+        ([primary.url, twin_server.url], DatasetError, f"{twin_server.url} serves another dataset than"),
+        ([primary.url], ParameterError, "two or more server URLs"),
+    ]
+    for urls, error, message in cases:
+        with pytest.raises(error, match=message):
+            ServerGroup(urls)
+    with pytest.raises(DatasetError):  # a follower of another dataset's primary: refused at start
+        NearStoreServer(twin, shards=list(range(6, 10)), primary=primary.url)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"shards": [10]}, r"shards holds 10, not a shard id in \[0, 10\)"),
+        ({"shards": [1, 1]}, "shards names a shard twice"),
+        ({"shards": []}, "shards must be a non-empty sequence"),
+        ({"primary": "grpc://127.0.0.1:1/ids", "state_dir": "x"}, "^state_dir given with primary"),
+        ({"primary": "http://127.0.0.1:1/ids"}, "a server URL looks like grpc://"),
+    ],
+)
+def test_bad_server_options_are_refused_by_name(id_store, options, message):
+    with pytest.raises(ParameterError, match=message):
+        selection = None if "primary" in options else random_select(id_store, 0.1)
+        NearStoreServer(id_store, selection=selection, **options)
+
+
+def test_a_lost_server_is_named_and_the_epoch_stops(pair):
+    primary, follower = pair
+    loader = StreamingLoader(
+        [primary.url, follower.url],
+        batch_size=64,
+        backend="torch",
+        device="cpu",
+        cache=False,
+        storage_options={"on_disconnect": "raise"},
+    )
+    follower.shutdown()
+    with pytest.raises(ConnectionError, match=f"{follower.url}, the server of shards 5-9 of this group, is lost"):
+        list(loader)
+
+
+def test_a_follower_whose_primary_is_lost_refuses_a_new_round_by_name(servers, id_store_url):
+    dataset = open_dataset(id_store_url)
+    primary = servers(dataset, selection=random_select(dataset, 0.3, seed=1), shards=FIRST)
+    follower = servers(
+        open_dataset(id_store_url), shards=SECOND, primary=primary.url, primary_options={"on_disconnect": "raise"}
+    )
+    mine = int(primary.current.ids[primary.current.ids >= SECOND[0] * SHARD_SAMPLES][0])
+    primary.shutdown()
+    source = open_source(follower.url)
+    assert sample_ids(torch.from_numpy(source.read([mine], arrays=["x"], round=0)["x"])) == [mine]  # held: served
+    with pytest.raises(RequestError, match=f"round 1 of .* is not held here, and its primary {primary.url} could not"):
+        source.read([mine], arrays=["x"], round=1)
+    source.close()
+
+
+def test_a_follower_runs_from_the_command_line(pair, id_store_url):
+    primary, _ = pair
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1].parent)}
+    command = ["serve", id_store_url, "--port", str(port), "--shards", "5:8,8,9", "--primary", primary.url]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nearstore.app.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("serving grpc://"):
+                break
+        else:
+            raise AssertionError(f"nearstore serve exited with {process.wait()} before serving")
+        follower_url = f"grpc://127.0.0.1:{port}/{primary.name}"
+        loader = StreamingLoader([primary.url, follower_url], batch_size=64, backend="torch", device="cpu")
+        assert sorted(i for x, _ in loader for i in sample_ids(x)) == primary.current.ids.tolist()
+    finally:
+        process.terminate()
+        process.wait(30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "nearstore.app.cli", "serve", id_store_url, "--shards", "5-9"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "'5-9' is neither a shard id nor a START:STOP run" in bad.stderr
