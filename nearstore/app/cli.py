@@ -25,7 +25,7 @@ from nearstore.storage import read_labels
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
-ON_DASK = ("sage", "graft", "craig", "adacore")
+ON_DASK = ("sage", "graft", "craig", "adacore", "crest")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--scheduler",
-        help=f"a dask.distributed scheduler (tcp://host:port): rounds run there ({', '.join(ON_DASK)}; crest's here)",
+        help=f"a dask.distributed scheduler (tcp://host:port): rounds run there ({', '.join(ON_DASK)})",
     )
     serve.add_argument(
         "--shards",

@@ -69,7 +69,7 @@ class NearStoreServer(flight.FlightServerBase):
     max_proxy_bytes: the largest pushed state_dict accepted, in bytes; a push announcing more is
         refused before its first byte is read.
     executor: where rounds run (`nearstore.selection.executors`): in this process by default, or
-        on a Dask cluster beside the storage (SAGE, GRAFT, CRAIG; CREST's run here).
+        on a Dask cluster beside the storage.
     shards: the shards this server serves, where a dataset's shards are served by several
         servers, one per storage node (`loaders.ServerGroup` reads them as one source); a read of
         any other shard's sample is refused by name. Default: every shard.

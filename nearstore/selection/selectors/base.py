@@ -54,8 +54,8 @@ class Selector(ABC):
         previous: the ids of the round this one replaces, if any. GRAFT on a pool puts them in
             its pool (`pool_previous`); the other selectors do not use them.
         executor: where a scan over every shard runs (`nearstore.selection.executors`): in this
-            process by default, or on a Dask cluster (SAGE, GRAFT, CRAIG); CREST runs in this
-            process whatever it says.
+            process by default, or on a Dask cluster (every selector but random, which reads
+            only the labels).
         """
 
     def params(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_flag, check_range
+from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed, class_pools
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
@@ -18,7 +19,7 @@ from nearstore.selection.selectors.base import (
     check_pool,
     check_window,
 )
-from nearstore.selection.stages import check_finite, check_proxy, decoded, log, pool_batches, scan_io
+from nearstore.selection.stages import Scan, check_finite, decoded, pool_batches, scan_io
 from nearstore.selection.windows import coresets
 from nearstore.storage import DEFAULT_READS, Coalescing, read_labels
 
@@ -34,7 +35,8 @@ class Crest(Selector):
     `coreset_window`, weighted by cluster size (mean 1). Without a proxy (a first round, before
     the trainer has pushed its model) nothing is learned yet: the draw is class-balanced random
     and reads only the labels. Only the pools are read (coalesced as `pool_reads`), so a round costs
-    pool × keep of a full scan.
+    pool × keep of a full scan; on a Dask executor each partition of consecutive shards reads and
+    scores its own pooled samples (`score_pools`), the draw then made here.
     """
 
     method: ClassVar[str] = "crest"
@@ -56,34 +58,28 @@ class Crest(Selector):
     ) -> Selection:
         check_keep(keep)
         check_seed(seed)
-        if executor is not None and executor.name != "local":
-            log.info("CREST runs in this process, not on the %s executor: it reads a pool only", executor.name)
         started = time.perf_counter()
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
         budgets, pools = class_pools(labels, keep, self.pool, seed, whole=proxy is None)
         rng = np.random.default_rng([seed, 1])
-        confidences, gradients, readers = {}, {}, [labels_reader]
+        confidences, gradients, io = {}, {}, scan_io(started, [labels_reader])
         if proxy is not None:
-            check_proxy(dataset, proxy)
-            input_array = dataset.input_array
-            reader, batches = pool_batches(
-                dataset, input_array, dataset.label_array, pools, progress, "CREST pool", self.pool_reads
-            )
-            batches = decoded(batches, input_array, proxy.images, dataset.ragged(input_array))
+            executor = executor or LocalExecutor()
+            scan = Scan.open(dataset, self.method, proxy, seed, device)
+            arguments = dict(pools=pools, coreset=self.coreset, reads=self.pool_reads, progress=progress)
+            scored, worker_reads = executor.map_reduce(scan, score_pools, PoolScores.merge, **arguments)
             # a damaged image left out by `decoded` stays "learned" (p = 1), so it is never chosen
             probability = np.ones(dataset.num_samples, dtype=np.float32)
-            at_logits = np.empty((dataset.num_samples if self.coreset else 0, proxy.num_classes), dtype=np.float32)
-            for ids, batch in batches:
-                x = batch[input_array]
-                check_finite(x, ids, input_array)
-                if self.coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
-                    at_logits[ids] = proxy.gradient_factors(x, labels[ids])[0].cpu().numpy()
-                    probability[ids] = 1 + at_logits[ids, labels[ids]]
-                else:
-                    probability[ids] = proxy.confidence(x, labels[ids]).cpu().numpy()
+            probability[scored.ids] = scored.probability
             confidences = {c: probability[pool] for c, pool in pools.items()}
-            gradients = {c: at_logits[pool] for c, pool in pools.items()} if self.coreset else {}
-            readers.append(reader)
+            if self.coreset:
+                at_logits = np.zeros((dataset.num_samples, proxy.num_classes), dtype=np.float32)
+                at_logits[scored.ids] = scored.at_logits
+                gradients = {c: at_logits[pool] for c, pool in pools.items()}
+            io = scan_io(started, [labels_reader, scan.reader])
+            if executor.name == "local":  # the scan's own reader: counted above
+                worker_reads = {"bytes": 0, "requests": 0}
+            io.update({k: io[k] + worker_reads[k] + scored.reads[k] for k in ("bytes", "requests")})
         picks, weights, scores = [], [], []
         for c, pool in pools.items():
             weight = np.ones(budgets[c], dtype=np.float32)
@@ -109,5 +105,59 @@ class Crest(Selector):
             scores=np.concatenate(scores),
             method=self.method,
             params={"keep": keep, "seed": seed, "proxy": type(proxy).__name__ if proxy else None, **self.params()},
-            io=scan_io(started, readers),
+            io=io,
         )
+
+
+@dataclass
+class PoolScores:
+    """The proxy's view of the pooled samples of some shards: their ids, p(y | x) each and, for
+    coresets, their loss gradients at the logits; what reading them read. Parts over disjoint
+    shards merge by concatenation."""
+
+    ids: np.ndarray
+    probability: np.ndarray
+    at_logits: np.ndarray
+    reads: dict[str, int]
+
+    @staticmethod
+    def merge(a: PoolScores, b: PoolScores) -> PoolScores:
+        return PoolScores(
+            np.concatenate([a.ids, b.ids]),
+            np.concatenate([a.probability, b.probability]),
+            np.concatenate([a.at_logits, b.at_logits]),
+            {k: a.reads[k] + b.reads[k] for k in a.reads},
+        )
+
+
+def score_pools(
+    scan: Scan, shards: list[int], *, pools: dict[int, np.ndarray], coreset: bool, reads: Coalescing, progress: bool
+) -> PoolScores:
+    """The pass over the pooled samples (`pools`: {class: sorted ids}) that lie in `shards`
+    (consecutive): read (coalescing as `reads`), decoded and scored by the scan's proxy."""
+    dataset, proxy = scan.reader.dataset, scan.proxy
+    first, end = shards[0] * dataset.shard_samples, (shards[-1] + 1) * dataset.shard_samples
+    mine = {c: members[(members >= first) & (members < end)] for c, members in pools.items()}
+    reader, batches = pool_batches(
+        dataset, scan.input_array, scan.labels, {c: m for c, m in mine.items() if len(m)}, progress, "CREST pool", reads
+    )
+    batches = decoded(batches, scan.input_array, proxy.images, dataset.ragged(scan.input_array))
+    ids, probability, at_logits = [], [], []
+    for batch_ids, batch in batches:
+        x, y = batch[scan.input_array], batch[scan.labels]  # y: the class of the sample's pool, its label
+        check_finite(x, batch_ids, scan.input_array)
+        if coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
+            gradient = proxy.gradient_factors(x, y)[0].cpu().numpy()
+            at_logits.append(gradient)
+            probability.append(1 + gradient[np.arange(len(y)), y])
+        else:
+            probability.append(proxy.confidence(x, y).cpu().numpy())
+        ids.append(batch_ids)
+    read = reader.stats.snapshot()
+    width = proxy.num_classes if coreset else 0
+    return PoolScores(
+        np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64),
+        np.concatenate(probability).astype(np.float32) if ids else np.zeros(0, dtype=np.float32),
+        np.concatenate(at_logits) if at_logits else np.zeros((0, width), dtype=np.float32),
+        {"bytes": read.bytes, "requests": read.requests},
+    )

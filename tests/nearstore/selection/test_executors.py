@@ -81,7 +81,7 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     here = sage_select(dataset, 0.1, ell=32)
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
-    assert "--scheduler runs the scans of sage, graft, craig, adacore, not 'random'" in capsys.readouterr().err
+    assert "--scheduler runs the scans of sage, graft, craig, adacore, crest, not 'random'" in capsys.readouterr().err
     graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
     assert main([*graft, "--method", "adacore"]) == 0 and Selection.load(out).method == "adacore"
     assert Selection.load(out).params["executor"] == "dask"
@@ -121,9 +121,21 @@ def test_the_default_on_the_cluster_keeps_every_class_budget_exactly(client, blo
     np.testing.assert_array_equal(np.bincount(y[there.ids], minlength=3), np.bincount(y[here.ids], minlength=3))
     assert len(np.unique(there.ids)) == len(there.ids)
     assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
-    # CREST reads a pool only: it runs in this process, whatever the executor
-    crest = Crest().select(dataset, 0.2, proxy=proxy, seed=1, executor=DaskExecutor(client))
-    np.testing.assert_array_equal(crest.ids, Crest().select(dataset, 0.2, proxy=proxy, seed=1).ids)
+
+
+@pytest.mark.parametrize("coreset", [False, True])
+def test_crest_scores_its_pools_on_the_cluster_as_in_process(client, blobs, coreset):
+    dataset, _, _, proxy = blobs
+    executor = DaskExecutor(client)
+    with distributed.get_task_stream(client) as stream:
+        there = Crest(coreset=coreset).select(dataset, 0.2, proxy=proxy, seed=1, executor=executor)
+    here = Crest(coreset=coreset).select(dataset, 0.2, proxy=proxy, seed=1)
+    assert {task["key"] for task in stream.data} >= set(executor.placed) and len(executor.placed) >= 2
+    np.testing.assert_array_equal(there.ids, here.ids)
+    np.testing.assert_allclose(there.weights, here.weights)
+    np.testing.assert_allclose(there.scores, here.scores, rtol=1e-5)
+    # the workers' pool reads counted (and their shard indexes, which this process had read before)
+    assert there.io["bytes"] >= here.io["bytes"] > 0
 
 
 @pytest.mark.parametrize("task", ["sage_pass1", "windowed_pass"])
