@@ -34,6 +34,7 @@ def dali_epoch(
     batch_size: int,
     device: torch.device,
     dali_transform: DaliTransform | None = None,
+    views: int = 1,
     images: ImageTransform | None = None,
     num_threads: int = 2,
     seed: int = 0,
@@ -46,8 +47,10 @@ def dali_epoch(
     leaves nothing behind. images: the first output holds encoded images (an object array of
     bytes), decoded and transformed so. `dali_transform` maps the first output's DataNode (the
     inputs, decoded) to a new DataNode inside the graph; on a CUDA device it receives GPU data.
-    seed: the pipeline's random augmentations. explain: what to raise instead of a pipeline's
-    failure (DALI's errors name no sample), given it.
+    views: the transform's outputs in place of the first: `views` of them, each drawing its own
+    random augmentations (contrastive learning's views of a sample). seed: the pipeline's random
+    augmentations. explain: what to raise instead of a pipeline's failure (DALI's errors name no
+    sample), given it.
     """
     if not dali_available():
         raise RuntimeError("DALI is not installed; use backend='torch' or install nvidia-dali-cuda130")
@@ -88,7 +91,7 @@ def dali_epoch(
         if on_gpu:
             outputs = [o if i == 0 and images is not None else o.gpu() for i, o in enumerate(outputs)]
         if dali_transform is not None:
-            outputs[0] = dali_transform(outputs[0])
+            outputs = [dali_transform(outputs[0]) for _ in range(views)] + outputs[1:]
         return tuple(outputs)
 
     pipe = pipeline()

@@ -98,6 +98,10 @@ class StreamingLoader:
     num_threads: threads that decode images (DALI's, or PIL's in the torch backend).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
         the device is CUDA), after `images`. transform: applied to the x tensor of every batch.
+    views: for contrastive learning, batches hold that many views of x, each its own application
+        of the random augmentations (`dali_transform`'s in the graph, else `transform`'s), in
+        place of x: (x1, x2, y) for 2. Images are decoded once for all views (with
+        `ImageTransform`'s crop, if train): crop per view in the transform.
     backend: "dali", "torch" (the same batches without DALI), or "auto": DALI (where installed) for
         encoded images or a `dali_transform`, else torch, the faster for fixed-size samples.
     device: where batches land; default CUDA when available, else CPU.
@@ -132,6 +136,7 @@ class StreamingLoader:
         num_threads: int = 2,
         dali_transform: DaliTransform | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        views: int = 1,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
         prefetch: int = 2,
@@ -152,6 +157,9 @@ class StreamingLoader:
             if function is not None and not callable(function):
                 raise ParameterError(f"{name} must be a function, got {reprlib.repr(function)}")
         self.prefetch = check_integer("prefetch", prefetch, 1)
+        self.views = check_integer("views", views, 1)
+        if self.views > 1 and transform is None and dali_transform is None:
+            raise ParameterError(f"views={views} needs a random transform (or dali_transform): else they are one x")
         self.num_threads = check_integer("num_threads", num_threads, 1)
         self.on_error, self.with_weights = check_on_error(on_error), check_flag("weights", weights)
         self.device = _device(device)
@@ -306,8 +314,10 @@ class StreamingLoader:
             self.order.batches_done += 1  # counted as delivered once the trainer holds it
             if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
                 continue
+            views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
             if self.transform is not None:
-                batch = (self.transform(batch[0]), *batch[1:])
+                inputs = batch[:views] if views == self.views else [batch[0]] * self.views
+                batch = (*(self.transform(x) for x in inputs), *batch[views:])
             yield batch
         read = self.stats.snapshot() - before
         storage = self.source.storage_reads()
@@ -596,6 +606,7 @@ class StreamingLoader:
                     batch_size=self.order.batch_size,
                     device=self.device,
                     dali_transform=self.dali_transform,
+                    views=self.views,
                     images=self.images,
                     num_threads=self.num_threads,
                     seed=int(np.random.default_rng([*seed, first]).integers(2**31)),
