@@ -63,9 +63,9 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
     independent = torch.zeros(b, dtype=torch.int64, device=g.device)
     for t in range(k):
         free = residual.masked_fill(taken, -1)
-        best = free.argmax(1)  # first of equals: the lowest index
+        top, best = free.max(1)  # first of equals: the lowest index
         at = torch.arange(len(live), device=g.device)
-        spent = free[at, best] <= rank_tol
+        spent = top <= rank_tol
         dependent = int(spent.sum())
         if 4 * dependent >= len(live):
             out = live[spent]
@@ -74,7 +74,7 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
             rows[out, t:] = torch.sort(taken[spent].to(torch.uint8), dim=1, stable=True).indices[:, : k - t]
             stay = ~spent
             live, work, taken, independent = live[stay], work[stay], taken[stay], independent[stay]
-            residual, rank_tol, scale, free, best = residual[stay], rank_tol[stay], scale[stay], free[stay], best[stay]
+            residual, rank_tol, scale, top, best = residual[stay], rank_tol[stay], scale[stay], top[stay], best[stay]
             if not len(live):
                 break
             at, spent, dependent = at[: len(live)], spent[stay], 0
@@ -84,7 +84,8 @@ def pivoted_cholesky(gram: torch.Tensor, k: int) -> Pivots:
         column = g[live, best] * scale - torch.bmm(done[at, :, best][:, None], done)[:, 0]
         # the downdated residual, as LAPACK's pstrf: in a Gram matrix rounded off PSD, recomputing it
         # can cancel to 0 where the residual does not, and dividing by that blows L up
-        pivot = free[at, best].clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        # (a spent member's is not its new pivot's: its column is zeroed below)
+        pivot = top.clamp_min(torch.finfo(g.dtype).tiny).sqrt()
         column = column / pivot[:, None]
         if dependent:
             column = torch.where(spent[:, None], 0.0, column)

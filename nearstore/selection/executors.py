@@ -70,7 +70,12 @@ class DaskExecutor:
         name = getattr(task, "__name__", "task")  # the task's name in the cluster's books
         parts = self._parts(scan.reader.num_shards)
         dataset = scan.reader.dataset
-        shipped = {"proxy": scan.proxy, "input_array": scan.input_array, "labels": scan.labels}
+        shipped = {
+            "proxy": scan.proxy,
+            "input_array": scan.input_array,
+            "labels": scan.labels,
+            "arrays": list(scan.reader.layouts),
+        }
         token = uuid.uuid4().hex[:8]
         futures, self.placed = [], {}  # the last pass's only: a server's executor runs pass after pass
         for k, (worker, shards) in enumerate(parts):
@@ -147,7 +152,7 @@ def _on_worker(
 ) -> tuple[Any, Reads]:
     """A task on a worker: the dataset opened from its URL, the scan rebuilt around the shipped proxy."""
     dataset = open_dataset(url, storage_options=storage_options)
-    reader = SelectiveReader(dataset, [scan["input_array"], scan["labels"]])
+    reader = SelectiveReader(dataset, scan["arrays"])
     result = task(Scan(reader, scan["proxy"], scan["input_array"], scan["labels"], {}), shards, **arguments)
     reads = reader.stats.snapshot()
     return result, {"bytes": reads.bytes, "requests": reads.requests}

@@ -293,7 +293,8 @@ def windowed_select(
     started = time.perf_counter()
     executor = executor or LocalExecutor()
     window = selector.window_for(keep)
-    scan = Scan.open(dataset, selector.method, proxy, seed, device)
+    labels_whole = pool is not None or budget_power != 1 or executor.name != "local"  # read_labels below
+    scan = Scan.open(dataset, selector.method, proxy, seed, device, keep_labels=labels_whole)
     readers, worker_reads = [scan.reader], {"bytes": 0, "requests": 0}
     if pool is None:
         budgets, before = None, None

@@ -156,14 +156,12 @@ class Graft(WindowedSelector):
 def _stack(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors r_i, x_i of windows of gradients r_i ⊗ x_i, stacked and padded with zero rows
     to the largest window: (b, w, C), (b, w, H)."""
-    w = max(len(factors[0]) for factors, _ in windows)
 
     def padded(part: int) -> torch.Tensor:
-        first = windows[0][0][part]
-        out = first.new_zeros(len(windows), w, first.shape[1])
-        for row, (factors, _) in enumerate(windows):
-            out[row, : len(factors[part])] = factors[part]
-        return out
+        rows = [factors[part] for factors, _ in windows]
+        if len({len(r) for r in rows}) == 1:  # full windows (all but a class's last): no zeros to write first
+            return torch.stack(rows)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
     return padded(0), padded(1)
 
@@ -171,4 +169,5 @@ def _stack(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
 def _gram(residual: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Their Gram matrices, g_i · g_j = (r_i · r_j)(x_i · x_j): (R Rᵀ) ∘ (X Xᵀ), (b, w, w), in the
     factors' precision (float32: 2x faster than float64, and the kernel resolves ranks to it)."""
-    return (residual @ residual.mT) * (inputs @ inputs.mT)
+    # in place: a batch's Gram matrices are large (16 MB), and a fresh one is faulted in afresh
+    return (inputs @ inputs.mT).mul_(residual @ residual.mT)

@@ -298,7 +298,9 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     assert np.bincount(y[a.ids], minlength=3).tolist() == [24, 15, 4]  # square-root budgets
     assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
     full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
-    assert a.io["bytes"] < full.io["bytes"]  # a pool of 2 × 43 samples against all 429
+    # a pool of 2 × 43 samples against all 429: no more (an inner chunk of samples this small holds
+    # a whole shard, which the pool reads whole as the scan does; both read the labels whole, once)
+    assert a.io["bytes"] <= full.io["bytes"]
     with pytest.raises(ValueError, match=r"pool must be a finite number >= 1, got 0.5"):
         Graft(pool=0.5).select(dataset, 0.1, proxy=proxy)
 
