@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from kernels.agreement import agreement_scores, residual_scores, sketch_basis
+from kernels.augmentation_similarity import expected_similarity, sas_greedy
+from kernels.cross_covariance import cross_covariance_greedy
 from kernels.facility_location import facility_location
 from kernels.frequent_directions import FrequentDirections
 from kernels.gradients import last_layer_factors, last_layer_gradients
+from kernels.kmeans import StreamingKMeans
 from kernels.label_issues import ConfidentJoint, label_issues
 from kernels.maxvol import maxvol, pivoted_cholesky
 from kernels.topk import StreamingTopK
@@ -13,8 +16,11 @@ from kernels.topk import StreamingTopK
 __all__ = [
     "ConfidentJoint",
     "FrequentDirections",
+    "StreamingKMeans",
     "StreamingTopK",
     "agreement_scores",
+    "cross_covariance_greedy",
+    "expected_similarity",
     "facility_location",
     "label_issues",
     "last_layer_factors",
@@ -22,5 +28,6 @@ __all__ = [
     "maxvol",
     "pivoted_cholesky",
     "residual_scores",
+    "sas_greedy",
     "sketch_basis",
 ]

@@ -27,11 +27,13 @@ _MODULES = {
     "nearstore.selection.selectors": (
         "SELECTORS",
         "AdaCore",
+        "ClipCov",
         "Craig",
         "Crest",
         "Graft",
         "Random",
         "Sage",
+        "Sas",
         "make_selector",
     ),
     "nearstore.selection.selectors.random": ("random_select",),

@@ -25,7 +25,7 @@ from nearstore.storage import read_labels
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
-ON_DASK = ("sage", "graft", "craig", "adacore", "crest")
+ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
@@ -466,7 +466,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _shard_list(spec: str) -> list[int]:
-    """"0:8,12" -> [0, ..., 7, 12]: half-open runs and single shard ids."""
+    """ "0:8,12" -> [0, ..., 7, 12]: half-open runs and single shard ids."""
     shards = []
     for part in spec.split(","):
         start, colon, stop = part.partition(":")

@@ -15,14 +15,18 @@ from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.adacore import AdaCore
 from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.clipcov import ClipCov
 from nearstore.selection.selectors.craig import Craig
 from nearstore.selection.selectors.crest import Crest
 from nearstore.selection.selectors.graft import Graft
 from nearstore.selection.selectors.random import Random, random_select
 from nearstore.selection.selectors.sage import Sage, sage_select
+from nearstore.selection.selectors.sas import Sas
 from nearstore.storage import Dataset
 
-SELECTORS: dict[str, type[Selector]] = {cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest, AdaCore)}
+SELECTORS: dict[str, type[Selector]] = {
+    cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest, AdaCore, Sas, ClipCov)
+}
 
 
 def make_selector(method: str, **options: Any) -> Selector:
@@ -64,11 +68,13 @@ def next_round(
 __all__ = [
     "SELECTORS",
     "AdaCore",
+    "ClipCov",
     "Craig",
     "Crest",
     "Graft",
     "Random",
     "Sage",
+    "Sas",
     "Selector",
     "make_selector",
     "next_round",

@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore import Craig, Crest, Graft, ParameterError, RandomFeatureProxy, Selection, sage_select, write_dataset
+from nearstore import (
+    Craig,
+    Crest,
+    Graft,
+    ParameterError,
+    RandomFeatureProxy,
+    Sas,
+    Selection,
+    sage_select,
+    write_dataset,
+)
 from nearstore.app.cli import main
 from nearstore.selection.executors import DaskExecutor, LocalExecutor, make_executor
 from nearstore.selection.selectors.sage import SagePass1, sage_pass1
@@ -81,7 +91,7 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     here = sage_select(dataset, 0.1, ell=32)
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
-    assert "--scheduler runs the scans of sage, graft, craig, adacore, crest, not 'random'" in capsys.readouterr().err
+    assert "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, not 'random'" in capsys.readouterr().err
     graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
     assert main([*graft, "--method", "adacore"]) == 0 and Selection.load(out).method == "adacore"
     assert Selection.load(out).params["executor"] == "dask"
@@ -121,6 +131,19 @@ def test_the_default_on_the_cluster_keeps_every_class_budget_exactly(client, blo
     np.testing.assert_array_equal(np.bincount(y[there.ids], minlength=3), np.bincount(y[here.ids], minlength=3))
     assert len(np.unique(there.ids)) == len(there.ids)
     assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
+
+
+def test_sas_clusters_by_partition_and_merges_the_sketches_on_the_cluster(client, blobs):
+    dataset, _, y, _ = blobs
+    executor = DaskExecutor(client)
+    there = Sas().select(dataset, 0.3, seed=2, executor=executor)
+    here = Sas().select(dataset, 0.3, seed=2)
+    assert there.params["executor"] == "dask" and len(executor.placed) >= 2
+    # each partition rounds its latent classes' budgets alone: the sizes agree within a sample a class a partition
+    assert abs(len(there) - len(here)) <= 3 * len(executor.placed) and len(np.unique(there.ids)) == len(there)
+    # windows end where partitions do: picks differ, still twice the overlap of two random draws
+    assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
+    assert there.io["bytes"] >= 2 * dataset.stored_nbytes([dataset.input_array])  # two passes, on the workers
 
 
 @pytest.mark.parametrize("coreset", [False, True])

@@ -1,0 +1,159 @@
+"""SAS for contrastive self-supervised learning (Joshi & Mirzasoleiman, 2023), beside the data:
+the examples that teach contrastive learning most are those whose augmentations are most similar
+to other examples' in expectation. Needs no labels."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kernels import StreamingKMeans, expected_similarity, sas_greedy
+from nearstore.checks import check_range
+from nearstore.selection.augment import augmentation, check_augmentation
+from nearstore.selection.executors import LocalExecutor
+from nearstore.selection.plan import check_keep, check_seed
+from nearstore.selection.record import Selection
+from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.stages import (
+    Scan,
+    check_finite,
+    decoded,
+    log,
+    scan_io,
+    shard_batches,
+)
+from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
+
+DEFAULT_CLUSTERS = 10  # latent classes of a dataset without labels, unless told
+
+
+@dataclass(frozen=True)
+class Sas(Selector):
+    """SAS: each sample embedded by the proxy under `augmentations` random augmentations (`augment`,
+    `nearstore.selection.augment`), μ the mean of their unit-norm embeddings, so that <μ_i, μ_j>
+    is the expected similarity of an augmentation of i to one of j. Pass 1 finds `clusters`
+    latent classes by streaming k-means of μ (mergeable: on Dask each partition clusters its
+    shards, merged in a tree); pass 2 cuts each latent class into windows of `window` samples and
+    keeps `keep` of each by SAS's greedy (`kernels.sas_greedy`: the largest Σ_j max(<μ_i, μ_j>, 0)
+    less the similarity to those kept before). clusters: default the dataset's classes where it
+    has labels (only their number is used), else 10. The proxy: the trainer's encoder pushed
+    back (`ModelProxy`: the representation its last nn.Linear reads), or by default random
+    features fitted on warm-up shards without labels. Weights 1; scores: each kept sample's mean
+    expected similarity to its window.
+    """
+
+    method: ClassVar[str] = "sas"
+    # What the windowed decisions ask of a method (`windows.Windowed`).
+    factored: ClassVar[bool] = False
+    draw_uninformed: ClassVar[bool] = False
+    mute_suspects: ClassVar[bool] = False
+    clusters: int | None = None
+    augmentations: int = 4
+    augment: str = "auto"
+    window: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.clusters is not None:
+            check_range("clusters", self.clusters, 1, 1 << 16, integer=True)
+        check_range("augmentations", self.augmentations, 1, 64, integer=True)
+        check_augmentation(self.augment)
+        check_window(self.window)
+
+    def select(
+        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+    ) -> Selection:
+        check_keep(keep)
+        check_seed(seed)
+        started = time.perf_counter()
+        executor = executor or LocalExecutor()
+        clusters = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
+        scan = Scan.open(dataset, self.method, proxy, seed, device, labelled=False)
+        options = dict(augmentations=self.augmentations, augment=self.augment, seed=seed, progress=progress)
+        sketch, first = executor.map_reduce(scan, sas_clusters, StreamingKMeans.merge, clusters=clusters, **options)
+        part, second = executor.map_reduce(
+            scan, sas_pass, WindowedPart.merge, selector=self, centroids=sketch, keep=keep, **options
+        )
+        log.info("sas: %d latent classes of %s, sizes %s", len(sketch.centroids), dataset.url, sketch.counts.tolist())
+        io = scan_io(started, [scan.reader], passes=2)
+        if executor.name != "local":  # the workers' readers; in process the scan's own counted it
+            io.update({k: io[k] + first[k] + second[k] for k in ("bytes", "requests")})
+        kept = part.kept
+        return Selection.of(
+            dataset,
+            np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),
+            weights=np.concatenate([k[1] for k in kept]) if kept else None,
+            scores=np.concatenate([k[2] for k in kept]) if kept else None,
+            method=self.method,
+            params={
+                "keep": keep,
+                "seed": seed,
+                "proxy": type(scan.proxy).__name__,
+                **self.params(),
+                "clusters": clusters,
+                **({} if executor.name == "local" else {"executor": executor.name}),
+            },
+            io=io,
+        )
+
+    def pick(self, windows: list[Window]) -> list[Pick]:
+        picks = []
+        for (means,), k in windows:
+            order = sas_greedy(means, k)
+            typical = (means @ means.T).clamp_(min=0).mean(1)
+            picks.append((order.cpu().numpy(), np.ones(k, dtype=np.float32), typical[order].cpu().numpy()))
+        return picks
+
+    def window_for(self, keep: float) -> int:
+        return self.window
+
+    def at_once(self, window: int) -> int:
+        return 1
+
+
+def augmented_means(
+    scan: Scan, shards: list[int], *, augmentations: int, augment: str, seed: int, progress: bool, desc: str
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(ids, μ) of every sample of `shards`: the mean of its augmented views' unit-norm embeddings.
+    A shard's augmentations are drawn from (seed, its first id): both passes, and any partition
+    of the shards, see the same views."""
+    ragged = scan.reader.dataset.ragged(scan.input_array)
+    batches = decoded(
+        shard_batches(scan.reader, scan.warm, progress, desc, shards), scan.input_array, scan.proxy.images, ragged
+    )
+    for ids, batch in batches:
+        x = batch[scan.input_array]
+        check_finite(x, ids, scan.input_array)
+        rng = np.random.default_rng([seed, int(ids[0])])
+        varied = augmentation(augment, x)
+        views = torch.stack([scan.proxy.features(varied(x, rng)).float() for _ in range(augmentations)], 1)
+        yield ids, expected_similarity(views)
+
+
+def sas_clusters(scan: Scan, shards: list[int], *, clusters: int, **options) -> StreamingKMeans:
+    """Pass 1 over `shards`: the latent classes, streaming k-means of the samples' μ."""
+    sketch = None
+    for _, means in augmented_means(scan, shards, desc="sas pass 1/2", **options):
+        if sketch is None:
+            sketch = StreamingKMeans(clusters, means.shape[1], seed=options["seed"])
+        sketch.update(means)
+    return sketch
+
+
+def sas_pass(
+    scan: Scan, shards: list[int], *, selector: Sas, centroids: StreamingKMeans, keep: float, **options
+) -> WindowedPart:
+    """Pass 2 over `shards`: each sample to its latent class, each class's samples in windows,
+    `keep` of each window kept by SAS's greedy."""
+
+    def stream() -> Iterator[tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor]]:
+        for ids, means in augmented_means(scan, shards, desc="sas pass 2/2", **options):
+            latent = centroids.assign(means).numpy()
+            yield ids, {int(c): np.flatnonzero(latent == c) for c in np.unique(latent)}, means
+
+    windows = ClassWindows(selector.window, lambda group: (keep, 1))
+    return decide(stream(), windows, selector, len(centroids.centroids), options["seed"])
