@@ -86,6 +86,10 @@ class StreamingLoader:
         `reselect`). Through a server the warm epochs are shipped whole.
     weights: also yield each sample's selection weight, batches are then (x, y, w).
     input_array: the array yielded as x (default: the first sample array other than labels).
+    paired_arrays: other sample arrays of each sample, yielded after x in this order (before y):
+        several modalities of one sample, e.g. a signal and its caption's token ids, (x, tokens, y).
+        Fixed-size ones as tensors, ragged ones as nested tensors (torch backend); the transforms,
+        images and views apply to x alone. Encoded ones are not built (refused).
     images: how encoded images (an input array of JPEG, PNG, ... bytes) become x, float32
         (batch, 3, size, size): `ImageTransform()` by default for such an array (224 × 224, random
         crop and flip, ImageNet's normalization); `ImageTransform(train=False)` to evaluate.
@@ -131,6 +135,7 @@ class StreamingLoader:
         warm_start_epochs: int = 0,
         weights: bool = False,
         input_array: str | None = None,
+        paired_arrays: Sequence[str] = (),
         images: ImageTransform | None = None,
         on_error: OnError = "raise",
         num_threads: int = 2,
@@ -184,20 +189,24 @@ class StreamingLoader:
         )
         if self.input_array not in self.source.sample_arrays:
             raise DatasetError(f"input_array {self.input_array!r} is not a sample array of {self.url!r}")
-        self.arrays = [self.input_array] + ([self.source.label_array] if self.source.label_array else [])
+        self.paired_arrays = _paired(paired_arrays, self.input_array, self.source, self.url)
+        labels = [self.source.label_array] if self.source.label_array else []
+        self.arrays = [self.input_array, *self.paired_arrays, *labels]
+        # each ragged array's layout, by its place in a batch
+        self.ragged = {k: layout for k, name in enumerate(self.arrays) if (layout := _ragged(self.source, name))}
         described = self.source.identity["arrays"][self.input_array]
         where = f"array {self.input_array!r} of {self.url!r}"
-        self.ragged = RaggedLayout.from_attrs(described["ragged"], where) if "ragged" in described else None
-        encoded = described["dtype"] == "object" and self.ragged is None
+        encoded = described["dtype"] == "object" and 0 not in self.ragged
         if images is not None and not encoded:
-            kind = "ragged numeric" if self.ragged else "fixed-size"
+            kind = "ragged numeric" if 0 in self.ragged else "fixed-size"
             raise ParameterError(f"images= decodes encoded images, and {where} holds {kind} ones")
         self.images = images if images is not None or not encoded else ImageTransform()
         # "auto": DALI where it does work, decoding images or running a dali_transform in its graph;
         # fixed-size samples go straight to torch, faster on the CPU and on a GPU (docs/benchmarks.md)
         use_dali = dali_available() and (self.images is not None or dali_transform is not None)
         self.backend = backend if backend != "auto" else "dali" if use_dali else "torch"
-        if self.ragged is not None and self.backend == "dali":
+        if self.ragged and self.backend == "dali":
+            where = f"array {self.arrays[min(self.ragged)]!r} of {self.url!r}"
             raise ParameterError(
                 f"{where} holds ragged samples, which the torch backend yields (as nested tensors); "
                 "a DALI pipeline of them is not built: pass backend='torch' and a torch `transform`"
@@ -486,8 +495,8 @@ class StreamingLoader:
         if self.images is not None:
             ids, arrays, weights = self._decoded(ids, arrays, weights, seed)
         batch: list[np.ndarray | RaggedBatch] = [arrays[name] for name in self.arrays]
-        if self.ragged is not None:
-            batch[0] = self.ragged.pack(batch[0], ids)
+        for k, layout in self.ragged.items():
+            batch[k] = layout.pack(batch[k], ids)
         if self.with_weights:
             batch.append(weights)
         return tuple(batch)
@@ -672,6 +681,31 @@ def _tensor(array: np.ndarray | RaggedBatch, device: torch.device) -> torch.Tens
     if not len(array):  # every sample of the batch skipped as damaged: nothing to nest
         return torch.from_numpy(array.values).to(device)
     return nested(array, device)
+
+
+def _paired(names: Any, input_array: str, source: Source, url: str) -> tuple[str, ...]:
+    """The paired arrays asked for, each a sample array of the source named once, not x or y, and
+    none of encoded bytes."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise ParameterError(f"paired_arrays must be a sequence of array names, got {reprlib.repr(names)}")
+    for name in names:
+        if name not in source.sample_arrays or name in (input_array, source.label_array):
+            raise DatasetError(
+                f"paired array {name!r} is not a sample array of {url!r} other than x and y "
+                f"({[n for n in source.sample_arrays if n not in (input_array, source.label_array)]})"
+            )
+        described = source.identity["arrays"][name]
+        if described["dtype"] == "object" and "ragged" not in described:
+            raise ParameterError(f"paired array {name!r} of {url!r} holds encoded bytes: pairing those is not built")
+    if len(set(names)) != len(names):
+        raise ParameterError(f"paired_arrays names an array twice: {list(names)}")
+    return tuple(names)
+
+
+def _ragged(source: Source, name: str) -> RaggedLayout | None:
+    described = source.identity["arrays"][name]
+    where = f"array {name!r} of {source.url!r}"
+    return RaggedLayout.from_attrs(described["ragged"], where) if "ragged" in described else None
 
 
 def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
