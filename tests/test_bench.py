@@ -15,6 +15,7 @@ BENCHES = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
 # What each writes, and a key its JSON must hold.
 WRITES = {
     "chaos": ("chaos.json", "kinds"),
+    "clip_selection": ("clip_selection.json", "rows"),
     "encoded_layout": ("encoded_layout.json", "rows"),
     "gpu": ("gpu.json", "kernels"),
     "io_savings": ("io_savings.json", "results"),
@@ -25,6 +26,7 @@ WRITES = {
     "round_cost": ("round_cost.json", "rows"),
     "scale": ("scale.json", "methods"),
     "selection_quality": ("selection_quality.json", "rows"),
+    "ssl_selection": ("ssl_selection.json", "rows"),
 }
 EXTRA = {"gpu": ["--device", "cpu"]}  # the GPU bench on the CPU: its code paths, not its figures
 
