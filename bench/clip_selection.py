@@ -32,6 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssl_selection import plot, report, summarize  # noqa: E402  (the tables and plots of both)
+
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import ClipCov, ModelProxy, open_dataset, random_select, write_dataset  # noqa: E402
 from nearstore.app.converters import mnist1d_batches  # noqa: E402
@@ -186,69 +188,12 @@ def main() -> None:
                         f"{share:.1%}, {seconds:.1f} s (+{selection.io['seconds']:.1f} s selecting)",
                         flush=True,
                     )
-    rows = summarize(runs)
-    report(rows)
+    rows = summarize(runs, extra=("mismatched",))
+    report(rows, "zero-shot", extra=("mismatched",))
     (out / "clip_selection.json").write_text(json.dumps({"args": vars(args), "runs": runs, "rows": rows}, indent=1))
-    plot(rows, out / "clip_selection.png")
-
-
-def summarize(runs: list[dict]) -> list[dict]:
-    rows = []
-    for method, keep in dict.fromkeys((r["method"], r["keep"]) for r in runs):
-        mine = {r["seed"]: r for r in runs if (r["method"], r["keep"]) == (method, keep)}
-        base = {r["seed"]: r["accuracy"] for r in runs if (r["method"], r["keep"]) == ("random", keep)}
-        diffs = [mine[s]["accuracy"] - base[s] for s in mine if s in base]
-        values = [r["accuracy"] for r in mine.values()]
-        rows.append(
-            {
-                "method": method,
-                "keep": keep,
-                "accuracy": float(np.mean(values)),
-                "std": float(np.std(values)),
-                "mismatched": float(np.mean([r["mismatched"] for r in mine.values()])),
-                "vs_random": float(np.mean(diffs)) if diffs else None,
-                "vs_random_std": float(np.std(diffs)) if diffs else None,
-                "ahead": sum(d > 0 for d in diffs),
-                "seeds": len(values),
-            }
-        )
-    return rows
-
-
-def report(rows: list[dict]) -> None:
-    print(f"\n{'keep':>5} {'method':>21} {'zero-shot':>16} {'mismatched':>11} {'vs random (paired)':>22}")
-    for r in rows:
-        versus = (
-            ""
-            if r["vs_random"] is None or r["method"] == "random"
-            else (f"{100 * r['vs_random']:+.2f} ± {100 * r['vs_random_std']:.2f} ({r['ahead']}/{r['seeds']})")
-        )
-        print(
-            f"{r['keep']:>5.0%} {r['method']:>21} {100 * r['accuracy']:>9.2f} ± {100 * r['std']:.2f}"
-            f" {100 * r['mismatched']:>10.1f}% {versus:>22}"
-        )
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows if r["keep"] < 1):
-        mine = sorted((r["keep"], r["accuracy"], r["std"]) for r in rows if r["method"] == method)
-        ax.errorbar([k for k, _, _ in mine], [a for _, a, _ in mine], [s for _, _, s in mine], marker="o", label=method)
-    full = [r for r in rows if r["keep"] == 1.0]
-    if full:
-        ax.axhline(full[0]["accuracy"], color="grey", linestyle="--", label="all data")
-    ax.set_xscale("log")
-    ax.set_xlabel("keep (share of the pairs)")
-    ax.set_ylabel("zero-shot accuracy")
-    ax.set_title("CLIP-style training on generated pairs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot(
+        rows, out / "clip_selection.png", "zero-shot accuracy", "CLIP-style training on generated pairs", log_keep=True
+    )
 
 
 if __name__ == "__main__":

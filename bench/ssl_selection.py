@@ -185,25 +185,27 @@ def main() -> None:
                         flush=True,
                     )
     rows = summarize(runs)
-    report(rows)
+    report(rows, "probe accuracy")
     (out / "ssl_selection.json").write_text(json.dumps({"args": vars(args), "runs": runs, "rows": rows}, indent=1))
-    plot(rows, out / "ssl_selection.png")
+    plot(rows, out / "ssl_selection.png", "linear probe accuracy", "SimCLR on MNIST-1D subsets")
 
 
-def summarize(runs: list[dict]) -> list[dict]:
-    """Mean ± std of each (method, keep) over seeds, and its paired difference with random."""
+def summarize(runs: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
+    """Mean ± std of each (method, keep)'s accuracy over seeds, its paired difference with
+    random's, and the mean of each `extra` figure of the runs. (bench/clip_selection.py's too.)"""
     rows = []
     for method, keep in dict.fromkeys((r["method"], r["keep"]) for r in runs):
-        mine = {r["seed"]: r["accuracy"] for r in runs if (r["method"], r["keep"]) == (method, keep)}
+        mine = {r["seed"]: r for r in runs if (r["method"], r["keep"]) == (method, keep)}
         base = {r["seed"]: r["accuracy"] for r in runs if (r["method"], r["keep"]) == ("random", keep)}
-        diffs = [mine[s] - base[s] for s in mine if s in base]
-        values = list(mine.values())
+        diffs = [mine[s]["accuracy"] - base[s] for s in mine if s in base]
+        values = [r["accuracy"] for r in mine.values()]
         rows.append(
             {
                 "method": method,
                 "keep": keep,
                 "accuracy": float(np.mean(values)),
                 "std": float(np.std(values)),
+                **{name: float(np.mean([r[name] for r in mine.values()])) for name in extra},
                 "vs_random": float(np.mean(diffs)) if diffs else None,
                 "vs_random_std": float(np.std(diffs)) if diffs else None,
                 "ahead": sum(d > 0 for d in diffs),
@@ -213,18 +215,24 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict]) -> None:
-    print(f"\n{'keep':>5} {'method':>20} {'probe accuracy':>16} {'vs random (paired)':>20}")
+def report(rows: list[dict], metric: str, extra: tuple[str, ...] = ()) -> None:
+    """The rows as a table: `metric` (accuracy) and the `extra` shares, in %."""
+    width = max(len(r["method"]) for r in rows)
+    header = f"{'keep':>5} {'method':>{width}} {metric:>16}" + "".join(f" {e:>11}" for e in extra)
+    print(f"\n{header} {'vs random':>20}")
     for r in rows:
         versus = (
             ""
             if r["vs_random"] is None or r["method"] == "random"
-            else (f"{100 * r['vs_random']:+.2f} ± {100 * r['vs_random_std']:.2f} ({r['ahead']}/{r['seeds']})")
+            else f"{100 * r['vs_random']:+.2f} ± {100 * r['vs_random_std']:.2f} ({r['ahead']}/{r['seeds']})"
         )
-        print(f"{r['keep']:>5.0%} {r['method']:>20} {100 * r['accuracy']:>9.2f} ± {100 * r['std']:.2f} {versus:>20}")
+        shares = "".join(f" {100 * r[e]:>10.1f}%" for e in extra)
+        accuracy = f"{100 * r['accuracy']:>9.2f} ± {100 * r['std']:.2f}"
+        print(f"{r['keep']:>5.0%} {r['method']:>{width}} {accuracy}{shares} {versus:>20}")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, ylabel: str, title: str, log_keep: bool = False) -> None:
+    """Accuracy against keep, a line a method (± std), all data dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,9 +245,11 @@ def plot(rows: list[dict], path: Path) -> None:
     full = [r for r in rows if r["keep"] == 1.0]
     if full:
         ax.axhline(full[0]["accuracy"], color="grey", linestyle="--", label="all data")
+    if log_keep:
+        ax.set_xscale("log")
     ax.set_xlabel("keep (share of the training set)")
-    ax.set_ylabel("linear probe accuracy")
-    ax.set_title("SimCLR on MNIST-1D subsets")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -177,6 +177,20 @@ class WindowedPart:
     def mean_top(self) -> float:
         return self.top / self.streamed if self.streamed else 0.0
 
+    def selection(self, dataset: Dataset, method: str, params: dict[str, Any], io: dict, **extra: Any) -> Selection:
+        """The Selection of what the decided windows kept (their ids, weights and scores)."""
+        kept = self.kept
+        return Selection.of(
+            dataset,
+            np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),
+            weights=np.concatenate([k[1] for k in kept]) if kept else None,
+            scores=np.concatenate([k[2] for k in kept]) if kept else None,
+            method=method,
+            params=params,
+            io=io,
+            **extra,
+        )
+
 
 def decide(
     stream: Iterable[Embedded], windows: ClassWindows, selector: Windowed, num_classes: int, seed: int
@@ -332,16 +346,12 @@ def windowed_select(
             scan.proxy.num_classes,
             part.drawn,
         )
-    kept = part.kept
     io = scan_io(started, readers)
     io.update({k: io[k] + worker_reads[k] + part.reads[k] for k in ("bytes", "requests")})
-    return Selection.of(
+    return part.selection(
         dataset,
-        np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),
-        weights=np.concatenate([k[1] for k in kept]) if kept else None,
-        scores=np.concatenate([k[2] for k in kept]) if kept else None,
-        method=selector.method,
-        params={
+        selector.method,
+        {
             "keep": keep,
             "seed": seed,
             "proxy": type(scan.proxy).__name__,
@@ -351,7 +361,7 @@ def windowed_select(
             "window": window,
             **({} if executor.name == "local" else {"executor": executor.name}),
         },
-        io=io,
+        io,
         suspects=suspects_of(part.suspects) if selector.mute_suspects else None,
     )
 

@@ -82,14 +82,10 @@ class Sas(Selector):
         io = scan_io(started, [scan.reader], passes=2)
         if executor.name != "local":  # the workers' readers; in process the scan's own counted it
             io.update({k: io[k] + first[k] + second[k] for k in ("bytes", "requests")})
-        kept = part.kept
-        return Selection.of(
+        return part.selection(
             dataset,
-            np.concatenate([k[0] for k in kept]) if kept else np.zeros(0, dtype=np.int64),
-            weights=np.concatenate([k[1] for k in kept]) if kept else None,
-            scores=np.concatenate([k[2] for k in kept]) if kept else None,
-            method=self.method,
-            params={
+            self.method,
+            {
                 "keep": keep,
                 "seed": seed,
                 "proxy": type(scan.proxy).__name__,
@@ -97,7 +93,7 @@ class Sas(Selector):
                 "clusters": clusters,
                 **({} if executor.name == "local" else {"executor": executor.name}),
             },
-            io=io,
+            io,
         )
 
     def pick(self, windows: list[Window]) -> list[Pick]:
