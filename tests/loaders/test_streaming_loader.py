@@ -200,7 +200,7 @@ def test_bad_arguments_are_named(id_store, tmp_path):
         ({"dali_transform": "f"}, "dali_transform must be a function, got 'f'"),
         ({"device": 2.5}, "device must be a torch.device or its name ('cpu', 'cuda:0'), got 2.5"),
         ({"storage_options": [1]}, "storage_options must be a mapping, got [1]"),
-        ({"source": 5}, "source must be a URL, a Dataset or a Source, got 5"),
+        ({"source": 5}, "source must be a URL, a list of server URLs, a Dataset or a Source, got 5"),
     ],
 )
 def test_bad_arguments_are_refused_by_name_before_anything_is_opened(tmp_path, arguments, message):
