@@ -167,6 +167,28 @@ class TestSources:
         out = source.read(chosen.ids, arrays=["x"], round=chosen.round)  # a group: from both servers
         np.testing.assert_array_equal(out["x"], data["x"][chosen.ids])
 
+    def test_a_round_without_labels_runs_on_every_source(self, source):
+        # SAS needs no labels; through a server it runs there, scored by the pushed model
+        torch.manual_seed(0)
+        source.update_proxy(tiny_model())
+        held = source.selection()
+        ids, round = (held.ids, held.round) if held is not None else (np.arange(source.num_samples), 4)
+        chosen = source.select(ids, round, keep=0.2, method="sas", options={"clusters": 5}, seed=3)
+        assert chosen.method == "sas" and abs(len(chosen) - 500) <= 5 and len(np.unique(chosen.ids)) == len(chosen)
+        out = source.read(chosen.ids, arrays=["x"], round=chosen.round)
+        np.testing.assert_array_equal(out["x"][:, 0].round().astype(int), chosen.ids)
+
+    def test_a_loader_yields_paired_arrays_row_for_row(self, source):
+        ids = np.arange(0, 2500, 4) if not isinstance(source, SERVED) else None
+        loader = StreamingLoader(source, ids, batch_size=64, paired_arrays=["tokens"], backend="torch", device="cpu")
+        seen = []
+        for x, tokens, y in loader:
+            samples = x[:, 0].round().long()
+            assert torch.equal(tokens.offsets().diff(), samples % 6)  # sample i: i, (i % 6) times
+            assert torch.equal(y, samples % NUM_CLASSES)
+            seen += samples.tolist()
+        assert sorted(seen) == loader.ids.tolist()
+
     def test_a_loader_reads_every_selected_sample_once(self, source, data):
         loader = StreamingLoader(source, np.arange(0, 2500, 7), batch_size=64, backend="torch", device="cpu")
         if isinstance(source, SERVED):
