@@ -16,6 +16,7 @@ BENCHES = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
 WRITES = {
     "chaos": ("chaos.json", "kinds"),
     "clip_selection": ("clip_selection.json", "rows"),
+    "distillation": ("distillation.json", "rows"),
     "encoded_layout": ("encoded_layout.json", "rows"),
     "gpu": ("gpu.json", "kernels"),
     "io_savings": ("io_savings.json", "results"),
