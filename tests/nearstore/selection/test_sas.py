@@ -163,3 +163,19 @@ def test_clipcov_names_the_pairing_it_needs(captioned, unlabelled):
         ClipCov().select(unlabelled[0], 0.1)  # one array: nothing to pair
     with pytest.raises(ParameterError, match="sharpen"):
         ClipCov(sharpen=-1)
+
+
+def test_a_server_of_unlabelled_pairs_runs_its_rounds_and_ships_them(captioned):
+    from nearstore.serving import NearStoreServer
+
+    dataset, mismatched = captioned
+    server = NearStoreServer(dataset, keep=0.25, method="clipcov")  # round 0 by ClipCov, beside the data
+    try:
+        loader = StreamingLoader(server.url, batch_size=100, paired_arrays=["caption"], backend="torch", device="cpu")
+        assert loader.source.label_array is None and server.current.method == "clipcov"
+        seen = [int(i) for x, caption in loader for i in range(len(x))]
+        assert len(seen) == len(server.current) and abs(len(seen) - 500) <= 10  # budgets rounded per latent class
+        chosen = loader.reselect(0.1, method="sas", clusters=3)  # a round without labels on the server
+        assert chosen.method == "sas" and len(torch.cat([x for x, _ in loader])) == len(chosen)
+    finally:
+        server.shutdown()
