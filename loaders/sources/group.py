@@ -63,6 +63,9 @@ class ServerGroup(Source):
         check_ids(ids, self.num_samples, repr(self.url))
         owners = self._owner[ids // self.shard_samples]
         parts = {int(k): np.flatnonzero(owners == k) for k in np.unique(owners)}
+        if len(parts) <= 1:  # one server's samples (or none): no threads, no reassembly
+            k = next(iter(parts), 0)
+            return self._ask(k, lambda s: s.read(ids, arrays=arrays, round=round))
         futures = {
             k: self._pool.submit(self._ask, k, lambda s, rows=rows: s.read(ids[rows], arrays=arrays, round=round))
             for k, rows in parts.items()

@@ -69,6 +69,19 @@ def test_a_group_yields_the_batches_one_server_of_every_shard_yields(pair, serve
     assert grouped.io_stats()["samples_read"] == 2 * len(ids)
 
 
+def test_reads_of_one_server_or_none_go_straight_to_it(pair):
+    primary, follower = pair
+    group = ServerGroup([primary.url, follower.url])
+    ids = primary.current.ids
+    mine = ids[ids >= SECOND[0] * SHARD_SAMPLES][:5]
+    before = primary.shipped.samples
+    out = group.read(mine, arrays=["x"], round=0)
+    assert sample_ids(torch.from_numpy(out["x"])) == mine.tolist() and primary.shipped.samples == before
+    empty = group.read(np.zeros(0, dtype=np.int64), arrays=["x", "y"], round=0)
+    assert empty["x"].shape == (0, 8) and empty["y"].shape == (0,)
+    group.close()
+
+
 def test_a_new_round_runs_on_the_primary_and_every_server_serves_it(pair):
     primary, follower = pair
     loader = StreamingLoader([primary.url, follower.url], batch_size=50, backend="torch", device="cpu")
