@@ -14,7 +14,7 @@ import torch
 
 from kernels import FrequentDirections, StreamingKMeans, cross_covariance_greedy
 from nearstore.checks import check_range
-from nearstore.errors import DatasetError
+from nearstore.errors import DatasetError, ParameterError
 from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import RandomFeatureProxy
@@ -53,7 +53,7 @@ class ClipCov(Selector):
 
     def __post_init__(self) -> None:
         if self.paired_array is not None and not isinstance(self.paired_array, str):
-            raise DatasetError(f"paired_array must be an array name, got {self.paired_array!r}")
+            raise ParameterError(f"paired_array must be an array name, got {self.paired_array!r}")
         check_range("clusters", self.clusters, 1, 1 << 16, integer=True)
         check_range("ell", self.ell, 1, 4096, integer=True)
         check_range("sharpen", self.sharpen, 0, 16)

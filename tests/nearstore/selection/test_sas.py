@@ -163,6 +163,8 @@ def test_clipcov_names_the_pairing_it_needs(captioned, unlabelled):
         ClipCov().select(unlabelled[0], 0.1)  # one array: nothing to pair
     with pytest.raises(ParameterError, match="sharpen"):
         ClipCov(sharpen=-1)
+    with pytest.raises(ParameterError, match="paired_array must be an array name, got 3"):
+        ClipCov(paired_array=3)
 
 
 def test_a_server_of_unlabelled_pairs_runs_its_rounds_and_ships_them(captioned):
