@@ -13,7 +13,8 @@ classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig, adacore: one selection before training, by the model-free proxy beside the
   data (craig and adacore weighted by their clusters' sizes, adacore-dynamic too: AdaCore every
-  round, later rounds on a pool of twice the budget with the trainer's model);
+  round, later rounds on a pool of twice the budget with the trainer's model, the curvature's
+  running average handed on; adacore-dynamic-fresh: each round its own curvature);
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
   tempered gradients, suspected label errors muted), graft-unmuted without muting, graft-raw-w512
   the round 0 of 2026-11 (raw gradients, windows of 512);
@@ -125,8 +126,10 @@ DYNAMIC = {
     "graft-dynamic-2026-12-03-balanced-start": (BALANCED_START, ("default", CARRIED)),
     "graft-dynamic-warm": (BALANCED_START, None),  # round 0 is never trained on
     "crest-dynamic": (BALANCED_START, ("crest", {})),
-    # AdaCore every round, round 0 with the model-free proxy, later rounds on a pool of twice the budget.
+    # AdaCore every round, round 0 with the model-free proxy, later rounds on a pool of twice the
+    # budget; the curvature's running average handed from round to round (`average`, 0.9), or not.
     "adacore-dynamic": (("adacore", {}), ("adacore", POOL)),
+    "adacore-dynamic-fresh": (("adacore", {"average": 0.0}), ("adacore", {**POOL, "average": 0.0})),
     "crest-coreset-dynamic": (BALANCED_START, ("crest", {"coreset": True})),
     "random-dynamic": (("random", {}), ("random", {})),
     # The bar under label noise: a class-balanced random subset drawn afresh every round.
@@ -288,7 +291,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         selection = make_selector(kind, **options).select(store, keep, seed=seed)
         first_round.append(time.perf_counter() - t)
     # cluster sizes weight each sample's loss
-    weighted = method in ("craig", "adacore", "adacore-dynamic", "crest-coreset-dynamic")
+    weighted = method in ("craig", "adacore", "adacore-dynamic", "adacore-dynamic-fresh", "crest-coreset-dynamic")
     warm = WARM_START_EPOCHS.get(method, 0)
     loader = StreamingLoader(
         store,

@@ -35,7 +35,7 @@ from nearstore.checks import check_flag, check_integer
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
 from nearstore.selection.proxies import nested
-from nearstore.selection.record import sample_ids
+from nearstore.selection.record import check_carry, sample_ids
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
 from nearstore.storage.images import ImageTransform, OnError, check_on_error, damaged
@@ -282,7 +282,8 @@ class StreamingLoader:
         method, options: a selector of `nearstore.selection.selectors` and its parameters; by
             default `default_reselect(keep)`, GRAFT on a pool of twice the budget per class (1.5x
             above a third of the data): the current selection's samples and fresh ones. Every
-            selector is given the current selection as `previous`.
+            selector is given the current selection as `previous`, and what it handed on
+            (`Selection.carry`, kept in `state_dict`: AdaCore's running curvature).
         keep: default the current selection's share; seed: default the round number.
         """
         keep = keep if keep is not None else len(self.ids) / self.num_samples
@@ -291,7 +292,9 @@ class StreamingLoader:
         if method is None:
             method, defaults = default_reselect(keep)
             options = {**defaults, **options}
-        selection = self.source.select(self.ids, self.round, keep=keep, method=method, options=options, seed=seed)
+        selection = self.source.select(
+            self.ids, self.round, keep=keep, method=method, options=options, seed=seed, carried=self.carry
+        )
         self._use(selection)
         self.order.forget_place()  # a new round never resumes a place in the old one
         return selection
@@ -365,6 +368,7 @@ class StreamingLoader:
                 "ids": self.ids.copy(),
                 "weights": self.sample_weights.copy(),
                 "scan_io": dict(self.scan_io),
+                "carry": {name: value.copy() for name, value in self.carry.items()},
             },
         }
 
@@ -391,9 +395,10 @@ class StreamingLoader:
         )
         scan_io = state_entry(chosen, "scan_io", where, Mapping)
         scan_io = {key: state_count(scan_io, key, f"{where}'s scan_io") for key in ("bytes", "requests")}
+        carry = check_carry(chosen.get("carry", {}), where)  # states written before carries hold none
         self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
         self.source.selection(round)  # raises where the source no longer holds that round
-        self.ids, self.sample_weights, self.round, self.scan_io = ids, weights, round, scan_io
+        self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
         self.order.load_state_dict(order)
 
     def io_stats(self) -> dict[str, Any]:
@@ -430,10 +435,11 @@ class StreamingLoader:
             selection.check_dataset(self.source.identity)
             self.ids, self.sample_weights, self.round = selection.ids, selection.weights, selection.round
             self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
+            self.carry = selection.carry
         else:
             ids = np.arange(self.num_samples) if selection is None else selection
             self.ids, self.sample_weights = _selected(self.num_samples, repr(self.url), ids)
-            self.round = 0
+            self.round, self.carry = 0, {}
 
     def _check_ranks_agree(self) -> None:
         """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:

@@ -5,7 +5,7 @@ storage side read, selection rounds, and the proxy that scores the next one."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,10 +56,19 @@ class Source(ABC):
 
     @abstractmethod
     def select(
-        self, previous: np.ndarray, round: int, *, keep: float, method: str, options: dict[str, Any], seed: int
+        self,
+        previous: np.ndarray,
+        round: int,
+        *,
+        keep: float,
+        method: str,
+        options: dict[str, Any],
+        seed: int,
+        carried: Mapping[str, np.ndarray] | None = None,
     ) -> Selection:
-        """The round after round `round`, whose ids were `previous`: `method` with `options`, scored
-        by the latest pushed proxy."""
+        """The round after round `round`, whose ids were `previous` and which handed on `carried`
+        (its `Selection.carry`): `method` with `options`, scored by the latest pushed proxy. A
+        server goes on from the round it holds, whatever the trainer passes."""
 
     @abstractmethod
     def update_proxy(self, model: torch.nn.Module) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,7 @@ class FlightSource(Source):
         method: str,
         options: dict[str, Any] | None = None,
         seed: int,
+        carried: Mapping[str, np.ndarray] | None = None,
     ) -> Selection:
         """A new round on the server, after its current one (which holds `previous`), or after
         another trainer's if it asked first: the server answers with the round it ran."""

@@ -5,7 +5,7 @@ rounds, which the others follow (`NearStoreServer(shards=..., primary=...)`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -99,6 +99,7 @@ class ServerGroup(Source):
         method: str,
         options: dict[str, Any] | None = None,
         seed: int,
+        carried: Mapping[str, np.ndarray] | None = None,
     ) -> Selection:
         """A new round, run by the primary over every shard; the other servers take it from it."""
         return self.primary.select(previous, round, keep=keep, method=method, options=options, seed=seed)

@@ -67,7 +67,15 @@ class StoreSource(Source):
         return None
 
     def select(
-        self, previous: np.ndarray, round: int, *, keep: float, method: str, options: dict[str, Any], seed: int
+        self,
+        previous: np.ndarray,
+        round: int,
+        *,
+        keep: float,
+        method: str,
+        options: dict[str, Any],
+        seed: int,
+        carried: Mapping[str, np.ndarray] | None = None,
     ) -> Selection:
         return next_round(
             self.dataset,
@@ -77,6 +85,7 @@ class StoreSource(Source):
             options=options,
             seed=seed,
             previous=previous,
+            carried=carried,
             proxy=self._proxy,
         )
 

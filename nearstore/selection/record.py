@@ -21,6 +21,7 @@ SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
 READABLE_VERSIONS = (1, 2)
 # What a file's header must hold, and of which type (anything else is a damaged or foreign file).
 META_FIELDS = {"dataset": dict, "method": str, "params": dict, "round": int, "io": dict}
+CARRY_PREFIX = "carry_"  # a carried array's name in the archive
 
 
 def sample_ids(ids: Any, where: str, *, num_samples: int | None = None, what: str = "sample id") -> np.ndarray:
@@ -78,6 +79,8 @@ class Selection:
     scores: the selector's score of each selected sample (NaN where it has none).
     io: figures of the scan that chose it (bytes and requests read, seconds).
     suspects: the samples it scored whose labels look wrong (None: the method does not judge).
+    carry: what the method hands the round after this one, by name (AdaCore: its running average
+        of the loss's curvature); empty for methods that keep nothing across rounds.
     """
 
     dataset: dict[str, Any]
@@ -89,6 +92,7 @@ class Selection:
     round: int = 0
     io: dict[str, Any] = field(default_factory=dict)
     suspects: Suspects | None = None
+    carry: dict[str, np.ndarray] = field(default_factory=dict)
     version: int = SELECTION_VERSION
 
     def __post_init__(self) -> None:
@@ -110,6 +114,7 @@ class Selection:
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "carry", check_carry(self.carry, where))
 
     @classmethod
     def of(
@@ -123,6 +128,7 @@ class Selection:
         weights: np.ndarray | None = None,
         scores: np.ndarray | None = None,
         suspects: Suspects | None = None,
+        carry: Mapping[str, np.ndarray] | None = None,
     ) -> Selection:
         """A selector's picks of `dataset`, in any order, as a record sorted by id; weights 1 and
         scores NaN where the method gives none."""
@@ -139,6 +145,7 @@ class Selection:
             params=params,
             io=io,
             suspects=suspects,
+            carry=dict(carry or {}),
         )
 
     def __len__(self) -> int:
@@ -173,6 +180,7 @@ class Selection:
         arrays = {"ids": self.ids, "weights": self.weights, "scores": self.scores}
         if self.suspects is not None:
             arrays |= {f"suspect_{k}": getattr(self.suspects, k) for k in ("ids", "labels", "quality")}
+        arrays |= {f"{CARRY_PREFIX}{name}": value for name, value in self.carry.items()}
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays, meta=json.dumps(meta))
         return buffer.getvalue()
@@ -192,7 +200,10 @@ class Selection:
         try:
             suspects = Suspects(*(arrays[name] for name in suspect_arrays)) if suspect_arrays else None
             columns = {name: arrays[name] for name in ("ids", "weights", "scores")}
-            return cls(**columns, **fields, suspects=suspects)
+            carry = {
+                name[len(CARRY_PREFIX) :]: value for name, value in arrays.items() if name.startswith(CARRY_PREFIX)
+            }
+            return cls(**columns, **fields, suspects=suspects, carry=carry)
         except NearstoreError as e:  # the record's own refusal, told where the record came from
             raise type(e)(f"{where}: {e}") from e
 
@@ -209,6 +220,21 @@ class Selection:
         with fsspec.open(str(url), "rb") as f:
             data = f.read()
         return cls.from_bytes(data, where=f"selection file {str(url)!r}")
+
+
+def check_carry(carry: Any, where: str) -> dict[str, np.ndarray]:
+    """A selection's carry: a mapping of names to arrays of numbers or strings, refused by name otherwise."""
+    if not isinstance(carry, Mapping):
+        raise DatasetError(f"the carry of {where} must be a mapping of names to arrays, got {type(carry).__name__}")
+    checked = {}
+    for name, value in carry.items():
+        value = np.asarray(value)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise DatasetError(f"the carry of {where} names an array {name!r}: not an identifier")
+        if value.dtype.kind not in "biufU":
+            raise DatasetError(f"the carry of {where} holds {name!r} of dtype {value.dtype}: not numbers or strings")
+        checked[name] = value
+    return checked
 
 
 def _archive(data: bytes, where: str) -> dict[str, np.ndarray]:

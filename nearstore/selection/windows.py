@@ -104,6 +104,8 @@ class Windowed(Protocol):
 
     def pick(self, windows: list[Window]) -> list[Pick]: ...
 
+    def carry(self, totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
     def window_for(self, keep: float) -> int: ...
 
     def at_once(self, window: int) -> int: ...
@@ -152,14 +154,16 @@ class Decisions:
 class WindowedPart:
     """What windowed selection kept over some of the shards: each decided window's (ids, weights,
     scores), the suspects found, the windows drawn, the proxy's summed top-class probability over
-    the samples streamed, and what readers of the pass's own read (a pool's: the scan's reader is
-    counted by the executor). Parts over disjoint shards merge by concatenation."""
+    the samples streamed, the selector's tallies of them (`tally`), and what readers of the pass's
+    own read (a pool's: the scan's reader is counted by the executor). Parts over disjoint shards
+    merge by concatenation, and by adding their tallies."""
 
     kept: list[Pick]
     suspects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     drawn: int
     top: float
     streamed: int
+    totals: dict[str, np.ndarray] = field(default_factory=dict)
     reads: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "requests": 0})
 
     @staticmethod
@@ -170,6 +174,7 @@ class WindowedPart:
             a.drawn + b.drawn,
             a.top + b.top,
             a.streamed + b.streamed,
+            added(a.totals, b.totals),
             {k: a.reads[k] + b.reads[k] for k in a.reads},
         )
 
@@ -204,8 +209,11 @@ def decide(
         if selector.draw_uninformed:
             draw = lambda: not found.informed(num_classes)  # noqa: E731
     decisions, at_once = Decisions(selector.pick, draw, seed), selector.at_once(windows.window)
+    # what the selector sums over the round's samples for the next round (a method keeping nothing has no tally)
+    tally, totals = getattr(selector, "tally", lambda parts: {}), {}
     for ids, groups, embeddings in stream:
         parts = embeddings if selector.factored else (embeddings,)
+        totals = added(totals, tally(parts))
         for group, rows in groups.items():
             for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
                 decisions.add(*cut)
@@ -215,8 +223,13 @@ def decide(
         decisions.add(*cut)
     decisions.decide()
     if found is None:
-        return WindowedPart(decisions.kept, [], decisions.drawn, 0.0, 0)
-    return WindowedPart(decisions.kept, found.parts, decisions.drawn, found.top, found.streamed)
+        return WindowedPart(decisions.kept, [], decisions.drawn, 0.0, 0, totals)
+    return WindowedPart(decisions.kept, found.parts, decisions.drawn, found.top, found.streamed, totals)
+
+
+def added(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Two tallies added, name by name (a name in one only is kept as it is)."""
+    return {name: a[name] + b[name] if name in a and name in b else a.get(name, b.get(name)) for name in a | b}
 
 
 def windowed_pass(
@@ -363,6 +376,7 @@ def windowed_select(
         },
         io,
         suspects=suspects_of(part.suspects) if selector.mute_suspects else None,
+        carry=selector.carry(part.totals),
     )
 
 

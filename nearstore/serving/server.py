@@ -379,6 +379,7 @@ class NearStoreServer(flight.FlightServerBase):
                 self.dataset,
                 number,
                 previous=None if previous is None else previous.ids,
+                carried=None if previous is None else previous.carry,
                 keep=keep,
                 method=method,
                 options=options,

@@ -298,6 +298,11 @@ def test_a_refused_state_changes_nothing(id_store):
             DatasetError,
             "selection weights in state_dict's selection must be 250 finite numbers",
         ),
+        (
+            {**good, "selection": {**chosen, "carry": {"x": np.array([{}], dtype=object)}}},
+            DatasetError,
+            "the carry of state_dict's selection holds 'x' of dtype object",
+        ),
     ]
     for state, error, message in bad_states:
         with pytest.raises(error, match=re.escape(message)):
@@ -376,6 +381,41 @@ def test_reselect_in_process_with_the_trainers_model(id_store):
     method, options = default_reselect(0.5)
     assert options != default_reselect(0.2)[1] and large.method == method
     assert {name: large.params[name] for name in options} == options and large.params["window"] == 64
+
+
+def test_what_a_round_hands_on_reaches_the_next_and_survives_a_resume(id_store):
+    """AdaCore's running curvature: handed from round to round by the loader, kept in its state."""
+
+    def model(seed: int) -> torch.nn.Module:  # logits of a few units on id_store's x (up to 2,500)
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(8, 10)
+        with torch.no_grad():
+            linear.weight.mul_(1e-3)
+        return linear
+
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu")
+
+    loader = make()
+    loader.update_proxy(model(0))
+    first = loader.reselect(0.2, method="adacore", window=128)
+    assert str(first.carry["proxy"]) == "ModelProxy" and first.carry["curvature"].shape == (10, 9)
+    state = loader.state_dict()
+    np.testing.assert_array_equal(state["selection"]["carry"]["curvature"], first.carry["curvature"])
+    resumed, forgetful = make(), make()
+    resumed.load_state_dict(state)
+    forgetful.load_state_dict({**state, "selection": {**state["selection"], "carry": {}}})  # a state of before
+
+    rounds = []
+    for each in (loader, resumed, forgetful):
+        each.update_proxy(model(1))
+        rounds.append(each.reselect(0.2, method="adacore", window=128, average=0.5))
+    second, again, afresh = rounds
+    np.testing.assert_array_equal(again.ids, second.ids)
+    np.testing.assert_array_equal(again.carry["curvature"], second.carry["curvature"])
+    expected = 0.5 * first.carry["curvature"] + 0.5 * afresh.carry["curvature"]
+    np.testing.assert_allclose(second.carry["curvature"], expected, rtol=1e-5)
+    assert not np.allclose(second.carry["curvature"], afresh.carry["curvature"], rtol=1e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

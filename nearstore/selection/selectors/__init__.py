@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any
 
@@ -50,17 +51,27 @@ def next_round(
     options: dict[str, Any],
     seed: int,
     previous: np.ndarray | None = None,
+    carried: Mapping[str, np.ndarray] | None = None,
     proxy: Proxy | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     executor: Executor | None = None,
 ) -> Selection:
     """Selection round `number`, run by `method` with `options` and `proxy` (on `executor`); the
-    selector is handed the ids of the round it replaces, `previous`."""
+    selector is handed the ids of the round it replaces, `previous`, and what that round handed on
+    (its `Selection.carry`), `carried`."""
     check_seed(seed)
     selector = make_selector(method, **options)
     selection = selector.select(
-        dataset, keep, proxy=proxy, seed=seed, device=device, progress=progress, previous=previous, executor=executor
+        dataset,
+        keep,
+        proxy=proxy,
+        seed=seed,
+        device=device,
+        progress=progress,
+        previous=previous,
+        carried=carried,
+        executor=executor,
     )
     return replace(selection, round=number)
 

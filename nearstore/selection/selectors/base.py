@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -45,6 +46,7 @@ class Selector(ABC):
         device: torch.device | str = "cpu",
         progress: bool = False,
         previous: np.ndarray | None = None,
+        carried: Mapping[str, np.ndarray] | None = None,
         executor: Executor | None = None,
     ) -> Selection:
         """Select about round(keep · N) samples of `dataset`.
@@ -53,6 +55,8 @@ class Selector(ABC):
             default a RandomFeatureProxy fitted on warm-up shards.
         previous: the ids of the round this one replaces, if any. GRAFT on a pool puts them in
             its pool (`pool_previous`); the other selectors do not use them.
+        carried: what the round this one replaces handed on (its `Selection.carry`): AdaCore's
+            running average of the curvature; the other selectors keep nothing across rounds.
         executor: where a scan over every shard runs (`nearstore.selection.executors`): in this
             process by default, or on a Dask cluster (every selector but random, which reads
             only the labels).
@@ -72,10 +76,20 @@ class WindowedSelector(Selector):
     draw_uninformed: ClassVar[bool] = False
 
     def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+        self,
+        dataset,
+        keep,
+        *,
+        proxy=None,
+        seed=0,
+        device="cpu",
+        progress=False,
+        previous=None,
+        carried=None,
+        executor=None,
     ) -> Selection:
         return windowed_select(
-            self,
+            self.resumed(carried, proxy),
             dataset,
             keep,
             proxy=proxy,
@@ -89,6 +103,20 @@ class WindowedSelector(Selector):
     def scan_options(self, previous: np.ndarray | None) -> dict[str, Any]:
         """windowed_select's options beyond every selector's (pool, budgets, ...), given the
         round this one replaces."""
+        return {}
+
+    def resumed(self, carried: Mapping[str, np.ndarray] | None, proxy: Proxy | None) -> WindowedSelector:
+        """This selector going on from what the round before handed on (`carry`), scored by
+        `proxy` (None: the model-free one); itself for a method that keeps nothing across rounds."""
+        return self
+
+    def tally(self, parts: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        """What the method sums over the streamed samples of a round (`parts` as `pick` takes
+        them, a batch at a time): added across batches and partitions, handed to `carry`."""
+        return {}
+
+    def carry(self, totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What this round hands the next one (`Selection.carry`), from its `tally` totals."""
         return {}
 
     @abstractmethod

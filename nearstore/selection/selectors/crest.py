@@ -54,7 +54,17 @@ class Crest(Selector):
         object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads, "pool_reads"))
 
     def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+        self,
+        dataset,
+        keep,
+        *,
+        proxy=None,
+        seed=0,
+        device="cpu",
+        progress=False,
+        previous=None,
+        carried=None,
+        executor=None,
     ) -> Selection:
         check_keep(keep)
         check_seed(seed)

@@ -41,6 +41,16 @@ class Random(Selector):
         check_flag("class_balanced", self.class_balanced)
 
     def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+        self,
+        dataset,
+        keep,
+        *,
+        proxy=None,
+        seed=0,
+        device="cpu",
+        progress=False,
+        previous=None,
+        carried=None,
+        executor=None,
     ) -> Selection:
         return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)

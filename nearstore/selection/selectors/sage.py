@@ -198,7 +198,17 @@ class Sage(Selector):
         _check_score(self.score)
 
     def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+        self,
+        dataset,
+        keep,
+        *,
+        proxy=None,
+        seed=0,
+        device="cpu",
+        progress=False,
+        previous=None,
+        carried=None,
+        executor=None,
     ) -> Selection:
         return sage_select(
             dataset,

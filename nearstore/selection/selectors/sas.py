@@ -65,7 +65,17 @@ class Sas(Selector):
         check_window(self.window)
 
     def select(
-        self, dataset, keep, *, proxy=None, seed=0, device="cpu", progress=False, previous=None, executor=None
+        self,
+        dataset,
+        keep,
+        *,
+        proxy=None,
+        seed=0,
+        device="cpu",
+        progress=False,
+        previous=None,
+        carried=None,
+        executor=None,
     ) -> Selection:
         check_keep(keep)
         check_seed(seed)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nearstore import (
+    AdaCore,
     Craig,
     Crest,
     Graft,
@@ -91,7 +92,9 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     here = sage_select(dataset, 0.1, ell=32)
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
-    assert "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, not 'random'" in capsys.readouterr().err
+    assert (
+        "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, not 'random'" in capsys.readouterr().err
+    )
     graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
     assert main([*graft, "--method", "adacore"]) == 0 and Selection.load(out).method == "adacore"
     assert Selection.load(out).params["executor"] == "dask"
@@ -112,7 +115,7 @@ def aligned(tmp_path_factory):
     return write_dataset(url, [{"x": x, "y": y}], shard_samples=48), y
 
 
-@pytest.mark.parametrize("selector", [Graft(window=16, mute_suspects=False), Craig(window=16)])
+@pytest.mark.parametrize("selector", [Graft(window=16, mute_suspects=False), Craig(window=16), AdaCore(window=16)])
 def test_windowed_selection_on_the_cluster_equals_it_in_process_where_windows_agree(client, aligned, selector):
     dataset, _ = aligned
     there = selector.select(dataset, 0.25, seed=5, executor=DaskExecutor(client))
@@ -122,6 +125,9 @@ def test_windowed_selection_on_the_cluster_equals_it_in_process_where_windows_ag
     np.testing.assert_allclose(there.weights[order[0]], here.weights[order[1]])
     assert there.params["executor"] == "dask" and "executor" not in here.params
     assert there.io["bytes"] >= dataset.stored_nbytes()  # the workers' reads counted: every shard, whole
+    assert set(there.carry) == set(here.carry)  # what a round hands on: AdaCore's curvature, summed over partitions
+    if "curvature" in here.carry:
+        np.testing.assert_allclose(there.carry["curvature"], here.carry["curvature"], rtol=1e-5)
 
 
 def test_the_default_on_the_cluster_keeps_every_class_budget_exactly(client, blobs):

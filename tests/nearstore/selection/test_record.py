@@ -108,6 +108,22 @@ def test_suspects_travel_with_the_selection_and_version_1_files_still_read(id_st
         dataclasses.replace(selection, suspects=Suspects(ids=[2500], labels=[0], quality=[0.1]))
 
 
+def test_a_carry_travels_with_the_selection_and_a_bad_one_is_refused(id_store, tmp_path):
+    carry = {"curvature": np.arange(6, dtype=np.float32).reshape(2, 3), "proxy": np.array("ModelProxy")}
+    selection = make(id_store, np.array([1, 2]), carry=carry)
+    selection.save(tmp_path / "s.npz")
+    for loaded in (Selection.from_bytes(selection.to_bytes()), Selection.load(tmp_path / "s.npz")):
+        assert sorted(loaded.carry) == ["curvature", "proxy"] and str(loaded.carry["proxy"]) == "ModelProxy"
+        np.testing.assert_array_equal(loaded.carry["curvature"], carry["curvature"])
+    assert Selection.from_bytes(make(id_store, np.array([3])).to_bytes()).carry == {}
+    with pytest.raises(DatasetError, match="carry of .* names an array 'not a name'"):
+        make(id_store, np.array([1]), carry={"not a name": np.zeros(2)})
+    with pytest.raises(DatasetError, match="carry of .* holds 'state' of dtype object"):
+        make(id_store, np.array([1]), carry={"state": np.array([{}, None], dtype=object)})
+    with pytest.raises(DatasetError, match="carry of .* must be a mapping"):
+        make(id_store, np.array([1]), carry=[np.zeros(2)])
+
+
 def test_ids_that_are_not_integers_are_refused_not_truncated(id_store):
     # Integral floats too: ids that went through floats went through something that did not keep them.
     for ids in (np.array([1.0, 2.0]), np.array([1.5, 2.5]), np.array([True, False])):

@@ -21,6 +21,7 @@ from servers import free_port
 import nearstore
 from loaders import FlightSource, StreamingLoader
 from nearstore import (
+    AdaCore,
     ModelProxy,
     NearstoreError,
     ParameterError,
@@ -475,6 +476,37 @@ def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store
     with pytest.raises(ValueError, match="lies inside the dataset"):
         NearStoreServer(id_store, selection=random_select(id_store, 0.1), state_dir=Path(id_store.url) / "state")
     assert fingerprint(id_store.url) == before
+
+
+def test_a_server_hands_each_round_what_the_round_before_handed_on(id_store, tmp_path):
+    """AdaCore's running curvature goes from round to round on the server, and survives a restart."""
+
+    def model(seed: int) -> torch.nn.Module:  # logits of a few units on the id store's x (up to 2,500)
+        torch.manual_seed(seed)
+        network = tiny_model()
+        with torch.no_grad():
+            network[0].weight.mul_(1e-3)
+        return network
+
+    state_dir = tmp_path / "state"
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.2), model=tiny_model, state_dir=state_dir)
+    try:
+        loader = StreamingLoader(server.url, batch_size=100, backend="torch", device="cpu")
+        loader.update_proxy(model(0))
+        first = loader.reselect(0.2, method="adacore", window=128)
+        loader.update_proxy(model(1))
+        second = loader.reselect(0.2, method="adacore", window=128, average=0.5)
+    finally:
+        server.shutdown()
+    own = AdaCore(window=128, average=0).select(id_store, 0.2, proxy=ModelProxy(model(1)), seed=2).carry
+    expected = 0.5 * first.carry["curvature"] + 0.5 * own["curvature"]
+    np.testing.assert_allclose(second.carry["curvature"], expected, rtol=1e-5)
+    assert not np.allclose(second.carry["curvature"], own["curvature"], rtol=1e-2)
+    restarted = NearStoreServer(id_store, model=tiny_model, state_dir=state_dir)
+    try:
+        np.testing.assert_array_equal(restarted.current.carry["curvature"], second.carry["curvature"])
+    finally:
+        restarted.shutdown()
 
 
 def _refusal(error: flight.FlightServerError) -> tuple[str, str]:
