@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from nearstore.errors import ParameterError
 from nearstore.storage.images import ImageTransform
 
 try:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
+    from nvidia.dali.pipeline import do_not_convert
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 except ImportError:  # DALI has no wheel for this platform: the plain-torch path serves
     pipeline_def = None
@@ -35,6 +37,7 @@ def dali_epoch(
     device: torch.device,
     dali_transform: DaliTransform | None = None,
     views: int = 1,
+    augmented: bool = False,
     images: ImageTransform | None = None,
     num_threads: int = 2,
     seed: int = 0,
@@ -48,7 +51,9 @@ def dali_epoch(
     bytes), decoded and transformed so. `dali_transform` maps the first output's DataNode (the
     inputs, decoded) to a new DataNode inside the graph; on a CUDA device it receives GPU data.
     views: the transform's outputs in place of the first: `views` of them, each drawing its own
-    random augmentations (contrastive learning's views of a sample). seed: the pipeline's random
+    random augmentations (contrastive learning's views of a sample). augmented: the last output is a
+    per-sample flag (bool), and `dali_transform` applies to the flagged samples alone, by DALI's
+    conditional execution (the rest pass untouched; the flags come out too). seed: the pipeline's random
     augmentations. explain: what to raise instead of a pipeline's failure (DALI's errors name no
     sample), given it.
     """
@@ -78,19 +83,25 @@ def dali_epoch(
 
     on_gpu = device.type == "cuda"
 
+    conditional = augmented and dali_transform is not None
+
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
         seed=seed,
+        enable_conditionals=conditional,
     )
     def pipeline():
         outputs = list(fn.external_source(source=source, num_outputs=num_outputs, batch=True, batch_info=True))
+        flags = outputs[-1] if conditional else None  # on the host, where DALI takes a condition
         if images is not None:  # decoded where they land: the mixed decoder takes them on the host
             outputs[0] = decode_images(outputs[0], images, on_gpu)
         if on_gpu:
             outputs = [o if i == 0 and images is not None else o.gpu() for i, o in enumerate(outputs)]
-        if dali_transform is not None:
+        if conditional:
+            outputs[0] = on_flagged(outputs[0], flags, dali_transform)
+        elif dali_transform is not None:
             outputs = [dali_transform(outputs[0]) for _ in range(views)] + outputs[1:]
         return tuple(outputs)
 
@@ -107,8 +118,20 @@ def dali_epoch(
                 raise
             raise explain(error) from error
         yield from [()] * skipped.popleft()
+        if conditional and not outputs[0].is_dense_tensor():
+            shapes = sorted({tuple(sample.shape()) for sample in outputs[0]})
+            raise ParameterError(f"with augment=, dali_transform must keep x's shape: a batch held shapes {shapes}")
         yield tuple(_to_torch(tensor_list, device, stream) for tensor_list in outputs)
     yield from [()] * trailing
+
+
+def on_flagged(x, flags, transform: DaliTransform):
+    """`transform` of the samples of DataNode x whose flag is set, the others as they are: a
+    conditional (the pipeline's `enable_conditionals`), so the transform runs on the flagged alone.
+    The transform itself runs as written, as it does without flags (not rewritten by AutoGraph)."""
+    if flags:
+        x = do_not_convert(transform)(x)
+    return x
 
 
 def decode_images(encoded, images: ImageTransform, on_gpu: bool):

@@ -102,6 +102,12 @@ class StreamingLoader:
     num_threads: threads that decode images (DALI's, or PIL's in the torch backend).
     dali_transform: DataNode -> DataNode applied to x inside the DALI graph (on the GPU when
         the device is CUDA), after `images`. transform: applied to the x tensor of every batch.
+    augment: the samples `transform` and `dali_transform` apply to (a `Selection`, checked against
+        the dataset, or sample ids); every other sample's x passes untouched, so the transforms
+        must keep x's shape and dtype. None: every sample. Augmentation then costs the subset only
+        (Liu & Mirzasoleiman's augmentation-aware subsets, `AugmentAware`); training on and
+        augmenting a subset alone is `selection=subset` with the transform. Not with `views` above
+        1, ragged inputs or random-cropping `images` (they would augment every sample).
     views: for contrastive learning, batches hold that many views of x, each its own application
         of the random augmentations (`dali_transform`'s in the graph, else `transform`'s), in
         place of x: (x1, x2, y) for 2. Images are decoded once for all views (with
@@ -141,6 +147,7 @@ class StreamingLoader:
         num_threads: int = 2,
         dali_transform: DaliTransform | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment: Selection | Sequence[int] | np.ndarray | None = None,
         views: int = 1,
         backend: Backend = "auto",
         device: torch.device | str | None = None,
@@ -218,6 +225,8 @@ class StreamingLoader:
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
         self._use(self.source.selection() if selection is None else selection)
+        self.augment = self._augment_ids(augment, transform is not None or dali_transform is not None)
+        self.augmented_samples = 0  # samples (views) the transforms were applied to, over all epochs
 
         self.dali_transform, self.transform = dali_transform, transform
         self._epochs: list[dict[str, Any]] = []
@@ -322,14 +331,24 @@ class StreamingLoader:
             tensors = self._through_dali(batches_from, first, seed)
         else:
             tensors = (tuple(_tensor(a, self.device) for a in batch) for batch in batches_from(first))
+        transformed = self.transform is not None or self.dali_transform is not None
+        augmented_before = self.augmented_samples
         for batch in tensors:
             self.order.batches_done += 1  # counted as delivered once the trainer holds it
             if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
+                continue
+            if self.augment is not None:
+                *batch, flags = batch
+                if self.transform is not None:
+                    batch[0] = _on_flagged(self.transform, batch[0], flags)
+                self.augmented_samples += int(flags.sum())
+                yield tuple(batch)
                 continue
             views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
             if self.transform is not None:
                 inputs = batch[:views] if views == self.views else [batch[0]] * self.views
                 batch = (*(self.transform(x) for x in inputs), *batch[views:])
+            self.augmented_samples += len(batch[0]) * self.views if transformed else 0
             yield batch
         read = self.stats.snapshot() - before
         storage = self.source.storage_reads()
@@ -340,6 +359,7 @@ class StreamingLoader:
                 "seconds": time.perf_counter() - started,
                 "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
                 "cache_hits": self.cache.stats.hits - hits_before if self.cache is not None else 0,
+                "augmented_samples": self.augmented_samples - augmented_before,
             }
         )
         log.info(
@@ -424,6 +444,7 @@ class StreamingLoader:
             "scan_requests": self.scan_io.get("requests", 0),
             "full_epoch_bytes": self._full_bytes(),
             "skipped_samples": sorted(self.skipped),
+            "augmented_samples": self.augmented_samples,
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
             "storage_reads": self.source.storage_reads(),
             "cache": cache,
@@ -455,6 +476,34 @@ class StreamingLoader:
                     f"rank {self.order.rank} iterates selection round {mine[0]} ({mine[2]} samples, digest "
                     f"{mine[1]}) but rank {rank} has round {theirs[0]} ({theirs[2]} samples, digest {theirs[1]})"
                 )
+
+    def _augment_ids(
+        self, augment: Selection | Sequence[int] | np.ndarray | None, transformed: bool
+    ) -> np.ndarray | None:
+        """The sorted ids of `augment`, checked as a selection's; None for None. Refused where the
+        transforms cannot apply to some samples alone."""
+        if augment is None:
+            return None
+        if not transformed:
+            raise ParameterError("augment= names the samples `transform` or `dali_transform` applies to; got neither")
+        if self.views > 1:
+            raise ParameterError(
+                f"augment= with views={self.views}: each view is the transform of x, so every sample is augmented"
+            )
+        if 0 in self.ragged:
+            raise ParameterError(
+                f"augment= with the ragged samples of array {self.input_array!r} of {self.url!r} is not built: "
+                "transform every sample, or none"
+            )
+        if self.images is not None and self.images.train:
+            raise ParameterError(
+                "augment= augments only its samples, but images=ImageTransform(train=True) crops and flips every "
+                "sample: decode with ImageTransform(train=False) and crop in `transform` or `dali_transform`"
+            )
+        if isinstance(augment, Selection):
+            augment.check_dataset(self.source.identity)
+            return augment.ids
+        return _selected(self.num_samples, f"augment of {self.url!r}", augment, what="augmented sample id")[0]
 
     def _epoch_size(self, epoch: int, ids: np.ndarray | None = None) -> int:
         """How many samples epoch `epoch` visits: all while warming up, else the selection (`ids`:
@@ -505,6 +554,8 @@ class StreamingLoader:
             batch[k] = layout.pack(batch[k], ids)
         if self.with_weights:
             batch.append(weights)
+        if self.augment is not None:  # last: which samples the transforms apply to, taken off before the trainer
+            batch.append(np.isin(ids, self.augment))
         return tuple(batch)
 
     def _read(
@@ -617,11 +668,12 @@ class StreamingLoader:
             try:
                 yield from dali_epoch(
                     batches_from(first),
-                    num_outputs=len(self.arrays) + self.with_weights,
+                    num_outputs=len(self.arrays) + self.with_weights + (self.augment is not None),
                     batch_size=self.order.batch_size,
                     device=self.device,
                     dali_transform=self.dali_transform,
                     views=self.views,
+                    augmented=self.augment is not None,
                     images=self.images,
                     num_threads=self.num_threads,
                     seed=int(np.random.default_rng([*seed, first]).integers(2**31)),
@@ -657,19 +709,21 @@ class StreamingLoader:
         return f"shard {int(sample) // self.source.shard_samples} of {self.url!r}"
 
 
-def _selected(num_samples: int, where: str, ids: Any, weights: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def _selected(
+    num_samples: int, where: str, ids: Any, weights: Any = None, *, what: str = "selected sample id"
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample ids to iterate, integers in range, sorted and each named once, and their weights.
     Plain ids (no weights) come in any order and are sorted; ids with weights (a state's) must
-    come sorted. Weights: one number per id, finite, >= 0 (default 1)."""
-    ids = sample_ids(ids, where, num_samples=num_samples, what="selected sample id")
+    come sorted. Weights: one number per id, finite, >= 0 (default 1). what: the ids, for errors."""
+    ids = sample_ids(ids, where, num_samples=num_samples, what=what)
     if weights is None:
         ids, weights = np.sort(ids), np.ones(len(ids))
     step = np.diff(ids)
     if np.any(step <= 0):
         i = int(np.argmax(step <= 0))
         if step[i] == 0:
-            raise SampleIdError(f"selected sample id {ids[i]} is named twice in {where}: each must be once")
-        raise SampleIdError(f"selected sample ids in {where} must be sorted, got {ids[i]} before {ids[i + 1]}")
+            raise SampleIdError(f"{what} {ids[i]} is named twice in {where}: each must be once")
+        raise SampleIdError(f"{what}s in {where} must be sorted, got {ids[i]} before {ids[i + 1]}")
     weights = np.asarray(weights)
     if weights.shape != ids.shape or weights.dtype.kind not in "iuf" or not np.all(np.isfinite(weights)):
         raise DatasetError(
@@ -678,6 +732,26 @@ def _selected(num_samples: int, where: str, ids: Any, weights: Any = None) -> tu
     if np.any(weights < 0):
         raise DatasetError(f"selection weights in {where} must be >= 0, got {weights.min()}")
     return ids, weights.astype(np.float32)
+
+
+def _on_flagged(
+    transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flags: torch.Tensor
+) -> torch.Tensor:
+    """x with `transform` applied to the rows `flags` marks, called on those rows alone (the
+    augmentation costs only them); the other rows as they are."""
+    if not flags.any():
+        return x
+    flags = flags.to(x.device)
+    rows = x[flags]
+    changed = transform(rows)
+    if not isinstance(changed, torch.Tensor) or changed.shape != rows.shape or changed.dtype != rows.dtype:
+        got = f"{tuple(changed.shape)} {changed.dtype}" if isinstance(changed, torch.Tensor) else type(changed).__name__
+        raise ParameterError(
+            f"with augment=, transform must keep x's shape and dtype: got {got} from {tuple(rows.shape)} {rows.dtype}"
+        )
+    out = x.clone()
+    out[flags] = changed
+    return out
 
 
 def _tensor(array: np.ndarray | RaggedBatch, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ _MODULES = {
     "nearstore.selection.selectors": (
         "SELECTORS",
         "AdaCore",
+        "AugmentAware",
         "ClipCov",
         "Craig",
         "Crest",

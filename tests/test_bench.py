@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
 # What each writes, and a key its JSON must hold.
 WRITES = {
+    "augmentation_subsets": ("augmentation_subsets.json", "rows"),
     "chaos": ("chaos.json", "kinds"),
     "clip_selection": ("clip_selection.json", "rows"),
     "distillation": ("distillation.json", "rows"),

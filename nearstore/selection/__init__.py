@@ -9,6 +9,7 @@ from nearstore.selection.record import Selection
 from nearstore.selection.selectors import (
     SELECTORS,
     AdaCore,
+    AugmentAware,
     ClipCov,
     Craig,
     Crest,
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "SELECTORS",
     "AdaCore",
+    "AugmentAware",
     "ClipCov",
     "Craig",
     "Crest",

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from kernels import ConfidentJoint, label_issues
 from nearstore.errors import DatasetError
+from nearstore.selection.augment import augmentation
 from nearstore.selection.proxies import Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, SelectiveReader, small_arrays
@@ -223,6 +224,25 @@ def decoded(
                 kept = np.setdiff1d(np.arange(len(ids)), list(failed))
                 ids, batch = ids[kept], {name: values[kept] for name, values in batch.items()}
             yield ids, {**batch, input_array: inputs}
+
+
+def augmented_views(
+    scan: Scan, shards: list[int], *, augmentations: int, augment: str, seed: int, progress: bool, desc: str
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]]:
+    """Stage 1c: every sample of `shards`, a shard at a time, with `augmentations` random views of
+    its input (`nearstore.selection.augment`'s `augment`): (ids, the shard's arrays, the views). A
+    shard's views are drawn from (seed, its first id): every pass, and any partition of the
+    shards, sees the same views."""
+    ragged = scan.reader.dataset.ragged(scan.input_array)
+    batches = decoded(
+        shard_batches(scan.reader, scan.warm, progress, desc, shards), scan.input_array, scan.proxy.images, ragged
+    )
+    for ids, batch in batches:
+        x = batch[scan.input_array]
+        check_finite(x, ids, scan.input_array)
+        rng = np.random.default_rng([seed, int(ids[0])])
+        varied = augmentation(augment, x)
+        yield ids, batch, [varied(x, rng) for _ in range(augmentations)]
 
 
 def rebatch(batches: Iterable[Batch], samples: int) -> Iterator[Batch]:

@@ -15,6 +15,7 @@ from nearstore.selection.plan import check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.adacore import AdaCore
+from nearstore.selection.selectors.augment_aware import AugmentAware
 from nearstore.selection.selectors.base import Selector
 from nearstore.selection.selectors.clipcov import ClipCov
 from nearstore.selection.selectors.craig import Craig
@@ -26,7 +27,7 @@ from nearstore.selection.selectors.sas import Sas
 from nearstore.storage import Dataset
 
 SELECTORS: dict[str, type[Selector]] = {
-    cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest, AdaCore, Sas, ClipCov)
+    cls.method: cls for cls in (Random, Sage, Graft, Craig, Crest, AdaCore, Sas, ClipCov, AugmentAware)
 }
 
 
@@ -79,6 +80,7 @@ def next_round(
 __all__ = [
     "SELECTORS",
     "AdaCore",
+    "AugmentAware",
     "ClipCov",
     "Craig",
     "Crest",

@@ -14,19 +14,12 @@ import torch
 
 from kernels import StreamingKMeans, expected_similarity, sas_greedy
 from nearstore.checks import check_range
-from nearstore.selection.augment import augmentation, check_augmentation
+from nearstore.selection.augment import check_augmentation
 from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import Selector, check_window
-from nearstore.selection.stages import (
-    Scan,
-    check_finite,
-    decoded,
-    log,
-    scan_io,
-    shard_batches,
-)
+from nearstore.selection.stages import Scan, augmented_views, log, scan_io
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
 
 DEFAULT_CLUSTERS = 10  # latent classes of a dataset without labels, unless told
@@ -124,20 +117,13 @@ class Sas(Selector):
 def augmented_means(
     scan: Scan, shards: list[int], *, augmentations: int, augment: str, seed: int, progress: bool, desc: str
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """(ids, μ) of every sample of `shards`: the mean of its augmented views' unit-norm embeddings.
-    A shard's augmentations are drawn from (seed, its first id): both passes, and any partition
-    of the shards, see the same views."""
-    ragged = scan.reader.dataset.ragged(scan.input_array)
-    batches = decoded(
-        shard_batches(scan.reader, scan.warm, progress, desc, shards), scan.input_array, scan.proxy.images, ragged
+    """(ids, μ) of every sample of `shards`: the mean of its augmented views' unit-norm embeddings
+    (`augmented_views`: both passes, and any partition of the shards, see the same views)."""
+    views_of = augmented_views(
+        scan, shards, augmentations=augmentations, augment=augment, seed=seed, progress=progress, desc=desc
     )
-    for ids, batch in batches:
-        x = batch[scan.input_array]
-        check_finite(x, ids, scan.input_array)
-        rng = np.random.default_rng([seed, int(ids[0])])
-        varied = augmentation(augment, x)
-        views = torch.stack([scan.proxy.features(varied(x, rng)).float() for _ in range(augmentations)], 1)
-        yield ids, expected_similarity(views)
+    for ids, _, views in views_of:
+        yield ids, expected_similarity(torch.stack([scan.proxy.features(v).float() for v in views], 1))
 
 
 def sas_clusters(scan: Scan, shards: list[int], *, clusters: int, **options) -> StreamingKMeans:

@@ -270,7 +270,7 @@ def test_a_round_refuses_a_seed_the_generators_do_not_take(blobs, seed):
 
 def test_every_method_is_registered_and_random_is_the_baseline(blobs):
     dataset, _, y, _ = blobs
-    assert set(SELECTORS) == {"random", "sage", "graft", "craig", "crest", "adacore", "sas", "clipcov"}
+    assert set(SELECTORS) == {"random", "sage", "graft", "craig", "crest", "adacore", "sas", "clipcov", "augaware"}
     assert make_selector("craig", window=64) == Craig(window=64)
     balanced = Random(class_balanced=True).select(dataset, 0.1)
     assert np.bincount(y[balanced.ids]).tolist() == [30, 12, 1]

@@ -1,0 +1,122 @@
+"""Augmentation-aware subsets (Liu & Mirzasoleiman, 2022): the samples that, augmented, carry the
+fully augmented data's gradient, to augment (or train on) in place of all of it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from nearstore.checks import check_range
+from nearstore.selection.augment import check_augmentation
+from nearstore.selection.executors import LocalExecutor
+from nearstore.selection.plan import check_keep, check_seed
+from nearstore.selection.record import Selection
+from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.stages import Embedded, Scan, augmented_views, scan_io
+from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide, medoids
+
+
+@dataclass(frozen=True)
+class AugmentAware(Selector):
+    """Per window of one class's samples, CRAIG's weighted facility-location medoids of the
+    samples' expected gradients under augmentation.
+
+    Each sample i is augmented `augmentations` times (`augment`, `nearstore.selection.augment`)
+    and scored by the proxy's last-layer gradient of each copy, g_ia = (p(x_ia) − onehot(y_i)) ⊗
+    [h(x_ia), 1]; ḡ_i = (1/A) Σ_a g_ia is the alignment of its augmented Jacobian with its
+    residuals, and Σ_i ḡ_i the window's under full augmentation. The k medoids S of the ḡ,
+
+        S = argmax_|S|=k Σ_i max_{j∈S} (C − ‖ḡ_i − ḡ_j‖)   (`kernels.facility_location`),
+
+    weighted by their clusters' sizes γ_j (× k / w, mean 1), bound the error of the augmented
+    subset's gradient, ‖Σ_i ḡ_i − Σ_{j∈S} γ_j ḡ_j‖ ≤ Σ_i min_{j∈S} ‖ḡ_i − ḡ_j‖, as CRAIG's bound the
+    plain one's. Weights as CRAIG's; scores NaN. A shard's augmentations are drawn from (seed, its
+    first id). Reads every shard once; the proxy scores `augmentations` copies of each sample.
+
+    window: samples a window holds. augmentations: draws per sample. augment: "signal", "image",
+        "none" or "auto" (by the samples' shape), as SAS's.
+    """
+
+    method: ClassVar[str] = "augaware"
+    # What the windowed decisions ask of a method (`windows.Windowed`): whole gradients, no muting.
+    factored: ClassVar[bool] = False
+    draw_uninformed: ClassVar[bool] = False
+    mute_suspects: ClassVar[bool] = False
+    window: int = 1024
+    augmentations: int = 4
+    augment: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_window(self.window)
+        check_range("augmentations", self.augmentations, 1, 64, integer=True)
+        check_augmentation(self.augment)
+
+    def select(
+        self,
+        dataset,
+        keep,
+        *,
+        proxy=None,
+        seed=0,
+        device="cpu",
+        progress=False,
+        previous=None,
+        carried=None,
+        executor=None,
+    ) -> Selection:
+        check_keep(keep)
+        check_seed(seed)
+        started = time.perf_counter()
+        executor = executor or LocalExecutor()
+        scan = Scan.open(dataset, self.method, proxy, seed, device)
+        part, reads = executor.map_reduce(
+            scan, augmented_pass, WindowedPart.merge, selector=self, keep=keep, seed=seed, progress=progress
+        )
+        io = scan_io(started, [scan.reader])
+        if executor.name != "local":  # the workers' readers; in process the scan's own counted it
+            io.update({k: io[k] + reads[k] for k in ("bytes", "requests")})
+        params = {"keep": keep, "seed": seed, "proxy": type(scan.proxy).__name__, **self.params()}
+        if executor.name != "local":
+            params["executor"] = executor.name
+        return part.selection(dataset, self.method, params, io)
+
+    def pick(self, windows: list[Window]) -> list[Pick]:
+        return [(*medoids(gradients, k), np.full(k, np.nan, dtype=np.float32)) for (gradients,), k in windows]
+
+    def window_for(self, keep: float) -> int:
+        return self.window
+
+    def at_once(self, window: int) -> int:
+        return 1
+
+
+def expected_gradients(
+    scan: Scan, shards: list[int], *, augmentations: int, augment: str, seed: int, progress: bool
+) -> Iterator[Embedded]:
+    """(ids, {class: rows}, ḡ) of every sample of `shards`: the mean of the proxy's last-layer
+    gradients of its augmented copies (`augmented_views`)."""
+    views_of = augmented_views(
+        scan, shards, augmentations=augmentations, augment=augment, seed=seed, progress=progress, desc="augaware"
+    )
+    for ids, batch, views in views_of:
+        y = batch[scan.labels]
+        total = scan.proxy.embed(views[0], y)
+        for view in views[1:]:  # summed as they come: one shard's gradients held, not A of them
+            total += scan.proxy.embed(view, y)
+        yield ids, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, total / len(views)
+
+
+def augmented_pass(
+    scan: Scan, shards: list[int], *, selector: AugmentAware, keep: float, seed: int, progress: bool
+) -> WindowedPart:
+    """The pass over `shards`: every sample's expected augmented gradient, each class's samples in
+    windows, `keep` of each window kept as its weighted medoids."""
+    stream = expected_gradients(
+        scan, shards, augmentations=selector.augmentations, augment=selector.augment, seed=seed, progress=progress
+    )
+    windows = ClassWindows(selector.window, lambda group: (keep, 1))
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed)

@@ -1,0 +1,199 @@
+"""Augmenting a subset only (`StreamingLoader(augment=...)`): the transforms reach the samples named
+and no other, in the DALI graph as in torch, the same rows either way; resumption stays exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from images import image_store
+from resume import assert_resumes_at_every_batch
+
+from loaders import StreamingLoader
+from nearstore import DatasetError, ParameterError, SampleIdError, random_select, write_dataset
+from nearstore.storage.images import ImageTransform
+
+pytest.importorskip("nvidia.dali")
+from nvidia.dali import fn  # noqa: E402
+
+MARK = 10_000.0  # added by the transforms: the id store's x[i, 0] = i < 2,500, so x[:, 0] >= MARK is augmented
+
+
+def torch_mark(x: torch.Tensor) -> torch.Tensor:
+    """Each sample marked and moved by its own random draw in [0, 0.25)."""
+    return x + MARK + torch.empty(len(x), 1).uniform_(0.0, 0.25)
+
+
+def dali_mark(x):
+    return x + MARK + fn.random.uniform(range=[0.0, 0.25])
+
+
+TRANSFORMS = {"torch": {"transform": torch_mark}, "dali": {"dali_transform": dali_mark}}
+
+
+def rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, augmented) of a batch of the id store: which sample each row is, and whether it was marked."""
+    first = x[:, 0].numpy()
+    marked = first >= MARK
+    return np.where(marked, np.floor(first - MARK), first.round()).astype(np.int64), marked
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_only_the_named_samples_are_augmented(id_store, id_data, backend):
+    selection = np.arange(0, 1000)
+    augment = np.arange(500, 2500, 3)  # partly outside the selection: those are never visited
+    loader = StreamingLoader(
+        id_store, selection, batch_size=64, augment=augment, backend=backend, device="cpu", **TRANSFORMS[backend]
+    )
+    for _ in range(2):  # epochs
+        seen, marked = [], []
+        for x, y in loader:
+            ids, augmented = rows(x)
+            np.testing.assert_array_equal(y.numpy(), id_data["y"][ids])
+            plain = torch.from_numpy(id_data["x"][ids[~augmented]])
+            assert torch.equal(x[torch.from_numpy(~augmented)], plain)  # untouched, bit for bit
+            seen += ids.tolist()
+            marked += ids[augmented].tolist()
+        assert sorted(seen) == selection.tolist()
+        assert sorted(marked) == np.intersect1d(augment, selection).tolist()
+    expected = len(np.intersect1d(augment, selection))
+    stats = loader.io_stats()
+    assert stats["augmented_samples"] == 2 * expected
+    assert [e["augmented_samples"] for e in stats["per_epoch"]] == [expected, expected]
+
+
+def test_both_backends_augment_the_same_rows_of_the_same_batches(id_store):
+    selection, augment = random_select(id_store, 0.4, seed=2), random_select(id_store, 0.2, seed=3)
+    made = {
+        backend: StreamingLoader(
+            id_store, selection, batch_size=96, augment=augment, seed=5, backend=backend, **TRANSFORMS[backend]
+        )
+        for backend in ("torch", "dali")
+    }
+    batches = 0
+    for (x_torch, y_torch), (x_dali, y_dali) in zip(made["torch"], made["dali"], strict=True):
+        (ids_torch, marked_torch), (ids_dali, marked_dali) = rows(x_torch), rows(x_dali)
+        np.testing.assert_array_equal(ids_torch, ids_dali)
+        np.testing.assert_array_equal(marked_torch, marked_dali)
+        np.testing.assert_array_equal(marked_torch, np.isin(ids_torch, augment.ids))
+        assert torch.equal(y_torch, y_dali) and torch.equal(x_torch[~marked_torch], x_dali[~marked_dali])
+        batches += 1
+    assert batches == len(made["torch"]) and made["torch"].io_stats()["augmented_samples"] == len(
+        np.intersect1d(augment.ids, selection.ids)
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_without_augment_every_sample_is_transformed_as_before(id_store, backend):
+    add = {"torch": {"transform": lambda x: x + MARK}, "dali": {"dali_transform": lambda x: x + MARK}}[backend]
+
+    def epoch(**augment) -> list[torch.Tensor]:
+        loader = StreamingLoader(id_store, np.arange(700), batch_size=128, seed=1, backend=backend, **add, **augment)
+        batches = [x for x, _ in loader]
+        assert loader.io_stats()["augmented_samples"] == 700
+        return batches
+
+    default, every = epoch(), epoch(augment=np.arange(id_store.num_samples))
+    assert all((x[:, 0] >= MARK).all() for x in default)
+    assert len(default) == len(every) and all(torch.equal(a, b) for a, b in zip(default, every))
+
+
+def test_no_transform_counts_no_augmented_samples(id_store):
+    loader = StreamingLoader(id_store, np.arange(300), batch_size=100, backend="torch")
+    assert sum(len(x) for x, _ in loader) == 300 and loader.io_stats()["augmented_samples"] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_resume_is_exact_with_augment(id_store, backend):
+    add = {"torch": {"transform": lambda x: x + MARK}, "dali": {"dali_transform": lambda x: x + MARK}}[backend]
+    selection, augment = random_select(id_store, 0.2, seed=1), np.arange(0, 2500, 2)
+
+    def make() -> StreamingLoader:
+        return StreamingLoader(
+            id_store, selection, batch_size=64, augment=augment, seed=3, backend=backend, device="cpu", **add
+        )
+
+    # the resume helper reads x[:, 0] as the id: an augmented sample reads as id + MARK, so the
+    # batches compared say which rows were augmented too
+    assert_resumes_at_every_batch(make, epochs=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_encoded_images_augment_only_the_named_samples(tmp_path, backend):
+    store = image_store(str(tmp_path / "images.zarr"))[0]
+    images = ImageTransform(size=16, train=False)
+    add = {"torch": {"transform": lambda x: x + 100}, "dali": {"dali_transform": lambda x: x + 100}}[backend]
+    augment = np.arange(1, store.num_samples, 4)
+
+    def epoch(**options) -> torch.Tensor:
+        loader = StreamingLoader(store, batch_size=50, shuffle=False, images=images, backend=backend, **options)
+        return torch.cat([x for x, _ in loader])
+
+    plain, augmented = epoch(), epoch(augment=augment, **add)
+    changed = (augmented != plain).flatten(1).any(1).numpy()
+    np.testing.assert_array_equal(np.flatnonzero(changed), augment)
+    assert torch.allclose(augmented[changed], plain[changed] + 100)
+
+
+def test_a_selection_serves_as_the_augmented_subset_and_is_checked(id_store, tmp_path):
+    augment = random_select(id_store, 0.1, seed=0)
+    loader = StreamingLoader(id_store, batch_size=500, augment=augment, transform=torch_mark)
+    marked = [ids[augmented] for ids, augmented in (rows(x) for x, _ in loader)]
+    assert sorted(np.concatenate(marked).tolist()) == augment.ids.tolist()
+    arrays = {"x": np.zeros((10, 8), np.float32), "y": np.zeros(10, np.int64)}
+    other = write_dataset(str(tmp_path / "other.zarr"), [arrays])
+    with pytest.raises(DatasetError, match="selection was made for"):
+        StreamingLoader(other, augment=augment, transform=lambda x: x)
+
+
+@pytest.mark.parametrize(
+    "augment, error, message",
+    [
+        ([3, 2500], SampleIdError, r"augmented sample id 2500 out of range \[0, 2500\) in augment of"),
+        ([-1], SampleIdError, "augmented sample id -1 out of range"),
+        ([5, 7, 5], SampleIdError, "augmented sample id 5 is named twice in augment of"),
+        (np.array([1.0, 2.0]), SampleIdError, "augmented sample ids in augment of .* must be integers"),
+        (np.array([True, False]), SampleIdError, "must be integers, got bool"),
+        (np.zeros((2, 2), np.int64), DatasetError, "augmented sample ids in augment of .* must be 1-D"),
+    ],
+)
+def test_bad_augment_ids_are_refused_by_name(id_store, augment, error, message):
+    with pytest.raises(error, match=message):
+        StreamingLoader(id_store, augment=augment, transform=lambda x: x)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "augment= names the samples `transform` or `dali_transform` applies to; got neither"),
+        ({"transform": torch_mark, "views": 2}, "augment= with views=2"),
+    ],
+)
+def test_augment_where_it_cannot_hold_is_refused_by_name(id_store, options, message):
+    with pytest.raises(ParameterError, match=message):
+        StreamingLoader(id_store, augment=[1, 2], **options)
+
+
+def test_augment_with_random_crops_or_ragged_inputs_is_refused_by_name(tmp_path):
+    store = image_store(str(tmp_path / "images.zarr"))[0]
+    with pytest.raises(ParameterError, match=r"images=ImageTransform\(train=True\) crops and flips every sample"):
+        StreamingLoader(store, augment=[1], transform=lambda x: x, backend="torch")  # ImageTransform() by default
+    signals = np.empty(20, dtype=object)
+    signals[:] = [np.ones(3 + i % 5, np.float32) for i in range(20)]
+    ragged = write_dataset(str(tmp_path / "ragged.zarr"), [{"signal": signals, "y": np.arange(20) % 2}])
+    with pytest.raises(ParameterError, match="augment= with the ragged samples of array 'signal'"):
+        StreamingLoader(ragged, augment=[1], transform=lambda x: x)
+
+
+@pytest.mark.parametrize(
+    "backend, transforms, message",
+    [
+        ("torch", {"transform": lambda x: x[:, :4]}, r"transform must keep x's shape and dtype: got \(\d+, 4\)"),
+        ("torch", {"transform": lambda x: x.double()}, "transform must keep x's shape and dtype: .* torch.float64"),
+        ("dali", {"dali_transform": lambda x: fn.pad(x, shape=[12])}, "dali_transform must keep x's shape"),
+    ],
+)
+def test_a_transform_that_changes_x_is_refused_by_name(id_store, backend, transforms, message):
+    loader = StreamingLoader(id_store, np.arange(200), batch_size=50, augment=[1, 3], backend=backend, **transforms)
+    with pytest.raises(ParameterError, match=message):
+        list(loader)
