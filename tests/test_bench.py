@@ -25,6 +25,7 @@ WRITES = {
     "label_errors": ("label_errors.json", "mnist1d/sym20"),
     "loader": ("loader.json", "results"),
     "range_clients": ("range_clients.json", "results"),
+    "ragged_selection": ("ragged_selection.json", "rows"),
     "round_cost": ("round_cost.json", "rows"),
     "scale": ("scale.json", "methods"),
     "selection_quality": ("selection_quality.json", "rows"),

@@ -20,6 +20,7 @@ from nearstore import NearstoreError, ParameterError, Selection, open_dataset, v
 from nearstore.app import converters
 from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, mds_images, webdataset_images
 from nearstore.app.synthetic import shapes_images
+from nearstore.app.table_converters import TABLE_SUFFIXES, open_table, table_format
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
 from nearstore.storage import read_labels
 
@@ -29,7 +30,19 @@ ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}
-CONVERT_FORMATS = ("npy", "npz", "mnist1d", "digits", "imagefolder", "webdataset", "mds", "shapes", "nearstore")
+CONVERT_FORMATS = (
+    "npy",
+    "npz",
+    "mnist1d",
+    "digits",
+    "imagefolder",
+    "webdataset",
+    "mds",
+    "parquet",
+    "arrow",
+    "shapes",
+    "nearstore",
+)
 GENERATED = ("mnist1d", "digits", "shapes")  # convert sources made here, not read from a path
 
 
@@ -66,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a nearstore dataset. Sources: 'mnist1d', 'digits' or 'shapes' (generated), an .npy "
         "file of inputs, a .npz archive, an image folder (root/<class>/<image>), WebDataset .tar shards (a "
         "path, or a pattern like 'train-{000..099}.tar' or '*.tar'), or a MosaicML Streaming MDS folder (with "
-        "index.json). Images are stored as the bytes they were encoded as.",
+        "index.json), or Parquet or Arrow IPC files (.parquet, .arrow, .feather: a file, a folder of them or a "
+        "pattern like 'data/*.parquet'; a column an array, lists of numbers of varying length stored ragged). "
+        "Images and binary columns are stored as the bytes they were encoded as.",
     )
     convert.add_argument("source", help="what to convert; its kind is told by what it is, or by --format")
     convert.add_argument("out", help="URL of the new dataset (local path or fsspec URL)")
@@ -81,10 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     convert.add_argument(
         "--label-key",
-        help="with webdataset: the label's extension (default cls); with mds: the integer label column",
+        help="with webdataset: the label's extension (default cls); with mds, parquet or arrow: the integer "
+        "label column (parquet, arrow: default 'label' where there is one, else unlabelled)",
     )
     convert.add_argument(
-        "--class-names", help="with webdataset or mds: comma-separated class names (default '0'..'C-1')"
+        "--class-names",
+        help="with webdataset, mds, parquet or arrow: comma-separated class names (default '0'..'C-1', or a "
+        "Hugging Face ClassLabel's names)",
+    )
+    convert.add_argument(
+        "--columns", help="with parquet or arrow: comma-separated columns to store (default all; the label too)"
     )
     convert.add_argument(
         "--num-samples", type=int, help="with mnist1d or shapes: how many to generate (default 70,000 / 10,000)"
@@ -223,6 +244,17 @@ def _convert(args: argparse.Namespace) -> int:
         batches = converters.npz_batches(source, x_key=args.x_key, y_key=args.y_key)
     elif kind == "npy":
         batches = converters.npy_batches(source, args.labels)
+    elif kind in TABLE_SUFFIXES:
+        table = open_table(
+            source,
+            format=kind,
+            columns=args.columns.split(",") if args.columns else None,
+            label_column=args.label_key,
+            class_names=args.class_names.split(",") if args.class_names else None,
+            progress=True,
+        )
+        batches, num_samples = table.batches(), table.num_samples
+        class_names, label_array = table.class_names, table.label
     else:
         images = _images(kind, args)
         batches, num_samples, class_names = images.batches(), images.num_samples, images.class_names
@@ -273,12 +305,15 @@ def _source_kind(source: str) -> str:
         return "mds"
     if (path / "zarr.json").is_file():
         return "nearstore"
+    table = table_format(source)  # a .parquet or .arrow path or pattern, or a folder of such files
+    if table is not None:
+        return table
     if path.is_dir():
         return "imagefolder"
     raise ParameterError(
         f"unknown source {source!r}: expected 'mnist1d', 'digits', 'shapes', a .npz or an .npy path, .tar shards, "
-        "an MDS folder (with index.json), a nearstore dataset (with zarr.json) or an image folder "
-        "(root/<class>/<image>); or name it with --format"
+        "an MDS folder (with index.json), a nearstore dataset (with zarr.json), .parquet or .arrow files or an "
+        "image folder (root/<class>/<image>); or name it with --format"
     )
 
 

@@ -1,0 +1,383 @@
+"""Converters of tables: Parquet files and Arrow IPC files or streams (Feather v2, Hugging Face
+datasets' .arrow), read record batch by record batch into batches {column: array} for
+`write_dataset`, one column an array:
+
+- integer, float or bool scalars: a fixed-size array (n,); the label column among them;
+- `fixed_size_list` of numbers (nested for more axes), or `list` / `large_list` whose every row
+  has the same length: a fixed-size array (n, *shape);
+- `list` / `large_list` of numbers (or of fixed-size lists of numbers: rows of that shape) of
+  varying length: a ragged numeric array (`nearstore.storage.ragged`);
+- `binary`, `large_binary`, `fixed_size_binary`: encoded samples, each row's bytes as they are.
+
+Strings, lists of variable-length lists and any other type are refused naming the column and its
+type, a null naming the column and the row. Whether a list column is of one length is found by a
+first pass over the list columns alone (their lengths and nulls, a batch at a time), so that a
+column is never first written one way and then found to need the other.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from nearstore import Dataset, DatasetError, ParameterError, write_dataset
+from nearstore.app.converters import Batches
+
+# A record batch is cut to this many rows: about a shard's worth (write_dataset's default), and a
+# few hundred MB at most of encoded images of a few hundred kB.
+TABLE_BATCH = 1024
+# The file name suffixes of each format, by which `table_format` tells them.
+TABLE_SUFFIXES = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc")}
+DEFAULT_LABEL = "label"
+
+
+@dataclass(frozen=True)
+class Column:
+    """How a table column is stored: "fixed" (a sample of `shape`), "ragged" (a sample of rows of
+    `shape`, any number of them) or "bytes" (encoded, `dtype` and `shape` unused)."""
+
+    name: str
+    kind: Literal["fixed", "ragged", "bytes"]
+    dtype: np.dtype | None = None
+    shape: tuple[int, ...] = ()
+
+    def numpy(self, array: pa.Array) -> np.ndarray:
+        """The column of one record batch (checked for nulls) as `write_dataset` takes it."""
+        n = len(array)
+        if self.kind == "bytes":
+            out = np.empty(n, dtype=object)  # not np.asarray: it would drop trailing NUL bytes
+            out[:] = array.to_pylist()
+            return out
+        values = _leaf(array).to_numpy(zero_copy_only=False)
+        if self.kind == "fixed":
+            return values.reshape(n, *self.shape)
+        offsets = np.asarray(array.offsets, dtype=np.int64)
+        rows = values.reshape(-1, *self.shape)
+        out = np.empty(n, dtype=object)
+        for i, sample in enumerate(np.split(rows, offsets[1:-1] - offsets[0]) if n else []):
+            out[i] = sample  # one by one: samples of one length would be broadcast into a 2-D array
+        return out
+
+
+@dataclass(frozen=True)
+class Table:
+    """Parquet or Arrow IPC files read as one table, ready for `write_dataset`: batches {column
+    name: array} of at most `batch` rows, files in order; the label column (None: unlabelled) and
+    its class names where known (None: write_dataset names them "0".."C-1")."""
+
+    kind: str
+    paths: tuple[str, ...]
+    columns: tuple[Column, ...]
+    label: str | None
+    class_names: tuple[str, ...] | None
+    num_samples: int
+    batch: int = field(default=TABLE_BATCH, repr=False)
+
+    def batches(self) -> Batches:
+        """A fresh pass over the files, one record batch in memory at a time."""
+        names = [column.name for column in self.columns]
+        for path in self.paths:
+            row = 0
+            for batch in _record_batches(self.kind, path, names, self.batch):
+                for column in self.columns:
+                    _refuse_nulls(batch.column(column.name), column.name, path, row)
+                yield {column.name: column.numpy(batch.column(column.name)) for column in self.columns}
+                row += batch.num_rows
+
+    def write(self, url: str, **options: Any) -> Dataset:
+        """Write the table to a new dataset at `url`; `options` go to `write_dataset`."""
+        return write_dataset(
+            url,
+            self.batches(),
+            label_array=self.label,
+            class_names=self.class_names,
+            num_samples=self.num_samples,
+            **options,
+        )
+
+
+def open_table(
+    source: str | Path | Sequence[str | Path],
+    *,
+    format: str | None = None,
+    columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    class_names: Sequence[str] | None = None,
+    batch: int = TABLE_BATCH,
+    progress: bool = False,
+) -> Table:
+    """Parquet or Arrow IPC files as one `Table`: their schemas checked against each other and the
+    list columns surveyed (lengths and nulls); no other sample is read now.
+
+    source: a file, a directory (its files of the format, recursively, sorted), a glob pattern
+        (`**` recursive), or a list of these; files are read in that order.
+    format: "parquet" or "arrow"; default told by the files' suffixes (`TABLE_SUFFIXES`).
+    columns: the columns to store (default every one); the label column is stored too.
+    label_column: the integer column of labels; default "label" where the table has one, else
+        the dataset is unlabelled. A column named here must be there.
+    class_names: default the Hugging Face `ClassLabel` names in the schema's metadata, if any.
+    """
+    if batch < 1:
+        raise ParameterError(f"batch must be >= 1 row, got {batch}")
+    if format is not None and format not in TABLE_SUFFIXES:
+        raise ParameterError(f"format must be one of {tuple(TABLE_SUFFIXES)}, got {format!r}")
+    paths = _table_paths(source, format)
+    kind = format or _format_of(paths)
+    schemas = [_schema(kind, path) for path in paths]
+    first, schema = paths[0], schemas[0]
+    label = _label_column(schema, label_column, first)
+    names = list(schema.names if columns is None else dict.fromkeys(columns))
+    for name in names:
+        if name not in schema.names:
+            raise DatasetError(f"{first}: no column {name!r}; it has {schema.names}")
+    if label is not None and label not in names:
+        names.append(label)
+    if not [name for name in names if name != label]:
+        besides = f" besides the label {label!r}" if label else ""
+        raise DatasetError(f"{first}: no column to store{besides}")
+    for path, other in zip(paths[1:], schemas[1:]):
+        for name in names:
+            if name not in other.names:
+                raise DatasetError(f"{path}: no column {name!r}, which {first} has; it has {other.names}")
+            if other.field(name).type != schema.field(name).type:
+                raise DatasetError(
+                    f"{path}: column {name!r} is {other.field(name).type}, {first} has it as {schema.field(name).type}"
+                )
+    stored = [_column(schema.field(name), first) for name in names]
+    stored, num_samples = _survey(kind, paths, stored, batch, progress)
+    if class_names is None and label is not None:
+        class_names = _huggingface_class_names(schema, label)
+    return Table(
+        kind, tuple(paths), tuple(stored), label, tuple(class_names) if class_names else None, num_samples, batch
+    )
+
+
+def table_format(source: str) -> str | None:
+    """The format a `convert` source names by its suffix ("data/*.parquet" too), or that of the
+    files directly in a directory; None for neither."""
+    path = Path(source)
+    names = [entry.name for entry in path.iterdir() if entry.is_file()] if path.is_dir() else [source]
+    return next((kind for kind, suffixes in TABLE_SUFFIXES.items() if any(n.endswith(suffixes) for n in names)), None)
+
+
+def _table_paths(source: str | Path | Sequence[str | Path], format: str | None) -> list[str]:
+    patterns = [source] if isinstance(source, (str, Path)) else list(source)
+    suffixes = TABLE_SUFFIXES[format] if format else sum(TABLE_SUFFIXES.values(), ())
+    paths: list[str] = []
+    for pattern in map(str, patterns):
+        if Path(pattern).is_dir():
+            found = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and p.name.endswith(suffixes))
+            if not found:
+                raise FileNotFoundError(f"no {' or '.join(suffixes)} file in {pattern!r}")
+        elif any(c in pattern for c in "*?["):
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"no file matches {pattern!r}")
+        elif Path(pattern).is_file():
+            found = [pattern]
+        else:
+            raise FileNotFoundError(f"no such file: {pattern!r}")
+        paths += found
+    if not paths:
+        raise ParameterError("no table file given")
+    return paths
+
+
+def _format_of(paths: list[str]) -> str:
+    kinds = {path: next((k for k, s in TABLE_SUFFIXES.items() if path.endswith(s)), None) for path in paths}
+    unknown = [path for path, kind in kinds.items() if kind is None]
+    if unknown:
+        raise ParameterError(f"cannot tell the format of {unknown[0]!r} by its suffix: name it (parquet or arrow)")
+    if len(set(kinds.values())) > 1:
+        raise ParameterError(f"the files mix Parquet and Arrow ({paths[0]!r}, ...): convert one format at a time")
+    return kinds[paths[0]]
+
+
+def _schema(kind: str, path: str) -> pa.Schema:
+    if kind == "parquet":
+        with _parquet(path) as table:
+            return table.schema_arrow
+    with pa.memory_map(path) as source:
+        return _ipc_reader(source, path).schema
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except pa.ArrowInvalid as e:
+        raise DatasetError(f"{path}: not a Parquet file: {e}") from None
+
+
+def _ipc_reader(source: pa.MemoryMappedFile, path: str) -> pa.ipc.RecordBatchReader | pa.ipc.RecordBatchFileReader:
+    """An IPC file (Feather v2 too) or an IPC stream (what Hugging Face datasets write), told by
+    the file's first bytes."""
+    head = source.read(6)
+    source.seek(0)
+    if head.startswith(b"FEA1"):
+        raise DatasetError(f"{path}: Feather version 1, which is not read; rewrite it as Feather 2 (Arrow IPC)")
+    try:
+        return pa.ipc.open_file(source) if head == b"ARROW1" else pa.ipc.open_stream(source)
+    except pa.ArrowInvalid as e:
+        raise DatasetError(f"{path}: not an Arrow IPC file or stream: {e}") from None
+
+
+def _record_batches(kind: str, path: str, columns: list[str], batch: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of `columns` of one file, in order, each cut to at most `batch` rows;
+    Parquet reads only those columns, an IPC file is memory-mapped (the others cost nothing)."""
+    if kind == "parquet":
+        with _parquet(path) as table:
+            for whole in table.iter_batches(batch_size=batch, columns=columns, use_pandas_metadata=False):
+                yield from _cut(whole.select(columns), batch)
+        return
+    with pa.memory_map(path) as source:  # batches read from it keep the mapping alive once it is closed
+        reader = _ipc_reader(source, path)
+        if isinstance(reader, pa.ipc.RecordBatchFileReader):
+            wholes = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            wholes = iter(reader)
+        for whole in wholes:
+            yield from _cut(whole.select(columns), batch)
+
+
+def _cut(whole: pa.RecordBatch, batch: int) -> Iterator[pa.RecordBatch]:
+    for start in range(0, whole.num_rows, batch):
+        yield whole.slice(start, batch)
+
+
+def _column(arrow: pa.Field, where: str) -> Column:
+    """How the column `arrow` is stored, or refused naming it and its type."""
+    name, kind = arrow.name, arrow.type
+    if "/" in name:
+        raise DatasetError(f"{where}: column {name!r} has a '/' in its name, which would nest it in the store")
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        return Column(name, "bytes")
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        dtype, shape = _numbers(kind.value_type, arrow, where)
+        return Column(name, "ragged", dtype, shape)
+    dtype, shape = _numbers(kind, arrow, where)
+    return Column(name, "fixed", dtype, shape)
+
+
+def _numbers(kind: pa.DataType, column: pa.Field, where: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """The dtype and shape of `kind`, numbers in fixed-size lists to any depth; anything else is
+    refused naming `column`."""
+    shape: tuple[int, ...] = ()
+    while pa.types.is_fixed_size_list(kind):
+        shape, kind = (*shape, kind.list_size), kind.value_type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        return np.dtype(kind.to_pandas_dtype()), shape
+    what = f"{where}: column {column.name!r} is {column.type}"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        raise DatasetError(
+            f"{what}: strings are not stored (numbers and bytes are); tokenize them into a list<int32> "
+            "column, or leave the column out (--columns)"
+        )
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        raise DatasetError(
+            f"{what}, a list of lists of varying length: a sample varies along its first axis only; "
+            "store the inner lists as fixed-size lists, or flatten them"
+        )
+    raise DatasetError(
+        f"{what}, which is not stored: numbers, fixed-size or variable-length lists of numbers, and binary are"
+    )
+
+
+def _survey(kind: str, paths: list[str], columns: list[Column], batch: int, progress: bool) -> tuple[list[Column], int]:
+    """The columns with each list column of one length everywhere made fixed-size, and the number
+    of rows; reads the list columns' lengths (and checks them for nulls), file by file."""
+    ragged = [column for column in columns if column.kind == "ragged"]
+    lengths = {column.name: (np.inf, -1) for column in ragged}
+    total = 0
+    for path in tqdm(paths, desc="surveying lists", unit="file", disable=not progress or not ragged):
+        if kind == "parquet" and not ragged:
+            with _parquet(path) as table:
+                total += table.metadata.num_rows
+            continue
+        row = 0
+        for part in _record_batches(kind, path, [c.name for c in ragged], batch):
+            for column in ragged:
+                array = part.column(column.name)
+                _refuse_nulls(array, column.name, path, row)
+                counts = np.diff(np.asarray(array.offsets, dtype=np.int64))
+                if len(counts):
+                    low, high = lengths[column.name]
+                    lengths[column.name] = (min(low, counts.min()), max(high, counts.max()))
+            row += part.num_rows
+        total += row
+    if total == 0:
+        raise DatasetError(f"{paths[0]}: the table has no rows")
+    surveyed = []
+    for column in columns:
+        low, high = lengths.get(column.name, (0, -1))
+        if column.kind == "ragged" and low == high > 0:  # one length everywhere: fixed-size samples
+            column = replace(column, kind="fixed", shape=(int(high), *column.shape))
+        surveyed.append(column)
+    return surveyed, total
+
+
+def _refuse_nulls(array: pa.Array, name: str, path: str, first: int) -> None:
+    """Refuse a null in `array` (rows `first`, ... of the file at `path`), or a null inside a list
+    of it, naming the column and the row."""
+    row = _null_row(array)
+    if row is not None:
+        raise DatasetError(
+            f"{path}: column {name!r} is null at row {first + row} (or holds a null there); "
+            "nothing missing is stored: fill or drop such rows first"
+        )
+
+
+def _null_row(array: pa.Array) -> int | None:
+    """The first row of `array` that is null or holds a null in its lists, or None."""
+    if array.null_count:
+        return int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+    kind = array.type
+    if pa.types.is_fixed_size_list(kind):
+        inner = _null_row(array.flatten())
+        return None if inner is None else inner // kind.list_size
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        inner = _null_row(array.flatten())
+        if inner is None:
+            return None
+        offsets = np.asarray(array.offsets, dtype=np.int64)
+        return int(np.searchsorted(offsets - offsets[0], inner, side="right") - 1)
+    return None
+
+
+def _leaf(array: pa.Array) -> pa.Array:
+    """The numbers of a (nested) list array, in order, the slice's alone."""
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        array = array.flatten()
+    return array
+
+
+def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None:
+    """The label column: `name` (which must be there, of integers), else "label" where there is one."""
+    if name is None:
+        if DEFAULT_LABEL not in schema.names:
+            return None
+        name = DEFAULT_LABEL
+    if name not in schema.names:
+        raise DatasetError(f"{where}: no label column {name!r}; it has {schema.names}")
+    kind = schema.field(name).type
+    if not pa.types.is_integer(kind):
+        raise DatasetError(f"{where}: label column {name!r} is {kind}; labels are integers")
+    return name
+
+
+def _huggingface_class_names(schema: pa.Schema, label: str) -> list[str] | None:
+    """The names of a Hugging Face `ClassLabel` column, from the schema's metadata, if it has them."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+        names = features[label]["names"] if features[label].get("_type") == "ClassLabel" else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
