@@ -26,7 +26,7 @@ from nearstore.storage import read_labels
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
-ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas")
+ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas", "augaware")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}

@@ -93,7 +93,8 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
     assert (
-        "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, not 'random'" in capsys.readouterr().err
+        "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, augaware, not 'random'"
+        in capsys.readouterr().err
     )
     graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
     assert main([*graft, "--method", "adacore"]) == 0 and Selection.load(out).method == "adacore"
