@@ -277,6 +277,15 @@ class StreamingLoader:
             raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
         self.source.update_proxy(model)
 
+    def set_augment(self, augment: Selection | Sequence[int] | np.ndarray) -> None:
+        """Augment these samples in place of the ones `augment=` named, from the next batch read on
+        (those read ahead, up to `prefetch`, keep the old set): a new round's subset, e.g.
+        `AugmentAware().select(dataset, 0.3, proxy=ModelProxy(model))`. Checked as `augment=` is;
+        the loader must have been made with one (its batches then carry which samples to augment)."""
+        if self.augment is None:
+            raise ParameterError("set_augment needs a loader made with augment=: its batches carry no flags")
+        self.augment = self._augment_ids(augment, True)
+
     def reselect(
         self,
         keep: float | None = None,

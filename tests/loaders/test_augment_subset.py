@@ -62,25 +62,25 @@ def test_only_the_named_samples_are_augmented(id_store, id_data, backend):
     assert [e["augmented_samples"] for e in stats["per_epoch"]] == [expected, expected]
 
 
-def test_both_backends_augment_the_same_rows_of_the_same_batches(id_store):
-    selection, augment = random_select(id_store, 0.4, seed=2), random_select(id_store, 0.2, seed=3)
-    made = {
-        backend: StreamingLoader(
-            id_store, selection, batch_size=96, augment=augment, seed=5, backend=backend, **TRANSFORMS[backend]
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_new_augment_set_takes_over_from_the_next_epoch(id_store, backend):
+    def make(**augment) -> StreamingLoader:
+        return StreamingLoader(
+            id_store, np.arange(600), batch_size=50, backend=backend, device="cpu", **augment, **TRANSFORMS[backend]
         )
-        for backend in ("torch", "dali")
-    }
-    batches = 0
-    for (x_torch, y_torch), (x_dali, y_dali) in zip(made["torch"], made["dali"], strict=True):
-        (ids_torch, marked_torch), (ids_dali, marked_dali) = rows(x_torch), rows(x_dali)
-        np.testing.assert_array_equal(ids_torch, ids_dali)
-        np.testing.assert_array_equal(marked_torch, marked_dali)
-        np.testing.assert_array_equal(marked_torch, np.isin(ids_torch, augment.ids))
-        assert torch.equal(y_torch, y_dali) and torch.equal(x_torch[~marked_torch], x_dali[~marked_dali])
-        batches += 1
-    assert batches == len(made["torch"]) and made["torch"].io_stats()["augmented_samples"] == len(
-        np.intersect1d(augment.ids, selection.ids)
-    )
+
+    def augmented(loader: StreamingLoader) -> list[int]:  # the samples an epoch augmented
+        return sorted(i for ids, marked in (rows(x) for x, _ in loader) for i in ids[marked])
+
+    loader = make(augment=np.arange(0, 600, 2))
+    assert augmented(loader) == list(range(0, 600, 2))
+    subset = random_select(id_store, 0.1, seed=4)
+    loader.set_augment(subset)
+    assert augmented(loader) == subset.ids[subset.ids < 600].tolist()
+    with pytest.raises(SampleIdError, match="augmented sample id 2500 out of range"):
+        loader.set_augment([2500])
+    with pytest.raises(ParameterError, match="set_augment needs a loader made with augment="):
+        make().set_augment([1, 2])
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
