@@ -12,12 +12,12 @@ import numpy as np
 
 from nearstore.checks import check_range
 from nearstore.selection.augment import check_augmentation
-from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.selectors.base import SelectCall, Selector, check_window
 from nearstore.selection.stages import Embedded, Scan, augmented_views, scan_io
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide, medoids
+from nearstore.storage import Dataset
 
 
 @dataclass(frozen=True)
@@ -55,33 +55,20 @@ class AugmentAware(Selector):
         check_range("augmentations", self.augmentations, 1, 64, integer=True)
         check_augmentation(self.augment)
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         check_keep(keep)
-        check_seed(seed)
+        check_seed(call.seed)
         started = time.perf_counter()
-        executor = executor or LocalExecutor()
-        scan = Scan.open(dataset, self.method, proxy, seed, device)
-        part, reads = executor.map_reduce(
-            scan, augmented_pass, WindowedPart.merge, selector=self, keep=keep, seed=seed, progress=progress
+        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device)
+        part, reads = call.executor.map_reduce(
+            scan, augmented_pass, WindowedPart.merge, selector=self, keep=keep, seed=call.seed, progress=call.progress
         )
         io = scan_io(started, [scan.reader])
-        if executor.name != "local":  # the workers' readers; in process the scan's own counted it
+        if call.executor.name != "local":  # the workers' readers; in process the scan's own counted it
             io.update({k: io[k] + reads[k] for k in ("bytes", "requests")})
-        params = {"keep": keep, "seed": seed, "proxy": type(scan.proxy).__name__, **self.params()}
-        if executor.name != "local":
-            params["executor"] = executor.name
+        params = {"keep": keep, "seed": call.seed, "proxy": type(scan.proxy).__name__, **self.params()}
+        if call.executor.name != "local":
+            params["executor"] = call.executor.name
         return part.selection(dataset, self.method, params, io)
 
     def pick(self, windows: list[Window]) -> list[Pick]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from nearstore.checks import check_range
-from nearstore.selection.executors import Executor
+from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.windows import Pick, Window, windowed_select
@@ -26,6 +26,20 @@ MAX_GRAM_ENTRIES = 1 << 26
 MAX_WINDOW = 1 << 13
 
 
+@dataclass(frozen=True)
+class SelectCall:
+    """One `Selector.select` call's keywords (documented there), the executor defaulted: what a
+    method's `run` is given beside the dataset and the budget."""
+
+    proxy: Proxy | None
+    seed: int
+    device: torch.device | str
+    progress: bool
+    previous: np.ndarray | None
+    carried: Mapping[str, np.ndarray] | None
+    executor: Executor
+
+
 class Selector(ABC):
     """A selection method with its parameters (a frozen dataclass, options checked on
     construction); `select` runs it over a dataset."""
@@ -35,7 +49,6 @@ class Selector(ABC):
     # confidence (confident learning) are kept out of its picks and reported (Selection.suspects).
     mute_suspects: ClassVar[bool] = False
 
-    @abstractmethod
     def select(
         self,
         dataset: Dataset,
@@ -61,6 +74,12 @@ class Selector(ABC):
             process by default, or on a Dask cluster (every selector but random, which reads
             only the labels).
         """
+        call = SelectCall(proxy, seed, device, progress, previous, carried, executor or LocalExecutor())
+        return self.run(dataset, keep, call)
+
+    @abstractmethod
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
+        """What `select` does, its keywords gathered in `call`."""
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,29 +94,17 @@ class WindowedSelector(Selector):
     # Whether a window scored by a proxy that knows nothing of the labels keeps a random draw.
     draw_uninformed: ClassVar[bool] = False
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         return windowed_select(
-            self.resumed(carried, proxy),
+            self.resumed(call.carried, call.proxy),
             dataset,
             keep,
-            proxy=proxy,
-            seed=seed,
-            device=device,
-            progress=progress,
-            executor=executor,
-            **self.scan_options(previous),
+            proxy=call.proxy,
+            seed=call.seed,
+            device=call.device,
+            progress=call.progress,
+            executor=call.executor,
+            **self.scan_options(call.previous),
         )
 
     def scan_options(self, previous: np.ndarray | None) -> dict[str, Any]:

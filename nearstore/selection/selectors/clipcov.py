@@ -15,11 +15,10 @@ import torch
 from kernels import FrequentDirections, StreamingKMeans, cross_covariance_greedy
 from nearstore.checks import check_range
 from nearstore.errors import DatasetError, ParameterError
-from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import RandomFeatureProxy
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.selectors.base import SelectCall, Selector, check_window
 from nearstore.selection.selectors.sas import DEFAULT_CLUSTERS
 from nearstore.selection.stages import Scan, check_finite, decoded, scan_io, shard_batches
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
@@ -59,30 +58,17 @@ class ClipCov(Selector):
         check_range("sharpen", self.sharpen, 0, 16)
         check_window(self.window)
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         check_keep(keep)
-        check_seed(seed)
+        check_seed(call.seed)
         started = time.perf_counter()
-        executor = executor or LocalExecutor()
         paired = self._paired_array(dataset)
         extra = [paired] + ([dataset.label_array] if dataset.label_array else [])
-        scan = Scan.open(dataset, self.method, proxy, seed, device, labelled=False, also=extra)
-        captions = _caption_proxy(scan, paired, seed, device)
-        options = dict(paired=paired, captions=captions, progress=progress)
-        sketches, first = executor.map_reduce(
-            scan, clipcov_sketch, PairSketch.merge, ell=self.ell, clusters=self.clusters, seed=seed, **options
+        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, labelled=False, also=extra)
+        captions = _caption_proxy(scan, paired, call.seed, call.device)
+        options = dict(paired=paired, captions=captions, progress=call.progress)
+        sketches, first = call.executor.map_reduce(
+            scan, clipcov_sketch, PairSketch.merge, ell=self.ell, clusters=self.clusters, seed=call.seed, **options
         )
         pairs, n = sketches.pairs, max(1, sketches.pairs.rows_seen)
         width = pairs.dim - captions.width
@@ -93,7 +79,7 @@ class ClipCov(Selector):
             (pairs.sketch().T @ pairs.sketch())[:width, width:] / n - torch.outer(mean[:width], mean[width:])
         )
         latent = None if dataset.label_array else sketches.latent
-        part, second = executor.map_reduce(
+        part, second = call.executor.map_reduce(
             scan,
             clipcov_pass,
             WindowedPart.merge,
@@ -102,22 +88,22 @@ class ClipCov(Selector):
             means=(mean[:width], mean[width:]),
             latent=latent,
             keep=keep,
-            seed=seed,
+            seed=call.seed,
             **options,
         )
         io = scan_io(started, [scan.reader], passes=2)
-        if executor.name != "local":  # the workers' readers; in process the scan's own counted it
+        if call.executor.name != "local":  # the workers' readers; in process the scan's own counted it
             io.update({k: io[k] + first[k] + second[k] for k in ("bytes", "requests")})
         return part.selection(
             dataset,
             self.method,
             {
                 "keep": keep,
-                "seed": seed,
+                "seed": call.seed,
                 "proxy": type(scan.proxy).__name__,
                 **self.params(),
                 "paired_array": paired,
-                **({} if executor.name == "local" else {"executor": executor.name}),
+                **({} if call.executor.name == "local" else {"executor": call.executor.name}),
             },
             io,
         )

@@ -11,17 +11,17 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_flag, check_range
-from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed, class_pools
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import (
+    SelectCall,
     Selector,
     check_pool,
     check_window,
 )
 from nearstore.selection.stages import Scan, check_finite, decoded, pool_batches, scan_io
 from nearstore.selection.windows import coresets
-from nearstore.storage import DEFAULT_READS, Coalescing, read_labels
+from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
 
 
 @dataclass(frozen=True)
@@ -53,41 +53,28 @@ class Crest(Selector):
         check_window(self.coreset_window, "coreset_window")
         object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads, "pool_reads"))
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         check_keep(keep)
-        check_seed(seed)
+        check_seed(call.seed)
         started = time.perf_counter()
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
-        budgets, pools = class_pools(labels, keep, self.pool, seed, whole=proxy is None)
-        rng = np.random.default_rng([seed, 1])
+        budgets, pools = class_pools(labels, keep, self.pool, call.seed, whole=call.proxy is None)
+        rng = np.random.default_rng([call.seed, 1])
         confidences, gradients, io = {}, {}, scan_io(started, [labels_reader])
-        if proxy is not None:
-            executor = executor or LocalExecutor()
-            scan = Scan.open(dataset, self.method, proxy, seed, device)
-            arguments = dict(pools=pools, coreset=self.coreset, reads=self.pool_reads, progress=progress)
-            scored, worker_reads = executor.map_reduce(scan, score_pools, PoolScores.merge, **arguments)
+        if call.proxy is not None:
+            scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device)
+            arguments = dict(pools=pools, coreset=self.coreset, reads=self.pool_reads, progress=call.progress)
+            scored, worker_reads = call.executor.map_reduce(scan, score_pools, PoolScores.merge, **arguments)
             # a damaged image left out by `decoded` stays "learned" (p = 1), so it is never chosen
             probability = np.ones(dataset.num_samples, dtype=np.float32)
             probability[scored.ids] = scored.probability
             confidences = {c: probability[pool] for c, pool in pools.items()}
             if self.coreset:
-                at_logits = np.zeros((dataset.num_samples, proxy.num_classes), dtype=np.float32)
+                at_logits = np.zeros((dataset.num_samples, call.proxy.num_classes), dtype=np.float32)
                 at_logits[scored.ids] = scored.at_logits
                 gradients = {c: at_logits[pool] for c, pool in pools.items()}
             io = scan_io(started, [labels_reader, scan.reader])
-            if executor.name == "local":  # the scan's own reader: counted above
+            if call.executor.name == "local":  # the scan's own reader: counted above
                 worker_reads = {"bytes": 0, "requests": 0}
             io.update({k: io[k] + worker_reads[k] + scored.reads[k] for k in ("bytes", "requests")})
         picks, weights, scores = [], [], []
@@ -114,7 +101,12 @@ class Crest(Selector):
             weights=np.concatenate(weights),
             scores=np.concatenate(scores),
             method=self.method,
-            params={"keep": keep, "seed": seed, "proxy": type(proxy).__name__ if proxy else None, **self.params()},
+            params={
+                "keep": keep,
+                "seed": call.seed,
+                "proxy": type(call.proxy).__name__ if call.proxy else None,
+                **self.params(),
+            },
             io=io,
         )
 

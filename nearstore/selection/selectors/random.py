@@ -9,7 +9,7 @@ from typing import ClassVar
 from nearstore.checks import check_flag
 from nearstore.selection.plan import check_keep, check_seed, class_balanced_draw, uniform_draw
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.base import SelectCall, Selector
 from nearstore.selection.stages import scan_io
 from nearstore.storage import Dataset, read_labels
 
@@ -40,17 +40,5 @@ class Random(Selector):
     def __post_init__(self) -> None:
         check_flag("class_balanced", self.class_balanced)
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
-        return random_select(dataset, keep, seed=seed, class_balanced=self.class_balanced)
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
+        return random_select(dataset, keep, seed=call.seed, class_balanced=self.class_balanced)

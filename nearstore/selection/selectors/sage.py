@@ -20,7 +20,7 @@ from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector
+from nearstore.selection.selectors.base import SelectCall, Selector
 from nearstore.selection.stages import WARMUP_SAMPLES, Scan
 from nearstore.storage import Dataset
 
@@ -197,28 +197,16 @@ class Sage(Selector):
         check_flag("class_balanced", self.class_balanced)
         _check_score(self.score)
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         return sage_select(
             dataset,
             keep,
             ell=self.ell,
             class_balanced=self.class_balanced,
             score=self.score,
-            proxy=proxy,
-            seed=seed,
-            device=device,
-            progress=progress,
-            executor=executor,
+            proxy=call.proxy,
+            seed=call.seed,
+            device=call.device,
+            progress=call.progress,
+            executor=call.executor,
         )

@@ -15,12 +15,12 @@ import torch
 from kernels import StreamingKMeans, expected_similarity, sas_greedy
 from nearstore.checks import check_range
 from nearstore.selection.augment import check_augmentation
-from nearstore.selection.executors import LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
-from nearstore.selection.selectors.base import Selector, check_window
+from nearstore.selection.selectors.base import SelectCall, Selector, check_window
 from nearstore.selection.stages import Scan, augmented_views, log, scan_io
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
+from nearstore.storage import Dataset
 
 DEFAULT_CLUSTERS = 10  # latent classes of a dataset without labels, unless told
 
@@ -57,44 +57,33 @@ class Sas(Selector):
         check_augmentation(self.augment)
         check_window(self.window)
 
-    def select(
-        self,
-        dataset,
-        keep,
-        *,
-        proxy=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-        previous=None,
-        carried=None,
-        executor=None,
-    ) -> Selection:
+    def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         check_keep(keep)
-        check_seed(seed)
+        check_seed(call.seed)
         started = time.perf_counter()
-        executor = executor or LocalExecutor()
         clusters = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
-        scan = Scan.open(dataset, self.method, proxy, seed, device, labelled=False)
-        options = dict(augmentations=self.augmentations, augment=self.augment, seed=seed, progress=progress)
-        sketch, first = executor.map_reduce(scan, sas_clusters, StreamingKMeans.merge, clusters=clusters, **options)
-        part, second = executor.map_reduce(
+        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, labelled=False)
+        options = dict(augmentations=self.augmentations, augment=self.augment, seed=call.seed, progress=call.progress)
+        sketch, first = call.executor.map_reduce(
+            scan, sas_clusters, StreamingKMeans.merge, clusters=clusters, **options
+        )
+        part, second = call.executor.map_reduce(
             scan, sas_pass, WindowedPart.merge, selector=self, centroids=sketch, keep=keep, **options
         )
         log.info("sas: %d latent classes of %s, sizes %s", len(sketch.centroids), dataset.url, sketch.counts.tolist())
         io = scan_io(started, [scan.reader], passes=2)
-        if executor.name != "local":  # the workers' readers; in process the scan's own counted it
+        if call.executor.name != "local":  # the workers' readers; in process the scan's own counted it
             io.update({k: io[k] + first[k] + second[k] for k in ("bytes", "requests")})
         return part.selection(
             dataset,
             self.method,
             {
                 "keep": keep,
-                "seed": seed,
+                "seed": call.seed,
                 "proxy": type(scan.proxy).__name__,
                 **self.params(),
                 "clusters": clusters,
-                **({} if executor.name == "local" else {"executor": executor.name}),
+                **({} if call.executor.name == "local" else {"executor": call.executor.name}),
             },
             io,
         )
