@@ -63,13 +63,8 @@ class AugmentAware(Selector):
         part, reads = call.executor.map_reduce(
             scan, augmented_pass, WindowedPart.merge, selector=self, keep=keep, seed=call.seed, progress=call.progress
         )
-        io = scan_io(started, [scan.reader])
-        if call.executor.name != "local":  # the workers' readers; in process the scan's own counted it
-            io.update({k: io[k] + reads[k] for k in ("bytes", "requests")})
-        params = {"keep": keep, "seed": call.seed, "proxy": type(scan.proxy).__name__, **self.params()}
-        if call.executor.name != "local":
-            params["executor"] = call.executor.name
-        return part.selection(dataset, self.method, params, io)
+        io = call.io(scan_io(started, [scan.reader]), reads)
+        return part.selection(dataset, self.method, call.params(keep, scan.proxy, self.params()), io)
 
     def pick(self, windows: list[Window]) -> list[Pick]:
         return [(*medoids(gradients, k), np.full(k, np.nan, dtype=np.float32)) for (gradients,), k in windows]

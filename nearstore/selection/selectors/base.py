@@ -39,6 +39,19 @@ class SelectCall:
     carried: Mapping[str, np.ndarray] | None
     executor: Executor
 
+    def params(self, keep: float, proxy: Proxy, options: Mapping[str, Any]) -> dict[str, Any]:
+        """What a Selection records of how it was made: the budget, the seed, the proxy's kind,
+        the method's `options`, and where the scan ran (when not in this process)."""
+        where = {} if self.executor.name == "local" else {"executor": self.executor.name}
+        return {"keep": keep, "seed": self.seed, "proxy": type(proxy).__name__, **options, **where}
+
+    def io(self, io: dict[str, Any], *worker_reads: Mapping[str, int]) -> dict[str, Any]:
+        """`io` (`stages.scan_io` of the scan's own readers) with what the passes' readers on the
+        workers read; in process the scan's own reader did that reading, counted already."""
+        if self.executor.name != "local":
+            io.update({k: io[k] + sum(reads[k] for reads in worker_reads) for k in ("bytes", "requests")})
+        return io
+
 
 class Selector(ABC):
     """A selection method with its parameters (a frozen dataclass, options checked on

@@ -91,22 +91,9 @@ class ClipCov(Selector):
             seed=call.seed,
             **options,
         )
-        io = scan_io(started, [scan.reader], passes=2)
-        if call.executor.name != "local":  # the workers' readers; in process the scan's own counted it
-            io.update({k: io[k] + first[k] + second[k] for k in ("bytes", "requests")})
-        return part.selection(
-            dataset,
-            self.method,
-            {
-                "keep": keep,
-                "seed": call.seed,
-                "proxy": type(scan.proxy).__name__,
-                **self.params(),
-                "paired_array": paired,
-                **({} if call.executor.name == "local" else {"executor": call.executor.name}),
-            },
-            io,
-        )
+        io = call.io(scan_io(started, [scan.reader], passes=2), first, second)
+        params = call.params(keep, scan.proxy, {**self.params(), "paired_array": paired})
+        return part.selection(dataset, self.method, params, io)
 
     def _paired_array(self, dataset: Dataset) -> str:
         others = [n for n in dataset.sample_arrays if n not in (dataset.input_array, dataset.label_array)]

@@ -71,22 +71,9 @@ class Sas(Selector):
             scan, sas_pass, WindowedPart.merge, selector=self, centroids=sketch, keep=keep, **options
         )
         log.info("sas: %d latent classes of %s, sizes %s", len(sketch.centroids), dataset.url, sketch.counts.tolist())
-        io = scan_io(started, [scan.reader], passes=2)
-        if call.executor.name != "local":  # the workers' readers; in process the scan's own counted it
-            io.update({k: io[k] + first[k] + second[k] for k in ("bytes", "requests")})
-        return part.selection(
-            dataset,
-            self.method,
-            {
-                "keep": keep,
-                "seed": call.seed,
-                "proxy": type(scan.proxy).__name__,
-                **self.params(),
-                "clusters": clusters,
-                **({} if call.executor.name == "local" else {"executor": call.executor.name}),
-            },
-            io,
-        )
+        io = call.io(scan_io(started, [scan.reader], passes=2), first, second)
+        params = call.params(keep, scan.proxy, {**self.params(), "clusters": clusters})
+        return part.selection(dataset, self.method, params, io)
 
     def pick(self, windows: list[Window]) -> list[Pick]:
         picks = []
