@@ -35,7 +35,7 @@ from nearstore.checks import check_flag, check_integer
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
 from nearstore.selection.proxies import nested
-from nearstore.selection.record import check_carry, sample_ids
+from nearstore.selection.record import check_carry, in_sorted, sample_ids
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
 from nearstore.storage.images import ImageTransform, OnError, check_on_error, damaged
@@ -564,7 +564,7 @@ class StreamingLoader:
         if self.with_weights:
             batch.append(weights)
         if self.augment is not None:  # last: which samples the transforms apply to, taken off before the trainer
-            batch.append(np.isin(ids, self.augment))
+            batch.append(in_sorted(ids, self.augment))
         return tuple(batch)
 
     def _read(

@@ -42,6 +42,16 @@ def sample_ids(ids: Any, where: str, *, num_samples: int | None = None, what: st
     return ids
 
 
+def in_sorted(ids: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Which of `ids` are in `among` (sorted, unique: a selection's ids), by a binary search each:
+    len(ids) · log(len(among)) work, where np.isin sorts or tabulates `among` afresh on every call
+    (12 ms for a batch of 256 against 3M ids of 10M samples)."""
+    if not len(among):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.searchsorted(among, ids)
+    return among[np.minimum(at, len(among) - 1)] == ids
+
+
 @dataclass(frozen=True)
 class Suspects:
     """Samples whose given label the proxy contradicts with confidence (confident learning,

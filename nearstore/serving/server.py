@@ -36,6 +36,7 @@ from nearstore.errors import DatasetError, IntegrityError, NearstoreError, Param
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
 from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
+from nearstore.selection.record import in_sorted
 from nearstore.selection.selectors import next_round
 from nearstore.serving import protocol
 from nearstore.serving.client import Connection
@@ -203,7 +204,7 @@ class NearStoreServer(flight.FlightServerBase):
             self._check_served(ids)
             if request.get("round") != protocol.ALL_SAMPLES:
                 selection = self._round(request.get("round"))
-                outside = ids[~np.isin(ids, selection.ids)]
+                outside = ids[~in_sorted(ids, selection.ids)]
                 if outside.size:
                     raise RequestError(
                         f"sample {int(outside[0])} is not in selection round {selection.round} of {self.name!r}"

@@ -20,7 +20,7 @@ from nearstore import (
     random_select,
     write_dataset,
 )
-from nearstore.selection.record import Suspects
+from nearstore.selection.record import Suspects, in_sorted
 
 
 def make(dataset, ids, **kwargs) -> Selection:
@@ -256,3 +256,13 @@ def test_a_selection_is_never_saved_inside_its_dataset(id_store, tmp_path, finge
     assert fingerprint(id_store.url) == before
     selection.save(tmp_path / "sel.npz")  # beside it is fine
     assert Selection.load(str(tmp_path / "sel.npz")).ids.tolist() == selection.ids.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    among=st.lists(st.integers(0, 60), max_size=40, unique=True).map(sorted),
+    ids=st.lists(st.integers(-5, 70), max_size=50),
+)
+def test_membership_in_sorted_ids_is_isin(among, ids):
+    ids, among = np.array(ids, dtype=np.int64), np.array(among, dtype=np.int64)
+    np.testing.assert_array_equal(in_sorted(ids, among), np.isin(ids, among))
