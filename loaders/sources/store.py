@@ -12,6 +12,7 @@ import torch
 
 from loaders.sources.base import Source
 from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, SelectiveReader, open_dataset
+from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.selectors import next_round
 from nearstore.storage import DEFAULT_READS, small_arrays
 
@@ -20,7 +21,9 @@ class StoreSource(Source):
     """Samples of the dataset at `url` (or an opened `Dataset`), read by byte range.
 
     reads: how the reader plans byte ranges (`Coalescing`: what a request is worth in bytes).
-    Rounds run in process on the opened dataset, which keeps the labels and shard indexes they read.
+    executor: where selection rounds (`StreamingLoader.reselect`) run: in process by default, on the
+    opened dataset, which keeps the labels and shard indexes they read; or on a Dask cluster beside
+    the storage, `DaskExecutor(client)` (`nearstore.selection.executors`).
     """
 
     def __init__(
@@ -29,6 +32,7 @@ class StoreSource(Source):
         *,
         storage_options: Mapping[str, Any] | None = None,
         reads: Coalescing = DEFAULT_READS,
+        executor: Executor | None = None,
     ) -> None:
         opened = not isinstance(url, Dataset)
         self.dataset = open_dataset(url, storage_options=storage_options) if opened else url
@@ -36,7 +40,7 @@ class StoreSource(Source):
         self.identity = self.dataset.identity()
         self.sample_arrays, self.label_array = self.dataset.sample_arrays, self.dataset.label_array
         self.shard_samples = self.dataset.shard_samples
-        self.reads = reads
+        self.reads, self.executor = reads, check_executor(executor)
         self.stats = IOStats()
         if opened:  # its metadata documents, read here: a request each
             self.stats.add(bytes=self.dataset.open_stats.bytes, requests=self.dataset.open_stats.requests)
@@ -87,6 +91,7 @@ class StoreSource(Source):
             previous=previous,
             carried=carried,
             proxy=self._proxy,
+            executor=self.executor,
         )
 
     def update_proxy(self, model: torch.nn.Module) -> None:

@@ -4,17 +4,18 @@ and a list of shards whose results merge (Frequent Directions sketches, top-k) i
 all shards; an executor runs it and reports what its tasks read.
 
 On Dask, workers open the dataset from its URL themselves, so only the URL, the fitted proxy and
-what a task needs travel; results merge pairwise in a tree on the cluster.
+what a task needs travel; partial results come back as their tasks finish (while the others still
+run) and merge pairwise here, in a tree fixed by the partitions' order.
 """
 
 from __future__ import annotations
 
-import copy
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import torch
 
 from nearstore.errors import ParameterError
 from nearstore.selection.stages import Scan
@@ -49,14 +50,20 @@ class LocalExecutor:
 
 
 class DaskExecutor:
-    """Tasks over two partitions of consecutive shards per worker thread (at most one per shard)
-    on the cluster of `client`, a dask.distributed Client; results merged in a tree there.
+    """Tasks over one partition of consecutive shards per worker thread (at most one per shard)
+    on the cluster of `client`, a dask.distributed Client; each partial result fetched to this
+    process as its task finishes, then all merged pairwise in a fixed tree (the same merges
+    whatever order the tasks finish in). Merging here rather than on the cluster keeps the
+    transfers off the critical path: a tree on the cluster moves partial results between workers
+    after the last task ends, then the merged one here (docs/benchmarks.md, "Scale"). Partial
+    results are small (the kept ids, sketches, top-k), and one task a thread opens the dataset
+    and unpacks the proxy once.
 
     shards_of: {worker address: the shard ids beside it} (the storage node it runs on): each
     partition then runs on the worker that holds its shards and on no other (a task reads only
     shards of its own node; a worker lost means its tasks wait for it). Every shard must be
     named once. Without it, Dask places the tasks. `placed` records the last pass's tasks' keys and
-    their shards, and `result_bytes` the size of the partial results merges moved at most, all passes."""
+    their shards, and `result_bytes` the bytes of arrays in the partial results fetched, all passes."""
 
     name = "dask"
 
@@ -68,7 +75,7 @@ class DaskExecutor:
 
     def map_reduce(self, scan: Scan, task: Task, merge: Callable[[T, T], T], **arguments: Any) -> tuple[T, Reads]:
         name = getattr(task, "__name__", "task")  # the task's name in the cluster's books
-        parts = self._parts(scan.reader.num_shards)
+        partitions = self._parts(scan.reader.num_shards)
         dataset = scan.reader.dataset
         shipped = {
             "proxy": scan.proxy,
@@ -78,7 +85,7 @@ class DaskExecutor:
         }
         token = uuid.uuid4().hex[:8]
         futures, self.placed = [], {}  # the last pass's only: a server's executor runs pass after pass
-        for k, (worker, shards) in enumerate(parts):
+        for k, (worker, shards) in enumerate(partitions):
             key = f"{name}-{token}-{k}"
             self.placed[key] = shards
             futures.append(
@@ -95,21 +102,24 @@ class DaskExecutor:
                     **({} if worker is None else {"workers": [worker], "allow_other_workers": False}),
                 )
             )
-        if len(futures) > 1:  # what the merges may move between workers: every partial result
-            from distributed import wait
+        from distributed import as_completed
 
-            wait(futures)
-            self.result_bytes += sum(self.client.nbytes(keys=[f.key for f in futures], summary=False).values())
-        while len(futures) > 1:
-            pairs = [self.client.submit(_merged, merge, a, b) for a, b in zip(futures[::2], futures[1::2])]
-            futures = pairs + ([futures[-1]] if len(futures) % 2 else [])
-        return futures[0].result()
+        fetched = {}
+        for future in as_completed(futures):  # fetched while the other tasks run
+            fetched[future.key] = future.result()
+            self.result_bytes += payload_bytes(fetched[future.key][0])
+        parts = [fetched.pop(future.key) for future in futures]
+        del futures, fetched  # the workers free them; the parts are this process's alone to merge
+        while len(parts) > 1:
+            merged = [_merged(merge, a, b) for a, b in zip(parts[::2], parts[1::2])]
+            parts = merged + ([parts[-1]] if len(parts) % 2 else [])
+        return parts[0]
 
     def _parts(self, num_shards: int) -> list[tuple[str | None, list[int]]]:
         """(worker or None, consecutive shards) of each task."""
         threads = self.client.nthreads()
         if self.shards_of is None:
-            slots = max(1, 2 * sum(threads.values()))
+            slots = max(1, sum(threads.values()))
             return [(None, p.tolist()) for p in np.array_split(np.arange(num_shards), min(slots, num_shards))]
         owner = np.full(num_shards, -1)
         workers = list(self.shards_of)
@@ -129,12 +139,21 @@ class DaskExecutor:
         parts = []
         for run in np.split(np.arange(num_shards), np.flatnonzero(np.diff(owner)) + 1):  # runs of one owner
             worker = workers[owner[run[0]]]
-            pieces = min(len(run), 2 * threads[worker])
+            pieces = min(len(run), threads[worker])
             parts += [(worker, piece.tolist()) for piece in np.array_split(run, pieces)]
         return parts
 
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "dask": DaskExecutor}
+
+
+def check_executor(executor: Executor | None) -> Executor:
+    """`executor`, or a LocalExecutor for None; anything without `map_reduce` refused by name."""
+    if executor is None:
+        return LocalExecutor()
+    if not callable(getattr(executor, "map_reduce", None)) or not isinstance(getattr(executor, "name", None), str):
+        raise ParameterError(f"executor must be an Executor (LocalExecutor, DaskExecutor), got {executor!r}")
+    return executor
 
 
 def make_executor(name: str = "local", **options: Any) -> Executor:
@@ -159,5 +178,17 @@ def _on_worker(
 
 
 def _merged(merge: Callable[[T, T], T], a: tuple[T, Reads], b: tuple[T, Reads]) -> tuple[T, Reads]:
-    # a copy: a worker may hand a task the very object another future still holds
-    return merge(copy.deepcopy(a[0]), b[0]), {k: a[1][k] + b[1][k] for k in a[1]}
+    return merge(a[0], b[0]), {k: a[1][k] + b[1][k] for k in a[1]}
+
+
+def payload_bytes(value: Any) -> int:
+    """The bytes of the arrays and tensors in a partial result: what fetching it moves, less framing."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, dict):
+        return sum(payload_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(payload_bytes(v) for v in value)
+    return payload_bytes(vars(value)) if hasattr(value, "__dict__") else 0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_range
-from nearstore.selection.executors import Executor, LocalExecutor
+from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.windows import Pick, Window, windowed_select
@@ -87,7 +87,7 @@ class Selector(ABC):
             process by default, or on a Dask cluster (every selector but random, which reads
             only the labels).
         """
-        call = SelectCall(proxy, seed, device, progress, previous, carried, executor or LocalExecutor())
+        call = SelectCall(proxy, seed, device, progress, previous, carried, check_executor(executor))
         return self.run(dataset, keep, call)
 
     @abstractmethod

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from loaders import StoreSource, StreamingLoader
 from nearstore import (
     AdaCore,
     Craig,
@@ -202,6 +203,10 @@ def test_executors_are_chosen_by_name(client, blobs):
         make_executor(["x"])
     with pytest.raises(ParameterError, match="executor 'local' does not take the options \\['foo'\\]"):
         make_executor("local", foo=1)
+    with pytest.raises(ParameterError, match="executor must be an Executor .*, got 'dask'"):
+        Graft().select(dataset, 0.1, executor="dask")
+    with pytest.raises(ParameterError, match="executor must be an Executor .*, got <Client: "):
+        StoreSource(dataset, executor=client)  # the client itself, not DaskExecutor(client)
     # the local executor runs one task over every shard, on the scan's own reader
     scan = Scan.open(dataset, "SAGE", proxy, 0, "cpu")
     first, reads = LocalExecutor().map_reduce(
@@ -227,6 +232,20 @@ def test_a_server_runs_its_scans_on_the_cluster(client, aligned):
         server.shutdown()
 
 
+def test_a_loaders_rounds_run_on_the_cluster_its_source_names(client, aligned):
+    dataset, y = aligned
+    executor = DaskExecutor(client)
+    loader = StreamingLoader(StoreSource(dataset, executor=executor), backend="torch", device="cpu", batch_size=64)
+    assert sum(len(batch) for batch, _ in loader) == dataset.num_samples
+    with distributed.get_task_stream(client) as stream:
+        chosen = loader.reselect(0.25, seed=3)  # the default round: GRAFT on a pool
+    assert chosen.params["executor"] == "dask" and chosen.round == 1
+    assert {task["key"] for task in stream.data} >= set(executor.placed) and len(executor.placed) >= 2
+    # every class keeps its budget, as the round in process does
+    here = StreamingLoader(dataset, backend="torch", device="cpu").reselect(0.25, seed=3)
+    np.testing.assert_array_equal(np.bincount(y[chosen.ids], minlength=3), np.bincount(y[here.ids], minlength=3))
+
+
 def test_partitions_run_on_the_worker_beside_their_shards(client, aligned):
     dataset, _ = aligned
     first, second = sorted(client.nthreads())
@@ -244,7 +263,7 @@ def test_partitions_run_on_the_worker_beside_their_shards(client, aligned):
     for key, shards in executor.placed.items():
         assert set(shards) <= set(shards_of[ran[key]]), (key, shards, ran[key])  # read only what it holds
     np.testing.assert_array_equal(np.sort(there.ids), np.sort(selector.select(dataset, 0.25, seed=5).ids))
-    assert executor.result_bytes > 0
+    assert executor.result_bytes >= there.ids.nbytes  # every kept id came back from a worker
 
 
 @pytest.mark.parametrize(
