@@ -35,6 +35,9 @@ classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
   and balanced. Beside accuracy: balanced accuracy (the mean of the classes' accuracies, the same
   here) and natural accuracy (the classes' accuracies weighed by the training split's class shares:
   what a test set as long-tailed as the training split would measure).
+`--dask` also runs every subset method with its every round on a LocalCluster of 2 workers on
+127.0.0.1 (runs named METHOD@dask; not the random ones, which read only labels): windows end where
+its partitions of shards do, so its picks are not the ones made in process; their quality is.
 `--equal-steps` also trains every subset method asked for for as many optimizer steps as the full
 run (epochs / keep). Reports mean ± std test accuracy over seeds, wall seconds (selection included),
 seconds to a target accuracy, bytes read (scans + samples shipped), selection seconds per round
@@ -46,6 +49,8 @@ and selection_quality.png.
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import math
 import sys
@@ -59,13 +64,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loaders import StreamingLoader  # noqa: E402
+from loaders import StoreSource, StreamingLoader  # noqa: E402
 from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E402
 from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, noisy_labels  # noqa: E402
 from nearstore.app.demo import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from nearstore.app.synthetic import ensure_shapes  # noqa: E402
 from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
-from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
+from nearstore.selection import DEFAULT_METHOD, DaskExecutor, default_reselect, make_selector  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
 RAW_W512 = {"window": 512, "norm_power": 1.0}
@@ -135,6 +140,9 @@ DYNAMIC = {
     # The bar under label noise: a class-balanced random subset drawn afresh every round.
     "random-balanced-dynamic": (("random", {"class_balanced": True}), ("random", {"class_balanced": True})),
 }
+# `--dask`: the same method with its every round on a LocalCluster of 2 single-threaded workers.
+# Windows end where partitions do, so the picks differ from the same method's in process.
+ON_DASK = "@dask"
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
 WARM_START_EPOCHS = {"graft-dynamic-warm": 2, "random-warm": 2}
 METHODS = ["full", *STATIC, *DYNAMIC]
@@ -274,6 +282,20 @@ def class_accuracies(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) 
     return [float(right[labels == c].mean()) for c in np.unique(labels)]
 
 
+@functools.cache
+def cluster_executor() -> DaskExecutor:
+    """A LocalCluster of 2 single-threaded worker processes on 127.0.0.1, for this run's lifetime."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
+    client = Client(cluster)
+    atexit.register(cluster.close)
+    atexit.register(client.close)
+    return DaskExecutor(client)
+
+
 def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None, order=None) -> Run:
     """One run; `order`: the loader's shuffle options (default: its own)."""
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
@@ -281,20 +303,22 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     store = open_dataset(store.url)
     torch.manual_seed(seed)
     model = factory()
+    executor = cluster_executor() if method.endswith(ON_DASK) else None
+    base = method.removesuffix(ON_DASK)  # the method the run's rounds run
     started = time.perf_counter()
     first_round = []
-    if method == "full":
+    if base == "full":
         selection: Selection | None = None
     else:
-        kind, options = STATIC[method] if method in STATIC else DYNAMIC[method][0]
+        kind, options = STATIC[base] if base in STATIC else DYNAMIC[base][0]
         t = time.perf_counter()
-        selection = make_selector(kind, **options).select(store, keep, seed=seed)
+        selection = make_selector(kind, **options).select(store, keep, seed=seed, executor=executor)
         first_round.append(time.perf_counter() - t)
     # cluster sizes weight each sample's loss
-    weighted = method in ("craig", "adacore", "adacore-dynamic", "adacore-dynamic-fresh", "crest-coreset-dynamic")
-    warm = WARM_START_EPOCHS.get(method, 0)
+    weighted = base in ("craig", "adacore", "adacore-dynamic", "adacore-dynamic-fresh", "crest-coreset-dynamic")
+    warm = WARM_START_EPOCHS.get(base, 0)
     loader = StreamingLoader(
-        store,
+        store if executor is None else StoreSource(store, executor=executor),
         selection,
         batch_size=BATCH,
         seed=seed,
@@ -307,9 +331,9 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     noisy = [] if flipped is None else [float(flipped[loader.ids].mean())]
 
     def rounds(epoch: int) -> bool:
-        if method not in DYNAMIC or epoch < max(warm, 1) or (epoch - warm) % every:
+        if base not in DYNAMIC or epoch < max(warm, 1) or (epoch - warm) % every:
             return False
-        spec = DYNAMIC[method][1]  # None, or ("default", options on top of it): default_reselect(keep)
+        spec = DYNAMIC[base][1]  # None, or ("default", options on top of it): default_reselect(keep)
         kind, options = spec if spec is not None and spec[0] != "default" else default_reselect(keep)
         options = {**options, **(spec[1] if spec is not None and spec[0] == "default" else {})}
         if kind != "random":
@@ -480,6 +504,9 @@ def main() -> None:
         "--cases", nargs="+", default=["clean"], choices=list(CASES), help="label noise and long tails (CASES)"
     )
     parser.add_argument(
+        "--dask", action="store_true", help="also run each subset method's rounds on 2 Dask workers (METHOD@dask)"
+    )
+    parser.add_argument(
         "--equal-steps", action="store_true", help="also train the subset methods for the full run's steps"
     )
     parser.add_argument(
@@ -519,6 +546,8 @@ def main() -> None:
         store, flipped = (clean, None) if case == "clean" else corrupted(clean, case, args.out / "data")
         plan = [("full", 1.0, args.epochs)] if "full" in args.methods else []
         plan += [(m, k, args.epochs) for k in args.budgets for m in args.methods if m != "full"]
+        if args.dask:
+            plan += [(m + ON_DASK, k, e) for m, k, e in plan if m != "full" and not m.startswith("random")]
         if args.equal_steps:
             plan += [(m, k, round(args.epochs / k)) for k in args.budgets for m in args.methods if m != "full"]
         for method, keep, epochs in plan:
