@@ -13,6 +13,11 @@ side), both sharded, both opened by zarr-python as they are:
 For a random `keep` selection it prints the bytes each layout reads (what a reader that fetches
 whole touched chunks, merged as our reader merges ranges, must read) and the store's size, with
 the ratio heap / vlen, and times our reader on the vlen store. Writes encoded_layout.json and .png.
+
+Writes, side by side: samples/s of `write_dataset` (which encodes an encoded array's shards itself)
+against zarr-python writing the same layout (`array[:] = samples`: zarr encodes each inner chunk in
+its event loop), for the JPEGs and for 16,384 token sequences of 20-200 int32 (one sample a chunk
+both, and the codecs write_dataset chose: zstd where it saves, then a crc32c).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.dtype import VariableLengthBytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +40,26 @@ from nearstore.app.synthetic import write_photos  # noqa: E402
 from nearstore.storage.dataset import encoded_bytes  # noqa: E402
 
 HEAP_CHUNKS = (4 << 10, 16 << 10, 64 << 10)
+TOKEN_SEQUENCES = 16_384
+
+
+def write_rates(root: str, name: str, samples: np.ndarray) -> dict[str, float]:
+    """Samples/s writing `samples` (an object array) by write_dataset and by zarr-python itself."""
+    started = time.perf_counter()
+    written = write_dataset(f"{root}/{name}-ours.zarr", [{"x": samples}], label_array=None, progress=False)
+    ours = len(samples) / (time.perf_counter() - started)
+    compressors = zarr.open_array(f"{written.url}/x", mode="r").compressors  # the same codecs for zarr
+    blobs = np.empty(len(samples), dtype=object)  # zarr stores bytes: ragged arrays as theirs
+    blobs[:] = [sample.tobytes() if isinstance(sample, np.ndarray) else sample for sample in samples]
+    started = time.perf_counter()
+    group = zarr.open_group(f"{root}/{name}-zarr.zarr", mode="w")
+    array = group.create_array(
+        "x", shape=(len(blobs),), dtype=VariableLengthBytes(), chunks=(1,), shards=(1024,),
+        compressors=compressors, fill_value=b"", config={"write_empty_chunks": True},
+    )  # fmt: skip
+    array[:] = blobs
+    theirs = len(samples) / (time.perf_counter() - started)
+    return {"ours": ours, "zarr": theirs}
 
 
 def heap_bytes_read(lengths: np.ndarray, ids: np.ndarray, chunk: int) -> tuple[int, int]:
@@ -77,6 +103,10 @@ def main() -> None:
         store = dataset.stored_nbytes(["image"])
         wanted = int(lengths[ids].sum())
         rows = {"vlen": {"bytes_read": reader.stats.bytes, "requests": reader.stats.requests, "read_seconds": seconds}}
+        rng = np.random.default_rng(0)
+        tokens = np.empty(64 if args.tiny else TOKEN_SEQUENCES, dtype=object)
+        tokens[:] = [rng.integers(0, 50_000, rng.integers(20, 201)).astype(np.int32) for _ in tokens]
+        writes = {"JPEGs": write_rates(tmp, "jpegs", images), "token sequences": write_rates(tmp, "tokens", tokens)}
         for chunk in HEAP_CHUNKS:
             read, chunks = heap_bytes_read(lengths, ids, chunk)
             rows[f"heap {chunk >> 10} KiB"] = {"bytes_read": read, "chunks": chunks}
@@ -92,9 +122,15 @@ def main() -> None:
             f"{name:<14} read {row['bytes_read'] / 1e6:8.2f} MB = {row['of_store']:.3f} of the store, "
             f"{row['over_wanted']:.3f}x the samples' bytes, heap / vlen {row['bytes_read'] / vlen:.2f}"
         )
+    for name, rate in writes.items():
+        print(
+            f"writing {name}: write_dataset {rate['ours']:,.0f} samples/s, zarr-python {rate['zarr']:,.0f}, "
+            f"ours / zarr {rate['ours'] / rate['zarr']:.1f}x"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"samples": samples, "keep": args.keep, "store_bytes": store, "wanted_bytes": wanted, "rows": rows}
+    result["writes"] = writes
     (out / "encoded_layout.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "encoded_layout.png")
     print(f"wrote {out / 'encoded_layout.json'}")

@@ -12,6 +12,7 @@ one beside it and swaps it in only when whole.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,6 +26,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 
 from nearstore.errors import DatasetError, ParameterError
+from nearstore.storage.codecs import Sharding, encode_bytes_shard
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -204,6 +206,9 @@ class _ShardWriter:
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
         self.ragged: dict[str, RaggedLayout] = {}  # the arrays of ragged numeric samples
+        # arrays of encoded (and ragged) samples, one an inner chunk: their shards are encoded here
+        # (`encode_bytes_shard`), with the compressor each chunk gets (None: checksum only)
+        self.byte_shards: dict[str, numcodecs.abc.Codec | None] = {}
         self.documents: dict[str, dict[str, Any]] = {}  # each array's zarr.json, which names its shards' keys
         self.pending: dict[str, list[np.ndarray]] = {}
         self.num_pending = 0
@@ -266,6 +271,9 @@ class _ShardWriter:
                 attributes=ragged,
             )
             self.documents[name] = self.arrays[name].metadata.to_dict()
+            if encoded:
+                self.byte_shards[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
+                _check_byte_shards(self.documents[name], compress, name)
             self.pending[name] = []
             self.nbytes[name], self.digests[name], self.content[name] = [], [], new_digest()
 
@@ -338,12 +346,29 @@ class _ShardWriter:
         for name, array in self.arrays.items():
             values = np.concatenate(self.pending[name])
             array.resize((stop, *array.shape[1:]))
-            array[start:stop] = values[:n]
+            path = f"{self.root}/{shard_key(name, self.documents[name], start // self.shard_samples)}"
+            if name in self.byte_shards:
+                shard = encode_bytes_shard(values[:n], self.shard_samples, self.byte_shards[name])
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # a local store's folders
+                self.fs.pipe_file(path, shard)
+                self.nbytes[name].append(len(shard))
+            else:
+                array[start:stop] = values[:n]
+                self.nbytes[name].append(self.fs.size(path))
             self.pending[name] = [values[n:]]
-            shard = start // self.shard_samples
-            self.nbytes[name].append(self.fs.size(f"{self.root}/{shard_key(name, self.documents[name], shard)}"))
             shard_digest = new_digest()
             digest_samples(values[:n], shard_digest, self.content[name])
             self.digests[name].append(shard_digest.hexdigest())
         self.num_pending -= n
         self.num_samples = stop
+
+
+def _check_byte_shards(document: Mapping[str, Any], compressed: bool, name: str) -> None:
+    """That zarr described array `name` as `encode_bytes_shard` writes its shards (a zarr release
+    that changed its defaults would otherwise leave shards its metadata does not describe)."""
+    sharding = Sharding.parse(document, np.dtype(object), f"array {name!r}")
+    chunks, index = sharding.chunks, sharding.index
+    expected = (sharding.chunk_shape, chunks.checksummed, index.checksummed, sharding.index_at_start)
+    kinds = [type(codec) for codec in chunks.compressors]
+    if expected != ((1,), True, True, False) or kinds != ([numcodecs.Zstd] if compressed else []):
+        raise RuntimeError(f"array {name!r}: zarr describes its shards otherwise than nearstore writes: {document}")

@@ -207,6 +207,7 @@ def test_encoded_samples_that_compress_are_compressed(tmp_path):
         str(tmp_path / "e.zarr"), [{"text": encoded(text), "noise": encoded(noise)}], label_array=None
     )
     assert dataset.stored_nbytes(["text"]) < 0.2 * sum(map(len, text))
+    assert list(zarr.open_group(dataset.url, mode="r")["text"][:]) == text  # zstd frames zarr decodes
     # stored raw: each sample's bytes, its 8-byte vlen header and 4-byte checksum (the empty one
     # too, though it is the fill value), the shard's index (16 bytes a sample of the shard, written
     # or not) and its 4-byte checksum
@@ -239,3 +240,16 @@ def test_encoded_samples_need_one_bytes_object_each(tmp_path):
     fixed_then_encoded = [{"x": np.zeros((2, 3), np.uint8)}, {"x": encoded([b"a", b"b"])}]
     with pytest.raises(DatasetError, match="array 'x'"):
         write_dataset(str(tmp_path / "f.zarr"), fixed_then_encoded, label_array=None)
+
+
+def test_the_writer_refuses_to_write_shards_zarr_would_describe_otherwise(tmp_path):
+    from nearstore.storage.writer import _check_byte_shards
+
+    dataset = write_dataset(str(tmp_path / "e.zarr"), [{"image": encoded(random_bytes(10)), "y": np.arange(10)}])
+    document = json.loads(Path(dataset.url, "image", "zarr.json").read_text())
+    _check_byte_shards(document, False, "image")  # as written: the layout encode_bytes_shard writes
+    document["codecs"][0]["configuration"]["index_location"] = "start"  # a zarr whose default moved
+    with pytest.raises(RuntimeError, match="array 'image': zarr describes its shards otherwise"):
+        _check_byte_shards(document, False, "image")
+    with pytest.raises(RuntimeError, match="array 'image'"):  # compressed, but zarr says not
+        _check_byte_shards(json.loads(Path(dataset.url, "image", "zarr.json").read_text()), True, "image")
