@@ -1,20 +1,20 @@
 """Scale-out, measured: the SAGE scan and the default selector's round 0 (GRAFT) in process and on
 1 and 2 Dask workers, projected to 10M and 100M samples; the loader per rank.
 
-    python bench/scale.py [--samples 32768] [--out bench/results] [--tiny]
+    python bench/scale.py [--samples 32768] [--repeats 3] [--out bench/results] [--tiny]
 
-Scan: one selection at 10% (SAGE with ℓ = 32; `Graft()`, the default), the default proxy, of a
-local store of float32 (40,) samples with 10 classes, in shards of 1,024: in process, then on a
-LocalCluster (127.0.0.1) of 1 and of 2 single-threaded worker processes. The cluster's time
-includes shipping the proxy and merging. Projection from per-task cost (Amdahl): the 1-worker
-run's tasks' compute time T_tasks (Dask's task stream) spreads over w workers, the rest of its
-wall time T_rest (proxy fit, reading the labels, scheduling, shipping, merges) does not: T(w) =
-T_rest + T_tasks / w; the 2-worker run checks it. To N samples: T_tasks and the labels' read
-(timed alone: the only serial part that grows with N) scale with N, the rest stays. Loader:
-samples/s of one rank's share for world sizes 1 and 2 (torch backend, batch 256), each rank
-iterated in turn in this process. Prints ratios; writes scale.json and scale.png. On a 2-core
-machine the 2-worker figure cannot show more than 2x, and it shares the cores with the
-scheduler and this process.
+Scan: one selection at 10% (SAGE with ℓ = 32; `Graft()`, the default), the default proxy, of a local
+store of float32 (40,) samples with 10 classes, in shards of 1,024: in process, then on a
+LocalCluster (127.0.0.1) of 1 and of 2 single-threaded worker processes, each the median of
+`--repeats` runs after a warm-up. The cluster's time includes shipping the proxy and merging.
+Projection from per-task cost (Amdahl): the 1-worker run's tasks' compute time T_tasks (Dask's task
+stream) spreads over w workers, the rest of its wall time T_rest (proxy fit, reading the labels,
+scheduling, shipping, merges) does not: T(w) = T_rest + T_tasks / w; the 2-worker run checks it. To
+N samples: T_tasks and the labels' read (timed alone: the only serial part that grows with N) scale
+with N, the rest stays. Loader: samples/s of one rank's share for world sizes 1 and 2 (torch
+backend, batch 256), each rank iterated in turn in this process. Prints ratios; writes scale.json
+and scale.png. On a 2-core machine the 2-worker figure cannot show more than 2x, and it shares the
+cores with the scheduler and this process.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ from nearstore.storage import read_labels  # noqa: E402
 METHODS = {"sage": Sage(ell=32), "graft (the default)": Graft()}
 PROJECTED_SAMPLES = (10_000_000, 100_000_000)
 PROJECTED_WORKERS = (8, 32, 128, 256)
+
+
+def median_scan_seconds(dataset, selector, repeats: int, client=None) -> tuple[float, float]:
+    """The median wall seconds of `repeats` selections, and the median compute seconds of their
+    Dask tasks (0 in process)."""
+    runs = [scan_seconds(dataset, selector, client) for _ in range(repeats)]
+    return float(np.median([wall for wall, _ in runs])), float(np.median([tasks for _, tasks in runs]))
 
 
 def scan_seconds(dataset, selector, client=None) -> tuple[float, float]:
@@ -73,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32_768)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs a figure is the median of")
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 samples")
     args = parser.parse_args()
     args.samples = 4096 if args.tiny else args.samples
@@ -85,7 +93,10 @@ def main() -> None:
         y = rng.integers(0, 10, args.samples)
         x = (rng.normal(size=(args.samples, 40)) + y[:, None] * 0.1).astype(np.float32)
         dataset = write_dataset(f"{tmp}/scale.zarr", [{"x": x, "y": y}])
-        scan = {m: {"in process": scan_seconds(dataset, selector)[0]} for m, selector in METHODS.items()}
+        scan = {
+            m: {"in process": median_scan_seconds(dataset, selector, args.repeats)[0]}
+            for m, selector in METHODS.items()
+        }
         task_seconds: dict[str, dict[str, float]] = {m: {} for m in METHODS}
         for workers in (1, 2):
             with (
@@ -101,11 +112,14 @@ def main() -> None:
                 name = f"{workers} worker{'s' * (workers > 1)}"
                 for method, selector in METHODS.items():
                     scan_seconds(dataset, selector, client)  # warm the workers (imports)
-                    scan[method][name], task_seconds[method][name] = scan_seconds(dataset, selector, client)
+                    scan[method][name], task_seconds[method][name] = median_scan_seconds(
+                        dataset, selector, args.repeats, client
+                    )
         labels = float(np.median([labels_seconds(dataset.url) for _ in range(3)]))
         loader_rate(dataset, 0, 1)  # warm-up
         ranks = {f"world {world}": [loader_rate(dataset, rank, world) for rank in range(world)] for world in (1, 2)}
-    result = {"samples": args.samples, "labels_seconds": labels, "loader": ranks, "methods": {}}
+    result = {"samples": args.samples, "repeats": args.repeats, "labels_seconds": labels, "loader": ranks}
+    result["methods"] = {}
     for method in METHODS:
         rates = {name: args.samples / seconds for name, seconds in scan[method].items()}
         tasks = task_seconds[method]["1 worker"]
