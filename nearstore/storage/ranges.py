@@ -17,6 +17,10 @@ from nearstore.errors import ParameterError
 # (bench/round_cost.py); on S3 (20 ms to the first byte, 100 MB/s, 32 requests in flight) a request
 # is worth about 20 ms × 100 MB/s / 32 = 62 KB of transfer time.
 REQUEST_BYTES = 1 << 16
+# What a read of a local file costs: a page. Measured on 2,048 JPEGs of 46 kB on local disk, a 25%
+# selection took 0.039 s reading only its ranges (0.252 of the store, 391 reads) and 0.043 s with
+# holes under 64 KiB read through (0.299, 292 reads): locally a read costs less than 46 kB.
+LOCAL_REQUEST_BYTES = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -24,12 +28,21 @@ class Coalescing:
     """How a reader plans byte ranges (see `coalesce_ranges`): a request is worth `request_bytes`
     of transfer, so every hole shorter than that between wanted ranges of one object is read
     through, and every longer one starts a new request. Small samples wanted densely are then read
-    in whole shards, large or sparse ones by ranges."""
+    in whole shards, large or sparse ones by ranges. None: the store's own (`for_store`), a page
+    for local files, 64 KiB for object storage and HTTP."""
 
-    request_bytes: int = REQUEST_BYTES
+    request_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        check_integer("request_bytes", self.request_bytes, 0)
+        if self.request_bytes is not None:
+            check_integer("request_bytes", self.request_bytes, 0)
+
+    def for_store(self, protocol: str | tuple[str, ...]) -> Coalescing:
+        """This plan with a store's default filled in: the store's fsspec `protocol`."""
+        if self.request_bytes is not None:
+            return self
+        local = {"file", "local"} & set((protocol,) if isinstance(protocol, str) else protocol)
+        return Coalescing(LOCAL_REQUEST_BYTES if local else REQUEST_BYTES)
 
     @classmethod
     def of(cls, value: Coalescing | Mapping[str, Any], name: str = "reads") -> Coalescing:
@@ -39,7 +52,8 @@ class Coalescing:
             return value
         if not isinstance(value, Mapping) or not set(value) <= {"request_bytes"}:
             raise ParameterError(f"{name} must be an object of request_bytes, got {value!r}")
-        return cls(check_integer(f"{name}.request_bytes", value.get("request_bytes", REQUEST_BYTES), 0))
+        request_bytes = value.get("request_bytes")
+        return cls(None if request_bytes is None else check_integer(f"{name}.request_bytes", request_bytes, 0))
 
     @classmethod
     def for_link(cls, latency: float, bandwidth: float, concurrency: int = 32) -> Coalescing:

@@ -36,7 +36,8 @@ class SelectiveReader:
     """Read samples by id from a dataset's sharded arrays, counting bytes and requests.
 
     arrays: which sample arrays to read (default: all of the dataset's).
-    reads: how byte ranges are planned (`Coalescing`: what a request is worth in bytes).
+    reads: how byte ranges are planned (`Coalescing`: what a request is worth in bytes; by default
+        the store's: a page for local files, 64 KiB for object storage and HTTP).
     stats: where to count (default: a counter of its own).
     keep: arrays among `arrays` read whole on first use and kept with the opened dataset, then
         served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
@@ -62,8 +63,8 @@ class SelectiveReader:
         self.keep = tuple(keep)
         self.dataset = dataset
         self.num_samples = dataset.num_samples
-        self.reads = reads
         self.fs, root = dataset.filesystem()
+        self.reads = reads.for_store(self.fs.protocol)
         self.layouts = {name: _ArrayLayout.of(dataset, name, root) for name in names}
         self.stats = stats if stats is not None else IOStats()
         # Shard indexes as they arrive, (shards, chunks per shard, 2) of (offset, nbytes), and which

@@ -113,6 +113,15 @@ def test_a_link_prices_a_request_by_latency_bandwidth_and_concurrency():
         Coalescing.for_link(float("nan"), 1e6)
 
 
+def test_the_default_plan_is_the_stores_own():
+    assert Coalescing().for_store("file").request_bytes == 4096  # a local read costs a page
+    assert Coalescing().for_store(("file", "local")).request_bytes == 4096
+    assert Coalescing().for_store(("s3", "s3a")).request_bytes == 1 << 16  # a request to object storage
+    assert Coalescing().for_store(("http", "https")).request_bytes == 1 << 16
+    assert Coalescing(5).for_store("file") == Coalescing(5)  # a plan given is kept
+    assert Coalescing.of({"request_bytes": None}) == Coalescing.of({}) == Coalescing()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

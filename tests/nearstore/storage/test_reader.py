@@ -204,3 +204,25 @@ def test_codecs_the_reader_does_not_decode_are_named(tmp_path):
         dataset = open_dataset(str(tmp_path / "t.zarr"))
     with pytest.raises(DatasetError, match=r"array 'x' of .*t.zarr.*codecs \['transpose', 'bytes'"):
         SelectiveReader(dataset)
+
+
+def test_on_local_disk_a_selection_of_large_samples_reads_no_hole(tmp_path):
+    # 30 kB samples, every other one selected: holes of 30 kB, cheaper than a request to object
+    # storage (64 KiB, read through there) but not than a local read (a page)
+    rng = np.random.default_rng(0)
+    blobs = [rng.integers(0, 256, 30_000, dtype=np.uint8).tobytes() for _ in range(64)]
+    samples = np.empty(64, dtype=object)
+    samples[:] = blobs
+    dataset = write_dataset(str(tmp_path / "large.zarr"), [{"x": samples}], label_array=None, shard_samples=64)
+    ids = np.arange(0, 64, 2)
+    reader = SelectiveReader(dataset)
+    reader.read(ids[:1])  # the shard index
+    before = reader.stats.snapshot()
+    assert list(reader.read(ids)["x"]) == [blobs[i] for i in ids]
+    read = reader.stats.snapshot() - before
+    assert read.bytes == sum(len(blobs[i]) + 8 + 4 for i in ids)  # each sample, its length and crc32c
+    bridged = SelectiveReader(open_dataset(dataset.url), reads=Coalescing(1 << 16))
+    bridged.read(ids[:1])
+    before = bridged.stats.snapshot()
+    bridged.read(ids)
+    assert (bridged.stats.snapshot() - before).requests == 1  # as over S3: one run, holes and all
