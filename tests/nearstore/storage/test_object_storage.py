@@ -10,6 +10,7 @@ import zarr
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import IntegrityError
+from nearstore.storage.dataset import S3_CONNECTIONS
 
 # Tests of the loader and the selectors over object storage import them where they run: both need
 # torch, and the storage layer is also tested where torch is not installed (.ci/run's second stage).
@@ -271,3 +272,14 @@ def test_a_shard_object_deleted_mid_epoch_is_an_integrity_error_naming_it(where,
     with pytest.raises(IntegrityError, match=f"array 'x': shard object .*{name}/x/c/4/0.* is missing"):
         for _ in epoch:
             pass
+
+
+def test_s3_reads_keep_as_many_connections_as_the_plan_has_requests_in_flight(s3, s3_store):
+    # s3fs alone keeps 10: a read of a few hundred ranges would wait on round trips
+    assert s3_store.storage_options["config_kwargs"] == {"max_pool_connections": S3_CONNECTIONS}
+    fs, _ = s3_store.filesystem()
+    assert fs.config_kwargs["max_pool_connections"] == S3_CONNECTIONS
+    given = {**s3.storage_options, "config_kwargs": {"max_pool_connections": 4, "retries": {"max_attempts": 2}}}
+    mine = open_dataset(s3_store.url, storage_options=given)
+    assert mine.storage_options["config_kwargs"] == given["config_kwargs"]  # the user's own are kept
+    assert mine.filesystem()[0].config_kwargs["max_pool_connections"] == 4
