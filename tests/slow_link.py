@@ -12,6 +12,7 @@ each line it reads one JSON line of what crossed the link since the last (`SlowL
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ class LinkedS3:
         self._process.stdin.write("take\n")
         self._process.stdin.flush()
         return json.loads(self._process.stdout.readline())
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the stand-in (moto and the link: the child process) has used so far, from
+        Linux's /proc: what serving requests costs on this machine, which real S3 does not."""
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def stop(self) -> None:
         self._process.stdin.close()
