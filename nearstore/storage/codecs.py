@@ -155,8 +155,13 @@ def encode_bytes_shard(blobs: Sequence[bytes], chunks: int, compressor: numcodec
         # numcodecs' VLenBytes of one item: the item count, then its length and bytes (uint32 LE)
         data = b"\x01\x00\x00\x00" + len(blob).to_bytes(4, "little") + blob
         data = bytes(compressor.encode(data)) if compressor is not None else data
-        parts += [data, google_crc32c.value(data).to_bytes(4, "little")]
+        parts += [data, crc32c_of(data)]
         index[k] = offset, len(data) + 4
         offset += len(data) + 4
-    parts += [index.tobytes(), google_crc32c.value(index.tobytes()).to_bytes(4, "little")]
+    parts += [index.tobytes(), crc32c_of(index.tobytes())]
     return b"".join(parts)
+
+
+def crc32c_of(data: bytes) -> bytes:
+    """The 4 bytes of `data`'s crc32c that follow it as stored (little-endian), as `checked` reads them."""
+    return google_crc32c.value(data).to_bytes(4, "little")

@@ -12,10 +12,10 @@ import numpy as np
 from nearstore.checks import check_integer, check_range
 from nearstore.errors import ParameterError
 
-# What a request costs, in bytes of transfer, by default: 64 KiB. Measured over HTTP on 127.0.0.1,
-# a 10% pool read in whole shards made 51 requests in 0.21 s, not 7,519 in 3.2 s, for 5x the bytes
-# (bench/round_cost.py); on S3 (20 ms to the first byte, 100 MB/s, 32 requests in flight) a request
-# is worth about 20 ms × 100 MB/s / 32 = 62 KB of transfer time.
+# What a request to object storage or HTTP costs, in bytes of transfer: 64 KiB. Measured over HTTP
+# on 127.0.0.1, a 10% pool read in whole shards made 51 requests in 0.21 s, not 7,519 in 3.2 s, for
+# 5x the bytes (bench/round_cost.py); on S3 (20 ms to the first byte, 100 MB/s, 32 requests in
+# flight) a request is worth about 20 ms × 100 MB/s / 32 = 62 KB of transfer time.
 REQUEST_BYTES = 1 << 16
 # What a read of a local file costs: a page. Measured on 2,048 JPEGs of 46 kB on local disk, a 25%
 # selection took 0.039 s reading only its ranges (0.252 of the store, 391 reads) and 0.043 s with

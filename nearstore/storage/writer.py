@@ -274,6 +274,8 @@ class _ShardWriter:
             if encoded:
                 self.byte_shards[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
                 _check_byte_shards(self.documents[name], compress, name)
+                # the folder of its shard objects, on a local store (one for all: the array is 1-D)
+                self.fs.makedirs(posixpath.dirname(self._shard_path(name, 0)), exist_ok=True)
             self.pending[name] = []
             self.nbytes[name], self.digests[name], self.content[name] = [], [], new_digest()
 
@@ -341,15 +343,17 @@ class _ShardWriter:
                     "(an object array holds encoded samples, each one bytes object)"
                 )
 
+    def _shard_path(self, name: str, shard: int) -> str:
+        return f"{self.root}/{shard_key(name, self.documents[name], shard)}"
+
     def _flush(self, n: int) -> None:
         start, stop = self.num_samples, self.num_samples + n
         for name, array in self.arrays.items():
             values = np.concatenate(self.pending[name])
             array.resize((stop, *array.shape[1:]))
-            path = f"{self.root}/{shard_key(name, self.documents[name], start // self.shard_samples)}"
+            path = self._shard_path(name, start // self.shard_samples)
             if name in self.byte_shards:
                 shard = encode_bytes_shard(values[:n], self.shard_samples, self.byte_shards[name])
-                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # a local store's folders
                 self.fs.pipe_file(path, shard)
                 self.nbytes[name].append(len(shard))
             else:
