@@ -385,7 +385,8 @@ class StreamingLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is, as a StatefulDataLoader's: its order's place (the epoch, the
-        batches of it already delivered) and the selection round being iterated. A loader over
+        batches of it already delivered), the selection round being iterated and the samples
+        augmented (`set_augment`'s, or augment='s). A loader over
         the same data, built with the same batch_size, shuffle and seed, resumes from it with
         `load_state_dict`, on any number of ranks (docs/loader.md, Resume)."""
         return {
@@ -399,6 +400,8 @@ class StreamingLoader:
                 "scan_io": dict(self.scan_io),
                 "carry": {name: value.copy() for name, value in self.carry.items()},
             },
+            # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
+            "augment": None if self.augment is None else self.augment.copy(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -425,9 +428,11 @@ class StreamingLoader:
         scan_io = state_entry(chosen, "scan_io", where, Mapping)
         scan_io = {key: state_count(scan_io, key, f"{where}'s scan_io") for key in ("bytes", "requests")}
         carry = check_carry(chosen.get("carry", {}), where)  # states written before carries hold none
+        augment = self._state_augment(state.get("augment"))
         self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
         self.source.selection(round)  # raises where the source no longer holds that round
         self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
+        self.augment = augment
         self.order.load_state_dict(order)
 
     def io_stats(self) -> dict[str, Any]:
@@ -513,6 +518,18 @@ class StreamingLoader:
             augment.check_dataset(self.source.identity)
             return augment.ids
         return _selected(self.num_samples, f"augment of {self.url!r}", augment, what="augmented sample id")[0]
+
+    def _state_augment(self, augment: Any) -> np.ndarray | None:
+        """The augmented ids a state holds, checked; the loader's own where the state holds none
+        (written by a loader without `augment=`, or before states kept them)."""
+        if augment is None:
+            return self.augment
+        if self.augment is None:
+            raise ParameterError(
+                "state_dict augments a subset (its loader was made with augment=), this loader every sample: "
+                "make it with augment= to resume"
+            )
+        return _selected(self.num_samples, "state_dict's augment", augment, what="augmented sample id")[0]
 
     def _epoch_size(self, epoch: int, ids: np.ndarray | None = None) -> int:
         """How many samples epoch `epoch` visits: all while warming up, else the selection (`ids`:

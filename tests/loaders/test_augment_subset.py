@@ -118,6 +118,33 @@ def test_resume_is_exact_with_augment(id_store, backend):
     assert_resumes_at_every_batch(make, epochs=2)
 
 
+def test_a_set_augment_subset_is_resumed_from_the_state(id_store):
+    def make(**augment) -> StreamingLoader:
+        return StreamingLoader(id_store, np.arange(800), batch_size=100, seed=2, transform=torch_mark, **augment)
+
+    loader = make(augment=np.arange(0, 800, 2))
+    loader.set_augment(np.arange(1, 800, 5))
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    rest = [rows(x) for x, _ in batches]
+    resumed = make(augment=np.arange(0, 800, 2))  # made as the first was: the state says which set
+    resumed.load_state_dict(state)
+    again = [rows(x) for x, _ in resumed]
+    assert len(again) == len(rest) == 7
+    for (ids, marked), (ids_again, marked_again) in zip(rest, again):
+        np.testing.assert_array_equal(ids, ids_again)
+        np.testing.assert_array_equal(marked, marked_again)
+        assert np.all(ids[marked] % 5 == 1) and marked.sum() == np.sum(ids % 5 == 1)
+    with pytest.raises(ParameterError, match="state_dict augments a subset .* this loader every sample"):
+        make().load_state_dict(state)
+    before = make(augment=[3])
+    with pytest.raises(SampleIdError, match="augmented sample id 800 is named twice in state_dict's augment"):
+        before.load_state_dict({**state, "augment": np.array([1, 800, 800])})
+    np.testing.assert_array_equal(before.augment, [3])  # a refused state changes nothing
+    assert before.epoch == 0 and before.batches_done == 0
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_encoded_images_augment_only_the_named_samples(tmp_path, backend):
     store = image_store(str(tmp_path / "images.zarr"))[0]
