@@ -180,6 +180,9 @@ class SlowLink(FaultyProxy):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stalled answer must not hold stop() up
+    # socketserver listens with a backlog of 5: a client opening its 32 connections at once had the
+    # rest of its SYNs dropped and resent a second later (~1 s on a first read), which S3 never does
+    request_queue_size = 128
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up on a fault is no error
