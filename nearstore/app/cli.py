@@ -172,10 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--front",
-        choices=["nginx"],
-        help="run nginx at --host:--port (TLS ends there) in front of the server, which listens on 127.0.0.1: "
-        "a call past its limit (a push past --max-proxy-bytes) is cut off before the server holds it; "
-        "without a front the server buffers one gRPC message whole before refusing it",
+        choices=["auto", "nginx", "none"],
+        default="auto",
+        help="nginx: run nginx at --host:--port (TLS ends there) in front of the server, which listens on "
+        "127.0.0.1: a call past its limit (a push past --max-proxy-bytes) is cut off before the server holds "
+        "it; without a front the server buffers one gRPC message whole before refusing it. auto (default): "
+        "nginx beyond 127.0.0.1 (refused if nginx is not installed), none on it",
     )
 
     info = commands.add_parser("info", help="describe a dataset or a saved selection")
@@ -435,7 +437,7 @@ def _write(url: str, what: str, data: bytes) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving import NearStoreServer
-    from nearstore.serving.front import NginxFront
+    from nearstore.serving.front import NginxFront, front_for
     from nearstore.serving.protocol import READ_TOKEN_ENV, TOKEN_ENV
     from nearstore.serving.server import check_exposure, is_loopback
 
@@ -445,11 +447,12 @@ def _serve(args: argparse.Namespace) -> int:
     read_token = os.environ.get(READ_TOKEN_ENV)  # may only read samples and selections
     tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
     host, port, front = args.host, args.port, contextlib.nullcontext()
-    if args.front == "nginx":
-        if not args.port:
-            raise ParameterError("--front nginx listens on --port: give one, not 0")
-        # the server's rules for what listens beyond 127.0.0.1 hold for the front, which does
+    if args.front != "none":  # the server's rules for what listens beyond 127.0.0.1 hold for a front there
         check_exposure(args.host, token or read_token, {k: v for k, v in tls.items() if v}, args.insecure)
+    nginx = front_for(args.host, args.front) == "nginx"
+    if nginx:
+        if not args.port:
+            raise ParameterError(f"nginx in front (--front {args.front}) listens on --port: give one, not 0")
         host, port = "127.0.0.1", _free_loopback_port()
         front = NginxFront(
             _address(args.host, args.port), f"{host}:{port}", args.max_proxy_bytes, insecure=args.insecure, **tls
@@ -457,7 +460,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls = {key: None for key in tls}  # nginx speaks to the server in the clear, on the loopback
     elif not is_loopback(args.host):
         log.warning(
-            "without a front, one gRPC message past its limit (a push past --max-proxy-bytes) is held whole "
+            "--front none: one gRPC message past its limit (a push past --max-proxy-bytes) is held whole "
             "before it is refused; --front nginx cuts it off first"
         )
 
@@ -475,7 +478,7 @@ def _serve(args: argparse.Namespace) -> int:
             token=token,
             read_token=read_token,
             **tls,
-            insecure=args.insecure and args.front is None,
+            insecure=args.insecure and not nginx,
             max_proxy_bytes=args.max_proxy_bytes,
             selection=Selection.load(args.selection) if args.selection else None,
             keep=args.keep,
@@ -490,7 +493,7 @@ def _serve(args: argparse.Namespace) -> int:
             primary=args.primary,
         )
         url = server.url
-        if args.front:
+        if nginx:
             scheme = "grpc+tls" if args.tls_cert else "grpc"
             url = f"{scheme}://{_address(args.host, args.port)}/{server.name} (nginx in front of {server.url})"
         current = server.current

@@ -104,6 +104,31 @@ http {{{temp}
 """
 
 
+def nginx_binary() -> str | None:
+    """The nginx to run: the one on PATH, or where distributions install it; None without one."""
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+
+
+def front_for(host: str, front: str) -> str | None:
+    """The front `nearstore serve --host HOST --front FRONT` runs: "nginx", or None. "auto" (the
+    default) is nginx beyond the loopback interface, where any caller could make the server hold a
+    message past its limit whole, and none on it; where nginx is not installed, auto beyond the
+    loopback is refused by name rather than served without a limit unasked ("none" says so)."""
+    if front not in ("auto", "nginx", "none"):
+        raise ParameterError(f"front must be 'auto', 'nginx' or 'none', got {front!r}")
+    if front == "auto":
+        if is_loopback(host):
+            return None
+        if nginx_binary() is None:
+            raise ParameterError(
+                f"serving on {host!r} runs nginx in front of the server (--front auto) to cut off a call past its "
+                "limit before the server holds it, and nginx is not installed: install it (e.g. apt-get install "
+                "nginx), or pass --front none to serve without one"
+            )
+        return "nginx"
+    return None if front == "none" else front
+
+
 class NginxFront:
     """nginx running `nginx_front`'s block, a child process that ends with this one (it is sent
     SIGTERM when its parent dies, on Linux). Use as a context manager, or start() and stop()."""
@@ -115,7 +140,7 @@ class NginxFront:
 
     def start(self, timeout: float = 10) -> NginxFront:
         """Start nginx and return once it listens; a RuntimeError with nginx's own words if it cannot."""
-        binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+        binary = nginx_binary()
         if binary is None:
             raise RuntimeError("--front nginx needs nginx installed (e.g. apt-get install nginx)")
         self._workdir = tempfile.TemporaryDirectory(prefix="nearstore-front-")

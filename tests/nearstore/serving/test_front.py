@@ -18,8 +18,9 @@ from loaders import FlightSource, StreamingLoader
 from nearstore import ParameterError
 from nearstore.app.cli import main
 from nearstore.app.training import mnist1d_cnn
+from nearstore.serving import front as fronts
 from nearstore.serving import protocol
-from nearstore.serving.front import REQUEST_BYTES, NginxFront, nginx_front
+from nearstore.serving.front import REQUEST_BYTES, NginxFront, front_for, nginx_front
 
 pytestmark = pytest.mark.slow  # starts a `nearstore serve` process and nginx
 
@@ -109,7 +110,7 @@ def test_serve_runs_its_own_front_and_stops_it_with_itself(id_store_url):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--port", "0"], "--front nginx listens on --port: give one, not 0"),
+        (["--port", "0"], "nginx in front (--front nginx) listens on --port: give one, not 0"),
         (["--host", "0.0.0.0", "--port", "8815"], "a token is required to listen on '0.0.0.0'"),
     ],
 )
@@ -118,6 +119,35 @@ def test_serve_with_a_front_keeps_the_rules_of_exposure(id_store_url, capsys, mo
     monkeypatch.delenv("NEARSTORE_READ_TOKEN", raising=False)
     assert main(["serve", id_store_url, "--method", "random", "--front", "nginx", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "host, front, chosen",
+    [
+        ("127.0.0.1", "auto", None),
+        ("localhost", "auto", None),
+        ("::1", "auto", None),
+        ("10.0.0.5", "auto", "nginx"),
+        ("0.0.0.0", "auto", "nginx"),
+        ("10.0.0.5", "none", None),
+        ("127.0.0.1", "nginx", "nginx"),
+    ],
+)
+def test_a_front_is_the_default_beyond_the_loopback(host, front, chosen):
+    assert front_for(host, front) == chosen
+
+
+def test_beyond_the_loopback_without_nginx_serve_asks_for_front_none(id_store_url, capsys, monkeypatch):
+    monkeypatch.setattr(fronts, "nginx_binary", lambda: None)
+    with pytest.raises(ParameterError, match="front must be 'auto', 'nginx' or 'none', got 'apache'"):
+        front_for("10.0.0.5", "apache")
+    assert front_for("127.0.0.1", "auto") is None  # on the loopback no front is needed
+    monkeypatch.setenv("NEARSTORE_TOKEN", "t")
+    argv = ["serve", id_store_url, "--method", "random", "--host", "10.0.0.5", "--insecure"]
+    assert main(argv) == 2  # refused before anything listens
+    said = capsys.readouterr().err
+    assert "serving on '10.0.0.5' runs nginx in front of the server (--front auto)" in said
+    assert "nginx is not installed" in said and "--front none" in said
 
 
 def test_a_front_that_cannot_listen_says_why(tmp_path):
