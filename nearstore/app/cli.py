@@ -439,7 +439,7 @@ def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving import NearStoreServer
     from nearstore.serving.front import NginxFront, front_for
     from nearstore.serving.protocol import READ_TOKEN_ENV, TOKEN_ENV
-    from nearstore.serving.server import check_exposure, is_loopback
+    from nearstore.serving.server import check_exposure
 
     if not 0 <= args.port <= 65535:  # Arrow would refuse it with a traceback, after the first scan
         raise ParameterError(f"--port must be in [0, 65535], got {args.port}")
@@ -458,11 +458,6 @@ def _serve(args: argparse.Namespace) -> int:
             _address(args.host, args.port), f"{host}:{port}", args.max_proxy_bytes, insecure=args.insecure, **tls
         )
         tls = {key: None for key in tls}  # nginx speaks to the server in the clear, on the loopback
-    elif not is_loopback(args.host):
-        log.warning(
-            "--front none: one gRPC message past its limit (a push past --max-proxy-bytes) is held whole "
-            "before it is refused; --front nginx cuts it off first"
-        )
 
     with contextlib.ExitStack() as stack:
         executor = None

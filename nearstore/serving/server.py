@@ -109,6 +109,13 @@ class NearStoreServer(flight.FlightServerBase):
     ) -> None:
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
         check_exposure(host, token or read_token, tls, insecure)
+        if not is_loopback(host):
+            log.warning(
+                "serving on %r with no front: one gRPC message past its limit (a push past max_proxy_bytes) is "
+                "held whole before it is refused; nginx in front cuts it off first (`nearstore serve` runs one "
+                "by default, nearstore.serving.front.NginxFront for one's own)",
+                host,
+            )
         if token is not None and token == read_token:
             raise ParameterError(
                 "read_token must differ from token (the admin token): the server could not tell them apart"

@@ -167,6 +167,17 @@ def test_beyond_loopback_a_token_and_tls_are_required_unless_insecure(id_store, 
         check_exposure("10.0.0.5", None, {}, insecure=True)
 
 
+def test_beyond_loopback_a_server_without_a_front_says_so(id_store, caplog):
+    with caplog.at_level("WARNING", logger="nearstore"):
+        NearStoreServer(id_store, selection=random_select(id_store, 0.1)).shutdown()  # 127.0.0.1: no front needed
+        assert not caplog.records
+        # the warning comes before the scan, which fails on the method: 10.0.0.5 is never listened on
+        with pytest.raises(ParameterError, match="no-such-method"):
+            NearStoreServer(id_store, host="10.0.0.5", token=ADMIN, insecure=True, method="no-such-method")
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert "serving on '10.0.0.5' with no front" in said and "NginxFront" in said
+
+
 def test_tls_files_and_tokens_are_checked_by_name(id_store, tls, tmp_path):
     selection = random_select(id_store, 0.1)
     with pytest.raises(ParameterError, match="tls_cert and tls_key go together"):
