@@ -52,6 +52,7 @@ from faults import FaultyProxy  # noqa: E402
 from servers import S3Server  # noqa: E402
 
 from nearstore import write_dataset  # noqa: E402
+from nearstore.selection import local_cluster  # noqa: E402
 
 KINDS = {"s3": 0.6, "server": 0.1, "disk full": 0.1, "concurrent selects": 0.1, "dask": 0.1}
 NUM_SAMPLES, SHARD_SAMPLES = 1000, 100
@@ -129,9 +130,7 @@ def dask_cluster():
     """Two worker processes on 127.0.0.1, and a client of them."""
     import distributed
 
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     return cluster, distributed.Client(cluster)
 
 

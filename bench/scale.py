@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Graft, Sage, open_dataset, write_dataset  # noqa: E402
-from nearstore.selection import DaskExecutor  # noqa: E402
+from nearstore.selection import DaskExecutor, local_cluster  # noqa: E402
 from nearstore.storage import read_labels  # noqa: E402
 
 METHODS = {"sage": Sage(ell=32), "graft (the default)": Graft()}
@@ -86,7 +86,7 @@ def main() -> None:
     args.samples = 4096 if args.tiny else args.samples
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # one core a worker, and the same for the in-process run
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,13 +100,7 @@ def main() -> None:
         task_seconds: dict[str, dict[str, float]] = {m: {} for m in METHODS}
         for workers in (1, 2):
             with (
-                LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0",
-                ) as cluster,
+                local_cluster(workers) as cluster,
                 Client(cluster) as client,
             ):
                 name = f"{workers} worker{'s' * (workers > 1)}"

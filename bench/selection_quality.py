@@ -70,7 +70,7 @@ from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, 
 from nearstore.app.demo import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from nearstore.app.synthetic import ensure_shapes  # noqa: E402
 from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
-from nearstore.selection import DEFAULT_METHOD, DaskExecutor, default_reselect, make_selector  # noqa: E402
+from nearstore.selection import DEFAULT_METHOD, DaskExecutor, default_reselect, local_cluster, make_selector  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
 RAW_W512 = {"window": 512, "norm_power": 1.0}
@@ -285,11 +285,9 @@ def class_accuracies(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) 
 @functools.cache
 def cluster_executor() -> DaskExecutor:
     """A LocalCluster of 2 single-threaded worker processes on 127.0.0.1, for this run's lifetime."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     client = Client(cluster)
     atexit.register(cluster.close)
     atexit.register(client.close)

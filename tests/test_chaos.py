@@ -24,6 +24,7 @@ from conftest import id_encoded
 from faults import FAULTS, FaultyProxy
 
 from nearstore import IntegrityError, SelectiveReader, open_dataset, write_dataset
+from nearstore.selection import local_cluster
 from nearstore.storage.reader import SHORT_READ_BACKOFF
 
 N, SHARD = 1000, 100
@@ -120,9 +121,7 @@ def test_a_dask_worker_killed_mid_scan_changes_no_selection(id_store, tmp_path):
     distributed = pytest.importorskip("distributed")
     rng = np.random.default_rng(4)
     total = Tally()
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     try:
         with distributed.Client(cluster) as client:
             for k in range(2):

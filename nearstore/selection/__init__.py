@@ -2,7 +2,7 @@
 the `Selection` record they return."""
 
 from nearstore.selection.allocator import keep_freed_memory
-from nearstore.selection.executors import DaskExecutor, LocalExecutor, make_executor
+from nearstore.selection.executors import DaskExecutor, LocalExecutor, local_cluster, make_executor
 from nearstore.selection.policy import DEFAULT_METHOD, default_reselect
 from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Selection
@@ -44,6 +44,7 @@ __all__ = [
     "Selector",
     "default_reselect",
     "keep_freed_memory",
+    "local_cluster",
     "make_executor",
     "make_selector",
     "random_select",

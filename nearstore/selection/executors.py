@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from nearstore.checks import check_integer
 from nearstore.errors import ParameterError
 from nearstore.selection.stages import Scan
 from nearstore.storage import SelectiveReader, open_dataset
@@ -145,6 +146,18 @@ class DaskExecutor:
 
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "dask": DaskExecutor}
+
+
+def local_cluster(workers: int = 2) -> Any:
+    """A dask.distributed LocalCluster of `workers` single-threaded worker processes on 127.0.0.1
+    (its dashboard on a free loopback port), to close after use (a context manager): a round on
+    this machine's cores in parallel, `DaskExecutor(Client(local_cluster()))`."""
+    from distributed import LocalCluster
+
+    workers = check_integer("workers", workers, 1)
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
 
 
 def check_executor(executor: Executor | None) -> Executor:

@@ -18,7 +18,7 @@ from servers import free_port
 from loaders import ServerGroup, StreamingLoader, open_source
 from nearstore import DatasetError, ParameterError, RequestError, open_dataset, random_select, write_dataset
 from nearstore.selection import Graft
-from nearstore.selection.executors import DaskExecutor
+from nearstore.selection.executors import DaskExecutor, local_cluster
 from nearstore.serving import NearStoreServer
 
 FIRST, SECOND = list(range(0, 5)), list(range(5, 10))  # the id store's 10 shards, on two nodes
@@ -94,9 +94,7 @@ def test_a_new_round_runs_on_the_primary_and_every_server_serves_it(pair):
 
 
 def test_a_round_on_a_cluster_reads_each_nodes_shards_beside_them(servers, id_store_url):
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     with cluster, distributed.Client(cluster) as client:
         first, second = sorted(client.nthreads())  # a worker per storage node, each beside its shards
         executor = DaskExecutor(client, shards_of={first: FIRST, second: SECOND})

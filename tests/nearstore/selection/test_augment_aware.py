@@ -15,7 +15,7 @@ from nearstore import AugmentAware, Craig, ModelProxy, ParameterError, RandomFea
 from nearstore.app.cli import main
 from nearstore.selection import Selection
 from nearstore.selection.augment import shifted_signals
-from nearstore.selection.executors import DaskExecutor
+from nearstore.selection.executors import DaskExecutor, local_cluster
 from nearstore.selection.plan import share, window_bounds
 
 PER_CLASS, SHARD, WINDOW, DRAWS = 40, 16, 16, 3
@@ -157,9 +157,7 @@ def test_on_a_dask_cluster_it_selects_as_in_process_where_windows_agree(tmp_path
     dataset = write_dataset(str(tmp_path / "aligned.zarr"), [{"x": x, "y": y}], shard_samples=48)
     proxy = RandomFeatureProxy(3, width=8, seed=1).fit(x, y)
     selector = AugmentAware(window=16, augmentations=2)
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     with cluster, distributed.Client(cluster) as client:
         there = selector.select(dataset, 0.25, proxy=proxy, seed=5, executor=DaskExecutor(client))
     here = selector.select(dataset, 0.25, proxy=proxy, seed=5)

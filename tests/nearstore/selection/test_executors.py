@@ -21,7 +21,7 @@ from nearstore import (
     write_dataset,
 )
 from nearstore.app.cli import main
-from nearstore.selection.executors import DaskExecutor, LocalExecutor, make_executor
+from nearstore.selection.executors import DaskExecutor, LocalExecutor, local_cluster, make_executor
 from nearstore.selection.selectors.sage import SagePass1, sage_pass1
 from nearstore.selection.stages import Scan
 
@@ -31,9 +31,7 @@ pytestmark = pytest.mark.slow  # a cluster of worker processes
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     with distributed.Client(cluster) as client:
         yield client
     cluster.close()
@@ -180,9 +178,7 @@ def test_a_worker_lost_mid_scan_changes_nothing(blobs, aligned, tmp_path, task):
         dataset, _ = aligned
         select = lambda **on: Graft(window=16, mute_suspects=False).select(dataset, 0.25, seed=5, **on)  # noqa: E731
     marker = tmp_path / "killed"
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster()
     try:
         with distributed.Client(cluster) as client:
             client.register_plugin(KillWorkerOnce(task, str(marker)))
@@ -207,6 +203,10 @@ def test_executors_are_chosen_by_name(client, blobs):
         Graft().select(dataset, 0.1, executor="dask")
     with pytest.raises(ParameterError, match="executor must be an Executor .*, got <Client: "):
         StoreSource(dataset, executor=client)  # the client itself, not DaskExecutor(client)
+    with pytest.raises(ParameterError, match="workers must be an integer >= 1, got 0"):
+        local_cluster(0)
+    assert {address.split("//")[1].split(":")[0] for address in client.nthreads()} == {"127.0.0.1"}
+    assert set(client.nthreads().values()) == {1}  # single-threaded workers, as local_cluster makes them
     # the local executor runs one task over every shard, on the scan's own reader
     scan = Scan.open(dataset, "SAGE", proxy, 0, "cpu")
     first, reads = LocalExecutor().map_reduce(
