@@ -21,7 +21,11 @@ by `ragged_features`: tokens hashed into 256 bins and log(1 + L)); the default p
 every `--every` epochs with the trainer's model (`update_proxy`, `reselect(keep)`, as
 bench/selection_quality.py's graft-dynamic); and all data, the ceiling. Case sym20: 20% of the
 training labels replaced by a uniformly random class (`noisy_labels`). Also measured: what the
-model-free proxy knows, the test accuracy of its heads fitted on 4,096 training samples.
+model-free proxy knows, the test accuracy of its heads fitted on 4,096 training samples. Round 0
+alone with a part of the default taken away (`--methods`): "default, unmuted" (no suspects
+muted), "default, directions" (MaxVol on gradient directions, `norm_power=0`), and "unsuspected,
+drawn" (as many samples a class as the default picks, drawn at random from those its proxy does
+not suspect).
 Prints mean ± std test accuracy over seeds, the paired gain over random (mean ± std, seeds
 ahead), the share of wrong labels selected (the mean over rounds), the share of the training set
 trained on over all rounds ("distinct") and seconds; writes ragged_selection.json and .png.
@@ -45,10 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssl_selection import plot, report, summarize  # noqa: E402  (the tables and plots of the benches)
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Dataset, RandomFeatureProxy, open_dataset, write_dataset  # noqa: E402
+from nearstore import Dataset, RandomFeatureProxy, Selection, open_dataset, write_dataset  # noqa: E402
 from nearstore.app.converters import noisy_labels  # noqa: E402
 from nearstore.app.training import accuracy, fit  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, make_selector  # noqa: E402
+from nearstore.storage import read_labels  # noqa: E402
 
 CLASSES, VOCABULARY, MOTIF, SUCCESSORS = 10, 200, 4, 8
 OWN_MOTIFS, SHARED_MOTIFS = 8, 3  # the motifs a class owns, and how many of the next class's it writes too
@@ -58,6 +63,8 @@ MUTATION = 0.25  # the share of a written motif's tokens replaced by random ones
 BATCH = 128
 WARMUP = 4096  # samples the model-free proxy's heads are fitted on (GRAFT's warm-up)
 CASES = {"clean": 0.0, "sym20": 0.2}
+# Round 0 alone, the default's parts taken away (`--methods`): what loses at 10% (docs/benchmarks.md)
+ONCE = {"default, unmuted": {"mute_suspects": False}, "default, directions": {"norm_power": 0.0}}
 
 
 def token_sequences(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +124,10 @@ def train(store: Dataset, test: StreamingLoader, method: str, keep: float, seed:
     started = time.perf_counter()
     if method in ("random", "random fresh"):
         selection = make_selector("random").select(store, keep, seed=seed)
+    elif method in ONCE:
+        selection = make_selector(DEFAULT_METHOD, **ONCE[method]).select(store, keep, seed=seed)
+    elif method == "unsuspected, drawn":
+        selection = unsuspected_draw(store, make_selector(DEFAULT_METHOD).select(store, keep, seed=seed), seed)
     elif method != "all data":
         selection = make_selector(DEFAULT_METHOD).select(store, keep, seed=seed)
     loader = StreamingLoader(
@@ -150,6 +161,21 @@ def train(store: Dataset, test: StreamingLoader, method: str, keep: float, seed:
     }
 
 
+def unsuspected_draw(store: Dataset, selection: Selection, seed: int) -> np.ndarray:
+    """As many samples of each class as `selection` holds, drawn at random from those its model-free
+    proxy did not suspect: round 0 without MaxVol's picks (what the default does for a window whose
+    proxy knows nothing of the labels)."""
+    labels, _ = read_labels(store, "the unsuspected draw")
+    rng = np.random.default_rng(seed)
+    clear = np.ones(store.num_samples, dtype=bool)
+    clear[selection.suspects.ids] = False
+    picked = [
+        rng.choice(np.flatnonzero(clear & (labels == c)), np.sum(labels[selection.ids] == c), replace=False)
+        for c in np.unique(labels)
+    ]
+    return np.sort(np.concatenate(picked))
+
+
 def proxy_accuracy(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
     """Test accuracy of the model-free proxy's heads, fitted on the first WARMUP samples."""
     proxy = RandomFeatureProxy(CLASSES).fit(x[:WARMUP], y[:WARMUP])
@@ -169,6 +195,7 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["all data", "random", "random fresh", "default", "default path"],
+        choices=["all data", "random", "random fresh", "default", "default path", *ONCE, "unsuspected, drawn"],
         help="the runs to make",
     )
     parser.add_argument("--out", default="bench/results")
