@@ -298,10 +298,10 @@ class StreamingLoader:
         beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
 
         method, options: a selector of `nearstore.selection.selectors` and its parameters; by
-            default `default_reselect(keep)`, GRAFT on a pool of twice the budget per class (1.5x
-            above a third of the data): the current selection's samples and fresh ones. Every
-            selector is given the current selection as `previous`, and what it handed on
-            (`Selection.carry`, kept in `state_dict`: AdaCore's running curvature).
+            default `default_reselect(keep)`, GRAFT on a fresh pool of twice the budget per class
+            (1.5x above a third of the data). Every selector is given the current selection as
+            `previous`, and what it handed on (`Selection.carry`, kept in `state_dict`: AdaCore's
+            running curvature).
         keep: default the current selection's share; seed: default the round number.
         """
         keep = keep if keep is not None else len(self.ids) / self.num_samples
