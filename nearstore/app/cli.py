@@ -382,7 +382,7 @@ def _select(args: argparse.Namespace) -> int:
     selector = make_selector(args.method, **options)  # options checked before any scan
     if args.report and not selector.mute_suspects:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
-    if args.report and args.report == args.out:
+    if args.report and (args.report == args.out or args.report.startswith(args.out.rstrip("/") + "/")):
         raise ParameterError(f"--report {args.report!r} is where the selection goes: give it another path")
     # Where the results go is checked now, not after the scan: an unwritable path loses no work.
     dataset.check_outside(args.out, "the selection")
@@ -417,14 +417,19 @@ def _select(args: argparse.Namespace) -> int:
 
 def _check_writable(url: str, what: str) -> None:
     """Refuse now a place `what` cannot be written to, by writing an empty file beside it (not it:
-    a file already there is kept until the new one replaces it, and a failed scan leaves none)."""
+    a file already there is kept until the new one replaces it, and a failed scan leaves none).
+    Missing local folders on the way are made, as `mkdir -p` would (object storage has none, and a
+    missing bucket is not made)."""
     fs, path = fsspec.core.url_to_fs(url)
     probe = f"{path}.nearstore-probe"
     try:
+        if "file" in fs.protocol:
+            fs.makedirs(fs._parent(path), exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except OSError as e:
-        raise type(e)(f"cannot write {what} to {url!r}: {e}") from e
+        reason = e.strerror or str(e)  # not the probe's name, which the user never gave
+        raise type(e)(f"cannot write {what} to {url!r}: {reason}") from e
 
 
 def _write(url: str, what: str, data: bytes) -> None:

@@ -44,7 +44,12 @@ def test_convert_select_and_info_on_digits(tmp_path, capsys, fingerprint):
 
 def test_select_reports_the_labels_that_look_wrong(tmp_path, capsys):
     # More samples than the model-free proxy's warm-up (4,096): those beyond are judged out of its sample.
-    store, out, report = str(tmp_path / "m.zarr"), str(tmp_path / "sel.npz"), tmp_path / "suspects.csv"
+    # outputs into folders that do not exist yet: made, as `mkdir -p` would
+    store, out, report = (
+        str(tmp_path / "m.zarr"),
+        str(tmp_path / "out" / "sel.npz"),
+        tmp_path / "a" / "b" / "suspects.csv",
+    )
     main(["convert", "mnist1d", store, "--num-samples", "6000"])
     argv = ["select", store, out, "--keep", "0.2", "--report", str(report)]
     assert main(argv) == 0
@@ -137,7 +142,11 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         ),
         (
             ["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz/r.csv"],
-            "cannot write the report to '.*s.npz/r.csv'",  # below a file: no directory can be made there
+            "--report .*s.npz/r.csv' is where the selection goes",  # below the selection's file
+        ),
+        (
+            ["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/junk.npy/r.csv"],
+            "cannot write the report to '.*junk.npy/r.csv'",  # below a file: no folder can be made there
         ),
         (["select", "{digits}", "{digits}/s.npz"], "the selection '.*digits.zarr/s.npz' lies inside the dataset"),
         (
