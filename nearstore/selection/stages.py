@@ -33,6 +33,9 @@ DECODE_THREADS = 2
 WARMUP_SAMPLES = 4096
 # Pooled samples are read and embedded this many at a time.
 POOL_CHUNK_SAMPLES = 4096
+# The most classes a selection scores: its proxies hold C outputs a sample (the model-free one's fit
+# several 4,096 x C matrices), so the largest label bounds its memory (ImageNet-21k's 21,841 fit).
+MAX_CLASSES = 1 << 15
 # What makes a suspect beyond confident learning's per-class thresholds (bench/selection_quality.py,
 # MNIST-1D and digits at 5-10%, 5 seeds; docs/benchmarks.md#label-noise-and-long-tails):
 # - a floor: with a weak proxy the thresholds are low, and confident learning alone muted hard,
@@ -86,6 +89,8 @@ class Scan:
         fits its features alone, and a given one is not checked against the classes.
         also: other arrays each shard is read with (ClipCov's pairs)."""
         labels = dataset.required_labels(f"{who} scores per-example gradients, which") if labelled else None
+        if labels:
+            check_classes(dataset.num_classes, dataset, labels)
         input_array = input_array or dataset.input_array
         keep = small_arrays(dataset, [labels]) if keep_labels and labels else ()
         names = [input_array, *([labels] if labels else []), *(a for a in also if a not in (input_array, labels))]
@@ -386,7 +391,19 @@ def _fit_default_proxy(
     x = np.concatenate([b[input_array] for _, b in warm.values()])
     y = np.concatenate([b[labels] for _, b in warm.values()]) if labels else None
     num_classes = max(dataset.num_classes, 2 if y is None else int(y.max()) + 1)
+    check_classes(num_classes, dataset, labels)
     return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
+
+
+def check_classes(num_classes: int, dataset: Dataset, labels: str | None) -> None:
+    """Refuse labels that name more than MAX_CLASSES classes (the largest label + 1) before a
+    selection allocates C outputs a sample (labels up to a million took all 24 GB here)."""
+    if num_classes > MAX_CLASSES:
+        raise DatasetError(
+            f"label array {labels!r} of {dataset.url!r} names {num_classes:,} classes (labels up to "
+            f"{num_classes - 1:,}); a selection scores at most {MAX_CLASSES:,}: give the classes dense ids "
+            "(np.unique(labels, return_inverse=True))"
+        )
 
 
 def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:

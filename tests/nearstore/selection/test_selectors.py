@@ -12,6 +12,7 @@ from nearstore import (
     SELECTORS,
     Craig,
     Crest,
+    DatasetError,
     Graft,
     ModelProxy,
     ParameterError,
@@ -266,6 +267,16 @@ def test_a_round_refuses_a_seed_the_generators_do_not_take(blobs, seed):
     dataset, _, _, _ = blobs
     with pytest.raises(ParameterError, match=rf"seed must be an integer in \[0, 18446744073709551616\), got {seed}"):
         next_round(dataset, 1, keep=0.1, method="random", options={}, seed=seed)
+
+
+@pytest.mark.parametrize("method", ["graft", "sage", "craig", "adacore"])
+def test_labels_naming_too_many_classes_are_refused_before_anything_is_allocated(tmp_path, method):
+    # two classes with sparse ids: a million classes to the proxies (all 24 GB of memory, then killed)
+    y = np.repeat([0, 1_000_000], 50)
+    dataset = write_dataset(str(tmp_path / "sparse.zarr"), [{"x": np.ones((100, 4), np.float32), "y": y}])
+    with pytest.raises(DatasetError, match=r"label array 'y' of .*sparse.zarr' names 1,000,001 classes .* 32,768"):
+        make_selector(method).select(dataset, 0.2)
+    assert Random(class_balanced=True).select(dataset, 0.2).ids.size == 20  # only the counts per class
 
 
 def test_every_method_is_registered_and_random_is_the_baseline(blobs):
