@@ -396,8 +396,14 @@ def _fit_default_proxy(
 
 
 def check_classes(num_classes: int, dataset: Dataset, labels: str | None) -> None:
-    """Refuse labels that name more than MAX_CLASSES classes (the largest label + 1) before a
-    selection allocates C outputs a sample (labels up to a million took all 24 GB here)."""
+    """Refuse labels that name one class (a last-layer gradient then says nothing), or more than
+    MAX_CLASSES (the largest label + 1) before a selection allocates C outputs a sample (labels up to
+    a million took all 24 GB here)."""
+    if num_classes < 2:
+        raise DatasetError(
+            f"label array {labels!r} of {dataset.url!r} holds a single class: per-example gradients need two "
+            "or more (method 'random' selects without them)"
+        )
     if num_classes > MAX_CLASSES:
         raise DatasetError(
             f"label array {labels!r} of {dataset.url!r} names {num_classes:,} classes (labels up to "

@@ -270,13 +270,16 @@ def test_a_round_refuses_a_seed_the_generators_do_not_take(blobs, seed):
 
 
 @pytest.mark.parametrize("method", ["graft", "sage", "craig", "adacore"])
-def test_labels_naming_too_many_classes_are_refused_before_anything_is_allocated(tmp_path, method):
+def test_labels_naming_one_class_or_too_many_are_refused_by_name(tmp_path, method):
     # two classes with sparse ids: a million classes to the proxies (all 24 GB of memory, then killed)
     y = np.repeat([0, 1_000_000], 50)
     dataset = write_dataset(str(tmp_path / "sparse.zarr"), [{"x": np.ones((100, 4), np.float32), "y": y}])
     with pytest.raises(DatasetError, match=r"label array 'y' of .*sparse.zarr' names 1,000,001 classes .* 32,768"):
         make_selector(method).select(dataset, 0.2)
     assert Random(class_balanced=True).select(dataset, 0.2).ids.size == 20  # only the counts per class
+    single = write_dataset(str(tmp_path / "one.zarr"), [{"x": np.ones((100, 4), np.float32), "y": np.zeros(100, int)}])
+    with pytest.raises(DatasetError, match=r"label array 'y' of .*one.zarr' holds a single class"):
+        make_selector(method).select(single, 0.2)
 
 
 def test_every_method_is_registered_and_random_is_the_baseline(blobs):
