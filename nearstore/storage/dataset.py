@@ -266,7 +266,7 @@ def _size_or_zero(fs: fsspec.AbstractFileSystem, path: str) -> int:
 # s3fs (aiobotocore) keeps 10 connections to S3 by default: at 20 ms to the first byte, a read of 169
 # ranges waits for 17 round trips, where the reader plans for 32 requests in flight (`Coalescing`).
 # Measured through the bench's link (tests/slow_link.py): a read of 101 ranges took 0.80-0.85 s on 10
-# connections and 0.55-0.56 s on 32 once they were open (opening 32 through that Python link: ~1 s).
+# connections and 0.55-0.56 s on 32 once they were open (opened at once: 0.60 s for the first read).
 S3_CONNECTIONS = 32
 
 
