@@ -14,6 +14,14 @@ DEFAULT_METHOD = "graft"
 # pools 1.5x the budget, not 2x: a pool of twice the budget would be over two thirds of the data,
 # and MaxVol would keep 64 of every 128 (such rounds cost 0.11-0.14 of a full-data epoch).
 LARGE_BUDGET = 1 / 3
+# Round 0, before there is a model: a class whose budget is under this many samples keeps a draw of
+# what the model-free proxy does not suspect, not GRAFT's picks. MaxVol over that weak proxy's
+# gradients takes a class's outliers, which pays only once a class keeps enough samples to cover its
+# bulk too (data-poor pruning should keep easy samples: Sorscher et al., 2022). Round 0 alone, the
+# draw against MaxVol's picks: digits at 14 samples a class +10 to +25 points (clean, noisy), at 35
+# and 70 −1.7 to +3.9; token sequences at 120 +9.6 and +14.5; MNIST-1D at 100 −2.0 ± 5.9, at 250 and
+# 500 −3.5 and −4.1 (docs/benchmarks.md#round-0-on-small-budgets-2026-12-05-evening).
+DRAW_BELOW = 128
 
 
 def default_window(keep: float) -> int:

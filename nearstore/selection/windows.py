@@ -31,6 +31,7 @@ from nearstore.selection.stages import (
     Embedded,
     Scan,
     SuspectsFound,
+    informed,
     log,
     mute_suspects,
     scan_io,
@@ -74,10 +75,10 @@ class ClassWindows:
             yield self._cut(group, ids[start:stop], tuple(p[start:stop] for p in parts), last=False)
         self._pending[group] = ids[end:], tuple(p[end:] for p in parts)
 
-    def finish(self) -> Iterator[tuple[np.ndarray, Window]]:
-        """Each class's last window."""
+    def finish(self) -> Iterator[tuple[int, np.ndarray, Window]]:
+        """Each class's last window: (class, ids, (parts, budget)) each."""
         for group, (ids, parts) in self._pending.items():
-            yield self._cut(group, ids, parts, last=True)
+            yield group, *self._cut(group, ids, parts, last=True)
         self._pending.clear()
 
     def _cut(
@@ -99,6 +100,7 @@ class Windowed(Protocol):
     factored: bool  # whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x
     mute_suspects: bool  # whether samples with suspected label errors get zero gradients (factored)
     draw_uninformed: bool  # whether a proxy that knows nothing of the labels gets a draw, not a pick (factored)
+    draw_below: int  # with the model-free proxy, classes whose budget is under this many get a draw (factored)
 
     def params(self) -> dict[str, Any]: ...
 
@@ -117,23 +119,24 @@ def unscored(ids: np.ndarray) -> Pick:
 
 
 class Decisions:
-    """Windows waiting for a method's pick, and what the decided ones keep. While `draw()` says so
-    (the proxy knows nothing of the labels), a window keeps a seeded random draw instead: its
-    samples with a gradient first, muted ones (zero gradients) only where those run out."""
+    """Windows waiting for a method's pick, and what the decided ones keep. Where `draw(class)` says
+    so (the proxy knows nothing of the labels, or the class's budget is small), a window keeps a
+    seeded random draw instead: its samples with a gradient first, muted ones (zero gradients)
+    only where those run out."""
 
-    def __init__(self, pick: Picker, draw: Callable[[], bool] = lambda: False, seed: int = 0) -> None:
+    def __init__(self, pick: Picker, draw: Callable[[int], bool] = lambda group: False, seed: int = 0) -> None:
         self.pick, self.draw, self.seed = pick, draw, seed
         self.waiting: list[tuple[np.ndarray, Window]] = []
         self.kept: list[Pick] = []  # (ids, weights, scores) of each decided window
         self.drawn = 0  # windows decided by a draw
 
-    def add(self, ids: np.ndarray, window: Window) -> None:
-        """A window with its budget: kept whole where the budget holds it, drawn from while `draw()`
-        says so, else left to `pick`."""
+    def add(self, group: int, ids: np.ndarray, window: Window) -> None:
+        """A window of class `group` with its budget: kept whole where the budget holds it, drawn
+        from where `draw(group)` says so, else left to `pick`."""
         parts, k = window
         if k >= len(ids):  # nothing to decide
             self.kept.append(unscored(ids))
-        elif k and self.draw():
+        elif k and self.draw(group):
             rng = np.random.default_rng([self.seed, int(ids[0])])  # a window is known by its first id
             live = (parts[0] != 0).any(1).cpu().numpy()
             order = np.concatenate([rng.permutation(np.flatnonzero(live)), rng.permutation(np.flatnonzero(~live))])
@@ -198,16 +201,23 @@ class WindowedPart:
 
 
 def decide(
-    stream: Iterable[Embedded], windows: ClassWindows, selector: Windowed, num_classes: int, seed: int
+    stream: Iterable[Embedded],
+    windows: ClassWindows,
+    selector: Windowed,
+    num_classes: int,
+    seed: int,
+    drawn_classes: frozenset[int] = frozenset(),
 ) -> WindowedPart:
     """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
-    proxy knows nothing of the labels, or picked by the selector, `at_once` windows together."""
+    proxy knows nothing of the labels or for the classes in `drawn_classes`, or picked by the
+    selector, `at_once` windows together."""
     found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed else None
-    draw = lambda: False  # noqa: E731
+    uninformed = lambda: False  # noqa: E731
     if found is not None:
         stream = mute_suspects(stream, num_classes, found, mute=selector.mute_suspects)
         if selector.draw_uninformed:
-            draw = lambda: not found.informed(num_classes)  # noqa: E731
+            uninformed = lambda: not found.informed(num_classes)  # noqa: E731
+    draw = lambda group: group in drawn_classes or uninformed()  # noqa: E731
     decisions, at_once = Decisions(selector.pick, draw, seed), selector.at_once(windows.window)
     # what the selector sums over the round's samples for the next round (a method keeping nothing has no tally)
     tally, totals = getattr(selector, "tally", lambda parts: {}), {}
@@ -216,7 +226,7 @@ def decide(
         totals = added(totals, tally(parts))
         for group, rows in groups.items():
             for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
-                decisions.add(*cut)
+                decisions.add(group, *cut)
                 if len(decisions.waiting) >= at_once:
                     decisions.decide()
     for cut in windows.finish():
@@ -243,11 +253,13 @@ def windowed_pass(
     before: np.ndarray | None,
     seed: int,
     progress: bool,
+    drawn: frozenset[int] = frozenset(),
 ) -> WindowedPart:
     """The pass over `shards` (consecutive) of a scan: every sample embedded, windowed per class and
     decided. A class keeps `budgets[c]` = (total, of) of its samples, or `keep` of them (None);
     before: each class's samples in the shards before shard s, (num_shards + 1, C) (None: from the
-    first shard), so that rounded running totals keep the budgets exact across partitions."""
+    first shard), so that rounded running totals keep the budgets exact across partitions; the
+    classes in `drawn` keep a draw (`decide`)."""
     stream = scan.embeddings(
         progress,
         f"{selector.method} pass 1/1",
@@ -257,7 +269,7 @@ def windowed_pass(
     )
     seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
-    return decide(stream, windows, selector, scan.proxy.num_classes, seed)
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn)
 
 
 def pooled_pass(
@@ -271,18 +283,19 @@ def pooled_pass(
     reads: Coalescing,
     seed: int,
     progress: bool,
+    drawn: frozenset[int] = frozenset(),
 ) -> WindowedPart:
     """The pass over the pooled samples (`pools`: {class: sorted ids}) that lie in `shards`
     (consecutive): read (coalescing as `reads`), embedded, windowed per class and decided; class c
     keeps budgets[c] of its len(pools[c]) pooled samples, its running count starting at its
-    pooled samples before these shards."""
+    pooled samples before these shards; the classes in `drawn` keep a draw (`decide`)."""
     first, end = shards[0] * scan.reader.dataset.shard_samples, (shards[-1] + 1) * scan.reader.dataset.shard_samples
     bounds = {c: np.searchsorted(members, [first, end]) for c, members in pools.items()}
     mine = {c: members[a:b] for (c, members), (a, b) in zip(pools.items(), bounds.values()) if b > a}
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
-    part = decide(stream, windows, selector, scan.proxy.num_classes, seed)
+    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn)
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
     return part
@@ -314,27 +327,39 @@ def windowed_select(
     or on a Dask cluster, a task a partition of consecutive shards, each windowing its own shards'
     samples (or pooled samples: a window does not straddle two partitions) with the class budgets
     kept exact by running counts that start where the partition does, each judging labels and the
-    proxy on what it streams."""
+    proxy on what it streams.
+
+    With the model-free proxy (`proxy` None), the classes whose budget is under
+    `selector.draw_below` keep a seeded draw of their samples the proxy does not suspect, not the
+    selector's picks (`policy.DRAW_BELOW`)."""
     check_keep(keep)
     check_seed(seed)
     started = time.perf_counter()
     executor = executor or LocalExecutor()
     window = selector.window_for(keep)
-    labels_whole = pool is not None or budget_power != 1 or executor.name != "local"  # read_labels below
+    small_drawn = proxy is None and selector.draw_below > 0  # needs the class budgets: labels read first
+    labels_whole = pool is not None or budget_power != 1 or executor.name != "local" or small_drawn
     scan = Scan.open(dataset, selector.method, proxy, seed, device, keep_labels=labels_whole)
     readers, worker_reads = [scan.reader], {"bytes": 0, "requests": 0}
+
+    def drawn(counts: dict[int, int]) -> frozenset[int]:
+        return frozenset(c for c, k in counts.items() if k < selector.draw_below) if small_drawn else frozenset()
+
     if pool is None:
-        budgets, before = None, None
-        if budget_power != 1 or executor.name != "local":
+        budgets, before, small = None, None, frozenset()
+        if labels_whole:
             labels, labels_reader = read_labels(dataset, "budgets by class size")
             readers.append(labels_reader)
             sizes = class_sizes(labels)
+            counts = class_budgets(sizes, keep, budget_power)
+            small = drawn(counts)
             if budget_power != 1:
-                counts = class_budgets(sizes, keep, budget_power)
                 budgets = {c: (counts[c], sizes[c]) for c in sizes}
             if executor.name != "local":  # each partition starts its classes' running counts where it starts
                 before = _class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
-        arguments = dict(selector=selector, window=window, budgets=budgets, keep=keep, before=before, seed=seed)
+        arguments = dict(
+            selector=selector, window=window, budgets=budgets, keep=keep, before=before, seed=seed, drawn=small
+        )
         part, worker_reads = executor.map_reduce(
             scan, windowed_pass, WindowedPart.merge, progress=progress, **arguments
         )
@@ -344,12 +369,22 @@ def windowed_select(
         budgets, pools = class_pools(
             labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
         )
-        arguments = dict(selector=selector, window=window, budgets=budgets, pools=pools, reads=pool_reads, seed=seed)
+        small = drawn(budgets)
+        arguments = dict(
+            selector=selector, window=window, budgets=budgets, pools=pools, reads=pool_reads, seed=seed, drawn=small
+        )
         part, worker_reads = executor.map_reduce(scan, pooled_pass, WindowedPart.merge, progress=progress, **arguments)
 
     if executor.name == "local":  # the scan's own reader did that reading: scan_io counts it
         worker_reads = {"bytes": 0, "requests": 0}
-    if part.drawn:
+    if small:
+        log.info(
+            "%s: %d classes with budgets under %d samples drawn from what the model-free proxy does not suspect",
+            selector.method,
+            len(small),
+            selector.draw_below,
+        )
+    if part.drawn and not informed(part.mean_top, scan.proxy.num_classes):
         log.info(
             "%s: the proxy knows nothing of the labels (mean top-class probability %.3f, under %g / %d): "
             "%d windows drawn at random",
@@ -370,6 +405,7 @@ def windowed_select(
             "proxy": type(scan.proxy).__name__,
             "previous": None if previous is None else len(previous),
             "windows_drawn": part.drawn,
+            "classes_drawn": len(small),
             **selector.params(),
             "window": window,
             **({} if executor.name == "local" else {"executor": executor.name}),

@@ -106,6 +106,8 @@ class WindowedSelector(Selector):
     factored: ClassVar[bool] = False
     # Whether a window scored by a proxy that knows nothing of the labels keeps a random draw.
     draw_uninformed: ClassVar[bool] = False
+    # With the model-free proxy, classes whose budget is under this many samples keep a draw (0: none).
+    draw_below: ClassVar[int] = 0
 
     def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         return windowed_select(

@@ -12,7 +12,7 @@ import torch
 from kernels import maxvol, pivoted_cholesky
 from nearstore.checks import check_flag, check_range
 from nearstore.errors import ParameterError
-from nearstore.selection.policy import default_window
+from nearstore.selection.policy import DRAW_BELOW, default_window
 from nearstore.selection.selectors.base import (
     MAX_GRAM_ENTRIES,
     WindowedSelector,
@@ -60,6 +60,10 @@ class Graft(WindowedSelector):
         picks: such a proxy's gradients are its random features, and their volume favours outliers.
         (digits at 10%, 5 seeds: 82.3% against 77.6% without, a fresh class-balanced draw 82.3%;
         on MNIST-1D it fires only at 5% with a long tail.) Needs factored gradients.
+    draw_below: with the model-free proxy (round 0: no `proxy` given), a class whose budget is under
+        this many samples keeps a seeded draw of its samples that are not muted, not MaxVol's picks
+        (`policy.DRAW_BELOW`, 128: MaxVol over that proxy takes a class's outliers, which pays only
+        once a class has enough picks to cover its bulk too). 0: MaxVol at every budget.
     budget_power: a class's budget grows as n_c^budget_power (`plan.class_budgets`, the labels
         read first): 1 keeps each class in proportion, as a uniform draw would; 0.5, square-root
         sampling, gives a long tail's classes more than their share at the head's expense (the
@@ -83,6 +87,7 @@ class Graft(WindowedSelector):
     mute_suspects: bool = True
     budget_power: float = 0.5
     draw_uninformed: bool = True
+    draw_below: int = DRAW_BELOW
 
     def __post_init__(self) -> None:
         check_window(self.window)
@@ -97,6 +102,7 @@ class Graft(WindowedSelector):
         check_flag("mute_suspects", self.mute_suspects)
         check_range("budget_power", self.budget_power, 0, 1)
         check_flag("draw_uninformed", self.draw_uninformed)
+        check_range("draw_below", self.draw_below, 0, integer=True)
 
     factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
 

@@ -97,7 +97,7 @@ def test_class_windows_follow_the_plan_however_the_stream_is_cut(labels, batch, 
             for cut_ids, ((parts,), k) in windows.add(c, ids[part][rows], (values,)):
                 assert torch.equal(parts, torch.from_numpy(cut_ids))  # embeddings travel with their ids
                 got.setdefault(c, []).append((cut_ids, k))
-    for cut_ids, (_, k) in windows.finish():  # each class's last window
+    for _, cut_ids, (_, k) in windows.finish():  # each class's last window
         got.setdefault(int(labels[cut_ids[0]]), []).append((cut_ids, k))
     for c in np.unique(labels).tolist():
         members = np.flatnonzero(labels == c)

@@ -25,6 +25,7 @@ from nearstore import (
     write_dataset,
 )
 from nearstore.selection.plan import class_budgets, class_sizes, share, window_bounds
+from nearstore.selection.policy import DRAW_BELOW
 from nearstore.selection.selectors import next_round
 from nearstore.selection.windows import Decisions
 
@@ -255,6 +256,8 @@ def test_bad_input_is_named(blobs, tmp_path):
         ("crest", {"coreset_window": 1}, r"coreset_window must be an integer in \[2, 8192\], got 1"),
         ("crest", {"coreset": 1}, "coreset must be True or False, got 1"),
         ("graft", {"draw_uninformed": "yes"}, "draw_uninformed must be True or False, got 'yes'"),
+        ("graft", {"draw_below": -1}, r"draw_below must be an integer >= 0, got -1"),
+        ("graft", {"draw_below": 12.5}, r"draw_below must be an integer >= 0, got 12.5"),
     ],
 )
 def test_options_are_checked_by_name_when_a_selector_is_made(method, options, message):
@@ -451,6 +454,61 @@ def test_a_proxy_that_knows_nothing_gets_a_seeded_draw_not_maxvols_picks(blobs):
     )
 
 
+@pytest.fixture(scope="module")
+def tailed(tmp_path_factory):
+    """2,600 samples: a class of 2,000 and two of 300, Gaussian, shards of 64; at 20% with
+    square-root budgets the head keeps 293 (over DRAW_BELOW), the tail classes 114 and 113 (under it)."""
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), (2000, 300, 300))
+    rng.shuffle(y)
+    x = (rng.normal(size=(len(y), 6)) + 2.5 * np.eye(3, 6)[y]).astype(np.float32)
+    url = str(tmp_path_factory.mktemp("tailed") / "tailed.zarr")
+    write_dataset(url, [{"x": x, "y": y}], shard_samples=64)
+    return url, y
+
+
+def test_round_zero_draws_the_unsuspected_of_classes_with_small_budgets(tailed):
+    url, y = tailed
+    default = Graft().select(open_dataset(url), 0.2, seed=3)  # no proxy: round 0, the model-free one
+    picked = Graft(draw_below=0).select(open_dataset(url), 0.2, seed=3)
+    budgets = class_budgets(class_sizes(y), 0.2, 0.5)
+    assert [budgets[c] for c in range(3)] == [293, 114, 113] and DRAW_BELOW == 128
+    assert default.params["classes_drawn"] == 2 and picked.params["classes_drawn"] == 0
+    np.testing.assert_array_equal(np.bincount(y[default.ids]), [293, 114, 113])
+    # the head's windows are MaxVol's picks, as without the rule
+    np.testing.assert_array_equal(default.ids[y[default.ids] == 0], picked.ids[y[picked.ids] == 0])
+    # each tail window keeps a draw keyed by (seed, its first id) from the samples not suspected
+    suspected = np.zeros(len(y), dtype=bool)
+    suspected[default.suspects.ids] = True
+    expected = []
+    for c in (1, 2):
+        members = np.flatnonzero(y == c)
+        for start, end in window_bounds(len(members), 128):
+            k = share(budgets[c], len(members), start, end)
+            rng = np.random.default_rng([3, int(members[start])])
+            clear = suspected[members[start:end]]
+            order = np.concatenate([rng.permutation(np.flatnonzero(~clear)), rng.permutation(np.flatnonzero(clear))])
+            expected += members[start:end][np.sort(order[:k])].tolist()
+    np.testing.assert_array_equal(default.ids[y[default.ids] > 0], np.sort(expected))
+    assert not np.array_equal(default.ids, picked.ids)
+    # with the trainer's model as the proxy (a later round), MaxVol picks at every budget
+    proxy = RandomFeatureProxy(3, width=16, seed=1).fit(open_dataset(url).arrays["x"][:], y)
+    with_model = Graft().select(open_dataset(url), 0.2, proxy=proxy, seed=3)
+    assert with_model.params["classes_drawn"] == 0
+    np.testing.assert_array_equal(
+        with_model.ids, Graft(draw_below=0).select(open_dataset(url), 0.2, proxy=proxy, seed=3).ids
+    )
+
+
+def test_round_zero_on_a_small_noisy_set_keeps_fewer_wrong_labels_than_random(noisy):
+    url, flipped, _ = noisy  # 300 samples a class: at 20%, budgets of 60, drawn from the unsuspected
+    for seed in (0, 1, 2):
+        default = Graft().select(open_dataset(url), 0.2, seed=seed)
+        drawn = Random(class_balanced=True).select(open_dataset(url), 0.2, seed=seed)
+        assert default.params["classes_drawn"] == 4 and len(default) == len(drawn)
+        assert flipped[default.ids].mean() < flipped[drawn.ids].mean() / 2, (seed, flipped[default.ids].mean())
+
+
 def test_a_draw_takes_muted_samples_only_when_the_others_run_out():
     def pick(_):
         raise AssertionError("a drawn window is not picked")
@@ -459,9 +517,9 @@ def test_a_draw_takes_muted_samples_only_when_the_others_run_out():
     residual[[1, 4, 7]] = 0  # muted: zero gradients
     parts = (residual, torch.ones(10, 2))
     ids = np.arange(100, 110)
-    decisions = Decisions(pick, lambda: True, seed=0)
-    decisions.add(ids, (parts, 7))  # the 7 with a gradient, all of them
-    decisions.add(ids + 10, (parts, 9))  # and 2 of the 3 muted
+    decisions = Decisions(pick, lambda group: True, seed=0)
+    decisions.add(0, ids, (parts, 7))  # the 7 with a gradient, all of them
+    decisions.add(0, ids + 10, (parts, 9))  # and 2 of the 3 muted
     (first, weights, _), (second, _, _) = decisions.kept
     np.testing.assert_array_equal(first, [100, 102, 103, 105, 106, 108, 109])
     assert np.all(weights == 1) and len(second) == 9 and set(first + 10) < set(second)
