@@ -23,9 +23,10 @@ bench/selection_quality.py's graft-dynamic); and all data, the ceiling. Case sym
 training labels replaced by a uniformly random class (`noisy_labels`). Also measured: what the
 model-free proxy knows, the test accuracy of its heads fitted on 4,096 training samples. Round 0
 alone with a part of the default taken away (`--methods`): "default, unmuted" (no suspects
-muted), "default, directions" (MaxVol on gradient directions, `norm_power=0`), and "unsuspected,
-drawn" (as many samples a class as the default picks, drawn at random from those its proxy does
-not suspect).
+muted), "default, directions" (MaxVol on gradient directions, `norm_power=0`), "default, picked"
+(MaxVol's picks for classes of any budget, `draw_below=0`: the default until 2026-12-05, evening),
+and "unsuspected, drawn" (as many samples a class as the default picks, drawn at random from those
+its proxy does not suspect).
 Prints mean ± std test accuracy over seeds, the paired gain over random (mean ± std, seeds
 ahead), the share of wrong labels selected (the mean over rounds), the share of the training set
 trained on over all rounds ("distinct") and seconds; writes ragged_selection.json and .png.
@@ -64,7 +65,11 @@ BATCH = 128
 WARMUP = 4096  # samples the model-free proxy's heads are fitted on (GRAFT's warm-up)
 CASES = {"clean": 0.0, "sym20": 0.2}
 # Round 0 alone, the default's parts taken away (`--methods`): what loses at 10% (docs/benchmarks.md)
-ONCE = {"default, unmuted": {"mute_suspects": False}, "default, directions": {"norm_power": 0.0}}
+ONCE = {
+    "default, unmuted": {"mute_suspects": False},
+    "default, directions": {"norm_power": 0.0},
+    "default, picked": {"draw_below": 0},  # MaxVol for classes of any budget (the default until 2026-12-05)
+}
 
 
 def token_sequences(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

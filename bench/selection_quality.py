@@ -16,8 +16,10 @@ classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
   round, later rounds on a pool of twice the budget with the trainer's model, the curvature's
   running average handed on; adacore-dynamic-fresh: each round its own curvature);
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
-  tempered gradients, suspected label errors muted), graft-unmuted without muting, graft-raw-w512
-  the round 0 of 2026-11 (raw gradients, windows of 512);
+  tempered gradients, suspected label errors muted, a class under 128 samples drawn from the
+  unsuspected), graft-unmuted without muting, graft-raw-w512 the round 0 of 2026-11 (raw gradients,
+  windows of 512), graft-picked with MaxVol's picks for every class (`draw_below=0`), graft-drawn
+  with every class drawn;
 - graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
   epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
   `reselect` (its default, `default_reselect`: GRAFT on a fresh pool of twice the budget, 1.5x in
@@ -27,7 +29,8 @@ classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
   random-dynamic from uniform, random-balanced-dynamic (the bar under label noise) from a
   class-balanced draw, drawn afresh every round. graft-dynamic-unmuted, -carried and -2026-12-03
   take the parts the default path gained on 2026-12-04 away (see DYNAMIC), and
-  graft-dynamic-proportional its square-root class budgets (`budget_power=1`); the other graft-dynamic
+  graft-dynamic-proportional its square-root class budgets (`budget_power=1`), graft-dynamic-picked-start
+  its round 0's draw for small classes (`draw_below=0`); the other graft-dynamic
   variants are the ablations of the 2026-12-03 path. graft-dynamic-warm trains on all data for 2
   epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
@@ -90,6 +93,10 @@ STATIC = {
     "graft": (DEFAULT_METHOD, {}),
     "graft-unmuted": ("graft", UNMUTED),
     "graft-directions": ("graft", {"norm_power": 0.0}),  # MaxVol on gradient directions alone
+    # Round 0 with MaxVol's picks for classes of any budget (the default until 2026-12-05, evening),
+    # and with every class's samples drawn from those the proxy does not suspect.
+    "graft-picked": ("graft", {"draw_below": 0}),
+    "graft-drawn": ("graft", {"draw_below": 1 << 62}),
     "graft-raw-w512": ("graft", {**RAW_W512, **UNMUTED}),
     "craig": ("craig", {}),
     "adacore": ("adacore", {}),
@@ -111,6 +118,9 @@ DYNAMIC = {
     "graft-dynamic-balanced-start": (BALANCED_START, None),
     # MaxVol's picks whatever the proxy knows (the default until 2026-12-05: no draw when it knows nothing).
     "graft-dynamic-no-draw": ((DEFAULT_METHOD, NO_DRAW), ("default", NO_DRAW)),
+    # Round 0's MaxVol picks for classes of any budget (the default until 2026-12-05, evening: no
+    # draw for classes under DRAW_BELOW samples), later rounds the default.
+    "graft-dynamic-picked-start": ((DEFAULT_METHOD, {"draw_below": 0}), None),
     # Round 0 on gradient directions alone (norm_power=0), later rounds the default.
     "graft-dynamic-directions-start": ((DEFAULT_METHOD, {"norm_power": 0.0}), None),
     # The default of 2026-12-03 at every budget: pools of twice the budget in windows of 128.
