@@ -29,6 +29,9 @@ from nearstore.storage.reader import SHORT_READ_BACKOFF
 
 N, SHARD = 1000, 100
 URL = "s3://nearstore-chaos/ids.zarr"
+# A stall outlasts the client's timeouts (a quarter of it): 0.5 s, as moto, the proxy and the client
+# share one process's GIL on 2 cores, where 0.125 s timed out answers nobody delayed, 5 times in a row.
+STALL = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def s3_ids(s3) -> str:
 
 @pytest.fixture
 def proxy(s3):
-    with FaultyProxy(s3.endpoint, rate=0.0, stall_seconds=0.5, where=shard_object) as proxy:
+    with FaultyProxy(s3.endpoint, rate=0.0, stall_seconds=STALL, where=shard_object) as proxy:
         yield proxy
 
 
@@ -63,7 +66,7 @@ def test_the_tally_sees_lost_repeated_and_wrong_samples():
 @pytest.mark.parametrize("fault", FAULTS)
 def test_each_transient_fault_is_healed_by_a_retry_not_reported_as_damage(fault, s3, s3_ids):
     ids = np.arange(0, N, 25)
-    with FaultyProxy(s3.endpoint, rate=1.0, faults=[fault], budget=2, stall_seconds=0.5, where=shard_object) as proxy:
+    with FaultyProxy(s3.endpoint, rate=1.0, faults=[fault], budget=2, stall_seconds=STALL, where=shard_object) as proxy:
         reader = SelectiveReader(open_dataset(URL, storage_options=proxy_options(proxy, s3.storage_options)))
         out = reader.read(ids)
     assert proxy.injected == {fault: 2}
