@@ -253,13 +253,13 @@ def windowed_pass(
     before: np.ndarray | None,
     seed: int,
     progress: bool,
-    drawn: frozenset[int] = frozenset(),
+    drawn_classes: frozenset[int] = frozenset(),
 ) -> WindowedPart:
     """The pass over `shards` (consecutive) of a scan: every sample embedded, windowed per class and
     decided. A class keeps `budgets[c]` = (total, of) of its samples, or `keep` of them (None);
     before: each class's samples in the shards before shard s, (num_shards + 1, C) (None: from the
     first shard), so that rounded running totals keep the budgets exact across partitions; the
-    classes in `drawn` keep a draw (`decide`)."""
+    classes in `drawn_classes` keep a draw (`decide`)."""
     stream = scan.embeddings(
         progress,
         f"{selector.method} pass 1/1",
@@ -269,7 +269,7 @@ def windowed_pass(
     )
     seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
-    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn)
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes)
 
 
 def pooled_pass(
@@ -283,19 +283,19 @@ def pooled_pass(
     reads: Coalescing,
     seed: int,
     progress: bool,
-    drawn: frozenset[int] = frozenset(),
+    drawn_classes: frozenset[int] = frozenset(),
 ) -> WindowedPart:
     """The pass over the pooled samples (`pools`: {class: sorted ids}) that lie in `shards`
     (consecutive): read (coalescing as `reads`), embedded, windowed per class and decided; class c
     keeps budgets[c] of its len(pools[c]) pooled samples, its running count starting at its
-    pooled samples before these shards; the classes in `drawn` keep a draw (`decide`)."""
+    pooled samples before these shards; the classes in `drawn_classes` keep a draw (`decide`)."""
     first, end = shards[0] * scan.reader.dataset.shard_samples, (shards[-1] + 1) * scan.reader.dataset.shard_samples
     bounds = {c: np.searchsorted(members, [first, end]) for c, members in pools.items()}
     mine = {c: members[a:b] for (c, members), (a, b) in zip(pools.items(), bounds.values()) if b > a}
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
-    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn)
+    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes)
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
     return part
@@ -342,7 +342,7 @@ def windowed_select(
     scan = Scan.open(dataset, selector.method, proxy, seed, device, keep_labels=labels_whole)
     readers, worker_reads = [scan.reader], {"bytes": 0, "requests": 0}
 
-    def drawn(counts: dict[int, int]) -> frozenset[int]:
+    def small_classes(counts: dict[int, int]) -> frozenset[int]:
         return frozenset(c for c, k in counts.items() if k < selector.draw_below) if small_drawn else frozenset()
 
     if pool is None:
@@ -352,13 +352,13 @@ def windowed_select(
             readers.append(labels_reader)
             sizes = class_sizes(labels)
             counts = class_budgets(sizes, keep, budget_power)
-            small = drawn(counts)
+            small = small_classes(counts)
             if budget_power != 1:
                 budgets = {c: (counts[c], sizes[c]) for c in sizes}
             if executor.name != "local":  # each partition starts its classes' running counts where it starts
                 before = _class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
         arguments = dict(
-            selector=selector, window=window, budgets=budgets, keep=keep, before=before, seed=seed, drawn=small
+            selector=selector, window=window, budgets=budgets, keep=keep, before=before, seed=seed, drawn_classes=small
         )
         part, worker_reads = executor.map_reduce(
             scan, windowed_pass, WindowedPart.merge, progress=progress, **arguments
@@ -369,9 +369,15 @@ def windowed_select(
         budgets, pools = class_pools(
             labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
         )
-        small = drawn(budgets)
+        small = small_classes(budgets)
         arguments = dict(
-            selector=selector, window=window, budgets=budgets, pools=pools, reads=pool_reads, seed=seed, drawn=small
+            selector=selector,
+            window=window,
+            budgets=budgets,
+            pools=pools,
+            reads=pool_reads,
+            seed=seed,
+            drawn_classes=small,
         )
         part, worker_reads = executor.map_reduce(scan, pooled_pass, WindowedPart.merge, progress=progress, **arguments)
 

@@ -427,6 +427,23 @@ def test_muting_suspects_keeps_flipped_labels_out_and_reports_them(noisy):
     assert np.all(muted.suspects.labels != open_dataset(url).labels[:][muted.suspects.ids])
 
 
+def expected_draw(y, classes, budgets, window, seed, suspects=()) -> np.ndarray:
+    """The ids a draw keeps: per window of a class, its share of the class's budget, the samples not
+    suspected first, in an order drawn by a generator keyed by (seed, the window's first id)."""
+    suspected = np.zeros(len(y), dtype=bool)
+    suspected[np.asarray(suspects, dtype=np.int64)] = True
+    expected = []
+    for c in classes:
+        members = np.flatnonzero(y == c)
+        for start, end in window_bounds(len(members), window):
+            k = share(budgets[c], len(members), start, end)
+            rng = np.random.default_rng([seed, int(members[start])])
+            clear = suspected[members[start:end]]
+            order = np.concatenate([rng.permutation(np.flatnonzero(~clear)), rng.permutation(np.flatnonzero(clear))])
+            expected += members[start:end][np.sort(order[:k])].tolist()
+    return np.sort(expected)
+
+
 def test_a_proxy_that_knows_nothing_gets_a_seeded_draw_not_maxvols_picks(blobs):
     dataset, _, y, informed = blobs
     blank = torch.nn.Linear(6, 3)
@@ -435,15 +452,8 @@ def test_a_proxy_that_knows_nothing_gets_a_seeded_draw_not_maxvols_picks(blobs):
     drawn = Graft(window=64).select(dataset, 0.2, proxy=uninformed, seed=5)
     picked = Graft(window=64, draw_uninformed=False).select(dataset, 0.2, proxy=uninformed, seed=5)
     assert drawn.params["windows_drawn"] > 0 and picked.params["windows_drawn"] == 0
-    expected = []  # per window of a class, its share of the budget drawn by a generator keyed by round and window
     budgets = class_budgets(class_sizes(y), 0.2, 0.5)
-    for c in range(3):
-        members = np.flatnonzero(y == c)
-        for start, end in window_bounds(len(members), 64):
-            k = share(budgets[c], len(members), start, end)
-            order = np.random.default_rng([5, int(members[start])]).permutation(end - start)
-            expected += members[start:end][np.sort(order[:k])].tolist()
-    np.testing.assert_array_equal(drawn.ids, np.sort(expected))
+    np.testing.assert_array_equal(drawn.ids, expected_draw(y, range(3), budgets, 64, 5))
     assert not np.array_equal(drawn.ids, picked.ids)
     assert not np.array_equal(drawn.ids, Graft(window=64).select(dataset, 0.2, proxy=uninformed, seed=6).ids)
     # a proxy that knows the labels is judged informed: MaxVol decides, as without the rule
@@ -478,18 +488,8 @@ def test_round_zero_draws_the_unsuspected_of_classes_with_small_budgets(tailed):
     # the head's windows are MaxVol's picks, as without the rule
     np.testing.assert_array_equal(default.ids[y[default.ids] == 0], picked.ids[y[picked.ids] == 0])
     # each tail window keeps a draw keyed by (seed, its first id) from the samples not suspected
-    suspected = np.zeros(len(y), dtype=bool)
-    suspected[default.suspects.ids] = True
-    expected = []
-    for c in (1, 2):
-        members = np.flatnonzero(y == c)
-        for start, end in window_bounds(len(members), 128):
-            k = share(budgets[c], len(members), start, end)
-            rng = np.random.default_rng([3, int(members[start])])
-            clear = suspected[members[start:end]]
-            order = np.concatenate([rng.permutation(np.flatnonzero(~clear)), rng.permutation(np.flatnonzero(clear))])
-            expected += members[start:end][np.sort(order[:k])].tolist()
-    np.testing.assert_array_equal(default.ids[y[default.ids] > 0], np.sort(expected))
+    expected = expected_draw(y, (1, 2), budgets, 128, 3, suspects=default.suspects.ids)
+    np.testing.assert_array_equal(default.ids[y[default.ids] > 0], expected)
     assert not np.array_equal(default.ids, picked.ids)
     # with the trainer's model as the proxy (a later round), MaxVol picks at every budget
     proxy = RandomFeatureProxy(3, width=16, seed=1).fit(open_dataset(url).arrays["x"][:], y)
