@@ -5,10 +5,11 @@
 
 Every run trains the same model from the StreamingLoader (torch backend) for the same number of
 epochs; the seed sets the model's initialisation, the shuffles and the selector's randomness.
-Datasets: MNIST-1D (50,000 signals, a 1D CNN), sklearn's digits (1,400 of 8 x 8, an MLP, in batches of 16),
-shapes (10,000 generated JPEGs of 48-160 px, decoded and augmented at 32 x 32 in the loader, the
-demo's 2D CNN, in batches of 32; its proxy sees 32 x 32 thumbnails) and classes100 (30,000 generated samples of 100
-classes, Gaussian mixtures in 64 dimensions, an MLP: the rules at many classes).
+Datasets: MNIST-1D (50,000 signals, a 1D CNN), sklearn's digits (1,400 of 8 x 8, an MLP, in
+batches of 16), shapes (10,000 generated JPEGs of 48-160 px, decoded and augmented at 32 x 32 in
+the loader, the demo's 2D CNN, in batches of 32 at a rate of 1e-3; its proxy sees 32 x 32
+thumbnails) and classes100 (30,000 generated samples of 100 classes, Gaussian mixtures in 64
+dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3 in batches of 128.
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig, adacore: one selection before training, by the model-free proxy beside the
@@ -72,7 +73,7 @@ from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E
 from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, noisy_labels  # noqa: E402
 from nearstore.app.demo import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from nearstore.app.synthetic import ensure_shapes  # noqa: E402
-from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
+from nearstore.app.training import LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, DaskExecutor, default_reselect, local_cluster, make_selector  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
@@ -156,11 +157,13 @@ ON_DASK = "@dask"
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
 WARM_START_EPOCHS = {"graft-dynamic-warm": 2, "random-warm": 2}
 METHODS = ["full", *STATIC, *DYNAMIC]
-# Samples a batch, by dataset (BATCH elsewhere). Digits' 1,400 samples in batches of 128 gave a 10%
-# subset 2 steps an epoch, 30 in 15 epochs: it ended far from fitted (random 72.6%, all data ~95%)
-# and its accuracy measured the optimizer's spread (5-11 points); in 16s random reaches 91.9 ± 1.2%.
-# Shapes' 10% took 8 steps an epoch in 128s; in 32s all data fits better (97.6% against 91.4%).
-BATCH, BATCH_BY_DATASET = 128, {"digits": 16, "shapes": 32}
+# The training recipe by dataset, where it is not Adam at LEARNING_RATE in batches of BATCH. Digits'
+# 1,400 samples in batches of 128 gave a 10% subset 2 steps an epoch, 30 in 15 epochs: it ended far
+# from fitted (random 72.6%, all data ~95%) and its accuracy measured the optimizer's spread (5-11
+# points); in 16s random reaches 91.9 ± 1.2%. Shapes' 10% took 8 steps an epoch in 128s (in 32s all
+# data fits better: 97.6% against 91.4%), and at 3e-3 a subset's run often never started learning.
+BATCH = 128
+RECIPES = {"digits": {"batch_size": 16}, "shapes": {"batch_size": 32, "lr": 1e-3}}
 # What the training split suffers (the test split stays clean and balanced): (label noise, its
 # rate, the long tail's imbalance ratio n_max / n_min). Symmetric noise replaces a label by a
 # uniformly random class (which may be the same one); pair noise turns class c into c + 1.
@@ -193,6 +196,7 @@ class Run:
     distinct_samples: int
     steps: int
     batch_size: int = BATCH
+    lr: float = LEARNING_RATE
     balanced_accuracy: float = math.nan  # the mean of the classes' test accuracies
     natural_accuracy: float = math.nan  # the classes' test accuracies weighed as the training split has them
     per_class: list[float] | None = None
@@ -314,7 +318,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
     store = open_dataset(store.url)
-    batch_size = BATCH_BY_DATASET.get(name.split("/")[0].split("+")[0], BATCH)
+    recipe = {"batch_size": BATCH, "lr": LEARNING_RATE, **RECIPES.get(name.split("/")[0].split("+")[0], {})}
     torch.manual_seed(seed)
     model = factory()
     executor = cluster_executor() if method.endswith(ON_DASK) else None
@@ -334,7 +338,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     loader = StreamingLoader(
         store if executor is None else StoreSource(store, executor=executor),
         selection,
-        batch_size=batch_size,
+        batch_size=recipe["batch_size"],
         seed=seed,
         **(order or {}),
         warm_start_epochs=warm,
@@ -358,7 +362,9 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
             noisy.append(float(flipped[loader.ids].mean()))
         return True
 
-    trained = fit(model, loader, epochs, rounds=rounds, evaluate=lambda m: accuracy(m, [test]), weighted=weighted)
+    trained = fit(
+        model, loader, epochs, rounds=rounds, evaluate=lambda m: accuracy(m, [test]), weighted=weighted, lr=recipe["lr"]
+    )
     # seconds of selection and training when each epoch ends (evaluation excluded)
     spent = np.cumsum([trained.round_seconds.get(e, 0.0) + s for e, s in enumerate(trained.epoch_seconds)])
     io = loader.io_stats()
@@ -370,7 +376,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         keep=keep if method != "full" else 1.0,
         seed=seed,
         epochs=epochs,
-        batch_size=batch_size,
+        **recipe,
         accuracy=trained.curve[-1],
         curve=trained.curve,
         seconds=time.perf_counter() - started,
@@ -586,7 +592,7 @@ def main() -> None:
     meta = {
         "epochs": args.epochs,
         "every": args.every,
-        "batch_size": {"default": BATCH, **BATCH_BY_DATASET},
+        "recipes": {"default": {"batch_size": BATCH, "lr": LEARNING_RATE}, **RECIPES},
         "threads": args.threads,
         "target": target,
     }

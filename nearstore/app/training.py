@@ -90,11 +90,12 @@ def fit(
     evaluate: Callable[[nn.Module], float] | None = None,
     weighted: bool = False,
     desc: str | None = None,
+    lr: float = LEARNING_RATE,
 ) -> Fit:
-    """Train `model` with Adam for `epochs` epochs of `loader`; before each, `rounds(epoch)` may run
-    a selection round (timed), after each, `evaluate(model)` may score it (not timed). `desc`: a
-    progress bar's title (None: no bar)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    """Train `model` with Adam at rate `lr` for `epochs` epochs of `loader`; before each,
+    `rounds(epoch)` may run a selection round (timed), after each, `evaluate(model)` may score it
+    (not timed). `desc`: a progress bar's title (None: no bar)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     result = Fit()
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=desc is None):
         started = time.perf_counter()
