@@ -357,12 +357,7 @@ def windowed_select(
                 budgets = {c: (counts[c], sizes[c]) for c in sizes}
             if executor.name != "local":  # each partition starts its classes' running counts where it starts
                 before = _class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
-        arguments = dict(
-            selector=selector, window=window, budgets=budgets, keep=keep, before=before, seed=seed, drawn_classes=small
-        )
-        part, worker_reads = executor.map_reduce(
-            scan, windowed_pass, WindowedPart.merge, progress=progress, **arguments
-        )
+        one_pass, arguments = windowed_pass, dict(budgets=budgets, keep=keep, before=before)
     else:
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
         readers.append(labels_reader)
@@ -370,16 +365,18 @@ def windowed_select(
             labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
         )
         small = small_classes(budgets)
-        arguments = dict(
-            selector=selector,
-            window=window,
-            budgets=budgets,
-            pools=pools,
-            reads=pool_reads,
-            seed=seed,
-            drawn_classes=small,
-        )
-        part, worker_reads = executor.map_reduce(scan, pooled_pass, WindowedPart.merge, progress=progress, **arguments)
+        one_pass, arguments = pooled_pass, dict(budgets=budgets, pools=pools, reads=pool_reads)
+    part, worker_reads = executor.map_reduce(
+        scan,
+        one_pass,
+        WindowedPart.merge,
+        progress=progress,
+        selector=selector,
+        window=window,
+        seed=seed,
+        drawn_classes=small,
+        **arguments,
+    )
 
     if executor.name == "local":  # the scan's own reader did that reading: scan_io counts it
         worker_reads = {"bytes": 0, "requests": 0}
