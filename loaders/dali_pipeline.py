@@ -18,7 +18,6 @@ try:
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.pipeline import do_not_convert
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 except ImportError:  # DALI has no wheel for this platform: the plain-torch path serves
     pipeline_def = None
 
@@ -91,6 +90,7 @@ def dali_epoch(
         device_id=(torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None,
         seed=seed,
         enable_conditionals=conditional,
+        exec_dynamic=True,  # outputs are ours to keep: handed to torch without a copy (_to_torch)
     )
     def pipeline():
         outputs = list(fn.external_source(source=source, num_outputs=num_outputs, batch=True, batch_info=True))
@@ -107,7 +107,6 @@ def dali_epoch(
 
     pipe = pipeline()
     pipe.build()
-    stream = torch.cuda.current_stream(device) if on_gpu else None
     while True:
         try:
             outputs = pipe.run()
@@ -121,7 +120,7 @@ def dali_epoch(
         if conditional and not outputs[0].is_dense_tensor():
             shapes = sorted({tuple(sample.shape()) for sample in outputs[0]})
             raise ParameterError(f"with augment=, dali_transform must keep x's shape: a batch held shapes {shapes}")
-        yield tuple(_to_torch(tensor_list, device, stream) for tensor_list in outputs)
+        yield tuple(_to_torch(tensor_list, device) for tensor_list in outputs)
     yield from [()] * trailing
 
 
@@ -164,9 +163,9 @@ def decode_images(encoded, images: ImageTransform, on_gpu: bool):
     )
 
 
-def _to_torch(tensor_list, device: torch.device, stream) -> torch.Tensor:
-    """Copy a dense DALI batch into a new torch tensor (DALI reuses its buffers next run)."""
-    tensor = tensor_list.as_tensor()
-    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
-    feed_ndarray(tensor, out, cuda_stream=stream)
-    return out
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor, without a copy: the dynamic executor hands each run's
+    outputs over rather than reusing their buffers (a copy of 64 decoded 224 × 224 images, 38 MB,
+    cost ~7% of an epoch on 2 cores)."""
+    with device:  # on a GPU, torch asks DALI to order its stream before the current one
+        return torch.from_dlpack(tensor_list.as_tensor())
