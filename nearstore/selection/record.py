@@ -52,6 +52,17 @@ def in_sorted(ids: np.ndarray, among: np.ndarray) -> np.ndarray:
     return among[np.minimum(at, len(among) - 1)] == ids
 
 
+def _float32(values: Any, name: str) -> np.ndarray:
+    """`values` as the float32 a selection stores; a finite value past float32's range is refused,
+    not turned into inf."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4:
+        finite = values[np.isfinite(values)]
+        if np.any(np.abs(finite) > np.finfo(np.float32).max):
+            raise DatasetError(f"selection {name} must fit float32 (|value| <= 3.4e38), got {np.abs(finite).max():g}")
+    return values.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Suspects:
     """Samples whose given label the proxy contradicts with confidence (confident learning,
@@ -109,8 +120,7 @@ class Selection:
         where = f"a selection of {self.dataset.get('url')!r}"
         ids = sample_ids(self.ids, where, num_samples=int(self.dataset.get("num_samples", 0)))
         n = len(ids)
-        weights = np.asarray(self.weights, dtype=np.float32)
-        scores = np.asarray(self.scores, dtype=np.float32)
+        weights, scores = _float32(self.weights, "weights"), _float32(self.scores, "scores")
         if ids.ndim != 1 or weights.shape != (n,) or scores.shape != (n,):
             raise DatasetError(
                 f"ids, weights and scores must be 1-D of one length, got {ids.shape}, {weights.shape}, {scores.shape}"

@@ -69,6 +69,8 @@ def test_round_trip_through_bytes_and_files(id_store, tmp_path):
         (np.array([1, 2]), {"weights": np.array([1.0, -1.0])}, "finite and >= 0"),
         (np.array([1, 2]), {"weights": np.array([1.0, np.nan])}, "finite and >= 0"),
         (np.array([1, 2]), {"scores": np.zeros(3)}, "one length"),
+        (np.array([1, 2]), {"scores": np.array([0.0, 1e39])}, "scores must fit float32.*1e\\+39"),
+        (np.array([1, 2]), {"weights": np.array([1.0, -1e300])}, "weights must fit float32"),
     ],
 )
 def test_invalid_selections_are_refused(id_store, ids, kwargs, message):
