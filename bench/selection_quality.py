@@ -13,7 +13,8 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
 - full: all samples, the ceiling; random, random-balanced: uniform subsets (per class); random-warm:
   2 full-data epochs first (the loader's warm_start_epochs), then a uniform subset;
 - sage, graft, craig, adacore: one selection before training, by the model-free proxy beside the
-  data (craig and adacore weighted by their clusters' sizes, adacore-dynamic too: AdaCore every
+  data (craig and adacore weighted by their clusters' sizes, craig-unweighted and augaware, AugmentAware's
+  medoids of gradients under the loader's kind of augmentation, not; adacore-dynamic too: AdaCore every
   round, later rounds on a pool of twice the budget with the trainer's model, the curvature's
   running average handed on; adacore-dynamic-fresh: each round its own curvature);
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
@@ -71,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loaders import StoreSource, StreamingLoader  # noqa: E402
 from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E402
 from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, noisy_labels  # noqa: E402
-from nearstore.app.demo import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
+from nearstore.app.demo import IMAGES_RECIPE, TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from nearstore.app.synthetic import ensure_shapes  # noqa: E402
 from nearstore.app.training import LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, DaskExecutor, default_reselect, local_cluster, make_selector  # noqa: E402
@@ -100,6 +101,8 @@ STATIC = {
     "graft-drawn": ("graft", {"draw_below": 1 << 62}),
     "graft-raw-w512": ("graft", {**RAW_W512, **UNMUTED}),
     "craig": ("craig", {}),
+    "craig-unweighted": ("craig", {}),  # CRAIG's medoids trained without their cluster weights
+    "augaware": ("augaware", {}),  # AugmentAware's medoids of gradients under augmentation, unweighted
     "adacore": ("adacore", {}),
 }
 # Re-selected every `--every` epochs with the trainer's model: (round 0, later rounds); later rounds
@@ -163,7 +166,7 @@ METHODS = ["full", *STATIC, *DYNAMIC]
 # points); in 16s random reaches 91.9 ± 1.2%. Shapes' 10% took 8 steps an epoch in 128s (in 32s all
 # data fits better: 97.6% against 91.4%), and at 3e-3 a subset's run often never started learning.
 BATCH = 128
-RECIPES = {"digits": {"batch_size": 16}, "shapes": {"batch_size": 32, "lr": 1e-3}}
+RECIPES = {"digits": {"batch_size": 16}, "shapes": IMAGES_RECIPE}
 # What the training split suffers (the test split stays clean and balanced): (label noise, its
 # rate, the long tail's imbalance ratio n_max / n_min). Symmetric noise replaces a label by a
 # uniformly random class (which may be the same one); pair noise turns class c into c + 1.

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--test-samples", type=int, help="test samples (default 10,000 of MNIST-1D, 2,000 images)")
     demo.add_argument("--keep", type=float, default=0.25)
     demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--batch-size", type=int, default=128)
+    demo.add_argument("--batch-size", type=int, help="default: 128 for MNIST-1D, 32 for images")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--reselect-every", type=int, default=3, help="epochs between the selected run's rounds (0: select once)"

@@ -23,7 +23,7 @@ from loaders import StreamingLoader
 from nearstore import Dataset, ParameterError, Selection, make_selector, random_select
 from nearstore.app.converters import ensure_mnist1d
 from nearstore.app.synthetic import ensure_shapes
-from nearstore.app.training import accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
+from nearstore.app.training import LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
 from nearstore.checks import check_integer
 from nearstore.selection import DEFAULT_METHOD
 from nearstore.serving import NearStoreServer
@@ -33,6 +33,9 @@ DATA = ("mnist1d", "images")
 # The shapes are 48-160 px: trained on at 32 x 32, crops of half the image or more keep the shape.
 TRAIN_IMAGES = ImageTransform(size=32, crop_area=(0.5, 1.0))
 TEST_IMAGES = ImageTransform(size=32, train=False)
+# Batch size and Adam's rate for the shapes: at the demo's 128 and 3e-3 a subset of 1,000-2,500 of
+# them often never started learning (docs/benchmarks.md#selection-on-images).
+IMAGES_RECIPE = {"batch_size": 32, "lr": 1e-3}
 
 
 @dataclass
@@ -58,6 +61,8 @@ class DemoData:
     model: Callable[[], torch.nn.Module]
     train_options: dict[str, Any] = field(default_factory=dict)
     test_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    lr: float = LEARNING_RATE
 
 
 def demo_data(data: str, workdir: Path, num_samples: int, test_samples: int, seed: int) -> DemoData:
@@ -69,7 +74,7 @@ def demo_data(data: str, workdir: Path, num_samples: int, test_samples: int, see
     if data == "images":
         train = ensure_shapes(str(workdir / f"shapes-train-{num_samples}.zarr"), num_samples, seed)
         test = ensure_shapes(str(workdir / f"shapes-test-{test_samples}.zarr"), test_samples, seed + 1)
-        return DemoData(train, test, image_cnn, {"images": TRAIN_IMAGES}, {"images": TEST_IMAGES})
+        return DemoData(train, test, image_cnn, {"images": TRAIN_IMAGES}, {"images": TEST_IMAGES}, **IMAGES_RECIPE)
     raise ParameterError(f"data must be one of {DATA}, got {data!r}")
 
 
@@ -81,7 +86,7 @@ def run_demo(
     test_samples: int = 10_000,
     keep: float = 0.25,
     epochs: int = 15,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     seed: int = 0,
     reselect_every: int = 3,
     server: bool = False,
@@ -89,14 +94,16 @@ def run_demo(
     """Run the demo and return its table; also writes `workdir/demo.json`.
 
     data: "mnist1d" (signals of 40 floats) or "images" (rendered shapes, JPEGs of 48-160 px,
-        decoded and augmented at 32 x 32 in the loader, a small 2D CNN).
+        decoded and augmented at 32 x 32 in the loader, a small 2D CNN, in batches of 32 at 1e-3).
+    batch_size: None for the data's own (128 for MNIST-1D, 32 for images).
     reselect_every: epochs between the selected run's rounds (0: its one selection before training).
     server: select and ship the selected subset through a near-storage server on 127.0.0.1
         (`nearstore serve`'s NearStoreServer, in this process) instead of reading the store directly.
     """
     check_integer("reselect_every", reselect_every, 0)
     check_integer("epochs", epochs, 1)
-    check_integer("batch_size", batch_size, 1)
+    if batch_size is not None:
+        check_integer("batch_size", batch_size, 1)
     check_integer("seed", seed, 0)
     # a test set and a training set with a class's budget to select: ten classes of ten at least
     check_integer("num_samples", num_samples, 100)
@@ -104,6 +111,7 @@ def run_demo(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     chosen_data = demo_data(data, workdir, num_samples, test_samples, seed)
+    batch_size = batch_size or chosen_data.batch_size
     train_set = chosen_data.train
     test = StreamingLoader(chosen_data.test, batch_size=1024, shuffle=False, **chosen_data.test_options)
 
@@ -128,7 +136,7 @@ def run_demo(
             torch.manual_seed(seed)
             model = chosen_data.model()
             rounds = rounds_every(loader, model, reselect_every if selected else 0)
-            trained = fit(model, loader, epochs, rounds=rounds, desc=name)
+            trained = fit(model, loader, epochs, rounds=rounds, desc=name, lr=chosen_data.lr)
             io = loader.io_stats()
             results.append(
                 RunResult(
@@ -159,6 +167,7 @@ def run_demo(
                 "keep": keep,
                 "epochs": epochs,
                 "batch_size": batch_size,
+                "lr": chosen_data.lr,
                 "seed": seed,
                 "reselect_every": reselect_every,
                 "server": server,

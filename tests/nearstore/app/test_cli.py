@@ -283,6 +283,7 @@ def test_the_image_demo_decodes_generated_jpegs_in_the_loader(tmp_path):
     report = json.loads((tmp_path / "demo.json").read_text())
     runs = {r["run"]: r for r in report["results"]}
     assert report["data"] == "images" and runs["full data"]["samples"] == 600
+    assert (report["batch_size"], report["lr"]) == (32, 1e-3)  # the images' recipe, not MNIST-1D's
     assert runs["graft 25%"]["samples"] == runs["random 25%"]["samples"] == 150
     assert runs["graft 25%"]["rounds"] == 2 and runs["graft 25%"]["scan_bytes"] > 0
     train = open_dataset(str(tmp_path / "shapes-train-600.zarr"))
