@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from nearstore.errors import ParameterError
 
@@ -25,6 +25,7 @@ ON_ERROR = ("raise", "skip")
 # ImageNet's channel statistics, in 0..255: the usual default for image classification.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a stored image is to be turned for viewing
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ImageTransform:
         """One encoded image as float32 (3, size, size); `rng` draws the crop and flip (train=True).
         Raises OSError or ValueError (PIL's) for bytes that do not decode."""
         with Image.open(io.BytesIO(blob)) as image:
-            image = image.convert("RGB")
+            image = _rgb(image)
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()
             left, top, width, height = self._random_crop(image.width, image.height, rng)
@@ -131,6 +132,17 @@ class ImageTransform:
 # The scan decodes small: a proxy's features need the shape of a thing, not its detail, and a
 # 32 × 32 decode costs a tenth of a 224 one.
 PROXY_IMAGES = ImageTransform(size=32, train=False)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """The RGB pixels DALI's decoder gives: turned as the EXIF orientation says, and 16-bit grey
+    scaled to 8 bits, round(v / 257) (PIL's convert clips it at 255: a 16-bit PNG came out white)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a phone's photograph, stored sideways
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        levels = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255)
+        image = Image.fromarray(levels.astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _shorter_to(width: int, height: int, side: int) -> tuple[int, int]:

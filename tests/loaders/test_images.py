@@ -4,13 +4,16 @@ the scan selects on decoded images and leaves damaged ones out."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from images import NUM_IMAGES, image_store, photo
+from PIL import Image
 
 from loaders import StreamingLoader
-from nearstore import Graft, ParameterError, SampleError
+from nearstore import Graft, ParameterError, SampleError, write_dataset
 from nearstore.storage.images import ImageTransform
 
 
@@ -42,6 +45,33 @@ def test_both_backends_decode_the_same_tensors(store):
     # on average a fifth of one level in 255, at most a few levels at sharp edges (docs/loader.md)
     levels = (dali_x - torch_x).abs() * torch.tensor(images.std)[:, None, None]
     assert levels.mean() < 0.5 and levels.max() < 16
+
+
+def test_sideways_photographs_and_16_bit_pngs_decode_alike_in_both_backends(tmp_path):
+    # A JPEG whose EXIF says "turn 90° clockwise" (as phones store portraits) and a 16-bit grey PNG:
+    # DALI turns the one and scales the other to 8 bits; PIL alone did neither (the PNG clipped white).
+    rng = np.random.default_rng(0)
+    blocks = np.ones((10, 10, 1), np.uint8)
+    pixels = np.kron(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), blocks)  # 60 x 80, landscape
+    grey = np.kron(rng.integers(0, 1 << 16, (6, 8)), blocks[..., 0]).astype(np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways, grey16, upright = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(sideways, "JPEG", quality=95, exif=exif)
+    Image.fromarray(grey).save(grey16, "PNG")
+    Image.fromarray(np.rot90(pixels, -1).copy()).save(upright, "PNG")  # how a viewer shows it
+    blobs = np.empty(2, dtype=object)
+    blobs[:] = [sideways.getvalue(), grey16.getvalue()]
+    store = write_dataset(str(tmp_path / "odd.zarr"), [{"image": blobs, "y": np.arange(2)}])
+    images = ImageTransform(size=32, train=False)
+    dali_x, _ = epoch(StreamingLoader(store, batch_size=2, shuffle=False, images=images, backend="dali"))
+    torch_x, _ = epoch(StreamingLoader(store, batch_size=2, shuffle=False, images=images, backend="torch"))
+    std, mean = torch.tensor(images.std)[:, None, None], torch.tensor(images.mean)[:, None, None]
+    assert ((dali_x - torch_x).abs() * std).mean((1, 2, 3)).max() < 1.5
+    turned = torch.from_numpy(images.decode(upright.getvalue()))
+    assert ((torch_x[0] - turned).abs() * std).mean() < 10  # JPEG's loss, ~4 levels; unturned ~75
+    grey_levels = torch_x[1] * std + mean
+    assert abs(float(grey_levels.mean()) - float(np.round(grey / 257)[4:-4, 4:-4].mean())) < 10
 
 
 def test_training_batches_are_augmented_and_the_torch_ones_resume_exactly(store):
