@@ -29,7 +29,8 @@ on a descheduled thread (the transform of a uint8 batch: 0.45 ms idle, 8-20 ms l
 Encoded images: the same JPEGs (generated photo-sized: smooth colour fields plus noise, quality 90)
 as an ImageFolder, a nearstore store, WebDataset tar shards and MosaicML MDS shards; every
 competitor yields float32 (batch, 3, 224, 224) with the same augmentation (`ImageTransform`:
-random resized crop, flip, normalize):
+random resized crop, flip, normalize), `--image-repeats` rounds (3) of every competitor in turn,
+each made, warmed up for an epoch and timed for one, the medians:
 - StreamingLoader, DALI backend (`decoders.image_random_crop` in its CPU pipeline) and torch
   backend (PIL in a pool of `num_threads` threads), 2 threads for the 2 workers of the peers;
 - an ImageFolder + DataLoader, 0 and 2 workers. torchvision's wheel does not import beside the CPU
@@ -600,8 +601,11 @@ def against_peers(rates: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def run_images(num_images: int, keep: float, batch_size: int, sides: tuple[int, int], workdir: Path) -> dict:
-    """One epoch of decoded, augmented 224 × 224 batches from the same JPEGs by every competitor."""
+def run_images(
+    num_images: int, keep: float, batch_size: int, sides: tuple[int, int], workdir: Path, repeats: int
+) -> dict:
+    """Decoded, augmented 224 × 224 batches from the same JPEGs by every competitor: `repeats`
+    rounds of each in turn (made, a warm-up epoch, a timed epoch, freed), the medians."""
     root, url = workdir / "photos", str(workdir / "photos.zarr")
     write_photos(root, num_images, sides=sides)
     images = ImageTransform(size=224, train=True)
@@ -629,22 +633,35 @@ def run_images(num_images: int, keep: float, batch_size: int, sides: tuple[int, 
 
     rows = {}
     for subset, ids in (("full", None), (f"keep {keep:.0%}", selection.ids)):
-        rates, read = {}, {}
-        for name, make in image_competitors(dataset, folder, peers, images, ids, batch_size).items():
-            loader = make()
-            rates[name] = epoch_rate(loader, consume=lambda x: x)
-            if isinstance(loader, StreamingLoader):  # its first epoch: the cache serves the later ones
-                stats = loader.io_stats()
-                read[name], full_epoch_bytes = stats["per_epoch"][0]["bytes"], stats["full_epoch_bytes"]
-            del loader  # before the next is made: an MDS StreamingDataset's folder is free once it is freed
-            print(f"  {subset:<9} {name:<34} {rates[name]:>10,.0f} samples/s", flush=True)
+        runs: dict[str, list[float]] = {}
+        read = {}
+        # Rounds of every competitor in turn, so that the machine's drift reaches each alike; one
+        # loader alive at a time (an MDS StreamingDataset's folder is free once it is freed).
+        for _ in range(repeats):
+            for name, make in image_competitors(dataset, folder, peers, images, ids, batch_size).items():
+                loader = make()
+                runs.setdefault(name, []).append(epoch_rate(loader, consume=lambda x: x))
+                if isinstance(loader, StreamingLoader):  # its first epoch: the cache serves the later ones
+                    stats = loader.io_stats()
+                    read[name], full_epoch_bytes = stats["per_epoch"][0]["bytes"], stats["full_epoch_bytes"]
+                del loader
+        rates = {name: float(np.median(r)) for name, r in runs.items()}
+        for name, rate in rates.items():
+            spread = f"({min(runs[name]):,.0f}-{max(runs[name]):,.0f})" if repeats > 1 else ""
+            print(f"  {subset:<9} {name:<34} {rate:>10,.0f} samples/s {spread}", flush=True)
         picked = ids if ids is not None else np.arange(num_images)
         read["ImageFolder"] = int(sizes[picked].sum())
         if "webdataset" in peers:
             read["WebDataset"] = tar_bytes
         if "mds" in peers:
             read["MDS StreamingDataset"], read["MDS shards touched"] = mds_read_bytes(workdir / "mds", ids)
-        rows[subset] = {"samples": len(picked), "samples_per_second": rates, **against_peers(rates), "bytes_read": read}
+        rows[subset] = {
+            "samples": len(picked),
+            "samples_per_second": rates,
+            "runs": runs,
+            **against_peers(rates),
+            "bytes_read": read,
+        }
     return {
         "images": num_images,
         "sides": list(sides),
@@ -722,6 +739,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--images", type=int, default=2048, help="JPEGs for the image rows (0: none)")
     parser.add_argument("--image-batch-size", type=int, default=64)
+    parser.add_argument("--image-repeats", type=int, default=3, help="rounds of the image rows (medians)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed epochs of the fast rows (medians)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch's threads for the transform (all rows)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -732,7 +750,7 @@ def main() -> None:
     sides = PHOTO_SIDES
     if args.tiny:
         args.samples, args.batch_size, args.repeats = 256, 64, 1
-        args.images, args.image_batch_size, sides = min(args.images, 32), 8, (48, 96)
+        args.images, args.image_batch_size, args.image_repeats, sides = min(args.images, 32), 8, 1, (48, 96)
     # Every competitor allocates a fresh batch (38 MB of 64 images) each step; glibc would hand it
     # back to the OS and fault it in again (DALI's rows: 10% slower without). Set for all of them,
     # their DataLoader workers included (forked, they inherit it), as a training script would.
@@ -750,7 +768,9 @@ def main() -> None:
         image_result = None
         if args.images:
             print(f"{args.images} JPEGs of {sides[0]}–{sides[1]} px, batches of {args.image_batch_size}:", flush=True)
-            image_result = run_images(args.images, args.keep, args.image_batch_size, sides, Path(workdir))
+            image_result = run_images(
+                args.images, args.keep, args.image_batch_size, sides, Path(workdir), args.image_repeats
+            )
     report(results)
     if image_result is not None:
         report_images(image_result)
@@ -762,6 +782,7 @@ def main() -> None:
         "torch": torch.__version__,
         "torch_threads": args.torch_threads,
         "repeats": args.repeats,
+        "image_repeats": args.image_repeats,
         "peers": {
             name: _version(name) for name in ("webdataset", "mosaicml-streaming", "litdata", "nvidia-dali-cuda130")
         },
