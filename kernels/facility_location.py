@@ -103,7 +103,8 @@ def facility_location(
 
     Memory is the u × u distance matrix of the u <= n distinct points, O(n²) (16 MB at n = 2000 in
     float32), so callers bound n, e.g. per class and window. Computed in features' dtype, at least
-    float32; time O(u² d) for the distances and O(u) for each gain evaluated.
+    float32, the distances computed in float64; time O(u² d) for the distances and O(u) for each
+    gain evaluated.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -123,7 +124,10 @@ def facility_location(
     # and tie exactly, however the distances round, and cost nothing.
     points, group, counts = torch.unique(features, dim=0, return_inverse=True, return_counts=True)
     dtype = torch.promote_types(features.dtype, torch.float32)
-    dist = _distances(points.to(dtype), metric)
+    # In float64, then rounded: ‖x‖² − 2 x·y + ‖y‖² cancels for near points, and in float32 a matmul's
+    # last bits (which differ with the number of threads) moved their distances by 1e-4 of the
+    # largest, enough to change the picks of half the windows between 1 and 2 threads.
+    dist = _distances(points.to(torch.float64), metric).to(dtype)
     first = torch.full_like(counts, n).scatter_reduce_(0, group, torch.arange(n, device=group.device), "amin")
     taken = _lazy_greedy(dist, counts.to(dtype), first.tolist(), k)
     medoids = first[taken].tolist()
