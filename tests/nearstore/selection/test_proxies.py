@@ -116,6 +116,14 @@ def rendered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images + rng.normal(0, 0.05, images.shape).astype(np.float32), labels
 
 
+def test_image_features_ignore_an_image_s_brightness_and_contrast():
+    x, y = rendered(200, seed=0)
+    proxy = RandomFeatureProxy(2, width=64).fit(x, y)
+    dimmer = 0.3 * x + 0.5  # each image the same scene, its contrast lowered and its levels raised
+    torch.testing.assert_close(proxy.features(dimmer), proxy.features(x), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(proxy.features(x[::-1].copy()), proxy.features(x), atol=1e-2)  # scenes do count
+
+
 def test_images_get_convolutional_features_that_find_shapes_anywhere():
     x, y = rendered(600, seed=0)
     proxy = RandomFeatureProxy(2, width=64).fit(x, y)
