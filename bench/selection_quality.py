@@ -74,7 +74,7 @@ from nearstore import Dataset, Selection, open_dataset, write_dataset  # noqa: E
 from nearstore.app.converters import digits_batches, ensure_mnist1d, long_tail, noisy_labels  # noqa: E402
 from nearstore.app.demo import IMAGES_RECIPE, TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from nearstore.app.synthetic import ensure_shapes  # noqa: E402
-from nearstore.app.training import LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
+from nearstore.app.training import BATCH_SIZE, LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, DaskExecutor, default_reselect, local_cluster, make_selector  # noqa: E402
 
 # The previous round 0: windows of 512, MaxVol on the raw gradients (over every sample).
@@ -160,12 +160,11 @@ ON_DASK = "@dask"
 # Full-data epochs before the first round, which then runs with the warmed-up model (GRAFT's "warm").
 WARM_START_EPOCHS = {"graft-dynamic-warm": 2, "random-warm": 2}
 METHODS = ["full", *STATIC, *DYNAMIC]
-# The training recipe by dataset, where it is not Adam at LEARNING_RATE in batches of BATCH. Digits'
+# The training recipe by dataset, where it is not Adam at LEARNING_RATE in batches of BATCH_SIZE. Digits'
 # 1,400 samples in batches of 128 gave a 10% subset 2 steps an epoch, 30 in 15 epochs: it ended far
 # from fitted (random 72.6%, all data ~95%) and its accuracy measured the optimizer's spread (5-11
 # points); in 16s random reaches 91.9 ± 1.2%. Shapes' 10% took 8 steps an epoch in 128s (in 32s all
 # data fits better: 97.6% against 91.4%), and at 3e-3 a subset's run often never started learning.
-BATCH = 128
 RECIPES = {"digits": {"batch_size": 16}, "shapes": IMAGES_RECIPE}
 # What the training split suffers (the test split stays clean and balanced): (label noise, its
 # rate, the long tail's imbalance ratio n_max / n_min). Symmetric noise replaces a label by a
@@ -198,7 +197,7 @@ class Run:
     shipped_bytes: int
     distinct_samples: int
     steps: int
-    batch_size: int = BATCH
+    batch_size: int = BATCH_SIZE
     lr: float = LEARNING_RATE
     balanced_accuracy: float = math.nan  # the mean of the classes' test accuracies
     natural_accuracy: float = math.nan  # the classes' test accuracies weighed as the training split has them
@@ -321,7 +320,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
     store = open_dataset(store.url)
-    recipe = {"batch_size": BATCH, "lr": LEARNING_RATE, **RECIPES.get(name.split("/")[0].split("+")[0], {})}
+    recipe = {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE, **RECIPES.get(name.split("/")[0].split("+")[0], {})}
     torch.manual_seed(seed)
     model = factory()
     executor = cluster_executor() if method.endswith(ON_DASK) else None
@@ -595,7 +594,7 @@ def main() -> None:
     meta = {
         "epochs": args.epochs,
         "every": args.every,
-        "recipes": {"default": {"batch_size": BATCH, "lr": LEARNING_RATE}, **RECIPES},
+        "recipes": {"default": {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE}, **RECIPES},
         "threads": args.threads,
         "target": target,
     }

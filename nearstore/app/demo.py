@@ -23,7 +23,7 @@ from loaders import StreamingLoader
 from nearstore import Dataset, ParameterError, Selection, make_selector, random_select
 from nearstore.app.converters import ensure_mnist1d
 from nearstore.app.synthetic import ensure_shapes
-from nearstore.app.training import LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
+from nearstore.app.training import BATCH_SIZE, LEARNING_RATE, accuracy, fit, image_cnn, mnist1d_cnn, rounds_every
 from nearstore.checks import check_integer
 from nearstore.selection import DEFAULT_METHOD
 from nearstore.serving import NearStoreServer
@@ -61,7 +61,7 @@ class DemoData:
     model: Callable[[], torch.nn.Module]
     train_options: dict[str, Any] = field(default_factory=dict)
     test_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int = BATCH_SIZE
     lr: float = LEARNING_RATE
 
 

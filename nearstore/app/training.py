@@ -13,7 +13,10 @@ from tqdm.auto import tqdm
 
 from loaders import StreamingLoader
 
-LEARNING_RATE = 3e-3  # Adam's, for every run of the demo and the benches
+# Adam's rate and the batch size of every run of the demo and the benches, unless a dataset has its own
+# recipe (the demo's images, the bench's digits and shapes).
+LEARNING_RATE = 3e-3
+BATCH_SIZE = 128
 
 # Called before each epoch with its number: runs a selection round if one is due, and says so.
 Rounds = Callable[[int], bool]
