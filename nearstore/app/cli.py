@@ -86,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("source", help="what to convert; its kind is told by what it is, or by --format")
     convert.add_argument("out", help="URL of the new dataset (local path or fsspec URL)")
     convert.add_argument("--format", choices=CONVERT_FORMATS, help="the source's kind, when its path does not tell")
-    convert.add_argument("--labels", help="with an .npy source: the .npy file of integer labels")
+    convert.add_argument(
+        "--labels", help="with an .npy source: the .npy file of labels (integers, or strings: class names)"
+    )
     convert.add_argument("--x-key", default="x", help="with a .npz source: the inputs' key")
     convert.add_argument("--y-key", default="y", help="with a .npz source: the labels' key")
     convert.add_argument(
@@ -96,13 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     convert.add_argument(
         "--label-key",
-        help="with webdataset: the label's extension (default cls); with mds, parquet or arrow: the integer "
-        "label column (parquet, arrow: default 'label' where there is one, else unlabelled)",
+        help="with webdataset: the label's extension (default cls); with mds: the integer label column; "
+        "with parquet or arrow: the label column, integers or strings (default 'label' where there is one, "
+        "else unlabelled)",
     )
     convert.add_argument(
         "--class-names",
-        help="with webdataset, mds, parquet or arrow: comma-separated class names (default '0'..'C-1', or a "
-        "Hugging Face ClassLabel's names)",
+        help="comma-separated class names, in the order of their ids (default '0'..'C-1', a Hugging Face "
+        "ClassLabel's names, or string labels' names sorted); string labels are stored as their index here",
     )
     convert.add_argument(
         "--columns", help="with parquet or arrow: comma-separated columns to store (default all; the label too)"
@@ -244,15 +247,17 @@ def _convert(args: argparse.Namespace) -> int:
         batches = converters.digits_batches()
     elif kind == "npz":
         batches = converters.npz_batches(source, x_key=args.x_key, y_key=args.y_key)
+        class_names = _named(args) or converters.label_class_names(source, args.y_key)
     elif kind == "npy":
         batches = converters.npy_batches(source, args.labels)
+        class_names = _named(args) or (converters.label_class_names(args.labels) if args.labels else None)
     elif kind in TABLE_SUFFIXES:
         table = open_table(
             source,
             format=kind,
             columns=args.columns.split(",") if args.columns else None,
             label_column=args.label_key,
-            class_names=args.class_names.split(",") if args.class_names else None,
+            class_names=_named(args),
             progress=True,
         )
         batches, num_samples = table.batches(), table.num_samples
@@ -273,6 +278,11 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {dataset.num_samples} samples to {args.out}")
     return 0
+
+
+def _named(args: argparse.Namespace) -> list[str] | None:
+    """The class names `--class-names` gives, in order, or None."""
+    return args.class_names.split(",") if args.class_names else None
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -335,7 +345,7 @@ def _within(path: str, root: str) -> bool:
 
 
 def _images(kind: str, args: argparse.Namespace) -> EncodedImages:
-    class_names = args.class_names.split(",") if args.class_names else None
+    class_names = _named(args)
     if kind == "imagefolder":
         return imagefolder_images(args.source)
     if kind == "webdataset":

@@ -33,6 +33,21 @@ def npz_batches(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", 
         yield from _sliced(archive[x_key], y, f"{path}:{x_key}", f"{path}:{y_key}", batch)
 
 
+def label_class_names(path: str | Path, key: str | None = None) -> list[str] | None:
+    """The class names of string labels in an .npy file (or array `key` of a .npz archive),
+    sorted, as ImageFolder sorts its class folders; None for integer labels."""
+    if key is None:
+        labels = _load(path, mmap=True)
+    else:
+        with _open_npz(path) as archive:
+            if key not in archive:
+                return None  # npz_batches names the missing array
+            labels = archive[key]
+    if labels.dtype.kind not in "US":
+        return None
+    return [str(name) for name in np.unique(np.asarray(labels).astype(str))]
+
+
 def mnist1d_batches(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_BATCH) -> Batches:
     """MNIST-1D (Greydanus 2020) generated locally by the `mnist1d` package, any number of samples.
 

@@ -2,7 +2,9 @@
 datasets' .arrow), read record batch by record batch into batches {column: array} for
 `write_dataset`, one column an array:
 
-- integer, float or bool scalars: a fixed-size array (n,); the label column among them;
+- integer, float or bool scalars: a fixed-size array (n,); the label column among them, which may
+  also hold strings (or a dictionary of them: pandas' categoricals), class names stored as their
+  index among the sorted names;
 - `fixed_size_list` of numbers (nested for more axes), or `list` / `large_list` whose every row
   has the same length: a fixed-size array (n, *shape);
 - `list` / `large_list` of numbers (or of fixed-size lists of numbers: rows of that shape) of
@@ -26,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -43,16 +46,19 @@ DEFAULT_LABEL = "label"
 @dataclass(frozen=True)
 class Column:
     """How a table column is stored: "fixed" (a sample of `shape`), "ragged" (a sample of rows of
-    `shape`, any number of them) or "bytes" (encoded, `dtype` and `shape` unused)."""
+    `shape`, any number of them), "bytes" (encoded) or "names" (string labels, which
+    `write_dataset` stores as class ids); `dtype` and `shape` unused but for the first two."""
 
     name: str
-    kind: Literal["fixed", "ragged", "bytes"]
+    kind: Literal["fixed", "ragged", "bytes", "names"]
     dtype: np.dtype | None = None
     shape: tuple[int, ...] = ()
 
     def numpy(self, array: pa.Array) -> np.ndarray:
         """The column of one record batch (checked for nulls) as `write_dataset` takes it."""
         n = len(array)
+        if self.kind == "names":
+            return np.asarray(array.to_pylist(), dtype=str)
         if self.kind == "bytes":
             out = np.empty(n, dtype=object)  # not np.asarray: it would drop trailing NUL bytes
             out[:] = array.to_pylist()
@@ -152,10 +158,14 @@ def open_table(
                 raise DatasetError(
                     f"{path}: column {name!r} is {other.field(name).type}, {first} has it as {schema.field(name).type}"
                 )
-    stored = [_column(schema.field(name), first) for name in names]
+    stored = [
+        Column(name, "names") if _named(schema, name, label) else _column(schema.field(name), first) for name in names
+    ]
     stored, num_samples = _survey(kind, paths, stored, batch, progress)
     if class_names is None and label is not None:
         class_names = _huggingface_class_names(schema, label)
+    if class_names is None and _named(schema, label, label):
+        class_names = _label_names(kind, paths, label, batch)
     return Table(
         kind, tuple(paths), tuple(stored), label, tuple(class_names) if class_names else None, num_samples, batch
     )
@@ -360,7 +370,8 @@ def _leaf(array: pa.Array) -> pa.Array:
 
 
 def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None:
-    """The label column: `name` (which must be there, of integers), else "label" where there is one."""
+    """The label column: `name` (which must be there, of integers or strings), else "label" where
+    there is one."""
     if name is None:
         if DEFAULT_LABEL not in schema.names:
             return None
@@ -368,9 +379,35 @@ def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None
     if name not in schema.names:
         raise DatasetError(f"{where}: no label column {name!r}; it has {schema.names}")
     kind = schema.field(name).type
-    if not pa.types.is_integer(kind):
-        raise DatasetError(f"{where}: label column {name!r} is {kind}; labels are integers")
+    if not pa.types.is_integer(kind) and not _named(schema, name, name):
+        raise DatasetError(f"{where}: label column {name!r} is {kind}; labels are integers or strings")
     return name
+
+
+def _named(schema: pa.Schema, name: str | None, label: str | None) -> bool:
+    """Whether `name` is the label column and holds strings (plain, or a dictionary of them)."""
+    if name is None or name != label:
+        return False
+    kind = schema.field(name).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _label_names(kind: str, paths: list[str], label: str, batch: int) -> list[str]:
+    """The distinct string labels of every file, sorted (as ImageFolder sorts class folders);
+    nulls are refused naming the row."""
+    names: set[str] = set()
+    for path in paths:
+        row = 0
+        for part in _record_batches(kind, path, [label], batch):
+            array = part.column(label)
+            _refuse_nulls(array, label, path, row)
+            if pa.types.is_dictionary(array.type):
+                array = array.dictionary_decode()
+            names.update(pc.unique(array).to_pylist())
+            row += part.num_rows
+    return sorted(names)
 
 
 def _huggingface_class_names(schema: pa.Schema, label: str) -> list[str] | None:

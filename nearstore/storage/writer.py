@@ -71,8 +71,12 @@ def write_dataset(
         An array of ragged numeric samples (token ids, audio, point sets) is a 1-D object array
         of numpy arrays of one dtype and one shape but for their first axis, any length
         (`nearstore.storage.ragged`).
-    label_array: name of the integer label array among the batches (None: unlabelled).
-    class_names: default "0".."C-1" from the largest label seen.
+    label_array: name of the label array among the batches (None: unlabelled): integers, or
+        strings (class names), stored as their index in `class_names`. Either of shape (n,) or
+        (n, 1).
+    class_names: default "0".."C-1" from the largest label seen, or with string labels the names
+        in the order they first appear (the converters give them sorted, as ImageFolder does).
+        With string labels, a label not among the names given is refused naming it and its sample.
     num_samples: expected total, only for the progress bar and a final check.
     chunk_samples: samples an inner chunk of each fixed-size array holds, a divisor of
         shard_samples. 1: a sample is one byte range, read alone at its own cost. More, for small
@@ -136,7 +140,8 @@ def _write(
     url: str,
 ) -> None:
     """Write the store into `group`, which is at `root` of `fs`; `url` names it in messages."""
-    writer = _ShardWriter(group, fs, root, shard_samples, chunk_samples, zstd_level, label_array)
+    index = _ClassIndex(label_array, class_names)
+    writer = _ShardWriter(group, fs, root, shard_samples, chunk_samples, zstd_level, label_array, index)
     with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
@@ -148,7 +153,9 @@ def _write(
     if num_samples is not None and writer.num_samples != num_samples:
         raise DatasetError(f"expected {num_samples} samples for {url!r}, got {writer.num_samples}")
     if label_array is not None:
-        if class_names is None:
+        if index.named:
+            class_names = index.names
+        elif class_names is None:
             class_names = [str(c) for c in range(writer.max_label + 1)]
         class_names = list(class_names)
         if len(class_names) <= writer.max_label:
@@ -187,6 +194,50 @@ def _bytes_array(blobs: list[bytes]) -> np.ndarray:
     return out
 
 
+class _ClassIndex:
+    """String labels turned into class ids: their index among the class names given, or, without
+    names, in the order the labels first appear."""
+
+    def __init__(self, label_array: str | None, class_names: Iterable[str] | None) -> None:
+        self.label_array = label_array
+        self.fixed = class_names is not None
+        self.names = [str(n) for n in class_names] if class_names is not None else []
+        self.ids = {name: i for i, name in enumerate(self.names)}
+        self.named: bool | None = None  # whether the labels are strings (None: no batch yet)
+
+    def codes(self, labels: np.ndarray, first: int) -> np.ndarray:
+        """A batch's labels (samples `first`, ...) as 1-D class ids; integers pass as they are."""
+        if labels.ndim == 2 and labels.shape[1] == 1:  # a column vector, as many tools save labels
+            labels = labels[:, 0]
+        strings = labels.dtype.kind in "US" or (
+            labels.dtype == object and len(labels) > 0 and all(isinstance(v, str) for v in labels)
+        )
+        if self.named is not None and strings != self.named and len(labels):
+            raise DatasetError(
+                f"label array {self.label_array!r}: samples from {first} are "
+                f"{'strings' if strings else labels.dtype}, those before were {'strings' if self.named else 'not'}"
+            )
+        if not len(labels):
+            return labels
+        self.named = strings
+        if not strings:
+            return labels
+        names, where, inverse = np.unique(labels.astype(str), return_index=True, return_inverse=True)
+        codes = np.empty(len(names), dtype=np.int64)
+        for j in np.argsort(where, kind="stable"):  # new names in the order they first appear
+            name = str(names[j])
+            if name not in self.ids:
+                if self.fixed:
+                    raise DatasetError(
+                        f"label array {self.label_array!r}: sample {first + int(where[j])} has the label {name!r}, "
+                        f"which is not among the {len(self.names)} class names given"
+                    )
+                self.ids[name] = len(self.names)
+                self.names.append(name)
+            codes[j] = self.ids[name]
+        return codes[inverse.reshape(-1)]
+
+
 class _ShardWriter:
     """Buffers samples until a whole shard is ready, so zarr writes every shard exactly once."""
 
@@ -199,10 +250,11 @@ class _ShardWriter:
         chunk_samples: int | None,
         zstd_level: int,
         label_array: str | None,
+        index: _ClassIndex,
     ):
         self.group, self.fs, self.root = group, fs, root
         self.shard_samples, self.chunk_samples, self.zstd_level = shard_samples, chunk_samples, zstd_level
-        self.label_array = label_array
+        self.label_array, self.index = label_array, index
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
         self.ragged: dict[str, RaggedLayout] = {}  # the arrays of ragged numeric samples
@@ -222,6 +274,8 @@ class _ShardWriter:
 
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
         batch = {name: np.asarray(v) for name, v in batch.items()}
+        if self.label_array in batch:
+            batch[self.label_array] = self.index.codes(batch[self.label_array], self.num_samples + self.num_pending)
         if not self.names:
             self._create(batch)
         self._check(batch)

@@ -79,6 +79,29 @@ def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
     np.testing.assert_array_equal(unlabelled.arrays["x"][:], x)
 
 
+def test_convert_string_labels_from_npz_and_npy_sorted_as_class_names(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    y = np.array(["zebra", "ant", "moth", "ant", "zebra", "moth"])
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y[:, None])  # (n, 1), as many tools save labels
+    assert main(["convert", str(tmp_path / "d.npz"), str(tmp_path / "a.zarr")]) == 0
+    argv = ["convert", str(tmp_path / "x.npy"), str(tmp_path / "b.zarr"), "--labels", str(tmp_path / "y.npy")]
+    assert main(argv) == 0
+    for name in ("a.zarr", "b.zarr"):
+        dataset = open_dataset(str(tmp_path / name))
+        assert dataset.class_names == ("ant", "moth", "zebra")
+        np.testing.assert_array_equal(dataset.labels[:], [2, 0, 1, 0, 2, 1])
+    # --class-names fixes the order; a label it lacks is refused by name, nothing written
+    argv = ["convert", str(tmp_path / "d.npz"), str(tmp_path / "c.zarr"), "--class-names", "zebra,moth,ant"]
+    assert main(argv) == 0
+    np.testing.assert_array_equal(open_dataset(str(tmp_path / "c.zarr")).labels[:], [0, 2, 1, 2, 0, 1])
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "d.npz"), str(tmp_path / "e.zarr"), "--class-names", "zebra,moth"]) == 2
+    assert "sample 1 has the label 'ant'" in capsys.readouterr().err
+    assert not (tmp_path / "e.zarr").exists()
+
+
 def _images_of(url: str) -> tuple[list[bytes], list[int], tuple[str, ...]]:
     dataset = open_dataset(url)
     read = SelectiveReader(dataset).read(np.arange(dataset.num_samples))

@@ -216,7 +216,7 @@ def _null_in_list() -> pa.Table:
             {"label_column": "label"},
             r"t.parquet: no label column 'label'; it has \['x', 'target'\]",
         ),
-        (pa.table({"x": [1, 2], "label": [0.5, 1.0]}), {}, "label column 'label' is double; labels are integers"),
+        (pa.table({"x": [1, 2], "label": [0.5, 1.0]}), {}, "label column 'label' is double; labels are integers or strings"),
         (pa.table({"x": [1, 2], "label": [0, 1]}), {"columns": ["x", "z"]}, r"no column 'z'; it has \['x', 'label'\]"),
         (pa.table({"day": pa.array([1, 2], pa.date32())}), {}, r"column 'day' is date32\[day\], which is not stored"),
         (pa.table({"a/b": [1, 2]}), {}, "column 'a/b' has a '/' in its name"),
@@ -228,6 +228,20 @@ def test_each_refusal_names_the_column(tmp_path, table, options, message):
     with pytest.raises(DatasetError, match=message):
         open_table(tmp_path / "t.parquet", **options).write(str(tmp_path / "o.zarr"))
     assert not (tmp_path / "o.zarr").exists()  # a refusal mid-write leaves nothing
+
+
+def test_string_and_categorical_labels_become_class_ids_over_every_file(tmp_path):
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0], "label": ["dog", "cat", "dog"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"x": [4.0, 5.0], "label": ["ant", "cat"]}), tmp_path / "b.parquet")
+    table = open_table(tmp_path, batch=2)
+    assert table.class_names == ("ant", "cat", "dog")  # sorted, from both files
+    dataset = table.write(str(tmp_path / "o.zarr"))
+    np.testing.assert_array_equal(dataset.labels[:], [2, 1, 2, 0, 1])
+    categorical = pa.table({"x": [1.0, 2.0, 3.0], "label": pa.array(["b", "a", "b"]).dictionary_encode()})
+    pq.write_table(categorical, tmp_path / "c.parquet")
+    dataset = open_table(tmp_path / "c.parquet").write(str(tmp_path / "c.zarr"))
+    assert dataset.class_names == ("a", "b")
+    np.testing.assert_array_equal(dataset.labels[:], [1, 0, 1])
 
 
 def test_files_that_disagree_are_refused_naming_the_file(tmp_path):

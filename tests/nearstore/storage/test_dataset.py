@@ -85,6 +85,22 @@ def test_chunk_samples_must_divide_the_shard(tmp_path, chunk_samples):
     assert not (tmp_path / "c.zarr").exists()
 
 
+def test_string_labels_are_stored_as_class_ids_and_their_names_kept(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    y = np.array(["dog", "cat", "dog", "ant", "cat", "dog"])
+    # without names: ids in the order the labels first appear, across batches
+    seen = write_dataset(str(tmp_path / "a.zarr"), [{"x": x[:3], "y": y[:3]}, {"x": x[3:], "y": y[3:]}])
+    assert seen.class_names == ("dog", "cat", "ant")
+    np.testing.assert_array_equal(seen.labels[:], [0, 1, 0, 2, 1, 0])
+    # with names: each label's index among them; a column vector (n, 1) as many tools save labels
+    named = write_dataset(str(tmp_path / "b.zarr"), [{"x": x, "y": y[:, None]}], class_names=["ant", "cat", "dog"])
+    assert named.class_names == ("ant", "cat", "dog")
+    np.testing.assert_array_equal(named.labels[:], [2, 1, 2, 0, 1, 2])
+    with pytest.raises(DatasetError, match="sample 3 has the label 'ant', which is not among the 2 class names"):
+        write_dataset(str(tmp_path / "c.zarr"), [{"x": x, "y": y}], class_names=["cat", "dog"])
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
     before = fingerprint(id_store.url)
     with pytest.raises(FileExistsError, match="already exists"):
@@ -99,6 +115,11 @@ def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
         ([{"x": np.zeros((3, 2))}], ValueError, "label array 'y' is not among"),
         ([{"x": np.zeros((3, 2)), "y": np.zeros(3)}], DatasetError, "1-D integers"),
         ([{"x": np.zeros((3, 2)), "y": -np.ones(3, dtype=int)}], ValueError, "negative label"),
+        (
+            [{"x": np.zeros((2, 2)), "y": np.array(["a", "b"])}, {"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}],
+            DatasetError,
+            "label array 'y': samples from 2 are int64, those before were strings",
+        ),
         (
             [
                 {"x": np.zeros((3, 2)), "y": np.zeros(3, dtype=int)},
