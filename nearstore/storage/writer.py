@@ -360,7 +360,8 @@ class _ShardWriter:
             labels = batch[self.label_array]
             if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
                 raise DatasetError(
-                    f"label array {self.label_array!r} must be 1-D integers, got {labels.dtype} {labels.shape}"
+                    f"label array {self.label_array!r} must be integers or strings of shape (n,) or (n, 1), "
+                    f"got {labels.dtype} {labels.shape}"
                 )
             if len(labels) and labels.min() < 0:
                 raise DatasetError(f"label array {self.label_array!r} has a negative label {labels.min()}")

@@ -216,7 +216,11 @@ def _null_in_list() -> pa.Table:
             {"label_column": "label"},
             r"t.parquet: no label column 'label'; it has \['x', 'target'\]",
         ),
-        (pa.table({"x": [1, 2], "label": [0.5, 1.0]}), {}, "label column 'label' is double; labels are integers or strings"),
+        (
+            pa.table({"x": [1, 2], "label": [0.5, 1.0]}),
+            {},
+            "label column 'label' is double; labels are integers or strings",
+        ),
         (pa.table({"x": [1, 2], "label": [0, 1]}), {"columns": ["x", "z"]}, r"no column 'z'; it has \['x', 'label'\]"),
         (pa.table({"day": pa.array([1, 2], pa.date32())}), {}, r"column 'day' is date32\[day\], which is not stored"),
         (pa.table({"a/b": [1, 2]}), {}, "column 'a/b' has a '/' in its name"),

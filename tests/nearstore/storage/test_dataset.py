@@ -113,7 +113,7 @@ def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
     [
         ([{"x": np.zeros((3, 2)), "y": np.zeros(2, dtype=int)}], ValueError, "same number of samples"),
         ([{"x": np.zeros((3, 2))}], ValueError, "label array 'y' is not among"),
-        ([{"x": np.zeros((3, 2)), "y": np.zeros(3)}], DatasetError, "1-D integers"),
+        ([{"x": np.zeros((3, 2)), "y": np.zeros(3)}], DatasetError, "integers or strings of shape"),
         ([{"x": np.zeros((3, 2)), "y": -np.ones(3, dtype=int)}], ValueError, "negative label"),
         (
             [{"x": np.zeros((2, 2)), "y": np.array(["a", "b"])}, {"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}],
