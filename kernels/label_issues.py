@@ -7,7 +7,10 @@ unsure of is judged by its own standard.
     sample i is a label issue when c_i exists and c_i ≠ y_i     (the confident joint's off-diagonal)
 
 `ConfidentJoint` keeps the thresholds' sums over a stream, so samples can be judged as they pass
-against every sample seen so far; `label_issues` judges a batch.
+against every sample seen so far; `label_issues` judges a batch. A class the model does not tell
+apart from the others (t_j not `separation` times the mean p_i[j] over the samples not labelled j)
+can be left out as a confident class: a model that gives every sample the same p(j | x) has
+nothing to say about which samples are j.
 """
 
 from __future__ import annotations
@@ -40,13 +43,21 @@ class ConfidentJoint:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.sums = torch.zeros(num_classes, dtype=torch.float64)
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
+        self.totals = torch.zeros(num_classes, dtype=torch.float64)  # Σ p_i[j] over every sample
+        self.seen = 0
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add the batch's p_i[y_i] to its classes' sums."""
+        """Add the batch's p_i[y_i] to its classes' sums, and every p_i to the totals."""
         own = probs.gather(1, labels[:, None])[:, 0].double().cpu()
         self.sums.index_add_(0, labels.cpu(), own)
         self.counts.index_add_(0, labels.cpu(), torch.ones_like(own))
+        self.totals += probs.double().sum(0).cpu()
+        self.seen += len(labels)
 
-    def thresholds(self) -> torch.Tensor:
-        """t_j for every class seen so far; inf for the others."""
-        return torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.inf)
+    def thresholds(self, separation: float = 0.0) -> torch.Tensor:
+        """t_j for every class seen so far; inf for the others, and for those whose t_j is under
+        `separation` times the mean p_i[j] of the samples not labelled j (where there are some)."""
+        t = torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.inf)
+        others = self.seen - self.counts
+        rest = (self.totals - self.sums) / others.clamp_min(1)
+        return torch.where((others > 0) & (t < separation * rest), torch.inf, t)

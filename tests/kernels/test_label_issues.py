@@ -53,6 +53,24 @@ def test_a_confidently_contradicted_label_is_an_issue_and_an_unsure_one_is_not()
     assert label_issues(torch.full((2, 3), 1 / 3), torch.tensor([0, 1]), unseen).tolist() == [-1, -1]
 
 
+def test_a_class_the_model_does_not_tell_apart_is_never_the_confident_class():
+    # the model gives class 0 the same 0.6 whatever the sample: samples labelled 0 get no more of
+    # it than the others, so it says nothing about which are 0; class 1 it separates (0.8 vs 0.2)
+    probs = torch.tensor([[0.6, 0.2, 0.2], [0.6, 0.2, 0.2], [0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    joint = ConfidentJoint(3)
+    joint.update(probs, labels)
+    assert label_issues(probs, labels, joint.thresholds()).tolist() == [-1, 0, 0, 0, -1]  # plain: class 0 wins
+    t = joint.thresholds(separation=1.25)
+    # t_0 = 0.6 against 0.475 (1.26x): kept; with the last sample's 0.1 a 0.6 too, it would not be
+    assert torch.isfinite(t[0]) and t[1] == pytest.approx(0.5)
+    joint = ConfidentJoint(3)
+    joint.update(torch.cat([probs[:4], torch.tensor([[0.6, 0.3, 0.1]])]), labels)
+    t = joint.thresholds(separation=1.25)
+    assert torch.isinf(t[0])  # 0.6 against 0.6: class 0 is no one's suggestion
+    assert label_issues(probs[:4], labels[:4], t).tolist() == [-1, -1, -1, -1]
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="must agree"):
         label_issues(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), torch.ones(3))
