@@ -1,6 +1,7 @@
 """Suspected label errors against the labels we flipped, beside cleanlab on the same probabilities.
 
-    python bench/label_errors.py [--datasets mnist1d digits] [--cases sym20 sym40 pair20] [--out bench/results] [--tiny]
+    python bench/label_errors.py [--datasets mnist1d digits shapes] [--cases sym20 sym40 pair20] [--out bench/results]
+                                 [--tiny]
 
 For each noisy case (bench/selection_quality.py's CASES: labels of the training split corrupted
 on purpose, the true ones kept aside), one proxy scores every sample, and two finders judge the
@@ -13,7 +14,9 @@ labels from the same predicted probabilities:
 Two proxies: the model-free one round 0 uses (random features and two cross-fitted softmax heads,
 fitted on 4,096 warm-up samples, each judging the half it did not see: every sample is out of
 sample), and the demo's CNN trained for 3 epochs on a random 10% (the model a first re-selection
-round would push; the other 90% are out of its sample).
+round would push; the other 90% are out of its sample), in bench/selection_quality.py's recipe
+for the dataset (shapes: batches of 32, Adam at 1e-3, augmented 32 x 32 crops; both proxies see
+32 x 32 centre crops, as the scan decodes them).
 Prints precision, recall and F1 against the flips, the ratios nearstore / cleanlab, and chance
 (precision = the share of flipped labels); writes label_errors.json and label_errors.png.
 """
@@ -31,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import CASES, corrupted, datasets  # noqa: E402
+from selection_quality import CASES, RECIPES, _decoding, corrupted, datasets  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, Graft, ModelProxy, random_select  # noqa: E402
-from nearstore.app.training import fit  # noqa: E402
+from nearstore.app.training import BATCH_SIZE, LEARNING_RATE, fit  # noqa: E402
 from nearstore.selection import Proxy  # noqa: E402
 from nearstore.selection.stages import Scan  # noqa: E402
 
@@ -43,8 +46,12 @@ NOISY = [case for case, (noise, _, _) in CASES.items() if noise]
 
 
 def probabilities(dataset: Dataset, proxy: Proxy) -> np.ndarray:
-    """p(· | x) of every sample under the proxy, (N, C): p = r + onehot(y) from its gradient factors."""
+    """p(· | x) of every sample under the proxy, (N, C): p = r + onehot(y) from its gradient factors
+    (encoded images decoded as the scan decodes them for the proxy)."""
     x, y = dataset.arrays[dataset.input_array][:], dataset.labels[:]
+    if dataset.encoded(dataset.input_array):
+        x, failed = proxy.images.decode_batch(x)
+        assert not failed, f"undecodable samples {sorted(failed)[:5]}"
     residual, _ = proxy.gradient_factors(x, y)
     return (residual + torch.nn.functional.one_hot(torch.from_numpy(y), residual.shape[1])).double().numpy()
 
@@ -77,18 +84,21 @@ def judge(dataset: Dataset, flipped: np.ndarray, proxy: Proxy | None) -> dict[st
     return {"nearstore": ours, "cleanlab": theirs, "chance": {"precision": float(flipped.mean())}}
 
 
-def trained_proxy(dataset: Dataset, factory, seed: int = 0) -> ModelProxy:
-    """The demo's model after 3 epochs on a random 10%: what a first re-selection round pushes."""
+def trained_proxy(dataset: Dataset, name: str, factory, seed: int = 0) -> ModelProxy:
+    """The demo's model after 3 epochs on a random 10%, in the dataset's recipe: what a first
+    re-selection round pushes."""
+    recipe = {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE, **RECIPES.get(name, {})}
     torch.manual_seed(seed)
     model = factory()
-    loader = StreamingLoader(dataset, random_select(dataset, 0.1, seed=seed), batch_size=128, backend="torch")
-    fit(model, loader, 3)
+    subset = random_select(dataset, 0.1, seed=seed)
+    loader = StreamingLoader(dataset, subset, batch_size=recipe["batch_size"], **_decoding(dataset, train=True))
+    fit(model, loader, 3, lr=recipe["lr"])
     return ModelProxy(model)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits"])
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits", "shapes"])
     parser.add_argument("--cases", nargs="+", default=NOISY, choices=NOISY)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 MNIST-1D samples, sym20")
@@ -104,7 +114,7 @@ def main() -> None:
             key = f"{name}/{case}"
             results[key] = {
                 "model-free proxy": judge(dataset, flipped, None),
-                "CNN after 3 epochs on 10%": judge(dataset, flipped, trained_proxy(dataset, factory)),
+                "CNN after 3 epochs on 10%": judge(dataset, flipped, trained_proxy(dataset, name, factory)),
             }
     report(results)
     (args.out / "label_errors.json").write_text(json.dumps(results, indent=2))

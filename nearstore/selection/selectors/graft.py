@@ -51,9 +51,10 @@ class Graft(WindowedSelector):
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
         tempers that; 0 weighs directions alone.
     mute_suspects: samples whose label the proxy contradicts with confidence (confident learning
-        with a floor that follows the proxy's confidence and odds against the given label,
-        `stages.suspects`) enter MaxVol with zero gradients, so it does not take the wrong labels
-        its volume favours, and are reported (`Selection.suspects`).
+        with a floor that follows the proxy's confidence, odds against the given label, and only
+        toward a class the proxy tells apart, `stages.suspects`) enter MaxVol with zero gradients,
+        so it does not take the wrong labels its volume favours, and are reported
+        (`Selection.suspects`).
     draw_uninformed: a window scored by a proxy that knows nothing of the labels yet (its mean
         top-class probability so far under 2 / C, as a trainer's model after a few steps on a
         small subset) keeps a seeded random draw of its samples that are not muted, not MaxVol's
