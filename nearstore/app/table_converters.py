@@ -159,12 +159,15 @@ def open_table(
                     f"{path}: column {name!r} is {other.field(name).type}, {first} has it as {schema.field(name).type}"
                 )
     stored = [
-        Column(name, "names") if _named(schema, name, label) else _column(schema.field(name), first) for name in names
+        Column(name, "names")
+        if name == label and _strings(schema.field(name).type)
+        else _column(schema.field(name), first)
+        for name in names
     ]
     stored, num_samples = _survey(kind, paths, stored, batch, progress)
     if class_names is None and label is not None:
         class_names = _huggingface_class_names(schema, label)
-    if class_names is None and _named(schema, label, label):
+    if class_names is None and label is not None and _strings(schema.field(label).type):
         class_names = _label_names(kind, paths, label, batch)
     return Table(
         kind, tuple(paths), tuple(stored), label, tuple(class_names) if class_names else None, num_samples, batch
@@ -379,16 +382,13 @@ def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None
     if name not in schema.names:
         raise DatasetError(f"{where}: no label column {name!r}; it has {schema.names}")
     kind = schema.field(name).type
-    if not pa.types.is_integer(kind) and not _named(schema, name, name):
+    if not pa.types.is_integer(kind) and not _strings(kind):
         raise DatasetError(f"{where}: label column {name!r} is {kind}; labels are integers or strings")
     return name
 
 
-def _named(schema: pa.Schema, name: str | None, label: str | None) -> bool:
-    """Whether `name` is the label column and holds strings (plain, or a dictionary of them)."""
-    if name is None or name != label:
-        return False
-    kind = schema.field(name).type
+def _strings(kind: pa.DataType) -> bool:
+    """Whether a column of type `kind` holds strings (plain, or a dictionary of them)."""
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)

@@ -217,8 +217,8 @@ class _ClassIndex:
                 f"label array {self.label_array!r}: samples from {first} are "
                 f"{'strings' if strings else labels.dtype}, those before were {'strings' if self.named else 'not'}"
             )
-        if not len(labels):
-            return labels
+        if not len(labels):  # an empty batch (an empty row group, say) holds no class
+            return labels if labels.dtype.kind in "iu" else np.zeros(0, dtype=np.int64)
         self.named = strings
         if not strings:
             return labels

@@ -88,8 +88,9 @@ def test_chunk_samples_must_divide_the_shard(tmp_path, chunk_samples):
 def test_string_labels_are_stored_as_class_ids_and_their_names_kept(tmp_path):
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     y = np.array(["dog", "cat", "dog", "ant", "cat", "dog"])
-    # without names: ids in the order the labels first appear, across batches
-    seen = write_dataset(str(tmp_path / "a.zarr"), [{"x": x[:3], "y": y[:3]}, {"x": x[3:], "y": y[3:]}])
+    # without names: ids in the order the labels first appear, across batches (an empty one too)
+    batches = [{"x": x[:3], "y": y[:3]}, {"x": x[:0], "y": y[:0]}, {"x": x[3:], "y": y[3:]}]
+    seen = write_dataset(str(tmp_path / "a.zarr"), batches)
     assert seen.class_names == ("dog", "cat", "ant")
     np.testing.assert_array_equal(seen.labels[:], [0, 1, 0, 2, 1, 0])
     # with names: each label's index among them; a column vector (n, 1) as many tools save labels
