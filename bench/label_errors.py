@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import CASES, RECIPES, _decoding, corrupted, datasets  # noqa: E402
+from selection_quality import CASES, _decoding, corrupted, datasets, recipe_of  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, Graft, ModelProxy, random_select  # noqa: E402
-from nearstore.app.training import BATCH_SIZE, LEARNING_RATE, fit  # noqa: E402
+from nearstore.app.training import fit  # noqa: E402
 from nearstore.selection import Proxy  # noqa: E402
 from nearstore.selection.stages import Scan  # noqa: E402
 
@@ -87,7 +87,7 @@ def judge(dataset: Dataset, flipped: np.ndarray, proxy: Proxy | None) -> dict[st
 def trained_proxy(dataset: Dataset, name: str, factory, seed: int = 0) -> ModelProxy:
     """The demo's model after 3 epochs on a random 10%, in the dataset's recipe: what a first
     re-selection round pushes."""
-    recipe = {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE, **RECIPES.get(name, {})}
+    recipe = recipe_of(name)
     torch.manual_seed(seed)
     model = factory()
     subset = random_select(dataset, 0.1, seed=seed)

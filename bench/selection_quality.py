@@ -315,12 +315,18 @@ def cluster_executor() -> DaskExecutor:
     return DaskExecutor(client)
 
 
+def recipe_of(name: str) -> dict[str, float]:
+    """The training recipe of a run's dataset ("digits", or "digits/sym20+shards64"): batch size and
+    Adam's rate, the default's where the dataset has none of its own (RECIPES)."""
+    return {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE, **RECIPES.get(name.split("/")[0].split("+")[0], {})}
+
+
 def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None, order=None) -> Run:
     """One run; `order`: the loader's shuffle options (default: its own)."""
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
     store = open_dataset(store.url)
-    recipe = {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE, **RECIPES.get(name.split("/")[0].split("+")[0], {})}
+    recipe = recipe_of(name)
     torch.manual_seed(seed)
     model = factory()
     executor = cluster_executor() if method.endswith(ON_DASK) else None
