@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "path, or a pattern like 'train-{000..099}.tar' or '*.tar'), or a MosaicML Streaming MDS folder (with "
         "index.json), or Parquet or Arrow IPC files (.parquet, .arrow, .feather: a file, a folder of them or a "
         "pattern like 'data/*.parquet'; a column an array, lists of numbers of varying length stored ragged). "
-        "Images and binary columns are stored as the bytes they were encoded as.",
+        "Images, binary columns and Hugging Face Image columns are stored as the bytes they were encoded as.",
     )
     convert.add_argument("source", help="what to convert; its kind is told by what it is, or by --format")
     convert.add_argument("out", help="URL of the new dataset (local path or fsspec URL)")

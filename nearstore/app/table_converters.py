@@ -9,7 +9,10 @@ datasets' .arrow), read record batch by record batch into batches {column: array
   has the same length: a fixed-size array (n, *shape);
 - `list` / `large_list` of numbers (or of fixed-size lists of numbers: rows of that shape) of
   varying length: a ragged numeric array (`nearstore.storage.ragged`);
-- `binary`, `large_binary`, `fixed_size_binary`: encoded samples, each row's bytes as they are.
+- `binary`, `large_binary`, `fixed_size_binary`: encoded samples, each row's bytes as they are;
+- `struct<bytes: binary, path: string>`, Hugging Face datasets' `Image` (and `Audio`): encoded
+  samples too, a row's bytes, or where they are null the file at its path (relative to the
+  table's file).
 
 Strings, lists of variable-length lists and any other type are refused naming the column and its
 type, a null naming the column and the row. Whether a list column is of one length is found by a
@@ -94,9 +97,12 @@ class Table:
         for path in self.paths:
             row = 0
             for batch in _record_batches(self.kind, path, names, self.batch):
-                for column in self.columns:
-                    _refuse_nulls(batch.column(column.name), column.name, path, row)
-                yield {column.name: column.numpy(batch.column(column.name)) for column in self.columns}
+                arrays = {column.name: batch.column(column.name) for column in self.columns}
+                for name, array in arrays.items():
+                    _refuse_nulls(array, name, path, row)
+                    if pa.types.is_struct(array.type):
+                        arrays[name] = _embedded(array, name, path, row)
+                yield {column.name: column.numpy(arrays[column.name]) for column in self.columns}
                 row += batch.num_rows
 
     def write(self, url: str, **options: Any) -> Dataset:
@@ -271,7 +277,7 @@ def _column(arrow: pa.Field, where: str) -> Column:
     name, kind = arrow.name, arrow.type
     if "/" in name:
         raise DatasetError(f"{where}: column {name!r} has a '/' in its name, which would nest it in the store")
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+    if _binary(kind) or _encoded_file(kind):
         return Column(name, "bytes")
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         dtype, shape = _numbers(kind.value_type, arrow, where)
@@ -300,8 +306,40 @@ def _numbers(kind: pa.DataType, column: pa.Field, where: str) -> tuple[np.dtype,
             "store the inner lists as fixed-size lists, or flatten them"
         )
     raise DatasetError(
-        f"{what}, which is not stored: numbers, fixed-size or variable-length lists of numbers, and binary are"
+        f"{what}, which is not stored: numbers, fixed-size or variable-length lists of numbers, binary, "
+        "and structs of encoded files (bytes and path, as Hugging Face's Image) are"
     )
+
+
+def _binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+
+
+def _encoded_file(kind: pa.DataType) -> bool:
+    """Whether `kind` is a struct of an encoded file's bytes and path, as Hugging Face datasets
+    store an `Image` or `Audio` feature."""
+    if not pa.types.is_struct(kind) or {kind.field(i).name for i in range(kind.num_fields)} != {"bytes", "path"}:
+        return False
+    path = kind.field("path").type
+    return _binary(kind.field("bytes").type) and (pa.types.is_string(path) or pa.types.is_large_string(path))
+
+
+def _embedded(array: pa.StructArray, name: str, table: str, first: int) -> pa.Array:
+    """The encoded files of a struct column (`_encoded_file`, rows `first`, ... of `table`): each
+    row's bytes, or where they are null the file at its path (relative to the table's folder); a
+    row with neither, or whose file cannot be read, is refused naming the column and the row."""
+    blobs = array.field("bytes").to_pylist()
+    for row in [i for i, blob in enumerate(blobs) if blob is None]:
+        where = f"{table}: column {name!r} at row {first + row}"
+        path = array.field("path")[row].as_py()
+        if path is None:
+            raise DatasetError(f"{where} has neither bytes nor a path; nothing missing is stored")
+        file = Path(table).parent / path  # an absolute path stays itself
+        try:
+            blobs[row] = file.read_bytes()
+        except OSError as e:
+            raise DatasetError(f"{where} has no bytes, and its file {str(file)!r} cannot be read: {e}") from None
+    return pa.array(blobs, pa.large_binary())
 
 
 def _survey(kind: str, paths: list[str], columns: list[Column], batch: int, progress: bool) -> tuple[list[Column], int]:

@@ -12,11 +12,16 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 import torch
+from images import photo
 
 from loaders import StreamingLoader
 from nearstore import DatasetError, open_dataset
 from nearstore.app.cli import main
 from nearstore.app.table_converters import open_table
+from nearstore.storage.images import ImageTransform
+
+# How Hugging Face datasets store an `Image` (or `Audio`) feature: the encoded file, or its path.
+ENCODED_FILE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def _rows(n: int, seed: int = 0) -> dict[str, list]:
@@ -183,6 +188,33 @@ def test_columns_choose_what_is_stored_the_label_beside_them(tmp_path):
     assert open_table(tmp_path / "u.parquet", label_column="y").label == "y"
 
 
+def test_hugging_face_images_convert_as_encoded_files_and_load_decoded(tmp_path):
+    n = 12
+    blobs = [photo(i) for i in range(n)]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "5.png").write_bytes(blobs[5])  # a row that names its file instead
+    files = [{"bytes": blob, "path": f"{i}.jpg"} for i, blob in enumerate(blobs)]
+    files[5] = {"bytes": None, "path": "images/5.png"}
+    table = pa.table({"image": pa.array(files, ENCODED_FILE), "label": pa.array([i % 3 for i in range(n)])})
+    features = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog", "eel"], "_type": "ClassLabel"}}
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, tmp_path / "train-00000-of-00001.parquet", row_group_size=5)
+
+    out = str(tmp_path / "train.zarr")
+    assert main(["convert", str(tmp_path / "train-00000-of-00001.parquet"), out, "--shard-samples", "4"]) == 0
+    dataset = open_dataset(out)
+    assert dataset.class_names == ("cat", "dog", "eel")
+    assert list(dataset.arrays["image"][:]) == blobs  # stored as encoded, the named file's bytes too
+    loader = StreamingLoader(out, batch_size=5, shuffle=False, images=ImageTransform(16, train=False), backend="torch")
+    batches = list(loader)
+    assert [tuple(x.shape) for x, _ in batches] == [(5, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16)]
+    assert torch.cat([y for _, y in batches]).tolist() == [i % 3 for i in range(n)]
+
+
+def _encoded_files(*files: dict | None) -> pa.Table:
+    return pa.table({"image": pa.array(list(files), ENCODED_FILE), "label": [0] * len(files)})
+
+
 def _null_in_list() -> pa.Table:
     return pa.table({"ids": pa.array([[1], [2, 3], [4, None], [5]], pa.list_(pa.int32())), "label": [0, 1, 0, 1]})
 
@@ -225,6 +257,26 @@ def _null_in_list() -> pa.Table:
         (pa.table({"day": pa.array([1, 2], pa.date32())}), {}, r"column 'day' is date32\[day\], which is not stored"),
         (pa.table({"a/b": [1, 2]}), {}, "column 'a/b' has a '/' in its name"),
         (pa.table({"label": [0, 1]}), {}, "no column to store besides the label 'label'"),
+        (
+            _encoded_files({"bytes": b"x", "path": None}, None, {"bytes": b"y", "path": None}),
+            {},
+            r"column 'image' is null at row 1",
+        ),
+        (
+            _encoded_files({"bytes": b"x", "path": "a"}, {"bytes": b"y", "path": "b"}, {"bytes": None, "path": None}),
+            {},
+            r"t.parquet: column 'image' at row 2 has neither bytes nor a path",
+        ),
+        (
+            _encoded_files({"bytes": None, "path": "gone.jpg"}),
+            {},
+            r"column 'image' at row 0 has no bytes, and its file '.*gone.jpg' cannot be read",
+        ),
+        (
+            pa.table({"image": pa.array([{"bytes": b"x", "src": "a"}]), "label": [0]}),
+            {},
+            r"column 'image' is struct<bytes: binary, src: string>, which is not stored: .* structs of encoded files",
+        ),
     ],
 )
 def test_each_refusal_names_the_column(tmp_path, table, options, message):
