@@ -224,7 +224,8 @@ class ModelProxy:
     The model runs in eval mode, without gradients, in chunks of `batch_size` samples (2,048: the
     demo's CNN ran 1.4x faster than in chunks of 4,096 under glibc's default malloc, whose larger
     activations it maps afresh and faults in every chunk; as fast with freed memory kept), on the
-    stored samples as they are (integer samples cast to float32): preprocessing the trainer does
+    stored samples cast to the model's floating dtype (a float16 or integer store to a float32
+    model, as the trainer casts its batches): preprocessing the trainer does
     in a loader transform belongs in the model's first layer for its proxy to see the same input.
     Ragged samples reach it as the loader yields them, a jagged nested tensor (`nested`) of
     their stored dtype. Encoded images are decoded by `images` (default 32 × 32, centre crop, ImageNet's normalization):
@@ -246,6 +247,7 @@ class ModelProxy:
             )
         self.head = heads[-1]
         self.model = model.to(device).eval()
+        self.dtype = self.head.weight.dtype  # what the stored samples are cast to
         self.device = torch.device(device)
         self.num_classes = self.head.out_features
         self.batch_size = batch_size
@@ -286,8 +288,7 @@ class ModelProxy:
             starts = range(0, n, self.batch_size)
             chunks = [nested(RaggedBatch.of(x[i : i + self.batch_size]), self.device) for i in starts]
         else:
-            inputs = torch.as_tensor(np.asarray(x), device=self.device)
-            chunks = list((inputs if inputs.is_floating_point() else inputs.float()).split(self.batch_size))
+            chunks = list(torch.as_tensor(np.asarray(x), device=self.device, dtype=self.dtype).split(self.batch_size))
         captured: list[torch.Tensor] = []
         hook = self.head.register_forward_hook(lambda _, args, __: captured.append(args[0]))
         try:

@@ -88,6 +88,11 @@ def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs)
     with torch.no_grad():
         p = torch.softmax(model(torch.from_numpy(inputs)), 1)[torch.arange(20), torch.from_numpy(y[:20])]
     torch.testing.assert_close(proxy.confidence(inputs, y[:20]), p)
+    # samples stored in another dtype reach the model in its own, as a trainer casts its batches
+    for stored in (np.float32, np.float16, np.int16):
+        torch.testing.assert_close(
+            proxy.embed(inputs.astype(stored), y[:20]), proxy.embed(inputs.astype(stored).astype(np.float64), y[:20])
+        )
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(the model's outputs\)"):
         proxy.embed(inputs[:2], np.array([0, 5]))
     with pytest.raises(ValueError, match="has none"):
