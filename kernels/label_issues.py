@@ -10,7 +10,10 @@ unsure of is judged by its own standard.
 against every sample seen so far; `label_issues` judges a batch. A class the model does not tell
 apart from the others (t_j not `separation` times the mean p_i[j] over the samples not labelled j)
 can be left out as a confident class: a model that gives every sample the same p(j | x) has
-nothing to say about which samples are j.
+nothing to say about which samples are j. With `alpha`, so can a class whose gap is not significant
+(a one-sided z-test of the two means at level alpha / C, Bonferroni over the classes): the
+out-of-sample probabilities of a model that knows nothing scatter, and with few samples a class
+(100 classes of pure-noise labels, 41 samples each) some classes clear any fixed ratio by chance.
 """
 
 from __future__ import annotations
@@ -41,23 +44,34 @@ class ConfidentJoint:
     def __init__(self, num_classes: int) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.sums = torch.zeros(num_classes, dtype=torch.float64)
-        self.counts = torch.zeros(num_classes, dtype=torch.float64)
-        self.totals = torch.zeros(num_classes, dtype=torch.float64)  # Σ p_i[j] over every sample
+        zeros = lambda: torch.zeros(num_classes, dtype=torch.float64)  # noqa: E731
+        self.sums, self.squares, self.counts = zeros(), zeros(), zeros()  # Σ p_i[y_i], Σ p_i[y_i]², n_j
+        self.totals, self.total_squares = zeros(), zeros()  # Σ p_i[j], Σ p_i[j]² over every sample
         self.seen = 0
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add the batch's p_i[y_i] to its classes' sums, and every p_i to the totals."""
-        own = probs.gather(1, labels[:, None])[:, 0].double().cpu()
-        self.sums.index_add_(0, labels.cpu(), own)
-        self.counts.index_add_(0, labels.cpu(), torch.ones_like(own))
-        self.totals += probs.double().sum(0).cpu()
+        """Add the batch's p_i[y_i] (and squares) to its classes' sums, and every p_i to the totals."""
+        own, labels = probs.gather(1, labels[:, None])[:, 0].double().cpu(), labels.cpu()
+        self.sums.index_add_(0, labels, own)
+        self.squares.index_add_(0, labels, own.square())
+        self.counts.index_add_(0, labels, torch.ones_like(own))
+        # one reduction at a time: at most one (n, C) float64 copy alive (C may be in the tens of thousands)
+        self.totals += probs.sum(0, dtype=torch.float64).cpu()
+        self.total_squares += torch.linalg.vector_norm(probs, dim=0, dtype=torch.float64).square().cpu()
         self.seen += len(labels)
 
-    def thresholds(self, separation: float = 0.0) -> torch.Tensor:
+    def thresholds(self, separation: float = 0.0, alpha: float | None = None) -> torch.Tensor:
         """t_j for every class seen so far; inf for the others, and for those whose t_j is under
-        `separation` times the mean p_i[j] of the samples not labelled j (where there are some)."""
+        `separation` times the mean p_i[j] of the samples not labelled j (where there are some), or,
+        with `alpha`, exceeds it by less than the z-test at level alpha / C asks."""
         t = torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.inf)
         others = self.seen - self.counts
         rest = (self.totals - self.sums) / others.clamp_min(1)
-        return torch.where((others > 0) & (t < separation * rest), torch.inf, t)
+        apart = t >= separation * rest
+        if alpha is not None:
+            own_var = (self.squares / self.counts.clamp_min(1) - t.square()).clamp_min(0)
+            rest_var = ((self.total_squares - self.squares) / others.clamp_min(1) - rest.square()).clamp_min(0)
+            error = (own_var / self.counts.clamp_min(1) + rest_var / others.clamp_min(1)).sqrt()
+            z = torch.special.ndtri(torch.tensor(1 - alpha / len(t), dtype=torch.float64))
+            apart &= t - rest >= z * error
+        return torch.where((others > 0) & ~apart, torch.inf, t)

@@ -71,6 +71,24 @@ def test_a_class_the_model_does_not_tell_apart_is_never_the_confident_class():
     assert label_issues(probs[:4], labels[:4], t).tolist() == [-1, -1, -1, -1]
 
 
+def test_a_gap_within_chance_does_not_separate_a_class():
+    """With alpha, a class's gap must pass a z-test at alpha / C: probabilities that scatter at
+    random (a model at chance) clear a ratio of 1.25 in some of 100 classes of 40 samples, never the
+    test; a model right on half the samples clears both with as few."""
+    torch.manual_seed(0)
+    labels = torch.arange(4000) % 100
+    scattered = torch.softmax(3 * torch.randn(4000, 100, dtype=torch.float64), 1)
+    joint = ConfidentJoint(100)
+    joint.update(scattered, labels)
+    assert torch.isfinite(joint.thresholds(separation=1.25)).sum() > 5
+    assert torch.isinf(joint.thresholds(separation=1.25, alpha=0.01)).all()
+    knowing = torch.softmax(3 * torch.randn(4000, 100, dtype=torch.float64) + 8 * torch.eye(100)[labels], 1)
+    joint = ConfidentJoint(100)
+    joint.update(knowing, labels)
+    assert (knowing.argmax(1) == labels).double().mean() > 0.5
+    assert torch.isfinite(joint.thresholds(separation=1.25, alpha=0.01)).all()
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="must agree"):
         label_issues(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), torch.ones(3))
