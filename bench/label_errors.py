@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import CASES, _decoding, corrupted, datasets, recipe_of  # noqa: E402
+from selection_quality import CASES, corrupted, datasets, loader_options, recipe_of  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Dataset, Graft, ModelProxy, random_select  # noqa: E402
@@ -91,7 +91,7 @@ def trained_proxy(dataset: Dataset, name: str, factory, seed: int = 0) -> ModelP
     torch.manual_seed(seed)
     model = factory()
     subset = random_select(dataset, 0.1, seed=seed)
-    loader = StreamingLoader(dataset, subset, batch_size=recipe["batch_size"], **_decoding(dataset, train=True))
+    loader = StreamingLoader(dataset, subset, batch_size=recipe["batch_size"], **loader_options(dataset, train=True))
     fit(model, loader, 3, lr=recipe["lr"])
     return ModelProxy(model)
 
@@ -100,9 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"], choices=["mnist1d", "digits", "shapes"])
     parser.add_argument("--cases", nargs="+", default=NOISY, choices=NOISY)
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch's: the CNN rows move with them"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 MNIST-1D samples, sym20")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sizes = (4096, 1024) if args.tiny else (50_000, 10_000)
     if args.tiny:
         args.datasets, args.cases = ["mnist1d"], ["sym20"]

@@ -283,11 +283,12 @@ def corrupted(dataset: Dataset, case: str, root: Path, seed: int = 0) -> tuple[D
 
 
 def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = next(iter(StreamingLoader(dataset, batch_size=dataset.num_samples, shuffle=False, **_decoding(dataset))))
+    loader = StreamingLoader(dataset, batch_size=dataset.num_samples, shuffle=False, **loader_options(dataset))
+    x, y = next(iter(loader))
     return x, y
 
 
-def _decoding(dataset: Dataset, train: bool = False) -> dict:
+def loader_options(dataset: Dataset, train: bool = False) -> dict:
     """The loader's options for `dataset`: the torch backend, and encoded images decoded as the demo
     decodes them (augmented for training)."""
     images = {"images": TRAIN_IMAGES if train else TEST_IMAGES} if dataset.encoded(dataset.input_array) else {}
@@ -351,7 +352,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         **(order or {}),
         warm_start_epochs=warm,
         weights=weighted,
-        **_decoding(store, train=True),
+        **loader_options(store, train=True),
     )
     seen = set(range(store.num_samples) if warm else loader.ids.tolist())
     noisy = [] if flipped is None else [float(flipped[loader.ids].mean())]

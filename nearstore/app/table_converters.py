@@ -411,8 +411,8 @@ def _leaf(array: pa.Array) -> pa.Array:
 
 
 def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None:
-    """The label column: `name` (which must be there, of integers or strings), else "label" where
-    there is one."""
+    """The label column: `name` (which must be there, of integers, one-integer lists or strings),
+    else "label" where there is one."""
     if name is None:
         if DEFAULT_LABEL not in schema.names:
             return None
@@ -420,6 +420,8 @@ def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None
     if name not in schema.names:
         raise DatasetError(f"{where}: no label column {name!r}; it has {schema.names}")
     kind = schema.field(name).type
+    if pa.types.is_fixed_size_list(kind) and kind.list_size == 1 and pa.types.is_integer(kind.value_type):
+        return name  # labels saved as an (n, 1) array: write_dataset takes them so
     if not pa.types.is_integer(kind) and not _strings(kind):
         raise DatasetError(f"{where}: label column {name!r} is {kind}; labels are integers or strings")
     return name

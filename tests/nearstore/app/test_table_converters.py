@@ -300,6 +300,14 @@ def test_string_and_categorical_labels_become_class_ids_over_every_file(tmp_path
     np.testing.assert_array_equal(dataset.labels[:], [1, 0, 1])
 
 
+def test_labels_saved_as_one_integer_lists_are_labels(tmp_path):
+    column = pa.array([[2], [0], [1], [2]], pa.list_(pa.int32(), 1))  # an (n, 1) array's column
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0, 4.0], "label": column}), tmp_path / "t.parquet")
+    dataset = open_table(tmp_path / "t.parquet").write(str(tmp_path / "o.zarr"))
+    assert dataset.label_array == "label" and dataset.num_classes == 3
+    np.testing.assert_array_equal(dataset.labels[:], [2, 0, 1, 2])
+
+
 def test_files_that_disagree_are_refused_naming_the_file(tmp_path):
     pq.write_table(pa.table({"x": pa.array([1, 2], pa.int32()), "label": [0, 1]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"x": pa.array([1, 2], pa.int64()), "label": [0, 1]}), tmp_path / "b.parquet")
