@@ -225,11 +225,12 @@ class ModelProxy:
     demo's CNN ran 1.4x faster than in chunks of 4,096 under glibc's default malloc, whose larger
     activations it maps afresh and faults in every chunk; as fast with freed memory kept), on the
     stored samples cast to the model's floating dtype (a float16 or integer store to a float32
-    model, as the trainer casts its batches): preprocessing the trainer does
-    in a loader transform belongs in the model's first layer for its proxy to see the same input.
-    Ragged samples reach it as the loader yields them, a jagged nested tensor (`nested`) of
-    their stored dtype. Encoded images are decoded by `images` (default 32 × 32, centre crop, ImageNet's normalization):
-    give the trainer's evaluation transform for the model to see what it trains on.
+    model, as the trainer casts its batches): preprocessing the trainer does in a loader transform
+    belongs in the model's first layer for its proxy to see the same input. Ragged samples reach it
+    as the loader yields them, a jagged nested tensor (`nested`), floats cast to the model's dtype
+    and integers (token ids) as stored. Encoded images are decoded by `images` (default 32 × 32,
+    centre crop, ImageNet's normalization): give the trainer's evaluation transform for the model to
+    see what it trains on.
     """
 
     def __init__(
@@ -287,6 +288,7 @@ class ModelProxy:
         if x.dtype == object:  # ragged: batches as the loader yields them
             starts = range(0, n, self.batch_size)
             chunks = [nested(RaggedBatch.of(x[i : i + self.batch_size]), self.device) for i in starts]
+            chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
         else:
             chunks = list(torch.as_tensor(np.asarray(x), device=self.device, dtype=self.dtype).split(self.batch_size))
         captured: list[torch.Tensor] = []

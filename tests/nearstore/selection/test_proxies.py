@@ -67,6 +67,13 @@ def test_sample_folds_are_a_function_of_the_bytes():
     assert set(sample_folds(x, 3).tolist()) == {0, 1, 2}
 
 
+class MeanOfRows(torch.nn.Module):
+    """A nested batch (B, j, D) to the mean of each sample's rows, (B, D)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([sample.mean(0) for sample in x.unbind()])
+
+
 def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
     x, y = blobs
     torch.manual_seed(0)
@@ -93,6 +100,12 @@ def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs)
         torch.testing.assert_close(
             proxy.embed(inputs.astype(stored), y[:20]), proxy.embed(inputs.astype(stored).astype(np.float64), y[:20])
         )
+    # ragged float samples too: a nested batch, cast (the mean of each sample's rows, then the model)
+    ragged = np.empty(4, dtype=object)
+    ragged[:] = [x[i : i + 1 + i % 3].astype(np.float32) for i in range(4)]
+    means = ModelProxy(torch.nn.Sequential(MeanOfRows(), model))
+    expected = proxy.embed(np.stack([r.astype(np.float64).mean(0) for r in ragged]), y[:4])
+    torch.testing.assert_close(means.embed(ragged, y[:4]), expected)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(the model's outputs\)"):
         proxy.embed(inputs[:2], np.array([0, 5]))
     with pytest.raises(ValueError, match="has none"):
