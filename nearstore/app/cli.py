@@ -15,6 +15,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from nearstore import NearstoreError, ParameterError, Selection, open_dataset, verify_dataset, write_dataset
 from nearstore.app import converters
@@ -335,7 +336,12 @@ def _check_apart(out: str, sources: list[str]) -> None:
     fs, path = fsspec.core.url_to_fs(out)
     for source in sources:
         theirs, there = fsspec.core.url_to_fs(source)
-        if type(theirs) is type(fs) and (_within(path, there) or _within(there, path)):
+        if type(theirs) is not type(fs):
+            continue
+        mine = path
+        if isinstance(fs, LocalFileSystem):  # a folder may have two names (a symlink)
+            mine, there = os.path.realpath(path), os.path.realpath(there)
+        if _within(mine, there) or _within(there, mine):
             raise ParameterError(f"the dataset {out!r} and its source {source!r} overlap: write it elsewhere")
 
 

@@ -12,6 +12,7 @@ one beside it and swaps it in only when whole.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import uuid
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,7 @@ from nearstore.storage.codecs import Sharding, encode_bytes_shard
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
+    ZARR_JSON,
     Dataset,
     Manifest,
     encoded_bytes,
@@ -94,7 +96,9 @@ def write_dataset(
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
     replacing = fs.exists(root)
     if replacing and not overwrite:
-        raise FileExistsError(f"{url!r} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    if replacing:
+        _check_replaceable(fs, root, url)
     # The old store stays whole until the new one is: written beside it, then swapped in.
     suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""
     target = root + suffix
@@ -123,6 +127,23 @@ def write_dataset(
         fs.mv(target, root, recursive=True)
         fs.rm(old, recursive=True)
     return open_dataset(url, storage_options=storage_options)
+
+
+def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left) nor an
+    empty folder: overwrite replaces a dataset, it never deletes a user's other files."""
+    if fs.isdir(root) and not fs.ls(root, detail=False):
+        return
+    try:
+        document = json.loads(fs.cat_file(f"{root}/{ZARR_JSON}"))
+    except (OSError, ValueError):
+        document = None
+    if not isinstance(document, dict) or document.get("node_type") != "group":
+        what = "a folder that is not a zarr group" if fs.isdir(root) else "a file"
+        raise FileExistsError(
+            f"{url!r} is {what}, not a dataset: overwrite replaces only a dataset or an empty folder; "
+            "write elsewhere, or remove it yourself"
+        )
 
 
 def _write(

@@ -207,6 +207,32 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_convert_sees_through_symlinks_and_overwrites_only_a_dataset(tmp_path, capsys, fingerprint):
+    folder = write_shapes(tmp_path / "folder", 20)
+    (tmp_path / "alias").symlink_to(folder)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    before = fingerprint(str(folder))
+    refused = [
+        # the source under another name: --overwrite would have deleted it, without it written into it
+        (["convert", str(tmp_path / "alias"), str(folder), "--overwrite"], "overlap"),
+        (["convert", str(folder), str(tmp_path / "alias" / "o.zarr")], "overlap"),
+        # what is not a dataset is never overwritten
+        (["convert", str(folder), str(work), "--overwrite"], "'.*work' is a folder that is not a zarr group"),
+        (["convert", str(folder), str(work / "notes.txt"), "--overwrite"], "notes.txt' is a file, not a dataset"),
+    ]
+    for argv, message in refused:
+        assert main(argv) == 2
+        assert re.search(message, capsys.readouterr().err), argv
+    assert fingerprint(str(folder)) == before and (work / "notes.txt").read_text() == "mine"
+    out = tmp_path / "out.zarr"
+    out.mkdir()  # an empty folder may be written over, and a dataset replaced
+    for _ in range(2):
+        assert main(["convert", str(folder), str(out), "--overwrite"]) == 0
+    assert open_dataset(str(out)).num_samples == 20
+
+
 def test_a_damaged_selection_file_is_one_line_and_exit_2(tmp_path, capsys):
     digits = str(tmp_path / "digits.zarr")
     main(["convert", "digits", digits])
