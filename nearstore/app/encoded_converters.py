@@ -244,8 +244,9 @@ def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, byt
     key: str | None = None
     files: dict[str, bytes] = {}
     seen: set[str] = set()
+    marked = _end_marked()
     try:
-        with tarfile.open(path, mode="r|*") as stream:
+        with tarfile.open(path, mode="r|*", tarinfo=marked) as stream:
             for member in stream:
                 match = _WDS_KEY.match(member.name)
                 if not member.isreg() or _WDS_META.match(member.name) or match is None:
@@ -264,8 +265,29 @@ def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, byt
                 stream.members = []
     except tarfile.TarError as e:
         raise DatasetError(f"{path}: not a readable tar file: {e}") from None
+    if not marked.ended:  # tarfile ends a stream cut between two members, or at a garbled header, silently
+        after = f"after sample {key!r}" if key is not None else "before its first sample"
+        raise DatasetError(f"{path}: ends {after} without the end-of-archive marker (cut short, or damaged there)")
     if key is not None:
         yield key, files
+
+
+def _end_marked() -> type[tarfile.TarInfo]:
+    """A TarInfo class of its own for one stream, whose `ended` says whether the stream reached the
+    end-of-archive marker (a zero block) rather than the end of the data or an unreadable header."""
+
+    class Marked(tarfile.TarInfo):
+        ended = False
+
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.EOFHeaderError:
+                cls.ended = True
+                raise
+
+    return Marked
 
 
 def _extensions(files: dict[str, bytes]) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,24 @@ def test_webdataset_refusals(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(DatasetError, match="junk.tar: not a readable tar file"):
         list(webdataset_images(tmp_path / "junk.tar").batches())
+
+
+def test_a_webdataset_shard_cut_short_is_refused_not_read_as_fewer_samples(tmp_path):
+    samples = [(f"s{i}", {"jpg": _jpeg(i), "cls": b"1"}) for i in range(4)]
+    whole = _shard(tmp_path, "whole.tar", samples).read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        third = tar.getmember("s2.jpg").offset  # a cut between two samples leaves a tar of two
+    cuts = {
+        "cut.tar": whole[:third],
+        "garbled.tar": whole[:third] + b"x" * 512 + whole[third + 512 :],
+        "cut.tar.gz": gzip.compress(whole[:third]),
+    }
+    for name, data in cuts.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DatasetError, match=rf"{name}: ends after sample 's1' without the end-of-archive marker"):
+            list(webdataset_images(tmp_path / name).batches())
+    (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(whole))
+    assert sum(len(b["y"]) for b in webdataset_images(tmp_path / "whole.tar.gz").batches()) == 4
 
 
 MDS_COLUMNS = {"caption": "str", "idx": "int64", "image": "jpeg", "label": "int"}
