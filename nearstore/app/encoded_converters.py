@@ -31,6 +31,7 @@ DEFAULT_IMAGE_BATCH = 256
 # torchvision.datasets.folder.IMG_EXTENSIONS, compared case-insensitively as torchvision does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_BOUND = 1 << 63  # labels are stored as int64
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,9 @@ def _label(
         label = decode(data) if decode is not None else int(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError, IndexError):
         raise DatasetError(f"{where} is not an integer: {data[:32]!r}") from None
-    if label < 0 or (class_names is not None and label >= len(class_names)):
-        bound = f"in [0, {len(class_names)}) for {len(class_names)} class names" if class_names is not None else ">= 0"
+    if label < 0 or label >= (len(class_names) if class_names is not None else LABEL_BOUND):
+        count = len(class_names) if class_names is not None else None
+        bound = f"in [0, {count}) for {count} class names" if count is not None else "in [0, 2**63)"
         raise DatasetError(f"{where} is {label}; labels must be {bound}")
     return label
 

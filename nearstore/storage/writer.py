@@ -129,6 +129,11 @@ def write_dataset(
     return open_dataset(url, storage_options=storage_options)
 
 
+# Without class names, the classes are named "0".."C-1" from the largest label, up to this many, or
+# as many as there are samples: a label past both is more likely a sample id than a class.
+UNNAMED_CLASSES = 1 << 16
+
+
 def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left) nor an
     empty folder: overwrite replaces a dataset, it never deletes a user's other files."""
@@ -177,6 +182,12 @@ def _write(
         if index.named:
             class_names = index.names
         elif class_names is None:
+            if writer.max_label >= max(UNNAMED_CLASSES, writer.num_samples):
+                raise DatasetError(
+                    f"label {writer.max_label} of sample {writer.max_label_sample} would make {writer.max_label + 1} "
+                    f"classes of {writer.num_samples} samples for {url!r} (ids taken for labels?); where there are "
+                    "that many classes, name them (class_names, --class-names)"
+                )
             class_names = [str(c) for c in range(writer.max_label + 1)]
         class_names = list(class_names)
         if len(class_names) <= writer.max_label:
@@ -286,7 +297,7 @@ class _ShardWriter:
         self.pending: dict[str, list[np.ndarray]] = {}
         self.num_pending = 0
         self.num_samples = 0
-        self.max_label = -1
+        self.max_label = self.max_label_sample = -1
         # The manifest, shard by shard: each object's size and its samples' digest; and each
         # array's digest of all its samples, for the fingerprint.
         self.nbytes: dict[str, list[int]] = {}
@@ -386,8 +397,9 @@ class _ShardWriter:
                 )
             if len(labels) and labels.min() < 0:
                 raise DatasetError(f"label array {self.label_array!r} has a negative label {labels.min()}")
-            if len(labels):
-                self.max_label = max(self.max_label, int(labels.max()))
+            if len(labels) and int(labels.max()) > self.max_label:
+                self.max_label = int(labels.max())
+                self.max_label_sample = self.num_samples + self.num_pending + int(labels.argmax())
 
     def _check_encoded(self, name: str, values: np.ndarray, first: int) -> None:
         """An array of encoded samples is 1-D and holds bytes, or ragged arrays of the layout of

@@ -126,7 +126,11 @@ def test_webdataset_shards_are_stored_byte_for_byte(tmp_path):
         ({"txt": b"hi", "cls": b"1"}, r"bad\.tar: sample 'k1' has no image \(none of .jpg, .jpeg, .png, .webp; it has"),
         ({"jpg": b"j"}, r"bad\.tar: sample 'k1' has no label \.cls"),
         ({"jpg": b"j", "cls": b"cat"}, r"bad\.tar: sample 'k1': label \.cls is not an integer: b'cat'"),
-        ({"jpg": b"j", "cls": b"-1"}, r"bad\.tar: sample 'k1': label \.cls is -1; labels must be >= 0"),
+        ({"jpg": b"j", "cls": b"-1"}, r"bad\.tar: sample 'k1': label \.cls is -1; labels must be in \[0, 2\*\*63\)"),
+        (
+            {"jpg": b"j", "cls": b"9" * 20},
+            r"bad\.tar: sample 'k1': label \.cls is 9{20}; labels must be in \[0, 2\*\*63\)",
+        ),
     ],
 )
 def test_a_bad_webdataset_sample_is_named_by_shard_and_key(tmp_path, files, message):

@@ -210,6 +210,17 @@ def test_fewer_class_names_than_labels_are_refused(tmp_path):
         write_dataset(str(tmp_path / "c.zarr"), [id_encoded(50)], class_names=["a", "b"])
 
 
+def test_a_label_far_past_the_samples_needs_class_names(tmp_path):
+    batch = {"x": np.zeros((3, 2), np.float32), "y": np.array([0, 100_000, 1])}
+    url = str(tmp_path / "c.zarr")
+    with pytest.raises(DatasetError, match="label 100000 of sample 1 would make 100001 classes of 3 samples"):
+        write_dataset(url, [batch])
+    assert not Path(url).exists()
+    named = write_dataset(url, [batch], class_names=[str(c) for c in range(100_001)])
+    assert len(named.class_names) == 100_001
+    assert len(write_dataset(url, [{**batch, "y": np.array([0, 65_535, 1])}], overwrite=True).class_names) == 65_536
+
+
 def test_reading_damage_changes_nothing_in_the_store(store, fingerprint):
     shard_file(store, "x", 3).write_bytes(b"")
     before = fingerprint(store)
