@@ -25,6 +25,7 @@ import numpy as np
 
 from nearstore import Dataset, DatasetError, ParameterError, write_dataset
 from nearstore.app.converters import Batches
+from nearstore.storage.images import damaged
 
 # Encoded images are large (tens of kB each): a batch this size is a few MB, not a few GB.
 DEFAULT_IMAGE_BATCH = 256
@@ -65,7 +66,7 @@ def imagefolder_images(root: str | Path, *, batch: int = DEFAULT_IMAGE_BATCH) ->
     files, classes = imagefolder_files(root)
 
     def read() -> Batches:
-        return encoded_batches(((Path(path).read_bytes(), label) for path, label in files), batch)
+        return encoded_batches(((_image(Path(path).read_bytes(), path), label) for path, label in files), batch)
 
     return EncodedImages(len(files), classes, read)
 
@@ -128,7 +129,8 @@ def webdataset_images(
                     raise DatasetError(
                         f"{path}: sample {key!r} has no label .{label_key} (it has {_extensions(files)})"
                     )
-                yield image, _label(files[label_key], names, f"{path}: sample {key!r}: label .{label_key}")
+                label = _label(files[label_key], names, f"{path}: sample {key!r}: label .{label_key}")
+                yield _image(image, f"{path}: sample {key!r}"), label
 
     return EncodedImages(None, names, lambda: encoded_batches(samples(), batch))
 
@@ -184,7 +186,8 @@ def mds_images(
             decode = _MDS_INTEGERS[_mds_listed(shard)[label]]
             for i, data in enumerate(_mds_shard_samples(root, shard, where)):
                 fields = _mds_fields(data, shard, f"{where}: sample {i}")
-                yield fields[image], _label(fields[label], names, f"{where}: sample {i}: column {label!r}", decode)
+                label_of = _label(fields[label], names, f"{where}: sample {i}: column {label!r}", decode)
+                yield _image(fields[image], f"{where}: sample {i}: column {image!r}"), label_of
 
     total = sum(int(shard["samples"]) for shard in shards)
     return EncodedImages(total, names, lambda: encoded_batches(samples(), batch))
@@ -216,6 +219,15 @@ def _batch(images: list[bytes], labels: list[int]) -> dict[str, np.ndarray]:
     encoded = np.empty(len(images), dtype=object)
     encoded[:] = images
     return {"image": encoded, "y": np.asarray(labels, dtype=np.int64)}
+
+
+def _image(blob: bytes, where: str) -> bytes:
+    """`blob`, refused naming `where` if it cannot be a whole image (`images.damaged`): a file cut
+    short, empty or of another kind is caught here, not by sample id in the middle of training."""
+    problem = damaged(blob)
+    if problem is not None:
+        raise DatasetError(f"{where}: {problem}; remove it or replace it, then convert again")
+    return blob
 
 
 def _label(

@@ -154,6 +154,7 @@ def _shorter_to(width: int, height: int, side: int) -> tuple[int, int]:
 
 # Magic numbers of the formats both decoders read, with how a whole file ends where that is known.
 _JPEG, _PNG, _PNG_END = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+_PNM = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")  # plain and binary bitmaps, greymaps, pixmaps
 
 
 def damaged(blob: bytes) -> str | None:
@@ -173,7 +174,7 @@ def damaged(blob: bytes) -> str | None:
     if blob[:2] == b"BM":
         stated = int.from_bytes(blob[2:6], "little")
         return None if len(blob) >= stated else f"BMP of {len(blob)} bytes, its header says {stated}"
-    if blob[:4] in (b"II*\x00", b"MM\x00*") or blob[:2] in (b"P5", b"P6"):
+    if blob[:4] in (b"II*\x00", b"MM\x00*") or blob[:2] in _PNM:
         return None  # TIFF, PNM: no end to check
     return f"not an image nearstore decodes (starts {blob[:8]!r}; JPEG, PNG, WebP, BMP, TIFF, PNM)"
 

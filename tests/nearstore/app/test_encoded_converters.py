@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def _png(seed: int) -> bytes:
     return out.getvalue()
 
 
+def _webp(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((6, 4, 3), seed % 256, np.uint8)).save(out, format="WEBP")
+    return out.getvalue()
+
+
 def _stored(images, tmp_path: Path, **options) -> tuple[list[bytes], list[int], tuple[str, ...]]:
     """Write through `write_dataset` in shards of 3 and read every sample back, in reverse order:
     the bytes come from the store, not from the converter."""
@@ -51,7 +58,7 @@ def test_an_image_folder_is_stored_byte_for_byte_in_torchvisions_order(tmp_path)
         "cat/notes.txt": b"not an image",
         "ant/x.JPEG": _jpeg(3, (64, 9)),
         "ant/.DS_Store": b"\x00",
-        "bee/a.webp": b"RIFF....WEBP",  # not decoded: any bytes under an image extension are stored
+        "bee/a.webp": _webp(4),
     }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +72,24 @@ def test_an_image_folder_is_stored_byte_for_byte_in_torchvisions_order(tmp_path)
     assert stored == [files[name] for name in expected]
     assert labels == [0, 1, 2, 2, 2] and class_names == ("ant", "bee", "cat")
     assert [len(b["image"]) for b in images.batches()] == [2, 2, 1]  # and a second pass reads again
+
+
+def test_a_file_that_cannot_be_a_whole_image_is_refused_by_path(tmp_path):
+    cases = {
+        "empty.jpg": (b"", "empty sample"),
+        "cut.jpg": (_jpeg(1)[:-200], "JPEG without its end-of-image marker"),
+        "._mac.jpg": (b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X", "not an image nearstore decodes"),
+    }
+    for name, (data, problem) in cases.items():
+        root = tmp_path / name.strip("._")
+        (root / "a").mkdir(parents=True)
+        (root / "a" / "fine.png").write_bytes(_png(0))
+        (root / "a" / name).write_bytes(data)
+        with pytest.raises(DatasetError, match=rf"a/{re.escape(name)}: {problem}"):
+            list(imagefolder_images(root).batches())
+    _shard(tmp_path, "cut.tar", [("k0", {"jpg": _jpeg(0), "cls": b"0"}), ("k1", {"png": _png(1)[:-12], "cls": b"0"})])
+    with pytest.raises(DatasetError, match=r"cut\.tar: sample 'k1': PNG without its IEND chunk"):
+        list(webdataset_images(tmp_path / "cut.tar").batches())
 
 
 def test_image_folder_errors_name_the_folder(tmp_path):
@@ -96,13 +121,13 @@ def test_webdataset_shards_are_stored_byte_for_byte(tmp_path):
         ("train/s2", {"png": _png(2), "jpg": _jpeg(2), "cls": b"1"}),  # jpg comes first in image_keys
         ("train/s3", {"jpeg": _jpeg(3) + b"\x00", "meta.json": b"{}", "cls": b"2"}),  # key: up to the first dot
     ]
-    second = [("s4", {"webp": b"RIFF-webp-bytes", "cls": b"1"})]
+    second = [("s4", {"webp": _webp(4), "cls": b"1"})]
     _shard(tmp_path, "shard-000.tar", first)
     write_tar(  # webdataset's "__key__"-style entries are metadata, not samples
         tmp_path / "shard-001.tar",
         [("__meta__", b"x"), *[(f"{k}.{e}", d) for k, f in second for e, d in f.items()]],
     )
-    expected = [_jpeg(0), _png(1), _jpeg(2), _jpeg(3) + b"\x00", b"RIFF-webp-bytes"]
+    expected = [_jpeg(0), _png(1), _jpeg(2), _jpeg(3) + b"\x00", _webp(4)]
     for shards in (
         str(tmp_path / "shard-{000..001}.tar"),
         str(tmp_path / "shard-*.tar"),
@@ -134,7 +159,7 @@ def test_webdataset_shards_are_stored_byte_for_byte(tmp_path):
     ],
 )
 def test_a_bad_webdataset_sample_is_named_by_shard_and_key(tmp_path, files, message):
-    _shard(tmp_path, "bad.tar", [("k0", {"jpg": b"fine", "cls": b"0"}), ("k1", files)])
+    _shard(tmp_path, "bad.tar", [("k0", {"jpg": _jpeg(0), "cls": b"0"}), ("k1", files)])
     with pytest.raises(DatasetError, match=message):
         list(webdataset_images(tmp_path / "bad.tar").batches())
 
@@ -196,7 +221,7 @@ def test_mds_shards_are_stored_byte_for_byte(tmp_path, compression):
 
 def test_mds_columns_can_be_named_and_of_other_integer_encodings(tmp_path):
     columns = {"a_png": "png", "blob": "bytes", "klass": "str_int", "small": "uint8"}
-    samples = [{"a_png": _png(i), "blob": bytes([i]) * i, "klass": i % 2, "small": 4 - i} for i in range(5)]
+    samples = [{"a_png": _png(i), "blob": _webp(i) + bytes([i]) * i, "klass": i % 2, "small": 4 - i} for i in range(5)]
     root = write_mds(tmp_path / "mds", columns, samples, shard_samples=2)
     stored, labels, _ = _stored(mds_images(root), tmp_path)  # the png column, the first integer column
     assert stored == [s["a_png"] for s in samples] and labels == [0, 1, 0, 1, 0]
