@@ -224,6 +224,11 @@ class StreamingLoader:
             self.cache.bind(self.source.identity, self.arrays)
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
+        # A round selected while an epoch is iterated, which the next epoch iterates: (ids, weights,
+        # round, carry); and whether an epoch is being iterated, by which iterator (a newer one
+        # over this loader replaces it: the two would share one place).
+        self._pending: tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]] | None = None
+        self._in_epoch, self._iterator = False, 0
         self._use(self.source.selection() if selection is None else selection)
         self.augment = self._augment_ids(augment, transform is not None or dali_transform is not None)
         self.augmented_samples = 0  # samples (views) the transforms were applied to, over all epochs
@@ -295,7 +300,8 @@ class StreamingLoader:
         **options: Any,
     ) -> Selection:
         """Run a new selection round with the latest proxy (`update_proxy`), on the server or here
-        beside the store; the next epoch iterates it. Its scan I/O joins `io_stats()`.
+        beside the store; the next epoch iterates it (one being iterated finishes its own round,
+        and a state taken meanwhile resumes both). Its scan I/O joins `io_stats()`.
 
         method, options: a selector of `nearstore.selection.selectors` and its parameters; by
             default `default_reselect(keep)`, GRAFT on a fresh pool of twice the budget per class
@@ -304,17 +310,21 @@ class StreamingLoader:
             running curvature).
         keep: default the current selection's share; seed: default the round number.
         """
-        keep = keep if keep is not None else len(self.ids) / self.num_samples
+        ids, _, round, carry = self._pending or (self.ids, self.sample_weights, self.round, self.carry)
+        keep = keep if keep is not None else len(ids) / self.num_samples
         check_keep(keep)
-        seed = check_integer("seed", seed if seed is not None else self.round + 1, 0)
+        seed = check_integer("seed", seed if seed is not None else round + 1, 0)
         if method is None:
             method, defaults = default_reselect(keep)
             options = {**defaults, **options}
-        selection = self.source.select(
-            self.ids, self.round, keep=keep, method=method, options=options, seed=seed, carried=self.carry
-        )
-        self._use(selection)
-        self.order.forget_place()  # a new round never resumes a place in the old one
+        selection = self.source.select(ids, round, keep=keep, method=method, options=options, seed=seed, carried=carry)
+        if self._in_epoch:
+            selection.check_dataset(self.source.identity)
+            self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
+            self._pending = (selection.ids, selection.weights, selection.round, selection.carry)
+        else:
+            self._use(selection)
+            self.order.forget_place()  # a new round never resumes a place in the old one
         return selection
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -323,8 +333,12 @@ class StreamingLoader:
         storage_before = self.source.storage_reads()
         hits_before = self.cache.stats.hits if self.cache is not None else 0
         epoch = self.epoch
-        ids, weights, round = self._epoch_ids(epoch)
         first = self.order.start()  # > 0 right after load_state_dict mid-epoch
+        if self._pending is not None and not (first or self.order.skipped):  # not resuming the old round
+            self._take_pending()
+        ids, weights, round = self._epoch_ids(epoch)
+        self._iterator += 1
+        self._in_epoch, iterator = True, self._iterator
         shards = ids // self.source.shard_samples
         if self.cache is not None:
             self._visiting = np.unique(ids[self.order.positions(epoch, shards)])
@@ -343,6 +357,11 @@ class StreamingLoader:
         transformed = self.transform is not None or self.dali_transform is not None
         augmented_before = self.augmented_samples
         for batch in tensors:
+            if iterator != self._iterator:
+                raise RuntimeError(
+                    f"a newer iterator over this loader ({self.url!r}) took its place in epoch {epoch}: "
+                    "iterate one at a time (the place they share is what state_dict saves)"
+                )
             self.order.batches_done += 1  # counted as delivered once the trainer holds it
             if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
                 continue
@@ -382,6 +401,9 @@ class StreamingLoader:
             self._epochs[-1]["seconds"],
         )
         self.order.finish()
+        self._in_epoch = False
+        if self._pending is not None:
+            self._take_pending()
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is, as a StatefulDataLoader's: its order's place (the epoch, the
@@ -389,17 +411,24 @@ class StreamingLoader:
         augmented (`set_augment`'s, or augment='s). A loader over
         the same data, built with the same batch_size, shuffle and seed, resumes from it with
         `load_state_dict`, on any number of ranks (docs/loader.md, Resume)."""
+        pending = None
+        if self._pending is not None:
+            ids, weights, round, carry = self._pending
+            pending = {"round": round, "ids": ids.copy(), "weights": weights.copy(), "carry": _copied(carry)}
         return {
             "version": STATE_VERSION,
             "dataset": self.source.identity,
-            "order": self.order.state_dict(),
+            # the shard size fixes a shuffle="shards" order: resumed only over shards of the same size
+            "order": {**self.order.state_dict(), "shard_samples": self.source.shard_samples},
             "selection": {
                 "round": self.round,
                 "ids": self.ids.copy(),
                 "weights": self.sample_weights.copy(),
                 "scan_io": dict(self.scan_io),
-                "carry": {name: value.copy() for name, value in self.carry.items()},
+                "carry": _copied(self.carry),
             },
+            # a round selected during the epoch being iterated, which the next epoch iterates
+            "next": pending,
             # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
             "augment": None if self.augment is None else self.augment.copy(),
         }
@@ -428,11 +457,18 @@ class StreamingLoader:
         scan_io = state_entry(chosen, "scan_io", where, Mapping)
         scan_io = {key: state_count(scan_io, key, f"{where}'s scan_io") for key in ("bytes", "requests")}
         carry = check_carry(chosen.get("carry", {}), where)  # states written before carries hold none
+        pending = self._state_pending(state.get("next"))  # states written before it hold none
         augment = self._state_augment(state.get("augment"))
         self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
+        shard_samples = order.get("shard_samples", self.source.shard_samples)
+        if self.order.shuffle == "shards" and shard_samples != self.source.shard_samples:
+            raise DatasetError(
+                f"state_dict was taken over shards of {shard_samples!r} samples; {self.url!r} has shards of "
+                f"{self.source.shard_samples}, and shuffle='shards' visits them in another order"
+            )
         self.source.selection(round)  # raises where the source no longer holds that round
         self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
-        self.augment = augment
+        self.augment, self._pending, self._in_epoch = augment, pending, False
         self.order.load_state_dict(order)
 
     def io_stats(self) -> dict[str, Any]:
@@ -475,6 +511,23 @@ class StreamingLoader:
             ids = np.arange(self.num_samples) if selection is None else selection
             self.ids, self.sample_weights = _selected(self.num_samples, repr(self.url), ids)
             self.round, self.carry = 0, {}
+
+    def _take_pending(self) -> None:
+        """Iterate the round selected during the last epoch from now on."""
+        self.ids, self.sample_weights, self.round, self.carry = self._pending
+        self._pending = None
+
+    def _state_pending(self, pending: Any) -> tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]] | None:
+        """A state's round to iterate after the one it resumes (None: none), checked as its selection is."""
+        if pending is None:
+            return None
+        where = "state_dict's next round"
+        if not isinstance(pending, Mapping):
+            raise DatasetError(f"{where} must be a mapping, got {reprlib.repr(pending)}")
+        ids, weights = _selected(
+            self.num_samples, where, state_entry(pending, "ids", where), state_entry(pending, "weights", where)
+        )
+        return ids, weights, state_count(pending, "round", where), check_carry(pending.get("carry", {}), where)
 
     def _check_ranks_agree(self) -> None:
         """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
@@ -758,6 +811,10 @@ def _selected(
     if np.any(weights < 0):
         raise DatasetError(f"selection weights in {where} must be >= 0, got {weights.min()}")
     return ids, weights.astype(np.float32)
+
+
+def _copied(carry: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: value.copy() for name, value in carry.items()}
 
 
 def _on_flagged(

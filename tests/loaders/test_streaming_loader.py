@@ -481,6 +481,51 @@ def test_resuming_keeps_the_reselected_round(id_store):
     assert sorted(first + rest) == loader.ids.tolist()
 
 
+def test_a_round_selected_mid_epoch_starts_with_the_next_and_a_state_taken_meanwhile_resumes_both(id_store):
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=50, backend="torch")
+
+    live = make()
+    batches = iter(live)
+    head = [sample_ids(next(batches)[0]) for _ in range(3)]
+    new = live.reselect(0.1, method="random", seed=5)
+    assert len(live) == 10 and live.round == 0  # the epoch being iterated keeps its round
+    state = live.state_dict()
+    rest = [sample_ids(x) for x, _ in batches]
+    assert sorted(i for b in head + rest for i in b) == random_select(id_store, 0.2, seed=1).ids.tolist()
+    assert live.round == 1 and len(live) == 5
+    following = [sample_ids(x) for x, _ in live]
+    assert sorted(i for b in following for i in b) == new.ids.tolist()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert [sample_ids(x) for x, _ in resumed] == rest and resumed.round == 1
+    assert [sample_ids(x) for x, _ in resumed] == following
+
+
+def test_a_newer_iterator_replaces_the_older(id_store):
+    loader = StreamingLoader(id_store, batch_size=100, backend="torch")
+    first, second = iter(loader), iter(loader)
+    next(first)
+    next(second)
+    with pytest.raises(RuntimeError, match="a newer iterator over this loader .* took its place in epoch 0"):
+        next(first)
+    assert loader.batches_done == 1 and len([next(second) for _ in range(24)]) == 24
+
+
+def test_a_state_over_other_shards_is_refused_where_the_order_follows_them(id_store, id_data, tmp_path):
+    resharded = write_dataset(str(tmp_path / "resharded.zarr"), [id_data], shard_samples=100)
+    loader = StreamingLoader(id_store, batch_size=64, backend="torch")  # shuffle="shards" by default
+    next(iter(loader))
+    with pytest.raises(ValueError, match="state_dict was taken over shards of 256 samples; .* has shards of 100"):
+        StreamingLoader(resharded, batch_size=64, backend="torch").load_state_dict(loader.state_dict())
+    globally = StreamingLoader(id_store, batch_size=64, shuffle="global", backend="torch")
+    head = sample_ids(next(iter(globally))[0])
+    again = StreamingLoader(resharded, batch_size=64, shuffle="global", backend="torch")
+    again.load_state_dict(globally.state_dict())  # a global order is the same over any shards
+    rest = [i for x, _ in again for i in sample_ids(x)]
+    assert sorted(head + rest) == list(range(2500))
+
+
 def test_a_state_dict_of_other_data_or_another_order_is_refused(id_store, tmp_path):
     state = StreamingLoader(id_store, batch_size=64, backend="torch").state_dict()
     with pytest.raises(ValueError, match="state_dict was taken with batch_size=64; this loader has 32"):
