@@ -28,7 +28,7 @@ def as_format_1(url: str) -> None:
     import zarr
 
     group = zarr.open_group(url, mode="r+")
-    attrs = {k: v for k, v in group.attrs["nearstore"].items() if k not in ("fingerprint", "shards")}
+    attrs = {k: v for k, v in group.attrs["nearstore"].items() if k not in ("fingerprint", "shards", "layouts")}
     group.attrs["nearstore"] = {**attrs, "format_version": 1}
 
 

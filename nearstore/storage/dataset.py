@@ -64,14 +64,15 @@ class Manifest:
     fingerprint: str
     nbytes: dict[str, tuple[int, ...]]
     digests: dict[str, tuple[str, ...]]
+    # What each array's bytes mean (`array_layout`), as written; None in stores written before it.
+    layouts: dict[str, dict[str, Any]] | None = None
 
     def to_attrs(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint,
-            "shards": {
-                name: {"nbytes": list(self.nbytes[name]), "digests": list(self.digests[name])} for name in self.nbytes
-            },
+        shards = {
+            name: {"nbytes": list(self.nbytes[name]), "digests": list(self.digests[name])} for name in self.nbytes
         }
+        layouts = {} if self.layouts is None else {"layouts": self.layouts}
+        return {"fingerprint": self.fingerprint, "shards": shards, **layouts}
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any], shards: Mapping[str, int], url: str) -> Manifest:
@@ -81,6 +82,9 @@ class Manifest:
             nbytes = {name: tuple(int(n) for n in recorded[name]["nbytes"]) for name in shards}
             digests = {name: tuple(str(d) for d in recorded[name]["digests"]) for name in shards}
             fingerprint = str(attrs["fingerprint"])
+            layouts = attrs.get("layouts")
+            if layouts is not None:
+                layouts = {name: dict(layouts[name]) for name in shards}
         except (KeyError, TypeError, ValueError) as e:
             problem = f"{type(e).__name__}: {e}"
             raise DatasetError(f"{url!r}: the shard manifest in its attributes is damaged ({problem})") from None
@@ -90,7 +94,17 @@ class Manifest:
                     f"{url!r}: the manifest records {len(nbytes[name])} shard objects of array {name!r}, "
                     f"which has {count}"
                 )
-        return cls(fingerprint, nbytes, digests)
+        return cls(fingerprint, nbytes, digests, layouts)
+
+    def check_layouts(self, url: str, layouts: Mapping[str, dict[str, Any]]) -> None:
+        """Refuse an array whose zarr.json says its bytes mean other than when written (a dtype of
+        the same size would read every sample as something else, whole and checksummed)."""
+        for name, found in layouts.items():
+            if self.layouts is not None and found != self.layouts[name]:
+                raise DatasetError(
+                    f"{url!r}: array {name!r} was written as {self.layouts[name]}, and its {ZARR_JSON} now says "
+                    f"{found}: its samples would be read as something else (the metadata was edited)"
+                )
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,13 @@ def encoded_bytes() -> Iterator[None]:
         yield
 
 
+def array_layout(array: zarr.Array, document: Mapping[str, Any]) -> dict[str, Any]:
+    """What an array's stored bytes mean: its dtype, a sample's shape, a ragged array's layout."""
+    layout = {"dtype": str(array.dtype), "sample_shape": list(array.shape[1:])}
+    ragged = ((document.get("attributes") or {}).get(ATTRS_KEY) or {}).get("ragged")
+    return layout if ragged is None else {**layout, "ragged": ragged}
+
+
 def ragged_layout(document: Mapping[str, Any], where: str) -> RaggedLayout | None:
     """The ragged layout an array's zarr.json `document` records in its attributes, or None."""
     recorded = ((document.get("attributes") or {}).get(ATTRS_KEY) or {}).get("ragged")
@@ -341,6 +362,12 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     if version == FORMAT_VERSION:
         shards = {name: math.ceil(num_samples / (a.shards or a.chunks)[0]) for name, a in arrays.items()}
         manifest = Manifest.from_attrs(attrs, shards, url)
+        manifest.check_layouts(url, {name: array_layout(arrays[name], doc) for name, doc in zip(names, documents)})
+    elif "shards" in attrs:
+        raise DatasetError(
+            f"{url!r} says format_version {version} but holds a format-{FORMAT_VERSION} manifest: its attributes "
+            "were edited (read as format 1, nothing in it would be checked)"
+        )
     else:
         warnings.warn(
             f"{url!r} was written without checksums (nearstore format {version}): a missing or damaged shard "

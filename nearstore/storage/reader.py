@@ -23,6 +23,7 @@ import numpy as np
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding
 from nearstore.storage.dataset import Dataset, check_ids
+from nearstore.storage.integrity import content_digest
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 
@@ -116,6 +117,7 @@ class SelectiveReader:
         self._fetch_chunks(plans)
         for plan in plans:
             plan.decode()
+            plan.check_digests()
         self.stats.add(samples=len(ids))
         read = {plan.layout.name: plan.assemble() for plan in plans} | kept
         return {name: read[name] for name in self.layouts}
@@ -409,6 +411,26 @@ class _ReadPlan:
                 shard = int(self.shard_of_chunk[row])
                 raise self.damage(shard, f"holds a damaged sample ({e})", np.array([row])) from e
 
+    def check_digests(self) -> None:
+        """Each shard this read took whole (and not checked before): its samples' digest against
+        the one the manifest records, which catches a shard object replaced by another whole one
+        (its checksums hold, its samples are not the ones written). A read of a part of a shard
+        cannot tell; `verify_dataset` reads every shard whole."""
+        lay = self.layout
+        if lay.digests is None:
+            return
+        for shard in self.shards[self.complete(self.shards)].tolist():
+            if shard in lay.digested:
+                continue
+            first = shard * lay.shard_samples
+            count = min(lay.shard_samples, lay.dataset.num_samples - first)
+            rows = np.flatnonzero(self.shard_of_chunk == shard)
+            samples = self.decoded[rows].reshape(-1, *lay.chunk_shape[1:])[:count]
+            if content_digest(samples) != lay.digests[shard]:
+                problem = "holds other samples than were written (checksums hold, the samples' digest does not)"
+                raise self.damage(shard, problem, lasting=True)
+            lay.digested.add(shard)
+
     def _check_sums(self, rows: np.ndarray, payloads: np.ndarray, stored: np.ndarray) -> None:
         """Each chunk's payload's crc32c against the one stored after it (little-endian uint32)."""
         computed = np.fromiter(map(google_crc32c.value, payloads), dtype=np.uint32, count=len(payloads))
@@ -443,7 +465,9 @@ class _ArrayLayout:
     index: ChunkCodecs  # of a shard index
     index_at_start: bool
     nbytes: tuple[int, ...] | None  # each shard object's size, from the manifest (None: format 1)
+    digests: tuple[str, ...] | None  # each shard's samples' digest, from the manifest (None: format 1)
     damaged: dict[int, str]  # shard objects found damaged, and how: shared by the opened dataset's readers
+    digested: set[int]  # shards whose digest was checked: shared likewise
     paths: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -473,7 +497,9 @@ class _ArrayLayout:
             index=sharding.index,
             index_at_start=sharding.index_at_start,
             nbytes=dataset.manifest.nbytes[name] if dataset.manifest else None,
+            digests=dataset.manifest.digests[name] if dataset.manifest else None,
             damaged=dataset._kept(("damaged", name), dict),
+            digested=dataset._kept(("digested", name), set),
         )
 
     def shard_path(self, shard: int) -> str:

@@ -34,6 +34,7 @@ from nearstore.storage.dataset import (
     ZARR_JSON,
     Dataset,
     Manifest,
+    array_layout,
     encoded_bytes,
     open_dataset,
     shard_key,
@@ -196,6 +197,7 @@ def _write(
         fingerprint((name, writer.content[name]) for name in writer.names),
         {name: tuple(n) for name, n in writer.nbytes.items()},
         {name: tuple(d) for name, d in writer.digests.items()},
+        {name: array_layout(writer.arrays[name], writer.documents[name]) for name in writer.names},
     )
     group.attrs[ATTRS_KEY] = {
         "format_version": FORMAT_VERSION,

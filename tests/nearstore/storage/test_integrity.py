@@ -3,6 +3,8 @@ changed, on a store whose samples name their own ids (so a wrong sample would sh
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -138,10 +140,43 @@ def test_a_shard_swapped_for_another_whole_one_is_found_by_verify(store):
     shutil.copyfile(shard_file(store, "x", 0), shard_file(store, "x", 1))
     shard_file(store, "y", 5).unlink()
     cut(shard_file(store, "y", 7), slice(-64))
+    with shard_file(store, "y", 8).open("ab") as f:  # zarr would read the bytes at the end as its index
+        f.write(b"junk")
     damages = verify_dataset(open_dataset(store), progress=False)
-    assert [(d.array, d.shard) for d in damages] == [("x", 1), ("y", 5), ("y", 7)]
+    assert [(d.array, d.shard) for d in damages] == [("x", 1), ("y", 5), ("y", 7), ("y", 8)]
     assert "other samples than were written" in damages[0].problem and "is missing" in damages[1].problem
     assert damages[1].path.endswith("y/c/5") and "cut short" in damages[2].problem
+    assert re.match(r"is longer than written: (\d+) bytes, the manifest records (?!\1)\d+", damages[3].problem)
+
+
+def test_a_shard_swapped_for_another_whole_one_is_refused_when_read_whole(store):
+    shutil.copyfile(shard_file(store, "x", 0), shard_file(store, "x", 1))
+    dataset = open_dataset(store)
+    part = SelectiveReader(dataset, ["x"]).read(np.arange(256, 300))  # a part of it cannot tell
+    np.testing.assert_array_equal(part["x"], id_encoded()["x"][:44])
+    with pytest.raises(IntegrityError, match=r"x/c/1/0' \(samples 256..511\) holds other samples than were written"):
+        SelectiveReader(dataset, ["x"]).read(np.arange(200, 600))
+    with pytest.raises(IntegrityError, match="holds other samples"):  # remembered: read alone, it fails at once
+        SelectiveReader(dataset, ["x"]).read([300])
+    assert SelectiveReader(dataset, ["x"]).read(np.arange(512, 768))["x"].shape == (256, 8)
+
+
+def test_metadata_edited_to_read_the_bytes_otherwise_is_refused_at_open(store):
+    document = Path(store) / "y" / "zarr.json"
+    written = document.read_text()
+    document.write_text(written.replace('"int64"', '"float64"', 1))  # same size: every checksum holds
+    with pytest.raises(DatasetError, match="array 'y' was written as .*'int64'.*now says .*'float64'"):
+        open_dataset(store)
+    document.write_text(written)
+    root = Path(store) / "zarr.json"
+    group = json.loads(root.read_text())
+    attrs = group["attributes"]["nearstore"]
+    root.write_text(json.dumps({**group, "attributes": {"nearstore": {**attrs, "format_version": 1}}}))
+    with pytest.raises(DatasetError, match="says format_version 1 but holds a format-2 manifest"):
+        open_dataset(store)
+    older = {k: v for k, v in attrs.items() if k != "layouts"}  # written before layouts were recorded
+    root.write_text(json.dumps({**group, "attributes": {"nearstore": older}}))
+    assert verify_dataset(open_dataset(store), progress=False) == []
 
 
 def test_the_manifest_records_every_shard_objects_real_size(id_store):
