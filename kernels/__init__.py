@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels.agreement import agreement_scores, residual_scores, sketch_basis
+from kernels.agreement import agreement_scores, consensus_direction, residual_scores, sketch_basis
 from kernels.augmentation_similarity import expected_similarity, sas_greedy
 from kernels.cross_covariance import cross_covariance_greedy
 from kernels.facility_location import facility_location
@@ -19,6 +19,7 @@ __all__ = [
     "StreamingKMeans",
     "StreamingTopK",
     "agreement_scores",
+    "consensus_direction",
     "cross_covariance_greedy",
     "expected_similarity",
     "facility_location",

@@ -53,17 +53,24 @@ def agreement_scores(embeddings: torch.Tensor, basis: torch.Tensor, consensus: t
             raise ValueError(f"{name} contains NaN or inf")
 
     basis = basis.to(embeddings)
-    consensus = consensus.to(embeddings)
-    centre = basis @ consensus
-    centre_norm = centre.norm()
-    # Below the roundoff of a width-D dot product the direction of V ḡ is noise.
-    if centre_norm <= torch.finfo(centre.dtype).eps * width**0.5 * consensus.norm():
+    direction = consensus_direction(basis, consensus.to(embeddings))
+    if direction is None:
         raise ValueError("consensus has no component in the sketch subspace")
     projected = embeddings @ basis.T
     tiny = torch.finfo(projected.dtype).tiny
     # A zero row stays zero after the clamped division, hence scores 0 rather than NaN.
     unit = projected / projected.norm(dim=1, keepdim=True).clamp_min(tiny)
-    return (unit @ (centre / centre_norm)).clamp(-1, 1)
+    return (unit @ direction).clamp(-1, 1)
+
+
+def consensus_direction(basis: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor | None:
+    """V ḡ / ‖V ḡ‖, the consensus's direction in the sketch's subspace (r,); None where it has
+    none: below the roundoff of a width-D dot product the direction of V ḡ is noise."""
+    centre = basis @ consensus
+    centre_norm = centre.norm()
+    if centre_norm <= torch.finfo(centre.dtype).eps * consensus.shape[0] ** 0.5 * consensus.norm():
+        return None
+    return centre / centre_norm
 
 
 def residual_scores(embeddings: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -333,16 +333,21 @@ def _source_kind(source: str) -> str:
 def _check_apart(out: str, sources: list[str]) -> None:
     """Refuse to write a dataset at `out` where it is a source, lies inside one (it would be written
     into the input: an image folder would gain a class), or holds one (--overwrite deletes it)."""
-    fs, path = fsspec.core.url_to_fs(out)
     for source in sources:
-        theirs, there = fsspec.core.url_to_fs(source)
-        if type(theirs) is not type(fs):
-            continue
-        mine = path
-        if isinstance(fs, LocalFileSystem):  # a folder may have two names (a symlink)
-            mine, there = os.path.realpath(path), os.path.realpath(there)
-        if _within(mine, there) or _within(there, mine):
+        if _overlap(out, source):
             raise ParameterError(f"the dataset {out!r} and its source {source!r} overlap: write it elsewhere")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether URLs `a` and `b` name the same place, or one lies inside the other: by their paths
+    on one filesystem, a local one's resolved (`./x`, `d/../x` and a symlink to x are x)."""
+    fs, path = fsspec.core.url_to_fs(a)
+    theirs, there = fsspec.core.url_to_fs(b)
+    if type(theirs) is not type(fs):
+        return False
+    if isinstance(fs, LocalFileSystem):
+        path, there = os.path.realpath(path), os.path.realpath(there)
+    return _within(path, there) or _within(there, path)
 
 
 def _within(path: str, root: str) -> bool:
@@ -398,7 +403,7 @@ def _select(args: argparse.Namespace) -> int:
     selector = make_selector(args.method, **options)  # options checked before any scan
     if args.report and not selector.mute_suspects:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
-    if args.report and (args.report == args.out or args.report.startswith(args.out.rstrip("/") + "/")):
+    if args.report and _overlap(args.report, args.out):
         raise ParameterError(f"--report {args.report!r} is where the selection goes: give it another path")
     # Where the results go is checked now, not after the scan: an unwritable path loses no work.
     dataset.check_outside(args.out, "the selection")
@@ -437,6 +442,8 @@ def _check_writable(url: str, what: str) -> None:
     Missing local folders on the way are made, as `mkdir -p` would (object storage has none, and a
     missing bucket is not made)."""
     fs, path = fsspec.core.url_to_fs(url)
+    if url.endswith("/") or fs.isdir(path):
+        raise IsADirectoryError(f"cannot write {what} to {url!r}: it names a folder; give a file's path")
     probe = f"{path}.nearstore-probe"
     try:
         if "file" in fs.protocol:

@@ -202,7 +202,7 @@ class Selection:
             arrays |= {f"suspect_{k}": getattr(self.suspects, k) for k in ("ids", "labels", "quality")}
         arrays |= {f"{CARRY_PREFIX}{name}": value for name, value in self.carry.items()}
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays, meta=json.dumps(meta))
+        np.savez_compressed(buffer, **arrays, meta=json.dumps(meta, default=_plain))
         return buffer.getvalue()
 
     @classmethod
@@ -291,3 +291,10 @@ def _header(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise DatasetError(f"{where} is not a selection: header field {name!r} is {value!r}, not {kind.__name__}")
     return {name: meta[name] for name in META_FIELDS}
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar among a selection's parameters (a selector's window=np.int64(64)) as Python's."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} in a selection's record is not JSON")

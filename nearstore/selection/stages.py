@@ -23,6 +23,9 @@ from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, SelectiveReade
 from nearstore.storage.images import ImageTransform
 from nearstore.storage.ragged import RaggedLayout
 
+# Inputs past this size overflow float32 when squared (3.4e38), as the proxies' standardizing does.
+MAX_INPUT = 1e18
+
 Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
 # (ids, {group: rows}, gradient embeddings, or their two factors where asked for)
 Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -264,13 +267,16 @@ def augmented_views(
 
 def rebatch(batches: Iterable[Batch], samples: int) -> Iterator[Batch]:
     """Consecutive batches joined until each holds at least `samples` (the last may hold fewer):
-    fewer, larger calls for the stages after."""
+    fewer, larger calls for the stages after; a batch of more than `samples` is cut into pieces
+    of that many first (what the stages after hold of it is bounded: whole gradients)."""
     held: list[Batch] = []
-    for batch in batches:
-        held.append(batch)
-        if sum(len(ids) for ids, _ in held) >= samples:
-            yield _join(held)
-            held = []
+    for ids, arrays in batches:
+        for start in range(0, len(ids), samples):
+            piece = slice(start, start + samples)
+            held.append((ids[piece], {name: a[piece] for name, a in arrays.items()}))
+            if sum(len(part) for part, _ in held) >= samples:
+                yield _join(held)
+                held = []
     if held:
         yield _join(held)
 
@@ -425,17 +431,24 @@ def check_classes(num_classes: int, dataset: Dataset, labels: str | None) -> Non
 
 
 def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
-    """Refuse, naming the first, samples whose floats hold NaN or inf: no proxy can score them."""
+    """Refuse, naming the first, samples holding NaN, inf or a value past ±MAX_INPUT: no proxy
+    can score them (float32 squares of such values, as standardizing takes, are inf)."""
     if x.dtype == object:  # ragged samples
-        bad = np.array([np.issubdtype(s.dtype, np.floating) and not np.isfinite(s).all() for s in x], dtype=bool)
-    elif np.issubdtype(x.dtype, np.floating):
-        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        bad = np.array([_sizable(s.dtype) and not (np.abs(s) <= MAX_INPUT).all() for s in x], dtype=bool)
+    elif _sizable(x.dtype):
+        bad = ~(np.abs(x.reshape(len(x), -1)) <= MAX_INPUT).all(axis=1)  # NaN compares false
     else:
         return
     if bad.any():
         raise DatasetError(
-            f"sample {int(ids[bad][0])} of array {name!r} contains NaN or inf; the proxy cannot score it"
+            f"sample {int(ids[bad][0])} of array {name!r} contains NaN, inf or a value past ±{MAX_INPUT:.0e}; "
+            "the proxy cannot score it"
         )
+
+
+def _sizable(dtype: np.dtype) -> bool:
+    """Whether values of `dtype` can pass MAX_INPUT: floats, 64-bit integers."""
+    return np.issubdtype(dtype, np.floating) or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 8)
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:

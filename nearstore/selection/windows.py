@@ -44,8 +44,10 @@ Window = tuple[tuple[torch.Tensor, ...], int]
 # A window's choice: rows of the window, their weights and scores.
 Pick = tuple[np.ndarray, np.ndarray, np.ndarray]
 Picker = Callable[[list[Window]], list[Pick]]
-# Shards are embedded together up to this many samples: fewer, larger proxy calls.
+# Shards are embedded together up to this many samples: fewer, larger proxy calls; and, for whole
+# gradients (C · (d + 1) floats a sample: 1 GB a 1,024-sample shard at 1,000 classes), this many bytes.
 EMBED_BATCH_SAMPLES = 8192
+EMBED_BATCH_BYTES = 1 << 28
 
 
 class ClassWindows:
@@ -264,12 +266,20 @@ def windowed_pass(
         progress,
         f"{selector.method} pass 1/1",
         factored=selector.factored,
-        batch_samples=EMBED_BATCH_SAMPLES,
+        batch_samples=embed_batch(scan, selector.factored),
         shards=shards,
     )
     seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
     return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes)
+
+
+def embed_batch(scan: Scan, factored: bool) -> int:
+    """Samples a pass embeds together: EMBED_BATCH_SAMPLES, fewer where whole gradients would pass
+    EMBED_BATCH_BYTES (the factors are C + d + 1 floats a sample, never that many)."""
+    if factored:
+        return EMBED_BATCH_SAMPLES
+    return max(1, min(EMBED_BATCH_SAMPLES, EMBED_BATCH_BYTES // (4 * scan.proxy.embedding_dim)))
 
 
 def pooled_pass(

@@ -130,6 +130,9 @@ def write_dataset(
     return open_dataset(url, storage_options=storage_options)
 
 
+# The numpy kinds of fixed-size samples: bool, signed and unsigned integers, floats. Fixed-width
+# bytes and strings, complex, dates and void are refused: the reader and the proxies take none.
+FIXED_KINDS = "biuf"
 # Without class names, the classes are named "0".."C-1" from the largest label, up to this many, or
 # as many as there are samples: a label past both is more likely a sample id than a class.
 UNNAMED_CLASSES = 1 << 16
@@ -335,6 +338,13 @@ class _ShardWriter:
             if values.ndim == 0:
                 raise DatasetError(f"array {name!r} needs a sample axis, got a scalar")
             encoded = values.dtype == object
+            if not encoded and values.dtype.kind not in FIXED_KINDS:
+                raise DatasetError(
+                    f"array {name!r} holds {values.dtype} samples; fixed-size samples are booleans, integers or "
+                    "floats (bytes or strings of any length: a 1-D object array of bytes, stored as encoded samples)"
+                )
+            if not encoded and 0 in values.shape[1:]:
+                raise DatasetError(f"array {name!r} has samples of shape {values.shape[1:]}, which hold nothing")
             first = values[:64]
             if encoded and len(values) and isinstance(values[0], np.ndarray):
                 self.ragged[name] = layout = RaggedLayout.of(values[0])

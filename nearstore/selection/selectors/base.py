@@ -14,6 +14,7 @@ import torch
 
 from nearstore.checks import check_range
 from nearstore.selection.executors import Executor, check_executor
+from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.windows import Pick, Window, windowed_select
@@ -87,8 +88,11 @@ class Selector(ABC):
             process by default, or on a Dask cluster (every selector but random, which reads
             only the labels).
         """
-        call = SelectCall(proxy, seed, device, progress, previous, carried, check_executor(executor))
-        return self.run(dataset, keep, call)
+        check_keep(keep)
+        check_seed(seed)
+        # numpy's scalars pass the checks; as Python's, torch's generators and JSON take them too
+        call = SelectCall(proxy, int(seed), device, progress, previous, carried, check_executor(executor))
+        return self.run(dataset, float(keep), call)
 
     @abstractmethod
     def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:

@@ -13,9 +13,16 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from kernels import FrequentDirections, StreamingTopK, agreement_scores, residual_scores, sketch_basis
+from kernels import (
+    FrequentDirections,
+    StreamingTopK,
+    agreement_scores,
+    consensus_direction,
+    residual_scores,
+    sketch_basis,
+)
 from nearstore.checks import check_flag, check_range
-from nearstore.errors import ParameterError
+from nearstore.errors import DatasetError, ParameterError
 from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
@@ -25,6 +32,8 @@ from nearstore.selection.stages import WARMUP_SAMPLES, Scan
 from nearstore.storage import Dataset
 
 SCORES = ("agreement", "residual")
+# What pass 1's sketches may take in all (each worker holds them all under Dask).
+SKETCH_BYTES = 8 << 30
 
 
 def sage_select(
@@ -61,6 +70,7 @@ def sage_select(
     executor = executor or LocalExecutor()
     started = time.perf_counter()
     scan = Scan.open(dataset, "SAGE", proxy, seed, device, input_array, warmup_samples)
+    _check_sketch_memory(scan.proxy, ell, class_balanced)
     warmup = scan.reader.stats.snapshot()  # the default proxy's warm-up shards, which pass 1 reuses
     first, first_reads = executor.map_reduce(
         scan, sage_pass1, SagePass1.merge, ell=ell, class_balanced=class_balanced, device=str(device), progress=progress
@@ -68,6 +78,8 @@ def sage_select(
     num_classes = len(first.sketches)
     bases = [sketch_basis(s.sketch()) for s in first.sketches]
     consensus = [(first.sums[c] / max(1, first.counts[c])).float() for c in range(num_classes)]
+    if score == "agreement":
+        _check_consensus(dataset, bases, consensus, first.counts, class_balanced)
     total_k = [max(1, round(keep * n)) if n else 0 for n in first.counts]
     rule = SageRule(bases, consensus, total_k, score, class_balanced)
     merge = partial(merge_tops, total_k)
@@ -176,6 +188,33 @@ def merge_tops(total_k: list[int], a: Tops, b: Tops) -> Tops:
     return merged
 
 
+def _check_sketch_memory(proxy: Proxy, ell: int, class_balanced: bool) -> None:
+    """Refuse, before a pass, sketches that would not fit SKETCH_BYTES: one a class of 2ℓ rows of
+    the gradient's C · (d + 1) floats grows as C² (1,000 classes at ℓ = 64: 131 GB)."""
+    groups, dim = (proxy.num_classes if class_balanced else 1), proxy.embedding_dim
+    needed = groups * 2 * min(ell, dim + 1) * dim * 4
+    if needed > SKETCH_BYTES:
+        raise ParameterError(
+            f"SAGE's sketches would take {needed / 2**30:.1f} GiB ({groups} of 2 x {min(ell, dim + 1)} rows of {dim} "
+            f"floats), over {SKETCH_BYTES / 2**30:.0f} GiB: pass a smaller ell, class_balanced=False (one sketch), "
+            "or use graft, whose memory does not grow with the classes"
+        )
+
+
+def _check_consensus(
+    dataset: Dataset, bases: list[torch.Tensor], consensus: list[torch.Tensor], counts: np.ndarray, by_class: bool
+) -> None:
+    """Refuse a group whose mean gradient has no direction in its sketch (its samples' gradients
+    cancel out, as identical inputs under balanced labels do): agreement with it means nothing."""
+    for group, (basis, centre) in enumerate(zip(bases, consensus)):
+        if counts[group] and consensus_direction(basis.to(centre), centre) is None:
+            what = f"class {group}" if by_class else "the pooled samples"
+            raise DatasetError(
+                f"SAGE on {dataset.url!r}: the mean gradient of {what} has no direction in its sketch (its "
+                "samples' gradients cancel out), so agreement with it ranks nothing; try score='residual' or graft"
+            )
+
+
 def _check_score(score: str) -> None:
     if score not in SCORES:
         raise ParameterError(f"score must be 'agreement' or 'residual', got {score!r}")
@@ -193,7 +232,8 @@ class Sage(Selector):
 
     def __post_init__(self) -> None:
         # no bound here: sage_pass1 sizes the sketch at most by the embedding, which it then knows
-        check_range("ell", self.ell, 1, math.inf, integer=True, open_high=True)
+        # ell = 1 keeps no row: FD shrinks every direction by the largest
+        check_range("ell", self.ell, 2, math.inf, integer=True, open_high=True)
         check_flag("class_balanced", self.class_balanced)
         _check_score(self.score)
 

@@ -190,6 +190,9 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["serve", "{digits}", "--port", "99999", "--method", "random"], r"--port must be in \[0, 65535\], got 99999"),
         (["select", "{digits}", "{tmp}/s.npz", "--seed", "-1"], r"seed must be an integer in \[0, \d+\), got -1"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
+        (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/../{tmp.name}/s.npz"], "--report .* is where the"),
+        (["select", "{digits}", "{tmp}", "--method", "random"], "cannot write the selection to .*: it names a folder"),
+        (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/new/"], "cannot write the report to .*: it names a"),
         (["demo", "--epochs", "-1", "--workdir", "{tmp}/w"], "epochs must be an integer >= 1, got -1"),
         (["convert", "{tmp}/junk.npy", "{tmp}/j.zarr"], "junk.npy is neither an .npy file nor an .npz archive"),
         (

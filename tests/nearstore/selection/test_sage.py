@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from nearstore import RandomFeatureProxy, open_dataset, random_select, sage_select, write_dataset
+from nearstore.errors import DatasetError, ParameterError
+from nearstore.selection.selectors import sage
 from nearstore.storage import read_labels
 
 
@@ -108,12 +110,12 @@ def test_missing_labels_are_named(tmp_path):
     assert len(random_select(dataset, 0.5)) == 5
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -3e37])  # 3e37 is finite, and its float32 square is not
 def test_non_finite_samples_are_named(tmp_path, bad):
     x = np.ones((100, 3), np.float32)
     x[37, 1] = bad
     dataset = write_dataset(str(tmp_path / "nan.zarr"), [{"x": x, "y": np.arange(100) % 2}], shard_samples=16)
-    with pytest.raises(ValueError, match="sample 37 of array 'x' contains NaN or inf"):
+    with pytest.raises(ValueError, match=r"sample 37 of array 'x' contains NaN, inf or a value past ±1e\+18"):
         sage_select(dataset, 0.5, warmup_samples=1)  # warm-up reads one random shard, pass 1 the rest
 
 
@@ -168,3 +170,20 @@ def test_scan_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     )
     growth = int(probe.stdout.split()[-1])
     assert growth < n * dim * 4 / 4, f"the scan's peak memory grew by {growth / 1e6:.0f} MB"
+
+
+def test_sketches_past_their_memory_are_refused_before_a_pass(blobs, monkeypatch):
+    dataset, x, y = blobs
+    proxy = RandomFeatureProxy(3, width=8, seed=1).fit(x, y)  # gradients of 3 x 9 floats
+    monkeypatch.setattr(sage, "SKETCH_BYTES", 2 * (2 * 4 * 27 * 4))  # two sketches of 2 x 4 rows
+    with pytest.raises(ParameterError, match=r"SAGE's sketches would take 0.0 GiB \(3 of 2 x 4 rows of 27 floats\)"):
+        sage_select(dataset, 0.5, ell=4, proxy=proxy)
+    assert len(sage_select(dataset, 0.5, ell=4, proxy=proxy, class_balanced=False)) == 75  # one sketch fits
+
+
+def test_a_consensus_with_no_direction_is_refused_by_name(tmp_path):
+    # identical inputs, balanced labels: the pooled gradients cancel out
+    dataset = write_dataset(str(tmp_path / "same.zarr"), [{"x": np.ones((60, 3), np.float32), "y": np.arange(60) % 2}])
+    with pytest.raises(DatasetError, match="the mean gradient of the pooled samples has no direction in its sketch"):
+        sage_select(dataset, 0.5, class_balanced=False)
+    assert len(sage_select(dataset, 0.5, class_balanced=False, score="residual")) == 30

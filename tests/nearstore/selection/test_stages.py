@@ -13,10 +13,14 @@ def test_rebatch_joins_consecutive_batches_in_order():
     starts = np.cumsum([0, *sizes])
     batches = [(np.arange(a, b), {"x": np.arange(a, b) * 10.0}) for a, b in zip(starts, starts[1:])]
     joined = list(rebatch(iter(batches), 6))
-    assert [len(ids) for ids, _ in joined] == [8, 9, 1]  # each at least 6 but the last
+    # each at least 6 but the last; the batch of 7 cut into 6 and 1 first
+    assert [len(ids) for ids, _ in joined] == [8, 8, 2]
     np.testing.assert_array_equal(np.concatenate([ids for ids, _ in joined]), np.arange(18))
     for ids, batch in joined:
         np.testing.assert_array_equal(batch["x"], ids * 10.0)
+    cut = list(rebatch(iter([(np.arange(20), {"x": np.arange(20) * 10.0})]), 6))
+    assert [len(ids) for ids, _ in cut] == [6, 6, 6, 2]  # a large batch is held a piece at a time
+    np.testing.assert_array_equal(np.concatenate([batch["x"] for _, batch in cut]), np.arange(20) * 10.0)
 
 
 def _judged(probs: np.ndarray, labels: np.ndarray, batch: int = 50) -> tuple[np.ndarray, np.ndarray]:

@@ -245,6 +245,25 @@ def test_fewer_class_names_than_labels_are_refused(tmp_path):
         write_dataset(str(tmp_path / "c.zarr"), [id_encoded(50)], class_names=["a", "b"])
 
 
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (
+            np.array([b"abcde"] * 12, dtype="S5"),
+            "holds |S5 samples; fixed-size samples are booleans, integers or floats",
+        ),
+        (np.ones((12, 2), np.complex64), "holds complex64 samples"),
+        (np.zeros(12, "datetime64[s]"), r"holds datetime64\[s\] samples"),
+        (np.zeros((12, 0), np.float32), r"has samples of shape \(0,\), which hold nothing"),
+    ],
+)
+def test_samples_nothing_reads_are_refused_by_array(tmp_path, x, message):
+    url = str(tmp_path / "w.zarr")
+    with pytest.raises(DatasetError, match=rf"array 'x' {message}"):
+        write_dataset(url, [{"x": x, "y": np.arange(12) % 3}])
+    assert not Path(url).exists()
+
+
 def test_a_label_far_past_the_samples_needs_class_names(tmp_path):
     batch = {"x": np.zeros((3, 2), np.float32), "y": np.array([0, 100_000, 1])}
     url = str(tmp_path / "c.zarr")
