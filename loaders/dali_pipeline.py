@@ -5,7 +5,7 @@ out (CPU with device_id=None, or GPU, where images are decoded by nvJPEG: `devic
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +161,31 @@ def decode_images(encoded, images: ImageTransform, on_gpu: bool):
         output_layout="CHW",
         dtype=types.FLOAT,
     )
+
+
+def dali_refusal(samples: Iterable[tuple[int, bytes]]) -> tuple[int, str] | None:
+    """The first (id, DALI's reason) of `samples` (id, encoded image) that DALI's CPU decoder
+    refuses, decoded one at a time in a pipeline of their own; None where it decodes them all. A
+    failed pipeline names no sample: this finds it where PIL decodes it (a 1-bit TIFF, say)."""
+
+    # one sample in, its answer out: nothing fed ahead, nothing run ahead
+    @pipeline_def(
+        batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False
+    )
+    def probe():
+        return fn.decoders.image(fn.external_source(name="blob"), device="cpu", output_type=types.RGB)
+
+    pipe = probe()
+    pipe.build()
+    for sample, blob in samples:
+        pipe.feed_input("blob", [np.frombuffer(blob, dtype=np.uint8)])
+        try:
+            pipe.run()
+        except RuntimeError as e:
+            # DALI's message is a traceback of the pipeline's definition; what it met is after "encountered:"
+            said = str(e).split("encountered:")[-1].strip().splitlines()
+            return sample, said[0] if said else type(e).__name__
+    return None
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from loaders.cache import SampleCache
-from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch
+from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch, dali_refusal
 from loaders.order import SHUFFLE_BLOCK, EpochOrder, Shuffle, Uneven, state_count, state_entry
 from loaders.sources import Source, open_source
 from nearstore import (
@@ -769,20 +769,25 @@ class StreamingLoader:
 
     def _refused_by_dali(self, error: RuntimeError) -> Exception:
         """A SampleError naming the sample DALI's decoder refused, found by decoding the batches
-        handed to it with PIL; DALI's own error where PIL decodes them all."""
-        for ids, blobs in list(self._handed):  # a copy: the reader thread may still append
-            for sample, blob in zip(ids.tolist(), blobs):
-                if sample in self._refused:  # a batch the last pipeline was handed, read again
-                    continue
-                try:
-                    PROBE.decode(blob)
-                except (OSError, ValueError, SyntaxError) as e:
-                    return SampleError(
-                        f"sample {sample} of array {self.input_array!r} ({self._shard_of(sample)}): DALI's decoder "
-                        f"refused it, and so does PIL ({type(e).__name__}: {e})",
-                        ids=(sample,),
-                    )
+        handed to it with PIL, else one at a time with DALI's CPU decoder (`dali_refusal`); DALI's
+        own error where both decode them all."""
+        # a copy: the reader thread may still append; a batch the last pipeline was handed comes again
+        handed = [(s, blob) for ids, blobs in list(self._handed) for s, blob in zip(ids.tolist(), blobs)]
+        handed = [(s, blob) for s, blob in handed if s not in self._refused]
+        for sample, blob in handed:
+            try:
+                PROBE.decode(blob)
+            except (OSError, ValueError, SyntaxError) as e:
+                return self._refusal(sample, f", and so does PIL ({type(e).__name__}: {e})")
+        refused = dali_refusal(handed)
+        if refused is not None:
+            sample, reason = refused
+            return self._refusal(sample, f" ({reason}); PIL decodes it: backend='torch' reads it")
         return error
+
+    def _refusal(self, sample: int, why: str) -> SampleError:
+        where = f"sample {sample} of array {self.input_array!r} ({self._shard_of(sample)})"
+        return SampleError(f"{where}: DALI's decoder refused it{why}", ids=(sample,))
 
     def _shard_of(self, sample: int) -> str:
         return f"shard {int(sample) // self.source.shard_samples} of {self.url!r}"

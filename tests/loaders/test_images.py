@@ -154,3 +154,16 @@ def test_an_image_its_decoder_refuses_is_skipped_and_the_epoch_goes_on(tmp_path,
         labels = torch.cat([y for _, y in loader])
         assert torch.bincount(labels).tolist() == [16, 16, 16, 15]
         assert loader.io_stats()["skipped_samples"] == [71]
+
+
+def test_an_image_only_dalis_decoder_refuses_is_named_and_the_torch_backend_reads_it(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert("1").save(out, format="TIFF")  # a 1-bit TIFF: PIL decodes it, DALI not
+    store, _ = image_store(str(tmp_path / "bilevel.zarr"), {71: out.getvalue()})
+    ids = np.arange(64, 80)
+    dali = StreamingLoader(store, ids, batch_size=4, images=ImageTransform(size=16), backend="dali", shuffle=False)
+    with pytest.raises(SampleError, match=r"sample 71 .*: DALI's decoder refused it \(.*\); PIL decodes it"):
+        list(dali)
+    torch_backend = StreamingLoader(store, ids, batch_size=4, images=ImageTransform(size=16), backend="torch")
+    assert len(torch.cat([y for _, y in torch_backend])) == 16
