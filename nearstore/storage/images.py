@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -174,8 +175,10 @@ def damaged(blob: bytes) -> str | None:
     if blob[:2] == b"BM":
         stated = int.from_bytes(blob[2:6], "little")
         return None if len(blob) >= stated else f"BMP of {len(blob)} bytes, its header says {stated}"
-    if blob[:4] in (b"II*\x00", b"MM\x00*") or blob[:2] in _PNM:
-        return None  # TIFF, PNM: no end to check
+    if blob[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_samples(blob)  # no end to check
+    if blob[:2] in _PNM:
+        return None  # no end to check
     return f"not an image nearstore decodes (starts {blob[:8]!r}; JPEG, PNG, WebP, BMP, TIFF, PNM)"
 
 
@@ -183,3 +186,30 @@ def check_on_error(on_error: str) -> OnError:
     if on_error not in ON_ERROR:
         raise ParameterError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return on_error  # type: ignore[return-value]
+
+
+def _tiff_samples(blob: bytes) -> str | None:
+    """Why a TIFF's samples cannot be decoded alike by PIL and DALI, from its first directory, or
+    None: floats or more than 16 bits a sample (DALI scales a float image of 100s to 255, PIL
+    clips it). A directory past the bytes is left to the decoders, which name it."""
+    order = "<" if blob[:2] == b"II" else ">"
+    try:
+        (first,) = struct.unpack_from(order + "I", blob, 4)
+        (count,) = struct.unpack_from(order + "H", blob, first)
+        tags = {}
+        for k in range(count):
+            tag, kind, n, value = struct.unpack_from(order + "HHI4s", blob, first + 2 + 12 * k)
+            if tag not in (_BITS_PER_SAMPLE, _SAMPLE_FORMAT) or kind != 3:  # SHORTs: 2 inline, more at an offset
+                continue
+            raw = value if n <= 2 else blob[struct.unpack(order + "I", value)[0] :]
+            tags[tag] = struct.unpack(f"{order}{n}H", raw[: 2 * n])
+    except struct.error:
+        return None
+    if any(f == 3 for f in tags.get(_SAMPLE_FORMAT, ())):
+        return "TIFF of floating-point samples (DALI and PIL scale them differently; store 8 or 16 bits)"
+    if any(bits > 16 for bits in tags.get(_BITS_PER_SAMPLE, ())):
+        return "TIFF of more than 16 bits a sample (DALI and PIL scale them differently; store 8 or 16 bits)"
+    return None
+
+
+_BITS_PER_SAMPLE, _SAMPLE_FORMAT = 258, 339  # TIFF tags

@@ -45,6 +45,17 @@ def test_damage_is_said(blob, why):
     assert why in damaged(blob)
 
 
+def test_plain_pnm_passes_and_tiffs_the_decoders_scale_apart_are_named():
+    for header in (b"P1\n2 2\n1 0\n0 1\n", b"P2\n2 2\n255\n0 9\n9 0\n", b"P3\n1 1\n255\n1 2 3\n", b"P4\n8 1\n\xaa"):
+        assert damaged(header) is None  # PIL and DALI decode each alike
+    for pixels in (np.full((6, 4), 100, np.uint16), gradient(6, 4), np.eye(4, dtype=bool)):
+        for compression in ("raw", "tiff_lzw"):
+            assert damaged(encode(pixels, "TIFF", compression=compression)) is None
+    floats = encode(np.full((6, 4), 100, np.float32), "TIFF")  # DALI reads 255, PIL 100
+    assert "TIFF of floating-point samples" in damaged(floats)
+    assert "TIFF of more than 16 bits a sample" in damaged(encode(np.full((6, 4), 100, np.int32), "TIFF"))
+
+
 def test_evaluation_is_resize_then_centre_crop_then_normalize():
     pixels = gradient(50, 80)
     blob = encode(pixels, "PNG")
