@@ -81,10 +81,21 @@ def imagefolder_files(root: str | Path) -> tuple[list[tuple[str, int]], tuple[st
     if not classes:
         raise FileNotFoundError(f"no class folder in {str(root)!r} (an image folder holds root/<class>/<image>)")
     files: list[tuple[str, int]] = []
+    walked: dict[tuple[int, int], str] = {}  # each folder walked, by (device, inode): links may lead back
     for label, name in enumerate(classes):
+        folders = []
+        for folder, _, names in os.walk(root / name, followlinks=True):
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in walked:
+                raise DatasetError(
+                    f"{folder!r} is {walked[status.st_dev, status.st_ino]!r} again (a symlink loop, or two links to "
+                    "one folder): its images would be stored twice, under more than one label"
+                )
+            walked[status.st_dev, status.st_ino] = folder
+            folders.append((folder, names))
         found = [
             os.path.join(folder, file)
-            for folder, _, names in sorted(os.walk(root / name, followlinks=True))
+            for folder, names in sorted(folders)
             for file in sorted(names)
             if file.lower().endswith(IMG_EXTENSIONS)
         ]

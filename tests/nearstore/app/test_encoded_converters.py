@@ -107,6 +107,11 @@ def test_image_folder_errors_name_the_folder(tmp_path):
         imagefolder_images(tmp_path / "f")
     with pytest.raises(ParameterError, match="batch must be >= 1 sample, got 0"):
         imagefolder_images(tmp_path / "f" / "dog", batch=0)
+    (tmp_path / "loop" / "a").mkdir(parents=True)
+    (tmp_path / "loop" / "a" / "x.png").write_bytes(_png(0))
+    (tmp_path / "loop" / "a" / "up").symlink_to("..")  # a/up/a is a again: images under two labels, forever
+    with pytest.raises(DatasetError, match="'.*loop/a/up/a' is '.*loop/a' again \\(a symlink loop"):
+        imagefolder_images(tmp_path / "loop")
 
 
 def _shard(tmp_path: Path, name: str, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
