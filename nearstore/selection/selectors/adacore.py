@@ -121,6 +121,9 @@ def preconditioned(
     residual: torch.Tensor, inputs: torch.Tensor, diagonal: torch.Tensor, damping: float
 ) -> torch.Tensor:
     """Each sample's gradient r ⊗ x divided by the curvature's diagonal (C, H + 1), damped by
-    `damping` times its mean, flattened: (n, C · (H + 1))."""
-    diagonal = diagonal + damping * diagonal.mean().clamp_min(torch.finfo(diagonal.dtype).tiny)
-    return (residual[:, :, None] * inputs[:, None, :] / diagonal).flatten(1)
+    `damping` times its mean, flattened: (n, C · (H + 1)). A model certain of every sample it saw
+    (p = 0 or 1 exactly in float32) has no curvature at all: its gradients are taken as they are."""
+    mean = diagonal.mean()
+    if not mean > 0:
+        return (residual[:, :, None] * inputs[:, None, :]).flatten(1)
+    return (residual[:, :, None] * inputs[:, None, :] / (diagonal + damping * mean)).flatten(1)

@@ -41,6 +41,9 @@ def test_gradients_are_divided_by_the_damped_curvature():
     diagonal = curvature(residual, inputs)
     expected = torch.stack([torch.outer(r, x) / (diagonal + 0.5 * diagonal.mean()) for r, x in zip(residual, inputs)])
     torch.testing.assert_close(preconditioned(residual, inputs, diagonal, 0.5), expected.flatten(1))
+    # a model certain of every sample has no curvature: the gradients as they are, not divided by ~0
+    plain = preconditioned(residual, inputs, torch.zeros_like(diagonal), 0.5)
+    torch.testing.assert_close(plain, torch.stack([torch.outer(r, x) for r, x in zip(residual, inputs)]).flatten(1))
 
 
 def test_a_window_keeps_the_medoids_of_its_preconditioned_gradients():
