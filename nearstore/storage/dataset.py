@@ -57,7 +57,7 @@ class UncheckedStoreWarning(UserWarning):
 @dataclass(frozen=True)
 class Manifest:
     """What the writer recorded of every shard object, array by array: its size in bytes and a
-    digest of the samples it holds (`nearstore.storage.integrity.content_digest`); and the
+    digest of the samples it holds (`nearstore.storage.digests.content_digest`); and the
     dataset's fingerprint, a digest of every array's samples in order: two stores of the same
     shapes but other samples have other fingerprints, the same samples sharded otherwise the same."""
 

@@ -23,7 +23,7 @@ import numpy as np
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding
 from nearstore.storage.dataset import Dataset, check_ids
-from nearstore.storage.integrity import content_digest
+from nearstore.storage.digests import content_digest
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 

@@ -39,7 +39,7 @@ from nearstore.storage.dataset import (
     open_dataset,
     shard_key,
 )
-from nearstore.storage.integrity import digest_samples, fingerprint, new_digest
+from nearstore.storage.digests import digest_samples, fingerprint, new_digest
 from nearstore.storage.ragged import RaggedLayout
 
 DEFAULT_SHARD_SAMPLES = 1024
