@@ -4,7 +4,7 @@ Layout (any zarr/xarray/dask user can open it)::
 
     ds.zarr/
       zarr.json            group attributes: {"nearstore": {format_version, num_samples,
-                           sample_arrays, label_array, class_names, fingerprint, shards}}
+                           sample_arrays, label_array, class_names, fingerprint, shards, layouts}}
       x/                   (N, ...) any fixed-size dtype; shards of `shard_samples` samples,
                            inner chunks of one sample (one byte range), or of a few small ones
       y/                   (N,) integer labels
