@@ -263,12 +263,11 @@ _WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _WDS_META = re.compile(r"__[^/]*__($|/)")
 
 
-def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """(key, {extension: bytes}) for each sample of one shard, read as a stream; only the files
-    whose extension is in `keep` are read into memory."""
+    whose extension is in `keep` are read into memory (the others: None)."""
     key: str | None = None
-    files: dict[str, bytes] = {}
-    seen: set[str] = set()
+    files: dict[str, bytes | None] = {}
     marked = _end_marked()
     try:
         with tarfile.open(path, mode="r|*", tarinfo=marked) as stream:
@@ -280,12 +279,10 @@ def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, byt
                 if prefix != key:
                     if key is not None:
                         yield key, files
-                    key, files, seen = prefix, {}, set()
-                if extension in seen:
+                    key, files = prefix, {}
+                if extension in files:
                     raise DatasetError(f"{path}: sample {key!r} has two .{extension} files")
-                seen.add(extension)
-                if extension in keep:
-                    files[extension] = stream.extractfile(member).read()
+                files[extension] = stream.extractfile(member).read() if extension in keep else None
                 # A streamed TarFile keeps every header it passed; a shard may hold millions.
                 stream.members = []
     except tarfile.TarError as e:
@@ -315,8 +312,11 @@ def _end_marked() -> type[tarfile.TarInfo]:
     return Marked
 
 
-def _extensions(files: dict[str, bytes]) -> str:
-    return ", ".join(f".{k}" for k in files) or "none of the extensions read"
+def _extensions(files: dict[str, bytes | None]) -> str:
+    listed = ", ".join(f".{k}" for k in files)
+    # webdataset's key ends at the first dot of the file name: img.0001.jpg is sample img's .0001.jpg
+    dotted = any("." in k for k in files)
+    return listed + ("; a key ends at the first dot of a file's name" if dotted else "")
 
 
 def _shard_paths(shards: str | Path | Sequence[str | Path]) -> list[str]:

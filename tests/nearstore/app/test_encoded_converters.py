@@ -155,6 +155,7 @@ def test_webdataset_shards_are_stored_byte_for_byte(tmp_path):
     [
         ({"txt": b"hi", "cls": b"1"}, r"bad\.tar: sample 'k1' has no image \(none of .jpg, .jpeg, .png, .webp; it has"),
         ({"jpg": b"j"}, r"bad\.tar: sample 'k1' has no label \.cls"),
+        ({"0001.jpg": b"j", "0001.cls": b"1"}, r"it has \.0001\.jpg, \.0001\.cls; a key ends at the first dot"),
         ({"jpg": b"j", "cls": b"cat"}, r"bad\.tar: sample 'k1': label \.cls is not an integer: b'cat'"),
         ({"jpg": b"j", "cls": b"-1"}, r"bad\.tar: sample 'k1': label \.cls is -1; labels must be in \[0, 2\*\*63\)"),
         (
