@@ -138,6 +138,10 @@ FIXED_KINDS = "biuf"
 UNNAMED_CLASSES = 1 << 16
 
 
+def _little(values: np.ndarray) -> np.ndarray:
+    return values.astype(values.dtype.newbyteorder("<")) if values.dtype.str.startswith(">") else values
+
+
 def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left) nor an
     empty folder: overwrite replaces a dataset, it never deletes a user's other files."""
@@ -310,7 +314,9 @@ class _ShardWriter:
         self.content: dict[str, hashlib.blake2b] = {}
 
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
-        batch = {name: np.asarray(v) for name, v in batch.items()}
+        # stored little-endian whatever order they come in (zarr reads them back so): the digests,
+        # the manifest's layouts and the reader then see one dtype
+        batch = {name: _little(np.asarray(v)) for name, v in batch.items()}
         if self.label_array in batch:
             batch[self.label_array] = self.index.codes(batch[self.label_array], self.num_samples + self.num_pending)
         if not self.names:

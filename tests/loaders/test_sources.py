@@ -16,7 +16,7 @@ from PIL import Image
 
 from loaders import FlightSource, ServerGroup, Source, StoreSource, StreamingLoader, open_source
 from nearstore import SampleIdError, Selection, open_dataset, write_dataset
-from nearstore.serving import NearStoreServer
+from nearstore.serving import NearStoreServer, protocol
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
 from nearstore.storage.images import ImageTransform
@@ -132,6 +132,16 @@ class TestSources:
         assert list(only_x) == ["x"]
         stats = source.stats.snapshot()
         assert stats.samples == len(ids) + 2 and stats.requests >= 2 and stats.bytes >= len(ids) * (8 * 4 + 8)
+
+    def test_a_read_past_a_requests_limit_is_asked_in_parts(self, source, data, monkeypatch):
+        monkeypatch.setattr(protocol, "MAX_REQUEST_SAMPLES", 100)  # the server's limit too: it runs here
+        ids = np.random.default_rng(0).permutation(len(data["y"]))[:450]  # a cache's first read: a round
+        before = source.stats.snapshot()
+        out = source.read(ids, arrays=["x", "image"], round=ALL_SAMPLES)
+        np.testing.assert_array_equal(out["x"], data["x"][ids])
+        assert list(out["image"]) == list(data["image"][ids])
+        if isinstance(source, (FlightSource, ServerGroup)):
+            assert source.stats.snapshot().requests - before.requests >= 5
 
     def test_ids_out_of_range_are_refused_by_name(self, source):
         with pytest.raises(SampleIdError, match="sample id 2500 out of range"):

@@ -264,6 +264,14 @@ def test_samples_nothing_reads_are_refused_by_array(tmp_path, x, message):
     assert not Path(url).exists()
 
 
+def test_big_endian_samples_are_stored_little_endian(tmp_path):
+    x, y = np.arange(32, dtype=">f4").reshape(8, 4), np.arange(8, dtype=">i8") % 3
+    dataset = write_dataset(str(tmp_path / "be.zarr"), [{"x": x, "y": y}])
+    read = SelectiveReader(dataset).read(np.arange(8))
+    assert read["x"].dtype == np.dtype("<f4") and np.array_equal(read["x"], x) and read["y"].tolist() == y.tolist()
+    assert verify_dataset(open_dataset(str(tmp_path / "be.zarr")), progress=False) == []
+
+
 def test_a_label_far_past_the_samples_needs_class_names(tmp_path):
     batch = {"x": np.zeros((3, 2), np.float32), "y": np.array([0, 100_000, 1])}
     url = str(tmp_path / "c.zarr")
