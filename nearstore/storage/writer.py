@@ -118,6 +118,7 @@ def write_dataset(
             progress,
             url,
         )
+        written = open_dataset(url.rstrip("/") + suffix, storage_options=storage_options)  # opens as written
     except BaseException:  # what was written is ours alone, and not a dataset: nothing is left
         if fs.exists(target):
             fs.rm(target, recursive=True)
@@ -127,7 +128,8 @@ def write_dataset(
         fs.mv(root, old, recursive=True)
         fs.mv(target, root, recursive=True)
         fs.rm(old, recursive=True)
-    return open_dataset(url, storage_options=storage_options)
+        return open_dataset(url, storage_options=storage_options)
+    return written
 
 
 # The numpy kinds of fixed-size samples: bool, signed and unsigned integers, floats. Fixed-width
