@@ -255,7 +255,7 @@ def _convert(args: argparse.Namespace) -> int:
     elif kind in TABLE_SUFFIXES:
         table = open_table(
             source,
-            format=kind,
+            format=args.format,  # as given: told by the suffixes, a folder mixing two is refused
             columns=args.columns.split(",") if args.columns else None,
             label_column=args.label_key,
             class_names=_named(args),

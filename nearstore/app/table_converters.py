@@ -182,9 +182,10 @@ def open_table(
 
 def table_format(source: str) -> str | None:
     """The format a `convert` source names by its suffix ("data/*.parquet" too), or that of the
-    files directly in a directory; None for neither."""
+    files in a directory, recursively as `open_table` reads them (a Hive-partitioned dataset:
+    year=2020/part.parquet); None for neither."""
     path = Path(source)
-    names = [entry.name for entry in path.iterdir() if entry.is_file()] if path.is_dir() else [source]
+    names = [entry.name for entry in path.rglob("*") if entry.is_file()] if path.is_dir() else [source]
     return next((kind for kind, suffixes in TABLE_SUFFIXES.items() if any(n.endswith(suffixes) for n in names)), None)
 
 

@@ -346,3 +346,19 @@ def test_the_cli_converts_parquet_and_arrow_end_to_end(tmp_path, capsys):
     assert "column 'text' is string" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "none.parquet"), str(tmp_path / "n.zarr")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_folder_is_told_by_its_files_at_any_depth_and_two_formats_are_refused(tmp_path, capsys):
+    for year in (2020, 2021):  # Hive-partitioned: no file at the top
+        (tmp_path / "hive" / f"year={year}").mkdir(parents=True)
+        pq.write_table(pa.table({"f": [1.0, 2.0], "label": [0, 1]}), tmp_path / "hive" / f"year={year}" / "p.parquet")
+    assert main(["convert", str(tmp_path / "hive"), str(tmp_path / "hive.zarr")]) == 0
+    assert open_dataset(str(tmp_path / "hive.zarr")).num_samples == 4
+    (tmp_path / "mix").mkdir()
+    pq.write_table(pa.table({"f": [1.0, 2.0]}), tmp_path / "mix" / "a.parquet")
+    feather.write_feather(pa.table({"f": [3.0, 4.0]}), tmp_path / "mix" / "b.arrow")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "mix"), str(tmp_path / "mix.zarr")]) == 2  # half was converted
+    assert "the files mix Parquet and Arrow" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "mix"), str(tmp_path / "mix.zarr"), "--format", "arrow"]) == 0
+    assert open_dataset(str(tmp_path / "mix.zarr")).num_samples == 2  # named: that format's files only
