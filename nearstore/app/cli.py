@@ -45,6 +45,16 @@ CONVERT_FORMATS = (
     "nearstore",
 )
 GENERATED = ("mnist1d", "digits", "shapes")  # convert sources made here, not read from a path
+# The convert options that apply to some kinds of source only: given for another, they would be ignored.
+CONVERT_OPTIONS = {
+    "labels": ("npy",),
+    "x_key": ("npz",),
+    "y_key": ("npz",),
+    "image_key": ("webdataset", "mds"),
+    "label_key": ("webdataset", "mds", "parquet", "arrow"),
+    "columns": ("parquet", "arrow"),
+    "num_samples": ("mnist1d", "shapes"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument(
         "--labels", help="with an .npy source: the .npy file of labels (integers, or strings: class names)"
     )
-    convert.add_argument("--x-key", default="x", help="with a .npz source: the inputs' key")
-    convert.add_argument("--y-key", default="y", help="with a .npz source: the labels' key")
+    convert.add_argument("--x-key", help="with a .npz source: the inputs' key (default x)")
+    convert.add_argument("--y-key", help="with a .npz source: the labels' key (default y; '' for none)")
     convert.add_argument(
         "--image-key",
         help="with webdataset: the image extensions in order of preference (default jpg,jpeg,png,webp); "
@@ -101,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--label-key",
         help="with webdataset: the label's extension (default cls); with mds: the integer label column; "
         "with parquet or arrow: the label column, integers or strings (default 'label' where there is one, "
-        "else unlabelled)",
+        "else unlabelled; '' for none)",
     )
     convert.add_argument(
         "--class-names",
@@ -235,6 +245,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     kind = args.format or _source_kind(args.source)
+    for option, kinds in CONVERT_OPTIONS.items():
+        if getattr(args, option) is not None and kind not in kinds:
+            flag = "--" + option.replace("_", "-")
+            raise ParameterError(f"{flag} is for {', '.join(kinds)} sources; {args.source!r} is {kind}")
     if kind not in GENERATED:
         _check_apart(args.out, [args.source, *([args.labels] if args.labels else [])])
     source, num_samples, class_names, label_array = args.source, None, None, "y"
@@ -247,8 +261,10 @@ def _convert(args: argparse.Namespace) -> int:
     elif kind == "digits":
         batches = converters.digits_batches()
     elif kind == "npz":
-        batches = converters.npz_batches(source, x_key=args.x_key, y_key=args.y_key)
-        class_names = _named(args) or converters.label_class_names(source, args.y_key)
+        y_key = "y" if args.y_key is None else args.y_key or None  # '': unlabelled
+        batches = converters.npz_batches(source, x_key=args.x_key or "x", y_key=y_key)
+        class_names = _named(args) or (converters.label_class_names(source, y_key) if y_key else None)
+        label_array = label_array if y_key else None
     elif kind == "npy":
         batches = converters.npy_batches(source, args.labels)
         class_names = _named(args) or (converters.label_class_names(args.labels) if args.labels else None)
@@ -550,7 +566,8 @@ def _address(host: str, port: int) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    if args.url.endswith(".npz"):
+    fs, path = fsspec.core.url_to_fs(args.url)
+    if fs.isfile(path):  # a selection, whatever its name (a dataset is a folder)
         s = Selection.load(args.url)
         print(
             json.dumps(

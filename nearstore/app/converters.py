@@ -17,9 +17,10 @@ DEFAULT_BATCH = 4096
 
 
 def npy_batches(x_path: str | Path, y_path: str | Path | None = None, *, batch: int = DEFAULT_BATCH) -> Batches:
-    """Batches {"x", "y"} from .npy files, memory-mapped: only one batch is ever in memory."""
-    x = _load(x_path, mmap=True)
-    y = _load(y_path, mmap=True) if y_path is not None else None
+    """Batches {"x", "y"} from .npy files, memory-mapped: only one batch is ever in memory (of at
+    most BATCH_BYTES: samples of 256 KiB come 256 at a time)."""
+    x = _npy(x_path)
+    y = _npy(y_path) if y_path is not None else None
     yield from _sliced(x, y, str(x_path), str(y_path), batch)
 
 
@@ -29,20 +30,20 @@ def npz_batches(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", 
         for key in (x_key, y_key):
             if key is not None and key not in archive:
                 raise DatasetError(f"{path}: no array {key!r}; it has {sorted(archive.files)}")
-        y = archive[y_key] if y_key is not None else None
-        yield from _sliced(archive[x_key], y, f"{path}:{x_key}", f"{path}:{y_key}", batch)
+        y = _member(archive, y_key, path) if y_key is not None else None
+        yield from _sliced(_member(archive, x_key, path), y, f"{path}:{x_key}", f"{path}:{y_key}", batch)
 
 
 def label_class_names(path: str | Path, key: str | None = None) -> list[str] | None:
     """The class names of string labels in an .npy file (or array `key` of a .npz archive),
     sorted, as ImageFolder sorts its class folders; None for integer labels."""
     if key is None:
-        labels = _load(path, mmap=True)
+        labels = _npy(path)
     else:
         with _open_npz(path) as archive:
             if key not in archive:
                 return None  # npz_batches names the missing array
-            labels = archive[key]
+            labels = _member(archive, key, path)
     if labels.dtype.kind not in "US":
         return None
     return [str(name) for name in np.unique(np.asarray(labels).astype(str))]
@@ -151,8 +152,13 @@ def long_tail(labels: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch: int) -> Batches:
+    for array, name in ((x, x_name), (y, y_name)):
+        if array is not None and array.ndim == 0:
+            raise DatasetError(f"{name} is a single value ({array.dtype} scalar), not an array of samples")
     if y is not None and len(y) != len(x):
         raise DatasetError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}")
+    if len(x):
+        batch = max(1, min(batch, BATCH_BYTES // max(1, x[:1].nbytes)))
     for start in range(0, len(x), batch):
         out = {"x": np.asarray(x[start : start + batch])}
         if y is not None:
@@ -160,6 +166,9 @@ def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch
         yield out
 
 
+# A batch read from an array holds at most this many bytes (and at most `batch` samples): one batch
+# in memory, whatever a sample's size.
+BATCH_BYTES = 64 << 20
 _MAGIC = (b"\x93NUMPY", b"PK\x03\x04")  # what an .npy file and an .npz archive (a zip) start with
 
 
@@ -177,6 +186,23 @@ def _load(path: str | Path, *, mmap: bool) -> np.ndarray:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:  # an object array (pickled), or a header numpy cannot read
         raise DatasetError(f"{path} cannot be read as numeric arrays: {e}") from None
+
+
+def _npy(path: str | Path) -> np.ndarray:
+    """An .npy file's array, memory-mapped; an .npz archive or a scalar refused naming the file."""
+    array = _load(path, mmap=True)
+    if isinstance(array, np.lib.npyio.NpzFile):
+        array.close()
+        raise DatasetError(f"{path} is a .npz archive, not an .npy file: name it path.npz (or --format npz)")
+    return array
+
+
+def _member(archive: np.lib.npyio.NpzFile, key: str, path: str | Path) -> np.ndarray:
+    """Array `key` of a .npz archive; one numpy would unpickle refused naming it."""
+    try:
+        return archive[key]
+    except ValueError as e:  # an object array: pickled
+        raise DatasetError(f"{path}:{key} cannot be read as a numeric array: {e}") from None
 
 
 def _open_npz(path: str | Path):

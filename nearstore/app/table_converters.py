@@ -134,8 +134,8 @@ def open_table(
         (`**` recursive), or a list of these; files are read in that order.
     format: "parquet" or "arrow"; default told by the files' suffixes (`TABLE_SUFFIXES`).
     columns: the columns to store (default every one); the label column is stored too.
-    label_column: the integer column of labels; default "label" where the table has one, else
-        the dataset is unlabelled. A column named here must be there.
+    label_column: the integer column of labels ("": none); default "label" where the table has
+        one, else the dataset is unlabelled. A column named here must be there.
     class_names: default the Hugging Face `ClassLabel` names in the schema's metadata, if any.
     """
     if batch < 1:
@@ -412,8 +412,10 @@ def _leaf(array: pa.Array) -> pa.Array:
 
 
 def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None:
-    """The label column: `name` (which must be there, of integers, one-integer lists or strings),
-    else "label" where there is one."""
+    """The label column: `name` (which must be there, of integers, one-integer lists or strings;
+    "": none, as for a float target), else "label" where there is one."""
+    if name == "":
+        return None
     if name is None:
         if DEFAULT_LABEL not in schema.names:
             return None

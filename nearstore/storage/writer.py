@@ -140,6 +140,21 @@ FIXED_KINDS = "biuf"
 UNNAMED_CLASSES = 1 << 16
 
 
+def _first(pieces: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The first `n` samples of the pending `pieces`, joined (a shard), and the pieces left: only
+    the shard is copied (joining every piece kept all of them alive, a batch past the shard too)."""
+    taken, left, count = [], [], 0
+    for piece in pieces:
+        if count < n:
+            taken.append(piece[: n - count])
+            if len(piece) > n - count:
+                left.append(piece[n - count :])
+            count += len(taken[-1])
+        else:
+            left.append(piece)
+    return np.concatenate(taken), left
+
+
 def _little(values: np.ndarray) -> np.ndarray:
     return values.astype(values.dtype.newbyteorder("<")) if values.dtype.str.startswith(">") else values
 
@@ -457,19 +472,18 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         start, stop = self.num_samples, self.num_samples + n
         for name, array in self.arrays.items():
-            values = np.concatenate(self.pending[name])
+            values, self.pending[name] = _first(self.pending[name], n)
             array.resize((stop, *array.shape[1:]))
             path = self._shard_path(name, start // self.shard_samples)
             if name in self.byte_shards:
-                shard = encode_bytes_shard(values[:n], self.shard_samples, self.byte_shards[name])
+                shard = encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
                 self.fs.pipe_file(path, shard)
                 self.nbytes[name].append(len(shard))
             else:
-                array[start:stop] = values[:n]
+                array[start:stop] = values
                 self.nbytes[name].append(self.fs.size(path))
-            self.pending[name] = [values[n:]]
             shard_digest = new_digest()
-            digest_samples(values[:n], shard_digest, self.content[name])
+            digest_samples(values, shard_digest, self.content[name])
             self.digests[name].append(shard_digest.hexdigest())
         self.num_pending -= n
         self.num_samples = stop

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import as_format_1
 from image_sources import write_mds, write_tar
@@ -195,6 +197,13 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/new/"], "cannot write the report to .*: it names a"),
         (["demo", "--epochs", "-1", "--workdir", "{tmp}/w"], "epochs must be an integer >= 1, got -1"),
         (["convert", "{tmp}/junk.npy", "{tmp}/j.zarr"], "junk.npy is neither an .npy file nor an .npz archive"),
+        # an option for another kind of source would be ignored
+        (["convert", "{tmp}/xy.npz", "{tmp}/o.zarr", "--labels", "{tmp}/y.npy"], "--labels is for npy sources"),
+        (["convert", "{tmp}/x.npy", "{tmp}/o.zarr", "--y-key", "t"], "--y-key is for npz sources; .*x.npy' is npy"),
+        (["convert", "digits", "{tmp}/o.zarr", "--columns", "a"], "--columns is for parquet, arrow sources"),
+        (["convert", "{tmp}/xy_npz.npy", "{tmp}/o.zarr"], "xy_npz.npy is a .npz archive, not an .npy file"),
+        (["convert", "{tmp}/scalar.npy", "{tmp}/o.zarr"], "scalar.npy is a single value"),
+        (["convert", "{tmp}/pickled.npz", "{tmp}/o.zarr"], "pickled.npz:y cannot be read as a numeric array"),
         (
             ["convert", "digits", "{tmp}/d.zarr", "--chunk-samples", "3"],
             r"chunk_samples must be a divisor of shard_samples \(1024\), got 3",
@@ -205,6 +214,12 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     digits = str(tmp_path / "digits.zarr")
     main(["convert", "digits", digits])
     (tmp_path / "junk.npy").write_bytes(b"not numpy\n")
+    np.save(tmp_path / "x.npy", np.ones((4, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(4))
+    np.save(tmp_path / "scalar.npy", np.float32(1))
+    np.savez(tmp_path / "xy.npz", x=np.ones((4, 2), np.float32), y=np.arange(4))
+    (tmp_path / "xy_npz.npy").write_bytes((tmp_path / "xy.npz").read_bytes())
+    np.savez(tmp_path / "pickled.npz", x=np.ones((4, 2)), y=np.array(["a", "b", "a", "b"], object))
     capsys.readouterr()
     assert main([a.format(tmp=tmp_path, digits=digits) for a in argv]) == 2
     assert re.search(message, capsys.readouterr().err)
@@ -379,3 +394,18 @@ def test_convert_rewrites_a_store_written_before_checksums(tmp_path, capsys):
     assert main(["verify", new]) == 0
     rewritten = open_dataset(new)
     assert rewritten.class_names == tuple(str(c) for c in range(10)) and rewritten.num_samples == 1797
+
+
+def test_unlabelled_sources_and_a_selection_by_any_name(tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", x=np.ones((6, 2), np.float32), y=np.arange(6))
+    assert main(["convert", str(tmp_path / "x.npz"), str(tmp_path / "x.zarr"), "--y-key", ""]) == 0
+    assert open_dataset(str(tmp_path / "x.zarr")).label_array is None
+    pq.write_table(pa.table({"f": [1.0, 2.0, 3.0], "label": [0.5, 1.5, 2.5]}), tmp_path / "reg.parquet")
+    assert main(["convert", str(tmp_path / "reg.parquet"), str(tmp_path / "r.zarr"), "--label-key", ""]) == 0
+    assert open_dataset(str(tmp_path / "r.zarr")).sample_arrays == ("f", "label")  # a float target, stored
+    digits = str(tmp_path / "digits.zarr")
+    main(["convert", "digits", digits])
+    assert main(["select", digits, str(tmp_path / "round0.sel"), "--method", "random"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "round0.sel")]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "random"
