@@ -158,13 +158,14 @@ class WindowedSelector(Selector):
         return 1
 
 
-def check_window(window: int | None, name: str = "window") -> None:
-    """A window holds at least two samples, and at most MAX_WINDOW (None: the method's default)."""
-    if window is not None:
+def check_window(window: int | None, name: str = "window", *, optional: bool = False) -> None:
+    """A window holds at least two samples, and at most MAX_WINDOW (None, where `optional`: the
+    method's default)."""
+    if window is not None or not optional:
         check_range(name, window, 2, MAX_WINDOW, integer=True)
 
 
-def check_pool(pool: float | None) -> None:
-    """A pool is a finite multiple of the budget, at least 1 (None: no pool)."""
-    if pool is not None:
+def check_pool(pool: float | None, *, optional: bool = True) -> None:
+    """A pool is a finite multiple of the budget, at least 1 (None, where `optional`: no pool)."""
+    if pool is not None or not optional:
         check_range("pool", pool, 1, math.inf, open_high=True)

@@ -47,7 +47,7 @@ class Crest(Selector):
     pool_reads: Coalescing = DEFAULT_READS
 
     def __post_init__(self) -> None:
-        check_pool(self.pool)
+        check_pool(self.pool, optional=False)
         check_range("confidence", self.confidence, 0, 1, open_low=True, open_high=True)
         check_flag("coreset", self.coreset)
         check_window(self.coreset_window, "coreset_window")

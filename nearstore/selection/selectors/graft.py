@@ -91,7 +91,7 @@ class Graft(WindowedSelector):
     draw_below: int = DRAW_BELOW
 
     def __post_init__(self) -> None:
-        check_window(self.window)
+        check_window(self.window, optional=True)
         if self.tolerance is not None:  # at 1 one pick always does: ‖ḡ − P_S ḡ‖ ≤ ‖ḡ‖
             check_range("tolerance", self.tolerance, 0, 1, open_low=True)
         check_pool(self.pool)

@@ -254,6 +254,8 @@ def test_bad_input_is_named(blobs, tmp_path):
         ("graft", {"pool_reads": {"request_bytes": -1}}, r"pool_reads.request_bytes must be an integer >= 0, got -1"),
         ("graft", {"pool_reads": {"gap": 1}}, "pool_reads must be an object of request_bytes"),
         ("craig", {"window": "big"}, r"window must be an integer in \[2, 8192\], got 'big'"),
+        ("craig", {"window": None}, r"window must be an integer in \[2, 8192\], got None"),  # graft's may be
+        ("crest", {"pool": None}, r"pool must be a finite number >= 1, got None"),
         ("crest", {"confidence": float("nan")}, r"confidence must be a number in \(0, 1\), got nan"),
         ("crest", {"coreset_window": 1}, r"coreset_window must be an integer in \[2, 8192\], got 1"),
         ("crest", {"coreset": 1}, "coreset must be True or False, got 1"),
