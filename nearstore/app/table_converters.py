@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from nearstore import Dataset, DatasetError, ParameterError, write_dataset
 from nearstore.app.converters import Batches
+from nearstore.storage.writer import array_name_problem
 
 # A record batch is cut to this many rows: about a shard's worth (write_dataset's default), and a
 # few hundred MB at most of encoded images of a few hundred kB.
@@ -276,8 +277,9 @@ def _cut(whole: pa.RecordBatch, batch: int) -> Iterator[pa.RecordBatch]:
 def _column(arrow: pa.Field, where: str) -> Column:
     """How the column `arrow` is stored, or refused naming it and its type."""
     name, kind = arrow.name, arrow.type
-    if "/" in name:
-        raise DatasetError(f"{where}: column {name!r} has a '/' in its name, which would nest it in the store")
+    problem = array_name_problem(name)
+    if problem is not None:
+        raise DatasetError(f"{where}: column {name!r} {problem}")
     if _binary(kind) or _encoded_file(kind):
         return Column(name, "bytes")
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):

@@ -140,6 +140,13 @@ FIXED_KINDS = "biuf"
 UNNAMED_CLASSES = 1 << 16
 
 
+def array_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an array (a folder of the store), or None."""
+    if not isinstance(name, str) or name in ("", ".", "..", ZARR_JSON) or "/" in name or "\\" in name:
+        return "cannot name a folder of the store (empty, '.', '..', 'zarr.json', or holding '/' or '\\')"
+    return None
+
+
 def _first(pieces: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """The first `n` samples of the pending `pieces`, joined (a shard), and the pieces left: only
     the shard is copied (joining every piece kept all of them alive, a batch past the shard too)."""
@@ -358,6 +365,9 @@ class _ShardWriter:
             raise DatasetError(f"label array {self.label_array!r} is not among the arrays {sorted(batch)}")
         self.names = tuple(batch)
         for name, values in batch.items():
+            problem = array_name_problem(name)
+            if problem is not None:
+                raise DatasetError(f"array {name!r} {problem}")
             if values.ndim == 0:
                 raise DatasetError(f"array {name!r} needs a sample axis, got a scalar")
             encoded = values.dtype == object

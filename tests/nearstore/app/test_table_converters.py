@@ -255,7 +255,9 @@ def _null_in_list() -> pa.Table:
         ),
         (pa.table({"x": [1, 2], "label": [0, 1]}), {"columns": ["x", "z"]}, r"no column 'z'; it has \['x', 'label'\]"),
         (pa.table({"day": pa.array([1, 2], pa.date32())}), {}, r"column 'day' is date32\[day\], which is not stored"),
-        (pa.table({"a/b": [1, 2]}), {}, "column 'a/b' has a '/' in its name"),
+        (pa.table({"a/b": [1, 2]}), {}, "column 'a/b' cannot name a folder of the store"),
+        (pa.table({"..": [1, 2]}), {}, r"column '\.\.' cannot name a folder of the store"),
+        (pa.table({"zarr.json": [1, 2]}), {}, "column 'zarr.json' cannot name a folder of the store"),
         (pa.table({"label": [0, 1]}), {}, "no column to store besides the label 'label'"),
         (
             _encoded_files({"bytes": b"x", "path": None}, None, {"bytes": b"y", "path": None}),
