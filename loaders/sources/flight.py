@@ -70,7 +70,7 @@ class FlightSource(Source):
 
     def info(self) -> dict[str, Any]:
         """The server's dataset, current selection round, proxy version and I/O counts."""
-        return json.loads(self.action("info", b""))
+        return json.loads(self.action("info", {}))
 
     def read(
         self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str
@@ -93,7 +93,7 @@ class FlightSource(Source):
         return self.info()["storage_reads"]
 
     def selection(self, round: int | None = None) -> Selection:
-        return Selection.from_bytes(self.action("selection", json.dumps({"round": round}).encode()))
+        return Selection.from_bytes(self.action("selection", {"round": round}))
 
     def select(
         self,
@@ -109,7 +109,7 @@ class FlightSource(Source):
         """A new round on the server, after its current one (which holds `previous`), or after
         another trainer's if it asked first: the server answers with the round it ran."""
         request = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
-        return Selection.from_bytes(self.action("select", json.dumps(request).encode()))
+        return Selection.from_bytes(self.action("select", request))
 
     def update_proxy(self, model: torch.nn.Module) -> None:
         """Push the model's weights as the server's proxy (a do_put of `protocol.weight_batches`)."""
@@ -121,6 +121,6 @@ class FlightSource(Source):
     def close(self) -> None:
         self._server.close()
 
-    def action(self, kind: str, body: bytes) -> bytes:
-        """The server's answer to action `kind` with `body` (`protocol.ACTIONS`)."""
-        return self._server.action(kind, body)
+    def action(self, kind: str, request: dict[str, Any]) -> bytes:
+        """The server's answer to action `kind` with `request` (`protocol.ACTIONS`)."""
+        return self._server.action(kind, request)

@@ -5,11 +5,12 @@ rounds (`NearStoreServer(primary=...)`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -65,8 +66,10 @@ class Connection:
         """The table a do_get of `ticket` streams."""
         return self._call(lambda: self._client.do_get(ticket, options=self._options).read_all())
 
-    def action(self, kind: str, body: bytes) -> bytes:
-        """The server's answer to action `kind` with `body` (`protocol.ACTIONS`)."""
+    def action(self, kind: str, request: dict[str, Any]) -> bytes:
+        """The server's answer to action `kind` with `request` (`protocol.ACTIONS`), which names
+        this connection's dataset (a server of another refuses it)."""
+        body = json.dumps({"dataset": self.name, **request}).encode()
         results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=self._options)))
         return results[0].body.to_pybytes()
 

@@ -7,9 +7,10 @@ Arrow Flight; everything both sides must agree on lives here.
   order: an int64 `id` column and one column per array: fixed-size binary for fixed-size samples
   (a sample's raw bytes, C order), variable-length binary for encoded ones (their bytes as
   stored); the schema's metadata gives each array's dtype ("bytes" for encoded) and sample shape.
-- actions (`ACTIONS`), JSON bodies of at most MAX_TICKET_BYTES and answers: `info`, `selection`
-  (`{"round": r}` → `Selection.to_bytes()`), `select` (`{"keep", "method", "options", "seed"}` →
-  runs a round, answers with its `Selection.to_bytes()`).
+- actions (`ACTIONS`), JSON bodies of at most MAX_TICKET_BYTES naming the dataset
+  (`{"dataset": name, ...}`) and answers: `info`, `selection` (`{"round": r}` →
+  `Selection.to_bytes()`), `select` (`{"keep", "method", "options", "seed"}` → runs a round,
+  answers with its `Selection.to_bytes()`).
 - `do_put(weights_descriptor(name, n))`: pushes proxy weights (a `torch.save`d state_dict of n
   bytes) as WEIGHTS batches of at most WEIGHTS_CHUNK_BYTES each; the server reads them batch by
   batch, refusing n over its limit before a byte is read and a stream that passes n at once, and

@@ -229,7 +229,10 @@ class NearStoreServer(flight.FlightServerBase):
         with _answering(f"action {action.type!r}"):
             if action.type not in handlers:
                 raise RequestError(f"unknown action {action.type!r}; this server answers {sorted(handlers)}")
-            answer = handlers[action.type](action.body)  # each parses it, its size checked first
+            request = protocol.parse(action.body, f"{action.type} request") if len(action.body) else {}
+            self._check_dataset(request)  # a trainer of another dataset starts no round here
+            del request["dataset"]
+            answer = handlers[action.type](request)
         yield flight.Result(pa.py_buffer(answer))
 
     def do_put(
@@ -291,7 +294,7 @@ class NearStoreServer(flight.FlightServerBase):
 
     # Actions ---------------------------------------------------------------------------------
 
-    def _info(self, body: pa.Buffer | None = None) -> bytes:
+    def _info(self, request: dict[str, Any] | None = None) -> bytes:
         current = self.current
         ds = self.dataset
         return json.dumps(
@@ -314,8 +317,7 @@ class NearStoreServer(flight.FlightServerBase):
             }
         ).encode()
 
-    def _selection(self, body: pa.Buffer) -> bytes:
-        request = protocol.parse(body, "selection request") if body else {}
+    def _selection(self, request: dict[str, Any]) -> bytes:
         return self._round(request.get("round")).to_bytes()
 
     def _update_proxy(self, body: bytearray) -> bytes:
@@ -351,9 +353,8 @@ class NearStoreServer(flight.FlightServerBase):
             )
         return proxy
 
-    def _select(self, body: pa.Buffer) -> bytes:
+    def _select(self, request: dict[str, Any]) -> bytes:
         """A new round, run after any running one; answers with it, whichever round is current by then."""
-        request = protocol.parse(body, "select request") if body else {}
         self._check_runs_rounds("select")
         unknown = set(request) - set(protocol.SELECT_FIELDS)
         if unknown:
@@ -478,7 +479,7 @@ class NearStoreServer(flight.FlightServerBase):
                     return self._rounds[number]
             assert self._primary is not None
             try:
-                answer = self._primary.action("selection", json.dumps({"round": number}).encode())
+                answer = self._primary.action("selection", {"round": number})
             except (ConnectionError, NearstoreError, PermissionError) as e:
                 raise RequestError(
                     f"selection round {number} of {self.name!r} is not held here, and its primary"

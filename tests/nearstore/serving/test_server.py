@@ -205,7 +205,7 @@ def test_bad_requests_are_refused_with_the_reason(served):
     with pytest.raises(ParameterError, match=r"norm_power must be a number in \[0, 1\]"):  # before any scan
         source.select(keep=0.1, method="graft", options={"norm_power": -1}, seed=0)
     with pytest.raises(RequestError, match="unknown \\['ell'\\]"):
-        source.action("select", json.dumps({"ell": 9}).encode())
+        source.action("select", {"ell": 9})
     with pytest.raises(RequestError, match="do not fit the server's model"):
         source.update_proxy(torch.nn.Linear(8, 5))
     writer, _ = client.do_put(protocol.weights_descriptor(served.name, 7), protocol.WEIGHTS)
@@ -315,16 +315,23 @@ def test_unchecked_inputs_are_refused_by_name(served):
     with pytest.raises(flight.FlightServerError) as raised:
         client.do_get(flight.Ticket(json.dumps({**ticket, "ids": [1, 10**30]}).encode())).read_all()
     assert _refusal(raised.value) == ("RequestError", f"ticket 'ids' must be 64-bit integers; item 1 is {10**30}")
+    # an action names the dataset, or a trainer of another could start a round here
+    assert action("select", json.dumps({"keep": 0.5}).encode()) == (
+        "RequestError",
+        f"this server serves dataset {served.name!r}, not None",
+    )
+    assert action("info", json.dumps({"dataset": "cifar10"}).encode())[1].endswith("not 'cifar10'")
+    assert served.current is current
     deep = b"[" * 100_000 + b"]" * 100_000
     assert action("select", deep) == ("RequestError", "select request is nested too deeply")
     assert action("selection", deep) == ("RequestError", "selection request is nested too deeply")
     error, message = action("select", b'{"keep": 1' + b"0" * 5000 + b"}")
     assert error == "RequestError" and message.startswith("select request is not JSON: Exceeds the limit (4300 digits)")
-    assert action("select", json.dumps({"keep": 10**400}).encode()) == (
+    assert action("select", json.dumps({"dataset": served.name, "keep": 10**400}).encode()) == (
         "ParameterError",
         f"keep must be in (0, 1], got {10**400}",
     )
-    assert action("select", json.dumps({"keep": "all"}).encode()) == (
+    assert action("select", json.dumps({"dataset": served.name, "keep": "all"}).encode()) == (
         "RequestError",
         "select's keep must be a number, got 'all'",
     )
