@@ -139,6 +139,7 @@ class NearStoreServer(flight.FlightServerBase):
         self._round_lock = threading.Lock()
         self._rounds: dict[int, Selection] = {}
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
+        self._persisted: dict[int, Selection] = {}  # the rounds in state_dir's server.json, as written
         self.shards = None if shards is None else _check_shards(shards, dataset.num_shards)
         self._primary: Connection | None = None
         if primary is not None:
@@ -419,21 +420,28 @@ class NearStoreServer(flight.FlightServerBase):
             if proxy is not None:
                 _write_atomically(self.state_dir / f"proxy-{proxy_version}.pt", proxy)
             for number, selection in rounds.items():
-                path = self.state_dir / f"round-{number}.npz"
-                if not path.exists():
-                    _write_atomically(path, selection.to_bytes())
+                # a round file this server did not write may be one a failed write left: never kept
+                if self._persisted.get(number) is not selection:
+                    _write_atomically(self.state_dir / f"round-{number}.npz", selection.to_bytes())
             state = {"rounds": sorted(rounds), "proxy_version": proxy_version}
             _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
+            self._persisted = dict(rounds)
         except OSError as e:
             log.error("cannot keep %s in %s: %s", what, self.state_dir, e)
             raise RequestError(
                 f"{what} was not taken: the server cannot write its state ({e.strerror or e}); it holds what it held"
             ) from None
-        for path in self.state_dir.glob("round-*.npz"):
-            if int(path.stem.removeprefix("round-")) not in rounds:
-                path.unlink()
+        self._forget_rounds(rounds)
         for path in self.state_dir.glob("proxy*.pt"):
             if path.name != f"proxy-{proxy_version}.pt":
+                path.unlink()
+
+    def _forget_rounds(self, rounds: dict[int, Selection]) -> None:
+        """Remove from state_dir the round files server.json does not name: older rounds, and what
+        a failed write left."""
+        assert self.state_dir is not None
+        for path in self.state_dir.glob("round-*.npz"):
+            if path.stem.removeprefix("round-") not in {str(number) for number in rounds}:
                 path.unlink()
 
     def _restore(self) -> bool:
@@ -455,7 +463,8 @@ class NearStoreServer(flight.FlightServerBase):
                 raise DatasetError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
             self._proxy = self._proxy_from(pushed.read_bytes())
         self.proxy_version = version
-        self._rounds = rounds
+        self._rounds, self._persisted = rounds, dict(rounds)
+        self._forget_rounds(rounds)  # a failed write's, which server.json does not name
         log.info("resumed from %s: rounds %s, proxy version %d", self.state_dir, state["rounds"], self.proxy_version)
         return True
 

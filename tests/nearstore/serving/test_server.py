@@ -485,6 +485,26 @@ def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store
     assert fingerprint(id_store.url) == before
 
 
+def test_a_round_a_failed_state_write_left_is_never_restored(id_store, tmp_path):
+    state_dir = tmp_path / "state"
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.2), state_dir=state_dir)
+    try:
+        (state_dir / "server.json.partial").mkdir()  # server.json cannot be written: a full disk, say
+        with pytest.raises(RequestError, match="selection round 1 was not taken: the server cannot write its state"):
+            FlightSource(server.url).select(keep=0.1, method="random", seed=1)
+        assert (state_dir / "round-1.npz").exists() and server.current.round == 0  # left, not taken
+        (state_dir / "server.json.partial").rmdir()
+        served = FlightSource(server.url).select(keep=0.5, method="random", seed=2)
+    finally:
+        server.shutdown()
+    restarted = NearStoreServer(id_store, state_dir=state_dir)
+    try:
+        assert restarted.current.round == 1
+        np.testing.assert_array_equal(restarted.current.ids, served.ids)  # the round trainers got
+    finally:
+        restarted.shutdown()
+
+
 def test_a_server_hands_each_round_what_the_round_before_handed_on(id_store, tmp_path):
     """AdaCore's running curvature goes from round to round on the server, and survives a restart."""
 
