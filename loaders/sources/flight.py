@@ -35,6 +35,8 @@ class FlightSource(Source):
     on_disconnect: "reconnect" retries a read whose server went away (with backoff, for up to
         `reconnect_seconds`), so a restarted server finishes the epoch with no sample lost or
         repeated; "raise" fails at once with ConnectionError.
+    timeout_seconds: a call unanswered this long is a ConnectionError (a frozen server never says
+        it went away); a `select` waits for its scan.
     `stats` counts what was shipped to this trainer: bytes of record batches, requests, samples.
     A refusal by the server raises the error it raised there (`nearstore.errors`).
     """
@@ -49,6 +51,7 @@ class FlightSource(Source):
         tls_key: str | os.PathLike[str] | None = None,
         on_disconnect: OnDisconnect = "reconnect",
         reconnect_seconds: float = 30.0,
+        timeout_seconds: float = 300.0,
     ) -> None:
         self._server = Connection(
             url,
@@ -58,6 +61,7 @@ class FlightSource(Source):
             tls_key=tls_key,
             on_disconnect=on_disconnect,
             reconnect_seconds=reconnect_seconds,
+            timeout_seconds=timeout_seconds,
         )
         self.url, self.name, self.location = url, self._server.name, self._server.location
         self.stats = IOStats()

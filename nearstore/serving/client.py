@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from nearstore.checks import check_range
 from nearstore.errors import ParameterError
 from nearstore.serving import protocol
 
@@ -32,6 +33,8 @@ class Connection:
     tls_cert, tls_key: PEM files of this client's certificate and key (mutual TLS).
     on_disconnect: "reconnect" retries a call whose server went away (with backoff, for up to
         `reconnect_seconds`); "raise" fails at once with ConnectionError.
+    timeout_seconds: a call unanswered this long is a ConnectionError (a server frozen, or cut off
+        without a reset, never says it went away); a `select`, whose scan may take longer, waits.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class Connection:
         tls_key: str | os.PathLike[str] | None = None,
         on_disconnect: OnDisconnect = "reconnect",
         reconnect_seconds: float = 30.0,
+        timeout_seconds: float = 300.0,
     ) -> None:
         parsed = urlparse(url)
         name = parsed.path.strip("/")
@@ -59,7 +63,10 @@ class Connection:
         if token is None:
             token = os.environ.get(protocol.TOKEN_ENV) or os.environ.get(protocol.READ_TOKEN_ENV)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
-        self._options = flight.FlightCallOptions(headers=headers)
+        check_range("timeout_seconds", timeout_seconds, 0, open_low=True)
+        self.timeout_seconds = timeout_seconds
+        self._options = flight.FlightCallOptions(headers=headers, timeout=timeout_seconds)
+        self._waiting = flight.FlightCallOptions(headers=headers)  # a select: its scan takes what it takes
         self._client = flight.FlightClient(self.location, **tls)
 
     def get(self, ticket: flight.Ticket) -> pa.Table:
@@ -70,7 +77,8 @@ class Connection:
         """The server's answer to action `kind` with `request` (`protocol.ACTIONS`), which names
         this connection's dataset (a server of another refuses it)."""
         body = json.dumps({"dataset": self.name, **request}).encode()
-        results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=self._options)))
+        options = self._waiting if kind == "select" else self._options
+        results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=options)))
         return results[0].body.to_pybytes()
 
     def put(self, descriptor: flight.FlightDescriptor, body: memoryview) -> bytes:
@@ -106,6 +114,11 @@ class Connection:
                 log.warning("nearstore server %s unreachable, retrying in %.2f s", self.location, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 1.0)
+            except flight.FlightTimedOutError as e:
+                raise ConnectionError(
+                    f"nearstore server {self.location} did not answer within {self.timeout_seconds} s "
+                    f"(timeout_seconds): frozen, or cut off: {_message(e)}"
+                ) from e
             except flight.FlightUnauthenticatedError as e:
                 raise PermissionError(f"nearstore server {self.location} refused the token: {_message(e)}") from e
             except flight.FlightUnauthorizedError as e:  # a read token's admin call

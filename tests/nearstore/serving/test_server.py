@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 import torch
@@ -379,6 +380,25 @@ def test_token_is_required_beyond_loopback_and_checked(id_store, monkeypatch):
         assert len(StreamingLoader(server.url, backend="torch", device="cpu").ids) == 250
     finally:
         server.shutdown()
+
+
+def test_a_server_that_never_answers_is_a_connection_error_not_a_hang():
+    released = threading.Event()
+
+    class Frozen(flight.FlightServerBase):  # a server stopped with its socket open: no reset ever comes
+        def do_action(self, context, action):
+            released.wait(30)
+            yield flight.Result(pa.py_buffer(b"{}"))
+
+    frozen = Frozen("grpc://127.0.0.1:0")
+    try:
+        with pytest.raises(ConnectionError, match=r"127.0.0.1:\d+ did not answer within 0.5 s \(timeout_seconds\)"):
+            FlightSource(f"grpc://127.0.0.1:{frozen.port}/ids", timeout_seconds=0.5)
+    finally:
+        released.set()
+        frozen.shutdown()
+    with pytest.raises(ParameterError, match="timeout_seconds must be"):
+        FlightSource(f"grpc://127.0.0.1:{frozen.port}/ids", timeout_seconds=0)
 
 
 def test_unreachable_server_is_named(monkeypatch):
