@@ -22,6 +22,7 @@ import fsspec
 import numcodecs
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
@@ -95,17 +96,24 @@ def write_dataset(
         raise ParameterError(f"chunk_samples must be a divisor of shard_samples ({shard_samples}), got {chunk_samples}")
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
-    replacing = fs.exists(root)
+    # an empty folder (or bucket) is written in place: there is nothing to keep, nor anywhere beside a bucket
+    empty = fs.isdir(root) and not fs.ls(root, detail=False)
+    replacing = fs.exists(root) and not empty
     if replacing and not overwrite:
         raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
     if replacing:
         _check_replaceable(fs, root, url)
+        if not isinstance(fs, LocalFileSystem) and "/" not in root.strip("/"):
+            raise FileExistsError(
+                f"{url!r} is a bucket's root: a dataset there cannot be replaced (the new one is written beside "
+                "the old, then swapped in); write it under a key, as s3://bucket/name.zarr, or empty the bucket"
+            )
     # The old store stays whole until the new one is: written beside it, then swapped in.
     suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""
     target = root + suffix
     try:
         _write(
-            zarr.open_group(url.rstrip("/") + suffix, mode="w", storage_options=storage_options or None),
+            zarr.open_group(url.rstrip("/") + suffix, mode="w-", storage_options=storage_options or None),
             fs,
             target,
             batches,
@@ -120,7 +128,10 @@ def write_dataset(
         )
         written = open_dataset(url.rstrip("/") + suffix, storage_options=storage_options)  # opens as written
     except BaseException:  # what was written is ours alone, and not a dataset: nothing is left
-        if fs.exists(target):
+        if empty:  # the folder was there before: emptied again, not removed
+            for path in fs.ls(target, detail=False):
+                fs.rm(path, recursive=True)
+        elif fs.exists(target):
             fs.rm(target, recursive=True)
         raise
     if replacing:
@@ -167,10 +178,8 @@ def _little(values: np.ndarray) -> np.ndarray:
 
 
 def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
-    """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left) nor an
-    empty folder: overwrite replaces a dataset, it never deletes a user's other files."""
-    if fs.isdir(root) and not fs.ls(root, detail=False):
-        return
+    """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left):
+    overwrite replaces a dataset, it never deletes a user's other files."""
     try:
         document = json.loads(fs.cat_file(f"{root}/{ZARR_JSON}"))
     except (OSError, ValueError):

@@ -237,6 +237,25 @@ def test_missing_buckets_and_unreachable_endpoints_are_named(s3):
         open_dataset("s3://nearstore-test/ds.zarr", storage_options=closed)
 
 
+def test_a_dataset_at_an_empty_buckets_root_is_written_in_place_and_a_failed_write_keeps_the_bucket(s3, data):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.mkdir("root-bucket")
+    batch = {"x": data["x"][:100], "y": data["y"][:100]}
+
+    def failing():
+        yield batch
+        raise RuntimeError("the source ran dry")
+
+    with pytest.raises(RuntimeError, match="ran dry"):
+        write_dataset("s3://root-bucket", failing(), storage_options=s3.storage_options)
+    assert fs.exists("root-bucket") and fs.ls("root-bucket", refresh=True) == []  # emptied, never deleted
+    written = write_dataset("s3://root-bucket", [batch], storage_options=s3.storage_options)
+    np.testing.assert_array_equal(SelectiveReader(written).read([7])["x"], batch["x"][[7]])
+    with pytest.raises(FileExistsError, match="'s3://root-bucket' is a bucket's root: a dataset there cannot be"):
+        write_dataset("s3://root-bucket", [batch], storage_options=s3.storage_options, overwrite=True)
+    assert open_dataset("s3://root-bucket", storage_options=s3.storage_options).num_samples == 100
+
+
 def test_http_stores_are_read_only(nginx, http_store):
     with pytest.raises(Exception):  # noqa: B017 - fsspec's HTTP backend refuses writes in its own words
         write_dataset(f"{nginx.url}/new.zarr", [{"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}])
