@@ -356,28 +356,34 @@ class StreamingLoader:
             tensors = (tuple(_tensor(a, self.device) for a in batch) for batch in batches_from(first))
         transformed = self.transform is not None or self.dali_transform is not None
         augmented_before = self.augmented_samples
-        for batch in tensors:
-            if iterator != self._iterator:
-                raise RuntimeError(
-                    f"a newer iterator over this loader ({self.url!r}) took its place in epoch {epoch}: "
-                    "iterate one at a time (the place they share is what state_dict saves)"
-                )
-            self.order.batches_done += 1  # counted as delivered once the trainer holds it
-            if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
-                continue
-            if self.augment is not None:
-                *batch, flags = batch
+        try:
+            for batch in tensors:
+                if iterator != self._iterator:
+                    raise RuntimeError(
+                        f"a newer iterator over this loader ({self.url!r}) took its place in epoch {epoch}: "
+                        "iterate one at a time (the place they share is what state_dict saves)"
+                    )
+                self.order.batches_done += 1  # counted as delivered once the trainer holds it
+                if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
+                    continue
+                if self.augment is not None:
+                    *batch, flags = batch
+                    if self.transform is not None:
+                        batch[0] = _on_flagged(self.transform, batch[0], flags)
+                    self.augmented_samples += int(flags.sum())
+                    yield tuple(batch)
+                    continue
+                views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
                 if self.transform is not None:
-                    batch[0] = _on_flagged(self.transform, batch[0], flags)
-                self.augmented_samples += int(flags.sum())
-                yield tuple(batch)
-                continue
-            views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
-            if self.transform is not None:
-                inputs = batch[:views] if views == self.views else [batch[0]] * self.views
-                batch = (*(self.transform(x) for x in inputs), *batch[views:])
-            self.augmented_samples += len(batch[0]) * self.views if transformed else 0
-            yield batch
+                    inputs = batch[:views] if views == self.views else [batch[0]] * self.views
+                    batch = (*(self.transform(x) for x in inputs), *batch[views:])
+                self.augmented_samples += len(batch[0]) * self.views if transformed else 0
+                yield batch
+        finally:  # ended, or left (a break): a round selected from now on is taken at once
+            if iterator == self._iterator:
+                self._in_epoch = False
+        if iterator != self._iterator:  # a newer iterator holds the place: its epoch goes on, not this one's
+            return
         read = self.stats.snapshot() - before
         storage = self.source.storage_reads()
         self._epochs.append(
@@ -401,7 +407,6 @@ class StreamingLoader:
             self._epochs[-1]["seconds"],
         )
         self.order.finish()
-        self._in_epoch = False
         if self._pending is not None:
             self._take_pending()
 

@@ -249,6 +249,8 @@ def _convert(args: argparse.Namespace) -> int:
         if getattr(args, option) is not None and kind not in kinds:
             flag = "--" + option.replace("_", "-")
             raise ParameterError(f"{flag} is for {', '.join(kinds)} sources; {args.source!r} is {kind}")
+    if args.label_key == "" and kind in ("webdataset", "mds"):
+        raise ParameterError(f"--label-key '' (no labels) is for parquet and arrow sources; {kind} images need theirs")
     if kind not in GENERATED:
         _check_apart(args.out, [args.source, *([args.labels] if args.labels else [])])
     source, num_samples, class_names, label_array = args.source, None, None, "y"
@@ -567,7 +569,7 @@ def _address(host: str, port: int) -> str:
 
 def _info(args: argparse.Namespace) -> int:
     fs, path = fsspec.core.url_to_fs(args.url)
-    if fs.isfile(path):  # a selection, whatever its name (a dataset is a folder)
+    if not fs.exists(f"{path.rstrip('/')}/zarr.json"):  # a selection, whatever its name
         s = Selection.load(args.url)
         print(
             json.dumps(

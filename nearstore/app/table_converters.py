@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from nearstore import Dataset, DatasetError, ParameterError, write_dataset
 from nearstore.app.converters import Batches
+from nearstore.app.encoded_converters import IMG_EXTENSIONS
 from nearstore.storage.writer import array_name_problem
 
 # A record batch is cut to this many rows: about a shard's worth (write_dataset's default), and a
@@ -182,12 +183,24 @@ def open_table(
 
 
 def table_format(source: str) -> str | None:
-    """The format a `convert` source names by its suffix ("data/*.parquet" too), or that of the
-    files in a directory, recursively as `open_table` reads them (a Hive-partitioned dataset:
-    year=2020/part.parquet); None for neither."""
+    """The format a `convert` source names by its suffix ("data/*.parquet" too), or, for a
+    directory, that of the first table or image file in it, recursively as `open_table` reads them
+    (a Hive-partitioned dataset: year=2020/part.parquet); None for neither, or an image first."""
     path = Path(source)
-    names = [entry.name for entry in path.rglob("*") if entry.is_file()] if path.is_dir() else [source]
-    return next((kind for kind, suffixes in TABLE_SUFFIXES.items() if any(n.endswith(suffixes) for n in names)), None)
+    if not path.is_dir():
+        return _suffix_format(source)
+    for entry in path.rglob("*"):  # the first data file decides: an image folder's first is an image
+        if not entry.is_file():
+            continue
+        if entry.name.lower().endswith(IMG_EXTENSIONS):
+            return None
+        if _suffix_format(entry.name) is not None:
+            return _suffix_format(entry.name)
+    return None
+
+
+def _suffix_format(name: str) -> str | None:
+    return next((kind for kind, suffixes in TABLE_SUFFIXES.items() if name.endswith(suffixes)), None)
 
 
 def _table_paths(source: str | Path | Sequence[str | Path], format: str | None) -> list[str]:

@@ -517,6 +517,10 @@ class NearStoreServer(flight.FlightServerBase):
             raise RequestError(f"{call} goes to {self.name!r}'s primary {self._primary.url}: it runs the rounds")
 
     def _check_dataset(self, request: dict[str, Any]) -> None:
+        if "dataset" not in request:
+            raise RequestError(
+                f"the request names no dataset; this server serves {self.name!r} (a client older than the server?)"
+            )
         if request.get("dataset") != self.name:
             raise RequestError(f"this server serves dataset {self.name!r}, not {request.get('dataset')!r}")
 

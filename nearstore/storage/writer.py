@@ -99,11 +99,13 @@ def write_dataset(
     # an empty folder (or bucket) is written in place: there is nothing to keep, nor anywhere beside a bucket
     empty = fs.isdir(root) and not fs.ls(root, detail=False)
     replacing = fs.exists(root) and not empty
+    if replacing:
+        _check_replaceable(fs, root, url)
     if replacing and not overwrite:
         raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
     if replacing:
-        _check_replaceable(fs, root, url)
-        if not isinstance(fs, LocalFileSystem) and "/" not in root.strip("/"):
+        # a bucket (s3://bucket, gs://bucket: no root marker) has no folder beside it to write in
+        if not isinstance(fs, LocalFileSystem) and not root.startswith("/") and "/" not in root.strip("/"):
             raise FileExistsError(
                 f"{url!r} is a bucket's root: a dataset there cannot be replaced (the new one is written beside "
                 "the old, then swapped in); write it under a key, as s3://bucket/name.zarr, or empty the bucket"

@@ -510,6 +510,21 @@ def test_a_newer_iterator_replaces_the_older(id_store):
     with pytest.raises(RuntimeError, match="a newer iterator over this loader .* took its place in epoch 0"):
         next(first)
     assert loader.batches_done == 1 and len([next(second) for _ in range(24)]) == 24
+    assert next(second, None) is None and loader.epoch == 1  # the newer one ends epoch 0
+    older = iter(loader)
+    assert len([next(older) for _ in range(25)]) == 25  # all of epoch 1 but its end
+    newer = iter(loader)
+    next(newer), next(newer)
+    assert next(older, None) is None and (loader.epoch, loader.batches_done) == (1, 2)  # the older ends, not the epoch
+
+
+def test_a_round_selected_after_leaving_an_epoch_is_taken_at_once(id_store):
+    loader = StreamingLoader(id_store, batch_size=100, backend="torch")
+    for k, _ in enumerate(loader):
+        if k == 3:
+            break
+    loader.reselect(0.2, method="random", seed=1)
+    assert loader.round == 1 and len(loader) == 5
 
 
 def test_a_state_over_other_shards_is_refused_where_the_order_follows_them(id_store, id_data, tmp_path):

@@ -66,6 +66,7 @@ def sage_select(
     """
     check_keep(keep)
     check_seed(seed)
+    keep, seed = float(keep), int(seed)  # numpy's scalars pass the checks; torch's generators take Python's
     _check_score(score)
     executor = executor or LocalExecutor()
     started = time.perf_counter()

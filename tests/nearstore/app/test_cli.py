@@ -201,6 +201,7 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["convert", "{tmp}/xy.npz", "{tmp}/o.zarr", "--labels", "{tmp}/y.npy"], "--labels is for npy sources"),
         (["convert", "{tmp}/x.npy", "{tmp}/o.zarr", "--y-key", "t"], "--y-key is for npz sources; .*x.npy' is npy"),
         (["convert", "digits", "{tmp}/o.zarr", "--columns", "a"], "--columns is for parquet, arrow sources"),
+        (["convert", "{tmp}/w.tar", "{tmp}/o.zarr", "--label-key", ""], "--label-key '' .* webdataset images need"),
         (["convert", "{tmp}/xy_npz.npy", "{tmp}/o.zarr"], "xy_npz.npy is a .npz archive, not an .npy file"),
         (["convert", "{tmp}/scalar.npy", "{tmp}/o.zarr"], "scalar.npy is a single value"),
         (["convert", "{tmp}/pickled.npz", "{tmp}/o.zarr"], "pickled.npz:y cannot be read as a numeric array"),
@@ -409,3 +410,5 @@ def test_unlabelled_sources_and_a_selection_by_any_name(tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(tmp_path / "round0.sel")]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "random"
+    assert main(["info", str(tmp_path / "nowhere.npz")]) == 2
+    assert "nowhere.npz" in capsys.readouterr().err

@@ -319,7 +319,7 @@ def test_unchecked_inputs_are_refused_by_name(served):
     # an action names the dataset, or a trainer of another could start a round here
     assert action("select", json.dumps({"keep": 0.5}).encode()) == (
         "RequestError",
-        f"this server serves dataset {served.name!r}, not None",
+        f"the request names no dataset; this server serves {served.name!r} (a client older than the server?)",
     )
     assert action("info", json.dumps({"dataset": "cifar10"}).encode())[1].endswith("not 'cifar10'")
     assert served.current is current

@@ -228,6 +228,13 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_whole(store, fingerp
     assert replaced.num_samples == 600 and verify_dataset(replaced, progress=False) == []
 
 
+def test_a_top_level_store_of_a_filesystem_with_a_root_is_replaced_as_any():
+    batch = {"x": np.arange(20, dtype=np.float32).reshape(10, 2)}
+    write_dataset("memory://top.zarr", [batch], label_array=None)  # memory:// paths start at '/'
+    replaced = write_dataset("memory://top.zarr", [{"x": batch["x"] + 1}], label_array=None, overwrite=True)
+    assert SelectiveReader(replaced).read([0])["x"].tolist() == [[1.0, 2.0]]
+
+
 def test_a_failed_write_of_a_new_store_leaves_nothing_behind(tmp_path):
     def failing():
         yield id_encoded(300)
