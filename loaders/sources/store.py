@@ -95,4 +95,16 @@ class StoreSource(Source):
         )
 
     def update_proxy(self, model: torch.nn.Module) -> None:
-        self._proxy = ModelProxy(copy.deepcopy(model).cpu())
+        self._proxy = ModelProxy(_detached_copy(model).cpu())
+
+
+def _detached_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` for the next rounds (training goes on with the original). A tensor a
+    module keeps from its last forward (legacy weight_norm's weight, a cached activation) is part
+    of autograd's graph, which deepcopy refuses: such tensors are copied detached."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)

@@ -3,6 +3,7 @@ trainer's model (`RandomFeatureProxy`), or the trainer's own model pushed back (
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Protocol
 
@@ -218,10 +219,14 @@ class RandomFeatureProxy:
 
 
 class ModelProxy:
-    """The trainer's model as the proxy (NeSSA's feedback): h is the input of its last
-    `nn.Linear`, and g = (softmax(z) − onehot(y)) ⊗ [h, 1] that layer's per-example gradient.
+    """The trainer's model as the proxy (NeSSA's feedback): z and h are the output and input of
+    the last `nn.Linear` it runs, and g = (softmax(z) − onehot(y)) ⊗ [h, 1] that layer's
+    per-example gradient (what the model returns is not read: a tuple, a dict, a softmax after the
+    head all score alike).
 
-    The model runs in eval mode, without gradients, in chunks of `batch_size` samples (2,048: the
+    The model is scored as it is, not copied: on its own device (`device`: a copy on another), in
+    eval mode for the call, each module's mode restored after, without gradients, in chunks of
+    `batch_size` samples (2,048: the
     demo's CNN ran 1.4x faster than in chunks of 4,096 under glibc's default malloc, whose larger
     activations it maps afresh and faults in every chunk; as fast with freed memory kept), on the
     stored samples cast to the model's floating dtype (a float16 or integer store to a float32
@@ -238,18 +243,22 @@ class ModelProxy:
         model: torch.nn.Module,
         *,
         batch_size: int = 2048,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         images: ImageTransform = PROXY_IMAGES,
     ) -> None:
-        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        if not heads:
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears:
             raise ParameterError(
                 f"ModelProxy needs a model whose last layer is nn.Linear; {type(model).__name__} has none"
             )
-        self.head = heads[-1]
-        self.model = model.to(device).eval()
+        own = linears[-1].weight.device
+        if device is not None and torch.device(device) != own:  # the trainer's model stays where it trains
+            model = copy.deepcopy(model).to(device)
+            linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.model, self.linears = model, linears
+        self.head = linears[-1]  # the last registered: what sizes the gradients (checked by `_run`)
         self.dtype = self.head.weight.dtype  # what the stored samples are cast to
-        self.device = torch.device(device)
+        self.device = self.head.weight.device
         self.num_classes = self.head.out_features
         self.batch_size = batch_size
         self.images = images
@@ -291,20 +300,39 @@ class ModelProxy:
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
         else:
             chunks = list(torch.as_tensor(np.asarray(x), device=self.device, dtype=self.dtype).split(self.batch_size))
-        captured: list[torch.Tensor] = []
-        hook = self.head.register_forward_hook(lambda _, args, __: captured.append(args[0]))
+        last: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []  # each chunk's last Linear to run
+
+        def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            last.append((module, args[0], output))
+
+        hooks = [linear.register_forward_hook(keep) for linear in self.linears]
+        modes = [(module, module.training) for module in self.model.modules()]
+        logits, features = [], []
         try:
+            self.model.eval()
             with torch.no_grad():
-                logits = torch.cat([self.model(chunk) for chunk in chunks])
+                for chunk in chunks:
+                    last.clear()
+                    self.model(chunk)
+                    if not last:
+                        raise ParameterError(f"{type(self.model).__name__} ran no nn.Linear on its input")
+                    head, h, z = last[-1]
+                    if head.in_features != self.head.in_features or head.out_features != self.head.out_features:
+                        raise ParameterError(
+                            f"the last nn.Linear {type(self.model).__name__} runs ({head.in_features} -> "
+                            f"{head.out_features}) is not its last registered one ({self.head.in_features} -> "
+                            f"{self.head.out_features}), which sizes the gradients: register the head last"
+                        )
+                    logits.append(z)
+                    features.append(h)
         finally:
-            hook.remove()
-        features = torch.cat(captured)
-        if logits.shape != (n, self.num_classes) or features.shape != (n, self.head.in_features):
-            raise ParameterError(
-                f"the model must end in its last nn.Linear: got logits {tuple(logits.shape)} and features "
-                f"{tuple(features.shape)} for {n} samples"
-            )
-        return logits, features
+            for hook in hooks:
+                hook.remove()
+            for module, training in modes:
+                module.training = training
+        # half precision is too coarse for p − onehot(y) (a confident model's residuals round to 0)
+        wide = torch.promote_types(self.dtype, torch.float32)
+        return torch.cat(logits).to(wide), torch.cat(features).to(wide)
 
 
 def nested(batch: RaggedBatch, device: torch.device | str) -> torch.Tensor:

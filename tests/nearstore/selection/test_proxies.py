@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -110,10 +112,42 @@ def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs)
         proxy.embed(inputs[:2], np.array([0, 5]))
     with pytest.raises(ValueError, match="has none"):
         ModelProxy(torch.nn.ReLU())
-    with pytest.raises(ValueError, match="must end in its last nn.Linear"):
-        ModelProxy(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Softmax(1), torch.nn.Flatten(0))).embed(
-            x[:4], y[:4]
-        )
+    assert model.training and all(m.training for m in model.modules())  # scored in eval mode, restored
+
+
+class TupleOut(torch.nn.Module):
+    """A body and a head whose forward returns (logits, features), after a softmax: what it
+    returns is not read, the head's own output is."""
+
+    def __init__(self, head_first: bool = False) -> None:
+        super().__init__()
+        if head_first:
+            self.head = torch.nn.Linear(12, 3)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh())
+        if not head_first:
+            self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return torch.softmax(self.head(h), 1), h
+
+
+def test_model_proxy_reads_the_head_whatever_the_model_returns_and_never_changes_the_model(blobs):
+    x, y = blobs
+    torch.manual_seed(0)
+    wrapped = TupleOut()
+    plain = torch.nn.Sequential(wrapped.body, wrapped.head)
+    torch.testing.assert_close(ModelProxy(wrapped).embed(x[:20], y[:20]), ModelProxy(plain).embed(x[:20], y[:20]))
+    with pytest.raises(ValueError, match=r"the last nn.Linear TupleOut runs \(12 -> 3\) is not its last registered"):
+        ModelProxy(TupleOut(head_first=True)).embed(x[:4], y[:4])
+    # half precision scores as float32 (a confident model's p - onehot(y) rounds to 0 in bfloat16)
+    half = ModelProxy(copy.deepcopy(plain).bfloat16())
+    factors = half.gradient_factors(x[:20], y[:20])
+    assert all(f.dtype == torch.float32 for f in factors)
+    rounded = ModelProxy(copy.deepcopy(plain).bfloat16().float()).gradient_factors(x[:20], y[:20])
+    torch.testing.assert_close(factors[0], rounded[0], atol=0.02, rtol=0.05)
+    ModelProxy(plain, device="meta")  # another device: a copy goes there, not the trainer's model
+    assert plain[1].weight.device.type == "cpu"
 
 
 def rendered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
