@@ -57,13 +57,21 @@ class SampleCache:
         self._budgets = (memory_bytes, disk_bytes)
         self._directory = directory
         self._dataset: str | None = None
+        self._owner: weakref.ref | None = None  # the loader it serves
         self.stats = CacheStats()
         self.full = False  # a sample did not fit since the last `retain` that let any go
 
-    def bind(self, identity: Mapping[str, Any], arrays: list[str]) -> None:
+    def bind(self, identity: Mapping[str, Any], arrays: list[str], owner: object = None) -> None:
         """Keep samples of `arrays` of the dataset `identity` names (its fingerprint, else URL and
-        size); a cache bound to another dataset, or other arrays, refuses."""
+        size) for `owner` (a loader) alone; a cache bound to another dataset, or other arrays, or
+        still serving another owner, refuses (each epoch keeps only its own loader's samples, and
+        one reader thread a cache)."""
         key = repr((identity.get("fingerprint") or (identity.get("url"), identity["num_samples"]), arrays))
+        if owner is not None:
+            current = self._owner() if self._owner is not None else None
+            if current is not None and current is not owner:
+                raise ParameterError("this SampleCache serves another loader: give each loader its own")
+            self._owner = weakref.ref(owner)
         if self._dataset is not None:
             if key != self._dataset:
                 raise ParameterError(

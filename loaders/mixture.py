@@ -11,7 +11,7 @@ import torch
 
 from loaders.order import state_count, state_entry
 from loaders.streaming_loader import StreamingLoader
-from nearstore.checks import check_integer
+from nearstore.checks import check_integer, is_integer
 from nearstore.errors import DatasetError, ParameterError
 
 STATE_VERSION = 1
@@ -73,21 +73,26 @@ class Mixture:
         self.seed = check_integer("seed", seed, 0)
         self.epoch = self.batches_done = 0
         self._resume_at = 0
+        self._counts: list[int] | None = None  # the epoch being iterated: each loader's batches
+        self._resumed_counts: list[int] | None = None
         self._running: list[Iterator | None] = [None] * len(self.loaders)
 
     def __len__(self) -> int:
         """Batches of an epoch."""
         return self.batches_per_epoch or sum(len(loader) for loader in self.loaders)
 
-    def schedule(self, epoch: int) -> np.ndarray:
-        """Which loader gives each batch of epoch `epoch`, in order."""
-        sizes = np.array([len(loader) for loader in self.loaders], dtype=np.float64)
-        if not sizes.all():
-            empty = int(np.argmin(sizes))
-            raise ParameterError(f"loader {empty} ({self.loaders[empty].url!r}) has no batch to give")
-        weights = np.asarray(self.proportions) if self.proportions is not None else sizes / sizes.sum()
-        counts = shares(weights, len(self))
-        return np.random.default_rng([self.seed, epoch]).permutation(np.repeat(np.arange(len(self.loaders)), counts))
+    def schedule(self, epoch: int, counts: Sequence[int] | None = None) -> np.ndarray:
+        """Which loader gives each batch of epoch `epoch`, in order: `counts` of each (default
+        from the loaders' lengths now), shuffled by (seed, epoch)."""
+        if counts is None:
+            sizes = np.array([len(loader) for loader in self.loaders], dtype=np.float64)
+            if not sizes.all():
+                empty = int(np.argmin(sizes))
+                raise ParameterError(f"loader {empty} ({self.loaders[empty].url!r}) has no batch to give")
+            weights = np.asarray(self.proportions) if self.proportions is not None else sizes / sizes.sum()
+            counts = shares(weights, len(self))
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(np.repeat(np.arange(len(self.loaders)), np.asarray(counts, dtype=np.int64)))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows; the loaders go on where they are."""
@@ -97,14 +102,20 @@ class Mixture:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = self.schedule(self.epoch)
-        self.batches_done, self._resume_at = self._resume_at, 0
+        # a resumed epoch keeps the counts it was scheduled with (a loader's round may differ since)
+        order = self.schedule(self.epoch, self._resumed_counts if self._resume_at else None)
+        self._counts = np.bincount(order, minlength=len(self.loaders)).tolist()
+        self.batches_done, self._resume_at, self._resumed_counts = self._resume_at, 0, None
         for k in order[self.batches_done :].tolist():
             batch = self._next(k)
             self.batches_done += 1
             yield batch
         self.epoch += 1
         self.batches_done = 0
+        for k, loader in enumerate(self.loaders):  # a loader that gave its whole epoch ends it now
+            if self._running[k] is not None and loader.batches_done >= len(loader):
+                next(self._running[k], None)  # its end: a round selected meanwhile is taken
+                self._running[k] = None
 
     def _next(self, k: int) -> tuple[torch.Tensor, ...]:
         """Loader k's next batch, into its next epoch where this one is done."""
@@ -122,7 +133,8 @@ class Mixture:
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "batches_done": self.batches_done,
+            "batches_done": self._resume_at or self.batches_done,  # loaded, not iterated yet: that place
+            "counts": self._resumed_counts if self._resume_at else self._counts if self.batches_done else None,
             "seed": self.seed,
             "proportions": self.proportions,
             "batches_per_epoch": self.batches_per_epoch,
@@ -159,7 +171,13 @@ class Mixture:
             for loader, loader_state in zip(self.loaders, before):  # a refused state changes nothing
                 loader.load_state_dict(loader_state)
             raise
+        counts = state.get("counts")  # states written before it hold none: counted afresh
+        if counts is not None and (
+            not isinstance(counts, Sequence) or len(counts) != len(self.loaders) or not all(map(is_integer, counts))
+        ):
+            raise DatasetError(f"Mixture state_dict's counts must be {len(self.loaders)} integers, got {counts!r}")
         self.epoch, self._resume_at, self.batches_done = epoch, batches_done, 0
+        self._resumed_counts = None if counts is None else [int(c) for c in counts]
         self._running = [None] * len(self.loaders)
 
     def io_stats(self) -> list[dict[str, Any]]:

@@ -221,7 +221,7 @@ class StreamingLoader:
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
         self._refused: set[int] = set()  # of them, those DALI's decoder refused (no check finds them)
         if self.cache is not None:
-            self.cache.bind(self.source.identity, self.arrays)
+            self.cache.bind(self.source.identity, self.arrays, owner=self)
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
         # A round selected while an epoch is iterated, which the next epoch iterates: (ids, weights,

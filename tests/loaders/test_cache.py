@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -183,6 +184,16 @@ def test_damaged_shard_mates_do_not_fail_a_sound_batch(tmp_path, id_data):
 def test_bad_budgets_are_named(kwargs, message):
     with pytest.raises(ParameterError, match=message):
         SampleCache(**kwargs)
+
+
+def test_a_cache_serves_one_loader_at_a_time(id_store):
+    cache = SampleCache()
+    first = StreamingLoader(id_store, np.arange(0, 2500, 2), batch_size=8, backend="torch", cache=cache)
+    with pytest.raises(ParameterError, match="serves another loader"):  # each epoch would evict the other's
+        StreamingLoader(id_store, np.arange(1, 2500, 2), batch_size=8, backend="torch", cache=cache)
+    del first
+    gc.collect()
+    StreamingLoader(id_store, np.arange(1, 2500, 2), batch_size=8, backend="torch", cache=cache)  # its successor
 
 
 def test_a_cache_serves_one_dataset(id_store, tmp_path):

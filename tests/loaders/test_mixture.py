@@ -70,6 +70,26 @@ def test_resume_delivers_exactly_the_batches_not_yet_delivered(id_store):
     assert resumed.epoch == 2
 
 
+def test_a_round_selected_between_epochs_is_the_next_epochs_and_a_state_resumes_it_exactly(id_store):
+    mixture = two(id_store)
+    ids_of(mixture)
+    new = mixture.loaders[0].reselect(0.2, method="random", seed=5)  # between mixture epochs: A's next epoch
+    assert len(mixture.loaders[0]) == 10 and len(mixture) == 20
+    batches = iter(mixture)
+    head = ids_of(next(batches) for _ in range(4))
+    state = mixture.state_dict()
+    rest = ids_of(batches)
+    seen = Counter(i for batch in head + rest for i in batch)
+    assert seen == Counter([*new.ids.tolist(), *B.tolist()])  # the new round and B's, each sample once
+    reloaded = two(id_store)
+    reloaded.load_state_dict(state)
+    again = reloaded.state_dict()  # saved before iterating: the same place
+    assert again["batches_done"] == 4 and again["counts"] == state["counts"]
+    resumed = two(id_store)
+    resumed.load_state_dict(again)
+    assert ids_of(resumed) == rest
+
+
 def test_a_state_of_another_mixture_is_refused_and_changes_nothing(id_store, tmp_path):
     state = two(id_store, seed=1).state_dict()
     with pytest.raises(DatasetError, match="seed=1; this mixture has 2"):
