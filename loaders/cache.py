@@ -10,6 +10,7 @@ let go when its first epoch starts (`retain`).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,15 @@ from nearstore.checks import check_integer
 from nearstore.errors import ParameterError
 
 MEMORY_BYTES = 1 << 30  # the default in-memory budget: 1 GiB
+# Left free on the cache directory's filesystem: a write into a memory-mapped file the disk has no
+# room for kills the process (SIGBUS), so the disk budget is cut to the room there is, less this.
+DISK_MARGIN = 256 << 20
+log = logging.getLogger("nearstore")
+
+
+class CacheLost(Exception):
+    """The disk tier failed a read (its directory gone, say): it is dropped, and its samples are
+    no longer kept; the loader reads them again."""
 
 
 @dataclass
@@ -87,8 +97,17 @@ class SampleCache:
         self._tiers = [_Tier(self._budgets[0], None), None]
         if self._budgets[1]:
             root = tempfile.mkdtemp(prefix="nearstore-cache-", dir=self._directory)
-            self._tiers[1] = _Tier(self._budgets[1], root)
             weakref.finalize(self, shutil.rmtree, root, True)
+            budget = min(self._budgets[1], shutil.disk_usage(root).free - DISK_MARGIN)
+            if budget < self._budgets[1]:
+                log.warning(
+                    "sample cache: %s has room for %d of disk_bytes=%d bytes: keeping %d there",
+                    root,
+                    max(0, budget),
+                    self._budgets[1],
+                    max(0, budget),
+                )
+            self._tiers[1] = _Tier(budget, root) if budget > 0 else None
 
     @property
     def samples(self) -> int:
@@ -113,7 +132,11 @@ class SampleCache:
         held = {t: mask for t in (0, 1) if (mask := tiers == t).any()}
         out: dict[str, np.ndarray] = {}
         for name in self._arrays:
-            parts = {t: self._tiers[t].get(name, slots[mask]) for t, mask in held.items()}
+            try:
+                parts = {t: self._tiers[t].get(name, slots[mask]) for t, mask in held.items()}
+            except OSError as e:  # memory does not fail so: the disk tier did
+                self._lose_disk(e)
+                raise CacheLost(str(e)) from e
             if len(parts) == 1:  # all in one tier: its gather is the rows, in the order of ids
                 out[name] = next(iter(parts.values()))
                 continue
@@ -142,13 +165,24 @@ class SampleCache:
             if not fits.any():
                 continue
             rows = np.flatnonzero(fits)
-            slots = tier.put({name: arrays[name][rows] for name in self._arrays}, sizes[rows])
+            try:
+                slots = tier.put({name: arrays[name][rows] for name in self._arrays}, sizes[rows])
+            except OSError as e:  # the disk tier (full, gone): the samples are read from the store
+                self._lose_disk(e)
+                continue
             self._tier[ids[rows]], self._slot[ids[rows]] = t, slots
             self._fresh[ids[rows]] = True
             left &= ~fits
         self._fresh[visited] = False
         self._cost[ids[~left]] = cost
         self.full |= bool(left.any())
+
+    def _lose_disk(self, error: OSError) -> None:
+        """Drop the disk tier after `error`: its samples are no longer kept (read from the store)."""
+        log.warning("sample cache: its directory failed (%s): what it kept is read from the store again", error)
+        self._tiers[1] = None
+        self._tier[self._tier == 1] = -1
+        self.full = True
 
     def retain(self, ids: np.ndarray) -> None:
         """Let go of every kept sample not among `ids` (a new round's, or epoch's)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loaders.cache import SampleCache
+from loaders.cache import CacheLost, SampleCache
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch, dali_refusal
 from loaders.order import SHUFFLE_BLOCK, EpochOrder, Shuffle, Uneven, state_count, state_entry
 from loaders.sources import Source, open_source
@@ -650,6 +650,14 @@ class StreamingLoader:
         if self.cache is None:
             read, arrays = self._fetch(ids, round)
             return ids[read], weights[read], arrays
+        try:
+            return self._read_through_cache(ids, weights, round)
+        except CacheLost:  # its disk tier failed: dropped, so the samples it held are read again
+            return self._read_through_cache(ids, weights, round)
+
+    def _read_through_cache(
+        self, ids: np.ndarray, weights: np.ndarray, round: int | str
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         kept = self.cache.holds(ids)
         self.cache.stats.misses += int(np.count_nonzero(~kept))
         if kept.all():

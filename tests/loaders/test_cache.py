@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +11,9 @@ from images import image_store
 from resume import assert_resumes_at_every_batch
 
 from loaders import StreamingLoader
+from loaders import cache as cache_module
 from loaders.cache import SampleCache
-from nearstore import ParameterError, random_select
+from nearstore import ParameterError, random_select, write_dataset
 
 
 def sample_ids(x: torch.Tensor) -> list[int]:
@@ -222,3 +224,29 @@ def test_samples_put_one_at_a_time_and_let_go_reuse_their_slots():
     np.testing.assert_array_equal(cache.get(kept)["x"], rows[kept])
     cache.put(np.array([99]), {"x": rows[99:]}, 8.0, np.array([99]))
     assert cache.full and not cache.holds(np.array([99]))[0]
+
+
+def test_a_spill_directory_lost_mid_epoch_costs_reads_not_the_epoch(tmp_path):
+    tokens = np.empty(300, dtype=object)
+    tokens[:] = [np.full(i % 50 + 1, i, dtype=np.int32) for i in range(300)]  # encoded: a file a sample
+    store = write_dataset(str(tmp_path / "t.zarr"), [{"tok": tokens, "y": np.arange(300) % 3}], shard_samples=32)
+    (tmp_path / "spill").mkdir()
+    cache = SampleCache(0, directory=tmp_path / "spill", disk_bytes=1 << 20)
+    loader = StreamingLoader(store, batch_size=16, backend="torch", device="cpu", cache=cache)
+    seen = [int(v[0]) for x, _ in loader for v in x.unbind()]
+    for k, (x, _) in enumerate(loader):
+        seen += [int(v[0]) for v in x.unbind()]
+        if k == 2:
+            for spilled in (tmp_path / "spill").iterdir():
+                shutil.rmtree(spilled)
+    assert sorted(seen) == sorted(list(range(300)) * 2)
+    assert cache.nbytes() == (0, 0)  # the disk tier dropped
+
+
+def test_a_disk_budget_past_the_room_there_is_is_cut_to_it(id_store, tmp_path, monkeypatch, caplog):
+    room = shutil.disk_usage(tmp_path)._replace(free=cache_module.DISK_MARGIN + 4096)
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: room)  # a write past it: SIGBUS
+    cache = SampleCache(0, directory=tmp_path, disk_bytes=1 << 30)
+    loader = StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu", cache=cache)
+    assert len([x for x, _ in loader]) == 25 and 0 < cache.nbytes()[1] <= 4096
+    assert "has room for 4096 of disk_bytes=1073741824 bytes" in caplog.text
