@@ -59,8 +59,10 @@ def dali_epoch(
     if not dali_available():
         raise RuntimeError("DALI is not installed; use backend='torch' or install nvidia-dali-cuda130")
 
-    # Empty batches skipped before each batch fed to DALI, in order, and after the last one.
+    # Empty batches skipped before each batch fed to DALI, in order, and after the last one; and
+    # each fed batch's inputs, (dtype, a sample's shape), as the pipeline's first output must keep them.
     skipped: deque[int] = deque()
+    fed: deque[tuple[torch.dtype, tuple[int, ...]]] = deque()
     trailing = 0
 
     def source(info) -> Sequence[np.ndarray]:
@@ -77,7 +79,10 @@ def dali_epoch(
             raise StopIteration
         skipped.append(empty)
         if images is not None:  # DALI takes encoded samples as a list of 1-D uint8 arrays
+            fed.append((torch.float32, (3, images.size, images.size)))
             batch = ([np.frombuffer(blob, dtype=np.uint8) for blob in batch[0]], *batch[1:])
+        else:
+            fed.append((torch.from_numpy(batch[0][:0]).dtype, tuple(batch[0].shape[1:])))
         return batch
 
     on_gpu = device.type == "cuda"
@@ -113,14 +118,25 @@ def dali_epoch(
         except StopIteration:
             break
         except RuntimeError as error:
+            if conditional and "Divergent data found" in str(error):  # flagged and not: merged, they differ
+                said = str(error).split("encountered:")[-1].strip().splitlines()[0]
+                raise ParameterError(f"with augment=, dali_transform must keep x's shape and dtype: {said}") from None
             if explain is None:
                 raise
             raise explain(error) from error
         yield from [()] * skipped.popleft()
+        dtype, shape = fed.popleft()
         if conditional and not outputs[0].is_dense_tensor():
             shapes = sorted({tuple(sample.shape()) for sample in outputs[0]})
             raise ParameterError(f"with augment=, dali_transform must keep x's shape: a batch held shapes {shapes}")
-        yield tuple(_to_torch(tensor_list, device) for tensor_list in outputs)
+        tensors = tuple(_to_torch(tensor_list, device) for tensor_list in outputs)
+        # a batch all flagged (or none) passes DALI's merge whatever the transform made of it
+        if conditional and (tensors[0].dtype != dtype or tuple(tensors[0].shape[1:]) != shape):
+            raise ParameterError(
+                f"with augment=, dali_transform must keep x's shape and dtype: got {tuple(tensors[0].shape[1:])} "
+                f"{tensors[0].dtype} from {shape} {dtype}"
+            )
+        yield tensors
     yield from [()] * trailing
 
 

@@ -14,7 +14,7 @@ from nearstore import DatasetError, ParameterError, SampleIdError, random_select
 from nearstore.storage.images import ImageTransform
 
 pytest.importorskip("nvidia.dali")
-from nvidia.dali import fn  # noqa: E402
+from nvidia.dali import fn, types  # noqa: E402
 
 MARK = 10_000.0  # added by the transforms: the id store's x[i, 0] = i < 2,500, so x[:, 0] >= MARK is augmented
 
@@ -213,14 +213,30 @@ def test_augment_with_random_crops_or_ragged_inputs_is_refused_by_name(tmp_path)
 
 
 @pytest.mark.parametrize(
-    "backend, transforms, message",
+    "backend, transforms, flagged, message",
     [
-        ("torch", {"transform": lambda x: x[:, :4]}, r"transform must keep x's shape and dtype: got \(\d+, 4\)"),
-        ("torch", {"transform": lambda x: x.double()}, "transform must keep x's shape and dtype: .* torch.float64"),
-        ("dali", {"dali_transform": lambda x: fn.pad(x, shape=[12])}, "dali_transform must keep x's shape"),
+        (
+            "torch",
+            {"transform": lambda x: x[:, :4]},
+            [1, 3],
+            r"transform must keep x's shape and dtype: got \(\d+, 4\)",
+        ),
+        (
+            "torch",
+            {"transform": lambda x: x.double()},
+            [1, 3],
+            "transform must keep x's shape and dtype: .*torch.float64",
+        ),
+        ("dali", {"dali_transform": lambda x: fn.pad(x, shape=[12])}, [1, 3], "dali_transform must keep x's shape"),
+        ("dali", {"dali_transform": lambda x: fn.cast(x, dtype=types.INT32)}, [1, 3], "Found distinct types: int32"),
+        # a batch whose every sample is flagged passes DALI's merge whatever the transform made of it
+        ("dali", {"dali_transform": lambda x: fn.cast(x, dtype=types.INT32)}, range(50), r"\(8,\) torch.int32 from"),
+        ("dali", {"dali_transform": lambda x: fn.pad(x, shape=[12])}, range(50), r"\(12,\) torch.float32 from \(8,\)"),
     ],
 )
-def test_a_transform_that_changes_x_is_refused_by_name(id_store, backend, transforms, message):
-    loader = StreamingLoader(id_store, np.arange(200), batch_size=50, augment=[1, 3], backend=backend, **transforms)
+def test_a_transform_that_changes_x_is_refused_by_name(id_store, backend, transforms, flagged, message):
+    loader = StreamingLoader(
+        id_store, np.arange(200), batch_size=50, augment=flagged, shuffle=False, backend=backend, **transforms
+    )
     with pytest.raises(ParameterError, match=message):
         list(loader)
