@@ -318,12 +318,8 @@ class StreamingLoader:
             method, defaults = default_reselect(keep)
             options = {**defaults, **options}
         selection = self.source.select(ids, round, keep=keep, method=method, options=options, seed=seed, carried=carry)
-        if self._in_epoch:
-            selection.check_dataset(self.source.identity)
-            self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
-            self._pending = (selection.ids, selection.weights, selection.round, selection.carry)
-        else:
-            self._use(selection)
+        self._use(selection, later=self._in_epoch)
+        if not self._in_epoch:
             self.order.forget_place()  # a new round never resumes a place in the old one
         return selection
 
@@ -505,17 +501,18 @@ class StreamingLoader:
             "cache": cache,
         }
 
-    def _use(self, selection: Selection | Sequence[int] | np.ndarray | None) -> None:
-        """Iterate `selection` from the next epoch on; its scan's I/O joins scan_io."""
+    def _use(self, selection: Selection | Sequence[int] | np.ndarray | None, later: bool = False) -> None:
+        """Iterate `selection` from the next epoch on (`later`: once the epoch being iterated
+        ends); its scan's I/O joins scan_io."""
         if isinstance(selection, Selection):
             selection.check_dataset(self.source.identity)
-            self.ids, self.sample_weights, self.round = selection.ids, selection.weights, selection.round
             self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
-            self.carry = selection.carry
+            self._pending = (selection.ids, selection.weights, selection.round, selection.carry)
         else:
             ids = np.arange(self.num_samples) if selection is None else selection
-            self.ids, self.sample_weights = _selected(self.num_samples, repr(self.url), ids)
-            self.round, self.carry = 0, {}
+            self._pending = (*_selected(self.num_samples, repr(self.url), ids), 0, {})
+        if not later:
+            self._take_pending()
 
     def _take_pending(self) -> None:
         """Iterate the round selected during the last epoch from now on."""
