@@ -300,10 +300,10 @@ class ModelProxy:
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
         else:
             chunks = list(torch.as_tensor(np.asarray(x), device=self.device, dtype=self.dtype).split(self.batch_size))
-        last: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []  # each chunk's last Linear to run
+        last: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []  # the chunk's last Linear to run
 
         def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            last.append((module, args[0], output))
+            last[:] = [(module, args[0], output)]  # only the latest held: a transformer runs hundreds
 
         hooks = [linear.register_forward_hook(keep) for linear in self.linears]
         modes = [(module, module.training) for module in self.model.modules()]
