@@ -59,6 +59,8 @@ class Mixture:
         self.loaders = list(loaders)
         if not self.loaders or not all(isinstance(loader, StreamingLoader) for loader in self.loaders):
             raise ParameterError("loaders must be one or more StreamingLoaders")
+        if len({id(loader) for loader in self.loaders}) < len(self.loaders):  # one place, two schedules
+            raise ParameterError("a loader is given twice: give each its own StreamingLoader (proportions weigh them)")
         if proportions is not None:
             weights = np.asarray(proportions, dtype=np.float64)
             if weights.shape != (len(self.loaders),) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):

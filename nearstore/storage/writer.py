@@ -279,6 +279,11 @@ class _ClassIndex:
         self.fixed = class_names is not None
         self.names = [str(n) for n in class_names] if class_names is not None else []
         self.ids = {name: i for i, name in enumerate(self.names)}
+        if len(self.ids) < len(self.names):  # a string label would map to the last of its twins
+            twin = next(name for i, name in enumerate(self.names) if self.ids[name] != i)
+            raise ParameterError(
+                f"class name {twin!r} is given twice (ids {self.names.index(twin)} and {self.ids[twin]})"
+            )
         self.named: bool | None = None  # whether the labels are strings (None: no batch yet)
 
     def codes(self, labels: np.ndarray, first: int) -> np.ndarray:

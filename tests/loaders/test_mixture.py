@@ -134,3 +134,9 @@ def test_batches_of_different_shapes_mix(id_store, tmp_path):
     )
     shapes = Counter(tuple(x.shape) for x, _ in mixture)
     assert shapes == {(50, 8): 2, (50, 3, 4): 2}
+
+
+def test_a_loader_given_twice_is_refused(id_store):
+    loader = StreamingLoader(id_store, batch_size=50, backend="torch")
+    with pytest.raises(ParameterError, match="a loader is given twice"):
+        Mixture([loader, loader])

@@ -15,7 +15,7 @@ import pytest
 from conftest import SHARD_SAMPLES, as_format_1, id_encoded
 
 from nearstore import SelectiveReader, open_dataset, write_dataset
-from nearstore.errors import DatasetError, IntegrityError
+from nearstore.errors import DatasetError, IntegrityError, ParameterError
 from nearstore.storage.dataset import UncheckedStoreWarning
 from nearstore.storage.integrity import verify_dataset
 
@@ -250,6 +250,9 @@ def test_a_failed_write_of_a_new_store_leaves_nothing_behind(tmp_path):
 def test_fewer_class_names_than_labels_are_refused(tmp_path):
     with pytest.raises(DatasetError, match="2 class names .* labels go up to 4"):
         write_dataset(str(tmp_path / "c.zarr"), [id_encoded(50)], class_names=["a", "b"])
+    with pytest.raises(ParameterError, match=r"class name 'cat' is given twice \(ids 1 and 2\)"):
+        write_dataset(str(tmp_path / "c.zarr"), [id_encoded(50)], class_names=["ant", "cat", "cat", "dog", "eel"])
+    assert not (tmp_path / "c.zarr").exists()
 
 
 @pytest.mark.parametrize(
