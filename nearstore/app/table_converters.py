@@ -237,11 +237,35 @@ def _format_of(paths: list[str]) -> str:
 
 
 def _schema(kind: str, path: str) -> pa.Schema:
+    """The file's schema, view types as their plain twins (`_plain`), as its batches are read."""
     if kind == "parquet":
         with _parquet(path) as table:
-            return table.schema_arrow
-    with pa.memory_map(path) as source:
-        return _ipc_reader(source, path).schema
+            schema = table.schema_arrow
+    else:
+        with pa.memory_map(path) as source:
+            schema = _ipc_reader(source, path).schema
+    return pa.schema([field.with_type(_plain(field.type)) for field in schema], metadata=schema.metadata)
+
+
+def _plain(kind: pa.DataType) -> pa.DataType:
+    """`kind` with Arrow's string and binary view types (what polars writes strings as) made their
+    plain twins, large string and large binary, recursively. (List views are refused by name.)"""
+    if pa.types.is_string_view(kind):
+        return pa.large_string()
+    if pa.types.is_binary_view(kind):
+        return pa.large_binary()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        value = _plain(kind.value_type)
+        if value == kind.value_type:
+            return kind
+        if pa.types.is_fixed_size_list(kind):
+            return pa.list_(value, kind.list_size)
+        return pa.large_list(value) if pa.types.is_large_list(kind) else pa.list_(value)
+    if pa.types.is_struct(kind):
+        return pa.struct([kind.field(i).with_type(_plain(kind.field(i).type)) for i in range(kind.num_fields)])
+    if pa.types.is_dictionary(kind):
+        return pa.dictionary(kind.index_type, _plain(kind.value_type), kind.ordered)
+    return kind
 
 
 def _parquet(path: str) -> pq.ParquetFile:
@@ -283,6 +307,9 @@ def _record_batches(kind: str, path: str, columns: list[str], batch: int) -> Ite
 
 
 def _cut(whole: pa.RecordBatch, batch: int) -> Iterator[pa.RecordBatch]:
+    plain = pa.schema([field.with_type(_plain(field.type)) for field in whole.schema])
+    if plain != whole.schema:  # view types, read as the schema (`_schema`) says
+        whole = whole.cast(plain)
     for start in range(0, whole.num_rows, batch):
         yield whole.slice(start, batch)
 

@@ -364,3 +364,22 @@ def test_a_folder_is_told_by_its_files_at_any_depth_and_two_formats_are_refused(
     assert "the files mix Parquet and Arrow" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "mix"), str(tmp_path / "mix.zarr"), "--format", "arrow"]) == 0
     assert open_dataset(str(tmp_path / "mix.zarr")).num_samples == 2  # named: that format's files only
+
+
+def test_string_and_binary_views_read_as_strings_and_bytes(tmp_path):
+    table = pa.table(  # as polars writes strings
+        {
+            "f": pa.array([1.0, 2.0, 3.0]),
+            "label": pa.array(["cat", "dog", "cat"], type=pa.string_view()),
+            "blob": pa.array([b"a", b"bc", b""], type=pa.binary_view()),
+        }
+    )
+    feather.write_feather(table, tmp_path / "views.arrow", compression="uncompressed")
+    dataset = open_table(tmp_path / "views.arrow").write(str(tmp_path / "v.zarr"))
+    read = _read_back(dataset.url)
+    assert dataset.class_names == ("cat", "dog") and list(read["label"]) == [0, 1, 0]
+    assert list(read["blob"]) == [b"a", b"bc", b""]
+    lists = pa.table({"f": [1.0], "tokens": pa.array([[1, 2]], type=pa.list_view(pa.int32()))})
+    feather.write_feather(lists, tmp_path / "lists.arrow", compression="uncompressed")
+    with pytest.raises(DatasetError, match="column 'tokens' is list_view<item: int32>, which is not stored"):
+        open_table(tmp_path / "lists.arrow")
