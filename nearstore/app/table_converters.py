@@ -249,19 +249,13 @@ def _schema(kind: str, path: str) -> pa.Schema:
 
 def _plain(kind: pa.DataType) -> pa.DataType:
     """`kind` with Arrow's string and binary view types (what polars writes strings as) made their
-    plain twins, large string and large binary, recursively. (List views are refused by name.)"""
+    plain twins, large string and large binary, in structs and dictionaries too. (List views are
+    refused by name.)"""
     if pa.types.is_string_view(kind):
         return pa.large_string()
     if pa.types.is_binary_view(kind):
         return pa.large_binary()
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        value = _plain(kind.value_type)
-        if value == kind.value_type:
-            return kind
-        if pa.types.is_fixed_size_list(kind):
-            return pa.list_(value, kind.list_size)
-        return pa.large_list(value) if pa.types.is_large_list(kind) else pa.list_(value)
-    if pa.types.is_struct(kind):
+    if pa.types.is_struct(kind):  # a Hugging Face Image column's bytes and path
         return pa.struct([kind.field(i).with_type(_plain(kind.field(i).type)) for i in range(kind.num_fields)])
     if pa.types.is_dictionary(kind):
         return pa.dictionary(kind.index_type, _plain(kind.value_type), kind.ordered)

@@ -379,6 +379,12 @@ def test_string_and_binary_views_read_as_strings_and_bytes(tmp_path):
     read = _read_back(dataset.url)
     assert dataset.class_names == ("cat", "dog") and list(read["label"]) == [0, 1, 0]
     assert list(read["blob"]) == [b"a", b"bc", b""]
+    as_views = pa.struct([("bytes", pa.binary_view()), ("path", pa.string_view())])  # an Image column
+    images = pa.table({"image": pa.array([{"bytes": photo(0), "path": None}], type=as_views), "label": [0]})
+    feather.write_feather(images, tmp_path / "images.arrow", compression="uncompressed")
+    assert list(_read_back(open_table(tmp_path / "images.arrow").write(str(tmp_path / "i.zarr")).url)["image"]) == [
+        photo(0)
+    ]
     lists = pa.table({"f": [1.0], "tokens": pa.array([[1, 2]], type=pa.list_view(pa.int32()))})
     feather.write_feather(lists, tmp_path / "lists.arrow", compression="uncompressed")
     with pytest.raises(DatasetError, match="column 'tokens' is list_view<item: int32>, which is not stored"):
