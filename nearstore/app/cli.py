@@ -15,7 +15,6 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from nearstore import NearstoreError, ParameterError, Selection, open_dataset, verify_dataset, write_dataset
 from nearstore.app import converters
@@ -24,6 +23,7 @@ from nearstore.app.synthetic import shapes_images
 from nearstore.app.table_converters import TABLE_SUFFIXES, open_table, table_format
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
 from nearstore.storage import read_labels
+from nearstore.storage.dataset import within
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
@@ -357,20 +357,8 @@ def _check_apart(out: str, sources: list[str]) -> None:
 
 
 def _overlap(a: str, b: str) -> bool:
-    """Whether URLs `a` and `b` name the same place, or one lies inside the other: by their paths
-    on one filesystem, a local one's resolved (`./x`, `d/../x` and a symlink to x are x)."""
-    fs, path = fsspec.core.url_to_fs(a)
-    theirs, there = fsspec.core.url_to_fs(b)
-    if type(theirs) is not type(fs):
-        return False
-    if isinstance(fs, LocalFileSystem):
-        path, there = os.path.realpath(path), os.path.realpath(there)
-    return _within(path, there) or _within(there, path)
-
-
-def _within(path: str, root: str) -> bool:
-    root = root.rstrip("/")
-    return path.rstrip("/") == root or path.startswith(root + "/")
+    """Whether URLs `a` and `b` name the same place, or one lies inside the other (`within`)."""
+    return within(a, b) or within(b, a)
 
 
 def _images(kind: str, args: argparse.Namespace) -> EncodedImages:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -246,11 +247,21 @@ def ragged_layout(document: Mapping[str, Any], where: str) -> RaggedLayout | Non
 
 def check_outside(store_url: str, url: str, what: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Refuse to write `what` at `url` if it lies inside the store at `store_url` (no request made)."""
-    fs, root = fsspec.core.url_to_fs(store_url, **(storage_options or {}))
-    theirs, path = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    if type(theirs) is type(fs) and (path.rstrip("/") == root or path.startswith(root + "/")):
+    if within(url, store_url, storage_options):
         raise ParameterError(f"{what} {url!r} lies inside the dataset {store_url!r}, which is read-only to us")
+
+
+def within(url: str, root_url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether `url` is `root_url` or lies inside it, by their paths on one filesystem (no request
+    made but a local path's resolution: `./x`, `d/../x` and a symlink to x are x)."""
+    fs, root = fsspec.core.url_to_fs(root_url, **(storage_options or {}))
+    theirs, path = fsspec.core.url_to_fs(url)
+    if type(theirs) is not type(fs):
+        return False
+    if isinstance(fs, LocalFileSystem):
+        root, path = os.path.realpath(root), os.path.realpath(path)
+    root = root.rstrip("/")
+    return path.rstrip("/") == root or path.startswith(root + "/")
 
 
 def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:

@@ -101,9 +101,8 @@ def write_dataset(
     replacing = fs.exists(root) and not empty
     if replacing:
         _check_replaceable(fs, root, url)
-    if replacing and not overwrite:
-        raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
-    if replacing:
+        if not overwrite:
+            raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
         # a bucket (s3://bucket, gs://bucket: no root marker) has no folder beside it to write in
         if not isinstance(fs, LocalFileSystem) and not root.startswith("/") and "/" not in root.strip("/"):
             raise FileExistsError(

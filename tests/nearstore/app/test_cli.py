@@ -245,6 +245,11 @@ def test_convert_sees_through_symlinks_and_overwrites_only_a_dataset(tmp_path, c
         assert main(argv) == 2
         assert re.search(message, capsys.readouterr().err), argv
     assert fingerprint(str(folder)) == before and (work / "notes.txt").read_text() == "mine"
+    digits = tmp_path / "digits.zarr"
+    assert main(["convert", "digits", str(digits)]) == 0
+    (tmp_path / "store").symlink_to(digits)  # a selection under the store's other name is inside it
+    assert main(["select", str(digits), str(tmp_path / "store" / "s.npz"), "--method", "random"]) == 2
+    assert "lies inside the dataset" in capsys.readouterr().err
     out = tmp_path / "out.zarr"
     out.mkdir()  # an empty folder may be written over, and a dataset replaced
     for _ in range(2):
