@@ -244,6 +244,10 @@ def _schema(kind: str, path: str) -> pa.Schema:
     else:
         with pa.memory_map(path) as source:
             schema = _ipc_reader(source, path).schema
+    return _plain_schema(schema)
+
+
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([field.with_type(_plain(field.type)) for field in schema], metadata=schema.metadata)
 
 
@@ -301,7 +305,7 @@ def _record_batches(kind: str, path: str, columns: list[str], batch: int) -> Ite
 
 
 def _cut(whole: pa.RecordBatch, batch: int) -> Iterator[pa.RecordBatch]:
-    plain = pa.schema([field.with_type(_plain(field.type)) for field in whole.schema])
+    plain = _plain_schema(whole.schema)
     if plain != whole.schema:  # view types, read as the schema (`_schema`) says
         whole = whole.cast(plain)
     for start in range(0, whole.num_rows, batch):
