@@ -98,16 +98,10 @@ class SampleCache:
         if self._budgets[1]:
             root = tempfile.mkdtemp(prefix="nearstore-cache-", dir=self._directory)
             weakref.finalize(self, shutil.rmtree, root, True)
-            budget = min(self._budgets[1], shutil.disk_usage(root).free - DISK_MARGIN)
+            budget = max(0, min(self._budgets[1], shutil.disk_usage(root).free - DISK_MARGIN))
             if budget < self._budgets[1]:
-                log.warning(
-                    "sample cache: %s has room for %d of disk_bytes=%d bytes: keeping %d there",
-                    root,
-                    max(0, budget),
-                    self._budgets[1],
-                    max(0, budget),
-                )
-            self._tiers[1] = _Tier(budget, root) if budget > 0 else None
+                log.warning("sample cache: %s has room for %d of disk_bytes=%d bytes", root, budget, self._budgets[1])
+            self._tiers[1] = _Tier(budget, root) if budget else None
 
     @property
     def samples(self) -> int:

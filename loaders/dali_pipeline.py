@@ -119,7 +119,7 @@ def dali_epoch(
             break
         except RuntimeError as error:
             if conditional and "Divergent data found" in str(error):  # flagged and not: merged, they differ
-                said = str(error).split("encountered:")[-1].strip().splitlines()[0]
+                said = _encountered(error)
                 raise ParameterError(f"with augment=, dali_transform must keep x's shape and dtype: {said}") from None
             if explain is None:
                 raise
@@ -198,10 +198,15 @@ def dali_refusal(samples: Iterable[tuple[int, bytes]]) -> tuple[int, str] | None
         try:
             pipe.run()
         except RuntimeError as e:
-            # DALI's message is a traceback of the pipeline's definition; what it met is after "encountered:"
-            said = str(e).split("encountered:")[-1].strip().splitlines()
-            return sample, said[0] if said else type(e).__name__
+            return sample, _encountered(e)
     return None
+
+
+def _encountered(error: RuntimeError) -> str:
+    """What a DALI pipeline met, from its error: the message is a traceback of the pipeline's
+    definition, and what it met is the line after "encountered:"."""
+    said = str(error).split("encountered:")[-1].strip().splitlines()
+    return said[0] if said else type(error).__name__
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
