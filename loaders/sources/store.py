@@ -3,7 +3,6 @@ only the selected samples' byte ranges; its selection rounds run here, in the tr
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from loaders.sources.base import Source
 from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, SelectiveReader, open_dataset
 from nearstore.selection.executors import Executor, check_executor
+from nearstore.selection.proxies import detached_copy
 from nearstore.selection.selectors import next_round
 from nearstore.storage import DEFAULT_READS, small_arrays
 
@@ -95,16 +95,4 @@ class StoreSource(Source):
         )
 
     def update_proxy(self, model: torch.nn.Module) -> None:
-        self._proxy = ModelProxy(_detached_copy(model).cpu())
-
-
-def _detached_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` for the next rounds (training goes on with the original). A tensor a
-    module keeps from its last forward (legacy weight_norm's weight, a cached activation) is part
-    of autograd's graph, which deepcopy refuses: such tensors are copied detached."""
-    memo = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
+        self._proxy = ModelProxy(detached_copy(model).cpu())

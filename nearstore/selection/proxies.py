@@ -253,7 +253,7 @@ class ModelProxy:
             )
         own = linears[-1].weight.device
         if device is not None and torch.device(device) != own:  # the trainer's model stays where it trains
-            model = copy.deepcopy(model).to(device)
+            model = detached_copy(model).to(device)
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         self.model, self.linears = model, linears
         self.head = linears[-1]  # the last registered: what sizes the gradients (checked by `_run`)
@@ -413,3 +413,15 @@ def _labels(y: np.ndarray, n: int, num_classes: int, device: torch.device, outpu
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(f"labels must lie in [0, {num_classes}){outputs}, got [{labels.min()}, {labels.max()}]")
     return labels
+
+
+def detached_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` to score while training goes on with the original. A tensor a
+    module keeps from its last forward (legacy weight_norm's weight, a cached activation) is part
+    of autograd's graph, which deepcopy refuses: such tensors are copied detached."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
