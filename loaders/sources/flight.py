@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,50 +18,21 @@ import torch
 from loaders.sources.base import Source
 from nearstore import IOStats, Selection
 from nearstore.serving import protocol
-from nearstore.serving.client import Connection, OnDisconnect
+from nearstore.serving.client import Connection
 
 
 class FlightSource(Source):
     """Samples of one dataset served by a `NearStoreServer`.
 
     url: grpc://host:port/name, or grpc+tls://host:port/name for a server listening with TLS.
-    token: the server's admin or read token; default the NEARSTORE_TOKEN environment variable, else
-        NEARSTORE_READ_TOKEN (a read token reads; pushing weights and `select` raise PermissionError).
-    tls_root_certs: a PEM file of the CA(s) the server's certificate must chain to (grpc+tls://);
-        default the system's.
-    tls_cert, tls_key: PEM files of this client's certificate and key, for a server that asks for
-        one (mutual TLS, `NearStoreServer(tls_client_ca=...)`).
-    on_disconnect: "reconnect" retries a read whose server went away (with backoff, for up to
-        `reconnect_seconds`), so a restarted server finishes the epoch with no sample lost or
-        repeated; "raise" fails at once with ConnectionError.
-    timeout_seconds: a call unanswered this long is a ConnectionError (a frozen server never says
-        it went away); a `select` waits for its scan.
+    options: the keywords of `nearstore.serving.client.Connection`, documented there: the token,
+        TLS files, retries when the server goes away, deadlines of a call and of a `select`.
     `stats` counts what was shipped to this trainer: bytes of record batches, requests, samples.
     A refusal by the server raises the error it raised there (`nearstore.errors`).
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        token: str | None = None,
-        tls_root_certs: str | os.PathLike[str] | None = None,
-        tls_cert: str | os.PathLike[str] | None = None,
-        tls_key: str | os.PathLike[str] | None = None,
-        on_disconnect: OnDisconnect = "reconnect",
-        reconnect_seconds: float = 30.0,
-        timeout_seconds: float = 300.0,
-    ) -> None:
-        self._server = Connection(
-            url,
-            token=token,
-            tls_root_certs=tls_root_certs,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            on_disconnect=on_disconnect,
-            reconnect_seconds=reconnect_seconds,
-            timeout_seconds=timeout_seconds,
-        )
+    def __init__(self, url: str, **options: Any) -> None:
+        self._server = Connection(url, **options)
         self.url, self.name, self.location = url, self._server.name, self._server.location
         self.stats = IOStats()
         info = self.info()

@@ -26,13 +26,18 @@ log = logging.getLogger("nearstore")
 
 
 class Connection:
-    """Calls to the server at grpc://host:port/name (or grpc+tls://).
+    """Calls to the server at grpc://host:port/name (or grpc+tls://): the options of `FlightSource`
+    and `NearStoreServer(primary_options=...)` are this class's.
 
-    token: default the NEARSTORE_TOKEN environment variable, else NEARSTORE_READ_TOKEN.
-    tls_root_certs: a PEM file of the CA(s) the server's certificate must chain to; default the system's.
-    tls_cert, tls_key: PEM files of this client's certificate and key (mutual TLS).
+    token: the server's admin or read token; default the NEARSTORE_TOKEN environment variable, else
+        NEARSTORE_READ_TOKEN (a read token reads; pushing weights and `select` raise PermissionError).
+    tls_root_certs: a PEM file of the CA(s) the server's certificate must chain to (grpc+tls://);
+        default the system's.
+    tls_cert, tls_key: PEM files of this client's certificate and key, for a server that asks for
+        one (mutual TLS, `NearStoreServer(tls_client_ca=...)`).
     on_disconnect: "reconnect" retries a call whose server went away (with backoff, for up to
-        `reconnect_seconds`); "raise" fails at once with ConnectionError.
+        `reconnect_seconds`), so a restarted server finishes the epoch with no sample lost or
+        repeated; "raise" fails at once with ConnectionError.
     timeout_seconds: a call unanswered this long is a ConnectionError (a server frozen, or cut off
         without a reset, never says it went away); a `select`, whose scan may take longer, waits.
     """
