@@ -39,7 +39,10 @@ class Connection:
         `reconnect_seconds`), so a restarted server finishes the epoch with no sample lost or
         repeated; "raise" fails at once with ConnectionError.
     timeout_seconds: a call unanswered this long is a ConnectionError (a server frozen, or cut off
-        without a reset, never says it went away); a `select`, whose scan may take longer, waits.
+        without a reset, never says it went away).
+    select_timeout_seconds: the same for a `select`, whose round scans the store: default 6 h (a
+        store of 69M samples at the 3,205 samples/s of a SAGE scan in process on 2 cores); None
+        waits for any scan. A select that expires leaves its round running on the server.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Connection:
         on_disconnect: OnDisconnect = "reconnect",
         reconnect_seconds: float = 30.0,
         timeout_seconds: float = 300.0,
+        select_timeout_seconds: float | None = 6 * 3600.0,
     ) -> None:
         parsed = urlparse(url)
         name = parsed.path.strip("/")
@@ -69,9 +73,11 @@ class Connection:
             token = os.environ.get(protocol.TOKEN_ENV) or os.environ.get(protocol.READ_TOKEN_ENV)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         check_range("timeout_seconds", timeout_seconds, 0, open_low=True)
-        self.timeout_seconds = timeout_seconds
+        if select_timeout_seconds is not None:
+            check_range("select_timeout_seconds", select_timeout_seconds, 0, open_low=True)
+        self.timeout_seconds, self.select_timeout_seconds = timeout_seconds, select_timeout_seconds
         self._options = flight.FlightCallOptions(headers=headers, timeout=timeout_seconds)
-        self._waiting = flight.FlightCallOptions(headers=headers)  # a select: its scan takes what it takes
+        self._select_options = flight.FlightCallOptions(headers=headers, timeout=select_timeout_seconds)
         self._client = flight.FlightClient(self.location, **tls)
 
     def get(self, ticket: flight.Ticket) -> pa.Table:
@@ -82,8 +88,11 @@ class Connection:
         """The server's answer to action `kind` with `request` (`protocol.ACTIONS`), which names
         this connection's dataset (a server of another refuses it)."""
         body = json.dumps({"dataset": self.name, **request}).encode()
-        options = self._waiting if kind == "select" else self._options
-        results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=options)))
+        if kind == "select":  # its round scans the store: a deadline of its own
+            options, limit = self._select_options, "select_timeout_seconds"
+        else:
+            options, limit = self._options, "timeout_seconds"
+        results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=options)), limit)
         return results[0].body.to_pybytes()
 
     def put(self, descriptor: flight.FlightDescriptor, body: memoryview) -> bytes:
@@ -101,8 +110,9 @@ class Connection:
             writer.done_writing()
             return answers.read().to_pybytes()
 
-    def _call(self, call: Callable[[], T]) -> T:
-        """Run a Flight call; raise the server's refusals as its errors, retry while it is away."""
+    def _call(self, call: Callable[[], T], limit: str = "timeout_seconds") -> T:
+        """Run a Flight call; raise the server's refusals as its errors, retry while it is away.
+        limit: the option that bounds the call (`timeout_seconds`, or a select's own)."""
         deadline = time.monotonic() + self.reconnect_seconds
         delay = 0.05
         while True:
@@ -121,8 +131,8 @@ class Connection:
                 delay = min(2 * delay, 1.0)
             except flight.FlightTimedOutError as e:
                 raise ConnectionError(
-                    f"nearstore server {self.location} did not answer within {self.timeout_seconds} s "
-                    f"(timeout_seconds): frozen, or cut off: {_message(e)}"
+                    f"nearstore server {self.location} did not answer within {getattr(self, limit)} s for dataset"
+                    f" {self.name!r} ({limit}: raise it if the server is only slow): frozen, or cut off: {_message(e)}"
                 ) from e
             except flight.FlightUnauthenticatedError as e:
                 raise PermissionError(f"nearstore server {self.location} refused the token: {_message(e)}") from e

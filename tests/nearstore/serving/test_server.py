@@ -392,13 +392,40 @@ def test_a_server_that_never_answers_is_a_connection_error_not_a_hang():
 
     frozen = Frozen("grpc://127.0.0.1:0")
     try:
-        with pytest.raises(ConnectionError, match=r"127.0.0.1:\d+ did not answer within 0.5 s \(timeout_seconds\)"):
+        with pytest.raises(
+            ConnectionError, match=r"127.0.0.1:\d+ did not answer within 0.5 s for dataset 'ids' \(timeout_seconds"
+        ):
             FlightSource(f"grpc://127.0.0.1:{frozen.port}/ids", timeout_seconds=0.5)
     finally:
         released.set()
         frozen.shutdown()
     with pytest.raises(ParameterError, match="timeout_seconds must be"):
         FlightSource(f"grpc://127.0.0.1:{frozen.port}/ids", timeout_seconds=0)
+
+
+def test_a_select_the_server_never_answers_is_a_connection_error_after_its_own_deadline(id_store):
+    released = threading.Event()
+
+    class FrozenRounds(NearStoreServer):  # reads answered, a round never: its scan hangs
+        def _select(self, request):
+            released.wait(30)
+            return super()._select(request)
+
+    server = FrozenRounds(id_store, selection=random_select(id_store, 0.1))
+    try:
+        source = FlightSource(server.url, timeout_seconds=0.2, select_timeout_seconds=0.5)
+        # the select's own deadline, not the calls': 0.5 s named, with the server and the dataset
+        expired = re.escape(f"{server.url.rpartition('/')[0]} did not answer within 0.5 s for dataset {server.name!r}")
+        with pytest.raises(ConnectionError, match=expired + r" \(select_timeout_seconds: raise it"):
+            source.select(keep=0.2, method="random", seed=1)
+        assert len(source.selection()) == 250  # the other calls keep theirs
+        assert FlightSource(server.url, select_timeout_seconds=None).info()["selected"] == 250  # no deadline
+    finally:
+        released.set()
+        server.shutdown()
+    for wrong in (0, -1.0, "1h"):
+        with pytest.raises(ParameterError, match="select_timeout_seconds must be"):
+            FlightSource(server.url, select_timeout_seconds=wrong)
 
 
 def test_unreachable_server_is_named(monkeypatch):
