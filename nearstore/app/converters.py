@@ -11,6 +11,7 @@ import numpy as np
 
 from nearstore import Dataset, DatasetError, ParameterError, SelectiveReader, open_dataset, write_dataset
 from nearstore.storage.dataset import UncheckedStoreWarning
+from nearstore.storage.writer import FIXED_KINDS
 
 Batches = Iterator[dict[str, np.ndarray]]
 DEFAULT_BATCH = 4096
@@ -152,9 +153,17 @@ def long_tail(labels: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch: int) -> Batches:
-    for array, name in ((x, x_name), (y, y_name)):
-        if array is not None and array.ndim == 0:
+    # strings are class names: labels only
+    for key, array, name, kinds in (("x", x, x_name, FIXED_KINDS), ("y", y, y_name, FIXED_KINDS + "US")):
+        if array is None:
+            continue
+        if array.ndim == 0:
             raise DatasetError(f"{name} is a single value ({array.dtype} scalar), not an array of samples")
+        if array.dtype.kind not in kinds:  # refused here, where the file is known, not by write_dataset
+            raise DatasetError(
+                f"array {key!r} from {name} holds {array.dtype} values, which are not stored: samples are "
+                "booleans, integers or floats (labels also strings)"
+            )
     if y is not None and len(y) != len(x):
         raise DatasetError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}")
     if len(x):

@@ -133,3 +133,20 @@ def test_a_file_that_is_no_numpy_array_is_refused_naming_it(tmp_path):
         next(npz_batches(tmp_path / "junk.npz"))
     with pytest.raises(DatasetError, match=r"objects.npy cannot be read as numeric arrays"):
         next(npy_batches(tmp_path / "objects.npy"))
+
+
+def test_an_array_of_values_not_stored_is_refused_naming_its_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), dtype=np.complex64))
+    np.save(tmp_path / "dates.npy", np.zeros(4, dtype="datetime64[s]"))
+    np.save(tmp_path / "names.npy", np.array(["cat", "dog", "cat", "dog"]))
+    np.save(tmp_path / "ok.npy", np.zeros((4, 2)))
+    np.savez(tmp_path / "d.npz", images=np.array(["a", "b"]), y=np.arange(2))
+    with pytest.raises(DatasetError, match=r"array 'x' from \S*x.npy holds complex64 values, which are not stored"):
+        next(npy_batches(tmp_path / "x.npy"))
+    with pytest.raises(DatasetError, match=r"array 'y' from \S*dates.npy holds datetime64\[s\] values"):
+        next(npy_batches(tmp_path / "ok.npy", tmp_path / "dates.npy"))
+    assert list(next(npy_batches(tmp_path / "ok.npy", tmp_path / "names.npy"))["y"]) == ["cat", "dog"] * 2  # classes
+    with pytest.raises(DatasetError, match=r"array 'x' from \S*names.npy holds <U3 values"):
+        next(npy_batches(tmp_path / "names.npy", tmp_path / "names.npy"))
+    with pytest.raises(DatasetError, match=r"array 'x' from \S*d.npz:images holds <U1 values"):
+        next(npz_batches(tmp_path / "d.npz", x_key="images"))
