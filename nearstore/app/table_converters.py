@@ -14,10 +14,11 @@ datasets' .arrow), read record batch by record batch into batches {column: array
   samples too, a row's bytes, or where they are null the file at its path (relative to the
   table's file).
 
-Strings, lists of variable-length lists and any other type are refused naming the column and its
-type, a null naming the column and the row. Whether a list column is of one length is found by a
-first pass over the list columns alone (their lengths and nulls, a batch at a time), so that a
-column is never first written one way and then found to need the other.
+Arrow's view types (string, binary and list views, what polars and newer Arrow write) are read as
+their plain twins. Strings, lists of variable-length lists and any other type are refused naming
+the column and its type, a null naming the column and the row. Whether a list column is of one
+length is found by a first pass over the list columns alone (their lengths and nulls, a batch at a
+time), so that a column is never first written one way and then found to need the other.
 """
 
 from __future__ import annotations
@@ -252,13 +253,16 @@ def _plain_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _plain(kind: pa.DataType) -> pa.DataType:
-    """`kind` with Arrow's string and binary view types (what polars writes strings as) made their
-    plain twins, large string and large binary, in structs and dictionaries too. (List views are
-    refused by name.)"""
+    """`kind` with Arrow's view types (what polars and newer Arrow write) made their plain twins:
+    string and binary views large string and large binary, list views large lists (a view's
+    values, shared or out of order, laid out in turn may pass a list's 2^31); in structs and
+    dictionaries too."""
     if pa.types.is_string_view(kind):
         return pa.large_string()
     if pa.types.is_binary_view(kind):
         return pa.large_binary()
+    if _list_view(kind):
+        return pa.large_list(kind.value_field.with_type(_plain(kind.value_type)))
     if pa.types.is_struct(kind):  # a Hugging Face Image column's bytes and path
         return pa.struct([kind.field(i).with_type(_plain(kind.field(i).type)) for i in range(kind.num_fields)])
     if pa.types.is_dictionary(kind):
@@ -307,9 +311,23 @@ def _record_batches(kind: str, path: str, columns: list[str], batch: int) -> Ite
 def _cut(whole: pa.RecordBatch, batch: int) -> Iterator[pa.RecordBatch]:
     plain = _plain_schema(whole.schema)
     if plain != whole.schema:  # view types, read as the schema (`_schema`) says
-        whole = whole.cast(plain)
+        columns = [_laid_out(column) if _list_view(column.type) else column for column in whole.columns]
+        whole = pa.RecordBatch.from_arrays(columns, names=whole.schema.names).cast(plain)
     for start in range(0, whole.num_rows, batch):
         yield whole.slice(start, batch)
+
+
+def _list_view(kind: pa.DataType) -> bool:
+    return pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind)
+
+
+def _laid_out(array: pa.Array) -> pa.LargeListArray:
+    """A list view array as a large list array of its rows' values in turn. (Arrow's cast reads
+    a list view's offsets as a list's, ignoring its sizes: apache/arrow#50994.)"""
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    kind = pa.large_list(array.type.value_field)
+    return pa.LargeListArray.from_arrays(offsets, array.flatten(), type=kind, mask=array.is_null())
 
 
 def _column(arrow: pa.Field, where: str) -> Column:

@@ -385,7 +385,26 @@ def test_string_and_binary_views_read_as_strings_and_bytes(tmp_path):
     assert list(_read_back(open_table(tmp_path / "images.arrow").write(str(tmp_path / "i.zarr")).url)["image"]) == [
         photo(0)
     ]
-    lists = pa.table({"f": [1.0], "tokens": pa.array([[1, 2]], type=pa.list_view(pa.int32()))})
-    feather.write_feather(lists, tmp_path / "lists.arrow", compression="uncompressed")
-    with pytest.raises(DatasetError, match="column 'tokens' is list_view<item: int32>, which is not stored"):
-        open_table(tmp_path / "lists.arrow")
+
+
+def test_list_views_read_as_lists_row_by_row(tmp_path):
+    # views out of order and sharing values: row i is values[offsets[i] : offsets[i] + sizes[i]]
+    offsets, sizes = pa.array([6, 0, 2, 0], pa.int32()), pa.array([2, 3, 4, 1], pa.int32())
+    tokens = pa.ListViewArray.from_arrays(offsets, sizes, pa.array(np.arange(10, dtype=np.int32)))
+    table = pa.table(
+        {
+            "tokens": tokens,
+            "points": pa.array([[[1, 2]], [[3, 4], [5, 6]], [], [[7, 8]]], pa.list_view(pa.list_(pa.int8(), 2))),
+            "pair": pa.array([[1, 2]] * 4, pa.large_list_view(pa.int16())),  # one length: fixed-size samples
+            "label": [0, 1, 0, 1],
+        }
+    )
+    feather.write_feather(table, tmp_path / "views.arrow", compression="uncompressed")
+    read = _read_back(open_table(tmp_path / "views.arrow", batch=3).write(str(tmp_path / "v.zarr")).url)
+    assert [row.tolist() for row in read["tokens"]] == [[6, 7], [0, 1, 2], [2, 3, 4, 5], [0]]
+    assert [row.tolist() for row in read["points"]] == [[[1, 2]], [[3, 4], [5, 6]], [], [[7, 8]]]
+    assert [row.tolist() for row in read["pair"]] == [[1, 2]] * 4
+    nulls = pa.table({"tokens": pa.array([[1], [2, 3], None], pa.list_view(pa.int32())), "label": [0, 1, 2]})
+    feather.write_feather(nulls, tmp_path / "nulls.arrow", compression="uncompressed")
+    with pytest.raises(DatasetError, match="column 'tokens' is null at row 2"):
+        open_table(tmp_path / "nulls.arrow")
