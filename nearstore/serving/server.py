@@ -514,7 +514,7 @@ class NearStoreServer(flight.FlightServerBase):
 
     def _check_runs_rounds(self, call: str) -> None:
         if self._primary is not None:
-            raise RequestError(f"{call} goes to {self.name!r}'s primary {self._primary.url}: it runs the rounds")
+            raise RequestError(f"{call} goes to the primary of {self.name!r}, {self._primary.url}: it runs the rounds")
 
     def _check_dataset(self, request: dict[str, Any]) -> None:
         if "dataset" not in request:

@@ -102,7 +102,7 @@ class ClipCov(Selector):
         if self.paired_array in others:
             return self.paired_array
         raise DatasetError(
-            f"clipcov selects pairs: paired_array must name the other side of {dataset.url!r}'s samples,"
+            f"clipcov selects pairs: paired_array must name the other side of the samples of {dataset.url!r},"
             f" one of {others} (its input array is {dataset.input_array!r}), got {self.paired_array!r}"
         )
 

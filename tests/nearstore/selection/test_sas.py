@@ -157,7 +157,7 @@ def test_clipcov_keeps_pairs_that_agree_with_the_data_over_mismatched_ones(capti
 
 def test_clipcov_names_the_pairing_it_needs(captioned, unlabelled):
     dataset, _ = captioned
-    with pytest.raises(DatasetError, match="paired_array must name the other side .* one of \\['caption'\\]"):
+    with pytest.raises(DatasetError, match=r"the other side of the samples of '.*pairs.zarr', one of \['caption'\]"):
         ClipCov(paired_array="y").select(dataset, 0.1)
     with pytest.raises(DatasetError, match="one of \\[\\]"):
         ClipCov().select(unlabelled[0], 0.1)  # one array: nothing to pair
