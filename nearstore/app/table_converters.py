@@ -323,7 +323,7 @@ def _list_view(kind: pa.DataType) -> bool:
 
 def _laid_out(array: pa.Array) -> pa.LargeListArray:
     """A list view array as a large list array of its rows' values in turn. (Arrow's cast reads
-    a list view's offsets as a list's, ignoring its sizes: apache/arrow#50994.)"""
+    a list view's offsets as a list's, ignoring its sizes: invalid lists in pyarrow 26.)"""
     lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     kind = pa.large_list(array.type.value_field)
