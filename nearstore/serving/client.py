@@ -68,6 +68,7 @@ class Connection:
             raise ParameterError(f"on_disconnect must be 'reconnect' or 'raise', got {on_disconnect!r}")
         self.url, self.name = url, name
         self.location = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}"
+        check_range("reconnect_seconds", reconnect_seconds, 0)
         self.on_disconnect, self.reconnect_seconds = on_disconnect, reconnect_seconds
         if token is None:
             token = os.environ.get(protocol.TOKEN_ENV) or os.environ.get(protocol.READ_TOKEN_ENV)

@@ -401,6 +401,8 @@ def test_a_server_that_never_answers_is_a_connection_error_not_a_hang():
         frozen.shutdown()
     with pytest.raises(ParameterError, match="timeout_seconds must be"):
         FlightSource(f"grpc://127.0.0.1:{frozen.port}/ids", timeout_seconds=0)
+    with pytest.raises(ParameterError, match="reconnect_seconds must be"):  # was read as "no retry"
+        FlightSource(f"grpc://127.0.0.1:{frozen.port}/ids", reconnect_seconds=-1)
 
 
 def test_a_select_the_server_never_answers_is_a_connection_error_after_its_own_deadline(id_store):
