@@ -162,6 +162,22 @@ def encode_bytes_shard(blobs: Sequence[bytes], chunks: int, compressor: numcodec
     return b"".join(parts)
 
 
+def chunk_sums(shard: bytes, sharding: Sharding) -> np.ndarray:
+    """The crc32c stored after each inner chunk of the shard object `shard` (uint32, its stored
+    chunks in index order): what the manifest records of a shard, for the reader to compare."""
+    data = np.frombuffer(shard, dtype=np.uint8)
+    size = sharding.index.raw_nbytes
+    index = sharding.index.decode(data[:size] if sharding.index_at_start else data[-size:]).reshape(-1, 2)
+    index = index[index[:, 0] != NOT_STORED]
+    return crc32c_before(data, (index[:, 0] + index[:, 1]).astype(np.int64))
+
+
+def crc32c_before(data: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The crc32c (little-endian uint32) in the 4 bytes of `data` (uint8) before each of `ends`:
+    where each chunk that ends there stores its own."""
+    return data[ends[:, None] + np.arange(-4, 0)].view("<u4").ravel()
+
+
 def crc32c_of(data: bytes) -> bytes:
     """The 4 bytes of `data`'s crc32c that follow it as stored (little-endian), as `checked` reads them."""
     return google_crc32c.value(data).to_bytes(4, "little")

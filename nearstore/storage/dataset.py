@@ -14,8 +14,9 @@ Layout (any zarr/xarray/dask user can open it)::
                            as bytes, the dtype and row shape in the array's attributes
 
 Every inner chunk ends in its crc32c (zarr's crc32c codec inside the sharding codec), and the
-attributes record every shard object's size and the digest of the samples it holds (`Manifest`),
-so a missing, empty, short or changed shard is an `IntegrityError`, never samples of fill values.
+attributes record every shard object's size, the digest of the samples it holds and every inner
+chunk's crc32c (`Manifest`), so a missing, empty, short, changed or swapped shard is an
+`IntegrityError`, never samples of fill values or another shard's.
 The attributes are written last (`nearstore.storage.writer`): a store whose writer died half-way
 has none and is refused by `open_dataset`, so a partial store is never mistaken for a whole one.
 Stores of format 1 (no checksums, no manifest) still open, with a warning saying how to rewrite them.
@@ -23,6 +24,7 @@ Stores of format 1 (no checksums, no manifest) still open, with a warning saying
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -57,27 +59,37 @@ class UncheckedStoreWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Manifest:
-    """What the writer recorded of every shard object, array by array: its size in bytes and a
-    digest of the samples it holds (`nearstore.storage.digests.content_digest`); and the
-    dataset's fingerprint, a digest of every array's samples in order: two stores of the same
-    shapes but other samples have other fingerprints, the same samples sharded otherwise the same."""
+    """What the writer recorded of every shard object, array by array: its size in bytes, a
+    digest of the samples it holds (`nearstore.storage.digests.content_digest`) and the crc32c
+    each of its inner chunks stores; and the dataset's fingerprint, a digest of every array's
+    samples in order: two stores of the same shapes but other samples have other fingerprints,
+    the same samples sharded otherwise the same."""
 
     fingerprint: str
     nbytes: dict[str, tuple[int, ...]]
     digests: dict[str, tuple[str, ...]]
     # What each array's bytes mean (`array_layout`), as written; None in stores written before it.
     layouts: dict[str, dict[str, Any]] | None = None
+    # Each array's inner chunks' crc32c in order, little-endian uint32 (base64 in the attributes):
+    # a read of some chunks of a shard checks they are those written there, which their own
+    # crc32c cannot tell (a shard object swapped for another of its size). None: written before.
+    chunk_sums: dict[str, bytes] | None = None
 
     def to_attrs(self) -> dict[str, Any]:
         shards = {
             name: {"nbytes": list(self.nbytes[name]), "digests": list(self.digests[name])} for name in self.nbytes
         }
+        for name, sums in (self.chunk_sums or {}).items():
+            shards[name]["crc32c"] = base64.b64encode(sums).decode()
         layouts = {} if self.layouts is None else {"layouts": self.layouts}
         return {"fingerprint": self.fingerprint, "shards": shards, **layouts}
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any], shards: Mapping[str, int], url: str) -> Manifest:
-        """The manifest in a store's attributes; `shards` is how many shard objects each array has."""
+    def from_attrs(
+        cls, attrs: Mapping[str, Any], shards: Mapping[str, int], chunks: Mapping[str, int], url: str
+    ) -> Manifest:
+        """The manifest in a store's attributes; `shards` and `chunks` are how many shard objects
+        and inner chunks each array has."""
         try:
             recorded = attrs["shards"]
             nbytes = {name: tuple(int(n) for n in recorded[name]["nbytes"]) for name in shards}
@@ -86,7 +98,10 @@ class Manifest:
             layouts = attrs.get("layouts")
             if layouts is not None:
                 layouts = {name: dict(layouts[name]) for name in shards}
-        except (KeyError, TypeError, ValueError) as e:
+            chunk_sums = None
+            if any("crc32c" in recorded[name] for name in shards):
+                chunk_sums = {name: base64.b64decode(recorded[name]["crc32c"], validate=True) for name in shards}
+        except (KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError
             problem = f"{type(e).__name__}: {e}"
             raise DatasetError(f"{url!r}: the shard manifest in its attributes is damaged ({problem})") from None
         for name, count in shards.items():
@@ -95,7 +110,12 @@ class Manifest:
                     f"{url!r}: the manifest records {len(nbytes[name])} shard objects of array {name!r}, "
                     f"which has {count}"
                 )
-        return cls(fingerprint, nbytes, digests, layouts)
+            if chunk_sums is not None and len(chunk_sums[name]) != 4 * chunks[name]:
+                raise DatasetError(
+                    f"{url!r}: the manifest records {len(chunk_sums[name])} bytes of crc32c for array {name!r}, "
+                    f"whose {chunks[name]} inner chunks take {4 * chunks[name]}"
+                )
+        return cls(fingerprint, nbytes, digests, layouts, chunk_sums)
 
     def check_layouts(self, url: str, layouts: Mapping[str, dict[str, Any]]) -> None:
         """Refuse an array whose zarr.json says its bytes mean other than when written (a dtype of
@@ -372,7 +392,8 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     manifest = None
     if version == FORMAT_VERSION:
         shards = {name: math.ceil(num_samples / (a.shards or a.chunks)[0]) for name, a in arrays.items()}
-        manifest = Manifest.from_attrs(attrs, shards, url)
+        chunks = {name: math.ceil(num_samples / a.chunks[0]) for name, a in arrays.items()}
+        manifest = Manifest.from_attrs(attrs, shards, chunks, url)
         manifest.check_layouts(url, {name: array_layout(arrays[name], doc) for name, doc in zip(names, documents)})
     elif "shards" in attrs:
         raise DatasetError(

@@ -6,8 +6,8 @@ Here a read maps sample ids to byte ranges through cached shard indexes, merges 
 array's zarr.json says (`nearstore.storage.codecs`: by the Zarr v3 specification, not zarr's
 internals, so any zarr release that writes the format will do). The answer always equals
 `zarr_array[ids]`, or is an `IntegrityError`: every fetched range must have the length asked for
-within the object size the manifest records, every index and inner chunk its checksum, and no
-shard object may be missing.
+within the object size the manifest records, every index and inner chunk its checksum, every inner
+chunk the crc32c the manifest records for its place, and no shard object may be missing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import google_crc32c
 import numpy as np
 
 from nearstore.errors import DatasetError, IntegrityError
-from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding
+from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding, crc32c_before
 from nearstore.storage.dataset import Dataset, check_ids
 from nearstore.storage.digests import content_digest
 from nearstore.storage.iostats import IOStats
@@ -382,7 +382,8 @@ class _ReadPlan:
         self.blobs += blobs
 
     def decode(self) -> None:
-        """Decode every stored chunk from the fetched pieces; the others hold the fill value."""
+        """Decode every stored chunk from the fetched pieces, checked, and check it is the chunk
+        written at its place; the others hold the fill value."""
         self.decoded[~self.stored] = self.layout.fill_value
         rows = np.flatnonzero(self.stored)
         if not len(rows):
@@ -403,13 +404,24 @@ class _ReadPlan:
             if codecs.checksummed:
                 self._check_sums(rows, gathered, records[:, payload:].copy().view("<u4").ravel())
             self.decoded[rows] = gathered.view(codecs.stored_dtype).reshape(len(rows), *lay.chunk_shape)
-            return
-        for row, at, length in zip(rows.tolist(), positions.tolist(), lengths.tolist()):
-            try:
-                self.decoded[row] = codecs.decode(data[at : at + length])
-            except Exception as e:  # a checksum that fails, or bytes no codec can decode (format 1)
-                shard = int(self.shard_of_chunk[row])
-                raise self.damage(shard, f"holds a damaged sample ({e})", np.array([row])) from e
+        else:
+            for row, at, length in zip(rows.tolist(), positions.tolist(), lengths.tolist()):
+                try:
+                    self.decoded[row] = codecs.decode(data[at : at + length])
+                except Exception as e:  # a checksum that fails, or bytes no codec can decode (format 1)
+                    shard = int(self.shard_of_chunk[row])
+                    raise self.damage(shard, f"holds a damaged sample ({e})", np.array([row])) from e
+        if lay.chunk_sums is not None:
+            # its own crc32c holds, so it is whole; the manifest's says whether it is this place's
+            # (a shard object swapped for another of its size is whole and of other samples)
+            bad = rows[crc32c_before(data, positions + lengths) != lay.chunk_sums[self.chunks[rows]]]
+            if len(bad):
+                shard, bad, chunks = self._first_shard(bad)
+                problem = (
+                    f"holds other samples than were written: {len(bad)} {chunks} whose crc32c the manifest "
+                    "does not record there"
+                )
+                raise self.damage(shard, problem, bad, lasting=True)
 
     def check_digests(self) -> None:
         """Each shard this read took whole (and not checked before): its samples' digest against
@@ -436,11 +448,19 @@ class _ReadPlan:
         computed = np.fromiter(map(google_crc32c.value, payloads), dtype=np.uint32, count=len(payloads))
         bad = rows[stored != computed]
         if len(bad):
-            shard = int(self.shard_of_chunk[bad[0]])
-            bad = bad[self.shard_of_chunk[bad] == shard]
-            per = self.layout.chunk_samples
-            what = "samples" if per == 1 else f"inner chunks of {per} samples"
-            raise self.damage(shard, f"holds {len(bad)} damaged {what} (crc32c does not match)", bad)
+            shard, bad, chunks = self._first_shard(bad)
+            raise self.damage(shard, f"holds {len(bad)} damaged {chunks} (crc32c does not match)", bad)
+
+    def _first_shard(self, bad: np.ndarray) -> tuple[int, np.ndarray, str]:
+        """The first shard among chunk rows `bad`, its rows among them, and what its chunks are
+        called in a message."""
+        shard = int(self.shard_of_chunk[bad[0]])
+        per = self.layout.chunk_samples
+        return (
+            shard,
+            bad[self.shard_of_chunk[bad] == shard],
+            "samples" if per == 1 else f"inner chunks of {per} samples",
+        )
 
     def assemble(self) -> np.ndarray:
         return self.decoded[self.inverse, self.ids % self.layout.chunk_samples]
@@ -466,6 +486,8 @@ class _ArrayLayout:
     index_at_start: bool
     nbytes: tuple[int, ...] | None  # each shard object's size, from the manifest (None: format 1)
     digests: tuple[str, ...] | None  # each shard's samples' digest, from the manifest (None: format 1)
+    # each inner chunk's crc32c as written, uint32, from the manifest (None: written before it recorded them)
+    chunk_sums: np.ndarray | None
     damaged: dict[int, str]  # shard objects found damaged, and how: shared by the opened dataset's readers
     digested: set[int]  # shards whose digest was checked: shared likewise
     paths: dict[int, str] = field(default_factory=dict, repr=False)
@@ -481,6 +503,7 @@ class _ArrayLayout:
                 f"{where}: shards {shard_shape} and inner chunks {chunk_shape} must span whole samples "
                 f"{array.shape[1:]}, so that a sample is one byte range"
             )
+        sums = dataset.manifest.chunk_sums if dataset.manifest else None
         return cls(
             name=name,
             root=root,
@@ -498,6 +521,7 @@ class _ArrayLayout:
             index_at_start=sharding.index_at_start,
             nbytes=dataset.manifest.nbytes[name] if dataset.manifest else None,
             digests=dataset.manifest.digests[name] if dataset.manifest else None,
+            chunk_sums=np.frombuffer(sums[name], dtype="<u4") if sums is not None else None,
             damaged=dataset._kept(("damaged", name), dict),
             digested=dataset._kept(("digested", name), set),
         )

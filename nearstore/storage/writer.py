@@ -3,7 +3,8 @@
 Every array is written with the sharding codec, `shard_samples` samples a shard, a sample an inner
 chunk (one byte range) unless samples are small enough to share one (`chunk_samples`), each inner
 chunk ending in its crc32c; every shard
-object is written, fill values or not, and its size and samples' digest recorded. The group
+object is written, fill values or not, and its size, samples' digest and inner chunks' crc32c
+recorded. The group
 attributes, with that manifest, go last (`open_dataset` refuses a store without them, what a
 killed writer leaves). A write that fails removes what it wrote; replacing a store writes the new
 one beside it and swaps it in only when whole.
@@ -28,7 +29,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 
 from nearstore.errors import DatasetError, ParameterError
-from nearstore.storage.codecs import Sharding, encode_bytes_shard
+from nearstore.storage.codecs import Sharding, chunk_sums, encode_bytes_shard
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -239,6 +240,7 @@ def _write(
         {name: tuple(n) for name, n in writer.nbytes.items()},
         {name: tuple(d) for name, d in writer.digests.items()},
         {name: array_layout(writer.arrays[name], writer.documents[name]) for name in writer.names},
+        {name: np.concatenate(sums).astype("<u4").tobytes() for name, sums in writer.sums.items()},
     )
     group.attrs[ATTRS_KEY] = {
         "format_version": FORMAT_VERSION,
@@ -342,14 +344,16 @@ class _ShardWriter:
         # (`encode_bytes_shard`), with the compressor each chunk gets (None: checksum only)
         self.byte_shards: dict[str, numcodecs.abc.Codec | None] = {}
         self.documents: dict[str, dict[str, Any]] = {}  # each array's zarr.json, which names its shards' keys
+        self.sharding: dict[str, Sharding] = {}  # and how its shards are laid out, as the reader decodes them
         self.pending: dict[str, list[np.ndarray]] = {}
         self.num_pending = 0
         self.num_samples = 0
         self.max_label = self.max_label_sample = -1
-        # The manifest, shard by shard: each object's size and its samples' digest; and each
-        # array's digest of all its samples, for the fingerprint.
+        # The manifest, shard by shard: each object's size, its samples' digest and its inner
+        # chunks' crc32c; and each array's digest of all its samples, for the fingerprint.
         self.nbytes: dict[str, list[int]] = {}
         self.digests: dict[str, list[str]] = {}
+        self.sums: dict[str, list[np.ndarray]] = {}
         self.content: dict[str, hashlib.blake2b] = {}
 
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
@@ -417,13 +421,14 @@ class _ShardWriter:
                 attributes=ragged,
             )
             self.documents[name] = self.arrays[name].metadata.to_dict()
+            self.sharding[name] = Sharding.parse(self.documents[name], self.arrays[name].dtype, f"array {name!r}")
             if encoded:
                 self.byte_shards[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
                 _check_byte_shards(self.documents[name], compress, name)
                 # the folder of its shard objects, on a local store (one for all: the array is 1-D)
                 self.fs.makedirs(posixpath.dirname(self._shard_path(name, 0)), exist_ok=True)
             self.pending[name] = []
-            self.nbytes[name], self.digests[name], self.content[name] = [], [], new_digest()
+            self.nbytes[name], self.digests[name], self.sums[name], self.content[name] = [], [], [], new_digest()
 
     def _chunk_samples(self, values: np.ndarray) -> int:
         """Samples an inner chunk of these fixed-size samples holds: as asked, or the most that
@@ -503,10 +508,11 @@ class _ShardWriter:
             if name in self.byte_shards:
                 shard = encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
                 self.fs.pipe_file(path, shard)
-                self.nbytes[name].append(len(shard))
             else:
                 array[start:stop] = values
-                self.nbytes[name].append(self.fs.size(path))
+                shard = self.fs.cat_file(path)  # read back: the crc32c zarr stored after each chunk
+            self.nbytes[name].append(len(shard))
+            self.sums[name].append(chunk_sums(shard, self.sharding[name]))
             shard_digest = new_digest()
             digest_samples(values, shard_digest, self.content[name])
             self.digests[name].append(shard_digest.hexdigest())

@@ -3,10 +3,12 @@ changed, on a store whose samples name their own ids (so a wrong sample would sh
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -149,8 +151,74 @@ def test_a_shard_swapped_for_another_whole_one_is_found_by_verify(store):
     assert re.match(r"is longer than written: (\d+) bytes, the manifest records (?!\1)\d+", damages[3].problem)
 
 
-def test_a_shard_swapped_for_another_whole_one_is_refused_when_read_whole(store):
+def edit_shards(url: str, edit: Callable[[dict], object]) -> None:
+    """Edit what the manifest records of the store's shards ({array: {"nbytes", ...}}) in place."""
+    root = Path(url) / "zarr.json"
+    group = json.loads(root.read_text())
+    edit(group["attributes"]["nearstore"]["shards"])
+    root.write_text(json.dumps(group))
+
+
+def without_chunk_sums(url: str) -> None:
+    """Make the store at `url` look written before the manifest recorded every inner chunk's crc32c."""
+    edit_shards(url, lambda shards: [recorded.pop("crc32c") for recorded in shards.values()])
+
+
+@pytest.mark.parametrize("array, chunk_samples", [("x", 1), ("x", 8), ("tag", None)])
+def test_a_shard_swapped_for_another_of_its_size_is_refused_when_read_in_part(tmp_path, array, chunk_samples):
+    data = id_encoded(1000)
+    data["tag"] = np.array([f"{i:06d}".encode() for i in range(1000)], dtype=object)  # encoded, of one length
+    url = str(tmp_path / "swapped.zarr")
+    write_dataset(url, [data], shard_samples=128, chunk_samples=chunk_samples)
+    # as `x/c/3` copied over `x/c/5`: the same size, every chunk's own crc32c holds
+    shutil.copyfile(shard_file(url, array, 3), shard_file(url, array, 5))
+    reader = SelectiveReader(open_dataset(url), [array])
+    swapped = re.escape(f"array '{array}': shard object '{shard_file(url, array, 5)}' (samples 640..767)")
+    with pytest.raises(IntegrityError, match=f"{swapped} holds other samples than were written") as raised:
+        reader.read(np.array([10, 643, 700, 900]))
+    assert raised.value.ids == (643, 700)
+    assert reader.read(np.array([10, 900]))[array].tolist() == data[array][[10, 900]].tolist()
+
+
+def test_a_store_written_before_the_chunk_record_reads_and_verifies_as_before(store):
+    ids = np.random.default_rng(0).integers(0, 2500, 300)
+    recorded = read(store, ids, ("x", "y"))
+    without_chunk_sums(store)
+    dataset = open_dataset(store)
+    assert dataset.manifest.chunk_sums is None
+    for name, values in SelectiveReader(dataset).read(ids).items():
+        np.testing.assert_array_equal(values, recorded[name])
+        np.testing.assert_array_equal(values, id_encoded()[name][ids])
+    assert verify_dataset(dataset, progress=False) == []
+
+
+def test_verify_compares_every_inner_chunk_with_the_record(store):
+    def change(shards: dict) -> None:  # the record of sample 300 (shard 1) of y, its samples' digest left whole
+        sums = bytearray(base64.b64decode(shards["y"]["crc32c"]))
+        sums[4 * 300] ^= 1
+        shards["y"]["crc32c"] = base64.b64encode(sums).decode()
+
+    edit_shards(store, change)
+    damages = verify_dataset(open_dataset(store), progress=False)
+    assert [(d.array, d.shard) for d in damages] == [("y", 1)]
+    assert "holds other samples than were written: 1 samples whose crc32c" in damages[0].problem
+
+
+def test_a_damaged_chunk_record_is_refused_at_open(store):
+    cut = base64.b64encode(bytes(4 * 2499)).decode()
+    edit_shards(store, lambda shards: shards["x"].update(crc32c=cut))
+    with pytest.raises(
+        DatasetError, match="records 9996 bytes of crc32c for array 'x', whose 2500 inner chunks take 10000"
+    ):
+        open_dataset(store)
+    edit_shards(store, lambda shards: shards["x"].update(crc32c="not base64!"))
+    with pytest.raises(DatasetError, match="manifest in its attributes is damaged"):
+        open_dataset(store)
+
+
+def test_a_shard_swapped_for_another_whole_one_in_an_older_store_is_refused_when_read_whole(store):
     shutil.copyfile(shard_file(store, "x", 0), shard_file(store, "x", 1))
+    without_chunk_sums(store)  # no record of each chunk: only the shard's digest can tell
     dataset = open_dataset(store)
     part = SelectiveReader(dataset, ["x"]).read(np.arange(256, 300))  # a part of it cannot tell
     np.testing.assert_array_equal(part["x"], id_encoded()["x"][:44])
