@@ -1,10 +1,13 @@
 """Integrity: `verify_dataset`, which reads every shard once and checks it whole.
 
 Each inner chunk carries its crc32c, checked on every read (`nearstore.storage.reader`); the
-manifest records each shard object's size and a digest of the samples it holds
-(`nearstore.storage.digests`). The reader checks sizes and checksums, and the digest of a shard it
-reads whole, which catches a shard object replaced by another whole one (its checksums hold, its
-samples are not the ones written); `verify_dataset` reads every shard whole.
+manifest records each shard object's size, a digest of the samples it holds
+(`nearstore.storage.digests`) and each inner chunk's crc32c. The reader checks sizes and
+checksums, that every chunk it reads stores the crc32c recorded for its place, and the digest of a
+shard it reads whole: either catches a shard object replaced by another whole one (its checksums
+hold, its samples are not the ones written), the first also in a read of a part of it (stores
+written before the manifest recorded the crc32c have only the digest). `verify_dataset` reads
+every shard whole.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ class Damage:
 
 def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True) -> list[Damage]:
     """Read every shard object of every array once, concurrently, and check it: present, of the
-    recorded size (no byte more), its index and every inner chunk's checksum, its samples' digest. Returns the
-    damaged objects (empty: the store is whole). A format-1 store has no manifest to check against:
-    refused with a DatasetError."""
+    recorded size (no byte more), its index and every inner chunk's checksum, each chunk's crc32c
+    against the manifest's, its samples' digest. Returns the damaged objects (empty: the store is
+    whole). A format-1 store has no manifest to check against: refused with a DatasetError."""
     check_integer("threads", threads, 1)
     if dataset.manifest is None:
         raise IntegrityError(
@@ -61,7 +64,7 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
                 f"is longer than written: {size} bytes, the manifest records {manifest.nbytes[name][shard]}",
             )
         try:
-            readers[name].read_shard(shard)  # its checksums, and, read whole, its samples' digest
+            readers[name].read_shard(shard)  # its checksums, the manifest's, and, read whole, its samples' digest
         except IntegrityError as e:
             return Damage(name, shard, path, str(e))
         return None

@@ -426,8 +426,8 @@ class _ReadPlan:
     def check_digests(self) -> None:
         """Each shard this read took whole (and not checked before): its samples' digest against
         the one the manifest records, which catches a shard object replaced by another whole one
-        (its checksums hold, its samples are not the ones written). A read of a part of a shard
-        cannot tell; `verify_dataset` reads every shard whole."""
+        (its checksums hold, its samples are not the ones written), in a store written before the
+        manifest recorded every inner chunk's crc32c (`decode` compares those, read whole or not)."""
         lay = self.layout
         if lay.digests is None:
             return
