@@ -177,6 +177,10 @@ def test_a_shard_swapped_for_another_of_its_size_is_refused_when_read_in_part(tm
     with pytest.raises(IntegrityError, match=f"{swapped} holds other samples than were written") as raised:
         reader.read(np.array([10, 643, 700, 900]))
     assert raised.value.ids == (643, 700)
+    requests = reader.stats.requests
+    with pytest.raises(IntegrityError, match=f"{swapped} holds other samples"):  # remembered: refused unasked
+        reader.read([760])
+    assert reader.stats.requests == requests
     assert reader.read(np.array([10, 900]))[array].tolist() == data[array][[10, 900]].tolist()
 
 
