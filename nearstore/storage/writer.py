@@ -2,12 +2,11 @@
 
 Every array is written with the sharding codec, `shard_samples` samples a shard, a sample an inner
 chunk (one byte range) unless samples are small enough to share one (`chunk_samples`), each inner
-chunk ending in its crc32c; every shard
-object is written, fill values or not, and its size, samples' digest and inner chunks' crc32c
-recorded. The group
-attributes, with that manifest, go last (`open_dataset` refuses a store without them, what a
-killed writer leaves). A write that fails removes what it wrote; replacing a store writes the new
-one beside it and swaps it in only when whole.
+chunk ending in its crc32c; every shard object is written, fill values or not, and its size,
+samples' digest and inner chunks' crc32c recorded. The group attributes, with that manifest, go
+last (`open_dataset` refuses a store without them, what a killed writer leaves). A write that
+fails removes what it wrote; replacing a store writes the new one beside it and swaps it in only
+when whole.
 """
 
 from __future__ import annotations
