@@ -255,6 +255,30 @@ class StreamingLoader:
         """Batches of the epoch being iterated that the trainer holds."""
         return self.order.batches_done
 
+    # What code written for a DataLoader asks of one.
+    @property
+    def dataset(self) -> Source:
+        """The `Source` the samples are read from, as DataLoader's `dataset` is what it draws them
+        from: every kind of source has one (a server has no `Dataset` here); its `num_samples` is
+        the dataset's size, of which an epoch visits the selection (`len(loader.ids)`)."""
+        return self.source
+
+    @property
+    def batch_size(self) -> int:
+        """Samples a batch (the last one fewer, without drop_last)."""
+        return self.order.batch_size
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether an epoch's last batch, short of batch_size, is left out."""
+        return self.order.drop_last
+
+    @property
+    def num_workers(self) -> int:
+        """0, as DataLoader's without worker processes: batches are read in a thread of this process
+        (`prefetch` ahead) and images decoded in `num_threads` more."""
+        return 0
+
     @property
     def stats(self) -> IOStats:
         """What this loader received from its source (bytes, requests, samples)."""

@@ -55,6 +55,19 @@ def test_an_epoch_yields_every_selected_sample_once(id_store, id_data, backend, 
         assert sizes[:-1] == [batch_size] * (len(sizes) - 1) and sizes[-1] == 750 - batch_size * (len(sizes) - 1)
 
 
+@pytest.mark.parametrize(("drop_last", "share"), [(False, {}), (True, {}), (False, {"rank": 1, "world_size": 3})])
+def test_it_answers_what_code_written_for_a_dataloader_asks(id_store, drop_last, share):
+    selection = random_select(id_store, 0.3, seed=1)  # 750 samples: 250 a rank of 3
+    loader = StreamingLoader(id_store, selection, batch_size=64, drop_last=drop_last, backend="torch", **share)
+    assert (loader.batch_size, loader.drop_last, loader.num_workers) == (64, drop_last, 0)
+    assert loader.dataset is loader.source and loader.dataset.num_samples == 2500
+    samples = 250 if share else 750
+    assert len(loader) == (samples // 64 if drop_last else -(-samples // 64)) == len(list(loader))
+    for name in ("dataset", "batch_size", "drop_last", "num_workers"):
+        with pytest.raises(AttributeError):
+            setattr(loader, name, 1)
+
+
 def test_dali_and_torch_backends_give_the_same_batches(id_store):
     selection = random_select(id_store, 0.2, seed=2)
     dali = StreamingLoader(id_store, selection, batch_size=96, weights=True, backend="dali", seed=5, device="cpu")
