@@ -65,7 +65,15 @@ class SampleCache:
         if directory is not None and not os.path.isdir(directory):
             raise ParameterError(f"cache directory {os.fspath(directory)!r} is not a directory")
         self._budgets = (memory_bytes, disk_bytes)
-        self._directory = directory
+        self._root: str | None = None  # the directory of its own it spills to
+        if disk_bytes:
+            try:  # here, not on first use: a directory it cannot write to fails by name, before any loader
+                self._root = tempfile.mkdtemp(prefix="nearstore-cache-", dir=directory)
+            except OSError as e:
+                raise ParameterError(
+                    f"cache directory {os.fspath(directory)!r} (directory=) cannot be written to: {e.strerror or e}"
+                ) from e
+            weakref.finalize(self, shutil.rmtree, self._root, True)
         self._dataset: str | None = None
         self._owner: weakref.ref | None = None  # the loader it serves
         self.stats = CacheStats()
@@ -95,9 +103,8 @@ class SampleCache:
         self._cost = np.zeros(num_samples, dtype=np.float32)
         self._fresh = np.zeros(num_samples, dtype=bool)  # kept, and not visited since it was read
         self._tiers = [_Tier(self._budgets[0], None), None]
-        if self._budgets[1]:
-            root = tempfile.mkdtemp(prefix="nearstore-cache-", dir=self._directory)
-            weakref.finalize(self, shutil.rmtree, root, True)
+        root = self._root
+        if root is not None:
             budget = max(0, min(self._budgets[1], shutil.disk_usage(root).free - DISK_MARGIN))
             if budget < self._budgets[1]:
                 log.warning("sample cache: %s has room for %d of disk_bytes=%d bytes", root, budget, self._budgets[1])

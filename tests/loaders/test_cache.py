@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import re
 import shutil
 
 import numpy as np
@@ -186,6 +188,18 @@ def test_damaged_shard_mates_do_not_fail_a_sound_batch(tmp_path, id_data):
 def test_bad_budgets_are_named(kwargs, message):
     with pytest.raises(ParameterError, match=message):
         SampleCache(**kwargs)
+
+
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS])
+def test_a_spill_directory_it_cannot_write_to_is_named_by_the_cache(tmp_path, monkeypatch, error):
+    def refused(prefix: str, dir: str) -> str:  # the OS's answer: root writes through a directory's modes
+        raise OSError(error, os.strerror(error), os.path.join(dir, prefix))
+
+    monkeypatch.setattr(cache_module.tempfile, "mkdtemp", refused)
+    message = f"cache directory '{tmp_path}' (directory=) cannot be written to: {os.strerror(error)}"
+    with pytest.raises(ParameterError, match=re.escape(message)):
+        SampleCache(directory=tmp_path, disk_bytes=1 << 20)
+    SampleCache(directory=tmp_path)  # nothing spills there: never written
 
 
 def test_a_cache_serves_one_loader_at_a_time(id_store):
