@@ -122,6 +122,10 @@ class SampleCache:
         """Which of `ids` are kept."""
         return self._tier[ids] >= 0
 
+    def room_for(self, sample_bytes: int) -> int:
+        """How many more samples of `sample_bytes` each it can keep."""
+        return sum(t.room() // max(1, sample_bytes) for t in self._tiers if t is not None) if self._dataset else 0
+
     def in_memory(self, ids: np.ndarray) -> bool:
         """Whether every one of `ids` is kept in memory."""
         return bool(self._dataset) and bool(np.all(self._tier[ids] == 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import reprlib
 import time
@@ -222,6 +223,7 @@ class StreamingLoader:
         self._refused: set[int] = set()  # of them, those DALI's decoder refused (no check finds them)
         if self.cache is not None:
             self.cache.bind(self.source.identity, self.arrays, owner=self)
+        self._sample_bytes = _sample_nbytes(self.source, self.arrays)
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
         # A round selected while an epoch is iterated, which the next epoch iterates: (ids, weights,
@@ -706,7 +708,7 @@ class StreamingLoader:
 
     def _with_shard_mates(self, missing: np.ndarray) -> np.ndarray:
         """`missing` and the samples of their shards this rank visits this epoch that the cache
-        lacks, sorted; only `missing` once the cache is full."""
+        lacks and has room for beside them, sorted; only `missing` once the cache is full."""
         if self.cache is None or self.cache.full:
             return missing
         size = self.source.shard_samples
@@ -714,7 +716,11 @@ class StreamingLoader:
         starts = np.searchsorted(self._visiting, shards * size)
         ends = np.searchsorted(self._visiting, (shards + 1) * size)
         mates = np.concatenate([self._visiting[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
-        return np.union1d(missing, mates[~self.cache.holds(mates)])
+        mates = mates[~self.cache.holds(mates)]
+        # in id order, the batch's own among them, as `put` keeps them: one past its room is read for nothing
+        if self._sample_bytes is not None:
+            mates = mates[: self.cache.room_for(self._sample_bytes)]
+        return np.union1d(missing, mates)
 
     def _fetch(
         self, ids: np.ndarray, round: int | str, *, skip: bool = True
@@ -902,6 +908,14 @@ def _paired(names: Any, input_array: str, source: Source, url: str) -> tuple[str
     if len(set(names)) != len(names):
         raise ParameterError(f"paired_arrays names an array twice: {list(names)}")
     return tuple(names)
+
+
+def _sample_nbytes(source: Source, arrays: Sequence[str]) -> int | None:
+    """Bytes a sample of `arrays` takes in memory; None where they vary (encoded or ragged samples)."""
+    described = [source.identity["arrays"][name] for name in arrays]
+    if any(d["dtype"] == "object" for d in described):
+        return None
+    return sum(np.dtype(d["dtype"]).itemsize * math.prod(d["shape"][1:]) for d in described)
 
 
 def _ragged(source: Source, name: str) -> RaggedLayout | None:

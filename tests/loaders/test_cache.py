@@ -82,6 +82,18 @@ def test_past_its_budget_the_cache_keeps_what_fits_and_reads_the_rest(id_store, 
     assert all(e["samples"] == 300 for e in stats["per_epoch"][1:])  # the rest, read every epoch
 
 
+@pytest.mark.parametrize("kept", [10, 100])  # samples: fewer than a batch, more
+def test_a_budget_reads_no_shard_mate_it_cannot_keep(id_store, kept):
+    selection = random_select(id_store, 0.3, seed=1)  # 750 samples
+    row = 8 * 4 + 8
+    cache = SampleCache(memory_bytes=kept * row)
+    loader = StreamingLoader(id_store, selection, batch_size=64, backend="torch", device="cpu", cache=cache)
+    epoch(loader), epoch(loader)
+    # each sample read once in the first epoch (the mates that fit kept, not the batch's own, which
+    # are delivered already), then all but those kept
+    assert [e["samples"] for e in loader.io_stats()["per_epoch"]] == [750, 750 - kept]
+
+
 def test_it_spills_to_a_directory_of_its_own_and_removes_it(id_store, tmp_path):
     selection = random_select(id_store, 0.2, seed=3)
     row = 8 * 4 + 8
