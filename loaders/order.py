@@ -160,8 +160,9 @@ class EpochOrder:
         self.epoch = epoch
 
     def forget_place(self) -> None:
-        """The next epoch starts at its first batch, whatever state was loaded."""
-        self._resume_at = self.skipped = 0
+        """The next epoch starts at its first batch, whatever state was loaded (and a state taken
+        before it starts says so: the loaded place's batches are not the next epoch's)."""
+        self._resume_at = self.skipped = self.batches_done = 0
 
     def start(self) -> int:
         """An epoch starts: the batch it starts at (a loaded place, once; else 0)."""

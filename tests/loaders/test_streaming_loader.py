@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from resume import assert_resumes_at_every_batch
+from resume import assert_resumes_at_every_batch, batches
 
 from loaders import StoreSource, StreamingLoader
 from nearstore import (
@@ -538,6 +538,35 @@ def test_a_round_selected_after_leaving_an_epoch_is_taken_at_once(id_store):
             break
     loader.reselect(0.2, method="random", seed=1)
     assert loader.round == 1 and len(loader) == 5
+
+
+def test_a_state_after_a_break_holds_its_place_as_a_stateful_dataloaders_does(id_store):
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, batch_size=100, backend="torch")
+
+    loader, whole = make(), list(batches(make(), 1))
+    for k, _ in enumerate(loader):
+        if k == 3:
+            break  # a step budget spent: the checkpoint after it resumes the rest of the epoch
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    assert list(batches(resumed, 1)) == whole[4:]
+    assert list(batches(loader, 1)) == whole  # iterated again, live: the epoch afresh, as DataLoader's
+
+
+def test_a_loaded_place_set_aside_by_set_epoch_is_not_saved(id_store):
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, batch_size=100, backend="torch")
+
+    stopped = make()
+    delivered = iter(stopped)
+    [next(delivered) for _ in range(3)]
+    loader = make()
+    loader.load_state_dict(stopped.state_dict())
+    loader.set_epoch(1)  # another epoch than the state's: from its first batch
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    assert list(batches(resumed, 3)) == list(batches(loader, 3))
 
 
 def test_a_state_over_other_shards_is_refused_where_the_order_follows_them(id_store, id_data, tmp_path):
