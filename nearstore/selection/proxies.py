@@ -220,9 +220,14 @@ class RandomFeatureProxy:
 
 class ModelProxy:
     """The trainer's model as the proxy (NeSSA's feedback): z and h are the output and input of
-    the last `nn.Linear` it runs, and g = (softmax(z) − onehot(y)) ⊗ [h, 1] that layer's
-    per-example gradient (what the model returns is not read: a tuple, a dict, a softmax after the
-    head all score alike).
+    its head, the last `nn.Linear` it runs, and g = (softmax(z) − onehot(y)) ⊗ [h, 1]
+    that layer's per-example gradient (what the model returns is not read: a tuple, a dict, a
+    softmax after the head all score alike).
+
+    The head is found by running the model (a model of one Linear needs no run): on the first
+    samples it scores, or on those given to `probe` (a scan probes on its dataset's first sample);
+    until then `num_classes` and `embedding_dim` answer the last registered nn.Linear's, and once
+    read they stay.
 
     The model is scored as it is, not copied: on its own device (`device`: a copy on another), in
     eval mode for the call, each module's mode restored after, without gradients, in chunks of
@@ -256,16 +261,28 @@ class ModelProxy:
             model = detached_copy(model).to(device)
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         self.model, self.linears = model, linears
-        self.head = linears[-1]  # the last registered: what sizes the gradients (checked by `_run`)
-        self.dtype = self.head.weight.dtype  # what the stored samples are cast to
-        self.device = self.head.weight.device
-        self.num_classes = self.head.out_features
+        self.head = linears[-1]  # the last registered until the model runs
+        self.sized = len(linears) == 1  # settled: the only one, found by a run, or its sizes read
+        self.dtype = linears[-1].weight.dtype  # what the stored samples are cast to
+        self.device = linears[-1].weight.device
         self.batch_size = batch_size
         self.images = images
 
     @property
+    def num_classes(self) -> int:
+        self.sized = True  # what was answered stays: a run that finds another head is refused (`_run`)
+        return self.head.out_features
+
+    @property
     def embedding_dim(self) -> int:
         return self.num_classes * (self.head.in_features + 1)
+
+    def probe(self, x: np.ndarray) -> ModelProxy:
+        """Find the head on samples x (one suffices) by running the model, for `num_classes` and
+        `embedding_dim` to be its own; once the head is settled, nothing is run."""
+        if not self.sized:
+            self._run(x)
+        return self
 
     def embed(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """Last-layer gradient embeddings, shape (n, num_classes · (in_features + 1))."""
@@ -283,16 +300,16 @@ class ModelProxy:
         return torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]
 
     def features(self, x: np.ndarray) -> torch.Tensor:
-        """h, the last Linear's inputs, (n, in_features): the representation, no labels needed."""
+        """h, the head's inputs, (n, in_features): the representation, no labels needed."""
         return self._run(x)[1]
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, the last Linear's inputs, labels) of a batch, checked."""
+        """(logits, the head's inputs, labels) of a batch, checked."""
         logits, features = self._run(x)
         return logits, features, _labels(y, len(x), self.num_classes, self.device, " (the model's outputs)")
 
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, the last Linear's inputs) of a batch, checked."""
+        """(logits, the head's inputs) of a batch, checked."""
         n = len(x)
         if x.dtype == object:  # ragged: batches as the loader yields them
             starts = range(0, n, self.batch_size)
@@ -314,15 +331,7 @@ class ModelProxy:
                 for chunk in chunks:
                     last.clear()
                     self.model(chunk)
-                    if not last:
-                        raise ParameterError(f"{type(self.model).__name__} ran no nn.Linear on its input")
-                    head, h, z = last[-1]
-                    if head.in_features != self.head.in_features or head.out_features != self.head.out_features:
-                        raise ParameterError(
-                            f"the last nn.Linear {type(self.model).__name__} runs ({head.in_features} -> "
-                            f"{head.out_features}) is not its last registered one ({self.head.in_features} -> "
-                            f"{self.head.out_features}), which sizes the gradients: register the head last"
-                        )
+                    head, h, z = self._head_of(last)
                     logits.append(z)
                     features.append(h)
         finally:
@@ -333,6 +342,30 @@ class ModelProxy:
         # half precision is too coarse for p − onehot(y) (a confident model's residuals round to 0)
         wide = torch.promote_types(self.dtype, torch.float32)
         return torch.cat(logits).to(wide), torch.cat(features).to(wide)
+
+    def _head_of(
+        self, last: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+        """The (head, its input, its output) of a chunk's run, checked; the first run settles the head."""
+        model = type(self.model).__name__
+        if not last:
+            raise ParameterError(f"{model} ran no nn.Linear on its input")
+        head, h, z = last[0]
+        if not self.sized:
+            self.head, self.sized = head, True
+        elif (head.in_features, head.out_features) != (self.head.in_features, self.head.out_features):
+            raise ParameterError(
+                f"the last nn.Linear {model} runs, {self._layer(head)}, is not its head {self._layer(self.head)}, "
+                "which sizes the gradients (its last registered if num_classes was read before the model ran: "
+                "probe(x) first finds the head)"
+            )
+        return head, h, z
+
+    def _layer(self, module: torch.nn.Module) -> str:
+        """A module as errors name it: 'body.0' (Linear 6 -> 12)."""
+        name = next((n for n, m in self.model.named_modules() if m is module), "")
+        shape = f" {module.in_features} -> {module.out_features}" if isinstance(module, torch.nn.Linear) else ""
+        return f"{name or type(self.model).__name__!r} ({type(module).__name__}{shape})"
 
 
 def nested(batch: RaggedBatch, device: torch.device | str) -> torch.Tensor:

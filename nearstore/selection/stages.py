@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from kernels import ConfidentJoint, label_issues
 from nearstore.errors import DatasetError
 from nearstore.selection.augment import augmentation
-from nearstore.selection.proxies import Proxy, RandomFeatureProxy
+from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, SelectiveReader, small_arrays
 from nearstore.storage.images import ImageTransform
@@ -114,6 +114,7 @@ class Scan:
         if proxy is None:
             proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
         elif labelled:
+            probe(proxy, reader, input_array)
             check_proxy(dataset, proxy)
         return cls(reader, proxy, input_array, labels, warm)
 
@@ -449,6 +450,18 @@ def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
 def _sizable(dtype: np.dtype) -> bool:
     """Whether values of `dtype` can pass MAX_INPUT: floats, 64-bit integers."""
     return np.issubdtype(dtype, np.floating) or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 8)
+
+
+def probe(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
+    """A ModelProxy's head found on the dataset's first sample (`ModelProxy.probe`), before its
+    classes are checked and its gradients sized; another proxy, or a head settled already, reads nothing."""
+    if not isinstance(proxy, ModelProxy) or proxy.sized or not reader.dataset.num_samples:
+        return
+    first = np.zeros(1, dtype=np.int64)
+    ragged = reader.dataset.ragged(input_array)
+    [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
+    if len(ids):  # a damaged first image leaves it sized by its last registered Linear
+        proxy.probe(batch[input_array])
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:

@@ -38,6 +38,7 @@ from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.record import in_sorted
 from nearstore.selection.selectors import next_round
+from nearstore.selection.stages import probe
 from nearstore.serving import protocol
 from nearstore.serving.client import Connection
 from nearstore.storage import Dataset, IOStats, SelectiveReader, small_arrays
@@ -348,6 +349,7 @@ class NearStoreServer(flight.FlightServerBase):
         except RuntimeError as e:
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
         proxy = ModelProxy(model)
+        probe(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         if self.dataset.num_classes and proxy.num_classes < self.dataset.num_classes:
             raise RequestError(
                 f"proxy model outputs {proxy.num_classes} classes, {self.name!r} has {self.dataset.num_classes}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore import ModelProxy, RandomFeatureProxy
+from nearstore import ModelProxy, RandomFeatureProxy, sage_select, write_dataset
 from nearstore.selection.proxies import sample_folds
 
 
@@ -138,8 +138,6 @@ def test_model_proxy_reads_the_head_whatever_the_model_returns_and_never_changes
     wrapped = TupleOut()
     plain = torch.nn.Sequential(wrapped.body, wrapped.head)
     torch.testing.assert_close(ModelProxy(wrapped).embed(x[:20], y[:20]), ModelProxy(plain).embed(x[:20], y[:20]))
-    with pytest.raises(ValueError, match=r"the last nn.Linear TupleOut runs \(12 -> 3\) is not its last registered"):
-        ModelProxy(TupleOut(head_first=True)).embed(x[:4], y[:4])
     # half precision scores as float32 (a confident model's p - onehot(y) rounds to 0 in bfloat16)
     half = ModelProxy(copy.deepcopy(plain).bfloat16())
     factors = half.gradient_factors(x[:20], y[:20])
@@ -148,6 +146,30 @@ def test_model_proxy_reads_the_head_whatever_the_model_returns_and_never_changes
     torch.testing.assert_close(factors[0], rounded[0], atol=0.02, rtol=0.05)
     ModelProxy(plain, device="meta")  # another device: a copy goes there, not the trainer's model
     assert plain[1].weight.device.type == "cpu"
+
+
+def test_model_proxy_finds_the_head_the_model_runs_last_wherever_it_is_registered(blobs, tmp_path):
+    x, y = blobs
+    torch.manual_seed(0)
+    last = TupleOut()
+    first = TupleOut(head_first=True)  # registered before its body: modules() lists the body's Linear last
+    first.load_state_dict(last.state_dict())
+    expected = ModelProxy(last).embed(x[:20], y[:20])
+    scored = ModelProxy(first)
+    torch.testing.assert_close(scored.embed(x[:20], y[:20]), expected)
+    assert scored.num_classes == 3 and scored.embedding_dim == 3 * 13
+    assert ModelProxy(first).probe(x[:1]).embedding_dim == 3 * 13  # before anything is scored
+    # a scan probes on the dataset's first sample before it checks the classes and sizes the sketches
+    dataset = write_dataset(str(tmp_path / "blobs.zarr"), [{"x": x, "y": y}], shard_samples=32)
+    chosen = sage_select(dataset, 0.2, seed=1, proxy=ModelProxy(first))
+    np.testing.assert_array_equal(chosen.ids, sage_select(dataset, 0.2, seed=1, proxy=ModelProxy(last)).ids)
+    # sizes read before the model ran are the last registered Linear's, and stay: a run finding another refuses
+    early = ModelProxy(first)
+    assert early.num_classes == 12
+    with pytest.raises(
+        ValueError, match=r"runs, 'head' \(Linear 12 -> 3\), is not its head 'body.0' \(Linear 6 -> 12\)"
+    ):
+        early.embed(x[:4], y[:4])
 
 
 def rendered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -356,6 +356,27 @@ def test_unchecked_inputs_are_refused_by_name(served):
     assert served.current is current and served.proxy_version == version  # nothing refused changed the server
 
 
+class HeadFirst(torch.nn.Module):
+    """8 inputs, 3 classes: a head registered before the body it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(16, 3)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_server_sizes_pushed_weights_by_the_head_its_model_runs(id_store):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=HeadFirst)
+    try:  # the body's Linear (16 outputs), registered last, would pass for 16 classes
+        with pytest.raises(RequestError, match="proxy model outputs 3 classes, 'ids' has 5"):
+            FlightSource(server.url).update_proxy(HeadFirst())
+    finally:
+        server.shutdown()
+
+
 def test_a_server_without_a_model_refuses_weights(id_store):
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.1))
     try:
