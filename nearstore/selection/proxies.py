@@ -220,14 +220,16 @@ class RandomFeatureProxy:
 
 class ModelProxy:
     """The trainer's model as the proxy (NeSSA's feedback): z and h are the output and input of
-    its head, the last `nn.Linear` it runs, and g = (softmax(z) − onehot(y)) ⊗ [h, 1]
+    its head, the last `nn.Linear` it runs (or `head`), and g = (softmax(z) − onehot(y)) ⊗ [h, 1]
     that layer's per-example gradient (what the model returns is not read: a tuple, a dict, a
     softmax after the head all score alike).
 
     The head is found by running the model (a model of one Linear needs no run): on the first
     samples it scores, or on those given to `probe` (a scan probes on its dataset's first sample);
     until then `num_classes` and `embedding_dim` answer the last registered nn.Linear's, and once
-    read they stay.
+    read they stay. A model that runs two Linears on the same features last (two heads), or a
+    layer with weights after its last Linear (a LayerNorm on the logits, a convolutional
+    classifier), is refused unless `head` names its classifier.
 
     The model is scored as it is, not copied: on its own device (`device`: a copy on another), in
     eval mode for the call, each module's mode restored after, without gradients, in chunks of
@@ -250,19 +252,25 @@ class ModelProxy:
         batch_size: int = 2048,
         device: torch.device | str | None = None,
         images: ImageTransform = PROXY_IMAGES,
+        head: torch.nn.Linear | None = None,
     ) -> None:
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
             raise ParameterError(
                 f"ModelProxy needs a model whose last layer is nn.Linear; {type(model).__name__} has none"
             )
+        if head is not None and not any(head is m for m in linears):
+            raise ParameterError(f"head must be one of the nn.Linear layers of {type(model).__name__}, got {head!r}")
         own = linears[-1].weight.device
         if device is not None and torch.device(device) != own:  # the trainer's model stays where it trains
+            named = None if head is None else next(n for n, m in model.named_modules() if m is head)
             model = detached_copy(model).to(device)
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            head = None if named is None else model.get_submodule(named)
         self.model, self.linears = model, linears
-        self.head = linears[-1]  # the last registered until the model runs
-        self.sized = len(linears) == 1  # settled: the only one, found by a run, or its sizes read
+        self.head = head or linears[-1]  # the last registered until the model runs
+        self._named = head is not None  # `head` given: read wherever it runs
+        self.sized = self._named or len(linears) == 1  # settled: given, the only one, run, or read
         self.dtype = linears[-1].weight.dtype  # what the stored samples are cast to
         self.device = linears[-1].weight.device
         self.batch_size = batch_size
@@ -306,7 +314,8 @@ class ModelProxy:
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, the head's inputs, labels) of a batch, checked."""
         logits, features = self._run(x)
-        return logits, features, _labels(y, len(x), self.num_classes, self.device, " (the model's outputs)")
+        outputs = f" (the model's outputs) with {self._layer(self.head)} as its head (`head` names another)"
+        return logits, features, _labels(y, len(x), self.num_classes, self.device, outputs)
 
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, the head's inputs) of a batch, checked."""
@@ -317,12 +326,23 @@ class ModelProxy:
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
         else:
             chunks = list(torch.as_tensor(np.asarray(x), device=self.device, dtype=self.dtype).split(self.batch_size))
-        last: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []  # the chunk's last Linear to run
+        # the chunk's last Linear to run (the head given: its last run), with any other run on the
+        # same input after it (a second head); only the latest held: a transformer runs hundreds
+        last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+        after: list[torch.nn.Module] = []  # a module with weights of its own started after that Linear
 
         def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            last[:] = [(module, args[0], output)]  # only the latest held: a transformer runs hundreds
+            sibling = bool(last) and args[0] is last[-1][1] and module is not last[-1][0]
+            last[:] = [*last, (module, args[0], output)] if sibling else [(module, args[0], output)]
+            after.clear()
 
-        hooks = [linear.register_forward_hook(keep) for linear in self.linears]
+        def started(module: torch.nn.Module, args: tuple) -> None:
+            if last and not after:
+                after.append(module)
+
+        hooks = [linear.register_forward_hook(keep) for linear in ([self.head] if self._named else self.linears)]
+        if not self._named:
+            hooks += [m.register_forward_pre_hook(started) for m in self.model.modules() if _weighted(m)]
         modes = [(module, module.training) for module in self.model.modules()]
         logits, features = [], []
         try:
@@ -330,8 +350,9 @@ class ModelProxy:
             with torch.no_grad():
                 for chunk in chunks:
                     last.clear()
+                    after.clear()
                     self.model(chunk)
-                    head, h, z = self._head_of(last)
+                    head, h, z = self._head_of(last, after)
                     logits.append(z)
                     features.append(h)
         finally:
@@ -344,12 +365,21 @@ class ModelProxy:
         return torch.cat(logits).to(wide), torch.cat(features).to(wide)
 
     def _head_of(
-        self, last: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+        self, last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]], after: list[torch.nn.Module]
+    ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         """The (head, its input, its output) of a chunk's run, checked; the first run settles the head."""
         model = type(self.model).__name__
         if not last:
-            raise ParameterError(f"{model} ran no nn.Linear on its input")
+            ran = f"did not run its head {self._layer(self.head)}" if self._named else "ran no nn.Linear"
+            raise ParameterError(f"{model} {ran} on its input")
+        if len(last) > 1:
+            heads = ", ".join(self._layer(m) for m, _, _ in last)
+            raise ParameterError(f"{model} runs {heads} last, on the same features: name its classifier with `head`")
+        if after:
+            raise ParameterError(
+                f"{self._layer(after[0])} has weights and runs after {self._layer(last[0][0])}, the last nn.Linear "
+                f"{model} runs: ModelProxy reads the logits from an nn.Linear, the last to run or named by `head`"
+            )
         head, h, z = last[0]
         if not self.sized:
             self.head, self.sized = head, True
@@ -409,6 +439,12 @@ def ragged_features(samples: np.ndarray) -> np.ndarray:
         counts = np.bincount(owner * RAGGED_BINS + bins.astype(np.int64), minlength=n * RAGGED_BINS)
         summary = counts.reshape(n, RAGGED_BINS) / np.maximum(lengths * width, 1)[:, None]
     return np.concatenate([summary, np.log1p(lengths)[:, None]], axis=1).astype(np.float32)
+
+
+def _weighted(module: torch.nn.Module) -> bool:
+    """Whether a module other than nn.Linear holds parameters or buffers of its own."""
+    own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return bool(own) and not isinstance(module, torch.nn.Linear)
 
 
 def _is_images(inputs: torch.Tensor) -> bool:

@@ -172,6 +172,54 @@ def test_model_proxy_finds_the_head_the_model_runs_last_wherever_it_is_registere
         early.embed(x[:4], y[:4])
 
 
+class TwoHeads(torch.nn.Module):
+    """A body, its classifier and an auxiliary head on the same features, both returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh())
+        self.classifier, self.aux = torch.nn.Linear(12, 3), torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.classifier(h), self.aux(h)
+
+
+class AfterTheLinear(torch.nn.Module):
+    """A last Linear whose outputs another layer with weights reads: `after` of them."""
+
+    def __init__(self, after: torch.nn.Module) -> None:
+        super().__init__()
+        self.linear, self.after = torch.nn.Linear(6, 6), after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(self.linear(x).unflatten(1, (1, 6))).flatten(1)
+
+
+def test_model_proxy_refuses_a_last_linear_that_may_not_be_the_head_unless_named(blobs):
+    x, y = blobs
+    torch.manual_seed(0)
+    two = TwoHeads()
+    with pytest.raises(
+        ValueError, match=r"TwoHeads runs 'classifier' \(Linear 12 -> 3\), 'aux' \(Linear 12 -> 4\) last"
+    ):
+        ModelProxy(two).embed(x[:4], y[:4])  # the auxiliary head, run last, would be scored as the classifier
+    named = ModelProxy(two, head=two.classifier)
+    expected = ModelProxy(torch.nn.Sequential(two.body, two.classifier)).embed(x[:20], y[:20])
+    torch.testing.assert_close(named.embed(x[:20], y[:20]), expected)
+    assert named.num_classes == 3
+    elsewhere = ModelProxy(two, device="meta", head=two.classifier)  # the copy's own classifier
+    assert elsewhere.head is elsewhere.model.classifier and two.classifier.weight.device.type == "cpu"
+    with pytest.raises(ValueError, match=r"head must be one of the nn.Linear layers of TwoHeads"):
+        ModelProxy(two, head=torch.nn.Linear(12, 3))
+    for after, name in ((torch.nn.Conv1d(1, 3, 6), "Conv1d"), (torch.nn.LayerNorm(6), "LayerNorm")):
+        model = AfterTheLinear(after)  # a convolutional classifier; a normalization of the logits
+        with pytest.raises(
+            ValueError, match=rf"'after' \({name}\) has weights and runs after 'linear' \(Linear 6 -> 6\)"
+        ):
+            ModelProxy(model).embed(x[:4], y[:4])
+
+
 def rendered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n 3 x 24 x 24 images of a bar, upright (class 0) or lying (class 1), at a random place, in a
     random colour on a random background: what flat pixels tell apart badly."""
