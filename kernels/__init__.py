@@ -7,7 +7,7 @@ from kernels.augmentation_similarity import expected_similarity, sas_greedy
 from kernels.cross_covariance import cross_covariance_greedy
 from kernels.facility_location import facility_location
 from kernels.frequent_directions import FrequentDirections
-from kernels.gradients import last_layer_factors, last_layer_gradients
+from kernels.gradients import gradients_of_factors, last_layer_factors, last_layer_gradients
 from kernels.kmeans import StreamingKMeans
 from kernels.label_issues import ConfidentJoint, label_issues
 from kernels.maxvol import maxvol, pivoted_cholesky
@@ -23,6 +23,7 @@ __all__ = [
     "cross_covariance_greedy",
     "expected_similarity",
     "facility_location",
+    "gradients_of_factors",
     "label_issues",
     "last_layer_factors",
     "last_layer_gradients",

@@ -24,7 +24,12 @@ def last_layer_gradients(
     torch.cat([W.grad, b.grad[:, None]], 1).flatten() for example i alone; with bias=False,
     (n, C·H) laid out as W.grad.flatten().
     """
-    residual, inputs = last_layer_factors(logits, labels, features, bias=bias)
+    return gradients_of_factors(*last_layer_factors(logits, labels, features, bias=bias))
+
+
+def gradients_of_factors(residual: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The gradients g_i = r_i ⊗ x_i of their factors (`last_layer_factors`) r (n, C) and x (n, H),
+    flattened: (n, C·H), as last_layer_gradients lays them out."""
     # softmax underflows to subnormals for confident classes: flushed, they cost nothing downstream.
     return flush_subnormal((residual[:, :, None] * inputs[:, None, :]).flatten(1))
 

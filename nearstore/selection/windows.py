@@ -1,7 +1,9 @@
 """Windowed selection (GRAFT, CRAIG; CREST's coresets): each class's samples, in id order, cut
 into windows (`plan.window_bounds`), each window keeping its share of the class's budget
-(`plan.share`) by a method's rule. Memory is one window per class and a batch of windows to
-decide, whatever the number of samples."""
+(`plan.share`) by a method's rule. Memory is one unfinished window per class and a batch of
+windows to decide, whatever the number of samples: a window of the gradients' two factors for the
+methods that take them (C + H + 1 floats a sample; CRAIG forms a window's C · (H + 1) when it
+decides it)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import last_layer_factors, last_layer_gradients
+from kernels import gradients_of_factors, last_layer_factors, last_layer_gradients
 
 
 def autograd_gradients(layer: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,7 @@ def test_factors_give_the_gradients_and_their_gram_matrix(bias: bool) -> None:
     assert residual.shape == (15, 4) and inputs.shape == (15, 6 + bias)
     grads = last_layer_gradients(logits, labels, features, bias=bias)
     torch.testing.assert_close(torch.einsum("nc,nh->nch", residual, inputs).flatten(1), grads)
+    assert torch.equal(gradients_of_factors(residual, inputs), grads)  # bit for bit: CRAIG forms them so
     torch.testing.assert_close((residual @ residual.T) * (inputs @ inputs.T), grads @ grads.T)
 
 

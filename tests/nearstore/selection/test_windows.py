@@ -1,0 +1,39 @@
+"""What windowed selection holds while it streams: each class's unfinished window, no more."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nearstore import AdaCore, Craig, RandomFeatureProxy, write_dataset
+from nearstore.selection import windows
+from nearstore.selection.windows import ClassWindows
+
+
+def held_bytes(parts: tuple[torch.Tensor, ...]) -> int:
+    """The bytes of the storages behind `parts` (a view holds all of its storage)."""
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in parts}.values())
+
+
+@pytest.mark.parametrize("selector", [Craig(window=128), AdaCore(window=128)], ids=str)
+def test_many_small_classes_hold_less_than_one_window_of_whole_gradients(tmp_path, monkeypatch, selector):
+    num_classes, width = 200, 32  # 3 samples a class: every class's window waits for the pass's end
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat(np.arange(num_classes), 3))
+    x = (rng.normal(size=(len(y), 8)) + rng.normal(size=(num_classes, 8))[y]).astype(np.float32)
+    dataset = write_dataset(str(tmp_path / "classes.zarr"), [{"x": x, "y": y}], shard_samples=128)
+    proxy = RandomFeatureProxy(num_classes, width=width, seed=1).fit(x, y)
+    held = []
+
+    class Counted(ClassWindows):
+        def finish(self):
+            for last in super().finish():
+                held.append(held_bytes(last[2][0]))
+                yield last
+
+    monkeypatch.setattr(windows, "ClassWindows", Counted)
+    selection = selector.select(dataset, 0.3, proxy=proxy)
+    assert len(held) == num_classes and len(selection) == num_classes
+    one_window = 128 * num_classes * (width + 1) * 4  # whole gradients, C · (H + 1) floats a sample
+    assert sum(held) == len(y) * (num_classes + width + 1) * 4 < one_window  # the factors, C + H + 1 floats
