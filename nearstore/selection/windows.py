@@ -77,7 +77,9 @@ class ClassWindows:
         for start in range(0, end, self.window):
             stop = start + self.window
             yield self._cut(group, ids[start:stop], tuple(p[start:stop] for p in parts), last=False)
-        self._pending[group] = ids[end:], tuple(p[end:] for p in parts)
+        if end:  # copied: a view would hold the batch its windows were cut from until the class goes on
+            ids, parts = ids[end:].copy(), tuple(p[end:].clone() for p in parts)
+        self._pending[group] = ids, parts
 
     def finish(self) -> Iterator[tuple[int, np.ndarray, Window]]:
         """Each class's last window: (class, ids, (parts, budget)) each."""

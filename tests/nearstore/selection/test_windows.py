@@ -16,6 +16,16 @@ def held_bytes(parts: tuple[torch.Tensor, ...]) -> int:
     return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in parts}.values())
 
 
+def test_a_class_s_unfinished_window_holds_its_own_samples_not_the_batch_it_was_cut_from():
+    classes = ClassWindows(128, lambda group: (0.1, 1))
+    ids, parts = np.arange(1000), (torch.ones(1000, 64), torch.ones(1000, 8))
+    assert len(list(classes.add(0, ids, parts))) == 7  # 896 samples in full windows, 104 wait
+    [(_, waiting, (last, _))] = classes.finish()
+    np.testing.assert_array_equal(waiting, ids[896:])
+    assert held_bytes(last) == 104 * (64 + 8) * 4
+    assert waiting.base is None or waiting.base.nbytes == waiting.nbytes
+
+
 @pytest.mark.parametrize("selector", [Craig(window=128), AdaCore(window=128)], ids=str)
 def test_many_small_classes_hold_less_than_one_window_of_whole_gradients(tmp_path, monkeypatch, selector):
     num_classes, width = 200, 32  # 3 samples a class: every class's window waits for the pass's end
