@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import facility_location
 from nearstore import AdaCore, Craig, RandomFeatureProxy, write_dataset
 from nearstore.selection import windows
-from nearstore.selection.windows import ClassWindows
+from nearstore.selection.windows import ClassWindows, medoids
 
 
 def held_bytes(parts: tuple[torch.Tensor, ...]) -> int:
@@ -47,3 +48,11 @@ def test_many_small_classes_hold_less_than_one_window_of_whole_gradients(tmp_pat
     assert len(held) == num_classes and len(selection) == num_classes
     one_window = 128 * num_classes * (width + 1) * 4  # whole gradients, C · (H + 1) floats a sample
     assert sum(held) == len(y) * (num_classes + width + 1) * 4 < one_window  # the factors, C + H + 1 floats
+
+
+def test_medoids_are_numpy_s_own_arrays_not_views_of_torch_tensors():
+    points = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    rows, weights = medoids(points, 5)
+    assert rows.flags.owndata and weights.flags.owndata  # a pick outlives its window's tensors
+    _, sizes = facility_location(points, 5)
+    np.testing.assert_array_equal(weights, (sizes.double() * 5 / 40).float().numpy())
