@@ -21,9 +21,9 @@ class Craig(WindowedSelector):
     Weights are cluster sizes × k / w, so they average 1: a weighted loss keeps its scale, and the
     weighted subset's gradient approximates the window's full gradient.
 
-    The unfinished windows hold the gradients' factors (C + H + 1 floats a sample), a window's
-    gradients (C · (H + 1)) are formed when it is decided: at 1,000 classes of a few samples each
-    the whole gradients of every class's last window took 4 GB.
+    The unfinished windows hold the gradients' factors (C + H + 1 floats a sample); a window's
+    gradients (C · (H + 1)) are formed when it is decided: at 1,000 classes of a few samples each,
+    whole gradients held for every class's last window took 4 GB.
     """
 
     method: ClassVar[str] = "craig"
