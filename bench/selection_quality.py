@@ -18,7 +18,7 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
   round, later rounds on a pool of twice the budget with the trainer's model, the curvature's
   running average handed on; adacore-dynamic-fresh: each round its own curvature);
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
-  tempered gradients, suspected label errors muted, a class under 128 samples drawn from the
+  gradient norms tempered to ‖g‖^0.25, suspected label errors muted, a class under 128 samples drawn from the
   unsuspected), graft-unmuted without muting, graft-raw-w512 the round 0 of 2026-11 (raw gradients,
   windows of 512), graft-picked with MaxVol's picks for every class (`draw_below=0`), graft-drawn
   with every class drawn;
@@ -32,7 +32,8 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
   class-balanced draw, drawn afresh every round. graft-dynamic-unmuted, -carried and -2026-12-03
   take the parts the default path gained on 2026-12-04 away (see DYNAMIC), and
   graft-dynamic-proportional its square-root class budgets (`budget_power=1`), graft-dynamic-picked-start
-  its round 0's draw for small classes (`draw_below=0`); the other graft-dynamic
+  its round 0's draw for small classes (`draw_below=0`), graft-dynamic-half-tempered-start its round 0's
+  further tempering (`norm_power=0.5`, as later rounds); the other graft-dynamic
   variants are the ablations of the 2026-12-03 path. graft-dynamic-warm trains on all data for 2
   epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
@@ -127,6 +128,8 @@ DYNAMIC = {
     "graft-dynamic-picked-start": ((DEFAULT_METHOD, {"draw_below": 0}), None),
     # Round 0 on gradient directions alone (norm_power=0), later rounds the default.
     "graft-dynamic-directions-start": ((DEFAULT_METHOD, {"norm_power": 0.0}), None),
+    # Round 0 tempered as later rounds are (norm_power=0.5, the default until 2026-12-06, stop 40).
+    "graft-dynamic-half-tempered-start": ((DEFAULT_METHOD, {"norm_power": 0.5}), None),
     # The default of 2026-12-03 at every budget: pools of twice the budget in windows of 128.
     "graft-dynamic-pool-2x": (("graft", {"window": 128, **UNMUTED}), ("graft", {**POOL, "window": 128, **CARRIED})),
     # What each part of the 2026-12-03 path was worth: MaxVol on raw gradients; pools drawn afresh;

@@ -22,6 +22,15 @@ LARGE_BUDGET = 1 / 3
 # and 70 −1.7 to +3.9; token sequences at 120 +9.6 and +14.5; MNIST-1D at 100 −2.0 ± 5.9, at 250 and
 # 500 −3.5 and −4.1 (docs/benchmarks.md#round-0-on-small-budgets-2026-12-05-evening).
 DRAW_BELOW = 128
+# GRAFT's gradients enter MaxVol tempered, g · ‖g‖^(p − 1) (`Graft.norm_power`): p = 0.5 with the
+# trainer's model; with the model-free proxy (round 0) 0.25, as its largest gradients are its random
+# features' outliers more than a class's hard samples. The default path with round 0 at 0.25
+# against 0.5, later rounds alike, seeds 0-4 paired: MNIST-1D's 21 cases at 5-25% +0.44 points a
+# case (16 of 21 ahead, 58 of 105 seeds; −2.5 to +3.2), shapes at 25% +2.1 ± 3.6; later rounds at
+# 0.25 too lost (long tail + noise at 10%: −3.2); digits' round 0 draws every class (`DRAW_BELOW`): unchanged
+# (docs/benchmarks.md#round-0-tempered-further-2026-12-06-stop-40).
+NORM_POWER = 0.5
+MODEL_FREE_NORM_POWER = 0.25
 
 
 def default_window(keep: float) -> int:

@@ -3,7 +3,8 @@ their Gram matrix; with `tolerance`, the fewest picks that approximate the windo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 from kernels import maxvol, pivoted_cholesky
 from nearstore.checks import check_flag, check_range
 from nearstore.errors import ParameterError
-from nearstore.selection.policy import DRAW_BELOW, default_window
+from nearstore.selection.policy import DRAW_BELOW, MODEL_FREE_NORM_POWER, NORM_POWER, default_window
+from nearstore.selection.proxies import Proxy
 from nearstore.selection.selectors.base import (
     MAX_GRAM_ENTRIES,
     WindowedSelector,
@@ -49,7 +51,9 @@ class Graft(WindowedSelector):
         half a point a seed.
     norm_power: each gradient enters MaxVol as g · ‖g‖^(norm_power − 1): 1 is GRAFT's raw
         gradients, whose volume favours the largest (the most confidently wrong samples); 0.5
-        tempers that; 0 weighs directions alone.
+        tempers that; 0 weighs directions alone. None: `policy.NORM_POWER`, 0.5, with the trainer's
+        model; `policy.MODEL_FREE_NORM_POWER`, 0.25, with the model-free proxy (round 0), whose
+        largest gradients are its random features' outliers more than a class's hard samples.
     mute_suspects: samples whose label the proxy contradicts with confidence (confident learning
         with a floor that follows the proxy's confidence, odds against the given label, and only
         toward a class the proxy tells apart, `stages.suspects`) enter MaxVol with zero gradients,
@@ -80,7 +84,7 @@ class Graft(WindowedSelector):
     tolerance: float | None = None
     pool: float | None = None
     pool_previous: bool = False
-    norm_power: float = 0.5
+    norm_power: float | None = None
     # Fewer, larger batches: MaxVol's steps are ~20 small tensor ops each, whose overhead a batch
     # shares (256 windows of 128 at once: a round 10% faster than 64). The picks do not change.
     gram_entries: int = 1 << 22
@@ -97,7 +101,8 @@ class Graft(WindowedSelector):
         check_pool(self.pool)
         check_flag("pool_previous", self.pool_previous)
         # past 1, the largest gradients weigh more than GRAFT's own; ‖g‖^(p − 1) soon overflows
-        check_range("norm_power", self.norm_power, 0, 1)
+        if self.norm_power is not None:
+            check_range("norm_power", self.norm_power, 0, 1)
         check_range("gram_entries", self.gram_entries, 1, MAX_GRAM_ENTRIES, integer=True)
         object.__setattr__(self, "pool_reads", Coalescing.of(self.pool_reads, "pool_reads"))
         check_flag("mute_suspects", self.mute_suspects)
@@ -114,6 +119,12 @@ class Graft(WindowedSelector):
             "pool_reads": self.pool_reads,
             "budget_power": self.budget_power,
         }
+
+    def resumed(self, carried: Mapping[str, np.ndarray] | None, proxy: Proxy | None) -> Graft:
+        """Itself with its norm_power settled by the proxy (None: the model-free one)."""
+        if self.norm_power is not None:
+            return self
+        return replace(self, norm_power=MODEL_FREE_NORM_POWER if proxy is None else NORM_POWER)
 
     def window_for(self, keep: float) -> int:
         return self.window if self.window is not None else default_window(keep)

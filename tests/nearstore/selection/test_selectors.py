@@ -26,7 +26,7 @@ from nearstore import (
     write_dataset,
 )
 from nearstore.selection.plan import class_budgets, class_sizes, share, window_bounds
-from nearstore.selection.policy import DRAW_BELOW
+from nearstore.selection.policy import DRAW_BELOW, MODEL_FREE_NORM_POWER, NORM_POWER
 from nearstore.selection.selectors import next_round
 from nearstore.selection.windows import Decisions
 
@@ -100,6 +100,19 @@ def test_graft_windows_hold_64_samples_above_a_third_of_the_data(blobs, keep, wi
     default = Graft().select(dataset, keep, proxy=proxy)
     assert default.params["window"] == window
     np.testing.assert_array_equal(default.ids, Graft(window=window).select(dataset, keep, proxy=proxy).ids)
+
+
+def test_graft_tempers_the_model_free_proxys_gradients_further(blobs):
+    """Round 0's proxy knows the data through random features: its largest gradients are outliers
+    more than hard samples, so they enter MaxVol tempered further than the trainer's model's."""
+    dataset, _, _, proxy = blobs
+    assert Graft().select(dataset, 0.3, proxy=proxy).params["norm_power"] == NORM_POWER == 0.5
+    model_free = Graft(draw_below=0).select(dataset, 0.3)  # picks, not draws, for the small classes too
+    assert model_free.params["norm_power"] == MODEL_FREE_NORM_POWER == 0.25
+    tempered = Graft(draw_below=0, norm_power=MODEL_FREE_NORM_POWER).select(dataset, 0.3)
+    np.testing.assert_array_equal(model_free.ids, tempered.ids)
+    assert not np.array_equal(model_free.ids, Graft(draw_below=0, norm_power=NORM_POWER).select(dataset, 0.3).ids)
+    assert Graft(norm_power=1.0).select(dataset, 0.3).params["norm_power"] == 1.0  # asked for: kept
 
 
 def _window_budget(keep: float, members: np.ndarray, window_ids: np.ndarray) -> int:
