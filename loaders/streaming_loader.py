@@ -261,8 +261,8 @@ class StreamingLoader:
     @property
     def dataset(self) -> Source:
         """The `Source` the samples are read from, as DataLoader's `dataset` is what it draws them
-        from: every kind of source has one (a server has no `Dataset` here); its `num_samples` is
-        the dataset's size, of which an epoch visits the selection (`len(loader.ids)`)."""
+        from: every kind of source has one (a server has no `Dataset` here); its len (`num_samples`)
+        is the dataset's size, of which an epoch visits the selection (`len(loader.ids)`)."""
         return self.source
 
     @property

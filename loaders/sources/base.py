@@ -33,6 +33,12 @@ class Source(ABC):
     def num_samples(self) -> int:
         return int(self.identity["num_samples"])
 
+    def __len__(self) -> int:
+        """Samples in the dataset, all of them (as a torch Dataset's len, for code that asks
+        `len(loader.dataset)`): not the selection a loader visits (`len(loader.ids)`), nor its
+        batches (`len(loader)`, of this rank's share of an epoch)."""
+        return self.num_samples
+
     @abstractmethod
     def read(
         self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str

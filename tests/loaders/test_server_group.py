@@ -57,6 +57,8 @@ def test_a_group_yields_the_batches_one_server_of_every_shard_yields(pair, serve
     options = dict(batch_size=64, seed=3, backend="torch", device="cpu", cache=False)
     grouped, single = StreamingLoader([primary.url, follower.url], **options), StreamingLoader(whole.url, **options)
     assert isinstance(grouped.source, ServerGroup)
+    # the whole dataset, as a DataLoader's dataset is; the epoch visits the primary's round of it
+    assert len(grouped.dataset) == len(single.dataset) == id_store.num_samples > len(primary.current.ids)
     for epoch in range(2):
         grouped.set_epoch(epoch)
         single.set_epoch(epoch)

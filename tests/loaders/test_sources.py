@@ -121,6 +121,7 @@ class TestSources:
         assert sample_identity(source.identity) == sample_identity(local.identity())
         assert source.num_samples == len(data["y"]) and source.sample_arrays == ("x", "y", "image", "tokens")
         assert source.label_array == "y"
+        assert len(source) == source.num_samples  # a torch Dataset's len: the whole dataset
 
     def test_reads_return_the_samples_asked_for_in_order(self, source, data):
         ids = np.array([2499, 3, 3, 1000, 256, 255, 0])  # unsorted, repeated, across shards

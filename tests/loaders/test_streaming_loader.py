@@ -60,7 +60,7 @@ def test_it_answers_what_code_written_for_a_dataloader_asks(id_store, drop_last,
     selection = random_select(id_store, 0.3, seed=1)  # 750 samples: 250 a rank of 3
     loader = StreamingLoader(id_store, selection, batch_size=64, drop_last=drop_last, backend="torch", **share)
     assert (loader.batch_size, loader.drop_last, loader.num_workers) == (64, drop_last, 0)
-    assert loader.dataset is loader.source and loader.dataset.num_samples == 2500
+    assert loader.dataset is loader.source and loader.dataset.num_samples == len(loader.dataset) == 2500
     samples = 250 if share else 750
     assert len(loader) == (samples // 64 if drop_last else -(-samples // 64)) == len(list(loader))
     for name in ("dataset", "batch_size", "drop_last", "num_workers"):
