@@ -19,20 +19,25 @@ DEFAULT_BATCH = 4096
 
 def npy_batches(x_path: str | Path, y_path: str | Path | None = None, *, batch: int = DEFAULT_BATCH) -> Batches:
     """Batches {"x", "y"} from .npy files, memory-mapped: only one batch is ever in memory (of at
-    most BATCH_BYTES: samples of 256 KiB come 256 at a time)."""
+    most BATCH_BYTES: samples of 256 KiB come 256 at a time). The files are checked here, before
+    a batch is asked for: one that cannot be stored is refused naming it before anything is written."""
     x = _npy(x_path)
     y = _npy(y_path) if y_path is not None else None
-    yield from _sliced(x, y, str(x_path), str(y_path), batch)
+    _check_arrays(x, y, str(x_path), str(y_path))
+    return _sliced(x, y, batch)
 
 
 def npz_batches(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", batch: int = DEFAULT_BATCH) -> Batches:
-    """Batches {"x", "y"} from a .npz archive (each array is decompressed once, whole)."""
+    """Batches {"x", "y"} from a .npz archive (each array is decompressed once, whole, here), checked
+    as `npy_batches`' are."""
     with _open_npz(path) as archive:
         for key in (x_key, y_key):
             if key is not None and key not in archive:
                 raise DatasetError(f"{path}: no array {key!r}; it has {sorted(archive.files)}")
+        x = _member(archive, x_key, path)
         y = _member(archive, y_key, path) if y_key is not None else None
-        yield from _sliced(_member(archive, x_key, path), y, f"{path}:{x_key}", f"{path}:{y_key}", batch)
+    _check_arrays(x, y, f"{path}:{x_key}", f"{path}:{y_key}")
+    return _sliced(x, y, batch)
 
 
 def label_class_names(path: str | Path, key: str | None = None) -> list[str] | None:
@@ -152,20 +157,31 @@ def long_tail(labels: np.ndarray, ratio: float) -> np.ndarray:
     return np.sort(np.concatenate([m[: max(1, round(len(m) * f))] for m, f in zip(members, shares) if len(m)]))
 
 
-def _sliced(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch: int) -> Batches:
+def _check_arrays(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str) -> None:
+    """Refuse, naming the file (`x_name`, `y_name`), samples or labels `write_dataset` would refuse
+    naming only the array: here, where the file is known, not by write_dataset."""
     # strings are class names: labels only
     for key, array, name, kinds in (("x", x, x_name, FIXED_KINDS), ("y", y, y_name, FIXED_KINDS + "US")):
         if array is None:
             continue
         if array.ndim == 0:
             raise DatasetError(f"{name} is a single value ({array.dtype} scalar), not an array of samples")
-        if array.dtype.kind not in kinds:  # refused here, where the file is known, not by write_dataset
+        if array.dtype.kind not in kinds:
             raise DatasetError(
                 f"array {key!r} from {name} holds {array.dtype} values, which are not stored: samples are "
                 "booleans, integers or floats (labels also strings)"
             )
+    if y is not None and (y.dtype.kind not in "iuUS" or y.shape[1:] not in ((), (1,))):
+        raise DatasetError(
+            f"label array 'y' from {y_name} holds {y.dtype} values of shape {y.shape}: labels are integers or "
+            "strings (class names), one a sample, of shape (n,) or (n, 1)"
+        )
     if y is not None and len(y) != len(x):
         raise DatasetError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}")
+
+
+def _sliced(x: np.ndarray, y: np.ndarray | None, batch: int) -> Batches:
+    """x and y in batches of at most `batch` samples and BATCH_BYTES, read one batch at a time."""
     if len(x):
         batch = max(1, min(batch, BATCH_BYTES // max(1, x[:1].nbytes)))
     for start in range(0, len(x), batch):

@@ -81,6 +81,18 @@ def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
     np.testing.assert_array_equal(unlabelled.arrays["x"][:], x)
 
 
+def test_convert_refuses_float_labels_naming_their_file_and_writes_nothing(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((10, 3), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.arange(10) / 2)
+    np.savez(tmp_path / "a.npz", x=np.zeros((10, 3)), y=np.arange(10.0))
+    npy = ["convert", str(tmp_path / "x.npy"), str(tmp_path / "b.zarr"), "--labels", str(tmp_path / "y.npy")]
+    npz = ["convert", str(tmp_path / "a.npz"), str(tmp_path / "c.zarr")]
+    for argv, source in ((npy, "y.npy"), (npz, "a.npz:y")):
+        assert main(argv) == 2
+        assert f"label array 'y' from {tmp_path / source} holds float64 values" in capsys.readouterr().err
+        assert not Path(argv[2]).exists()
+
+
 def test_convert_string_labels_from_npz_and_npy_sorted_as_class_names(tmp_path, capsys):
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
     y = np.array(["zebra", "ant", "moth", "ant", "zebra", "moth"])

@@ -64,6 +64,21 @@ def test_source_errors_name_the_file(tmp_path):
         list(npz_batches(tmp_path / "d.npz"))
 
 
+def test_labels_neither_integers_nor_strings_of_a_sample_each_are_refused_naming_their_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((10, 2), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.arange(10) / 2)  # floats: a regression target, or whole numbers saved so
+    np.save(tmp_path / "pairs.npy", np.zeros((10, 2), dtype=np.int64))
+    np.savez(tmp_path / "a.npz", x=np.zeros((10, 2)), y=np.arange(10.0))
+    # refused when the batches are asked for, before the first: nothing can have been written yet
+    with pytest.raises(DatasetError, match=r"label array 'y' from \S*y.npy holds float64 values of shape \(10,\)"):
+        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy")
+    with pytest.raises(DatasetError, match=r"'y' from \S*pairs.npy holds int64 values of shape \(10, 2\)"):
+        npy_batches(tmp_path / "x.npy", tmp_path / "pairs.npy")
+    with pytest.raises(DatasetError, match=r"label array 'y' from \S*a.npz:y holds float64 values"):
+        npz_batches(tmp_path / "a.npz")
+    assert len(list(npz_batches(tmp_path / "a.npz", y_key=None))) == 1  # unlabelled, its floats are no labels
+
+
 def test_mnist1d_is_deterministic_balanced_and_leaves_numpy_global_state(tmp_path):
     np.random.seed(123)
     expected_next = np.random.rand()
