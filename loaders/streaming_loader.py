@@ -708,7 +708,8 @@ class StreamingLoader:
 
     def _with_shard_mates(self, missing: np.ndarray) -> np.ndarray:
         """`missing` and the samples of their shards this rank visits this epoch that the cache
-        lacks and has room for beside them, sorted; only `missing` once the cache is full."""
+        lacks and has room for beside them (by their mean size where sizes vary), sorted; only
+        `missing` once the cache is full."""
         if self.cache is None or self.cache.full:
             return missing
         size = self.source.shard_samples
@@ -718,9 +719,17 @@ class StreamingLoader:
         mates = np.concatenate([self._visiting[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
         mates = mates[~self.cache.holds(mates)]
         # in id order, the batch's own among them, as `put` keeps them: one past its room is read for nothing
-        if self._sample_bytes is not None:
-            mates = mates[: self.cache.room_for(self._sample_bytes)]
+        mates = mates[: self.cache.room_for(self._sample_bytes or self._mean_sample_bytes())]
         return np.union1d(missing, mates)
+
+    def _mean_sample_bytes(self) -> int:
+        """A sample's bytes where they vary (encoded, ragged), estimated: the mean of those the cache
+        keeps, or before it keeps any, of the dataset's as stored (encoded images are stored as they
+        are). Samples zstd shrank are underestimated: a read past the room by at most the
+        compression ratio times the room, once (the cache is then full)."""
+        if self.cache.samples:
+            return math.ceil(sum(self.cache.nbytes()) / self.cache.samples)
+        return math.ceil(self._full_bytes() / max(1, self.num_samples))
 
     def _fetch(
         self, ids: np.ndarray, round: int | str, *, skip: bool = True
