@@ -29,7 +29,19 @@ def last_layer_gradients(
 
 def gradients_of_factors(residual: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """The gradients g_i = r_i ⊗ x_i of their factors (`last_layer_factors`) r (n, C) and x (n, H),
-    flattened: (n, C·H), as last_layer_gradients lays them out."""
+    flattened: (n, C·H), as last_layer_gradients lays them out. Of A factor pairs a sample, r
+    (n, A, C) and x (n, A, H), their mean, a sum of A rank-one terms:
+
+        ḡ_i = (1/A) Σ_a r_ia ⊗ x_ia
+
+    summed in draw order from each pair's flushed g_ia, as a mean of last_layer_gradients' would be.
+    """
+    if residual.ndim == 3:
+        draws = residual.shape[1]
+        total = gradients_of_factors(residual[:, 0], inputs[:, 0])
+        for a in range(1, draws):  # one draw's gradients beside the sum, not A of them
+            total += gradients_of_factors(residual[:, a], inputs[:, a])
+        return total.div_(draws)
     # softmax underflows to subnormals for confident classes: flushed, they cost nothing downstream.
     return flush_subnormal((residual[:, :, None] * inputs[:, None, :]).flatten(1))
 

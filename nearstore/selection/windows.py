@@ -2,8 +2,8 @@
 into windows (`plan.window_bounds`), each window keeping its share of the class's budget
 (`plan.share`) by a method's rule. Memory is one unfinished window per class and a batch of
 windows to decide, whatever the number of samples: a window of the gradients' two factors for the
-methods that take them (C + H + 1 floats a sample; CRAIG forms a window's C · (H + 1) when it
-decides it)."""
+methods that take them (C + H + 1 floats a sample, A · (C + H + 1) for AugmentAware's A draws;
+`factored_medoids` forms a window's C · (H + 1) when it decides it)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kernels import facility_location
+from kernels import facility_location, gradients_of_factors
 from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import (
     check_keep,
@@ -103,7 +103,7 @@ class Windowed(Protocol):
     """What `windowed_select` needs of a method (`selectors.base.WindowedSelector` has it)."""
 
     method: str
-    factored: bool  # whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x
+    factored: bool  # whether `pick` takes the gradients' two factors (r, x) rather than g = r ⊗ x (or A pairs)
     mute_suspects: bool  # whether samples with suspected label errors get zero gradients (factored)
     draw_uninformed: bool  # whether a proxy that knows nothing of the labels gets a draw, not a pick (factored)
     draw_below: int  # with the model-free proxy, classes whose budget is under this many get a draw (factored)
@@ -455,6 +455,15 @@ def coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.
             rows.append(start + found)
             weights.append(weight)
     return np.concatenate(rows), np.concatenate(weights)
+
+
+def factored_medoids(windows: list[Window]) -> list[Pick]:
+    """CRAIG's pick of windows held as their gradients' factors, a pair or A pairs a sample
+    (`gradients_of_factors`): each window's `medoids` of the gradients formed as it is decided,
+    scores NaN."""
+    return [
+        (*medoids(gradients_of_factors(*factors), k), np.full(k, np.nan, dtype=np.float32)) for factors, k in windows
+    ]
 
 
 def medoids(points: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:

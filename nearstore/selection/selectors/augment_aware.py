@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from nearstore.checks import check_range
 from nearstore.selection.augment import check_augmentation
@@ -16,7 +17,7 @@ from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector, check_window
 from nearstore.selection.stages import Embedded, Scan, augmented_views, scan_io
-from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide, medoids
+from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide, factored_medoids
 from nearstore.storage import Dataset
 
 
@@ -37,13 +38,17 @@ class AugmentAware(Selector):
     plain one's. Weights as CRAIG's; scores NaN. A shard's augmentations are drawn from (seed, its
     first id). Reads every shard once; the proxy scores `augmentations` copies of each sample.
 
+    The unfinished windows hold each sample's A factor pairs (r_ia, [h(x_ia), 1]: A · (C + H + 1)
+    floats) and a window's ḡ (C · (H + 1)) is formed when it is decided: at 1,000 classes of a few
+    samples each, whole ḡ held for every class's last window took GBs.
+
     window: samples a window holds. augmentations: draws per sample. augment: "signal", "image",
         "none" or "auto" (by the samples' shape), as SAS's.
     """
 
     method: ClassVar[str] = "augaware"
-    # What the windowed decisions ask of a method (`windows.Windowed`): whole gradients, no muting.
-    factored: ClassVar[bool] = False
+    # What the windowed decisions ask of a method (`windows.Windowed`): factors, no muting.
+    factored: ClassVar[bool] = True
     draw_uninformed: ClassVar[bool] = False
     mute_suspects: ClassVar[bool] = False
     window: int = 1024
@@ -67,7 +72,7 @@ class AugmentAware(Selector):
         return part.selection(dataset, self.method, call.params(keep, scan.proxy, self.params()), io)
 
     def pick(self, windows: list[Window]) -> list[Pick]:
-        return [(*medoids(gradients, k), np.full(k, np.nan, dtype=np.float32)) for (gradients,), k in windows]
+        return factored_medoids(windows)
 
     def window_for(self, keep: float) -> int:
         return self.window
@@ -76,28 +81,31 @@ class AugmentAware(Selector):
         return 1
 
 
-def expected_gradients(
+def augmented_factors(
     scan: Scan, shards: list[int], *, augmentations: int, augment: str, seed: int, progress: bool
 ) -> Iterator[Embedded]:
-    """(ids, {class: rows}, ḡ) of every sample of `shards`: the mean of the proxy's last-layer
-    gradients of its augmented copies (`augmented_views`)."""
+    """(ids, {class: rows}, (r, x)) of every sample of `shards`: the factors of the proxy's
+    last-layer gradients of its A augmented copies (`augmented_views`), residuals r (n, A, C) and
+    inputs x (n, A, H + 1), whose mean gradient ḡ_i `gradients_of_factors` forms."""
     views_of = augmented_views(
         scan, shards, augmentations=augmentations, augment=augment, seed=seed, progress=progress, desc="augaware"
     )
     for ids, batch, views in views_of:
         y = batch[scan.labels]
-        total = scan.proxy.embed(views[0], y)
-        for view in views[1:]:  # summed as they come: one shard's gradients held, not A of them
-            total += scan.proxy.embed(view, y)
-        yield ids, {int(c): np.flatnonzero(y == c) for c in np.unique(y)}, total / len(views)
+        residuals, inputs = zip(*(scan.proxy.gradient_factors(view, y) for view in views))
+        yield (
+            ids,
+            {int(c): np.flatnonzero(y == c) for c in np.unique(y)},
+            (torch.stack(residuals, 1), torch.stack(inputs, 1)),
+        )
 
 
 def augmented_pass(
     scan: Scan, shards: list[int], *, selector: AugmentAware, keep: float, seed: int, progress: bool
 ) -> WindowedPart:
-    """The pass over `shards`: every sample's expected augmented gradient, each class's samples in
-    windows, `keep` of each window kept as its weighted medoids."""
-    stream = expected_gradients(
+    """The pass over `shards`: the factors of every sample's augmented gradients, each class's
+    samples in windows, `keep` of each window kept as the weighted medoids of their mean."""
+    stream = augmented_factors(
         scan, shards, augmentations=selector.augmentations, augment=selector.augment, seed=seed, progress=progress
     )
     windows = ClassWindows(selector.window, lambda group: (keep, 1))

@@ -6,11 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from kernels import gradients_of_factors
 from nearstore.selection.selectors.base import WindowedSelector, check_window
-from nearstore.selection.windows import Pick, Window, medoids
+from nearstore.selection.windows import Pick, Window, factored_medoids
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,4 @@ class Craig(WindowedSelector):
         return self.window
 
     def pick(self, windows: list[Window]) -> list[Pick]:
-        return [
-            (*medoids(gradients_of_factors(*factors), k), np.full(k, np.nan, dtype=np.float32))
-            for factors, k in windows
-        ]
+        return factored_medoids(windows)
