@@ -49,6 +49,25 @@ def test_factors_give_the_gradients_and_their_gram_matrix(bias: bool) -> None:
     torch.testing.assert_close((residual @ residual.T) * (inputs @ inputs.T), grads @ grads.T)
 
 
+def test_factors_of_several_draws_give_their_mean_gradient() -> None:
+    torch.manual_seed(4)
+    draws, labels = 3, torch.randint(0, 5, (9,))
+    logits, features = torch.randn(draws, 9, 5), torch.randn(draws, 9, 6)
+    logits[1, :, 0] = 95.0  # one draw confident: its residuals underflow to subnormals, flushed
+    pairs = [last_layer_factors(z, labels, h) for z, h in zip(logits, features)]
+    residual, inputs = (torch.stack(factor, 1) for factor in zip(*pairs))  # (n, A, C), (n, A, H + 1)
+    mean = gradients_of_factors(residual, inputs)
+    # bit for bit the mean of each draw's gradients, summed in draw order: AugmentAware formed it so
+    total = last_layer_gradients(logits[0], labels, features[0])
+    for z, h in zip(logits[1:], features[1:]):
+        total += last_layer_gradients(z, labels, h)
+    assert mean.shape == (9, 5 * 7) and torch.equal(mean, total / draws)
+    explicit = torch.einsum("nac,nah->nch", residual.double(), inputs.double()).flatten(1) / draws
+    torch.testing.assert_close(mean.double(), explicit, rtol=1e-6, atol=1e-7)
+    one = gradients_of_factors(residual[:, :1], inputs[:, :1])
+    assert torch.equal(one, gradients_of_factors(residual[:, 0], inputs[:, 0]))  # one draw: its gradients
+
+
 def test_float32_inputs_match_autograd() -> None:
     torch.manual_seed(1)
     layer = torch.nn.Linear(16, 10)

@@ -59,11 +59,34 @@ def greedy(distances: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
     CRAIG's weights: each point to its nearest pick (a pick owns itself), sizes × k / w."""
     chosen: list[int] = []
     for _ in range(k):
-        gains = [coverage(distances, chosen + [j]) if j not in chosen else -np.inf for j in range(len(distances))]
-        chosen.append(int(np.argmax(gains)))
+        gains = np.array(
+            [coverage(distances, chosen + [j]) if j not in chosen else -np.inf for j in range(len(distances))]
+        )
+        # equal up to the sum's rounding: two points nearest each other, apart from the rest, gain alike
+        chosen.append(int(np.flatnonzero(gains >= gains.max() * (1 - 1e-12))[0]))
     owner = distances[:, chosen].argmin(1)
     owner[chosen] = np.arange(k)
     return chosen, np.bincount(owner, minlength=k) * k / len(distances)
+
+
+def greedy_medoids(x: np.ndarray, y: np.ndarray, proxy, keep: float, seed: int, window: int):
+    """The expected selection by brute force: per window of each class, `greedy` on the distances of
+    the ḡ formed explicitly (`expected_gradients`); (ids, weights) sorted by id, and each window's
+    (distances, picks)."""
+    means = expected_gradients(x, y, proxy, seed)
+    expected, weights, windows = [], [], []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        for start, end in window_bounds(len(members), window):
+            ids = members[start:end]
+            points = means[ids]
+            distances = np.linalg.norm(points[:, None] - points[None], axis=2)
+            picks, w = greedy(distances, share(keep, 1, start, end))
+            expected += ids[picks].tolist()
+            weights += w.tolist()
+            windows.append((distances, picks))
+    order = np.argsort(expected)
+    return np.array(expected)[order], np.array(weights)[order], windows
 
 
 def test_picks_are_the_greedy_medoids_of_the_expected_augmented_gradients(signals):
@@ -72,24 +95,12 @@ def test_picks_are_the_greedy_medoids_of_the_expected_augmented_gradients(signal
     chosen = AugmentAware(window=WINDOW, augmentations=DRAWS, augment="signal").select(
         dataset, keep, proxy=proxy, seed=seed
     )
-    means = expected_gradients(x, y, proxy, seed)
-    expected, weights = [], []
-    for c in (0, 1):
-        members = np.flatnonzero(y == c)
-        for start, end in window_bounds(len(members), WINDOW):
-            ids = members[start:end]
-            points = means[ids]
-            distances = np.linalg.norm(points[:, None] - points[None], axis=2)
-            picks, w = greedy(distances, share(keep, 1, start, end))
-            expected += ids[picks].tolist()
-            weights += w.tolist()
-            if start == 0:  # the first window: greedy within 1 − 1/e of the best subset, found by brute force
-                k = len(picks)
-                best = max(coverage(distances, list(s)) for s in itertools.combinations(range(len(ids)), k))
-                assert coverage(distances, picks) >= (1 - 1 / np.e) * best
-    order = np.argsort(expected)
-    np.testing.assert_array_equal(chosen.ids, np.array(expected)[order])
-    np.testing.assert_allclose(chosen.weights, np.array(weights)[order], rtol=1e-6)
+    ids, weights, windows = greedy_medoids(x, y, proxy, keep, seed, WINDOW)
+    np.testing.assert_array_equal(chosen.ids, ids)
+    np.testing.assert_allclose(chosen.weights, weights, rtol=1e-6)
+    for distances, picks in windows[:: len(windows) // 2]:  # each class's first window, by brute force:
+        best = max(coverage(distances, list(s)) for s in itertools.combinations(range(len(distances)), len(picks)))
+        assert coverage(distances, picks) >= (1 - 1 / np.e) * best  # greedy within 1 − 1/e of the best subset
     assert len(chosen) == 20 and chosen.method == "augaware" and np.isnan(chosen.scores).all()
     assert chosen.params == {
         "keep": keep,
@@ -100,6 +111,24 @@ def test_picks_are_the_greedy_medoids_of_the_expected_augmented_gradients(signal
         "augment": "signal",
     }
     assert chosen.io["bytes"] > 0
+
+
+def test_many_classes_of_a_few_samples_pick_as_their_mean_gradients_formed_whole(tmp_path):
+    """The windows hold each draw's factors, not ḡ: at more classes than features, and every class's
+    last window unfinished until the pass's end, the picks are still those of ḡ formed whole."""
+    rng = np.random.default_rng(4)
+    classes = 60
+    y = rng.permutation(np.repeat(np.arange(classes), 7))  # 7 a class: one window of 8, never full
+    x = (rng.normal(size=(classes, 40))[y] + 0.5 * rng.normal(size=(len(y), 40))).astype(np.float32)
+    dataset = write_dataset(str(tmp_path / "classes.zarr"), [{"x": x, "y": y}], shard_samples=SHARD)
+    proxy = RandomFeatureProxy(classes, width=12, seed=1).fit(x, y)
+    keep, seed = 0.3, 7
+    chosen = AugmentAware(window=8, augmentations=DRAWS, augment="signal").select(dataset, keep, proxy=proxy, seed=seed)
+    ids, weights, _ = greedy_medoids(x, y, proxy, keep, seed, 8)
+    assert len(ids) == classes * 2  # round(0.3 · 7) a class
+    np.testing.assert_array_equal(chosen.ids, ids)
+    np.testing.assert_allclose(chosen.weights, weights, rtol=1e-6)
+    assert not np.all(weights == 1)  # windows that merged samples into clusters, not only singletons
 
 
 def test_without_augmentation_it_is_craig(signals):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import facility_location
-from nearstore import AdaCore, Craig, RandomFeatureProxy, write_dataset
+from kernels import facility_location, gradients_of_factors
+from nearstore import AdaCore, AugmentAware, Craig, RandomFeatureProxy, write_dataset
 from nearstore.selection import windows
+from nearstore.selection.selectors import augment_aware
 from nearstore.selection.windows import ClassWindows, medoids
 
 
@@ -56,3 +57,33 @@ def test_medoids_are_numpy_s_own_arrays_not_views_of_torch_tensors():
     assert rows.flags.owndata and weights.flags.owndata  # a pick outlives its window's tensors
     _, sizes = facility_location(points, 5)
     np.testing.assert_array_equal(weights, (sizes.double() * 5 / 40).float().numpy())
+
+
+def test_augment_aware_at_1000_classes_holds_each_draw_s_factors_not_their_mean_gradients(tmp_path, monkeypatch):
+    num_classes, width, draws = 1000, 32, 2  # 3 samples a class: every class's window waits for the pass's end
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat(np.arange(num_classes), 3))
+    x = (rng.normal(size=(len(y), 8)) + rng.normal(size=(num_classes, 8))[y]).astype(np.float32)
+    dataset = write_dataset(str(tmp_path / "classes.zarr"), [{"x": x, "y": y}], shard_samples=128)
+    proxy = RandomFeatureProxy(num_classes, width=width, seed=1).fit(x, y)
+    held, formed = [], []
+
+    class Counted(ClassWindows):
+        def finish(self):
+            for last in super().finish():
+                held.append(held_bytes(last[2][0]))
+                yield last
+
+    def counted_gradients(residual, inputs):
+        gradients = gradients_of_factors(residual, inputs)
+        formed.append(gradients.nbytes)
+        return gradients
+
+    monkeypatch.setattr(augment_aware, "ClassWindows", Counted)
+    monkeypatch.setattr(windows, "gradients_of_factors", counted_gradients)
+    selection = AugmentAware(window=128, augmentations=draws, augment="signal").select(dataset, 0.3, proxy=proxy)
+    assert len(held) == num_classes and len(selection) == num_classes
+    whole = len(y) * num_classes * (width + 1) * 4  # every class's ḡ, C · (H + 1) floats a sample: 396 MB
+    assert sum(held) == len(y) * draws * (num_classes + width + 1) * 4 < whole / 15  # A · (C + H + 1) floats
+    # ḡ formed a window at a time as it is decided (3 samples), not for the pass
+    assert len(formed) == num_classes and max(formed) == 3 * num_classes * (width + 1) * 4
