@@ -24,8 +24,10 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
+from zarr.abc.buffer import Buffer
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
+from zarr.storage import MemoryStore, StorePath
 
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.codecs import Sharding, chunk_sums, encode_bytes_shard
@@ -320,7 +322,7 @@ class _ClassIndex:
 
 
 class _ShardWriter:
-    """Buffers samples until a whole shard is ready, so zarr writes every shard exactly once."""
+    """Buffers samples until a whole shard is ready, then encodes it in memory and uploads it once."""
 
     def __init__(
         self,
@@ -424,8 +426,6 @@ class _ShardWriter:
             if encoded:
                 self.byte_shards[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
                 _check_byte_shards(self.documents[name], compress, name)
-                # the folder of its shard objects, on a local store (one for all: the array is 1-D)
-                self.fs.makedirs(posixpath.dirname(self._shard_path(name, 0)), exist_ok=True)
             self.pending[name] = []
             self.nbytes[name], self.digests[name], self.sums[name], self.content[name] = [], [], [], new_digest()
 
@@ -495,21 +495,14 @@ class _ShardWriter:
                     "(an object array holds encoded samples, each one bytes object)"
                 )
 
-    def _shard_path(self, name: str, shard: int) -> str:
-        return f"{self.root}/{shard_key(name, self.documents[name], shard)}"
-
     def _flush(self, n: int) -> None:
         start, stop = self.num_samples, self.num_samples + n
+        shard_index = start // self.shard_samples
         for name, array in self.arrays.items():
             values, self.pending[name] = _first(self.pending[name], n)
-            array.resize((stop, *array.shape[1:]))
-            path = self._shard_path(name, start // self.shard_samples)
-            if name in self.byte_shards:
-                shard = encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
-                self.fs.pipe_file(path, shard)
-            else:
-                array[start:stop] = values
-                shard = self.fs.cat_file(path)  # read back: the crc32c zarr stored after each chunk
+            shard = self._encode(name, values, start, stop)
+            self._put(f"{self.root}/{shard_key(name, self.documents[name], shard_index)}", shard)
+            array.resize((stop, *array.shape[1:]))  # after the shard: zarr.json names only shards stored
             self.nbytes[name].append(len(shard))
             self.sums[name].append(chunk_sums(shard, self.sharding[name]))
             shard_digest = new_digest()
@@ -517,6 +510,28 @@ class _ShardWriter:
             self.digests[name].append(shard_digest.hexdigest())
         self.num_pending -= n
         self.num_samples = stop
+
+    def _encode(self, name: str, values: np.ndarray, start: int, stop: int) -> bytes:
+        """The object of the shard of array `name` holding samples `start`..`stop` (`values`; `stop`
+        the last written, so far the array's length), as it is stored: built in memory, so that the
+        manifest's size and chunk checksums come from these bytes, not from reading the object back."""
+        if name in self.byte_shards:
+            return encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
+        # zarr's own codecs encode it, into a store in memory: the bytes zarr would write to the
+        # store, exactly, for an array of this zarr.json as long as what is written so far
+        document = {**self.documents[name], "shape": (stop, *values.shape[1:])}
+        staged: dict[str, Buffer] = {}
+        array = zarr.Array.from_dict(StorePath(MemoryStore(staged), name), document)
+        array.with_config(self.arrays[name].config)[start:stop] = values
+        return staged.pop(shard_key(name, document, start // self.shard_samples)).to_bytes()
+
+    def _put(self, path: str, shard: bytes) -> None:
+        """Upload `shard` to `path` in one request (a local store: into a folder made if new)."""
+        try:
+            self.fs.pipe_file(path, shard)
+        except FileNotFoundError:  # a filesystem with folders, and this shard's is new (x/c/3/ of a 2-D x)
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            self.fs.pipe_file(path, shard)
 
 
 def _check_byte_shards(document: Mapping[str, Any], compressed: bool, name: str) -> None:
