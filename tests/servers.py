@@ -35,8 +35,9 @@ class Served:
     method: str
     path: str
     status: int
-    bytes: int
+    bytes: int  # of the response's body: what was downloaded
     range: str | None
+    received: int = 0  # bytes of the request's body: what was uploaded (the S3 server counts them)
 
 
 @dataclass
@@ -110,8 +111,9 @@ class S3Server:
             status.append(int(line.split()[0]))
             return start_response(line, headers, exc_info)
 
+        received = int(environ.get("CONTENT_LENGTH") or 0)
         body = b"".join(self._moto(environ, record_status))
-        self.books.served.append(Served(method, path, status[0], len(body), environ.get("HTTP_RANGE")))
+        self.books.served.append(Served(method, path, status[0], len(body), environ.get("HTTP_RANGE"), received))
         return [body]
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from nearstore import DatasetError, SelectiveReader, open_dataset, write_dataset
+from nearstore import DatasetError, SelectiveReader, open_dataset, verify_dataset, write_dataset
 
 
 def test_store_is_sharded_zarr_with_one_sample_per_inner_chunk(id_store, id_data):
@@ -52,6 +53,46 @@ def test_writer_streams_one_shard_at_a_time(tmp_path):
     ds = write_dataset(url, batches(), shard_samples=shard)
     assert ds.num_samples == 1000
     np.testing.assert_array_equal(ds.arrays["x"][:, 0], np.repeat(np.arange(10), 100))
+
+
+@pytest.mark.parametrize("chunk_samples", [None, 1])
+def test_fixed_size_shards_are_the_bytes_zarr_itself_writes(tmp_path, fingerprint, chunk_samples):
+    # The writer encodes a shard in memory and uploads it; zarr writing the same array to the store
+    # (as the writer once did) must give the same objects, byte for byte, and the same zarr.json.
+    rng = np.random.default_rng(0)
+    n = 700  # shards of 256: the last one partial
+    data = {
+        "noise": rng.normal(size=(n, 5)).astype(np.float32),  # incompressible: stored raw
+        "image": np.repeat(rng.integers(0, 3, size=(n, 4, 1), dtype=np.uint8), 8, axis=2),  # zstd
+        "flag": rng.random(n) < 0.5,
+        "half": rng.normal(size=(n, 3)).astype(">f2"),  # big-endian, stored little-endian
+        "y": rng.integers(0, 10, n),
+    }
+    url = str(tmp_path / "written.zarr")
+    batches = ({k: v[i : i + 300] for k, v in data.items()} for i in range(0, n, 300))
+    dataset = write_dataset(url, batches, shard_samples=256, chunk_samples=chunk_samples)
+    for name, values in data.items():
+        written = zarr.open_array(f"{url}/{name}", mode="r")
+        compressors = [ZstdCodec(level=3), Crc32cCodec()] if name == "image" else [Crc32cCodec()]
+        by_zarr = zarr.create_array(
+            str(tmp_path / "by_zarr" / name),
+            shape=values.shape,
+            dtype=values.dtype.newbyteorder("<"),
+            chunks=written.chunks,
+            shards=(256, *values.shape[1:]),
+            compressors=compressors,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        by_zarr[:] = values
+        objects = fingerprint(f"{url}/{name}")
+        assert len(objects) == 3 + 1  # the shards, and zarr.json (the writer's resized to all samples)
+        assert objects == fingerprint(tmp_path / "by_zarr" / name), name
+        np.testing.assert_array_equal(written[:], values)
+    read = SelectiveReader(dataset).read(np.arange(n))
+    for name, values in data.items():
+        np.testing.assert_array_equal(read[name], values)
+    assert verify_dataset(dataset, progress=False) == []
 
 
 def test_small_samples_share_inner_chunks_and_read_back_exactly(tmp_path):

@@ -256,6 +256,24 @@ def test_a_dataset_at_an_empty_buckets_root_is_written_in_place_and_a_failed_wri
     assert open_dataset("s3://root-bucket", storage_options=s3.storage_options).num_samples == 100
 
 
+@pytest.mark.parametrize("shard_samples", [SHARD, 1000])
+def test_writing_to_s3_uploads_each_shard_once_and_reads_none_back(s3, data, shard_samples):
+    # Each shard is encoded in memory: its size and chunk checksums for the manifest come from
+    # those bytes, so writing costs its uploads, not as many downloads again.
+    fsspec.filesystem("s3", **s3.storage_options).makedirs("nearstore-write", exist_ok=True)
+    url = f"s3://nearstore-write/once-{shard_samples}.zarr"
+    s3.books.clear()
+    dataset = write_dataset(url, batches(data), shard_samples=shard_samples, storage_options=s3.storage_options)
+    served = list(s3.books.served)
+    shards = ["/" + dataset.shard_path(name, k) for name in dataset.arrays for k in range(dataset.array_shards(name))]
+    # no GET or HEAD of a shard object: each is named once, by its upload
+    assert sorted((s.method, s.path) for s in served if s.path in shards) == sorted(("PUT", p) for p in shards)
+    uploaded = sum(s.received for s in served if s.method == "PUT")
+    downloaded = sum(s.bytes for s in served if s.method == "GET")
+    assert uploaded > dataset.stored_nbytes() and downloaded < 0.05 * uploaded
+    np.testing.assert_array_equal(SelectiveReader(dataset).read(np.arange(N))["x"], data["x"])
+
+
 def test_http_stores_are_read_only(nginx, http_store):
     with pytest.raises(Exception):  # noqa: B017 - fsspec's HTTP backend refuses writes in its own words
         write_dataset(f"{nginx.url}/new.zarr", [{"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}])
