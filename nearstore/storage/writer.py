@@ -512,13 +512,13 @@ class _ShardWriter:
         self.num_samples = stop
 
     def _encode(self, name: str, values: np.ndarray, start: int, stop: int) -> bytes:
-        """The object of the shard of array `name` holding samples `start`..`stop` (`values`; `stop`
-        the last written, so far the array's length), as it is stored: built in memory, so that the
-        manifest's size and chunk checksums come from these bytes, not from reading the object back."""
+        """The bytes of the shard object of array `name` that holds samples [start, stop) (`values`;
+        `stop` is the array's length once it is written, so a last shard may be partial): built in
+        memory, so the manifest's size and chunk checksums come from them, not from a read back."""
         if name in self.byte_shards:
             return encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
-        # zarr's own codecs encode it, into a store in memory: the bytes zarr would write to the
-        # store, exactly, for an array of this zarr.json as long as what is written so far
+        # zarr's own codecs encode it, into a store in memory: exactly the bytes zarr would write to
+        # the store for an array of this zarr.json; the real array's config keeps write_empty_chunks
         document = {**self.documents[name], "shape": (stop, *values.shape[1:])}
         staged: dict[str, Buffer] = {}
         array = zarr.Array.from_dict(StorePath(MemoryStore(staged), name), document)
