@@ -452,16 +452,21 @@ def _sizable(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 8)
 
 
+# Samples a probe reads, from the first: a damaged image among them is passed over.
+PROBE_SAMPLES = 8
+
+
 def probe(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
-    """A ModelProxy's head found on the dataset's first sample (`ModelProxy.probe`), before its
-    classes are checked and its gradients sized; another proxy, or a head settled already, reads nothing."""
+    """A ModelProxy's head found on the dataset's first sample that decodes (of its first
+    PROBE_SAMPLES: `ModelProxy.probe`), before its classes are checked and its gradients sized;
+    another proxy, or a head settled already, reads nothing."""
     if not isinstance(proxy, ModelProxy) or proxy.sized or not reader.dataset.num_samples:
         return
-    first = np.zeros(1, dtype=np.int64)
+    first = np.arange(min(PROBE_SAMPLES, reader.dataset.num_samples), dtype=np.int64)
     ragged = reader.dataset.ragged(input_array)
     [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
-    if len(ids):  # a damaged first image leaves it sized by its last registered Linear
-        proxy.probe(batch[input_array])
+    if len(ids):  # none decoded: sized by its last registered Linear, and refused if the run finds another
+        proxy.probe(batch[input_array][:1])
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:

@@ -13,7 +13,7 @@ from images import NUM_IMAGES, image_store, photo
 from PIL import Image
 
 from loaders import StreamingLoader
-from nearstore import Graft, ParameterError, SampleError, write_dataset
+from nearstore import Graft, ModelProxy, ParameterError, SampleError, write_dataset
 from nearstore.storage.images import ImageTransform
 
 
@@ -129,6 +129,29 @@ def test_the_scan_selects_on_decoded_images_and_leaves_damaged_ones_out(broken, 
     assert "left out of selection: sample 130 of array 'image'" in caplog.text
     loader = StreamingLoader(broken, selection, batch_size=40, backend="torch", images=ImageTransform(size=16))
     assert sum(len(y) for _, y in loader) == len(selection.ids)
+
+
+class HeadFirst(torch.nn.Module):
+    """A classifier registered before its body: the last registered Linear is not its head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(8, 4)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_scan_finds_the_models_head_past_a_damaged_first_image(tmp_path):
+    # the scan runs the model on the first sample that decodes to find its head (the first is cut short)
+    whole = photo(0)
+    store, _ = image_store(str(tmp_path / "first.zarr"), {0: whole[: len(whole) // 2]})
+    torch.manual_seed(0)
+    proxy = ModelProxy(HeadFirst(), images=ImageTransform(size=16, train=False))
+    selection = Graft().select(store, 0.5, seed=0, proxy=proxy)
+    assert proxy.num_classes == 4 and 0 not in selection.ids
+    assert len(selection.ids) == NUM_IMAGES // 2
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
