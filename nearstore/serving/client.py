@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
@@ -43,6 +44,10 @@ class Connection:
     select_timeout_seconds: the same for a `select`, whose round scans the store: default 6 h (a
         store of 69M samples at the 3,205 samples/s of a SAGE scan in process on 2 cores); None
         waits for any scan. A select that expires leaves its round running on the server.
+
+    Each `select` carries a request id of its own, the same on every retry of it: a retry whose
+    first try's round landed (the answer lost, the server restarted from its state_dir) is answered
+    that round, not a new one.
     """
 
     def __init__(
@@ -87,12 +92,14 @@ class Connection:
 
     def action(self, kind: str, request: dict[str, Any]) -> bytes:
         """The server's answer to action `kind` with `request` (`protocol.ACTIONS`), which names
-        this connection's dataset (a server of another refuses it)."""
-        body = json.dumps({"dataset": self.name, **request}).encode()
+        this connection's dataset (a server of another refuses it). A select's request id (its
+        "request") is made here, once, unless `request` names one."""
         if kind == "select":  # its round scans the store: a deadline of its own
+            request = {"request": uuid.uuid4().hex, **request}
             options, limit = self._select_options, "select_timeout_seconds"
         else:
             options, limit = self._options, "timeout_seconds"
+        body = json.dumps({"dataset": self.name, **request}).encode()  # built once: every retry sends it
         results = self._call(lambda: list(self._client.do_action(flight.Action(kind, body), options=options)), limit)
         return results[0].body.to_pybytes()
 

@@ -9,8 +9,11 @@ Arrow Flight; everything both sides must agree on lives here.
   stored); the schema's metadata gives each array's dtype ("bytes" for encoded) and sample shape.
 - actions (`ACTIONS`), JSON bodies of at most MAX_TICKET_BYTES naming the dataset
   (`{"dataset": name, ...}`) and answers: `info`, `selection` (`{"round": r}` →
-  `Selection.to_bytes()`), `select` (`{"keep", "method", "options", "seed"}` → runs a round,
-  answers with its `Selection.to_bytes()`).
+  `Selection.to_bytes()`), `select` (`{"keep", "method", "options", "seed", "request"}` → runs a
+  round, answers with its `Selection.to_bytes()`). `request` is the select's idempotency key (the
+  client's, one per select, the same on every retry): a select whose key a kept round ran for is
+  answered that round and runs none, so a retry whose first try's round landed (its answer lost, the
+  server restarted) does not run a second.
 - `do_put(weights_descriptor(name, n))`: pushes proxy weights (a `torch.save`d state_dict of n
   bytes) as WEIGHTS batches of at most WEIGHTS_CHUNK_BYTES each; the server reads them batch by
   batch, refusing n over its limit before a byte is read and a stream that passes n at once, and
@@ -54,7 +57,8 @@ ACTIONS = {
     "selection": "a selection round as Selection.to_bytes()",
     "select": "run a new selection round; answers with it as Selection.to_bytes()",
 }
-SELECT_FIELDS = ("keep", "method", "options", "seed")
+SELECT_FIELDS = ("keep", "method", "options", "seed", "request")
+MAX_REQUEST_ID_CHARS = 64  # a select's request id (the client's: a uuid4, 32 hex digits)
 # Actions that change what the server serves: the admin token's, as is do_put (a weights push).
 ADMIN_ACTIONS = ("select",)
 TOKEN_ENV = "NEARSTORE_TOKEN"  # the admin token: reads, pushes weights, starts rounds

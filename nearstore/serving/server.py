@@ -357,11 +357,12 @@ class NearStoreServer(flight.FlightServerBase):
         return proxy
 
     def _select(self, request: dict[str, Any]) -> bytes:
-        """A new round, run after any running one; answers with it, whichever round is current by then."""
+        """A new round, run after any running one; answers with it, whichever round is current by
+        then. A select whose request id a kept round ran for is answered that round (a retry)."""
         self._check_runs_rounds("select")
         unknown = set(request) - set(protocol.SELECT_FIELDS)
         if unknown:
-            raise RequestError(f"select takes keep, method, options and seed; got unknown {sorted(unknown)}")
+            raise RequestError(f"select takes {', '.join(protocol.SELECT_FIELDS)}; got unknown {sorted(unknown)}")
         current = self.current
         keep, method = request.get("keep", current.keep), request.get("method", current.method)
         options, seed = request.get("options", {}), request.get("seed", current.round + 1)
@@ -372,17 +373,32 @@ class NearStoreServer(flight.FlightServerBase):
             raise RequestError(f"select's method must be a string, got {method!r}")
         if not isinstance(options, dict):
             raise RequestError(f"select's options must be a JSON object, got {type(options).__name__}")
-        return self._run_round(keep=float(keep), method=method, options=options, seed=seed).to_bytes()
+        request_id = request.get("request")  # None: a client before request ids, each select a round
+        longest = protocol.MAX_REQUEST_ID_CHARS
+        if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= longest):
+            got = f"{len(request_id)} characters" if isinstance(request_id, str) else type(request_id).__name__
+            raise RequestError(f"select's request must be a string of 1 to {longest} characters (its id), got {got}")
+        selection = self._run_round(keep=float(keep), method=method, options=options, seed=seed, request_id=request_id)
+        return selection.to_bytes()
 
     # Rounds ----------------------------------------------------------------------------------
 
-    def _run_round(self, *, keep: float, method: str, options: dict[str, Any], seed: int) -> Selection:
+    def _run_round(
+        self, *, keep: float, method: str, options: dict[str, Any], seed: int, request_id: str | None = None
+    ) -> Selection:
         """Run the next round and keep it: numbered and handed the round before it under
-        _round_lock, so concurrent requests get distinct rounds, each the one it ran."""
+        _round_lock, so concurrent requests get distinct rounds, each the one it ran. `request_id`, a
+        select's, is kept in the round's params: the kept round that holds it is the answer to
+        that select's retries (looked up under _round_lock: a retry arriving while its first try
+        runs waits for that round), and none runs again."""
         with self._round_lock:
             with self._lock:
+                ran = next((s for s in self._rounds.values() if s.params.get("request") == request_id), None)
                 previous = self._rounds[max(self._rounds)] if self._rounds else None
                 proxy, proxy_version = self._proxy, self.proxy_version
+            if request_id is not None and ran is not None:
+                log.info("select %s: answered with round %d, which it already ran", request_id, ran.round)
+                return ran
             number = 0 if previous is None else previous.round + 1
             log.info(
                 "selection round %d: %s %s, keep %.3f, proxy version %d", number, method, options, keep, proxy_version
@@ -400,7 +416,8 @@ class NearStoreServer(flight.FlightServerBase):
                 progress=self.progress,
                 executor=self.executor,
             )
-            selection = replace(selection, params={**selection.params, "proxy_version": proxy_version})
+            params = {**selection.params, "proxy_version": proxy_version, "request": request_id}
+            selection = replace(selection, params=params)
             self._keep_round(selection)
         return selection
 

@@ -47,6 +47,7 @@ select_bodies = st.fixed_dictionaries(
         "keep": st.floats(allow_nan=True, allow_infinity=True) | json_values,
         "options": json_values,
         "seed": json_values,
+        "request": st.text(max_size=80) | json_values,
     },
 )
 raw = st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode())

@@ -35,6 +35,7 @@ from nearstore import (
     write_dataset,
 )
 from nearstore.serving import NearStoreServer, protocol
+from nearstore.serving.client import Connection
 from nearstore.serving.protocol import MAX_REQUEST_SAMPLES
 
 
@@ -252,6 +253,84 @@ def test_concurrent_selects_get_distinct_rounds_each_served_and_kept_as_answered
         server.shutdown()
 
 
+class AnswerLost(NearStoreServer):
+    """Runs and keeps a select's round, then loses its first answer as a server killed before
+    answering would: the client sees the server unavailable, and retries."""
+
+    lost = 0
+
+    def do_action(self, context, action):
+        answers = list(super().do_action(context, action))
+        if action.type == "select" and not self.lost:
+            self.lost += 1
+            raise flight.FlightUnavailableError("the answer was lost")
+        yield from answers
+
+
+def test_a_select_retried_after_its_round_landed_gets_that_round_even_from_a_restarted_server(
+    id_store, tmp_path, caplog
+):
+    state_dir = tmp_path / "state"
+    server = AnswerLost(id_store, selection=random_select(id_store, 0.3, seed=1), state_dir=state_dir)
+    try:
+        with caplog.at_level("INFO", logger="nearstore"):
+            answered = FlightSource(server.url).select(keep=0.2, method="sage", seed=0)
+        assert server.lost == 1 and any("unreachable, retrying" in r.message for r in caplog.records)
+        # the retry carried the first try's id: answered with the round that try ran, and no other ran
+        assert answered.round == server.current.round == 1
+        request_id = answered.params["request"]
+        assert re.fullmatch("[0-9a-f]{32}", request_id)
+        assert any(f"select {request_id}: answered with round 1" in r.getMessage() for r in caplog.records)
+    finally:
+        server.shutdown()
+
+    # The server restarted from its state_dir: the select's id came with its round.
+    restarted = NearStoreServer(id_store, state_dir=state_dir)
+    try:
+        connection = Connection(restarted.url)
+        again = Selection.from_bytes(
+            connection.action("select", {"keep": 0.2, "method": "sage", "seed": 0, "request": request_id})
+        )
+        assert again.round == restarted.current.round == 1 and again.params["request"] == request_id
+        np.testing.assert_array_equal(again.ids, answered.ids)
+        # a select of a new id, and selects of none (a client before ids), each run a round
+        assert FlightSource(restarted.url).select(keep=0.2, method="random", seed=0).round == 2
+        client = flight.FlightClient(f"grpc://127.0.0.1:{restarted.port}")
+        body = json.dumps({"dataset": restarted.name, "keep": 0.1, "method": "random", "seed": 0}).encode()
+        for expected in (3, 4):
+            (result,) = client.do_action(flight.Action("select", body))
+            assert Selection.from_bytes(result.body.to_pybytes()).round == restarted.current.round == expected
+        # an id is answered while its round is kept (ROUNDS_KEPT): round 1 is gone, so it runs one
+        assert sorted(restarted._rounds) == [3, 4]
+        late = connection.action("select", {"keep": 0.2, "method": "random", "seed": 0, "request": request_id})
+        assert Selection.from_bytes(late).round == 5
+    finally:
+        restarted.shutdown()
+
+
+def test_selects_of_one_request_id_arriving_together_run_one_round(id_store):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        start = threading.Barrier(2)
+        answered: list[Selection] = []
+        request = {"keep": 0.2, "method": "sage", "seed": 0, "request": "one-select"}
+
+        def select() -> None:
+            connection = Connection(server.url)
+            start.wait()  # the second arrives while the first's scan (SAGE's two passes) runs
+            answered.append(Selection.from_bytes(connection.action("select", request)))
+
+        threads = [threading.Thread(target=select) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [s.round for s in answered] == [1, 1] and server.current.round == 1
+        np.testing.assert_array_equal(answered[0].ids, answered[1].ids)
+    finally:
+        server.shutdown()
+
+
 def test_a_weights_push_over_the_limit_is_refused_before_it_is_read(id_store):
     limit = 4 << 20
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=tiny_model, max_proxy_bytes=limit)
@@ -336,6 +415,17 @@ def test_unchecked_inputs_are_refused_by_name(served):
         "RequestError",
         "select's keep must be a number, got 'all'",
     )
+    longest = protocol.MAX_REQUEST_ID_CHARS
+    for request_id, got in (
+        (7, "int"),
+        (["a"], "list"),
+        ("", "0 characters"),
+        ("a" * (longest + 1), f"{longest + 1} characters"),
+    ):
+        assert action("select", json.dumps({"dataset": served.name, "request": request_id}).encode()) == (
+            "RequestError",
+            f"select's request must be a string of 1 to {longest} characters (its id), got {got}",
+        )
     for seed in (-1, 2**64, "7"):
         with pytest.raises(
             ParameterError, match=rf"seed must be an integer in \[0, 18446744073709551616\), got {seed!r}"
