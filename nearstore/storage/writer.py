@@ -3,10 +3,11 @@
 Every array is written with the sharding codec, `shard_samples` samples a shard, a sample an inner
 chunk (one byte range) unless samples are small enough to share one (`chunk_samples`), each inner
 chunk ending in its crc32c; every shard object is written, fill values or not, and its size,
-samples' digest and inner chunks' crc32c recorded. The group attributes, with that manifest, go
-last (`open_dataset` refuses a store without them, what a killed writer leaves). A write that
-fails removes what it wrote; replacing a store writes the new one beside it and swaps it in only
-when whole.
+samples' digest and inner chunks' crc32c recorded. Each array's zarr.json is uploaded once, with
+its final length, when the last shard is; the group attributes, with that manifest, go last
+(`open_dataset` refuses a store without them, what a killed writer leaves). A write that fails
+removes what it wrote; replacing a store writes the new one beside it and swaps it in only when
+whole.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from zarr.abc.buffer import Buffer
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
-from zarr.storage import MemoryStore, StorePath
+from zarr.storage import MemoryStore
 
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.codecs import Sharding, chunk_sums, encode_bytes_shard
@@ -211,7 +212,7 @@ def _write(
 ) -> None:
     """Write the store into `group`, which is at `root` of `fs`; `url` names it in messages."""
     index = _ClassIndex(label_array, class_names)
-    writer = _ShardWriter(group, fs, root, shard_samples, chunk_samples, zstd_level, label_array, index)
+    writer = _ShardWriter(fs, root, shard_samples, chunk_samples, zstd_level, label_array, index)
     with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
@@ -322,11 +323,14 @@ class _ClassIndex:
 
 
 class _ShardWriter:
-    """Buffers samples until a whole shard is ready, then encodes it in memory and uploads it once."""
+    """Buffers samples until a whole shard is ready, then encodes it in memory and uploads it once.
+
+    The arrays are made in a group in memory: their zarr.json documents are uploaded by `close`,
+    each once with its array's final length (resizing the store's array after every shard cost a
+    request a shard on object storage)."""
 
     def __init__(
         self,
-        group: zarr.Group,
         fs: fsspec.AbstractFileSystem,
         root: str,
         shard_samples: int,
@@ -335,7 +339,9 @@ class _ShardWriter:
         label_array: str | None,
         index: _ClassIndex,
     ):
-        self.group, self.fs, self.root = group, fs, root
+        self.fs, self.root = fs, root
+        self.staged: dict[str, Buffer] = {}  # the in-memory group's objects: its arrays' zarr.json
+        self.group = zarr.open_group(MemoryStore(self.staged), mode="w")
         self.shard_samples, self.chunk_samples, self.zstd_level = shard_samples, chunk_samples, zstd_level
         self.label_array, self.index = label_array, index
         self.names: tuple[str, ...] = ()
@@ -375,8 +381,11 @@ class _ShardWriter:
             self._flush(self.shard_samples)
 
     def close(self) -> None:
+        """Upload the last shard, then each array's zarr.json, naming all the samples written."""
         if self.num_pending:
             self._flush(self.num_pending)
+        for name in self.names:
+            self._put(f"{self.root}/{name}/{ZARR_JSON}", self.staged[f"{name}/{ZARR_JSON}"].to_bytes())
 
     def _create(self, batch: Mapping[str, np.ndarray]) -> None:
         if not batch:
@@ -499,10 +508,10 @@ class _ShardWriter:
         start, stop = self.num_samples, self.num_samples + n
         shard_index = start // self.shard_samples
         for name, array in self.arrays.items():
+            array.resize((stop, *array.shape[1:]))  # in memory (`close` uploads its zarr.json), so cheap
             values, self.pending[name] = _first(self.pending[name], n)
-            shard = self._encode(name, values, start, stop)
+            shard = self._encode(name, values, start)
             self._put(f"{self.root}/{shard_key(name, self.documents[name], shard_index)}", shard)
-            array.resize((stop, *array.shape[1:]))  # after the shard: zarr.json names only shards stored
             self.nbytes[name].append(len(shard))
             self.sums[name].append(chunk_sums(shard, self.sharding[name]))
             shard_digest = new_digest()
@@ -511,27 +520,23 @@ class _ShardWriter:
         self.num_pending -= n
         self.num_samples = stop
 
-    def _encode(self, name: str, values: np.ndarray, start: int, stop: int) -> bytes:
-        """The bytes of the shard object of array `name` that holds samples [start, stop) (`values`;
-        `stop` is the array's length once it is written, so a last shard may be partial): built in
-        memory, so the manifest's size and chunk checksums come from them, not from a read back."""
+    def _encode(self, name: str, values: np.ndarray, start: int) -> bytes:
+        """The bytes of the shard object of array `name` whose samples from `start` are `values`
+        (the array's last ones: a last shard may be partial): built in memory, so the manifest's
+        size and chunk checksums come from them, not from a read back."""
         if name in self.byte_shards:
             return encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
-        # zarr's own codecs encode it, into a store in memory: exactly the bytes zarr would write to
-        # the store for an array of this zarr.json; the real array's config keeps write_empty_chunks
-        document = {**self.documents[name], "shape": (stop, *values.shape[1:])}
-        staged: dict[str, Buffer] = {}
-        array = zarr.Array.from_dict(StorePath(MemoryStore(staged), name), document)
-        array.with_config(self.arrays[name].config)[start:stop] = values
-        return staged.pop(shard_key(name, document, start // self.shard_samples)).to_bytes()
+        # zarr's own codecs encode it into the array in memory: exactly the bytes zarr writes to a store
+        self.arrays[name][start : start + len(values)] = values
+        return self.staged.pop(shard_key(name, self.documents[name], start // self.shard_samples)).to_bytes()
 
-    def _put(self, path: str, shard: bytes) -> None:
-        """Upload `shard` to `path` in one request (a local store: into a folder made if new)."""
+    def _put(self, path: str, body: bytes) -> None:
+        """Upload `body` to `path` in one request (a local store: into a folder made if new)."""
         try:
-            self.fs.pipe_file(path, shard)
-        except FileNotFoundError:  # a filesystem with folders, and this shard's is new (x/c/3/ of a 2-D x)
+            self.fs.pipe_file(path, body)
+        except FileNotFoundError:  # a filesystem with folders, and this object's is new (x/c/3/ of a 2-D x)
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            self.fs.pipe_file(path, shard)
+            self.fs.pipe_file(path, body)
 
 
 def _check_byte_shards(document: Mapping[str, Any], compressed: bool, name: str) -> None:

@@ -42,16 +42,22 @@ def test_writer_streams_one_shard_at_a_time(tmp_path):
     url = str(tmp_path / "stream.zarr")
     shard = 128
 
+    def stored() -> set[str]:
+        return {str(p.relative_to(url)) for p in Path(url).rglob("*") if p.is_file()}
+
+    def shards(n: int) -> set[str]:  # the shard objects of x (samples of shape (3,)) and y, 0 to n-1
+        return {f"x/c/{i}/0" for i in range(n)} | {f"y/c/{i}" for i in range(n)}
+
     def batches():
         for k in range(10):
-            if k >= 4:
-                # Everything up to the last whole shard of what was yielded is already on disk.
-                written = zarr.open_array(f"{url}/x", mode="r").shape[0]
-                assert written == (k * 100 // shard) * shard
+            # Every whole shard of what was yielded is stored as its shard object already; the
+            # arrays' zarr.json come once, at the end, so no object is rewritten shard after shard.
+            assert stored() == {"zarr.json"} | shards(k * 100 // shard)
             yield {"x": np.full((100, 3), k, dtype=np.float32), "y": np.full(100, k % 2)}
 
     ds = write_dataset(url, batches(), shard_samples=shard)
     assert ds.num_samples == 1000
+    assert stored() == {"zarr.json", "x/zarr.json", "y/zarr.json"} | shards(8)
     np.testing.assert_array_equal(ds.arrays["x"][:, 0], np.repeat(np.arange(10), 100))
 
 
@@ -86,7 +92,7 @@ def test_fixed_size_shards_are_the_bytes_zarr_itself_writes(tmp_path, fingerprin
         )
         by_zarr[:] = values
         objects = fingerprint(f"{url}/{name}")
-        assert len(objects) == 3 + 1  # the shards, and zarr.json (the writer's resized to all samples)
+        assert len(objects) == 3 + 1  # the shards, and zarr.json (the writer uploads it once, at the end)
         assert objects == fingerprint(tmp_path / "by_zarr" / name), name
         np.testing.assert_array_equal(written[:], values)
     read = SelectiveReader(dataset).read(np.arange(n))
