@@ -140,8 +140,8 @@ def write_dataset(
         raise
     if replacing:
         old = f"{root}.replaced-{uuid.uuid4().hex[:8]}"
-        fs.mv(root, old, recursive=True)
-        fs.mv(target, root, recursive=True)
+        _move(fs, root, old)
+        _move(fs, target, root)
         fs.rm(old, recursive=True)
         return open_dataset(url, storage_options=storage_options)
     return written
@@ -179,6 +179,19 @@ def _first(pieces: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarra
 
 def _little(values: np.ndarray) -> np.ndarray:
     return values.astype(values.dtype.newbyteorder("<")) if values.dtype.str.startswith(">") else values
+
+
+def _move(fs: fsspec.AbstractFileSystem, source: str, destination: str) -> None:
+    """Move the store at `source` to `destination`: renamed where there are folders; on object
+    storage every object copied, then the source's removed (fsspec's recursive mv copies the
+    folders a listing implies too, keys no object has, and fails on the first)."""
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(source, destination, recursive=True)
+        return
+    fs.invalidate_cache(source)  # objects written since it was listed (by another process, say)
+    objects = fs.find(source)
+    fs.copy(objects, [destination + path.removeprefix(source) for path in objects])
+    fs.rm(source, recursive=True)
 
 
 def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:

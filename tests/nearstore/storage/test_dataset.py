@@ -193,8 +193,9 @@ def test_bad_batches_are_named(tmp_path, batches, error, message):
 
 
 def test_a_store_whose_writer_was_killed_is_refused(tmp_path):
-    # A writer killed before its last step leaves its arrays and no nearstore attributes (one that
-    # fails removes what it wrote: tests/nearstore/storage/test_integrity.py).
+    # A writer killed before its last step leaves no nearstore attributes (one killed mid-way:
+    # tests/nearstore/storage/test_object_storage.py; one that fails removes what it wrote:
+    # tests/nearstore/storage/test_integrity.py).
     url = str(tmp_path / "partial.zarr")
     write_dataset(url, [{"x": np.zeros((300, 2), dtype=np.float32), "y": np.zeros(300, dtype=int)}], shard_samples=100)
     zarr.open_group(url, mode="r+").attrs.put({})

@@ -3,13 +3,20 @@ servers' own books as the measure of what crossed the network."""
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import fsspec
 import numpy as np
 import pytest
 import zarr
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
-from nearstore.errors import IntegrityError
+from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.dataset import S3_CONNECTIONS
 
 # Tests of the loader and the selectors over object storage import them where they run: both need
@@ -257,7 +264,7 @@ def test_a_dataset_at_an_empty_buckets_root_is_written_in_place_and_a_failed_wri
 
 
 @pytest.mark.parametrize("shard_samples", [SHARD, 1000])
-def test_writing_to_s3_uploads_each_shard_once_and_reads_none_back(s3, data, shard_samples):
+def test_writing_to_s3_puts_each_object_once_and_reads_none_back(s3, data, shard_samples):
     # Each shard is encoded in memory: its size and chunk checksums for the manifest come from
     # those bytes, so writing costs its uploads, not as many downloads again.
     fsspec.filesystem("s3", **s3.storage_options).makedirs("nearstore-write", exist_ok=True)
@@ -268,10 +275,74 @@ def test_writing_to_s3_uploads_each_shard_once_and_reads_none_back(s3, data, sha
     shards = ["/" + dataset.shard_path(name, k) for name in dataset.arrays for k in range(dataset.array_shards(name))]
     # no GET or HEAD of a shard object: each is named once, by its upload
     assert sorted((s.method, s.path) for s in served if s.path in shards) == sorted(("PUT", p) for p in shards)
+    # Each shard and each array's zarr.json is PUT once (not its array's zarr.json again after every
+    # shard); the group's zarr.json twice: first bare (a killed write leaves a zarr group that
+    # open_dataset refuses and overwrite replaces), last with the manifest, after every other object.
+    group = f"/nearstore-write/once-{shard_samples}.zarr/zarr.json"
+    puts = [s.path for s in served if s.method == "PUT"]
+    arrays = {f"/nearstore-write/once-{shard_samples}.zarr/{name}/zarr.json": 1 for name in dataset.arrays}
+    assert collections.Counter(puts) == {**dict.fromkeys(shards, 1), **arrays, group: 2}
+    assert puts[0] == puts[-1] == group
     uploaded = sum(s.received for s in served if s.method == "PUT")
     downloaded = sum(s.bytes for s in served if s.method == "GET")
     assert uploaded > dataset.stored_nbytes() and downloaded < 0.05 * uploaded
     np.testing.assert_array_equal(SelectiveReader(dataset).read(np.arange(N))["x"], data["x"])
+
+
+# A writer killed (no exception, no cleanup) when its source has yielded 3 batches.
+KILLED_WRITER = """
+import json, os, sys
+import numpy as np
+from nearstore import write_dataset
+
+def batches():
+    for k in range(3):
+        yield {"x": np.full((1000, 4), k, np.float32), "y": np.full(1000, k)}
+    os._exit(9)
+
+write_dataset(sys.argv[1], batches(), shard_samples=256, storage_options=json.loads(sys.argv[2]))
+"""
+
+
+def test_a_write_to_s3_killed_mid_way_leaves_a_store_open_refuses_and_overwrite_replaces(s3, data):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.makedirs("nearstore-killed", exist_ok=True)
+    url = "s3://nearstore-killed/ds.zarr"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    command = [sys.executable, "-c", KILLED_WRITER, url, json.dumps(s3.storage_options)]
+    assert subprocess.run(command, env=env, timeout=120).returncode == 9
+    # 3000 samples yielded: 11 whole shards of each array stored, the 12th still in memory; no
+    # array's zarr.json yet (each is written once, at the end), nor the group's attributes
+    left = {path.removeprefix("nearstore-killed/ds.zarr/") for path in fs.find(url, refresh=True)}
+    assert left == {"zarr.json"} | {f"x/c/{i}/0" for i in range(11)} | {f"y/c/{i}" for i in range(11)}
+    with pytest.raises(DatasetError, match=f"{url!r} is a zarr group but not a nearstore dataset.*interrupted write"):
+        open_dataset(url, storage_options=s3.storage_options)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):  # refused as any store is
+        write_dataset(url, batches(data), storage_options=s3.storage_options)
+    written = write_dataset(url, batches(data), storage_options=s3.storage_options, overwrite=True)
+    np.testing.assert_array_equal(SelectiveReader(written).read([2999])["x"], data["x"][[2999]])
+    assert fs.ls("nearstore-killed", refresh=True) == ["nearstore-killed/ds.zarr"]  # nothing left beside it
+
+
+def test_a_write_whose_source_fails_mid_way_leaves_no_store_and_the_source_untouched(s3, s3_store):
+    # The batches are read from a dataset on the same S3; the source fails after 2 shards' worth.
+    fsspec.filesystem("s3", **s3.storage_options).makedirs("nearstore-copy", exist_ok=True)
+    url = "s3://nearstore-copy/ds.zarr"
+
+    def copied():
+        reader = SelectiveReader(s3_store)
+        for start in (0, 300):
+            yield reader.read(np.arange(start, start + 300))
+        raise RuntimeError("the source ran dry")
+
+    s3.books.clear()
+    with pytest.raises(RuntimeError, match="ran dry"):
+        write_dataset(url, copied(), shard_samples=SHARD, storage_options=s3.storage_options)
+    assert {s.method for s in s3.books.served if s.path.startswith("/nearstore-test/")} <= {"GET", "HEAD"}
+    assert any(s.method == "PUT" and "/c/" in s.path for s in s3.books.served)  # shards were stored...
+    with pytest.raises(FileNotFoundError, match=f"no zarr group at {url!r}"):  # ...and removed with the rest
+        open_dataset(url, storage_options=s3.storage_options)
+    assert open_dataset(s3_store.url, storage_options=s3.storage_options).identity() == s3_store.identity()
 
 
 def test_http_stores_are_read_only(nginx, http_store):
