@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -150,11 +151,20 @@ class Dataset:
     # opened dataset: shard indexes and all labels (nearstore.storage.reader).
     # Re-selection rounds then re-read neither.
     _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # A lock a key, taken while it is made: readers in several threads (a server's trainers, a
+    # round) make each once; other keys are made meanwhile (labels read whole hold up no index).
+    _making: dict[Any, threading.Lock] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _making_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def _kept(self, key: Any, make: Callable[[], Any]) -> Any:
-        """What readers learn of this read-only store under `key`: made by `make` once, then kept."""
+        """What readers learn of this read-only store under `key`: made by `make` once, then kept.
+        Threads asking for it while it is made wait for it; where `make` raises, the next asks again."""
         if key not in self._cache:
-            self._cache[key] = make()
+            with self._making_lock:
+                making = self._making.setdefault(key, threading.Lock())
+            with making:
+                if key not in self._cache:
+                    self._cache[key] = make()
         return self._cache[key]
 
     @property

@@ -44,6 +44,13 @@ class SelectiveReader:
         served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
         range request of its own every epoch).
     The reader never writes; `stats` counts every request it makes and every byte it receives.
+
+    Several threads may read through one reader at once (a server's trainers): a read's state is
+    its own, and what readers share through the opened dataset is made once (`Dataset._kept`: an
+    array kept whole is read by the first thread to want it, the others wait for it) or filled
+    idempotently (a shard index two reads fetch at once is written twice, the same; damage found is
+    recorded the same by either). fsspec's filesystems are used from any thread: an async one
+    (s3fs, HTTP) runs every call on its one event loop thread, a local one opens a file per call.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class SelectiveReader:
             try:
                 kept[name] = self.whole(name)[ids]
             except IntegrityError:  # read by ranges from now on, so that damage names this read's ids
+                # (a removal another thread loses to this one costs one more whole read, which fails)
                 self.keep = tuple(n for n in self.keep if n != name)
         plans = [_ReadPlan(layout, ids) for name, layout in self.layouts.items() if name not in kept]
         for plan in plans:
@@ -165,7 +173,7 @@ class SelectiveReader:
                 self._index[name][shard] = plan.layout.parse_index(blob, whole, shard)
             except _Damaged as e:
                 raise plan.damage(shard, str(e), lasting=True) from None
-            self._indexed[name][shard] = True
+            self._indexed[name][shard] = True  # after the index: a thread that sees it finds the index
             if whole:
                 rows = np.flatnonzero(plan.shard_of_chunk == shard)
                 plan.add_pieces([0], [blob], rows, np.zeros(len(rows), dtype=np.int64))
