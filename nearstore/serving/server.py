@@ -134,9 +134,11 @@ class NearStoreServer(flight.FlightServerBase):
         self._model_factory = _import_factory(model) if isinstance(model, str) else model
         self._proxy: ModelProxy | None = None
         self.proxy_version = 0
-        self._lock = threading.Lock()  # the readers' caches, the rounds and the proxy change under it
+        # The readers' dict, the rounds and the proxy change under it; reads run outside it, at once
+        # for several trainers (a read from object storage is mostly waiting on the network).
+        self._lock = threading.Lock()
         # One round runs at a time: each is numbered after, and handed, the round before it; reads
-        # (under _lock) go on meanwhile.
+        # go on meanwhile.
         self._round_lock = threading.Lock()
         self._rounds: dict[int, Selection] = {}
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
@@ -218,8 +220,7 @@ class NearStoreServer(flight.FlightServerBase):
                     raise RequestError(
                         f"sample {int(outside[0])} is not in selection round {selection.round} of {self.name!r}"
                     )
-            with self._lock:
-                arrays = self._read(names, ids)
+            arrays = self._read(names, ids)
             batch = protocol.to_record_batch(ids, arrays)
         self.shipped.add(bytes=batch.nbytes, requests=1, samples=len(ids))
         return flight.RecordBatchStream(pa.Table.from_batches([batch]))
@@ -279,11 +280,13 @@ class NearStoreServer(flight.FlightServerBase):
         )
 
     def _reader(self, names: tuple[str, ...]) -> SelectiveReader:
-        """A reader of these arrays (all share the dataset's shard indexes, and one count)."""
-        if names not in self._readers:
-            keep = small_arrays(self.dataset, names)  # labels: read once, not a range each a sample
-            self._readers[names] = SelectiveReader(self.dataset, names, stats=self.storage_reads, keep=keep)
-        return self._readers[names]
+        """A reader of these arrays (all share the dataset's shard indexes, and one count), made
+        once and used by every trainer's reads at once (`SelectiveReader` says why that is safe)."""
+        with self._lock:
+            if names not in self._readers:
+                keep = small_arrays(self.dataset, names)  # labels: read once, not a range each a sample
+                self._readers[names] = SelectiveReader(self.dataset, names, stats=self.storage_reads, keep=keep)
+            return self._readers[names]
 
     def _read(self, names: tuple[str, ...], ids: np.ndarray) -> dict[str, np.ndarray]:
         """Samples for a client. Damage is logged here in full; the client is told it with the

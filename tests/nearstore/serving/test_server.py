@@ -253,6 +253,129 @@ def test_concurrent_selects_get_distinct_rounds_each_served_and_kept_as_answered
         server.shutdown()
 
 
+def read_in_threads(work: list) -> list:
+    """Each of `work`'s callables' result, all called at once in threads of their own."""
+    results: list = [None] * len(work)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = work[k]()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_two_trainers_reads_are_served_at_once(id_store, id_data, monkeypatch):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        reader = server._reader(("x", "y"))
+        both_reading = threading.Barrier(2, timeout=20)  # passed only by two reads under way at once
+        read = reader.read
+
+        def read_when_both_are(ids):
+            both_reading.wait()
+            return read(ids)
+
+        monkeypatch.setattr(reader, "read", read_when_both_are)
+        wanted = [np.arange(0, 900, 3), np.arange(2499, 1000, -7)]  # across shards, one in reverse
+        sources = [FlightSource(server.url) for _ in wanted]
+        got = read_in_threads(
+            [
+                lambda s=s, ids=ids: s.read(ids, arrays=["x", "y"], round=protocol.ALL_SAMPLES)
+                for s, ids in zip(sources, wanted)
+            ]
+        )
+        for ids, arrays in zip(wanted, got):
+            np.testing.assert_array_equal(arrays["x"], id_data["x"][ids])
+            np.testing.assert_array_equal(arrays["y"], id_data["y"][ids])
+    finally:
+        server.shutdown()
+
+
+def test_a_read_is_served_while_a_round_runs(id_store, id_data, monkeypatch):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        round_and_read = threading.Barrier(2, timeout=20)  # passed only by a read under way during the round
+        next_round = nearstore.serving.server.next_round
+
+        def round_waiting_for_a_read(*args, **kwargs):
+            round_and_read.wait()
+            return next_round(*args, **kwargs)
+
+        monkeypatch.setattr(nearstore.serving.server, "next_round", round_waiting_for_a_read)
+        trainer, admin = FlightSource(server.url), FlightSource(server.url)
+        ids = server.current.ids[:100]
+
+        def read():
+            round_and_read.wait()
+            return trainer.read(ids, arrays=["x"], round=0)
+
+        arrays, selection = read_in_threads([read, lambda: admin.select(keep=0.1, method="random", seed=2)])
+        np.testing.assert_array_equal(arrays["x"], id_data["x"][ids])
+        assert selection.round == 1
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http_id_store_url(nginx, id_store_url):
+    """The id store served over HTTP by nginx."""
+    import shutil
+
+    shutil.copytree(id_store_url, nginx.root / "served-ids.zarr")
+    return f"{nginx.url}/served-ids.zarr"
+
+
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_many_trainers_reading_at_once_each_get_their_samples_and_every_read_is_counted(
+    where, id_store_url, id_data, request, monkeypatch
+):
+    url = id_store_url if where == "local" else request.getfixturevalue("http_id_store_url")
+    dataset = open_dataset(url)
+    server = NearStoreServer(dataset, selection=random_select(dataset, 0.3, seed=1))
+    try:
+        before = server.storage_reads.snapshot()
+        fetched = []  # (paths, bytes) of every storage call, whichever reader made it
+        fetch = nearstore.storage.reader.SelectiveReader._fetch
+
+        def counted_fetch(self, paths, starts, ends):
+            blobs, sizes = fetch(self, paths, starts, ends)
+            fetched.append((list(paths), int(sizes[sizes > 0].sum())))
+            return blobs, sizes
+
+        monkeypatch.setattr(nearstore.storage.reader.SelectiveReader, "_fetch", counted_fetch)
+        rng = np.random.default_rng(0)
+        plans = [[rng.choice(dataset.num_samples, 150, replace=False) for _ in range(4)] for _ in range(8)]
+
+        def trainer(batches):
+            source = FlightSource(server.url)
+            return [source.read(ids, arrays=["x", "y"], round=protocol.ALL_SAMPLES) for ids in batches]
+
+        got = read_in_threads([lambda batches=batches: trainer(batches) for batches in plans])
+        for batches, answers in zip(plans, got):
+            for ids, arrays in zip(batches, answers):
+                np.testing.assert_array_equal(arrays["x"], id_data["x"][ids])
+                np.testing.assert_array_equal(arrays["y"], id_data["y"][ids])
+        counted = server.storage_reads.snapshot() - before
+        assert counted.bytes == sum(nbytes for _, nbytes in fetched)
+        assert counted.requests == sum(len(paths) for paths, _ in fetched)
+        assert counted.samples == sum(len(ids) for batches in plans for ids in batches)
+        # the labels, kept whole, were read once for all trainers: a request a shard object
+        label_requests = [path for paths, _ in fetched for path in paths if "/y/" in path]
+        assert len(label_requests) == dataset.array_shards("y")
+    finally:
+        server.shutdown()
+
+
 class AnswerLost(NearStoreServer):
     """Runs and keeps a select's round, then loses its first answer as a server killed before
     answering would: the client sees the server unavailable, and retries."""
