@@ -465,7 +465,8 @@ def probe(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     first = np.arange(min(PROBE_SAMPLES, reader.dataset.num_samples), dtype=np.int64)
     ragged = reader.dataset.ragged(input_array)
     [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
-    if len(ids):  # none decoded: sized by its last registered Linear, and refused if the run finds another
+    # where none decodes, it stays sized by its last registered Linear (refused if a run finds another head)
+    if len(ids):
         proxy.probe(batch[input_array][:1])
 
 
