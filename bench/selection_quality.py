@@ -61,6 +61,7 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,6 +115,9 @@ DEFAULT = (DEFAULT_METHOD, {})
 POOL = {"pool": 2.0}  # the default's pool up to a third of the data, where its parts were measured
 DYNAMIC = {
     "graft-dynamic": (DEFAULT, None),
+    # the same rounds asked an epoch early (`reselect_ahead`), scored by the model as it was then,
+    # each running while that epoch trains
+    "graft-dynamic-ahead": (DEFAULT, None),
     # What each part of the default path is worth under label noise: no suspects muted; pools that
     # hold the round they replace; both (the default path of 2026-12-03); round 0 class-balanced.
     "graft-dynamic-unmuted": (("graft", UNMUTED), ("default", UNMUTED)),
@@ -357,26 +361,29 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         weights=weighted,
         **loader_options(store, train=True),
     )
-    seen = set(range(store.num_samples) if warm else loader.ids.tolist())
-    noisy = [] if flipped is None else [float(flipped[loader.ids].mean())]
+    rounds_ran = [loader.ids]  # the first round's ids, then each later round (its future, ahead)
+    ahead = base.endswith("-ahead")
 
     def rounds(epoch: int) -> bool:
-        if base not in DYNAMIC or epoch < max(warm, 1) or (epoch - warm) % every:
+        asked = epoch + 1 if ahead else epoch  # the epoch that iterates the round asked for now
+        if base not in DYNAMIC or asked < max(warm, 1) or (asked - warm) % every:
             return False
         spec = DYNAMIC[base][1]  # None, or ("default", options on top of it): default_reselect(keep)
         kind, options = spec if spec is not None and spec[0] != "default" else default_reselect(keep)
         options = {**options, **(spec[1] if spec is not None and spec[0] == "default" else {})}
         if kind != "random":
             loader.update_proxy(model)
-        loader.reselect(keep, method=kind, seed=seed * 1000 + epoch, **options)
-        seen.update(loader.ids.tolist())
-        if flipped is not None:
-            noisy.append(float(flipped[loader.ids].mean()))
+        reselect = loader.reselect_ahead if ahead else loader.reselect
+        rounds_ran.append(reselect(keep, method=kind, seed=seed * 1000 + asked, **options))
         return True
 
     trained = fit(
         model, loader, epochs, rounds=rounds, evaluate=lambda m: accuracy(m, [test]), weighted=weighted, lr=recipe["lr"]
     )
+    ran = [r.result().ids if isinstance(r, Future) else getattr(r, "ids", r) for r in rounds_ran]
+    seen = set(range(store.num_samples)) if warm else set()
+    seen.update(i for ids in ran for i in ids.tolist())
+    noisy = [] if flipped is None else [float(flipped[ids].mean()) for ids in ran]
     # seconds of selection and training when each epoch ends (evaluation excluded)
     spent = np.cumsum([trained.round_seconds.get(e, 0.0) + s for e, s in enumerate(trained.epoch_seconds)])
     io = loader.io_stats()

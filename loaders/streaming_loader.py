@@ -11,7 +11,7 @@ import reprlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +47,8 @@ Backend = Literal["auto", "dali", "torch"]
 PROBE = ImageTransform(size=8, train=False)
 # A batch to read: ids, their weights, the round they are in, the seed of its augmentations.
 Batch = tuple[np.ndarray, np.ndarray, int | str, tuple[int, ...]]
+# A round as the loader iterates it: ids, weights, its number, what it carries to the next.
+Chosen = tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]]
 STATE_VERSION = 2
 log = logging.getLogger("nearstore")
 
@@ -226,10 +228,13 @@ class StreamingLoader:
         self._sample_bytes = _sample_nbytes(self.source, self.arrays)
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
-        # A round selected while an epoch is iterated, which the next epoch iterates: (ids, weights,
-        # round, carry); and whether an epoch is being iterated, by which iterator (a newer one
-        # over this loader replaces it: the two would share one place).
-        self._pending: tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]] | None = None
+        # A round selected while an epoch is iterated, which the next epoch iterates; one selected
+        # ahead (`reselect_ahead`), running or done, and the epoch after which it is iterated; and
+        # whether an epoch is being iterated, by which iterator (a newer one over this loader
+        # replaces it: the two would share one place).
+        self._pending: Chosen | None = None
+        self._ahead: tuple[Future[Selection] | Chosen, int] | None = None
+        self._selecting: ThreadPoolExecutor | None = None
         self._in_epoch, self._iterator = False, 0
         self._use(self.source.selection() if selection is None else selection)
         self.augment = self._augment_ids(augment, transform is not None or dali_transform is not None)
@@ -306,6 +311,8 @@ class StreamingLoader:
         weights are pushed to the server, or copied for a round in this process."""
         if not isinstance(model, torch.nn.Module):
             raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
+        if self._ahead is not None and isinstance(self._ahead[0], Future):
+            wait([self._ahead[0]])  # the round selected ahead scores with the proxy it was promised
         self.source.update_proxy(model)
 
     def set_augment(self, augment: Selection | Sequence[int] | np.ndarray) -> None:
@@ -336,18 +343,36 @@ class StreamingLoader:
             running curvature).
         keep: default the current selection's share; seed: default the round number.
         """
-        ids, _, round, carry = self._pending or (self.ids, self.sample_weights, self.round, self.carry)
-        keep = keep if keep is not None else len(ids) / self.num_samples
-        check_keep(keep)
-        seed = check_integer("seed", seed if seed is not None else round + 1, 0)
-        if method is None:
-            method, defaults = default_reselect(keep)
-            options = {**defaults, **options}
-        selection = self.source.select(ids, round, keep=keep, method=method, options=options, seed=seed, carried=carry)
+        selection = self.source.select(**self._next_round(keep, method, seed, options))
+        self._ahead = None  # a round selected ahead and not iterated yet is this one's previous
         self._use(selection, later=self._in_epoch)
         if not self._in_epoch:
             self.order.forget_place()  # a new round never resumes a place in the old one
         return selection
+
+    def reselect_ahead(
+        self,
+        keep: float | None = None,
+        *,
+        method: str | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Future[Selection]:
+        """`reselect` in a background thread, so training goes on while the round runs: the epoch
+        being iterated (between epochs, the next one) keeps the current selection, and the epoch
+        after it iterates the new round, waiting for it as it starts if it has not finished: the
+        same epoch however long the round takes, so a run repeats. The round scores with the
+        proxy of the last `update_proxy` (a later one waits for the round). Where the round runs
+        beside the data (a server, a Dask cluster), what training pays for it is that wait and
+        the CPU the two share. Returns the round's future; its error is raised where it is
+        iterated (or by `state_dict`, which waits for it), and the current selection stays.
+        """
+        round = self._next_round(keep, method, seed, options)  # checked here, in the caller's thread
+        if self._selecting is None:
+            self._selecting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearstore-select")
+        future = self._selecting.submit(self.source.select, **round)
+        self._ahead = (future, self.epoch)
+        return future
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._check_ranks_agree()
@@ -356,8 +381,8 @@ class StreamingLoader:
         hits_before = self.cache.stats.hits if self.cache is not None else 0
         epoch = self.epoch
         first = self.order.start()  # > 0 right after load_state_dict mid-epoch
-        if self._pending is not None and not (first or self.order.skipped):  # not resuming the old round
-            self._take_pending()
+        if not (first or self.order.skipped):  # not resuming the old round
+            self._take_due()
         ids, weights, round = self._epoch_ids(epoch)
         self._iterator += 1
         self._in_epoch, iterator = True, self._iterator
@@ -429,8 +454,7 @@ class StreamingLoader:
             self._epochs[-1]["seconds"],
         )
         self.order.finish()
-        if self._pending is not None:
-            self._take_pending()
+        self._take_due()
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is, as a StatefulDataLoader's: its order's place (the epoch, the
@@ -438,10 +462,9 @@ class StreamingLoader:
         augmented (`set_augment`'s, or augment='s). A loader over
         the same data, built with the same batch_size, shuffle and seed, resumes from it with
         `load_state_dict`, on any number of ranks (docs/loader.md, Resume)."""
-        pending = None
-        if self._pending is not None:
-            ids, weights, round, carry = self._pending
-            pending = {"round": round, "ids": ids.copy(), "weights": weights.copy(), "carry": _copied(carry)}
+        ahead = None
+        if self._ahead is not None:
+            ahead = {**_round_state(self._ahead_chosen()), "after": self._ahead[1]}
         return {
             "version": STATE_VERSION,
             "dataset": self.source.identity,
@@ -455,7 +478,9 @@ class StreamingLoader:
                 "carry": _copied(self.carry),
             },
             # a round selected during the epoch being iterated, which the next epoch iterates
-            "next": pending,
+            "next": None if self._pending is None else _round_state(self._pending),
+            # a round selected ahead, which the first epoch after epoch "after" iterates
+            "ahead": ahead,
             # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
             "augment": None if self.augment is None else self.augment.copy(),
         }
@@ -485,6 +510,7 @@ class StreamingLoader:
         scan_io = {key: state_count(scan_io, key, f"{where}'s scan_io") for key in ("bytes", "requests")}
         carry = check_carry(chosen.get("carry", {}), where)  # states written before carries hold none
         pending = self._state_pending(state.get("next"))  # states written before it hold none
+        ahead = self._state_ahead(state.get("ahead"))
         augment = self._state_augment(state.get("augment"))
         self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
         shard_samples = order.get("shard_samples", self.source.shard_samples)
@@ -495,7 +521,7 @@ class StreamingLoader:
             )
         self.source.selection(round)  # raises where the source no longer holds that round
         self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
-        self.augment, self._pending, self._in_epoch = augment, pending, False
+        self.augment, self._pending, self._ahead, self._in_epoch = augment, pending, ahead, False
         self.order.load_state_dict(order)
 
     def io_stats(self) -> dict[str, Any]:
@@ -531,31 +557,87 @@ class StreamingLoader:
         """Iterate `selection` from the next epoch on (`later`: once the epoch being iterated
         ends); its scan's I/O joins scan_io."""
         if isinstance(selection, Selection):
-            selection.check_dataset(self.source.identity)
-            self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
-            self._pending = (selection.ids, selection.weights, selection.round, selection.carry)
+            self._pending = self._accepted(selection)
         else:
             ids = np.arange(self.num_samples) if selection is None else selection
             self._pending = (*_selected(self.num_samples, repr(self.url), ids), 0, {})
         if not later:
             self._take_pending()
 
+    def _accepted(self, selection: Selection) -> Chosen:
+        """A round of this dataset, as the loader iterates it; its scan's I/O joins scan_io."""
+        selection.check_dataset(self.source.identity)
+        self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
+        return selection.ids, selection.weights, selection.round, selection.carry
+
     def _take_pending(self) -> None:
         """Iterate the round selected during the last epoch from now on."""
         self.ids, self.sample_weights, self.round, self.carry = self._pending
         self._pending = None
 
-    def _state_pending(self, pending: Any) -> tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]] | None:
+    def _take_due(self) -> None:
+        """Iterate from now on the round selected during the last epoch, then the one selected
+        ahead if the epoch after which it is iterated is over (waiting for it)."""
+        if self._pending is not None:
+            self._take_pending()
+        if self._ahead is not None and self.epoch > self._ahead[1]:
+            self.ids, self.sample_weights, self.round, self.carry = self._ahead_chosen()
+            self._ahead = None
+
+    def _next_round(self, keep: float | None, method: str | None, seed: int | None, options: dict) -> dict[str, Any]:
+        """`Source.select`'s arguments for the round after the latest (one selected ahead, waited
+        for; else one pending; else the current), checked: keep, by default the latest's share;
+        seed, by default the round's number; method, by default `default_reselect(keep)`."""
+        if self._ahead is not None:
+            latest = self._ahead_chosen()
+        else:
+            latest = self._pending or (self.ids, self.sample_weights, self.round, self.carry)
+        ids, _, round, carry = latest
+        keep = keep if keep is not None else len(ids) / self.num_samples
+        check_keep(keep)
+        seed = check_integer("seed", seed if seed is not None else round + 1, 0)
+        if method is None:
+            method, defaults = default_reselect(keep)
+            options = {**defaults, **options}
+        return {
+            "previous": ids,
+            "round": round,
+            "keep": keep,
+            "method": method,
+            "options": options,
+            "seed": seed,
+            "carried": carry,
+        }
+
+    def _ahead_chosen(self) -> Chosen:
+        """The round selected ahead, waited for (once done, its scan's I/O joins scan_io); a round
+        that failed is dropped, its error raised."""
+        held, after = self._ahead
+        if isinstance(held, Future):
+            try:
+                held = self._accepted(held.result())
+            except BaseException:
+                self._ahead = None
+                raise
+            self._ahead = (held, after)
+        return held
+
+    def _state_pending(self, pending: Any, where: str = "state_dict's next round") -> Chosen | None:
         """A state's round to iterate after the one it resumes (None: none), checked as its selection is."""
         if pending is None:
             return None
-        where = "state_dict's next round"
         if not isinstance(pending, Mapping):
             raise DatasetError(f"{where} must be a mapping, got {reprlib.repr(pending)}")
         ids, weights = _selected(
             self.num_samples, where, state_entry(pending, "ids", where), state_entry(pending, "weights", where)
         )
         return ids, weights, state_count(pending, "round", where), check_carry(pending.get("carry", {}), where)
+
+    def _state_ahead(self, ahead: Any) -> tuple[Chosen, int] | None:
+        """A state's round selected ahead and the epoch after which it is iterated (None: none)."""
+        where = "state_dict's round selected ahead"
+        chosen = self._state_pending(ahead, where)
+        return None if chosen is None else (chosen, state_count(ahead, "after", where))
 
     def _check_ranks_agree(self) -> None:
         """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
@@ -865,6 +947,12 @@ def _selected(
     if np.any(weights < 0):
         raise DatasetError(f"selection weights in {where} must be >= 0, got {weights.min()}")
     return ids, weights.astype(np.float32)
+
+
+def _round_state(chosen: Chosen) -> dict[str, Any]:
+    """A round's entry in state_dict (copies)."""
+    ids, weights, round, carry = chosen
+    return {"round": round, "ids": ids.copy(), "weights": weights.copy(), "carry": _copied(carry)}
 
 
 def _copied(carry: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

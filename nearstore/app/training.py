@@ -112,15 +112,21 @@ def fit(
     return result
 
 
-def rounds_every(loader: StreamingLoader, model: nn.Module, every: int) -> Rounds:
+def rounds_every(loader: StreamingLoader, model: nn.Module, every: int, *, ahead: bool = False) -> Rounds:
     """Rounds for `fit`: every `every` epochs (not before the first), the model in training pushed
-    as the proxy and the loader's default re-selection run (0: never)."""
+    as the proxy and the loader's default re-selection run (0: never). `ahead`: each round is asked
+    for an epoch early (`reselect_ahead`), scored by the model as it was then, and runs while that
+    epoch trains; the same epochs iterate it."""
 
     def due(epoch: int) -> bool:
-        if not every or not epoch or epoch % every:
+        asked = epoch + 1 if ahead else epoch  # the epoch that iterates the round asked for now
+        if not every or not asked or asked % every:
             return False
         loader.update_proxy(model)
-        loader.reselect()
+        if ahead:
+            loader.reselect_ahead()
+        else:
+            loader.reselect()
         return True
 
     return due

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -627,3 +628,95 @@ def test_warm_start_epochs_visit_every_sample_then_the_selection(id_store):
         StreamingLoader(id_store, selection, batch_size=100, backend="torch").load_state_dict(interrupted.state_dict())
     with pytest.raises(ValueError, match="warm_start_epochs must be an integer >= 0, got -1"):
         StreamingLoader(id_store, selection, warm_start_epochs=-1)
+
+
+def test_a_round_selected_ahead_runs_while_the_next_epoch_trains_and_is_iterated_after_it(id_store, monkeypatch):
+    start = random_select(id_store, 0.2, seed=1)
+    loader = StreamingLoader(id_store, start, batch_size=50, backend="torch")
+    expected = StreamingLoader(id_store, start, batch_size=50, backend="torch").reselect(0.1, method="random", seed=5)
+    during = threading.Barrier(2, timeout=20)  # passed only by a round running while the epoch is read
+    select = loader.source.select
+
+    def select_during_the_epoch(**round):
+        during.wait()
+        return select(**round)
+
+    monkeypatch.setattr(loader.source, "select", select_during_the_epoch)
+    future = loader.reselect_ahead(0.1, method="random", seed=5)
+    assert loader.round == 0 and len(loader) == 10  # the next epoch keeps the current selection
+    seen = []
+    for k, (x, _) in enumerate(loader):
+        if k == 1:
+            during.wait()
+        seen += sample_ids(x)
+    assert sorted(seen) == start.ids.tolist()
+    assert future.done() and loader.round == 1 and len(loader) == 5  # taken as the epoch ended
+    np.testing.assert_array_equal(future.result().ids, expected.ids)
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == expected.ids.tolist()
+
+
+def test_a_round_selected_ahead_is_kept_in_a_state_and_iterated_by_the_same_epoch_after_a_resume(id_store):
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=50, backend="torch")
+
+    def epoch_ids(loader: StreamingLoader) -> list[list[int]]:
+        return [sample_ids(x) for x, _ in loader]
+
+    live = make()
+    batches = iter(live)
+    head = [sample_ids(next(batches)[0]) for _ in range(3)]
+    future = live.reselect_ahead(0.1, method="random", seed=5)  # mid-epoch 0: iterated from epoch 1
+    state = live.state_dict()  # waits for the round
+    assert future.done() and state["ahead"]["after"] == 0 and state["ahead"]["round"] == 1
+    rest, following = [sample_ids(x) for x, _ in batches], epoch_ids(live)
+    assert sorted(i for b in head + rest for i in b) == random_select(id_store, 0.2, seed=1).ids.tolist()
+    assert sorted(i for b in following for i in b) == future.result().ids.tolist()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert epoch_ids(resumed) == rest and epoch_ids(resumed) == following and resumed.round == 1
+
+    between = make()  # between epochs: the next epoch (0) keeps the current selection, epoch 1 the new one
+    future = between.reselect_ahead(0.1, method="random", seed=5)
+    state = between.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    for each in (between, resumed):
+        assert sorted(i for b in epoch_ids(each) for i in b) == random_select(id_store, 0.2, seed=1).ids.tolist()
+        assert sorted(i for b in epoch_ids(each) for i in b) == future.result().ids.tolist()
+    with pytest.raises(DatasetError, match="state_dict's round selected ahead"):
+        make().load_state_dict({**state, "ahead": {**state["ahead"], "after": -1}})
+
+
+def test_a_round_selected_ahead_that_fails_is_raised_where_it_is_due_and_the_selection_stays(id_store):
+    start = random_select(id_store, 0.2, seed=1)
+    loader = StreamingLoader(id_store, start, batch_size=50, backend="torch")
+    with pytest.raises(ParameterError, match="keep"):  # checked in the caller's thread
+        loader.reselect_ahead(2.0)
+    future = loader.reselect_ahead(0.1, method="oracle")
+    with pytest.raises(ValueError, match="method must be one of"):
+        for _ in loader:
+            pass
+    assert isinstance(future.exception(), ValueError) and loader.round == 0 and loader.epoch == 1
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == start.ids.tolist()  # training goes on
+
+
+def test_a_proxy_pushed_while_a_round_selected_ahead_runs_waits_for_it(id_store, monkeypatch):
+    loader = StreamingLoader(id_store, random_select(id_store, 0.2, seed=1), batch_size=50, backend="torch")
+    torch.manual_seed(0)
+    first, second = (torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)) for _ in "12")
+    loader.update_proxy(first)
+    started, release = threading.Event(), threading.Event()
+    select = loader.source.select
+
+    def select_once_released(**round):
+        started.set()
+        release.wait(20)
+        return select(**round)
+
+    monkeypatch.setattr(loader.source, "select", select_once_released)
+    future = loader.reselect_ahead(0.1, method="sage", seed=3)
+    started.wait(20)
+    threading.Timer(0.3, release.set).start()
+    loader.update_proxy(second)
+    assert future.done()
+    np.testing.assert_array_equal(future.result().ids, sage_select(id_store, 0.1, seed=3, proxy=ModelProxy(first)).ids)

@@ -146,6 +146,22 @@ def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
         source.read(previous.ids[:3], arrays=["x"], round=first)
 
 
+def test_a_round_selected_ahead_on_the_server_is_iterated_by_the_epoch_after_the_next(served, id_store):
+    torch.manual_seed(0)
+    model = tiny_model()
+    loader = StreamingLoader(served.url, batch_size=128, backend="torch", device="cpu")
+    first = loader.round
+    current = loader.ids.copy()
+    loader.update_proxy(model)
+    future = loader.reselect_ahead(0.2, method="sage", seed=4)
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == current.tolist()
+    selection = future.result()
+    assert selection.round == first + 1 == loader.round and selection.params["proxy"] == "ModelProxy"
+    expected = sage_select(id_store, 0.2, seed=4, proxy=ModelProxy(tiny_model_with(model.state_dict())))
+    np.testing.assert_array_equal(selection.ids, expected.ids)
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == selection.ids.tolist()
+
+
 def test_a_server_round_pools_the_round_it_replaces(served):
     source = FlightSource(served.url)
     current = source.select(keep=0.2, method="random", options={"class_balanced": True}, seed=7)
