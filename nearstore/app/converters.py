@@ -178,6 +178,20 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str)
         )
     if y is not None and len(y) != len(x):
         raise DatasetError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}")
+    if y is not None:
+        refuse_negative_labels(y, f"label array 'y' from {y_name}")
+
+
+def refuse_negative_labels(labels: np.ndarray, where: str, first: int = 0) -> None:
+    """Refuse the first negative label of `labels` (of shape (n,) or (n, 1): rows `first`, ... of
+    `where`, a file and its array or column) naming its row and value; write_dataset would name
+    neither, nor the file. Other labels (strings: class names) pass."""
+    if labels.dtype.kind != "i" or not len(labels) or labels.min() >= 0:  # min: no copy of a memory-mapped file
+        return
+    row = int(np.flatnonzero(labels < 0)[0])
+    raise DatasetError(
+        f"{where} holds a negative label, {labels.flat[row]}, at row {first + row}; labels are class ids, 0 or more"
+    )
 
 
 def _sliced(x: np.ndarray, y: np.ndarray | None, batch: int) -> Batches:

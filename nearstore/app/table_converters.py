@@ -18,7 +18,8 @@ Arrow's view types (string, binary and list views, what polars and newer Arrow w
 their plain twins. Strings, lists of variable-length lists and any other type are refused naming
 the column and its type, a null naming the column and the row. Whether a list column is of one
 length is found by a first pass over the list columns alone (their lengths and nulls, a batch at a
-time), so that a column is never first written one way and then found to need the other.
+time), so that a column is never first written one way and then found to need the other; that pass
+reads an integer label column too, so that a negative label is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from nearstore import Dataset, DatasetError, ParameterError, write_dataset
-from nearstore.app.converters import Batches
+from nearstore.app.converters import Batches, refuse_negative_labels
 from nearstore.app.encoded_converters import IMG_EXTENSIONS
 from nearstore.storage.writer import array_name_problem
 
@@ -173,7 +174,8 @@ def open_table(
         else _column(schema.field(name), first)
         for name in names
     ]
-    stored, num_samples = _survey(kind, paths, stored, batch, progress)
+    integer_label = label if label is not None and not _strings(schema.field(label).type) else None
+    stored, num_samples = _survey(kind, paths, stored, integer_label, batch, progress)
     if class_names is None and label is not None:
         class_names = _huggingface_class_names(schema, label)
     if class_names is None and label is not None and _strings(schema.field(label).type):
@@ -401,19 +403,23 @@ def _embedded(array: pa.StructArray, name: str, table: str, first: int) -> pa.Ar
     return pa.array(blobs, pa.large_binary())
 
 
-def _survey(kind: str, paths: list[str], columns: list[Column], batch: int, progress: bool) -> tuple[list[Column], int]:
+def _survey(
+    kind: str, paths: list[str], columns: list[Column], label: str | None, batch: int, progress: bool
+) -> tuple[list[Column], int]:
     """The columns with each list column of one length everywhere made fixed-size, and the number
-    of rows; reads the list columns' lengths (and checks them for nulls), file by file."""
+    of rows; reads the list columns' lengths and the integer `label` column's ids (and checks them
+    for nulls, the ids for negative ones), file by file."""
     ragged = [column for column in columns if column.kind == "ragged"]
+    read = [column.name for column in ragged] + ([label] if label is not None else [])
     lengths = {column.name: (np.inf, -1) for column in ragged}
     total = 0
-    for path in tqdm(paths, desc="surveying lists", unit="file", disable=not progress or not ragged):
-        if kind == "parquet" and not ragged:
+    for path in tqdm(paths, desc="surveying columns", unit="file", disable=not progress or not read):
+        if kind == "parquet" and not read:
             with _parquet(path) as table:
                 total += table.metadata.num_rows
             continue
         row = 0
-        for part in _record_batches(kind, path, [c.name for c in ragged], batch):
+        for part in _record_batches(kind, path, read, batch):
             for column in ragged:
                 array = part.column(column.name)
                 _refuse_nulls(array, column.name, path, row)
@@ -421,6 +427,10 @@ def _survey(kind: str, paths: list[str], columns: list[Column], batch: int, prog
                 if len(counts):
                     low, high = lengths[column.name]
                     lengths[column.name] = (min(low, counts.min()), max(high, counts.max()))
+            if label is not None:
+                array = part.column(label)
+                _refuse_nulls(array, label, path, row)
+                refuse_negative_labels(_leaf(array).to_numpy(zero_copy_only=False), f"{path}: column {label!r}", row)
             row += part.num_rows
         total += row
     if total == 0:

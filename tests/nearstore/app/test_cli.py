@@ -81,15 +81,20 @@ def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
     np.testing.assert_array_equal(unlabelled.arrays["x"][:], x)
 
 
-def test_convert_refuses_float_labels_naming_their_file_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "labels, problem",
+    [(np.arange(10) / 2, "holds float64 values"), (np.arange(10) - 1, "holds a negative label, -1, at row 0")],
+    ids=["float", "negative"],
+)
+def test_convert_refuses_labels_it_cannot_store_naming_their_file_and_writes_nothing(tmp_path, capsys, labels, problem):
     np.save(tmp_path / "x.npy", np.zeros((10, 3), dtype=np.float32))
-    np.save(tmp_path / "y.npy", np.arange(10) / 2)
-    np.savez(tmp_path / "a.npz", x=np.zeros((10, 3)), y=np.arange(10.0))
+    np.save(tmp_path / "y.npy", labels)
+    np.savez(tmp_path / "a.npz", x=np.zeros((10, 3)), y=labels)
     npy = ["convert", str(tmp_path / "x.npy"), str(tmp_path / "b.zarr"), "--labels", str(tmp_path / "y.npy")]
     npz = ["convert", str(tmp_path / "a.npz"), str(tmp_path / "c.zarr")]
     for argv, source in ((npy, "y.npy"), (npz, "a.npz:y")):
         assert main(argv) == 2
-        assert f"label array 'y' from {tmp_path / source} holds float64 values" in capsys.readouterr().err
+        assert f"label array 'y' from {tmp_path / source} {problem}" in capsys.readouterr().err
         assert not Path(argv[2]).exists()
 
 

@@ -79,6 +79,23 @@ def test_labels_neither_integers_nor_strings_of_a_sample_each_are_refused_naming
     assert len(list(npz_batches(tmp_path / "a.npz", y_key=None))) == 1  # unlabelled, its floats are no labels
 
 
+def test_a_negative_label_is_refused_naming_its_file_row_and_value(tmp_path):
+    y = np.arange(10)
+    y[[6, 8]] = -3, -1
+    np.save(tmp_path / "x.npy", np.zeros((10, 2), dtype=np.float32))
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "column.npy", y[:, None])  # (n, 1), as many tools save labels
+    np.savez(tmp_path / "a.npz", x=np.zeros((10, 2)), y=y)
+    # refused when the batches are asked for, before the first: nothing can have been written yet
+    with pytest.raises(DatasetError, match=r"label array 'y' from \S*y.npy holds a negative label, -3, at row 6"):
+        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy")
+    with pytest.raises(DatasetError, match=r"from \S*column.npy holds a negative label, -3, at row 6"):
+        npy_batches(tmp_path / "x.npy", tmp_path / "column.npy")
+    with pytest.raises(DatasetError, match=r"label array 'y' from \S*a.npz:y holds a negative label, -3, at row 6"):
+        npz_batches(tmp_path / "a.npz")
+    assert len(list(npz_batches(tmp_path / "a.npz", y_key=None))) == 1  # unlabelled: y is not read as labels
+
+
 def test_mnist1d_is_deterministic_balanced_and_leaves_numpy_global_state(tmp_path):
     np.random.seed(123)
     expected_next = np.random.rand()

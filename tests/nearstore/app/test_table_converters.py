@@ -310,6 +310,18 @@ def test_labels_saved_as_one_integer_lists_are_labels(tmp_path):
     np.testing.assert_array_equal(dataset.labels[:], [2, 0, 1, 2])
 
 
+def test_a_negative_label_is_refused_naming_its_file_and_row_before_anything_is_written(tmp_path):
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"x": [1.0, 2.0], "label": [0, 1]}), tmp_path / "t" / "a.parquet")
+    pq.write_table(pa.table({"x": [1.0] * 5, "label": [1, 0, 2, -2, -1]}), tmp_path / "t" / "b.parquet")
+    with pytest.raises(DatasetError, match=r"b.parquet: column 'label' holds a negative label, -2, at row 3"):
+        open_table(tmp_path / "t", batch=2)
+    column = pa.array([[0], [-4], [1]], pa.list_(pa.int32(), 1))  # an (n, 1) array's column
+    feather.write_feather(pa.table({"x": [1.0, 2.0, 3.0], "label": column}), tmp_path / "c.arrow")
+    with pytest.raises(DatasetError, match=r"c.arrow: column 'label' holds a negative label, -4, at row 1"):
+        open_table(tmp_path / "c.arrow")
+
+
 def test_files_that_disagree_are_refused_naming_the_file(tmp_path):
     pq.write_table(pa.table({"x": pa.array([1, 2], pa.int32()), "label": [0, 1]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"x": pa.array([1, 2], pa.int64()), "label": [0, 1]}), tmp_path / "b.parquet")
