@@ -264,12 +264,12 @@ def _convert(args: argparse.Namespace) -> int:
         batches = converters.digits_batches()
     elif kind == "npz":
         y_key = "y" if args.y_key is None else args.y_key or None  # '': unlabelled
-        batches = converters.npz_batches(source, x_key=args.x_key or "x", y_key=y_key)
-        class_names = _named(args) or (converters.label_class_names(source, y_key) if y_key else None)
+        arrays = converters.npz_arrays(source, x_key=args.x_key or "x", y_key=y_key)
+        batches, class_names = arrays.batches(), _named(args) or arrays.class_names
         label_array = label_array if y_key else None
     elif kind == "npy":
-        batches = converters.npy_batches(source, args.labels)
-        class_names = _named(args) or (converters.label_class_names(args.labels) if args.labels else None)
+        arrays = converters.npy_arrays(source, args.labels)
+        batches, class_names = arrays.batches(), _named(args) or arrays.class_names
     elif kind in TABLE_SUFFIXES:
         table = open_table(
             source,

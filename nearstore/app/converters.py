@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,42 +18,52 @@ Batches = Iterator[dict[str, np.ndarray]]
 DEFAULT_BATCH = 4096
 
 
-def npy_batches(x_path: str | Path, y_path: str | Path | None = None, *, batch: int = DEFAULT_BATCH) -> Batches:
-    """Batches {"x", "y"} from .npy files, memory-mapped: only one batch is ever in memory (of at
-    most BATCH_BYTES: samples of 256 KiB come 256 at a time). The files are checked here, before
-    a batch is asked for: one that cannot be stored is refused naming it before anything is written."""
+@dataclass(frozen=True)
+class Arrays:
+    """Samples `x` and labels `y` (None: unlabelled) from .npy files or a .npz archive, checked,
+    ready for `write_dataset`: batches {"x", "y"}, and the class names of string labels, sorted as
+    ImageFolder sorts its class folders (None for integer labels: write_dataset names them
+    "0".."C-1")."""
+
+    x: np.ndarray = field(repr=False)
+    y: np.ndarray | None = field(repr=False)
+    class_names: tuple[str, ...] | None
+    batch: int = field(default=DEFAULT_BATCH, repr=False)
+
+    def batches(self) -> Batches:
+        """A fresh pass over x and y in batches of at most `batch` samples and BATCH_BYTES (samples
+        of 256 KiB come 256 at a time), read one batch at a time."""
+        return _sliced(self.x, self.y, self.batch)
+
+
+def npy_arrays(x_path: str | Path, y_path: str | Path | None = None, *, batch: int = DEFAULT_BATCH) -> Arrays:
+    """Samples and labels from .npy files, memory-mapped: only one batch is ever in memory. The
+    files are checked here, before a batch is asked for: one that cannot be stored is refused
+    naming it before anything is written."""
     x = _npy(x_path)
     y = _npy(y_path) if y_path is not None else None
-    _check_arrays(x, y, str(x_path), str(y_path))
-    return _sliced(x, y, batch)
+    return _checked(x, y, str(x_path), str(y_path), batch)
 
 
-def npz_batches(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", batch: int = DEFAULT_BATCH) -> Batches:
-    """Batches {"x", "y"} from a .npz archive (each array is decompressed once, whole, here), checked
-    as `npy_batches`' are."""
+def npz_arrays(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", batch: int = DEFAULT_BATCH) -> Arrays:
+    """Samples and labels from a .npz archive (each array is decompressed once, whole, here),
+    checked as `npy_arrays`' are."""
     with _open_npz(path) as archive:
         for key in (x_key, y_key):
             if key is not None and key not in archive:
                 raise DatasetError(f"{path}: no array {key!r}; it has {sorted(archive.files)}")
         x = _member(archive, x_key, path)
         y = _member(archive, y_key, path) if y_key is not None else None
-    _check_arrays(x, y, f"{path}:{x_key}", f"{path}:{y_key}")
-    return _sliced(x, y, batch)
+    return _checked(x, y, f"{path}:{x_key}", f"{path}:{y_key}", batch)
 
 
-def label_class_names(path: str | Path, key: str | None = None) -> list[str] | None:
-    """The class names of string labels in an .npy file (or array `key` of a .npz archive),
-    sorted, as ImageFolder sorts its class folders; None for integer labels."""
-    if key is None:
-        labels = _npy(path)
-    else:
-        with _open_npz(path) as archive:
-            if key not in archive:
-                return None  # npz_batches names the missing array
-            labels = _member(archive, key, path)
-    if labels.dtype.kind not in "US":
-        return None
-    return [str(name) for name in np.unique(np.asarray(labels).astype(str))]
+def _checked(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batch: int) -> Arrays:
+    """x and y checked (`_check_arrays`), with the class names of string labels: the labels are
+    read for them here, from the array the batches read, not loaded again."""
+    _check_arrays(x, y, x_name, y_name)
+    if y is None or y.dtype.kind not in "US":
+        return Arrays(x, y, None, batch)
+    return Arrays(x, y, tuple(str(name) for name in np.unique(np.asarray(y).astype(str))), batch)
 
 
 def mnist1d_batches(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_BATCH) -> Batches:

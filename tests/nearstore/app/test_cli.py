@@ -98,13 +98,18 @@ def test_convert_refuses_labels_it_cannot_store_naming_their_file_and_writes_not
         assert not Path(argv[2]).exists()
 
 
-def test_convert_string_labels_from_npz_and_npy_sorted_as_class_names(tmp_path, capsys):
+def test_convert_string_labels_from_npz_and_npy_sorted_as_class_names(tmp_path, capsys, monkeypatch):
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
     y = np.array(["zebra", "ant", "moth", "ant", "zebra", "moth"])
     np.savez(tmp_path / "d.npz", x=x, y=y)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y[:, None])  # (n, 1), as many tools save labels
+    decompressed, read = [], np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(
+        np.lib.npyio.NpzFile, "__getitem__", lambda self, key: decompressed.append(key) or read(self, key)
+    )
     assert main(["convert", str(tmp_path / "d.npz"), str(tmp_path / "a.zarr")]) == 0
+    assert sorted(decompressed) == ["x", "y"]  # the labels' names come from the array the batches read
     argv = ["convert", str(tmp_path / "x.npy"), str(tmp_path / "b.zarr"), "--labels", str(tmp_path / "y.npy")]
     assert main(argv) == 0
     for name in ("a.zarr", "b.zarr"):

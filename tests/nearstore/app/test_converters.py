@@ -15,8 +15,8 @@ from nearstore.app.converters import (
     mnist1d_batches,
     nearstore_batches,
     noisy_labels,
-    npy_batches,
-    npz_batches,
+    npy_arrays,
+    npz_arrays,
 )
 from nearstore.storage.integrity import verify_dataset
 
@@ -43,8 +43,8 @@ def test_npy_and_npz_sources_stream_in_batches(tmp_path):
     np.save(tmp_path / "y.npy", y)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     for batches in (
-        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy", batch=300),
-        npz_batches(tmp_path / "d.npz", batch=300),
+        npy_arrays(tmp_path / "x.npy", tmp_path / "y.npy", batch=300).batches(),
+        npz_arrays(tmp_path / "d.npz", batch=300).batches(),
     ):
         chunks = list(batches)
         assert [len(c["x"]) for c in chunks] == [300, 300, 300, 100]
@@ -56,12 +56,12 @@ def test_source_errors_name_the_file(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((5, 2)))
     np.save(tmp_path / "y.npy", np.zeros(4, dtype=int))
     with pytest.raises(ValueError, match="x.npy has 5 samples but .*y.npy has 4"):
-        list(npy_batches(tmp_path / "x.npy", tmp_path / "y.npy"))
+        npy_arrays(tmp_path / "x.npy", tmp_path / "y.npy")
     with pytest.raises(FileNotFoundError, match="nope.npy"):
-        list(npy_batches(tmp_path / "nope.npy"))
+        npy_arrays(tmp_path / "nope.npy")
     np.savez(tmp_path / "d.npz", a=np.zeros(3))
     with pytest.raises(DatasetError, match="no array 'x'"):
-        list(npz_batches(tmp_path / "d.npz"))
+        npz_arrays(tmp_path / "d.npz")
 
 
 def test_labels_neither_integers_nor_strings_of_a_sample_each_are_refused_naming_their_file(tmp_path):
@@ -69,14 +69,14 @@ def test_labels_neither_integers_nor_strings_of_a_sample_each_are_refused_naming
     np.save(tmp_path / "y.npy", np.arange(10) / 2)  # floats: a regression target, or whole numbers saved so
     np.save(tmp_path / "pairs.npy", np.zeros((10, 2), dtype=np.int64))
     np.savez(tmp_path / "a.npz", x=np.zeros((10, 2)), y=np.arange(10.0))
-    # refused when the batches are asked for, before the first: nothing can have been written yet
+    # refused when the files are opened, before a batch is asked for: nothing can have been written yet
     with pytest.raises(DatasetError, match=r"label array 'y' from \S*y.npy holds float64 values of shape \(10,\)"):
-        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy")
+        npy_arrays(tmp_path / "x.npy", tmp_path / "y.npy")
     with pytest.raises(DatasetError, match=r"'y' from \S*pairs.npy holds int64 values of shape \(10, 2\)"):
-        npy_batches(tmp_path / "x.npy", tmp_path / "pairs.npy")
+        npy_arrays(tmp_path / "x.npy", tmp_path / "pairs.npy")
     with pytest.raises(DatasetError, match=r"label array 'y' from \S*a.npz:y holds float64 values"):
-        npz_batches(tmp_path / "a.npz")
-    assert len(list(npz_batches(tmp_path / "a.npz", y_key=None))) == 1  # unlabelled, its floats are no labels
+        npz_arrays(tmp_path / "a.npz")
+    assert len(list(npz_arrays(tmp_path / "a.npz", y_key=None).batches())) == 1  # unlabelled, its floats are no labels
 
 
 def test_a_negative_label_is_refused_naming_its_file_row_and_value(tmp_path):
@@ -86,14 +86,14 @@ def test_a_negative_label_is_refused_naming_its_file_row_and_value(tmp_path):
     np.save(tmp_path / "y.npy", y)
     np.save(tmp_path / "column.npy", y[:, None])  # (n, 1), as many tools save labels
     np.savez(tmp_path / "a.npz", x=np.zeros((10, 2)), y=y)
-    # refused when the batches are asked for, before the first: nothing can have been written yet
+    # refused when the files are opened, before a batch is asked for: nothing can have been written yet
     with pytest.raises(DatasetError, match=r"label array 'y' from \S*y.npy holds a negative label, -3, at row 6"):
-        npy_batches(tmp_path / "x.npy", tmp_path / "y.npy")
+        npy_arrays(tmp_path / "x.npy", tmp_path / "y.npy")
     with pytest.raises(DatasetError, match=r"from \S*column.npy holds a negative label, -3, at row 6"):
-        npy_batches(tmp_path / "x.npy", tmp_path / "column.npy")
+        npy_arrays(tmp_path / "x.npy", tmp_path / "column.npy")
     with pytest.raises(DatasetError, match=r"label array 'y' from \S*a.npz:y holds a negative label, -3, at row 6"):
-        npz_batches(tmp_path / "a.npz")
-    assert len(list(npz_batches(tmp_path / "a.npz", y_key=None))) == 1  # unlabelled: y is not read as labels
+        npz_arrays(tmp_path / "a.npz")
+    assert len(list(npz_arrays(tmp_path / "a.npz", y_key=None).batches())) == 1  # unlabelled: y is not read as labels
 
 
 def test_mnist1d_is_deterministic_balanced_and_leaves_numpy_global_state(tmp_path):
@@ -160,11 +160,11 @@ def test_a_file_that_is_no_numpy_array_is_refused_naming_it(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not numpy\n")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DatasetError, match=r"junk.npy is neither an .npy file nor an .npz archive"):
-        next(npy_batches(tmp_path / "junk.npy"))
+        npy_arrays(tmp_path / "junk.npy")
     with pytest.raises(DatasetError, match=r"junk.npz is neither"):
-        next(npz_batches(tmp_path / "junk.npz"))
+        npz_arrays(tmp_path / "junk.npz")
     with pytest.raises(DatasetError, match=r"objects.npy cannot be read as numeric arrays"):
-        next(npy_batches(tmp_path / "objects.npy"))
+        npy_arrays(tmp_path / "objects.npy")
 
 
 def test_an_array_of_values_not_stored_is_refused_naming_its_file(tmp_path):
@@ -174,11 +174,12 @@ def test_an_array_of_values_not_stored_is_refused_naming_its_file(tmp_path):
     np.save(tmp_path / "ok.npy", np.zeros((4, 2)))
     np.savez(tmp_path / "d.npz", images=np.array(["a", "b"]), y=np.arange(2))
     with pytest.raises(DatasetError, match=r"array 'x' from \S*x.npy holds complex64 values, which are not stored"):
-        next(npy_batches(tmp_path / "x.npy"))
+        npy_arrays(tmp_path / "x.npy")
     with pytest.raises(DatasetError, match=r"array 'y' from \S*dates.npy holds datetime64\[s\] values"):
-        next(npy_batches(tmp_path / "ok.npy", tmp_path / "dates.npy"))
-    assert list(next(npy_batches(tmp_path / "ok.npy", tmp_path / "names.npy"))["y"]) == ["cat", "dog"] * 2  # classes
+        npy_arrays(tmp_path / "ok.npy", tmp_path / "dates.npy")
+    named = npy_arrays(tmp_path / "ok.npy", tmp_path / "names.npy")  # labels may be class names
+    assert list(next(named.batches())["y"]) == ["cat", "dog"] * 2 and named.class_names == ("cat", "dog")
     with pytest.raises(DatasetError, match=r"array 'x' from \S*names.npy holds <U3 values"):
-        next(npy_batches(tmp_path / "names.npy", tmp_path / "names.npy"))
+        npy_arrays(tmp_path / "names.npy", tmp_path / "names.npy")
     with pytest.raises(DatasetError, match=r"array 'x' from \S*d.npz:images holds <U1 values"):
-        next(npz_batches(tmp_path / "d.npz", x_key="images"))
+        npz_arrays(tmp_path / "d.npz", x_key="images")
