@@ -127,8 +127,8 @@ def unscored(ids: np.ndarray) -> Pick:
 class Decisions:
     """Windows waiting for a method's pick, and what the decided ones keep. Where `draw(class)` says
     so (the proxy knows nothing of the labels, or the class's budget is small), a window keeps a
-    seeded random draw instead: its samples with a gradient first, muted ones (zero gradients)
-    only where those run out."""
+    seeded random draw instead: its samples with a gradient (in any draw, for AugmentAware's
+    factors) first, muted ones (zero gradients) only where those run out."""
 
     def __init__(self, pick: Picker, draw: Callable[[int], bool] = lambda group: False, seed: int = 0) -> None:
         self.pick, self.draw, self.seed = pick, draw, seed
@@ -144,7 +144,7 @@ class Decisions:
             self.kept.append(unscored(ids))
         elif k and self.draw(group):
             rng = np.random.default_rng([self.seed, int(ids[0])])  # a window is known by its first id
-            live = (parts[0] != 0).any(1).cpu().numpy()
+            live = (parts[0] != 0).flatten(1).any(1).cpu().numpy()  # residuals (n, C), or (n, A, C) of A draws
             order = np.concatenate([rng.permutation(np.flatnonzero(live)), rng.permutation(np.flatnonzero(~live))])
             self.kept.append(unscored(ids[np.sort(order[:k])]))
             self.drawn += 1

@@ -548,13 +548,15 @@ def test_round_zero_on_a_small_noisy_set_keeps_fewer_wrong_labels_than_random(no
         assert flipped[default.ids].mean() < flipped[drawn.ids].mean() / 2, (seed, flipped[default.ids].mean())
 
 
-def test_a_draw_takes_muted_samples_only_when_the_others_run_out():
+@pytest.mark.parametrize("draws", [(), (4,)], ids=["factors", "augmented factors"])
+def test_a_draw_takes_muted_samples_only_when_the_others_run_out(draws):
     def pick(_):
         raise AssertionError("a drawn window is not picked")
 
-    residual = torch.ones(10, 3)
+    residual = torch.ones(10, *draws, 3)  # (n, C), or AugmentAware's (n, A, C)
     residual[[1, 4, 7]] = 0  # muted: zero gradients
-    parts = (residual, torch.ones(10, 2))
+    residual[2, 0] = 0  # zero in part only (a class, or a draw): not muted
+    parts = (residual, torch.ones(10, *draws, 2))
     ids = np.arange(100, 110)
     decisions = Decisions(pick, lambda group: True, seed=0)
     decisions.add(0, ids, (parts, 7))  # the 7 with a gradient, all of them
