@@ -38,6 +38,7 @@ class Served:
     bytes: int  # of the response's body: what was downloaded
     range: str | None
     received: int = 0  # bytes of the request's body: what was uploaded (the S3 server counts them)
+    kind: str = ""  # the S3 server's name for it: GET, HEAD, PUT, COPY, LIST, DELETE or POST
 
 
 @dataclass
@@ -113,8 +114,21 @@ class S3Server:
 
         received = int(environ.get("CONTENT_LENGTH") or 0)
         body = b"".join(self._moto(environ, record_status))
-        self.books.served.append(Served(method, path, status[0], len(body), environ.get("HTTP_RANGE"), received))
+        kind = _s3_kind(method, path, environ.get("QUERY_STRING", ""), "HTTP_X_AMZ_COPY_SOURCE" in environ)
+        self.books.served.append(Served(method, path, status[0], len(body), environ.get("HTTP_RANGE"), received, kind))
         return [body]
+
+
+def _s3_kind(method: str, path: str, query: str, copy: bool) -> str:
+    """What an S3 request does: a PUT naming a source is a server-side COPY, a GET of a bucket
+    (path-style, as s3fs asks moto) a LIST, a POST ?delete a DELETE of up to 1000 objects."""
+    if method == "PUT" and copy:
+        return "COPY"
+    if method == "GET" and path.strip("/").count("/") == 0:
+        return "LIST"
+    if method == "POST" and "delete" in query.split("&"):
+        return "DELETE"
+    return method
 
 
 class Nginx:
