@@ -52,6 +52,9 @@ FORMAT_VERSION = 2
 UNCHECKED_FORMAT = 1
 ATTRS_KEY = "nearstore"
 ZARR_JSON = "zarr.json"  # a Zarr v3 node's metadata document
+# The one attribute of the bare group a replacement leaves while copying the new store in over the
+# old on object storage (`nearstore.storage.writer`): the suffix of the URL where the new one is whole.
+REPLACEMENT_KEY = "nearstore_replacement"
 
 
 class UncheckedStoreWarning(UserWarning):
@@ -358,6 +361,42 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         raise
     except Exception as e:  # the storage backend's own errors (unreachable endpoint, bad credentials)
         raise OSError(f"cannot open {url!r}: {type(e).__name__}: {e}") from e
+
+    def read_arrays(names: tuple[str, ...]) -> list[dict[str, Any] | None]:
+        return _read_json(fs, [f"{root}/{name}/{ZARR_JSON}" for name in names], stats)
+
+    return _dataset(url, storage_options, fs, root, group_json, read_arrays, stats)
+
+
+def dataset_from_json(
+    url: str,
+    group_json: Mapping[str, Any],
+    array_json: Mapping[str, Mapping[str, Any]],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """The dataset at `url` whose group's and arrays' zarr.json documents are those given (what
+    its writer uploaded there): checked as `open_dataset` checks what it reads, with no request."""
+    storage_options = with_store_defaults(url, dict(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+
+    def given(names: tuple[str, ...]) -> list[dict[str, Any] | None]:
+        return [dict(array_json[name]) if name in array_json else None for name in names]
+
+    return _dataset(url, storage_options, fs, root.rstrip("/"), dict(group_json), given, IOStats())
+
+
+def _dataset(
+    url: str,
+    storage_options: dict[str, Any],
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    group_json: dict[str, Any] | None,
+    read_arrays: Callable[[tuple[str, ...]], list[dict[str, Any] | None]],
+    stats: IOStats,
+) -> Dataset:
+    """The dataset whose group's zarr.json is `group_json` and whose arrays' are `read_arrays`
+    (None: missing), refused with a message naming `url` where they do not make one."""
     if group_json is None:
         raise FileNotFoundError(f"no zarr group at {url!r}: it has no {ZARR_JSON}")
     if group_json.get("zarr_format") != 3 or group_json.get("node_type") != "group":
@@ -367,6 +406,13 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         )
     attrs = (group_json.get("attributes") or {}).get(ATTRS_KEY)
     if not isinstance(attrs, Mapping):
+        replacement = (group_json.get("attributes") or {}).get(REPLACEMENT_KEY)
+        if isinstance(replacement, str):
+            raise DatasetError(
+                f"{url!r} is a zarr group but not a nearstore dataset: a replacement of it stopped while being "
+                f"copied in; the new dataset is whole at {url.rstrip('/') + replacement!r} (open it, or write "
+                "again with overwrite=True)"
+            )
         raise DatasetError(
             f"{url!r} is a zarr group but not a nearstore dataset (no {ATTRS_KEY!r} attributes; "
             "an interrupted write leaves none); write it with nearstore.write_dataset or `nearstore convert`"
@@ -379,7 +425,7 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     names = tuple(attrs["sample_arrays"])
     label_array = attrs.get("label_array")
     num_samples = int(attrs["num_samples"])
-    documents = _read_json(fs, [f"{root}/{name}/{ZARR_JSON}" for name in names], stats)
+    documents = read_arrays(names)
     missing = [name for name, document in zip(names, documents) if document is None]
     if missing:
         raise DatasetError(f"{url!r}: sample array {missing[0]!r} is listed in the attributes but missing")

@@ -17,6 +17,7 @@ import json
 import posixpath
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -30,17 +31,18 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
-from nearstore.errors import DatasetError, ParameterError
+from nearstore.errors import DatasetError, IntegrityError, ParameterError
 from nearstore.storage.codecs import Sharding, chunk_sums, encode_bytes_shard
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
+    REPLACEMENT_KEY,
     ZARR_JSON,
     Dataset,
     Manifest,
     array_layout,
+    dataset_from_json,
     encoded_bytes,
-    open_dataset,
     shard_key,
 )
 from nearstore.storage.digests import digest_samples, fingerprint, new_digest
@@ -99,11 +101,15 @@ def write_dataset(
         raise ParameterError(f"chunk_samples must be a divisor of shard_samples ({shard_samples}), got {chunk_samples}")
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    try:  # one listing says whether anything is there (s3fs lists the parent too where nothing is)
+        present: list[str] | None = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        present = None
     # an empty folder (or bucket) is written in place: there is nothing to keep, nor anywhere beside a bucket
-    empty = fs.isdir(root) and not fs.ls(root, detail=False)
-    replacing = fs.exists(root) and not empty
+    empty = present == []
+    replacing = bool(present)
     if replacing:
-        _check_replaceable(fs, root, url)
+        _check_replaceable(fs, root, url, folder=present != [root])
         if not overwrite:
             raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
         # a bucket (s3://bucket, gs://bucket: no root marker) has no folder beside it to write in
@@ -116,8 +122,7 @@ def write_dataset(
     suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""
     target = root + suffix
     try:
-        _write(
-            zarr.open_group(url.rstrip("/") + suffix, mode="w-", storage_options=storage_options or None),
+        written = _write(
             fs,
             target,
             batches,
@@ -130,21 +135,20 @@ def write_dataset(
             progress,
             url,
         )
-        written = open_dataset(url.rstrip("/") + suffix, storage_options=storage_options)  # opens as written
+        # opened from the documents uploaded, as open_dataset opens them, without reading them back
+        dataset = dataset_from_json(url, written.group_json, written.array_json, storage_options=storage_options)
+        if replacing:
+            _check_whole(fs, target, written.sizes, url)
     except BaseException:  # what was written is ours alone, and not a dataset: nothing is left
         if empty:  # the folder was there before: emptied again, not removed
-            for path in fs.ls(target, detail=False):
+            for path in fs.ls(target, detail=False, refresh=True):
                 fs.rm(path, recursive=True)
         elif fs.exists(target):
             fs.rm(target, recursive=True)
         raise
     if replacing:
-        old = f"{root}.replaced-{uuid.uuid4().hex[:8]}"
-        _move(fs, root, old)
-        _move(fs, target, root)
-        fs.rm(old, recursive=True)
-        return open_dataset(url, storage_options=storage_options)
-    return written
+        _replace(fs, root, suffix, written.sizes, url)
+    return dataset
 
 
 # The numpy kinds of fixed-size samples: bool, signed and unsigned integers, floats. Fixed-width
@@ -181,20 +185,58 @@ def _little(values: np.ndarray) -> np.ndarray:
     return values.astype(values.dtype.newbyteorder("<")) if values.dtype.str.startswith(">") else values
 
 
-def _move(fs: fsspec.AbstractFileSystem, source: str, destination: str) -> None:
-    """Move the store at `source` to `destination`: renamed where there are folders; on object
-    storage every object copied, then the source's removed (fsspec's recursive mv copies the
-    folders a listing implies too, keys no object has, and fails on the first)."""
-    if isinstance(fs, LocalFileSystem):
-        fs.mv(source, destination, recursive=True)
+def _check_whole(fs: fsspec.AbstractFileSystem, target: str, sizes: Mapping[str, int], url: str) -> None:
+    """That the store at `target` holds every object written, of the size written, and no other:
+    listed in one request a thousand objects (the listing also gives s3fs the sizes that copying
+    them asks, one HEAD an object otherwise)."""
+    fs.invalidate_cache(target)
+    stored = {path.removeprefix(f"{target}/"): info["size"] for path, info in fs.find(target, detail=True).items()}
+    for key in sorted(set(sizes) | set(stored)):
+        if stored.get(key) != sizes.get(key):
+            raise IntegrityError(
+                f"the new store for {url!r}, written at {target!r}, is not whole: {key!r} holds {stored.get(key)} "
+                f"bytes, {sizes.get(key)} were written; {url!r} is left as it was"
+            )
+
+
+def _replace(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Mapping[str, int], url: str) -> None:
+    """Put the whole store at `root + suffix`, whose objects are `sizes`' keys, in place of the
+    dataset at `root`, and remove the old one."""
+    target = root + suffix
+    if isinstance(fs, LocalFileSystem):  # folders are renamed: no byte is copied
+        old = f"{root}.replaced-{uuid.uuid4().hex[:8]}"
+        fs.mv(root, old, recursive=True)
+        fs.mv(target, root, recursive=True)
+        fs.rm(old, recursive=True)
         return
-    fs.invalidate_cache(source)  # objects written since it was listed (by another process, say)
-    objects = fs.find(source)
-    fs.copy(objects, [destination + path.removeprefix(source) for path in objects])
-    fs.rm(source, recursive=True)
+    # Object storage has no rename: a move is a copy and a delete an object. Each new object is
+    # copied once and no old one at all, in an order that leaves, wherever it stops, the old
+    # dataset whole at `root` or the new one whole at `target`, and never a mix that opens:
+    # 1. the new store is whole at `target` (`_check_whole`: listed, every object at its size);
+    # 2. root's zarr.json becomes a bare group naming `target`: the old manifest, which would vouch
+    #    for shards about to be overwritten, goes first, and open_dataset then refuses root saying
+    #    where the new dataset is whole;
+    # 3. every new object but the group's zarr.json is copied over root (old ones of its key replaced);
+    # 4. the group's zarr.json, with the manifest, is copied last: the new dataset is whole at root;
+    # 5. only then are the old objects left (shards past the new length, arrays gone) and `target` deleted.
+    try:
+        pointer = {"zarr_format": 3, "node_type": "group", "attributes": {REPLACEMENT_KEY: suffix}}
+        fs.pipe_file(f"{root}/{ZARR_JSON}", json.dumps(pointer).encode())
+        keys = sorted(sizes, key=lambda key: key == ZARR_JSON)  # the group's document last
+        fs.copy([f"{target}/{key}" for key in keys[:-1]], [f"{root}/{key}" for key in keys[:-1]])
+        fs.copy([f"{target}/{ZARR_JSON}"], [f"{root}/{ZARR_JSON}"])
+    except BaseException as e:
+        e.add_note(
+            f"replacing {url!r} stopped half-way: the new dataset is whole at {url.rstrip('/') + suffix!r}; "
+            f"{url!r} is a bare zarr group naming it, which overwrite=True replaces"
+        )
+        raise
+    fs.invalidate_cache(root)
+    stale = [path for path in fs.find(root) if path.removeprefix(f"{root}/") not in sizes]
+    fs.rm(stale + [f"{target}/{key}" for key in keys])
 
 
-def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, folder: bool) -> None:
     """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left):
     overwrite replaces a dataset, it never deletes a user's other files."""
     try:
@@ -202,15 +244,24 @@ def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> No
     except (OSError, ValueError):
         document = None
     if not isinstance(document, dict) or document.get("node_type") != "group":
-        what = "a folder that is not a zarr group" if fs.isdir(root) else "a file"
+        what = "a folder that is not a zarr group" if folder else "a file"
         raise FileExistsError(
             f"{url!r} is {what}, not a dataset: overwrite replaces only a dataset or an empty folder; "
             "write elsewhere, or remove it yourself"
         )
 
 
+@dataclass(frozen=True)
+class _Written:
+    """What a write uploaded: the group's and arrays' zarr.json documents, and every object's size
+    in bytes by its key under the store's root."""
+
+    group_json: dict[str, Any]
+    array_json: dict[str, dict[str, Any]]
+    sizes: dict[str, int]
+
+
 def _write(
-    group: zarr.Group,
     fs: fsspec.AbstractFileSystem,
     root: str,
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -222,10 +273,11 @@ def _write(
     zstd_level: int,
     progress: bool,
     url: str,
-) -> None:
-    """Write the store into `group`, which is at `root` of `fs`; `url` names it in messages."""
+) -> _Written:
+    """Write the store at `root` of `fs`; `url` names it in messages."""
     index = _ClassIndex(label_array, class_names)
     writer = _ShardWriter(fs, root, shard_samples, chunk_samples, zstd_level, label_array, index)
+    writer.put_group()  # bare: a killed write leaves a zarr group that open_dataset refuses and overwrite replaces
     with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
@@ -257,7 +309,7 @@ def _write(
         {name: array_layout(writer.arrays[name], writer.documents[name]) for name in writer.names},
         {name: np.concatenate(sums).astype("<u4").tobytes() for name, sums in writer.sums.items()},
     )
-    group.attrs[ATTRS_KEY] = {
+    writer.group.attrs[ATTRS_KEY] = {
         "format_version": FORMAT_VERSION,
         "num_samples": writer.num_samples,
         "sample_arrays": list(writer.names),
@@ -265,6 +317,9 @@ def _write(
         "class_names": list(class_names or ()),
         **manifest.to_attrs(),
     }
+    writer.put_group()  # last: the attributes make the store a dataset
+    array_json = {name: json.loads(writer.staged[f"{name}/{ZARR_JSON}"].to_bytes()) for name in writer.names}
+    return _Written(json.loads(writer.staged[ZARR_JSON].to_bytes()), array_json, dict(writer.sizes))
 
 
 def _zstd_saves(samples: np.ndarray, level: int) -> bool:
@@ -375,6 +430,11 @@ class _ShardWriter:
         self.digests: dict[str, list[str]] = {}
         self.sums: dict[str, list[np.ndarray]] = {}
         self.content: dict[str, hashlib.blake2b] = {}
+        self.sizes: dict[str, int] = {}  # every object uploaded, by its key under root
+
+    def put_group(self) -> None:
+        """Upload the group's zarr.json as it stands in memory."""
+        self._put(ZARR_JSON, self.staged[ZARR_JSON].to_bytes())
 
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
         # stored little-endian whatever order they come in (zarr reads them back so): the digests,
@@ -398,7 +458,7 @@ class _ShardWriter:
         if self.num_pending:
             self._flush(self.num_pending)
         for name in self.names:
-            self._put(f"{self.root}/{name}/{ZARR_JSON}", self.staged[f"{name}/{ZARR_JSON}"].to_bytes())
+            self._put(f"{name}/{ZARR_JSON}", self.staged[f"{name}/{ZARR_JSON}"].to_bytes())
 
     def _create(self, batch: Mapping[str, np.ndarray]) -> None:
         if not batch:
@@ -524,7 +584,7 @@ class _ShardWriter:
             array.resize((stop, *array.shape[1:]))  # in memory (`close` uploads its zarr.json), so cheap
             values, self.pending[name] = _first(self.pending[name], n)
             shard = self._encode(name, values, start)
-            self._put(f"{self.root}/{shard_key(name, self.documents[name], shard_index)}", shard)
+            self._put(shard_key(name, self.documents[name], shard_index), shard)
             self.nbytes[name].append(len(shard))
             self.sums[name].append(chunk_sums(shard, self.sharding[name]))
             shard_digest = new_digest()
@@ -543,13 +603,15 @@ class _ShardWriter:
         self.arrays[name][start : start + len(values)] = values
         return self.staged.pop(shard_key(name, self.documents[name], start // self.shard_samples)).to_bytes()
 
-    def _put(self, path: str, body: bytes) -> None:
-        """Upload `body` to `path` in one request (a local store: into a folder made if new)."""
+    def _put(self, key: str, body: bytes) -> None:
+        """Upload `body` to `key` under root in one request (a local store: into a folder made if new)."""
+        path = f"{self.root}/{key}"
         try:
             self.fs.pipe_file(path, body)
         except FileNotFoundError:  # a filesystem with folders, and this object's is new (x/c/3/ of a 2-D x)
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self.fs.pipe_file(path, body)
+        self.sizes[key] = len(body)
 
 
 def _check_byte_shards(document: Mapping[str, Any], compressed: bool, name: str) -> None:
