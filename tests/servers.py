@@ -70,11 +70,13 @@ class _QuietHandler(MotoRequestHandler):
 
 class S3Server:
     """moto's S3 application on a real socket, behind a WSGI layer that counts every response's
-    body bytes and can answer 503 SlowDown to chosen requests (S3's throttling reply)."""
+    body bytes and can answer 503 SlowDown to chosen requests (S3's throttling reply), or 403
+    AccessDenied to one write (a refusal no client retries: a writer stopped there)."""
 
     def __init__(self) -> None:
         self.books = ServerBooks()
         self.fail_next = 0  # how many of the coming GETs to refuse with 503
+        self.deny_write: int | None = None  # which of the coming PUTs (uploads, copies) to deny, from 0
         self._lock = threading.Lock()
         self._server = make_server(HOST, free_port(), self._app, threaded=True, request_handler=_QuietHandler)
         self._moto = DomainDispatcherApplication(create_backend_app)
@@ -101,10 +103,18 @@ class S3Server:
         with self._lock:
             refuse = method == "GET" and self.fail_next > 0
             self.fail_next -= refuse
+            deny = method == "PUT" and self.deny_write == 0
+            if method == "PUT" and self.deny_write is not None:
+                self.deny_write = None if deny else self.deny_write - 1
         if refuse:
             body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
             start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             self.books.served.append(Served(method, path, 503, len(body), environ.get("HTTP_RANGE")))
+            return [body]
+        if deny:
+            body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            start_response("403 Forbidden", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            self.books.served.append(Served(method, path, 403, len(body), None, kind="PUT"))
             return [body]
         status = []
 

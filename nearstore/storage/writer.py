@@ -228,7 +228,8 @@ def _replace(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Mappi
     except BaseException as e:
         e.add_note(
             f"replacing {url!r} stopped half-way: the new dataset is whole at {url.rstrip('/') + suffix!r}; "
-            f"{url!r} is a bare zarr group naming it, which overwrite=True replaces"
+            f"{url!r} is the old one, whole, where it opens, or else a zarr group naming the new one, which "
+            "overwrite=True replaces"
         )
         raise
     fs.invalidate_cache(root)

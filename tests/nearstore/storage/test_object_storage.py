@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
+from nearstore import Coalescing, SelectiveReader, open_dataset, verify_dataset, write_dataset
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.dataset import S3_CONNECTIONS
 
@@ -283,10 +284,83 @@ def test_writing_to_s3_puts_each_object_once_and_reads_none_back(s3, data, shard
     arrays = {f"/nearstore-write/once-{shard_samples}.zarr/{name}/zarr.json": 1 for name in dataset.arrays}
     assert collections.Counter(puts) == {**dict.fromkeys(shards, 1), **arrays, group: 2}
     assert puts[0] == puts[-1] == group
+    # Besides: whether anything is there, listed (s3fs lists the parent too where nothing is); no
+    # GET or HEAD (zarr's probes, a read back of the documents uploaded: 3 HEADs, 3 GETs and 3 more
+    # LISTs before 2026-12)
+    others = collections.Counter(s.kind for s in served if s.kind != "PUT")
+    assert set(others) == {"LIST"} and others["LIST"] <= 2, others
     uploaded = sum(s.received for s in served if s.method == "PUT")
     downloaded = sum(s.bytes for s in served if s.method == "GET")
     assert uploaded > dataset.stored_nbytes() and downloaded < 0.05 * uploaded
     np.testing.assert_array_equal(SelectiveReader(dataset).read(np.arange(N))["x"], data["x"])
+
+
+def _objects(fs, url: str) -> dict[str, int]:
+    """The objects under `url` by key, and their sizes."""
+    root = url.removeprefix("s3://")
+    return {path.removeprefix(f"{root}/"): info["size"] for path, info in fs.find(root, detail=True).items()}
+
+
+def test_an_overwrite_on_s3_copies_each_new_object_once_and_moves_no_old_one(s3, data):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.makedirs("nearstore-overwrite", exist_ok=True)
+    url = "s3://nearstore-overwrite/ds.zarr"
+    write_dataset(url, batches(data), shard_samples=SHARD, storage_options=s3.storage_options)
+    new = {"x": data["x"][:2000] + 1, "y": data["y"][:2000]}  # 8 shards an array where there were 12
+    s3.books.clear()
+    replaced = write_dataset(url, [new], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
+    served = list(s3.books.served)
+    objects = _objects(fs, url)
+    assert len(objects) == 2 * 8 + 3 and "x/c/8/0" not in objects  # the old shards past the new ones deleted
+    kinds = collections.Counter(s.kind for s in served)
+    # Each new object uploaded once beside the old store (and the group's zarr.json bare first),
+    # then copied in once, the group's last; the old root's zarr.json replaced first by a bare
+    # group; no old object copied (before 2026-12: moved aside, then the new ones moved in, each a
+    # copy: COPY 2n). Read: a listing of root, its zarr.json (a dataset, that overwrite may
+    # replace), a listing of the new store (that it is whole), one of root for the old objects left.
+    assert kinds["COPY"] <= len(objects) and kinds["PUT"] <= len(objects) + 2, kinds
+    assert kinds["GET"] <= 1 and kinds["LIST"] <= 3 and kinds["HEAD"] == 0 and kinds["DELETE"] <= 1, kinds
+    copied = [s.path.removeprefix("/nearstore-overwrite/ds.zarr/") for s in served if s.kind == "COPY"]
+    assert sorted(copied) == sorted(objects) and copied[-1] == "zarr.json"
+    assert fs.ls("nearstore-overwrite", refresh=True) == ["nearstore-overwrite/ds.zarr"]  # nothing beside it
+    np.testing.assert_array_equal(SelectiveReader(replaced).read(np.arange(2000))["x"], new["x"])
+
+
+# The writes of an overwrite of the test's store by 2000 samples (8 shards an array): beside the old
+# store, its 19 objects, the group's zarr.json twice; then, over the old one, a bare group's zarr.json
+# and the 19 copies, the group's last.
+BESIDE = 2 * 8 + 3 + 1
+
+
+@pytest.mark.parametrize("denied", [0, 12, BESIDE - 1, BESIDE, BESIDE + 1, BESIDE + 10, 2 * BESIDE - 1])
+def test_an_overwrite_on_s3_stopped_half_way_leaves_the_old_dataset_whole_or_the_new_one(s3, data, denied):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.makedirs("nearstore-stopped", exist_ok=True)
+    url = f"s3://nearstore-stopped/{denied}.zarr"
+    write_dataset(url, batches(data), shard_samples=SHARD, storage_options=s3.storage_options)
+    new = {"x": data["x"][:2000] + 1, "y": data["y"][:2000]}
+    s3.deny_write = denied
+    with pytest.raises(PermissionError):
+        write_dataset(url, [new], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
+    assert s3.deny_write is None  # the write denied was one of this overwrite's
+    beside = [f"s3://{p}" for p in fs.ls("nearstore-stopped", refresh=True) if p.startswith(url[5:] + ".")]
+
+    def check(dataset, samples) -> None:  # never a mix: all samples the old or the new, every shard as recorded
+        np.testing.assert_array_equal(SelectiveReader(dataset).read(np.arange(dataset.num_samples))["x"], samples)
+        assert verify_dataset(dataset, progress=False) == []
+
+    # beside it: nothing where the write stopped before the new store was whole, else that store, whole
+    assert len(beside) == (denied >= BESIDE)
+    for whole_at in beside:
+        check(open_dataset(whole_at, storage_options=s3.storage_options), new["x"])
+    # at the URL: the old dataset, whole, until its manifest is replaced; then a group naming the new one
+    try:
+        check(open_dataset(url, storage_options=s3.storage_options), data["x"])
+        assert denied <= BESIDE
+    except DatasetError as e:
+        assert denied > BESIDE and re.search(r"the new dataset is whole at '([^']+)'", str(e))[1] == beside[0]
+    written = write_dataset(url, [new], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
+    np.testing.assert_array_equal(SelectiveReader(written).read([1999])["x"], new["x"][[1999]])
 
 
 # A writer killed (no exception, no cleanup) when its source has yielded 3 batches.
