@@ -5,9 +5,11 @@ chunk (one byte range) unless samples are small enough to share one (`chunk_samp
 chunk ending in its crc32c; every shard object is written, fill values or not, and its size,
 samples' digest and inner chunks' crc32c recorded. Each array's zarr.json is uploaded once, with
 its final length, when the last shard is; the group attributes, with that manifest, go last
-(`open_dataset` refuses a store without them, what a killed writer leaves). A write that fails
-removes what it wrote; replacing a store writes the new one beside it and swaps it in only when
-whole.
+(`open_dataset` refuses a store without them, what a killed writer leaves). Nothing is read back:
+the dataset returned is made from the documents uploaded. A write that fails removes what it
+wrote; replacing a store writes the new one beside it and swaps it in only when whole: folders
+renamed, or on object storage each new object copied in once, the old store moved nowhere
+(`_replace` says why that order loses nothing).
 """
 
 from __future__ import annotations
@@ -609,8 +611,11 @@ class _ShardWriter:
         path = f"{self.root}/{key}"
         try:
             self.fs.pipe_file(path, body)
-        except FileNotFoundError:  # a filesystem with folders, and this object's is new (x/c/3/ of a 2-D x)
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        except FileNotFoundError:
+            # on object storage, a missing bucket: named, not made (as makedirs would)
+            if not isinstance(self.fs, LocalFileSystem):
+                raise
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # this file's folder is new (x/c/3/ of a 2-D x)
             self.fs.pipe_file(path, body)
         self.sizes[key] = len(body)
 

@@ -236,6 +236,10 @@ def test_s3_failures_that_persist_end_in_an_error_naming_the_object(s3, s3_store
 def test_missing_buckets_and_unreachable_endpoints_are_named(s3):
     with pytest.raises(FileNotFoundError, match="no zarr group at 's3://no-such-bucket/ds.zarr'"):
         open_dataset("s3://no-such-bucket/ds.zarr", storage_options=s3.storage_options)
+    batch = {"x": np.zeros((4, 2), np.float32)}
+    with pytest.raises(FileNotFoundError, match="bucket does not exist"):  # a writer makes no bucket
+        write_dataset("s3://no-such-bucket/ds.zarr", [batch], label_array=None, storage_options=s3.storage_options)
+    assert not fsspec.filesystem("s3", **s3.storage_options).exists("no-such-bucket")
     closed = {
         **s3.storage_options,
         "endpoint_url": "http://127.0.0.1:9",
