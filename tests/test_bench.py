@@ -29,6 +29,7 @@ WRITES = {
     "round_cost": ("round_cost.json", "rows"),
     "scale": ("scale.json", "methods"),
     "selection_quality": ("selection_quality.json", "rows"),
+    "server_trainers": ("server_trainers.json", "rows"),
     "ssl_selection": ("ssl_selection.json", "rows"),
 }
 EXTRA = {"gpu": ["--device", "cpu"]}  # the GPU bench on the CPU: its code paths, not its figures
