@@ -2,7 +2,7 @@
 a selection round running meanwhile costs the others' reads, and the bytes each trainer is served.
 
     python bench/server_trainers.py [--samples 262144] [--keep 0.25] [--epochs 2] [--trainers 1 2 4]
-        [--batch-size 256] [--out bench/results] [--tiny]
+        [--batch-size 256] [--cache] [--out bench/results] [--tiny]
 
 A local store of `--samples` float32 (40,) samples (MNIST-1D's size) with 10 classes, generated as
 bench/scale.py's, in shards of 1,024, is served by one `NearStoreServer` on 127.0.0.1 in this
@@ -14,24 +14,26 @@ server's current round. A run's trainers make their loaders first, then start to
 the first, an untimed run of every trainer for an epoch, with a round. torch runs on one thread
 everywhere.
 
-Two runs for each count N of `--trainers`:
-- plain: N trainers read. Per trainer samples/s (its samples over its own seconds), the aggregate
-  (every trainer's samples over the seconds from the first start to the last end), and the
-  aggregate over one trainer's;
+Runs, for each count N of `--trainers` (1 is always run):
+- plain, N and N − 1 trainers read. Per trainer samples/s (its samples over its own seconds), the
+  aggregate (every trainer's samples over the seconds from the first start to the last end), the
+  aggregate over one trainer's; and the cores the server's process and the trainers' took (their
+  CPU seconds over the run's);
 - with a round: trainer 0 calls `reselect` (the default round: GRAFT on a fresh pool, run by the
-  server) as the others start reading, and reads its epochs of the new round once it has it. The
-  readers' samples/s while the round runs (the batches each received inside the round's window,
-  over the part of the window it was reading) against the plain run's per-trainer samples/s; and the
-  round's seconds against N = 1's, the round alone.
+  server, its default proxy) as the other N − 1 start reading, and reads its epochs of the new round
+  once it has it. The readers' samples/s while the round runs (the batches each received inside the
+  round's window, over the part of the window it was reading) over their samples/s in the plain
+  run of N − 1 (the same readers, no round); and the round's seconds over N = 1's (the round alone).
 
 Bytes served: each trainer's `io_stats()` (bytes and samples of its epochs), which must be exactly
 its epochs × its round's selection × a sample's row on the wire (id, x, y), and the server's own
 count of what it shipped, which must be their sum (the script fails if either is off); with what
 the server read from storage for them.
 
-On a 2-core machine the server, its round and every trainer share the two cores (and the machine
-is shared with other jobs): the aggregate cannot pass what the server's process makes of them, and
-what a round costs the readers is mostly CPU taken, not a lock. Prints ratios; writes
+A round takes none of the server's locks that reads wait on (do_get reads outside them), so what
+it costs the readers is the cores and the server process's GIL it takes. On a 2-core machine the
+server, its round and every trainer share the two cores (and other jobs share the machine): the
+aggregate cannot pass what the server's process makes of them. Prints ratios; writes
 server_trainers.json and server_trainers.png.
 """
 
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,10 +126,15 @@ def trainer(url: str, epochs: int, batch_size: int, select: bool, cache: bool, r
 
 
 def trainer_process(inbox: Any, outbox: Any) -> None:
-    """A trainer's process: runs each job from `inbox` (None ends it), its result to `outbox`."""
+    """A trainer's process: runs each job from `inbox` (None ends it), its result to `outbox`; a
+    job that fails sends its traceback and ends the process."""
     torch.set_num_threads(1)
     for job in iter(inbox.get, None):
-        outbox.put(trainer(**job, ready=outbox, go=inbox))
+        try:
+            outbox.put(trainer(**job, ready=outbox, go=inbox))
+        except Exception:
+            outbox.put({"error": traceback.format_exc()})
+            return
 
 
 class Trainers:
@@ -158,10 +166,16 @@ class Trainers:
             }
             self.inboxes[k].put(job)
         for k in range(trainers):
-            self.outboxes[k].get(timeout=600)  # its loader is made
+            self._answer(k)  # its loader is made
         for k in range(trainers):
             self.inboxes[k].put("go")
-        return [self.outboxes[k].get(timeout=600) for k in range(trainers)]
+        return [self._answer(k) for k in range(trainers)]
+
+    def _answer(self, k: int) -> Any:
+        answer = self.outboxes[k].get(timeout=600)
+        if isinstance(answer, dict) and "error" in answer:
+            raise RuntimeError(f"trainer {k} failed:\n{answer['error']}")
+        return answer
 
     def close(self) -> None:
         for inbox in self.inboxes:
