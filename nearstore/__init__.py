@@ -20,6 +20,7 @@ _MODULES = {
         "NearstoreError",
         "ParameterError",
         "RequestError",
+        "RoundCancelled",
         "SampleError",
         "SampleIdError",
     ),

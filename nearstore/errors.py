@@ -49,7 +49,21 @@ class RequestError(NearstoreError, ValueError):
     """A request a server refuses: malformed, too large, or for a round it does not hold."""
 
 
+class RoundCancelled(NearstoreError):
+    """A selection round stopped before its end, nothing of it kept: nobody waits for it any more
+    (its select's caller gave up or went away, and no retry of that select waits for it)."""
+
+
 ERRORS: dict[str, type[NearstoreError]] = {
     cls.__name__: cls
-    for cls in (NearstoreError, ParameterError, DatasetError, SampleIdError, SampleError, IntegrityError, RequestError)
+    for cls in (
+        NearstoreError,
+        ParameterError,
+        DatasetError,
+        SampleIdError,
+        SampleError,
+        IntegrityError,
+        RequestError,
+        RoundCancelled,
+    )
 }

@@ -5,11 +5,13 @@ all shards; an executor runs it and reports what its tasks read.
 
 On Dask, workers open the dataset from its URL themselves, so only the URL, the fitted proxy and
 what a task needs travel; partial results come back as their tasks finish (while the others still
-run) and merge pairwise here, in a tree fixed by the partitions' order.
+run) and merge pairwise here, in a tree fixed by the partitions' order. A round nobody waits for
+any more (the scan's `cancelled`) has its tasks not yet done cancelled from here.
 """
 
 from __future__ import annotations
 
+import queue
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -18,13 +20,15 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_integer
-from nearstore.errors import ParameterError
-from nearstore.selection.stages import Scan
+from nearstore.errors import ParameterError, RoundCancelled
+from nearstore.selection.stages import Scan, stop_if_cancelled
 from nearstore.storage import SelectiveReader, open_dataset
 
 T = TypeVar("T")
 Task = Callable[..., T]  # task(scan, shards, **arguments) -> a result that merges
 Reads = dict[str, int]  # {"bytes": ..., "requests": ...}
+# How often a driver waiting on its tasks asks whether anyone still waits for the round.
+CANCEL_CHECK_SECONDS = 0.1
 
 
 class Executor(Protocol):
@@ -64,7 +68,9 @@ class DaskExecutor:
     partition then runs on the worker that holds its shards and on no other (a task reads only
     shards of its own node; a worker lost means its tasks wait for it). Every shard must be
     named once. Without it, Dask places the tasks. `placed` records the last pass's tasks' keys and
-    their shards, and `result_bytes` the bytes of arrays in the partial results fetched, all passes."""
+    their shards, and `result_bytes` the bytes of arrays in the partial results fetched, all passes.
+    Where the scan's `cancelled` says nobody waits for the round, the tasks not done are cancelled
+    (one already running finishes on its worker, its result dropped) and RoundCancelled raised."""
 
     name = "dask"
 
@@ -103,12 +109,22 @@ class DaskExecutor:
                     **({} if worker is None else {"workers": [worker], "allow_other_workers": False}),
                 )
             )
-        from distributed import as_completed
-
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for future in futures:
+            future.add_done_callback(done.put)
         fetched = {}
-        for future in as_completed(futures):  # fetched while the other tasks run
-            fetched[future.key] = future.result()
-            self.result_bytes += payload_bytes(fetched[future.key][0])
+        try:
+            while len(fetched) < len(futures):  # each fetched while the other tasks run
+                stop_if_cancelled(scan.cancelled, f"{name}'s tasks over {dataset.url!r} were done")
+                try:
+                    future = done.get(timeout=CANCEL_CHECK_SECONDS)
+                except queue.Empty:
+                    continue
+                fetched[future.key] = future.result()
+                self.result_bytes += payload_bytes(fetched[future.key][0])
+        except RoundCancelled:
+            self.client.cancel([future for future in futures if future.key not in fetched])
+            raise
         parts = [fetched.pop(future.key) for future in futures]
         del futures, fetched  # the workers free them; the parts are this process's alone to merge
         while len(parts) > 1:

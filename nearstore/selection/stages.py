@@ -1,12 +1,14 @@
 """The scan's stages, each a generator over batches, that compose: read shards (or pooled ids) →
 decode encoded images → join them into larger batches → the proxy's gradient embeddings per class. `Scan` holds what
-every streaming selection starts from: a reader of the input and label arrays and a fitted proxy."""
+every streaming selection starts from: a reader of the input and label arrays and a fitted proxy.
+The stages that read ask the scan's `cancelled` before each shard or pool chunk, and stop a round
+nobody waits for any more (`RoundCancelled`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import ConfidentJoint, label_issues
-from nearstore.errors import DatasetError
+from nearstore.errors import DatasetError, RoundCancelled
 from nearstore.selection.augment import augmentation
 from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
@@ -70,16 +72,30 @@ ODDS = 4.0
 INFORMATIVE = 2.0
 
 
+def never() -> bool:
+    """The `cancelled` of a round nobody stops: one run from Python, or a task on a Dask worker
+    (its driver cancels the task instead)."""
+    return False
+
+
+def stop_if_cancelled(cancelled: Callable[[], bool], before: str) -> None:
+    """Raise RoundCancelled, naming what is left undone (`before`), where `cancelled()` says nobody
+    waits for the round any more."""
+    if cancelled():
+        raise RoundCancelled(f"selection round stopped before {before}: nobody waits for it any more")
+
+
 @dataclass
 class Scan:
     """A reader of the input and label arrays and a fitted proxy, with the warm-up shards it was
-    fitted on (not to be read again, nor decoded)."""
+    fitted on (not to be read again, nor decoded); `cancelled` is asked before each shard read."""
 
     reader: SelectiveReader
     proxy: Proxy
     input_array: str
     labels: str | None  # None: a scan without labels (`features` only)
     warm: dict[int, Batch]
+    cancelled: Callable[[], bool] = never
 
     @classmethod
     def open(
@@ -94,6 +110,7 @@ class Scan:
         keep_labels: bool = False,
         labelled: bool = True,
         also: Sequence[str] = (),
+        cancelled: Callable[[], bool] = never,
     ) -> Scan:
         """The scan `who` (a method's name, for errors) runs: with `proxy`, or by default a
         RandomFeatureProxy fitted on `warmup_samples` samples of random whole shards.
@@ -102,7 +119,9 @@ class Scan:
         budgets, pools), where reading them twice was a third of a scan's reading.
         labelled: False for a method that needs no labels (SAS, ClipCov): the default proxy then
         fits its features alone, and a given one is not checked against the classes.
-        also: other arrays each shard is read with (ClipCov's pairs)."""
+        also: other arrays each shard is read with (ClipCov's pairs).
+        cancelled: whether nobody waits for the round any more (a server's select whose caller
+            has gone): asked before each shard or pool chunk is read."""
         labels = dataset.required_labels(f"{who} scores per-example gradients, which") if labelled else None
         if labels:
             check_classes(dataset.num_classes, dataset, labels)
@@ -116,7 +135,7 @@ class Scan:
         elif labelled:
             probe(proxy, reader, input_array)
             check_proxy(dataset, proxy)
-        return cls(reader, proxy, input_array, labels, warm)
+        return cls(reader, proxy, input_array, labels, warm, cancelled)
 
     def embeddings(
         self,
@@ -132,7 +151,7 @@ class Scan:
         embedded together up to `batch_samples` (0: one shard at a time), and read together as well."""
         together = max(1, batch_samples // self.reader.dataset.shard_samples)
         batches = decoded(
-            shard_batches(self.reader, self.warm, progress, desc, shards, together),
+            shard_batches(self.reader, self.warm, progress, desc, shards, together, self.cancelled),
             self.input_array,
             self.proxy.images,
             self.reader.dataset.ragged(self.input_array),
@@ -151,7 +170,9 @@ class Scan:
     ) -> tuple[SelectiveReader, Iterator[Embedded]]:
         """The pooled samples embedded per class, and the reader of their inputs (`pool_batches`)."""
         dataset = self.reader.dataset
-        reader, batches = pool_batches(dataset, self.input_array, self.labels, pools, progress, desc, reads)
+        reader, batches = pool_batches(
+            dataset, self.input_array, self.labels, pools, progress, desc, reads, self.cancelled
+        )
         batches = decoded(batches, self.input_array, self.proxy.images, dataset.ragged(self.input_array))
         return reader, embed(batches, self.proxy, self.input_array, self.labels, True, factored)
 
@@ -163,13 +184,16 @@ def shard_batches(
     desc: str,
     shards: Iterable[int] | None = None,
     together: int = 1,
+    cancelled: Callable[[], bool] = never,
 ) -> Iterator[Batch]:
     """Stage 1: every shard (or those given) once, in order; shards in `warm` are not read again.
     Up to `together` consecutive shards are read in one call, each yielded alone: a read's own
-    cost (~0.3 ms a call) was half of reading a shard of MNIST-1D."""
+    cost (~0.3 ms a call) was half of reading a shard of MNIST-1D. `cancelled` is asked before each
+    shard (`stop_if_cancelled`)."""
     shards = list(range(reader.num_shards) if shards is None else shards)
     read: dict[int, Batch] = {}
     for at, shard in enumerate(tqdm(shards, desc=desc, unit="shard", disable=not progress)):
+        stop_if_cancelled(cancelled, f"shard {shard} of {reader.dataset.url!r}")
         if shard in warm:
             yield warm.pop(shard)
             continue
@@ -204,10 +228,11 @@ def pool_batches(
     progress: bool,
     desc: str,
     reads: Coalescing = DEFAULT_READS,
+    cancelled: Callable[[], bool] = never,
 ) -> tuple[SelectiveReader, Iterator[Batch]]:
     """Stage 1 for pools: the reader of the pooled inputs (coalescing as `reads`), and every pooled
     sample, in id order, in chunks of POOL_CHUNK_SAMPLES: inputs read, each labelled by its pool's
-    class (`pools`: {class: its pooled ids})."""
+    class (`pools`: {class: its pooled ids}). `cancelled` is asked before each chunk."""
     reader = SelectiveReader(dataset, [input_array], reads=reads)
     ids = np.concatenate([np.asarray(members, dtype=np.int64) for members in pools.values()] or [np.zeros(0, np.int64)])
     classes = np.concatenate([np.full(len(m), c, dtype=np.int64) for c, m in pools.items()] or [np.zeros(0, np.int64)])
@@ -217,6 +242,7 @@ def pool_batches(
     def batches() -> Iterator[Batch]:
         chunks = range(0, len(ids), POOL_CHUNK_SAMPLES)
         for start in tqdm(chunks, desc=desc, unit="chunk", disable=not progress):
+            stop_if_cancelled(cancelled, f"pooled sample {ids[start]} of {dataset.url!r}")
             chunk = slice(start, start + POOL_CHUNK_SAMPLES)
             yield ids[chunk], {input_array: reader.read(ids[chunk])[input_array], label_array: classes[chunk]}
 
@@ -256,7 +282,10 @@ def augmented_views(
     shards, sees the same views."""
     ragged = scan.reader.dataset.ragged(scan.input_array)
     batches = decoded(
-        shard_batches(scan.reader, scan.warm, progress, desc, shards), scan.input_array, scan.proxy.images, ragged
+        shard_batches(scan.reader, scan.warm, progress, desc, shards, cancelled=scan.cancelled),
+        scan.input_array,
+        scan.proxy.images,
+        ragged,
     )
     for ids, batch in batches:
         x = batch[scan.input_array]

@@ -36,6 +36,7 @@ from nearstore.selection.stages import (
     informed,
     log,
     mute_suspects,
+    never,
     scan_io,
     suspects_of,
 )
@@ -329,6 +330,7 @@ def windowed_select(
     pool_reads: Coalescing = DEFAULT_READS,
     budget_power: float = 1.0,
     executor: Executor | None = None,
+    cancelled: Callable[[], bool] = never,
 ) -> Selection:
     """Stream gradient embeddings once; per class, cut them into windows (`ClassWindows`) and keep
     what the selector picks of each, deciding `at_once` windows together. A class keeps
@@ -345,7 +347,9 @@ def windowed_select(
 
     With the model-free proxy (`proxy` None), the classes whose budget is under
     `selector.draw_below` keep a seeded draw of their samples the proxy does not suspect, not the
-    selector's picks (`policy.DRAW_BELOW`)."""
+    selector's picks (`policy.DRAW_BELOW`).
+
+    cancelled: whether nobody waits for the round any more (`Scan.open`)."""
     check_keep(keep)
     check_seed(seed)
     started = time.perf_counter()
@@ -353,7 +357,7 @@ def windowed_select(
     window = selector.window_for(keep)
     small_drawn = proxy is None and selector.draw_below > 0  # needs the class budgets: labels read first
     labels_whole = pool is not None or budget_power != 1 or executor.name != "local" or small_drawn
-    scan = Scan.open(dataset, selector.method, proxy, seed, device, keep_labels=labels_whole)
+    scan = Scan.open(dataset, selector.method, proxy, seed, device, keep_labels=labels_whole, cancelled=cancelled)
     readers, worker_reads = [scan.reader], {"bytes": 0, "requests": 0}
 
     def small_classes(counts: dict[int, int]) -> frozenset[int]:

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,13 @@ import pyarrow.flight as flight
 import torch
 
 from nearstore.checks import check_integer
-from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError
+from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError, RoundCancelled
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
 from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.record import in_sorted
 from nearstore.selection.selectors import next_round
-from nearstore.selection.stages import probe
+from nearstore.selection.stages import never, probe, stop_if_cancelled
 from nearstore.serving import protocol
 from nearstore.serving.client import Connection
 from nearstore.storage import Dataset, IOStats, SelectiveReader, small_arrays
@@ -140,6 +141,9 @@ class NearStoreServer(flight.FlightServerBase):
         # One round runs at a time: each is numbered after, and handed, the round before it; reads
         # go on meanwhile.
         self._round_lock = threading.Lock()
+        # Each select's calls waiting for its round (its first try and retries, by request id): the
+        # round stops only once every one of them is cancelled (its caller gone). Under _lock.
+        self._waiting: dict[object, list[Callable[[], bool]]] = {}
         self._rounds: dict[int, Selection] = {}
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
         self._persisted: dict[int, Selection] = {}  # the rounds in state_dir's server.json, as written
@@ -226,7 +230,8 @@ class NearStoreServer(flight.FlightServerBase):
         return flight.RecordBatchStream(pa.Table.from_batches([batch]))
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
-        handlers = {"info": self._info, "selection": self._selection, "select": self._select}
+        select = partial(self._select, cancelled=context.is_cancelled)  # a deadline passed, or the caller gone
+        handlers = {"info": self._info, "selection": self._selection, "select": select}
         if action.type in protocol.ADMIN_ACTIONS:
             self._check_admin(context, f"action {action.type!r}")
         with _answering(f"action {action.type!r}"):
@@ -359,9 +364,10 @@ class NearStoreServer(flight.FlightServerBase):
             )
         return proxy
 
-    def _select(self, request: dict[str, Any]) -> bytes:
+    def _select(self, request: dict[str, Any], cancelled: Callable[[], bool] = never) -> bytes:
         """A new round, run after any running one; answers with it, whichever round is current by
-        then. A select whose request id a kept round ran for is answered that round (a retry)."""
+        then. A select whose request id a kept round ran for is answered that round (a retry).
+        cancelled: whether this call is cancelled (`_run_round` says when that stops the round)."""
         self._check_runs_rounds("select")
         unknown = set(request) - set(protocol.SELECT_FIELDS)
         if unknown:
@@ -381,20 +387,38 @@ class NearStoreServer(flight.FlightServerBase):
         if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= longest):
             got = f"{len(request_id)} characters" if isinstance(request_id, str) else type(request_id).__name__
             raise RequestError(f"select's request must be a string of 1 to {longest} characters (its id), got {got}")
-        selection = self._run_round(keep=float(keep), method=method, options=options, seed=seed, request_id=request_id)
+        try:
+            selection = self._run_round(
+                keep=float(keep), method=method, options=options, seed=seed, request_id=request_id, cancelled=cancelled
+            )
+        except RoundCancelled as e:
+            log.warning("select %s: %s; no round kept", request_id, e)
+            raise
         return selection.to_bytes()
 
     # Rounds ----------------------------------------------------------------------------------
 
     def _run_round(
-        self, *, keep: float, method: str, options: dict[str, Any], seed: int, request_id: str | None = None
+        self,
+        *,
+        keep: float,
+        method: str,
+        options: dict[str, Any],
+        seed: int,
+        request_id: str | None = None,
+        cancelled: Callable[[], bool] = never,
     ) -> Selection:
         """Run the next round and keep it: numbered and handed the round before it under
         _round_lock, so concurrent requests get distinct rounds, each the one it ran. `request_id`, a
         select's, is kept in the round's params: the kept round that holds it is the answer to
         that select's retries (looked up under _round_lock: a retry arriving while its first try
-        runs waits for that round), and none runs again."""
-        with self._round_lock:
+        runs waits for that round), and none runs again.
+
+        cancelled: whether the select's call is cancelled (a Flight call whose deadline passed, or
+        whose caller went away; never for a round run from Python). The round stops, kept nowhere
+        (RoundCancelled, logged), once every call of its request id, its first try and any retry
+        waiting for it, is cancelled: a retry that arrives in time is answered the running round."""
+        with self._waiting_for(request_id, cancelled) as nobody_waits, self._round_lock:
             with self._lock:
                 ran = next((s for s in self._rounds.values() if s.params.get("request") == request_id), None)
                 previous = self._rounds[max(self._rounds)] if self._rounds else None
@@ -403,6 +427,7 @@ class NearStoreServer(flight.FlightServerBase):
                 log.info("select %s: answered with round %d, which it already ran", request_id, ran.round)
                 return ran
             number = 0 if previous is None else previous.round + 1
+            stop_if_cancelled(nobody_waits, "it began")  # its caller gave up waiting for the rounds before
             log.info(
                 "selection round %d: %s %s, keep %.3f, proxy version %d", number, method, options, keep, proxy_version
             )
@@ -418,11 +443,35 @@ class NearStoreServer(flight.FlightServerBase):
                 proxy=proxy,
                 progress=self.progress,
                 executor=self.executor,
+                cancelled=nobody_waits,
             )
             params = {**selection.params, "proxy_version": proxy_version, "request": request_id}
             selection = replace(selection, params=params)
             self._keep_round(selection)
         return selection
+
+    @contextmanager
+    def _waiting_for(self, request_id: str | None, cancelled: Callable[[], bool]) -> Iterator[Callable[[], bool]]:
+        """While a select waits for its round or runs it: its call (`cancelled`) counted among its
+        request id's (a select without an id alone); yields whether every one of them is cancelled."""
+        key = object() if request_id is None else request_id
+        with self._lock:
+            calls = self._waiting.setdefault(key, [])
+            calls.append(cancelled)
+            if len(calls) > 1:
+                log.info("select %s: a retry, waits for the round its first try runs", request_id)
+
+        def nobody_waits() -> bool:
+            with self._lock:  # a call counted here is not yet answered: its context is alive
+                return all(call() for call in calls)
+
+        try:
+            yield nobody_waits
+        finally:
+            with self._lock:
+                calls.remove(cancelled)
+                if not calls:
+                    del self._waiting[key]
 
     def _keep_round(self, selection: Selection) -> None:
         with self._lock:

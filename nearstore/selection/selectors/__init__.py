@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from typing import Any
 
@@ -24,6 +24,7 @@ from nearstore.selection.selectors.graft import Graft
 from nearstore.selection.selectors.random import Random, random_select
 from nearstore.selection.selectors.sage import Sage, sage_select
 from nearstore.selection.selectors.sas import Sas
+from nearstore.selection.stages import never
 from nearstore.storage import Dataset
 
 SELECTORS: dict[str, type[Selector]] = {
@@ -57,10 +58,12 @@ def next_round(
     device: torch.device | str = "cpu",
     progress: bool = False,
     executor: Executor | None = None,
+    cancelled: Callable[[], bool] = never,
 ) -> Selection:
     """Selection round `number`, run by `method` with `options` and `proxy` (on `executor`); the
     selector is handed the ids of the round it replaces, `previous`, and what that round handed on
-    (its `Selection.carry`), `carried`."""
+    (its `Selection.carry`), `carried`. cancelled: whether nobody waits for the round any more,
+    asked before each shard is read (`RoundCancelled`)."""
     check_seed(seed)
     selector = make_selector(method, **options)
     selection = selector.select(
@@ -73,6 +76,7 @@ def next_round(
         previous=previous,
         carried=carried,
         executor=executor,
+        cancelled=cancelled,
     )
     return replace(selection, round=number)
 

@@ -64,7 +64,7 @@ class AugmentAware(Selector):
         check_keep(keep)
         check_seed(call.seed)
         started = time.perf_counter()
-        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device)
+        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, cancelled=call.cancelled)
         part, reads = call.executor.map_reduce(
             scan, augmented_pass, WindowedPart.merge, selector=self, keep=keep, seed=call.seed, progress=call.progress
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +17,7 @@ from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
+from nearstore.selection.stages import never
 from nearstore.selection.windows import Pick, Window, windowed_select
 from nearstore.storage import Dataset
 
@@ -39,6 +40,7 @@ class SelectCall:
     previous: np.ndarray | None
     carried: Mapping[str, np.ndarray] | None
     executor: Executor
+    cancelled: Callable[[], bool]
 
     def params(self, keep: float, proxy: Proxy, options: Mapping[str, Any]) -> dict[str, Any]:
         """What a Selection records of how it was made: the budget, the seed, the proxy's kind,
@@ -75,6 +77,7 @@ class Selector(ABC):
         previous: np.ndarray | None = None,
         carried: Mapping[str, np.ndarray] | None = None,
         executor: Executor | None = None,
+        cancelled: Callable[[], bool] = never,
     ) -> Selection:
         """Select about round(keep · N) samples of `dataset`.
 
@@ -87,11 +90,13 @@ class Selector(ABC):
         executor: where a scan over every shard runs (`nearstore.selection.executors`): in this
             process by default, or on a Dask cluster (every selector but random, which reads
             only the labels).
+        cancelled: whether nobody waits for the round any more (a server's select whose caller
+            has gone), asked before each shard is read: then RoundCancelled is raised.
         """
         check_keep(keep)
         check_seed(seed)
         # numpy's scalars pass the checks; as Python's, torch's generators and JSON take them too
-        call = SelectCall(proxy, int(seed), device, progress, previous, carried, check_executor(executor))
+        call = SelectCall(proxy, int(seed), device, progress, previous, carried, check_executor(executor), cancelled)
         return self.run(dataset, float(keep), call)
 
     @abstractmethod
@@ -123,6 +128,7 @@ class WindowedSelector(Selector):
             device=call.device,
             progress=call.progress,
             executor=call.executor,
+            cancelled=call.cancelled,
             **self.scan_options(call.previous),
         )
 

@@ -64,7 +64,16 @@ class ClipCov(Selector):
         started = time.perf_counter()
         paired = self._paired_array(dataset)
         extra = [paired] + ([dataset.label_array] if dataset.label_array else [])
-        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, labelled=False, also=extra)
+        scan = Scan.open(
+            dataset,
+            self.method,
+            call.proxy,
+            call.seed,
+            call.device,
+            labelled=False,
+            also=extra,
+            cancelled=call.cancelled,
+        )
         captions = _caption_proxy(scan, paired, call.seed, call.device)
         options = dict(paired=paired, captions=captions, progress=call.progress)
         sketches, first = call.executor.map_reduce(
@@ -130,7 +139,7 @@ def _pairs(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
     """(ids, labels or zeros, v, t) of every pair of `shards`, both sides unit-norm."""
     dataset = scan.reader.dataset
-    shards_read = shard_batches(scan.reader, scan.warm, progress, desc, shards)
+    shards_read = shard_batches(scan.reader, scan.warm, progress, desc, shards, cancelled=scan.cancelled)
     for ids, batch in decoded(shards_read, scan.input_array, scan.proxy.images, dataset.ragged(scan.input_array)):
         x = batch[scan.input_array]
         check_finite(x, ids, scan.input_array)

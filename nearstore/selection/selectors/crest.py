@@ -62,7 +62,7 @@ class Crest(Selector):
         rng = np.random.default_rng([call.seed, 1])
         confidences, gradients, io = {}, {}, scan_io(started, [labels_reader])
         if call.proxy is not None:
-            scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device)
+            scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, cancelled=call.cancelled)
             arguments = dict(pools=pools, coreset=self.coreset, reads=self.pool_reads, progress=call.progress)
             scored, worker_reads = call.executor.map_reduce(scan, score_pools, PoolScores.merge, **arguments)
             # a damaged image left out by `decoded` stays "learned" (p = 1), so it is never chosen
@@ -140,8 +140,9 @@ def score_pools(
     dataset, proxy = scan.reader.dataset, scan.proxy
     first, end = shards[0] * dataset.shard_samples, (shards[-1] + 1) * dataset.shard_samples
     mine = {c: members[(members >= first) & (members < end)] for c, members in pools.items()}
+    mine = {c: m for c, m in mine.items() if len(m)}
     reader, batches = pool_batches(
-        dataset, scan.input_array, scan.labels, {c: m for c, m in mine.items() if len(m)}, progress, "CREST pool", reads
+        dataset, scan.input_array, scan.labels, mine, progress, "CREST pool", reads, scan.cancelled
     )
     batches = decoded(batches, scan.input_array, proxy.images, dataset.ragged(scan.input_array))
     ids, probability, at_logits = [], [], []

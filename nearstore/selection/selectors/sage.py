@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar, Literal
@@ -28,7 +29,7 @@ from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector
-from nearstore.selection.stages import WARMUP_SAMPLES, Scan
+from nearstore.selection.stages import WARMUP_SAMPLES, Scan, never
 from nearstore.storage import Dataset
 
 SCORES = ("agreement", "residual")
@@ -50,6 +51,7 @@ def sage_select(
     device: torch.device | str = "cpu",
     progress: bool = False,
     executor: Executor | None = None,
+    cancelled: Callable[[], bool] = never,
 ) -> Selection:
     """Select round(keep · N) samples by SAGE agreement, in two streaming passes over the shards.
 
@@ -63,6 +65,7 @@ def sage_select(
         from randomly chosen shards, which pass 1 then reuses instead of reading them again.
     executor: where the passes run (`nearstore.selection.executors`): in this process by default,
         or `DaskExecutor(client)`: maps over shard partitions, pass 1's sketches merged in a tree.
+    cancelled: whether nobody waits for the round any more (`Scan.open`).
     """
     check_keep(keep)
     check_seed(seed)
@@ -70,7 +73,7 @@ def sage_select(
     _check_score(score)
     executor = executor or LocalExecutor()
     started = time.perf_counter()
-    scan = Scan.open(dataset, "SAGE", proxy, seed, device, input_array, warmup_samples)
+    scan = Scan.open(dataset, "SAGE", proxy, seed, device, input_array, warmup_samples, cancelled=cancelled)
     _check_sketch_memory(scan.proxy, ell, class_balanced)
     warmup = scan.reader.stats.snapshot()  # the default proxy's warm-up shards, which pass 1 reuses
     first, first_reads = executor.map_reduce(
@@ -250,4 +253,5 @@ class Sage(Selector):
             device=call.device,
             progress=call.progress,
             executor=call.executor,
+            cancelled=call.cancelled,
         )

@@ -62,7 +62,9 @@ class Sas(Selector):
         check_seed(call.seed)
         started = time.perf_counter()
         clusters = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
-        scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, labelled=False)
+        scan = Scan.open(
+            dataset, self.method, call.proxy, call.seed, call.device, labelled=False, cancelled=call.cancelled
+        )
         options = dict(augmentations=self.augmentations, augment=self.augment, seed=call.seed, progress=call.progress)
         sketch, first = call.executor.map_reduce(
             scan, sas_clusters, StreamingKMeans.merge, clusters=clusters, **options

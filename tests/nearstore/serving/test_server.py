@@ -659,9 +659,9 @@ def test_a_select_the_server_never_answers_is_a_connection_error_after_its_own_d
     released = threading.Event()
 
     class FrozenRounds(NearStoreServer):  # reads answered, a round never: its scan hangs
-        def _select(self, request):
+        def _select(self, request, **call):
             released.wait(30)
-            return super()._select(request)
+            return super()._select(request, **call)
 
     server = FrozenRounds(id_store, selection=random_select(id_store, 0.1))
     try:
