@@ -45,6 +45,18 @@ class KillWorkerOnce(WorkerPlugin):
             os._exit(1)
 
 
+def stall_after_first(scan, shards: list[int], *, name: str) -> int:
+    """A pass's task that stalls: the first partition's (shard 0) sets the cluster's Event
+    `name`-first and returns; any other waits for the Event `name` (at most 60 s)."""
+    from distributed import Event
+
+    if shards[0] == 0:
+        Event(f"{name}-first").set()
+    else:
+        Event(name).wait(60)
+    return len(shards)
+
+
 class FaultyProxy:
     """An HTTP proxy on 127.0.0.1 in front of `upstream` (moto's S3) that answers a share `rate` of
     the GETs `where` picks (by path) with a fault drawn from `faults` by a seeded RNG, and forwards

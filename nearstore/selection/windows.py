@@ -38,6 +38,7 @@ from nearstore.selection.stages import (
     mute_suspects,
     never,
     scan_io,
+    stop_if_cancelled,
     suspects_of,
 )
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
@@ -214,10 +215,11 @@ def decide(
     num_classes: int,
     seed: int,
     drawn_classes: frozenset[int] = frozenset(),
+    cancelled: Callable[[], bool] = never,
 ) -> WindowedPart:
     """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
     proxy knows nothing of the labels or for the classes in `drawn_classes`, or picked by the
-    selector, `at_once` windows together."""
+    selector, `at_once` windows together; `cancelled` asked before each decision (`stop_if_cancelled`)."""
     found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed else None
     uninformed = lambda: False  # noqa: E731
     if found is not None:
@@ -235,9 +237,11 @@ def decide(
             for cut in windows.add(group, ids[rows], tuple(p[rows] for p in parts)):
                 decisions.add(group, *cut)
                 if len(decisions.waiting) >= at_once:
+                    stop_if_cancelled(cancelled, f"{selector.method}'s windows of class {group} were decided")
                     decisions.decide()
     for cut in windows.finish():
         decisions.add(*cut)
+    stop_if_cancelled(cancelled, f"{selector.method}'s last windows were decided")
     decisions.decide()
     if found is None:
         return WindowedPart(decisions.kept, [], decisions.drawn, 0.0, 0, totals)
@@ -276,7 +280,7 @@ def windowed_pass(
     )
     seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
-    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes)
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled)
 
 
 def embed_batch(scan: Scan, factored: bool) -> int:
@@ -310,7 +314,7 @@ def pooled_pass(
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
-    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes)
+    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled)
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
     return part

@@ -109,4 +109,4 @@ def augmented_pass(
         scan, shards, augmentations=selector.augmentations, augment=selector.augment, seed=seed, progress=progress
     )
     windows = ClassWindows(selector.window, lambda group: (keep, 1))
-    return decide(stream, windows, selector, scan.proxy.num_classes, seed)
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed, cancelled=scan.cancelled)

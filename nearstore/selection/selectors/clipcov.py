@@ -212,7 +212,8 @@ def clipcov_pass(
             yield ids, {int(c): np.flatnonzero(groups == c) for c in np.unique(groups)}, (v - means[0], t - means[1])
 
     windows = ClassWindows(window, lambda group: (keep, 1))
-    return decide(stream(), windows, TowardsTarget(target), max(2, scan.reader.dataset.num_classes), seed)
+    classes = max(2, scan.reader.dataset.num_classes)
+    return decide(stream(), windows, TowardsTarget(target), classes, seed, cancelled=scan.cancelled)
 
 
 @dataclass(frozen=True)

@@ -126,4 +126,4 @@ def sas_pass(
             yield ids, {int(c): np.flatnonzero(latent == c) for c in np.unique(latent)}, means
 
     windows = ClassWindows(selector.window, lambda group: (keep, 1))
-    return decide(stream(), windows, selector, len(centroids.centroids), options["seed"])
+    return decide(stream(), windows, selector, len(centroids.centroids), options["seed"], cancelled=scan.cancelled)

@@ -3,9 +3,12 @@ cluster (2 worker processes on 127.0.0.1) against the same scans in process."""
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import pytest
 import torch
+from faults import stall_after_first
 
 from loaders import StoreSource, StreamingLoader
 from nearstore import (
@@ -15,8 +18,10 @@ from nearstore import (
     Graft,
     ParameterError,
     RandomFeatureProxy,
+    RoundCancelled,
     Sas,
     Selection,
+    SelectiveReader,
     sage_select,
     write_dataset,
 )
@@ -305,3 +310,19 @@ def test_a_round_on_a_pool_runs_on_the_cluster_with_its_budgets_exact(client, bl
     assert set(there.ids) <= set(np.concatenate(list(pools.values())))  # only pooled samples, as in process
     assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
     assert there.io["bytes"] >= here.io["bytes"] > 0  # the workers' reads counted (each reads its indexes)
+
+
+def test_a_pass_nobody_waits_for_cancels_its_tasks_not_done(client, blobs):
+    dataset, _, _, proxy = blobs
+    first_done, release = distributed.Event("stall-first"), distributed.Event("stall")
+    # nobody waits once the first partition's task is done: the other one stalls until released
+    scan = Scan(SelectiveReader(dataset, ["x", "y"]), proxy, "x", "y", {}, cancelled=first_done.is_set)
+    executor = DaskExecutor(client)
+    try:
+        with pytest.raises(RoundCancelled, match="stopped before stall_after_first's tasks over .* were done"):
+            executor.map_reduce(scan, stall_after_first, operator.add, name="stall")
+        stalled = {key for key, shards in executor.placed.items() if shards[0] != 0}
+        held = client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.tasks))
+        assert stalled and not stalled & held  # cancelled from the driver: the scheduler forgot them
+    finally:
+        release.set()  # the stalled task, cancelled, still held its worker's thread

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -678,6 +679,99 @@ def test_a_select_the_server_never_answers_is_a_connection_error_after_its_own_d
     for wrong in (0, -1.0, "1h"):
         with pytest.raises(ParameterError, match="select_timeout_seconds must be"):
             FlightSource(server.url, select_timeout_seconds=wrong)
+
+
+class Gate:
+    """Counts the batches a round's proxy runs (`Gated`), and holds the `at`-th until `opened`."""
+
+    def __init__(self) -> None:
+        self.batches, self.at = 0, 0
+        self.opened = threading.Event()
+
+    def hold_at(self, at: int) -> None:
+        self.batches, self.at = 0, at
+        self.opened.clear()
+
+    def passed(self) -> None:
+        self.batches += 1
+        if self.batches == self.at:
+            assert self.opened.wait(30), "the gate was never opened"
+
+
+class Gated(torch.nn.Sequential):
+    """tiny_model's layers, each batch they run passed through `gate`."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(*tiny_model())
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.gate.passed()
+        return super().forward(x)
+
+
+class Heard(logging.Handler):
+    """`event` is set once a record holding `words` is logged (at the logger's level)."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words, self.event = words, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+@pytest.fixture
+def gated(id_store):
+    """A server whose pushed proxy runs each batch through a `Gate`, and the gate. SAGE's round on
+    the id store runs 20 batches: two passes over its 10 shards, a shard a batch."""
+    gate = Gate()
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), model=lambda: Gated(gate))
+    FlightSource(server.url).update_proxy(tiny_model())
+    yield server, gate
+    gate.opened.set()
+    server.shutdown()
+
+
+def test_a_select_whose_caller_gave_up_stops_its_round_and_keeps_none(gated, caplog):
+    server, gate = gated
+    gate.hold_at(1)  # the round's first batch, held past the select's deadline
+    with caplog.at_level("WARNING", logger="nearstore"):
+        with pytest.raises(ConnectionError, match="did not answer within 0.5 s"):
+            FlightSource(server.url, select_timeout_seconds=0.5).select(keep=0.2, method="sage", seed=0)
+        gate.opened.set()
+        # a select runs after the round before it ends; had that round been kept, this were round 2
+        assert FlightSource(server.url).select(keep=0.1, method="random", seed=0).round == 1
+    assert gate.batches == 1  # stopped before its second shard, of 20 batches
+    assert server.current.method == "random" and sorted(server._rounds) == [0, 1]
+    stopped = [r.getMessage() for r in caplog.records if "no round kept" in r.getMessage()]
+    assert len(stopped) == 1 and f"stopped before shard 1 of {server.dataset.url!r}" in stopped[0]
+
+
+def test_a_select_retried_while_its_given_up_round_runs_is_answered_that_round(gated, caplog):
+    server, gate = gated
+    request = {"keep": 0.2, "method": "sage", "seed": 0, "request": "retried-in-time"}
+    retry_waits = Heard("select retried-in-time: a retry, waits for the round")
+    gate.hold_at(1)
+    logging.getLogger("nearstore").addHandler(retry_waits)
+    try:
+        with caplog.at_level("INFO", logger="nearstore"):
+            with pytest.raises(ConnectionError, match="did not answer within 0.5 s"):
+                Connection(server.url, select_timeout_seconds=0.5).action("select", request)
+            # the first try's caller is gone; its retry arrives while the round still runs
+            answers: list[bytes] = []
+            retry = threading.Thread(target=lambda: answers.append(Connection(server.url).action("select", request)))
+            retry.start()
+            assert retry_waits.event.wait(20), "the retry was not counted as waiting for the round"
+            gate.opened.set()
+            retry.join()
+    finally:
+        logging.getLogger("nearstore").removeHandler(retry_waits)
+    (answer,) = answers
+    assert Selection.from_bytes(answer).round == server.current.round == 1
+    assert gate.batches == 20  # the round ran whole, once
+    assert not [r for r in caplog.records if "no round kept" in r.getMessage()]
 
 
 def test_unreachable_server_is_named(monkeypatch):
