@@ -1,8 +1,8 @@
 """The scan's stages, each a generator over batches, that compose: read shards (or pooled ids) →
 decode encoded images → join them into larger batches → the proxy's gradient embeddings per class. `Scan` holds what
 every streaming selection starts from: a reader of the input and label arrays and a fitted proxy.
-The stages that read ask the scan's `cancelled` before each shard or pool chunk, and stop a round
-nobody waits for any more (`RoundCancelled`)."""
+The stages that read ask the scan's `cancelled` before each shard or pool chunk (and windowed
+selection before each decision), and stop a round nobody waits for any more (`RoundCancelled`)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def stop_if_cancelled(cancelled: Callable[[], bool], before: str) -> None:
 @dataclass
 class Scan:
     """A reader of the input and label arrays and a fitted proxy, with the warm-up shards it was
-    fitted on (not to be read again, nor decoded); `cancelled` is asked before each shard read."""
+    fitted on (not to be read again, nor decoded); `cancelled` says nobody waits for its round any more."""
 
     reader: SelectiveReader
     proxy: Proxy
@@ -121,7 +121,7 @@ class Scan:
         fits its features alone, and a given one is not checked against the classes.
         also: other arrays each shard is read with (ClipCov's pairs).
         cancelled: whether nobody waits for the round any more (a server's select whose caller
-            has gone): asked before each shard or pool chunk is read."""
+            has gone): asked before each shard or pool chunk is read, and before each decision of windows."""
         labels = dataset.required_labels(f"{who} scores per-example gradients, which") if labelled else None
         if labels:
             check_classes(dataset.num_classes, dataset, labels)

@@ -63,7 +63,7 @@ def next_round(
     """Selection round `number`, run by `method` with `options` and `proxy` (on `executor`); the
     selector is handed the ids of the round it replaces, `previous`, and what that round handed on
     (its `Selection.carry`), `carried`. cancelled: whether nobody waits for the round any more,
-    asked before each shard is read (`RoundCancelled`)."""
+    asked between shards and between windows' decisions (then `RoundCancelled`)."""
     check_seed(seed)
     selector = make_selector(method, **options)
     selection = selector.select(

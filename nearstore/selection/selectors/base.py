@@ -91,7 +91,8 @@ class Selector(ABC):
             process by default, or on a Dask cluster (every selector but random, which reads
             only the labels).
         cancelled: whether nobody waits for the round any more (a server's select whose caller
-            has gone), asked before each shard is read: then RoundCancelled is raised.
+            has gone), asked between shards and between windows' decisions: then RoundCancelled
+            is raised, nothing returned.
         """
         check_keep(keep)
         check_seed(seed)
