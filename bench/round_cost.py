@@ -16,7 +16,9 @@ third of the data), the same in windows of 128 at every budget, and the previous
 With freed memory kept, the default re-selection also runs on the same store served by nginx on
 127.0.0.1 (HTTP with Range), its pool read as it is (`Coalescing()`: every hole under 64 KiB
 read through, here whole shards), with every hole under 4 KiB read through, and with none (a
-range a sample). Prints seconds, the ratio round / full epoch
+range a sample); and asked for with `reselect_ahead`, the trainer's wait for it: an epoch of the
+subset with the round running beside it, less the same epoch alone (its faults and reads not
+counted). Prints seconds, the ratio round / full epoch
 (the mean of the two timed epochs; the target is < 0.1), the page faults of a round and what it
 read (requests, MB); writes round_cost.json and round_cost.png.
 """
@@ -159,6 +161,7 @@ def main() -> None:
         ]
         if allocator == "kept":
             block += over_http(store, proxy, args.budgets, args.repeats)
+            block += ahead(store, model, args.budgets, args.repeats)
         # The machine's speed drifts (it is shared): the rounds are set against the mean of an epoch
         # timed before them and one after.
         last = timed_epoch(model, loader)
@@ -170,6 +173,31 @@ def main() -> None:
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "round_cost.png")
     print(f"wrote {args.out / 'round_cost.json'} and {args.out / 'round_cost.png'}")
+
+
+def ahead(store: Dataset, model: nn.Module, budgets: list[float], repeats: int) -> list[dict]:
+    """What the default re-selection asked for with `reselect_ahead` costs the trainer: an epoch of
+    the subset during which the round runs in this process (the epoch's end waits for it) against
+    the same epoch alone, each after an untimed epoch that fills the cache with the subset."""
+    rows = []
+    for keep in budgets:
+        loader = StreamingLoader(
+            store,
+            random_select(store, keep, seed=0, class_balanced=True),
+            batch_size=128,
+            backend="torch",
+            device="cpu",
+        )
+        loader.update_proxy(model)
+        runs = []
+        for _ in range(repeats):
+            timed_epoch(model, loader)  # the cache takes the subset in
+            alone = timed_epoch(model, loader)
+            loader.reselect_ahead()  # taken as the next epoch ends
+            runs.append(timed_epoch(model, loader) - alone)
+        rows.append({"allocator": "kept", "method": "reselect ahead: the wait", "keep": keep, "seconds": runs})
+        rows[-1].update(median=float(np.median(runs)), page_faults=[0], bytes=[0], requests=[0])
+    return rows
 
 
 def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: int) -> list[dict]:
