@@ -168,13 +168,14 @@ class NearStoreServer(flight.FlightServerBase):
         try:
             super().__init__(location, middleware=middleware, **tls)
         except pa.ArrowException as e:
-            if not tls:
-                raise
-            # gRPC says only "did not start": a certificate and key that do not parse or belong together
-            raise ParameterError(
-                f"cannot listen on {location} with tls_cert {str(tls_cert)!r} and tls_key {str(tls_key)!r}"
-                f" (a PEM certificate and its own private key?): {e}"
-            ) from e
+            # gRPC says only "did not start" (why goes to its log): a port another process holds
+            # (Flight listens without SO_REUSEPORT, so no two servers share one), a host that is not
+            # this machine's, or a certificate and key that do not parse or belong together
+            given, guess = "", "the port taken, or the host not an address of this machine?"
+            if tls:
+                given = f" with tls_cert {str(tls_cert)!r} and tls_key {str(tls_key)!r}"
+                guess = f"a PEM certificate and its own private key? {guess}"
+            raise ParameterError(f"cannot listen on {location}{given} ({guess}): {e}") from e
         self.host = host
 
     @property

@@ -782,6 +782,28 @@ def test_unreachable_server_is_named(monkeypatch):
         FlightSource("grpc://127.0.0.1/ids")
 
 
+def test_servers_on_port_0_each_answer_on_a_port_of_their_own(id_store):
+    """Port 0 lets the OS pick: each server holds a port no other holds and answers there; a
+    server asked for a port another holds is refused by name, not started beside it (Flight
+    listens without SO_REUSEPORT, with which gRPC would let both listen, grpc/grpc#10755)."""
+    selection = random_select(id_store, 0.1)
+    servers = []
+    try:
+        for k in range(20):
+            servers.append(NearStoreServer(id_store, name=f"ids{k}", selection=selection))
+        assert len({server.port for server in servers}) == len(servers)
+        for server in servers:  # another server answering would refuse this one's name
+            source = FlightSource(server.url, on_disconnect="raise")
+            assert source.info()["dataset"] == server.name
+            source.close()
+        taken = servers[0].port
+        with pytest.raises(ParameterError, match=f"cannot listen on grpc://127.0.0.1:{taken} \\(the port taken"):
+            NearStoreServer(id_store, selection=selection, port=taken)
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("on_disconnect", ["reconnect", "raise"])
 def test_server_killed_mid_epoch(id_store, tmp_path, fingerprint, caplog, on_disconnect):
