@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -111,6 +112,9 @@ class NearStoreServer(flight.FlightServerBase):
     ) -> None:
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
         check_exposure(host, token or read_token, tls, insecure)
+        self.scheme = protocol.TLS_SCHEME if tls else protocol.SCHEME
+        location = f"{self.scheme}://{host}:{port}"
+        _check_listenable(location, host, port)  # before the scan too: the server listens only after it
         if not is_loopback(host):
             log.warning(
                 "serving on %r with no front: one gRPC message past its limit (a push past max_proxy_bytes) is "
@@ -163,15 +167,13 @@ class NearStoreServer(flight.FlightServerBase):
                 selection.check_dataset(dataset)
                 self._keep_round(selection)
         middleware = {"roles": _Roles(token, read_token)} if token or read_token else {}
-        self.scheme = protocol.TLS_SCHEME if tls else protocol.SCHEME
-        location = f"{self.scheme}://{host}:{port}"
         try:
             super().__init__(location, middleware=middleware, **tls)
         except pa.ArrowException as e:
             # gRPC says only "did not start" (why goes to its log): a port another process holds
             # (Flight listens without SO_REUSEPORT, so no two servers share one), a host that is not
             # this machine's, or a certificate and key that do not parse or belong together
-            given, guess = "", "the port taken, or the host not an address of this machine?"
+            given, guess = "", CANNOT_LISTEN
             if tls:
                 given = f" with tls_cert {str(tls_cert)!r} and tls_key {str(tls_key)!r}"
                 guess = f"a PEM certificate and its own private key? {guess}"
@@ -633,6 +635,24 @@ class _Roles(flight.ServerMiddlewareFactory):
         if not matched:
             raise flight.FlightUnauthenticatedError("missing or wrong token (authorization: Bearer <token>)")
         return _Role(matched[0])
+
+
+# Why a server cannot listen, most likely.
+CANNOT_LISTEN = "the port taken, or the host not an address of this machine?"
+
+
+def _check_listenable(location: str, host: str, port: int) -> None:
+    """Refuse a port another process listens on now, or a host not this machine's (port 0: the OS
+    picks one, free). A port taken after this is refused when the server starts listening."""
+    if not port:
+        return
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+            probe.bind(address)
+    except OSError as e:
+        raise ParameterError(f"cannot listen on {location} ({CANNOT_LISTEN}): {e}") from e
 
 
 def _tls_options(cert: str | Path | None, key: str | Path | None, client_ca: str | Path | None) -> dict[str, Any]:

@@ -782,10 +782,11 @@ def test_unreachable_server_is_named(monkeypatch):
         FlightSource("grpc://127.0.0.1/ids")
 
 
-def test_servers_on_port_0_each_answer_on_a_port_of_their_own(id_store):
+def test_servers_on_port_0_each_answer_on_a_port_of_their_own(id_store, monkeypatch):
     """Port 0 lets the OS pick: each server holds a port no other holds and answers there; a
     server asked for a port another holds is refused by name, not started beside it (Flight
-    listens without SO_REUSEPORT, with which gRPC would let both listen, grpc/grpc#10755)."""
+    listens without SO_REUSEPORT, with which gRPC would let both listen, grpc/grpc#10755), and
+    before the scan of its first round."""
     selection = random_select(id_store, 0.1)
     servers = []
     try:
@@ -797,8 +798,11 @@ def test_servers_on_port_0_each_answer_on_a_port_of_their_own(id_store):
             assert source.info()["dataset"] == server.name
             source.close()
         taken = servers[0].port
+        scanned = []
+        monkeypatch.setattr(nearstore.serving.server, "next_round", lambda *args, **kwargs: scanned.append(args))
         with pytest.raises(ParameterError, match=f"cannot listen on grpc://127.0.0.1:{taken} \\(the port taken"):
-            NearStoreServer(id_store, selection=selection, port=taken)
+            NearStoreServer(id_store, port=taken)  # its first round would scan the store
+        assert not scanned
     finally:
         for server in servers:
             server.shutdown()
