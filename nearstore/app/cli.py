@@ -170,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-proxy-bytes", type=int, default=1 << 30, help="largest proxy weights push accepted, in bytes"
     )
     serve.add_argument(
+        "--read-cache-bytes",
+        type=int,
+        default=256 << 20,
+        help="inner chunks read from storage kept for every trainer's later reads, in bytes (0: none)",
+    )
+    serve.add_argument(
         "--scheduler",
         help=f"a dask.distributed scheduler (tcp://host:port): rounds run there ({', '.join(ON_DASK)})",
     )
@@ -509,6 +515,7 @@ def _serve(args: argparse.Namespace) -> int:
             **tls,
             insecure=args.insecure and not nginx,
             max_proxy_bytes=args.max_proxy_bytes,
+            read_cache_bytes=args.read_cache_bytes,
             selection=Selection.load(args.selection) if args.selection else None,
             keep=args.keep,
             method=args.method,

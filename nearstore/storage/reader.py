@@ -7,20 +7,23 @@ array's zarr.json says (`nearstore.storage.codecs`: by the Zarr v3 specification
 internals, so any zarr release that writes the format will do). The answer always equals
 `zarr_array[ids]`, or is an `IntegrityError`: every fetched range must have the length asked for
 within the object size the manifest records, every index and inner chunk its checksum, every inner
-chunk the crc32c the manifest records for its place, and no shard object may be missing.
+chunk the crc32c the manifest records for its place, and no shard object may be missing. A reader
+given a `ChunkCache` takes the inner chunks it holds from there instead of storage, checked the
+same, and puts there the chunks it fetched once all of its read's checks passed.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import google_crc32c
 import numpy as np
 
 from nearstore.errors import DatasetError, IntegrityError
+from nearstore.storage.chunk_cache import ChunkCache, ChunkKey
 from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding, crc32c_before
 from nearstore.storage.dataset import Dataset, check_ids
 from nearstore.storage.digests import content_digest
@@ -43,6 +46,8 @@ class SelectiveReader:
     keep: arrays among `arrays` read whole on first use and kept with the opened dataset, then
         served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
         range request of its own every epoch).
+    cache: inner chunks read before, by this reader or any other sharing the cache (a server's
+        readers): a chunk held there is not read from storage again.
     The reader never writes; `stats` counts every request it makes and every byte it receives.
 
     Several threads may read through one reader at once (a server's trainers): a read's state is
@@ -61,6 +66,7 @@ class SelectiveReader:
         reads: Coalescing = DEFAULT_READS,
         stats: IOStats | None = None,
         keep: Sequence[str] = (),
+        cache: ChunkCache | None = None,
     ) -> None:
         names = tuple(arrays) if arrays is not None else dataset.sample_arrays
         unknown = [n for n in names if n not in dataset.arrays]
@@ -75,6 +81,7 @@ class SelectiveReader:
         self.reads = reads.for_store(self.fs.protocol)
         self.layouts = {name: _ArrayLayout.of(dataset, name, root) for name in names}
         self.stats = stats if stats is not None else IOStats()
+        self.cache = cache
         # Shard indexes as they arrive, (shards, chunks per shard, 2) of (offset, nbytes), and which
         # have: shared by every reader of this opened dataset, so each is read once.
         self._index: dict[str, np.ndarray] = {}
@@ -126,6 +133,8 @@ class SelectiveReader:
         for plan in plans:
             plan.decode()
             plan.check_digests()
+        if self.cache is not None:  # only now: every chunk fetched passed every check
+            self.cache.put([chunk for plan in plans for chunk in plan.fetched_chunks()])
         self.stats.add(samples=len(ids))
         read = {plan.layout.name: plan.assemble() for plan in plans} | kept
         return {name: read[name] for name in self.layouts}
@@ -188,6 +197,8 @@ class SelectiveReader:
         for plan in plans:
             plan.locate(self._index[plan.layout.name])
             todo = np.flatnonzero(plan.stored & (plan.piece_of_chunk < 0))
+            if self.cache is not None and len(todo):
+                todo = plan.take_cached(self.cache, todo)
             if not len(todo):
                 continue
             offsets, shards = plan.offsets[todo], plan.shard_of_chunk[todo]
@@ -341,6 +352,7 @@ class _ReadPlan:
         self.blobs: list[bytes] = []
         self.piece_starts: list[int] = []
         self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
+        self.from_cache = np.zeros(len(self.chunks), dtype=bool)  # pieces of their own, from a ChunkCache
 
     def damage(
         self, shard: int, problem: str, chunk_rows: np.ndarray | None = None, lasting: bool = False
@@ -388,6 +400,33 @@ class _ReadPlan:
         self.piece_of_chunk[rows] = len(self.blobs) + piece_of_row
         self.piece_starts += starts
         self.blobs += blobs
+
+    def take_cached(self, cache: ChunkCache, rows: np.ndarray) -> np.ndarray:
+        """Chunk rows `rows`' bytes from `cache`, each a piece of its own, where it holds them;
+        returns the rows it does not hold."""
+        found = cache.get(self.keys(rows))
+        held = np.fromiter((blob is not None for blob in found), dtype=bool, count=len(rows))
+        if held.any():
+            hits = rows[held]
+            blobs = [blob for blob in found if blob is not None]
+            self.add_pieces(self.offsets[hits].tolist(), blobs, hits, np.arange(len(hits)))
+            self.from_cache[hits] = True
+        return rows[~held]
+
+    def fetched_chunks(self) -> Iterator[tuple[ChunkKey, bytes]]:
+        """Each stored chunk whose bytes this read fetched from storage, by where it is stored,
+        with those bytes (a copy: the run they came in is not kept)."""
+        rows = np.flatnonzero(self.stored & ~self.from_cache)
+        pieces = self.piece_of_chunk[rows]
+        at = self.offsets[rows] - np.asarray(self.piece_starts, dtype=np.int64)[pieces]
+        ends = at + self.lengths[rows]
+        for key, piece, start, end in zip(self.keys(rows), pieces.tolist(), at.tolist(), ends.tolist()):
+            yield key, self.blobs[piece][start:end]
+
+    def keys(self, rows: np.ndarray) -> list[ChunkKey]:
+        """Where chunk rows `rows` are stored: (shard object path, offset, bytes)."""
+        paths = [self.layout.shard_path(shard) for shard in self.shard_of_chunk[rows].tolist()]
+        return list(zip(paths, self.offsets[rows].tolist(), self.lengths[rows].tolist()))
 
     def decode(self) -> None:
         """Decode every stored chunk from the fetched pieces, checked, and check it is the chunk

@@ -1,0 +1,66 @@
+"""A bounded cache of inner chunks' stored bytes, shared by readers: what one read fetched and
+checked serves the next read of the same chunk, from any thread (a server's trainers), without a
+request to storage."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from nearstore.checks import check_integer
+
+ChunkKey = tuple[str, int, int]  # where a chunk's bytes are stored: (shard object path, offset, bytes)
+
+
+class ChunkCache:
+    """Inner chunks' stored bytes, by where they are stored, within `budget` bytes: the least
+    recently used leave first. Readers put only chunks that passed their checks (`SelectiveReader`),
+    and check what they get as they check a fresh read's bytes.
+
+    budget: bytes of chunks held at most (Python's bookkeeping, about 150 bytes a chunk, beside).
+    `nbytes` is what is held now; `hits` and `misses` count chunks asked for."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = check_integer("budget", budget, 1)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._chunks: OrderedDict[ChunkKey, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        """Each chunk's bytes, None where not held; those found become the most recently used."""
+        with self._lock:
+            found = [self._chunks.get(key) for key in keys]
+            for key, blob in zip(keys, found):
+                if blob is not None:
+                    self._chunks.move_to_end(key)
+            hits = sum(blob is not None for blob in found)
+            self.hits += hits
+            self.misses += len(keys) - hits
+        return found
+
+    def put(self, chunks: Iterable[tuple[ChunkKey, bytes]]) -> None:
+        """Hold these chunks as the most recently used, then drop the least recently used until
+        `budget` holds (a chunk larger than the budget is never held)."""
+        with self._lock:
+            for key, blob in chunks:
+                if len(blob) > self.budget:
+                    continue
+                held = self._chunks.pop(key, None)
+                self.nbytes += len(blob) - (0 if held is None else len(held))
+                self._chunks[key] = blob
+            while self.nbytes > self.budget:
+                _, dropped = self._chunks.popitem(last=False)
+                self.nbytes -= len(dropped)
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "budget": self.budget,
+                "bytes": self.nbytes,
+                "chunks": len(self._chunks),
+                "hits": self.hits,
+                "misses": self.misses,
+            }
