@@ -9,7 +9,8 @@ internals, so any zarr release that writes the format will do). The answer alway
 within the object size the manifest records, every index and inner chunk its checksum, every inner
 chunk the crc32c the manifest records for its place, and no shard object may be missing. A reader
 given a `ChunkCache` takes the inner chunks it holds from there instead of storage, checked the
-same, and puts there the chunks it fetched once all of its read's checks passed.
+same, and puts there the chunks it fetched once all of its read's checks passed, with the chunks
+it read through between them that pass the same checks.
 """
 
 from __future__ import annotations
@@ -210,14 +211,18 @@ class SelectiveReader:
             )
             run_shards = np.empty(len(run_starts), dtype=np.int64)
             run_shards[run_of] = shards
-            planned.append((plan, run_starts, todo, run_of))
+            planned.append((plan, run_starts, run_ends, run_shards, todo, run_of))
             owners += [(plan, shard) for shard in run_shards.tolist()]
             starts += run_starts.tolist()
             ends += run_ends.tolist()
             lengths.append(run_ends - run_starts)
         blobs = self._cat(owners, starts, ends, np.concatenate(lengths)) if owners else []
-        for plan, run_starts, todo, run_of in planned:
-            plan.add_pieces(run_starts.tolist(), blobs[: len(run_starts)], todo, run_of)
+        for plan, run_starts, run_ends, run_shards, todo, run_of in planned:
+            runs = blobs[: len(run_starts)]
+            plan.add_pieces(run_starts.tolist(), runs, todo, run_of)
+            if self.cache is not None:
+                index = self._index[plan.layout.name]
+                plan.read_through = plan.chunks_read_through(index, run_starts, run_ends, run_shards, runs)
             blobs = blobs[len(run_starts) :]
 
     def _cat(
@@ -341,9 +346,10 @@ class _ReadPlan:
     """What one `read` needs from one array: its inner chunks, where they are stored, the bytes
     fetched for them, and the decoded chunks."""
 
-    def __init__(self, layout: _ArrayLayout, ids: np.ndarray):
+    def __init__(self, layout: _ArrayLayout, ids: np.ndarray, wanted: bool = True):
         self.layout = layout
         self.ids = ids
+        self.wanted = wanted  # False: chunks a read fetched between its own, whose damage it does not record
         self.chunks, self.inverse = np.unique(ids // layout.chunk_samples, return_inverse=True)
         self.shard_of_chunk = self.chunks // layout.chunks_per_shard
         self.shards = np.unique(self.shard_of_chunk)
@@ -353,6 +359,7 @@ class _ReadPlan:
         self.piece_starts: list[int] = []
         self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
         self.from_cache = np.zeros(len(self.chunks), dtype=bool)  # pieces of their own, from a ChunkCache
+        self.read_through: _ReadPlan | None = None  # the chunks fetched between these, for a ChunkCache
 
     def damage(
         self, shard: int, problem: str, chunk_rows: np.ndarray | None = None, lasting: bool = False
@@ -361,7 +368,7 @@ class _ReadPlan:
         wanted from it (or from its chunks `chunk_rows`). `lasting`: the whole object is damaged
         (missing, cut, its index): remembered with the opened dataset, so that later reads of it
         fail at once instead of asking again (the store is read-only: damage does not heal)."""
-        if lasting:
+        if lasting and self.wanted:
             self.layout.damaged[shard] = problem
         wanted = self.shard_of_chunk[self.inverse] == shard if chunk_rows is None else np.isin(self.inverse, chunk_rows)
         ids = tuple(sorted(set(self.ids[wanted].tolist())))
@@ -413,15 +420,47 @@ class _ReadPlan:
             self.from_cache[hits] = True
         return rows[~held]
 
+    def chunks_read_through(
+        self, index: np.ndarray, starts: np.ndarray, ends: np.ndarray, shards: np.ndarray, runs: list[bytes]
+    ) -> _ReadPlan | None:
+        """A plan of the stored chunks, not this plan's, that runs[k] (bytes [starts[k], ends[k]) of
+        shard object shards[k], in (shard, start) order) hold whole: a hole read through."""
+        lay = self.layout
+        chunks = (np.unique(shards)[:, None] * lay.chunks_per_shard + np.arange(lay.chunks_per_shard)).ravel()
+        chunks = chunks[(chunks < lay.num_chunks) & ~np.isin(chunks, self.chunks)]
+        located = index[chunks // lay.chunks_per_shard, chunks % lay.chunks_per_shard]
+        stored = located[:, 0] != NOT_STORED
+        chunks, located = chunks[stored], located[stored].astype(np.int64)
+        # the run each starts in: the last at or before it (shards < 2**23, offsets < 2**40)
+        run = np.searchsorted(
+            (shards << 40) | starts, ((chunks // lay.chunks_per_shard) << 40) | located[:, 0], "right"
+        )
+        run = np.maximum(run - 1, 0)
+        inside = (shards[run] == chunks // lay.chunks_per_shard) & (located[:, 0] >= starts[run])
+        inside &= located[:, 0] + located[:, 1] <= ends[run]
+        if not inside.any():
+            return None
+        plan = _ReadPlan(lay, chunks[inside] * lay.chunk_samples, wanted=False)
+        plan.locate(index)
+        plan.add_pieces(starts.tolist(), runs, np.arange(len(plan.chunks)), run[inside])
+        return plan
+
     def fetched_chunks(self) -> Iterator[tuple[ChunkKey, bytes]]:
         """Each stored chunk whose bytes this read fetched from storage, by where it is stored,
-        with those bytes (a copy: the run they came in is not kept)."""
+        with those bytes (a copy: the run they came in is not kept); then those of the chunks it
+        read through that pass the checks its own passed (decoded now: no read wanted them)."""
         rows = np.flatnonzero(self.stored & ~self.from_cache)
         pieces = self.piece_of_chunk[rows]
         at = self.offsets[rows] - np.asarray(self.piece_starts, dtype=np.int64)[pieces]
         ends = at + self.lengths[rows]
         for key, piece, start, end in zip(self.keys(rows), pieces.tolist(), at.tolist(), ends.tolist()):
             yield key, self.blobs[piece][start:end]
+        if self.read_through is not None:
+            try:
+                self.read_through.decode()
+            except IntegrityError:
+                return  # not kept: a read that wants them reads them, and finds what is wrong
+            yield from self.read_through.fetched_chunks()
 
     def keys(self, rows: np.ndarray) -> list[ChunkKey]:
         """Where chunk rows `rows` are stored: (shard object path, offset, bytes)."""
