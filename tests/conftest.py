@@ -32,6 +32,18 @@ def as_format_1(url: str) -> None:
     group.attrs["nearstore"] = {**attrs, "format_version": 1}
 
 
+def shard_file(url: str, array: str, shard: int) -> Path:
+    """The file of shard object `shard` of `array` in the local store at `url`."""
+    return Path(open_dataset(url).shard_path(array, shard))
+
+
+def flip(f: Path, at: int) -> None:
+    """Damage file `f`: one bit of its byte `at` flipped."""
+    blob = bytearray(f.read_bytes())
+    blob[at] ^= 0x10
+    f.write_bytes(bytes(blob))
+
+
 @pytest.fixture(scope="session")
 def id_store_url(tmp_path_factory) -> str:
     """Where `id_store` is written, once a session."""

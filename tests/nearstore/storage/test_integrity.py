@@ -14,10 +14,11 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-from conftest import SHARD_SAMPLES, as_format_1, id_encoded
+from conftest import SHARD_SAMPLES, as_format_1, flip, id_encoded, shard_file
 
 from nearstore import SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import DatasetError, IntegrityError, ParameterError
+from nearstore.storage import ChunkCache
 from nearstore.storage.dataset import UncheckedStoreWarning
 from nearstore.storage.integrity import verify_dataset
 
@@ -28,10 +29,6 @@ def store(tmp_path, id_store_url):
     url = str(tmp_path / "ids.zarr")
     shutil.copytree(id_store_url, url)
     return url
-
-
-def shard_file(url: str, array: str, shard: int) -> Path:
-    return Path(open_dataset(url).shard_path(array, shard))
 
 
 def read(url: str, ids, arrays=("x",)):
@@ -49,12 +46,6 @@ def test_a_whole_store_reads_back_and_verifies(store):
 
 def cut(f: Path, keep: slice) -> None:
     f.write_bytes(f.read_bytes()[keep])
-
-
-def flip(f: Path, at: int) -> None:
-    blob = bytearray(f.read_bytes())
-    blob[at] ^= 0x10
-    f.write_bytes(bytes(blob))
 
 
 LOST_OR_CUT = {
@@ -108,6 +99,39 @@ def test_a_flipped_byte_names_the_one_sample_it_damaged(store):
         read(store, SHARD_1)
     assert raised.value.ids == (SHARD_SAMPLES + 7,)
     np.testing.assert_array_equal(read(store, [SHARD_SAMPLES + 6])["x"], id_encoded()["x"][[SHARD_SAMPLES + 6]])
+
+
+def test_a_cache_keeps_no_chunk_of_a_read_that_failed_its_checks(store):
+    shard = shard_file(store, "x", 1)
+    whole = shard.read_bytes()
+    flip(shard, 7 * 36 + 5)  # inside sample 256 + 7's payload
+    cache = ChunkCache(1 << 20)
+    reader = SelectiveReader(open_dataset(store), ["x"], cache=cache)
+    with pytest.raises(IntegrityError, match="1 damaged samples .crc32c") as raised:
+        reader.read(SHARD_1)
+    assert raised.value.ids == (SHARD_SAMPLES + 7,) and cache.nbytes == 0
+    shard.write_bytes(whole)  # damaged on the way, say: whole where it is stored
+    before = reader.stats.snapshot()
+    np.testing.assert_array_equal(reader.read(SHARD_1)["x"], id_encoded()["x"][SHARD_1])
+    assert (reader.stats.snapshot() - before).bytes == SHARD_SAMPLES * 36  # read again, from storage
+    flip(shard, 7 * 36 + 5)
+    before = reader.stats.snapshot()
+    np.testing.assert_array_equal(reader.read(SHARD_1)["x"], id_encoded()["x"][SHARD_1])  # what was checked
+    assert (reader.stats.snapshot() - before).requests == 0
+
+
+def test_a_cached_chunk_is_checked_again_as_it_is_served(store):
+    cache = ChunkCache(1 << 20)
+    reader = SelectiveReader(open_dataset(store), ["x"], cache=cache)
+    reader.read([SHARD_SAMPLES + 7])
+    key = (str(shard_file(store, "x", 1)), 7 * 36, 36)  # where its bytes are stored
+    (held,) = cache.get([key])
+    damaged = bytearray(held)
+    damaged[5] ^= 0x10  # gone bad in memory
+    cache.put([(key, bytes(damaged))])
+    with pytest.raises(IntegrityError, match="1 damaged samples .crc32c") as raised:
+        reader.read([3, SHARD_SAMPLES + 7])
+    assert raised.value.ids == (SHARD_SAMPLES + 7,)
 
 
 def test_a_flipped_byte_in_a_chunk_of_samples_names_the_ids_read_from_it(tmp_path):
