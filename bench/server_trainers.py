@@ -2,7 +2,7 @@
 a selection round running meanwhile costs the others' reads, and the bytes each trainer is served.
 
     python bench/server_trainers.py [--samples 262144] [--keep 0.25] [--epochs 2] [--trainers 1 2 4]
-        [--batch-size 256] [--cache] [--out bench/results] [--tiny]
+        [--batch-size 256] [--cache] [--read-cache-bytes 268435456] [--out bench/results] [--tiny]
 
 A local store of `--samples` float32 (40,) samples (MNIST-1D's size) with 10 classes, generated as
 bench/scale.py's, in shards of 1,024, is served by one `NearStoreServer` on 127.0.0.1 in this
@@ -28,7 +28,9 @@ Runs, for each count N of `--trainers` (1 is always run):
 Bytes served: each trainer's `io_stats()` (bytes and samples of its epochs), which must be exactly
 its epochs × its round's selection × a sample's row on the wire (id, x, y), and the server's own
 count of what it shipped, which must be their sum (the script fails if either is off); with what
-the server read from storage for them.
+the server read from storage for them, and in the untimed first run. The server keeps the chunks it
+read for every trainer within `--read-cache-bytes` (0: none, each batch read from storage): a
+store that fits is read in the first run, and not again.
 
 A round takes none of the server's locks that reads wait on (do_get reads outside them), so what
 it costs the readers is the cores and the server process's GIL it takes. On a 2-core machine the
@@ -62,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loaders import FlightSource, StreamingLoader  # noqa: E402
 from nearstore import Dataset, random_select, write_dataset  # noqa: E402
 from nearstore.serving import NearStoreServer  # noqa: E402
+from nearstore.serving.server import READ_CACHE_BYTES  # noqa: E402
 
 
 def write_store(path: str, samples: int) -> Dataset:
@@ -78,11 +81,11 @@ def row_bytes(dataset: Dataset) -> int:
 
 
 @contextmanager
-def serving(dataset: Dataset, keep: float) -> Iterator[NearStoreServer]:
+def serving(dataset: Dataset, keep: float, read_cache_bytes: int) -> Iterator[NearStoreServer]:
     """A server on 127.0.0.1, round 0 a random selection, its reader built by one read. One for
     the whole bench: of 60 servers made and shut down in turn on this shared machine, one refused
     every connection (gRPC's pick of a free port with SO_REUSEPORT on is racy, grpc/grpc#10755)."""
-    server = NearStoreServer(dataset, selection=random_select(dataset, keep, seed=0))
+    server = NearStoreServer(dataset, selection=random_select(dataset, keep, seed=0), read_cache_bytes=read_cache_bytes)
     threading.Thread(target=server.serve, daemon=True).start()
     try:
         source = FlightSource(server.url)
@@ -329,6 +332,9 @@ def main() -> None:
         action="store_true",
         help="the loaders' sample cache on: a round's samples read once, not every epoch",
     )
+    parser.add_argument(
+        "--read-cache-bytes", type=int, default=READ_CACHE_BYTES, help="the server's read cache (0: none)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
         "--tiny", action="store_true", help="a smoke run: 8,192 samples, batches of 64, 1 and 2 trainers"
@@ -343,9 +349,12 @@ def main() -> None:
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            with serving(write_store(f"{tmp}/trainers.zarr", args.samples), args.keep) as server:
+            store = write_store(f"{tmp}/trainers.zarr", args.samples)
+            with serving(store, args.keep, args.read_cache_bytes) as server:
                 # untimed: every process's first loader and epoch, the server's first round
+                before = server.storage_reads.snapshot()
                 trainers.run(server.url, max(args.trainers), 1, args.batch_size, True, args.cache)
+                warmup = (server.storage_reads.snapshot() - before).as_dict()
                 # the plain runs of N − 1 too: the readers beside a round, without it
                 plain = sorted({*args.trainers, *(n - 1 for n in args.trainers if n > 1)})
                 for with_round, counts in ((False, plain), (True, args.trainers)):
@@ -356,9 +365,15 @@ def main() -> None:
         trainers.close()
     ratio = ratios(rows)
     report(rows, ratio, args)
+    stored = server.stored_bytes
+    print(
+        f"the untimed first run read {warmup['bytes'] / 1e6:.2f} MB from storage, "
+        f"{warmup['bytes'] / sum(stored.values()):.2f}x the store's; the server's read cache (chunks held "
+        f"for every trainer): {server.read_cache.as_dict() if server.read_cache else 'none'}"
+    )
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "trainers": "processes"}
-    settings = {k: getattr(args, k) for k in ("samples", "keep", "epochs", "batch_size", "cache")}
-    out = {"meta": meta, **settings, "ratios": ratio, "rows": rows}
+    settings = {k: getattr(args, k) for k in ("samples", "keep", "epochs", "batch_size", "cache", "read_cache_bytes")}
+    out = {"meta": meta, **settings, "ratios": ratio, "warmup_storage_reads": warmup, "rows": rows}
     (args.out / "server_trainers.json").write_text(json.dumps(out, indent=2))
     plot(rows, args.out / "server_trainers.png")
     print(f"wrote {args.out / 'server_trainers.json'} and {args.out / 'server_trainers.png'}")
