@@ -18,7 +18,7 @@ class ChunkCache:
     recently used leave first. Readers put only chunks that passed their checks (`SelectiveReader`),
     and check what they get as they check a fresh read's bytes.
 
-    budget: bytes of chunks held at most (Python's bookkeeping, about 150 bytes a chunk, beside).
+    budget: bytes of chunks held at most (Python's bookkeeping, some 200 bytes a chunk, beside).
     `nbytes` is what is held now; `hits` and `misses` count chunks asked for."""
 
     def __init__(self, budget: int) -> None:

@@ -212,6 +212,7 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
             "the dataset '.*o.zarr' and its source '.*o.zarr/y.npy' overlap",
         ),
         (["serve", "{digits}", "--port", "99999", "--method", "random"], r"--port must be in \[0, 65535\], got 99999"),
+        (["serve", "{digits}", "--read-cache-bytes", "-1"], "read_cache_bytes must be an integer >= 0, got -1"),
         (["select", "{digits}", "{tmp}/s.npz", "--seed", "-1"], r"seed must be an integer in \[0, \d+\), got -1"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/../{tmp.name}/s.npz"], "--report .* is where the"),
