@@ -78,10 +78,12 @@ HTTP_READS = {
 
 
 def timed_epoch(model: nn.Module, loader: StreamingLoader) -> float:
-    """Seconds of one more full-data epoch, trained on a copy of `model` (the proxy stays as it is)."""
+    """Seconds of the loader's next epoch, trained on a copy of `model` (the proxy stays as it is).
+    Its next, not a fixed one: a round asked for with `reselect_ahead` is taken after the epoch
+    that follows the call, which an epoch number set back would never end."""
     trained = copy.deepcopy(model)
     started = time.perf_counter()
-    train_epoch(trained, torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE), loader, 2)
+    train_epoch(trained, torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE), loader, loader.epoch)
     return time.perf_counter() - started
 
 
