@@ -20,7 +20,18 @@ range a sample); and asked for with `reselect_ahead`, the trainer's wait for it:
 subset with the round running beside it, less the same epoch alone (its faults and reads not
 counted). Prints seconds, the ratio round / full epoch
 (the mean of the two timed epochs; the target is < 0.1), the page faults of a round and what it
-read (requests, MB); writes round_cost.json and round_cost.png.
+read (requests, MB).
+
+Last, the architecture nearstore is built for, on this machine's cores: the round runs beside the
+data, on a core of its own, while the trainer trains on another. A nearstore server
+(`NearStoreServer` on 127.0.0.1, freed memory kept, the demo's CNN as the model of pushed
+weights) in a process of its own pinned to one core, the trainer in this process pinned to
+another, torch on one thread in each; the trainer reads the server through a StreamingLoader and
+pushes the trained model (`update_proxy`). Per budget, after an untimed round at it: `reselect`
+through the server (the trainer waits for the round; what the server read), and `reselect_ahead`'s
+wait as above, each `--repeats` times; the ratio's denominator is the trainer's full-data epoch on
+its one core (the mean of one before and one after the budget's rounds), so both sides have a
+core each. Writes round_cost.json and round_cost.png.
 """
 
 from __future__ import annotations
@@ -28,11 +39,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
+import os
 import resource
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +64,7 @@ from nearstore import Coalescing, Dataset, ModelProxy, keep_freed_memory, open_d
 from nearstore.app.converters import ensure_mnist1d  # noqa: E402
 from nearstore.app.training import LEARNING_RATE, mnist1d_cnn, train_epoch  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
+from nearstore.serving import NearStoreServer  # noqa: E402
 
 # Round 0, before there is a model: what `nearstore select` and a server run, the default GRAFT with
 # the model-free proxy fitted beside it, on a store opened afresh (labels and shard indexes unread),
@@ -75,6 +92,8 @@ HTTP_READS = {
     "reselect http, 4 KiB": Coalescing(1 << 12),
     "reselect http, ranges": Coalescing(0),
 }
+
+MODEL = "nearstore.app.training:mnist1d_cnn"  # the server's model of the pushed weights
 
 
 def timed_epoch(model: nn.Module, loader: StreamingLoader) -> float:
@@ -120,13 +139,15 @@ def timed_round(
     return {**row, "page_faults": faulted, "bytes": read, "requests": requests}
 
 
-def report(title: str, rows: list[dict], epoch_seconds: float) -> None:
+def report(title: str, rows: list[dict], epoch_seconds: float | None = None) -> None:
+    """Print `rows`, each's median over `epoch_seconds`, or over its own "full_epoch_seconds"."""
     print(title)
-    print(f"{'method':<26} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8} {'requests':>9} {'MB':>6}")
+    width = max(26, *(len(row["method"]) for row in rows))
+    print(f"{'method':<{width}} {'keep':>5} {'round s':>8} {'/ epoch':>8} {'faults':>8} {'requests':>9} {'MB':>6}")
     for row in rows:
-        row["per_epoch"] = row["median"] / epoch_seconds
+        row["per_epoch"] = row["median"] / row.get("full_epoch_seconds", epoch_seconds)
         print(
-            f"{row['method']:<26} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
+            f"{row['method']:<{width}} {row['keep']:>5.0%} {row['median']:>8.2f} {row['per_epoch']:>8.3f} "
             f"{int(np.median(row['page_faults'])):>8} {int(np.median(row['requests'])):>9} "
             f"{np.median(row['bytes']) / 1e6:>6.2f}"
         )
@@ -171,6 +192,11 @@ def main() -> None:
         title = f"malloc {allocator}: full-data epoch {first:.2f} s before the rounds, {last:.2f} s after"
         report(title, block, (first + last) / 2)
         rows += block
+    own = on_own_cores(store, model, loader, args.budgets, args.repeats)
+    if own:
+        title = "server on one core, trainer on another (torch threads 1 each): / the trainer's full-data epoch there"
+        report(title, own)
+        rows += own
     result = {"full_epoch_seconds": epochs, "threads": torch.get_num_threads(), "rows": rows}
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "round_cost.png")
@@ -191,15 +217,111 @@ def ahead(store: Dataset, model: nn.Module, budgets: list[float], repeats: int) 
             device="cpu",
         )
         loader.update_proxy(model)
-        runs = []
-        for _ in range(repeats):
-            timed_epoch(model, loader)  # the cache takes the subset in
-            alone = timed_epoch(model, loader)
-            loader.reselect_ahead()  # taken as the next epoch ends
-            runs.append(timed_epoch(model, loader) - alone)
-        rows.append({"allocator": "kept", "method": "reselect ahead: the wait", "keep": keep, "seconds": runs})
-        rows[-1].update(median=float(np.median(runs)), page_faults=[0], bytes=[0], requests=[0])
+        rows.append(seconds_row("reselect ahead: the wait", keep, waits_for_ahead(model, loader, repeats)))
     return rows
+
+
+def waits_for_ahead(model: nn.Module, loader: StreamingLoader, repeats: int) -> list[float]:
+    """`repeats` times: an untimed epoch (the cache takes the subset in), the same epoch timed alone,
+    then `reselect_ahead` and the next epoch, during which the round runs and whose end waits for
+    it: that epoch's seconds less the one alone."""
+    waits = []
+    for _ in range(repeats):
+        timed_epoch(model, loader)
+        alone = timed_epoch(model, loader)
+        loader.reselect_ahead()  # taken as the next epoch ends
+        waits.append(timed_epoch(model, loader) - alone)
+    return waits
+
+
+def seconds_row(name: str, keep: float, seconds: list[float], reads: list[dict] | None = None) -> dict:
+    """A row of `seconds` timed on the trainer's side, with the rounds' `reads` (Selection.io) if
+    known; page faults are not counted (they are another process's, or the epoch's)."""
+    reads = reads or [{"bytes": 0, "requests": 0}]
+    row = {"allocator": "kept", "method": name, "keep": keep, "seconds": seconds, "median": float(np.median(seconds))}
+    return {**row, "page_faults": [0], "bytes": [r["bytes"] for r in reads], "requests": [r["requests"] for r in reads]}
+
+
+def on_own_cores(
+    store: Dataset, model: nn.Module, loader: StreamingLoader, budgets: list[float], repeats: int
+) -> list[dict]:
+    """The default re-selection run by a server in a process pinned to one core, the trainer (this
+    process, `loader` its full-data epochs) pinned to another, torch on one thread in each: per
+    budget, `reselect` through the server and `reselect_ahead`'s wait, each row's
+    "full_epoch_seconds" the trainer's full-data epoch on its core. None on fewer than 2 cores."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        print(f"server on its own core: skipped, this process may run on {len(cores)} core only")
+        return []
+    server_core, trainer_core = sorted(cores)[:2]
+    context = multiprocessing.get_context("spawn")  # forking a process that holds torch's threads is unsafe
+    answers, stop = context.Queue(), context.Event()
+    server = context.Process(target=serve_on_core, args=(store.url, budgets[0], server_core, answers, stop))
+    server.start()
+    threads = torch.get_num_threads()
+    rows = []
+    try:
+        url = answers.get(timeout=600)
+        if isinstance(url, dict):
+            raise RuntimeError(f"the server on core {server_core} failed:\n{url['error']}")
+        pin({trainer_core})
+        torch.set_num_threads(1)
+        remote = StreamingLoader(url, batch_size=128, backend="torch", device="cpu")
+        remote.update_proxy(model)
+        for keep in budgets:
+            remote.reselect(keep)  # untimed: the server's round before the first timed one is of this size
+            before = timed_epoch(model, loader)
+            blocking, reads = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                reads.append(remote.reselect(keep).io)
+                blocking.append(time.perf_counter() - started)
+            waits = waits_for_ahead(model, remote, repeats)
+            full = (before + timed_epoch(model, loader)) / 2
+            for row in (
+                seconds_row("server on its own core: reselect", keep, blocking, reads),
+                seconds_row("server on its own core: reselect ahead, the wait", keep, waits),
+            ):
+                rows.append(
+                    {**row, "full_epoch_seconds": full, "cores": {"server": server_core, "trainer": trainer_core}}
+                )
+    finally:
+        pin(cores)
+        torch.set_num_threads(threads)
+        stop.set()
+        server.join(timeout=60)
+    return rows
+
+
+def serve_on_core(url: str, keep: float, core: int, answers: Any, stop: Any) -> None:
+    """A server process: pinned to `core`, torch on one thread, freed memory kept (as `nearstore
+    serve` keeps it); serves the store at `url` on 127.0.0.1, round 0 a class-balanced random
+    selection of `keep`, its URL (or {"error": traceback}) put on `answers`, until `stop` is set."""
+    try:
+        pin({core})
+        torch.set_num_threads(1)
+        keep_freed_memory()
+        dataset = open_dataset(url)
+        server = NearStoreServer(
+            dataset, selection=random_select(dataset, keep, seed=0, class_balanced=True), model=MODEL
+        )
+    except Exception:
+        answers.put({"error": traceback.format_exc()})
+        return
+    threading.Thread(target=server.serve, daemon=True).start()
+    answers.put(server.url)
+    stop.wait()
+    server.shutdown()
+
+
+def pin(cores: set[int]) -> None:
+    """Every thread of this process onto `cores`: a thread's affinity is its own (new threads take
+    their creator's), and torch's, gRPC's and the loaders' threads already run."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
 
 
 def over_http(store: Dataset, proxy: ModelProxy, budgets: list[float], repeats: int) -> list[dict]:
