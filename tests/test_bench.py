@@ -4,6 +4,7 @@ themselves are measured by running the scripts, never asserted: these machines a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ WRITES = {
     "server_trainers": ("server_trainers.json", "rows"),
     "ssl_selection": ("ssl_selection.json", "rows"),
 }
+# Rows a tiny run must write, by method: the server on a core of its own needs a second core.
+ON_OWN_CORE = ["server on its own core: reselect", "server on its own core: reselect ahead, the wait"]
+METHODS = {"round_cost": ["reselect", "reselect ahead: the wait", *ON_OWN_CORE * (len(os.sched_getaffinity(0)) > 1)]}
 EXTRA = {"gpu": ["--device", "cpu"]}  # the GPU bench on the CPU: its code paths, not its figures
 
 
@@ -55,3 +59,5 @@ def test_bench_runs_tiny(bench, tmp_path):
     name, key = WRITES[bench]
     result = json.loads((tmp_path / name).read_text())
     assert result[key], f"{bench} wrote no {key}"
+    missing = set(METHODS.get(bench, [])) - {row["method"] for row in result[key]}
+    assert not missing, f"{bench} wrote no rows of {sorted(missing)}"
