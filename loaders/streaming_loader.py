@@ -229,7 +229,8 @@ class StreamingLoader:
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted
         self.scan_io = {"bytes": 0, "requests": 0}
         # A round selected while an epoch is iterated, which the next epoch iterates; one selected
-        # ahead (`reselect_ahead`), running or done, and the epoch after which it is iterated; and
+        # ahead (`reselect_ahead`), running or done, and the epochs completed when it was asked
+        # for (it is iterated once one more is: whatever `set_epoch` numbers them); and
         # whether an epoch is being iterated, by which iterator (a newer one over this loader
         # replaces it: the two would share one place).
         self._pending: Chosen | None = None
@@ -360,8 +361,8 @@ class StreamingLoader:
     ) -> Future[Selection]:
         """`reselect` in a background thread, so training goes on while the round runs: the epoch
         being iterated (between epochs, the next one) keeps the current selection, and the epoch
-        after it iterates the new round, waiting for it as it starts if it has not finished: the
-        same epoch however long the round takes, so a run repeats. The round scores with the
+        after it iterates the new round, waiting for it as that one ends if it has not finished:
+        the same epoch however long the round takes, so a run repeats. The round scores with the
         proxy of the last `update_proxy` (a later one waits for the round). Where the round runs
         beside the data (a server, a Dask cluster), what training pays for it is that wait and
         the CPU the two share. Returns the round's future; its error is raised where it is
@@ -371,7 +372,7 @@ class StreamingLoader:
         if self._selecting is None:
             self._selecting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearstore-select")
         future = self._selecting.submit(self.source.select, **round)
-        self._ahead = (future, self.epoch)
+        self._ahead = (future, self.epochs_completed)
         return future
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -464,7 +465,7 @@ class StreamingLoader:
         `load_state_dict`, on any number of ranks (docs/loader.md, Resume)."""
         ahead = None
         if self._ahead is not None:
-            ahead = {**_round_state(self._ahead_chosen()), "after": self._ahead[1]}
+            ahead = {**_round_state(self._ahead_chosen()), "completed": self._ahead[1]}
         return {
             "version": STATE_VERSION,
             "dataset": self.source.identity,
@@ -479,7 +480,7 @@ class StreamingLoader:
             },
             # a round selected during the epoch being iterated, which the next epoch iterates
             "next": None if self._pending is None else _round_state(self._pending),
-            # a round selected ahead, which the first epoch after epoch "after" iterates
+            # a round selected ahead, iterated once more epochs than "completed" are completed
             "ahead": ahead,
             # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
             "augment": None if self.augment is None else self.augment.copy(),
@@ -577,10 +578,10 @@ class StreamingLoader:
 
     def _take_due(self) -> None:
         """Iterate from now on the round selected during the last epoch, then the one selected
-        ahead if the epoch after which it is iterated is over (waiting for it)."""
+        ahead if an epoch was completed since it was asked for (waiting for it)."""
         if self._pending is not None:
             self._take_pending()
-        if self._ahead is not None and self.epoch > self._ahead[1]:
+        if self._ahead is not None and self.epochs_completed > self._ahead[1]:
             self.ids, self.sample_weights, self.round, self.carry = self._ahead_chosen()
             self._ahead = None
 
@@ -634,10 +635,10 @@ class StreamingLoader:
         return ids, weights, state_count(pending, "round", where), check_carry(pending.get("carry", {}), where)
 
     def _state_ahead(self, ahead: Any) -> tuple[Chosen, int] | None:
-        """A state's round selected ahead and the epoch after which it is iterated (None: none)."""
+        """A state's round selected ahead and the epochs completed when it was asked for (None: none)."""
         where = "state_dict's round selected ahead"
         chosen = self._state_pending(ahead, where)
-        return None if chosen is None else (chosen, state_count(ahead, "after", where))
+        return None if chosen is None else (chosen, state_count(ahead, "completed", where))
 
     def _check_ranks_agree(self) -> None:
         """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
