@@ -58,6 +58,7 @@ class NearStoreServer(flight.FlightServerBase):
     """Serve one dataset's selected samples over Arrow Flight (grpc://host:port/name, or
     grpc+tls:// with `tls_cert`).
 
+    host: the address to listen on; localhost is 127.0.0.1 alone (not ::1 too), in `url` as well.
     selection: the round-0 selection; without one the server runs the selector `method` (with
         `options`, see `nearstore.selectors`) with `keep` itself
         before it starts listening.
@@ -118,6 +119,11 @@ class NearStoreServer(flight.FlightServerBase):
         primary: str | None = None,
         primary_options: dict[str, Any] | None = None,
     ) -> None:
+        if host == "localhost":
+            # gRPC listens on every address it resolves localhost to (::1 and 127.0.0.1) and, one of
+            # them taken, goes on with the other alone (only its log says so): a trainer reaching
+            # localhost by the other would reach whoever holds it. One address, in the URL too.
+            host = "127.0.0.1"
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
         check_exposure(host, token or read_token, tls, insecure)
         self.scheme = protocol.TLS_SCHEME if tls else protocol.SCHEME

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -916,6 +917,29 @@ def test_servers_on_port_0_each_answer_on_a_port_of_their_own(id_store, monkeypa
     finally:
         for server in servers:
             server.shutdown()
+
+
+def test_localhost_is_served_on_127_0_0_1_alone(id_store):
+    """gRPC would listen on [::1] and 127.0.0.1 for localhost, and where one of them is taken go on
+    with the other alone: localhost is 127.0.0.1 only, in the URL too, and a taken port there is
+    refused."""
+    selection = random_select(id_store, 0.1)
+    server = NearStoreServer(id_store, host="localhost", selection=selection)
+    try:
+        assert server.url == f"grpc://127.0.0.1:{server.port}/ids"
+        source = FlightSource(f"grpc://127.0.0.1:{server.port}/ids", on_disconnect="raise")
+        assert source.info()["dataset"] == "ids"
+        source.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("::1", server.port), timeout=5).close()
+    finally:
+        server.shutdown()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ParameterError, match=f"cannot listen on grpc://127.0.0.1:{port} "):
+            NearStoreServer(id_store, host="localhost", port=port, selection=selection)
 
 
 @pytest.mark.slow
