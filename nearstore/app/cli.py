@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -477,7 +476,7 @@ def _write(url: str, what: str, data: bytes) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving import NearStoreServer
-    from nearstore.serving.front import NginxFront, front_for
+    from nearstore.serving.front import NginxFront, front_for, nginx_front
     from nearstore.serving.protocol import READ_TOKEN_ENV, TOKEN_ENV
     from nearstore.serving.server import check_exposure
 
@@ -487,16 +486,18 @@ def _serve(args: argparse.Namespace) -> int:
     read_token = os.environ.get(READ_TOKEN_ENV)  # may only read samples and selections
     tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca}
     host, port, front = args.host, args.port, contextlib.nullcontext()
+    listen, front_options = _address(args.host, args.port), {"insecure": args.insecure, **tls}
     if args.front != "none":  # the server's rules for what listens beyond 127.0.0.1 hold for a front there
         check_exposure(args.host, token or read_token, {k: v for k, v in tls.items() if v}, args.insecure)
     nginx = front_for(args.host, args.front) == "nginx"
     if nginx:
         if not args.port:
             raise ParameterError(f"nginx in front (--front {args.front}) listens on --port: give one, not 0")
-        host, port = "127.0.0.1", _free_loopback_port()
-        front = NginxFront(
-            _address(args.host, args.port), f"{host}:{port}", args.max_proxy_bytes, insecure=args.insecure, **tls
-        )
+        # port 0: the OS picks the server's port as it binds it (one picked here could be taken by
+        # then, after the scan); nginx is pointed at it once the server listens, and the front's
+        # refusals (TLS files in pairs, ...) are made now, before the scan, on a stand-in port
+        host, port = "127.0.0.1", 0
+        nginx_front(listen, f"{host}:1", args.max_proxy_bytes, **front_options)
         tls = {key: None for key in tls}  # nginx speaks to the server in the clear, on the loopback
 
     with contextlib.ExitStack() as stack:
@@ -530,8 +531,10 @@ def _serve(args: argparse.Namespace) -> int:
         )
         url = server.url
         if nginx:
+            upstream = _address(server.host, server.port)
+            front = NginxFront(listen, upstream, args.max_proxy_bytes, **front_options)
             scheme = "grpc+tls" if args.tls_cert else "grpc"
-            url = f"{scheme}://{_address(args.host, args.port)}/{server.name} (nginx in front of {server.url})"
+            url = f"{scheme}://{listen}/{server.name} (nginx in front of {server.url})"
         current = server.current
         with front:
             print(f"serving {url} (round {current.round}: {len(current)} samples by {current.method})", flush=True)
@@ -549,12 +552,6 @@ def _shard_list(spec: str) -> list[int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r} is neither a shard id nor a START:STOP run") from None
     return shards
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _address(host: str, port: int) -> str:

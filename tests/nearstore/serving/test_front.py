@@ -15,11 +15,11 @@ import pytest
 from servers import HOST, Nginx, free_port, nearstore_serve, write_tls_files
 
 from loaders import FlightSource, StreamingLoader
-from nearstore import ParameterError
+from nearstore import ParameterError, serving
 from nearstore.app.cli import main
 from nearstore.app.training import mnist1d_cnn
+from nearstore.serving import NearStoreServer, protocol
 from nearstore.serving import front as fronts
-from nearstore.serving import protocol
 from nearstore.serving.front import REQUEST_BYTES, NginxFront, front_for, nginx_front
 
 pytestmark = pytest.mark.slow  # starts a `nearstore serve` process and nginx
@@ -107,18 +107,53 @@ def test_serve_runs_its_own_front_and_stops_it_with_itself(id_store_url):
         socket.create_connection((HOST, port), timeout=1).close()
 
 
+def test_serve_starts_its_server_on_port_0_and_its_front_proxies_to_the_port_it_got(
+    id_store_url, id_data, monkeypatch, capsys
+):
+    """No port is picked for the server before it listens (another process could take it meanwhile,
+    during the scan): it binds port 0, and nginx proxies to the port the OS gave it."""
+    asked, served = [], []
+
+    class Server(NearStoreServer):
+        def __init__(self, *args, **kwargs) -> None:
+            asked.append(kwargs["port"])
+            super().__init__(*args, **kwargs)
+
+        def serve(self) -> None:  # in place of waiting for SIGTERM: read through the front, then stop
+            try:
+                source = FlightSource(f"grpc://{HOST}:{port}/ids", on_disconnect="raise")
+                served.append((self.port, source.read(np.array([3, 2400]), arrays=["x"], round="all")["x"]))
+                source.close()
+            finally:
+                self.shutdown()
+
+    monkeypatch.setattr(serving, "NearStoreServer", Server)
+    port = free_port()
+    argv = ["serve", id_store_url, "--method", "random", "--name", "ids", "--host", HOST, "--port", str(port)]
+    assert main([*argv, "--front", "nginx"]) == 0
+    assert asked == [0]
+    ((server_port, read),) = served
+    np.testing.assert_array_equal(read, id_data["x"][[3, 2400]])
+    said = f"serving grpc://{HOST}:{port}/ids (nginx in front of grpc://127.0.0.1:{server_port}/ids)"
+    assert said in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--port", "0"], "nginx in front (--front nginx) listens on --port: give one, not 0"),
         (["--host", "0.0.0.0", "--port", "8815"], "a token is required to listen on '0.0.0.0'"),
+        (["--port", "8815", "--tls-cert", "cert.pem"], "tls_cert and tls_key go together"),
     ],
 )
 def test_serve_with_a_front_keeps_the_rules_of_exposure(id_store_url, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("NEARSTORE_TOKEN", raising=False)
     monkeypatch.delenv("NEARSTORE_READ_TOKEN", raising=False)
+    scanned = []
+    monkeypatch.setattr(serving.server, "next_round", lambda *args, **kwargs: scanned.append(args))
     assert main(["serve", id_store_url, "--method", "random", "--front", "nginx", *argv]) == 2
     assert message in capsys.readouterr().err
+    assert not scanned  # refused before the scan
 
 
 @pytest.mark.parametrize(
