@@ -79,7 +79,8 @@ def server(urls):
     """A near-storage server beside the local store, round 0 every sample, taking tiny_model weights."""
     dataset = open_dataset(urls["local"][0])
     every = Selection.of(dataset, np.arange(dataset.num_samples), method="all", params={}, io={})
-    near = NearStoreServer(dataset, selection=every, model=tiny_model)
+    # no read cache: these tests read the same samples again and count what storage served each time
+    near = NearStoreServer(dataset, selection=every, model=tiny_model, read_cache_bytes=0)
     yield near
     near.shutdown()
 
@@ -90,8 +91,12 @@ def group(urls):
     every sample, taking tiny_model weights) serves shards 0-3 and 7-9, its follower 4-6."""
     dataset = open_dataset(urls["local"][0])
     every = Selection.of(dataset, np.arange(dataset.num_samples), method="all", params={}, io={})
-    primary = NearStoreServer(dataset, selection=every, model=tiny_model, shards=[0, 1, 2, 3, 7, 8, 9])
-    follower = NearStoreServer(open_dataset(urls["local"][0]), shards=[4, 5, 6], primary=primary.url)
+    primary = NearStoreServer(
+        dataset, selection=every, model=tiny_model, shards=[0, 1, 2, 3, 7, 8, 9], read_cache_bytes=0
+    )
+    follower = NearStoreServer(
+        open_dataset(urls["local"][0]), shards=[4, 5, 6], primary=primary.url, read_cache_bytes=0
+    )
     yield [primary.url, follower.url]
     follower.shutdown()
     primary.shutdown()
