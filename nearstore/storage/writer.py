@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ DEFAULT_SHARD_SAMPLES = 1024
 CHUNK_BYTES = 4096
 # zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
 _MIN_COMPRESSION_SAVING = 0.1
+# The suffix of the URL where a replacement writes the new store beside the old one: the only
+# store a root's replacement pointer (`REPLACEMENT_KEY`) may have deleted, whatever it names.
+_BESIDE = re.compile(r"\.writing-[0-9a-f]{8}")
 
 
 def write_dataset(
@@ -110,8 +114,9 @@ def write_dataset(
     # an empty folder (or bucket) is written in place: there is nothing to keep, nor anywhere beside a bucket
     empty = present == []
     replacing = bool(present)
+    stopped: str | None = None  # the store beside that a replacement stopped half-way left, named by root
     if replacing:
-        _check_replaceable(fs, root, url, folder=present != [root])
+        stopped = _check_replaceable(fs, root, url, folder=present != [root])
         if not overwrite:
             raise FileExistsError(f"{url!r} already exists; pass overwrite=True (--overwrite) to replace it")
         # a bucket (s3://bucket, gs://bucket: no root marker) has no folder beside it to write in
@@ -149,7 +154,7 @@ def write_dataset(
             fs.rm(target, recursive=True)
         raise
     if replacing:
-        _replace(fs, root, suffix, written.sizes, url)
+        _replace(fs, root, suffix, written.sizes, url, stopped)
     return dataset
 
 
@@ -201,16 +206,53 @@ def _check_whole(fs: fsspec.AbstractFileSystem, target: str, sizes: Mapping[str,
             )
 
 
-def _replace(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Mapping[str, int], url: str) -> None:
+def _replace(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    suffix: str,
+    sizes: Mapping[str, int],
+    url: str,
+    stopped: str | None,
+) -> None:
     """Put the whole store at `root + suffix`, whose objects are `sizes`' keys, in place of the
-    dataset at `root`, and remove the old one."""
+    dataset at `root`, and remove the old one, and the store at `root + stopped` that a replacement
+    stopped before this one left (None: none)."""
     target = root + suffix
-    if isinstance(fs, LocalFileSystem):  # folders are renamed: no byte is copied
-        old = f"{root}.replaced-{uuid.uuid4().hex[:8]}"
-        fs.mv(root, old, recursive=True)
+    name = url.rstrip("/")
+    local = isinstance(fs, LocalFileSystem)
+    if local:  # folders are renamed: no byte is copied
+        replaced = f".replaced-{uuid.uuid4().hex[:8]}"
+        fs.mv(root, root + replaced, recursive=True)
         fs.mv(target, root, recursive=True)
-        fs.rm(old, recursive=True)
-        return
+        left = [f"the old dataset at {name + replaced!r}"]
+    else:
+        _copy_over(fs, root, suffix, sizes, url)
+        left = [
+            f"the old dataset's objects under {url!r} that the new one has not",
+            f"the new store at {name + suffix!r}",
+        ]
+    if stopped is not None:
+        left.append(f"the store a replacement stopped half-way left at {name + stopped!r}")
+    try:  # the new dataset is in place: what fails now leaves only junk, which the note names
+        if local:
+            beside = [root + stopped] if stopped is not None and fs.exists(root + stopped) else []
+            fs.rm([root + replaced, *beside], recursive=True)
+        else:
+            fs.invalidate_cache(root)
+            stale = [path for path in fs.find(root) if path.removeprefix(f"{root}/") not in sizes]
+            beside = fs.find(root + stopped) if stopped is not None else []  # none where deleted since
+            fs.rm(stale + [f"{target}/{key}" for key in sizes] + beside)
+    except BaseException as e:
+        e.add_note(
+            f"{url!r} was replaced: the new dataset there is whole. Deleting what the replacement left failed, "
+            f"so some may remain (delete it yourself): {'; '.join(left)}"
+        )
+        raise
+
+
+def _copy_over(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Mapping[str, int], url: str) -> None:
+    """Copy the whole store at `root + suffix`, whose objects are `sizes`' keys, over the dataset
+    at `root` on object storage."""
     # Object storage has no rename: a move is a copy and a delete an object. Each new object is
     # copied once and no old one at all, in an order that leaves, wherever it stops, the old
     # dataset whole at `root` or the new one whole at `target`, and never a mix that opens:
@@ -220,7 +262,9 @@ def _replace(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Mappi
     #    where the new dataset is whole;
     # 3. every new object but the group's zarr.json is copied over root (old ones of its key replaced);
     # 4. the group's zarr.json, with the manifest, is copied last: the new dataset is whole at root;
-    # 5. only then are the old objects left (shards past the new length, arrays gone) and `target` deleted.
+    # 5. only then (`_replace`) are the old objects left (shards past the new length, arrays gone),
+    #    `target`, and the store a replacement stopped before this one left deleted.
+    target = root + suffix
     try:
         pointer = {"zarr_format": 3, "node_type": "group", "attributes": {REPLACEMENT_KEY: suffix}}
         fs.pipe_file(f"{root}/{ZARR_JSON}", json.dumps(pointer).encode())
@@ -234,14 +278,12 @@ def _replace(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Mappi
             "overwrite=True replaces"
         )
         raise
-    fs.invalidate_cache(root)
-    stale = [path for path in fs.find(root) if path.removeprefix(f"{root}/") not in sizes]
-    fs.rm(stale + [f"{target}/{key}" for key in keys])
 
 
-def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, folder: bool) -> None:
+def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, folder: bool) -> str | None:
     """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left):
-    overwrite replaces a dataset, it never deletes a user's other files."""
+    overwrite replaces a dataset, it never deletes a user's other files. Return the suffix of the
+    store beside root that a replacement stopped half-way left, where root's group names one."""
     try:
         document = json.loads(fs.cat_file(f"{root}/{ZARR_JSON}"))
     except (OSError, ValueError):
@@ -252,6 +294,9 @@ def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, fo
             f"{url!r} is {what}, not a dataset: overwrite replaces only a dataset or an empty folder; "
             "write elsewhere, or remove it yourself"
         )
+    stopped = (document.get("attributes") or {}).get(REPLACEMENT_KEY)
+    # only a name a replacement gives: an attribute written by anyone else deletes nothing else
+    return stopped if isinstance(stopped, str) and _BESIDE.fullmatch(stopped) else None
 
 
 @dataclass(frozen=True)

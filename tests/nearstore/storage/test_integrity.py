@@ -324,6 +324,24 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_whole(store, fingerp
     assert replaced.num_samples == 600 and verify_dataset(replaced, progress=False) == []
 
 
+def test_an_overwrite_whose_delete_of_the_old_store_fails_says_the_new_one_is_whole(store, monkeypatch):
+    fs = fsspec.filesystem("file")
+
+    def denied(path, recursive=False):
+        raise PermissionError(f"deleting {path} denied")
+
+    monkeypatch.setattr(fs, "rm", denied)  # the writer's: fsspec gives the same options one instance
+    with pytest.raises(PermissionError, match="deleting .* denied") as raised:
+        write_dataset(store, [id_encoded(600)], overwrite=True, shard_samples=SHARD_SAMPLES)
+    [old] = [path for path in fs.ls(str(Path(store).parent)) if path != store]
+    assert raised.value.__notes__ == [
+        f"{store!r} was replaced: the new dataset there is whole. Deleting what the replacement left failed, so "
+        f"some may remain (delete it yourself): the old dataset at {old!r}"
+    ]
+    replaced = open_dataset(store)
+    assert replaced.num_samples == 600 and verify_dataset(replaced, progress=False) == []
+
+
 def test_a_top_level_store_of_a_filesystem_with_a_root_is_replaced_as_any():
     batch = {"x": np.arange(20, dtype=np.float32).reshape(10, 2)}
     write_dataset("memory://top.zarr", [batch], label_array=None)  # memory:// paths start at '/'

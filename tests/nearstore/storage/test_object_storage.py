@@ -365,6 +365,54 @@ def test_an_overwrite_on_s3_stopped_half_way_leaves_the_old_dataset_whole_or_the
         assert denied > BESIDE and re.search(r"the new dataset is whole at '([^']+)'", str(e))[1] == beside[0]
     written = write_dataset(url, [new], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
     np.testing.assert_array_equal(SelectiveReader(written).read([1999])["x"], new["x"][[1999]])
+    if denied > BESIDE:  # the store beside that the URL's group named is deleted with the rest
+        assert [p for p in fs.ls("nearstore-stopped", refresh=True) if p.startswith(url[5:] + ".")] == []
+
+
+def test_an_overwrite_deletes_no_store_a_forged_replacement_group_names(s3, data):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.makedirs("nearstore-forged", exist_ok=True)
+    url, copy = "s3://nearstore-forged/ds.zarr", "s3://nearstore-forged/ds.zarr-copy"
+    small = {"x": data["x"][:300], "y": data["y"][:300]}
+    write_dataset(copy, [small], shard_samples=SHARD, storage_options=s3.storage_options)
+    write_dataset(url, [small], shard_samples=SHARD, storage_options=s3.storage_options)
+    # names no replacement gives: the root itself, an array of the new dataset, a dataset beside it
+    for named in ["", "/x", "-copy", ".writing-0123456g"]:
+        pointer = {"zarr_format": 3, "node_type": "group", "attributes": {"nearstore_replacement": named}}
+        fs.pipe_file(f"{url[5:]}/zarr.json", json.dumps(pointer).encode())
+        written = write_dataset(url, [small], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
+        assert verify_dataset(open_dataset(url, storage_options=s3.storage_options), progress=False) == [], named
+        assert written.num_samples == 300
+        assert verify_dataset(open_dataset(copy, storage_options=s3.storage_options), progress=False) == [], named
+
+
+def test_an_overwrite_whose_deletes_fail_after_it_is_in_place_says_the_dataset_is_whole(s3, data, monkeypatch):
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.makedirs("nearstore-undeleted", exist_ok=True)
+    url = "s3://nearstore-undeleted/ds.zarr"
+    write_dataset(url, batches(data), shard_samples=SHARD, storage_options=s3.storage_options)
+    new = {"x": data["x"][:2000] + 1, "y": data["y"][:2000]}
+    s3.deny_write = BESIDE + 1  # a replacement stopped after the URL's group named the store beside
+    with pytest.raises(PermissionError):
+        write_dataset(url, [new], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
+    [stopped] = [f"s3://{p}" for p in fs.ls("nearstore-undeleted", refresh=True) if p != url[5:]]
+
+    def denied(path, recursive=False):
+        raise PermissionError(f"deleting {path} denied")
+
+    monkeypatch.setattr(fs, "rm", denied)  # the writer's: fsspec gives the same options one instance
+    with pytest.raises(PermissionError, match="deleting .* denied") as raised:
+        write_dataset(url, [new], shard_samples=SHARD, overwrite=True, storage_options=s3.storage_options)
+    [note] = raised.value.__notes__
+    beside = {f"s3://{p}" for p in fs.ls("nearstore-undeleted", refresh=True)} - {url, stopped}
+    assert note.startswith(f"{url!r} was replaced: the new dataset there is whole.")
+    # what was left, by name: the old shards past the new 8 of each array, the two stores beside it
+    assert len(_objects(fs, url)) == 2 * 12 + 3
+    assert f"the old dataset's objects under {url!r} that the new one has not" in note and len(beside) == 1
+    assert f"{beside.pop()!r}" in note and f"{stopped!r}" in note
+    replaced = open_dataset(url, storage_options=s3.storage_options)
+    assert verify_dataset(replaced, progress=False) == []
+    np.testing.assert_array_equal(SelectiveReader(replaced).read(np.arange(2000))["x"], new["x"])
 
 
 # A writer killed (no exception, no cleanup) when its source has yielded 3 batches.
