@@ -224,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except (NearstoreError, OSError) as e:  # a refusal, or a file or store that is not there
-        print(f"nearstore {args.command}: error: {e}", file=sys.stderr)
+        # and its notes: what a failed overwrite left, and where the dataset is whole
+        print(f"nearstore {args.command}: error: {e}", *getattr(e, "__notes__", ()), sep="\n", file=sys.stderr)
         return 2
 
 

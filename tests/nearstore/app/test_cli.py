@@ -303,6 +303,24 @@ def test_a_damaged_selection_file_is_one_line_and_exit_2(tmp_path, capsys):
         ), err
 
 
+def test_an_error_after_an_overwrite_is_in_place_says_the_dataset_is_whole(tmp_path, capsys, monkeypatch):
+    import fsspec
+
+    store = str(tmp_path / "digits.zarr")
+    assert main(["convert", "digits", store]) == 0
+
+    def denied(path, recursive=False):
+        raise PermissionError(f"deleting {path} denied")
+
+    monkeypatch.setattr(fsspec.filesystem("file"), "rm", denied)  # the writer's: one instance per options
+    capsys.readouterr()
+    assert main(["convert", "digits", store, "--shard-samples", "256", "--overwrite"]) == 2
+    error, note = capsys.readouterr().err.splitlines()[-2:]  # after the progress bar
+    assert error.startswith("nearstore convert: error: deleting") and error.endswith("denied")
+    assert note.startswith(f"{store!r} was replaced: the new dataset there is whole.")
+    assert open_dataset(store).num_shards == 8  # the new one: 256 samples a shard, where 1024 made 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("through_server", "reselect_every"), [(False, 1), (True, 2)])
 def test_demo_prints_its_table_and_writes_json(tmp_path, through_server, reselect_every):
