@@ -1,6 +1,7 @@
 """A bounded cache of inner chunks' stored bytes, shared by readers: what one read fetched and
 checked serves the next read of the same chunk, from any thread (a server's trainers), without a
-request to storage."""
+request to storage; and what one read is fetching, a read that misses the same chunks meanwhile
+waits for instead of fetching again ("single flight")."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ class ChunkCache:
     and check what they get as they check a fresh read's bytes.
 
     budget: bytes of chunks held at most (Python's bookkeeping, some 200 bytes a chunk, beside).
-    `nbytes` is what is held now; `hits` and `misses` count chunks asked for."""
+    `nbytes` is what is held now; `hits` and `misses` count chunks asked for (a chunk waited for
+    is a miss, then a hit when it is taken).
+
+    Readers that miss the same chunks at once fetch each once: a read `claim`s the chunks it
+    misses, fetches those it was given, waits for the others' fetches, takes what they put, and
+    `release`s its claims once it has put what passed its checks (or failed). A read claims all of
+    its chunks in one call and never claims again, so it waits only on claims made before its own:
+    no two reads wait on each other."""
 
     def __init__(self, budget: int) -> None:
         self.budget = check_integer("budget", budget, 1)
@@ -27,6 +35,7 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self._chunks: OrderedDict[ChunkKey, bytes] = OrderedDict()
+        self._fetching: dict[ChunkKey, threading.Event] = {}  # claimed chunks, set once released
         self._lock = threading.Lock()
 
     def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
@@ -54,6 +63,25 @@ class ChunkCache:
             while self.nbytes > self.budget:
                 _, dropped = self._chunks.popitem(last=False)
                 self.nbytes -= len(dropped)
+
+    def claim(self, keys: Sequence[ChunkKey]) -> tuple[list[bool], list[threading.Event]]:
+        """Claim for the caller's fetch those of `keys` neither held nor claimed by another read:
+        whether each is now the caller's, and the fetches to wait for before taking the others
+        from the cache (a chunk that no fetch put, failed or dropped, the caller fetches itself).
+        Every key claimed must be `release`d, whatever becomes of the fetch."""
+        fetch = threading.Event()  # set when the caller releases its claims
+        with self._lock:
+            ours = [key not in self._chunks and key not in self._fetching for key in keys]
+            others = {self._fetching[key] for key, mine in zip(keys, ours) if not mine and key in self._fetching}
+            self._fetching.update((key, fetch) for key, mine in zip(keys, ours) if mine)
+        return ours, list(others)
+
+    def release(self, keys: Iterable[ChunkKey]) -> None:
+        """End the caller's claims on `keys`: the reads waiting for them go on."""
+        with self._lock:
+            fetches = {self._fetching.pop(key) for key in keys}
+        for fetch in fetches:
+            fetch.set()
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:

@@ -129,13 +129,18 @@ class SelectiveReader:
         plans = [_ReadPlan(layout, ids) for name, layout in self.layouts.items() if name not in kept]
         for plan in plans:
             plan.check_known_damage()
-        self._load_indexes(plans)
-        self._fetch_chunks(plans)
-        for plan in plans:
-            plan.decode()
-            plan.check_digests()
-        if self.cache is not None:  # only now: every chunk fetched passed every check
-            self.cache.put([chunk for plan in plans for chunk in plan.fetched_chunks()])
+        claimed: list[ChunkKey] = []  # the chunks this read fetches for every read of the cache
+        try:
+            self._load_indexes(plans)
+            self._fetch_chunks(plans, claimed)
+            for plan in plans:
+                plan.decode()
+                plan.check_digests()
+            if self.cache is not None:  # only now: every chunk fetched passed every check
+                self.cache.put([chunk for plan in plans for chunk in plan.fetched_chunks()])
+        finally:  # after the put, or failed: the reads waiting for them take them or fetch them
+            if claimed:
+                self.cache.release(claimed)
         self.stats.add(samples=len(ids))
         read = {plan.layout.name: plan.assemble() for plan in plans} | kept
         return {name: read[name] for name in self.layouts}
@@ -188,18 +193,36 @@ class SelectiveReader:
                 rows = np.flatnonzero(plan.shard_of_chunk == shard)
                 plan.add_pieces([0], [blob], rows, np.zeros(len(rows), dtype=np.int64))
 
-    def _fetch_chunks(self, plans: list[_ReadPlan]) -> None:
-        """Fetch the coalesced byte runs of every stored chunk not in hand yet, in one call."""
+    def _fetch_chunks(self, plans: list[_ReadPlan], claimed: list[ChunkKey]) -> None:
+        """Fetch every stored chunk not in hand yet. With a cache, those it holds are taken from
+        there, and those another read is fetching are waited for and then taken (single flight,
+        `ChunkCache.claim`); the chunks this read fetches for the others go to `claimed`."""
+        todo = []
+        for plan in plans:
+            plan.locate(self._index[plan.layout.name])
+            rows = np.flatnonzero(plan.stored & (plan.piece_of_chunk < 0))
+            todo.append(rows if self.cache is None else plan.take_cached(self.cache, rows))
+        if self.cache is None:
+            self._fetch_runs(plans, todo)
+            return
+        keys = [key for plan, rows in zip(plans, todo) for key in plan.keys(rows)]
+        ours, others = self.cache.claim(keys)  # all in one claim: a read waits only on earlier claims
+        claimed += [key for key, mine in zip(keys, ours) if mine]
+        mine = np.split(np.array(ours, dtype=bool), np.cumsum([len(rows) for rows in todo])[:-1])
+        self._fetch_runs(plans, [rows[m] for rows, m in zip(todo, mine)])
+        for fetch in others:  # after this read's own fetch: both under way at once
+            fetch.wait()
+        # what the others' fetches did not put (failed, or dropped since), fetched as if never claimed
+        self._fetch_runs(plans, [plan.take_cached(self.cache, rows[~m]) for plan, rows, m in zip(plans, todo, mine)])
+
+    def _fetch_runs(self, plans: list[_ReadPlan], rows: list[np.ndarray]) -> None:
+        """Fetch the coalesced byte runs of each plan's chunk rows `rows`, in one call."""
         planned: list[tuple[_ReadPlan, np.ndarray, np.ndarray, np.ndarray]] = []
         owners: list[tuple[_ReadPlan, int]] = []
         starts: list[int] = []
         ends: list[int] = []
         lengths: list[np.ndarray] = []
-        for plan in plans:
-            plan.locate(self._index[plan.layout.name])
-            todo = np.flatnonzero(plan.stored & (plan.piece_of_chunk < 0))
-            if self.cache is not None and len(todo):
-                todo = plan.take_cached(self.cache, todo)
+        for plan, todo in zip(plans, rows):
             if not len(todo):
                 continue
             offsets, shards = plan.offsets[todo], plan.shard_of_chunk[todo]
@@ -222,7 +245,9 @@ class SelectiveReader:
             plan.add_pieces(run_starts.tolist(), runs, todo, run_of)
             if self.cache is not None:
                 index = self._index[plan.layout.name]
-                plan.read_through = plan.chunks_read_through(index, run_starts, run_ends, run_shards, runs)
+                read_through = plan.chunks_read_through(index, run_starts, run_ends, run_shards, runs)
+                if read_through is not None:
+                    plan.read_through.append(read_through)
             blobs = blobs[len(run_starts) :]
 
     def _cat(
@@ -359,7 +384,7 @@ class _ReadPlan:
         self.piece_starts: list[int] = []
         self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
         self.from_cache = np.zeros(len(self.chunks), dtype=bool)  # pieces of their own, from a ChunkCache
-        self.read_through: _ReadPlan | None = None  # the chunks fetched between these, for a ChunkCache
+        self.read_through: list[_ReadPlan] = []  # the chunks fetched between these, for a ChunkCache
 
     def damage(
         self, shard: int, problem: str, chunk_rows: np.ndarray | None = None, lasting: bool = False
@@ -455,12 +480,12 @@ class _ReadPlan:
         ends = at + self.lengths[rows]
         for key, piece, start, end in zip(self.keys(rows), pieces.tolist(), at.tolist(), ends.tolist()):
             yield key, self.blobs[piece][start:end]
-        if self.read_through is not None:
+        for through in self.read_through:
             try:
-                self.read_through.decode()
+                through.decode()
             except IntegrityError:
-                return  # not kept: a read that wants them reads them, and finds what is wrong
-            yield from self.read_through.fetched_chunks()
+                continue  # not kept: a read that wants them reads them, and finds what is wrong
+            yield from through.fetched_chunks()
 
     def keys(self, rows: np.ndarray) -> list[ChunkKey]:
         """Where chunk rows `rows` are stored: (shard object path, offset, bytes)."""

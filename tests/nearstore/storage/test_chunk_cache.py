@@ -3,10 +3,14 @@ its budget, least recently used out first."""
 
 from __future__ import annotations
 
+import shutil
+import threading
+
 import numpy as np
 import pytest
+from conftest import SHARD_SAMPLES, flip, shard_file
 
-from nearstore import Coalescing, ParameterError, SelectiveReader
+from nearstore import Coalescing, Dataset, IntegrityError, ParameterError, SelectiveReader, open_dataset
 from nearstore.storage import ChunkCache
 
 SAMPLE_BYTES = 8 * 4 + 4  # x of the id store: a sample an inner chunk, raw, and its crc32c
@@ -63,3 +67,104 @@ def test_a_chunk_larger_than_the_budget_is_not_held():
 def test_a_budget_that_is_no_positive_byte_count_is_refused(budget):
     with pytest.raises(ParameterError, match="budget"):
         ChunkCache(budget)
+
+
+def test_a_claim_gives_the_caller_the_chunks_neither_held_nor_claimed():
+    cache = ChunkCache(1 << 10)
+    held, a, b, c = ("shard", 0, 4), ("shard", 4, 4), ("shard", 8, 4), ("shard", 12, 4)
+    cache.put([(held, b"1234")])
+    ours, others = cache.claim([held, a, b])
+    assert ours == [False, True, True] and others == []
+    theirs, waits = cache.claim([a, c])
+    assert theirs == [False, True] and len(waits) == 1 and not waits[0].is_set()
+    cache.release([a, b])
+    assert waits[0].is_set()
+    again, waits = cache.claim([a, c])
+    assert again == [True, False] and len(waits) == 1  # c is still the second claim's
+
+
+class MissTogether(ChunkCache):
+    """A ChunkCache whose readers' first lookups end together: every read has missed before any
+    has fetched, as reads started at once by trainers starting together do."""
+
+    def __init__(self, budget: int, readers: int) -> None:
+        super().__init__(budget)
+        self.together = threading.Barrier(readers, timeout=20)
+        self.looked = threading.local()
+
+    def get(self, keys):
+        found = super().get(keys)
+        if not getattr(self.looked, "once", False):
+            self.looked.once = True
+            self.together.wait()
+        return found
+
+
+@pytest.fixture(scope="module")
+def http_ids(nginx, id_store_url) -> tuple[str, str]:
+    """A copy of the id store served by nginx: (its URL, its directory)."""
+    root = nginx.root / "cached-ids.zarr"
+    shutil.copytree(id_store_url, root)
+    return f"{nginx.url}/cached-ids.zarr", str(root)
+
+
+def indexed(url: str) -> Dataset:
+    """The dataset at `url`, opened, with every shard index of "x" read."""
+    dataset = open_dataset(url)
+    SelectiveReader(dataset, ["x"]).read(np.arange(0, dataset.num_samples, SHARD_SAMPLES))
+    return dataset
+
+
+def read_at_once(dataset: Dataset, cache: ChunkCache, wanted: list[np.ndarray]) -> list:
+    """Each of `wanted` read from "x" in a thread of its own by a reader sharing `cache`: each
+    read's arrays, or the error it raised. Fails, not hangs, where a read is left waiting."""
+    readers = [SelectiveReader(dataset, ["x"], reads=Coalescing(0), cache=cache) for _ in wanted]
+    got: list = [None] * len(wanted)
+
+    def read(k: int) -> None:
+        try:
+            got[k] = readers[k].read(wanted[k])
+        except Exception as e:
+            got[k] = e
+
+    threads = [threading.Thread(target=read, args=(k,), daemon=True) for k in range(len(wanted))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a read still waits for a fetch that ended"
+    return got
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["the same ids", "overlapping ids"])
+def test_readers_missing_the_same_chunks_at_once_fetch_each_once(nginx, http_ids, id_data, overlap):
+    url, _ = http_ids
+    ids = np.random.default_rng(0).choice(2500, 600, replace=False)
+    wanted = [ids[k * 100 : k * 100 + 300] if overlap else ids[::-1] for k in range(4)]
+    dataset = indexed(url)
+    nginx.clear()
+    got = read_at_once(dataset, MissTogether(1 << 20, len(wanted)), wanted)
+    for read, arrays in zip(wanted, got):
+        np.testing.assert_array_equal(arrays["x"], id_data["x"][read])
+    # a sample an inner chunk, each fetched once (without waiting: once a reader, 4x)
+    assert nginx.books().bytes("/cached-ids.zarr/x/c/") == len(np.unique(np.concatenate(wanted))) * SAMPLE_BYTES
+
+
+def test_a_fetch_that_fails_its_checks_lets_its_waiters_fetch_and_check_for_themselves(nginx, http_ids, id_data):
+    url, root = http_ids
+    shard = shard_file(root, "x", 1)
+    whole = shard.read_bytes()
+    flip(shard, 7 * SAMPLE_BYTES + 5)  # inside sample 256 + 7's payload
+    try:
+        wanted = [np.array([3, 256 + 7, 600])] * 3
+        dataset = indexed(url)
+        nginx.clear()
+        cache = MissTogether(1 << 20, len(wanted))
+        got = read_at_once(dataset, cache, wanted)
+    finally:
+        shard.write_bytes(whole)
+    for error in got:
+        assert isinstance(error, IntegrityError) and error.ids == (256 + 7,)
+    # the one read that fetched failed and shared nothing: each waiter fetched and checked for itself
+    assert nginx.books().bytes("/cached-ids.zarr/x/c/") == len(wanted) * 3 * SAMPLE_BYTES
+    assert cache.nbytes == 0
