@@ -10,7 +10,8 @@ within the object size the manifest records, every index and inner chunk its che
 chunk the crc32c the manifest records for its place, and no shard object may be missing. A reader
 given a `ChunkCache` takes the inner chunks it holds from there instead of storage, checked the
 same, and puts there the chunks it fetched once all of its read's checks passed, with the chunks
-it read through between them that pass the same checks.
+it read through between them that pass the same checks; a chunk another read is fetching meanwhile
+it waits for and takes from there, instead of fetching it too (`ChunkCache.claim`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class SelectiveReader:
         served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
         range request of its own every epoch).
     cache: inner chunks read before, by this reader or any other sharing the cache (a server's
-        readers): a chunk held there is not read from storage again.
+        readers): a chunk held there is not read from storage again, nor one that another read
+        is fetching (this read waits for that fetch).
     The reader never writes; `stats` counts every request it makes and every byte it receives.
 
     Several threads may read through one reader at once (a server's trainers): a read's state is
