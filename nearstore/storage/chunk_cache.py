@@ -25,9 +25,10 @@ class ChunkCache:
 
     Readers that miss the same chunks at once fetch each once: a read `claim`s the chunks it
     misses, fetches those it was given, waits for the others' fetches, takes what they put, and
-    `release`s its claims once it has put what passed its checks (or failed). A read claims all of
-    its chunks in one call and never claims again, so it waits only on claims made before its own:
-    no two reads wait on each other."""
+    `release`s its claims once it has put what passed its checks (or failed). A read claims in two
+    calls, the shard indexes it lacks (keys no chunk has) and then its chunks, and after each waits
+    only on claims of that kind made before its own; a read waiting for chunks never waits for an
+    index: no reads wait on each other in a ring."""
 
     def __init__(self, budget: int) -> None:
         self.budget = check_integer("budget", budget, 1)

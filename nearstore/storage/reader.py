@@ -133,7 +133,7 @@ class SelectiveReader:
             plan.check_known_damage()
         claimed: list[ChunkKey] = []  # the chunks this read fetches for every read of the cache
         try:
-            self._load_indexes(plans)
+            self._load_indexes(plans, claimed)
             self._fetch_chunks(plans, claimed)
             for plan in plans:
                 plan.decode()
@@ -168,13 +168,30 @@ class SelectiveReader:
 
         return self.dataset._kept(("whole", name), read)
 
-    def _load_indexes(self, plans: list[_ReadPlan]) -> None:
+    def _load_indexes(self, plans: list[_ReadPlan], claimed: list[ChunkKey]) -> None:
         """Fetch the shard indexes not cached yet; a shard wanted whole comes in one request with
-        its index, and its bytes go to the plan."""
+        its index, and its bytes go to the plan. With a cache, an index another read is fetching
+        (with its shard's chunks, maybe) is waited for instead; those this read fetches go to
+        `claimed`."""
         wanted = []
         for plan in plans:
             missing = plan.shards[~self._indexed[plan.layout.name][plan.shards]]
             wanted += zip([plan] * len(missing), missing.tolist(), plan.complete(missing).tolist())
+        if self.cache is None or not wanted:
+            self._fetch_indexes(wanted)
+            return
+        keys = [_index_key(plan.layout.shard_path(shard)) for plan, shard, _ in wanted]
+        ours, others = self.cache.claim(keys)
+        claimed += [key for key, mine in zip(keys, ours) if mine]
+        self._fetch_indexes([w for w, mine in zip(wanted, ours) if mine])
+        later = [w for w, mine in zip(wanted, ours) if not mine]
+        for fetch in others:
+            fetch.wait()
+        # what the others' fetches did not index (they failed), fetched as if never claimed
+        self._fetch_indexes([(p, shard, whole) for p, shard, whole in later if not self._indexed[p.layout.name][shard]])
+
+    def _fetch_indexes(self, wanted: list[tuple[_ReadPlan, int, bool]]) -> None:
+        """Fetch the indexes of (plan, shard, whole) `wanted`, in one call."""
         if not wanted:
             return
         ranges = [plan.layout.index_range(shard, whole) for plan, shard, whole in wanted]
@@ -679,6 +696,12 @@ class _ArrayLayout:
 
 class _Damaged(Exception):
     """What is wrong with a shard object, before the read that found it names the samples."""
+
+
+def _index_key(path: str) -> ChunkKey:
+    """What a read claims in a `ChunkCache` to fetch shard object `path`'s index: a key no chunk
+    has (the cache never holds it; the index goes to the opened dataset)."""
+    return path, -1, -1
 
 
 def _range_nbytes(start: int | None, end: int | None) -> int:

@@ -84,20 +84,28 @@ def test_a_claim_gives_the_caller_the_chunks_neither_held_nor_claimed():
 
 
 class MissTogether(ChunkCache):
-    """A ChunkCache whose readers' first lookups end together: every read has missed before any
-    has fetched, as reads started at once by trainers starting together do."""
+    """A ChunkCache whose readers' first lookups or claims end together: every read has missed
+    (or claimed) before any has fetched, as reads started at once by trainers starting together."""
 
     def __init__(self, budget: int, readers: int) -> None:
         super().__init__(budget)
         self.together = threading.Barrier(readers, timeout=20)
-        self.looked = threading.local()
+        self.asked = threading.local()
 
     def get(self, keys):
         found = super().get(keys)
-        if not getattr(self.looked, "once", False):
-            self.looked.once = True
-            self.together.wait()
+        self._first_together()
         return found
+
+    def claim(self, keys):
+        claimed = super().claim(keys)
+        self._first_together()
+        return claimed
+
+    def _first_together(self) -> None:
+        if not getattr(self.asked, "once", False):
+            self.asked.once = True
+            self.together.wait()
 
 
 @pytest.fixture(scope="module")
@@ -150,21 +158,36 @@ def test_readers_missing_the_same_chunks_at_once_fetch_each_once(nginx, http_ids
     assert nginx.books().bytes("/cached-ids.zarr/x/c/") == len(np.unique(np.concatenate(wanted))) * SAMPLE_BYTES
 
 
-def test_a_fetch_that_fails_its_checks_lets_its_waiters_fetch_and_check_for_themselves(nginx, http_ids, id_data):
+def test_readers_wanting_a_shard_whole_at_once_fetch_it_once(nginx, http_ids, id_data):
+    url, root = http_ids
+    shard = np.arange(SHARD_SAMPLES, 2 * SHARD_SAMPLES)
+    dataset = open_dataset(url)  # no index read yet: a shard wanted whole comes with its index
+    nginx.clear()
+    got = read_at_once(dataset, MissTogether(1 << 20, 4), [shard] * 4)
+    for arrays in got:
+        np.testing.assert_array_equal(arrays["x"], id_data["x"][shard])
+    # one read fetched the object, the others waited for its index and took its chunks (4x before)
+    assert nginx.books().bytes("/cached-ids.zarr/x/c/") == shard_file(root, "x", 1).stat().st_size
+
+
+@pytest.mark.parametrize("damage", ["sample", "index"])
+def test_a_fetch_that_fails_its_checks_lets_its_waiters_fetch_and_check_for_themselves(nginx, http_ids, damage):
     url, root = http_ids
     shard = shard_file(root, "x", 1)
     whole = shard.read_bytes()
-    flip(shard, 7 * SAMPLE_BYTES + 5)  # inside sample 256 + 7's payload
+    flip(shard, 7 * SAMPLE_BYTES + 5 if damage == "sample" else -10)  # in sample 256 + 7's payload, or the index
     try:
         wanted = [np.array([3, 256 + 7, 600])] * 3
-        dataset = indexed(url)
+        # the reads claim the chunks (the indexes read before), or the indexes
+        dataset = indexed(url) if damage == "sample" else open_dataset(url)
         nginx.clear()
         cache = MissTogether(1 << 20, len(wanted))
         got = read_at_once(dataset, cache, wanted)
     finally:
         shard.write_bytes(whole)
+    problem = "1 damaged samples" if damage == "sample" else "damaged index"
     for error in got:
-        assert isinstance(error, IntegrityError) and error.ids == (256 + 7,)
+        assert isinstance(error, IntegrityError) and error.ids == (256 + 7,) and problem in str(error)
     # the one read that fetched failed and shared nothing: each waiter fetched and checked for itself
-    assert nginx.books().bytes("/cached-ids.zarr/x/c/") == len(wanted) * 3 * SAMPLE_BYTES
+    assert len(nginx.books().gets("/cached-ids.zarr/x/c/1/")) == len(wanted)
     assert cache.nbytes == 0
