@@ -131,7 +131,7 @@ class SelectiveReader:
         plans = [_ReadPlan(layout, ids) for name, layout in self.layouts.items() if name not in kept]
         for plan in plans:
             plan.check_known_damage()
-        claimed: list[ChunkKey] = []  # the chunks this read fetches for every read of the cache
+        claimed: list[ChunkKey] = []  # the indexes and chunks this read fetches for every reader of the cache
         try:
             self._load_indexes(plans, claimed)
             self._fetch_chunks(plans, claimed)
