@@ -443,10 +443,10 @@ def test_trainers_of_one_selection_read_each_stored_chunk_about_once(nginx, http
         np.testing.assert_array_equal(arrays["y"], id_data["y"][ids])
     read = shard_bytes_served(nginx)
     assert read == server.storage_reads.bytes
-    # Measured: 1.24x the store's bytes in turn, 1.31-1.51x at once, 15x without the cache (below).
-    # Above 1 in turn: a run fetched for missing chunks reads through the held ones between them;
-    # more at once: a chunk one trainer's read is fetching the other's waits for, but the runs of
-    # both trainers' first batches read through chunks the other is fetching (64 KiB a request).
+    # Measured: 1.24x the store's bytes in turn, 1.13-1.36x at once (1.39-1.56x before reads waited
+    # for the chunks and indexes another was fetching), 15x without the cache (below). Above 1: a
+    # run fetched for missing chunks reads through the chunks between them, held or being fetched
+    # by the other trainer's read (64 KiB a request).
     stored = server.dataset.stored_nbytes(["x", "y"])
     if at_once:
         assert read < 2 * stored
