@@ -361,8 +361,9 @@ class StreamingLoader:
     ) -> Future[Selection]:
         """`reselect` in a background thread, so training goes on while the round runs: the epoch
         being iterated (between epochs, the next one) keeps the current selection, and the epoch
-        after it iterates the new round, waiting for it as that one ends if it has not finished:
-        the same epoch however long the round takes, so a run repeats. The round scores with the
+        after it iterates the new round, waiting for it, if need be, as the epoch before ends
+        (epochs counted as completed, however `set_epoch` numbers them): the same epoch however
+        long the round takes, so a run repeats. The round scores with the
         proxy of the last `update_proxy` (a later one waits for the round). Where the round runs
         beside the data (a server, a Dask cluster), what training pays for it is that wait and
         the CPU the two share. Returns the round's future; its error is raised where it is
