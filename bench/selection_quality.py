@@ -506,7 +506,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(7.5 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         subsets = [r for r in rows if r["dataset"] == name and r["method"] != "full"]
-        epochs = min(r["epochs"] for r in subsets)  # equal epochs; the --equal-steps runs train longer
+        # equal epochs (the --equal-steps runs train longer); a run of `full` alone has no subsets
+        epochs = min((r["epochs"] for r in subsets), default=max(r["epochs"] for r in rows if r["dataset"] == name))
         mine = [r for r in subsets if r["epochs"] == epochs]
         for number, method in enumerate(sorted({r["method"] for r in mine})):
             points = sorted((r["keep"], r["accuracy_mean"], r["accuracy_std"]) for r in mine if r["method"] == method)

@@ -62,3 +62,13 @@ def test_bench_runs_tiny(bench, tmp_path):
     if bench in METHODS:
         missing = set(METHODS[bench]) - {row["method"] for row in result[key]}
         assert not missing, f"{bench} wrote no rows of {sorted(missing)}"
+
+
+def test_selection_quality_plots_a_run_of_all_data_alone(tmp_path, monkeypatch):
+    # `--methods full` alone has no subset rows to take the epochs from; it once failed after its runs
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from selection_quality import plot
+
+    row = {"dataset": "classes100/sym20", "method": "full", "keep": 1.0, "epochs": 15}
+    plot([{**row, "accuracy_mean": 0.87, "accuracy_std": 0.003}], tmp_path / "full.png")
+    assert (tmp_path / "full.png").stat().st_size > 0
