@@ -171,17 +171,14 @@ def long_tail(labels: np.ndarray, ratio: float) -> np.ndarray:
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str) -> None:
     """Refuse, naming the file (`x_name`, `y_name`), samples or labels `write_dataset` would refuse
     naming only the array: here, where the file is known, not by write_dataset."""
-    # strings are class names: labels only
-    for key, array, name, kinds in (("x", x, x_name, FIXED_KINDS), ("y", y, y_name, FIXED_KINDS + "US")):
-        if array is None:
-            continue
-        if array.ndim == 0:
+    for array, name in ((x, x_name), (y, y_name)):
+        if array is not None and array.ndim == 0:
             raise DatasetError(f"{name} is a single value ({array.dtype} scalar), not an array of samples")
-        if array.dtype.kind not in kinds:
-            raise DatasetError(
-                f"array {key!r} from {name} holds {array.dtype} values, which are not stored: samples are "
-                "booleans, integers or floats (labels also strings)"
-            )
+    if x.dtype.kind not in FIXED_KINDS:
+        raise DatasetError(
+            f"array 'x' from {x_name} holds {x.dtype} values, which are not stored: samples are booleans, "
+            "integers or floats"
+        )
     if y is not None and (y.dtype.kind not in "iuUS" or y.shape[1:] not in ((), (1,))):
         raise DatasetError(
             f"label array 'y' from {y_name} holds {y.dtype} values of shape {y.shape}: labels are integers or "
