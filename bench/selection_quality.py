@@ -40,7 +40,9 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
 - --cases: the training split with label noise or a long tail (CASES); the test split stays clean
   and balanced. Beside accuracy: balanced accuracy (the mean of the classes' accuracies, the same
   here) and natural accuracy (the classes' accuracies weighed by the training split's class shares:
-  what a test set as long-tailed as the training split would measure).
+  what a test set as long-tailed as the training split would measure), the mean accuracy of the
+  rarer half of the classes (fewest training samples; "rare") and every class's (the JSON's
+  per_class_accuracy_mean).
 `--dask` also runs every subset method with its every round on a LocalCluster of 2 workers on
 127.0.0.1 (runs named METHOD@dask; not the random ones, which read only labels): windows end where
 its partitions of shards do, so its picks are not the ones made in process; their quality is.
@@ -209,6 +211,7 @@ class Run:
     balanced_accuracy: float = math.nan  # the mean of the classes' test accuracies
     natural_accuracy: float = math.nan  # the classes' test accuracies weighed as the training split has them
     per_class: list[float] | None = None
+    class_shares: list[float] | None = None  # of the training split, class by class
     noisy_share: float = math.nan  # of the samples each round selected, the share with a wrong label
     noisy_shares: list[float] | None = None  # round by round
 
@@ -409,6 +412,7 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         balanced_accuracy=float(np.mean(per_class)),
         natural_accuracy=float(np.dot(shares, per_class)),
         per_class=per_class,
+        class_shares=shares.tolist(),
         noisy_share=float(np.mean(noisy)) if noisy else math.nan,
         noisy_shares=noisy or None,
     )
@@ -428,6 +432,7 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
         gains = np.array([r.accuracy - random_by_seed[r.seed] for r in members if r.seed in random_by_seed])
         to_target = [_seconds_to(r, target[dataset]) for r in members]
         rounds = [s for r in members for s in r.selection_seconds]
+        classes = [r.per_class for r in members if r.per_class]  # runs logged before it was kept have none
         rows.append(
             {
                 "dataset": dataset,
@@ -439,6 +444,12 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                 "balanced_accuracy_mean": float(np.mean([r.balanced_accuracy for r in members])),
                 "natural_accuracy_mean": float(np.mean([r.natural_accuracy for r in members])),
+                # each class's test accuracy, averaged over the seeds, and the rarer half's (a long
+                # tail's rare classes are where a subset loses first)
+                "per_class_accuracy_mean": np.mean(classes, axis=0).tolist() if classes else None,
+                "rare_half_accuracy_mean": float(np.mean([rare_half(r) for r in members if r.class_shares]))
+                if any(r.class_shares for r in members)
+                else math.nan,
                 "noisy_share": float(np.mean([r.noisy_share for r in members])),
                 "paired_gain_mean": float(gains.mean()) if len(gains) else None,
                 "paired_gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else None,
@@ -454,6 +465,12 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
             }
         )
     return rows
+
+
+def rare_half(run: Run) -> float:
+    """The mean test accuracy of the half of the classes with the fewest training samples."""
+    rarest = np.argsort(run.class_shares, kind="stable")[: max(1, len(run.class_shares) // 2)]
+    return float(np.mean(np.asarray(run.per_class)[rarest]))
 
 
 def _seconds_to(run: Run, target: float) -> float | None:
@@ -472,7 +489,7 @@ def gap(row: dict, base: dict | None) -> str:
 def report(rows: list[dict]) -> None:
     print(
         f"{'dataset':<17} {'method':<26} {'keep':>5} {'ep':>3} {'n':>2} {'accuracy':>15} {'vs random':>10} "
-        f"{'vs fresh':>8} {'paired gain':>14} {'ahead':>6} {'balanced':>8} {'natural':>8} {'noisy':>6} "
+        f"{'vs fresh':>8} {'paired gain':>14} {'ahead':>6} {'balanced':>8} {'natural':>8} {'rare':>6} {'noisy':>6} "
         f"{'s':>6} {'s→target':>8} {'MB':>7} {'distinct':>8} {'round s':>7} {'/epoch':>6}"
     )
     key = {(r["dataset"], r["keep"], r["epochs"], r["method"]): r for r in rows}
@@ -489,7 +506,7 @@ def report(rows: list[dict]) -> None:
             f"{r['dataset']:<17} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
             f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap(r, random):>10} {gap(r, fresh):>8} "
             f"{paired:>14} {(r['seeds_ahead'] if paired else ''):>6} {r['balanced_accuracy_mean']:>8.2%} "
-            f"{r['natural_accuracy_mean']:>8.2%} "
+            f"{r['natural_accuracy_mean']:>8.2%} {r['rare_half_accuracy_mean']:>6.1%} "
             f"{noisy:>6} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "
             f"{r['selection_seconds_per_round']:>7.2f} {ratio:>6}"

@@ -62,6 +62,10 @@ def test_bench_runs_tiny(bench, tmp_path):
     if bench in METHODS:
         missing = set(METHODS[bench]) - {row["method"] for row in result[key]}
         assert not missing, f"{bench} wrote no rows of {sorted(missing)}"
+    if bench == "selection_quality":  # every class's accuracy beside the mean (issue 22: long tails)
+        for row in result[key]:
+            per_class = row["per_class_accuracy_mean"]
+            assert len(per_class) == 10 and min(per_class) <= row["rare_half_accuracy_mean"] <= max(per_class)
 
 
 def test_selection_quality_plots_a_run_of_all_data_alone(tmp_path, monkeypatch):
