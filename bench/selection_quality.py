@@ -432,7 +432,9 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
         gains = np.array([r.accuracy - random_by_seed[r.seed] for r in members if r.seed in random_by_seed])
         to_target = [_seconds_to(r, target[dataset]) for r in members]
         rounds = [s for r in members for s in r.selection_seconds]
-        classes = [r.per_class for r in members if r.per_class]  # runs logged before it was kept have none
+        # runs logged before per-class accuracies (stop 43: class shares) were kept have none
+        classes = [r.per_class for r in members if r.per_class]
+        shared = [r for r in members if r.per_class and r.class_shares]
         rows.append(
             {
                 "dataset": dataset,
@@ -447,9 +449,7 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 # each class's test accuracy, averaged over the seeds, and the rarer half's (a long
                 # tail's rare classes are where a subset loses first)
                 "per_class_accuracy_mean": np.mean(classes, axis=0).tolist() if classes else None,
-                "rare_half_accuracy_mean": float(np.mean([rare_half(r) for r in members if r.class_shares]))
-                if any(r.class_shares for r in members)
-                else math.nan,
+                "rare_half_accuracy_mean": float(np.mean([rare_half(r) for r in shared])) if shared else math.nan,
                 "noisy_share": float(np.mean([r.noisy_share for r in members])),
                 "paired_gain_mean": float(gains.mean()) if len(gains) else None,
                 "paired_gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else None,
