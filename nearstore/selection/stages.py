@@ -464,9 +464,9 @@ def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
     """Refuse, naming the first, samples holding NaN, inf or a value past ±MAX_INPUT: no proxy
     can score them (float32 squares of such values, as standardizing takes, are inf)."""
     if x.dtype == object:  # ragged samples
-        bad = np.array([_sizable(s.dtype) and not (np.abs(s) <= MAX_INPUT).all() for s in x], dtype=bool)
+        bad = np.array([_sizable(s.dtype) and not _within(s).all() for s in x], dtype=bool)
     elif _sizable(x.dtype):
-        bad = ~(np.abs(x.reshape(len(x), -1)) <= MAX_INPUT).all(axis=1)  # NaN compares false
+        bad = ~_within(x.reshape(len(x), -1)).all(axis=1)
     else:
         return
     if bad.any():
@@ -474,6 +474,13 @@ def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
             f"sample {int(ids[bad][0])} of array {name!r} contains NaN, inf or a value past ±{MAX_INPUT:.0e}; "
             "the proxy cannot score it"
         )
+
+
+def _within(x: np.ndarray) -> np.ndarray:
+    """|x| <= MAX_INPUT, elementwise (NaN compares false). The bound is capped at the largest
+    value of x's dtype: cast to float16 it would be inf, which inf passes."""
+    bound = min(MAX_INPUT, float(np.finfo(x.dtype).max)) if np.issubdtype(x.dtype, np.floating) else MAX_INPUT
+    return np.abs(x) <= bound
 
 
 def _sizable(dtype: np.dtype) -> bool:

@@ -110,9 +110,12 @@ def test_missing_labels_are_named(tmp_path):
     assert len(random_select(dataset, 0.5)) == 5
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -3e37])  # 3e37 is finite, and its float32 square is not
-def test_non_finite_samples_are_named(tmp_path, bad):
-    x = np.ones((100, 3), np.float32)
+@pytest.mark.parametrize(
+    ("bad", "dtype"),
+    [(np.nan, np.float32), (np.inf, np.float32), (-3e37, np.float32), (np.inf, np.float16), (np.nan, np.float16)],
+)  # 3e37 is finite, and its float32 square is not; ±1e18 cast to float16 is inf, which inf passed
+def test_non_finite_samples_are_named(tmp_path, bad, dtype):
+    x = np.ones((100, 3), dtype)
     x[37, 1] = bad
     dataset = write_dataset(str(tmp_path / "nan.zarr"), [{"x": x, "y": np.arange(100) % 2}], shard_samples=16)
     with pytest.raises(ValueError, match=r"sample 37 of array 'x' contains NaN, inf or a value past ±1e\+18"):
