@@ -12,7 +12,7 @@ import numpy as np
 
 from nearstore import Dataset, DatasetError, ParameterError, SelectiveReader, open_dataset, write_dataset
 from nearstore.storage.dataset import UncheckedStoreWarning
-from nearstore.storage.writer import FIXED_KINDS
+from nearstore.storage.writer import FIXED_KINDS, label_strings
 
 Batches = Iterator[dict[str, np.ndarray]]
 DEFAULT_BATCH = 4096
@@ -63,7 +63,8 @@ def _checked(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str, batc
     _check_arrays(x, y, x_name, y_name)
     if y is None or y.dtype.kind not in "US":
         return Arrays(x, y, None, batch)
-    return Arrays(x, y, tuple(str(name) for name in np.unique(np.asarray(y).astype(str))), batch)
+    names = np.unique(label_strings(np.asarray(y), f"label array 'y' from {y_name}"))
+    return Arrays(x, y, tuple(str(name) for name in names), batch)
 
 
 def mnist1d_batches(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_BATCH) -> Batches:

@@ -166,6 +166,30 @@ FIXED_KINDS = "biuf"
 UNNAMED_CLASSES = 1 << 16
 
 
+def label_strings(labels: np.ndarray, where: str, first: int = 0) -> np.ndarray:
+    """String labels as an array of str: bytes (an "S" array, as HDF5 files hold text) decoded as
+    UTF-8, where astype(str) takes them for ASCII; one that is not UTF-8 refused naming its row
+    (rows `first`, ... of `where`)."""
+    if labels.dtype.kind != "S":
+        return labels.astype(str)
+    try:
+        return np.char.decode(labels, "utf-8")
+    except UnicodeDecodeError:
+        flat = labels.reshape(-1)
+        row = next(i for i, name in enumerate(flat) if not _utf8(name))
+        raise DatasetError(
+            f"{where} holds a label that is not UTF-8 text, {bytes(flat[row])!r}, at row {first + row}"
+        ) from None
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def array_name_problem(name: str) -> str | None:
     """Why `name` cannot name an array (a folder of the store), or None."""
     if not isinstance(name, str) or name in ("", ".", "..", ZARR_JSON) or "/" in name or "\\" in name:
@@ -422,7 +446,8 @@ class _ClassIndex:
         self.named = strings
         if not strings:
             return labels
-        names, where, inverse = np.unique(labels.astype(str), return_index=True, return_inverse=True)
+        text = label_strings(labels, f"label array {self.label_array!r}", first)
+        names, where, inverse = np.unique(text, return_index=True, return_inverse=True)
         codes = np.empty(len(names), dtype=np.int64)
         for j in np.argsort(where, kind="stable"):  # new names in the order they first appear
             name = str(names[j])

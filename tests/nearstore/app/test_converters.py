@@ -96,6 +96,29 @@ def test_a_negative_label_is_refused_naming_its_file_row_and_value(tmp_path):
     assert len(list(npz_arrays(tmp_path / "a.npz", y_key=None).batches())) == 1  # unlabelled: y is not read as labels
 
 
+def test_labels_as_utf8_bytes_are_class_names_and_other_bytes_are_refused_naming_their_row(tmp_path):
+    x = np.zeros((4, 2), dtype=np.float32)
+    # bytes, as HDF5 files hold text: UTF-8, not ASCII
+    np.savez(tmp_path / "a.npz", x=x, y=np.array(["émeu".encode(), b"cat", b"cat", "émeu".encode()]))
+    arrays = npz_arrays(tmp_path / "a.npz")
+    assert arrays.class_names == ("cat", "émeu")
+    dataset = write_dataset(str(tmp_path / "a.zarr"), arrays.batches(), class_names=arrays.class_names)
+    assert dataset.class_names == ("cat", "émeu")
+    np.testing.assert_array_equal(dataset.labels[:], [1, 0, 0, 1])
+    np.savez(tmp_path / "b.npz", x=x, y=np.array([b"cat", b"cat", "émeu".encode("latin-1"), b"cat"]))
+    with pytest.raises(
+        DatasetError, match=r"'y' from \S*b.npz:y holds a label that is not UTF-8 text, b'\\xe9meu', at row 2"
+    ):
+        npz_arrays(tmp_path / "b.npz")
+    with pytest.raises(
+        DatasetError, match=r"label array 'y' holds a label that is not UTF-8 text, b'\\xe9meu', at row 6"
+    ):
+        write_dataset(
+            str(tmp_path / "b.zarr"),
+            [{"x": x, "y": np.array([b"cat"] * 4)}, {"x": x, "y": np.load(tmp_path / "b.npz")["y"]}],
+        )
+
+
 def test_mnist1d_is_deterministic_balanced_and_leaves_numpy_global_state(tmp_path):
     np.random.seed(123)
     expected_next = np.random.rand()
