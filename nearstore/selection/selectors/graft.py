@@ -12,7 +12,6 @@ import torch
 
 from kernels import maxvol, pivoted_cholesky
 from nearstore.checks import check_flag, check_range
-from nearstore.errors import ParameterError
 from nearstore.selection.policy import DRAW_BELOW, MODEL_FREE_NORM_POWER, NORM_POWER, default_window
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.selectors.base import (
@@ -135,19 +134,23 @@ class Graft(WindowedSelector):
     def pick(self, windows: list[Window]) -> list[Pick]:
         residual, inputs = _stack(windows)
         budgets = [k for _, k in windows]
-        if max(budgets) > residual.shape[2] * inputs.shape[2]:
-            raise ParameterError(
-                f"GRAFT: a window's budget of {max(budgets)} samples exceeds the rank its gradients "
-                f"of {residual.shape[2] * inputs.shape[2]} dimensions can have; use a smaller window or a proxy with "
-                "a wider embedding"
-            )
         if self.norm_power != 1:  # ‖r ⊗ x‖ = ‖r‖ ‖x‖; zero gradients (and padding rows) stay zero
             norms = residual.norm(dim=2) * inputs.norm(dim=2)
             residual = residual * torch.where(norms > 0, norms.pow(self.norm_power - 1), 0)[..., None]
         gram = _gram(residual, inputs)
         if self.tolerance is not None:
             budgets = self._sizes(gram, residual, inputs, [len(f[0]) for f, _ in windows], budgets)
-        return [unscored(rows.cpu().numpy()) for rows in maxvol(gram, budgets)]
+        # A narrow model leaves MaxVol nothing to choose by past its gradients' rank, at most
+        # (C − 1)(H + 1) (softmax residuals sum to 0): it picks that many, the rest fills (`_filled`).
+        rank = (residual.shape[2] - 1) * inputs.shape[2]
+        picks = maxvol(gram, [min(k, rank) for k in budgets])
+        if max(budgets) <= rank:
+            return [unscored(rows.cpu().numpy()) for rows in picks]
+        live = (residual != 0).any(2).cpu().numpy()
+        return [
+            unscored(_filled(rows.cpu().numpy(), live[i, : len(f[0])], k))
+            for i, (rows, (f, k)) in enumerate(zip(picks, windows))
+        ]
 
     def _sizes(
         self, gram: torch.Tensor, residual: torch.Tensor, inputs: torch.Tensor, sizes: list[int], budgets: list[int]
@@ -182,6 +185,14 @@ def _stack(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
     return padded(0), padded(1)
+
+
+def _filled(rows: np.ndarray, live: np.ndarray, k: int) -> np.ndarray:
+    """MaxVol's `rows` of a window and, up to `k`, the window's lowest other rows, those with a
+    gradient (`live`) before muted ones, as MaxVol fills a window whose rank is spent."""
+    rest = np.setdiff1d(np.arange(len(live)), rows)
+    rest = np.concatenate([rest[live[rest]], rest[~live[rest]]])
+    return np.concatenate([rows, rest[: k - len(rows)]])
 
 
 def _gram(residual: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:

@@ -229,8 +229,6 @@ def test_bad_input_is_named(blobs, tmp_path):
         Crest(pool=0.5).select(dataset, 0.1)
     with pytest.raises(ValueError, match="keep must be in"):
         Craig().select(dataset, 0.0, proxy=proxy)
-    with pytest.raises(ValueError, match="exceeds the rank"):
-        Graft(window=128).select(dataset, 0.5, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
     everything = Graft(window=128).select(dataset, 1.0, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
     np.testing.assert_array_equal(everything.ids, np.arange(len(y)))  # whole windows need no MaxVol
     two_classes = ModelProxy(torch.nn.Linear(6, 2))
@@ -501,6 +499,23 @@ def test_a_proxy_that_knows_nothing_gets_a_seeded_draw_not_maxvols_picks(blobs):
     np.testing.assert_array_equal(
         judged.ids, Graft(window=64, draw_uninformed=False).select(dataset, 0.2, proxy=informed, seed=5).ids
     )
+
+
+def test_a_proxy_narrower_than_a_windows_budget_fills_past_maxvols_rank(blobs):
+    """Gradients of (3 − 1)(2 + 1) = 6 dimensions, windows of 128 keeping half: MaxVol picks 6 of
+    each, the window's lowest other rows fill the rest (a narrow model was refused after its scan)."""
+    dataset, x, y, _ = blobs
+    selection = Graft(window=128, mute_suspects=False).select(
+        dataset, 0.5, proxy=RandomFeatureProxy(3, width=2).fit(x, y)
+    )
+    budgets = class_budgets(class_sizes(y), 0.5, 0.5)
+    assert np.bincount(y[selection.ids], minlength=3).tolist() == [budgets[c] for c in range(3)]
+    members = np.flatnonzero(y == 0)
+    for start, end in window_bounds(len(members), 128):
+        k = share(budgets[0], len(members), start, end)
+        kept = np.intersect1d(selection.ids, members[start:end])
+        assert len(kept) == k and np.isin(members[start : start + k - 6], kept).all()
+        assert not np.isin(members[start : start + k], kept).all()  # MaxVol's picks are not the lowest rows
 
 
 @pytest.fixture(scope="module")
