@@ -50,10 +50,11 @@ MAX_CLASSES = 1 << 15
 #   wrong label there (40% noise: 79.7% at 10%; min(1/2, 0.6 x the mean): 84.2%);
 # - odds: the other class at least ODDS times as likely as the given label, or a weak proxy that
 #   splits a hard sample between two classes mutes it (clean 5%: 77.1% without, 82.4% with);
-# - except from a proxy that knows nothing (mean top-class probability under INFORMATIVE / C, as
-#   digits' MLP after 3 epochs on 140 samples): there the odds are noise, and muting what its
-#   floors catch leaves MaxVol close to a random draw of the fresh pool, which is what such a
-#   proxy deserves (digits, 40% noise, 10%: 50.4% with the odds, 69.7% without).
+# - except from a proxy that knows nothing (mean top-class probability under INFORMATIVE / C, 0.75
+#   with two classes: `informative_top`; as digits' MLP after 3 epochs on 140 samples): there the
+#   odds are noise, and muting what its floors catch leaves MaxVol close to a random draw of the
+#   fresh pool, which is what such a proxy deserves (digits, 40% noise, 10%: 50.4% with the odds,
+#   69.7% without).
 # - and only a class the proxy tells apart can be a suspect's other class: the samples labelled c
 #   get on average at least SEPARATION times the p(c | x) the others get (`ConfidentJoint`). A proxy
 #   near chance gives its favourite class the same probability whatever the sample (the shapes CNN
@@ -394,15 +395,22 @@ def mute_suspects(
 
 def informed(mean_top: float, num_classes: int) -> bool:
     """Whether a proxy knows something of the labels: its mean top-class probability is at least
-    INFORMATIVE / C (one that knows nothing gives about 1 / C)."""
-    return mean_top >= INFORMATIVE / num_classes
+    `informative_top(C)`."""
+    return mean_top >= informative_top(num_classes)
+
+
+def informative_top(num_classes: int) -> float:
+    """The mean top-class probability of a proxy that knows something of the labels: INFORMATIVE / C,
+    that many times what one that knows nothing gives (about 1 / C); with two classes, where that
+    is certainty, which no proxy reaches, halfway from chance to certainty (0.75)."""
+    return min(INFORMATIVE / num_classes, (1 + 1 / num_classes) / 2)
 
 
 def suspects(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, mean_top: float) -> torch.Tensor:
     """The class each sample's label is suspected to be instead, else -1 (`kernels.label_issues`):
     another class c with p(c | x) at or above its threshold t_c and the floor min(MAJORITY,
-    CONFIDENCE_SHARE × mean_top), and, from a proxy that knows something (mean_top ≥ INFORMATIVE /
-    C), at least ODDS times p(given label | x). mean_top: the proxy's mean top-class probability."""
+    CONFIDENCE_SHARE × mean_top), and, from a proxy that knows something (`informed`), at least
+    ODDS times p(given label | x). mean_top: the proxy's mean top-class probability."""
     floor = min(MAJORITY, CONFIDENCE_SHARE * mean_top)
     confident = label_issues(probs, labels, thresholds.clamp_min(floor))
     if informed(mean_top, probs.shape[1]):

@@ -29,10 +29,10 @@ from nearstore.selection.plan import (
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import (
-    INFORMATIVE,
     Embedded,
     Scan,
     SuspectsFound,
+    informative_top,
     informed,
     log,
     mute_suspects,
@@ -411,12 +411,11 @@ def windowed_select(
         )
     if part.drawn and not informed(part.mean_top, scan.proxy.num_classes):
         log.info(
-            "%s: the proxy knows nothing of the labels (mean top-class probability %.3f, under %g / %d): "
+            "%s: the proxy knows nothing of the labels (mean top-class probability %.3f, under %.3f): "
             "%d windows drawn at random",
             selector.method,
             part.mean_top,
-            INFORMATIVE,
-            scan.proxy.num_classes,
+            informative_top(scan.proxy.num_classes),
             part.drawn,
         )
     io = scan_io(started, readers)

@@ -518,6 +518,26 @@ def test_a_proxy_narrower_than_a_windows_budget_fills_past_maxvols_rank(blobs):
         assert not np.isin(members[start : start + k], kept).all()  # MaxVol's picks are not the lowest rows
 
 
+def test_a_two_class_proxy_that_knows_the_labels_is_informed(tmp_path):
+    """Twice chance is certainty with two classes: a proxy right on nearly every sample, unsure of
+    some (mean top-class probability about 0.9), gets MaxVol's picks; one at chance a draw."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 600)
+    x = (rng.normal(size=(600, 4)) + 2.5 * np.eye(2, 4)[y]).astype(np.float32)
+    url = str(tmp_path / "two.zarr")
+    write_dataset(url, [{"x": x, "y": y}], shard_samples=64)
+    knows = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        knows.weight.copy_(torch.tensor([[1.0, -1, 0, 0], [-1, 1, 0, 0]])), knows.bias.zero_()
+    top = torch.softmax(knows(torch.from_numpy(x)), 1).max(1).values.mean().item()
+    assert 0.75 < top < 0.99  # under INFORMATIVE / C = 1, which no proxy reaches
+    judged = Graft(window=64).select(open_dataset(url), 0.2, proxy=ModelProxy(knows), seed=0)
+    assert judged.params["windows_drawn"] == 0
+    blank = torch.nn.Linear(4, 2)
+    torch.nn.init.zeros_(blank.weight), torch.nn.init.zeros_(blank.bias)
+    assert Graft(window=64).select(open_dataset(url), 0.2, proxy=ModelProxy(blank), seed=0).params["windows_drawn"] > 0
+
+
 @pytest.fixture(scope="module")
 def tailed(tmp_path_factory):
     """2,600 samples: a class of 2,000 and two of 300, Gaussian, shards of 64; at 20% with
