@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -309,12 +310,14 @@ class StreamingLoader:
 
     def update_proxy(self, model: torch.nn.Module) -> None:
         """Score the next selection round with the trainer's model (NeSSA's feedback): its
-        weights are pushed to the server, or copied for a round in this process."""
+        weights are pushed to the server, or copied for a round in this process. Encoded images
+        are decoded for it as this loader shows them at evaluation: `images` with train=False
+        (its size, centre crop and normalization, in place of a random crop and flip)."""
         if not isinstance(model, torch.nn.Module):
             raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
         if self._ahead is not None and isinstance(self._ahead[0], Future):
             wait([self._ahead[0]])  # the round selected ahead scores with the proxy it was promised
-        self.source.update_proxy(model)
+        self.source.update_proxy(model, replace(self.images, train=False) if self.images is not None else None)
 
     def set_augment(self, augment: Selection | Sequence[int] | np.ndarray) -> None:
         """Augment these samples in place of the ones `augment=` named, from the next batch read on

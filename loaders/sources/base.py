@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from nearstore import IOStats, Selection
+from nearstore.storage.images import ImageTransform
 
 
 class Source(ABC):
@@ -77,8 +78,9 @@ class Source(ABC):
         server goes on from the round it holds, whatever the trainer passes."""
 
     @abstractmethod
-    def update_proxy(self, model: torch.nn.Module) -> None:
-        """Score the next round with the trainer's model (NeSSA's feedback)."""
+    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+        """Score the next round with the trainer's model (NeSSA's feedback), on encoded images
+        decoded by `images` (the loader's transform at evaluation; None: `ModelProxy`'s default)."""
 
     def close(self) -> None:  # noqa: B027 (a store holds nothing to let go of)
         """Let go of connections."""

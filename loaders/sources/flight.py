@@ -19,6 +19,7 @@ from loaders.sources.base import Source
 from nearstore import IOStats, Selection
 from nearstore.serving import protocol
 from nearstore.serving.client import Connection
+from nearstore.storage.images import ImageTransform
 
 
 class FlightSource(Source):
@@ -85,12 +86,13 @@ class FlightSource(Source):
         request = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
         return Selection.from_bytes(self.action("select", request))
 
-    def update_proxy(self, model: torch.nn.Module) -> None:
-        """Push the model's weights as the server's proxy (a do_put of `protocol.weight_batches`)."""
+    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+        """Push the model's weights as the server's proxy (a do_put of `protocol.weight_batches`),
+        with the `images` it is to decode encoded images by."""
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
         body = buffer.getbuffer()
-        json.loads(self._server.put(protocol.weights_descriptor(self.name, len(body)), body))
+        json.loads(self._server.put(protocol.weights_descriptor(self.name, len(body), images), body))
 
     def close(self) -> None:
         self._server.close()

@@ -17,6 +17,7 @@ from loaders.sources.flight import FlightSource
 from nearstore import DatasetError, IOStats, ParameterError, Selection
 from nearstore.serving.protocol import shard_ranges
 from nearstore.storage.dataset import check_ids
+from nearstore.storage.images import ImageTransform
 
 T = TypeVar("T")
 
@@ -104,8 +105,8 @@ class ServerGroup(Source):
         """A new round, run by the primary over every shard; the other servers take it from it."""
         return self.primary.select(previous, round, keep=keep, method=method, options=options, seed=seed)
 
-    def update_proxy(self, model: torch.nn.Module) -> None:
-        self.primary.update_proxy(model)
+    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+        self.primary.update_proxy(model, images)
 
     def close(self) -> None:
         if hasattr(self, "_pool"):

@@ -15,6 +15,7 @@ from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.proxies import detached_copy
 from nearstore.selection.selectors import next_round
 from nearstore.storage import DEFAULT_READS, small_arrays
+from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
 
 class StoreSource(Source):
@@ -94,5 +95,5 @@ class StoreSource(Source):
             executor=self.executor,
         )
 
-    def update_proxy(self, model: torch.nn.Module) -> None:
-        self._proxy = ModelProxy(detached_copy(model).cpu())
+    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+        self._proxy = ModelProxy(detached_copy(model).cpu(), images=images if images is not None else PROXY_IMAGES)

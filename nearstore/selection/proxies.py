@@ -242,7 +242,7 @@ class ModelProxy:
     as the loader yields them, a jagged nested tensor (`nested`), floats cast to the model's dtype
     and integers (token ids) as stored. Encoded images are decoded by `images` (default 32 × 32,
     centre crop, ImageNet's normalization): give the trainer's evaluation transform for the model to
-    see what it trains on.
+    see what it trains on (a loader's `update_proxy` gives its own `images` with train=False).
     """
 
     def __init__(
@@ -351,7 +351,7 @@ class ModelProxy:
                 for chunk in chunks:
                     last.clear()
                     after.clear()
-                    self.model(chunk)
+                    self._call(chunk)
                     head, h, z = self._head_of(last, after)
                     logits.append(z)
                     features.append(h)
@@ -363,6 +363,22 @@ class ModelProxy:
         # half precision is too coarse for p − onehot(y) (a confident model's residuals round to 0)
         wide = torch.promote_types(self.dtype, torch.float32)
         return torch.cat(logits).to(wide), torch.cat(features).to(wide)
+
+    def _call(self, chunk: torch.Tensor) -> None:
+        """The model run on a chunk. A model that cannot take samples of the size `images` decodes
+        encoded images at is told what sets that size (torch names only shapes that do not multiply)."""
+        try:
+            self.model(chunk)
+        except RuntimeError as e:
+            side = self.images.size
+            # a chunk too large for the device is no misfit of sizes
+            if isinstance(e, torch.cuda.OutOfMemoryError) or tuple(chunk.shape[1:]) != (3, side, side):
+                raise
+            raise ParameterError(
+                f"{type(self.model).__name__} cannot run on samples of 3 x {side} x {side} ({type(e).__name__}: {e}); "
+                f"encoded images are decoded for it at that size by ModelProxy's images, through a loader by its "
+                f"images= at evaluation: give the loader images=ImageTransform(size=the model's input size)"
+            ) from e
 
     def _head_of(
         self, last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]], after: list[torch.nn.Module]

@@ -14,10 +14,12 @@ Arrow Flight; everything both sides must agree on lives here.
   client's, one per select, the same on every retry): a select whose key a kept round ran for is
   answered that round and runs none, so a retry whose first try's round landed (its answer lost, the
   server restarted) does not run a second.
-- `do_put(weights_descriptor(name, n))`: pushes proxy weights (a `torch.save`d state_dict of n
-  bytes) as WEIGHTS batches of at most WEIGHTS_CHUNK_BYTES each; the server reads them batch by
-  batch, refusing n over its limit before a byte is read and a stream that passes n at once, and
-  answers with the new proxy version as the put's metadata.
+- `do_put(weights_descriptor(name, n, images))`: pushes proxy weights (a `torch.save`d state_dict
+  of n bytes) as WEIGHTS batches of at most WEIGHTS_CHUNK_BYTES each, with how the proxy is to
+  decode encoded images (`image_fields`: the trainer's loader's transform at evaluation; without
+  them, `ModelProxy`'s default); the server reads them batch by batch, refusing n over its limit
+  before a byte is read and a stream that passes n at once, and answers with the new proxy
+  version as the put's metadata.
 - roles: a read token (`READ_TOKEN_ENV`) may call do_get and the read actions; the admin token
   (`TOKEN_ENV`) may also push weights (do_put) and start rounds (`ADMIN_ACTIONS`). A read token's
   admin call is a FlightUnauthorizedError naming the call; a missing or wrong token, a
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +46,13 @@ import pyarrow.flight as flight
 
 from nearstore.errors import ERRORS, IntegrityError, NearstoreError, ParameterError, RequestError
 from nearstore.storage.dataset import check_ids
+from nearstore.storage.images import ImageTransform
 
 MAX_TICKET_BYTES = 8 << 20
 MAX_REQUEST_SAMPLES = 65_536
 MAX_PROXY_BYTES = 1 << 30  # the server's default limit on pushed weights (max_proxy_bytes)
 WEIGHTS_CHUNK_BYTES = 1 << 20
+MAX_IMAGE_SIDE = 4096  # a pushed proxy's image size, at most: a bound on what the server decodes
 WEIGHTS = pa.schema([pa.field("chunk", pa.binary())])
 INT64 = np.iinfo(np.int64)
 # The ticket round of a full-data epoch (a loader's warm start): any sample of the dataset.
@@ -176,9 +181,46 @@ def from_table(table: pa.Table) -> dict[str, np.ndarray]:
     return arrays
 
 
-def weights_descriptor(dataset: str, nbytes: int) -> flight.FlightDescriptor:
-    """The client's do_put of proxy weights of `nbytes` bytes for `dataset`."""
-    return flight.FlightDescriptor.for_command(json.dumps({"dataset": dataset, "bytes": nbytes}).encode())
+def weights_descriptor(dataset: str, nbytes: int, images: ImageTransform | None = None) -> flight.FlightDescriptor:
+    """The client's do_put of proxy weights of `nbytes` bytes for `dataset`; `images`: how the
+    proxy is to decode encoded images (the loader's evaluation transform), None: its default."""
+    request: dict[str, Any] = {"dataset": dataset, "bytes": nbytes}
+    if images is not None:
+        request["images"] = image_fields(images)
+    return flight.FlightDescriptor.for_command(json.dumps(request).encode())
+
+
+def image_fields(images: ImageTransform) -> dict[str, Any]:
+    """What of an `ImageTransform` its evaluation (train=False) decode depends on, as JSON takes it."""
+    return {"size": images.size, "resize": images.resize, "mean": list(images.mean), "std": list(images.std)}
+
+
+def parse_images(raw: Any) -> ImageTransform | None:
+    """`image_fields` (a weights descriptor's 'images') as the evaluation transform (train=False)
+    they describe; None where there are none."""
+    if raw is None:
+        return None
+    fields = ("size", "resize", "mean", "std")
+    if not isinstance(raw, dict) or set(raw) != set(fields):
+        raise RequestError(
+            f"weights descriptor's 'images' must be an object of {', '.join(fields)}, got {reprlib.repr(raw)}"
+        )
+    size, resize, mean, std = (raw[name] for name in fields)
+    triples = all(isinstance(v, list) and len(v) == 3 and all(_number(c) for c in v) for v in (mean, std))
+    sides = [side for side in (size, resize) if side is not None]
+    if not all(type(side) is int and side <= MAX_IMAGE_SIDE for side in sides) or not triples:
+        raise RequestError(
+            f"weights descriptor's 'images' must hold sizes of at most {MAX_IMAGE_SIDE} pixels and 3 numbers"
+            f" a statistic, got {reprlib.repr(raw)}"
+        )
+    try:
+        return ImageTransform(size=size, train=False, resize=resize, mean=tuple(mean), std=tuple(std))
+    except ParameterError as e:
+        raise RequestError(f"weights descriptor's 'images': {e}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def weight_batches(body: bytes | memoryview) -> Iterator[pa.RecordBatch]:

@@ -44,6 +44,7 @@ from nearstore.selection.stages import never, probe, stop_if_cancelled
 from nearstore.serving import protocol
 from nearstore.serving.client import Connection
 from nearstore.storage import ChunkCache, Dataset, IOStats, SelectiveReader, small_arrays
+from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
 log = logging.getLogger("nearstore")
 
@@ -63,7 +64,8 @@ class NearStoreServer(flight.FlightServerBase):
         `options`, see `nearstore.selectors`) with `keep` itself
         before it starts listening.
     model: `module:factory` (or a callable) building the trainer's model architecture: pushed
-        proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only.
+        proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only; encoded
+        images are decoded for it as the pushing loader shows them at evaluation (its `images`).
     token: the admin token (NEARSTORE_TOKEN): may read, push proxy weights and start rounds.
     read_token: a token that may only read (NEARSTORE_READ_TOKEN): samples, `info`, selections.
         Without either, any caller may do anything; beyond the loopback interface one is required.
@@ -155,6 +157,7 @@ class NearStoreServer(flight.FlightServerBase):
         self._model_factory = _import_factory(model) if isinstance(model, str) else model
         self._proxy: ModelProxy | None = None
         self.proxy_version = 0
+        self._proxy_images: ImageTransform | None = None  # the pushed proxy's, None: ModelProxy's default
         # The readers' dict, the rounds and the proxy change under it; reads run outside it, at once
         # for several trainers (a read from object storage is mostly waiting on the network).
         self._lock = threading.Lock()
@@ -286,7 +289,8 @@ class NearStoreServer(flight.FlightServerBase):
                 raise RequestError(
                     f"proxy state_dict of {nbytes} bytes exceeds the limit of {self.max_proxy_bytes} (max_proxy_bytes)"
                 )
-            answer = self._update_proxy(protocol.read_weights(reader, nbytes))
+            images = protocol.parse_images(request.get("images"))
+            answer = self._update_proxy(protocol.read_weights(reader, nbytes), images)
         writer.write(pa.py_buffer(answer))
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
@@ -353,17 +357,18 @@ class NearStoreServer(flight.FlightServerBase):
     def _selection(self, request: dict[str, Any]) -> bytes:
         return self._round(request.get("round")).to_bytes()
 
-    def _update_proxy(self, body: bytearray) -> bytes:
-        """Pushed weights, checked, as the proxy of the next rounds; answers its version."""
-        proxy = self._proxy_from(body)
+    def _update_proxy(self, body: bytearray, images: ImageTransform | None = None) -> bytes:
+        """Pushed weights, checked, as the proxy of the next rounds, which decodes encoded images by
+        `images` (the trainer's loader's at evaluation; None: ModelProxy's default); answers its version."""
+        proxy = self._proxy_from(body, images)
         with self._lock:
             version = self.proxy_version + 1
-            self._persist(self._rounds, version, f"proxy version {version}", proxy=body)
-            self._proxy, self.proxy_version = proxy, version
+            self._persist(self._rounds, version, f"proxy version {version}", proxy=body, images=images)
+            self._proxy, self.proxy_version, self._proxy_images = proxy, version, images
         log.info("proxy version %d received (%d bytes)", version, len(body))
         return json.dumps({"proxy_version": version}).encode()
 
-    def _proxy_from(self, body: bytes | bytearray) -> ModelProxy:
+    def _proxy_from(self, body: bytes | bytearray, images: ImageTransform | None = None) -> ModelProxy:
         """The server's model with pushed weights (a torch-saved state_dict), checked."""
         try:
             state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
@@ -379,7 +384,7 @@ class NearStoreServer(flight.FlightServerBase):
             model.load_state_dict(state)
         except RuntimeError as e:
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
-        proxy = ModelProxy(model)
+        proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES)
         probe(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         if self.dataset.num_classes and proxy.num_classes < self.dataset.num_classes:
             raise RequestError(
@@ -503,11 +508,19 @@ class NearStoreServer(flight.FlightServerBase):
             self._persist(rounds, self.proxy_version, f"selection round {selection.round}")
             self._rounds = rounds
 
-    def _persist(self, rounds: dict[int, Selection], proxy_version: int, what: str, proxy: bytes | None = None) -> None:
+    def _persist(
+        self,
+        rounds: dict[int, Selection],
+        proxy_version: int,
+        what: str,
+        proxy: bytes | None = None,
+        images: ImageTransform | None = None,
+    ) -> None:
         """Write the state that is to be, before it is taken in memory: the rounds, the proxy
-        version and pushed weights; server.json last, so a crash or a full disk mid-way leaves the
-        previous state whole. Where it cannot be written, `what` is refused by name and nothing
-        changes: a round no restart could restore is never served."""
+        version, pushed weights and the images they were pushed with (without `proxy`, the current
+        proxy's); server.json last, so a crash or a full disk mid-way leaves the previous state
+        whole. Where it cannot be written, `what` is refused by name and nothing changes: a round
+        no restart could restore is never served."""
         if self.state_dir is None:
             return
         try:
@@ -517,7 +530,10 @@ class NearStoreServer(flight.FlightServerBase):
                 # a round file this server did not write may be one a failed write left: never kept
                 if self._persisted.get(number) is not selection:
                     _write_atomically(self.state_dir / f"round-{number}.npz", selection.to_bytes())
-            state = {"rounds": sorted(rounds), "proxy_version": proxy_version}
+            state: dict[str, Any] = {"rounds": sorted(rounds), "proxy_version": proxy_version}
+            images = images if proxy is not None else self._proxy_images
+            if images is not None:
+                state["proxy_images"] = protocol.image_fields(images)
             _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
             self._persisted = dict(rounds)
         except OSError as e:
@@ -555,7 +571,8 @@ class NearStoreServer(flight.FlightServerBase):
             pushed = found[0]
             if self._model_factory is None:
                 raise DatasetError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
-            self._proxy = self._proxy_from(pushed.read_bytes())
+            self._proxy_images = protocol.parse_images(state.get("proxy_images"))  # an older server's: none
+            self._proxy = self._proxy_from(pushed.read_bytes(), self._proxy_images)
         self.proxy_version = version
         self._rounds, self._persisted = rounds, dict(rounds)
         self._forget_rounds(rounds)  # a failed write's, which server.json does not name

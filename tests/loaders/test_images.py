@@ -13,7 +13,7 @@ from images import NUM_IMAGES, image_store, photo
 from PIL import Image
 
 from loaders import StreamingLoader
-from nearstore import Graft, ModelProxy, ParameterError, SampleError, write_dataset
+from nearstore import Graft, ModelProxy, ParameterError, SampleError, sage_select, write_dataset
 from nearstore.storage.images import ImageTransform
 
 
@@ -152,6 +152,43 @@ def test_a_scan_finds_the_models_head_past_a_damaged_first_image(tmp_path):
     selection = Graft().select(store, 0.5, seed=0, proxy=proxy)
     assert proxy.num_classes == 4 and 0 not in selection.ids
     assert len(selection.ids) == NUM_IMAGES // 2
+
+
+def flat(side: int) -> torch.nn.Module:
+    """A classifier of the 4 photo labels that takes images of side x side alone (Flatten, Linear)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_the_trainers_model_scores_images_as_the_loader_shows_them_at_evaluation(store, backend):
+    # the pushed model was scored on 32 x 32 decodes whatever the loader's size: a model of 16 x 16
+    # inputs failed at reselect ("mat1 and mat2 shapes cannot be multiplied"), a CNN of 224 scored garbage
+    torch.manual_seed(0)
+    images = ImageTransform(size=16, resize=20, mean=(10, 20, 30), std=(60, 70, 80))
+    loader = StreamingLoader(store, images=images, backend=backend, device="cpu")
+    model = flat(16)
+    loader.update_proxy(model)
+    chosen = loader.reselect(0.5, method="sage", seed=4)
+    assert len(chosen) == NUM_IMAGES // 2 and chosen.params["proxy"] == "ModelProxy"
+    # the loader's view at evaluation: its size, resize and normalization, the centre crop
+    evaluation = ImageTransform(size=16, train=False, resize=20, mean=(10, 20, 30), std=(60, 70, 80))
+    expected = sage_select(store, 0.5, seed=4, proxy=ModelProxy(model, images=evaluation))
+    np.testing.assert_array_equal(chosen.ids, expected.ids)
+
+
+def test_a_loader_made_without_images_scores_at_its_default_size_and_a_misfit_model_is_told_why(store):
+    torch.manual_seed(0)
+    default = StreamingLoader(store, backend="torch", device="cpu")  # ImageTransform(): 224 x 224
+    default.update_proxy(flat(224))
+    assert len(default.reselect(0.25)) == NUM_IMAGES // 4
+    small = StreamingLoader(store, images=ImageTransform(size=16), backend="torch", device="cpu")
+    small.update_proxy(flat(8))
+    with pytest.raises(
+        ParameterError,
+        match=r"Sequential cannot run on samples of 3 x 16 x 16 .*mat1 and mat2.*"
+        r"give the loader images=ImageTransform\(size=the model's input size\)",
+    ):
+        small.reselect(0.5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -20,6 +20,7 @@ import pyarrow.flight as flight
 import pytest
 import torch
 from conftest import flip, shard_file
+from images import image_store
 from resume import assert_resumes_at_every_batch
 from servers import free_port
 
@@ -44,6 +45,7 @@ from nearstore.serving.client import Connection
 from nearstore.serving.protocol import MAX_REQUEST_SAMPLES
 from nearstore.serving.server import READ_CACHE_BYTES
 from nearstore.storage import SelectiveReader
+from nearstore.storage.images import ImageTransform
 
 
 def sample_ids(x: torch.Tensor) -> list[int]:
@@ -1081,6 +1083,47 @@ def test_a_round_a_failed_state_write_left_is_never_restored(id_store, tmp_path)
     try:
         assert restarted.current.round == 1
         np.testing.assert_array_equal(restarted.current.ids, served.ids)  # the round trainers got
+    finally:
+        restarted.shutdown()
+
+
+def flat16() -> torch.nn.Module:
+    """A proxy architecture for the photo store that takes images of 16 x 16 alone (Flatten, Linear)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+
+
+def test_a_pushed_model_scores_images_as_the_trainers_loader_shows_them_at_evaluation(tmp_path):
+    # the server's proxy decoded at 32 x 32 whatever the trainer's loader decodes: a model of 16 x 16
+    # inputs was refused at its push (an internal error: its probe's shapes did not multiply)
+    store, _ = image_store(str(tmp_path / "images.zarr"))
+    state_dir = tmp_path / "state"
+    server = NearStoreServer(store, selection=random_select(store, 0.5, seed=1), model=flat16, state_dir=state_dir)
+    images = ImageTransform(size=16, resize=20, mean=(10, 20, 30), std=(60, 70, 80))
+    evaluation = ImageTransform(size=16, train=False, resize=20, mean=(10, 20, 30), std=(60, 70, 80))
+    try:
+        torch.manual_seed(0)
+        model = flat16()
+        loader = StreamingLoader(server.url, images=images, backend="torch", device="cpu")
+        loader.update_proxy(model)
+        chosen = loader.reselect(0.5, method="sage", seed=4)
+        expected = sage_select(store, 0.5, seed=4, proxy=ModelProxy(model, images=evaluation))
+        np.testing.assert_array_equal(chosen.ids, expected.ids)
+        client = flight.FlightClient(f"grpc://127.0.0.1:{server.port}")
+        bad = {"dataset": server.name, "bytes": 7, "images": {**protocol.image_fields(images), "size": 1 << 20}}
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(json.dumps(bad).encode()), protocol.WEIGHTS)
+        with pytest.raises(flight.FlightServerError, match="sizes of at most 4096 pixels"), writer:
+            writer.write_batch(next(protocol.weight_batches(b"garbage")))
+        assert server.proxy_version == 1
+    finally:
+        server.shutdown()
+    assert json.loads((state_dir / "server.json").read_text())["proxy_images"] == protocol.image_fields(evaluation)
+    restarted = NearStoreServer(store, model=flat16, state_dir=state_dir)
+    try:
+        source = FlightSource(restarted.url)
+        assert source.select(keep=0.5, method="sage", seed=4).params["proxy_version"] == 1  # scored at 16 x 16
+        source.update_proxy(model, ImageTransform(size=8, train=False))
+        with pytest.raises(ParameterError, match=r"cannot run on samples of 3 x 8 x 8 .*images=ImageTransform"):
+            source.select(keep=0.5, method="sage", seed=5)
     finally:
         restarted.shutdown()
 
