@@ -51,7 +51,8 @@ def npz_arrays(path: str | Path, *, x_key: str = "x", y_key: str | None = "y", b
     with _open_npz(path) as archive:
         for key in (x_key, y_key):
             if key is not None and key not in archive:
-                raise DatasetError(f"{path}: no array {key!r}; it has {sorted(archive.files)}")
+                unlabelled = " (unlabelled data: --y-key '', or y_key=None)" if key == y_key else ""
+                raise DatasetError(f"{path}: no array {key!r}; it has {sorted(archive.files)}{unlabelled}")
         x = _member(archive, x_key, path)
         y = _member(archive, y_key, path) if y_key is not None else None
     return _checked(x, y, f"{path}:{x_key}", f"{path}:{y_key}", batch)

@@ -60,8 +60,13 @@ def test_source_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npy"):
         npy_arrays(tmp_path / "nope.npy")
     np.savez(tmp_path / "d.npz", a=np.zeros(3))
-    with pytest.raises(DatasetError, match="no array 'x'"):
+    with pytest.raises(DatasetError, match=r"no array 'x'; it has \['a'\]$"):
         npz_arrays(tmp_path / "d.npz")
+    np.savez(tmp_path / "u.npz", x=np.zeros(3))  # no labels: the message says how to convert it so
+    with pytest.raises(
+        DatasetError, match=r"no array 'y'; it has \['x'\] \(unlabelled data: --y-key '', or y_key=None\)"
+    ):
+        npz_arrays(tmp_path / "u.npz")
 
 
 def test_labels_neither_integers_nor_strings_of_a_sample_each_are_refused_naming_their_file(tmp_path):
