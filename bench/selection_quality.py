@@ -19,9 +19,10 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
   running average handed on; adacore-dynamic-fresh: each round its own curvature);
   graft is the default (`Graft()`: every sample, windows of 128 (64 above a third of the data),
   gradient norms tempered to ‖g‖^0.25, suspected label errors muted, a class under 128 samples drawn from the
-  unsuspected), graft-unmuted without muting, graft-raw-w512 the round 0 of 2026-11 (raw gradients,
-  windows of 512), graft-picked with MaxVol's picks for every class (`draw_below=0`), graft-drawn
-  with every class drawn;
+  unsuspected, MaxVol among each class's typical half where the proxy is trusted), graft-unmuted
+  without muting, graft-raw-w512 the round 0 of 2026-11 (raw gradients, windows of 512), graft-picked
+  with MaxVol's picks for every class (`draw_below=0`), graft-drawn with every class drawn,
+  graft-untrusting without the typical half (`typical=False`);
 - graft-dynamic (the default path), crest-dynamic, random-dynamic: a new round every `--every`
   epochs; the first two push the trainer's model as the proxy (`update_proxy`) and the round runs
   `reselect` (its default, `default_reselect`: GRAFT on a fresh pool of twice the budget, 1.5x in
@@ -33,7 +34,8 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
   take the parts the default path gained on 2026-12-04 away (see DYNAMIC), and
   graft-dynamic-proportional its square-root class budgets (`budget_power=1`), graft-dynamic-picked-start
   its round 0's draw for small classes (`draw_below=0`), graft-dynamic-half-tempered-start its round 0's
-  further tempering (`norm_power=0.5`, as later rounds); the other graft-dynamic
+  further tempering (`norm_power=0.5`, as later rounds), graft-dynamic-untrusting-start its round 0's
+  typical half (`typical=False`); the other graft-dynamic
   variants are the ablations of the 2026-12-03 path. graft-dynamic-warm trains on all data for 2
   epochs, then selects with the warmed-up model and every `--every` epochs after.
   Re-selection time and scan bytes are counted, and so are the warm epochs' samples.
@@ -102,6 +104,8 @@ STATIC = {
     # Round 0 with MaxVol's picks for classes of any budget (the default until 2026-12-05, evening),
     # and with every class's samples drawn from those the proxy does not suspect.
     "graft-picked": ("graft", {"draw_below": 0}),
+    # Round 0's MaxVol over every sample of a class, whatever the model-free proxy knows (no typical half).
+    "graft-untrusting": ("graft", {"typical": False}),
     "graft-drawn": ("graft", {"draw_below": 1 << 62}),
     "graft-raw-w512": ("graft", {**RAW_W512, **UNMUTED}),
     "craig": ("craig", {}),
@@ -127,6 +131,9 @@ DYNAMIC = {
     "graft-dynamic-proportional": ((DEFAULT_METHOD, {"budget_power": 1.0}), ("default", {"budget_power": 1.0})),
     "graft-dynamic-2026-12-03": (("graft", UNMUTED), ("default", CARRIED)),
     "graft-dynamic-balanced-start": (BALANCED_START, None),
+    # Round 0's MaxVol over every sample whatever the model-free proxy knows (the default until
+    # 2026-12-06, stop 44: no typical half where that proxy is trusted).
+    "graft-dynamic-untrusting-start": ((DEFAULT_METHOD, {"typical": False}), None),
     # MaxVol's picks whatever the proxy knows (the default until 2026-12-05: no draw when it knows nothing).
     "graft-dynamic-no-draw": ((DEFAULT_METHOD, NO_DRAW), ("default", NO_DRAW)),
     # Round 0's MaxVol picks for classes of any budget (the default until 2026-12-05, evening: no

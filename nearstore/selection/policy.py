@@ -22,6 +22,19 @@ LARGE_BUDGET = 1 / 3
 # and 70 −1.7 to +3.9; token sequences at 120 +9.6 and +14.5; MNIST-1D at 100 −2.0 ± 5.9, at 250 and
 # 500 −3.5 and −4.1 (docs/benchmarks.md#round-0-on-small-budgets-2026-12-05-evening).
 DRAW_BELOW = 128
+# Round 0, where the model-free proxy is right on at least this share of its held-out warm-up
+# (`windows.trust`: its recall per class, averaged, a class the warm-up missed counting 0): MaxVol
+# picks among each class's typical half, the samples whose p(label | x) reaches the class's median
+# on the warm-up (`Graft.typical`). MaxVol over that proxy takes a class's least typical samples,
+# which on small clean data teach a model least; a proxy right less often than wrong ranks samples
+# by its own errors, not by how typical they are. Seeds 0-9 paired against MaxVol over every sample
+# (docs/benchmarks.md#selection-on-images): rendered shapes at 25% (the proxy right on 61-66%), round 0
+# alone +4.0 ± 4.8 points (7 of 10 ahead), the default path +1.0 ± 7.8 (6/10); 100 classes at 50%
+# (seeds 0-4; 84%, 52% with 20% noise) −0.03 clean, +0.3 and +2.0 with symmetric and pair noise;
+# MNIST-1D (22-41% on every case and seed) lost 1.6 points a cell with it (−4.8 to +0.5, seeds
+# 0-4), so is left alone, as are token sequences (30-40%); digits' and 100 classes' budgets up to
+# 25% are drawn.
+TRUSTED_PROXY = 0.5
 # GRAFT's gradients enter MaxVol tempered, g · ‖g‖^(p − 1) (`Graft.norm_power`): p = 0.5 with the
 # trainer's model; with the model-free proxy (round 0) 0.25, as its largest gradients are its random
 # features' outliers more than a class's hard samples. The default path with round 0 at 0.25

@@ -52,8 +52,11 @@ class RandomFeatureProxy:
     well with them on MNIST-1D) on a warm-up sample, head f on the samples outside fold f; a
     sample's fold f is a hash of its bytes (`sample_folds`), so every sample, the warm-up's too, is
     scored by a head that never saw it: a head judging the labels it was fitted on calls them right,
-    and a dataset no larger than the warm-up would have no label judged at all. `embed` gives the
-    last-layer gradient embeddings (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches and scores.
+    and a dataset no larger than the warm-up would have no label judged at all; so judged, the
+    warm-up gives each class's `held_out_recall` and `median_confidence` (round 0 trusts the
+    proxy's view of which samples are typical as far as the first goes: `Graft.typical`). `embed`
+    gives the last-layer gradient embeddings (softmax(z) − onehot(y)) ⊗ [h, 1] that SAGE sketches
+    and scores.
 
     Ragged samples (a 1-D object array of arrays (L, ...), `nearstore.storage.ragged`) it sees as
     fixed-size summaries (`ragged_features`): floats resampled to 32 rows, integers (token ids) as
@@ -98,6 +101,11 @@ class RandomFeatureProxy:
         self._filters: torch.Tensor | None = None  # images: (ceil(width / 4), channels, 7, 7)
         self._input_shape: tuple[int, ...] = ()
         self._heads: torch.Tensor | None = None  # (folds, num_classes, width + 1), as nn.Linear weights
+        # On the warm-up, each sample judged by the head that did not see it (`fit`), per class
+        # (NaN where the warm-up has none): how often its label is the top class, and the median
+        # p(label | x). How far the proxy is right, and which of a class's samples are typical.
+        self.held_out_recall: np.ndarray | None = None
+        self.median_confidence: np.ndarray | None = None
 
     @property
     def embedding_dim(self) -> int:
@@ -107,6 +115,7 @@ class RandomFeatureProxy:
         """Fit standardization and head on a warm-up sample (n, ...) with labels (n,); without
         labels (y None) the features alone, for selectors that need no labels."""
         self._mean = self._scale = self._projection = self._filters = self._heads = None
+        self.held_out_recall = self.median_confidence = None
         inputs = self._inputs(x)
         labels = None if y is None else self._labels(y, len(inputs))
         generator = torch.Generator().manual_seed(self.seed)
@@ -133,6 +142,14 @@ class RandomFeatureProxy:
                 outside = torch.ones_like(outside)
             heads.append(self._fit_head(h[outside], labels[outside]))
         self._heads = torch.stack(heads)
+        probs = torch.softmax(self._logits(x, h), 1)
+        right, own = probs.argmax(1) == labels, probs.gather(1, labels[:, None])[:, 0]
+        self.held_out_recall = np.full(self.num_classes, np.nan)
+        self.median_confidence = np.full(self.num_classes, np.nan)
+        for c in labels.unique().tolist():
+            members = labels == c
+            self.held_out_recall[c] = right[members].float().mean().item()
+            self.median_confidence[c] = own[members].median().item()
         return self
 
     def _fit_head(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

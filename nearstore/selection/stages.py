@@ -365,13 +365,19 @@ def suspects_of(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Suspe
 
 
 def mute_suspects(
-    stream: Iterable[Embedded], num_classes: int, found: SuspectsFound, mute: bool = True
+    stream: Iterable[Embedded],
+    num_classes: int,
+    found: SuspectsFound,
+    mute: bool = True,
+    typical: np.ndarray | None = None,
 ) -> Iterator[Embedded]:
     """Stage 3, for factored embeddings grouped by class: the samples whose label the proxy
     contradicts with confidence (`suspects`) get a zero gradient, so a diversity pick (MaxVol)
     takes them only when their window has nothing else left to span; what was found goes to
     `found`. Thresholds and the proxy's mean confidence are kept over every sample streamed so
-    far (`found.mean_top`; without `mute`, only that is kept). The proxy's p = r + onehot(y)."""
+    far (`found.mean_top`; without `mute`, only that is kept). The proxy's p = r + onehot(y).
+    typical: per class, a floor of p(label | x) under which a sample is muted too, not reported
+    (NaN: none; round 0's typical half, `windows.typical_floors`)."""
     joint = ConfidentJoint(num_classes)
     for ids, groups, (residual, inputs) in stream:
         labels = torch.empty(len(ids), dtype=torch.int64, device=residual.device)
@@ -379,6 +385,9 @@ def mute_suspects(
             labels[torch.from_numpy(rows).to(residual.device)] = group
         probs = residual + torch.nn.functional.one_hot(labels, residual.shape[1]).to(residual)
         found.top, found.streamed = found.top + probs.max(1).values.sum().item(), found.streamed + len(ids)
+        if typical is not None:  # a NaN floor compares false: nothing muted
+            floors = torch.as_tensor(typical, dtype=probs.dtype, device=probs.device)[labels]
+            residual = residual.masked_fill((probs.gather(1, labels[:, None])[:, 0] < floors)[:, None], 0)
         if not mute:
             yield ids, groups, (residual, inputs)
             continue

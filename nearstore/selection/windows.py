@@ -26,6 +26,7 @@ from nearstore.selection.plan import (
     share,
     window_bounds,
 )
+from nearstore.selection.policy import TRUSTED_PROXY
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import (
@@ -109,6 +110,7 @@ class Windowed(Protocol):
     mute_suspects: bool  # whether samples with suspected label errors get zero gradients (factored)
     draw_uninformed: bool  # whether a proxy that knows nothing of the labels gets a draw, not a pick (factored)
     draw_below: int  # with the model-free proxy, classes whose budget is under this many get a draw (factored)
+    typical: bool | None  # round 0: MaxVol among each class's typical half (`typical_floors`; factored)
 
     def params(self) -> dict[str, Any]: ...
 
@@ -216,14 +218,16 @@ def decide(
     seed: int,
     drawn_classes: frozenset[int] = frozenset(),
     cancelled: Callable[[], bool] = never,
+    typical: np.ndarray | None = None,
 ) -> WindowedPart:
     """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
     proxy knows nothing of the labels or for the classes in `drawn_classes`, or picked by the
-    selector, `at_once` windows together; `cancelled` asked before each decision (`stop_if_cancelled`)."""
-    found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed else None
+    selector, `at_once` windows together; `cancelled` asked before each decision (`stop_if_cancelled`);
+    `typical`: floors of p(label | x) under which a sample is muted (`typical_floors`)."""
+    found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed or typical is not None else None
     uninformed = lambda: False  # noqa: E731
     if found is not None:
-        stream = mute_suspects(stream, num_classes, found, mute=selector.mute_suspects)
+        stream = mute_suspects(stream, num_classes, found, mute=selector.mute_suspects, typical=typical)
         if selector.draw_uninformed:
             uninformed = lambda: not found.informed(num_classes)  # noqa: E731
     draw = lambda group: group in drawn_classes or uninformed()  # noqa: E731
@@ -265,12 +269,13 @@ def windowed_pass(
     seed: int,
     progress: bool,
     drawn_classes: frozenset[int] = frozenset(),
+    typical: np.ndarray | None = None,
 ) -> WindowedPart:
     """The pass over `shards` (consecutive) of a scan: every sample embedded, windowed per class and
     decided. A class keeps `budgets[c]` = (total, of) of its samples, or `keep` of them (None);
     before: each class's samples in the shards before shard s, (num_shards + 1, C) (None: from the
     first shard), so that rounded running totals keep the budgets exact across partitions; the
-    classes in `drawn_classes` keep a draw (`decide`)."""
+    classes in `drawn_classes` keep a draw, and `typical` mutes (`decide`)."""
     stream = scan.embeddings(
         progress,
         f"{selector.method} pass 1/1",
@@ -280,7 +285,7 @@ def windowed_pass(
     )
     seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
-    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled)
+    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical)
 
 
 def embed_batch(scan: Scan, factored: bool) -> int:
@@ -303,18 +308,20 @@ def pooled_pass(
     seed: int,
     progress: bool,
     drawn_classes: frozenset[int] = frozenset(),
+    typical: np.ndarray | None = None,
 ) -> WindowedPart:
     """The pass over the pooled samples (`pools`: {class: sorted ids}) that lie in `shards`
     (consecutive): read (coalescing as `reads`), embedded, windowed per class and decided; class c
     keeps budgets[c] of its len(pools[c]) pooled samples, its running count starting at its
-    pooled samples before these shards; the classes in `drawn_classes` keep a draw (`decide`)."""
+    pooled samples before these shards; the classes in `drawn_classes` keep a draw, and `typical`
+    mutes (`decide`)."""
     first, end = shards[0] * scan.reader.dataset.shard_samples, (shards[-1] + 1) * scan.reader.dataset.shard_samples
     bounds = {c: np.searchsorted(members, [first, end]) for c, members in pools.items()}
     mine = {c: members[a:b] for (c, members), (a, b) in zip(pools.items(), bounds.values()) if b > a}
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
-    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled)
+    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical)
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
     return part
@@ -388,6 +395,14 @@ def windowed_select(
         )
         small = small_classes(budgets)
         one_pass, arguments = pooled_pass, dict(budgets=budgets, pools=pools, reads=pool_reads)
+    typical = typical_floors(selector, scan.proxy, small) if proxy is None else None
+    if typical is not None:
+        log.info(
+            "%s: the model-free proxy is right on %.0f%% of its held-out warm-up (balanced): MaxVol picks "
+            "among each class's typical half",
+            selector.method,
+            100 * trust(scan.proxy),
+        )
     part, worker_reads = executor.map_reduce(
         scan,
         one_pass,
@@ -397,6 +412,7 @@ def windowed_select(
         window=window,
         seed=seed,
         drawn_classes=small,
+        typical=typical,
         **arguments,
     )
 
@@ -430,6 +446,7 @@ def windowed_select(
             "previous": None if previous is None else len(previous),
             "windows_drawn": part.drawn,
             "classes_drawn": len(small),
+            "typical_half": typical is not None,
             **selector.params(),
             "window": window,
             **({} if executor.name == "local" else {"executor": executor.name}),
@@ -438,6 +455,29 @@ def windowed_select(
         suspects=suspects_of(part.suspects) if selector.mute_suspects else None,
         carry=selector.carry(part.totals),
     )
+
+
+def typical_floors(selector: Windowed, proxy: Proxy, drawn: frozenset[int]) -> np.ndarray | None:
+    """Round 0's floors of p(label | x) under which a sample enters MaxVol muted (`Graft.typical`):
+    each class's median on the model-free proxy's held-out warm-up (NaN, no floor, for the classes
+    drawn and those the warm-up missed); None where the selector asks for none, or asks the policy
+    and the proxy is right on under TRUSTED_PROXY of its held-out warm-up (`trust`)."""
+    if not selector.typical and (selector.typical is False or trust(proxy) < TRUSTED_PROXY):
+        return None
+    floors = getattr(proxy, "median_confidence", None)
+    if floors is None:
+        return None
+    floors = floors.copy()
+    floors[sorted(drawn)] = np.nan
+    return floors
+
+
+def trust(proxy: Proxy) -> float:
+    """How far a model-free proxy is right: its held-out recall on the warm-up, averaged over its
+    classes, a class the warm-up missed counting 0 (a proxy knows nothing of it); 0 for a proxy
+    without a warm-up."""
+    recall = getattr(proxy, "held_out_recall", None)
+    return 0.0 if recall is None else float(np.nan_to_num(recall).mean())
 
 
 def _class_counts_before_shards(labels: np.ndarray, shard_samples: int, num_classes: int) -> np.ndarray:

@@ -118,6 +118,8 @@ class WindowedSelector(Selector):
     draw_uninformed: ClassVar[bool] = False
     # With the model-free proxy, classes whose budget is under this many samples keep a draw (0: none).
     draw_below: ClassVar[int] = 0
+    # Round 0: whether the selector picks among each class's typical half (None: where trusted).
+    typical: ClassVar[bool | None] = False
 
     def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         return windowed_select(

@@ -68,6 +68,12 @@ class Graft(WindowedSelector):
         this many samples keeps a seeded draw of its samples that are not muted, not MaxVol's picks
         (`policy.DRAW_BELOW`, 128: MaxVol over that proxy takes a class's outliers, which pays only
         once a class has enough picks to cover its bulk too). 0: MaxVol at every budget.
+    typical: with the model-free proxy (round 0), MaxVol picks among each class's typical half:
+        a sample whose p(label | x) is under its class's median on the proxy's held-out warm-up
+        enters it muted (zero gradient). None: where that proxy is right on at least
+        `policy.TRUSTED_PROXY` of its held-out warm-up (`windows.trust`), as MaxVol over it takes a
+        class's least typical samples, which on small clean data teach a model least; True: always;
+        False: never. Classes drawn (`draw_below`) and later rounds (a trainer's model) are left alone.
     budget_power: a class's budget grows as n_c^budget_power (`plan.class_budgets`, the labels
         read first): 1 keeps each class in proportion, as a uniform draw would; 0.5, square-root
         sampling, gives a long tail's classes more than their share at the head's expense (the
@@ -92,6 +98,7 @@ class Graft(WindowedSelector):
     budget_power: float = 0.5
     draw_uninformed: bool = True
     draw_below: int = DRAW_BELOW
+    typical: bool | None = None
 
     def __post_init__(self) -> None:
         check_window(self.window, optional=True)
@@ -108,6 +115,8 @@ class Graft(WindowedSelector):
         check_range("budget_power", self.budget_power, 0, 1)
         check_flag("draw_uninformed", self.draw_uninformed)
         check_range("draw_below", self.draw_below, 0, integer=True)
+        if self.typical is not None:
+            check_flag("typical", self.typical)
 
     factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
 

@@ -54,6 +54,23 @@ def test_cross_fitted_heads_judge_the_warm_up_out_of_sample(blobs):
     assert held_out[flipped].mean() < 0.5 * held_out[clean].mean()
 
 
+def test_the_warm_up_held_out_gives_each_class_its_recall_and_median_confidence(blobs):
+    """What round 0 trusts the model-free proxy by: per class, how often the head that did not see
+    a warm-up sample gives its label the top probability, and the median of that probability; a
+    class the warm-up misses has neither, and labels the inputs say nothing of are near chance."""
+    x, y = blobs
+    proxy = RandomFeatureProxy(4, width=64).fit(x, y)  # class 3 is in no sample
+    confidence, top = proxy.confidence(x, y).numpy(), proxy.logits(x).argmax(1).numpy()
+    for c in range(3):
+        assert proxy.held_out_recall[c] == pytest.approx((top[y == c] == c).mean())
+        assert proxy.median_confidence[c] == pytest.approx(np.sort(confidence[y == c])[(np.sum(y == c) - 1) // 2])
+    assert np.isnan(proxy.held_out_recall[3]) and np.isnan(proxy.median_confidence[3])
+    assert proxy.held_out_recall[:3].min() > 0.7
+    noise = np.random.default_rng(2).integers(0, 3, len(y))
+    assert RandomFeatureProxy(3, width=64).fit(x, noise).held_out_recall.mean() < 0.5
+    assert RandomFeatureProxy(3).fit(x, None).held_out_recall is None  # fitted without labels
+
+
 def test_sample_folds_are_a_function_of_the_bytes():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 40)).astype(np.float32)

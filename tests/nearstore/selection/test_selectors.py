@@ -26,9 +26,10 @@ from nearstore import (
     write_dataset,
 )
 from nearstore.selection.plan import class_budgets, class_sizes, share, window_bounds
-from nearstore.selection.policy import DRAW_BELOW, MODEL_FREE_NORM_POWER, NORM_POWER
+from nearstore.selection.policy import DRAW_BELOW, MODEL_FREE_NORM_POWER, NORM_POWER, TRUSTED_PROXY
 from nearstore.selection.selectors import next_round
-from nearstore.selection.windows import Decisions
+from nearstore.selection.stages import Scan
+from nearstore.selection.windows import Decisions, trust
 
 SIZES = (300, 120, 9)  # an imbalanced dataset: class 2 is smaller than any window
 
@@ -516,6 +517,49 @@ def test_a_proxy_narrower_than_a_windows_budget_fills_past_maxvols_rank(blobs):
         kept = np.intersect1d(selection.ids, members[start:end])
         assert len(kept) == k and np.isin(members[start : start + k - 6], kept).all()
         assert not np.isin(members[start : start + k], kept).all()  # MaxVol's picks are not the lowest rows
+
+
+@pytest.fixture(scope="module")
+def separable(tmp_path_factory):
+    """3,000 samples of 3 Gaussian classes the model-free proxy tells apart, shards of 256: at 25%
+    each class keeps 250 (over DRAW_BELOW, MaxVol's picks)."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 3000)
+    x = (rng.normal(size=(3000, 8)) + 2.5 * np.eye(3, 8)[y]).astype(np.float32)
+    url = str(tmp_path_factory.mktemp("sep") / "sep.zarr")
+    write_dataset(url, [{"x": x, "y": y}], shard_samples=256)
+    return url, x, y
+
+
+def test_round_0_picks_among_each_classs_typical_half_where_its_proxy_is_trusted(separable):
+    url, x, y = separable
+    selection = Graft().select(open_dataset(url), 0.25, seed=0)
+    untrusting = Graft(typical=False).select(open_dataset(url), 0.25, seed=0)
+    assert selection.params["typical_half"] and not untrusting.params["typical_half"]
+    assert len(selection) == len(untrusting) == 750
+    proxy = Scan.open(open_dataset(url), "graft", None, 0, "cpu").proxy  # the proxy round 0 fits
+    assert trust(proxy) >= TRUSTED_PROXY
+    floors = proxy.median_confidence[y]
+    typical = proxy.confidence(x, y).numpy() >= floors
+    # every window of 128 has about 64 typical samples for its 32 picks: none is taken from the rest
+    assert typical[selection.ids].all()
+    assert typical[untrusting.ids].mean() < 0.75  # MaxVol alone favours the atypical
+
+
+def test_the_typical_half_leaves_untrusted_proxies_and_drawn_classes_alone(separable, tmp_path):
+    url, x, y = separable
+    # labels the inputs say nothing of: the proxy is at chance, round 0 as it was
+    noise = str(tmp_path / "noise.zarr")
+    write_dataset(noise, [{"x": x, "y": np.random.default_rng(0).integers(0, 3, len(y))}], shard_samples=256)
+    plain = Graft().select(open_dataset(noise), 0.25, seed=0)
+    assert not plain.params["typical_half"]
+    np.testing.assert_array_equal(plain.ids, Graft(typical=False).select(open_dataset(noise), 0.25, seed=0).ids)
+    # at 10% each class keeps 100, under DRAW_BELOW: drawn, whatever the proxy knows
+    drawn = Graft(typical=True).select(open_dataset(url), 0.1, seed=0)
+    assert drawn.params["classes_drawn"] == 3
+    np.testing.assert_array_equal(drawn.ids, Graft(typical=False).select(open_dataset(url), 0.1, seed=0).ids)
+    with pytest.raises(ValueError, match="typical must be True or False, got 'yes'"):
+        Graft(typical="yes")
 
 
 def test_a_two_class_proxy_that_knows_the_labels_is_informed(tmp_path):
