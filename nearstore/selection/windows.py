@@ -462,7 +462,7 @@ def typical_floors(selector: Windowed, proxy: Proxy, drawn: frozenset[int]) -> n
     each class's median on the model-free proxy's held-out warm-up (NaN, no floor, for the classes
     drawn and those the warm-up missed); None where the selector asks for none, or asks the policy
     and the proxy is right on under TRUSTED_PROXY of its held-out warm-up (`trust`)."""
-    if not selector.typical and (selector.typical is False or trust(proxy) < TRUSTED_PROXY):
+    if selector.typical is False or (selector.typical is None and trust(proxy) < TRUSTED_PROXY):
         return None
     floors = getattr(proxy, "median_confidence", None)
     if floors is None:
