@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -141,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scheduler", help=f"a dask.distributed scheduler (tcp://host:port) to run the scan on ({', '.join(ON_DASK)})"
     )
     select.add_argument(
-        "--report", help="write the samples whose label looks wrong here (CSV: id, label, suggested, quality)"
+        "--report",
+        help="write the samples whose label looks wrong here (CSV: id, label, suggested, quality; and the classes' "
+        "names, label_name and suggested_name, where the store has them)",
     )
 
     serve = commands.add_parser(
@@ -440,9 +444,18 @@ def _select(args: argparse.Namespace) -> int:
         suspects = selection.suspects
         labels, _ = read_labels(dataset, "a label report")  # kept by the scan: read again from memory
         order = np.argsort(suspects.quality, kind="stable")  # the most suspect first
-        rows = zip(suspects.ids[order], labels[suspects.ids[order]], suspects.labels[order], suspects.quality[order])
-        lines = ["id,label,suggested,quality", *(f"{i},{y},{s},{q:.4f}" for i, y, s, q in rows)]
-        _write(args.report, "the report", ("\n".join(lines) + "\n").encode())
+        given, suggested = labels[suspects.ids[order]], suspects.labels[order].astype(np.int64)
+        rows = [
+            [int(i), int(y), int(s), f"{q:.4f}"]
+            for i, y, s, q in zip(suspects.ids[order], given, suggested, suspects.quality[order])
+        ]
+        header = ["id", "label", "suggested", "quality"]
+        if dataset.class_names:  # the classes' names too, where the store has them
+            header += ["label_name", "suggested_name"]
+            rows = [[*row, dataset.class_names[row[1]], dataset.class_names[row[2]]] for row in rows]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([header, *rows])
+        _write(args.report, "the report", text.getvalue().encode())
         share = len(suspects) / dataset.num_samples
         print(f"{len(suspects)} samples' labels look wrong ({share:.1%}); wrote {args.report}")
     return 0

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from conftest import as_format_1
 from image_sources import write_mds, write_tar
 
-from nearstore import Selection, open_dataset
+from nearstore import Selection, open_dataset, write_dataset
 from nearstore.app.cli import main
 from nearstore.app.synthetic import SHAPES, write_shapes
 from nearstore.storage.dataset import UncheckedStoreWarning
@@ -57,14 +58,33 @@ def test_select_reports_the_labels_that_look_wrong(tmp_path, capsys):
     assert main(argv) == 0
     assert "samples' labels look wrong" in capsys.readouterr().out
     lines = report.read_text().splitlines()
-    assert lines[0] == "id,label,suggested,quality"
+    assert lines[0] == "id,label,suggested,quality,label_name,suggested_name"  # MNIST-1D's classes are named "0".."9"
     rows = [line.split(",") for line in lines[1:]]
     suspects = Selection.load(out).suspects
     assert sorted(int(r[0]) for r in rows) == suspects.ids.tolist() and len(rows) > 0
     labels = open_dataset(store).labels[:]
     assert all(int(r[1]) == labels[int(r[0])] != int(r[2]) for r in rows)  # the given label, and another
+    assert all(r[4] == r[1] and r[5] == r[2] for r in rows)
     quality = [float(r[3]) for r in rows]
     assert quality == sorted(quality)  # the most suspect first
+
+
+def test_a_label_report_names_the_classes_where_the_store_has_names(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 5000)
+    x = (rng.normal(size=(5000, 6)) + 3 * np.eye(3, 6)[y]).astype(np.float32)
+    flipped = rng.random(5000) < 0.2
+    y[flipped] = (y[flipped] + 1) % 3
+    names = ("cat, tabby", "dog", 'the "emu"')  # a comma and quotes: the CSV quotes them
+    store, report = str(tmp_path / "named.zarr"), tmp_path / "suspects.csv"
+    write_dataset(store, [{"x": x, "y": y}], class_names=names)
+    assert main(["select", store, str(tmp_path / "s.npz"), "--keep", "0.2", "--report", str(report)]) == 0
+    with report.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "label", "suggested", "quality", "label_name", "suggested_name"] and len(rows) > 100
+    for row in rows[1:]:
+        assert int(row[1]) == y[int(row[0])] and row[4] == names[int(row[1])] and row[5] == names[int(row[2])]
+    assert np.mean([flipped[int(row[0])] for row in rows[1:]]) > 0.6  # the report's ids are mostly real flips
 
 
 def test_convert_npy_pair_and_unlabelled_npy(tmp_path):
