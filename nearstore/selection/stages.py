@@ -379,15 +379,16 @@ def mute_suspects(
     typical: per class, a floor of p(label | x) under which a sample is muted too, not reported
     (NaN: none; round 0's typical half, `windows.typical_floors`)."""
     joint = ConfidentJoint(num_classes)
+    floors = None if typical is None else torch.as_tensor(typical)
     for ids, groups, (residual, inputs) in stream:
         labels = torch.empty(len(ids), dtype=torch.int64, device=residual.device)
         for group, rows in groups.items():
             labels[torch.from_numpy(rows).to(residual.device)] = group
         probs = residual + torch.nn.functional.one_hot(labels, residual.shape[1]).to(residual)
+        quality = probs.gather(1, labels[:, None])[:, 0]  # p(given label | x)
         found.top, found.streamed = found.top + probs.max(1).values.sum().item(), found.streamed + len(ids)
-        if typical is not None:  # a NaN floor compares false: nothing muted
-            floors = torch.as_tensor(typical, dtype=probs.dtype, device=probs.device)[labels]
-            residual = residual.masked_fill((probs.gather(1, labels[:, None])[:, 0] < floors)[:, None], 0)
+        if floors is not None:  # a NaN floor compares false: nothing muted
+            residual = residual.masked_fill((quality < floors.to(quality)[labels])[:, None], 0)
         if not mute:
             yield ids, groups, (residual, inputs)
             continue
@@ -395,7 +396,6 @@ def mute_suspects(
         confident = suspects(probs, labels, joint.thresholds(SEPARATION, SEPARATION_ALPHA), found.mean_top)
         suspect = confident >= 0
         if suspect.any():
-            quality = probs.gather(1, labels[:, None])[:, 0]
             rows = suspect.cpu().numpy()
             found.add(ids[rows], confident[suspect].cpu().numpy(), quality[suspect].cpu().numpy())
             residual = residual.masked_fill(suspect[:, None], 0)
