@@ -374,6 +374,7 @@ def windowed_select(
     def small_classes(counts: dict[int, int]) -> frozenset[int]:
         return frozenset(c for c, k in counts.items() if k < selector.draw_below) if small_drawn else frozenset()
 
+    sizes: dict[int, int] | None = None  # each class's samples, where the labels are read whole
     if pool is None:
         budgets, before, small = None, None, frozenset()
         if labels_whole:
@@ -390,18 +391,19 @@ def windowed_select(
     else:
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
         readers.append(labels_reader)
+        sizes = class_sizes(labels)
         budgets, pools = class_pools(
             labels, keep, pool, seed, previous=previous, where=repr(dataset.url), power=budget_power
         )
         small = small_classes(budgets)
         one_pass, arguments = pooled_pass, dict(budgets=budgets, pools=pools, reads=pool_reads)
-    typical = typical_floors(selector, scan.proxy, small) if proxy is None else None
+    typical = typical_floors(selector, scan.proxy, small, sizes) if proxy is None else None
     if typical is not None:
         log.info(
             "%s: the model-free proxy is right on %.0f%% of its held-out warm-up (balanced): MaxVol picks "
             "among each class's typical half",
             selector.method,
-            100 * trust(scan.proxy),
+            100 * trust(scan.proxy, sizes),
         )
     part, worker_reads = executor.map_reduce(
         scan,
@@ -457,12 +459,14 @@ def windowed_select(
     )
 
 
-def typical_floors(selector: Windowed, proxy: Proxy, drawn: frozenset[int]) -> np.ndarray | None:
+def typical_floors(
+    selector: Windowed, proxy: Proxy, drawn: frozenset[int], classes: Iterable[int] | None = None
+) -> np.ndarray | None:
     """Round 0's floors of p(label | x) under which a sample enters MaxVol muted (`Graft.typical`):
     each class's median on the model-free proxy's held-out warm-up (NaN, no floor, for the classes
     drawn and those the warm-up missed); None where the selector asks for none, or asks the policy
-    and the proxy is right on under TRUSTED_PROXY of its held-out warm-up (`trust`)."""
-    if selector.typical is False or (selector.typical is None and trust(proxy) < TRUSTED_PROXY):
+    and the proxy is right on under TRUSTED_PROXY of its held-out warm-up over `classes` (`trust`)."""
+    if selector.typical is False or (selector.typical is None and trust(proxy, classes) < TRUSTED_PROXY):
         return None
     floors = getattr(proxy, "median_confidence", None)
     if floors is None:
@@ -472,12 +476,16 @@ def typical_floors(selector: Windowed, proxy: Proxy, drawn: frozenset[int]) -> n
     return floors
 
 
-def trust(proxy: Proxy) -> float:
-    """How far a model-free proxy is right: its held-out recall on the warm-up, averaged over its
-    classes, a class the warm-up missed counting 0 (a proxy knows nothing of it); 0 for a proxy
+def trust(proxy: Proxy, classes: Iterable[int] | None = None) -> float:
+    """How far a model-free proxy is right: its held-out recall on the warm-up, averaged over
+    `classes` (the dataset's, where known: labels 3, 7 and 100 are 3 classes, not 101; else the
+    proxy's), a class the warm-up missed counting 0 (a proxy knows nothing of it); 0 for a proxy
     without a warm-up."""
     recall = getattr(proxy, "held_out_recall", None)
-    return 0.0 if recall is None else float(np.nan_to_num(recall).mean())
+    if recall is None:
+        return 0.0
+    recall = np.nan_to_num(recall)
+    return float(recall.mean() if classes is None else recall[sorted(classes)].mean())
 
 
 def _class_counts_before_shards(labels: np.ndarray, shard_samples: int, num_classes: int) -> np.ndarray:

@@ -562,6 +562,18 @@ def test_the_typical_half_leaves_untrusted_proxies_and_drawn_classes_alone(separ
         Graft(typical="yes")
 
 
+def test_the_proxy_is_trusted_over_the_classes_the_dataset_holds(separable, tmp_path):
+    """Labels 3, 7 and 100 are three classes: the 98 ids no sample carries do not count as classes
+    the proxy knows nothing of (they shut the gate, as a recall of 0 each)."""
+    url, x, y = separable
+    sparse = str(tmp_path / "sparse.zarr")
+    write_dataset(sparse, [{"x": x, "y": np.array([3, 7, 100])[y]}], shard_samples=256)
+    selection = Graft().select(open_dataset(sparse), 0.25, seed=0)
+    assert selection.params["typical_half"]
+    proxy = Scan.open(open_dataset(sparse), "graft", None, 0, "cpu").proxy
+    assert proxy.num_classes == 101 and trust(proxy) < 0.1 <= TRUSTED_PROXY <= trust(proxy, [3, 7, 100])
+
+
 def test_a_two_class_proxy_that_knows_the_labels_is_informed(tmp_path):
     """Twice chance is certainty with two classes: a proxy right on nearly every sample, unsure of
     some (mean top-class probability about 0.9), gets MaxVol's picks; one at chance a draw."""
