@@ -157,7 +157,6 @@ class NearStoreServer(flight.FlightServerBase):
         self._model_factory = _import_factory(model) if isinstance(model, str) else model
         self._proxy: ModelProxy | None = None
         self.proxy_version = 0
-        self._proxy_images: ImageTransform | None = None  # the pushed proxy's, None: ModelProxy's default
         # The readers' dict, the rounds and the proxy change under it; reads run outside it, at once
         # for several trainers (a read from object storage is mostly waiting on the network).
         self._lock = threading.Lock()
@@ -363,8 +362,8 @@ class NearStoreServer(flight.FlightServerBase):
         proxy = self._proxy_from(body, images)
         with self._lock:
             version = self.proxy_version + 1
-            self._persist(self._rounds, version, f"proxy version {version}", proxy=body, images=images)
-            self._proxy, self.proxy_version, self._proxy_images = proxy, version, images
+            self._persist(self._rounds, version, f"proxy version {version}", weights=body, proxy=proxy)
+            self._proxy, self.proxy_version = proxy, version
         log.info("proxy version %d received (%d bytes)", version, len(body))
         return json.dumps({"proxy_version": version}).encode()
 
@@ -513,27 +512,28 @@ class NearStoreServer(flight.FlightServerBase):
         rounds: dict[int, Selection],
         proxy_version: int,
         what: str,
-        proxy: bytes | None = None,
-        images: ImageTransform | None = None,
+        weights: bytes | None = None,
+        proxy: ModelProxy | None = None,
     ) -> None:
         """Write the state that is to be, before it is taken in memory: the rounds, the proxy
-        version, pushed weights and the images they were pushed with (without `proxy`, the current
-        proxy's); server.json last, so a crash or a full disk mid-way leaves the previous state
-        whole. Where it cannot be written, `what` is refused by name and nothing changes: a round
-        no restart could restore is never served."""
+        version, pushed `weights` and the images their `proxy` decodes (without them, the current
+        proxy's: the default's where a push named none, so a restart decodes as before); server.json
+        last, so a crash or a full disk mid-way leaves the previous state whole. Where it cannot be
+        written, `what` is refused by name and nothing changes: a round no restart could restore is
+        never served."""
         if self.state_dir is None:
             return
         try:
-            if proxy is not None:
-                _write_atomically(self.state_dir / f"proxy-{proxy_version}.pt", proxy)
+            if weights is not None:
+                _write_atomically(self.state_dir / f"proxy-{proxy_version}.pt", weights)
             for number, selection in rounds.items():
                 # a round file this server did not write may be one a failed write left: never kept
                 if self._persisted.get(number) is not selection:
                     _write_atomically(self.state_dir / f"round-{number}.npz", selection.to_bytes())
             state: dict[str, Any] = {"rounds": sorted(rounds), "proxy_version": proxy_version}
-            images = images if proxy is not None else self._proxy_images
-            if images is not None:
-                state["proxy_images"] = protocol.image_fields(images)
+            proxy = proxy if proxy is not None else self._proxy
+            if proxy is not None:
+                state["proxy_images"] = protocol.image_fields(proxy.images)
             _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
             self._persisted = dict(rounds)
         except OSError as e:
@@ -571,8 +571,8 @@ class NearStoreServer(flight.FlightServerBase):
             pushed = found[0]
             if self._model_factory is None:
                 raise DatasetError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
-            self._proxy_images = protocol.parse_images(state.get("proxy_images"))  # an older server's: none
-            self._proxy = self._proxy_from(pushed.read_bytes(), self._proxy_images)
+            images = protocol.parse_images(state.get("proxy_images"))  # an older server's: none, the default
+            self._proxy = self._proxy_from(pushed.read_bytes(), images)
         self.proxy_version = version
         self._rounds, self._persisted = rounds, dict(rounds)
         self._forget_rounds(rounds)  # a failed write's, which server.json does not name

@@ -45,7 +45,7 @@ from nearstore.serving.client import Connection
 from nearstore.serving.protocol import MAX_REQUEST_SAMPLES
 from nearstore.serving.server import READ_CACHE_BYTES
 from nearstore.storage import SelectiveReader
-from nearstore.storage.images import ImageTransform
+from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
 
 def sample_ids(x: torch.Tensor) -> list[int]:
@@ -1057,6 +1057,15 @@ def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store
         assert sorted(delivered + rest) == selection.ids.tolist()
     finally:
         second.shutdown()
+    written = json.loads((state_dir / "server.json").read_text())
+    assert written["proxy_images"] == protocol.image_fields(PROXY_IMAGES)  # the push named none: the default's
+    del written["proxy_images"]  # as a server before proxy_images wrote it
+    (state_dir / "server.json").write_text(json.dumps(written))
+    older = NearStoreServer(id_store, model=tiny_model, state_dir=state_dir)
+    try:
+        assert older.proxy_version == 1 and older._proxy.images == PROXY_IMAGES
+    finally:
+        older.shutdown()
     with pytest.raises(ValueError, match="holds a pushed proxy: start the server with its --model"):
         NearStoreServer(id_store, state_dir=state_dir)
     other = write_dataset(str(tmp_path / "other.zarr"), [{"x": np.zeros((10, 8), np.float32), "y": np.arange(10) % 5}])
