@@ -260,6 +260,7 @@ class ModelProxy:
     and integers (token ids) as stored. Encoded images are decoded by `images` (default 32 × 32,
     centre crop, ImageNet's normalization): give the trainer's evaluation transform for the model to
     see what it trains on (a loader's `update_proxy` gives its own `images` with train=False).
+    `decodes_images`: whether its samples are such images, set by the scan that decodes them.
     """
 
     def __init__(
@@ -292,6 +293,8 @@ class ModelProxy:
         self.device = linears[-1].weight.device
         self.batch_size = batch_size
         self.images = images
+        # set where the scan decodes them for it (`stages.probe`): only then does a misfit name `images`
+        self.decodes_images = False
 
     @property
     def num_classes(self) -> int:
@@ -382,14 +385,16 @@ class ModelProxy:
         return torch.cat(logits).to(wide), torch.cat(features).to(wide)
 
     def _call(self, chunk: torch.Tensor) -> None:
-        """The model run on a chunk. A model that cannot take samples of the size `images` decodes
-        encoded images at is told what sets that size (torch names only shapes that do not multiply)."""
+        """The model run on a chunk. A model that cannot take the encoded images `images` decodes
+        for it (`decodes_images`) is told what sets their size (torch names only shapes that do not
+        multiply); a failure on other samples is torch's alone, `images` not theirs to set."""
         try:
             self.model(chunk)
         except RuntimeError as e:
             side = self.images.size
-            # a chunk too large for the device is no misfit of sizes
-            if isinstance(e, torch.cuda.OutOfMemoryError) or tuple(chunk.shape[1:]) != (3, side, side):
+            # torch's error alone for samples not decoded here, and for a chunk too large for the device
+            decoded = self.decodes_images and tuple(chunk.shape[1:]) == (3, side, side)
+            if not decoded or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             raise ParameterError(
                 f"{type(self.model).__name__} cannot run on samples of 3 x {side} x {side} ({type(e).__name__}: {e}); "

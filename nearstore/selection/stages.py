@@ -133,9 +133,10 @@ class Scan:
         warm: dict[int, Batch] = {}
         if proxy is None:
             proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
-        elif labelled:
+        else:
             probe(proxy, reader, input_array)
-            check_proxy(dataset, proxy)
+            if labelled:
+                check_proxy(dataset, proxy)
         return cls(reader, proxy, input_array, labels, warm, cancelled)
 
     def embeddings(
@@ -510,13 +511,17 @@ PROBE_SAMPLES = 8
 
 
 def probe(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
-    """A ModelProxy's head found on the dataset's first sample that decodes (of its first
-    PROBE_SAMPLES: `ModelProxy.probe`), before its classes are checked and its gradients sized;
-    another proxy, or a head settled already, reads nothing."""
-    if not isinstance(proxy, ModelProxy) or proxy.sized or not reader.dataset.num_samples:
+    """A ModelProxy told whether the dataset's samples are encoded images it decodes
+    (`ModelProxy.decodes_images`), and its head found on the first sample that decodes (of the
+    first PROBE_SAMPLES: `ModelProxy.probe`), before its classes are checked and its gradients
+    sized; another proxy, or a head settled already, reads nothing."""
+    if not isinstance(proxy, ModelProxy):
+        return
+    ragged = reader.dataset.ragged(input_array)
+    proxy.decodes_images = reader.dataset.encoded(input_array) and ragged is None  # as `decoded` takes them
+    if proxy.sized or not reader.dataset.num_samples:
         return
     first = np.arange(min(PROBE_SAMPLES, reader.dataset.num_samples), dtype=np.int64)
-    ragged = reader.dataset.ragged(input_array)
     [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
     # where none decodes, it stays sized by its last registered Linear (refused if a run finds another head)
     if len(ids):
