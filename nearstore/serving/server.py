@@ -65,7 +65,8 @@ class NearStoreServer(flight.FlightServerBase):
         before it starts listening.
     model: `module:factory` (or a callable) building the trainer's model architecture: pushed
         proxy weights (`update_proxy`) are a state_dict of it, loaded with weights_only; encoded
-        images are decoded for it as the pushing loader shows them at evaluation (its `images`).
+        images are decoded for it as the pushing loader shows them at evaluation (its `images`): a
+        push for a size the model cannot take is refused.
     token: the admin token (NEARSTORE_TOKEN): may read, push proxy weights and start rounds.
     read_token: a token that may only read (NEARSTORE_READ_TOKEN): samples, `info`, selections.
         Without either, any caller may do anything; beyond the loopback interface one is required.
@@ -368,7 +369,8 @@ class NearStoreServer(flight.FlightServerBase):
         return json.dumps({"proxy_version": version}).encode()
 
     def _proxy_from(self, body: bytes | bytearray, images: ImageTransform | None = None) -> ModelProxy:
-        """The server's model with pushed weights (a torch-saved state_dict), checked."""
+        """The server's model with pushed weights (a torch-saved state_dict), checked: where it
+        scores encoded images, on a blank one of the size `images` decodes them at."""
         try:
             state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
         except Exception as e:
@@ -385,6 +387,9 @@ class NearStoreServer(flight.FlightServerBase):
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
         proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES)
         probe(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
+        if proxy.decodes_images:  # a model that cannot take their size is refused now, not at the next round
+            side = proxy.images.size
+            proxy.features(np.zeros((1, 3, side, side), np.float32))
         if self.dataset.num_classes and proxy.num_classes < self.dataset.num_classes:
             raise RequestError(
                 f"proxy model outputs {proxy.num_classes} classes, {self.name!r} has {self.dataset.num_classes}"

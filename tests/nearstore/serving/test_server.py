@@ -1130,11 +1130,31 @@ def test_a_pushed_model_scores_images_as_the_trainers_loader_shows_them_at_evalu
     try:
         source = FlightSource(restarted.url)
         assert source.select(keep=0.5, method="sage", seed=4).params["proxy_version"] == 1  # scored at 16 x 16
-        source.update_proxy(model, ImageTransform(size=8, train=False))
-        with pytest.raises(ParameterError, match=r"cannot run on samples of 3 x 8 x 8 .*images=ImageTransform"):
-            source.select(keep=0.5, method="sage", seed=5)
     finally:
         restarted.shutdown()
+
+
+def test_a_pushed_model_that_cannot_take_the_images_size_is_refused_at_its_push(tmp_path):
+    # a model of 16 x 16 inputs pushed for 8 x 8 decodes (or none: the default's 32 x 32) was taken,
+    # version and all, and failed only at the next select
+    store, _ = image_store(str(tmp_path / "images.zarr"))
+    state_dir = tmp_path / "state"
+    server = NearStoreServer(store, selection=random_select(store, 0.5, seed=1), model=flat16, state_dir=state_dir)
+    try:
+        source = FlightSource(server.url)
+        torch.manual_seed(0)
+        model = flat16()
+        source.update_proxy(model, ImageTransform(size=16, train=False))
+        kept = (state_dir / "server.json").read_bytes()
+        for images, side in ((ImageTransform(size=8, train=False), 8), (None, 32)):
+            misfit = rf"Sequential cannot run on samples of 3 x {side} x {side} .*images=ImageTransform"
+            with pytest.raises(ParameterError, match=misfit):
+                source.update_proxy(model, images)
+        assert server.proxy_version == source.info()["proxy_version"] == 1
+        assert (state_dir / "server.json").read_bytes() == kept and (state_dir / "proxy-1.pt").exists()
+        assert source.select(keep=0.5, method="sage", seed=4).params["proxy_version"] == 1  # the one at 16 x 16
+    finally:
+        server.shutdown()
 
 
 def test_a_server_hands_each_round_what_the_round_before_handed_on(id_store, tmp_path):
