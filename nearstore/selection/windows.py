@@ -8,7 +8,7 @@ methods that take them (C + H + 1 floats a sample, A · (C + H + 1) for AugmentA
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kernels import facility_location, gradients_of_factors
+from nearstore.errors import DatasetError
 from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import (
     check_keep,
@@ -28,7 +29,7 @@ from nearstore.selection.plan import (
 )
 from nearstore.selection.policy import TRUSTED_PROXY
 from nearstore.selection.proxies import Proxy
-from nearstore.selection.record import Selection
+from nearstore.selection.record import Selection, Suspects
 from nearstore.selection.stages import (
     Embedded,
     Scan,
@@ -111,6 +112,7 @@ class Windowed(Protocol):
     draw_uninformed: bool  # whether a proxy that knows nothing of the labels gets a draw, not a pick (factored)
     draw_below: int  # with the model-free proxy, classes whose budget is under this many get a draw (factored)
     typical: bool | None  # round 0: MaxVol among each class's typical half (`typical_floors`; factored)
+    recheck_suspects: bool  # later rounds: round 0's suspects muted where the proxy confirms them (factored)
 
     def params(self) -> dict[str, Any]: ...
 
@@ -177,6 +179,7 @@ class WindowedPart:
     top: float
     streamed: int
     totals: dict[str, np.ndarray] = field(default_factory=dict)
+    confirmed: int = 0  # of the suspects, earlier ones the proxy confirmed
     reads: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "requests": 0})
 
     @staticmethod
@@ -188,6 +191,7 @@ class WindowedPart:
             a.top + b.top,
             a.streamed + b.streamed,
             added(a.totals, b.totals),
+            a.confirmed + b.confirmed,
             {k: a.reads[k] + b.reads[k] for k in a.reads},
         )
 
@@ -219,15 +223,17 @@ def decide(
     drawn_classes: frozenset[int] = frozenset(),
     cancelled: Callable[[], bool] = never,
     typical: np.ndarray | None = None,
+    earlier: Suspects | None = None,
 ) -> WindowedPart:
     """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
     proxy knows nothing of the labels or for the classes in `drawn_classes`, or picked by the
     selector, `at_once` windows together; `cancelled` asked before each decision (`stop_if_cancelled`);
-    `typical`: floors of p(label | x) under which a sample is muted (`typical_floors`)."""
+    `typical`: floors of p(label | x) under which a sample is muted (`typical_floors`); `earlier`:
+    suspects muted where the proxy confirms them (`stages.confirmed`)."""
     found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed or typical is not None else None
     uninformed = lambda: False  # noqa: E731
     if found is not None:
-        stream = mute_suspects(stream, num_classes, found, mute=selector.mute_suspects, typical=typical)
+        stream = mute_suspects(stream, num_classes, found, selector.mute_suspects, typical, earlier)
         if selector.draw_uninformed:
             uninformed = lambda: not found.informed(num_classes)  # noqa: E731
     draw = lambda group: group in drawn_classes or uninformed()  # noqa: E731
@@ -249,7 +255,9 @@ def decide(
     decisions.decide()
     if found is None:
         return WindowedPart(decisions.kept, [], decisions.drawn, 0.0, 0, totals)
-    return WindowedPart(decisions.kept, found.parts, decisions.drawn, found.top, found.streamed, totals)
+    return WindowedPart(
+        decisions.kept, found.parts, decisions.drawn, found.top, found.streamed, totals, found.confirmed
+    )
 
 
 def added(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -270,12 +278,13 @@ def windowed_pass(
     progress: bool,
     drawn_classes: frozenset[int] = frozenset(),
     typical: np.ndarray | None = None,
+    earlier: Suspects | None = None,
 ) -> WindowedPart:
     """The pass over `shards` (consecutive) of a scan: every sample embedded, windowed per class and
     decided. A class keeps `budgets[c]` = (total, of) of its samples, or `keep` of them (None);
     before: each class's samples in the shards before shard s, (num_shards + 1, C) (None: from the
     first shard), so that rounded running totals keep the budgets exact across partitions; the
-    classes in `drawn_classes` keep a draw, and `typical` mutes (`decide`)."""
+    classes in `drawn_classes` keep a draw, and `typical` and `earlier` mute (`decide`)."""
     stream = scan.embeddings(
         progress,
         f"{selector.method} pass 1/1",
@@ -285,7 +294,9 @@ def windowed_pass(
     )
     seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
-    return decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical)
+    return decide(
+        stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical, earlier
+    )
 
 
 def embed_batch(scan: Scan, factored: bool) -> int:
@@ -309,19 +320,22 @@ def pooled_pass(
     progress: bool,
     drawn_classes: frozenset[int] = frozenset(),
     typical: np.ndarray | None = None,
+    earlier: Suspects | None = None,
 ) -> WindowedPart:
     """The pass over the pooled samples (`pools`: {class: sorted ids}) that lie in `shards`
     (consecutive): read (coalescing as `reads`), embedded, windowed per class and decided; class c
     keeps budgets[c] of its len(pools[c]) pooled samples, its running count starting at its
     pooled samples before these shards; the classes in `drawn_classes` keep a draw, and `typical`
-    mutes (`decide`)."""
+    and `earlier` mute (`decide`)."""
     first, end = shards[0] * scan.reader.dataset.shard_samples, (shards[-1] + 1) * scan.reader.dataset.shard_samples
     bounds = {c: np.searchsorted(members, [first, end]) for c, members in pools.items()}
     mine = {c: members[a:b] for (c, members), (a, b) in zip(pools.items(), bounds.values()) if b > a}
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
-    part = decide(stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical)
+    part = decide(
+        stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical, earlier
+    )
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
     return part
@@ -342,6 +356,7 @@ def windowed_select(
     budget_power: float = 1.0,
     executor: Executor | None = None,
     cancelled: Callable[[], bool] = never,
+    carried: Mapping[str, np.ndarray] | None = None,
 ) -> Selection:
     """Stream gradient embeddings once; per class, cut them into windows (`ClassWindows`) and keep
     what the selector picks of each, deciding `at_once` windows together. A class keeps
@@ -359,6 +374,10 @@ def windowed_select(
     With the model-free proxy (`proxy` None), the classes whose budget is under
     `selector.draw_below` keep a seeded draw of their samples the proxy does not suspect, not the
     selector's picks (`policy.DRAW_BELOW`).
+
+    With `selector.recheck_suspects`, the model-free proxy's suspects are handed on in the
+    selection's carry, and a later round, given them back (`carried`, the round it replaces'),
+    mutes those its proxy confirms (`stages.confirmed`) and hands them on again.
 
     cancelled: whether nobody waits for the round any more (`Scan.open`)."""
     check_keep(keep)
@@ -398,6 +417,7 @@ def windowed_select(
         small = small_classes(budgets)
         one_pass, arguments = pooled_pass, dict(budgets=budgets, pools=pools, reads=pool_reads)
     typical = typical_floors(selector, scan.proxy, small, sizes) if proxy is None else None
+    earlier = carried_suspects(carried) if selector.recheck_suspects and proxy is not None else None
     if typical is not None:
         log.info(
             "%s: the model-free proxy is right on %.0f%% of its held-out warm-up (balanced): MaxVol picks "
@@ -415,6 +435,7 @@ def windowed_select(
         seed=seed,
         drawn_classes=small,
         typical=typical,
+        earlier=earlier,
         **arguments,
     )
 
@@ -438,6 +459,9 @@ def windowed_select(
         )
     io = scan_io(started, readers)
     io.update({k: io[k] + worker_reads[k] + part.reads[k] for k in ("bytes", "requests")})
+    carry = selector.carry(part.totals)
+    if selector.recheck_suspects and selector.mute_suspects:  # round 0's suspects, or those it was handed
+        carry |= suspects_carry(suspects_of(part.suspects) if proxy is None else earlier)
     return part.selection(
         dataset,
         selector.method,
@@ -449,14 +473,37 @@ def windowed_select(
             "windows_drawn": part.drawn,
             "classes_drawn": len(small),
             "typical_half": typical is not None,
+            **({} if earlier is None else {"suspects_confirmed": part.confirmed}),
             **selector.params(),
             "window": window,
             **({} if executor.name == "local" else {"executor": executor.name}),
         },
         io,
         suspects=suspects_of(part.suspects) if selector.mute_suspects else None,
-        carry=selector.carry(part.totals),
+        carry=carry,
     )
+
+
+# Where a selection's carry hands on the model-free proxy's suspects: their ids, and the class it named.
+SUSPECTS_CARRIED = ("suspects", "suspected_as")
+
+
+def suspects_carry(suspects: Suspects | None) -> dict[str, np.ndarray]:
+    """`suspects` as a selection's carry holds them (none: nothing)."""
+    if suspects is None:
+        return {}
+    return dict(zip(SUSPECTS_CARRIED, (suspects.ids, suspects.labels.astype(np.int32))))
+
+
+def carried_suspects(carried: Mapping[str, np.ndarray] | None) -> Suspects | None:
+    """The suspects a round handed on in its carry (`suspects_carry`); None where it handed none."""
+    held = [name for name in SUSPECTS_CARRIED if name in (carried or {})]
+    if not held:
+        return None
+    if len(held) < len(SUSPECTS_CARRIED):
+        raise DatasetError(f"a selection's carry holds {held[0]!r} without {set(SUSPECTS_CARRIED) - set(held)}")
+    ids, labels = (np.asarray(carried[name]) for name in SUSPECTS_CARRIED)
+    return Suspects(ids, labels, np.full(len(ids), np.nan, np.float32))
 
 
 def typical_floors(

@@ -120,6 +120,8 @@ class WindowedSelector(Selector):
     draw_below: ClassVar[int] = 0
     # Round 0: whether the selector picks among each class's typical half (None: where trusted).
     typical: ClassVar[bool | None] = False
+    # Later rounds: whether round 0's suspects, handed on in the carry, are muted where confirmed.
+    recheck_suspects: ClassVar[bool] = False
 
     def run(self, dataset: Dataset, keep: float, call: SelectCall) -> Selection:
         return windowed_select(
@@ -132,6 +134,7 @@ class WindowedSelector(Selector):
             progress=call.progress,
             executor=call.executor,
             cancelled=call.cancelled,
+            carried=call.carried,
             **self.scan_options(call.previous),
         )
 

@@ -74,6 +74,12 @@ class Graft(WindowedSelector):
         `policy.TRUSTED_PROXY` of its held-out warm-up (`windows.trust`), as MaxVol over it takes a
         class's least typical samples, which on small clean data teach a model least; True: always;
         False: never. Classes drawn (`draw_below`) and later rounds (a trainer's model) are left alone.
+    recheck_suspects: round 0 hands on the model-free proxy's suspects in its `Selection.carry`, and
+        a later round (given it back as `carried`, as a loader's and a server's rounds are) mutes
+        those its proxy puts in the class round 0 named (`stages.confirmed`), and hands them on: a
+        trainer's model a few epochs old is often right about a sample's class long before it is
+        sure enough of it to judge a label alone (digits with 40% noise at 5%: its rounds kept 35%
+        wrong labels, the base rate, and 13% with this; docs/benchmarks.md#round-0s-suspects-rechecked).
     budget_power: a class's budget grows as n_c^budget_power (`plan.class_budgets`, the labels
         read first): 1 keeps each class in proportion, as a uniform draw would; 0.5, square-root
         sampling, gives a long tail's classes more than their share at the head's expense (the
@@ -99,6 +105,7 @@ class Graft(WindowedSelector):
     draw_uninformed: bool = True
     draw_below: int = DRAW_BELOW
     typical: bool | None = None
+    recheck_suspects: bool = True
 
     def __post_init__(self) -> None:
         check_window(self.window, optional=True)
@@ -117,6 +124,7 @@ class Graft(WindowedSelector):
         check_range("draw_below", self.draw_below, 0, integer=True)
         if self.typical is not None:
             check_flag("typical", self.typical)
+        check_flag("recheck_suspects", self.recheck_suspects)
 
     factored: ClassVar[bool] = True  # MaxVol works on Gram matrices, which the factors give
 
