@@ -35,7 +35,8 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
   graft-dynamic-proportional its square-root class budgets (`budget_power=1`), graft-dynamic-picked-start
   its round 0's draw for small classes (`draw_below=0`), graft-dynamic-half-tempered-start its round 0's
   further tempering (`norm_power=0.5`, as later rounds), graft-dynamic-untrusting-start its round 0's
-  typical half (`typical=False`), graft-dynamic-typical-start that half forced on (`typical=True`);
+  typical half (`typical=False`), graft-dynamic-typical-start that half forced on (`typical=True`),
+  graft-dynamic-unrechecked its later rounds' recheck of round 0's suspects (`recheck_suspects=False`);
   the other graft-dynamic
   variants are the ablations of the 2026-12-03 path. graft-dynamic-warm trains on all data for 2
   epochs, then selects with the warmed-up model and every `--every` epochs after.
@@ -137,6 +138,9 @@ DYNAMIC = {
     "graft-dynamic-untrusting-start": ((DEFAULT_METHOD, {"typical": False}), None),
     # ... and with the typical half whatever the proxy knows (`typical=True`).
     "graft-dynamic-typical-start": ((DEFAULT_METHOD, {"typical": True}), None),
+    # Later rounds judging labels alone, not rechecking round 0's suspects (the default until
+    # 2026-12-06, stop 45: `recheck_suspects=False`).
+    "graft-dynamic-unrechecked": (DEFAULT, ("default", {"recheck_suspects": False})),
     # MaxVol's picks whatever the proxy knows (the default until 2026-12-05: no draw when it knows nothing).
     "graft-dynamic-no-draw": ((DEFAULT_METHOD, NO_DRAW), ("default", NO_DRAW)),
     # Round 0's MaxVol picks for classes of any budget (the default until 2026-12-05, evening: no

@@ -13,6 +13,7 @@ from loaders import StoreSource, StreamingLoader
 from nearstore import (
     Coalescing,
     DatasetError,
+    Graft,
     ModelProxy,
     ParameterError,
     SampleIdError,
@@ -430,6 +431,33 @@ def test_what_a_round_hands_on_reaches_the_next_and_survives_a_resume(id_store):
     expected = 0.5 * first.carry["curvature"] + 0.5 * afresh.carry["curvature"]
     np.testing.assert_allclose(second.carry["curvature"], expected, rtol=1e-5)
     assert not np.allclose(second.carry["curvature"], afresh.carry["curvature"], rtol=1e-2)
+
+
+def test_round_0s_suspects_reach_the_trainers_rounds_and_survive_a_resume(tmp_path):
+    """Round 0's suspects, handed on in its carry, are rechecked by the round the loader runs with
+    the trainer's model (a young one, right about the classes, too unsure to judge a label alone)."""
+    rng = np.random.default_rng(3)
+    truth = np.arange(1200) % 4
+    x = (rng.normal(size=(1200, 8)) + 4 * np.eye(4, 8)[truth]).astype(np.float32)
+    flipped = rng.random(1200) < 0.2
+    url = str(tmp_path / "noisy.zarr")
+    write_dataset(url, [{"x": x, "y": np.where(flipped, (truth + rng.integers(1, 4, 1200)) % 4, truth)}])
+    first = Graft().select(open_dataset(url), 0.2, seed=0)
+    young = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        young.weight.copy_(0.05 * torch.eye(4, 8)), young.bias.zero_()
+
+    def make() -> StreamingLoader:
+        loader = StreamingLoader(url, first, batch_size=100, backend="torch", device="cpu")
+        loader.update_proxy(young)
+        return loader
+
+    loader, resumed = make(), make()
+    resumed.load_state_dict(loader.state_dict())
+    later = [each.reselect(0.2, seed=1) for each in (loader, resumed)]
+    assert later[0].params["suspects_confirmed"] > 20 and flipped[later[0].ids].mean() < 0.5 * flipped.mean()
+    np.testing.assert_array_equal(later[1].ids, later[0].ids)
+    np.testing.assert_array_equal(loader.state_dict()["selection"]["carry"]["suspects"], first.suspects.ids)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -454,6 +454,45 @@ def test_muting_suspects_keeps_flipped_labels_out_and_reports_them(noisy):
     assert np.all(muted.suspects.labels != open_dataset(url).labels[:][muted.suspects.ids])
 
 
+def young(scale: float = 0.05) -> ModelProxy:
+    """A model right about `noisy`'s classes and unsure of every sample (its logits scaled down):
+    a mean top-class probability about 0.3, too flat to tell a class apart by itself (`SEPARATION`),
+    so it judges no label alone."""
+    model = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        model.weight.copy_(scale * torch.eye(4, 8)), model.bias.zero_()
+    return ModelProxy(model)
+
+
+def test_later_rounds_mute_round_0s_suspects_their_proxy_confirms(noisy):
+    url, flipped, _ = noisy
+    first = Graft().select(open_dataset(url), 0.2, seed=0)  # the model-free proxy's round: its suspects handed on
+    assert set(first.carry) == {"suspects", "suspected_as"} and len(first.suspects) > 100
+    np.testing.assert_array_equal(first.carry["suspects"], first.suspects.ids)
+    np.testing.assert_array_equal(first.carry["suspected_as"], first.suspects.labels)
+    later = {
+        recheck: Graft(pool=2.0, recheck_suspects=recheck).select(
+            open_dataset(url), 0.2, proxy=young(), seed=1, carried=first.carry
+        )
+        for recheck in (True, False)
+    }
+    confirmed = later[True].params["suspects_confirmed"]
+    assert confirmed > 20 and "suspects_confirmed" not in later[False].params
+    # the same pool and windows: what the young model confirms of round 0's suspects stays out
+    assert flipped[later[True].ids].mean() < flipped[later[False].ids].mean() / 2, confirmed
+    assert len(later[True].suspects) >= len(later[False].suspects) + confirmed
+    new = np.setdiff1d(later[True].suspects.ids, later[False].suspects.ids)
+    assert np.isin(new, first.suspects.ids).all() and flipped[new].mean() > 0.8
+    np.testing.assert_array_equal(later[True].carry["suspects"], first.carry["suspects"])  # handed on again
+    assert "suspects" not in later[False].carry
+
+
+def test_a_carry_holding_half_of_the_suspects_is_refused_by_name(noisy):
+    url, _, _ = noisy
+    with pytest.raises(DatasetError, match="carry holds 'suspects' without {'suspected_as'}"):
+        Graft(pool=2.0).select(open_dataset(url), 0.2, proxy=young(), seed=1, carried={"suspects": np.arange(3)})
+
+
 def test_labels_the_inputs_say_nothing_of_yield_no_suspects(tmp_path):
     """100 classes of pure-noise labels: the model-free proxy's heads are at chance held out, yet
     their probabilities scatter, and with 41 warm-up samples a class some classes cleared the
