@@ -344,7 +344,7 @@ class StreamingLoader:
             default `default_reselect(keep)`, GRAFT on a fresh pool of twice the budget per class
             (1.5x above a third of the data). Every selector is given the current selection as
             `previous`, and what it handed on (`Selection.carry`, kept in `state_dict`: AdaCore's
-            running curvature).
+            running curvature, round 0's suspects that GRAFT's later rounds recheck).
         keep: default the current selection's share; seed: default the round number.
         """
         selection = self.source.select(**self._next_round(keep, method, seed, options))

@@ -79,7 +79,8 @@ class Graft(WindowedSelector):
         those its proxy puts in the class round 0 named (`stages.confirmed`), and hands them on: a
         trainer's model a few epochs old is often right about a sample's class long before it is
         sure enough of it to judge a label alone (digits with 40% noise at 5%: its rounds kept 35%
-        wrong labels, the base rate, and 13% with this; docs/benchmarks.md#round-0s-suspects-rechecked).
+        wrong labels, the base rate, and 23% with this, +4.1 points;
+        docs/benchmarks.md#round-0s-suspects-rechecked-by-later-rounds-2026-12-06-stop-45).
     budget_power: a class's budget grows as n_c^budget_power (`plan.class_budgets`, the labels
         read first): 1 keeps each class in proportion, as a uniform draw would; 0.5, square-root
         sampling, gives a long tail's classes more than their share at the head's expense (the
