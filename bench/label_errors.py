@@ -14,9 +14,10 @@ labels from the same predicted probabilities:
 Two proxies: the model-free one round 0 uses (random features and two cross-fitted softmax heads,
 fitted on 4,096 warm-up samples, each judging the half it did not see: every sample is out of
 sample), and the demo's CNN trained for 3 epochs on a random 10% (the model a first re-selection
-round would push; the other 90% are out of its sample), in bench/selection_quality.py's recipe
-for the dataset (shapes: batches of 32, Adam at 1e-3, augmented 32 x 32 crops; both proxies see
-32 x 32 centre crops, as the scan decodes them).
+round would push; the other 90% are out of its sample), alone and rechecking round 0's suspects
+as a later round does (`Graft.recheck_suspects`: cleanlab's row there is the CNN's again), in
+bench/selection_quality.py's recipe for the dataset (shapes: batches of 32, Adam at 1e-3, augmented
+32 x 32 crops; both proxies see 32 x 32 centre crops, as the scan decodes them).
 Prints precision, recall and F1 against the flips, the ratios nearstore / cleanlab, and chance
 (precision = the share of flipped labels); writes label_errors.json and label_errors.png.
 """
@@ -69,12 +70,15 @@ def scores(found: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
     }
 
 
-def judge(dataset: Dataset, flipped: np.ndarray, proxy: Proxy | None) -> dict[str, dict]:
-    """Both finders on one proxy (None: round 0's model-free one, fitted as Graft fits it)."""
+def judge(
+    dataset: Dataset, flipped: np.ndarray, proxy: Proxy | None, carried: dict[str, np.ndarray] | None = None
+) -> dict[str, dict]:
+    """Both finders on one proxy (None: round 0's model-free one, fitted as Graft fits it); ours
+    given what round 0 handed on (`carried`: its suspects, which a later round rechecks)."""
     from cleanlab.filter import find_label_issues
 
     started = time.perf_counter()
-    selection = Graft(mute_suspects=True).select(dataset, 0.1, proxy=proxy)
+    selection = Graft(mute_suspects=True).select(dataset, 0.1, proxy=proxy, carried=carried)
     ours = scores(selection.suspects.ids, flipped) | {"seconds": time.perf_counter() - started}
     scorer = proxy if proxy is not None else Scan.open(dataset, "graft", None, 0, "cpu").proxy  # the same fit
     probs = probabilities(dataset, scorer)
@@ -116,9 +120,12 @@ def main() -> None:
         for case in args.cases:
             dataset, flipped = corrupted(clean, case, args.out / "data")
             key = f"{name}/{case}"
+            first = Graft().select(dataset, 0.1)  # round 0: what it hands on
+            cnn = trained_proxy(dataset, name, factory)
             results[key] = {
                 "model-free proxy": judge(dataset, flipped, None),
-                "CNN after 3 epochs on 10%": judge(dataset, flipped, trained_proxy(dataset, name, factory)),
+                "CNN after 3 epochs on 10%": judge(dataset, flipped, cnn),
+                "the CNN rechecking round 0": judge(dataset, flipped, cnn, first.carry),
             }
     report(results)
     (args.out / "label_errors.json").write_text(json.dumps(results, indent=2))
@@ -151,7 +158,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{case}\n{proxy[:10]}" for case, by in results.items() for proxy in by]
+    labels = [f"{case}\n{proxy[:14]}" for case, by in results.items() for proxy in by]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(labels)), 4), sharey=True)
     for ax, metric in zip(axes, ("precision", "recall")):
         for offset, finder in enumerate(("nearstore", "cleanlab")):
