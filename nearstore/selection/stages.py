@@ -401,8 +401,9 @@ def mute_suspects(
         joint.update(probs, labels)
         confident = suspects(probs, labels, joint.thresholds(SEPARATION, SEPARATION_ALPHA), found.mean_top)
         if earlier is not None:
-            again = confirmed(probs, earlier, ids, found.mean_top) & (confident < 0)
-            confident = torch.where(again, probs.argmax(1), confident)
+            named = confirmed(probs, earlier, ids, found.mean_top)
+            again = (named >= 0) & (confident < 0)
+            confident = torch.where(again, named, confident)
             found.confirmed += int(again.sum())
         suspect = confident >= 0
         if suspect.any():
@@ -413,17 +414,19 @@ def mute_suspects(
 
 
 def confirmed(probs: torch.Tensor, earlier: Suspects, ids: np.ndarray, mean_top: float) -> torch.Tensor:
-    """Which samples `ids` (probabilities `probs` under this proxy) are `earlier` suspects this
-    proxy puts in the class the earlier judge named, with at least the floor of probability a
-    suspect's other class needs, min(MAJORITY, CONFIDENCE_SHARE × mean_top) (`suspects`): two
-    judges that name the same other class. The rule for a proxy too young to be sure of any
+    """For samples `ids` (probabilities `probs` under this proxy), the class the earlier judge
+    named where they are `earlier` suspects this proxy puts in that class, with at least the floor
+    of probability a suspect's other class needs, min(MAJORITY, CONFIDENCE_SHARE × mean_top)
+    (`suspects`), else -1: two judges that name the same other class. The rule for a proxy too young to be sure of any
     label (digits' MLP after 3 epochs on 70 samples: a mean top-class probability of 0.15, right
     on 78% of the clean ones) but not wrong about which class, as a model-free one can be."""
-    at = np.searchsorted(earlier.ids, ids).clip(max=max(len(earlier) - 1, 0))
-    named = np.where(earlier.ids[at] == ids, earlier.labels[at], -1) if len(earlier) else np.full(len(ids), -1)
+    if not len(earlier):
+        return torch.full((len(ids),), -1, dtype=torch.int64, device=probs.device)
+    at = np.searchsorted(earlier.ids, ids).clip(max=len(earlier) - 1)
+    named = torch.from_numpy(np.where(earlier.ids[at] == ids, earlier.labels[at], -1)).to(probs.device)
     top = probs.max(1)
-    floor = min(MAJORITY, CONFIDENCE_SHARE * mean_top)
-    return (top.indices == torch.from_numpy(named).to(top.indices)) & (top.values >= floor)
+    agreed = (top.indices == named) & (top.values >= min(MAJORITY, CONFIDENCE_SHARE * mean_top))
+    return torch.where(agreed, named, -1)
 
 
 def informed(mean_top: float, num_classes: int) -> bool:

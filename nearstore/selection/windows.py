@@ -459,9 +459,10 @@ def windowed_select(
         )
     io = scan_io(started, readers)
     io.update({k: io[k] + worker_reads[k] + part.reads[k] for k in ("bytes", "requests")})
+    suspects = suspects_of(part.suspects) if selector.mute_suspects else None
     carry = selector.carry(part.totals)
     if selector.recheck_suspects and selector.mute_suspects:  # round 0's suspects, or those it was handed
-        carry |= suspects_carry(suspects_of(part.suspects) if proxy is None else earlier)
+        carry |= suspects_carry(suspects if proxy is None else earlier)
     return part.selection(
         dataset,
         selector.method,
@@ -479,7 +480,7 @@ def windowed_select(
             **({} if executor.name == "local" else {"executor": executor.name}),
         },
         io,
-        suspects=suspects_of(part.suspects) if selector.mute_suspects else None,
+        suspects=suspects,
         carry=carry,
     )
 
