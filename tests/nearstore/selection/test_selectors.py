@@ -63,9 +63,9 @@ def test_each_class_keeps_its_share(blobs, selector):
     selection = selector.select(dataset, 0.1, proxy=proxy)
     assert selection.method == selector.method and selection.params["proxy"] == "RandomFeatureProxy"
     assert np.all(np.diff(selection.ids) > 0)
-    # in proportion, round(0.1 · n_c) per class, class 2's 0.9 rounding to 1; GRAFT's square-root
-    # budgets: 43 in all, ∝ √n_c = 17.3, 11.0, 3.0 → 23.8, 15.1, 4.1 → 24, 15, 4
-    expected = {1.0: [30, 12, 1], 0.5: [24, 15, 4]}[getattr(selector, "budget_power", 1.0)]
+    # in proportion, round(0.1 · n_c) per class, class 2's 0.9 rounding to 1; GRAFT's budgets grow
+    # as n_c^0.25: 43 in all, ∝ 4.16, 3.31, 1.73 → 19.4, 15.5, 8.1 → 19, 16, 8
+    expected = {1.0: [30, 12, 1], 0.25: [19, 16, 8]}[getattr(selector, "budget_power", 1.0)]
     assert np.bincount(y[selection.ids], minlength=3).tolist() == expected
     assert 0 < selection.io["bytes"] and selection.io["seconds"] > 0
 
@@ -204,8 +204,8 @@ def test_small_budgets_and_small_classes_keep_one_sample_a_class(blobs):
     for selector in (Graft(window=64, budget_power=1.0), Craig(window=64), Crest(), Sage()):
         selection = selector.select(dataset, 0.01, proxy=proxy)
         assert np.bincount(y[selection.ids], minlength=3).tolist() == [3, 1, 1], selector
-    # square-root budgets: 4 in all, 2.2, 1.4, 0.4 → 2, 2, 0, and class 2 still keeps one
-    assert np.bincount(y[Graft(window=64).select(dataset, 0.01, proxy=proxy).ids], minlength=3).tolist() == [2, 2, 1]
+    # GRAFT's budgets: 4 in all, ∝ n_c^0.25 1.8, 1.4, 0.8 → 2, 1, 1
+    assert np.bincount(y[Graft(window=64).select(dataset, 0.01, proxy=proxy).ids], minlength=3).tolist() == [2, 1, 1]
 
 
 def test_constant_inputs_still_give_distinct_samples(tmp_path):
@@ -339,7 +339,7 @@ def test_graft_on_a_pool_reads_only_the_pool(blobs):
     dataset, x, y, proxy = blobs
     a, b = (Graft(window=64, pool=2).select(dataset, 0.1, proxy=proxy, seed=3) for _ in range(2))
     np.testing.assert_array_equal(a.ids, b.ids)
-    assert np.bincount(y[a.ids], minlength=3).tolist() == [24, 15, 4]  # square-root budgets
+    assert np.bincount(y[a.ids], minlength=3).tolist() == [19, 16, 8]  # budgets ∝ n_c^0.25
     assert b.io["bytes"] < a.io["bytes"]  # the second round has the labels and shard indexes in hand
     full = Graft(window=64).select(open_dataset(dataset.url), 0.1, proxy=proxy, seed=3)
     # a pool of 2 × 43 samples against all 429: no more (an inner chunk of samples this small holds
@@ -529,7 +529,7 @@ def test_a_proxy_that_knows_nothing_gets_a_seeded_draw_not_maxvols_picks(blobs):
     drawn = Graft(window=64).select(dataset, 0.2, proxy=uninformed, seed=5)
     picked = Graft(window=64, draw_uninformed=False).select(dataset, 0.2, proxy=uninformed, seed=5)
     assert drawn.params["windows_drawn"] > 0 and picked.params["windows_drawn"] == 0
-    budgets = class_budgets(class_sizes(y), 0.2, 0.5)
+    budgets = class_budgets(class_sizes(y), 0.2, Graft.budget_power)
     np.testing.assert_array_equal(drawn.ids, expected_draw(y, range(3), budgets, 64, 5))
     assert not np.array_equal(drawn.ids, picked.ids)
     assert not np.array_equal(drawn.ids, Graft(window=64).select(dataset, 0.2, proxy=uninformed, seed=6).ids)
@@ -548,7 +548,7 @@ def test_a_proxy_narrower_than_a_windows_budget_fills_past_maxvols_rank(blobs):
     selection = Graft(window=128, mute_suspects=False).select(
         dataset, 0.5, proxy=RandomFeatureProxy(3, width=2).fit(x, y)
     )
-    budgets = class_budgets(class_sizes(y), 0.5, 0.5)
+    budgets = class_budgets(class_sizes(y), 0.5, Graft.budget_power)
     assert np.bincount(y[selection.ids], minlength=3).tolist() == [budgets[c] for c in range(3)]
     members = np.flatnonzero(y == 0)
     for start, end in window_bounds(len(members), 128):
@@ -635,8 +635,8 @@ def test_a_two_class_proxy_that_knows_the_labels_is_informed(tmp_path):
 
 @pytest.fixture(scope="module")
 def tailed(tmp_path_factory):
-    """2,600 samples: a class of 2,000 and two of 300, Gaussian, shards of 64; at 20% with
-    square-root budgets the head keeps 293 (over DRAW_BELOW), the tail classes 114 and 113 (under it)."""
+    """2,600 samples: a class of 2,000 and two of 300, Gaussian, shards of 64; at 15% with GRAFT's
+    budgets (∝ n_c^0.25) the head keeps 174 (over DRAW_BELOW), the tail classes 108 each (under it)."""
     rng = np.random.default_rng(4)
     y = np.repeat(np.arange(3), (2000, 300, 300))
     rng.shuffle(y)
@@ -648,12 +648,12 @@ def tailed(tmp_path_factory):
 
 def test_round_zero_draws_the_unsuspected_of_classes_with_small_budgets(tailed):
     url, y = tailed
-    default = Graft().select(open_dataset(url), 0.2, seed=3)  # no proxy: round 0, the model-free one
-    picked = Graft(draw_below=0).select(open_dataset(url), 0.2, seed=3)
-    budgets = class_budgets(class_sizes(y), 0.2, 0.5)
-    assert [budgets[c] for c in range(3)] == [293, 114, 113] and DRAW_BELOW == 128
+    default = Graft().select(open_dataset(url), 0.15, seed=3)  # no proxy: round 0, the model-free one
+    picked = Graft(draw_below=0).select(open_dataset(url), 0.15, seed=3)
+    budgets = class_budgets(class_sizes(y), 0.15, Graft.budget_power)
+    assert [budgets[c] for c in range(3)] == [174, 108, 108] and DRAW_BELOW == 128
     assert default.params["classes_drawn"] == 2 and picked.params["classes_drawn"] == 0
-    np.testing.assert_array_equal(np.bincount(y[default.ids]), [293, 114, 113])
+    np.testing.assert_array_equal(np.bincount(y[default.ids]), [174, 108, 108])
     # the head's windows are MaxVol's picks, as without the rule
     np.testing.assert_array_equal(default.ids[y[default.ids] == 0], picked.ids[y[picked.ids] == 0])
     # each tail window keeps a draw keyed by (seed, its first id) from the samples not suspected
