@@ -32,8 +32,10 @@ dimensions, an MLP: the rules at many classes). The rest train with Adam at 3e-3
   random-dynamic from uniform, random-balanced-dynamic (the bar under label noise) from a
   class-balanced draw, drawn afresh every round. graft-dynamic-unmuted, -carried and -2026-12-03
   take the parts the default path gained on 2026-12-04 away (see DYNAMIC), and
-  graft-dynamic-proportional its square-root class budgets (`budget_power=1`), graft-dynamic-picked-start
-  its round 0's draw for small classes (`draw_below=0`), graft-dynamic-half-tempered-start its round 0's
+  graft-dynamic-proportional its class budgets growing as n_c^0.25 (`budget_power=1`: in proportion),
+  graft-dynamic-sqrt-budgets them growing as √n_c (`budget_power=0.5`, the default until stop 46),
+  graft-dynamic-picked-start its round 0's draw for small classes (`draw_below=0`),
+  graft-dynamic-half-tempered-start its round 0's
   further tempering (`norm_power=0.5`, as later rounds), graft-dynamic-untrusting-start its round 0's
   typical half (`typical=False`), graft-dynamic-typical-start that half forced on (`typical=True`),
   graft-dynamic-unrechecked its later rounds' recheck of round 0's suspects (`recheck_suspects=False`);
@@ -131,6 +133,8 @@ DYNAMIC = {
     "graft-dynamic-unmuted": (("graft", UNMUTED), ("default", UNMUTED)),
     "graft-dynamic-carried": (DEFAULT, ("default", {"pool_previous": True})),
     "graft-dynamic-proportional": ((DEFAULT_METHOD, {"budget_power": 1.0}), ("default", {"budget_power": 1.0})),
+    # Class budgets growing as √n_c in every round (the default until 2026-12-07, stop 46: n_c^0.25).
+    "graft-dynamic-sqrt-budgets": ((DEFAULT_METHOD, {"budget_power": 0.5}), ("default", {"budget_power": 0.5})),
     "graft-dynamic-2026-12-03": (("graft", UNMUTED), ("default", CARRIED)),
     "graft-dynamic-balanced-start": (BALANCED_START, None),
     # Round 0's MaxVol over every sample whatever the model-free proxy knows (the default until
