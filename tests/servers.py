@@ -273,7 +273,8 @@ def _certificate(
 def nearstore_serve(url: str, port: int, *options: str) -> subprocess.Popen:
     """`nearstore serve URL --port PORT OPTIONS...` as a process on 127.0.0.1; returns once it
     says it is serving."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    here = Path(__file__).parent  # the project, and the tests' own modules (models:id_model)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(here.parent), str(here)))}
     command = [sys.executable, "-m", "nearstore.app.cli", "serve", url, "--host", HOST, "--port", str(port), *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in process.stdout:

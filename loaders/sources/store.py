@@ -14,6 +14,7 @@ from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, Selec
 from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.proxies import detached_copy
 from nearstore.selection.selectors import next_round
+from nearstore.selection.stages import check_proxy, vet
 from nearstore.storage import DEFAULT_READS, small_arrays
 from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
@@ -52,12 +53,14 @@ class StoreSource(Source):
     def read(
         self, ids: Sequence[int] | np.ndarray, *, arrays: Sequence[str], round: int | str
     ) -> dict[str, np.ndarray]:
-        names = tuple(arrays)
+        return self._reader(tuple(arrays)).read(ids)
+
+    def _reader(self, names: tuple[str, ...]) -> SelectiveReader:
         if names not in self._readers:  # readers share the dataset's shard indexes and one count
             self._readers[names] = SelectiveReader(
                 self.dataset, names, reads=self.reads, stats=self.stats, keep=small_arrays(self.dataset, names)
             )
-        return self._readers[names].read(ids)
+        return self._readers[names]
 
     def stored_bytes(self, arrays: Sequence[str]) -> int:
         names = tuple(arrays)
@@ -96,4 +99,9 @@ class StoreSource(Source):
         )
 
     def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
-        self._proxy = ModelProxy(detached_copy(model).cpu(), images=images if images is not None else PROXY_IMAGES)
+        """Checked here, on the first samples, as a server checks a push: a model that cannot run on
+        them or scores fewer classes than the dataset has is refused now, the proxy kept unchanged."""
+        proxy = ModelProxy(detached_copy(model).cpu(), images=images if images is not None else PROXY_IMAGES)
+        vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
+        check_proxy(self.dataset, proxy)
+        self._proxy = proxy

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import ConfidentJoint, label_issues
-from nearstore.errors import DatasetError, RoundCancelled
+from nearstore.errors import DatasetError, ParameterError, RoundCancelled
 from nearstore.selection.augment import augmentation
 from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
@@ -552,6 +552,32 @@ def probe(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     # where none decodes, it stays sized by its last registered Linear (refused if a run finds another head)
     if len(ids):
         proxy.probe(batch[input_array][:1])
+
+
+def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
+    """A trainer's model tried where it is handed over, not at the next round: its head found
+    (`probe`) and the model run once on what a round will give it, the dataset's first sample or,
+    for encoded images, an image of the size it decodes them at. A model that cannot run on them
+    is refused by name (`ParameterError`)."""
+    probe(proxy, reader, input_array)
+    if not isinstance(proxy, ModelProxy) or not reader.dataset.num_samples:
+        return
+    if proxy.decodes_images:  # ModelProxy names the images' size where the model cannot take it
+        side = proxy.images.size
+        proxy.features(np.zeros((1, 3, side, side), np.float32))
+        return
+    first = np.zeros(1, dtype=np.int64)
+    ragged = reader.dataset.ragged(input_array)
+    [(_, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
+    x = batch[input_array]
+    try:
+        proxy.features(x)
+    except RuntimeError as e:
+        shape = "ragged" if x.dtype == object else f"of shape {tuple(x.shape[1:])}"
+        raise ParameterError(
+            f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples ({shape}) of "
+            f"{reader.dataset.url!r}: {type(e).__name__}: {e}"
+        ) from e
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:

@@ -40,7 +40,7 @@ from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.record import in_sorted
 from nearstore.selection.selectors import next_round
-from nearstore.selection.stages import never, probe, stop_if_cancelled
+from nearstore.selection.stages import never, stop_if_cancelled, vet
 from nearstore.serving import protocol
 from nearstore.serving.client import Connection
 from nearstore.storage import ChunkCache, Dataset, IOStats, SelectiveReader, small_arrays
@@ -386,10 +386,7 @@ class NearStoreServer(flight.FlightServerBase):
         except RuntimeError as e:
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
         proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES)
-        probe(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
-        if proxy.decodes_images:  # a model that cannot take their size is refused now, not at the next round
-            side = proxy.images.size
-            proxy.features(np.zeros((1, 3, side, side), np.float32))
+        vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         if self.dataset.num_classes and proxy.num_classes < self.dataset.num_classes:
             raise RequestError(
                 f"proxy model outputs {proxy.num_classes} classes, {self.name!r} has {self.dataset.num_classes}"

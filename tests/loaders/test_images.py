@@ -182,13 +182,12 @@ def test_a_loader_made_without_images_scores_at_its_default_size_and_a_misfit_mo
     default.update_proxy(flat(224))
     assert len(default.reselect(0.25)) == NUM_IMAGES // 4
     small = StreamingLoader(store, images=ImageTransform(size=16), backend="torch", device="cpu")
-    small.update_proxy(flat(8))
-    with pytest.raises(
+    with pytest.raises(  # at the push, not at the next round
         ParameterError,
         match=r"Sequential cannot run on samples of 3 x 16 x 16 .*mat1 and mat2.*"
         r"give the loader images=ImageTransform\(size=the model's input size\)",
     ):
-        small.reselect(0.5)
+        small.update_proxy(flat(8))
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -398,6 +398,19 @@ def test_reselect_in_process_with_the_trainers_model(id_store):
     assert {name: large.params[name] for name in options} == options and large.params["window"] == 64
 
 
+def test_a_misfit_model_is_refused_at_update_proxy_not_at_the_next_round(id_store):
+    loader = StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu")
+    with pytest.raises(DatasetError, match=r"the proxy scores 3 classes, .*ids.zarr' has 5"):
+        loader.update_proxy(torch.nn.Linear(8, 3))
+    with pytest.raises(
+        ParameterError, match=r"Linear cannot run on 'x'.s samples \(of shape \(8,\)\) of .*mat1 and mat2"
+    ):
+        loader.update_proxy(torch.nn.Linear(7, 5))
+    assert loader.reselect(0.1, seed=0).params["proxy"] != "ModelProxy"  # neither was kept
+    loader.update_proxy(torch.nn.Linear(8, 5))
+    assert loader.reselect(0.1, seed=0).params["proxy"] == "ModelProxy"
+
+
 def test_what_a_round_hands_on_reaches_the_next_and_survives_a_resume(id_store):
     """AdaCore's running curvature: handed from round to round by the loader, kept in its state."""
 

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from models import id_model
 from servers import HOST, Nginx, free_port, nearstore_serve, write_tls_files
 
 from loaders import FlightSource, StreamingLoader
 from nearstore import ParameterError, serving
 from nearstore.app.cli import main
-from nearstore.app.training import mnist1d_cnn
 from nearstore.serving import NearStoreServer, protocol
 from nearstore.serving import front as fronts
 from nearstore.serving.front import REQUEST_BYTES, NginxFront, front_for, nginx_front
@@ -35,7 +35,7 @@ def rss_bytes(pid: int) -> int:
 @pytest.fixture
 def front(id_store_url, tmp_path):
     port = free_port()
-    model = "nearstore.app.training:mnist1d_cnn"
+    model = "models:id_model"
     server = nearstore_serve(
         id_store_url, port, "--method", "random", "--name", "ids", "--model", model, "--max-proxy-bytes", str(LIMIT)
     )
@@ -53,7 +53,7 @@ def test_a_loader_reads_and_pushes_through_the_front(front, id_data):
     loader = StreamingLoader(f"grpc://{HOST}:{nginx.port}/ids", batch_size=500, backend="torch", device="cpu")
     seen = np.concatenate([x[:, 0].round().long().numpy() for x, _ in loader])
     assert np.array_equal(np.sort(seen), loader.ids)
-    loader.update_proxy(mnist1d_cnn())  # a push under the limit passes
+    loader.update_proxy(id_model())  # a push under the limit passes
 
 
 def push_past_the_limits(port: int, pid: int, limit: int) -> None:
@@ -88,7 +88,7 @@ def children(pid: int) -> list[int]:
 
 def test_serve_runs_its_own_front_and_stops_it_with_itself(id_store_url):
     port = free_port()
-    model = "nearstore.app.training:mnist1d_cnn"
+    model = "models:id_model"
     options = ["--method", "random", "--name", "ids", "--model", model, "--max-proxy-bytes", str(LIMIT)]
     server = nearstore_serve(id_store_url, port, *options, "--front", "nginx")
     try:
@@ -97,7 +97,7 @@ def test_serve_runs_its_own_front_and_stops_it_with_itself(id_store_url):
         loader = StreamingLoader(f"grpc://{HOST}:{port}/ids", batch_size=500, backend="torch", device="cpu")
         seen = np.concatenate([x[:, 0].round().long().numpy() for x, _ in loader])
         assert np.array_equal(np.sort(seen), loader.ids)
-        loader.update_proxy(mnist1d_cnn())  # a push under the limit passes the front
+        loader.update_proxy(id_model())  # a push under the limit passes the front
         push_past_the_limits(port, server.pid, max(LIMIT, REQUEST_BYTES))  # other calls: the default 16 MiB
     finally:
         server.send_signal(signal.SIGTERM)
