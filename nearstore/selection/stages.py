@@ -536,50 +536,44 @@ def _sizable(dtype: np.dtype) -> bool:
 PROBE_SAMPLES = 8
 
 
-def probe(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
+def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool = False) -> None:
     """A ModelProxy told whether the dataset's samples are encoded images it decodes
     (`ModelProxy.decodes_images`), and its head found on the first sample that decodes (of the
     first PROBE_SAMPLES: `ModelProxy.probe`), before its classes are checked and its gradients
-    sized; another proxy, or a head settled already, reads nothing."""
+    sized; another proxy, or a head settled already, reads nothing. run: the model is run on that
+    sample even where its head is settled (`vet`)."""
     if not isinstance(proxy, ModelProxy):
         return
     ragged = reader.dataset.ragged(input_array)
     proxy.decodes_images = reader.dataset.encoded(input_array) and ragged is None  # as `decoded` takes them
-    if proxy.sized or not reader.dataset.num_samples:
+    if (proxy.sized and not run) or not reader.dataset.num_samples:
         return
     first = np.arange(min(PROBE_SAMPLES, reader.dataset.num_samples), dtype=np.int64)
     [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
     # where none decodes, it stays sized by its last registered Linear (refused if a run finds another head)
-    if len(ids):
+    if len(ids) and run:
+        proxy.features(batch[input_array][:1])  # sizes the proxy too, as `ModelProxy.probe` would
+    elif len(ids):
         proxy.probe(batch[input_array][:1])
 
 
 def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     """A trainer's model tried where it is handed over, not at the next round: its head found
-    (`probe`) and the model run once on what a round will give it, the dataset's first sample or,
-    for encoded images, an image of the size it decodes them at. A model that cannot run on them
-    is refused by name (`ParameterError`)."""
-    probe(proxy, reader, input_array)
-    if not isinstance(proxy, ModelProxy) or not reader.dataset.num_samples:
-        return
-    if proxy.decodes_images:  # ModelProxy names the images' size where the model cannot take it
-        side = proxy.images.size
-        proxy.features(np.zeros((1, 3, side, side), np.float32))
-        return
-    first = np.zeros(1, dtype=np.int64)
-    ragged = reader.dataset.ragged(input_array)
-    [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
-    if not len(ids):  # a sample that does not decode: the round names it where it reads it
-        return
-    x = batch[input_array]
+    and the model run once on what a round will give it (`probe`), the first sample that decodes
+    and, for encoded images, an image of the size it decodes them at. A model that cannot run on
+    them is refused by name (`ParameterError`)."""
+    dataset = reader.dataset
     try:
-        proxy.features(x)
-    except RuntimeError as e:
-        shape = "ragged" if x.dtype == object else f"of shape {tuple(x.shape[1:])}"
+        probe(proxy, reader, input_array, run=True)
+    except RuntimeError as e:  # ModelProxy names the size of the images it decodes itself
+        shape = "ragged" if dataset.ragged(input_array) else f"of shape {tuple(dataset.arrays[input_array].shape[1:])}"
         raise ParameterError(
             f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples ({shape}) of "
-            f"{reader.dataset.url!r}: {type(e).__name__}: {e}"
+            f"{dataset.url!r}: {type(e).__name__}: {e}"
         ) from e
+    if isinstance(proxy, ModelProxy) and proxy.decodes_images:  # where none of the first decodes too
+        side = proxy.images.size
+        proxy.features(np.zeros((1, 3, side, side), np.float32))
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:
