@@ -14,7 +14,7 @@ from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, Selec
 from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.proxies import detached_copy
 from nearstore.selection.selectors import next_round
-from nearstore.selection.stages import check_proxy, vet
+from nearstore.selection.stages import vet
 from nearstore.storage import DEFAULT_READS, small_arrays
 from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
@@ -103,5 +103,4 @@ class StoreSource(Source):
         them or scores fewer classes than the dataset has is refused now, the proxy kept unchanged."""
         proxy = ModelProxy(detached_copy(model).cpu(), images=images if images is not None else PROXY_IMAGES)
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
-        check_proxy(self.dataset, proxy)
         self._proxy = proxy

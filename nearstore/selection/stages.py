@@ -561,7 +561,8 @@ def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     """A trainer's model tried where it is handed over, not at the next round: its head found
     and the model run once on what a round will give it (`probe`), the first sample that decodes
     and, for encoded images, an image of the size it decodes them at. A model that cannot run on
-    them is refused by name (`ParameterError`)."""
+    them is refused by name (`ParameterError`), one that scores fewer classes than the dataset has
+    too (`check_proxy`)."""
     dataset = reader.dataset
     try:
         probe(proxy, reader, input_array, run=True)
@@ -574,6 +575,7 @@ def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     if isinstance(proxy, ModelProxy) and proxy.decodes_images:  # where none of the first decodes too
         side = proxy.images.size
         proxy.features(np.zeros((1, 3, side, side), np.float32))
+    check_proxy(dataset, proxy)
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:

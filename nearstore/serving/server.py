@@ -387,10 +387,6 @@ class NearStoreServer(flight.FlightServerBase):
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
         proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES)
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
-        if self.dataset.num_classes and proxy.num_classes < self.dataset.num_classes:
-            raise RequestError(
-                f"proxy model outputs {proxy.num_classes} classes, {self.name!r} has {self.dataset.num_classes}"
-            )
         return proxy
 
     def _select(self, request: dict[str, Any], cancelled: Callable[[], bool] = never) -> bytes:
@@ -574,7 +570,10 @@ class NearStoreServer(flight.FlightServerBase):
             if self._model_factory is None:
                 raise DatasetError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
             images = protocol.parse_images(state.get("proxy_images"))  # an older server's: none, the default
-            self._proxy = self._proxy_from(pushed.read_bytes(), images)
+            try:
+                self._proxy = self._proxy_from(pushed.read_bytes(), images)
+            except NearstoreError as e:  # a --model other than the one pushed to: named, as a push would be
+                raise DatasetError(f"{pushed} (proxy version {version}) does not suit the server's model: {e}") from e
         self.proxy_version = version
         self._rounds, self._persisted = rounds, dict(rounds)
         self._forget_rounds(rounds)  # a failed write's, which server.json does not name

@@ -28,6 +28,7 @@ import nearstore
 from loaders import FlightSource, StreamingLoader
 from nearstore import (
     AdaCore,
+    DatasetError,
     IntegrityError,
     ModelProxy,
     NearstoreError,
@@ -741,7 +742,7 @@ class HeadFirst(torch.nn.Module):
 def test_a_server_sizes_pushed_weights_by_the_head_its_model_runs(id_store):
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=HeadFirst)
     try:  # the body's Linear (16 outputs), registered last, would pass for 16 classes
-        with pytest.raises(RequestError, match="proxy model outputs 3 classes, 'ids' has 5"):
+        with pytest.raises(DatasetError, match=r"the proxy scores 3 classes, .*ids.zarr' has 5"):
             FlightSource(server.url).update_proxy(HeadFirst())
     finally:
         server.shutdown()
@@ -1088,6 +1089,8 @@ def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store
         older.shutdown()
     with pytest.raises(ValueError, match="holds a pushed proxy: start the server with its --model"):
         NearStoreServer(id_store, state_dir=state_dir)
+    with pytest.raises(DatasetError, match=r"proxy-1.pt \(proxy version 1\) does not suit .* do not fit the server's"):
+        NearStoreServer(id_store, model=HeadFirst, state_dir=state_dir)  # not the model pushed to
     other = write_dataset(str(tmp_path / "other.zarr"), [{"x": np.zeros((10, 8), np.float32), "y": np.arange(10) % 5}])
     with pytest.raises(ValueError, match="selection was made for"):
         NearStoreServer(other, model=tiny_model, state_dir=state_dir)
