@@ -62,7 +62,9 @@ from servers import Nginx  # noqa: E402
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import Coalescing, Dataset, ModelProxy, keep_freed_memory, open_dataset, random_select  # noqa: E402
 from nearstore.app.converters import ensure_mnist1d  # noqa: E402
-from nearstore.app.training import LEARNING_RATE, mnist1d_cnn, train_epoch  # noqa: E402
+from nearstore.app.demo import IMAGES_RECIPE, TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
+from nearstore.app.synthetic import ensure_shapes  # noqa: E402
+from nearstore.app.training import LEARNING_RATE, image_cnn, mnist1d_cnn, train_epoch  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 from nearstore.serving import NearStoreServer  # noqa: E402
 
@@ -197,10 +199,35 @@ def main() -> None:
         title = "server on one core, trainer on another (torch threads 1 each): / the trainer's full-data epoch there"
         report(title, own)
         rows += own
+    pictures = images(args.out, 512 if args.tiny else 10_000, args.budgets, args.repeats)
+    report("encoded images (shapes, 32 x 32): / a full-data epoch of them", pictures)
+    rows += pictures
     result = {"full_epoch_seconds": epochs, "threads": torch.get_num_threads(), "rows": rows}
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "round_cost.png")
     print(f"wrote {args.out / 'round_cost.json'} and {args.out / 'round_cost.png'}")
+
+
+def images(out: Path, samples: int, budgets: list[float], repeats: int) -> list[dict]:
+    """The default re-selection and round 0 over encoded images: the shapes (`samples` generated
+    JPEGs of 48-160 px), the demo's 2D CNN trained for an epoch on 32 x 32 random crops decoded in
+    the loader (batches of 32, the demo's recipe) as the proxy, decoding 32 x 32 centre crops as a
+    loader's `update_proxy` has it; each row against the mean of a full-data epoch of the images
+    timed before the rounds and one after."""
+    store = ensure_shapes(str(out / "data" / f"shapes-train-{samples}.zarr"), samples, 0)
+    torch.manual_seed(0)
+    model = image_cnn()
+    loader = StreamingLoader(
+        store, batch_size=IMAGES_RECIPE["batch_size"], backend="torch", device="cpu", images=TRAIN_IMAGES
+    )
+    train_epoch(model, torch.optim.Adam(model.parameters(), lr=IMAGES_RECIPE["lr"]), loader, 0)
+    proxy = ModelProxy(model, images=TEST_IMAGES)
+    before = timed_epoch(model, loader)
+    specs = {"reselect": None, FIRST_ROUND: MODEL_FREE[FIRST_ROUND]}
+    rows = [timed_round(name, spec, store, keep, proxy, repeats) for name, spec in specs.items() for keep in budgets]
+    full = (before + timed_epoch(model, loader)) / 2
+    named = [{**row, "method": f"images: {row['method']}"} for row in rows]
+    return [{**row, "allocator": "kept", "full_epoch_seconds": full} for row in named]
 
 
 def ahead(store: Dataset, model: nn.Module, budgets: list[float], repeats: int) -> list[dict]:

@@ -35,7 +35,15 @@ WRITES = {
 }
 # Rows a tiny run must write, by method: the server on a core of its own needs a second core.
 ON_OWN_CORE = ["server on its own core: reselect", "server on its own core: reselect ahead, the wait"]
-METHODS = {"round_cost": ["reselect", "reselect ahead: the wait", *ON_OWN_CORE * (len(os.sched_getaffinity(0)) > 1)]}
+METHODS = {
+    "round_cost": [
+        "reselect",
+        "reselect ahead: the wait",
+        "images: reselect",
+        "images: graft-round-0",
+        *ON_OWN_CORE * (len(os.sched_getaffinity(0)) > 1),
+    ]
+}
 EXTRA = {"gpu": ["--device", "cpu"]}  # the GPU bench on the CPU: its code paths, not its figures
 
 
