@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,19 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # nginx's fixture lives with th
 from servers import Nginx  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Coalescing, Dataset, ModelProxy, keep_freed_memory, open_dataset, random_select  # noqa: E402
-from nearstore.app.converters import ensure_mnist1d  # noqa: E402
+from nearstore import (  # noqa: E402
+    Coalescing,
+    Dataset,
+    ModelProxy,
+    RandomFeatureProxy,
+    keep_freed_memory,
+    open_dataset,
+    random_select,
+)
+from nearstore.app.converters import ensure_dataset, ensure_mnist1d  # noqa: E402
 from nearstore.app.demo import IMAGES_RECIPE, TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
-from nearstore.app.synthetic import ensure_shapes  # noqa: E402
+from nearstore.app.encoded_converters import imagefolder_images  # noqa: E402
+from nearstore.app.synthetic import ensure_shapes, write_photos  # noqa: E402
 from nearstore.app.training import LEARNING_RATE, image_cnn, mnist1d_cnn, train_epoch  # noqa: E402
 from nearstore.selection import DEFAULT_METHOD, default_reselect, make_selector  # noqa: E402
 from nearstore.serving import NearStoreServer  # noqa: E402
@@ -199,8 +209,11 @@ def main() -> None:
         title = "server on one core, trainer on another (torch threads 1 each): / the trainer's full-data epoch there"
         report(title, own)
         rows += own
-    pictures = images(args.out, 512 if args.tiny else 10_000, args.budgets, args.repeats)
-    report("encoded images (shapes, 32 x 32): / a full-data epoch of them", pictures)
+    shape_samples = 512 if args.tiny else 10_000
+    shapes = ensure_shapes(str(args.out / "data" / f"shapes-train-{shape_samples}.zarr"), shape_samples, 0)
+    pictures = images("shapes", shapes, args.budgets, args.repeats)
+    pictures += images("photos", photos(args.out, 64 if args.tiny else 2_000), args.budgets, args.repeats)
+    report("encoded images (decoded at 32 x 32): / a full-data epoch of them", pictures)
     rows += pictures
     result = {"full_epoch_seconds": epochs, "threads": torch.get_num_threads(), "rows": rows}
     (args.out / "round_cost.json").write_text(json.dumps(result, indent=2))
@@ -208,13 +221,13 @@ def main() -> None:
     print(f"wrote {args.out / 'round_cost.json'} and {args.out / 'round_cost.png'}")
 
 
-def images(out: Path, samples: int, budgets: list[float], repeats: int) -> list[dict]:
-    """The default re-selection and round 0 over encoded images: the shapes (`samples` generated
-    JPEGs of 48-160 px), the demo's 2D CNN trained for an epoch on 32 x 32 random crops decoded in
-    the loader (batches of 32, the demo's recipe) as the proxy, decoding 32 x 32 centre crops as a
-    loader's `update_proxy` has it; each row against the mean of a full-data epoch of the images
-    timed before the rounds and one after."""
-    store = ensure_shapes(str(out / "data" / f"shapes-train-{samples}.zarr"), samples, 0)
+def images(name: str, store: Dataset, budgets: list[float], repeats: int) -> list[dict]:
+    """The default re-selection and round 0 over the encoded images of `store`, rows named
+    "`name`: ...": the demo's 2D CNN trained for an epoch on 32 x 32 random crops decoded in the
+    loader (batches of 32, the demo's recipe) as the proxy, decoding 32 x 32 centre crops as a
+    loader's `update_proxy` has it; round 0 also with its thumbnails decoded whole, not scaled
+    (`RandomFeatureProxy.images` without `draft`). Each row against the mean of a full-data epoch
+    of the images timed before the rounds and one after."""
     torch.manual_seed(0)
     model = image_cnn()
     loader = StreamingLoader(
@@ -225,9 +238,27 @@ def images(out: Path, samples: int, budgets: list[float], repeats: int) -> list[
     before = timed_epoch(model, loader)
     specs = {"reselect": None, FIRST_ROUND: MODEL_FREE[FIRST_ROUND]}
     rows = [timed_round(name, spec, store, keep, proxy, repeats) for name, spec in specs.items() for keep in budgets]
+    thumbnails = RandomFeatureProxy.images
+    RandomFeatureProxy.images = replace(thumbnails, draft=False)
+    try:
+        whole = [timed_round(FIRST_ROUND, MODEL_FREE[FIRST_ROUND], store, keep, None, repeats) for keep in budgets]
+    finally:
+        RandomFeatureProxy.images = thumbnails
+    rows += [{**row, "method": f"{FIRST_ROUND}, whole decodes"} for row in whole]
     full = (before + timed_epoch(model, loader)) / 2
-    named = [{**row, "method": f"images: {row['method']}"} for row in rows]
+    named = [{**row, "method": f"{name}: {row['method']}"} for row in rows]
     return [{**row, "allocator": "kept", "full_epoch_seconds": full} for row in named]
+
+
+def photos(out: Path, samples: int) -> Dataset:
+    """A store of `samples` photo-like JPEGs of 300-500 px (`write_photos`, 8 classes), made once."""
+    url = str(out / "data" / f"photos-{samples}.zarr")
+
+    def write() -> Dataset:
+        with tempfile.TemporaryDirectory() as workdir:
+            return imagefolder_images(write_photos(Path(workdir) / "photos", samples)).write(url, overwrite=True)
+
+    return ensure_dataset(url, samples, write)
 
 
 def ahead(store: Dataset, model: nn.Module, budgets: list[float], repeats: int) -> list[dict]:

@@ -39,8 +39,10 @@ METHODS = {
     "round_cost": [
         "reselect",
         "reselect ahead: the wait",
-        "images: reselect",
-        "images: graft-round-0",
+        "shapes: reselect",
+        "shapes: graft-round-0",
+        "photos: graft-round-0",
+        "photos: graft-round-0, whole decodes",
         *ON_OWN_CORE * (len(os.sched_getaffinity(0)) > 1),
     ]
 }

@@ -13,7 +13,7 @@ import torch
 from kernels import last_layer_factors, last_layer_gradients
 from kernels.floats import all_finite
 from nearstore.errors import DatasetError, ParameterError
-from nearstore.storage.images import PROXY_IMAGES, ImageTransform
+from nearstore.storage.images import PROXY_IMAGES, THUMBNAILS, ImageTransform
 from nearstore.storage.ragged import RaggedBatch
 
 # Ragged samples as the model-free proxy sees them: floats resampled to this many rows, integers
@@ -62,18 +62,19 @@ class RandomFeatureProxy:
     fixed-size summaries (`ragged_features`): floats resampled to 32 rows, integers (token ids) as
     a hashed bag of 256 bins; either with log(1 + L).
 
-    Images, inputs (n, channels ≤ 4, H, W) as encoded images reach it decoded to 32 × 32
-    (`images`), get random convolutional features instead: h = standardize(maxpool₂ₓ₂ |W ∗ x̂|),
-    x̂ the image normalized to zero mean and unit variance over its pixels, ⌈width / 4⌉ zero-mean
-    7 × 7 filters W ~ N(0, 1) at stride 2, the first `width` pooled values. The normalization drops
-    an image's brightness and contrast, which say nothing of what it shows (random features need
-    it: Coates, Lee & Ng 2011); the absolute response finds an edge whichever colour is in front,
-    the pooling wherever it is. A linear head on them tells rendered shapes apart 68% of the time
-    (63% unnormalized, 27% on flat random features), and GRAFT's round 0 over them trains a CNN
-    4.5 points better (docs/benchmarks.md#selection-on-images).
+    Images, inputs (n, channels ≤ 4, H, W) as encoded images reach it decoded to 32 × 32 (`images`,
+    JPEGs by a scaled decode: `THUMBNAILS`), get random convolutional features instead: h =
+    standardize(maxpool₂ₓ₂ |W ∗ x̂|), x̂ the image normalized to zero mean and unit variance over
+    its pixels, ⌈width / 4⌉ zero-mean 7 × 7 filters W ~ N(0, 1) at stride 2, the first `width`
+    pooled values. The normalization drops an image's brightness and contrast, which say nothing of
+    what it shows (random features need it: Coates, Lee & Ng 2011); the absolute response finds an
+    edge whichever colour is in front, the pooling wherever it is. A linear head on them tells
+    rendered shapes apart 68% of the time (63% unnormalized, 27% on flat random features), and
+    GRAFT's round 0 over them trains a CNN 4.5 points better
+    (docs/benchmarks.md#selection-on-images).
     """
 
-    images = PROXY_IMAGES
+    images = THUMBNAILS
 
     def __init__(
         self,

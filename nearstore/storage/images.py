@@ -38,6 +38,10 @@ class ImageTransform:
     aspect ratio 3/4..4/3), resized to `size` × `size`, flipped left-right at random; with DALI the
     crop is decoded alone (`decoders.image_random_crop`).
     mean, std: per RGB channel, in 0..255.
+    draft: train=False only, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 of its size that
+    still covers the resize (libjpeg's DCT scaling, PIL's `draft`), not whole: a 32 × 32 thumbnail of
+    a photograph 2.6x faster, its pixels not DALI's (which decodes whole). For the model-free proxy's
+    thumbnails; the loader's images leave it off.
     """
 
     size: int = 224
@@ -46,6 +50,7 @@ class ImageTransform:
     crop_area: tuple[float, float] = (0.35, 1.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    draft: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -69,6 +74,8 @@ class ImageTransform:
         """One encoded image as float32 (3, size, size); `rng` draws the crop and flip (train=True).
         Raises OSError or ValueError (PIL's) for bytes that do not decode."""
         with Image.open(io.BytesIO(blob)) as image:
+            if self.draft and not self.train:  # before the pixels load; a no-op but for JPEGs
+                image.draft("RGB", _shorter_to(image.width, image.height, self.shorter_side))
             image = _rgb(image)
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()
@@ -133,6 +140,8 @@ class ImageTransform:
 # The scan decodes small: a proxy's features need the shape of a thing, not its detail, and a
 # 32 × 32 decode costs a tenth of a 224 one.
 PROXY_IMAGES = ImageTransform(size=32, train=False)
+# The model-free proxy's: its random features need no more than a JPEG's scaled decode gives.
+THUMBNAILS = ImageTransform(size=32, train=False, draft=True)
 
 
 def _rgb(image: Image.Image) -> Image.Image:

@@ -81,6 +81,29 @@ def test_training_crops_are_drawn_from_the_seed_and_stay_inside_the_image():
     assert first.min() >= 0 and first.max() <= 255 and np.all(first[:, 2] == 90)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_a_draft_decodes_a_large_jpeg_scaled_close_to_its_whole_decode(mode):
+    out = io.BytesIO()
+    Image.fromarray(gradient(300, 400)).convert(mode).save(out, format="JPEG", quality=95)
+    blob = out.getvalue()
+    whole = ImageTransform(size=32, train=False).decode(blob)
+    drafted = ImageTransform(size=32, train=False, draft=True).decode(blob)
+    assert drafted.shape == whole.shape == (3, 32, 32)
+    assert not np.array_equal(drafted, whole)  # decoded at 1/8 (50 x 38 covers 43 x 36), not whole
+    assert np.abs(drafted - whole).mean() * 58 < 3  # within 3 of 255 levels on average (std ~58)
+
+
+def test_a_draft_leaves_other_formats_and_training_crops_as_they_are():
+    png, jpeg = encode(gradient(300, 400), "PNG"), encode(gradient(300, 400), "JPEG")
+    for blob in (png, encode(gradient(40, 60), "JPEG")):  # a JPEG already near the size: nothing to scale
+        np.testing.assert_array_equal(
+            ImageTransform(size=32, train=False, draft=True).decode(blob),
+            ImageTransform(size=32, train=False).decode(blob),
+        )
+    crops = [ImageTransform(size=32, draft=draft).decode_batch([jpeg] * 4, seed=5)[0] for draft in (True, False)]
+    np.testing.assert_array_equal(*crops)
+
+
 def test_a_batch_decodes_what_it_can_and_says_why_not_the_rest():
     good = encode(gradient(30, 30), "JPEG")
     garbled = good[:200] + bytes(len(good) - 400) + good[-200:]  # whole on the outside
