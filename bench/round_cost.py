@@ -31,7 +31,13 @@ pushes the trained model (`update_proxy`). Per budget, after an untimed round at
 through the server (the trainer waits for the round; what the server read), and `reselect_ahead`'s
 wait as above, each `--repeats` times; the ratio's denominator is the trainer's full-data epoch on
 its one core (the mean of one before and one after the budget's rounds), so both sides have a
-core each. Writes round_cost.json and round_cost.png.
+core each.
+
+Then encoded images (`images()`): the shapes (10,000 generated JPEGs of 48-160 px) and 2,000
+photo-like JPEGs of 300-500 px (`synthetic.write_photos`), the demo's 2D CNN trained for an epoch
+as the proxy (32 x 32 centre crops): the default re-selection and round 0 at each budget, round 0
+also with its thumbnails decoded whole (not `ImageTransform.draft`), against a full-data epoch of
+the same images. Writes round_cost.json and round_cost.png.
 """
 
 from __future__ import annotations
@@ -237,7 +243,7 @@ def images(name: str, store: Dataset, budgets: list[float], repeats: int) -> lis
     proxy = ModelProxy(model, images=TEST_IMAGES)
     before = timed_epoch(model, loader)
     specs = {"reselect": None, FIRST_ROUND: MODEL_FREE[FIRST_ROUND]}
-    rows = [timed_round(name, spec, store, keep, proxy, repeats) for name, spec in specs.items() for keep in budgets]
+    rows = [timed_round(m, spec, store, keep, proxy, repeats) for m, spec in specs.items() for keep in budgets]
     thumbnails = RandomFeatureProxy.images
     RandomFeatureProxy.images = replace(thumbnails, draft=False)
     try:
