@@ -20,6 +20,9 @@ from nearstore.storage.ragged import RaggedBatch
 # (token ids) counted into this many hashed bins; and either with the log of the sample's length.
 RAGGED_POINTS = 32
 RAGGED_BINS = 256
+# ModelProxy runs at most this many bytes of inputs at once: a model's activations grow with its
+# input (the demo's image CNN holds ~15 MB an image of 224 x 224, 31 GB a chunk of 2,048 of them).
+CHUNK_INPUT_BYTES = 1 << 25
 
 
 class Proxy(Protocol):
@@ -251,9 +254,10 @@ class ModelProxy:
 
     The model is scored as it is, not copied: on its own device (`device`: a copy on another), in
     eval mode for the call, each module's mode restored after, without gradients, in chunks of
-    `batch_size` samples (2,048: the
-    demo's CNN ran 1.4x faster than in chunks of 4,096 under glibc's default malloc, whose larger
-    activations it maps afresh and faults in every chunk; as fast with freed memory kept), on the
+    `batch_size` samples (2,048: the demo's CNN ran 1.4x faster than in chunks of 4,096 under
+    glibc's default malloc, whose larger activations it maps afresh and faults in every chunk; as
+    fast with freed memory kept), fewer where their inputs would pass CHUNK_INPUT_BYTES (32 MiB: 55
+    images of 224 x 224, 2,048 of 32 x 32), each moved to the device as it runs, on the
     stored samples cast to the model's floating dtype (a float16 or integer store to a float32
     model, as the trainer casts its batches): preprocessing the trainer does in a loader transform
     belongs in the model's first layer for its proxy to see the same input. Ragged samples reach it
@@ -346,7 +350,11 @@ class ModelProxy:
             chunks = [nested(RaggedBatch.of(x[i : i + self.batch_size]), self.device) for i in starts]
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
         else:
-            chunks = list(torch.as_tensor(np.asarray(x), device=self.device, dtype=self.dtype).split(self.batch_size))
+            x = np.asarray(x)
+            sample_bytes = int(np.prod(x.shape[1:])) * torch.empty((), dtype=self.dtype).element_size()
+            step = min(self.batch_size, max(1, CHUNK_INPUT_BYTES // max(1, sample_bytes)))
+            starts = range(0, max(n, 1), step)  # an empty batch runs as one empty chunk, as it did whole
+            chunks = (torch.as_tensor(x[i : i + step], device=self.device, dtype=self.dtype) for i in starts)
         # the chunk's last Linear to run (the head given: its last run), with any other run on the
         # same input after it (a second head); only the latest held: a transformer runs hundreds
         last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []

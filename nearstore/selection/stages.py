@@ -34,6 +34,8 @@ Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.T
 log = logging.getLogger("nearstore")
 # Threads that decode images beside the data (PIL lets go of the GIL while it decodes).
 DECODE_THREADS = 2
+# The most decoded pixels a stage holds at once: 21,845 thumbnails of 32 x 32, 435 images of 224.
+DECODED_BATCH_BYTES = 1 << 28
 # The default proxy is fitted on random whole shards holding at least this many samples.
 WARMUP_SAMPLES = 4096
 # Pooled samples are read and embedded this many at a time.
@@ -256,23 +258,27 @@ def decoded(
 ) -> Iterator[Batch]:
     """Stage 1b: ragged samples (laid out as `ragged`) as arrays; encoded images decoded by
     `images` (the proxy's), damaged ones left out (logged: the scan cannot score them, so they
-    are never selected); other inputs, and inputs decoded already, pass as they are."""
+    are never selected), a batch in pieces of at most DECODED_BATCH_BYTES of pixels; other
+    inputs, and inputs decoded already, pass as they are."""
+    piece = max(1, DECODED_BATCH_BYTES // (3 * images.size**2 * 4))
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="nearstore-decode") as pool:
-        for ids, batch in batches:
-            x = batch[input_array]
+        for whole_ids, whole in batches:
+            x = whole[input_array]
             if x.dtype != object or (len(x) and not isinstance(x[0], bytes)):
-                yield ids, batch
+                yield whole_ids, whole
                 continue
             if ragged is not None:
-                yield ids, {**batch, input_array: ragged.decode_all(x, ids)}
+                yield whole_ids, {**whole, input_array: ragged.decode_all(x, whole_ids)}
                 continue
-            inputs, failed = images.decode_batch(x, executor=pool)
-            if failed:
-                for i, why in failed.items():
-                    log.warning("left out of selection: sample %d of array %r: %s", ids[i], input_array, why)
-                kept = np.setdiff1d(np.arange(len(ids)), list(failed))
-                ids, batch = ids[kept], {name: values[kept] for name, values in batch.items()}
-            yield ids, {**batch, input_array: inputs}
+            for start in range(0, len(whole_ids), piece):
+                ids, batch = whole_ids[start : start + piece], {k: v[start : start + piece] for k, v in whole.items()}
+                inputs, failed = images.decode_batch(batch[input_array], executor=pool)
+                if failed:
+                    for i, why in failed.items():
+                        log.warning("left out of selection: sample %d of array %r: %s", ids[i], input_array, why)
+                    kept = np.setdiff1d(np.arange(len(ids)), list(failed))
+                    ids, batch = ids[kept], {name: values[kept] for name, values in batch.items()}
+                yield ids, {**batch, input_array: inputs}
 
 
 def augmented_views(
@@ -298,15 +304,17 @@ def augmented_views(
 
 
 def rebatch(batches: Iterable[Batch], samples: int) -> Iterator[Batch]:
-    """Consecutive batches joined until each holds at least `samples` (the last may hold fewer):
-    fewer, larger calls for the stages after; a batch of more than `samples` is cut into pieces
-    of that many first (what the stages after hold of it is bounded: whole gradients)."""
+    """Consecutive batches joined until each holds at least `samples` or DECODED_BATCH_BYTES of
+    arrays (the last may hold fewer): fewer, larger calls for the stages after; a batch of more
+    than `samples` is cut into pieces of that many first (what the stages after hold of it is
+    bounded: whole gradients, decoded images)."""
     held: list[Batch] = []
     for ids, arrays in batches:
         for start in range(0, len(ids), samples):
             piece = slice(start, start + samples)
             held.append((ids[piece], {name: a[piece] for name, a in arrays.items()}))
-            if sum(len(part) for part, _ in held) >= samples:
+            full = sum(a.nbytes for _, part in held for a in part.values()) >= DECODED_BATCH_BYTES
+            if full or sum(len(part) for part, _ in held) >= samples:
                 yield _join(held)
                 held = []
     if held:

@@ -93,6 +93,38 @@ class MeanOfRows(torch.nn.Module):
         return torch.stack([sample.mean(0) for sample in x.unbind()])
 
 
+class Counted(torch.nn.Module):
+    """Global-average-pooled images (3 channels, any size) to 4 classes; records its batch sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 4)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_model_proxy_runs_large_inputs_in_chunks_bounded_by_their_bytes(monkeypatch):
+    # a chunk of 2,048 images of 224 x 224 held 31 GB of the demo CNN's activations
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 3, 64, 64)).astype(np.float32), rng.integers(0, 4, 40)
+    torch.manual_seed(0)
+    model = Counted()
+    whole = ModelProxy(model).gradient_factors(x, y)
+    assert model.batches == [40]  # 1.9 MB: one chunk
+    monkeypatch.setattr("nearstore.selection.proxies.CHUNK_INPUT_BYTES", 8 * 3 * 64 * 64 * 4)
+    model.batches.clear()
+    chunked = ModelProxy(model).gradient_factors(x, y)
+    assert model.batches == [8] * 5  # 8 images a chunk, whatever batch_size allows
+    for part, expected in zip(chunked, whole):
+        torch.testing.assert_close(part, expected)
+    model.batches.clear()
+    ModelProxy(model).gradient_factors(x[:0], y[:0])  # nothing to score: an empty run, as whole
+    assert model.batches == [0]
+
+
 def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
     x, y = blobs
     torch.manual_seed(0)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
+from PIL import Image
 
-from nearstore.selection.stages import SuspectsFound, mute_suspects, rebatch
+from nearstore.selection.stages import SuspectsFound, decoded, mute_suspects, rebatch
+from nearstore.storage.images import ImageTransform
 
 
 def test_rebatch_joins_consecutive_batches_in_order():
@@ -21,6 +25,36 @@ def test_rebatch_joins_consecutive_batches_in_order():
     cut = list(rebatch(iter([(np.arange(20), {"x": np.arange(20) * 10.0})]), 6))
     assert [len(ids) for ids, _ in cut] == [6, 6, 6, 2]  # a large batch is held a piece at a time
     np.testing.assert_array_equal(np.concatenate([batch["x"] for _, batch in cut]), np.arange(20) * 10.0)
+
+
+def test_rebatch_holds_no_more_than_its_bytes(monkeypatch):
+    sample = 8 * 8 * 3 * 8  # bytes of a sample's pixels, in float64
+    batches = [(np.arange(a, a + 2), {"x": np.zeros((2, 8, 8, 3), np.float64)}) for a in range(0, 10, 2)]
+    monkeypatch.setattr("nearstore.selection.stages.DECODED_BATCH_BYTES", 2 * sample)
+    assert [len(ids) for ids, _ in rebatch(iter(batches), 100)] == [2, 2, 2, 2, 2]  # 100 samples would join all
+    monkeypatch.setattr("nearstore.selection.stages.DECODED_BATCH_BYTES", 5 * sample)
+    assert [len(ids) for ids, _ in rebatch(iter(batches), 100)] == [6, 4]  # 4 are under the limit, 6 reach it
+
+
+def test_encoded_images_are_decoded_in_pieces_of_bounded_bytes(monkeypatch):
+    def jpeg(shade: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(np.full((20, 30, 3), shade, np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
+
+    blobs = np.empty(10, dtype=object)
+    blobs[:] = [jpeg(20 * i) for i in range(10)]
+    blobs[3] = b"not an image"
+    ids, labels = np.arange(100, 110), np.arange(10) % 3
+    images = ImageTransform(size=8, train=False)
+    whole = list(decoded([(ids, {"x": blobs, "y": labels})], "x", images))
+    assert len(whole) == 1 and len(whole[0][0]) == 9  # 7.5 KB of pixels: one piece; the damaged one left out
+    monkeypatch.setattr("nearstore.selection.stages.DECODED_BATCH_BYTES", 4 * 3 * 8 * 8 * 4)  # 4 images
+    pieces = list(decoded([(ids, {"x": blobs, "y": labels})], "x", images))
+    assert [len(piece) for piece, _ in pieces] == [3, 4, 2]  # 4, 4 and 2 read; sample 103 left out
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(np.concatenate([batch[name] for _, batch in pieces]), whole[0][1][name])
+    np.testing.assert_array_equal(np.concatenate([piece for piece, _ in pieces]), whole[0][0])
 
 
 def _judged(probs: np.ndarray, labels: np.ndarray, batch: int = 50) -> tuple[np.ndarray, np.ndarray]:
