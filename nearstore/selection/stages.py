@@ -40,6 +40,9 @@ DECODED_BATCH_BYTES = 1 << 28
 WARMUP_SAMPLES = 4096
 # Pooled samples are read and embedded this many at a time.
 POOL_CHUNK_SAMPLES = 4096
+# The most stored bytes a scan reads at once (by the manifest's mean a sample): 8 shards of
+# MNIST-1D or of JPEGs of ~100 kB, 64 photographs of 4 MB (`samples_per_read`).
+READ_BYTES = 1 << 28
 # The most classes a selection scores: its proxies hold C outputs a sample (the model-free one's fit
 # several 4,096 x C matrices), so the largest label bounds its memory (ImageNet-21k's 21,841 fit).
 MAX_CLASSES = 1 << 15
@@ -153,7 +156,8 @@ class Scan:
         """Every shard (or those given) once: (ids, {group: rows}, gradient embeddings), or the
         embeddings' two factors (Proxy.gradient_factors) with `factored`; consecutive shards
         embedded together up to `batch_samples` (0: one shard at a time), and read together as well."""
-        together = max(1, batch_samples // self.reader.dataset.shard_samples)
+        dataset = self.reader.dataset
+        together = max(1, samples_per_read(dataset, self.reader.layouts, batch_samples) // dataset.shard_samples)
         batches = decoded(
             shard_batches(self.reader, self.warm, progress, desc, shards, together, self.cancelled),
             self.input_array,
@@ -235,7 +239,8 @@ def pool_batches(
     cancelled: Callable[[], bool] = never,
 ) -> tuple[SelectiveReader, Iterator[Batch]]:
     """Stage 1 for pools: the reader of the pooled inputs (coalescing as `reads`), and every pooled
-    sample, in id order, in chunks of POOL_CHUNK_SAMPLES: inputs read, each labelled by its pool's
+    sample, in id order, in chunks of POOL_CHUNK_SAMPLES (fewer for large samples: `samples_per_read`):
+    inputs read, each labelled by its pool's
     class (`pools`: {class: its pooled ids}). `cancelled` is asked before each chunk."""
     reader = SelectiveReader(dataset, [input_array], reads=reads)
     ids = np.concatenate([np.asarray(members, dtype=np.int64) for members in pools.values()] or [np.zeros(0, np.int64)])
@@ -243,14 +248,25 @@ def pool_batches(
     order = np.argsort(ids, kind="stable")
     ids, classes = ids[order], classes[order]
 
+    step = samples_per_read(dataset, [input_array], POOL_CHUNK_SAMPLES)
+
     def batches() -> Iterator[Batch]:
-        chunks = range(0, len(ids), POOL_CHUNK_SAMPLES)
+        chunks = range(0, len(ids), step)
         for start in tqdm(chunks, desc=desc, unit="chunk", disable=not progress):
             stop_if_cancelled(cancelled, f"pooled sample {ids[start]} of {dataset.url!r}")
-            chunk = slice(start, start + POOL_CHUNK_SAMPLES)
+            chunk = slice(start, start + step)
             yield ids[chunk], {input_array: reader.read(ids[chunk])[input_array], label_array: classes[chunk]}
 
     return reader, batches()
+
+
+def samples_per_read(dataset: Dataset, arrays: Iterable[str], samples: int) -> int:
+    """`samples`, or fewer where their stored bytes in `arrays` (the manifest's mean a sample)
+    would pass READ_BYTES; `samples` for a store without a manifest."""
+    if dataset.manifest is None or not dataset.num_samples:
+        return samples
+    sample_bytes = sum(sum(dataset.manifest.nbytes[name]) for name in arrays) / dataset.num_samples
+    return max(1, min(samples, int(READ_BYTES // max(sample_bytes, 1))))
 
 
 def decoded(

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nearstore.selection.stages import SuspectsFound, decoded, mute_suspects, rebatch
+from nearstore import open_dataset, write_dataset
+from nearstore.selection.stages import SuspectsFound, decoded, mute_suspects, pool_batches, rebatch, samples_per_read
 from nearstore.storage.images import ImageTransform
 
 
@@ -55,6 +56,20 @@ def test_encoded_images_are_decoded_in_pieces_of_bounded_bytes(monkeypatch):
     for name in ("x", "y"):
         np.testing.assert_array_equal(np.concatenate([batch[name] for _, batch in pieces]), whole[0][1][name])
     np.testing.assert_array_equal(np.concatenate([piece for piece, _ in pieces]), whole[0][0])
+
+
+def test_pools_are_read_in_chunks_of_bounded_stored_bytes(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)  # 1 KB a sample, noise: stored whole
+    dataset = open_dataset(write_dataset(str(tmp_path / "d.zarr"), [{"x": x, "y": np.arange(64) % 2}]).url)
+    assert samples_per_read(dataset, ["x"], 50) == 50
+    monkeypatch.setattr("nearstore.selection.stages.READ_BYTES", 10 * 1024)
+    assert samples_per_read(dataset, ["x"], 50) == 9  # 10 KB of 1,089 bytes a sample (its 1 KB, framed and indexed)
+    pools = {0: np.arange(0, 64, 2), 1: np.arange(1, 64, 2)}
+    _, batches = pool_batches(dataset, "x", "y", pools, False, "pool")
+    chunks = list(batches)
+    assert [len(ids) for ids, _ in chunks] == [9] * 7 + [1]
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in chunks]), np.arange(64))
+    np.testing.assert_array_equal(np.concatenate([batch["x"] for _, batch in chunks]), x)
 
 
 def _judged(probs: np.ndarray, labels: np.ndarray, batch: int = 50) -> tuple[np.ndarray, np.ndarray]:
