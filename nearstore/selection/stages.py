@@ -239,9 +239,9 @@ def pool_batches(
     cancelled: Callable[[], bool] = never,
 ) -> tuple[SelectiveReader, Iterator[Batch]]:
     """Stage 1 for pools: the reader of the pooled inputs (coalescing as `reads`), and every pooled
-    sample, in id order, in chunks of POOL_CHUNK_SAMPLES (fewer for large samples: `samples_per_read`):
-    inputs read, each labelled by its pool's
-    class (`pools`: {class: its pooled ids}). `cancelled` is asked before each chunk."""
+    sample, in id order, in chunks of POOL_CHUNK_SAMPLES (fewer of large samples, `samples_per_read`):
+    inputs read, each labelled by its pool's class (`pools`: {class: its pooled ids}). `cancelled`
+    is asked before each chunk."""
     reader = SelectiveReader(dataset, [input_array], reads=reads)
     ids = np.concatenate([np.asarray(members, dtype=np.int64) for members in pools.values()] or [np.zeros(0, np.int64)])
     classes = np.concatenate([np.full(len(m), c, dtype=np.int64) for c, m in pools.items()] or [np.zeros(0, np.int64)])
