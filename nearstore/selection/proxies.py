@@ -351,7 +351,7 @@ class ModelProxy:
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
         else:
             x = np.asarray(x)
-            sample_bytes = int(np.prod(x.shape[1:])) * torch.empty((), dtype=self.dtype).element_size()
+            sample_bytes = int(np.prod(x.shape[1:])) * self.dtype.itemsize
             step = min(self.batch_size, max(1, CHUNK_INPUT_BYTES // max(1, sample_bytes)))
             starts = range(0, max(n, 1), step)  # an empty batch runs as one empty chunk, as it did whole
             chunks = (torch.as_tensor(x[i : i + step], device=self.device, dtype=self.dtype) for i in starts)
