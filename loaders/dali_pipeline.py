@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nearstore.errors import ParameterError
+from nearstore.storage.dali_images import dali_available, image_graph
 from nearstore.storage.images import ImageTransform
 
 try:
@@ -22,10 +23,6 @@ except ImportError:  # DALI has no wheel for this platform: the plain-torch path
     pipeline_def = None
 
 DaliTransform = Callable[..., object]
-
-
-def dali_available() -> bool:
-    return pipeline_def is not None
 
 
 def dali_epoch(
@@ -101,7 +98,7 @@ def dali_epoch(
         outputs = list(fn.external_source(source=source, num_outputs=num_outputs, batch=True, batch_info=True))
         flags = outputs[-1] if conditional else None  # on the host, where DALI takes a condition
         if images is not None:  # decoded where they land: the mixed decoder takes them on the host
-            outputs[0] = decode_images(outputs[0], images, on_gpu)
+            outputs[0] = image_graph(outputs[0], images, on_gpu)
         if on_gpu:
             outputs = [o if i == 0 and images is not None else o.gpu() for i, o in enumerate(outputs)]
         if conditional:
@@ -147,36 +144,6 @@ def on_flagged(x, flags, transform: DaliTransform):
     if flags:
         x = do_not_convert(transform)(x)
     return x
-
-
-def decode_images(encoded, images: ImageTransform, on_gpu: bool):
-    """The DALI graph of `images` over a DataNode of encoded images: what `ImageTransform.decode`
-    does with PIL (same sizes, crops, rounding and normalization; the resize filters differ by
-    about one level in 255, docs/loader.md)."""
-    device = "mixed" if on_gpu else "cpu"
-    if images.train:
-        decoded = fn.decoders.image_random_crop(
-            encoded,
-            device=device,
-            output_type=types.RGB,
-            random_area=images.crop_area,
-            random_aspect_ratio=(3 / 4, 4 / 3),
-        )
-        decoded = fn.resize(decoded, resize_x=images.size, resize_y=images.size)
-        mirror = fn.random.coin_flip(probability=0.5)
-    else:
-        decoded = fn.decoders.image(encoded, device=device, output_type=types.RGB)
-        decoded = fn.resize(decoded, resize_shorter=images.shorter_side)
-        mirror = 0
-    return fn.crop_mirror_normalize(
-        decoded,
-        crop=(images.size, images.size),
-        mirror=mirror,
-        mean=list(images.mean),
-        std=list(images.std),
-        output_layout="CHW",
-        dtype=types.FLOAT,
-    )
 
 
 def dali_refusal(samples: Iterable[tuple[int, bytes]]) -> tuple[int, str] | None:

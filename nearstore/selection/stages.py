@@ -6,6 +6,7 @@ selection before each decision), and stop a round nobody waits for any more (`Ro
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ from nearstore.selection.augment import augmentation
 from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, SelectiveReader, small_arrays
+from nearstore.storage.dali_images import DaliDecoder, dali_decodes
 from nearstore.storage.images import ImageTransform
 from nearstore.storage.ragged import RaggedLayout
 
@@ -32,7 +34,8 @@ Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (ids, {array: rows})
 # (ids, {group: rows}, gradient embeddings, or their two factors where asked for)
 Embedded = tuple[np.ndarray, dict[int, np.ndarray], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 log = logging.getLogger("nearstore")
-# Threads that decode images beside the data (PIL lets go of the GIL while it decodes).
+# Threads that decode images beside the data: DALI's (`DaliDecoder`), or PIL's where DALI does not
+# decode them (PIL lets go of the GIL only while it decodes, so small images gain little from a second).
 DECODE_THREADS = 2
 # The most decoded pixels a stage holds at once: 21,845 thumbnails of 32 x 32, 435 images of 224.
 DECODED_BATCH_BYTES = 1 << 28
@@ -278,6 +281,7 @@ def decoded(
     inputs, and inputs decoded already, pass as they are."""
     piece = max(1, DECODED_BATCH_BYTES // (3 * images.size**2 * 4))
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="nearstore-decode") as pool:
+        decode = None  # chosen at the first encoded batch: only then is DALI imported
         for whole_ids, whole in batches:
             x = whole[input_array]
             if x.dtype != object or (len(x) and not isinstance(x[0], bytes)):
@@ -286,9 +290,15 @@ def decoded(
             if ragged is not None:
                 yield whole_ids, {**whole, input_array: ragged.decode_all(x, whole_ids)}
                 continue
+            if decode is None:
+                decode = (
+                    DaliDecoder(images, DECODE_THREADS, executor=pool).decode_batch
+                    if dali_decodes(images)
+                    else functools.partial(images.decode_batch, executor=pool)
+                )
             for start in range(0, len(whole_ids), piece):
                 ids, batch = whole_ids[start : start + piece], {k: v[start : start + piece] for k, v in whole.items()}
-                inputs, failed = images.decode_batch(batch[input_array], executor=pool)
+                inputs, failed = decode(batch[input_array])
                 if failed:
                     for i, why in failed.items():
                         log.warning("left out of selection: sample %d of array %r: %s", ids[i], input_array, why)

@@ -191,6 +191,28 @@ def damaged(blob: bytes) -> str | None:
     return f"not an image nearstore decodes (starts {blob[:8]!r}; JPEG, PNG, WebP, BMP, TIFF, PNM)"
 
 
+# JPEG markers that begin a frame header (SOF0-SOF15 but DHT, JPG and DAC), which holds the size.
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) as a JPEG's frame header states it, before any EXIF turn; None for another
+    format or a header not found. Reads the segments' lengths up to the frame header, a few steps."""
+    if not blob.startswith(_JPEG):
+        return None
+    at = 2
+    while at + 9 <= len(blob) and blob[at] == 0xFF:
+        marker = blob[at + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+        elif marker in _FRAME_MARKERS:
+            height, width = struct.unpack_from(">HH", blob, at + 5)
+            return width, height
+        else:
+            at += 2 + int.from_bytes(blob[at + 2 : at + 4], "big")
+    return None
+
+
 def check_on_error(on_error: str) -> OnError:
     if on_error not in ON_ERROR:
         raise ParameterError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nearstore import ParameterError
-from nearstore.storage.images import ImageTransform, damaged
+from nearstore.storage.images import ImageTransform, damaged, jpeg_size
 
 
 def encode(pixels: np.ndarray, format: str, **options) -> bytes:
@@ -126,3 +126,14 @@ def test_a_batch_decodes_what_it_can_and_says_why_not_the_rest():
 def test_bad_transforms_are_refused_by_name(options, message):
     with pytest.raises(ParameterError, match=message):
         ImageTransform(**options)
+
+
+def test_a_jpegs_size_is_read_from_its_frame_header():
+    pixels = gradient(37, 91)
+    turned = Image.Exif()
+    turned[0x0112] = 6  # stored sideways: the header states the stored size
+    for options in ({}, {"progressive": True}, {"quality": 50, "subsampling": 0}, {"exif": turned.tobytes()}):
+        blob = encode(pixels, "JPEG", **options)
+        assert jpeg_size(blob) == Image.open(io.BytesIO(blob)).size == (91, 37)
+    assert jpeg_size(encode(pixels, "PNG")) is None
+    assert jpeg_size(encode(pixels, "JPEG")[:20]) is None  # cut before its frame header

@@ -1,0 +1,94 @@
+"""DaliDecoder: the scan's decoder where DALI is installed, against PIL's and the loader's DALI pipeline."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from images import photo
+from PIL import Image
+
+from nearstore import ParameterError
+from nearstore.selection.stages import decoded
+from nearstore.storage.dali_images import DaliDecoder, dali_available
+from nearstore.storage.images import ImageTransform
+
+pytestmark = pytest.mark.skipif(not dali_available(), reason="needs DALI")
+
+EVAL = ImageTransform(size=16, train=False)
+
+
+def photos(n: int) -> list[bytes]:
+    return [photo(i) for i in range(n)]  # JPEG and PNG of 40-160 px
+
+
+def test_the_scan_decodes_the_pixels_the_loaders_dali_pipeline_decodes():
+    from loaders.dali_pipeline import dali_epoch
+
+    blobs = photos(12)
+    pixels, failed = DaliDecoder(EVAL, threads=2).decode_batch(blobs)
+    assert failed == {} and pixels.shape == (12, 3, 16, 16) and pixels.dtype == np.float32
+    column = np.empty(12, dtype=object)
+    column[:] = blobs
+    [(loaded,)] = dali_epoch(iter([(column,)]), num_outputs=1, batch_size=12, device=torch.device("cpu"), images=EVAL)
+    np.testing.assert_array_equal(pixels, loaded.numpy())
+    by_pil, _ = EVAL.decode_batch(blobs)  # another decoder and resize filter: close, not equal
+    assert 0 < np.abs(pixels - by_pil).mean() < 0.05
+
+
+def test_batches_past_the_pipelines_size_decode_as_one():
+    blobs = photos(11)
+    whole, _ = DaliDecoder(EVAL, threads=2).decode_batch(blobs)
+    pieces, _ = DaliDecoder(EVAL, threads=1, batch=4).decode_batch(blobs)
+    np.testing.assert_array_equal(pieces, whole)
+
+
+def test_damaged_samples_are_named_and_a_refused_batch_is_decoded_by_pil():
+    blobs = photos(9)
+    blobs[2] = blobs[2][: len(blobs[2]) // 2]  # cut short: named before decoding
+    blobs[6] = b"\xff\xd8\xff" + b"not a JPEG" * 20 + b"\xff\xd9"  # looks whole; the decoders refuse it
+    decoder = DaliDecoder(EVAL, threads=2, batch=4)
+    pixels, failed = decoder.decode_batch(blobs)
+    assert sorted(failed) == [2, 6]
+    assert "truncated" in failed[2] and "the decoder refused it" in failed[6]
+    kept = [blob for i, blob in enumerate(blobs) if i not in failed]
+    alone, _ = DaliDecoder(EVAL, threads=2).decode_batch(kept)
+    by_pil, _ = EVAL.decode_batch(kept)
+    # samples 0, 1, 3, 4 by DALI; 5, 7 and 8, the refused batch's others, by PIL
+    np.testing.assert_array_equal(pixels[:4], alone[:4])
+    np.testing.assert_array_equal(pixels[4:], by_pil[4:])
+    again, none = decoder.decode_batch(kept)  # the decoder goes on after a refusal
+    assert none == {} and np.array_equal(again, alone)
+
+
+def test_only_evaluation_transforms_are_dalis():
+    with pytest.raises(ParameterError, match="evaluation transforms"):
+        DaliDecoder(ImageTransform(size=16), threads=1)
+
+
+def test_the_scan_decodes_by_dali_where_it_is_installed():
+    blobs = np.empty(6, dtype=object)
+    blobs[:] = photos(6)
+    for images in (EVAL, ImageTransform(size=16, train=False, draft=True)):
+        [(_, batch)] = decoded([(np.arange(6), {"x": blobs})], "x", images)
+        np.testing.assert_array_equal(batch["x"], DaliDecoder(images, threads=1).decode_batch(list(blobs))[0])
+    [(_, batch)] = decoded([(np.arange(6), {"x": blobs})], "x", EVAL)
+    assert not np.array_equal(batch["x"], EVAL.decode_batch(list(blobs))[0])  # not PIL's
+
+
+def test_a_drafts_large_jpegs_are_pils_scaled_and_the_rest_dalis(monkeypatch):
+    thumbnails = ImageTransform(size=16, train=False, draft=True)
+    blobs = photos(8)  # JPEGs (odd) and PNGs (even) of 40-160 px
+    pixels = [int(np.prod(Image.open(io.BytesIO(blob)).size)) for blob in blobs]
+    threshold = int(np.median(pixels))
+    monkeypatch.setattr("nearstore.storage.dali_images.DRAFT_PIXELS", threshold)
+    large = [i for i, n in enumerate(pixels) if n > threshold and i % 2]
+    assert large and len(large) < 4
+    mixed, _ = DaliDecoder(thumbnails, threads=2).decode_batch(blobs)
+    by_dali, _ = DaliDecoder(EVAL, threads=2).decode_batch(blobs)  # the same transform, decoded whole
+    by_pil, _ = thumbnails.decode_batch(blobs)
+    for i in range(8):
+        np.testing.assert_array_equal(mixed[i], (by_pil if i in large else by_dali)[i])
+    assert not np.array_equal(by_pil[large], by_dali[large])
