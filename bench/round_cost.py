@@ -37,7 +37,9 @@ Then encoded images (`images()`): the shapes (10,000 generated JPEGs of 48-160 p
 photo-like JPEGs of 300-500 px (`synthetic.write_photos`), the demo's 2D CNN trained for an epoch
 as the proxy (32 x 32 centre crops): the default re-selection and round 0 at each budget, round 0
 also with its thumbnails decoded whole (not `ImageTransform.draft`), against a full-data epoch of
-the same images. Writes round_cost.json and round_cost.png.
+the same images through the loader's default backend (DALI's CPU decoder where it is installed,
+as a user's epoch; until 2026-12-07 the torch backend's PIL, 1.5x slower). Writes round_cost.json
+and round_cost.png.
 """
 
 from __future__ import annotations
@@ -230,15 +232,13 @@ def main() -> None:
 def images(name: str, store: Dataset, budgets: list[float], repeats: int) -> list[dict]:
     """The default re-selection and round 0 over the encoded images of `store`, rows named
     "`name`: ...": the demo's 2D CNN trained for an epoch on 32 x 32 random crops decoded in the
-    loader (batches of 32, the demo's recipe) as the proxy, decoding 32 x 32 centre crops as a
-    loader's `update_proxy` has it; round 0 also with its thumbnails decoded whole, not scaled
-    (`RandomFeatureProxy.images` without `draft`). Each row against the mean of a full-data epoch
-    of the images timed before the rounds and one after."""
+    loader (its default backend, DALI where installed; batches of 32, the demo's recipe) as the
+    proxy, decoding 32 x 32 centre crops as a loader's `update_proxy` has it; round 0 also with its
+    thumbnails decoded whole, not scaled (`RandomFeatureProxy.images` without `draft`). Each row
+    against the mean of a full-data epoch of the images timed before the rounds and one after."""
     torch.manual_seed(0)
     model = image_cnn()
-    loader = StreamingLoader(
-        store, batch_size=IMAGES_RECIPE["batch_size"], backend="torch", device="cpu", images=TRAIN_IMAGES
-    )
+    loader = StreamingLoader(store, batch_size=IMAGES_RECIPE["batch_size"], device="cpu", images=TRAIN_IMAGES)
     train_epoch(model, torch.optim.Adam(model.parameters(), lr=IMAGES_RECIPE["lr"]), loader, 0)
     proxy = ModelProxy(model, images=TEST_IMAGES)
     before = timed_epoch(model, loader)
