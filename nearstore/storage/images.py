@@ -1,6 +1,7 @@
 """Encoded images as model inputs: `ImageTransform` says how (decode, crop, resize, flip,
-normalize), the same whether DALI runs it in the trainer's pipeline (`loaders.dali_pipeline`) or
-PIL runs it here, beside the data for a proxy or in the loader's torch backend.
+normalize), the same whether DALI runs it (`nearstore.storage.dali_images`: in the trainer's
+pipeline, and beside the data for a proxy where DALI is installed) or PIL runs it here (in the
+loader's torch backend, a proxy's scaled thumbnails, and a scan where DALI is not installed).
 
 A sample is checked whole before it is decoded (`damaged`): a truncated or foreign file is named
 by the `on_error` policy of whoever reads it, never decoded silently into something else.
