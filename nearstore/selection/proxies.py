@@ -23,6 +23,8 @@ RAGGED_BINS = 256
 # ModelProxy runs at most this many bytes of inputs at once: a model's activations grow with its
 # input (the demo's image CNN holds ~15 MB an image of 224 x 224, 31 GB a chunk of 2,048 of them).
 CHUNK_INPUT_BYTES = 1 << 25
+# The model-free proxy's random convolutional features are computed this many images at a time.
+CONV_CHUNK_IMAGES = 1024
 
 
 class Proxy(Protocol):
@@ -183,11 +185,16 @@ class RandomFeatureProxy:
         return torch.relu_(inputs @ self._projection)
 
     def _conv_features(self, images: torch.Tensor) -> torch.Tensor:
-        """max-pooled |filters ∗ normalized images| on a 2 × 2 grid, the first `width` values, (n, width)."""
+        """max-pooled |filters ∗ normalized images| on a 2 × 2 grid, the first `width` values, (n, width);
+        CONV_CHUNK_IMAGES at a time: the responses of 8,192 thumbnails at once, 0.5 GB, were
+        faulted in afresh each time, and taking their absolute value cost more than the convolution."""
+        return torch.cat([self._conv_chunk(chunk) for chunk in images.split(CONV_CHUNK_IMAGES)])  # one if empty
+
+    def _conv_chunk(self, images: torch.Tensor) -> torch.Tensor:
         images = images - images.mean((1, 2, 3), keepdim=True)
-        images = images / images.std((1, 2, 3), keepdim=True).clamp_min(1e-6)  # a flat image stays 0
-        response = torch.nn.functional.conv2d(images, self._filters, stride=2, padding=3).abs()
-        return torch.nn.functional.adaptive_max_pool2d(response, 2).reshape(len(images), -1)[:, : self.width]
+        images /= images.std((1, 2, 3), keepdim=True).clamp_min(1e-6)  # a flat image stays 0
+        response = torch.nn.functional.conv2d(images, self._filters, stride=2, padding=3).abs_()
+        return torch.nn.functional.adaptive_max_pool2d(response, 2).flatten(1)[:, : self.width]
 
     def logits(self, x: np.ndarray) -> torch.Tensor:
         """Each sample's logits under the head of its fold, shape (n, num_classes)."""

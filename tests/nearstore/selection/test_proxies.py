@@ -305,6 +305,15 @@ def test_image_features_ignore_an_image_s_brightness_and_contrast():
     assert not torch.allclose(proxy.features(x[::-1].copy()), proxy.features(x), atol=1e-2)  # scenes do count
 
 
+def test_image_features_are_the_same_computed_in_chunks(monkeypatch):
+    x, y = rendered(50, seed=0)
+    proxy = RandomFeatureProxy(2, width=64).fit(x, y)
+    whole = proxy.features(x)
+    monkeypatch.setattr("nearstore.selection.proxies.CONV_CHUNK_IMAGES", 7)  # 7 chunks, the last of 1
+    torch.testing.assert_close(proxy.features(x), whole, rtol=0, atol=1e-6)
+    assert proxy.features(x[:0]).shape == (0, 64)
+
+
 def test_images_get_convolutional_features_that_find_shapes_anywhere():
     x, y = rendered(600, seed=0)
     proxy = RandomFeatureProxy(2, width=64).fit(x, y)
