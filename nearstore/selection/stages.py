@@ -275,10 +275,11 @@ def samples_per_read(dataset: Dataset, arrays: Iterable[str], samples: int) -> i
 def decoded(
     batches: Iterable[Batch], input_array: str, images: ImageTransform, ragged: RaggedLayout | None = None
 ) -> Iterator[Batch]:
-    """Stage 1b: ragged samples (laid out as `ragged`) as arrays; encoded images decoded by
-    `images` (the proxy's), damaged ones left out (logged: the scan cannot score them, so they
-    are never selected), a batch in pieces of at most DECODED_BATCH_BYTES of pixels; other
-    inputs, and inputs decoded already, pass as they are."""
+    """Stage 1b: ragged samples (laid out as `ragged`) as arrays; encoded images decoded as
+    `images` (the proxy's; by DALI where it is installed, `DaliDecoder`, else PIL), damaged ones
+    left out (logged: the scan cannot score them, so they are never selected), a batch in pieces
+    of at most DECODED_BATCH_BYTES of pixels; other inputs, and inputs decoded already, pass as
+    they are."""
     piece = max(1, DECODED_BATCH_BYTES // (3 * images.size**2 * 4))
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="nearstore-decode") as pool:
         decode = None  # chosen at the first encoded batch: only then is DALI imported

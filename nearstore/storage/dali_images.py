@@ -68,6 +68,12 @@ def image_graph(encoded, images: ImageTransform, on_gpu: bool = False):
 DRAFT_PIXELS = 80_000
 
 
+# The most stored bytes a DALI batch of the scan's holds: DALI decodes a batch whole before it
+# resizes it, ~10x the bytes of a JPEG (256 thumbnails of the shapes, ~150 JPEGs of ImageNet's
+# ~110 kB, 4 photographs of 4 MB, ~36 MB of pixels each).
+DALI_BATCH_BYTES = 1 << 24
+
+
 def dali_decodes(images: ImageTransform) -> bool:
     """Whether a scan decodes as `images` by `DaliDecoder`: an evaluation transform, where DALI is
     installed."""
@@ -98,8 +104,7 @@ class DaliDecoder:
         by_pil = [i for i in whole if self.images.draft and _pixels(blobs[i]) > DRAFT_PIXELS]
         out = np.empty((len(blobs), 3, self.images.size, self.images.size), dtype=np.float32)
         by_dali = np.setdiff1d(whole, by_pil).tolist()
-        for start in range(0, len(by_dali), self.batch):
-            part = by_dali[start : start + self.batch]
+        for part in self._parts(by_dali, blobs):
             try:
                 out[part] = self._run([blobs[i] for i in part])
             except RuntimeError:
@@ -110,6 +115,19 @@ class DaliDecoder:
         failed.update({by_pil[j]: why for j, why in refused.items()})
         out[[i for j, i in enumerate(by_pil) if j not in refused]] = pixels
         return np.delete(out, list(failed), axis=0), dict(sorted(failed.items()))
+
+    def _parts(self, indices: list[int], blobs: Sequence[bytes]) -> list[list[int]]:
+        """`indices` in order, in batches of at most `batch` samples and DALI_BATCH_BYTES stored bytes
+        (a sample larger alone): DALI holds a batch's whole decodes at once."""
+        parts: list[list[int]] = []
+        held = 0
+        for i in indices:
+            if not parts or len(parts[-1]) == self.batch or held + len(blobs[i]) > DALI_BATCH_BYTES:
+                parts.append([])
+                held = 0
+            parts[-1].append(i)
+            held += len(blobs[i])
+        return parts
 
     def _run(self, blobs: list[bytes]) -> np.ndarray:
         if self._pipe is None:

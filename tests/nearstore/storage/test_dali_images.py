@@ -38,11 +38,18 @@ def test_the_scan_decodes_the_pixels_the_loaders_dali_pipeline_decodes():
     assert 0 < np.abs(pixels - by_pil).mean() < 0.05
 
 
-def test_batches_past_the_pipelines_size_decode_as_one():
+def test_batches_past_the_pipelines_size_or_bytes_decode_as_one(monkeypatch):
     blobs = photos(11)
     whole, _ = DaliDecoder(EVAL, threads=2).decode_batch(blobs)
     pieces, _ = DaliDecoder(EVAL, threads=1, batch=4).decode_batch(blobs)
     np.testing.assert_array_equal(pieces, whole)
+    sizes = [len(blob) for blob in blobs]
+    monkeypatch.setattr("nearstore.storage.dali_images.DALI_BATCH_BYTES", max(sizes))
+    decoder = DaliDecoder(EVAL, threads=2)
+    parts = decoder._parts(list(range(11)), blobs)
+    assert [i for part in parts for i in part] == list(range(11)) and len(parts) > 2
+    assert all(sum(sizes[i] for i in part) <= max(sizes) for part in parts)
+    np.testing.assert_array_equal(decoder.decode_batch(blobs)[0], whole)
 
 
 def test_damaged_samples_are_named_and_a_refused_batch_is_decoded_by_pil():
