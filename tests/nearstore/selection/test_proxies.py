@@ -305,6 +305,7 @@ def test_image_features_ignore_an_image_s_brightness_and_contrast():
     assert not torch.allclose(proxy.features(x[::-1].copy()), proxy.features(x), atol=1e-2)  # scenes do count
 
 
+@pytest.mark.filterwarnings(r"ignore:std\(\)")  # the empty batch's, of no image
 def test_image_features_are_the_same_computed_in_chunks(monkeypatch):
     x, y = rendered(50, seed=0)
     proxy = RandomFeatureProxy(2, width=64).fit(x, y)
