@@ -1,7 +1,7 @@
 """Encoded images decoded by DALI: `image_graph`, an `ImageTransform` as a DALI graph (the loader's
 pipelines run it on the CPU or, by nvJPEG, the GPU), and `DaliDecoder`, which runs it on the CPU
 for a scan beside the data. DALI decodes in its own threads without the GIL, where PIL's Python
-work around each small image holds it (docs/benchmarks.md#encoded-images-2026-12-07-stop-47).
+work around each small image holds it (docs/benchmarks.md#the-scan-decodes-by-dali-2026-12-07-stop-48).
 
 DALI is imported when first used: a scan of fixed-size samples never pays for it."""
 
@@ -82,12 +82,13 @@ def dali_decodes(images: ImageTransform) -> bool:
 
 class DaliDecoder:
     """Encoded images decoded as `images` (train=False) by DALI's CPU decoder in `threads` threads,
-    at most `batch` at a time through one pipeline; returns what `ImageTransform.decode_batch`
-    returns, with the pixels a loader's DALI pipeline decodes. On 2 cores it decoded the shapes'
-    small JPEGs at 32 x 32 3x faster than PIL in threads, photographs of 500 x 375 1.6x. With
-    `images.draft`, JPEGs of more than DRAFT_PIXELS are PIL's, decoded scaled (in `executor`'s
-    threads). Samples `damaged` finds are left out unread; a batch DALI's decoder refuses (its
-    error names no sample) is decoded by PIL instead, which names the samples it refuses."""
+    at most `batch` (and DALI_BATCH_BYTES stored bytes) at a time through one pipeline; returns
+    what `ImageTransform.decode_batch` returns, with the pixels a loader's DALI pipeline decodes.
+    On 2 cores it decoded the shapes' small JPEGs at 32 x 32 3x faster than PIL in threads,
+    photographs of 500 x 375 1.6x. With `images.draft`, JPEGs of more than DRAFT_PIXELS are
+    PIL's, decoded scaled (in `executor`'s threads). Samples `damaged` finds are left out unread; a
+    batch DALI's decoder refuses (its error names no sample) is decoded by PIL instead, which names
+    the samples it refuses."""
 
     def __init__(self, images: ImageTransform, threads: int, batch: int = 256, executor: Executor | None = None):
         if images.train:
