@@ -99,3 +99,24 @@ def test_a_drafts_large_jpegs_are_pils_scaled_and_the_rest_dalis(monkeypatch):
     for i in range(8):
         np.testing.assert_array_equal(mixed[i], (by_pil if i in large else by_dali)[i])
     assert not np.array_equal(by_pil[large], by_dali[large])
+
+
+def test_the_formats_pil_decodes_decode_alike_and_one_dali_refuses_falls_to_pil():
+    rng = np.random.default_rng(0)
+    rgb = np.kron(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+    kinds = [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP")]
+    blobs = []
+    for mode, format in kinds:
+        out = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(out, format=format, **({"quality": 95} if format == "JPEG" else {}))
+        blobs.append(out.getvalue())
+    std = np.array(EVAL.std, np.float32)[:, None, None]
+    by_dali, failed = DaliDecoder(EVAL, threads=2).decode_batch(blobs)
+    by_pil, _ = EVAL.decode_batch(blobs)
+    assert failed == {}
+    assert (np.abs(by_dali - by_pil) * std).mean((1, 2, 3)).max() < 1.5  # levels of 255
+    bilevel = io.BytesIO()
+    Image.fromarray(rgb[..., 0]).convert("1").save(bilevel, format="TIFF")  # PIL decodes it, DALI's decoder not
+    pixels, failed = DaliDecoder(EVAL, threads=2).decode_batch([*blobs, bilevel.getvalue()])
+    assert failed == {} and len(pixels) == 7
+    np.testing.assert_array_equal(pixels, EVAL.decode_batch([*blobs, bilevel.getvalue()])[0])  # all PIL's
