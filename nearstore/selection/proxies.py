@@ -130,8 +130,8 @@ class RandomFeatureProxy:
             filters = torch.randn(-(-self.width // 4), inputs.shape[1], 7, 7, generator=generator)
             filters -= filters.mean((1, 2, 3), keepdim=True)
             self._filters = (filters / filters.flatten(1).norm(dim=1)[:, None, None, None]).to(self.device)
-            h = self._conv_features(inputs)
-            self._mean, self._scale = h.mean(0), h.std(0).clamp_min(1e-6)
+            convolved = self._conv_features(inputs)
+            self._mean, self._scale = convolved.mean(0), convolved.std(0).clamp_min(1e-6)
         else:
             inputs = inputs.reshape(len(inputs), -1)
             self._mean, self._scale = inputs.mean(0), inputs.std(0).clamp_min(1e-6)
@@ -139,7 +139,9 @@ class RandomFeatureProxy:
             self._projection = (torch.randn(d, self.width, generator=generator) / d**0.5).to(self.device)
         if labels is None:
             return self
-        h = self._with_bias(self.features(x))
+        # images' features standardized from the convolution above, not convolved again (a tenth of
+        # a round 0 over the shapes)
+        h = self._with_bias(self._standardized(convolved) if self._filters is not None else self.features(x))
         folds = torch.as_tensor(sample_folds(x, self.folds), device=self.device)
         heads = []
         for fold in range(self.folds):
@@ -180,9 +182,11 @@ class RandomFeatureProxy:
             raise RuntimeError("RandomFeatureProxy is not fitted; call fit(x, y) on a warm-up sample first")
         inputs = self._inputs(x)
         if self._filters is not None:
-            return (self._conv_features(inputs) - self._mean) / self._scale
-        inputs = (inputs.reshape(len(inputs), -1) - self._mean) / self._scale
-        return torch.relu_(inputs @ self._projection)
+            return self._standardized(self._conv_features(inputs))
+        return torch.relu_(self._standardized(inputs.reshape(len(inputs), -1)) @ self._projection)
+
+    def _standardized(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self._mean) / self._scale
 
     def _conv_features(self, images: torch.Tensor) -> torch.Tensor:
         """max-pooled |filters ∗ normalized images| on a 2 × 2 grid, the first `width` values, (n, width);
