@@ -14,6 +14,7 @@ from PIL import Image
 
 from loaders import StreamingLoader
 from nearstore import Graft, ModelProxy, ParameterError, SampleError, sage_select, write_dataset
+from nearstore.storage.dali_images import DaliDecoder
 from nearstore.storage.images import ImageTransform
 
 
@@ -45,6 +46,13 @@ def test_both_backends_decode_the_same_tensors(store):
     # on average a fifth of one level in 255, at most a few levels at sharp edges (docs/loader.md)
     levels = (dali_x - torch_x).abs() * torch.tensor(images.std)[:, None, None]
     assert levels.mean() < 0.5 and levels.max() < 16
+
+
+def test_the_scan_decodes_the_pixels_a_dali_epoch_evaluates(store, tmp_path):
+    images = ImageTransform(size=16, train=False)
+    loaded, _ = epoch(StreamingLoader(store, batch_size=50, shuffle=False, images=images, backend="dali"))
+    blobs = [photo(i) for i in range(NUM_IMAGES)]
+    np.testing.assert_array_equal(DaliDecoder(images, threads=2).decode_batch(blobs)[0], loaded.numpy())
 
 
 def test_sideways_photographs_and_16_bit_pngs_decode_alike_in_both_backends(tmp_path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
+from images import photo
 from PIL import Image
 
 from nearstore import open_dataset, write_dataset
 from nearstore.selection.stages import SuspectsFound, decoded, mute_suspects, pool_batches, rebatch, samples_per_read
+from nearstore.storage.dali_images import DaliDecoder, dali_available
 from nearstore.storage.images import ImageTransform
 
 
@@ -144,3 +147,13 @@ def test_a_class_the_proxy_gives_every_sample_alike_is_no_ones_suspected_label()
     probs = np.repeat(((1 - lean) / 9)[:, None], 10, axis=1)
     probs[:, 0] = lean
     assert len(_judged(probs, labels)[0]) == 0
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_the_scan_decodes_by_dali_where_it_is_installed():
+    blobs = np.empty(6, dtype=object)
+    blobs[:] = [photo(i) for i in range(6)]
+    for images in (ImageTransform(size=16, train=False), ImageTransform(size=16, train=False, draft=True)):
+        [(_, batch)] = decoded([(np.arange(6), {"x": blobs})], "x", images)
+        np.testing.assert_array_equal(batch["x"], DaliDecoder(images, threads=1).decode_batch(list(blobs))[0])
+        assert not np.array_equal(batch["x"], images.decode_batch(list(blobs))[0])  # not PIL's
