@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nearstore.errors import ParameterError
-from nearstore.storage.dali_images import dali_available, image_graph
+from nearstore.storage.dali_images import dali_available, fed_pipeline, image_graph, run_fed
 from nearstore.storage.images import ImageTransform
 
 try:
@@ -151,19 +151,11 @@ def dali_refusal(samples: Iterable[tuple[int, bytes]]) -> tuple[int, str] | None
     refuses, decoded one at a time in a pipeline of their own; None where it decodes them all. A
     failed pipeline names no sample: this finds it where PIL decodes it (a 1-bit TIFF, say)."""
 
-    # one sample in, its answer out: nothing fed ahead, nothing run ahead
-    @pipeline_def(
-        batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False
-    )
-    def probe():
-        return fn.decoders.image(fn.external_source(name="blob"), device="cpu", output_type=types.RGB)
-
-    pipe = probe()
-    pipe.build()
+    # one sample in, its answer out
+    pipe = fed_pipeline(lambda encoded: fn.decoders.image(encoded, device="cpu", output_type=types.RGB), 1, 1)
     for sample, blob in samples:
-        pipe.feed_input("blob", [np.frombuffer(blob, dtype=np.uint8)])
         try:
-            pipe.run()
+            run_fed(pipe, [blob])
         except RuntimeError as e:
             return sample, _encountered(e)
     return None

@@ -8,7 +8,7 @@ DALI is imported when first used: a scan of fixed-size samples never pays for it
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
@@ -132,30 +132,38 @@ class DaliDecoder:
 
     def _run(self, blobs: list[bytes]) -> np.ndarray:
         if self._pipe is None:
-            self._pipe = self._pipeline()
-        self._pipe.feed_input("encoded", [np.frombuffer(blob, dtype=np.uint8) for blob in blobs])
-        (pixels,) = self._pipe.run()
+            self._pipe = fed_pipeline(lambda encoded: image_graph(encoded, self.images), self.batch, self.threads)
+        (pixels,) = run_fed(self._pipe, blobs)
         return pixels.as_array()
 
-    def _pipeline(self):
-        import nvidia.dali.fn as fn
-        from nvidia.dali import pipeline_def
 
-        # fed a batch, run on it, nothing fed or run ahead
-        @pipeline_def(
-            batch_size=self.batch,
-            num_threads=self.threads,
-            device_id=None,
-            prefetch_queue_depth=1,
-            exec_async=False,
-            exec_pipelined=False,
-        )
-        def decode():
-            return image_graph(fn.external_source(name="encoded"), self.images)
+def fed_pipeline(graph: Callable, batch: int, threads: int):
+    """A built DALI pipeline on the CPU of `graph` (a DataNode of encoded images to its outputs),
+    for `run_fed`: fed a batch of at most `batch`, run on it, nothing fed or run ahead."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
 
-        pipe = decode()
-        pipe.build()
-        return pipe
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=threads,
+        device_id=None,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
+    def fed():
+        return graph(fn.external_source(name="encoded"))
+
+    pipe = fed()
+    pipe.build()
+    return pipe
+
+
+def run_fed(pipe, blobs: Sequence[bytes]) -> tuple:
+    """`pipe`'s outputs (`fed_pipeline`) for these encoded images; DALI's RuntimeError where it
+    refuses one, after which the pipeline is spent."""
+    pipe.feed_input("encoded", [np.frombuffer(blob, dtype=np.uint8) for blob in blobs])
+    return pipe.run()
 
 
 def _pixels(blob: bytes) -> int:
