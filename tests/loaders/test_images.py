@@ -48,7 +48,7 @@ def test_both_backends_decode_the_same_tensors(store):
     assert levels.mean() < 0.5 and levels.max() < 16
 
 
-def test_the_scan_decodes_the_pixels_a_dali_epoch_evaluates(store, tmp_path):
+def test_the_scan_decodes_the_pixels_a_dali_epoch_evaluates(store):
     images = ImageTransform(size=16, train=False)
     loaded, _ = epoch(StreamingLoader(store, batch_size=50, shuffle=False, images=images, backend="dali"))
     blobs = [photo(i) for i in range(NUM_IMAGES)]
