@@ -1,6 +1,7 @@
 """Encoded images decoded by DALI: `image_graph`, an `ImageTransform` as a DALI graph (the loader's
 pipelines run it on the CPU or, by nvJPEG, the GPU), and `DaliDecoder`, which runs it on the CPU
-for a scan beside the data. DALI decodes in its own threads without the GIL, where PIL's Python
+for a scan beside the data, a batch at a time through `fed_pipeline` (as the loader finds the
+sample DALI refuses). DALI decodes in its own threads without the GIL, where PIL's Python
 work around each small image holds it (docs/benchmarks.md#the-scan-decodes-by-dali-2026-12-07-stop-48).
 
 DALI is imported when first used: a scan of fixed-size samples never pays for it."""
