@@ -268,15 +268,16 @@ class ModelProxy:
     `batch_size` samples (2,048: the demo's CNN ran 1.4x faster than in chunks of 4,096 under
     glibc's default malloc, whose larger activations it maps afresh and faults in every chunk; as
     fast with freed memory kept), fewer where their inputs would pass CHUNK_INPUT_BYTES (32 MiB: 55
-    images of 224 x 224, 2,048 of 32 x 32), each moved to the device as it runs, on the
-    stored samples cast to the model's floating dtype (a float16 or integer store to a float32
-    model, as the trainer casts its batches): preprocessing the trainer does in a loader transform
-    belongs in the model's first layer for its proxy to see the same input. Ragged samples reach it
-    as the loader yields them, a jagged nested tensor (`nested`), floats cast to the model's dtype
-    and integers (token ids) as stored. Encoded images are decoded by `images` (default 32 × 32,
-    centre crop, ImageNet's normalization): give the trainer's evaluation transform for the model to
-    see what it trains on (a loader's `update_proxy` gives its own `images` with train=False).
-    `decodes_images`: whether its samples are such images, set by the scan that decodes them.
+    images of 224 x 224, 2,048 of 32 x 32; a ragged sample counted by its own length), each moved to
+    the device as it runs, on the stored samples cast to the model's floating dtype (a float16 or
+    integer store to a float32 model, as the trainer casts its batches): preprocessing the trainer
+    does in a loader transform belongs in the model's first layer for its proxy to see the same
+    input. Ragged samples reach it as the loader yields them, a jagged nested tensor (`nested`),
+    floats cast to the model's dtype and integers (token ids) as stored. Encoded images are decoded
+    by `images` (default 32 × 32, centre crop, ImageNet's normalization): give the trainer's
+    evaluation transform for the model to see what it trains on (a loader's `update_proxy` gives its
+    own `images` with train=False). `decodes_images`: whether its samples are such images, set by
+    the scan that decodes them.
     """
 
     def __init__(
@@ -355,17 +356,15 @@ class ModelProxy:
 
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, the head's inputs) of a batch, checked."""
-        n = len(x)
-        if x.dtype == object:  # ragged: batches as the loader yields them
-            starts = range(0, n, self.batch_size)
-            chunks = [nested(RaggedBatch.of(x[i : i + self.batch_size]), self.device) for i in starts]
+        n, ragged = len(x), x.dtype == object
+        # a ragged sample's bytes are its elements' in the model's dtype, as a fixed-size one's
+        elements = np.fromiter((np.size(s) for s in x), np.int64, n) if ragged else np.full(n, np.prod(x.shape[1:]))
+        bounds = chunk_bounds(elements * self.dtype.itemsize, self.batch_size, CHUNK_INPUT_BYTES)
+        if ragged:  # batches as the loader yields them
+            chunks = [nested(RaggedBatch.of(x[a:b]), self.device) for a, b in zip(bounds, bounds[1:])]
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
-        else:
-            x = np.asarray(x)
-            sample_bytes = int(np.prod(x.shape[1:])) * self.dtype.itemsize
-            step = min(self.batch_size, max(1, CHUNK_INPUT_BYTES // max(1, sample_bytes)))
-            starts = range(0, max(n, 1), step)  # an empty batch runs as one empty chunk, as it did whole
-            chunks = (torch.as_tensor(x[i : i + step], device=self.device, dtype=self.dtype) for i in starts)
+        else:  # an empty batch runs as one empty chunk, as it did whole
+            chunks = (torch.as_tensor(x[a:b], device=self.device, dtype=self.dtype) for a, b in zip(bounds, bounds[1:]))
         # the chunk's last Linear to run (the head given: its last run), with any other run on the
         # same input after it (a second head); only the latest held: a transformer runs hundreds
         last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -454,6 +453,17 @@ class ModelProxy:
         name = next((n for n, m in self.model.named_modules() if m is module), "")
         shape = f" {module.in_features} -> {module.out_features}" if isinstance(module, torch.nn.Linear) else ""
         return f"{name or type(self.model).__name__!r} ({type(module).__name__}{shape})"
+
+
+def chunk_bounds(sizes: np.ndarray, most: int, limit: int) -> list[int]:
+    """Where consecutive chunks of samples of `sizes` bytes start, and the end: at most `most`
+    samples and `limit` bytes a chunk, a sample over `limit` alone; [0, 0] (one empty chunk) for none."""
+    ends, bounds = np.cumsum(sizes), [0]
+    while bounds[-1] < len(sizes):
+        start = bounds[-1]
+        fits = int(np.searchsorted(ends, (ends[start - 1] if start else 0) + limit, side="right"))
+        bounds.append(min(max(fits, start + 1), start + most))
+    return bounds if len(bounds) > 1 else [0, 0]
 
 
 def nested(batch: RaggedBatch, device: torch.device | str) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nearstore import ModelProxy, RandomFeatureProxy, sage_select, write_dataset
-from nearstore.selection.proxies import sample_folds
+from nearstore.selection.proxies import chunk_bounds, sample_folds
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,56 @@ def test_model_proxy_runs_large_inputs_in_chunks_bounded_by_their_bytes(monkeypa
     model.batches.clear()
     ModelProxy(model).gradient_factors(x[:0], y[:0])  # nothing to score: an empty run, as whole
     assert model.batches == [0]
+
+
+def test_chunk_bounds_hold_a_count_and_bytes_and_a_large_sample_alone():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(0, 50, rng.integers(0, 30))
+        most, limit = int(rng.integers(1, 8)), int(rng.integers(1, 120))
+        bounds = chunk_bounds(sizes, most, limit)
+        if not len(sizes):
+            assert bounds == [0, 0]
+            continue
+        assert bounds[0] == 0 and bounds[-1] == len(sizes)
+        for a, b in zip(bounds, bounds[1:]):
+            assert 1 <= b - a <= most
+            assert sizes[a:b].sum() <= limit or b - a == 1  # over the limit only alone
+            # greedy: the next sample would have passed a bound
+            assert b == len(sizes) or b - a == most or sizes[a : b + 1].sum() > limit
+
+
+class RaggedCounted(torch.nn.Module):
+    """A nested batch (B, j, 3) to the mean of each sample's rows, then 4 classes; records each
+    chunk's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 4)
+        self.rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(len(x.values()))
+        return self.head(torch.stack([sample.mean(0) for sample in x.unbind()]))
+
+
+def test_model_proxy_runs_ragged_samples_in_chunks_bounded_by_their_length(monkeypatch):
+    # chunked by count alone, 2,048 long documents would pass the memory any fixed-size chunk may hold
+    rng = np.random.default_rng(0)
+    lengths = [1, 40, 3, 90, 7, 7, 200, 2, 60, 30]
+    x = np.empty(len(lengths), dtype=object)
+    x[:] = [rng.standard_normal((n, 3)).astype(np.float32) for n in lengths]
+    y = rng.integers(0, 4, len(x))
+    torch.manual_seed(0)
+    model = RaggedCounted()
+    whole = ModelProxy(model).gradient_factors(x, y)
+    assert model.rows == [sum(lengths)]
+    monkeypatch.setattr("nearstore.selection.proxies.CHUNK_INPUT_BYTES", 100 * 3 * 4)  # 100 rows
+    model.rows.clear()
+    chunked = ModelProxy(model).gradient_factors(x, y)
+    assert model.rows == [44, 97, 7, 200, 92]  # the 200-row sample alone
+    for part, expected in zip(chunked, whole):
+        torch.testing.assert_close(part, expected)
 
 
 def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
