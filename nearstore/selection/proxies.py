@@ -15,6 +15,7 @@ from kernels.floats import all_finite
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.images import PROXY_IMAGES, THUMBNAILS, ImageTransform
 from nearstore.storage.ragged import RaggedBatch
+from nearstore.storage.ranges import batch_bounds
 
 # Ragged samples as the model-free proxy sees them: floats resampled to this many rows, integers
 # (token ids) counted into this many hashed bins; and either with the log of the sample's length.
@@ -359,12 +360,13 @@ class ModelProxy:
         n, ragged = len(x), x.dtype == object
         # a ragged sample's bytes are its elements' in the model's dtype, as a fixed-size one's
         elements = np.fromiter((np.size(s) for s in x), np.int64, n) if ragged else np.full(n, np.prod(x.shape[1:]))
-        bounds = chunk_bounds(elements * self.dtype.itemsize, self.batch_size, CHUNK_INPUT_BYTES)
+        bounds = batch_bounds(elements * self.dtype.itemsize, self.batch_size, CHUNK_INPUT_BYTES)
+        spans = list(zip(bounds, bounds[1:])) or [(0, 0)]  # an empty batch runs as one empty chunk, as it did whole
         if ragged:  # batches as the loader yields them
-            chunks = [nested(RaggedBatch.of(x[a:b]), self.device) for a, b in zip(bounds, bounds[1:])]
+            chunks = [nested(RaggedBatch.of(x[a:b]), self.device) for a, b in spans]
             chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
-        else:  # an empty batch runs as one empty chunk, as it did whole
-            chunks = (torch.as_tensor(x[a:b], device=self.device, dtype=self.dtype) for a, b in zip(bounds, bounds[1:]))
+        else:
+            chunks = (torch.as_tensor(x[a:b], device=self.device, dtype=self.dtype) for a, b in spans)
         # the chunk's last Linear to run (the head given: its last run), with any other run on the
         # same input after it (a second head); only the latest held: a transformer runs hundreds
         last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -453,17 +455,6 @@ class ModelProxy:
         name = next((n for n, m in self.model.named_modules() if m is module), "")
         shape = f" {module.in_features} -> {module.out_features}" if isinstance(module, torch.nn.Linear) else ""
         return f"{name or type(self.model).__name__!r} ({type(module).__name__}{shape})"
-
-
-def chunk_bounds(sizes: np.ndarray, most: int, limit: int) -> list[int]:
-    """Where consecutive chunks of samples of `sizes` bytes start, and the end: at most `most`
-    samples and `limit` bytes a chunk, a sample over `limit` alone; [0, 0] (one empty chunk) for none."""
-    ends, bounds = np.cumsum(sizes), [0]
-    while bounds[-1] < len(sizes):
-        start = bounds[-1]
-        fits = int(np.searchsorted(ends, (ends[start - 1] if start else 0) + limit, side="right"))
-        bounds.append(min(max(fits, start + 1), start + most))
-    return bounds if len(bounds) > 1 else [0, 0]
 
 
 def nested(batch: RaggedBatch, device: torch.device | str) -> torch.Tensor:

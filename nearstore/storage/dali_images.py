@@ -16,6 +16,7 @@ import numpy as np
 
 from nearstore.errors import ParameterError
 from nearstore.storage.images import ImageTransform, damaged, jpeg_size
+from nearstore.storage.ranges import batch_bounds
 
 
 @functools.cache
@@ -121,15 +122,8 @@ class DaliDecoder:
     def _parts(self, indices: list[int], blobs: Sequence[bytes]) -> list[list[int]]:
         """`indices` in order, in batches of at most `batch` samples and DALI_BATCH_BYTES stored bytes
         (a sample larger alone): DALI holds a batch's whole decodes at once."""
-        parts: list[list[int]] = []
-        held = 0
-        for i in indices:
-            if not parts or len(parts[-1]) == self.batch or held + len(blobs[i]) > DALI_BATCH_BYTES:
-                parts.append([])
-                held = 0
-            parts[-1].append(i)
-            held += len(blobs[i])
-        return parts
+        bounds = batch_bounds(np.array([len(blobs[i]) for i in indices], np.int64), self.batch, DALI_BATCH_BYTES)
+        return [indices[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def _run(self, blobs: list[bytes]) -> np.ndarray:
         if self._pipe is None:

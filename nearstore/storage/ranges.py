@@ -1,5 +1,5 @@
 """Byte-range planning by cost: a request is worth some bytes of transfer, so a hole cheaper to
-read through than a request is read through."""
+read through than a request is read through. And batches bounded by their bytes (`batch_bounds`)."""
 
 from __future__ import annotations
 
@@ -121,3 +121,14 @@ def coalesce_ranges(
     run_of_range = np.empty_like(run_sorted)
     run_of_range[order] = run_sorted
     return run_starts, run_ends, run_of_range
+
+
+def batch_bounds(sizes: np.ndarray, most: int, limit: int) -> list[int]:
+    """Where consecutive batches of items of `sizes` bytes start, and the end: at most `most` items
+    and `limit` bytes a batch, an item over `limit` alone; [0] for none."""
+    ends, bounds = np.cumsum(sizes), [0]
+    while bounds[-1] < len(sizes):
+        start = bounds[-1]
+        fits = int(np.searchsorted(ends, (ends[start - 1] if start else 0) + limit, side="right"))
+        bounds.append(min(max(fits, start + 1), start + most))
+    return bounds

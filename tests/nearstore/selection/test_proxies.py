@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nearstore import ModelProxy, RandomFeatureProxy, sage_select, write_dataset
-from nearstore.selection.proxies import chunk_bounds, sample_folds
+from nearstore.selection.proxies import sample_folds
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +123,6 @@ def test_model_proxy_runs_large_inputs_in_chunks_bounded_by_their_bytes(monkeypa
     model.batches.clear()
     ModelProxy(model).gradient_factors(x[:0], y[:0])  # nothing to score: an empty run, as whole
     assert model.batches == [0]
-
-
-def test_chunk_bounds_hold_a_count_and_bytes_and_a_large_sample_alone():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        sizes = rng.integers(0, 50, rng.integers(0, 30))
-        most, limit = int(rng.integers(1, 8)), int(rng.integers(1, 120))
-        bounds = chunk_bounds(sizes, most, limit)
-        if not len(sizes):
-            assert bounds == [0, 0]
-            continue
-        assert bounds[0] == 0 and bounds[-1] == len(sizes)
-        for a, b in zip(bounds, bounds[1:]):
-            assert 1 <= b - a <= most
-            assert sizes[a:b].sum() <= limit or b - a == 1  # over the limit only alone
-            # greedy: the next sample would have passed a bound
-            assert b == len(sizes) or b - a == most or sizes[a : b + 1].sum() > limit
 
 
 class RaggedCounted(torch.nn.Module):

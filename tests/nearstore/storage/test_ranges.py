@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nearstore.errors import ParameterError
-from nearstore.storage.ranges import Coalescing, coalesce_ranges
+from nearstore.storage.ranges import Coalescing, batch_bounds, coalesce_ranges
 
 
 @st.composite
@@ -139,3 +139,22 @@ def test_bad_knobs_are_named(kwargs, message):
 def test_inverted_or_empty_range_is_rejected(end):
     with pytest.raises(ValueError, match="start < end"):
         coalesce_ranges(np.array([5]), np.array([end]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 50), max_size=30),
+    st.integers(1, 8),
+    st.integers(1, 120),
+)
+def test_batches_are_greedy_by_count_and_bytes_and_a_large_item_alone(sizes, most, limit):
+    bounds = batch_bounds(np.array(sizes, dtype=np.int64), most, limit)
+    expected, held = [0], 0  # the rule item by item: a batch closes where the next item would pass a bound
+    for i, size in enumerate(sizes):
+        if i > expected[-1] and (i - expected[-1] == most or held + size > limit):
+            expected.append(i)
+            held = 0
+        held += size
+    assert bounds == (expected + [len(sizes)] if sizes else [0])
+    for a, b in zip(bounds, bounds[1:]):
+        assert 1 <= b - a <= most and (sum(sizes[a:b]) <= limit or b - a == 1)
