@@ -571,18 +571,18 @@ def _sizable(dtype: np.dtype) -> bool:
 PROBE_SAMPLES = 8
 
 
-def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool = False) -> None:
+def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool = False) -> bool:
     """A ModelProxy told whether the dataset's samples are encoded images it decodes
     (`ModelProxy.decodes_images`), and its head found on the first sample that decodes (of the
     first PROBE_SAMPLES: `ModelProxy.probe`), before its classes are checked and its gradients
     sized; another proxy, or a head settled already, reads nothing. run: the model is run on that
-    sample even where its head is settled (`vet`)."""
+    sample even where its head is settled (`vet`). Whether a sample was read that decodes."""
     if not isinstance(proxy, ModelProxy):
-        return
+        return False
     ragged = reader.dataset.ragged(input_array)
     proxy.decodes_images = reader.dataset.encoded(input_array) and ragged is None  # as `decoded` takes them
     if (proxy.sized and not run) or not reader.dataset.num_samples:
-        return
+        return False
     first = np.arange(min(PROBE_SAMPLES, reader.dataset.num_samples), dtype=np.int64)
     [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
     # where none decodes, it stays sized by its last registered Linear (refused if a run finds another head)
@@ -590,24 +590,25 @@ def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool 
         proxy.features(batch[input_array][:1])  # sizes the proxy too, as `ModelProxy.probe` would
     elif len(ids):
         proxy.probe(batch[input_array][:1])
+    return bool(len(ids))
 
 
 def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
-    """A trainer's model tried where it is handed over, not at the next round: its head found
-    and the model run once on what a round will give it (`probe`), the first sample that decodes
-    and, for encoded images, an image of the size it decodes them at. A model that cannot run on
-    them is refused by name (`ParameterError`), one that scores fewer classes than the dataset has
-    too (`check_proxy`)."""
+    """A trainer's model tried where it is handed over, not at the next round: its head found and
+    the model run once on what a round will give it (`probe`), the first sample that decodes
+    (encoded images, where none of the first decodes: a blank one of the size it decodes them at). A
+    model that cannot run on them is refused by name (`ParameterError`), one that scores fewer
+    classes than the dataset has too (`check_proxy`)."""
     dataset = reader.dataset
     try:
-        probe(proxy, reader, input_array, run=True)
+        ran = probe(proxy, reader, input_array, run=True)
     except RuntimeError as e:  # ModelProxy names the size of the images it decodes itself
         shape = "ragged" if dataset.ragged(input_array) else f"of shape {tuple(dataset.arrays[input_array].shape[1:])}"
         raise ParameterError(
             f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples ({shape}) of "
             f"{dataset.url!r}: {type(e).__name__}: {e}"
         ) from e
-    if isinstance(proxy, ModelProxy) and proxy.decodes_images:  # where none of the first decodes too
+    if isinstance(proxy, ModelProxy) and proxy.decodes_images and not ran:  # none of the first decodes
         side = proxy.images.size
         proxy.features(np.zeros((1, 3, side, side), np.float32))
     check_proxy(dataset, proxy)

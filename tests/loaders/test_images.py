@@ -162,6 +162,18 @@ def test_a_scan_finds_the_models_head_past_a_damaged_first_image(tmp_path):
     assert len(selection.ids) == NUM_IMAGES // 2
 
 
+def test_a_misfit_model_is_refused_at_its_push_where_none_of_the_first_images_decodes(tmp_path):
+    # the push runs the model on the first image that decodes; where none of the first 8 does, on a
+    # blank image of the loader's size
+    store, _ = image_store(str(tmp_path / "first.zarr"), {i: b"<html>not found</html>" for i in range(8)})
+    loader = StreamingLoader(store, images=ImageTransform(size=16), backend="torch", device="cpu")
+    torch.manual_seed(0)
+    with pytest.raises(ParameterError, match=r"Sequential cannot run on samples of 3 x 16 x 16"):
+        loader.update_proxy(flat(8))
+    loader.update_proxy(flat(16))
+    assert not set(range(8)) & set(loader.reselect(0.5, method="sage", seed=0).ids.tolist())
+
+
 def flat(side: int) -> torch.nn.Module:
     """A classifier of the 4 photo labels that takes images of side x side alone (Flatten, Linear)."""
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, 4))
