@@ -16,13 +16,16 @@ it waits for and takes from there, instead of fetching it too (`ChunkCache.claim
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import google_crc32c
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.chunk_cache import ChunkCache, ChunkKey
@@ -337,11 +340,16 @@ class SelectiveReader:
         return blobs, sizes
 
     def _cat_sync(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
-        """Ranges of a blocking filesystem: each object opened once (fsspec opens it per range)."""
+        """Ranges of a blocking filesystem: each object opened once (fsspec opens it per range), a
+        local file's read by os.pread (`_pread_ranges`)."""
         by_path: dict[str, list[int]] = {}
         for i, path in enumerate(paths):
             by_path.setdefault(path, []).append(i)
         blobs: list[bytes | Exception] = [b""] * len(paths)
+        if isinstance(self.fs, LocalFileSystem):
+            for path, members in by_path.items():
+                _pread_ranges(path, members, starts, ends, blobs)
+            return blobs
         for path, members in by_path.items():
             try:
                 with self.fs.open(path, "rb") as f:
@@ -354,6 +362,39 @@ class SelectiveReader:
                 for i in members:
                     blobs[i] = e
         return blobs
+
+
+def _pread_ranges(
+    path: str, members: list[int], starts: list[int | None], ends: list[int | None], blobs: list[bytes | Exception]
+) -> None:
+    """`blobs[i]` for each i of `members`, ranges of the local file `path`, as `_cat_sync` reads
+    them (an open end to the end of the file, a negative start from it; an error in place of every
+    one where the file cannot be opened or a start falls before it), by os.pread: fsspec's file
+    object spends a Python seek and read, each wrapped, on every range, which made a first epoch of
+    small samples 1.3-1.4x slower (bench/loader.py)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            for i in members:
+                start, end = starts[i] or 0, ends[i]
+                if start < 0:
+                    start += size
+                    if start < 0:
+                        raise OSError(errno.EINVAL, f"a range from {starts[i]} bytes before the end of {size}", path)
+                want = (size if end is None else end) - start
+                blob = os.pread(fd, want, start) if want > 0 else b""
+                while 0 < len(blob) < want:  # pread may return less than asked (over 2 GiB on Linux)
+                    more = os.pread(fd, want - len(blob), start + len(blob))
+                    if not more:
+                        break
+                    blob += more
+                blobs[i] = blob
+        finally:
+            os.close(fd)
+    except OSError as e:
+        for i in members:
+            blobs[i] = e
 
 
 def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader]:

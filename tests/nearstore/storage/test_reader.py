@@ -9,7 +9,7 @@ from zarr.dtype import VariableLengthBytes
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import DatasetError
 from nearstore.storage.dataset import UncheckedStoreWarning, encoded_bytes
-from nearstore.storage.reader import small_arrays
+from nearstore.storage.reader import _pread_ranges, small_arrays
 
 INDEX_BYTES = 256 * 16 + 4  # one (offset, nbytes) uint64 pair per inner chunk, and a crc32c
 SAMPLE_BYTES = {"x": 8 * 4 + 4, "y": 8 + 4}  # both stored raw (too small to compress), and a crc32c
@@ -226,3 +226,22 @@ def test_on_local_disk_a_selection_of_large_samples_reads_no_hole(tmp_path):
     before = bridged.stats.snapshot()
     bridged.read(ids)
     assert (bridged.stats.snapshot() - before).requests == 1  # as over S3: one run, holes and all
+
+
+def test_local_ranges_read_by_pread_as_a_file_object_reads_them(tmp_path):
+    path = tmp_path / "shard"
+    data = bytes(range(256)) * 40  # 10,240 bytes
+    path.write_bytes(data)
+    # (start, end): closed, open-ended, from the end (format 1), past the end, empty
+    ranges = [(0, 10), (100, 4100), (5000, None), (-16, None), (10_000, 20_000), (20_000, 30_000), (7, 7)]
+    blobs: list = [None] * len(ranges)
+    _pread_ranges(str(path), list(range(len(ranges))), [r[0] for r in ranges], [r[1] for r in ranges], blobs)
+    with open(path, "rb") as f:
+        for (start, end), blob in zip(ranges, blobs):
+            f.seek(start, 0 if start >= 0 else 2)
+            assert blob == (f.read() if end is None else f.read(end - f.tell()))
+    # a start before the file's beginning fails every range of it, as a missing file does
+    for where, error in ((str(path), OSError), (str(tmp_path / "missing"), FileNotFoundError)):
+        blobs = [None, None]
+        _pread_ranges(where, [0, 1], [0, -len(data) - 1], [10, None], blobs)
+        assert all(isinstance(b, error) for b in blobs)
