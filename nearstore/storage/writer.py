@@ -35,7 +35,7 @@ from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
 from nearstore.errors import DatasetError, IntegrityError, ParameterError
-from nearstore.storage.codecs import Sharding, chunk_sums, encode_bytes_shard
+from nearstore.storage.codecs import Sharding, Zstd, chunk_sums, encode_bytes_shard
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -697,5 +697,5 @@ def _check_byte_shards(document: Mapping[str, Any], compressed: bool, name: str)
     chunks, index = sharding.chunks, sharding.index
     expected = (sharding.chunk_shape, chunks.checksummed, index.checksummed, sharding.index_at_start)
     kinds = [type(codec) for codec in chunks.compressors]
-    if expected != ((1,), True, True, False) or kinds != ([numcodecs.Zstd] if compressed else []):
+    if expected != ((1,), True, True, False) or kinds != ([Zstd] if compressed else []):
         raise RuntimeError(f"array {name!r}: zarr describes its shards otherwise than nearstore writes: {document}")

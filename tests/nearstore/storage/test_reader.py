@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numcodecs
 import numpy as np
 import pytest
 import zarr
+import zstandard
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import DatasetError
+from nearstore.storage.codecs import Zstd
 from nearstore.storage.dataset import UncheckedStoreWarning, encoded_bytes
 from nearstore.storage.reader import _pread_ranges, small_arrays
 
@@ -245,3 +250,24 @@ def test_local_ranges_read_by_pread_as_a_file_object_reads_them(tmp_path):
         blobs = [None, None]
         _pread_ranges(where, [0, 1], [0, -len(data) - 1], [10, None], blobs)
         assert all(isinstance(b, error) for b in blobs)
+
+
+def test_zstd_decodes_as_numcodecs_does_every_frame_it_may_meet():
+    # a context kept per thread, numcodecs' own decode where that context would not take the frame whole
+    raw = np.arange(1000, dtype=np.int32).tobytes()
+    frames = {
+        "numcodecs'": numcodecs.Zstd().encode(raw),
+        "without its size": zstandard.ZstdCompressor(write_content_size=False).compress(raw),
+        "two frames": numcodecs.Zstd().encode(raw[:2000]) + numcodecs.Zstd().encode(raw[2000:]),
+    }
+    ours = Zstd()
+    for name, frame in frames.items():
+        expected = numcodecs.Zstd().decode(frame)
+        assert ours.decode(frame) == expected, name
+        assert ours.decode(np.frombuffer(frame, np.uint8)) == expected, name  # as the reader hands it
+    damaged = bytearray(frames["numcodecs'"])
+    damaged[10] ^= 0xFF
+    with pytest.raises(RuntimeError, match="Zstd decompression error"):
+        ours.decode(bytes(damaged))
+    with ThreadPoolExecutor(4) as pool:  # each thread its own context
+        assert all(out == raw for out in pool.map(ours.decode, [frames["numcodecs'"]] * 64))
