@@ -35,7 +35,7 @@ from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
 from nearstore.errors import DatasetError, IntegrityError, ParameterError
-from nearstore.storage.codecs import Sharding, Zstd, chunk_sums, encode_bytes_shard
+from nearstore.storage.codecs import Sharding, Zstd, chunk_sums, encode_shard, fixed_payloads, vlen_payloads
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -488,9 +488,9 @@ class _ShardWriter:
         self.names: tuple[str, ...] = ()
         self.arrays: dict[str, zarr.Array] = {}
         self.ragged: dict[str, RaggedLayout] = {}  # the arrays of ragged numeric samples
-        # arrays of encoded (and ragged) samples, one an inner chunk: their shards are encoded here
-        # (`encode_bytes_shard`), with the compressor each chunk gets (None: checksum only)
-        self.byte_shards: dict[str, numcodecs.abc.Codec | None] = {}
+        # the compressor each array's inner chunks get (None: checksum only): shards are encoded
+        # here (`encode_shard`), as zarr would encode them
+        self.compressors: dict[str, numcodecs.abc.Codec | None] = {}
         self.documents: dict[str, dict[str, Any]] = {}  # each array's zarr.json, which names its shards' keys
         self.sharding: dict[str, Sharding] = {}  # and how its shards are laid out, as the reader decodes them
         self.pending: dict[str, list[np.ndarray]] = {}
@@ -578,9 +578,8 @@ class _ShardWriter:
             )
             self.documents[name] = self.arrays[name].metadata.to_dict()
             self.sharding[name] = Sharding.parse(self.documents[name], self.arrays[name].dtype, f"array {name!r}")
-            if encoded:
-                self.byte_shards[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
-                _check_byte_shards(self.documents[name], compress, name)
+            self.compressors[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
+            _check_shards(self.documents[name], self.arrays[name].dtype, compress, name)
             self.pending[name] = []
             self.nbytes[name], self.digests[name], self.sums[name], self.content[name] = [], [], [], new_digest()
 
@@ -656,7 +655,7 @@ class _ShardWriter:
         for name, array in self.arrays.items():
             array.resize((stop, *array.shape[1:]))  # in memory (`close` uploads its zarr.json), so cheap
             values, self.pending[name] = _first(self.pending[name], n)
-            shard = self._encode(name, values, start)
+            shard = self._encode(name, values)
             self._put(shard_key(name, self.documents[name], shard_index), shard)
             self.nbytes[name].append(len(shard))
             self.sums[name].append(chunk_sums(shard, self.sharding[name]))
@@ -666,15 +665,13 @@ class _ShardWriter:
         self.num_pending -= n
         self.num_samples = stop
 
-    def _encode(self, name: str, values: np.ndarray, start: int) -> bytes:
-        """The bytes of the shard object of array `name` whose samples from `start` are `values`
-        (the array's last ones: a last shard may be partial): built in memory, so the manifest's
-        size and chunk checksums come from them, not from a read back."""
-        if name in self.byte_shards:
-            return encode_bytes_shard(values, self.shard_samples, self.byte_shards[name])
-        # zarr's own codecs encode it into the array in memory: exactly the bytes zarr writes to a store
-        self.arrays[name][start : start + len(values)] = values
-        return self.staged.pop(shard_key(name, self.documents[name], start // self.shard_samples)).to_bytes()
+    def _encode(self, name: str, values: np.ndarray) -> bytes:
+        """The bytes of the shard object of array `name` that holds `values` (a last shard may be
+        partial): built in memory, as zarr would encode it, so the manifest's size and chunk
+        checksums come from them, not from a read back."""
+        chunk_samples = self.sharding[name].chunk_shape[0]
+        payloads = vlen_payloads(values) if values.dtype == object else fixed_payloads(values, chunk_samples)
+        return encode_shard(payloads, self.shard_samples // chunk_samples, self.compressors[name])
 
     def _put(self, key: str, body: bytes) -> None:
         """Upload `body` to `key` under root in one request (a local store: into a folder made if new)."""
@@ -690,12 +687,15 @@ class _ShardWriter:
         self.sizes[key] = len(body)
 
 
-def _check_byte_shards(document: Mapping[str, Any], compressed: bool, name: str) -> None:
-    """That zarr described array `name` as `encode_bytes_shard` writes its shards (a zarr release
-    that changed its defaults would otherwise leave shards its metadata does not describe)."""
-    sharding = Sharding.parse(document, np.dtype(object), f"array {name!r}")
+def _check_shards(document: Mapping[str, Any], dtype: np.dtype, compressed: bool, name: str) -> None:
+    """That zarr described array `name` as `encode_shard` writes its shards (a zarr release that
+    changed its defaults would otherwise leave shards its metadata does not describe): inner chunks
+    in `dtype`'s bytes, little-endian, or vlen-bytes; then zstd where `compressed`; each chunk's
+    crc32c and the index's, the index at the end."""
+    sharding = Sharding.parse(document, dtype, f"array {name!r}")
     chunks, index = sharding.chunks, sharding.index
-    expected = (sharding.chunk_shape, chunks.checksummed, index.checksummed, sharding.index_at_start)
+    laid_out = (chunks.checksummed, index.checksummed, sharding.index_at_start)
     kinds = [type(codec) for codec in chunks.compressors]
-    if expected != ((1,), True, True, False) or kinds != ([Zstd] if compressed else []):
+    stored = chunks.stored_dtype is None if dtype.kind == "O" else chunks.stored_dtype == dtype.newbyteorder("<")
+    if laid_out != (True, True, False) or not stored or kinds != ([Zstd] if compressed else []):
         raise RuntimeError(f"array {name!r}: zarr describes its shards otherwise than nearstore writes: {document}")
