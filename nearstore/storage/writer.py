@@ -690,12 +690,14 @@ class _ShardWriter:
 def _check_shards(document: Mapping[str, Any], dtype: np.dtype, compressed: bool, name: str) -> None:
     """That zarr described array `name` as `encode_shard` writes its shards (a zarr release that
     changed its defaults would otherwise leave shards its metadata does not describe): inner chunks
-    in `dtype`'s bytes, little-endian, or vlen-bytes; then zstd where `compressed`; each chunk's
-    crc32c and the index's, the index at the end."""
+    of whole samples (one, encoded), in `dtype`'s bytes, little-endian, or vlen-bytes; then zstd
+    where `compressed`; each chunk's crc32c and the index's, the index at the end."""
     sharding = Sharding.parse(document, dtype, f"array {name!r}")
     chunks, index = sharding.chunks, sharding.index
     laid_out = (chunks.checksummed, index.checksummed, sharding.index_at_start)
     kinds = [type(codec) for codec in chunks.compressors]
-    stored = chunks.stored_dtype is None if dtype.kind == "O" else chunks.stored_dtype == dtype.newbyteorder("<")
-    if laid_out != (True, True, False) or not stored or kinds != ([Zstd] if compressed else []):
+    encoded = dtype.kind == "O"
+    whole = sharding.chunk_shape == (1,) if encoded else sharding.chunk_shape[1:] == sharding.shard_shape[1:]
+    stored = chunks.stored_dtype is None if encoded else chunks.stored_dtype == dtype.newbyteorder("<")
+    if laid_out != (True, True, False) or not (whole and stored) or kinds != ([Zstd] if compressed else []):
         raise RuntimeError(f"array {name!r}: zarr describes its shards otherwise than nearstore writes: {document}")

@@ -321,6 +321,21 @@ def test_the_writer_refuses_to_write_shards_zarr_would_describe_otherwise(tmp_pa
     document["codecs"][0]["configuration"]["index_location"] = "start"  # a zarr whose default moved
     with pytest.raises(RuntimeError, match="array 'image': zarr describes its shards otherwise"):
         _check_shards(document, np.dtype(object), False, "image")
+    document = json.loads(Path(dataset.url, "image", "zarr.json").read_text())
+    document["codecs"][0]["configuration"]["chunk_shape"] = [2]  # two samples an inner chunk
+    with pytest.raises(RuntimeError, match="array 'image'"):
+        _check_shards(document, np.dtype(object), False, "image")
+    noise = np.random.default_rng(0).normal(size=(10, 4, 3)).astype("<f4")  # stored raw: zstd saves little
+    fixed = write_dataset(str(tmp_path / "f.zarr"), [{"x": noise}], label_array=None)
+    document = json.loads(Path(fixed.url, "x", "zarr.json").read_text())
+    _check_shards(document, np.dtype("<f4"), False, "x")
+    document["codecs"][0]["configuration"]["chunk_shape"][1] = 2  # a sample split across inner chunks
+    with pytest.raises(RuntimeError, match="array 'x'"):
+        _check_shards(document, np.dtype("<f4"), False, "x")
+    document = json.loads(Path(fixed.url, "x", "zarr.json").read_text())
+    document["codecs"][0]["configuration"]["codecs"][0]["configuration"]["endian"] = "big"
+    with pytest.raises(RuntimeError, match="array 'x'"):  # samples' bytes in the other order
+        _check_shards(document, np.dtype("<f4"), False, "x")
     with pytest.raises(RuntimeError, match="array 'image'"):  # compressed, but zarr says not
         _check_shards(json.loads(Path(dataset.url, "image", "zarr.json").read_text()), np.dtype(object), True, "image")
 
