@@ -46,7 +46,7 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
         )
     manifest = dataset.manifest
     fs, _ = dataset.filesystem()
-    readers = {name: SelectiveReader(dataset, [name]) for name in dataset.sample_arrays}
+    readers = {name: SelectiveReader(dataset, [name], digests=True) for name in dataset.sample_arrays}
     work = [(name, shard) for name in dataset.sample_arrays for shard in range(dataset.array_shards(name))]
 
     def check(item: tuple[str, int]) -> Damage | None:
