@@ -12,7 +12,7 @@ from zarr.dtype import VariableLengthBytes
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
 from nearstore.errors import DatasetError
-from nearstore.storage.codecs import Zstd
+from nearstore.storage.codecs import Zstd, vlen_items
 from nearstore.storage.dataset import UncheckedStoreWarning, encoded_bytes
 from nearstore.storage.reader import _pread_ranges, small_arrays
 
@@ -271,3 +271,16 @@ def test_zstd_decodes_as_numcodecs_does_every_frame_it_may_meet():
         ours.decode(bytes(damaged))
     with ThreadPoolExecutor(4) as pool:  # each thread its own context
         assert all(out == raw for out in pool.map(ours.decode, [frames["numcodecs'"]] * 64))
+
+
+def test_vlen_chunks_decode_as_numcodecs_decodes_them():
+    # one item a chunk is cut without numcodecs' checks; any other chunk, or a damaged one, is numcodecs'
+    vlen = numcodecs.VLenBytes()
+    for items in ([b"abc"], [b""], [bytes(range(256)) * 10], [b"a", b"bc"], []):
+        stored = vlen.encode(np.array(items, dtype=object))
+        for given in (stored, np.frombuffer(stored, np.uint8)):  # bytes, or the reader's view
+            decoded = vlen_items(given)
+            assert decoded.dtype == object and list(decoded) == list(vlen.decode(stored))
+    for damaged in (b"\x01\x00\x00\x00\x05\x00\x00\x00ab", b"\x01\x00", b""):
+        with pytest.raises(ValueError, match="corrupt buffer"):
+            vlen_items(damaged)
