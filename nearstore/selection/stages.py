@@ -140,7 +140,7 @@ class Scan:
         reader = SelectiveReader(dataset, names, keep=keep)
         warm: dict[int, Batch] = {}
         if proxy is None:
-            proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device)
+            proxy, warm = _fit_default_proxy(reader, input_array, labels, warmup_samples, seed, device, cancelled)
         else:
             probe(proxy, reader, input_array)
             if labelled:
@@ -498,9 +498,11 @@ def _fit_default_proxy(
     warmup_samples: int,
     seed: int,
     device: torch.device | str,
+    cancelled: Callable[[], bool] = never,
 ) -> tuple[RandomFeatureProxy, dict[int, dict[str, np.ndarray]]]:
     """Fit a RandomFeatureProxy on random whole shards (its features alone without `labels`);
-    return them so pass 1 need not re-read."""
+    return them so pass 1 need not re-read. `cancelled` is asked before each shard is read and
+    before the fit."""
     dataset = reader.dataset
     order = np.random.default_rng(seed).permutation(reader.num_shards)
     warm: dict[int, Batch] = {}
@@ -508,6 +510,7 @@ def _fit_default_proxy(
     for shard in order:
         if taken >= warmup_samples:
             break
+        stop_if_cancelled(cancelled, f"the default proxy's warm-up read shard {shard} of {dataset.url!r}")
         r = reader.shard_range(int(shard))
         read = [(np.arange(r.start, r.stop), reader.read_shard(int(shard)))]
         warm[int(shard)] = ids, batch = next(
@@ -519,6 +522,7 @@ def _fit_default_proxy(
     y = np.concatenate([b[labels] for _, b in warm.values()]) if labels else None
     num_classes = max(dataset.num_classes, 2 if y is None else int(y.max()) + 1)
     check_classes(num_classes, dataset, labels)
+    stop_if_cancelled(cancelled, f"the default proxy was fitted on {dataset.url!r}'s warm-up")
     return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
 
 

@@ -10,8 +10,16 @@ import torch
 from images import photo
 from PIL import Image
 
-from nearstore import open_dataset, write_dataset
-from nearstore.selection.stages import SuspectsFound, decoded, mute_suspects, pool_batches, rebatch, samples_per_read
+from nearstore import Graft, RoundCancelled, SelectiveReader, open_dataset, write_dataset
+from nearstore.selection.stages import (
+    WARMUP_SAMPLES,
+    SuspectsFound,
+    decoded,
+    mute_suspects,
+    pool_batches,
+    rebatch,
+    samples_per_read,
+)
 from nearstore.storage.dali_images import DaliDecoder, dali_available
 from nearstore.storage.images import ImageTransform
 
@@ -157,3 +165,20 @@ def test_the_scan_decodes_by_dali_where_it_is_installed():
         [(_, batch)] = decoded([(np.arange(6), {"x": blobs})], "x", images)
         np.testing.assert_array_equal(batch["x"], DaliDecoder(images, threads=1).decode_batch(list(blobs))[0])
         assert not np.array_equal(batch["x"], images.decode_batch(list(blobs))[0])  # not PIL's
+
+
+def test_a_round_nobody_waits_for_stops_before_its_warm_up_and_before_its_fit(id_store):
+    # a server's select whose caller has gone: the default proxy's warm-up read its shards and was
+    # fitted before the first check (seconds, over photographs)
+    with pytest.raises(RoundCancelled, match="before the default proxy's warm-up read shard"):
+        Graft().select(open_dataset(id_store.url), 0.25, cancelled=lambda: True)
+    shards = SelectiveReader(id_store).num_shards
+    assert id_store.num_samples <= WARMUP_SAMPLES  # the warm-up reads every shard
+    asked: list[int] = []
+
+    def after_the_warm_up_read() -> bool:
+        asked.append(1)
+        return len(asked) > shards
+
+    with pytest.raises(RoundCancelled, match="before the default proxy was fitted"):
+        Graft().select(open_dataset(id_store.url), 0.25, cancelled=after_the_warm_up_read)
