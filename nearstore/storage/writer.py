@@ -35,7 +35,7 @@ from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
 from nearstore.errors import DatasetError, IntegrityError, ParameterError
-from nearstore.storage.codecs import Sharding, Zstd, chunk_sums, encode_shard, fixed_payloads, vlen_payloads
+from nearstore.storage.codecs import Sharding, Zstd, encode_shard, fixed_payloads, vlen_payloads
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -655,20 +655,20 @@ class _ShardWriter:
         for name, array in self.arrays.items():
             array.resize((stop, *array.shape[1:]))  # in memory (`close` uploads its zarr.json), so cheap
             values, self.pending[name] = _first(self.pending[name], n)
-            shard = self._encode(name, values)
+            shard, sums = self._encode(name, values)
             self._put(shard_key(name, self.documents[name], shard_index), shard)
             self.nbytes[name].append(len(shard))
-            self.sums[name].append(chunk_sums(shard, self.sharding[name]))
+            self.sums[name].append(sums)
             shard_digest = new_digest()
             digest_samples(values, shard_digest, self.content[name])
             self.digests[name].append(shard_digest.hexdigest())
         self.num_pending -= n
         self.num_samples = stop
 
-    def _encode(self, name: str, values: np.ndarray) -> bytes:
+    def _encode(self, name: str, values: np.ndarray) -> tuple[bytes, np.ndarray]:
         """The bytes of the shard object of array `name` that holds `values` (a last shard may be
-        partial): built in memory, as zarr would encode it, so the manifest's size and chunk
-        checksums come from them, not from a read back."""
+        partial), built in memory as zarr would encode it, and its chunks' crc32c: the manifest's
+        size and chunk checksums come from them, not from a read back."""
         chunk_samples = self.sharding[name].chunk_shape[0]
         payloads = vlen_payloads(values) if values.dtype == object else fixed_payloads(values, chunk_samples)
         return encode_shard(payloads, self.shard_samples // chunk_samples, self.compressors[name])
