@@ -119,12 +119,12 @@ def vlen_items(data: Any) -> np.ndarray:
     an object array of bytes. A chunk of exactly one item, as encoded samples are stored, is cut
     here: numcodecs' checks of its argument cost more than the cut (10% of an uncached epoch of
     token sequences); any other goes to numcodecs, which checks it."""
-    raw = data if isinstance(data, bytes) else bytes(data)
-    if len(raw) >= 8 and raw[:4] == b"\x01\x00\x00\x00" and int.from_bytes(raw[4:8], "little") == len(raw) - 8:
+    view = memoryview(data).cast("B")  # the item's bytes copied once, out of the chunk
+    if len(view) >= 8 and view[:4] == b"\x01\x00\x00\x00" and int.from_bytes(view[4:8], "little") == len(view) - 8:
         items = np.empty(1, dtype=object)
-        items[0] = raw[8:]
+        items[0] = bytes(view[8:])
         return items
-    return _VLEN_BYTES.decode(raw)
+    return _VLEN_BYTES.decode(data)
 
 
 def checked(data: np.ndarray) -> np.ndarray:
