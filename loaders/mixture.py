@@ -79,20 +79,27 @@ class Mixture:
         self._resumed_counts: list[int] | None = None
         self._running: list[Iterator | None] = [None] * len(self.loaders)
 
+    @property
+    def epoch_batches(self) -> int:
+        """Batches of an epoch, all of them (those a loaded state already delivered too)."""
+        return self.batches_per_epoch or sum(loader.epoch_batches for loader in self.loaders)
+
     def __len__(self) -> int:
-        """Batches of an epoch."""
-        return self.batches_per_epoch or sum(len(loader) for loader in self.loaders)
+        """Batches the next iteration yields: an epoch's, less those a loaded state already
+        delivered (of its epoch as it was scheduled: a loader's round may differ since)."""
+        scheduled = self._resumed_counts if self._resume_at else None
+        return (self.epoch_batches if scheduled is None else sum(scheduled)) - self._resume_at
 
     def schedule(self, epoch: int, counts: Sequence[int] | None = None) -> np.ndarray:
         """Which loader gives each batch of epoch `epoch`, in order: `counts` of each (default
         from the loaders' lengths now), shuffled by (seed, epoch)."""
         if counts is None:
-            sizes = np.array([len(loader) for loader in self.loaders], dtype=np.float64)
+            sizes = np.array([loader.epoch_batches for loader in self.loaders], dtype=np.float64)
             if not sizes.all():
                 empty = int(np.argmin(sizes))
                 raise ParameterError(f"loader {empty} ({self.loaders[empty].url!r}) has no batch to give")
             weights = np.asarray(self.proportions) if self.proportions is not None else sizes / sizes.sum()
-            counts = shares(weights, len(self))
+            counts = shares(weights, self.epoch_batches)
         rng = np.random.default_rng([self.seed, epoch])
         return rng.permutation(np.repeat(np.arange(len(self.loaders)), np.asarray(counts, dtype=np.int64)))
 
@@ -115,7 +122,7 @@ class Mixture:
         self.epoch += 1
         self.batches_done = 0
         for k, loader in enumerate(self.loaders):  # a loader that gave its whole epoch ends it now
-            if self._running[k] is not None and loader.batches_done >= len(loader):
+            if self._running[k] is not None and loader.batches_done >= loader.epoch_batches:
                 next(self._running[k], None)  # its end: a round selected meanwhile is taken
                 self._running[k] = None
 

@@ -146,6 +146,10 @@ class EpochOrder:
         """Batches of this rank's share of epoch `epoch`, of `size` samples."""
         return self._batches(max(0, size - self._skip(epoch)), self.world_size)
 
+    def resumes_at(self, epoch: int) -> int:
+        """The batch epoch `epoch` starts at when it is next iterated: a loaded place's, else 0."""
+        return self._resume_at if epoch == self.epoch else 0
+
     def batches(self, epoch: int, shards: np.ndarray, first: int = 0) -> list[np.ndarray]:
         """The positions of each batch of epoch `epoch` (its samples in `shards`) from batch `first` on."""
         positions = self.positions(epoch, shards)

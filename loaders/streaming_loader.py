@@ -293,9 +293,17 @@ class StreamingLoader:
         """What this loader received from its source (bytes, requests, samples)."""
         return self.source.stats
 
-    def __len__(self) -> int:
-        """Batches in the current epoch (of this rank's share)."""
+    @property
+    def epoch_batches(self) -> int:
+        """Batches in this rank's share of the current epoch, all of them (those a loaded state
+        already delivered too: what `batches_done` counts up to)."""
         return self.order.num_batches(self.epoch, self._epoch_size(self.epoch))
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields: this rank's share of the current epoch, less those a
+        loaded state already delivered (a progress bar or a scheduler over a resumed epoch counts
+        what is left of it)."""
+        return self.epoch_batches - self.order.resumes_at(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (as DistributedSampler's).
@@ -415,14 +423,15 @@ class StreamingLoader:
                         f"a newer iterator over this loader ({self.url!r}) took its place in epoch {epoch}: "
                         "iterate one at a time (the place they share is what state_dict saves)"
                     )
-                self.order.batches_done += 1  # counted as delivered once the trainer holds it
                 if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
+                    self.order.batches_done += 1
                     continue
                 if self.augment is not None:
                     *batch, flags = batch
                     if self.transform is not None:
                         batch[0] = _on_flagged(self.transform, batch[0], flags)
                     self.augmented_samples += int(flags.sum())
+                    self.order.batches_done += 1  # counted as delivered once the trainer holds it
                     yield tuple(batch)
                     continue
                 views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
@@ -430,6 +439,8 @@ class StreamingLoader:
                     inputs = batch[:views] if views == self.views else [batch[0]] * self.views
                     batch = (*(self.transform(x) for x in inputs), *batch[views:])
                 self.augmented_samples += len(batch[0]) * self.views if transformed else 0
+                # counted as delivered once the trainer holds it: not where a transform raised
+                self.order.batches_done += 1
                 yield batch
         finally:  # ended, or left (a break): a round selected from now on is taken at once
             if iterator == self._iterator:
@@ -470,25 +481,27 @@ class StreamingLoader:
         ahead = None
         if self._ahead is not None:
             ahead = {**_round_state(self._ahead_chosen()), "completed": self._ahead[1]}
-        return {
-            "version": STATE_VERSION,
-            "dataset": self.source.identity,
-            # the shard size fixes a shuffle="shards" order: resumed only over shards of the same size
-            "order": {**self.order.state_dict(), "shard_samples": self.source.shard_samples},
-            "selection": {
-                "round": self.round,
-                "ids": self.ids.copy(),
-                "weights": self.sample_weights.copy(),
-                "scan_io": dict(self.scan_io),
-                "carry": _copied(self.carry),
-            },
-            # a round selected during the epoch being iterated, which the next epoch iterates
-            "next": None if self._pending is None else _round_state(self._pending),
-            # a round selected ahead, iterated once more epochs than "completed" are completed
-            "ahead": ahead,
-            # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
-            "augment": None if self.augment is None else self.augment.copy(),
-        }
+        return _checkpointable(
+            {
+                "version": STATE_VERSION,
+                "dataset": self.source.identity,
+                # the shard size fixes a shuffle="shards" order: resumed only over shards of the same size
+                "order": {**self.order.state_dict(), "shard_samples": self.source.shard_samples},
+                "selection": {
+                    "round": self.round,
+                    "ids": self.ids,
+                    "weights": self.sample_weights,
+                    "scan_io": self.scan_io,
+                    "carry": self.carry,
+                },
+                # a round selected during the epoch being iterated, which the next epoch iterates
+                "next": None if self._pending is None else _round_state(self._pending),
+                # a round selected ahead, iterated once more epochs than "completed" are completed
+                "ahead": ahead,
+                # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
+                "augment": self.augment,
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume where `state_dict()` was taken: the next iteration delivers exactly the batches
@@ -955,13 +968,23 @@ def _selected(
 
 
 def _round_state(chosen: Chosen) -> dict[str, Any]:
-    """A round's entry in state_dict (copies)."""
+    """A round's entry in state_dict."""
     ids, weights, round, carry = chosen
-    return {"round": round, "ids": ids.copy(), "weights": weights.copy(), "carry": _copied(carry)}
+    return {"round": round, "ids": ids, "weights": weights, "carry": carry}
 
 
-def _copied(carry: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: value.copy() for name, value in carry.items()}
+def _checkpointable(value: Any) -> Any:
+    """A copy of a state whose numpy arrays are torch tensors (strings: lists) and numpy scalars
+    Python's: what a plain torch.load (weights_only, its default since torch 2.6) loads back."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy()) if value.dtype.kind in "biuf" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {key: _checkpointable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_checkpointable(item) for item in value)
+    return value
 
 
 def _on_flagged(

@@ -4,7 +4,10 @@ the uninterrupted one would have, in the same order."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
+
+import torch
 
 from loaders import StreamingLoader
 
@@ -21,17 +24,30 @@ def batches(loader: StreamingLoader, epochs: int) -> Iterator[list[int]]:
             yield sample_ids(batch)
 
 
+def checkpointed(state: dict) -> dict:
+    """A state as a trainer's checkpoint gives it back: through torch.save and a plain torch.load,
+    which loads tensors and Python's containers and scalars only (weights_only, its default)."""
+    saved = io.BytesIO()
+    torch.save({"loader": state}, saved)
+    saved.seek(0)
+    return torch.load(saved)["loader"]
+
+
 def assert_resumes_at_every_batch(make: Callable[[], StreamingLoader], epochs: int = 2) -> int:
-    """For every batch boundary of `epochs` epochs: the state of a loader stopped there resumes on
-    a fresh loader to the same remaining batches. Returns the number of boundaries checked."""
+    """For every batch boundary of `epochs` epochs: the state of a loader stopped there, through a
+    checkpoint, resumes on a fresh loader to the same remaining batches, and the resumed loader's
+    len is the batches its next iteration yields. Returns the number of boundaries checked."""
     reference = list(batches(make(), epochs))
     for stop in range(len(reference) + 1):
         interrupted = make()
         delivered = batches(interrupted, epochs)
         head = [next(delivered) for _ in range(stop)]
-        state = interrupted.state_dict()
+        state = checkpointed(interrupted.state_dict())
         resumed = make()
         resumed.load_state_dict(state)
-        rest = list(batches(resumed, epochs))
+        promised = len(resumed)
+        rest = [sample_ids(batch) for batch in resumed] if resumed.epoch < epochs else []
+        assert len(rest) == promised, f"resumed after {stop} batches: len {promised}, {len(rest)} batches"
+        rest += batches(resumed, epochs)
         assert head + rest == reference, f"resumed after {stop} batches: {len(rest)} batches followed"
     return len(reference) + 1

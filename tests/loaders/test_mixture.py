@@ -66,8 +66,9 @@ def test_resume_delivers_exactly_the_batches_not_yet_delivered(id_store):
     state = broken.state_dict()
     resumed = two(id_store, proportions=[2, 1], batches_per_epoch=25)
     resumed.load_state_dict(state)
+    assert len(resumed) == 25 - 9  # what the next iteration yields
     assert first + ids_of(resumed) == expected
-    assert resumed.epoch == 2
+    assert resumed.epoch == 2 and len(resumed) == 25
 
 
 def test_a_round_selected_between_epochs_is_the_next_epochs_and_a_state_resumes_it_exactly(id_store):
@@ -87,6 +88,7 @@ def test_a_round_selected_between_epochs_is_the_next_epochs_and_a_state_resumes_
     assert again["batches_done"] == 4 and again["counts"] == state["counts"]
     resumed = two(id_store)
     resumed.load_state_dict(again)
+    assert len(resumed) == len(rest)
     assert ids_of(resumed) == rest
 
 

@@ -136,6 +136,31 @@ def test_dali_and_torch_transforms_apply_to_inputs(id_store, id_data):
     np.testing.assert_array_equal(x.numpy(), id_data["x"][ids][:, ::-1])
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_batch_whose_transform_raised_is_not_delivered(id_store, augment):
+    def make(transform=lambda x: x) -> StreamingLoader:
+        subset = {"augment": np.arange(2500)} if augment else {}
+        return StreamingLoader(id_store, batch_size=100, backend="torch", transform=transform, **subset)
+
+    calls = []
+
+    def out_of_memory_at_the_third(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise MemoryError("out of memory (on purpose)")
+        return x
+
+    loader = make(out_of_memory_at_the_third)
+    held = []
+    with pytest.raises(MemoryError):
+        for x, _ in loader:
+            held.append(sample_ids(x))
+    assert len(held) == 2 and loader.batches_done == 2
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    assert held + [sample_ids(x) for x, _ in resumed] == [sample_ids(x) for x, _ in make()]
+
+
 def test_io_stats_count_only_selected_samples_per_epoch(id_store, caplog):
     selection = random_select(id_store, 0.1, seed=0)
     selection = dataclasses.replace(selection, io={"bytes": 1000, "requests": 7})
@@ -249,7 +274,7 @@ def test_plain_ids_come_in_any_order_and_are_visited_in_the_epochs(id_store):
 def _plain(state: dict) -> dict:
     """A state with its arrays as lists, to compare with ==."""
     return {
-        k: _plain(v) if isinstance(v, dict) else v.tolist() if isinstance(v, np.ndarray) else v
+        k: _plain(v) if isinstance(v, dict) else v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
         for k, v in state.items()
     }
 
@@ -271,7 +296,7 @@ def test_a_refused_state_changes_nothing(id_store):
     other.set_epoch(3)
     good = other.state_dict()
     chosen, order = good["selection"], good["order"]
-    ids = chosen["ids"]
+    ids = chosen["ids"].numpy()
     without = {k: v for k, v in chosen.items() if k != "scan_io"}
     bad_states = [
         ([good], DatasetError, "state_dict version 'list' is not 2"),
