@@ -11,6 +11,7 @@ from kernels.gradients import gradients_of_factors, last_layer_factors, last_lay
 from kernels.kmeans import StreamingKMeans
 from kernels.label_issues import ConfidentJoint, label_issues
 from kernels.maxvol import maxvol, pivoted_cholesky
+from kernels.seeds import seeded_generator
 from kernels.topk import StreamingTopK
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "pivoted_cholesky",
     "residual_scores",
     "sas_greedy",
+    "seeded_generator",
     "sketch_basis",
 ]

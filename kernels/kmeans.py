@@ -9,6 +9,7 @@ import math
 import torch
 
 from kernels.floats import all_finite
+from kernels.seeds import seeded_generator
 
 
 class StreamingKMeans:
@@ -78,7 +79,7 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, weights: torch.Tensor, seed: 
     """Row indices of up to k distinct seeds by greedy weighted k-means++ (as scikit-learn's): each
     step draws 2 + ⌊ln k⌋ candidates by D² sampling and keeps the one that leaves the least
     weighted squared distance, in draw order."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(seed)
     weights = weights.to(torch.float64)
     trials = 2 + int(math.log(max(k, 1)))
     chosen: list[int] = []

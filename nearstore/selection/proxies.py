@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kernels import last_layer_factors, last_layer_gradients
+from kernels import last_layer_factors, last_layer_gradients, seeded_generator
 from kernels.floats import all_finite
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.images import PROXY_IMAGES, THUMBNAILS, ImageTransform
@@ -125,7 +125,7 @@ class RandomFeatureProxy:
         self.held_out_recall = self.median_confidence = None
         inputs = self._inputs(x)
         labels = None if y is None else self._labels(y, len(inputs))
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = seeded_generator(self.seed)
         self._input_shape = tuple(inputs.shape[1:])
         if _is_images(inputs):
             filters = torch.randn(-(-self.width // 4), inputs.shape[1], 7, 7, generator=generator)

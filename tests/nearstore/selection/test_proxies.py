@@ -41,6 +41,15 @@ def test_proxy_learns_and_rejects_bad_input(blobs):
         RandomFeatureProxy(3, folds=0)
 
 
+def test_seeds_apart_only_above_bit_32_draw_other_features(blobs):
+    """torch's generator takes a seed's low 32 bits: the proxy's seed, in [0, 2**64), all of them."""
+    x, y = blobs
+    embeddings = [
+        RandomFeatureProxy(3, width=16, seed=seed).fit(x, y).embed(x, y) for seed in (1, 1 + 2**32, 1 + 2**63)
+    ]
+    assert not any(torch.equal(a, b) for i, a in enumerate(embeddings) for b in embeddings[i + 1 :])
+
+
 def test_cross_fitted_heads_judge_the_warm_up_out_of_sample(blobs):
     """A head fitted on a wrong label believes it; the head of the other fold does not."""
     x, y = blobs
