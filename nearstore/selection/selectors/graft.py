@@ -165,13 +165,18 @@ class Graft(WindowedSelector):
         # (C − 1)(H + 1) (softmax residuals sum to 0): it picks that many, the rest fills (`_filled`).
         rank = (residual.shape[2] - 1) * inputs.shape[2]
         picks = maxvol(gram, [min(k, rank) for k in budgets])
-        if max(budgets) <= rank:
-            return [unscored(rows.cpu().numpy()) for rows in picks]
         live = (residual != 0).any(2).cpu().numpy()
-        return [
-            unscored(_filled(rows.cpu().numpy(), live[i, : len(f[0])], k))
-            for i, (rows, (f, k)) in enumerate(zip(picks, windows))
-        ]
+        chosen = []
+        for i, (rows, (f, _), k) in enumerate(zip(picks, windows, budgets)):
+            rows = rows.cpu().numpy()
+            # Past the rank a window's gradients hold in floats (a few live directions), pivoting
+            # takes the lowest free rows, muted ones among them: those give way to live rows
+            # (a muted row is taken only where no live one is left).
+            taken = live[i, rows]
+            chosen.append(
+                unscored(rows if len(rows) == k and taken.all() else _filled(rows[taken], live[i, : len(f[0])], k))
+            )
+        return chosen
 
     def _sizes(
         self, gram: torch.Tensor, residual: torch.Tensor, inputs: torch.Tensor, sizes: list[int], budgets: list[int]

@@ -89,6 +89,18 @@ def test_graft_picks_maxvol_rows_of_each_windows_gradients(blobs, norm_power):
     assert np.all(selection.weights == 1)
 
 
+def test_graft_takes_a_muted_row_only_where_no_live_row_is_left():
+    """Muted rows (zero gradients: suspects) at the lowest indices, the live rows all of one
+    direction: pivoting spends its rank at the first pick and fills with the lowest free rows."""
+    residual = torch.zeros(8, 3)
+    residual[3:] = torch.tensor([1.0, -1.0, 0.0])
+    inputs = torch.ones(8, 2) * torch.arange(1.0, 9.0)[:, None]
+    ((rows, _, _),) = Graft(norm_power=0.5).pick([((residual, inputs), 3)])
+    assert len(rows) == 3 and set(rows.tolist()) <= {3, 4, 5, 6, 7}
+    ((rows, _, _),) = Graft(norm_power=0.5).pick([((residual, inputs), 7)])  # 5 live rows: 2 muted ones fill
+    assert sorted(rows.tolist()) == [0, 1, 3, 4, 5, 6, 7]
+
+
 def test_graft_decides_windows_in_batches_as_it_would_one_by_one(blobs):
     dataset, _, _, proxy = blobs
     batched = Graft(window=32).select(dataset, 0.3, proxy=proxy)  # 15 windows, of 4 sizes
