@@ -55,6 +55,9 @@ ZARR_JSON = "zarr.json"  # a Zarr v3 node's metadata document
 # The one attribute of the bare group a replacement leaves while copying the new store in over the
 # old on object storage (`nearstore.storage.writer`): the suffix of the URL where the new one is whole.
 REPLACEMENT_KEY = "nearstore_replacement"
+# The one attribute of the bare group a write puts first (and replaces with the dataset's attributes
+# last): what a killed write leaves says it is nearstore's, which overwrite may replace.
+WRITING_KEY = "nearstore_writing"
 
 
 class UncheckedStoreWarning(UserWarning):
@@ -413,9 +416,14 @@ def _dataset(
                 f"copied in; the new dataset is whole at {url.rstrip('/') + replacement!r} (open it, or write "
                 "again with overwrite=True)"
             )
+        if (group_json.get("attributes") or {}).get(WRITING_KEY) is True:
+            raise DatasetError(
+                f"{url!r} is a nearstore dataset whose write was interrupted (no {ATTRS_KEY!r} attributes): "
+                "write it again with overwrite=True (`nearstore convert ... --overwrite`)"
+            )
         raise DatasetError(
-            f"{url!r} is a zarr group but not a nearstore dataset (no {ATTRS_KEY!r} attributes; "
-            "an interrupted write leaves none); write it with nearstore.write_dataset or `nearstore convert`"
+            f"{url!r} is a zarr group but not a nearstore dataset (no {ATTRS_KEY!r} attributes); write it with "
+            "nearstore.write_dataset or `nearstore convert`"
         )
     version = attrs.get("format_version")
     if version not in (UNCHECKED_FORMAT, FORMAT_VERSION):

@@ -40,6 +40,7 @@ from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
     REPLACEMENT_KEY,
+    WRITING_KEY,
     ZARR_JSON,
     Dataset,
     Manifest,
@@ -305,9 +306,10 @@ def _copy_over(fs: fsspec.AbstractFileSystem, root: str, suffix: str, sizes: Map
 
 
 def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, folder: bool) -> str | None:
-    """Refuse to overwrite what is not a zarr group (a dataset, or what a killed writer left):
-    overwrite replaces a dataset, it never deletes a user's other files. Return the suffix of the
-    store beside root that a replacement stopped half-way left, where root's group names one."""
+    """Refuse to overwrite what is not nearstore's (a dataset, what a killed write left, or a
+    replacement stopped half-way): overwrite replaces a dataset, it never deletes a user's other
+    files, another zarr group's either. Return the suffix of the store beside root that a
+    replacement stopped half-way left, where root's group names one."""
     try:
         document = json.loads(fs.cat_file(f"{root}/{ZARR_JSON}"))
     except (OSError, ValueError):
@@ -318,7 +320,17 @@ def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, fo
             f"{url!r} is {what}, not a dataset: overwrite replaces only a dataset or an empty folder; "
             "write elsewhere, or remove it yourself"
         )
-    stopped = (document.get("attributes") or {}).get(REPLACEMENT_KEY)
+    attributes = document.get("attributes") or {}
+    if not isinstance(attributes, dict) or not (
+        isinstance(attributes.get(ATTRS_KEY), dict)
+        or attributes.get(WRITING_KEY) is True
+        or isinstance(attributes.get(REPLACEMENT_KEY), str)
+    ):
+        raise FileExistsError(
+            f"{url!r} is a zarr group but not a nearstore dataset: overwrite replaces only a dataset or an empty "
+            "folder; write elsewhere, or remove it yourself"
+        )
+    stopped = attributes.get(REPLACEMENT_KEY)
     # only a name a replacement gives: an attribute written by anyone else deletes nothing else
     return stopped if isinstance(stopped, str) and _BESIDE.fullmatch(stopped) else None
 
@@ -349,7 +361,9 @@ def _write(
     """Write the store at `root` of `fs`; `url` names it in messages."""
     index = _ClassIndex(label_array, class_names)
     writer = _ShardWriter(fs, root, shard_samples, chunk_samples, zstd_level, label_array, index)
-    writer.put_group()  # bare: a killed write leaves a zarr group that open_dataset refuses and overwrite replaces
+    # bare but for a mark: a killed write leaves a zarr group that open_dataset refuses and overwrite replaces
+    writer.group.attrs[WRITING_KEY] = True
+    writer.put_group()
     with tqdm(total=num_samples, unit="sample", desc=f"writing {url}", disable=not progress) as bar, encoded_bytes():
         for batch in batches:
             writer.append(batch)
@@ -381,6 +395,7 @@ def _write(
         {name: array_layout(writer.arrays[name], writer.documents[name]) for name in writer.names},
         {name: np.concatenate(sums).astype("<u4").tobytes() for name, sums in writer.sums.items()},
     )
+    del writer.group.attrs[WRITING_KEY]
     writer.group.attrs[ATTRS_KEY] = {
         "format_version": FORMAT_VERSION,
         "num_samples": writer.num_samples,

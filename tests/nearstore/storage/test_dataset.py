@@ -156,6 +156,18 @@ def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
     assert fingerprint(id_store.url) == before
 
 
+def test_overwrite_replaces_no_zarr_group_but_nearstores(tmp_path, fingerprint):
+    """A user's own zarr group (xarray's, plain zarr's) is no dataset overwrite may delete."""
+    theirs = zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w", zarr_format=3)
+    theirs.create_array("temperature", shape=(3,), dtype="f4")[:] = [1.0, 2.0, 3.0]
+    before = fingerprint(str(tmp_path / "theirs.zarr"))
+    with pytest.raises(FileExistsError, match="is a zarr group but not a nearstore dataset: overwrite replaces only"):
+        write_dataset(
+            str(tmp_path / "theirs.zarr"), [{"x": np.zeros((1, 2)), "y": np.zeros(1, dtype=int)}], overwrite=True
+        )
+    assert fingerprint(str(tmp_path / "theirs.zarr")) == before
+
+
 @pytest.mark.parametrize(
     ("batches", "error", "message"),
     [

@@ -441,7 +441,7 @@ def test_a_write_to_s3_killed_mid_way_leaves_a_store_open_refuses_and_overwrite_
     # array's zarr.json yet (each is written once, at the end), nor the group's attributes
     left = {path.removeprefix("nearstore-killed/ds.zarr/") for path in fs.find(url, refresh=True)}
     assert left == {"zarr.json"} | {f"x/c/{i}/0" for i in range(11)} | {f"y/c/{i}" for i in range(11)}
-    with pytest.raises(DatasetError, match=f"{url!r} is a zarr group but not a nearstore dataset.*interrupted write"):
+    with pytest.raises(DatasetError, match=f"{url!r} is a nearstore dataset whose write was interrupted"):
         open_dataset(url, storage_options=s3.storage_options)
     with pytest.raises(FileExistsError, match="pass overwrite=True"):  # refused as any store is
         write_dataset(url, batches(data), storage_options=s3.storage_options)
