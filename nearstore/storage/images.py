@@ -175,8 +175,17 @@ def damaged(blob: bytes) -> str | None:
     if not blob:
         return "empty sample"
     if blob.startswith(_JPEG):
-        # An end-of-image marker; some writers pad after it, so it is looked for near the end.
-        return None if b"\xff\xd9" in blob[-1024:] else "JPEG without its end-of-image marker (truncated?)"
+        # An end-of-image marker, near the end, or past the first scan's start where data follows
+        # it (padding; a phone's motion photo, its video): none can stand in entropy-coded data,
+        # while an EXIF thumbnail before the scan holds one of its own.
+        if b"\xff\xd9" in blob[-1024:]:
+            return None
+        scan = _jpeg_scan(blob)
+        return (
+            None
+            if scan is not None and blob.find(b"\xff\xd9", scan) >= 0
+            else "JPEG without its end-of-image marker (truncated?)"
+        )
     if blob.startswith(_PNG):
         return None if blob.rstrip(b"\x00").endswith(_PNG_END) else "PNG without its IEND chunk (truncated?)"
     if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
@@ -194,6 +203,7 @@ def damaged(blob: bytes) -> str | None:
 
 # JPEG markers that begin a frame header (SOF0-SOF15 but DHT, JPG and DAC), which holds the size.
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SCAN_MARKER = frozenset({0xDA})
 
 
 def jpeg_size(blob: bytes) -> tuple[int, int] | None:
@@ -201,14 +211,28 @@ def jpeg_size(blob: bytes) -> tuple[int, int] | None:
     format or a header not found. Reads the segments' lengths up to the frame header, a few steps."""
     if not blob.startswith(_JPEG):
         return None
+    at = _jpeg_segment(blob, _FRAME_MARKERS)
+    if at is None or at + 9 > len(blob):
+        return None
+    height, width = struct.unpack_from(">HH", blob, at + 5)
+    return width, height
+
+
+def _jpeg_scan(blob: bytes) -> int | None:
+    """Where a JPEG's first scan (start of scan, SOS) begins, or None where none is found."""
+    return _jpeg_segment(blob, _SCAN_MARKER)
+
+
+def _jpeg_segment(blob: bytes, markers: frozenset[int]) -> int | None:
+    """Where the first of a JPEG's segments with one of `markers` begins, by their lengths from the
+    start of image (a few steps: the header's segments), or None where none is found."""
     at = 2
-    while at + 9 <= len(blob) and blob[at] == 0xFF:
+    while at + 4 <= len(blob) and blob[at] == 0xFF:
         marker = blob[at + 1]
         if marker == 0xFF:  # a fill byte before the marker
             at += 1
-        elif marker in _FRAME_MARKERS:
-            height, width = struct.unpack_from(">HH", blob, at + 5)
-            return width, height
+        elif marker in markers:
+            return at
         else:
             at += 2 + int.from_bytes(blob[at + 2 : at + 4], "big")
     return None

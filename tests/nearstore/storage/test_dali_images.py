@@ -103,3 +103,10 @@ def test_the_formats_pil_decodes_decode_alike_and_one_dali_refuses_falls_to_pil(
     pixels, failed = DaliDecoder(EVAL, threads=2).decode_batch([*blobs, bilevel.getvalue()])
     assert failed == {} and len(pixels) == 7
     np.testing.assert_array_equal(pixels, EVAL.decode_batch([*blobs, bilevel.getvalue()])[0])  # all PIL's
+
+
+def test_a_jpeg_with_data_after_its_end_decodes_as_without():
+    blob = photo(1)  # a JPEG
+    trailer = np.random.default_rng(0).integers(0, 256, 9000, dtype=np.uint8).tobytes()  # a motion photo's video
+    (plain, with_trailer), failed = DaliDecoder(EVAL, threads=1).decode_batch([blob, blob + bytes(3000) + trailer])
+    assert failed == {} and np.array_equal(plain, with_trailer)

@@ -37,6 +37,29 @@ def test_whole_images_pass_and_cut_ones_are_named(format):
         assert damaged(blob[: len(blob) // 2]) is not None
 
 
+def exif_with_thumbnail(pixels: np.ndarray) -> bytes:
+    """A JPEG whose EXIF holds a JPEG thumbnail: an end-of-image marker before the image's scan."""
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 1  # orientation: an IFD0 for the thumbnail's IFD1 to follow
+    thumbnail = encode(pixels[::8, ::8].copy(), "JPEG")
+    return encode(pixels, "JPEG", exif=exif.tobytes() + thumbnail)
+
+
+def test_jpegs_with_data_after_their_end_pass_and_cut_ones_with_an_exif_thumbnail_do_not():
+    blob = encode(gradient(40, 60), "JPEG", quality=95)
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, 8192, dtype=np.uint8).tobytes().replace(b"\xff\xd9", b"\x00\x00")
+    for trailer in (video, bytes(2000)):  # a phone's motion photo; padding
+        assert damaged(blob + trailer) is None
+        assert np.array_equal(
+            np.asarray(Image.open(io.BytesIO(blob + trailer))), np.asarray(Image.open(io.BytesIO(blob)))
+        )
+    with_thumbnail = exif_with_thumbnail(gradient(200, 300))
+    assert with_thumbnail.count(b"\xff\xd9") == 2 and damaged(with_thumbnail) is None
+    assert damaged(with_thumbnail[: len(with_thumbnail) - 2000]) is not None  # the thumbnail's end is not the image's
+
+
 @pytest.mark.parametrize(
     ("blob", "why"),
     [(b"", "empty sample"), (b"GIF89a....", "not an image nearstore decodes"), (b"\x89PNG\r\n\x1a\nIHDR", "IEND")],
