@@ -55,6 +55,8 @@ CONVERT_OPTIONS = {
     "label_key": ("webdataset", "mds", "parquet", "arrow"),
     "columns": ("parquet", "arrow"),
     "num_samples": ("mnist1d", "shapes"),
+    # the others name their classes themselves: folders, digits, a store's own names
+    "class_names": ("npz", "npy", "webdataset", "mds", "parquet", "arrow"),
 }
 
 
@@ -227,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": _verify,
         }
         return commands[args.command](args)
+    except BrokenPipeError:  # what reads the output left (`| head`): quietly, as other tools end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 1
     except (NearstoreError, OSError) as e:  # a refusal, or a file or store that is not there
         # and its notes: what a failed overwrite left, and where the dataset is whole
         print(f"nearstore {args.command}: error: {e}", *getattr(e, "__notes__", ()), sep="\n", file=sys.stderr)
@@ -575,7 +580,8 @@ def _address(host: str, port: int) -> str:
 
 def _info(args: argparse.Namespace) -> int:
     fs, path = fsspec.core.url_to_fs(args.url)
-    if not fs.exists(f"{path.rstrip('/')}/zarr.json"):  # a selection, whatever its name
+    # a selection, whatever its name; a folder is a dataset (open_dataset names what it lacks)
+    if not fs.exists(f"{path.rstrip('/')}/zarr.json") and not fs.isdir(path):
         s = Selection.load(args.url)
         print(
             json.dumps(

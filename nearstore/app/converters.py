@@ -4,6 +4,7 @@ generators, each streamed so that converting a million samples never holds them 
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 
 from nearstore import Dataset, DatasetError, ParameterError, SelectiveReader, open_dataset, write_dataset
 from nearstore.storage.dataset import UncheckedStoreWarning
-from nearstore.storage.writer import FIXED_KINDS, label_strings
+from nearstore.storage.writer import fixed_size, label_strings
 
 Batches = Iterator[dict[str, np.ndarray]]
 DEFAULT_BATCH = 4096
@@ -176,10 +177,10 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, x_name: str, y_name: str)
     for array, name in ((x, x_name), (y, y_name)):
         if array is not None and array.ndim == 0:
             raise DatasetError(f"{name} is a single value ({array.dtype} scalar), not an array of samples")
-    if x.dtype.kind not in FIXED_KINDS:
+    if not fixed_size(x.dtype):
         raise DatasetError(
             f"array 'x' from {x_name} holds {x.dtype} values, which are not stored: samples are booleans, "
-            "integers or floats"
+            "integers or floats of up to 8 bytes"
         )
     if y is not None and (y.dtype.kind not in "iuUS" or y.shape[1:] not in ((), (1,))):
         raise DatasetError(
@@ -235,6 +236,8 @@ def _load(path: str | Path, *, mmap: bool) -> np.ndarray:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:  # an object array (pickled), or a header numpy cannot read
         raise DatasetError(f"{path} cannot be read as numeric arrays: {e}") from None
+    except zipfile.BadZipFile as e:  # cut short, or its bytes changed
+        raise DatasetError(f"{path}: not a whole .npz archive ({type(e).__name__}: {e})") from None
 
 
 def _npy(path: str | Path) -> np.ndarray:
@@ -252,6 +255,8 @@ def _member(archive: np.lib.npyio.NpzFile, key: str, path: str | Path) -> np.nda
         return archive[key]
     except ValueError as e:  # an object array: pickled
         raise DatasetError(f"{path}:{key} cannot be read as a numeric array: {e}") from None
+    except (zipfile.BadZipFile, EOFError) as e:  # its bytes changed or cut inside the archive
+        raise DatasetError(f"{path}:{key}: not a whole .npz archive ({type(e).__name__}: {e})") from None
 
 
 def _open_npz(path: str | Path):

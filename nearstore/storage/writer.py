@@ -162,6 +162,14 @@ def write_dataset(
 # The numpy kinds of fixed-size samples: bool, signed and unsigned integers, floats. Fixed-width
 # bytes and strings, complex, dates and void are refused: the reader and the proxies take none.
 FIXED_KINDS = "biuf"
+
+
+def fixed_size(dtype: np.dtype) -> bool:
+    """Whether samples of `dtype` are stored as fixed-size samples: of FIXED_KINDS, of at most 8
+    bytes (numpy's float128, the platform's long double, is not a dtype zarr stores)."""
+    return dtype.kind in FIXED_KINDS and dtype.itemsize <= 8
+
+
 # Without class names, the classes are named "0".."C-1" from the largest label, up to this many, or
 # as many as there are samples: a label past both is more likely a sample id than a class.
 UNNAMED_CLASSES = 1 << 16
@@ -385,7 +393,7 @@ def _write(
                     "that many classes, name them (class_names, --class-names)"
                 )
             class_names = [str(c) for c in range(writer.max_label + 1)]
-        class_names = list(class_names)
+        class_names = index.names if index.fixed else list(class_names)  # given: read once, as strings
         if len(class_names) <= writer.max_label:
             raise DatasetError(f"{len(class_names)} class names for {url!r}, whose labels go up to {writer.max_label}")
     manifest = Manifest(
@@ -528,6 +536,9 @@ class _ShardWriter:
         # stored little-endian whatever order they come in (zarr reads them back so): the digests,
         # the manifest's layouts and the reader then see one dtype
         batch = {name: _little(np.asarray(v)) for name, v in batch.items()}
+        for name, values in batch.items():
+            if values.ndim == 0:
+                raise DatasetError(f"array {name!r} needs a sample axis, got a scalar ({values.dtype})")
         if self.label_array in batch:
             batch[self.label_array] = self.index.codes(batch[self.label_array], self.num_samples + self.num_pending)
         if not self.names:
@@ -558,13 +569,12 @@ class _ShardWriter:
             problem = array_name_problem(name)
             if problem is not None:
                 raise DatasetError(f"array {name!r} {problem}")
-            if values.ndim == 0:
-                raise DatasetError(f"array {name!r} needs a sample axis, got a scalar")
             encoded = values.dtype == object
-            if not encoded and values.dtype.kind not in FIXED_KINDS:
+            if not encoded and not fixed_size(values.dtype):
                 raise DatasetError(
                     f"array {name!r} holds {values.dtype} samples; fixed-size samples are booleans, integers or "
-                    "floats (bytes or strings of any length: a 1-D object array of bytes, stored as encoded samples)"
+                    "floats of up to 8 bytes (bytes or strings of any length: a 1-D object array of bytes, stored "
+                    "as encoded samples)"
                 )
             if not encoded and 0 in values.shape[1:]:
                 raise DatasetError(f"array {name!r} has samples of shape {values.shape[1:]}, which hold nothing")

@@ -245,6 +245,13 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["convert", "{tmp}/x.npy", "{tmp}/o.zarr", "--y-key", "t"], "--y-key is for npz sources; .*x.npy' is npy"),
         (["convert", "digits", "{tmp}/o.zarr", "--columns", "a"], "--columns is for parquet, arrow sources"),
         (["convert", "{tmp}/w.tar", "{tmp}/o.zarr", "--label-key", ""], "--label-key '' .* webdataset images need"),
+        (["convert", "digits", "{tmp}/o.zarr", "--class-names", "a,b"], "--class-names is for npz, npy, .* is digits"),
+        (["info", "{tmp}"], "no zarr group at .*: it has no zarr.json"),  # a folder: no dataset, not a selection
+        (["convert", "{tmp}/cut.npz", "{tmp}/o.zarr"], "cut.npz: not a whole .npz archive .*BadZipFile"),
+        (
+            ["convert", "{tmp}/wide.npz", "{tmp}/o.zarr"],
+            "wide.npz:x holds float128 values, which are not stored",
+        ),
         (["convert", "{tmp}/xy_npz.npy", "{tmp}/o.zarr"], "xy_npz.npy is a .npz archive, not an .npy file"),
         (["convert", "{tmp}/scalar.npy", "{tmp}/o.zarr"], "scalar.npy is a single value"),
         (["convert", "{tmp}/pickled.npz", "{tmp}/o.zarr"], "pickled.npz:y cannot be read as a numeric array"),
@@ -263,10 +270,25 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys, argv, message):
     np.save(tmp_path / "scalar.npy", np.float32(1))
     np.savez(tmp_path / "xy.npz", x=np.ones((4, 2), np.float32), y=np.arange(4))
     (tmp_path / "xy_npz.npy").write_bytes((tmp_path / "xy.npz").read_bytes())
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "xy.npz").read_bytes()[:-40])
+    np.savez(tmp_path / "wide.npz", x=np.ones((4, 2), np.longdouble), y=np.arange(4))
     np.savez(tmp_path / "pickled.npz", x=np.ones((4, 2)), y=np.array(["a", "b", "a", "b"], object))
     capsys.readouterr()
     assert main([a.format(tmp=tmp_path, digits=digits) for a in argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_output_cut_short_by_its_reader_is_no_error(tmp_path):
+    # `nearstore info ... | head`: head leaves after a byte, the rest of 400 kB finds the pipe closed
+    names = [f"class {i:06d} of a long tail" for i in range(12_000)]
+    write_dataset(
+        str(tmp_path / "many.zarr"),
+        [{"x": np.zeros((12_000, 1), np.float32), "y": np.arange(12_000)}],
+        class_names=names,
+    )
+    command = f"{sys.executable} -m nearstore.app.cli info {tmp_path / 'many.zarr'} | head -c 1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert result.stdout == "{" and result.stderr == "" and result.returncode == 1
 
 
 def test_convert_sees_through_symlinks_and_overwrites_only_a_dataset(tmp_path, capsys, fingerprint):

@@ -149,6 +149,17 @@ def test_string_labels_are_stored_as_class_ids_and_their_names_kept(tmp_path):
     assert not (tmp_path / "c.zarr").exists()
 
 
+def test_class_names_are_read_once_as_strings(tmp_path):
+    x = np.zeros((3, 2), np.float32)
+    named = write_dataset(str(tmp_path / "a.zarr"), [{"x": x, "y": np.array(["b", "a", "c"])}], class_names=iter("abc"))
+    assert named.class_names == ("a", "b", "c")
+    np.testing.assert_array_equal(named.labels[:], [1, 0, 2])
+    numbered = write_dataset(
+        str(tmp_path / "b.zarr"), [{"x": x, "y": np.arange(3)}], class_names=(n for n in (7, 8, 9))
+    )
+    assert numbered.class_names == open_dataset(numbered.url).class_names == ("7", "8", "9")
+
+
 def test_existing_store_is_not_overwritten_by_default(id_store, fingerprint):
     before = fingerprint(id_store.url)
     with pytest.raises(FileExistsError, match="already exists"):
@@ -197,6 +208,8 @@ def test_overwrite_replaces_no_zarr_group_but_nearstores(tmp_path, fingerprint):
             "differ from the first batch",
         ),
         ([], ValueError, "no samples"),
+        ([{"x": np.float32(1), "y": np.int64(0)}], DatasetError, "array 'x' needs a sample axis, got a scalar"),
+        ([{"x": np.zeros((2, 2), np.longdouble), "y": np.zeros(2, int)}], DatasetError, "holds float128 samples"),
     ],
 )
 def test_bad_batches_are_named(tmp_path, batches, error, message):
@@ -210,8 +223,8 @@ def test_a_store_whose_writer_was_killed_is_refused(tmp_path):
     # tests/nearstore/storage/test_integrity.py).
     url = str(tmp_path / "partial.zarr")
     write_dataset(url, [{"x": np.zeros((300, 2), dtype=np.float32), "y": np.zeros(300, dtype=int)}], shard_samples=100)
-    zarr.open_group(url, mode="r+").attrs.put({})
-    with pytest.raises(ValueError, match="not a nearstore dataset"):
+    zarr.open_group(url, mode="r+").attrs.put({"nearstore_writing": True})  # what a killed write leaves
+    with pytest.raises(ValueError, match="is a nearstore dataset whose write was interrupted"):
         open_dataset(url)
 
 
