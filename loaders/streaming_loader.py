@@ -411,7 +411,8 @@ class StreamingLoader:
             return self._prefetched((ids[p], weights[p], round, (*seed, first + k)) for k, p in enumerate(positions))
 
         if self.backend == "dali":
-            tensors = self._through_dali(batches_from, first, seed)
+            # DALI sizes its pipeline by the largest batch: never past the epoch's samples
+            tensors = self._through_dali(batches_from, first, seed, min(self.order.batch_size, max(1, len(ids))))
         else:
             tensors = (tuple(_tensor(a, self.device) for a in batch) for batch in batches_from(first))
         transformed = self.transform is not None or self.dali_transform is not None
@@ -886,9 +887,14 @@ class StreamingLoader:
         return ids, arrays, weights
 
     def _through_dali(
-        self, batches_from: Callable[[int], Iterator[tuple[np.ndarray, ...]]], first: int, seed: tuple[int, int]
+        self,
+        batches_from: Callable[[int], Iterator[tuple[np.ndarray, ...]]],
+        first: int,
+        seed: tuple[int, int],
+        largest: int,
     ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The epoch's batches from batch `first` on through DALI. A pipeline whose decoder refused
+        """The epoch's batches from batch `first` on through DALI, none of more than `largest`
+        samples. A pipeline whose decoder refused
         a sample cannot go on: with on_error="skip" the sample is skipped and a fresh pipeline
         takes the epoch up at the first batch not delivered (its augmentations drawn anew)."""
         while True:
@@ -897,7 +903,7 @@ class StreamingLoader:
                 yield from dali_epoch(
                     batches_from(first),
                     num_outputs=len(self.arrays) + self.with_weights + (self.augment is not None),
-                    batch_size=self.order.batch_size,
+                    batch_size=largest,
                     device=self.device,
                     dali_transform=self.dali_transform,
                     views=self.views,
@@ -1067,6 +1073,11 @@ def _device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except (RuntimeError, TypeError) as e:  # torch's refusal lists its signatures, not the value
         raise ParameterError(f"device must be a torch.device or its name ('cpu', 'cuda:0'), got {device!r}") from e
+    if chosen.type == "cuda":  # refused here, not at the first batch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (chosen.index or 0) >= count:
+            raise ParameterError(f"device {device!r}: this machine has {count} CUDA device(s) torch can use")
+    return chosen

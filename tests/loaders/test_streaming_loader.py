@@ -161,6 +161,12 @@ def test_a_batch_whose_transform_raised_is_not_delivered(id_store, augment):
     assert held + [sample_ids(x) for x, _ in resumed] == [sample_ids(x) for x, _ in make()]
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_batch_size_past_the_epoch_gives_the_epoch_in_one_batch(id_store, backend):
+    loader = StreamingLoader(id_store, [0, 5, 9], batch_size=2**31, shuffle=False, backend=backend, device="cpu")
+    assert [sample_ids(x) for x, _ in loader] == [[0, 5, 9]] and len(loader) == 1
+
+
 def test_io_stats_count_only_selected_samples_per_epoch(id_store, caplog):
     selection = random_select(id_store, 0.1, seed=0)
     selection = dataclasses.replace(selection, io={"bytes": 1000, "requests": 7})
@@ -239,6 +245,7 @@ def test_bad_arguments_are_named(id_store, tmp_path):
         ({"transform": 3}, "transform must be a function, got 3"),
         ({"dali_transform": "f"}, "dali_transform must be a function, got 'f'"),
         ({"device": 2.5}, "device must be a torch.device or its name ('cpu', 'cuda:0'), got 2.5"),
+        ({"device": "cuda:64"}, "device 'cuda:64': this machine has"),  # not at the first batch
         ({"storage_options": [1]}, "storage_options must be a mapping, got [1]"),
         ({"source": 5}, "source must be a URL, a list of server URLs, a Dataset or a Source, got 5"),
     ],
