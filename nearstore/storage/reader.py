@@ -39,7 +39,7 @@ from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 # is damage (on S3, a fault of the way heals at once; a cut object stays cut).
 SHORT_READ_BACKOFF = (0.05, 0.1, 0.2)
 WHOLE_READ_SHARDS = 64  # shard objects a read of a whole array asks at once
-GATHER_BYTES = 32 << 20  # raw chunks copied out of a read's bytes at a time (`_ReadPlan.decode`)
+GATHER_BYTES = 4 << 20  # raw chunks copied out of a read's bytes at a time (`_ReadPlan.decode`)
 
 
 class SelectiveReader:
@@ -448,9 +448,6 @@ class _ReadPlan:
         # Fetched pieces of shard objects: blobs[k] holds bytes from piece_starts[k] of its object.
         self.blobs: list[bytes] = []
         self.piece_starts: list[int] = []
-        # Once decoded, the pieces joined (`decode`), and where each stored chunk is in them.
-        self.joined = b""
-        self.joined_at = np.zeros(len(self.chunks), dtype=np.int64)
         self.piece_of_chunk = np.full(len(self.chunks), -1, dtype=np.int64)
         self.from_cache = np.zeros(len(self.chunks), dtype=bool)  # pieces of their own, from a ChunkCache
         self.read_through: list[_ReadPlan] = []  # the chunks fetched between these, for a ChunkCache
@@ -544,9 +541,11 @@ class _ReadPlan:
         with those bytes (a copy: the run they came in is not kept); then those of the chunks it
         read through that pass the checks its own passed (decoded now: no read wanted them)."""
         rows = np.flatnonzero(self.stored & ~self.from_cache)
-        at = self.joined_at[rows]
-        for key, start, end in zip(self.keys(rows), at.tolist(), (at + self.lengths[rows]).tolist()):
-            yield key, self.joined[start:end]
+        pieces = self.piece_of_chunk[rows]
+        at = self.offsets[rows] - np.asarray(self.piece_starts, dtype=np.int64)[pieces]
+        ends = at + self.lengths[rows]
+        for key, piece, start, end in zip(self.keys(rows), pieces.tolist(), at.tolist(), ends.tolist()):
+            yield key, self.blobs[piece][start:end]
         for through in self.read_through:
             try:
                 through.decode()
@@ -570,8 +569,6 @@ class _ReadPlan:
         blob_at = np.cumsum([0] + [len(b) for b in self.blobs[:-1]])
         piece = self.piece_of_chunk[rows]
         positions = self.offsets[rows] - np.asarray(self.piece_starts)[piece] + blob_at[piece]
-        # the pieces' bytes are in `blob` now: a read holds them once (the cache's are cut from it)
-        self.blobs, self.joined, self.joined_at[rows] = [], blob, positions
         lengths = self.lengths[rows]
         lay, codecs = self.layout, self.layout.codecs
         data = np.frombuffer(blob, dtype=np.uint8)
@@ -581,18 +578,17 @@ class _ReadPlan:
             # at a time: the rows gathered are a copy, not a read's whole bytes once more.
             payload = codecs.raw_nbytes - 4 * codecs.checksummed
             window = np.lib.stride_tricks.sliding_window_view(data, codecs.raw_nbytes)
-            as_bytes = codecs.stored_dtype == self.decoded.dtype  # assigned byte for byte, not reshaped
-            target = self.decoded.view(np.uint8).reshape(len(self.decoded), -1) if as_bytes else None
-            step = max(1, GATHER_BYTES // codecs.raw_nbytes)
+            step, bad = max(1, GATHER_BYTES // codecs.raw_nbytes), []
             for first in range(0, len(rows), step):
                 block, records = rows[first : first + step], window[positions[first : first + step]]
                 gathered = records[:, :payload]
                 if codecs.checksummed:
-                    self._check_sums(block, gathered, records[:, payload:].copy().view("<u4").ravel())
-                if target is not None:
-                    target[block] = gathered
-                else:
-                    self.decoded[block] = gathered.view(codecs.stored_dtype).reshape(len(block), *lay.chunk_shape)
+                    bad.append(self._bad_sums(block, gathered, records[:, payload:].copy().view("<u4").ravel()))
+                self.decoded[block] = gathered.view(codecs.stored_dtype).reshape(len(block), *lay.chunk_shape)
+            bad = np.concatenate(bad) if bad else rows[:0]
+            if len(bad):
+                shard, bad, chunks = self._first_shard(bad)
+                raise self.damage(shard, f"holds {len(bad)} damaged {chunks} (crc32c does not match)", bad)
         else:
             for row, at, length in zip(rows.tolist(), positions.tolist(), lengths.tolist()):
                 try:
@@ -634,13 +630,10 @@ class _ReadPlan:
                 raise self.damage(shard, problem, lasting=True)
             lay.digested.add(shard)
 
-    def _check_sums(self, rows: np.ndarray, payloads: np.ndarray, stored: np.ndarray) -> None:
-        """Each chunk's payload's crc32c against the one stored after it (little-endian uint32)."""
+    def _bad_sums(self, rows: np.ndarray, payloads: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        """The rows whose chunk's payload's crc32c is not the one stored after it (little-endian uint32)."""
         computed = np.fromiter(map(google_crc32c.value, payloads), dtype=np.uint32, count=len(payloads))
-        bad = rows[stored != computed]
-        if len(bad):
-            shard, bad, chunks = self._first_shard(bad)
-            raise self.damage(shard, f"holds {len(bad)} damaged {chunks} (crc32c does not match)", bad)
+        return rows[stored != computed]
 
     def _first_shard(self, bad: np.ndarray) -> tuple[int, np.ndarray, str]:
         """The first shard among chunk rows `bad`, its rows among them, and what its chunks are
@@ -654,9 +647,9 @@ class _ReadPlan:
         )
 
     def assemble(self) -> np.ndarray:
-        """The samples read, in the order asked. The fetched bytes go first: the read's memory is
+        """The samples read, in the order asked. The fetched pieces go first: the read's memory is
         then its decoded chunks and the samples, not those as well."""
-        self.joined, self.read_through = b"", []
+        self.blobs, self.read_through = [], []
         return self.decoded[self.inverse, self.ids % self.layout.chunk_samples]
 
 
