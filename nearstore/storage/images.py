@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import struct
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -20,6 +21,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from nearstore.checks import check_flag, check_integer, is_integer
 from nearstore.errors import ParameterError
 
 OnError = Literal["raise", "skip"]
@@ -28,6 +30,15 @@ ON_ERROR = ("raise", "skip")
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a stored image is to be turned for viewing
+
+
+def _numbers(values: object, count: int) -> bool:
+    """Whether `values` is `count` finite real numbers (no bools)."""
+    return (
+        isinstance(values, (tuple, list))
+        and len(values) == count
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
 
 
 @dataclass(frozen=True)
@@ -54,16 +65,19 @@ class ImageTransform:
     draft: bool = False
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ParameterError(f"ImageTransform size must be >= 1, got {self.size}")
-        if self.resize is not None and self.resize < self.size:
-            raise ParameterError(f"ImageTransform resize must be >= size {self.size}, got {self.resize}")
-        low, high = self.crop_area
-        if not 0 < low <= high <= 1:
-            raise ParameterError(f"ImageTransform crop_area must satisfy 0 < low <= high <= 1, got {self.crop_area}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+        # both backends take what passes: a float size or a string train would run on one and not the other
+        check_integer("ImageTransform size", self.size, 1)
+        check_flag("ImageTransform train", self.train)
+        check_flag("ImageTransform draft", self.draft)
+        if self.resize is not None and not (is_integer(self.resize) and self.resize >= self.size):
+            raise ParameterError(f"ImageTransform resize must be an integer >= size {self.size}, got {self.resize!r}")
+        if not _numbers(self.crop_area, 2) or not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:
             raise ParameterError(
-                f"ImageTransform mean and std need 3 values each, std > 0; got {self.mean}, {self.std}"
+                f"ImageTransform crop_area must be (low, high) with 0 < low <= high <= 1, got {self.crop_area!r}"
+            )
+        if not _numbers(self.mean, 3) or not _numbers(self.std, 3) or min(self.std) <= 0:
+            raise ParameterError(
+                f"ImageTransform mean and std need 3 finite numbers each, std > 0; got {self.mean!r}, {self.std!r}"
             )
 
     @property
@@ -127,7 +141,8 @@ class ImageTransform:
 
     def _random_crop(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(left, top, width, height) of a crop of crop_area of the area, aspect 3/4..4/3 (ten tries,
-        then the whole image), as torchvision's RandomResizedCrop draws it."""
+        then the centre crop of the largest such aspect the image holds), as torchvision's
+        RandomResizedCrop draws it, and DALI's crops: a wide image is not squashed whole."""
         area = width * height
         for _ in range(10):
             target = area * rng.uniform(*self.crop_area)
@@ -135,7 +150,12 @@ class ImageTransform:
             w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if 0 < w <= width and 0 < h <= height:
                 return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-        return 0, 0, width, height
+        w, h = width, height
+        if width / height < 3 / 4:
+            h = max(1, min(height, round(width * 4 / 3)))
+        elif width / height > 4 / 3:
+            w = max(1, min(width, round(height * 4 / 3)))
+        return (width - w) // 2, (height - h) // 2, w, h
 
 
 # The scan decodes small: a proxy's features need the shape of a thing, not its detail, and a
