@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from nearstore import Dataset, DatasetError, ParameterError, write_dataset
 from nearstore.app.converters import Batches, refuse_negative_labels
 from nearstore.app.encoded_converters import IMG_EXTENSIONS
+from nearstore.storage.images import damaged, looks_like_image
 from nearstore.storage.writer import array_name_problem
 
 # A record batch is cut to this many rows: about a shard's worth (write_dataset's default), and a
@@ -106,7 +107,11 @@ class Table:
                     _refuse_nulls(array, name, path, row)
                     if pa.types.is_struct(array.type):
                         arrays[name] = _embedded(array, name, path, row)
-                yield {column.name: column.numpy(arrays[column.name]) for column in self.columns}
+                out = {column.name: column.numpy(arrays[column.name]) for column in self.columns}
+                for column in self.columns:
+                    if column.kind == "bytes":
+                        _refuse_damaged_images(out[column.name], column.name, path, row)
+                yield out
                 row += batch.num_rows
 
     def write(self, url: str, **options: Any) -> Dataset:
@@ -176,6 +181,10 @@ def open_table(
     ]
     integer_label = label if label is not None and not _strings(schema.field(label).type) else None
     stored, num_samples = _survey(kind, paths, stored, integer_label, batch, progress)
+    if any(column.name == integer_label and column.kind == "ragged" for column in stored):
+        raise DatasetError(
+            f"{first}: label column {label!r} holds lists of other lengths than 1: a label is one integer"
+        )
     if class_names is None and label is not None:
         class_names = _huggingface_class_names(schema, label)
     if class_names is None and label is not None and _strings(schema.field(label).type):
@@ -385,6 +394,17 @@ def _encoded_file(kind: pa.DataType) -> bool:
     return _binary(kind.field("bytes").type) and (pa.types.is_string(path) or pa.types.is_large_string(path))
 
 
+def _refuse_damaged_images(blobs: np.ndarray, name: str, table: str, first: int) -> None:
+    """Refuse the first of `blobs` (rows `first`, ... of column `name`) that starts as an image and
+    cannot be a whole one (`images.damaged`), as an image folder's file is: here, not by sample id in
+    the middle of training. Other bytes (audio, say) pass as they are."""
+    for row, blob in enumerate(blobs):
+        if looks_like_image(blob) and (problem := damaged(blob)) is not None:
+            raise DatasetError(
+                f"{table}: column {name!r} at row {first + row}: {problem}; remove it or replace it, then convert again"
+            )
+
+
 def _embedded(array: pa.StructArray, name: str, table: str, first: int) -> pa.Array:
     """The encoded files of a struct column (`_encoded_file`, rows `first`, ... of `table`): each
     row's bytes, or where they are null the file at its path (relative to the table's folder); a
@@ -410,7 +430,7 @@ def _survey(
     of rows; reads the list columns' lengths and the integer `label` column's ids (and checks them
     for nulls, the ids for negative ones), file by file."""
     ragged = [column for column in columns if column.kind == "ragged"]
-    read = [column.name for column in ragged] + ([label] if label is not None else [])
+    read = list(dict.fromkeys([column.name for column in ragged] + ([label] if label is not None else [])))
     lengths = {column.name: (np.inf, -1) for column in ragged}
     total = 0
     for path in tqdm(paths, desc="surveying columns", unit="file", disable=not progress or not read):
@@ -493,6 +513,8 @@ def _label_column(schema: pa.Schema, name: str | None, where: str) -> str | None
     kind = schema.field(name).type
     if pa.types.is_fixed_size_list(kind) and kind.list_size == 1 and pa.types.is_integer(kind.value_type):
         return name  # labels saved as an (n, 1) array: write_dataset takes them so
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type):
+        return name  # as pandas writes an (n, 1) array's rows: one integer each, which the survey checks
     if not pa.types.is_integer(kind) and not _strings(kind):
         raise DatasetError(f"{where}: label column {name!r} is {kind}; labels are integers or strings")
     return name

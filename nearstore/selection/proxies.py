@@ -49,6 +49,12 @@ class Proxy(Protocol):
     def features(self, x: np.ndarray) -> torch.Tensor: ...
 
 
+def _spread(values: torch.Tensor) -> torch.Tensor:
+    """Each feature's standard deviation over the samples, at least 1e-6 (one sample: 1e-6, not
+    NaN, as when the warm-up holds one sample that decodes)."""
+    return (values.std(0) if len(values) > 1 else torch.zeros_like(values[0])).clamp_min(1e-6)
+
+
 class RandomFeatureProxy:
     """Random ReLU features with softmax heads fitted beside the data, cross-fitted.
 
@@ -132,10 +138,10 @@ class RandomFeatureProxy:
             filters -= filters.mean((1, 2, 3), keepdim=True)
             self._filters = (filters / filters.flatten(1).norm(dim=1)[:, None, None, None]).to(self.device)
             convolved = self._conv_features(inputs)
-            self._mean, self._scale = convolved.mean(0), convolved.std(0).clamp_min(1e-6)
+            self._mean, self._scale = convolved.mean(0), _spread(convolved)
         else:
             inputs = inputs.reshape(len(inputs), -1)
-            self._mean, self._scale = inputs.mean(0), inputs.std(0).clamp_min(1e-6)
+            self._mean, self._scale = inputs.mean(0), _spread(inputs)
             d = inputs.shape[1]
             self._projection = (torch.randn(d, self.width, generator=generator) / d**0.5).to(self.device)
         if labels is None:

@@ -188,6 +188,14 @@ _JPEG, _PNG, _PNG_END = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 _PNM = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")  # plain and binary bitmaps, greymaps, pixmaps
 
 
+def looks_like_image(blob: bytes) -> bool:
+    """Whether `blob` starts as a JPEG, PNG, WebP, BMP or TIFF does (PNM's two letters say too
+    little): a column of bytes that may hold other things (audio) is checked where it does."""
+    return blob.startswith((_JPEG, _PNG, b"BM", b"II*\x00", b"MM\x00*")) or (
+        blob[:4] == b"RIFF" and blob[8:12] == b"WEBP"
+    )
+
+
 def damaged(blob: bytes) -> str | None:
     """Why an encoded image cannot be whole, or None: an empty sample, an unknown format, or a
     JPEG, PNG, WebP or BMP cut short (its end marker missing, its stated size not its size).

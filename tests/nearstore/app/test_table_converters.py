@@ -275,6 +275,11 @@ def _null_in_list() -> pa.Table:
             r"column 'image' at row 0 has no bytes, and its file '.*gone.jpg' cannot be read",
         ),
         (
+            _encoded_files({"bytes": photo(1), "path": None}, {"bytes": photo(3)[:300], "path": None}),
+            {},
+            r"t.parquet: column 'image' at row 1: JPEG without its end-of-image marker \(truncated\?\); remove it",
+        ),
+        (
             pa.table({"image": pa.array([{"bytes": b"x", "src": "a"}]), "label": [0]}),
             {},
             r"column 'image' is struct<bytes: binary, src: string>, which is not stored: .* structs of encoded files",
@@ -302,12 +307,17 @@ def test_string_and_categorical_labels_become_class_ids_over_every_file(tmp_path
     np.testing.assert_array_equal(dataset.labels[:], [1, 0, 1])
 
 
-def test_labels_saved_as_one_integer_lists_are_labels(tmp_path):
-    column = pa.array([[2], [0], [1], [2]], pa.list_(pa.int32(), 1))  # an (n, 1) array's column
+@pytest.mark.parametrize("kind", [pa.list_(pa.int32(), 1), pa.list_(pa.int64()), pa.large_list(pa.int16())])
+def test_labels_saved_as_one_integer_lists_are_labels(tmp_path, kind):
+    column = pa.array([[2], [0], [1], [2]], kind)  # an (n, 1) array's column, fixed-size or as pandas writes it
     pq.write_table(pa.table({"x": [1.0, 2.0, 3.0, 4.0], "label": column}), tmp_path / "t.parquet")
     dataset = open_table(tmp_path / "t.parquet").write(str(tmp_path / "o.zarr"))
     assert dataset.label_array == "label" and dataset.num_classes == 3
     np.testing.assert_array_equal(dataset.labels[:], [2, 0, 1, 2])
+    longer = pa.array([[2], [0, 1], [1], [2]], pa.list_(pa.int64()))
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0, 4.0], "label": longer}), tmp_path / "u.parquet")
+    with pytest.raises(DatasetError, match="label column 'label' holds lists of other lengths than 1"):
+        open_table(tmp_path / "u.parquet")
 
 
 def test_a_negative_label_is_refused_naming_its_file_and_row_before_anything_is_written(tmp_path):

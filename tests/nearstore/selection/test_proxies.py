@@ -50,6 +50,13 @@ def test_seeds_apart_only_above_bit_32_draw_other_features(blobs):
     assert not any(torch.equal(a, b) for i, a in enumerate(embeddings) for b in embeddings[i + 1 :])
 
 
+def test_a_warm_up_of_one_sample_fits_finite_heads(blobs):
+    """One sample's spread is no NaN (a store whose every image but one is damaged)."""
+    x, y = blobs
+    proxy = RandomFeatureProxy(3, width=16, folds=1).fit(x[:1], y[:1])
+    assert torch.isfinite(proxy.logits(x)).all()
+
+
 def test_cross_fitted_heads_judge_the_warm_up_out_of_sample(blobs):
     """A head fitted on a wrong label believes it; the head of the other fold does not."""
     x, y = blobs
