@@ -154,9 +154,12 @@ class Mixture:
         """Resume where `state_dict()` was taken. A state of another mixture (seed, proportions,
         epoch length or number of loaders) or one a loader refuses is refused by name, and then
         changes nothing."""
-        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-            version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-            raise DatasetError(f"Mixture state_dict version {version!r} is not {STATE_VERSION}")
+        if not isinstance(state, Mapping):
+            raise DatasetError(
+                f"Mixture state_dict must be a mapping (what state_dict() returns), got {type(state).__name__}"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(f"Mixture state_dict version {state.get('version')!r} is not {STATE_VERSION}")
         epoch, batches_done = (state_count(state, key, "Mixture state_dict") for key in ("epoch", "batches_done"))
         proportions = state.get("proportions")
         proportions = None if proportions is None else tuple(proportions)

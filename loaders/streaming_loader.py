@@ -512,9 +512,10 @@ class StreamingLoader:
         another type, ids repeated, unsorted or out of range), is refused by name (a DatasetError;
         a SampleIdError for its ids) before anything is taken from it: a refused state changes nothing.
         """
-        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-            version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-            raise DatasetError(f"state_dict version {version!r} is not {STATE_VERSION}")
+        if not isinstance(state, Mapping):
+            raise DatasetError(f"state_dict must be a mapping (what state_dict() returns), got {type(state).__name__}")
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(f"state_dict version {state.get('version')!r} is not {STATE_VERSION}")
         dataset, order, chosen = (
             state_entry(state, key, "state_dict", Mapping) for key in ("dataset", "order", "selection")
         )

@@ -717,7 +717,8 @@ def check_exposure(host: str, token: str | None, tls: dict[str, Any], insecure: 
     if not tls and not insecure:
         raise ParameterError(
             f"TLS is required to listen on {host!r}, beyond 127.0.0.1: the token and the samples would cross"
-            " the network in clear (give tls_cert and tls_key, or insecure=True to accept that)"
+            " the network in clear (give tls_cert and tls_key, --tls-cert and --tls-key, or insecure=True, --insecure,"
+            " to accept that)"
         )
     if not tls:
         log.warning(

@@ -93,6 +93,8 @@ def test_a_round_selected_between_epochs_is_the_next_epochs_and_a_state_resumes_
 
 
 def test_a_state_of_another_mixture_is_refused_and_changes_nothing(id_store, tmp_path):
+    with pytest.raises(DatasetError, match="Mixture state_dict must be a mapping .*, got str"):
+        two(id_store).load_state_dict("state.pt")  # a path, not the state loaded from it
     state = two(id_store, seed=1).state_dict()
     with pytest.raises(DatasetError, match="seed=1; this mixture has 2"):
         two(id_store, seed=2).load_state_dict(state)

@@ -306,7 +306,7 @@ def test_a_refused_state_changes_nothing(id_store):
     ids = chosen["ids"].numpy()
     without = {k: v for k, v in chosen.items() if k != "scan_io"}
     bad_states = [
-        ([good], DatasetError, "state_dict version 'list' is not 2"),
+        ([good], DatasetError, "state_dict must be a mapping (what state_dict() returns), got list"),
         ({**good, "dataset": [1]}, DatasetError, "state_dict['dataset'] must be a Mapping, got [1]"),
         ({k: v for k, v in good.items() if k != "order"}, DatasetError, "state_dict has no 'order'"),
         ({**good, "order": "x"}, DatasetError, "state_dict['order'] must be a Mapping, got 'x'"),

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_range
+from nearstore.errors import ParameterError
 from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.stages import never
 from nearstore.selection.windows import Pick, Window, windowed_select
-from nearstore.storage import Dataset
+from nearstore.storage import Dataset, open_dataset
 
 # A window's Gram matrix (GRAFT) or similarity matrix (CRAIG, CREST's coresets) is w² floats, and
 # GRAFT decides windows in batches of `gram_entries` of them: at most 2^26 entries (256 MiB in
@@ -67,7 +68,7 @@ class Selector(ABC):
 
     def select(
         self,
-        dataset: Dataset,
+        dataset: Dataset | str,
         keep: float,
         *,
         proxy: Proxy | None = None,
@@ -79,7 +80,7 @@ class Selector(ABC):
         executor: Executor | None = None,
         cancelled: Callable[[], bool] = never,
     ) -> Selection:
-        """Select about round(keep · N) samples of `dataset`.
+        """Select about round(keep · N) samples of `dataset` (a Dataset, or a URL `open_dataset` opens).
 
         proxy: what embeds samples (the trainer's model as a `ModelProxy`, for re-selection);
             default a RandomFeatureProxy fitted on warm-up shards.
@@ -94,6 +95,10 @@ class Selector(ABC):
             has gone), asked between shards and between windows' decisions: then RoundCancelled
             is raised, nothing returned.
         """
+        if isinstance(dataset, str):
+            dataset = open_dataset(dataset)
+        elif not isinstance(dataset, Dataset):
+            raise ParameterError(f"dataset must be a Dataset or a URL, got {type(dataset).__name__}")
         check_keep(keep)
         check_seed(seed)
         # numpy's scalars pass the checks; as Python's, torch's generators and JSON take them too

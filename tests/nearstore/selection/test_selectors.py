@@ -3,6 +3,8 @@ embeddings, and what each does with awkward input."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -242,6 +244,10 @@ def test_bad_input_is_named(blobs, tmp_path):
         Crest(pool=0.5).select(dataset, 0.1)
     with pytest.raises(ValueError, match="keep must be in"):
         Craig().select(dataset, 0.0, proxy=proxy)
+    with pytest.raises(ValueError, match="dataset must be a Dataset or a URL, got PosixPath"):
+        Graft().select(Path(dataset.url), 0.1, proxy=proxy)
+    by_url = Graft(window=128).select(dataset.url, 0.25, proxy=proxy)  # a URL is opened
+    assert by_url.ids.tolist() == Graft(window=128).select(dataset, 0.25, proxy=proxy).ids.tolist()
     everything = Graft(window=128).select(dataset, 1.0, proxy=RandomFeatureProxy(3, width=2).fit(x, y))
     np.testing.assert_array_equal(everything.ids, np.arange(len(y)))  # whole windows need no MaxVol
     two_classes = ModelProxy(torch.nn.Linear(6, 2))
