@@ -362,7 +362,15 @@ def embed(
     for ids, batch in batches:
         x, y = batch[input_array], batch[labels]
         check_finite(x, ids, input_array)
-        embeddings = proxy.gradient_factors(x, y) if factored else proxy.embed(x, y)
+        try:
+            embeddings = proxy.gradient_factors(x, y) if factored else proxy.embed(x, y)
+        except RuntimeError as e:  # a model handed to a selector unvetted (`vet`): named as vet names it
+            if not isinstance(proxy, ModelProxy) or isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise ParameterError(
+                f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples (of shape "
+                f"{tuple(x.shape[1:])}): {type(e).__name__}: {e}"
+            ) from e
         if class_balanced:
             groups = {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
         else:

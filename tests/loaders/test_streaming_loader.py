@@ -438,6 +438,10 @@ def test_a_misfit_model_is_refused_at_update_proxy_not_at_the_next_round(id_stor
         ParameterError, match=r"Linear cannot run on 'x'.s samples \(of shape \(8,\)\) of .*mat1 and mat2"
     ):
         loader.update_proxy(torch.nn.Linear(7, 5))
+    with pytest.raises(
+        ParameterError, match=r"Linear cannot run on 'x'.s samples \(of shape \(8,\)\): .*mat1 and mat2"
+    ):
+        Graft().select(id_store, 0.1, proxy=ModelProxy(torch.nn.Linear(7, 5)))  # handed to a selector: named too
     assert loader.reselect(0.1, seed=0).params["proxy"] != "ModelProxy"  # neither was kept
     loader.update_proxy(torch.nn.Linear(8, 5))
     assert loader.reselect(0.1, seed=0).params["proxy"] == "ModelProxy"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore import ModelProxy, RandomFeatureProxy, sage_select, write_dataset
+from nearstore import ModelProxy, ParameterError, RandomFeatureProxy, sage_select, write_dataset
 from nearstore.selection.proxies import sample_folds
 
 
@@ -318,12 +318,13 @@ def test_model_proxy_refuses_a_last_linear_that_may_not_be_the_head_unless_named
             ModelProxy(model).embed(x[:4], y[:4])
 
 
-def test_a_model_that_fails_on_stored_samples_of_an_images_shape_gets_torchs_error(tmp_path):
+def test_a_model_that_fails_on_stored_samples_of_an_images_shape_is_named_with_torchs_error(tmp_path):
     # 3 x 32 x 32 as stored, not decoded: no images= would make them fit, and the message must not say so
     x = np.random.default_rng(0).normal(size=(40, 3, 32, 32)).astype(np.float32)
     dataset = write_dataset(str(tmp_path / "pixels.zarr"), [{"x": x, "y": np.arange(40) % 4}], shard_samples=16)
     misfit = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
-    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as refused:
+    named = r"Sequential cannot run on 'x'.s samples \(of shape \(3, 32, 32\)\): RuntimeError: mat1 and mat2 shapes"
+    with pytest.raises(ParameterError, match=named) as refused:
         sage_select(dataset, 0.5, seed=1, proxy=ModelProxy(misfit))
     assert "images" not in str(refused.value)
 
