@@ -72,7 +72,7 @@ class Connection:
         if on_disconnect not in ("reconnect", "raise"):
             raise ParameterError(f"on_disconnect must be 'reconnect' or 'raise', got {on_disconnect!r}")
         self.url, self.name = url, name
-        self.location = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}"
+        self.location = f"{parsed.scheme}://{protocol.bracketed(parsed.hostname)}:{parsed.port}"
         check_range("reconnect_seconds", reconnect_seconds, 0)
         self.on_disconnect, self.reconnect_seconds = on_disconnect, reconnect_seconds
         if token is None:

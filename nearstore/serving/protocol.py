@@ -71,6 +71,11 @@ READ_TOKEN_ENV = "NEARSTORE_READ_TOKEN"  # the read token: samples, info and sel
 SCHEME, TLS_SCHEME = "grpc", "grpc+tls"
 
 
+def bracketed(host: str) -> str:
+    """A host as a URL names it: an IPv6 address in brackets ("[::1]"), others as they are."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def read_pem(path: str | os.PathLike[str], option: str) -> bytes:
     """The PEM file (a certificate, a key or a CA bundle) given as `option`."""
     try:

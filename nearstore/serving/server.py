@@ -130,7 +130,7 @@ class NearStoreServer(flight.FlightServerBase):
         tls = _tls_options(tls_cert, tls_key, tls_client_ca)  # read now: a bad file fails before the scan
         check_exposure(host, token or read_token, tls, insecure)
         self.scheme = protocol.TLS_SCHEME if tls else protocol.SCHEME
-        location = f"{self.scheme}://{host}:{port}"
+        location = f"{self.scheme}://{protocol.bracketed(host)}:{port}"
         _check_listenable(location, host, port)  # before the scan too: the server listens only after it
         if not is_loopback(host):
             log.warning(
@@ -202,7 +202,7 @@ class NearStoreServer(flight.FlightServerBase):
     @property
     def url(self) -> str:
         """What a trainer passes to StreamingLoader."""
-        return f"{self.scheme}://{self.host}:{self.port}/{self.name}"
+        return f"{self.scheme}://{protocol.bracketed(self.host)}:{self.port}/{self.name}"
 
     def serve(self) -> None:
         """Serve until `shutdown()`, or, called from the main thread, until this process gets SIGINT
@@ -326,7 +326,9 @@ class NearStoreServer(flight.FlightServerBase):
             return self._reader(names).read(ids)
         except IntegrityError as e:
             log.error("damaged store: %s", e)
-            raise IntegrityError(str(e).replace(self.dataset.url, self.name), e.ids) from None
+            # the root as the filesystem names the shards (a relative URL's absolute path) first
+            hidden = str(e).replace(self.dataset.filesystem()[1], self.name).replace(self.dataset.url, self.name)
+            raise IntegrityError(hidden, e.ids) from None
 
     # Actions ---------------------------------------------------------------------------------
 
@@ -774,6 +776,14 @@ def _import_factory(spec: str) -> Callable[[], torch.nn.Module]:
     if not module or not attr:
         raise ParameterError(f"model must be 'module:factory', got {spec!r}")
     try:
-        return getattr(importlib.import_module(module), attr)
+        factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ParameterError(f"cannot import model factory {spec!r}: {e}") from e
+    # built once now: a factory that builds no model is refused at start, not at a trainer's first push
+    try:
+        model = factory()
+    except Exception as e:
+        raise ParameterError(f"model factory {spec!r} must build a model when called without arguments: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise ParameterError(f"model factory {spec!r} must return a torch.nn.Module, got {type(model).__name__}")
+    return factory

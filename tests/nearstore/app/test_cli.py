@@ -233,6 +233,9 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         ),
         (["serve", "{digits}", "--port", "99999", "--method", "random"], r"--port must be in \[0, 65535\], got 99999"),
         (["serve", "{digits}", "--read-cache-bytes", "-1"], "read_cache_bytes must be an integer >= 0, got -1"),
+        # a factory that builds no model: refused at start, not at a trainer's first push
+        (["serve", "{digits}", "--model", "torch.nn:Linear"], "model factory 'torch.nn:Linear' must build a model"),
+        (["serve", "{digits}", "--model", "os:getcwd"], "must return a torch.nn.Module, got str"),
         (["select", "{digits}", "{tmp}/s.npz", "--seed", "-1"], r"seed must be an integer in \[0, \d+\), got -1"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/../{tmp.name}/s.npz"], "--report .* is where the"),

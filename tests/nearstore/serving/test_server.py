@@ -1214,3 +1214,35 @@ def test_a_server_hands_each_round_what_the_round_before_handed_on(id_store, tmp
 def _refusal(error: flight.FlightServerError) -> tuple[str, str]:
     info = json.loads(error.extra_info)
     return info["error"], info["message"]
+
+
+def test_a_damaged_shard_of_a_store_served_by_a_relative_path_is_named_without_the_servers_path(
+    tmp_path, id_store_url, monkeypatch
+):
+    shutil.copytree(id_store_url, tmp_path / "ids.zarr")
+    flip(shard_file(str(tmp_path / "ids.zarr"), "x", 1), 7 * 36 + 5)
+    monkeypatch.chdir(tmp_path)
+    dataset = open_dataset("ids.zarr")  # as `nearstore serve ids.zarr` opens it
+    server = NearStoreServer(dataset, selection=random_select(dataset, 1.0, seed=1))
+    try:
+        with pytest.raises(IntegrityError, match="damaged samples") as refused:
+            FlightSource(server.url).read([256 + 7], arrays=["x"], round=0)
+        assert str(tmp_path) not in str(refused.value) and "'ids'" in str(refused.value)
+    finally:
+        server.shutdown()
+
+
+def test_a_server_on_ipv6s_loopback_serves_a_loader_at_its_bracketed_url(id_store, id_data):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = NearStoreServer(id_store, host="::1", selection=random_select(id_store, 0.1, seed=1))
+    try:
+        assert server.url.startswith("grpc://[::1]:")
+        loader = StreamingLoader(server.url, batch_size=64, shuffle=False, backend="torch")
+        ids = [i for x, _ in loader for i in sample_ids(x)]
+        assert ids == server.current.ids.tolist()
+    finally:
+        server.shutdown()
