@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": _verify,
         }
         return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C (a serve's round 0, a convert): what was written is cleaned up already
+        print(f"nearstore {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # what reads the output left (`| head`): quietly, as other tools end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 1

@@ -3,8 +3,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -503,3 +505,16 @@ def test_unlabelled_sources_and_a_selection_by_any_name(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["method"] == "random"
     assert main(["info", str(tmp_path / "nowhere.npz")]) == 2
     assert "nowhere.npz" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_a_command_quietly_and_leaves_nothing(tmp_path):
+    out = tmp_path / "m.zarr"
+    command = [sys.executable, "-m", "nearstore.app.cli", "convert", "mnist1d", str(out), "--num-samples", "70000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline:  # writing: its group is there
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "nearstore convert: interrupted" in err and "Traceback" not in err
+    assert not out.exists()  # a write that fails removes what it wrote
