@@ -238,6 +238,8 @@ class StreamingLoader:
         self._ahead: tuple[Future[Selection] | Chosen, int] | None = None
         self._selecting: ThreadPoolExecutor | None = None
         self._in_epoch, self._iterator = False, 0
+        if selection is not None:
+            self._check_served(selection)
         self._use(self.source.selection() if selection is None else selection)
         self.augment = self._augment_ids(augment, transform is not None or dali_transform is not None)
         self.augmented_samples = 0  # samples (views) the transforms were applied to, over all epochs
@@ -583,6 +585,22 @@ class StreamingLoader:
             self._pending = (*_selected(self.num_samples, repr(self.url), ids), 0, {})
         if not later:
             self._take_pending()
+
+    def _check_served(self, selection: Selection | Sequence[int] | np.ndarray) -> None:
+        """Refuse now, by name, ids a server does not hold in the round they name (plain ids: its
+        round 0), which it would refuse at the first batch: it ships its rounds' samples only."""
+        round = selection.round if isinstance(selection, Selection) else 0
+        held = self.source.selection(round)  # None: a store, which reads any sample
+        if held is None:
+            return
+        ids = selection.ids if isinstance(selection, Selection) else np.asarray(selection)
+        missing = np.setdiff1d(ids, held.ids)
+        if len(missing):
+            raise ParameterError(
+                f"{self.url!r} ships the samples of its own rounds: {len(missing)} of the {len(ids)} ids given "
+                f"(sample {int(missing[0])} first) are not in its round {round}; give no selection (its current "
+                "round), or one it selected"
+            )
 
     def _accepted(self, selection: Selection) -> Chosen:
         """A round of this dataset, as the loader iterates it; its scan's I/O joins scan_io."""

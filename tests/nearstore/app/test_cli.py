@@ -510,7 +510,10 @@ def test_unlabelled_sources_and_a_selection_by_any_name(tmp_path, capsys):
 def test_ctrl_c_ends_a_command_quietly_and_leaves_nothing(tmp_path):
     out = tmp_path / "m.zarr"
     command = [sys.executable, "-m", "nearstore.app.cli", "convert", "mnist1d", str(out), "--num-samples", "70000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it: SIGINT handled by default in the child even where this test
+    # runs with it ignored (a CI in the background, `nohup ... &`, which its children inherit)
+    restored = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restored)
     deadline = time.monotonic() + 60
     while not out.exists() and time.monotonic() < deadline:  # writing: its group is there
         time.sleep(0.05)

@@ -1246,3 +1246,22 @@ def test_a_server_on_ipv6s_loopback_serves_a_loader_at_its_bracketed_url(id_stor
         assert ids == server.current.ids.tolist()
     finally:
         server.shutdown()
+
+
+def test_ids_a_server_does_not_hold_in_their_round_are_refused_when_the_loader_is_made(id_store):
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        held = server.current.ids
+        outside = np.setdiff1d(np.arange(id_store.num_samples), held)[:5]
+        with pytest.raises(
+            ParameterError, match=r"ships the samples of its own rounds: 5 of the 5 ids given .* round 0"
+        ):
+            StreamingLoader(server.url, outside, backend="torch")  # it failed at the first batch
+        local = random_select(id_store, 0.3, seed=7)  # a round 0 of its own, not the server's
+        with pytest.raises(ParameterError, match="are not in its round 0"):
+            StreamingLoader(server.url, local, backend="torch")
+        some = held[::3]
+        loader = StreamingLoader(server.url, some, batch_size=1000, backend="torch", shuffle=False)
+        assert [i for x, _ in loader for i in sample_ids(x)] == some.tolist()
+    finally:
+        server.shutdown()
