@@ -66,7 +66,7 @@ def imagefolder_images(root: str | Path, *, batch: int = DEFAULT_IMAGE_BATCH) ->
     files, classes = imagefolder_files(root)
 
     def read() -> Batches:
-        return encoded_batches(((_image(Path(path).read_bytes(), path), label) for path, label in files), batch)
+        return encoded_batches(((checked_image(Path(path).read_bytes(), path), label) for path, label in files), batch)
 
     return EncodedImages(len(files), classes, read)
 
@@ -141,7 +141,7 @@ def webdataset_images(
                         f"{path}: sample {key!r} has no label .{label_key} (it has {_extensions(files)})"
                     )
                 label = _label(files[label_key], names, f"{path}: sample {key!r}: label .{label_key}")
-                yield _image(image, f"{path}: sample {key!r}"), label
+                yield checked_image(image, f"{path}: sample {key!r}"), label
 
     return EncodedImages(None, names, lambda: encoded_batches(samples(), batch))
 
@@ -198,7 +198,7 @@ def mds_images(
             for i, data in enumerate(_mds_shard_samples(root, shard, where)):
                 fields = _mds_fields(data, shard, f"{where}: sample {i}")
                 label_of = _label(fields[label], names, f"{where}: sample {i}: column {label!r}", decode)
-                yield _image(fields[image], f"{where}: sample {i}: column {image!r}"), label_of
+                yield checked_image(fields[image], f"{where}: sample {i}: column {image!r}"), label_of
 
     total = sum(int(shard["samples"]) for shard in shards)
     return EncodedImages(total, names, lambda: encoded_batches(samples(), batch))
@@ -232,7 +232,7 @@ def _batch(images: list[bytes], labels: list[int]) -> dict[str, np.ndarray]:
     return {"image": encoded, "y": np.asarray(labels, dtype=np.int64)}
 
 
-def _image(blob: bytes, where: str) -> bytes:
+def checked_image(blob: bytes, where: str) -> bytes:
     """`blob`, refused naming `where` if it cannot be a whole image (`images.damaged`): a file cut
     short, empty or of another kind is caught here, not by sample id in the middle of training."""
     problem = damaged(blob)

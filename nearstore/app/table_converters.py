@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from nearstore import Dataset, DatasetError, ParameterError, write_dataset
 from nearstore.app.converters import Batches, refuse_negative_labels
-from nearstore.app.encoded_converters import IMG_EXTENSIONS
-from nearstore.storage.images import damaged, looks_like_image
+from nearstore.app.encoded_converters import IMG_EXTENSIONS, checked_image
+from nearstore.storage.images import looks_like_image
 from nearstore.storage.writer import array_name_problem
 
 # A record batch is cut to this many rows: about a shard's worth (write_dataset's default), and a
@@ -396,13 +396,11 @@ def _encoded_file(kind: pa.DataType) -> bool:
 
 def _refuse_damaged_images(blobs: np.ndarray, name: str, table: str, first: int) -> None:
     """Refuse the first of `blobs` (rows `first`, ... of column `name`) that starts as an image and
-    cannot be a whole one (`images.damaged`), as an image folder's file is: here, not by sample id in
-    the middle of training. Other bytes (audio, say) pass as they are."""
+    cannot be a whole one, as an image folder's file is (`encoded_converters.checked_image`): here,
+    not by sample id in the middle of training. Other bytes (audio, say) pass as they are."""
     for row, blob in enumerate(blobs):
-        if looks_like_image(blob) and (problem := damaged(blob)) is not None:
-            raise DatasetError(
-                f"{table}: column {name!r} at row {first + row}: {problem}; remove it or replace it, then convert again"
-            )
+        if looks_like_image(blob):
+            checked_image(blob, f"{table}: column {name!r} at row {first + row}")
 
 
 def _embedded(array: pa.StructArray, name: str, table: str, first: int) -> pa.Array:

@@ -367,10 +367,7 @@ def embed(
         except RuntimeError as e:  # a model handed to a selector unvetted (`vet`): named as vet names it
             if not isinstance(proxy, ModelProxy) or isinstance(e, torch.OutOfMemoryError):
                 raise
-            raise ParameterError(
-                f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples (of shape "
-                f"{tuple(x.shape[1:])}): {type(e).__name__}: {e}"
-            ) from e
+            raise misfit(proxy, input_array, f"of shape {tuple(x.shape[1:])}", e) from e
         if class_balanced:
             groups = {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
         else:
@@ -616,14 +613,20 @@ def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
         ran = probe(proxy, reader, input_array, run=True)
     except RuntimeError as e:  # ModelProxy names the size of the images it decodes itself
         shape = "ragged" if dataset.ragged(input_array) else f"of shape {tuple(dataset.arrays[input_array].shape[1:])}"
-        raise ParameterError(
-            f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples ({shape}) of "
-            f"{dataset.url!r}: {type(e).__name__}: {e}"
-        ) from e
+        raise misfit(proxy, input_array, shape, e, f" of {dataset.url!r}") from e
     if isinstance(proxy, ModelProxy) and proxy.decodes_images and not ran:  # none of the first decodes
         side = proxy.images.size
         proxy.features(np.zeros((1, 3, side, side), np.float32))
     check_proxy(dataset, proxy)
+
+
+def misfit(proxy: ModelProxy, input_array: str, shape: str, error: RuntimeError, where: str = "") -> ParameterError:
+    """The refusal of a model that cannot run on `input_array`'s samples (`shape`, as said: "of
+    shape (8,)", "ragged"; `where`: " of <dataset>"), torch's error beside it."""
+    return ParameterError(
+        f"{type(proxy.model).__name__} cannot run on {input_array!r}'s samples ({shape}){where}: "
+        f"{type(error).__name__}: {error}"
+    )
 
 
 def check_proxy(dataset: Dataset, proxy: Proxy) -> None:

@@ -155,7 +155,7 @@ class NearStoreServer(flight.FlightServerBase):
         self.stored_bytes = {name: dataset.stored_nbytes([name]) for name in dataset.sample_arrays}
         self.shipped = IOStats()
         self.progress, self.executor = progress, executor
-        self._model_factory = _import_factory(model) if isinstance(model, str) else model
+        self._model_factory = None if model is None else _checked_factory(model)
         self._proxy: ModelProxy | None = None
         self.proxy_version = 0
         # The readers' dict, the rounds and the proxy change under it; reads run outside it, at once
@@ -771,19 +771,25 @@ def _default_name(url: str) -> str:
     return leaf.removesuffix(".zarr") or "dataset"
 
 
+def _checked_factory(model: str | Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """The model factory `model` names ('module:factory') or is, built once now: one that builds no
+    model is refused at start, not at a trainer's first push."""
+    factory = _import_factory(model) if isinstance(model, str) else model
+    spec = model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
+    try:
+        built = factory()
+    except Exception as e:
+        raise ParameterError(f"model factory {spec!r} must build a model when called without arguments: {e}") from e
+    if not isinstance(built, torch.nn.Module):
+        raise ParameterError(f"model factory {spec!r} must return a torch.nn.Module, got {type(built).__name__}")
+    return factory
+
+
 def _import_factory(spec: str) -> Callable[[], torch.nn.Module]:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ParameterError(f"model must be 'module:factory', got {spec!r}")
     try:
-        factory = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ParameterError(f"cannot import model factory {spec!r}: {e}") from e
-    # built once now: a factory that builds no model is refused at start, not at a trainer's first push
-    try:
-        model = factory()
-    except Exception as e:
-        raise ParameterError(f"model factory {spec!r} must build a model when called without arguments: {e}") from e
-    if not isinstance(model, torch.nn.Module):
-        raise ParameterError(f"model factory {spec!r} must return a torch.nn.Module, got {type(model).__name__}")
-    return factory

@@ -1265,3 +1265,10 @@ def test_ids_a_server_does_not_hold_in_their_round_are_refused_when_the_loader_i
         assert [i for x, _ in loader for i in sample_ids(x)] == some.tolist()
     finally:
         server.shutdown()
+
+
+def test_a_model_factory_given_in_python_that_builds_no_model_is_refused_at_start(id_store):
+    with pytest.raises(ParameterError, match="must return a torch.nn.Module, got str"):
+        NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=lambda: "not a model")
+    with pytest.raises(ParameterError, match="must build a model when called without arguments"):
+        NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=torch.nn.Linear)
