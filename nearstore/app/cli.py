@@ -55,6 +55,7 @@ CONVERT_OPTIONS = {
     "label_key": ("webdataset", "mds", "parquet", "arrow"),
     "columns": ("parquet", "arrow"),
     "num_samples": ("mnist1d", "shapes"),
+    "seed": ("mnist1d", "shapes"),
     # the others name their classes themselves: folders, digits, a store's own names
     "class_names": ("npz", "npy", "webdataset", "mds", "parquet", "arrow"),
 }
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument(
         "--num-samples", type=int, help="with mnist1d or shapes: how many to generate (default 70,000 / 10,000)"
     )
-    convert.add_argument("--seed", type=int, default=0, help="with mnist1d or shapes: generator seed")
+    convert.add_argument("--seed", type=int, help="with mnist1d or shapes: generator seed (default 0)")
     convert.add_argument("--shard-samples", type=int, default=1024)
     convert.add_argument(
         "--chunk-samples",
@@ -277,7 +278,7 @@ def _convert(args: argparse.Namespace) -> int:
         num_samples, class_names, label_array = old.num_samples, old.class_names, old.label_array
     elif kind == "mnist1d":
         num_samples = 70_000 if args.num_samples is None else args.num_samples
-        batches = converters.mnist1d_batches(num_samples, seed=args.seed)
+        batches = converters.mnist1d_batches(num_samples, seed=args.seed or 0)
     elif kind == "digits":
         batches = converters.digits_batches()
     elif kind == "npz":
@@ -390,20 +391,39 @@ def _images(kind: str, args: argparse.Namespace) -> EncodedImages:
         return mds_images(
             args.source, image_column=args.image_key, label_column=args.label_key, class_names=class_names
         )
-    return shapes_images(10_000 if args.num_samples is None else args.num_samples, seed=args.seed)
+    return shapes_images(10_000 if args.num_samples is None else args.num_samples, seed=args.seed or 0)
+
+
+SELECTOR_DEFAULTS = {"keep": 0.25, "method": DEFAULT_METHOD, "option": [], "seed": 0}
 
 
 def _selector_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keep", type=float, default=0.25, help="fraction of samples to keep, in (0, 1]")
-    parser.add_argument("--method", choices=sorted(SELECTORS), default=DEFAULT_METHOD)
+    """The round's arguments; unset they are None, so that a command can tell which were given
+    (`_selector_choice`)."""
+    parser.add_argument("--keep", type=float, help="fraction of samples to keep, in (0, 1] (default 0.25)")
+    parser.add_argument("--method", choices=sorted(SELECTORS), help=f"the selector (default {DEFAULT_METHOD})")
     parser.add_argument(
         "--option",
         action="append",
-        default=[],
         metavar="NAME=VALUE",
         help="a selector parameter, e.g. ell=16 or class_balanced=false (VALUE read as JSON)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="the selection's seed (default 0)")
+
+
+def _selector_choice(args: argparse.Namespace, ignored_with: str | None = None) -> None:
+    """Fill in the round's arguments left unset; where `ignored_with` (a flag) makes the command run no
+    round of its own, refuse those given, which it would ignore."""
+    given = [name for name in SELECTOR_DEFAULTS if getattr(args, name) is not None]
+    if ignored_with and given:
+        flags = ", ".join(f"--{name}" for name in given)
+        raise ParameterError(
+            f"{flags} given with {ignored_with}: the server then selects nothing of its own accord (a "
+            "trainer's reselect names its own keep and method)"
+        )
+    for name, default in SELECTOR_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def _options(pairs: list[str]) -> dict[str, object]:
@@ -421,6 +441,7 @@ def _options(pairs: list[str]) -> dict[str, object]:
 
 def _select(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.url)
+    _selector_choice(args)
     options = _options(args.option)
     if args.scheduler and args.method not in ON_DASK:
         raise ParameterError(f"--scheduler runs the scans of {', '.join(ON_DASK)}, not {args.method!r}")
@@ -502,6 +523,7 @@ def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving.protocol import READ_TOKEN_ENV, TOKEN_ENV
     from nearstore.serving.server import check_exposure
 
+    _selector_choice(args, "--selection" if args.selection else "--primary" if args.primary else None)
     if not 0 <= args.port <= 65535:  # Arrow would refuse it with a traceback, after the first scan
         raise ParameterError(f"--port must be in [0, 65535], got {args.port}")
     token = os.environ.get(TOKEN_ENV)  # the admin token: may also push weights and start rounds

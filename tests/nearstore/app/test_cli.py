@@ -251,6 +251,13 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["convert", "digits", "{tmp}/o.zarr", "--columns", "a"], "--columns is for parquet, arrow sources"),
         (["convert", "{tmp}/w.tar", "{tmp}/o.zarr", "--label-key", ""], "--label-key '' .* webdataset images need"),
         (["convert", "digits", "{tmp}/o.zarr", "--class-names", "a,b"], "--class-names is for npz, npy, .* is digits"),
+        (["convert", "digits", "{tmp}/o.zarr", "--seed", "3"], "--seed is for mnist1d, shapes sources; .* is digits"),
+        # a server given its round 0, or following a primary, runs no round its --keep/--method would shape
+        (
+            ["serve", "{digits}", "--selection", "{tmp}/s.npz", "--keep", "0.5", "--method", "random"],
+            "--keep, --method given with --selection: the server then selects nothing of its own accord",
+        ),
+        (["serve", "{digits}", "--primary", "grpc://127.0.0.1:1/d", "--seed", "1"], "--seed given with --primary"),
         (["info", "{tmp}"], "no zarr group at .*: it has no zarr.json"),  # a folder: no dataset, not a selection
         (["convert", "{tmp}/cut.npz", "{tmp}/o.zarr"], "cut.npz: not a whole .npz archive .*BadZipFile"),
         (
