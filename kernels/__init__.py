@@ -5,7 +5,7 @@ from __future__ import annotations
 from kernels.agreement import agreement_scores, consensus_direction, residual_scores, sketch_basis
 from kernels.augmentation_similarity import expected_similarity, sas_greedy
 from kernels.cross_covariance import cross_covariance_greedy
-from kernels.facility_location import facility_location
+from kernels.facility_location import facility_location, facility_location_of_factors
 from kernels.frequent_directions import FrequentDirections
 from kernels.gradients import gradients_of_factors, last_layer_factors, last_layer_gradients
 from kernels.kmeans import StreamingKMeans
@@ -24,6 +24,7 @@ __all__ = [
     "cross_covariance_greedy",
     "expected_similarity",
     "facility_location",
+    "facility_location_of_factors",
     "gradients_of_factors",
     "label_issues",
     "last_layer_factors",

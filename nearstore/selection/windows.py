@@ -3,7 +3,7 @@ into windows (`plan.window_bounds`), each window keeping its share of the class'
 (`plan.share`) by a method's rule. Memory is one unfinished window per class and a batch of
 windows to decide, whatever the number of samples: a window of the gradients' two factors for the
 methods that take them (C + H + 1 floats a sample, A · (C + H + 1) for AugmentAware's A draws;
-`factored_medoids` forms a window's C · (H + 1) when it decides it)."""
+CRAIG's medoids come from the factors' Gram matrix: no C · (H + 1) gradient is formed)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kernels import facility_location, gradients_of_factors
+from kernels import facility_location, facility_location_of_factors
 from nearstore.errors import DatasetError
 from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import (
@@ -562,17 +562,21 @@ def coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.
 
 def factored_medoids(windows: list[Window]) -> list[Pick]:
     """CRAIG's pick of windows held as their gradients' factors, a pair or A pairs a sample
-    (`gradients_of_factors`): each window's `medoids` of the gradients formed as it is decided,
-    scores NaN."""
+    (`gradients_of_factors`): each window's medoids by the distances of its gradients, from the
+    factors' Gram matrix (`facility_location_of_factors`), weighted as `medoids`; scores NaN."""
     return [
-        (*medoids(gradients_of_factors(*factors), k), np.full(k, np.nan, dtype=np.float32)) for factors, k in windows
+        (*_weighted(*facility_location_of_factors(*factors, k), len(factors[0])), np.full(k, np.nan, dtype=np.float32))
+        for factors, k in windows
     ]
 
 
 def medoids(points: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """CRAIG's k facility-location medoids of points and their weights, cluster sizes × k / n (mean 1)."""
-    rows, sizes = facility_location(points, k)
+    return _weighted(*facility_location(points, k), len(points))
+
+
+def _weighted(rows: torch.Tensor, sizes: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
     # numpy's own arrays, not views of torch's: a pick outlives its window, and torch's small blocks
     # left among the window's freed temporaries kept malloc from reusing them (AdaCore at 1,000
     # classes of 3 samples: 1.4 to 4.7 GB resident, from run to run, against 1 MB)
-    return rows.cpu().numpy().copy(), (sizes.cpu().numpy() * k / len(points)).astype(np.float32)
+    return rows.cpu().numpy().copy(), (sizes.cpu().numpy() * len(rows) / n).astype(np.float32)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import facility_location
+from kernels import facility_location, facility_location_of_factors, gradients_of_factors
 from kernels.facility_location import _distances, _gains, _lazy_greedy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -268,3 +268,76 @@ def test_result_on_the_features_device(device: str, dtype: torch.dtype) -> None:
 def test_errors(features: torch.Tensor, k: int, kwargs: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         facility_location(features, k, **kwargs)
+
+
+def random_factors(n: int, classes: int, width: int, draws: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals that sum to 0 a sample (softmax − onehot) and inputs ending in the bias's 1, a pair
+    a sample or `draws` pairs (float64)."""
+    rng = np.random.default_rng(seed)
+    shape = (n,) if draws is None else (n, draws)
+    p = rng.dirichlet(np.ones(classes), shape)
+    residual = p - np.eye(classes)[rng.integers(0, classes, shape)]
+    inputs = np.concatenate([rng.standard_normal((*shape, width)), np.ones((*shape, 1))], -1)
+    return torch.from_numpy(residual), torch.from_numpy(inputs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    classes=st.integers(2, 8),
+    width=st.integers(1, 6),
+    draws=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_of_factors_picks_what_the_gradients_give(
+    n: int, classes: int, width: int, draws: int | None, seed: int, data: st.DataObject
+) -> None:
+    # The gradients formed (r ⊗ x, or the mean of A of them): greedy by the definition, weights the
+    # brute-force cluster sizes. (Not always facility_location's picks over them: two classes and one
+    # feature leave the gradients in a plane, where gains tie up to rounding, broken either way.)
+    residual, inputs = random_factors(n, classes, width, draws, seed)
+    gradients = gradients_of_factors(residual, inputs).numpy()
+    k = data.draw(st.integers(1, n))
+    medoids, weights = facility_location_of_factors(residual, inputs, k)
+    assert medoids.dtype == weights.dtype == torch.int64
+    assert_greedy_picks(gradients, medoids.tolist())
+    assert weights.tolist() == cluster_sizes(distances(gradients), medoids.tolist())
+
+
+def test_of_factors_a_zero_residual_is_one_point_whatever_its_inputs() -> None:
+    # Samples the model is sure of have gradient 0: one point, duplicates of each other, so they
+    # come after every distinct point and the first of them owns the rest.
+    residual, inputs = random_factors(12, 4, 3, None, seed=7)
+    residual[[2, 5, 9]] = 0
+    medoids, weights = facility_location_of_factors(residual.float(), inputs.float(), 12)
+    medoids, weights = medoids.tolist(), weights.tolist()
+    assert sorted(medoids[:10]) == [i for i in range(12) if i not in (5, 9)]  # 10 distinct points first
+    assert medoids[10:] == [5, 9] and weights[10:] == [1, 1]
+    assert_greedy_picks(gradients_of_factors(residual, inputs).numpy(), medoids)
+
+
+def test_of_factors_at_scale_stays_finite_and_greedy() -> None:
+    # Inputs of 1e18 square past float32's range in a Gram matrix; in float64, scaled, they do not.
+    residual, inputs = random_factors(50, 5, 4, None, seed=3)
+    for scale in (1e-18, 1e18):
+        medoids, _ = facility_location_of_factors(residual.float(), (inputs * scale).float(), 8)
+        assert_greedy_picks(gradients_of_factors(residual, inputs).numpy(), medoids.tolist(), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("residual", "inputs", "k", "error", "message"),
+    [
+        (torch.ones(5), torch.ones(5, 2), 1, ValueError, r"residual must have shape \(n, C\) or \(n, A, C\)"),
+        (torch.ones(5, 2), torch.ones(5, 0), 1, ValueError, r"inputs must have shape .* with C >= 1, got \(5, 0\)"),
+        (torch.ones(5, 2), torch.ones(4, 3), 1, ValueError, r"the same samples .* got \(5, 2\) and \(4, 3\)"),
+        (torch.ones(5, 2, 2), torch.ones(5, 3, 3), 1, ValueError, "the same samples"),
+        (torch.ones(5, 2), torch.ones(5, 3), 6, ValueError, r"k must be in \[1, n\] = \[1, 5\], got 6"),
+        (torch.tensor([[float("nan")]]), torch.ones(1, 1), 1, ValueError, "residual contain NaN or inf"),
+        (torch.ones(2, 2), torch.ones(2, 2, dtype=torch.int64), 1, TypeError, "inputs must be a floating point"),
+        (np.ones((2, 2)), torch.ones(2, 2), 1, TypeError, "residual must be a torch.Tensor, got ndarray"),
+    ],
+)
+def test_of_factors_errors(residual, inputs, k: int, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        facility_location_of_factors(residual, inputs, k)

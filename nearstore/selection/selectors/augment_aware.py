@@ -38,9 +38,10 @@ class AugmentAware(Selector):
     plain one's. Weights as CRAIG's; scores NaN. A shard's augmentations are drawn from (seed, its
     first id). Reads every shard once; the proxy scores `augmentations` copies of each sample.
 
-    The unfinished windows hold each sample's A factor pairs (r_ia, [h(x_ia), 1]: A · (C + H + 1)
-    floats) and a window's ḡ (C · (H + 1)) is formed when it is decided: at 1,000 classes of 3
-    samples each, whole ḡ held for every class's last window took 400 MB at H = 32, 3 GB at 256.
+    The windows hold each sample's A factor pairs (r_ia, [h(x_ia), 1]: A · (C + H + 1) floats),
+    and the medoids come from their Gram matrix (`facility_location_of_factors`): no ḡ (C · (H + 1))
+    is formed (at 1,000 classes of 3 samples each, whole ḡ held for every class's last window took
+    400 MB at H = 32, 3 GB at 256).
 
     window: samples a window holds. augmentations: draws per sample. augment: "signal", "image",
         "none" or "auto" (by the samples' shape), as SAS's.
@@ -86,7 +87,7 @@ def augmented_factors(
 ) -> Iterator[Embedded]:
     """(ids, {class: rows}, (r, x)) of every sample of `shards`: the factors of the proxy's
     last-layer gradients of its A augmented copies (`augmented_views`), residuals r (n, A, C) and
-    inputs x (n, A, H + 1), whose mean gradient ḡ_i `gradients_of_factors` forms."""
+    inputs x (n, A, H + 1), of mean gradient ḡ_i = (1/A) Σ_a r_ia ⊗ x_ia (`gradients_of_factors`)."""
     views_of = augmented_views(
         scan, shards, augmentations=augmentations, augment=augment, seed=seed, progress=progress, desc="augaware"
     )

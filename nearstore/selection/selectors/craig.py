@@ -18,9 +18,10 @@ class Craig(WindowedSelector):
     Weights are cluster sizes × k / w, so they average 1: a weighted loss keeps its scale, and the
     weighted subset's gradient approximates the window's full gradient.
 
-    The unfinished windows hold the gradients' factors (C + H + 1 floats a sample); a window's
-    gradients (C · (H + 1)) are formed when it is decided: at 1,000 classes of a few samples each,
-    whole gradients held for every class's last window took 4 GB.
+    The windows hold the gradients' factors (C + H + 1 floats a sample), and the medoids come from
+    the distances their Gram matrix gives (`facility_location_of_factors`): no C · (H + 1) gradient
+    is formed (at 1,000 classes of a few samples each, whole gradients held for every class's last
+    window took 4 GB; a window of 1,024 at 1,000 classes and H = 256 is 1 GB).
     """
 
     method: ClassVar[str] = "craig"

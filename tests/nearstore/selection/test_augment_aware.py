@@ -54,25 +54,27 @@ def coverage(distances: np.ndarray, chosen: list[int]) -> float:
     return float((distances.max() - distances[:, chosen].min(1)).sum())
 
 
-def greedy(distances: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
-    """Plain greedy on F, every candidate's F(S ∪ {j}) evaluated (ties to the lowest index), and
-    CRAIG's weights: each point to its nearest pick (a pick owns itself), sizes × k / w."""
+def greedy(distances: np.ndarray, k: int, taken: set[int] = frozenset()) -> tuple[list[int], np.ndarray]:
+    """Plain greedy on F, every candidate's F(S ∪ {j}) evaluated, and CRAIG's weights: each point to
+    its nearest pick (a pick owns itself), sizes × k / w. Gains equal up to float32's rounding (two
+    points nearest each other, apart from the rest, gain alike: which one rounding favours is luck)
+    are a tie, which goes to a point in `taken` (the picks being checked), then the lowest index."""
     chosen: list[int] = []
     for _ in range(k):
         gains = np.array(
             [coverage(distances, chosen + [j]) if j not in chosen else -np.inf for j in range(len(distances))]
         )
-        # equal up to the sum's rounding: two points nearest each other, apart from the rest, gain alike
-        chosen.append(int(np.flatnonzero(gains >= gains.max() * (1 - 1e-12))[0]))
+        tied = np.flatnonzero(gains >= gains.max() * (1 - 1e-6))
+        chosen.append(int(next((j for j in tied if j in taken), tied[0])))
     owner = distances[:, chosen].argmin(1)
     owner[chosen] = np.arange(k)
     return chosen, np.bincount(owner, minlength=k) * k / len(distances)
 
 
-def greedy_medoids(x: np.ndarray, y: np.ndarray, proxy, keep: float, seed: int, window: int):
+def greedy_medoids(x: np.ndarray, y: np.ndarray, proxy, keep: float, seed: int, window: int, taken=()):
     """The expected selection by brute force: per window of each class, `greedy` on the distances of
-    the ḡ formed explicitly (`expected_gradients`); (ids, weights) sorted by id, and each window's
-    (distances, picks)."""
+    the ḡ formed explicitly (`expected_gradients`), ties to the ids in `taken`; (ids, weights)
+    sorted by id, and each window's (distances, picks)."""
     means = expected_gradients(x, y, proxy, seed)
     expected, weights, windows = [], [], []
     for c in np.unique(y):
@@ -81,7 +83,7 @@ def greedy_medoids(x: np.ndarray, y: np.ndarray, proxy, keep: float, seed: int, 
             ids = members[start:end]
             points = means[ids]
             distances = np.linalg.norm(points[:, None] - points[None], axis=2)
-            picks, w = greedy(distances, share(keep, 1, start, end))
+            picks, w = greedy(distances, share(keep, 1, start, end), {i for i, j in enumerate(ids) if j in taken})
             expected += ids[picks].tolist()
             weights += w.tolist()
             windows.append((distances, picks))
@@ -95,7 +97,7 @@ def test_picks_are_the_greedy_medoids_of_the_expected_augmented_gradients(signal
     chosen = AugmentAware(window=WINDOW, augmentations=DRAWS, augment="signal").select(
         dataset, keep, proxy=proxy, seed=seed
     )
-    ids, weights, windows = greedy_medoids(x, y, proxy, keep, seed, WINDOW)
+    ids, weights, windows = greedy_medoids(x, y, proxy, keep, seed, WINDOW, set(chosen.ids.tolist()))
     np.testing.assert_array_equal(chosen.ids, ids)
     np.testing.assert_allclose(chosen.weights, weights, rtol=1e-6)
     for distances, picks in windows[:: len(windows) // 2]:  # each class's first window, by brute force:
@@ -124,7 +126,7 @@ def test_many_classes_of_a_few_samples_pick_as_their_mean_gradients_formed_whole
     proxy = RandomFeatureProxy(classes, width=12, seed=1).fit(x, y)
     keep, seed = 0.3, 7
     chosen = AugmentAware(window=8, augmentations=DRAWS, augment="signal").select(dataset, keep, proxy=proxy, seed=seed)
-    ids, weights, _ = greedy_medoids(x, y, proxy, keep, seed, 8)
+    ids, weights, _ = greedy_medoids(x, y, proxy, keep, seed, 8, set(chosen.ids.tolist()))
     assert len(ids) == classes * 2  # round(0.3 · 7) a class
     np.testing.assert_array_equal(chosen.ids, ids)
     np.testing.assert_allclose(chosen.weights, weights, rtol=1e-6)

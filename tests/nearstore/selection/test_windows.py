@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import facility_location, gradients_of_factors
+from kernels import facility_location, facility_location_of_factors
 from nearstore import AdaCore, AugmentAware, Craig, RandomFeatureProxy, write_dataset
 from nearstore.selection import windows
 from nearstore.selection.selectors import augment_aware
@@ -74,16 +74,15 @@ def test_augment_aware_at_1000_classes_holds_each_draw_s_factors_not_their_mean_
                 held.append(held_bytes(last[2][0]))
                 yield last
 
-    def counted_gradients(residual, inputs):
-        gradients = gradients_of_factors(residual, inputs)
-        formed.append(gradients.nbytes)
-        return gradients
+    def counted_medoids(residual, inputs, k):
+        formed.append((tuple(residual.shape), tuple(inputs.shape)))
+        return facility_location_of_factors(residual, inputs, k)
 
     monkeypatch.setattr(augment_aware, "ClassWindows", Counted)
-    monkeypatch.setattr(windows, "gradients_of_factors", counted_gradients)
+    monkeypatch.setattr(windows, "facility_location_of_factors", counted_medoids)
     selection = AugmentAware(window=128, augmentations=draws, augment="signal").select(dataset, 0.3, proxy=proxy)
     assert len(held) == num_classes and len(selection) == num_classes
     whole = len(y) * num_classes * (width + 1) * 4  # every class's ḡ, C · (H + 1) floats a sample: 396 MB
     assert sum(held) == len(y) * draws * (num_classes + width + 1) * 4 < whole / 15  # A · (C + H + 1) floats
-    # ḡ formed a window at a time as it is decided (3 samples), not for the pass
-    assert len(formed) == num_classes and max(formed) == 3 * num_classes * (width + 1) * 4
+    # each window decided from its draws' factors (3 samples), ḡ never formed
+    assert formed == [((3, draws, num_classes), (3, draws, width + 1))] * num_classes
