@@ -147,7 +147,7 @@ class NearStoreServer(flight.FlightServerBase):
         check_integer("read_cache_bytes", read_cache_bytes, 0)
         self.read_cache = ChunkCache(read_cache_bytes) if read_cache_bytes else None
         self.dataset = dataset
-        self.name = name or _default_name(dataset.url)
+        self.name = _default_name(dataset.url) if name is None else _checked_name(name)
         self.storage_reads = IOStats()  # every reader's, for samples shipped (read_cache's chunks are not read)
         self._readers: dict[tuple[str, ...], SelectiveReader] = {}
         # Asked once (a size request per shard object): the store is read-only, and `info` is
@@ -277,7 +277,7 @@ class NearStoreServer(flight.FlightServerBase):
         with _answering("a weights push"):
             request = protocol.parse(descriptor.command or b"", "weights descriptor")
             self._check_dataset(request)
-            self._check_runs_rounds("proxy weights")
+            self._check_runs_rounds("a push of proxy weights")
             if self._model_factory is None:
                 raise RequestError(
                     f"server of {self.name!r} has no proxy model: start it with --model to accept weights"
@@ -604,9 +604,10 @@ class NearStoreServer(flight.FlightServerBase):
             try:
                 answer = self._primary.action("selection", {"round": number})
             except (ConnectionError, NearstoreError, PermissionError) as e:
+                which = "the current selection round" if number is None else f"selection round {number}"
                 raise RequestError(
-                    f"selection round {number} of {self.name!r} is not held here, and its primary"
-                    f" {self._primary.url} could not be asked: {e}"
+                    f"{which} of {self.name!r} is not held here, and its primary {self._primary.url} could not be"
+                    f" asked: {e}"
                 ) from None
             selection = Selection.from_bytes(answer)
             selection.check_dataset(self.dataset)  # a primary of another dataset is refused
@@ -766,9 +767,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A trainer reads the name from the server's URL's path: these would end it (a query, a fragment).
+URL_ENDS = "?#"
+
+
 def _default_name(url: str) -> str:
-    leaf = url.rstrip("/").rsplit("/", 1)[-1]
-    return leaf.removesuffix(".zarr") or "dataset"
+    leaf = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+    return "".join("_" if c in URL_ENDS else c for c in leaf).strip("/") or "dataset"
+
+
+def _checked_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip("/") or any(c in URL_ENDS for c in name):
+        raise ParameterError(
+            f"name must be a non-empty string without '?' or '#' (it is the path of the server's URL), got {name!r}"
+        )
+    return name.strip("/")
 
 
 def _checked_factory(model: str | Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:

@@ -125,7 +125,7 @@ def test_a_follower_serves_its_shards_only_and_leaves_rounds_to_the_primary(pair
     goes = f"goes to the primary of {follower.name!r}, {primary.url}"
     with pytest.raises(RequestError, match=f"^select {goes}: it runs the rounds$"):
         source.select(keep=0.1, method="random", seed=0)
-    with pytest.raises(RequestError, match=f"^proxy weights {goes}"):
+    with pytest.raises(RequestError, match=f"^a push of proxy weights {goes}"):
         source.update_proxy(torch.nn.Linear(8, 5))
     assert source.info()["primary"] == primary.url and source.info()["shards"] == SECOND
     source.close()
@@ -207,6 +207,9 @@ def test_a_follower_whose_primary_is_lost_refuses_a_new_round_by_name(servers, i
     with pytest.raises(RequestError, match=f"round 1 of .* is not held here, and its primary {primary.url} could not"):
         source.read([mine], arrays=["x"], round=1)
     source.close()
+    # a follower started while its primary is down cannot take its round 0: named as the current round
+    with pytest.raises(RequestError, match=f"the current selection round of .* its primary {primary.url} could"):
+        servers(open_dataset(id_store_url), shards=SECOND, primary=primary.url)
 
 
 def test_a_follower_runs_from_the_command_line(pair, id_store_url):

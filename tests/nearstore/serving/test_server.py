@@ -1272,3 +1272,20 @@ def test_a_model_factory_given_in_python_that_builds_no_model_is_refused_at_star
         NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=lambda: "not a model")
     with pytest.raises(ParameterError, match="must build a model when called without arguments"):
         NearStoreServer(id_store, selection=random_select(id_store, 0.1), model=torch.nn.Linear)
+
+
+def test_a_name_is_the_path_of_the_servers_url(tmp_path, id_store_url, id_store):
+    # '?' and '#' would end the URL's path where a trainer reads the name: refused when given, and
+    # replaced in a default taken from the store's name
+    for name in ("x?y", "a#b", "", "/"):
+        refusal = f"name must be a non-empty string without .*, got {re.escape(repr(name))}"
+        with pytest.raises(ParameterError, match=refusal):
+            NearStoreServer(id_store, name=name, selection=random_select(id_store, 0.1, seed=1))
+    shutil.copytree(id_store_url, tmp_path / "ids#2?.zarr")
+    dataset = open_dataset(str(tmp_path / "ids#2?.zarr"))
+    server = NearStoreServer(dataset, selection=random_select(dataset, 0.1, seed=1))
+    try:
+        assert server.name == "ids_2_" and server.url.endswith("/ids_2_")
+        assert len(StreamingLoader(server.url, batch_size=16, backend="torch")) == -(-len(server.current) // 16)
+    finally:
+        server.shutdown()
