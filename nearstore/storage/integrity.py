@@ -56,13 +56,16 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
             size = fs.size(path)
         except FileNotFoundError:
             size = None  # the reader says it is missing
-        if size is not None and size > manifest.nbytes[name][shard]:  # the reader finds one cut short
-            return Damage(
-                name,
-                shard,
-                path,
-                f"is longer than written: {size} bytes, the manifest records {manifest.nbytes[name][shard]}",
+        except Exception as e:  # refused, unreachable: no verdict on this object, so none on the store
+            raise OSError(f"cannot verify {path!r} of {dataset.url!r}: {type(e).__name__}: {e}") from e
+        written = int(manifest.nbytes[name][shard])
+        if size is not None and size != written:
+            problem = (
+                f"is cut short: {size} of the {written} bytes written"
+                if size < written
+                else (f"is longer than written: {size} bytes, the manifest records {written}")
             )
+            return Damage(name, shard, path, problem)
         try:
             readers[name].read_shard(shard)  # its checksums, the manifest's, and, read whole, its samples' digest
         except IntegrityError as e:

@@ -318,6 +318,11 @@ class SelectiveReader:
         for k in np.flatnonzero(sizes < 0).tolist():  # errors, in place of bytes
             plan, shard = owners[k]
             if not isinstance(blobs[k], FileNotFoundError):
+                # a range past the end of a cut object is refused (S3's InvalidRange, HTTP's 416),
+                # not answered short as a local file does: the object's size tells
+                resized = self._resized(plan.layout, shard, paths[k])
+                if resized:
+                    raise plan.damage(shard, resized, lasting=True)
                 raise OSError(f"reading {paths[k]!r} of {self.dataset.url!r} failed: {blobs[k]}") from blobs[k]
             if self.dataset.manifest is not None:
                 raise plan.damage(shard, "is missing", lasting=True)
@@ -325,9 +330,30 @@ class SelectiveReader:
         short = cut()
         if len(short):
             k = int(short[0])
+            if sizes[k] > expected[k]:  # no object answers a range with more: the server ignored it
+                raise OSError(
+                    f"reading {paths[k]!r} of {self.dataset.url!r} failed: {sizes[k]} bytes came back for a range "
+                    f"of {expected[k]} at {starts[k]}; the server does not serve byte ranges (HTTP Range)"
+                )
             problem = f"is cut short: {sizes[k]} of the {expected[k]} bytes asked for at {starts[k]}"
             raise owners[k][0].damage(owners[k][1], problem, lasting=True)
         return blobs
+
+    def _resized(self, layout: _ArrayLayout, shard: int, path: str) -> str | None:
+        """How shard object `shard`'s size differs from the manifest's record of it, or None: the
+        same, unrecorded (format 1), or not to be had."""
+        if layout.nbytes is None:
+            return None
+        try:
+            size = self.fs.size(path)
+        except Exception:  # the read's own error says more
+            return None
+        written = int(layout.nbytes[shard])
+        if size is None or size == written:
+            return None
+        if size < written:
+            return f"is cut short: {size} of the {written} bytes written"
+        return f"is longer than written: {size} bytes, the manifest records {written}"
 
     def _fetch(
         self, paths: list[str], starts: list[int | None], ends: list[int | None]

@@ -517,3 +517,63 @@ def test_s3_reads_keep_as_many_connections_as_the_plan_has_requests_in_flight(s3
     mine = open_dataset(s3_store.url, storage_options=given)
     assert mine.storage_options["config_kwargs"] == given["config_kwargs"]  # the user's own are kept
     assert mine.filesystem()[0].config_kwargs["max_pool_connections"] == 4
+
+
+@pytest.mark.parametrize("where", ["s3", "http"])
+@pytest.mark.parametrize("keep", [100, 0])
+def test_a_shard_object_cut_short_remotely_is_damage_naming_it_for_reads_and_verify(where, keep, s3, nginx, data):
+    # A range past a cut object's end is refused (S3's InvalidRange, HTTP's 416), where a local file
+    # answers it short: the object's size against the manifest's tells it is damage, not a failed read.
+    name = f"cut-{where}-{keep}.zarr"
+    if where == "s3":
+        fs = fsspec.filesystem("s3", **s3.storage_options)
+        fs.makedirs("nearstore-cut", exist_ok=True)
+        url, options = f"s3://nearstore-cut/{name}", s3.storage_options
+        write_dataset(url, batches(data), shard_samples=SHARD, storage_options=options)
+        fs.pipe(f"nearstore-cut/{name}/x/c/2/0", fs.cat(f"nearstore-cut/{name}/x/c/2/0")[:keep])
+    else:
+        write_dataset(str(nginx.root / name), batches(data), shard_samples=SHARD)
+        url, options = f"{nginx.url}/{name}", {}
+        shard = nginx.root / name / "x" / "c" / "2" / "0"
+        shard.write_bytes(shard.read_bytes()[:keep])
+    dataset = open_dataset(url, storage_options=options)
+    written = dataset.manifest.nbytes["x"][2]
+    cut_short = rf"array 'x': shard object .*{name}/x/c/2/0' \(samples 512..767\) is cut short: {keep} of the"
+    with pytest.raises(IntegrityError, match=rf"{cut_short} {written} bytes written") as raised:
+        SelectiveReader(dataset, ["x"]).read([600, 3])
+    assert raised.value.ids == (600,)
+    damages = verify_dataset(open_dataset(url, storage_options=options), progress=False)
+    assert [(d.array, d.shard, d.problem) for d in damages] == [
+        ("x", 2, f"is cut short: {keep} of the {written} bytes written")
+    ]
+
+
+def test_a_server_that_ignores_byte_ranges_is_named_and_no_sample_is_taken_for_damaged(tmp_path, data):
+    # Python's http.server answers every GET with the whole file: that is the server, not the store.
+    import functools
+    import http.server
+    import threading
+
+    write_dataset(str(tmp_path / "ds.zarr"), batches(data), shard_samples=SHARD)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/ds.zarr"
+        with pytest.raises(OSError, match=r"bytes came back for a range of \d+ .* does not serve byte ranges") as e:
+            SelectiveReader(open_dataset(url), ["x"]).read([600])
+        assert not isinstance(e.value, IntegrityError)
+        torch = pytest.importorskip("torch")
+        from loaders import StreamingLoader
+
+        loader = StreamingLoader(url, batch_size=64, backend="torch", device="cpu", on_error="skip", cache=False)
+        with pytest.raises(OSError, match="does not serve byte ranges"):  # skipped, it was every sample
+            next(iter(loader))
+        del torch
+    finally:
+        server.shutdown()
+        server.server_close()
