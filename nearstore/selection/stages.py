@@ -525,8 +525,11 @@ def _fit_default_proxy(
         taken += len(r)
     x = np.concatenate([b[input_array] for _, b in warm.values()])
     y = np.concatenate([b[labels] for _, b in warm.values()]) if labels else None
-    num_classes = max(dataset.num_classes, 2 if y is None else int(y.max()) + 1)
-    check_classes(num_classes, dataset, labels)
+    if y is None:  # its features alone: no head is scored, whatever the store's labels
+        num_classes = 2
+    else:
+        num_classes = max(dataset.num_classes, int(y.max()) + 1)
+        check_classes(num_classes, dataset, labels)
     stop_if_cancelled(cancelled, f"the default proxy was fitted on {dataset.url!r}'s warm-up")
     return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
 

@@ -23,6 +23,9 @@ from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart
 from nearstore.storage import Dataset
 
 DEFAULT_CLUSTERS = 10  # latent classes of a dataset without labels, unless told
+# A latent class keeps one sample however small its share: at most one latent class per this many
+# samples of the budget, so that the floor adds at most a quarter to it.
+BUDGET_PER_CLUSTER = 4
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,9 @@ class Sas(Selector):
     shards, merged in a tree); pass 2 cuts each latent class into windows of `window` samples and
     keeps `keep` of each by SAS's greedy (`kernels.sas_greedy`: the largest Σ_j max(<μ_i, μ_j>, 0)
     less the similarity to those kept before). clusters: default the dataset's classes where it
-    has labels (only their number is used), else 10. The proxy: the trainer's encoder pushed
+    has labels (only their number is used), else 10; at most one per 4 samples of the budget (a
+    latent class keeps at least one sample: 500 label ids kept 500 of 1,000 samples at keep 0.1).
+    The proxy: the trainer's encoder pushed
     back (`ModelProxy`: the representation its last nn.Linear reads), or by default random
     features fitted on warm-up shards without labels. Weights 1; scores: each kept sample's mean
     expected similarity to its window.
@@ -61,7 +66,16 @@ class Sas(Selector):
         check_keep(keep)
         check_seed(call.seed)
         started = time.perf_counter()
-        clusters = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
+        wanted = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
+        clusters = max(1, min(wanted, round(keep * dataset.num_samples) // BUDGET_PER_CLUSTER))
+        if clusters < wanted:
+            (log.warning if self.clusters else log.info)(
+                "sas: %d latent classes for a budget of %d samples of %s, not %d: each keeps at least one",
+                clusters,
+                round(keep * dataset.num_samples),
+                dataset.url,
+                wanted,
+            )
         scan = Scan.open(
             dataset, self.method, call.proxy, call.seed, call.device, labelled=False, cancelled=call.cancelled
         )

@@ -49,6 +49,17 @@ def encoder() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize(("labels", "clusters"), [((0, 499), None), ((0, 40_000), None), ((0, 1), 400)])
+def test_sas_keeps_about_its_budget_however_many_latent_classes_are_asked_for(tmp_path, labels, clusters):
+    # A latent class keeps one sample however small its share: one a label id (500 of them, or
+    # 40,001 past what a labelled proxy scores) or 400 asked for kept 500 of 1,000 at keep 0.1.
+    rng = np.random.default_rng(0)
+    y = np.asarray(labels)[rng.integers(0, 2, 1000)]
+    dataset = write_dataset(str(tmp_path / "sparse.zarr"), [{"x": bumps(1000, rng), "y": y}], shard_samples=256)
+    chosen = Sas(clusters=clusters).select(dataset, 0.1, seed=0)
+    assert 100 <= len(chosen) <= 125 and chosen.params["clusters"] == 25  # at most one per 4 of the budget
+
+
 @pytest.mark.parametrize("proxy", ["model-free", "encoder"])
 def test_sas_keeps_typical_samples_over_outliers_per_latent_class(unlabelled, proxy):
     dataset, outlier = unlabelled
