@@ -67,7 +67,8 @@ class Graft(WindowedSelector):
     draw_below: with the model-free proxy (round 0: no `proxy` given), a class whose budget is under
         this many samples keeps a seeded draw of its samples that are not muted, not MaxVol's picks
         (`policy.DRAW_BELOW`, 128: MaxVol over that proxy takes a class's outliers, which pays only
-        once a class has enough picks to cover its bulk too). 0: MaxVol at every budget.
+        once a class has enough picks to cover its bulk too; 0 with `tolerance`, which sizes
+        MaxVol's picks and not a draw). 0: MaxVol at every budget.
     typical: with the model-free proxy (round 0), MaxVol picks among each class's typical half:
         a sample whose p(label | x) is under its class's median on the proxy's held-out warm-up
         enters it muted (zero gradient). None: where that proxy is right on at least
@@ -107,7 +108,7 @@ class Graft(WindowedSelector):
     mute_suspects: bool = True
     budget_power: float = 0.25
     draw_uninformed: bool = True
-    draw_below: int = DRAW_BELOW
+    draw_below: int | None = None
     typical: bool | None = None
     recheck_suspects: bool = True
 
@@ -125,6 +126,8 @@ class Graft(WindowedSelector):
         check_flag("mute_suspects", self.mute_suspects)
         check_range("budget_power", self.budget_power, 0, 1)
         check_flag("draw_uninformed", self.draw_uninformed)
+        if self.draw_below is None:  # a drawn class keeps its whole budget: tolerance would not apply there
+            object.__setattr__(self, "draw_below", DRAW_BELOW if self.tolerance is None else 0)
         check_range("draw_below", self.draw_below, 0, integer=True)
         if self.typical is not None:
             check_flag("typical", self.typical)

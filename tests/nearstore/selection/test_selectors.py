@@ -149,6 +149,13 @@ def test_graft_tolerance_picks_fewer_samples_that_approximate_the_mean_gradient(
             basis = torch.linalg.qr(picked.T).Q
             mean = g.mean(0)
             assert (mean - basis @ (basis.T @ mean)).norm() <= 0.5 * mean.norm() + 1e-9
+    # Round 0 draws the classes of small budgets, whole: tolerance, which sizes MaxVol's picks, did
+    # nothing there unless draw_below=0 was given too
+    default = Graft().select(dataset, 0.25)
+    assert default.params["classes_drawn"] == 3 and default.params["draw_below"] == 128
+    model_free = Graft(tolerance=0.5).select(dataset, 0.25)
+    assert model_free.params["draw_below"] == 0 and len(model_free) < len(default)
+    assert Graft(tolerance=0.5, draw_below=64).draw_below == 64  # asked for: kept
 
 
 def test_craig_keeps_each_windows_medoids_weighted_by_cluster_size(blobs):
