@@ -417,7 +417,7 @@ def windowed_select(
         small = small_classes(budgets)
         one_pass, arguments = pooled_pass, dict(budgets=budgets, pools=pools, reads=pool_reads)
     typical = typical_floors(selector, scan.proxy, small, sizes) if proxy is None else None
-    earlier = carried_suspects(carried) if selector.recheck_suspects and proxy is not None else None
+    earlier = carried_suspects(carried, dataset) if selector.recheck_suspects and proxy is not None else None
     if typical is not None:
         log.info(
             "%s: the model-free proxy is right on %.0f%% of its held-out warm-up (balanced): MaxVol picks "
@@ -496,15 +496,25 @@ def suspects_carry(suspects: Suspects | None) -> dict[str, np.ndarray]:
     return dict(zip(SUSPECTS_CARRIED, (suspects.ids, suspects.labels.astype(np.int32))))
 
 
-def carried_suspects(carried: Mapping[str, np.ndarray] | None) -> Suspects | None:
-    """The suspects a round handed on in its carry (`suspects_carry`); None where it handed none."""
+def carried_suspects(carried: Mapping[str, np.ndarray] | None, dataset: Dataset) -> Suspects | None:
+    """The suspects a round of `dataset` handed on in its carry (`suspects_carry`); None where it
+    handed none. Ids or classes outside the dataset are refused: a carry of another dataset's."""
     held = [name for name in SUSPECTS_CARRIED if name in (carried or {})]
     if not held:
         return None
     if len(held) < len(SUSPECTS_CARRIED):
         raise DatasetError(f"a selection's carry holds {held[0]!r} without {set(SUSPECTS_CARRIED) - set(held)}")
     ids, labels = (np.asarray(carried[name]) for name in SUSPECTS_CARRIED)
-    return Suspects(ids, labels, np.full(len(ids), np.nan, np.float32))
+    suspects = Suspects(ids, labels, np.full(len(ids), np.nan, np.float32))
+    outside = (suspects.ids >= dataset.num_samples) | (suspects.labels < 0) | (suspects.labels >= dataset.num_classes)
+    if outside.any():
+        k = int(np.argmax(outside))
+        raise DatasetError(
+            f"the carry handed on names suspect {int(suspects.ids[k])} of class {int(suspects.labels[k])}, "
+            f"outside {dataset.url!r} ({dataset.num_samples} samples, {dataset.num_classes} classes): a carry of "
+            "another dataset's"
+        )
+    return suspects
 
 
 def typical_floors(

@@ -516,6 +516,13 @@ def test_a_carry_holding_half_of_the_suspects_is_refused_by_name(noisy):
     url, _, _ = noisy
     with pytest.raises(DatasetError, match="carry holds 'suspects' without {'suspected_as'}"):
         Graft(pool=2.0).select(open_dataset(url), 0.2, proxy=young(), seed=1, carried={"suspects": np.arange(3)})
+    # another dataset's carry: ids or classes this one does not have (in range, they would mute others)
+    dataset = open_dataset(url)
+    for ids, classes in (([3, dataset.num_samples], [0, 1]), ([3, 4], [0, dataset.num_classes])):
+        with pytest.raises(DatasetError, match=r"carry handed on names suspect \d+ of class \d+, outside .* another"):
+            Graft(pool=2.0).select(
+                dataset, 0.2, proxy=young(), seed=1, carried={"suspects": ids, "suspected_as": classes}
+            )
 
 
 def test_labels_the_inputs_say_nothing_of_yield_no_suspects(tmp_path):
