@@ -67,3 +67,13 @@ ERRORS: dict[str, type[NearstoreError]] = {
         RoundCancelled,
     )
 }
+
+
+# The packages behind fsspec's stores, whose errors (botocore's NoCredentialsError, aiohttp's
+# ClientResponseError, ...) are not OSErrors: a missing credential is the user's to fix, not a bug.
+STORAGE_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "azure"})
+
+
+def storage_error(e: BaseException) -> bool:
+    """Whether `e` is a storage backend's own error (credentials, a bucket, a refused request)."""
+    return type(e).__module__.split(".")[0] in STORAGE_MODULES

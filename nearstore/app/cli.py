@@ -22,6 +22,7 @@ from nearstore.app import converters
 from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, mds_images, webdataset_images
 from nearstore.app.synthetic import shapes_images
 from nearstore.app.table_converters import TABLE_SUFFIXES, open_table, table_format
+from nearstore.errors import storage_error
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
 from nearstore.storage import read_labels
 from nearstore.storage.dataset import within
@@ -236,9 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # what reads the output left (`| head`): quietly, as other tools end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 1
-    except (NearstoreError, OSError) as e:  # a refusal, or a file or store that is not there
+    except Exception as e:
+        if isinstance(e, NearstoreError | OSError):  # a refusal, or a file or store that is not there
+            message = str(e)
+        elif storage_error(e):  # a storage backend's own (no credentials, a refused request)
+            message = f"{type(e).__name__}: {e}"
+        else:
+            raise
         # and its notes: what a failed overwrite left, and where the dataset is whole
-        print(f"nearstore {args.command}: error: {e}", *getattr(e, "__notes__", ()), sep="\n", file=sys.stderr)
+        print(f"nearstore {args.command}: error: {message}", *getattr(e, "__notes__", ()), sep="\n", file=sys.stderr)
         return 2
 
 
@@ -264,6 +271,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     kind = args.format or _source_kind(args.source)
+    if kind != "nearstore" and _remote(args.source):
+        raise ParameterError(
+            f"{args.source!r}: convert reads a URL only where it is a nearstore dataset; other sources are read "
+            "from local paths (copy it here first)"
+        )
     for option, kinds in CONVERT_OPTIONS.items():
         if getattr(args, option) is not None and kind not in kinds:
             flag = "--" + option.replace("_", "-")
@@ -346,6 +358,9 @@ def _source_kind(source: str) -> str:
     """The kind of a `convert` source, told by its name or by what lies at its path."""
     if source in GENERATED:
         return source
+    if _remote(source):  # fsspec's URLs: a nearstore store alone is read from them
+        fs, path = fsspec.core.url_to_fs(source)
+        return "nearstore" if fs.exists(f"{path.rstrip('/')}/zarr.json") else "remote"
     if source.endswith((".npz", ".npy")):
         return source[-3:]
     if source.rstrip("}").endswith((".tar", ".tar.gz", ".tgz")):  # a path, or a pattern ending in a {a,b} list
@@ -365,6 +380,11 @@ def _source_kind(source: str) -> str:
         "an MDS folder (with index.json), a nearstore dataset (with zarr.json), .parquet or .arrow files or an "
         "image folder (root/<class>/<image>); or name it with --format"
     )
+
+
+def _remote(source: str) -> bool:
+    """Whether a convert source is an fsspec URL other than a local path (not a generated source's name)."""
+    return source not in GENERATED and fsspec.utils.get_protocol(source) not in ("file", "local")
 
 
 def _check_apart(out: str, sources: list[str]) -> None:
@@ -605,8 +625,9 @@ def _address(host: str, port: int) -> str:
 
 def _info(args: argparse.Namespace) -> int:
     fs, path = fsspec.core.url_to_fs(args.url)
-    # a selection, whatever its name; a folder is a dataset (open_dataset names what it lacks)
-    if not fs.exists(f"{path.rstrip('/')}/zarr.json") and not fs.isdir(path):
+    # a file is a selection, whatever its name, and so is a .npz; anything else a dataset
+    # (open_dataset names what it lacks, or why it cannot be read)
+    if path.endswith(".npz") or fs.isfile(path):
         s = Selection.load(args.url)
         print(
             json.dumps(

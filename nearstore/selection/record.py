@@ -6,7 +6,8 @@ import io
 import json
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from nearstore.errors import DatasetError, NearstoreError, SampleIdError
+from nearstore.errors import DatasetError, NearstoreError, SampleIdError, storage_error
 from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity
 
 SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
@@ -227,19 +228,35 @@ class Selection:
         except NearstoreError as e:  # the record's own refusal, told where the record came from
             raise type(e)(f"{where}: {e}") from e
 
-    def save(self, url: str | Path) -> None:
-        """Write to a local path or any fsspec URL; never inside the source dataset (refused)."""
+    def save(self, url: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> None:
+        """Write to a local path or any fsspec URL (`storage_options` for its filesystem, as
+        open_dataset's); never inside the source dataset (refused)."""
         if "url" in self.dataset:
             check_outside(self.dataset["url"], str(url), "the selection")
-        with fsspec.open(str(url), "wb") as f:
+        with _opened(url, "wb", storage_options) as f:
             f.write(self.to_bytes())
 
     @classmethod
-    def load(cls, url: str | Path) -> Selection:
+    def load(cls, url: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> Selection:
         """Read a saved selection; a file that is not one is refused naming it (`from_bytes`)."""
-        with fsspec.open(str(url), "rb") as f:
+        with _opened(url, "rb", storage_options) as f:
             data = f.read()
         return cls.from_bytes(data, where=f"selection file {str(url)!r}")
+
+
+@contextmanager
+def _opened(url: str | Path, mode: str, storage_options: Mapping[str, Any] | None) -> Iterator[Any]:
+    """fsspec's file at `url`; the storage backend's own errors (credentials, a missing bucket) as
+    an OSError naming the URL, as open_dataset's."""
+    try:
+        with fsspec.open(str(url), mode, **dict(storage_options or {})) as f:
+            yield f
+    except (NearstoreError, OSError):
+        raise
+    except Exception as e:
+        if not storage_error(e):
+            raise
+        raise OSError(f"cannot {'write' if 'w' in mode else 'read'} {str(url)!r}: {type(e).__name__}: {e}") from e
 
 
 def check_carry(carry: Any, where: str) -> dict[str, np.ndarray]:

@@ -140,7 +140,7 @@ class Dataset:
     """A nearstore dataset opened read-only from a URL (local path, s3://, http://, ...)."""
 
     url: str
-    storage_options: dict[str, Any]
+    storage_options: dict[str, Any] = field(repr=False)  # credentials: kept out of logs and tracebacks
     group: zarr.Group
     num_samples: int
     sample_arrays: tuple[str, ...]
@@ -355,6 +355,12 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     consolidated metadata, requests nothing counts). `Dataset.open_stats` counts the reads.
     On s3://, s3fs keeps S3_CONNECTIONS connections unless `storage_options` says otherwise."""
     storage_options = with_store_defaults(url, dict(storage_options or {}))
+    if fsspec.utils.get_protocol(url) in ("http", "https") and any(c in url for c in "?#"):
+        # the objects' names are appended to the URL: they would land in its query ('ds.zarr?t=1/zarr.json')
+        raise ParameterError(
+            f"{url!r}: an HTTP store's URL cannot hold a query or a fragment (its objects' names are appended to "
+            "it); pass headers or credentials in storage_options, e.g. {'headers': {...}}"
+        )
     stats = IOStats()
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)

@@ -106,10 +106,14 @@ def write_dataset(
         raise ParameterError(f"shard_samples must be >= 1, got {shard_samples}")
     if chunk_samples is not None and (chunk_samples < 1 or shard_samples % chunk_samples):
         raise ParameterError(f"chunk_samples must be a divisor of shard_samples ({shard_samples}), got {chunk_samples}")
+    if fsspec.utils.get_protocol(str(url)) in ("http", "https"):
+        raise ParameterError(f"{url!r}: HTTP stores are read-only; write to a local path or to object storage")
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
     try:  # one listing says whether anything is there (s3fs lists the parent too where nothing is)
         present: list[str] | None = fs.ls(root, detail=False, refresh=True)
+        # an object store's folder marker (the empty key 'name/' a console's "create folder" makes)
+        present = [p for p in present if p != f"{root.rstrip('/')}/"]
     except FileNotFoundError:
         present = None
     # an empty folder (or bucket) is written in place: there is nothing to keep, nor anywhere beside a bucket

@@ -251,6 +251,9 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["convert", "digits", "{tmp}/o.zarr", "--columns", "a"], "--columns is for parquet, arrow sources"),
         (["convert", "{tmp}/w.tar", "{tmp}/o.zarr", "--label-key", ""], "--label-key '' .* webdataset images need"),
         (["convert", "digits", "{tmp}/o.zarr", "--class-names", "a,b"], "--class-names is for npz, npy, .* is digits"),
+        # other sources are read from local paths (a remote .tar was 'no WebDataset shard at' it)
+        (["convert", "memory://a.npz", "{tmp}/o.zarr"], "convert reads a URL only where it is a nearstore dataset"),
+        (["convert", "s3://b/a.tar", "{tmp}/o.zarr", "--format", "webdataset"], "copy it here first"),
         (["convert", "digits", "{tmp}/o.zarr", "--seed", "3"], "--seed is for mnist1d, shapes sources; .* is digits"),
         # a server given its round 0, or following a primary, runs no round its --keep/--method would shape
         (

@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, verify_dataset, write_dataset
-from nearstore.errors import DatasetError, IntegrityError
+from nearstore.errors import DatasetError, IntegrityError, ParameterError
 from nearstore.storage.dataset import S3_CONNECTIONS
 
 # Tests of the loader and the selectors over object storage import them where they run: both need
@@ -472,11 +472,53 @@ def test_a_write_whose_source_fails_mid_way_leaves_no_store_and_the_source_untou
 
 
 def test_http_stores_are_read_only(nginx, http_store):
-    with pytest.raises(Exception):  # noqa: B017 - fsspec's HTTP backend refuses writes in its own words
-        write_dataset(f"{nginx.url}/new.zarr", [{"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}])
     nginx.clear()
+    with pytest.raises(ParameterError, match="new.zarr': HTTP stores are read-only"):  # was aiohttp's 403
+        write_dataset(f"{nginx.url}/new.zarr", [{"x": np.zeros((2, 2)), "y": np.zeros(2, dtype=int)}])
+    assert nginx.books().served == []  # refused before any request
     SelectiveReader(http_store).read([0, 1])
     assert {s.method for s in nginx.books().served} <= {"GET", "HEAD"}
+    # the objects' names are appended to the URL: a query would take them ('ds.zarr?t=1/zarr.json')
+    for url in (f"{nginx.url}/ds.zarr?token=abc", f"{nginx.url}/ds.zarr#part"):
+        with pytest.raises(ParameterError, match="an HTTP store's URL cannot hold a query or a fragment"):
+            open_dataset(url)
+
+
+def test_credentials_stay_out_of_a_datasets_repr(s3, s3_store):
+    secret = "a-secret-of-32-characters-000000"
+    dataset = open_dataset(s3_store.url, storage_options={**s3.storage_options, "secret": secret})
+    assert secret not in repr(dataset) and "storage_options" not in repr(dataset)
+    assert dataset.storage_options["secret"] == secret  # kept, for the readers
+
+
+def test_a_dataset_is_written_in_an_empty_s3_folder_whose_marker_is_left_alone(s3, data):
+    import boto3
+
+    options = s3.storage_options
+    client = boto3.client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket="nearstore-folder")
+    client.put_object(Bucket="nearstore-folder", Key="ds.zarr/", Body=b"")  # a console's "create folder"
+    dataset = write_dataset("s3://nearstore-folder/ds.zarr", batches(data), storage_options=options)
+    assert dataset.num_samples == N and verify_dataset(dataset, progress=False) == []
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="nearstore-folder")["Contents"]]
+    assert "ds.zarr/" in keys and "ds.zarr/zarr.json" in keys
+
+
+def test_a_selection_is_saved_beside_the_data_with_the_stores_options(s3, s3_store):
+    pytest.importorskip("torch")
+    from nearstore import Selection, random_select
+
+    selection = random_select(s3_store, 0.1, seed=3)
+    url = "s3://nearstore-test/selections/round0.npz"
+    selection.save(url, storage_options=s3.storage_options)
+    loaded = Selection.load(url, storage_options=s3.storage_options)
+    np.testing.assert_array_equal(loaded.ids, selection.ids)
 
 
 @pytest.mark.parametrize("where", ["s3", "http"])
@@ -577,3 +619,27 @@ def test_a_server_that_ignores_byte_ranges_is_named_and_no_sample_is_taken_for_d
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_command_line_without_credentials_says_so_in_one_line(s3, s3_store, tmp_path):
+    # botocore's NoCredentialsError is no OSError: info (its probe for a selection), convert and a
+    # selection saved to S3 printed tracebacks
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=s3.endpoint,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",  # no instance metadata service: 127.0.0.1 is the only target
+        PYTHONPATH=str(Path(__file__).parents[3]),
+    )
+    for argv in (
+        ["info", s3_store.url],
+        ["convert", "digits", "s3://nearstore-test/new.zarr"],
+        ["info", "s3://nearstore-test/round0.npz"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "nearstore.app.cli", *argv], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert re.search(f"nearstore {argv[0]}: error: .*NoCredentialsError: Unable to locate credentials", done.stderr)
