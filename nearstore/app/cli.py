@@ -466,6 +466,8 @@ def _select(args: argparse.Namespace) -> int:
     if args.scheduler and args.method not in ON_DASK:
         raise ParameterError(f"--scheduler runs the scans of {', '.join(ON_DASK)}, not {args.method!r}")
     selector = make_selector(args.method, **options)  # options checked before any scan
+    if args.report is not None and args.report.strip() in ("", "-"):  # '': no report written; '-': a file so named
+        raise ParameterError(f"--report takes the path of a CSV file, got {args.report!r}")
     if args.report and not selector.mute_suspects:
         raise ParameterError(f"--report needs a method that judges labels; {selector} does not")
     if args.report and _overlap(args.report, args.out):

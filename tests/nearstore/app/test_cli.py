@@ -242,6 +242,8 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/../{tmp.name}/s.npz"], "--report .* is where the"),
         (["select", "{digits}", "{tmp}", "--method", "random"], "cannot write the selection to .*: it names a folder"),
+        (["select", "{digits}", "{tmp}/s.npz", "--report", ""], "--report takes the path of a CSV file, got ''"),
+        (["select", "{digits}", "{tmp}/s.npz", "--report", "-"], "--report takes the path of a CSV file, got '-'"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/new/"], "cannot write the report to .*: it names a"),
         (["demo", "--epochs", "-1", "--workdir", "{tmp}/w"], "epochs must be an integer >= 1, got -1"),
         (["convert", "{tmp}/junk.npy", "{tmp}/j.zarr"], "junk.npy is neither an .npy file nor an .npz archive"),
