@@ -436,7 +436,7 @@ def report(results: dict, stored: dict) -> dict:
     """Print the table and ratios; return the summary rows."""
     summary = {}
     print(
-        f"\n{'set':<8} {'keep':>5} {'loader':<30} {'epoch s':>20} {'requests':>18} {'MB, 3 ep':>9} "
+        f"\n{'set':<8} {'keep':>5} {'loader':<30} {'epoch s':>20} {'requests':>18} {'MB, all ep':>10} "
         f"{'µ$ in-region':>12} {'µ$ internet':>11}"
     )
     for set_name, rows in results.items():
@@ -451,7 +451,7 @@ def report(results: dict, stored: dict) -> dict:
                 seconds = " ".join(f"{s:.2f}" for s in t["seconds"])
                 requests = " ".join(str(n) for n in t["requests"])
                 print(
-                    f"{set_name:<8} {keep:>5} {name:<30} {seconds:>20} {requests:>18} {t['bytes'] / 1e6:>9.2f} "
+                    f"{set_name:<8} {keep:>5} {name:<30} {seconds:>20} {requests:>18} {t['bytes'] / 1e6:>10.2f} "
                     f"{t['dollars_in_region'] * 1e6:>12.2f} {t['dollars_to_internet'] * 1e6:>11.2f}"
                 )
             peers = {n: t for n, t in made.items() if not n.startswith("StreamingLoader")}
@@ -551,6 +551,13 @@ def main() -> None:
     keeps = (0.25,) if args.tiny else KEEPS
     if args.tiny:
         args.mnist1d, args.images = 1024, 64
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    for flag, value in (("--mnist1d", args.mnist1d), ("--images", args.images)):
+        if value == 1 or value < 0:  # a set is at least two shards of a sample
+            parser.error(f"{flag} takes 0 (leave the set out) or at least 2 samples, got {value}")
+    if not args.mnist1d and not args.images:
+        parser.error("--mnist1d 0 and --images 0 leave nothing to run")
     sets = {"mnist1d": (args.mnist1d, 1024, 128), "images": (args.images, 128, 64)}  # samples, a shard, a batch
     sets = {name: (n, min(shard, n // 2), batch) for name, (n, shard, batch) in sets.items() if n}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -180,6 +180,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 4,096 samples, 10%%, one repeat")
     args = parser.parse_args()
+    if not all(0 < keep <= 1 for keep in args.budgets):
+        parser.error(f"--budgets are fractions of the data in (0, 1], got {args.budgets}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.tiny:
         args.budgets, args.repeats = [0.1], 1
     args.out.mkdir(parents=True, exist_ok=True)
@@ -410,21 +414,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for allocator, name in dict.fromkeys((r["allocator"], r["method"]) for r in rows):
+    # a series a (method, allocator): a legend of 27 of them inside the axes hid the data, so it
+    # stands to the right, in two columns where it is long
+    fig, ax = plt.subplots(figsize=(11, 5))
+    series = list(dict.fromkeys((r["allocator"], r["method"]) for r in rows))
+    for allocator, name in series:
         mine = [r for r in rows if r["method"] == name and r["allocator"] == allocator]
         ax.plot(
             [100 * r["keep"] for r in mine],
             [r["per_epoch"] for r in mine],
             "-" if allocator == "default" else ":",
             marker="o",
-            label=f"{name}, malloc {allocator}",
+            label=name if allocator == "kept" else f"{name}, malloc {allocator}",
         )
     ax.axhline(0.1, color="grey", linestyle="--", label="target: 10% of an epoch")
-    ax.set(xscale="log", xlabel="keep (%)", ylabel="round / full-data epoch", title="re-selection round cost")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set(xscale="log", xlabel="keep (%)", ylabel="round / full-data epoch", title="selection round cost")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 if len(series) < 14 else 2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -500,7 +500,9 @@ def gap(row: dict, base: dict | None) -> str:
     """row's accuracy against base's, in σ = (mean − mean_base) / √(std² + std_base²)."""
     if base is None or base is row:
         return ""
-    spread = math.hypot(row["accuracy_std"], base["accuracy_std"]) or float("nan")
+    spread = math.hypot(row["accuracy_std"], base["accuracy_std"])
+    if not spread:  # one seed each: no spread to measure the gap in
+        return "n/a"
     return f"{(row['accuracy_mean'] - base['accuracy_mean']) / spread:+.1f}σ"
 
 
@@ -598,9 +600,20 @@ def main() -> None:
         "--report-only", action="store_true", help="train nothing: summarise every run logged in --out so far"
     )
     parser.add_argument(
-        "--tiny", action="store_true", help="a smoke run: 4,096 MNIST-1D samples, 10%%, seed 0, 2 epochs, 4 methods"
+        "--tiny",
+        action="store_true",
+        help="a smoke run of each of --datasets (MNIST-1D: 4,096 samples), 10%%, seed 0, 2 epochs, 4 methods",
     )
     args = parser.parse_args()
+    if not all(0 < keep <= 1 for keep in args.budgets):
+        parser.error(f"--budgets are fractions of the data in (0, 1], got {args.budgets}")
+    for flag, value in (("--epochs", args.epochs), ("--every", args.every), ("--threads", args.threads)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if any(block < 1 for block in args.shuffle_blocks):
+        parser.error(f"--shuffle-blocks must be >= 1, got {args.shuffle_blocks}")
+    if args.report_only and not (args.out / "selection_quality.runs.jsonl").exists():
+        parser.error(f"--report-only: no runs logged in {args.out} yet")
     sizes = (50_000, 10_000)
     if args.tiny:
         sizes, args.budgets, args.seeds, args.epochs = (4096, 1024), [0.1], [0], 2
