@@ -36,8 +36,12 @@ class FlightSource(Source):
         self._server = Connection(url, **options)
         self.url, self.name, self.location = url, self._server.name, self._server.location
         self.stats = IOStats()
+        self._fingerprint: str | None = None
         info = self.info()
         self.identity: dict[str, Any] = info["identity"]
+        # sent with every request from here on: a server restarted on another store of the same
+        # name and shape refuses it, where its samples would have been read as this dataset's
+        self._fingerprint = self.identity.get("fingerprint")
         self.sample_arrays: tuple[str, ...] = tuple(info["sample_arrays"])
         self.label_array: str | None = info["label_array"]
         self.shard_samples: int = info["shard_samples"]
@@ -54,7 +58,8 @@ class FlightSource(Source):
         step = protocol.MAX_REQUEST_SAMPLES
         parts = []
         for first in range(0, max(1, len(ids)), step):
-            table = self._server.get(protocol.ticket(self.name, round, ids[first : first + step], arrays))
+            ticket = protocol.ticket(self.name, round, ids[first : first + step], arrays, self._fingerprint)
+            table = self._server.get(ticket)
             self.stats.add(bytes=table.nbytes, requests=1, samples=table.num_rows)
             parts.append(protocol.from_table(table))
         if len(parts) == 1:
@@ -92,11 +97,12 @@ class FlightSource(Source):
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
         body = buffer.getbuffer()
-        json.loads(self._server.put(protocol.weights_descriptor(self.name, len(body), images), body))
+        descriptor = protocol.weights_descriptor(self.name, len(body), images, self._fingerprint)
+        json.loads(self._server.put(descriptor, body))
 
     def close(self) -> None:
         self._server.close()
 
     def action(self, kind: str, request: dict[str, Any]) -> bytes:
         """The server's answer to action `kind` with `request` (`protocol.ACTIONS`)."""
-        return self._server.action(kind, request)
+        return self._server.action(kind, protocol.with_fingerprint(request, self._fingerprint))

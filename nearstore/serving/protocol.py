@@ -96,10 +96,22 @@ def read_key_pair(
     return None if cert is None else (read_pem(cert, "tls_cert"), read_pem(key, "tls_key"))
 
 
-def ticket(dataset: str, round: int | str, ids: Sequence[int] | np.ndarray, arrays: Sequence[str]) -> flight.Ticket:
-    """The client's request for samples `ids` of selection round `round`, arrays `arrays` only."""
+def ticket(
+    dataset: str,
+    round: int | str,
+    ids: Sequence[int] | np.ndarray,
+    arrays: Sequence[str],
+    fingerprint: str | None = None,
+) -> flight.Ticket:
+    """The client's request for samples `ids` of selection round `round`, arrays `arrays` only, of
+    the dataset of `fingerprint` (where known: a server restarted on another store refuses it)."""
     body = {"dataset": dataset, "round": round, "ids": np.asarray(ids).tolist(), "arrays": list(arrays)}
-    return flight.Ticket(json.dumps(body).encode())
+    return flight.Ticket(json.dumps(with_fingerprint(body, fingerprint)).encode())
+
+
+def with_fingerprint(request: dict[str, Any], fingerprint: str | None) -> dict[str, Any]:
+    """`request` naming the dataset's fingerprint too, where there is one (format 1 has none)."""
+    return request if fingerprint is None else {**request, "fingerprint": fingerprint}
 
 
 def parse(raw: bytes | pa.Buffer, what: str, limit: int = MAX_TICKET_BYTES) -> dict[str, Any]:
@@ -186,13 +198,16 @@ def from_table(table: pa.Table) -> dict[str, np.ndarray]:
     return arrays
 
 
-def weights_descriptor(dataset: str, nbytes: int, images: ImageTransform | None = None) -> flight.FlightDescriptor:
-    """The client's do_put of proxy weights of `nbytes` bytes for `dataset`; `images`: how the
-    proxy is to decode encoded images (the loader's evaluation transform), None: its default."""
+def weights_descriptor(
+    dataset: str, nbytes: int, images: ImageTransform | None = None, fingerprint: str | None = None
+) -> flight.FlightDescriptor:
+    """The client's do_put of proxy weights of `nbytes` bytes for `dataset` (of `fingerprint`, as
+    `ticket`); `images`: how the proxy is to decode encoded images (the loader's evaluation
+    transform), None: its default."""
     request: dict[str, Any] = {"dataset": dataset, "bytes": nbytes}
     if images is not None:
         request["images"] = image_fields(images)
-    return flight.FlightDescriptor.for_command(json.dumps(request).encode())
+    return flight.FlightDescriptor.for_command(json.dumps(with_fingerprint(request, fingerprint)).encode())
 
 
 def image_fields(images: ImageTransform) -> dict[str, Any]:

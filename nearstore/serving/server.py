@@ -638,6 +638,13 @@ class NearStoreServer(flight.FlightServerBase):
             )
         if request.get("dataset") != self.name:
             raise RequestError(f"this server serves dataset {self.name!r}, not {request.get('dataset')!r}")
+        fingerprint = request.pop("fingerprint", None)  # a client's since it first asked for info
+        served = self.dataset.manifest.fingerprint if self.dataset.manifest else None
+        if fingerprint is not None and fingerprint != served:
+            raise DatasetError(
+                f"this server serves {self.name!r} of fingerprint {served}, not the {fingerprint} this trainer "
+                "began with: the server was restarted on another store of that name"
+            )
 
 
 @contextmanager

@@ -1289,3 +1289,29 @@ def test_a_name_is_the_path_of_the_servers_url(tmp_path, id_store_url, id_store)
         assert len(StreamingLoader(server.url, batch_size=16, backend="torch")) == -(-len(server.current) // 16)
     finally:
         server.shutdown()
+
+
+def test_a_trainer_refuses_a_server_restarted_on_another_store_of_its_name(tmp_path, id_data):
+    # Two versions of a dataset, the same name, shape and ids: a loader whose server came back on
+    # the other one read its samples as this one's (its round 0 held the same ids).
+    stores = [
+        write_dataset(str(tmp_path / f"v{v}.zarr"), [{"x": id_data["x"] + v, "y": id_data["y"]}], shard_samples=256)
+        for v in (1, 2)
+    ]
+    port = free_port()
+    first = NearStoreServer(stores[0], name="ds", port=port, selection=random_select(stores[0], 1.0, seed=1))
+    try:
+        source = FlightSource(first.url)
+        np.testing.assert_array_equal(source.read([7], arrays=["x"], round=0)["x"], id_data["x"][[7]] + 1)
+    finally:
+        first.shutdown()
+    again = NearStoreServer(stores[1], name="ds", port=port, selection=random_select(stores[1], 1.0, seed=1))
+    try:
+        restarted = "this server serves 'ds' of fingerprint [0-9a-f]+, not the [0-9a-f]+ this trainer began with"
+        with pytest.raises(DatasetError, match=restarted):
+            source.read([7], arrays=["x"], round=0)
+        with pytest.raises(DatasetError, match=restarted):
+            source.info()
+        assert FlightSource(again.url).read([7], arrays=["x"], round=0)["x"][0, 0] == id_data["x"][7, 0] + 2
+    finally:
+        again.shutdown()
