@@ -11,16 +11,18 @@ any more (the scan's `cancelled`) has its tasks not yet done cancelled from here
 
 from __future__ import annotations
 
+import os
 import queue
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+import fsspec
 import numpy as np
 import torch
 
 from nearstore.checks import check_integer
-from nearstore.errors import ParameterError, RoundCancelled
+from nearstore.errors import DatasetError, NearstoreError, ParameterError, RoundCancelled
 from nearstore.selection.stages import Scan, stop_if_cancelled
 from nearstore.storage import SelectiveReader, open_dataset
 
@@ -101,8 +103,9 @@ class DaskExecutor:
                     shards,
                     key=key,
                     task=task,
-                    url=dataset.url,
+                    url=worker_url(dataset.url),
                     storage_options=dataset.storage_options,
+                    identity=_comparable(dataset.identity()),
                     scan=shipped,
                     arguments=arguments,
                     pure=False,
@@ -195,11 +198,38 @@ def make_executor(name: str = "local", **options: Any) -> Executor:
         raise ParameterError(f"executor {name!r} does not take the options {sorted(options)}: {e}") from None
 
 
+def worker_url(url: str) -> str:
+    """`url` as a worker is to open it: a local path made absolute (a worker's working directory is
+    its own: a relative path there named another store, or none)."""
+    return os.path.abspath(url) if fsspec.utils.get_protocol(url) in ("file", "local") and "://" not in url else url
+
+
+def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's identity less its URL, which the worker's may spell otherwise."""
+    return {key: value for key, value in identity.items() if key != "url"}
+
+
 def _on_worker(
-    shards: list[int], *, task: Task, url: str, storage_options: dict[str, Any], scan: dict[str, Any], arguments: dict
+    shards: list[int],
+    *,
+    task: Task,
+    url: str,
+    storage_options: dict[str, Any],
+    identity: dict[str, Any],
+    scan: dict[str, Any],
+    arguments: dict,
 ) -> tuple[Any, Reads]:
-    """A task on a worker: the dataset opened from its URL, the scan rebuilt around the shipped proxy."""
-    dataset = open_dataset(url, storage_options=storage_options)
+    """A task on a worker: the dataset opened from its URL and checked to be the client's, the scan
+    rebuilt around the shipped proxy."""
+    try:
+        dataset = open_dataset(url, storage_options=storage_options)
+    except (NearstoreError, OSError) as e:
+        raise type(e)(f"a Dask worker could not open the dataset at {url!r} (workers read it at that URL): {e}") from e
+    if _comparable(dataset.identity()) != identity:
+        raise DatasetError(
+            f"a Dask worker opened another dataset at {url!r} than the client's (its fingerprint, arrays or size "
+            "differ): workers must reach the same store at the same URL"
+        )
     reader = SelectiveReader(dataset, scan["arrays"])
     result = task(Scan(reader, scan["proxy"], scan["input_array"], scan["labels"], {}), shards, **arguments)
     reads = reader.stats.snapshot()

@@ -15,6 +15,7 @@ from nearstore import (
     AdaCore,
     Craig,
     Crest,
+    DatasetError,
     Graft,
     ParameterError,
     RandomFeatureProxy,
@@ -63,6 +64,21 @@ def test_distributed_scan_equals_the_in_process_scan_when_the_sketch_is_exact(cl
     stored = dataset.stored_nbytes(["x", "y"])
     assert (here.params["executor"], there.params["executor"]) == ("local", "dask")
     assert here.io["bytes"] <= there.io["bytes"] <= 2 * stored
+
+
+def test_workers_open_the_clients_dataset_or_refuse_by_name(client, blobs, tmp_path, monkeypatch):
+    _, x, y, proxy = blobs
+    # opened by a relative path: a worker's working directory is its own (there the path named
+    # nothing, or another store of the layout, whose samples were scored as this dataset's)
+    monkeypatch.chdir(tmp_path)
+    here = write_dataset("rel.zarr", [{"x": x, "y": y}], shard_samples=64)
+    assert here.url == "rel.zarr"
+    there = sage_select(here, 0.2, ell=32, proxy=proxy, executor=DaskExecutor(client))  # exact when merged
+    np.testing.assert_array_equal(there.ids, sage_select(here, 0.2, ell=32, proxy=proxy).ids)
+    # the store replaced under the client's open dataset: the workers open the new one, refused
+    write_dataset("rel.zarr", [{"x": x + 1, "y": y}], shard_samples=64, overwrite=True)
+    with pytest.raises(DatasetError, match=r"a Dask worker opened another dataset at '/.*/rel.zarr' than the client"):
+        Graft(window=64).select(here, 0.2, proxy=proxy, executor=DaskExecutor(client))
 
 
 def test_merged_sketches_meet_the_frequent_directions_bound(client, blobs):
