@@ -275,6 +275,29 @@ def array_layout(array: zarr.Array, document: Mapping[str, Any]) -> dict[str, An
     return layout if ragged is None else {**layout, "ragged": ragged}
 
 
+def _byte_orders(codecs: Any) -> Iterator[str]:
+    """The byte orders its `bytes` codecs give an array's numbers, inside a sharding codec too."""
+    for codec in codecs or ():
+        if not isinstance(codec, Mapping):
+            continue
+        configuration = codec.get("configuration") or {}
+        if codec.get("name") == "bytes" and "endian" in configuration:
+            yield configuration["endian"]
+        yield from _byte_orders(configuration.get("codecs"))
+        yield from _byte_orders(configuration.get("index_codecs"))
+
+
+@contextlib.contextmanager
+def _damaged_metadata(url: str, what: str) -> Iterator[None]:
+    """zarr's refusals of a zarr.json document (a KeyError for a field missing) as a DatasetError naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{url!r}: the {ZARR_JSON} of {what} is not zarr's ({type(e).__name__}: {e})") from e
+
+
 def ragged_layout(document: Mapping[str, Any], where: str) -> RaggedLayout | None:
     """The ragged layout an array's zarr.json `document` records in its attributes, or None."""
     recorded = ((document.get("attributes") or {}).get(ATTRS_KEY) or {}).get("ragged")
@@ -436,26 +459,40 @@ def _dataset(
         raise DatasetError(
             f"{url!r} has format_version {version!r}; this nearstore reads {UNCHECKED_FORMAT} and {FORMAT_VERSION}"
         )
-    names = tuple(attrs["sample_arrays"])
+    try:
+        names = tuple(str(name) for name in attrs["sample_arrays"])
+        num_samples = int(attrs["num_samples"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(
+            f"{url!r}: the {ATTRS_KEY!r} attributes of its {ZARR_JSON} are damaged ({type(e).__name__}: {e})"
+        ) from e
     label_array = attrs.get("label_array")
-    num_samples = int(attrs["num_samples"])
     documents = read_arrays(names)
     missing = [name for name, document in zip(names, documents) if document is None]
     if missing:
         raise DatasetError(f"{url!r}: sample array {missing[0]!r} is listed in the attributes but missing")
     store = _zarr_store(fs, root, url, storage_options)
-    with encoded_bytes():
+    with encoded_bytes(), _damaged_metadata(url, "the group"):
         group = zarr.Group(zarr.AsyncGroup.from_dict(StorePath(store), dict(group_json)))
     arrays: dict[str, zarr.Array] = {}
     for name, document in zip(names, documents):
         if document.get("node_type") != "array":
             raise DatasetError(f"{url!r}: {name!r} is a {document.get('node_type')}, expected an array")
-        with encoded_bytes():
+        with encoded_bytes(), _damaged_metadata(url, f"array {name!r}"):
             array = zarr.Array.from_dict(StorePath(store, name), dict(document))
+        if version == FORMAT_VERSION and any(order != "little" for order in _byte_orders(document.get("codecs"))):
+            # the writer stores every number little-endian: another order is an edit, read as other
+            # numbers (a format-1 store, which zarr may have written, is read in the order it says)
+            raise DatasetError(
+                f"{url!r}: the {ZARR_JSON} of array {name!r} says its bytes are big-endian, and nearstore writes them "
+                "little-endian: its samples would be read as other numbers (the metadata was edited)"
+            )
         if ragged_layout(document, f"{url!r}, array {name!r}") is not None and array.dtype != object:
             raise DatasetError(f"{url!r}: array {name!r} records a ragged layout but holds {array.dtype} samples")
         if array.shape[0] != num_samples:
             raise DatasetError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
+        if array.shards is None:
+            raise DatasetError(f"{url!r}: array {name!r} is not sharded: not a nearstore dataset's (plain zarr?)")
         arrays[name] = array
     if label_array is not None and label_array not in arrays:
         raise DatasetError(f"{url!r}: label array {label_array!r} is not among the sample arrays {names}")
@@ -477,6 +514,15 @@ def _dataset(
             UncheckedStoreWarning,
             stacklevel=2,
         )
+    # labels as the writer stores them, integers, one a sample (after the manifest's check, which
+    # names an edited dtype the more precisely)
+    if label_array is not None:
+        labels = arrays[label_array]
+        if labels.dtype.kind not in "iu" or labels.shape[1:] not in ((), (1,)):
+            raise DatasetError(
+                f"{url!r}: label array {label_array!r} holds {labels.dtype} samples of shape {labels.shape[1:]}, "
+                "not one integer a sample (the attributes name another array as the labels: edited?)"
+            )
     return Dataset(
         url=url,
         storage_options=storage_options,

@@ -290,6 +290,42 @@ def test_metadata_edited_to_read_the_bytes_otherwise_is_refused_at_open(store):
     assert verify_dataset(open_dataset(store), progress=False) == []
 
 
+def big_endian(document: dict) -> None:
+    sharding = document["codecs"][0]["configuration"]
+    sharding["codecs"][0]["configuration"]["endian"] = "big"
+
+
+@pytest.mark.parametrize(
+    ("where", "edit", "message"),
+    [
+        # the bytes read as other numbers, every checksum holding: samples were byte-swapped silently
+        ("x", big_endian, "the zarr.json of array 'x' says its bytes are big-endian"),
+        ("y", big_endian, "the zarr.json of array 'y' says its bytes are big-endian"),
+        # the inputs named as the labels: x and y swapped silently
+        ("", lambda group: group["attributes"]["nearstore"].update(label_array="x"), "label array 'x' holds"),
+        # a field missing or not a number: tracebacks that named no store
+        (
+            "",
+            lambda group: group["attributes"]["nearstore"].pop("sample_arrays"),
+            "the 'nearstore' attributes .* are damaged .*Key",
+        ),
+        (
+            "",
+            lambda group: group["attributes"]["nearstore"].update(num_samples="many"),
+            "the 'nearstore' attributes .* damaged",
+        ),
+        ("x", lambda document: document.pop("codecs"), r"the zarr.json of array 'x' is not zarr's \(KeyError"),
+    ],
+)
+def test_metadata_edited_otherwise_is_refused_at_open_by_name(store, where, edit, message):
+    document = Path(store) / where / "zarr.json"
+    edited = json.loads(document.read_text())
+    edit(edited)
+    document.write_text(json.dumps(edited))
+    with pytest.raises(DatasetError, match=f"'{re.escape(store)}': {message}"):
+        open_dataset(store)
+
+
 def test_the_manifest_records_every_shard_objects_real_size(id_store):
     fs, root = id_store.filesystem()
     for name in id_store.sample_arrays:
