@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import uuid
@@ -257,10 +258,22 @@ def _replace(
     target = root + suffix
     name = url.rstrip("/")
     local = isinstance(fs, LocalFileSystem)
-    if local:  # folders are renamed: no byte is copied
+    if local:  # folders are renamed, never copied (fsspec's mv copies and deletes where rename fails)
         replaced = f".replaced-{uuid.uuid4().hex[:8]}"
-        fs.mv(root, root + replaced, recursive=True)
-        fs.mv(target, root, recursive=True)
+        try:
+            os.rename(root, root + replaced)
+            try:
+                os.rename(target, root)
+            except OSError:
+                os.rename(root + replaced, root)  # the old one back in its place
+                raise
+        except OSError as e:  # a mount point (EBUSY), another device: the old dataset stays as it was
+            raise OSError(
+                e.errno,
+                f"cannot replace {url!r}: its folder cannot be renamed ({e.strerror}; a mount point?). The old "
+                f"dataset there is as it was, and the new one is whole at {name + suffix!r}: move it where you "
+                "want it, or write to a folder inside the mount",
+            ) from e
         left = [f"the old dataset at {name + replaced!r}"]
     else:
         _copy_over(fs, root, suffix, sizes, url)

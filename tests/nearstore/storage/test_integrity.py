@@ -10,6 +10,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import fsspec
 import numpy as np
@@ -373,6 +374,32 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_whole(store, fingerp
     assert fs.ls(str(Path(store).parent)) == [store]  # nothing left beside it
     replaced = write_dataset(store, [id_encoded(600)], overwrite=True, shard_samples=SHARD_SAMPLES)
     assert replaced.num_samples == 600 and verify_dataset(replaced, progress=False) == []
+
+
+@pytest.mark.parametrize("fails", [1, 2])
+def test_an_overwrite_whose_folder_cannot_be_renamed_leaves_the_old_dataset_in_place(store, fingerprint, fails):
+    # A mount point refuses a rename (EBUSY): fsspec's mv then copied the old dataset beside it and
+    # emptied the mount, and the error named neither. The second rename failing puts the old one back.
+    import errno
+    import os
+
+    before, rename, calls = fingerprint(store), os.rename, []
+
+    def busy(src, dst):
+        calls.append(src)
+        if len(calls) == fails:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        rename(src, dst)
+
+    with mock.patch("nearstore.storage.writer.os.rename", busy), pytest.raises(OSError, match="busy") as raised:
+        write_dataset(store, [id_encoded(600)], overwrite=True, shard_samples=SHARD_SAMPLES)
+    [new] = [path for path in fsspec.filesystem("file").ls(str(Path(store).parent)) if path != store]
+    assert str(raised.value) == (
+        f"[Errno {errno.EBUSY}] cannot replace {store!r}: its folder cannot be renamed (Device or resource busy; a "
+        f"mount point?). The old dataset there is as it was, and the new one is whole at {new!r}: move it where "
+        "you want it, or write to a folder inside the mount"
+    )
+    assert fingerprint(store) == before and open_dataset(new).num_samples == 600
 
 
 def test_an_overwrite_whose_delete_of_the_old_store_fails_says_the_new_one_is_whole(store, monkeypatch):
