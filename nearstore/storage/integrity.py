@@ -36,8 +36,9 @@ class Damage:
 def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True) -> list[Damage]:
     """Read every shard object of every array once, concurrently, and check it: present, of the
     recorded size (no byte more), its index and every inner chunk's checksum, each chunk's crc32c
-    against the manifest's, its samples' digest. Returns the damaged objects (empty: the store is
-    whole). A format-1 store has no manifest to check against: refused with a DatasetError."""
+    against the manifest's, its samples' digest. Returns the damaged objects and those that cannot
+    be read (empty: the store is whole). A format-1 store has no manifest to check against: refused
+    with a DatasetError."""
     check_integer("threads", threads, 1)
     if dataset.manifest is None:
         raise IntegrityError(
@@ -56,8 +57,8 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
             size = fs.size(path)
         except FileNotFoundError:
             size = None  # the reader says it is missing
-        except Exception as e:  # refused, unreachable: no verdict on this object, so none on the store
-            raise OSError(f"cannot verify {path!r} of {dataset.url!r}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # refused (permissions), unreachable: listed, and the others checked on
+            return Damage(name, shard, path, f"cannot be read: {type(e).__name__}: {e}")
         written = int(manifest.nbytes[name][shard])
         if size is not None and size != written:
             problem = (
@@ -70,6 +71,8 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
             readers[name].read_shard(shard)  # its checksums, the manifest's, and, read whole, its samples' digest
         except IntegrityError as e:
             return Damage(name, shard, path, str(e))
+        except OSError as e:  # a folder in its place, a permission: not whole either, and the others go on
+            return Damage(name, shard, path, f"cannot be read: {e}")
         return None
 
     with ThreadPoolExecutor(threads) as pool:

@@ -176,6 +176,20 @@ def test_a_shard_swapped_for_another_whole_one_is_found_by_verify(store):
     assert re.match(r"is longer than written: (\d+) bytes, the manifest records (?!\1)\d+", damages[3].problem)
 
 
+def test_verify_lists_objects_it_cannot_read_and_checks_the_others(store):
+    # A symlink loop in a shard's place (or a permission denied): verify stopped there, with an
+    # OSError, and said nothing of the damage after it
+    for shard in (2, 6):
+        path = shard_file(store, "x", shard)
+        path.unlink()
+        path.symlink_to(path)
+    flip(shard_file(store, "x", 8), 100)
+    damages = verify_dataset(open_dataset(store), progress=False)
+    assert [(d.array, d.shard) for d in damages] == [("x", 2), ("x", 6), ("x", 8)]
+    assert all(d.problem.startswith("cannot be read: ") and "symbolic links" in d.problem for d in damages[:2])
+    assert "damaged" in damages[2].problem
+
+
 def edit_shards(url: str, edit: Callable[[dict], object]) -> None:
     """Edit what the manifest records of the store's shards ({array: {"nbytes", ...}}) in place."""
     root = Path(url) / "zarr.json"
