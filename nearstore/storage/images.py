@@ -203,17 +203,13 @@ def damaged(blob: bytes) -> str | None:
     if not blob:
         return "empty sample"
     if blob.startswith(_JPEG):
-        # An end-of-image marker, near the end, or past the first scan's start where data follows
-        # it (padding; a phone's motion photo, its video): none can stand in entropy-coded data,
-        # while an EXIF thumbnail before the scan holds one of its own.
-        if b"\xff\xd9" in blob[-1024:]:
-            return None
+        # An end-of-image marker past the first scan's start, at the end or where data follows it
+        # (padding; a phone's motion photo, its video): none can stand in entropy-coded data, while
+        # the header may hold one (an EXIF thumbnail's, a comment's: in a small file, near its end).
+        # Where the header's segments cannot be walked, one in the last KiB does.
         scan = _jpeg_scan(blob)
-        return (
-            None
-            if scan is not None and blob.find(b"\xff\xd9", scan) >= 0
-            else "JPEG without its end-of-image marker (truncated?)"
-        )
+        whole = b"\xff\xd9" in blob[-1024:] if scan is None else blob.rfind(b"\xff\xd9") > scan
+        return None if whole else "JPEG without its end-of-image marker (truncated?)"
     if blob.startswith(_PNG):
         return None if blob.rstrip(b"\x00").endswith(_PNG_END) else "PNG without its IEND chunk (truncated?)"
     if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
@@ -247,15 +243,21 @@ def jpeg_size(blob: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg_scan(blob: bytes) -> int | None:
-    """Where a JPEG's first scan (start of scan, SOS) begins, or None where none is found."""
+    """Where a JPEG's first scan (start of scan, SOS) begins, len(blob) where the header is cut
+    short before it, or None where the segments cannot be walked."""
     return _jpeg_segment(blob, _SCAN_MARKER)
 
 
 def _jpeg_segment(blob: bytes, markers: frozenset[int]) -> int | None:
     """Where the first of a JPEG's segments with one of `markers` begins, by their lengths from the
-    start of image (a few steps: the header's segments), or None where none is found."""
+    start of image (a few steps: the header's segments); len(blob) where the segments run past its
+    end first, None where a segment does not start with a marker."""
     at = 2
-    while at + 4 <= len(blob) and blob[at] == 0xFF:
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return len(blob)
+        if blob[at] != 0xFF:
+            return None
         marker = blob[at + 1]
         if marker == 0xFF:  # a fill byte before the marker
             at += 1
@@ -263,7 +265,7 @@ def _jpeg_segment(blob: bytes, markers: frozenset[int]) -> int | None:
             return at
         else:
             at += 2 + int.from_bytes(blob[at + 2 : at + 4], "big")
-    return None
+    return len(blob)
 
 
 def check_on_error(on_error: str) -> OnError:

@@ -48,7 +48,8 @@ def test_batches_past_the_pipelines_size_or_bytes_decode_as_one(monkeypatch):
 def test_damaged_samples_are_named_and_a_refused_batch_is_decoded_by_pil():
     blobs = photos(9)
     blobs[2] = blobs[2][: len(blobs[2]) // 2]  # cut short: named before decoding
-    blobs[6] = b"\xff\xd8\xff" + b"not a JPEG" * 20 + b"\xff\xd9"  # looks whole; the decoders refuse it
+    # looks whole (a comment, a scan, its end) and the decoders refuse it: no frame, no tables
+    blobs[6] = b"\xff\xd8\xff\xfe\x00\x0cnot a JPEG\xff\xda\x00\x08" + b"not a scan" * 20 + b"\xff\xd9"
     decoder = DaliDecoder(EVAL, threads=2, batch=4)
     pixels, failed = decoder.decode_batch(blobs)
     assert sorted(failed) == [2, 6]

@@ -58,6 +58,10 @@ def test_jpegs_with_data_after_their_end_pass_and_cut_ones_with_an_exif_thumbnai
     with_thumbnail = exif_with_thumbnail(gradient(200, 300))
     assert with_thumbnail.count(b"\xff\xd9") == 2 and damaged(with_thumbnail) is None
     assert damaged(with_thumbnail[: len(with_thumbnail) - 2000]) is not None  # the thumbnail's end is not the image's
+    # a small JPEG whose comment holds an end marker, cut in its scan: the marker was within its last KiB
+    small = encode(gradient(16, 16), "JPEG", comment=b"end \xff\xd9 here")
+    assert len(small) < 1024 and damaged(small) is None
+    assert damaged(small[: len(small) - 100]) == "JPEG without its end-of-image marker (truncated?)"
 
 
 @pytest.mark.parametrize(
