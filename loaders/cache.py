@@ -79,6 +79,11 @@ class SampleCache:
         self.stats = CacheStats()
         self.full = False  # a sample did not fit since the last `retain` that let any go
 
+    @property
+    def spill_directory(self) -> str | None:
+        """The directory of its own it spills to, or None (memory alone)."""
+        return self._root
+
     def bind(self, identity: Mapping[str, Any], arrays: list[str], owner: object = None) -> None:
         """Keep samples of `arrays` of the dataset `identity` names (its fingerprint, else URL and
         size) for `owner` (a loader) alone; a cache bound to another dataset, or other arrays, or

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from loaders.cache import CacheLost, SampleCache
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch, dali_refusal
 from loaders.order import SHUFFLE_BLOCK, EpochOrder, Shuffle, Uneven, state_count, state_entry
-from loaders.sources import Source, open_source
+from loaders.sources import Source, StoreSource, open_source
 from nearstore import (
     Dataset,
     DatasetError,
@@ -225,6 +225,8 @@ class StreamingLoader:
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
         self._refused: set[int] = set()  # of them, those DALI's decoder refused (no check finds them)
         if self.cache is not None:
+            if self.cache.spill_directory is not None and isinstance(self.source, StoreSource):
+                self.source.dataset.check_outside(self.cache.spill_directory, "the sample cache's directory")
             self.cache.bind(self.source.identity, self.arrays, owner=self)
         self._sample_bytes = _sample_nbytes(self.source, self.arrays)
         self._visiting = np.empty(0, dtype=np.int64)  # this rank's samples of the epoch, sorted

@@ -119,6 +119,18 @@ def test_a_budget_reads_no_shard_mate_it_cannot_keep_where_sizes_vary(tmp_path, 
     assert first["samples"] <= len(selection) + 10 and first["bytes"] < 1.05 * read_once["bytes"]
 
 
+def test_a_spill_directory_inside_the_dataset_is_refused(tmp_path, id_store_url, fingerprint):
+    # the store is read-only to us: a cache spilling into it wrote files there (left by a killed run)
+    store = shutil.copytree(id_store_url, tmp_path / "ids.zarr")
+    before = fingerprint(store)
+    cache = SampleCache(memory_bytes=0, directory=store / "x", disk_bytes=1 << 20)
+    with pytest.raises(ParameterError, match=r"the sample cache's directory '.*ids.zarr/x/nearstore-cache-.*' lies"):
+        StreamingLoader(str(store), batch_size=64, backend="torch", device="cpu", cache=cache)
+    del cache
+    gc.collect()
+    assert fingerprint(store) == before
+
+
 def test_it_spills_to_a_directory_of_its_own_and_removes_it(id_store, tmp_path):
     selection = random_select(id_store, 0.2, seed=3)
     row = 8 * 4 + 8
