@@ -3,6 +3,7 @@ rounds) in one seeded order, each loader's share of an epoch set by its proporti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -62,11 +63,14 @@ class Mixture:
         if len({id(loader) for loader in self.loaders}) < len(self.loaders):  # one place, two schedules
             raise ParameterError("a loader is given twice: give each its own StreamingLoader (proportions weigh them)")
         if proportions is not None:
-            weights = np.asarray(proportions, dtype=np.float64)
-            if weights.shape != (len(self.loaders),) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+            sequence = isinstance(proportions, Sequence | np.ndarray) and not isinstance(proportions, str)
+            given = list(proportions) if sequence else []
+            if len(given) != len(self.loaders) or not all(map(_positive_number, given)):
                 raise ParameterError(
                     f"proportions must be {len(self.loaders)} positive numbers, one a loader, got {proportions!r}"
                 )
+            weights = np.array(given, dtype=np.float64)
+            weights /= weights.max()  # first: a sum past float's range made every proportion 0
             proportions = tuple(float(w) for w in weights / weights.sum())
         self.proportions = proportions
         self.batches_per_epoch = (
@@ -195,3 +199,13 @@ class Mixture:
     def io_stats(self) -> list[dict[str, Any]]:
         """Each loader's `io_stats()`, in order."""
         return [loader.io_stats() for loader in self.loaders]
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number > 0, not a bool nor a string (numpy would read True and '1' as 1)."""
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool | np.bool_)
+        and math.isfinite(value)
+        and value > 0
+    )

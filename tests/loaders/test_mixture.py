@@ -113,6 +113,9 @@ def test_a_state_of_another_mixture_is_refused_and_changes_nothing(id_store, tmp
     [
         ({"proportions": [1]}, "proportions must be 2 positive numbers"),
         ({"proportions": [1, -1]}, "proportions must be 2 positive numbers"),
+        ({"proportions": [True, 1]}, "proportions must be 2 positive numbers"),  # numpy read True and '1' as 1
+        ({"proportions": ["1", 2]}, "proportions must be 2 positive numbers"),
+        ({"proportions": [1, [2]]}, "proportions must be 2 positive numbers"),
         ({"batches_per_epoch": 0}, "batches_per_epoch must be"),
         ({"seed": 1.5}, "seed must be"),
     ],
@@ -122,6 +125,13 @@ def test_bad_options_are_named(id_store, options, message):
         two(id_store, **options)
     with pytest.raises(ParameterError, match="one or more StreamingLoaders"):
         Mixture([])
+
+
+def test_proportions_whose_sum_overflows_are_what_they_say(id_store):
+    # their sum is inf: every proportion was 0, and len() disagreed with the batches an epoch yields
+    mixture = two(id_store, proportions=[1e308, 1e308])
+    assert mixture.proportions == (0.5, 0.5)
+    assert len(mixture) == sum(1 for _ in mixture)
 
 
 def test_batches_of_different_shapes_mix(id_store, tmp_path):
