@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -479,9 +480,7 @@ def _select(args: argparse.Namespace) -> int:
         dataset.check_outside(args.report, "the report")
         _check_writable(args.report, "the report")
     if args.scheduler:
-        from distributed import Client
-
-        with Client(args.scheduler) as client:
+        with _dask_client(args.scheduler) as client:
             executor = make_executor("dask", client=client)
             selection = selector.select(dataset, args.keep, seed=args.seed, executor=executor)
     else:
@@ -569,9 +568,7 @@ def _serve(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         executor = None
         if args.scheduler:
-            from distributed import Client
-
-            executor = make_executor("dask", client=stack.enter_context(Client(args.scheduler)))
+            executor = make_executor("dask", client=stack.enter_context(_dask_client(args.scheduler)))
         server = NearStoreServer(
             open_dataset(args.url),
             name=args.name,
@@ -618,6 +615,16 @@ def _shard_list(spec: str) -> list[int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r} is neither a shard id nor a START:STOP run") from None
     return shards
+
+
+def _dask_client(address: str) -> Any:
+    """A dask.distributed Client of the scheduler at `address`; one that is no address refused by name."""
+    from distributed import Client
+
+    try:
+        return Client(address)
+    except ValueError as e:  # distributed's parse of it: 'missing port number in address ...'
+        raise ParameterError(f"--scheduler {address!r} is not a scheduler's address (tcp://host:port): {e}") from e
 
 
 def _address(host: str, port: int) -> str:

@@ -242,6 +242,7 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/s.npz"], "--report .* is where the selection goes"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/../{tmp.name}/s.npz"], "--report .* is where the"),
         (["select", "{digits}", "{tmp}", "--method", "random"], "cannot write the selection to .*: it names a folder"),
+        (["select", "{digits}", "{tmp}/s.npz", "--scheduler", "127.0.0.1"], "--scheduler '127.0.0.1' is not a sch"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", ""], "--report takes the path of a CSV file, got ''"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "-"], "--report takes the path of a CSV file, got '-'"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/new/"], "cannot write the report to .*: it names a"),
