@@ -371,6 +371,10 @@ def _source_kind(source: str) -> str:
         return "mds"
     if (path / "zarr.json").is_file():
         return "nearstore"
+    if (path / ".zgroup").is_file() or (path / ".zarray").is_file():  # not a folder of images
+        raise ParameterError(
+            f"{source!r} is a Zarr v2 store, which convert does not read: save its arrays to an .npz and convert that"
+        )
     table = table_format(source)  # a .parquet or .arrow path or pattern, or a folder of such files
     if table is not None:
         return table

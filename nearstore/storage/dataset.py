@@ -397,6 +397,11 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     def read_arrays(names: tuple[str, ...]) -> list[dict[str, Any] | None]:
         return _read_json(fs, [f"{root}/{name}/{ZARR_JSON}" for name in names], stats)
 
+    if group_json is None and any(fs.exists(f"{root}/{v2}") for v2 in (".zgroup", ".zarray")):
+        raise DatasetError(
+            f"{url!r} is a Zarr v2 store (.zgroup, .zarray); nearstore reads its own Zarr v3 datasets: write one "
+            "from its arrays (nearstore.write_dataset, or `nearstore convert` from an .npz of them)"
+        )
     return _dataset(url, storage_options, fs, root, group_json, read_arrays, stats)
 
 

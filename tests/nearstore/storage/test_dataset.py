@@ -401,3 +401,15 @@ def test_the_writer_encodes_every_shard_as_zarr_writes_it(tmp_path, dtype, shape
     for key in keys:
         assert Path(dataset.url, "x", key).read_bytes() == staged[key].to_bytes(), key
     np.testing.assert_array_equal(ours[:], values)
+
+
+def test_a_zarr_v2_store_is_named_as_one(tmp_path):
+    # it was 'no zarr group ... it has no zarr.json', and convert took it for an image folder
+    group = zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2)
+    group.create_array("x", shape=(4, 2), dtype="f4")
+    with pytest.raises(DatasetError, match="v2.zarr' is a Zarr v2 store"):
+        open_dataset(str(tmp_path / "v2.zarr"))
+    pytest.importorskip("torch")  # the command line imports the selectors
+    from nearstore.app.cli import main
+
+    assert main(["convert", str(tmp_path / "v2.zarr"), str(tmp_path / "o.zarr")]) == 2
