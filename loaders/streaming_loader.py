@@ -240,6 +240,7 @@ class StreamingLoader:
         self._ahead: tuple[Future[Selection] | Chosen, int] | None = None
         self._selecting: ThreadPoolExecutor | None = None
         self._in_epoch, self._iterator = False, 0
+        self._unended: Callable[[], None] | None = None  # ends an epoch whose last batch was delivered
         if selection is not None:
             self._check_served(selection)
         self._use(self.source.selection() if selection is None else selection)
@@ -392,6 +393,8 @@ class StreamingLoader:
         return future
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self._unended is not None:  # the last iteration stopped at its epoch's last batch
+            self._unended()
         self._check_ranks_agree()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self.source.storage_reads()
@@ -421,6 +424,43 @@ class StreamingLoader:
             tensors = (tuple(_tensor(a, self.device) for a in batch) for batch in batches_from(first))
         transformed = self.transform is not None or self.dali_transform is not None
         augmented_before = self.augmented_samples
+        total, ended = self.order.num_batches(epoch, len(ids)), False
+
+        def end() -> None:
+            """The epoch delivered its last batch: counted, and a round due is taken. When the loop
+            asks for a batch past it, or, where it stopped at len(loader) batches (zip, islice,
+            steps an epoch), when the next iteration starts: such an epoch ended all the same."""
+            nonlocal ended
+            ended, self._unended = True, None
+            read = self.stats.snapshot() - before
+            storage = self.source.storage_reads()
+            self._epochs.append(
+                {
+                    "epoch": epoch,
+                    **read.as_dict(),
+                    "seconds": time.perf_counter() - started,
+                    "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
+                    "cache_hits": self.cache.stats.hits - hits_before if self.cache is not None else 0,
+                    "augmented_samples": self.augmented_samples - augmented_before,
+                }
+            )
+            log.info(
+                "epoch %d: %d samples, %.2f MB in %d requests from %s (full data: %.2f MB), %.1f s",
+                epoch,
+                read.samples,
+                read.bytes / 1e6,
+                read.requests,
+                self.url,
+                self._full_bytes() / 1e6,
+                self._epochs[-1]["seconds"],
+            )
+            self._in_epoch = False
+            if self.order.epoch == epoch and self.order.batches_done == total:
+                self.order.finish()
+            else:  # the trainer chose the next epoch (set_epoch) before this one was seen to end
+                self.order.epochs_completed += 1
+            self._take_due()
+
         try:
             for batch in tensors:
                 if iterator != self._iterator:
@@ -436,46 +476,22 @@ class StreamingLoader:
                     if self.transform is not None:
                         batch[0] = _on_flagged(self.transform, batch[0], flags)
                     self.augmented_samples += int(flags.sum())
-                    self.order.batches_done += 1  # counted as delivered once the trainer holds it
-                    yield tuple(batch)
-                    continue
-                views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
-                if self.transform is not None:
-                    inputs = batch[:views] if views == self.views else [batch[0]] * self.views
-                    batch = (*(self.transform(x) for x in inputs), *batch[views:])
-                self.augmented_samples += len(batch[0]) * self.views if transformed else 0
+                else:
+                    views = self.views if self.dali_transform is not None else 1  # made in the graph: one each
+                    if self.transform is not None:
+                        inputs = batch[:views] if views == self.views else [batch[0]] * self.views
+                        batch = (*(self.transform(x) for x in inputs), *batch[views:])
+                    self.augmented_samples += len(batch[0]) * self.views if transformed else 0
                 # counted as delivered once the trainer holds it: not where a transform raised
                 self.order.batches_done += 1
-                yield batch
+                if self.order.batches_done == total:  # the last: its epoch ends when the loop moves on
+                    self._unended = end
+                yield tuple(batch)
         finally:  # ended, or left (a break): a round selected from now on is taken at once
             if iterator == self._iterator:
                 self._in_epoch = False
-        if iterator != self._iterator:  # a newer iterator holds the place: its epoch goes on, not this one's
-            return
-        read = self.stats.snapshot() - before
-        storage = self.source.storage_reads()
-        self._epochs.append(
-            {
-                "epoch": epoch,
-                **read.as_dict(),
-                "seconds": time.perf_counter() - started,
-                "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
-                "cache_hits": self.cache.stats.hits - hits_before if self.cache is not None else 0,
-                "augmented_samples": self.augmented_samples - augmented_before,
-            }
-        )
-        log.info(
-            "epoch %d: %d samples, %.2f MB in %d requests from %s (full data: %.2f MB), %.1f s",
-            epoch,
-            read.samples,
-            read.bytes / 1e6,
-            read.requests,
-            self.url,
-            self._full_bytes() / 1e6,
-            self._epochs[-1]["seconds"],
-        )
-        self.order.finish()
-        self._take_due()
+        if iterator == self._iterator and not ended:  # its last batches all skipped as damaged
+            end()
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is, as a StatefulDataLoader's: its order's place (the epoch, the
@@ -546,6 +562,7 @@ class StreamingLoader:
         self.source.selection(round)  # raises where the source no longer holds that round
         self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
         self.augment, self._pending, self._ahead, self._in_epoch = augment, pending, ahead, False
+        self._unended = None  # the loaded place is the one to go on from
         self.order.load_state_dict(order)
 
     def io_stats(self) -> dict[str, Any]:

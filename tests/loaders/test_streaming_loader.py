@@ -603,10 +603,34 @@ def test_a_newer_iterator_replaces_the_older(id_store):
     assert loader.batches_done == 1 and len([next(second) for _ in range(24)]) == 24
     assert next(second, None) is None and loader.epoch == 1  # the newer one ends epoch 0
     older = iter(loader)
-    assert len([next(older) for _ in range(25)]) == 25  # all of epoch 1 but its end
+    assert len([next(older) for _ in range(24)]) == 24  # all of epoch 1 but its last batch
     newer = iter(loader)
     next(newer), next(newer)
-    assert next(older, None) is None and (loader.epoch, loader.batches_done) == (1, 2)  # the older ends, not the epoch
+    assert (loader.epoch, loader.batches_done) == (1, 2)  # the newer starts epoch 1 again
+    with pytest.raises(RuntimeError, match="took its place in epoch 1"):
+        next(older)
+    # an iterator left at its epoch's last batch (a loop of len(loader) steps) delivered that
+    # epoch: the next iteration starts the next epoch, not that one again
+    assert len([next(newer) for _ in range(23)]) == 23 and (loader.epoch, loader.epochs_completed) == (1, 1)
+    next(iter(loader))
+    assert (loader.epoch, loader.epochs_completed, loader.batches_done) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("set_epoch", [False, True])
+def test_a_loop_of_len_steps_ends_its_epoch(id_store, set_epoch):
+    # zip(range(len(loader)), loader) takes every batch but never asks past the last: its epochs
+    # were never counted (each pass repeated epoch 0's order) and a round asked ahead never came
+    loader = StreamingLoader(id_store, batch_size=500, seed=1, backend="torch")
+    firsts = []
+    for epoch in range(3):
+        if set_epoch:
+            loader.set_epoch(epoch)
+        if epoch == 1:
+            loader.reselect_ahead(0.2, method="random", seed=2)
+        firsts.append([sample_ids(x)[:3] for _, (x, _labels) in zip(range(len(loader)), loader)][0])
+    next(iter(loader))
+    assert loader.epochs_completed == 3 and len(loader.io_stats()["per_epoch"]) == 3
+    assert firsts[0] != firsts[1] != firsts[2] and loader.round == 1
 
 
 def test_a_round_selected_after_leaving_an_epoch_is_taken_at_once(id_store):
