@@ -552,6 +552,10 @@ class _ShardWriter:
     def append(self, batch: Mapping[str, np.ndarray]) -> None:
         # stored little-endian whatever order they come in (zarr reads them back so): the digests,
         # the manifest's layouts and the reader then see one dtype
+        if not isinstance(batch, Mapping):
+            raise ParameterError(
+                f"a batch must map array names to arrays, as {{'x': inputs, 'y': labels}}; got a {type(batch).__name__}"
+            )
         batch = {name: _little(np.asarray(v)) for name, v in batch.items()}
         for name, values in batch.items():
             if values.ndim == 0:

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from nearstore import DatasetError, SelectiveReader, open_dataset, verify_dataset, write_dataset
+from nearstore import DatasetError, ParameterError, SelectiveReader, open_dataset, verify_dataset, write_dataset
 
 
 def test_store_is_sharded_zarr_with_one_sample_per_inner_chunk(id_store, id_data):
@@ -209,6 +209,8 @@ def test_overwrite_replaces_no_zarr_group_but_nearstores(tmp_path, fingerprint):
         ),
         ([], ValueError, "no samples"),
         ([{"x": np.float32(1), "y": np.int64(0)}], DatasetError, "array 'x' needs a sample axis, got a scalar"),
+        # (x, y) pairs, as format.md said: an AttributeError from inside the writer
+        ([(np.zeros((2, 2)), np.zeros(2, int))], ParameterError, "a batch must map array names .*; got a tuple"),
         ([{"x": np.zeros((2, 2), np.longdouble), "y": np.zeros(2, int)}], DatasetError, "holds float128 samples"),
     ],
 )
