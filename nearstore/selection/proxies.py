@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -398,8 +399,9 @@ class ModelProxy:
                 for chunk in chunks:
                     last.clear()
                     after.clear()
-                    self._call(chunk)
+                    returned = self._call(chunk)
                     head, h, z = self._head_of(last, after)
+                    self._check_returns(returned, head, z)
                     logits.append(z)
                     features.append(h)
         finally:
@@ -411,12 +413,12 @@ class ModelProxy:
         wide = torch.promote_types(self.dtype, torch.float32)
         return torch.cat(logits).to(wide), torch.cat(features).to(wide)
 
-    def _call(self, chunk: torch.Tensor) -> None:
+    def _call(self, chunk: torch.Tensor) -> Any:
         """The model run on a chunk. A model that cannot take the encoded images `images` decodes
         for it (`decodes_images`) is told what sets their size (torch names only shapes that do not
         multiply); a failure on other samples is torch's alone, `images` not theirs to set."""
         try:
-            self.model(chunk)
+            return self.model(chunk)
         except RuntimeError as e:
             side = self.images.size
             # torch's error alone for samples not decoded here, and for a chunk too large for the device
@@ -455,6 +457,24 @@ class ModelProxy:
                 "probe(x) first finds the head)"
             )
         return head, h, z
+
+    def _check_returns(self, returned: Any, head: torch.nn.Module, z: torch.Tensor) -> None:
+        """Refuse a head whose output is not among what the model returns, in shape (a functional
+        head on the model's own parameters, which no hook sees: a hidden layer was taken for the
+        classifier), or that gives more than one row of logits a sample."""
+        model = type(self.model).__name__
+        if z.ndim != 2:
+            raise ParameterError(
+                f"{self._layer(head)}, the head of {model}, gives logits of shape {tuple(z.shape)}: ModelProxy "
+                "takes one row of logits a sample (pool per-position logits inside the model, before its head)"
+            )
+        shapes = [tuple(t.shape) for t in _tensors(returned)]
+        if tuple(z.shape) not in shapes:
+            raise ParameterError(
+                f"{model} returns {', '.join(map(str, shapes)) or 'no tensor'}, not the {tuple(z.shape)} of "
+                f"{self._layer(head)}, the last nn.Linear it runs: its logits come from elsewhere (F.linear on "
+                "parameters of its own?); make its classifier an nn.Linear, or name it with `head`"
+            )
 
     def _layer(self, module: torch.nn.Module) -> str:
         """A module as errors name it: 'body.0' (Linear 6 -> 12)."""
@@ -504,6 +524,17 @@ def ragged_features(samples: np.ndarray) -> np.ndarray:
         counts = np.bincount(owner * RAGGED_BINS + bins.astype(np.int64), minlength=n * RAGGED_BINS)
         summary = counts.reshape(n, RAGGED_BINS) / np.maximum(lengths * width, 1)[:, None]
     return np.concatenate([summary, np.log1p(lengths)[:, None]], axis=1).astype(np.float32)
+
+
+def _tensors(returned: Any) -> list[torch.Tensor]:
+    """The tensors a model returned: itself, or those of a tuple, a list or a dict's values."""
+    if isinstance(returned, torch.Tensor):
+        return [returned]
+    if isinstance(returned, Mapping):
+        returned = list(returned.values())
+    if isinstance(returned, list | tuple):
+        return [t for item in returned for t in _tensors(item)]
+    return []
 
 
 def _weighted(module: torch.nn.Module) -> bool:

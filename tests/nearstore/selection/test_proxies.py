@@ -318,6 +318,41 @@ def test_model_proxy_refuses_a_last_linear_that_may_not_be_the_head_unless_named
             ModelProxy(model).embed(x[:4], y[:4])
 
 
+class FunctionalHead(torch.nn.Module):
+    """Its classifier F.linear on parameters of its own: no hook sees it run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU())
+        self.weight, self.bias = torch.nn.Parameter(torch.randn(3, 12)), torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.body(x), self.weight, self.bias)
+
+
+class PerPosition(torch.nn.Module):
+    """Logits at each of 2 positions of a sample: (n, 2, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.unflatten(1, (2, 3)))
+
+
+def test_model_proxy_refuses_logits_that_are_not_its_heads_output_or_not_one_row_a_sample(blobs):
+    x, y = blobs
+    # the hidden Linear (12 outputs) was taken for the classifier: softmax over hidden units
+    with pytest.raises(ParameterError, match=r"FunctionalHead returns \(4, 3\), not the \(4, 12\) of 'body.0'"):
+        ModelProxy(FunctionalHead()).embed(x[:4], y[:4])
+    # accepted, then every round failed with 'logits must be 2-D'
+    with pytest.raises(
+        ParameterError, match=r"'classifier' \(Linear 3 -> 3\), the head of PerPosition, gives .*\(4, 2, 3\)"
+    ):
+        ModelProxy(PerPosition()).embed(x[:4], y[:4])
+
+
 def test_a_model_that_fails_on_stored_samples_of_an_images_shape_is_named_with_torchs_error(tmp_path):
     # 3 x 32 x 32 as stored, not decoded: no images= would make them fit, and the message must not say so
     x = np.random.default_rng(0).normal(size=(40, 3, 32, 32)).astype(np.float32)
