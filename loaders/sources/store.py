@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from loaders.sources.base import Source
-from nearstore import Coalescing, Dataset, IOStats, ModelProxy, Selection, SelectiveReader, open_dataset
+from nearstore import Coalescing, Dataset, IOStats, ModelProxy, ParameterError, Selection, SelectiveReader, open_dataset
 from nearstore.selection.executors import Executor, check_executor
 from nearstore.selection.proxies import detached_copy
 from nearstore.selection.selectors import next_round
@@ -101,6 +101,13 @@ class StoreSource(Source):
     def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
         """Checked here, on the first samples, as a server checks a push: a model that cannot run on
         them or scores fewer classes than the dataset has is refused now, the proxy kept unchanged."""
-        proxy = ModelProxy(detached_copy(model).cpu(), images=images if images is not None else PROXY_IMAGES)
+        try:
+            copied = detached_copy(model).cpu()
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # a lock held, a tensor on 'meta'
+            raise ParameterError(
+                f"{type(model).__name__} cannot be copied to score beside training ({type(e).__name__}: {e}): "
+                "update_proxy scores a copy of the model; push one that holds only its modules and tensors"
+            ) from e
+        proxy = ModelProxy(copied, images=images if images is not None else PROXY_IMAGES)
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         self._proxy = proxy

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import ConfidentJoint, label_issues
-from nearstore.errors import DatasetError, ParameterError, RoundCancelled
+from nearstore.errors import DatasetError, NearstoreError, ParameterError, RoundCancelled
 from nearstore.selection.augment import augmentation
 from nearstore.selection.proxies import ModelProxy, Proxy, RandomFeatureProxy
 from nearstore.selection.record import Suspects
@@ -614,7 +614,9 @@ def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     dataset = reader.dataset
     try:
         ran = probe(proxy, reader, input_array, run=True)
-    except RuntimeError as e:  # ModelProxy names the size of the images it decodes itself
+    except NearstoreError:  # ModelProxy's own refusals (the images it decodes, its head) name more
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError) as e:  # the model's own
         shape = "ragged" if dataset.ragged(input_array) else f"of shape {tuple(dataset.arrays[input_array].shape[1:])}"
         raise misfit(proxy, input_array, shape, e, f" of {dataset.url!r}") from e
     if isinstance(proxy, ModelProxy) and proxy.decodes_images and not ran:  # none of the first decodes
@@ -623,7 +625,7 @@ def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     check_proxy(dataset, proxy)
 
 
-def misfit(proxy: ModelProxy, input_array: str, shape: str, error: RuntimeError, where: str = "") -> ParameterError:
+def misfit(proxy: ModelProxy, input_array: str, shape: str, error: Exception, where: str = "") -> ParameterError:
     """The refusal of a model that cannot run on `input_array`'s samples (`shape`, as said: "of
     shape (8,)", "ragged"; `where`: " of <dataset>"), torch's error beside it."""
     return ParameterError(

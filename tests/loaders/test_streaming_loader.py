@@ -442,7 +442,20 @@ def test_a_misfit_model_is_refused_at_update_proxy_not_at_the_next_round(id_stor
         ParameterError, match=r"Linear cannot run on 'x'.s samples \(of shape \(8,\)\): .*mat1 and mat2"
     ):
         Graft().select(id_store, 0.1, proxy=ModelProxy(torch.nn.Linear(7, 5)))  # handed to a selector: named too
-    assert loader.reselect(0.1, seed=0).params["proxy"] != "ModelProxy"  # neither was kept
+    # the model's own refusals of the samples (not torch's RuntimeError), and a model deepcopy
+    # refuses: each was a raw TypeError or ValueError out of update_proxy
+
+    class Checks(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError(f"expected images, got {tuple(x.shape)}")
+
+    with pytest.raises(ParameterError, match=r"Checks cannot run on 'x'.s samples .*ValueError: expected images"):
+        loader.update_proxy(Checks(8, 5))
+    holder = torch.nn.Linear(8, 5)
+    holder.lock = threading.Lock()  # as a module holding its trainer holds one
+    with pytest.raises(ParameterError, match=r"Linear cannot be copied to score beside training \(TypeError"):
+        loader.update_proxy(holder)
+    assert loader.reselect(0.1, seed=0).params["proxy"] != "ModelProxy"  # none was kept
     loader.update_proxy(torch.nn.Linear(8, 5))
     assert loader.reselect(0.1, seed=0).params["proxy"] == "ModelProxy"
 
