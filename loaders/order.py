@@ -193,7 +193,11 @@ class EpochOrder:
         for name in ORDER:
             if name in ADDED and name not in state:  # taken before it existed
                 continue
+            if name == "shuffle_block" and _shuffle_named(self.shuffle) != "shards":  # no block cuts this order
+                continue
             ours, theirs = getattr(self, name), state_entry(state, name, where)
+            if name == "shuffle" and isinstance(theirs, bool | str):  # True is "global": the same order
+                ours, theirs = _shuffle_named(ours), _shuffle_named(theirs)
             # True == 1 to Python, but not as a batch_size; an array compares element by element
             if not np.isscalar(theirs) or isinstance(theirs, bool) != isinstance(ours, bool) or theirs != ours:
                 raise DatasetError(f"state_dict was taken with {name}={theirs!r}; this loader has {ours!r}")
@@ -223,3 +227,8 @@ class EpochOrder:
     def _batches(self, size: int, world_size: int) -> int:
         n = share_size(size, world_size, self.uneven)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def _shuffle_named(shuffle: Shuffle | str) -> str | bool:
+    """A shuffle by its name: True is "global" (the same order), False stays False."""
+    return "global" if shuffle is True else shuffle

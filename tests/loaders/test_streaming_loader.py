@@ -711,6 +711,24 @@ def test_a_state_dict_of_other_data_or_another_order_is_refused(id_store, tmp_pa
         StreamingLoader(id_store, batch_size=64, backend="torch").load_state_dict({**state, "version": 99})
 
 
+def test_a_state_of_the_same_order_under_another_spelling_resumes(id_store):
+    # shuffle=True is "global", whose order no shuffle_block cuts: such states were refused
+    def made(**options) -> StreamingLoader:
+        return StreamingLoader(id_store, batch_size=64, backend="torch", **options)
+
+    for taken, resumed in (
+        ({"shuffle": True}, {"shuffle": "global"}),
+        ({"shuffle": "global", "shuffle_block": 300}, {"shuffle": True}),
+    ):
+        loader = made(**taken)
+        head = [i for _, (x, _labels) in zip(range(3), loader) for i in sample_ids(x)]
+        again = made(**resumed)
+        again.load_state_dict(loader.state_dict())
+        assert sorted(head + [i for x, _ in again for i in sample_ids(x)]) == list(range(2500))
+    with pytest.raises(ValueError, match="state_dict was taken with shuffle_block=300"):  # it cuts "shards"
+        made(shuffle="shards").load_state_dict(made(shuffle="shards", shuffle_block=300).state_dict())
+
+
 def test_warm_start_epochs_visit_every_sample_then_the_selection(id_store):
     selection = random_select(id_store, 0.1, seed=1)  # 250 of 2,500
     loader = StreamingLoader(
