@@ -523,30 +523,33 @@ def test_a_selection_is_saved_beside_the_data_with_the_stores_options(s3, s3_sto
     np.testing.assert_array_equal(loaded.ids, selection.ids)
 
 
+def damageable_store(where: str, name: str, s3, nginx, data) -> tuple[str, dict, fsspec.AbstractFileSystem, str]:
+    """The data written as `name` to moto's S3 or under nginx's root: its URL and storage options,
+    and the filesystem and path its objects lie at there, to damage behind the reader's back."""
+    if where == "s3":
+        fs = fsspec.filesystem("s3", **s3.storage_options)
+        fs.makedirs("nearstore-damage", exist_ok=True)
+        url, options, prefix = f"s3://nearstore-damage/{name}", s3.storage_options, f"nearstore-damage/{name}"
+        write_dataset(url, batches(data), shard_samples=SHARD, storage_options=options)
+    else:  # nginx serves the folder: its files are the objects
+        fs, url, options, prefix = fsspec.filesystem("file"), f"{nginx.url}/{name}", {}, str(nginx.root / name)
+        write_dataset(prefix, batches(data), shard_samples=SHARD)
+    return url, options, fs, prefix
+
+
 @pytest.mark.parametrize("where", ["s3", "http"])
 def test_a_shard_object_deleted_mid_epoch_is_an_integrity_error_naming_it(where, s3, nginx, data):
     pytest.importorskip("torch")
     from loaders import StreamingLoader
 
     name = f"deleted-{where}.zarr"
-    if where == "s3":
-        fs = fsspec.filesystem("s3", **s3.storage_options)
-        fs.mkdir("nearstore-damage", exist_ok=True)
-        url, options = f"s3://nearstore-damage/{name}", s3.storage_options
-        write_dataset(url, batches(data), shard_samples=SHARD, storage_options=options)
-        delete = fs.rm
-    else:
-        write_dataset(str(nginx.root / name), batches(data), shard_samples=SHARD)
-        url, options = f"{nginx.url}/{name}", {}
-        delete = fsspec.filesystem("file").rm  # nginx serves the folder: delete the file under it
-    dataset = open_dataset(url, storage_options=options)
+    url, options, fs, prefix = damageable_store(where, name, s3, nginx, data)
     loader = StreamingLoader(  # no cache: a batch's samples read for it (a cache would hold them all by now)
         url, batch_size=256, prefetch=1, backend="torch", device="cpu", storage_options=options, cache=False
     )
     epoch = iter(loader)
     next(epoch)  # every shard's index is cached now: a shuffled batch of 256 touches all 12
-    shard = dataset.shard_path("x", 4)
-    delete(shard if where == "s3" else str(nginx.root / name / "x" / "c" / "4" / "0"))
+    fs.rm(f"{prefix}/x/c/4/0")
     with pytest.raises(IntegrityError, match=f"array 'x': shard object .*{name}/x/c/4/0.* is missing"):
         for _ in epoch:
             pass
@@ -569,17 +572,8 @@ def test_a_shard_object_cut_short_remotely_is_damage_naming_it_for_reads_and_ver
     # A range past a cut object's end is refused (S3's InvalidRange, HTTP's 416), where a local file
     # answers it short: the object's size against the manifest's tells it is damage, not a failed read.
     name = f"cut-{where}-{keep}.zarr"
-    if where == "s3":
-        fs = fsspec.filesystem("s3", **s3.storage_options)
-        fs.makedirs("nearstore-cut", exist_ok=True)
-        url, options = f"s3://nearstore-cut/{name}", s3.storage_options
-        write_dataset(url, batches(data), shard_samples=SHARD, storage_options=options)
-        fs.pipe(f"nearstore-cut/{name}/x/c/2/0", fs.cat(f"nearstore-cut/{name}/x/c/2/0")[:keep])
-    else:
-        write_dataset(str(nginx.root / name), batches(data), shard_samples=SHARD)
-        url, options = f"{nginx.url}/{name}", {}
-        shard = nginx.root / name / "x" / "c" / "2" / "0"
-        shard.write_bytes(shard.read_bytes()[:keep])
+    url, options, fs, prefix = damageable_store(where, name, s3, nginx, data)
+    fs.pipe(f"{prefix}/x/c/2/0", fs.cat(f"{prefix}/x/c/2/0")[:keep])
     dataset = open_dataset(url, storage_options=options)
     written = dataset.manifest.nbytes["x"][2]
     cut_short = rf"array 'x': shard object .*{name}/x/c/2/0' \(samples 512..767\) is cut short: {keep} of the"
