@@ -307,8 +307,14 @@ class StreamingLoader:
     def __len__(self) -> int:
         """Batches the next iteration yields: this rank's share of the current epoch, less those a
         loaded state already delivered (a progress bar or a scheduler over a resumed epoch counts
-        what is left of it)."""
-        return self.epoch_batches - self.order.resumes_at(self.epoch)
+        what is left of it); while an epoch is iterated, its own; after a break, of a round
+        selected meanwhile, which the next iteration takes."""
+        resumed = self.order.resumes_at(self.epoch)
+        if self._in_epoch or resumed or self.order.skipped:  # the epoch iterated, the loaded place: their round
+            return self.epoch_batches - resumed
+        epoch = self.epoch + (self._unended is not None)  # the next iteration ends the one delivered
+        ids = self._pending[0] if self._pending is not None else None  # taken as that iteration starts
+        return self.order.num_batches(epoch, self._epoch_size(epoch, ids))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (as DistributedSampler's).

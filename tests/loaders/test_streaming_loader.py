@@ -646,6 +646,17 @@ def test_a_loop_of_len_steps_ends_its_epoch(id_store, set_epoch):
     assert firsts[0] != firsts[1] != firsts[2] and loader.round == 1
 
 
+def test_len_counts_the_round_the_next_iteration_takes(id_store):
+    # a round selected in an epoch left by a break: the next iteration takes it, and len said the old
+    loader = StreamingLoader(id_store, batch_size=100, backend="torch")
+    for k, _ in enumerate(loader):
+        if k == 0:
+            loader.reselect(0.04, method="random", seed=1)  # 100 samples: one batch
+        if k == 5:
+            break
+    assert len(loader) == 1 == len(list(loader))
+
+
 def test_a_round_selected_after_leaving_an_epoch_is_taken_at_once(id_store):
     loader = StreamingLoader(id_store, batch_size=100, backend="torch")
     for k, _ in enumerate(loader):
