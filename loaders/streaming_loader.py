@@ -327,16 +327,20 @@ class StreamingLoader:
         epoch = check_integer("epoch", epoch, 0)
         return self.order.positions(epoch, self._epoch_ids(epoch)[0] // self.source.shard_samples)
 
-    def update_proxy(self, model: torch.nn.Module) -> None:
+    def update_proxy(self, model: torch.nn.Module, head: str | None = None) -> None:
         """Score the next selection round with the trainer's model (NeSSA's feedback): its
         weights are pushed to the server, or copied for a round in this process. Encoded images
         are decoded for it as this loader shows them at evaluation: `images` with train=False
-        (its size, centre crop and normalization, in place of a random crop and flip)."""
+        (its size, centre crop and normalization, in place of a random crop and flip).
+        head: the name of its classifier, an nn.Linear (`dict(model.named_modules())`'s key, e.g.
+        "classifier"), where the last one it runs is not (a second head, a projection after it)."""
         if not isinstance(model, torch.nn.Module):
             raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
+        if head is not None and not isinstance(dict(model.named_modules()).get(head), torch.nn.Linear):
+            raise ParameterError(f"head must name an nn.Linear of {type(model).__name__}, got {head!r}")
         if self._ahead is not None and isinstance(self._ahead[0], Future):
             wait([self._ahead[0]])  # the round selected ahead scores with the proxy it was promised
-        self.source.update_proxy(model, replace(self.images, train=False) if self.images is not None else None)
+        self.source.update_proxy(model, replace(self.images, train=False) if self.images is not None else None, head)
 
     def set_augment(self, augment: Selection | Sequence[int] | np.ndarray) -> None:
         """Augment these samples in place of the ones `augment=` named, from the next batch read on

@@ -78,9 +78,12 @@ class Source(ABC):
         server goes on from the round it holds, whatever the trainer passes."""
 
     @abstractmethod
-    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+    def update_proxy(
+        self, model: torch.nn.Module, images: ImageTransform | None = None, head: str | None = None
+    ) -> None:
         """Score the next round with the trainer's model (NeSSA's feedback), on encoded images
-        decoded by `images` (the loader's transform at evaluation; None: `ModelProxy`'s default)."""
+        decoded by `images` (the loader's transform at evaluation; None: `ModelProxy`'s default),
+        its logits read from its module named `head` (None: the last nn.Linear it runs)."""
 
     def close(self) -> None:  # noqa: B027 (a store holds nothing to let go of)
         """Let go of connections."""

@@ -91,13 +91,15 @@ class FlightSource(Source):
         request = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
         return Selection.from_bytes(self.action("select", request))
 
-    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+    def update_proxy(
+        self, model: torch.nn.Module, images: ImageTransform | None = None, head: str | None = None
+    ) -> None:
         """Push the model's weights as the server's proxy (a do_put of `protocol.weight_batches`),
         with the `images` it is to decode encoded images by."""
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
         body = buffer.getbuffer()
-        descriptor = protocol.weights_descriptor(self.name, len(body), images, self._fingerprint)
+        descriptor = protocol.weights_descriptor(self.name, len(body), images, self._fingerprint, head)
         json.loads(self._server.put(descriptor, body))
 
     def close(self) -> None:

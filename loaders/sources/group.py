@@ -105,8 +105,10 @@ class ServerGroup(Source):
         """A new round, run by the primary over every shard; the other servers take it from it."""
         return self.primary.select(previous, round, keep=keep, method=method, options=options, seed=seed)
 
-    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
-        self.primary.update_proxy(model, images)
+    def update_proxy(
+        self, model: torch.nn.Module, images: ImageTransform | None = None, head: str | None = None
+    ) -> None:
+        self.primary.update_proxy(model, images, head)
 
     def close(self) -> None:
         if hasattr(self, "_pool"):

@@ -98,7 +98,9 @@ class StoreSource(Source):
             executor=self.executor,
         )
 
-    def update_proxy(self, model: torch.nn.Module, images: ImageTransform | None = None) -> None:
+    def update_proxy(
+        self, model: torch.nn.Module, images: ImageTransform | None = None, head: str | None = None
+    ) -> None:
         """Checked here, on the first samples, as a server checks a push: a model that cannot run on
         them or scores fewer classes than the dataset has is refused now, the proxy kept unchanged."""
         try:
@@ -108,6 +110,6 @@ class StoreSource(Source):
                 f"{type(model).__name__} cannot be copied to score beside training ({type(e).__name__}: {e}): "
                 "update_proxy scores a copy of the model; push one that holds only its modules and tensors"
             ) from e
-        proxy = ModelProxy(copied, images=images if images is not None else PROXY_IMAGES)
+        proxy = ModelProxy(copied, images=images if images is not None else PROXY_IMAGES, head=head)
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         self._proxy = proxy

@@ -295,13 +295,15 @@ class ModelProxy:
         batch_size: int = 2048,
         device: torch.device | str | None = None,
         images: ImageTransform = PROXY_IMAGES,
-        head: torch.nn.Linear | None = None,
+        head: torch.nn.Linear | str | None = None,
     ) -> None:
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
             raise ParameterError(
                 f"ModelProxy needs a model whose last layer is nn.Linear; {type(model).__name__} has none"
             )
+        if isinstance(head, str):  # by its name in the model, as a loader or a server push gives it
+            head = dict(model.named_modules()).get(head, head)
         if head is not None and not any(head is m for m in linears):
             raise ParameterError(f"head must be one of the nn.Linear layers of {type(model).__name__}, got {head!r}")
         own = linears[-1].weight.device
@@ -320,6 +322,11 @@ class ModelProxy:
         self.images = images
         # set where the scan decodes them for it (`stages.probe`): only then does a misfit name `images`
         self.decodes_images = False
+
+    @property
+    def head_name(self) -> str | None:
+        """The name in the model of the head given (`head`), or None where it is found by running."""
+        return next(n for n, m in self.model.named_modules() if m is self.head) if self._named else None
 
     @property
     def num_classes(self) -> int:

@@ -199,20 +199,34 @@ def from_table(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def weights_descriptor(
-    dataset: str, nbytes: int, images: ImageTransform | None = None, fingerprint: str | None = None
+    dataset: str,
+    nbytes: int,
+    images: ImageTransform | None = None,
+    fingerprint: str | None = None,
+    head: str | None = None,
 ) -> flight.FlightDescriptor:
     """The client's do_put of proxy weights of `nbytes` bytes for `dataset` (of `fingerprint`, as
     `ticket`); `images`: how the proxy is to decode encoded images (the loader's evaluation
-    transform), None: its default."""
+    transform), None: its default; `head`: the name of the model's classifier (None: found by
+    running it)."""
     request: dict[str, Any] = {"dataset": dataset, "bytes": nbytes}
     if images is not None:
         request["images"] = image_fields(images)
+    if head is not None:
+        request["head"] = head
     return flight.FlightDescriptor.for_command(json.dumps(with_fingerprint(request, fingerprint)).encode())
 
 
 def image_fields(images: ImageTransform) -> dict[str, Any]:
     """What of an `ImageTransform` its evaluation (train=False) decode depends on, as JSON takes it."""
     return {"size": images.size, "resize": images.resize, "mean": list(images.mean), "std": list(images.std)}
+
+
+def parse_head(raw: Any) -> str | None:
+    """A push's `head`: a module's name in the model (dots between), or None."""
+    if raw is not None and (not isinstance(raw, str) or not 0 < len(raw) <= 1000):
+        raise RequestError(f"a weights push's head must be a module's name, got {raw!r}")
+    return raw
 
 
 def parse_images(raw: Any) -> ImageTransform | None:

@@ -290,7 +290,8 @@ class NearStoreServer(flight.FlightServerBase):
                     f"proxy state_dict of {nbytes} bytes exceeds the limit of {self.max_proxy_bytes} (max_proxy_bytes)"
                 )
             images = protocol.parse_images(request.get("images"))
-            answer = self._update_proxy(protocol.read_weights(reader, nbytes), images)
+            head = protocol.parse_head(request.get("head"))
+            answer = self._update_proxy(protocol.read_weights(reader, nbytes), images, head)
         writer.write(pa.py_buffer(answer))
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
@@ -359,10 +360,11 @@ class NearStoreServer(flight.FlightServerBase):
     def _selection(self, request: dict[str, Any]) -> bytes:
         return self._round(request.get("round")).to_bytes()
 
-    def _update_proxy(self, body: bytearray, images: ImageTransform | None = None) -> bytes:
+    def _update_proxy(self, body: bytearray, images: ImageTransform | None = None, head: str | None = None) -> bytes:
         """Pushed weights, checked, as the proxy of the next rounds, which decodes encoded images by
-        `images` (the trainer's loader's at evaluation; None: ModelProxy's default); answers its version."""
-        proxy = self._proxy_from(body, images)
+        `images` (the trainer's loader's at evaluation; None: ModelProxy's default) and reads its
+        logits from `head` (None: found by running it); answers its version."""
+        proxy = self._proxy_from(body, images, head)
         with self._lock:
             version = self.proxy_version + 1
             self._persist(self._rounds, version, f"proxy version {version}", weights=body, proxy=proxy)
@@ -370,7 +372,9 @@ class NearStoreServer(flight.FlightServerBase):
         log.info("proxy version %d received (%d bytes)", version, len(body))
         return json.dumps({"proxy_version": version}).encode()
 
-    def _proxy_from(self, body: bytes | bytearray, images: ImageTransform | None = None) -> ModelProxy:
+    def _proxy_from(
+        self, body: bytes | bytearray, images: ImageTransform | None = None, head: str | None = None
+    ) -> ModelProxy:
         """The server's model with pushed weights (a torch-saved state_dict), checked: where it
         scores encoded images, on a blank one of the size `images` decodes them at."""
         try:
@@ -387,7 +391,10 @@ class NearStoreServer(flight.FlightServerBase):
             model.load_state_dict(state)
         except RuntimeError as e:
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
-        proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES)
+        try:
+            proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES, head=head)
+        except ParameterError as e:  # a head the server's model does not have
+            raise RequestError(f"proxy weights' head: {e}") from e
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         return proxy
 
@@ -534,6 +541,7 @@ class NearStoreServer(flight.FlightServerBase):
             proxy = proxy if proxy is not None else self._proxy
             if proxy is not None:
                 state["proxy_images"] = protocol.image_fields(proxy.images)
+                state["proxy_head"] = proxy.head_name
             _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
             self._persisted = dict(rounds)
         except OSError as e:
@@ -573,7 +581,7 @@ class NearStoreServer(flight.FlightServerBase):
                 raise DatasetError(f"{self.state_dir} holds a pushed proxy: start the server with its --model")
             images = protocol.parse_images(state.get("proxy_images"))  # an older server's: none, the default
             try:
-                self._proxy = self._proxy_from(pushed.read_bytes(), images)
+                self._proxy = self._proxy_from(pushed.read_bytes(), images, state.get("proxy_head"))
             except NearstoreError as e:  # a --model other than the one pushed to: named, as a push would be
                 raise DatasetError(f"{pushed} (proxy version {version}) does not suit the server's model: {e}") from e
         self.proxy_version = version

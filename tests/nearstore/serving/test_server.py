@@ -1315,3 +1315,47 @@ def test_a_trainer_refuses_a_server_restarted_on_another_store_of_its_name(tmp_p
         assert FlightSource(again.url).read([7], arrays=["x"], round=0)["x"][0, 0] == id_data["x"][7, 0] + 2
     finally:
         again.shutdown()
+
+
+class TwoHeads(torch.nn.Module):
+    """A classifier and an auxiliary head on the same features, the auxiliary run last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.classifier, self.aux = torch.nn.Linear(8, 12), torch.nn.Linear(12, 5), torch.nn.Linear(12, 7)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.classifier(h), self.aux(h)
+
+
+@pytest.mark.parametrize("where", ["store", "server"])
+def test_a_loader_names_its_models_classifier_as_update_proxy_is_given_it(id_store, tmp_path, where):
+    # a model whose last nn.Linear is not its classifier was refused (two heads) or scored on the
+    # wrong one; ModelProxy took head=, a loader had no way to give it
+    torch.manual_seed(0)
+    model = TwoHeads()
+    state_dir = tmp_path / "state"
+    server = None
+    if where == "server":
+        server = NearStoreServer(id_store, selection=random_select(id_store, 0.2), model=TwoHeads, state_dir=state_dir)
+    try:
+        loader = StreamingLoader(server.url if server else id_store, batch_size=100, backend="torch", device="cpu")
+        with pytest.raises(ParameterError, match="runs 'classifier' .*, 'aux' .* last, on the same features"):
+            loader.update_proxy(model)
+        with pytest.raises(ParameterError, match="head must name an nn.Linear of TwoHeads, got 'body.x'"):
+            loader.update_proxy(model, head="body.x")
+        loader.update_proxy(model, head="classifier")
+        proxy = server._proxy if server else loader.source._proxy
+        assert proxy.head_name == "classifier" and proxy.num_classes == 5
+        assert loader.reselect(0.1, method="crest", seed=3).params["proxy"] == "ModelProxy"
+    finally:
+        if server is not None:
+            server.shutdown()
+    if server is not None:  # a restart on its state reads the pushed proxy's logits where the push said
+        assert json.loads((state_dir / "server.json").read_text())["proxy_head"] == "classifier"
+        again = NearStoreServer(id_store, model=TwoHeads, state_dir=state_dir)
+        try:
+            assert again._proxy.head_name == "classifier"
+        finally:
+            again.shutdown()
