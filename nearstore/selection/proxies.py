@@ -476,9 +476,9 @@ class ModelProxy:
                 "takes one row of logits a sample (pool per-position logits inside the model, before its head)"
             )
         shapes = [tuple(t.shape) for t in _tensors(returned)]
-        if tuple(z.shape) not in shapes:
+        if shapes and tuple(z.shape) not in shapes:  # (an output of another kind is not judged)
             raise ParameterError(
-                f"{model} returns {', '.join(map(str, shapes)) or 'no tensor'}, not the {tuple(z.shape)} of "
+                f"{model} returns {', '.join(map(str, shapes))}, not the {tuple(z.shape)} of "
                 f"{self._layer(head)}, the last nn.Linear it runs: its logits come from elsewhere (F.linear on "
                 "parameters of its own?); make its classifier an nn.Linear, or name it with `head`"
             )

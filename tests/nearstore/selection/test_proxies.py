@@ -346,6 +346,21 @@ def test_model_proxy_refuses_logits_that_are_not_its_heads_output_or_not_one_row
     # the hidden Linear (12 outputs) was taken for the classifier: softmax over hidden units
     with pytest.raises(ParameterError, match=r"FunctionalHead returns \(4, 3\), not the \(4, 12\) of 'body.0'"):
         ModelProxy(FunctionalHead()).embed(x[:4], y[:4])
+    # an output of another kind (a dataclass) is not judged: the head found by running is taken
+
+    class Output:
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = torch.nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> Output:
+            return Output(self.classifier(x))
+
+    assert ModelProxy(Wrapped()).embed(x[:4], y[:4]).shape == (4, 3 * 7)
     # accepted, then every round failed with 'logits must be 2-D'
     with pytest.raises(
         ParameterError, match=r"'classifier' \(Linear 3 -> 3\), the head of PerPosition, gives .*\(4, 2, 3\)"
