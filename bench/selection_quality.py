@@ -612,7 +612,8 @@ def main() -> None:
             parser.error(f"{flag} must be >= 1, got {value}")
     if any(block < 1 for block in args.shuffle_blocks):
         parser.error(f"--shuffle-blocks must be >= 1, got {args.shuffle_blocks}")
-    if args.report_only and not (args.out / "selection_quality.runs.jsonl").exists():
+    log = args.out / "selection_quality.runs.jsonl"
+    if args.report_only and not log.exists():
         parser.error(f"--report-only: no runs logged in {args.out} yet")
     sizes = (50_000, 10_000)
     if args.tiny:
@@ -620,7 +621,6 @@ def main() -> None:
         args.methods = ["full", "random", "graft-dynamic", "crest-coreset-dynamic"]
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "selection_quality.runs.jsonl"
     stores = {} if args.report_only else datasets(args.datasets, args.out / "data", *sizes)
     runs: list[Run] = []
     shuffles = [("", {"shuffle": "global"})]

@@ -25,6 +25,7 @@ from nearstore.checks import check_integer
 from nearstore.errors import DatasetError, NearstoreError, ParameterError, RoundCancelled
 from nearstore.selection.stages import Scan, stop_if_cancelled
 from nearstore.storage import SelectiveReader, open_dataset
+from nearstore.storage.dataset import sample_identity
 
 T = TypeVar("T")
 Task = Callable[..., T]  # task(scan, shards, **arguments) -> a result that merges
@@ -105,7 +106,7 @@ class DaskExecutor:
                     task=task,
                     url=worker_url(dataset.url),
                     storage_options=dataset.storage_options,
-                    identity=_comparable(dataset.identity()),
+                    identity=sample_identity(dataset.identity()),
                     scan=shipped,
                     arguments=arguments,
                     pure=False,
@@ -204,11 +205,6 @@ def worker_url(url: str) -> str:
     return os.path.abspath(url) if fsspec.utils.get_protocol(url) in ("file", "local") and "://" not in url else url
 
 
-def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
-    """A dataset's identity less its URL, which the worker's may spell otherwise."""
-    return {key: value for key, value in identity.items() if key != "url"}
-
-
 def _on_worker(
     shards: list[int],
     *,
@@ -225,7 +221,7 @@ def _on_worker(
         dataset = open_dataset(url, storage_options=storage_options)
     except (NearstoreError, OSError) as e:
         raise type(e)(f"a Dask worker could not open the dataset at {url!r} (workers read it at that URL): {e}") from e
-    if _comparable(dataset.identity()) != identity:
+    if sample_identity(dataset.identity()) != identity:
         raise DatasetError(
             f"a Dask worker opened another dataset at {url!r} than the client's (its fingerprint, arrays or size "
             "differ): workers must reach the same store at the same URL"

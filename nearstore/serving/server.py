@@ -788,7 +788,7 @@ URL_ENDS = "?#"
 
 def _default_name(url: str) -> str:
     leaf = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
-    return "".join("_" if c in URL_ENDS else c for c in leaf).strip("/") or "dataset"
+    return "".join("_" if c in URL_ENDS else c for c in leaf) or "dataset"
 
 
 def _checked_name(name: str) -> str:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from nearstore.checks import check_integer
 from nearstore.errors import IntegrityError
 from nearstore.storage.dataset import Dataset
-from nearstore.storage.reader import SelectiveReader
+from nearstore.storage.reader import SelectiveReader, size_problem
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,8 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
             size = None  # the reader says it is missing
         except Exception as e:  # refused (permissions), unreachable: listed, and the others checked on
             return Damage(name, shard, path, f"cannot be read: {type(e).__name__}: {e}")
-        written = int(manifest.nbytes[name][shard])
-        if size is not None and size != written:
-            problem = (
-                f"is cut short: {size} of the {written} bytes written"
-                if size < written
-                else (f"is longer than written: {size} bytes, the manifest records {written}")
-            )
+        problem = None if size is None else size_problem(size, int(manifest.nbytes[name][shard]))
+        if problem is not None:
             return Damage(name, shard, path, problem)
         try:
             readers[name].read_shard(shard)  # its checksums, the manifest's, and, read whole, its samples' digest

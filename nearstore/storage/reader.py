@@ -42,6 +42,15 @@ WHOLE_READ_SHARDS = 64  # shard objects a read of a whole array asks at once
 GATHER_BYTES = 4 << 20  # raw chunks copied out of a read's bytes at a time (`_ReadPlan.decode`)
 
 
+def size_problem(size: int, written: int) -> str | None:
+    """What a shard object of `size` bytes is, where the manifest records `written`; None: the same."""
+    if size == written:
+        return None
+    if size < written:
+        return f"is cut short: {size} of the {written} bytes written"
+    return f"is longer than written: {size} bytes, the manifest records {written}"
+
+
 class SelectiveReader:
     """Read samples by id from a dataset's sharded arrays, counting bytes and requests.
 
@@ -348,12 +357,7 @@ class SelectiveReader:
             size = self.fs.size(path)
         except Exception:  # the read's own error says more
             return None
-        written = int(layout.nbytes[shard])
-        if size is None or size == written:
-            return None
-        if size < written:
-            return f"is cut short: {size} of the {written} bytes written"
-        return f"is longer than written: {size} bytes, the manifest records {written}"
+        return None if size is None else size_problem(size, int(layout.nbytes[shard]))
 
     def _fetch(
         self, paths: list[str], starts: list[int | None], ends: list[int | None]

@@ -66,13 +66,13 @@ class Sas(Selector):
         check_keep(keep)
         check_seed(call.seed)
         started = time.perf_counter()
-        wanted = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
-        clusters = max(1, min(wanted, round(keep * dataset.num_samples) // BUDGET_PER_CLUSTER))
+        wanted, budget = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS, round(keep * dataset.num_samples)
+        clusters = max(1, min(wanted, budget // BUDGET_PER_CLUSTER))
         if clusters < wanted:
             (log.warning if self.clusters else log.info)(
                 "sas: %d latent classes for a budget of %d samples of %s, not %d: each keeps at least one",
                 clusters,
-                round(keep * dataset.num_samples),
+                budget,
                 dataset.url,
                 wanted,
             )
