@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from loaders.cache import CacheLost, SampleCache
 from loaders.dali_pipeline import DaliTransform, dali_available, dali_epoch, dali_refusal
-from loaders.order import SHUFFLE_BLOCK, EpochOrder, Shuffle, Uneven, state_count, state_entry
+from loaders.order import SHUFFLE_BLOCK, EpochOrder, Shuffle, Uneven, share_size, state_count, state_entry
 from loaders.sources import Source, StoreSource, open_source
 from nearstore import (
     Dataset,
@@ -249,6 +249,7 @@ class StreamingLoader:
 
         self.dali_transform, self.transform = dali_transform, transform
         self._epochs: list[dict[str, Any]] = []
+        self._io_before = IOStats()  # what the processes before a loaded state received (their totals)
         self._pool: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
         # The encoded batches last handed to DALI, (ids, bytes): where to look for the sample its
@@ -452,6 +453,7 @@ class StreamingLoader:
                     "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
                     "cache_hits": self.cache.stats.hits - hits_before if self.cache is not None else 0,
                     "augmented_samples": self.augmented_samples - augmented_before,
+                    "full_bytes": self._share_bytes(),
                 }
             )
             log.info(
@@ -531,6 +533,12 @@ class StreamingLoader:
                 "ahead": ahead,
                 # the samples the transforms apply to (`augment=`, `set_augment`); None: every sample
                 "augment": self.augment,
+                # what this rank received before, so that io_stats() counts the whole run
+                "io": {
+                    **self._received().as_dict(),
+                    "augmented_samples": self.augmented_samples,
+                    "per_epoch": self._epochs,
+                },
             }
         )
 
@@ -562,6 +570,7 @@ class StreamingLoader:
         pending = self._state_pending(state.get("next"))  # states written before it hold none
         ahead = self._state_ahead(state.get("ahead"))
         augment = self._state_augment(state.get("augment"))
+        received, augmented, epochs = _state_io(state.get("io"))  # states written before it hold none
         self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
         shard_samples = order.get("shard_samples", self.source.shard_samples)
         if self.order.shuffle == "shards" and shard_samples != self.source.shard_samples:
@@ -572,6 +581,7 @@ class StreamingLoader:
         self.source.selection(round)  # raises where the source no longer holds that round
         self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
         self.augment, self._pending, self._ahead, self._in_epoch = augment, pending, ahead, False
+        self._io_before, self.augmented_samples, self._epochs = received - self.stats.snapshot(), augmented, epochs
         self._unended = None  # the loaded place is the one to go on from
         self.order.load_state_dict(order)
 
@@ -581,10 +591,12 @@ class StreamingLoader:
         trainer's reads, or a server's for all its trainers; per epoch `storage`), and what
         reading all data every epoch would cost.
 
-        io_saving = 1 − (scan + trainer bytes) / (full-data bytes × epochs completed).
+        io_saving = 1 − (scan + trainer bytes) / (full-data bytes × epochs completed), all of this
+        rank's: its share of the full data (1/world_size of it), its reads and the scans it counted;
+        with the epochs and reads before a loaded state.
         """
-        stats = self.stats.snapshot()
-        full = self._full_bytes() * max(1, self.epochs_completed)
+        stats = self._received()
+        full = sum(epoch["full_bytes"] for epoch in self._epochs) or self._share_bytes()
         cache = self.cache.as_dict() if self.cache is not None else None
         return {
             "bytes_read": stats.bytes,
@@ -774,6 +786,15 @@ class StreamingLoader:
 
     def _full_bytes(self) -> int:
         return self.source.stored_bytes(self.arrays)
+
+    def _share_bytes(self) -> int:
+        """This rank's share of reading every sample once: what an epoch over all data reads here."""
+        n = self.num_samples
+        return round(self._full_bytes() * share_size(n, self.order.world_size, self.order.uneven) / max(1, n))
+
+    def _received(self) -> IOStats:
+        """What this rank received over the run: in this process, and before a loaded state."""
+        return self.stats.snapshot() + self._io_before
 
     def _prefetched(self, batches: Iterable[Batch]) -> Iterator[tuple[np.ndarray, ...]]:
         """Read batches in a background thread, `prefetch` ahead, yielding them in order; in this
@@ -1025,6 +1046,23 @@ def _round_state(chosen: Chosen) -> dict[str, Any]:
     """A round's entry in state_dict."""
     ids, weights, round, carry = chosen
     return {"round": round, "ids": ids, "weights": weights, "carry": carry}
+
+
+def _state_io(io: Any) -> tuple[IOStats, int, list[dict[str, Any]]]:
+    """A state's "io": what the rank received before it, the samples it augmented and its
+    completed epochs' figures; none for a state written before states held them."""
+    if io is None:
+        return IOStats(), 0, []
+    where = "state_dict's io"
+    if not isinstance(io, Mapping):
+        raise DatasetError(f"{where} must be a mapping, got {reprlib.repr(io)}")
+    received = IOStats(*(state_count(io, key, where) for key in ("bytes", "requests", "samples", "retries")))
+    epochs = state_entry(io, "per_epoch", where, list)
+    for i, epoch in enumerate(epochs):
+        if not isinstance(epoch, Mapping):
+            raise DatasetError(f"{where}['per_epoch'][{i}] must be a mapping, got {reprlib.repr(epoch)}")
+        state_count(epoch, "full_bytes", f"{where}['per_epoch'][{i}]")
+    return received, state_count(io, "augmented_samples", where), [dict(epoch) for epoch in epochs]
 
 
 def _checkpointable(value: Any) -> Any:

@@ -31,6 +31,9 @@ class IOStats:
     def __sub__(self, other: IOStats) -> IOStats:
         return IOStats(*(a - b for a, b in zip(self._counts(), other._counts())))
 
+    def __add__(self, other: IOStats) -> IOStats:
+        return IOStats(*(a + b for a, b in zip(self._counts(), other._counts())))
+
     def as_dict(self) -> dict[str, int]:
         return dict(zip(("bytes", "requests", "samples", "retries"), self._counts()))
 

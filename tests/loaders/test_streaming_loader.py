@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from resume import assert_resumes_at_every_batch, batches
+from resume import assert_resumes_at_every_batch, batches, checkpointed
 
 from loaders import StoreSource, StreamingLoader
 from nearstore import (
@@ -191,6 +191,42 @@ def test_io_stats_count_only_selected_samples_per_epoch(id_store, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "nearstore"]
     assert len(lines) == 2 and lines[1].startswith("epoch 1: 250 samples")
 
+def test_io_stats_cover_the_whole_run_across_a_resume(id_store):
+    def loader():
+        return StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu", cache=False)
+
+    first = loader()
+    for _ in range(2):
+        sum(1 for _ in first)
+    before = first.io_stats()
+    resumed = loader()
+    resumed.load_state_dict(checkpointed(first.state_dict()))
+    assert resumed.io_stats()["bytes_read"] == before["bytes_read"]
+    for _ in range(2):
+        sum(1 for _ in resumed)
+    after = resumed.io_stats()
+    assert after["epochs_completed"] == 4 and len(after["per_epoch"]) == 4
+    assert after["per_epoch"][:2] == before["per_epoch"]
+    assert after["bytes_read"] == before["bytes_read"] + sum(e["bytes"] for e in after["per_epoch"][2:])
+    # full data, no cache: every epoch reads every sample, so nothing is saved over the run
+    assert after["io_saving"] == pytest.approx(1 - after["bytes_read"] / (4 * after["full_epoch_bytes"]))
+    assert after["io_saving"] < 0.05
+
+
+def test_io_saving_is_a_ranks_reads_against_its_share_of_the_data(id_store):
+    ranks = [
+        StreamingLoader(id_store, batch_size=100, rank=r, world_size=4, backend="torch", device="cpu", cache=False)
+        for r in range(4)
+    ]
+    for loader in ranks:
+        sum(1 for _ in loader)
+    stats = [loader.io_stats() for loader in ranks]
+    full = stats[0]["full_epoch_bytes"]
+    assert [s["per_epoch"][0]["full_bytes"] for s in stats] == [round(full * 625 / 2500)] * 4
+    # all data read once among the four: no rank saved anything
+    assert all(s["io_saving"] < 0.05 for s in stats)
+    assert sum(s["bytes_read"] for s in stats) >= full
+
 
 def test_a_url_works_and_the_store_is_never_written(id_store, fingerprint):
     before = fingerprint(id_store.url)
@@ -350,6 +386,8 @@ def test_a_refused_state_changes_nothing(id_store):
             DatasetError,
             "the carry of state_dict's selection holds 'x' of dtype object",
         ),
+        ({**good, "io": {**good["io"], "bytes": -1}}, DatasetError, "io['bytes'] must be an integer >= 0, got -1"),
+        ({**good, "io": {**good["io"], "per_epoch": [{}]}}, DatasetError, "io['per_epoch'][0] has no 'full_bytes'"),
     ]
     for state, error, message in bad_states:
         with pytest.raises(error, match=re.escape(message)):
