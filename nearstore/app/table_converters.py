@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -196,8 +198,8 @@ def open_table(
 
 def table_format(source: str) -> str | None:
     """The format a `convert` source names by its suffix ("data/*.parquet" too), or, for a
-    directory, that of the first table or image file in it, recursively as `open_table` reads them
-    (a Hive-partitioned dataset: year=2020/part.parquet); None for neither, or an image first."""
+    directory, that of the first table or image file in it, recursively as `open_table` reads them;
+    None for neither, or an image first."""
     path = Path(source)
     if not path.is_dir():
         return _suffix_format(source)
@@ -224,10 +226,12 @@ def _table_paths(source: str | Path | Sequence[str | Path], format: str | None) 
             found = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and p.name.endswith(suffixes))
             if not found:
                 raise FileNotFoundError(f"no {' or '.join(suffixes)} file in {pattern!r}")
+            _refuse_partitions(found, pattern)
         elif any(c in pattern for c in "*?["):
             found = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
             if not found:
                 raise FileNotFoundError(f"no file matches {pattern!r}")
+            _refuse_partitions(found, re.split(r"[*?\[]", pattern, maxsplit=1)[0].rpartition("/")[0] or ".")
         elif Path(pattern).is_file():
             found = [pattern]
         else:
@@ -236,6 +240,21 @@ def _table_paths(source: str | Path | Sequence[str | Path], format: str | None) 
     if not paths:
         raise ParameterError("no table file given")
     return paths
+
+
+def _refuse_partitions(paths: list[str], root: str) -> None:
+    """Refuse files in Hive partition folders under `root` (label=3/part.parquet, as pandas'
+    partition_cols write them): the partition column's values are in the folder names, not in
+    the files, and would be lost."""
+    for path in paths:
+        folders = Path(os.path.relpath(path, root)).parent.parts
+        key = next((folder.partition("=")[0] for folder in folders if "=" in folder.strip("=")), None)
+        if key is not None:
+            raise DatasetError(
+                f"{path}: in a Hive partition folder under {root!r}: column {key!r} is in the folder names, not "
+                f"in the files, and would be lost; write the table unpartitioned and convert that "
+                f"(pyarrow: pq.write_table(pyarrow.dataset.dataset({root!r}, partitioning='hive').to_table(), ...))"
+            )
 
 
 def _format_of(paths: list[str]) -> str:

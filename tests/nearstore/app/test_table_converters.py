@@ -373,11 +373,11 @@ def test_the_cli_converts_parquet_and_arrow_end_to_end(tmp_path, capsys):
 
 
 def test_a_folder_is_told_by_its_files_at_any_depth_and_two_formats_are_refused(tmp_path, capsys):
-    for year in (2020, 2021):  # Hive-partitioned: no file at the top
-        (tmp_path / "hive" / f"year={year}").mkdir(parents=True)
-        pq.write_table(pa.table({"f": [1.0, 2.0], "label": [0, 1]}), tmp_path / "hive" / f"year={year}" / "p.parquet")
-    assert main(["convert", str(tmp_path / "hive"), str(tmp_path / "hive.zarr")]) == 0
-    assert open_dataset(str(tmp_path / "hive.zarr")).num_samples == 4
+    for year in (2020, 2021):  # no file at the top
+        (tmp_path / "deep" / str(year)).mkdir(parents=True)
+        pq.write_table(pa.table({"f": [1.0, 2.0], "label": [0, 1]}), tmp_path / "deep" / str(year) / "p.parquet")
+    assert main(["convert", str(tmp_path / "deep"), str(tmp_path / "deep.zarr")]) == 0
+    assert open_dataset(str(tmp_path / "deep.zarr")).num_samples == 4
     (tmp_path / "mix").mkdir()
     pq.write_table(pa.table({"f": [1.0, 2.0]}), tmp_path / "mix" / "a.parquet")
     feather.write_feather(pa.table({"f": [3.0, 4.0]}), tmp_path / "mix" / "b.arrow")
@@ -386,6 +386,18 @@ def test_a_folder_is_told_by_its_files_at_any_depth_and_two_formats_are_refused(
     assert "the files mix Parquet and Arrow" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "mix"), str(tmp_path / "mix.zarr"), "--format", "arrow"]) == 0
     assert open_dataset(str(tmp_path / "mix.zarr")).num_samples == 2  # named: that format's files only
+
+
+def test_a_hive_partitioned_table_is_refused_naming_the_column_it_would_lose(tmp_path, capsys):
+    for label in (0, 1):  # pandas' to_parquet(partition_cols=["label"]): the labels are in the folder names only
+        (tmp_path / "hive" / f"label={label}").mkdir(parents=True)
+        pq.write_table(pa.table({"f": [1.0, 2.0]}), tmp_path / "hive" / f"label={label}" / "p.parquet")
+    for source in (tmp_path / "hive", tmp_path / "hive" / "*" / "*.parquet"):
+        assert main(["convert", str(source), str(tmp_path / "hive.zarr")]) == 2
+        assert "column 'label' is in the folder names, not in the files" in capsys.readouterr().err
+        assert not (tmp_path / "hive.zarr").exists()
+    name = tmp_path / "hive" / "label=0" / "p.parquet"  # one file named: its folder is not a partition of it
+    assert open_table(name).num_samples == 2
 
 
 def test_string_and_binary_views_read_as_strings_and_bytes(tmp_path):
