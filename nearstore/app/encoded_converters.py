@@ -398,10 +398,18 @@ def _mds_default_image(columns: dict[str, str], where: str) -> str:
 
 
 def _mds_default_label(columns: dict[str, str], where: str) -> str:
+    """The column named as a label (`_MDS_LABEL_NAMES`), else the first integer one. A label-named
+    column of another encoding (strings) is refused, not passed over for an integer column (an
+    index would be read as the labels)."""
+    named = [c for c in columns if c.lower() in _MDS_LABEL_NAMES]
     integers = [c for c, e in columns.items() if e in _MDS_INTEGERS]
+    if named and columns[named[0]] not in _MDS_INTEGERS:
+        raise DatasetError(
+            f"{where}: label column {named[0]!r} has encoding {columns[named[0]]!r}, not an integer one "
+            f"{tuple(_MDS_INTEGERS)}; name an integer one with --label-key (label_column=); {_mds_listing(columns)}"
+        )
     if not integers:
         raise DatasetError(f"{where}: no integer label column; {_mds_listing(columns)}")
-    named = [c for c in integers if c.lower() in _MDS_LABEL_NAMES]
     return (named or integers)[0]
 
 
