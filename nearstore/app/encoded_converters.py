@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numcodecs
 import numpy as np
@@ -285,6 +285,11 @@ def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, byt
                 files[extension] = stream.extractfile(member).read() if extension in keep else None
                 # A streamed TarFile keeps every header it passed; a shard may hold millions.
                 stream.members = []
+            if marked.ended and _data_follows(stream.fileobj):
+                raise DatasetError(
+                    f"{path}: holds data after its end-of-archive marker (tars joined by `cat`?), which tar "
+                    "readers do not read: convert each tar as a shard of its own"
+                )
     except tarfile.TarError as e:
         raise DatasetError(f"{path}: not a readable tar file: {e}") from None
     if not marked.ended:  # tarfile ends a stream cut between two members, or at a garbled header, silently
@@ -292,6 +297,14 @@ def _tar_samples(path: str, keep: set[str]) -> Iterator[tuple[str, dict[str, byt
         raise DatasetError(f"{path}: ends {after} without the end-of-archive marker (cut short, or damaged there)")
     if key is not None:
         yield key, files
+
+
+def _data_follows(stream: BinaryIO) -> bool:
+    """Whether anything but zeros (the end marker's second block, the record's padding) is left."""
+    while chunk := stream.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            return True
+    return False
 
 
 def _end_marked() -> type[tarfile.TarInfo]:

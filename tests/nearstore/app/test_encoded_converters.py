@@ -202,6 +202,11 @@ def test_a_webdataset_shard_cut_short_is_refused_not_read_as_fewer_samples(tmp_p
             list(webdataset_images(tmp_path / name).batches())
     (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(whole))
     assert sum(len(b["y"]) for b in webdataset_images(tmp_path / "whole.tar.gz").batches()) == 4
+    (tmp_path / "joined.tar").write_bytes(whole + whole)  # cat a.tar b.tar: readers stop at a's end
+    with pytest.raises(DatasetError, match=r"joined.tar: holds data after its end-of-archive marker"):
+        list(webdataset_images(tmp_path / "joined.tar").batches())
+    (tmp_path / "padded.tar").write_bytes(whole + bytes(10240))  # zeros past the marker are padding
+    assert sum(len(b["y"]) for b in webdataset_images(tmp_path / "padded.tar").batches()) == 4
 
 
 MDS_COLUMNS = {"caption": "str", "idx": "int64", "image": "jpeg", "label": "int"}
