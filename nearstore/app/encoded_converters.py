@@ -340,28 +340,43 @@ def _shard_paths(shards: str | Path | Sequence[str | Path]) -> list[str]:
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no WebDataset shard at {path!r}")
+    twice = next((path for i, path in enumerate(paths) if path in paths[:i]), None)
+    if twice is not None:
+        raise ParameterError(f"WebDataset shard {twice!r} is named twice: its samples would be stored twice")
     return paths
 
 
 def _expand(pattern: str) -> list[str]:
-    """The shard names of a webdataset pattern: `{000..099}` (zero padding kept), `{a,b}`, then
-    glob wildcards (sorted matches)."""
-    brace = re.search(r"\{([^{}]*)\}", pattern)
-    if brace is None:
+    """The shard names of a webdataset pattern, as bash's brace expansion: `{000..099}` (zero
+    padding kept), `{a,b}`, nested `{a,{b,c}}`, then glob wildcards (sorted matches)."""
+    start = pattern.find("{")
+    if start < 0:
         if not any(c in pattern for c in "*?["):
             return [pattern]
         matches = sorted(glob.glob(pattern))
         if not matches:
             raise FileNotFoundError(f"no WebDataset shard matches {pattern!r}")
         return matches
-    head, body, tail = pattern[: brace.start()], brace.group(1), pattern[brace.end() :]
+    depth, commas = 0, []  # the brace's end and its own commas, not those of a brace inside it
+    for end in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+        if depth == 1 and pattern[end] == ",":
+            commas.append(end)
+        if depth == 0:
+            break
+    else:
+        raise ParameterError(f"WebDataset pattern {pattern!r} has a '{{' without its '}}'")
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
     span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if span:
         low, high = span.groups()
+        if int(low) > int(high):
+            raise ParameterError(f"WebDataset pattern {pattern!r}: the range {{{body}}} runs down; write it upwards")
         width = len(low) if len(low) == len(high) else 0
         parts = [str(i).zfill(width) for i in range(int(low), int(high) + 1)]
     else:
-        parts = body.split(",")
+        cuts = [start, *commas, end]
+        parts = [pattern[a + 1 : b] for a, b in zip(cuts, cuts[1:])]
     return [path for part in parts for path in _expand(head + part + tail)]
 
 

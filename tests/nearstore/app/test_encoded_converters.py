@@ -176,6 +176,16 @@ def test_webdataset_refusals(tmp_path):
         webdataset_images(str(tmp_path / "missing-{002..003}.tar"))
     with pytest.raises(FileNotFoundError, match="no WebDataset shard matches"):
         webdataset_images(str(tmp_path / "train-*.tar"))
+    for label, name in enumerate("abc"):
+        _shard(tmp_path, f"s-{name}.tar", [("k", {"jpg": _jpeg(label), "cls": str(label).encode()})])
+    nested = webdataset_images(str(tmp_path / "s-{a,{b,c}}.tar"))  # as bash expands it: each shard once
+    assert [int(y) for batch in nested.batches() for y in batch["y"]] == [0, 1, 2]
+    with pytest.raises(ParameterError, match=r"shard '.*s-a.tar' is named twice"):
+        webdataset_images([str(tmp_path / "s-{a,b}.tar"), tmp_path / "s-a.tar"])
+    with pytest.raises(ParameterError, match=r"the range \{3\.\.1\} runs down"):
+        webdataset_images(str(tmp_path / "s-{3..1}.tar"))
+    with pytest.raises(ParameterError, match="has a '{' without its '}'"):
+        webdataset_images(str(tmp_path / "s-{a,b.tar"))
     _shard(tmp_path, "a.tar", [("k", {"jpg": b"j", "cls": b"3"})])
     with pytest.raises(
         DatasetError, match=r"a\.tar: sample 'k': label \.cls is 3; labels must be in \[0, 2\) for 2 class names"
