@@ -424,10 +424,10 @@ def _refuse_damaged_images(blobs: np.ndarray, name: str, table: str, first: int)
 
 def _embedded(array: pa.StructArray, name: str, table: str, first: int) -> pa.Array:
     """The encoded files of a struct column (`_encoded_file`, rows `first`, ... of `table`): each
-    row's bytes, or where they are null the file at its path (relative to the table's folder); a
+    row's bytes, or where they are null or empty the file at its path (relative to the table's folder); a
     row with neither, or whose file cannot be read, is refused naming the column and the row."""
     blobs = array.field("bytes").to_pylist()
-    for row in [i for i, blob in enumerate(blobs) if blob is None]:
+    for row in [i for i, blob in enumerate(blobs) if not blob]:  # null or b"": the file at its path
         where = f"{table}: column {name!r} at row {first + row}"
         path = array.field("path")[row].as_py()
         if path is None:

@@ -195,6 +195,8 @@ def test_hugging_face_images_convert_as_encoded_files_and_load_decoded(tmp_path)
     (tmp_path / "images" / "5.png").write_bytes(blobs[5])  # a row that names its file instead
     files = [{"bytes": blob, "path": f"{i}.jpg"} for i, blob in enumerate(blobs)]
     files[5] = {"bytes": None, "path": "images/5.png"}
+    files[6] = {"bytes": b"", "path": "images/6.jpg"}  # empty bytes, as some writers leave them: the file too
+    (tmp_path / "images" / "6.jpg").write_bytes(blobs[6])
     table = pa.table({"image": pa.array(files, ENCODED_FILE), "label": pa.array([i % 3 for i in range(n)])})
     features = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog", "eel"], "_type": "ClassLabel"}}
     table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
@@ -268,6 +270,11 @@ def _null_in_list() -> pa.Table:
             _encoded_files({"bytes": b"x", "path": "a"}, {"bytes": b"y", "path": "b"}, {"bytes": None, "path": None}),
             {},
             r"t.parquet: column 'image' at row 2 has neither bytes nor a path",
+        ),
+        (
+            _encoded_files({"bytes": b"", "path": None}),
+            {},
+            r"t.parquet: column 'image' at row 0 has neither bytes nor a path",
         ),
         (
             _encoded_files({"bytes": None, "path": "gone.jpg"}),
