@@ -211,7 +211,10 @@ def damaged(blob: bytes) -> str | None:
         whole = b"\xff\xd9" in blob[-1024:] if scan is None else blob.rfind(b"\xff\xd9") > scan
         return None if whole else "JPEG without its end-of-image marker (truncated?)"
     if blob.startswith(_PNG):
-        return None if blob.rstrip(b"\x00").endswith(_PNG_END) else "PNG without its IEND chunk (truncated?)"
+        # IEND past the header (signature and IHDR, 33 bytes), at the end or where data follows it,
+        # as a JPEG's end marker may be: its 8 bytes with their CRC do not occur by chance
+        whole = blob.rfind(_PNG_END) >= 33
+        return None if whole else "PNG without its IEND chunk (truncated?)"
     if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
         stated = int.from_bytes(blob[4:8], "little") + 8
         return None if len(blob) >= stated else f"WebP of {len(blob)} bytes, its header says {stated}"

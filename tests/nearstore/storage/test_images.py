@@ -64,6 +64,16 @@ def test_jpegs_with_data_after_their_end_pass_and_cut_ones_with_an_exif_thumbnai
     assert damaged(small[: len(small) - 100]) == "JPEG without its end-of-image marker (truncated?)"
 
 
+def test_pngs_with_data_after_their_end_pass_and_cut_ones_do_not():
+    blob = encode(gradient(40, 60), "PNG")
+    for trailer in (b"appended by a tool" * 10, bytes(700)):
+        assert damaged(blob + trailer) is None
+        assert np.array_equal(
+            np.asarray(Image.open(io.BytesIO(blob + trailer))), np.asarray(Image.open(io.BytesIO(blob)))
+        )
+    assert damaged(blob[:-1]) == damaged(blob[:-13] + bytes(50)) == "PNG without its IEND chunk (truncated?)"
+
+
 @pytest.mark.parametrize(
     ("blob", "why"),
     [(b"", "empty sample"), (b"GIF89a....", "not an image nearstore decodes"), (b"\x89PNG\r\n\x1a\nIHDR", "IEND")],
