@@ -406,15 +406,15 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self._unended is not None:  # the last iteration stopped at its epoch's last batch
             self._unended()
-        self._check_ranks_agree()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self.source.storage_reads()
         hits_before = self.cache.stats.hits if self.cache is not None else 0
         epoch = self.epoch
-        first = self.order.start()  # > 0 right after load_state_dict mid-epoch
-        if not (first or self.order.skipped):  # not resuming the old round
+        if not (self.order.resumes_at(epoch) or self.order.skipped):  # not resuming the old round
             self._take_due()
         ids, weights, round = self._epoch_ids(epoch)
+        self._check_ranks_agree(round, ids)  # the round this epoch iterates, a due one taken
+        first = self.order.start()  # > 0 right after load_state_dict mid-epoch
         self._iterator += 1
         self._in_epoch, iterator = True, self._iterator
         shards = ids // self.source.shard_samples
@@ -718,12 +718,16 @@ class StreamingLoader:
         chosen = self._state_pending(ahead, where)
         return None if chosen is None else (chosen, state_count(ahead, "completed", where))
 
-    def _check_ranks_agree(self) -> None:
-        """Under torch.distributed, refuse to start an epoch whose ranks hold different selections:
-        their shares would overlap and miss samples."""
+    def _check_ranks_agree(self, round: int | str, ids: np.ndarray) -> None:
+        """Under torch.distributed, refuse to start an epoch whose ranks iterate different rounds
+        (`round`, `ids`): their shares would overlap and miss samples. Only where this loader's
+        ranks are the default group's: a loader of some ranks (rank= and world_size= of a group
+        of their own) cannot ask the others, which would wait for them."""
         if self.order.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return
-        mine = (self.round, hashlib.sha256(self.ids.tobytes()).hexdigest()[:16], len(self.ids))
+        if (self.order.rank, self.order.world_size) != (dist.get_rank(), dist.get_world_size()):
+            return
+        mine = (round, hashlib.sha256(ids.tobytes()).hexdigest()[:16], len(ids))
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         for rank, theirs in enumerate(everyone):

@@ -99,3 +99,66 @@ def test_ranks_holding_different_selections_refuse_to_start(id_store, tmp_path):
     for r in ranks:
         assert r["epochs"] == [] and "has round 0 (750 samples, digest" in r["error"]
     assert np.all([f"rank {r['rank']} iterates selection round 0" in r["error"] for r in ranks])
+
+
+SCENARIO = """
+import datetime, json, sys
+import torch.distributed as dist
+from loaders import StreamingLoader
+from nearstore import DatasetError, Selection
+
+source, selection, out, scenario = sys.argv[1:5]
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank, result = dist.get_rank(), {"epochs": []}
+try:
+    if scenario == "pending":  # rank 0 alone selects a round mid-epoch; both stop early (a step budget)
+        loader = StreamingLoader(source, Selection.load(selection), batch_size=32, backend="torch", device="cpu")
+        for step, _ in enumerate(loader):
+            if step == 0 and rank == 0:
+                loader.reselect(0.1, method="random", seed=5)
+            if step == 1:
+                break
+        result["epochs"].append(len([_ for _ in loader]))
+    elif rank < 2:  # "subgroup": ranks 0 and 1 load, as a group of their own; rank 2 does not
+        loader = StreamingLoader(source, Selection.load(selection), batch_size=32, rank=rank, world_size=2)
+        result["epochs"].append([int(i) for x, _ in loader for i in x[:, 0].round().long().tolist()])
+    dist.barrier()
+except DatasetError as e:
+    result["error"] = str(e)
+json.dump(result, open(out, "w"))
+"""
+
+
+def run_scenario(source: str, selection: str, scenario: str, world_size: int, tmp_path: Path) -> list[dict]:
+    port, root, processes = free_port(), str(Path(__file__).parents[2]), []
+    for rank in range(world_size):
+        env = {**os.environ, "PYTHONPATH": root, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+        out = tmp_path / f"rank{rank}.json"
+        command = [sys.executable, "-c", SCENARIO, source, selection, str(out), scenario]
+        processes.append((subprocess.Popen(command, env=env), out))
+    for process, _ in processes:
+        assert process.wait(timeout=300) == 0
+    return [json.loads(out.read_text()) for _, out in processes]
+
+
+@pytest.mark.slow
+def test_ranks_are_compared_on_the_round_an_epoch_iterates_a_round_due_taken(id_store, tmp_path):
+    path = str(tmp_path / "sel.npz")
+    random_select(id_store, 0.3, seed=1).save(path)
+    ranks = run_scenario(id_store.url, path, "pending", 2, tmp_path)
+    # rank 0's next epoch iterates its new round 1, rank 1's round 0: refused, not read overlapping
+    assert [r["epochs"] for r in ranks] == [[], []]
+    assert "rank 0 iterates selection round 1 (250 samples" in ranks[0]["error"]
+    assert "rank 1 iterates selection round 0 (750 samples" in ranks[1]["error"]
+
+
+@pytest.mark.slow
+def test_a_loader_of_some_ranks_does_not_wait_for_the_others(id_store, tmp_path):
+    path = str(tmp_path / "sel.npz")
+    selection = random_select(id_store, 0.3, seed=1)
+    selection.save(path)
+    ranks = run_scenario(id_store.url, path, "subgroup", 3, tmp_path)
+    assert all("error" not in r for r in ranks) and ranks[2]["epochs"] == []
+    shares = [r["epochs"][0] for r in ranks[:2]]
+    assert sorted(shares[0] + shares[1]) == selection.ids.tolist()
