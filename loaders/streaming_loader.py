@@ -4,6 +4,7 @@ only the selected samples from a `Source` and hands them out of a DALI pipeline.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -678,6 +679,11 @@ class StreamingLoader:
         if method is None:
             method, defaults = default_reselect(keep)
             options = {**defaults, **options}
+        request = None
+        if self._checks_ranks():  # the same id from every rank of the job: a server runs their round once
+            previous = hashlib.sha256(ids.tobytes()).hexdigest()
+            asked = json.dumps([round, previous, keep, method, options, seed], default=str)
+            request = "ranks-" + hashlib.sha256(asked.encode()).hexdigest()[:32]
         return {
             "previous": ids,
             "round": round,
@@ -686,6 +692,7 @@ class StreamingLoader:
             "options": options,
             "seed": seed,
             "carried": carry,
+            "request": request,
         }
 
     def _ahead_chosen(self) -> Chosen:
@@ -718,14 +725,18 @@ class StreamingLoader:
         chosen = self._state_pending(ahead, where)
         return None if chosen is None else (chosen, state_count(ahead, "completed", where))
 
+    def _checks_ranks(self) -> bool:
+        """Whether this loader is one of several ranks of torch.distributed's default group."""
+        if self.order.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return False
+        return (self.order.rank, self.order.world_size) == (dist.get_rank(), dist.get_world_size())
+
     def _check_ranks_agree(self, round: int | str, ids: np.ndarray) -> None:
         """Under torch.distributed, refuse to start an epoch whose ranks iterate different rounds
         (`round`, `ids`): their shares would overlap and miss samples. Only where this loader's
         ranks are the default group's: a loader of some ranks (rank= and world_size= of a group
         of their own) cannot ask the others, which would wait for them."""
-        if self.order.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        if (self.order.rank, self.order.world_size) != (dist.get_rank(), dist.get_world_size()):
+        if not self._checks_ranks():
             return
         mine = (round, hashlib.sha256(ids.tobytes()).hexdigest()[:16], len(ids))
         everyone: list[Any] = [None] * dist.get_world_size()

@@ -72,10 +72,13 @@ class Source(ABC):
         options: dict[str, Any],
         seed: int,
         carried: Mapping[str, np.ndarray] | None = None,
+        request: str | None = None,
     ) -> Selection:
         """The round after round `round`, whose ids were `previous` and which handed on `carried`
         (its `Selection.carry`): `method` with `options`, scored by the latest pushed proxy. A
-        server goes on from the round it holds, whatever the trainer passes."""
+        server goes on from the round it holds, whatever the trainer passes. `request`: an id
+        every rank of one job sends for the same round, which a server then runs once and answers
+        each of them with (None: a round of this caller's own)."""
 
     @abstractmethod
     def update_proxy(

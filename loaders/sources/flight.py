@@ -85,11 +85,13 @@ class FlightSource(Source):
         options: dict[str, Any] | None = None,
         seed: int,
         carried: Mapping[str, np.ndarray] | None = None,
+        request: str | None = None,
     ) -> Selection:
         """A new round on the server, after its current one (which holds `previous`), or after
-        another trainer's if it asked first: the server answers with the round it ran."""
-        request = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
-        return Selection.from_bytes(self.action("select", request))
+        another trainer's if it asked first: the server answers with the round it ran (or, for a
+        `request` id it already ran a round for, with that round)."""
+        asked = {"keep": keep, "method": method, "options": options or {}, "seed": seed}
+        return Selection.from_bytes(self.action("select", asked if request is None else {**asked, "request": request}))
 
     def update_proxy(
         self, model: torch.nn.Module, images: ImageTransform | None = None, head: str | None = None

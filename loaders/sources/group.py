@@ -101,9 +101,12 @@ class ServerGroup(Source):
         options: dict[str, Any] | None = None,
         seed: int,
         carried: Mapping[str, np.ndarray] | None = None,
+        request: str | None = None,
     ) -> Selection:
         """A new round, run by the primary over every shard; the other servers take it from it."""
-        return self.primary.select(previous, round, keep=keep, method=method, options=options, seed=seed)
+        return self.primary.select(
+            previous, round, keep=keep, method=method, options=options, seed=seed, request=request
+        )
 
     def update_proxy(
         self, model: torch.nn.Module, images: ImageTransform | None = None, head: str | None = None

@@ -84,6 +84,7 @@ class StoreSource(Source):
         options: dict[str, Any],
         seed: int,
         carried: Mapping[str, np.ndarray] | None = None,
+        request: str | None = None,
     ) -> Selection:
         return next_round(
             self.dataset,

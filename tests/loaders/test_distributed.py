@@ -119,6 +119,11 @@ try:
             if step == 1:
                 break
         result["epochs"].append(len([_ for _ in loader]))
+    elif scenario == "server":  # every rank reselects through one server, as the README's loop does
+        loader = StreamingLoader(source, batch_size=32, uneven="drop", backend="torch", device="cpu")
+        sum(1 for _ in loader)
+        result["round"] = loader.reselect(0.1, method="random", seed=5).round
+        result["epochs"].append([int(i) for x, _ in loader for i in x[:, 0].round().long().tolist()])
     elif rank < 2:  # "subgroup": ranks 0 and 1 load, as a group of their own; rank 2 does not
         loader = StreamingLoader(source, Selection.load(selection), batch_size=32, rank=rank, world_size=2)
         result["epochs"].append([int(i) for x, _ in loader for i in x[:, 0].round().long().tolist()])
@@ -129,13 +134,13 @@ json.dump(result, open(out, "w"))
 """
 
 
-def run_scenario(source: str, selection: str, scenario: str, world_size: int, tmp_path: Path) -> list[dict]:
+def run_scenario(source: str, selection: str | None, scenario: str, world_size: int, tmp_path: Path) -> list[dict]:
     port, root, processes = free_port(), str(Path(__file__).parents[2]), []
     for rank in range(world_size):
         env = {**os.environ, "PYTHONPATH": root, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env.update(RANK=str(rank), WORLD_SIZE=str(world_size))
         out = tmp_path / f"rank{rank}.json"
-        command = [sys.executable, "-c", SCENARIO, source, selection, str(out), scenario]
+        command = [sys.executable, "-c", SCENARIO, source, selection or "-", str(out), scenario]
         processes.append((subprocess.Popen(command, env=env), out))
     for process, _ in processes:
         assert process.wait(timeout=300) == 0
@@ -162,3 +167,19 @@ def test_a_loader_of_some_ranks_does_not_wait_for_the_others(id_store, tmp_path)
     assert all("error" not in r for r in ranks) and ranks[2]["epochs"] == []
     shares = [r["epochs"][0] for r in ranks[:2]]
     assert sorted(shares[0] + shares[1]) == selection.ids.tolist()
+
+
+@pytest.mark.slow
+def test_ranks_reselecting_through_one_server_share_one_round(id_store, tmp_path):
+    from nearstore.serving import NearStoreServer
+
+    server = NearStoreServer(id_store, name="ids", keep=0.3, method="random", port=0)
+    threading.Thread(target=server.serve, daemon=True).start()
+    try:
+        ranks = run_scenario(server.url, None, "server", 2, tmp_path)
+        held = server.current
+    finally:
+        server.shutdown()
+    assert all("error" not in r for r in ranks) and [r["round"] for r in ranks] == [1, 1] == [held.round] * 2
+    shares = [r["epochs"][0] for r in ranks]  # the round ran once, and both ranks iterate it
+    assert len(shares[0]) == len(shares[1]) == 125 and sorted(shares[0] + shares[1]) == held.ids.tolist()
