@@ -191,6 +191,7 @@ def test_io_stats_count_only_selected_samples_per_epoch(id_store, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "nearstore"]
     assert len(lines) == 2 and lines[1].startswith("epoch 1: 250 samples")
 
+
 def test_io_stats_cover_the_whole_run_across_a_resume(id_store):
     def loader():
         return StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu", cache=False)
