@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nearstore.errors import ParameterError
+from nearstore.checks import check_integer
+from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage import Dataset, write_dataset
 
 
@@ -52,13 +53,22 @@ def distill(
     labels `y`: stage 1 matches gradients of fresh networks; stage s > 1 of networks first trained
     `warm_epochs` on stages 1..s−1 (PDD). Each starts from real samples drawn at random. Returns
     [(x, y) of each stage]."""
-    if per_class < 1 or stages < 1 or outer < 1 or inner < 1:
+    for name, value in {"per_class": per_class, "stages": stages, "outer": outer, "inner": inner}.items():
+        check_integer(name, value, 1)
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise ParameterError(f"x and y must hold the same samples, got {len(x)} and {len(y)}")
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1).astype(np.float32)).all(axis=1))
+    if len(bad):  # one would make its class's whole synthetic set NaN
+        raise DatasetError(f"sample {int(bad[0])} of x holds NaN or inf: no synthetic sample can be learnt from it")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) and counts.min() < per_class:
         raise ParameterError(
-            f"per_class, stages, outer and inner must be >= 1, got {per_class}, {stages}, {outer}, {inner}"
+            f"per_class={per_class} real samples start each class's synthetic set, but class {classes[counts.argmin()]} has "
+            f"{counts.min()}"
         )
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    classes = np.unique(y)
     real_x, real_y = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
     by_class = {int(c): np.flatnonzero(y == c) for c in classes}
     done: list[tuple[torch.Tensor, torch.Tensor]] = []

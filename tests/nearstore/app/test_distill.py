@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from nearstore import ParameterError, open_dataset
+from nearstore import DatasetError, ParameterError, open_dataset
 from nearstore.app.distill import distill, match_distance, write_stages
 
 
@@ -65,7 +65,19 @@ def test_progressive_stages_are_sets_of_their_own_written_as_datasets(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["per_class", "stages", "outer", "inner"])
-def test_bad_distillation_options_are_refused_by_name(option):
+@pytest.mark.parametrize("value", [0, 2.5, True])
+def test_bad_distillation_options_are_refused_by_name(option, value):
     x, y = blobs(30)
-    with pytest.raises(ParameterError, match="per_class, stages, outer and inner must be >= 1"):
-        distill(x, y, mlp, **{"per_class": 1, option: 0})
+    with pytest.raises(ParameterError, match=f"{option} must be an integer >= 1, got {value}"):
+        distill(x, y, mlp, **{"per_class": 1, option: value})
+
+
+def test_bad_real_samples_are_refused_by_name():
+    x, y = blobs(30)
+    with pytest.raises(ParameterError, match="per_class=11 real samples start each class's .* class 0 has 10"):
+        distill(x, y, mlp, per_class=11)
+    x[7, 3] = np.nan  # one NaN made its class's whole synthetic set NaN
+    with pytest.raises(DatasetError, match="sample 7 of x holds NaN or inf"):
+        distill(x, y, mlp, per_class=1, outer=1)
+    with pytest.raises(ParameterError, match="x and y must hold the same samples, got 30 and 29"):
+        distill(x, y[1:], mlp, per_class=1)
