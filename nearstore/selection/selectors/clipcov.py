@@ -19,7 +19,7 @@ from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.proxies import RandomFeatureProxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector, check_window
-from nearstore.selection.selectors.sas import DEFAULT_CLUSTERS
+from nearstore.selection.selectors.sas import DEFAULT_CLUSTERS, latent_classes
 from nearstore.selection.stages import Scan, check_finite, decoded, scan_io, shard_batches
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
 from nearstore.storage import Dataset
@@ -76,8 +76,12 @@ class ClipCov(Selector):
         )
         captions = _caption_proxy(scan, paired, call.seed, call.device)
         options = dict(paired=paired, captions=captions, progress=call.progress)
+        # unlabelled: latent classes stand for classes, each keeping one at least
+        clusters = (
+            self.clusters if dataset.label_array else latent_classes(self.method, self.clusters, keep, dataset, False)
+        )
         sketches, first = call.executor.map_reduce(
-            scan, clipcov_sketch, PairSketch.merge, ell=self.ell, clusters=self.clusters, seed=call.seed, **options
+            scan, clipcov_sketch, PairSketch.merge, ell=self.ell, clusters=clusters, seed=call.seed, **options
         )
         pairs, n = sketches.pairs, max(1, sketches.pairs.rows_seen)
         width = pairs.dim - captions.width
@@ -101,7 +105,7 @@ class ClipCov(Selector):
             **options,
         )
         io = call.io(scan_io(started, [scan.reader], passes=2), first, second)
-        params = call.params(keep, scan.proxy, {**self.params(), "paired_array": paired})
+        params = call.params(keep, scan.proxy, {**self.params(), "paired_array": paired, "clusters": clusters})
         return part.selection(dataset, self.method, params, io)
 
     def _paired_array(self, dataset: Dataset) -> str:

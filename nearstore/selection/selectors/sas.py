@@ -28,6 +28,23 @@ DEFAULT_CLUSTERS = 10  # latent classes of a dataset without labels, unless told
 BUDGET_PER_CLUSTER = 4
 
 
+def latent_classes(method: str, wanted: int, keep: float, dataset: Dataset, named: bool) -> int:
+    """The latent classes a budget affords, `wanted` at most: each keeps at least one sample, so
+    one per BUDGET_PER_CLUSTER samples of it (a warning where the user `named` the number)."""
+    budget = round(keep * dataset.num_samples)
+    clusters = max(1, min(wanted, budget // BUDGET_PER_CLUSTER))
+    if clusters < wanted:
+        (log.warning if named else log.info)(
+            "%s: %d latent classes for a budget of %d samples of %s, not %d: each keeps at least one",
+            method,
+            clusters,
+            budget,
+            dataset.url,
+            wanted,
+        )
+    return clusters
+
+
 @dataclass(frozen=True)
 class Sas(Selector):
     """SAS: each sample embedded by the proxy under `augmentations` random augmentations (`augment`,
@@ -66,16 +83,8 @@ class Sas(Selector):
         check_keep(keep)
         check_seed(call.seed)
         started = time.perf_counter()
-        wanted, budget = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS, round(keep * dataset.num_samples)
-        clusters = max(1, min(wanted, budget // BUDGET_PER_CLUSTER))
-        if clusters < wanted:
-            (log.warning if self.clusters else log.info)(
-                "sas: %d latent classes for a budget of %d samples of %s, not %d: each keeps at least one",
-                clusters,
-                budget,
-                dataset.url,
-                wanted,
-            )
+        wanted = self.clusters or dataset.num_classes or DEFAULT_CLUSTERS
+        clusters = latent_classes(self.method, wanted, keep, dataset, named=self.clusters is not None)
         scan = Scan.open(
             dataset, self.method, call.proxy, call.seed, call.device, labelled=False, cancelled=call.cancelled
         )

@@ -166,6 +166,13 @@ def test_clipcov_keeps_pairs_that_agree_with_the_data_over_mismatched_ones(capti
     assert chosen.io["passes"] == 2 and np.isfinite(chosen.scores).all()
 
 
+@pytest.mark.parametrize(("keep", "kept", "clusters"), [(0.0005, 1, 1), (0.0025, 5, 1), (0.02, 40, 10)])
+def test_clipcov_keeps_its_budget_at_small_keeps_of_unlabelled_pairs(captioned, keep, kept, clusters):
+    # each latent class keeps one pair: 10 of them kept 10 at a budget of 1 or 5
+    chosen = ClipCov().select(captioned[0], keep, seed=0)
+    assert len(chosen) == kept and chosen.params["clusters"] == clusters
+
+
 def test_clipcov_names_the_pairing_it_needs(captioned, unlabelled):
     dataset, _ = captioned
     with pytest.raises(DatasetError, match=r"the other side of the samples of '.*pairs.zarr', one of \['caption'\]"):
