@@ -130,6 +130,7 @@ def _caption_proxy(scan: Scan, paired: str, seed: int, device: Any) -> RandomFea
     ids = np.concatenate([ids for ids, _ in batches])
     values = np.concatenate([batch[paired] for _, batch in batches])
     captions = _as_samples(scan.reader.dataset, paired, values, ids)
+    check_finite(captions, ids, paired)
     return RandomFeatureProxy(2, seed=seed + 1, device=device).fit(captions, None)
 
 
@@ -148,7 +149,9 @@ def _pairs(
         x = batch[scan.input_array]
         check_finite(x, ids, scan.input_array)
         v = torch.nn.functional.normalize(scan.proxy.features(x).float(), dim=1)
-        t = torch.nn.functional.normalize(captions.features(_as_samples(dataset, paired, batch[paired], ids)), dim=1)
+        other = _as_samples(dataset, paired, batch[paired], ids)
+        check_finite(other, ids, paired)
+        t = torch.nn.functional.normalize(captions.features(other), dim=1)
         labels = batch[dataset.label_array] if dataset.label_array else np.zeros(len(ids), dtype=np.int64)
         yield ids, labels, v, t
 

@@ -173,6 +173,17 @@ def test_clipcov_keeps_its_budget_at_small_keeps_of_unlabelled_pairs(captioned, 
     assert len(chosen) == kept and chosen.params["clusters"] == clusters
 
 
+def test_clipcov_names_a_pair_whose_other_side_is_not_finite(tmp_path):
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(300, 4)).astype(np.float32)
+    for bad in (5, 290):  # in the warm-up shard the proxy is fitted on, and past it
+        t[bad, 1] = np.nan
+        dataset = write_dataset(str(tmp_path / f"p{bad}.zarr"), [{"x": x, "t": t}], label_array=None, shard_samples=128)
+        with pytest.raises(DatasetError, match=f"sample {bad} of array 't' contains NaN"):
+            ClipCov().select(dataset, 0.1, seed=0)
+        t[bad, 1] = 0
+
+
 def test_clipcov_names_the_pairing_it_needs(captioned, unlabelled):
     dataset, _ = captioned
     with pytest.raises(DatasetError, match=r"the other side of the samples of '.*pairs.zarr', one of \['caption'\]"):
