@@ -63,8 +63,9 @@ def distill(
         raise DatasetError(f"sample {int(bad[0])} of x holds NaN or inf: no synthetic sample can be learnt from it")
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) and counts.min() < per_class:
+        smallest = classes[counts.argmin()]
         raise ParameterError(
-            f"per_class={per_class} real samples start each class's synthetic set, but class {classes[counts.argmin()]} has "
+            f"per_class={per_class} real samples start each class's synthetic set, but class {smallest} has "
             f"{counts.min()}"
         )
     rng = np.random.default_rng(seed)
