@@ -292,8 +292,7 @@ def windowed_pass(
         batch_samples=embed_batch(scan, selector.factored),
         shards=shards,
     )
-    seen = None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
-    windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen)
+    windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen_before(before, shards))
     return decide(
         stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical, earlier
     )
@@ -405,7 +404,7 @@ def windowed_select(
             if budget_power != 1:
                 budgets = {c: (counts[c], sizes[c]) for c in sizes}
             if executor.name != "local":  # each partition starts its classes' running counts where it starts
-                before = _class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
+                before = class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
         one_pass, arguments = windowed_pass, dict(budgets=budgets, keep=keep, before=before)
     else:
         labels, labels_reader = read_labels(dataset, "a class-balanced pool")
@@ -546,14 +545,21 @@ def trust(proxy: Proxy, classes: Iterable[int] | None = None) -> float:
     return float(recall.mean() if classes is None else recall[sorted(classes)].mean())
 
 
-def _class_counts_before_shards(labels: np.ndarray, shard_samples: int, num_classes: int) -> np.ndarray:
-    """(num_shards + 1, C): row s counts each class's samples in the shards before shard s."""
+def class_counts_before_shards(labels: np.ndarray, shard_samples: int, num_classes: int) -> np.ndarray:
+    """(num_shards + 1, C): row s counts each class's samples in the shards before shard s, so
+    that a partition of the shards (on Dask) starts its classes' running budgets where it starts."""
     shard = np.arange(len(labels)) // shard_samples
     counts = np.zeros(
         (shard[-1] + 2 if len(labels) else 1, max(num_classes, int(labels.max(initial=-1)) + 1)), np.int64
     )
     np.add.at(counts, (shard + 1, labels), 1)
     return np.cumsum(counts, axis=0)
+
+
+def seen_before(before: np.ndarray | None, shards: list[int]) -> dict[int, int] | None:
+    """ClassWindows' `seen` for a pass over `shards` (consecutive): each class's samples before
+    them, from `class_counts_before_shards` (None: the pass starts at the first shard)."""
+    return None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
 
 
 def coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,17 @@ from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector, check_window
 from nearstore.selection.stages import Embedded, Scan, augmented_views, scan_io
-from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide, factored_medoids
-from nearstore.storage import Dataset
+from nearstore.selection.windows import (
+    ClassWindows,
+    Pick,
+    Window,
+    WindowedPart,
+    class_counts_before_shards,
+    decide,
+    factored_medoids,
+    seen_before,
+)
+from nearstore.storage import Dataset, read_labels
 
 
 @dataclass(frozen=True)
@@ -66,10 +75,14 @@ class AugmentAware(Selector):
         check_seed(call.seed)
         started = time.perf_counter()
         scan = Scan.open(dataset, self.method, call.proxy, call.seed, call.device, cancelled=call.cancelled)
-        part, reads = call.executor.map_reduce(
-            scan, augmented_pass, WindowedPart.merge, selector=self, keep=keep, seed=call.seed, progress=call.progress
-        )
-        io = call.io(scan_io(started, [scan.reader]), reads)
+        before, readers = None, [scan.reader]
+        if call.executor.name != "local":  # the labels first: each partition's budgets go on from those before it
+            labels, labels_reader = read_labels(dataset, "budgets by class")
+            readers.append(labels_reader)
+            before = class_counts_before_shards(labels, dataset.shard_samples, scan.proxy.num_classes)
+        options = dict(selector=self, keep=keep, before=before, seed=call.seed, progress=call.progress)
+        part, reads = call.executor.map_reduce(scan, augmented_pass, WindowedPart.merge, **options)
+        io = call.io(scan_io(started, readers), reads)
         return part.selection(dataset, self.method, call.params(keep, scan.proxy, self.params()), io)
 
     def pick(self, windows: list[Window]) -> list[Pick]:
@@ -102,12 +115,20 @@ def augmented_factors(
 
 
 def augmented_pass(
-    scan: Scan, shards: list[int], *, selector: AugmentAware, keep: float, seed: int, progress: bool
+    scan: Scan,
+    shards: list[int],
+    *,
+    selector: AugmentAware,
+    keep: float,
+    before: np.ndarray | None,
+    seed: int,
+    progress: bool,
 ) -> WindowedPart:
     """The pass over `shards`: the factors of every sample's augmented gradients, each class's
-    samples in windows, `keep` of each window kept as the weighted medoids of their mean."""
+    samples in windows, `keep` of each window kept as the weighted medoids of their mean; before:
+    `class_counts_before_shards` (None: from the first shard)."""
     stream = augmented_factors(
         scan, shards, augmentations=selector.augmentations, augment=selector.augment, seed=seed, progress=progress
     )
-    windows = ClassWindows(selector.window, lambda group: (keep, 1))
+    windows = ClassWindows(selector.window, lambda group: (keep, 1), seen_before(before, shards))
     return decide(stream, windows, selector, scan.proxy.num_classes, seed, cancelled=scan.cancelled)

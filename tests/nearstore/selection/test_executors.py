@@ -13,6 +13,7 @@ from faults import stall_after_first
 from loaders import StoreSource, StreamingLoader
 from nearstore import (
     AdaCore,
+    AugmentAware,
     Craig,
     Crest,
     DatasetError,
@@ -136,11 +137,14 @@ def aligned(tmp_path_factory):
     return write_dataset(url, [{"x": x, "y": y}], shard_samples=48), y
 
 
-@pytest.mark.parametrize("selector", [Graft(window=16, mute_suspects=False), Craig(window=16), AdaCore(window=16)])
-def test_windowed_selection_on_the_cluster_equals_it_in_process_where_windows_agree(client, aligned, selector):
+@pytest.mark.parametrize(
+    "selector", [Graft(window=16, mute_suspects=False), Craig(window=16), AdaCore(window=16), AugmentAware(window=16)]
+)
+@pytest.mark.parametrize("keep", [0.25, 0.1])  # 0.1: 1.6 of a window, budgets rounded on running totals
+def test_windowed_selection_on_the_cluster_equals_it_in_process_where_windows_agree(client, aligned, selector, keep):
     dataset, _ = aligned
-    there = selector.select(dataset, 0.25, seed=5, executor=DaskExecutor(client))
-    here = selector.select(dataset, 0.25, seed=5)
+    there = selector.select(dataset, keep, seed=5, executor=DaskExecutor(client))
+    here = selector.select(dataset, keep, seed=5)
     np.testing.assert_array_equal(np.sort(there.ids), np.sort(here.ids))
     order = np.argsort(there.ids), np.argsort(here.ids)
     np.testing.assert_allclose(there.weights[order[0]], here.weights[order[1]])
