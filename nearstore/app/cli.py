@@ -30,7 +30,7 @@ from nearstore.storage.dataset import within
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
-ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas", "augaware")
+ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas", "augaware", "clipcov")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
 DEMO_SIZES = {"mnist1d": (50_000, 10_000), "images": (10_000, 2_000)}

@@ -100,6 +100,32 @@ def test_merged_sketches_meet_the_frequent_directions_bound(client, blobs):
         torch.testing.assert_close(first.sums[c], a.sum(0))
 
 
+def test_clipcov_runs_on_a_scheduler_from_the_command(client, tmp_path):
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(600, 8)).astype(np.float32), rng.normal(size=(600, 4)).astype(np.float32)
+    dataset = write_dataset(str(tmp_path / "pairs.zarr"), [{"x": x, "t": t}], label_array=None, shard_samples=64)
+    out = str(tmp_path / "sel.npz")
+    assert (
+        main(
+            [
+                "select",
+                dataset.url,
+                out,
+                "--method",
+                "clipcov",
+                "--keep",
+                "0.2",
+                "--scheduler",
+                client.scheduler.address,
+            ]
+        )
+        == 0
+    )
+    chosen = Selection.load(out)
+    assert chosen.params["executor"] == "dask" and chosen.params["paired_array"] == "t"
+    assert abs(len(chosen) - 120) <= 10 and len(np.unique(chosen.ids)) == len(chosen)  # each partition rounds its own
+
+
 def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     dataset = blobs[0]
     out = str(tmp_path / "sel.npz")
@@ -114,7 +140,7 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     assert len(np.intersect1d(from_cli.ids, here.ids)) >= 0.8 * len(here)
     assert main([*args, "--method", "random", "--scheduler", client.scheduler.address]) == 2
     assert (
-        "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, augaware, not 'random'"
+        "--scheduler runs the scans of sage, graft, craig, adacore, crest, sas, augaware, clipcov, not 'random'"
         in capsys.readouterr().err
     )
     graft = ["select", dataset.url, out, "--keep", "0.25", "--scheduler", client.scheduler.address]
