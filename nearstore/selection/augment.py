@@ -36,6 +36,11 @@ def augmentation(name: str, x: np.ndarray) -> Augmentation:
         name = "image" if x.ndim == 4 else "signal" if x.ndim in (2, 3) and x.dtype != object else "none"
     if name != "none" and (x.dtype == object or x.ndim < {"signal": 2, "image": 4}[name]):
         raise ParameterError(f"augment={name!r} takes a batch of {name}s, got an array of shape {x.shape}")
+    if name == "image" and x.shape[1] > 4 and x.shape[-1] <= 4:  # (n, H, W, C): flips would swap colours
+        raise ParameterError(
+            f"samples of shape {x.shape[1:]} look channels-last; image augmentations flip and crop the last two "
+            "axes: store images channels first, (C, H, W) (x.transpose(0, 3, 1, 2)), or give augment='none'"
+        )
     return {"signal": shifted_signals, "image": cropped_images, "none": lambda x, rng: x}[name]
 
 

@@ -135,6 +135,9 @@ def test_an_augmentation_for_other_samples_is_refused_by_name():
     with pytest.raises(ParameterError, match="augment='image' takes a batch of images"):
         augmentation("image", np.zeros((4, 40)))
     assert augmentation("auto", np.zeros((4, 3, 8, 8))) is cropped_images
+    for name in ("auto", "image"):  # CIFAR's .npy layout: a flip would reverse the colours
+        with pytest.raises(ParameterError, match=r"samples of shape \(8, 8, 3\) look channels-last"):
+            augmentation(name, np.zeros((4, 8, 8, 3)))
     assert augmentation("auto", np.zeros((4, 40))) is shifted_signals
 
 
