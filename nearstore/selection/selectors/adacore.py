@@ -17,6 +17,8 @@ from nearstore.selection.proxies import Proxy, RandomFeatureProxy
 from nearstore.selection.selectors.base import WindowedSelector, check_pool, check_window
 from nearstore.selection.windows import Pick, Window, medoids
 
+MAX_DAMPING = 1e6  # of the curvature, times its mean: past it the picks are CRAIG's
+
 
 @dataclass(frozen=True)
 class AdaCore(WindowedSelector):
@@ -37,7 +39,8 @@ class AdaCore(WindowedSelector):
     round scored by another kind of proxy (the model-free one of round 0, then the trainer's
     model) starts the average afresh: its features are other ones.
 
-    window: samples a window holds. damping: of the curvature, times its mean. average: the
+    window: samples a window holds. damping: of the curvature, times its mean (at most
+        MAX_DAMPING = 1e6, where the curvature no longer counts: CRAIG's picks). average: the
         running average's weight of the rounds before (0: each round its own curvature). pool:
         read and window only a random pool of pool × the budget per class (as GRAFT's
         re-selection rounds do); None: every sample.
@@ -56,7 +59,9 @@ class AdaCore(WindowedSelector):
 
     def __post_init__(self) -> None:
         check_window(self.window)
-        check_range("damping", self.damping, 0, float("inf"), open_low=True, open_high=True)
+        # past MAX_DAMPING the curvature is drowned (AdaCore is CRAIG), and past float32's range the
+        # denominator overflows, every preconditioned gradient 0
+        check_range("damping", self.damping, 0, MAX_DAMPING, open_low=True)
         check_range("average", self.average, 0, 1, open_high=True)
         check_pool(self.pool)
 

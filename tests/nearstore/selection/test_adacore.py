@@ -116,6 +116,10 @@ def test_selection_keeps_each_class_budget_with_weights_of_mean_one(blobs, pool)
         ({"window": 1}, "window must be"),
         ({"damping": 0}, "damping must be"),
         ({"damping": float("nan")}, "damping must be"),
+        (
+            {"damping": 1e300},
+            r"damping must be a number in \(0, 1000000.0\]",
+        ),  # its denominator overflowed: every gradient 0
         ({"pool": 0.5}, "pool must be"),
         ({"average": 1.0}, "average must be"),
         ({"average": -0.1}, "average must be"),
