@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import corrupted  # noqa: E402  (the noisy split, written once)
+from selection_quality import check_arguments, corrupted  # noqa: E402  (the noisy split, written once)
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import AugmentAware, Dataset, Selection, random_select  # noqa: E402
@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 2,048 samples, one seed, 1 epoch, 50%%")
     args = parser.parse_args()
+    counts = {"--samples": args.samples, "--test": args.test, "--epochs": args.epochs, "--threads": args.threads}
+    check_arguments(parser, {"--keeps": args.keeps}, counts)
     if args.tiny:
         args.samples, args.test, args.seeds, args.keeps, args.epochs = 2048, 512, [0], [ONLY], 1
     torch.set_num_threads(args.threads)

@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selection_quality import check_arguments  # noqa: E402
 from ssl_selection import plot, report, summarize  # noqa: E402  (the tables and plots of both)
 
 from loaders import StreamingLoader  # noqa: E402
@@ -128,8 +129,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--proxy-steps", type=int, default=100)
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--tiny", action="store_true", help="a smoke run: tiny data, one seed, 20 steps")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run: tiny data, one seed, 20 steps (in place of the sizes given)"
+    )
     args = parser.parse_args()
+    counts = {"--samples": args.samples, "--test": args.test, "--steps": args.steps, "--proxy-steps": args.proxy_steps}
+    check_arguments(parser, {"--keeps": args.keeps}, counts)
+    if not 0 <= args.mismatched < 1:
+        parser.error(f"--mismatched is the share of pairs mismatched, in [0, 1), got {args.mismatched}")
     if args.tiny:
         args.samples, args.test, args.seeds, args.keeps, args.steps, args.proxy_steps = 1024, 512, [0], [0.25], 20, 5
     out = Path(args.out)

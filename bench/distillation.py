@@ -30,6 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selection_quality import check_arguments  # noqa: E402
+
 from loaders import Mixture, StreamingLoader  # noqa: E402
 from nearstore.app.converters import mnist1d_batches  # noqa: E402
 from nearstore.app.distill import distill, write_stages  # noqa: E402
@@ -79,8 +81,12 @@ def main() -> None:
     parser.add_argument("--outer", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--tiny", action="store_true", help="a smoke run: tiny data, one seed, few steps")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run: tiny data, one seed, few steps (in place of the sizes given)"
+    )
     args = parser.parse_args()
+    counts = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in ("--samples", "--test", "--per-class")}
+    check_arguments(parser, {}, {**counts, "--stages": args.stages, "--outer": args.outer, "--epochs": args.epochs})
     if args.tiny:
         args.samples, args.test, args.seeds, args.per_class, args.stages, args.outer, args.epochs = (
             1000,

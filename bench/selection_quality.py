@@ -568,6 +568,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def check_arguments(
+    parser: argparse.ArgumentParser, fractions: dict[str, list[float]], counts: dict[str, int | list[int]]
+) -> None:
+    """Stop with parser.error naming the first flag out of range: `fractions` of the data in
+    (0, 1], `counts` (one or a list) >= 1; before any run, which would fail or mislead hours in."""
+    for flag, values in fractions.items():
+        if not all(0 < value <= 1 for value in values):
+            parser.error(f"{flag} are fractions of the data in (0, 1], got {values}")
+    for flag, value in counts.items():
+        if min(value if isinstance(value, list) else [value], default=1) < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -605,13 +618,8 @@ def main() -> None:
         help="a smoke run of each of --datasets (MNIST-1D: 4,096 samples), 10%%, seed 0, 2 epochs, 4 methods",
     )
     args = parser.parse_args()
-    if not all(0 < keep <= 1 for keep in args.budgets):
-        parser.error(f"--budgets are fractions of the data in (0, 1], got {args.budgets}")
-    for flag, value in (("--epochs", args.epochs), ("--every", args.every), ("--threads", args.threads)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-    if any(block < 1 for block in args.shuffle_blocks):
-        parser.error(f"--shuffle-blocks must be >= 1, got {args.shuffle_blocks}")
+    counts = {"--epochs": args.epochs, "--every": args.every, "--threads": args.threads}
+    check_arguments(parser, {"--budgets": args.budgets}, {**counts, "--shuffle-blocks": args.shuffle_blocks})
     log = args.out / "selection_quality.runs.jsonl"
     if args.report_only and not log.exists():
         parser.error(f"--report-only: no runs logged in {args.out} yet")

@@ -31,6 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selection_quality import check_arguments  # noqa: E402
+
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import ModelProxy, Selection, open_dataset, random_select, write_dataset  # noqa: E402
 from nearstore.app.converters import mnist1d_batches  # noqa: E402
@@ -129,8 +131,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--proxy-epochs", type=int, default=5)
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--tiny", action="store_true", help="a smoke run: tiny data, one seed, 2 epochs")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run: tiny data, one seed, 2 epochs (in place of the sizes given)"
+    )
     args = parser.parse_args()
+    counts = {
+        "--samples": args.samples,
+        "--test": args.test,
+        "--epochs": args.epochs,
+        "--proxy-epochs": args.proxy_epochs,
+    }
+    check_arguments(parser, {"--keeps": args.keeps}, counts)
     if args.tiny:
         args.samples, args.test, args.seeds, args.keeps, args.epochs, args.proxy_epochs = 1024, 512, [0], [0.5], 2, 1
     out = Path(args.out)

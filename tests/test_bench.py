@@ -86,3 +86,19 @@ def test_selection_quality_plots_a_run_of_all_data_alone(tmp_path, monkeypatch):
     row = {"dataset": "classes100/sym20", "method": "full", "keep": 1.0, "epochs": 15}
     plot([{**row, "accuracy_mean": 0.87, "accuracy_std": 0.003}], tmp_path / "full.png")
     assert (tmp_path / "full.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("bench", "arguments", "message"),
+    [
+        ("clip_selection", ["--mismatched", "1.5"], "--mismatched is the share of pairs mismatched, in [0, 1)"),
+        ("ssl_selection", ["--keeps", "0.5", "1.5"], "--keeps are fractions of the data in (0, 1], got [0.5, 1.5]"),
+        ("distillation", ["--per-class", "0"], "--per-class must be >= 1, got 0"),
+        ("augmentation_subsets", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        ("selection_quality", ["--shuffle-blocks", "64", "0"], "--shuffle-blocks must be >= 1, got [64, 0]"),
+    ],
+)
+def test_bench_arguments_out_of_range_are_refused_before_any_run(bench, arguments, message, tmp_path):
+    command = [sys.executable, str(ROOT / "bench" / f"{bench}.py"), *arguments, "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and not any(tmp_path.iterdir())
