@@ -41,6 +41,8 @@ DECODE_THREADS = 2
 DECODED_BATCH_BYTES = 1 << 28
 # The default proxy is fitted on random whole shards holding at least this many samples.
 WARMUP_SAMPLES = 4096
+# The warm-up may read up to this many times WARMUP_SAMPLES to hold a sample of every class.
+WARMUP_COVER = 4
 # Pooled samples are read and embedded this many at a time.
 POOL_CHUNK_SAMPLES = 4096
 # The most stored bytes a scan reads at once (by the manifest's mean a sample): 8 shards of
@@ -135,7 +137,8 @@ class Scan:
         if labels:
             check_classes(dataset.num_classes, dataset, labels)
         input_array = input_array or dataset.input_array
-        keep = small_arrays(dataset, [labels]) if keep_labels and labels else ()
+        # the default proxy's warm-up reads them whole too, to cover every class (`_warm_shards`)
+        keep = small_arrays(dataset, [labels]) if labels and (keep_labels or proxy is None) else ()
         names = [input_array, *([labels] if labels else []), *(a for a in also if a not in (input_array, labels))]
         reader = SelectiveReader(dataset, names, keep=keep)
         warm: dict[int, Batch] = {}
@@ -413,6 +416,7 @@ def mute_suspects(
     mute: bool = True,
     typical: np.ndarray | None = None,
     earlier: Suspects | None = None,
+    unseen: np.ndarray | None = None,
 ) -> Iterator[Embedded]:
     """Stage 3, for factored embeddings grouped by class: the samples whose label the proxy
     contradicts with confidence (`suspects`) get a zero gradient, so a diversity pick (MaxVol)
@@ -423,9 +427,11 @@ def mute_suspects(
     (NaN: none; round 0's typical half, `windows.typical_floors`).
     earlier: suspects another judge found (round 0's model-free proxy, handed on in
     `Selection.carry`); one of them is a suspect here too where this proxy's top class is the one
-    that judge named, at the floor of confidence a suspect needs (`confirmed`)."""
+    that judge named, at the floor of confidence a suspect needs (`confirmed`).
+    unseen: classes the proxy never saw (`unseen_classes`), whose samples are never suspects."""
     joint = ConfidentJoint(num_classes)
     floors = None if typical is None else torch.as_tensor(typical)
+    unjudged = None if unseen is None or not unseen.any() else torch.as_tensor(unseen)
     for ids, groups, (residual, inputs) in stream:
         labels = torch.empty(len(ids), dtype=torch.int64, device=residual.device)
         for group, rows in groups.items():
@@ -445,6 +451,8 @@ def mute_suspects(
             again = (named >= 0) & (confident < 0)
             confident = torch.where(again, named, confident)
             found.confirmed += int(again.sum())
+        if unjudged is not None:
+            confident = confident.masked_fill(unjudged.to(labels.device)[labels], -1)
         suspect = confident >= 0
         if suspect.any():
             rows = suspect.cpu().numpy()
@@ -505,16 +513,12 @@ def _fit_default_proxy(
     device: torch.device | str,
     cancelled: Callable[[], bool] = never,
 ) -> tuple[RandomFeatureProxy, dict[int, dict[str, np.ndarray]]]:
-    """Fit a RandomFeatureProxy on random whole shards (its features alone without `labels`);
-    return them so pass 1 need not re-read. `cancelled` is asked before each shard is read and
-    before the fit."""
+    """Fit a RandomFeatureProxy on random whole shards (its features alone without `labels`;
+    `_warm_shards`); return them so pass 1 need not re-read. `cancelled` is asked before each
+    shard is read and before the fit."""
     dataset = reader.dataset
-    order = np.random.default_rng(seed).permutation(reader.num_shards)
     warm: dict[int, Batch] = {}
-    taken = 0
-    for shard in order:
-        if taken >= warmup_samples:
-            break
+    for shard in _warm_shards(reader, labels, warmup_samples, seed):
         stop_if_cancelled(cancelled, f"the default proxy's warm-up read shard {shard} of {dataset.url!r}")
         r = reader.shard_range(int(shard))
         read = [(np.arange(r.start, r.stop), reader.read_shard(int(shard)))]
@@ -522,7 +526,6 @@ def _fit_default_proxy(
             decoded(read, input_array, RandomFeatureProxy.images, dataset.ragged(input_array))
         )
         check_finite(batch[input_array], ids, input_array)
-        taken += len(r)
     x = np.concatenate([b[input_array] for _, b in warm.values()])
     y = np.concatenate([b[labels] for _, b in warm.values()]) if labels else None
     if y is None:  # its features alone: no head is scored, whatever the store's labels
@@ -532,6 +535,43 @@ def _fit_default_proxy(
         check_classes(num_classes, dataset, labels)
     stop_if_cancelled(cancelled, f"the default proxy was fitted on {dataset.url!r}'s warm-up")
     return RandomFeatureProxy(num_classes, seed=seed, device=device).fit(x, y), warm
+
+
+def _warm_shards(reader: SelectiveReader, labels: str | None, warmup_samples: int, seed: int) -> list[int]:
+    """The warm-up's shards: random whole ones, `warmup_samples` samples' worth; then, where labels
+    read whole (kept) show classes they miss (a store written class by class, as image folders
+    are), the next shards of that order holding one, up to WARMUP_COVER times as many samples in
+    all. A class the warm-up still misses is one the proxy cannot judge (`unseen_classes`)."""
+    order = np.random.default_rng(seed).permutation(reader.num_shards).tolist()
+    sizes = [len(reader.shard_range(shard)) for shard in order]
+    first = next((i + 1 for i, total in enumerate(np.cumsum(sizes)) if total >= warmup_samples), len(order))
+    taken = order[:first]
+    if not labels or labels not in reader.keep:
+        return taken
+    y = reader.whole(labels)
+
+    def classes(shard: int) -> set[int]:
+        r = reader.shard_range(shard)
+        return set(np.unique(y[r.start : r.stop]).tolist())
+
+    missing = set(np.unique(y).tolist()).difference(*map(classes, taken))
+    budget = WARMUP_COVER * warmup_samples - sum(sizes[:first])
+    for shard, size in zip(order[first:], sizes[first:]):
+        if not missing or size > budget:
+            break
+        if missing & classes(shard):
+            taken.append(shard)
+            missing -= classes(shard)
+            budget -= size
+    return taken
+
+
+def unseen_classes(proxy: Proxy) -> np.ndarray | None:
+    """The classes a model-free proxy's warm-up held no sample of (a (C,) bool mask): it scores
+    every sample of one as another class's, so none of them is judged mislabelled; None for a
+    proxy without a warm-up (the trainer's model)."""
+    recall = getattr(proxy, "held_out_recall", None)
+    return None if recall is None else np.isnan(recall)
 
 
 def check_classes(num_classes: int, dataset: Dataset, labels: str | None) -> None:

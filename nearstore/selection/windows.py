@@ -42,6 +42,7 @@ from nearstore.selection.stages import (
     scan_io,
     stop_if_cancelled,
     suspects_of,
+    unseen_classes,
 )
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
 
@@ -224,16 +225,18 @@ def decide(
     cancelled: Callable[[], bool] = never,
     typical: np.ndarray | None = None,
     earlier: Suspects | None = None,
+    unseen: np.ndarray | None = None,
 ) -> WindowedPart:
     """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
     proxy knows nothing of the labels or for the classes in `drawn_classes`, or picked by the
     selector, `at_once` windows together; `cancelled` asked before each decision (`stop_if_cancelled`);
     `typical`: floors of p(label | x) under which a sample is muted (`typical_floors`); `earlier`:
-    suspects muted where the proxy confirms them (`stages.confirmed`)."""
+    suspects muted where the proxy confirms them (`stages.confirmed`); `unseen`: classes the proxy
+    never saw, none of whose samples is a suspect (`stages.unseen_classes`)."""
     found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed or typical is not None else None
     uninformed = lambda: False  # noqa: E731
     if found is not None:
-        stream = mute_suspects(stream, num_classes, found, selector.mute_suspects, typical, earlier)
+        stream = mute_suspects(stream, num_classes, found, selector.mute_suspects, typical, earlier, unseen)
         if selector.draw_uninformed:
             uninformed = lambda: not found.informed(num_classes)  # noqa: E731
     draw = lambda group: group in drawn_classes or uninformed()  # noqa: E731
@@ -294,7 +297,16 @@ def windowed_pass(
     )
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen_before(before, shards))
     return decide(
-        stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical, earlier
+        stream,
+        windows,
+        selector,
+        scan.proxy.num_classes,
+        seed,
+        drawn_classes,
+        scan.cancelled,
+        typical,
+        earlier,
+        unseen_classes(scan.proxy),
     )
 
 
@@ -333,7 +345,16 @@ def pooled_pass(
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
     part = decide(
-        stream, windows, selector, scan.proxy.num_classes, seed, drawn_classes, scan.cancelled, typical, earlier
+        stream,
+        windows,
+        selector,
+        scan.proxy.num_classes,
+        seed,
+        drawn_classes,
+        scan.cancelled,
+        typical,
+        earlier,
+        unseen_classes(scan.proxy),
     )
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}

@@ -10,15 +10,17 @@ import torch
 from images import photo
 from PIL import Image
 
-from nearstore import Graft, RoundCancelled, SelectiveReader, open_dataset, write_dataset
+from nearstore import Dataset, Graft, RoundCancelled, SelectiveReader, open_dataset, write_dataset
 from nearstore.selection.stages import (
     WARMUP_SAMPLES,
+    Scan,
     SuspectsFound,
     decoded,
     mute_suspects,
     pool_batches,
     rebatch,
     samples_per_read,
+    unseen_classes,
 )
 from nearstore.storage.dali_images import DaliDecoder, dali_available
 from nearstore.storage.images import ImageTransform
@@ -83,7 +85,9 @@ def test_pools_are_read_in_chunks_of_bounded_stored_bytes(tmp_path, monkeypatch)
     np.testing.assert_array_equal(np.concatenate([batch["x"] for _, batch in chunks]), x)
 
 
-def _judged(probs: np.ndarray, labels: np.ndarray, batch: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def _judged(
+    probs: np.ndarray, labels: np.ndarray, batch: int = 50, unseen: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """mute_suspects over a stream of these probabilities in batches: (suspect ids, whose gradient
     was zeroed)."""
     found, zeroed = SuspectsFound(), []
@@ -95,7 +99,7 @@ def _judged(probs: np.ndarray, labels: np.ndarray, batch: int = 50) -> tuple[np.
         stream.append(
             (np.arange(start, start + len(y)), groups, (residual, torch.ones(len(y), 3, dtype=torch.float64)))
         )
-    for ids, _, (residual, _) in mute_suspects(stream, probs.shape[1], found):
+    for ids, _, (residual, _) in mute_suspects(stream, probs.shape[1], found, unseen=unseen):
         zeroed.append(ids[(residual == 0).all(1).numpy()])
     return np.sort(found.suspects().ids), np.concatenate(zeroed)
 
@@ -155,6 +159,40 @@ def test_a_class_the_proxy_gives_every_sample_alike_is_no_ones_suspected_label()
     probs = np.repeat(((1 - lean) / 9)[:, None], 10, axis=1)
     probs[:, 0] = lean
     assert len(_judged(probs, labels)[0]) == 0
+
+
+def test_the_samples_of_a_class_the_proxy_never_saw_are_no_suspects():
+    """A head fitted without class 3 gives its samples to other classes, all of them, with
+    confidence: the class's every sample would be reported; no one is judged instead."""
+    labels = np.arange(400) % 4
+    probs = np.full((400, 4), 0.01)
+    probs[np.arange(400), labels] = 0.97
+    probs[labels == 3] = [0.97, 0.01, 0.01, 0.01]
+    assert len(_judged(probs, labels)[0]) >= 80  # the running thresholds settle over the first batches
+    assert len(_judged(probs, labels, unseen=np.array([False, False, False, True]))[0]) == 0
+
+
+def test_the_warm_up_of_a_store_in_class_order_covers_every_class(tmp_path):
+    """As image folders are converted, class by class: random whole shards held a few classes, and
+    every sample of the others was reported mislabelled."""
+    rng = np.random.default_rng(0)
+
+    def ordered(classes: int) -> tuple[Dataset, np.ndarray]:
+        y = np.repeat(np.arange(classes), 512)
+        x = (rng.normal(size=(len(y), 48)) + 3 * np.eye(classes, 48)[y]).astype(np.float32)
+        return write_dataset(str(tmp_path / f"{classes}.zarr"), [{"x": x, "y": y}], shard_samples=512), y
+
+    dataset, y = ordered(8)
+    warm = Scan.open(dataset, "graft", None, 0, "cpu").warm
+    assert set(np.concatenate([batch["y"] for _, batch in warm.values()]).tolist()) == set(range(8))
+    assert len(Graft().select(dataset, 0.1, seed=0).suspects) < 0.05 * len(y)  # clean labels
+    # more classes than 4x the warm-up covers (a shard each): those it missed are judged by no one
+    dataset, y = ordered(40)
+    scan = Scan.open(dataset, "graft", None, 0, "cpu")
+    assert sum(len(ids) for ids, _ in scan.warm.values()) == 4 * WARMUP_SAMPLES
+    missed = np.flatnonzero(unseen_classes(scan.proxy))
+    assert len(missed) == 40 - 4 * WARMUP_SAMPLES // 512
+    assert not np.isin(y[Graft().select(dataset, 0.1, seed=0).suspects.ids], missed).any()
 
 
 @pytest.mark.skipif(not dali_available(), reason="needs DALI")
