@@ -14,7 +14,11 @@ def expected_similarity(views: torch.Tensor) -> torch.Tensor:
     <μ_i, μ_j> is the expected cosine similarity of an augmentation of i to one of j."""
     if views.ndim != 3:
         raise ValueError(f"views must be (samples, augmentations, dim), got {tuple(views.shape)}")
-    tiny = torch.finfo(views.dtype).tiny if views.is_floating_point() else 1e-30
+    if not views.is_floating_point():
+        raise TypeError(f"views must be a floating point tensor (embeddings), got {views.dtype}")
+    if not all_finite(views):
+        raise ValueError("views hold NaN or inf")
+    tiny = torch.finfo(views.dtype).tiny
     return (views / views.norm(dim=2, keepdim=True).clamp_min(tiny)).mean(1)
 
 

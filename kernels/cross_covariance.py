@@ -24,8 +24,13 @@ def cross_covariance_greedy(first: torch.Tensor, second: torch.Tensor, target: t
         raise ValueError(f"k must be in [0, {len(first)}], got {k}")
     if not (all_finite(first) and all_finite(second) and all_finite(target)):
         raise ValueError("first, second or target hold NaN or inf")
+    # in float64: a pair's products square its norms twice (float16 rows of norm 20, float32 of 1e9
+    # overflowed, and greedy took rows in index order)
+    first, second, target = first.double(), second.double(), target.double()
     inner = (first @ first.T) * (second @ second.T)  # <a_i, a_j>
     gains = 2 * k * ((first @ target) * second).sum(1) - inner.diagonal()
+    if not (all_finite(inner) and all_finite(gains)):
+        raise ValueError("the pairs' inner products overflow float64: scale first, second and target down")
     picked = torch.zeros(len(first), dtype=torch.bool, device=first.device)
     order = torch.empty(k, dtype=torch.long, device=first.device)
     for step in range(k):

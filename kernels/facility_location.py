@@ -25,6 +25,7 @@ def _distances(x: torch.Tensor, metric: str) -> torch.Tensor:
         x = flush_subnormal(x / x.abs().max().clamp_min(tiny))
         dist = _euclidean(x @ x.T)
     else:
+        x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # first: a norm of rows near 1e160 is inf
         unit = flush_subnormal(x / x.norm(dim=1, keepdim=True).clamp_min(tiny))  # a zero row stays 0
         dist = (unit @ unit.T).neg_().add_(1).clamp_(0, 2)
     return _symmetric(dist)

@@ -16,7 +16,11 @@ def _shrink(rows: torch.Tensor, ell: int) -> torch.Tensor:
     """
     # eigh of the (m × m) Gram matrix beats an SVD of the wide B (2-3x on CPU, see bench/kernels.py).
     # It is tiny, so float64 costs nothing, and an orthonormal U is what keeps AᵀA − BᵀB ⪰ 0.
-    eigvals, eigvecs = torch.linalg.eigh((rows @ rows.T).double())
+    # Rows scaled by a power of two (exact) to a largest entry of about 1 first: the scale factors
+    # below are scale-free, and a float32 Gram of rows near 1e-25 or 1e19 under- or overflows.
+    peak = rows.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    unit = rows * torch.ldexp(torch.ones((), dtype=rows.dtype), -torch.frexp(peak).exponent)
+    eigvals, eigvecs = torch.linalg.eigh((unit @ unit.T).double())
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # eigh sorts ascending
     delta = eigvals[ell - 1].clamp_min(0)  # a negative δ would be roundoff, and would grow rows
     lam, vecs = eigvals[: ell - 1], eigvecs[:, : ell - 1]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.floats import all_finite
+
 
 def label_issues(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """The confident class c_i of each sample where it differs from its label, else -1; shape (n,).
@@ -32,6 +34,7 @@ def label_issues(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Te
             f"probs (n, C), labels (n,) and thresholds (C,) must agree, got {tuple(probs.shape)}, "
             f"{tuple(labels.shape)}, {tuple(thresholds.shape)}"
         )
+    _check(probs, labels)
     reached = probs >= thresholds.to(probs)
     confident = torch.where(reached, probs, torch.full_like(probs, -1.0)).argmax(1)
     some = reached.any(1)
@@ -51,6 +54,12 @@ class ConfidentJoint:
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the batch's p_i[y_i] (and squares) to its classes' sums, and every p_i to the totals."""
+        if probs.ndim != 2 or probs.shape[1] != len(self.counts) or labels.shape != probs.shape[:1]:
+            raise ValueError(
+                f"probs (n, {len(self.counts)}) and labels (n,) must agree, got {tuple(probs.shape)}, "
+                f"{tuple(labels.shape)}"
+            )
+        _check(probs, labels)
         own, labels = probs.gather(1, labels[:, None])[:, 0].double().cpu(), labels.cpu()
         self.sums.index_add_(0, labels, own)
         self.squares.index_add_(0, labels, own.square())
@@ -75,3 +84,12 @@ class ConfidentJoint:
             z = torch.special.ndtri(torch.tensor(1 - alpha / len(t), dtype=torch.float64))
             apart &= t - rest >= z * error
         return torch.where((others > 0) & ~apart, torch.inf, t)
+
+
+def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Refuse NaN or inf probabilities (one would make its class's threshold NaN, never reached
+    again) and labels outside [0, C)."""
+    if not all_finite(probs):
+        raise ValueError("probs contain NaN or inf")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):
+        raise ValueError(f"labels must be in [0, {probs.shape[1]}), got {int(labels.min())}..{int(labels.max())}")

@@ -8,6 +8,7 @@ window's step at once, so the Python loop is k steps, not k steps per window.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -109,7 +110,8 @@ def maxvol(
     """Indices of k rows S of A whose submatrix has near-maximal volume, from K = A Aᵀ: shape (k,)
     for gram (n, n), (b, k) for a batch (b, n, n), or for a batch with one k per matrix, a list of
     b index tensors. Rows of zeros (padding a smaller matrix to the batch's n) are never taken
-    while k is at most the number of other rows.
+    while k is at most the rank of the others; past it, the rest are the lowest free rows, zero
+    rows among them (a caller that must not take them fills the rest itself, as GRAFT does).
 
         vol(A_S) = sqrt(det(A_S A_Sᵀ)) = sqrt(det K_SS)
 
@@ -132,7 +134,7 @@ def maxvol(
         raise ValueError(f"tol must be >= 1, got {tol}")
     if max_swaps < 0:
         raise ValueError(f"max_swaps must be >= 0, got {max_swaps}")
-    if isinstance(k, int):
+    if isinstance(k, numbers.Integral):
         rows, factor, rank = pivoted_cholesky(gram, k)
         if gram.ndim == 2:
             return _swap(factor[None], rows[None], rank[None] == k, tol, max_swaps)[0]

@@ -45,6 +45,8 @@ class StreamingTopK:
             # Adopt the first non-empty batch's device and dtype rather than those of the empty start.
             self._scores = self._scores.to(scores)
             self._ids = self._ids.to(scores.device)
+        elif scores.numel() and scores.dtype != self._scores.dtype:  # a cast would rank them by batch order
+            raise TypeError(f"scores must all be of one dtype: {self._scores.dtype} first, then {scores.dtype}")
         scores = torch.cat([self._scores, scores.to(self._scores)])
         ids = torch.cat([self._ids, ids.to(self._ids.device)])
         keep = _ranking(scores, ids)[: self._k]

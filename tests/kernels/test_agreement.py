@@ -163,3 +163,19 @@ def test_residual_scores_match_the_projection_off_the_subspace(device):
     assert scores[3] == 0 and scores[7] < 1e-12
     with pytest.raises(ValueError, match="must share D"):
         residual_scores(g, basis[:, :5])
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e20])  # float32 norms of such rows under- or overflowed
+def test_scores_are_scale_free_in_float32(scale: float) -> None:
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(50, 12))
+    basis = sketch_basis(torch.from_numpy(rng.normal(size=(4, 12))))
+    consensus = g.mean(0)
+
+    def scores(rows: np.ndarray, centre: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, c = torch.from_numpy(rows).float(), torch.from_numpy(centre).float()
+        return agreement_scores(x, basis.float(), c), residual_scores(x, basis.float())
+
+    for plain, scaled in zip(scores(g, consensus), scores(g * scale, consensus * scale)):
+        assert torch.isfinite(scaled).all()
+        torch.testing.assert_close(scaled, plain, atol=1e-5, rtol=1e-5)

@@ -236,6 +236,7 @@ def test_cosine_ignores_row_norms() -> None:
     medoids, weights = run(scaled, 15, metric="cosine")
     assert_greedy_picks(x, medoids, "cosine")
     assert weights == cluster_sizes(distances(x, "cosine"), medoids)
+    assert run(x * 1e160, 15, metric="cosine") == (medoids, weights)  # norms of such rows were inf: every row 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

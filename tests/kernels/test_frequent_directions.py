@@ -263,3 +263,12 @@ def test_merge_errors(ell: int, dim: int) -> None:
         FrequentDirections(4, 16).merge(FrequentDirections(ell, dim))
     with pytest.raises(TypeError, match="other must be a FrequentDirections"):
         FrequentDirections(4, 16).merge(torch.zeros(4, 16))
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e19])  # a confident class's gradients; large finite rows
+def test_the_sketch_is_exact_below_its_rank_at_any_float32_scale(scale: float) -> None:
+    # the Gram matrix of such rows in float32 under- or overflowed: an all-zero sketch, or eigh failing
+    a = make_stream("exact_low_rank", n=600, dim=32) * scale
+    sketch = sketch_of(a, 8, batch=100, dtype=torch.float32).sketch().double().numpy()
+    error = np.linalg.norm(a.T @ a - sketch.T @ sketch, 2) / np.linalg.norm(a.T @ a, 2)
+    assert error < 1e-4

@@ -94,3 +94,17 @@ def test_bad_input_is_named():
         label_issues(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), torch.ones(3))
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         ConfidentJoint(1)
+
+
+def test_nan_probabilities_and_labels_outside_the_classes_are_refused():
+    probs = torch.full((4, 3), 1 / 3)
+    labels = torch.tensor([0, 1, 2, 0])
+    joint = ConfidentJoint(3)
+    bad = probs.clone()
+    bad[1, 0] = float("nan")  # it made class 1's threshold NaN: the class never flagged again
+    for call in (lambda p, y: joint.update(p, y), lambda p, y: label_issues(p, y, torch.full((3,), 0.5))):
+        with pytest.raises(ValueError, match="probs contain NaN or inf"):
+            call(bad, labels)
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got 0..3"):
+            call(probs, torch.tensor([0, 1, 3, 0]))
+    assert joint.seen == 0

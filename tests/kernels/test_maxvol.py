@@ -269,6 +269,7 @@ def test_result_on_the_grams_device(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rank_deficient_rows_fall_back_to_lowest_free_indices(dtype: torch.dtype) -> None:
     assert maxvol(torch.zeros(6, 6, dtype=dtype), 3).tolist() == [0, 1, 2]
+    assert maxvol(torch.zeros(6, 6, dtype=dtype), np.int64(3)).tolist() == [0, 1, 2]  # numpy's k too
     assert maxvol(torch.full((5, 5), 3.0, dtype=dtype), 3).tolist() == [0, 1, 2]
     # Rank 1: the longest row (the first of equals), then the lowest others.
     u = torch.tensor([1.0, -3.0, 2.0, 0.5, 3.0], dtype=dtype)

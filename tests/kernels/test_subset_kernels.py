@@ -164,3 +164,23 @@ def test_clipcov_aiming_past_the_mean_leaves_mismatched_pairs_out():
     assert sum(i >= 40 for i in cross_covariance_greedy(*unit, 2 * target, 20).tolist()) == 0
     with pytest.raises(ValueError, match=r"target must be \(4, 4\)"):
         cross_covariance_greedy(*unit, target[:2], 3)
+
+
+def test_expected_similarity_refuses_integer_and_nan_views():
+    with pytest.raises(TypeError, match="views must be a floating point tensor"):
+        expected_similarity(torch.ones(2, 3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="views hold NaN or inf"):
+        expected_similarity(torch.full((2, 3, 4), float("nan")))
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float16, 20.0), (torch.float32, 1e9)])
+def test_cross_covariance_greedy_picks_alike_where_float32_products_overflow(dtype, scale):
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(12, 4)), rng.normal(size=(12, 3))
+    target = (first[:, :, None] * second[:, None, :]).mean(0)
+
+    def picks(s: float, kind: torch.dtype) -> list[int]:
+        a, b = (torch.from_numpy(v * s).to(kind) for v in (first, second))
+        return cross_covariance_greedy(a, b, torch.from_numpy(target * s * s).to(kind), 3).tolist()
+
+    assert picks(scale / np.abs(first).max(), dtype) == picks(scale / np.abs(first).max(), torch.float64)

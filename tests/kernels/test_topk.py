@@ -89,3 +89,11 @@ def test_errors() -> None:
     with pytest.raises(TypeError, match="scores must be a floating point tensor"):
         topk.push(torch.tensor([1]), torch.tensor([0]))
     assert topk.result()[0].numel() == 0
+
+
+def test_a_batch_of_another_dtype_is_refused_not_cast():
+    # cast to the first batch's float32, 2.0000001 (id 2) tied 2.0 (id 1): the order of batches chose
+    top = StreamingTopK(1)
+    top.push(torch.tensor([2.0]), torch.tensor([1]))
+    with pytest.raises(TypeError, match="scores must all be of one dtype: torch.float32 first, then torch.float64"):
+        top.push(torch.tensor([2.0000001], dtype=torch.float64), torch.tensor([2]))
