@@ -950,7 +950,9 @@ class StreamingLoader:
                 ids, weights, blobs = ids[fine], weights[fine], blobs[fine]
                 arrays = {name: values[fine] for name, values in arrays.items()}
             failed = {i: why for i, blob in enumerate(blobs) if (why := damaged(blob)) is not None}
-            self._handed.append((ids, blobs))
+            reaching = np.array([i not in failed for i in range(len(ids))], dtype=bool)
+            if reaching.any():  # what DALI's decoder will see: batches wholly damaged would push those out
+                self._handed.append((ids[reaching], blobs[reaching]))
         if failed:
             where = [
                 f"sample {int(ids[i])} of array {self.input_array!r} ({self._shard_of(ids[i])}): {why}"

@@ -235,6 +235,21 @@ def test_an_image_its_decoder_refuses_is_skipped_and_the_epoch_goes_on(tmp_path,
         assert loader.io_stats()["skipped_samples"] == [71]
 
 
+def test_a_refused_image_followed_by_batches_wholly_damaged_is_still_found_and_skipped(tmp_path):
+    # batches left out whole before DALI pushed the one it refused out of the batches handed to it
+    whole = photo(71)
+    cut = {i: photo(i)[: len(photo(i)) // 2] for i in range(72, 80)}
+    store, _ = image_store(
+        str(tmp_path / "runs.zarr"), {71: whole[:200] + bytes(len(whole) - 400) + whole[-200:], **cut}
+    )
+    ids = np.arange(64, 96)
+    loader = StreamingLoader(
+        store, ids, batch_size=1, images=ImageTransform(size=16), backend="dali", on_error="skip", shuffle=False
+    )
+    assert len(torch.cat([y for _, y in loader])) == 32 - 9
+    assert loader.io_stats()["skipped_samples"] == list(range(71, 80))
+
+
 def test_an_image_only_dalis_decoder_refuses_is_named_and_the_torch_backend_reads_it(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)
     out = io.BytesIO()
