@@ -25,6 +25,7 @@ from nearstore.app.synthetic import shapes_images
 from nearstore.app.table_converters import TABLE_SUFFIXES, open_table, table_format
 from nearstore.errors import storage_error
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
+from nearstore.selection.record import write_whole
 from nearstore.storage import read_labels
 from nearstore.storage.dataset import within
 
@@ -524,6 +525,10 @@ def _check_writable(url: str, what: str) -> None:
     if url.endswith("/") or fs.isdir(path):
         raise IsADirectoryError(f"cannot write {what} to {url!r}: it names a folder; give a file's path")
     probe = f"{path}.nearstore-probe"
+    if "file" in fs.protocol:  # makedirs would say "File exists" of the file in the way
+        blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(f"cannot write {what} to {url!r}: {str(blocking)!r} is a file, not a folder")
     try:
         if "file" in fs.protocol:
             fs.makedirs(fs._parent(path), exist_ok=True)
@@ -536,8 +541,7 @@ def _check_writable(url: str, what: str) -> None:
 
 def _write(url: str, what: str, data: bytes) -> None:
     try:
-        with fsspec.open(url, "wb") as f:
-            f.write(data)
+        write_whole(url, data)
     except OSError as e:
         raise type(e)(f"cannot write {what} to {url!r}: {e}") from e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -14,6 +15,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from nearstore.errors import DatasetError, NearstoreError, SampleIdError, storage_error
 from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity
@@ -233,8 +235,7 @@ class Selection:
         open_dataset's); never inside the source dataset (refused)."""
         if "url" in self.dataset:
             check_outside(self.dataset["url"], str(url), "the selection")
-        with _opened(url, "wb", storage_options) as f:
-            f.write(self.to_bytes())
+        write_whole(url, self.to_bytes(), storage_options)
 
     @classmethod
     def load(cls, url: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> Selection:
@@ -246,17 +247,43 @@ class Selection:
 
 @contextmanager
 def _opened(url: str | Path, mode: str, storage_options: Mapping[str, Any] | None) -> Iterator[Any]:
-    """fsspec's file at `url`; the storage backend's own errors (credentials, a missing bucket) as
-    an OSError naming the URL, as open_dataset's."""
+    """fsspec's file at `url`; the storage backend's own errors as `_storage_errors` says them."""
+    with _storage_errors(url, "read"), fsspec.open(str(url), mode, **dict(storage_options or {})) as f:
+        yield f
+
+
+def write_whole(url: str | Path, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """`data` as the file at `url`, all of it or nothing: a local file is written beside it and
+    renamed over it (a full disk leaves the one there whole, where writing in place left it cut),
+    an object is one PUT; missing local folders are made."""
+    with _storage_errors(url, "write"):
+        fs, path = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+        if not isinstance(fs, LocalFileSystem):
+            fs.pipe_file(path, data)
+            return
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        partial = f"{path}.partial"
+        try:
+            with open(partial, "wb") as f:
+                f.write(data)
+            os.replace(partial, path)
+        finally:
+            if os.path.lexists(partial):
+                os.remove(partial)
+
+
+@contextmanager
+def _storage_errors(url: str | Path, verb: str) -> Iterator[None]:
+    """The storage backend's own errors (credentials, a missing bucket) as an OSError naming the
+    URL, as open_dataset's."""
     try:
-        with fsspec.open(str(url), mode, **dict(storage_options or {})) as f:
-            yield f
+        yield
     except (NearstoreError, OSError):
         raise
     except Exception as e:
         if not storage_error(e):
             raise
-        raise OSError(f"cannot {'write' if 'w' in mode else 'read'} {str(url)!r}: {type(e).__name__}: {e}") from e
+        raise OSError(f"cannot {verb} {str(url)!r}: {type(e).__name__}: {e}") from e
 
 
 def check_carry(carry: Any, where: str) -> dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ import io
 import ipaddress
 import json
 import logging
-import os
 import signal
 import socket
 import threading
@@ -38,7 +37,7 @@ from nearstore.errors import DatasetError, IntegrityError, NearstoreError, Param
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
 from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
-from nearstore.selection.record import in_sorted
+from nearstore.selection.record import in_sorted, write_whole
 from nearstore.selection.selectors import next_round
 from nearstore.selection.stages import never, stop_if_cancelled, vet
 from nearstore.serving import protocol
@@ -532,17 +531,17 @@ class NearStoreServer(flight.FlightServerBase):
             return
         try:
             if weights is not None:
-                _write_atomically(self.state_dir / f"proxy-{proxy_version}.pt", weights)
+                write_whole(self.state_dir / f"proxy-{proxy_version}.pt", weights)
             for number, selection in rounds.items():
                 # a round file this server did not write may be one a failed write left: never kept
                 if self._persisted.get(number) is not selection:
-                    _write_atomically(self.state_dir / f"round-{number}.npz", selection.to_bytes())
+                    write_whole(self.state_dir / f"round-{number}.npz", selection.to_bytes())
             state: dict[str, Any] = {"rounds": sorted(rounds), "proxy_version": proxy_version}
             proxy = proxy if proxy is not None else self._proxy
             if proxy is not None:
                 state["proxy_images"] = protocol.image_fields(proxy.images)
                 state["proxy_head"] = proxy.head_name
-            _write_atomically(self.state_dir / "server.json", json.dumps(state).encode())
+            write_whole(self.state_dir / "server.json", json.dumps(state).encode())
             self._persisted = dict(rounds)
         except OSError as e:
             log.error("cannot keep %s in %s: %s", what, self.state_dir, e)
@@ -764,12 +763,6 @@ def _state_dir(path: str | Path, dataset: Dataset) -> Path:
     dataset.check_outside(str(path), "state_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def is_loopback(host: str) -> bool:

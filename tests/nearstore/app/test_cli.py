@@ -215,7 +215,7 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         ),
         (
             ["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/junk.npy/r.csv"],
-            "cannot write the report to '.*junk.npy/r.csv'",  # below a file: no folder can be made there
+            "cannot write the report to '.*junk.npy/r.csv': '.*junk.npy' is a file, not a folder",  # below a file
         ),
         (["select", "{digits}", "{digits}/s.npz"], "the selection '.*digits.zarr/s.npz' lies inside the dataset"),
         (

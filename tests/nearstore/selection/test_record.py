@@ -20,7 +20,7 @@ from nearstore import (
     random_select,
     write_dataset,
 )
-from nearstore.selection.record import Suspects, in_sorted
+from nearstore.selection.record import Suspects, in_sorted, write_whole
 
 
 def make(dataset, ids, **kwargs) -> Selection:
@@ -268,3 +268,13 @@ def test_a_selection_is_never_saved_inside_its_dataset(id_store, tmp_path, finge
 def test_membership_in_sorted_ids_is_isin(among, ids):
     ids, among = np.array(ids, dtype=np.int64), np.array(among, dtype=np.int64)
     np.testing.assert_array_equal(in_sorted(ids, among), np.isin(ids, among))
+
+
+def test_a_failed_write_leaves_the_file_there_whole(tmp_path):
+    target = tmp_path / "kept.csv"
+    target.write_bytes(b"the old report")
+    with pytest.raises(TypeError):  # fails mid-write, as a full disk would
+        write_whole(str(target), object())
+    assert target.read_bytes() == b"the old report" and [p.name for p in tmp_path.iterdir()] == ["kept.csv"]
+    write_whole(str(tmp_path / "new" / "r.csv"), b"rows")  # a missing folder is made
+    assert (tmp_path / "new" / "r.csv").read_bytes() == b"rows"
