@@ -346,8 +346,8 @@ class StreamingLoader:
 
     def set_augment(self, augment: Selection | Sequence[int] | np.ndarray) -> None:
         """Augment these samples in place of the ones `augment=` named, from the next batch read on
-        (those read ahead, up to `prefetch`, keep the old set): a new round's subset, e.g.
-        `AugmentAware().select(dataset, 0.3, proxy=ModelProxy(model))`. Checked as `augment=` is;
+        (those read ahead, up to `prefetch` and DALI's queue, keep the old set): a new round's
+        subset, e.g. `AugmentAware().select(dataset, 0.3, proxy=ModelProxy(model))`. Checked as `augment=` is;
         the loader must have been made with one (its batches then carry which samples to augment)."""
         if self.augment is None:
             raise ParameterError("set_augment needs a loader made with augment=: its batches carry no flags")
