@@ -26,9 +26,17 @@ class RaggedLayout:
     row_shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, sample: np.ndarray) -> RaggedLayout:
-        """The layout of `sample` (at least 1-D; its first axis is the ragged one)."""
-        return cls(np.dtype(sample.dtype).newbyteorder("<"), tuple(int(n) for n in sample.shape[1:]))
+    def of(cls, sample: np.ndarray, where: str = "a ragged sample") -> RaggedLayout:
+        """The layout of `sample` (at least 1-D; its first axis is the ragged one): rows of numbers
+        of up to 8 bytes, every row axis at least 1 long; refused naming `where` otherwise (as
+        a written layout is on reading, `from_attrs`)."""
+        dtype, row_shape = np.dtype(sample.dtype), tuple(int(n) for n in sample.shape[1:])
+        if sample.ndim < 1 or dtype.kind not in "biuf" or dtype.itemsize > 8 or 0 in row_shape:
+            raise DatasetError(
+                f"{where} holds {dtype} rows of shape {row_shape}: ragged samples are rows of booleans, integers "
+                "or floats of up to 8 bytes, each row axis at least 1 long"
+            )
+        return cls(dtype.newbyteorder("<"), row_shape)
 
     @property
     def row_nbytes(self) -> int:

@@ -35,6 +35,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
+from nearstore.checks import check_integer
 from nearstore.errors import DatasetError, IntegrityError, ParameterError
 from nearstore.storage.codecs import Sharding, Zstd, encode_shard, fixed_payloads, vlen_payloads
 from nearstore.storage.dataset import (
@@ -82,8 +83,9 @@ def write_dataset(
     """Stream batches of samples into a new dataset at `url`; memory is one shard, not the data.
 
     batches: an iterable of {array name: array of shape (n, ...)}, every batch with the same
-        names, per-sample shapes and dtypes; n may differ from batch to batch. An array of
-        encoded samples (JPEG, PNG, token bytes, ...) is a 1-D object array of `bytes`, each
+        names, per-sample shapes and dtypes; n may differ from batch to batch (batches of none
+        are passed over), and a batch is copied as it comes (a generator may refill one buffer).
+        An array of encoded samples (JPEG, PNG, token bytes, ...) is a 1-D object array of `bytes`, each
         stored as it is, of any length (zarr's variable-length bytes under the sharding codec).
         An array of ragged numeric samples (token ids, audio, point sets) is a 1-D object array
         of numpy arrays of one dtype and one shape but for their first axis, any length
@@ -103,9 +105,10 @@ def write_dataset(
         fit in CHUNK_BYTES (1 for samples of 2 KiB or more). Encoded and ragged samples are one an
         inner chunk whatever this says.
     """
-    if shard_samples < 1:
-        raise ParameterError(f"shard_samples must be >= 1, got {shard_samples}")
-    if chunk_samples is not None and (chunk_samples < 1 or shard_samples % chunk_samples):
+    shard_samples = check_integer("shard_samples", shard_samples, 1)  # numpy's too: its int64 is no JSON
+    if chunk_samples is not None:
+        chunk_samples = check_integer("chunk_samples", chunk_samples, 1)
+    if chunk_samples is not None and shard_samples % chunk_samples:
         raise ParameterError(f"chunk_samples must be a divisor of shard_samples ({shard_samples}), got {chunk_samples}")
     if fsspec.utils.get_protocol(str(url)) in ("http", "https"):
         raise ParameterError(f"{url!r}: HTTP stores are read-only; write to a local path or to object storage")
@@ -556,10 +559,13 @@ class _ShardWriter:
             raise ParameterError(
                 f"a batch must map array names to arrays, as {{'x': inputs, 'y': labels}}; got a {type(batch).__name__}"
             )
-        batch = {name: _little(np.asarray(v)) for name, v in batch.items()}
+        # copied: a generator may refill one buffer for every batch, and the pieces wait for their shard
+        batch = {name: _little(np.array(v, copy=True)) for name, v in batch.items()}
         for name, values in batch.items():
             if values.ndim == 0:
                 raise DatasetError(f"array {name!r} needs a sample axis, got a scalar ({values.dtype})")
+        if not self.names and batch and not any(len(values) for values in batch.values()):
+            return  # the layout (ragged or not, chunks, compression) is told by samples, not by none
         if self.label_array in batch:
             batch[self.label_array] = self.index.codes(batch[self.label_array], self.num_samples + self.num_pending)
         if not self.names:
@@ -600,8 +606,8 @@ class _ShardWriter:
             if not encoded and 0 in values.shape[1:]:
                 raise DatasetError(f"array {name!r} has samples of shape {values.shape[1:]}, which hold nothing")
             first = values[:64]
-            if encoded and len(values) and isinstance(values[0], np.ndarray):
-                self.ragged[name] = layout = RaggedLayout.of(values[0])
+            if encoded and values.ndim == 1 and len(values) and isinstance(values[0], np.ndarray):
+                self.ragged[name] = layout = RaggedLayout.of(values[0], f"array {name!r}: sample 0")
                 self._check_encoded(name, values, 0)
                 first = _bytes_array([layout.encode(sample) for sample in first])
             elif encoded:

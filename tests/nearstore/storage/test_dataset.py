@@ -121,11 +121,17 @@ def test_small_samples_share_inner_chunks_and_read_back_exactly(tmp_path):
     assert chunked.identity()["fingerprint"] == single.identity()["fingerprint"]  # the same samples
 
 
-@pytest.mark.parametrize("chunk_samples", [0, 3, 2048])
-def test_chunk_samples_must_divide_the_shard(tmp_path, chunk_samples):
-    with pytest.raises(
-        ValueError, match=f"chunk_samples must be a divisor of shard_samples \\(1024\\), got {chunk_samples}"
-    ):
+@pytest.mark.parametrize(
+    ("chunk_samples", "message"),
+    [
+        (0, "chunk_samples must be an integer >= 1, got 0"),
+        (2.5, "chunk_samples must be an integer >= 1, got 2.5"),
+        (3, r"chunk_samples must be a divisor of shard_samples \(1024\), got 3"),
+        (2048, r"chunk_samples must be a divisor of shard_samples \(1024\), got 2048"),
+    ],
+)
+def test_chunk_samples_must_divide_the_shard(tmp_path, chunk_samples, message):
+    with pytest.raises(ValueError, match=message):
         write_dataset(
             str(tmp_path / "c.zarr"), [{"x": np.zeros((4, 2))}], label_array=None, chunk_samples=chunk_samples
         )
@@ -179,6 +185,12 @@ def test_overwrite_replaces_no_zarr_group_but_nearstores(tmp_path, fingerprint):
     assert fingerprint(str(tmp_path / "theirs.zarr")) == before
 
 
+def _ragged(samples: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(samples), dtype=object)
+    out[:] = samples
+    return out
+
+
 @pytest.mark.parametrize(
     ("batches", "error", "message"),
     [
@@ -212,11 +224,48 @@ def test_overwrite_replaces_no_zarr_group_but_nearstores(tmp_path, fingerprint):
         # (x, y) pairs, as format.md said: an AttributeError from inside the writer
         ([(np.zeros((2, 2)), np.zeros(2, int))], ParameterError, "a batch must map array names .*; got a tuple"),
         ([{"x": np.zeros((2, 2), np.longdouble), "y": np.zeros(2, int)}], DatasetError, "holds float128 samples"),
+        # ragged samples not of numbers: refused at the first batch (they were written whole, then refused)
+        ([{"x": _ragged([np.zeros(3, complex)]), "y": np.zeros(1, int)}], DatasetError, "sample 0 holds complex128"),
+        ([{"x": _ragged([np.zeros((3, 0))]), "y": np.zeros(1, int)}], DatasetError, r"rows of shape \(0,\)"),
     ],
 )
 def test_bad_batches_are_named(tmp_path, batches, error, message):
     with pytest.raises(error, match=message):
         write_dataset(str(tmp_path / "bad.zarr"), batches)
+
+
+def test_a_generator_refilling_one_buffer_is_written_as_it_yielded(tmp_path):
+    # the pieces waiting for their shard were the caller's arrays: each refill overwrote them all
+    x, y = np.empty((4, 3), np.float32), np.empty(4, np.int64)
+
+    def batches():
+        for b in range(10):
+            x[:] = np.arange(12).reshape(4, 3) + 100 * b
+            y[:] = b % 3
+            yield {"x": x, "y": y}
+
+    read = SelectiveReader(write_dataset(str(tmp_path / "refilled.zarr"), batches(), shard_samples=16)).read(
+        np.arange(40)
+    )
+    np.testing.assert_array_equal(read["x"][:4], np.arange(12).reshape(4, 3))
+    np.testing.assert_array_equal(read["y"], np.repeat(np.arange(10) % 3, 4))
+
+
+def test_empty_batches_first_tell_nothing_of_the_layout(tmp_path):
+    tokens = _ragged([np.arange(n, dtype=np.int32) for n in (3, 5)])
+    empty = {"x": _ragged([]), "y": np.zeros(0, np.int32)}
+    dataset = write_dataset(str(tmp_path / "r.zarr"), [empty, {"x": tokens, "y": np.array(["a", "b"])}])
+    assert dataset.ragged("x") is not None and dataset.class_names == ("a", "b")
+    big = write_dataset(
+        str(tmp_path / "f.zarr"),
+        [
+            {"x": np.zeros((0, 1024), np.float32), "y": np.zeros(0, int)},
+            {"x": np.ones((4, 1024), np.float32), "y": np.zeros(4, int)},
+        ],
+    )
+    assert big.arrays["x"].chunks[0] == 1  # a 4 KiB sample is a chunk of its own (format.md), as without it
+    write_dataset(str(tmp_path / "n.zarr"), [{"x": np.ones((8, 2)), "y": np.zeros(8, int)}], shard_samples=np.int64(4))
+    assert open_dataset(str(tmp_path / "n.zarr")).shard_samples == 4  # numpy's integers (was a JSON error at the end)
 
 
 def test_a_store_whose_writer_was_killed_is_refused(tmp_path):
