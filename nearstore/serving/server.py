@@ -594,7 +594,9 @@ class NearStoreServer(flight.FlightServerBase):
             return self.current
         with self._lock:
             held = self._rounds.get(number) if type(number) is int else None
-        if held is None and self._primary is not None and type(number) is int and number > max(self._rounds):
+        # a follower asks its primary for any round it lacks: a newer one, or an older one a trainer
+        # mid-epoch still reads after another trainer's newer round, or after a restart
+        if held is None and self._primary is not None and type(number) is int:
             return self._follow(number)
         if held is None:
             held_rounds = sorted(self._rounds)

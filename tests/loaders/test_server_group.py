@@ -95,6 +95,18 @@ def test_a_new_round_runs_on_the_primary_and_every_server_serves_it(pair):
     np.testing.assert_array_equal(follower.current.ids, chosen.ids)  # taken from the primary, not run
 
 
+def test_a_follower_takes_from_the_primary_an_older_round_a_trainer_still_reads(pair):
+    # trainer A on round 1 while B's read of round 2 had the follower keep [0, 2]: A's epoch was refused
+    primary, follower = pair
+    options = dict(batch_size=50, backend="torch", device="cpu", cache=False)
+    a = StreamingLoader([primary.url, follower.url], **options)
+    b = StreamingLoader([primary.url, follower.url], **options)
+    first, second = a.reselect(0.1, method="random", seed=4), b.reselect(0.2, method="random", seed=5)
+    assert (first.round, second.round) == (1, 2)
+    assert sorted(i for x, _ in b for i in sample_ids(x)) == second.ids.tolist()
+    assert sorted(i for x, _ in a for i in sample_ids(x)) == first.ids.tolist()
+
+
 def test_a_round_on_a_cluster_reads_each_nodes_shards_beside_them(servers, id_store_url):
     cluster = local_cluster()
     with cluster, distributed.Client(cluster) as client:
