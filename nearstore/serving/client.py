@@ -126,7 +126,9 @@ class Connection:
         while True:
             try:
                 return call()
-            except flight.FlightUnavailableError as e:
+            # CANCELLED: a server shutting down ends the calls it is answering so (this client never
+            # cancels its own), as gone as an unreachable one
+            except (flight.FlightUnavailableError, flight.FlightCancelledError) as e:
                 if _TLS_REFUSED in str(e):  # this client refused the server: no retry makes it agree
                     raise ConnectionError(
                         f"TLS handshake with nearstore server {self.location} failed: {_message(e)}"

@@ -548,6 +548,33 @@ class AnswerLost(NearStoreServer):
         yield from answers
 
 
+class ShutDownMidStream(NearStoreServer):
+    """Cancels its first read, as a server shutting down cancels the streams it is answering."""
+
+    cancelled = 0
+
+    def do_get(self, context, ticket):
+        if not self.cancelled:
+            self.cancelled += 1
+            raise flight.FlightCancelledError("server shutting down")
+        return super().do_get(context, ticket)
+
+
+def test_a_read_the_server_cancelled_as_it_shut_down_is_retried_as_a_lost_server_is(id_store, id_data, caplog):
+    server = ShutDownMidStream(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        with caplog.at_level("WARNING", logger="nearstore"):
+            ids = server.current.ids[:10]
+            got = FlightSource(server.url).read(ids, arrays=["x"], round=0)["x"]
+        np.testing.assert_array_equal(got, id_data["x"][ids])  # was pyarrow's FlightCancelledError
+        assert server.cancelled == 1 and any("unreachable, retrying" in r.message for r in caplog.records)
+        with pytest.raises(ConnectionError, match="is unreachable: .*server shutting down"):
+            server.cancelled = 0
+            FlightSource(server.url, on_disconnect="raise").read(ids, arrays=["x"], round=0)
+    finally:
+        server.shutdown()
+
+
 def test_a_select_retried_after_its_round_landed_gets_that_round_even_from_a_restarted_server(
     id_store, tmp_path, caplog
 ):
