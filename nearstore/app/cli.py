@@ -31,6 +31,7 @@ from nearstore.storage.dataset import within
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
+MAX_SHARD_IDS = 1 << 24  # `serve --shards`: more than any one server holds (16M shards)
 ON_DASK = ("sage", "graft", "craig", "adacore", "crest", "sas", "augaware", "clipcov")
 
 # The demo's (training, test) samples by its data: images cost more to make and to train on.
@@ -614,14 +615,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _shard_list(spec: str) -> list[int]:
-    """ "0:8,12" -> [0, ..., 7, 12]: half-open runs and single shard ids."""
-    shards = []
+    """ "0:8,12" -> [0, ..., 7, 12]: half-open runs and single shard ids, at most MAX_SHARD_IDS
+    (checked before a run is spelled out: 0:10000000000, a typo, took all the memory)."""
+    shards: list[int] = []
     for part in spec.split(","):
         start, colon, stop = part.partition(":")
         try:
-            shards += list(range(int(start), int(stop))) if colon else [int(start)]
+            run = range(int(start), int(stop)) if colon else range(int(start), int(start) + 1)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r} is neither a shard id nor a START:STOP run") from None
+        if len(shards) + len(run) > MAX_SHARD_IDS:
+            raise argparse.ArgumentTypeError(f"{spec!r} names more than {MAX_SHARD_IDS:,} shards")
+        shards += run
     return shards
 
 

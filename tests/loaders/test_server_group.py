@@ -255,3 +255,11 @@ def test_a_follower_runs_from_the_command_line(pair, id_store_url):
         env=env,
     )
     assert bad.returncode == 2 and "'5-9' is neither a shard id nor a START:STOP run" in bad.stderr
+    typo = subprocess.run(  # a run spelled out whole took all the memory before it was refused
+        [sys.executable, "-m", "nearstore.app.cli", "serve", id_store_url, "--shards", "0:10000000000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert typo.returncode == 2 and "'0:10000000000' names more than 16,777,216 shards" in typo.stderr
