@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import re
+import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
-from nearstore.checks import check_integer
+from nearstore.checks import check_integer, is_integer
 from nearstore.errors import DatasetError, IntegrityError, ParameterError
 from nearstore.storage.codecs import Sharding, Zstd, encode_shard, fixed_payloads, vlen_payloads
 from nearstore.storage.dataset import (
@@ -479,6 +480,14 @@ class _ClassIndex:
         strings = labels.dtype.kind in "US" or (
             labels.dtype == object and len(labels) > 0 and all(isinstance(v, str) for v in labels)
         )
+        if labels.dtype == object and len(labels) and all(is_integer(v) for v in labels):
+            labels = labels.astype(np.int64)  # pandas' object columns of ints
+        elif labels.dtype == object and not strings and len(labels):  # was blamed on sample 0, "expected bytes"
+            odd, value = next((i, v) for i, v in enumerate(labels) if not isinstance(v, str))
+            raise DatasetError(
+                f"label array {self.label_array!r}: sample {first + odd} is {reprlib.repr(value)}, not a class name "
+                "(labels are integers, or strings naming classes)"
+            )
         if self.named is not None and strings != self.named and len(labels):
             raise DatasetError(
                 f"label array {self.label_array!r}: samples from {first} are "

@@ -224,6 +224,11 @@ def _ragged(samples: list[np.ndarray]) -> np.ndarray:
         # (x, y) pairs, as format.md said: an AttributeError from inside the writer
         ([(np.zeros((2, 2)), np.zeros(2, int))], ParameterError, "a batch must map array names .*; got a tuple"),
         ([{"x": np.zeros((2, 2), np.longdouble), "y": np.zeros(2, int)}], DatasetError, "holds float128 samples"),
+        (
+            [{"x": np.zeros((3, 2)), "y": np.array(["cat", None, "dog"], dtype=object)}],
+            DatasetError,
+            "label array 'y': sample 1 is None, not a class name",  # was: sample 0 is a str, expected bytes
+        ),
         # ragged samples not of numbers: refused at the first batch (they were written whole, then refused)
         ([{"x": _ragged([np.zeros(3, complex)]), "y": np.zeros(1, int)}], DatasetError, "sample 0 holds complex128"),
         ([{"x": _ragged([np.zeros((3, 0))]), "y": np.zeros(1, int)}], DatasetError, r"rows of shape \(0,\)"),
@@ -249,6 +254,11 @@ def test_a_generator_refilling_one_buffer_is_written_as_it_yielded(tmp_path):
     )
     np.testing.assert_array_equal(read["x"][:4], np.arange(12).reshape(4, 3))
     np.testing.assert_array_equal(read["y"], np.repeat(np.arange(10) % 3, 4))
+
+
+def test_labels_in_an_object_array_of_integers_are_integers(tmp_path):
+    dataset = write_dataset(str(tmp_path / "o.zarr"), [{"x": np.zeros((3, 2)), "y": np.array([1, 2, 0], dtype=object)}])
+    assert SelectiveReader(dataset).read(np.arange(3))["y"].tolist() == [1, 2, 0] and dataset.num_classes == 3
 
 
 def test_empty_batches_first_tell_nothing_of_the_layout(tmp_path):
