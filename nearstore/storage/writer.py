@@ -14,6 +14,7 @@ renamed, or on object storage each new object copied in once, the old store move
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -138,6 +140,8 @@ def write_dataset(
     # The old store stays whole until the new one is: written beside it, then swapped in.
     suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""
     target = root + suffix
+    # local folders the write makes on the way (runs/2026/ of runs/2026/train.zarr), removed if it fails
+    made = [str(p) for p in Path(root).parents if not p.exists()] if isinstance(fs, LocalFileSystem) else []
     try:
         written = _write(
             fs,
@@ -162,6 +166,9 @@ def write_dataset(
                 fs.rm(path, recursive=True)
         elif fs.exists(target):
             fs.rm(target, recursive=True)
+        for folder in made:  # deepest first; one another writer has filled since is kept
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
     if replacing:
         _replace(fs, root, suffix, written.sizes, url, stopped)

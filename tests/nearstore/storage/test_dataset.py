@@ -474,3 +474,13 @@ def test_a_zarr_v2_store_is_named_as_one(tmp_path):
     from nearstore.app.cli import main
 
     assert main(["convert", str(tmp_path / "v2.zarr"), str(tmp_path / "o.zarr")]) == 2
+
+
+def test_a_failed_write_removes_the_folders_it_made_on_the_way(tmp_path):
+    def batches():
+        yield {"x": np.zeros((4, 2)), "y": np.zeros(4, int)}
+        raise RuntimeError("the source failed")
+
+    with pytest.raises(RuntimeError, match="the source failed"):
+        write_dataset(str(tmp_path / "runs" / "2026" / "train.zarr"), batches(), shard_samples=2)
+    assert list(tmp_path.iterdir()) == []  # runs/2026/ stayed behind
