@@ -620,6 +620,8 @@ def main() -> None:
     args = parser.parse_args()
     counts = {"--epochs": args.epochs, "--every": args.every, "--threads": args.threads}
     check_arguments(parser, {"--budgets": args.budgets}, {**counts, "--shuffle-blocks": args.shuffle_blocks})
+    if len(set(args.seeds)) != len(args.seeds):  # a seed run twice is one sample counted twice
+        parser.error(f"--seeds names a seed twice: {args.seeds}")
     log = args.out / "selection_quality.runs.jsonl"
     if args.report_only and not log.exists():
         parser.error(f"--report-only: no runs logged in {args.out} yet")
