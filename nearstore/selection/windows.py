@@ -296,6 +296,20 @@ def windowed_pass(
         shards=shards,
     )
     windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen_before(before, shards))
+    return _decided(scan, stream, windows, selector, seed, drawn_classes, typical, earlier)
+
+
+def _decided(
+    scan: Scan,
+    stream: Iterable[Embedded],
+    windows: ClassWindows,
+    selector: Windowed,
+    seed: int,
+    drawn_classes: frozenset[int],
+    typical: np.ndarray | None,
+    earlier: Suspects | None,
+) -> WindowedPart:
+    """`decide` over a scan's stream: its proxy's classes, those its warm-up never saw, its cancel."""
     return decide(
         stream,
         windows,
@@ -344,18 +358,7 @@ def pooled_pass(
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
     windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
-    part = decide(
-        stream,
-        windows,
-        selector,
-        scan.proxy.num_classes,
-        seed,
-        drawn_classes,
-        scan.cancelled,
-        typical,
-        earlier,
-        unseen_classes(scan.proxy),
-    )
+    part = _decided(scan, stream, windows, selector, seed, drawn_classes, typical, earlier)
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
     return part
