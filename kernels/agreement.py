@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.floats import all_finite
+from kernels.floats import all_finite, rows_scaled
 
 
 def sketch_basis(sketch: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -53,10 +53,10 @@ def agreement_scores(embeddings: torch.Tensor, basis: torch.Tensor, consensus: t
             raise ValueError(f"{name} contains NaN or inf")
 
     basis = basis.to(embeddings)
-    direction = consensus_direction(basis, _unit_scaled(consensus.to(embeddings)[None])[0])
+    direction = consensus_direction(basis, rows_scaled(consensus.to(embeddings)[None])[0])
     if direction is None:
         raise ValueError("consensus has no component in the sketch subspace")
-    projected = _unit_scaled(embeddings) @ basis.T
+    projected = rows_scaled(embeddings) @ basis.T
     tiny = torch.finfo(projected.dtype).tiny
     # A zero row stays zero after the clamped division, hence scores 0 rather than NaN.
     unit = projected / projected.norm(dim=1, keepdim=True).clamp_min(tiny)
@@ -87,14 +87,7 @@ def residual_scores(embeddings: torch.Tensor, basis: torch.Tensor) -> torch.Tens
         )
     if not all_finite(embeddings):
         raise ValueError("embeddings contains NaN or inf")
-    basis, embeddings = basis.to(embeddings), _unit_scaled(embeddings)
+    basis, embeddings = basis.to(embeddings), rows_scaled(embeddings)
     outside = embeddings - (embeddings @ basis.T) @ basis
     norms = embeddings.norm(dim=1)
     return (outside.norm(dim=1) / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(0, 1)
-
-
-def _unit_scaled(rows: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its largest magnitude (a zero row kept): the scores are scale-free, and
-    norms of float32 rows near 1e20 or 1e-25 over- or underflow."""
-    peak = rows.abs().amax(dim=1, keepdim=True)
-    return rows / torch.where(peak > 0, peak, torch.ones_like(peak))

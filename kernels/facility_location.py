@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from kernels.floats import all_finite, flush_subnormal
+from kernels.floats import all_finite, flush_subnormal, rows_scaled
 
 _METRICS = ("euclidean", "cosine")
 # Stale bounds re-evaluated together, in one (16, n) op: at n = 2000, k = 200 the greedy takes
@@ -25,7 +25,7 @@ def _distances(x: torch.Tensor, metric: str) -> torch.Tensor:
         x = flush_subnormal(x / x.abs().max().clamp_min(tiny))
         dist = _euclidean(x @ x.T)
     else:
-        x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # first: a norm of rows near 1e160 is inf
+        x = rows_scaled(x)  # first: a norm of rows near 1e160 is inf
         unit = flush_subnormal(x / x.norm(dim=1, keepdim=True).clamp_min(tiny))  # a zero row stays 0
         dist = (unit @ unit.T).neg_().add_(1).clamp_(0, 2)
     return _symmetric(dist)

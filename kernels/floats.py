@@ -14,6 +14,13 @@ def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(x.abs() < torch.finfo(x.dtype).tiny, 0)
 
 
+def rows_scaled(rows: torch.Tensor) -> torch.Tensor:
+    """Each row (n, d) divided by its largest magnitude (a zero row kept): for what is scale-free
+    per row (cosines, shares of a norm), whose norms of float32 rows near 1e20 or 1e-25, or of
+    float64 ones past 1e154, over- or underflow."""
+    return rows / rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """Whether x holds no NaN and no ±inf.
 

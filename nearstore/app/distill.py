@@ -55,10 +55,10 @@ def distill(
     [(x, y) of each stage]."""
     for name, value in {"per_class": per_class, "stages": stages, "outer": outer, "inner": inner}.items():
         check_integer(name, value, 1)
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y)  # what the networks are trained on
     if len(x) != len(y):
         raise ParameterError(f"x and y must hold the same samples, got {len(x)} and {len(y)}")
-    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1).astype(np.float32)).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
     if len(bad):  # one would make its class's whole synthetic set NaN
         raise DatasetError(f"sample {int(bad[0])} of x holds NaN or inf: no synthetic sample can be learnt from it")
     classes, counts = np.unique(y, return_counts=True)
@@ -70,7 +70,7 @@ def distill(
         )
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    real_x, real_y = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    real_x, real_y = torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
     by_class = {int(c): np.flatnonzero(y == c) for c in classes}
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
     for _ in range(stages):

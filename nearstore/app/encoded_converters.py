@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +341,7 @@ def _shard_paths(shards: str | Path | Sequence[str | Path]) -> list[str]:
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no WebDataset shard at {path!r}")
-    twice = next((path for i, path in enumerate(paths) if path in paths[:i]), None)
+    twice = next((path for path, times in Counter(paths).items() if times > 1), None)
     if twice is not None:
         raise ParameterError(f"WebDataset shard {twice!r} is named twice: its samples would be stored twice")
     return paths

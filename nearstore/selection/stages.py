@@ -559,9 +559,10 @@ def _warm_shards(reader: SelectiveReader, labels: str | None, warmup_samples: in
     for shard, size in zip(order[first:], sizes[first:]):
         if not missing or size > budget:
             break
-        if missing & classes(shard):
+        held = classes(shard)
+        if missing & held:
             taken.append(shard)
-            missing -= classes(shard)
+            missing -= held
             budget -= size
     return taken
 

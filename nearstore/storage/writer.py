@@ -237,8 +237,10 @@ def _first(pieces: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarra
     return np.concatenate(taken), left
 
 
-def _little(values: np.ndarray) -> np.ndarray:
-    return values.astype(values.dtype.newbyteorder("<")) if values.dtype.str.startswith(">") else values
+def _little_copy(values: Any) -> np.ndarray:
+    """A copy of `values`, little-endian: one copy, byte-swapped or not."""
+    values = np.asarray(values)
+    return values.astype(values.dtype.newbyteorder("<"))
 
 
 def _check_whole(fs: fsspec.AbstractFileSystem, target: str, sizes: Mapping[str, int], url: str) -> None:
@@ -576,7 +578,7 @@ class _ShardWriter:
                 f"a batch must map array names to arrays, as {{'x': inputs, 'y': labels}}; got a {type(batch).__name__}"
             )
         # copied: a generator may refill one buffer for every batch, and the pieces wait for their shard
-        batch = {name: _little(np.array(v, copy=True)) for name, v in batch.items()}
+        batch = {name: _little_copy(v) for name, v in batch.items()}
         for name, values in batch.items():
             if values.ndim == 0:
                 raise DatasetError(f"array {name!r} needs a sample axis, got a scalar ({values.dtype})")
