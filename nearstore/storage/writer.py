@@ -62,8 +62,10 @@ DEFAULT_SHARD_SAMPLES = 1024
 # sample alone is never worth a request (`Coalescing` prices one at 64 KiB), so a chunk of several
 # saves each the 16 bytes of its index entry and the 4 of its checksum.
 CHUNK_BYTES = 4096
-# zstd must save this fraction of the first samples' bytes to be used; raw chunks decode faster.
+# zstd must save this fraction of the first shard's first samples' bytes to be used; raw chunks
+# decode faster.
 _MIN_COMPRESSION_SAVING = 0.1
+_COMPRESSION_SAMPLES = 64
 # The suffix of the URL where a replacement writes the new store beside the old one: the only
 # store a root's replacement pointer (`REPLACEMENT_KEY`) may have deleted, whatever it names.
 _BESIDE = re.compile(r"\.writing-[0-9a-f]{8}")
@@ -547,7 +549,8 @@ class _ShardWriter:
         self.shard_samples, self.chunk_samples, self.zstd_level = shard_samples, chunk_samples, zstd_level
         self.label_array, self.index = label_array, index
         self.names: tuple[str, ...] = ()
-        self.arrays: dict[str, zarr.Array] = {}
+        self.templates: dict[str, np.ndarray] = {}  # each array's dtype and sample shape, as no samples
+        self.arrays: dict[str, zarr.Array] = {}  # made at the first shard
         self.ragged: dict[str, RaggedLayout] = {}  # the arrays of ragged numeric samples
         # the compressor each array's inner chunks get (None: checksum only): shards are encoded
         # here (`encode_shard`), as zarr would encode them
@@ -587,7 +590,7 @@ class _ShardWriter:
         if self.label_array in batch:
             batch[self.label_array] = self.index.codes(batch[self.label_array], self.num_samples + self.num_pending)
         if not self.names:
-            self._create(batch)
+            self._describe(batch)
         self._check(batch)
         for name, values in batch.items():
             if name in self.ragged:
@@ -604,7 +607,9 @@ class _ShardWriter:
         for name in self.names:
             self._put(f"{name}/{ZARR_JSON}", self.staged[f"{name}/{ZARR_JSON}"].to_bytes())
 
-    def _create(self, batch: Mapping[str, np.ndarray]) -> None:
+    def _describe(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Take the arrays' names, dtypes, sample shapes and ragged layouts from the first batch
+        that holds samples; later batches are checked against them (`_check`)."""
         if not batch:
             raise DatasetError("a batch must hold at least one array")
         if self.label_array is not None and self.label_array not in batch:
@@ -623,21 +628,27 @@ class _ShardWriter:
                 )
             if not encoded and 0 in values.shape[1:]:
                 raise DatasetError(f"array {name!r} has samples of shape {values.shape[1:]}, which hold nothing")
-            first = values[:64]
             if encoded and values.ndim == 1 and len(values) and isinstance(values[0], np.ndarray):
-                self.ragged[name] = layout = RaggedLayout.of(values[0], f"array {name!r}: sample 0")
+                self.ragged[name] = RaggedLayout.of(values[0], f"array {name!r}: sample 0")
+            if encoded:
                 self._check_encoded(name, values, 0)
-                first = _bytes_array([layout.encode(sample) for sample in first])
-            elif encoded:
-                self._check_encoded(name, values, 0)
-            sample_shape = values.shape[1:]
+            self.templates[name] = values[:0]
+            self.pending[name] = []
+
+    def _create(self) -> None:
+        """Make the arrays at the first shard: chunks and compression are decided on its first
+        samples, not on a first batch that may hold one."""
+        for name, template in self.templates.items():
+            first, _ = _first(self.pending[name], min(_COMPRESSION_SAMPLES, self.num_pending))
+            encoded = template.dtype == object
+            sample_shape = template.shape[1:]
             compress = _zstd_saves(first, self.zstd_level)
             ragged = {ATTRS_KEY: {"ragged": self.ragged[name].to_attrs()}} if name in self.ragged else None
             self.arrays[name] = self.group.create_array(
                 name,
                 shape=(0, *sample_shape),
-                dtype=VariableLengthBytes() if encoded else values.dtype,
-                chunks=(1 if encoded else self._chunk_samples(values), *sample_shape),
+                dtype=VariableLengthBytes() if encoded else template.dtype,
+                chunks=(1 if encoded else self._chunk_samples(first), *sample_shape),
                 shards=(self.shard_samples, *sample_shape),
                 # the checksum last: it covers the bytes as stored, and is checked before zstd decodes
                 compressors=[ZstdCodec(level=self.zstd_level), Crc32cCodec()] if compress else [Crc32cCodec()],
@@ -650,7 +661,6 @@ class _ShardWriter:
             self.sharding[name] = Sharding.parse(self.documents[name], self.arrays[name].dtype, f"array {name!r}")
             self.compressors[name] = numcodecs.Zstd(level=self.zstd_level) if compress else None
             _check_shards(self.documents[name], self.arrays[name].dtype, compress, name)
-            self.pending[name] = []
             self.nbytes[name], self.digests[name], self.sums[name], self.content[name] = [], [], [], new_digest()
 
     def _chunk_samples(self, values: np.ndarray) -> int:
@@ -668,7 +678,7 @@ class _ShardWriter:
         if len(set(lengths.values())) != 1:
             raise DatasetError(f"arrays in one batch must have the same number of samples, got {lengths}")
         for name, values in batch.items():
-            array = self.arrays[name]
+            array = self.templates[name]
             if array.dtype == object and values.dtype == object:
                 self._check_encoded(name, values, self.num_samples + self.num_pending)
             elif values.shape[1:] != array.shape[1:] or values.dtype != array.dtype:
@@ -722,6 +732,8 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         start, stop = self.num_samples, self.num_samples + n
         shard_index = start // self.shard_samples
+        if not self.arrays:
+            self._create()
         for name, array in self.arrays.items():
             array.resize((stop, *array.shape[1:]))  # in memory (`close` uploads its zarr.json), so cheap
             values, self.pending[name] = _first(self.pending[name], n)

@@ -38,6 +38,22 @@ def test_zstd_is_used_only_where_it_saves_bytes(tmp_path):
         np.testing.assert_array_equal(ds.arrays[name][:], values)
 
 
+def test_compression_and_chunks_do_not_hang_on_the_first_batch_s_size(tmp_path):
+    # One sample a batch: zstd is decided on the first shard's first samples, as for one batch of
+    # them, not on the first sample alone (here noise: the store was left uncompressed, 13x the bytes).
+    rng = np.random.default_rng(0)
+    image = np.repeat(rng.integers(0, 3, size=(200, 8, 1), dtype=np.uint8), 32, axis=2)
+    image[0] = rng.integers(0, 256, size=(8, 32), dtype=np.uint8)
+    whole = write_dataset(str(tmp_path / "whole.zarr"), [{"x": image}], label_array=None, shard_samples=100)
+    one_each = ({"x": image[i : i + 1]} for i in range(200))
+    singles = write_dataset(str(tmp_path / "singles.zarr"), one_each, label_array=None, shard_samples=100)
+    for ds in (whole, singles):
+        assert [c.to_dict()["name"] for c in ds.arrays["x"].compressors] == ["zstd", "crc32c"]
+        np.testing.assert_array_equal(ds.arrays["x"][:], image)
+    assert singles.arrays["x"].chunks == whole.arrays["x"].chunks
+    assert singles.manifest.nbytes == whole.manifest.nbytes
+
+
 def test_writer_streams_one_shard_at_a_time(tmp_path):
     url = str(tmp_path / "stream.zarr")
     shard = 128
