@@ -842,6 +842,8 @@ class StreamingLoader:
         if self.images is not None:
             ids, arrays, weights = self._decoded(ids, arrays, weights, seed)
         batch: list[np.ndarray | RaggedBatch] = [arrays[name] for name in self.arrays]
+        if self.source.label_array:  # class indices as torch's losses take them, stored uint8 or int16 alike
+            batch[-1] = batch[-1].astype(np.int64, copy=False)
         for k, layout in self.ragged.items():
             batch[k] = layout.pack(batch[k], ids)
         if self.with_weights:

@@ -244,6 +244,16 @@ def test_unlabelled_datasets_yield_inputs_only(tmp_path):
         assert torch.cat([b[0] for b in batches]).flatten().tolist() == list(range(10))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_of_any_integer_type_reach_the_trainer_as_torchs_class_indices(tmp_path, backend):
+    # Keras' CIFAR stores uint8 labels: as uint8 tensors, cross_entropy refused them
+    labels = np.arange(10, dtype=np.uint8) % 3
+    ds = write_dataset(str(tmp_path / "u8.zarr"), [{"x": np.eye(10, 3, dtype=np.float32), "y": labels}])
+    (x, y), *_ = StreamingLoader(ds, batch_size=10, shuffle=False, backend=backend, device="cpu")
+    assert y.dtype == torch.int64 and y.tolist() == labels.tolist()
+    torch.nn.functional.cross_entropy(x, y)
+
+
 def test_bad_arguments_are_named(id_store, tmp_path):
     with pytest.raises(IndexError, match="selected sample id 2500 out of range"):
         StreamingLoader(id_store, [0, 2500])
