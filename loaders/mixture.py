@@ -179,19 +179,15 @@ class Mixture:
             raise DatasetError(
                 f"Mixture state_dict holds {len(states)} loaders' states; this mixture has {len(self.loaders)}"
             )
-        before = [loader.state_dict() for loader in self.loaders]
-        try:
-            for loader, loader_state in zip(self.loaders, states):
-                loader.load_state_dict(loader_state)
-        except Exception:
-            for loader, loader_state in zip(self.loaders, before):  # a refused state changes nothing
-                loader.load_state_dict(loader_state)
-            raise
+        # every part checked before any is loaded: a refused state changes nothing
+        loads = [loader._checked_state(loader_state) for loader, loader_state in zip(self.loaders, states)]
         counts = state.get("counts")  # states written before it hold none: counted afresh
         if counts is not None and (
             not isinstance(counts, Sequence) or len(counts) != len(self.loaders) or not all(map(is_integer, counts))
         ):
             raise DatasetError(f"Mixture state_dict's counts must be {len(self.loaders)} integers, got {counts!r}")
+        for load in loads:
+            load()
         self.epoch, self._resume_at, self.batches_done = epoch, batches_done, 0
         self._resumed_counts = None if counts is None else [int(c) for c in counts]
         self._running = [None] * len(self.loaders)

@@ -311,16 +311,17 @@ class StreamingLoader:
         loaded state already delivered (a progress bar or a scheduler over a resumed epoch counts
         what is left of it); while an epoch is iterated, its own; after a break, of a round
         selected meanwhile, which the next iteration takes."""
-        resumed = self.order.resumes_at(self.epoch)
-        if self._in_epoch or resumed or self.order.skipped:  # the epoch iterated, the loaded place: their round
-            return self.epoch_batches - resumed
-        epoch = self.epoch + (self._unended is not None)  # the next iteration ends the one delivered
-        ids = self._pending[0] if self._pending is not None else None  # taken as that iteration starts
-        return self.order.num_batches(epoch, self._epoch_size(epoch, ids))
+        if self._mid_epoch():  # the epoch iterated, the loaded place: their round
+            return self.epoch_batches - self.order.resumes_at(self.epoch)
+        epoch, completed = self.epoch, self.epochs_completed
+        if self._unended is not None:  # the next iteration ends the one delivered first
+            epoch, completed = epoch + 1, completed + 1
+        return self.order.num_batches(epoch, self._epoch_size(epoch, self._due_ids(completed)))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (as DistributedSampler's).
         Setting the epoch a resumed state is in keeps its place; another epoch starts afresh."""
+        self._end_delivered()
         self.order.set_epoch(epoch)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -372,10 +373,12 @@ class StreamingLoader:
             running curvature, round 0's suspects that GRAFT's later rounds recheck).
         keep: default the current selection's share; seed: default the round number.
         """
+        self._end_delivered()
         selection = self.source.select(**self._next_round(keep, method, seed, options))
         self._ahead = None  # a round selected ahead and not iterated yet is this one's previous
-        self._use(selection, later=self._in_epoch)
-        if not self._in_epoch:
+        mid_epoch = self._mid_epoch()
+        self._use(selection, later=mid_epoch)
+        if not mid_epoch:
             self.order.forget_place()  # a new round never resumes a place in the old one
         return selection
 
@@ -397,6 +400,7 @@ class StreamingLoader:
         the CPU the two share. Returns the round's future; its error is raised where it is
         iterated (or by `state_dict`, which waits for it), and the current selection stays.
         """
+        self._end_delivered()  # counted before the round's epoch is
         round = self._next_round(keep, method, seed, options)  # checked here, in the caller's thread
         if self._selecting is None:
             self._selecting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearstore-select")
@@ -405,8 +409,7 @@ class StreamingLoader:
         return future
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        if self._unended is not None:  # the last iteration stopped at its epoch's last batch
-            self._unended()
+        self._end_delivered()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self.source.storage_reads()
         hits_before = self.cache.stats.hits if self.cache is not None else 0
@@ -512,6 +515,7 @@ class StreamingLoader:
         augmented (`set_augment`'s, or augment='s). A loader over
         the same data, built with the same batch_size, shuffle and seed, resumes from it with
         `load_state_dict`, on any number of ranks (docs/loader.md, Resume)."""
+        self._end_delivered()  # a state taken after an epoch's last batch is the next epoch's
         ahead = None
         if self._ahead is not None:
             ahead = {**_round_state(self._ahead_chosen()), "completed": self._ahead[1]}
@@ -551,6 +555,11 @@ class StreamingLoader:
         another type, ids repeated, unsorted or out of range), is refused by name (a DatasetError;
         a SampleIdError for its ids) before anything is taken from it: a refused state changes nothing.
         """
+        self._checked_state(state)()
+
+    def _checked_state(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        """`state` checked as `load_state_dict` checks it; what loads it, which cannot fail (a
+        mixture checks all its loaders' states before it loads any)."""
         if not isinstance(state, Mapping):
             raise DatasetError(f"state_dict must be a mapping (what state_dict() returns), got {type(state).__name__}")
         if state.get("version") != STATE_VERSION:
@@ -580,11 +589,16 @@ class StreamingLoader:
                 f"{self.source.shard_samples}, and shuffle='shards' visits them in another order"
             )
         self.source.selection(round)  # raises where the source no longer holds that round
-        self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
-        self.augment, self._pending, self._ahead, self._in_epoch = augment, pending, ahead, False
-        self._io_before, self.augmented_samples, self._epochs = received - self.stats.snapshot(), augmented, epochs
-        self._unended = None  # the loaded place is the one to go on from
-        self.order.load_state_dict(order)
+
+        def load() -> None:
+            self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry
+            self.augment, self._pending, self._ahead, self._in_epoch = augment, pending, ahead, False
+            self._io_before, self.augmented_samples = received - self.stats.snapshot(), augmented
+            self._epochs = epochs
+            self._unended = None  # the loaded place is the one to go on from
+            self.order.load_state_dict(order)
+
+        return load
 
     def io_stats(self) -> dict[str, Any]:
         """What crossed the boundary: for the trainer (in total and per completed epoch), for
@@ -616,6 +630,29 @@ class StreamingLoader:
             "storage_reads": self.source.storage_reads(),
             "cache": cache,
         }
+
+    def _end_delivered(self) -> None:
+        """End the epoch whose last batch was delivered, where the loop stopped at it (len(loader)
+        steps) without asking past it: before anything that counts epochs or changes rounds."""
+        if self._unended is not None:
+            self._unended()
+
+    def _mid_epoch(self) -> bool:
+        """Whether an epoch is under way: iterated, or a loaded state's place in it, which the next
+        iteration resumes (a round selected now waits for it to end)."""
+        return self._in_epoch or bool(self.order.resumes_at(self.epoch) or self.order.skipped)
+
+    def _due_ids(self, completed: int) -> np.ndarray | None:
+        """The ids the next epoch iterates once `completed` epochs are: a round selected ahead and
+        due by then (waited for; one that failed raises at that iteration), else one selected
+        during the last epoch; None: the current selection."""
+        if self._ahead is not None and completed > self._ahead[1]:
+            held = self._ahead[0]
+            if not isinstance(held, Future):
+                return held[0]
+            if held.exception() is None:
+                return held.result().ids
+        return self._pending[0] if self._pending is not None else None
 
     def _use(self, selection: Selection | Sequence[int] | np.ndarray | None, later: bool = False) -> None:
         """Iterate `selection` from the next epoch on (`later`: once the epoch being iterated

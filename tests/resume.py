@@ -45,9 +45,11 @@ def assert_resumes_at_every_batch(make: Callable[[], StreamingLoader], epochs: i
         state = checkpointed(interrupted.state_dict())
         resumed = make()
         resumed.load_state_dict(state)
-        promised = len(resumed)
-        rest = [sample_ids(batch) for batch in resumed] if resumed.epoch < epochs else []
-        assert len(rest) == promised, f"resumed after {stop} batches: len {promised}, {len(rest)} batches"
+        rest = []
+        if resumed.epoch < epochs:  # a state taken after the last epoch's last batch is of the epoch after
+            promised = len(resumed)
+            rest = [sample_ids(batch) for batch in resumed]
+            assert len(rest) == promised, f"resumed after {stop} batches: len {promised}, {len(rest)} batches"
         rest += batches(resumed, epochs)
         assert head + rest == reference, f"resumed after {stop} batches: {len(rest)} batches followed"
     return len(reference) + 1

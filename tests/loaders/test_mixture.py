@@ -92,20 +92,45 @@ def test_a_round_selected_between_epochs_is_the_next_epochs_and_a_state_resumes_
     assert ids_of(resumed) == rest
 
 
+@pytest.mark.parametrize("between", ["reselect", "reselect_ahead"])
+def test_a_state_taken_after_a_loaders_last_batch_resumes_exactly(id_store, between):
+    # B had given its epoch's last batch: the resumed mixture never ended B's epoch, and its next
+    # epochs were scheduled from B's old length or replayed B's epoch number
+    def run(stop: int | None) -> list[list[int]]:
+        mixture, seen = two(id_store), []
+        for epoch in range(3):
+            if epoch == (1 if between == "reselect_ahead" else 2):  # B's epoch 2 iterates the round
+                getattr(mixture.loaders[1], between)(0.6, method="random", seed=7)
+            last_b = max(k for k, loader in enumerate(mixture.schedule(mixture.epoch)) if loader == 1)
+            for k, batch in enumerate(mixture):
+                seen += ids_of([batch])
+                if epoch == stop and k == last_b:
+                    state = mixture.state_dict()
+                    mixture = two(id_store)
+                    mixture.load_state_dict(state)
+                    seen += ids_of(mixture)
+                    break
+        return seen
+
+    assert run(stop=1) == run(stop=None)
+
+
 def test_a_state_of_another_mixture_is_refused_and_changes_nothing(id_store, tmp_path):
     with pytest.raises(DatasetError, match="Mixture state_dict must be a mapping .*, got str"):
         two(id_store).load_state_dict("state.pt")  # a path, not the state loaded from it
     state = two(id_store, seed=1).state_dict()
     with pytest.raises(DatasetError, match="seed=1; this mixture has 2"):
         two(id_store, seed=2).load_state_dict(state)
-    mixture = two(id_store, seed=1)
-    batches = iter(mixture)
-    [next(batches) for _ in range(5)]  # its loaders' places are not the state's
-    before = [loader.state_dict()["order"] for loader in mixture.loaders]
+    mixture, untouched = two(id_store, seed=1), two(id_store, seed=1)
+    batches, expected = iter(mixture), ids_of(untouched)
+    head = ids_of(next(batches) for _ in range(5))  # its loaders' places are not the state's
     state["loaders"][1]["dataset"] = {**state["loaders"][1]["dataset"], "url": "elsewhere", "num_samples": 7}
     with pytest.raises(DatasetError, match="from dataset 'elsewhere'"):
         mixture.load_state_dict(state)
-    assert [loader.state_dict()["order"] for loader in mixture.loaders] == before
+    # the epoch goes on as it would have (loaders were put back by reloading their states, which
+    # set their live epochs aside: a third of A's samples came three times, a third once)
+    assert head + ids_of(batches) == expected
+    assert ids_of(mixture) == ids_of(untouched)
 
 
 @pytest.mark.parametrize(

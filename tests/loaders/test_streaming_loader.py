@@ -695,6 +695,45 @@ def test_a_loop_of_len_steps_ends_its_epoch(id_store, set_epoch):
     assert firsts[0] != firsts[1] != firsts[2] and loader.round == 1
 
 
+@pytest.mark.parametrize("between", ["reselect_ahead", "reselect", "state_dict"])
+def test_a_loop_of_len_steps_is_an_epoch_as_a_for_loop_is(id_store, between):
+    # after zip(range(len(loader)), loader), a round asked between epochs landed an epoch early
+    # (len said the old round's batches), reselect reused the epoch's number (its shuffle), and a
+    # state saved there resumed an epoch short
+    def run(steps: bool) -> tuple[list, int]:
+        loader, seen = StreamingLoader(id_store, batch_size=100, seed=1, backend="torch"), []
+        for epoch in range(4):
+            if epoch == 1 and between == "state_dict":
+                loader.reselect_ahead(0.2, method="random", seed=2)
+                state = checkpointed(loader.state_dict())
+                loader = StreamingLoader(id_store, batch_size=100, seed=1, backend="torch")
+                loader.load_state_dict(state)
+            elif epoch == 1:
+                getattr(loader, between)(0.2, method="random", seed=2)
+            said = len(loader)
+            got = [sample_ids(x) for _, (x, _y) in zip(range(said), loader)] if steps else batches(loader, epoch + 1)
+            seen.append((said, list(got)))
+        return seen, loader.state_dict()["order"]["epochs_completed"]  # the last epoch counted by then
+
+    assert run(steps=True) == run(steps=False)
+
+
+def test_a_round_selected_before_a_resumed_epoch_goes_on_is_the_next_epochs(id_store):
+    def make() -> StreamingLoader:
+        return StreamingLoader(id_store, batch_size=100, seed=1, backend="torch")
+
+    whole = list(batches(make(), 1))
+    stopped = make()
+    delivered = iter(stopped)
+    [next(delivered) for _ in range(4)]
+    loader = make()
+    loader.load_state_dict(stopped.state_dict())
+    new = loader.reselect(0.2, method="random", seed=2)  # before the resumed epoch's first batch
+    assert len(loader) == len(whole) - 4
+    assert list(batches(loader, 1)) == whole[4:]  # that epoch finishes its own round (it lost 60% of it)
+    assert sorted(i for ids in batches(loader, 2) for i in ids) == new.ids.tolist()
+
+
 def test_len_counts_the_round_the_next_iteration_takes(id_store):
     # a round selected in an epoch left by a break: the next iteration takes it, and len said the old
     loader = StreamingLoader(id_store, batch_size=100, backend="torch")
