@@ -3,9 +3,10 @@ trainer's model (`RandomFeatureProxy`), or the trainer's own model pushed back (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -277,11 +278,12 @@ class ModelProxy:
     glibc's default malloc, whose larger activations it maps afresh and faults in every chunk; as
     fast with freed memory kept), fewer where their inputs would pass CHUNK_INPUT_BYTES (32 MiB: 55
     images of 224 x 224, 2,048 of 32 x 32; a ragged sample counted by its own length), each moved to
-    the device as it runs, on the stored samples cast to the model's floating dtype (a float16 or
-    integer store to a float32 model, as the trainer casts its batches): preprocessing the trainer
-    does in a loader transform belongs in the model's first layer for its proxy to see the same
-    input. Ragged samples reach it as the loader yields them, a jagged nested tensor (`nested`),
-    floats cast to the model's dtype and integers (token ids) as stored. Encoded images are decoded
+    the device as it runs, on the stored samples cast to the floating dtype of the first layer with
+    weights the model runs (a float16 or uint8 store to a float32 model, as the trainer casts its
+    batches), integers kept as stored where that layer is an nn.Embedding or nn.EmbeddingBag (token
+    ids): preprocessing the trainer does in a loader transform belongs in the model's first layer
+    for its proxy to see the same input. Ragged samples reach it as the loader yields them, a jagged
+    nested tensor (`nested`), floats cast so and integers (token ids) as stored. Encoded images are decoded
     by `images` (default 32 × 32, centre crop, ImageNet's normalization): give the trainer's
     evaluation transform for the model to see what it trains on (a loader's `update_proxy` gives its
     own `images` with train=False). `decodes_images`: whether its samples are such images, set by
@@ -316,7 +318,10 @@ class ModelProxy:
         self.head = head or linears[-1]  # the last registered until the model runs
         self._named = head is not None  # `head` given: read wherever it runs
         self.sized = self._named or len(linears) == 1  # settled: given, the only one, run, or read
-        self.dtype = linears[-1].weight.dtype  # what the stored samples are cast to
+        self.dtype = linears[-1].weight.dtype  # the head's: its outputs widen from it
+        # what the stored samples are cast to, settled on the first samples run (`_settle_inputs`)
+        self.input_dtype: torch.dtype | None = self.dtype
+        self._inputs_settled = False
         self.device = linears[-1].weight.device
         self.batch_size = batch_size
         self.images = images
@@ -372,15 +377,13 @@ class ModelProxy:
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, the head's inputs) of a batch, checked."""
         n, ragged = len(x), x.dtype == object
+        if not self._inputs_settled and n:
+            self._settle_inputs(x)
         # a ragged sample's bytes are its elements' in the model's dtype, as a fixed-size one's
         elements = np.fromiter((np.size(s) for s in x), np.int64, n) if ragged else np.full(n, np.prod(x.shape[1:]))
         bounds = batch_bounds(elements * self.dtype.itemsize, self.batch_size, CHUNK_INPUT_BYTES)
         spans = list(zip(bounds, bounds[1:])) or [(0, 0)]  # an empty batch runs as one empty chunk, as it did whole
-        if ragged:  # batches as the loader yields them
-            chunks = [nested(RaggedBatch.of(x[a:b]), self.device) for a, b in spans]
-            chunks = [c.to(self.dtype) if c.is_floating_point() else c for c in chunks]  # token ids stay ids
-        else:
-            chunks = (torch.as_tensor(x[a:b], device=self.device, dtype=self.dtype) for a, b in spans)
+        chunks = (self._tensor(x[a:b]) for a, b in spans)
         # the chunk's last Linear to run (the head given: its last run), with any other run on the
         # same input after it (a second head); only the latest held: a transformer runs hundreds
         last: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -398,27 +401,62 @@ class ModelProxy:
         hooks = [linear.register_forward_hook(keep) for linear in ([self.head] if self._named else self.linears)]
         if not self._named:
             hooks += [m.register_forward_pre_hook(started) for m in self.model.modules() if _weighted(m)]
-        modes = [(module, module.training) for module in self.model.modules()]
         logits, features = [], []
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                for chunk in chunks:
-                    last.clear()
-                    after.clear()
-                    returned = self._call(chunk)
-                    head, h, z = self._head_of(last, after)
-                    self._check_returns(returned, head, z)
-                    logits.append(z)
-                    features.append(h)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for module, training in modes:
-                module.training = training
+        with _hooked(self.model, hooks):
+            for chunk in chunks:
+                last.clear()
+                after.clear()
+                returned = self._call(chunk)
+                head, h, z = self._head_of(last, after)
+                self._check_returns(returned, head, z)
+                logits.append(z)
+                features.append(h)
         # half precision is too coarse for p − onehot(y) (a confident model's residuals round to 0)
         wide = torch.promote_types(self.dtype, torch.float32)
         return torch.cat(logits).to(wide), torch.cat(features).to(wide)
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        """Samples on the device as the model takes them: ragged ones as the loader yields them;
+        floats in `input_dtype`, integers too unless the model looks them up (token ids)."""
+        chunk = nested(RaggedBatch.of(x), self.device) if x.dtype == object else torch.as_tensor(x, device=self.device)
+        if self.input_dtype is None or (x.dtype == object and not chunk.is_floating_point()):  # ragged ids stay ids
+            return chunk
+        return chunk.to(self.input_dtype)
+
+    def _settle_inputs(self, x: np.ndarray) -> None:
+        """Find `input_dtype` by starting the model on one sample as stored and stopping it at the
+        first layer with weights it runs: an embedding lookup takes integers as stored (token
+        ids: a float cast was refused, a bfloat16 one rounded 257 to 256), any other layer its
+        weights' floating dtype (a bfloat16 body under a float32 head takes bfloat16). A model
+        that stops before any such layer (it wants floats) is given the head's dtype. Not run
+        where nothing is in doubt: float samples to a model of one floating dtype."""
+        self._inputs_settled = True
+        integers = x.dtype != object and x.dtype.kind in "biu"
+        if not integers and len({p.dtype for p in self.model.parameters() if p.is_floating_point()}) < 2:
+            return
+        first: list[torch.nn.Module] = []
+
+        def found(module: torch.nn.Module, args: tuple) -> None:
+            first.append(module)
+            raise _FirstLayer
+
+        weighted = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
+        one = x[:1]
+        sample = (
+            nested(RaggedBatch.of(one), self.device) if x.dtype == object else torch.as_tensor(one, device=self.device)
+        )
+        try:
+            with _hooked(self.model, [module.register_forward_pre_hook(found) for module in weighted]):
+                self.model(sample)
+        except Exception:  # stopped at its first layer (_FirstLayer), or it refused integers: the head's dtype
+            pass
+        if not first:
+            return
+        if isinstance(first[0], _LOOKUPS):
+            self.input_dtype = None
+            return
+        floats = [p.dtype for p in first[0].parameters(recurse=False) if p.is_floating_point()]
+        self.input_dtype = floats[0] if floats else self.dtype
 
     def _call(self, chunk: torch.Tensor) -> Any:
         """The model run on a chunk. A model that cannot take the encoded images `images` decodes
@@ -542,6 +580,30 @@ def _tensors(returned: Any) -> list[torch.Tensor]:
     if isinstance(returned, list | tuple):
         return [t for item in returned for t in _tensors(item)]
     return []
+
+
+@contextlib.contextmanager
+def _hooked(model: torch.nn.Module, hooks: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Run `model` in eval mode without gradients; after, `hooks` removed and each module's mode
+    restored (the trainer's model is scored as it is, not copied)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes:
+            module.training = training
+
+
+class _FirstLayer(Exception):
+    """Stops a model at the first layer with weights it runs (`ModelProxy._settle_inputs`)."""
+
+
+# Layers that look their inputs up (token ids), rather than compute on them.
+_LOOKUPS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
 def _weighted(module: torch.nn.Module) -> bool:

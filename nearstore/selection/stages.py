@@ -594,9 +594,11 @@ def check_classes(num_classes: int, dataset: Dataset, labels: str | None) -> Non
 
 def check_finite(x: np.ndarray, ids: np.ndarray, name: str) -> None:
     """Refuse, naming the first, samples holding NaN, inf or a value past ±MAX_INPUT: no proxy
-    can score them (float32 squares of such values, as standardizing takes, are inf)."""
+    can score them (float32 squares of such values, as standardizing takes, are inf). Ragged
+    integers are ids (tokens, hashed keys), which proxies look up or hash, and pass whatever
+    their size."""
     if x.dtype == object:  # ragged samples
-        bad = np.array([_sizable(s.dtype) and not _within(s).all() for s in x], dtype=bool)
+        bad = np.array([np.issubdtype(s.dtype, np.floating) and not _within(s).all() for s in x], dtype=bool)
     elif _sizable(x.dtype):
         bad = ~_within(x.reshape(len(x), -1)).all(axis=1)
     else:
@@ -626,8 +628,9 @@ PROBE_SAMPLES = 8
 
 def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool = False) -> bool:
     """A ModelProxy told whether the dataset's samples are encoded images it decodes
-    (`ModelProxy.decodes_images`), and its head found on the first sample that decodes (of the
-    first PROBE_SAMPLES: `ModelProxy.probe`), before its classes are checked and its gradients
+    (`ModelProxy.decodes_images`), and its head found on the first sample (encoded images: the
+    first that decodes of the first PROBE_SAMPLES; an empty ragged one: with those after it, as a
+    batch: `ModelProxy.probe`), before its classes are checked and its gradients
     sized; another proxy, or a head settled already, reads nothing. run: the model is run on that
     sample even where its head is settled (`vet`). Whether a sample was read that decodes."""
     if not isinstance(proxy, ModelProxy):
@@ -636,13 +639,20 @@ def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool 
     proxy.decodes_images = reader.dataset.encoded(input_array) and ragged is None  # as `decoded` takes them
     if (proxy.sized and not run) or not reader.dataset.num_samples:
         return False
-    first = np.arange(min(PROBE_SAMPLES, reader.dataset.num_samples), dtype=np.int64)
-    [(ids, batch)] = decoded([(first, reader.read(first))], input_array, proxy.images, ragged)
+    n = reader.dataset.num_samples
+    first = np.arange(min(PROBE_SAMPLES if proxy.decodes_images else 1, n), dtype=np.int64)  # images may not decode
+    read = reader.read(first)
+    if ragged is not None and not len(read[input_array][0]):
+        # an empty sequence alone may run no model that a batch, padded to its longest, runs
+        first = np.arange(min(PROBE_SAMPLES, n), dtype=np.int64)
+        read = reader.read(first)
+    [(ids, batch)] = decoded([(first, read)], input_array, proxy.images, ragged)
+    samples = batch[input_array][:1] if proxy.decodes_images else batch[input_array]
     # where none decodes, it stays sized by its last registered Linear (refused if a run finds another head)
     if len(ids) and run:
-        proxy.features(batch[input_array][:1])  # sizes the proxy too, as `ModelProxy.probe` would
+        proxy.features(samples)  # sizes the proxy too, as `ModelProxy.probe` would
     elif len(ids):
-        proxy.probe(batch[input_array][:1])
+        proxy.probe(samples)
     return bool(len(ids))
 
 

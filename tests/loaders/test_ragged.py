@@ -161,6 +161,45 @@ def test_selection_runs_on_ragged_samples_with_either_proxy(store):
     assert all(tuple(t.tolist()) in stored for t in seen[0].unbind()[:20])
 
 
+@pytest.mark.parametrize("first_empty", [True, False])
+def test_a_model_is_probed_on_a_batch_where_the_first_sample_is_empty(tmp_path, first_empty):
+    # a convolution over an empty sequence alone fails; in a batch it is padded to the longest, as
+    # the model trains on it: update_proxy refused a model that trains. Where the first sample is
+    # not empty, it alone is read (8 were, for images that may not decode)
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(0, 50, rng.integers(4, 12)) for _ in range(100)]
+    if first_empty:
+        tokens[0] = np.zeros(0, np.int64)
+    dataset = write_dataset(str(tmp_path / "t.zarr"), [{"tokens": ragged(tokens), "y": np.arange(100) % 2}])
+
+    class Conv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.conv = torch.nn.Embedding(50, 4), torch.nn.Conv1d(4, 4, 3)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            padded = torch.nested.to_padded_tensor(x, 0) if x.is_nested else x
+            return self.head(self.conv(self.embed(padded).transpose(1, 2)).amax(2))
+
+    loader = StreamingLoader(dataset, batch_size=10, device="cpu", backend="torch")
+    read = loader.stats.snapshot()
+    loader.update_proxy(Conv())
+    assert (loader.stats.snapshot() - read).samples == (1 + 8 if first_empty else 1)  # then the first 8
+    loader.reselect(0.5)
+    assert len(loader.ids) == 50
+
+
+def test_ragged_integer_ids_of_any_size_are_selected(tmp_path):
+    # 64-bit hashed ids were refused as 'a value past 1e18' though the proxy only hashes them
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    vocab = rng.integers(2**62, 2**63 - 1, size=(2, 30), dtype=np.int64)
+    docs = [rng.choice(vocab[c], rng.integers(3, 20)) for c in y]
+    dataset = write_dataset(str(tmp_path / "h.zarr"), [{"x": ragged(docs), "y": y}], shard_samples=64)
+    assert len(Graft().select(dataset, 0.3).ids) == 60
+
+
 def test_nan_in_a_ragged_sample_is_named(tmp_path):
     rng = np.random.default_rng(0)
     samples = [signal_of(i % CLASSES, rng) for i in range(300)]

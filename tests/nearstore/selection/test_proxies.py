@@ -174,6 +174,52 @@ def test_model_proxy_runs_ragged_samples_in_chunks_bounded_by_their_length(monke
         torch.testing.assert_close(part, expected)
 
 
+class Tokens(torch.nn.Module):
+    """A token model of fixed-length ids: an embedding, then a mean over positions."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(1000, 4).to(dtype)
+        self.head = torch.nn.Linear(4, 3)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return self.head(self.embed(x.long()).mean(1).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_proxy_gives_token_ids_to_an_embedding_as_stored(dtype):
+    # cast to the head's float dtype, ids were refused by the embedding, or, by a model casting
+    # them back itself in bfloat16, rounded to other tokens (257 -> 256)
+    ids = np.array([[257, 513, 999, 3], [1, 2, 3, 4]], dtype=np.int32)
+    torch.manual_seed(0)
+    model = Tokens(dtype)
+    z = ModelProxy(model).features(ids)
+    assert all(x.dtype == torch.int32 for x in model.seen)
+    assert torch.equal(model.seen[-1], torch.from_numpy(ids))
+    torch.testing.assert_close(z, model.embed(torch.from_numpy(ids).long()).mean(1).float(), check_dtype=False)
+
+
+def test_model_proxy_casts_inputs_to_the_dtype_of_the_first_layer_the_model_runs(blobs):
+    # a bfloat16 body under a float32 head was given float32 inputs, which it refuses
+    x, y = blobs
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12).to(torch.bfloat16), torch.nn.Tanh())
+    model.append(_FloatHead())
+    assert ModelProxy(model).embed(x, y).shape == (150, 3 * 13)
+    uint8_images = np.random.default_rng(0).integers(0, 256, size=(4, 6), dtype=np.uint8)
+    assert ModelProxy(torch.nn.Sequential(torch.nn.Linear(6, 3))).features(uint8_images).dtype == torch.float32
+
+
+class _FloatHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h.float())
+
+
 def test_model_proxy_embeddings_are_the_last_layers_per_example_gradients(blobs):
     x, y = blobs
     torch.manual_seed(0)
