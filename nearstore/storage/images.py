@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import re
 import struct
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -166,12 +167,15 @@ THUMBNAILS = ImageTransform(size=32, train=False, draft=True)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    """The RGB pixels DALI's decoder gives: turned as the EXIF orientation says, and 16-bit grey
-    scaled to 8 bits, round(v / 257) (PIL's convert clips it at 255: a 16-bit PNG came out white)."""
+    """The RGB pixels DALI's decoder gives: turned as the EXIF orientation says, and grey of more
+    than 8 bits scaled to 8, round(v · 255 / (2^bits − 1)) (PIL's convert clips it at 255: a 16-bit
+    PNG came out white; a 12-bit TIFF holds levels to 4095, not 65535)."""
+    bits = getattr(image, "tag_v2", {}).get(_BITS_PER_SAMPLE, 16)  # a TIFF's bits a sample (a copy has none)
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a phone's photograph, stored sideways
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        levels = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255)
+        top = 2 ** (bits[0] if isinstance(bits, tuple) else bits) - 1
+        levels = np.clip(np.round(np.asarray(image, dtype=np.float64) * 255 / top), 0, 255)
         image = Image.fromarray(levels.astype(np.uint8))
     return image.convert("RGB")
 
@@ -224,7 +228,7 @@ def damaged(blob: bytes) -> str | None:
     if blob[:4] in (b"II*\x00", b"MM\x00*"):
         return _tiff_samples(blob)  # no end to check
     if blob[:2] in _PNM:
-        return None  # no end to check
+        return _pnm_levels(blob)  # no end to check
     return f"not an image nearstore decodes (starts {blob[:8]!r}; JPEG, PNG, WebP, BMP, TIFF, PNM)"
 
 
@@ -302,3 +306,23 @@ def _tiff_samples(blob: bytes) -> str | None:
 
 
 _BITS_PER_SAMPLE, _SAMPLE_FORMAT = 258, 339  # TIFF tags
+_PNM_FIELD = re.compile(rb"(?:\s|#[^\n]*\n)*(\d+)")  # a header field, after blanks and comments
+
+
+def _pnm_levels(blob: bytes) -> str | None:
+    """Why a binary greymap or pixmap (P5, P6) cannot be decoded alike by PIL and DALI, or None:
+    a maxval other than 255 or 65535, which PIL scales to 255 and DALI does not (mid-grey of a
+    12-bit scan, maxval 4095, came out 7 of 255). A header cut short is left to the decoders."""
+    if blob[:2] not in (b"P5", b"P6"):
+        return None
+    at, fields = 2, []
+    for _ in range(3):  # width, height, maxval
+        field = _PNM_FIELD.match(blob, at)
+        if field is None:
+            return None
+        fields.append(int(field.group(1)))
+        at = field.end()
+    maxval = fields[2]
+    if maxval in (255, 65535):
+        return None
+    return f"PNM of maxval {maxval} (DALI reads its levels unscaled, PIL scales them; store maxval 255 or 65535)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -91,6 +92,40 @@ def test_plain_pnm_passes_and_tiffs_the_decoders_scale_apart_are_named():
     floats = encode(np.full((6, 4), 100, np.float32), "TIFF")  # DALI reads 255, PIL 100
     assert "TIFF of floating-point samples" in damaged(floats)
     assert "TIFF of more than 16 bits a sample" in damaged(encode(np.full((6, 4), 100, np.int32), "TIFF"))
+
+
+def test_binary_pnm_of_a_maxval_the_decoders_scale_apart_is_named():
+    grey = np.full((4, 4), 50, np.uint8).tobytes()
+    for maxval in (255, 65535):  # both decoders scale these alike
+        depth = np.full((4, 4), maxval // 2, ">u2" if maxval > 255 else "u1").tobytes()
+        assert damaged(b"P5\n# a comment\n4 4\n%d\n" % maxval + depth) is None
+    for maxval in (100, 4095):  # DALI read a 12-bit scan's mid-grey as 7 of 255, PIL as 128
+        why = damaged(b"P5 4 4 %d\n" % maxval + grey)
+        assert (
+            why
+            == f"PNM of maxval {maxval} (DALI reads its levels unscaled, PIL scales them; store maxval 255 or 65535)"
+        )
+    assert "maxval 1023" in damaged(b"P6\n4 4\n1023\n" + grey * 6)
+
+
+def tiff_of_12_bits(side: int, level: int) -> bytes:
+    """An uncompressed little-endian 12-bit grey TIFF (a scientific camera's), every pixel `level`."""
+    pair = bytes([level >> 4, ((level & 0xF) << 4) | (level >> 8), level & 0xFF])  # two samples, MSB first
+    data = pair * (side * side // 2)
+    tags = [(256, 3, side), (257, 3, side), (258, 3, 12), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 12 * 9 + 4)]
+    tags += [(277, 3, 1), (278, 3, side), (279, 4, len(data))]
+    entries = b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<H", v).ljust(4, b"\0") if kind == 3 else struct.pack("<I", v))
+        for tag, kind, v in tags
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0) + data
+
+
+def test_grey_of_12_bits_is_scaled_by_its_own_depth():
+    # PIL reads it as 16-bit levels to 4095: divided by 257, mid-grey came out 8 of 255 (DALI: 128)
+    levels = ImageTransform(size=4, train=False, mean=(0, 0, 0), std=(1, 1, 1)).decode(tiff_of_12_bits(8, 2048))
+    np.testing.assert_array_equal(levels, np.full((3, 4, 4), 128, np.float32))
 
 
 def test_evaluation_is_resize_then_centre_crop_then_normalize():
