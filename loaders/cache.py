@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -25,10 +26,46 @@ from nearstore.checks import check_integer
 from nearstore.errors import ParameterError
 
 MEMORY_BYTES = 1 << 30  # the default in-memory budget: 1 GiB
-# Left free on the cache directory's filesystem: a write into a memory-mapped file the disk has no
-# room for kills the process (SIGBUS), so the disk budget is cut to the room there is, less this.
+# Left free on the cache directory's filesystem: the disk budget is cut to the room there is, less
+# this, for what else writes there.
 DISK_MARGIN = 256 << 20
 log = logging.getLogger("nearstore")
+
+
+# A cache's own directory inside `directory`, and the file in it naming the process it serves.
+_PREFIX, _OWNER = "nearstore-cache-", "owner"
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _sweep(directory: str | os.PathLike) -> None:
+    """Remove the cache directories in `directory` of processes of this host that are gone: one
+    stopped by a signal (SIGTERM from SLURM, Kubernetes, torchrun) never removed its own."""
+    host = socket.gethostname()
+    for entry in os.scandir(directory):
+        if not (entry.name.startswith(_PREFIX) and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            with open(os.path.join(entry.path, _OWNER)) as f:
+                owner_host, pid = f.read().rsplit(" ", 1)
+            if owner_host != host or _alive(int(pid)):
+                continue
+        except (OSError, ValueError):  # no owner (a release before it wrote one, or being made): kept
+            continue
+        log.info("sample cache: removing %s, left by process %s, which is gone", entry.path, pid)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class CacheLost(Exception):
@@ -64,11 +101,16 @@ class SampleCache:
             raise ParameterError("disk_bytes needs a directory to spill to")
         if directory is not None and not os.path.isdir(directory):
             raise ParameterError(f"cache directory {os.fspath(directory)!r} is not a directory")
+        if directory is not None and not disk_bytes:  # it spilled nothing, silently
+            raise ParameterError(f"directory={os.fspath(directory)!r} needs disk_bytes=, the bytes it may spill there")
         self._budgets = (memory_bytes, disk_bytes)
         self._root: str | None = None  # the directory of its own it spills to
         if disk_bytes:
+            _sweep(directory)
             try:  # here, not on first use: a directory it cannot write to fails by name, before any loader
-                self._root = tempfile.mkdtemp(prefix="nearstore-cache-", dir=directory)
+                self._root = tempfile.mkdtemp(prefix=_PREFIX, dir=directory)
+                with open(os.path.join(self._root, _OWNER), "w") as f:
+                    f.write(_owner())
             except OSError as e:
                 raise ParameterError(
                     f"cache directory {os.fspath(directory)!r} (directory=) cannot be written to: {e.strerror or e}"
@@ -244,6 +286,8 @@ class _Tier:
             if isinstance(store, list):
                 for slot, value in zip(slots.tolist(), values):
                     store[slot] = self._write(name, slot, value) if self.root else value
+            elif self.root:
+                _write_rows(store, slots, values)
             else:
                 store[slots] = values
         self.sizes[slots] = sizes
@@ -272,7 +316,9 @@ class _Tier:
 
     def _grow(self, n: int, like: Mapping[str, np.ndarray]) -> None:
         """Room for slots 0..n-1: doubling in memory; a file of the whole budget's rows on disk
-        (sparse: only written rows take space)."""
+        (sparse: only written rows take space), read through a memory map, written by pwrite: a
+        full disk then fails a write with ENOSPC, where a store into the map killed the process
+        (SIGBUS; another cache or job filling the disk after this one measured its room)."""
         if n <= len(self.sizes):
             return
         capacity = max(n, 2 * len(self.sizes))
@@ -296,6 +342,25 @@ class _Tier:
         with open(path, "wb") as f:
             f.write(value)
         return path
+
+
+def _write_rows(store: np.memmap, slots: np.ndarray, values: np.ndarray) -> None:
+    """values[i] into row slots[i] of a memory-mapped .npy file, by pwrite: one call a run of
+    consecutive slots."""
+    row = values[0].nbytes if len(values) else 0
+    order = np.argsort(slots, kind="stable")
+    slots, values = slots[order], np.ascontiguousarray(values[order])
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    values = values.astype(store.dtype, copy=False)
+    fd = os.open(store.filename, os.O_WRONLY)
+    try:
+        for run, rows in zip(np.split(slots, breaks), np.split(values, breaks)):
+            data = rows.tobytes()
+            at, done = store.offset + int(run[0]) * row, 0
+            while done < len(data):  # pwrite may write less than asked
+                done += os.pwrite(fd, data[done:], at + done)
+    finally:
+        os.close(fd)
 
 
 def _read(path: str) -> bytes:

@@ -5,6 +5,9 @@ import gc
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -232,6 +235,7 @@ def test_damaged_shard_mates_do_not_fail_a_sound_batch(tmp_path, id_data):
         ({"memory_bytes": -1}, "memory_bytes must be an integer >= 0"),
         ({"disk_bytes": 10}, "disk_bytes needs a directory"),
         ({"directory": "/nonexistent/dir"}, "is not a directory"),
+        ({"directory": "/tmp"}, "directory='/tmp' needs disk_bytes=, the bytes it may spill there"),  # spilled none
     ],
 )
 def test_bad_budgets_are_named(kwargs, message):
@@ -248,7 +252,6 @@ def test_a_spill_directory_it_cannot_write_to_is_named_by_the_cache(tmp_path, mo
     message = f"cache directory '{tmp_path}' (directory=) cannot be written to: {os.strerror(error)}"
     with pytest.raises(ParameterError, match=re.escape(message)):
         SampleCache(directory=tmp_path, disk_bytes=1 << 20)
-    SampleCache(directory=tmp_path)  # nothing spills there: never written
 
 
 def test_a_cache_serves_one_loader_at_a_time(id_store):
@@ -313,3 +316,33 @@ def test_a_disk_budget_past_the_room_there_is_is_cut_to_it(id_store, tmp_path, m
     loader = StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu", cache=cache)
     assert len([x for x, _ in loader]) == 25 and 0 < cache.nbytes()[1] <= 4096
     assert "has room for 4096 of disk_bytes=1073741824 bytes" in caplog.text
+
+
+def test_a_disk_that_fills_after_the_cache_measured_it_costs_reads_not_the_process(id_store, tmp_path, monkeypatch):
+    # rows went into a memory-mapped file: another cache or job filling the disk killed the
+    # trainer (SIGBUS); written by pwrite, the full disk is an OSError that drops the tier
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.os, "pwrite", full)
+    cache = SampleCache(0, directory=tmp_path, disk_bytes=1 << 20)
+    loader = StreamingLoader(id_store, batch_size=100, backend="torch", device="cpu", cache=cache)
+    for _ in range(2):
+        assert sorted(i for x, _ in loader for i in sample_ids(x)) == list(range(2500))
+    assert cache.nbytes() == (0, 0) and loader.io_stats()["per_epoch"][1]["samples"] == 2500
+
+
+def test_spill_directories_of_processes_that_are_gone_are_removed(tmp_path):
+    # a process stopped by SIGTERM (SLURM, torchrun) never removes its own: they piled up, counted as used
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    for name, owner in [("gone", f"{host} {gone.stdout.strip()}"), ("alive", f"{host} {os.getpid()}")]:
+        (tmp_path / f"nearstore-cache-{name}").mkdir()
+        (tmp_path / f"nearstore-cache-{name}" / "owner").write_text(owner)
+    (tmp_path / "nearstore-cache-unowned").mkdir()  # a release before owners were written: kept
+    (tmp_path / "nearstore-cache-elsewhere").mkdir()
+    (tmp_path / "nearstore-cache-elsewhere" / "owner").write_text(f"another-{host} {gone.stdout.strip()}")
+    cache = SampleCache(0, directory=tmp_path, disk_bytes=1 << 20)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    own = os.path.basename(cache.spill_directory)
+    assert left == sorted([own, "nearstore-cache-alive", "nearstore-cache-elsewhere", "nearstore-cache-unowned"])
