@@ -10,6 +10,7 @@ let go when its first epoch starts (`retain`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from nearstore.checks import check_integer
@@ -268,6 +270,7 @@ class _Tier:
     def __init__(self, budget: int, root: str | None) -> None:
         self.budget, self.root, self.used = budget, root, 0
         self.rows: dict[str, Any] = {}
+        self.sums: dict[str, np.ndarray] = {}  # on disk: each slot's crc32c, checked as it is read back
         self.sizes = np.zeros(0, dtype=np.int64)  # bytes of each slot's sample, 0 where free
         self.slots = 0  # slots handed out so far; those freed again are in free_slots
         self.free_slots: list[int] = []
@@ -283,6 +286,8 @@ class _Tier:
         self._grow(self.slots, arrays)
         for name, values in arrays.items():
             store = self.rows[name]
+            if self.root:
+                self.sums[name][slots] = _crc32c(values)
             if isinstance(store, list):
                 for slot, value in zip(slots.tolist(), values):
                     store[slot] = self._write(name, slot, value) if self.root else value
@@ -295,12 +300,21 @@ class _Tier:
         return slots
 
     def get(self, name: str, slots: np.ndarray) -> np.ndarray:
+        """The rows of `slots`; on disk, an OSError where one is not what was put (a file changed
+        or cut short under the cache: damage is an error, never data)."""
         store = self.rows[name]
         if not isinstance(store, list):
-            return store[slots]
-        rows = np.empty(len(slots), dtype=object)
-        for i, slot in enumerate(slots.tolist()):
-            rows[i] = _read(store[slot]) if self.root else store[slot]
+            rows = store[slots]
+        else:
+            rows = np.empty(len(slots), dtype=object)
+            for i, slot in enumerate(slots.tolist()):
+                rows[i] = _read(store[slot]) if self.root else store[slot]
+        if self.root:
+            changed = np.flatnonzero(_crc32c(rows) != self.sums[name][slots])
+            if len(changed):
+                raise OSError(
+                    errno.EIO, f"a kept row of {name!r} changed on disk under {self.root} (slot {slots[changed[0]]})"
+                )
         return rows
 
     def free(self, slots: np.ndarray) -> None:
@@ -332,9 +346,12 @@ class _Tier:
                     store[: len(old)] = old
                 self.rows[name] = store
             elif old is None:
-                rows = max(capacity, self.budget // max(1, _row_nbytes(values)[0]) + 1)
+                rows = max(capacity, self.budget // max(1, int(_row_nbytes(values)[0])) + 1)
                 path = os.path.join(self.root, f"{len(self.rows)}.rows")
                 self.rows[name] = np.lib.format.open_memmap(path, "w+", values.dtype, (rows, *values.shape[1:]))
+            if self.root:
+                old_sums = self.sums.get(name, np.zeros(0, np.uint32))
+                self.sums[name] = np.concatenate([old_sums, np.zeros(capacity - len(old_sums), np.uint32)])
         self.sizes = np.concatenate([self.sizes, np.zeros(capacity - len(self.sizes), dtype=np.int64)])
 
     def _write(self, name: str, slot: int, value: bytes) -> str:
@@ -361,6 +378,12 @@ def _write_rows(store: np.memmap, slots: np.ndarray, values: np.ndarray) -> None
                 done += os.pwrite(fd, data[done:], at + done)
     finally:
         os.close(fd)
+
+
+def _crc32c(rows: np.ndarray) -> np.ndarray:
+    """Each row's crc32c: of its bytes, or of the bytes object it is."""
+    data = rows if rows.dtype == object else (np.ascontiguousarray(row).tobytes() for row in rows)
+    return np.fromiter(map(google_crc32c.value, data), dtype=np.uint32, count=len(rows))
 
 
 def _read(path: str) -> bytes:

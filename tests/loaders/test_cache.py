@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +347,37 @@ def test_spill_directories_of_processes_that_are_gone_are_removed(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     own = os.path.basename(cache.spill_directory)
     assert left == sorted([own, "nearstore-cache-alive", "nearstore-cache-elsewhere", "nearstore-cache-unowned"])
+
+
+@pytest.mark.parametrize("kind", ["fixed", "encoded"])
+def test_a_spilled_sample_changed_on_disk_is_read_again_not_delivered(tmp_path, id_store, id_data, kind):
+    # the crc32c the store guarantees holds through the cache: a changed byte came back as data
+    if kind == "encoded":
+        tokens = np.empty(300, dtype=object)
+        tokens[:] = [np.full(i % 50 + 1, i, dtype=np.int32) for i in range(300)]  # a file a sample
+        store = write_dataset(str(tmp_path / "t.zarr"), [{"tok": tokens, "y": np.arange(300) % 3}], shard_samples=32)
+    else:
+        store = id_store
+
+    def check(batches: list) -> int:
+        for x, _ in batches:
+            if kind == "encoded":
+                assert all(len(v) == int(v[0]) % 50 + 1 and (v == v[0]).all() for v in x.unbind())
+            else:
+                np.testing.assert_array_equal(x.numpy(), id_data["x"][sample_ids(x)])
+        return sum(len(x) for x, _ in batches)
+
+    (tmp_path / "spill").mkdir()
+    cache = SampleCache(0, directory=tmp_path / "spill", disk_bytes=1 << 24)
+    loader = StreamingLoader(store, batch_size=16, backend="torch", device="cpu", cache=cache)
+    size = check(list(loader))
+    for path in Path(cache.spill_directory).iterdir():
+        if path.suffix == ".rows":  # rows of fixed-size samples: the first five changed
+            rows = np.load(path, mmap_mode="r+")
+            rows[:5] += 1
+            rows.flush()
+        elif path.suffix == ".bin":  # an encoded sample's file, cut short
+            path.write_bytes(path.read_bytes()[:-1])
+    assert check(list(loader)) == size
+    assert cache.nbytes()[1] == 0  # the disk tier dropped: what it kept was read from the store
+    assert loader.io_stats()["per_epoch"][1]["samples"] > 0
