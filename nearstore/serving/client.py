@@ -84,7 +84,9 @@ class Connection:
         self.timeout_seconds, self.select_timeout_seconds = timeout_seconds, select_timeout_seconds
         self._options = flight.FlightCallOptions(headers=headers, timeout=timeout_seconds)
         self._select_options = flight.FlightCallOptions(headers=headers, timeout=select_timeout_seconds)
-        self._client = flight.FlightClient(self.location, **tls)
+        limits = [("grpc.max_metadata_size", protocol.MAX_METADATA_BYTES)]
+        limits += [("grpc.absolute_max_metadata_size", protocol.MAX_METADATA_BYTES)]
+        self._client = flight.FlightClient(self.location, generic_options=limits, **tls)
 
     def get(self, ticket: flight.Ticket) -> pa.Table:
         """The table a do_get of `ticket` streams."""

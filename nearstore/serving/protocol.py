@@ -32,10 +32,12 @@ Arrow Flight; everything both sides must agree on lives here.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import reprlib
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -285,13 +287,29 @@ def read_weights(reader: flight.MetadataRecordBatchReader, nbytes: int) -> bytea
     return body
 
 
+# The gRPC metadata a client takes, extra_info among it (gRPC's default: 8 KiB, then at most 16):
+# an IntegrityError's ids, packed, for a request's 65,536 ids at most.
+MAX_METADATA_BYTES = 1 << 20
+
+
 def refusal(error: NearstoreError) -> flight.FlightServerError:
     """What the server raises for one of our errors: its class and message in extra_info (and an
-    IntegrityError's sample ids, so a loader can skip them)."""
+    IntegrityError's sample ids, so a loader can skip them: packed, as their JSON list of a batch
+    of 4,096 passed what gRPC carries, and crossed as an unnamed error)."""
     info = {"error": type(error).__name__, "message": str(error)}
     if isinstance(error, IntegrityError):
-        info["ids"] = list(error.ids)
+        info["ids"] = _packed(error.ids)
     return flight.FlightServerError(str(error), extra_info=json.dumps(info).encode())
+
+
+def _packed(ids: Sequence[int]) -> str:
+    """Sorted ids as base64 of their zlib'd differences (a shard's ids: a byte or two each, or less)."""
+    steps = np.diff(np.asarray(ids, dtype=np.int64), prepend=0).astype("<i8")
+    return base64.b64encode(zlib.compress(steps.tobytes())).decode()
+
+
+def _unpacked(packed: str) -> tuple[int, ...]:
+    return tuple(np.cumsum(np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype="<i8")).tolist())
 
 
 def internal_error(incident: str) -> flight.FlightServerError:
@@ -305,7 +323,7 @@ def refused(error: flight.FlightServerError) -> NearstoreError | None:
     try:
         info = json.loads(error.extra_info or b"")
         if info["error"] == IntegrityError.__name__:
-            return IntegrityError(info["message"], tuple(int(i) for i in info.get("ids", ())))
+            return IntegrityError(info["message"], _unpacked(info["ids"]) if "ids" in info else ())
         return ERRORS[info["error"]](info["message"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, zlib.error):
         return None

@@ -100,3 +100,23 @@ def test_through_a_server_damage_is_named_without_its_paths_and_skipped_by_id(da
         assert sorted(seen) == [i for i in range(2500) if i not in lost]
     finally:
         server.shutdown()
+
+
+def test_through_a_server_the_damage_of_a_large_batch_crosses_with_its_ids(tmp_path):
+    # its ids as a JSON list passed what gRPC carries (16 KiB): an unnamed error, which skip cannot skip
+    n, shard = 60_000, 4096
+    url = str(tmp_path / "large.zarr")
+    write_dataset(url, [{"x": np.arange(n, dtype=np.float32)[:, None], "y": np.arange(n) % 10}], shard_samples=shard)
+    for k in (2, 7, 11):
+        Path(open_dataset(url).shard_path("x", k)).unlink()
+    server = NearStoreServer(open_dataset(url), keep=1.0, method="random", name="large")
+    try:
+        loader = StreamingLoader(
+            server.url, batch_size=20_000, shuffle=True, on_error="skip", backend="torch", device="cpu", cache=False
+        )
+        seen = sorted(i for x, _ in loader for i in sample_ids(x.numpy()))
+        lost = {i for k in (2, 7, 11) for i in range(k * shard, (k + 1) * shard)}
+        assert seen == [i for i in range(n) if i not in lost]
+        assert sorted(loader.io_stats()["skipped_samples"]) == sorted(lost)
+    finally:
+        server.shutdown()
