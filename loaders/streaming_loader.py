@@ -485,6 +485,13 @@ class StreamingLoader:
                         "iterate one at a time (the place they share is what state_dict saves)"
                     )
                 if not batch or not len(batch[0]):  # its every sample skipped as damaged (on_error="skip")
+                    if self.order.world_size > 1:
+                        raise IntegrityError(
+                            f"batch {self.order.batches_done} of epoch {epoch} on rank {self.order.rank} of "
+                            f"{self.url!r} held only damaged samples: left out, this rank would take one step "
+                            "fewer than the others (an empty batch's mean loss is NaN); `nearstore verify` names "
+                            "the damaged shards: repair them, or select without their samples"
+                        )
                     self.order.batches_done += 1
                     continue
                 if self.augment is not None:

@@ -120,3 +120,16 @@ def test_through_a_server_the_damage_of_a_large_batch_crosses_with_its_ids(tmp_p
         assert sorted(loader.io_stats()["skipped_samples"]) == sorted(lost)
     finally:
         server.shutdown()
+
+
+def test_ranks_refuse_a_batch_left_empty_rather_than_step_apart(damaged):
+    # left out on one rank alone, the ranks took different numbers of steps: DDP's all-reduce hangs
+    def rank(r: int, world_size: int) -> StreamingLoader:
+        return StreamingLoader(
+            damaged, batch_size=50, shuffle=False, on_error="skip", rank=r, world_size=world_size, backend="torch"
+        )
+
+    alone = rank(0, 1)
+    assert sum(len(x) for x, _ in alone) == 2500 - 2 * SHARD_SAMPLES  # one rank: an empty batch is no step
+    with pytest.raises(IntegrityError, match=r"batch \d+ of epoch 0 on rank 0 of .* held only damaged samples"):
+        list(rank(0, 2))
