@@ -275,6 +275,14 @@ def array_layout(array: zarr.Array, document: Mapping[str, Any]) -> dict[str, An
     return layout if ragged is None else {**layout, "ragged": ragged}
 
 
+def _checksummed(codecs: Any) -> bool:
+    """Whether a sharded array's inner chunks and shard index both end in a crc32c, as written."""
+    sharding = [c for c in codecs or () if isinstance(c, Mapping) and c.get("name") == "sharding_indexed"]
+    config = (sharding[0].get("configuration") or {}) if sharding else {}
+    chains = (config.get("codecs"), config.get("index_codecs"))
+    return all(chain and isinstance(chain[-1], Mapping) and chain[-1].get("name") == "crc32c" for chain in chains)
+
+
 def _byte_orders(codecs: Any) -> Iterator[str]:
     """The byte orders its `bytes` codecs give an array's numbers, inside a sharding codec too."""
     for codec in codecs or ():
@@ -498,6 +506,12 @@ def _dataset(
             raise DatasetError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
         if array.shards is None:
             raise DatasetError(f"{url!r}: array {name!r} is not sharded: not a nearstore dataset's (plain zarr?)")
+        if version == FORMAT_VERSION and not _checksummed(document.get("codecs")):
+            # a chunk without it is read unchecked (vlen-bytes takes the 4 bytes left as padding)
+            raise DatasetError(
+                f"{url!r}: the {ZARR_JSON} of array {name!r} stores its chunks or shard index without the crc32c "
+                "nearstore writes after them: damage would be read as data (the metadata was edited)"
+            )
         arrays[name] = array
     if label_array is not None and label_array not in arrays:
         raise DatasetError(f"{url!r}: label array {label_array!r} is not among the sample arrays {names}")

@@ -305,6 +305,24 @@ def test_metadata_edited_to_read_the_bytes_otherwise_is_refused_at_open(store):
     assert verify_dataset(open_dataset(store), progress=False) == []
 
 
+def without_crc32c(document: dict, chain: str) -> None:
+    sharding = document["codecs"][0]["configuration"]
+    assert sharding[chain][-1]["name"] == "crc32c"
+    sharding[chain].pop()
+
+
+def test_encoded_samples_whose_metadata_lost_their_checksum_are_refused_at_open(tmp_path):
+    blobs = np.empty(8, dtype=object)
+    blobs[:] = [bytes([i]) * 100 for i in range(8)]
+    store = write_dataset(str(tmp_path / "e.zarr"), [{"blob": blobs}], label_array=None).url
+    document = Path(store) / "blob" / "zarr.json"
+    edited = json.loads(document.read_text())
+    without_crc32c(edited, "codecs")
+    document.write_text(json.dumps(edited))
+    with pytest.raises(DatasetError, match="array 'blob' stores its chunks or shard index without the crc32c"):
+        open_dataset(store)
+
+
 def big_endian(document: dict) -> None:
     sharding = document["codecs"][0]["configuration"]
     sharding["codecs"][0]["configuration"]["endian"] = "big"
@@ -330,6 +348,17 @@ def big_endian(document: dict) -> None:
             "the 'nearstore' attributes .* damaged",
         ),
         ("x", lambda document: document.pop("codecs"), r"the zarr.json of array 'x' is not zarr's \(KeyError"),
+        # chunks or index read unchecked: encoded samples took the crc32c's 4 bytes as padding
+        (
+            "x",
+            lambda document: without_crc32c(document, "codecs"),
+            "the zarr.json of array 'x' stores .* without",
+        ),
+        (
+            "y",
+            lambda document: without_crc32c(document, "index_codecs"),
+            "the zarr.json of array 'y' stores .* without",
+        ),
     ],
 )
 def test_metadata_edited_otherwise_is_refused_at_open_by_name(store, where, edit, message):
