@@ -13,7 +13,7 @@ every shard whole.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
@@ -46,6 +46,9 @@ def verify_dataset(dataset: Dataset, *, threads: int = 8, progress: bool = True)
             "against. Rewrite it with `nearstore convert` to get them"
         )
     manifest = dataset.manifest
+    # caches of its own: what earlier reads kept with `dataset` (shard indexes, digests checked) is
+    # what was stored then, and a shard damaged since read as whole
+    dataset = replace(dataset)
     fs, _ = dataset.filesystem()
     readers = {name: SelectiveReader(dataset, [name], digests=True) for name in dataset.sample_arrays}
     work = [(name, shard) for name in dataset.sample_arrays for shard in range(dataset.array_shards(name))]

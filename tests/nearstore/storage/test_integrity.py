@@ -235,6 +235,15 @@ def test_a_store_written_before_the_chunk_record_reads_and_verifies_as_before(st
     assert verify_dataset(dataset, progress=False) == []
 
 
+def test_verify_reads_every_object_afresh_whatever_the_dataset_read_before(store):
+    # the shard indexes and digests that earlier reads kept with the opened dataset are what was
+    # stored then: a shard damaged since was reported whole
+    dataset = open_dataset(store)
+    SelectiveReader(dataset, ["x"]).read(np.arange(2500))
+    flip(shard_file(store, "x", 1), -10)  # its index
+    assert [(d.array, d.shard) for d in verify_dataset(dataset, progress=False)] == [("x", 1)]
+
+
 def test_verify_compares_every_inner_chunk_with_the_record(store):
     def change(shards: dict) -> None:  # the record of sample 300 (shard 1) of y, its samples' digest left whole
         sums = bytearray(base64.b64decode(shards["y"]["crc32c"]))
