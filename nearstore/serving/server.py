@@ -34,7 +34,7 @@ import torch
 
 from nearstore.checks import check_integer
 from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError, RoundCancelled
-from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection
+from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection, default_reselect
 from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
 from nearstore.selection.record import in_sorted, write_whole
@@ -406,15 +406,18 @@ class NearStoreServer(flight.FlightServerBase):
         if unknown:
             raise RequestError(f"select takes {', '.join(protocol.SELECT_FIELDS)}; got unknown {sorted(unknown)}")
         current = self.current
-        keep, method = request.get("keep", current.keep), request.get("method", current.method)
+        keep, method = request.get("keep", current.keep), request.get("method")
         options, seed = request.get("options", {}), request.get("seed", current.round + 1)
         if not isinstance(keep, int | float) or isinstance(keep, bool):
             raise RequestError(f"select's keep must be a number, got {keep!r}")
         check_keep(keep)  # before float(): a JSON integer may be past float's range
-        if not isinstance(method, str):
+        if method is not None and not isinstance(method, str):
             raise RequestError(f"select's method must be a string, got {method!r}")
         if not isinstance(options, dict):
             raise RequestError(f"select's options must be a JSON object, got {type(options).__name__}")
+        if method is None:  # later rounds' default, as a loader's reselect() asks: not round 0's method
+            method, defaults = default_reselect(float(keep))
+            options = {**defaults, **options}
         request_id = request.get("request")  # None: a client before request ids, each select a round
         longest = protocol.MAX_REQUEST_ID_CHARS
         if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= longest):

@@ -41,6 +41,7 @@ from nearstore import (
     sage_select,
     write_dataset,
 )
+from nearstore.selection import default_reselect
 from nearstore.serving import NearStoreServer, protocol
 from nearstore.serving.client import Connection
 from nearstore.serving.protocol import MAX_REQUEST_SAMPLES
@@ -242,6 +243,17 @@ def test_bad_requests_are_refused_with_the_reason(served):
     with pytest.raises(RequestError, match="not 'elsewhere'"):
         FlightSource(served.url.replace("/ids", "/elsewhere")).read([0], arrays=["x"], round=current.round)
     assert served.current is current  # nothing refused made a round
+
+
+def test_a_select_naming_no_method_runs_later_rounds_default_not_round_0s_method(id_store):
+    # over a random round 0, a bare {"keep": 0.2} ran random again, where server.md says default_reselect
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        answer = Selection.from_bytes(FlightSource(server.url).action("select", {"keep": 0.2}))
+        method, defaults = default_reselect(0.2)
+        assert answer.method == method and all(answer.params[k] == v for k, v in defaults.items())
+    finally:
+        server.shutdown()
 
 
 def test_concurrent_selects_get_distinct_rounds_each_served_and_kept_as_answered(id_store, tmp_path):
