@@ -19,6 +19,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,7 +48,10 @@ from nearstore.storage.images import PROXY_IMAGES, ImageTransform
 
 log = logging.getLogger("nearstore")
 
-ROUNDS_KEPT = 2  # a trainer mid-epoch finishes on the round it started while another asks for a new one
+# Rounds kept: the latest two, and any a trainer read from within ROUND_LEASE_SECONDS, so that a
+# trainer mid-epoch finishes on the round it started however many rounds others ask for meanwhile.
+ROUNDS_KEPT = 2
+ROUND_LEASE_SECONDS = 600.0
 # Inner chunks the server keeps once read, for every trainer: each trainer, every epoch, asks for the
 # same selection, whose samples share inner chunks (a 25% selection of 160-byte samples in chunks of
 # 4 KiB read 15x the bytes shipped without it, bench/server_trainers.py).
@@ -167,6 +171,7 @@ class NearStoreServer(flight.FlightServerBase):
         # round stops only once every one of them is cancelled (its caller gone). Under _lock.
         self._waiting: dict[object, list[Callable[[], bool]]] = {}
         self._rounds: dict[int, Selection] = {}
+        self._read_at: dict[int, float] = {}  # when a trainer last read from each round (monotonic)
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
         self._persisted: dict[int, Selection] = {}  # the rounds in state_dir's server.json, as written
         self.shards = None if shards is None else _check_shards(shards, dataset.num_shards)
@@ -240,6 +245,8 @@ class NearStoreServer(flight.FlightServerBase):
             self._check_served(ids)
             if request.get("round") != protocol.ALL_SAMPLES:
                 selection = self._round(request.get("round"))
+                with self._lock:  # kept while read (`_keep_round`)
+                    self._read_at[selection.round] = time.monotonic()
                 outside = ids[~in_sorted(ids, selection.ids)]
                 if outside.size:
                     raise RequestError(
@@ -512,7 +519,11 @@ class NearStoreServer(flight.FlightServerBase):
     def _keep_round(self, selection: Selection) -> None:
         with self._lock:
             rounds = {**self._rounds, selection.round: selection}
-            rounds = {number: rounds[number] for number in sorted(rounds)[-ROUNDS_KEPT:]}
+            latest = sorted(rounds)[-ROUNDS_KEPT:]
+            now = time.monotonic()
+            read = {n for n, at in self._read_at.items() if now - at < ROUND_LEASE_SECONDS}
+            rounds = {number: rounds[number] for number in sorted(rounds) if number in latest or number in read}
+            self._read_at = {n: at for n, at in self._read_at.items() if n in rounds}
             self._persist(rounds, self.proxy_version, f"selection round {selection.round}")
             self._rounds = rounds
 

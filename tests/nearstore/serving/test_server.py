@@ -256,6 +256,25 @@ def test_a_select_naming_no_method_runs_later_rounds_default_not_round_0s_method
         server.shutdown()
 
 
+def test_a_round_a_trainer_reads_is_kept_however_many_rounds_come_after(id_store, monkeypatch):
+    # only the latest two were kept: a trainer mid-epoch while two others reselected was refused
+    # its next batch ('round 0 is not held') and its epoch stopped
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    try:
+        trainer, others = FlightSource(server.url), FlightSource(server.url)
+        ids = trainer.selection(0).ids
+        trainer.read(ids[:10], arrays=["x"], round=0)
+        for seed in range(3):
+            others.select(keep=0.2, method="random", seed=seed)
+        assert len(trainer.read(ids[10:20], arrays=["x"], round=0)["x"]) == 10
+        monkeypatch.setattr("nearstore.serving.server.ROUND_LEASE_SECONDS", 0.0)  # read too long ago
+        others.select(keep=0.2, method="random", seed=9)
+        with pytest.raises(RequestError, match=r"round 0 of 'ids' is not held; rounds \[3, 4\]"):
+            trainer.read(ids[20:30], arrays=["x"], round=0)
+    finally:
+        server.shutdown()
+
+
 def test_concurrent_selects_get_distinct_rounds_each_served_and_kept_as_answered(id_store, tmp_path):
     state_dir = tmp_path / "state"
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), state_dir=state_dir)
