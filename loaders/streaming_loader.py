@@ -595,7 +595,14 @@ class StreamingLoader:
                 f"state_dict was taken over shards of {shard_samples!r} samples; {self.url!r} has shards of "
                 f"{self.source.shard_samples}, and shuffle='shards' visits them in another order"
             )
-        self.source.selection(round)  # raises where the source no longer holds that round
+        # a server's: raises where it no longer holds that round; one of that number holding other
+        # samples is another round (a server restarted without its state numbers them afresh)
+        held = self.source.selection(round)
+        if held is not None and not in_sorted(ids, held.ids).all():
+            raise DatasetError(
+                f"state_dict's selection round {round} is not the round {round} {self.url!r} holds now (another "
+                "of that number: the server was restarted without its --state-dir?)"
+            )
 
         def load() -> None:
             self.ids, self.sample_weights, self.round, self.scan_io, self.carry = ids, weights, round, scan_io, carry

@@ -275,6 +275,24 @@ def test_a_round_a_trainer_reads_is_kept_however_many_rounds_come_after(id_store
         server.shutdown()
 
 
+def test_a_state_of_another_round_of_the_same_number_is_refused_at_load(id_store):
+    # a server restarted without its state numbers its rounds afresh: the state loaded, and failed
+    # at its first batch ('sample 339 is not in selection round 1')
+    first = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
+    port = int(first.url.rsplit(":", 1)[1].split("/")[0])
+    loader = StreamingLoader(first.url, batch_size=100, backend="torch", device="cpu")
+    next(iter(loader))
+    state = loader.state_dict()
+    first.shutdown()
+    again = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=2), port=port)
+    try:
+        resumed = StreamingLoader(again.url, batch_size=100, backend="torch", device="cpu")
+        with pytest.raises(DatasetError, match="selection round 0 is not the round 0 .* holds now"):
+            resumed.load_state_dict(state)
+    finally:
+        again.shutdown()
+
+
 def test_concurrent_selects_get_distinct_rounds_each_served_and_kept_as_answered(id_store, tmp_path):
     state_dir = tmp_path / "state"
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), state_dir=state_dir)
