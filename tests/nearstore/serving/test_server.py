@@ -1175,6 +1175,25 @@ def test_a_restarted_server_resumes_its_rounds_and_proxy_from_state_dir(id_store
     assert fingerprint(id_store.url) == before
 
 
+def test_an_epoch_across_a_server_restart_counts_what_storage_read_since(id_store, tmp_path):
+    # the restarted server counts from 0: the epoch took the old count away, -1 MB of storage reads
+    state_dir = tmp_path / "state"
+    first = NearStoreServer(id_store, selection=random_select(id_store, 0.4, seed=1), state_dir=state_dir)
+    port = int(first.url.rsplit(":", 1)[1].split("/")[0])
+    loader = StreamingLoader(first.url, batch_size=100, backend="torch", device="cpu", cache=False)
+    list(loader)  # epoch 0 on the first server
+    batches = iter(loader)
+    next(batches)
+    first.shutdown()
+    second = NearStoreServer(id_store, state_dir=state_dir, port=port)
+    try:
+        assert len(list(batches)) == 9
+        storage = [epoch["storage"] for epoch in loader.io_stats()["per_epoch"]]
+        assert storage[1]["bytes"] == second.storage_reads.bytes > 0 and storage[1]["requests"] > 0
+    finally:
+        second.shutdown()
+
+
 def test_a_round_a_failed_state_write_left_is_never_restored(id_store, tmp_path):
     state_dir = tmp_path / "state"
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.2), state_dir=state_dir)
