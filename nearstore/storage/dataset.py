@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import math
 import os
 import threading
@@ -58,6 +59,8 @@ REPLACEMENT_KEY = "nearstore_replacement"
 # The one attribute of the bare group a write puts first (and replaces with the dataset's attributes
 # last): what a killed write leaves says it is nearstore's, which overwrite may replace.
 WRITING_KEY = "nearstore_writing"
+
+log = logging.getLogger("nearstore")
 
 
 class UncheckedStoreWarning(UserWarning):
@@ -378,6 +381,10 @@ def with_store_defaults(url: str, storage_options: dict[str, Any]) -> dict[str, 
     return {**storage_options, "config_kwargs": config}
 
 
+# fsspec's caching layers, chained before a URL ("simplecache::s3://..."): each fetches whole objects or blocks.
+_CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")
+
+
 def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Dataset:
     """Open a nearstore dataset read-only; errors name the URL and what is missing.
 
@@ -391,6 +398,15 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         raise ParameterError(
             f"{url!r}: an HTTP store's URL cannot hold a query or a fragment (its objects' names are appended to "
             "it); pass headers or credentials in storage_options, e.g. {'headers': {...}}"
+        )
+    layers = [p for p in url.split("::")[:-1] if p.split("://")[0] in _CACHING_LAYERS]
+    if layers:  # they download whole objects or blocks, then hand over the ranges asked
+        log.warning(
+            "%s: read through fsspec's %s, which fetches whole objects or large blocks of them: io_stats counts "
+            "the ranges it hands over, not what crossed the network; the plain URL fetches only the selected "
+            "samples' ranges",
+            url,
+            layers[0],
         )
     stats = IOStats()
     try:

@@ -639,3 +639,13 @@ def test_the_command_line_without_credentials_says_so_in_one_line(s3, s3_store, 
         )
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert re.search(f"nearstore {argv[0]}: error: .*NoCredentialsError: Unable to locate credentials", done.stderr)
+
+
+def test_a_url_through_fsspecs_caching_layers_warns_that_io_stats_count_above_them(id_store_url, caplog):
+    # simplecache:: fetched the whole store for a 1% selection while io_stats said 97% saved
+    dataset = open_dataset(f"simplecache::file://{id_store_url}")
+    assert dataset.num_samples == 2500
+    assert "read through fsspec's simplecache, which fetches whole objects" in caplog.text
+    caplog.clear()
+    open_dataset(id_store_url)
+    assert "fsspec's" not in caplog.text
