@@ -532,5 +532,8 @@ def test_ctrl_c_ends_a_command_quietly_and_leaves_nothing(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "nearstore convert: interrupted" in err and "Traceback" not in err
+    # 130, or now and then (an interrupt in the write's first moments) killed by SIGINT after saying so,
+    # at its end: a shell reports 130 for both
+    assert process.returncode in (130, -signal.SIGINT)
+    assert "nearstore convert: interrupted" in err and "Traceback" not in err
     assert not out.exists()  # a write that fails removes what it wrote
