@@ -64,13 +64,18 @@ class ClassWindows:
     `share`s of the running totals; a class whose budget rounds to zero keeps one sample."""
 
     def __init__(
-        self, window: int, rate: Callable[[int], tuple[float, int]], seen: dict[int, int] | None = None
+        self,
+        window: int,
+        rate: Callable[[int], tuple[float, int]],
+        seen: dict[int, int] | None = None,
+        sizes: dict[int, int] | None = None,
     ) -> None:
-        """seen: each class's samples before these (a later partition of the shards starts there)."""
-        self.window, self.rate = window, rate
+        """seen: each class's samples before these (a later partition of the shards starts there);
+        sizes: each class's samples in all (None: these are all): the one sample a class too small
+        for its budget keeps is its last, in the partition that holds it (each partition kept one)."""
+        self.window, self.rate, self.sizes = window, rate, sizes
         self._pending: dict[int, tuple[np.ndarray, tuple[torch.Tensor, ...]]] = {}
         self._seen: dict[int, int] = dict(seen or {})
-        self._kept: dict[int, int] = {}
 
     def add(self, group: int, ids: np.ndarray, parts: tuple[torch.Tensor, ...]) -> Iterator[tuple[np.ndarray, Window]]:
         """The class's windows that these samples complete: (ids, (parts, budget)) each."""
@@ -96,11 +101,13 @@ class ClassWindows:
         self, group: int, ids: np.ndarray, parts: tuple[torch.Tensor, ...], last: bool
     ) -> tuple[np.ndarray, Window]:
         before = self._seen.get(group, 0)
-        k = share(*self.rate(group), before, before + len(ids))
-        if last and not self._kept.get(group) and not k:
+        end = before + len(ids)
+        total, of = self.rate(group)
+        k = share(total, of, before, end)
+        size = self.sizes.get(group) if self.sizes is not None else end if last else None
+        if last and end == size and not share(total, of, 0, end):
             k = 1  # a class too small for its budget keeps one sample rather than vanish
-        self._seen[group] = before + len(ids)
-        self._kept[group] = self._kept.get(group, 0) + k
+        self._seen[group] = end
         return ids, (parts, k)
 
 
@@ -295,7 +302,9 @@ def windowed_pass(
         batch_samples=embed_batch(scan, selector.factored),
         shards=shards,
     )
-    windows = ClassWindows(window, lambda group: budgets[group] if budgets else (keep, 1), seen_before(before, shards))
+    windows = ClassWindows(
+        window, lambda group: budgets[group] if budgets else (keep, 1), seen_before(before, shards), sizes_of(before)
+    )
     return _decided(scan, stream, windows, selector, seed, drawn_classes, typical, earlier)
 
 
@@ -356,8 +365,9 @@ def pooled_pass(
     bounds = {c: np.searchsorted(members, [first, end]) for c, members in pools.items()}
     mine = {c: members[a:b] for (c, members), (a, b) in zip(pools.items(), bounds.values()) if b > a}
     seen = {c: int(a) for c, (a, _) in bounds.items() if a}
+    sizes = {c: len(members) for c, members in pools.items()}
     reader, stream = scan.pooled(mine, progress, "pool", reads, selector.factored)
-    windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen)
+    windows = ClassWindows(window, lambda group: (budgets[group], len(pools[group])), seen, sizes)
     part = _decided(scan, stream, windows, selector, seed, drawn_classes, typical, earlier)
     read = reader.stats.snapshot()
     part.reads = {"bytes": read.bytes, "requests": read.requests}
@@ -584,6 +594,12 @@ def seen_before(before: np.ndarray | None, shards: list[int]) -> dict[int, int] 
     """ClassWindows' `seen` for a pass over `shards` (consecutive): each class's samples before
     them, from `class_counts_before_shards` (None: the pass starts at the first shard)."""
     return None if before is None else {c: int(n) for c, n in enumerate(before[shards[0]]) if n}
+
+
+def sizes_of(before: np.ndarray | None) -> dict[int, int] | None:
+    """ClassWindows' `sizes`: each class's samples, the last row of `class_counts_before_shards`
+    (None: a pass over every shard, which sees them all)."""
+    return None if before is None else {c: int(n) for c, n in enumerate(before[-1]) if n}
 
 
 def coresets(points: torch.Tensor, k: int, window: int) -> tuple[np.ndarray, np.ndarray]:

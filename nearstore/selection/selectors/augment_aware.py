@@ -26,6 +26,7 @@ from nearstore.selection.windows import (
     decide,
     factored_medoids,
     seen_before,
+    sizes_of,
 )
 from nearstore.storage import Dataset, read_labels
 
@@ -130,5 +131,5 @@ def augmented_pass(
     stream = augmented_factors(
         scan, shards, augmentations=selector.augmentations, augment=selector.augment, seed=seed, progress=progress
     )
-    windows = ClassWindows(selector.window, lambda group: (keep, 1), seen_before(before, shards))
+    windows = ClassWindows(selector.window, lambda group: (keep, 1), seen_before(before, shards), sizes_of(before))
     return decide(stream, windows, selector, scan.proxy.num_classes, seed, cancelled=scan.cancelled)

@@ -195,6 +195,30 @@ def test_the_default_on_the_cluster_keeps_every_class_budget_exactly(client, blo
         assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
 
 
+@pytest.fixture(scope="module")
+def small_classes(tmp_path_factory):
+    """100 classes of 10 samples, interleaved, in 40 shards: at keep 0.01 each keeps its one sample."""
+    rng = np.random.default_rng(0)
+    y = np.arange(1000) % 100
+    x = (rng.normal(size=(1000, 8)) + (y[:, None] % 7)).astype(np.float32)
+    dataset = write_dataset(str(tmp_path_factory.mktemp("small") / "s.zarr"), [{"x": x, "y": y}], shard_samples=25)
+    return dataset, y
+
+
+@pytest.mark.parametrize(
+    "selector", [Craig(), Graft(), AugmentAware(), Graft(pool=2.0)], ids=["craig", "graft", "augment", "pooled"]
+)
+def test_a_class_too_small_for_its_budget_keeps_one_sample_on_the_cluster_not_one_a_partition(
+    client, small_classes, selector
+):
+    # each partition whose share of such a class rounded to 0 kept one: 800 samples where 100 are due
+    dataset, y = small_classes
+    here = selector.select(dataset, 0.01, seed=0)
+    there = selector.select(dataset, 0.01, seed=0, executor=DaskExecutor(client))
+    assert len(there.ids) == len(here.ids) == 100
+    assert np.bincount(y[there.ids], minlength=100).tolist() == [1] * 100
+
+
 def test_sas_clusters_by_partition_and_merges_the_sketches_on_the_cluster(client, blobs):
     dataset, _, y, _ = blobs
     executor = DaskExecutor(client)
