@@ -312,7 +312,8 @@ def _archive(data: bytes, where: str) -> dict[str, np.ndarray]:
         if damaged is None:
             with np.load(io.BytesIO(data), allow_pickle=False) as f:
                 return {name: f[name] for name in f.files}
-    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+    # RuntimeError: zipfile's for a member flagged encrypted (one bit of its central directory entry)
+    except (ValueError, OSError, EOFError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error) as e:
         raise DatasetError(f"{where} is damaged: {type(e).__name__}: {e}") from e
     raise DatasetError(f"{where} is damaged: member {damaged!r} fails its CRC check")
 

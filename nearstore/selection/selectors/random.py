@@ -11,13 +11,16 @@ from nearstore.selection.plan import check_keep, check_seed, class_balanced_draw
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector
 from nearstore.selection.stages import scan_io
-from nearstore.storage import Dataset, read_labels
+from nearstore.storage import Dataset, open_dataset, read_labels
 
 
-def random_select(dataset: Dataset, keep: float, *, seed: int = 0, class_balanced: bool = False) -> Selection:
-    """A uniformly random round(keep · N) samples (per class when class_balanced): the baseline."""
+def random_select(dataset: Dataset | str, keep: float, *, seed: int = 0, class_balanced: bool = False) -> Selection:
+    """A uniformly random round(keep · N) samples (per class when class_balanced): the baseline.
+    dataset: a Dataset, or a URL `open_dataset` opens."""
     check_keep(keep)
     check_seed(seed)
+    if isinstance(dataset, str):
+        dataset = open_dataset(dataset)
     started = time.perf_counter()
     if not class_balanced:
         ids = uniform_draw(dataset.num_samples, keep, seed)

@@ -30,7 +30,7 @@ from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector
 from nearstore.selection.stages import WARMUP_SAMPLES, Scan, never
-from nearstore.storage import Dataset
+from nearstore.storage import Dataset, open_dataset
 
 SCORES = ("agreement", "residual")
 # What pass 1's sketches may take in all (each worker holds them all under Dask).
@@ -38,7 +38,7 @@ SKETCH_BYTES = 8 << 30
 
 
 def sage_select(
-    dataset: Dataset,
+    dataset: Dataset | str,
     keep: float,
     *,
     ell: int = 64,
@@ -66,7 +66,10 @@ def sage_select(
     executor: where the passes run (`nearstore.selection.executors`): in this process by default,
         or `DaskExecutor(client)`: maps over shard partitions, pass 1's sketches merged in a tree.
     cancelled: whether nobody waits for the round any more (`Scan.open`).
+    dataset: a Dataset, or a URL `open_dataset` opens.
     """
+    if isinstance(dataset, str):
+        dataset = open_dataset(dataset)
     check_keep(keep)
     check_seed(seed)
     keep, seed = float(keep), int(seed)  # numpy's scalars pass the checks; torch's generators take Python's

@@ -161,11 +161,14 @@ def test_a_damaged_or_foreign_file_is_refused_naming_it(id_store, tmp_path):
     whole = selection.to_bytes()
     flipped = bytearray(whole)
     flipped[len(whole) // 2] ^= 0xFF  # inside a compressed member
+    encrypted = bytearray(whole)
+    encrypted[whole.index(b"PK\x01\x02") + 8] |= 0x1  # a member's flags, in its central directory entry
     cases = {
         "junk": (np.random.default_rng(0).bytes(300), "not an .npz archive, or cut short"),
         "text": (b"hello\n", "not an .npz archive, or cut short"),
         "truncated": (whole[: len(whole) // 2], "not an .npz archive, or cut short"),
         "flipped": (bytes(flipped), "is damaged"),
+        "encrypted": (bytes(encrypted), "is damaged: RuntimeError"),  # was zipfile's bare RuntimeError
         "no-header": (_archive_with(selection, header=False), r"header \('meta', a JSON object\) is missing"),
         "no-ids": (_archive_with(selection, ids=None), "array 'ids' of numbers missing"),
         "text-ids": (_archive_with(selection, ids=np.array(["a"])), "array 'ids' of numbers missing"),

@@ -25,6 +25,8 @@ from nearstore import (
     Selection,
     make_selector,
     open_dataset,
+    random_select,
+    sage_select,
     write_dataset,
 )
 from nearstore.selection.plan import class_budgets, class_sizes, share, window_bounds
@@ -343,6 +345,13 @@ def test_every_method_is_registered_and_random_is_the_baseline(blobs):
     assert make_selector("craig", window=64) == Craig(window=64)
     balanced = Random(class_balanced=True).select(dataset, 0.1)
     assert np.bincount(y[balanced.ids]).tolist() == [30, 12, 1]
+
+
+def test_the_function_selectors_open_a_url_as_the_selector_classes_do(blobs):
+    # random_select(url) raised AttributeError: 'str' object has no attribute 'num_samples'
+    dataset = blobs[0]
+    np.testing.assert_array_equal(random_select(dataset.url, 0.2, seed=3).ids, random_select(dataset, 0.2, seed=3).ids)
+    np.testing.assert_array_equal(sage_select(dataset.url, 0.2, seed=3).ids, sage_select(dataset, 0.2, seed=3).ids)
 
 
 def test_sage_residual_prefers_gradients_the_sketch_keeps_least_of(blobs):
