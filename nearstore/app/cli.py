@@ -10,8 +10,10 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     keep_freed_memory()  # selection rounds' forward passes would otherwise fault their memory back in
+    terminate = _terminate_as_interrupt()
     try:
         commands = {
             "demo": _demo,
@@ -234,9 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": _verify,
         }
         return commands[args.command](args)
-    except KeyboardInterrupt:  # Ctrl-C (a serve's round 0, a convert): what was written is cleaned up already
-        print(f"nearstore {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C (a serve's round 0, a convert): what was written is cleaned up already
+        terminated = isinstance(e, Terminated)
+        print(f"nearstore {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except BrokenPipeError:  # what reads the output left (`| head`): quietly, as other tools end
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 1
@@ -250,6 +254,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and its notes: what a failed overwrite left, and where the dataset is whole
         print(f"nearstore {args.command}: error: {message}", *getattr(e, "__notes__", ()), sep="\n", file=sys.stderr)
         return 2
+    finally:
+        terminate()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a job scheduler), raised as Ctrl-C is, so that what a command was
+    writing is cleaned up alike (it killed the process and left a half-written store)."""
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Have SIGTERM raise `Terminated` in this process's main thread while a command runs (a
+    server sets its own); returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -258,8 +282,8 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(
         data=args.data,
         workdir=args.workdir,
-        num_samples=args.num_samples or DEMO_SIZES[args.data][0],
-        test_samples=args.test_samples or DEMO_SIZES[args.data][1],
+        num_samples=DEMO_SIZES[args.data][0] if args.num_samples is None else args.num_samples,
+        test_samples=DEMO_SIZES[args.data][1] if args.test_samples is None else args.test_samples,
         keep=args.keep,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -273,6 +297,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    # the sources are read as local paths: '~' as the shell would (it does not in --labels=~/y.npy)
+    if not _remote(args.source):
+        args.source = os.path.expanduser(args.source)
+    if args.labels is not None:
+        args.labels = os.path.expanduser(args.labels)
     kind = args.format or _source_kind(args.source)
     if kind != "nearstore" and _remote(args.source):
         raise ParameterError(

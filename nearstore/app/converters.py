@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from nearstore import Dataset, DatasetError, ParameterError, SelectiveReader, open_dataset, write_dataset
+from nearstore.checks import check_integer
 from nearstore.storage.dataset import UncheckedStoreWarning
 from nearstore.storage.writer import fixed_size, label_strings
 
@@ -79,6 +80,7 @@ def mnist1d_batches(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_BAT
     """
     if num_samples < 1:
         raise ParameterError(f"num_samples must be >= 1, got {num_samples}")
+    seed = check_integer("seed", seed, 0)  # numpy's generators take none below 0: a traceback at the CLI
     from mnist1d.data import get_dataset_args, get_templates, transform
 
     args, templates = get_dataset_args(), get_templates()

@@ -66,14 +66,15 @@ class DemoData:
 
 
 def demo_data(data: str, workdir: Path, num_samples: int, test_samples: int, seed: int) -> DemoData:
-    """The stores of `data` ("mnist1d" or "images") in `workdir`, generated where missing."""
+    """The stores of `data` ("mnist1d" or "images") in `workdir`, generated where missing: named by
+    their size and seed (a store of another seed's samples was taken for this one's)."""
     if data == "mnist1d":
-        train = ensure_mnist1d(str(workdir / f"mnist1d-train-{num_samples}.zarr"), num_samples, seed)
-        test = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}.zarr"), test_samples, seed + 1)
+        train = ensure_mnist1d(str(workdir / f"mnist1d-train-{num_samples}-seed{seed}.zarr"), num_samples, seed)
+        test = ensure_mnist1d(str(workdir / f"mnist1d-test-{test_samples}-seed{seed}.zarr"), test_samples, seed + 1)
         return DemoData(train, test, mnist1d_cnn)
     if data == "images":
-        train = ensure_shapes(str(workdir / f"shapes-train-{num_samples}.zarr"), num_samples, seed)
-        test = ensure_shapes(str(workdir / f"shapes-test-{test_samples}.zarr"), test_samples, seed + 1)
+        train = ensure_shapes(str(workdir / f"shapes-train-{num_samples}-seed{seed}.zarr"), num_samples, seed)
+        test = ensure_shapes(str(workdir / f"shapes-test-{test_samples}-seed{seed}.zarr"), test_samples, seed + 1)
         return DemoData(train, test, image_cnn, {"images": TRAIN_IMAGES}, {"images": TEST_IMAGES}, **IMAGES_RECIPE)
     raise ParameterError(f"data must be one of {DATA}, got {data!r}")
 

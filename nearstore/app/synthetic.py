@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from nearstore import Dataset, ParameterError
 from nearstore.app.converters import ensure_dataset
 from nearstore.app.encoded_converters import DEFAULT_IMAGE_BATCH, EncodedImages, encoded_batches
+from nearstore.checks import check_integer
 
 # Sorted, so that the label of a shape is its index both here and in an ImageFolder of it (whose
 # classes are its sorted folder names).
@@ -47,6 +48,7 @@ def shapes_images(num_samples: int, *, seed: int = 0, batch: int = DEFAULT_IMAGE
     """The images `write_shapes` writes, streamed as batches in generation order (classes
     interleaved) rather than as files (an ImageFolder of them reads class by class)."""
     _check_count(num_samples)
+    seed = check_integer("seed", seed, 0)  # numpy's generators take none below 0
     return EncodedImages(num_samples, SHAPES, lambda: encoded_batches(_shapes(num_samples, seed), batch))
 
 

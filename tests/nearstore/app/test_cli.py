@@ -247,6 +247,11 @@ def test_convert_encoded_images_from_each_kind_of_source(tmp_path, capsys):
         (["select", "{digits}", "{tmp}/s.npz", "--report", "-"], "--report takes the path of a CSV file, got '-'"),
         (["select", "{digits}", "{tmp}/s.npz", "--report", "{tmp}/new/"], "cannot write the report to .*: it names a"),
         (["demo", "--epochs", "-1", "--workdir", "{tmp}/w"], "epochs must be an integer >= 1, got -1"),
+        # 0 was taken for no value: the whole default demo ran
+        (["demo", "--num-samples", "0", "--workdir", "{tmp}/w"], "num_samples must be an integer >= 100, got 0"),
+        (["demo", "--test-samples", "0", "--workdir", "{tmp}/w"], "test_samples must be .*, got 0"),
+        (["convert", "mnist1d", "{tmp}/o.zarr", "--seed", "-1"], "seed must be an integer >= 0, got -1"),  # a traceback
+        (["convert", "shapes", "{tmp}/o.zarr", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
         (["convert", "{tmp}/junk.npy", "{tmp}/j.zarr"], "junk.npy is neither an .npy file nor an .npz archive"),
         # an option for another kind of source would be ignored
         (["convert", "{tmp}/xy.npz", "{tmp}/o.zarr", "--labels", "{tmp}/y.npy"], "--labels is for npy sources"),
@@ -422,7 +427,7 @@ def test_demo_prints_its_table_and_writes_json(tmp_path, through_server, reselec
     assert report["reselect_every"] == reselect_every
     # every sample read once, then served by the loader's cache: two epochs of three
     assert runs["full data"]["cache_hits"] == pytest.approx(2 / 3)
-    train = open_dataset(str(tmp_path / "mnist1d-train-2000.zarr"))
+    train = open_dataset(str(tmp_path / "mnist1d-train-2000-seed0.zarr"))
     # (the samples' bytes once: the labels and shard indexes the earlier runs read are kept)
     assert 0.5 * train.stored_nbytes(["x", "y"]) < runs["full data"]["shipped_bytes"] <= train.stored_nbytes(["x", "y"])
     assert runs["full data"]["io_saving"] >= 2 / 3
@@ -460,7 +465,7 @@ def test_the_image_demo_decodes_generated_jpegs_in_the_loader(tmp_path):
     assert (report["batch_size"], report["lr"]) == (32, 1e-3)  # the images' recipe, not MNIST-1D's
     assert runs["graft 25%"]["samples"] == runs["random 25%"]["samples"] == 150
     assert runs["graft 25%"]["rounds"] == 2 and runs["graft 25%"]["scan_bytes"] > 0
-    train = open_dataset(str(tmp_path / "shapes-train-600.zarr"))
+    train = open_dataset(str(tmp_path / "shapes-train-600-seed0.zarr"))
     assert train.encoded("image")
     # the full run read every JPEG once, its second epoch served by the cache (learning itself takes
     # more than 2 epochs of 600 images: the demo's own run, in the README, shows it)
@@ -518,6 +523,40 @@ def test_unlabelled_sources_and_a_selection_by_any_name(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["method"] == "random"
     assert main(["info", str(tmp_path / "nowhere.npz")]) == 2
     assert "nowhere.npz" in capsys.readouterr().err
+
+
+def test_convert_reads_sources_under_home_as_the_shell_would(tmp_path, monkeypatch):
+    # the shell does not expand --labels=~/y.npy: '~/y.npy' was 'no such file'
+    monkeypatch.setenv("HOME", str(tmp_path))
+    np.save(tmp_path / "x.npy", np.ones((4, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(4) % 2)
+    assert main(["convert", "~/x.npy", str(tmp_path / "o.zarr"), "--labels=~/y.npy"]) == 0
+    assert open_dataset(str(tmp_path / "o.zarr")).num_samples == 4
+
+
+def test_demo_data_of_each_seed_is_its_own(tmp_path):
+    # named by size alone, seed 1's demo trained on the stores seed 0's left in the workdir
+    from nearstore.app.demo import demo_data
+
+    first, again, other = (demo_data("mnist1d", tmp_path, 300, 100, seed) for seed in (0, 0, 1))
+    assert first.train.manifest.fingerprint == again.train.manifest.fingerprint
+    assert other.train.manifest.fingerprint != first.train.manifest.fingerprint
+    assert other.test.manifest.fingerprint != first.test.manifest.fingerprint
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_and_leaves_nothing(tmp_path):
+    # kill, timeout and job schedulers send SIGTERM: it killed convert, leaving a half-written store
+    out = tmp_path / "m.zarr"
+    command = [sys.executable, "-m", "nearstore.app.cli", "convert", "mnist1d", str(out), "--num-samples", "70000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # past the write's first moments
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "nearstore convert: terminated" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_ctrl_c_ends_a_command_quietly_and_leaves_nothing(tmp_path):

@@ -132,7 +132,7 @@ def test_ranks_get_disjoint_equal_shares_whose_union_is_the_selection(served):
     assert len(set(results[0]) | set(results[1])) == n - n % 2
 
 
-def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
+def test_pushed_proxy_weights_drive_the_next_round(served, id_store, monkeypatch):
     torch.manual_seed(0)
     model = tiny_model()
     loader = StreamingLoader(served.url, batch_size=128, backend="torch", device="cpu")
@@ -148,10 +148,12 @@ def test_pushed_proxy_weights_drive_the_next_round(served, id_store):
     assert sorted(i for x, _ in loader for i in sample_ids(x)) == selection.ids.tolist()
     assert loader.io_stats()["scan_bytes"] > 0  # the new round's scan is counted
 
-    # The round before stays readable (a trainer mid-epoch finishes it); older ones are gone.
+    # The round before stays readable (a trainer mid-epoch finishes it); older ones, read by no
+    # trainer for ROUND_LEASE_SECONDS, are gone.
     source = FlightSource(served.url)
     previous = source.selection(first)
     assert len(source.read(previous.ids[:3], arrays=["x"], round=first)["x"]) == 3
+    monkeypatch.setattr("nearstore.serving.server.ROUND_LEASE_SECONDS", 0.0)
     source.select(keep=0.1, method="random", seed=0)
     with pytest.raises(RequestError, match=f"selection round {first} .* is not held"):
         source.read(previous.ids[:3], arrays=["x"], round=first)
