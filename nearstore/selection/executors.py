@@ -15,6 +15,7 @@ import os
 import queue
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError
 from typing import Any, Protocol, TypeVar
 
 import fsspec
@@ -32,6 +33,8 @@ Task = Callable[..., T]  # task(scan, shards, **arguments) -> a result that merg
 Reads = dict[str, int]  # {"bytes": ..., "requests": ...}
 # How often a driver waiting on its tasks asks whether anyone still waits for the round.
 CANCEL_CHECK_SECONDS = 0.1
+# How long a round on a cluster with no workers waits for one to join before it is refused.
+WORKERS_SECONDS = 30.0
 
 
 class Executor(Protocol):
@@ -116,29 +119,44 @@ class DaskExecutor:
         done: queue.SimpleQueue = queue.SimpleQueue()
         for future in futures:
             future.add_done_callback(done.put)
-        fetched = {}
+        position = {future.key: k for k, future in enumerate(futures)}
+        tree, fetched = _MergeTree(len(futures), merge), set()
         try:
-            while len(fetched) < len(futures):  # each fetched while the other tasks run
+            while len(fetched) < len(futures):  # each fetched and merged while the other tasks run
                 stop_if_cancelled(scan.cancelled, f"{name}'s tasks over {dataset.url!r} were done")
                 try:
                     future = done.get(timeout=CANCEL_CHECK_SECONDS)
                 except queue.Empty:
                     continue
-                fetched[future.key] = future.result()
-                self.result_bytes += payload_bytes(fetched[future.key][0])
+                try:
+                    part = future.result()
+                except CancelledError as e:  # distributed's, where the scheduler went away: no traceback of it
+                    raise ConnectionError(
+                        f"the Dask scheduler {_address(self.client)} was lost while {name} ran over "
+                        f"{dataset.url!r}: {e}"
+                    ) from e
+                fetched.add(future.key)
+                future.release()  # the worker frees it: the part is this process's alone to merge
+                self.result_bytes += payload_bytes(part[0])
+                tree.add(position[future.key], part)
         except RoundCancelled:
             self.client.cancel([future for future in futures if future.key not in fetched])
             raise
-        parts = [fetched.pop(future.key) for future in futures]
-        del futures, fetched  # the workers free them; the parts are this process's alone to merge
-        while len(parts) > 1:
-            merged = [_merged(merge, a, b) for a, b in zip(parts[::2], parts[1::2])]
-            parts = merged + ([parts[-1]] if len(parts) % 2 else [])
-        return parts[0]
+        return tree.root
 
     def _parts(self, num_shards: int) -> list[tuple[str | None, list[int]]]:
         """(worker or None, consecutive shards) of each task."""
         threads = self.client.nthreads()
+        if not threads:  # a task planned for no worker waits for ever, saying nothing
+            try:
+                self.client.wait_for_workers(1, timeout=WORKERS_SECONDS)
+            except TimeoutError as e:
+                raise ConnectionError(
+                    f"the Dask scheduler {_address(self.client)} has no workers: none joined within "
+                    f"{WORKERS_SECONDS:.0f} s"
+                ) from e
+            threads = self.client.nthreads()
+
         if self.shards_of is None:
             slots = max(1, sum(threads.values()))
             return [(None, p.tolist()) for p in np.array_split(np.arange(num_shards), min(slots, num_shards))]
@@ -230,6 +248,38 @@ def _on_worker(
     result = task(Scan(reader, scan["proxy"], scan["input_array"], scan["labels"], {}), shards, **arguments)
     reads = reader.stats.snapshot()
     return result, {"bytes": reads.bytes, "requests": reads.requests}
+
+
+class _MergeTree:
+    """Partial results 0..n-1 merged pairwise in a fixed tree as they come, whatever their order:
+    (0, 1), (2, 3), ... then their merges likewise, an odd last one carried up alone. What this
+    process holds at once is the results whose sibling is not in yet, not every partition's (SAGE's
+    sketch sets, one a worker thread): a result a level where tasks end in partition order."""
+
+    def __init__(self, n: int, merge: Callable[[T, T], T]) -> None:
+        self.merge, self.sizes = merge, [n]
+        while self.sizes[-1] > 1:
+            self.sizes.append((self.sizes[-1] + 1) // 2)
+        self.held: list[dict[int, tuple[T, Reads]]] = [{} for _ in self.sizes]
+        self.root: tuple[T, Reads] | None = None
+
+    def add(self, k: int, part: tuple[T, Reads]) -> None:
+        level = 0
+        while self.sizes[level] > 1:
+            if k % 2 == 0 and k == self.sizes[level] - 1:  # an odd last one: up alone
+                level, k = level + 1, k // 2
+                continue
+            sibling = self.held[level].pop(k ^ 1, None)
+            if sibling is None:
+                self.held[level][k] = part
+                return
+            part = _merged(self.merge, sibling, part) if k % 2 else _merged(self.merge, part, sibling)
+            level, k = level + 1, k // 2
+        self.root = part
+
+
+def _address(client: Any) -> str:
+    return str(getattr(client.scheduler, "address", None) or "(unknown address)")
 
 
 def _merged(merge: Callable[[T, T], T], a: tuple[T, Reads], b: tuple[T, Reads]) -> tuple[T, Reads]:

@@ -4,6 +4,8 @@ cluster (2 worker processes on 127.0.0.1) against the same scans in process."""
 from __future__ import annotations
 
 import operator
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -392,7 +394,63 @@ def test_a_pass_nobody_waits_for_cancels_its_tasks_not_done(client, blobs):
         with pytest.raises(RoundCancelled, match="stopped before stall_after_first's tasks over .* were done"):
             executor.map_reduce(scan, stall_after_first, operator.add, name="stall")
         stalled = {key for key, shards in executor.placed.items() if shards[0] != 0}
-        held = client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.tasks))
+        deadline = time.monotonic() + 10  # the scheduler forgets a cancelled task as its worker hears of it
+        while (held := client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.tasks))) & stalled:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert stalled and not stalled & held  # cancelled from the driver: the scheduler forgot them
     finally:
         release.set()  # the stalled task, cancelled, still held its worker's thread
+
+
+def test_results_merge_in_one_tree_as_they_come_whatever_their_order():
+    # every partition's result was held until the last came: SAGE's sketch sets, one a worker thread
+    from nearstore.selection.executors import _MergeTree
+
+    def reference(parts: list) -> tuple:
+        while len(parts) > 1:  # level by level, an odd last one carried up
+            merged = [((a[0], b[0]), {"bytes": a[1]["bytes"] + b[1]["bytes"]}) for a, b in zip(parts[::2], parts[1::2])]
+            parts = merged + ([parts[-1]] if len(parts) % 2 else [])
+        return parts[0]
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 5, 8, 13):
+        parts = [(k, {"bytes": k}) for k in range(n)]
+        for trial, order in enumerate([np.arange(n), *(rng.permutation(n) for _ in range(5))]):
+            tree, most = _MergeTree(n, lambda a, b: (a, b)), 0
+            for k in order:
+                tree.add(int(k), parts[k])
+                most = max(most, sum(len(level) for level in tree.held))
+            assert tree.root == reference(parts)  # not commutative, not associative: the same tree
+            assert most <= (len(tree.sizes) if trial == 0 else n - 1)  # in order: a result a level
+
+
+def test_a_cluster_without_workers_and_tasks_cancelled_under_a_round_are_named(blobs, monkeypatch):
+    # no workers: the round waited for ever, saying nothing; a scheduler lost mid-round cancels the
+    # tasks, whose CancelledError reached the command line as a traceback
+    dataset, _, _, proxy = blobs
+    monkeypatch.setattr("nearstore.selection.executors.WORKERS_SECONDS", 0.5)
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
+        with distributed.Client(empty) as client:
+            with pytest.raises(ConnectionError, match=r"the Dask scheduler .* has no workers: none joined within 0 s"):
+                Graft().select(dataset, 0.2, proxy=proxy, executor=DaskExecutor(client))
+    cluster = local_cluster()
+    with distributed.Client(cluster) as client:
+        first_done, release = distributed.Event("lost-first"), distributed.Event("lost")
+        scan = Scan(SelectiveReader(dataset, ["x", "y"]), proxy, "x", "y", {})
+        executor = DaskExecutor(client)
+
+        def lose() -> None:  # as the scheduler's loss does: every task not done cancelled under the driver
+            first_done.wait(60)
+            client.cancel([distributed.Future(key, client) for key, shards in executor.placed.items() if shards[0]])
+
+        thread = threading.Thread(target=lose)
+        thread.start()
+        try:
+            with pytest.raises(ConnectionError, match="the Dask scheduler .* was lost while stall_after_first ran"):
+                executor.map_reduce(scan, stall_after_first, operator.add, name="lost")
+        finally:
+            release.set()
+            thread.join()
+    cluster.close()
