@@ -232,6 +232,11 @@ class Run:
     class_shares: list[float] | None = None  # of the training split, class by class
     noisy_share: float = math.nan  # of the samples each round selected, the share with a wrong label
     noisy_shares: list[float] | None = None  # round by round
+    # the command's settings a run was made with (None: logged before they were recorded), which a
+    # report keeps apart: a --tiny smoke run in the same log pulled the target down
+    every: int | None = None
+    threads: int | None = None
+    tiny: bool | None = None
 
 
 class Pixels(nn.Module):
@@ -350,7 +355,7 @@ def recipe_of(name: str) -> dict[str, float]:
     return {"batch_size": BATCH_SIZE, "lr": LEARNING_RATE, **RECIPES.get(name.split("/")[0].split("+")[0], {})}
 
 
-def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None, order=None) -> Run:
+def train(name, store, test, factory, method, keep, seed, epochs, every, flipped=None, order=None, tiny=False) -> Run:
     """One run; `order`: the loader's shuffle options (default: its own)."""
     # Opened afresh: each run reads its labels and shard indexes itself, as a new job would; its
     # rounds then share them (an opened dataset keeps them).
@@ -433,6 +438,9 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
         class_shares=shares.tolist(),
         noisy_share=float(np.mean(noisy)) if noisy else math.nan,
         noisy_shares=noisy or None,
+        every=every,
+        threads=torch.get_num_threads(),
+        tiny=tiny,
     )
 
 
@@ -651,20 +659,27 @@ def main() -> None:
             plan += [(m, k, round(args.epochs / k)) for k in args.budgets for m in args.methods if m != "full"]
         for method, keep, epochs in plan:
             for seed in args.seeds:
-                run = train(name, store, test, factory, method, keep, seed, epochs, args.every, flipped, order)
+                run = train(
+                    name, store, test, factory, method, keep, seed, epochs, args.every, flipped, order, args.tiny
+                )
                 runs.append(run)
                 with log.open("a") as f:
                     f.write(json.dumps(asdict(run)) + "\n")
                 print(f"{name} {method} keep {keep:.0%} epochs {epochs} seed {seed}: {run.accuracy:.2%}", flush=True)
     if args.report_only:
         logged = [Run(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+        settings = {"every": args.every, "threads": args.threads, "tiny": args.tiny}
+        mine = [r for r in logged if all(getattr(r, k) in (None, v) for k, v in settings.items())]
+        if len(mine) < len(logged):
+            print(f"left out {len(logged) - len(mine)} logged runs made with other --every, --threads or --tiny")
         # a run repeated (same dataset, method, keep, epochs, seed) counts once: the latest
-        runs = list({(r.dataset, r.method, r.keep, r.epochs, r.seed): r for r in logged}.values())
-    # Target: 95% of the full-data accuracy (mean over seeds), per dataset.
-    target = {
-        name: 0.95 * float(np.mean([r.accuracy for r in runs if r.dataset == name and r.method == "full"] or [1.0]))
-        for name in {r.dataset for r in runs}
-    }
+        runs = list({(r.dataset, r.method, r.keep, r.epochs, r.seed): r for r in mine}.values())
+    # Target: 95% of the full-data accuracy (mean over seeds) in --epochs, per dataset.
+    target = {}
+    for name in {r.dataset for r in runs}:
+        full = [r for r in runs if r.dataset == name and r.method == "full"]
+        full = [r for r in full if r.epochs == args.epochs] or full
+        target[name] = 0.95 * float(np.mean([r.accuracy for r in full] or [1.0]))
     rows = summarize(runs, target)
     report(rows)
     meta = {

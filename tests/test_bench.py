@@ -103,3 +103,29 @@ def test_bench_arguments_out_of_range_are_refused_before_any_run(bench, argument
     command = [sys.executable, str(ROOT / "bench" / f"{bench}.py"), *arguments, "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr and not any(tmp_path.iterdir())
+
+
+def test_a_report_keeps_runs_of_other_settings_apart(tmp_path):
+    # a --tiny smoke run logged beside the real runs pulled the 95%-of-full target down from 0.90 to
+    # 0.73, and a random row that never passed 0.78 was said to reach it
+    def run(method: str, seed: int, epochs: int, curve: list[float], **settings) -> dict:
+        clock = [float(i + 1) for i in range(len(curve))]
+        return {
+            **{"dataset": "mnist1d", "method": method, "keep": 1.0 if method == "full" else 0.1, "seed": seed},
+            **{"epochs": epochs, "accuracy": curve[-1], "curve": curve, "seconds": clock[-1], "clock": clock},
+            **{"epoch_seconds": [1.0] * len(curve), "selection_seconds": [], "scan_bytes": 0, "shipped_bytes": 0},
+            **{"distinct_samples": 100, "steps": 10, **settings},
+        }
+
+    real = [run("full", s, 15, [0.5 + 0.032 * i for i in range(15)], every=3, threads=2, tiny=False) for s in (0, 1)]
+    real += [run("random", s, 15, [0.5 + 0.02 * i for i in range(15)], every=3, threads=2, tiny=False) for s in (0, 1)]
+    tiny = [run("full", 0, 15, [0.30, 0.40], every=3, threads=2, tiny=True)]  # even of as many epochs
+    (tmp_path / "selection_quality.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tiny + real))
+    command = [sys.executable, str(ROOT / "bench" / "selection_quality.py"), "--report-only", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "left out 1 logged runs made with other --every, --threads or --tiny" in done.stdout
+    result = json.loads((tmp_path / "selection_quality.json").read_text())
+    assert result["meta"]["target"]["mnist1d"] == pytest.approx(0.95 * (0.5 + 0.032 * 14))
+    random = next(row for row in result["rows"] if row["method"] == "random")
+    assert random["seconds_to_target"] is None and random["seeds"] == 2
