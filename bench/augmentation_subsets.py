@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import check_arguments, corrupted  # noqa: E402  (the noisy split, written once)
+from selection_quality import check_arguments, corrupted, seed_std  # noqa: E402  (the noisy split, written once)
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import AugmentAware, Dataset, Selection, random_select  # noqa: E402
@@ -142,9 +142,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "keep": keep,
                 "seeds": len(mine),
                 "accuracy": float(np.mean(accuracies)),
-                "std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+                "std": seed_std(accuracies) or 0.0,
                 "gain": float(np.mean(gains)) if gains else None,
-                "gain_std": float(np.std(gains, ddof=1)) if len(gains) > 1 else None,
+                "gain_std": seed_std(gains),
                 "ahead": f"{sum(g > 0 for g in gains)}/{len(gains)}" if gains else None,
                 "augmented": augmented,
                 "augmented_vs_all": augmented / np.mean([r["augmented"] for r in full]) if full else None,

@@ -69,6 +69,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -444,6 +445,11 @@ def train(name, store, test, factory, method, keep, seed, epochs, every, flipped
     )
 
 
+def seed_std(values: Sequence[float]) -> float | None:
+    """The sample standard deviation over seeds (ddof 1: every ± of the benches); None for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
     """Mean ± std over seeds of each (dataset, method, keep, epochs)."""
     groups: dict[tuple, list[Run]] = {}
@@ -469,7 +475,7 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "epochs": epochs,
                 "seeds": len(members),
                 "accuracy_mean": float(acc.mean()),
-                "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "accuracy_std": seed_std(acc) or 0.0,
                 "balanced_accuracy_mean": float(np.mean([r.balanced_accuracy for r in members])),
                 "natural_accuracy_mean": float(np.mean([r.natural_accuracy for r in members])),
                 # each class's test accuracy, averaged over the seeds, and the rarer half's (a long
@@ -478,7 +484,7 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "rare_half_accuracy_mean": float(np.mean([rare_half(r) for r in shared])) if shared else math.nan,
                 "noisy_share": float(np.mean([r.noisy_share for r in members])),
                 "paired_gain_mean": float(gains.mean()) if len(gains) else None,
-                "paired_gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else None,
+                "paired_gain_std": seed_std(gains),
                 "seeds_ahead": f"{int((gains > 0).sum())}/{len(gains)}" if len(gains) else None,
                 "seconds": float(np.mean([r.seconds for r in members])),
                 "seconds_to_target": None if None in to_target else float(np.mean(to_target)),
