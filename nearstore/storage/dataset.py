@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import json
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -278,6 +280,24 @@ def array_layout(array: zarr.Array, document: Mapping[str, Any]) -> dict[str, An
     return layout if ragged is None else {**layout, "ragged": ragged}
 
 
+def _moved_aside(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """Where a local overwrite stopped between its two renames left the stores: the old one moved
+    aside (`.replaced-*`) and the new one whole (`.writing-*`), named so; nothing is at the URL."""
+    if not isinstance(fs, LocalFileSystem):
+        return ""
+    beside = sorted(
+        path
+        for path in fs.glob(f"{glob.escape(root)}.*")
+        if re.fullmatch(r"\.(replaced|writing)-[0-9a-f]{8}", path[len(root) :])
+    )
+    if not beside:
+        return ""
+    return (
+        f"; an overwrite stopped half-way left {', '.join(repr(p) for p in beside)} beside it (.replaced-: the old "
+        "dataset, .writing-: the new one, whole where `nearstore verify` says so): rename the one you want to it"
+    )
+
+
 def _checksummed(codecs: Any) -> bool:
     """Whether a sharded array's inner chunks and shard index both end in a crc32c, as written."""
     sharding = [c for c in codecs or () if isinstance(c, Mapping) and c.get("name") == "sharding_indexed"]
@@ -459,7 +479,7 @@ def _dataset(
     """The dataset whose group's zarr.json is `group_json` and whose arrays' are `read_arrays`
     (None: missing), refused with a message naming `url` where they do not make one."""
     if group_json is None:
-        raise FileNotFoundError(f"no zarr group at {url!r}: it has no {ZARR_JSON}")
+        raise FileNotFoundError(f"no zarr group at {url!r}: it has no {ZARR_JSON}{_moved_aside(fs, root)}")
     if group_json.get("zarr_format") != 3 or group_json.get("node_type") != "group":
         raise FileNotFoundError(
             f"no zarr group at {url!r}: its {ZARR_JSON} is a {group_json.get('node_type')!r} node of zarr format "

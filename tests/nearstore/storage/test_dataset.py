@@ -500,3 +500,16 @@ def test_a_failed_write_removes_the_folders_it_made_on_the_way(tmp_path):
     with pytest.raises(RuntimeError, match="the source failed"):
         write_dataset(str(tmp_path / "runs" / "2026" / "train.zarr"), batches(), shard_samples=2)
     assert list(tmp_path.iterdir()) == []  # runs/2026/ stayed behind
+
+
+def test_an_overwrite_stopped_between_its_renames_names_both_stores(tmp_path):
+    # nothing at the URL, and the refusal named neither the old store moved aside nor the new one
+    url = tmp_path / "ds.zarr"
+    for suffix in (".replaced-0123abcd", ".writing-89abcdef"):
+        write_dataset(str(url), [{"x": np.arange(4, dtype=np.float32)[:, None]}], label_array=None)
+        url.rename(f"{url}{suffix}")
+    with pytest.raises(FileNotFoundError, match="an overwrite stopped half-way left .*ds.zarr.replaced-0123abcd', "):
+        open_dataset(str(url))
+    (tmp_path / "other.zarr").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"it has no zarr.json$"):  # nothing beside it: said as before
+        open_dataset(str(tmp_path / "other.zarr"))
