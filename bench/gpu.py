@@ -190,6 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     args.samples = 4096 if args.tiny else args.samples
     args.images = 64 if args.tiny else args.images
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # torch's bare AssertionError else
+        parser.error(f"--device {args.device}: this torch sees no CUDA device (--device cpu runs its code paths)")
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"device": name, "torch": torch.__version__, "samples": args.samples, "loader": {}}

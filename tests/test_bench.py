@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(path.stem for path in (ROOT / "bench").glob("*.py"))
@@ -98,6 +99,7 @@ def test_selection_quality_plots_a_run_of_all_data_alone(tmp_path, monkeypatch):
         ("augmentation_subsets", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
         ("selection_quality", ["--shuffle-blocks", "64", "0"], "--shuffle-blocks must be >= 1, got [64, 0]"),
         ("selection_quality", ["--seeds", "0", "0", "1"], "--seeds names a seed twice: [0, 0, 1]"),
+        *[("gpu", [], "--device cuda: this torch sees no CUDA device")] * (not torch.cuda.is_available()),
     ],
 )
 def test_bench_arguments_out_of_range_are_refused_before_any_run(bench, arguments, message, tmp_path):
