@@ -34,7 +34,7 @@ from nearstore import (
     SampleIdError,
     Selection,
 )
-from nearstore.checks import check_flag, check_integer
+from nearstore.checks import check_flag, check_integer, is_integer
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
 from nearstore.selection.proxies import nested
@@ -1219,6 +1219,9 @@ def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int,
     initialized = dist.is_available() and dist.is_initialized()
     if world_size is None:
         world_size = dist.get_world_size() if initialized else 1
+    if rank is None and not initialized and is_integer(world_size) and world_size > 1:
+        # as DistributedSampler refuses it: every process would take rank 0's share
+        raise ParameterError(f"world_size={world_size} needs rank= (torch.distributed is not initialized)")
     if rank is None:
         rank = dist.get_rank() if initialized else 0
     return rank, world_size

@@ -284,6 +284,8 @@ def test_bad_arguments_are_named(id_store, tmp_path):
         ({"shuffle": "no"}, "shuffle must be True, False or one of ('global', 'shards'), got 'no'"),
         ({"seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"rank": 1.0, "world_size": 2}, "rank must be an integer >= 0, got 1.0"),
+        # every process took rank 0's share
+        ({"world_size": 2}, "world_size=2 needs rank= (torch.distributed is not initialized)"),
         ({"warm_start_epochs": "1"}, "warm_start_epochs must be an integer >= 0, got '1'"),
         ({"weights": "yes"}, "weights must be True or False, got 'yes'"),
         ({"prefetch": "2"}, "prefetch must be an integer >= 1, got '2'"),
