@@ -163,9 +163,11 @@ def write_dataset(
         if replacing:
             _check_whole(fs, target, written.sizes, url)
     except BaseException:  # what was written is ours alone, and not a dataset: nothing is left
-        if empty:  # the folder was there before: emptied again, not removed
+        if empty:  # the folder was there before: emptied again, not removed (nor its folder marker)
             for path in fs.ls(target, detail=False, refresh=True):
-                fs.rm(path, recursive=True)
+                if path != f"{target.rstrip('/')}/":  # removing it removed all under it: the next rm raised
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm(path, recursive=True)
         elif fs.exists(target):
             fs.rm(target, recursive=True)
         for folder in made:  # deepest first; one another writer has filled since is kept

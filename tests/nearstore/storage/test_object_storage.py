@@ -506,10 +506,21 @@ def test_a_dataset_is_written_in_an_empty_s3_folder_whose_marker_is_left_alone(s
     )
     client.create_bucket(Bucket="nearstore-folder")
     client.put_object(Bucket="nearstore-folder", Key="ds.zarr/", Body=b"")  # a console's "create folder"
+    client.put_object(Bucket="nearstore-folder", Key="failed.zarr/", Body=b"")
+
+    def failing():  # a source that fails after its first shard: the write is undone, the marker kept
+        yield next(batches(data))
+        raise RuntimeError("the source failed")
+
+    # its cleanup removed the marker first, with all under it, then raised FileNotFoundError for the
+    # shards, hiding the source's error
+    with pytest.raises(RuntimeError, match="the source failed"):
+        write_dataset("s3://nearstore-folder/failed.zarr", failing(), storage_options=options, shard_samples=SHARD)
     dataset = write_dataset("s3://nearstore-folder/ds.zarr", batches(data), storage_options=options)
     assert dataset.num_samples == N and verify_dataset(dataset, progress=False) == []
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="nearstore-folder")["Contents"]]
     assert "ds.zarr/" in keys and "ds.zarr/zarr.json" in keys
+    assert [k for k in keys if k.startswith("failed.zarr")] == ["failed.zarr/"]
 
 
 def test_a_selection_is_saved_beside_the_data_with_the_stores_options(s3, s3_store):
