@@ -15,8 +15,10 @@ renamed, or on object storage each new object copied in once, the old store move
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -57,6 +59,7 @@ from nearstore.storage.dataset import (
 from nearstore.storage.digests import digest_samples, fingerprint, new_digest
 from nearstore.storage.ragged import RaggedLayout
 
+log = logging.getLogger("nearstore")
 DEFAULT_SHARD_SAMPLES = 1024
 # Small fixed-size samples are stored this many bytes an inner chunk at most (`chunk_samples`): a
 # sample alone is never worth a request (`Coalescing` prices one at 64 KiB), so a chunk of several
@@ -69,6 +72,8 @@ _COMPRESSION_SAMPLES = 64
 # The suffix of the URL where a replacement writes the new store beside the old one: the only
 # store a root's replacement pointer (`REPLACEMENT_KEY`) may have deleted, whatever it names.
 _BESIDE = re.compile(r"\.writing-[0-9a-f]{8}")
+# Where a local replacement moves the old store aside before it renames the new one in.
+_REPLACED = re.compile(r"\.replaced-[0-9a-f]{8}")
 
 
 def write_dataset(
@@ -176,7 +181,33 @@ def write_dataset(
         raise
     if replacing:
         _replace(fs, root, suffix, written.sizes, url, stopped)
+        _remove_left_beside(fs, root, url)
     return dataset
+
+
+def _remove_left_beside(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Remove what earlier replacements of `root` killed half-way left beside it, which nothing
+    else names: a new store (`.writing-*`, whole or still marked as being written; one the root no
+    longer names once a later replacement wrote its own pointer) and, locally, an old one moved
+    aside (`.replaced-*`). A failure is logged: the dataset is whole."""
+    left = []
+    for path in fs.glob(f"{glob.escape(root)}.*"):
+        name = path[len(root) :]
+        if _REPLACED.fullmatch(name) and isinstance(fs, LocalFileSystem):
+            left.append(path)
+        elif _BESIDE.fullmatch(name):
+            try:
+                attributes = json.loads(fs.cat_file(f"{path}/{ZARR_JSON}")).get("attributes") or {}
+            except (OSError, ValueError, AttributeError):
+                continue  # not ours to tell: kept
+            if attributes.get(WRITING_KEY) is True or isinstance(attributes.get(ATTRS_KEY), dict):
+                left.append(path)
+    for path in left:
+        log.warning("removing %s, which a replacement of %s stopped half-way left", path, url)
+        try:
+            fs.rm(path, recursive=True)
+        except OSError as e:
+            log.warning("could not remove %s (%s): delete it yourself", path, e)
 
 
 # The numpy kinds of fixed-size samples: bool, signed and unsigned integers, floats. Fixed-width
@@ -276,7 +307,7 @@ def _replace(
     name = url.rstrip("/")
     local = isinstance(fs, LocalFileSystem)
     if local:  # folders are renamed, never copied (fsspec's mv copies and deletes where rename fails)
-        replaced = f".replaced-{uuid.uuid4().hex[:8]}"
+        replaced = f".replaced-{uuid.uuid4().hex[:8]}"  # _REPLACED
         try:
             os.rename(root, root + replaced)
             try:

@@ -513,3 +513,22 @@ def test_an_overwrite_stopped_between_its_renames_names_both_stores(tmp_path):
     (tmp_path / "other.zarr").mkdir()
     with pytest.raises(FileNotFoundError, match=r"it has no zarr.json$"):  # nothing beside it: said as before
         open_dataset(str(tmp_path / "other.zarr"))
+
+
+def test_an_overwrite_removes_what_replacements_killed_half_way_left_beside_the_dataset(tmp_path, caplog):
+    # a killed overwrite's new store (.writing-*) or old one moved aside (.replaced-*) stayed for ever,
+    # whole copies of the dataset that nothing named
+    url = tmp_path / "ds.zarr"
+
+    def write(where: Path, value: float) -> None:
+        write_dataset(str(where), [{"x": np.full((4, 1), value, np.float32)}], label_array=None, overwrite=True)
+
+    write(url, 0)
+    for suffix in (".writing-0123abcd", ".replaced-89abcdef"):
+        write(Path(f"{url}{suffix}"), 1)
+    (tmp_path / "ds.zarr.writing-deadbeef").mkdir()  # no zarr group: not known to be ours, kept
+    (tmp_path / "ds.zarr.notes").write_text("mine")
+    write(url, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.zarr", "ds.zarr.notes", "ds.zarr.writing-deadbeef"]
+    assert "removing " in caplog.text and "ds.zarr.replaced-89abcdef" in caplog.text
+    np.testing.assert_array_equal(open_dataset(str(url)).arrays["x"][:], np.full((4, 1), 2, np.float32))
