@@ -678,6 +678,8 @@ def main() -> None:
         mine = [r for r in logged if all(getattr(r, k) in (None, v) for k, v in settings.items())]
         if len(mine) < len(logged):
             print(f"left out {len(logged) - len(mine)} logged runs made with other --every, --threads or --tiny")
+        if not mine:
+            parser.error(f"--report-only: no run logged in {args.out} was made with {settings}")
         # a run repeated (same dataset, method, keep, epochs, seed) counts once: the latest
         runs = list({(r.dataset, r.method, r.keep, r.epochs, r.seed): r for r in mine}.values())
     # Target: 95% of the full-data accuracy (mean over seeds) in --epochs, per dataset.

@@ -125,6 +125,7 @@ def test_a_report_keeps_runs_of_other_settings_apart(tmp_path):
     tiny = [run("full", 0, 15, [0.30, 0.40], every=3, threads=2, tiny=True)]  # even of as many epochs
     (tmp_path / "selection_quality.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tiny + real))
     command = [sys.executable, str(ROOT / "bench" / "selection_quality.py"), "--report-only", "--out", str(tmp_path)]
+    command += ["--every", "3", "--threads", "2"]  # the settings of the runs to report
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "left out 1 logged runs made with other --every, --threads or --tiny" in done.stdout
