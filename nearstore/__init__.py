@@ -23,6 +23,7 @@ _MODULES = {
         "RoundCancelled",
         "SampleError",
         "SampleIdError",
+        "StorageError",
     ),
     "nearstore.selection": ("ModelProxy", "RandomFeatureProxy", "Selection", "keep_freed_memory"),
     "nearstore.selection.selectors": (

@@ -49,6 +49,12 @@ class RequestError(NearstoreError, ValueError):
     """A request a server refuses: malformed, too large, or for a round it does not hold."""
 
 
+class StorageError(NearstoreError, OSError):
+    """A server's storage failed a read after its retries (unreachable, refusing): what the
+    server says to a trainer in place of an unnamed internal error, an OSError as the store's own
+    failure is in process."""
+
+
 class RoundCancelled(NearstoreError):
     """A selection round stopped before its end, nothing of it kept: nobody waits for it any more
     (its select's caller gave up or went away, and no retry of that select waits for it)."""
@@ -64,6 +70,7 @@ ERRORS: dict[str, type[NearstoreError]] = {
         SampleError,
         IntegrityError,
         RequestError,
+        StorageError,
         RoundCancelled,
     )
 }
@@ -77,3 +84,13 @@ STORAGE_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fssp
 def storage_error(e: BaseException) -> bool:
     """Whether `e` is a storage backend's own error (credentials, a bucket, a refused request)."""
     return type(e).__module__.split(".")[0] in STORAGE_MODULES
+
+
+def restated(error: Exception, message: str) -> Exception:
+    """`error` said anew as `message` (where it happened), of its own class where that class takes
+    a message alone; botocore's take keyword arguments only (building one raised KeyError), so an
+    OSError for them, a NearstoreError for anything else."""
+    try:
+        return type(error)(message)
+    except Exception:
+        return OSError(message) if isinstance(error, OSError) else NearstoreError(message)

@@ -25,7 +25,7 @@ from nearstore.app import converters
 from nearstore.app.encoded_converters import EncodedImages, imagefolder_images, mds_images, webdataset_images
 from nearstore.app.synthetic import shapes_images
 from nearstore.app.table_converters import TABLE_SUFFIXES, open_table, table_format
-from nearstore.errors import storage_error
+from nearstore.errors import restated, storage_error
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
 from nearstore.selection.record import write_whole
 from nearstore.storage import read_labels
@@ -566,14 +566,14 @@ def _check_writable(url: str, what: str) -> None:
         fs.rm_file(probe)
     except OSError as e:
         reason = e.strerror or str(e)  # not the probe's name, which the user never gave
-        raise type(e)(f"cannot write {what} to {url!r}: {reason}") from e
+        raise restated(e, f"cannot write {what} to {url!r}: {reason}") from e
 
 
 def _write(url: str, what: str, data: bytes) -> None:
     try:
         write_whole(url, data)
     except OSError as e:
-        raise type(e)(f"cannot write {what} to {url!r}: {e}") from e
+        raise restated(e, f"cannot write {what} to {url!r}: {e}") from e
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from nearstore.checks import check_integer
-from nearstore.errors import DatasetError, NearstoreError, ParameterError, RoundCancelled
+from nearstore.errors import DatasetError, NearstoreError, ParameterError, RoundCancelled, restated
 from nearstore.selection.stages import Scan, stop_if_cancelled
 from nearstore.storage import SelectiveReader, open_dataset
 from nearstore.storage.dataset import sample_identity
@@ -238,7 +238,8 @@ def _on_worker(
     try:
         dataset = open_dataset(url, storage_options=storage_options)
     except (NearstoreError, OSError) as e:
-        raise type(e)(f"a Dask worker could not open the dataset at {url!r} (workers read it at that URL): {e}") from e
+        said = f"a Dask worker could not open the dataset at {url!r} (workers read it at that URL): {e}"
+        raise restated(e, said) from e
     if sample_identity(dataset.identity()) != identity:
         raise DatasetError(
             f"a Dask worker opened another dataset at {url!r} than the client's (its fingerprint, arrays or size "

@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from nearstore.errors import DatasetError, NearstoreError, SampleIdError, storage_error
+from nearstore.errors import DatasetError, NearstoreError, SampleIdError, restated, storage_error
 from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity
 
 SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
@@ -228,7 +228,7 @@ class Selection:
             }
             return cls(**columns, **fields, suspects=suspects, carry=carry)
         except NearstoreError as e:  # the record's own refusal, told where the record came from
-            raise type(e)(f"{where}: {e}") from e
+            raise restated(e, f"{where}: {e}") from e
 
     def save(self, url: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> None:
         """Write to a local path or any fsspec URL (`storage_options` for its filesystem, as

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from nearstore.errors import ERRORS, IntegrityError, NearstoreError, ParameterError, RequestError
+from nearstore.errors import ERRORS, IntegrityError, NearstoreError, ParameterError, RequestError, restated
 from nearstore.storage.dataset import check_ids
 from nearstore.storage.images import ImageTransform
 
@@ -83,7 +83,7 @@ def read_pem(path: str | os.PathLike[str], option: str) -> bytes:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise type(e)(f"cannot read {option} {str(path)!r}: {e.strerror or e}") from e
+        raise restated(e, f"cannot read {option} {str(path)!r}: {e.strerror or e}") from e
     if b"-----BEGIN " not in data:  # gRPC would only say that the server or the channel failed
         raise ParameterError(f"{option} {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
     return data

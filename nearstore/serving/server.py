@@ -34,7 +34,15 @@ import pyarrow.flight as flight
 import torch
 
 from nearstore.checks import check_integer
-from nearstore.errors import DatasetError, IntegrityError, NearstoreError, ParameterError, RequestError, RoundCancelled
+from nearstore.errors import (
+    DatasetError,
+    IntegrityError,
+    NearstoreError,
+    ParameterError,
+    RequestError,
+    RoundCancelled,
+    StorageError,
+)
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection, default_reselect
 from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
@@ -333,9 +341,15 @@ class NearStoreServer(flight.FlightServerBase):
             return self._reader(names).read(ids)
         except IntegrityError as e:
             log.error("damaged store: %s", e)
-            # the root as the filesystem names the shards (a relative URL's absolute path) first
-            hidden = str(e).replace(self.dataset.filesystem()[1], self.name).replace(self.dataset.url, self.name)
-            raise IntegrityError(hidden, e.ids) from None
+            raise IntegrityError(self._hidden(e), e.ids) from None
+        except OSError as e:  # the storage failed, retries spent: said as such, not an internal error
+            log.error("storage failed a read: %s", e)
+            raise StorageError(f"the storage of {self.name!r} failed a read: {self._hidden(e)}") from None
+
+    def _hidden(self, error: Exception) -> str:
+        """The error's message with the store's URL replaced by the served name (the root as the
+        filesystem names the shards, a relative URL's absolute path, first)."""
+        return str(error).replace(self.dataset.filesystem()[1], self.name).replace(self.dataset.url, self.name)
 
     # Actions ---------------------------------------------------------------------------------
 

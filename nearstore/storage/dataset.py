@@ -33,6 +33,7 @@ import math
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -405,6 +406,11 @@ def with_store_defaults(url: str, storage_options: dict[str, Any]) -> dict[str, 
 _CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")
 
 
+# Seconds before each new request for what came back short or failed: 0.35 s in all before a short
+# range is damage (on S3, a fault of the way heals at once; a cut object stays cut).
+SHORT_READ_BACKOFF = (0.05, 0.1, 0.2)
+
+
 def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Dataset:
     """Open a nearstore dataset read-only; errors name the URL and what is missing.
 
@@ -596,17 +602,29 @@ def _dataset(
 
 def _read_json(fs: fsspec.AbstractFileSystem, paths: list[str], stats: IOStats) -> list[dict[str, Any] | None]:
     """The JSON objects at `paths` (None: no such file), read in one call, concurrent on an async
-    filesystem, and counted in `stats`."""
-    # From byte 0 rather than whole: s3fs asks an object's size (a HEAD) before reading it whole.
-    blobs = fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
-    stats.add(requests=len(paths), bytes=sum(len(b) for b in blobs if isinstance(b, bytes)))
+    filesystem, and counted in `stats`. A read that fails, or a body that is not whole JSON (cut
+    on the way), is asked again (SHORT_READ_BACKOFF) before it is an OSError naming the object, or
+    a DatasetError: one fault of the way failed the open, read as damage to the store."""
+    blobs: list[Any] = [None] * len(paths)
+    todo = list(range(len(paths)))
+    for delay in (0.0, *SHORT_READ_BACKOFF):
+        time.sleep(delay)
+        asked = [paths[k] for k in todo]
+        # From byte 0 rather than whole: s3fs asks an object's size (a HEAD) before reading it whole.
+        answers = fs.cat_ranges(asked, [0] * len(asked), [None] * len(asked), on_error="return")
+        stats.add(requests=len(asked), bytes=sum(len(b) for b in answers if isinstance(b, bytes)))
+        for k, answer in zip(todo, answers):
+            blobs[k] = answer
+        todo = [k for k in todo if not _whole_json(blobs[k])]
+        if not todo:
+            break
     documents: list[dict[str, Any] | None] = []
     for path, blob in zip(paths, blobs):
         if isinstance(blob, FileNotFoundError):
             documents.append(None)
             continue
-        if isinstance(blob, Exception):
-            raise blob
+        if isinstance(blob, Exception):  # a storage backend's own (botocore's are no OSError): named
+            raise OSError(f"reading {path!r} failed: {type(blob).__name__}: {blob}") from blob
         try:
             document = json.loads(blob)
         except ValueError as e:
@@ -615,6 +633,19 @@ def _read_json(fs: fsspec.AbstractFileSystem, paths: list[str], stats: IOStats) 
             raise DatasetError(f"{path!r} holds a JSON {type(document).__name__}, not an object")
         documents.append(document)
     return documents
+
+
+def _whole_json(blob: Any) -> bool:
+    """Whether a read's answer needs no second ask: JSON, or no such file."""
+    if isinstance(blob, FileNotFoundError):
+        return True
+    if isinstance(blob, Exception):
+        return False
+    try:
+        json.loads(blob)
+    except ValueError:
+        return False
+    return True
 
 
 def _zarr_store(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any]) -> Store:

@@ -30,14 +30,11 @@ from fsspec.implementations.local import LocalFileSystem
 from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.chunk_cache import ChunkCache, ChunkKey
 from nearstore.storage.codecs import NOT_STORED, ChunkCodecs, Sharding, crc32c_before
-from nearstore.storage.dataset import Dataset, check_ids
+from nearstore.storage.dataset import SHORT_READ_BACKOFF, Dataset, check_ids
 from nearstore.storage.digests import content_digest
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 
-# Seconds before each new request for the ranges still short: 0.35 s in all before a short range
-# is damage (on S3, a fault of the way heals at once; a cut object stays cut).
-SHORT_READ_BACKOFF = (0.05, 0.1, 0.2)
 WHOLE_READ_SHARDS = 64  # shard objects a read of a whole array asks at once
 GATHER_BYTES = 4 << 20  # raw chunks copied out of a read's bytes at a time (`_ReadPlan.decode`)
 
@@ -179,7 +176,7 @@ class SelectiveReader:
                     for first in range(0, self.num_samples, step)
                 ]
             finally:
-                self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests)
+                self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests, retries=reader.stats.retries)
             values = np.concatenate(parts)
             values.flags.writeable = False  # shared by every later reader: none may change it
             return values

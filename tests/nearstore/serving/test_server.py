@@ -725,8 +725,8 @@ def test_refusals_and_internal_errors_carry_no_traceback_or_server_path(served, 
     with pytest.raises(flight.FlightServerError) as refusal:
         client.do_get(flight.Ticket(json.dumps({**ticket, "ids": [10**30]}).encode())).read_all()
 
-    def failing_reader(names):
-        raise OSError(f"cannot read {id_store_url}/x/c/0")
+    def failing_reader(names, error=RuntimeError):
+        raise error(f"cannot read {id_store_url}/x/c/0")
 
     monkeypatch.setattr(served, "_reader", failing_reader)
     with caplog.at_level("ERROR", logger="nearstore"), pytest.raises(flight.FlightServerError) as internal:
@@ -734,6 +734,10 @@ def test_refusals_and_internal_errors_carry_no_traceback_or_server_path(served, 
     incident = re.search(r"internal error (\w+) \(the server's log holds its traceback\)", str(internal.value))[1]
     logged = [r for r in caplog.records if incident in r.getMessage()]
     assert len(logged) == 1 and "cannot read" in str(logged[0].exc_info[1])
+    # the storage failing a read is no internal error: an OSError named, its path the served name's
+    monkeypatch.setattr(served, "_reader", lambda names: failing_reader(names, OSError))
+    with pytest.raises(nearstore.StorageError, match="the storage of 'ids' failed a read: cannot read ids/x/c/0"):
+        FlightSource(served.url).read(ticket["ids"], arrays=["x"], round=ticket["round"])
     for error in (refusal.value, internal.value):
         seen = str(error) + (error.extra_info or b"").decode()
         assert "Traceback" not in seen and id_store_url not in seen

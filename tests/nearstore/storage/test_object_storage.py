@@ -661,3 +661,16 @@ def test_a_url_through_fsspecs_caching_layers_warns_that_io_stats_count_above_th
     caplog.clear()
     open_dataset(id_store_url)
     assert "fsspec's" not in caplog.text
+
+
+def test_an_error_is_restated_where_it_happened_whatever_its_class_takes():
+    # botocore's errors take keyword arguments only: restating one as type(e)(message) raised KeyError
+    from botocore.exceptions import ReadTimeoutError
+
+    from nearstore.errors import restated
+
+    timeout = ReadTimeoutError(endpoint_url="http://127.0.0.1:1")
+    said = restated(timeout, f"a Dask worker could not open the dataset: {timeout}")
+    assert type(said) is OSError and "could not open the dataset: Read timeout" in str(said)
+    assert type(restated(FileNotFoundError("x"), "where: x")) is FileNotFoundError
+    assert type(restated(DatasetError("x"), "where: x")) is DatasetError
