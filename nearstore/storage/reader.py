@@ -16,6 +16,7 @@ it waits for and takes from there, instead of fetching it too (`ChunkCache.claim
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -216,16 +217,31 @@ class SelectiveReader:
             [r[1] for r in ranges],
             np.array([_range_nbytes(*r) for r in ranges], dtype=np.int64),
         )
-        for (plan, shard, whole), blob in zip(wanted, blobs):
+        for (plan, shard, whole), blob, bounds in zip(wanted, blobs, ranges):
             name = plan.layout.name
-            try:
-                self._index[name][shard] = plan.layout.parse_index(blob, whole, shard)
-            except _Damaged as e:
-                raise plan.damage(shard, str(e), lasting=True) from None
+            self._index[name][shard], blob = self._parsed_index(plan, shard, whole, blob, bounds)
             self._indexed[name][shard] = True  # after the index: a thread that sees it finds the index
             if whole:
                 rows = np.flatnonzero(plan.shard_of_chunk == shard)
                 plan.add_pieces([0], [blob], rows, np.zeros(len(rows), dtype=np.int64))
+
+    def _parsed_index(
+        self, plan: _ReadPlan, shard: int, whole: bool, blob: bytes, bounds: tuple[int | None, int | None]
+    ) -> tuple[np.ndarray, bytes]:
+        """The shard's index parsed from `blob` (its range `bounds`), and the bytes it was parsed
+        from. One that fails its checks is asked again (SHORT_READ_BACKOFF) before it is lasting
+        damage: a range's bytes changed on the way (no client checksums a ranged GET) made the
+        opened dataset refuse a whole shard for good; a damaged object stays damaged."""
+        for delay in SHORT_READ_BACKOFF:
+            with contextlib.suppress(_Damaged):
+                return plan.layout.parse_index(blob, whole, shard), blob
+            time.sleep(delay)
+            self.stats.add(retries=1)
+            (blob,) = self._cat([(plan, shard)], [bounds[0]], [bounds[1]], np.array([_range_nbytes(*bounds)]))
+        try:
+            return plan.layout.parse_index(blob, whole, shard), blob
+        except _Damaged as e:
+            raise plan.damage(shard, str(e), lasting=True) from None
 
     def _fetch_chunks(self, plans: list[_ReadPlan], claimed: list[ChunkKey]) -> None:
         """Fetch every stored chunk not in hand yet. With a cache, those it holds are taken from
