@@ -660,11 +660,15 @@ class StreamingLoader:
         iteration resumes (a round selected now waits for it to end)."""
         return self._in_epoch or bool(self.order.resumes_at(self.epoch) or self.order.skipped)
 
+    def _ahead_due(self, completed: int) -> bool:
+        """Whether the round selected ahead is iterated once `completed` epochs are."""
+        return self._ahead is not None and completed > self._ahead[1]
+
     def _due_ids(self, completed: int) -> np.ndarray | None:
         """The ids the next epoch iterates once `completed` epochs are: a round selected ahead and
         due by then (waited for; one that failed raises at that iteration), else one selected
         during the last epoch; None: the current selection."""
-        if self._ahead is not None and completed > self._ahead[1]:
+        if self._ahead_due(completed):
             held = self._ahead[0]
             if not isinstance(held, Future):
                 return held[0]
@@ -715,7 +719,7 @@ class StreamingLoader:
         ahead if an epoch was completed since it was asked for (waiting for it)."""
         if self._pending is not None:
             self._take_pending()
-        if self._ahead is not None and self.epochs_completed > self._ahead[1]:
+        if self._ahead_due(self.epochs_completed):
             self.ids, self.sample_weights, self.round, self.carry = self._ahead_chosen()
             self._ahead = None
 

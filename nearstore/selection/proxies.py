@@ -418,10 +418,14 @@ class ModelProxy:
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         """Samples on the device as the model takes them: ragged ones as the loader yields them;
         floats in `input_dtype`, integers too unless the model looks them up (token ids)."""
-        chunk = nested(RaggedBatch.of(x), self.device) if x.dtype == object else torch.as_tensor(x, device=self.device)
+        chunk = self._as_stored(x)
         if self.input_dtype is None or (x.dtype == object and not chunk.is_floating_point()):  # ragged ids stay ids
             return chunk
         return chunk.to(self.input_dtype)
+
+    def _as_stored(self, x: np.ndarray) -> torch.Tensor:
+        """Samples on the device in their stored dtype: ragged ones as the loader yields them."""
+        return nested(RaggedBatch.of(x), self.device) if x.dtype == object else torch.as_tensor(x, device=self.device)
 
     def _settle_inputs(self, x: np.ndarray) -> None:
         """Find `input_dtype` by starting the model on one sample as stored and stopping it at the
@@ -441,13 +445,9 @@ class ModelProxy:
             raise _FirstLayer
 
         weighted = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
-        one = x[:1]
-        sample = (
-            nested(RaggedBatch.of(one), self.device) if x.dtype == object else torch.as_tensor(one, device=self.device)
-        )
         try:
             with _hooked(self.model, [module.register_forward_pre_hook(found) for module in weighted]):
-                self.model(sample)
+                self.model(self._as_stored(x[:1]))
         except Exception:  # stopped at its first layer (_FirstLayer), or it refused integers: the head's dtype
             pass
         if not first:

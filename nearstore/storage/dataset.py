@@ -281,16 +281,25 @@ def array_layout(array: zarr.Array, document: Mapping[str, Any]) -> dict[str, An
     return layout if ragged is None else {**layout, "ragged": ragged}
 
 
+# The suffix of the URL where a replacement writes the new store beside the old one, and where a
+# local one moves the old store aside before it renames the new one in (`writer._replace`).
+WRITING_BESIDE = re.compile(r"\.writing-[0-9a-f]{8}")
+REPLACED_BESIDE = re.compile(r"\.replaced-[0-9a-f]{8}")
+
+
+def stores_beside(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, str]]:
+    """(path, suffix) of what lies beside `root` under a replacement's names (WRITING_BESIDE,
+    REPLACED_BESIDE), sorted: what one stopped half-way may have left."""
+    found = ((path, path[len(root) :]) for path in fs.glob(f"{glob.escape(root)}.*"))
+    return sorted(
+        (path, name) for path, name in found if WRITING_BESIDE.fullmatch(name) or REPLACED_BESIDE.fullmatch(name)
+    )
+
+
 def _moved_aside(fs: fsspec.AbstractFileSystem, root: str) -> str:
     """Where a local overwrite stopped between its two renames left the stores: the old one moved
     aside (`.replaced-*`) and the new one whole (`.writing-*`), named so; nothing is at the URL."""
-    if not isinstance(fs, LocalFileSystem):
-        return ""
-    beside = sorted(
-        path
-        for path in fs.glob(f"{glob.escape(root)}.*")
-        if re.fullmatch(r"\.(replaced|writing)-[0-9a-f]{8}", path[len(root) :])
-    )
+    beside = [path for path, _ in stores_beside(fs, root)] if isinstance(fs, LocalFileSystem) else []
     if not beside:
         return ""
     return (
@@ -605,47 +614,42 @@ def _read_json(fs: fsspec.AbstractFileSystem, paths: list[str], stats: IOStats) 
     filesystem, and counted in `stats`. A read that fails, or a body that is not whole JSON (cut
     on the way), is asked again (SHORT_READ_BACKOFF) before it is an OSError naming the object, or
     a DatasetError: one fault of the way failed the open, read as damage to the store."""
-    blobs: list[Any] = [None] * len(paths)
+    answers: list[Any] = [None] * len(paths)  # each a document, None, or why it is neither
     todo = list(range(len(paths)))
     for delay in (0.0, *SHORT_READ_BACKOFF):
         time.sleep(delay)
         asked = [paths[k] for k in todo]
         # From byte 0 rather than whole: s3fs asks an object's size (a HEAD) before reading it whole.
-        answers = fs.cat_ranges(asked, [0] * len(asked), [None] * len(asked), on_error="return")
-        stats.add(requests=len(asked), bytes=sum(len(b) for b in answers if isinstance(b, bytes)))
-        for k, answer in zip(todo, answers):
-            blobs[k] = answer
-        todo = [k for k in todo if not _whole_json(blobs[k])]
+        blobs = fs.cat_ranges(asked, [0] * len(asked), [None] * len(asked), on_error="return")
+        stats.add(requests=len(asked), bytes=sum(len(b) for b in blobs if isinstance(b, bytes)))
+        for k, blob in zip(todo, blobs):
+            answers[k] = _parsed_json(blob)
+        todo = [k for k in todo if isinstance(answers[k], Exception)]
         if not todo:
             break
-    documents: list[dict[str, Any] | None] = []
-    for path, blob in zip(paths, blobs):
-        if isinstance(blob, FileNotFoundError):
-            documents.append(None)
-            continue
-        if isinstance(blob, Exception):  # a storage backend's own (botocore's are no OSError): named
-            raise OSError(f"reading {path!r} failed: {type(blob).__name__}: {blob}") from blob
-        try:
-            document = json.loads(blob)
-        except ValueError as e:
-            raise DatasetError(f"{path!r} is not JSON ({e})") from None
-        if not isinstance(document, dict):
-            raise DatasetError(f"{path!r} holds a JSON {type(document).__name__}, not an object")
-        documents.append(document)
-    return documents
+    for path, answer in zip(paths, answers):
+        if isinstance(answer, _NOT_JSON):
+            raise DatasetError(f"{path!r} is not JSON ({answer})") from None
+        if isinstance(answer, Exception):  # a storage backend's own (botocore's are no OSError): named
+            raise OSError(f"reading {path!r} failed: {type(answer).__name__}: {answer}") from answer
+        if answer is not None and not isinstance(answer, dict):
+            raise DatasetError(f"{path!r} holds a JSON {type(answer).__name__}, not an object")
+    return answers
 
 
-def _whole_json(blob: Any) -> bool:
-    """Whether a read's answer needs no second ask: JSON, or no such file."""
+_NOT_JSON = (json.JSONDecodeError, UnicodeDecodeError)  # json.loads's refusals of bytes
+
+
+def _parsed_json(blob: bytes | Exception) -> Any:
+    """A read's answer: its JSON, None for no such file, or the error (_NOT_JSON: the bytes')."""
     if isinstance(blob, FileNotFoundError):
-        return True
+        return None
     if isinstance(blob, Exception):
-        return False
+        return blob
     try:
-        json.loads(blob)
-    except ValueError:
-        return False
-    return True
+        return json.loads(blob)
+    except _NOT_JSON as e:
+        return e
 
 
 def _zarr_store(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any]) -> Store:

@@ -15,13 +15,11 @@ renamed, or on object storage each new object copied in once, the old store move
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
 import os
 import posixpath
-import re
 import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
@@ -46,7 +44,9 @@ from nearstore.storage.codecs import Sharding, Zstd, encode_shard, fixed_payload
 from nearstore.storage.dataset import (
     ATTRS_KEY,
     FORMAT_VERSION,
+    REPLACED_BESIDE,
     REPLACEMENT_KEY,
+    WRITING_BESIDE,
     WRITING_KEY,
     ZARR_JSON,
     Dataset,
@@ -55,6 +55,7 @@ from nearstore.storage.dataset import (
     dataset_from_json,
     encoded_bytes,
     shard_key,
+    stores_beside,
 )
 from nearstore.storage.digests import digest_samples, fingerprint, new_digest
 from nearstore.storage.ragged import RaggedLayout
@@ -69,11 +70,6 @@ CHUNK_BYTES = 4096
 # decode faster.
 _MIN_COMPRESSION_SAVING = 0.1
 _COMPRESSION_SAMPLES = 64
-# The suffix of the URL where a replacement writes the new store beside the old one: the only
-# store a root's replacement pointer (`REPLACEMENT_KEY`) may have deleted, whatever it names.
-_BESIDE = re.compile(r"\.writing-[0-9a-f]{8}")
-# Where a local replacement moves the old store aside before it renames the new one in.
-_REPLACED = re.compile(r"\.replaced-[0-9a-f]{8}")
 
 
 def write_dataset(
@@ -145,7 +141,7 @@ def write_dataset(
                 "the old, then swapped in); write it under a key, as s3://bucket/name.zarr, or empty the bucket"
             )
     # The old store stays whole until the new one is: written beside it, then swapped in.
-    suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""
+    suffix = f".writing-{uuid.uuid4().hex[:8]}" if replacing else ""  # WRITING_BESIDE
     target = root + suffix
     # local folders the write makes on the way (runs/2026/ of runs/2026/train.zarr), removed if it fails
     made = [str(p) for p in Path(root).parents if not p.exists()] if isinstance(fs, LocalFileSystem) else []
@@ -191,11 +187,10 @@ def _remove_left_beside(fs: fsspec.AbstractFileSystem, root: str, url: str) -> N
     longer names once a later replacement wrote its own pointer) and, locally, an old one moved
     aside (`.replaced-*`). A failure is logged: the dataset is whole."""
     left = []
-    for path in fs.glob(f"{glob.escape(root)}.*"):
-        name = path[len(root) :]
-        if _REPLACED.fullmatch(name) and isinstance(fs, LocalFileSystem):
+    for path, name in stores_beside(fs, root):
+        if REPLACED_BESIDE.fullmatch(name) and isinstance(fs, LocalFileSystem):
             left.append(path)
-        elif _BESIDE.fullmatch(name):
+        elif WRITING_BESIDE.fullmatch(name):
             try:
                 attributes = json.loads(fs.cat_file(f"{path}/{ZARR_JSON}")).get("attributes") or {}
             except (OSError, ValueError, AttributeError):
@@ -307,7 +302,7 @@ def _replace(
     name = url.rstrip("/")
     local = isinstance(fs, LocalFileSystem)
     if local:  # folders are renamed, never copied (fsspec's mv copies and deletes where rename fails)
-        replaced = f".replaced-{uuid.uuid4().hex[:8]}"  # _REPLACED
+        replaced = f".replaced-{uuid.uuid4().hex[:8]}"  # REPLACED_BESIDE
         try:
             os.rename(root, root + replaced)
             try:
@@ -405,7 +400,8 @@ def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str, *, fo
         )
     stopped = attributes.get(REPLACEMENT_KEY)
     # only a name a replacement gives: an attribute written by anyone else deletes nothing else
-    return stopped if isinstance(stopped, str) and _BESIDE.fullmatch(stopped) else None
+    # the only store a root's replacement pointer may have deleted, whatever it names
+    return stopped if isinstance(stopped, str) and WRITING_BESIDE.fullmatch(stopped) else None
 
 
 @dataclass(frozen=True)
