@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import check_arguments, corrupted, seed_std  # noqa: E402  (the noisy split, written once)
+from selection_quality import check_arguments, corrupted, paired_gain, seed_std  # noqa: E402  (the noisy split, written once)
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import AugmentAware, Dataset, Selection, random_select  # noqa: E402
@@ -130,7 +130,6 @@ def summarize(runs: list[dict]) -> list[dict]:
         base_method = ("random only" if "only" in method else "random") if method.startswith("augaware") else None
         base = {r["seed"]: r for r in runs if (r["case"], r["method"], r["keep"]) == (case, base_method, keep)}
         full = [r for r in runs if (r["case"], r["method"]) == (case, "all")]
-        gains = [mine[s]["accuracy"] - base[s]["accuracy"] for s in mine if s in base]
         accuracies = [r["accuracy"] for r in mine.values()]
         augmented, augment_seconds, seconds = (
             float(np.mean([r[k] for r in mine.values()])) for k in ("augmented", "augment_seconds", "seconds")
@@ -143,9 +142,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "seeds": len(mine),
                 "accuracy": float(np.mean(accuracies)),
                 "std": seed_std(accuracies) or 0.0,
-                "gain": float(np.mean(gains)) if gains else None,
-                "gain_std": seed_std(gains),
-                "ahead": f"{sum(g > 0 for g in gains)}/{len(gains)}" if gains else None,
+                **paired_gain(
+                    {seed: r["accuracy"] for seed, r in mine.items()}, {seed: r["accuracy"] for seed, r in base.items()}
+                ),
                 "augmented": augmented,
                 "augmented_vs_all": augmented / np.mean([r["augmented"] for r in full]) if full else None,
                 "augment_seconds": augment_seconds,
@@ -162,11 +161,14 @@ def report(rows: list[dict]) -> None:
         f"{'augmented':>10} {'x all':>6} {'aug s':>6} {'s':>6} {'x all':>6}"
     )
     for r in rows:
-        gain = f"{100 * r['gain']:+.2f} ± {100 * (r['gain_std'] or 0):.2f}" if r["gain"] is not None else ""
+        gain, ahead = "", ""
+        if r["vs_random"] is not None:
+            gain = f"{100 * r['vs_random']:+.2f} ± {100 * (r['vs_random_std'] or 0):.2f}"
+            ahead = f"{r['ahead']}/{r['paired']}"
         keep = f"{r['keep']:.0%}" if r["method"] not in ("none", "all") else ""
         print(
             f"{r['case']:<6} {r['method']:>25} {keep:>5} {100 * r['accuracy']:>8.2f} ± {100 * r['std']:.2f} "
-            f"{gain:>15} {r['ahead'] or '':>5} {r['augmented']:>10.0f} {r['augmented_vs_all']:>6.2f} "
+            f"{gain:>15} {ahead:>5} {r['augmented']:>10.0f} {r['augmented_vs_all']:>6.2f} "
             f"{r['augment_seconds']:>6.2f} {r['seconds']:>6.1f} {r['seconds_vs_all']:>6.2f}"
         )
 

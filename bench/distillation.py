@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import check_arguments, seed_std  # noqa: E402
+from selection_quality import check_arguments, paired_gain, seed_std  # noqa: E402
 
 from loaders import Mixture, StreamingLoader  # noqa: E402
 from nearstore.app.converters import mnist1d_batches  # noqa: E402
@@ -153,23 +153,20 @@ def main() -> None:
         values = [r["accuracy"] for r in mine]
         # paired, seed by seed, with random real samples of the same size
         random = {r["seed"]: r["accuracy"] for r in runs if r["method"] == f"random, {mine[0]['per_class']} a class"}
-        diffs = [
-            r["accuracy"] - random[r["seed"]] for r in mine if r["seed"] in random and not method.startswith("random")
-        ]
+        own = {r["seed"]: r["accuracy"] for r in mine} if not method.startswith("random") else {}
         rows.append(
             {
                 "method": method,
                 "per_class": mine[0]["per_class"],
                 "accuracy": float(np.mean(values)),
                 "std": seed_std(values) or 0.0,  # ddof 1, as every bench's
-                "vs_random": float(np.mean(diffs)) if diffs else None,
-                "vs_random_std": seed_std(diffs),
-                "ahead": sum(d > 0 for d in diffs),
+                **paired_gain(own, random),
                 "seeds": len(values),
                 "distill_seconds": float(np.mean([r["distill_seconds"] for r in mine])),
             }
         )
-        paired = f" ({100 * rows[-1]['vs_random']:+.2f} vs random, {rows[-1]['ahead']}/{len(diffs)})" if diffs else ""
+        row = rows[-1]
+        paired = f" ({100 * row['vs_random']:+.2f} vs random, {row['ahead']}/{row['paired']})" if row["paired"] else ""
         print(f"{method:>42}: {100 * np.mean(values):.2f} ± {100 * (seed_std(values) or 0.0):.2f}{paired}")
     (out / "distillation.json").write_text(json.dumps({"args": vars(args), "runs": runs, "rows": rows}, indent=1))
     plot(rows, out / "distillation.png")

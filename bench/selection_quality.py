@@ -69,7 +69,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -450,6 +450,19 @@ def seed_std(values: Sequence[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def paired_gain(mine: Mapping[int, float], base: Mapping[int, float]) -> dict:
+    """`mine`'s accuracy less `base`'s seed by seed (the same initialisation and shuffles), over the
+    seeds both ran: {"vs_random": mean or None, "vs_random_std", "ahead": seeds ahead, "paired":
+    seeds both ran}: every bench's paired comparison, under the same keys."""
+    diffs = [mine[seed] - base[seed] for seed in mine if seed in base]
+    return {
+        "vs_random": float(np.mean(diffs)) if diffs else None,
+        "vs_random_std": seed_std(diffs),
+        "ahead": sum(d > 0 for d in diffs),
+        "paired": len(diffs),
+    }
+
+
 def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
     """Mean ± std over seeds of each (dataset, method, keep, epochs)."""
     groups: dict[tuple, list[Run]] = {}
@@ -461,7 +474,6 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
         acc = np.array([r.accuracy for r in members])
         # per seed against random's run of the same seed (same initialisation and shuffles)
         random_by_seed = {r.seed: r.accuracy for r in groups.get((dataset, "random", keep, epochs), [])}
-        gains = np.array([r.accuracy - random_by_seed[r.seed] for r in members if r.seed in random_by_seed])
         to_target = [_seconds_to(r, target[dataset]) for r in members]
         rounds = [s for r in members for s in r.selection_seconds]
         # runs logged before per-class accuracies (stop 43: class shares) were kept have none
@@ -483,9 +495,7 @@ def summarize(runs: list[Run], target: dict[str, float]) -> list[dict]:
                 "per_class_accuracy_mean": np.mean(classes, axis=0).tolist() if classes else None,
                 "rare_half_accuracy_mean": float(np.mean([rare_half(r) for r in shared])) if shared else math.nan,
                 "noisy_share": float(np.mean([r.noisy_share for r in members])),
-                "paired_gain_mean": float(gains.mean()) if len(gains) else None,
-                "paired_gain_std": seed_std(gains),
-                "seeds_ahead": f"{int((gains > 0).sum())}/{len(gains)}" if len(gains) else None,
+                **paired_gain({r.seed: r.accuracy for r in members}, random_by_seed),
                 "seconds": float(np.mean([r.seconds for r in members])),
                 "seconds_to_target": None if None in to_target else float(np.mean(to_target)),
                 "bytes": float(np.mean([r.scan_bytes + r.shipped_bytes for r in members])),
@@ -531,15 +541,16 @@ def report(rows: list[dict]) -> None:
         random = key.get((r["dataset"], r["keep"], r["epochs"], "random"))
         fresh = key.get((r["dataset"], r["keep"], r["epochs"], "random-balanced-dynamic"))
         target = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "-"
-        paired = ""
-        if r["paired_gain_std"] is not None and r["method"] != "random":
-            paired = f"{100 * r['paired_gain_mean']:+.2f} ± {100 * r['paired_gain_std']:.2f}"
+        paired = ahead = ""
+        if r["vs_random_std"] is not None and r["method"] != "random":
+            paired = f"{100 * r['vs_random']:+.2f} ± {100 * r['vs_random_std']:.2f}"
+            ahead = f"{r['ahead']}/{r['paired']}"
         ratio = f"{r['round_vs_full_epoch']:.2f}" if r["round_vs_full_epoch"] is not None else "-"
         noisy = "" if math.isnan(r["noisy_share"]) else f"{r['noisy_share']:.1%}"
         print(
             f"{r['dataset']:<17} {r['method']:<26} {r['keep']:>5.0%} {r['epochs']:>3} {r['seeds']:>2} "
             f"{r['accuracy_mean']:>8.2%} ± {r['accuracy_std']:>4.2%} {gap(r, random):>10} {gap(r, fresh):>8} "
-            f"{paired:>14} {(r['seeds_ahead'] if paired else ''):>6} {r['balanced_accuracy_mean']:>8.2%} "
+            f"{paired:>14} {ahead:>6} {r['balanced_accuracy_mean']:>8.2%} "
             f"{r['natural_accuracy_mean']:>8.2%} {r['rare_half_accuracy_mean']:>6.1%} "
             f"{noisy:>6} {r['seconds']:>6.1f} {target:>8} "
             f"{r['bytes'] / 1e6:>7.1f} {r['distinct_samples']:>8.0f} "

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection_quality import check_arguments, seed_std  # noqa: E402
+from selection_quality import check_arguments, paired_gain, seed_std  # noqa: E402
 
 from loaders import StreamingLoader  # noqa: E402
 from nearstore import ModelProxy, Selection, open_dataset, random_select, write_dataset  # noqa: E402
@@ -208,7 +208,6 @@ def summarize(runs: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
     for method, keep in dict.fromkeys((r["method"], r["keep"]) for r in runs):
         mine = {r["seed"]: r for r in runs if (r["method"], r["keep"]) == (method, keep)}
         base = {r["seed"]: r["accuracy"] for r in runs if (r["method"], r["keep"]) == ("random", keep)}
-        diffs = [mine[s]["accuracy"] - base[s] for s in mine if s in base]
         values = [r["accuracy"] for r in mine.values()]
         rows.append(
             {
@@ -217,9 +216,7 @@ def summarize(runs: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
                 "accuracy": float(np.mean(values)),
                 "std": seed_std(values) or 0.0,  # ddof 1, as every bench's (it was 0 here: 18% narrower at 3 seeds)
                 **{name: float(np.mean([r[name] for r in mine.values()])) for name in extra},
-                "vs_random": float(np.mean(diffs)) if diffs else None,
-                "vs_random_std": (seed_std(diffs) or 0.0) if diffs else None,
-                "ahead": sum(d > 0 for d in diffs),
+                **paired_gain({seed: r["accuracy"] for seed, r in mine.items()}, base),
                 "seeds": len(values),
             }
         )
@@ -235,7 +232,7 @@ def report(rows: list[dict], metric: str, extra: tuple[str, ...] = ()) -> None:
         versus = (
             ""
             if r["vs_random"] is None or r["method"] == "random"
-            else f"{100 * r['vs_random']:+.2f} ± {100 * r['vs_random_std']:.2f} ({r['ahead']}/{r['seeds']})"
+            else f"{100 * r['vs_random']:+.2f} ± {100 * (r['vs_random_std'] or 0):.2f} ({r['ahead']}/{r['paired']})"
         )
         shares = "".join(f" {100 * r[e]:>10.1f}%" for e in extra)
         accuracy = f"{100 * r['accuracy']:>9.2f} ± {100 * r['std']:.2f}"

@@ -147,3 +147,14 @@ def test_every_bench_spreads_over_seeds_as_the_sample_std(monkeypatch):
     sas = next(row for row in summarize(runs) if row["method"] == "sas")
     assert sas["std"] == pytest.approx(np.std([0.55, 0.58, 0.49], ddof=1))
     assert sas["vs_random_std"] == pytest.approx(np.std([0.05, 0.02, 0.02], ddof=1))
+
+
+def test_a_paired_gain_is_over_the_seeds_both_ran(monkeypatch):
+    # every bench compares seed by seed through one function, under the same JSON keys
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from selection_quality import paired_gain
+
+    gain = paired_gain({0: 0.60, 1: 0.50, 2: 0.70}, {0: 0.50, 1: 0.55, 3: 0.90})
+    assert gain["vs_random"] == pytest.approx(0.025) and gain["paired"] == 2 and gain["ahead"] == 1
+    assert gain["vs_random_std"] == pytest.approx(np.std([0.10, -0.05], ddof=1))
+    assert paired_gain({0: 0.6}, {1: 0.5}) == {"vs_random": None, "vs_random_std": None, "ahead": 0, "paired": 0}
