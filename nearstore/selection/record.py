@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import os
 import zipfile
 import zlib
@@ -39,6 +40,8 @@ def sample_ids(ids: Any, where: str, *, num_samples: int | None = None, what: st
         raise DatasetError(f"{what}s in {where} must be 1-D, got shape {ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise SampleIdError(f"{what}s in {where} must be integers, got {ids.dtype} (first {ids[0]!r})")
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:  # not cast to a negative id
+        raise SampleIdError(f"{what} {int(ids.max())} in {where} is past any dataset's samples (over 2**63 - 1)")
     ids = ids.astype(np.int64)
     if num_samples is not None:
         check_ids(ids, num_samples, where, what=what)
@@ -55,10 +58,34 @@ def in_sorted(ids: np.ndarray, among: np.ndarray) -> np.ndarray:
     return among[np.minimum(at, len(among) - 1)] == ids
 
 
+def _check_fields(selection: Selection, where: str) -> int:
+    """Refuse by name a header field a saved file or a resumed loader would refuse (META_FIELDS,
+    the scan's I/O figures whole numbers): a selection the loader took once trained, then its
+    file or its checkpoint did not load. Returns the round as an int (a numpy integer allowed)."""
+    for name, kind in META_FIELDS.items():
+        value = getattr(selection, name)
+        if name == "round" and not _count(value):
+            raise DatasetError(f"{where}: round must be an integer >= 0, got {value!r}")
+        if name != "round" and not isinstance(value, kind):
+            raise DatasetError(f"{where}: {name} must be a {kind.__name__}, got {value!r}")
+    for name in ("bytes", "requests"):
+        if not _count(selection.io.get(name, 0)):
+            value = selection.io[name]
+            raise DatasetError(f"{where}: io[{name!r}] (the scan's {name} read) must be an integer >= 0, got {value!r}")
+    return int(selection.round)
+
+
+def _count(value: Any) -> bool:
+    """Whether `value` is an integer >= 0 (a numpy one too; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
 def _float32(values: Any, name: str) -> np.ndarray:
     """`values` as the float32 a selection stores; a finite value past float32's range is refused,
     not turned into inf."""
     values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise DatasetError(f"selection {name} must be real numbers, got {values.dtype}")
     if values.dtype.kind == "f" and values.dtype.itemsize > 4:
         finite = values[np.isfinite(values)]
         if np.any(np.abs(finite) > np.finfo(np.float32).max):
@@ -79,13 +106,19 @@ class Suspects:
     def __post_init__(self) -> None:
         ids = sample_ids(self.ids, "a selection's suspects")
         order = np.argsort(ids, kind="stable")
-        labels = np.asarray(self.labels, dtype=np.int64)
-        quality = np.asarray(self.quality, dtype=np.float32)
+        labels = np.asarray(self.labels)
+        if labels.size and labels.dtype.kind not in "iu":  # a class that went through floats is no class
+            raise DatasetError(f"suspects' labels must be integers (classes), got {labels.dtype}")
+        labels = labels.astype(np.int64)
+        quality = _float32(self.quality, "suspects' quality")
         if ids.ndim != 1 or labels.shape != ids.shape or quality.shape != ids.shape:
             raise DatasetError(
                 f"suspects' ids, labels and quality must be 1-D of one length, got {ids.shape}, "
                 f"{labels.shape}, {quality.shape}"
             )
+        repeated = ids[order][1:][np.diff(ids[order]) == 0]
+        if len(repeated):
+            raise SampleIdError(f"a selection's suspects name sample {int(repeated[0])} more than once")
         object.__setattr__(self, "ids", ids[order])
         object.__setattr__(self, "labels", labels[order])
         object.__setattr__(self, "quality", quality[order])
@@ -120,7 +153,10 @@ class Selection:
     version: int = SELECTION_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dataset, Mapping):
+            raise DatasetError(f"a selection's dataset must be a Dataset.identity() dict, got {self.dataset!r}")
         where = f"a selection of {self.dataset.get('url')!r}"
+        object.__setattr__(self, "round", _check_fields(self, where))
         ids = sample_ids(self.ids, where, num_samples=int(self.dataset.get("num_samples", 0)))
         n = len(ids)
         weights, scores = _float32(self.weights, "weights"), _float32(self.scores, "scores")

@@ -71,6 +71,15 @@ def test_round_trip_through_bytes_and_files(id_store, tmp_path):
         (np.array([1, 2]), {"scores": np.zeros(3)}, "one length"),
         (np.array([1, 2]), {"scores": np.array([0.0, 1e39])}, "scores must fit float32.*1e\\+39"),
         (np.array([1, 2]), {"weights": np.array([1.0, -1e300])}, "weights must fit float32"),
+        (np.array([1, 2]), {"weights": np.array([1 + 5j, 1])}, "weights must be real numbers, got complex128"),
+        # what a saved file or a resumed loader's state refuses, refused before the loader trains on it
+        (np.array([1]), {"round": -1}, "round must be an integer >= 0, got -1"),
+        (np.array([1]), {"round": 1.5}, "round must be an integer >= 0, got 1.5"),
+        (np.array([1]), {"round": True}, "round must be an integer >= 0, got True"),
+        (np.array([1]), {"params": None}, "params must be a dict, got None"),
+        (np.array([1]), {"io": {"bytes": 1.5e6}}, r"io\['bytes'\] \(the scan's bytes read\) must be an integer >= 0"),
+        (np.array([1]), {"io": {"requests": None}}, r"io\['requests'\] .* got None"),
+        (np.array([2**63 + 5], dtype=np.uint64), {}, r"sample id 9223372036854775813 in .* past any dataset.s samples"),
     ],
 )
 def test_invalid_selections_are_refused(id_store, ids, kwargs, message):
@@ -124,6 +133,20 @@ def test_a_carry_travels_with_the_selection_and_a_bad_one_is_refused(id_store, t
         make(id_store, np.array([1]), carry={"state": np.array([{}, None], dtype=object)})
     with pytest.raises(DatasetError, match="carry of .* must be a mapping"):
         make(id_store, np.array([1]), carry=[np.zeros(2)])
+
+
+def test_a_numpy_round_is_taken_as_an_int(id_store, tmp_path):
+    selection = make(id_store, np.array([1]), round=np.int64(4), io={"bytes": np.int64(7), "requests": 1})
+    assert type(selection.round) is int and Selection.from_bytes(selection.to_bytes()).round == 4
+
+
+def test_suspects_are_refused_where_they_would_be_changed(id_store):
+    with pytest.raises(DatasetError, match="suspects' labels must be integers .*float64"):
+        Suspects(ids=[4], labels=[1.7], quality=[0.5])
+    with pytest.raises(SampleIdError, match="suspects name sample 4 more than once"):
+        Suspects(ids=[4, 9, 4], labels=[1, 2, 2], quality=[0.1, 0.2, 0.3])
+    with pytest.raises(DatasetError, match="quality must fit float32"):
+        Suspects(ids=[4], labels=[1], quality=[1e300])
 
 
 def test_ids_that_are_not_integers_are_refused_not_truncated(id_store):
