@@ -62,6 +62,14 @@ class Mixture:
             raise ParameterError("loaders must be one or more StreamingLoaders")
         if len({id(loader) for loader in self.loaders}) < len(self.loaders):  # one place, two schedules
             raise ParameterError("a loader is given twice: give each its own StreamingLoader (proportions weigh them)")
+        first = self.loaders[0].batch_roles
+        for k, loader in enumerate(self.loaders[1:], 1):
+            if loader.batch_roles != first:  # else `for x, y, w in mixture` fails at a random step
+                raise ParameterError(
+                    f"loader {k} ({loader.url!r}) yields batches of ({', '.join(loader.batch_roles)}), loader 0 "
+                    f"({self.loaders[0].url!r}) of ({', '.join(first)}): a mixture's batches must be alike "
+                    "(the same weights=, views=, paired_arrays= and labels)"
+                )
         if proportions is not None:
             sequence = isinstance(proportions, Sequence | np.ndarray) and not isinstance(proportions, str)
             given = list(proportions) if sequence else []

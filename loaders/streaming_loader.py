@@ -271,6 +271,13 @@ class StreamingLoader:
         """Batches of the epoch being iterated that the trainer holds."""
         return self.order.batches_done
 
+    @property
+    def batch_roles(self) -> tuple[str, ...]:
+        """What each element of a batch is, in order: "x" (one a view), "paired" (one a paired
+        array), "y" (the labels, where the source has them), "weights" (with weights=True)."""
+        labels = ("y",) if self.source.label_array else ()
+        return ("x",) * self.views + ("paired",) * len(self.paired_arrays) + labels + ("weights",) * self.with_weights
+
     # What code written for a DataLoader asks of one.
     @property
     def dataset(self) -> Source:

@@ -179,3 +179,21 @@ def test_a_loader_given_twice_is_refused(id_store):
     loader = StreamingLoader(id_store, batch_size=50, backend="torch")
     with pytest.raises(ParameterError, match="a loader is given twice"):
         Mixture([loader, loader])
+
+
+def test_loaders_whose_batches_hold_other_things_are_refused(id_store, tmp_path):
+    # weights in one loader's batches and not the other's: `for x, y, w in mixture` failed at a random step
+    from nearstore import write_dataset
+
+    unlabelled = write_dataset(
+        str(tmp_path / "unlabelled.zarr"), [{"x": np.ones((100, 8), np.float32)}], label_array=None
+    )
+    weighted = StreamingLoader(id_store, A, batch_size=50, backend="torch", weights=True)
+    plain = StreamingLoader(id_store, B, batch_size=50, backend="torch")
+    with pytest.raises(
+        ParameterError, match=r"loader 1 .* yields batches of \(x, y\), loader 0 .* of \(x, y, weights\)"
+    ):
+        Mixture([weighted, plain])
+    with pytest.raises(ParameterError, match=r"loader 1 .* of \(x\), loader 0 .* of \(x, y\)"):
+        Mixture([plain, StreamingLoader(unlabelled, batch_size=50, backend="torch")])
+    assert Mixture([weighted, StreamingLoader(id_store, B, batch_size=50, backend="torch", weights=True)])
