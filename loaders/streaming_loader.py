@@ -424,7 +424,7 @@ class StreamingLoader:
         if not (self.order.resumes_at(epoch) or self.order.skipped):  # not resuming the old round
             self._take_due()
         ids, weights, round = self._epoch_ids(epoch)
-        self._check_ranks_agree(round, ids)  # the round this epoch iterates, a due one taken
+        self._check_ranks_agree(round, ids, weights)  # the round this epoch iterates, a due one taken
         first = self.order.start()  # > 0 right after load_state_dict mid-epoch
         self._iterator += 1
         self._in_epoch, iterator = True, self._iterator
@@ -797,14 +797,15 @@ class StreamingLoader:
             return False
         return (self.order.rank, self.order.world_size) == (dist.get_rank(), dist.get_world_size())
 
-    def _check_ranks_agree(self, round: int | str, ids: np.ndarray) -> None:
+    def _check_ranks_agree(self, round: int | str, ids: np.ndarray, weights: np.ndarray) -> None:
         """Under torch.distributed, refuse to start an epoch whose ranks iterate different rounds
-        (`round`, `ids`): their shares would overlap and miss samples. Only where this loader's
+        (`round`, `ids`, `weights`): their shares would overlap and miss samples, or weigh them
+        otherwise. Only where this loader's
         ranks are the default group's: a loader of some ranks (rank= and world_size= of a group
         of their own) cannot ask the others, which would wait for them."""
         if not self._checks_ranks():
             return
-        mine = (round, hashlib.sha256(ids.tobytes()).hexdigest()[:16], len(ids))
+        mine = (round, hashlib.sha256(ids.tobytes() + weights.tobytes()).hexdigest()[:16], len(ids))
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         for rank, theirs in enumerate(everyone):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +91,14 @@ def test_two_ranks_share_one_servers_round_disjointly(id_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_holding_different_selections_refuse_to_start(id_store, tmp_path):
-    paths = []
-    for seed in (1, 2):
-        paths.append(str(tmp_path / f"sel{seed}.npz"))
-        random_select(id_store, 0.3, seed=seed).save(paths[-1])
+@pytest.mark.parametrize("differ", ["ids", "weights"])
+def test_ranks_holding_different_selections_refuse_to_start(id_store, tmp_path, differ):
+    paths, first = [], random_select(id_store, 0.3, seed=1)
+    # the same ids weighted otherwise: a weighted loss averaged over ranks of differently weighted data
+    second = random_select(id_store, 0.3, seed=2) if differ == "ids" else replace(first, weights=first.weights * 2)
+    for k, selection in enumerate((first, second)):
+        paths.append(str(tmp_path / f"sel{k}.npz"))
+        selection.save(paths[-1])
     ranks = run_ranks(id_store.url, paths, tmp_path)
     for r in ranks:
         assert r["epochs"] == [] and "has round 0 (750 samples, digest" in r["error"]
