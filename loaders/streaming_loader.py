@@ -242,9 +242,10 @@ class StreamingLoader:
         self._selecting: ThreadPoolExecutor | None = None
         self._in_epoch, self._iterator = False, 0
         self._unended: Callable[[], None] | None = None  # ends an epoch whose last batch was delivered
-        if selection is not None:
-            self._check_served(selection)
-        self._use(self.source.selection() if selection is None else selection)
+        if selection is None:
+            self._use(self.source.selection())
+        else:
+            self._use(selection, round=self._served_round(selection))
         self.augment = self._augment_ids(augment, transform is not None or dali_transform is not None)
         self.augmented_samples = 0  # samples (views) the transforms were applied to, over all epochs
 
@@ -683,24 +684,30 @@ class StreamingLoader:
                 return held.result().ids
         return self._pending[0] if self._pending is not None else None
 
-    def _use(self, selection: Selection | Sequence[int] | np.ndarray | None, later: bool = False) -> None:
+    def _use(
+        self, selection: Selection | Sequence[int] | np.ndarray | None, later: bool = False, round: int = 0
+    ) -> None:
         """Iterate `selection` from the next epoch on (`later`: once the epoch being iterated
-        ends); its scan's I/O joins scan_io."""
+        ends); its scan's I/O joins scan_io. Plain ids (or None: every sample) are of `round`."""
         if isinstance(selection, Selection):
             self._pending = self._accepted(selection)
         else:
             ids = np.arange(self.num_samples) if selection is None else selection
-            self._pending = (*_selected(self.num_samples, repr(self.url), ids), 0, {})
+            self._pending = (*_selected(self.num_samples, repr(self.url), ids), round, {})
         if not later:
             self._take_pending()
 
-    def _check_served(self, selection: Selection | Sequence[int] | np.ndarray) -> None:
-        """Refuse now, by name, ids a server does not hold in the round they name (plain ids: its
-        round 0), which it would refuse at the first batch: it ships its rounds' samples only."""
-        round = selection.round if isinstance(selection, Selection) else 0
-        held = self.source.selection(round)  # None: a store, which reads any sample
+    def _served_round(self, selection: Selection | Sequence[int] | np.ndarray) -> int:
+        """The round `selection` is of: its own, or for plain ids a server's current round (0 from
+        a store, which holds none). Ids a server does not hold in that round are refused now, by
+        name: it would refuse them at the first batch (it ships its rounds' samples only)."""
+        if isinstance(selection, Selection):
+            round, held = selection.round, self.source.selection(selection.round)
+        else:  # a subset of what the server serves now: a server started on a saved round 3 holds no 0
+            held = self.source.selection()  # None: a store, which reads any sample
+            round = 0 if held is None else held.round
         if held is None:
-            return
+            return round
         ids = selection.ids if isinstance(selection, Selection) else np.asarray(selection)
         missing = np.setdiff1d(ids, held.ids)
         if len(missing):
@@ -709,6 +716,7 @@ class StreamingLoader:
                 f"(sample {int(missing[0])} first) are not in its round {round}; give no selection (its current "
                 "round), or one it selected"
             )
+        return round
 
     def _accepted(self, selection: Selection) -> Chosen:
         """A round of this dataset, as the loader iterates it; its scan's I/O joins scan_io."""

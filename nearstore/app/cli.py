@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--port", type=int, default=8815)
     serve.add_argument("--name", help="dataset name in grpc://host:port/NAME (default: the store's name)")
-    serve.add_argument("--selection", help="serve this saved selection as round 0 instead of scanning")
+    serve.add_argument("--selection", help="serve this saved selection (as the round it holds) instead of scanning")
     _selector_arguments(serve)
     serve.add_argument("--model", help="module:factory of the trainer's model, to accept its weights as the proxy")
     serve.add_argument("--state-dir", help="keep rounds and pushed proxy here; a restart on it resumes from them")

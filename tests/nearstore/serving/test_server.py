@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -1460,3 +1461,18 @@ def test_a_loader_names_its_models_classifier_as_update_proxy_is_given_it(id_sto
             assert again._proxy.head_name == "classifier"
         finally:
             again.shutdown()
+
+
+def test_plain_ids_are_of_the_round_a_server_serves_a_saved_round_3_too(id_store):
+    # `nearstore serve --selection` of a round saved after three re-selections: plain ids were
+    # checked against a round 0 the server never held
+    saved = dataclasses.replace(random_select(id_store, 0.3, seed=1), round=3)
+    server = NearStoreServer(id_store, selection=saved)
+    try:
+        some = saved.ids[::3]
+        loader = StreamingLoader(server.url, some, batch_size=1000, backend="torch", shuffle=False)
+        assert loader.round == 3 and [i for x, _ in loader for i in sample_ids(x)] == some.tolist()
+        with pytest.raises(ParameterError, match="are not in its round 3"):
+            StreamingLoader(server.url, np.setdiff1d(np.arange(id_store.num_samples), saved.ids)[:5], backend="torch")
+    finally:
+        server.shutdown()
