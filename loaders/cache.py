@@ -70,6 +70,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _after_fork() -> None:
+    for cache in list(_SPILLING):
+        cache._forked()
+
+
+_SPILLING: weakref.WeakSet[SampleCache] = weakref.WeakSet()  # this process's caches with a directory
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class CacheLost(Exception):
     """The disk tier failed a read (its directory gone, say): it is dropped, and its samples are
     no longer kept; the loader reads them again."""
@@ -117,7 +126,8 @@ class SampleCache:
                 raise ParameterError(
                     f"cache directory {os.fspath(directory)!r} (directory=) cannot be written to: {e.strerror or e}"
                 ) from e
-            weakref.finalize(self, shutil.rmtree, self._root, True)
+            self._removal = weakref.finalize(self, shutil.rmtree, self._root, True)
+            _SPILLING.add(self)
         self._dataset: str | None = None
         self._owner: weakref.ref | None = None  # the loader it serves
         self.stats = CacheStats()
@@ -137,7 +147,9 @@ class SampleCache:
         if owner is not None:
             current = self._owner() if self._owner is not None else None
             if current is not None and current is not owner:
-                raise ParameterError("this SampleCache serves another loader: give each loader its own")
+                raise ParameterError(
+                    "this SampleCache serves another loader: give each loader its own, or close() the other first"
+                )
             self._owner = weakref.ref(owner)
         if self._dataset is not None:
             if key != self._dataset:
@@ -158,6 +170,11 @@ class SampleCache:
             if budget < self._budgets[1]:
                 log.warning("sample cache: %s has room for %d of disk_bytes=%d bytes", root, budget, self._budgets[1])
             self._tiers[1] = _Tier(budget, root) if budget else None
+
+    def unbind(self, owner: object) -> None:
+        """`owner` (a closed loader) no longer uses the cache: another loader of its dataset may."""
+        if self._owner is not None and self._owner() is owner:
+            self._owner = None
 
     @property
     def samples(self) -> int:
@@ -234,9 +251,22 @@ class SampleCache:
     def _lose_disk(self, error: OSError) -> None:
         """Drop the disk tier after `error`: its samples are no longer kept (read from the store)."""
         log.warning("sample cache: its directory failed (%s): what it kept is read from the store again", error)
-        self._tiers[1] = None
-        self._tier[self._tier == 1] = -1
-        self.full = True
+        self._drop_disk()
+
+    def _drop_disk(self) -> None:
+        if self._dataset:
+            self._tiers[1] = None
+            self._tier[self._tier == 1] = -1
+            self.full = True
+
+    def _forked(self) -> None:
+        """In a child process forked from the one that made this cache: its directory is the
+        parent's, which goes on writing there and removes it. The child keeps what is in memory,
+        spills nothing, and leaves the directory to the parent (its files were the child's to
+        overwrite, and its cache going removed them under the parent)."""
+        self._removal.detach()
+        self._root = None
+        self._drop_disk()
 
     def retain(self, ids: np.ndarray) -> None:
         """Let go of every kept sample not among `ids` (a new round's, or epoch's)."""
@@ -245,11 +275,14 @@ class SampleCache:
         gone = self._tier >= 0
         gone[ids] = False
         self.full &= not gone.any()
-        for t, tier in enumerate(self._tiers):
-            mine = gone & (self._tier == t)
-            if tier is not None and mine.any():
-                tier.free(self._slot[mine])
-        self._tier[gone] = -1
+        freed = [(tier, self._slot[gone & (self._tier == t)]) for t, tier in enumerate(self._tiers) if tier is not None]
+        self._tier[gone] = -1  # first: a tier that fails to free them keeps them no longer either
+        for tier, slots in freed:
+            if len(slots):
+                try:
+                    tier.free(slots)
+                except OSError as e:  # memory does not fail so: the directory went (a tmp cleaner)
+                    self._lose_disk(e)
 
     def as_dict(self) -> dict[str, int]:
         memory, disk = self.nbytes()

@@ -10,6 +10,7 @@ import math
 import os
 import reprlib
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -53,6 +54,27 @@ Batch = tuple[np.ndarray, np.ndarray, int | str, tuple[int, ...]]
 Chosen = tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]]
 STATE_VERSION = 2
 log = logging.getLogger("nearstore")
+
+
+def _after_fork() -> None:
+    """In a child process forked from one whose loaders had started threads: those threads are
+    not in the child, so a batch given to their pools waited forever; the child starts its own.
+    A round the parent was selecting ahead is not in the child either: waiting for it raises."""
+    for loader in list(_LOADERS):
+        loader._pool = loader._decoders = loader._selecting = None
+        if loader._ahead is not None and isinstance(loader._ahead[0], Future) and not loader._ahead[0].done():
+            lost: Future[Selection] = Future()
+            lost.set_exception(
+                RuntimeError(
+                    "the round asked ahead was being selected in the parent process when "
+                    "this one forked; ask for it again here (reselect_ahead)"
+                )
+            )
+            loader._ahead = (lost, loader._ahead[1])
+
+
+_LOADERS: weakref.WeakSet[StreamingLoader] = weakref.WeakSet()  # this process's, for `_after_fork`
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class StreamingLoader:
@@ -254,6 +276,8 @@ class StreamingLoader:
         self._io_before = IOStats()  # what the processes before a loaded state received (their totals)
         self._pool: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
+        self._closed = False
+        _LOADERS.add(self)
         # The encoded batches last handed to DALI, (ids, bytes): where to look for the sample its
         # decoder refused (its error names none). DALI holds a few batches ahead of its outputs.
         self._handed: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=prefetch + 4)
@@ -416,7 +440,34 @@ class StreamingLoader:
         self._ahead = (future, self.epochs_completed)
         return future
 
+    def close(self) -> None:
+        """Let go now of what the loader holds: its threads (after the batch being read, where an
+        epoch was left half-way) and its SampleCache, which another loader may then take (`del
+        loader` does the same once nothing refers to it, which a read in flight still does). A
+        closed loader iterates no more."""
+        self._closed = True
+        for pool in (self._pool, self._decoders, self._selecting):
+            if pool is not None:  # a round being selected ahead is not waited for
+                pool.shutdown(wait=pool is not self._selecting, cancel_futures=True)
+        self._pool = self._decoders = self._selecting = None
+        if self.cache is not None:
+            self.cache.unbind(self)
+
+    def __enter__(self) -> StreamingLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a StreamingLoader cannot be pickled or sent to another process: make one in each process (rank= "
+            "and world_size= for ranks); it needs no DataLoader workers (it reads and decodes in threads)"
+        )
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self._closed:
+            raise RuntimeError(f"this StreamingLoader of {self.url!r} was closed: make another")
         self._end_delivered()
         started, before = time.perf_counter(), self.stats.snapshot()
         storage_before = self.source.storage_reads()

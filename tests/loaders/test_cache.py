@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import errno
 import gc
+import multiprocessing
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +267,51 @@ def test_a_cache_serves_one_loader_at_a_time(id_store):
     StreamingLoader(id_store, np.arange(1, 2500, 2), batch_size=8, backend="torch", cache=cache)  # its successor
 
 
+def test_a_closed_loader_hands_its_cache_over_at_once_a_read_in_flight_too(id_store, monkeypatch):
+    # `del` with a read in flight left the loader alive (the read holds it): its successor was
+    # refused or not by timing; close() waits for the read and lets go of the cache
+    cache = SampleCache()
+    first = StreamingLoader(id_store, np.arange(0, 2500, 2), batch_size=8, backend="torch", cache=cache)
+    read = first.source.read
+    monkeypatch.setattr(first.source, "read", lambda *a, **k: (time.sleep(0.2), read(*a, **k))[1])
+    for _ in first:
+        break  # the next batches' reads under way
+    first.close()
+    successor = StreamingLoader(id_store, np.arange(1, 2500, 2), batch_size=8, backend="torch", cache=cache)
+    assert sorted(i for x, _ in successor for i in sample_ids(x)) == list(range(1, 2500, 2))
+    with pytest.raises(RuntimeError, match="was closed"):
+        next(iter(first))
+    with StreamingLoader(id_store, np.arange(2), batch_size=8, backend="torch") as loader:
+        assert len(list(loader)) == 1
+    assert loader._closed and loader._pool is None
+
+
+def _child_epoch(loader: StreamingLoader, results: multiprocessing.Queue) -> None:
+    spill = loader.cache.spill_directory
+    results.put((sorted(i for x, _ in loader for i in sample_ids(x)), spill, loader.cache.nbytes()))
+
+
+def test_a_child_forked_after_the_loader_read_reads_its_epoch_and_leaves_the_parents_spill(id_store, tmp_path):
+    # the reader thread is the parent's: the child's first batch waited for it forever; and the
+    # child's cache spilled into (and when gone, removed) the parent's directory
+    (tmp_path / "spill").mkdir()
+    cache = SampleCache(64 * 8, directory=tmp_path / "spill", disk_bytes=1 << 20)  # 16 samples in memory
+    loader = StreamingLoader(id_store, np.arange(0, 2500, 5), batch_size=64, backend="torch", cache=cache)
+    parent = sorted(i for x, _ in loader for i in sample_ids(x))
+    spilled = sorted(p.name for p in Path(cache.spill_directory).iterdir())
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    child = fork.Process(target=_child_epoch, args=(loader, results))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    ids, spill, (memory, disk) = results.get(timeout=10)
+    assert ids == parent and spill is None and disk == 0 and memory > 0  # what was in memory, kept
+    assert sorted(p.name for p in Path(cache.spill_directory).iterdir()) == spilled
+    hits = cache.stats.hits
+    assert sorted(i for x, _ in loader for i in sample_ids(x)) == parent and cache.stats.hits == hits + 500
+
+
 def test_a_cache_serves_one_dataset(id_store, tmp_path):
     from nearstore import write_dataset
 
@@ -307,6 +354,23 @@ def test_a_spill_directory_lost_mid_epoch_costs_reads_not_the_epoch(tmp_path):
             for spilled in (tmp_path / "spill").iterdir():
                 shutil.rmtree(spilled)
     assert sorted(seen) == sorted(list(range(300)) * 2)
+    assert cache.nbytes() == (0, 0)  # the disk tier dropped
+
+
+def test_a_spill_directory_lost_between_rounds_costs_reads_not_every_epoch_after(tmp_path):
+    # the next round let go of samples spilled there: unlinking them failed, and so did every epoch
+    tokens = np.empty(300, dtype=object)
+    tokens[:] = [np.full(i % 50 + 1, i, dtype=np.int32) for i in range(300)]  # encoded: a file a sample
+    store = write_dataset(str(tmp_path / "t.zarr"), [{"tok": tokens, "y": np.arange(300) % 3}], shard_samples=32)
+    (tmp_path / "spill").mkdir()
+    cache = SampleCache(0, directory=tmp_path / "spill", disk_bytes=1 << 20)
+    loader = StreamingLoader(store, batch_size=16, backend="torch", device="cpu", cache=cache)
+    assert len([x for x, _ in loader]) == 19 and cache.nbytes()[1] > 0
+    for spilled in (tmp_path / "spill").iterdir():
+        shutil.rmtree(spilled)
+    new = loader.reselect(0.5, method="random", seed=1)
+    for _ in range(2):
+        assert sorted(int(v[0]) for x, _ in loader for v in x.unbind()) == new.ids.tolist()
     assert cache.nbytes() == (0, 0)  # the disk tier dropped
 
 

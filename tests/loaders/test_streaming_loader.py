@@ -955,3 +955,12 @@ def test_a_proxy_pushed_while_a_round_selected_ahead_runs_waits_for_it(id_store,
     loader.update_proxy(second)
     assert future.done()
     np.testing.assert_array_equal(future.result().ids, sage_select(id_store, 0.1, seed=3, proxy=ModelProxy(first)).ids)
+
+
+def test_a_loader_refuses_to_be_pickled_by_name(id_store):
+    # spawn and torch.multiprocessing pickle their arguments: a weakref or a lock was named, not the loader
+    import pickle
+
+    loader = StreamingLoader(id_store, batch_size=8, backend="torch")
+    with pytest.raises(TypeError, match="a StreamingLoader cannot be pickled .* make one in each process"):
+        pickle.dumps(loader)
