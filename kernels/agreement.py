@@ -85,6 +85,8 @@ def residual_scores(embeddings: torch.Tensor, basis: torch.Tensor) -> torch.Tens
         raise ValueError(
             f"embeddings (n, D) and basis (r, D) must share D, got {tuple(embeddings.shape)} and {tuple(basis.shape)}"
         )
+    if not embeddings.dtype.is_floating_point:
+        raise TypeError(f"embeddings must be a floating point tensor, got {embeddings.dtype}")
     if not all_finite(embeddings):
         raise ValueError("embeddings contains NaN or inf")
     basis, embeddings = basis.to(embeddings), rows_scaled(embeddings)

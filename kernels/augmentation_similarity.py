@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.floats import all_finite
+from kernels.floats import all_finite, rows_scaled
 
 
 def expected_similarity(views: torch.Tensor) -> torch.Tensor:
@@ -18,6 +18,7 @@ def expected_similarity(views: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"views must be a floating point tensor (embeddings), got {views.dtype}")
     if not all_finite(views):
         raise ValueError("views hold NaN or inf")
+    views = rows_scaled(views.flatten(0, 1)).view_as(views)  # first: norms of rows near 1e20 overflowed
     tiny = torch.finfo(views.dtype).tiny
     return (views / views.norm(dim=2, keepdim=True).clamp_min(tiny)).mean(1)
 

@@ -17,8 +17,10 @@ def _shrink(rows: torch.Tensor, ell: int) -> torch.Tensor:
     # eigh of the (m × m) Gram matrix beats an SVD of the wide B (2-3x on CPU, see bench/kernels.py).
     # It is tiny, so float64 costs nothing, and an orthonormal U is what keeps AᵀA − BᵀB ⪰ 0.
     # Rows scaled by a power of two (exact) to a largest entry of about 1 first: the scale factors
-    # below are scale-free, and a float32 Gram of rows near 1e-25 or 1e19 under- or overflows.
-    peak = rows.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    # below are scale-free, and a float32 Gram of rows near 1e-25 or 1e19 under- or overflows (a
+    # float64 one past 1e154 or under 1e-154: the peak in the rows' own range, float64's too).
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    peak = rows.abs().amax().to(wide).clamp_min(torch.finfo(wide).tiny)
     unit = rows * torch.ldexp(torch.ones((), dtype=rows.dtype), -torch.frexp(peak).exponent)
     eigvals, eigvecs = torch.linalg.eigh((unit @ unit.T).double())
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # eigh sorts ascending

@@ -107,7 +107,10 @@ def weighted_kmeans(
     points: torch.Tensor, weights: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 25
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k centroids of weighted points by Lloyd's iterations from a weighted k-means++ seeding, and
-    the weight each holds; a centroid that loses every point stays where it was, weight 0."""
+    the weight each holds; a centroid that loses every point stays where it was, weight 0. No
+    points: no centroids (two sketches that saw nothing merge into one)."""
+    if not len(points):
+        return points[:0].clone(), torch.zeros(0, dtype=torch.float64)
     centroids = points[kmeans_plus_plus(points, k, weights, seed)].clone()
     held = torch.zeros(len(centroids), dtype=torch.float64)
     for _ in range(iterations):

@@ -88,7 +88,9 @@ class ConfidentJoint:
 
 def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
     """Refuse NaN or inf probabilities (one would make its class's threshold NaN, never reached
-    again) and labels outside [0, C)."""
+    again), labels that are not class indices, and labels outside [0, C)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
     if not all_finite(probs):
         raise ValueError("probs contain NaN or inf")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):

@@ -132,6 +132,13 @@ def test_score_input_errors(
         agreement_scores(embeddings, basis, consensus)
 
 
+def test_integer_embeddings_are_named_by_both_scores() -> None:
+    # residual_scores failed inside torch.finfo, naming no input
+    for score in (residual_scores, lambda e, b: agreement_scores(e, b, torch.ones(4))):
+        with pytest.raises(TypeError, match="embeddings must be a floating point tensor, got torch.int64"):
+            score(torch.ones(3, 4, dtype=torch.int64), torch.eye(4))
+
+
 @pytest.mark.parametrize(
     ("sketch", "k", "message"),
     [

@@ -265,10 +265,20 @@ def test_merge_errors(ell: int, dim: int) -> None:
         FrequentDirections(4, 16).merge(torch.zeros(4, 16))
 
 
-@pytest.mark.parametrize("scale", [1e-25, 1e19])  # a confident class's gradients; large finite rows
-def test_the_sketch_is_exact_below_its_rank_at_any_float32_scale(scale: float) -> None:
-    # the Gram matrix of such rows in float32 under- or overflowed: an all-zero sketch, or eigh failing
-    a = make_stream("exact_low_rank", n=600, dim=32) * scale
-    sketch = sketch_of(a, 8, batch=100, dtype=torch.float32).sketch().double().numpy()
+@pytest.mark.parametrize(
+    ("scale", "dtype", "tolerance"),
+    # a confident class's gradients; large finite rows; float64's past its square root's range,
+    # which the float32 peak that scaled them could not hold
+    [
+        (1e-25, torch.float32, 1e-4),
+        (1e19, torch.float32, 1e-4),
+        (1e-200, torch.float64, 1e-12),
+        (1e200, torch.float64, 1e-12),
+    ],
+)
+def test_the_sketch_is_exact_below_its_rank_at_any_scale(scale: float, dtype: torch.dtype, tolerance: float) -> None:
+    # the Gram matrix of such rows under- or overflowed: an all-zero sketch, or eigh failing
+    a = make_stream("exact_low_rank", n=600, dim=32)
+    sketch = sketch_of(a * scale, 8, batch=100, dtype=dtype).sketch().double().numpy() / scale
     error = np.linalg.norm(a.T @ a - sketch.T @ sketch, 2) / np.linalg.norm(a.T @ a, 2)
-    assert error < 1e-4
+    assert error < tolerance

@@ -107,4 +107,6 @@ def test_nan_probabilities_and_labels_outside_the_classes_are_refused():
             call(bad, labels)
         with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got 0..3"):
             call(probs, torch.tensor([0, 1, 3, 0]))
+        with pytest.raises(TypeError, match="labels must be integer class indices, got torch.float32"):
+            call(probs, labels.float())  # gather() raised for the update, label_issues took them
     assert joint.seen == 0

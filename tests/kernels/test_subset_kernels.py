@@ -57,6 +57,23 @@ def test_merged_sketches_cluster_the_union_as_one_sketch_does():
     assert inertia(points, merged.centroids) <= 1.05 * exact.inertia_
 
 
+def test_sketches_that_saw_nothing_merge():
+    empty = StreamingKMeans(3, 2).merge(StreamingKMeans(3, 2))  # argmin over no centroid raised
+    assert empty.centroids.shape == (0, 2) and empty.counts.sum() == 0
+    points, _ = blobs(300, 3, 2, seed=4)
+    seen = StreamingKMeans(3, 2)
+    seen.update(points)
+    merged = empty.merge(seen)
+    assert merged.counts.sum() == 300 and len(merged.centroids) == 3
+
+
+def test_expected_similarity_is_scale_free():
+    # the views' norms overflowed (every μ 0 at 1e20) or lost their unit length (1e-22)
+    views = torch.from_numpy(np.random.default_rng(5).normal(size=(4, 3, 6))).float()
+    for scale in (1e20, 1e-22):
+        torch.testing.assert_close(expected_similarity(views * scale), expected_similarity(views), atol=1e-5, rtol=1e-4)
+
+
 def test_weighted_kmeans_weighs_points_as_their_copies():
     points = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
     centroids, held = weighted_kmeans(points, torch.tensor([3.0, 1.0, 1.0, 1.0]), 2)

@@ -54,7 +54,7 @@ class ClipCov(Selector):
         if self.paired_array is not None and not isinstance(self.paired_array, str):
             raise ParameterError(f"paired_array must be an array name, got {self.paired_array!r}")
         check_range("clusters", self.clusters, 1, 1 << 16, integer=True)
-        check_range("ell", self.ell, 1, 4096, integer=True)
+        check_range("ell", self.ell, 2, 4096, integer=True)  # ell = 1 keeps no row: the target ignored the data
         check_range("sharpen", self.sharpen, 0, 16)
         check_window(self.window)
 

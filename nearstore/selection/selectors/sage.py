@@ -37,6 +37,12 @@ SCORES = ("agreement", "residual")
 SKETCH_BYTES = 8 << 30
 
 
+def check_ell(ell: int) -> None:
+    """ell >= 2 (1 keeps no row: FD shrinks every direction by the largest); no upper bound here:
+    sage_pass1 sizes the sketch at most by the embedding, which it then knows."""
+    check_range("ell", ell, 2, math.inf, integer=True, open_high=True)
+
+
 def sage_select(
     dataset: Dataset | str,
     keep: float,
@@ -72,6 +78,7 @@ def sage_select(
         dataset = open_dataset(dataset)
     check_keep(keep)
     check_seed(seed)
+    check_ell(ell)
     keep, seed = float(keep), int(seed)  # numpy's scalars pass the checks; torch's generators take Python's
     _check_score(score)
     executor = executor or LocalExecutor()
@@ -238,9 +245,7 @@ class Sage(Selector):
     score: str = "agreement"
 
     def __post_init__(self) -> None:
-        # no bound here: sage_pass1 sizes the sketch at most by the embedding, which it then knows
-        # ell = 1 keeps no row: FD shrinks every direction by the largest
-        check_range("ell", self.ell, 2, math.inf, integer=True, open_high=True)
+        check_ell(self.ell)
         check_flag("class_balanced", self.class_balanced)
         _check_score(self.score)
 

@@ -192,3 +192,10 @@ def test_a_consensus_with_no_direction_is_refused_by_name(tmp_path):
     with pytest.raises(DatasetError, match="the mean gradient of the pooled samples has no direction in its sketch"):
         sage_select(dataset, 0.5, class_balanced=False)
     assert len(sage_select(dataset, 0.5, class_balanced=False, score="residual")) == 30
+
+
+def test_sage_select_refuses_an_ell_that_keeps_no_row(blobs):
+    # only the Sage selector checked it: agreement blamed the data, residual scored every sample 1
+    dataset, x, y = blobs
+    with pytest.raises(ParameterError, match="ell must be an integer >= 2, got 1"):
+        sage_select(dataset, 0.2, proxy=RandomFeatureProxy(3, width=8, seed=1).fit(x, y), ell=1)

@@ -285,6 +285,7 @@ def test_bad_input_is_named(blobs, tmp_path):
         ("sage", {"ell": 2.5}, r"ell must be an integer >= 2, got 2.5"),
         ("sage", {"ell": True}, r"ell must be an integer >= 2, got True"),
         ("sage", {"ell": 1}, r"ell must be an integer >= 2, got 1"),
+        ("clipcov", {"ell": 1}, r"ell must be an integer in \[2, 4096\], got 1"),  # a target that ignored the data
         ("graft", {"window": 10**6}, r"window must be an integer in \[2, 8192\], got 1000000"),
         ("graft", {"gram_entries": 2**26 + 1}, r"gram_entries must be an integer in \[1, 67108864\], got 67108865"),
         ("graft", {"tolerance": 1.5}, r"tolerance must be a number in \(0, 1\], got 1.5"),
