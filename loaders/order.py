@@ -130,7 +130,10 @@ class EpochOrder:
         self.warm_start_epochs = check_integer("warm_start_epochs", self.warm_start_epochs, 0)
         if self.uneven not in ("pad", "drop"):
             raise ParameterError(f"uneven must be 'pad' or 'drop', got {self.uneven!r}")
-        self._resume_at = 0
+        # a loaded place not started yet (the batch it resumes at, the order's samples it skips),
+        # and whether the epoch last started was left (a break): the next iteration starts afresh
+        self._resume_at = self._resume_skip = 0
+        self._left = False
 
     def warming(self, epoch: int) -> bool:
         """Whether epoch `epoch` visits every sample (a full-data warm start) rather than the selection."""
@@ -150,6 +153,11 @@ class EpochOrder:
         """The batch epoch `epoch` starts at when it is next iterated: a loaded place's, else 0."""
         return self._resume_at if epoch == self.epoch else 0
 
+    def resuming(self, epoch: int) -> bool:
+        """Whether the next iteration of epoch `epoch` goes on from a loaded place (a batch in, or
+        past samples other ranks' states delivered)."""
+        return epoch == self.epoch and bool(self._resume_at or self._resume_skip)
+
     def batches(self, epoch: int, shards: np.ndarray, first: int = 0) -> list[np.ndarray]:
         """The positions of each batch of epoch `epoch` (its samples in `shards`) from batch `first` on."""
         positions = self.positions(epoch, shards)
@@ -166,12 +174,19 @@ class EpochOrder:
     def forget_place(self) -> None:
         """The next epoch starts at its first batch, whatever state was loaded (and a state taken
         before it starts says so: the loaded place's batches are not the next epoch's)."""
-        self._resume_at = self.skipped = self.batches_done = 0
+        self._resume_at = self._resume_skip = self.skipped = self.batches_done = 0
+        self._left = False
 
     def start(self) -> int:
         """An epoch starts: the batch it starts at (a loaded place, once; else 0)."""
         self.batches_done, self._resume_at = self._resume_at, 0
+        self.skipped, self._resume_skip, self._left = self._resume_skip, 0, False
         return self.batches_done
+
+    def left(self) -> None:
+        """The epoch being iterated was left before its end (a break): its place stays what a state
+        saves, and the next iteration starts it afresh, from its first sample."""
+        self._left = True
 
     def finish(self) -> None:
         """The epoch being iterated delivered its last batch."""
@@ -219,10 +234,10 @@ class EpochOrder:
             self.batches_done, self.skipped = done, skipped
         else:  # the ranks' first `done` batches are the order's first done * batch * world_size positions
             self.batches_done, self.skipped = 0, skipped + done * self.batch_size * int(state["world_size"])
-        self._resume_at = self.batches_done
+        self._resume_at, self._resume_skip, self._left = self.batches_done, self.skipped, False
 
     def _skip(self, epoch: int) -> int:
-        return self.skipped if epoch == self.epoch else 0
+        return self.skipped if epoch == self.epoch and not self._left else 0
 
     def _batches(self, size: int, world_size: int) -> int:
         n = share_size(size, world_size, self.uneven)

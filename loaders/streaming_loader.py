@@ -473,7 +473,7 @@ class StreamingLoader:
         storage_before = self.source.storage_reads()
         hits_before = self.cache.stats.hits if self.cache is not None else 0
         epoch = self.epoch
-        if not (self.order.resumes_at(epoch) or self.order.skipped):  # not resuming the old round
+        if not self.order.resuming(epoch):  # not resuming the old round
             self._take_due()
         ids, weights, round = self._epoch_ids(epoch)
         self._check_ranks_agree(round, ids, weights)  # the round this epoch iterates, a due one taken
@@ -576,6 +576,8 @@ class StreamingLoader:
         finally:  # ended, or left (a break): a round selected from now on is taken at once
             if iterator == self._iterator:
                 self._in_epoch = False
+                if not ended and self._unended is None:
+                    self.order.left()
         if iterator == self._iterator and not ended:  # its last batches all skipped as damaged
             end()
 
@@ -717,7 +719,7 @@ class StreamingLoader:
     def _mid_epoch(self) -> bool:
         """Whether an epoch is under way: iterated, or a loaded state's place in it, which the next
         iteration resumes (a round selected now waits for it to end)."""
-        return self._in_epoch or bool(self.order.resumes_at(self.epoch) or self.order.skipped)
+        return self._in_epoch or self.order.resuming(self.epoch)
 
     def _ahead_due(self, completed: int) -> bool:
         """Whether the round selected ahead is iterated once `completed` epochs are."""
