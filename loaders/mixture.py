@@ -191,9 +191,20 @@ class Mixture:
         loads = [loader._checked_state(loader_state) for loader, loader_state in zip(self.loaders, states)]
         counts = state.get("counts")  # states written before it hold none: counted afresh
         if counts is not None and (
-            not isinstance(counts, Sequence) or len(counts) != len(self.loaders) or not all(map(is_integer, counts))
+            not isinstance(counts, Sequence)
+            or len(counts) != len(self.loaders)
+            or not all(is_integer(c) and c >= 0 for c in counts)
+            or not sum(counts)
+            or (self.batches_per_epoch is not None and sum(counts) != self.batches_per_epoch)
         ):
-            raise DatasetError(f"Mixture state_dict's counts must be {len(self.loaders)} integers, got {counts!r}")
+            length = f", {self.batches_per_epoch} in all" if self.batches_per_epoch is not None else ""
+            raise DatasetError(
+                f"Mixture state_dict's counts must be {len(self.loaders)} integers >= 0 (each loader's batches of "
+                f"the epoch{length}), got {counts!r}"
+            )
+        scheduled = sum(counts) if counts is not None else self.epoch_batches
+        if batches_done > scheduled:  # len() went negative, the schedule's repeats too
+            raise DatasetError(f"Mixture state_dict says {batches_done} batches of {scheduled} were delivered")
         for load in loads:
             load()
         self.epoch, self._resume_at, self.batches_done = epoch, batches_done, 0

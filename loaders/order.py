@@ -220,6 +220,8 @@ class EpochOrder:
         if not rank < world_size:
             raise DatasetError(f"{where} names rank {rank} of world_size {world_size}")
         epoch, done, _, skipped = (state_count({**ADDED, **state}, name, where) for name in PLACE)
+        if skipped and skipped >= epoch_size(epoch):  # no state skips a whole epoch: it ended
+            raise DatasetError(f"{where} skips {skipped} samples of an epoch of {epoch_size(epoch)}")
         batches = self._batches(max(0, epoch_size(epoch) - skipped), world_size)
         if done > batches:
             raise DatasetError(f"state_dict says {done!r} batches of {batches} were delivered")

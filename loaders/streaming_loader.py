@@ -639,8 +639,11 @@ class StreamingLoader:
         dataset, order, chosen = (
             state_entry(state, key, "state_dict", Mapping) for key in ("dataset", "order", "selection")
         )
-        if sample_identity(self.source.identity) != sample_identity(dataset):
-            raise DatasetError(f"state_dict is from dataset {dataset.get('url')!r}, not {self.url!r}")
+        ours, theirs = sample_identity(self.source.identity), sample_identity(dataset)
+        if ours != theirs:  # the same URL too, where the store was written anew: name what differs
+            raise DatasetError(
+                f"state_dict is from dataset {dataset.get('url')!r} ({theirs}), not {self.url!r} ({ours})"
+            )
         where = "state_dict's selection"
         round = state_count(chosen, "round", where)
         ids, weights = _selected(
@@ -654,6 +657,11 @@ class StreamingLoader:
         augment = self._state_augment(state.get("augment"))
         received, augmented, epochs = _state_io(state.get("io"))  # states written before it hold none
         self.order.check(order, lambda epoch: self._epoch_size(epoch, ids))
+        if ahead is not None and ahead[1] > state_count(order, "epochs_completed", "state_dict's order"):
+            raise DatasetError(
+                f"state_dict's round selected ahead was asked for after {ahead[1]} epochs, of "
+                f"{order['epochs_completed']} completed"
+            )
         shard_samples = order.get("shard_samples", self.source.shard_samples)
         if self.order.shuffle == "shards" and shard_samples != self.source.shard_samples:
             raise DatasetError(

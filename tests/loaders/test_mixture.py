@@ -134,6 +134,29 @@ def test_a_state_of_another_mixture_is_refused_and_changes_nothing(id_store, tmp
 
 
 @pytest.mark.parametrize(
+    ("place", "message"),
+    [  # len() went negative, numpy's repeats refused, or the epoch never ended
+        ({"batches_done": 10**6}, "says 1000000 batches of 30 were delivered"),
+        ({"counts": [-5, 35]}, r"counts must be 2 integers >= 0 .*, got \[-5, 35\]"),
+        ({"counts": [0, 0]}, r"got \[0, 0\]"),
+        ({"counts": [20, 10], "batches_done": 31}, "says 31 batches of 30"),
+    ],
+)
+def test_a_place_that_does_not_fit_the_mixtures_epoch_is_refused(id_store, place, message):
+    state = two(id_store).state_dict()
+    mixture = two(id_store)
+    with pytest.raises(DatasetError, match=message):
+        mixture.load_state_dict({**state, **place})
+    assert len(mixture) == 30
+
+
+def test_counts_of_a_fixed_epoch_must_fill_it(id_store):
+    state = two(id_store, batches_per_epoch=20).state_dict()
+    with pytest.raises(DatasetError, match=r"20 in all\), got \[10\*\*6, 3\]|20 in all\), got \[1000000, 3\]"):
+        two(id_store, batches_per_epoch=20).load_state_dict({**state, "counts": [10**6, 3]})
+
+
+@pytest.mark.parametrize(
     "options, message",
     [
         ({"proportions": [1]}, "proportions must be 2 positive numbers"),

@@ -812,6 +812,27 @@ def test_a_state_dict_of_other_data_or_another_order_is_refused(id_store, tmp_pa
         StreamingLoader(id_store, batch_size=64, backend="torch").load_state_dict({**state, "version": 99})
 
 
+def test_a_state_no_loader_writes_is_refused_by_name(id_store, tmp_path):
+    # a skip past its epoch delivered nothing and counted the epoch done; a round asked ahead
+    # after more epochs than were completed waited for them
+    loader = StreamingLoader(id_store, batch_size=64, backend="torch")
+    loader.reselect_ahead(0.1, method="random", seed=1).result()
+    state = loader.state_dict()
+    fresh = StreamingLoader(id_store, batch_size=64, backend="torch")
+    with pytest.raises(ValueError, match="state_dict's order skips 1000000000000 samples of an epoch of 2500"):
+        fresh.load_state_dict({**state, "order": {**state["order"], "skipped": 10**12}})
+    with pytest.raises(ValueError, match="round selected ahead was asked for after 99 epochs, of 0 completed"):
+        fresh.load_state_dict({**state, "ahead": {**state["ahead"], "completed": 99}})
+    fresh.load_state_dict(state)
+    # a store written anew under the same path: the message says what differs
+    url = str(tmp_path / "again.zarr")
+    write_dataset(url, [{"x": np.zeros((10, 8), np.float32), "y": np.arange(10)}])
+    taken = StreamingLoader(url, batch_size=4, backend="torch").state_dict()
+    write_dataset(url, [{"x": np.zeros((12, 8), np.float32), "y": np.arange(12)}], overwrite=True)
+    with pytest.raises(ValueError, match=r"'num_samples': 10.*\), not .*'num_samples': 12"):
+        StreamingLoader(url, batch_size=4, backend="torch").load_state_dict(taken)
+
+
 def test_a_state_of_the_same_order_under_another_spelling_resumes(id_store):
     # shuffle=True is "global", whose order no shuffle_block cuts: such states were refused
     def made(**options) -> StreamingLoader:
