@@ -16,7 +16,7 @@ from loaders.sources.base import Source
 from loaders.sources.flight import FlightSource
 from nearstore import DatasetError, IOStats, ParameterError, Selection
 from nearstore.serving.protocol import shard_ranges
-from nearstore.storage.dataset import check_ids
+from nearstore.storage.dataset import check_ids, sample_identity
 from nearstore.storage.images import ImageTransform
 
 T = TypeVar("T")
@@ -133,7 +133,8 @@ class ServerGroup(Source):
         """Refuse servers of another dataset, and a group without exactly one primary."""
         first = self.servers[0]
         for server in self.servers[1:]:
-            if server.identity != first.identity:
+            # by content, not URL: a follower may read its own copy, or the store spelt otherwise
+            if sample_identity(server.identity) != sample_identity(first.identity):
                 raise DatasetError(
                     f"{server.url} serves another dataset than {first.url}: a group's servers serve one"
                     " dataset's shards (identity, fingerprint included, must be equal)"

@@ -788,8 +788,12 @@ def _check_shards(shards: Sequence[int], num_shards: int) -> list[int]:
 
 
 def _state_dir(path: str | Path, dataset: Dataset) -> Path:
-    """The server's own directory, created if missing; refused inside the dataset."""
-    path = Path(path).resolve()
+    """The server's own directory, created if missing; refused inside the dataset, and where it is
+    a URL (Path made a local folder named "s3:" of s3://bucket/state, and the rounds never left
+    the machine)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        raise ParameterError(f"state_dir must be a local directory, got the URL {str(path)!r}")
+    path = Path(str(path).removeprefix("file://")).resolve()
     dataset.check_outside(str(path), "state_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -175,6 +175,17 @@ def test_groups_that_are_not_one_dataset_once_are_refused_by_name(servers, id_st
         NearStoreServer(twin, shards=list(range(6, 10)), primary=primary.url)
 
 
+def test_servers_of_one_store_spelt_otherwise_are_one_group(servers, id_store_url):
+    # its URL was part of the comparison: a trailing slash, or a follower's own copy, was "another dataset"
+    dataset = open_dataset(id_store_url)
+    primary = servers(dataset, selection=random_select(dataset, 1.0), shards=list(range(6)))
+    spelt = open_dataset(f"file://{id_store_url}/")
+    assert spelt.identity()["url"] != dataset.identity()["url"]
+    follower = servers(spelt, shards=list(range(6, 10)), primary=primary.url)
+    loader = StreamingLoader([primary.url, follower.url], batch_size=500, shuffle=False, backend="torch")
+    assert [i for x, _ in loader for i in x[:, 0].round().long().tolist()] == list(range(2500))
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -183,6 +194,8 @@ def test_groups_that_are_not_one_dataset_once_are_refused_by_name(servers, id_st
         ({"shards": []}, "shards must be a non-empty sequence"),
         ({"primary": "grpc://127.0.0.1:1/ids", "state_dir": "x"}, "^state_dir given with primary"),
         ({"primary": "http://127.0.0.1:1/ids"}, "a server URL looks like grpc://"),
+        # a local folder named "s3:" held the rounds, which never left the machine
+        ({"state_dir": "s3://bucket/state"}, "state_dir must be a local directory, got the URL 's3://bucket/state'"),
     ],
 )
 def test_bad_server_options_are_refused_by_name(id_store, options, message):
