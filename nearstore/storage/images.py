@@ -194,10 +194,18 @@ _PNM = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")  # plain and binary bitmaps, g
 
 def looks_like_image(blob: bytes) -> bool:
     """Whether `blob` starts as a JPEG, PNG, WebP, BMP or TIFF does (PNM's two letters say too
-    little): a column of bytes that may hold other things (audio) is checked where it does."""
-    return blob.startswith((_JPEG, _PNG, b"BM", b"II*\x00", b"MM\x00*")) or (
-        blob[:4] == b"RIFF" and blob[8:12] == b"WEBP"
-    )
+    little): a column of bytes that may hold other things (audio) is checked where it does. A
+    BMP's two letters ("BMW 320i") and a JPEG's three bytes (1 row in 16M of random bytes) say
+    too little too: a BMP's reserved bytes and header size, and the marker after a JPEG's start,
+    must be a BMP's and a JPEG's."""
+    if blob.startswith(_JPEG):
+        return len(blob) > 3 and 0xC0 <= blob[3] <= 0xFE and blob[3] != 0xD8
+    if blob.startswith(b"BM"):
+        return blob[6:10] == b"\0\0\0\0" and int.from_bytes(blob[14:18], "little") in _BMP_HEADER_SIZES
+    return blob.startswith((_PNG, b"II*\x00", b"MM\x00*")) or (blob[:4] == b"RIFF" and blob[8:12] == b"WEBP")
+
+
+_BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)  # BITMAPCOREHEADER ... BITMAPV5HEADER
 
 
 def damaged(blob: bytes) -> str | None:

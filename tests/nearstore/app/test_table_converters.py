@@ -449,3 +449,22 @@ def test_list_views_read_as_lists_row_by_row(tmp_path):
     feather.write_feather(nulls, tmp_path / "nulls.arrow", compression="uncompressed")
     with pytest.raises(DatasetError, match="column 'tokens' is null at row 2"):
         open_table(tmp_path / "nulls.arrow")
+
+
+def test_bytes_that_only_start_as_an_image_starts_are_stored_as_they_are(tmp_path):
+    # a row of text beginning "BM" was a damaged BMP, and the whole table was refused
+    import io
+
+    from PIL import Image
+
+    bmp = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(bmp, "BMP")
+    blobs = [b"BMW 320i, 2019, 45000 km", b"BM" + bytes(range(40)), b"\xff\xd8\xff\x10" + bytes(20), b"plain"]
+    table = pa.table({"blob": pa.array(blobs, pa.binary()), "label": pa.array(np.arange(4) % 2)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    open_table(tmp_path / "t.parquet").write(str(tmp_path / "o.zarr"))
+    assert list(_read_back(str(tmp_path / "o.zarr"))["blob"]) == blobs
+    cut = pa.table({"blob": pa.array([bmp.getvalue()[:-10]], pa.binary()), "label": pa.array([0])})
+    pq.write_table(cut, tmp_path / "cut.parquet")
+    with pytest.raises(DatasetError, match="column 'blob' at row 0: BMP"):  # a real one cut short still is
+        open_table(tmp_path / "cut.parquet").write(str(tmp_path / "cut.zarr"))
