@@ -504,7 +504,10 @@ class _ClassIndex:
     def __init__(self, label_array: str | None, class_names: Iterable[str] | None) -> None:
         self.label_array = label_array
         self.fixed = class_names is not None
-        self.names = [str(n) for n in class_names] if class_names is not None else []
+        if isinstance(class_names, str | bytes):  # its letters are no class names
+            raise ParameterError(f"class_names must be a sequence of names, got the string {class_names!r}")
+        # bytes as HDF5 files hold text, decoded as their labels are: str(b"cat") is "b'cat'"
+        self.names = [] if class_names is None else label_strings(np.asarray(list(class_names)), "class_names").tolist()
         self.ids = {name: i for i, name in enumerate(self.names)}
         if len(self.ids) < len(self.names):  # a string label would map to the last of its twins
             twin = next(name for i, name in enumerate(self.names) if self.ids[name] != i)
@@ -521,6 +524,11 @@ class _ClassIndex:
             labels.dtype == object and len(labels) > 0 and all(isinstance(v, str) for v in labels)
         )
         if labels.dtype == object and len(labels) and all(is_integer(v) for v in labels):
+            big = next((i for i, v in enumerate(labels) if not -(2**63) <= v < 2**63), None)
+            if big is not None:  # astype raised a bare OverflowError
+                raise DatasetError(
+                    f"label array {self.label_array!r}: sample {first + big} is {labels[big]}, past int64's range"
+                )
             labels = labels.astype(np.int64)  # pandas' object columns of ints
         elif labels.dtype == object and not strings and len(labels):  # was blamed on sample 0, "expected bytes"
             odd, value = next((i, v) for i, v in enumerate(labels) if not isinstance(v, str))
@@ -643,6 +651,11 @@ class _ShardWriter:
             raise DatasetError("a batch must hold at least one array")
         if self.label_array is not None and self.label_array not in batch:
             raise DatasetError(f"label array {self.label_array!r} is not among the arrays {sorted(batch)}")
+        if set(batch) == {self.label_array}:  # written, then no loader could take it
+            raise DatasetError(
+                f"the batches hold only the label array {self.label_array!r}: a dataset needs an input array beside "
+                "it (label_array=None stores the labels as the input)"
+            )
         self.names = tuple(batch)
         for name, values in batch.items():
             problem = array_name_problem(name)

@@ -23,7 +23,7 @@ from nearstore.storage.integrity import verify_dataset
 
 def test_a_store_written_before_checksums_is_rewritten_whole_into_the_current_format(tmp_path, id_store_url):
     old = str(tmp_path / "old.zarr")
-    write_dataset(old, [id_encoded()], shard_samples=300, class_names="abcde")
+    write_dataset(old, [id_encoded()], shard_samples=300, class_names=tuple("abcde"))
     as_format_1(old)
     batches, source = nearstore_batches(old)
     new = write_dataset(

@@ -171,6 +171,28 @@ def test_string_labels_are_stored_as_class_ids_and_their_names_kept(tmp_path):
     assert not (tmp_path / "c.zarr").exists()
 
 
+def test_class_names_and_labels_as_bytes_are_text_and_odd_label_arrays_are_named(tmp_path):
+    # h5py hands text back as bytes: the names were stored "b'cat'", and bytes labels then refused
+    x = np.zeros((3, 2), np.float32)
+    names = np.array([b"cat", b"dog"])
+    assert write_dataset(
+        str(tmp_path / "a.zarr"), [{"x": x, "y": np.array([0, 1, 1])}], class_names=names
+    ).class_names == ("cat", "dog")
+    stored = write_dataset(
+        str(tmp_path / "b.zarr"), [{"x": x, "y": np.array([b"dog", b"cat", b"dog"])}], class_names=names
+    )
+    np.testing.assert_array_equal(stored.labels[:], [1, 0, 1])
+    with pytest.raises(ParameterError, match="class_names must be a sequence of names, got the string 'cat'"):
+        write_dataset(str(tmp_path / "c.zarr"), [{"x": x, "y": np.array([0, 0, 0])}], class_names="cat")
+    huge = np.array([0, 1, 2**64], dtype=object)  # a pandas column of Python ints: a bare OverflowError
+    with pytest.raises(DatasetError, match="label array 'y': sample 2 is 18446744073709551616, past int64's range"):
+        write_dataset(str(tmp_path / "d.zarr"), [{"x": x, "y": huge}])
+    # labels alone: written, then refused by every loader as "input_array None"
+    with pytest.raises(DatasetError, match="the batches hold only the label array 'y'"):
+        write_dataset(str(tmp_path / "e.zarr"), [{"y": np.array([0, 1, 1])}])
+    assert not any((tmp_path / name).exists() for name in ("c.zarr", "d.zarr", "e.zarr"))
+
+
 def test_class_names_are_read_once_as_strings(tmp_path):
     x = np.zeros((3, 2), np.float32)
     named = write_dataset(str(tmp_path / "a.zarr"), [{"x": x, "y": np.array(["b", "a", "c"])}], class_names=iter("abc"))
