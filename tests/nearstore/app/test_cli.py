@@ -69,6 +69,8 @@ def test_select_reports_the_labels_that_look_wrong(tmp_path, capsys):
     assert all(r[4] == r[1] and r[5] == r[2] for r in rows)
     quality = [float(r[3]) for r in rows]
     assert quality == sorted(quality)  # the most suspect first
+    # as stored to 6 significant digits (4 decimals wrote 0.0000 for values down to 6e-08)
+    np.testing.assert_allclose(quality, np.sort(suspects.quality), rtol=1e-5)
 
 
 def test_a_label_report_names_the_classes_where_the_store_has_names(tmp_path):
