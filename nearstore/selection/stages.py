@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -517,6 +518,11 @@ def _fit_default_proxy(
     `_warm_shards`); return them so pass 1 need not re-read. `cancelled` is asked before each
     shard is read and before the fit."""
     dataset = reader.dataset
+    array = dataset.arrays[input_array]
+    if array.dtype != object:  # fixed-size samples: as many as fit DECODED_BATCH_BYTES, at least a shard's
+        # (4,096 samples of 100,000 floats: 1.6 GB, and the fit holds about four copies)
+        sample_bytes = array.dtype.itemsize * math.prod(array.shape[1:])
+        warmup_samples = min(warmup_samples, max(1, DECODED_BATCH_BYTES // max(1, sample_bytes)))
     warm: dict[int, Batch] = {}
     for shard in _warm_shards(reader, labels, warmup_samples, seed):
         stop_if_cancelled(cancelled, f"the default proxy's warm-up read shard {shard} of {dataset.url!r}")

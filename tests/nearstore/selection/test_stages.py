@@ -50,6 +50,16 @@ def test_rebatch_holds_no_more_than_its_bytes(monkeypatch):
     assert [len(ids) for ids, _ in rebatch(iter(batches), 100)] == [6, 4]  # 4 are under the limit, 6 reach it
 
 
+def test_the_warm_up_of_wide_samples_is_bounded_in_bytes(tmp_path, monkeypatch):
+    # counted in samples alone: 4,096 samples of 100,000 floats were 1.6 GB, held about four times
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2000, 256)).astype(np.float32), np.arange(2000) % 4  # 1 KiB a sample
+    dataset = write_dataset(str(tmp_path / "wide.zarr"), [{"x": x, "y": y}], shard_samples=50)
+    monkeypatch.setattr("nearstore.selection.stages.DECODED_BATCH_BYTES", 8 << 10)  # 8 samples' worth
+    scan = Scan.open(dataset, "test", None, 0, "cpu", None, WARMUP_SAMPLES)
+    assert len(scan.warm) == 1  # at least a shard: of 40, where 4,096 samples would take them all
+
+
 def test_encoded_images_are_decoded_in_pieces_of_bounded_bytes(monkeypatch):
     def jpeg(shade: int) -> bytes:
         out = io.BytesIO()
