@@ -385,6 +385,7 @@ class SuspectsFound:
 
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.ids: set[int] = set()  # of them all, for `among`
         self.top, self.streamed = 0.0, 0
         self.confirmed = 0  # of them, earlier suspects this proxy confirmed (`mute_suspects`)
 
@@ -398,6 +399,11 @@ class SuspectsFound:
 
     def add(self, ids: np.ndarray, labels: np.ndarray, quality: np.ndarray) -> None:
         self.parts.append((ids, labels, quality))
+        self.ids.update(ids.tolist())
+
+    def among(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` were found suspect so far."""
+        return np.fromiter(map(self.ids.__contains__, ids.tolist()), dtype=bool, count=len(ids))
 
     def suspects(self) -> Suspects:
         return suspects_of(self.parts)

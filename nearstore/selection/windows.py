@@ -144,8 +144,16 @@ class Decisions:
     seeded random draw instead: its samples with a gradient (in any draw, for AugmentAware's
     factors) first, muted ones (zero gradients) only where those run out."""
 
-    def __init__(self, pick: Picker, draw: Callable[[int], bool] = lambda group: False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        pick: Picker,
+        draw: Callable[[int], bool] = lambda group: False,
+        seed: int = 0,
+        suspected: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         self.pick, self.draw, self.seed = pick, draw, seed
+        # which of a window's ids are suspects (muted as a typical floor mutes samples, but last to fill)
+        self.suspected = suspected or (lambda ids: np.zeros(len(ids), dtype=bool))
         self.waiting: list[tuple[np.ndarray, Window]] = []
         self.kept: list[Pick] = []  # (ids, weights, scores) of each decided window
         self.drawn = 0  # windows decided by a draw
@@ -158,8 +166,9 @@ class Decisions:
             self.kept.append(unscored(ids))
         elif k and self.draw(group):
             rng = np.random.default_rng([self.seed, int(ids[0])])  # a window is known by its first id
-            live = (parts[0] != 0).flatten(1).any(1).cpu().numpy()  # residuals (n, C), or (n, A, C) of A draws
-            order = np.concatenate([rng.permutation(np.flatnonzero(live)), rng.permutation(np.flatnonzero(~live))])
+            live, suspect = _live(parts), self.suspected(ids)
+            tiers = (live, ~live & ~suspect, ~live & suspect)  # suspects only where nothing else is left
+            order = np.concatenate([rng.permutation(np.flatnonzero(tier)) for tier in tiers])
             self.kept.append(unscored(ids[np.sort(order[:k])]))
             self.drawn += 1
         elif k:
@@ -168,9 +177,33 @@ class Decisions:
     def decide(self) -> None:
         """Pick from every waiting window in one call."""
         if self.waiting:
-            for (ids, _), (rows, weights, scores) in zip(self.waiting, self.pick([w for _, w in self.waiting])):
-                self.kept.append((ids[rows], weights, scores))
+            for (ids, (parts, _)), (rows, weights, scores) in zip(
+                self.waiting, self.pick([w for _, w in self.waiting])
+            ):
+                self.kept.append((ids[_suspects_last(rows, self.suspected(ids), _live(parts))], weights, scores))
             self.waiting.clear()
+
+
+def _live(parts: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """Which rows of a window have a gradient (its first factor: residuals (n, C), or (n, A, C) of
+    A draws, or whole embeddings): the others were muted."""
+    return (parts[0] != 0).flatten(1).any(1).cpu().numpy()
+
+
+def _suspects_last(rows: np.ndarray, suspect: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """A pick's `rows` of a window, each suspect among them given way to the window's next row not
+    picked that is none, live before muted. A pick takes a suspect (muted) only where it fills past
+    what it could span, where any muted row would do: it took them in id order, and round 0's
+    typical floors mute half a class, so from keep 0.5 on suspects filled beside unsuspected rows."""
+    at = np.flatnonzero(suspect[rows])
+    if not len(at):
+        return rows
+    spare = np.setdiff1d(np.arange(len(suspect)), rows)
+    spare = spare[~suspect[spare]]
+    spare = np.concatenate([spare[live[spare]], spare[~live[spare]]])[: len(at)]
+    rows = rows.copy()
+    rows[at[: len(spare)]] = spare  # a substitute takes the suspect's weight and score
+    return rows
 
 
 @dataclass
@@ -247,7 +280,8 @@ def decide(
         if selector.draw_uninformed:
             uninformed = lambda: not found.informed(num_classes)  # noqa: E731
     draw = lambda group: group in drawn_classes or uninformed()  # noqa: E731
-    decisions, at_once = Decisions(selector.pick, draw, seed), selector.at_once(windows.window)
+    suspected = found.among if found is not None else None
+    decisions, at_once = Decisions(selector.pick, draw, seed, suspected), selector.at_once(windows.window)
     # what the selector sums over the round's samples for the next round (a method keeping nothing has no tally)
     tally, totals = getattr(selector, "tally", lambda parts: {}), {}
     for ids, groups, embeddings in stream:

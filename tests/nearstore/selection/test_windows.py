@@ -86,3 +86,25 @@ def test_augment_aware_at_1000_classes_holds_each_draw_s_factors_not_their_mean_
     assert sum(held) == len(y) * draws * (num_classes + width + 1) * 4 < whole / 15  # A · (C + H + 1) floats
     # each window decided from its draws' factors (3 samples), ḡ never formed
     assert formed == [((3, draws, num_classes), (3, draws, width + 1))] * num_classes
+
+
+def test_a_pick_or_a_draw_takes_a_suspect_only_where_no_other_row_is_left():
+    # muted rows filled in id order, suspects among the atypical ones: from keep 0.5 on, round 0
+    # took samples it reported mislabelled beside unsuspected ones it left
+    residual = torch.zeros(8, 3)
+    residual[[0, 1]] = 1.0  # two live rows; 2..7 muted: 2, 3 and 5 suspects, the others atypical
+    window = ((residual, torch.ones(8, 2)), 5)
+    ids = np.arange(100, 108)
+    suspected = lambda ids: np.isin(ids, [102, 103, 105])  # noqa: E731
+
+    def fill(waiting):  # a pick past its rank: the live rows, then the lowest muted ones
+        return [windows.unscored(np.arange(k)) for _, k in waiting]
+
+    picked = windows.Decisions(fill, suspected=suspected)
+    picked.add(0, ids, window)
+    picked.decide()
+    assert sorted(picked.kept[0][0].tolist()) == [100, 101, 104, 106, 107]
+    drawn = windows.Decisions(fill, draw=lambda group: True, seed=3, suspected=suspected)
+    drawn.add(0, ids, ((residual, torch.ones(8, 2)), 7))  # one suspect must come: only 6 others
+    kept = drawn.kept[0][0].tolist()
+    assert len(kept) == 7 and {100, 101, 104, 106, 107} <= set(kept) and len({102, 103, 105} & set(kept)) == 2
