@@ -14,6 +14,7 @@ import torch
 
 from kernels import last_layer_factors, last_layer_gradients, seeded_generator
 from kernels.floats import all_finite
+from kernels.label_issues import ConfidentJoint
 from nearstore.errors import DatasetError, ParameterError
 from nearstore.storage.images import PROXY_IMAGES, THUMBNAILS, ImageTransform
 from nearstore.storage.ragged import RaggedBatch
@@ -118,9 +119,11 @@ class RandomFeatureProxy:
         self._heads: torch.Tensor | None = None  # (folds, num_classes, width + 1), as nn.Linear weights
         # On the warm-up, each sample judged by the head that did not see it (`fit`), per class
         # (NaN where the warm-up has none): how often its label is the top class, and the median
-        # p(label | x). How far the proxy is right, and which of a class's samples are typical.
+        # p(label | x). How far the proxy is right, and which of a class's samples are typical; and
+        # their confidences, from which the scan's thresholds of suspects start (`mute_suspects`).
         self.held_out_recall: np.ndarray | None = None
         self.median_confidence: np.ndarray | None = None
+        self.warm_joint: ConfidentJoint | None = None
 
     @property
     def embedding_dim(self) -> int:
@@ -130,7 +133,7 @@ class RandomFeatureProxy:
         """Fit standardization and head on a warm-up sample (n, ...) with labels (n,); without
         labels (y None) the features alone, for selectors that need no labels."""
         self._mean = self._scale = self._projection = self._filters = self._heads = None
-        self.held_out_recall = self.median_confidence = None
+        self.held_out_recall = self.median_confidence = self.warm_joint = None
         inputs = self._inputs(x)
         labels = None if y is None else self._labels(y, len(inputs))
         generator = seeded_generator(self.seed)
@@ -160,6 +163,10 @@ class RandomFeatureProxy:
             heads.append(self._fit_head(h[outside], labels[outside]))
         self._heads = torch.stack(heads)
         probs = torch.softmax(self._logits(x, h), 1)
+        # the held-out confidences of every class the warm-up holds: where a store is written class
+        # by class, the scan judges a sample of an early class before a later class has a threshold
+        self.warm_joint = ConfidentJoint(self.num_classes)
+        self.warm_joint.update(probs, labels)
         right, own = probs.argmax(1) == labels, probs.gather(1, labels[:, None])[:, 0]
         self.held_out_recall = np.full(self.num_classes, np.nan)
         self.median_confidence = np.full(self.num_classes, np.nan)

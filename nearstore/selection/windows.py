@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kernels import facility_location, facility_location_of_factors
+from kernels import ConfidentJoint, facility_location, facility_location_of_factors
 from nearstore.errors import DatasetError
 from nearstore.selection.executors import Executor, LocalExecutor
 from nearstore.selection.plan import (
@@ -266,17 +266,19 @@ def decide(
     typical: np.ndarray | None = None,
     earlier: Suspects | None = None,
     unseen: np.ndarray | None = None,
+    prior: ConfidentJoint | None = None,
 ) -> WindowedPart:
     """Cut the stream's samples into windows per class and decide each: kept whole, drawn while the
     proxy knows nothing of the labels or for the classes in `drawn_classes`, or picked by the
     selector, `at_once` windows together; `cancelled` asked before each decision (`stop_if_cancelled`);
     `typical`: floors of p(label | x) under which a sample is muted (`typical_floors`); `earlier`:
     suspects muted where the proxy confirms them (`stages.confirmed`); `unseen`: classes the proxy
-    never saw, none of whose samples is a suspect (`stages.unseen_classes`)."""
+    never saw, none of whose samples is a suspect (`stages.unseen_classes`); `prior`: where the
+    thresholds of suspects start (`stages.mute_suspects`)."""
     found = SuspectsFound() if selector.mute_suspects or selector.draw_uninformed or typical is not None else None
     uninformed = lambda: False  # noqa: E731
     if found is not None:
-        stream = mute_suspects(stream, num_classes, found, selector.mute_suspects, typical, earlier, unseen)
+        stream = mute_suspects(stream, num_classes, found, selector.mute_suspects, typical, earlier, unseen, prior)
         if selector.draw_uninformed:
             uninformed = lambda: not found.informed(num_classes)  # noqa: E731
     draw = lambda group: group in drawn_classes or uninformed()  # noqa: E731
@@ -364,6 +366,7 @@ def _decided(
         typical,
         earlier,
         unseen_classes(scan.proxy),
+        getattr(scan.proxy, "warm_joint", None),
     )
 
 

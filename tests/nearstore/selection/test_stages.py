@@ -230,3 +230,26 @@ def test_a_round_nobody_waits_for_stops_before_its_warm_up_and_before_its_fit(id
 
     with pytest.raises(RoundCancelled, match="before the default proxy was fitted"):
         Graft().select(open_dataset(id_store.url), 0.25, cancelled=after_the_warm_up_read)
+
+
+def test_a_store_written_class_by_class_finds_about_the_wrong_labels_an_interleaved_one_does(tmp_path):
+    # a class had no threshold until its samples streamed: in class order, a flip to a later class
+    # was judged before it could be suggested (recall on them 0.52 against 0.74 interleaved)
+    rng = np.random.default_rng(3)
+    n, classes = 12000, 5
+    truth = rng.integers(0, classes, n)
+    x = (rng.normal(size=(classes, 16))[truth] + rng.normal(size=(n, 16))).astype(np.float32)
+    flipped = rng.random(n) < 0.2
+    y = truth.copy()
+    y[flipped] = (truth[flipped] + rng.integers(1, classes, flipped.sum())) % classes
+
+    def found(order: np.ndarray, name: str) -> np.ndarray:
+        dataset = write_dataset(str(tmp_path / name), [{"x": x[order], "y": y[order]}], shard_samples=256)
+        suspects = np.zeros(n, dtype=bool)
+        suspects[order[Graft().select(dataset, 0.1).suspects.ids]] = True
+        return suspects
+
+    later = flipped & (truth > y)  # their true class streams after the one they are labelled
+    interleaved, by_class = found(np.arange(n), "a.zarr"), found(np.argsort(y, kind="stable"), "b.zarr")
+    assert by_class[later].mean() >= interleaved[later].mean() - 0.15
+    assert by_class[flipped].mean() >= 0.7
