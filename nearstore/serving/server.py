@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -397,26 +398,41 @@ class NearStoreServer(flight.FlightServerBase):
     ) -> ModelProxy:
         """The server's model with pushed weights (a torch-saved state_dict), checked: where it
         scores encoded images, on a blank one of the size `images` decodes them at."""
+        self._check_unpacked_size(body)
         try:
             state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
         except Exception as e:
             raise RequestError(f"proxy weights are not a torch state_dict: {e}") from e
         if not isinstance(state, dict):
             raise RequestError(f"proxy weights must be a state_dict, got {type(state).__name__}")
-        for key, tensor in state.items():  # a diverged model's scores are NaN: no round could use them
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise RequestError(f"proxy weights {key!r} hold NaN or inf")
         model = self._model_factory()
-        try:
+        try:  # first: a tensor of the model's shape costs what the model does (one of a 1-element
+            # storage expanded to 2e8 made the check below allocate 1.3 GB for a 3 kB push)
             model.load_state_dict(state)
         except RuntimeError as e:
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
+        for key, tensor in model.state_dict().items():  # a diverged model's scores are NaN: no round could use them
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise RequestError(f"proxy weights {key!r} hold NaN or inf")
         try:
             proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES, head=head)
         except ParameterError as e:  # a head the server's model does not have
             raise RequestError(f"proxy weights' head: {e}") from e
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         return proxy
+
+    def _check_unpacked_size(self, body: bytes | bytearray) -> None:
+        """Refuse a push whose archive unpacks past max_proxy_bytes: torch.load inflates
+        compressed records (1,000 to 1 for zeros: the bound on what a push costs was no bound)."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(body)) as archive:
+                unpacked = sum(member.file_size for member in archive.infolist())
+        except zipfile.BadZipFile:
+            return  # not torch.save's zip: torch.load refuses it, or reads its legacy format as it is
+        if unpacked > self.max_proxy_bytes:
+            raise RequestError(
+                f"proxy weights unpack to {unpacked} bytes, past the server's max_proxy_bytes={self.max_proxy_bytes}"
+            )
 
     def _select(self, request: dict[str, Any], cancelled: Callable[[], bool] = never) -> bytes:
         """A new round, run after any running one; answers with it, whichever round is current by

@@ -248,6 +248,43 @@ def test_bad_requests_are_refused_with_the_reason(served):
     assert served.current is current  # nothing refused made a round
 
 
+def test_a_small_push_cannot_make_the_server_allocate_much(id_store):
+    # a 3 kB push of a 1-element storage expanded to 2e8 elements made the NaN check take 1.3 GB,
+    # and deflated records inflated past max_proxy_bytes (1,000 to 1 for zeros) before any check
+    import io
+    import zipfile
+
+    served = NearStoreServer(
+        id_store, selection=random_select(id_store, 0.1), model=tiny_model, max_proxy_bytes=1 << 20
+    )
+
+    def push(body: bytes) -> None:
+        client = flight.FlightClient(f"grpc://127.0.0.1:{served.port}")
+        writer, _ = client.do_put(protocol.weights_descriptor(served.name, len(body)), protocol.WEIGHTS)
+        with writer:
+            writer.write_batch(next(protocol.weight_batches(body)))
+
+    try:
+        expanded = io.BytesIO()
+        torch.save({**tiny_model().state_dict(), "0.weight": torch.zeros(1).expand(200_000_000)}, expanded)
+        with pytest.raises(flight.FlightServerError, match="do not fit the server's model"):
+            push(expanded.getvalue())
+        plain, packed = io.BytesIO(), io.BytesIO()
+        torch.save({**tiny_model().state_dict(), "extra": torch.zeros((1 << 20) // 4 + 1)}, plain)
+        with (
+            zipfile.ZipFile(io.BytesIO(plain.getvalue())) as src,
+            zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst,
+        ):
+            for member in src.infolist():
+                dst.writestr(member.filename, src.read(member))
+        assert len(packed.getvalue()) < 1 << 20  # within the limit as it travels
+        with pytest.raises(flight.FlightServerError, match=r"unpack to \d+ bytes, past the server's max_proxy_bytes"):
+            push(packed.getvalue())
+        assert served.proxy_version == 0
+    finally:
+        served.shutdown()
+
+
 def test_a_select_naming_no_method_runs_later_rounds_default_not_round_0s_method(id_store):
     # over a random round 0, a bare {"keep": 0.2} ran random again, where server.md says default_reselect
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1))
