@@ -155,6 +155,8 @@ def parse_arrays(raw: Any, served: Sequence[str]) -> list[str]:
     unknown = [name for name in raw if name not in served]
     if unknown:
         raise RequestError(f"no sample arrays {unknown} here; this server has {list(served)}")
+    if len(set(raw)) < len(raw):  # a reader was made and kept for each spelling: 1.6M names stalled every read
+        raise RequestError(f"ticket 'arrays' names {next(n for n in raw if raw.count(n) > 1)!r} more than once")
     return raw
 
 

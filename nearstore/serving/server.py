@@ -339,7 +339,8 @@ class NearStoreServer(flight.FlightServerBase):
         """Samples for a client. Damage is logged here in full; the client is told it with the
         store's URL replaced by the served name (it is not the client's to know)."""
         try:
-            return self._reader(names).read(ids)
+            read = self._reader(tuple(sorted(names))).read(ids)  # one reader for any order of the names
+            return {name: read[name] for name in names}
         except IntegrityError as e:
             log.error("damaged store: %s", e)
             raise IntegrityError(self._hidden(e), e.ids) from None

@@ -195,9 +195,9 @@ def test_bad_requests_are_refused_with_the_reason(served):
     current = served.current
     outside = int(np.setdiff1d(np.arange(2500), current.ids)[0])
 
-    def get(ticket: object) -> None:
+    def get(ticket: object) -> pa.Table:
         raw = ticket if isinstance(ticket, bytes) else json.dumps(ticket).encode()
-        client.do_get(flight.Ticket(raw)).read_all()
+        return client.do_get(flight.Ticket(raw)).read_all()
 
     def refused(error: type[NearstoreError], message: str):
         """A refusal as any Flight client sees it: the class of our error and its message, by code."""
@@ -225,6 +225,13 @@ def test_bad_requests_are_refused_with_the_reason(served):
         get({**base, "ids": [int(current.ids[0])] * (MAX_REQUEST_SAMPLES + 1)})
     with refused(RequestError, "no sample arrays ['z'] here; this server has ['x', 'y']"):
         get({**base, "ids": [int(current.ids[0])], "arrays": ["z"]})
+    readers = len(served._readers)  # each spelling made a reader, kept for the server's life
+    with refused(RequestError, "ticket 'arrays' names 'y' more than once"):
+        get({**base, "ids": [int(current.ids[0])], "arrays": ["y"] * 1000})
+    one = {**base, "ids": [int(current.ids[0])]}
+    assert get({**one, "arrays": ["y", "x"]}).column_names == ["id", "y", "x"]  # in the order asked
+    get({**one, "arrays": ["x", "y"]})
+    assert len(served._readers) <= readers + 1
     with pytest.raises(flight.FlightServerError, match="unknown action 'drop_table'"):
         list(client.do_action(flight.Action("drop_table", b"")))
 
