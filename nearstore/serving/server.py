@@ -361,7 +361,7 @@ class NearStoreServer(flight.FlightServerBase):
         return json.dumps(
             {
                 "dataset": self.name,
-                "identity": ds.identity(),
+                "identity": self._identity(ds.identity()),
                 "sample_arrays": list(ds.sample_arrays),
                 "label_array": ds.label_array,
                 "shard_samples": ds.shard_samples,
@@ -380,7 +380,7 @@ class NearStoreServer(flight.FlightServerBase):
         ).encode()
 
     def _selection(self, request: dict[str, Any]) -> bytes:
-        return self._round(request.get("round")).to_bytes()
+        return self._sent(self._round(request.get("round")))
 
     def _update_proxy(self, body: bytearray, images: ImageTransform | None = None, head: str | None = None) -> bytes:
         """Pushed weights, checked, as the proxy of the next rounds, which decodes encoded images by
@@ -468,7 +468,15 @@ class NearStoreServer(flight.FlightServerBase):
         except RoundCancelled as e:
             log.warning("select %s: %s; no round kept", request_id, e)
             raise
-        return selection.to_bytes()
+        return self._sent(selection)
+
+    def _sent(self, selection: Selection) -> bytes:
+        """`selection` as a client gets it: its dataset named by this server's URL, not the store's
+        (which may hold credentials: it is not the client's to know, as `_hidden` says of errors)."""
+        return replace(selection, dataset=self._identity(selection.dataset)).to_bytes()
+
+    def _identity(self, identity: dict[str, Any]) -> dict[str, Any]:
+        return {**identity, "url": self.url}
 
     # Rounds ----------------------------------------------------------------------------------
 

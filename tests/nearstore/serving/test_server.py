@@ -1520,3 +1520,17 @@ def test_plain_ids_are_of_the_round_a_server_serves_a_saved_round_3_too(id_store
             StreamingLoader(server.url, np.setdiff1d(np.arange(id_store.num_samples), saved.ids)[:5], backend="torch")
     finally:
         server.shutdown()
+
+
+def test_what_a_client_is_sent_names_the_server_not_the_store(id_store):
+    # the store's URL (credentials and all, as http://user:password@host/ holds them) reached any
+    # read-token client through info and every selection, where errors already hid it
+    served = NearStoreServer(id_store, selection=random_select(id_store, 0.1))
+    try:
+        source = FlightSource(served.url)
+        selected = source.select(keep=0.1, method="random", seed=3)
+        sent = [source.info()["identity"], source.selection().dataset, selected.dataset]
+        assert all(identity["url"] == served.url for identity in sent)
+        assert id_store.url not in json.dumps(sent)
+    finally:
+        served.shutdown()
