@@ -77,6 +77,7 @@ class Connection:
         self.on_disconnect, self.reconnect_seconds = on_disconnect, reconnect_seconds
         if token is None:
             token = os.environ.get(protocol.TOKEN_ENV) or os.environ.get(protocol.READ_TOKEN_ENV)
+        protocol.check_token("token", token)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         check_range("timeout_seconds", timeout_seconds, 0, open_low=True)
         if select_timeout_seconds is not None:

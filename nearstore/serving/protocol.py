@@ -70,6 +70,15 @@ MAX_REQUEST_ID_CHARS = 64  # a select's request id (the client's: a uuid4, 32 he
 ADMIN_ACTIONS = ("select",)
 TOKEN_ENV = "NEARSTORE_TOKEN"  # the admin token: reads, pushes weights, starts rounds
 READ_TOKEN_ENV = "NEARSTORE_READ_TOKEN"  # the read token: samples, info and selections only
+
+
+def check_token(name: str, token: str | None) -> None:
+    """Refuse a token a gRPC header cannot carry (printable ASCII only): a server started with one
+    could not be used, its holder told 'Invalid metadata'. The token itself is not repeated."""
+    if token is not None and (not isinstance(token, str) or not all(" " <= c <= "~" for c in token)):
+        raise ParameterError(f"{name} must be printable ASCII text (it travels as a gRPC header)")
+
+
 SCHEME, TLS_SCHEME = "grpc", "grpc+tls"
 
 

@@ -151,6 +151,8 @@ class NearStoreServer(flight.FlightServerBase):
                 "by default, nearstore.serving.front.NginxFront for one's own)",
                 host,
             )
+        protocol.check_token("token", token)
+        protocol.check_token("read_token", read_token)
         if token is not None and token == read_token:
             raise ParameterError(
                 "read_token must differ from token (the admin token): the server could not tell them apart"
@@ -311,6 +313,18 @@ class NearStoreServer(flight.FlightServerBase):
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return list(protocol.ACTIONS.items())
+
+    # The calls nearstore does not serve: refused in a line, not by pyarrow's default (its traceback
+    # crossed to the caller, where nothing else of an exception does). GetSchema is left to it:
+    # pyarrow sends a traceback of whatever it raises (its own frames, none of the server's).
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        raise _not_served("ListFlights")
+
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> None:
+        raise _not_served("GetFlightInfo")
+
+    def do_exchange(self, context: flight.ServerCallContext, *streams: object) -> None:
+        raise _not_served("DoExchange")
 
     def _check_admin(self, context: flight.ServerCallContext, call: str) -> None:
         """Refuse `call` to a caller holding the read token (one with no token passed only where
@@ -822,6 +836,10 @@ def _state_dir(path: str | Path, dataset: Dataset) -> Path:
     dataset.check_outside(str(path), "state_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _not_served(call: str) -> Exception:
+    return protocol.refusal(RequestError(f"{call} is not served: a nearstore server answers DoGet, DoPut and DoAction"))
 
 
 def is_loopback(host: str) -> bool:

@@ -1534,3 +1534,20 @@ def test_what_a_client_is_sent_names_the_server_not_the_store(id_store):
         assert id_store.url not in json.dumps(sent)
     finally:
         served.shutdown()
+
+
+def test_flight_calls_not_served_are_refused_in_a_line(served):
+    client = flight.FlightClient(f"grpc://127.0.0.1:{served.port}")
+    descriptor = flight.FlightDescriptor.for_command(b"{}")
+    for name, call in (
+        ("ListFlights", lambda: list(client.list_flights())),
+        ("GetFlightInfo", lambda: client.get_flight_info(descriptor)),
+        ("DoExchange", lambda: client.do_exchange(descriptor)[1].read_all()),
+    ):
+        with pytest.raises(flight.FlightError) as refused:
+            call()
+        assert _refusal(refused.value) == (
+            "RequestError",
+            f"{name} is not served: a nearstore server answers DoGet, DoPut and DoAction",
+        )
+        assert "Traceback" not in str(refused.value)

@@ -193,6 +193,13 @@ def test_tls_files_and_tokens_are_checked_by_name(id_store, tls, tmp_path):
         NearStoreServer(id_store, selection=selection, tls_cert=tls.server_cert, tls_key=tls.client_key)
     with pytest.raises(ParameterError, match="read_token must differ from token"):
         NearStoreServer(id_store, selection=selection, token=ADMIN, read_token=ADMIN)
+    # started, then unusable: its holder was told only "Invalid metadata"
+    for option, token in (("token", "pässwörd"), ("read_token", "tok\r")):
+        with pytest.raises(ParameterError, match=f"^{option} must be printable ASCII text") as refused:
+            NearStoreServer(id_store, selection=selection, **{option: token})
+        assert token not in str(refused.value)  # a secret is not repeated
+    with pytest.raises(ParameterError, match="^token must be printable ASCII text"):
+        FlightSource("grpc://127.0.0.1:1/ids", token="pässwörd")
     with pytest.raises(ParameterError, match="tls_cert and tls_key go together"):
         FlightSource("grpc+tls://127.0.0.1:1/ids", tls_cert=tls.client_cert)
     with pytest.raises(ParameterError, match="looks like grpc://host:port/dataset"):
