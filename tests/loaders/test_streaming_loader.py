@@ -985,3 +985,25 @@ def test_a_loader_refuses_to_be_pickled_by_name(id_store):
     loader = StreamingLoader(id_store, batch_size=8, backend="torch")
     with pytest.raises(TypeError, match="a StreamingLoader cannot be pickled .* make one in each process"):
         pickle.dumps(loader)
+
+
+def test_a_round_asked_without_keep_keeps_what_the_last_round_was_asked_for(tmp_path):
+    # the share of a round with classes at their one-sample floor is more than it asked for:
+    # asked again, it grew the subset round after round (300, 450, 575, ... of 2,400)
+    y = np.concatenate([np.zeros(2000, np.int64), np.repeat(np.arange(1, 201), 2)])
+    x = np.arange(len(y), dtype=np.float32)[:, None].repeat(4, 1)
+    store = write_dataset(str(tmp_path / "tail.zarr"), [{"x": x, "y": y}], shard_samples=256)
+    loader = StreamingLoader(
+        store, random_select(store, 0.05, seed=1, class_balanced=True), batch_size=64, backend="torch"
+    )
+    assert len(loader.ids) == 300  # 100 of the large class, and one of each small one
+    sizes = [len(loader.reselect(method="random", seed=seed, class_balanced=True).ids) for seed in (2, 3)]
+    sizes.append(len(loader.reselect_ahead(method="random", seed=4, class_balanced=True).result().ids))
+    resumed = StreamingLoader(
+        store, random_select(store, 0.05, seed=1, class_balanced=True), batch_size=64, backend="torch"
+    )
+    resumed.load_state_dict(loader.state_dict())
+    sizes.append(len(resumed.reselect(method="random", seed=5, class_balanced=True).ids))
+    assert sizes == [300] * 4
+    with pytest.raises(ValueError, match=r"keeps\['1'\] must be a number in \(0, 1\], got 2"):
+        resumed.load_state_dict({**loader.state_dict(), "keeps": {"1": 2}})
