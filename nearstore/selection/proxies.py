@@ -53,9 +53,13 @@ class Proxy(Protocol):
 
 
 def _spread(values: torch.Tensor) -> torch.Tensor:
-    """Each feature's standard deviation over the samples, at least 1e-6 (one sample: 1e-6, not
-    NaN, as when the warm-up holds one sample that decodes)."""
-    return (values.std(0) if len(values) > 1 else torch.zeros_like(values[0])).clamp_min(1e-6)
+    """Each feature's standard deviation over the samples, at least 1e-6 of the largest spread or
+    magnitude (a constant feature, or one sample: not 0, as when the warm-up holds one sample that
+    decodes). Relative: a floor of 1e-6 itself squashed data of values near 1e-8 (SI units) to
+    nothing, and GRAFT then drew its windows at random."""
+    spread = values.std(0) if len(values) > 1 else torch.zeros_like(values[0])
+    scale = torch.maximum(spread.max(), values.abs().max()).clamp_min(torch.finfo(spread.dtype).tiny)
+    return spread.clamp_min(1e-6 * scale)
 
 
 class RandomFeatureProxy:
