@@ -12,7 +12,7 @@ import torch
 from loaders.sources.base import Source
 from nearstore import Coalescing, Dataset, IOStats, ModelProxy, ParameterError, Selection, SelectiveReader, open_dataset
 from nearstore.selection.executors import Executor, check_executor
-from nearstore.selection.proxies import detached_copy
+from nearstore.selection.proxies import detached_copy, nonfinite_weight
 from nearstore.selection.selectors import next_round
 from nearstore.selection.stages import vet
 from nearstore.storage import DEFAULT_READS, small_arrays
@@ -111,6 +111,9 @@ class StoreSource(Source):
                 f"{type(model).__name__} cannot be copied to score beside training ({type(e).__name__}: {e}): "
                 "update_proxy scores a copy of the model; push one that holds only its modules and tensors"
             ) from e
+        bad = nonfinite_weight(copied)
+        if bad is not None:  # as a server refuses the push
+            raise ParameterError(f"proxy weights {bad!r} hold NaN or inf")
         proxy = ModelProxy(copied, images=images if images is not None else PROXY_IMAGES, head=head)
         vet(proxy, self._reader((self.dataset.input_array,)), self.dataset.input_array)
         self._proxy = proxy

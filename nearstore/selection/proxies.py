@@ -420,6 +420,12 @@ class ModelProxy:
                 returned = self._call(chunk)
                 head, h, z = self._head_of(last, after)
                 self._check_returns(returned, head, z)
+                if not all_finite(z):  # CREST took every sample for unlearned; the others failed unnamed
+                    first = sum(len(t) for t in logits) + int((~torch.isfinite(z)).any(1).nonzero()[0, 0])
+                    raise ParameterError(
+                        f"{type(self.model).__name__} gives logits holding NaN or inf (the first at sample {first} "
+                        f"of the {n} scored): a diverged model, or one past its dtype's range, scores nothing"
+                    )
                 logits.append(z)
                 features.append(h)
         # half precision is too coarse for p − onehot(y) (a confident model's residuals round to 0)
@@ -658,6 +664,15 @@ def _labels(y: np.ndarray, n: int, num_classes: int, device: torch.device, outpu
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(f"labels must lie in [0, {num_classes}){outputs}, got [{labels.min()}, {labels.max()}]")
     return labels
+
+
+def nonfinite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the first of the model's floating tensors holding NaN or inf, or None: a
+    diverged model's scores are NaN, which no round can use."""
+    return next(
+        (key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+        None,
+    )
 
 
 def detached_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -6,6 +6,7 @@ selection before each decision), and stop a round nobody waits for any more (`Ro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -367,12 +368,8 @@ def embed(
     for ids, batch in batches:
         x, y = batch[input_array], batch[labels]
         check_finite(x, ids, input_array)
-        try:
+        with model_errors_named(proxy, input_array, x, ids):
             embeddings = proxy.gradient_factors(x, y) if factored else proxy.embed(x, y)
-        except RuntimeError as e:  # a model handed to a selector unvetted (`vet`): named as vet names it
-            if not isinstance(proxy, ModelProxy) or isinstance(e, torch.OutOfMemoryError):
-                raise
-            raise misfit(proxy, input_array, f"of shape {tuple(x.shape[1:])}", e) from e
         if class_balanced:
             groups = {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
         else:
@@ -674,6 +671,27 @@ def probe(proxy: Proxy, reader: SelectiveReader, input_array: str, *, run: bool 
     return bool(len(ids))
 
 
+# What a model's own failure on samples raises (torch's, or the model's code's).
+MODEL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
+
+
+@contextlib.contextmanager
+def model_errors_named(proxy: Proxy, input_array: str, x: np.ndarray, ids: np.ndarray) -> Iterator[None]:
+    """A trainer's model failing on a batch of a round (samples `ids` of `input_array`, `x`) named
+    as `vet` names one failing on the first: a model handed to a selector unvetted, or one that
+    fails on later samples only (its own ValueError crossed the round naming nothing)."""
+    try:
+        yield
+    except NearstoreError:  # ModelProxy's own refusals
+        raise
+    except MODEL_ERRORS as e:
+        if not isinstance(proxy, ModelProxy) or isinstance(e, torch.OutOfMemoryError):
+            raise
+        shape = "ragged" if x.dtype == object else f"of shape {tuple(x.shape[1:])}"
+        where = f" (a batch of samples {int(ids.min())}..{int(ids.max())})" if len(ids) else ""
+        raise misfit(proxy, input_array, shape, e, where) from e
+
+
 def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
     """A trainer's model tried where it is handed over, not at the next round: its head found and
     the model run once on what a round will give it (`probe`), the first sample that decodes
@@ -685,7 +703,7 @@ def vet(proxy: Proxy, reader: SelectiveReader, input_array: str) -> None:
         ran = probe(proxy, reader, input_array, run=True)
     except NearstoreError:  # ModelProxy's own refusals (the images it decodes, its head) name more
         raise
-    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError) as e:  # the model's own
+    except MODEL_ERRORS as e:  # the model's own
         shape = "ragged" if dataset.ragged(input_array) else f"of shape {tuple(dataset.arrays[input_array].shape[1:])}"
         raise misfit(proxy, input_array, shape, e, f" of {dataset.url!r}") from e
     if isinstance(proxy, ModelProxy) and proxy.decodes_images and not ran:  # none of the first decodes

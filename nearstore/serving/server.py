@@ -47,6 +47,7 @@ from nearstore.errors import (
 from nearstore.selection import DEFAULT_METHOD, ModelProxy, Selection, default_reselect
 from nearstore.selection.executors import Executor
 from nearstore.selection.plan import check_keep
+from nearstore.selection.proxies import nonfinite_weight
 from nearstore.selection.record import in_sorted, write_whole
 from nearstore.selection.selectors import next_round
 from nearstore.selection.stages import never, stop_if_cancelled, vet
@@ -426,9 +427,9 @@ class NearStoreServer(flight.FlightServerBase):
             model.load_state_dict(state)
         except RuntimeError as e:
             raise RequestError(f"proxy weights do not fit the server's model: {e}") from e
-        for key, tensor in model.state_dict().items():  # a diverged model's scores are NaN: no round could use them
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise RequestError(f"proxy weights {key!r} hold NaN or inf")
+        bad = nonfinite_weight(model)
+        if bad is not None:
+            raise RequestError(f"proxy weights {bad!r} hold NaN or inf")
         try:
             proxy = ModelProxy(model, images=images if images is not None else PROXY_IMAGES, head=head)
         except ParameterError as e:  # a head the server's model does not have

@@ -16,7 +16,7 @@ from nearstore.selection.augment import check_augmentation
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector, check_window
-from nearstore.selection.stages import Embedded, Scan, augmented_views, scan_io
+from nearstore.selection.stages import Embedded, Scan, augmented_views, model_errors_named, scan_io
 from nearstore.selection.windows import (
     ClassWindows,
     Pick,
@@ -107,7 +107,8 @@ def augmented_factors(
     )
     for ids, batch, views in views_of:
         y = batch[scan.labels]
-        residuals, inputs = zip(*(scan.proxy.gradient_factors(view, y) for view in views))
+        with model_errors_named(scan.proxy, scan.input_array, views[0], ids):
+            residuals, inputs = zip(*(scan.proxy.gradient_factors(view, y) for view in views))
         yield (
             ids,
             {int(c): np.flatnonzero(y == c) for c in np.unique(y)},

@@ -20,7 +20,7 @@ from nearstore.selection.proxies import RandomFeatureProxy
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector, check_window
 from nearstore.selection.selectors.sas import DEFAULT_CLUSTERS, latent_classes
-from nearstore.selection.stages import Scan, check_finite, decoded, scan_io, shard_batches
+from nearstore.selection.stages import Scan, check_finite, decoded, model_errors_named, scan_io, shard_batches
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
 from nearstore.storage import Dataset
 
@@ -148,7 +148,8 @@ def _pairs(
     for ids, batch in decoded(shards_read, scan.input_array, scan.proxy.images, dataset.ragged(scan.input_array)):
         x = batch[scan.input_array]
         check_finite(x, ids, scan.input_array)
-        v = torch.nn.functional.normalize(scan.proxy.features(x).float(), dim=1)
+        with model_errors_named(scan.proxy, scan.input_array, x, ids):
+            v = torch.nn.functional.normalize(scan.proxy.features(x).float(), dim=1)
         other = _as_samples(dataset, paired, batch[paired], ids)
         check_finite(other, ids, paired)
         t = torch.nn.functional.normalize(captions.features(other), dim=1)

@@ -19,7 +19,7 @@ from nearstore.selection.selectors.base import (
     check_pool,
     check_window,
 )
-from nearstore.selection.stages import Scan, check_finite, decoded, pool_batches, scan_io
+from nearstore.selection.stages import Scan, check_finite, decoded, model_errors_named, pool_batches, scan_io
 from nearstore.selection.windows import coresets
 from nearstore.storage import DEFAULT_READS, Coalescing, Dataset, read_labels
 
@@ -149,12 +149,13 @@ def score_pools(
     for batch_ids, batch in batches:
         x, y = batch[scan.input_array], batch[scan.labels]  # y: the class of the sample's pool, its label
         check_finite(x, batch_ids, scan.input_array)
-        if coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
-            gradient = proxy.gradient_factors(x, y)[0].cpu().numpy()
-            at_logits.append(gradient)
-            probability.append(1 + gradient[np.arange(len(y)), y])
-        else:
-            probability.append(proxy.confidence(x, y).cpu().numpy())
+        with model_errors_named(proxy, scan.input_array, x, batch_ids):
+            if coreset:  # softmax − onehot: p(y | x) is 1 + its entry y
+                gradient = proxy.gradient_factors(x, y)[0].cpu().numpy()
+                at_logits.append(gradient)
+                probability.append(1 + gradient[np.arange(len(y)), y])
+            else:
+                probability.append(proxy.confidence(x, y).cpu().numpy())
         ids.append(batch_ids)
     read = reader.stats.snapshot()
     width = proxy.num_classes if coreset else 0

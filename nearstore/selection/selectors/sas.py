@@ -18,7 +18,7 @@ from nearstore.selection.augment import check_augmentation
 from nearstore.selection.plan import check_keep, check_seed
 from nearstore.selection.record import Selection
 from nearstore.selection.selectors.base import SelectCall, Selector, check_window
-from nearstore.selection.stages import Scan, augmented_views, log, scan_io
+from nearstore.selection.stages import Scan, augmented_views, log, model_errors_named, scan_io
 from nearstore.selection.windows import ClassWindows, Pick, Window, WindowedPart, decide
 from nearstore.storage import Dataset
 
@@ -124,7 +124,9 @@ def augmented_means(
         scan, shards, augmentations=augmentations, augment=augment, seed=seed, progress=progress, desc=desc
     )
     for ids, _, views in views_of:
-        yield ids, expected_similarity(torch.stack([scan.proxy.features(v).float() for v in views], 1))
+        with model_errors_named(scan.proxy, scan.input_array, views[0], ids):
+            features = [scan.proxy.features(v).float() for v in views]
+        yield ids, expected_similarity(torch.stack(features, 1))
 
 
 def sas_clusters(scan: Scan, shards: list[int], *, clusters: int, **options) -> StreamingKMeans:

@@ -432,7 +432,10 @@ def test_a_model_that_fails_on_stored_samples_of_an_images_shape_is_named_with_t
     x = np.random.default_rng(0).normal(size=(40, 3, 32, 32)).astype(np.float32)
     dataset = write_dataset(str(tmp_path / "pixels.zarr"), [{"x": x, "y": np.arange(40) % 4}], shard_samples=16)
     misfit = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
-    named = r"Sequential cannot run on 'x'.s samples \(of shape \(3, 32, 32\)\): RuntimeError: mat1 and mat2 shapes"
+    named = (
+        r"Sequential cannot run on 'x'.s samples \(of shape \(3, 32, 32\)\) \(a batch of samples 0\.\.15\): "
+        "RuntimeError: mat1 and mat2"
+    )
     with pytest.raises(ParameterError, match=named) as refused:
         sage_select(dataset, 0.5, seed=1, proxy=ModelProxy(misfit))
     assert "images" not in str(refused.value)
@@ -485,3 +488,38 @@ def test_images_get_convolutional_features_that_find_shapes_anywhere():
     assert convolutional > 0.8 and flattened < 0.65  # flat random features: not much above chance
     with pytest.raises(ValueError, match=r"fitted on samples of shape \(3, 24, 24\), got \(3, 20, 20\)"):
         proxy.features(x[:2, :, :20, :20])
+
+
+def test_a_model_with_nonfinite_logits_or_weights_is_refused_by_name(blobs, tmp_path):
+    # CREST took every NaN p(y | x) for unlearned and picked at random; update_proxy in process took
+    # the weights a server's push refuses; a model's own ValueError later in a round named nothing
+    from loaders import StreamingLoader
+    from nearstore import Crest
+
+    x, y = blobs
+    diverged = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        diverged[0].weight[0, 0] = float("nan")
+    with pytest.raises(ParameterError, match=r"Sequential gives logits holding NaN or inf \(the first at sample 0 of"):
+        ModelProxy(diverged).confidence(x, y)
+    store = write_dataset(str(tmp_path / "b.zarr"), [{"x": x, "y": y}], shard_samples=32)
+    with pytest.raises(ParameterError, match="gives logits holding NaN or inf"):
+        Crest().select(store, 0.2, proxy=ModelProxy(diverged))
+    with pytest.raises(ParameterError, match=r"proxy weights '0.weight' hold NaN or inf"):
+        StreamingLoader(store, batch_size=16, backend="torch").update_proxy(diverged)
+
+    class Picky(torch.nn.Module):  # fails on samples past the first shard
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            if len(inputs) > 1 and inputs.abs().max() > 5:
+                raise ValueError("input out of range")
+            return self.head(inputs)
+
+    far = x.copy()
+    far[100] = 9.0
+    picky = write_dataset(str(tmp_path / "p.zarr"), [{"x": far, "y": y}], shard_samples=32)
+    with pytest.raises(ParameterError, match=r"Picky cannot run on 'x''s samples .*samples \d+\.\.\d+\): ValueError"):
+        Crest().select(picky, 0.2, proxy=ModelProxy(Picky()))
