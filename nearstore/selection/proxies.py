@@ -315,11 +315,18 @@ class ModelProxy:
             raise ParameterError(
                 f"ModelProxy needs a model whose last layer is nn.Linear; {type(model).__name__} has none"
             )
+        if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters()):
+            # sized by a head of no inputs, and the proxy's run would make the trainer's weights
+            raise ParameterError(
+                f"{type(model).__name__} has parameters not made yet (a Lazy layer): run it on a batch first"
+            )
         if isinstance(head, str):  # by its name in the model, as a loader or a server push gives it
             head = dict(model.named_modules()).get(head, head)
         if head is not None and not any(head is m for m in linears):
             raise ParameterError(f"head must be one of the nn.Linear layers of {type(model).__name__}, got {head!r}")
-        own = linears[-1].weight.device
+        # from its tensors, not its .weight: a parametrized head's (spectral norm) computes it, and
+        # in train mode steps its power iteration, changing the trainer's model
+        own = _first_tensor(linears[-1]).device
         if device is not None and torch.device(device) != own:  # the trainer's model stays where it trains
             named = None if head is None else next(n for n, m in model.named_modules() if m is head)
             model = detached_copy(model).to(device)
@@ -329,11 +336,11 @@ class ModelProxy:
         self.head = head or linears[-1]  # the last registered until the model runs
         self._named = head is not None  # `head` given: read wherever it runs
         self.sized = self._named or len(linears) == 1  # settled: given, the only one, run, or read
-        self.dtype = linears[-1].weight.dtype  # the head's: its outputs widen from it
+        self.dtype = _first_tensor(linears[-1]).dtype  # the head's: its outputs widen from it
         # what the stored samples are cast to, settled on the first samples run (`_settle_inputs`)
         self.input_dtype: torch.dtype | None = self.dtype
         self._inputs_settled = False
-        self.device = linears[-1].weight.device
+        self.device = _first_tensor(linears[-1]).device
         self.batch_size = batch_size
         self.images = images
         # set where the scan decodes them for it (`stages.probe`): only then does a misfit name `images`
@@ -621,6 +628,11 @@ class _FirstLayer(Exception):
 
 # Layers that look their inputs up (token ids), rather than compute on them.
 _LOOKUPS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def _first_tensor(module: torch.nn.Module) -> torch.Tensor:
+    """A layer's first parameter, as stored (its weight's original where parametrized)."""
+    return next(module.parameters())
 
 
 def _weighted(module: torch.nn.Module) -> bool:

@@ -523,3 +523,19 @@ def test_a_model_with_nonfinite_logits_or_weights_is_refused_by_name(blobs, tmp_
     picky = write_dataset(str(tmp_path / "p.zarr"), [{"x": far, "y": y}], shard_samples=32)
     with pytest.raises(ParameterError, match=r"Picky cannot run on 'x''s samples .*samples \d+\.\.\d+\): ValueError"):
         Crest().select(picky, 0.2, proxy=ModelProxy(Picky()))
+
+
+def test_a_proxy_made_of_a_model_changes_nothing_of_it_and_refuses_one_not_made_yet(blobs):
+    # a spectral-norm head's weight is computed when read: in train mode, a power iteration that
+    # changed the trainer's model; a LazyLinear head was sized 0 wide, and materialized by the run
+    x, y = blobs
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(16, 3))
+    )
+    before = copy.deepcopy(model.state_dict())
+    ModelProxy(model).embed(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(3))
+    with pytest.raises(ParameterError, match=r"Sequential has parameters not made yet \(a Lazy layer\)"):
+        ModelProxy(lazy)
+    assert isinstance(lazy[0], torch.nn.LazyLinear)
