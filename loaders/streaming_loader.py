@@ -38,7 +38,7 @@ from nearstore import (
 from nearstore.checks import check_flag, check_integer, is_integer
 from nearstore.selection import default_reselect
 from nearstore.selection.plan import check_keep
-from nearstore.selection.proxies import nested
+from nearstore.selection.proxies import nested, unwrapped
 from nearstore.selection.record import check_carry, in_sorted, sample_ids
 from nearstore.serving.protocol import ALL_SAMPLES
 from nearstore.storage.dataset import sample_identity
@@ -375,8 +375,12 @@ class StreamingLoader:
         "classifier"), where the last one it runs is not (a second head, a projection after it)."""
         if not isinstance(model, torch.nn.Module):
             raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
-        if head is not None and not isinstance(dict(model.named_modules()).get(head), torch.nn.Linear):
+        layer = dict(model.named_modules()).get(head) if head is not None else None
+        if head is not None and not isinstance(layer, torch.nn.Linear):
             raise ParameterError(f"head must name an nn.Linear of {type(model).__name__}, got {head!r}")
+        # DDP's, DataParallel's or torch.compile's: a server's model has no "module." in its keys
+        model = unwrapped(model)
+        head = head if layer is None else next(n for n, m in model.named_modules() if m is layer)
         if self._ahead is not None and isinstance(self._ahead[0], Future):
             wait([self._ahead[0]])  # the round selected ahead scores with the proxy it was promised
         self.source.update_proxy(model, replace(self.images, train=False) if self.images is not None else None, head)

@@ -678,6 +678,19 @@ def _labels(y: np.ndarray, n: int, num_classes: int, device: torch.device, outpu
     return labels
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The trainer's own model inside DataParallel or DistributedDataParallel (`.module`) and
+    torch.compile (`._orig_mod`): what a server builds from its factory, whose state_dict's keys
+    carry no wrapper's prefix."""
+    while True:
+        if isinstance(model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def nonfinite_weight(model: torch.nn.Module) -> str | None:
     """The name of the first of the model's floating tensors holding NaN or inf, or None: a
     diverged model's scores are NaN, which no round can use."""

@@ -1551,3 +1551,17 @@ def test_flight_calls_not_served_are_refused_in_a_line(served):
             f"{name} is not served: a nearstore server answers DoGet, DoPut and DoAction",
         )
         assert "Traceback" not in str(refused.value)
+
+
+def test_a_wrapped_model_pushes_as_the_model_it_wraps(id_store):
+    # DataParallel's (DDP's) and torch.compile's keys carry "module." and "_orig_mod.": the server's
+    # model refused them, where the same call in process scored the model
+    server = NearStoreServer(id_store, selection=random_select(id_store, 0.3, seed=1), model=tiny_model)
+    try:
+        loader = StreamingLoader(server.url, batch_size=64, backend="torch")
+        for wrapped in (torch.nn.DataParallel(tiny_model()), torch.compile(tiny_model())):
+            loader.update_proxy(wrapped, head="module.2" if isinstance(wrapped, torch.nn.DataParallel) else None)
+        assert server.proxy_version == 2
+        assert loader.reselect(0.1, method="graft", seed=2).round == 1
+    finally:
+        server.shutdown()
