@@ -273,8 +273,10 @@ class RandomFeatureProxy:
 class ModelProxy:
     """The trainer's model as the proxy (NeSSA's feedback): z and h are the output and input of
     its head, the last `nn.Linear` it runs (or `head`), and g = (softmax(z) − onehot(y)) ⊗ [h, 1]
-    that layer's per-example gradient (what the model returns is not read: a tuple, a dict, a
-    softmax after the head all score alike).
+    that layer's per-example gradient (what the model returns is only checked: a tuple, a dict, a
+    softmax or log-softmax after the head all score alike; where none of its outputs of z's shape
+    is one of those, something changed the logits after the head, a learned scale, and the model
+    is refused).
 
     The head is found by running the model (a model of one Linear needs no run): on the first
     samples it scores, or on those given to `probe` (a scan probes on its dataset's first sample);
@@ -426,13 +428,13 @@ class ModelProxy:
                 after.clear()
                 returned = self._call(chunk)
                 head, h, z = self._head_of(last, after)
-                self._check_returns(returned, head, z)
                 if not all_finite(z):  # CREST took every sample for unlearned; the others failed unnamed
                     first = sum(len(t) for t in logits) + int((~torch.isfinite(z)).any(1).nonzero()[0, 0])
                     raise ParameterError(
                         f"{type(self.model).__name__} gives logits holding NaN or inf (the first at sample {first} "
                         f"of the {n} scored): a diverged model, or one past its dtype's range, scores nothing"
                     )
+                self._check_returns(returned, head, z)
                 logits.append(z)
                 features.append(h)
         # half precision is too coarse for p − onehot(y) (a confident model's residuals round to 0)
@@ -537,12 +539,21 @@ class ModelProxy:
                 f"{self._layer(head)}, the head of {model}, gives logits of shape {tuple(z.shape)}: ModelProxy "
                 "takes one row of logits a sample (pool per-position logits inside the model, before its head)"
             )
-        shapes = [tuple(t.shape) for t in _tensors(returned)]
+        tensors = _tensors(returned)
+        shapes = [tuple(t.shape) for t in tensors]
         if shapes and tuple(z.shape) not in shapes:  # (an output of another kind is not judged)
             raise ParameterError(
                 f"{model} returns {', '.join(map(str, shapes))}, not the {tuple(z.shape)} of "
                 f"{self._layer(head)}, the last nn.Linear it runs: its logits come from elsewhere (F.linear on "
                 "parameters of its own?); make its classifier an nn.Linear, or name it with `head`"
+            )
+        alike = [t for t in tensors if t.shape == z.shape and t.is_floating_point()]
+        if alike and not any(_the_logits(t, z) for t in alike):
+            raise ParameterError(
+                f"{model} returns no {tuple(z.shape)} that is the output of {self._layer(head)}, its softmax or "
+                "log-softmax: something changes the logits after it (a learned scale or bias on the model's own "
+                "parameters?), and its p(y | x) would not be the model's; apply it inside the head, or name the "
+                "head that gives them with `head`"
             )
 
     def _layer(self, module: torch.nn.Module) -> str:
@@ -628,6 +639,18 @@ class _FirstLayer(Exception):
 
 # Layers that look their inputs up (token ids), rather than compute on them.
 _LOOKUPS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def _the_logits(returned: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether what a model returns is its head's output `z`, or its softmax or log-softmax (which
+    score alike), to the precision of their dtype."""
+    wide = z.detach().double()
+    got = returned.detach().to(wide)
+    tolerance = 1e-3 if z.dtype.itemsize >= 4 else 3e-2
+    for reference in (wide, torch.softmax(wide, 1), torch.log_softmax(wide, 1)):
+        if ((got - reference).abs() <= tolerance * (1 + reference.abs())).all():
+            return True
+    return False
 
 
 def _first_tensor(module: torch.nn.Module) -> torch.Tensor:

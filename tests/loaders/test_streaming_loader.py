@@ -490,7 +490,7 @@ def test_a_misfit_model_is_refused_at_update_proxy_not_at_the_next_round(id_stor
     ):
         loader.update_proxy(torch.nn.Linear(7, 5))
     with pytest.raises(
-        ParameterError, match=r"Linear cannot run on 'x'.s samples \(of shape \(8,\)\): .*mat1 and mat2"
+        ParameterError, match=r"Linear cannot run on .x..s samples \(of shape \(8,\)\) \(a batch of samples 0\.\.2499\)"
     ):
         Graft().select(id_store, 0.1, proxy=ModelProxy(torch.nn.Linear(7, 5)))  # handed to a selector: named too
     # the model's own refusals of the samples (not torch's RuntimeError), and a model deepcopy

@@ -539,3 +539,26 @@ def test_a_proxy_made_of_a_model_changes_nothing_of_it_and_refuses_one_not_made_
     with pytest.raises(ParameterError, match=r"Sequential has parameters not made yet \(a Lazy layer\)"):
         ModelProxy(lazy)
     assert isinstance(lazy[0], torch.nn.LazyLinear)
+
+
+def test_a_model_that_changes_its_logits_after_its_head_is_refused(blobs):
+    # CLIP's learned scale on the root module, after fc: p(y | x) of the unscaled output (0.28
+    # where the model's own is 0.0008), so wrong gradients and suspects, silently
+    x, y = blobs
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, returns: str) -> None:
+            super().__init__()
+            self.body, self.fc, self.returns = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3), returns
+            self.logit_scale = torch.nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            z = self.fc(torch.relu(self.body(inputs)))
+            if self.returns == "scaled":
+                return z * self.logit_scale.exp()
+            return torch.log_softmax(z, 1) if self.returns == "log_softmax" else (z, torch.softmax(z, 1))
+
+    with pytest.raises(ParameterError, match=r"Scaled returns no \(150, 3\) that is the output of 'fc'"):
+        ModelProxy(Scaled("scaled")).embed(x, y)
+    for returns in ("log_softmax", "both"):  # what the head gives, as probabilities or not: scored alike
+        assert ModelProxy(Scaled(returns)).embed(x, y).shape == (150, 3 * 17)
