@@ -353,15 +353,32 @@ def check_outside(store_url: str, url: str, what: str, storage_options: Mapping[
 
 def within(url: str, root_url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether `url` is `root_url` or lies inside it, by their paths on one filesystem (no request
-    made but a local path's resolution: `./x`, `d/../x` and a symlink to x are x)."""
-    fs, root = fsspec.core.url_to_fs(root_url, **(storage_options or {}))
-    theirs, path = fsspec.core.url_to_fs(url)
+    made but a local path's resolution: `./x`, `d/../x` and a symlink to x are x), fsspec's caching
+    layers left out of both (simplecache::file:///d is /d: a selection saved through one spelling
+    landed inside the store opened by the other)."""
+    bare_root, bare = _uncached(root_url), _uncached(url)
+    fs, root = fsspec.core.url_to_fs(bare_root, **(storage_options or {} if bare_root == root_url else {}))
+    theirs, path = fsspec.core.url_to_fs(bare)
     if type(theirs) is not type(fs):
         return False
     if isinstance(fs, LocalFileSystem):
         root, path = os.path.realpath(root), os.path.realpath(path)
     root = root.rstrip("/")
     return path.rstrip("/") == root or path.startswith(root + "/")
+
+
+def _uncached(url: str) -> str:
+    """`url` without fsspec's caching layers (`_CACHING_LAYERS`): the files it names."""
+    return "::".join(part for part in url.split("::") if part.split("://")[0] not in _CACHING_LAYERS) or url
+
+
+def local_absolute(url: str) -> str:
+    """A local path made absolute: a dataset opened by a relative one looked it up again in the
+    working directory at every read (after a chdir, intact shards read as missing, and a
+    selection saved inside the store by its absolute path was not refused)."""
+    if "::" in url or url.startswith("file://") or fsspec.utils.get_protocol(url) != "file":
+        return url
+    return os.path.abspath(url)
 
 
 def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -427,6 +444,7 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     those documents: zarr itself asks the store nothing (left alone it probes for Zarr v2 and
     consolidated metadata, requests nothing counts). `Dataset.open_stats` counts the reads.
     On s3://, s3fs keeps S3_CONNECTIONS connections unless `storage_options` says otherwise."""
+    url = local_absolute(url)
     storage_options = with_store_defaults(url, dict(storage_options or {}))
     if fsspec.utils.get_protocol(url) in ("http", "https") and any(c in url for c in "?#"):
         # the objects' names are appended to the URL: they would land in its query ('ds.zarr?t=1/zarr.json')

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from nearstore import (
     ParameterError,
     SampleIdError,
     Selection,
+    SelectiveReader,
     open_dataset,
     random_select,
     write_dataset,
@@ -284,6 +286,26 @@ def test_a_selection_is_never_saved_inside_its_dataset(id_store, tmp_path, finge
     assert fingerprint(id_store.url) == before
     selection.save(tmp_path / "sel.npz")  # beside it is fine
     assert Selection.load(str(tmp_path / "sel.npz")).ids.tolist() == selection.ids.tolist()
+
+
+def test_no_other_spelling_of_the_dataset_lets_a_selection_in(id_store, tmp_path, fingerprint, monkeypatch):
+    # a caching layer on either side made them "other filesystems"; a dataset opened by a relative
+    # path looked it up again after a chdir (shards read as missing, the store's own path let in)
+    before = fingerprint(id_store.url)
+    cached = random_select(open_dataset(f"simplecache::file://{id_store.url}"), 0.1)
+    plain = random_select(id_store, 0.1)
+    for selection, inside in ((cached, f"{id_store.url}/a.npz"), (plain, f"simplecache::file://{id_store.url}/b.npz")):
+        with pytest.raises(ParameterError, match="lies inside the dataset"):
+            selection.save(inside)
+    parent, name = os.path.split(id_store.url)
+    monkeypatch.chdir(parent)
+    relative = open_dataset(name)
+    monkeypatch.chdir(tmp_path)
+    assert relative.url == id_store.url
+    assert SelectiveReader(relative).read(np.array([3, 2000]))["x"][:, 0].tolist() == [3, 2000]
+    with pytest.raises(ParameterError, match="lies inside the dataset"):
+        random_select(relative, 0.1).save(f"{id_store.url}/c.npz")
+    assert fingerprint(id_store.url) == before
 
 
 @settings(max_examples=200, deadline=None)
