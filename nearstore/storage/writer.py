@@ -120,6 +120,8 @@ def write_dataset(
         raise ParameterError(f"{url!r}: HTTP stores are read-only; write to a local path or to object storage")
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    if isinstance(fs, LocalFileSystem):  # a link's target is the dataset: an overwrite replaced the link
+        root = os.path.realpath(root)
     try:  # one listing says whether anything is there (s3fs lists the parent too where nothing is)
         present: list[str] | None = fs.ls(root, detail=False, refresh=True)
         # an object store's folder marker (the empty key 'name/' a console's "create folder" makes)

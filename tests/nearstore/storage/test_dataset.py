@@ -554,3 +554,15 @@ def test_an_overwrite_removes_what_replacements_killed_half_way_left_beside_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.zarr", "ds.zarr.notes", "ds.zarr.writing-deadbeef"]
     assert "removing " in caplog.text and "ds.zarr.replaced-89abcdef" in caplog.text
     np.testing.assert_array_equal(open_dataset(str(url)).arrays["x"][:], np.full((4, 1), 2, np.float32))
+
+
+def test_an_overwrite_through_a_link_replaces_the_dataset_it_points_to(tmp_path):
+    # the link was renamed aside and a folder put in its place: its target kept the old samples
+    (tmp_path / "disk").mkdir()
+    real, link = tmp_path / "disk" / "train.zarr", tmp_path / "train.zarr"
+    write_dataset(str(real), [{"x": np.zeros((40, 2), np.float32), "y": np.zeros(40, np.int64)}])
+    link.symlink_to(real, target_is_directory=True)
+    write_dataset(str(link), [{"x": np.ones((24, 2), np.float32), "y": np.zeros(24, np.int64)}], overwrite=True)
+    assert link.is_symlink() and open_dataset(str(real)).num_samples == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "train.zarr"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["train.zarr"]
