@@ -29,7 +29,7 @@ from nearstore.errors import restated, storage_error
 from nearstore.selection import DEFAULT_METHOD, SELECTORS, keep_freed_memory, make_executor, make_selector
 from nearstore.selection.record import write_whole
 from nearstore.storage import read_labels
-from nearstore.storage.dataset import within
+from nearstore.storage.dataset import url_to_fs, within
 
 log = logging.getLogger("nearstore")
 # The methods whose scans run on an executor: SAGE's passes and the windowed selectors'.
@@ -391,7 +391,7 @@ def _source_kind(source: str) -> str:
     if source in GENERATED:
         return source
     if _remote(source):  # fsspec's URLs: a nearstore store alone is read from them
-        fs, path = fsspec.core.url_to_fs(source)
+        fs, path = url_to_fs(source)
         return "nearstore" if fs.exists(f"{path.rstrip('/')}/zarr.json") else "remote"
     if source.endswith((".npz", ".npy")):
         return source[-3:]
@@ -551,7 +551,7 @@ def _check_writable(url: str, what: str) -> None:
     a file already there is kept until the new one replaces it, and a failed scan leaves none).
     Missing local folders on the way are made, as `mkdir -p` would (object storage has none, and a
     missing bucket is not made)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     if url.endswith("/") or fs.isdir(path):
         raise IsADirectoryError(f"cannot write {what} to {url!r}: it names a folder; give a file's path")
     probe = f"{path}.nearstore-probe"
@@ -675,7 +675,7 @@ def _address(host: str, port: int) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    fs, path = fsspec.core.url_to_fs(args.url)
+    fs, path = url_to_fs(args.url)
     # a file is a selection, whatever its name, and so is a .npz; anything else a dataset
     # (open_dataset names what it lacks, or why it cannot be read)
     if path.endswith(".npz") or fs.isfile(path):

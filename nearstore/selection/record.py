@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from nearstore.errors import DatasetError, NearstoreError, SampleIdError, restated, storage_error
-from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity
+from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity, url_to_fs
 
 SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
 READABLE_VERSIONS = (1, 2)
@@ -284,7 +283,8 @@ class Selection:
 @contextmanager
 def _opened(url: str | Path, mode: str, storage_options: Mapping[str, Any] | None) -> Iterator[Any]:
     """fsspec's file at `url`; the storage backend's own errors as `_storage_errors` says them."""
-    with _storage_errors(url, "read"), fsspec.open(str(url), mode, **dict(storage_options or {})) as f:
+    fs, path = url_to_fs(str(url), storage_options)
+    with _storage_errors(url, "read"), fs.open(path, mode) as f:
         yield f
 
 
@@ -293,7 +293,7 @@ def write_whole(url: str | Path, data: bytes, storage_options: Mapping[str, Any]
     renamed over it (a full disk leaves the one there whole, where writing in place left it cut),
     an object is one PUT; missing local folders are made."""
     with _storage_errors(url, "write"):
-        fs, path = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+        fs, path = url_to_fs(str(url), storage_options)
         if not isinstance(fs, LocalFileSystem):
             fs.pipe_file(path, data)
             return

@@ -242,7 +242,7 @@ class Dataset:
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem of the URL, and the store's root path in it."""
-        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        fs, root = url_to_fs(self.url, self.storage_options)
         return fs, root.rstrip("/")
 
     def check_outside(self, url: str, what: str) -> None:
@@ -357,14 +357,26 @@ def within(url: str, root_url: str, storage_options: Mapping[str, Any] | None = 
     layers left out of both (simplecache::file:///d is /d: a selection saved through one spelling
     landed inside the store opened by the other)."""
     bare_root, bare = _uncached(root_url), _uncached(url)
-    fs, root = fsspec.core.url_to_fs(bare_root, **(storage_options or {} if bare_root == root_url else {}))
-    theirs, path = fsspec.core.url_to_fs(bare)
+    fs, root = url_to_fs(bare_root, storage_options if bare_root == root_url else None)
+    theirs, path = url_to_fs(bare)
     if type(theirs) is not type(fs):
         return False
     if isinstance(fs, LocalFileSystem):
         root, path = os.path.realpath(root), os.path.realpath(path)
     root = root.rstrip("/")
     return path.rstrip("/") == root or path.startswith(root + "/")
+
+
+def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem of `url`, and the path in it; a protocol fsspec does not know, or whose
+    package is not installed (gs:// without gcsfs), refused naming the URL (fsspec's errors name
+    only the protocol, and crossed the command line as a traceback)."""
+    try:
+        return fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        if isinstance(e, ValueError) and "Protocol not known" not in str(e):
+            raise
+        raise ParameterError(f"{str(url)!r}: {e}") from e
 
 
 def _uncached(url: str) -> str:
@@ -463,7 +475,7 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         )
     stats = IOStats()
     try:
-        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        fs, root = url_to_fs(url, storage_options)
         root = root.rstrip("/")
         (group_json,) = _read_json(fs, [f"{root}/{ZARR_JSON}"], stats)
     except DatasetError:
@@ -492,7 +504,7 @@ def dataset_from_json(
     """The dataset at `url` whose group's and arrays' zarr.json documents are those given (what
     its writer uploaded there): checked as `open_dataset` checks what it reads, with no request."""
     storage_options = with_store_defaults(url, dict(storage_options or {}))
-    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    fs, root = url_to_fs(url, storage_options)
 
     def given(names: tuple[str, ...]) -> list[dict[str, Any] | None]:
         return [dict(array_json[name]) if name in array_json else None for name in names]

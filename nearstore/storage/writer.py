@@ -56,6 +56,7 @@ from nearstore.storage.dataset import (
     encoded_bytes,
     shard_key,
     stores_beside,
+    url_to_fs,
 )
 from nearstore.storage.digests import digest_samples, fingerprint, new_digest
 from nearstore.storage.ragged import RaggedLayout
@@ -119,7 +120,7 @@ def write_dataset(
     if fsspec.utils.get_protocol(str(url)) in ("http", "https"):
         raise ParameterError(f"{url!r}: HTTP stores are read-only; write to a local path or to object storage")
     storage_options = dict(storage_options or {})
-    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    fs, root = url_to_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):  # a link's target is the dataset: an overwrite replaced the link
         root = os.path.realpath(root)
     try:  # one listing says whether anything is there (s3fs lists the parent too where nothing is)

@@ -16,7 +16,7 @@ import pytest
 from conftest import as_format_1
 from image_sources import write_mds, write_tar
 
-from nearstore import Selection, open_dataset, write_dataset
+from nearstore import ParameterError, Selection, open_dataset, random_select, write_dataset
 from nearstore.app.cli import main
 from nearstore.app.synthetic import SHAPES, write_shapes
 from nearstore.storage.dataset import UncheckedStoreWarning
@@ -578,3 +578,15 @@ def test_ctrl_c_ends_a_command_quietly_and_leaves_nothing(tmp_path):
     assert process.returncode in (130, -signal.SIGINT)
     assert "nearstore convert: interrupted" in err and "Traceback" not in err
     assert not out.exists()  # a write that fails removes what it wrote
+
+
+def test_a_url_of_a_protocol_fsspec_does_not_have_is_named_in_one_line(id_store, tmp_path, capsys):
+    # fsspec's "Protocol not known: s4" (and gcsfs missing) named no URL, and three commands
+    # crossed as a traceback
+    selection = random_select(id_store, 0.1)
+    for save in (lambda: selection.save("s4://bucket/sel.npz"), lambda: Selection.load("s4://bucket/sel.npz")):
+        with pytest.raises(ParameterError, match="'s4://bucket/sel.npz': Protocol not known: s4"):
+            save()
+    for argv in (["info", "s4://bucket/ds.zarr"], ["select", id_store.url, "s4://b/sel.npz"]):
+        assert main(argv) == 2
+        assert "'s4://b" in capsys.readouterr().err.splitlines()[-1]
