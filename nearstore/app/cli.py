@@ -63,7 +63,7 @@ CONVERT_OPTIONS = {
     "num_samples": ("mnist1d", "shapes"),
     "seed": ("mnist1d", "shapes"),
     # the others name their classes themselves: folders, digits, a store's own names
-    "class_names": ("npz", "npy", "webdataset", "mds", "parquet", "arrow"),
+    "class_names": ("npz", "npy", "webdataset", "mds", "parquet", "arrow", "nearstore"),
 }
 
 
@@ -319,7 +319,9 @@ def _convert(args: argparse.Namespace) -> int:
     source, num_samples, class_names, label_array = args.source, None, None, "y"
     if kind == "nearstore":
         batches, old = converters.nearstore_batches(source)
-        num_samples, class_names, label_array = old.num_samples, old.class_names, old.label_array
+        num_samples, label_array = old.num_samples, old.label_array
+        # a store of zarr's own may name none: given here, or "0".."C-1" (an empty tuple was 0 names)
+        class_names = _named(args) or old.class_names or None
     elif kind == "mnist1d":
         num_samples = 70_000 if args.num_samples is None else args.num_samples
         batches = converters.mnist1d_batches(num_samples, seed=args.seed or 0)

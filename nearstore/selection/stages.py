@@ -137,7 +137,7 @@ class Scan:
         cancelled: whether nobody waits for the round any more (a server's select whose caller
             has gone): asked before each shard or pool chunk is read, and before each decision of windows."""
         labels = dataset.required_labels(f"{who} scores per-example gradients, which") if labelled else None
-        if labels:
+        if labels and dataset.num_classes:  # a store that names no classes: the labels say, at the fit
             check_classes(dataset.num_classes, dataset, labels)
         input_array = input_array or dataset.input_array
         # the default proxy's warm-up reads them whole too, to cover every class (`_warm_shards`)

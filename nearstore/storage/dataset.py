@@ -554,13 +554,30 @@ def _dataset(
             f"{url!r} has format_version {version!r}; this nearstore reads {UNCHECKED_FORMAT} and {FORMAT_VERSION}"
         )
     try:
-        names = tuple(str(name) for name in attrs["sample_arrays"])
-        num_samples = int(attrs["num_samples"])
-    except (KeyError, TypeError, ValueError) as e:
+        names, num_samples = attrs["sample_arrays"], attrs["num_samples"]
+    except KeyError as e:
         raise DatasetError(
             f"{url!r}: the {ATTRS_KEY!r} attributes of its {ZARR_JSON} are damaged ({type(e).__name__}: {e})"
         ) from e
     label_array = attrs.get("label_array")
+    # each of its type: a string was read letter by letter as arrays, a list as a label array
+    # raised a bare TypeError, and no array at all opened and failed at the first read
+    for key, fits, must in (
+        (
+            "sample_arrays",
+            isinstance(names, list) and names and all(isinstance(n, str) for n in names),
+            "a non-empty list of array names",
+        ),
+        (
+            "num_samples",
+            isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 0,
+            "an integer >= 0",
+        ),
+        ("label_array", label_array is None or isinstance(label_array, str), "an array name, or null"),
+    ):
+        if not fits:
+            raise DatasetError(f"{url!r}: the {ATTRS_KEY!r} attribute {key!r} must be {must}, got {attrs[key]!r}")
+    names = tuple(names)
     documents = read_arrays(names)
     missing = [name for name, document in zip(names, documents) if document is None]
     if missing:
@@ -583,6 +600,8 @@ def _dataset(
             )
         if ragged_layout(document, f"{url!r}, array {name!r}") is not None and array.dtype != object:
             raise DatasetError(f"{url!r}: array {name!r} records a ragged layout but holds {array.dtype} samples")
+        if not array.shape:  # a scalar has no sample axis
+            raise DatasetError(f"{url!r}: array {name!r} is listed as a sample array but holds one value (no samples)")
         if array.shape[0] != num_samples:
             raise DatasetError(f"{url!r}: array {name!r} has {array.shape[0]} samples, the dataset has {num_samples}")
         if array.shards is None:

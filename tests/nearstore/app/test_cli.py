@@ -16,7 +16,7 @@ import pytest
 from conftest import as_format_1
 from image_sources import write_mds, write_tar
 
-from nearstore import ParameterError, Selection, open_dataset, random_select, write_dataset
+from nearstore import Graft, ParameterError, Selection, open_dataset, random_select, write_dataset
 from nearstore.app.cli import main
 from nearstore.app.synthetic import SHAPES, write_shapes
 from nearstore.storage.dataset import UncheckedStoreWarning
@@ -590,3 +590,29 @@ def test_a_url_of_a_protocol_fsspec_does_not_have_is_named_in_one_line(id_store,
     for argv in (["info", "s4://bucket/ds.zarr"], ["select", id_store.url, "s4://b/sel.npz"]):
         assert main(argv) == 2
         assert "'s4://b" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_zarr_store_that_names_no_classes_selects_and_converts(tmp_path, capsys):
+    # its classes were 0: Graft said the labels hold "a single class", and the convert the open
+    # warning suggests failed with "0 class names ... labels go up to 3" (nor took --class-names)
+    import zarr
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 600)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    x[:, 0] += 3 * y
+    url = str(tmp_path / "zarrs.zarr")
+    group = zarr.create_group(url)
+    group.create_array("x", shape=x.shape, dtype="f4", chunks=(4, 8), shards=(128, 8))[:] = x
+    group.create_array("y", shape=(600,), dtype="i8", chunks=(64,), shards=(128,))[:] = y
+    group.attrs["nearstore"] = {
+        "format_version": 1,
+        "num_samples": 600,
+        "sample_arrays": ["x", "y"],
+        "label_array": "y",
+    }
+    assert len(Graft().select(open_dataset(url), 0.2)) >= 100
+    assert main(["convert", url, str(tmp_path / "a.zarr")]) == 0
+    assert open_dataset(str(tmp_path / "a.zarr")).class_names == ("0", "1", "2", "3")
+    assert main(["convert", url, str(tmp_path / "b.zarr"), "--class-names", "w,x,y,z"]) == 0
+    assert open_dataset(str(tmp_path / "b.zarr")).class_names == ("w", "x", "y", "z")

@@ -342,6 +342,19 @@ def test_open_errors_name_the_url_and_the_problem(tmp_path, id_store):
     group.attrs["nearstore"] = {"format_version": 99, "num_samples": 4, "sample_arrays": ["x"]}
     with pytest.raises(ValueError, match="format_version 99"):
         open_dataset(broken)
+    # attributes of zarr's own writers, of another type: read letter by letter, a bare TypeError or
+    # IndexError, or an empty list that opened and failed at the first read
+    group.create_array("s", shape=(), dtype="f4")
+    for attrs, message in (
+        ({"sample_arrays": "xy"}, "attribute 'sample_arrays' must be a non-empty list of array names, got 'xy'"),
+        ({"sample_arrays": []}, "attribute 'sample_arrays' must be a non-empty list of array names, got \\[\\]"),
+        ({"label_array": ["y"]}, "attribute 'label_array' must be an array name, or null, got \\['y'\\]"),
+        ({"num_samples": 4.5}, "attribute 'num_samples' must be an integer >= 0, got 4.5"),
+        ({"sample_arrays": ["s", "x"]}, "array 's' is listed as a sample array but holds one value"),
+    ):
+        group.attrs["nearstore"] = {"format_version": 1, "num_samples": 4, "sample_arrays": ["x"], **attrs}
+        with pytest.raises(ValueError, match=message):
+            open_dataset(broken)
 
 
 def test_opening_reads_the_zarr_json_documents_once_each_and_counts_them(id_store_url):

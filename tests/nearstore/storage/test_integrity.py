@@ -354,7 +354,7 @@ def big_endian(document: dict) -> None:
         (
             "",
             lambda group: group["attributes"]["nearstore"].update(num_samples="many"),
-            "the 'nearstore' attributes .* damaged",
+            "the 'nearstore' attribute 'num_samples' must be an integer >= 0, got 'many'",
         ),
         ("x", lambda document: document.pop("codecs"), r"the zarr.json of array 'x' is not zarr's \(KeyError"),
         # chunks or index read unchecked: encoded samples took the crc32c's 4 bytes as padding
