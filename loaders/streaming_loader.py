@@ -245,6 +245,15 @@ class StreamingLoader:
                 f"{where} holds ragged samples, which the torch backend yields (as nested tensors); "
                 "a DALI pipeline of them is not built: pass backend='torch' and a torch `transform`"
             )
+        for name in self.arrays:  # numbers a batch can carry (DALI's "stoi" and torch's error named no array)
+            dtype = np.dtype(self.source.identity["arrays"][name]["dtype"])
+            carried = "biuf" + ("c" if self.backend == "torch" else "")
+            if dtype.kind not in carried + "O":
+                hint = "; the torch backend carries complex ones" if dtype.kind == "c" else ""
+                raise ParameterError(
+                    f"array {name!r} of {self.url!r} holds {dtype} samples, which the {self.backend} backend cannot "
+                    f"carry in a batch (booleans, integers, floats{hint})"
+                )
         self.skipped: set[int] = set()  # damaged samples left out (on_error="skip"), over all epochs
         self._refused: set[int] = set()  # of them, those DALI's decoder refused (no check finds them)
         if self.cache is not None:

@@ -74,9 +74,11 @@ class ChunkCodecs:
             stored_dtype = None
         elif first == "bytes" and dtype.kind != "O":
             endian = config.get("endian")
-            if dtype.itemsize > 1 and endian not in ("little", "big"):
+            # a dtype of no byte order (fixed-width bytes, S12: zarr writes no endian for it) as it is
+            ordered = dtype.itemsize > 1 and dtype.byteorder != "|"
+            if ordered and endian not in ("little", "big"):
                 raise DatasetError(f"{where}: the bytes codec's endian is {endian!r}, not 'little' or 'big'")
-            stored_dtype = dtype if dtype.itemsize == 1 else dtype.newbyteorder("<" if endian == "little" else ">")
+            stored_dtype = dtype.newbyteorder("<" if endian == "little" else ">") if ordered else dtype
         else:
             raise DatasetError(
                 f"{where}: codecs {names} do not start with the bytes codec (fixed-size samples) or vlen-bytes "

@@ -1007,3 +1007,20 @@ def test_a_round_asked_without_keep_keeps_what_the_last_round_was_asked_for(tmp_
     assert sizes == [300] * 4
     with pytest.raises(ValueError, match=r"keeps\['1'\] must be a number in \(0, 1\], got 2"):
         resumed.load_state_dict({**loader.state_dict(), "keeps": {"1": 2}})
+
+
+def test_samples_a_batch_cannot_carry_are_refused_by_array_when_the_loader_is_made(tmp_path):
+    # a zarr-written store's complex64 samples failed DALI's feed with "stoi", its datetime64 ones
+    # torch's conversion, naming no array
+    import zarr
+
+    url = str(tmp_path / "odd.zarr")
+    group = zarr.create_group(url)
+    group.create_array("c", shape=(64, 2), dtype="c8", chunks=(8, 2), shards=(32, 2))[:] = np.ones((64, 2))
+    group.create_array("t", shape=(64,), dtype="datetime64[s]", chunks=(8,), shards=(32,))[:] = np.zeros(64, "M8[s]")
+    group.attrs["nearstore"] = {"format_version": 1, "num_samples": 64, "sample_arrays": ["c", "t"]}
+    assert StreamingLoader(url, input_array="c", batch_size=8, backend="torch").batch_roles == ("x",)
+    with pytest.raises(ParameterError, match="array 'c' .* complex64 samples, which the dali backend cannot carry"):
+        StreamingLoader(url, input_array="c", batch_size=8, backend="dali")
+    with pytest.raises(ParameterError, match=r"array 't' .* holds datetime64\[s\] samples, which the torch backend"):
+        StreamingLoader(url, input_array="t", batch_size=8, backend="torch")

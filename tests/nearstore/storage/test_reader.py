@@ -303,3 +303,15 @@ def test_a_read_holds_its_bytes_about_three_times_at_once(tmp_path):
         tracemalloc.stop()
     np.testing.assert_array_equal(read, x)
     assert peak < 3.5 * x.nbytes, f"a read of {x.nbytes / 1e6:.0f} MB peaked at {peak / 1e6:.0f} MB"
+
+
+def test_fixed_width_bytes_have_no_byte_order_to_name():
+    # zarr writes {"name": "bytes"} with no endian for S12, and reads it back: refused here as an
+    # endian of None, where a dtype that has a byte order needs one
+    from nearstore.storage.codecs import ChunkCodecs
+
+    assert ChunkCodecs.parse([{"name": "bytes"}], np.dtype("S12"), (4,), "x").stored_dtype == np.dtype("S12")
+    with pytest.raises(DatasetError, match="the bytes codec's endian is None"):
+        ChunkCodecs.parse([{"name": "bytes"}], np.dtype("f4"), (4,), "x")
+    big = ChunkCodecs.parse([{"name": "bytes", "configuration": {"endian": "big"}}], np.dtype("U3"), (4,), "x")
+    assert big.stored_dtype == np.dtype(">U3")
