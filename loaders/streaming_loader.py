@@ -531,11 +531,8 @@ class StreamingLoader:
                     "epoch": epoch,
                     **read.as_dict(),
                     "seconds": time.perf_counter() - started,
-                    # a count lower than at the start: the server restarted, and counts since
-                    "storage": {
-                        k: storage[k] - (storage_before[k] if storage[k] >= storage_before[k] else 0)
-                        for k in ("bytes", "requests")
-                    },
+                    # the source's counts go on across a server's restart (`FlightSource.storage_reads`)
+                    "storage": {k: storage[k] - storage_before[k] for k in ("bytes", "requests")},
                     "cache_hits": self.cache.stats.hits - hits_before if self.cache is not None else 0,
                     "augmented_samples": self.augmented_samples - augmented_before,
                     "full_bytes": self._share_bytes(),

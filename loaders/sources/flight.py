@@ -46,6 +46,11 @@ class FlightSource(Source):
         self.label_array: str | None = info["label_array"]
         self.shard_samples: int = info["shard_samples"]
         self._stored_bytes: dict[str, int] = info["stored_bytes"]
+        # the server's counts as this trainer saw them: the run that counts now, its last counts,
+        # and what the runs before a restart had counted when last seen (`storage_reads`)
+        self._incarnation: str | None = info.get("incarnation")
+        self._last_reads: dict[str, int] = dict(info["storage_reads"])
+        self._reads_before: dict[str, int] = {}
 
     def info(self) -> dict[str, Any]:
         """The server's dataset, current selection round, proxy version and I/O counts."""
@@ -70,7 +75,16 @@ class FlightSource(Source):
         return sum(self._stored_bytes[name] for name in arrays)
 
     def storage_reads(self) -> dict[str, int]:
-        return self.info()["storage_reads"]
+        """The server's counts of storage reads, never going back: a restarted server counts from
+        0 again, and what its earlier run had counted (when this trainer last asked) is added to
+        it (reads between then and the restart are not known). A group's sum of its servers' was
+        wrong by every other server's reads since the start once one of them restarted."""
+        info = self.info()
+        if info.get("incarnation") != self._incarnation:
+            self._reads_before = {k: self._reads_before.get(k, 0) + v for k, v in self._last_reads.items()}
+            self._incarnation = info.get("incarnation")
+        self._last_reads = dict(info["storage_reads"])
+        return {k: self._reads_before.get(k, 0) + v for k, v in self._last_reads.items()}
 
     def selection(self, round: int | None = None) -> Selection:
         return Selection.from_bytes(self.action("selection", {"round": round}))

@@ -164,6 +164,8 @@ class NearStoreServer(flight.FlightServerBase):
         self.dataset = dataset
         self.name = _default_name(dataset.url) if name is None else _checked_name(name)
         self.storage_reads = IOStats()  # every reader's, for samples shipped (read_cache's chunks are not read)
+        # which run of the server counts them: a restart counts from 0 again (`FlightSource.storage_reads`)
+        self.incarnation = uuid.uuid4().hex
         self._readers: dict[tuple[str, ...], SelectiveReader] = {}
         # Asked once (a size request per shard object): the store is read-only, and `info` is
         # called by every trainer at every epoch's start and end.
@@ -389,6 +391,7 @@ class NearStoreServer(flight.FlightServerBase):
                 "primary": None if self._primary is None else self._primary.url,
                 "stored_bytes": self.stored_bytes,
                 "storage_reads": self.storage_reads.snapshot().as_dict(),
+                "incarnation": self.incarnation,
                 "read_cache": None if self.read_cache is None else self.read_cache.as_dict(),
                 "shipped": self.shipped.snapshot().as_dict(),
             }

@@ -276,3 +276,24 @@ def test_a_follower_runs_from_the_command_line(pair, id_store_url):
         timeout=60,
     )
     assert typo.returncode == 2 and "'0:10000000000' names more than 16,777,216 shards" in typo.stderr
+
+
+def test_a_groups_storage_figures_go_on_across_one_servers_restart(pair, servers, id_store_url):
+    # the group summed its servers' counts: one restarted server's count from 0 made the sum lower
+    # than at the epoch's start, which the loader took for the whole group restarting (the
+    # primary's reads of every earlier epoch landed in that one)
+    primary, follower = pair
+    loader = StreamingLoader([primary.url, follower.url], batch_size=64, backend="torch", cache=False)
+    list(loader)
+    port = int(follower.url.rsplit(":", 1)[1].split("/")[0])
+    batches = iter(loader)
+    next(batches)
+    read_before = primary.storage_reads.snapshot().bytes
+    follower.shutdown()
+    again = servers(open_dataset(id_store_url), shards=SECOND, primary=primary.url, port=port)
+    list(batches)
+    per_epoch = [epoch["storage"]["bytes"] for epoch in loader.io_stats()["per_epoch"]]
+    epoch_1 = primary.storage_reads.snapshot().bytes - read_before + again.storage_reads.snapshot().bytes
+    assert per_epoch[1] >= epoch_1 > 0  # what was read in it (and the follower's before its restart)
+    assert per_epoch[1] < per_epoch[0] + epoch_1  # not epoch 0's reads counted again
+    assert loader.io_stats()["storage_reads"]["bytes"] == sum(per_epoch)
