@@ -384,12 +384,16 @@ class StreamingLoader:
         "classifier"), where the last one it runs is not (a second head, a projection after it)."""
         if not isinstance(model, torch.nn.Module):
             raise ParameterError(f"update_proxy takes the trainer's torch.nn.Module, got {reprlib.repr(model)}")
-        layer = dict(model.named_modules()).get(head) if head is not None else None
-        if head is not None and not isinstance(layer, torch.nn.Linear):
-            raise ParameterError(f"head must name an nn.Linear of {type(model).__name__}, got {head!r}")
-        # DDP's, DataParallel's or torch.compile's: a server's model has no "module." in its keys
-        model = unwrapped(model)
-        head = head if layer is None else next(n for n, m in model.named_modules() if m is layer)
+        # DDP's, DataParallel's or torch.compile's: a server's model has no "module." in its keys,
+        # and `head` may name the layer in the wrapper's terms or the model's
+        inner = unwrapped(model)
+        layer = None
+        if head is not None:
+            layer = dict(model.named_modules()).get(head) or dict(inner.named_modules()).get(head)
+            if not isinstance(layer, torch.nn.Linear):
+                raise ParameterError(f"head must name an nn.Linear of {type(model).__name__}, got {head!r}")
+            head = next(n for n, m in inner.named_modules() if m is layer)
+        model = inner
         if self._ahead is not None and isinstance(self._ahead[0], Future):
             wait([self._ahead[0]])  # the round selected ahead scores with the proxy it was promised
         self.source.update_proxy(model, replace(self.images, train=False) if self.images is not None else None, head)
@@ -993,6 +997,8 @@ class StreamingLoader:
         pending = deque(self._pool.submit(self._read_batch, *b) for b in _take(batches, self.prefetch))
         try:
             while pending:
+                if self._closed:  # its pool shut, the batches read ahead cancelled
+                    raise RuntimeError(f"this StreamingLoader of {self.url!r} was closed mid-epoch")
                 batch = pending.popleft().result()
                 pending.extend(self._pool.submit(self._read_batch, *b) for b in _take(batches, 1))
                 yield batch

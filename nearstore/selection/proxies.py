@@ -550,10 +550,10 @@ class ModelProxy:
         alike = [t for t in tensors if t.shape == z.shape and t.is_floating_point()]
         if alike and not any(_the_logits(t, z) for t in alike):
             raise ParameterError(
-                f"{model} returns no {tuple(z.shape)} that is the output of {self._layer(head)}, its softmax or "
-                "log-softmax: something changes the logits after it (a learned scale or bias on the model's own "
-                "parameters?), and its p(y | x) would not be the model's; apply it inside the head, or name the "
-                "head that gives them with `head`"
+                f"{model} returns no {tuple(z.shape)} that gives the p(y | x) of {self._layer(head)} (as its "
+                "logits, log-probabilities or probabilities): something changes the logits after it (a learned "
+                "scale or bias on the model's own parameters?), and its p(y | x) would not be the model's; apply it "
+                "inside the head, or name the head that gives them with `head`"
             )
 
     def _layer(self, module: torch.nn.Module) -> str:
@@ -642,15 +642,13 @@ _LOOKUPS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
 def _the_logits(returned: torch.Tensor, z: torch.Tensor) -> bool:
-    """Whether what a model returns is its head's output `z`, or its softmax or log-softmax (which
-    score alike), to the precision of their dtype."""
-    wide = z.detach().double()
-    got = returned.detach().to(wide)
+    """Whether what a model returns gives its head's p(y | x): as logits (z, shifted or centred a
+    row, a log-softmax, a log of probabilities) or as the probabilities themselves, to the precision
+    of their dtype. A learned scale or bias after the head changes them."""
+    p = torch.softmax(z.detach().double(), 1)
+    got = returned.detach().double()
     tolerance = 1e-3 if z.dtype.itemsize >= 4 else 3e-2
-    for reference in (wide, torch.softmax(wide, 1), torch.log_softmax(wide, 1)):
-        if ((got - reference).abs() <= tolerance * (1 + reference.abs())).all():
-            return True
-    return False
+    return any(bool(((q - p).abs() <= tolerance).all()) for q in (torch.softmax(got, 1), got))
 
 
 def _first_tensor(module: torch.nn.Module) -> torch.Tensor:
@@ -715,10 +713,11 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def nonfinite_weight(model: torch.nn.Module) -> str | None:
-    """The name of the first of the model's floating tensors holding NaN or inf, or None: a
-    diverged model's scores are NaN, which no round can use."""
+    """The name of the first of the model's parameters holding NaN or inf, or None: a diverged
+    model's scores are NaN, which no round can use. Buffers are not judged (a causal mask of -inf
+    is meant; non-finite logits are refused as they come, `ModelProxy`)."""
     return next(
-        (key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+        (key for key, t in model.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()),
         None,
     )
 

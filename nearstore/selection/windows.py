@@ -31,6 +31,7 @@ from nearstore.selection.policy import TRUSTED_PROXY
 from nearstore.selection.proxies import Proxy
 from nearstore.selection.record import Selection, Suspects
 from nearstore.selection.stages import (
+    MAX_CLASSES,
     Embedded,
     Scan,
     SuspectsFound,
@@ -576,7 +577,8 @@ def carried_suspects(carried: Mapping[str, np.ndarray] | None, dataset: Dataset)
         raise DatasetError(f"a selection's carry holds {held[0]!r} without {set(SUSPECTS_CARRIED) - set(held)}")
     ids, labels = (np.asarray(carried[name]) for name in SUSPECTS_CARRIED)
     suspects = Suspects(ids, labels, np.full(len(ids), np.nan, np.float32))
-    outside = (suspects.ids >= dataset.num_samples) | (suspects.labels < 0) | (suspects.labels >= dataset.num_classes)
+    classes = dataset.num_classes or MAX_CLASSES  # a store that names none (zarr's own): its labels say
+    outside = (suspects.ids >= dataset.num_samples) | (suspects.labels < 0) | (suspects.labels >= classes)
     if outside.any():
         k = int(np.argmax(outside))
         raise DatasetError(

@@ -357,7 +357,10 @@ def within(url: str, root_url: str, storage_options: Mapping[str, Any] | None = 
     layers left out of both (simplecache::file:///d is /d: a selection saved through one spelling
     landed inside the store opened by the other)."""
     bare_root, bare = _uncached(root_url), _uncached(url)
-    fs, root = url_to_fs(bare_root, storage_options if bare_root == root_url else None)
+    try:
+        fs, root = url_to_fs(bare_root, storage_options if bare_root == root_url else None)
+    except ParameterError:  # no filesystem (a server's grpc:// URL, as a selection it sent names it): nothing inside
+        return False
     theirs, path = url_to_fs(bare)
     if type(theirs) is not type(fs):
         return False
@@ -390,7 +393,7 @@ def local_absolute(url: str) -> str:
     selection saved inside the store by its absolute path was not refused)."""
     if "::" in url or url.startswith("file://") or fsspec.utils.get_protocol(url) != "file":
         return url
-    return os.path.abspath(url)
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def sample_identity(identity: Mapping[str, Any]) -> dict[str, Any]:

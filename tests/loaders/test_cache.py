@@ -274,9 +274,11 @@ def test_a_closed_loader_hands_its_cache_over_at_once_a_read_in_flight_too(id_st
     first = StreamingLoader(id_store, np.arange(0, 2500, 2), batch_size=8, backend="torch", cache=cache)
     read = first.source.read
     monkeypatch.setattr(first.source, "read", lambda *a, **k: (time.sleep(0.2), read(*a, **k))[1])
-    for _ in first:
-        break  # the next batches' reads under way
+    running = iter(first)
+    next(running)  # the next batches' reads under way
     first.close()
+    with pytest.raises(RuntimeError, match="was closed mid-epoch"):  # its pool gone: an AttributeError
+        next(running)
     successor = StreamingLoader(id_store, np.arange(1, 2500, 2), batch_size=8, backend="torch", cache=cache)
     assert sorted(i for x, _ in successor for i in sample_ids(x)) == list(range(1, 2500, 2))
     with pytest.raises(RuntimeError, match="was closed"):

@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import as_format_1
 from image_sources import write_mds, write_tar
 
+from loaders import StreamingLoader
 from nearstore import Graft, ParameterError, Selection, open_dataset, random_select, write_dataset
 from nearstore.app.cli import main
 from nearstore.app.synthetic import SHAPES, write_shapes
@@ -611,7 +613,11 @@ def test_a_zarr_store_that_names_no_classes_selects_and_converts(tmp_path, capsy
         "sample_arrays": ["x", "y"],
         "label_array": "y",
     }
-    assert len(Graft().select(open_dataset(url), 0.2)) >= 100
+    round0 = Graft().select(open_dataset(url), 0.2)
+    assert len(round0) >= 100 and round0.carry  # its suspects handed on, of classes the store names none of
+    loader = StreamingLoader(url, round0, batch_size=64, backend="torch")
+    loader.update_proxy(torch.nn.Sequential(torch.nn.Linear(8, 4)))
+    assert loader.reselect(0.2).round == 1
     assert main(["convert", url, str(tmp_path / "a.zarr")]) == 0
     assert open_dataset(str(tmp_path / "a.zarr")).class_names == ("0", "1", "2", "3")
     assert main(["convert", url, str(tmp_path / "b.zarr"), "--class-names", "w,x,y,z"]) == 0

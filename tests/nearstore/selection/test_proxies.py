@@ -507,6 +507,9 @@ def test_a_model_with_nonfinite_logits_or_weights_is_refused_by_name(blobs, tmp_
         Crest().select(store, 0.2, proxy=ModelProxy(diverged))
     with pytest.raises(ParameterError, match=r"proxy weights '0.weight' hold NaN or inf"):
         StreamingLoader(store, batch_size=16, backend="torch").update_proxy(diverged)
+    masked = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    masked.register_buffer("mask", torch.full((2, 2), -torch.inf).triu(1))  # a causal mask's -inf is meant
+    StreamingLoader(store, batch_size=16, backend="torch").update_proxy(masked)
 
     class Picky(torch.nn.Module):  # fails on samples past the first shard
         def __init__(self) -> None:
@@ -556,9 +559,11 @@ def test_a_model_that_changes_its_logits_after_its_head_is_refused(blobs):
             z = self.fc(torch.relu(self.body(inputs)))
             if self.returns == "scaled":
                 return z * self.logit_scale.exp()
+            if self.returns == "shifted":  # for stability, as some models return them
+                return z - z.max(1, keepdim=True).values
             return torch.log_softmax(z, 1) if self.returns == "log_softmax" else (z, torch.softmax(z, 1))
 
-    with pytest.raises(ParameterError, match=r"Scaled returns no \(150, 3\) that is the output of 'fc'"):
+    with pytest.raises(ParameterError, match=r"Scaled returns no \(150, 3\) that gives the p\(y \| x\) of 'fc'"):
         ModelProxy(Scaled("scaled")).embed(x, y)
-    for returns in ("log_softmax", "both"):  # what the head gives, as probabilities or not: scored alike
+    for returns in ("log_softmax", "both", "shifted"):  # the head's p(y | x), as probabilities or not: alike
         assert ModelProxy(Scaled(returns)).embed(x, y).shape == (150, 3 * 17)

@@ -306,6 +306,8 @@ def test_no_other_spelling_of_the_dataset_lets_a_selection_in(id_store, tmp_path
     with pytest.raises(ParameterError, match="lies inside the dataset"):
         random_select(relative, 0.1).save(f"{id_store.url}/c.npz")
     assert fingerprint(id_store.url) == before
+    monkeypatch.setenv("HOME", parent)  # ~ is the home folder's, not a folder named "~" here
+    assert open_dataset(f"~/{name}").url == id_store.url
 
 
 @settings(max_examples=200, deadline=None)

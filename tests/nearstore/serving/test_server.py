@@ -1522,7 +1522,7 @@ def test_plain_ids_are_of_the_round_a_server_serves_a_saved_round_3_too(id_store
         server.shutdown()
 
 
-def test_what_a_client_is_sent_names_the_server_not_the_store(id_store):
+def test_what_a_client_is_sent_names_the_server_not_the_store(id_store, tmp_path):
     # the store's URL (credentials and all, as http://user:password@host/ holds them) reached any
     # read-token client through info and every selection, where errors already hid it
     served = NearStoreServer(id_store, selection=random_select(id_store, 0.1))
@@ -1532,6 +1532,8 @@ def test_what_a_client_is_sent_names_the_server_not_the_store(id_store):
         sent = [source.info()["identity"], source.selection().dataset, selected.dataset]
         assert all(identity["url"] == served.url for identity in sent)
         assert id_store.url not in json.dumps(sent)
+        selected.save(tmp_path / "round.npz")  # a grpc:// dataset URL: no filesystem it could lie inside
+        assert Selection.load(tmp_path / "round.npz").ids.tolist() == selected.ids.tolist()
     finally:
         served.shutdown()
 
@@ -1561,7 +1563,8 @@ def test_a_wrapped_model_pushes_as_the_model_it_wraps(id_store):
         loader = StreamingLoader(server.url, batch_size=64, backend="torch")
         for wrapped in (torch.nn.DataParallel(tiny_model()), torch.compile(tiny_model())):
             loader.update_proxy(wrapped, head="module.2" if isinstance(wrapped, torch.nn.DataParallel) else None)
-        assert server.proxy_version == 2
+        loader.update_proxy(torch.nn.DataParallel(tiny_model()), head="2")  # in the model's own terms too
+        assert server.proxy_version == 3
         assert loader.reselect(0.1, method="graft", seed=2).round == 1
     finally:
         server.shutdown()
