@@ -342,13 +342,18 @@ def test_samples_put_one_at_a_time_and_let_go_reuse_their_slots():
     assert cache.full and not cache.holds(np.array([99]))[0]
 
 
-def test_a_spill_directory_lost_mid_epoch_costs_reads_not_the_epoch(tmp_path):
+def spilling_token_loader(tmp_path) -> tuple[StreamingLoader, SampleCache]:
+    """A loader of 300 token sequences whose cache keeps them all on disk, a file a sample."""
     tokens = np.empty(300, dtype=object)
-    tokens[:] = [np.full(i % 50 + 1, i, dtype=np.int32) for i in range(300)]  # encoded: a file a sample
+    tokens[:] = [np.full(i % 50 + 1, i, dtype=np.int32) for i in range(300)]
     store = write_dataset(str(tmp_path / "t.zarr"), [{"tok": tokens, "y": np.arange(300) % 3}], shard_samples=32)
     (tmp_path / "spill").mkdir()
     cache = SampleCache(0, directory=tmp_path / "spill", disk_bytes=1 << 20)
-    loader = StreamingLoader(store, batch_size=16, backend="torch", device="cpu", cache=cache)
+    return StreamingLoader(store, batch_size=16, backend="torch", device="cpu", cache=cache), cache
+
+
+def test_a_spill_directory_lost_mid_epoch_costs_reads_not_the_epoch(tmp_path):
+    loader, cache = spilling_token_loader(tmp_path)
     seen = [int(v[0]) for x, _ in loader for v in x.unbind()]
     for k, (x, _) in enumerate(loader):
         seen += [int(v[0]) for v in x.unbind()]
@@ -361,12 +366,7 @@ def test_a_spill_directory_lost_mid_epoch_costs_reads_not_the_epoch(tmp_path):
 
 def test_a_spill_directory_lost_between_rounds_costs_reads_not_every_epoch_after(tmp_path):
     # the next round let go of samples spilled there: unlinking them failed, and so did every epoch
-    tokens = np.empty(300, dtype=object)
-    tokens[:] = [np.full(i % 50 + 1, i, dtype=np.int32) for i in range(300)]  # encoded: a file a sample
-    store = write_dataset(str(tmp_path / "t.zarr"), [{"tok": tokens, "y": np.arange(300) % 3}], shard_samples=32)
-    (tmp_path / "spill").mkdir()
-    cache = SampleCache(0, directory=tmp_path / "spill", disk_bytes=1 << 20)
-    loader = StreamingLoader(store, batch_size=16, backend="torch", device="cpu", cache=cache)
+    loader, cache = spilling_token_loader(tmp_path)
     assert len([x for x, _ in loader]) == 19 and cache.nbytes()[1] > 0
     for spilled in (tmp_path / "spill").iterdir():
         shutil.rmtree(spilled)
