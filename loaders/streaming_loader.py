@@ -245,10 +245,10 @@ class StreamingLoader:
                 f"{where} holds ragged samples, which the torch backend yields (as nested tensors); "
                 "a DALI pipeline of them is not built: pass backend='torch' and a torch `transform`"
             )
-        for name in self.arrays:  # numbers a batch can carry (DALI's "stoi" and torch's error named no array)
+        carried = "biufO" + ("c" if self.backend == "torch" else "")  # numbers a batch carries; O: encoded
+        for name in self.arrays:  # DALI's "stoi" and torch's conversion named no array
             dtype = np.dtype(self.source.identity["arrays"][name]["dtype"])
-            carried = "biuf" + ("c" if self.backend == "torch" else "")
-            if dtype.kind not in carried + "O":
+            if dtype.kind not in carried:
                 hint = "; the torch backend carries complex ones" if dtype.kind == "c" else ""
                 raise ParameterError(
                     f"array {name!r} of {self.url!r} holds {dtype} samples, which the {self.backend} backend cannot "
@@ -806,7 +806,7 @@ class StreamingLoader:
         selection.check_dataset(self.source.identity)
         self.scan_io = {k: self.scan_io[k] + selection.io.get(k, 0) for k in self.scan_io}
         keep = selection.params.get("keep")
-        if isinstance(keep, int | float) and not isinstance(keep, bool) and 0 < keep <= 1:
+        if _a_keep(keep):
             self._asked[selection.round] = float(keep)
         return selection.ids, selection.weights, selection.round, selection.carry
 
@@ -1255,6 +1255,11 @@ def _state_io(io: Any) -> tuple[IOStats, int, list[dict[str, Any]]]:
     return received, state_count(io, "augmented_samples", where), [dict(epoch) for epoch in epochs]
 
 
+def _a_keep(value: Any) -> bool:
+    """Whether `value` is a share of the samples, a number in (0, 1] (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+
+
 def _state_keeps(keeps: Any) -> dict[int | str, float]:
     """A state's keeps asked for by round number, checked: numbers in (0, 1]."""
     where = "state_dict's keeps"
@@ -1262,7 +1267,7 @@ def _state_keeps(keeps: Any) -> dict[int | str, float]:
         raise DatasetError(f"{where} must be a mapping of round numbers to keeps, got {reprlib.repr(keeps)}")
     checked: dict[int | str, float] = {}
     for round, keep in keeps.items():
-        if not isinstance(keep, int | float) or isinstance(keep, bool) or not 0 < keep <= 1:
+        if not _a_keep(keep):
             raise DatasetError(f"{where}[{round!r}] must be a number in (0, 1], got {reprlib.repr(keep)}")
         checked[int(round) if str(round).isdigit() else round] = float(keep)
     return checked

@@ -61,10 +61,10 @@ def _check_fields(selection: Selection, where: str) -> int:
     """Refuse by name a header field a saved file or a resumed loader would refuse (META_FIELDS,
     the scan's I/O figures whole numbers): a selection the loader took once trained, then its
     file or its checkpoint did not load. Returns the round as an int (a numpy integer allowed)."""
+    if not _count(selection.round):  # a numpy integer too, unlike a file's header
+        raise DatasetError(f"{where}: round must be an integer >= 0, got {selection.round!r}")
     for name, kind in META_FIELDS.items():
         value = getattr(selection, name)
-        if name == "round" and not _count(value):
-            raise DatasetError(f"{where}: round must be an integer >= 0, got {value!r}")
         if name != "round" and not isinstance(value, kind):
             raise DatasetError(f"{where}: {name} must be a {kind.__name__}, got {value!r}")
     for name in ("bytes", "requests"):

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -438,8 +437,8 @@ def mute_suspects(
     prior: the proxy's own confidences on its held-out warm-up (`RandomFeatureProxy.warm_joint`),
     from which the thresholds start: else a class has none until its samples stream, and in a store
     written class by class a flip to a later class was never suspected (recall 0.71 to 0.53)."""
-    joint = copy.deepcopy(prior) if prior is not None and len(prior.counts) == num_classes else None
-    joint = joint or ConfidentJoint(num_classes)
+    fits = prior is not None and len(prior.counts) == num_classes
+    joint = copy.deepcopy(prior) if fits else ConfidentJoint(num_classes)
     floors = None if typical is None else torch.as_tensor(typical)
     unjudged = None if unseen is None or not unseen.any() else torch.as_tensor(unseen)
     for ids, groups, (residual, inputs) in stream:
@@ -527,10 +526,9 @@ def _fit_default_proxy(
     `_warm_shards`); return them so pass 1 need not re-read. `cancelled` is asked before each
     shard is read and before the fit."""
     dataset = reader.dataset
-    array = dataset.arrays[input_array]
-    if array.dtype != object:  # fixed-size samples: as many as fit DECODED_BATCH_BYTES, at least a shard's
+    sample_bytes = dataset.sample_nbytes(input_array)
+    if sample_bytes is not None:  # fixed-size samples: as many as fit DECODED_BATCH_BYTES, at least a shard's
         # (4,096 samples of 100,000 floats: 1.6 GB, and the fit holds about four copies)
-        sample_bytes = array.dtype.itemsize * math.prod(array.shape[1:])
         warmup_samples = min(warmup_samples, max(1, DECODED_BATCH_BYTES // max(1, sample_bytes)))
     warm: dict[int, Batch] = {}
     for shard in _warm_shards(reader, labels, warmup_samples, seed):

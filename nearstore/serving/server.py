@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -834,7 +835,7 @@ def _state_dir(path: str | Path, dataset: Dataset) -> Path:
     """The server's own directory, created if missing; refused inside the dataset, and where it is
     a URL (Path made a local folder named "s3:" of s3://bucket/state, and the rounds never left
     the machine)."""
-    if "://" in str(path) and not str(path).startswith("file://"):
+    if fsspec.utils.get_protocol(str(path)) != "file":
         raise ParameterError(f"state_dir must be a local directory, got the URL {str(path)!r}")
     path = Path(str(path).removeprefix("file://")).resolve()
     dataset.check_outside(str(path), "state_dir")

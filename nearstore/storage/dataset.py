@@ -245,6 +245,11 @@ class Dataset:
         fs, root = url_to_fs(self.url, self.storage_options)
         return fs, root.rstrip("/")
 
+    def sample_nbytes(self, name: str) -> int | None:
+        """Bytes a sample of array `name` takes in memory; None where they vary (encoded samples)."""
+        array = self.arrays[name]
+        return None if array.dtype == object else array.dtype.itemsize * math.prod(array.shape[1:])
+
     def check_outside(self, url: str, what: str) -> None:
         """Refuse to write `what` at `url` if it lies inside this store, which is read-only to us."""
         check_outside(self.url, url, what, self.storage_options)
@@ -384,7 +389,12 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
 def _uncached(url: str) -> str:
     """`url` without fsspec's caching layers (`_CACHING_LAYERS`): the files it names."""
-    return "::".join(part for part in url.split("::") if part.split("://")[0] not in _CACHING_LAYERS) or url
+    return "::".join(part for part in url.split("::") if not _caching(part)) or url
+
+
+def _caching(layer: str) -> bool:
+    """Whether a layer of a chained URL ('simplecache', of 'simplecache::s3://...') is fsspec's cache."""
+    return layer.split("://")[0] in _CACHING_LAYERS
 
 
 def local_absolute(url: str) -> str:
@@ -467,7 +477,7 @@ def open_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) 
             f"{url!r}: an HTTP store's URL cannot hold a query or a fragment (its objects' names are appended to "
             "it); pass headers or credentials in storage_options, e.g. {'headers': {...}}"
         )
-    layers = [p for p in url.split("::")[:-1] if p.split("://")[0] in _CACHING_LAYERS]
+    layers = [p for p in url.split("::")[:-1] if _caching(p)]
     if layers:  # they download whole objects or blocks, then hand over the ranges asked
         log.warning(
             "%s: read through fsspec's %s, which fetches whole objects or large blocks of them: io_stats counts "

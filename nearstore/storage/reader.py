@@ -467,11 +467,8 @@ def small_arrays(dataset: Dataset, names: Sequence[str]) -> tuple[str, ...]:
     array within SMALL_ARRAY_BYTES."""
     small = []
     for name in names:
-        array = dataset.arrays[name]
-        if array.dtype == object:
-            continue
-        sample = array.dtype.itemsize * math.prod(array.shape[1:])
-        if sample <= SMALL_SAMPLE_BYTES and sample * dataset.num_samples <= SMALL_ARRAY_BYTES:
+        sample = dataset.sample_nbytes(name)
+        if sample is not None and sample <= SMALL_SAMPLE_BYTES and sample * dataset.num_samples <= SMALL_ARRAY_BYTES:
             small.append(name)
     return tuple(small)
 
