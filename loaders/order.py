@@ -24,9 +24,10 @@ SHUFFLE_BLOCK = 1 << 18
 # taken on (a state resumes on any), and where a loader is.
 ORDER = ("batch_size", "shuffle", "shuffle_block", "seed", "drop_last", "uneven", "warm_start_epochs")
 SHARE = ("rank", "world_size")
-PLACE = ("epoch", "batches_done", "epochs_completed", "skipped")
-# Keys a state of an older release may lack, and what they meant then.
-ADDED = {"shuffle_block": None, "skipped": 0}
+PLACE = ("epoch", "batches_done", "epochs_completed", "skipped", "spans")
+# Keys a state of an older release may lack, and what they meant then (its ranks' shares of a
+# "shards" shuffle were cut from one order, spread over every shard).
+ADDED = {"shuffle_block": None, "skipped": 0, "spans": 1}
 
 
 def state_entry(state: Mapping[str, Any], key: str, where: str, kind: type | None = None) -> Any:
@@ -48,7 +49,7 @@ def state_count(state: Mapping[str, Any], key: str, where: str) -> int:
 
 
 def epoch_order(
-    shards: np.ndarray, *, seed: int, epoch: int, shuffle: Shuffle, block: int = SHUFFLE_BLOCK
+    shards: np.ndarray, *, seed: int, epoch: int, shuffle: Shuffle, block: int = SHUFFLE_BLOCK, spans: int = 1
 ) -> np.ndarray:
     """Positions 0..len(shards)-1 of the epoch's samples (`shards`: the shard of each, in sample
     order) in the order epoch `epoch` visits them. The same for every rank, whatever ran before.
@@ -57,6 +58,10 @@ def epoch_order(
     py1s): the shards in a random order, cut into blocks of whole shards of about `block` samples,
     each block's samples shuffled: a batch draws from a few shards, so its reads coalesce and a
     shard's samples are read together, where a global shuffle touches every shard every batch.
+    With `spans` above 1 ("shards" only), the shards in their random order are cut into `spans`
+    contiguous spans of equal size (a shard at a cut split between two), each shuffled within its
+    blocks, and the spans interleaved: every `spans`-th position (`rank_share`) is one span, so
+    each of `spans` ranks reads its own shards, not a share of every one.
     """
     size = len(shards)
     if shuffle is False:
@@ -70,7 +75,16 @@ def epoch_order(
     before = np.cumsum(counts[visit]) - counts[visit]  # samples ahead of each shard in its new place
     blocks = np.repeat(before // block, counts[visit])
     positions = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in visit]) if size else starts
-    return positions[np.lexsort((rng.random(size), blocks))]
+    if spans == 1:
+        return positions[np.lexsort((rng.random(size), blocks))]
+    # span k holds size // spans samples, one more for k < size % spans: so interleaved, the
+    # epoch's position i * spans + k is span k's i-th sample, each position once
+    lengths = size // spans + (np.arange(spans) < size % spans)
+    span = np.repeat(np.arange(spans), lengths)
+    within = np.arange(size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # each slot's place in its span
+    order = np.empty(size, dtype=np.int64)
+    order[within * spans + span] = positions[np.lexsort((rng.random(size), blocks, span))]
+    return order
 
 
 def share_size(size: int, world_size: int, uneven: Uneven) -> int:
@@ -92,10 +106,11 @@ class EpochOrder:
 
     The ORDER fields fix every epoch's order: a state resumes only where they agree. rank and
     world_size (SHARE) cut it into this rank's share. The last four (PLACE) are where the loader
-    is: the epoch, its batches delivered, the epochs completed, and `skipped`: the samples of the
+    is: the epoch, its batches delivered, the epochs completed, `skipped`: the samples of the
     epoch's order done before its first batch here (a state resumed on another world size: the
-    rest of the order is shared anew). A loaded place is resumed by the next epoch that starts
-    (`start`), once.
+    rest of the order is shared anew), and `spans`: the ranks a "shards" shuffle's order is cut
+    for (`epoch_order`), world_size but in an epoch resumed from another world size. A loaded
+    place is resumed by the next epoch that starts (`start`), once.
     """
 
     batch_size: int
@@ -111,6 +126,7 @@ class EpochOrder:
     batches_done: int = 0
     epochs_completed: int = 0
     skipped: int = 0
+    spans: int = 0  # 0: world_size
 
     def __post_init__(self) -> None:
         self.batch_size = check_integer("batch_size", self.batch_size, 1)
@@ -130,9 +146,12 @@ class EpochOrder:
         self.warm_start_epochs = check_integer("warm_start_epochs", self.warm_start_epochs, 0)
         if self.uneven not in ("pad", "drop"):
             raise ParameterError(f"uneven must be 'pad' or 'drop', got {self.uneven!r}")
-        # a loaded place not started yet (the batch it resumes at, the order's samples it skips),
-        # and whether the epoch last started was left (a break): the next iteration starts afresh
+        self.spans = self.spans or self.world_size
+        # a loaded place not started yet (the batch it resumes at, the order's samples it skips,
+        # the spans its order is cut in), and whether the epoch last started was left (a break):
+        # the next iteration starts afresh
         self._resume_at = self._resume_skip = 0
+        self._resume_spans = self.spans
         self._left = False
 
     def warming(self, epoch: int) -> bool:
@@ -142,7 +161,15 @@ class EpochOrder:
     def positions(self, epoch: int, shards: np.ndarray) -> np.ndarray:
         """This rank's positions of an epoch of samples in `shards` (each one's), in the order it
         visits them: of the epoch's order past the samples `skipped` (in the loader's epoch only)."""
-        order = epoch_order(shards, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block=self.shuffle_block)
+        resumed = epoch == self.epoch and not self._left
+        order = epoch_order(
+            shards,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            block=self.shuffle_block,
+            spans=self.spans if resumed else self.world_size,
+        )
         return rank_share(order[self._skip(epoch) :], rank=self.rank, world_size=self.world_size, uneven=self.uneven)
 
     def num_batches(self, epoch: int, size: int) -> int:
@@ -175,12 +202,14 @@ class EpochOrder:
         """The next epoch starts at its first batch, whatever state was loaded (and a state taken
         before it starts says so: the loaded place's batches are not the next epoch's)."""
         self._resume_at = self._resume_skip = self.skipped = self.batches_done = 0
+        self.spans = self._resume_spans = self.world_size
         self._left = False
 
     def start(self) -> int:
         """An epoch starts: the batch it starts at (a loaded place, once; else 0)."""
         self.batches_done, self._resume_at = self._resume_at, 0
         self.skipped, self._resume_skip, self._left = self._resume_skip, 0, False
+        self.spans, self._resume_spans = self._resume_spans, self.world_size
         return self.batches_done
 
     def left(self) -> None:
@@ -193,6 +222,7 @@ class EpochOrder:
         self.epochs_completed += 1
         self.epoch += 1
         self.batches_done = self.skipped = 0
+        self.spans = self.world_size
 
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*ORDER, *SHARE, *PLACE)}
@@ -219,7 +249,9 @@ class EpochOrder:
         rank, world_size = (state_count(state, name, where) for name in SHARE)
         if not rank < world_size:
             raise DatasetError(f"{where} names rank {rank} of world_size {world_size}")
-        epoch, done, _, skipped = (state_count({**ADDED, **state}, name, where) for name in PLACE)
+        epoch, done, _, skipped, spans = (state_count({**ADDED, **state}, name, where) for name in PLACE)
+        if not spans:
+            raise DatasetError(f"{where}['spans'] must be an integer >= 1, got 0")
         if skipped and skipped >= epoch_size(epoch):  # no state skips a whole epoch: it ended
             raise DatasetError(f"{where} skips {skipped} samples of an epoch of {epoch_size(epoch)}")
         batches = self._batches(max(0, epoch_size(epoch) - skipped), world_size)
@@ -230,13 +262,15 @@ class EpochOrder:
         """Take a checked state's place: the next epoch that starts resumes there, at the batch
         after the last delivered. A state of another world size (every rank of it as far as this
         one, as under DistributedDataParallel) resumes at the first sample of the epoch's order
-        none of its ranks had: the rest is shared among this world's ranks, each sample once."""
-        self.epoch, done, self.epochs_completed, skipped = (int({**ADDED, **state}[name]) for name in PLACE)
+        none of its ranks had: the rest is shared among this world's ranks, each sample once (from
+        the order that state's ranks followed: `spans`)."""
+        self.epoch, done, self.epochs_completed, skipped, self.spans = (int({**ADDED, **state}[name]) for name in PLACE)
         if state["world_size"] == self.world_size:
             self.batches_done, self.skipped = done, skipped
         else:  # the ranks' first `done` batches are the order's first done * batch * world_size positions
             self.batches_done, self.skipped = 0, skipped + done * self.batch_size * int(state["world_size"])
-        self._resume_at, self._resume_skip, self._left = self.batches_done, self.skipped, False
+        self._resume_at, self._resume_skip, self._resume_spans = self.batches_done, self.skipped, self.spans
+        self._left = False
 
     def _skip(self, epoch: int) -> int:
         return self.skipped if epoch == self.epoch and not self._left else 0

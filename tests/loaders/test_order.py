@@ -66,6 +66,49 @@ def test_rank_shares_are_equal_and_cover_the_epoch(size, world_size, seed):
     assert len(np.unique(kept)) == len(kept) == size - size % world_size  # disjoint, a few left out
 
 
+@given(
+    size=st.integers(0, 3000),
+    world_size=st.integers(2, 9),
+    shard=st.integers(1, 300),
+    block=st.integers(1, 1000),
+    uneven=st.sampled_from(["pad", "drop"]),
+)
+def test_ranks_of_a_shards_shuffle_read_their_own_shards(size, world_size, shard, block, uneven):
+    """Cut for `world_size` spans, each rank's share of a "shards" epoch is a run of whole shards
+    (a shard at a cut shared with the next rank): the ranks touch each shard about once in all,
+    where shares of the one order spread over every shard each rank touches."""
+    shards = shards_of(size, shard)
+    order = epoch_order(shards, seed=5, epoch=1, shuffle="shards", block=block, spans=world_size)
+    np.testing.assert_array_equal(np.sort(order), np.arange(size))
+    shares = [rank_share(order, rank=r, world_size=world_size, uneven=uneven) for r in range(world_size)]
+    touched = [set(shards[s].tolist()) for s in shares]
+    # at most a shard more a rank where a cut splits one; "pad" wraps a few of rank 0's samples on
+    assert sum(map(len, touched)) <= len(set(shards.tolist())) + 2 * (world_size - 1)
+    assert [len(s) for s in shares] == [share_size(size, world_size, uneven)] * world_size
+    whole = np.concatenate([s[: size // world_size] for s in shares])
+    assert len(np.unique(whole)) == len(whole)  # disjoint, as any rank shares are
+
+
+def test_a_state_without_spans_resumes_the_order_its_release_cut():
+    """A state of a release before spans resumes its epoch's shares of the one order (spread over
+    every shard), and cuts the epochs after it for its ranks."""
+    shards = shards_of(500)
+    order = EpochOrder(10, "shards", 64, 3, False, 1, 4, "pad", 0)
+    old = {k: v for k, v in order.state_dict().items() if k != "spans"}
+    order.check({**old, "batches_done": 2}, lambda epoch: 500)
+    order.load_state_dict({**old, "batches_done": 2})
+    one = epoch_order(shards, seed=3, epoch=0, shuffle="shards", block=64)
+    np.testing.assert_array_equal(order.positions(0, shards), rank_share(one, rank=1, world_size=4, uneven="pad"))
+    assert order.state_dict()["spans"] == 1 and order.start() == 2
+    order.finish()
+    four = epoch_order(shards, seed=3, epoch=1, shuffle="shards", block=64, spans=4)
+    np.testing.assert_array_equal(order.positions(1, shards), rank_share(four, rank=1, world_size=4, uneven="pad"))
+    assert order.state_dict()["spans"] == 4
+    for bad, message in [(0, "['spans'] must be an integer >= 1, got 0"), ("4", "['spans'] must be an integer")]:
+        with pytest.raises(DatasetError, match=re.escape(message)):
+            order.check({**old, "spans": bad}, lambda epoch: 500)
+
+
 def test_batches_and_places():
     order = EpochOrder(10, True, 64, 3, False, 0, 1, "pad", 0)
     shards = shards_of(95)
@@ -183,19 +226,27 @@ def test_a_state_resumes_on_another_world_size_each_sample_once(before, after, u
         ]  # deterministic
 
 
-def test_a_resumed_layout_resumes_again_and_ends_with_its_epoch():
+@pytest.mark.parametrize("shuffle", [True, "shards"])
+def test_a_resumed_layout_resumes_again_and_ends_with_its_epoch(shuffle):
+    """2 ranks deliver 2 batches each, 3 ranks resume and deliver 1 each, 1 rank the rest: the
+    epoch's samples each once, whatever spans the first world cut the order in."""
     shards = shards_of(100)
-    two = EpochOrder(10, True, 64, 3, False, 0, 2, "pad", 0)
-    three = EpochOrder(10, True, 64, 3, False, 1, 3, "pad", 0)
-    three.load_state_dict({**two.state_dict(), "batches_done": 2})  # 40 of 100 done
-    assert three.skipped == 40 and three.start() == 0 and three.num_batches(0, 100) == 2
-    state = {**three.state_dict(), "batches_done": 1}  # and a batch of the 20 each of 3 ranks has
-    again = EpochOrder(10, True, 64, 3, False, 1, 3, "pad", 0)
+    two = [EpochOrder(10, shuffle, 64, 3, False, r, 2, "pad", 0) for r in range(2)]
+    done = [p for o in two for b in o.batches(0, shards)[:2] for p in b.tolist()]
+    three = [EpochOrder(10, shuffle, 64, 3, False, r, 3, "pad", 0) for r in range(3)]
+    for o in three:
+        o.load_state_dict({**two[0].state_dict(), "batches_done": 2})  # 40 of 100 done
+        assert o.skipped == 40 and o.start() == 0 and o.num_batches(0, 100) == 2
+        done += o.batches(0, shards)[0].tolist()
+    state = {**three[1].state_dict(), "batches_done": 1}  # and a batch of the 20 each of 3 ranks has
+    again = EpochOrder(10, shuffle, 64, 3, False, 1, 3, "pad", 0)
     again.load_state_dict(state)
     assert (again.skipped, again.start()) == (40, 1)  # same world size: the same layout, a batch on
-    assert [b.tolist() for b in again.batches(0, shards, 1)] == [b.tolist() for b in three.batches(0, shards, 1)]
-    other = EpochOrder(10, True, 64, 3, False, 0, 1, "pad", 0)
+    assert [b.tolist() for b in again.batches(0, shards, 1)] == [b.tolist() for b in three[1].batches(0, shards, 1)]
+    other = EpochOrder(10, shuffle, 64, 3, False, 0, 1, "pad", 0)
     other.load_state_dict(state)
     assert other.skipped == 40 + 30 and other.num_batches(0, 100) == 3
+    done += [p for b in other.batches(0, shards, other.start()) for p in b.tolist()]
+    assert sorted(done) == list(range(100))
     other.finish()
     assert other.skipped == 0 and other.num_batches(1, 100) == 10  # the next epoch whole again
