@@ -1010,11 +1010,11 @@ class StreamingLoader:
         self, ids: np.ndarray, weights: np.ndarray, round: int | str, seed: tuple[int, ...]
     ) -> tuple[np.ndarray | RaggedBatch, ...]:
         ids, weights, arrays = self._read(ids, weights, round)
+        if self.source.label_array:
+            ids, weights, arrays = self._class_ids(ids, weights, arrays)
         if self.images is not None:
             ids, arrays, weights = self._decoded(ids, arrays, weights, seed)
         batch: list[np.ndarray | RaggedBatch] = [arrays[name] for name in self.arrays]
-        if self.source.label_array:  # class indices as torch's losses take them, stored uint8 or int16 alike
-            batch[-1] = batch[-1].astype(np.int64, copy=False)
         for k, layout in self.ragged.items():
             batch[k] = layout.pack(batch[k], ids)
         if self.with_weights:
@@ -1119,9 +1119,8 @@ class StreamingLoader:
             inputs, failed = self.images.decode_batch(blobs, seed=seed, executor=self._decoders)
         else:
             if self._refused:  # refused by DALI's decoder before: skipped and listed already
-                fine = ~np.isin(ids, list(self._refused))
-                ids, weights, blobs = ids[fine], weights[fine], blobs[fine]
-                arrays = {name: values[fine] for name, values in arrays.items()}
+                ids, weights, arrays = _kept(~np.isin(ids, list(self._refused)), ids, weights, arrays)
+                blobs = arrays[self.input_array]
             failed = {i: why for i, blob in enumerate(blobs) if (why := damaged(blob)) is not None}
             reaching = np.array([i not in failed for i in range(len(ids))], dtype=bool)
             if reaching.any():  # what DALI's decoder will see: batches wholly damaged would push those out
@@ -1138,9 +1137,7 @@ class StreamingLoader:
             for line in where:
                 log.warning("skipped %s", line)
             self.skipped.update(int(ids[i]) for i in failed)
-            kept = np.setdiff1d(np.arange(len(ids)), list(failed))
-            ids, weights = ids[kept], weights[kept]
-            arrays = {name: values[kept] for name, values in arrays.items()}
+            ids, weights, arrays = _kept(~np.isin(np.arange(len(ids)), list(failed)), ids, weights, arrays)
         if self.backend == "torch":
             arrays[self.input_array] = inputs
         return ids, arrays, weights
@@ -1181,6 +1178,28 @@ class StreamingLoader:
                 self._refused.update(e.ids)
                 first = self.order.batches_done
 
+    def _class_ids(
+        self, ids: np.ndarray, weights: np.ndarray, arrays: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The batch with its labels as torch's losses take them, (batch,) int64, stored uint8 or
+        int16 or (n, 1) alike. A label that is no class id int64 holds (in a store zarr wrote:
+        negative, or uint64 past 2**63, which a cast wraps) is a damaged sample: raised or dropped
+        by `on_error`."""
+        name = self.source.label_array
+        labels = arrays[name].reshape(len(ids))
+        bad = labels < 0 if labels.dtype.kind == "i" else labels > np.iinfo(np.int64).max
+        if bad.any():
+            named = ", ".join(f"sample {i}: {v}" for i, v in zip(ids[bad][:3].tolist(), labels[bad][:3].tolist()))
+            error = f"label array {name!r} of {self.url!r} holds labels that are no class id, an integer in [0, 2**63)"
+            error += f" ({named})"
+            if self.on_error == "raise":
+                raise SampleError(error, ids=tuple(ids[bad].tolist()))
+            log.warning("skipped %s", error)
+            self.skipped.update(ids[bad].tolist())
+            ids, weights, arrays = _kept(~bad, ids, weights, {**arrays, name: labels})
+            labels = arrays[name]
+        return ids, weights, {**arrays, name: labels.astype(np.int64, copy=False)}
+
     def _refused_by_dali(self, error: RuntimeError) -> Exception:
         """A SampleError naming the sample DALI's decoder refused, found by decoding the batches
         handed to it with PIL, else one at a time with DALI's CPU decoder (`dali_refusal`); DALI's
@@ -1205,6 +1224,13 @@ class StreamingLoader:
 
     def _shard_of(self, sample: int) -> str:
         return f"shard {int(sample) // self.source.shard_samples} of {self.url!r}"
+
+
+def _kept(
+    keep: np.ndarray, ids: np.ndarray, weights: np.ndarray, arrays: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A batch's samples `keep` (a mask) flags: their ids, weights and rows of every array."""
+    return ids[keep], weights[keep], {name: values[keep] for name, values in arrays.items()}
 
 
 def _selected(

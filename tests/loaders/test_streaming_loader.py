@@ -16,6 +16,7 @@ from nearstore import (
     Graft,
     ModelProxy,
     ParameterError,
+    SampleError,
     SampleIdError,
     Selection,
     open_dataset,
@@ -1041,6 +1042,33 @@ def test_a_round_asked_without_keep_keeps_what_the_last_round_was_asked_for(tmp_
     assert sizes == [300] * 4
     with pytest.raises(ValueError, match=r"keeps\['1'\] must be a number in \(0, 1\], got 2"):
         resumed.load_state_dict({**loader.state_dict(), "keeps": {"1": 2}})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("dtype", "bad"), [("u8", 2**63 + 1), ("i1", -3)])
+def test_labels_that_are_no_class_id_are_refused_by_sample_not_wrapped(tmp_path, backend, dtype, bad):
+    # a zarr-written store's uint64 label past 2**63 reached the trainer as -9223372036854775807
+    import zarr
+
+    url = str(tmp_path / "labels.zarr")
+    group = zarr.create_group(url)
+    group.create_array("x", shape=(64, 2), dtype="f4", chunks=(8, 2), shards=(32, 2))[:] = np.arange(128).reshape(64, 2)
+    labels = (np.arange(64).reshape(64, 1) % 4).astype(dtype)
+    labels[[5, 40]] = bad
+    group.create_array("y", shape=(64, 1), dtype=dtype, chunks=(8, 1), shards=(32, 1))[:] = labels
+    group.attrs["nearstore"] = {"format_version": 1, "num_samples": 64, "sample_arrays": ["x", "y"], "label_array": "y"}
+    loader = StreamingLoader(url, batch_size=16, shuffle=False, backend=backend, device="cpu")
+    with pytest.raises(
+        SampleError, match=re.escape(f"holds labels that are no class id, an integer in [0, 2**63) (sample 5: {bad})")
+    ):
+        list(loader)
+    skipping = StreamingLoader(url, batch_size=16, shuffle=False, backend=backend, device="cpu", on_error="skip")
+    batches = list(skipping)
+    assert [tuple(y.shape) for _, y in batches] == [(15,), (16,), (15,), (16,)]  # (n, 1) labels as (batch,)
+    assert torch.cat([y for _, y in batches]).tolist() == [
+        v for i, v in enumerate(labels[:, 0].tolist()) if i not in (5, 40)
+    ]
+    assert skipping.io_stats()["skipped_samples"] == [5, 40]
 
 
 def test_samples_a_batch_cannot_carry_are_refused_by_array_when_the_loader_is_made(tmp_path):
