@@ -53,13 +53,14 @@ class Proxy(Protocol):
 
 
 def _spread(values: torch.Tensor) -> torch.Tensor:
-    """Each feature's standard deviation over the samples, at least 1e-6 of the largest spread or
-    magnitude (a constant feature, or one sample: not 0, as when the warm-up holds one sample that
-    decodes). Relative: a floor of 1e-6 itself squashed data of values near 1e-8 (SI units) to
-    nothing, and GRAFT then drew its windows at random."""
+    """Each feature's standard deviation over the samples, at least 1e-6 of the largest spread
+    (where every feature is constant, or there is one sample, of the largest magnitude: not 0, as
+    when the warm-up holds one sample that decodes). Relative: a floor of 1e-6 itself squashed data
+    of values near 1e-8 (SI units) to nothing, and GRAFT then drew its windows at random; one of
+    the magnitude squashed a signal of 1e-6 about an offset of 1000."""
     spread = values.std(0) if len(values) > 1 else torch.zeros_like(values[0])
-    scale = torch.maximum(spread.max(), values.abs().max()).clamp_min(torch.finfo(spread.dtype).tiny)
-    return spread.clamp_min(1e-6 * scale)
+    scale = spread.max() if spread.max() > 0 else values.abs().max()
+    return spread.clamp_min(1e-6 * scale.clamp_min(torch.finfo(spread.dtype).tiny))
 
 
 class RandomFeatureProxy:
@@ -206,7 +207,7 @@ class RandomFeatureProxy:
         return torch.relu_(self._standardized(inputs.reshape(len(inputs), -1)) @ self._projection)
 
     def _standardized(self, values: torch.Tensor) -> torch.Tensor:
-        return (values - self._mean) / self._scale
+        return ((values - self._mean) / self._scale).float()
 
     def _conv_features(self, images: torch.Tensor) -> torch.Tensor:
         """max-pooled |filters ∗ normalized images| on a 2 × 2 grid, the first `width` values, (n, width);
@@ -215,6 +216,7 @@ class RandomFeatureProxy:
         return torch.cat([self._conv_chunk(chunk) for chunk in images.split(CONV_CHUNK_IMAGES)])  # one if empty
 
     def _conv_chunk(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float()
         images = images - images.mean((1, 2, 3), keepdim=True)
         images /= images.std((1, 2, 3), keepdim=True).clamp_min(1e-6)  # a flat image stays 0
         response = torch.nn.functional.conv2d(images, self._filters, stride=2, padding=3).abs_()
@@ -251,7 +253,12 @@ class RandomFeatureProxy:
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
         if x.dtype == object:
             x = ragged_features(x)
-        inputs = torch.as_tensor(np.asarray(x), device=self.device).float()
+        x = np.asarray(x)
+        # 8-byte floats and integers standardized as they are (`_standardized` narrows after): cast
+        # to float32 first, a signal far below its offset (1000 + 1e-6 s) rounded to one value
+        wide = x.dtype.itemsize == 8 and x.dtype.kind in "fiu"
+        inputs = torch.as_tensor(x, device=self.device)
+        inputs = inputs.double() if wide else inputs.float()
         if inputs.ndim == 1:
             inputs = inputs[:, None]
         if not all_finite(inputs):
@@ -577,23 +584,24 @@ def nested(batch: RaggedBatch, device: torch.device | str) -> torch.Tensor:
 
 
 def ragged_features(samples: np.ndarray) -> np.ndarray:
-    """Fixed-size float32 summaries of ragged samples (a 1-D object array of arrays (L, ...)):
-    floats (signals, audio, points) resampled by linear interpolation to RAGGED_POINTS rows,
-    integers (token ids) counted into RAGGED_BINS hashed bins over L; each with log(1 + L).
-    An empty sample summarises to zeros and log 1."""
+    """Fixed-size summaries of ragged samples (a 1-D object array of arrays (L, ...)), float32
+    (float64 for float64 samples): floats (signals, audio, points) resampled by linear
+    interpolation to RAGGED_POINTS rows, integers (token ids) counted into RAGGED_BINS hashed bins
+    over L; each with log(1 + L). An empty sample summarises to zeros and log 1."""
     batch = RaggedBatch.of(list(samples))
     rows = batch.values.reshape(len(batch.values), -1)
     lengths = np.diff(batch.offsets)
     n, width = len(batch), rows.shape[1]
+    dtype = np.float64 if rows.dtype == np.float64 else np.float32
     if np.issubdtype(rows.dtype, np.floating):
         # RAGGED_POINTS evenly spaced positions along each sample, each between two of its rows
         at = np.linspace(0, 1, RAGGED_POINTS)[None] * np.maximum(lengths - 1, 0)[:, None]
         low = np.floor(at).astype(np.int64)
         high = np.minimum(low + 1, np.maximum(lengths - 1, 0)[:, None])
-        share = (at - low)[..., None].astype(np.float32)
+        share = (at - low)[..., None].astype(dtype)
         first = batch.offsets[:-1, None]
         empty = lengths == 0
-        padded = np.concatenate([rows.astype(np.float32), np.zeros((1, width), np.float32)])
+        padded = np.concatenate([rows.astype(dtype), np.zeros((1, width), dtype)])
         low, high = (np.where(empty[:, None], len(rows), first + k) for k in (low, high))
         summary = ((1 - share) * padded[low] + share * padded[high]).reshape(n, -1)
     else:
@@ -603,7 +611,7 @@ def ragged_features(samples: np.ndarray) -> np.ndarray:
             bins = (tokens.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(56)
         counts = np.bincount(owner * RAGGED_BINS + bins.astype(np.int64), minlength=n * RAGGED_BINS)
         summary = counts.reshape(n, RAGGED_BINS) / np.maximum(lengths * width, 1)[:, None]
-    return np.concatenate([summary, np.log1p(lengths)[:, None]], axis=1).astype(np.float32)
+    return np.concatenate([summary, np.log1p(lengths)[:, None]], axis=1).astype(dtype)
 
 
 def _tensors(returned: Any) -> list[torch.Tensor]:

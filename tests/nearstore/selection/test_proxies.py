@@ -70,6 +70,20 @@ def test_the_model_free_proxy_knows_as_much_of_data_at_any_scale(blobs, scale):
     assert torch.isfinite(constant.logits(x)).all()
 
 
+@pytest.mark.parametrize(("dtype", "unit", "offset"), [(np.float64, 1e-6, 1000.0), (np.int64, 1e6, 10**15)])
+def test_the_model_free_proxy_knows_as_much_of_data_far_from_zero(blobs, dtype, unit, offset):
+    # float64 samples 1000 + 1e-6 s were cast to float32 (one value) before standardizing, and a
+    # spread floored at 1e-6 of their magnitude squashed what was left: 0 suspects where the same
+    # data about 0 had 99
+    x, y = blobs
+    near = (x * unit).astype(dtype)
+    far = near + dtype(offset)
+    assert len(np.unique(far.astype(np.float32), axis=0)) < len(far) // 10  # float32 would lose it
+    one = RandomFeatureProxy(3, width=16, folds=1).fit(near, y).confidence(near, y)
+    other = RandomFeatureProxy(3, width=16, folds=1).fit(far, y).confidence(far, y)
+    torch.testing.assert_close(other, one, atol=1e-3, rtol=1e-3)
+
+
 def test_cross_fitted_heads_judge_the_warm_up_out_of_sample(blobs):
     """A head fitted on a wrong label believes it; the head of the other fold does not."""
     x, y = blobs
