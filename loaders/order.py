@@ -74,17 +74,29 @@ def epoch_order(
     visit = rng.permutation(len(starts))
     before = np.cumsum(counts[visit]) - counts[visit]  # samples ahead of each shard in its new place
     blocks = np.repeat(before // block, counts[visit])
-    positions = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in visit]) if size else starts
+    # the samples shard by shard in their new order: each one's place, less its shard's new start, plus its old
+    positions = np.arange(size) + np.repeat(starts[visit] - before, counts[visit])
     if spans == 1:
-        return positions[np.lexsort((rng.random(size), blocks))]
+        return positions[_sorted_within(rng.random(size), blocks)]
     # span k holds size // spans samples, one more for k < size % spans: so interleaved, the
     # epoch's position i * spans + k is span k's i-th sample, each position once
     lengths = size // spans + (np.arange(spans) < size % spans)
     span = np.repeat(np.arange(spans), lengths)
     within = np.arange(size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # each slot's place in its span
     order = np.empty(size, dtype=np.int64)
-    order[within * spans + span] = positions[np.lexsort((rng.random(size), blocks, span))]
+    order[within * spans + span] = positions[_sorted_within(rng.random(size), blocks, span)]
     return order
+
+
+def _sorted_within(draws: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """np.lexsort((draws, *keys)) where every key is non-decreasing already: the draws sorted
+    within each run of equal keys, a run at a time (the same order, so states resume: lexsort over
+    4M samples took 3 s, this a tenth)."""
+    changes = np.zeros(max(0, len(draws) - 1), dtype=bool)
+    for key in keys:
+        changes |= np.diff(key) != 0
+    bounds = np.concatenate([[0], np.flatnonzero(changes) + 1, [len(draws)]])
+    return np.concatenate([a + np.argsort(draws[a:b], kind="stable") for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def share_size(size: int, world_size: int, uneven: Uneven) -> int:
@@ -185,9 +197,12 @@ class EpochOrder:
         past samples other ranks' states delivered)."""
         return epoch == self.epoch and bool(self._resume_at or self._resume_skip)
 
-    def batches(self, epoch: int, shards: np.ndarray, first: int = 0) -> list[np.ndarray]:
-        """The positions of each batch of epoch `epoch` (its samples in `shards`) from batch `first` on."""
-        positions = self.positions(epoch, shards)
+    def batches(
+        self, epoch: int, shards: np.ndarray, first: int = 0, *, positions: np.ndarray | None = None
+    ) -> list[np.ndarray]:
+        """The positions of each batch of epoch `epoch` (its samples in `shards`) from batch `first`
+        on; `positions`: this rank's of the epoch (`positions`), where they are at hand."""
+        positions = self.positions(epoch, shards) if positions is None else positions
         b = self.batch_size
         return [positions[i * b : (i + 1) * b] for i in range(first, self.num_batches(epoch, len(shards)))]
 
