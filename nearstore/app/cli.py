@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     select.add_argument(
         "--scheduler", help=f"a dask.distributed scheduler (tcp://host:port) to run the scan on ({', '.join(ON_DASK)})"
     )
+    _partitions_argument(select)
     select.add_argument(
         "--report",
         help="write the samples whose label looks wrong here (CSV: id, label, suggested, quality; and the classes' "
@@ -191,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scheduler",
         help=f"a dask.distributed scheduler (tcp://host:port): rounds run there ({', '.join(ON_DASK)})",
     )
+    _partitions_argument(serve)
     serve.add_argument(
         "--shards",
         type=_shard_list,
@@ -501,6 +503,7 @@ def _select(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.url)
     _selector_choice(args)
     options = _options(args.option)
+    _check_partitions(args)
     if args.scheduler and args.method not in ON_DASK:
         raise ParameterError(f"--scheduler runs the scans of {', '.join(ON_DASK)}, not {args.method!r}")
     selector = make_selector(args.method, **options)  # options checked before any scan
@@ -518,7 +521,7 @@ def _select(args: argparse.Namespace) -> int:
         _check_writable(args.report, "the report")
     if args.scheduler:
         with _dask_client(args.scheduler) as client:
-            executor = make_executor("dask", client=client)
+            executor = make_executor("dask", client=client, partitions=args.partitions)
             selection = selector.select(dataset, args.keep, seed=args.seed, executor=executor)
     else:
         selection = selector.select(dataset, args.keep, seed=args.seed, progress=True)
@@ -585,6 +588,7 @@ def _serve(args: argparse.Namespace) -> int:
     from nearstore.serving.server import check_exposure
 
     _selector_choice(args, "--selection" if args.selection else "--primary" if args.primary else None)
+    _check_partitions(args)
     if not 0 <= args.port <= 65535:  # Arrow would refuse it with a traceback, after the first scan
         raise ParameterError(f"--port must be in [0, 65535], got {args.port}")
     token = os.environ.get(TOKEN_ENV)  # the admin token: may also push weights and start rounds
@@ -608,7 +612,8 @@ def _serve(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         executor = None
         if args.scheduler:
-            executor = make_executor("dask", client=stack.enter_context(_dask_client(args.scheduler)))
+            client = stack.enter_context(_dask_client(args.scheduler))
+            executor = make_executor("dask", client=client, partitions=args.partitions)
         server = NearStoreServer(
             open_dataset(args.url),
             name=args.name,
@@ -659,6 +664,23 @@ def _shard_list(spec: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"{spec!r} names more than {MAX_SHARD_IDS:,} shards")
         shards += run
     return shards
+
+
+def _partitions_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        help="with --scheduler: the partitions of consecutive shards a scan runs in (default: one a worker thread "
+        "of the cluster; windows end where partitions do, so give the count a selection records, "
+        "params['partitions'], for its picks on any cluster)",
+    )
+
+
+def _check_partitions(args: argparse.Namespace) -> None:
+    if args.partitions is not None and not args.scheduler:
+        raise ParameterError("--partitions cuts a scan on a Dask cluster: it needs --scheduler")
+    if args.partitions is not None and args.partitions < 1:
+        raise ParameterError(f"--partitions must be an integer >= 1, got {args.partitions}")
 
 
 def _dask_client(address: str) -> Any:

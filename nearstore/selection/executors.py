@@ -42,6 +42,10 @@ class Executor(Protocol):
 
     name: str
 
+    def recorded(self) -> dict[str, Any]:
+        """What a Selection's params record of where its scan ran (nothing in this process)."""
+        ...
+
     def map_reduce(self, scan: Scan, task: Task, merge: Callable[[T, T], T], **arguments: Any) -> tuple[T, Reads]:
         """merge(task(scan, part, **arguments) for the parts of all shards), and what the tasks read."""
         ...
@@ -53,6 +57,9 @@ class LocalExecutor:
 
     name = "local"
 
+    def recorded(self) -> dict[str, Any]:
+        return {}
+
     def map_reduce(self, scan: Scan, task: Task, merge: Callable[[T, T], T], **arguments: Any) -> tuple[T, Reads]:
         before = scan.reader.stats.snapshot()
         result = task(scan, list(range(scan.reader.num_shards)), **arguments)
@@ -61,8 +68,9 @@ class LocalExecutor:
 
 
 class DaskExecutor:
-    """Tasks over one partition of consecutive shards per worker thread (at most one per shard)
-    on the cluster of `client`, a dask.distributed Client; each partial result fetched to this
+    """Tasks over `partitions` partitions of consecutive shards (at most one per shard; None: one
+    a worker thread of the cluster when a pass starts) on the cluster of `client`, a
+    dask.distributed Client; each partial result fetched to this
     process as its task finishes, then all merged pairwise in a fixed tree (the same merges
     whatever order the tasks finish in). Merging here rather than on the cluster keeps the
     transfers off the critical path: a tree on the cluster moves partial results between workers
@@ -76,15 +84,29 @@ class DaskExecutor:
     named once. Without it, Dask places the tasks. `placed` records the last pass's tasks' keys and
     their shards, and `result_bytes` the bytes of arrays in the partial results fetched, all passes.
     Where the scan's `cancelled` says nobody waits for the round, the tasks not done are cancelled
-    (one already running finishes on its worker, its result dropped) and RoundCancelled raised."""
+    (one already running finishes on its worker, its result dropped) and RoundCancelled raised.
+
+    Windows end where partitions do, so the picks of a windowed selector depend on them: a round's
+    Selection records the partitions its last pass ran in (params["partitions"]), and giving
+    `partitions` that count makes the same picks on any cluster."""
 
     name = "dask"
 
-    def __init__(self, client: Any, shards_of: Mapping[str, Sequence[int]] | None = None) -> None:
+    def __init__(
+        self, client: Any, shards_of: Mapping[str, Sequence[int]] | None = None, partitions: int | None = None
+    ) -> None:
         self.client = client
         self.shards_of = None if shards_of is None else {str(w): [int(s) for s in v] for w, v in shards_of.items()}
+        if partitions is not None:
+            partitions = check_integer("partitions", partitions, 1)
+            if shards_of is not None:
+                raise ParameterError("partitions= and shards_of= both cut the shards: give one")
+        self.partitions = partitions
         self.placed: dict[str, list[int]] = {}
         self.result_bytes = 0
+
+    def recorded(self) -> dict[str, Any]:
+        return {"executor": self.name, "partitions": len(self.placed)}
 
     def map_reduce(self, scan: Scan, task: Task, merge: Callable[[T, T], T], **arguments: Any) -> tuple[T, Reads]:
         name = getattr(task, "__name__", "task")  # the task's name in the cluster's books
@@ -158,7 +180,7 @@ class DaskExecutor:
             threads = self.client.nthreads()
 
         if self.shards_of is None:
-            slots = max(1, sum(threads.values()))
+            slots = self.partitions or max(1, sum(threads.values()))
             return [(None, p.tolist()) for p in np.array_split(np.arange(num_shards), min(slots, num_shards))]
         owner = np.full(num_shards, -1)
         workers = list(self.shards_of)
@@ -199,10 +221,12 @@ def local_cluster(workers: int = 2) -> Any:
 
 
 def check_executor(executor: Executor | None) -> Executor:
-    """`executor`, or a LocalExecutor for None; anything without `map_reduce` refused by name."""
+    """`executor`, or a LocalExecutor for None; anything without `map_reduce` (or `recorded`, or a
+    `name`) refused by name."""
     if executor is None:
         return LocalExecutor()
-    if not callable(getattr(executor, "map_reduce", None)) or not isinstance(getattr(executor, "name", None), str):
+    methods = all(callable(getattr(executor, m, None)) for m in ("map_reduce", "recorded"))
+    if not methods or not isinstance(getattr(executor, "name", None), str):
         raise ParameterError(f"executor must be an Executor (LocalExecutor, DaskExecutor), got {executor!r}")
     return executor
 

@@ -548,7 +548,7 @@ def windowed_select(
             **({} if earlier is None else {"suspects_confirmed": part.confirmed}),
             **selector.params(),
             "window": window,
-            **({} if executor.name == "local" else {"executor": executor.name}),
+            **executor.recorded(),
         },
         io,
         suspects=suspects,

@@ -46,8 +46,7 @@ class SelectCall:
     def params(self, keep: float, proxy: Proxy, options: Mapping[str, Any]) -> dict[str, Any]:
         """What a Selection records of how it was made: the budget, the seed, the proxy's kind,
         the method's `options`, and where the scan ran (when not in this process)."""
-        where = {} if self.executor.name == "local" else {"executor": self.executor.name}
-        return {"keep": keep, "seed": self.seed, "proxy": type(proxy).__name__, **options, **where}
+        return {"keep": keep, "seed": self.seed, "proxy": type(proxy).__name__, **options, **self.executor.recorded()}
 
     def io(self, io: dict[str, Any], *worker_reads: Mapping[str, int]) -> dict[str, Any]:
         """`io` (`stages.scan_io` of the scan's own readers) with what the passes' readers on the

@@ -4,6 +4,7 @@ cluster (2 worker processes on 127.0.0.1) against the same scans in process."""
 from __future__ import annotations
 
 import operator
+import re
 import threading
 import time
 
@@ -152,6 +153,12 @@ def test_select_command_runs_on_a_scheduler(client, blobs, tmp_path, capsys):
     np.testing.assert_array_equal(
         Selection.load(out).ids, Graft().select(dataset, 0.25, executor=DaskExecutor(client)).ids
     )
+    assert main([*graft, "--partitions", "1"]) == 0 and Selection.load(out).params["partitions"] == 1
+    np.testing.assert_array_equal(
+        Selection.load(out).ids, Graft().select(dataset, 0.25, executor=DaskExecutor(client, partitions=1)).ids
+    )
+    assert main([*graft[:5], "--partitions", "1"]) == 2
+    assert "--partitions cuts a scan on a Dask cluster: it needs --scheduler" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +202,27 @@ def test_the_default_on_the_cluster_keeps_every_class_budget_exactly(client, blo
     assert there.params["classes_drawn"] == here.params["classes_drawn"] == (0 if picked else 3)
     if picked:  # MaxVol's picks of windows that differ still mostly agree (draws are seeded by window)
         assert len(np.intersect1d(there.ids, here.ids)) >= 0.6 * len(here.ids)
+
+
+def test_a_rounds_partitions_are_recorded_and_given_make_its_picks_on_any_cluster(client, blobs):
+    # one partition a worker thread: the same seed picked 450 of 1,000 others on 1 worker than on 2
+    dataset, _, _, proxy = blobs  # 10 shards: windows straddle them, so the partitions change the picks
+    selector = Graft(draw_below=0)
+    there = selector.select(dataset, 0.2, seed=1, proxy=proxy, executor=DaskExecutor(client))
+    assert there.params["partitions"] == 2  # 2 workers of a thread
+    one = selector.select(dataset, 0.2, seed=1, proxy=proxy, executor=DaskExecutor(client, partitions=1))
+    here = selector.select(dataset, 0.2, seed=1, proxy=proxy)
+    assert one.params["partitions"] == 1 and not np.array_equal(np.sort(there.ids), np.sort(here.ids))
+    np.testing.assert_array_equal(np.sort(one.ids), np.sort(here.ids))  # one partition: the pass in process
+    three = DaskExecutor(client, partitions=3)
+    assert len(selector.select(dataset, 0.2, seed=1, proxy=proxy, executor=three).ids) == len(here.ids)
+    assert three.recorded() == {"executor": "dask", "partitions": 3}
+    for bad, message in [
+        ({"partitions": 0}, "partitions must be an integer >= 1, got 0"),
+        ({"partitions": 2, "shards_of": {}}, "partitions= and shards_of= both cut the shards: give one"),
+    ]:
+        with pytest.raises(ParameterError, match=re.escape(message)):
+            DaskExecutor(client, **bad)
 
 
 @pytest.fixture(scope="module")
