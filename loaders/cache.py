@@ -10,6 +10,7 @@ let go when its first epoch starts (`retain`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -283,6 +284,20 @@ class SampleCache:
                     tier.free(slots)
                 except OSError as e:  # memory does not fail so: the directory went (a tmp cleaner)
                     self._lose_disk(e)
+
+    def release(self) -> None:
+        """Let go of every kept sample and the room taken for them, in memory and on disk (the
+        figures in `stats` stay): a closed loader's own cache held its memory while the loader
+        was still referred to (a notebook's variables)."""
+        if not self._dataset:
+            return
+        self.retain(np.empty(0, dtype=np.int64))
+        memory, disk = self._tiers
+        self._tiers = [_Tier(memory.budget, None), disk and _Tier(disk.budget, disk.root)]
+        for store in disk.rows.values() if disk is not None else ():
+            if isinstance(store, np.memmap):  # a fixed-size array's file (a sample's own went with retain)
+                with contextlib.suppress(OSError):
+                    os.unlink(store.filename)
 
     def as_dict(self) -> dict[str, int]:
         memory, disk = self.nbytes()

@@ -205,6 +205,7 @@ class StreamingLoader:
         if not isinstance(cache, (bool, SampleCache)):
             raise ParameterError(f"cache must be True, False or a SampleCache, got {reprlib.repr(cache)}")
         self.cache = SampleCache() if cache is True else cache or None
+        self._own_cache = cache is True  # close() empties it: nobody else holds it
         if backend not in ("auto", "dali", "torch"):
             raise ParameterError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
         if backend == "dali" and not dali_available():
@@ -217,6 +218,8 @@ class StreamingLoader:
         )
 
         self.source = open_source(source, storage_options=storage_options)
+        self._own_source = self.source is not source  # opened here (not a Source handed in): closed by close()
+        self._last_storage = {"bytes": 0, "requests": 0, "samples": 0, "retries": 0}
         self.url, self.num_samples = self.source.url, self.source.num_samples
         self.input_array = input_array or next(
             (n for n in self.source.sample_arrays if n != self.source.label_array), None
@@ -464,9 +467,12 @@ class StreamingLoader:
 
     def close(self) -> None:
         """Let go now of what the loader holds: its threads (after the batch being read, where an
-        epoch was left half-way) and its SampleCache, which another loader may then take (`del
-        loader` does the same once nothing refers to it, which a read in flight still does). A
-        closed loader iterates no more."""
+        epoch was left half-way), its connection to a server (one it opened), and its SampleCache:
+        one it made is emptied, one handed to it another loader may then take (`del loader` does
+        the same once nothing refers to it, which a read in flight still does). A closed loader
+        iterates no more."""
+        if self._closed:
+            return
         self._closed = True
         for pool in (self._pool, self._decoders, self._selecting):
             if pool is not None:  # a round being selected ahead is not waited for
@@ -474,6 +480,17 @@ class StreamingLoader:
         self._pool = self._decoders = self._selecting = None
         if self.cache is not None:
             self.cache.unbind(self)
+            if self._own_cache:
+                self.cache.release()
+        if self._own_source:
+            self.source.close()
+
+    def _storage_reads(self) -> dict[str, int]:
+        """What the storage side read for samples (`Source.storage_reads`); once the loader closed
+        the connection it opened, what it said last."""
+        if not (self._closed and self._own_source):
+            self._last_storage = self.source.storage_reads()
+        return self._last_storage
 
     def __enter__(self) -> StreamingLoader:
         return self
@@ -492,7 +509,7 @@ class StreamingLoader:
             raise RuntimeError(f"this StreamingLoader of {self.url!r} was closed: make another")
         self._end_delivered()
         started, before = time.perf_counter(), self.stats.snapshot()
-        storage_before = self.source.storage_reads()
+        storage_before = self._storage_reads()
         hits_before = self.cache.stats.hits if self.cache is not None else 0
         epoch = self.epoch
         if not self.order.resuming(epoch):  # not resuming the old round
@@ -532,7 +549,7 @@ class StreamingLoader:
             nonlocal ended
             ended, self._unended = True, None
             read = self.stats.snapshot() - before
-            storage = self.source.storage_reads()
+            storage = self._storage_reads()
             self._epochs.append(
                 {
                     "epoch": epoch,
@@ -739,7 +756,7 @@ class StreamingLoader:
             "skipped_samples": sorted(self.skipped),
             "augmented_samples": self.augmented_samples,
             "io_saving": 1 - (stats.bytes + self.scan_io.get("bytes", 0)) / full if full else 0.0,
-            "storage_reads": self.source.storage_reads(),
+            "storage_reads": self._storage_reads(),
             "cache": cache,
         }
 

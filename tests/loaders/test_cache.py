@@ -288,6 +288,31 @@ def test_a_closed_loader_hands_its_cache_over_at_once_a_read_in_flight_too(id_st
     assert loader._closed and loader._pool is None
 
 
+def test_close_empties_the_cache_the_loader_made_not_one_handed_to_it(id_store, tmp_path):
+    # a closed loader still referred to (a notebook's variables) held its own cache's samples: 82
+    # MB a loader, up to the 1 GiB default each
+    own = StreamingLoader(id_store, batch_size=64, backend="torch")
+    sum(1 for _ in own)
+    assert own.cache.samples == 2500 and own.cache.nbytes()[0] > 0
+    own.close()
+    own.close()  # once is enough; again does nothing
+    assert own.cache.samples == 0 and own.cache.nbytes() == (0, 0)
+    assert own.io_stats()["cache"]["misses"] == 2500  # its figures stay
+    (tmp_path / "spill").mkdir()
+    given = SampleCache(64 * 8, directory=tmp_path / "spill", disk_bytes=1 << 20)
+    loader = StreamingLoader(id_store, batch_size=64, backend="torch", cache=given)
+    sum(1 for _ in loader)
+    loader.close()
+    assert given.samples == 2500  # for its next loader, warm
+    spill = Path(given.spill_directory)
+    given.release()  # what close() does to a cache of the loader's own, on disk too
+    assert given.samples == 0 and given.nbytes() == (0, 0) and [p.name for p in spill.iterdir()] == ["owner"]
+    successor = StreamingLoader(id_store, batch_size=64, backend="torch", cache=given)
+    for _ in range(2):
+        assert sorted(i for x, _ in successor for i in sample_ids(x)) == list(range(2500))
+    assert successor.io_stats()["per_epoch"][1]["bytes"] == 0  # the released cache keeps samples again
+
+
 def _child_epoch(loader: StreamingLoader, results: multiprocessing.Queue) -> None:
     spill = loader.cache.spill_directory
     results.put((sorted(i for x, _ in loader for i in sample_ids(x)), spill, loader.cache.nbytes()))

@@ -244,3 +244,24 @@ class TestSources:
             seen += decoded.tolist()
         assert sorted(seen) == loader.ids.tolist()
         assert loader.io_stats()["skipped_samples"] == []
+
+
+@pytest.mark.parametrize("opened_by_loader", [True, False])
+def test_close_closes_a_connection_the_loader_opened_not_one_handed_to_it(server, group, opened_by_loader):
+    # a closed loader still referred to kept its gRPC connection: a socket and a native thread a
+    # loader, and a connection on the server, 200 of them after 200 closed loaders
+    for urls in (server.url, group):
+        handed = None if opened_by_loader else open_source(urls)
+        loader = StreamingLoader(handed or urls, batch_size=500, backend="torch")
+        sum(1 for _ in loader)
+        before = loader.io_stats()["storage_reads"]
+        loader.close()
+        assert loader.io_stats()["storage_reads"] == before  # what the server said last
+        servers = loader.source.servers if isinstance(loader.source, ServerGroup) else [loader.source]
+        if opened_by_loader:
+            for source in servers:
+                with pytest.raises(Exception, match="FlightClient is closed"):
+                    source.storage_reads()
+        else:  # the caller's to close
+            assert all(source.storage_reads()["samples"] >= 0 for source in servers)
+            handed.close()
