@@ -58,10 +58,11 @@ def epoch_order(
     py1s): the shards in a random order, cut into blocks of whole shards of about `block` samples,
     each block's samples shuffled: a batch draws from a few shards, so its reads coalesce and a
     shard's samples are read together, where a global shuffle touches every shard every batch.
-    With `spans` above 1 ("shards" only), the shards in their random order are cut into `spans`
-    contiguous spans of equal size (a shard at a cut split between two), each shuffled within its
-    blocks, and the spans interleaved: every `spans`-th position (`rank_share`) is one span, so
-    each of `spans` ranks reads its own shards, not a share of every one.
+    With `spans` above 1 ("shards" only), the shards, in an order fixed by the seed alone, are cut
+    into `spans` contiguous spans of equal size (a shard at a cut split between two); each epoch
+    orders each span's shards anew and shuffles its blocks; the spans are interleaved: every
+    `spans`-th position (`rank_share`) is one span, so each of `spans` ranks reads its own shards,
+    not a share of every one, and the same ones every epoch of a selection (its cache keeps them).
     """
     size = len(shards)
     if shuffle is False:
@@ -71,21 +72,45 @@ def epoch_order(
         return rng.permutation(size)
     starts = np.flatnonzero(np.diff(shards, prepend=-1)) if size else np.empty(0, dtype=np.int64)
     counts = np.diff(np.append(starts, size))
-    visit = rng.permutation(len(starts))
-    before = np.cumsum(counts[visit]) - counts[visit]  # samples ahead of each shard in its new place
-    blocks = np.repeat(before // block, counts[visit])
-    # the samples shard by shard in their new order: each one's place, less its shard's new start, plus its old
-    positions = np.arange(size) + np.repeat(starts[visit] - before, counts[visit])
     if spans == 1:
-        return positions[_sorted_within(rng.random(size), blocks)]
+        visit = rng.permutation(len(starts))
+        before = np.cumsum(counts[visit]) - counts[visit]  # samples ahead of each shard in its new place
+        return _runs(starts[visit], counts[visit])[
+            _sorted_within(rng.random(size), _blocks(before, counts[visit], block))
+        ]
+    spans = min(spans, max(1, size))  # past one a sample, more spans cut nothing more (a state's is not trusted)
+    # which samples each span holds: cut from the shards in an order of the seed's alone ([seed, epoch]
+    # pads to [seed, epoch, 0]: a stream of its own), so a rank's span is the same every epoch
+    placed = np.random.default_rng([seed, 0, 1]).permutation(len(starts))
+    sequence = _runs(starts[placed], counts[placed])
     # span k holds size // spans samples, one more for k < size % spans: so interleaved, the
     # epoch's position i * spans + k is span k's i-th sample, each position once
     lengths = size // spans + (np.arange(spans) < size % spans)
     span = np.repeat(np.arange(spans), lengths)
+    # its pieces (a shard's samples within one span) in a new order each epoch, then its blocks shuffled
+    piece = np.flatnonzero((np.diff(shards[sequence], prepend=-1) != 0) | (np.diff(span, prepend=-1) != 0))
+    sizes = np.diff(np.append(piece, size))
+    visit = np.lexsort((rng.random(len(piece)), span[piece]))
+    before = np.cumsum(sizes[visit]) - sizes[visit]  # samples ahead of each piece, from its span's start
+    before -= np.repeat(np.cumsum(lengths) - lengths, np.bincount(span[piece], minlength=spans))
+    blocks = _blocks(before, sizes[visit], block)
+    visited = sequence[_runs(piece[visit], sizes[visit])][_sorted_within(rng.random(size), blocks, span)]
     within = np.arange(size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # each slot's place in its span
     order = np.empty(size, dtype=np.int64)
-    order[within * spans + span] = positions[_sorted_within(rng.random(size), blocks, span)]
+    order[within * spans + span] = visited
     return order
+
+
+def _blocks(before: np.ndarray, counts: np.ndarray, block: int) -> np.ndarray:
+    """The block of each sample of runs of `counts` samples with `before` samples ahead of each:
+    a run lies whole in the block where it starts."""
+    return np.repeat(before // block, counts)
+
+
+def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """starts[0], starts[0] + 1, ... (counts[0] of them), then starts[1], ...: without a loop."""
+    before = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum())) + np.repeat(starts - before, counts)
 
 
 def _sorted_within(draws: np.ndarray, *keys: np.ndarray) -> np.ndarray:
@@ -278,12 +303,15 @@ class EpochOrder:
         after the last delivered. A state of another world size (every rank of it as far as this
         one, as under DistributedDataParallel) resumes at the first sample of the epoch's order
         none of its ranks had: the rest is shared among this world's ranks, each sample once (from
-        the order that state's ranks followed: `spans`)."""
+        the order that state's ranks followed: `spans`); a state where none of its epoch was done
+        (taken at an epoch's end) starts it as this world's own."""
         self.epoch, done, self.epochs_completed, skipped, self.spans = (int({**ADDED, **state}[name]) for name in PLACE)
         if state["world_size"] == self.world_size:
             self.batches_done, self.skipped = done, skipped
         else:  # the ranks' first `done` batches are the order's first done * batch * world_size positions
             self.batches_done, self.skipped = 0, skipped + done * self.batch_size * int(state["world_size"])
+        if not (self.batches_done or self.skipped):  # none of the epoch done (a state at an epoch's end): ours
+            self.spans = self.world_size
         self._resume_at, self._resume_skip, self._resume_spans = self.batches_done, self.skipped, self.spans
         self._left = False
 

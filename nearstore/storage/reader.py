@@ -20,6 +20,7 @@ import contextlib
 import errno
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,9 +57,10 @@ class SelectiveReader:
     reads: how byte ranges are planned (`Coalescing`: what a request is worth in bytes; by default
         the store's: a page for local files, 64 KiB for object storage and HTTP).
     stats: where to count (default: a counter of its own).
-    keep: arrays among `arrays` read whole on first use and kept with the opened dataset, then
-        served from memory (small per-sample arrays, `small_arrays`: a label is 8 bytes, and a
-        range request of its own every epoch).
+    keep: arrays among `arrays` read a shard whole the first time a read wants any of its samples,
+        and kept with the opened dataset, then served from memory (small per-sample arrays,
+        `small_arrays`: a label is 8 bytes, and a range request of its own every epoch; a shard at
+        a time, so a rank of W reading its own shards reads their labels alone).
     cache: inner chunks read before, by this reader or any other sharing the cache (a server's
         readers): a chunk held there is not read from storage again, nor one that another read
         is fetching (this read waits for that fetch).
@@ -140,7 +142,7 @@ class SelectiveReader:
         kept = {}
         for name in self.keep:
             try:
-                kept[name] = self.whole(name)[ids]
+                kept[name] = self._kept_rows(name, np.unique(ids // self.layouts[name].shard_samples))[ids]
             except IntegrityError:  # read by ranges from now on, so that damage names this read's ids
                 # (a removal another thread loses to this one costs one more whole read, which fails)
                 self.keep = tuple(n for n in self.keep if n != name)
@@ -164,25 +166,34 @@ class SelectiveReader:
         return {name: read[name] for name in self.layouts}
 
     def whole(self, name: str) -> np.ndarray:
-        """Every sample of array `name`, read whole, shard by shard, on first use (counted here),
-        then kept with the opened dataset (the store is read-only): later readers read nothing."""
+        """Every sample of array `name` (read-only), its shards not kept yet read whole,
+        WHOLE_READ_SHARDS at a time (counted here), then kept with the opened dataset (the store is
+        read-only): later readers read nothing."""
+        num_shards = self.layouts[name].num_shards
+        for first in range(0, num_shards, WHOLE_READ_SHARDS):
+            values = self._kept_rows(name, np.arange(first, min(first + WHOLE_READ_SHARDS, num_shards)))
+        values = values.view()
+        values.flags.writeable = False  # shared by every later reader: none may change it
+        return values
 
-        def read() -> np.ndarray:
-            reader = SelectiveReader(self.dataset, [name], reads=self.reads)
-            # WHOLE_READ_SHARDS shard objects a call: fetched concurrently where the store is remote
-            step = WHOLE_READ_SHARDS * reader.layouts[name].shard_samples
-            try:
-                parts = [
-                    reader.read(np.arange(first, min(first + step, self.num_samples)))[name]
-                    for first in range(0, self.num_samples, step)
-                ]
-            finally:
-                self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests, retries=reader.stats.retries)
-            values = np.concatenate(parts)
-            values.flags.writeable = False  # shared by every later reader: none may change it
-            return values
-
-        return self.dataset._kept(("whole", name), read)
+    def _kept_rows(self, name: str, shards: np.ndarray) -> np.ndarray:
+        """Array `name` as kept with the opened dataset, its `shards` among those read (each read
+        whole the first time: one fetch of the shards missing, counted here)."""
+        layout = self.layouts[name]
+        kept = self.dataset._kept(("kept", name), lambda: _Kept(layout, self.num_samples))
+        with kept.lock:  # a shard two threads want is read once; the other waits for it
+            missing = shards[~kept.read[shards]]
+            if len(missing):
+                reader = SelectiveReader(self.dataset, [name], reads=self.reads)
+                ids = np.concatenate([np.arange(r.start, r.stop) for r in map(reader.shard_range, missing.tolist())])
+                try:
+                    kept.values[ids] = reader.read(ids)[name]
+                finally:
+                    self.stats.add(
+                        bytes=reader.stats.bytes, requests=reader.stats.requests, retries=reader.stats.retries
+                    )
+                kept.read[missing] = True
+        return kept.values
 
     def _load_indexes(self, plans: list[_ReadPlan], claimed: list[ChunkKey]) -> None:
         """Fetch the shard indexes not cached yet; a shard wanted whole comes in one request with
@@ -444,6 +455,15 @@ def _pread_ranges(
     except OSError as e:
         for i in members:
             blobs[i] = e
+
+
+class _Kept:
+    """An array kept with its opened dataset, filled a shard at a time (`read`: which are)."""
+
+    def __init__(self, layout: _ArrayLayout, num_samples: int) -> None:
+        self.values = np.empty((num_samples, *layout.chunk_shape[1:]), dtype=layout.dtype)
+        self.read = np.zeros(layout.num_shards, dtype=bool)
+        self.lock = threading.Lock()
 
 
 def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader]:

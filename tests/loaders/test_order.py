@@ -101,6 +101,29 @@ def test_ranks_of_a_shards_shuffle_read_their_own_shards(size, world_size, shard
     assert [len(s) for s in shares] == [share_size(size, world_size, uneven)] * world_size
     whole = np.concatenate([s[: size // world_size] for s in shares])
     assert len(np.unique(whole)) == len(whole)  # disjoint, as any rank shares are
+    # the same samples a rank every epoch (its cache keeps them), in another order
+    later = epoch_order(shards, seed=5, epoch=2, shuffle="shards", block=block, spans=world_size)
+    assert [set(order[r::world_size].tolist()) for r in range(world_size)] == [
+        set(later[r::world_size].tolist()) for r in range(world_size)
+    ]
+    assert size < 50 or not np.array_equal(order, later)
+    # spans past one a sample cut nothing more: a state's is not trusted to allocate
+    huge = epoch_order(shards, seed=5, epoch=1, shuffle="shards", block=block, spans=10**12)
+    np.testing.assert_array_equal(
+        huge, epoch_order(shards, seed=5, epoch=1, shuffle="shards", block=block, spans=max(1, size))
+    )
+
+
+def test_a_state_at_an_epochs_end_starts_the_next_as_this_worlds_own():
+    # taken after epoch 0 on 4 ranks, epoch 1 on 3 followed 4 spans: 2.1x the reads of 3 ranks' own
+    shards = shards_of(500)
+    four = EpochOrder(10, "shards", 64, 3, False, 0, 4, "pad", 0)
+    four.finish()
+    three = EpochOrder(10, "shards", 64, 3, False, 1, 3, "pad", 0)
+    three.load_state_dict(four.state_dict())
+    assert three.state_dict()["spans"] == 3 and three.start() == 0
+    fresh = EpochOrder(10, "shards", 64, 3, False, 1, 3, "pad", 0)
+    np.testing.assert_array_equal(three.positions(1, shards), fresh.positions(1, shards))
 
 
 def test_a_state_without_spans_resumes_the_order_its_release_cut():

@@ -141,18 +141,26 @@ def test_unsharded_arrays_are_refused_with_their_name(tmp_path):
         open_dataset(url)  # when opened: a loader failed on it with a TypeError before any reader
 
 
-def test_kept_arrays_are_read_whole_once_then_served_from_memory(id_store, id_data):
+def test_kept_arrays_are_read_a_shard_whole_once_then_served_from_memory(id_store, id_data):
     assert small_arrays(id_store, ["x", "y"]) == ("y",)  # 8-byte labels; x's 32-byte samples are read by range
     reader = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(0), keep=["y"])
     ids = np.array([3, 300, 2400])
     first = reader.read(ids)
     np.testing.assert_array_equal(first["y"], id_data["y"][ids])
-    y_shards, x_requests = id_store.num_shards, 3 + 3  # every y shard whole; x: 3 indexes, 3 samples
-    assert reader.stats.requests == y_shards + x_requests
+    # the 3 y shards these samples are in, whole (a rank reading its own shards reads their labels
+    # alone: every shard's were read at a first read); x: 3 indexes, 3 samples
+    assert reader.stats.requests == 3 + 3 + 3
     before = reader.stats.snapshot()
     again = SelectiveReader(id_store, ["x", "y"], reads=Coalescing(0), keep=["y"])
     np.testing.assert_array_equal(again.read(ids[::-1])["y"], id_data["y"][ids[::-1]])
     assert again.stats.requests == 3 and reader.stats.snapshot() == before  # x only; y from memory
+    more = SelectiveReader(id_store, ["y"], reads=Coalescing(0), keep=["y"])
+    np.testing.assert_array_equal(more.read(np.array([1300, 2]))["y"], id_data["y"][[1300, 2]])
+    assert more.stats.requests == 1  # shard 5's, not kept yet
+    whole = more.whole("y")
+    np.testing.assert_array_equal(whole, id_data["y"])
+    assert more.stats.requests == 1 + id_store.num_shards - 4 and not whole.flags.writeable
+    np.testing.assert_array_equal(SelectiveReader(id_store, ["y"], keep=["y"]).whole("y"), id_data["y"])
 
 
 def zarr_written(url: str, values: np.ndarray, **options) -> zarr.Array:
