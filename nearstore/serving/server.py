@@ -186,6 +186,7 @@ class NearStoreServer(flight.FlightServerBase):
         # round stops only once every one of them is cancelled (its caller gone). Under _lock.
         self._waiting: dict[object, list[Callable[[], bool]]] = {}
         self._rounds: dict[int, Selection] = {}
+        self._sent_bytes: dict[int, tuple[Selection, bytes]] = {}  # each round as sent (`_sent`)
         self._read_at: dict[int, float] = {}  # when a trainer last read from each round (monotonic)
         self.state_dir = _state_dir(state_dir, dataset) if state_dir is not None else None
         self._persisted: dict[int, Selection] = {}  # the rounds in state_dir's server.json, as written
@@ -491,8 +492,15 @@ class NearStoreServer(flight.FlightServerBase):
 
     def _sent(self, selection: Selection) -> bytes:
         """`selection` as a client gets it: its dataset named by this server's URL, not the store's
-        (which may hold credentials: it is not the client's to know, as `_hidden` says of errors)."""
-        return replace(selection, dataset=self._identity(selection.dataset)).to_bytes()
+        (which may hold credentials: it is not the client's to know, as `_hidden` says of errors).
+        Made once a round held: every trainer and rank asks for it, and a round of 4M samples took
+        9 s to pack."""
+        held = self._sent_bytes.get(selection.round)
+        if held is None or held[0] is not selection:
+            held = (selection, replace(selection, dataset=self._identity(selection.dataset)).to_bytes())
+            kept = {r: sent for r, sent in self._sent_bytes.items() if self._rounds.get(r) is sent[0]}
+            self._sent_bytes = {**kept, selection.round: held}  # one assignment: readers in other threads
+        return held[1]
 
     def _identity(self, identity: dict[str, Any]) -> dict[str, Any]:
         return {**identity, "url": self.url}
