@@ -13,9 +13,11 @@ scheduling, shipping, merges) does not: T(w) = T_rest + T_tasks / w; the 2-worke
 N samples: T_tasks and the labels' read (timed alone: the only serial part that grows with N) scale
 with N, the rest stays. Loader: samples/s of one rank's share for world sizes 1 and 2 (torch
 backend, batch 256), each rank iterated in turn in this process; and the bytes W = 1, 2, 4, 8 ranks
-read in all for an epoch of all data and of a 25% selection, under the default "shards" shuffle
-(each rank a run of whole shards) and a global one (each rank every W-th sample of one order, as
-torch's DistributedSampler shares it), against one rank's. Prints ratios; writes scale.json
+read in all in a first and a second epoch of all data and of a 25% selection (each rank opening the
+store and keeping its own sample cache), under the default "shards" shuffle (each rank a run of
+whole shards, the same every epoch of a selection) and a global one (each rank every W-th sample
+of one order, as torch's DistributedSampler shares it), against one rank's first epoch. Prints
+ratios; writes scale.json
 and scale.png. On a 2-core machine the 2-worker figure cannot show more than 2x, and it shares the
 cores with the scheduler and this process.
 """
@@ -80,13 +82,13 @@ def loader_rate(dataset, rank: int, world_size: int) -> float:
     return samples / (time.perf_counter() - started)
 
 
-def ranks_bytes(dataset, selection, world_size: int, shuffle: str) -> int:
-    """Bytes `world_size` ranks read in all for an epoch (each rank's loader, its own sample
-    cache, iterated in turn)."""
-    total = 0
+def ranks_bytes(url: str, selection, world_size: int, shuffle: str) -> tuple[int, int]:
+    """Bytes `world_size` ranks read in all in a first epoch and a second (each rank's loader
+    opening the store, as a process of its own does, with its own sample cache; iterated in turn)."""
+    epochs = np.zeros(2, dtype=np.int64)
     for rank in range(world_size):
         loader = StreamingLoader(
-            dataset,
+            url,
             selection,
             batch_size=256,
             shuffle=shuffle,
@@ -95,9 +97,10 @@ def ranks_bytes(dataset, selection, world_size: int, shuffle: str) -> int:
             backend="torch",
             device="cpu",
         )
-        sum(1 for _ in loader)
-        total += loader.io_stats()["bytes_read"]
-    return total
+        for _ in range(2):
+            sum(1 for _ in loader)
+        epochs += [epoch["bytes"] for epoch in loader.io_stats()["per_epoch"]]
+    return int(epochs[0]), int(epochs[1])
 
 
 def main() -> None:
@@ -138,7 +141,7 @@ def main() -> None:
         ranks = {f"world {world}": [loader_rate(dataset, rank, world) for rank in range(world)] for world in (1, 2)}
         selections = {"all": None, "25%": random_select(dataset, 0.25, seed=0)}
         reads = {
-            name: {s: {w: ranks_bytes(dataset, sel, w, s) for w in WORLD_SIZES} for s in ("shards", "global")}
+            name: {s: {w: ranks_bytes(dataset.url, sel, w, s) for w in WORLD_SIZES} for s in ("shards", "global")}
             for name, sel in selections.items()
         }
     result = {"samples": args.samples, "repeats": args.repeats, "labels_seconds": labels, "loader": ranks}
@@ -171,13 +174,16 @@ def main() -> None:
         }
     for name, per_rank in ranks.items():
         print(f"loader {name}: " + ", ".join(f"rank {r}: {rate:,.0f} samples/s" for r, rate in enumerate(per_rank)))
-    print("\nbytes W ranks read in an epoch / one rank's")
-    print(f"{'data':<5} {'W':>2} {'shards':>7} {'global':>7} {'ours / global':>13}")
+    print("\nbytes W ranks read in all / one rank's first epoch (first epoch, second)")
+    print(f"{'data':<5} {'W':>2} {'shards':>13} {'global':>13} {'ours / global':>13}")
     for name, by_shuffle in reads.items():
-        one = by_shuffle["shards"][1]
+        one = by_shuffle["shards"][1][0]
         for w in WORLD_SIZES:
-            ours, theirs = by_shuffle["shards"][w], by_shuffle["global"][w]
-            print(f"{name:<5} {w:>2} {ours / one:>7.2f} {theirs / one:>7.2f} {ours / theirs:>13.2f}")
+            (ours, ours_later), (theirs, theirs_later) = by_shuffle["shards"][w], by_shuffle["global"][w]
+            print(
+                f"{name:<5} {w:>2} {ours / one:>6.2f}, {ours_later / one:>4.2f} {theirs / one:>6.2f}, "
+                f"{theirs_later / one:>4.2f} {ours / theirs:>13.2f}"
+            )
     (args.out / "scale.json").write_text(json.dumps(result, indent=2))
     rates = {m: {n: args.samples / t for n, t in scan[m].items()} for m in METHODS}
     plot(rates, ranks, reads, args.out / "scale.png")
@@ -202,9 +208,10 @@ def plot(rates: dict[str, dict[str, float]], ranks: dict[str, list[float]], read
     right.set(ylabel="samples/s", title="loader, per rank")
     for name, by_shuffle in reads.items():
         for shuffle, by_world in by_shuffle.items():
-            one = by_shuffle["shards"][1]
-            reading.plot(WORLD_SIZES, [by_world[w] / one for w in WORLD_SIZES], marker="o", label=f"{name}, {shuffle}")
-    reading.set(xlabel="ranks", ylabel="bytes read / one rank's", title="what W ranks read in an epoch")
+            one = by_shuffle["shards"][1][0]
+            first = [by_world[w][0] / one for w in WORLD_SIZES]
+            reading.plot(WORLD_SIZES, first, marker="o", label=f"{name}, {shuffle}")
+    reading.set(xlabel="ranks", ylabel="bytes read / one rank's", title="what W ranks read in a first epoch")
     reading.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
