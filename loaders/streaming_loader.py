@@ -487,8 +487,8 @@ class StreamingLoader:
 
     def _storage_reads(self) -> dict[str, int]:
         """What the storage side read for samples (`Source.storage_reads`); once the loader closed
-        the connection it opened, what it said last."""
-        if not (self._closed and self._own_source):
+        a server connection it opened, what the server said last (at an epoch's start or end)."""
+        if not (self._closed and self._own_source and not isinstance(self.source, StoreSource)):
             self._last_storage = self.source.storage_reads()
         return self._last_storage
 
@@ -1007,7 +1007,9 @@ class StreamingLoader:
         if self.images is None and self.cache is not None and self.cache.in_memory(self._visiting):
             if self._pool is not None:  # the cache is not thread-safe: the reader finishes an abandoned epoch's batch
                 self._pool.submit(lambda: None).result()
-            yield from (self._read_batch(*b) for b in batches)
+            for batch in batches:
+                self._check_open()
+                yield self._read_batch(*batch)
             return
         if self._pool is None:
             # One reader thread for the loader's life: an epoch abandoned half-way may be
@@ -1017,14 +1019,17 @@ class StreamingLoader:
         pending = deque(self._pool.submit(self._read_batch, *b) for b in _take(batches, self.prefetch))
         try:
             while pending:
-                if self._closed:  # its pool shut, the batches read ahead cancelled
-                    raise RuntimeError(f"this StreamingLoader of {self.url!r} was closed mid-epoch")
+                self._check_open()  # its pool shut, the batches read ahead cancelled
                 batch = pending.popleft().result()
                 pending.extend(self._pool.submit(self._read_batch, *b) for b in _take(batches, 1))
                 yield batch
         finally:
             for future in pending:
                 future.cancel()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this StreamingLoader of {self.url!r} was closed mid-epoch")
 
     def _read_batch(
         self, ids: np.ndarray, weights: np.ndarray, round: int | str, seed: tuple[int, ...]

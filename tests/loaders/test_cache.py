@@ -294,7 +294,11 @@ def test_close_empties_the_cache_the_loader_made_not_one_handed_to_it(id_store, 
     own = StreamingLoader(id_store, batch_size=64, backend="torch")
     sum(1 for _ in own)
     assert own.cache.samples == 2500 and own.cache.nbytes()[0] > 0
+    running = iter(own)  # an epoch the cache holds whole is read in this thread, not the reader's
+    next(running)
     own.close()
+    with pytest.raises(RuntimeError, match="was closed mid-epoch"):  # it went on, refilling the cache
+        next(running)
     own.close()  # once is enough; again does nothing
     assert own.cache.samples == 0 and own.cache.nbytes() == (0, 0)
     assert own.io_stats()["cache"]["misses"] == 2500  # its figures stay
