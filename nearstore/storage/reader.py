@@ -70,8 +70,8 @@ class SelectiveReader:
     The reader never writes; `stats` counts every request it makes and every byte it receives.
 
     Several threads may read through one reader at once (a server's trainers): a read's state is
-    its own, and what readers share through the opened dataset is made once (`Dataset._kept`: an
-    array kept whole is read by the first thread to want it, the others wait for it) or filled
+    its own, and what readers share through the opened dataset is made once (`Dataset._kept`: a
+    kept array's shard is read by the first thread to want it, others wanting it wait) or filled
     idempotently (a shard index two reads fetch at once is written twice, the same; damage found is
     recorded the same by either). fsspec's filesystems are used from any thread: an async one
     (s3fs, HTTP) runs every call on its one event loop thread, a local one opens a file per call.
@@ -171,29 +171,43 @@ class SelectiveReader:
         read-only): later readers read nothing."""
         num_shards = self.layouts[name].num_shards
         for first in range(0, num_shards, WHOLE_READ_SHARDS):
-            values = self._kept_rows(name, np.arange(first, min(first + WHOLE_READ_SHARDS, num_shards)))
-        values = values.view()
+            self._kept_rows(name, np.arange(first, min(first + WHOLE_READ_SHARDS, num_shards)))
+        values = self._kept_rows(name, np.empty(0, dtype=np.int64)).view()
         values.flags.writeable = False  # shared by every later reader: none may change it
         return values
 
     def _kept_rows(self, name: str, shards: np.ndarray) -> np.ndarray:
         """Array `name` as kept with the opened dataset, its `shards` among those read (each read
-        whole the first time: one fetch of the shards missing, counted here)."""
+        whole the first time, counted here; a shard another thread is reading is waited for, and
+        the other shards' readers go on meanwhile)."""
         layout = self.layouts[name]
         kept = self.dataset._kept(("kept", name), lambda: _Kept(layout, self.num_samples))
-        with kept.lock:  # a shard two threads want is read once; the other waits for it
-            missing = shards[~kept.read[shards]]
-            if len(missing):
-                reader = SelectiveReader(self.dataset, [name], reads=self.reads)
-                ids = np.concatenate([np.arange(r.start, r.stop) for r in map(reader.shard_range, missing.tolist())])
+        while not kept.read[shards].all():  # a shard's flag is set after its rows are written
+            with kept.lock:
+                missing = shards[~kept.read[shards]].tolist()
+                ours = [shard for shard in missing if shard not in kept.reading]
+                theirs = [kept.reading[shard] for shard in missing if shard in kept.reading]
+                kept.reading.update((shard, threading.Event()) for shard in ours)
+            if ours:
                 try:
-                    kept.values[ids] = reader.read(ids)[name]
-                finally:
-                    self.stats.add(
-                        bytes=reader.stats.bytes, requests=reader.stats.requests, retries=reader.stats.retries
-                    )
-                kept.read[missing] = True
+                    self._read_kept(name, kept, np.array(ours))
+                finally:  # read or failed: who waits for them looks again (and reads what failed)
+                    with kept.lock:
+                        for shard in ours:
+                            kept.reading.pop(shard).set()
+            for done in theirs:
+                done.wait()
         return kept.values
+
+    def _read_kept(self, name: str, kept: _Kept, shards: np.ndarray) -> None:
+        """Shards `shards` of array `name` read whole into `kept` (one read, counted here)."""
+        reader = SelectiveReader(self.dataset, [name], reads=self.reads)
+        ids = np.concatenate([np.arange(r.start, r.stop) for r in map(reader.shard_range, shards.tolist())])
+        try:
+            kept.values[ids] = reader.read(ids)[name]
+        finally:
+            self.stats.add(bytes=reader.stats.bytes, requests=reader.stats.requests, retries=reader.stats.retries)
+        kept.read[shards] = True
 
     def _load_indexes(self, plans: list[_ReadPlan], claimed: list[ChunkKey]) -> None:
         """Fetch the shard indexes not cached yet; a shard wanted whole comes in one request with
@@ -463,7 +477,8 @@ class _Kept:
     def __init__(self, layout: _ArrayLayout, num_samples: int) -> None:
         self.values = np.empty((num_samples, *layout.chunk_shape[1:]), dtype=layout.dtype)
         self.read = np.zeros(layout.num_shards, dtype=bool)
-        self.lock = threading.Lock()
+        self.reading: dict[int, threading.Event] = {}  # shards a thread is reading, set once it is done
+        self.lock = threading.Lock()  # over `reading`
 
 
 def read_labels(dataset: Dataset, who: str) -> tuple[np.ndarray, SelectiveReader]:

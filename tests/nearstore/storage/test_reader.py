@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
@@ -161,6 +162,31 @@ def test_kept_arrays_are_read_a_shard_whole_once_then_served_from_memory(id_stor
     np.testing.assert_array_equal(whole, id_data["y"])
     assert more.stats.requests == 1 + id_store.num_shards - 4 and not whole.flags.writeable
     np.testing.assert_array_equal(SelectiveReader(id_store, ["y"], keep=["y"]).whole("y"), id_data["y"])
+
+
+def test_a_kept_shard_is_read_once_while_reads_of_other_shards_go_on(id_store, id_data, monkeypatch):
+    # one lock an array, held while a shard's labels were fetched: every other read waited for it,
+    # one of labels kept long before too (a server's ranks, each starting its own span)
+    reader = SelectiveReader(id_store, ["y"], keep=["y"])
+    reader.read(np.array([0]))  # shard 0's labels kept
+    read_kept, proceed, fetching, fetched = SelectiveReader._read_kept, threading.Event(), threading.Event(), []
+
+    def held(self, name, kept, shards):  # shard 7's read, held until the other reads are done
+        fetched.append(shards.tolist())
+        fetching.set()
+        fetched.append(proceed.wait(timeout=30))  # False: the reads below waited for this one
+        read_kept(self, name, kept, shards)
+
+    monkeypatch.setattr(SelectiveReader, "_read_kept", held)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(reader.read, np.array([2000]))
+        fetching.wait(timeout=30)
+        second = pool.submit(reader.read, np.array([2001, 5]))  # shard 7 being read: waits for it
+        np.testing.assert_array_equal(reader.read(np.array([1, 2]))["y"], id_data["y"][[1, 2]])  # kept: at once
+        proceed.set()
+        np.testing.assert_array_equal(first.result()["y"], id_data["y"][[2000]])
+        np.testing.assert_array_equal(second.result()["y"], id_data["y"][[2001, 5]])
+    assert fetched == [[7], True]  # shard 7 read once, by the first to want it; nothing waited on it but its mate
 
 
 def zarr_written(url: str, values: np.ndarray, **options) -> zarr.Array:
