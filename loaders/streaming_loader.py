@@ -52,7 +52,10 @@ PROBE = ImageTransform(size=8, train=False)
 Batch = tuple[np.ndarray, np.ndarray, int | str, tuple[int, ...]]
 # A round as the loader iterates it: ids, weights, its number, what it carries to the next.
 Chosen = tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]]
-STATE_VERSION = 2
+# A state's version: 3 since its order records the ranks it was cut for (`spans`), which a release
+# reading 2 would ignore, resuming another order; 2 still loads (its order one for every rank).
+STATE_VERSION = 3
+READS_VERSIONS = (2, 3)
 log = logging.getLogger("nearstore")
 
 
@@ -675,8 +678,8 @@ class StreamingLoader:
         mixture checks all its loaders' states before it loads any)."""
         if not isinstance(state, Mapping):
             raise DatasetError(f"state_dict must be a mapping (what state_dict() returns), got {type(state).__name__}")
-        if state.get("version") != STATE_VERSION:
-            raise DatasetError(f"state_dict version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("version") not in READS_VERSIONS:
+            raise DatasetError(f"state_dict version {state.get('version')!r} is not one of {READS_VERSIONS}")
         dataset, order, chosen = (
             state_entry(state, key, "state_dict", Mapping) for key in ("dataset", "order", "selection")
         )
