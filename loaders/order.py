@@ -79,9 +79,12 @@ def epoch_order(
             _sorted_within(rng.random(size), _blocks(before, counts[visit], block))
         ]
     spans = min(spans, max(1, size))  # past one a sample, more spans cut nothing more (a state's is not trusted)
-    # which samples each span holds: cut from the shards in an order of the seed's alone ([seed, epoch]
-    # pads to [seed, epoch, 0]: a stream of its own), so a rank's span is the same every epoch
-    placed = np.random.default_rng([seed, 0, 1]).permutation(len(starts))
+    # which samples each span holds: cut from the shards in an order of the seed's alone, a draw a
+    # shard id ([seed, epoch] pads to [seed, epoch, 0]: a stream of its own), so that a rank's span
+    # is the same every epoch, and a round that leaves out a few shards moves the cuts, not them
+    present = shards[starts]
+    draws = np.random.default_rng([seed, 0, 1]).random(int(present[-1]) + 1 if size else 0)
+    placed = np.argsort(draws[present], kind="stable")
     sequence = _runs(starts[placed], counts[placed])
     # span k holds size // spans samples, one more for k < size % spans: so interleaved, the
     # epoch's position i * spans + k is span k's i-th sample, each position once
@@ -116,11 +119,13 @@ def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def _sorted_within(draws: np.ndarray, *keys: np.ndarray) -> np.ndarray:
     """np.lexsort((draws, *keys)) where every key is non-decreasing already: the draws sorted
     within each run of equal keys, a run at a time (the same order, so states resume: lexsort over
-    4M samples took 3 s, this a tenth)."""
+    4M samples took 3 s, this a tenth), or by lexsort itself where the runs are short."""
     changes = np.zeros(max(0, len(draws) - 1), dtype=bool)
     for key in keys:
         changes |= np.diff(key) != 0
     bounds = np.concatenate([[0], np.flatnonzero(changes) + 1, [len(draws)]])
+    if len(bounds) > 1 + len(draws) // 64:  # runs of a few samples (tiny blocks): a loop a run costs more
+        return np.lexsort((draws, *keys))
     return np.concatenate([a + np.argsort(draws[a:b], kind="stable") for a, b in zip(bounds[:-1], bounds[1:])])
 
 

@@ -114,6 +114,19 @@ def test_ranks_of_a_shards_shuffle_read_their_own_shards(size, world_size, shard
     )
 
 
+def test_a_rank_keeps_its_shards_when_a_round_leaves_a_few_out():
+    # spans cut from a permutation of the shards present moved every rank to others (its cache
+    # then kept a quarter of what both rounds visit): a draw a shard id moves only the cuts
+    shards = np.repeat(np.arange(100), 20)
+    fewer = shards[shards % 20 != 3]  # 5 shards left out
+
+    def owned(epoch_shards: np.ndarray) -> list[set[int]]:
+        order = epoch_order(epoch_shards, seed=4, epoch=0, shuffle="shards", spans=4)
+        return [set(epoch_shards[order[r::4]].tolist()) for r in range(4)]
+
+    assert sum(len(a & b) for a, b in zip(owned(shards), owned(fewer))) >= 0.85 * 95
+
+
 def test_a_state_at_an_epochs_end_starts_the_next_as_this_worlds_own():
     # taken after epoch 0 on 4 ranks, epoch 1 on 3 followed 4 spans: 2.1x the reads of 3 ranks' own
     shards = shards_of(500)
