@@ -87,8 +87,9 @@ class DaskExecutor:
     (one already running finishes on its worker, its result dropped) and RoundCancelled raised.
 
     Windows end where partitions do, so the picks of a windowed selector depend on them: a round's
-    Selection records the partitions its last pass ran in (params["partitions"]), and giving
-    `partitions` that count makes the same picks on any cluster."""
+    Selection records the partitions its last pass ran in (params["partitions"]; not with
+    `shards_of`, whose map and the workers' threads cut them), and giving `partitions` that count
+    makes the same picks on any cluster."""
 
     name = "dask"
 
@@ -106,7 +107,8 @@ class DaskExecutor:
         self.result_bytes = 0
 
     def recorded(self) -> dict[str, Any]:
-        return {"executor": self.name, "partitions": len(self.placed)}
+        # with shards_of, the cuts follow each worker's runs and threads: no count makes them again
+        return {"executor": self.name, **({"partitions": len(self.placed)} if self.shards_of is None else {})}
 
     def map_reduce(self, scan: Scan, task: Task, merge: Callable[[T, T], T], **arguments: Any) -> tuple[T, Reads]:
         name = getattr(task, "__name__", "task")  # the task's name in the cluster's books

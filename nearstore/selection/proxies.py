@@ -216,9 +216,8 @@ class RandomFeatureProxy:
         return torch.cat([self._conv_chunk(chunk) for chunk in images.split(CONV_CHUNK_IMAGES)])  # one if empty
 
     def _conv_chunk(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.float()
-        images = images - images.mean((1, 2, 3), keepdim=True)
-        images /= images.std((1, 2, 3), keepdim=True).clamp_min(1e-6)  # a flat image stays 0
+        images = images - images.mean((1, 2, 3), keepdim=True)  # in its own precision, then narrowed
+        images = (images / images.std((1, 2, 3), keepdim=True).clamp_min(1e-6)).float()  # a flat image stays 0
         response = torch.nn.functional.conv2d(images, self._filters, stride=2, padding=3).abs_()
         return torch.nn.functional.adaptive_max_pool2d(response, 2).flatten(1)[:, : self.width]
 

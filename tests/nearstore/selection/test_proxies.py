@@ -84,6 +84,17 @@ def test_the_model_free_proxy_knows_as_much_of_data_far_from_zero(blobs, dtype, 
     torch.testing.assert_close(other, one, atol=1e-3, rtol=1e-3)
 
 
+def test_the_model_free_proxy_sees_float64_images_far_from_zero():
+    # images of 1000 + 1e-6 s were narrowed to float32 before each was standardized: one feature row
+    rng = np.random.default_rng(0)
+    y = np.arange(64) % 2
+    near = rng.normal(size=(64, 3, 8, 8)) * 1e-6 + y[:, None, None, None] * 1e-6
+    proxy = RandomFeatureProxy(2, width=16, folds=1).fit(near, y)
+    far = RandomFeatureProxy(2, width=16, folds=1).fit(near + 1000.0, y)
+    assert len(np.unique(far.features(near + 1000.0).numpy().round(4), axis=0)) == 64
+    torch.testing.assert_close(far.features(near + 1000.0), proxy.features(near), atol=1e-3, rtol=1e-3)
+
+
 def test_cross_fitted_heads_judge_the_warm_up_out_of_sample(blobs):
     """A head fitted on a wrong label believes it; the head of the other fold does not."""
     x, y = blobs
