@@ -124,6 +124,8 @@ class SampleCache:
                 with open(os.path.join(self._root, _OWNER), "w") as f:
                     f.write(_owner())
             except OSError as e:
+                if self._root is not None:  # made, its owner file not written (a full disk): no one would sweep it
+                    shutil.rmtree(self._root, ignore_errors=True)
                 raise ParameterError(
                     f"cache directory {os.fspath(directory)!r} (directory=) cannot be written to: {e.strerror or e}"
                 ) from e
@@ -199,8 +201,11 @@ class SampleCache:
 
     def get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """{array: rows} of kept samples `ids` (at least one; rows in the order of ids) for a visit
-        of each: hits, but for the first visit of a sample that came along with another."""
+        of each: hits, but for the first visit of a sample that came along with another. CacheLost
+        where one is no longer kept (its disk tier dropped since it was asked `holds`)."""
         tiers, slots = self._tier[ids], self._slot[ids]
+        if (tiers < 0).any():  # one row broadcast over the others, or a KeyError, was what followed
+            raise CacheLost(f"sample {int(ids[np.argmax(tiers < 0)])} is no longer kept: its tier was dropped")
         held = {t: mask for t in (0, 1) if (mask := tiers == t).any()}
         out: dict[str, np.ndarray] = {}
         for name in self._arrays:
@@ -250,8 +255,11 @@ class SampleCache:
         self.full |= bool(left.any())
 
     def _lose_disk(self, error: OSError) -> None:
-        """Drop the disk tier after `error`: its samples are no longer kept (read from the store)."""
+        """Drop the disk tier after `error`: its samples are no longer kept (read from the store),
+        and its files are removed (a full disk it gave up on stays full for no one)."""
         log.warning("sample cache: its directory failed (%s): what it kept is read from the store again", error)
+        if self._dataset and self._tiers[1] is not None:
+            self._tiers[1].remove_files()
         self._drop_disk()
 
     def _drop_disk(self) -> None:
@@ -294,10 +302,8 @@ class SampleCache:
         self.retain(np.empty(0, dtype=np.int64))
         memory, disk = self._tiers
         self._tiers = [_Tier(memory.budget, None), disk and _Tier(disk.budget, disk.root)]
-        for store in disk.rows.values() if disk is not None else ():
-            if isinstance(store, np.memmap):  # a fixed-size array's file (a sample's own went with retain)
-                with contextlib.suppress(OSError):
-                    os.unlink(store.filename)
+        if disk is not None:
+            disk.remove_files()
 
     def as_dict(self) -> dict[str, int]:
         memory, disk = self.nbytes()
@@ -364,6 +370,15 @@ class _Tier:
                     errno.EIO, f"a kept row of {name!r} changed on disk under {self.root} (slot {slots[changed[0]]})"
                 )
         return rows
+
+    def remove_files(self) -> None:
+        """Remove the files it keeps rows in (a tier on disk; its directory stays, with the cache's
+        owner file)."""
+        for store in self.rows.values():
+            paths = [store.filename] if isinstance(store, np.memmap) else [p for p in store if isinstance(p, str)]
+            for path in paths:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def free(self, slots: np.ndarray) -> None:
         for store in self.rows.values():

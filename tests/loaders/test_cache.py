@@ -255,6 +255,15 @@ def test_a_spill_directory_it_cannot_write_to_is_named_by_the_cache(tmp_path, mo
     message = f"cache directory '{tmp_path}' (directory=) cannot be written to: {os.strerror(error)}"
     with pytest.raises(ParameterError, match=re.escape(message)):
         SampleCache(directory=tmp_path, disk_bytes=1 << 20)
+    monkeypatch.undo()
+
+    def full(path: str, mode: str) -> None:  # the directory made, its owner file not: a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(cache_module, "open", full, raising=False)
+    with pytest.raises(ParameterError, match="cannot be written to: No space left on device"):
+        SampleCache(directory=tmp_path, disk_bytes=1 << 20)
+    assert list(tmp_path.iterdir()) == []  # no folder without an owner, which no sweep removes
 
 
 def test_a_cache_serves_one_loader_at_a_time(id_store):
@@ -388,7 +397,7 @@ def test_a_spill_directory_lost_mid_epoch_costs_reads_not_the_epoch(tmp_path):
         seen += [int(v[0]) for v in x.unbind()]
         if k == 2:
             for spilled in (tmp_path / "spill").iterdir():
-                shutil.rmtree(spilled)
+                shutil.rmtree(spilled, ignore_errors=True)  # the cache, finding it gone, removes its files too
     assert sorted(seen) == sorted(list(range(300)) * 2)
     assert cache.nbytes() == (0, 0)  # the disk tier dropped
 
@@ -426,6 +435,30 @@ def test_a_disk_that_fills_after_the_cache_measured_it_costs_reads_not_the_proce
     for _ in range(2):
         assert sorted(i for x, _ in loader for i in sample_ids(x)) == list(range(2500))
     assert cache.nbytes() == (0, 0) and loader.io_stats()["per_epoch"][1]["samples"] == 2500
+
+
+def test_a_disk_that_fills_mid_batch_costs_reads_not_samples_and_keeps_no_files(
+    id_store, id_data, tmp_path, monkeypatch
+):
+    # a batch of samples held in memory, on disk and not at all: the put that filled the disk
+    # dropped the disk tier after the batch counted its samples kept, and one sample held in
+    # memory was handed out for every one the disk had held (or a KeyError ended the epoch)
+    (tmp_path / "spill").mkdir()
+    cache = SampleCache(8 * 4 + 8, directory=tmp_path / "spill", disk_bytes=1 << 20)  # one sample in memory
+    first = StreamingLoader(id_store, np.arange(1000), batch_size=1000, shuffle=False, backend="torch", cache=cache)
+    assert sum(len(y) for _, y in first) == 1000 and cache.nbytes()[1] > 0
+    first.close()
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.os, "pwrite", full)
+    ids = np.r_[0:60, 1000:1040]  # 0 in memory, 1-59 on disk, 1000-1039 read, then put: ENOSPC
+    second = StreamingLoader(id_store, ids, batch_size=100, shuffle=False, backend="torch", cache=cache)
+    ((x, y),) = list(second)
+    assert sample_ids(x) == ids.tolist()
+    np.testing.assert_array_equal(x.numpy(), id_data["x"][ids])
+    assert cache.nbytes()[1] == 0 and [p.name for p in Path(cache.spill_directory).iterdir()] == ["owner"]
 
 
 def test_spill_directories_of_processes_that_are_gone_are_removed(tmp_path):
