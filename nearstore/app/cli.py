@@ -551,8 +551,12 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the check of a place to write writes there (and removes): a page.
+PROBE_BYTES = 4096
+
+
 def _check_writable(url: str, what: str) -> None:
-    """Refuse now a place `what` cannot be written to, by writing an empty file beside it (not it:
+    """Refuse now a place `what` cannot be written to, by writing a page beside it (not it:
     a file already there is kept until the new one replaces it, and a failed scan leaves none).
     Missing local folders on the way are made, as `mkdir -p` would (object storage has none, and a
     missing bucket is not made)."""
@@ -567,7 +571,7 @@ def _check_writable(url: str, what: str) -> None:
     try:
         if "file" in fs.protocol:
             fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.pipe_file(probe, b"")
+        fs.pipe_file(probe, bytes(PROBE_BYTES))  # not empty: a full disk takes an empty file
         fs.rm_file(probe)
     except OSError as e:
         reason = e.strerror or str(e)  # not the probe's name, which the user never gave

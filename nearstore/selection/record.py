@@ -6,6 +6,7 @@ import io
 import json
 import numbers
 import os
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -289,20 +290,28 @@ def _opened(url: str | Path, mode: str, storage_options: Mapping[str, Any] | Non
 
 
 def write_whole(url: str | Path, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """`data` as the file at `url`, all of it or nothing: a local file is written beside it and
-    renamed over it (a full disk leaves the one there whole, where writing in place left it cut),
-    an object is one PUT; missing local folders are made."""
+    """`data` as the file at `url`, all of it or nothing: a local file is written beside it (under a
+    name of this thread's) and renamed over it (a full disk leaves the one there whole, where
+    writing in place left it cut), an object is one PUT; missing local folders are made. An error
+    names `url`."""
     with _storage_errors(url, "write"):
         fs, path = url_to_fs(str(url), storage_options)
         if not isinstance(fs, LocalFileSystem):
             fs.pipe_file(path, data)
             return
         fs.makedirs(fs._parent(path), exist_ok=True)
-        partial = f"{path}.partial"
+        # a name of its own: ranks saving one selection to one path took each other's partial file
+        partial = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
         try:
             with open(partial, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # whole on disk before it takes the name, a crash of the machine too
             os.replace(partial, path)
+        except OSError as e:
+            if e.filename is None:  # a write's (a full disk): it names no file
+                raise OSError(e.errno, e.strerror, str(url)) from e
+            raise
         finally:
             if os.path.lexists(partial):
                 os.remove(partial)

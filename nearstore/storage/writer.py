@@ -804,13 +804,18 @@ class _ShardWriter:
         """Upload `body` to `key` under root in one request (a local store: into a folder made if new)."""
         path = f"{self.root}/{key}"
         try:
-            self.fs.pipe_file(path, body)
-        except FileNotFoundError:
-            # on object storage, a missing bucket: named, not made (as makedirs would)
-            if not isinstance(self.fs, LocalFileSystem):
-                raise
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # this file's folder is new (x/c/3/ of a 2-D x)
-            self.fs.pipe_file(path, body)
+            try:
+                self.fs.pipe_file(path, body)
+            except FileNotFoundError:
+                # on object storage, a missing bucket: named, not made (as makedirs would)
+                if not isinstance(self.fs, LocalFileSystem):
+                    raise
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # its folder is new (x/c/3/ of a 2-D x)
+                self.fs.pipe_file(path, body)
+        except OSError as e:
+            if e.filename is None:  # a write's (a full disk): it named no file
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
         self.sizes[key] = len(body)
 
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import re
 import signal
 import subprocess
@@ -347,6 +349,29 @@ def test_convert_sees_through_symlinks_and_overwrites_only_a_dataset(tmp_path, c
     for _ in range(2):
         assert main(["convert", str(folder), str(out), "--overwrite"]) == 0
     assert open_dataset(str(out)).num_samples == 20
+
+
+def test_select_to_a_full_disk_is_refused_before_the_scan(tmp_path, capsys, monkeypatch):
+    # the check wrote an empty file, which a full disk takes: the scan ran, and its result was
+    # lost with "[Errno 28] No space left on device", naming nothing
+    from fsspec.implementations.local import LocalFileSystem
+
+    digits = str(tmp_path / "digits.zarr")
+    main(["convert", "digits", digits])
+    capsys.readouterr()
+    pipe = LocalFileSystem.pipe_file
+
+    def full(self, path: str, value: bytes, **options) -> None:
+        if value:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        pipe(self, path, value, **options)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", full)
+    out = tmp_path / "full" / "s.npz"
+    assert main(["select", digits, str(out), "--method", "random"]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write the selection to" in captured.err and "No space left on device" in captured.err
+    assert "selected" not in captured.out and not out.exists()
 
 
 def test_a_damaged_selection_file_is_one_line_and_exit_2(tmp_path, capsys):

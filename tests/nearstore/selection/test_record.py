@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -328,3 +331,26 @@ def test_a_failed_write_leaves_the_file_there_whole(tmp_path):
     assert target.read_bytes() == b"the old report" and [p.name for p in tmp_path.iterdir()] == ["kept.csv"]
     write_whole(str(tmp_path / "new" / "r.csv"), b"rows")  # a missing folder is made
     assert (tmp_path / "new" / "r.csv").read_bytes() == b"rows"
+
+
+def test_writes_of_one_path_at_once_each_land_whole_and_a_full_disk_names_it(tmp_path, monkeypatch):
+    # every rank saving the selection to one path: they shared one partial file (a rename of
+    # another's, gone: FileNotFoundError; a load reading it empty); ENOSPC named no file
+    target = tmp_path / "sel.npz"
+    payloads = [bytes([k]) * 100_000 for k in range(4)]
+
+    def save(k: int) -> None:
+        for _ in range(25):
+            write_whole(str(target), payloads[k])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(save, range(4)))  # raised nothing
+    assert target.read_bytes() in payloads and [p.name for p in tmp_path.iterdir()] == ["sel.npz"]
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{target}'")):
+        write_whole(str(target), b"new")
+    assert target.read_bytes() in payloads and [p.name for p in tmp_path.iterdir()] == ["sel.npz"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -1263,15 +1264,22 @@ def test_an_epoch_across_a_server_restart_counts_what_storage_read_since(id_stor
         second.shutdown()
 
 
-def test_a_round_a_failed_state_write_left_is_never_restored(id_store, tmp_path):
+def test_a_round_a_failed_state_write_left_is_never_restored(id_store, tmp_path, monkeypatch):
     state_dir = tmp_path / "state"
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.2), state_dir=state_dir)
+    replace = os.replace
+
+    def full(source: str, target: str) -> None:  # server.json cannot be written: a full disk, say
+        if str(target).endswith("server.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        replace(source, target)
+
     try:
-        (state_dir / "server.json.partial").mkdir()  # server.json cannot be written: a full disk, say
+        monkeypatch.setattr(os, "replace", full)
         with pytest.raises(RequestError, match="selection round 1 was not taken: the server cannot write its state"):
             FlightSource(server.url).select(keep=0.1, method="random", seed=1)
         assert (state_dir / "round-1.npz").exists() and server.current.round == 0  # left, not taken
-        (state_dir / "server.json.partial").rmdir()
+        monkeypatch.undo()
         served = FlightSource(server.url).select(keep=0.5, method="random", seed=2)
     finally:
         server.shutdown()

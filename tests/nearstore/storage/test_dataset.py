@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +537,23 @@ def test_a_failed_write_removes_the_folders_it_made_on_the_way(tmp_path):
     with pytest.raises(RuntimeError, match="the source failed"):
         write_dataset(str(tmp_path / "runs" / "2026" / "train.zarr"), batches(), shard_samples=2)
     assert list(tmp_path.iterdir()) == []  # runs/2026/ stayed behind
+
+
+def test_a_full_disk_is_named_with_the_file_it_stopped_and_leaves_nothing(tmp_path, monkeypatch):
+    # "[Errno 28] No space left on device", naming nothing: a write's error has no file
+    from fsspec.implementations.local import LocalFileSystem
+
+    pipe = LocalFileSystem.pipe_file
+
+    def full(self, path: str, value: bytes, **options) -> None:
+        if "/c/" in path:  # a shard: the disk fills after the metadata
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        pipe(self, path, value, **options)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*ds\.zarr/x/c/0/0'"):
+        write_dataset(str(tmp_path / "ds.zarr"), [{"x": np.zeros((4, 2)), "y": np.zeros(4, int)}], shard_samples=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_overwrite_stopped_between_its_renames_names_both_stores(tmp_path):
