@@ -1,5 +1,5 @@
 """Scale-out, measured: the SAGE scan and the default selector's round 0 (GRAFT) in process and on
-1 and 2 Dask workers, projected to 10M and 100M samples; the loader per rank, and what W ranks read.
+1 and 2 Dask workers, projected to 10M and 100M samples; the loader per rank.
 
     python bench/scale.py [--samples 32768] [--repeats 3] [--out bench/results] [--tiny]
 
@@ -12,12 +12,7 @@ stream) spreads over w workers, the rest of its wall time T_rest (proxy fit, rea
 scheduling, shipping, merges) does not: T(w) = T_rest + T_tasks / w; the 2-worker run checks it. To
 N samples: T_tasks and the labels' read (timed alone: the only serial part that grows with N) scale
 with N, the rest stays. Loader: samples/s of one rank's share for world sizes 1 and 2 (torch
-backend, batch 256), each rank iterated in turn in this process; and the bytes W = 1, 2, 4, 8 ranks
-read in all in a first and a second epoch of all data and of a 25% selection (each rank opening the
-store and keeping its own sample cache), under the default "shards" shuffle (each rank a run of
-whole shards, the same every epoch of a selection) and a global one (each rank every W-th sample
-of one order, as torch's DistributedSampler shares it), against one rank's first epoch. Prints
-ratios; writes scale.json
+backend, batch 256), each rank iterated in turn in this process. Prints ratios; writes scale.json
 and scale.png. On a 2-core machine the 2-worker figure cannot show more than 2x, and it shares the
 cores with the scheduler and this process.
 """
@@ -37,14 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import StreamingLoader  # noqa: E402
-from nearstore import Graft, Sage, open_dataset, random_select, write_dataset  # noqa: E402
+from nearstore import Graft, Sage, open_dataset, write_dataset  # noqa: E402
 from nearstore.selection import DaskExecutor, local_cluster  # noqa: E402
 from nearstore.storage import read_labels  # noqa: E402
 
 METHODS = {"sage": Sage(ell=32), "graft (the default)": Graft()}
 PROJECTED_SAMPLES = (10_000_000, 100_000_000)
 PROJECTED_WORKERS = (8, 32, 128, 256)
-WORLD_SIZES = (1, 2, 4, 8)
 
 
 def median_scan_seconds(dataset, selector, repeats: int, client=None) -> tuple[float, float]:
@@ -80,27 +74,6 @@ def loader_rate(dataset, rank: int, world_size: int) -> float:
     started = time.perf_counter()
     samples = sum(len(x) for x, _ in loader)
     return samples / (time.perf_counter() - started)
-
-
-def ranks_bytes(url: str, selection, world_size: int, shuffle: str) -> tuple[int, int]:
-    """Bytes `world_size` ranks read in all in a first epoch and a second (each rank's loader
-    opening the store, as a process of its own does, with its own sample cache; iterated in turn)."""
-    epochs = np.zeros(2, dtype=np.int64)
-    for rank in range(world_size):
-        loader = StreamingLoader(
-            url,
-            selection,
-            batch_size=256,
-            shuffle=shuffle,
-            rank=rank,
-            world_size=world_size,
-            backend="torch",
-            device="cpu",
-        )
-        for _ in range(2):
-            sum(1 for _ in loader)
-        epochs += [epoch["bytes"] for epoch in loader.io_stats()["per_epoch"]]
-    return int(epochs[0]), int(epochs[1])
 
 
 def main() -> None:
@@ -139,13 +112,7 @@ def main() -> None:
         labels = float(np.median([labels_seconds(dataset.url) for _ in range(3)]))
         loader_rate(dataset, 0, 1)  # warm-up
         ranks = {f"world {world}": [loader_rate(dataset, rank, world) for rank in range(world)] for world in (1, 2)}
-        selections = {"all": None, "25%": random_select(dataset, 0.25, seed=0)}
-        reads = {
-            name: {s: {w: ranks_bytes(dataset.url, sel, w, s) for w in WORLD_SIZES} for s in ("shards", "global")}
-            for name, sel in selections.items()
-        }
     result = {"samples": args.samples, "repeats": args.repeats, "labels_seconds": labels, "loader": ranks}
-    result["ranks_bytes"] = reads
     result["methods"] = {}
     for method in METHODS:
         rates = {name: args.samples / seconds for name, seconds in scan[method].items()}
@@ -174,29 +141,18 @@ def main() -> None:
         }
     for name, per_rank in ranks.items():
         print(f"loader {name}: " + ", ".join(f"rank {r}: {rate:,.0f} samples/s" for r, rate in enumerate(per_rank)))
-    print("\nbytes W ranks read in all / one rank's first epoch (first epoch, second)")
-    print(f"{'data':<5} {'W':>2} {'shards':>13} {'global':>13} {'ours / global':>13}")
-    for name, by_shuffle in reads.items():
-        one = by_shuffle["shards"][1][0]
-        for w in WORLD_SIZES:
-            (ours, ours_later), (theirs, theirs_later) = by_shuffle["shards"][w], by_shuffle["global"][w]
-            print(
-                f"{name:<5} {w:>2} {ours / one:>6.2f}, {ours_later / one:>4.2f} {theirs / one:>6.2f}, "
-                f"{theirs_later / one:>4.2f} {ours / theirs:>13.2f}"
-            )
     (args.out / "scale.json").write_text(json.dumps(result, indent=2))
-    rates = {m: {n: args.samples / t for n, t in scan[m].items()} for m in METHODS}
-    plot(rates, ranks, reads, args.out / "scale.png")
+    plot({m: {n: args.samples / t for n, t in scan[m].items()} for m in METHODS}, ranks, args.out / "scale.png")
     print(f"wrote {args.out / 'scale.json'} and {args.out / 'scale.png'}")
 
 
-def plot(rates: dict[str, dict[str, float]], ranks: dict[str, list[float]], reads: dict, path: Path) -> None:
+def plot(rates: dict[str, dict[str, float]], ranks: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right, reading) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(next(iter(rates.values())))
     for k, (method, by_name) in enumerate(rates.items()):
         left.bar(np.arange(len(names)) + 0.4 * k, [by_name[n] for n in names], width=0.4, label=method)
@@ -206,13 +162,6 @@ def plot(rates: dict[str, dict[str, float]], ranks: dict[str, list[float]], read
     labels = [f"{name}, rank {r}" for name, per in ranks.items() for r in range(len(per))]
     right.bar(labels, [rate for per in ranks.values() for rate in per])
     right.set(ylabel="samples/s", title="loader, per rank")
-    for name, by_shuffle in reads.items():
-        for shuffle, by_world in by_shuffle.items():
-            one = by_shuffle["shards"][1][0]
-            first = [by_world[w][0] / one for w in WORLD_SIZES]
-            reading.plot(WORLD_SIZES, first, marker="o", label=f"{name}, {shuffle}")
-    reading.set(xlabel="ranks", ylabel="bytes read / one rank's", title="what W ranks read in a first epoch")
-    reading.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -28,6 +28,7 @@ WRITES = {
     "label_errors": ("label_errors.json", "mnist1d/sym20"),
     "loader": ("loader.json", "results"),
     "range_clients": ("range_clients.json", "results"),
+    "ranks": ("ranks.json", "rows"),
     "ragged_selection": ("ragged_selection.json", "rows"),
     "round_cost": ("round_cost.json", "rows"),
     "scale": ("scale.json", "methods"),
