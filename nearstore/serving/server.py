@@ -16,13 +16,14 @@ import io
 import ipaddress
 import json
 import logging
+import reprlib
 import signal
 import socket
 import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
@@ -629,23 +630,30 @@ class NearStoreServer(flight.FlightServerBase):
                 f"{what} was not taken: the server cannot write its state ({e.strerror or e}); it holds what it held"
             ) from None
         self._forget_rounds(rounds)
-        for path in self.state_dir.glob("proxy*.pt"):
-            if path.name != f"proxy-{proxy_version}.pt":
-                path.unlink()
+        self._remove(p for p in self.state_dir.glob("proxy*.pt") if p.name != f"proxy-{proxy_version}.pt")
 
     def _forget_rounds(self, rounds: dict[int, Selection]) -> None:
         """Remove from state_dir the round files server.json does not name: older rounds, and what
         a failed write left."""
         assert self.state_dir is not None
-        for path in self.state_dir.glob("round-*.npz"):
-            if path.stem.removeprefix("round-") not in {str(number) for number in rounds}:
+        named = {str(number) for number in rounds}
+        self._remove(p for p in self.state_dir.glob("round-*.npz") if p.stem.removeprefix("round-") not in named)
+
+    def _remove(self, paths: Iterable[Path]) -> None:
+        """Remove files server.json no longer names, where it can: one left on a filesystem turned
+        read-only since is no reason to stop serving (nor to refuse to start)."""
+        for path in paths:
+            try:
                 path.unlink()
+            except OSError as e:
+                log.warning("cannot remove %s, which the server's state no longer names: %s", path, e)
 
     def _restore(self) -> bool:
         """Load the rounds and proxy a previous server left in state_dir; False if none."""
-        if self.state_dir is None or not (self.state_dir / "server.json").exists():
+        path = self.state_dir / "server.json" if self.state_dir is not None else None
+        if path is None or not path.exists():
             return False
-        state = json.loads((self.state_dir / "server.json").read_text())
+        state = _server_state(path)
         rounds = {r: Selection.load(str(self.state_dir / f"round-{r}.npz")) for r in state["rounds"]}
         for selection in rounds.values():
             selection.check_dataset(self.dataset)  # a state_dir of another dataset is refused
@@ -837,6 +845,22 @@ def _check_shards(shards: Sequence[int], num_shards: int) -> list[int]:
     if len(set(shards)) != len(shards):
         raise ParameterError(f"shards names a shard twice: {sorted(shards)}")
     return sorted(int(s) for s in shards)
+
+
+def _server_state(path: Path) -> dict[str, Any]:
+    """server.json of a state_dir, checked: what is no server's state (empty, cut short, edited) is
+    refused by a DatasetError naming it, where it was a traceback of json's or a KeyError."""
+    try:
+        state = json.loads(path.read_text())
+        rounds, version = state["rounds"], state["proxy_version"]
+        if not (isinstance(rounds, list) and all(type(r) is int and r >= 0 for r in rounds) and type(version) is int):
+            raise ValueError(f"rounds {reprlib.repr(rounds)}, proxy_version {reprlib.repr(version)}")
+    except (ValueError, KeyError, TypeError) as e:  # json's errors are ValueErrors
+        raise DatasetError(
+            f"{path} is not a nearstore server's state ({type(e).__name__}: {e}); move the state_dir aside to start "
+            "afresh, or give another"
+        ) from None
+    return state
 
 
 def _state_dir(path: str | Path, dataset: Dataset) -> Path:

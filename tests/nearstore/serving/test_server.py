@@ -1264,6 +1264,36 @@ def test_an_epoch_across_a_server_restart_counts_what_storage_read_since(id_stor
         second.shutdown()
 
 
+@pytest.mark.parametrize("written", [b"", b'{"rounds": [0', b"[]", b"{}", b'{"rounds": ["0"], "proxy_version": 0}'])
+def test_a_state_dir_whose_server_json_is_no_state_is_refused_by_name(id_store, tmp_path, written):
+    # a traceback of json's, a TypeError or a KeyError, naming no file
+    state_dir = tmp_path / "state"
+    NearStoreServer(id_store, selection=random_select(id_store, 0.2), state_dir=state_dir).shutdown()
+    (state_dir / "server.json").write_bytes(written)
+    with pytest.raises(DatasetError, match=r"state/server.json is not a nearstore server's state \("):
+        NearStoreServer(id_store, state_dir=state_dir)
+
+
+def test_a_file_it_cannot_remove_from_state_dir_does_not_stop_the_server(id_store, tmp_path, monkeypatch, caplog):
+    # a round a failed write left, on a filesystem turned read-only since: the server would not start
+    state_dir = tmp_path / "state"
+    NearStoreServer(id_store, selection=random_select(id_store, 0.2), state_dir=state_dir).shutdown()
+    (state_dir / "round-7.npz").write_bytes(b"left by a failed write")
+    unlink = Path.unlink
+
+    def read_only(path: Path, *args, **kwargs) -> None:
+        if path.parent == state_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    server = NearStoreServer(id_store, state_dir=state_dir)
+    try:
+        assert server.current.round == 0 and "cannot remove" in caplog.text and "round-7.npz" in caplog.text
+    finally:
+        server.shutdown()
+
+
 def test_a_round_a_failed_state_write_left_is_never_restored(id_store, tmp_path, monkeypatch):
     state_dir = tmp_path / "state"
     server = NearStoreServer(id_store, selection=random_select(id_store, 0.2), state_dir=state_dir)
