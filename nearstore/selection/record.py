@@ -309,7 +309,7 @@ def write_whole(url: str | Path, data: bytes, storage_options: Mapping[str, Any]
                 os.fsync(f.fileno())  # whole on disk before it takes the name, a crash of the machine too
             os.replace(partial, path)
         except OSError as e:
-            if e.filename is None:  # a write's (a full disk): it names no file
+            if e.filename is None and e.errno is not None:  # a write's (a full disk) names no file
                 raise OSError(e.errno, e.strerror, str(url)) from e
             raise
         finally:

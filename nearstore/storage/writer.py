@@ -813,7 +813,7 @@ class _ShardWriter:
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # its folder is new (x/c/3/ of a 2-D x)
                 self.fs.pipe_file(path, body)
         except OSError as e:
-            if e.filename is None:  # a write's (a full disk): it named no file
+            if e.filename is None and e.errno is not None:  # a write's (a full disk) names no file
                 raise OSError(e.errno, e.strerror, path) from e
             raise
         self.sizes[key] = len(body)
