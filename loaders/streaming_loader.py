@@ -524,6 +524,7 @@ class StreamingLoader:
         self._in_epoch, iterator = True, self._iterator
         shards = ids // self.source.shard_samples
         positions = self.order.positions(epoch, shards)
+        self.source.expect(ids[positions], self.arrays)  # its labels read ahead, a few shards a request
         if self.cache is not None:  # ids are sorted and each once: a mask sorts them (np.unique took 5 s at 1M)
             visiting = np.zeros(len(ids), dtype=bool)
             visiting[positions] = True

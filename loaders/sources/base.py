@@ -88,5 +88,9 @@ class Source(ABC):
         decoded by `images` (the loader's transform at evaluation; None: `ModelProxy`'s default),
         its logits read from its module named `head` (None: the last nn.Linear it runs)."""
 
+    def expect(self, ids: np.ndarray, arrays: Sequence[str]) -> None:  # noqa: B027 (a server reads for itself)
+        """The samples `ids` of `arrays` the next reads will ask for (an epoch's, this rank's): a
+        source may read ahead what it keeps of them, a few shards a request."""
+
     def close(self) -> None:  # noqa: B027 (a store holds nothing to let go of)
         """Let go of connections."""

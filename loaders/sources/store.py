@@ -55,6 +55,9 @@ class StoreSource(Source):
     ) -> dict[str, np.ndarray]:
         return self._reader(tuple(arrays)).read(ids)
 
+    def expect(self, ids: np.ndarray, arrays: Sequence[str]) -> None:
+        self._reader(tuple(arrays)).keep_ahead(ids)
+
     def _reader(self, names: tuple[str, ...]) -> SelectiveReader:
         if names not in self._readers:  # readers share the dataset's shard indexes and one count
             self._readers[names] = SelectiveReader(

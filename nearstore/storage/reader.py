@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import google_crc32c
@@ -37,6 +38,7 @@ from nearstore.storage.digests import content_digest
 from nearstore.storage.iostats import IOStats
 from nearstore.storage.ranges import DEFAULT_READS, Coalescing, coalesce_ranges
 
+log = logging.getLogger("nearstore")
 WHOLE_READ_SHARDS = 64  # shard objects a read of a whole array asks at once
 GATHER_BYTES = 4 << 20  # raw chunks copied out of a read's bytes at a time (`_ReadPlan.decode`)
 
@@ -139,13 +141,10 @@ class SelectiveReader:
             raise TypeError(f"ids must be a 1-D sequence of integers, got {ids.dtype} {ids.shape}")
         ids = ids.astype(np.int64, copy=False)
         check_ids(ids, self.num_samples, repr(self.dataset.url))
-        kept = {}
-        for name in self.keep:
-            try:
-                kept[name] = self._kept_rows(name, np.unique(ids // self.layouts[name].shard_samples))[ids]
-            except IntegrityError:  # read by ranges from now on, so that damage names this read's ids
-                # (a removal another thread loses to this one costs one more whole read, which fails)
-                self.keep = tuple(n for n in self.keep if n != name)
+        # kept arrays' shards not kept yet are read in threads of their own while the other arrays'
+        # chunks are fetched: in a read of its own before them, each shard's labels cost a round trip
+        # more (an epoch in order over object storage took 2-3x as long)
+        kept = {name: self._kept_soon(name, ids) for name in self.keep}
         plans = [_ReadPlan(layout, ids) for name, layout in self.layouts.items() if name not in kept]
         for plan in plans:
             plan.check_known_damage()
@@ -161,8 +160,14 @@ class SelectiveReader:
         finally:  # after the put, or failed: the reads waiting for them take them or fetch them
             if claimed:
                 self.cache.release(claimed)
+        read = {plan.layout.name: plan.assemble() for plan in plans}
+        for name, soon in kept.items():
+            try:
+                read[name] = soon.result()[ids]
+            except IntegrityError:  # this read's samples of it by ranges, so that damage names their ids
+                ranged = SelectiveReader(self.dataset, [name], reads=self.reads, stats=self.stats, cache=self.cache)
+                read[name] = ranged.read(ids)[name]
         self.stats.add(samples=len(ids))
-        read = {plan.layout.name: plan.assemble() for plan in plans} | kept
         return {name: read[name] for name in self.layouts}
 
     def whole(self, name: str) -> np.ndarray:
@@ -176,12 +181,44 @@ class SelectiveReader:
         values.flags.writeable = False  # shared by every later reader: none may change it
         return values
 
+    def keep_ahead(self, ids: np.ndarray) -> None:
+        """Read the shards of `ids` of the kept arrays not kept yet, WHOLE_READ_SHARDS a request
+        batch, in a thread of their own (a reader wanting one meanwhile waits for it, or reads it
+        first): an epoch in order over object storage otherwise pays a round trip a shard for its
+        labels. Their failures are left to the reads that want them."""
+        for name in self.keep:
+            missing = np.unique(ids // self.layouts[name].shard_samples)
+            missing = missing[~self._kept(name).read[missing]]
+            if len(missing):
+                groups = np.array_split(missing, -(-len(missing) // WHOLE_READ_SHARDS))
+                threading.Thread(
+                    target=self._keep_groups, args=(name, groups), name="nearstore-ahead", daemon=True
+                ).start()
+
+    def _keep_groups(self, name: str, groups: list[np.ndarray]) -> None:
+        for shards in groups:
+            try:
+                self._kept_rows(name, shards)
+            except Exception as e:  # noqa: BLE001 (the read that wants the shard raises it, naming its ids)
+                log.debug("reading %s's shards %s ahead failed: %s", name, shards.tolist(), e)
+
+    def _kept_soon(self, name: str, ids: np.ndarray) -> _Soon:
+        """Array `name` as kept, with the shards of `ids` among those read: now where they are,
+        else soon (`_kept_rows` in a thread)."""
+        shards = np.unique(ids // self.layouts[name].shard_samples)
+        kept = self._kept(name)
+        if kept.read[shards].all():
+            return _Soon(None, kept.values)
+        return _Soon(lambda: self._kept_rows(name, shards))
+
+    def _kept(self, name: str) -> _Kept:
+        return self.dataset._kept(("kept", name), lambda: _Kept(self.layouts[name], self.num_samples))
+
     def _kept_rows(self, name: str, shards: np.ndarray) -> np.ndarray:
         """Array `name` as kept with the opened dataset, its `shards` among those read (each read
         whole the first time, counted here; a shard another thread is reading is waited for, and
         the other shards' readers go on meanwhile)."""
-        layout = self.layouts[name]
-        kept = self.dataset._kept(("kept", name), lambda: _Kept(layout, self.num_samples))
+        kept = self._kept(name)
         while not kept.read[shards].all():  # a shard's flag is set after its rows are written
             with kept.lock:
                 missing = shards[~kept.read[shards]].tolist()
@@ -469,6 +506,32 @@ def _pread_ranges(
     except OSError as e:
         for i in members:
             blobs[i] = e
+
+
+class _Soon:
+    """`value`, or call() in a thread of its own started now; `result()` either, or raises the
+    call's error. A thread for the call's life, not a pool's: a pool's threads are gone in a child
+    forked from this process."""
+
+    def __init__(self, call: Callable[[], np.ndarray] | None, value: np.ndarray | None = None) -> None:
+        self._call, self._value, self._error = call, value, None
+        self._thread = None
+        if call is not None:
+            self._thread = threading.Thread(target=self._run, name="nearstore-kept", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as e:  # raised in the caller's thread, by result()
+            self._error = e
+
+    def result(self) -> np.ndarray:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class _Kept:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import shutil
 import threading
+import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,11 +11,12 @@ import numpy as np
 import pytest
 import zarr
 import zstandard
+from conftest import flip, shard_file
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
 from zarr.dtype import VariableLengthBytes
 
 from nearstore import Coalescing, SelectiveReader, open_dataset, write_dataset
-from nearstore.errors import DatasetError
+from nearstore.errors import DatasetError, IntegrityError
 from nearstore.storage.codecs import Zstd, vlen_items
 from nearstore.storage.dataset import UncheckedStoreWarning, encoded_bytes
 from nearstore.storage.reader import _pread_ranges, small_arrays
@@ -187,6 +190,28 @@ def test_a_kept_shard_is_read_once_while_reads_of_other_shards_go_on(id_store, i
         np.testing.assert_array_equal(first.result()["y"], id_data["y"][[2000]])
         np.testing.assert_array_equal(second.result()["y"], id_data["y"][[2001, 5]])
     assert fetched == [[7], True]  # shard 7 read once, by the first to want it; nothing waited on it but its mate
+
+
+def test_labels_read_ahead_a_few_shards_a_request_and_damage_keeps_the_rest_kept(id_store_url, id_data, tmp_path):
+    # read a shard at a time, each shard's labels were a round trip of their own before its inputs'
+    # (an epoch in order over object storage took 2-3x as long); a damaged shard of them turned
+    # keeping off for every shard, for the reader's life
+    url = shutil.copytree(id_store_url, tmp_path / "ids.zarr")
+    reader = SelectiveReader(open_dataset(str(url)), ["x", "y"], reads=Coalescing(0), keep=["y"])
+    reader.keep_ahead(np.arange(0, 1500))  # shards 0-5, in a thread
+    deadline = time.monotonic() + 60
+    while not reader._kept("y").read[:6].all() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reader._kept("y").read.tolist() == [True] * 6 + [False] * 4
+    assert reader.stats.requests == 6  # a shard's labels a request, all asked at once
+    np.testing.assert_array_equal(reader.read(np.array([3, 1400]))["y"], id_data["y"][[3, 1400]])
+    flip(shard_file(str(url), "y", 8), 52 * 12 + 2)  # sample 2100's chunk (8 bytes and its crc32c a sample)
+    with pytest.raises(IntegrityError, match="2100"):  # named by the read's own samples
+        reader.read(np.array([2100, 5]))
+    np.testing.assert_array_equal(reader.read(np.array([2101]))["y"], id_data["y"][[2101]])  # its shard mate
+    before = reader.stats.requests
+    np.testing.assert_array_equal(reader.read(np.array([7]))["y"], id_data["y"][[7]])
+    assert reader.keep == ("y",) and reader.stats.requests == before + 1  # x's sample alone: y kept, x's index read
 
 
 def zarr_written(url: str, values: np.ndarray, **options) -> zarr.Array:
