@@ -215,6 +215,17 @@ class Mixture:
         """Each loader's `io_stats()`, in order."""
         return [loader.io_stats() for loader in self.loaders]
 
+    def close(self) -> None:
+        """Close every loader (`StreamingLoader.close`): the mixture iterates no more."""
+        for loader in self.loaders:
+            loader.close()
+
+    def __enter__(self) -> Mixture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _positive_number(value: Any) -> bool:
     """A finite number > 0, not a bool nor a string (numpy would read True and '1' as 1)."""

@@ -220,3 +220,15 @@ def test_loaders_whose_batches_hold_other_things_are_refused(id_store, tmp_path)
     with pytest.raises(ParameterError, match=r"loader 1 .* of \(x\), loader 0 .* of \(x, y\)"):
         Mixture([plain, StreamingLoader(unlabelled, batch_size=50, backend="torch")])
     assert Mixture([weighted, StreamingLoader(id_store, B, batch_size=50, backend="torch", weights=True)])
+
+
+def test_a_closed_mixture_lets_go_of_its_loaders(id_store):
+    # a Mixture had no close(): its loaders' threads, connections and caches stayed while it was referred to
+    first = StreamingLoader(id_store, np.arange(0, 2500, 2), batch_size=100, backend="torch")
+    second = StreamingLoader(id_store, np.arange(1, 2500, 2), batch_size=100, backend="torch")
+    with Mixture([first, second]) as mixture:
+        assert sum(len(y) for _, y in mixture) == 2500
+        assert first.cache.samples == second.cache.samples == 1250
+    assert first.cache.samples == second.cache.samples == 0  # each loader closed: its own cache emptied
+    with pytest.raises(RuntimeError, match="was closed"):
+        next(iter(mixture))
