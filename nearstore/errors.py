@@ -7,6 +7,9 @@ the same class again, so an error reads the same in process and across the wire.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class NearstoreError(Exception):
     """Something nearstore refuses, with a message that names what is wrong and where."""
@@ -84,6 +87,19 @@ STORAGE_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fssp
 def storage_error(e: BaseException) -> bool:
     """Whether `e` is a storage backend's own error (credentials, a bucket, a refused request)."""
     return type(e).__module__.split(".")[0] in STORAGE_MODULES
+
+
+@contextmanager
+def naming_file(path: str) -> Iterator[None]:
+    """An OSError of a write, which names no file (a full disk's ENOSPC: "[Errno 28] No space left
+    on device"), raised again naming `path`; one that names a file, or carries no errno (object
+    storage's own), as it is."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
 
 
 def restated(error: Exception, message: str) -> Exception:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from nearstore.errors import DatasetError, NearstoreError, SampleIdError, restated, storage_error
+from nearstore.errors import DatasetError, NearstoreError, SampleIdError, naming_file, restated, storage_error
 from nearstore.storage.dataset import Dataset, check_ids, check_outside, sample_identity, url_to_fs
 
 SELECTION_VERSION = 2  # 2: suspected label errors; version 1 files read too
@@ -303,15 +303,12 @@ def write_whole(url: str | Path, data: bytes, storage_options: Mapping[str, Any]
         # a name of its own: ranks saving one selection to one path took each other's partial file
         partial = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
         try:
-            with open(partial, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # whole on disk before it takes the name, a crash of the machine too
-            os.replace(partial, path)
-        except OSError as e:
-            if e.filename is None and e.errno is not None:  # a write's (a full disk) names no file
-                raise OSError(e.errno, e.strerror, str(url)) from e
-            raise
+            with naming_file(str(url)):
+                with open(partial, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # whole on disk before it takes the name, a crash of the machine too
+                os.replace(partial, path)
         finally:
             if os.path.lexists(partial):
                 os.remove(partial)

@@ -39,7 +39,7 @@ from zarr.dtype import VariableLengthBytes
 from zarr.storage import MemoryStore
 
 from nearstore.checks import check_integer, is_integer
-from nearstore.errors import DatasetError, IntegrityError, ParameterError
+from nearstore.errors import DatasetError, IntegrityError, ParameterError, naming_file
 from nearstore.storage.codecs import Sharding, Zstd, encode_shard, fixed_payloads, vlen_payloads
 from nearstore.storage.dataset import (
     ATTRS_KEY,
@@ -803,7 +803,7 @@ class _ShardWriter:
     def _put(self, key: str, body: bytes) -> None:
         """Upload `body` to `key` under root in one request (a local store: into a folder made if new)."""
         path = f"{self.root}/{key}"
-        try:
+        with naming_file(path):
             try:
                 self.fs.pipe_file(path, body)
             except FileNotFoundError:
@@ -812,10 +812,6 @@ class _ShardWriter:
                     raise
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # its folder is new (x/c/3/ of a 2-D x)
                 self.fs.pipe_file(path, body)
-        except OSError as e:
-            if e.filename is None and e.errno is not None:  # a write's (a full disk) names no file
-                raise OSError(e.errno, e.strerror, path) from e
-            raise
         self.sizes[key] = len(body)
 
 
