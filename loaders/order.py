@@ -74,7 +74,7 @@ def epoch_order(
     counts = np.diff(np.append(starts, size))
     if spans == 1:
         visit = rng.permutation(len(starts))
-        before = np.cumsum(counts[visit]) - counts[visit]  # samples ahead of each shard in its new place
+        before = _ahead(counts[visit])  # samples ahead of each shard in its new place
         return _runs(starts[visit], counts[visit])[
             _sorted_within(rng.random(size), _blocks(before, counts[visit], block))
         ]
@@ -89,16 +89,16 @@ def epoch_order(
     # span k holds size // spans samples, one more for k < size % spans: so interleaved, the
     # epoch's position i * spans + k is span k's i-th sample, each position once
     lengths = size // spans + (np.arange(spans) < size % spans)
-    span = np.repeat(np.arange(spans), lengths)
+    span, span_starts = np.repeat(np.arange(spans), lengths), _ahead(lengths)
     # its pieces (a shard's samples within one span) in a new order each epoch, then its blocks shuffled
     piece = np.flatnonzero((np.diff(shards[sequence], prepend=-1) != 0) | (np.diff(span, prepend=-1) != 0))
     sizes = np.diff(np.append(piece, size))
     visit = np.lexsort((rng.random(len(piece)), span[piece]))
-    before = np.cumsum(sizes[visit]) - sizes[visit]  # samples ahead of each piece, from its span's start
-    before -= np.repeat(np.cumsum(lengths) - lengths, np.bincount(span[piece], minlength=spans))
+    # samples ahead of each piece, from its span's start
+    before = _ahead(sizes[visit]) - np.repeat(span_starts, np.bincount(span[piece], minlength=spans))
     blocks = _blocks(before, sizes[visit], block)
     visited = sequence[_runs(piece[visit], sizes[visit])][_sorted_within(rng.random(size), blocks, span)]
-    within = np.arange(size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # each slot's place in its span
+    within = np.arange(size) - np.repeat(span_starts, lengths)  # each slot's place in its span
     order = np.empty(size, dtype=np.int64)
     order[within * spans + span] = visited
     return order
@@ -110,16 +110,21 @@ def _blocks(before: np.ndarray, counts: np.ndarray, block: int) -> np.ndarray:
     return np.repeat(before // block, counts)
 
 
+def _ahead(counts: np.ndarray) -> np.ndarray:
+    """The items ahead of each run of `counts` items, laid end to end."""
+    return np.cumsum(counts) - counts
+
+
 def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """starts[0], starts[0] + 1, ... (counts[0] of them), then starts[1], ...: without a loop."""
-    before = np.cumsum(counts) - counts
-    return np.arange(int(counts.sum())) + np.repeat(starts - before, counts)
+    return np.arange(int(counts.sum())) + np.repeat(starts - _ahead(counts), counts)
 
 
 def _sorted_within(draws: np.ndarray, *keys: np.ndarray) -> np.ndarray:
-    """np.lexsort((draws, *keys)) where every key is non-decreasing already: the draws sorted
-    within each run of equal keys, a run at a time (the same order, so states resume: lexsort over
-    4M samples took 3 s, this a tenth), or by lexsort itself where the runs are short."""
+    """np.lexsort((draws, *keys)) where the keys are sorted already (the last first, as lexsort
+    reads them), so equal keys lie in runs: the draws sorted within each run, a run at a time (the
+    same order, so states resume: lexsort over 4M samples took 3 s, this a tenth), or by lexsort
+    itself where the runs are short."""
     changes = np.zeros(max(0, len(draws) - 1), dtype=bool)
     for key in keys:
         changes |= np.diff(key) != 0
