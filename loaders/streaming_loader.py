@@ -222,7 +222,7 @@ class StreamingLoader:
 
         self.source = open_source(source, storage_options=storage_options)
         self._own_source = self.source is not source  # opened here (not a Source handed in): closed by close()
-        self._last_storage = {"bytes": 0, "requests": 0, "samples": 0, "retries": 0}
+        self._last_storage = IOStats().as_dict()  # what a source says it read, before it is asked
         self.url, self.num_samples = self.source.url, self.source.num_samples
         self.input_array = input_array or next(
             (n for n in self.source.sample_arrays if n != self.source.label_array), None
